@@ -1,0 +1,1 @@
+"""The booster box runtime: rules, classifier, controller (boxd), booster library and engines."""
