@@ -1,0 +1,195 @@
+"""The forwarding engine interface: what boxd asks of a data path.
+
+boxd (the controller) owns every decision - policy, arbitration, ownership,
+the forwarding table, multicast groups - and tells an :class:`Engine` what to
+install.  An engine only moves packets: it installs a :class:`Rule` and answers
+with a :class:`Delivery` that tells the booster library how the rule's packets
+will reach the booster (see docs/ARCHITECTURE.md, the table of delivery kinds).
+
+Engines are looked up by name (:func:`boxcore.engines.get_engine`) and built
+from boxd's parsed arguments with :meth:`Engine.from_args`; an engine module may
+add its own command-line options with :meth:`Engine.add_options`.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # imported for annotations only: core-A's modules
+    from boxcore.packet import Packet
+    from boxcore.rules import Rule
+
+# Every delivery kind an engine may answer with; receivers register under these names.
+DELIVERY_KINDS = ("channel", "socket", "stream", "nfqueue", "nflog", "tproxy")
+
+
+@dataclass(slots=True)
+class Delivery:
+    """How a rule's packets reach the booster.
+
+    ``kind`` is one of :data:`DELIVERY_KINDS`; ``params`` are msgpack-able
+    details (``{"queue": 3}`` for nfqueue, ``{"group": 5}`` for nflog,
+    ``{"port": 15001}`` for tproxy, ``{"dst": ip, "dport": port}`` for socket).
+    ``fds`` are file descriptors handed to the booster with the reply
+    (SCM_RIGHTS); on the booster side they are the received descriptors.
+    """
+
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
+    fds: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kind not in DELIVERY_KINDS:
+            raise ValueError(f"unknown delivery kind {self.kind!r}")
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack-able part (descriptors travel beside it)."""
+        return {"kind": self.kind, "params": dict(self.params), "nfds": len(self.fds)}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any], fds: list[int]) -> "Delivery":
+        return cls(kind=data["kind"], params=dict(data.get("params") or {}), fds=list(fds))
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One forwarding-table entry: traffic to ``prefix`` goes via ``via`` out of ``dev``.
+
+    ``via`` None means directly connected; ``dev`` None lets the engine choose.
+    """
+
+    prefix: str
+    via: str | None = None
+    dev: str | None = None
+    metric: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prefix": self.prefix, "via": self.via, "dev": self.dev, "metric": self.metric}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Route":
+        return cls(prefix=str(data["prefix"]), via=data.get("via"), dev=data.get("dev"),
+                   metric=int(data.get("metric", 0)))
+
+
+@dataclass(eq=False)
+class BoosterSession:
+    """One connected booster, as boxd sees it.
+
+    Engines may read ``sid``, ``name``, ``uid``, ``pid`` (peer credentials from
+    SO_PEERCRED).  ``channel`` is boxd's end of the booster's data channel (a
+    Unix SOCK_DGRAM socketpair handed over at registration) for engines that
+    deliver packets through boxd (kind ``channel``); engines send to it with
+    :meth:`send_datagram`, which never blocks and counts what it had to drop.
+    ``engine_state`` is a scratch dict an engine may keep per-session state in.
+    ``send_event`` (set by the controller) pushes an asynchronous control
+    message, optionally with file descriptors, to the booster (used by the
+    ``stream`` delivery to hand over accepted connections).
+    """
+
+    sid: int
+    name: str
+    uid: int
+    pid: int
+    gid: int = -1
+    channel: socket.socket | None = None
+    engine_state: dict[str, Any] = field(default_factory=dict)
+    channel_sent: int = 0
+    channel_dropped: int = 0
+    send_event: Any = None  # Callable[[dict, list[int]], None]
+
+    def send_datagram(self, data: bytes) -> bool:
+        """Queue one datagram for the booster; False (and counted) when its queue is full."""
+        if self.channel is None:
+            self.channel_dropped += 1
+            return False
+        try:
+            self.channel.send(data)
+        except (BlockingIOError, InterruptedError, ConnectionError, OSError):
+            self.channel_dropped += 1
+            return False
+        self.channel_sent += 1
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        return {"sid": self.sid, "name": self.name, "uid": self.uid, "pid": self.pid}
+
+
+class Engine(abc.ABC):
+    """A data path behind boxd.  All methods run on boxd's event loop."""
+
+    name: ClassVar[str] = "?"
+
+    # -- construction -----------------------------------------------------------
+    @classmethod
+    def add_options(cls, group: argparse._ArgumentGroup) -> None:
+        """Add this engine's own boxd options (names should start with ``--<engine>-``
+        unless shared, like the user engine's ``--listen``)."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Engine":
+        """Build the engine from boxd's arguments; raise ConfigError on bad options."""
+        return cls()
+
+    # -- lifecycle --------------------------------------------------------------
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Clean stale state left by a crash, then set up."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Remove everything this engine installed."""
+
+    # -- rules ------------------------------------------------------------------
+    @abc.abstractmethod
+    async def install(self, rule: "Rule", session: BoosterSession) -> Delivery:
+        """Install ``rule`` (already checked and arbitrated by boxd) for ``session``."""
+
+    @abc.abstractmethod
+    async def remove(self, rule: "Rule") -> None:
+        """Remove a rule installed earlier (unknown cookies are ignored)."""
+
+    @abc.abstractmethod
+    async def set_forwarding(self, routes: list[Route]) -> None:
+        """Replace the default forwarding table."""
+
+    @abc.abstractmethod
+    async def set_multicast_group(self, group: int, members: list[tuple[str, int]]) -> None:
+        """Create or replace a multicast group; an empty member list deletes it."""
+
+    @abc.abstractmethod
+    def counters(self) -> dict[int, tuple[int, int]]:
+        """cookie -> (packets, bytes) for every installed rule."""
+
+    def health(self, session: BoosterSession) -> str | None:
+        """A reason ``session`` is unhealthy (boxd evicts it), or None."""
+        return None
+
+    # -- sessions and the data path from boosters --------------------------------
+    async def attach(self, session: BoosterSession) -> None:
+        """A booster registered (before any of its rules)."""
+
+    async def detach(self, session: BoosterSession) -> None:
+        """A booster left; boxd has already removed its rules."""
+
+    def inject(self, pkt: "Packet", session: BoosterSession) -> None:
+        """Send a packet built by a booster (``booster.send``) into the data path."""
+        raise NotImplementedError(f"engine {self.name} cannot inject packets")
+
+    def verdict(self, session: BoosterSession, token: int, verdict: int,
+                payload: bytes | None) -> None:
+        """A booster's verdict on a packet delivered on its channel with ``token``
+        (verdict codes in :mod:`boxcore.wire`: CONSUME, PASS, MODIFY)."""
+
+    def send_multicast(self, group: int, payload: bytes, src_port: int,
+                       session: BoosterSession) -> None:
+        """Fan ``payload`` out to every member of ``group`` (``booster.send_multicast``)."""
+        raise NotImplementedError(f"engine {self.name} has no multicast")
+
+    def status(self) -> dict[str, Any]:
+        """Engine-specific figures for the management API (JSON-able)."""
+        return {}
