@@ -1,0 +1,884 @@
+"""The game reliability protocol (paper section III-C), sans-IO.
+
+Two state machines speak the wire format of :mod:`mmpog.wire`:
+
+* :class:`ClientEndpoint` - one game client's membership of one location.  The
+  game calls :meth:`~ClientEndpoint.send` with ``reliable=`` and a retry
+  deadline, feeds datagrams from the reflector to
+  :meth:`~ClientEndpoint.receive_datagram`, and pulls datagrams, a timer and
+  events (:class:`Received`, :class:`Delivered`, :class:`Expired`,
+  :class:`Unrecoverable`, :class:`Joined`, :class:`JoinFailed`).
+* :class:`ReflectorCore` - the box side: locations, members bound to
+  addresses by a token, sequence numbers, a bounded retransmission buffer,
+  NACK service with a per-member rate limit, heartbeats on idle locations.
+
+Neither touches a socket or a clock: every entry point takes ``now`` (seconds,
+any monotonic origin) and the caller does the I/O, like aioquic.
+
+Delivery semantics (stated precisely in docs/mmpog.md):
+
+* the application receives each (sender, packet id) at most once
+  (duplicate window of ``dup_window`` recent ids), in arrival order - there is
+  no reordering buffer, a game wants the newest state as soon as it arrives;
+* a reliable packet sequenced by the reflector after the receiver joined
+  (seq > the ``last`` its WELCOME carried) is either received or its seq is
+  reported in an :class:`Unrecoverable` event, once the receiver has heard of it
+  (any later packet or heartbeat);
+* the sender of a reliable packet gets exactly one of :class:`Delivered`
+  (its echo came back from the reflector) or :class:`Expired` (no echo
+  before its deadline - it may still have reached the location).
+"""
+
+from __future__ import annotations
+
+import hmac
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Union
+
+from . import wire
+from .wire import Flag, Header, Kind, WireDecodeError
+
+Address = tuple[str, int]
+
+
+# ====================================================================== RTO (RFC 6298)
+
+class RttEstimator:
+    """RFC 6298 retransmission timeout, with game-suited bounds.
+
+    ``initial_rto`` is used until the first sample (RFC: 1 s; games want less),
+    ``min_rto`` replaces the RFC's 1 s floor (a LAN-to-reflector RTT is a few
+    ms, a 1 s floor would make every loss cost a second), ``max_rto`` caps the
+    backoff.  Callers apply Karn's rule by never sampling a retransmitted packet.
+    """
+
+    K = 4
+    ALPHA = 1 / 8
+    BETA = 1 / 4
+
+    def __init__(self, initial_rto: float = 0.2, min_rto: float = 0.04, max_rto: float = 1.0,
+                 granularity: float = 0.001) -> None:
+        if not 0 < min_rto <= max_rto:
+            raise ValueError(f"need 0 < min_rto <= max_rto, got {min_rto}, {max_rto}")
+        self.min_rto = min_rto
+        self.max_rto = max_rto
+        self.granularity = granularity
+        self.srtt: float | None = None
+        self.rttvar: float | None = None
+        self.rto = self._clamp(initial_rto)
+        self.samples = 0
+        self.backoffs = 0
+
+    def _clamp(self, value: float) -> float:
+        return min(self.max_rto, max(self.min_rto, value))
+
+    def update(self, rtt: float) -> None:
+        """(2.2)/(2.3): a new RTT measurement from a packet sent exactly once."""
+        if rtt < 0:
+            return
+        if self.srtt is None:
+            self.srtt = rtt
+            self.rttvar = rtt / 2
+        else:
+            # RTTVAR first, with the old SRTT (RFC 6298 2.3)
+            self.rttvar = (1 - self.BETA) * self.rttvar + self.BETA * abs(self.srtt - rtt)
+            self.srtt = (1 - self.ALPHA) * self.srtt + self.ALPHA * rtt
+        self.rto = self._clamp(self.srtt + max(self.granularity, self.K * self.rttvar))
+        self.samples += 1
+
+    def backoff(self) -> None:
+        """(5.5): the retransmission timer expired: double the RTO (up to max_rto)."""
+        self.rto = self._clamp(self.rto * 2)
+        self.backoffs += 1
+
+
+# ====================================================================== events
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    location: int
+    last_seq: int      # reliable packets with a higher seq are covered by the delivery guarantee
+
+
+@dataclass(frozen=True, slots=True)
+class JoinFailed:
+    location: int
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    sender: int
+    packet_id: int
+    payload: bytes
+    reliable: bool
+    seq: int           # 0 for unreliable packets
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    packet_id: int
+    rtt: float         # from the first transmission to the echo
+    retransmitted: bool  # True: the echo may answer any copy, so rtt was not sampled (Karn)
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    packet_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unrecoverable:
+    first: int         # seqs first .. first+count-1 will never arrive
+    count: int
+
+
+Event = Union[Joined, JoinFailed, Received, Delivered, Expired, Unrecoverable]
+
+
+class NotJoined(RuntimeError):
+    """send() before the reflector welcomed this endpoint."""
+
+
+class BufferFull(RuntimeError):
+    """Too many reliable packets awaiting their echo (``max_pending``)."""
+
+
+# ====================================================================== client
+
+@dataclass(slots=True)
+class ClientConfig:
+    initial_rto: float = 0.2
+    min_rto: float = 0.04
+    max_rto: float = 1.0
+    granularity: float = 0.001
+    default_deadline: float = 1.0   # how long a reliable packet is retried unless send() says otherwise
+    reorder_window: float = 0.003   # a gap must persist this long before it is NACKed
+    max_pending: int = 1024         # reliable packets awaiting their echo
+    dup_window: int = 8192          # (sender, packet id) pairs remembered for duplicate detection
+    max_missing: int = 4096         # missing seqs tracked; older ones are given up as unrecoverable
+    recent_unreliable: int = 256    # own unreliable ids remembered for RTT samples
+    max_events: int = 65536
+    max_outgoing: int = 8192
+    join_timeout: float = 5.0
+
+    def validate(self) -> None:
+        if not 0 < self.min_rto <= self.max_rto:
+            raise ValueError("need 0 < min_rto <= max_rto")
+        for name in ("max_pending", "dup_window", "max_missing", "recent_unreliable", "max_events",
+                     "max_outgoing"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.default_deadline <= 0 or self.reorder_window < 0 or self.join_timeout <= 0:
+            raise ValueError("deadline and join_timeout must be positive, reorder_window non-negative")
+
+
+@dataclass(slots=True)
+class _Pending:
+    data: bytes
+    first_sent: float
+    deadline: float
+    next_retx: float
+    retries: int = 0
+
+
+class ClientEndpoint:
+    """One client's membership of one location at one reflector.
+
+    Usage (any I/O loop)::
+
+        ep = ClientEndpoint(player=7, location=3, token=token)
+        ep.connect(now)                      # queues a HELLO
+        ... send ep.datagrams_to_send(now) to the reflector, feed replies to ep.receive_datagram(data, now),
+        ... call ep.handle_timer(now) when ep.get_timer() passes, drain ep.next_event()
+        pid = ep.send(b"state", now, reliable=True, deadline=0.5)
+    """
+
+    def __init__(self, player: int, location: int, token: bytes, config: ClientConfig | None = None,
+                 rng: random.Random | None = None) -> None:
+        if not 0 < player <= wire.MAX_U32 or not 0 <= location <= wire.MAX_U32:
+            raise ValueError("player must be 1..2**32-1 and location 0..2**32-1")
+        if not wire.MIN_TOKEN <= len(token) <= wire.MAX_TOKEN:
+            raise ValueError(f"token must be {wire.MIN_TOKEN}..{wire.MAX_TOKEN} bytes")
+        self.config = config or ClientConfig()
+        self.config.validate()
+        self.player = player
+        self.location = location
+        self.token = bytes(token)
+        rng = rng or random.Random()
+        self._next_id = rng.getrandbits(32) or 1
+        c = self.config
+        self.rtt = RttEstimator(c.initial_rto, c.min_rto, c.max_rto, c.granularity)
+        self.joined = False
+        self.closed = False
+        self._hello_id = 0
+        self._hello_first = 0.0
+        self._hello_next: float | None = None
+        self._hello_deadline = 0.0
+        self._hello_retries = 0
+        self._pending: dict[int, _Pending] = {}
+        self._recent_unreliable: dict[int, float] = {}
+        self._seen: set[tuple[int, int]] = set()
+        self._seen_order: deque[tuple[int, int]] = deque()
+        # Every seq <= _highest is received, missing (in _missing: seq -> when noticed) or given up.
+        self._highest = 0
+        self._lowest = 0
+        self._missing: dict[int, float] = {}
+        self._nack_outstanding: set[int] = set()
+        self._nack_deadline: float | None = None
+        self._nack_timeout: float | None = None
+        self._events: deque[Event] = deque()
+        self._out: list[bytes] = []
+        self.stats: dict[str, int] = dict.fromkeys((
+            "sent", "sent_reliable", "sent_unreliable", "retransmitted", "delivered", "expired",
+            "received", "received_reliable", "duplicates", "echo_duplicates", "nacks_sent", "nack_seqs",
+            "retransmissions_received", "missing_detected", "seqs_accounted", "unrecoverable",
+            "malformed", "wrong_location", "unexpected_kind", "before_join", "refused_pending",
+            "dup_window_evicted", "missing_overflow", "events_dropped", "outgoing_dropped",
+            "heartbeats", "timeouts",
+        ), 0)
+
+    # ------------------------------------------------------------------ public API
+
+    def connect(self, now: float) -> None:
+        """Queue the HELLO (with the game server's token) that binds this endpoint's address."""
+        self._hello_id = self._new_id()
+        self._hello_first = now
+        self._hello_deadline = now + self.config.join_timeout
+        self._hello_retries = 0
+        self._send_hello(now)
+
+    def close(self, now: float) -> None:
+        """Queue a BYE; pending reliable packets are dropped without events."""
+        if not self.closed:
+            self._queue(wire.encode(Header(Kind.BYE, rto_ms=self._rto_ms(), location=self.location,
+                                           sender=self.player, packet_id=self._new_id())))
+        self.closed = True
+        self._pending.clear()
+        self._hello_next = None
+        self._nack_outstanding.clear()
+        self._nack_deadline = None
+        self._missing.clear()
+
+    def send(self, payload: bytes, now: float, reliable: bool = False, deadline: float | None = None) -> int:
+        """Queue one game packet; returns its packet id.
+
+        ``reliable`` packets are retransmitted after each RTO until their echo
+        returns or ``deadline`` seconds (default ``config.default_deadline``) pass.
+        """
+        if not self.joined or self.closed:
+            raise NotJoined(f"location {self.location}: not joined")
+        if reliable and len(self._pending) >= self.config.max_pending:
+            self.stats["refused_pending"] += 1
+            raise BufferFull(f"{len(self._pending)} reliable packets already await their echo")
+        packet_id = self._new_id()
+        flags = Flag.RELIABLE if reliable else 0
+        data = wire.encode(Header(Kind.DATA, int(flags), self._rto_ms(), self.location, self.player,
+                                  packet_id), payload)
+        self._queue(data)
+        self.stats["sent"] += 1
+        if reliable:
+            self.stats["sent_reliable"] += 1
+            bound = self.config.default_deadline if deadline is None else deadline
+            self._pending[packet_id] = _Pending(data, now, now + bound, now + self.rtt.rto)
+        else:
+            self.stats["sent_unreliable"] += 1
+            recent = self._recent_unreliable
+            if len(recent) >= self.config.recent_unreliable:
+                del recent[next(iter(recent))]
+            recent[packet_id] = now
+        return packet_id
+
+    def receive_datagram(self, data: bytes, now: float) -> None:
+        """Process one datagram from the reflector (malformed ones are counted and dropped)."""
+        try:
+            header, payload = wire.decode(data)
+        except WireDecodeError:
+            self.stats["malformed"] += 1
+            return
+        if header.location != self.location:
+            self.stats["wrong_location"] += 1
+            return
+        if self.closed:
+            return
+        kind = header.kind
+        if kind is Kind.DATA:
+            if not self.joined:
+                self.stats["before_join"] += 1
+                return
+            self._on_data(header, payload, now)
+        elif kind is Kind.HEARTBEAT:
+            if not self.joined:
+                self.stats["before_join"] += 1
+                return
+            self.stats["heartbeats"] += 1
+            self._account_up_to(header.seq, now)
+            self._on_lowest(header.lowest)
+        elif kind is Kind.WELCOME:
+            self._on_welcome(header, now)
+        else:
+            self.stats["unexpected_kind"] += 1
+            return
+        self._maybe_nack(now)
+
+    def datagrams_to_send(self, now: float) -> list[bytes]:
+        out, self._out = self._out, []
+        return out
+
+    def get_timer(self) -> float | None:
+        """The earliest time at which :meth:`handle_timer` has work, or None."""
+        times = []
+        if self._hello_next is not None:
+            times.append(min(self._hello_next, self._hello_deadline))
+        for pending in self._pending.values():
+            times.append(min(pending.next_retx, pending.deadline))
+        if self._nack_outstanding and self._nack_deadline is not None:
+            times.append(self._nack_deadline)
+        elif self._missing:
+            # dicts keep insertion order and seqs are added in increasing order: the first is the oldest
+            times.append(next(iter(self._missing.values())) + self.config.reorder_window)
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        if self._hello_next is not None and now >= self._hello_next:
+            if now >= self._hello_deadline:
+                self._hello_next = None
+                self._event(JoinFailed(self.location))
+            else:
+                self._hello_retries += 1
+                self.rtt.backoff()
+                self._send_hello(now)
+        timed_out = False
+        for packet_id, pending in list(self._pending.items()):
+            if now >= pending.deadline:
+                del self._pending[packet_id]
+                self.stats["expired"] += 1
+                self._event(Expired(packet_id))
+            elif now >= pending.next_retx:
+                timed_out = True
+                pending.retries += 1
+                self.stats["retransmitted"] += 1
+                self._queue(wire.restamp(pending.data, 0, 0, pending.data[wire.FLAGS_OFFSET] | Flag.RETRANSMIT))
+        if timed_out:
+            self.stats["timeouts"] += 1
+            self.rtt.backoff()
+            for pending in self._pending.values():
+                if pending.next_retx <= now:
+                    pending.next_retx = now + self.rtt.rto
+        if self._nack_outstanding and self._nack_deadline is not None and now >= self._nack_deadline:
+            # no answer to the whole request in time: allow a new one, with a doubled timeout
+            self._nack_deadline = None
+            self._nack_outstanding.clear()
+            self._nack_timeout = min((self._nack_timeout or self.rtt.rto) * 2, self.config.max_rto * 8)
+        self._maybe_nack(now)
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def snapshot(self) -> dict:
+        """Counters plus the RTT estimator state (for ``--stats-json`` and experiments)."""
+        out = dict(self.stats)
+        out["srtt_ms"] = None if self.rtt.srtt is None else round(self.rtt.srtt * 1000, 3)
+        out["rto_ms"] = round(self.rtt.rto * 1000, 3)
+        out["pending"] = len(self._pending)
+        out["missing"] = len(self._missing)
+        accounted = self.stats["seqs_accounted"]
+        out["loss"] = round(self.stats["missing_detected"] / accounted, 6) if accounted else 0.0
+        return out
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    @property
+    def highest_seq(self) -> int:
+        return self._highest
+
+    # ------------------------------------------------------------------ internals
+
+    def _new_id(self) -> int:
+        packet_id = self._next_id
+        self._next_id = (packet_id + 1) & wire.MAX_U32 or 1   # 0 is reserved (heartbeats carry none)
+        return packet_id
+
+    def _rto_ms(self) -> int:
+        return min(wire.MAX_RTO_MS, int(self.rtt.rto * 1000))
+
+    def _queue(self, data: bytes) -> None:
+        if len(self._out) >= self.config.max_outgoing:
+            self._out.pop(0)
+            self.stats["outgoing_dropped"] += 1
+        self._out.append(data)
+
+    def _event(self, event: Event) -> None:
+        if len(self._events) >= self.config.max_events:
+            self._events.popleft()
+            self.stats["events_dropped"] += 1
+        self._events.append(event)
+
+    def _send_hello(self, now: float) -> None:
+        self._queue(wire.encode(Header(Kind.HELLO, rto_ms=self._rto_ms(), location=self.location,
+                                       sender=self.player, packet_id=self._hello_id), self.token))
+        self._hello_next = now + self.rtt.rto
+
+    def _on_welcome(self, header: Header, now: float) -> None:
+        if self.joined or header.sender != self.player or header.packet_id != self._hello_id:
+            self.stats["unexpected_kind" if header.sender != self.player else "echo_duplicates"] += 1
+            return
+        if self._hello_retries == 0:
+            self.rtt.update(now - self._hello_first)
+        self.joined = True
+        self._hello_next = None
+        self._highest = header.seq
+        self._lowest = header.lowest
+        self._event(Joined(self.location, header.seq))
+
+    def _on_data(self, header: Header, payload: bytes, now: float) -> None:
+        if header.reliable and header.seq == 0:
+            self.stats["malformed"] += 1      # the reflector sequences every reliable packet it forwards
+            return
+        if header.retransmit and header.seq:
+            self.stats["retransmissions_received"] += 1
+        if header.seq:
+            fresh_seq = self._on_seq(header.seq, now)
+        else:
+            fresh_seq = True
+        self._on_lowest(header.lowest)
+        if header.sender == self.player:
+            self._on_echo(header.packet_id, now)
+            return
+        key = (header.sender, header.packet_id)
+        if not fresh_seq or key in self._seen:
+            self.stats["duplicates"] += 1
+            return
+        seen_order = self._seen_order
+        if len(seen_order) >= self.config.dup_window:
+            self._seen.discard(seen_order.popleft())
+            self.stats["dup_window_evicted"] += 1
+        self._seen.add(key)
+        seen_order.append(key)
+        self.stats["received"] += 1
+        if header.reliable:
+            self.stats["received_reliable"] += 1
+        self._event(Received(header.sender, header.packet_id, payload, header.reliable, header.seq, now))
+
+    def _on_echo(self, packet_id: int, now: float) -> None:
+        pending = self._pending.pop(packet_id, None)
+        if pending is not None:
+            if pending.retries == 0:
+                self.rtt.update(now - pending.first_sent)
+            self.stats["delivered"] += 1
+            self._event(Delivered(packet_id, now - pending.first_sent, pending.retries > 0))
+            return
+        sent_at = self._recent_unreliable.pop(packet_id, None)
+        if sent_at is not None:
+            self.rtt.update(now - sent_at)   # unreliable packets are sent once: always a valid sample
+        else:
+            self.stats["echo_duplicates"] += 1
+
+    def _on_seq(self, seq: int, now: float) -> bool:
+        """Account for a sequenced packet; False if this seq was already received or given up."""
+        if seq > self._highest:
+            self._account_up_to(seq - 1, now)
+            self._highest = seq
+            self.stats["seqs_accounted"] += 1
+            return True
+        if self._missing.pop(seq, None) is not None:
+            self._nack_outstanding.discard(seq)
+            if not self._nack_outstanding and self._nack_deadline is not None:
+                # everything asked for has arrived: a new request may go out at once
+                self._nack_deadline = None
+                self._nack_timeout = None
+            return True
+        return False
+
+    def _account_up_to(self, last: int, now: float) -> None:
+        """Mark every seq in (highest, last] as missing (a data packet or heartbeat revealed them)."""
+        if last <= self._highest:
+            return
+        first = self._highest + 1
+        gap = last - first + 1
+        self.stats["missing_detected"] += gap
+        self.stats["seqs_accounted"] += gap
+        limit = self.config.max_missing
+        if gap > limit:
+            # too many to track: the oldest are given up straight away
+            self._report_unrecoverable(first, gap - limit)
+            self.stats["missing_overflow"] += gap - limit
+            first = last - limit + 1
+        missing = self._missing
+        for seq in range(first, last + 1):
+            missing[seq] = now
+        self._highest = last
+        excess = len(missing) - limit
+        if excess > 0:
+            self.stats["missing_overflow"] += excess
+            for seq in list(missing)[:excess]:
+                del missing[seq]
+                self._nack_outstanding.discard(seq)
+                self._report_unrecoverable(seq, 1)
+
+    def _on_lowest(self, lowest: int) -> None:
+        """Missing seqs below the reflector's lowest retransmittable seq can never be recovered."""
+        if lowest > self._lowest:
+            self._lowest = lowest
+        missing = self._missing
+        if not missing or next(iter(missing)) >= self._lowest:
+            return
+        lost = [seq for seq in missing if seq < self._lowest]
+        for seq in lost:
+            del missing[seq]
+            self._nack_outstanding.discard(seq)
+        for first, count in wire.seqs_to_ranges(lost, max_ranges=len(lost)):
+            self._report_unrecoverable(first, count)
+        if not self._nack_outstanding:
+            self._nack_deadline = None
+
+    def _report_unrecoverable(self, first: int, count: int) -> None:
+        self.stats["unrecoverable"] += count
+        self._event(Unrecoverable(first, count))
+
+    def _maybe_nack(self, now: float) -> None:
+        """Ask for every missing seq at once, then not again until all arrive or the timeout passes."""
+        if not self._missing or self._nack_outstanding or self.closed:
+            return
+        window = self.config.reorder_window
+        # the same expression as get_timer(), so a timer firing at that instant always finds them ripe
+        wanted = [seq for seq, noticed in self._missing.items() if noticed + window <= now]
+        if not wanted:
+            return
+        ranges = wire.seqs_to_ranges(wanted)
+        asked = [seq for first, count in ranges for seq in range(first, first + count)]
+        self._queue(wire.encode(Header(Kind.NACK, rto_ms=self._rto_ms(), location=self.location,
+                                       sender=self.player), wire.encode_nack_ranges(ranges)))
+        self.stats["nacks_sent"] += 1
+        self.stats["nack_seqs"] += len(asked)
+        self._nack_outstanding = set(asked)
+        if self._nack_timeout is None:
+            self._nack_timeout = self.rtt.rto
+        self._nack_deadline = now + self._nack_timeout
+
+
+# ====================================================================== reflector
+
+@dataclass(slots=True)
+class ReflectorConfig:
+    buffer_packets: int = 1024      # reliable packets kept per location for retransmission
+    buffer_age: float = 2.0         # ... and for at most this long (game packets go stale)
+    heartbeat_min: float = 0.02     # heartbeat interval = members' smallest RTO, clamped to [min, max],
+    heartbeat_max: float = 1.0      #   doubling while the location stays idle
+    default_rto: float = 0.2        # assumed for members that have not reported one yet
+    nack_rate: float = 1000.0       # retransmissions per second per member (token bucket)
+    nack_burst: int = 256
+    max_locations: int = 4096
+    max_members: int = 256          # per location
+    max_outgoing: int = 65536       # queued datagrams between pulls
+
+    def validate(self) -> None:
+        if self.buffer_packets <= 0 or self.buffer_age <= 0:
+            raise ValueError("buffer_packets and buffer_age must be positive")
+        if not 0 < self.heartbeat_min <= self.heartbeat_max:
+            raise ValueError("need 0 < heartbeat_min <= heartbeat_max")
+        if self.nack_rate < 0 or self.nack_burst < 0:
+            raise ValueError("nack_rate and nack_burst must be non-negative")
+        if self.max_locations <= 0 or self.max_members <= 0 or self.max_outgoing <= 0:
+            raise ValueError("max_locations, max_members and max_outgoing must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class MembersChanged:
+    """The set of bound member addresses of a location changed (update the multicast group)."""
+    location: int
+    addresses: tuple[Address, ...]
+
+
+@dataclass(slots=True)
+class _Member:
+    player: int
+    token: bytes
+    addr: Address | None = None
+    rto: float | None = None
+    tokens: float = 0.0
+    refilled: float = 0.0
+
+
+LOCATION_COUNTERS = (
+    "received", "reliable", "unreliable", "fanout_datagrams", "retransmitted", "nacks",
+    "nack_rate_limited", "nack_unavailable", "heartbeats", "hello_accepted", "hello_rejected",
+    "spoofed", "buffer_evicted_count", "buffer_evicted_age", "byes", "malformed_client_fields",
+)
+
+
+@dataclass(slots=True)
+class _Location:
+    id: int
+    members: dict[int, _Member] = field(default_factory=dict)
+    by_addr: dict[Address, _Member] = field(default_factory=dict)
+    addresses: tuple[Address, ...] = ()
+    last_seq: int = 0
+    buffer: deque = field(default_factory=deque)     # (seq, forwarded bytes, stored_at), seqs contiguous
+    announced_at: float = 0.0     # last time the current last_seq went out (reliable data or heartbeat)
+    idle_heartbeats: int = 0
+    stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LOCATION_COUNTERS, 0))
+
+    def lowest(self) -> int:
+        return self.buffer[0][0] if self.buffer else self.last_seq + 1
+
+
+Destination = Union[Address, int]   # an address, or a location id meaning "every bound member"
+
+
+class ReflectorCore:
+    """The reflector side of the protocol for any number of locations.
+
+    Membership comes from the game server (:meth:`add_member` /
+    :meth:`remove_member`, each with the player's token); a member's address
+    is bound by a HELLO carrying that token, and only bound addresses may send
+    into the location, so the reflector never fans out toward an address that
+    did not prove it holds a token.
+    """
+
+    def __init__(self, config: ReflectorConfig | None = None) -> None:
+        self.config = config or ReflectorConfig()
+        self.config.validate()
+        self._locations: dict[int, _Location] = {}
+        self._out: list[tuple[bytes, Destination]] = []
+        self._events: deque[MembersChanged] = deque()
+        self.stats: dict[str, int] = dict.fromkeys((
+            "received", "malformed", "unknown_location", "not_member", "unexpected_kind",
+            "outgoing_dropped", "locations_refused", "members_refused",
+        ), 0)
+
+    # ------------------------------------------------------------------ membership (control plane)
+
+    def add_member(self, location: int, player: int, token: bytes, now: float = 0.0) -> None:
+        loc = self._locations.get(location)
+        if loc is None:
+            if len(self._locations) >= self.config.max_locations:
+                self.stats["locations_refused"] += 1
+                raise BufferFull(f"reflector already serves {len(self._locations)} locations")
+            loc = self._locations[location] = _Location(location, announced_at=now)
+        member = loc.members.get(player)
+        if member is not None:
+            if member.token != token:
+                member.token = bytes(token)
+                self._unbind(loc, member)   # a new token: the old binding is no longer proven
+            return
+        if len(loc.members) >= self.config.max_members:
+            self.stats["members_refused"] += 1
+            raise BufferFull(f"location {location} already has {len(loc.members)} members")
+        loc.members[player] = _Member(player, bytes(token), tokens=float(self.config.nack_burst), refilled=now)
+
+    def remove_member(self, location: int, player: int) -> bool:
+        loc = self._locations.get(location)
+        if loc is None:
+            return False
+        member = loc.members.pop(player, None)
+        if member is None:
+            return False
+        self._unbind(loc, member)
+        if not loc.members:
+            del self._locations[location]
+        return True
+
+    def locations(self) -> list[int]:
+        return list(self._locations)
+
+    def members(self, location: int) -> tuple[Address, ...]:
+        loc = self._locations.get(location)
+        return loc.addresses if loc is not None else ()
+
+    def member_players(self, location: int) -> list[int]:
+        loc = self._locations.get(location)
+        return list(loc.members) if loc is not None else []
+
+    # ------------------------------------------------------------------ data path
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        self.stats["received"] += 1
+        try:
+            header, payload = wire.decode(data)
+        except WireDecodeError:
+            self.stats["malformed"] += 1
+            return
+        loc = self._locations.get(header.location)
+        if loc is None:
+            self.stats["unknown_location"] += 1
+            return
+        kind = header.kind
+        if kind is Kind.HELLO:
+            self._on_hello(loc, header, payload, addr, now)
+            return
+        member = loc.by_addr.get(addr)
+        if member is None or member.player != header.sender:
+            # not a bound member, or a member claiming someone else's id
+            loc.stats["spoofed"] += 1
+            self.stats["not_member"] += 1
+            return
+        if header.rto_ms:
+            member.rto = header.rto_ms / 1000
+        if kind is Kind.DATA:
+            self._on_data(loc, header, data, now)
+        elif kind is Kind.NACK:
+            self._on_nack(loc, member, payload, now)
+        elif kind is Kind.BYE:
+            loc.stats["byes"] += 1
+            self._unbind(loc, member)
+        else:
+            self.stats["unexpected_kind"] += 1
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Destination]]:
+        """Datagrams to send: to an address, or (int destination) to every bound member of that location."""
+        out, self._out = self._out, []
+        return out
+
+    def get_timer(self) -> float | None:
+        times = [self._heartbeat_due(loc) for loc in self._locations.values() if loc.addresses]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        """Heartbeats on idle locations and age eviction of the retransmission buffers."""
+        for loc in self._locations.values():
+            self._evict(loc, now)
+            if loc.addresses and now >= self._heartbeat_due(loc):
+                loc.stats["heartbeats"] += 1
+                loc.stats["fanout_datagrams"] += len(loc.addresses)
+                self._queue(wire.encode(Header(Kind.HEARTBEAT, location=loc.id, seq=loc.last_seq,
+                                               lowest=loc.lowest())), loc.id)
+                loc.announced_at = now
+                loc.idle_heartbeats += 1
+
+    def next_event(self) -> MembersChanged | None:
+        return self._events.popleft() if self._events else None
+
+    def location_stats(self, location: int) -> dict:
+        loc = self._locations[location]
+        out = dict(loc.stats)
+        out.update(members=len(loc.members), bound=len(loc.addresses), last_seq=loc.last_seq,
+                   lowest=loc.lowest(), buffered=len(loc.buffer))
+        return out
+
+    def snapshot(self) -> dict:
+        return {"global": dict(self.stats),
+                "locations": {str(loc_id): self.location_stats(loc_id) for loc_id in self._locations}}
+
+    # ------------------------------------------------------------------ internals
+
+    def _queue(self, data: bytes, dest: Destination) -> None:
+        if len(self._out) >= self.config.max_outgoing:
+            self._out.pop(0)
+            self.stats["outgoing_dropped"] += 1
+        self._out.append((data, dest))
+
+    def _heartbeat_due(self, loc: _Location) -> float:
+        rtos = [m.rto for m in loc.by_addr.values() if m.rto]
+        base = min(rtos) if rtos else self.config.default_rto
+        interval = min(self.config.heartbeat_max,
+                       max(self.config.heartbeat_min, base) * (2 ** min(loc.idle_heartbeats, 16)))
+        return loc.announced_at + interval
+
+    def _bind(self, loc: _Location, member: _Member, addr: Address) -> None:
+        if member.addr == addr:
+            return
+        other = loc.by_addr.get(addr)
+        if other is not None and other is not member:
+            self._unbind(loc, other)    # the address now proves a different player's token
+        if member.addr is not None:
+            loc.by_addr.pop(member.addr, None)
+        member.addr = addr
+        loc.by_addr[addr] = member
+        self._members_changed(loc)
+
+    def _unbind(self, loc: _Location, member: _Member) -> None:
+        if member.addr is None:
+            return
+        loc.by_addr.pop(member.addr, None)
+        member.addr = None
+        self._members_changed(loc)
+
+    def _members_changed(self, loc: _Location) -> None:
+        loc.addresses = tuple(loc.by_addr)
+        self._events.append(MembersChanged(loc.id, loc.addresses))
+
+    def _on_hello(self, loc: _Location, header: Header, token: bytes, addr: Address, now: float) -> None:
+        member = loc.members.get(header.sender)
+        if member is None or not hmac.compare_digest(member.token, token):
+            loc.stats["hello_rejected"] += 1   # silently: a spoofed source gets nothing back
+            return
+        loc.stats["hello_accepted"] += 1
+        if header.rto_ms:
+            member.rto = header.rto_ms / 1000
+        self._bind(loc, member, addr)
+        self._evict(loc, now)
+        # WELCOME is smaller than the HELLO that caused it: no amplification
+        self._queue(wire.encode(Header(Kind.WELCOME, location=loc.id, sender=member.player,
+                                       packet_id=header.packet_id, seq=loc.last_seq,
+                                       lowest=loc.lowest())), addr)
+
+    def _on_data(self, loc: _Location, header: Header, data: bytes, now: float) -> None:
+        if header.seq or header.lowest:
+            loc.stats["malformed_client_fields"] += 1   # seq and lowest are the reflector's to set
+            return
+        stats = loc.stats
+        stats["received"] += 1
+        stats["fanout_datagrams"] += len(loc.addresses)
+        if header.flags & Flag.RELIABLE:
+            stats["reliable"] += 1
+            loc.last_seq += 1
+            seq = loc.last_seq
+            buffer = loc.buffer
+            buffer.append((seq, data, now))
+            if len(buffer) > self.config.buffer_packets:
+                buffer.popleft()
+                stats["buffer_evicted_count"] += 1
+            out = wire.restamp(data, seq, buffer[0][0])
+            loc.announced_at = now
+            loc.idle_heartbeats = 0
+        else:
+            stats["unreliable"] += 1
+            out = wire.restamp(data, 0, loc.lowest())
+        self._queue(out, loc.id)
+
+    def _evict(self, loc: _Location, now: float) -> None:
+        buffer = loc.buffer
+        horizon = now - self.config.buffer_age
+        while buffer and buffer[0][2] < horizon:
+            buffer.popleft()
+            loc.stats["buffer_evicted_age"] += 1
+
+    def _on_nack(self, loc: _Location, member: _Member, payload: bytes, now: float) -> None:
+        try:
+            ranges = wire.decode_nack_ranges(payload)
+        except WireDecodeError:
+            self.stats["malformed"] += 1
+            return
+        stats = loc.stats
+        stats["nacks"] += 1
+        self._evict(loc, now)
+        config = self.config
+        member.tokens = min(float(config.nack_burst), member.tokens + (now - member.refilled) * config.nack_rate)
+        member.refilled = now
+        buffer = loc.buffer
+        lowest = loc.lowest()
+        unavailable = False
+        for first, count in ranges:
+            for seq in range(first, first + count):
+                if seq < lowest or seq > loc.last_seq:
+                    unavailable = True
+                    stats["nack_unavailable"] += 1
+                    continue
+                if member.tokens < 1:
+                    stats["nack_rate_limited"] += 1
+                    continue
+                member.tokens -= 1
+                _, data, _ = buffer[seq - lowest]
+                flags = data[wire.FLAGS_OFFSET] | Flag.RETRANSMIT
+                self._queue(wire.restamp(data, seq, lowest, flags), member.addr)
+                stats["retransmitted"] += 1
+        if unavailable and member.tokens >= 1:
+            # tell the requester at once what is still available, even on an idle location
+            member.tokens -= 1
+            self._queue(wire.encode(Header(Kind.HEARTBEAT, location=loc.id, seq=loc.last_seq,
+                                           lowest=lowest)), member.addr)

@@ -1,0 +1,209 @@
+"""The mmpog data-path encapsulation (paper Fig. 11, plus location and sender), declared once.
+
+Every datagram between a game client and a reflector starts with this 28-byte
+header, big-endian::
+
+     0       1       2       3
+    +-------+-------+-------+-------+
+    |version| kind  | flags |   0   |
+    +-------+-------+-------+-------+
+    |    rto_ms     |  payload_len  |
+    +-------+-------+-------+-------+
+    |           location            |
+    +-------------------------------+
+    |            sender             |   player id of the originator (0 for reflector-made packets)
+    +-------------------------------+
+    |           packet_id           |   32-bit id chosen by the sender (0 for heartbeats)
+    +-------------------------------+
+    |              seq              |   reflector-assigned sequence number (0 = none)
+    +-------------------------------+
+    |            lowest             |   lowest seq the reflector can still retransmit
+    +-------------------------------+
+    |  payload (payload_len bytes)  |
+    +-------------------------------+
+
+``kind`` says what the datagram is; the payload of each kind is declared below
+(``NACK_RANGE`` for NACK, the token for HELLO).  Validation is strict: the
+version, kind, known flags, zero pad, exact payload length and the per-kind
+rules are all checked, and a violation raises :class:`WireDecodeError` saying
+what was wrong.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+VERSION = 1
+
+HEADER = struct.Struct("!BBBxHHIIIII")
+HEADER_SIZE = HEADER.size  # 28
+
+# A NACK payload is a list of ranges of missing sequence numbers.
+NACK_RANGE = struct.Struct("!IH")  # first seq, count (1..65535)
+MAX_NACK_RANGES = 64
+
+MAX_PAYLOAD = 1400  # keeps every datagram under a 1500-byte MTU with IP/UDP headers
+MAX_TOKEN = 64
+MIN_TOKEN = 8
+MAX_U32 = 0xFFFFFFFF
+MAX_RTO_MS = 0xFFFF
+
+
+class Kind(enum.IntEnum):
+    DATA = 1        # game data: client -> reflector, and reflector -> members (fan-out/retransmission)
+    HEARTBEAT = 2   # reflector -> members on an idle location: seq = last, lowest = lowest; no id, no data
+    NACK = 3        # client -> reflector: payload = ranges of missing seqs
+    HELLO = 4       # client -> reflector: payload = the token the game server issued; binds the address
+    WELCOME = 5     # reflector -> client: answer to HELLO; packet_id echoed, seq = last, lowest = lowest
+    BYE = 6         # client -> reflector: leaving the location (unbinds the address)
+
+
+class Flag(enum.IntFlag):
+    RELIABLE = 0x01      # the sender asked for reliable delivery: the reflector sequences and buffers it
+    RETRANSMIT = 0x02    # a copy: resent by the sender after a timeout, or from the reflector's buffer
+
+
+KNOWN_FLAGS = int(Flag.RELIABLE | Flag.RETRANSMIT)
+_KINDS = frozenset(int(k) for k in Kind)
+
+
+class WireDecodeError(ValueError):
+    """A datagram that is not a valid mmpog packet; the message says what was wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    kind: Kind
+    flags: int = 0
+    rto_ms: int = 0
+    location: int = 0
+    sender: int = 0
+    packet_id: int = 0
+    seq: int = 0
+    lowest: int = 0
+
+    @property
+    def reliable(self) -> bool:
+        return bool(self.flags & Flag.RELIABLE)
+
+    @property
+    def retransmit(self) -> bool:
+        return bool(self.flags & Flag.RETRANSMIT)
+
+
+def encode(header: Header, payload: bytes = b"") -> bytes:
+    """Header + payload as bytes; raises ValueError for values that do not fit the layout."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    if header.flags & ~KNOWN_FLAGS:
+        raise ValueError(f"unknown flags 0x{header.flags:02x}")
+    try:
+        head = HEADER.pack(
+            VERSION, int(header.kind), header.flags, min(header.rto_ms, MAX_RTO_MS), len(payload),
+            header.location, header.sender, header.packet_id, header.seq, header.lowest,
+        )
+    except struct.error as exc:
+        raise ValueError(f"header field out of range: {exc}") from None
+    return head + payload
+
+
+def decode(data: bytes) -> tuple[Header, bytes]:
+    """Parse and validate one datagram; returns the header and the payload."""
+    if len(data) < HEADER_SIZE:
+        raise WireDecodeError(f"datagram of {len(data)} bytes is shorter than the {HEADER_SIZE}-byte header")
+    (version, kind, flags, rto_ms, length, location, sender, packet_id, seq, lowest) = HEADER.unpack_from(data)
+    if data[3] != 0:
+        raise WireDecodeError(f"reserved byte is {data[3]}, must be 0")
+    if version != VERSION:
+        raise WireDecodeError(f"unsupported version {version} (expected {VERSION})")
+    if kind not in _KINDS:
+        raise WireDecodeError(f"unknown kind {kind}")
+    if flags & ~KNOWN_FLAGS:
+        raise WireDecodeError(f"unknown flags 0x{flags:02x}")
+    if length != len(data) - HEADER_SIZE:
+        raise WireDecodeError(f"payload_len says {length} bytes but {len(data) - HEADER_SIZE} follow the header")
+    if length > MAX_PAYLOAD:
+        raise WireDecodeError(f"payload of {length} bytes exceeds {MAX_PAYLOAD}")
+    kind = Kind(kind)
+    if seq and lowest > seq + 1:
+        raise WireDecodeError(f"lowest {lowest} is above seq {seq} + 1")
+    if kind is Kind.DATA:
+        if seq == 0 and flags & Flag.RELIABLE and lowest:
+            # a reflector-forwarded reliable packet always has a seq; a client's one has neither
+            raise WireDecodeError("reliable DATA with lowest set but no seq")
+        if seq and not flags & Flag.RELIABLE:
+            raise WireDecodeError("unreliable DATA must not carry a seq")
+    elif kind is Kind.HEARTBEAT:
+        if length or packet_id or sender or flags:
+            raise WireDecodeError("HEARTBEAT carries no payload, packet id, sender or flags")
+    elif kind is Kind.NACK:
+        if length == 0 or length % NACK_RANGE.size:
+            raise WireDecodeError(f"NACK payload of {length} bytes is not a non-empty list of {NACK_RANGE.size}-byte ranges")
+        if length // NACK_RANGE.size > MAX_NACK_RANGES:
+            raise WireDecodeError(f"NACK with {length // NACK_RANGE.size} ranges exceeds {MAX_NACK_RANGES}")
+        if flags:
+            raise WireDecodeError("NACK carries no flags")
+    elif kind is Kind.HELLO:
+        if not MIN_TOKEN <= length <= MAX_TOKEN:
+            raise WireDecodeError(f"HELLO token of {length} bytes (expected {MIN_TOKEN}..{MAX_TOKEN})")
+        if flags or seq or lowest:
+            raise WireDecodeError("HELLO carries no flags, seq or lowest")
+    elif kind is Kind.WELCOME:
+        if length or flags:
+            raise WireDecodeError("WELCOME carries no payload or flags")
+    elif kind is Kind.BYE:
+        if length or flags or seq or lowest:
+            raise WireDecodeError("BYE carries no payload, flags, seq or lowest")
+    header = Header(kind, flags, rto_ms, location, sender, packet_id, seq, lowest)
+    return header, bytes(data[HEADER_SIZE:])
+
+
+def encode_nack_ranges(ranges: list[tuple[int, int]]) -> bytes:
+    """``[(first, count), ...]`` -> NACK payload."""
+    if not ranges or len(ranges) > MAX_NACK_RANGES:
+        raise ValueError(f"a NACK carries 1..{MAX_NACK_RANGES} ranges, got {len(ranges)}")
+    return b"".join(NACK_RANGE.pack(first, count) for first, count in ranges)
+
+
+def decode_nack_ranges(payload: bytes) -> list[tuple[int, int]]:
+    """NACK payload -> ``[(first, count), ...]`` (validated: count >= 1, no 32-bit overflow)."""
+    ranges = []
+    for first, count in NACK_RANGE.iter_unpack(payload):
+        if count == 0 or first == 0:
+            raise WireDecodeError(f"NACK range ({first}, {count}) is empty or starts at seq 0")
+        if first + count - 1 > MAX_U32:
+            raise WireDecodeError(f"NACK range ({first}, {count}) runs past 2**32")
+        ranges.append((first, count))
+    return ranges
+
+
+def seqs_to_ranges(seqs: list[int], max_ranges: int = MAX_NACK_RANGES) -> list[tuple[int, int]]:
+    """Sorted distinct seqs -> at most ``max_ranges`` (first, count) runs (later runs dropped)."""
+    ranges: list[tuple[int, int]] = []
+    for seq in seqs:
+        if ranges and ranges[-1][0] + ranges[-1][1] == seq and ranges[-1][1] < 0xFFFF:
+            ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
+        else:
+            if len(ranges) == max_ranges:
+                break
+            ranges.append((seq, 1))
+    return ranges
+
+
+# ------------------------------------------------------------------ hot path helpers
+# The reflector rewrites seq/lowest (and flags) of a client's DATA without a full
+# decode/encode round trip: these are offsets into HEADER, declared next to it.
+FLAGS_OFFSET = 2
+SEQ_LOWEST = struct.Struct("!II")
+SEQ_OFFSET = 20
+
+
+def restamp(data: bytes, seq: int, lowest: int, flags: int | None = None) -> bytes:
+    """A copy of an already validated datagram with seq/lowest (and optionally flags) replaced."""
+    out = bytearray(data)
+    SEQ_LOWEST.pack_into(out, SEQ_OFFSET, seq, lowest)
+    if flags is not None:
+        out[FLAGS_OFFSET] = flags
+    return bytes(out)

@@ -1,0 +1,356 @@
+"""The reliability protocol in memory: the four cases of the paper's Fig. 12, properties under a
+seeded lossy/reordering/duplicating network, and the RTO estimator against RFC 6298."""
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mmpog import wire
+from mmpog.reliability import (
+    BufferFull, ClientConfig, ClientEndpoint, Delivered, Expired, Joined, NotJoined, Received,
+    ReflectorConfig, ReflectorCore, RttEstimator, Unrecoverable,
+)
+from mmpog.testing import DOWN, UP, LinkProfile, SimNetwork
+
+LOC = 9
+A, B, C = ("10.0.0.1", 5001), ("10.0.0.2", 5002), ("10.0.0.3", 5003)
+
+
+def make_world(players=2, profile=None, seed=1, client_config=None, reflector_config=None):
+    reflector = ReflectorCore(reflector_config or ReflectorConfig())
+    net = SimNetwork(reflector, profile or LinkProfile(latency=0.005), seed=seed)
+    endpoints = []
+    for index in range(players):
+        player = index + 1
+        token = bytes([player]) * 16
+        reflector.add_member(LOC, player, token, now=net.now)
+        ep = ClientEndpoint(player, LOC, token, client_config or ClientConfig(), rng=random.Random(seed + player))
+        addr = (f"10.0.0.{player}", 5000 + player)
+        net.add_client(ep, addr)
+        ep.connect(net.now)
+        endpoints.append((ep, addr))
+    net.run_for(0.2)
+    for ep, _ in endpoints:
+        assert ep.joined
+    return net, endpoints
+
+
+def received(net, addr):
+    return [e for e in net.events[addr] if isinstance(e, Received)]
+
+
+def of_type(net, addr, kind):
+    return [e for e in net.events[addr] if isinstance(e, kind)]
+
+
+# ---------------------------------------------------------------- Fig. 12
+
+
+def test_fig12_normal_echo_is_ack_and_seq_assigned():
+    net, [(a, addr_a), (b, addr_b)] = make_world()
+    pid = a.send(b"S1", net.now, reliable=True)
+    net.run_for(0.1)
+    [got] = received(net, addr_b)
+    assert (got.sender, got.packet_id, got.payload, got.seq, got.reliable) == (1, pid, b"S1", 1, True)
+    [delivered] = of_type(net, addr_a, Delivered)
+    assert delivered.packet_id == pid and not delivered.retransmitted
+    assert delivered.rtt == pytest.approx(0.010)      # two 5 ms hops
+    assert received(net, addr_a) == []                 # the echo is an ACK, not data
+    assert a.rtt.srtt == pytest.approx(0.010, abs=1e-9)
+
+
+def test_fig12_loss_from_sender_is_retransmitted_after_rto():
+    net, [(a, addr_a), (b, addr_b)] = make_world()
+    net.drop_when(lambda d, addr, h: d == UP and h.kind is wire.Kind.DATA)
+    sent_at = net.now
+    rto = a.rtt.rto
+    pid = a.send(b"S2", net.now, reliable=True)
+    net.run_for(0.5)
+    [got] = received(net, addr_b)
+    assert got.packet_id == pid and got.seq == 1
+    [delivered] = of_type(net, addr_a, Delivered)
+    assert delivered.retransmitted
+    assert delivered.rtt == pytest.approx(rto + 0.010)
+    assert a.stats["retransmitted"] == 1
+    assert got.now == pytest.approx(sent_at + rto + 0.010)
+
+
+def test_fig12_loss_to_sender_duplicate_is_ignored_and_nack_answer_ignored():
+    net, [(a, addr_a), (b, addr_b)] = make_world()
+    pid_b = a.send(b"b", net.now, reliable=True)
+    net.run_for(0.1)
+    # the echo of packet c (seq 2) is lost on its way back to the sender
+    net.drop_when(lambda d, addr, h: d == DOWN and addr == addr_a and h.kind is wire.Kind.DATA)
+    pid_c = a.send(b"c", net.now, reliable=True)
+    net.run_for(1.0)
+    got = received(net, addr_b)
+    assert [(e.packet_id, e.seq) for e in got] == [(pid_b, 1), (pid_c, 2)]
+    assert b.stats["duplicates"] == 1                   # the retransmitted c came again as seq 3
+    assert net.sequenced[(LOC, 3)] == (1, pid_c)
+    # the sender saw seq 3 without seq 2, asked for 2, and ignored it when it came
+    assert a.stats["nacks_sent"] == 1
+    assert a.stats["retransmissions_received"] == 2      # its own resent copy (seq 3) and seq 2 from the buffer
+    assert net.reflector.location_stats(LOC)["retransmitted"] == 1
+    assert received(net, addr_a) == []
+    delivered = of_type(net, addr_a, Delivered)
+    assert [d.packet_id for d in delivered] == [pid_b, pid_c]
+    assert delivered[1].retransmitted
+    assert a.snapshot()["missing"] == 0
+
+
+def test_fig12_loss_to_receiver_revealed_by_heartbeat():
+    net, [(a, addr_a), (b, addr_b)] = make_world()
+    net.drop_when(lambda d, addr, h: d == DOWN and addr == addr_b and h.kind is wire.Kind.DATA)
+    pid = a.send(b"S5", net.now, reliable=True)
+    net.run_for(0.02)
+    assert received(net, addr_b) == [] and b.highest_seq == 0
+    net.run_for(1.0)                                    # idle: only heartbeats flow
+    assert b.stats["heartbeats"] >= 1
+    [got] = received(net, addr_b)
+    assert got.packet_id == pid and got.seq == 1
+    assert b.stats["nacks_sent"] == 1
+    assert net.reflector.location_stats(LOC)["retransmitted"] == 1
+
+
+# ---------------------------------------------------------------- other behaviour
+
+
+def test_unrecoverable_reported_when_buffer_moves_past_gap():
+    config = ReflectorConfig(buffer_packets=2)
+    net, [(a, addr_a), (b, addr_b)] = make_world(reflector_config=config)
+    # B misses seq 1 and its NACKs are lost: by the time it could ask again, seq 1 is gone
+    net.drop_when(lambda d, addr, h: d == DOWN and addr == addr_b and h.seq == 1)
+    net.drop_when(lambda d, addr, h: d == UP and addr == addr_b and h.kind is wire.Kind.NACK, times=50)
+    for n in range(4):
+        a.send(b"x%d" % n, net.now, reliable=True)
+        net.run_for(0.01)
+    net.run_for(0.5)
+    unrec = of_type(net, addr_b, Unrecoverable)
+    assert [(u.first, u.count) for u in unrec] == [(1, 1)]
+    assert [e.seq for e in received(net, addr_b)] == [2, 3, 4]
+
+
+def test_expired_when_reflector_unreachable():
+    net, [(a, addr_a), _] = make_world()
+    net.drop_when(lambda d, addr, h: d == UP and addr == addr_a, times=1000)
+    pid = a.send(b"doomed", net.now, reliable=True, deadline=0.3)
+    net.run_for(0.5)
+    assert of_type(net, addr_a, Expired) == [Expired(pid)]
+    assert of_type(net, addr_a, Delivered) == []
+    assert a.pending_count == 0
+
+
+def test_unreliable_is_not_retransmitted_and_not_sequenced():
+    net, [(a, addr_a), (b, addr_b)] = make_world()
+    net.drop_when(lambda d, addr, h: d == UP and h.kind is wire.Kind.DATA)
+    a.send(b"lost", net.now)
+    a.send(b"kept", net.now)
+    net.run_for(0.5)
+    assert [(e.payload, e.seq, e.reliable) for e in received(net, addr_b)] == [(b"kept", 0, False)]
+    assert a.stats["retransmitted"] == 0 and b.stats["nacks_sent"] == 0
+
+
+def test_nack_asks_for_all_missing_at_once_then_waits_with_doubling_timeout():
+    net, [(a, addr_a), (b, addr_b)] = make_world()
+    # seqs 1..3 never reach B, and the reflector never hears B's NACKs
+    net.drop_when(lambda d, addr, h: d == DOWN and addr == addr_b and h.seq in (1, 2, 3), times=3)
+    nacks = []
+    net.drop_when(lambda d, addr, h: d == UP and addr == addr_b and h.kind is wire.Kind.NACK
+                  and not nacks.append(net.now), times=100)
+    for n in range(4):
+        a.send(b"%d" % n, net.now, reliable=True)
+    net.run_for(0.05)
+    first = [h for d, addr, h in net.dropped if h.kind is wire.Kind.NACK]
+    assert len(first) == 1                             # one request for all three
+    net.run_for(1.0)
+    gaps = [round(t2 - t1, 4) for t1, t2 in zip(nacks, nacks[1:])]
+    assert len(gaps) >= 3
+    assert all(later == pytest.approx(2 * earlier, rel=0.05) for earlier, later in zip(gaps, gaps[1:]))
+    assert gaps[0] == pytest.approx(b.rtt.rto, rel=0.05)       # the first timeout is the RTO
+
+
+def test_nack_rate_limited_per_member():
+    config = ReflectorConfig(nack_rate=0.0, nack_burst=2)
+    net, [(a, addr_a), (b, addr_b)] = make_world(reflector_config=config)
+    net.drop_when(lambda d, addr, h: d == DOWN and addr == addr_b and h.kind is wire.Kind.DATA, times=5)
+    for n in range(6):
+        a.send(b"%d" % n, net.now, reliable=True)
+    net.run_for(0.3)
+    stats = net.reflector.location_stats(LOC)
+    assert stats["retransmitted"] == 2
+    assert stats["nack_rate_limited"] >= 3
+    assert len(received(net, addr_b)) == 3
+
+
+def test_send_before_join_and_pending_bound():
+    token = b"t" * 16
+    ep = ClientEndpoint(1, LOC, token, ClientConfig(max_pending=2))
+    with pytest.raises(NotJoined):
+        ep.send(b"x", 0.0)
+    reflector = ReflectorCore()
+    reflector.add_member(LOC, 1, token)
+    ep.connect(0.0)
+    for data in ep.datagrams_to_send(0.0):
+        reflector.receive_datagram(data, A, 0.0)
+    [(welcome, dest)] = reflector.datagrams_to_send(0.0)
+    assert dest == A
+    ep.receive_datagram(welcome, 0.001)
+    assert ep.next_event() == Joined(LOC, 0)
+    ep.send(b"1", 0.01, reliable=True)
+    ep.send(b"2", 0.01, reliable=True)
+    with pytest.raises(BufferFull):
+        ep.send(b"3", 0.01, reliable=True)
+    assert ep.stats["refused_pending"] == 1
+    ep.send(b"unreliable is not bounded by max_pending", 0.01)
+
+
+def test_packet_ids_random_start_increment_skip_zero():
+    token = b"k" * 16
+    ids = set()
+    for seed in range(5):
+        ep = ClientEndpoint(1, 1, token, rng=random.Random(seed))
+        ep._next_id = wire.MAX_U32 if seed == 0 else ep._next_id
+        first = ep._new_id()
+        second = ep._new_id()
+        ids.add(first)
+        assert second == (first + 1) & wire.MAX_U32 or second == 1
+        assert second != 0
+    assert len(ids) == 5
+
+
+def test_client_drops_malformed_and_foreign_datagrams():
+    net, [(a, addr_a), (b, addr_b)] = make_world()
+    b.receive_datagram(b"\x01junk", net.now)
+    b.receive_datagram(wire.encode(wire.Header(wire.Kind.DATA, location=LOC + 1, sender=1, packet_id=5)), net.now)
+    b.receive_datagram(wire.encode(wire.Header(wire.Kind.NACK, location=LOC, sender=1),
+                                   wire.encode_nack_ranges([(1, 1)])), net.now)
+    assert (b.stats["malformed"], b.stats["wrong_location"], b.stats["unexpected_kind"]) == (1, 1, 1)
+    assert b.next_event() is None
+
+
+# ---------------------------------------------------------------- RFC 6298
+
+
+def test_rto_first_sample_rfc6298_2_2():
+    est = RttEstimator(initial_rto=1.0, min_rto=0.001, max_rto=60, granularity=0.001)
+    assert est.rto == 1.0                               # (2.1) before any sample
+    est.update(0.100)
+    assert est.srtt == pytest.approx(0.100)
+    assert est.rttvar == pytest.approx(0.050)
+    assert est.rto == pytest.approx(0.100 + 4 * 0.050)
+
+
+def test_rto_subsequent_samples_rfc6298_2_3():
+    est = RttEstimator(initial_rto=1.0, min_rto=0.001, max_rto=60, granularity=0.001)
+    est.update(0.100)
+    est.update(0.200)
+    rttvar = 0.75 * 0.050 + 0.25 * abs(0.100 - 0.200)   # with the OLD srtt
+    srtt = 0.875 * 0.100 + 0.125 * 0.200
+    assert est.rttvar == pytest.approx(rttvar)
+    assert est.srtt == pytest.approx(srtt)
+    assert est.rto == pytest.approx(srtt + 4 * rttvar)
+
+
+def test_rto_clock_granularity_floor():
+    est = RttEstimator(initial_rto=1.0, min_rto=0.0001, max_rto=60, granularity=0.05)
+    for _ in range(50):
+        est.update(0.010)                               # rttvar decays towards 0
+    assert est.rto == pytest.approx(est.srtt + 0.05)    # max(G, K*RTTVAR) = G
+
+
+def test_rto_min_max_and_backoff_rfc6298_5_5():
+    est = RttEstimator(initial_rto=0.2, min_rto=0.04, max_rto=1.0)
+    est.update(0.001)
+    assert est.rto == 0.04                              # (2.4) clamped to the configured minimum
+    est.backoff()
+    assert est.rto == 0.08                              # (5.5) doubled
+    for _ in range(10):
+        est.backoff()
+    assert est.rto == 1.0                               # (2.5) capped at the configured maximum
+    est.update(0.001)
+    assert est.rto == pytest.approx(0.04)               # a new sample recomputes it
+
+
+@given(st.lists(st.floats(min_value=0.0001, max_value=5.0), min_size=1, max_size=40))
+@settings(max_examples=100, deadline=None)
+def test_rto_always_within_bounds_and_above_srtt(samples):
+    est = RttEstimator(initial_rto=0.5, min_rto=0.03, max_rto=2.0)
+    for sample in samples:
+        est.update(sample)
+        assert 0.03 <= est.rto <= 2.0
+        assert est.rto >= min(2.0, est.srtt)
+
+
+def test_karn_no_sample_from_retransmitted_packet():
+    net, [(a, addr_a), _] = make_world()
+    samples_before = a.rtt.samples
+    net.drop_when(lambda d, addr, h: d == UP and h.kind is wire.Kind.DATA)
+    a.send(b"x", net.now, reliable=True)
+    net.run_for(0.5)
+    [delivered] = of_type(net, addr_a, Delivered)
+    assert delivered.retransmitted
+    assert a.rtt.samples == samples_before
+    assert a.rtt.backoffs == 1
+
+
+# ---------------------------------------------------------------- properties
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    loss_up=st.floats(0, 0.2), loss_down=st.floats(0, 0.2),
+    jitter=st.floats(0, 0.02), duplicate=st.floats(0, 0.2),
+    players=st.integers(2, 4), packets=st.integers(1, 25),
+)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_property_no_duplicates_and_every_reliable_packet_accounted(
+        seed, loss_up, loss_down, jitter, duplicate, players, packets):
+    profile = LinkProfile(loss_up=loss_up, loss_down=loss_down, latency=0.004, jitter=jitter, duplicate=duplicate)
+    reflector = ReflectorCore(ReflectorConfig(buffer_age=1.0))
+    net = SimNetwork(reflector, profile, seed=seed)
+    rng = random.Random(seed)
+    eps = {}
+    for player in range(1, players + 1):
+        token = bytes([player]) * 12
+        reflector.add_member(LOC, player, token, now=net.now)
+        ep = ClientEndpoint(player, LOC, token, ClientConfig(join_timeout=30), rng=random.Random(seed ^ player))
+        addr = ("10.1.0.%d" % player, 6000 + player)
+        net.add_client(ep, addr)
+        ep.connect(net.now)
+        eps[addr] = ep
+    net.run_for(0.5)
+    while not all(ep.joined for ep in eps.values()):
+        net.run_for(0.5)
+    joined_last = {addr: next(e.last_seq for e in net.events[addr] if isinstance(e, Joined)) for addr in eps}
+    sent_reliable = {addr: [] for addr in eps}
+    for _ in range(packets):
+        addr = rng.choice(list(eps))
+        reliable = rng.random() < 0.6
+        pid = eps[addr].send(b"p", net.now, reliable=reliable, deadline=0.8)
+        if reliable:
+            sent_reliable[addr].append(pid)
+        net.run_for(rng.random() * 0.01)
+    net.run_for(6.0)      # long enough for every buffer entry to age out and heartbeats to tell
+
+    players_of = {addr: ep.player for addr, ep in eps.items()}
+    for addr, ep in eps.items():
+        got = [e for e in net.events[addr] if isinstance(e, Received)]
+        keys = [(e.sender, e.packet_id) for e in got]
+        assert len(keys) == len(set(keys)), "a duplicate reached the application"
+        # sender side: each reliable packet is delivered or expired, exactly once
+        outcomes = [e.packet_id for e in net.events[addr] if isinstance(e, (Delivered, Expired))]
+        assert sorted(outcomes) == sorted(sent_reliable[addr])
+        # receiver side: every sequenced packet after joining is received or reported
+        lost = set()
+        for e in net.events[addr]:
+            if isinstance(e, Unrecoverable):
+                lost.update(range(e.first, e.first + e.count))
+        for (location, seq), (sender, pid) in net.sequenced.items():
+            if seq <= joined_last[addr]:
+                continue
+            if sender == players_of[addr]:
+                continue
+            assert (sender, pid) in set(keys) or seq in lost, f"seq {seq} neither received nor reported"
+        assert ep.snapshot()["missing"] == 0

@@ -1,0 +1,105 @@
+"""The mmpog wire header: round trips, strict validation, fuzzing."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mmpog import wire
+from mmpog.wire import Flag, Header, Kind, WireDecodeError
+
+u32 = st.integers(0, wire.MAX_U32)
+
+
+def test_header_is_28_bytes_and_declared_layout():
+    data = wire.encode(Header(Kind.DATA, int(Flag.RELIABLE), 40, 7, 3, 0xDEADBEEF), b"hi")
+    assert len(data) == wire.HEADER_SIZE + 2 == 30
+    assert data[:4] == bytes([1, Kind.DATA, Flag.RELIABLE, 0])
+    header, payload = wire.decode(data)
+    assert (header.location, header.sender, header.packet_id, header.rto_ms, payload) == (7, 3, 0xDEADBEEF, 40, b"hi")
+    assert header.reliable and not header.retransmit
+
+
+@given(kind=st.sampled_from([Kind.DATA]), reliable=st.booleans(), retransmit=st.booleans(), rto=st.integers(0, 65535),
+       location=u32, sender=u32, pid=u32, seq=st.integers(1, wire.MAX_U32 - 1), payload=st.binary(max_size=200))
+@settings(max_examples=150)
+def test_roundtrip_forwarded_data(kind, reliable, retransmit, rto, location, sender, pid, seq, payload):
+    flags = (Flag.RELIABLE if reliable else 0) | (Flag.RETRANSMIT if retransmit else 0)
+    seq = seq if reliable else 0
+    lowest = seq // 2
+    header = Header(kind, int(flags), rto, location, sender, pid, seq, lowest)
+    assert wire.decode(wire.encode(header, payload)) == (header, payload)
+
+
+@given(st.binary(max_size=120))
+@settings(max_examples=200)
+def test_fuzz_decode_only_raises_decode_error(data):
+    try:
+        header, payload = wire.decode(data)
+    except WireDecodeError:
+        return
+    assert wire.encode(header, payload) == data
+
+
+@given(st.binary(min_size=wire.HEADER_SIZE, max_size=wire.HEADER_SIZE + 40), st.integers(0, 27), st.integers(0, 255))
+@settings(max_examples=200)
+def test_fuzz_mutated_valid_packets(tail, index, value):
+    valid = bytearray(wire.encode(Header(Kind.NACK, location=1, sender=2), wire.encode_nack_ranges([(5, 3)])))
+    valid[index] = value
+    try:
+        header, payload = wire.decode(bytes(valid))
+    except WireDecodeError:
+        return
+    assert header.kind in set(Kind)
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\x01\x01", "shorter than"),
+    (bytes([2, 1, 0, 0]) + bytes(24), "unsupported version 2"),
+    (bytes([1, 9, 0, 0]) + bytes(24), "unknown kind 9"),
+    (bytes([1, 1, 0x80, 0]) + bytes(24), "unknown flags"),
+    (bytes([1, 1, 0, 7]) + bytes(24), "reserved byte"),
+    (bytes([1, 1, 0, 0, 0, 0, 0, 5]) + bytes(20), "payload_len says 5"),
+])
+def test_decode_errors_say_what_is_wrong(data, message):
+    with pytest.raises(WireDecodeError, match=message):
+        wire.decode(data)
+
+
+@pytest.mark.parametrize("header, payload, message", [
+    (Header(Kind.HEARTBEAT, packet_id=3, seq=4, lowest=1), b"", "HEARTBEAT carries no"),
+    (Header(Kind.HEARTBEAT, seq=4, lowest=1), b"x", "HEARTBEAT carries no"),
+    (Header(Kind.NACK), b"\x00\x00\x00\x01\x00", "NACK payload"),
+    (Header(Kind.HELLO), b"short", "HELLO token"),
+    (Header(Kind.DATA, flags=0, seq=3, lowest=1), b"", "unreliable DATA must not carry a seq"),
+    (Header(Kind.DATA, flags=1, seq=3, lowest=9), b"", "lowest 9 is above seq 3"),
+    (Header(Kind.WELCOME, flags=1), b"", "WELCOME carries no"),
+])
+def test_kind_rules(header, payload, message):
+    with pytest.raises(WireDecodeError, match=message):
+        wire.decode(wire.encode(header, payload))
+
+
+def test_nack_ranges():
+    assert wire.seqs_to_ranges([1, 2, 3, 7, 9, 10]) == [(1, 3), (7, 1), (9, 2)]
+    assert wire.seqs_to_ranges(list(range(1, 200, 2)), max_ranges=4) == [(1, 1), (3, 1), (5, 1), (7, 1)]
+    payload = wire.encode_nack_ranges([(1, 3), (7, 1)])
+    assert wire.decode_nack_ranges(payload) == [(1, 3), (7, 1)]
+    with pytest.raises(WireDecodeError, match="empty"):
+        wire.decode_nack_ranges(wire.NACK_RANGE.pack(5, 0))
+    with pytest.raises(WireDecodeError, match="past 2"):
+        wire.decode_nack_ranges(wire.NACK_RANGE.pack(wire.MAX_U32, 2))
+    with pytest.raises(ValueError):
+        wire.encode_nack_ranges([])
+
+
+def test_encode_rejects_out_of_range():
+    with pytest.raises(ValueError):
+        wire.encode(Header(Kind.DATA, location=2**32), b"")
+    with pytest.raises(ValueError):
+        wire.encode(Header(Kind.DATA), bytes(wire.MAX_PAYLOAD + 1))
+
+
+def test_restamp_changes_only_seq_lowest_flags():
+    data = wire.encode(Header(Kind.DATA, int(Flag.RELIABLE), 50, 4, 5, 6), b"pay")
+    header, payload = wire.decode(wire.restamp(data, 10, 8, int(Flag.RELIABLE | Flag.RETRANSMIT)))
+    assert (header.seq, header.lowest, header.retransmit, header.packet_id, payload) == (10, 8, True, 6, b"pay")
