@@ -1,0 +1,65 @@
+import numpy as np
+
+from fcd.aggregate import QUEUE_SPEED, Aggregator, MapMatcher, RoadReport
+
+
+def test_map_matching_is_exact_on_simulated_positions(small_trace):
+    p = small_trace.probes
+    matched = MapMatcher(small_trace.city).match(p["x"], p["y"], p["heading"])
+    assert np.array_equal(matched, p["road"])
+
+
+def test_heading_tells_the_two_directions_apart(small_city):
+    m = MapMatcher(small_city)
+    road = 0
+    u, v = small_city.roads[road]
+    back = small_city.road_id[(v, u)]
+    x = (small_city.x0[road] + small_city.x1[road]) / 2
+    y = (small_city.y0[road] + small_city.y1[road]) / 2
+    h = small_city.heading[road]
+    assert list(m.match(np.array([x, x]), np.array([y, y]), np.array([h, (h + 180) % 360]))) == [road, back]
+    # far away or perpendicular: no road
+    assert list(m.match(np.array([x, 1e5]), np.array([y, 1e5]), np.array([(h + 90) % 360, h]))) == [-1, -1]
+
+
+def test_reports_match_simulator_ground_truth(small_trace):
+    city = small_trace.city
+    agg = Aggregator(city, max_cars=1000)
+    reports = 0
+    departures = np.zeros(city.n_roads, dtype=int)
+    truth_departures = np.zeros(city.n_roads, dtype=int)
+    prev_road = {}
+    for t, probes, lights in small_trace.steps():
+        for car, road in zip(probes["car"].tolist(), probes["road"].tolist()):
+            if car in prev_road and prev_road[car] != road:
+                truth_departures[prev_road[car]] += 1
+            prev_road[car] = road
+        agg.feed(probes)
+        for change in lights:
+            for rep in agg.light_change(int(change["light"]), t, int(change["green"])):
+                on_road = probes[probes["road"] == rep.road]
+                assert rep.cars == len(on_road)
+                assert rep.queue == int((on_road["speed"] < QUEUE_SPEED).sum())
+                moving = on_road["speed"][on_road["speed"] >= QUEUE_SPEED]
+                if len(moving):
+                    assert abs(rep.mean_speed - moving.mean()) < 1e-3
+                assert abs(rep.density - len(on_road) / (city.length[rep.road] / 1000)) < 1e-9
+                assert sum(rep.turns.values()) == rep.departures
+                assert all(out in city.successors[rep.road] for out in rep.turns)
+                departures[rep.road] += rep.departures
+                truth_departures[rep.road] -= rep.departures
+                reports += 1
+                again = RoadReport.from_xmlrpc(rep.to_xmlrpc(), city.n_roads)
+                assert again == rep
+    assert reports > 100
+    # every departure counted in a report really happened (the rest are after the last change)
+    assert np.all(truth_departures >= 0)
+    assert departures.sum() > 0.8 * (departures.sum() + truth_departures.sum())
+
+
+def test_car_table_is_bounded_and_counts_refusals(small_trace):
+    agg = Aggregator(small_trace.city, max_cars=10, stale_after=5.0)
+    first = small_trace.probes[small_trace.probes["t"] == 0]
+    agg.feed(first)
+    assert len(agg.slot_of) == 10
+    assert agg.stats["cars_refused"] == len(first) - 10
