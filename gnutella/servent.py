@@ -1,0 +1,700 @@
+"""``gnutella-servent``: a Gnutella 0.6 servent on asyncio (the I/O around :mod:`gnutella.node`).
+
+One TCP port carries everything, as in real servents: ``GNUTELLA CONNECT``
+opens an overlay connection, ``GET``/``HEAD`` is an HTTP download, ``GIV``
+is a pushed connection coming back for one of our downloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from boxcore.runtime import (ConfigError, RunContext, host_port, ip_address, make_parser,
+                             non_negative_float, positive_int, run_async)
+
+from . import http as ghttp
+from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, Headers, Identity,
+                        Refused, Response, SlotState, check_outgoing, decide_incoming,
+                        identity_headers, listen_address, remote_guid)
+from .node import (Close, Node, NodeConfig, PushRequested, SearchHit, Send, needs_push)
+from .share import ShareIndex
+from .wire import (Bye, GnutellaDecodeError, HitResult, Message, MessageReader, QueryHit,
+                   RawMessage, new_guid)
+
+log = logging.getLogger("gnutella.servent")
+
+HANDSHAKE_TIMEOUT = 10.0
+MAX_OUTBUF = 512 * 1024
+
+
+@dataclass
+class Hit:
+    """One result of one of our searches, as printed by ``search``."""
+    query: str
+    ip: str
+    port: int
+    index: int
+    name: str
+    size: int
+    sha1: str | None
+    servent_guid: str
+    hops: int
+    ms: float
+    push: bool
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _hits_of(query: str, event: SearchHit, started: float) -> list[Hit]:
+    hit = event.hit
+    return [Hit(query, hit.ip, hit.port, r.index, r.name, r.size, r.sha1, hit.servent_guid.hex(),
+                event.hops, round((event.at - started) * 1000, 2), needs_push(hit)) for r in hit.results]
+
+
+@dataclass
+class _Link:
+    cid: int
+    writer: asyncio.StreamWriter
+    remote_ip: str
+    traffic: Counter
+    stats: Counter
+
+    def send(self, msg: Message) -> None:
+        if self.writer.is_closing():
+            return
+        transport = self.writer.transport
+        if transport is not None and transport.get_write_buffer_size() > MAX_OUTBUF:
+            self.stats["tx_dropped_backlog"] += 1      # bounded: a stalled peer loses messages
+            return
+        data = msg.encode()
+        self.writer.write(data)
+        self.traffic["msgs_out"] += 1
+        self.traffic["bytes_out"] += len(data)
+        self.stats[f"tx_{msg.type_name}"] += 1
+
+
+class Servent:
+    def __init__(self, *, listen: tuple[str, int], shares: ShareIndex, advertise_ip: str | None = None,
+                 ultrapeer: bool = True, config: NodeConfig | None = None, peers: list[tuple[str, int]] = (),
+                 target_peers: int = 4, max_peers: int = 8, max_leaves: int = 30, max_ultrapeers: int = 3,
+                 stats: Counter | None = None, seed: int | None = None, user_agent: str = "booster-boxes/0.1",
+                 allow_04: bool = True, tick: float = 1.0) -> None:
+        self.listen = listen
+        self.advertise_ip = advertise_ip or (listen[0] if listen[0] not in ("0.0.0.0", "") else "127.0.0.1")
+        self.shares = shares
+        self.config = config or NodeConfig(ultrapeer=ultrapeer)
+        self.config.ultrapeer = ultrapeer
+        self.bootstrap = list(peers)
+        self.target_peers = target_peers
+        self.max_peers = max_peers
+        self.max_leaves = max_leaves
+        self.max_ultrapeers = max_ultrapeers
+        self.stats: Counter = stats if stats is not None else Counter()
+        self.rng = random.Random(seed)
+        self.user_agent = user_agent
+        self.allow_04 = allow_04
+        self.tick_interval = tick
+        self.guid = new_guid(self.rng.randbytes(16))
+        self.node: Node | None = None
+        self.links: dict[int, _Link] = {}
+        self.traffic: dict[str, Counter] = defaultdict(Counter)   # per remote IP
+        self._next_cid = 1
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._connecting: set[tuple[str, int]] = set()
+        self._connected_addrs: dict[int, tuple[str, int]] = {}
+        self._retry_after: dict[tuple[str, int], float] = {}
+        self._search_listeners: dict[bytes, Callable[[SearchHit], None]] = {}
+        self._giv_waiters: dict[tuple[bytes, int], asyncio.Future] = {}
+        self.established = asyncio.Event()
+        self.port = listen[1]
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def identity(self) -> Identity:
+        return Identity(self.guid, self.advertise_ip, self.port, self.config.ultrapeer, self.user_agent)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, self.listen[0], self.listen[1], limit=1 << 16)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.node = Node(self.config, self.identity, self.shares, self.rng, self.stats)
+        for host, port in self.bootstrap:
+            self.node.learn_host(host, port)
+        self._spawn(self._ticker())
+        for host, port in self.bootstrap:
+            self.connect(host, port)
+        log.info("servent %s listening on %s:%d (%s, %d files)", self.guid.hex(), self.advertise_ip,
+                 self.port, "ultrapeer" if self.config.ultrapeer else "leaf", len(self.shares))
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for cid in list(self.links):
+            self._close(cid, "shutting down", 200)
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def snapshot(self) -> dict:
+        return {
+            "guid": self.guid.hex(),
+            "address": f"{self.advertise_ip}:{self.port}",
+            "peers": {cid: f"{a[0]}:{a[1]}" for cid, a in self._connected_addrs.items()},
+            "traffic": {ip: dict(c) for ip, c in self.traffic.items()},
+        }
+
+    # ---------------------------------------------------------------- connections
+
+    def connect(self, host: str, port: int) -> None:
+        addr = (host, port)
+        if addr in self._connecting or addr in self._connected_addrs.values():
+            return
+        if (host, port) == (self.advertise_ip, self.port):
+            return
+        self._connecting.add(addr)
+        self._spawn(self._connect(addr))
+
+    async def _connect(self, addr: tuple[str, int]) -> None:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(*addr, limit=1 << 16), HANDSHAKE_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.stats["connect_failed"] += 1
+            self._retry_after[addr] = time.monotonic() + 30
+            self._connecting.discard(addr)
+            log.debug("connect to %s:%d failed: %r", *addr, exc)
+            return
+        self.stats["connect_out"] += 1
+        try:
+            await self._session(reader, writer, outgoing=True, initial=b"", dial=addr)
+        finally:
+            self._connecting.discard(addr)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        try:
+            try:
+                first = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
+            except (asyncio.TimeoutError, OSError, ValueError):
+                self.stats["accept_no_request"] += 1
+                return
+            if first.startswith(b"GNUTELLA CONNECT/"):
+                self.stats["connect_in"] += 1
+                await self._session(reader, writer, outgoing=False, initial=first, dial=None)
+            elif first.startswith((b"GET ", b"HEAD ")):
+                await ghttp.serve_upload(reader, writer, self.shares, first, self.user_agent, self.stats)
+            elif first.startswith(b"GIV "):
+                await self._on_giv(first, reader, writer)
+            else:
+                self.stats["accept_unknown_protocol"] += 1
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            log.debug("incoming connection failed: %r", exc)
+        finally:
+            if not writer.is_closing():
+                writer.close()
+
+    def slot_state(self) -> SlotState:
+        assert self.node is not None
+        peers, leaves, ultrapeers = self.node.slot_counts()
+        return SlotState(self.config.ultrapeer, self.guid, peers, self.max_peers, leaves, self.max_leaves,
+                         ultrapeers, self.max_ultrapeers, self.node.connected_guids(), self.allow_04)
+
+    def _try_header(self) -> str:
+        assert self.node is not None
+        return ",".join(f"{h}:{p}" for h, p in self.node.hosts()[:10])
+
+    async def _handshake(self, reader, writer, outgoing: bool, initial: bytes, remote_ip: str):
+        """Run the handshake; return (Established, our_leaf) or None."""
+        hs = Handshake("client" if outgoing else "server")
+        me = self.identity
+        if outgoing:
+            writer.write(hs.connect(identity_headers(me, remote_ip)))
+        data = initial
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        our_leaf = False
+        while True:
+            for event in hs.receive_data(data):
+                if isinstance(event, ConnectRequest):
+                    decision = decide_incoming(event, self.slot_state())
+                    headers = identity_headers(me, remote_ip)
+                    headers["X-Try-Ultrapeers"] = self._try_header()
+                    out, est = hs.respond(decision.code, decision.reason, headers)
+                    writer.write(out)
+                    if not decision.accepted:
+                        self.stats[f"refused_in_{decision.code}"] += 1
+                        await writer.drain()
+                        return None
+                    our_leaf = decision.as_leaf
+                    if est is not None:
+                        return est, our_leaf
+                elif isinstance(event, Response):
+                    decision = check_outgoing(event, me)
+                    if not decision.accepted:
+                        writer.write(hs.refuse_final(decision.code, decision.reason))
+                        self.stats[f"refused_out_{decision.code}"] += 1
+                        await writer.drain()
+                        return None
+                    out, est = hs.confirm(identity_headers(me))
+                    writer.write(out)
+                    return est, decision.as_leaf
+                elif isinstance(event, Refused):
+                    self.stats[f"refused_by_peer_{event.code}"] += 1
+                    self._learn_try(event.headers)
+                    return None
+                elif isinstance(event, Established):
+                    return event, our_leaf
+            await writer.drain()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise asyncio.TimeoutError()
+            data = await asyncio.wait_for(reader.read(1 << 16), remaining)
+            if not data:
+                return None
+
+    def _learn_try(self, headers: Headers) -> None:
+        assert self.node is not None
+        for name in ("X-Try-Ultrapeers", "X-Try"):
+            for item in (headers.get(name) or "").split(","):
+                host, sep, port = item.strip().rpartition(":")
+                if sep and port.isdigit():
+                    self.node.learn_host(host, int(port))
+
+    async def _session(self, reader, writer, outgoing: bool, initial: bytes, dial: tuple[str, int] | None) -> None:
+        assert self.node is not None
+        peername = writer.get_extra_info("peername") or ("0.0.0.0", 0)
+        remote_ip = peername[0]
+        try:
+            result = await self._handshake(reader, writer, outgoing, initial, remote_ip)
+        except (HandshakeError, asyncio.TimeoutError, OSError, RuntimeError) as exc:
+            self.stats["handshake_failed"] += 1
+            log.debug("handshake with %s failed: %r", remote_ip, exc)
+            if dial:
+                self._retry_after[dial] = time.monotonic() + 30
+            writer.close()
+            return
+        if result is None:
+            if dial:
+                self._retry_after[dial] = time.monotonic() + 30
+            writer.close()
+            return
+        est, our_leaf = result
+        self._learn_try(est.headers)
+        listen = listen_address(est.headers) or dial or (remote_ip, 0)
+        if dial is not None:
+            listen = dial
+        remote_up = est.headers.flag("X-Ultrapeer")
+        cid = self._next_cid
+        self._next_cid += 1
+        link = _Link(cid, writer, remote_ip, self.traffic[remote_ip], self.stats)
+        self.links[cid] = link
+        self._connected_addrs[cid] = listen
+        now = time.monotonic()
+        self._perform(self.node.peer_up(cid, now, listen[0], listen[1], remote_guid(est.headers), est.version,
+                                        remote_up is not False, our_leaf, est.headers.get("User-Agent") or ""))
+        self.established.set()
+        log.debug("peer %d up: %s:%d (%s)", cid, *listen, "our leaf" if our_leaf else "peer")
+        msg_reader = MessageReader()
+        data = est.leftover
+        try:
+            while True:
+                if data:
+                    link.traffic["bytes_in"] += len(data)
+                    try:
+                        messages = msg_reader.feed(data)
+                    except GnutellaDecodeError as exc:
+                        self.stats["framing_errors"] += 1
+                        log.info("peer %d: %s; closing", cid, exc)
+                        break
+                    now = time.monotonic()
+                    for msg in messages:
+                        if isinstance(msg, RawMessage):
+                            self.stats["malformed_dropped"] += 1
+                            continue
+                        link.traffic["msgs_in"] += 1
+                        self._perform(self.node.receive(cid, msg, now))
+                    if cid not in self.links:
+                        break
+                    await writer.drain()
+                data = await reader.read(1 << 16)
+                if not data:
+                    break
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            log.debug("peer %d: %r", cid, exc)
+        finally:
+            self._drop(cid)
+
+    def _drop(self, cid: int) -> None:
+        link = self.links.pop(cid, None)
+        self._connected_addrs.pop(cid, None)
+        if self.node is not None:
+            self.node.peer_down(cid)
+        if link is not None and not link.writer.is_closing():
+            link.writer.close()
+
+    def _close(self, cid: int, reason: str, bye_code: int | None) -> None:
+        link = self.links.get(cid)
+        if link is None:
+            return
+        if bye_code is not None:
+            link.send(Message(new_guid(self.rng.randbytes(16)), 1, 0, Bye(bye_code, reason)))
+        self._drop(cid)
+
+    def _perform(self, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                link = self.links.get(action.cid)
+                if link is not None:
+                    link.send(action.message)
+            elif isinstance(action, Close):
+                self._close(action.cid, action.reason, action.bye_code)
+            elif isinstance(action, SearchHit):
+                listener = self._search_listeners.get(action.query_guid)
+                if listener is not None:
+                    listener(action)
+            elif isinstance(action, PushRequested):
+                self._spawn(self._answer_push(action))
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_interval)
+            assert self.node is not None
+            now = time.monotonic()
+            self._perform(self.node.tick(now))
+            # keep the wanted number of connections from the host cache
+            wanted = self.target_peers - len(self.links) - len(self._connecting)
+            if wanted > 0:
+                connected = set(self._connected_addrs.values())
+                for host in self.node.hosts():
+                    if wanted <= 0:
+                        break
+                    if host in connected or host in self._connecting or self._retry_after.get(host, 0) > now:
+                        continue
+                    self.connect(*host)
+                    wanted -= 1
+
+    # ---------------------------------------------------------------- searching
+
+    def start_search(self, criteria: str, on_hit: Callable[[SearchHit], None],
+                     urns: tuple[str, ...] = (), ttl: int | None = None) -> bytes:
+        assert self.node is not None
+        guid, actions = self.node.search(criteria, time.monotonic(), urns, ttl)
+        self._search_listeners[guid] = on_hit
+        while len(self._search_listeners) > 1000:
+            self._search_listeners.pop(next(iter(self._search_listeners)))
+        self._perform(actions)
+        return guid
+
+    def end_search(self, guid: bytes) -> None:
+        self._search_listeners.pop(guid, None)
+
+    async def search(self, criteria: str, timeout: float, max_hits: int = 1000,
+                     on_hit: Callable[[Hit, SearchHit], None] | None = None) -> list[tuple[Hit, SearchHit]]:
+        """Search, collecting hits until ``timeout`` or ``max_hits``."""
+        started = time.monotonic()
+        found: list[tuple[Hit, SearchHit]] = []
+        enough = asyncio.Event()
+
+        def collect(event: SearchHit) -> None:
+            for hit in _hits_of(criteria, event, started):
+                if len(found) >= max_hits:
+                    break
+                found.append((hit, event))
+                if on_hit is not None:
+                    on_hit(hit, event)
+            if len(found) >= max_hits:
+                enough.set()
+
+        guid = self.start_search(criteria, collect)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(enough.wait(), timeout)
+        self.end_search(guid)
+        return found
+
+    # ---------------------------------------------------------------- downloading
+
+    async def download(self, hit: Hit, event: SearchHit | None, dest_dir: Path | None,
+                       timeout: float = 30.0, max_bytes: int = 1 << 30) -> ghttp.DownloadResult:
+        """Fetch a hit: directly, or by PUSH when the source is firewalled or unreachable."""
+        dest = dest_dir / hit.name if dest_dir is not None else None
+        path = f"/uri-res/N2R?urn:sha1:{hit.sha1}" if hit.sha1 else f"/get/{hit.index}/{hit.name}"
+        if not hit.push:
+            result = await ghttp.download(hit.ip, hit.port, path, dest, hit.sha1, max_bytes, timeout)
+            if result.ok or event is None:
+                self.stats["downloads_ok" if result.ok else "downloads_failed"] += 1
+                return result
+            self.stats["download_direct_failed"] += 1
+        if event is None:
+            return ghttp.DownloadResult(False, 0, 0, None, None, "source needs a push and no route is known")
+        result = await self._download_by_push(hit, event, path, dest, timeout, max_bytes)
+        self.stats["downloads_ok" if result.ok else "downloads_failed"] += 1
+        return result
+
+    async def _download_by_push(self, hit: Hit, event: SearchHit, path: str, dest: Path | None,
+                                timeout: float, max_bytes: int) -> ghttp.DownloadResult:
+        assert self.node is not None
+        result = next((r for r in event.hit.results if r.index == hit.index), None)
+        if result is None:
+            return ghttp.DownloadResult(False, 0, 0, None, None, "result not in hit")
+        key = (event.hit.servent_guid, hit.index)
+        waiter = asyncio.get_running_loop().create_future()
+        self._giv_waiters[key] = waiter
+        actions = self.node.push_for(event.hit, result, self.advertise_ip, self.port)
+        if not actions:
+            self._giv_waiters.pop(key, None)
+            return ghttp.DownloadResult(False, 0, 0, None, None, "no route for the push")
+        self.stats["pushes_sent"] += 1
+        self._perform(actions)
+        try:
+            reader, writer = await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            return ghttp.DownloadResult(False, 0, 0, None, None, "no GIV came back")
+        finally:
+            self._giv_waiters.pop(key, None)
+        try:
+            return await asyncio.wait_for(ghttp.fetch(reader, writer, path, dest, hit.sha1, max_bytes), timeout)
+        except (OSError, asyncio.TimeoutError, ghttp.HttpError) as exc:
+            return ghttp.DownloadResult(False, 0, 0, None, None, f"pushed download failed: {exc!r}")
+        finally:
+            writer.close()
+
+    async def _on_giv(self, first: bytes, reader, writer) -> None:
+        try:
+            while not first.endswith(b"\n\n"):
+                line = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
+                if not line:
+                    return
+                first += line
+                if len(first) > 1024:
+                    return
+            giv = ghttp.parse_giv(first.decode("utf-8", "replace").splitlines()[0])
+        except (ghttp.HttpError, asyncio.TimeoutError):
+            self.stats["giv_malformed"] += 1
+            return
+        waiter = self._giv_waiters.get((giv.servent_guid, giv.index))
+        if waiter is None or waiter.done():
+            self.stats["giv_unexpected"] += 1
+            return
+        self.stats["giv_received"] += 1
+        waiter.set_result((reader, writer))
+        # the downloader owns the connection now; keep this handler alive until it closes it
+        while not writer.is_closing():
+            await asyncio.sleep(0.05)
+
+    async def _answer_push(self, action: PushRequested) -> None:
+        push = action.push
+        shared = self.shares.get(push.file_index)
+        if shared is None:
+            self.stats["push_unknown_file"] += 1
+            return
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(push.ip, push.port), HANDSHAKE_TIMEOUT)
+        except (OSError, asyncio.TimeoutError):
+            self.stats["push_connect_failed"] += 1
+            return
+        try:
+            writer.write(ghttp.format_giv(shared.index, self.guid, shared.name))
+            await writer.drain()
+            first = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
+            await ghttp.serve_upload(reader, writer, self.shares, first, self.user_agent, self.stats)
+            self.stats["push_uploads"] += 1
+        except (OSError, asyncio.TimeoutError):
+            self.stats["push_upload_failed"] += 1
+        finally:
+            writer.close()
+
+
+# ---------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(
+        "gnutella-servent", "A Gnutella 0.6 servent: share a directory, search, download.",
+        examples=[
+            "gnutella-servent serve --listen 127.0.0.1:6346 --share ./music",
+            "gnutella-servent serve --listen 127.0.0.1:6347 --share ./more --peer 127.0.0.1:6346 --leaf",
+            "gnutella-servent search --peer 127.0.0.1:6346 --query 'free software song'",
+            "gnutella-servent download --peer 127.0.0.1:6346 --query 'free software song' --out ./got",
+        ])
+    sub = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
+
+    def common(p: argparse.ArgumentParser, listen_default: str) -> None:
+        # the suite's options also after the mode; SUPPRESS keeps a value given before it
+        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=argparse.SUPPRESS,
+                       help="logging verbosity (logs go to stderr)")
+        p.add_argument("--stats-json", metavar="FILE", type=Path, default=argparse.SUPPRESS,
+                       help="write the final counters to FILE as JSON on exit")
+        p.add_argument("--listen", type=host_port, default=host_port(listen_default),
+                       help="address to listen on (Gnutella and HTTP on one port; port 0 picks one)")
+        p.add_argument("--advertise", type=ip_address, default=None,
+                       help="IP put in pongs, hits and handshakes (default: the listen address)")
+        p.add_argument("--peer", type=host_port, action="append", default=[],
+                       help="a servent to connect to (repeatable)")
+        p.add_argument("--share", type=Path, default=None, help="directory whose files are shared")
+        p.add_argument("--leaf", action="store_true", help="run as a leaf (default: ultrapeer)")
+        p.add_argument("--connections", type=positive_int, default=4, help="outgoing connections to keep")
+        p.add_argument("--max-peers", type=positive_int, default=8, help="ultrapeer connections accepted")
+        p.add_argument("--max-leaves", type=positive_int, default=30, help="leaves accepted as an ultrapeer")
+        p.add_argument("--ttl", type=positive_int, default=4, help="TTL of our queries")
+        p.add_argument("--firewalled", action="store_true",
+                       help="advertise the push flag in hits: downloaders must push (GIV)")
+        p.add_argument("--seed", type=int, default=None, help="seed for GUIDs and choices")
+        p.add_argument("--route-entries", type=positive_int, default=10000,
+                       help="bounded routing table size (GUID entries)")
+
+    serve = sub.add_parser("serve", help="run a servent until stopped")
+    common(serve, "127.0.0.1:6346")
+    serve.add_argument("--duration", type=non_negative_float, default=0, help="stop after N seconds (0: run until signalled)")
+    serve.add_argument("--queries", type=Path, default=None,
+                       help='JSON lines {"at": s, "query": text, "download": bool} to issue while serving')
+    serve.add_argument("--results", type=Path, default=None, help="JSON lines: one per query issued")
+    serve.add_argument("--wait-hits", type=non_negative_float, default=5.0,
+                       help="seconds a scripted query collects hits")
+    serve.add_argument("--downloads", type=Path, default=None, help="where scripted downloads are stored")
+
+    search = sub.add_parser("search", help="search and print hits as JSON lines")
+    common(search, "127.0.0.1:0")
+    search.add_argument("--query", required=True)
+    search.add_argument("--timeout", type=non_negative_float, default=5.0)
+    search.add_argument("--max-hits", type=positive_int, default=100)
+
+    download = sub.add_parser("download", help="search, download the first hit, verify its SHA-1")
+    common(download, "127.0.0.1:0")
+    download.add_argument("--query", required=True)
+    download.add_argument("--sha1", default=None, help="only a hit with this SHA-1 (base32)")
+    download.add_argument("--out", type=Path, required=True, help="directory for the file")
+    download.add_argument("--timeout", type=non_negative_float, default=10.0)
+    return parser
+
+
+def servent_from_args(args, stats: Counter) -> Servent:
+    try:
+        shares = ShareIndex.scan(args.share)
+    except NotADirectoryError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.mode != "serve" and not args.peer:
+        raise ConfigError(f"{args.mode} needs at least one --peer")
+    config = NodeConfig(ultrapeer=not args.leaf, query_ttl=args.ttl, firewalled=args.firewalled,
+                        route_entries=args.route_entries)
+    return Servent(listen=args.listen, shares=shares, advertise_ip=args.advertise, ultrapeer=not args.leaf,
+                   config=config, peers=args.peer, target_peers=args.connections, max_peers=args.max_peers,
+                   max_leaves=args.max_leaves, stats=stats, seed=args.seed)
+
+
+def _print(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+async def _wait_connected(servent: Servent, timeout: float) -> bool:
+    try:
+        await asyncio.wait_for(servent.established.wait(), timeout)
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+async def _scripted(servent: Servent, args, ctx: RunContext, started: float) -> None:
+    lines = [json.loads(line) for line in args.queries.read_text().splitlines() if line.strip()]
+    results = args.results.open("a") if args.results else None
+    try:
+        for item in sorted(lines, key=lambda x: x.get("at", 0)):
+            delay = started + float(item.get("at", 0)) - time.monotonic()
+            if delay > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(ctx.stop.wait(), delay)
+            if ctx.stop.is_set():
+                return
+            query = str(item["query"])
+            hits = await servent.search(query, args.wait_hits)
+            record = {"query": query, "at": item.get("at", 0), "hits": len(hits),
+                      "first_hit_ms": min((h.ms for h, _ in hits), default=None),
+                      "sources": sorted({f"{h.ip}:{h.port}" for h, _ in hits}),
+                      "download": None}
+            if item.get("download") and hits:
+                wanted = item.get("sha1")
+                choice = next(((h, e) for h, e in hits if not wanted or h.sha1 == wanted), None)
+                if choice is not None:
+                    result = await servent.download(choice[0], choice[1], args.downloads, timeout=15.0)
+                    record["download"] = {**result.as_dict(), "source": f"{choice[0].ip}:{choice[0].port}"}
+            ctx.stats["scripted_queries"] += 1
+            if results is not None:
+                results.write(json.dumps(record, sort_keys=True) + "\n")
+                results.flush()
+    finally:
+        if results is not None:
+            results.close()
+
+
+async def amain(args, ctx: RunContext) -> int:
+    servent = servent_from_args(args, ctx.stats)
+    ctx.stats.providers["servent"] = servent.snapshot
+    try:
+        await servent.start()
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {exc.strerror}") from None
+    try:
+        if args.mode == "serve":
+            started = time.monotonic()
+            script = asyncio.ensure_future(_scripted(servent, args, ctx, started)) if args.queries else None
+            if args.duration:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(ctx.stop.wait(), args.duration)
+            else:
+                await ctx.stop.wait()
+            if script is not None:
+                script.cancel()
+                with contextlib.suppress(BaseException):
+                    await script
+            return 0
+        if not await _wait_connected(servent, 10.0):
+            print(f"{args.mode}: no peer accepted a connection", file=sys.stderr)
+            return 1
+        await asyncio.sleep(0.2)   # let the QRP table reach the ultrapeer before querying
+        if args.mode == "search":
+            hits = await servent.search(args.query, args.timeout, args.max_hits,
+                                        on_hit=lambda hit, _event: _print(hit.as_dict()))
+            return 0 if hits else 1
+        args.out.mkdir(parents=True, exist_ok=True)
+        hits = await servent.search(args.query, args.timeout, 1 if not args.sha1 else 1000)
+        choice = next(((h, e) for h, e in hits if not args.sha1 or h.sha1 == args.sha1.upper()), None)
+        if choice is None:
+            _print({"ok": False, "error": "no hit", "query": args.query})
+            return 1
+        result = await servent.download(choice[0], choice[1], args.out, timeout=args.timeout)
+        _print({**result.as_dict(), "name": choice[0].name, "source": f"{choice[0].ip}:{choice[0].port}"})
+        return 0 if result.ok else 1
+    finally:
+        await servent.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_async(build_parser(), amain, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
