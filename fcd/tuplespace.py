@@ -1,0 +1,702 @@
+"""``fcd-tuplespace``: a Linda tuplespace (server, client library, in-process mode).
+
+Operations: ``out`` (write, optional lease in seconds), ``rd``/``in_`` (read/take, block until a
+match or a timeout), ``rdp``/``inp`` (non-blocking), ``rd_all``/``in_all`` (bulk), ``notify``
+(a subscription that receives every tuple written that matches).
+
+Templates are tuples of the same arity as the tuples they match; each field is either a value
+(matched exactly, type included: ``1`` does not match ``1.0`` or ``True``) or a type used as a
+typed wildcard (``int``, ``float``, ``str``, ``bytes``, ``bool``, ``list``, ``dict``, ``None``
+for any value).  Among stored tuples the oldest match wins; blocked callers are served in arrival
+order (FIFO): a written tuple satisfies every waiting reader in order and stops at the first
+waiting taker.
+
+Layers: :class:`Space` is the sans-IO core (every call takes ``now``, results and events are
+returned, nothing blocks); :class:`SpaceDriver` runs it on an asyncio loop (futures, one timer);
+:class:`LocalTupleSpace` is the in-process mode; :class:`TupleSpaceServer` serves it over TCP and
+:class:`TupleSpaceClient` speaks to it.  Wire format: 4-byte big-endian length + one msgpack map
+per frame (never pickle); wildcards are msgpack ext type 1 holding the type name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import msgpack
+
+from boxcore.runtime import host_port, make_parser, positive_int, run_async
+
+log = logging.getLogger("fcd.tuplespace")
+
+ANY = None  # a template field of None matches any value
+WILDCARD_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bytes": bytes, "bool": bool,
+                                   "list": list, "dict": dict}
+EXT_WILDCARD = 1
+MAX_FRAME = 1 << 20
+
+
+class TupleSpaceError(Exception):
+    """A refused or failed tuplespace operation (the text says why)."""
+
+
+class TupleDecodeError(ValueError):
+    """A frame that is not a valid tuplespace message."""
+
+
+# ---------------------------------------------------------------- matching
+
+def check_template(template: tuple) -> None:
+    if not isinstance(template, (tuple, list)) or len(template) == 0:
+        raise TupleSpaceError("a template is a non-empty tuple")
+    for field in template:
+        if isinstance(field, type) and field not in WILDCARD_TYPES.values():
+            raise TupleSpaceError(f"unsupported wildcard type {field.__name__}")
+
+
+def matches(template: tuple, tup: tuple) -> bool:
+    if len(template) != len(tup):
+        return False
+    for want, have in zip(template, tup):
+        if want is None:
+            continue
+        if isinstance(want, type):
+            if type(have) is not want:
+                return False
+        elif type(have) is not type(want) or have != want:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------- sans-IO core
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    waiter: int
+    tuple: tuple
+
+
+@dataclass(frozen=True, slots=True)
+class TimedOut:
+    waiter: int
+
+
+@dataclass(frozen=True, slots=True)
+class Notified:
+    subscription: int
+    tuple: tuple
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionExpired:
+    subscription: int
+
+
+@dataclass(slots=True)
+class _Waiter:
+    template: tuple
+    take: bool
+    deadline: float | None
+
+
+class Space:
+    """The tuplespace state machine: bounded tuples, waiters and subscriptions."""
+
+    def __init__(self, max_tuples: int = 100_000, max_waiters: int = 10_000, max_subscriptions: int = 1_000) -> None:
+        self.max_tuples, self.max_waiters, self.max_subscriptions = max_tuples, max_waiters, max_subscriptions
+        self.tuples: OrderedDict[int, tuple[tuple, float | None]] = OrderedDict()
+        self.waiters: OrderedDict[int, _Waiter] = OrderedDict()
+        self.subscriptions: dict[int, tuple[tuple, float | None]] = {}
+        self._ids = itertools.count(1)
+        self._deadlines: list[tuple[float, int, str, int]] = []  # (when, seq, kind, id)
+        self._seq = itertools.count()
+        self.stats = {"out": 0, "taken": 0, "read": 0, "expired": 0, "timeouts": 0, "refused_full": 0,
+                      "refused_waiters": 0, "notified": 0}
+
+    def _arm(self, when: float | None, kind: str, ident: int) -> None:
+        if when is not None:
+            heapq.heappush(self._deadlines, (when, next(self._seq), kind, ident))
+
+    def next_deadline(self) -> float | None:
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def out(self, tup: tuple, lease: float | None, now: float) -> tuple[int, list]:
+        if not isinstance(tup, tuple) or not tup:
+            raise TupleSpaceError("a tuple is a non-empty tuple")
+        if any(isinstance(f, type) or f is None for f in tup):
+            raise TupleSpaceError("a tuple holds values, not wildcards")
+        if lease is not None and lease <= 0:
+            raise TupleSpaceError("a lease must be positive")
+        self.stats["out"] += 1
+        events: list = []
+        for sub, (template, _) in self.subscriptions.items():
+            if matches(template, tup):
+                events.append(Notified(sub, tup))
+                self.stats["notified"] += 1
+        ident = next(self._ids)
+        for wid, waiter in list(self.waiters.items()):
+            if matches(waiter.template, tup):
+                del self.waiters[wid]
+                events.append(Delivered(wid, tup))
+                if waiter.take:
+                    self.stats["taken"] += 1
+                    return ident, events
+                self.stats["read"] += 1
+        if len(self.tuples) >= self.max_tuples:
+            self.tick(now)
+        if len(self.tuples) >= self.max_tuples:
+            self.stats["refused_full"] += 1
+            raise TupleSpaceError(f"tuplespace full ({self.max_tuples} tuples)")
+        expires = None if lease is None else now + lease
+        self.tuples[ident] = (tup, expires)
+        self._arm(expires, "tuple", ident)
+        return ident, events
+
+    def _find(self, template: tuple, now: float, limit: int) -> list[int]:
+        found = []
+        for ident, (tup, expires) in self.tuples.items():
+            if expires is not None and expires <= now:
+                continue
+            if matches(template, tup):
+                found.append(ident)
+                if len(found) >= limit:
+                    break
+        return found
+
+    def read(self, template: tuple, take: bool, now: float) -> tuple | None:
+        check_template(template)
+        found = self._find(template, now, 1)
+        if not found:
+            return None
+        return self._collect(found, take)[0]
+
+    def read_all(self, template: tuple, take: bool, now: float, limit: int = 10_000) -> list[tuple]:
+        check_template(template)
+        return self._collect(self._find(template, now, limit), take)
+
+    def _collect(self, idents: list[int], take: bool) -> list[tuple]:
+        out = []
+        for ident in idents:
+            tup = self.tuples[ident][0]
+            if take:
+                del self.tuples[ident]
+            out.append(tup)
+        self.stats["taken" if take else "read"] += len(out)
+        return out
+
+    def wait(self, waiter: int, template: tuple, take: bool, deadline: float | None) -> None:
+        """Queue a blocked caller (after :meth:`read` found nothing)."""
+        check_template(template)
+        if len(self.waiters) >= self.max_waiters:
+            self.stats["refused_waiters"] += 1
+            raise TupleSpaceError(f"too many blocked callers ({self.max_waiters})")
+        self.waiters[waiter] = _Waiter(tuple(template), take, deadline)
+        self._arm(deadline, "waiter", waiter)
+
+    def cancel(self, waiter: int) -> None:
+        self.waiters.pop(waiter, None)
+
+    def subscribe(self, sub: int, template: tuple, lease: float | None, now: float) -> None:
+        check_template(template)
+        if len(self.subscriptions) >= self.max_subscriptions:
+            raise TupleSpaceError(f"too many subscriptions ({self.max_subscriptions})")
+        expires = None if lease is None else now + lease
+        self.subscriptions[sub] = (tuple(template), expires)
+        self._arm(expires, "sub", sub)
+
+    def unsubscribe(self, sub: int) -> None:
+        self.subscriptions.pop(sub, None)
+
+    def tick(self, now: float) -> list:
+        """Expire leases, time out waiters and subscriptions due by ``now``."""
+        events: list = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            when, _, kind, ident = heapq.heappop(self._deadlines)
+            if kind == "tuple":
+                entry = self.tuples.get(ident)
+                if entry is not None and entry[1] == when:
+                    del self.tuples[ident]
+                    self.stats["expired"] += 1
+            elif kind == "waiter":
+                waiter = self.waiters.get(ident)
+                if waiter is not None and waiter.deadline == when:
+                    del self.waiters[ident]
+                    self.stats["timeouts"] += 1
+                    events.append(TimedOut(ident))
+            else:
+                entry = self.subscriptions.get(ident)
+                if entry is not None and entry[1] == when:
+                    del self.subscriptions[ident]
+                    events.append(SubscriptionExpired(ident))
+        return events
+
+
+# ---------------------------------------------------------------- asyncio driver
+
+class SpaceDriver:
+    """Runs a :class:`Space` on the running loop: futures for blocked calls, one timer."""
+
+    def __init__(self, space: Space | None = None) -> None:
+        self.space = space or Space()
+        self.loop = asyncio.get_running_loop()
+        self._futures: dict[int, tuple[asyncio.Future, bool]] = {}
+        self._subs: dict[int, Callable[[tuple | None], None]] = {}
+        self._ids = itertools.count(1)
+        self._timer: asyncio.TimerHandle | None = None
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    def _dispatch(self, events: list) -> None:
+        for ev in events:
+            if isinstance(ev, Delivered):
+                fut, take = self._futures.pop(ev.waiter, (None, False))
+                if fut is not None and not fut.done():
+                    fut.set_result(ev.tuple)
+                elif take:  # the taker went away in the meantime: put the tuple back
+                    self.out(ev.tuple, None)
+            elif isinstance(ev, TimedOut):
+                fut, _ = self._futures.pop(ev.waiter, (None, False))
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            elif isinstance(ev, Notified):
+                callback = self._subs.get(ev.subscription)
+                if callback is not None:
+                    callback(ev.tuple)
+            elif isinstance(ev, SubscriptionExpired):
+                callback = self._subs.pop(ev.subscription, None)
+                if callback is not None:
+                    callback(None)
+        self._rearm()
+
+    def _rearm(self) -> None:
+        deadline = self.space.next_deadline()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch(self.space.tick(self.now()))
+
+    def out(self, tup: tuple, lease: float | None) -> int:
+        ident, events = self.space.out(tuple(tup), lease, self.now())
+        self._dispatch(events)
+        return ident
+
+    async def get(self, template: tuple, take: bool, timeout: float | None) -> tuple | None:
+        template = tuple(template)
+        found = self.space.read(template, take, self.now())
+        if found is not None or timeout == 0:
+            return found
+        wid = next(self._ids)
+        fut = self.loop.create_future()
+        deadline = None if timeout is None else self.now() + timeout
+        self.space.wait(wid, template, take, deadline)
+        self._futures[wid] = (fut, take)
+        self._rearm()
+        try:
+            return await fut
+        finally:
+            if not fut.done() or fut.cancelled():
+                self.space.cancel(wid)
+                self._futures.pop(wid, None)
+
+    def get_all(self, template: tuple, take: bool, limit: int) -> list[tuple]:
+        return self.space.read_all(tuple(template), take, self.now(), limit)
+
+    def subscribe(self, template: tuple, lease: float | None, callback: Callable[[tuple | None], None]) -> int:
+        sub = next(self._ids)
+        self.space.subscribe(sub, tuple(template), lease, self.now())
+        self._subs[sub] = callback
+        self._rearm()
+        return sub
+
+    def unsubscribe(self, sub: int) -> None:
+        self.space.unsubscribe(sub)
+        self._subs.pop(sub, None)
+
+
+class Subscription:
+    """Tuples written that match a notify template; ``async for tup in sub``. Bounded queue."""
+
+    def __init__(self, max_queue: int = 10_000) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue(max_queue)
+        self.dropped = 0
+        self.id = 0
+        self._cancel: Callable[[], Any] | None = None
+
+    def _push(self, tup: tuple | None) -> None:
+        try:
+            self.queue.put_nowait(tup)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> tuple:
+        tup = await self.queue.get()
+        if tup is None:
+            raise StopAsyncIteration
+        return tup
+
+    async def get(self, timeout: float | None = None) -> tuple | None:
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    async def cancel(self) -> None:
+        if self._cancel is not None:
+            result = self._cancel()
+            if asyncio.iscoroutine(result):
+                await result
+
+
+class _Api:
+    """The common client API; subclasses implement ``_call``."""
+
+    async def out(self, tup: tuple, lease: float | None = None) -> int:
+        return await self._call("out", tuple=tuple(tup), lease=lease)
+
+    async def rd(self, template: tuple, timeout: float | None = None) -> tuple | None:
+        return await self._call("rd", template=tuple(template), timeout=timeout)
+
+    async def in_(self, template: tuple, timeout: float | None = None) -> tuple | None:
+        return await self._call("in", template=tuple(template), timeout=timeout)
+
+    async def rdp(self, template: tuple) -> tuple | None:
+        return await self._call("rd", template=tuple(template), timeout=0)
+
+    async def inp(self, template: tuple) -> tuple | None:
+        return await self._call("in", template=tuple(template), timeout=0)
+
+    async def rd_all(self, template: tuple, limit: int = 10_000) -> list[tuple]:
+        return await self._call("rd_all", template=tuple(template), limit=limit)
+
+    async def in_all(self, template: tuple, limit: int = 10_000) -> list[tuple]:
+        return await self._call("in_all", template=tuple(template), limit=limit)
+
+
+class LocalTupleSpace(_Api):
+    """In-process mode: same API, no sockets."""
+
+    def __init__(self, space: Space | None = None) -> None:
+        self.driver = SpaceDriver(space)
+
+    async def _call(self, op: str, **kw) -> Any:
+        return await _execute(self.driver, op, kw)
+
+    async def notify(self, template: tuple, lease: float | None = None, max_queue: int = 10_000) -> Subscription:
+        sub = Subscription(max_queue)
+        sub.id = self.driver.subscribe(tuple(template), lease, sub._push)
+        sub._cancel = lambda: self.driver.unsubscribe(sub.id)
+        return sub
+
+    async def close(self) -> None:
+        pass
+
+
+async def _execute(driver: SpaceDriver, op: str, kw: dict) -> Any:
+    if op == "out":
+        return driver.out(kw["tuple"], kw.get("lease"))
+    if op in ("rd", "in"):
+        timeout = kw.get("timeout")
+        if timeout is not None and timeout < 0:
+            raise TupleSpaceError("timeout must be >= 0")
+        return await driver.get(kw["template"], op == "in", timeout)
+    if op in ("rd_all", "in_all"):
+        return driver.get_all(kw["template"], op == "in_all", int(kw.get("limit", 10_000)))
+    raise TupleSpaceError(f"unknown operation {op!r}")
+
+
+# ---------------------------------------------------------------- wire
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, type):
+        for name, kind in WILDCARD_TYPES.items():
+            if obj is kind:
+                return msgpack.ExtType(EXT_WILDCARD, name.encode())
+    raise TypeError(f"cannot send {obj!r}")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == EXT_WILDCARD:
+        kind = WILDCARD_TYPES.get(data.decode("ascii", "replace"))
+        if kind is None:
+            raise TupleDecodeError(f"unknown wildcard type {data!r}")
+        return kind
+    raise TupleDecodeError(f"unknown msgpack extension {code}")
+
+
+def encode_frame(msg: dict) -> bytes:
+    body = msgpack.packb(msg, default=_default, use_bin_type=True)
+    return struct.pack("!I", len(body)) + body
+
+
+def decode_body(body: bytes) -> dict:
+    try:
+        msg = msgpack.unpackb(body, ext_hook=_ext_hook, raw=False, strict_map_key=False,
+                              max_bin_len=MAX_FRAME, max_str_len=MAX_FRAME)
+    except TupleDecodeError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise TupleDecodeError(f"bad msgpack: {exc}") from None
+    if not isinstance(msg, dict):
+        raise TupleDecodeError("a frame must hold a map")
+    return msg
+
+
+class FrameReader:
+    """Sans-IO framing: ``feed(bytes)`` -> complete frame bodies; oversize frames are fatal."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self.buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self.buffer += data
+        bodies = []
+        while len(self.buffer) >= 4:
+            (length,) = struct.unpack_from("!I", self.buffer)
+            if length > self.max_frame:
+                raise TupleDecodeError(f"frame of {length} bytes exceeds the {self.max_frame}-byte limit")
+            if len(self.buffer) < 4 + length:
+                break
+            bodies.append(bytes(self.buffer[4:4 + length]))
+            del self.buffer[:4 + length]
+        return bodies
+
+
+def _as_tuple(value: Any, what: str) -> tuple:
+    if not isinstance(value, list):
+        raise TupleSpaceError(f"{what} must be an array")
+    return tuple(value)
+
+
+# ---------------------------------------------------------------- server
+
+class TupleSpaceServer:
+    def __init__(self, space: Space | None = None, max_frame: int = MAX_FRAME) -> None:
+        self.space = space or Space()
+        self.max_frame = max_frame
+        self.driver: SpaceDriver | None = None
+        self.server: asyncio.base_events.Server | None = None
+        self.stats = {"connections": 0, "requests": 0, "bad_frames": 0, "errors": 0}
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self.driver = SpaceDriver(self.space)
+        self.server = await asyncio.start_server(self._serve, host, port)
+        return self.server.sockets[0].getsockname()[:2]
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.stats["connections"] += 1
+        frames = FrameReader(self.max_frame)
+        tasks: set[asyncio.Task] = set()
+        subs: list[int] = []
+
+        def send(msg: dict) -> None:
+            if not writer.is_closing():
+                writer.write(encode_frame(msg))
+
+        try:
+            while data := await reader.read(65536):
+                for body in frames.feed(data):
+                    try:
+                        msg = decode_body(body)
+                    except TupleDecodeError as exc:
+                        self.stats["bad_frames"] += 1
+                        send({"id": None, "ok": False, "error": str(exc)})
+                        continue
+                    self.stats["requests"] += 1
+                    task = asyncio.create_task(self._handle(msg, send, subs))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+        except TupleDecodeError as exc:
+            self.stats["bad_frames"] += 1
+            log.warning("closing connection: %s", exc)
+        except ConnectionError:
+            pass
+        finally:
+            for task in tasks:
+                task.cancel()
+            for sub in subs:
+                self.driver.unsubscribe(sub)
+            writer.close()
+
+    async def _handle(self, msg: dict, send: Callable[[dict], None], subs: list[int]) -> None:
+        rid = msg.get("id")
+        try:
+            op = msg.get("op")
+            if op == "notify":
+                template = _as_tuple(msg.get("template"), "template")
+                sub_box: dict[str, int] = {}
+
+                def push(tup: tuple | None) -> None:
+                    send({"event": "notify" if tup is not None else "expired", "sub": sub_box["id"],
+                          "tuple": list(tup) if tup is not None else None})
+
+                sub_box["id"] = self.driver.subscribe(template, msg.get("lease"), push)
+                subs.append(sub_box["id"])
+                result: Any = sub_box["id"]
+            elif op == "unnotify":
+                self.driver.unsubscribe(int(msg.get("sub", -1)))
+                result = True
+            else:
+                kw = {k: msg[k] for k in ("lease", "timeout", "limit") if k in msg}
+                if "tuple" in msg:
+                    kw["tuple"] = _as_tuple(msg["tuple"], "tuple")
+                if "template" in msg:
+                    kw["template"] = _as_tuple(msg["template"], "template")
+                result = await _execute(self.driver, str(op), kw)
+                if isinstance(result, tuple):
+                    result = list(result)
+                elif isinstance(result, list):
+                    result = [list(t) for t in result]
+            send({"id": rid, "ok": True, "result": result})
+        except (TupleSpaceError, KeyError, TypeError, ValueError) as exc:
+            self.stats["errors"] += 1
+            send({"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+
+
+# ---------------------------------------------------------------- client
+
+class TupleSpaceClient(_Api):
+    def __init__(self) -> None:
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._subs: dict[int, Subscription] = {}
+        self._ids = itertools.count(1)
+        self._task: asyncio.Task | None = None
+
+    @classmethod
+    async def connect(cls, host: str, port: int) -> "TupleSpaceClient":
+        self = cls()
+        self.reader, self.writer = await asyncio.open_connection(host, port)
+        self._task = asyncio.create_task(self._read_loop())
+        return self
+
+    async def _read_loop(self) -> None:
+        frames = FrameReader()
+        try:
+            while data := await self.reader.read(65536):
+                for body in frames.feed(data):
+                    msg = decode_body(body)
+                    if "event" in msg:
+                        sub = self._subs.get(msg.get("sub"))
+                        if sub is not None:
+                            sub._push(tuple(msg["tuple"]) if msg.get("tuple") is not None else None)
+                        continue
+                    fut = self._pending.pop(msg.get("id"), None)
+                    if fut is None or fut.done():
+                        continue
+                    if msg.get("ok"):
+                        fut.set_result(msg.get("result"))
+                    else:
+                        fut.set_exception(TupleSpaceError(str(msg.get("error"))))
+        except (ConnectionError, TupleDecodeError) as exc:
+            log.warning("tuplespace connection lost: %s", exc)
+        finally:
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(TupleSpaceError("connection closed"))
+            self._pending.clear()
+            for sub in self._subs.values():
+                sub._push(None)
+
+    async def _request(self, msg: dict) -> Any:
+        if self.writer is None or self.writer.is_closing() or (self._task and self._task.done()):
+            raise TupleSpaceError("not connected")
+        rid = next(self._ids)
+        msg["id"] = rid
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        self.writer.write(encode_frame(msg))
+        return await fut
+
+    async def _call(self, op: str, **kw) -> Any:
+        result = await self._request({"op": op, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}})
+        if op in ("rd", "in"):
+            return tuple(result) if result is not None else None
+        if op in ("rd_all", "in_all"):
+            return [tuple(t) for t in result]
+        return result
+
+    async def notify(self, template: tuple, lease: float | None = None, max_queue: int = 10_000) -> Subscription:
+        sub = Subscription(max_queue)
+        sub.id = await self._request({"op": "notify", "template": list(template), "lease": lease})
+        self._subs[sub.id] = sub
+
+        async def cancel() -> None:
+            self._subs.pop(sub.id, None)
+            await self._request({"op": "unnotify", "sub": sub.id})
+
+        sub._cancel = cancel
+        return sub
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+
+async def connect(address: str | tuple[str, int] | None) -> _Api:
+    """``None`` or ``"local"``: an in-process space; otherwise HOST:PORT of a server."""
+    if address is None or address == "local":
+        return LocalTupleSpace()
+    host, port = host_port(address) if isinstance(address, str) else address
+    return await TupleSpaceClient.connect(host, port)
+
+
+# ---------------------------------------------------------------- CLI
+
+def build_parser():
+    p = make_parser("fcd-tuplespace", "Run a Linda tuplespace server (msgpack over TCP).", examples=[
+        "fcd-tuplespace --listen 127.0.0.1:7400",
+        "fcd-tuplespace --listen 127.0.0.1:7400 --max-tuples 200000 --stats-json ts.json",
+    ])
+    p.add_argument("--listen", type=host_port, default=("127.0.0.1", 7400))
+    p.add_argument("--max-tuples", type=positive_int, default=100_000)
+    p.add_argument("--max-waiters", type=positive_int, default=10_000)
+    p.add_argument("--max-frame", type=positive_int, default=MAX_FRAME)
+    return p
+
+
+async def amain(args, ctx) -> int:
+    server = TupleSpaceServer(Space(args.max_tuples, args.max_waiters), max_frame=args.max_frame)
+    try:
+        host, port = await server.start(*args.listen)
+    except OSError as exc:
+        from boxcore.runtime import ConfigError
+        raise ConfigError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {exc.strerror}") from None
+    log.info("tuplespace listening on %s:%d", host, port)
+    print(f"fcd-tuplespace: listening on {host}:{port}", flush=True)
+    ctx.stats.providers["server"] = lambda: dict(server.stats)
+    ctx.stats.providers["space"] = lambda: {**server.space.stats, "tuples": len(server.space.tuples)}
+    await ctx.stop.wait()
+    await server.close()
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_async(build_parser(), amain, argv)

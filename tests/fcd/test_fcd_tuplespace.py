@@ -1,0 +1,159 @@
+import asyncio
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from fcd.tuplespace import (FrameReader, LocalTupleSpace, Space, TupleDecodeError, TupleSpaceClient,
+                            TupleSpaceError, TupleSpaceServer, decode_body, encode_frame, matches)
+
+
+@pytest.fixture(params=["local", "tcp"])
+async def ts(request):
+    if request.param == "local":
+        space = LocalTupleSpace()
+        yield space
+        return
+    server = TupleSpaceServer()
+    host, port = await server.start("127.0.0.1", 0)
+    client = await TupleSpaceClient.connect(host, port)
+    client.server = server
+    yield client
+    await client.close()
+    await server.close()
+
+
+def test_template_matching_is_typed():
+    assert matches(("a", int), ("a", 1))
+    assert not matches(("a", int), ("a", 1.0))
+    assert not matches(("a", int), ("a", True))
+    assert matches(("a", None, float), ("a", [1, 2], 2.5))
+    assert not matches(("a", 1), ("a", 1.0))
+    assert not matches(("a",), ("a", 1))
+    assert matches((str, list, dict), ("x", [1], {"k": 1}))
+
+
+async def test_out_rd_in_and_nonblocking(ts):
+    await ts.out(("road", 1, 2.5))
+    await ts.out(("road", 2, 3.5))
+    assert await ts.rdp(("road", 1, float)) == ("road", 1, 2.5)
+    assert await ts.rdp(("road", int, str)) is None
+    assert await ts.inp(("road", int, float)) == ("road", 1, 2.5)     # oldest first
+    assert await ts.rd_all(("road", int, float)) == [("road", 2, 3.5)]
+    assert await ts.in_all(("road", None, None)) == [("road", 2, 3.5)]
+    assert await ts.inp(("road", None, None)) is None
+
+
+async def test_blocking_with_timeout_and_wakeup(ts):
+    assert await ts.in_(("x", int), timeout=0.05) is None
+    waiter = asyncio.create_task(ts.in_(("x", int), timeout=5))
+    await asyncio.sleep(0.02)
+    await ts.out(("x", 7))
+    assert await waiter == ("x", 7)
+    assert await ts.rdp(("x", int)) is None
+
+
+async def test_fifo_fairness_among_blocked_takers(ts):
+    order = []
+
+    async def taker(name):
+        tup = await ts.in_(("job", int), timeout=5)
+        order.append((name, tup[1]))
+
+    reader = asyncio.create_task(ts.rd(("job", int), timeout=5))   # queued first: sees job 0
+    await asyncio.sleep(0.01)
+    tasks = []
+    for name in "abc":
+        tasks.append(asyncio.create_task(taker(name)))
+        await asyncio.sleep(0.01)
+    for n in range(3):
+        await ts.out(("job", n))
+    await asyncio.gather(*tasks)
+    assert order == [("a", 0), ("b", 1), ("c", 2)]
+    assert await reader == ("job", 0)        # readers see the tuple without taking it
+    assert await ts.rdp(("job", int)) is None
+
+
+async def test_leases_expire(ts):
+    await ts.out(("lease", 1), lease=0.05)
+    await ts.out(("lease", 2))
+    assert len(await ts.rd_all(("lease", int))) == 2
+    await asyncio.sleep(0.1)
+    assert await ts.rd_all(("lease", int)) == [("lease", 2)]
+
+
+async def test_notify_on_write(ts):
+    sub = await ts.notify(("pred", int, float))
+    await ts.out(("pred", 1, 1.5))
+    await ts.out(("other", 1, 1.5))
+    await ts.out(("pred", 2, 2.5))
+    assert await sub.get(1) == ("pred", 1, 1.5)
+    assert await sub.get(1) == ("pred", 2, 2.5)
+    assert await sub.get(0.05) is None
+    await sub.cancel()
+    await ts.out(("pred", 3, 3.5))
+    assert await sub.get(0.05) is None
+
+
+async def test_errors_are_reported_not_fatal(ts):
+    with pytest.raises(TupleSpaceError):
+        await ts.out(("bad", None))
+    with pytest.raises(TupleSpaceError):
+        await ts.rd(())
+    await ts.out(("still", "works"))
+    assert await ts.rdp(("still", str)) == ("still", "works")
+
+
+def test_space_bounds_count_refusals():
+    space = Space(max_tuples=2, max_waiters=1)
+    space.out(("a",), None, 0)
+    space.out(("b",), 1.0, 0)
+    with pytest.raises(TupleSpaceError, match="full"):
+        space.out(("c",), None, 0.5)
+    space.out(("c",), None, 2.0)        # the leased tuple expired and made room
+    space.wait(1, ("z",), True, None)
+    with pytest.raises(TupleSpaceError, match="blocked"):
+        space.wait(2, ("z",), True, None)
+    assert space.stats["refused_full"] == 1 and space.stats["refused_waiters"] == 1
+
+
+async def test_bad_frames_are_counted_and_the_connection_survives():
+    server = TupleSpaceServer()
+    host, port = await server.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection(host, port)
+    body = b"\xc1garbage"
+    writer.write(struct.pack("!I", len(body)) + body)
+    writer.write(encode_frame({"op": "out", "id": 5, "tuple": ["ok", 1]}))
+    frames = FrameReader()
+    replies = []
+    while len(replies) < 2:
+        replies += [decode_body(b) for b in frames.feed(await reader.read(4096))]
+    assert replies[0]["ok"] is False and replies[1] == {"id": 5, "ok": True, "result": 1}
+    assert server.stats["bad_frames"] == 1
+    writer.close()
+    await server.close()
+
+
+@settings(max_examples=100)
+@given(st.binary(max_size=200))
+def test_frame_decoding_fuzz(data):
+    frames = FrameReader(max_frame=1000)
+    try:
+        for body in frames.feed(data):
+            try:
+                decode_body(body)
+            except TupleDecodeError:
+                pass
+    except TupleDecodeError:
+        pass
+
+
+@settings(max_examples=100)
+@given(st.lists(st.one_of(st.integers(-2**40, 2**40), st.text(max_size=5), st.floats(allow_nan=False),
+                          st.binary(max_size=5), st.booleans()), min_size=1, max_size=5))
+def test_tuples_survive_the_wire(values):
+    msg = {"op": "out", "id": 1, "tuple": values, "template": [int, float, str, None]}
+    frames = FrameReader()
+    (body,) = frames.feed(encode_frame(msg))
+    assert decode_body(body) == msg
