@@ -1,0 +1,382 @@
+"""``mmpog-reflector``: the multicast reflector for game locations (paper Fig. 10).
+
+Two ways to run it, same protocol core (:class:`mmpog.reliability.ReflectorCore`):
+
+* ``--mode booster`` (the main one): a boxcore booster in opaque mode.  It asks
+  boxd to redirect a whole UDP port to it; on the user engine the port's socket
+  is delegated (``socket`` delivery), so the booster reads it and fans out with
+  ``sendto`` per member itself - no boxd hop on the hot path.  With any other
+  delivery, or ``--fanout engine``, the fan-out is one ``send_multicast`` to a
+  multicast group of the engine that holds the location's members.
+* ``--mode standalone``: binds its own UDP socket (no boxd).
+
+Membership is pushed by the game server over HTTP (``--http``)::
+
+    PUT    /locations/{loc}/members/{player}   {"token": "<hex>"}   add / replace token
+    DELETE /locations/{loc}/members/{player}
+    GET    /stats                                                   global + per-location counters
+    GET    /health
+
+With ``--api-key`` (or ``$MMPOG_API_KEY``) every request must carry
+``Authorization: Bearer <key>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from typing import Any, Callable
+
+from aiohttp import web
+
+from boxcore.runtime import ConfigError, RunContext, host_port, make_parser, non_negative_float, positive_int, run_async
+
+from .reliability import Address, BufferFull, MembersChanged, ReflectorConfig, ReflectorCore
+
+log = logging.getLogger("mmpog.reflector")
+
+MAX_READS_PER_WAKEUP = 512
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+class ReflectorService:
+    """Glue between the sans-IO core and some datagram I/O: a hot path, a tick, and the control API."""
+
+    def __init__(self, core: ReflectorCore, api_key: str | None = None) -> None:
+        self.core = core
+        self.api_key = api_key
+        self.send_to: Callable[[bytes, Address], None] = lambda data, addr: None
+        self.fanout: Callable[[int, bytes], None] = self.fanout_direct
+        self.on_members: Callable[[MembersChanged], None] | None = None
+        self.counters = {"datagrams_in": 0, "datagrams_out": 0, "send_dropped": 0, "send_errors": 0,
+                         "control_requests": 0, "control_refused": 0}
+        self.started = time.monotonic()
+
+    # ------------------------------------------------------------------ data path
+
+    def on_datagram(self, data: bytes, addr: Address) -> None:
+        core = self.core
+        self.counters["datagrams_in"] += 1
+        core.receive_datagram(data, addr, time.monotonic())
+        self.flush()
+
+    def flush(self) -> None:
+        core = self.core
+        out = core.datagrams_to_send(0.0)
+        if out:
+            send_to, fanout = self.send_to, self.fanout
+            for data, dest in out:
+                if dest.__class__ is int:
+                    fanout(dest, data)
+                else:
+                    send_to(data, dest)
+        if self.on_members is not None:
+            while (event := core.next_event()) is not None:
+                self.on_members(event)
+        else:
+            while core.next_event() is not None:
+                pass
+
+    def fanout_direct(self, location: int, data: bytes) -> None:
+        send_to = self.send_to
+        for addr in self.core.members(location):
+            send_to(data, addr)
+
+    def tick(self) -> None:
+        self.core.handle_timer(time.monotonic())
+        self.flush()
+
+    def socket_sender(self, sock: socket.socket) -> Callable[[bytes, Address], None]:
+        sendto = sock.sendto
+        counters = self.counters
+
+        def send_to(data: bytes, addr: Address) -> None:
+            try:
+                sendto(data, addr)
+            except BlockingIOError:
+                counters["send_dropped"] += 1      # the socket buffer is full: UDP semantics, drop
+                return
+            except OSError:
+                counters["send_errors"] += 1
+                return
+            counters["datagrams_out"] += 1
+
+        return send_to
+
+    def snapshot(self) -> dict[str, Any]:
+        out = self.core.snapshot()
+        out["io"] = dict(self.counters)
+        out["uptime"] = round(time.monotonic() - self.started, 3)
+        return out
+
+    # ------------------------------------------------------------------ control plane (HTTP)
+
+    def control_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth], client_max_size=64 * 1024)
+        app.router.add_put("/locations/{location}/members/{player}", self._put_member)
+        app.router.add_delete("/locations/{location}/members/{player}", self._delete_member)
+        app.router.add_get("/stats", self._get_stats)
+        app.router.add_get("/health", self._get_health)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        self.counters["control_requests"] += 1
+        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            self.counters["control_refused"] += 1
+            return web.json_response({"error": "missing or wrong API key"}, status=401)
+        return await handler(request)
+
+    @staticmethod
+    def _ids(request: web.Request) -> tuple[int, int]:
+        try:
+            location = int(request.match_info["location"])
+            player = int(request.match_info["player"])
+        except ValueError:
+            raise web.HTTPBadRequest(text="location and player must be integers") from None
+        if not 0 <= location <= 0xFFFFFFFF or not 0 < player <= 0xFFFFFFFF:
+            raise web.HTTPBadRequest(text="location or player out of range")
+        return location, player
+
+    async def _put_member(self, request: web.Request) -> web.Response:
+        location, player = self._ids(request)
+        try:
+            body = await request.json()
+            token = bytes.fromhex(body["token"])
+        except (ValueError, KeyError, TypeError):
+            return web.json_response({"error": 'body must be {"token": "<hex>"}'}, status=400)
+        try:
+            self.core.add_member(location, player, token, time.monotonic())
+        except BufferFull as exc:
+            return web.json_response({"error": str(exc)}, status=503)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        self.flush()
+        return web.json_response({"location": location, "player": player})
+
+    async def _delete_member(self, request: web.Request) -> web.Response:
+        location, player = self._ids(request)
+        removed = self.core.remove_member(location, player)
+        self.flush()
+        return web.json_response({"removed": removed}, status=200 if removed else 404)
+
+    async def _get_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.snapshot())
+
+    async def _get_health(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "locations": len(self.core.locations())})
+
+
+# ====================================================================== I/O modes
+
+def open_udp_socket(listen: Address) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+    try:
+        sock.bind(listen)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot bind UDP {listen[0]}:{listen[1]}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def attach_reader(loop: asyncio.AbstractEventLoop, sock: socket.socket, service: ReflectorService) -> None:
+    recvfrom = sock.recvfrom
+    on_datagram = service.on_datagram
+
+    def on_readable() -> None:
+        for _ in range(MAX_READS_PER_WAKEUP):
+            try:
+                data, addr = recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            on_datagram(data, addr[:2])
+
+    loop.add_reader(sock.fileno(), on_readable)
+
+
+async def run_standalone(service: ReflectorService, listen: Address, stop: asyncio.Event, tick: float,
+                         ready: Callable[[Address], None] | None = None) -> None:
+    loop = asyncio.get_running_loop()
+    sock = open_udp_socket(listen)
+    service.send_to = service.socket_sender(sock)
+    attach_reader(loop, sock, service)
+    ticker = _start_ticker(loop, service, tick)
+    log.info("reflector listening on udp %s:%d (standalone)", *sock.getsockname()[:2])
+    if ready is not None:
+        ready(sock.getsockname()[:2])
+    try:
+        await stop.wait()
+    finally:
+        ticker.cancel()
+        loop.remove_reader(sock.fileno())
+        sock.close()
+
+
+def _start_ticker(loop: asyncio.AbstractEventLoop, service: ReflectorService, tick: float) -> asyncio.Task:
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(tick)
+            service.tick()
+    return loop.create_task(ticker())
+
+
+async def run_booster(service: ReflectorService, args: argparse.Namespace, stop: asyncio.Event) -> str:
+    from boxcore.booster import Booster, BoosterError
+    from boxcore.packet import Packet
+    from boxcore.rules import Match
+
+    loop = asyncio.get_running_loop()
+    port = args.port
+    box_addr = {"addr": args.box_address}
+
+    def on_packet(pkt: Packet) -> None:
+        box_addr["addr"] = pkt.dst
+        service.on_datagram(pkt.payload, (pkt.src, pkt.sport))
+        return None   # CONSUME: the reflector is the packet's end point
+
+    try:
+        booster_cm = Booster("mmpog-reflector", control=args.control)
+        booster = await booster_cm.__aenter__()
+    except (OSError, ConnectionError) as exc:
+        raise ConfigError(f"cannot reach boxd at {args.control}: {exc}") from None
+    try:
+        try:
+            sub = await booster.redirect(Match(proto="udp", dst_port=port), on_packet)
+        except BoosterError as exc:
+            raise ConfigError(f"boxd refused udp port {port}: {exc}") from None
+        direct_socket = getattr(sub.receiver, "sock", None) if sub.delivery.kind == "socket" else None
+        if direct_socket is not None:
+            service.send_to = service.socket_sender(direct_socket)
+        else:
+            def send_via_box(data: bytes, addr: Address) -> None:
+                if booster.send(Packet(17, box_addr["addr"], port, addr[0], addr[1], data)):
+                    service.counters["datagrams_out"] += 1
+                else:
+                    service.counters["send_dropped"] += 1
+            service.send_to = send_via_box
+
+        use_engine = args.fanout == "engine" or (args.fanout == "auto" and direct_socket is None)
+        if use_engine:
+            groups: asyncio.Queue[MembersChanged] = asyncio.Queue()
+
+            def fanout_engine(location: int, data: bytes) -> None:
+                if booster.send_multicast(args.group_base + location, data, src_port=port):
+                    service.counters["datagrams_out"] += len(service.core.members(location))
+                else:
+                    service.counters["send_dropped"] += 1
+
+            async def group_updater() -> None:
+                # FIFO, one at a time: the engine's group always ends as the latest membership
+                while True:
+                    event = await groups.get()
+                    try:
+                        await booster.set_multicast_group(args.group_base + event.location, list(event.addresses))
+                    except BoosterError as exc:
+                        log.warning("engine refused multicast group for location %d: %s", event.location, exc)
+
+            service.fanout = fanout_engine
+            service.on_members = groups.put_nowait
+            updater = loop.create_task(group_updater())
+        else:
+            updater = None
+        ticker = _start_ticker(loop, service, args.tick)
+        log.info("reflector booster on udp port %d (delivery %s, fan-out %s)", port, sub.delivery.kind,
+                 "engine multicast" if use_engine else "direct")
+        try:
+            reason = await booster.run_until_stopped(stop)
+        finally:
+            ticker.cancel()
+            if updater is not None:
+                updater.cancel()
+        return reason
+    finally:
+        await booster_cm.__aexit__(None, None, None)
+
+
+# ====================================================================== CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(
+        "mmpog-reflector",
+        "Multicast reflector for game locations: echo-as-ACK, sequence numbers, retransmission buffer, heartbeats.",
+        examples=[
+            "mmpog-reflector --mode booster --control /run/boxd/control.sock --port 7400 --http 127.0.0.1:7401",
+            "mmpog-reflector --mode standalone --listen 127.0.0.1:7400 --http 127.0.0.1:7401",
+        ],
+    )
+    parser.add_argument("--mode", choices=["booster", "standalone"], default="booster")
+    parser.add_argument("--control", metavar="PATH", default=os.environ.get("BOXD_CONTROL", "/run/boxd/control.sock"),
+                        help="boxd's control socket (booster mode)")
+    parser.add_argument("--port", type=positive_int, default=7400, help="UDP port redirected to the booster (booster mode)")
+    parser.add_argument("--box-address", default="0.0.0.0", help="source address for packets sent through boxd")
+    parser.add_argument("--fanout", choices=["auto", "direct", "engine"], default="auto",
+                        help="auto: direct sendto on a delegated socket, else the engine's multicast")
+    parser.add_argument("--group-base", type=int, default=70000, help="engine multicast group = base + location")
+    parser.add_argument("--listen", type=host_port, default=("127.0.0.1", 7400), help="UDP address (standalone mode)")
+    parser.add_argument("--http", type=host_port, default=("127.0.0.1", 7401), help="control API address")
+    parser.add_argument("--api-key", default=os.environ.get("MMPOG_API_KEY"), help="require this bearer key on the control API")
+    parser.add_argument("--buffer-packets", type=positive_int, default=1024, help="retransmission buffer per location (packets)")
+    parser.add_argument("--buffer-age", type=non_negative_float, default=2.0, help="retransmission buffer age limit (s)")
+    parser.add_argument("--heartbeat-min", type=non_negative_float, default=0.02)
+    parser.add_argument("--heartbeat-max", type=non_negative_float, default=1.0)
+    parser.add_argument("--nack-rate", type=non_negative_float, default=1000.0, help="retransmissions/s per member")
+    parser.add_argument("--nack-burst", type=int, default=256)
+    parser.add_argument("--max-locations", type=positive_int, default=4096)
+    parser.add_argument("--max-members", type=positive_int, default=256, help="members per location")
+    parser.add_argument("--tick", type=non_negative_float, default=0.005, help="timer resolution (s)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ReflectorConfig:
+    config = ReflectorConfig(
+        buffer_packets=args.buffer_packets, buffer_age=args.buffer_age, heartbeat_min=args.heartbeat_min,
+        heartbeat_max=args.heartbeat_max, nack_rate=args.nack_rate, nack_burst=args.nack_burst,
+        max_locations=args.max_locations, max_members=args.max_members,
+    )
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.tick <= 0:
+        raise ConfigError("--tick must be positive")
+    return config
+
+
+async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
+    service = ReflectorService(ReflectorCore(config_from_args(args)), api_key=args.api_key)
+    ctx.stats.providers["reflector"] = service.snapshot
+    runner = web.AppRunner(service.control_app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.http[0], args.http[1])
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on http {args.http[0]}:{args.http[1]}: {exc.strerror}") from None
+    log.info("control API on http://%s:%d", *args.http)
+    try:
+        if args.mode == "standalone":
+            await run_standalone(service, args.listen, ctx.stop, args.tick)
+        else:
+            reason = await run_booster(service, args, ctx.stop)
+            if reason != "stopped":
+                log.error("booster ended: %s", reason)
+                return 1
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_async(build_parser(), amain, argv)
