@@ -288,7 +288,8 @@ class Booster:
     """An asyncio booster connected to boxd.  Use as ``async with Booster(name, control=...)``."""
 
     def __init__(self, name: str, control: str | os.PathLike | None = None, *,
-                 heartbeat: float | None = None, request_timeout: float = 10.0) -> None:
+                 heartbeat: float | None = None, request_timeout: float = 10.0,
+                 clock: Any = None, sock: socket.socket | None = None) -> None:
         self.name = name
         self.control = os.fspath(control or os.environ.get("BOXD_CONTROL", DEFAULT_CONTROL))
         self.stats = Stats()
@@ -299,6 +300,8 @@ class Booster:
         self.close_reason: str | None = None
         self.request_timeout = request_timeout
         self._heartbeat_override = heartbeat
+        self._clock = clock          # timers: the event loop unless a test passes a FakeClock
+        self._given_sock = sock      # an already connected control socket (boxcore.testing)
         self._conn: wire.FramedConnection | None = None
         self._channel: socket.socket | None = None
         self._ids = itertools.count(1)
@@ -321,13 +324,18 @@ class Booster:
 
     async def connect(self) -> None:
         self.loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await self.loop.sock_connect(sock, self.control)
-        except OSError as exc:
-            sock.close()
-            raise BoxdGone(f"cannot connect to boxd at {self.control}: {exc.strerror or exc}") from None
+        if self._clock is None:
+            self._clock = self.loop
+        if self._given_sock is not None:
+            sock, self._given_sock = self._given_sock, None
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await self.loop.sock_connect(sock, self.control)
+            except OSError as exc:
+                sock.close()
+                raise BoxdGone(f"cannot connect to boxd at {self.control}: {exc.strerror or exc}") from None
         self._conn = wire.FramedConnection(sock, self._on_message, self._on_close, loop=self.loop)
         self.closed = False
         self._gone.clear()
@@ -667,7 +675,7 @@ class Booster:
             if not timer.cancelled:
                 self._fire(fn, args)
 
-        timer.handle = self.loop.call_later(delay, fire)
+        timer.handle = self._clock.call_later(delay, fire)
         return timer
 
     def call_every(self, interval: float, fn: Callable, *args: Any) -> Timer:
@@ -675,16 +683,17 @@ class Booster:
         if interval <= 0:
             raise ValueError("interval must be positive")
         timer = Timer()
-        start = self.loop.time()
+        clock = self._clock
+        start = clock.time()
         ticks = itertools.count(1)
 
         def fire() -> None:
             if timer.cancelled:
                 return
             self._fire(fn, args)
-            timer.handle = self.loop.call_at(start + next(ticks) * interval, fire)
+            timer.handle = clock.call_at(start + next(ticks) * interval, fire)
 
-        timer.handle = self.loop.call_at(start + next(ticks) * interval, fire)
+        timer.handle = clock.call_at(start + next(ticks) * interval, fire)
         return timer
 
     def _fire(self, fn: Callable, args: tuple) -> None:

@@ -1,0 +1,618 @@
+"""The ``user`` engine: no privileges, opaque mode, the embedded default.
+
+The box is an addressable endpoint: boxd binds the configured UDP and TCP
+listen sockets (``--listen udp:HOST:PORT=DSTHOST:DSTPORT``).  Each datagram or
+connection is classified with the reference classifier as a packet headed for
+the listener's relay destination (so ``dst``/``dport`` are the same as on a
+transparent engine); what no booster claims is relayed there:
+
+* UDP: one upstream socket per client (a bounded LRU flow table with idle
+  expiry), so the server's replies - classified too - go back to the right
+  client from the box's own address;
+* TCP: streams spliced between the client and the destination (bounded).
+
+Deliveries:
+
+* ``socket``: a UDP REDIRECT covering a whole listening port, with nothing
+  else overlapping it, gets the bound socket itself (the fast path; boxd stops
+  reading it until the rule goes);
+* ``channel``: everything else - boxd pushes packets on the booster's data
+  channel; REDIRECTs wait for a verdict (bounded, with a timeout after which
+  the packet passes: the box fails open);
+* ``stream``: TCP interception - each accepted socket is handed over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from boxcore import wire
+from boxcore.classifier import Classifier
+from boxcore.engines.base import BoosterSession, Delivery, Engine, Route
+from boxcore.packet import Packet
+from boxcore.rules import Action, Match, Rule
+from boxcore.runtime import ConfigError, positive_int, non_negative_float
+from boxcore.wire import Tag, VerdictCode
+
+log = logging.getLogger("boxcore.engines.user")
+
+UDP, TCP = 17, 6
+READS_PER_WAKEUP = 256
+
+
+@dataclass(frozen=True)
+class ListenSpec:
+    proto: int
+    host: str
+    port: int
+    dst_host: str
+    dst_port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "ListenSpec":
+        """``udp:HOST:PORT=DSTHOST:DSTPORT`` (or ``tcp:...``)."""
+        proto_name, sep, rest = text.partition(":")
+        local, eq, remote = rest.partition("=")
+        if not sep or not eq or proto_name not in ("udp", "tcp"):
+            raise ValueError(f"expected udp:HOST:PORT=DSTHOST:DSTPORT or tcp:..., got {text!r}")
+        host, port = _split_host_port(local, text)
+        dst_host, dst_port = _split_host_port(remote, text)
+        if dst_port == 0:
+            raise ValueError(f"destination port 0 in {text!r}")
+        return cls(UDP if proto_name == "udp" else TCP, host, port, dst_host, dst_port)
+
+    def __str__(self) -> str:
+        name = "udp" if self.proto == UDP else "tcp"
+        return f"{name}:{self.host}:{self.port}={self.dst_host}:{self.dst_port}"
+
+
+def _split_host_port(text: str, whole: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"missing port in {whole!r}")
+    try:
+        host = str(ipaddress.IPv4Address(host))
+    except ValueError:
+        raise ValueError(f"{host!r} in {whole!r} is not an IPv4 address") from None
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"bad port {port!r} in {whole!r}") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} out of range in {whole!r}")
+    return host, number
+
+
+def listen_spec(text: str) -> ListenSpec:
+    try:
+        return ListenSpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _Flow:
+    __slots__ = ("sock", "client", "listener", "last_used")
+
+    def __init__(self, sock: socket.socket, client: tuple[str, int], listener: "_UdpListener") -> None:
+        self.sock = sock
+        self.client = client
+        self.listener = listener
+        self.last_used = time.monotonic()
+
+
+class _UdpListener:
+    def __init__(self, spec: ListenSpec, sock: socket.socket) -> None:
+        self.spec = spec
+        self.sock = sock
+        self.delegated: int | None = None      # cookie of the rule holding the socket
+        self.whole_port = Match(proto=UDP, dst=spec.dst_host, dst_port=spec.dst_port)
+
+
+class _TcpListener:
+    def __init__(self, spec: ListenSpec, sock: socket.socket) -> None:
+        self.spec = spec
+        self.sock = sock
+
+
+class UserEngine(Engine):
+    name = "user"
+
+    def __init__(self, listens: list[ListenSpec] = (), *, max_flows: int = 1024,
+                 flow_idle: float = 60.0, verdict_timeout: float = 0.5, max_pending: int = 4096,
+                 max_tcp: int = 256, max_rules: int = 10_000, max_multicast_sockets: int = 64) -> None:
+        self.specs = list(listens)
+        seen = set()
+        for spec in self.specs:
+            key = (spec.proto, spec.host, spec.port)
+            if key in seen:
+                raise ConfigError(f"--listen {spec} given twice")
+            seen.add(key)
+        self.max_flows = max_flows
+        self.flow_idle = flow_idle
+        self.verdict_timeout = verdict_timeout
+        self.max_pending = max_pending
+        self.max_tcp = max_tcp
+        self.max_multicast_sockets = max_multicast_sockets
+        self.classifier = Classifier(max_rules)
+        self.owners: dict[int, BoosterSession] = {}
+        self.udp: list[_UdpListener] = []
+        self.tcp: list[_TcpListener] = []
+        self.flows: collections.OrderedDict[tuple[int, tuple[str, int]], _Flow] = collections.OrderedDict()
+        self.pending: collections.OrderedDict[int, tuple[float, Callable[[bytes], None], bytes, BoosterSession]] = \
+            collections.OrderedDict()
+        self.groups: dict[int, list[tuple[str, int]]] = {}
+        self.routes: list[Route] = []
+        self.stats: collections.Counter = collections.Counter()
+        self._token = 0
+        self._tcp_tasks: set[asyncio.Task] = set()
+        self._mcast_socks: collections.OrderedDict[int, socket.socket] = collections.OrderedDict()
+        self._inject_sock: socket.socket | None = None
+        self._health: dict[int, tuple[int, int]] = {}
+        self._sweeper: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # ---------------------------------------------------------- construction
+    @classmethod
+    def add_options(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--listen", action="append", type=listen_spec, default=[],
+                           metavar="udp|tcp:HOST:PORT=DSTHOST:DSTPORT",
+                           help="user engine: a box address and where its unclaimed traffic is relayed "
+                                "(repeatable)")
+        group.add_argument("--user-max-flows", type=positive_int, default=1024,
+                           help="user engine: UDP relay flow table size (LRU)")
+        group.add_argument("--user-flow-idle", type=non_negative_float, default=60.0,
+                           help="user engine: seconds before an idle UDP flow is dropped")
+        group.add_argument("--user-verdict-timeout", type=non_negative_float, default=0.5,
+                           help="user engine: seconds to wait for a verdict before passing the packet")
+        group.add_argument("--user-max-pending", type=positive_int, default=4096,
+                           help="user engine: packets waiting for verdicts")
+        group.add_argument("--user-max-tcp", type=positive_int, default=256,
+                           help="user engine: concurrent relayed TCP connections")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "UserEngine":
+        return cls(getattr(args, "listen", []) or [],
+                   max_flows=getattr(args, "user_max_flows", 1024),
+                   flow_idle=getattr(args, "user_flow_idle", 60.0),
+                   verdict_timeout=getattr(args, "user_verdict_timeout", 0.5),
+                   max_pending=getattr(args, "user_max_pending", 4096),
+                   max_tcp=getattr(args, "user_max_tcp", 256))
+
+    # ---------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        # Nothing survives a crash here: the sockets died with the process.
+        self.loop = asyncio.get_running_loop()
+        try:
+            for spec in self.specs:
+                if spec.proto == UDP:
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+                    sock.setblocking(False)
+                    sock.bind((spec.host, spec.port))
+                    listener = _UdpListener(spec, sock)
+                    self.udp.append(listener)
+                    self.loop.add_reader(sock.fileno(), self._on_udp, listener)
+                else:
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.setblocking(False)
+                    sock.bind((spec.host, spec.port))
+                    sock.listen(128)
+                    listener = _TcpListener(spec, sock)
+                    self.tcp.append(listener)
+                    self.loop.add_reader(sock.fileno(), self._on_accept, listener)
+                log.info("user engine: %s", spec)
+        except OSError as exc:
+            await self.stop()
+            raise ConfigError(f"cannot bind {spec}: {exc.strerror or exc}") from None
+        self._inject_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._inject_sock.setblocking(False)
+        self._sweeper = self.loop.create_task(self._sweep())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for task in list(self._tcp_tasks):
+            task.cancel()
+        if self._tcp_tasks:
+            await asyncio.gather(*self._tcp_tasks, return_exceptions=True)
+        for listener in self.udp + self.tcp:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(listener.sock.fileno())
+            listener.sock.close()
+        self.udp.clear()
+        self.tcp.clear()
+        for key in list(self.flows):
+            self._close_flow(key)
+        for sock in self._mcast_socks.values():
+            sock.close()
+        self._mcast_socks.clear()
+        if self._inject_sock is not None:
+            self._inject_sock.close()
+        self.classifier.clear()
+        self.owners.clear()
+        self.pending.clear()
+
+    # ---------------------------------------------------------- rules
+    async def install(self, rule: Rule, session: BoosterSession) -> Delivery:
+        delegate = self._delegation_target(rule)
+        for listener in self.udp:
+            if listener.delegated is not None and rule.match.overlaps(listener.whole_port):
+                holder = self.owners.get(listener.delegated)
+                raise ValueError(f"udp port {listener.spec.port} is delegated as a socket to "
+                                 f"{holder.name if holder else '?'}; nothing else can match it")
+        self.classifier.add(rule)
+        self.owners[rule.cookie] = session
+        if delegate is not None:
+            delegate.delegated = rule.cookie
+            self.loop.remove_reader(delegate.sock.fileno())
+            self.stats["sockets_delegated"] += 1
+            return Delivery("socket", {"dst": delegate.spec.dst_host, "dport": delegate.spec.dst_port,
+                                       "box": [delegate.spec.host, delegate.spec.port]},
+                            [delegate.sock.fileno()])
+        return Delivery("channel", {})
+
+    async def install_tcp(self, rule: Rule, session: BoosterSession) -> Delivery:
+        self.classifier.add(rule)
+        self.owners[rule.cookie] = session
+        return Delivery("stream", {})
+
+    def _delegation_target(self, rule: Rule) -> _UdpListener | None:
+        """The listener whose whole port this REDIRECT covers, if it can take the socket."""
+        if rule.action is not Action.REDIRECT or rule.match.proto != UDP:
+            return None
+        for listener in self.udp:
+            if listener.delegated is not None or not rule.match.covers(listener.whole_port):
+                continue
+            if any(other.match.overlaps(listener.whole_port) for other in self.classifier.rules()):
+                continue
+            if any(other is not listener and rule.match.overlaps(other.whole_port) for other in self.udp):
+                continue  # the rule also claims another port: only a channel serves both
+            return listener
+        return None
+
+    async def remove(self, rule: Rule) -> None:
+        self.classifier.remove(rule.cookie)
+        self.owners.pop(rule.cookie, None)
+        for listener in self.udp:
+            if listener.delegated == rule.cookie:
+                listener.delegated = None
+                self.loop.add_reader(listener.sock.fileno(), self._on_udp, listener)
+
+    async def set_forwarding(self, routes: list[Route]) -> None:
+        # In opaque mode the relays given by --listen are the forwarding; routes are kept for status.
+        self.routes = list(routes)
+
+    async def set_multicast_group(self, group: int, members: list[tuple[str, int]]) -> None:
+        if members:
+            self.groups[group] = list(members)
+        else:
+            self.groups.pop(group, None)
+
+    def counters(self) -> dict[int, tuple[int, int]]:
+        return self.classifier.counters()
+
+    def health(self, session: BoosterSession) -> str | None:
+        timeouts = self.stats[f"verdict_timeouts_{session.sid}"]
+        verdicts = self.stats[f"verdicts_{session.sid}"]
+        before = self._health.get(session.sid, (0, 0))
+        self._health[session.sid] = (timeouts, verdicts)
+        if timeouts - before[0] >= 3 and verdicts == before[1]:
+            return f"{timeouts - before[0]} packets waited in vain for a verdict"
+        return None
+
+    async def detach(self, session: BoosterSession) -> None:
+        self._health.pop(session.sid, None)
+        for token, entry in list(self.pending.items()):
+            if entry[3] is session:  # fail open: its packets go on
+                del self.pending[token]
+                entry[1](entry[2])
+                self.stats["verdicts_abandoned"] += 1
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "listen": [str(s) for s in self.specs],
+            "delegated": {str(l.spec): l.delegated for l in self.udp if l.delegated is not None},
+            "flows": len(self.flows), "pending_verdicts": len(self.pending),
+            "tcp_relays": len(self._tcp_tasks), "groups": len(self.groups),
+            "counters": {k: v for k, v in self.stats.items() if not k[-1].isdigit()},
+            "classifier": dict(self.classifier.stats),
+        }
+
+    # ---------------------------------------------------------- UDP data path
+    def _on_udp(self, listener: _UdpListener) -> None:
+        recvfrom = listener.sock.recvfrom
+        dst, dport = listener.spec.dst_host, listener.spec.dst_port
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                data, client = recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            pkt = Packet(UDP, client[0], client[1], dst, dport, data)
+            self._process(pkt, listener, lambda payload, l=listener, c=client: self._relay_up(l, c, payload))
+
+    def _on_flow(self, key: tuple[int, tuple[str, int]]) -> None:
+        flow = self.flows.get(key)
+        if flow is None:
+            return
+        listener = flow.listener
+        client = flow.client
+        send_down = lambda payload: self._send(listener.sock, payload, client)  # noqa: E731
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                data, server = flow.sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            flow.last_used = time.monotonic()
+            pkt = Packet(UDP, server[0], server[1], client[0], client[1], data)
+            self._process(pkt, listener, send_down)
+
+    def _process(self, pkt: Packet, listener: _UdpListener, out: Callable[[bytes], None]) -> None:
+        """Classify one packet and carry out the decision; ``out`` forwards a payload."""
+        decision = self.classifier.lookup(pkt)
+        for rule in decision.copies:
+            session = self.owners.get(rule.cookie)
+            if session is not None:
+                self._push(session, rule.cookie, 0, pkt, False)
+        rule = decision.terminal
+        if rule is None or rule.action is Action.FORWARD:
+            out(pkt.payload)
+            return
+        action = rule.action
+        if action is Action.REDIRECT:
+            session = self.owners.get(rule.cookie)
+            if session is None:
+                out(pkt.payload)
+                return
+            if len(self.pending) >= self.max_pending:
+                self.stats["verdict_queue_full_passed"] += 1
+                out(pkt.payload)
+                return
+            self._token = token = (self._token + 1) & 0xFFFFFFFF
+            if self._push(session, rule.cookie, token, pkt, True):
+                self.pending[token] = (time.monotonic() + self.verdict_timeout, out, pkt.payload, session)
+            else:
+                self.stats["channel_full_passed"] += 1
+                out(pkt.payload)  # fail open
+        elif action is Action.DROP:
+            self.stats["dropped"] += 1
+        elif action is Action.MULTICAST:
+            members = self.groups.get(rule.group, ())
+            for member in members:
+                self._send(listener.sock, pkt.payload, member)
+            self.stats["multicast_fanout"] += len(members)
+
+    def _push(self, session: BoosterSession, cookie: int, token: int, pkt: Packet, want: bool) -> bool:
+        ok = session.send_datagram(wire.pack_datagram(
+            Tag.PACKET, cookie, token, pkt.proto, pkt.src, pkt.sport, pkt.dst, pkt.dport, pkt.payload, want))
+        self.stats["delivered" if ok else "delivery_dropped"] += 1
+        return ok
+
+    def verdict(self, session: BoosterSession, token: int, verdict: int, payload: bytes | None) -> None:
+        entry = self.pending.get(token)
+        if entry is None or entry[3] is not session:
+            self.stats["verdicts_late"] += 1
+            return
+        del self.pending[token]
+        self.stats[f"verdicts_{session.sid}"] += 1
+        if verdict == VerdictCode.PASS:
+            entry[1](entry[2])
+        elif verdict == VerdictCode.MODIFY and payload is not None:
+            entry[1](bytes(payload))
+            self.stats["modified"] += 1
+        else:
+            self.stats["consumed"] += 1
+
+    def _relay_up(self, listener: _UdpListener, client: tuple[str, int], payload: bytes) -> None:
+        key = (listener.spec.port, client)
+        flow = self.flows.get(key)
+        if flow is None:
+            flow = self._open_flow(key, listener, client)
+            if flow is None:
+                return
+        else:
+            self.flows.move_to_end(key)
+            flow.last_used = time.monotonic()
+        self._send(flow.sock, payload, (listener.spec.dst_host, listener.spec.dst_port))
+        self.stats["relayed_up"] += 1
+
+    def _open_flow(self, key, listener: _UdpListener, client: tuple[str, int]) -> _Flow | None:
+        while len(self.flows) >= self.max_flows:
+            oldest = next(iter(self.flows))
+            self._close_flow(oldest)
+            self.stats["flows_evicted"] += 1
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            sock.bind((listener.spec.host if listener.spec.host != "0.0.0.0" else "0.0.0.0", 0))
+        except OSError as exc:
+            sock.close()
+            self.stats["flow_errors"] += 1
+            log.warning("cannot open a relay flow: %s", exc)
+            return None
+        flow = _Flow(sock, client, listener)
+        self.flows[key] = flow
+        self.loop.add_reader(sock.fileno(), self._on_flow, key)
+        self.stats["flows_opened"] += 1
+        return flow
+
+    def _close_flow(self, key) -> None:
+        flow = self.flows.pop(key, None)
+        if flow is None:
+            return
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(flow.sock.fileno())
+        flow.sock.close()
+
+    def _send(self, sock: socket.socket, payload: bytes, addr: tuple[str, int]) -> None:
+        try:
+            sock.sendto(payload, addr)
+        except (BlockingIOError, InterruptedError):
+            self.stats["send_dropped"] += 1
+        except OSError as exc:
+            self.stats["send_errors"] += 1
+            log.debug("send to %s failed: %s", addr, exc)
+
+    async def _sweep(self) -> None:
+        """Expire verdict waits (the packet passes: fail open) and idle flows."""
+        tick = min(0.05, self.verdict_timeout / 2 or 0.05)
+        next_flow_sweep = 0.0
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            while self.pending:
+                token, entry = next(iter(self.pending.items()))
+                if entry[0] > now:
+                    break
+                del self.pending[token]
+                self.stats["verdict_timeouts"] += 1
+                self.stats[f"verdict_timeouts_{entry[3].sid}"] += 1
+                entry[1](entry[2])
+            if now >= next_flow_sweep:
+                next_flow_sweep = now + 1.0
+                for key, flow in list(self.flows.items()):
+                    if now - flow.last_used > self.flow_idle:
+                        self._close_flow(key)
+                        self.stats["flows_expired"] += 1
+
+    # ---------------------------------------------------------- packets from boosters
+    def inject(self, pkt: Packet, session: BoosterSession) -> None:
+        if pkt.proto != UDP:
+            raise ValueError("the user engine injects UDP packets only")
+        self.stats["injected"] += 1
+        src, dst = (pkt.src, pkt.sport), (pkt.dst, pkt.dport)
+        for listener in self.udp:
+            spec = listener.spec
+            if src == (spec.dst_host, spec.dst_port) or src == (spec.host, spec.port):
+                # as if from the relay destination (or the box itself): to the client, from the box
+                self._send(listener.sock, pkt.payload, dst)
+                return
+        for listener in self.udp:
+            spec = listener.spec
+            if dst == (spec.dst_host, spec.dst_port):
+                # as if from a client: relayed upstream on that client's flow
+                self._relay_up(listener, src, pkt.payload)
+                return
+        for listener in self.udp:
+            if pkt.sport == listener.spec.port:
+                self._send(listener.sock, pkt.payload, dst)
+                return
+        self._send(self._inject_sock, pkt.payload, dst)
+
+    def send_multicast(self, group: int, payload: bytes, src_port: int,
+                       session: BoosterSession) -> None:
+        members = self.groups.get(group)
+        if not members:
+            raise ValueError(f"no multicast group {group}")
+        sock = self._multicast_socket(src_port)
+        for member in members:
+            self._send(sock, payload, member)
+        self.stats["multicast_fanout"] += len(members)
+
+    def _multicast_socket(self, src_port: int) -> socket.socket:
+        if src_port == 0:
+            return self._inject_sock
+        for listener in self.udp:
+            if listener.spec.port == src_port:
+                return listener.sock
+        sock = self._mcast_socks.get(src_port)
+        if sock is not None:
+            self._mcast_socks.move_to_end(src_port)
+            return sock
+        if len(self._mcast_socks) >= self.max_multicast_sockets:
+            _, old = self._mcast_socks.popitem(last=False)
+            old.close()
+            self.stats["multicast_sockets_evicted"] += 1
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        host = self.udp[0].spec.host if self.udp else "127.0.0.1"
+        try:
+            sock.bind((host, src_port))
+        except OSError as exc:
+            sock.close()
+            raise ValueError(f"cannot send from port {src_port}: {exc.strerror}") from None
+        self._mcast_socks[src_port] = sock
+        return sock
+
+    # ---------------------------------------------------------- TCP
+    def _on_accept(self, listener: _TcpListener) -> None:
+        for _ in range(64):
+            try:
+                conn, client = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept on %s failed: %s", listener.spec, exc)
+                return
+            spec = listener.spec
+            pkt = Packet(TCP, client[0], client[1], spec.dst_host, spec.dst_port, b"")
+            decision = self.classifier.lookup(pkt)
+            rule = decision.terminal
+            session = self.owners.get(rule.cookie) if rule is not None else None
+            if rule is not None and rule.action is Action.REDIRECT and session is not None \
+                    and session.send_event is not None:
+                self.stats["tcp_intercepted"] += 1
+                session.send_event({"t": "stream", "cookie": rule.cookie,
+                                    "client": [client[0], client[1]],
+                                    "original_dst": [spec.dst_host, spec.dst_port]},
+                                   [conn.detach()], close_fds=True)
+            elif rule is not None and rule.action is Action.DROP:
+                self.stats["tcp_dropped"] += 1
+                conn.close()
+            elif len(self._tcp_tasks) >= self.max_tcp:
+                self.stats["tcp_refused"] += 1
+                conn.close()
+            else:
+                task = self.loop.create_task(self._splice(conn, spec))
+                self._tcp_tasks.add(task)
+                task.add_done_callback(self._tcp_tasks.discard)
+
+    async def _splice(self, conn: socket.socket, spec: ListenSpec) -> None:
+        conn.setblocking(False)
+        try:
+            c_reader, c_writer = await asyncio.open_connection(sock=conn)
+        except OSError:
+            conn.close()
+            return
+        try:
+            s_reader, s_writer = await asyncio.open_connection(spec.dst_host, spec.dst_port)
+        except OSError as exc:
+            self.stats["tcp_connect_errors"] += 1
+            log.debug("relay to %s:%d failed: %s", spec.dst_host, spec.dst_port, exc)
+            c_writer.close()
+            return
+        self.stats["tcp_relayed"] += 1
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counter: str) -> None:
+            try:
+                while data := await reader.read(65536):
+                    self.stats[counter] += len(data)
+                    writer.write(data)
+                    await writer.drain()
+                if writer.can_write_eof():
+                    writer.write_eof()
+            except (ConnectionError, OSError):
+                pass
+
+        try:
+            await asyncio.gather(pipe(c_reader, s_writer, "tcp_bytes_up"),
+                                 pipe(s_reader, c_writer, "tcp_bytes_down"))
+        finally:
+            for writer in (c_writer, s_writer):
+                writer.close()
