@@ -113,7 +113,7 @@ class ControlSession:
             self.reply_error(wire.request_id(msg), Status.INVALID, str(exc))
             return
         kind = msg["t"]
-        if self.booster is None and kind != "hello":
+        if self.booster is None and kind not in ("hello", "query"):
             ctl.stats["control_malformed"] += 1
             self.reply_error(wire.request_id(msg), Status.INVALID, "say hello first")
             return
@@ -145,7 +145,7 @@ class ControlSession:
             status, result, fds, extra = await handler(self, msg)
         except RuleError as exc:
             status, result, fds, extra = Status.INVALID, None, (), {"reason": str(exc)}
-        except WireDecodeError as exc:
+        except (WireDecodeError, ValueError) as exc:  # includes DirectoryError
             status, result, fds, extra = Status.INVALID, None, (), {"reason": str(exc)}
         except Exception as exc:  # one bad request must never take boxd down
             log.exception("%s: %s failed", self.name, msg["t"])
@@ -551,6 +551,25 @@ class Controller:
         self.engine.inject(pkt, sess.booster)
         self.stats["packets_injected"] += 1
         return Status.OK, None, (), {}
+
+    async def _op_query(self, sess: ControlSession, msg: dict):
+        return Status.OK, self.query(msg["what"]), (), {}
+
+    def query(self, what: str) -> Any:
+        """The management views by name (boxctl over --control, and HTTP)."""
+        if what == "status":
+            return self.status()
+        if what == "boosters":
+            return self.boosters_view()
+        if what == "rules":
+            return self.rules_view()
+        if what == "counters":
+            return {"rules": {str(c): list(v) for c, v in sorted(self.rule_counters().items())},
+                    "events": dict(self.stats),
+                    "engine": self.engine.status().get("counters", {})}
+        if what == "directory":
+            return self.directory_view()
+        raise ValueError(f"unknown query {what!r}")
 
     # ---------------------------------------------------------- directory
     def _need_directory(self):

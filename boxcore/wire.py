@@ -84,6 +84,9 @@ MEMBERS = _Kind("list of [host, port]", lambda v: isinstance(v, (list, tuple)) a
 STATUS = _Kind("status", lambda v: isinstance(v, str) and v in Status.__members__)
 ACTION = _Kind("action", lambda v: v in ("redirect", "copy", "drop", "multicast", "forward"))
 
+QUERIES = ("status", "boosters", "rules", "counters", "directory")
+QUERY = _Kind("query name", lambda v: v in QUERIES)
+
 REQ, OPT = True, False
 
 # type -> {field: (kind, required)}.  "t" is implicit.  "id" marks requests.
@@ -102,6 +105,8 @@ MESSAGES: dict[str, dict[str, tuple[_Kind, bool]]] = {
     "dir_items": {"id": (UINT, REQ), "prefix": (STR, REQ)},
     "dir_watch": {"id": (UINT, REQ), "prefix": (STR, REQ)},
     "dir_unwatch": {"id": (UINT, REQ), "watch": (UINT, REQ)},
+    # read-only management query (boxctl --control); allowed before hello
+    "query": {"id": (UINT, REQ), "what": (QUERY, REQ)},
     # booster -> boxd: one-way
     "heartbeat": {"counters": (COUNTERS, OPT), "handler_errors": (UINT, OPT)},
     "bye": {},

@@ -1,0 +1,1 @@
+"""Example boosters (``booster-example``: the UDP counter/filter)."""
