@@ -399,7 +399,7 @@ def decide_incoming(request: ConnectRequest, slots: SlotState) -> Decision:
     if request.version == "0.4":
         if not slots.allow_04:
             return Decision(503, "0.4 handshakes not accepted")
-        if slots.leaves and not slots.ultrapeer:
+        if not slots.ultrapeer:
             return Decision(503, "I am a leaf")
         return Decision(200, "OK") if slots.peers < slots.max_peers else Decision(503, "Too many connections")
     guid = remote_guid(headers)

@@ -1,0 +1,82 @@
+import zlib
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from gnutella.qrp import RouteTable, TableReceiver, keywords, qrp_hash
+from gnutella.wire import GnutellaDecodeError, QrpPatch, QrpReset, decode_message
+
+
+# The QRP specification's test vectors (as also checked by LimeWire and gtk-gnutella).
+SPEC_VECTORS = [
+    ("", 13, 0), ("eb", 13, 6791), ("ebc", 13, 7082), ("ebck", 13, 6698), ("ebckl", 13, 3179),
+    ("ebcklm", 13, 3235), ("ebcklme", 13, 6438), ("ebcklmen", 13, 1062), ("ebcklmenq", 13, 3527),
+    ("", 16, 0), ("n", 16, 65003), ("nd", 16, 54193), ("ndf", 16, 4953), ("ndfl", 16, 58201),
+    ("ndfla", 16, 34830), ("ndflal", 16, 36910), ("ndflale", 16, 34586), ("ndflalem", 16, 37658),
+    ("ndflaleme", 16, 45559), ("ol2j34lj", 10, 318), ("asdfas23", 10, 503), ("9um3o34fd", 10, 758),
+    ("a234d", 10, 281), ("a3f", 10, 767), ("3nja9", 10, 581), ("2459345938032343", 10, 146),
+    ("7777a88a8a8a8", 10, 342), ("asdfjklkj3k", 10, 861), ("adfk32l", 10, 1011),
+    ("zzzzzzzzzzz", 10, 944), ("3NJA9", 10, 581), ("3nJa9", 10, 581),
+]
+
+
+@pytest.mark.parametrize("word,bits,expected", SPEC_VECTORS)
+def test_spec_hash_vectors(word, bits, expected):
+    assert qrp_hash(word, bits) == expected
+
+
+def test_spec_says_FAIL_does_not_hash_to_37458():
+    assert qrp_hash("FAIL", 16) != 37458
+
+
+def test_gtk_gnutella_table_decodes_and_routes(captures):
+    receiver = TableReceiver()
+    table = None
+    for _, _, raw in captures[1:3]:
+        table = receiver.receive(decode_message(raw).payload)
+    assert table is not None and table.size == 16384
+    # gtk-gnutella shared one file, "booster-sample-alpha.txt"
+    assert table.matches("booster sample") and table.matches("alpha txt")
+    assert not table.matches("zebra crossing")
+    assert len(table.present) == 10
+
+
+def test_keywords_split_and_lower():
+    assert keywords("Free_Software-Song.OGG") == ["free", "software", "song", "ogg"]
+    assert keywords("a bb ccc") == ["ccc"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=3, max_size=12), max_size=40),
+       st.sampled_from([10, 13, 16]), st.sampled_from([4, 8]), st.sampled_from([100, 4096]))
+def test_table_survives_reset_and_patches(names, bits, entry_bits, chunk):
+    table = RouteTable(bits)
+    for name in names:
+        table.add_text(name)
+    receiver = TableReceiver()
+    rebuilt = None
+    for msg in table.to_messages(entry_bits=entry_bits, max_chunk=chunk):
+        rebuilt = receiver.receive(QrpPatch.decode(msg.encode()) if isinstance(msg, QrpPatch) else QrpReset.decode(msg.encode()))
+    assert rebuilt is not None and rebuilt.present == table.present
+    for name in names:
+        assert rebuilt.matches(name)
+
+
+def test_patch_before_reset_and_out_of_sequence_are_refused():
+    receiver = TableReceiver()
+    with pytest.raises(GnutellaDecodeError, match="before RESET"):
+        receiver.receive(QrpPatch(1, 1, 0, 4, b"\x00" * 512))
+    receiver.receive(QrpReset(1024, 7))
+    with pytest.raises(GnutellaDecodeError, match="out of sequence"):
+        receiver.receive(QrpPatch(2, 2, 0, 4, b""))
+
+
+def test_bad_zlib_and_wrong_size_and_oversized_table():
+    receiver = TableReceiver(max_table_size=1 << 12)
+    with pytest.raises(GnutellaDecodeError, match="exceeds"):
+        receiver.receive(QrpReset(1 << 16, 7))
+    receiver.receive(QrpReset(1024, 7))
+    with pytest.raises(GnutellaDecodeError, match="zlib"):
+        receiver.receive(QrpPatch(1, 1, 1, 4, b"not zlib"))
+    with pytest.raises(GnutellaDecodeError, match="table needs 512"):
+        receiver.receive(QrpPatch(1, 1, 1, 4, zlib.compress(b"\x00" * 100)))

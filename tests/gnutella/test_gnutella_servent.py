@@ -1,0 +1,207 @@
+"""Servents over real loopback sockets: handshakes, search, HTTP download, push, CLI processes."""
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gnutella import http as ghttp
+from gnutella.node import NodeConfig
+from gnutella.servent import Servent
+from gnutella.share import ShareIndex
+from gnutella.wire import HEADER_SIZE, Message, MessageReader, Ping, Pong, Query, QueryHit
+
+BIN = Path(sys.executable).parent
+
+
+def make_share(root: Path, files: dict[str, bytes]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return root
+
+
+def b32sha1(data: bytes) -> str:
+    return base64.b32encode(hashlib.sha1(data).digest()).decode()
+
+
+@pytest.fixture
+async def pair(tmp_path):
+    payload = os.urandom(200_000)
+    share = make_share(tmp_path / "a", {"ambient drone loop.ogg": payload, "notes.txt": b"hello"})
+    a = Servent(listen=("127.0.0.1", 0), shares=ShareIndex.scan(share), seed=1,
+                config=NodeConfig(firewalled=False))
+    await a.start()
+    b = Servent(listen=("127.0.0.1", 0), shares=ShareIndex([]), peers=[("127.0.0.1", a.port)], seed=2)
+    await b.start()
+    await asyncio.wait_for(b.established.wait(), 5)
+    yield a, b, payload
+    await b.stop()
+    await a.stop()
+
+
+async def test_two_servents_search_and_download(pair, tmp_path):
+    a, b, payload = pair
+    hits = await b.search("drone ambient", timeout=2.0, max_hits=1)
+    (hit, event) = hits[0]
+    assert (hit.ip, hit.port, hit.name, hit.size) == ("127.0.0.1", a.port, "ambient drone loop.ogg", len(payload))
+    assert hit.sha1 == b32sha1(payload) and not hit.push
+    assert hit.servent_guid == a.guid.hex()
+    out = tmp_path / "got"
+    out.mkdir()
+    result = await b.download(hit, event, out)
+    assert result.ok and result.sha1 == b32sha1(payload)
+    assert (out / hit.name).read_bytes() == payload
+
+
+async def test_http_get_by_index_range_and_urn(pair):
+    a, b, payload = pair
+    shared = next(f for f in a.shares.files.values() if f.name.startswith("ambient"))
+    r = await ghttp.download("127.0.0.1", a.port, f"/get/{shared.index}/ambient%20drone%20loop.ogg", None, shared.sha1)
+    assert r.ok and r.status == 200 and r.size == len(payload)
+    part = await ghttp.download("127.0.0.1", a.port, f"/uri-res/N2R?urn:sha1:{shared.sha1}", None, None,
+                                byte_range=(100, 199))
+    assert part.ok and part.status == 206 and part.size == 100
+    assert part.sha1 == b32sha1(payload[100:200])
+    missing = await ghttp.download("127.0.0.1", a.port, "/get/99/nothing", None, None)
+    assert not missing.ok and missing.status == 404
+    wrong_name = await ghttp.download("127.0.0.1", a.port, f"/get/{shared.index}/other-name", None, None)
+    assert wrong_name.status == 404
+    bad_range = await ghttp.download("127.0.0.1", a.port, f"/get/{shared.index}/ambient%20drone%20loop.ogg", None,
+                                     None, byte_range=(len(payload) + 5, len(payload) + 9))
+    assert bad_range.status == 416
+
+
+def test_range_parsing():
+    assert ghttp.parse_range("bytes=0-99", 1000) == (0, 99)
+    assert ghttp.parse_range("bytes=900-", 1000) == (900, 999)
+    assert ghttp.parse_range("bytes=-100", 1000) == (900, 999)
+    assert ghttp.parse_range("bytes=0-5000", 1000) == (0, 999)
+    assert ghttp.parse_range("bytes=1000-", 1000) is None
+    assert ghttp.parse_range("lines=1-2", 1000) is None
+
+
+async def test_firewalled_source_is_fetched_by_push_and_giv(tmp_path):
+    payload = os.urandom(50_000)
+    share = make_share(tmp_path / "fw", {"behind the wall.bin": payload})
+    hub = Servent(listen=("127.0.0.1", 0), shares=ShareIndex([]), seed=5)
+    await hub.start()
+    source = Servent(listen=("127.0.0.1", 0), shares=ShareIndex.scan(share), peers=[("127.0.0.1", hub.port)],
+                     seed=6, config=NodeConfig(firewalled=True))
+    getter = Servent(listen=("127.0.0.1", 0), shares=ShareIndex([]), peers=[("127.0.0.1", hub.port)], seed=7)
+    try:
+        await source.start()
+        await getter.start()
+        await asyncio.wait_for(asyncio.gather(source.established.wait(), getter.established.wait()), 5)
+        (hit, event), = await getter.search("wall", timeout=2.0, max_hits=1)
+        assert hit.push
+        result = await getter.download(hit, event, tmp_path)
+        assert result.ok, result.error
+        assert (tmp_path / "behind the wall.bin").read_bytes() == payload
+        assert getter.stats["giv_received"] == 1 and source.stats["push_uploads"] == 1
+        assert hub.stats["rx_push"] == 1            # routed through the hub by servent GUID
+    finally:
+        for s in (getter, source, hub):
+            await s.stop()
+
+
+async def read_headers(reader):
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += await reader.readline()
+    return head
+
+
+async def test_gtk_gnutella_leaf_handshake_alive_ping_and_query(tmp_path, gtk_connect):
+    """Replay what gtk-gnutella sends as a leaf: our ultrapeer must accept it, answer its
+    TTL-1 alive ping with a pong of the same GUID, and answer a 0x8000 query."""
+    share = make_share(tmp_path / "s", {"booster sample alpha.txt": b"x" * 2800})
+    up = Servent(listen=("127.0.0.1", 0), shares=ShareIndex.scan(share), seed=9)
+    await up.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", up.port)
+        writer.write(gtk_connect("leaf"))
+        head = await asyncio.wait_for(read_headers(reader), 5)
+        assert head.startswith(b"GNUTELLA/0.6 200 OK\r\n")
+        text = head.decode().lower()
+        assert "x-ultrapeer: true" in text and "x-dynamic-querying:" in text
+        degree = int(text.split("x-degree:")[1].split("\r\n")[0])
+        assert degree >= 16
+        writer.write(b"GNUTELLA/0.6 200 OK\r\n\r\n")
+        alive = Message(bytes.fromhex("c0ffee00" * 4), 1, 0, Ping())
+        query = Message(bytes.fromhex("abcdef01" * 4), 4, 0, Query("booster sample"))
+        assert query.encode()[HEADER_SIZE:HEADER_SIZE + 2] == b"\x80\x00"
+        writer.write(alive.encode() + query.encode())
+        await writer.drain()
+        framer = MessageReader()
+        got = []
+        while not any(isinstance(m.payload, QueryHit) for m in got):
+            got += framer.feed(await asyncio.wait_for(reader.read(65536), 5))
+        pongs = [m for m in got if isinstance(m.payload, Pong) and m.guid == alive.guid]
+        assert len(pongs) == 1 and pongs[0].payload.port == up.port
+        (hit,) = [m for m in got if isinstance(m.payload, QueryHit)]
+        assert hit.guid == query.guid and hit.payload.servent_guid == up.guid
+        writer.close()
+    finally:
+        await up.stop()
+
+
+async def test_duplicate_guid_is_refused_409(tmp_path, gtk_connect):
+    up = Servent(listen=("127.0.0.1", 0), shares=ShareIndex([]), seed=10)
+    await up.start()
+    try:
+        r1, w1 = await asyncio.open_connection("127.0.0.1", up.port)
+        w1.write(gtk_connect("ultrapeer"))
+        assert (await read_headers(r1)).startswith(b"GNUTELLA/0.6 200")
+        w1.write(b"GNUTELLA/0.6 200 OK\r\n\r\n")
+        await w1.drain()
+        await asyncio.sleep(0.1)
+        r2, w2 = await asyncio.open_connection("127.0.0.1", up.port)
+        w2.write(gtk_connect("ultrapeer"))                 # same GUID header again
+        assert (await read_headers(r2)).startswith(b"GNUTELLA/0.6 409")
+        w1.close()
+        w2.close()
+    finally:
+        await up.stop()
+
+
+def run_cli(*argv, timeout=30):
+    return subprocess.run([str(BIN / "gnutella-servent"), *argv], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_processes_search_and_download(tmp_path):
+    payload = os.urandom(30_000)
+    share = make_share(tmp_path / "share", {"field recording rain.wav": payload})
+    server = subprocess.Popen([str(BIN / "gnutella-servent"), "serve", "--listen", "127.0.0.1:0", "--share", str(share),
+                               "--log-level", "info"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stderr.readline()
+        port = int(line.split(" listening on 127.0.0.1:")[1].split()[0])
+        found = run_cli("search", "--peer", f"127.0.0.1:{port}", "--query", "rain recording", "--timeout", "1.5", "--leaf")
+        assert found.returncode == 0, found.stderr
+        hits = [json.loads(l) for l in found.stdout.splitlines()]
+        assert [h["name"] for h in hits] == ["field recording rain.wav"] and hits[0]["sha1"] == b32sha1(payload)
+        got = run_cli("download", "--peer", f"127.0.0.1:{port}", "--query", "rain", "--out", str(tmp_path / "dl"))
+        assert got.returncode == 0, got.stderr
+        record = json.loads(got.stdout)
+        assert record["ok"] and record["sha1"] == b32sha1(payload)
+        assert (tmp_path / "dl" / "field recording rain.wav").read_bytes() == payload
+        none = run_cli("search", "--peer", f"127.0.0.1:{port}", "--query", "nothing matches this", "--timeout", "1")
+        assert none.returncode == 1 and none.stdout == ""
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_cli_bad_config_exits_2_with_one_line(tmp_path):
+    missing = run_cli("serve", "--share", str(tmp_path / "nope"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().endswith("does not exist") and len(missing.stderr.strip().splitlines()) == 1
+    nopeer = run_cli("search", "--query", "x")
+    assert nopeer.returncode == 2 and "needs at least one --peer" in nopeer.stderr
