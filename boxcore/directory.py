@@ -1,0 +1,345 @@
+"""The directory service: persistent key-value state per booster.
+
+boxd keeps one SQLite database under its ``--state`` directory.  Each
+booster has its own namespace of string keys holding msgpack-able values, so
+a booster that restarts (or a boxd that restarts) finds its state again.
+Boosters may also *watch* a key prefix and get every change as an event.
+
+Design choices:
+
+* SQLite in WAL mode with ``synchronous=NORMAL``: each write is its own small
+  transaction without an fsync, durable across process crashes (not power
+  loss), and readers never block the writer.
+* Per-booster key counts are kept in memory (loaded at open) so the quota
+  check costs no query.
+* Limits: ``max_keys_per_booster``, ``max_value_bytes`` (of the msgpack
+  encoding), ``max_key_chars``, ``max_watchers``; every refusal is counted
+  in :attr:`Directory.stats`.
+* A watcher's queue is bounded and *coalescing*: pending changes are kept per
+  key (latest value wins), so a slow watcher still converges to the current
+  state; when more than ``max_pending`` distinct keys are pending the oldest
+  is dropped and counted (``watch_overflow``, and ``Watch.overflowed``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import sqlite3
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+import msgpack
+
+from boxcore.runtime import ConfigError
+
+SCHEMA_VERSION = 1
+DB_NAME = "directory.sqlite3"
+DEFAULT_MAX_KEYS = 10_000
+DEFAULT_MAX_VALUE_BYTES = 65_536
+DEFAULT_MAX_KEY_CHARS = 1024
+DEFAULT_MAX_WATCHERS = 1024
+DEFAULT_MAX_PENDING = 1024
+
+_MISSING = object()
+
+
+class DirectoryError(ValueError):
+    """A refused directory operation (bad key or value, quota, limits)."""
+
+
+class QuotaExceeded(DirectoryError):
+    """The booster already holds ``max_keys_per_booster`` keys."""
+
+
+def encode_value(value: Any) -> bytes:
+    try:
+        return msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise DirectoryError(f"value is not msgpack-able: {exc}") from None
+
+
+def decode_value(blob: bytes) -> Any:
+    return msgpack.unpackb(blob, raw=False, strict_map_key=False)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:   # lone surrogates
+        return False
+    return True
+
+
+def _prefix_upper_bound(prefix: str) -> str | None:
+    """The smallest string greater than every string starting with ``prefix``
+    (SQLite compares UTF-8 bytes, which orders like code points)."""
+    chars = list(prefix)
+    while chars:
+        last = ord(chars[-1])
+        if last < 0x10FFFF and not 0xD7FF <= last < 0xE000:
+            chars[-1] = chr(last + 1)
+            return "".join(chars)
+        chars.pop()
+    return None
+
+
+class Watch:
+    """Changes under ``prefix`` of one booster's keys: ``async for key, value
+    in watch.events()`` (value None = deleted).  Close it when done."""
+
+    def __init__(self, directory: "Directory", booster: str, prefix: str, max_pending: int) -> None:
+        self.directory = directory
+        self.booster = booster
+        self.prefix = prefix
+        self.max_pending = max_pending
+        self.overflowed = 0
+        self.closed = False
+        self._pending: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._wakeup = asyncio.Event()
+
+    def _offer(self, key: str, value: Any) -> None:
+        if key in self._pending:
+            self._pending[key] = value          # coalesce: the latest value wins
+        else:
+            if len(self._pending) >= self.max_pending:
+                self._pending.popitem(last=False)
+                self.overflowed += 1
+                self.directory.stats["watch_overflow"] += 1
+            self._pending[key] = value
+        self._wakeup.set()
+
+    def pending(self) -> list[tuple[str, Any]]:
+        """Take every pending change now (no waiting)."""
+        changes = list(self._pending.items())
+        self._pending.clear()
+        self._wakeup.clear()
+        return changes
+
+    async def get(self) -> tuple[str, Any]:
+        """The next change; raises :class:`StopAsyncIteration` once closed."""
+        while not self._pending:
+            if self.closed:
+                raise StopAsyncIteration
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return self._pending.popitem(last=False)
+
+    async def events(self) -> AsyncIterator[tuple[str, Any]]:
+        while True:
+            try:
+                yield await self.get()
+            except StopAsyncIteration:
+                return
+
+    def __aiter__(self) -> AsyncIterator[tuple[str, Any]]:
+        return self.events()
+
+    def close(self) -> None:
+        """Stop watching; a consumer waiting in :meth:`events` ends after the
+        changes already pending."""
+        if not self.closed:
+            self.closed = True
+            self.directory._unwatch(self)
+            self._wakeup.set()
+
+
+class Directory:
+    """Per-booster persistent key-value store (see the module docstring)."""
+
+    def __init__(self, path: str | Path, max_keys_per_booster: int = DEFAULT_MAX_KEYS,
+                 max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES, *,
+                 max_key_chars: int = DEFAULT_MAX_KEY_CHARS, max_watchers: int = DEFAULT_MAX_WATCHERS,
+                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
+        for name, limit in (("max_keys_per_booster", max_keys_per_booster), ("max_value_bytes", max_value_bytes),
+                            ("max_key_chars", max_key_chars), ("max_watchers", max_watchers),
+                            ("max_pending", max_pending)):
+            if not isinstance(limit, int) or limit <= 0:
+                raise ConfigError(f"directory {name} must be a positive integer, got {limit!r}")
+        self.max_keys_per_booster = max_keys_per_booster
+        self.max_value_bytes = max_value_bytes
+        self.max_key_chars = max_key_chars
+        self.max_watchers = max_watchers
+        self.max_pending = max_pending
+        self.path = self._db_path(Path(path))
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._watches: list[Watch] = []
+        self._db = self._open(self.path)
+        self._counts: dict[str, int] = dict(
+            self._db.execute("SELECT booster, COUNT(*) FROM kv GROUP BY booster").fetchall())
+
+    # ---------------------------------------------------------- opening
+    @staticmethod
+    def _db_path(path: Path) -> Path:
+        """``path`` is the state directory (created if missing) or a database file."""
+        if path.suffix in (".sqlite3", ".sqlite", ".db"):
+            db = path
+        else:
+            db = path / DB_NAME
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create state directory {db.parent}: {exc.strerror or exc}") from None
+        return db
+
+    @staticmethod
+    def _open(db_path: Path) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise ConfigError(f"directory {db_path} has schema version {version}, "
+                                  f"this boxd knows up to {SCHEMA_VERSION}")
+            db.execute("CREATE TABLE IF NOT EXISTS kv (booster TEXT NOT NULL, key TEXT NOT NULL, "
+                       "value BLOB NOT NULL, PRIMARY KEY (booster, key)) WITHOUT ROWID")
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open directory database {db_path}: {exc}") from None
+        return db
+
+    def close(self) -> None:
+        for watch in list(self._watches):
+            watch.close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def __enter__(self) -> "Directory":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ---------------------------------------------------------- checks
+    def _check_key(self, booster: str, key: str) -> None:
+        if not isinstance(booster, str) or not booster:
+            raise DirectoryError(f"booster name must be a non-empty string, got {booster!r}")
+        if not isinstance(key, str) or not key:
+            self.stats["refused_bad_key"] += 1
+            raise DirectoryError(f"key must be a non-empty string, got {key!r}")
+        if len(key) > self.max_key_chars:
+            self.stats["refused_bad_key"] += 1
+            raise DirectoryError(f"key of {len(key)} characters exceeds the limit of {self.max_key_chars}")
+        if not _is_utf8(key) or not _is_utf8(booster):
+            self.stats["refused_bad_key"] += 1
+            raise DirectoryError(f"key {key!r} of booster {booster!r} is not valid Unicode text")
+
+    # ---------------------------------------------------------- operations
+    def get(self, booster: str, key: str, default: Any = None) -> Any:
+        self._check_key(booster, key)
+        self.stats["gets"] += 1
+        row = self._db.execute("SELECT value FROM kv WHERE booster=? AND key=?", (booster, key)).fetchone()
+        return default if row is None else decode_value(row[0])
+
+    def put(self, booster: str, key: str, value: Any) -> None:
+        """Store ``value`` (anything msgpack can encode, except None: use
+        :meth:`delete`).  Raises :class:`DirectoryError` / :class:`QuotaExceeded`."""
+        self._check_key(booster, key)
+        if value is None:
+            self.stats["refused_bad_value"] += 1
+            raise DirectoryError("value None is reserved for deletions; use delete()")
+        try:
+            blob = encode_value(value)
+        except DirectoryError:
+            self.stats["refused_bad_value"] += 1
+            raise
+        if len(blob) > self.max_value_bytes:
+            self.stats["refused_value_too_large"] += 1
+            raise DirectoryError(f"value of {len(blob)} bytes exceeds the limit of {self.max_value_bytes}")
+        updated = self._db.execute("UPDATE kv SET value=? WHERE booster=? AND key=?",
+                                   (blob, booster, key)).rowcount
+        if not updated:
+            count = self._counts.get(booster, 0)
+            if count >= self.max_keys_per_booster:
+                self.stats["refused_too_many_keys"] += 1
+                raise QuotaExceeded(f"booster {booster!r} already has {count} keys "
+                                    f"(limit {self.max_keys_per_booster})")
+            self._db.execute("INSERT INTO kv (booster, key, value) VALUES (?, ?, ?)", (booster, key, blob))
+            self._counts[booster] = count + 1
+        self.stats["puts"] += 1
+        # Watchers get the decoded form, as a reader calling get() would.
+        self._notify(booster, key, decode_value(blob))
+
+    def delete(self, booster: str, key: str) -> bool:
+        """Remove ``key``; True if it existed."""
+        self._check_key(booster, key)
+        deleted = self._db.execute("DELETE FROM kv WHERE booster=? AND key=?", (booster, key)).rowcount
+        if not deleted:
+            return False
+        self._decrement(booster)
+        self.stats["deletes"] += 1
+        self._notify(booster, key, None)
+        return True
+
+    def clear(self, booster: str) -> int:
+        """Remove every key of ``booster``; returns how many."""
+        keys = [key for key, _ in self.items(booster)]
+        for key in keys:
+            self.delete(booster, key)
+        return len(keys)
+
+    def _decrement(self, booster: str) -> None:
+        remaining = self._counts.get(booster, 1) - 1
+        if remaining > 0:
+            self._counts[booster] = remaining
+        else:
+            self._counts.pop(booster, None)
+
+    def items(self, booster: str, prefix: str = "") -> list[tuple[str, Any]]:
+        """(key, value) pairs of ``booster`` whose key starts with ``prefix``, sorted by key."""
+        return [(key, decode_value(blob)) for key, blob in self._rows(booster, prefix)]
+
+    def _rows(self, booster: str, prefix: str) -> Iterator[tuple[str, bytes]]:
+        if not isinstance(prefix, str) or not _is_utf8(prefix):
+            raise DirectoryError(f"prefix must be a Unicode string, got {prefix!r}")
+        upper = _prefix_upper_bound(prefix)
+        if upper is None:
+            query = "SELECT key, value FROM kv WHERE booster=? AND key>=? ORDER BY key"
+            args: tuple = (booster, prefix)
+        else:
+            query = "SELECT key, value FROM kv WHERE booster=? AND key>=? AND key<? ORDER BY key"
+            args = (booster, prefix, upper)
+        for key, blob in self._db.execute(query, args):
+            if key.startswith(prefix):
+                yield key, blob
+
+    def count(self, booster: str) -> int:
+        return self._counts.get(booster, 0)
+
+    def boosters(self) -> dict[str, dict[str, int]]:
+        """{booster: {"keys": n, "bytes": size of values}} (for the management API)."""
+        rows = self._db.execute("SELECT booster, COUNT(*), SUM(LENGTH(value)) FROM kv GROUP BY booster")
+        return {booster: {"keys": n, "bytes": size or 0} for booster, n, size in rows}
+
+    # ---------------------------------------------------------- watching
+    def watch(self, booster: str, prefix: str = "", *, initial: bool = False,
+              max_pending: int | None = None) -> Watch:
+        """Watch changes of ``booster``'s keys under ``prefix``.  With
+        ``initial`` the current items are queued first, so the watcher sees
+        the whole state and then every change (no gap)."""
+        if not isinstance(prefix, str):
+            raise DirectoryError(f"prefix must be a string, got {prefix!r}")
+        if len(self._watches) >= self.max_watchers:
+            self.stats["refused_watchers"] += 1
+            raise DirectoryError(f"too many watchers (limit {self.max_watchers})")
+        watch = Watch(self, booster, prefix, max_pending or self.max_pending)
+        if initial:
+            for key, value in self.items(booster, prefix):
+                watch._offer(key, value)
+        self._watches.append(watch)
+        return watch
+
+    def _unwatch(self, watch: Watch) -> None:
+        if watch in self._watches:
+            self._watches.remove(watch)
+
+    def _notify(self, booster: str, key: str, value: Any) -> None:
+        for watch in self._watches:
+            if watch.booster == booster and key.startswith(watch.prefix):
+                watch._offer(key, value)
+
+    @property
+    def watcher_count(self) -> int:
+        return len(self._watches)
