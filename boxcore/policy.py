@@ -119,18 +119,6 @@ class Policy:
     def allow_all(cls) -> "Policy":
         return cls([], allow_everything=True, source="allow-all")
 
-    def check_booster(self, booster: str, uid: int | None) -> str | None:
-        """None if some grant applies to ``booster`` running as ``uid``, else
-        the reason to refuse its registration (it could claim nothing)."""
-        if self.allow_everything or any(g.applies_to(booster, uid) for g in self.grants):
-            return None
-        named = [g for g in self.grants if g.names(booster)]
-        who = f"booster {booster!r} (uid {uid if uid is not None else 'unknown'})"
-        if named:
-            uids = sorted({u for g in named for u in (g.uids or ())})
-            return f"{who}: its grants are only for uids {', '.join(map(str, uids))}"
-        return f"{who}: no grant in the policy applies"
-
     def check(self, booster: str, uid: int | None, rule: Rule) -> str | None:
         """None if ``booster`` (running as ``uid``) may install ``rule``, else
         the reason, for a PERMISSION_DENIED reply."""

@@ -49,21 +49,6 @@ def test_example_policy_loads_and_decides():
     assert "'fcd'" in reason and "'monitoring'" in reason
 
 
-def test_check_booster_at_registration():
-    policy = Policy.loads('''
-[[grant]]
-boosters = "mmpog-*"
-uids = [1000]
-[[grant]]
-boosters = "fcd-booster"
-''')
-    assert policy.check_booster("fcd-booster", None) is None
-    assert policy.check_booster("mmpog-reflector", 1000) is None
-    assert "only for uids 1000" in policy.check_booster("mmpog-reflector", 0)
-    assert "no grant" in policy.check_booster("stranger", 0)
-    assert Policy.allow_all().check_booster("stranger", None) is None
-
-
 def test_allow_all():
     assert Policy.allow_all().check("x", None, rule(proto="udp")) is None
     assert Policy.loads("").check("x", 0, rule(proto="udp")) == "booster 'x' (uid 0): no grant in the policy applies"
