@@ -15,7 +15,7 @@ Membership is pushed by the game server over HTTP (``--http``)::
     PUT    /locations/{loc}/members/{player}   {"token": "<hex>"}   add / replace token
     DELETE /locations/{loc}/members/{player}
     GET    /stats                                                   global + per-location counters
-    GET    /health
+    GET    /health                                                  (no key needed)
 
 With ``--api-key`` (or ``$MMPOG_API_KEY``) every request must carry
 ``Authorization: Bearer <key>``.
@@ -127,7 +127,7 @@ class ReflectorService:
     @web.middleware
     async def _auth(self, request: web.Request, handler):
         self.counters["control_requests"] += 1
-        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+        if self.api_key and request.path != "/health" and request.headers.get("Authorization") != f"Bearer {self.api_key}":
             self.counters["control_refused"] += 1
             return web.json_response({"error": "missing or wrong API key"}, status=401)
         return await handler(request)
@@ -380,3 +380,7 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return run_async(build_parser(), amain, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -607,7 +607,7 @@ class _Member:
 LOCATION_COUNTERS = (
     "received", "reliable", "unreliable", "fanout_datagrams", "retransmitted", "nacks",
     "nack_rate_limited", "nack_unavailable", "heartbeats", "hello_accepted", "hello_rejected",
-    "spoofed", "buffer_evicted_count", "buffer_evicted_age", "byes", "malformed_client_fields",
+    "not_member", "buffer_evicted_count", "buffer_evicted_age", "byes", "malformed_client_fields",
 )
 
 
@@ -714,7 +714,7 @@ class ReflectorCore:
         member = loc.by_addr.get(addr)
         if member is None or member.player != header.sender:
             # not a bound member, or a member claiming someone else's id
-            loc.stats["spoofed"] += 1
+            loc.stats["not_member"] += 1
             self.stats["not_member"] += 1
             return
         if header.rto_ms:

@@ -320,3 +320,7 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return run_async(build_parser(), amain, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

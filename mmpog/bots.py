@@ -1,0 +1,507 @@
+"""``mmpog-bots``: a game session of bots, measured (delivery ratio, latency, retransmissions, reflector rate).
+
+The run starts what it needs on loopback - a reflector (standalone, or a
+booster on a running boxd with ``--reflector-mode booster``), the game server
+(in this process), and, with ``--loss-mode relay``, the seeded impairing relay
+between the bots and the reflector - then N bots log in, walk between M
+locations and send a mix of reliable and unreliable updates at ``--rate``.
+``--loss-mode iptables`` (root) instead runs the whole session in a fresh
+network namespace whose iptables drop ``--loss`` of the datagrams to and from
+the reflector with ``-m statistic --mode random``.
+
+Every update carries (bot, number, send time); each receiver records what it
+got.  A (packet, receiver) pair is *expected* when the receiver stayed in the
+sender's location from ``GUARD`` seconds before the send until the packet's
+deadline after it.  JSON: ``reliable``/``unreliable`` {``sent``, ``expected``,
+``delivered_ratio``, ``delivered_within_deadline_ratio``, ``latency_ms``
+{``p50``, ``p90``, ``p99``, ``max``}}, ``duplicates_delivered``,
+``retransmissions``, ``reflector_pps``, and details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import secrets
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import aiohttp
+import numpy as np
+from aiohttp import web
+
+from boxcore.runtime import ConfigError, RunContext, make_parser, non_negative_float, positive_int, probability, run_async
+
+from .client import GameClient, GameClientError
+from .reliability import ClientConfig, Delivered, Event, Expired, Received, Unrecoverable
+from .server import GameServer, ReflectorInfo, World
+
+log = logging.getLogger("mmpog.bots")
+
+UPDATE = struct.Struct("!HId")   # bot index, update number, send time (time.monotonic(): one clock per host)
+GUARD = 0.3
+CELL = 100.0
+
+
+@dataclass
+class Params:
+    players: int = 8
+    locations: int = 1
+    duration: float = 5.0
+    loss: float = 0.0
+    loss_mode: str = "relay"          # relay | iptables | none
+    delay: float = 0.0
+    jitter: float = 0.0
+    duplicate: float = 0.0
+    rate: float = 10.0                # updates per second per bot
+    reliable_fraction: float = 0.25
+    deadline: float = 1.0
+    payload: int = 64
+    move_interval: float = 3.0
+    seed: int = 1
+    reflector_mode: str = "standalone"   # standalone | booster
+    control: str | None = None        # boxd control socket (booster mode)
+    box: str = "127.0.0.1"            # the box's address clients send to (booster mode)
+    reflector_port: int = 0           # 0: pick a free one
+    drain: float = 1.5
+
+    def validate(self) -> None:
+        if self.players < 2:
+            raise ConfigError("--players must be at least 2 (someone has to listen)")
+        if self.players > 60000:
+            raise ConfigError("--players must be at most 60000")
+        if self.locations < 1 or self.duration <= 0 or self.rate <= 0:
+            raise ConfigError("--locations, --duration and --rate must be positive")
+        if self.payload < UPDATE.size or self.payload > 1400:
+            raise ConfigError(f"--payload must be {UPDATE.size}..1400 bytes")
+        if self.loss_mode not in ("relay", "iptables", "none"):
+            raise ConfigError("--loss-mode must be relay, iptables or none")
+        if self.reflector_mode == "booster" and not self.control:
+            raise ConfigError("--reflector-mode booster needs --control (boxd's control socket)")
+
+
+@dataclass
+class Bot:
+    index: int
+    client: GameClient
+    rng: random.Random
+    intervals: list = field(default_factory=list)       # [location, start, end]
+    sent: list = field(default_factory=list)            # (n, t, location, reliable)
+    got: dict = field(default_factory=dict)             # (sender, n) -> latency
+    duplicates: int = 0
+    delivered: int = 0
+    expired: int = 0
+    unrecoverable: int = 0
+    moves: int = 0
+
+    def on_event(self, event: Event) -> None:
+        if type(event) is Received:
+            sender, number, sent_at = UPDATE.unpack_from(event.payload)
+            key = (sender, number)
+            if key in self.got:
+                self.duplicates += 1     # would be a protocol bug: the library filters duplicates
+            else:
+                self.got[key] = event.now - sent_at
+        elif type(event) is Delivered:
+            self.delivered += 1
+        elif type(event) is Expired:
+            self.expired += 1
+        elif type(event) is Unrecoverable:
+            self.unrecoverable += event.count
+
+
+def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+async def _wait_http(url: str, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{proc.args[2:4]} exited with status {proc.returncode}")
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with http.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not come up within {timeout} s")
+            await asyncio.sleep(0.05)
+
+
+def _module_argv(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def _stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def _reflector_stats(http: aiohttp.ClientSession, url: str, api_key: str) -> dict:
+    async with http.get(url + "/stats", headers={"Authorization": f"Bearer {api_key}"}) as resp:
+        resp.raise_for_status()
+        return await resp.json()
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "max": None}
+    arr = np.asarray(values) * 1000
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3),
+            "max": round(float(arr.max()), 3)}
+
+
+def analyse(bots: list[Bot], deadline: float) -> dict:
+    """Expected (packet, receiver) pairs vs what arrived; latency percentiles per class."""
+    by_location: dict[int, list[tuple[float, float, int]]] = {}
+    for bot in bots:
+        for location, start, end in bot.intervals:
+            by_location.setdefault(location, []).append((start, end, bot.index))
+    out = {}
+    for reliable, name in ((True, "reliable"), (False, "unreliable")):
+        sent = expected = got = in_time = 0
+        latencies = []
+        for bot in bots:
+            for number, sent_at, location, is_reliable in bot.sent:
+                if is_reliable != reliable:
+                    continue
+                sent += 1
+                for start, end, index in by_location.get(location, ()):
+                    if index == bot.index or start > sent_at - GUARD or end < sent_at + deadline:
+                        continue
+                    expected += 1
+                    latency = bots[index].got.get((bot.index, number))
+                    if latency is not None:
+                        got += 1
+                        latencies.append(latency)
+                        if latency <= deadline:
+                            in_time += 1
+        out[name] = {
+            "sent": sent, "expected": expected,
+            "delivered_ratio": round(got / expected, 6) if expected else None,
+            "delivered_within_deadline_ratio": round(in_time / expected, 6) if expected else None,
+            "latency_ms": _percentiles(latencies),
+        }
+    return out
+
+
+async def run_experiment(params: Params, say: Callable[[str], None] | None = None,
+                         stop: asyncio.Event | None = None) -> dict:
+    """Run one bots session on loopback; returns the JSON-able figures."""
+    params.validate()
+    say = say or (lambda line: None)
+    stop = stop or asyncio.Event()
+    rng = random.Random(params.seed)
+    procs: list[subprocess.Popen] = []
+    runner: web.AppRunner | None = None
+    bots: list[Bot] = []
+    try:
+        # ---------------------------------------------------------- reflector
+        refl_http_port = free_port(socket.SOCK_STREAM)
+        refl_http = f"http://127.0.0.1:{refl_http_port}"
+        api_key = secrets.token_hex(8)
+        env = dict(os.environ, MMPOG_API_KEY=api_key)
+        if params.reflector_mode == "booster":
+            port = params.reflector_port or 7400
+            argv = _module_argv("mmpog.reflector", "--mode", "booster", "--control", params.control,
+                                "--port", str(port), "--http", f"127.0.0.1:{refl_http_port}", "--log-level", "warning")
+            reflector_udp = (params.box, port)
+        else:
+            port = params.reflector_port or free_port()
+            argv = _module_argv("mmpog.reflector", "--mode", "standalone", "--listen", f"127.0.0.1:{port}",
+                                "--http", f"127.0.0.1:{refl_http_port}", "--log-level", "warning")
+            reflector_udp = ("127.0.0.1", port)
+        procs.append(subprocess.Popen(argv, env=env))
+        await _wait_http(refl_http + "/health", proc=procs[-1])
+        say(f"reflector ({params.reflector_mode}) on udp {reflector_udp[0]}:{reflector_udp[1]}")
+
+        # ---------------------------------------------------------- impairing relay
+        reflector_map = None
+        if params.loss_mode == "relay" and (params.loss or params.delay or params.jitter or params.duplicate):
+            relay_port = free_port()
+            argv = _module_argv("mmpog.impair", "--listen", f"127.0.0.1:{relay_port}", "--upstream",
+                                f"{reflector_udp[0]}:{reflector_udp[1]}", "--loss", str(params.loss),
+                                "--delay", str(params.delay), "--jitter", str(params.jitter),
+                                "--duplicate", str(params.duplicate), "--seed", str(params.seed),
+                                "--log-level", "warning")
+            procs.append(subprocess.Popen(argv))
+            relay_addr = ("127.0.0.1", relay_port)
+            reflector_map = lambda addr: relay_addr  # noqa: E731 - every reflector is behind the one relay
+            await asyncio.sleep(0.3)
+            if procs[-1].poll() is not None:
+                raise RuntimeError("the impairing relay did not start")
+            say(f"impairing relay: {params.loss:.0%} loss each way, delay {params.delay * 1000:.0f} ms, "
+                f"jitter {params.jitter * 1000:.0f} ms, duplication {params.duplicate:.0%}")
+
+        # ---------------------------------------------------------- game server (in process)
+        world = World(params.locations, 1, CELL)
+        server = GameServer(world, [ReflectorInfo(refl_http, reflector_udp)], api_key=api_key, pbkdf2_iterations=1000)
+        runner = web.AppRunner(server.app(), access_log=None)
+        await runner.setup()
+        server_port = free_port(socket.SOCK_STREAM)
+        await web.TCPSite(runner, "127.0.0.1", server_port).start()
+        server_url = f"http://127.0.0.1:{server_port}"
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            # ------------------------------------------------------ bots join
+            config = ClientConfig(default_deadline=params.deadline)
+            for index in range(params.players):
+                bot_rng = random.Random(rng.getrandbits(32))
+                client = GameClient(server_url, f"bot{index}", "pw", http=http, config=config,
+                                    reflector_map=reflector_map, rng=bot_rng, join_timeout=10.0)
+                bot = Bot(index, client, bot_rng)
+                client.on_event = bot.on_event
+                bots.append(bot)
+
+            async def enter(bot: Bot) -> None:
+                await bot.client.start()
+                await bot.client.register()
+                await bot.client.login()
+                location = bot.rng.randrange(params.locations)
+                await bot.client.move(*_position(bot.rng, location))
+                bot.intervals.append([location, time.monotonic(), float("inf")])
+
+            await asyncio.gather(*(enter(bot) for bot in bots))
+            say(f"{params.players} bots joined {params.locations} location(s)")
+
+            # ------------------------------------------------------ play
+            before = await _reflector_stats(http, refl_http, api_key)
+            t_start = time.monotonic()
+            t_end = t_start + params.duration
+            payload_pad = bytes(params.payload - UPDATE.size)
+
+            async def play(bot: Bot) -> None:
+                interval = 1.0 / params.rate
+                next_send = t_start + bot.rng.random() * interval
+                next_move = t_start + bot.rng.uniform(0.5, 1.5) * params.move_interval
+                number = 0
+                client = bot.client
+                while not stop.is_set():
+                    now = time.monotonic()
+                    if now >= t_end:
+                        return
+                    if params.locations > 1 and now >= next_move:
+                        target = bot.rng.randrange(params.locations)
+                        if target != client.location:
+                            await client.move(*_position(bot.rng, target))
+                            moved_at = time.monotonic()
+                            bot.intervals[-1][2] = moved_at
+                            bot.intervals.append([target, moved_at, float("inf")])
+                            bot.moves += 1
+                        next_move = time.monotonic() + bot.rng.uniform(0.5, 1.5) * params.move_interval
+                        continue
+                    if now < next_send:
+                        await asyncio.sleep(next_send - now)
+                        continue
+                    next_send += interval
+                    reliable = bot.rng.random() < params.reliable_fraction
+                    sent_at = time.monotonic()
+                    data = UPDATE.pack(bot.index, number, sent_at) + payload_pad
+                    try:
+                        client.send(data, reliable=reliable, deadline=params.deadline)
+                    except Exception as exc:     # BufferFull under extreme loss: count as not sent
+                        log.debug("bot %d send refused: %s", bot.index, exc)
+                        continue
+                    bot.sent.append((number, sent_at, client.location, reliable))
+                    number += 1
+
+            say(f"playing for {params.duration:g} s at {params.rate:g} updates/s per bot "
+                f"({params.reliable_fraction:.0%} reliable, deadline {params.deadline:g} s)")
+            await asyncio.gather(*(play(bot) for bot in bots))
+            after = await _reflector_stats(http, refl_http, api_key)
+            elapsed = time.monotonic() - t_start
+            await asyncio.sleep(params.drain)      # let retransmissions finish
+            final = await _reflector_stats(http, refl_http, api_key)
+            for bot in bots:
+                if bot.intervals:
+                    bot.intervals[-1][2] = time.monotonic()
+            client_stats = [bot.client.snapshot() for bot in bots]
+            for bot in bots:
+                with contextlib.suppress(Exception):
+                    await bot.client.close()
+
+        result = {
+            "players": params.players, "locations": params.locations, "duration": params.duration,
+            "loss": params.loss, "loss_mode": params.loss_mode, "delay": params.delay, "jitter": params.jitter,
+            "duplicate": params.duplicate, "rate": params.rate, "reliable_fraction": params.reliable_fraction,
+            "deadline": params.deadline, "reflector_mode": params.reflector_mode,
+        }
+        result.update(analyse(bots, params.deadline))
+        out_delta = after["io"]["datagrams_out"] - before["io"]["datagrams_out"]
+        in_delta = after["io"]["datagrams_in"] - before["io"]["datagrams_in"]
+        locs = final["locations"]
+        reflector_retx = sum(loc["retransmitted"] for loc in locs.values())
+        client_retx = sum(s.get("retransmitted", 0) for s in client_stats)
+        result.update({
+            "duplicates_delivered": sum(bot.duplicates for bot in bots),
+            "retransmissions": client_retx + reflector_retx,
+            "retransmissions_detail": {"by_senders": client_retx, "by_reflector": reflector_retx},
+            "reflector_pps": round(out_delta / elapsed, 1),
+            "reflector_in_pps": round(in_delta / elapsed, 1),
+            "reflector": {"send_dropped": final["io"]["send_dropped"],
+                          "nacks": sum(loc["nacks"] for loc in locs.values()),
+                          "nack_rate_limited": sum(loc["nack_rate_limited"] for loc in locs.values()),
+                          "heartbeats": sum(loc["heartbeats"] for loc in locs.values()),
+                          "not_member": sum(loc["not_member"] for loc in locs.values())},
+            "expired": sum(bot.expired for bot in bots),
+            "unrecoverable": sum(bot.unrecoverable for bot in bots),
+            "nacks_sent": sum(s.get("nacks_sent", 0) for s in client_stats),
+            "moves": sum(bot.moves for bot in bots),
+            "srtt_ms_median": _median([s["srtt_ms"] for s in client_stats if s.get("srtt_ms") is not None]),
+        })
+        return result
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        for proc in reversed(procs):
+            _stop_process(proc)
+
+
+def _median(values: list[float]) -> float | None:
+    return round(float(np.median(values)), 3) if values else None
+
+
+def _position(rng: random.Random, location: int) -> tuple[float, float]:
+    return location * CELL + rng.uniform(1, CELL - 1), rng.uniform(1, CELL - 1)
+
+
+# ====================================================================== kernel loss in a namespace
+
+def run_in_netns(argv_tail: list[str], loss: float, port: int) -> None:
+    """Re-run this experiment inside a fresh namespace where iptables drops ``loss`` each way."""
+    for tool in ("ip", "iptables"):
+        if shutil.which(tool) is None:
+            raise ConfigError(f"--loss-mode iptables needs {tool}")
+    if os.geteuid() != 0:
+        raise ConfigError("--loss-mode iptables needs root (network namespace + iptables)")
+    ns = f"bbmmpog{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        if loss > 0:
+            for direction in ("--dport", "--sport"):
+                subprocess.run(["ip", "netns", "exec", ns, "iptables", "-w", "-A", "INPUT", "-p", "udp", direction,
+                                str(port), "-m", "statistic", "--mode", "random", "--probability", str(loss),
+                                "-j", "DROP"], check=True)
+        subprocess.run(["ip", "netns", "exec", ns, *_module_argv("mmpog.bots", *argv_tail)], check=True)
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
+# ====================================================================== CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(
+        "mmpog-bots",
+        "Run bots through a game session and measure delivery, latency and the reflector's rate.",
+        examples=[
+            "mmpog-bots --players 16 --locations 2 --duration 10 --loss 0.05 --json out/mmpog.json",
+            "mmpog-bots --players 8 --locations 1 --duration 5 --loss 0.05 --loss-mode iptables --json out/kernel.json",
+            "mmpog-bots --players 8 --reflector-mode booster --control /run/boxd/control.sock --json out/b.json",
+        ],
+    )
+    parser.add_argument("--players", type=positive_int, default=8)
+    parser.add_argument("--locations", type=positive_int, default=1)
+    parser.add_argument("--duration", type=non_negative_float, default=5.0, help="seconds of play")
+    parser.add_argument("--loss", type=probability, default=0.0, help="random loss in each direction")
+    parser.add_argument("--loss-mode", choices=["relay", "iptables"], default="relay",
+                        help="user-space impairing relay, or iptables statistic in a namespace (root)")
+    parser.add_argument("--delay", type=non_negative_float, default=0.0, help="relay one-way delay (s)")
+    parser.add_argument("--jitter", type=non_negative_float, default=0.0, help="relay jitter (s): reordering")
+    parser.add_argument("--duplicate", type=probability, default=0.0, help="relay duplication probability")
+    parser.add_argument("--rate", type=non_negative_float, default=10.0, help="updates per second per bot")
+    parser.add_argument("--reliable-fraction", type=probability, default=0.25)
+    parser.add_argument("--deadline", type=non_negative_float, default=1.0, help="retry bound of reliable updates (s)")
+    parser.add_argument("--payload", type=positive_int, default=64, help="update size (bytes)")
+    parser.add_argument("--move-interval", type=non_negative_float, default=3.0, help="mean seconds between moves")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--reflector-mode", choices=["standalone", "booster"], default="standalone")
+    parser.add_argument("--control", default=None, help="boxd control socket (booster mode)")
+    parser.add_argument("--box", default="127.0.0.1", help="box address the clients send to (booster mode)")
+    parser.add_argument("--reflector-port", type=int, default=0, help="reflector UDP port (0: any free one)")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here (also printed)")
+    parser.add_argument("--netns-child", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def params_from_args(args: argparse.Namespace) -> Params:
+    loss_mode = args.loss_mode
+    if args.netns_child:
+        loss_mode = "none"          # the namespace's iptables already drop
+    return Params(
+        players=args.players, locations=args.locations, duration=args.duration, loss=args.loss, loss_mode=loss_mode,
+        delay=args.delay, jitter=args.jitter, duplicate=args.duplicate, rate=args.rate,
+        reliable_fraction=args.reliable_fraction, deadline=args.deadline, payload=args.payload,
+        move_interval=args.move_interval, seed=args.seed, reflector_mode=args.reflector_mode, control=args.control,
+        box=args.box, reflector_port=args.reflector_port,
+    )
+
+
+def _write(result: dict, path: Path | None) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+
+
+async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
+    params = params_from_args(args)
+    params.validate()
+    if args.loss_mode == "iptables" and not args.netns_child:
+        if args.reflector_mode == "booster":
+            raise ConfigError("--loss-mode iptables runs its own standalone reflector in a namespace")
+        port = args.reflector_port or 7400
+        tail = _child_argv(args, port)
+        await asyncio.to_thread(run_in_netns, tail, args.loss, port)
+        if args.json is not None:
+            result = json.loads(args.json.read_text())
+            result["loss_mode"] = "iptables"
+            _write(result, args.json)
+        return 0
+    result = await run_experiment(params, say=lambda line: log.info("%s", line), stop=ctx.stop)
+    if args.netns_child:
+        result["loss_mode"] = "iptables"
+    ctx.stats.providers["result"] = lambda: result
+    _write(result, args.json)
+    return 0
+
+
+def _child_argv(args: argparse.Namespace, port: int) -> list[str]:
+    argv = ["--netns-child", "--reflector-port", str(port), "--log-level", args.log_level]
+    for name in ("players", "locations", "duration", "loss", "rate", "reliable_fraction", "deadline", "payload",
+                 "move_interval", "seed"):
+        argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if args.json is not None:
+        argv += ["--json", str(args.json.resolve())]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_async(build_parser(), amain, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
