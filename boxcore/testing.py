@@ -184,3 +184,105 @@ class MemoryBox:
 
     def rules(self) -> list[dict[str, Any]]:
         return self.controller.rules_view()
+
+
+# ------------------------------------------------------------------ real processes
+
+def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
+    """A port free on loopback right now (for tests and demos; another process may race)."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class BoxdProcess:
+    """``boxd`` as a real child process (integration tests, the demo, benchmarks).
+
+    ::
+
+        async with BoxdProcess(workdir, listens=["udp:127.0.0.1:9000=127.0.0.1:9001"]) as boxd:
+            ...  # boxd.control, boxd.http_url, await boxd.query("rules")
+    """
+
+    def __init__(self, workdir: str | Path, *, engine: str = "user", listens: list[str] = (),
+                 http: bool = True, policy: str | Path | None = None, extra: list[str] = (),
+                 state: str | Path | None = None, log_level: str = "info",
+                 heartbeat: float | None = None, heartbeat_misses: int | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.engine = engine
+        self.control = self.workdir / "boxd.sock"
+        self.state = Path(state) if state else self.workdir / "state"
+        self.http_port = free_port(socket.SOCK_STREAM) if http else None
+        self.args = ["--engine", engine, "--control", str(self.control), "--state", str(self.state),
+                     "--log-level", log_level, "--stats-json", str(self.workdir / "boxd-stats.json")]
+        if http:
+            self.args += ["--http", f"127.0.0.1:{self.http_port}"]
+        if policy:
+            self.args += ["--policy", str(policy)]
+        if heartbeat is not None:
+            self.args += ["--heartbeat", str(heartbeat)]
+        if heartbeat_misses is not None:
+            self.args += ["--heartbeat-misses", str(heartbeat_misses)]
+        for spec in listens:
+            self.args += ["--listen", spec]
+        self.args += list(extra)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log_path = self.workdir / "boxd.log"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    async def __aenter__(self) -> "BoxdProcess":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    async def start(self, timeout: float = 15.0) -> None:
+        import sys
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "boxcore.boxd", *self.args, stdout=log, stderr=log)
+        log.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"boxd exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+            try:
+                await self.query("status")
+                if self.http_port is None or await self._http_ready():
+                    return
+            except (OSError, Exception):
+                pass
+            await asyncio.sleep(0.05)
+        await self.stop()
+        raise RuntimeError(f"boxd did not come up: {self.log_path.read_text()[-2000:]}")
+
+    async def _http_ready(self) -> bool:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", self.http_port)
+        except OSError:
+            return False
+        writer.close()
+        return True
+
+    async def query(self, what: str) -> Any:
+        from boxcore.boxctl import query_control
+
+        return await asyncio.get_running_loop().run_in_executor(None, query_control, str(self.control), what, 2.0)
+
+    async def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM and wait (SIGKILL after ``timeout``); returns the exit status."""
+        if self.proc is None or self.proc.returncode is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.terminate()
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            self.proc.kill()
+            return await self.proc.wait()

@@ -1,0 +1,305 @@
+"""boxd as a real process on loopback, with real boosters (in-test and as processes)."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+
+from boxcore.booster import Booster, BoxdGone, Conflict, Verdict
+from boxcore.rules import Match
+from boxcore.testing import BoxdProcess, free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def udp_socket():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    return sock
+
+
+async def recv(sock, timeout=2.0):
+    return await asyncio.wait_for(asyncio.get_running_loop().sock_recvfrom(sock, 65535), timeout)
+
+
+async def wait_for(predicate, timeout=5.0, step=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(step)
+    raise AssertionError("condition not reached")
+
+
+@pytest.fixture
+def ports():
+    return {"box": free_port(), "server": free_port(), "tbox": free_port(socket.SOCK_STREAM),
+            "tserver": free_port(socket.SOCK_STREAM)}
+
+
+def listens(ports):
+    return [f"udp:127.0.0.1:{ports['box']}=127.0.0.1:{ports['server']}",
+            f"tcp:127.0.0.1:{ports['tbox']}=127.0.0.1:{ports['tserver']}"]
+
+
+def spawn_booster(control, port, *extra, name="udp-counter", stats=None):
+    args = [sys.executable, "-m", "boxcore.examples.udp_counter", "--control", str(control),
+            "--port", str(port), "--name", name, "--report-every", "0.2", *extra]
+    if stats:
+        args += ["--stats-json", str(stats)]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+async def test_relay_udp_and_tcp_without_boosters(tmp_path, ports):
+    server = await udp_socket()
+    server.close()
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", ports["server"]))
+    server.setblocking(False)
+
+    async def echo_upper(reader, writer):
+        writer.write((await reader.read(100)).upper())
+        await writer.drain()
+        writer.close()
+
+    tcp_server = await asyncio.start_server(echo_upper, "127.0.0.1", ports["tserver"])
+    async with BoxdProcess(tmp_path, listens=listens(ports)):
+        client = await udp_socket()
+        client.sendto(b"ping", ("127.0.0.1", ports["box"]))
+        data, addr = await recv(server)
+        assert data == b"ping"
+        server.sendto(b"pong", addr)
+        data, addr = await recv(client)
+        assert (data, addr) == (b"pong", ("127.0.0.1", ports["box"]))
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports["tbox"])
+        writer.write(b"hello tcp")
+        assert await asyncio.wait_for(reader.read(100), 2) == b"HELLO TCP"
+        writer.close()
+        client.close()
+    tcp_server.close()
+    server.close()
+
+
+async def test_socket_delivery_and_pass_through_real_boxd(tmp_path, ports):
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", ports["server"]))
+    server.setblocking(False)
+    async with BoxdProcess(tmp_path, listens=listens(ports)) as boxd:
+        seen = []
+        async with Booster("fast", control=boxd.control) as booster:
+            def handler(pkt):
+                seen.append(pkt)
+                return Verdict.PASS if pkt.payload.startswith(b"ok") else Verdict.CONSUME
+            sub = await booster.redirect(Match(proto="udp", dst_port=ports["server"]), handler)
+            assert sub.delivery.kind == "socket"
+            client = await udp_socket()
+            for payload in (b"ok 1", b"no 2", b"ok 3"):
+                client.sendto(payload, ("127.0.0.1", ports["box"]))
+            got = [(await recv(server))[0] for _ in range(2)]
+            assert got == [b"ok 1", b"ok 3"]
+            assert [p.dport for p in seen] == [ports["server"]] * 3
+            assert seen[0].dst == "127.0.0.1" and seen[0].sport == client.getsockname()[1]
+            # counts reported with heartbeats reach the rule counters
+            async def counted():
+                rules = await boxd.query("rules")
+                return rules and rules[0]["packets"] == 3
+            await wait_for(counted)
+            client.close()
+    server.close()
+
+
+async def test_stream_delivery_intercepts_tcp(tmp_path, ports):
+    async with BoxdProcess(tmp_path, listens=listens(ports)) as boxd:
+        async with Booster("tcp-int", control=boxd.control) as booster:
+            async def on_conn(reader, writer, conn):
+                line = await reader.readline()
+                writer.write(b"%s via %s:%d\n" % (line.strip(), conn.original_dst[0].encode(), conn.original_dst[1]))
+                await writer.drain()
+            sub = await booster.intercept_tcp(Match(proto="tcp", dst_port=ports["tserver"]), on_conn)
+            assert sub.delivery.kind == "stream"
+            reader, writer = await asyncio.open_connection("127.0.0.1", ports["tbox"])
+            writer.write(b"hi\n")
+            answer = await asyncio.wait_for(reader.readline(), 3)
+            assert answer == b"hi via 127.0.0.1:%d\n" % ports["tserver"]
+            writer.close()
+
+
+async def test_conflict_between_processes_and_sigkill_cleanup(tmp_path, ports):
+    async with BoxdProcess(tmp_path, listens=listens(ports), heartbeat=0.2) as boxd:
+        proc = spawn_booster(boxd.control, ports["server"])
+        try:
+            async def installed():
+                rules = await boxd.query("rules")
+                return rules if rules else None
+            rules = await wait_for(installed, 15)
+            assert rules[0]["owner"] == "udp-counter"
+            async with Booster("rival", control=boxd.control) as rival:
+                with pytest.raises(Conflict) as err:
+                    await rival.redirect(Match(proto="udp", dst_port=ports["server"]), lambda p: None)
+                assert err.value.holder == "udp-counter"
+                killed = time.monotonic()
+                proc.send_signal(signal.SIGKILL)
+
+                async def gone():
+                    return not [r for r in await boxd.query("rules") if r["owner"] == "udp-counter"]
+                await wait_for(gone, 1.0, 0.01)
+                assert time.monotonic() - killed < 1.0
+                status = await boxd.query("status")
+                assert status["counters"]["rules_removed_on_leave"] >= 1
+                # the port is free again
+                await rival.redirect(Match(proto="udp", dst_port=ports["server"]), lambda p: None)
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+async def test_missed_heartbeats_evict(tmp_path, ports):
+    async with BoxdProcess(tmp_path, listens=listens(ports), heartbeat=0.2, heartbeat_misses=2) as boxd:
+        proc = spawn_booster(boxd.control, ports["server"])
+        try:
+            async def installed():
+                return await boxd.query("rules")
+            await wait_for(installed, 15)
+            proc.send_signal(signal.SIGSTOP)  # alive but silent
+
+            async def evicted():
+                return not await boxd.query("rules")
+            await wait_for(evicted, 3)
+            assert (await boxd.query("status"))["counters"]["boosters_evicted"] == 1
+        finally:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+
+
+async def test_directory_survives_boxd_restart(tmp_path, ports):
+    async with BoxdProcess(tmp_path, listens=listens(ports)) as boxd:
+        async with Booster("keeper", control=boxd.control) as b:
+            await b.directory.put("state", {"seen": 42})
+    async with BoxdProcess(tmp_path, listens=listens(ports)) as boxd:
+        async with Booster("keeper", control=boxd.control) as b:
+            assert await b.directory.get("state") == {"seen": 42}
+        async with Booster("other", control=boxd.control) as b:
+            assert await b.directory.get("state") is None  # per booster
+
+
+async def test_example_booster_end_to_end_and_management_api(tmp_path, ports):
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", ports["server"]))
+    server.setblocking(False)
+    stats = tmp_path / "booster-stats.json"
+    async with BoxdProcess(tmp_path, listens=listens(ports)) as boxd:
+        proc = spawn_booster(boxd.control, ports["server"], "--drop-prefix", "SPAM", stats=stats)
+        try:
+            await wait_for(lambda: boxd.query("rules"), 15)
+            clients = [await udp_socket() for _ in range(3)]
+            for i in range(30):
+                payload = b"SPAM %d" % i if i % 3 == 0 else b"data %d" % i
+                clients[i % 3].sendto(payload, ("127.0.0.1", ports["box"]))
+                await asyncio.sleep(0.002)
+            received = []
+            while len(received) < 20:
+                received.append((await recv(server))[0])
+            assert all(not p.startswith(b"SPAM") for p in received)
+            async with aiohttp.ClientSession() as http:
+                async def reported():
+                    async with http.get(boxd.http_url + "/api/directory") as r:
+                        d = await r.json()
+                    totals = d.get("udp-counter", {}).get("totals")
+                    return totals if totals and totals["packets"] == 30 else None
+                totals = await wait_for(reported, 5)
+                assert totals["dropped"] == 10 and totals["passed"] == 20 and totals["sources"] == 3
+                async def counted():  # socket-delivered packets are counted by the booster, sent with heartbeats
+                    async with http.get(boxd.http_url + "/api/rules") as r:
+                        rules = await r.json()
+                    return rules if rules[0]["packets"] == 30 else None
+                rules = await wait_for(counted, 5)
+                assert rules[0]["bytes"] == sum(len(b"SPAM %d" % i if i % 3 == 0 else b"data %d" % i)
+                                                for i in range(30))
+                assert rules[0]["delivery"] == "socket"
+                async with http.get(boxd.http_url + "/api/boosters") as r:
+                    boosters = await r.json()
+                assert boosters[0]["name"] == "udp-counter" and boosters[0]["pid"] == proc.pid
+                async with http.get(boxd.http_url + "/api/status") as r:
+                    status = await r.json()
+                assert status["engine"] == "user" and status["rules"] == 1
+                async with http.get(boxd.http_url + "/metrics") as r:
+                    assert r.status == 200 and r.content_type == "text/plain"
+                    metrics = await r.text()
+                assert "# TYPE boxd_rule_packets_total counter" in metrics
+                line = [l for l in metrics.splitlines() if l.startswith("boxd_rule_packets_total{")][0]
+                assert 'owner="udp-counter"' in line and line.endswith(" 30")
+                for l in metrics.splitlines():
+                    assert l.startswith("#") or len(l.rsplit(" ", 1)) == 2
+            # boxctl both ways
+            out = subprocess.run([sys.executable, "-m", "boxcore.boxctl", "--control", str(boxd.control),
+                                  "rules", "--json"], capture_output=True, text=True, timeout=20)
+            assert out.returncode == 0 and json.loads(out.stdout)[0]["packets"] == 30
+            out = subprocess.run([sys.executable, "-m", "boxcore.boxctl", "--http", boxd.http_url, "counters"],
+                                 capture_output=True, text=True, timeout=20)
+            assert out.returncode == 0 and "rule counters" in out.stdout
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+            seen = json.loads(stats.read_text())
+            assert seen["totals"]["packets"] == 30
+            for c in clients:
+                c.close()
+        finally:
+            proc.kill()
+            proc.wait()
+    server.close()
+
+
+async def test_sigterm_removes_rules_and_boosters_notice(tmp_path, ports):
+    boxd = BoxdProcess(tmp_path, listens=listens(ports))
+    await boxd.start()
+    try:
+        booster = Booster("watcher", control=boxd.control)
+        await booster.connect()
+        await booster.redirect(Match(proto="udp", dst_port=ports["server"]), lambda p: None)
+        await booster.copy(Match(proto="udp", dst_port=1234), lambda p: None)
+        assert await boxd.stop() == 0
+        why = await asyncio.wait_for(booster.run_until_stopped(), 5)
+        assert "shutting down" in why
+        stats = json.loads((tmp_path / "boxd-stats.json").read_text())
+        assert stats["rules"] == [] and stats["rules_installed"] == 2
+        with pytest.raises(BoxdGone):
+            await booster.redirect(Match(proto="udp", dst_port=9), lambda p: None)
+        await booster.close()
+    finally:
+        await boxd.stop()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--state", "{tmp}/s", "--control", "{tmp}/c.sock", "--policy", "{tmp}/missing.toml"], "policy file"),
+    (["--state", "{tmp}/s", "--control", "{tmp}/c.sock", "--listen", "udp:nowhere"], "--listen"),
+    (["--state", "{tmp}/s", "--control", "{tmp}/plainfile"], "not a socket"),
+    (["--state", "{tmp}/s", "--control", "{tmp}/c.sock", "--engine", "warp"], "--engine"),
+    (["--control", "{tmp}/c.sock"], "--state"),
+])
+def test_boxd_bad_config_exits_2_with_one_line(tmp_path, args, needle):
+    (tmp_path / "plainfile").write_text("x")
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = subprocess.run([sys.executable, "-m", "boxcore.boxd", *args], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 2
+    lines = [l for l in out.stderr.splitlines() if l.startswith("boxd: error:")]
+    assert len(lines) == 1 and needle in lines[0], out.stderr
+
+
+def test_booster_example_bad_args_and_no_boxd(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "boxcore.examples.udp_counter"], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 2 and "--port" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "boxcore.boxctl", "--control", str(tmp_path / "none.sock"),
+                          "status"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "cannot reach boxd" in out.stderr
