@@ -1,0 +1,387 @@
+"""The linux engine end to end: boxd in the box of a transparent lab, real boosters, real traffic.
+
+client 10.1.0.2 -> box (boxd --engine linux, boosters) -> server 10.2.0.2
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from boxcore.lab import Lab
+
+pytestmark = pytest.mark.root
+
+PY = sys.executable
+HERE = Path(__file__).parent
+TEST_BOOSTER = str(HERE / "linux_test_booster.py")
+SERVER = "10.2.0.2"
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with Lab.up("transparent") as lab:
+        yield lab
+    assert not [ns for ns in os.listdir("/run/netns") if ns.startswith(f"bb{lab.name}_")]
+
+
+class Boxd:
+    def __init__(self, lab: Lab, workdir: Path, *extra: str, name: str = "boxd") -> None:
+        self.lab = lab
+        self.control = str(workdir / "control.sock")
+        self.log = workdir / f"{name}.log"
+        self.proc = lab.popen("box", [PY, "-m", "boxcore.boxd", "--engine", "linux", "--control", self.control,
+                                      "--state", str(workdir / "state"), "--heartbeat", "0.25",
+                                      "--linux-stall", "0.5", "--log-level", "info", *extra],
+                              stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"boxd exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            if "boxd ready" in self.log.read_text():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"boxd did not start: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class TestBooster:
+    __test__ = False
+
+    def __init__(self, lab: Lab, boxd: Boxd, mode: str, port: int, *extra: str) -> None:
+        self.out = Path(boxd.control).with_name(f"booster-{mode}-{port}.jsonl")
+        self.err = self.out.with_suffix(".log")
+        self.proc = lab.popen("box", [PY, TEST_BOOSTER, "--control", boxd.control, "--mode", mode,
+                                      "--port", str(port), *extra],
+                              stdout=open(self.out, "w"), stderr=open(self.err, "w"))
+        self.ready = self.wait_for(lambda e: e["kind"] == "ready")
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in self.out.read_text().splitlines() if line.strip()]
+
+    def wait_for(self, predicate, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.events():
+                if predicate(event):
+                    return event
+            if self.proc.poll() is not None:
+                raise AssertionError(f"booster exited {self.proc.returncode}: {self.err.read_text()[-2000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"booster event not seen; stderr: {self.err.read_text()[-2000:]}")
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            self.proc.wait(10)
+
+
+def box_chains(lab: Lab) -> set[str]:
+    saved = lab.run("box", ["iptables-save"]).stdout
+    return {line[1:].split()[0] for line in saved.splitlines()
+            if line.startswith(":BOOSTER-") or line.startswith(":BR-")}
+
+
+def rule_chains(lab: Lab) -> set[str]:
+    return {c for c in box_chains(lab) if c.startswith("BR-")}
+
+
+def assert_box_clean(lab: Lab) -> None:
+    assert box_chains(lab) == set()
+    saved = lab.run("box", ["iptables-save"]).stdout
+    assert "BOOSTER" not in saved and "NFQUEUE" not in saved and "TPROXY" not in saved
+    assert "fwmark" not in lab.run("box", ["ip", "rule"]).stdout
+    assert lab.run("box", ["ip", "route", "show", "table", "all", "proto", "176"]).stdout.strip() == ""
+    queues = lab.run("box", ["cat", "/proc/net/netfilter/nfnetlink_queue"], check=False).stdout
+    assert queues.strip() == "", f"queue still bound: {queues}"
+
+
+def exchange(lab: Lab, payloads: list[bytes], port: int, timeout: float = 1.0) -> list[bytes]:
+    """Send payloads client -> server:port; return what the server received (in order)."""
+    rx = lab.socket("server")
+    tx = lab.socket("client")
+    try:
+        rx.bind((SERVER, port))
+        rx.settimeout(timeout)
+        tx.bind(("10.1.0.2", 0))
+        for payload in payloads:
+            tx.sendto(payload, (SERVER, port))
+        got = []
+        while True:
+            try:
+                got.append(rx.recv(2048))
+            except TimeoutError:
+                return got
+    finally:
+        rx.close()
+        tx.close()
+
+
+class Stream:
+    """A steady UDP stream client -> server with sequence numbers, counted at the server."""
+
+    def __init__(self, lab: Lab, port: int, rate: int = 2000) -> None:
+        self.rx = lab.socket("server")
+        self.rx.bind((SERVER, port))
+        self.rx.settimeout(0.2)
+        self.tx = lab.socket("client")
+        self.port, self.rate = port, rate
+        self.sent = 0
+        self.received: list[tuple[float, int]] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._send, daemon=True),
+                        threading.Thread(target=self._recv, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _send(self) -> None:
+        start = time.monotonic()
+        while not self.stop.is_set():
+            due = int((time.monotonic() - start) * self.rate)
+            while self.sent < due:
+                self.tx.sendto(b"seq %d" % self.sent, (SERVER, self.port))
+                self.sent += 1
+            time.sleep(0.001)
+
+    def _recv(self) -> None:
+        while not self.stop.is_set() or True:
+            try:
+                data = self.rx.recv(2048)
+            except TimeoutError:
+                if self.stop.is_set():
+                    return
+                continue
+            self.received.append((time.monotonic(), int(data.split()[1])))
+
+    def received_after(self, when: float) -> int:
+        return sum(1 for t, _ in self.received if t > when)
+
+    def finish(self) -> tuple[int, int]:
+        self.stop.set()
+        for t in self.threads:
+            t.join(5)
+        self.rx.close()
+        self.tx.close()
+        seen = {seq for _, seq in self.received}
+        return self.sent, self.sent - len(seen)
+
+
+def test_redirect_consume_modify_inject_and_pass(lab, tmp_path):
+    boxd = Boxd(lab, tmp_path)
+    try:
+        booster = TestBooster(lab, boxd, "redirect", 9001)
+        assert booster.ready["delivery"] == "nfqueue"
+        got = exchange(lab, [b"hello", b"DROP me", b"MOD me", b"plain"], 9001)
+        assert got == [b"hello", b"MOD ME!", b"plain"]           # consumed one, modified one
+        seen = [e["payload"] for e in booster.events() if e["kind"] == "packet"]
+        assert seen == ["hello", "DROP me", "MOD me", "plain"]
+        assert all(e["dst"] == SERVER and e["src"] == "10.1.0.2" for e in booster.events() if e["kind"] == "packet")
+        # traffic the rule does not match is untouched and never seen
+        assert exchange(lab, [b"DROP? no, other port"], 9002) == [b"DROP? no, other port"]
+        assert len([e for e in booster.events() if e["kind"] == "packet"]) == 4
+        # inject: the booster answers in the server's name; the client gets it, the server nothing
+        client = lab.socket("client")
+        server = lab.socket("server")
+        try:
+            client.bind(("10.1.0.2", 5555))
+            client.settimeout(2)
+            server.bind((SERVER, 9001))
+            server.settimeout(0.3)
+            client.sendto(b"REPLY please", (SERVER, 9001))
+            data, peer = client.recvfrom(2048)
+            assert data == b"pong REPLY please" and peer == (SERVER, 9001)
+            with pytest.raises(TimeoutError):
+                server.recv(2048)
+        finally:
+            client.close()
+            server.close()
+        booster.kill(signal.SIGTERM)
+        deadline = time.monotonic() + 3
+        while rule_chains(lab) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert rule_chains(lab) == set()   # its rules went with it
+        assert exchange(lab, [b"DROP now passes"], 9001) == [b"DROP now passes"]
+    finally:
+        boxd.stop()
+    assert_box_clean(lab)
+
+
+def test_copy_through_nflog_never_holds_packets(lab, tmp_path):
+    boxd = Boxd(lab, tmp_path)
+    try:
+        booster = TestBooster(lab, boxd, "copy", 9003)
+        assert booster.ready["delivery"] == "nflog"
+        payloads = [b"c%d" % i for i in range(50)]
+        assert exchange(lab, payloads, 9003) == payloads
+        booster.wait_for(lambda e: e.get("payload") == "c49")
+        assert [e["payload"] for e in booster.events() if e["kind"] == "copy"] == [p.decode() for p in payloads]
+        booster.kill(signal.SIGSTOP)        # a hung copier costs nothing: copies are not waited for
+        assert exchange(lab, payloads[:5], 9003) == payloads[:5]
+        booster.kill(signal.SIGKILL)
+    finally:
+        boxd.stop()
+    assert_box_clean(lab)
+
+
+def test_tproxy_interception_sees_the_original_destination(lab, tmp_path):
+    boxd = Boxd(lab, tmp_path)
+    echo = lab.popen("server", [PY, "-c", (
+        "import socket\n"
+        "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "s.bind(('10.2.0.2', 8081)); s.listen()\n"
+        "while True:\n"
+        "    c, peer = s.accept(); line = c.makefile().readline()\n"
+        "    c.sendall(f'server peer={peer[0]} got={line.strip()}\\n'.encode()); c.close()\n")])
+    try:
+        booster = TestBooster(lab, boxd, "tproxy", 8080)
+        assert booster.ready["delivery"] == "tproxy"
+        # nobody listens on the server's port 8080: the booster answers in its place
+        with lab.inside("client"):
+            conn = socket.create_connection((SERVER, 8080), timeout=5)
+        with conn:
+            line = conn.makefile().readline()
+        assert line.startswith(f"booster original_dst={SERVER}:8080 client=10.1.0.2:")
+        event = booster.wait_for(lambda e: e["kind"] == "connection")
+        assert event["original_dst"] == [SERVER, 8080]
+        booster.kill(signal.SIGKILL)
+        for spoof in (False, True):
+            onward = TestBooster(lab, boxd, "tproxy", 8081, "--onward", *(["--spoof"] if spoof else []))
+            with lab.inside("client"):
+                conn = socket.create_connection((SERVER, 8081), timeout=5)
+            with conn:
+                f = conn.makefile("rw")
+                assert f.readline().startswith(f"booster original_dst={SERVER}:8081")
+                f.write("hi\n")
+                f.flush()
+                answer = f.readline()
+            # the booster connected onward itself; spoofing, the server sees the client
+            assert answer == f"server peer={'10.1.0.2' if spoof else SERVER.replace('.2.0.2', '.2.0.1')} got=hi\n"
+            onward.kill(signal.SIGKILL)
+    finally:
+        echo.kill()
+        echo.wait()
+        boxd.stop()
+    assert_box_clean(lab)
+
+
+def test_multicast_fan_out(lab, tmp_path):
+    boxd = Boxd(lab, tmp_path)
+    rx = [lab.socket("server") for _ in range(2)]
+    try:
+        for i, s in enumerate(rx):
+            s.bind((SERVER, 9101 + i))
+            s.settimeout(2)
+        booster = TestBooster(lab, boxd, "multicast", 9100, "--members", f"{SERVER}:9101,{SERVER}:9102")
+        assert [s.recv(100) for s in rx] == [b"hello group"] * 2           # send_multicast
+        tx = lab.socket("client")
+        tx.bind(("10.1.0.2", 0))
+        tx.sendto(b"to the group", (SERVER, 9100))                         # a MULTICAST rule
+        sender = tx.getsockname()
+        tx.close()
+        # one copy per member, from the original sender (members answer it directly)
+        assert [s.recvfrom(100) for s in rx] == [(b"to the group", sender)] * 2
+        booster.kill(signal.SIGTERM)
+    finally:
+        for s in rx:
+            s.close()
+        boxd.stop()
+    assert_box_clean(lab)
+
+
+def test_fail_open_when_the_booster_is_killed(lab, tmp_path):
+    boxd = Boxd(lab, tmp_path)
+    try:
+        booster = TestBooster(lab, boxd, "redirect", 9010)
+        stream = Stream(lab, 9010, rate=2000)
+        time.sleep(0.7)
+        assert booster.events()[-1]["kind"] == "packet"                   # it is in the path
+        booster.kill(signal.SIGKILL)
+        killed = time.monotonic()
+        time.sleep(0.7)
+        after = stream.received_after(killed)
+        sent, lost = stream.finish()
+    finally:
+        boxd.stop()
+    print(f"\nbooster SIGKILL under {stream.rate} pps: sent {sent}, lost {lost}, {after} received after the kill")
+    assert after > 0.5 * 0.7 * stream.rate                                # traffic kept flowing
+    assert lost <= 4096                                                   # at most what was queued
+    assert_box_clean(lab)
+
+
+def test_hung_booster_is_removed_by_the_watchdog(lab, tmp_path):
+    boxd = Boxd(lab, tmp_path, "--linux-queue-len", "512")
+    try:
+        booster = TestBooster(lab, boxd, "redirect", 9011)
+        stream = Stream(lab, 9011, rate=2000)
+        time.sleep(0.5)
+        assert rule_chains(lab)
+        booster.kill(signal.SIGSTOP)
+        hung = time.monotonic()
+        while rule_chains(lab) and time.monotonic() - hung < 5:
+            time.sleep(0.02)
+        removed_after = time.monotonic() - hung
+        time.sleep(0.5)
+        after = stream.received_after(hung + removed_after)
+        sent, lost = stream.finish()
+        booster.kill(signal.SIGKILL)
+    finally:
+        boxd.stop()
+    log = boxd.log.read_text()
+    print(f"\nhung booster: rules removed {removed_after:.2f}s after SIGSTOP (bound 0.5s stall + 0.25s "
+          f"check); sent {sent}, lost {lost}, {after} received after removal")
+    assert "stalled" in log
+    assert removed_after < 2.0
+    assert after > 0.5 * 0.5 * stream.rate
+    assert lost <= 512 + 50          # what the queue held (the rest passed: fail-open when full)
+    assert_box_clean(lab)
+
+
+def test_boxd_sigkill_fails_open_and_the_next_boxd_reconciles(lab, tmp_path):
+    boxd = Boxd(lab, tmp_path)
+    booster = TestBooster(lab, boxd, "redirect", 9012)
+    stream = Stream(lab, 9012, rate=2000)
+    try:
+        time.sleep(0.5)
+        boxd.proc.kill()
+        boxd.proc.wait(5)
+        killed = time.monotonic()
+        assert rule_chains(lab)                                # left behind by the dead boxd
+        time.sleep(1.0)
+        after = stream.received_after(killed)
+        booster.proc.wait(10)                                  # it notices boxd is gone and leaves
+        time.sleep(0.3)
+        late = stream.received_after(time.monotonic() - 0.25)
+        sent, lost = stream.finish()
+        assert rule_chains(lab)                                # still there: fail-open, not removed
+        again = Boxd(lab, tmp_path, name="boxd2")
+        assert "left behind" in again.log.read_text()
+        assert rule_chains(lab) == set()
+        again.stop()
+    finally:
+        stream.stop.set()
+        booster.kill()
+        boxd.stop()
+    print(f"\nboxd SIGKILL: sent {sent}, lost {lost}, {after} received in the second after the kill")
+    assert after > 0.5 * stream.rate and late > 0
+    assert_box_clean(lab)
+
+
+def test_boxd_refuses_to_start_without_cap_net_admin(tmp_path):
+    proc = subprocess.run(["capsh", "--drop=cap_net_admin", "--", "-c",
+                           f"exec {PY} -m boxcore.boxd --engine linux --control {tmp_path}/c.sock "
+                           f"--state {tmp_path}/st"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if "error" in l]
+    assert lines and "CAP_NET_ADMIN" in lines[-1]
