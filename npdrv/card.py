@@ -8,10 +8,11 @@ card applies, in order:
 1. non-IPv4 frames (ARP, ...) and broadcasts go up the port's host interface;
    unicast frames for another MAC are dropped (the port's MAC filter);
 2. the multi-field rule table: every matching COPY sends a copy up the host
-   interface (source MAC rewritten to :data:`COPY_MAC` so the host can tell
-   copies from packets it must forward); the winning terminating rule
+   interface (destination MAC rewritten to the group address :data:`COPY_MAC`,
+   so the host can tell copies from packets it must forward, and never forwards them); the winning terminating rule
    REDIRECTs the frame to the host interface, DROPs it, MULTICASTs it (one
-   stored frame rewritten for every group member) or FORWARDs it;
+   stored frame rewritten for every group member: from the group address, i.e.
+   the original destination, to the member) or FORWARDs it;
 3. the LPM forwarding table: rewrite MACs, decrement TTL, update the IPv4
    checksum incrementally and send out of the entry's port.  A miss, an entry
    for the host, TTL expiry or options the card does not handle go up the
@@ -34,7 +35,10 @@ from npdrv.wire import NpAction
 
 HOST_BASE = 0x10
 ETH_P_IP = 0x0800
-COPY_MAC = bytes.fromhex("024e50435059")      # "NPCPY", locally administered: marks copies
+# Copies go up with this group (multicast-bit) destination MAC: the host's IP layer sees
+# them (netfilter PREROUTING can log or queue them) but never forwards them, because
+# ip_forward() only forwards frames addressed to the host (PACKET_HOST).
+COPY_MAC = bytes.fromhex("034e50435059")      # "NPCPY", locally administered group address
 IPV4 = struct.Struct("!BBHHHBBH4s4s")
 PORTS = struct.Struct("!HH")
 
@@ -198,7 +202,7 @@ class Card:
             best, copies = self.rules.lookup(proto, src, dst, sport, dport, frame[payload_at:])
             for rule in copies:
                 self._count(rule, frame)
-                out.append((host(port), frame[:6] + COPY_MAC + frame[12:]))
+                out.append((host(port), COPY_MAC + frame[6:]))
                 self._host_count(port, frame)
             if best is not None:
                 self._count(best, frame)
@@ -276,6 +280,8 @@ class Card:
         return self._transmit(entry.port, rewritten)
 
     def _multicast(self, rule: CompiledRule, frame: bytes, port: int) -> list[tuple[int, bytes]]:
+        """One stored frame, rewritten per member: it comes from the group address (the
+        original destination) and goes to the member, like a reflector's unicast copies."""
         members = self.groups.get(rule.group, ())
         if not members:
             self.stats["mcast_empty_group"] += 1
@@ -288,19 +294,34 @@ class Card:
         l4 = 14 + ihl
         ip_csum = int.from_bytes(frame[24:26], "big")
         udp_csum = int.from_bytes(frame[l4 + 6:l4 + 8], "big")
-        old_hi, old_lo = int.from_bytes(frame[30:32], "big"), int.from_bytes(frame[32:34], "big")
-        old_port = int.from_bytes(frame[l4 + 2:l4 + 4], "big")
+        src_words = (int.from_bytes(frame[26:28], "big"), int.from_bytes(frame[28:30], "big"))
+        dst_words = (int.from_bytes(frame[30:32], "big"), int.from_bytes(frame[32:34], "big"))
+        sport = int.from_bytes(frame[l4:l4 + 2], "big")
+        dport = int.from_bytes(frame[l4 + 2:l4 + 4], "big")
+        # The new source is the old destination: those words are fixed for every copy.
+        ip_base = ip_csum
+        for old, new in zip(src_words, dst_words):
+            ip_base = csum_adjust(ip_base, old, new)
+        udp_base = udp_csum
+        if udp_base:
+            for old, new in zip(src_words + (sport,), dst_words + (dport,)):
+                udp_base = csum_adjust(udp_base, old, new)
+        head = frame[:24]
+        group_addr = frame[30:34]
+        middle = frame[34:l4]
+        length = frame[l4 + 4:l4 + 6]
+        body = frame[l4 + 8:]
+        new_sport = dport.to_bytes(2, "big")
         out: list[tuple[int, bytes]] = []
-        for addr, member_port in members:      # one stored frame, rewritten per destination
+        for addr, member_port in members:
             hi, lo = addr >> 16, addr & 0xFFFF
-            ipc = csum_adjust(csum_adjust(ip_csum, old_hi, hi), old_lo, lo)
-            udpc = udp_csum
+            ipc = csum_adjust(csum_adjust(ip_base, dst_words[0], hi), dst_words[1], lo)
+            udpc = udp_base
             if udpc:
-                udpc = csum_adjust(csum_adjust(csum_adjust(udpc, old_hi, hi), old_lo, lo), old_port,
-                                   member_port) or 0xFFFF
-            copy = b"".join((frame[:24], ipc.to_bytes(2, "big"), frame[26:30], addr.to_bytes(4, "big"),
-                             frame[34:l4 + 2], member_port.to_bytes(2, "big"), frame[l4 + 4:l4 + 6],
-                             udpc.to_bytes(2, "big"), frame[l4 + 8:]))
+                udpc = csum_adjust(csum_adjust(csum_adjust(udpc, dst_words[0], hi), dst_words[1], lo),
+                                   dport, member_port) or 0xFFFF
+            copy = b"".join((head, ipc.to_bytes(2, "big"), group_addr, addr.to_bytes(4, "big"), middle,
+                             new_sport, member_port.to_bytes(2, "big"), length, udpc.to_bytes(2, "big"), body))
             self.stats["mcast_copies"] += 1
             out.extend(self._forward(port, copy, addr))
         return out

@@ -76,7 +76,7 @@ def test_redirect_copy_drop_and_counters(cp):
     assert cp.card.process(0, frame) == [(host(0), frame)]
     out = cp.card.process(0, udp(7001))
     assert [iface for iface, _ in out] == [host(0), 1]
-    assert out[0][1][6:12] == COPY_MAC and out[0][1][12:] == udp(7001)[12:]
+    assert out[0][1][:6] == COPY_MAC and out[0][1][6:] == udp(7001)[6:]
     assert cp.card.process(0, udp(7002)) == []
     assert cp.card.process(0, udp(7003, payload=b"BADxx")) == []
     assert len(cp.card.process(0, udp(7003, payload=b"GOODx"))) == 1
@@ -93,9 +93,11 @@ def test_multicast_sends_one_stored_frame_to_every_member(cp):
     cp.execute(wire.request(NpRule(9, 100, NpAction.MULTICAST, group=7, proto=17, proto_mask=0xFF,
                                    dst=wire.ip_int("10.1.0.1"), dst_mask=0xFFFFFFFF, dport=(9000, 9000))))
     out = cp.card.process(0, udp(9000, payload=b"game", dst="10.1.0.1"))
-    got = sorted((iface, checked(f)[IP].dst, checked(f)[UDP].dport, bytes(checked(f)[UDP].payload))
-                 for iface, f in out)
-    assert got == [(0, "10.1.0.9", 4002, b"game"), (1, "10.2.0.7", 4000, b"game"), (1, "10.2.0.8", 4001, b"game")]
+    got = sorted((iface, checked(f)[IP].src, checked(f)[UDP].sport, checked(f)[IP].dst, checked(f)[UDP].dport,
+                  bytes(checked(f)[UDP].payload)) for iface, f in out)
+    group = ("10.1.0.1", 9000)       # copies come from the group address
+    assert got == [(0, *group, "10.1.0.9", 4002, b"game"), (1, *group, "10.2.0.7", 4000, b"game"),
+                   (1, *group, "10.2.0.8", 4001, b"game")]
     # The host's own packets to the group address are fanned out by the card too.
     assert len(cp.card.process(host(0), udp(9000, payload=b"from box", dst="10.1.0.1"))) == 3
 

@@ -1,0 +1,109 @@
+"""A client -- card -- server lab with the card's host interfaces in a box namespace.
+
+    client 10.1.0.2 --eth0|p0-- [card] --p1|eth0-- server 10.2.0.2
+                                h0|h1|cp
+                                 |  |  |
+                    box: np0 10.1.0.1, np1 10.2.0.1, npc (control)
+
+Built with ``np4gs3-emu --create`` so the emulator's own topology code is what runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from npdrv import netns
+
+VENV_BIN = Path(sys.executable).parent
+
+
+@dataclass
+class CardLab:
+    prefix: str
+    card: str
+    client: str
+    box: str
+    server: str
+    emu: subprocess.Popen
+    ready: dict
+    stats_path: Path
+
+    def mac(self, ns: str, ifname: str) -> str:
+        return netns.link_mac(ifname, ns)
+
+    def socket(self, ns: str, family=socket.AF_INET, type=socket.SOCK_DGRAM, proto=0) -> socket.socket:
+        with netns.inside(ns):
+            return socket.socket(family, type, proto)
+
+    def udp(self, ns: str, bind: tuple[str, int] | None = None, timeout: float = 2.0) -> socket.socket:
+        sock = self.socket(ns)
+        sock.settimeout(timeout)
+        if bind:
+            sock.bind(bind)
+        return sock
+
+    def run(self, ns: str, *argv: str) -> str:
+        return subprocess.run(["ip", "netns", "exec", ns, *argv], check=True, capture_output=True,
+                              text=True, timeout=30).stdout
+
+    def stop_emulator(self) -> dict:
+        if self.emu.poll() is None:
+            self.emu.send_signal(signal.SIGTERM)
+            self.emu.wait(timeout=10)
+        return json.loads(self.stats_path.read_text())
+
+
+@contextlib.contextmanager
+def card_lab(tmp_path: Path, *, box_forwards: bool = True, emu_args: tuple[str, ...] = ()):
+    prefix = f"bbnp{secrets.token_hex(3)}"
+    names = {role: f"{prefix}{role}" for role in ("client", "box", "server")}
+    card = f"{prefix}card"
+    made = []
+    emu = None
+    try:
+        for ns in names.values():
+            netns.ip("netns", "add", ns)
+            made.append(ns)
+        stats = tmp_path / f"{card}.json"
+        emu = subprocess.Popen(
+            [str(VENV_BIN / "np4gs3-emu"), "--name", card, "--create", "--box-netns", names["box"],
+             "--port0", f"{names['client']}:eth0", "--port1", f"{names['server']}:eth0",
+             "--stats-json", str(stats), "--log-level", "warning", *emu_args],
+            stdout=subprocess.PIPE, text=True)
+        line = emu.stdout.readline()
+        if not line:
+            raise RuntimeError(f"np4gs3-emu exited with {emu.wait()} before it was ready")
+        ready = json.loads(line)
+        c, b, s = names["client"], names["box"], names["server"]
+        for ns in (c, b, s):
+            netns.ip("link", "set", "lo", "up", netns=ns)
+        netns.ip("addr", "add", "10.1.0.2/24", "dev", "eth0", netns=c)
+        netns.ip("route", "add", "default", "via", "10.1.0.1", netns=c)
+        netns.ip("addr", "add", "10.2.0.2/24", "dev", "eth0", netns=s)
+        netns.ip("route", "add", "default", "via", "10.2.0.1", netns=s)
+        netns.ip("addr", "add", "10.1.0.1/24", "dev", "np0", netns=b)
+        netns.ip("addr", "add", "10.2.0.1/24", "dev", "np1", netns=b)
+        with netns.inside(b):
+            Path("/proc/sys/net/ipv4/ip_forward").write_text("1" if box_forwards else "0")
+        yield CardLab(prefix, card, c, b, s, emu, ready, stats)
+    finally:
+        if emu is not None and emu.poll() is None:
+            emu.send_signal(signal.SIGTERM)
+            try:
+                emu.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                emu.kill()
+                emu.wait()
+        for ns in made:
+            with contextlib.suppress(netns.NetnsError):
+                netns.ip("netns", "delete", ns)
+        netns.destroy_card(card)
