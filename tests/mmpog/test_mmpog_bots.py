@@ -1,0 +1,58 @@
+"""Bots against a real reflector over real sockets: through the impairing relay, and (root) through
+iptables statistic loss in a network namespace."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mmpog.bots import Params, run_experiment
+
+KEYS = {"reliable", "unreliable", "duplicates_delivered", "retransmissions", "reflector_pps"}
+
+
+async def test_bots_through_lossy_reordering_duplicating_relay():
+    params = Params(players=6, locations=2, duration=2.5, loss=0.05, jitter=0.004, duplicate=0.05,
+                    rate=20, reliable_fraction=0.4, move_interval=1.0, seed=7, drain=1.2)
+    result = await run_experiment(params)
+    assert KEYS <= result.keys()
+    for section in ("reliable", "unreliable"):
+        assert {"sent", "delivered_ratio", "latency_ms"} <= result[section].keys()
+        assert {"p50", "p99"} <= result[section]["latency_ms"].keys()
+    assert result["duplicates_delivered"] == 0
+    assert result["reliable"]["expected"] > 50
+    assert result["reliable"]["delivered_ratio"] == 1.0
+    assert result["unreliable"]["delivered_ratio"] < 1.0           # 5% loss each way is not repaired
+    assert result["retransmissions"] > 0
+    assert result["reflector_pps"] > 0
+    assert result["moves"] > 0
+
+
+def test_bots_bad_arguments_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "mmpog.bots", "--players", "1"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2
+    assert "at least 2" in proc.stderr
+
+
+def _namespaces():
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+@pytest.mark.root
+def test_bots_with_iptables_statistic_loss_in_a_namespace(tmp_path):
+    before = {ns for ns in _namespaces() if ns.startswith("bbmmpog")}
+    out = tmp_path / "kernel.json"
+    proc = subprocess.run([sys.executable, "-m", "mmpog.bots", "--players", "4", "--duration", "2", "--loss", "0.1",
+                           "--rate", "20", "--reliable-fraction", "0.5", "--loss-mode", "iptables", "--json", str(out),
+                           "--log-level", "warning"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["loss_mode"] == "iptables"
+    assert result["duplicates_delivered"] == 0
+    assert result["reliable"]["delivered_ratio"] == 1.0
+    assert result["retransmissions"] > 0                   # the kernel really dropped datagrams
+    assert result["unreliable"]["delivered_ratio"] < 1.0
+    assert {ns for ns in _namespaces() if ns.startswith("bbmmpog")} == before

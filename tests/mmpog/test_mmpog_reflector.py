@@ -1,0 +1,235 @@
+"""Reflector membership and anti-spoofing: the sans-IO core in memory, then the real process over sockets."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from mmpog import wire
+from mmpog.reliability import BufferFull, MembersChanged, ReflectorConfig, ReflectorCore
+from mmpog.wire import Flag, Header, Kind
+
+LOC = 3
+ALICE, BOB = ("127.0.0.1", 4001), ("127.0.0.1", 4002)
+TOKEN_A, TOKEN_B = b"a" * 16, b"b" * 16
+
+
+def hello(player, token, location=LOC, pid=77):
+    return wire.encode(Header(Kind.HELLO, rto_ms=40, location=location, sender=player, packet_id=pid), token)
+
+
+def data(player, pid, payload=b"x", reliable=False, location=LOC):
+    return wire.encode(Header(Kind.DATA, int(Flag.RELIABLE) if reliable else 0, 40, location, player, pid), payload)
+
+
+def bound_core(config=None):
+    core = ReflectorCore(config)
+    core.add_member(LOC, 1, TOKEN_A)
+    core.add_member(LOC, 2, TOKEN_B)
+    core.receive_datagram(hello(1, TOKEN_A), ALICE, 0.0)
+    core.receive_datagram(hello(2, TOKEN_B), BOB, 0.0)
+    core.datagrams_to_send(0.0)
+    while core.next_event():
+        pass
+    return core
+
+
+def test_hello_with_valid_token_binds_and_is_welcomed_without_amplification():
+    core = ReflectorCore()
+    core.add_member(LOC, 1, TOKEN_A)
+    request = hello(1, TOKEN_A, pid=1234)
+    core.receive_datagram(request, ALICE, 0.0)
+    [(reply, dest)] = core.datagrams_to_send(0.0)
+    header, _ = wire.decode(reply)
+    assert dest == ALICE and header.kind is Kind.WELCOME and header.packet_id == 1234
+    assert len(reply) < len(request)
+    assert core.next_event() == MembersChanged(LOC, (ALICE,))
+    assert core.members(LOC) == (ALICE,)
+
+
+@pytest.mark.parametrize("player, token, location", [
+    (1, b"z" * 16, LOC),      # wrong token
+    (9, TOKEN_A, LOC),        # not a member
+    (1, TOKEN_A, LOC + 1),    # unknown location
+])
+def test_hello_without_valid_token_gets_nothing_back(player, token, location):
+    core = ReflectorCore()
+    core.add_member(LOC, 1, TOKEN_A)
+    core.receive_datagram(hello(player, token, location), ("203.0.113.9", 9), 0.0)
+    assert core.datagrams_to_send(0.0) == []
+    assert core.members(LOC) == ()
+
+
+def test_only_bound_members_may_send_and_only_as_themselves():
+    core = bound_core()
+    core.receive_datagram(data(1, 5), ("127.0.0.1", 9999), 0.0)     # unbound address claiming alice
+    core.receive_datagram(data(2, 5), ALICE, 0.0)                   # alice claiming bob's id
+    assert core.datagrams_to_send(0.0) == []
+    assert core.location_stats(LOC)["not_member"] == 2
+    core.receive_datagram(data(1, 6), ALICE, 0.0)
+    [(out, dest)] = core.datagrams_to_send(0.0)
+    assert dest == LOC and set(core.members(LOC)) == {ALICE, BOB}  # fan-out to every member, sender included
+
+
+def test_reliable_sequenced_and_buffer_bounded_by_count_and_age():
+    core = bound_core(ReflectorConfig(buffer_packets=3, buffer_age=1.0))
+    for pid in range(5):
+        core.receive_datagram(data(1, 100 + pid, reliable=True), ALICE, 0.0)
+    seqs = [wire.decode(d)[0].seq for d, _ in core.datagrams_to_send(0.0)]
+    assert seqs == [1, 2, 3, 4, 5]
+    stats = core.location_stats(LOC)
+    assert (stats["buffered"], stats["lowest"], stats["buffer_evicted_count"]) == (3, 3, 2)
+    core.handle_timer(2.0)
+    stats = core.location_stats(LOC)
+    assert (stats["buffered"], stats["lowest"], stats["buffer_evicted_age"]) == (0, 6, 3)
+
+
+def test_members_changed_on_rebind_and_removal():
+    core = bound_core()
+    new_addr = ("127.0.0.1", 5555)
+    core.receive_datagram(hello(1, TOKEN_A), new_addr, 1.0)       # the player's port changed (NAT rebinding)
+    assert core.next_event() == MembersChanged(LOC, (BOB, new_addr))
+    core.receive_datagram(data(1, 1), ALICE, 1.0)                  # the old address is no longer a member
+    assert core.location_stats(LOC)["not_member"] == 1
+    assert core.remove_member(LOC, 2)
+    assert core.next_event() == MembersChanged(LOC, (new_addr,))
+    core.add_member(LOC, 1, b"n" * 16)                             # a new token unbinds until a new HELLO
+    assert core.members(LOC) == ()
+
+
+def test_membership_bounds_are_enforced_and_counted():
+    core = ReflectorCore(ReflectorConfig(max_locations=1, max_members=1))
+    core.add_member(1, 1, TOKEN_A)
+    with pytest.raises(BufferFull):
+        core.add_member(1, 2, TOKEN_B)
+    with pytest.raises(BufferFull):
+        core.add_member(2, 1, TOKEN_A)
+    assert core.stats["members_refused"] == 1 and core.stats["locations_refused"] == 1
+
+
+def test_malformed_and_client_set_seq_dropped():
+    core = bound_core()
+    core.receive_datagram(b"garbage", ALICE, 0.0)
+    forged = wire.encode(Header(Kind.DATA, int(Flag.RELIABLE), 40, LOC, 1, 5, seq=99, lowest=1))
+    core.receive_datagram(forged, ALICE, 0.0)
+    assert core.datagrams_to_send(0.0) == []
+    assert core.stats["malformed"] == 1 and core.location_stats(LOC)["malformed_client_fields"] == 1
+
+
+def test_heartbeat_interval_follows_member_rto_and_backs_off_when_idle():
+    core = bound_core(ReflectorConfig(heartbeat_min=0.01, heartbeat_max=0.5))
+    core.receive_datagram(data(1, 1, reliable=True), ALICE, 10.0)
+    core.datagrams_to_send(10.0)
+    times = []
+    now = 10.0
+    while len(times) < 4:
+        now = core.get_timer()
+        core.handle_timer(now)
+        out = core.datagrams_to_send(now)
+        assert [wire.decode(d)[0].kind for d, _ in out] == [Kind.HEARTBEAT]
+        times.append(round(now - 10.0, 6))
+    assert times == [0.04, 0.12, 0.28, 0.6]      # rto 40 ms, then doubling while idle
+
+
+# ---------------------------------------------------------------- the real process
+
+
+def free_port(kind=socket.SOCK_DGRAM):
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def reflector_process():
+    udp, http = free_port(), free_port(socket.SOCK_STREAM)
+    proc = subprocess.Popen([sys.executable, "-m", "mmpog.reflector", "--mode", "standalone", "--listen",
+                             f"127.0.0.1:{udp}", "--http", f"127.0.0.1:{http}", "--api-key", "k3y",
+                             "--log-level", "warning"])
+    base = f"http://127.0.0.1:{http}"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            urllib.request.urlopen(base + "/health", timeout=1).read()
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "reflector did not start"
+            time.sleep(0.05)
+    yield ("127.0.0.1", udp), base
+    proc.terminate()
+    assert proc.wait(10) == 0
+
+
+def http(method, url, body=None, key="k3y"):
+    request = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def udp_socket():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(2)
+    return sock
+
+
+def recv_data(sock):
+    """The next DATA datagram (heartbeats of the idle location are skipped)."""
+    while True:
+        header, payload = wire.decode(sock.recv(2048))
+        if header.kind is not Kind.HEARTBEAT:
+            return header, payload
+
+
+def test_real_reflector_membership_api_anti_spoofing_and_fanout(reflector_process):
+    udp, base = reflector_process
+    assert http("PUT", f"{base}/locations/{LOC}/members/1", {"token": TOKEN_A.hex()}, key="wrong")[0] == 401
+    assert http("PUT", f"{base}/locations/{LOC}/members/1", {"token": "zz"})[0] == 400
+    assert http("PUT", f"{base}/locations/{LOC}/members/1", {"token": TOKEN_A.hex()})[0] == 200
+    assert http("PUT", f"{base}/locations/{LOC}/members/2", {"token": TOKEN_B.hex()})[0] == 200
+    alice, bob, mallory = udp_socket(), udp_socket(), udp_socket()
+    try:
+        # mallory guesses a token: nothing comes back, and she cannot send into the location
+        mallory.sendto(hello(1, b"m" * 16), udp)
+        mallory.sendto(data(1, 1), udp)
+        alice.sendto(hello(1, TOKEN_A, pid=10), udp)
+        assert wire.decode(alice.recv(2048))[0].kind is Kind.WELCOME
+        bob.sendto(hello(2, TOKEN_B, pid=20), udp)
+        assert wire.decode(bob.recv(2048))[0].kind is Kind.WELCOME
+        alice.sendto(data(1, 11, b"hello", reliable=True), udp)
+        for sock in (alice, bob):                      # the sender gets its echo, the other member the data
+            header, payload = wire.decode(sock.recv(2048))
+            assert (header.sender, header.packet_id, header.seq, payload) == (1, 11, 1, b"hello")
+        mallory.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            mallory.recv(2048)
+        status, stats = http("GET", f"{base}/stats")
+        loc = stats["locations"][str(LOC)]
+        assert loc["hello_rejected"] == 1 and loc["not_member"] == 1 and loc["bound"] == 2
+        assert stats["io"]["datagrams_out"] >= 4
+        assert http("DELETE", f"{base}/locations/{LOC}/members/2")[0] == 200
+        assert http("DELETE", f"{base}/locations/{LOC}/members/2")[0] == 404
+        alice.sendto(data(1, 12, b"again"), udp)
+        assert recv_data(alice)[0].packet_id == 12
+        bob.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            recv_data(bob)                              # bob is no longer a member
+    finally:
+        for sock in (alice, bob, mallory):
+            sock.close()
+
+
+def test_reflector_bad_config_exits_2():
+    proc = subprocess.run([sys.executable, "-m", "mmpog.reflector", "--mode", "standalone",
+                           "--heartbeat-min", "2", "--heartbeat-max", "1"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "heartbeat_min" in proc.stderr and proc.stderr.count("\n") == 1
