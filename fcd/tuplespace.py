@@ -390,8 +390,8 @@ class _Api:
 class LocalTupleSpace(_Api):
     """In-process mode: same API, no sockets."""
 
-    def __init__(self, space: Space | None = None) -> None:
-        self.driver = SpaceDriver(space)
+    def __init__(self, space: Space | None = None, driver: SpaceDriver | None = None) -> None:
+        self.driver = driver or SpaceDriver(space)
 
     async def _call(self, op: str, **kw) -> Any:
         return await _execute(self.driver, op, kw)

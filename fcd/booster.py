@@ -1,0 +1,151 @@
+"""``fcd-booster``: the FCD booster that runs on a booster box.
+
+It asks boxd to REDIRECT the car and light datagrams headed for the server's UDP address, so
+they stop at the box.  Datagrams are queued by the packet handler (nothing else per packet) and
+processed in batches every ``--flush-interval`` seconds by :class:`fcd.aggregate.Ingest`: strict
+decoding, loss accounting per generator, heading-aware map matching, per-road state.  At every
+light change the box computes queue length, density and mean speed of the roads whose light
+changed and queues an ``fcd.report`` call; :class:`fcd.rpc.ReliableUplink` sends the calls in
+``system.multicall`` batches over one keep-alive HTTP/1.1 connection and resends whatever the
+server has not acknowledged after a reconnect.  Its own counters go to the server as
+``fcd.box_stats`` once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from boxcore.runtime import ConfigError, host_port, make_parser, non_negative_float, positive_int, run_async
+from fcd.aggregate import Ingest
+from fcd.city import City, load_city
+from fcd.rpc import KeepAliveClient, ReliableUplink
+
+log = logging.getLogger("fcd.booster")
+
+
+class BoxAggregator:
+    """The booster's logic without the box: datagrams in, XML-RPC calls queued on the uplink."""
+
+    def __init__(self, city: City, box_id: str, uplink: ReliableUplink, max_pending: int = 1_000_000,
+                 max_cars: int = 100_000) -> None:
+        self.city, self.box_id, self.uplink = city, box_id, uplink
+        self.ingest = Ingest(city, max_cars=max_cars)
+        self.max_pending = max_pending
+        self.pending: list[Any] = []
+        self.stats = {"pending_dropped": 0, "reports_queued": 0, "flushes": 0}
+
+    def on_packet(self, pkt) -> None:
+        """Packet handler: keep the payload for the next batch; None = consume the packet."""
+        if len(self.pending) < self.max_pending:
+            self.pending.append(pkt.payload)
+        else:
+            self.stats["pending_dropped"] += 1
+
+    def flush(self) -> int:
+        if not self.pending:
+            return 0
+        batch, self.pending = self.pending, []
+        reports = self.ingest.ingest(batch)
+        if reports:
+            self.uplink.put("fcd.report", self.box_id, [r.to_xmlrpc() for r in reports])
+            self.stats["reports_queued"] += len(reports)
+        self.stats["flushes"] += 1
+        return len(batch)
+
+    def counters(self) -> dict[str, int]:
+        seq = self.ingest.seq.snapshot()
+        return {"received": seq["received"], "lost": seq["lost"], "malformed": self.ingest.stats["malformed"],
+                "reports": self.stats["reports_queued"], "unacked": len(self.uplink.queue),
+                "uplink_dropped": self.uplink.stats["dropped"], "pending_dropped": self.stats["pending_dropped"]}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**self.counters(), "ingest": dict(self.ingest.stats), "aggregator": dict(self.ingest.aggregator.stats),
+                "uplink": dict(self.uplink.stats), "connections": self.uplink.client.connections,
+                "http_requests": self.uplink.client.requests}
+
+
+async def run_box(box: BoxAggregator, stop: asyncio.Event, flush_interval: float, stats_interval: float) -> None:
+    """Flush batches and report counters until ``stop``; then a last flush."""
+    loop = asyncio.get_running_loop()
+    next_stats = loop.time() + stats_interval
+    while not stop.is_set():
+        box.flush()
+        if loop.time() >= next_stats:
+            box.uplink.put("fcd.box_stats", box.box_id, box.counters())
+            next_stats = loop.time() + stats_interval
+        try:
+            await asyncio.wait_for(stop.wait(), flush_interval)
+        except asyncio.TimeoutError:
+            pass
+    box.flush()
+    box.uplink.put("fcd.box_stats", box.box_id, box.counters())
+
+
+def build_parser():
+    from boxcore.booster import add_booster_options
+    p = make_parser("fcd-booster", "Aggregate car probes on a booster box; report to the FCD server by XML-RPC.",
+                    examples=[
+                        "fcd-booster --control /tmp/box1.sock --city city.json --server-udp 127.0.0.1:7000 "
+                        "--server-http 127.0.0.1:8080 --box-id box1",
+                    ])
+    add_booster_options(p)
+    p.add_argument("--city", type=Path, required=True, help="city JSON, trace (.npz) or SUMO .net.xml")
+    p.add_argument("--server-udp", type=host_port, required=True, help="the server address cars send to")
+    p.add_argument("--server-http", type=host_port, required=True, help="the server's XML-RPC address")
+    p.add_argument("--box-id", default="box", help="name of this box in the server's statistics")
+    p.add_argument("--flush-interval", type=non_negative_float, default=0.05, help="seconds between batches")
+    p.add_argument("--rpc-interval", type=non_negative_float, default=0.25,
+                   help="seconds an uplink batch may wait to grow")
+    p.add_argument("--rpc-batch", type=positive_int, default=500, help="calls per system.multicall")
+    p.add_argument("--max-queue", type=positive_int, default=100_000, help="unacknowledged calls kept")
+    p.add_argument("--max-pending", type=positive_int, default=1_000_000, help="datagrams waiting for a batch")
+    p.add_argument("--drain-timeout", type=non_negative_float, default=5.0,
+                   help="seconds to deliver queued calls on shutdown")
+    p.add_argument("--ready-file", type=Path, help="write JSON here once the redirect is installed")
+    return p
+
+
+async def amain(args, ctx) -> int:
+    from boxcore.booster import Booster, BoosterError
+    from boxcore.rules import Match
+
+    city = load_city(args.city)
+    client = KeepAliveClient(*args.server_http)
+    uplink = ReliableUplink(client, max_queue=args.max_queue, batch=args.rpc_batch, interval=args.rpc_interval)
+    box = BoxAggregator(city, args.box_id, uplink, max_pending=args.max_pending)
+    ctx.stats.providers["box"] = box.snapshot
+    uplink_stop = asyncio.Event()
+    uplink_task = asyncio.create_task(uplink.run(uplink_stop))
+    try:
+        async with Booster("fcd-booster", control=args.control) as booster:
+            host, port = args.server_udp
+            try:
+                await booster.redirect(Match(proto="udp", dst=host, dst_port=port), box.on_packet)
+            except BoosterError as exc:
+                raise ConfigError(f"boxd refused the redirect: {exc}") from None
+            log.info("redirecting udp to %s:%d on engine %s", host, port, booster.engine)
+            if args.ready_file:
+                args.ready_file.write_text(json.dumps({"engine": booster.engine}))
+            box_task = asyncio.create_task(run_box(box, ctx.stop, args.flush_interval, 1.0))
+            gone = asyncio.create_task(booster.run_until_stopped(ctx.stop))
+            await asyncio.wait([box_task, gone], return_when=asyncio.FIRST_COMPLETED)
+            ctx.stop.set()
+            await box_task
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise ConfigError(f"cannot reach boxd at {args.control}: {exc.strerror}") from None
+    finally:
+        uplink_stop.set()
+        try:
+            await asyncio.wait_for(uplink_task, args.drain_timeout)
+        except asyncio.TimeoutError:
+            log.warning("%d calls not delivered at exit", len(uplink.queue))
+        client.close()
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_async(build_parser(), amain, argv)

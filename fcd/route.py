@@ -1,0 +1,125 @@
+"""``fcd-route``: the in-car router.
+
+Reads the predicted traverse times from the tuplespace (``("fcd.traverse", road, run, [T_0..T_H])``,
+the newest run of each road) and computes the shortest-time path between two junctions with
+networkx (Dijkstra on the junction graph, a road weighted by its predicted traverse time
+``horizon`` cycles ahead; roads without a prediction use free-flow time).  Prints the route with
+its predicted time; ``--every`` keeps re-planning as new predictions arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import networkx as nx
+
+from boxcore.runtime import ConfigError, make_parser, non_negative_float, positive_int, run_async
+from fcd.city import City, load_city
+
+log = logging.getLogger("fcd.route")
+
+TRAVERSE_TEMPLATE = ("fcd.traverse", int, int, list)
+
+
+@dataclass
+class Route:
+    junctions: list[str]
+    roads: list[int]
+    seconds: float
+    run: int
+    predicted_roads: int
+
+    def describe(self) -> str:
+        hops = " -> ".join(self.junctions)
+        return (f"route {self.junctions[0]} -> {self.junctions[-1]}: {len(self.roads)} roads, "
+                f"predicted {self.seconds:.1f} s (prediction run {self.run}, {self.predicted_roads} roads "
+                f"predicted): {hops}")
+
+
+def latest_times(tuples: list[tuple], horizon: int = 0) -> tuple[dict[int, float], int]:
+    """Newest prediction per road -> (road -> seconds, newest run)."""
+    best: dict[int, tuple[int, float]] = {}
+    for _, road, run, times in tuples:
+        if not times:
+            continue
+        value = float(times[min(horizon, len(times) - 1)])
+        if road not in best or run > best[road][0]:
+            best[road] = (run, value)
+    newest = max((run for run, _ in best.values()), default=0)
+    return {road: value for road, (_, value) in best.items()}, newest
+
+
+def shortest_route(city: City, times: dict[int, float], src: str, dst: str, run: int = 0) -> Route:
+    if src not in city.graph or dst not in city.graph:
+        raise ConfigError(f"unknown junction {src if src not in city.graph else dst!r}")
+    g = nx.DiGraph()
+    for road, (u, v) in enumerate(city.roads):
+        free = float(city.length[road] / city.speed[road])
+        g.add_edge(u, v, road=road, time=max(times.get(road, free), 0.0))
+    try:
+        path = nx.dijkstra_path(g, src, dst, weight="time")
+    except nx.NetworkXNoPath:
+        raise ConfigError(f"no route from {src} to {dst}") from None
+    roads = [g.edges[a, b]["road"] for a, b in zip(path, path[1:])]
+    seconds = sum(g.edges[a, b]["time"] for a, b in zip(path, path[1:]))
+    return Route(path, roads, seconds, run, sum(1 for r in roads if r in times))
+
+
+async def plan(space, city: City, src: str, dst: str, horizon: int = 0) -> Route:
+    tuples = await space.rd_all(TRAVERSE_TEMPLATE, limit=10 * city.n_roads + 100)
+    times, run = latest_times(tuples, horizon)
+    return shortest_route(city, times, src, dst, run)
+
+
+def build_parser():
+    p = make_parser("fcd-route", "Shortest-time routes from the predictions in the tuplespace.", examples=[
+        "fcd-route --city city.json --tuplespace 127.0.0.1:7400 --from 0_0 --to 7_7",
+        "fcd-route --city city.json --tuplespace 127.0.0.1:7400 --from 0_0 --to 7_7 --every 5",
+    ])
+    p.add_argument("--city", type=Path, required=True)
+    p.add_argument("--tuplespace", required=True, help="HOST:PORT of the tuplespace")
+    p.add_argument("--from", dest="src", required=True, help="start junction id")
+    p.add_argument("--to", dest="dst", required=True, help="destination junction id")
+    p.add_argument("--horizon", type=int, default=0, help="use the prediction this many cycles ahead")
+    p.add_argument("--wait", type=non_negative_float, default=10.0,
+                   help="seconds to wait for a first prediction run")
+    p.add_argument("--every", type=non_negative_float, default=0.0, help="re-plan every N seconds (0: once)")
+    p.add_argument("--count", type=positive_int, default=None, help="stop after this many plans")
+    return p
+
+
+async def amain(args, ctx) -> int:
+    from fcd.tuplespace import connect
+    city = load_city(args.city)
+    if args.src not in city.graph or args.dst not in city.graph:
+        raise ConfigError(f"unknown junction: {args.src if args.src not in city.graph else args.dst}")
+    try:
+        space = await connect(args.tuplespace)
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the tuplespace at {args.tuplespace}: {exc.strerror}") from None
+    try:
+        if await space.rd(("fcd.run", int, float, float), timeout=args.wait) is None:
+            print(f"fcd-route: no prediction within {args.wait:.0f} s; using free-flow times", flush=True)
+        plans = 0
+        while not ctx.stop.is_set():
+            route = await plan(space, city, args.src, args.dst, args.horizon)
+            print(route.describe(), flush=True)
+            ctx.stats["plans"] += 1
+            ctx.stats["last_seconds"] = round(route.seconds, 2)
+            plans += 1
+            if not args.every or (args.count and plans >= args.count):
+                break
+            try:
+                await asyncio.wait_for(ctx.stop.wait(), args.every)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        await space.close()
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_async(build_parser(), amain, argv)

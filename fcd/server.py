@@ -1,0 +1,312 @@
+"""``fcd-server``: the FCD back end.
+
+- an aiohttp HTTP server with an XML-RPC endpoint (``POST /RPC2``, stdlib marshalling,
+  ``system.multicall``) where booster boxes deliver aggregated road reports over long-lived
+  keep-alive connections (``fcd.report``, ``fcd.box_stats``, ``fcd.status``);
+- a raw UDP ingest for cars and lights not behind a box: the same map matching and aggregation
+  as a box (:class:`fcd.aggregate.Ingest`);
+- both feed one model; a report is identified by (road, light-change time), so a road reported by
+  a box and again from raw data (or resent after a reconnect) is counted once;
+- every ``--model-interval`` seconds the prediction model runs and its traverse times go to the
+  tuplespace: ``("fcd.traverse", road, run, [T_0, ..., T_H])`` and ``("fcd.run", run, t, cycle)``,
+  leased so stale predictions disappear;
+- ``GET /status`` (JSON counters) and ``GET /predictions`` (JSON).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import socket
+import time
+import xmlrpc.client
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from boxcore.runtime import ConfigError, host_port, make_parser, non_negative_float, positive_int, run_async
+from fcd.aggregate import Ingest, RoadReport
+from fcd.city import City, load_city
+from fcd.model import Model
+
+log = logging.getLogger("fcd.server")
+
+
+class FcdServer:
+    def __init__(self, city: City, horizon: int = 5, max_keys: int = 500_000, max_cars: int = 100_000,
+                 max_pending: int = 1_000_000) -> None:
+        self.city = city
+        self.model = Model(city)
+        self.ingest = Ingest(city, max_cars=max_cars)
+        self.horizon = horizon
+        self.max_keys, self.max_pending = max_keys, max_pending
+        self.seen: collections.OrderedDict[tuple[int, float], str] = collections.OrderedDict()
+        self.pending: list[bytes] = []
+        self.boxes: dict[str, dict[str, Any]] = {}
+        self.connections: set[int] = set()
+        self.latest = None
+        self.space = None
+        self.stats = collections.Counter()
+        self.udp_sock: socket.socket | None = None
+
+    # ------------------------------------------------------------ reports
+    def accept(self, rep: RoadReport, source: str) -> bool:
+        key = rep.key
+        if key in self.seen:
+            self.stats["duplicate_reports"] += 1
+            return False
+        self.seen[key] = source
+        if len(self.seen) > self.max_keys:
+            self.seen.popitem(last=False)
+            self.stats["dedup_evicted"] += 1
+        self.model.observe(rep)
+        self.stats[f"reports_{source}"] += 1
+        return True
+
+    # ------------------------------------------------------------ XML-RPC
+    def rpc_report(self, box: str, reports: list) -> dict[str, int]:
+        if not isinstance(box, str) or not isinstance(reports, list):
+            raise xmlrpc.client.Fault(2, "fcd.report(box: str, reports: array)")
+        accepted = duplicates = rejected = 0
+        for item in reports:
+            try:
+                rep = RoadReport.from_xmlrpc(item, self.city.n_roads)
+            except ValueError as exc:
+                rejected += 1
+                self.stats["reports_rejected"] += 1
+                self.last_reject = str(exc)
+                continue
+            if self.accept(rep, "box"):
+                accepted += 1
+            else:
+                duplicates += 1
+        self.boxes.setdefault(box, {})["reports"] = self.boxes.get(box, {}).get("reports", 0) + accepted
+        return {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
+
+    def rpc_box_stats(self, box: str, stats: dict) -> bool:
+        if not isinstance(box, str) or not isinstance(stats, dict):
+            raise xmlrpc.client.Fault(2, "fcd.box_stats(box: str, stats: struct)")
+        entry = self.boxes.setdefault(box, {})
+        for k, v in stats.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                entry[str(k)] = v
+        return True
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "udp": {**self.ingest.stats, **self.ingest.seq.snapshot()},
+            "aggregator": dict(self.ingest.aggregator.stats),
+            "counters": dict(self.stats),
+            "boxes": self.boxes,
+            "http_connections": len(self.connections),
+            "model": {"runs": self.model.runs, "observed": self.model.observed, "latest_t": self.model.latest_t},
+        }
+
+    def dispatch(self, method: str, params: tuple) -> Any:
+        if method == "system.multicall":
+            if len(params) != 1 or not isinstance(params[0], list):
+                raise xmlrpc.client.Fault(2, "system.multicall takes one array of calls")
+            results = []
+            for call in params[0]:
+                try:
+                    if not isinstance(call, dict) or not isinstance(call.get("params", []), list):
+                        raise xmlrpc.client.Fault(2, "multicall entry needs methodName and params")
+                    name = call.get("methodName")
+                    if name == "system.multicall":
+                        raise xmlrpc.client.Fault(3, "recursive system.multicall refused")
+                    results.append([self.dispatch(str(name), tuple(call.get("params", [])))])
+                except xmlrpc.client.Fault as fault:
+                    results.append({"faultCode": fault.faultCode, "faultString": fault.faultString})
+                self.stats["rpc_calls"] += 1
+            return results
+        handlers = {"fcd.report": self.rpc_report, "fcd.box_stats": self.rpc_box_stats,
+                    "fcd.status": lambda: self.status(),
+                    "system.listMethods": lambda: ["fcd.report", "fcd.box_stats", "fcd.status",
+                                                   "system.multicall", "system.listMethods"]}
+        handler = handlers.get(method)
+        if handler is None:
+            raise xmlrpc.client.Fault(1, f"unknown method {method!r}")
+        try:
+            return handler(*params)
+        except TypeError as exc:
+            raise xmlrpc.client.Fault(2, f"bad parameters for {method}: {exc}") from None
+
+    async def handle_rpc(self, request: web.Request) -> web.Response:
+        self.stats["http_requests"] += 1
+        if request.transport is not None:
+            self.connections.add(id(request.transport))
+        body = await request.read()
+        try:
+            params, method = xmlrpc.client.loads(body, use_builtin_types=True)
+            if method is None:
+                raise ValueError("not a method call")
+            result = self.dispatch(method, params)
+            out = xmlrpc.client.dumps((result,), methodresponse=True, allow_none=True)
+        except xmlrpc.client.Fault as fault:
+            out = xmlrpc.client.dumps(fault, methodresponse=True)
+        except Exception as exc:  # malformed XML: stdlib raises several kinds
+            self.stats["rpc_malformed"] += 1
+            out = xmlrpc.client.dumps(xmlrpc.client.Fault(4, f"malformed request: {exc}"), methodresponse=True)
+        return web.Response(body=out.encode(), content_type="text/xml")
+
+    async def handle_status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status())
+
+    async def handle_predictions(self, request: web.Request) -> web.Response:
+        p = self.latest
+        if p is None:
+            return web.json_response({"run": 0})
+        return web.json_response({"run": p.run, "t": p.t, "cycle": p.cycle,
+                                  "traverse": p.traverse[0].round(2).tolist()})
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/RPC2", self.handle_rpc)
+        app.router.add_get("/status", self.handle_status)
+        app.router.add_get("/predictions", self.handle_predictions)
+        return app
+
+    # ------------------------------------------------------------ raw UDP
+    def open_udp(self, host: str, port: int, rcvbuf: int) -> tuple[str, int]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        if rcvbuf:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE (root)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot bind UDP {host}:{port}: {exc.strerror}") from None
+        sock.setblocking(False)
+        self.udp_sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
+        return sock.getsockname()[:2]
+
+    def _on_readable(self) -> None:
+        recv, pending = self.udp_sock.recv, self.pending
+        for _ in range(1024):
+            try:
+                pending.append(recv(2048))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+        if len(pending) > self.max_pending:
+            del pending[: len(pending) - self.max_pending]
+            self.stats["pending_dropped"] += 1
+
+    def process_pending(self) -> int:
+        if not self.pending:
+            return 0
+        batch, self.pending = self.pending, []
+        reports = self.ingest.ingest(batch)
+        for rep in reports:
+            self.accept(rep, "raw")
+        return len(batch)
+
+    async def ingest_loop(self, stop: asyncio.Event, interval: float) -> None:
+        while not stop.is_set():
+            self.process_pending()
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+        self.process_pending()
+
+    # ------------------------------------------------------------ model
+    async def publish(self) -> None:
+        pred = self.model.predict(self.horizon)
+        self.latest = pred
+        if self.space is None:
+            return
+        lease = self._lease
+        run = pred.run
+        for road in range(self.city.n_roads):
+            await self.space.out(("fcd.traverse", road, run, [float(x) for x in pred.traverse[:, road].round(3)]),
+                                 lease=lease)
+        await self.space.out(("fcd.run", run, float(pred.t), float(pred.cycle)), lease=lease)
+
+    async def model_loop(self, stop: asyncio.Event, interval: float) -> None:
+        self._lease = max(3 * interval, 1.0)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+            try:
+                await self.publish()
+            except Exception as exc:  # the tuplespace may be down: keep serving
+                self.stats["publish_errors"] += 1
+                log.warning("publishing predictions failed: %s", exc)
+
+
+def build_parser():
+    p = make_parser("fcd-server", "The FCD server: XML-RPC for boxes, raw UDP for cars, model, tuplespace.", examples=[
+        "fcd-server --city city.json --http 127.0.0.1:8080 --udp 127.0.0.1:7000 --tuplespace 127.0.0.1:7400",
+        "fcd-server --city trace.npz --http 127.0.0.1:8080 --udp 127.0.0.1:7000 --serve-tuplespace 127.0.0.1:7400",
+    ])
+    p.add_argument("--city", type=Path, required=True, help="city JSON, trace (.npz) or SUMO .net.xml")
+    p.add_argument("--http", type=host_port, default=("127.0.0.1", 8080), help="XML-RPC/HTTP address")
+    p.add_argument("--udp", type=host_port, default=("127.0.0.1", 7000), help="raw UDP ingest address")
+    p.add_argument("--rcvbuf", type=positive_int, default=4 * 1024 * 1024, help="UDP receive buffer (bytes)")
+    p.add_argument("--tuplespace", help="HOST:PORT of a tuplespace for the predictions")
+    p.add_argument("--serve-tuplespace", type=host_port, help="also run a tuplespace server here")
+    p.add_argument("--model-interval", type=non_negative_float, default=2.0, help="seconds between model runs")
+    p.add_argument("--horizon", type=positive_int, default=5, help="cycles predicted ahead")
+    p.add_argument("--batch-interval", type=non_negative_float, default=0.05, help="raw ingest batching (s)")
+    p.add_argument("--max-cars", type=positive_int, default=100_000)
+    p.add_argument("--ready-file", type=Path, help="write the bound addresses as JSON here when ready")
+    return p
+
+
+async def amain(args, ctx) -> int:
+    city = load_city(args.city)
+    server = FcdServer(city, horizon=args.horizon, max_cars=args.max_cars)
+    ts_server = None
+    if args.serve_tuplespace:
+        from fcd.tuplespace import TupleSpaceServer
+        ts_server = TupleSpaceServer()
+        try:
+            ts_addr = await ts_server.start(*args.serve_tuplespace)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen for the tuplespace: {exc.strerror}") from None
+        from fcd.tuplespace import LocalTupleSpace
+        server.space = LocalTupleSpace(driver=ts_server.driver)   # publish in-process to the served space
+    elif args.tuplespace:
+        from fcd.tuplespace import connect
+        try:
+            server.space = await connect(args.tuplespace)
+        except OSError as exc:
+            raise ConfigError(f"cannot reach the tuplespace at {args.tuplespace}: {exc.strerror}") from None
+    udp_addr = server.open_udp(*args.udp, args.rcvbuf)
+    runner = web.AppRunner(server.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, *args.http)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {args.http[0]}:{args.http[1]}: {exc.strerror}") from None
+    http_addr = runner.addresses[0][:2]
+    ctx.stats.providers["server"] = server.status
+    info = {"http": list(http_addr), "udp": list(udp_addr), "pid": __import__("os").getpid()}
+    if ts_server is not None:
+        info["tuplespace"] = list(ts_addr)
+    if args.ready_file:
+        args.ready_file.write_text(json.dumps(info))
+    log.info("fcd-server ready: %s", info)
+    tasks = [asyncio.create_task(server.ingest_loop(ctx.stop, args.batch_interval)),
+             asyncio.create_task(server.model_loop(ctx.stop, args.model_interval))]
+    await ctx.stop.wait()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await runner.cleanup()
+    if ts_server is not None:
+        await ts_server.close()
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_async(build_parser(), amain, argv)
