@@ -263,6 +263,9 @@ def render_setup(hooks: Iterable[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+COUNTER_PREFIX_RE = re.compile(r"^\[\d+:\d+\] ")
+
+
 def render_cleanup(saved: str) -> str | None:
     """Restore input removing every trace of boxd from an ``iptables-save`` dump, or None.
 
@@ -273,6 +276,7 @@ def render_cleanup(saved: str) -> str | None:
     ours: dict[str, list[str]] = {}
     jumps: dict[str, list[str]] = {}
     for line in saved.splitlines():
+        line = COUNTER_PREFIX_RE.sub("", line)   # dumps taken with -c prefix rules with [pkts:bytes]
         if line.startswith("*"):
             table = line[1:].strip()
             ours.setdefault(table, [])
