@@ -274,3 +274,23 @@ def test_overlaps_and_covers_are_exact(a, b):
     assert a.covers(b) == all(x for x, y in zip(in_a, in_b) if y)
     assert b.covers(a) == all(y for x, y in zip(in_a, in_b) if x)
     assert a.covers(a) and a.overlaps(a)
+
+
+json_like = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-3, 70000), st.floats(allow_nan=False),
+              st.text(max_size=8), st.binary(max_size=4)),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(
+        st.sampled_from(["match", "action", "priority", "owner", "cookie", "group", "proto", "src", "dst",
+                         "src_port", "dst_port", "payload", "offset", "value", "mask"]), children, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(json_like)
+def test_rule_from_dict_fuzz_only_rule_errors(data):
+    try:
+        rule = Rule.from_dict(data)
+    except RuleError as exc:
+        assert str(exc)
+    else:
+        assert Rule.from_dict(rule.to_dict()) == rule
