@@ -1,0 +1,267 @@
+"""``booster-loadgen datapath``: packets/s and added latency through a box.
+
+In one run, on loopback, with real processes:
+
+* ``ceiling``: a sender blasts UDP at a plain socket sink (no box): what one
+  Python receiver can take on this machine;
+* ``redirect_consume``: the same traffic to the box (boxd, user engine) where
+  a booster redirects the whole port and consumes every packet;
+* ``relay``: the same traffic to the box with no booster: boxd relays it to
+  the sink.
+
+Each case runs twice: a blast (as fast as the sender can) for ``pps`` and
+``loss``, and a paced run (``--paced-rate``) for the one-way latency
+(``latency_us`` p50/p99, sender and receiver share CLOCK_MONOTONIC).
+``--engine linux`` delegates to ``tools.bench_datapath_linux.run(args)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import multiprocessing
+import socket
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from boxcore.runtime import ConfigError, non_negative_float, positive_int
+
+STAMP = struct.Struct("!QQ")          # sequence, send time (monotonic ns)
+SAMPLE_EVERY = 8                      # latency samples: every 8th packet
+IDLE_END = 0.6                        # a receiver stops after this long without packets
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "datapath", help="packets/s and latency: plain socket ceiling, redirect-and-consume, relay",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", default="user", choices=["user", "linux"])
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the figures here")
+    parser.add_argument("--duration", type=non_negative_float, default=2.0, help="seconds of blast per case")
+    parser.add_argument("--size", type=positive_int, default=64, help="UDP payload bytes (>= 16)")
+    parser.add_argument("--paced-rate", type=positive_int, default=2000,
+                        help="packets/s of the latency run")
+    parser.add_argument("--paced-duration", type=non_negative_float, default=1.0)
+    parser.add_argument("--senders", type=positive_int, default=2,
+                        help="parallel sender processes of the blast (enough to outrun one receiver)")
+    parser.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------ processes
+
+def _sender(target: tuple[str, int], duration: float, size: int, rate: int, out: Any) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    padding = b"\0" * (size - STAMP.size)
+    pack, now, send = STAMP.pack, time.monotonic_ns, sock.sendto
+    end = time.monotonic() + duration
+    sent = 0
+    if rate:
+        interval = 1.0 / rate
+        next_at = time.monotonic()
+        while next_at < end:
+            send(pack(sent, now()) + padding, target)
+            sent += 1
+            next_at += interval
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+    else:
+        while True:
+            for _ in range(256):
+                send(pack(sent, now()) + padding, target)
+                sent += 1
+            if time.monotonic() >= end:
+                break
+    sock.close()
+    out.put(sent)
+
+
+class _Tally:
+    """Counts packets and samples one-way latency from the payload's stamp."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first = 0.0
+        self.last = 0.0
+        self.latencies: list[float] = []
+
+    def packet(self, payload: bytes) -> None:
+        t = time.monotonic()
+        if not self.count:
+            self.first = t
+        self.last = t
+        self.count += 1
+        if self.count % SAMPLE_EVERY == 0:
+            self.latencies.append((time.monotonic_ns() - STAMP.unpack_from(payload)[1]) / 1000.0)
+
+    def result(self) -> dict:
+        return {"received": self.count, "seconds": max(self.last - self.first, 1e-9),
+                "latencies": self.latencies}
+
+
+def _sink(port: int, ready: Any, out: Any) -> None:
+    """The plain socket receiver: a blocking recv loop."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind(("127.0.0.1", port))
+    tally = _Tally()
+    ready.set()
+    sock.settimeout(30.0)
+    recv = sock.recv
+    try:
+        while True:
+            tally.packet(recv(65535))
+            sock.settimeout(IDLE_END)
+    except socket.timeout:
+        pass
+    sock.close()
+    out.put(tally.result())
+
+
+def _booster(control: str, port: int, ready: Any, out: Any) -> None:
+    """A booster that redirects the whole port and consumes every packet."""
+    import uvloop
+
+    from boxcore.booster import Booster
+    from boxcore.rules import Match
+
+    async def main() -> None:
+        tally = _Tally()
+        async with Booster("bench-consume", control=control) as booster:
+            def consume(pkt):
+                tally.packet(pkt.payload)      # None: CONSUME
+            sub = await booster.redirect(Match(proto="udp", dst_port=port), consume)
+            ready.set()
+            deadline = time.monotonic() + 30.0
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                if tally.count and time.monotonic() - tally.last > IDLE_END:
+                    break
+            result = tally.result()
+            result["delivery"] = sub.delivery.kind
+            result["handler_errors"] = booster.stats["handler_errors"]
+        out.put(result)
+
+    uvloop.run(main())
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_case(ctx, receiver, receiver_args: tuple, target: tuple[str, int], args, rate: int,
+              duration: float) -> dict:
+    out = ctx.Queue()
+    ready = ctx.Event()
+    proc = ctx.Process(target=receiver, args=(*receiver_args, ready, out))
+    proc.start()
+    if not ready.wait(30):
+        proc.kill()
+        raise RuntimeError("receiver did not start")
+    sent_q = ctx.Queue()
+    count = args.senders if not rate else 1
+    senders = [ctx.Process(target=_sender, args=(target, duration, args.size, rate, sent_q))
+               for _ in range(count)]
+    for sender in senders:
+        sender.start()
+    sent = sum(sent_q.get(timeout=duration + 30) for _ in senders)
+    for sender in senders:
+        sender.join()
+    result = out.get(timeout=60)
+    proc.join(10)
+    result["sent"] = sent
+    return result
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def _case(name: str, blast: dict, paced: dict) -> dict:
+    lat = paced["latencies"]
+    return {
+        "case": name,
+        "pps": round(blast["received"] / blast["seconds"], 1),
+        "loss": round(1.0 - blast["received"] / max(blast["sent"], 1), 4),
+        "sent": blast["sent"], "received": blast["received"],
+        "latency_us": {"p50": round(_percentile(lat, 0.5), 1), "p99": round(_percentile(lat, 0.99), 1),
+                       "mean": round(statistics.fmean(lat), 1) if lat else None},
+        "paced_loss": round(1.0 - paced["received"] / max(paced["sent"], 1), 4),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.size < STAMP.size:
+        raise ConfigError(f"--size must be at least {STAMP.size}")
+    if args.engine == "linux":
+        try:
+            linux = importlib.import_module("tools.bench_datapath_linux")
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"the linux data-path benchmark is not available: {exc}") from None
+        figures = linux.run(args)
+    else:
+        figures = asyncio.run(_run_user(args))
+    text = json.dumps(figures, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    return 0
+
+
+async def _run_user(args: argparse.Namespace) -> dict:
+    from boxcore.testing import BoxdProcess
+
+    ctx = multiprocessing.get_context("spawn")
+    loop = asyncio.get_running_loop()
+
+    def case(receiver, receiver_args, target, rate, duration):
+        return loop.run_in_executor(None, _run_case, ctx, receiver, receiver_args, target, args, rate, duration)
+
+    cases = []
+    # 1. ceiling: straight to a plain socket
+    port = _free_port()
+    blast = await case(_sink, (port,), ("127.0.0.1", port), 0, args.duration)
+    paced = await case(_sink, (port,), ("127.0.0.1", port), args.paced_rate, args.paced_duration)
+    cases.append(_case("ceiling", blast, paced))
+    ceiling = cases[0]["pps"]
+    with tempfile.TemporaryDirectory(prefix="bbdatapath") as tmp:
+        server_port, box_port = _free_port(), _free_port()
+        listen = f"udp:127.0.0.1:{box_port}=127.0.0.1:{server_port}"
+        async with BoxdProcess(tmp, listens=[listen], http=False, log_level="warning",
+                               extra=["--user-max-flows", "64"]) as boxd:
+            # 2. redirect and consume (the booster reads the delegated socket)
+            blast = await case(_booster, (str(boxd.control), server_port), ("127.0.0.1", box_port), 0,
+                               args.duration)
+            paced = await case(_booster, (str(boxd.control), server_port), ("127.0.0.1", box_port),
+                               args.paced_rate, args.paced_duration)
+            consume = _case("redirect_consume", blast, paced)
+            consume["delivery"] = blast.get("delivery")
+            cases.append(consume)
+            # 3. relayed by boxd to the sink (no booster)
+            blast = await case(_sink, (server_port,), ("127.0.0.1", box_port), 0, args.duration)
+            paced = await case(_sink, (server_port,), ("127.0.0.1", box_port), args.paced_rate,
+                               args.paced_duration)
+            cases.append(_case("relay", blast, paced))
+    base = cases[0]["latency_us"]["p50"]
+    for c in cases:
+        c["added_latency_us_p50"] = round(c["latency_us"]["p50"] - base, 1)
+        c["fraction_of_ceiling"] = round(c["pps"] / ceiling, 3) if ceiling else None
+    return {"engine": "user", "ceiling_pps": ceiling, "payload_bytes": args.size, "senders": args.senders,
+            "duration_s": args.duration, "paced_rate": args.paced_rate, "cases": cases,
+            "target": "redirect_consume >= 0.7 of ceiling",
+            "target_met": cases[1]["pps"] >= 0.7 * ceiling if ceiling else False}
