@@ -1,0 +1,130 @@
+"""The user engine through a real boxd: channel delivery, copies, fail-open verdict
+timeouts and health eviction, multicast fan-out, limits, malformed control input."""
+
+import asyncio
+import socket
+import struct
+
+import msgpack
+import pytest
+
+from boxcore import wire
+from boxcore.booster import Booster, BoosterError, Verdict
+from boxcore.packet import Packet
+from boxcore.rules import Match, PayloadPattern
+from boxcore.testing import BoxdProcess, free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def bound_udp(port=0):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", port))
+    sock.setblocking(False)
+    return sock
+
+
+async def recv(sock, timeout=2.0):
+    return await asyncio.wait_for(asyncio.get_running_loop().sock_recvfrom(sock, 65535), timeout)
+
+
+@pytest.fixture
+def net():
+    box, srv = free_port(), free_port()
+    server = bound_udp(srv)
+    client = bound_udp()
+    yield {"box": box, "server_port": srv, "server": server, "client": client,
+           "listen": [f"udp:127.0.0.1:{box}=127.0.0.1:{srv}"]}
+    server.close()
+    client.close()
+
+
+async def test_channel_copy_and_payload_redirect(tmp_path, net):
+    async with BoxdProcess(tmp_path, listens=net["listen"], http=False) as boxd:
+        async with Booster("a", control=boxd.control) as a, Booster("b", control=boxd.control) as b:
+            copies, redirected = [], []
+            cop = await a.copy(Match(proto="udp", dst_port=net["server_port"]), lambda p: copies.append(p.payload))
+            red = await b.redirect(Match(proto="udp", dst_port=net["server_port"],
+                                         payload=(PayloadPattern(0, b"CMD"),)),
+                                   lambda p: (redirected.append(p.payload), Verdict.modify(b"cmd" + p.payload[3:]))[1])
+            assert cop.delivery.kind == "channel" and red.delivery.kind == "channel"
+            net["client"].sendto(b"plain", ("127.0.0.1", net["box"]))
+            net["client"].sendto(b"CMD go", ("127.0.0.1", net["box"]))
+            got = sorted([(await recv(net["server"]))[0] for _ in range(2)])
+            assert got == [b"cmd go", b"plain"]
+            await asyncio.sleep(0.05)
+            assert sorted(copies) == [b"CMD go", b"plain"] and redirected == [b"CMD go"]
+            rules = await boxd.query("rules")
+            assert {r["cookie"]: r["packets"] for r in rules} == {cop.cookie: 2, red.cookie: 1}
+
+
+async def test_stalled_booster_fails_open_then_is_evicted(tmp_path, net):
+    async with BoxdProcess(tmp_path, listens=net["listen"], http=False, heartbeat=0.3,
+                           extra=["--user-verdict-timeout", "0.05"]) as boxd:
+        booster = Booster("sleepy", control=boxd.control)
+        await booster.connect()
+
+        async def never(pkt):
+            await asyncio.sleep(3600)
+
+        await booster.redirect(Match(proto="udp", dst_port=net["server_port"],
+                                     payload=(PayloadPattern(0, b"x"),)), never)
+        for i in range(5):
+            net["client"].sendto(b"x%d" % i, ("127.0.0.1", net["box"]))
+        got = sorted([(await recv(net["server"]))[0] for _ in range(5)])
+        assert got == [b"x0", b"x1", b"x2", b"x3", b"x4"]   # passed after the verdict timeout
+        why = await asyncio.wait_for(booster.run_until_stopped(), 5)
+        assert "unhealthy" in why
+        status = await boxd.query("status")
+        assert status["counters"]["boosters_evicted"] == 1 and status["rules"] == 0
+        await booster.close()
+
+
+async def test_multicast_group_fan_out_and_limits(tmp_path, net):
+    members = [bound_udp() for _ in range(3)]
+    async with BoxdProcess(tmp_path, listens=net["listen"], http=False,
+                           extra=["--max-rules-per-booster", "2"]) as boxd:
+        async with Booster("mc", control=boxd.control) as b:
+            await b.set_multicast_group(3, [m.getsockname() for m in members])
+            b.send_multicast(3, b"to all", src_port=net["box"])
+            for m in members:
+                data, addr = await recv(m)
+                assert data == b"to all" and addr == ("127.0.0.1", net["box"])
+            await b.multicast(Match(proto="udp", dst_port=net["server_port"]), 3)
+            net["client"].sendto(b"fan", ("127.0.0.1", net["box"]))
+            for m in members:
+                assert (await recv(m))[0] == b"fan"
+            await b.copy(Match(proto="udp", dst_port=1), lambda p: None)
+            with pytest.raises(BoosterError, match="limit"):
+                await b.copy(Match(proto="udp", dst_port=2), lambda p: None)
+            # a booster-built reply goes to the client from the box's address
+            client_addr = net["client"].getsockname()
+            b.send(Packet(17, "127.0.0.1", net["server_port"], client_addr[0], client_addr[1], b"hi"))
+            data, addr = await recv(net["client"])
+            assert (data, addr) == (b"hi", ("127.0.0.1", net["box"]))
+    for m in members:
+        m.close()
+
+
+async def test_malformed_control_input_is_counted_not_fatal(tmp_path, net):
+    async with BoxdProcess(tmp_path, listens=net["listen"], http=False) as boxd:
+        reader, writer = await asyncio.open_unix_connection(str(boxd.control))
+        body = msgpack.packb({"t": "hello", "id": 1, "name": 7, "version": 1})
+        writer.write(struct.pack("!I", len(body)) + body)
+        writer.write(struct.pack("!I", 3) + b"\xc1\xc1\xc1")
+        writer.write(wire.encode({"t": "hello", "id": 2, "name": "raw", "version": wire.PROTOCOL_VERSION}))
+        await writer.drain()
+        dec = wire.FrameDecoder()
+        replies = []
+        while len(replies) < 2:
+            replies += dec.feed(await asyncio.wait_for(reader.read(65536), 3))
+        assert replies[0]["status"] == "INVALID" and "name" in replies[0]["reason"]
+        assert replies[1]["id"] == 2 and replies[1]["status"] == "OK"   # still served
+        status = await boxd.query("status")
+        assert status["counters"]["control_malformed"] == 2
+        # a broken length kills only this connection
+        writer.write(b"\xff\xff\xff\xff")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 3) == b""
+        writer.close()
+        assert (await boxd.query("status"))["boosters"] == 0
