@@ -33,6 +33,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -73,9 +74,11 @@ class Params:
     move_interval: float = 3.0
     seed: int = 1
     reflector_mode: str = "standalone"   # standalone | booster
-    control: str | None = None        # boxd control socket (booster mode)
-    box: str = "127.0.0.1"            # the box's address clients send to (booster mode)
-    reflector_port: int = 0           # 0: pick a free one
+    control: str | None = None        # boxd control socket (booster mode); None: start a boxd (user engine)
+    box: str | None = None            # HOST:PORT clients send to: the boxd listener (booster mode, with control)
+    reflector_port: int = 0           # standalone: UDP port; booster: the redirected (relay destination) port
+    workdir: str | None = None        # where an auto-started boxd keeps its files
+    fanout: str = "auto"              # booster mode: auto | direct | engine (see mmpog-reflector --fanout)
     drain: float = 1.5
 
     def validate(self) -> None:
@@ -89,8 +92,9 @@ class Params:
             raise ConfigError(f"--payload must be {UPDATE.size}..1400 bytes")
         if self.loss_mode not in ("relay", "iptables", "none"):
             raise ConfigError("--loss-mode must be relay, iptables or none")
-        if self.reflector_mode == "booster" and not self.control:
-            raise ConfigError("--reflector-mode booster needs --control (boxd's control socket)")
+        if self.reflector_mode == "booster" and bool(self.control) != bool(self.box):
+            raise ConfigError("--reflector-mode booster takes both --control and --box (a running boxd) or neither "
+                              "(a boxd with the user engine is started)")
 
 
 @dataclass
@@ -215,6 +219,7 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
     stop = stop or asyncio.Event()
     rng = random.Random(params.seed)
     procs: list[subprocess.Popen] = []
+    boxd_holder: list = []
     runner: web.AppRunner | None = None
     bots: list[Bot] = []
     try:
@@ -224,10 +229,23 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         api_key = secrets.token_hex(8)
         env = dict(os.environ, MMPOG_API_KEY=api_key)
         if params.reflector_mode == "booster":
-            port = params.reflector_port or 7400
-            argv = _module_argv("mmpog.reflector", "--mode", "booster", "--control", params.control,
-                                "--port", str(port), "--http", f"127.0.0.1:{refl_http_port}", "--log-level", "warning")
-            reflector_udp = (params.box, port)
+            if params.control is None:
+                from boxcore.testing import BoxdProcess
+                listen_port, relay_port = free_port(), free_port()
+                workdir = Path(params.workdir or tempfile.mkdtemp(prefix="mmpog-boxd-"))
+                boxd = BoxdProcess(workdir, listens=[f"udp:127.0.0.1:{listen_port}=127.0.0.1:{relay_port}"],
+                                   http=False, log_level="warning")
+                await boxd.start()
+                boxd_holder.append(boxd)
+                control, reflector_udp, port = str(boxd.control), ("127.0.0.1", listen_port), relay_port
+                say(f"boxd (user engine) listening on udp 127.0.0.1:{listen_port}")
+            else:
+                host, _, box_port = params.box.rpartition(":")
+                control, reflector_udp = params.control, (host, int(box_port))
+                port = params.reflector_port or reflector_udp[1]
+            argv = _module_argv("mmpog.reflector", "--mode", "booster", "--control", control,
+                                "--port", str(port), "--src-port", str(reflector_udp[1]), "--fanout", params.fanout,
+                                "--http", f"127.0.0.1:{refl_http_port}", "--log-level", "warning")
         else:
             port = params.reflector_port or free_port()
             argv = _module_argv("mmpog.reflector", "--mode", "standalone", "--listen", f"127.0.0.1:{port}",
@@ -360,7 +378,7 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
             "retransmissions_detail": {"by_senders": client_retx, "by_reflector": reflector_retx},
             "reflector_pps": round(out_delta / elapsed, 1),
             "reflector_in_pps": round(in_delta / elapsed, 1),
-            "reflector": {"send_dropped": final["io"]["send_dropped"],
+            "reflector": {"transport": final.get("transport", {}), "send_dropped": final["io"]["send_dropped"],
                           "nacks": sum(loc["nacks"] for loc in locs.values()),
                           "nack_rate_limited": sum(loc["nack_rate_limited"] for loc in locs.values()),
                           "heartbeats": sum(loc["heartbeats"] for loc in locs.values()),
@@ -377,6 +395,8 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
             await runner.cleanup()
         for proc in reversed(procs):
             _stop_process(proc)
+        for boxd in boxd_holder:
+            await boxd.stop()
 
 
 def _median(values: list[float]) -> float | None:
@@ -419,7 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
         examples=[
             "mmpog-bots --players 16 --locations 2 --duration 10 --loss 0.05 --json out/mmpog.json",
             "mmpog-bots --players 8 --locations 1 --duration 5 --loss 0.05 --loss-mode iptables --json out/kernel.json",
-            "mmpog-bots --players 8 --reflector-mode booster --control /run/boxd/control.sock --json out/b.json",
+            "mmpog-bots --players 8 --reflector-mode booster --json out/b.json      # starts its own boxd",
+            "mmpog-bots --players 8 --reflector-mode booster --control /tmp/boxd.sock --box 127.0.0.1:7400 "
+            "--reflector-port 7409",
         ],
     )
     parser.add_argument("--players", type=positive_int, default=8)
@@ -438,9 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--move-interval", type=non_negative_float, default=3.0, help="mean seconds between moves")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--reflector-mode", choices=["standalone", "booster"], default="standalone")
-    parser.add_argument("--control", default=None, help="boxd control socket (booster mode)")
-    parser.add_argument("--box", default="127.0.0.1", help="box address the clients send to (booster mode)")
-    parser.add_argument("--reflector-port", type=int, default=0, help="reflector UDP port (0: any free one)")
+    parser.add_argument("--control", default=None,
+                        help="booster mode: a running boxd's control socket (default: start one, user engine)")
+    parser.add_argument("--fanout", choices=["auto", "direct", "engine"], default="auto",
+                        help="booster mode: the reflector's fan-out (see mmpog-reflector --fanout)")
+    parser.add_argument("--box", default=None, help="booster mode with --control: HOST:PORT of boxd's udp listener")
+    parser.add_argument("--reflector-port", type=int, default=0,
+                        help="standalone: the reflector's UDP port; booster: the redirected relay-destination port")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here (also printed)")
     parser.add_argument("--netns-child", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -455,7 +481,7 @@ def params_from_args(args: argparse.Namespace) -> Params:
         delay=args.delay, jitter=args.jitter, duplicate=args.duplicate, rate=args.rate,
         reliable_fraction=args.reliable_fraction, deadline=args.deadline, payload=args.payload,
         move_interval=args.move_interval, seed=args.seed, reflector_mode=args.reflector_mode, control=args.control,
-        box=args.box, reflector_port=args.reflector_port,
+        box=args.box, reflector_port=args.reflector_port, fanout=args.fanout,
     )
 
 

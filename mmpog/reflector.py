@@ -56,6 +56,7 @@ class ReflectorService:
         self.counters = {"datagrams_in": 0, "datagrams_out": 0, "send_dropped": 0, "send_errors": 0,
                          "control_requests": 0, "control_refused": 0}
         self.started = time.monotonic()
+        self.transport: dict[str, str] = {"mode": "memory"}
 
     # ------------------------------------------------------------------ data path
 
@@ -111,6 +112,7 @@ class ReflectorService:
     def snapshot(self) -> dict[str, Any]:
         out = self.core.snapshot()
         out["io"] = dict(self.counters)
+        out["transport"] = dict(self.transport)
         out["uptime"] = round(time.monotonic() - self.started, 3)
         return out
 
@@ -210,6 +212,7 @@ async def run_standalone(service: ReflectorService, listen: Address, stop: async
     loop = asyncio.get_running_loop()
     sock = open_udp_socket(listen)
     service.send_to = service.socket_sender(sock)
+    service.transport = {"mode": "standalone", "delivery": "own socket", "fanout": "direct"}
     attach_reader(loop, sock, service)
     ticker = _start_ticker(loop, service, tick)
     log.info("reflector listening on udp %s:%d (standalone)", *sock.getsockname()[:2])
@@ -252,7 +255,7 @@ async def run_booster(service: ReflectorService, args: argparse.Namespace, stop:
         raise ConfigError(f"cannot reach boxd at {args.control}: {exc}") from None
     try:
         try:
-            sub = await booster.redirect(Match(proto="udp", dst_port=port), on_packet)
+            sub = await booster.redirect(Match(proto="udp", dst=args.dst, dst_port=port), on_packet)
         except BoosterError as exc:
             raise ConfigError(f"boxd refused udp port {port}: {exc}") from None
         direct_socket = getattr(sub.receiver, "sock", None) if sub.delivery.kind == "socket" else None
@@ -271,7 +274,7 @@ async def run_booster(service: ReflectorService, args: argparse.Namespace, stop:
             groups: asyncio.Queue[MembersChanged] = asyncio.Queue()
 
             def fanout_engine(location: int, data: bytes) -> None:
-                if booster.send_multicast(args.group_base + location, data, src_port=port):
+                if booster.send_multicast(args.group_base + location, data, src_port=args.src_port or port):
                     service.counters["datagrams_out"] += len(service.core.members(location))
                 else:
                     service.counters["send_dropped"] += 1
@@ -290,6 +293,8 @@ async def run_booster(service: ReflectorService, args: argparse.Namespace, stop:
             updater = loop.create_task(group_updater())
         else:
             updater = None
+        service.transport = {"mode": "booster", "engine": str(booster.engine), "delivery": sub.delivery.kind,
+                             "fanout": "engine multicast" if use_engine else "direct"}
         ticker = _start_ticker(loop, service, args.tick)
         log.info("reflector booster on udp port %d (delivery %s, fan-out %s)", port, sub.delivery.kind,
                  "engine multicast" if use_engine else "direct")
@@ -311,14 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
         "mmpog-reflector",
         "Multicast reflector for game locations: echo-as-ACK, sequence numbers, retransmission buffer, heartbeats.",
         examples=[
-            "mmpog-reflector --mode booster --control /run/boxd/control.sock --port 7400 --http 127.0.0.1:7401",
+            "boxd --engine user --control /tmp/boxd.sock --state /tmp/st --listen udp:127.0.0.1:7400=127.0.0.1:7409 &",
+            "mmpog-reflector --mode booster --control /tmp/boxd.sock --port 7409 --src-port 7400 --http 127.0.0.1:7401",
             "mmpog-reflector --mode standalone --listen 127.0.0.1:7400 --http 127.0.0.1:7401",
         ],
     )
     parser.add_argument("--mode", choices=["booster", "standalone"], default="booster")
     parser.add_argument("--control", metavar="PATH", default=os.environ.get("BOXD_CONTROL", "/run/boxd/control.sock"),
                         help="boxd's control socket (booster mode)")
-    parser.add_argument("--port", type=positive_int, default=7400, help="UDP port redirected to the booster (booster mode)")
+    parser.add_argument("--port", type=positive_int, default=7400,
+                        help="booster mode: redirect UDP packets headed for this port (on the user engine, the relay "
+                             "destination port of boxd's --listen udp:BOX:PORT=DST:DPORT, i.e. DPORT)")
+    parser.add_argument("--dst", default=None, help="booster mode: ... and for this destination address (DST)")
+    parser.add_argument("--src-port", type=int, default=0,
+                        help="booster mode: the box's listening port, the source of engine multicasts (default --port)")
     parser.add_argument("--box-address", default="0.0.0.0", help="source address for packets sent through boxd")
     parser.add_argument("--fanout", choices=["auto", "direct", "engine"], default="auto",
                         help="auto: direct sendto on a delegated socket, else the engine's multicast")

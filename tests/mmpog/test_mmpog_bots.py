@@ -56,3 +56,29 @@ def test_bots_with_iptables_statistic_loss_in_a_namespace(tmp_path):
     assert result["retransmissions"] > 0                   # the kernel really dropped datagrams
     assert result["unreliable"]["delivered_ratio"] < 1.0
     assert {ns for ns in _namespaces() if ns.startswith("bbmmpog")} == before
+
+
+async def test_bots_against_the_reflector_booster_on_boxd(tmp_path):
+    params = Params(players=4, locations=1, duration=1.5, loss=0.05, rate=20, reliable_fraction=0.5,
+                    reflector_mode="booster", workdir=str(tmp_path / "boxd"), seed=3, drain=1.0)
+    result = await run_experiment(params)
+    transport = result["reflector"]["transport"]
+    assert transport["mode"] == "booster" and transport["engine"] == "user"
+    assert transport["delivery"] == "socket" and transport["fanout"] == "direct"   # the delegated-socket fast path
+    assert result["duplicates_delivered"] == 0
+    assert result["reliable"]["delivered_ratio"] == 1.0
+    assert result["reflector_pps"] > 0
+
+
+async def test_reflector_booster_with_engine_multicast(tmp_path):
+    from boxcore.testing import BoxdProcess, free_port
+
+    listen, relay = free_port(), free_port()
+    async with BoxdProcess(tmp_path, listens=[f"udp:127.0.0.1:{listen}=127.0.0.1:{relay}"], http=False) as boxd:
+        params = Params(players=3, locations=1, duration=1.0, rate=20, reliable_fraction=0.5, reflector_mode="booster",
+                        control=str(boxd.control), box=f"127.0.0.1:{listen}", reflector_port=relay, fanout="engine",
+                        drain=0.5)
+        result = await run_experiment(params)
+    assert result["reflector"]["transport"]["fanout"] == "engine multicast"
+    assert result["reliable"]["delivered_ratio"] == 1.0
+    assert result["unreliable"]["delivered_ratio"] == 1.0      # no loss configured
