@@ -19,7 +19,9 @@ card applies, in order:
    host interface (the exception path: the host's kernel deals with them).
 
 Frames the host sends on a host interface go out of the matching port, except
-those that match a MULTICAST rule, which the card fans out.
+those that match a MULTICAST rule, which the card fans out, and those addressed
+to a group's transmit MAC (:func:`mcast_tx_mac`), which it sends to every member
+of that group keeping their source.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ ETH_P_IP = 0x0800
 # them (netfilter PREROUTING can log or queue them) but never forwards them, because
 # ip_forward() only forwards frames addressed to the host (PACKET_HOST).
 COPY_MAC = bytes.fromhex("034e50435059")      # "NPCPY", locally administered group address
+# A frame the host sends to 03:4e:50:4d:GG:GG ("NPM" + group) is fanned out by the card to
+# every member of group GG:GG, keeping its source (booster.send_multicast on the np engine).
+MCAST_TX_PREFIX = bytes.fromhex("034e504d")
+
+
+def mcast_tx_mac(group: int) -> bytes:
+    return MCAST_TX_PREFIX + group.to_bytes(2, "big")
 IPV4 = struct.Struct("!BBHHHBBH4s4s")
 PORTS = struct.Struct("!HH")
 
@@ -215,7 +224,7 @@ class Card:
                     self.stats["dropped_by_rule"] += 1
                     return out
                 if action is NpAction.MULTICAST:
-                    out.extend(self._multicast(best, frame, port))
+                    out.extend(self._fanout(best.group, frame, port, from_group=True))
                     return out
         out.extend(self._forward(port, frame, dst))
         return out
@@ -225,6 +234,11 @@ class Card:
             self.stats["malformed"] += 1
             return []
         self.stats["from_host"] += 1
+        if frame[:4] == MCAST_TX_PREFIX:
+            if self._parse_ip(frame) is None:
+                self.stats["malformed"] += 1
+                return []
+            return self._fanout(int.from_bytes(frame[4:6], "big"), frame, port, from_group=False)
         if self.rules.rules and frame[12:14] == b"\x08\x00":
             parsed = self._parse_ip(frame)
             if parsed is not None:
@@ -232,7 +246,7 @@ class Card:
                 best, _ = self.rules.lookup(proto, src, dst, sport, dport, frame[payload_at:])
                 if best is not None and best.action is NpAction.MULTICAST:
                     self._count(best, frame)
-                    return self._multicast(best, frame, port)
+                    return self._fanout(best.group, frame, port, from_group=True)
         return self._transmit(port, frame)
 
     def _parse_ip(self, frame: bytes) -> tuple[int, int, int, int, int, int] | None:
@@ -279,10 +293,13 @@ class Card:
         self.stats["forwarded"] += 1
         return self._transmit(entry.port, rewritten)
 
-    def _multicast(self, rule: CompiledRule, frame: bytes, port: int) -> list[tuple[int, bytes]]:
-        """One stored frame, rewritten per member: it comes from the group address (the
-        original destination) and goes to the member, like a reflector's unicast copies."""
-        members = self.groups.get(rule.group, ())
+    def _fanout(self, group: int, frame: bytes, port: int, from_group: bool) -> list[tuple[int, bytes]]:
+        """One stored frame, rewritten per member of ``group`` and forwarded by the LPM table.
+
+        ``from_group``: the copies come from the group address (the frame's destination),
+        like a reflector's; otherwise they keep the frame's source.
+        """
+        members = self.groups.get(group, ())
         if not members:
             self.stats["mcast_empty_group"] += 1
             return []
@@ -298,20 +315,20 @@ class Card:
         dst_words = (int.from_bytes(frame[30:32], "big"), int.from_bytes(frame[32:34], "big"))
         sport = int.from_bytes(frame[l4:l4 + 2], "big")
         dport = int.from_bytes(frame[l4 + 2:l4 + 4], "big")
-        # The new source is the old destination: those words are fixed for every copy.
-        ip_base = ip_csum
-        for old, new in zip(src_words, dst_words):
-            ip_base = csum_adjust(ip_base, old, new)
-        udp_base = udp_csum
-        if udp_base:
-            for old, new in zip(src_words + (sport,), dst_words + (dport,)):
-                udp_base = csum_adjust(udp_base, old, new)
+        ip_base, udp_base = ip_csum, udp_csum
+        src_addr, new_sport = frame[26:30], frame[l4:l4 + 2]
+        if from_group:
+            # The new source is the old destination: fixed for every copy.
+            for old, new in zip(src_words, dst_words):
+                ip_base = csum_adjust(ip_base, old, new)
+            if udp_base:
+                for old, new in zip(src_words + (sport,), dst_words + (dport,)):
+                    udp_base = csum_adjust(udp_base, old, new)
+            src_addr, new_sport = frame[30:34], frame[l4 + 2:l4 + 4]
         head = frame[:24]
-        group_addr = frame[30:34]
         middle = frame[34:l4]
         length = frame[l4 + 4:l4 + 6]
         body = frame[l4 + 8:]
-        new_sport = dport.to_bytes(2, "big")
         out: list[tuple[int, bytes]] = []
         for addr, member_port in members:
             hi, lo = addr >> 16, addr & 0xFFFF
@@ -320,7 +337,7 @@ class Card:
             if udpc:
                 udpc = csum_adjust(csum_adjust(csum_adjust(udpc, dst_words[0], hi), dst_words[1], lo),
                                    dport, member_port) or 0xFFFF
-            copy = b"".join((head, ipc.to_bytes(2, "big"), group_addr, addr.to_bytes(4, "big"), middle,
+            copy = b"".join((head, ipc.to_bytes(2, "big"), src_addr, addr.to_bytes(4, "big"), middle,
                              new_sport, member_port.to_bytes(2, "big"), length, udpc.to_bytes(2, "big"), body))
             self.stats["mcast_copies"] += 1
             out.extend(self._forward(port, copy, addr))

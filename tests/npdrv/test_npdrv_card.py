@@ -128,3 +128,15 @@ def test_complete_l4_checksum_fills_a_partial_checksum():
     partial = bytearray(good)
     partial[40:42] = b"\x12\x34"              # what CHECKSUM_PARTIAL leaves: not the real sum
     assert complete_l4_checksum(bytes(partial)) == good
+
+
+def test_host_multicast_transmit_keeps_the_source(cp):
+    from npdrv.card import mcast_tx_mac
+
+    cp.execute(wire.request(wire.McastSet(9, (("10.2.0.7", 4000), ("10.1.0.9", 4002)))))
+    raw = bytes(IP(src="10.1.0.1", dst="0.0.0.0") / UDP(sport=6000, dport=0) / b"tick")
+    frame = mcast_tx_mac(9) + wire.mac_bytes(P0) + b"\x08\x00" + raw
+    got = sorted((iface, checked(f)[IP].src, checked(f)[UDP].sport, checked(f)[IP].dst, checked(f)[UDP].dport)
+                 for iface, f in cp.card.process(host(0), frame))
+    assert got == [(0, "10.1.0.1", 6000, "10.1.0.9", 4002), (1, "10.1.0.1", 6000, "10.2.0.7", 4000)]
+    assert cp.card.process(host(0), mcast_tx_mac(10) + frame[6:]) == []      # no such group
