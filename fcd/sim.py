@@ -294,3 +294,7 @@ def run(args, stats) -> int:
 
 def main(argv=None) -> int:
     return run_sync(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

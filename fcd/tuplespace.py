@@ -700,3 +700,7 @@ async def amain(args, ctx) -> int:
 
 def main(argv=None) -> int:
     return run_async(build_parser(), amain, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

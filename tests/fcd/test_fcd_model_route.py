@@ -1,0 +1,91 @@
+import networkx as nx
+import numpy as np
+import pytest
+
+from fcd.aggregate import RoadReport
+from fcd.city import grid_city
+from fcd.model import Model
+from fcd.route import TRAVERSE_TEMPLATE, latest_times, plan, shortest_route
+from fcd.tuplespace import LocalTupleSpace
+
+
+@pytest.fixture
+def city():
+    return grid_city(3, 3, block=200.0, cycle=60.0, offsets="zero")
+
+
+def test_model_conserves_cars_and_drains_queues(city):
+    model = Model(city)
+    model.n[:] = 5.0
+    model.q[:] = 3.0
+    pred = model.predict(horizon=4)
+    # cars only move between roads: totals are conserved (no road saturates here)
+    assert np.allclose(pred.n.sum(axis=1), pred.n[0].sum())
+    assert np.all(pred.q <= pred.n + 1e-9) and np.all(pred.q >= 0)
+    # traverse time = driving + queueing: longer queue, longer time
+    assert np.all(pred.traverse[0] >= city.length / model.v)
+    model.q[0] = 5.0
+    assert model.predict(0).traverse[0][0] > pred.traverse[0][0]
+
+
+def test_model_one_step_matches_the_equations(city):
+    model = Model(city)
+    rng = np.random.default_rng(1)
+    model.n[:] = rng.uniform(0, 10, city.n_roads)
+    model.q[:] = model.n * rng.uniform(0, 1, city.n_roads)
+    pred = model.predict(1)
+    C = model.cycle
+    alpha = np.minimum(1, C * model.v / city.length)
+    arrive = alpha * (model.n - model.q)
+    out = np.minimum(model.q + arrive, model.mu * model.green)
+    inflow = np.zeros(city.n_roads)
+    for p in range(city.n_roads):
+        for r, prob in model.turn_probabilities(p).items():
+            inflow[r] += prob * out[p]
+    assert np.allclose(pred.q[1], np.clip(model.q + arrive - out, 0, None))
+    assert np.allclose(pred.n[1], np.clip(model.n + inflow - out, 0, model.n_max))
+
+
+def test_parameters_are_estimated_from_reports(city):
+    model = Model(city)
+    road = city.lights[4].roads[0]
+    outs = list(city.turn_probs[road])
+    model.observe(RoadReport(road, 0.0, True, queue=12, cars=14, density=70.0, mean_speed=8.0, departures=0,
+                             interval=30.0, was_green=False))
+    model.observe(RoadReport(road, 30.0, False, queue=2, cars=6, density=30.0, mean_speed=9.0, departures=10,
+                             interval=30.0, was_green=True, turns={outs[0]: 10}))
+    assert model.mu[road] == pytest.approx(0.7 * 0.5 + 0.3 * 10 / 30)     # saturated green: EWMA
+    probs = model.turn_probabilities(road)
+    assert probs[outs[0]] > city.turn_probs[road][outs[0]]
+    assert sum(probs.values()) == pytest.approx(1.0)
+    assert (model.n[road], model.q[road]) == (6, 2)
+
+
+def test_latest_run_wins():
+    tuples = [("fcd.traverse", 1, 3, [10.0, 11.0]), ("fcd.traverse", 1, 4, [20.0, 21.0]),
+              ("fcd.traverse", 2, 3, [5.0])]
+    times, run = latest_times(tuples, horizon=1)
+    assert times == {1: 21.0, 2: 5.0} and run == 4
+
+
+async def test_router_agrees_with_networkx_on_known_predictions(city):
+    rng = np.random.default_rng(7)
+    known = {road: float(rng.uniform(5, 100)) for road in range(city.n_roads)}
+    space = LocalTupleSpace()
+    for road, seconds in known.items():
+        await space.out(("fcd.traverse", road, 1, [seconds + 1000.0]))   # an older run
+        await space.out(("fcd.traverse", road, 2, [seconds]))
+    g = nx.DiGraph()
+    for road, (u, v) in enumerate(city.roads):
+        g.add_edge(u, v, w=known[road])
+    for src, dst in [("0_0", "2_2"), ("2_0", "0_2"), ("1_1", "0_0")]:
+        route = await plan(space, city, src, dst)
+        assert route.seconds == pytest.approx(nx.dijkstra_path_length(g, src, dst, weight="w"))
+        assert route.run == 2 and route.predicted_roads == len(route.roads)
+        assert route.junctions[0] == src and route.junctions[-1] == dst
+    # a road made very slow is avoided
+    direct = shortest_route(city, known, "0_0", "0_1")
+    assert direct.junctions == ["0_0", "0_1"]
+    slow = dict(known)
+    slow[city.road_id[("0_0", "0_1")]] = 1e6
+    assert shortest_route(city, slow, "0_0", "0_1").junctions != ["0_0", "0_1"]
