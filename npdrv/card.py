@@ -11,8 +11,8 @@ card applies, in order:
    interface (destination MAC rewritten to the group address :data:`COPY_MAC`,
    so the host can tell copies from packets it must forward, and never forwards them); the winning terminating rule
    REDIRECTs the frame to the host interface, DROPs it, MULTICASTs it (one
-   stored frame rewritten for every group member: from the group address, i.e.
-   the original destination, to the member) or FORWARDs it;
+   stored frame rewritten for every group member, keeping its source) or
+   FORWARDs it;
 3. the LPM forwarding table: rewrite MACs, decrement TTL, update the IPv4
    checksum incrementally and send out of the entry's port.  A miss, an entry
    for the host, TTL expiry or options the card does not handle go up the
@@ -21,7 +21,7 @@ card applies, in order:
 Frames the host sends on a host interface go out of the matching port, except
 those that match a MULTICAST rule, which the card fans out, and those addressed
 to a group's transmit MAC (:func:`mcast_tx_mac`), which it sends to every member
-of that group keeping their source.
+of that group.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ class Card:
                     self.stats["dropped_by_rule"] += 1
                     return out
                 if action is NpAction.MULTICAST:
-                    out.extend(self._fanout(best.group, frame, port, from_group=True))
+                    out.extend(self._fanout(best.group, frame, port))
                     return out
         out.extend(self._forward(port, frame, dst))
         return out
@@ -238,7 +238,7 @@ class Card:
             if self._parse_ip(frame) is None:
                 self.stats["malformed"] += 1
                 return []
-            return self._fanout(int.from_bytes(frame[4:6], "big"), frame, port, from_group=False)
+            return self._fanout(int.from_bytes(frame[4:6], "big"), frame, port)
         if self.rules.rules and frame[12:14] == b"\x08\x00":
             parsed = self._parse_ip(frame)
             if parsed is not None:
@@ -246,7 +246,7 @@ class Card:
                 best, _ = self.rules.lookup(proto, src, dst, sport, dport, frame[payload_at:])
                 if best is not None and best.action is NpAction.MULTICAST:
                     self._count(best, frame)
-                    return self._fanout(best.group, frame, port, from_group=True)
+                    return self._fanout(best.group, frame, port)
         return self._transmit(port, frame)
 
     def _parse_ip(self, frame: bytes) -> tuple[int, int, int, int, int, int] | None:
@@ -293,12 +293,10 @@ class Card:
         self.stats["forwarded"] += 1
         return self._transmit(entry.port, rewritten)
 
-    def _fanout(self, group: int, frame: bytes, port: int, from_group: bool) -> list[tuple[int, bytes]]:
-        """One stored frame, rewritten per member of ``group`` and forwarded by the LPM table.
-
-        ``from_group``: the copies come from the group address (the frame's destination),
-        like a reflector's; otherwise they keep the frame's source.
-        """
+    def _fanout(self, group: int, frame: bytes, port: int) -> list[tuple[int, bytes]]:
+        """One stored frame, rewritten per member of ``group`` (destination address and port)
+        and forwarded by the LPM table.  Copies keep the original source, as the kernel path
+        of the linux engine does, so members answer the sender directly."""
         members = self.groups.get(group, ())
         if not members:
             self.stats["mcast_empty_group"] += 1
@@ -311,34 +309,20 @@ class Card:
         l4 = 14 + ihl
         ip_csum = int.from_bytes(frame[24:26], "big")
         udp_csum = int.from_bytes(frame[l4 + 6:l4 + 8], "big")
-        src_words = (int.from_bytes(frame[26:28], "big"), int.from_bytes(frame[28:30], "big"))
-        dst_words = (int.from_bytes(frame[30:32], "big"), int.from_bytes(frame[32:34], "big"))
-        sport = int.from_bytes(frame[l4:l4 + 2], "big")
-        dport = int.from_bytes(frame[l4 + 2:l4 + 4], "big")
-        ip_base, udp_base = ip_csum, udp_csum
-        src_addr, new_sport = frame[26:30], frame[l4:l4 + 2]
-        if from_group:
-            # The new source is the old destination: fixed for every copy.
-            for old, new in zip(src_words, dst_words):
-                ip_base = csum_adjust(ip_base, old, new)
-            if udp_base:
-                for old, new in zip(src_words + (sport,), dst_words + (dport,)):
-                    udp_base = csum_adjust(udp_base, old, new)
-            src_addr, new_sport = frame[30:34], frame[l4 + 2:l4 + 4]
-        head = frame[:24]
-        middle = frame[34:l4]
-        length = frame[l4 + 4:l4 + 6]
-        body = frame[l4 + 8:]
+        old_hi, old_lo = int.from_bytes(frame[30:32], "big"), int.from_bytes(frame[32:34], "big")
+        old_port = int.from_bytes(frame[l4 + 2:l4 + 4], "big")
+        head, middle, body = frame[:24], frame[26:30], frame[34:l4 + 2]
+        tail_len, payload = frame[l4 + 4:l4 + 6], frame[l4 + 8:]
         out: list[tuple[int, bytes]] = []
         for addr, member_port in members:
             hi, lo = addr >> 16, addr & 0xFFFF
-            ipc = csum_adjust(csum_adjust(ip_base, dst_words[0], hi), dst_words[1], lo)
-            udpc = udp_base
-            if udpc:
-                udpc = csum_adjust(csum_adjust(csum_adjust(udpc, dst_words[0], hi), dst_words[1], lo),
-                                   dport, member_port) or 0xFFFF
-            copy = b"".join((head, ipc.to_bytes(2, "big"), src_addr, addr.to_bytes(4, "big"), middle,
-                             new_sport, member_port.to_bytes(2, "big"), length, udpc.to_bytes(2, "big"), body))
+            ipc = csum_adjust(csum_adjust(ip_csum, old_hi, hi), old_lo, lo)
+            udpc = udp_csum
+            if udpc:     # 0: the sender sent no UDP checksum
+                udpc = csum_adjust(csum_adjust(csum_adjust(udpc, old_hi, hi), old_lo, lo), old_port,
+                                   member_port) or 0xFFFF
+            copy = b"".join((head, ipc.to_bytes(2, "big"), middle, addr.to_bytes(4, "big"), body,
+                             member_port.to_bytes(2, "big"), tail_len, udpc.to_bytes(2, "big"), payload))
             self.stats["mcast_copies"] += 1
             out.extend(self._forward(port, copy, addr))
         return out

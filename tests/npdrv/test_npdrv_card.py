@@ -95,9 +95,9 @@ def test_multicast_sends_one_stored_frame_to_every_member(cp):
     out = cp.card.process(0, udp(9000, payload=b"game", dst="10.1.0.1"))
     got = sorted((iface, checked(f)[IP].src, checked(f)[UDP].sport, checked(f)[IP].dst, checked(f)[UDP].dport,
                   bytes(checked(f)[UDP].payload)) for iface, f in out)
-    group = ("10.1.0.1", 9000)       # copies come from the group address
-    assert got == [(0, *group, "10.1.0.9", 4002, b"game"), (1, *group, "10.2.0.7", 4000, b"game"),
-                   (1, *group, "10.2.0.8", 4001, b"game")]
+    sender = ("10.1.0.2", 5555)       # copies keep the source: members answer the sender
+    assert got == [(0, *sender, "10.1.0.9", 4002, b"game"), (1, *sender, "10.2.0.7", 4000, b"game"),
+                   (1, *sender, "10.2.0.8", 4001, b"game")]
     # The host's own packets to the group address are fanned out by the card too.
     assert len(cp.card.process(host(0), udp(9000, payload=b"from box", dst="10.1.0.1"))) == 3
 
