@@ -410,6 +410,13 @@ class Booster:
             self.directory._event(msg)
         elif kind == "stream":
             self._on_stream(msg, fds)
+        elif kind == "undelegate":
+            sub = self._subscriptions.get(msg["cookie"])
+            undelegate = getattr(sub.receiver, "undelegate", None) if sub is not None else None
+            if undelegate is not None:
+                undelegate()
+                sub.delivery.kind, sub.delivery.fds = "channel", []
+            self.stats["undelegated"] += 1
         elif kind == "evicted":
             log.error("boxd evicted booster %s: %s", self.name, msg["reason"])
             self.close_reason = f"evicted: {msg['reason']}"
@@ -454,11 +461,14 @@ class Booster:
                 log.exception("heartbeat failed")
             await asyncio.sleep(interval)
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def spawn(self, coro) -> asyncio.Task:
+        """Run ``coro`` as a task owned by the booster (cancelled when it closes)."""
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    _spawn = spawn  # receivers written against the first version use this name
 
     # ---------------------------------------------------------- rules
     async def redirect(self, match: Match, handler: Callable, *, priority: int = 100) -> Subscription:

@@ -8,16 +8,34 @@ the control socket boosters connect to, the directory (SQLite under
 from __future__ import annotations
 
 import argparse
-import asyncio
+import ipaddress
 import logging
 from pathlib import Path
 
 from boxcore.controller import Controller, ControllerConfig
-from boxcore.engines import ENGINE_NAMES, EngineUnavailable, available_engines, get_engine
+from boxcore.engines import ENGINE_NAMES, EngineUnavailable, Route, available_engines, get_engine
 from boxcore.runtime import (ConfigError, RunContext, host_port, make_parser, non_negative_float,
                              positive_int, run_async)
 
 log = logging.getLogger("boxcore.boxd")
+
+
+def route_spec(text: str) -> Route:
+    """argparse type: ``PREFIX[,via=ADDR][,dev=IFACE][,metric=N]``."""
+    prefix, *options = text.split(",")
+    fields: dict = {"prefix": prefix.strip()}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in ("via", "dev", "metric"):
+            raise argparse.ArgumentTypeError(f"bad route option {option!r} in {text!r}")
+        fields[key] = value
+    try:
+        fields["prefix"] = str(ipaddress.ip_network(fields["prefix"]))
+        if "via" in fields:
+            fields["via"] = str(ipaddress.ip_address(fields["via"]))
+        return Route.from_dict(fields)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad route {text!r}: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="state directory (the directory service's SQLite database)")
     parser.add_argument("--policy", type=Path, default=None, metavar="FILE",
                         help="policy TOML saying which boosters may claim what (default: allow all)")
+    parser.add_argument("--route", type=route_spec, action="append", default=[],
+                        metavar="PREFIX[,via=ADDR][,dev=IF][,metric=N]",
+                        help="forwarding table entry handed to the engine (repeatable)")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--heartbeat", type=non_negative_float, default=1.0,
                         help="heartbeat period in seconds")
@@ -98,6 +119,7 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
                               max_rules_per_booster=args.max_rules_per_booster,
                               max_pending_ops=args.max_pending_ops)
     controller = Controller(engine, config, policy=policy, directory=directory, stats=ctx.stats)
+    controller.routes = list(args.route)
     ctx.stats.providers["rules"] = controller.rules_view
     ctx.stats.providers["boosters"] = controller.boosters_view
     ctx.stats.providers["engine"] = engine.status

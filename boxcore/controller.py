@@ -679,6 +679,7 @@ class Controller:
             "rules": len(self.rules),
             "groups": len(self.groups),
             "control": str(self.config.control_path),
+            "routes": [r.to_dict() for r in self.routes],
             "counters": dict(self.stats),
             "engine_status": self.engine.status(),
         }

@@ -118,6 +118,8 @@ MESSAGES: dict[str, dict[str, tuple[_Kind, bool]]] = {
     "stream": {"cookie": (UINT, REQ), "client": (ADDR, REQ), "original_dst": (ADDR, REQ),
                "nfds": (UINT, REQ)},
     "evicted": {"reason": (STR, REQ)},
+    # a delegated socket is taken back: the rule's packets come on the data channel from now on
+    "undelegate": {"cookie": (UINT, REQ)},
 }
 
 REQUESTS = frozenset(t for t, f in MESSAGES.items() if "id" in f and t != "reply")

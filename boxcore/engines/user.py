@@ -15,7 +15,8 @@ Deliveries:
 
 * ``socket``: a UDP REDIRECT covering a whole listening port, with nothing
   else overlapping it, gets the bound socket itself (the fast path; boxd stops
-  reading it until the rule goes);
+  reading it until the rule goes, or until another rule comes to overlap the
+  port: then boxd takes it back and the holder continues on its channel);
 * ``channel``: everything else - boxd pushes packets on the booster's data
   channel; REDIRECTs wait for a verdict (bounded, with a timeout after which
   the packet passes: the box fails open);
@@ -144,6 +145,7 @@ class UserEngine(Engine):
         self.max_multicast_sockets = max_multicast_sockets
         self.classifier = Classifier(max_rules)
         self.owners: dict[int, BoosterSession] = {}
+        self.deliveries: dict[int, Delivery] = {}   # socket deliveries, by cookie
         self.udp: list[_UdpListener] = []
         self.tcp: list[_TcpListener] = []
         self.flows: collections.OrderedDict[tuple[int, tuple[str, int]], _Flow] = collections.OrderedDict()
@@ -247,22 +249,36 @@ class UserEngine(Engine):
 
     # ---------------------------------------------------------- rules
     async def install(self, rule: Rule, session: BoosterSession) -> Delivery:
-        delegate = self._delegation_target(rule)
         for listener in self.udp:
             if listener.delegated is not None and rule.match.overlaps(listener.whole_port):
-                holder = self.owners.get(listener.delegated)
-                raise ValueError(f"udp port {listener.spec.port} is delegated as a socket to "
-                                 f"{holder.name if holder else '?'}; nothing else can match it")
+                self._undelegate(listener)
+        delegate = self._delegation_target(rule)
         self.classifier.add(rule)
         self.owners[rule.cookie] = session
         if delegate is not None:
             delegate.delegated = rule.cookie
             self.loop.remove_reader(delegate.sock.fileno())
             self.stats["sockets_delegated"] += 1
-            return Delivery("socket", {"dst": delegate.spec.dst_host, "dport": delegate.spec.dst_port,
-                                       "box": [delegate.spec.host, delegate.spec.port]},
-                            [delegate.sock.fileno()])
+            delivery = Delivery("socket", {"dst": delegate.spec.dst_host, "dport": delegate.spec.dst_port,
+                                           "box": [delegate.spec.host, delegate.spec.port]},
+                                [delegate.sock.fileno()])
+            self.deliveries[rule.cookie] = delivery
+            return delivery
         return Delivery("channel", {})
+
+    def _undelegate(self, listener: _UdpListener) -> None:
+        """Take a delegated socket back so boxd classifies the port again (another rule
+        now shares it); the holder's receiver switches to the data channel."""
+        cookie = listener.delegated
+        listener.delegated = None
+        self.loop.add_reader(listener.sock.fileno(), self._on_udp, listener)
+        self.stats["sockets_undelegated"] += 1
+        delivery = self.deliveries.pop(cookie, None)
+        if delivery is not None:  # the controller's record shows the new delivery
+            delivery.kind, delivery.fds = "channel", []
+        session = self.owners.get(cookie)
+        if session is not None and session.send_event is not None:
+            session.send_event({"t": "undelegate", "cookie": cookie})
 
     async def install_tcp(self, rule: Rule, session: BoosterSession) -> Delivery:
         self.classifier.add(rule)
@@ -286,6 +302,7 @@ class UserEngine(Engine):
     async def remove(self, rule: Rule) -> None:
         self.classifier.remove(rule.cookie)
         self.owners.pop(rule.cookie, None)
+        self.deliveries.pop(rule.cookie, None)
         for listener in self.udp:
             if listener.delegated == rule.cookie:
                 listener.delegated = None

@@ -18,9 +18,10 @@ is ignored).  ``handler`` is the user's handler; receivers call it through
 ``await booster.run_handler(handler, *args)``, which awaits coroutines, logs and
 counts exceptions (returning None) so one bad packet never stops the booster.
 Receivers turn the handler's result into a verdict with
-``boxcore.booster.Verdict.coerce(result, rule)`` and count packets with
+``boxcore.booster.Verdict.coerce(result)`` (redirects only) and count packets with
 ``booster.count_packet(rule.cookie, nbytes)`` when the engine cannot count them
-itself (those counts go to boxd with the heartbeats).
+itself (those counts go to boxd with the heartbeats).  Background work
+belongs in ``booster.spawn(coro)`` (cancelled when the booster closes).
 
 Modules holding receivers are imported on first lookup, so a receiver kind
 whose module is missing (or cannot load here) fails only when it is used.

@@ -8,7 +8,9 @@
   fast path).  Packets show ``dst``/``dport`` = the relay destination (from the
   delivery's params), like every other engine.  PASS / modify re-inject the
   packet through boxd, which relays it as if the box had forwarded it.
-  Counted here and reported to boxd with the heartbeats.
+  Counted here and reported to boxd with the heartbeats.  When another rule
+  comes to share the port, boxd takes the socket back (``undelegate``) and the
+  receiver carries on as a channel receiver.
 * ``stream``: boxd accepts intercepted TCP connections and passes each one
   (descriptor + original destination) over the control connection.
 """
@@ -113,13 +115,26 @@ class SocketReceiver:
             pkt = Packet(pkt.proto, pkt.src, pkt.sport, pkt.dst, pkt.dport, verdict.payload)
         self.booster.send(pkt)
 
-    async def stop(self) -> None:
+    def undelegate(self) -> None:
+        """boxd took the socket back (another rule now shares the port): from now on
+        the rule's packets arrive on the data channel, to the same handler."""
         if self.stopped:
             return
+        self._close()
+        self.booster._channel_handlers[self.rule.cookie] = (self.handler, self.redirect)
+        self.undelegated = True
+
+    def _close(self) -> None:
         self.stopped = True
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
+
+    async def stop(self) -> None:
+        if getattr(self, "undelegated", False):
+            self.booster._channel_handlers.pop(self.rule.cookie, None)
+        if not self.stopped:
+            self._close()
 
 
 @register("stream")

@@ -128,3 +128,23 @@ async def test_malformed_control_input_is_counted_not_fatal(tmp_path, net):
         assert await asyncio.wait_for(reader.read(), 3) == b""
         writer.close()
         assert (await boxd.query("status"))["boosters"] == 0
+
+
+async def test_delegated_socket_is_taken_back_when_a_copy_arrives(tmp_path, net):
+    async with BoxdProcess(tmp_path, listens=net["listen"], http=False) as boxd:
+        async with Booster("owner", control=boxd.control) as a, Booster("spy", control=boxd.control) as b:
+            got_a, got_b = [], []
+            sub = await a.redirect(Match(proto="udp", dst_port=net["server_port"]),
+                                   lambda p: (got_a.append(p.payload), Verdict.PASS)[1])
+            assert sub.delivery.kind == "socket"
+            net["client"].sendto(b"one", ("127.0.0.1", net["box"]))
+            assert (await recv(net["server"]))[0] == b"one"
+            await b.copy(Match(proto="udp", dst_port=net["server_port"]), lambda p: got_b.append(p.payload))
+            await asyncio.sleep(0.05)
+            assert sub.delivery.kind == "channel" and a.stats["undelegated"] == 1
+            net["client"].sendto(b"two", ("127.0.0.1", net["box"]))
+            assert (await recv(net["server"]))[0] == b"two"
+            await asyncio.sleep(0.05)
+            assert got_a == [b"one", b"two"] and got_b == [b"two"]
+            rules = {r["cookie"]: r for r in await boxd.query("rules")}
+            assert rules[sub.cookie]["delivery"] == "channel"
