@@ -122,7 +122,7 @@ class NPEngine(LinuxEngine):
     # -- construction ----------------------------------------------------------------
     @classmethod
     def add_options(cls, group: argparse._ArgumentGroup) -> None:
-        super().add_options(group)
+        # The host side takes the linux engine's --linux-* options (boxd adds those already).
         group.add_argument("--np-control", default="npc", help="the card's control interface on the host")
         group.add_argument("--np-host-ifaces", default="np0,np1",
                            help="the host's virtual interfaces of card ports 0 and 1")
