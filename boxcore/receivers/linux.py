@@ -39,6 +39,7 @@ NFQA_VERDICT_HDR = 2
 VERDICT_HDR = struct.Struct("!II")     # verdict, packet id
 DEFAULT_BATCH = 256
 DEFAULT_QUEUE_LEN = 4096
+SO_RCVBUFFORCE = 33
 
 
 def verdict_batch_message(queue: int, verdict: int, last_id: int) -> bytes:
@@ -77,6 +78,8 @@ class QueueReader:
     packet a verdict, now (``verdict`` / ``verdicts``) or later (``verdict``).
     """
 
+    RCVBUF = 32 << 20
+
     def __init__(self, queue: int, on_batch: Callable[[list], None], *, max_len: int = DEFAULT_QUEUE_LEN,
                  batch: int = DEFAULT_BATCH, fail_open: bool = True,
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -94,6 +97,10 @@ class QueueReader:
         # fail-open flag and batch verdicts (netfilterqueue exposes neither).
         self._sock = socket.socket(fileno=os.dup(self._nfq.get_fd()))
         self._sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            # a deep socket buffer rides out scheduling gaps (overflow fails open, but loses
+            # the packet for the booster)
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.RCVBUF)
         self._reader = _BudgetSocket(self._sock)
         if fail_open:
             self._sock.send(nf.nfqueue_fail_open(queue))
@@ -206,33 +213,45 @@ class NfqueueReceiver:
         return {**self.stats, **(self.reader.stats if self.reader else {})}
 
     def _on_batch(self, items: list) -> None:
+        from boxcore.booster import Verdict
+
+        consume, passed = Verdict.CONSUME, Verdict.PASS
         decided: list[tuple[Any, int, bytes | None]] = []
+        append = decided.append
         in_order = self.pending == 0
-        handler, booster = self.handler, self.booster
+        handler, booster, parse = self.handler, self.booster, Packet.parse_ip
+        check_payload, match = self.check_payload, self.rule.match
+        seen = 0
         for nfq_pkt, raw in items:
             try:
-                pkt = Packet.parse_ip(raw, verify_checksum=False)
+                pkt = parse(raw, verify_checksum=False)
             except PacketDecodeError:
                 self.stats["malformed"] += 1
-                decided.append((nfq_pkt, NF_ACCEPT, None))   # not ours to judge: let it pass
+                append((nfq_pkt, NF_ACCEPT, None))   # not ours to judge: let it pass
                 continue
-            if self.check_payload and not self.rule.match.matches(pkt):
-                self.stats["not_matching"] += 1               # u32 is a superset for short TCP tails
-                decided.append((nfq_pkt, NF_ACCEPT, None))
+            if check_payload and not match.matches(pkt):
+                self.stats["not_matching"] += 1      # u32 is a superset for short TCP tails
+                append((nfq_pkt, NF_ACCEPT, None))
                 continue
-            self.stats["packets"] += 1
+            seen += 1
             try:
                 result = handler(pkt)
             except Exception:
                 booster.handler_failed(handler)
-                decided.append((nfq_pkt, NF_DROP, None))     # a failed handler consumes
+                append((nfq_pkt, NF_DROP, None))     # a failed handler consumes, as on every engine
                 continue
-            if inspect.isawaitable(result):
+            # the common verdicts first, without a call
+            if result is None or result is consume:
+                append((nfq_pkt, NF_DROP, None))
+            elif result is passed:
+                append((nfq_pkt, NF_ACCEPT, None))
+            elif inspect.isawaitable(result):
                 in_order = False
                 self.pending += 1
                 booster._spawn(self._finish(nfq_pkt, raw, result))
-                continue
-            decided.append((nfq_pkt, *self._decide(raw, result)))
+            else:
+                append((nfq_pkt, *self._decide(raw, result)))
+        self.stats["packets"] += seen
         if in_order:
             self.reader.verdicts(decided)
         else:
@@ -291,7 +310,7 @@ class NflogSocket:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, nf.NETLINK_NETFILTER)
         try:
             try:
-                self.sock.setsockopt(socket.SOL_SOCKET, 33, self.RCVBUF)   # SO_RCVBUFFORCE
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.RCVBUF)
             except OSError:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RCVBUF)
             self.sock.bind((0, 0))
