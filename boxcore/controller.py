@@ -57,6 +57,7 @@ class ControllerConfig:
     max_rules_per_booster: int = 256
     max_pending_ops: int = 1024
     max_watches_per_booster: int = 32
+    max_inflight_per_booster: int = 256
     max_frame: int = wire.DEFAULT_MAX_FRAME
     max_groups: int = 1024
     max_group_members: int = 4096
@@ -126,6 +127,10 @@ class ControlSession:
         if kind not in wire.REQUESTS:
             ctl.stats["control_malformed"] += 1
             self.reply_error(wire.request_id(msg), Status.INVALID, f"{kind} is not a request")
+            return
+        if len(self.tasks) >= ctl.config.max_inflight_per_booster:
+            ctl.stats["ops_refused_busy"] += 1
+            self.reply_error(msg["id"], Status.ERROR, "busy: too many requests in flight")
             return
         task = asyncio.get_running_loop().create_task(self._serve(msg))
         self.tasks.add(task)

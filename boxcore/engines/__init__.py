@@ -8,8 +8,11 @@ needs npdrv).
 from __future__ import annotations
 
 import importlib
+import logging
 
 from boxcore.engines.base import BoosterSession, Delivery, Engine, Route
+
+log = logging.getLogger("boxcore.engines")
 
 __all__ = ["BoosterSession", "Delivery", "Engine", "Route", "ENGINE_NAMES", "get_engine",
            "available_engines"]
@@ -37,10 +40,14 @@ def get_engine(name: str) -> type[Engine]:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise EngineUnavailable(f"engine {name!r} is not available: {exc}") from None
-    try:
-        return getattr(module, class_name)
-    except AttributeError:
-        raise EngineUnavailable(f"engine {name!r}: {module_name} has no {class_name}") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:  # any Engine subclass in the module that calls itself ``name``
+        cls = next((obj for obj in vars(module).values() if isinstance(obj, type)
+                    and issubclass(obj, Engine) and obj is not Engine and getattr(obj, "name", None) == name),
+                   None)
+    if cls is None:
+        raise EngineUnavailable(f"engine {name!r}: {module_name} has no {class_name}")
+    return cls
 
 
 def available_engines() -> dict[str, type[Engine]]:
@@ -51,6 +58,7 @@ def available_engines() -> dict[str, type[Engine]]:
             found[name] = get_engine(name)
         except EngineUnavailable:
             continue
-        except Exception:  # a half-written engine must not break boxd for the others
+        except Exception as exc:  # a half-written engine must not break boxd for the others
+            log.warning("engine %s cannot load: %s: %s", name, type(exc).__name__, exc)
             continue
     return found
