@@ -92,6 +92,27 @@ class ReflectorService:
         self.core.handle_timer(time.monotonic())
         self.flush()
 
+    def use_socket(self, sock: socket.socket) -> None:
+        """Send unicasts and fan-outs with ``sendto`` on ``sock`` (the hot path: one loop, no per-datagram call)."""
+        self.send_to = self.socket_sender(sock)
+        sendto = sock.sendto
+        members = self.core.members
+        counters = self.counters
+
+        def fanout(location: int, data: bytes) -> None:
+            sent = 0
+            for addr in members(location):
+                try:
+                    sendto(data, addr)
+                    sent += 1
+                except BlockingIOError:
+                    counters["send_dropped"] += 1
+                except OSError:
+                    counters["send_errors"] += 1
+            counters["datagrams_out"] += sent
+
+        self.fanout = fanout
+
     def socket_sender(self, sock: socket.socket) -> Callable[[bytes, Address], None]:
         sendto = sock.sendto
         counters = self.counters
@@ -211,7 +232,7 @@ async def run_standalone(service: ReflectorService, listen: Address, stop: async
                          ready: Callable[[Address], None] | None = None) -> None:
     loop = asyncio.get_running_loop()
     sock = open_udp_socket(listen)
-    service.send_to = service.socket_sender(sock)
+    service.use_socket(sock)
     service.transport = {"mode": "standalone", "delivery": "own socket", "fanout": "direct"}
     attach_reader(loop, sock, service)
     ticker = _start_ticker(loop, service, tick)
@@ -260,7 +281,7 @@ async def run_booster(service: ReflectorService, args: argparse.Namespace, stop:
             raise ConfigError(f"boxd refused udp port {port}: {exc}") from None
         direct_socket = getattr(sub.receiver, "sock", None) if sub.delivery.kind == "socket" else None
         if direct_socket is not None:
-            service.send_to = service.socket_sender(direct_socket)
+            service.use_socket(direct_socket)
         else:
             def send_via_box(data: bytes, addr: Address) -> None:
                 if booster.send(Packet(17, box_addr["addr"], port, addr[0], addr[1], data)):

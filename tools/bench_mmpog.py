@@ -1,0 +1,293 @@
+"""``booster-loadgen mmpog``: the game experiments (paper section III-C).
+
+Two measurements, both on loopback:
+
+* **fan-out throughput** - one location with ``--fanout-members`` members (64);
+  one member blasts updates at ``--fanout-in-rate`` datagrams/s into the
+  reflector, the others (in a separate process) count what arrives.  Figures:
+  datagrams/s the reflector sent (its own counters) and the sinks received.
+* **bots** - the ``mmpog-bots`` session (``--players``, ``--locations``,
+  ``--duration``, ``--loss`` ...): delivery ratio and latency percentiles of
+  reliable and unreliable updates, duplicates, retransmissions, reflector pps.
+
+``--reflector-mode booster`` (the default) runs the reflector as a booster on
+a boxd with the user engine (started here); ``standalone`` binds its own socket.
+Prints one JSON document; ``--json`` writes it; ``--plot`` writes a PNG of
+the latency distributions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import secrets
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from boxcore.runtime import ConfigError, non_negative_float, positive_int, probability
+
+LOCATION = 1
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "mmpog", help="game reflector: fan-out throughput and bots delivery/latency under loss",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  booster-loadgen mmpog --players 64 --locations 1 --duration 10 --loss 0.05 --json out/m.json\n"
+               "  booster-loadgen mmpog --only fanout --fanout-members 64 --fanout-in-rate 3000 --duration 5\n"
+               "  booster-loadgen mmpog --only bots --players 16 --loss 0.05 --duration 10 --plot out/m.png",
+    )
+    parser.add_argument("--only", choices=["fanout", "bots"], default=None, help="run one of the two measurements")
+    parser.add_argument("--reflector-mode", choices=["booster", "standalone"], default="booster")
+    parser.add_argument("--players", type=positive_int, default=64)
+    parser.add_argument("--locations", type=positive_int, default=1)
+    parser.add_argument("--duration", type=non_negative_float, default=10.0)
+    parser.add_argument("--loss", type=probability, default=0.05)
+    parser.add_argument("--loss-mode", choices=["relay", "iptables"], default="relay")
+    parser.add_argument("--rate", type=non_negative_float, default=10.0, help="bot updates/s")
+    parser.add_argument("--reliable-fraction", type=probability, default=0.25)
+    parser.add_argument("--deadline", type=non_negative_float, default=1.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--fanout-members", type=positive_int, default=64)
+    parser.add_argument("--fanout-in-rate", type=positive_int, default=2500, help="datagrams/s into the reflector")
+    parser.add_argument("--fanout-duration", type=non_negative_float, default=5.0)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None)
+    parser.set_defaults(func=run)
+
+
+# ====================================================================== fan-out throughput
+
+def _free_port(kind=socket.SOCK_DGRAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _http(method: str, url: str, key: str, body: dict | None = None) -> dict:
+    request = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def _join(sock: socket.socket, player: int, token: bytes, reflector: tuple[str, int]) -> None:
+    from mmpog import wire
+
+    sock.settimeout(2)
+    hello = wire.encode(wire.Header(wire.Kind.HELLO, rto_ms=40, location=LOCATION, sender=player, packet_id=1), token)
+    for _ in range(5):
+        sock.sendto(hello, reflector)
+        with contextlib.suppress(socket.timeout):
+            while True:
+                header, _ = wire.decode(sock.recv(2048))
+                if header.kind is wire.Kind.WELCOME:
+                    sock.setblocking(False)
+                    return
+    raise RuntimeError(f"player {player} was not welcomed")
+
+
+def _sink(players: list[int], tokens: dict, reflector, ready, start, stop, result) -> None:
+    """Join as ``players`` and count every datagram that arrives until ``stop``."""
+    socks = []
+    for player in players:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.bind(("127.0.0.1", 0))
+        _join(sock, player, tokens[player], reflector)
+        socks.append(sock)
+    poller = select.epoll()
+    by_fd = {sock.fileno(): sock for sock in socks}
+    for fd in by_fd:
+        poller.register(fd, select.EPOLLIN)
+    buf = bytearray(2048)
+    ready.set()
+    start.wait()
+    count = 0
+    while not stop.is_set():
+        for fd, _ in poller.poll(0.05):
+            recv_into = by_fd[fd].recv_into
+            try:
+                while True:
+                    recv_into(buf)
+                    count += 1
+            except BlockingIOError:
+                pass
+    result.value = count
+
+
+def _blaster(player: int, token: bytes, reflector, rate: int, reliable_every: int, ready, start, stop, result) -> None:
+    from mmpog import wire
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    _join(sock, player, token, reflector)
+    ready.set()
+    start.wait()
+    datagrams = [wire.encode(wire.Header(wire.Kind.DATA, int(wire.Flag.RELIABLE) if n % reliable_every == 0 else 0,
+                                         40, LOCATION, player, 1000 + n), bytes(48)) for n in range(reliable_every)]
+    sent = 0
+    began = time.monotonic()
+    buf = bytearray(2048)
+    batch = max(1, rate // 200)
+    while not stop.is_set():
+        due = int((time.monotonic() - began) * rate)
+        if sent >= due:
+            time.sleep(batch / rate)
+        for _ in range(min(batch, max(0, due - sent))):
+            with contextlib.suppress(BlockingIOError):
+                sock.sendto(datagrams[sent % reliable_every], reflector)
+            sent += 1
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                sock.recv_into(buf)          # our own echoes: drain them
+    result.value = sent
+
+
+async def _start_reflector(mode: str, workdir: Path, key: str):
+    """Start a reflector (booster on a fresh boxd, or standalone); returns (udp, http_url, stop)."""
+    http_port = _free_port(socket.SOCK_STREAM)
+    env = dict(os.environ, MMPOG_API_KEY=key)
+    boxd = None
+    if mode == "booster":
+        from boxcore.testing import BoxdProcess
+        listen, relay = _free_port(), _free_port()
+        boxd = BoxdProcess(workdir / "boxd", listens=[f"udp:127.0.0.1:{listen}=127.0.0.1:{relay}"], http=False,
+                           log_level="warning")
+        await boxd.start()
+        argv = ["--mode", "booster", "--control", str(boxd.control), "--port", str(relay), "--src-port", str(listen)]
+        udp = ("127.0.0.1", listen)
+    else:
+        udp = ("127.0.0.1", _free_port())
+        argv = ["--mode", "standalone", "--listen", f"127.0.0.1:{udp[1]}"]
+    proc = subprocess.Popen([sys.executable, "-m", "mmpog.reflector", *argv, "--http", f"127.0.0.1:{http_port}",
+                             "--log-level", "warning"], env=env)
+    url = f"http://127.0.0.1:{http_port}"
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the reflector did not start")
+            await asyncio.sleep(0.05)
+
+    async def stop() -> None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        if boxd is not None:
+            await boxd.stop()
+
+    return udp, url, stop
+
+
+async def measure_fanout(members: int, in_rate: int, duration: float, mode: str, workdir: Path) -> dict:
+    key = secrets.token_hex(8)
+    udp, url, stop_reflector = await _start_reflector(mode, workdir, key)
+    try:
+        tokens = {player: secrets.token_bytes(16) for player in range(1, members + 1)}
+        for player, token in tokens.items():
+            _http("PUT", f"{url}/locations/{LOCATION}/members/{player}", key, {"token": token.hex()})
+        ctx = multiprocessing.get_context("fork")
+        start, stop = ctx.Event(), ctx.Event()
+        sink_ready, blaster_ready = ctx.Event(), ctx.Event()
+        received, sent = ctx.Value("q", 0), ctx.Value("q", 0)
+        sink = ctx.Process(target=_sink, args=(list(range(2, members + 1)), tokens, udp, sink_ready, start, stop,
+                                               received))
+        blaster = ctx.Process(target=_blaster, args=(1, tokens[1], udp, in_rate, 4, blaster_ready, start, stop, sent))
+        sink.start()
+        blaster.start()
+        if not (await asyncio.to_thread(sink_ready.wait, 30) and await asyncio.to_thread(blaster_ready.wait, 30)):
+            raise RuntimeError("fan-out members did not join")
+        before = _http("GET", url + "/stats", key)
+        began = time.monotonic()
+        start.set()
+        await asyncio.sleep(duration)
+        after = _http("GET", url + "/stats", key)
+        elapsed = time.monotonic() - began
+        stop.set()
+        await asyncio.to_thread(sink.join, 10)
+        await asyncio.to_thread(blaster.join, 10)
+        out = after["io"]["datagrams_out"] - before["io"]["datagrams_out"]
+        inbound = after["io"]["datagrams_in"] - before["io"]["datagrams_in"]
+        return {
+            "members": members, "mode": mode, "transport": after.get("transport", {}),
+            "offered_in_pps": round(sent.value / elapsed, 1),
+            "reflector_in_pps": round(inbound / elapsed, 1),
+            "reflector_fanout_pps": round(out / elapsed, 1),
+            "sinks_received_pps": round(received.value / elapsed, 1),
+            "send_dropped": after["io"]["send_dropped"] - before["io"]["send_dropped"],
+            "duration": round(elapsed, 3),
+        }
+    finally:
+        await stop_reflector()
+
+
+# ====================================================================== driver
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bots = result.get("bots")
+    if not bots:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = ["p50", "p90", "p99", "max"]
+    for offset, name in ((-0.2, "reliable"), (0.2, "unreliable")):
+        values = [bots[name]["latency_ms"][k] or 0 for k in labels]
+        ax.bar([i + offset for i in range(len(labels))], values, width=0.4, label=name)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"mmpog: {bots['players']} players, {bots['loss']:.0%} loss each way; "
+                 f"reliable delivered {bots['reliable']['delivered_ratio']}")
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmpog.bots import Params, run_experiment
+
+    async def main() -> dict:
+        result: dict = {}
+        with tempfile.TemporaryDirectory(prefix="bench-mmpog-") as tmp:
+            if args.only in (None, "fanout"):
+                result["fanout"] = await measure_fanout(args.fanout_members, args.fanout_in_rate,
+                                                        args.fanout_duration, args.reflector_mode, Path(tmp))
+            if args.only in (None, "bots"):
+                params = Params(players=args.players, locations=args.locations, duration=args.duration,
+                                loss=args.loss, loss_mode=args.loss_mode, rate=args.rate,
+                                reliable_fraction=args.reliable_fraction, deadline=args.deadline, seed=args.seed,
+                                reflector_mode=args.reflector_mode, workdir=str(Path(tmp) / "bots-boxd"))
+                if args.loss_mode == "iptables":
+                    raise ConfigError("use mmpog-bots --loss-mode iptables for the namespace variant")
+                result["bots"] = await run_experiment(params)
+        return result
+
+    import uvloop
+    result = uvloop.run(main())
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    if args.plot is not None:
+        _plot(result, args.plot)
+    return 0
