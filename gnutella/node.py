@@ -153,24 +153,36 @@ class Node:
     # ---------------------------------------------------------------- connection events
 
     def peer_up(self, cid: int, now: float, ip: str, port: int, guid: bytes | None, version: str,
-                remote_ultrapeer: bool, our_leaf: bool, user_agent: str = "") -> list:
+                remote_ultrapeer: bool, our_leaf: bool, user_agent: str = "", remote_qrp: bool = False) -> list:
+        """A connection finished its handshake.  ``remote_qrp``: the peer said
+        X-Ultrapeer-Query-Routing, so ultrapeers exchange tables for last-hop routing."""
         peer = Peer(cid, ip, port, remote_ultrapeer, our_leaf, guid, version, now, user_agent=user_agent)
-        if our_leaf:
-            peer.qrp = TableReceiver(self.config.max_qrp_table)
+        peer.qrp = TableReceiver(self.config.max_qrp_table)
         self.peers[cid] = peer
         self.router.connection_up(cid)
         self.learn_host(ip, port)
         self.stats["peers_up"] += 1
         out: list = []
-        if not self.config.ultrapeer and remote_ultrapeer:
-            # a leaf tells its ultrapeer what it shares, so only matching queries come down
-            for payload in self.route_table().to_messages():
+        leaf_to_up = not self.config.ultrapeer and remote_ultrapeer
+        up_to_up = self.config.ultrapeer and remote_ultrapeer and remote_qrp and not our_leaf
+        if leaf_to_up or up_to_up:
+            # a leaf tells its ultrapeer what it shares, so only matching queries come down;
+            # between ultrapeers the table (ours and our leaves') filters the last hop
+            for payload in self.table_for_peers().to_messages():
                 out.append(Send(cid, Message(self._guid(), 1, 0, payload)))
+            self.stats["qrp_tables_sent"] += 1
         # a first ping fills the host and pong caches
         ping = Message(self._guid(), self.config.ping_ttl if self.config.ultrapeer else 1, 0, Ping())
         self.router.originate(ping)
         out.append(Send(cid, ping))
         return out
+
+    def table_for_peers(self) -> RouteTable:
+        table = RouteTable(self.config.qrp_bits, set(self.route_table().present))
+        for peer in self.peers.values():
+            if peer.our_leaf and peer.table is not None and peer.table.bits == table.bits:
+                table.present |= peer.table.present
+        return table
 
     def peer_down(self, cid: int) -> None:
         if self.peers.pop(cid, None) is not None:
@@ -320,6 +332,9 @@ class Node:
                 else:
                     self.stats["qrp_filtered"] += 1
             elif relay is not None and other.ultrapeer:
+                if relay.ttl == 1 and other.table is not None and not self._leaf_may_have(other, query):
+                    self.stats["qrp_filtered"] += 1      # last hop: its table says nothing there
+                    continue
                 out.append(Send(other.cid, relay))
         return out
 
@@ -349,8 +364,8 @@ class Node:
         return [Send(cid, relay)] if relay else []
 
     def _on_qrp(self, peer: Peer, msg: Message) -> list:
-        if peer.qrp is None:
-            self.stats["qrp_ignored"] += 1
+        if peer.qrp is None or (not self.config.ultrapeer):
+            self.stats["qrp_ignored"] += 1        # a leaf routes nothing
             return []
         try:
             table = peer.qrp.receive(msg.payload)   # type: ignore[arg-type]

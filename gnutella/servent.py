@@ -169,6 +169,10 @@ class Servent:
 
     # ---------------------------------------------------------------- connections
 
+    def _source(self) -> tuple[str, int] | None:
+        # leave from our own address: a host may carry several servents, one per address
+        return (self.listen[0], 0) if self.listen[0] not in ("0.0.0.0", "") else None
+
     def connect(self, host: str, port: int) -> None:
         addr = (host, port)
         if addr in self._connecting or addr in self._connected_addrs.values():
@@ -180,7 +184,8 @@ class Servent:
 
     async def _connect(self, addr: tuple[str, int]) -> None:
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(*addr, limit=1 << 16), HANDSHAKE_TIMEOUT)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(*addr, limit=1 << 16, local_addr=self._source()), HANDSHAKE_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
             self.stats["connect_failed"] += 1
             self._retry_after[addr] = time.monotonic() + 30
@@ -198,6 +203,10 @@ class Servent:
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        with contextlib.suppress(asyncio.CancelledError):     # stop() cancels these
+            await self._accept_inner(reader, writer)
+
+    async def _accept_inner(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
                 first = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
@@ -316,7 +325,8 @@ class Servent:
         self._connected_addrs[cid] = listen
         now = time.monotonic()
         self._perform(self.node.peer_up(cid, now, listen[0], listen[1], remote_guid(est.headers), est.version,
-                                        remote_up is not False, our_leaf, est.headers.get("User-Agent") or ""))
+                                        remote_up is not False, our_leaf, est.headers.get("User-Agent") or "",
+                                        remote_qrp="X-Ultrapeer-Query-Routing" in est.headers))
         self.established.set()
         log.debug("peer %d up: %s:%d (%s)", cid, *listen, "our leaf" if our_leaf else "peer")
         msg_reader = MessageReader()
@@ -513,7 +523,8 @@ class Servent:
             self.stats["push_unknown_file"] += 1
             return
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(push.ip, push.port), HANDSHAKE_TIMEOUT)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(push.ip, push.port, local_addr=self._source()), HANDSHAKE_TIMEOUT)
         except (OSError, asyncio.TimeoutError):
             self.stats["push_connect_failed"] += 1
             return

@@ -1,0 +1,128 @@
+"""Booster-to-booster protocol: the upper level of the two-level overlay.
+
+Frames are a 4-byte big-endian length then one msgpack map.  Every message
+type and its fields are declared once in :data:`SCHEMA` and checked strictly
+on decode (:class:`B2BDecodeError` names what was wrong).
+
+=======  ===============================================================
+hello    ``id`` booster name, ``cluster`` list of prefixes, ``v`` version
+table    ``bits`` table size exponent, ``slots`` zlib-compressed bitmap of
+         the QRP slots present in the cluster (the cluster's keyword table)
+query    ``guid``, ``ttl``, ``hops``, ``criteria``, ``flags``, ``urns``
+hit      ``guid`` (the query's), ``hops``, ``payload`` raw QueryHit payload
+push     ``payload`` raw Push payload (routed by servent GUID)
+bye      ``reason``
+=======  ===============================================================
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import msgpack
+
+from .qrp import RouteTable
+
+VERSION = 1
+LENGTH = struct.Struct(">I")
+DEFAULT_MAX_FRAME = 256 * 1024
+
+
+class B2BDecodeError(ValueError):
+    """A malformed booster-to-booster frame; the message says what was wrong."""
+
+
+SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "hello": {"id": str, "cluster": list, "v": int},
+    "table": {"bits": int, "slots": bytes},
+    "query": {"guid": bytes, "ttl": int, "hops": int, "criteria": str, "flags": int, "urns": list},
+    "hit": {"guid": bytes, "hops": int, "payload": bytes},
+    "push": {"payload": bytes},
+    "bye": {"reason": str},
+}
+
+
+def validate(obj: object) -> dict:
+    if not isinstance(obj, dict):
+        raise B2BDecodeError(f"frame is a {type(obj).__name__}, not a map")
+    kind = obj.get("t")
+    if kind not in SCHEMA:
+        raise B2BDecodeError(f"unknown message type {kind!r}")
+    for name, typ in SCHEMA[kind].items():
+        if name not in obj:
+            raise B2BDecodeError(f"{kind}: missing field {name!r}")
+        value = obj[name]
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise B2BDecodeError(f"{kind}: field {name!r} is {type(value).__name__}, expected {typ.__name__}")
+    extra = set(obj) - set(SCHEMA[kind]) - {"t"}
+    if extra:
+        raise B2BDecodeError(f"{kind}: unexpected fields {sorted(extra)}")
+    if kind in ("query", "hit") and len(obj["guid"]) != 16:
+        raise B2BDecodeError(f"{kind}: guid of {len(obj['guid'])} bytes, expected 16")
+    if kind == "table" and not 1 <= obj["bits"] <= 20:
+        raise B2BDecodeError(f"table: bits {obj['bits']} outside 1..20")
+    if kind == "query" and not all(isinstance(u, str) for u in obj["urns"]):
+        raise B2BDecodeError("query: urns must be strings")
+    if kind == "hello" and not all(isinstance(c, str) for c in obj["cluster"]):
+        raise B2BDecodeError("hello: cluster must be a list of prefixes")
+    return obj
+
+
+def encode(obj: dict) -> bytes:
+    validate(obj)
+    body = msgpack.packb(obj, use_bin_type=True)
+    return LENGTH.pack(len(body)) + body
+
+
+@dataclass
+class FrameReader:
+    """Frames a byte stream into validated messages (bounded frame size)."""
+
+    max_frame: int = DEFAULT_MAX_FRAME
+    _buf: bytearray = field(default_factory=bytearray)
+
+    def feed(self, data: bytes) -> list[dict | B2BDecodeError]:
+        """Messages, or a B2BDecodeError in place of each malformed frame (the stream goes on).
+        A frame longer than ``max_frame`` cannot be skipped safely: that raises."""
+        self._buf += data
+        out: list[dict | B2BDecodeError] = []
+        while len(self._buf) >= LENGTH.size:
+            (length,) = LENGTH.unpack_from(self._buf)
+            if length > self.max_frame:
+                raise B2BDecodeError(f"frame of {length} bytes exceeds limit {self.max_frame}")
+            if len(self._buf) < LENGTH.size + length:
+                break
+            body = bytes(self._buf[LENGTH.size:LENGTH.size + length])
+            del self._buf[:LENGTH.size + length]
+            try:
+                out.append(validate(msgpack.unpackb(body, raw=False, strict_map_key=True)))
+            except B2BDecodeError as exc:
+                out.append(exc)
+            except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError,
+                    msgpack.exceptions.StackError) as exc:
+                out.append(B2BDecodeError(f"bad msgpack: {exc}"))
+        return out
+
+
+def table_message(table: RouteTable) -> dict:
+    bitmap = bytearray(table.size // 8 or 1)
+    for slot in table.present:
+        bitmap[slot >> 3] |= 1 << (slot & 7)
+    return {"t": "table", "bits": table.bits, "slots": zlib.compress(bytes(bitmap))}
+
+
+def table_from_message(msg: dict) -> RouteTable:
+    bits = msg["bits"]
+    size = 1 << bits
+    want = size // 8 or 1
+    decomp = zlib.decompressobj()
+    try:
+        bitmap = decomp.decompress(msg["slots"], want + 1)
+    except zlib.error as exc:
+        raise B2BDecodeError(f"table: bad zlib data: {exc}") from None
+    if len(bitmap) != want:
+        raise B2BDecodeError(f"table: bitmap of {len(bitmap)} bytes, expected {want}")
+    present = {i * 8 + b for i, byte in enumerate(bitmap) if byte for b in range(8) if byte >> b & 1}
+    return RouteTable(bits, {s for s in present if s < size})

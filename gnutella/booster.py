@@ -1,0 +1,474 @@
+"""``gnutella-booster``: the clustering booster at a cluster's edge (asyncio around :mod:`gnutella.boostercore`).
+
+It asks boxd to intercept the TCP connections that local servents open to
+Gnutella ports outside the cluster (TPROXY on the linux engine, ``stream``
+delivery on the user engine).  Each intercepted connection is identified by
+its first bytes: ``GNUTELLA CONNECT`` is answered as the remote peer would
+(the booster impersonates it); anything else (an HTTP download, a GIV) is
+spliced on to where it was going, untouched.  Boosters of other clusters are
+reached over the msgpack protocol of :mod:`gnutella.b2b`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from boxcore.runtime import (ConfigError, RunContext, host_port, make_parser, non_negative_float,
+                             positive_int, run_async)
+
+from . import b2b
+from .boostercore import BoosterConfig, BoosterCore, SendPeer
+from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, identity_headers,
+                        listen_address)
+from .node import Close, Send
+from .wire import Bye, GnutellaDecodeError, Message, MessageReader, RawMessage, new_guid
+
+log = logging.getLogger("gnutella.booster")
+
+HANDSHAKE_TIMEOUT = 10.0
+MAX_OUTBUF = 512 * 1024
+RECONNECT = 1.0
+
+Splicer = Callable[[Any], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
+async def _plain_onward(conn: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(asyncio.open_connection(*conn.original_dst), HANDSHAKE_TIMEOUT)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: Counter, counter: str) -> None:
+    try:
+        while data := await reader.read(65536):
+            stats[counter] += len(data)
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (ConnectionError, OSError):
+        pass
+
+
+class GnutellaBooster:
+    """The I/O of the booster: intercepted connections and booster peers."""
+
+    def __init__(self, core: BoosterCore, stats: Counter | None = None, splice: Splicer = _plain_onward,
+                 tick: float = 0.05) -> None:
+        self.core = core
+        self.stats: Counter = stats if stats is not None else core.stats
+        self.splice = splice
+        self.tick_interval = tick
+        self.local_writers: dict[int, asyncio.StreamWriter] = {}
+        self.peer_writers: dict[int, asyncio.StreamWriter] = {}
+        self.peer_names: dict[int, str] = {}
+        self.peer_outgoing: dict[int, bool] = {}
+        self.peer_traffic: dict[str, Counter] = defaultdict(Counter)
+        self.intercepted: Counter = Counter()        # "client_ip>dst_ip:port" -> connections
+        self._ids = 1
+        self._tasks: set[asyncio.Task] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self.peer_port: int | None = None
+        self.rng = random.Random()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self, peer_listen: tuple[str, int] | None, boosters: list[tuple[str, int]]) -> None:
+        if peer_listen is not None:
+            self._server = await asyncio.start_server(self._accept_peer, *peer_listen)
+            self.peer_port = self._server.sockets[0].getsockname()[1]
+        for addr in boosters:
+            self._spawn(self._keep_peer(addr))
+        self._spawn(self._ticker())
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for pid, writer in list(self.peer_writers.items()):
+            self._send_peer(pid, {"t": "bye", "reason": "shutting down"})
+            writer.close()
+        for writer in list(self.local_writers.values()):
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    def snapshot(self) -> dict:
+        return {
+            "name": self.core.config.name,
+            "local_connections": len(self.local_writers),
+            "boosters": sorted(self.peer_names.get(pid, "?") for pid in self.peer_writers),
+            "b2b": {name: dict(c) for name, c in self.peer_traffic.items()},
+            "intercepted": dict(self.intercepted),
+            "local_servents": [f"{h}:{p}" for h, p in self.core.known_servents],
+        }
+
+    def boundary(self) -> dict:
+        """What crossed the cluster boundary through this booster (b2b messages and bytes)."""
+        out = Counter()
+        for c in self.peer_traffic.values():
+            out.update(c)
+        return {"messages_out": out["msgs_out"], "bytes_out": out["bytes_out"],
+                "messages_in": out["msgs_in"], "bytes_in": out["bytes_in"],
+                "spliced_bytes": self.stats["spliced_bytes_up"] + self.stats["spliced_bytes_down"]}
+
+    # ---------------------------------------------------------------- actions
+
+    def _perform(self, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self._send_local(action.cid, action.message)
+            elif isinstance(action, SendPeer):
+                self._send_peer(action.pid, action.obj)
+            elif isinstance(action, Close):
+                writer = self.local_writers.get(action.cid)
+                if writer is not None:
+                    if action.bye_code is not None:
+                        self._send_local(action.cid, Message(new_guid(), 1, 0, Bye(action.bye_code, action.reason)))
+                    writer.close()
+
+    def _send_local(self, cid: int, msg: Message) -> None:
+        writer = self.local_writers.get(cid)
+        if writer is None or writer.is_closing():
+            return
+        transport = writer.transport
+        if transport is not None and transport.get_write_buffer_size() > MAX_OUTBUF:
+            self.stats["local_tx_dropped_backlog"] += 1
+            return
+        writer.write(msg.encode())
+        self.stats[f"local_tx_{msg.type_name}"] += 1
+
+    def _send_peer(self, pid: int, obj: dict) -> None:
+        writer = self.peer_writers.get(pid)
+        if writer is None or writer.is_closing():
+            return
+        transport = writer.transport
+        if transport is not None and transport.get_write_buffer_size() > MAX_OUTBUF:
+            self.stats["peer_tx_dropped_backlog"] += 1
+            return
+        frame = b2b.encode(obj)
+        writer.write(frame)
+        traffic = self.peer_traffic[self.peer_names.get(pid, f"#{pid}")]
+        traffic["msgs_out"] += 1
+        traffic["bytes_out"] += len(frame)
+        traffic[f"{obj['t']}_out"] += 1
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_interval)
+            self._perform(self.core.tick(time.monotonic()))
+
+    # ---------------------------------------------------------------- intercepted connections
+
+    async def on_intercepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Any) -> None:
+        """boxcore's intercept_tcp handler: conn.client, conn.original_dst."""
+        self.stats["intercepted"] += 1
+        try:
+            first = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
+        except (asyncio.TimeoutError, OSError, ValueError):
+            self.stats["intercepted_silent"] += 1
+            return
+        if first.startswith(b"GNUTELLA CONNECT/"):
+            self.intercepted[f"{conn.client[0]}>{conn.original_dst[0]}:{conn.original_dst[1]}"] += 1
+            await self._gnutella(reader, writer, conn, first)
+        else:
+            await self._splice(reader, writer, conn, first)
+
+    async def _splice(self, reader, writer, conn, first: bytes) -> None:
+        """Not Gnutella overlay traffic (a download, a GIV...): pass it on untouched."""
+        self.stats["spliced"] += 1
+        try:
+            up_reader, up_writer = await self.splice(conn)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.stats["splice_failed"] += 1
+            log.debug("splice to %s failed: %r", conn.original_dst, exc)
+            return
+        up_writer.write(first)
+        self.stats["spliced_bytes_up"] += len(first)
+        try:
+            await asyncio.gather(_pipe(reader, up_writer, self.stats, "spliced_bytes_up"),
+                                 _pipe(up_reader, writer, self.stats, "spliced_bytes_down"))
+        finally:
+            up_writer.close()
+
+    async def _gnutella(self, reader, writer, conn, first: bytes) -> None:
+        client_ip = conn.client[0]
+        hs = Handshake("server")
+        data = first
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        est: Established | None = None
+        leaf = False
+        listen = (client_ip, 0)
+        reserved = False
+        try:
+            while est is None:
+                for event in hs.receive_data(data):
+                    if isinstance(event, ConnectRequest):
+                        listen = listen_address(event.headers) or (client_ip, conn.original_dst[1])
+                        if not self.core.is_local(listen[0]):
+                            listen = (client_ip, listen[1])
+                        decision = self.core.decide(event, listen)
+                        me = self.core.impersonate(tuple(conn.original_dst))
+                        headers = identity_headers(me, client_ip)
+                        headers["X-Try-Ultrapeers"] = ",".join(
+                            f"{h}:{p}" for h, p in self.core.local_hosts(exclude=listen))
+                        out, done = hs.respond(decision.code, decision.reason, headers)
+                        writer.write(out)
+                        await writer.drain()
+                        if not decision.accepted:
+                            self.stats[f"refused_{decision.code}"] += 1
+                            self.core.learn_servent(listen)
+                            return
+                        leaf = decision.as_leaf
+                        reserved = True
+                        est = done
+                    elif isinstance(event, Established):
+                        est = event
+                if est is not None:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError()
+                data = await asyncio.wait_for(reader.read(1 << 16), remaining)
+                if not data:
+                    return
+        except (HandshakeError, asyncio.TimeoutError, OSError, RuntimeError) as exc:
+            self.stats["handshake_failed"] += 1
+            log.debug("intercepted handshake from %s failed: %r", client_ip, exc)
+            est = None
+        finally:
+            if est is None and reserved:
+                self.core.release(listen)
+        if est is None:
+            return
+        cid = self._next_id()
+        self.local_writers[cid] = writer
+        self._perform(self.core.local_up(cid, time.monotonic(), client_ip, listen, tuple(conn.original_dst), leaf))
+        log.debug("impersonating %s:%d for %s (%s)", *conn.original_dst, client_ip, "leaf" if leaf else "ultrapeer")
+        framer = MessageReader()
+        data = est.leftover
+        try:
+            while True:
+                if data:
+                    try:
+                        messages = framer.feed(data)
+                    except GnutellaDecodeError as exc:
+                        self.stats["framing_errors"] += 1
+                        log.info("local %d: %s; closing", cid, exc)
+                        break
+                    now = time.monotonic()
+                    for msg in messages:
+                        if isinstance(msg, RawMessage):
+                            self.stats["malformed_dropped"] += 1
+                            continue
+                        self._perform(self.core.local_message(cid, msg, now))
+                    if writer.is_closing():
+                        break
+                    await writer.drain()
+                data = await reader.read(1 << 16)
+                if not data:
+                    break
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.local_writers.pop(cid, None)
+            self.core.local_down(cid)
+
+    # ---------------------------------------------------------------- booster peers
+
+    async def _keep_peer(self, addr: tuple[str, int]) -> None:
+        """Keep a connection to another booster, reconnecting when it drops."""
+        while True:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(*addr), HANDSHAKE_TIMEOUT)
+            except (OSError, asyncio.TimeoutError):
+                self.stats["peer_connect_failed"] += 1
+                await asyncio.sleep(RECONNECT)
+                continue
+            await self._peer_session(reader, writer, outgoing=True)
+            await asyncio.sleep(RECONNECT)
+
+    async def _accept_peer(self, reader, writer) -> None:
+        with contextlib.suppress(asyncio.CancelledError):   # stop() closes these sessions
+            await self._peer_session(reader, writer, outgoing=False)
+
+    async def _peer_session(self, reader, writer, outgoing: bool) -> None:
+        pid = self._next_id()
+        self.peer_writers[pid] = writer
+        self.peer_outgoing[pid] = outgoing
+        self._perform(self.core.peer_up(pid))
+        framer = b2b.FrameReader()
+        try:
+            while data := await reader.read(1 << 16):
+                self.peer_traffic[self.peer_names.get(pid, f"#{pid}")]["bytes_in"] += len(data)
+                try:
+                    frames = framer.feed(data)
+                except b2b.B2BDecodeError as exc:
+                    self.stats["peer_framing_errors"] += 1
+                    log.info("booster peer %d: %s; closing", pid, exc)
+                    break
+                now = time.monotonic()
+                for obj in frames:
+                    if isinstance(obj, b2b.B2BDecodeError):
+                        self.stats["peer_malformed"] += 1
+                        continue
+                    if obj["t"] == "hello" and not self._register_peer(pid, obj["id"]):
+                        return
+                    self.peer_traffic[self.peer_names.get(pid, f"#{pid}")]["msgs_in"] += 1
+                    self._perform(self.core.peer_message(pid, obj, now))
+                    if obj["t"] == "bye":
+                        return
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.peer_writers.pop(pid, None)
+            self.peer_outgoing.pop(pid, None)
+            self.peer_names.pop(pid, None)
+            self.core.peer_down(pid)
+            writer.close()
+
+    def _register_peer(self, pid: int, name: str) -> bool:
+        """One link per pair of boosters: of two crossing connections keep the one
+        opened by the booster with the smaller name."""
+        me = self.core.config.name
+        if name == me:
+            self.stats["peer_self"] += 1
+            return False
+        for other, other_name in list(self.peer_names.items()):
+            if other_name != name:
+                continue
+            opener_new = me if self.peer_outgoing.get(pid) else name
+            if opener_new == min(me, name):
+                self.peer_writers[other].close()
+                self.peer_names.pop(other, None)
+            else:
+                self.stats["peer_duplicate_closed"] += 1
+                return False
+        self.peer_names[pid] = name
+        return True
+
+
+# ---------------------------------------------------------------- command line
+
+def _prefix(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IPv4 prefix: {text!r}") from None
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    try:
+        first, last = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PORT or LO-HI, got {text!r}") from None
+    if not 1 <= first <= last <= 65535:
+        raise argparse.ArgumentTypeError(f"bad port range {text!r}")
+    return first, last
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(
+        "gnutella-booster",
+        "Cluster the Gnutella overlay at a cluster's edge: impersonate remote peers, keep pings and "
+        "queries inside, peer with the other clusters' boosters.",
+        examples=[
+            "gnutella-booster --control /run/boxd/control.sock --name edge1 --cluster 10.11.0.0/24 "
+            "--peer-listen 10.100.1.2:6350 --booster 10.100.2.2:6350 --booster 10.100.3.2:6350",
+            "gnutella-booster --control /tmp/boxd.sock --name demo --cluster 127.0.0.0/8 --port 16346",
+        ])
+    parser.add_argument("--control", default=os.environ.get("BOXD_CONTROL", "/run/boxd/control.sock"),
+                        help="boxd's control socket")
+    parser.add_argument("--name", required=True, help="this booster's name (unique among boosters)")
+    parser.add_argument("--cluster", type=_prefix, action="append", default=[],
+                        help="a prefix of the local cluster (repeatable); intercepts connections from it")
+    parser.add_argument("--port", type=_port_range, action="append", default=[],
+                        help="Gnutella port (or LO-HI range) to intercept; default 6346. Connections whose "
+                             "first bytes are not a Gnutella connect are passed on untouched")
+    parser.add_argument("--peer-listen", type=host_port, default=None, help="where other boosters connect")
+    parser.add_argument("--booster", type=host_port, action="append", default=[],
+                        help="another cluster's booster to peer with (repeatable)")
+    parser.add_argument("--sightings", type=int, default=6,
+                        help="forward a local query outside after this many local copies (0: only by time)")
+    parser.add_argument("--local-wait", type=non_negative_float, default=0.3,
+                        help="... or after this many seconds without enough local hits")
+    parser.add_argument("--enough-local-hits", type=positive_int, default=1,
+                        help="local hits that keep a query inside the cluster")
+    parser.add_argument("--max-per-client", type=positive_int, default=1,
+                        help="intercepted connections accepted per local servent (more are steered to local peers)")
+    parser.add_argument("--remote-ttl", type=positive_int, default=2, help="TTL of queries from other clusters")
+    parser.add_argument("--max-queries", type=positive_int, default=20000, help="bounded query routing table")
+    parser.add_argument("--secret", default=None, help="seed of the impersonated identities (default: random)")
+    return parser
+
+
+async def amain(args, ctx: RunContext) -> int:
+    from boxcore.booster import Booster, BoosterError
+    from boxcore.rules import Match
+
+    if args.sightings < 0:
+        raise ConfigError("--sightings must be >= 0")
+    ports = args.port or [(6346, 6346)]
+    config = BoosterConfig(args.name, tuple(args.cluster), args.sightings, args.local_wait, args.enough_local_hits,
+                           args.max_queries, args.remote_ttl, args.max_per_client)
+    secret = args.secret.encode() if args.secret else os.urandom(16)
+    core = BoosterCore(config, secret, stats=ctx.stats)
+    try:
+        async with Booster("gnutella-booster", control=args.control) as booster:
+            splice: Splicer = _plain_onward
+            if booster.engine in ("linux", "np"):
+                from boxcore.receivers.linux import connect_onward
+                splice = connect_onward
+            adapter = GnutellaBooster(core, ctx.stats, splice)
+            ctx.stats.providers["booster"] = adapter.snapshot
+            ctx.stats.providers["boundary"] = adapter.boundary
+            for lo, hi in ports:
+                for prefix in args.cluster or [None]:
+                    match = Match(proto="tcp", src=prefix, dst_port=lo if lo == hi else (lo, hi))
+                    await booster.intercept_tcp(match, adapter.on_intercepted)
+            try:
+                await adapter.start(args.peer_listen, args.booster)
+            except OSError as exc:
+                raise ConfigError(f"cannot listen for boosters on {args.peer_listen}: {exc.strerror}") from None
+            log.info("booster %s ready on engine %s: cluster %s, ports %s, peers %s", args.name, booster.engine,
+                     ",".join(args.cluster) or "any", ports, args.booster)
+            try:
+                await booster.run_until_stopped(ctx.stop)
+            finally:
+                await adapter.stop()
+    except (ConnectionError, FileNotFoundError) as exc:
+        raise ConfigError(f"cannot reach boxd at {args.control}: {exc}") from None
+    except BoosterError as exc:
+        raise ConfigError(f"boxd refused: {exc}") from None
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_async(build_parser(), amain, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The clustering booster over real loopback sockets, two clusters on distinct loopback addresses.
+
+Interception is done by a small stand-in for boxd's stream delivery (a listener per remote
+address that hands each accepted connection to the booster with its original destination);
+the same booster under real boxd runs in test_gnutella_booster_box.py and in the lab test."""
+
+import asyncio
+import ipaddress
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from gnutella import http as ghttp
+from gnutella.booster import GnutellaBooster
+from gnutella.boostercore import BoosterConfig, BoosterCore
+from gnutella.node import NodeConfig
+from gnutella.servent import Servent
+from gnutella.share import ShareIndex
+
+
+class FakeEdge:
+    """Listeners at the edge address that deliver connections to the booster as intercepted."""
+
+    def __init__(self, booster: GnutellaBooster, edge_ip: str):
+        self.booster, self.edge_ip = booster, edge_ip
+        self.servers = []
+        self.by_dst = {}
+
+    def divert(self, servent: Servent, remote: str) -> None:
+        """Every connection the servent opens to the remote prefix goes to the booster instead,
+        as TPROXY does at a real edge."""
+        direct = servent.connect
+        net = ipaddress.ip_network(remote)
+
+        def connect(host, port):
+            if ipaddress.ip_address(host) not in net:
+                return direct(host, port)
+
+            async def through_edge():
+                direct(*await self.intercept((host, port)))
+            asyncio.get_running_loop().create_task(through_edge())
+        servent.connect = connect
+
+    async def intercept(self, original_dst):
+        if original_dst in self.by_dst:
+            return self.by_dst[original_dst]
+        async def handle(reader, writer):
+            conn = SimpleNamespace(client=writer.get_extra_info("peername")[:2], original_dst=original_dst)
+            try:
+                await self.booster.on_intercepted(reader, writer, conn)
+            finally:
+                writer.close()
+        server = await asyncio.start_server(handle, self.edge_ip, 0)
+        self.servers.append(server)
+        self.by_dst[original_dst] = (self.edge_ip, server.sockets[0].getsockname()[1])
+        return self.by_dst[original_dst]
+
+    def close(self):
+        for s in self.servers:
+            s.close()
+
+
+def share_dir(root, name, files):
+    d = root / name
+    d.mkdir()
+    for fname, data in files.items():
+        (d / fname).write_bytes(data)
+    return ShareIndex.scan(d)
+
+
+@pytest.fixture
+async def two_clusters(tmp_path):
+    """Cluster A: 127.0.1.1-3, cluster B: 127.0.2.1-2, one booster each, peered."""
+    cores, boosters, edges, servents = {}, {}, {}, {}
+    for name, net in (("A", "127.0.1"), ("B", "127.0.2")):
+        core = BoosterCore(BoosterConfig(f"booster-{name}", (f"{net}.0/24",), sightings=0, local_wait=0.3),
+                           secret=name.encode())
+        cores[name] = core
+        boosters[name] = GnutellaBooster(core)
+        edges[name] = FakeEdge(boosters[name], f"{net}.254")
+    await boosters["A"].start(("127.0.1.253", 0), [])
+    await boosters["B"].start(("127.0.2.253", 0), [("127.0.1.253", boosters["A"].peer_port)])
+    tune = dict(alive_interval=1.0, alive_timeout=5.0)
+    files = {
+        "A1": {}, "A2": {"notes.txt": b"n"}, "A3": {"local lullaby.ogg": os.urandom(20000)},
+        "B1": {}, "B2": {"faraway fugue.flac": os.urandom(30000)},
+    }
+    for sname, f in files.items():
+        net = "127.0.1" if sname[0] == "A" else "127.0.2"
+        ip = f"{net}.{sname[1]}"
+        servents[sname] = Servent(listen=(ip, 0), shares=share_dir(tmp_path, sname, f), seed=hash(sname) % 1000,
+                                  config=NodeConfig(**tune), target_peers=3)
+    for s in servents.values():
+        await s.start()
+    # every servent was told of remote peers only: the edge intercepts those connections
+    for sname, s in servents.items():
+        mine = sname[0]
+        other = "B" if mine == "A" else "A"
+        edges[mine].divert(s, "127.0.2.0/24" if mine == "A" else "127.0.1.0/24")
+        for rname, r in servents.items():
+            if rname[0] == other:
+                s.connect(r.advertise_ip, r.port)
+    yield SimpleNamespace(cores=cores, boosters=boosters, servents=servents, edges=edges)
+    for s in servents.values():
+        await s.stop()
+    for b in boosters.values():
+        await b.stop()
+    for e in edges.values():
+        e.close()
+
+
+async def wait_for(pred, timeout=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.05)
+
+
+async def test_booster_clusters_the_overlay_and_keeps_queries_local(two_clusters, tmp_path):
+    t = two_clusters
+    s = t.servents
+    # steering: each servent keeps one intercepted link and meets the local servents
+    await wait_for(lambda: all(len(x.links) >= 2 for x in (s["A1"], s["A2"], s["A3"])), 10)
+    await wait_for(lambda: len(t.boosters["A"].peer_writers) == 1 and len(t.boosters["B"].peer_writers) == 1)
+    await wait_for(lambda: t.cores["A"].peers and all(p.table for p in t.cores["A"].peers.values()), 5)
+    for name, servent in s.items():
+        links = [link.remote_ip for link in servent.links.values()]
+        # one link (at most) through the edge, the others inside the cluster
+        assert sum(ip.endswith(".254") for ip in links) <= 1, (name, links)
+        assert all(ip.startswith("127.0.1." if name[0] == "A" else "127.0.2.") for ip in links), (name, links)
+    assert t.cores["A"].stats["steered_away"] >= 1
+
+    # a file inside the cluster: answered there, nothing sent to the other booster
+    before = t.boosters["A"].peer_traffic["booster-B"]["query_out"]
+    hits = await s["A1"].search("lullaby", timeout=1.5)
+    assert {h.ip for h, _ in hits} == {"127.0.1.3"}
+    await asyncio.sleep(0.5)
+    assert t.boosters["A"].peer_traffic["booster-B"]["query_out"] == before
+
+    # a file only in the other cluster: tried locally, then sent to the one booster that may have it
+    hits = await s["A1"].search("faraway fugue", timeout=2.0, max_hits=1)
+    assert [h.ip for h, _ in hits] == ["127.0.2.2"]
+    assert hits[0][0].ms >= 250          # the local attempt came first (local_wait 0.3 s)
+    assert t.boosters["A"].peer_traffic["booster-B"]["query_out"] == before + 1
+    assert t.cores["B"].stats["remote_queries_injected"] == 1
+    # the download goes through the edge too: not Gnutella, so it is spliced on untouched
+    hit = hits[0][0]
+    edge = await t.edges["A"].intercept((hit.ip, hit.port))
+    result = await ghttp.download(*edge, f"/uri-res/N2R?urn:sha1:{hit.sha1}", tmp_path / "fugue", hit.sha1)
+    assert result.ok and result.size == 30000
+    assert t.boosters["A"].stats["spliced"] == 1 and t.boosters["A"].stats["spliced_bytes_down"] > 30000
+
+    # a file nowhere: the cluster table of B says no, so it does not even cross
+    await s["A2"].search("nonexistent zebra", timeout=1.0)
+    assert t.cores["A"].stats["queries_not_sent_by_table"] >= 1
+    assert t.boosters["A"].peer_traffic["booster-B"]["query_out"] == before + 1
+
+
+async def test_alive_pings_answered_as_the_impersonated_peer(two_clusters):
+    t = two_clusters
+    # servents send TTL-1 alive pings on idle links (every second here); the booster answers
+    # them as the impersonated peer, with the same GUID, so no link is dropped
+    await wait_for(lambda: all(x.stats["alive_answered"] >= 3 for x in t.servents.values()), 8)
+    assert all(x.stats["alive_timeouts"] == 0 for x in t.servents.values())
+    assert t.cores["A"].stats["pings_answered"] >= 3 and t.cores["B"].stats["pings_answered"] >= 2
+
+
+def test_impersonated_identities_are_distinct_and_stable():
+    core = BoosterCore(BoosterConfig("x"), secret=b"s")
+    a = core.impersonate(("10.12.0.11", 6346))
+    b = core.impersonate(("10.12.0.12", 6346))
+    assert a.guid != b.guid and a.guid == core.impersonate(("10.12.0.11", 6346)).guid
+    assert (a.ip, a.port, a.ultrapeer) == ("10.12.0.11", 6346, True)
+    other = BoosterCore(BoosterConfig("y"), secret=b"t")
+    assert other.impersonate(("10.12.0.11", 6346)).guid != a.guid
