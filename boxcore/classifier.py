@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 from boxcore.rules import Action, Rule, _prefix_key, address_key
@@ -46,7 +45,6 @@ class TableFull(ClassifierError):
     """The classifier already holds ``max_rules`` rules."""
 
 
-@dataclass(frozen=True, slots=True)
 class Decision:
     """The outcome of :meth:`Classifier.lookup`.
 
@@ -54,10 +52,15 @@ class Decision:
     for the default (forward); ``copies`` every matching COPY rule, highest
     priority first.  Iterating gives the terminal rule (if any) then the
     copies, so a Decision can be used where a ``list[Rule]`` is expected.
+    (A plain slotted class rather than a frozen dataclass: one is built per
+    packet, and frozen dataclasses construct several times slower.)
     """
 
-    terminal: Rule | None
-    copies: tuple[Rule, ...] = ()
+    __slots__ = ("terminal", "copies")
+
+    def __init__(self, terminal: Rule | None, copies: tuple[Rule, ...] = ()) -> None:
+        self.terminal = terminal
+        self.copies = copies
 
     @property
     def action(self) -> Action:
@@ -78,6 +81,17 @@ class Decision:
 
     def __bool__(self) -> bool:
         return self.terminal is not None or bool(self.copies)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Decision):
+            return NotImplemented
+        return self.terminal == other.terminal and self.copies == other.copies
+
+    def __hash__(self) -> int:
+        return hash((self.terminal, self.copies))
+
+    def __repr__(self) -> str:
+        return f"Decision(terminal={self.terminal!r}, copies={self.copies!r})"
 
 
 DEFAULT_DECISION = Decision(None, ())
@@ -217,8 +231,7 @@ class Classifier:
         if self._general:
             yield self._general
 
-    def peek(self, pkt: "Packet") -> Decision:
-        """The decision for ``pkt`` without counting it."""
+    def _decide(self, pkt: "Packet") -> tuple[_Entry | None, list[_Entry]]:
         best: _Entry | None = None
         copies: list[_Entry] = []
         for bucket in self._candidates(pkt):
@@ -231,24 +244,35 @@ class Classifier:
                     continue   # cannot win; buckets are sorted, but COPYs may follow
                 elif rule.match.matches(pkt):
                     best = entry
-        if best is None and not copies:
-            return DEFAULT_DECISION
         if len(copies) > 1:
             copies.sort(key=_order)
+        return best, copies
+
+    def peek(self, pkt: "Packet") -> Decision:
+        """The decision for ``pkt`` without counting it."""
+        best, copies = self._decide(pkt)
+        if best is None and not copies:
+            return DEFAULT_DECISION
         return Decision(None if best is None else best.rule, tuple(e.rule for e in copies))
 
     def lookup(self, pkt: "Packet", nbytes: int | None = None) -> Decision:
         """Classify ``pkt`` and count it (``nbytes``, default the payload
         length) against every rule that takes part in the decision."""
-        decision = self.peek(pkt)
-        self.stats["lookups"] += 1
-        if decision.terminal is None:
-            self.stats["default_forward"] += 1
-        if decision:
-            size = len(pkt.payload) if nbytes is None else nbytes
-            for rule in decision:
-                self.count(rule.cookie, size)
-        return decision
+        best, copies = self._decide(pkt)
+        stats = self.stats
+        stats["lookups"] += 1
+        size = len(pkt.payload) if nbytes is None else nbytes
+        if best is None:
+            stats["default_forward"] += 1
+            if not copies:
+                return DEFAULT_DECISION
+        else:
+            best.packets += 1
+            best.bytes += size
+        for entry in copies:
+            entry.packets += 1
+            entry.bytes += size
+        return Decision(None if best is None else best.rule, tuple(e.rule for e in copies) if copies else ())
 
     # ---------------------------------------------------------- counters
     def count(self, cookie: int, nbytes: int, packets: int = 1) -> None:
