@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 CLONE_NEWNET = 0x40000000
@@ -25,6 +26,9 @@ CARD_HOST_IFACES = ("h0", "h1")
 CARD_CONTROL = "cp"
 BOX_HOST_IFACES = ("np0", "np1")
 BOX_CONTROL = "npc"
+
+# The same topology as a booster-lab file (np4gs3-emu attaches to its "card" node).
+LAB_TOPOLOGY = Path(__file__).with_name("topologies") / "np-transparent.toml"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
