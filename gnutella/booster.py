@@ -214,6 +214,8 @@ class GnutellaBooster:
 
     async def _gnutella(self, reader, writer, conn, first: bytes) -> None:
         client_ip = conn.client[0]
+        sockname = writer.get_extra_info("sockname")
+        shown = (sockname[0], sockname[1]) if sockname else tuple(conn.original_dst)
         hs = Handshake("server")
         data = first
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT
@@ -229,7 +231,7 @@ class GnutellaBooster:
                         if not self.core.is_local(listen[0]):
                             listen = (client_ip, listen[1])
                         decision = self.core.decide(event, listen)
-                        me = self.core.impersonate(tuple(conn.original_dst))
+                        me = self.core.impersonate(tuple(conn.original_dst), shown)
                         headers = identity_headers(me, client_ip)
                         headers["X-Try-Ultrapeers"] = ",".join(
                             f"{h}:{p}" for h, p in self.core.local_hosts(exclude=listen))
@@ -264,7 +266,8 @@ class GnutellaBooster:
             return
         cid = self._next_id()
         self.local_writers[cid] = writer
-        self._perform(self.core.local_up(cid, time.monotonic(), client_ip, listen, tuple(conn.original_dst), leaf))
+        self._perform(self.core.local_up(cid, time.monotonic(), client_ip, listen, tuple(conn.original_dst), leaf,
+                                         shown))
         log.debug("impersonating %s:%d for %s (%s)", *conn.original_dst, client_ip, "leaf" if leaf else "ultrapeer")
         framer = MessageReader()
         data = est.leftover

@@ -141,10 +141,14 @@ class BoosterCore:
             return False
         return any(addr in net for net in self.networks)
 
-    def impersonate(self, original_dst: tuple[str, int]) -> Identity:
-        """The identity shown to local servents for one remote address (stable, distinct)."""
+    def impersonate(self, original_dst: tuple[str, int], shown: tuple[str, int] | None = None) -> Identity:
+        """The identity shown to local servents for one remote address (stable, distinct).
+
+        ``shown`` is the address the servent dialed: the remote itself under TPROXY, the box's
+        own address in opaque mode (where the servent must keep reaching R through the box)."""
         digest = hashlib.sha1(self.secret + f"{original_dst[0]}:{original_dst[1]}".encode()).digest()
-        return Identity(new_guid(digest[:16]), original_dst[0], original_dst[1], True, self.config.user_agent)
+        ip, port = shown or original_dst
+        return Identity(new_guid(digest[:16]), ip, port, True, self.config.user_agent)
 
     def _servent_key(self, listen: tuple[str, int]) -> tuple[str, int]:
         return listen
@@ -184,10 +188,10 @@ class BoosterCore:
     # ---------------------------------------------------------------- local connections
 
     def local_up(self, cid: int, now: float, client_ip: str, listen: tuple[str, int],
-                 original_dst: tuple[str, int], leaf: bool) -> list:
+                 original_dst: tuple[str, int], leaf: bool, shown: tuple[str, int] | None = None) -> list:
         if self._reserved[listen] > 0:
             self.release(listen)
-        self.locals[cid] = LocalPeer(cid, client_ip, listen, self.impersonate(original_dst), leaf,
+        self.locals[cid] = LocalPeer(cid, client_ip, listen, self.impersonate(original_dst, shown), leaf,
                                      TableReceiver(self.config.max_qrp_table))
         self.learn_servent(listen)
         self.stats["local_up"] += 1

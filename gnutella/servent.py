@@ -428,12 +428,18 @@ class Servent:
         """Search, collecting hits until ``timeout`` or ``max_hits``."""
         started = time.monotonic()
         found: list[tuple[Hit, SearchHit]] = []
+        seen: set[tuple] = set()
         enough = asyncio.Event()
 
         def collect(event: SearchHit) -> None:
             for hit in _hits_of(criteria, event, started):
                 if len(found) >= max_hits:
                     break
+                key = (hit.ip, hit.port, hit.index, hit.servent_guid)
+                if key in seen:          # the same result by two paths
+                    self.stats["hits_duplicate"] += 1
+                    continue
+                seen.add(key)
                 found.append((hit, event))
                 if on_hit is not None:
                     on_hit(hit, event)
