@@ -140,3 +140,27 @@ def test_host_multicast_transmit_keeps_the_source(cp):
                  for iface, f in cp.card.process(host(0), frame))
     assert got == [(0, "10.1.0.1", 6000, "10.1.0.9", 4002), (1, "10.1.0.1", 6000, "10.2.0.7", 4000)]
     assert cp.card.process(host(0), mcast_tx_mac(10) + frame[6:]) == []      # no such group
+
+
+from hypothesis import given, settings          # noqa: E402
+from hypothesis import strategies as st         # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=120), pos=st.integers(0, 200), byte=st.integers(0, 255),
+       iface=st.sampled_from([0, 1, host(0), host(1)]))
+def test_fuzz_data_path_and_control_point_never_raise(data, pos, byte, iface):
+    card = Card(CardConfig(port_macs=(wire.mac_bytes(P0), wire.mac_bytes(P1))))
+    point = ControlPoint(card, wire.mac_bytes("02:00:00:00:00:ff"))
+    point.execute(wire.request(wire.CodeLoad("booster")))
+    point.execute(wire.request(wire.FwdAdd("10.2.0.0/24", 1, NH1)))
+    point.execute(wire.request(wire.McastSet(3, (("10.2.0.7", 4000),))))
+    point.execute(wire.request(NpRule(1, 100, NpAction.MULTICAST, group=3, **{"proto": 17, "proto_mask": 0xFF})))
+    point.execute(wire.request(NpRule(2, 200, NpAction.COPY, patterns=(wire.Pattern(1, b"\x01", b"\x01"),))))
+    mutated = bytearray(udp(payload=data[:40]))
+    mutated[pos % len(mutated)] = byte
+    for frame in (data, bytes(mutated), bytes(mutated[:pos % len(mutated)])):
+        for out_iface, out in card.process(iface, frame):
+            assert out_iface in (0, 1, host(0), host(1)) and len(out) >= 14
+        point.handle_frame(frame)
+        point.handle_frame(wire.ETH_HEADER.pack(wire.BROADCAST, wire.mac_bytes(CLIENT), wire.ETHERTYPE) + frame)
