@@ -57,7 +57,7 @@ class ControllerConfig:
     max_rules_per_booster: int = 256
     max_pending_ops: int = 1024
     max_watches_per_booster: int = 32
-    max_inflight_per_booster: int = 256
+    max_inflight_per_booster: int = 256     # requests queued per booster (served in order)
     max_frame: int = wire.DEFAULT_MAX_FRAME
     max_groups: int = 1024
     max_group_members: int = 4096
@@ -92,6 +92,8 @@ class ControlSession:
         self.handler_errors = 0
         self.closed = False
         self.tasks: set[asyncio.Task] = set()
+        self.inbox: asyncio.Queue = asyncio.Queue(controller.config.max_inflight_per_booster)
+        self.worker: asyncio.Task | None = None
 
     @property
     def name(self) -> str:
@@ -102,6 +104,30 @@ class ControlSession:
         for fd in fds:  # boosters never send descriptors
             os.close(fd)
         self.last_seen = time.monotonic()
+        ctl = self.controller
+        if isinstance(msg, dict) and msg.get("t") == "heartbeat" and self.booster is not None:
+            try:  # liveness and counters skip the queue
+                self._on_heartbeat(wire.validate(msg))
+                return
+            except WireDecodeError:
+                pass  # answered in order below
+        # A booster's messages are served one at a time, in the order sent.
+        try:
+            self.inbox.put_nowait(msg)
+        except asyncio.QueueFull:
+            ctl.stats["ops_refused_busy"] += 1
+            self.reply_error(wire.request_id(msg), Status.ERROR, "busy: too many requests queued")
+            return
+        if self.worker is None:
+            self.worker = asyncio.get_running_loop().create_task(self._work())
+            self.tasks.add(self.worker)
+
+    async def _work(self) -> None:
+        while not self.closed:
+            msg = await self.inbox.get()
+            await self._handle(msg)
+
+    async def _handle(self, msg: Any) -> None:
         ctl = self.controller
         if isinstance(msg, wire.BadFrame):
             ctl.stats["control_malformed"] += 1
@@ -128,13 +154,7 @@ class ControlSession:
             ctl.stats["control_malformed"] += 1
             self.reply_error(wire.request_id(msg), Status.INVALID, f"{kind} is not a request")
             return
-        if len(self.tasks) >= ctl.config.max_inflight_per_booster:
-            ctl.stats["ops_refused_busy"] += 1
-            self.reply_error(msg["id"], Status.ERROR, "busy: too many requests in flight")
-            return
-        task = asyncio.get_running_loop().create_task(self._serve(msg))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        await self._serve(msg)
 
     def _on_heartbeat(self, msg: dict) -> None:
         for cookie, packets, nbytes in msg.get("counters") or ():

@@ -363,7 +363,9 @@ class FramedConnection:
             if self.closed:
                 return
             nfds = msg.get("nfds", 0) if isinstance(msg, dict) else 0
-            if not _is_int(nfds) or nfds < 0 or nfds > len(self._fds):
+            if not _is_int(nfds) or nfds < 0:
+                nfds = 0  # not a count: validation will say so
+            if nfds > len(self._fds):
                 self.close(f"message declares {nfds!r} descriptors, {len(self._fds)} received")
                 return
             fds_for = [self._fds.popleft() for _ in range(nfds)]
