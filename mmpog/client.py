@@ -197,8 +197,9 @@ class GameClient:
         if transport is None:
             return
         for endpoint, reflector in self._endpoints.values():
-            for data in endpoint.datagrams_to_send(0.0):
-                transport.sendto(data, reflector)
+            if endpoint.has_datagrams:
+                for data in endpoint.datagrams_to_send(0.0):
+                    transport.sendto(data, reflector)
 
     def _service(self) -> None:
         """Send what is queued, hand out events, and arm the timer for the earliest deadline."""

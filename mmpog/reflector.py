@@ -360,10 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=os.environ.get("MMPOG_API_KEY"), help="require this bearer key on the control API")
     parser.add_argument("--buffer-packets", type=positive_int, default=1024, help="retransmission buffer per location (packets)")
     parser.add_argument("--buffer-age", type=non_negative_float, default=2.0, help="retransmission buffer age limit (s)")
-    parser.add_argument("--heartbeat-min", type=non_negative_float, default=0.02)
+    parser.add_argument("--heartbeat-min", type=non_negative_float, default=0.01)
     parser.add_argument("--heartbeat-max", type=non_negative_float, default=1.0)
-    parser.add_argument("--nack-rate", type=non_negative_float, default=1000.0, help="retransmissions/s per member")
-    parser.add_argument("--nack-burst", type=int, default=256)
+    parser.add_argument("--heartbeat-factor", type=non_negative_float, default=0.5,
+                        help="heartbeat interval = factor x the members' smallest RTO (then doubling while idle)")
+    parser.add_argument("--nack-rate", type=non_negative_float, default=200.0, help="retransmissions/s per member")
+    parser.add_argument("--nack-burst", type=int, default=64)
     parser.add_argument("--max-locations", type=positive_int, default=4096)
     parser.add_argument("--max-members", type=positive_int, default=256, help="members per location")
     parser.add_argument("--tick", type=non_negative_float, default=0.005, help="timer resolution (s)")
@@ -373,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ReflectorConfig:
     config = ReflectorConfig(
         buffer_packets=args.buffer_packets, buffer_age=args.buffer_age, heartbeat_min=args.heartbeat_min,
-        heartbeat_max=args.heartbeat_max, nack_rate=args.nack_rate, nack_burst=args.nack_burst,
+        heartbeat_max=args.heartbeat_max, heartbeat_factor=args.heartbeat_factor, nack_rate=args.nack_rate, nack_burst=args.nack_burst,
         max_locations=args.max_locations, max_members=args.max_members,
     )
     try:

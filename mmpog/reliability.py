@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from . import wire
-from .wire import Flag, Header, Kind, WireDecodeError
+from .wire import RELIABLE, RETRANSMIT, Flag, Header, Kind, WireDecodeError
 
 Address = tuple[str, int]
 
@@ -274,8 +274,8 @@ class ClientEndpoint:
             self.stats["refused_pending"] += 1
             raise BufferFull(f"{len(self._pending)} reliable packets already await their echo")
         packet_id = self._new_id()
-        flags = Flag.RELIABLE if reliable else 0
-        data = wire.encode(Header(Kind.DATA, int(flags), self._rto_ms(), self.location, self.player,
+        flags = RELIABLE if reliable else 0
+        data = wire.encode(Header(Kind.DATA, flags, self._rto_ms(), self.location, self.player,
                                   packet_id), payload)
         self._queue(data)
         self.stats["sent"] += 1
@@ -327,6 +327,11 @@ class ClientEndpoint:
         out, self._out = self._out, []
         return out
 
+    @property
+    def has_datagrams(self) -> bool:
+        """True when :meth:`datagrams_to_send` would return something (lets adapters skip the call)."""
+        return bool(self._out)
+
     def get_timer(self) -> float | None:
         """The earliest time at which :meth:`handle_timer` has work, or None."""
         times = []
@@ -360,7 +365,7 @@ class ClientEndpoint:
                 timed_out = True
                 pending.retries += 1
                 self.stats["retransmitted"] += 1
-                self._queue(wire.restamp(pending.data, 0, 0, pending.data[wire.FLAGS_OFFSET] | Flag.RETRANSMIT))
+                self._queue(wire.restamp(pending.data, 0, 0, pending.data[wire.FLAGS_OFFSET] | RETRANSMIT))
         if timed_out:
             self.stats["timeouts"] += 1
             self.rtt.backoff()
@@ -436,13 +441,15 @@ class ClientEndpoint:
         self._event(Joined(self.location, header.seq))
 
     def _on_data(self, header: Header, payload: bytes, now: float) -> None:
-        if header.reliable and header.seq == 0:
+        flags, seq = header.flags, header.seq
+        reliable = flags & RELIABLE
+        if reliable and seq == 0:
             self.stats["malformed"] += 1      # the reflector sequences every reliable packet it forwards
             return
-        if header.retransmit and header.seq:
-            self.stats["retransmissions_received"] += 1
-        if header.seq:
-            fresh_seq = self._on_seq(header.seq, now)
+        if seq:
+            if flags & RETRANSMIT:
+                self.stats["retransmissions_received"] += 1
+            fresh_seq = self._on_seq(seq, now)
         else:
             fresh_seq = True
         self._on_lowest(header.lowest)
@@ -460,9 +467,9 @@ class ClientEndpoint:
         self._seen.add(key)
         seen_order.append(key)
         self.stats["received"] += 1
-        if header.reliable:
+        if reliable:
             self.stats["received_reliable"] += 1
-        self._event(Received(header.sender, header.packet_id, payload, header.reliable, header.seq, now))
+        self._event(Received(header.sender, header.packet_id, payload, bool(reliable), seq, now))
 
     def _on_echo(self, packet_id: int, now: float) -> None:
         pending = self._pending.pop(packet_id, None)
@@ -567,11 +574,12 @@ class ClientEndpoint:
 class ReflectorConfig:
     buffer_packets: int = 1024      # reliable packets kept per location for retransmission
     buffer_age: float = 2.0         # ... and for at most this long (game packets go stale)
-    heartbeat_min: float = 0.02     # heartbeat interval = members' smallest RTO, clamped to [min, max],
-    heartbeat_max: float = 1.0      #   doubling while the location stays idle
+    heartbeat_min: float = 0.01     # heartbeat interval = factor x members' smallest RTO, clamped to
+    heartbeat_max: float = 1.0      #   [min, max], doubling while the location stays idle
+    heartbeat_factor: float = 0.5   # a receiver that lost the last reliable packet hears of it this soon
     default_rto: float = 0.2        # assumed for members that have not reported one yet
-    nack_rate: float = 1000.0       # retransmissions per second per member (token bucket)
-    nack_burst: int = 256
+    nack_rate: float = 200.0        # retransmissions per second per member (token bucket)
+    nack_burst: int = 64
     max_locations: int = 4096
     max_members: int = 256          # per location
     max_outgoing: int = 65536       # queued datagrams between pulls
@@ -581,6 +589,8 @@ class ReflectorConfig:
             raise ValueError("buffer_packets and buffer_age must be positive")
         if not 0 < self.heartbeat_min <= self.heartbeat_max:
             raise ValueError("need 0 < heartbeat_min <= heartbeat_max")
+        if self.heartbeat_factor <= 0:
+            raise ValueError("heartbeat_factor must be positive")
         if self.nack_rate < 0 or self.nack_burst < 0:
             raise ValueError("nack_rate and nack_burst must be non-negative")
         if self.max_locations <= 0 or self.max_members <= 0 or self.max_outgoing <= 0:
@@ -775,8 +785,9 @@ class ReflectorCore:
     def _heartbeat_due(self, loc: _Location) -> float:
         rtos = [m.rto for m in loc.by_addr.values() if m.rto]
         base = min(rtos) if rtos else self.config.default_rto
-        interval = min(self.config.heartbeat_max,
-                       max(self.config.heartbeat_min, base) * (2 ** min(loc.idle_heartbeats, 16)))
+        config = self.config
+        interval = min(config.heartbeat_max,
+                       max(config.heartbeat_min, base * config.heartbeat_factor) * (2 ** min(loc.idle_heartbeats, 16)))
         return loc.announced_at + interval
 
     def _bind(self, loc: _Location, member: _Member, addr: Address) -> None:
@@ -824,7 +835,7 @@ class ReflectorCore:
         stats = loc.stats
         stats["received"] += 1
         stats["fanout_datagrams"] += len(loc.addresses)
-        if header.flags & Flag.RELIABLE:
+        if header.flags & RELIABLE:
             stats["reliable"] += 1
             loc.last_seq += 1
             seq = loc.last_seq
@@ -874,7 +885,7 @@ class ReflectorCore:
                     continue
                 member.tokens -= 1
                 _, data, _ = buffer[seq - lowest]
-                flags = data[wire.FLAGS_OFFSET] | Flag.RETRANSMIT
+                flags = data[wire.FLAGS_OFFSET] | RETRANSMIT
                 self._queue(wire.restamp(data, seq, lowest, flags), member.addr)
                 stats["retransmitted"] += 1
         if unavailable and member.tokens >= 1:

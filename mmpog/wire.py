@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 VERSION = 1
 
@@ -66,15 +66,19 @@ class Flag(enum.IntFlag):
 
 
 KNOWN_FLAGS = int(Flag.RELIABLE | Flag.RETRANSMIT)
-_KINDS = frozenset(int(k) for k in Kind)
+# plain ints for the hot paths (IntFlag/IntEnum arithmetic costs microseconds per packet)
+RELIABLE = int(Flag.RELIABLE)
+RETRANSMIT = int(Flag.RETRANSMIT)
+_KIND_OF = {int(k): k for k in Kind}
 
 
 class WireDecodeError(ValueError):
     """A datagram that is not a valid mmpog packet; the message says what was wrong."""
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):
+    """The decoded header (an immutable tuple: cheap to build on the receive path)."""
+
     kind: Kind
     flags: int = 0
     rto_ms: int = 0
@@ -86,11 +90,11 @@ class Header:
 
     @property
     def reliable(self) -> bool:
-        return bool(self.flags & Flag.RELIABLE)
+        return bool(self.flags & RELIABLE)
 
     @property
     def retransmit(self) -> bool:
-        return bool(self.flags & Flag.RETRANSMIT)
+        return bool(self.flags & RETRANSMIT)
 
 
 def encode(header: Header, payload: bytes = b"") -> bytes:
@@ -118,22 +122,22 @@ def decode(data: bytes) -> tuple[Header, bytes]:
         raise WireDecodeError(f"reserved byte is {data[3]}, must be 0")
     if version != VERSION:
         raise WireDecodeError(f"unsupported version {version} (expected {VERSION})")
-    if kind not in _KINDS:
-        raise WireDecodeError(f"unknown kind {kind}")
+    kind = _KIND_OF.get(kind)
+    if kind is None:
+        raise WireDecodeError(f"unknown kind {data[1]}")
     if flags & ~KNOWN_FLAGS:
         raise WireDecodeError(f"unknown flags 0x{flags:02x}")
     if length != len(data) - HEADER_SIZE:
         raise WireDecodeError(f"payload_len says {length} bytes but {len(data) - HEADER_SIZE} follow the header")
     if length > MAX_PAYLOAD:
         raise WireDecodeError(f"payload of {length} bytes exceeds {MAX_PAYLOAD}")
-    kind = Kind(kind)
     if seq and lowest > seq + 1:
         raise WireDecodeError(f"lowest {lowest} is above seq {seq} + 1")
     if kind is Kind.DATA:
-        if seq == 0 and flags & Flag.RELIABLE and lowest:
+        if seq == 0 and flags & RELIABLE and lowest:
             # a reflector-forwarded reliable packet always has a seq; a client's one has neither
             raise WireDecodeError("reliable DATA with lowest set but no seq")
-        if seq and not flags & Flag.RELIABLE:
+        if seq and not flags & RELIABLE:
             raise WireDecodeError("unreliable DATA must not carry a seq")
     elif kind is Kind.HEARTBEAT:
         if length or packet_id or sender or flags:

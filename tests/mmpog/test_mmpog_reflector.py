@@ -133,7 +133,7 @@ def test_heartbeat_interval_follows_member_rto_and_backs_off_when_idle():
         out = core.datagrams_to_send(now)
         assert [wire.decode(d)[0].kind for d, _ in out] == [Kind.HEARTBEAT]
         times.append(round(now - 10.0, 6))
-    assert times == [0.04, 0.12, 0.28, 0.6]      # rto 40 ms, then doubling while idle
+    assert times == [0.02, 0.06, 0.14, 0.3]      # half the 40 ms RTO, then doubling while idle
 
 
 # ---------------------------------------------------------------- the real process
