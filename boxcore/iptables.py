@@ -104,7 +104,9 @@ def _u32_payload_tests(proto: int | None, patterns: tuple[PayloadPattern, ...]) 
                 v, m = (pattern.value[i], mask[i]) if start <= i < end else (0, 0)
                 word_value = (word_value << 8) | (v & m)
                 word_mask = (word_mask << 8) | m
-            if word_mask:
+            # Words that test no bit are skipped, except the last one: reading it is what
+            # requires the payload to be long enough (u32 fails on reads past the end).
+            if word_mask or end == length:
                 tests.append(f"{base}{pattern.offset + word_start + fixed}&0x{word_mask:08X}=0x{word_value:08X}")
     return " && ".join(tests)
 
