@@ -249,7 +249,8 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
         if not args.box_netns or not args.port0 or not args.port1:
             raise ConfigError("--create needs --box-netns, --port0 and --port1")
         try:
-            topo = netns.create_card(args.name, args.box_netns, [args.port0, args.port1])
+            # In a worker thread: pyroute2's ethtool runs an event loop of its own.
+            topo = await asyncio.to_thread(netns.create_card, args.name, args.box_netns, [args.port0, args.port1])
         except netns.NetnsError as exc:
             raise ConfigError(str(exc)) from None
         created = True

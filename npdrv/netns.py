@@ -89,6 +89,27 @@ def link_mac(ifname: str, netns: str | None = None) -> str:
     return info["address"]
 
 
+SEGMENTATION_OFFLOADS = ("tx-generic-segmentation", "tx-tcp-segmentation", "tx-tcp-ecn-segmentation",
+                         "tx-tcp-mangleid-segmentation", "tx-tcp6-segmentation", "tx-udp-segmentation")
+
+
+def no_segmentation_offload(ifname: str, netns: str | None = None) -> None:
+    """Make the kernel hand ``ifname`` wire-sized frames (no TSO/GSO super-frames): the card,
+    like a real NIC without segmentation offload, forwards frames as they come."""
+    from pyroute2.ethtool import Ethtool
+
+    with inside(netns):
+        ethtool = Ethtool()
+        try:
+            features = ethtool.get_features(ifname)
+            for name in SEGMENTATION_OFFLOADS:
+                if name in features.features:
+                    features.features[name].enable = False
+            ethtool.set_features(ifname, features)
+        finally:
+            ethtool.close()
+
+
 def _sysctl(netns: str, key: str, value: str) -> None:
     with inside(netns):
         with open("/proc/sys/" + key.replace(".", "/"), "w") as fh:
@@ -122,6 +143,7 @@ def create_card(name: str, box_netns: str, port_peers: list[tuple[str, str]]) ->
             ip("link", "add", card_if, "type", "veth", "peer", "name", peer_if, "netns", peer_ns, netns=name)
             ip("link", "set", card_if, "up", netns=name)
             ip("link", "set", peer_if, "up", netns=peer_ns)
+            no_segmentation_offload(peer_if, peer_ns)
         macs = tuple(link_mac(BOX_HOST_IFACES[i], box_netns) for i in range(len(port_peers)))
     except BaseException:
         destroy_card(name)

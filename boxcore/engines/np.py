@@ -52,6 +52,7 @@ from boxcore.runtime import ConfigError
 from npdrv import wire
 from npdrv.card import mcast_tx_mac
 from npdrv.driver import NpDriver, NpError
+from npdrv.netns import no_segmentation_offload
 from npdrv.wire import NpAction, NpRule, Table
 
 log = logging.getLogger("boxcore.engines.np")
@@ -158,6 +159,11 @@ class NPEngine(LinuxEngine):
             # previous boxd left behind survives.
             await self.driver.code_load("booster")
             macs = [await asyncio.to_thread(_link_mac, iface) for iface in self.host_ifaces]
+            for iface in self.host_ifaces:      # the card takes wire-sized frames, as a real NIC
+                try:
+                    await asyncio.to_thread(no_segmentation_offload, iface)
+                except Exception as exc:  # pyroute2 raises many kinds; the card still works for UDP
+                    log.warning("cannot turn segmentation offload off on %s: %s", iface, exc)
             for port, mac in enumerate(macs):
                 await self.driver.port_config(port, mac=mac)
             for entry in await self.driver.dump(Table.FORWARDING):

@@ -184,3 +184,47 @@ async def test_card_survives_malformed_control_frames_and_driver_times_out_on_si
         stats = lab.stop_emulator()["emulator"]["control"]
         assert stats["malformed"] == len(garbage)
         assert stats["duplicate_requests"] == 1           # the resent FWD_ADD ran once
+
+
+async def test_tcp_bulk_transfer_through_the_card(tmp_path):
+    """Wire-sized frames only (segmentation offload is off on the card's peers): a TCP
+    transfer in both directions is forwarded by the card's LPM table alone."""
+    import asyncio
+    import threading
+
+    with card_lab(tmp_path) as lab:
+        np = await _driver(lab)
+        try:
+            await np.fwd_add("10.2.0.2/32", port=1, next_hop=lab.mac(lab.server, "eth0"))
+            await np.fwd_add("10.1.0.2/32", port=0, next_hop=lab.mac(lab.client, "eth0"))
+        finally:
+            await np.close()
+        listener = lab.socket(lab.server, socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("10.2.0.2", 8000))
+        listener.listen(1)
+        received = []
+
+        def serve():
+            conn, _ = listener.accept()
+            with conn:
+                total = 0
+                while chunk := conn.recv(65536):
+                    total += len(chunk)
+                conn.sendall(str(total).encode())
+            received.append(total)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        client = lab.socket(lab.client, socket.AF_INET, socket.SOCK_STREAM)
+        client.settimeout(10)
+        data = bytes(range(256)) * 4096          # 1 MiB
+        await asyncio.to_thread(client.connect, ("10.2.0.2", 8000))
+        await asyncio.to_thread(client.sendall, data)
+        client.shutdown(socket.SHUT_WR)
+        answer = await asyncio.to_thread(client.recv, 100)
+        client.close()
+        thread.join(10)
+        listener.close()
+        assert answer == str(len(data)).encode() and received == [len(data)]
+        stats = lab.stop_emulator()["emulator"]
+        assert stats["card"]["forwarded"] > len(data) // 1500 and not stats["adapter"]
