@@ -2,7 +2,6 @@
 limits, watches, persistence across reopen and across a killed process."""
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
