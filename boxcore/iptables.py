@@ -75,10 +75,11 @@ def _u32_payload_tests(proto: int | None, patterns: tuple[PayloadPattern, ...]) 
     """A u32 expression testing payload patterns (offsets relative to the transport payload).
 
     Each pattern is split into 4-byte words read at the payload offset; a short tail is read
-    as the word ending at the pattern's end (leading bytes masked out), so the test never
-    reads past the bytes the pattern needs.  For TCP the payload start is found from the TCP
-    data offset; a tail word that would begin before the payload starts at the pattern
-    instead (a payload shorter than 4 bytes then does not match: documented limitation).
+    as the word ending at the pattern's end (other bytes masked out), so the test never reads
+    past the bytes the pattern needs; the last word is always read, which is what requires
+    the payload to be long enough.  For TCP the payload start is found from the TCP data
+    offset and a word cannot start before it: a TCP payload shorter than 4 bytes never
+    matches a payload pattern (documented limitation).
     """
     if proto == PROTO_UDP:
         base, fixed = "0>>22&0x3C@", 8            # IP header length, then the UDP header
@@ -94,11 +95,13 @@ def _u32_payload_tests(proto: int | None, patterns: tuple[PayloadPattern, ...]) 
             end = min(start + 4, length)
             word_start = start
             if end - start < 4:
-                # read the word ending at the pattern's end, unless it would start before
-                # the data u32 can address from its base
-                tail_start = end - 4
-                if pattern.offset + tail_start + fixed >= 0 and (fixed or pattern.offset + tail_start >= 0):
-                    word_start = tail_start
+                # a short tail: read the word ending at the pattern's end, so the read never
+                # needs bytes past what the pattern needs; for TCP it cannot start before the
+                # payload (u32 offsets are unsigned), so there it needs 4 payload bytes
+                absolute = pattern.offset + end - 4
+                if not fixed:
+                    absolute = max(absolute, 0)
+                word_start = absolute - pattern.offset
             word_value = word_mask = 0
             for i in range(word_start, word_start + 4):
                 v, m = (pattern.value[i], mask[i]) if start <= i < end else (0, 0)

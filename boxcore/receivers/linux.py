@@ -230,7 +230,7 @@ class NfqueueReceiver:
                 append((nfq_pkt, NF_ACCEPT, None))   # not ours to judge: let it pass
                 continue
             if check_payload and not match.matches(pkt):
-                self.stats["not_matching"] += 1      # u32 is a superset for short TCP tails
+                self.stats["not_matching"] += 1      # defensive: the kernel's u32 test should agree
                 append((nfq_pkt, NF_ACCEPT, None))
                 continue
             seen += 1
