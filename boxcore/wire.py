@@ -64,7 +64,7 @@ class _Kind:
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return type(v) is int or (isinstance(v, int) and not isinstance(v, bool))
 
 
 INT = _Kind("int", _is_int)
@@ -227,20 +227,24 @@ class VerdictCode(enum.IntEnum):
     MODIFY = 2
 
 
-_PORT = _Kind("port", lambda v: _is_int(v) and 0 <= v <= 65535)
-_PROTO = _Kind("protocol", lambda v: _is_int(v) and 0 <= v <= 255)
-_VERDICT = _Kind("verdict", lambda v: _is_int(v) and v in (0, 1, 2))
-_OPT_BYTES = _Kind("bytes or nil", lambda v: v is None or isinstance(v, (bytes, bytearray)))
+_PORT = _Kind("port", lambda v: type(v) is int and 0 <= v <= 65535)
+_PROTO = _Kind("protocol", lambda v: type(v) is int and 0 <= v <= 255)
+_VERDICT = _Kind("verdict", lambda v: type(v) is int and 0 <= v <= 2)
+_OPT_BYTES = _Kind("bytes or nil", lambda v: v is None or type(v) is bytes)
+_UINT = _Kind("non-negative int", lambda v: type(v) is int and v >= 0)
+_STR = _Kind("str", lambda v: type(v) is str)
+_BYTES = _Kind("bytes", lambda v: type(v) is bytes)
+_BOOL = _Kind("bool", lambda v: v is True or v is False)
 
 # tag -> field names and kinds, in order after the tag
 DATAGRAMS: dict[Tag, tuple[tuple[str, _Kind], ...]] = {
-    Tag.PACKET: (("cookie", UINT), ("token", UINT), ("proto", _PROTO), ("src", STR),
-                 ("sport", _PORT), ("dst", STR), ("dport", _PORT), ("payload", BYTES),
-                 ("want_verdict", BOOL)),
-    Tag.VERDICT: (("token", UINT), ("verdict", _VERDICT), ("payload", _OPT_BYTES)),
-    Tag.SEND: (("proto", _PROTO), ("src", STR), ("sport", _PORT), ("dst", STR),
-               ("dport", _PORT), ("payload", BYTES)),
-    Tag.MULTICAST: (("group", UINT), ("src_port", _PORT), ("payload", BYTES)),
+    Tag.PACKET: (("cookie", _UINT), ("token", _UINT), ("proto", _PROTO), ("src", _STR),
+                 ("sport", _PORT), ("dst", _STR), ("dport", _PORT), ("payload", _BYTES),
+                 ("want_verdict", _BOOL)),
+    Tag.VERDICT: (("token", _UINT), ("verdict", _VERDICT), ("payload", _OPT_BYTES)),
+    Tag.SEND: (("proto", _PROTO), ("src", _STR), ("sport", _PORT), ("dst", _STR),
+               ("dport", _PORT), ("payload", _BYTES)),
+    Tag.MULTICAST: (("group", _UINT), ("src_port", _PORT), ("payload", _BYTES)),
 }
 
 _packb = msgpack.Packer(use_bin_type=True).pack
@@ -252,27 +256,33 @@ def pack_datagram(tag: Tag, *values: Any) -> bytes:
     return _packb([int(tag), *values])
 
 
+_TAGS = {int(tag): tag for tag in Tag}
+_CHECKS = {tag: tuple(kind.check for _, kind in fields) for tag, fields in DATAGRAMS.items()}
+_unpackb = msgpack.unpackb
+
+
 def unpack_datagram(data: bytes) -> tuple[Tag, list[Any]]:
-    """Decode and validate one data-channel datagram."""
+    """Decode and validate one data-channel datagram (on the per-packet path: kept lean)."""
     try:
-        obj = msgpack.unpackb(data, raw=False)
+        obj = _unpackb(data, raw=False)
     except Exception as exc:
         raise WireDecodeError(f"undecodable datagram: {type(exc).__name__}") from None
-    if not isinstance(obj, list) or not obj:
+    if type(obj) is not list or not obj:
         raise WireDecodeError("datagram is not a non-empty array")
-    try:
-        tag = Tag(obj[0]) if _is_int(obj[0]) else None
-    except ValueError:
-        tag = None
+    first = obj[0]
+    tag = _TAGS.get(first) if type(first) is int else None
     if tag is None:
-        raise WireDecodeError(f"unknown datagram tag {obj[0]!r:.20}")
-    fields = DATAGRAMS[tag]
-    if len(obj) != len(fields) + 1:
-        raise WireDecodeError(f"{tag.name}: {len(obj) - 1} fields, expected {len(fields)}")
-    for (name, kind), value in zip(fields, obj[1:]):
-        if not kind.check(value):
-            raise WireDecodeError(f"{tag.name}: field {name!r} must be {kind.name}")
-    return tag, obj[1:]
+        raise WireDecodeError(f"unknown datagram tag {first!r:.20}")
+    checks = _CHECKS[tag]
+    values = obj[1:]
+    if len(values) != len(checks):
+        raise WireDecodeError(f"{tag.name}: {len(values)} fields, expected {len(checks)}")
+    for check, value in zip(checks, values):
+        if not check(value):
+            for (name, kind), bad in zip(DATAGRAMS[tag], values):
+                if not kind.check(bad):
+                    raise WireDecodeError(f"{tag.name}: field {name!r} must be {kind.name}")
+    return tag, values
 
 
 def packet_to_wire(pkt: Any) -> dict[str, Any]:
