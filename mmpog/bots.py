@@ -76,7 +76,8 @@ class Params:
     reflector_mode: str = "standalone"   # standalone | booster
     control: str | None = None        # boxd control socket (booster mode); None: start a boxd (user engine)
     box: str | None = None            # HOST:PORT clients send to: the boxd listener (booster mode, with control)
-    reflector_port: int = 0           # standalone: UDP port; booster: the redirected (relay destination) port
+    reflector_port: int = 0           # the UDP port clients send to (0: any free one); booster mode with
+                                      # --control/--box: the redirected (relay destination) port
     workdir: str | None = None        # where an auto-started boxd keeps its files
     fanout: str = "auto"              # booster mode: auto | direct | engine (see mmpog-reflector --fanout)
     drain: float = 1.5
@@ -231,7 +232,7 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         if params.reflector_mode == "booster":
             if params.control is None:
                 from boxcore.testing import BoxdProcess
-                listen_port, relay_port = free_port(), free_port()
+                listen_port, relay_port = params.reflector_port or free_port(), free_port()
                 workdir = Path(params.workdir or tempfile.mkdtemp(prefix="mmpog-boxd-"))
                 boxd = BoxdProcess(workdir, listens=[f"udp:127.0.0.1:{listen_port}=127.0.0.1:{relay_port}"],
                                    http=False, log_level="warning")
@@ -387,6 +388,7 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
             "unrecoverable": sum(bot.unrecoverable for bot in bots),
             "nacks_sent": sum(s.get("nacks_sent", 0) for s in client_stats),
             "moves": sum(bot.moves for bot in bots),
+            "loadavg": [round(x, 2) for x in os.getloadavg()],
             "srtt_ms_median": _median([s["srtt_ms"] for s in client_stats if s.get("srtt_ms") is not None]),
         })
         return result
@@ -466,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="booster mode: the reflector's fan-out (see mmpog-reflector --fanout)")
     parser.add_argument("--box", default=None, help="booster mode with --control: HOST:PORT of boxd's udp listener")
     parser.add_argument("--reflector-port", type=int, default=0,
-                        help="standalone: the reflector's UDP port; booster: the redirected relay-destination port")
+                        help="the UDP port clients send to (0: any free one); booster mode with --control: "
+                             "the redirected relay-destination port")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here (also printed)")
     parser.add_argument("--netns-child", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -485,9 +488,10 @@ def params_from_args(args: argparse.Namespace) -> Params:
     )
 
 
-def _write(result: dict, path: Path | None) -> None:
+def _write(result: dict, path: Path | None, echo: bool = True) -> None:
     text = json.dumps(result, indent=2)
-    print(text)
+    if echo:
+        print(text)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
@@ -497,8 +501,8 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
     params = params_from_args(args)
     params.validate()
     if args.loss_mode == "iptables" and not args.netns_child:
-        if args.reflector_mode == "booster":
-            raise ConfigError("--loss-mode iptables runs its own standalone reflector in a namespace")
+        if args.control:
+            raise ConfigError("--loss-mode iptables runs its own reflector (and boxd) inside a new namespace")
         port = args.reflector_port or 7400
         tail = _child_argv(args, port)
         await asyncio.to_thread(run_in_netns, tail, args.loss, port)
@@ -511,12 +515,13 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
     if args.netns_child:
         result["loss_mode"] = "iptables"
     ctx.stats.providers["result"] = lambda: result
-    _write(result, args.json)
+    _write(result, args.json, echo=not (args.netns_child and args.json is not None))
     return 0
 
 
 def _child_argv(args: argparse.Namespace, port: int) -> list[str]:
-    argv = ["--netns-child", "--reflector-port", str(port), "--log-level", args.log_level]
+    argv = ["--netns-child", "--reflector-port", str(port), "--log-level", args.log_level,
+            "--reflector-mode", args.reflector_mode, "--fanout", args.fanout]
     for name in ("players", "locations", "duration", "loss", "rate", "reliable_fraction", "deadline", "payload",
                  "move_interval", "seed"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]

@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import secrets
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,7 +35,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from boxcore.runtime import ConfigError, non_negative_float, positive_int, probability
+from boxcore.runtime import non_negative_float, positive_int, probability
 
 LOCATION = 1
 
@@ -54,7 +55,8 @@ def register(subparsers) -> None:
     parser.add_argument("--locations", type=positive_int, default=1)
     parser.add_argument("--duration", type=non_negative_float, default=10.0)
     parser.add_argument("--loss", type=probability, default=0.05)
-    parser.add_argument("--loss-mode", choices=["relay", "iptables"], default="relay")
+    parser.add_argument("--loss-mode", choices=["auto", "relay", "iptables"], default="auto",
+                        help="auto: iptables statistic in a namespace when root, else the user-space relay")
     parser.add_argument("--rate", type=non_negative_float, default=10.0, help="bot updates/s")
     parser.add_argument("--reliable-fraction", type=probability, default=0.25)
     parser.add_argument("--deadline", type=non_negative_float, default=1.0)
@@ -272,13 +274,29 @@ def run(args: argparse.Namespace) -> int:
                 result["fanout"] = await measure_fanout(args.fanout_members, args.fanout_in_rate,
                                                         args.fanout_duration, args.reflector_mode, Path(tmp))
             if args.only in (None, "bots"):
-                params = Params(players=args.players, locations=args.locations, duration=args.duration,
-                                loss=args.loss, loss_mode=args.loss_mode, rate=args.rate,
-                                reliable_fraction=args.reliable_fraction, deadline=args.deadline, seed=args.seed,
-                                reflector_mode=args.reflector_mode, workdir=str(Path(tmp) / "bots-boxd"))
-                if args.loss_mode == "iptables":
-                    raise ConfigError("use mmpog-bots --loss-mode iptables for the namespace variant")
-                result["bots"] = await run_experiment(params)
+                loss_mode = args.loss_mode
+                if loss_mode == "auto":
+                    loss_mode = "iptables" if os.geteuid() == 0 and shutil.which("iptables") else "relay"
+                if loss_mode == "iptables":
+                    # the whole session in a fresh namespace whose iptables drop --loss each way
+                    out = Path(tmp) / "bots.json"
+                    argv = [sys.executable, "-m", "mmpog.bots", "--players", str(args.players),
+                            "--locations", str(args.locations), "--duration", str(args.duration),
+                            "--loss", str(args.loss), "--loss-mode", "iptables", "--rate", str(args.rate),
+                            "--reliable-fraction", str(args.reliable_fraction), "--deadline", str(args.deadline),
+                            "--seed", str(args.seed), "--reflector-mode", args.reflector_mode,
+                            "--json", str(out), "--log-level", "warning"]
+                    proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.DEVNULL)
+                    if await proc.wait() != 0:
+                        raise RuntimeError("mmpog-bots --loss-mode iptables failed")
+                    result["bots"] = json.loads(out.read_text())
+                else:
+                    params = Params(players=args.players, locations=args.locations, duration=args.duration,
+                                    loss=args.loss, loss_mode=loss_mode, rate=args.rate,
+                                    reliable_fraction=args.reliable_fraction, deadline=args.deadline, seed=args.seed,
+                                    reflector_mode=args.reflector_mode, workdir=str(Path(tmp) / "bots-boxd"))
+                    result["bots"] = await run_experiment(params)
+        result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         return result
 
     import uvloop
