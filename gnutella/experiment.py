@@ -57,6 +57,7 @@ class ExperimentConfig:
     sightings: int = 6
     local_wait: float = 0.3
     file_kb: tuple[int, int] = (16, 64)
+    tail: float = 8.0               # seconds servents stay up after the last query (downloads, stragglers)
 
 
 @dataclass
@@ -159,7 +160,7 @@ async def run_mode(lab, cfg: ExperimentConfig, servents: list[Servent], boosters
                 await procs.wait_for_log(role, "ready on engine", 30)
         edge_before = _edge_bytes(lab, clusters)
         roles = {}
-        duration = cfg.warmup + cfg.queries_per_servent * cfg.query_gap + cfg.query_gap + cfg.wait_hits + 12
+        duration = cfg.warmup + cfg.queries_per_servent * cfg.query_gap + cfg.query_gap + cfg.wait_hits + cfg.tail
         for s in servents:
             share = workdir / "shares" / s.name
             share.mkdir(parents=True, exist_ok=True)
