@@ -1,7 +1,6 @@
 """Driver behaviour on lost, late and malformed control frames (sans-IO channel and the
 asyncio driver over an in-memory link; the AF_PACKET path is in test_npdrv_emulator.py)."""
 
-import asyncio
 
 import pytest
 

@@ -5,7 +5,6 @@ import json
 import signal
 import socket
 import subprocess
-import time
 
 import pytest
 

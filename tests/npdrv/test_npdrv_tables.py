@@ -10,7 +10,7 @@ from npdrv import wire
 from npdrv.tables import LpmTable, RuleTable, TableFull
 from npdrv.wire import NpAction, NpRule
 
-from npdrv_strategies import networks, np_rules, u16, u32
+from npdrv_strategies import networks, np_rules, u32
 
 
 def _brute_lpm(prefixes: dict, addr: int):
