@@ -81,7 +81,7 @@ class ControlSession:
         self.pid, self.uid, self.gid = pid, uid, gid
         self.booster: BoosterSession | None = None
         self.conn = wire.FramedConnection(sock, self._on_message, self._on_close,
-                                          max_frame=controller.config.max_frame)
+                                          max_frame=controller.config.max_frame, accept_fds=False)
         self.rules: dict[int, InstalledRule] = {}
         self.watches: dict[int, tuple[Any, asyncio.Task]] = {}
         self.watch_ids = itertools.count(1)
@@ -101,8 +101,6 @@ class ControlSession:
 
     # ---------------------------------------------------------- input
     def _on_message(self, msg: Any, fds: list[int]) -> None:
-        for fd in fds:  # boosters never send descriptors
-            os.close(fd)
         self.last_seen = time.monotonic()
         ctl = self.controller
         if isinstance(msg, dict) and msg.get("t") == "heartbeat" and self.booster is not None:

@@ -331,8 +331,12 @@ class FramedConnection:
 
     def __init__(self, sock: socket.socket, on_message: Callable[[Any, list[int]], None],
                  on_close: Callable[[str], None], *, max_frame: int = DEFAULT_MAX_FRAME,
-                 max_output: int = 8 << 20, loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 max_output: int = 8 << 20, loop: asyncio.AbstractEventLoop | None = None,
+                 accept_fds: bool = True) -> None:
         sock.setblocking(False)
+        # boxd's side: boosters never send descriptors, so any that arrive are closed
+        # and a message's "nfds" is left to validation (INVALID), not fatal pairing.
+        self.accept_fds = accept_fds
         self.sock = sock
         self.loop = loop or asyncio.get_running_loop()
         self.decoder = FrameDecoder(max_frame)
@@ -357,8 +361,12 @@ class FramedConnection:
         except OSError as exc:
             self.close(f"read error: {exc}")
             return
-        self._fds.extend(fds)
-        if flags & getattr(socket, "MSG_CTRUNC", 0):
+        if self.accept_fds:
+            self._fds.extend(fds)
+        else:
+            for fd in fds:
+                _close_fd(fd)
+        if flags & getattr(socket, "MSG_CTRUNC", 0) and self.accept_fds:
             self.close("descriptors truncated")
             return
         if not data:
@@ -372,7 +380,7 @@ class FramedConnection:
         for msg in messages:
             if self.closed:
                 return
-            nfds = msg.get("nfds", 0) if isinstance(msg, dict) else 0
+            nfds = msg.get("nfds", 0) if isinstance(msg, dict) and self.accept_fds else 0
             if not _is_int(nfds) or nfds < 0:
                 nfds = 0  # not a count: validation will say so
             if nfds > len(self._fds):
