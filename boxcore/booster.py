@@ -311,6 +311,7 @@ class Booster:
         self._stream_handlers: dict[int, Callable] = {}
         self._counts: dict[int, list[int]] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._timer_tasks: set[asyncio.Task] = set()   # coroutines started by timers (testing waits on them)
         self._gone = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -718,7 +719,9 @@ class Booster:
                     await result
                 except Exception:
                     self.handler_failed(fn)
-            self._spawn(finish())
+            task = self.spawn(finish())
+            self._timer_tasks.add(task)
+            task.add_done_callback(self._timer_tasks.discard)
 
     # ---------------------------------------------------------- running
     async def run_until_stopped(self, stop: asyncio.Event | None = None) -> str:

@@ -12,13 +12,14 @@
             outcome = await box.inject(Packet(17, "10.0.0.1", 5000, "10.0.0.2", 7000, b"hi"))
             assert outcome.action == "consumed"
             assert box.sent() == []                        # nothing left the box
-            await box.clock.advance(1.0)                   # fire the booster's timers
+            await box.advance(1.0)                         # fire the booster's timers
             assert box.sent()[0].payload == b"summary"
 
 ``MemoryBox`` runs the real controller (policy, arbitration, directory) with
 the ``memory`` engine; boosters talk to it over in-process socketpairs, so no
 network socket is opened and every packet is handled before ``inject``
-returns.  ``FakeClock`` drives the booster's ``call_later`` / ``call_every``.
+returns.  ``FakeClock`` drives the booster's ``call_later`` / ``call_every``;
+``box.advance(seconds)`` moves it and waits for what the timers started.
 """
 
 from __future__ import annotations
@@ -170,6 +171,16 @@ class MemoryBox:
                 break
             await asyncio.sleep(0.001)
         await _yield_loop()
+
+    async def advance(self, seconds: float, timeout: float = 5.0) -> int:
+        """Move the fake clock and wait until the timers' coroutines (e.g. directory
+        writes) have finished; returns how many timers fired."""
+        ran = await self.clock.advance(seconds)
+        pending = [t for b in self.boosters for t in b._timer_tasks]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        await self.settle()
+        return ran
 
     @staticmethod
     def _consumed(booster: Booster) -> int:
