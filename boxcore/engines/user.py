@@ -137,6 +137,9 @@ class UserEngine(Engine):
             if key in seen:
                 raise ConfigError(f"--listen {spec} given twice")
             seen.add(key)
+            if spec.dst_port == spec.port and (spec.dst_host == spec.host
+                                               or "0.0.0.0" in (spec.host, spec.dst_host)):
+                raise ConfigError(f"--listen {spec} relays to itself")
         self.max_flows = max_flows
         self.flow_idle = flow_idle
         self.verdict_timeout = verdict_timeout

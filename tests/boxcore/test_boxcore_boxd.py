@@ -285,6 +285,9 @@ async def test_sigterm_removes_rules_and_boosters_notice(tmp_path, ports):
     (["--state", "{tmp}/s", "--control", "{tmp}/plainfile"], "not a socket"),
     (["--state", "{tmp}/s", "--control", "{tmp}/c.sock", "--engine", "warp"], "--engine"),
     (["--control", "{tmp}/c.sock"], "--state"),
+    (["--state", "{tmp}/s", "--control", "{tmp}/c.sock", "--listen", "udp:127.0.0.1:5999=127.0.0.1:5999"],
+     "relays to itself"),
+    (["--state", "{tmp}/s", "--control", "{tmp}/c.sock", "--route", "10.0.0.0/8,via=nowhere"], "--route"),
 ])
 def test_boxd_bad_config_exits_2_with_one_line(tmp_path, args, needle):
     (tmp_path / "plainfile").write_text("x")
