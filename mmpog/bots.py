@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -46,7 +45,7 @@ from aiohttp import web
 
 from boxcore.runtime import ConfigError, RunContext, make_parser, non_negative_float, positive_int, probability, run_async
 
-from .client import GameClient, GameClientError
+from .client import GameClient
 from .reliability import ClientConfig, Delivered, Event, Expired, Received, Unrecoverable
 from .server import GameServer, ReflectorInfo, World
 

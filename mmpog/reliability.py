@@ -31,6 +31,7 @@ Delivery semantics (stated precisely in docs/mmpog.md):
 
 from __future__ import annotations
 
+import heapq
 import hmac
 import random
 from collections import deque
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from . import wire
-from .wire import RELIABLE, RETRANSMIT, Flag, Header, Kind, WireDecodeError
+from .wire import RELIABLE, RETRANSMIT, Header, Kind, WireDecodeError
 
 Address = tuple[str, int]
 
@@ -631,6 +632,8 @@ class _Location:
     buffer: deque = field(default_factory=deque)     # (seq, forwarded bytes, stored_at), seqs contiguous
     announced_at: float = 0.0     # last time the current last_seq went out (reliable data or heartbeat)
     idle_heartbeats: int = 0
+    rto_floor: float | None = None  # smallest RTO members reported since the last heartbeat
+    in_heap: bool = False         # has an entry in the reflector's heartbeat heap
     stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LOCATION_COUNTERS, 0))
 
     def lowest(self) -> int:
@@ -654,6 +657,7 @@ class ReflectorCore:
         self.config = config or ReflectorConfig()
         self.config.validate()
         self._locations: dict[int, _Location] = {}
+        self._heap: list[tuple[float, int]] = []      # (heartbeat due, location id), lazily re-armed
         self._out: list[tuple[bytes, Destination]] = []
         self._events: deque[MembersChanged] = deque()
         self.stats: dict[str, int] = dict.fromkeys((
@@ -728,7 +732,10 @@ class ReflectorCore:
             self.stats["not_member"] += 1
             return
         if header.rto_ms:
-            member.rto = header.rto_ms / 1000
+            member.rto = rto = header.rto_ms / 1000
+            floor = loc.rto_floor
+            if floor is None or rto < floor:
+                self._note_rto(loc, rto)
         if kind is Kind.DATA:
             self._on_data(loc, header, data, now)
         elif kind is Kind.NACK:
@@ -745,20 +752,37 @@ class ReflectorCore:
         return out
 
     def get_timer(self) -> float | None:
-        times = [self._heartbeat_due(loc) for loc in self._locations.values() if loc.addresses]
-        return min(times) if times else None
+        """When the next heartbeat may be due (possibly early: handle_timer then just re-arms)."""
+        return self._heap[0][0] if self._heap else None
 
     def handle_timer(self, now: float) -> None:
-        """Heartbeats on idle locations and age eviction of the retransmission buffers."""
-        for loc in self._locations.values():
-            self._evict(loc, now)
-            if loc.addresses and now >= self._heartbeat_due(loc):
+        """Heartbeats on idle locations (and age eviction of their retransmission buffers).
+
+        A heap of (due, location) keeps this O(log L) per heartbeat; entries go
+        stale when traffic postpones a heartbeat, and are re-armed when popped.
+        """
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, loc_id = heapq.heappop(heap)
+            loc = self._locations.get(loc_id)
+            if loc is None:
+                continue
+            if not loc.addresses:
+                loc.in_heap = False
+                continue
+            due = self._heartbeat_due(loc)
+            if due <= now:
+                self._evict(loc, now)
                 loc.stats["heartbeats"] += 1
                 loc.stats["fanout_datagrams"] += len(loc.addresses)
                 self._queue(wire.encode(Header(Kind.HEARTBEAT, location=loc.id, seq=loc.last_seq,
                                                lowest=loc.lowest())), loc.id)
                 loc.announced_at = now
                 loc.idle_heartbeats += 1
+                rtos = [m.rto for m in loc.by_addr.values() if m.rto]
+                loc.rto_floor = min(rtos) if rtos else None
+                due = self._heartbeat_due(loc)
+            heapq.heappush(heap, (due, loc_id))
 
     def next_event(self) -> MembersChanged | None:
         return self._events.popleft() if self._events else None
@@ -783,12 +807,18 @@ class ReflectorCore:
         self._out.append((data, dest))
 
     def _heartbeat_due(self, loc: _Location) -> float:
-        rtos = [m.rto for m in loc.by_addr.values() if m.rto]
-        base = min(rtos) if rtos else self.config.default_rto
+        base = loc.rto_floor or self.config.default_rto
         config = self.config
         interval = min(config.heartbeat_max,
                        max(config.heartbeat_min, base * config.heartbeat_factor) * (2 ** min(loc.idle_heartbeats, 16)))
         return loc.announced_at + interval
+
+    def _note_rto(self, loc: _Location, rto: float | None) -> None:
+        """A member reported a smaller RTO: heartbeats may be due sooner than the heap says."""
+        if rto and (loc.rto_floor is None or rto < loc.rto_floor):
+            loc.rto_floor = rto
+            if loc.in_heap:
+                heapq.heappush(self._heap, (self._heartbeat_due(loc), loc.id))
 
     def _bind(self, loc: _Location, member: _Member, addr: Address) -> None:
         if member.addr == addr:
@@ -800,6 +830,10 @@ class ReflectorCore:
             loc.by_addr.pop(member.addr, None)
         member.addr = addr
         loc.by_addr[addr] = member
+        self._note_rto(loc, member.rto)
+        if not loc.in_heap:
+            loc.in_heap = True
+            heapq.heappush(self._heap, (self._heartbeat_due(loc), loc.id))
         self._members_changed(loc)
 
     def _unbind(self, loc: _Location, member: _Member) -> None:
@@ -844,6 +878,8 @@ class ReflectorCore:
             if len(buffer) > self.config.buffer_packets:
                 buffer.popleft()
                 stats["buffer_evicted_count"] += 1
+            if buffer[0][2] < now - self.config.buffer_age:
+                self._evict(loc, now)
             out = wire.restamp(data, seq, buffer[0][0])
             loc.announced_at = now
             loc.idle_heartbeats = 0
