@@ -388,8 +388,29 @@ class Lab:
             if link.loss:
                 for end in (link.a, link.b):
                     self.set_loss(end.node, link.loss, iface=end.iface)
+        self._wait_links_up()
         log.info("lab %s up: %d nodes, %d links in %.2fs", self.name, len(topo.nodes), len(topo.links),
                  time.monotonic() - started)
+
+    def _wait_links_up(self, timeout: float = 5.0) -> None:
+        """Return once every link end has carrier: a packet sent before that is dropped, and
+        the ARP request it triggers is only retried a second later."""
+        from pyroute2 import NetNS
+
+        deadline = time.monotonic() + timeout
+        for node in self.topology.nodes.values():
+            wanted = {end.iface for end in self.topology.ends(node.name)}
+            if not wanted:
+                continue
+            with NetNS(self.ns(node.name)) as nl:
+                while True:
+                    states = {link.get("ifname"): link.get("operstate") for link in nl.get_links()}
+                    if all(states.get(iface) == "UP" for iface in wanted):
+                        break
+                    if time.monotonic() > deadline:
+                        down_ifaces = sorted(i for i in wanted if states.get(i) != "UP")
+                        raise ConfigError(f"lab {self.name}: {node.name} interfaces {down_ifaces} stay down")
+                    time.sleep(0.01)
 
     @staticmethod
     def _sysctl(ns: str, values: Mapping[str, str]) -> None:
