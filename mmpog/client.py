@@ -146,6 +146,15 @@ class GameClient:
         await self.join(location, token, reflector)
         return location
 
+    async def leave(self) -> None:
+        """Leave the current location (the server removes the membership; we say BYE)."""
+        await self._post("/leave", {})
+        if self.endpoint is not None:
+            self.endpoint.close(self._now())
+            self._flush()
+            self._endpoints.pop(self.endpoint.location, None)
+        self.endpoint = self.location = None
+
     async def join(self, location: int, token: bytes, reflector: Address) -> None:
         """Join ``location`` at ``reflector`` with ``token`` (the server's /move does this for you)."""
         assert self.player is not None and self._loop is not None
@@ -165,10 +174,12 @@ class GameClient:
             self._endpoints.pop(location, None)
             raise GameClientError(f"reflector {reflector[0]}:{reflector[1]} did not welcome us into location {location}")
         self.endpoint, self.location = endpoint, location
-        if old is not None and old is not endpoint:
-            old.close(self._now())
+        if old is not None and old is not endpoint and old.location != location:
+            old.close(self._now())      # BYE; the server already removed us from the old location
             self._flush()
             self._endpoints.pop(old.location, None)
+        # (re-joining the same location with a new token: the new endpoint replaced the old one, and a
+        # BYE from this address would unbind the new membership)
 
     # ------------------------------------------------------------------ data plane
 

@@ -138,6 +138,24 @@ async def test_clients_exchange_reliable_updates_and_change_location(game):
         await asyncio.sleep(0.2)
         assert len([e for e in events["dave"] if isinstance(e, Received)]) == before
         assert any(isinstance(e, Delivered) for e in events["erin"])
+        # dave leaves and comes back to the same location: a new token, the same address
+        await dave.leave()
+        assert dave.location is None
+        assert await dave.move(16, 16) == 3
+        erin.send(b"welcome back", reliable=True)
+        for _ in range(200):
+            if any(isinstance(e, Received) and e.payload == b"welcome back" for e in events["dave"]):
+                break
+            await asyncio.sleep(0.01)
+        assert any(isinstance(e, Received) and e.payload == b"welcome back" for e in events["dave"])
+        await dave.leave()
+        assert await dave.move(17, 17) == 3          # leave + move to the same cell again
+        erin.send(b"again", reliable=True)
+        for _ in range(200):
+            if any(isinstance(e, Received) and e.payload == b"again" for e in events["dave"]):
+                break
+            await asyncio.sleep(0.01)
+        assert any(isinstance(e, Received) and e.payload == b"again" for e in events["dave"])
         for client in clients.values():
             await client.close()
 
