@@ -196,7 +196,7 @@ def _match(requests: tuple[Command, ...], replies: list[Command]) -> tuple[Resul
         if rep.type is Cmd.TABLE_DUMP and rep.ok:
             count = rep.body.count
             chunk = replies[pos:pos + count]
-            if len(chunk) != count or any(c.type is not Cmd.ENTRY for c in chunk):
+            if len(chunk) != count or any(c.type is not Cmd.ENTRY or not c.ok for c in chunk):
                 raise wire.GuidedFrameDecodeError(f"TABLE_DUMP announced {count} entries")
             if any(c.body.table is not rep.body.table for c in chunk):
                 raise wire.GuidedFrameDecodeError("TABLE_DUMP entry from another table")

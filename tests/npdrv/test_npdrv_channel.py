@@ -152,3 +152,55 @@ async def test_driver_retries_raises_named_errors_and_survives_garbage():
         assert err.value.command is Cmd.CODE_LOAD and np.stats["timeouts"] == 1
         link.drop_requests = 0
         assert await np.echo(b"still fine") == b"still fine"
+
+
+from hypothesis import given, settings          # noqa: E402
+from hypothesis import strategies as st         # noqa: E402
+
+from npdrv_strategies import request_commands    # noqa: E402
+
+
+def _reply_commands():
+    """Reply commands of every type and status, OK ones with bodies that encode."""
+    ok_bodies = {
+        Cmd.ECHO: st.builds(wire.Echo, st.binary(max_size=8)),
+        Cmd.TABLE_DUMP: st.builds(wire.DumpHead, st.sampled_from(list(Table)), st.integers(0, 3)),
+        Cmd.ENTRY: st.builds(lambda n: wire.Entry(wire.McastSet(n, ())), st.integers(1, 9)),
+        Cmd.RULE_INSERT: st.just(wire.Empty()),
+        Cmd.COUNTERS_READ: st.builds(wire.Counters, st.sampled_from(list(wire.Scope)), st.integers(0, 9),
+                                     st.integers(0, 9), st.integers(0, 9)),
+    }
+    ok = st.sampled_from(sorted(ok_bodies)).flatmap(lambda c: ok_bodies[c].map(lambda b: wire.Command(c, b)))
+    failed = st.builds(lambda c, s: wire.Command(c, wire.Reason("no"), s), st.sampled_from(list(ok_bodies)),
+                       st.sampled_from([s for s in Status if s is not Status.OK]))
+    return st.one_of(ok, failed)
+
+
+@settings(max_examples=150, deadline=None)
+@given(requests=st.lists(request_commands(), min_size=1, max_size=3),
+       replies=st.lists(st.lists(_reply_commands(), max_size=4), min_size=1, max_size=3),
+       more=st.lists(st.booleans(), min_size=3, max_size=3))
+def test_fuzz_arbitrary_replies_end_a_request_cleanly_or_not_at_all(requests, replies, more):
+    _, ch = make()
+    cid = ch.submit(wire.split_commands(requests)[0], now=0)
+    ch.frames_to_send()
+    for i, commands in enumerate(replies):
+        msg = wire.Message(cid, tuple(commands), reply=True, more=more[i], fragment=i)
+        ch.receive(wire.frame(HOST_MAC, CARD_MAC, msg), 0.1)
+    event = ch.next_event()
+    assert event is None or event.correlator == cid
+    if event is None:                       # still waiting: the timer ends it
+        ch.handle_timer(100.0)
+        for t in range(2):
+            ch.handle_timer(200.0 + t * 100)
+        assert ch.pending == 0
+
+
+def test_dump_reply_with_a_failed_entry_fails_the_request():
+    _, ch = make()
+    cid = ch.submit([wire.request(wire.DumpRequest(Table.MULTICAST))], now=0)
+    reply = wire.Message(cid, (wire.Command(Cmd.TABLE_DUMP, wire.DumpHead(Table.MULTICAST, 1)),
+                               wire.Command(Cmd.ENTRY, wire.Reason("?"), Status.INTERNAL)), reply=True)
+    ch.receive(wire.frame(HOST_MAC, CARD_MAC, reply), 0.1)
+    event = ch.next_event()
+    assert isinstance(event, Failed) and "announced 1 entries" in event.reason
