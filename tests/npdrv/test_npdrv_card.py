@@ -164,3 +164,20 @@ def test_fuzz_data_path_and_control_point_never_raise(data, pos, byte, iface):
             assert out_iface in (0, 1, host(0), host(1)) and len(out) >= 14
         point.handle_frame(frame)
         point.handle_frame(wire.ETH_HEADER.pack(wire.BROADCAST, wire.mac_bytes(CLIENT), wire.ETHERTYPE) + frame)
+
+
+from npdrv_strategies import request_commands    # noqa: E402
+
+
+@settings(max_examples=150, deadline=None)
+@given(batches=st.lists(st.lists(request_commands(), min_size=1, max_size=4), min_size=1, max_size=4))
+def test_fuzz_every_valid_request_gets_a_status_per_command(batches):
+    card = Card(CardConfig(port_macs=(wire.mac_bytes(P0), wire.mac_bytes(P1)), rule_limit=5, group_limit=2))
+    point = ControlPoint(card, wire.mac_bytes("02:00:00:00:00:ff"))
+    for correlator, batch in enumerate(batches, 1):
+        group = wire.split_commands(batch)[0]
+        replies = point.handle_frame(wire.frame(wire.BROADCAST, wire.mac_bytes(CLIENT), wire.Message(correlator,
+                                                                                                      tuple(group))))
+        answered = [c for r in replies for c in wire.parse_frame(r)[2].commands if c.type is not wire.Cmd.ENTRY]
+        assert [c.type for c in answered] == [c.type for c in group]
+    assert len(card.rules) <= 5 and len(card.groups) <= 2
