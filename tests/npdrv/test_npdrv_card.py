@@ -181,3 +181,30 @@ def test_fuzz_every_valid_request_gets_a_status_per_command(batches):
         answered = [c for r in replies for c in wire.parse_frame(r)[2].commands if c.type is not wire.Cmd.ENTRY]
         assert [c.type for c in answered] == [c.type for c in group]
     assert len(card.rules) <= 5 and len(card.groups) <= 2
+
+
+def test_booster_rules_map_to_the_card_format():
+    from boxcore.engines.linux import EngineRefused
+    from boxcore.engines.np import card_rule
+    from boxcore.rules import Action, Match, PayloadPattern, Rule
+
+    rule = Rule(Match(proto="udp", src="10.1.0.0/16", dst="10.2.0.9", src_port=(1000, 2000), dst_port=7000,
+                      payload=(PayloadPattern(2, b"\x01\x02", b"\xff\x0f"),)), Action.REDIRECT, priority=-5, cookie=9)
+    np_rule = card_rule(rule, 77)
+    assert (np_rule.rule_id, np_rule.priority, np_rule.action) == (77, -5, NpAction.REDIRECT)
+    assert (np_rule.proto, np_rule.proto_mask) == (17, 0xFF)
+    assert (np_rule.src, np_rule.src_mask) == (wire.ip_int("10.1.0.0"), 0xFFFF0000)
+    assert (np_rule.dst, np_rule.dst_mask) == (wire.ip_int("10.2.0.9"), 0xFFFFFFFF)
+    assert (np_rule.sport, np_rule.dport) == ((1000, 2000), (7000, 7000))
+    assert np_rule.patterns == (wire.Pattern(2, b"\x01\x02", b"\xff\x0f"),)
+    wild = card_rule(Rule(Match(), Action.COPY), 1)
+    assert (wild.proto_mask, wild.src_mask, wild.dst_mask, wild.sport, wild.dport) == (0, 0, 0, (0, 65535), (0, 65535))
+    # The same packets match on the card as in boxcore's own classifier.
+    card = Card(CardConfig())
+    card.rules.insert(np_rule)
+    best, _ = card.rules.lookup(17, wire.ip_int("10.1.3.4"), wire.ip_int("10.2.0.9"), 1500, 7000, b"\x00\x00\x01\x32")
+    assert best is not None and best.rule_id == 77
+    best, _ = card.rules.lookup(17, wire.ip_int("10.1.3.4"), wire.ip_int("10.2.0.9"), 1500, 7000, b"\x00\x00\x02\x02")
+    assert best is None
+    with pytest.raises(EngineRefused, match="payload pattern"):
+        card_rule(Rule(Match(payload=(PayloadPattern(0, b"x" * 33),)), Action.DROP), 2)

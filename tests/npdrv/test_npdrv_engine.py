@@ -191,3 +191,26 @@ async def test_redirect_copy_and_multicast_boosters_through_the_card(tmp_path):
                 stop(proc)
             boxd.stop()
         assert await card(lab, Table.RULES) == []
+
+
+async def test_tcp_interception_through_the_card(tmp_path):
+    import socket
+
+    with card_lab(tmp_path) as lab:
+        boxd = Boxd(lab, tmp_path)
+        out = tmp_path / "tproxy.jsonl"
+        proc = boxd.booster([PY, TEST_BOOSTER, "--mode", "tproxy", "--port", "8080"], out)
+        try:
+            assert wait_for(out, proc, lambda e: e["kind"] == "ready")["delivery"] == "tproxy"
+            # Nobody listens on the server: the booster, reached through the card's REDIRECT and
+            # the host's TPROXY, answers in its place and sees the original destination.
+            with netns.inside(lab.client):
+                conn = socket.create_connection((SERVER, 8080), timeout=5)
+            with conn:
+                line = conn.makefile().readline()
+            assert line.startswith(f"booster original_dst={SERVER}:8080 client=10.1.0.2:")
+            (rule,) = await card(lab, Table.RULES)
+            assert rule.rule.action.name == "REDIRECT" and rule.rule.proto == 6 and rule.packets >= 2
+        finally:
+            stop(proc)
+            boxd.stop()
