@@ -420,11 +420,6 @@ class Controller:
                 self.stats["boosters_refused"] += 1
                 return Status.CONFLICT, None, (), {"reason": f"a booster named {name!r} is connected",
                                                    "holder": f"{name} (pid {other.pid})"}
-        if self.policy is not None and hasattr(self.policy, "check_booster"):
-            reason = self.policy.check_booster(name, sess.uid)
-            if reason:
-                self.stats["permission_denied"] += 1
-                return Status.PERMISSION_DENIED, None, (), {"reason": reason}
         boxd_end, booster_end = wire.socketpair_dgram()
         booster = BoosterSession(sid=next(self._sids), name=name, uid=sess.uid, pid=sess.pid,
                                  gid=sess.gid, channel=boxd_end)

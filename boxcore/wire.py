@@ -69,7 +69,6 @@ def _is_int(v: Any) -> bool:
 
 INT = _Kind("int", _is_int)
 UINT = _Kind("non-negative int", lambda v: _is_int(v) and v >= 0)
-NUM = _Kind("number", lambda v: (_is_int(v) or isinstance(v, float)))
 STR = _Kind("str", lambda v: isinstance(v, str))
 BYTES = _Kind("bytes", lambda v: isinstance(v, (bytes, bytearray)))
 BOOL = _Kind("bool", lambda v: isinstance(v, bool))
@@ -92,8 +91,7 @@ REQ, OPT = True, False
 # type -> {field: (kind, required)}.  "t" is implicit.  "id" marks requests.
 MESSAGES: dict[str, dict[str, tuple[_Kind, bool]]] = {
     # booster -> boxd: requests (answered by "reply" with the same id)
-    "hello": {"id": (UINT, REQ), "name": (STR, REQ), "version": (UINT, REQ),
-              "heartbeat": (NUM, OPT)},
+    "hello": {"id": (UINT, REQ), "name": (STR, REQ), "version": (UINT, REQ)},
     "rule": {"id": (UINT, REQ), "action": (ACTION, REQ), "match": (MAP, REQ),
              "priority": (INT, OPT), "group": (INT, OPT), "tcp": (BOOL, OPT)},
     "cancel": {"id": (UINT, REQ), "cookie": (UINT, REQ)},
