@@ -98,20 +98,23 @@ async def test_socket_delivery_and_pass_through_real_boxd(tmp_path, ports):
         async with Booster("fast", control=boxd.control) as booster:
             def handler(pkt):
                 seen.append(pkt)
+                if pkt.payload == b"bug":
+                    raise RuntimeError("handler bug")
                 return Verdict.PASS if pkt.payload.startswith(b"ok") else Verdict.CONSUME
             sub = await booster.redirect(Match(proto="udp", dst_port=ports["server"]), handler)
             assert sub.delivery.kind == "socket"
             client = await udp_socket()
-            for payload in (b"ok 1", b"no 2", b"ok 3"):
+            for payload in (b"ok 1", b"no 2", b"bug", b"ok 3"):
                 client.sendto(payload, ("127.0.0.1", ports["box"]))
             got = [(await recv(server))[0] for _ in range(2)]
             assert got == [b"ok 1", b"ok 3"]
-            assert [p.dport for p in seen] == [ports["server"]] * 3
+            assert booster.stats["handler_errors"] == 1
+            assert [p.dport for p in seen] == [ports["server"]] * 4
             assert seen[0].dst == "127.0.0.1" and seen[0].sport == client.getsockname()[1]
             # counts reported with heartbeats reach the rule counters
             async def counted():
                 rules = await boxd.query("rules")
-                return rules and rules[0]["packets"] == 3
+                return rules and rules[0]["packets"] == 4
             await wait_for(counted)
             client.close()
     server.close()

@@ -192,3 +192,31 @@ async def test_example_counter_logic_in_memory(tmp_path):
         assert await box.advance(1.0) == 1
         saved = await b.directory.get(TOTALS_KEY)
         assert saved["packets"] == 6 and saved["per_source"]["10.0.0.9:6000"] == [1, 5]
+
+
+async def test_async_socket_helpers(tmp_path):
+    async with MemoryBox(state=tmp_path) as box:
+        b = await box.connect("sockets")
+        a_ep = await b.open_udp(("127.0.0.1", 0))
+        b_ep = await b.open_udp(("127.0.0.1", 0), remote=a_ep.local_address)
+        b_ep.send(b"over udp")
+        data, addr = await asyncio.wait_for(a_ep.recv(), 2)
+        assert data == b"over udp" and addr == b_ep.local_address
+        a_ep.close()
+        b_ep.close()
+
+        async def shout(reader, writer):
+            writer.write((await reader.readline()).upper())
+            await writer.drain()
+            if b"BOOM" in (await reader.readline()).upper():
+                raise RuntimeError("server handler bug")
+
+        server = await b.serve_tcp("127.0.0.1", 0, shout)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await b.open_tcp("127.0.0.1", port)
+        writer.write(b"hello\nboom\n")
+        assert await asyncio.wait_for(reader.readline(), 2) == b"HELLO\n"
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+        writer.close()
+        server.close()
+        assert b.stats["handler_errors"] == 1
