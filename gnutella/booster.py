@@ -370,6 +370,9 @@ class GnutellaBooster:
                 self.stats["peer_duplicate_closed"] += 1
                 return False
         self.peer_names[pid] = name
+        early = self.peer_traffic.pop(f"#{pid}", None)      # what was sent before its hello arrived
+        if early:
+            self.peer_traffic[name].update(early)
         return True
 
 
@@ -420,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="... or after this many seconds without enough local hits")
     parser.add_argument("--enough-local-hits", type=positive_int, default=1,
                         help="local hits that keep a query inside the cluster")
+    parser.add_argument("--trust-tables", action="store_true",
+                        help="forward at once when every local servent sent a QRP table and none may have it")
     parser.add_argument("--max-per-client", type=positive_int, default=1,
                         help="intercepted connections accepted per local servent (more are steered to local peers)")
     parser.add_argument("--remote-ttl", type=positive_int, default=2, help="TTL of queries from other clusters")
@@ -436,7 +441,7 @@ async def amain(args, ctx: RunContext) -> int:
         raise ConfigError("--sightings must be >= 0")
     ports = args.port or [(6346, 6346)]
     config = BoosterConfig(args.name, tuple(args.cluster), args.sightings, args.local_wait, args.enough_local_hits,
-                           args.max_queries, args.remote_ttl, args.max_per_client)
+                           args.max_queries, args.remote_ttl, args.max_per_client, trust_tables=args.trust_tables)
     secret = args.secret.encode() if args.secret else os.urandom(16)
     core = BoosterCore(config, secret, stats=ctx.stats)
     try:
@@ -463,7 +468,7 @@ async def amain(args, ctx: RunContext) -> int:
             finally:
                 await adapter.stop()
     except (ConnectionError, FileNotFoundError) as exc:
-        raise ConfigError(f"cannot reach boxd at {args.control}: {exc}") from None
+        raise ConfigError(str(exc) if "boxd" in str(exc) else f"cannot reach boxd at {args.control}: {exc}") from None
     except BoosterError as exc:
         raise ConfigError(f"boxd refused: {exc}") from None
     return 0

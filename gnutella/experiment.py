@@ -57,6 +57,7 @@ class ExperimentConfig:
     sightings: int = 6
     local_wait: float = 0.3
     file_kb: tuple[int, int] = (16, 64)
+    trust_tables: bool = False
     tail: float = 8.0               # seconds servents stay up after the last query (downloads, stragglers)
 
 
@@ -154,7 +155,8 @@ async def run_mode(lab, cfg: ExperimentConfig, servents: list[Servent], boosters
                     "--cluster", str(prefixes[c]), "--port", str(GNUTELLA_PORT),
                     "--peer-listen", f"{lab.addr(edge, 'core')}:{B2B_PORT}",
                     "--sightings", str(cfg.sightings), "--local-wait", str(cfg.local_wait),
-                    "--secret", f"{edge}-{cfg.seed}", *peers, "--log-level", "info"]))
+                    "--secret", f"{edge}-{cfg.seed}", *peers, "--log-level", "info",
+                    *(["--trust-tables"] if cfg.trust_tables else [])]))
                 edge_roles[c] = booster
             for role in edge_roles.values():
                 await procs.wait_for_log(role, "ready on engine", 30)

@@ -45,6 +45,8 @@ def register(subparsers) -> None:
     parser.add_argument("--sightings", type=int, default=6, help="booster: forward outside after N local copies")
     parser.add_argument("--local-wait", type=non_negative_float, default=0.3,
                         help="booster: ... or after this long without a local hit")
+    parser.add_argument("--trust-tables", action="store_true",
+                        help="booster: forward at once when no local QRP table may hold the query")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--only", choices=["with", "without"], default=None, help="run one mode only")
     parser.add_argument("--workdir", type=Path, default=None, help="keep logs and files here")
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = ExperimentConfig(clusters=args.clusters, servents=args.servents, files=args.files, zipf=args.zipf,
                            max_replicas=args.max_replicas, queries_per_servent=args.queries,
                            query_gap=args.query_gap, warmup=args.warmup, wait_hits=args.wait_hits,
-                           query_ttl=args.ttl, seed=args.seed, sightings=args.sightings, local_wait=args.local_wait)
+                           query_ttl=args.ttl, seed=args.seed, sightings=args.sightings, local_wait=args.local_wait,
+                           trust_tables=args.trust_tables)
     modes = (args.only,) if args.only else ("without", "with")
 
     def say(line: str) -> None:

@@ -228,3 +228,18 @@ def test_b2b_fuzz_only_decode_errors(data):
 def test_cluster_table_message_round_trip(slots):
     table = RouteTable(12, set(slots))
     assert b2b.table_from_message(b2b.table_message(table)).present == table.present
+
+
+def test_trust_tables_forwards_at_once_when_no_local_table_matches():
+    c = core(sightings=0, local_wait=5.0, trust_tables=True)
+    up(c, 1, "10.11.0.11", table=table_of("mine.txt"))
+    up(c, 2, "10.11.0.21", table=table_of("other.txt"))
+    peer(c, 9, None)
+    assert len(queries_out(c.local_message(1, Q("distant opera"), 0.0))) == 1
+    # a query some local table may answer still waits for the local attempt
+    assert queries_out(c.local_message(1, Q("other", guid=b"\x61" * 16), 0.0)) == []
+    # and without the option everything waits
+    plain = core(sightings=0, local_wait=5.0)
+    up(plain, 1, "10.11.0.11", table=table_of("mine.txt"))
+    peer(plain, 9, None)
+    assert queries_out(plain.local_message(1, Q("distant opera"), 0.0)) == []

@@ -228,3 +228,26 @@ def test_legacy_min_speed_above_ours_gets_no_answer():
     assert node.receive(3, Message(b"\x01" * 16, 2, 0, Query("abc", 56)), 0.0)
     assert not [a for a in node.receive(3, Message(b"\x02" * 16, 2, 0, Query("abc", 5000)), 0.0)
                 if isinstance(a, Send) and a.message.type_name == "query_hit"]
+
+
+def test_ultrapeers_exchange_tables_and_filter_the_last_hop():
+    net = Net()
+    a = net.add()
+    b = net.add()
+    c = net.add(["rare bird song.ogg"])
+    d = net.add(["other thing.txt"])
+    for x, y in ((a, b), (b, c), (b, d)):
+        na, nb = net.nodes[x], net.nodes[y]
+        ca, cb = 100 + y, 100 + x
+        net.links[(x, ca)] = (y, cb)
+        net.links[(y, cb)] = (x, ca)
+        net.push(x, na.peer_up(ca, 0.0, nb.me.ip, 6346, nb.me.guid, "0.6", True, False, remote_qrp=True))
+        net.push(y, nb.peer_up(cb, 0.0, na.me.ip, 6346, na.me.guid, "0.6", True, False, remote_qrp=True))
+    net.run()
+    assert net.nodes[b].stats["qrp_tables"] == 3
+    net.delivered.clear()
+    _, actions = net.nodes[a].search("rare bird", 0.0, ttl=2)     # b relays it with TTL 1: the last hop
+    net.push(a, actions)
+    net.run()
+    assert net.delivered[(c, "query")] == 1 and net.delivered[(d, "query")] == 0
+    assert [e.hit.ip for n, e in net.events if isinstance(e, SearchHit)] == ["10.0.0.3"]

@@ -205,3 +205,12 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path):
     assert missing.stderr.strip().endswith("does not exist") and len(missing.stderr.strip().splitlines()) == 1
     nopeer = run_cli("search", "--query", "x")
     assert nopeer.returncode == 2 and "needs at least one --peer" in nopeer.stderr
+
+
+def test_booster_cli_bad_config_exits_2(tmp_path):
+    def booster(*argv):
+        return subprocess.run([str(BIN / "gnutella-booster"), *argv], capture_output=True, text=True, timeout=30)
+    gone = booster("--control", str(tmp_path / "no.sock"), "--name", "e1")
+    assert gone.returncode == 2 and "boxd" in gone.stderr and len(gone.stderr.strip().splitlines()) == 1
+    bad = booster("--control", str(tmp_path / "no.sock"), "--name", "e1", "--port", "70000")
+    assert bad.returncode == 2 and "bad port range" in bad.stderr
