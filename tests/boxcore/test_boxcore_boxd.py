@@ -12,7 +12,7 @@ import time
 import aiohttp
 import pytest
 
-from boxcore.booster import Booster, BoxdGone, Conflict, Verdict
+from boxcore.booster import Booster, BoxdGone, Conflict, PermissionDenied, Verdict
 from boxcore.rules import Match
 from boxcore.testing import BoxdProcess, free_port
 
@@ -309,3 +309,31 @@ def test_booster_example_bad_args_and_no_boxd(tmp_path):
     out = subprocess.run([sys.executable, "-m", "boxcore.boxctl", "--control", str(tmp_path / "none.sock"),
                           "status"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "cannot reach boxd" in out.stderr
+
+
+async def test_policy_file_enforced_by_boxd(tmp_path, ports):
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[[grant]]\nname = "counters"\nboosters = "udp-*"\nactions = ["redirect", "copy"]\n'
+                      f'protocols = ["udp"]\ndst_ports = [{ports["server"]}]\n')
+    async with BoxdProcess(tmp_path, listens=listens(ports), policy=policy, http=False) as boxd:
+        async with Booster("udp-ok", control=boxd.control) as ok:
+            await ok.copy(Match(proto="udp", dst_port=ports["server"]), lambda p: None)
+            with pytest.raises(PermissionDenied) as err:
+                await ok.redirect(Match(proto="udp", dst_port=ports["server"] + 1), lambda p: None)
+            assert err.value.reason
+            with pytest.raises(PermissionDenied):
+                await ok.drop(Match(proto="udp", dst_port=ports["server"]))
+        async with Booster("intruder", control=boxd.control) as bad:
+            with pytest.raises(PermissionDenied):
+                await bad.copy(Match(proto="udp", dst_port=ports["server"]), lambda p: None)
+        status = await boxd.query("status")
+        assert status["counters"]["permission_denied"] == 3 and status["rules"] == 0
+
+
+def test_policy_file_errors_exit_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[grant]]\nboosters = 3\n")
+    out = subprocess.run([sys.executable, "-m", "boxcore.boxd", "--state", str(tmp_path / "s"), "--control",
+                          str(tmp_path / "c.sock"), "--policy", str(bad)], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 2 and out.stderr.count("boxd: error:") == 1 and "bad.toml" in out.stderr
