@@ -164,7 +164,9 @@ class Emulator:
                 "rx_packets": p.rx_packets, "rx_bytes": p.rx_bytes, "tx_packets": p.tx_packets,
                 "tx_bytes": p.tx_bytes, "drops": p.drops, "to_host_packets": p.to_host_packets,
                 "mac": wire.mac_text(p.config.mac)} for i, p in enumerate(card.ports)},
-            "tables": {"rules": len(card.rules), "forwarding": len(card.fwd), "groups": len(card.groups)},
+            "tables": {"rules": len(card.rules), "forwarding": len(card.fwd), "groups": len(card.groups),
+                       "rules_refused_full": card.rules.stats["refused_full"],
+                       "forwarding_refused_full": card.fwd.stats["refused_full"]},
             "rules": {str(r.rule_id): {"packets": r.packets, "bytes": r.bytes, "action": r.action.name}
                       for r in card.rules},
             "card": dict(card.stats),
