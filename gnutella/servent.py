@@ -36,6 +36,9 @@ log = logging.getLogger("gnutella.servent")
 
 HANDSHAKE_TIMEOUT = 10.0
 MAX_OUTBUF = 512 * 1024
+RETRY_AFTER = 30.0          # seconds before dialing a refused or failed address again
+BAN_BACKOFF = 300.0         # after a 429 (gtk-gnutella's reconnect ban)
+MAX_RETRY_ENTRIES = 4096
 
 
 @dataclass
@@ -188,7 +191,7 @@ class Servent:
                 asyncio.open_connection(*addr, limit=1 << 16, local_addr=self._source()), HANDSHAKE_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
             self.stats["connect_failed"] += 1
-            self._retry_after[addr] = time.monotonic() + 30
+            self._retry_after[addr] = time.monotonic() + RETRY_AFTER
             self._connecting.discard(addr)
             log.debug("connect to %s:%d failed: %r", *addr, exc)
             return
@@ -238,7 +241,8 @@ class Servent:
         assert self.node is not None
         return ",".join(f"{h}:{p}" for h, p in self.node.hosts()[:10])
 
-    async def _handshake(self, reader, writer, outgoing: bool, initial: bytes, remote_ip: str):
+    async def _handshake(self, reader, writer, outgoing: bool, initial: bytes, remote_ip: str,
+                         dial: tuple[str, int] | None = None):
         """Run the handshake; return (Established, our_leaf) or None."""
         hs = Handshake("client" if outgoing else "server")
         me = self.identity
@@ -274,6 +278,8 @@ class Servent:
                     return est, decision.as_leaf
                 elif isinstance(event, Refused):
                     self.stats[f"refused_by_peer_{event.code}"] += 1
+                    if event.code == 429 and dial is not None:
+                        self._retry_after[dial] = time.monotonic() + BAN_BACKOFF
                     self._learn_try(event.headers)
                     return None
                 elif isinstance(event, Established):
@@ -299,17 +305,18 @@ class Servent:
         peername = writer.get_extra_info("peername") or ("0.0.0.0", 0)
         remote_ip = peername[0]
         try:
-            result = await self._handshake(reader, writer, outgoing, initial, remote_ip)
+            result = await self._handshake(reader, writer, outgoing, initial, remote_ip, dial)
         except (HandshakeError, asyncio.TimeoutError, OSError, RuntimeError) as exc:
             self.stats["handshake_failed"] += 1
             log.debug("handshake with %s failed: %r", remote_ip, exc)
             if dial:
-                self._retry_after[dial] = time.monotonic() + 30
+                self._retry_after[dial] = time.monotonic() + RETRY_AFTER
             writer.close()
             return
         if result is None:
             if dial:
-                self._retry_after[dial] = time.monotonic() + 30
+                # gtk-gnutella bans quick reconnects (429) for 5 minutes: respect that
+                self._retry_after[dial] = max(time.monotonic() + RETRY_AFTER, self._retry_after.get(dial, 0.0))
             writer.close()
             return
         est, our_leaf = result
@@ -396,6 +403,8 @@ class Servent:
             assert self.node is not None
             now = time.monotonic()
             self._perform(self.node.tick(now))
+            if len(self._retry_after) > MAX_RETRY_ENTRIES:
+                self._retry_after = {a: t for a, t in self._retry_after.items() if t > now}
             # keep the wanted number of connections from the host cache
             wanted = self.target_peers - len(self.links) - len(self._connecting)
             if wanted > 0:

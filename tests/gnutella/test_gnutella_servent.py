@@ -214,3 +214,45 @@ def test_booster_cli_bad_config_exits_2(tmp_path):
     assert gone.returncode == 2 and "boxd" in gone.stderr and len(gone.stderr.strip().splitlines()) == 1
     bad = booster("--control", str(tmp_path / "no.sock"), "--name", "e1", "--port", "70000")
     assert bad.returncode == 2 and "bad port range" in bad.stderr
+
+
+async def test_full_ultrapeer_refuses_with_try_ultrapeers_and_the_refused_servent_learns_them():
+    hub = Servent(listen=("127.0.0.1", 0), shares=ShareIndex([]), seed=20, max_peers=1)
+    await hub.start()
+    first = Servent(listen=("127.0.0.1", 0), shares=ShareIndex([]), peers=[("127.0.0.1", hub.port)], seed=21)
+    await first.start()
+    await asyncio.wait_for(first.established.wait(), 5)
+    second = Servent(listen=("127.0.0.1", 0), shares=ShareIndex([]), peers=[("127.0.0.1", hub.port)], seed=22,
+                     target_peers=1)
+    try:
+        await second.start()
+        # refused (503, too many ultrapeers) but told of `first`, which it then joins
+        await asyncio.wait_for(second.established.wait(), 8)
+        assert hub.stats["refused_in_503"] >= 1 and second.stats["refused_by_peer_503"] >= 1
+        assert ("127.0.0.1", first.port) in set(second._connected_addrs.values())
+    finally:
+        for s in (second, first, hub):
+            await s.stop()
+
+
+async def test_429_backs_off_five_minutes():
+    async def banning(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"GNUTELLA/0.6 429 Too Many Requests\r\n\r\n")
+        await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(banning, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    s = Servent(listen=("127.0.0.1", 0), shares=ShareIndex([]), peers=[("127.0.0.1", port)], seed=23)
+    try:
+        await s.start()
+        for _ in range(100):
+            if s.stats["refused_by_peer_429"]:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
+        wait = s._retry_after[("127.0.0.1", port)] - asyncio.get_running_loop().time()
+        assert 250 < wait <= 300
+    finally:
+        await s.stop()
+        server.close()
