@@ -63,10 +63,12 @@ class GnutellaBooster:
     """The I/O of the booster: intercepted connections and booster peers."""
 
     def __init__(self, core: BoosterCore, stats: Counter | None = None, splice: Splicer = _plain_onward,
-                 tick: float = 0.05) -> None:
+                 tick: float = 0.05, max_splices: int = 256) -> None:
         self.core = core
         self.stats: Counter = stats if stats is not None else core.stats
         self.splice = splice
+        self.max_splices = max_splices
+        self.splices = 0
         self.tick_interval = tick
         self.local_writers: dict[int, asyncio.StreamWriter] = {}
         self.peer_writers: dict[int, asyncio.StreamWriter] = {}
@@ -197,20 +199,27 @@ class GnutellaBooster:
 
     async def _splice(self, reader, writer, conn, first: bytes) -> None:
         """Not Gnutella overlay traffic (a download, a GIV...): pass it on untouched."""
+        if self.splices >= self.max_splices:
+            self.stats["splice_refused"] += 1          # bounded: the client will retry
+            return
+        self.splices += 1
         self.stats["spliced"] += 1
         try:
-            up_reader, up_writer = await self.splice(conn)
-        except (OSError, asyncio.TimeoutError) as exc:
-            self.stats["splice_failed"] += 1
-            log.debug("splice to %s failed: %r", conn.original_dst, exc)
-            return
-        up_writer.write(first)
-        self.stats["spliced_bytes_up"] += len(first)
-        try:
-            await asyncio.gather(_pipe(reader, up_writer, self.stats, "spliced_bytes_up"),
-                                 _pipe(up_reader, writer, self.stats, "spliced_bytes_down"))
+            try:
+                up_reader, up_writer = await self.splice(conn)
+            except (OSError, asyncio.TimeoutError) as exc:
+                self.stats["splice_failed"] += 1
+                log.debug("splice to %s failed: %r", conn.original_dst, exc)
+                return
+            up_writer.write(first)
+            self.stats["spliced_bytes_up"] += len(first)
+            try:
+                await asyncio.gather(_pipe(reader, up_writer, self.stats, "spliced_bytes_up"),
+                                     _pipe(up_reader, writer, self.stats, "spliced_bytes_down"))
+            finally:
+                up_writer.close()
         finally:
-            up_writer.close()
+            self.splices -= 1
 
     async def _gnutella(self, reader, writer, conn, first: bytes) -> None:
         client_ip = conn.client[0]

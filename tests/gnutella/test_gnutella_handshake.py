@@ -176,3 +176,31 @@ def test_malformed_handshakes_say_why(raw, words):
 def test_header_continuation_lines():
     (req,) = Handshake("server").receive_data(b"GNUTELLA CONNECT/0.6\r\nX-Features: tls/1.0,\r\n browse/1.0\r\n\r\n")
     assert req.headers["x-features"] == "tls/1.0, browse/1.0"
+
+
+from hypothesis import given, settings, strategies as st
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=400), st.sampled_from(["client", "server"]))
+def test_random_bytes_only_ever_raise_handshake_errors(data, role):
+    hs = Handshake(role)
+    if role == "client":
+        hs.connect(Headers())
+    try:
+        hs.receive_data(b"GNUTELLA CONNECT/0.6\r\n" + data if role == "server" and data[:1] == b"!" else data)
+    except HandshakeError:
+        pass
+
+
+header_names = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=20)
+header_values = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789.,;/:= ", max_size=40).map(str.strip)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(header_names.map(str.lower), header_values, max_size=20))
+def test_headers_survive_the_three_way_handshake(pairs):
+    client, server = Handshake("client"), Handshake("server")
+    (request,) = server.receive_data(client.connect(Headers(pairs)))
+    for name, value in pairs.items():
+        assert request.headers.get(name) == value
