@@ -135,6 +135,11 @@ class QueueReader:
         Only valid when every earlier packet of the queue already has its verdict: runs of the
         same plain verdict are then sent as one batch message.
         """
+        if len(decided) == 1:               # light traffic: netfilterqueue's own C verdict path
+            pkt, verdict, payload = decided[0]
+            self.verdict(pkt, verdict, payload)
+            self.stats["verdict_messages"] += 1
+            return
         run_verdict, run_last = None, None
         for pkt, verdict, payload in decided:
             if payload is None and (run_verdict is None or verdict == run_verdict):
