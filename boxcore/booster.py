@@ -312,6 +312,7 @@ class Booster:
         self._counts: dict[int, list[int]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._timer_tasks: set[asyncio.Task] = set()   # coroutines started by timers (testing waits on them)
+        self._verdict_batch: list | None = None
         self._gone = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -559,46 +560,68 @@ class Booster:
 
     # data channel (delivery kind "channel"): boxd pushes packets, we answer verdicts
     def _on_channel(self) -> None:
-        channel = self._channel
-        for _ in range(256):
-            if channel is None:
-                return
-            try:
-                data = channel.recv(wire.MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            try:
-                tag, fields = wire.unpack_datagram(data)
-            except wire.WireDecodeError as exc:
-                self.stats["channel_malformed"] += 1
-                log.debug("bad datagram from boxd: %s", exc)
-                continue
-            if tag is not Tag.PACKET:
-                self.stats["channel_malformed"] += 1
-                continue
-            cookie, token, proto, src, sport, dst, dport, payload, want_verdict = fields
-            entry = self._channel_handlers.get(cookie)
-            if entry is None:
-                self.stats["packets_unclaimed"] += 1
-                if want_verdict:
-                    self._send_verdict(token, Verdict.PASS)
-                continue
-            handler, is_redirect = entry
-            self.stats["packets"] += 1
-            pkt = Packet(proto, src, sport, dst, dport, bytes(payload))
-            try:
-                result = handler(pkt)
-            except Exception:
-                self.handler_failed(handler)
-                if want_verdict:
-                    self._send_verdict(token, Verdict.CONSUME)
-                continue
-            if inspect.isawaitable(result):
-                self._spawn(self._finish_channel(handler, result, token, want_verdict and is_redirect))
-            elif want_verdict:
-                self._send_verdict(token, self._verdict_of(handler, result) if is_redirect else Verdict.PASS)
+        # Verdicts given during one wakeup leave together (one VERDICTS datagram).
+        self._verdict_batch = batch = []
+        try:
+            for _ in range(64):
+                channel = self._channel
+                if channel is None:
+                    return
+                try:
+                    data = channel.recv(wire.MAX_DATAGRAM)
+                except OSError:  # BlockingIOError: drained
+                    return
+                try:
+                    tag, fields = wire.unpack_datagram(data)
+                except wire.WireDecodeError as exc:
+                    self.stats["channel_malformed"] += 1
+                    log.debug("bad datagram from boxd: %s", exc)
+                    continue
+                if tag is Tag.PACKETS:
+                    for record in fields:
+                        self._on_packet(*record)
+                elif tag is Tag.PACKET:
+                    self._on_packet(*fields)
+                else:
+                    self.stats["channel_malformed"] += 1
+        finally:
+            self._verdict_batch = None
+            if batch:
+                self._flush_verdicts(batch)
+
+    def _on_packet(self, cookie: int, token: int, proto: int, src: str, sport: int, dst: str,
+                   dport: int, payload: bytes, want_verdict: bool) -> None:
+        entry = self._channel_handlers.get(cookie)
+        if entry is None:
+            self.stats["packets_unclaimed"] += 1
+            if want_verdict:
+                self._send_verdict(token, Verdict.PASS)
+            return
+        handler, is_redirect = entry
+        self.stats["packets"] += 1
+        pkt = Packet(proto, src, sport, dst, dport, payload)
+        try:
+            result = handler(pkt)
+        except Exception:
+            self.handler_failed(handler)
+            if want_verdict:
+                self._send_verdict(token, Verdict.CONSUME)
+            return
+        if inspect.isawaitable(result):
+            self.spawn(self._finish_channel(handler, result, token, want_verdict and is_redirect))
+        elif want_verdict:
+            self._send_verdict(token, self._verdict_of(handler, result) if is_redirect else Verdict.PASS)
+
+    def _flush_verdicts(self, batch: list) -> None:
+        size = 0
+        start = 0
+        for i, record in enumerate(batch):
+            size += 16 + (len(record[2]) if record[2] is not None else 0)
+            if i - start + 1 >= wire.MAX_BATCH or size > wire.BATCH_BYTES:
+                self._send_datagram(wire.pack_batch(Tag.VERDICTS, batch[start:i + 1]))
+                start, size = i + 1, 0
+        if start < len(batch):
+            self._send_datagram(wire.pack_batch(Tag.VERDICTS, batch[start:]))
 
     def _verdict_of(self, handler: Callable, result: Any) -> Verdict:
         try:
@@ -619,7 +642,10 @@ class Booster:
             self._send_verdict(token, self._verdict_of(handler, result))
 
     def _send_verdict(self, token: int, verdict: Verdict) -> None:
-        self._send_datagram(wire.pack_datagram(Tag.VERDICT, token, int(verdict.code), verdict.payload))
+        if self._verdict_batch is not None:
+            self._verdict_batch.append([token, int(verdict.code), verdict.payload])
+        else:
+            self._send_datagram(wire.pack_datagram(Tag.VERDICT, token, int(verdict.code), verdict.payload))
 
     def _send_datagram(self, data: bytes) -> bool:
         if self._channel is None:

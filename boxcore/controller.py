@@ -658,7 +658,10 @@ class Controller:
                 return
             try:
                 tag, fields = wire.unpack_datagram(data)
-                if tag is Tag.VERDICT:
+                if tag is Tag.VERDICTS:
+                    for token, code, payload in fields:
+                        engine.verdict(booster, token, code, payload)
+                elif tag is Tag.VERDICT:
                     engine.verdict(booster, fields[0], fields[1], fields[2])
                 elif tag is Tag.SEND:
                     from boxcore.packet import Packet

@@ -149,6 +149,8 @@ class UserEngine(Engine):
         self.classifier = Classifier(max_rules)
         self.owners: dict[int, BoosterSession] = {}
         self.deliveries: dict[int, Delivery] = {}   # socket deliveries, by cookie
+        self._outbox: dict[BoosterSession, list[list]] = {}   # packets batched per booster
+        self._outbox_bytes: dict[BoosterSession, int] = {}
         self.udp: list[_UdpListener] = []
         self.tcp: list[_TcpListener] = []
         self.flows: collections.OrderedDict[tuple[int, tuple[str, int]], _Flow] = collections.OrderedDict()
@@ -358,12 +360,12 @@ class UserEngine(Engine):
         for _ in range(READS_PER_WAKEUP):
             try:
                 data, client = recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
+            except OSError:  # BlockingIOError: drained
+                break
             pkt = Packet(UDP, client[0], client[1], dst, dport, data)
             self._process(pkt, listener, lambda payload, l=listener, c=client: self._relay_up(l, c, payload))
+        if self._outbox:
+            self._flush()
 
     def _on_flow(self, key: tuple[int, tuple[str, int]]) -> None:
         flow = self.flows.get(key)
@@ -375,13 +377,13 @@ class UserEngine(Engine):
         for _ in range(READS_PER_WAKEUP):
             try:
                 data, server = flow.sock.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
+            except OSError:  # BlockingIOError: drained
+                break
             flow.last_used = time.monotonic()
             pkt = Packet(UDP, server[0], server[1], client[0], client[1], data)
             self._process(pkt, listener, send_down)
+        if self._outbox:
+            self._flush()
 
     def _process(self, pkt: Packet, listener: _UdpListener, out: Callable[[bytes], None]) -> None:
         """Classify one packet and carry out the decision; ``out`` forwards a payload."""
@@ -405,11 +407,8 @@ class UserEngine(Engine):
                 out(pkt.payload)
                 return
             self._token = token = (self._token + 1) & 0xFFFFFFFF
-            if self._push(session, rule.cookie, token, pkt, True):
-                self.pending[token] = (time.monotonic() + self.verdict_timeout, out, pkt.payload, session)
-            else:
-                self.stats["channel_full_passed"] += 1
-                out(pkt.payload)  # fail open
+            self.pending[token] = (time.monotonic() + self.verdict_timeout, out, pkt.payload, session)
+            self._push(session, rule.cookie, token, pkt, True)
         elif action is Action.DROP:
             self.stats["dropped"] += 1
         elif action is Action.MULTICAST:
@@ -418,11 +417,45 @@ class UserEngine(Engine):
                 self._send(listener.sock, pkt.payload, member)
             self.stats["multicast_fanout"] += len(members)
 
-    def _push(self, session: BoosterSession, cookie: int, token: int, pkt: Packet, want: bool) -> bool:
-        ok = session.send_datagram(wire.pack_datagram(
-            Tag.PACKET, cookie, token, pkt.proto, pkt.src, pkt.sport, pkt.dst, pkt.dport, pkt.payload, want))
-        self.stats["delivered" if ok else "delivery_dropped"] += 1
-        return ok
+    def _push(self, session: BoosterSession, cookie: int, token: int, pkt: Packet, want: bool) -> None:
+        """Queue a packet for a booster; the batch goes out at the end of the read burst
+        (or when full).  A REDIRECT's pending entry must exist before: a failed send
+        passes it at once (fail open)."""
+        size = len(pkt.payload) + 64
+        batch = self._outbox.get(session)
+        if batch is not None and (len(batch) >= wire.MAX_BATCH
+                                  or self._outbox_bytes[session] + size > wire.BATCH_BYTES):
+            self._flush_session(session)
+            batch = None
+        if batch is None:
+            batch = self._outbox[session] = []
+            self._outbox_bytes[session] = 0
+        batch.append([cookie, token, pkt.proto, pkt.src, pkt.sport, pkt.dst, pkt.dport, pkt.payload, want])
+        self._outbox_bytes[session] += size
+
+    def _flush(self) -> None:
+        for session in list(self._outbox):
+            self._flush_session(session)
+
+    def _flush_session(self, session: BoosterSession) -> None:
+        batch = self._outbox.pop(session, None)
+        self._outbox_bytes.pop(session, None)
+        if not batch:
+            return
+        if len(batch) == 1:
+            data = wire.pack_datagram(Tag.PACKET, *batch[0])
+        else:
+            data = wire.pack_batch(Tag.PACKETS, batch)
+        if session.send_datagram(data):
+            self.stats["delivered"] += len(batch)
+            return
+        self.stats["delivery_dropped"] += len(batch)
+        for record in batch:  # the booster cannot take them: redirected packets pass (fail open)
+            if record[8]:
+                entry = self.pending.pop(record[1], None)
+                if entry is not None:
+                    self.stats["channel_full_passed"] += 1
+                    entry[1](entry[2])
 
     def verdict(self, session: BoosterSession, token: int, verdict: int, payload: bytes | None) -> None:
         entry = self.pending.get(token)

@@ -132,3 +132,24 @@ def test_packet_from_wire_strict():
         wire.packet_from_wire(dict(good, sport=-1))
     with pytest.raises(WireDecodeError):
         wire.packet_from_wire(dict(good, extra=1))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**32), st.integers(0, 2), st.none() | st.binary(max_size=20)),
+                min_size=1, max_size=wire.MAX_BATCH))
+def test_verdict_batch_round_trip(records):
+    records = [list(r) for r in records]
+    tag, got = wire.unpack_datagram(wire.pack_batch(Tag.VERDICTS, records))
+    assert tag is Tag.VERDICTS and got == records
+
+
+@pytest.mark.parametrize("obj, why", [
+    ([4, []], "one list of 1..256 records"),
+    ([4, [[1, 2]]], "PACKET: 2 fields, expected 9"),
+    ([5, [[1, 0, None]] * 257], "one list of 1..256"),
+    ([5, [[1, 7, None]]], "field 'verdict'"),
+    ([5, [[1, 0, None]], "extra"], "one list"),
+])
+def test_batch_errors(obj, why):
+    with pytest.raises(WireDecodeError, match=why):
+        wire.unpack_datagram(msgpack.packb(obj))
