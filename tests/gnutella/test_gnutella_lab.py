@@ -1,22 +1,31 @@
 """The booster in the three-clusters lab (root): linux engine, TPROXY, real servents as processes.
 
-Runs the experiment at small scale in both modes and checks that the boosters intercepted
-the servents' connections to other clusters, kept the overlay inside the clusters, and cut
-inter-cluster traffic without losing searches or downloads."""
+Runs the experiment at small scale through ``booster-loadgen gnutella`` in both modes and
+checks that the boosters intercepted the servents' connections to other clusters, kept the
+overlay inside the clusters, and cut inter-cluster traffic without losing searches or downloads."""
+
+import json
 
 import pytest
 
-from gnutella.experiment import ExperimentConfig, run_experiment
+from tools.loadgen import main as loadgen
 
 
 @pytest.mark.root
 @pytest.mark.slow
-async def test_boosters_cluster_the_overlay_in_three_clusters(tmp_path):
-    cfg = ExperimentConfig(servents=9, files=12, queries_per_servent=2, warmup=5.0, query_gap=1.0,
-                           wait_hits=2.0, tail=4.0, seed=3)
-    lines = []
-    out = await run_experiment(cfg, tmp_path, lines.append)
+def test_boosters_cluster_the_overlay_in_three_clusters(tmp_path):
+    out_json, out_png = tmp_path / "g.json", tmp_path / "g.png"
+    status = loadgen(["gnutella", "--servents", "9", "--files", "12", "--queries", "2", "--warmup", "5",
+                      "--query-gap", "1", "--wait-hits", "2", "--seed", "3", "--workdir", str(tmp_path / "work"),
+                      "--json", str(out_json), "--plot", str(out_png)])
+    assert status == 0
+    out = json.loads(out_json.read_text())
+    assert out_png.stat().st_size > 10_000
     without, with_ = out["without"], out["with"]
+    for mode in (without, with_):
+        assert set(mode) >= {"inter_cluster_messages", "inter_cluster_bytes", "query_success", "first_hit_ms",
+                             "download_success"}
+        assert set(mode["first_hit_ms"]) == {"p50", "p99"}
     assert without["queries_completed"] == with_["queries_completed"] == 18
     # without boosters the random overlay spans the clusters
     assert without["servent_messages_crossing"] > 50
