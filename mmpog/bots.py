@@ -35,11 +35,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import aiohttp
+import msgpack
 import numpy as np
 from aiohttp import web
 
@@ -80,6 +81,7 @@ class Params:
     workdir: str | None = None        # where an auto-started boxd keeps its files
     fanout: str = "auto"              # booster mode: auto | direct | engine (see mmpog-reflector --fanout)
     drain: float = 1.5
+    workers: int = 1                  # bot processes (the bots' receive path is the experiment's heaviest part)
 
     def validate(self) -> None:
         if self.players < 2:
@@ -90,6 +92,8 @@ class Params:
             raise ConfigError("--locations, --duration and --rate must be positive")
         if self.payload < UPDATE.size or self.payload > 1400:
             raise ConfigError(f"--payload must be {UPDATE.size}..1400 bytes")
+        if not 1 <= self.workers <= 64 or self.workers > self.players:
+            raise ConfigError("--workers must be 1..64 and at most --players")
         if self.loss_mode not in ("relay", "iptables", "none"):
             raise ConfigError("--loss-mode must be relay, iptables or none")
         if self.reflector_mode == "booster" and bool(self.control) != bool(self.box):
@@ -211,17 +215,143 @@ def analyse(bots: list[Bot], deadline: float) -> dict:
     return out
 
 
+async def run_bots(indices: list[int], params: Params, server_url: str,
+                   reflector_map: Callable[[tuple[str, int]], tuple[str, int]] | None,
+                   start_at: Callable[[], "asyncio.Future[float]"], stop: asyncio.Event) -> tuple[list[Bot], list[dict]]:
+    """Bots ``indices`` join, wait for ``start_at()``, play ``params.duration``, drain; returns them and their stats."""
+    bots: list[Bot] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        config = ClientConfig(default_deadline=params.deadline)
+        for index in indices:
+            bot_rng = random.Random(params.seed * 1_000_003 + index)
+            client = GameClient(server_url, f"bot{index}", "pw", http=http, config=config,
+                                reflector_map=reflector_map, rng=bot_rng, join_timeout=10.0)
+            bot = Bot(index, client, bot_rng)
+            client.on_event = bot.on_event
+            bots.append(bot)
+
+        async def enter(bot: Bot) -> None:
+            await bot.client.start()
+            await bot.client.register()
+            await bot.client.login()
+            location = bot.rng.randrange(params.locations)
+            await bot.client.move(*_position(bot.rng, location))
+            bot.intervals.append([location, time.monotonic(), float("inf")])
+
+        await asyncio.gather(*(enter(bot) for bot in bots))
+        t_start = await start_at()
+        t_end = t_start + params.duration
+        payload_pad = bytes(params.payload - UPDATE.size)
+
+        async def play(bot: Bot) -> None:
+            interval = 1.0 / params.rate
+            next_send = t_start + bot.rng.random() * interval
+            next_move = t_start + bot.rng.uniform(0.5, 1.5) * params.move_interval
+            number = 0
+            client = bot.client
+            while not stop.is_set():
+                now = time.monotonic()
+                if now >= t_end:
+                    return
+                if params.locations > 1 and now >= next_move:
+                    target = bot.rng.randrange(params.locations)
+                    if target != client.location:
+                        await client.move(*_position(bot.rng, target))
+                        moved_at = time.monotonic()
+                        bot.intervals[-1][2] = moved_at
+                        bot.intervals.append([target, moved_at, float("inf")])
+                        bot.moves += 1
+                    next_move = time.monotonic() + bot.rng.uniform(0.5, 1.5) * params.move_interval
+                    continue
+                if now < next_send:
+                    await asyncio.sleep(next_send - now)
+                    continue
+                next_send += interval
+                reliable = bot.rng.random() < params.reliable_fraction
+                sent_at = time.monotonic()
+                data = UPDATE.pack(bot.index, number, sent_at) + payload_pad
+                try:
+                    client.send(data, reliable=reliable, deadline=params.deadline)
+                except Exception as exc:     # BufferFull under extreme loss: count as not sent
+                    log.debug("bot %d send refused: %s", bot.index, exc)
+                    continue
+                bot.sent.append((number, sent_at, client.location, reliable))
+                number += 1
+
+        await asyncio.sleep(max(0.0, t_start - time.monotonic()))
+        await asyncio.gather(*(play(bot) for bot in bots))
+        await asyncio.sleep(params.drain)      # let retransmissions finish
+        for bot in bots:
+            if bot.intervals:
+                bot.intervals[-1][2] = time.monotonic()
+        client_stats = [bot.client.snapshot() for bot in bots]
+        for bot in bots:
+            with contextlib.suppress(Exception):
+                await bot.client.close()
+    return bots, client_stats
+
+
+async def _expect_line(proc: asyncio.subprocess.Process, word: bytes) -> None:
+    line = await proc.stdout.readline()
+    if not line.startswith(word):
+        raise RuntimeError(f"a bots worker said {line[:80]!r} instead of {word!r}")
+
+
+def _dump_bots(bots: list[Bot], client_stats: list[dict], path: Path) -> None:
+    records = [{"index": b.index, "intervals": b.intervals, "sent": b.sent,
+                "got": [[s, n, lat] for (s, n), lat in b.got.items()], "duplicates": b.duplicates,
+                "delivered": b.delivered, "expired": b.expired, "unrecoverable": b.unrecoverable, "moves": b.moves}
+               for b in bots]
+    path.write_bytes(msgpack.packb({"bots": records, "stats": client_stats}))
+
+
+def _load_bots(path: Path) -> tuple[list[Bot], list[dict]]:
+    data = msgpack.unpackb(path.read_bytes(), strict_map_key=False)
+    bots = []
+    for rec in data["bots"]:
+        bot = Bot(rec["index"], None, random.Random(0), intervals=[list(i) for i in rec["intervals"]],
+                  sent=[tuple(x) for x in rec["sent"]], got={(s, n): lat for s, n, lat in rec["got"]},
+                  duplicates=rec["duplicates"], delivered=rec["delivered"], expired=rec["expired"],
+                  unrecoverable=rec["unrecoverable"], moves=rec["moves"])
+        bots.append(bot)
+    return bots, data["stats"]
+
+
+async def run_worker(spec_path: Path) -> int:
+    """A bots worker process: join, say "ready", read "start T", play, write the results."""
+    spec = json.loads(spec_path.read_text())
+    params = Params(**spec["params"])
+    relay = tuple(spec["relay"]) if spec["relay"] else None
+    reflector_map = (lambda addr: relay) if relay else None
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    async def start_at() -> float:
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        line = (await reader.readline()).decode().split()
+        if len(line) != 2 or line[0] != "start":
+            raise RuntimeError(f"expected 'start T', got {line!r}")
+        return float(line[1])
+
+    bots, stats = await run_bots(spec["indices"], params, spec["server"], reflector_map, start_at, asyncio.Event())
+    _dump_bots(bots, stats, Path(spec["out"]))
+    return 0
+
+
 async def run_experiment(params: Params, say: Callable[[str], None] | None = None,
                          stop: asyncio.Event | None = None) -> dict:
     """Run one bots session on loopback; returns the JSON-able figures."""
     params.validate()
     say = say or (lambda line: None)
     stop = stop or asyncio.Event()
-    rng = random.Random(params.seed)
     procs: list[subprocess.Popen] = []
     boxd_holder: list = []
     runner: web.AppRunner | None = None
-    bots: list[Bot] = []
+    relay_addr = None
+    workers: list[asyncio.subprocess.Process] = []
+    local: asyncio.Future | None = None
     try:
         # ---------------------------------------------------------- reflector
         refl_http_port = free_port(socket.SOCK_STREAM)
@@ -282,83 +412,80 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         await web.TCPSite(runner, "127.0.0.1", server_port).start()
         server_url = f"http://127.0.0.1:{server_port}"
 
+        # ---------------------------------------------------------- bots (here, or in worker processes)
+        groups = [list(range(w, params.players, params.workers)) for w in range(params.workers)]
+        go = asyncio.Event()
+        joined = asyncio.Event()
+        t_start_box: list[float] = []
+
+        async def start_at() -> float:      # the local group joined: wait for the common start time
+            joined.set()
+            await go.wait()
+            return t_start_box[0]
+
+        worker_files: list[Path] = []
+        if params.workers == 1:
+            local = asyncio.ensure_future(run_bots(groups[0], params, server_url, reflector_map, start_at, stop))
+            waiting = [asyncio.ensure_future(joined.wait())]
+        else:
+            local = None
+            tmp = Path(tempfile.mkdtemp(prefix="mmpog-bots-"))
+            for number, indices in enumerate(groups):
+                spec = tmp / f"worker{number}.json"
+                out = tmp / f"worker{number}.msgpack"
+                spec.write_text(json.dumps({"indices": indices, "params": asdict(params), "server": server_url,
+                                            "relay": list(relay_addr) if reflector_map else None,
+                                            "out": str(out)}))
+                worker_files.append(out)
+                workers.append(await asyncio.create_subprocess_exec(
+                    *_module_argv("mmpog.bots", "--worker", str(spec), "--log-level", "warning"),
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+            waiting = [asyncio.ensure_future(_expect_line(proc, b"ready")) for proc in workers]
+        unjoined = set(waiting)
+        watched = unjoined | ({local} if local is not None else set())
+        join_deadline = time.monotonic() + 120
+        while unjoined:
+            done, _ = await asyncio.wait(watched, timeout=max(0.0, join_deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                raise RuntimeError("the bots did not join in time")
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()
+                if task is local:
+                    raise RuntimeError("the bots ended before the start")
+            unjoined -= done
+            watched -= done
+        say(f"{params.players} bots joined {params.locations} location(s)"
+            + (f" ({params.workers} worker processes)" if params.workers > 1 else ""))
+
+        # ---------------------------------------------------------- play
+        t_start = time.monotonic() + 0.2
+        t_start_box.append(t_start)
+        go.set()
+        for proc in workers:
+            proc.stdin.write(f"start {t_start!r}\n".encode())
+            await proc.stdin.drain()
+        say(f"playing for {params.duration:g} s at {params.rate:g} updates/s per bot "
+            f"({params.reliable_fraction:.0%} reliable, deadline {params.deadline:g} s)")
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-            # ------------------------------------------------------ bots join
-            config = ClientConfig(default_deadline=params.deadline)
-            for index in range(params.players):
-                bot_rng = random.Random(rng.getrandbits(32))
-                client = GameClient(server_url, f"bot{index}", "pw", http=http, config=config,
-                                    reflector_map=reflector_map, rng=bot_rng, join_timeout=10.0)
-                bot = Bot(index, client, bot_rng)
-                client.on_event = bot.on_event
-                bots.append(bot)
-
-            async def enter(bot: Bot) -> None:
-                await bot.client.start()
-                await bot.client.register()
-                await bot.client.login()
-                location = bot.rng.randrange(params.locations)
-                await bot.client.move(*_position(bot.rng, location))
-                bot.intervals.append([location, time.monotonic(), float("inf")])
-
-            await asyncio.gather(*(enter(bot) for bot in bots))
-            say(f"{params.players} bots joined {params.locations} location(s)")
-
-            # ------------------------------------------------------ play
+            await asyncio.sleep(max(0.0, t_start - time.monotonic()))
             before = await _reflector_stats(http, refl_http, api_key)
-            t_start = time.monotonic()
-            t_end = t_start + params.duration
-            payload_pad = bytes(params.payload - UPDATE.size)
-
-            async def play(bot: Bot) -> None:
-                interval = 1.0 / params.rate
-                next_send = t_start + bot.rng.random() * interval
-                next_move = t_start + bot.rng.uniform(0.5, 1.5) * params.move_interval
-                number = 0
-                client = bot.client
-                while not stop.is_set():
-                    now = time.monotonic()
-                    if now >= t_end:
-                        return
-                    if params.locations > 1 and now >= next_move:
-                        target = bot.rng.randrange(params.locations)
-                        if target != client.location:
-                            await client.move(*_position(bot.rng, target))
-                            moved_at = time.monotonic()
-                            bot.intervals[-1][2] = moved_at
-                            bot.intervals.append([target, moved_at, float("inf")])
-                            bot.moves += 1
-                        next_move = time.monotonic() + bot.rng.uniform(0.5, 1.5) * params.move_interval
-                        continue
-                    if now < next_send:
-                        await asyncio.sleep(next_send - now)
-                        continue
-                    next_send += interval
-                    reliable = bot.rng.random() < params.reliable_fraction
-                    sent_at = time.monotonic()
-                    data = UPDATE.pack(bot.index, number, sent_at) + payload_pad
-                    try:
-                        client.send(data, reliable=reliable, deadline=params.deadline)
-                    except Exception as exc:     # BufferFull under extreme loss: count as not sent
-                        log.debug("bot %d send refused: %s", bot.index, exc)
-                        continue
-                    bot.sent.append((number, sent_at, client.location, reliable))
-                    number += 1
-
-            say(f"playing for {params.duration:g} s at {params.rate:g} updates/s per bot "
-                f"({params.reliable_fraction:.0%} reliable, deadline {params.deadline:g} s)")
-            await asyncio.gather(*(play(bot) for bot in bots))
+            await asyncio.sleep(max(0.0, t_start + params.duration - time.monotonic()))
             after = await _reflector_stats(http, refl_http, api_key)
             elapsed = time.monotonic() - t_start
-            await asyncio.sleep(params.drain)      # let retransmissions finish
+            if local is not None:
+                bots, client_stats = await local
+            else:
+                bots, client_stats = [], []
+                for proc, out in zip(workers, worker_files):
+                    if await proc.wait() != 0:
+                        raise RuntimeError(f"a bots worker failed with status {proc.returncode}")
+                    worker_bots, worker_stats = _load_bots(out)
+                    bots += worker_bots
+                    client_stats += worker_stats
+                bots.sort(key=lambda bot: bot.index)
             final = await _reflector_stats(http, refl_http, api_key)
-            for bot in bots:
-                if bot.intervals:
-                    bot.intervals[-1][2] = time.monotonic()
-            client_stats = [bot.client.snapshot() for bot in bots]
-            for bot in bots:
-                with contextlib.suppress(Exception):
-                    await bot.client.close()
 
         result = {
             "players": params.players, "locations": params.locations, "duration": params.duration,
@@ -392,6 +519,14 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         })
         return result
     finally:
+        if local is not None and not local.done():
+            local.cancel()
+            with contextlib.suppress(BaseException):
+                await local
+        for proc in workers:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
         if runner is not None:
             await runner.cleanup()
         for proc in reversed(procs):
@@ -470,7 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the UDP port clients send to (0: any free one); booster mode with --control: "
                              "the redirected relay-destination port")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here (also printed)")
+    parser.add_argument("--workers", type=positive_int, default=1, help="bot processes (spread the bots' CPU)")
     parser.add_argument("--netns-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -483,7 +620,7 @@ def params_from_args(args: argparse.Namespace) -> Params:
         delay=args.delay, jitter=args.jitter, duplicate=args.duplicate, rate=args.rate,
         reliable_fraction=args.reliable_fraction, deadline=args.deadline, payload=args.payload,
         move_interval=args.move_interval, seed=args.seed, reflector_mode=args.reflector_mode, control=args.control,
-        box=args.box, reflector_port=args.reflector_port, fanout=args.fanout,
+        box=args.box, reflector_port=args.reflector_port, fanout=args.fanout, workers=args.workers,
     )
 
 
@@ -497,6 +634,8 @@ def _write(result: dict, path: Path | None, echo: bool = True) -> None:
 
 
 async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
+    if args.worker is not None:
+        return await run_worker(args.worker)
     params = params_from_args(args)
     params.validate()
     if args.loss_mode == "iptables" and not args.netns_child:
@@ -522,7 +661,7 @@ def _child_argv(args: argparse.Namespace, port: int) -> list[str]:
     argv = ["--netns-child", "--reflector-port", str(port), "--log-level", args.log_level,
             "--reflector-mode", args.reflector_mode, "--fanout", args.fanout]
     for name in ("players", "locations", "duration", "loss", "rate", "reliable_fraction", "deadline", "payload",
-                 "move_interval", "seed"):
+                 "move_interval", "seed", "workers"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.json is not None:
         argv += ["--json", str(args.json.resolve())]

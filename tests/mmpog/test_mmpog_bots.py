@@ -82,3 +82,13 @@ async def test_reflector_booster_with_engine_multicast(tmp_path):
     assert result["reflector"]["transport"]["fanout"] == "engine multicast"
     assert result["reliable"]["delivered_ratio"] == 1.0
     assert result["unreliable"]["delivered_ratio"] == 1.0      # no loss configured
+
+
+async def test_bots_in_worker_processes():
+    params = Params(players=6, locations=2, duration=1.5, loss=0.05, rate=20, reliable_fraction=0.5,
+                    move_interval=0.8, workers=2, seed=5, drain=1.0)
+    result = await run_experiment(params)
+    assert result["duplicates_delivered"] == 0
+    assert result["reliable"]["delivered_ratio"] == 1.0
+    assert result["reliable"]["expected"] > 20
+    assert result["moves"] > 0
