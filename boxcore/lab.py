@@ -652,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
         "booster-lab",
         "Build and tear down network labs (namespaces + veth pairs) from TOML topologies.",
         examples=[
-            "booster-lab up transparent                 # a shipped topology, random lab name",
+            "booster-lab up transparent                 # a shipped topology; lab named 'transparent'",
             "booster-lab up my.toml --name t1",
             "booster-lab ls",
             "booster-lab exec t1 client -- ip route",
@@ -662,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p_up = sub.add_parser("up", help="build a lab from a topology file (or a shipped topology name)")
     p_up.add_argument("topology", help=f"TOML file, or one of: {', '.join(shipped_topologies())}")
-    p_up.add_argument("--name", help="lab name (default: topology name + random suffix)")
+    p_up.add_argument("--name", help="lab name (default: the topology's name, plus a random suffix if taken)")
     p_up.add_argument("--json", action="store_true", help="print the lab as JSON")
     p_down = sub.add_parser("down", help="remove a lab and anything it left behind")
     p_down.add_argument("name")
@@ -675,12 +675,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _cli(args: argparse.Namespace, stats) -> int:
     if args.command == "ls":
         for entry in list_labs():
+            gone = "  (gone: only its state file is left; `down` removes it)" if not entry["namespaces"] else ""
             print(f"{entry['name']:<32} {entry['topology']:<20} namespaces={entry['namespaces']:<3} "
-                  f"nodes={','.join(entry['nodes'])}")
+                  f"nodes={','.join(entry['nodes'])}{gone}")
         return 0
     _check_root()
     if args.command == "up":
-        lab = Lab.up(args.topology, name=args.name)
+        name = args.name
+        if name is None:
+            # on the command line a lab is named after its topology (so `down transparent`
+            # works), with a suffix only when that name is taken
+            topo = load_topology(args.topology)
+            taken = {e["name"] for e in list_labs()}
+            name = topo.name if topo.name not in taken else None
+        lab = Lab.up(args.topology, name=name)
         stats["nodes"] = len(lab.nodes)
         if args.json:
             print(json.dumps({"name": lab.name, "nodes": {n: {"ns": lab.ns(n), "addrs": lab.addrs(n)}

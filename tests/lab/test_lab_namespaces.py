@@ -160,6 +160,22 @@ def test_cli_up_exec_ls_down():
     assert leftovers(name) == []
 
 
+def test_cli_names_a_lab_after_its_topology(tmp_path):
+    topo = tmp_path / "t.toml"
+    name = lab_name("own")
+    topo.write_text(f'name = "{name}"\n[nodes.a]\nkind = "host"\n')
+    try:
+        first = subprocess.run([*LAB_CLI, "up", str(topo)], capture_output=True, text=True, timeout=60)
+        second = subprocess.run([*LAB_CLI, "up", str(topo)], capture_output=True, text=True, timeout=60)
+        assert first.returncode == 0 and first.stdout.splitlines()[0] == name
+        assert second.returncode == 0 and second.stdout.splitlines()[0].startswith(f"{name}-")
+    finally:
+        for out in (first, second):
+            if out.returncode == 0:
+                subprocess.run([*LAB_CLI, "down", out.stdout.splitlines()[0]], timeout=60)
+    assert leftovers(name) == []
+
+
 def test_failed_build_leaves_nothing(tmp_path):
     name = lab_name("fb")
     # valid syntax, but the route's gateway is unreachable: the kernel refuses it mid-build
