@@ -611,6 +611,7 @@ def down(name: str) -> int:
                     removed += 1
     with contextlib.suppress(FileNotFoundError):
         (STATE_DIR / f"{name}.json").unlink()
+        removed += 1
     return removed
 
 
