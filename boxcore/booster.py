@@ -379,6 +379,13 @@ class Booster:
     def _on_close(self, reason: str) -> None:
         self.closed = True
         self.close_reason = self.close_reason or reason
+        # Without boxd our rules are gone: release what it handed over (a delegated
+        # socket must not keep the box's port bound, or steal packets, after eviction).
+        for sub in self._subscriptions.values():
+            abandon = getattr(sub.receiver, "abandon", None)
+            if abandon is not None:
+                with contextlib.suppress(Exception):
+                    abandon()
         if self._channel is not None:
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(self._channel.fileno())

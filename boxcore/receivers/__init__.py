@@ -12,6 +12,9 @@ arguments; the library then calls::
     ...
     await receiver.stop()
 
+and, if the receiver has it, ``receiver.abandon()`` (synchronous) as soon as
+the connection to boxd is lost, to release what boxd handed over.
+
 ``rule`` is the installed :class:`~boxcore.rules.Rule` (its ``cookie`` is set and
 its ``action`` says REDIRECT - a verdict is expected - or COPY - the return value
 is ignored).  ``handler`` is the user's handler; receivers call it through
@@ -39,6 +42,9 @@ class Receiver(Protocol):
     async def start(self, booster: Any, rule: Any, delivery: Any, handler: Any) -> None: ...
 
     async def stop(self) -> None: ...
+
+    # optional: ``def abandon(self) -> None`` - called (synchronously) when the
+    # control connection to boxd is lost; release anything boxd handed over.
 
 
 _REGISTRY: dict[str, type] = {}

@@ -124,6 +124,11 @@ class SocketReceiver:
         self.booster._channel_handlers[self.rule.cookie] = (self.handler, self.redirect)
         self.undelegated = True
 
+    def abandon(self) -> None:
+        """boxd went away: let go of its socket at once."""
+        if not self.stopped:
+            self._close()
+
     def _close(self) -> None:
         self.stopped = True
         with contextlib.suppress(ValueError, OSError):

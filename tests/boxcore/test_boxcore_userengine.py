@@ -148,3 +148,18 @@ async def test_delegated_socket_is_taken_back_when_a_copy_arrives(tmp_path, net)
             assert got_a == [b"one", b"two"] and got_b == [b"two"]
             rules = {r["cookie"]: r for r in await boxd.query("rules")}
             assert rules[sub.cookie]["delivery"] == "channel"
+
+
+async def test_evicted_booster_lets_go_of_a_delegated_socket(tmp_path, net):
+    async with BoxdProcess(tmp_path, listens=net["listen"], http=False) as boxd:
+        booster = Booster("holder", control=boxd.control)
+        await booster.connect()
+        sub = await booster.redirect(Match(proto="udp", dst_port=net["server_port"]), lambda p: None)
+        assert sub.delivery.kind == "socket"
+        receiver = sub.receiver
+    # boxd stopped (SIGTERM): the booster must not keep the box's port bound
+    await asyncio.wait_for(booster.run_until_stopped(), 5)
+    assert receiver.stopped and receiver.sock.fileno() == -1
+    async with BoxdProcess(tmp_path, listens=net["listen"], http=False):
+        pass   # binds the same port again
+    await booster.close()
