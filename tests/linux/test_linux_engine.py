@@ -218,6 +218,33 @@ def test_redirect_consume_modify_inject_and_pass(lab, tmp_path):
     assert_box_clean(lab)
 
 
+def test_the_example_booster_in_transparent_placement(lab, tmp_path):
+    """booster-example (the library's UDP counter/filter) on the linux engine, unchanged."""
+    boxd = Boxd(lab, tmp_path)
+    stats = tmp_path / "example.json"
+    example = lab.popen("box", [PY, "-m", "boxcore.examples.udp_counter", "--control", boxd.control,
+                                "--port", "9020", "--drop-prefix", "SPAM", "--report-every", "0",
+                                "--stats-json", str(stats)], stderr=open(tmp_path / "example.log", "w"))
+    try:
+        deadline = time.monotonic() + 10
+        while not rule_chains(lab) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        payloads = [b"one", b"SPAM two", b"three", b"SPAM four", b"five"]
+        assert exchange(lab, payloads, 9020) == [b"one", b"three", b"five"]
+        # other traffic goes by untouched, and unseen
+        assert exchange(lab, [b"SPAM elsewhere"], 9021) == [b"SPAM elsewhere"]
+        example.terminate()
+        assert example.wait(10) == 0
+    finally:
+        if example.poll() is None:
+            example.kill()
+        boxd.stop()
+    totals = json.loads(stats.read_text())["totals"]
+    assert (totals["packets"], totals["dropped"], totals["passed"]) == (5, 2, 3)
+    assert list(totals["per_source"]) and all(k.startswith("10.1.0.2:") for k in totals["per_source"])
+    assert_box_clean(lab)
+
+
 def test_copy_through_nflog_never_holds_packets(lab, tmp_path):
     boxd = Boxd(lab, tmp_path)
     try:
