@@ -314,6 +314,10 @@ class Controller:
 
     def adopt(self, sock: socket.socket) -> ControlSession | None:
         """Serve a connected control socket (accepted, or one end of a socketpair in tests)."""
+        if len(self.connections) >= self.config.max_boosters + 16:  # room for boxctl queries
+            self.stats["connections_refused"] += 1
+            sock.close()
+            return None
         try:
             pid, uid, gid = wire.peer_credentials(sock)
         except OSError:
