@@ -496,8 +496,8 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         result.update(analyse(bots, params.deadline))
         out_delta = after["io"]["datagrams_out"] - before["io"]["datagrams_out"]
         in_delta = after["io"]["datagrams_in"] - before["io"]["datagrams_in"]
-        locs = final["locations"]
-        reflector_retx = sum(loc["retransmitted"] for loc in locs.values())
+        totals = final["totals"]
+        reflector_retx = totals["retransmitted"]
         client_retx = sum(s.get("retransmitted", 0) for s in client_stats)
         result.update({
             "duplicates_delivered": sum(bot.duplicates for bot in bots),
@@ -506,10 +506,9 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
             "reflector_pps": round(out_delta / elapsed, 1),
             "reflector_in_pps": round(in_delta / elapsed, 1),
             "reflector": {"transport": final.get("transport", {}), "send_dropped": final["io"]["send_dropped"],
-                          "nacks": sum(loc["nacks"] for loc in locs.values()),
-                          "nack_rate_limited": sum(loc["nack_rate_limited"] for loc in locs.values()),
-                          "heartbeats": sum(loc["heartbeats"] for loc in locs.values()),
-                          "not_member": sum(loc["not_member"] for loc in locs.values())},
+                          **{name: totals[name] for name in ("nacks", "nack_rate_limited", "nack_unavailable",
+                                                             "heartbeats", "not_member", "hello_rejected",
+                                                             "buffer_evicted_count", "buffer_evicted_age")}},
             "expired": sum(bot.expired for bot in bots),
             "unrecoverable": sum(bot.unrecoverable for bot in bots),
             "nacks_sent": sum(s.get("nacks_sent", 0) for s in client_stats),

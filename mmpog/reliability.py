@@ -658,6 +658,7 @@ class ReflectorCore:
         self.config.validate()
         self._locations: dict[int, _Location] = {}
         self._heap: list[tuple[float, int]] = []      # (heartbeat due, location id), lazily re-armed
+        self._retired: dict[str, int] = dict.fromkeys(LOCATION_COUNTERS, 0)   # counters of forgotten locations
         self._out: list[tuple[bytes, Destination]] = []
         self._events: deque[MembersChanged] = deque()
         self.stats: dict[str, int] = dict.fromkeys((
@@ -694,6 +695,8 @@ class ReflectorCore:
             return False
         self._unbind(loc, member)
         if not loc.members:
+            for name, value in loc.stats.items():
+                self._retired[name] += value
             del self._locations[location]
         return True
 
@@ -794,8 +797,16 @@ class ReflectorCore:
                    lowest=loc.lowest(), buffered=len(loc.buffer))
         return out
 
+    def totals(self) -> dict[str, int]:
+        """Per-location counters summed over every location, including ones already forgotten."""
+        out = dict(self._retired)
+        for loc in self._locations.values():
+            for name, value in loc.stats.items():
+                out[name] += value
+        return out
+
     def snapshot(self) -> dict:
-        return {"global": dict(self.stats),
+        return {"global": dict(self.stats), "totals": self.totals(),
                 "locations": {str(loc_id): self.location_stats(loc_id) for loc_id in self._locations}}
 
     # ------------------------------------------------------------------ internals

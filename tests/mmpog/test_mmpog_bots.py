@@ -25,6 +25,8 @@ async def test_bots_through_lossy_reordering_duplicating_relay():
     assert result["reliable"]["delivered_ratio"] == 1.0
     assert result["unreliable"]["delivered_ratio"] < 1.0           # 5% loss each way is not repaired
     assert result["retransmissions"] > 0
+    assert result["retransmissions_detail"]["by_reflector"] > 0     # receivers' NACKs were answered
+    assert result["reflector"]["nacks"] > 0
     assert result["reflector_pps"] > 0
     assert result["moves"] > 0
 

@@ -100,6 +100,9 @@ def test_members_changed_on_rebind_and_removal():
     assert core.next_event() == MembersChanged(LOC, (new_addr,))
     core.add_member(LOC, 1, b"n" * 16)                             # a new token unbinds until a new HELLO
     assert core.members(LOC) == ()
+    assert core.remove_member(LOC, 1)                               # the last member: the location is forgotten
+    assert core.locations() == []
+    assert core.totals()["not_member"] == 1                         # ... but its counters still count
 
 
 def test_membership_bounds_are_enforced_and_counted():
