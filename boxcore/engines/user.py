@@ -357,11 +357,15 @@ class UserEngine(Engine):
     def _on_udp(self, listener: _UdpListener) -> None:
         recvfrom = listener.sock.recvfrom
         dst, dport = listener.spec.dst_host, listener.spec.dst_port
+        classifier = self.classifier
         for _ in range(READS_PER_WAKEUP):
             try:
                 data, client = recvfrom(65535)
             except OSError:  # BlockingIOError: drained
                 break
+            if not classifier:  # no rules at all: nothing to decide, just relay
+                self._relay_up(listener, client, data)
+                continue
             pkt = Packet(UDP, client[0], client[1], dst, dport, data)
             self._process(pkt, listener, lambda payload, l=listener, c=client: self._relay_up(l, c, payload))
         if self._outbox:
@@ -380,6 +384,9 @@ class UserEngine(Engine):
             except OSError:  # BlockingIOError: drained
                 break
             flow.last_used = time.monotonic()
+            if not self.classifier:
+                self._send(listener.sock, data, client)
+                continue
             pkt = Packet(UDP, server[0], server[1], client[0], client[1], data)
             self._process(pkt, listener, send_down)
         if self._outbox:
