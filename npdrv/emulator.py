@@ -123,7 +123,13 @@ class Emulator:
                 elif level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
                     sec, nsec = TIMESPEC.unpack_from(value)
                     rx_ns = sec * 1_000_000_000 + nsec
-            for out_iface, frame in card.process(iface, data):
+            try:
+                outputs = card.process(iface, data)
+            except Exception:   # a frame the card model cannot handle must not stop the card
+                self._count("internal_errors")
+                log.exception("frame of %d bytes on %s dropped", len(data), self.names[iface])
+                continue
+            for out_iface, frame in outputs:
                 try:
                     self.socks[out_iface].send(frame)
                 except (BlockingIOError, InterruptedError):

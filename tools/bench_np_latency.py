@@ -193,6 +193,7 @@ class NpPath:
         if not self.emu.stdout.readline():
             raise RuntimeError(f"np4gs3-emu exited with {self.emu.wait()}")
         self.rules = 0
+        self.control_log: list[dict] = []      # how fast rules reach the card over guided frames
         server_mac = netns.link_mac("eth0", self.lab.ns("server"))
         client_mac = netns.link_mac("eth0", self.lab.ns("client"))
         self._control([("fwd", f"{SERVER}/32", 1, server_mac), ("fwd", f"{CLIENT}/32", 0, client_mac)])
@@ -225,10 +226,16 @@ class NpPath:
         asyncio.run(go())
 
     def set_rules(self, count: int) -> None:
+        started = time.perf_counter()
         if count > self.rules:
-            self._control([("rule", i) for i in range(self.rules + 1, count + 1)])
-        elif count < self.rules:
-            self._control([("unrule", i) for i in range(count + 1, self.rules + 1)])
+            ops = [("rule", i) for i in range(self.rules + 1, count + 1)]
+        else:
+            ops = [("unrule", i) for i in range(count + 1, self.rules + 1)]
+        if ops:
+            self._control(ops)
+            seconds = time.perf_counter() - started
+            self.control_log.append({"op": ops[0][0], "commands": len(ops), "seconds": round(seconds, 4),
+                                     "commands_per_s": round(len(ops) / seconds)})
         self.rules = count
 
     def modelled(self, count: int) -> dict:
@@ -248,9 +255,10 @@ class NpPath:
         try:
             data = json.loads(self.stats_path.read_text())
             summary = {"latency_us": data["emulator"]["latency_us"], "card": data["emulator"]["card"],
-                       "kernel_drops": data.get("kernel_drops", {})}
+                       "control": data["emulator"]["control"], "kernel_drops": data.get("kernel_drops", {})}
         except (OSError, ValueError, KeyError):
             pass
+        summary["rule_updates"] = self.control_log
         self.lab.down()
         return summary
 
