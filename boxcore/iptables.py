@@ -551,6 +551,39 @@ def read_queue_status(path: str = QUEUE_STATUS_PATH) -> dict[int, QueueStatus]:
         return {}
 
 
+TCP_LISTEN = 0x0A
+TCP_TABLE_PATH = "/proc/net/tcp"
+
+
+def parse_tcp_listeners(text: str) -> dict[int, int]:
+    """Listening TCP port -> connections waiting to be accepted, from /proc/net/tcp.
+
+    For a listening socket the ``rx_queue`` column is its accept backlog.
+    """
+    out: dict[int, int] = {}
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        try:
+            port = int(fields[1].rsplit(":", 1)[1], 16)
+            state = int(fields[3], 16)
+            backlog = int(fields[4].split(":")[1], 16)
+        except (IndexError, ValueError):
+            continue
+        if state == TCP_LISTEN:
+            out[port] = max(out.get(port, 0), backlog)
+    return out
+
+
+def read_tcp_listeners(path: str = TCP_TABLE_PATH) -> dict[int, int]:
+    try:
+        with open(path) as f:
+            return parse_tcp_listeners(f.read())
+    except FileNotFoundError:
+        return {}
+
+
 def mark_injected(sock: socket.socket) -> None:
     """Mark everything ``sock`` sends so it bypasses the booster chains (needs CAP_NET_ADMIN)."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK_INJECTED)

@@ -121,6 +121,7 @@ class LinuxEngine(Engine):
         }
         self._counters: dict[int, tuple[int, int]] = {}
         self._watch: dict[int, QueueWatch] = {}
+        self._listen_watch: dict[int, float] = {}           # tproxy port -> last time nothing waited
         self._status_cache: tuple[float, dict[int, nf.QueueStatus]] = (0.0, {})
         self._lock = asyncio.Lock()
         self._injector: socket.socket | None = None
@@ -236,6 +237,8 @@ class LinuxEngine(Engine):
                 port = self.tproxy_ports.take()
                 target, delivery = nf.Target("tproxy", port), Delivery("tproxy", {"port": port})
                 release = (self.tproxy_ports, port)
+                self._listen_watch[port] = time.monotonic()
+                session.engine_state.setdefault("tproxy_ports", set()).add(port)
             elif rule.action is Action.REDIRECT:
                 queue = self.queues.take()
                 target = nf.Target("nfqueue", queue)
@@ -275,6 +278,10 @@ class LinuxEngine(Engine):
             return delivery
 
     def _forget_queue(self, target: nf.Target, session: BoosterSession | None) -> None:
+        if target.kind == "tproxy":
+            self._listen_watch.pop(target.number, None)
+            if session is not None:
+                session.engine_state.get("tproxy_ports", set()).discard(target.number)
         if target.kind == "nfqueue" and target.number != self.multicast_queue:
             self._watch.pop(target.number, None)
             if session is not None:
@@ -331,6 +338,9 @@ class LinuxEngine(Engine):
         """The watchdog: a queue of ``session`` with packets waiting and no verdict given for
         longer than the stall bound makes the session unhealthy (boxd then removes its rules,
         and the packets flow past the box again)."""
+        reason = self._tproxy_health(session)
+        if reason:
+            return reason
         queues = session.engine_state.get("queues")
         if not queues:
             return None
@@ -354,6 +364,25 @@ class LinuxEngine(Engine):
                 self.stats["stalls"] += 1
                 return (f"queue {queue} stalled: {current.total} packets waiting, no verdict for "
                         f"{stalled:.2f}s (bound {self.stall}s)")
+        return None
+
+    def _tproxy_health(self, session: BoosterSession) -> str | None:
+        """The same bound for interception: connections waiting in a booster's accept queue
+        without being accepted for longer than the stall bound."""
+        ports = session.engine_state.get("tproxy_ports")
+        if not ports:
+            return None
+        backlogs = nf.read_tcp_listeners()
+        now = time.monotonic()
+        for port in list(ports):
+            if port not in self._listen_watch:
+                continue
+            if backlogs.get(port, 0) == 0:
+                self._listen_watch[port] = now
+            elif now - self._listen_watch[port] > self.stall:
+                self.stats["stalls"] += 1
+                return (f"tproxy port {port} stalled: {backlogs[port]} connections waiting to be accepted "
+                        f"for {now - self._listen_watch[port]:.2f}s (bound {self.stall}s)")
         return None
 
     # -- forwarding table --------------------------------------------------------------

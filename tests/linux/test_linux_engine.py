@@ -303,6 +303,38 @@ def test_tproxy_interception_sees_the_original_destination(lab, tmp_path):
     assert_box_clean(lab)
 
 
+def test_hung_interceptor_is_removed_and_connections_reach_the_server(lab, tmp_path):
+    boxd = Boxd(lab, tmp_path)
+    echo = lab.popen("server", [PY, "-c", (
+        "import socket\n"
+        "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "s.bind(('10.2.0.2', 8082)); s.listen()\n"
+        "while True:\n"
+        "    c, peer = s.accept(); c.sendall(b'the real server\\n'); c.close()\n")])
+    try:
+        booster = TestBooster(lab, boxd, "tproxy", 8082)
+        booster.kill(signal.SIGSTOP)
+        hung = time.monotonic()
+        with lab.inside("client"):
+            stuck = socket.create_connection((SERVER, 8082), timeout=5)   # the kernel accepts, nobody serves
+        while rule_chains(lab) and time.monotonic() - hung < 5:
+            time.sleep(0.02)
+        removed_after = time.monotonic() - hung
+        with lab.inside("client"):
+            conn = socket.create_connection((SERVER, 8082), timeout=5)
+        with conn:
+            assert conn.makefile().readline() == "the real server\n"
+        stuck.close()
+        booster.kill(signal.SIGKILL)
+    finally:
+        echo.kill()
+        echo.wait()
+        boxd.stop()
+    print(f"\nhung interceptor: rules removed {removed_after:.2f}s after SIGSTOP")
+    assert "tproxy port" in boxd.log.read_text() and removed_after < 2.0
+    assert_box_clean(lab)
+
+
 def test_multicast_fan_out(lab, tmp_path):
     boxd = Boxd(lab, tmp_path)
     rx = [lab.socket("server") for _ in range(2)]

@@ -117,6 +117,15 @@ def test_queue_status_parsing():
     assert status[101].total == 0 and set(status) == {100, 101}
 
 
+def test_tcp_listener_backlogs():
+    text = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+            "   0: 00000000:3A99 00000000:0000 0A 00000000:00000002 00:00000000 00000000     0        0 1 1\n"
+            "   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1\n"
+            "   2: 0200020A:1F90 0200010A:B0B0 01 00000000:00000005 00:00000000 00000000     0        0 3 1\n"
+            "   3: garbage\n")
+    assert nf.parse_tcp_listeners(text) == {15001: 2, 8080: 0}
+
+
 def test_nfqueue_messages():
     msg = nf.nfqueue_fail_open(300)
     length, kind, flags, _seq, _pid = nf.NLMSG.unpack_from(msg)
