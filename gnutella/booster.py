@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import os
@@ -21,7 +22,7 @@ import random
 import sys
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Awaitable, Callable
 
 from boxcore.runtime import (ConfigError, RunContext, host_port, make_parser, non_negative_float,
@@ -29,8 +30,8 @@ from boxcore.runtime import (ConfigError, RunContext, host_port, make_parser, no
 
 from . import b2b
 from .boostercore import BoosterConfig, BoosterCore, SendPeer
-from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, identity_headers,
-                        listen_address)
+from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, Identity, Refused, Response,
+                        identity_headers, listen_address)
 from .node import Close, Send
 from .wire import Bye, GnutellaDecodeError, Message, MessageReader, RawMessage, new_guid
 
@@ -63,12 +64,15 @@ class GnutellaBooster:
     """The I/O of the booster: intercepted connections and booster peers."""
 
     def __init__(self, core: BoosterCore, stats: Counter | None = None, splice: Splicer = _plain_onward,
-                 tick: float = 0.05, max_splices: int = 256) -> None:
+                 tick: float = 0.05, max_splices: int = 256, upstream: int = 0) -> None:
         self.core = core
         self.stats: Counter = stats if stats is not None else core.stats
         self.splice = splice
         self.max_splices = max_splices
         self.splices = 0
+        self.max_upstream = upstream            # conventional links to outside servents (0: none)
+        self.upstream_addrs: set[tuple[str, int]] = set()
+        self.upstream_traffic: Counter = Counter()
         self.tick_interval = tick
         self.local_writers: dict[int, asyncio.StreamWriter] = {}
         self.peer_writers: dict[int, asyncio.StreamWriter] = {}
@@ -131,8 +135,10 @@ class GnutellaBooster:
         out = Counter()
         for c in self.peer_traffic.values():
             out.update(c)
-        return {"messages_out": out["msgs_out"], "bytes_out": out["bytes_out"],
-                "messages_in": out["msgs_in"], "bytes_in": out["bytes_in"],
+        up = self.upstream_traffic
+        return {"messages_out": out["msgs_out"] + up["msgs_out"], "bytes_out": out["bytes_out"] + up["bytes_out"],
+                "messages_in": out["msgs_in"] + up["msgs_in"], "bytes_in": out["bytes_in"] + up["bytes_in"],
+                "upstream_messages_out": up["msgs_out"],
                 "spliced_bytes": self.stats["spliced_bytes_up"] + self.stats["spliced_bytes_down"]}
 
     # ---------------------------------------------------------------- actions
@@ -158,8 +164,14 @@ class GnutellaBooster:
         if transport is not None and transport.get_write_buffer_size() > MAX_OUTBUF:
             self.stats["local_tx_dropped_backlog"] += 1
             return
-        writer.write(msg.encode())
-        self.stats[f"local_tx_{msg.type_name}"] += 1
+        data = msg.encode()
+        writer.write(data)
+        if cid in self.core.upstreams:
+            self.upstream_traffic["msgs_out"] += 1
+            self.upstream_traffic["bytes_out"] += len(data)
+            self.stats[f"upstream_tx_{msg.type_name}"] += 1
+        else:
+            self.stats[f"local_tx_{msg.type_name}"] += 1
 
     def _send_peer(self, pid: int, obj: dict) -> None:
         writer = self.peer_writers.get(pid)
@@ -273,6 +285,10 @@ class GnutellaBooster:
                 self.core.release(listen)
         if est is None:
             return
+        original = (conn.original_dst[0], conn.original_dst[1])
+        if self.max_upstream and original not in self.upstream_addrs and len(self.upstream_addrs) < self.max_upstream:
+            self.upstream_addrs.add(original)
+            self._spawn(self._keep_upstream(original))
         cid = self._next_id()
         self.local_writers[cid] = writer
         self._perform(self.core.local_up(cid, time.monotonic(), client_ip, listen, tuple(conn.original_dst), leaf,
@@ -306,6 +322,89 @@ class GnutellaBooster:
         finally:
             self.local_writers.pop(cid, None)
             self.core.local_down(cid)
+
+    # ---------------------------------------------------------------- conventional outside peers
+
+    async def _keep_upstream(self, addr: tuple[str, int]) -> None:
+        """Peer with an outside servent the conventional way (a 0.6 connection of our own)."""
+        backoff = 2.0
+        while True:
+            try:
+                reader, writer = await self.splice(SimpleNamespace(client=("0.0.0.0", 0), original_dst=addr))
+            except (OSError, asyncio.TimeoutError):
+                self.stats["upstream_connect_failed"] += 1
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+                continue
+            try:
+                if await self._upstream_session(reader, writer, addr):
+                    backoff = 2.0
+            finally:
+                writer.close()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 60.0)
+
+    async def _upstream_session(self, reader, writer, addr: tuple[str, int]) -> bool:
+        sockname = writer.get_extra_info("sockname") or ("127.0.0.1", 0)
+        digest = hashlib.sha1(self.core.secret + b"upstream").digest()
+        me = Identity(new_guid(digest[:16]), sockname[0], 6346, True, self.core.config.user_agent)
+        hs = Handshake("client")
+        writer.write(hs.connect(identity_headers(me, addr[0])))
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        est: Established | None = None
+        try:
+            while est is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError()
+                data = await asyncio.wait_for(reader.read(1 << 16), remaining)
+                if not data:
+                    return False
+                for event in hs.receive_data(data):
+                    if isinstance(event, Refused):
+                        self.stats[f"upstream_refused_{event.code}"] += 1
+                        return False
+                    if isinstance(event, Response):
+                        out, est = hs.confirm(identity_headers(me))
+                        writer.write(out)
+        except (HandshakeError, asyncio.TimeoutError, OSError) as exc:
+            self.stats["upstream_handshake_failed"] += 1
+            log.debug("upstream handshake with %s failed: %r", addr, exc)
+            return False
+        uid = self._next_id()
+        self.local_writers[uid] = writer
+        self._perform(self.core.upstream_up(uid, me))
+        log.info("peering with outside servent %s:%d", *addr)
+        framer = MessageReader()
+        data = est.leftover
+        try:
+            while True:
+                if data:
+                    self.upstream_traffic["bytes_in"] += len(data)
+                    try:
+                        messages = framer.feed(data)
+                    except GnutellaDecodeError:
+                        self.stats["framing_errors"] += 1
+                        break
+                    now = time.monotonic()
+                    for msg in messages:
+                        if isinstance(msg, RawMessage):
+                            self.stats["malformed_dropped"] += 1
+                            continue
+                        self.upstream_traffic["msgs_in"] += 1
+                        self._perform(self.core.upstream_message(uid, msg, now))
+                    if writer.is_closing():
+                        break
+                    await writer.drain()
+                data = await reader.read(1 << 16)
+                if not data:
+                    break
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.local_writers.pop(uid, None)
+            self.core.upstream_down(uid)
+        return True
 
     # ---------------------------------------------------------------- booster peers
 
@@ -439,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--remote-ttl", type=positive_int, default=2, help="TTL of queries from other clusters")
     parser.add_argument("--max-queries", type=positive_int, default=20000, help="bounded query routing table")
     parser.add_argument("--secret", default=None, help="seed of the impersonated identities (default: random)")
+    parser.add_argument("--upstream", type=int, default=0, metavar="N",
+                        help="also peer the conventional way with up to N of the outside servents that local "
+                             "servents dial (for clusters without a booster); 0: boosters only")
     return parser
 
 
@@ -448,6 +550,8 @@ async def amain(args, ctx: RunContext) -> int:
 
     if args.sightings < 0:
         raise ConfigError("--sightings must be >= 0")
+    if args.upstream < 0:
+        raise ConfigError("--upstream must be >= 0")
     ports = args.port or [(6346, 6346)]
     config = BoosterConfig(args.name, tuple(args.cluster), args.sightings, args.local_wait, args.enough_local_hits,
                            args.max_queries, args.remote_ttl, args.max_per_client, trust_tables=args.trust_tables)
@@ -459,7 +563,7 @@ async def amain(args, ctx: RunContext) -> int:
             if booster.engine in ("linux", "np"):
                 from boxcore.receivers.linux import connect_onward
                 splice = connect_onward
-            adapter = GnutellaBooster(core, ctx.stats, splice)
+            adapter = GnutellaBooster(core, ctx.stats, splice, upstream=args.upstream)
             ctx.stats.providers["booster"] = adapter.snapshot
             ctx.stats.providers["boundary"] = adapter.boundary
             for lo, hi in ports:

@@ -74,6 +74,7 @@ class BoosterConfig:
     table_interval: float = 1.0
     user_agent: str = "booster-boxes/0.1"
     trust_tables: bool = False              # no local table may have it: forward without waiting
+    upstream_ttl: int = 3                   # TTL of queries sent to conventional outside peers
 
     def networks(self) -> list[ipaddress.IPv4Network]:
         return [ipaddress.ip_network(p, strict=False) for p in self.cluster]
@@ -125,6 +126,7 @@ class BoosterCore:
         self.probes = BoundedTable(config.max_queries, self.stats, "probe_table")
         self.servents = BoundedTable(config.max_queries, self.stats, "push_table")
         self.pending: OrderedDict[bytes, QueryState] = OrderedDict()   # local queries not yet decided
+        self.upstreams: dict[int, Identity] = {}     # conventional Gnutella links to outside peers (our identity)
         self.known_servents: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._reserved: Counter = Counter()        # accepted handshakes not yet up, by servent
         self._table_version = 0
@@ -318,6 +320,12 @@ class BoosterCore:
                 out.append(SendPeer(remote.pid, obj))
             else:
                 self.stats["queries_not_sent_by_table"] += 1
+        if self.upstreams:
+            ttl = max(1, min(state.ttl - 1, self.config.upstream_ttl))
+            message = Message(state.guid, ttl, state.hops + 1, query)
+            for uid in self.upstreams:
+                out.append(Send(uid, message))
+                self.stats["queries_to_upstream"] += 1
         if not out:
             self.stats["queries_kept_inside"] += 1
         return out
@@ -340,6 +348,8 @@ class BoosterCore:
         if state is None:
             self.stats["hits_unroutable"] += 1
             return []
+        if state.origin[0] == "up":
+            return self._hit_to_origin(state, hit, msg.hops, exclude_cid=None)
         if state.origin[0] == "peer":
             self.stats["hits_to_boosters"] += 1
             return [SendPeer(state.origin[1], {"t": "hit", "guid": state.guid, "hops": msg.hops + 1,
@@ -349,6 +359,9 @@ class BoosterCore:
 
     def _hit_to_origin(self, state: QueryState, hit: QueryHit, hops: int, exclude_cid: int | None) -> list:
         kind, cid = state.origin
+        if kind == "up" and cid in self.upstreams:
+            self.stats["hits_to_upstream"] += 1
+            return [Send(cid, Message(state.guid, hops + 2, hops + 1, hit))]
         if kind != "local" or cid == exclude_cid or cid not in self.locals:
             return []
         self.stats["hits_delivered"] += 1
@@ -366,6 +379,12 @@ class BoosterCore:
                 self.stats["pushes_unroutable"] += 1
                 return []
             self.stats["pushes_routed"] += 1
+            return [Send(ident, Message(new_guid(self.rng.randbytes(16)), 3, 0, push))]
+        if kind == "up":
+            if ident not in self.upstreams:
+                self.stats["pushes_unroutable"] += 1
+                return []
+            self.stats["pushes_to_upstream"] += 1
             return [Send(ident, Message(new_guid(self.rng.randbytes(16)), 3, 0, push))]
         if ident not in self.peers:
             self.stats["pushes_unroutable"] += 1
@@ -454,6 +473,59 @@ class BoosterCore:
                 self.stats["remote_queries_filtered"] += 1
         self.stats["remote_queries_injected"] += 1
         return out
+
+    # ---------------------------------------------------------------- conventional outside peers
+
+    def upstream_up(self, uid: int, me: Identity) -> list:
+        """A conventional Gnutella connection of ours to an outside servent (the paper's
+        "the booster itself can peer with other Gnutella clients outside the domain")."""
+        self.upstreams[uid] = me
+        self.stats["upstream_up"] += 1
+        return []
+
+    def upstream_down(self, uid: int) -> None:
+        if self.upstreams.pop(uid, None) is not None:
+            self.stats["upstream_down"] += 1
+
+    def upstream_message(self, uid: int, msg: Message, now: float) -> list:
+        me = self.upstreams.get(uid)
+        if me is None:
+            return []
+        self.stats[f"upstream_rx_{msg.type_name}"] += 1
+        kind = msg.type
+        if kind == PING:
+            # alive pings (and others) get our own pong, same GUID; pings never enter the cluster
+            return [Send(uid, Message(msg.guid, msg.hops + 1, 0, Pong(me.port, me.ip, 0, 0)))]
+        if kind == QUERY:
+            if msg.guid in self.queries or msg.ttl <= 1:
+                self.stats["upstream_queries_dropped"] += 1
+                return []
+            query = msg.payload
+            assert isinstance(query, Query)
+            state = QueryState(msg.guid, ("up", uid), query, msg.ttl, msg.hops, now, forwarded=True)
+            self.queries.put(msg.guid, state)
+            inject = Message(msg.guid, max(1, min(msg.ttl - 1, self.config.remote_ttl)), msg.hops + 1, query)
+            out: list = []
+            for peer in self._one_connection_per_servent():
+                if self._may_have(peer.table, query):
+                    out.append(Send(peer.cid, inject))
+            self.stats["upstream_queries_injected"] += 1
+            return out
+        if kind == QUERY_HIT:
+            hit = msg.payload
+            assert isinstance(hit, QueryHit)
+            self.servents.put(hit.servent_guid, ("up", uid))
+            state = self.queries.get(msg.guid)
+            if state is None:
+                self.stats["hits_unroutable"] += 1
+                return []
+            self.stats["upstream_hits"] += 1
+            return self._hit_to_origin(state, hit, msg.hops, exclude_cid=None)
+        if kind == PUSH:
+            return self._push(msg.payload, ("up", uid))
+        if kind == BYE:
+            return [Close(uid, "bye")]
+        return []
 
     # ---------------------------------------------------------------- time
 

@@ -5,7 +5,8 @@ booster box (boxd --engine user relaying to R, with gnutella-booster interceptin
 connections).  The booster impersonates R, answers pings with the cluster's own peers, and
 keeps a query inside the cluster: L1's search for a song that both L3 (inside) and R
 (outside) share is answered by L3, R never sees it, and L1 downloads the file from L3 with
-its SHA-1 checked.
+its SHA-1 checked.  A second search, for a file only R has, goes out (over the booster's own
+connection to R) once the local attempt found nothing.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
     control = workdir / "boxd.sock"
     queries = workdir / "L1.queries.jsonl"
     results = workdir / "L1.results.jsonl"
-    queries.write_text(json.dumps({"at": 3.0, "query": "free software song", "download": True}) + "\n")
+    queries.write_text(json.dumps({"at": 3.0, "query": "free software song", "download": True}) + "\n"
+                       + json.dumps({"at": 6.0, "query": "outside only", "download": True}) + "\n")
     (workdir / "downloads").mkdir(exist_ok=True)
     procs = Procs(workdir / "roles")
     try:
@@ -65,10 +67,10 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
         await procs.wait_path(boxd, control)
         booster = procs.start("booster", [script("gnutella-booster"), "--control", str(control), "--name", "edge",
                                           "--cluster", "127.0.0.0/8", "--port", str(ports["R"]),
-                                          "--local-wait", "0.5", "--log-level", "info"])
+                                          "--local-wait", "0.5", "--upstream", "1", "--log-level", "info"])
         await procs.wait_for_log(booster, "ready on engine")
-        say(f"remote servent R on :{ports['R']} shares {SONG!r}; box :{ports['box']} relays to R, "
-            f"gnutella-booster intercepts those connections (user engine)")
+        say(f"remote servent R on :{ports['R']} shares {SONG!r} and 'outside only.txt'; box :{ports['box']} relays "
+            f"to R, gnutella-booster intercepts those connections (user engine) and peers with R itself")
         # every cluster servent was told of R only through the box (and L1 of L2, L2 of L3)
         _servent(procs, "L3", ports["L3"], shares["L3"], [ports["box"]])
         _servent(procs, "L2", ports["L2"], shares["L2"], [ports["box"], ports["L3"]])
@@ -77,17 +79,21 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
                        "--downloads", str(workdir / "downloads")])
         say("cluster servents L1, L2, L3 started; each dials R through the box and is met by the booster")
         deadline = time.monotonic() + 30
-        while not (results.exists() and results.read_text().strip()):
+        while not (results.exists() and len(results.read_text().splitlines()) >= 2):
             if time.monotonic() > deadline or l1.proc.poll() is not None:
                 raise RuntimeError(f"L1 produced no search result: {l1.tail()}")
             await asyncio.sleep(0.1)
-        record = json.loads(results.read_text().splitlines()[0])
+        record, outside = (json.loads(line) for line in results.read_text().splitlines()[:2])
         say(f"L1 searched 'free software song': {record['hits']} hit(s), first after {record['first_hit_ms']} ms, "
             f"from {', '.join(record['sources'])} (L3 is :{ports['L3']})")
         dl = record.get("download") or {}
         verified = bool(dl.get("ok")) and dl.get("sha1") == song_sha1
         say(f"downloaded {dl.get('size', 0)} bytes from {dl.get('source')}: SHA-1 {dl.get('sha1')} "
             f"{'verified' if verified else 'NOT verified'}")
+        out_dl = outside.get("download") or {}
+        say(f"L1 searched 'outside only': nothing in the cluster, so after the local attempt the booster sent it "
+            f"to R: {outside['hits']} hit(s) after {outside['first_hit_ms']} ms from {', '.join(outside['sources'])}; "
+            f"download {'verified' if out_dl.get('ok') else 'FAILED'}")
         await procs.stop(l1)
         await procs.stop_all()
         b = booster.read_stats()
@@ -97,7 +103,7 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
             f"answered as R, {b.get('steered_away', 0)} steered to local peers, {b.get('local_queries', 0)} "
             f"local queries, {b.get('probes_sent', 0)} local probes, "
             f"{b.get('forwarded_by_count', 0) + b.get('forwarded_by_timeout', 0)} sent outside; "
-            f"R received {remote_queries} queries")
+            f"R received {remote_queries} query (the one the cluster could not answer)")
         inside = bool(record["sources"]) and all(src.endswith(f":{ports['L3']}") for src in record["sources"])
         return {
             "hits": record["hits"],
@@ -105,6 +111,9 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
             "first_hit_ms": record["first_hit_ms"],
             "download_verified": verified,
             "remote_queries_received": remote_queries,
+            "outside_query_hits": outside["hits"],
+            "outside_first_hit_ms": outside["first_hit_ms"],
+            "outside_download_verified": bool(out_dl.get("ok")),
             "intercepted_connections": b.get("intercepted", 0),
             "pings_answered_by_booster": b.get("pings_answered", 0),
             "elapsed_s": round(time.monotonic() - started, 1),

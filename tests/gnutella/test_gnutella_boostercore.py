@@ -243,3 +243,27 @@ def test_trust_tables_forwards_at_once_when_no_local_table_matches():
     up(plain, 1, "10.11.0.11", table=table_of("mine.txt"))
     peer(plain, 9, None)
     assert queries_out(plain.local_message(1, Q("distant opera"), 0.0)) == []
+
+
+def test_conventional_outside_peer_gets_forwarded_queries_and_its_queries_enter_the_cluster():
+    from gnutella.handshake import Identity
+    c = core(sightings=0, local_wait=0.2, upstream_ttl=3)
+    up(c, 1, "10.11.0.11", table=table_of("local tune.mp3"))
+    up(c, 2, "10.11.0.21", table=table_of("other.txt"))
+    c.upstream_up(50, Identity(b"\x05" * 16, "10.100.1.2", 6346, True))
+    # its alive ping gets our pong, same GUID; pings never enter the cluster
+    (pong,) = c.upstream_message(50, Message(b"\x31" * 16, 1, 0, Ping()), 0.0)
+    assert pong.cid == 50 and pong.message.guid == b"\x31" * 16 and pong.message.payload.ip == "10.100.1.2"
+    # a local query with no local hit goes to it after the wait, with our TTL cap
+    c.local_message(1, Q("far song", ttl=6), 0.0)
+    (out,) = [a for a in c.tick(0.3) if isinstance(a, Send)]
+    assert out.cid == 50 and out.message.ttl == 3 and out.message.guid == b"\x51" * 16
+    (back,) = sends(c.upstream_message(50, Message(b"\x51" * 16, 3, 1, hit_from("10.50.0.9", "far song.ogg")), 0.4))
+    assert back.cid == 1
+    # its query floods the cluster (filtered by tables) and local hits go back to it
+    inject = sends(c.upstream_message(50, Q("local tune", guid=b"\x71" * 16, ttl=4), 0.5))
+    assert [a.cid for a in inject] == [1] and inject[0].message.ttl == 2
+    (hit_back,) = sends(c.local_message(1, Message(b"\x71" * 16, 2, 0, hit_from("10.11.0.11", "local tune.mp3")), 0.6))
+    assert hit_back.cid == 50
+    c.upstream_down(50)
+    assert c.local_message(1, Message(b"\x71" * 16, 2, 0, hit_from("10.11.0.11", "local tune.mp3")), 0.7) == []
