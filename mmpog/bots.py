@@ -81,6 +81,7 @@ class Params:
     workdir: str | None = None        # where an auto-started boxd keeps its files
     fanout: str = "auto"              # booster mode: auto | direct | engine (see mmpog-reflector --fanout)
     drain: float = 1.5
+    min_rto: float = 0.04             # the clients' RTO floor (ClientConfig.min_rto)
     workers: int = 1                  # bot processes (the bots' receive path is the experiment's heaviest part)
 
     def validate(self) -> None:
@@ -94,6 +95,8 @@ class Params:
             raise ConfigError(f"--payload must be {UPDATE.size}..1400 bytes")
         if not 1 <= self.workers <= 64 or self.workers > self.players:
             raise ConfigError("--workers must be 1..64 and at most --players")
+        if not 0 < self.min_rto <= 1.0:
+            raise ConfigError("--min-rto must be in (0, 1] seconds")
         if self.loss_mode not in ("relay", "iptables", "none"):
             raise ConfigError("--loss-mode must be relay, iptables or none")
         if self.reflector_mode == "booster" and bool(self.control) != bool(self.box):
@@ -221,7 +224,8 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
     """Bots ``indices`` join, wait for ``start_at()``, play ``params.duration``, drain; returns them and their stats."""
     bots: list[Bot] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-        config = ClientConfig(default_deadline=params.deadline)
+        config = ClientConfig(default_deadline=params.deadline, min_rto=params.min_rto,
+                              initial_rto=max(params.min_rto, ClientConfig().initial_rto))
         for index in indices:
             bot_rng = random.Random(params.seed * 1_000_003 + index)
             client = GameClient(server_url, f"bot{index}", "pw", http=http, config=config,
@@ -444,18 +448,22 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         unjoined = set(waiting)
         watched = unjoined | ({local} if local is not None else set())
         join_deadline = time.monotonic() + 120
-        while unjoined:
-            done, _ = await asyncio.wait(watched, timeout=max(0.0, join_deadline - time.monotonic()),
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                raise RuntimeError("the bots did not join in time")
-            for task in done:
-                if task.exception() is not None:
-                    raise task.exception()
-                if task is local:
-                    raise RuntimeError("the bots ended before the start")
-            unjoined -= done
-            watched -= done
+        try:
+            while unjoined:
+                done, _ = await asyncio.wait(watched, timeout=max(0.0, join_deadline - time.monotonic()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    raise RuntimeError("the bots did not join in time")
+                for task in done:
+                    if task.exception() is not None:
+                        raise task.exception()
+                    if task is local:
+                        raise RuntimeError("the bots ended before the start")
+                unjoined -= done
+                watched -= done
+        finally:
+            for task in waiting:
+                task.cancel()
         say(f"{params.players} bots joined {params.locations} location(s)"
             + (f" ({params.workers} worker processes)" if params.workers > 1 else ""))
 
@@ -604,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the UDP port clients send to (0: any free one); booster mode with --control: "
                              "the redirected relay-destination port")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here (also printed)")
+    parser.add_argument("--min-rto", type=non_negative_float, default=0.04, help="the clients' RTO floor (s)")
     parser.add_argument("--workers", type=positive_int, default=1, help="bot processes (spread the bots' CPU)")
     parser.add_argument("--netns-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
@@ -620,6 +629,7 @@ def params_from_args(args: argparse.Namespace) -> Params:
         reliable_fraction=args.reliable_fraction, deadline=args.deadline, payload=args.payload,
         move_interval=args.move_interval, seed=args.seed, reflector_mode=args.reflector_mode, control=args.control,
         box=args.box, reflector_port=args.reflector_port, fanout=args.fanout, workers=args.workers,
+        min_rto=args.min_rto,
     )
 
 
@@ -660,7 +670,7 @@ def _child_argv(args: argparse.Namespace, port: int) -> list[str]:
     argv = ["--netns-child", "--reflector-port", str(port), "--log-level", args.log_level,
             "--reflector-mode", args.reflector_mode, "--fanout", args.fanout]
     for name in ("players", "locations", "duration", "loss", "rate", "reliable_fraction", "deadline", "payload",
-                 "move_interval", "seed", "workers"):
+                 "move_interval", "seed", "workers", "min_rto"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.json is not None:
         argv += ["--json", str(args.json.resolve())]
