@@ -93,7 +93,7 @@ class Servent:
                  ultrapeer: bool = True, config: NodeConfig | None = None, peers: list[tuple[str, int]] = (),
                  target_peers: int = 4, max_peers: int = 8, max_leaves: int = 30, max_ultrapeers: int = 3,
                  stats: Counter | None = None, seed: int | None = None, user_agent: str = "booster-boxes/0.1",
-                 allow_04: bool = True, tick: float = 1.0) -> None:
+                 allow_04: bool = True, tick: float = 1.0, connect_version: str = "0.6") -> None:
         self.listen = listen
         self.advertise_ip = advertise_ip or (listen[0] if listen[0] not in ("0.0.0.0", "") else "127.0.0.1")
         self.shares = shares
@@ -108,6 +108,7 @@ class Servent:
         self.rng = random.Random(seed)
         self.user_agent = user_agent
         self.allow_04 = allow_04
+        self.connect_version = connect_version     # "0.4" to act as an old servent
         self.tick_interval = tick
         self.guid = new_guid(self.rng.randbytes(16))
         self.node: Node | None = None
@@ -244,7 +245,7 @@ class Servent:
     async def _handshake(self, reader, writer, outgoing: bool, initial: bytes, remote_ip: str,
                          dial: tuple[str, int] | None = None):
         """Run the handshake; return (Established, our_leaf) or None."""
-        hs = Handshake("client" if outgoing else "server")
+        hs = Handshake("client" if outgoing else "server", version=self.connect_version if outgoing else "0.6")
         me = self.identity
         if outgoing:
             writer.write(hs.connect(identity_headers(me, remote_ip)))
@@ -591,6 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=None, help="seed for GUIDs and choices")
         p.add_argument("--route-entries", type=positive_int, default=10000,
                        help="bounded routing table size (GUID entries)")
+        p.add_argument("--handshake", choices=["0.6", "0.4"], default="0.6",
+                       help="handshake used when connecting out (0.4: act as an old servent)")
+        p.add_argument("--no-04", action="store_true", help="refuse incoming 0.4 handshakes")
 
     serve = sub.add_parser("serve", help="run a servent until stopped")
     common(serve, "127.0.0.1:6346")
@@ -628,7 +632,8 @@ def servent_from_args(args, stats: Counter) -> Servent:
                         route_entries=args.route_entries)
     return Servent(listen=args.listen, shares=shares, advertise_ip=args.advertise, ultrapeer=not args.leaf,
                    config=config, peers=args.peer, target_peers=args.connections, max_peers=args.max_peers,
-                   max_leaves=args.max_leaves, stats=stats, seed=args.seed)
+                   max_leaves=args.max_leaves, stats=stats, seed=args.seed, allow_04=not args.no_04,
+                   connect_version=args.handshake)
 
 
 def _print(obj: dict) -> None:

@@ -256,3 +256,34 @@ async def test_429_backs_off_five_minutes():
     finally:
         await s.stop()
         server.close()
+
+
+async def test_old_04_servent_searches_a_06_servent(tmp_path):
+    share = make_share(tmp_path / "s", {"old school tune.mod": b"m" * 1000})
+    new = Servent(listen=("127.0.0.1", 0), shares=ShareIndex.scan(share), seed=30)
+    await new.start()
+    old = Servent(listen=("127.0.0.1", 0), shares=ShareIndex([]), peers=[("127.0.0.1", new.port)], seed=31,
+                  connect_version="0.4")
+    try:
+        await old.start()
+        await asyncio.wait_for(old.established.wait(), 5)
+        (hit, _), = await old.search("school tune", timeout=2.0, max_hits=1)
+        assert hit.name == "old school tune.mod"
+        assert new.node.peers and all(p.version == "0.4" for p in new.node.peers.values())
+    finally:
+        await old.stop()
+        await new.stop()
+    refusing = Servent(listen=("127.0.0.1", 0), shares=ShareIndex([]), seed=32, allow_04=False)
+    await refusing.start()
+    old2 = Servent(listen=("127.0.0.1", 0), shares=ShareIndex([]), peers=[("127.0.0.1", refusing.port)], seed=33,
+                   connect_version="0.4")
+    try:
+        await old2.start()
+        for _ in range(50):
+            if refusing.stats["refused_in_503"]:
+                break
+            await asyncio.sleep(0.05)
+        assert refusing.stats["refused_in_503"] == 1 and not old2.links
+    finally:
+        await old2.stop()
+        await refusing.stop()
