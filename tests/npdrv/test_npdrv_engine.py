@@ -214,3 +214,30 @@ async def test_tcp_interception_through_the_card(tmp_path):
         finally:
             stop(proc)
             boxd.stop()
+
+
+async def test_boxd_sigkill_fails_open_and_the_next_boxd_clears_the_card(tmp_path):
+    with card_lab(tmp_path) as lab:
+        boxd = Boxd(lab, tmp_path)
+        out = tmp_path / "redirect.jsonl"
+        proc = boxd.booster([PY, TEST_BOOSTER, "--mode", "redirect", "--port", "9301"], out)
+        try:
+            wait_for(out, proc, lambda e: e["kind"] == "ready")
+            assert exchange(lab, [b"DROP me", b"keep"], 9301) == [b"keep"]
+            boxd.proc.kill()
+            boxd.proc.wait(10)
+            stop(proc, signal.SIGKILL)
+            # The card still redirects to the host; with nobody on the queue the host's kernel
+            # lets the packets through (--queue-bypass): fail-open.
+            assert len(await card(lab, Table.RULES)) == 1
+            assert exchange(lab, [b"DROP me too"], 9301) == [b"DROP me too"]
+            (tmp_path / "again").mkdir()
+            again = Boxd(lab, tmp_path / "again")
+            try:
+                assert await card(lab, Table.RULES) == []          # the new boxd reloaded the card
+                assert exchange(lab, [b"DROP passes"], 9301) == [b"DROP passes"]
+            finally:
+                again.stop()
+        finally:
+            stop(proc, signal.SIGKILL)
+            boxd.stop()
