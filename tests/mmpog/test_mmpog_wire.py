@@ -103,3 +103,51 @@ def test_restamp_changes_only_seq_lowest_flags():
     data = wire.encode(Header(Kind.DATA, int(Flag.RELIABLE), 50, 4, 5, 6), b"pay")
     header, payload = wire.decode(wire.restamp(data, 10, 8, int(Flag.RELIABLE | Flag.RETRANSMIT)))
     assert (header.seq, header.lowest, header.retransmit, header.packet_id, payload) == (10, 8, True, 6, b"pay")
+
+
+# ---------------------------------------------------------------- malformed input is never fatal
+
+from mmpog.reliability import ClientEndpoint, ReflectorCore  # noqa: E402
+
+_kinds = st.sampled_from(list(Kind))
+
+
+@st.composite
+def plausible_datagrams(draw):
+    """Well-framed headers with arbitrary field values (and sometimes a corrupted byte)."""
+    kind = draw(_kinds)
+    payload = draw(st.binary(max_size=40))
+    data = bytearray(wire.HEADER.pack(1, int(kind), draw(st.integers(0, 3)), draw(st.integers(0, 65535)),
+                                      len(payload), draw(st.integers(0, 3)), draw(st.integers(0, 4)),
+                                      draw(u32), draw(st.integers(0, 50)), draw(st.integers(0, 50))) + payload)
+    if draw(st.booleans()):
+        index = draw(st.integers(0, len(data) - 1))
+        data[index] = draw(st.integers(0, 255))
+    return bytes(data)
+
+
+@given(st.lists(plausible_datagrams() | st.binary(max_size=60), max_size=30))
+@settings(max_examples=150, deadline=None)
+def test_fuzz_reflector_and_client_survive_anything(datagrams):
+    reflector = ReflectorCore()
+    reflector.add_member(1, 2, b"t" * 16)
+    client = ClientEndpoint(2, 1, b"t" * 16)
+    client.connect(0.0)
+    for hello in client.datagrams_to_send(0.0):
+        reflector.receive_datagram(hello, ("127.0.0.1", 9), 0.0)
+    for welcome, _ in reflector.datagrams_to_send(0.0):
+        client.receive_datagram(welcome, 0.001)
+    assert client.joined                       # so fuzzed datagrams reach the joined paths of both sides
+    now = 0.0
+    for data in datagrams:
+        now += 0.01
+        reflector.receive_datagram(data, ("127.0.0.1", 9), now)
+        client.receive_datagram(data, now)
+        reflector.handle_timer(now)
+        client.handle_timer(now)
+        reflector.datagrams_to_send(now)
+        client.datagrams_to_send(now)
+        while client.next_event() is not None:
+            pass
+    snapshot = client.snapshot()
+    assert snapshot["missing"] <= client.config.max_missing
