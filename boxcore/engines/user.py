@@ -378,17 +378,22 @@ class UserEngine(Engine):
         listener = flow.listener
         client = flow.client
         send_down = lambda payload: self._send(listener.sock, payload, client)  # noqa: E731
+        server = (listener.spec.dst_host, listener.spec.dst_port)
+        recv = flow.sock.recv
         for _ in range(READS_PER_WAKEUP):
             try:
-                data, server = flow.sock.recvfrom(65535)
-            except OSError:  # BlockingIOError: drained
+                data = recv(65535)
+            except (BlockingIOError, InterruptedError):
                 break
-            flow.last_used = time.monotonic()
+            except OSError:  # ICMP port unreachable from the destination: keep the flow
+                self.stats["relay_errors"] += 1
+                continue
             if not self.classifier:
                 self._send(listener.sock, data, client)
                 continue
             pkt = Packet(UDP, server[0], server[1], client[0], client[1], data)
             self._process(pkt, listener, send_down)
+        flow.last_used = time.monotonic()
         if self._outbox:
             self._flush()
 
@@ -487,10 +492,18 @@ class UserEngine(Engine):
             if flow is None:
                 return
         else:
-            self.flows.move_to_end(key)
-            flow.last_used = time.monotonic()
-        self._send(flow.sock, payload, (listener.spec.dst_host, listener.spec.dst_port))
-        self.stats["relayed_up"] += 1
+            now = time.monotonic()
+            if now - flow.last_used > 0.5:  # LRU order needs no per-packet update
+                self.flows.move_to_end(key)
+                flow.last_used = now
+        try:
+            flow.sock.send(payload)  # connected to the relay destination
+            self.stats["relayed_up"] += 1
+        except (BlockingIOError, InterruptedError):
+            self.stats["send_dropped"] += 1
+        except OSError as exc:  # e.g. ECONNREFUSED from an earlier datagram's ICMP
+            self.stats["send_errors"] += 1
+            log.debug("relay to %s:%d failed: %s", listener.spec.dst_host, listener.spec.dst_port, exc)
 
     def _open_flow(self, key, listener: _UdpListener, client: tuple[str, int]) -> _Flow | None:
         while len(self.flows) >= self.max_flows:
@@ -500,7 +513,9 @@ class UserEngine(Engine):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setblocking(False)
         try:
-            sock.bind((listener.spec.host if listener.spec.host != "0.0.0.0" else "0.0.0.0", 0))
+            sock.bind((listener.spec.host, 0))
+            # connected: cheaper sends, and only the relay destination can answer on it
+            sock.connect((listener.spec.dst_host, listener.spec.dst_port))
         except OSError as exc:
             sock.close()
             self.stats["flow_errors"] += 1
