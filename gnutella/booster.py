@@ -40,6 +40,7 @@ log = logging.getLogger("gnutella.booster")
 HANDSHAKE_TIMEOUT = 10.0
 MAX_OUTBUF = 512 * 1024
 RECONNECT = 1.0
+MAX_TRACKED = 10000          # intercepted (client, destination) pairs reported in the stats
 
 Splicer = Callable[[Any], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
@@ -204,7 +205,11 @@ class GnutellaBooster:
             self.stats["intercepted_silent"] += 1
             return
         if first.startswith(b"GNUTELLA CONNECT/"):
-            self.intercepted[f"{conn.client[0]}>{conn.original_dst[0]}:{conn.original_dst[1]}"] += 1
+            key = f"{conn.client[0]}>{conn.original_dst[0]}:{conn.original_dst[1]}"
+            if key in self.intercepted or len(self.intercepted) < MAX_TRACKED:
+                self.intercepted[key] += 1
+            else:
+                self.stats["intercepted_untracked"] += 1
             await self._gnutella(reader, writer, conn, first)
         else:
             await self._splice(reader, writer, conn, first)

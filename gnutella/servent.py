@@ -39,6 +39,7 @@ MAX_OUTBUF = 512 * 1024
 RETRY_AFTER = 30.0          # seconds before dialing a refused or failed address again
 BAN_BACKOFF = 300.0         # after a 429 (gtk-gnutella's reconnect ban)
 MAX_RETRY_ENTRIES = 4096
+MAX_TRAFFIC_ENTRIES = 4096
 
 
 @dataclass
@@ -328,7 +329,7 @@ class Servent:
         remote_up = est.headers.flag("X-Ultrapeer")
         cid = self._next_cid
         self._next_cid += 1
-        link = _Link(cid, writer, remote_ip, self.traffic[remote_ip], self.stats)
+        link = _Link(cid, writer, remote_ip, self._traffic_of(remote_ip), self.stats)
         self.links[cid] = link
         self._connected_addrs[cid] = listen
         now = time.monotonic()
@@ -366,6 +367,13 @@ class Servent:
             log.debug("peer %d: %r", cid, exc)
         finally:
             self._drop(cid)
+
+    def _traffic_of(self, remote_ip: str) -> Counter:
+        """Per-remote-IP counters, bounded: past the limit new addresses share one "other" entry."""
+        if remote_ip not in self.traffic and len(self.traffic) >= MAX_TRAFFIC_ENTRIES:
+            self.stats["traffic_entries_refused"] += 1
+            remote_ip = "other"
+        return self.traffic[remote_ip]
 
     def _drop(self, cid: int) -> None:
         link = self.links.pop(cid, None)
