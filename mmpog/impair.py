@@ -69,7 +69,7 @@ class _Direction:
 
 class ImpairingRelay:
     def __init__(self, listen: Address, upstream: Address, up: Impairment, down: Impairment, seed: int = 0,
-                 max_clients: int = 4096) -> None:
+                 max_clients: int = 4096, max_in_flight: int = 65536) -> None:
         up.validate()
         down.validate()
         self.listen_addr = listen
@@ -80,6 +80,9 @@ class ImpairingRelay:
         self.clients: dict[Address, socket.socket] = {}
         self.refused_clients = 0
         self.send_errors = 0
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0          # delayed datagrams waiting for their time
+        self.in_flight_refused = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listen: socket.socket | None = None
 
@@ -109,10 +112,17 @@ class ImpairingRelay:
 
     def _send(self, sock: socket.socket, data: bytes, addr: Address, delays: tuple[float, ...]) -> None:
         for delay in delays:
-            if delay:
-                self._loop.call_later(delay, self._sendto, sock, data, addr)
-            else:
+            if not delay:
                 self._sendto(sock, data, addr)
+            elif self.in_flight >= self.max_in_flight:
+                self.in_flight_refused += 1
+            else:
+                self.in_flight += 1
+                self._loop.call_later(delay, self._send_delayed, sock, data, addr)
+
+    def _send_delayed(self, sock: socket.socket, data: bytes, addr: Address) -> None:
+        self.in_flight -= 1
+        self._sendto(sock, data, addr)
 
     def _sendto(self, sock: socket.socket, data: bytes, addr: Address) -> None:
         try:
@@ -162,6 +172,7 @@ class ImpairingRelay:
 
     def snapshot(self) -> dict:
         return {"clients": len(self.clients), "refused_clients": self.refused_clients, "send_errors": self.send_errors,
+                "in_flight": self.in_flight, "in_flight_refused": self.in_flight_refused,
                 "up": {"passed": self.up.passed, "dropped": self.up.dropped, "duplicated": self.up.duplicated},
                 "down": {"passed": self.down.passed, "dropped": self.down.dropped, "duplicated": self.down.duplicated}}
 
