@@ -227,7 +227,8 @@ def test_the_example_booster_in_transparent_placement(lab, tmp_path):
                                 "--stats-json", str(stats)], stderr=open(tmp_path / "example.log", "w"))
     try:
         deadline = time.monotonic() + 10
-        while not rule_chains(lab) and time.monotonic() < deadline:
+        # its rule is in place and its queue bound (until then, packets would pass: fail-open)
+        while "counting udp port" not in (tmp_path / "example.log").read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
         payloads = [b"one", b"SPAM two", b"three", b"SPAM four", b"five"]
         assert exchange(lab, payloads, 9020) == [b"one", b"three", b"five"]
