@@ -25,6 +25,7 @@ from boxcore.runtime import RunContext, make_parser, run_async
 # (package, title) in the order of the paper: the runtime, then sections III-A, B, C.
 PARTS = (
     ("boxcore", "the booster box runtime: boxd, a booster and traffic"),
+    ("npdrv", "the network processor path: the same booster on the emulated NP4GS3 card"),
     ("fcd", "floating car data: city -> generators -> box -> server -> tuplespace -> route"),
     ("gnutella", "file sharing: a cluster's search answered inside it, a verified download"),
     ("mmpog", "multiplayer game: a session through the multicast reflector"),
