@@ -40,7 +40,7 @@ import hashlib
 import ipaddress
 import random
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import b2b
 from .handshake import ConnectRequest, Decision, Identity
@@ -48,7 +48,7 @@ from .node import Close, Send
 from .qrp import DEFAULT_TABLE_BITS, RouteTable, TableReceiver
 from .routing import BoundedTable
 from .wire import (BYE, PING, PONG, PUSH, QRP, QUERY, QUERY_HIT, Bye, GnutellaDecodeError, Message,
-                   Ping, Pong, Push, Query, QueryHit, new_guid)
+                   Pong, Push, Query, QueryHit, new_guid)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ import random
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,8 +29,7 @@ from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, 
                         identity_headers, listen_address, remote_guid)
 from .node import (Close, Node, NodeConfig, PushRequested, SearchHit, Send, needs_push)
 from .share import ShareIndex
-from .wire import (Bye, GnutellaDecodeError, HitResult, Message, MessageReader, QueryHit,
-                   RawMessage, new_guid)
+from .wire import Bye, GnutellaDecodeError, Message, MessageReader, RawMessage, new_guid
 
 log = logging.getLogger("gnutella.servent")
 

@@ -9,7 +9,7 @@ from gnutella.boostercore import BoosterConfig, BoosterCore, SendPeer
 from gnutella.handshake import ConnectRequest, Headers
 from gnutella.node import Close, Send
 from gnutella.qrp import RouteTable
-from gnutella.wire import HitResult, Message, Ping, Pong, Push, Query, QueryHit, Bye
+from gnutella.wire import Bye, HitResult, Message, Ping, Push, Query, QueryHit
 
 
 def core(**cfg) -> BoosterCore:

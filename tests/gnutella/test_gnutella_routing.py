@@ -4,13 +4,12 @@ import random
 from collections import Counter, deque
 from pathlib import Path
 
-import pytest
 
 from gnutella.handshake import Identity
 from gnutella.node import Close, Node, NodeConfig, PushRequested, SearchHit, Send
-from gnutella.routing import LOCAL, Router
+from gnutella.routing import Router
 from gnutella.share import ShareIndex, SharedFile
-from gnutella.wire import Message, Ping, Pong, Push, Query, QueryHit, HitResult, QUERY
+from gnutella.wire import HitResult, Message, Ping, Pong, Query, QueryHit
 
 
 def shares(*names: str) -> ShareIndex:

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from gnutella.wire import (GGEPExtension, GnutellaDecodeError, HitResult, Message, MessageReader, Ping, Pong,
                            Push, Query, QueryHit, QrpPatch, QrpReset, RawMessage, VendorMessage, Bye,
                            cobs_decode, cobs_encode, decode_ggep, decode_message, encode_ggep, ggep_get,
-                           QF_MARKER, QF_FIREWALLED, HEADER_SIZE)
+                           QF_MARKER, QF_FIREWALLED)
 
 
 
