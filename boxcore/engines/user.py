@@ -327,8 +327,8 @@ class UserEngine(Engine):
         return self.classifier.counters()
 
     def health(self, session: BoosterSession) -> str | None:
-        timeouts = self.stats[f"verdict_timeouts_{session.sid}"]
-        verdicts = self.stats[f"verdicts_{session.sid}"]
+        state = session.engine_state
+        timeouts, verdicts = state.get("verdict_timeouts", 0), state.get("verdicts", 0)
         before = self._health.get(session.sid, (0, 0))
         self._health[session.sid] = (timeouts, verdicts)
         if timeouts - before[0] >= 3 and verdicts == before[1]:
@@ -349,7 +349,7 @@ class UserEngine(Engine):
             "delegated": {str(l.spec): l.delegated for l in self.udp if l.delegated is not None},
             "flows": len(self.flows), "pending_verdicts": len(self.pending),
             "tcp_relays": len(self._tcp_tasks), "groups": len(self.groups),
-            "counters": {k: v for k, v in self.stats.items() if not k[-1].isdigit()},
+            "counters": dict(self.stats),
             "classifier": dict(self.classifier.stats),
         }
 
@@ -475,7 +475,8 @@ class UserEngine(Engine):
             self.stats["verdicts_late"] += 1
             return
         del self.pending[token]
-        self.stats[f"verdicts_{session.sid}"] += 1
+        self.stats["verdicts"] += 1
+        session.engine_state["verdicts"] = session.engine_state.get("verdicts", 0) + 1
         if verdict == VerdictCode.PASS:
             entry[1](entry[2])
         elif verdict == VerdictCode.MODIFY and payload is not None:
@@ -557,7 +558,8 @@ class UserEngine(Engine):
                     break
                 del self.pending[token]
                 self.stats["verdict_timeouts"] += 1
-                self.stats[f"verdict_timeouts_{entry[3].sid}"] += 1
+                state = entry[3].engine_state
+                state["verdict_timeouts"] = state.get("verdict_timeouts", 0) + 1
                 entry[1](entry[2])
             if now >= next_flow_sweep:
                 next_flow_sweep = now + 1.0
