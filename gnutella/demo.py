@@ -55,8 +55,8 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
     control = workdir / "boxd.sock"
     queries = workdir / "L1.queries.jsonl"
     results = workdir / "L1.results.jsonl"
-    queries.write_text(json.dumps({"at": 3.0, "query": "free software song", "download": True}) + "\n"
-                       + json.dumps({"at": 6.0, "query": "outside only", "download": True}) + "\n")
+    queries.write_text(json.dumps({"at": 4.0, "query": "free software song", "download": True}) + "\n"
+                       + json.dumps({"at": 7.0, "query": "outside only", "download": True}) + "\n")
     (workdir / "downloads").mkdir(exist_ok=True)
     procs = Procs(workdir / "roles")
     try:
