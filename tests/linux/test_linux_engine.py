@@ -246,6 +246,35 @@ def test_the_example_booster_in_transparent_placement(lab, tmp_path):
     assert_box_clean(lab)
 
 
+def test_output_hook_claims_the_box_own_traffic_without_loops(lab, tmp_path):
+    boxd = Boxd(lab, tmp_path, "--linux-hooks", "forward,input,output")
+    try:
+        booster = TestBooster(lab, boxd, "redirect", 9030)
+        local = lab.socket("box")
+        server = lab.socket("server")
+        try:
+            local.bind(("10.2.0.1", 0))
+            local.settimeout(2)
+            server.bind((SERVER, 9030))
+            server.settimeout(1)
+            local.sendto(b"REPLY from the box", (SERVER, 9030))     # the box's own traffic: OUTPUT
+            data, peer = local.recvfrom(2048)
+            assert data == b"pong REPLY from the box" and peer == (SERVER, 9030)
+            local.sendto(b"plain from the box", (SERVER, 9030))
+            assert server.recv(2048) == b"plain from the box"
+        finally:
+            local.close()
+            server.close()
+        # the injected reply was not queued again: the booster saw exactly the two packets
+        time.sleep(0.2)
+        assert [e["payload"] for e in booster.events() if e["kind"] == "packet"] == \
+            ["REPLY from the box", "plain from the box"]
+        booster.kill(signal.SIGTERM)
+    finally:
+        boxd.stop()
+    assert_box_clean(lab)
+
+
 def test_copy_through_nflog_never_holds_packets(lab, tmp_path):
     boxd = Boxd(lab, tmp_path)
     try:
