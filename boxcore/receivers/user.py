@@ -138,6 +138,7 @@ class SocketReceiver:
     async def stop(self) -> None:
         if getattr(self, "undelegated", False):
             self.booster._channel_handlers.pop(self.rule.cookie, None)
+        self.booster._counts.pop(self.rule.cookie, None)  # the rule is gone: nothing to report
         if not self.stopped:
             self._close()
 
