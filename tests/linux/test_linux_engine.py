@@ -220,7 +220,7 @@ def test_redirect_consume_modify_inject_and_pass(lab, tmp_path):
 
 def test_the_example_booster_in_transparent_placement(lab, tmp_path):
     """booster-example (the library's UDP counter/filter) on the linux engine, unchanged."""
-    boxd = Boxd(lab, tmp_path)
+    boxd = Boxd(lab, tmp_path, "--http", "127.0.0.1:8700")
     stats = tmp_path / "example.json"
     example = lab.popen("box", [PY, "-m", "boxcore.examples.udp_counter", "--control", boxd.control,
                                 "--port", "9020", "--drop-prefix", "SPAM", "--report-every", "0",
@@ -234,6 +234,17 @@ def test_the_example_booster_in_transparent_placement(lab, tmp_path):
         assert exchange(lab, payloads, 9020) == [b"one", b"three", b"five"]
         # other traffic goes by untouched, and unseen
         assert exchange(lab, [b"SPAM elsewhere"], 9021) == [b"SPAM elsewhere"]
+        # the kernel's per-rule counters reach the management API
+        import urllib.request
+        deadline = time.monotonic() + 5
+        while True:
+            with lab.inside("box"):
+                rules = json.loads(urllib.request.urlopen("http://127.0.0.1:8700/api/rules", timeout=5).read())
+            if rules and rules[0]["packets"] == 5 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert [(r["delivery"], r["packets"]) for r in rules] == [("nfqueue", 5)]
+        assert rules[0]["bytes"] == sum(28 + len(p) for p in payloads)
         example.terminate()
         assert example.wait(10) == 0
     finally:
