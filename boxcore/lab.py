@@ -152,7 +152,8 @@ def parse_rate(text: str | int) -> int:
 def parse_topology(data: Mapping[str, Any]) -> Topology:
     """Validate a topology mapping (a parsed TOML file) and return the model."""
     _expect_keys("topology", data, {"name", "description", "nodes", "links"}, {"nodes"})
-    name = str(data.get("name", "lab"))
+    name = _typed("topology name", data.get("name", "lab"), str)
+    _typed("topology description", data.get("description", ""), str)
     if not LAB_NAME_RE.match(name):
         raise ConfigError(f"topology name {name!r}: use lowercase letters, digits and '-' (max 40)")
     nodes: dict[str, Node] = {}
@@ -161,16 +162,17 @@ def parse_topology(data: Mapping[str, Any]) -> Topology:
         raise ConfigError("topology: [nodes] must name at least one node")
     for node_name, spec in raw_nodes.items():
         where = f"node {node_name!r}"
-        if not NODE_NAME_RE.match(node_name):
+        if not isinstance(node_name, str) or not NODE_NAME_RE.match(node_name):
             raise ConfigError(f"{where}: use lowercase letters, digits and '-' (max 32)")
         _expect_keys(where, spec, {"kind", "routes", "sysctls"}, {"kind"})
         kind = spec["kind"]
         if kind not in NODE_KINDS:
             raise ConfigError(f"{where}: kind must be one of {', '.join(NODE_KINDS)}, got {kind!r}")
         routes = []
-        for i, route in enumerate(spec.get("routes", [])):
+        for i, route in enumerate(_typed(f"{where} routes", spec.get("routes", []), list)):
             _expect_keys(f"{where} route {i}", route, {"dst", "via"}, {"dst", "via"})
-            dst = str(route["dst"])
+            dst = _typed(f"{where} route {i} dst", route["dst"], str)
+            _typed(f"{where} route {i} via", route["via"], str)
             try:
                 if dst != "default":
                     dst = str(ipaddress.ip_network(dst, strict=False))
@@ -183,26 +185,27 @@ def parse_topology(data: Mapping[str, Any]) -> Topology:
         sysctls = spec.get("sysctls", {})
         if not isinstance(sysctls, Mapping):
             raise ConfigError(f"{where}: sysctls must be a table")
-        for key in sysctls:
-            if not re.match(r"^net\.[A-Za-z0-9_.-]+$", key):
+        for key, value in sysctls.items():
+            if not isinstance(key, str) or not re.match(r"^net\.[A-Za-z0-9_.-]+$", key):
                 raise ConfigError(f"{where}: only net.* sysctls are per-namespace, got {key!r}")
+            _typed(f"{where} sysctl {key}", value, (int, str, bool))
         nodes[node_name] = Node(node_name, kind, routes, {k: str(int(v) if isinstance(v, bool) else v) for k, v in sysctls.items()})
 
     links: list[Link] = []
     used_ifaces: dict[str, set[str]] = {name: {"lo"} for name in nodes}
-    for i, spec in enumerate(data.get("links", [])):
+    for i, spec in enumerate(_typed("topology links", data.get("links", []), list)):
         where = f"link {i}"
         _expect_keys(where, spec, {"a", "b", "rate", "loss"}, {"a", "b"})
         ends = []
         for side in ("a", "b"):
             end = spec[side]
             _expect_keys(f"{where}.{side}", end, {"node", "iface", "addr"}, {"node"})
-            node_name = end["node"]
+            node_name = _typed(f"{where}.{side} node", end["node"], str)
             if node_name not in nodes:
                 raise ConfigError(f"{where}.{side}: unknown node {node_name!r}")
             peer = spec["b" if side == "a" else "a"]
-            iface = end.get("iface") or _default_ifname(peer.get("node", "x") if isinstance(peer, Mapping) else "x",
-                                                         used_ifaces[node_name])
+            iface = _typed(f"{where}.{side} iface", end.get("iface"), (str, type(None))) or _default_ifname(
+                str(peer.get("node", "x")) if isinstance(peer, Mapping) else "x", used_ifaces[node_name])
             if not IFNAME_RE.match(iface) or iface == BRIDGE_NAME and nodes[node_name].kind == "switch":
                 raise ConfigError(f"{where}.{side}: bad interface name {iface!r} (max 15 chars)")
             if iface in used_ifaces[node_name]:
@@ -212,7 +215,8 @@ def parse_topology(data: Mapping[str, Any]) -> Topology:
             if isinstance(raw_addrs, str):
                 raw_addrs = [raw_addrs]
             addrs = []
-            for text in raw_addrs:
+            for text in _typed(f"{where}.{side} addr", raw_addrs, list):
+                _typed(f"{where}.{side} addr", text, str)
                 try:
                     iface_addr = ipaddress.ip_interface(text)
                 except ValueError as exc:
@@ -229,10 +233,19 @@ def parse_topology(data: Mapping[str, Any]) -> Topology:
             raise ConfigError(f"{where}: both ends on node {ends[0].node!r}")
         rate = parse_rate(spec["rate"]) if "rate" in spec else None
         loss = spec.get("loss", 0.0)
-        if not isinstance(loss, (int, float)) or not 0 <= loss <= 1:
+        if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not 0 <= loss <= 1:
             raise ConfigError(f"{where}: loss must be a probability in [0, 1], got {loss!r}")
         links.append(Link(ends[0], ends[1], rate, float(loss)))
     return Topology(name, str(data.get("description", "")), nodes, links)
+
+
+def _typed(what: str, value: Any, kinds: type | tuple[type, ...]) -> Any:
+    """``value`` if it has one of ``kinds`` (bool is never an int here), else a ConfigError."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join("nothing" if k is type(None) else k.__name__ for k in kinds)
+        raise ConfigError(f"{what}: expected {names}, got {type(value).__name__} {value!r:.40}")
+    return value
 
 
 def _default_ifname(peer: str, used: set[str]) -> str:

@@ -93,3 +93,54 @@ def test_parse_rate_never_crashes(text):
         assert parse_rate(text) > 0
     except ConfigError:
         pass
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.floats(allow_nan=False, width=32),
+              st.sampled_from(["host", "box", "switch", "router", "10.1.0.1/24", "10.1.0.1", "default", "eth0",
+                               "100mbit", "a", "b"]), st.text(max_size=8)),
+    lambda children: st.one_of(st.lists(children, max_size=3),
+                               st.dictionaries(st.sampled_from(["a", "b", "node", "iface", "addr", "kind", "routes",
+                                                                "dst", "via", "rate", "loss", "sysctls", "x"]),
+                                               children, max_size=4)),
+    max_leaves=12)
+
+
+def _paths(value, prefix=()):
+    """Every path into a nested dict/list structure."""
+    yield prefix
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield from _paths(child, prefix + (key,))
+    elif isinstance(value, list):
+        for i, child in enumerate(value):
+            yield from _paths(child, prefix + (i,))
+
+
+def _replace(value, path, new):
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = _replace(value[path[0]], path[1:], new)
+    return copy
+
+
+VALID = {"name": "t", "description": "d",
+         "nodes": {"a": {"kind": "router", "routes": [{"dst": "default", "via": "10.1.0.2"}],
+                         "sysctls": {"net.ipv4.conf.all.rp_filter": 0}},
+                   "b": {"kind": "host"}, "s": {"kind": "switch"}},
+         "links": [{"a": {"node": "a", "iface": "eth0", "addr": ["10.1.0.1/24"]},
+                    "b": {"node": "b", "addr": "10.1.0.2/24"}, "rate": "10mbit", "loss": 0.1},
+                   {"a": {"node": "s"}, "b": {"node": "a", "iface": "lan", "addr": "10.2.0.1/24"}}]}
+ALL_PATHS = list(_paths(VALID))
+
+
+@settings(max_examples=300)
+@given(st.sampled_from(ALL_PATHS), json_values)
+def test_malformed_topologies_are_config_errors(path, value):
+    """Any one field of a valid topology replaced by anything: a Topology or a ConfigError."""
+    assert isinstance(parse_topology(VALID), Topology)
+    try:
+        assert isinstance(parse_topology(_replace(VALID, path, value)), Topology)
+    except ConfigError:
+        pass
