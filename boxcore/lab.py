@@ -211,7 +211,7 @@ def parse_topology(data: Mapping[str, Any]) -> Topology:
             if iface in used_ifaces[node_name]:
                 raise ConfigError(f"{where}.{side}: node {node_name!r} already has an interface {iface!r}")
             used_ifaces[node_name].add(iface)
-            raw_addrs = end.get("addr", [])
+            raw_addrs = _typed(f"{where}.{side} addr", end.get("addr", []), (str, list))
             if isinstance(raw_addrs, str):
                 raw_addrs = [raw_addrs]
             addrs = []
