@@ -255,7 +255,10 @@ class LinuxEngine(Engine):
             elif rule.action is Action.FORWARD:
                 target, delivery = nf.Target("return"), Delivery("channel", {"data_path": "kernel"})
             elif rule.action is Action.MULTICAST:
-                self._ensure_multicast_reader()
+                try:
+                    self._ensure_multicast_reader()
+                except OSError as exc:
+                    raise EngineRefused(f"cannot bind the multicast queue {self.multicast_queue}: {exc}") from None
                 target = nf.Target("nfqueue", self.multicast_queue)
                 delivery = Delivery("channel", {"data_path": "kernel"})
             else:  # pragma: no cover - Action is closed
