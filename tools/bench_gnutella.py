@@ -118,13 +118,16 @@ def plot(out: dict, path: Path) -> None:
     ax.set_ylim(0, 1.15)
     ax.legend(loc="lower right")
     ax = axes[3]
+    top = 1.0
     for i, m in enumerate(modes):
         fh = out[m]["first_hit_ms"]
         vals = [fh["p50"] or 0, fh["p99"] or 0]
+        top = max(top, *vals)
         bars = ax.bar([x + i * width for x in range(2)], vals, width, label=m, color=colors[m])
         ax.bar_label(bars, fmt="%.0f")
     ax.set_xticks([x + width / 2 for x in range(2)], ["p50", "p99"])
-    ax.legend(loc="upper left")
+    ax.set_ylim(0, top * 1.35)                 # room for the legend above the bars
+    ax.legend(loc="upper left", ncols=2)
     cfg = out.get("config", {})
     red = out.get("reduction", {})
     fig.suptitle(f"Gnutella overlay clustering: {cfg.get('servents')} servents in {cfg.get('clusters')} clusters"
