@@ -356,6 +356,7 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
     relay_addr = None
     workers: list[asyncio.subprocess.Process] = []
     local: asyncio.Future | None = None
+    scratch: list[Path] = []            # temporary directories this run made (removed at the end)
     try:
         # ---------------------------------------------------------- reflector
         refl_http_port = free_port(socket.SOCK_STREAM)
@@ -366,7 +367,11 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
             if params.control is None:
                 from boxcore.testing import BoxdProcess
                 listen_port, relay_port = params.reflector_port or free_port(), free_port()
-                workdir = Path(params.workdir or tempfile.mkdtemp(prefix="mmpog-boxd-"))
+                if params.workdir:
+                    workdir = Path(params.workdir)
+                else:
+                    workdir = Path(tempfile.mkdtemp(prefix="mmpog-boxd-"))
+                    scratch.append(workdir)
                 boxd = BoxdProcess(workdir, listens=[f"udp:127.0.0.1:{listen_port}=127.0.0.1:{relay_port}"],
                                    http=False, log_level="warning")
                 await boxd.start()
@@ -434,6 +439,7 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         else:
             local = None
             tmp = Path(tempfile.mkdtemp(prefix="mmpog-bots-"))
+            scratch.append(tmp)
             for number, indices in enumerate(groups):
                 spec = tmp / f"worker{number}.json"
                 out = tmp / f"worker{number}.msgpack"
@@ -540,6 +546,8 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
             _stop_process(proc)
         for boxd in boxd_holder:
             await boxd.stop()
+        for path in scratch:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _median(values: list[float]) -> float | None:
