@@ -381,3 +381,39 @@ def _p_counters(lab, n: int) -> list[int]:
         if line.startswith("[") and " -j P" in line:
             counts[int(line.rsplit(" -j P", 1)[1])] = int(line[1:].split(":")[0])
     return counts
+
+
+class FakeNfqPacket:
+    def __init__(self, ident):
+        self.id = ident
+        self.calls = []
+
+    def set_payload(self, payload):
+        self.calls.append(("payload", payload))
+
+    def accept(self):
+        self.calls.append("accept")
+
+    def drop(self):
+        self.calls.append("drop")
+
+
+def test_verdict_batching_groups_runs_in_queue_order():
+    from boxcore.receivers.linux import NF_ACCEPT, NF_DROP, QueueReader
+
+    reader = QueueReader.__new__(QueueReader)      # no kernel queue: capture what would be sent
+    reader.stats = {"verdict_messages": 0}
+    sent = []
+    reader.send_batch_verdict = lambda verdict, last: sent.append((verdict, last))
+    packets = [FakeNfqPacket(i) for i in range(1, 8)]
+    reader.verdicts([(packets[0], NF_DROP, None), (packets[1], NF_DROP, None),
+                     (packets[2], NF_ACCEPT, b"new"), (packets[3], NF_ACCEPT, None),
+                     (packets[4], NF_ACCEPT, None), (packets[5], NF_DROP, None), (packets[6], NF_ACCEPT, None)])
+    # runs of plain verdicts become one batch message each; a modified packet goes alone, in order
+    assert sent == [(NF_DROP, 2), (NF_ACCEPT, 5), (NF_DROP, 6), (NF_ACCEPT, 7)]
+    assert packets[2].calls == [("payload", b"new"), "accept"]
+    assert all(p.calls == [] for i, p in enumerate(packets) if i != 2)
+    # one packet: netfilterqueue's own verdict
+    single = FakeNfqPacket(9)
+    reader.verdicts([(single, NF_DROP, None)])
+    assert single.calls == ["drop"] and len(sent) == 4
