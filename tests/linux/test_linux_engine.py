@@ -156,7 +156,7 @@ class Stream:
             time.sleep(0.001)
 
     def _recv(self) -> None:
-        while not self.stop.is_set() or True:
+        while True:
             try:
                 data = self.rx.recv(2048)
             except TimeoutError:
