@@ -141,13 +141,17 @@ class RoadReport:
 
 
 class Aggregator:
+    LUT_SIZE = 1 << 20      # car ids below this find their slot by array lookup; others by dict
+
     def __init__(self, city: City, max_cars: int = 100_000, stale_after: float = 10.0,
                  matcher: MapMatcher | None = None) -> None:
         self.city = city
         self.matcher = matcher or MapMatcher(city)
         self.max_cars, self.stale_after = max_cars, stale_after
         self.slot_of: dict[int, int] = {}
+        self.lut = np.full(self.LUT_SIZE, -1, dtype=np.int64)
         self.free: list[int] = list(range(max_cars - 1, -1, -1))
+        self.used = 0            # slots [0, used) have been handed out at least once
         self.car_id = np.zeros(max_cars, dtype=np.int64)
         self.road = np.full(max_cars, -1, dtype=np.int32)
         self.last_road = np.full(max_cars, -1, dtype=np.int32)
@@ -161,83 +165,126 @@ class Aggregator:
         self.stats = {"probes": 0, "unmatched": 0, "cars_refused": 0, "cars_expired": 0,
                       "stale_probes": 0, "unknown_lights": 0, "reports": 0}
 
-    # ------------------------------------------------------------ probes
-    def feed(self, batch: np.ndarray) -> None:
-        """Take a batch of probes (fields car, t, x, y, speed, heading; any order)."""
-        if len(batch) == 0:
-            return
-        roads = self.matcher.match(batch["x"], batch["y"], batch["heading"])
-        self.stats["probes"] += len(batch)
-        self.stats["unmatched"] += int((roads < 0).sum())
-        order = np.lexsort((batch["t"], batch["car"]))
-        cars = batch["car"][order].astype(np.int64)
-        ts = batch["t"][order].astype(np.float64)
-        speeds = batch["speed"][order].astype(np.float64)
-        roads = roads[order]
-        uniq, first, inverse = np.unique(cars, return_index=True, return_inverse=True)
-        slots = np.empty(len(uniq), dtype=np.int64)
-        for k, car in enumerate(uniq.tolist()):
+    # ------------------------------------------------------------ car slots
+    def _slots(self, cars: np.ndarray, now: float) -> np.ndarray:
+        """Slot per car id (-1: table full, refused); new cars get a slot."""
+        small = cars < self.LUT_SIZE
+        slots = np.where(small, self.lut[np.where(small, cars, 0)], -1)
+        missing = np.flatnonzero(slots < 0)
+        for i in missing.tolist():
+            car = int(cars[i])
             slot = self.slot_of.get(car)
             if slot is None:
                 if not self.free:
-                    self._expire(float(ts.max()))
+                    self._expire(now)
                 if not self.free:
-                    slot = -1
                     self.stats["cars_refused"] += 1
-                else:
-                    slot = self.free.pop()
-                    self.slot_of[car] = slot
-                    self.car_id[slot] = car
-                    self.road[slot] = self.last_road[slot] = -1
-                    self.t_last[slot] = -np.inf
-            slots[k] = slot
-        per_probe_slot = slots[inverse]
-        known = per_probe_slot >= 0
-        # drop probes older than what we already know of the car (reordered datagrams)
-        fresh = known & (ts >= self.t_last[np.where(known, per_probe_slot, 0)])
-        self.stats["stale_probes"] += int((known & ~fresh).sum())
-        idx = np.flatnonzero(fresh & (roads >= 0))
-        # departures and turns: consecutive matched roads of one car
-        prev_slot = -1
-        prev_road = -1
-        for i in idx.tolist():
-            slot = int(per_probe_slot[i])
-            if slot != prev_slot:
-                prev_slot, prev_road = slot, int(self.last_road[slot])
-            road = int(roads[i])
-            if prev_road >= 0 and road != prev_road:
-                self.departures[prev_road] += 1
-                if road in self.successor_sets[prev_road]:
-                    turns = self.turns[prev_road]
-                    turns[road] = turns.get(road, 0) + 1
-            prev_road = road
-            self.last_road[slot] = road
-        # latest state per car: the last fresh probe in (car, t) order
-        last_idx = np.flatnonzero(fresh)
-        if len(last_idx):
-            is_last = np.r_[per_probe_slot[last_idx][1:] != per_probe_slot[last_idx][:-1], True]
-            li = last_idx[is_last]
-            s = per_probe_slot[li]
-            self.road[s] = roads[li]
-            self.speed[s] = speeds[li]
-            self.t_last[s] = ts[li]
+                    continue
+                slot = self.free.pop()
+                self.used = max(self.used, slot + 1)
+                self.slot_of[car] = slot
+                if car < self.LUT_SIZE:
+                    self.lut[car] = slot
+                self.car_id[slot] = car
+                self.road[slot] = self.last_road[slot] = -1
+                self.t_last[slot] = -np.inf
+            slots[i] = slot
+        return slots
 
     def _expire(self, now: float) -> None:
         stale = np.flatnonzero((self.t_last < now - self.stale_after) & (self.t_last > -np.inf))
         for slot in stale.tolist():
-            del self.slot_of[int(self.car_id[slot])]
+            car = int(self.car_id[slot])
+            del self.slot_of[car]
+            if car < self.LUT_SIZE:
+                self.lut[car] = -1
             self.t_last[slot] = -np.inf
             self.road[slot] = self.last_road[slot] = -1
             self.free.append(slot)
         self.stats["cars_expired"] += len(stale)
 
+    # ------------------------------------------------------------ probes
+    def _match(self, batch: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Map-match; a car still on its previous road is checked against that road only."""
+        c, m = self.city, self.matcher
+        x = batch["x"].astype(np.float64)
+        y = batch["y"].astype(np.float64)
+        h = batch["heading"].astype(np.float64)
+        prev = np.where(slots >= 0, self.last_road[np.maximum(slots, 0)], -1)
+        r = np.maximum(prev, 0)
+        px, py = x - c.x0[r], y - c.y0[r]
+        along = np.clip(px * c.ux[r] + py * c.uy[r], 0.0, c.seg_length[r])
+        dist = np.hypot(px - along * c.ux[r], py - along * c.uy[r])
+        dh = np.abs((h - c.heading[r] + 180.0) % 360.0 - 180.0)
+        # well inside the previous road (not near its ends, where another road may be closer)
+        inner = (along > m.max_distance) & (along < c.seg_length[r] - m.max_distance)
+        keep = (prev >= 0) & (dist <= m.max_distance / 2) & (dh <= m.max_heading) & inner
+        roads = np.where(keep, prev, -1).astype(np.int32)
+        rest = np.flatnonzero(~keep)
+        if len(rest):
+            roads[rest] = m.match(x[rest], y[rest], h[rest])
+        return roads
+
+    def feed(self, batch: np.ndarray) -> None:
+        """Take a batch of probes (fields car, t, x, y, speed, heading; any order)."""
+        if len(batch) == 0:
+            return
+        order = np.lexsort((batch["t"], batch["car"]))
+        batch = batch[order]
+        cars = batch["car"].astype(np.int64)
+        ts = batch["t"].astype(np.float64)
+        slots = self._slots(cars, float(ts.max()))
+        roads = self._match(batch, slots)
+        self.stats["probes"] += len(batch)
+        self.stats["unmatched"] += int((roads < 0).sum())
+        known = slots >= 0
+        safe = np.where(known, slots, 0)
+        # drop probes older than what we already know of the car (reordered datagrams)
+        fresh = known & (ts >= self.t_last[safe])
+        self.stats["stale_probes"] += int((known & ~fresh).sum())
+        # departures and turns: consecutive matched roads of one car
+        idx = np.flatnonzero(fresh & (roads >= 0))
+        if len(idx):
+            s_idx, r_idx = slots[idx], roads[idx]
+            first = np.r_[True, s_idx[1:] != s_idx[:-1]]
+            prev = np.where(first, self.last_road[s_idx], np.r_[-1, r_idx[:-1]])
+            changed = np.flatnonzero((prev >= 0) & (prev != r_idx))
+            if len(changed):
+                np.add.at(self.departures, prev[changed], 1)
+                for a, b in zip(prev[changed].tolist(), r_idx[changed].tolist()):
+                    if b in self.successor_sets[a]:
+                        turns = self.turns[a]
+                        turns[b] = turns.get(b, 0) + 1
+            last = np.r_[s_idx[1:] != s_idx[:-1], True]
+            self.last_road[s_idx[last]] = r_idx[last]
+        # latest state per car: the last fresh probe in (car, t) order
+        li = np.flatnonzero(fresh)
+        if len(li):
+            li = li[np.r_[slots[li][1:] != slots[li][:-1], True]]
+            s = slots[li]
+            self.road[s] = roads[li]
+            self.speed[s] = batch["speed"][li]
+            self.t_last[s] = ts[li]
+
     # ------------------------------------------------------------ lights
+    def road_states(self, now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(cars, queue, mean moving speed or -1) for every road, from the latest probes."""
+        n = self.used
+        road, speed = self.road[:n], self.speed[:n]
+        live = (road >= 0) & (self.t_last[:n] >= now - self.stale_after)
+        R = self.city.n_roads
+        r, v = road[live], speed[live]
+        cars = np.bincount(r, minlength=R)
+        queue = np.bincount(r[v < QUEUE_SPEED], minlength=R)
+        moving = v >= QUEUE_SPEED
+        n_moving = np.bincount(r[moving], minlength=R)
+        sum_moving = np.bincount(r[moving], weights=v[moving], minlength=R)
+        mean = np.where(n_moving > 0, sum_moving / np.maximum(n_moving, 1), -1.0)
+        return cars, queue, mean
+
     def road_state(self, road: int, now: float) -> tuple[int, int, float]:
-        """(cars, queue, mean moving speed or -1) on a road from the latest probes."""
-        sel = (self.road == road) & (self.t_last >= now - self.stale_after)
-        speeds = self.speed[sel]
-        moving = speeds[speeds >= QUEUE_SPEED]
-        return int(sel.sum()), int((speeds < QUEUE_SPEED).sum()), float(moving.mean()) if len(moving) else -1.0
+        cars, queue, mean = self.road_states(now)
+        return int(cars[road]), int(queue[road]), float(mean[road])
 
     def light_change(self, light: int, t: float, green: int) -> list[RoadReport]:
         if not 0 <= light < len(self.city.lights):
@@ -250,18 +297,19 @@ class Aggregator:
             for road in roads:
                 self.last_change[road] = t
             return []
+        changed = [(bit, road) for bit, road in enumerate(roads) if (prev ^ green) >> bit & 1]
+        if not changed:
+            return []
+        cars_all, queue_all, mean_all = self.road_states(t)
         reports = []
         c = self.city
-        for bit, road in enumerate(roads):
-            was, now_green = bool(prev >> bit & 1), bool(green >> bit & 1)
-            if was == now_green:
-                continue
-            cars, queue, mean_speed = self.road_state(road, t)
+        for bit, road in changed:
+            cars = int(cars_all[road])
             interval = 0.0 if math.isnan(self.last_change[road]) else t - self.last_change[road]
             reports.append(RoadReport(
-                road=road, t=t, green=now_green, queue=queue, cars=cars,
-                density=cars / (c.length[road] / 1000.0 * c.lanes[road]), mean_speed=mean_speed,
-                departures=int(self.departures[road]), interval=interval, was_green=was,
+                road=road, t=t, green=bool(green >> bit & 1), queue=int(queue_all[road]), cars=cars,
+                density=cars / (c.length[road] / 1000.0 * c.lanes[road]), mean_speed=float(mean_all[road]),
+                departures=int(self.departures[road]), interval=interval, was_green=bool(prev >> bit & 1),
                 turns=self.turns[road]))
             self.departures[road] = 0
             self.turns[road] = {}
@@ -286,34 +334,38 @@ class Ingest:
 
     def ingest(self, datagrams: list[bytes]) -> list[RoadReport]:
         from fcd import wire
-        self.stats["datagrams"] += len(datagrams)
+        n = len(datagrams)
+        self.stats["datagrams"] += n
         reports: list[RoadReport] = []
+        sizes = np.fromiter(map(len, datagrams), dtype=np.int64, count=n)
         start = 0
-        for i, d in enumerate(datagrams):
-            if len(d) != wire.PROBE_SIZE:
-                self._probes(datagrams[start:i])
-                start = i + 1
-                try:
-                    msg = wire.decode(d)
-                except wire.WireDecodeError as exc:
-                    self.stats["malformed"] += 1
-                    self.last_error = str(exc)
-                    continue
-                if isinstance(msg, wire.LightChange):
-                    self.stats["lights"] += 1
-                    self.seq.add(msg.generator, msg.seq)
-                    reports += self.aggregator.light_change(msg.light, msg.t, msg.green)
-                else:  # pragma: no cover - probes always have PROBE_SIZE
-                    self.stats["malformed"] += 1
-        self._probes(datagrams[start:])
+        for i in np.flatnonzero(sizes != wire.PROBE_SIZE).tolist():
+            self._probes(datagrams[start:i])
+            start = i + 1
+            try:
+                msg = wire.decode(datagrams[i])
+            except wire.WireDecodeError as exc:
+                self.stats["malformed"] += 1
+                self.last_error = str(exc)
+                continue
+            if isinstance(msg, wire.LightChange):
+                self.stats["lights"] += 1
+                self.seq.add(msg.generator, msg.seq)
+                reports += self.aggregator.light_change(msg.light, msg.t, msg.green)
+        self._probes(datagrams[start:] if start else datagrams)
         return reports
 
     def _probes(self, datagrams: list[bytes]) -> None:
+        """A run of probe-sized datagrams."""
         if not datagrams:
             return
         from fcd import wire
-        arr, _, bad = wire.decode_probe_batch(datagrams)
-        self.stats["malformed"] += bad
+        arr = np.frombuffer(b"".join(datagrams), dtype=wire.PROBE_WIRE_DTYPE)
+        ok = wire.probe_valid_mask(arr)
+        bad = len(arr) - int(ok.sum())
+        if bad:
+            arr = arr[ok]
+            self.stats["malformed"] += bad
         self.stats["probes"] += len(arr)
         self.seq.add_batch(arr["generator"], arr["seq"])
         self.aggregator.feed(arr)

@@ -144,30 +144,37 @@ class ReliableUplink:
         self.queue.append((self._seq, method, params))
         self.stats["queued"] += 1
         self.idle.clear()
-        if len(self.queue) >= self.batch:
+        if len(self.queue) == 1 or len(self.queue) >= self.batch:
             self.wakeup.set()
 
+    async def _wait(self, stop: asyncio.Event, timeout: float | None) -> None:
+        """Until woken by a put, a stop, or ``timeout``."""
+        if stop.is_set():
+            return
+        waiters = [asyncio.ensure_future(self.wakeup.wait()), asyncio.ensure_future(stop.wait())]
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        self.wakeup.clear()
+
     async def run(self, stop: asyncio.Event) -> None:
+        """Send until ``stop`` is set and the queue is empty (the caller bounds the drain time)."""
         delay = self.backoff[0]
         while not (stop.is_set() and not self.queue):
             if not self.queue:
                 self.idle.set()
-                waiters = [asyncio.ensure_future(self.wakeup.wait()), asyncio.ensure_future(stop.wait())]
-                await asyncio.wait(waiters, timeout=self.interval, return_when=asyncio.FIRST_COMPLETED)
-                for w in waiters:
-                    w.cancel()
-                self.wakeup.clear()
+                await self._wait(stop, None)          # idle costs nothing
+                if self.queue and not stop.is_set() and len(self.queue) < self.batch:
+                    await self._wait(stop, self.interval)   # let the batch grow: fewer, larger requests
                 continue
             batch = [self.queue[i] for i in range(min(self.batch, len(self.queue)))]
             try:
                 results = await self.client.multicall([(m, p) for _, m, p in batch])
             except (TypeError, OverflowError, ValueError, xmlrpc.client.Fault) as exc:
-                # a call that cannot be marshalled will never succeed: drop the batch, count it
+                # a call that cannot be marshalled (or that the server refuses whole) never succeeds
                 self.stats["unmarshallable"] += len(batch)
                 log.error("uplink: dropping %d calls that cannot be sent: %s", len(batch), exc)
-                last = batch[-1][0]
-                while self.queue and self.queue[0][0] <= last:
-                    self.queue.popleft()
+                self._ack(batch[-1][0])
                 continue
             except RpcError as exc:
                 self.stats["failures"] += 1
@@ -176,20 +183,17 @@ class ReliableUplink:
                 delay = min(delay * 2, self.backoff[1])
                 continue
             delay = self.backoff[0]
-            last = batch[-1][0]      # acknowledged: the server answered every call of the batch
-            while self.queue and self.queue[0][0] <= last:
-                self.queue.popleft()
+            self._ack(batch[-1][0])       # the server answered every call of the batch
             self.stats["batches"] += 1
             self.stats["acked"] += len(batch)
             for r in results:
                 if isinstance(r, xmlrpc.client.Fault):
                     self.stats["faults"] += 1
                     self.last_fault = r.faultString
-            if len(self.queue) < self.batch:
-                # let reports accumulate: fewer, larger requests
-                waiters = [asyncio.ensure_future(self.wakeup.wait()), asyncio.ensure_future(stop.wait())]
-                await asyncio.wait(waiters, timeout=self.interval, return_when=asyncio.FIRST_COMPLETED)
-                for w in waiters:
-                    w.cancel()
-                self.wakeup.clear()
+            if self.queue and len(self.queue) < self.batch and not stop.is_set():
+                await self._wait(stop, self.interval)
         self.idle.set()
+
+    def _ack(self, last: int) -> None:
+        while self.queue and self.queue[0][0] <= last:
+            self.queue.popleft()

@@ -1,0 +1,380 @@
+"""``booster-loadgen fcd``: the paper's Fig. 7 - server load with and without booster boxes.
+
+Each role is its own "machine": the server and every box (boxd + fcd-booster) run in their own
+cgroup v1 CPU group with the same quota (``--budget`` of one core); the generators run outside
+the budgets.  For each number of boxes the roles start once, then the generators offer each
+rate in turn (load mode: the 1000-car trace in order at a fixed packet rate, four district
+processes, district i to box i mod n; straight to the server without boxes).
+
+Per point: packets sent, received and lost at the server (no boxes) or at the boxes (with boxes),
+and the packets reaching the server (UDP datagrams + XML-RPC requests).  Loss is measured where
+the paper measured it: at the server without boxes, at the boxes with them.  Also measured in
+the same run: a plain socket sink's receive rate at the same budget, against the server's raw
+ingest rate (``server_raw_efficiency``), so that no gain comes from a slow server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import secrets
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from boxcore.runtime import ConfigError, int_list
+
+log = logging.getLogger("bench.fcd")
+
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+DEFAULT_RATES = [1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 10000, 12000, 14000, 16000, 18000, 20000,
+                 23000, 26000, 30000, 35000, 40000, 46000, 52000, 60000]
+
+
+# ---------------------------------------------------------------- CPU budgets
+
+class CpuBudgets:
+    """cgroup v1 CPU groups, one per role, each with quota = budget x period."""
+
+    def __init__(self, budget: float, period_us: int) -> None:
+        if not (CGROUP_CPU / "cgroup.procs").exists():
+            raise ConfigError(f"no cgroup v1 cpu controller at {CGROUP_CPU}")
+        if os.geteuid() != 0:
+            raise ConfigError("CPU budgets need root (cgroup v1)")
+        self.budget, self.period_us = budget, period_us
+        self.quota_us = int(round(budget * period_us))
+        if self.quota_us < 1000:
+            raise ConfigError(f"quota {self.quota_us}us is below the kernel's 1000us minimum: raise --period-us")
+        self.base = CGROUP_CPU / f"bbfcd-{secrets.token_hex(3)}"
+        self.base.mkdir()
+        self.groups: dict[str, Path] = {}
+
+    def group(self, name: str) -> Path:
+        if name not in self.groups:
+            path = self.base / name
+            path.mkdir()
+            (path / "cpu.cfs_period_us").write_text(str(self.period_us))
+            (path / "cpu.cfs_quota_us").write_text(str(self.quota_us))
+            self.groups[name] = path
+        return self.groups[name]
+
+    def add(self, name: str, pid: int) -> None:
+        (self.group(name) / "cgroup.procs").write_text(str(pid))
+
+    def usage_s(self, name: str) -> float:
+        try:
+            return int((self.group(name) / "cpuacct.usage").read_text()) / 1e9
+        except OSError:
+            return float("nan")
+
+    def throttled(self, name: str) -> int:
+        for line in (self.group(name) / "cpu.stat").read_text().splitlines():
+            k, v = line.split()
+            if k == "nr_throttled":
+                return int(v)
+        return 0
+
+    def cleanup(self) -> None:
+        for path in list(self.groups.values()):
+            try:
+                pids = (path / "cgroup.procs").read_text().split()
+                for pid in pids:   # our own processes only; they should be gone already
+                    (CGROUP_CPU / "cgroup.procs").write_text(pid)
+                path.rmdir()
+            except OSError as exc:
+                log.warning("cannot remove cgroup %s: %s", path, exc)
+        try:
+            self.base.rmdir()
+        except OSError as exc:
+            log.warning("cannot remove cgroup %s: %s", self.base, exc)
+
+
+class NoBudgets:
+    budget = None
+
+    def add(self, name: str, pid: int) -> None:
+        pass
+
+    def cleanup(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- helpers
+
+SINK = r"""
+import signal, socket, sys, json
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    s.setsockopt(socket.SOL_SOCKET, 33, 4 * 1024 * 1024)
+except OSError:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+n = 0
+stop = False
+def on_term(*_):
+    global stop
+    stop = True
+signal.signal(signal.SIGTERM, on_term)
+s.settimeout(0.2)
+recv = s.recv
+while not stop:
+    try:
+        recv(2048)
+        n += 1
+    except (socket.timeout, InterruptedError):
+        pass
+print(n, flush=True)
+"""
+
+
+def _status(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=20) as resp:
+        return json.loads(resp.read())
+
+
+def knee(rows: list[dict], key: str, threshold: float = 0.01) -> float | None:
+    """Offered load at which loss first exceeds ``threshold`` (linear interpolation between the
+    last point at or below it and the first above)."""
+    prev = None
+    for row in rows:
+        loss = row[key]
+        if loss > threshold:
+            if prev is None:
+                return float(row["offered_pps"])
+            lo, hi = prev, row
+            frac = (threshold - lo[key]) / max(hi[key] - lo[key], 1e-12)
+            return float(lo["offered_pps"] + frac * (hi["offered_pps"] - lo["offered_pps"]))
+        prev = row
+    return None
+
+
+# ---------------------------------------------------------------- the experiment
+
+async def calibrate_sink(budgets, trace: Path, rate: float, duration: float, settle: float) -> float:
+    from fcd.stack import run_gen_async
+    proc = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        budgets.add("sink", proc.pid)
+        gen = await run_gen_async(trace, [("127.0.0.1", port)],
+                                  ["--processes", "4", "--rate", str(rate), "--duration", str(duration)])
+        await asyncio.sleep(settle)
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    received = int(out.split()[-1])
+    return min(received, gen["sent"]) / duration
+
+
+async def run_config(args, budgets, trace: Path, n_boxes: int, rates: list[int], workdir: Path) -> list[dict]:
+    from fcd.stack import Stack, free_port, run_gen_async
+    stack = Stack(workdir / f"boxes{n_boxes}", log_level=args.log_level if args.log_level != "info" else "warning")
+    rows: list[dict] = []
+    try:
+        udp, http = free_port(2), free_port()
+        server = stack.server(trace, udp, http, None, ["--model-interval", "2"])
+        await stack.wait_ready(server, timeout=60)
+        budgets.add("server", server.proc.pid)
+        targets = [("127.0.0.1", udp)]
+        if n_boxes:
+            targets = []
+            for i in range(n_boxes):
+                port = free_port(2)
+                boxd, booster = await stack.box(f"box{i}", trace, port, udp, http)
+                budgets.add(f"box{i}", boxd.proc.pid)
+                budgets.add(f"box{i}", booster.proc.pid)
+                targets.append(("127.0.0.1", port))
+        await asyncio.sleep(0.5)
+        for rate in rates:
+            before = await asyncio.to_thread(_status, http)
+            gen = await run_gen_async(trace, targets, ["--processes", str(max(4, n_boxes)), "--rate", str(rate),
+                                                       "--duration", str(args.duration)])
+            await asyncio.sleep(args.settle)
+            after = await asyncio.to_thread(_status, http)
+            sent = gen["sent"]
+            d_udp = after["udp"]["received"] - before["udp"]["received"]
+            d_http = after["counters"].get("http_requests", 0) - before["counters"].get("http_requests", 0)
+            box_received = sum(after["boxes"].get(f"box{i}", {}).get("received", 0)
+                               - before["boxes"].get(f"box{i}", {}).get("received", 0) for i in range(n_boxes))
+            row = {
+                "boxes": n_boxes, "offered_pps": rate, "sent": sent, "achieved_pps": round(sent / args.duration, 1),
+                "server_received_pps": round((d_udp + d_http) / args.duration, 1),
+                "server_udp_received": d_udp, "server_http_requests": d_http,
+                "server_loss": round(max(0.0, 1 - d_udp / sent), 4) if n_boxes == 0 and sent else 0.0,
+                "box_received": box_received,
+                "box_loss": round(max(0.0, 1 - box_received / sent), 4) if n_boxes and sent else None,
+                "reports": (after["counters"].get("reports_box", 0) - before["counters"].get("reports_box", 0)
+                            + after["counters"].get("reports_raw", 0) - before["counters"].get("reports_raw", 0)),
+            }
+            rows.append(row)
+            loss = row["server_loss"] if n_boxes == 0 else row["box_loss"]
+            print(f"  boxes={n_boxes} offered={rate:>6} pps  sent={sent:>7}  "
+                  f"{'server' if n_boxes == 0 else 'boxes'} received={d_udp if n_boxes == 0 else box_received:>7}  "
+                  f"loss={loss:.3f}  server received {row['server_received_pps']:.1f} pps", flush=True)
+            if loss > args.stop_after_loss:
+                break
+    finally:
+        await stack.stop_all()
+    return rows
+
+
+async def experiment(args) -> dict:
+    from fcd.city import grid_city
+    from fcd.sim import Simulator
+    workdir = Path(args.workdir or f"/tmp/bbfcd-bench-{secrets.token_hex(3)}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    trace = args.trace
+    if trace is None:
+        trace = workdir / "city1000.npz"
+        if not trace.exists():
+            city = grid_city(8, 8, block=200.0, seed=1, districts=4)
+            Simulator(city, cars=args.cars, seed=1).run(600.0).save(trace)
+    period = args.period_us or max(10_000, int(math.ceil(1000 / max(args.budget, 1e-6))))
+    budgets = NoBudgets() if args.no_cgroups else CpuBudgets(args.budget, period)
+    started = time.monotonic()
+    results: dict = {"budget_cpu": None if args.no_cgroups else args.budget,
+                     "cfs_period_us": None if args.no_cgroups else period, "duration_s": args.duration,
+                     "cars": args.cars, "rows": []}
+    try:
+        print(f"fcd bench: budget {results['budget_cpu']} core per role, {args.duration}s per point", flush=True)
+        calib_rate = args.calibration_rate or max(args.rates)
+        sink_pps = await calibrate_sink(budgets, trace, calib_rate, args.duration, args.settle)
+        print(f"  plain socket sink at the budget: {sink_pps:.0f} pps (offered {calib_rate})", flush=True)
+        server_raw_pps = None
+        for n_boxes in args.boxes:
+            rows = await run_config(args, budgets, trace, n_boxes, args.rates, workdir)
+            results["rows"] += rows
+        # the server's raw ingest rate at its budget, under the same overload as the sink
+        raw = await run_config(_with(args, stop_after_loss=1.1), budgets, trace, 0, [calib_rate], workdir / "raw")
+        server_raw_pps = raw[0]["server_udp_received"] / args.duration
+        results["sink_pps"] = round(sink_pps, 1)
+        results["server_raw_pps"] = round(server_raw_pps, 1)
+        results["server_raw_efficiency"] = round(server_raw_pps / sink_pps, 3) if sink_pps else None
+    finally:
+        budgets.cleanup()
+    rows = results["rows"]
+    results["knee_pps"] = {}
+    for n_boxes in args.boxes:
+        sel = [r for r in rows if r["boxes"] == n_boxes]
+        k = knee(sel, "server_loss" if n_boxes == 0 else "box_loss")
+        results["knee_pps"][str(n_boxes)] = None if k is None else round(k, 1)
+    # reduction factor: packets reaching the server without boxes / with boxes, at the lowest rate
+    # (the 1000-car city in real time is 1000 probes/s), worst case over the box counts
+    base = {r["offered_pps"]: r for r in rows if r["boxes"] == 0}
+    factors = {}
+    for n_boxes in [b for b in args.boxes if b]:
+        for r in rows:
+            if r["boxes"] == n_boxes and r["offered_pps"] in base and r["server_received_pps"] > 0:
+                factors[str(n_boxes)] = round(base[r["offered_pps"]]["server_received_pps"] / r["server_received_pps"], 1)
+                break
+    results["reduction_factor_by_boxes"] = factors
+    results["reduction_factor"] = min(factors.values()) if factors else None
+    kn = results["knee_pps"]
+
+    def ratio(a: str, b: str):
+        if kn.get(a) is None or kn.get(b) in (None, 0):
+            return None
+        return round(kn[a] / kn[b], 2)
+
+    results["knee_ratio_2_over_1"] = ratio("2", "1")
+    results["knee_ratio_4_over_0"] = ratio("4", "0")
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    return results
+
+
+def _with(args, **changes):
+    import argparse
+    ns = argparse.Namespace(**vars(args))
+    for k, v in changes.items():
+        setattr(ns, k, v)
+    return ns
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    rows = results["rows"]
+    for n_boxes in sorted({r["boxes"] for r in rows}):
+        sel = [r for r in rows if r["boxes"] == n_boxes]
+        x = [r["offered_pps"] for r in sel]
+        if n_boxes == 0:
+            recv = [r["server_udp_received"] / results["duration_s"] for r in sel]
+            loss = [r["server_loss"] for r in sel]
+            label = "no box (at the server)"
+        else:
+            recv = [r["box_received"] / results["duration_s"] for r in sel]
+            loss = [r["box_loss"] for r in sel]
+            label = f"{n_boxes} box{'es' if n_boxes > 1 else ''} (at the boxes)"
+        line, = ax1.plot(x, recv, marker="o", label=label)
+        ax2.plot(x, [100 * l for l in loss], marker="o", color=line.get_color(), label=label)
+        if n_boxes:
+            ax1.plot(x, [r["server_received_pps"] for r in sel], linestyle=":", color=line.get_color(),
+                     label=f"{n_boxes} box{'es' if n_boxes > 1 else ''}: reaching the server")
+    top = max(r["offered_pps"] for r in rows)
+    ax1.plot([0, top], [0, top], color="grey", linewidth=0.8, linestyle="--", label="received = sent")
+    ax1.set_xlabel("packets sent (p/s)")
+    ax1.set_ylabel("packets received (p/s)")
+    ax1.set_title("received vs sent")
+    ax1.legend(fontsize=7)
+    ax2.set_xlabel("packets sent (p/s)")
+    ax2.set_ylabel("loss (%)")
+    ax2.set_title(f"loss (budget {results['budget_cpu']} core per role)")
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"FCD: booster boxes vs server load - reduction factor {results.get('reduction_factor')}, "
+                 f"knees {results.get('knee_pps')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run(args) -> int:
+    if not args.rates or any(r <= 0 for r in args.rates):
+        raise ConfigError("--rates needs positive packet rates")
+    if not args.boxes or any(b < 0 for b in args.boxes):
+        raise ConfigError("--boxes needs non-negative box counts")
+    if not 0 < args.budget <= 1:
+        raise ConfigError("--budget is a fraction of one core in (0, 1]")
+    args.rates = sorted(args.rates)
+    results = asyncio.run(experiment(args))
+    text = json.dumps(results, indent=2)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot(results, args.plot)
+    print(json.dumps({k: v for k, v in results.items() if k != "rows"}, indent=2))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "fcd", help="FCD server load with and without booster boxes (paper Fig. 7)",
+        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+        epilog="examples:\n  booster-loadgen fcd --rates 1000,4000,8000,16000 --boxes 0,1,2,4 "
+               "--json out/fcd.json --plot out/fcd.png\n"
+               "  booster-loadgen fcd --budget 0.1 --boxes 0,2 --json out/fcd.json")
+    p.add_argument("--rates", type=int_list, default=DEFAULT_RATES, help="offered packet rates (p/s)")
+    p.add_argument("--boxes", type=int_list, default=[0, 1, 2, 4], help="numbers of boxes to compare")
+    p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("--plot", type=Path, help="write the Fig. 7 plot here (PNG)")
+    p.add_argument("--budget", type=float, default=0.05, help="CPU budget per role (fraction of one core)")
+    p.add_argument("--period-us", type=int, default=None, help="CFS period (default: quota of 1 ms or more)")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds of load per point")
+    p.add_argument("--settle", type=float, default=1.5, help="seconds to let counters settle after each point")
+    p.add_argument("--stop-after-loss", type=float, default=0.3,
+                   help="skip a configuration's higher rates once its loss exceeds this")
+    p.add_argument("--calibration-rate", type=float, default=None,
+                   help="overload rate for the sink/server raw calibration (default: the highest rate)")
+    p.add_argument("--cars", type=int, default=1000, help="cars in the generated city")
+    p.add_argument("--trace", type=Path, default=None, help="use this trace instead of generating one")
+    p.add_argument("--workdir", type=Path, default=None, help="logs and trace (default: a new /tmp dir)")
+    p.add_argument("--no-cgroups", action="store_true", help="run without CPU budgets")
+    p.set_defaults(func=run)
