@@ -88,18 +88,24 @@ class FanoutSender:
             raise OSError("sendmmsg is not available")
         self.fd = sock.fileno()
         self.max_cached = max_cached
-        self._batches: dict[tuple, _Batch] = {}
+        self._batches: dict[int, _Batch] = {}
         self.errors = 0
 
-    def send(self, data: bytes, addresses: tuple[tuple[str, int], ...]) -> tuple[int, int]:
+    def send(self, data: bytes, addresses: tuple[tuple[str, int], ...], key: object = None) -> tuple[int, int]:
+        """Send ``data`` to every address; ``key`` names the member list (e.g. the location).
+
+        The prepared batch for ``key`` is reused while the caller passes the very
+        same tuple object (the reflector keeps one per location until its
+        membership changes) and rebuilt otherwise.
+        """
         if not addresses:
             return 0, 0
-        batch = self._batches.get(addresses)
-        if batch is None:
-            if len(self._batches) >= self.max_cached:
-                self._batches.clear()         # member lists change rarely; a full reset is enough
+        batch = self._batches.get(key)
+        if batch is None or batch.addresses is not addresses:
+            if batch is None and len(self._batches) >= self.max_cached:
+                self._batches.clear()         # more member lists than expected: start over, stay bounded
             try:
-                batch = self._batches[addresses] = _Batch(addresses)
+                batch = self._batches[key] = _Batch(addresses)
             except OSError:                   # not an IPv4 address
                 self.errors += 1
                 return 0, len(addresses)

@@ -59,6 +59,7 @@ class ReflectorService:
                          "control_requests": 0, "control_refused": 0}
         self.started = time.monotonic()
         self.transport: dict[str, str] = {"mode": "memory"}
+        self.fanout_kind = "direct"
 
     # ------------------------------------------------------------------ data path
 
@@ -95,7 +96,7 @@ class ReflectorService:
         self.flush()
 
     def use_socket(self, sock: socket.socket) -> None:
-        """Send unicasts and fan-outs with ``sendto`` on ``sock`` (the hot path: one loop, no per-datagram call)."""
+        """Send unicasts and fan-outs on ``sock``: a fan-out is one sendmmsg (or a tight sendto loop)."""
         self.send_to = self.socket_sender(sock)
         sendto = sock.sendto
         members = self.core.members
@@ -114,22 +115,19 @@ class ReflectorService:
             counters["datagrams_out"] += sent
 
         self.fanout = fanout
+        self.fanout_kind = "direct sendto"
         if self.use_sendmmsg and fastsend.available() and sock.family == socket.AF_INET:
-            fan = fastsend.FanoutSender(sock)
+            fan = fastsend.FanoutSender(sock, max_cached=self.core.config.max_locations)
 
             def fanout_mmsg(location: int, data: bytes) -> None:
                 # one syscall for the whole location (members() is a cached tuple, the batch key)
-                sent, dropped = fan.send(data, members(location))
+                sent, dropped = fan.send(data, members(location), location)
                 counters["datagrams_out"] += sent
                 if dropped:
                     counters["send_dropped"] += dropped
 
             self.fanout = fanout_mmsg
-
-    @property
-    def fanout_kind(self) -> str:
-        return {"fanout_mmsg": "direct sendmmsg", "fanout": "direct sendto"}.get(
-            getattr(self.fanout, "__name__", ""), "direct sendto")
+            self.fanout_kind = "direct sendmmsg"
 
     def socket_sender(self, sock: socket.socket) -> Callable[[bytes, Address], None]:
         sendto = sock.sendto
