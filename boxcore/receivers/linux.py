@@ -123,7 +123,15 @@ class QueueReader:
         if items:
             self.stats["packets"] += len(items)
             self.stats["batches"] += 1
-            self.on_batch(items)
+            try:
+                self.on_batch(items)
+            except Exception:
+                # a bug here must not leave packets waiting: let them all pass
+                log.exception("queue %d: batch processing failed; passing %d packets", self.queue, len(items))
+                self.stats["batch_failures"] = self.stats.get("batch_failures", 0) + 1
+                for pkt, _raw in items:
+                    with contextlib.suppress(RuntimeError, OSError):
+                        pkt.accept()
 
     def send_batch_verdict(self, verdict: int, last_id: int) -> None:
         self._sock.send(verdict_batch_message(self.queue, verdict, last_id))
