@@ -560,7 +560,7 @@ def _position(rng: random.Random, location: int) -> tuple[float, float]:
 
 # ====================================================================== kernel loss in a namespace
 
-def run_in_netns(argv_tail: list[str], loss: float, port: int) -> None:
+def run_in_netns(argv_tail: list[str], loss: float, port: int) -> str:
     """Re-run this experiment inside a fresh namespace where iptables drops ``loss`` each way."""
     for tool in ("ip", "iptables"):
         if shutil.which(tool) is None:
@@ -579,6 +579,7 @@ def run_in_netns(argv_tail: list[str], loss: float, port: int) -> None:
         subprocess.run(["ip", "netns", "exec", ns, *_module_argv("mmpog.bots", *argv_tail)], check=True)
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False)
+    return ns
 
 
 # ====================================================================== CLI
@@ -660,10 +661,11 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
             raise ConfigError("--loss-mode iptables runs its own reflector (and boxd) inside a new namespace")
         port = args.reflector_port or 7400
         tail = _child_argv(args, port)
-        await asyncio.to_thread(run_in_netns, tail, args.loss, port)
+        ns = await asyncio.to_thread(run_in_netns, tail, args.loss, port)
         if args.json is not None:
             result = json.loads(args.json.read_text())
             result["loss_mode"] = "iptables"
+            result["netns"] = ns            # created for this run, and deleted
             _write(result, args.json)
         return 0
     result = await run_experiment(params, say=lambda line: log.info("%s", line), stop=ctx.stop)
