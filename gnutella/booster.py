@@ -33,7 +33,7 @@ from .boostercore import BoosterConfig, BoosterCore, SendPeer
 from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, Identity, Refused, Response,
                         identity_headers, listen_address)
 from .node import Close, Send
-from .wire import Bye, GnutellaDecodeError, Message, MessageReader, RawMessage, new_guid
+from .wire import DEFAULT_MAX_PAYLOAD, Bye, GnutellaDecodeError, Message, MessageReader, RawMessage, new_guid
 
 log = logging.getLogger("gnutella.booster")
 
@@ -65,11 +65,13 @@ class GnutellaBooster:
     """The I/O of the booster: intercepted connections and booster peers."""
 
     def __init__(self, core: BoosterCore, stats: Counter | None = None, splice: Splicer = _plain_onward,
-                 tick: float = 0.05, max_splices: int = 256, upstream: int = 0) -> None:
+                 tick: float = 0.05, max_splices: int = 256, upstream: int = 0,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         self.core = core
         self.stats: Counter = stats if stats is not None else core.stats
         self.splice = splice
         self.max_splices = max_splices
+        self.max_payload = max_payload
         self.splices = 0
         self.max_upstream = upstream            # conventional links to outside servents (0: none)
         self.upstream_addrs: set[tuple[str, int]] = set()
@@ -299,7 +301,7 @@ class GnutellaBooster:
         self._perform(self.core.local_up(cid, time.monotonic(), client_ip, listen, tuple(conn.original_dst), leaf,
                                          shown))
         log.debug("impersonating %s:%d for %s (%s)", *conn.original_dst, client_ip, "leaf" if leaf else "ultrapeer")
-        framer = MessageReader()
+        framer = MessageReader(self.max_payload)
         data = est.leftover
         try:
             while True:
@@ -380,7 +382,7 @@ class GnutellaBooster:
         self.local_writers[uid] = writer
         self._perform(self.core.upstream_up(uid, me))
         log.info("peering with outside servent %s:%d", *addr)
-        framer = MessageReader()
+        framer = MessageReader(self.max_payload)
         data = est.leftover
         try:
             while True:
@@ -542,6 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="intercepted connections accepted per local servent (more are steered to local peers)")
     parser.add_argument("--remote-ttl", type=positive_int, default=2, help="TTL of queries from other clusters")
     parser.add_argument("--max-queries", type=positive_int, default=20000, help="bounded query routing table")
+    parser.add_argument("--max-splices", type=positive_int, default=256,
+                        help="non-Gnutella connections passed on at once (more are refused)")
+    parser.add_argument("--max-payload", type=positive_int, default=DEFAULT_MAX_PAYLOAD,
+                        help="largest message payload accepted from a servent (bytes)")
     parser.add_argument("--secret", default=None, help="seed of the impersonated identities (default: random)")
     parser.add_argument("--upstream", type=int, default=0, metavar="N",
                         help="also peer the conventional way with up to N of the outside servents that local "
@@ -568,7 +574,8 @@ async def amain(args, ctx: RunContext) -> int:
             if booster.engine in ("linux", "np"):
                 from boxcore.receivers.linux import connect_onward
                 splice = connect_onward
-            adapter = GnutellaBooster(core, ctx.stats, splice, upstream=args.upstream)
+            adapter = GnutellaBooster(core, ctx.stats, splice, upstream=args.upstream, max_splices=args.max_splices,
+                                      max_payload=args.max_payload)
             ctx.stats.providers["booster"] = adapter.snapshot
             ctx.stats.providers["boundary"] = adapter.boundary
             for lo, hi in ports:

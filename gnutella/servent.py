@@ -29,7 +29,7 @@ from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, 
                         identity_headers, listen_address, remote_guid)
 from .node import (Close, Node, NodeConfig, PushRequested, SearchHit, Send, needs_push)
 from .share import ShareIndex
-from .wire import Bye, GnutellaDecodeError, Message, MessageReader, RawMessage, new_guid
+from .wire import DEFAULT_MAX_PAYLOAD, Bye, GnutellaDecodeError, Message, MessageReader, RawMessage, new_guid
 
 log = logging.getLogger("gnutella.servent")
 
@@ -93,7 +93,8 @@ class Servent:
                  ultrapeer: bool = True, config: NodeConfig | None = None, peers: list[tuple[str, int]] = (),
                  target_peers: int = 4, max_peers: int = 8, max_leaves: int = 30, max_ultrapeers: int = 3,
                  stats: Counter | None = None, seed: int | None = None, user_agent: str = "booster-boxes/0.1",
-                 allow_04: bool = True, tick: float = 1.0, connect_version: str = "0.6") -> None:
+                 allow_04: bool = True, tick: float = 1.0, connect_version: str = "0.6",
+                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         self.listen = listen
         self.advertise_ip = advertise_ip or (listen[0] if listen[0] not in ("0.0.0.0", "") else "127.0.0.1")
         self.shares = shares
@@ -109,6 +110,7 @@ class Servent:
         self.user_agent = user_agent
         self.allow_04 = allow_04
         self.connect_version = connect_version     # "0.4" to act as an old servent
+        self.max_payload = max_payload             # larger messages end the connection (framing_errors)
         self.tick_interval = tick
         self.guid = new_guid(self.rng.randbytes(16))
         self.node: Node | None = None
@@ -337,7 +339,7 @@ class Servent:
                                         remote_qrp="X-Ultrapeer-Query-Routing" in est.headers))
         self.established.set()
         log.debug("peer %d up: %s:%d (%s)", cid, *listen, "our leaf" if our_leaf else "peer")
-        msg_reader = MessageReader()
+        msg_reader = MessageReader(self.max_payload)
         data = est.leftover
         try:
             while True:
@@ -602,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--handshake", choices=["0.6", "0.4"], default="0.6",
                        help="handshake used when connecting out (0.4: act as an old servent)")
         p.add_argument("--no-04", action="store_true", help="refuse incoming 0.4 handshakes")
+        p.add_argument("--max-payload", type=positive_int, default=DEFAULT_MAX_PAYLOAD,
+                       help="largest message payload accepted (bytes); a larger one closes the connection")
 
     serve = sub.add_parser("serve", help="run a servent until stopped")
     common(serve, "127.0.0.1:6346")
@@ -640,7 +644,7 @@ def servent_from_args(args, stats: Counter) -> Servent:
     return Servent(listen=args.listen, shares=shares, advertise_ip=args.advertise, ultrapeer=not args.leaf,
                    config=config, peers=args.peer, target_peers=args.connections, max_peers=args.max_peers,
                    max_leaves=args.max_leaves, stats=stats, seed=args.seed, allow_04=not args.no_04,
-                   connect_version=args.handshake)
+                   connect_version=args.handshake, max_payload=args.max_payload)
 
 
 def _print(obj: dict) -> None:

@@ -287,3 +287,31 @@ async def test_old_04_servent_searches_a_06_servent(tmp_path):
     finally:
         await old2.stop()
         await refusing.stop()
+
+
+async def test_oversized_and_malformed_messages_are_counted_never_fatal(tmp_path):
+    up = Servent(listen=("127.0.0.1", 0), shares=ShareIndex([]), seed=40, max_payload=1000)
+    await up.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", up.port)
+        writer.write(b"GNUTELLA CONNECT/0.6\r\nX-Ultrapeer: True\r\n\r\n")
+        await read_headers(reader)
+        writer.write(b"GNUTELLA/0.6 200 OK\r\n\r\n")
+        bad_pong = b"\x01" * 16 + bytes([0x01, 1, 0]) + (3).to_bytes(4, "little") + b"abc"
+        alive = Message(b"\x07" * 16, 1, 0, Ping())
+        writer.write(bad_pong + alive.encode())          # malformed: dropped, the link goes on
+        await writer.drain()
+        framer = MessageReader()
+        got = []
+        while not any(m.guid == alive.guid for m in got):
+            got += framer.feed(await asyncio.wait_for(reader.read(65536), 5))
+        assert up.stats["malformed_dropped"] == 1
+        huge = b"\x02" * 16 + bytes([0x80, 1, 0]) + (5000).to_bytes(4, "little")
+        writer.write(huge)                               # cannot be skipped: that link is closed
+        await writer.drain()
+        while await asyncio.wait_for(reader.read(65536), 5):   # read until the servent closes the link
+            pass
+        assert up.stats["framing_errors"] == 1 and not up.links
+        writer.close()
+    finally:
+        await up.stop()
