@@ -302,13 +302,13 @@ def test_karn_no_sample_from_retransmitted_packet():
     seed=st.integers(0, 2**32 - 1),
     loss_up=st.floats(0, 0.2), loss_down=st.floats(0, 0.2),
     jitter=st.floats(0, 0.02), duplicate=st.floats(0, 0.2),
-    players=st.integers(2, 4), packets=st.integers(1, 25),
+    players=st.integers(2, 4), packets=st.integers(1, 25), buffer_packets=st.integers(1, 40),
 )
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_property_no_duplicates_and_every_reliable_packet_accounted(
-        seed, loss_up, loss_down, jitter, duplicate, players, packets):
+        seed, loss_up, loss_down, jitter, duplicate, players, packets, buffer_packets):
     profile = LinkProfile(loss_up=loss_up, loss_down=loss_down, latency=0.004, jitter=jitter, duplicate=duplicate)
-    reflector = ReflectorCore(ReflectorConfig(buffer_age=1.0))
+    reflector = ReflectorCore(ReflectorConfig(buffer_age=1.0, buffer_packets=buffer_packets))
     net = SimNetwork(reflector, profile, seed=seed)
     rng = random.Random(seed)
     eps = {}
