@@ -175,3 +175,19 @@ def test_impersonated_identities_are_distinct_and_stable():
     assert (a.ip, a.port, a.ultrapeer) == ("10.12.0.11", 6346, True)
     other = BoosterCore(BoosterConfig("y"), secret=b"t")
     assert other.impersonate(("10.12.0.11", 6346)).guid != a.guid
+
+
+async def test_push_crosses_boosters_to_a_firewalled_source(two_clusters, tmp_path):
+    t = two_clusters
+    s = t.servents
+    s["B2"].config.firewalled = True                  # its hits now carry the push flag
+    await wait_for(lambda: t.cores["A"].peers and all(p.table for p in t.cores["A"].peers.values()), 10)
+    await wait_for(lambda: all(len(x.links) >= 2 for x in s.values()), 10)
+    hits = await s["A1"].search("faraway fugue", timeout=2.0, max_hits=1)
+    (hit, event), = hits
+    assert hit.push
+    result = await s["A1"].download(hit, event, tmp_path)
+    assert result.ok and result.size == 30000
+    assert t.cores["A"].stats["pushes_to_boosters"] == 1         # A's booster sent it across ...
+    assert t.cores["B"].stats["pushes_routed"] == 1              # ... B's gave it to the servent
+    assert s["B2"].stats["push_uploads"] == 1 and s["A1"].stats["giv_received"] == 1
