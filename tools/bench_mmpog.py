@@ -61,8 +61,10 @@ def register(subparsers) -> None:
     parser.add_argument("--reliable-fraction", type=probability, default=0.25)
     parser.add_argument("--deadline", type=non_negative_float, default=1.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--workers", type=positive_int, default=2, help="bot processes")
     parser.add_argument("--fanout-members", type=positive_int, default=64)
     parser.add_argument("--fanout-in-rate", type=positive_int, default=2500, help="datagrams/s into the reflector")
+    parser.add_argument("--no-sendmmsg", action="store_true", help="fan-out with one sendto per member")
     parser.add_argument("--fanout-duration", type=non_negative_float, default=5.0)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
@@ -157,7 +159,7 @@ def _blaster(player: int, token: bytes, reflector, rate: int, reliable_every: in
     result.value = sent
 
 
-async def _start_reflector(mode: str, workdir: Path, key: str):
+async def _start_reflector(mode: str, workdir: Path, key: str, extra: list[str] = ()):
     """Start a reflector (booster on a fresh boxd, or standalone); returns (udp, http_url, stop)."""
     http_port = _free_port(socket.SOCK_STREAM)
     env = dict(os.environ, MMPOG_API_KEY=key)
@@ -173,8 +175,8 @@ async def _start_reflector(mode: str, workdir: Path, key: str):
     else:
         udp = ("127.0.0.1", _free_port())
         argv = ["--mode", "standalone", "--listen", f"127.0.0.1:{udp[1]}"]
-    proc = subprocess.Popen([sys.executable, "-m", "mmpog.reflector", *argv, "--http", f"127.0.0.1:{http_port}",
-                             "--log-level", "warning"], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "mmpog.reflector", *argv, *extra,
+                             "--http", f"127.0.0.1:{http_port}", "--log-level", "warning"], env=env)
     url = f"http://127.0.0.1:{http_port}"
     deadline = time.monotonic() + 15
     while True:
@@ -196,9 +198,10 @@ async def _start_reflector(mode: str, workdir: Path, key: str):
     return udp, url, stop
 
 
-async def measure_fanout(members: int, in_rate: int, duration: float, mode: str, workdir: Path) -> dict:
+async def measure_fanout(members: int, in_rate: int, duration: float, mode: str, workdir: Path,
+                         sendmmsg: bool = True) -> dict:
     key = secrets.token_hex(8)
-    udp, url, stop_reflector = await _start_reflector(mode, workdir, key)
+    udp, url, stop_reflector = await _start_reflector(mode, workdir, key, [] if sendmmsg else ["--no-sendmmsg"])
     try:
         tokens = {player: secrets.token_bytes(16) for player in range(1, members + 1)}
         for player, token in tokens.items():
@@ -272,7 +275,8 @@ def run(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="bench-mmpog-") as tmp:
             if args.only in (None, "fanout"):
                 result["fanout"] = await measure_fanout(args.fanout_members, args.fanout_in_rate,
-                                                        args.fanout_duration, args.reflector_mode, Path(tmp))
+                                                        args.fanout_duration, args.reflector_mode, Path(tmp),
+                                                        sendmmsg=not args.no_sendmmsg)
             if args.only in (None, "bots"):
                 loss_mode = args.loss_mode
                 if loss_mode == "auto":
@@ -285,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
                             "--loss", str(args.loss), "--loss-mode", "iptables", "--rate", str(args.rate),
                             "--reliable-fraction", str(args.reliable_fraction), "--deadline", str(args.deadline),
                             "--seed", str(args.seed), "--reflector-mode", args.reflector_mode,
+                            "--workers", str(args.workers),
                             "--json", str(out), "--log-level", "warning"]
                     proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.DEVNULL)
                     if await proc.wait() != 0:
@@ -294,7 +299,8 @@ def run(args: argparse.Namespace) -> int:
                     params = Params(players=args.players, locations=args.locations, duration=args.duration,
                                     loss=args.loss, loss_mode=loss_mode, rate=args.rate,
                                     reliable_fraction=args.reliable_fraction, deadline=args.deadline, seed=args.seed,
-                                    reflector_mode=args.reflector_mode, workdir=str(Path(tmp) / "bots-boxd"))
+                                    reflector_mode=args.reflector_mode, workers=args.workers,
+                                    workdir=str(Path(tmp) / "bots-boxd"))
                     result["bots"] = await run_experiment(params)
         result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         return result
