@@ -32,8 +32,8 @@ from boxcore.runtime import ConfigError, int_list
 log = logging.getLogger("bench.fcd")
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
-DEFAULT_RATES = [1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 10000, 12000, 14000, 16000, 18000, 20000,
-                 23000, 26000, 30000, 35000, 40000, 46000, 52000, 60000]
+DEFAULT_RATES = [1000, 4000, 8000, 12000, 16000, 20000, 24000, 28000, 32000, 40000, 48000, 56000, 64000, 72000,
+                 80000]
 
 
 # ---------------------------------------------------------------- CPU budgets
@@ -186,7 +186,8 @@ async def run_config(args, budgets, trace: Path, n_boxes: int, rates: list[int],
             targets = []
             for i in range(n_boxes):
                 port = free_port(2)
-                boxd, booster = await stack.box(f"box{i}", trace, port, udp, http)
+                boxd, booster = await stack.box(f"box{i}", trace, port, udp, http,
+                                                booster_extra=["--stats-interval", str(args.box_stats_interval)])
                 budgets.add(f"box{i}", boxd.proc.pid)
                 budgets.add(f"box{i}", booster.proc.pid)
                 targets.append(("127.0.0.1", port))
@@ -265,7 +266,7 @@ async def experiment(args) -> dict:
         k = knee(sel, "server_loss" if n_boxes == 0 else "box_loss")
         results["knee_pps"][str(n_boxes)] = None if k is None else round(k, 1)
     # reduction factor: packets reaching the server without boxes / with boxes, at the lowest rate
-    # (the 1000-car city in real time is 1000 probes/s), worst case over the box counts
+    # (1000 p/s by default: the 1000-car city in real time), worst case over the box counts
     base = {r["offered_pps"]: r for r in rows if r["boxes"] == 0}
     factors = {}
     for n_boxes in [b for b in args.boxes if b]:
@@ -367,7 +368,9 @@ def register(subparsers) -> None:
     p.add_argument("--plot", type=Path, help="write the Fig. 7 plot here (PNG)")
     p.add_argument("--budget", type=float, default=0.05, help="CPU budget per role (fraction of one core)")
     p.add_argument("--period-us", type=int, default=None, help="CFS period (default: quota of 1 ms or more)")
-    p.add_argument("--duration", type=float, default=3.0, help="seconds of load per point")
+    p.add_argument("--duration", type=float, default=2.0, help="seconds of load per point")
+    p.add_argument("--box-stats-interval", type=float, default=0.5,
+                   help="seconds between the boxes' counter reports (must be well below --settle)")
     p.add_argument("--settle", type=float, default=1.5, help="seconds to let counters settle after each point")
     p.add_argument("--stop-after-loss", type=float, default=0.3,
                    help="skip a configuration's higher rates once its loss exceeds this")

@@ -1,0 +1,72 @@
+"""Transparent placement (paper Fig. 1 / Fig. 6): the linux engine on a router between the cars
+and the server, in network namespaces.  Cars send to the server's address; the box intercepts
+with NFQUEUE, aggregates, and reports by XML-RPC; with the booster gone, packets pass (fail-open)."""
+
+import asyncio
+import json
+import sys
+
+import pytest
+
+from fcd.stack import Stack
+
+STATUS = ("import json, sys, urllib.request; "
+          "print(urllib.request.urlopen(f'http://{sys.argv[1]}/status', timeout=10).read().decode())")
+
+
+def server_status(lab, addr):
+    out = lab.run("server", [sys.executable, "-c", STATUS, addr], timeout=30)
+    return json.loads(out.stdout)
+
+
+def gen(lab, trace, target, seconds):
+    out = lab.run("client", [sys.executable, "-m", "fcd.gen", "--trace", str(trace), "--targets", target,
+                             "--speed", "20", "--duration", str(seconds), "--log-level", "warning"],
+                  timeout=60)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+@pytest.mark.root
+@pytest.mark.slow
+async def test_transparent_placement_with_the_linux_engine(tmp_path, small_trace):
+    from boxcore.lab import TOPOLOGY_DIR, Lab
+
+    trace = tmp_path / "t.npz"
+    small_trace.save(trace)
+    lab = Lab.up(TOPOLOGY_DIR / "transparent.toml")
+    stack = Stack(tmp_path / "roles")
+    try:
+        server_ip = lab.addr("server")
+        udp, http = f"{server_ip}:7000", f"{server_ip}:8080"
+        server = stack.start("server", "fcd.server", ["--city", str(trace), "--udp", udp, "--http", http],
+                             wrap=lab.command("server", []))
+        await stack.wait_ready(server)
+        control = tmp_path / "boxd.sock"
+        boxd = stack.start("boxd", "boxcore.boxd", ["--engine", "linux", "--control", str(control),
+                                                     "--state", str(tmp_path / "state")],
+                           ready=False, wrap=lab.command("box", []))
+        await stack.wait_socket(boxd, control)
+        booster = stack.start("booster", "fcd.booster", [
+            "--control", str(control), "--city", str(trace), "--server-udp", udp, "--server-http", http,
+            "--box-id", "edge", "--stats-interval", "0.2"], wrap=lab.command("box", []))
+        ready = await stack.wait_ready(booster)
+        assert ready["engine"] == "linux" and ready["delivery"] == "nfqueue"
+
+        sent = (await asyncio.to_thread(gen, lab, trace, udp, 3))["sent"]
+        await asyncio.sleep(1.5)
+        status = await asyncio.to_thread(server_status, lab, f"{server_ip}:8080")
+        assert status["udp"]["received"] == 0                 # nothing reached the server raw
+        assert status["boxes"]["edge"]["received"] == sent    # the box saw every packet
+        assert status["counters"]["reports_box"] > 10
+        assert status["http_connections"] == 1
+
+        # the booster goes away: its rules are removed and the traffic passes again (fail-open)
+        await stack.stop(booster)
+        await asyncio.sleep(0.5)
+        sent_after = (await asyncio.to_thread(gen, lab, trace, udp, 1))["sent"]
+        await asyncio.sleep(0.5)
+        status = await asyncio.to_thread(server_status, lab, f"{server_ip}:8080")
+        assert status["udp"]["received"] == sent_after
+    finally:
+        await stack.stop_all()
+        lab.down()
