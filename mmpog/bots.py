@@ -117,6 +117,11 @@ class Bot:
     expired: int = 0
     unrecoverable: int = 0
     moves: int = 0
+    pid_number: dict = field(default_factory=dict)      # packet id -> update number (reliable sends)
+    echo_seq: dict = field(default_factory=dict)        # update number -> seq of the echo that acknowledged it
+    expired_numbers: set = field(default_factory=set)
+    lost: set = field(default_factory=set)              # (location, seq) reported unrecoverable
+    missing_at_end: set = field(default_factory=set)    # (location, seq) still being recovered when the run ended
 
     def on_event(self, event: Event) -> None:
         if type(event) is Received:
@@ -128,10 +133,17 @@ class Bot:
                 self.got[key] = event.now - sent_at
         elif type(event) is Delivered:
             self.delivered += 1
+            number = self.pid_number.pop(event.packet_id, None)
+            if number is not None:
+                self.echo_seq[number] = event.seq
         elif type(event) is Expired:
             self.expired += 1
+            number = self.pid_number.pop(event.packet_id, None)
+            if number is not None:
+                self.expired_numbers.add(number)
         elif type(event) is Unrecoverable:
             self.unrecoverable += event.count
+            self.lost.update((event.location, seq) for seq in range(event.first, event.first + event.count))
 
 
 def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
@@ -186,20 +198,22 @@ def _percentiles(values: list[float]) -> dict:
 
 def analyse(bots: list[Bot], deadline: float) -> dict:
     """Expected (packet, receiver) pairs vs what arrived; latency percentiles per class."""
-    by_location: dict[int, list[tuple[float, float, int]]] = {}
+    by_location: dict[int, list[tuple[float, float, int, bool]]] = {}
     for bot in bots:
-        for location, start, end in bot.intervals:
-            by_location.setdefault(location, []).append((start, end, bot.index))
+        for number, (location, start, end) in enumerate(bot.intervals):
+            final = number == len(bot.intervals) - 1      # still there when the run ended
+            by_location.setdefault(location, []).append((start, end, bot.index, final))
     out = {}
     for reliable, name in ((True, "reliable"), (False, "unreliable")):
         sent = expected = got = in_time = 0
+        expired = reported = sender_left = receiver_left = pending = unaccounted = 0
         latencies = []
         for bot in bots:
             for number, sent_at, location, is_reliable in bot.sent:
                 if is_reliable != reliable:
                     continue
                 sent += 1
-                for start, end, index in by_location.get(location, ()):
+                for start, end, index, final in by_location.get(location, ()):
                     if index == bot.index or start > sent_at - GUARD or end < sent_at + deadline:
                         continue
                     expected += 1
@@ -209,12 +223,32 @@ def analyse(bots: list[Bot], deadline: float) -> dict:
                         latencies.append(latency)
                         if latency <= deadline:
                             in_time += 1
+                    elif reliable:
+                        # the protocol's promise: not received means reported, at one end or the other
+                        # (or not yet: still being recovered, or an end left the location first)
+                        seq = bot.echo_seq.get(number)
+                        if number in bot.expired_numbers:
+                            expired += 1
+                        elif seq is None:
+                            sender_left += 1          # closing an endpoint drops its pending packets
+                        elif (location, seq) in bots[index].lost:
+                            reported += 1
+                        elif not final:
+                            receiver_left += 1
+                        elif (location, seq) in bots[index].missing_at_end:
+                            pending += 1
+                        else:
+                            unaccounted += 1
         out[name] = {
             "sent": sent, "expected": expected,
             "delivered_ratio": round(got / expected, 6) if expected else None,
             "delivered_within_deadline_ratio": round(in_time / expected, 6) if expected else None,
             "latency_ms": _percentiles(latencies),
         }
+        if reliable:
+            out[name]["missed"] = {"expired_at_sender": expired, "reported_unrecoverable": reported,
+                                   "sender_left": sender_left, "receiver_left": receiver_left,
+                                   "still_recovering": pending, "unaccounted": unaccounted}
     return out
 
 
@@ -275,10 +309,12 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
                 sent_at = time.monotonic()
                 data = UPDATE.pack(bot.index, number, sent_at) + payload_pad
                 try:
-                    client.send(data, reliable=reliable, deadline=params.deadline)
+                    packet_id = client.send(data, reliable=reliable, deadline=params.deadline)
                 except Exception as exc:     # BufferFull under extreme loss: count as not sent
                     log.debug("bot %d send refused: %s", bot.index, exc)
                     continue
+                if reliable:
+                    bot.pid_number[packet_id] = number
                 bot.sent.append((number, sent_at, client.location, reliable))
                 number += 1
 
@@ -290,6 +326,9 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
                 bot.intervals[-1][2] = time.monotonic()
         client_stats = [bot.client.snapshot() for bot in bots]
         for bot in bots:
+            endpoint = bot.client.endpoint
+            if endpoint is not None:
+                bot.missing_at_end = {(endpoint.location, seq) for seq in endpoint.missing_seqs}
             with contextlib.suppress(Exception):
                 await bot.client.close()
     return bots, client_stats
@@ -304,7 +343,9 @@ async def _expect_line(proc: asyncio.subprocess.Process, word: bytes) -> None:
 def _dump_bots(bots: list[Bot], client_stats: list[dict], path: Path) -> None:
     records = [{"index": b.index, "intervals": b.intervals, "sent": b.sent,
                 "got": [[s, n, lat] for (s, n), lat in b.got.items()], "duplicates": b.duplicates,
-                "delivered": b.delivered, "expired": b.expired, "unrecoverable": b.unrecoverable, "moves": b.moves}
+                "delivered": b.delivered, "expired": b.expired, "unrecoverable": b.unrecoverable, "moves": b.moves,
+                "echo_seq": [[n, seq] for n, seq in b.echo_seq.items()], "expired_numbers": sorted(b.expired_numbers),
+                "lost": [list(item) for item in b.lost], "missing_at_end": [list(item) for item in b.missing_at_end]}
                for b in bots]
     path.write_bytes(msgpack.packb({"bots": records, "stats": client_stats}))
 
@@ -316,7 +357,10 @@ def _load_bots(path: Path) -> tuple[list[Bot], list[dict]]:
         bot = Bot(rec["index"], None, random.Random(0), intervals=[list(i) for i in rec["intervals"]],
                   sent=[tuple(x) for x in rec["sent"]], got={(s, n): lat for s, n, lat in rec["got"]},
                   duplicates=rec["duplicates"], delivered=rec["delivered"], expired=rec["expired"],
-                  unrecoverable=rec["unrecoverable"], moves=rec["moves"])
+                  unrecoverable=rec["unrecoverable"], moves=rec["moves"],
+                  echo_seq={n: seq for n, seq in rec["echo_seq"]}, expired_numbers=set(rec["expired_numbers"]),
+                  lost={tuple(item) for item in rec["lost"]},
+                  missing_at_end={tuple(item) for item in rec["missing_at_end"]})
         bots.append(bot)
     return bots, data["stats"]
 

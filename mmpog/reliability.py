@@ -116,6 +116,7 @@ class Received:
     reliable: bool
     seq: int           # 0 for unreliable packets
     now: float
+    location: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,7 @@ class Delivered:
     packet_id: int
     rtt: float         # from the first transmission to the echo
     retransmitted: bool  # True: the echo may answer any copy, so rtt was not sampled (Karn)
+    seq: int = 0       # the seq the reflector gave the echoed copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +136,7 @@ class Expired:
 class Unrecoverable:
     first: int         # seqs first .. first+count-1 will never arrive
     count: int
+    location: int = 0
 
 
 Event = Union[Joined, JoinFailed, Received, Delivered, Expired, Unrecoverable]
@@ -230,6 +233,7 @@ class ClientEndpoint:
         self._nack_outstanding: set[int] = set()
         self._nack_deadline: float | None = None
         self._nack_timeout: float | None = None
+        self._nack_progress = False     # some asked-for seq arrived since the request went out
         self._events: deque[Event] = deque()
         self._out: list[bytes] = []
         self.stats: dict[str, int] = dict.fromkeys((
@@ -238,7 +242,7 @@ class ClientEndpoint:
             "retransmissions_received", "missing_detected", "seqs_accounted", "unrecoverable",
             "malformed", "wrong_location", "unexpected_kind", "before_join", "refused_pending",
             "dup_window_evicted", "missing_overflow", "events_dropped", "outgoing_dropped",
-            "heartbeats", "timeouts",
+            "heartbeats", "timeouts", "nack_partial", "nack_backoffs",
         ), 0)
 
     # ------------------------------------------------------------------ public API
@@ -374,10 +378,17 @@ class ClientEndpoint:
                 if pending.next_retx <= now:
                     pending.next_retx = now + self.rtt.rto
         if self._nack_outstanding and self._nack_deadline is not None and now >= self._nack_deadline:
-            # no answer to the whole request in time: allow a new one, with a doubled timeout
+            # the request was not fully answered in time: a new one may go out.  Back off (double
+            # the timeout) only if nothing at all came back - that is the correlated-loss case the
+            # paper guards against; a partial answer means the path works, so start again at the RTO.
             self._nack_deadline = None
             self._nack_outstanding.clear()
-            self._nack_timeout = min((self._nack_timeout or self.rtt.rto) * 2, self.config.max_rto * 8)
+            if self._nack_progress:
+                self._nack_timeout = None
+                self.stats["nack_partial"] += 1
+            else:
+                self._nack_timeout = min((self._nack_timeout or self.rtt.rto) * 2, self.config.max_rto)
+                self.stats["nack_backoffs"] += 1
         self._maybe_nack(now)
 
     def next_event(self) -> Event | None:
@@ -401,6 +412,11 @@ class ClientEndpoint:
     @property
     def highest_seq(self) -> int:
         return self._highest
+
+    @property
+    def missing_seqs(self) -> list[int]:
+        """Seqs this endpoint knows exist but has neither received nor given up (yet)."""
+        return list(self._missing)
 
     # ------------------------------------------------------------------ internals
 
@@ -455,7 +471,7 @@ class ClientEndpoint:
             fresh_seq = True
         self._on_lowest(header.lowest)
         if header.sender == self.player:
-            self._on_echo(header.packet_id, now)
+            self._on_echo(header.packet_id, seq, now)
             return
         key = (header.sender, header.packet_id)
         if not fresh_seq or key in self._seen:
@@ -470,15 +486,15 @@ class ClientEndpoint:
         self.stats["received"] += 1
         if reliable:
             self.stats["received_reliable"] += 1
-        self._event(Received(header.sender, header.packet_id, payload, bool(reliable), seq, now))
+        self._event(Received(header.sender, header.packet_id, payload, bool(reliable), seq, now, self.location))
 
-    def _on_echo(self, packet_id: int, now: float) -> None:
+    def _on_echo(self, packet_id: int, seq: int, now: float) -> None:
         pending = self._pending.pop(packet_id, None)
         if pending is not None:
             if pending.retries == 0:
                 self.rtt.update(now - pending.first_sent)
             self.stats["delivered"] += 1
-            self._event(Delivered(packet_id, now - pending.first_sent, pending.retries > 0))
+            self._event(Delivered(packet_id, now - pending.first_sent, pending.retries > 0, seq))
             return
         sent_at = self._recent_unreliable.pop(packet_id, None)
         if sent_at is not None:
@@ -494,7 +510,9 @@ class ClientEndpoint:
             self.stats["seqs_accounted"] += 1
             return True
         if self._missing.pop(seq, None) is not None:
-            self._nack_outstanding.discard(seq)
+            if seq in self._nack_outstanding:
+                self._nack_outstanding.discard(seq)
+                self._nack_progress = True
             if not self._nack_outstanding and self._nack_deadline is not None:
                 # everything asked for has arrived: a new request may go out at once
                 self._nack_deadline = None
@@ -546,7 +564,7 @@ class ClientEndpoint:
 
     def _report_unrecoverable(self, first: int, count: int) -> None:
         self.stats["unrecoverable"] += count
-        self._event(Unrecoverable(first, count))
+        self._event(Unrecoverable(first, count, self.location))
 
     def _maybe_nack(self, now: float) -> None:
         """Ask for every missing seq at once, then not again until all arrive or the timeout passes."""
@@ -567,6 +585,7 @@ class ClientEndpoint:
         if self._nack_timeout is None:
             self._nack_timeout = self.rtt.rto
         self._nack_deadline = now + self._nack_timeout
+        self._nack_progress = False
 
 
 # ====================================================================== reflector

@@ -21,6 +21,7 @@ async def test_bots_through_lossy_reordering_duplicating_relay():
         assert {"sent", "delivered_ratio", "latency_ms"} <= result[section].keys()
         assert {"p50", "p99"} <= result[section]["latency_ms"].keys()
     assert result["duplicates_delivered"] == 0
+    assert result["reliable"]["missed"]["unaccounted"] == 0
     assert result["reliable"]["expected"] > 50
     assert result["reliable"]["delivered_ratio"] == 1.0
     assert result["unreliable"]["delivered_ratio"] < 1.0           # 5% loss each way is not repaired
@@ -93,5 +94,6 @@ async def test_bots_in_worker_processes():
     result = await run_experiment(params)
     assert result["duplicates_delivered"] == 0
     assert result["reliable"]["delivered_ratio"] == 1.0
+    assert result["reliable"]["missed"]["unaccounted"] == 0
     assert result["reliable"]["expected"] > 20
     assert result["moves"] > 0

@@ -55,7 +55,8 @@ def test_fig12_normal_echo_is_ack_and_seq_assigned():
     [got] = received(net, addr_b)
     assert (got.sender, got.packet_id, got.payload, got.seq, got.reliable) == (1, pid, b"S1", 1, True)
     [delivered] = of_type(net, addr_a, Delivered)
-    assert delivered.packet_id == pid and not delivered.retransmitted
+    assert delivered.packet_id == pid and not delivered.retransmitted and delivered.seq == 1
+    assert got.location == LOC
     assert delivered.rtt == pytest.approx(0.010)      # two 5 ms hops
     assert received(net, addr_a) == []                 # the echo is an ACK, not data
     assert a.rtt.srtt == pytest.approx(0.010, abs=1e-9)
@@ -96,7 +97,7 @@ def test_fig12_loss_to_sender_duplicate_is_ignored_and_nack_answer_ignored():
     assert received(net, addr_a) == []
     delivered = of_type(net, addr_a, Delivered)
     assert [d.packet_id for d in delivered] == [pid_b, pid_c]
-    assert delivered[1].retransmitted
+    assert delivered[1].retransmitted and delivered[1].seq == 3   # acknowledged by the copy's echo
     assert a.snapshot()["missing"] == 0
 
 
@@ -169,6 +170,28 @@ def test_nack_asks_for_all_missing_at_once_then_waits_with_doubling_timeout():
     assert len(gaps) >= 3
     assert all(later == pytest.approx(2 * earlier, rel=0.05) for earlier, later in zip(gaps, gaps[1:]))
     assert gaps[0] == pytest.approx(b.rtt.rto, rel=0.05)       # the first timeout is the RTO
+
+
+def test_partial_answer_to_a_nack_restarts_at_the_rto_instead_of_backing_off():
+    net, [(a, addr_a), (b, addr_b)] = make_world()
+    # seqs 1..3 never reach B directly; of the retransmissions, only seq 1's gets through, 2 and 3 stay lost
+    net.drop_when(lambda d, addr, h: d == DOWN and addr == addr_b and h.seq in (1, 2, 3) and not h.retransmit,
+                  times=3)
+    net.drop_when(lambda d, addr, h: d == DOWN and addr == addr_b and h.retransmit and h.seq in (2, 3), times=100)
+    nacks = []
+    net.drop_when(lambda d, addr, h: d == UP and addr == addr_b and h.kind is wire.Kind.NACK
+                  and nacks.append(net.now), times=100)          # never drops: only records
+    for n in range(4):
+        a.send(b"%d" % n, net.now, reliable=True)
+    net.run_for(0.3)
+    gaps = [round(t2 - t1, 4) for t1, t2 in zip(nacks, nacks[1:])]
+    assert len(gaps) >= 3
+    rto = b.rtt.rto
+    # the first request was partly answered: the next one waits the RTO again, not twice it;
+    # the later ones get nothing back at all and back off
+    assert gaps[:3] == [pytest.approx(rto, rel=0.1), pytest.approx(rto, rel=0.1), pytest.approx(2 * rto, rel=0.1)]
+    assert b.stats["nack_partial"] == 1 and b.stats["nack_backoffs"] >= 1
+    assert [e.seq for e in received(net, addr_b)][:2] == [4, 1]
 
 
 def test_nack_rate_limited_per_member():
