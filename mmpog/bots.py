@@ -230,7 +230,7 @@ def analyse(bots: list[Bot], deadline: float) -> dict:
                         if number in bot.expired_numbers:
                             expired += 1
                         elif seq is None:
-                            sender_left += 1          # closing an endpoint drops its pending packets
+                            sender_left += 1          # no echo and no expiry: the sender never finished
                         elif (location, seq) in bots[index].lost:
                             reported += 1
                         elif not final:
@@ -294,10 +294,11 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
                 if params.locations > 1 and now >= next_move:
                     target = bot.rng.randrange(params.locations)
                     if target != client.location:
+                        # the server drops the old membership while answering: we leave when we ask,
+                        # and arrive when the new location's reflector welcomes us
+                        bot.intervals[-1][2] = time.monotonic()
                         await client.move(*_position(bot.rng, target))
-                        moved_at = time.monotonic()
-                        bot.intervals[-1][2] = moved_at
-                        bot.intervals.append([target, moved_at, float("inf")])
+                        bot.intervals.append([target, time.monotonic(), float("inf")])
                         bot.moves += 1
                     next_move = time.monotonic() + bot.rng.uniform(0.5, 1.5) * params.move_interval
                     continue

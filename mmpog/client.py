@@ -98,7 +98,7 @@ class GameClient:
         now = self._now()
         for endpoint, _ in list(self._endpoints.values()):
             endpoint.close(now)
-        self._flush()
+        self._service()
         if self.session is not None:
             with contextlib.suppress(aiohttp.ClientError, GameClientError, asyncio.TimeoutError):
                 await self._post("/leave", {})
@@ -151,7 +151,7 @@ class GameClient:
         await self._post("/leave", {})
         if self.endpoint is not None:
             self.endpoint.close(self._now())
-            self._flush()
+            self._service()
             self._endpoints.pop(self.endpoint.location, None)
         self.endpoint = self.location = None
 
@@ -160,7 +160,9 @@ class GameClient:
         assert self.player is not None and self._loop is not None
         now = self._now()
         old = self.endpoint
-        endpoint = ClientEndpoint(self.player, location, token, self.config, rng=self.rng)
+        same_path = old is not None and self._endpoints.get(old.location, (None, None))[1] == reflector
+        endpoint = ClientEndpoint(self.player, location, token, self.config, rng=self.rng,
+                                  rtt=old.rtt if same_path else None)
         self._endpoints[location] = (endpoint, reflector)
         waiter = self._loop.create_future()
         self._join_waiters[location] = waiter
@@ -176,7 +178,7 @@ class GameClient:
         self.endpoint, self.location = endpoint, location
         if old is not None and old is not endpoint and old.location != location:
             old.close(self._now())      # BYE; the server already removed us from the old location
-            self._flush()
+            self._service()             # sends the BYE, hands out the Expired events of its pending packets
             self._endpoints.pop(old.location, None)
         # (re-joining the same location with a new token: the new endpoint replaced the old one, and a
         # BYE from this address would unbind the new membership)

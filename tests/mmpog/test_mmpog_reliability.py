@@ -143,6 +143,17 @@ def test_expired_when_reflector_unreachable():
     assert a.pending_count == 0
 
 
+def test_close_expires_pending_reliable_packets():
+    net, [(a, addr_a), _] = make_world()
+    net.drop_when(lambda d, addr, h: d == UP and addr == addr_a and h.kind is wire.Kind.DATA, times=10)
+    pid = a.send(b"in flight", net.now, reliable=True)
+    net.run_for(0.01)
+    a.close(net.now)
+    net.flush()
+    assert of_type(net, addr_a, Expired) == [Expired(pid)] and a.pending_count == 0
+    assert [h.kind for d, addr, h in net.dropped][-1] is wire.Kind.DATA   # the BYE itself went out
+
+
 def test_unreliable_is_not_retransmitted_and_not_sequenced():
     net, [(a, addr_a), (b, addr_b)] = make_world()
     net.drop_when(lambda d, addr, h: d == UP and h.kind is wire.Kind.DATA)
@@ -205,6 +216,15 @@ def test_nack_rate_limited_per_member():
     assert stats["retransmitted"] == 2
     assert stats["nack_rate_limited"] >= 3
     assert len(received(net, addr_b)) == 3
+
+
+def test_new_endpoint_can_start_from_a_previous_rtt_estimate():
+    old = RttEstimator(initial_rto=0.2, min_rto=0.04, max_rto=1.0)
+    old.update(0.05)
+    ep = ClientEndpoint(1, 2, b"k" * 16, rtt=old)
+    assert (ep.rtt.srtt, ep.rtt.rttvar, ep.rtt.rto) == (old.srtt, old.rttvar, old.rto)
+    assert ep.rtt is not old
+    assert ClientEndpoint(1, 2, b"k" * 16).rtt.rto == 0.2
 
 
 def test_send_before_join_and_pending_bound():
