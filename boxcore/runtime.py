@@ -87,15 +87,23 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     pass
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block), exit status 2.
+
+    Subcommand parsers made with ``add_subparsers`` inherit the class.
+    """
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def make_parser(prog: str, description: str, examples: Iterable[str] = ()) -> argparse.ArgumentParser:
     """An ArgumentParser with the suite's common options and an examples epilog."""
     examples = list(examples)
     epilog = None
     if examples:
         epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, epilog=epilog, formatter_class=_Formatter
-    )
+    parser = Parser(prog=prog, description=description, epilog=epilog, formatter_class=_Formatter)
     add_common_options(parser)
     return parser
 

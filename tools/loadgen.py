@@ -11,14 +11,14 @@ import argparse
 import importlib
 import sys
 
-from boxcore.runtime import ConfigError, add_common_options, setup_logging
+from boxcore.runtime import ConfigError, Parser, add_common_options, setup_logging
 
 # Subcommand modules, in the order they appear in --help.
 BENCHMARKS = ("datapath", "np_latency", "fcd", "gnutella", "mmpog")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="booster-loadgen",
         description="Load generators and experiments that reproduce the paper's results.",
         epilog="examples:\n"
