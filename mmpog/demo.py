@@ -30,6 +30,9 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
         latency = section["latency_ms"]
         say(f"{name:>10}: {section['sent']} sent, {section['expected']} expected deliveries, "
             f"delivered {section['delivered_ratio']:.2%}, latency p50 {latency['p50']} ms, p99 {latency['p99']} ms")
+    missed = {k: v for k, v in result["reliable"]["missed"].items() if v}
+    if missed:
+        say(f"reliable deliveries missed, and why: {missed}")
     say(f"duplicates delivered to the game: {result['duplicates_delivered']}; retransmissions "
         f"{result['retransmissions_detail']['by_senders']} by senders, {result['retransmissions_detail']['by_reflector']} "
         f"from the reflector's buffer; reflector sent {result['reflector_pps']:.0f} datagrams/s")
@@ -37,6 +40,7 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
         "players": result["players"], "locations": result["locations"], "loss": result["loss"],
         "reliable_delivered_ratio": result["reliable"]["delivered_ratio"],
         "reliable_p99_ms": result["reliable"]["latency_ms"]["p99"],
+        "reliable_unaccounted": result["reliable"]["missed"]["unaccounted"],
         "unreliable_delivered_ratio": result["unreliable"]["delivered_ratio"],
         "duplicates_delivered": result["duplicates_delivered"],
         "retransmissions": result["retransmissions"],
