@@ -138,7 +138,7 @@ def build_parser():
                    help="seconds between batches when fewer than --max-pending datagrams wait")
     p.add_argument("--stats-interval", type=non_negative_float, default=1.0,
                    help="seconds between fcd.box_stats calls")
-    p.add_argument("--rpc-interval", type=non_negative_float, default=0.25,
+    p.add_argument("--rpc-interval", type=non_negative_float, default=0.5,
                    help="seconds an uplink batch may wait to grow")
     p.add_argument("--rpc-batch", type=positive_int, default=500, help="calls per system.multicall")
     p.add_argument("--max-queue", type=positive_int, default=100_000, help="unacknowledged calls kept")

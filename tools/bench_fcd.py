@@ -32,6 +32,7 @@ from boxcore.runtime import ConfigError, int_list
 log = logging.getLogger("bench.fcd")
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+LOSS_KNEE = 0.01        # the knee: offered load where loss first exceeds 1%
 DEFAULT_RATES = [1000, 4000, 8000, 12000, 16000, 20000, 24000, 28000, 32000, 40000, 48000, 56000, 64000, 72000,
                  80000]
 
@@ -138,7 +139,7 @@ def _status(port: int) -> dict:
         return json.loads(resp.read())
 
 
-def knee(rows: list[dict], key: str, threshold: float = 0.01) -> float | None:
+def knee(rows: list[dict], key: str, threshold: float = LOSS_KNEE) -> float | None:
     """Offered load at which loss first exceeds ``threshold`` (linear interpolation between the
     last point at or below it and the first above)."""
     prev = None
@@ -192,12 +193,29 @@ async def run_config(args, budgets, trace: Path, n_boxes: int, rates: list[int],
                 budgets.add(f"box{i}", booster.proc.pid)
                 targets.append(("127.0.0.1", port))
         await asyncio.sleep(0.5)
-        for rate in rates:
+
+        def received(status: dict) -> int:
+            if n_boxes == 0:
+                return status["udp"]["received"]
+            return sum(status["boxes"].get(f"box{i}", {}).get("received", 0) for i in range(n_boxes))
+
+        async def measure(rate: float) -> dict:
             before = await asyncio.to_thread(_status, http)
             gen = await run_gen_async(trace, targets, ["--processes", str(max(4, n_boxes)), "--rate", str(rate),
                                                        "--duration", str(args.duration)])
             await asyncio.sleep(args.settle)
             after = await asyncio.to_thread(_status, http)
+            # an overloaded receiver still drains its socket backlog: wait until its count stops
+            # moving, so the backlog is charged to this point and not to the next one
+            for _ in range(5):
+                if received(after) - received(before) >= gen["sent"]:
+                    break
+                await asyncio.sleep(args.box_stats_interval + 0.2 if n_boxes else 0.3)
+                again = await asyncio.to_thread(_status, http)
+                moved = received(again) != received(after)
+                after = again
+                if not moved:
+                    break
             sent = gen["sent"]
             d_udp = after["udp"]["received"] - before["udp"]["received"]
             d_http = after["counters"].get("http_requests", 0) - before["counters"].get("http_requests", 0)
@@ -213,16 +231,34 @@ async def run_config(args, budgets, trace: Path, n_boxes: int, rates: list[int],
                 "reports": (after["counters"].get("reports_box", 0) - before["counters"].get("reports_box", 0)
                             + after["counters"].get("reports_raw", 0) - before["counters"].get("reports_raw", 0)),
             }
-            rows.append(row)
-            loss = row["server_loss"] if n_boxes == 0 else row["box_loss"]
-            print(f"  boxes={n_boxes} offered={rate:>6} pps  sent={sent:>7}  "
+            row["loss"] = row["server_loss"] if n_boxes == 0 else row["box_loss"]
+            print(f"  boxes={n_boxes} offered={rate:>8.0f} pps  sent={sent:>7}  "
                   f"{'server' if n_boxes == 0 else 'boxes'} received={d_udp if n_boxes == 0 else box_received:>7}  "
-                  f"loss={loss:.3f}  server received {row['server_received_pps']:.1f} pps", flush=True)
-            if loss > args.stop_after_loss:
+                  f"loss={row['loss']:.3f}  server received {row['server_received_pps']:.1f} pps", flush=True)
+            rows.append(row)
+            return row
+
+        last_ok = None
+        refined = False
+        for rate in rates:
+            row = await measure(rate)
+            if row["loss"] > LOSS_KNEE and not refined:
+                refined = True
+                # bisect between the last clean rate and this one: the knee, not the grid, decides
+                lo, hi = (last_ok if last_ok is not None else 0.0), float(rate)
+                for _ in range(args.refine if last_ok is not None else 0):
+                    mid = round((lo + hi) / 2)
+                    if (await measure(mid))["loss"] > LOSS_KNEE:
+                        hi = mid
+                    else:
+                        lo = mid
+            elif row["loss"] <= LOSS_KNEE:
+                last_ok = float(rate)
+            if row["loss"] > args.stop_after_loss:
                 break
     finally:
         await stack.stop_all()
-    return rows
+    return sorted(rows, key=lambda r: r["offered_pps"])
 
 
 async def experiment(args) -> dict:
@@ -263,7 +299,7 @@ async def experiment(args) -> dict:
     results["knee_pps"] = {}
     for n_boxes in args.boxes:
         sel = [r for r in rows if r["boxes"] == n_boxes]
-        k = knee(sel, "server_loss" if n_boxes == 0 else "box_loss")
+        k = knee(sel, "loss")
         results["knee_pps"][str(n_boxes)] = None if k is None else round(k, 1)
     # reduction factor: packets reaching the server without boxes / with boxes, at the lowest rate
     # (1000 p/s by default: the 1000-car city in real time), worst case over the box counts
@@ -301,7 +337,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.5))
     rows = results["rows"]
     for n_boxes in sorted({r["boxes"] for r in rows}):
         sel = [r for r in rows if r["boxes"] == n_boxes]
@@ -316,9 +352,8 @@ def plot(results: dict, path: Path) -> None:
             label = f"{n_boxes} box{'es' if n_boxes > 1 else ''} (at the boxes)"
         line, = ax1.plot(x, recv, marker="o", label=label)
         ax2.plot(x, [100 * l for l in loss], marker="o", color=line.get_color(), label=label)
-        if n_boxes:
-            ax1.plot(x, [r["server_received_pps"] for r in sel], linestyle=":", color=line.get_color(),
-                     label=f"{n_boxes} box{'es' if n_boxes > 1 else ''}: reaching the server")
+        ax3.plot(x, [r["server_received_pps"] for r in sel], marker="o", color=line.get_color(),
+                 label=f"{n_boxes} box{'es' if n_boxes != 1 else ''}")
     top = max(r["offered_pps"] for r in rows)
     ax1.plot([0, top], [0, top], color="grey", linewidth=0.8, linestyle="--", label="received = sent")
     ax1.set_xlabel("packets sent (p/s)")
@@ -329,6 +364,11 @@ def plot(results: dict, path: Path) -> None:
     ax2.set_ylabel("loss (%)")
     ax2.set_title(f"loss (budget {results['budget_cpu']} core per role)")
     ax2.legend(fontsize=7)
+    ax3.set_yscale("log")
+    ax3.set_xlabel("packets sent (p/s)")
+    ax3.set_ylabel("packets reaching the server (p/s, log)")
+    ax3.set_title("server load: datagrams + XML-RPC requests")
+    ax3.legend(fontsize=7)
     fig.suptitle(f"FCD: booster boxes vs server load - reduction factor {results.get('reduction_factor')}, "
                  f"knees {results.get('knee_pps')}", fontsize=9)
     fig.tight_layout()
@@ -369,10 +409,12 @@ def register(subparsers) -> None:
     p.add_argument("--budget", type=float, default=0.05, help="CPU budget per role (fraction of one core)")
     p.add_argument("--period-us", type=int, default=None, help="CFS period (default: quota of 1 ms or more)")
     p.add_argument("--duration", type=float, default=2.0, help="seconds of load per point")
-    p.add_argument("--box-stats-interval", type=float, default=0.5,
+    p.add_argument("--box-stats-interval", type=float, default=1.0,
                    help="seconds between the boxes' counter reports (must be well below --settle)")
-    p.add_argument("--settle", type=float, default=1.5, help="seconds to let counters settle after each point")
-    p.add_argument("--stop-after-loss", type=float, default=0.3,
+    p.add_argument("--refine", type=int, default=2,
+                   help="bisection steps between the last clean rate and the first lossy one")
+    p.add_argument("--settle", type=float, default=1.6, help="seconds to let counters settle after each point")
+    p.add_argument("--stop-after-loss", type=float, default=0.25,
                    help="skip a configuration's higher rates once its loss exceeds this")
     p.add_argument("--calibration-rate", type=float, default=None,
                    help="overload rate for the sink/server raw calibration (default: the highest rate)")

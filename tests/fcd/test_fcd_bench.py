@@ -1,0 +1,34 @@
+import json
+
+import pytest
+
+from tools.bench_fcd import knee
+from tools.loadgen import main as loadgen
+
+
+def test_knee_interpolates_the_first_crossing():
+    rows = [{"offered_pps": 1000, "loss": 0.0}, {"offered_pps": 2000, "loss": 0.0},
+            {"offered_pps": 3000, "loss": 0.03}, {"offered_pps": 4000, "loss": 0.0},
+            {"offered_pps": 5000, "loss": 0.5}]
+    assert knee(rows, "loss") == pytest.approx(2000 + 1000 / 3)
+    assert knee(rows[:2], "loss") is None
+    assert knee([{"offered_pps": 500, "loss": 0.2}], "loss") == 500
+
+
+@pytest.mark.slow
+def test_experiment_smoke_without_budgets(tmp_path, small_trace, capsys):
+    trace = tmp_path / "t.npz"
+    small_trace.save(trace)
+    out = tmp_path / "fcd.json"
+    assert loadgen(["fcd", "--no-cgroups", "--trace", str(trace), "--rates", "500,1000", "--boxes", "0,1",
+                    "--duration", "0.5", "--settle", "1.0", "--calibration-rate", "1000",
+                    "--workdir", str(tmp_path / "w"), "--json", str(out), "--plot", str(tmp_path / "f.png")]) == 0
+    result = json.loads(out.read_text())
+    assert result["budget_cpu"] is None
+    assert {r["boxes"] for r in result["rows"]} == {0, 1}
+    for row in result["rows"]:
+        assert {"boxes", "offered_pps", "server_received_pps", "server_loss", "box_loss"} <= set(row)
+    assert result["reduction_factor"] > 1
+    assert set(result["knee_pps"]) == {"0", "1"}
+    assert (tmp_path / "f.png").stat().st_size > 1000
+    assert loadgen(["fcd", "--rates", "0", "--json", str(out)]) == 2
