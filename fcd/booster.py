@@ -57,11 +57,13 @@ class BoxAggregator:
         self.stats["flushes"] += 1
         return len(batch)
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> dict[str, int | float]:
         seq = self.ingest.seq.snapshot()
-        return {"received": seq["received"], "lost": seq["lost"], "malformed": self.ingest.stats["malformed"],
-                "reports": self.stats["reports_queued"], "unacked": len(self.uplink.queue),
-                "uplink_dropped": self.uplink.stats["dropped"]}
+        values = {"received": seq["received"], "lost": seq["lost"], "malformed": self.ingest.stats["malformed"],
+                  "reports": self.stats["reports_queued"], "unacked": len(self.uplink.queue),
+                  "uplink_dropped": self.uplink.stats["dropped"]}
+        # XML-RPC ints are 32-bit: long-running counters travel as doubles
+        return {k: (v if v < 2**31 else float(v)) for k, v in values.items()}
 
     def snapshot(self) -> dict[str, Any]:
         return {**self.counters(), "ingest": dict(self.ingest.stats), "aggregator": dict(self.ingest.aggregator.stats),
@@ -153,7 +155,7 @@ def build_parser():
 
 
 async def amain(args, ctx) -> int:
-    from boxcore.booster import Booster, BoosterError
+    from boxcore.booster import Booster, BoosterError, BoxdGone
     from boxcore.rules import Match
 
     city = load_city(args.city)
@@ -163,6 +165,8 @@ async def amain(args, ctx) -> int:
     ctx.stats.providers["box"] = box.snapshot
     uplink_stop = asyncio.Event()
     uplink_task = asyncio.create_task(uplink.run(uplink_stop))
+    box_task_started = False
+    status = 0
     try:
         async with Booster("fcd-booster", control=args.control) as booster:
             host, port = args.server_udp
@@ -176,13 +180,21 @@ async def amain(args, ctx) -> int:
             if args.ready_file:
                 args.ready_file.write_text(json.dumps({"engine": booster.engine, "delivery": sub.delivery.kind,
                                                        "batch_reads": fast}))
+            box_task_started = True
             box_task = asyncio.create_task(run_box(box, ctx.stop, args.flush_interval, args.stats_interval))
             gone = asyncio.create_task(booster.run_until_stopped(ctx.stop))
             await asyncio.wait([box_task, gone], return_when=asyncio.FIRST_COMPLETED)
+            boxd_left = gone.done() and not ctx.stop.is_set()
             ctx.stop.set()
             await box_task
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        raise ConfigError(f"cannot reach boxd at {args.control}: {exc.strerror}") from None
+            if boxd_left:
+                log.error("boxd went away (%s): stopping after delivering what was aggregated", gone.result())
+                status = 1
+    except BoxdGone as exc:
+        if box_task_started:
+            log.error("boxd went away: %s", exc)
+            return 1
+        raise ConfigError(str(exc)) from None
     finally:
         uplink_stop.set()
         try:
@@ -190,7 +202,7 @@ async def amain(args, ctx) -> int:
         except asyncio.TimeoutError:
             log.warning("%d calls not delivered at exit", len(uplink.queue))
         client.close()
-    return 0
+    return status
 
 
 def main(argv=None) -> int:

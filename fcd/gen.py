@@ -144,10 +144,10 @@ def send_stream(stream: Stream, targets: list[tuple[str, int]], generator: int, 
 
 def _targets(text: str) -> list[tuple[str, int]]:
     import argparse
-    try:
-        return [host_port(part) for part in text.split(",") if part]
-    except argparse.ArgumentTypeError as exc:
-        raise ConfigError(str(exc)) from None
+    targets = [host_port(part) for part in text.split(",") if part]   # raises ArgumentTypeError
+    if not targets:
+        raise argparse.ArgumentTypeError("expected HOST:PORT[,HOST:PORT...]")
+    return targets
 
 
 def build_parser():

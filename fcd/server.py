@@ -35,6 +35,17 @@ from fcd.model import Model
 log = logging.getLogger("fcd.server")
 
 
+def _xmlrpc_safe(value: Any) -> Any:
+    """XML-RPC ints are 32-bit: larger counters travel as doubles; keys become strings."""
+    if isinstance(value, dict):
+        return {str(k): _xmlrpc_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_xmlrpc_safe(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**31 <= value < 2**31:
+        return float(value)
+    return value
+
+
 class FcdServer:
     def __init__(self, city: City, horizon: int = 5, max_keys: int = 500_000, max_cars: int = 100_000) -> None:
         self.city = city
@@ -45,7 +56,7 @@ class FcdServer:
         self.seen: collections.OrderedDict[tuple[int, float], str] = collections.OrderedDict()
         self.pending: list[bytes] = []
         self.boxes: dict[str, dict[str, Any]] = {}
-        self.connections: set[int] = set()
+        self.connections: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.latest = None
         self.space = None
         self.stats = collections.Counter()
@@ -101,7 +112,7 @@ class FcdServer:
             "aggregator": dict(self.ingest.aggregator.stats),
             "counters": dict(self.stats),
             "boxes": self.boxes,
-            "http_connections": len(self.connections),
+            "http_connections": self.stats["http_connections_seen"],
             "model": {"runs": self.model.runs, "observed": self.model.observed, "latest_t": self.model.latest_t},
         }
 
@@ -123,7 +134,7 @@ class FcdServer:
                 self.stats["rpc_calls"] += 1
             return results
         handlers = {"fcd.report": self.rpc_report, "fcd.box_stats": self.rpc_box_stats,
-                    "fcd.status": lambda: self.status(),
+                    "fcd.status": lambda: _xmlrpc_safe(self.status()),
                     "system.listMethods": lambda: ["fcd.report", "fcd.box_stats", "fcd.status",
                                                    "system.multicall", "system.listMethods"]}
         handler = handlers.get(method)
@@ -137,7 +148,12 @@ class FcdServer:
     async def handle_rpc(self, request: web.Request) -> web.Response:
         self.stats["http_requests"] += 1
         if request.transport is not None:
-            self.connections.add(id(request.transport))
+            key = id(request.transport)
+            if key not in self.connections:
+                self.connections[key] = None
+                self.stats["http_connections_seen"] += 1
+                if len(self.connections) > 10_000:      # bounded: forget the oldest
+                    self.connections.popitem(last=False)
         body = await request.read()
         try:
             params, method = xmlrpc.client.loads(body, use_builtin_types=True)

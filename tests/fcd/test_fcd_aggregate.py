@@ -63,3 +63,21 @@ def test_car_table_is_bounded_and_counts_refusals(small_trace):
     agg.feed(first)
     assert len(agg.slot_of) == 10
     assert agg.stats["cars_refused"] == len(first) - 10
+
+
+from hypothesis import given, settings, strategies as st
+
+values = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True), st.text(max_size=3),
+                   st.dictionaries(st.text(max_size=3), st.integers(-2, 5), max_size=3))
+fields = ["road", "t", "green", "queue", "cars", "density", "mean_speed", "departures", "interval", "was_green",
+          "turns"]
+
+
+@settings(max_examples=200)
+@given(st.dictionaries(st.sampled_from(fields), values, max_size=len(fields)), st.integers(1, 50))
+def test_report_validation_raises_value_error_only(data, n_roads):
+    try:
+        rep = RoadReport.from_xmlrpc(data, n_roads)
+    except ValueError:
+        return
+    assert 0 <= rep.road < n_roads and 0 <= rep.queue <= rep.cars
