@@ -1,15 +1,19 @@
 """The traffic prediction model (after Peytchev et al.), extended with traverse times.
 
-Per road r two state variables: the queue at its exit light q_r and the cars on the road n_r
-(density rho_r = n_r / (L_r lanes_r)).  One step k is one light cycle C.  With green time g_r per
-cycle, discharge rate mu_r (cars/s of green), mean moving speed v_r, length L_r and turning
-probabilities P[p->r] (only roads p that end where r starts):
+Per road r two state variables, sampled where the road's light cycle starts (the start of its
+green): the queue at its exit light q_r and the cars on the road n_r (density
+rho_r = n_r / (L_r lanes_r)).  One step k is one light cycle C.  With green time g_r per cycle
+(share gamma_r = g_r / C), discharge rate mu_r (cars per second of green), mean moving speed v_r,
+length L_r and turning probabilities P[p->r] (only roads p that end where r starts):
 
-    a_r(k)   = alpha_r (n_r(k-1) - q_r(k-1)),   alpha_r = min(1, C v_r / L_r)   cars reaching the queue
-    out_r(k) = min(q_r(k-1) + a_r(k), mu_r g_r)                                  cars discharged
-    in_r(k)  = sum_p P[p->r] out_p(k)                                            cars turning in
-    q_r(k)   = q_r(k-1) + a_r(k) - out_r(k)
-    n_r(k)   = min(n_r(k-1) + in_r(k) - out_r(k), n_max_r)
+    m_r(k-1)  = n_r(k-1) - q_r(k-1)                                   moving cars
+    alpha_r   = min(1, C v_r / L_r)            share of moving cars reaching the light in a cycle
+    beta_r    = max(0, 1 - L_r / (C v_r))      share of cars turning in that reach it too
+    s_r(k)    = min(q_r(k-1) + alpha_r gamma_r m_r(k-1), mu_r g_r)    served during green
+    in_r(k)   = sum_p P[p->r] s_p(k)                                   cars turning in
+    q_r(k)    = q_r(k-1) + alpha_r gamma_r m_r(k-1) - s_r(k)           left over after green
+                + (1 - gamma_r) (alpha_r m_r(k-1) + beta_r in_r(k))    + arrivals during red
+    n_r(k)    = min(n_r(k-1) + in_r(k) - s_r(k), n_max_r)
 
 Linear in (n, q) between the saturation bounds (the min terms).  Iterating gives predictions any
 number of cycles ahead.  Traverse time = driving time + queueing time:
@@ -74,7 +78,8 @@ class Model:
     def observe(self, rep: RoadReport) -> None:
         r = rep.road
         self.observed += 1
-        if rep.t >= self.updated[r]:
+        if rep.green and rep.t >= self.updated[r]:
+            # the state is sampled where the cycle starts for this road: at the start of its green
             self.n[r], self.q[r], self.updated[r] = rep.cars, rep.queue, rep.t
         self.latest_t = max(self.latest_t, rep.t)
         if rep.mean_speed > 0:
@@ -113,15 +118,19 @@ class Model:
         src, dst, prob = self._turn_edges()
         alpha = np.minimum(1.0, C * self.v / c.length)
         capacity = self.mu * self.green
+        green_share = self.green / C
         n, q = self.n.copy(), np.minimum(self.q, self.n)
         ns, qs = [n.copy()], [q.copy()]
+        red_share = 1.0 - green_share
+        reach_in = np.clip(1.0 - c.length / np.maximum(C * self.v, 1e-6), 0.0, 1.0)
         for _ in range(horizon):
-            arrive = alpha * (n - q)
-            out = np.minimum(q + arrive, capacity)
+            moving = n - q
+            served = np.minimum(q + alpha * moving * green_share, capacity)
             inflow = np.zeros_like(n)
-            np.add.at(inflow, dst, prob * out[src])
-            q = q + arrive - out
-            n = np.clip(n + inflow - out, 0.0, self.n_max)
+            np.add.at(inflow, dst, prob * served[src])
+            residual = q + alpha * moving * green_share - served
+            q = residual + (alpha * moving + reach_in * inflow) * red_share
+            n = np.clip(n + inflow - served, 0.0, self.n_max)
             q = np.clip(q, 0.0, n)
             ns.append(n.copy())
             qs.append(q.copy())

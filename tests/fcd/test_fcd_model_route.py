@@ -35,15 +35,19 @@ def test_model_one_step_matches_the_equations(city):
     model.q[:] = model.n * rng.uniform(0, 1, city.n_roads)
     pred = model.predict(1)
     C = model.cycle
+    gamma = model.green / C
     alpha = np.minimum(1, C * model.v / city.length)
-    arrive = alpha * (model.n - model.q)
-    out = np.minimum(model.q + arrive, model.mu * model.green)
+    beta = np.clip(1 - city.length / (C * model.v), 0, 1)
+    moving = model.n - model.q
+    served = np.minimum(model.q + alpha * gamma * moving, model.mu * model.green)
     inflow = np.zeros(city.n_roads)
     for p in range(city.n_roads):
         for r, prob in model.turn_probabilities(p).items():
-            inflow[r] += prob * out[p]
-    assert np.allclose(pred.q[1], np.clip(model.q + arrive - out, 0, None))
-    assert np.allclose(pred.n[1], np.clip(model.n + inflow - out, 0, model.n_max))
+            inflow[r] += prob * served[p]
+    q1 = model.q + alpha * gamma * moving - served + (1 - gamma) * (alpha * moving + beta * inflow)
+    n1 = np.clip(model.n + inflow - served, 0, model.n_max)
+    assert np.allclose(pred.n[1], n1)
+    assert np.allclose(pred.q[1], np.clip(q1, 0, n1))
 
 
 def test_parameters_are_estimated_from_reports(city):
@@ -54,11 +58,12 @@ def test_parameters_are_estimated_from_reports(city):
                              interval=30.0, was_green=False))
     model.observe(RoadReport(road, 30.0, False, queue=2, cars=6, density=30.0, mean_speed=9.0, departures=10,
                              interval=30.0, was_green=True, turns={outs[0]: 10}))
+    # the state is sampled at the start of green: the green->red report does not replace it
     assert model.mu[road] == pytest.approx(0.7 * 0.5 + 0.3 * 10 / 30)     # saturated green: EWMA
     probs = model.turn_probabilities(road)
     assert probs[outs[0]] > city.turn_probs[road][outs[0]]
     assert sum(probs.values()) == pytest.approx(1.0)
-    assert (model.n[road], model.q[road]) == (6, 2)
+    assert (model.n[road], model.q[road]) == (14, 12)
 
 
 def test_latest_run_wins():
