@@ -76,7 +76,7 @@ def read_delegated_socket(booster, sub, box: BoxAggregator, max_reads: int = 102
 
     Every FCD datagram the box gets is consumed (never passed on), so instead of one handler
     call and one Packet object per datagram, read the delegated socket here with ``recv`` into the
-    batch directly.  Counts still go to boxd through ``booster.count_packet``.  Returns False (and
+    batch directly.  Per-rule counts still go to boxd with the heartbeats.  Returns False (and
     leaves the library's receiver alone) for any other delivery kind.
     """
     receiver = sub.receiver
@@ -86,11 +86,15 @@ def read_delegated_socket(booster, sub, box: BoxAggregator, max_reads: int = 102
     loop = asyncio.get_running_loop()
     loop.remove_reader(sock.fileno())
     cookie = sub.cookie
-    count = booster.count_packet
     recv = sock.recv
+    # the library's own socket receiver keeps per-rule [packets, bytes] in booster._counts (sent to
+    # boxd with the heartbeats); add a whole batch at once there when it exists
+    counts_table = getattr(booster, "_counts", None)
 
     def on_readable() -> None:
         pending = box.pending
+        before = len(pending)
+        nbytes = 0
         for _ in range(max_reads):
             try:
                 data = recv(2048)          # FCD datagrams are < 64 bytes; longer ones are malformed anyway
@@ -99,8 +103,16 @@ def read_delegated_socket(booster, sub, box: BoxAggregator, max_reads: int = 102
             except OSError:
                 break
             pending.append(data)
-            count(cookie, len(data))
-        if len(box.pending) >= box.max_pending:
+            nbytes += len(data)
+        n = len(pending) - before
+        if isinstance(counts_table, dict):
+            counts = counts_table.setdefault(cookie, [0, 0])
+            counts[0] += n
+            counts[1] += nbytes
+        else:
+            for data in pending[before:]:
+                booster.count_packet(cookie, len(data))
+        if len(pending) >= box.max_pending:
             box.flush()
 
     loop.add_reader(sock.fileno(), on_readable)
