@@ -3,16 +3,16 @@
 Per road r two state variables, sampled where the road's light cycle starts (the start of its
 green): the queue at its exit light q_r and the cars on the road n_r (density
 rho_r = n_r / (L_r lanes_r)).  One step k is one light cycle C.  With green time g_r per cycle
-(share gamma_r = g_r / C), discharge rate mu_r (cars per second of green), mean moving speed v_r,
+(gamma_r = g_r / C), discharge rate mu_r (cars per second of green), mean moving speed v_r,
 length L_r and turning probabilities P[p->r] (only roads p that end where r starts):
 
     m_r(k-1)  = n_r(k-1) - q_r(k-1)                                   moving cars
-    alpha_r   = min(1, C v_r / L_r)            share of moving cars reaching the light in a cycle
-    beta_r    = max(0, 1 - L_r / (C v_r))      share of cars turning in that reach it too
-    s_r(k)    = min(q_r(k-1) + alpha_r gamma_r m_r(k-1), mu_r g_r)    served during green
+    delta_r   = min(1, g_r v_r / L_r)          share of moving cars reaching the light during green
+    alpha_r   = min(1, C v_r / L_r)            share reaching it within the cycle
+    s_r(k)    = min(q_r(k-1) + delta_r m_r(k-1), mu_r g_r)             served during green
     in_r(k)   = sum_p P[p->r] s_p(k)                                   cars turning in
-    q_r(k)    = q_r(k-1) + alpha_r gamma_r m_r(k-1) - s_r(k)           left over after green
-                + (1 - gamma_r) (alpha_r m_r(k-1) + beta_r in_r(k))    + arrivals during red
+    q_r(k)    = q_r(k-1) + delta_r m_r(k-1) - s_r(k)                   left over after green
+                + (alpha_r - delta_r) m_r(k-1) + (1 - gamma_r) in_r(k) + arrivals during red
     n_r(k)    = min(n_r(k-1) + in_r(k) - s_r(k), n_max_r)
 
 Linear in (n, q) between the saturation bounds (the min terms).  Iterating gives predictions any
@@ -121,15 +121,14 @@ class Model:
         green_share = self.green / C
         n, q = self.n.copy(), np.minimum(self.q, self.n)
         ns, qs = [n.copy()], [q.copy()]
-        red_share = 1.0 - green_share
-        reach_in = np.clip(1.0 - c.length / np.maximum(C * self.v, 1e-6), 0.0, 1.0)
+        reach_green = np.minimum(1.0, self.green * self.v / c.length)   # moving cars at the light during green
         for _ in range(horizon):
             moving = n - q
-            served = np.minimum(q + alpha * moving * green_share, capacity)
+            served = np.minimum(q + reach_green * moving, capacity)
             inflow = np.zeros_like(n)
             np.add.at(inflow, dst, prob * served[src])
-            residual = q + alpha * moving * green_share - served
-            q = residual + (alpha * moving + reach_in * inflow) * red_share
+            residual = q + reach_green * moving - served
+            q = residual + (alpha - reach_green) * moving + (1.0 - green_share) * inflow
             n = np.clip(n + inflow - served, 0.0, self.n_max)
             q = np.clip(q, 0.0, n)
             ns.append(n.copy())

@@ -37,14 +37,14 @@ def test_model_one_step_matches_the_equations(city):
     C = model.cycle
     gamma = model.green / C
     alpha = np.minimum(1, C * model.v / city.length)
-    beta = np.clip(1 - city.length / (C * model.v), 0, 1)
+    delta = np.minimum(1, model.green * model.v / city.length)
     moving = model.n - model.q
-    served = np.minimum(model.q + alpha * gamma * moving, model.mu * model.green)
+    served = np.minimum(model.q + delta * moving, model.mu * model.green)
     inflow = np.zeros(city.n_roads)
     for p in range(city.n_roads):
         for r, prob in model.turn_probabilities(p).items():
             inflow[r] += prob * served[p]
-    q1 = model.q + alpha * gamma * moving - served + (1 - gamma) * (alpha * moving + beta * inflow)
+    q1 = model.q + delta * moving - served + (alpha - delta) * moving + (1 - gamma) * inflow
     n1 = np.clip(model.n + inflow - served, 0, model.n_max)
     assert np.allclose(pred.n[1], n1)
     assert np.allclose(pred.q[1], np.clip(q1, 0, n1))
