@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .procs import Procs, free_port, script
+from boxcore.procs import ProcessGroup, free_port, script
 
 SONG = "free software song.ogg"
 
@@ -30,7 +30,7 @@ def _song_bytes() -> bytes:
     return (block * (256 * 1024 // len(block)))[: 256 * 1024]
 
 
-def _servent(procs: Procs, name: str, port: int, share: Path, peers: list[int], extra: list[str] = ()):
+def _servent(procs: ProcessGroup, name: str, port: int, share: Path, peers: list[int], extra: list[str] = ()):
     argv = [script("gnutella-servent"), "serve", "--listen", f"127.0.0.1:{port}", "--share", str(share),
             "--connections", "3", "--seed", str(port), "--log-level", "info", *extra]
     for peer in peers:
@@ -58,7 +58,7 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
     queries.write_text(json.dumps({"at": 4.0, "query": "free software song", "download": True}) + "\n"
                        + json.dumps({"at": 7.0, "query": "outside only", "download": True}) + "\n")
     (workdir / "downloads").mkdir(exist_ok=True)
-    procs = Procs(workdir / "roles")
+    procs = ProcessGroup(workdir / "roles")
     try:
         remote = _servent(procs, "R", ports["R"], shares["R"], [])
         boxd = procs.start("boxd", [script("boxd"), "--engine", "user", "--control", str(control),

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .procs import Procs, script
+from boxcore.procs import ProcessGroup, script
 
 log = logging.getLogger("gnutella.experiment")
 
@@ -132,7 +132,7 @@ async def run_mode(lab, cfg: ExperimentConfig, servents: list[Servent], boosters
                    say: Callable[[str], None]) -> dict:
     """One run on a fresh set of processes; returns the mode's figures."""
     workdir.mkdir(parents=True, exist_ok=True)
-    procs = Procs(workdir / "roles")
+    procs = ProcessGroup(workdir / "roles")
     clusters = sorted({s.cluster for s in servents} | set(range(1, cfg.clusters + 1)))
     prefixes = {c: ipaddress.ip_network(f"10.1{c}.0.0/24") for c in clusters}
     edge_roles = {}

@@ -1,0 +1,148 @@
+"""Running the suite's roles as real processes, for demos, integration tests and experiments.
+
+A :class:`ProcessGroup` starts console scripts (or anything else) with their output in
+``workdir/<name>.log`` and, optionally, ``--stats-json workdir/<name>.stats.json`` and
+``--ready-file workdir/<name>.ready.json``; it waits for them to be ready and stops them
+(SIGTERM, then SIGKILL after a grace period), each by its own pid::
+
+    group = ProcessGroup(workdir)
+    boxd = group.start("boxd", [script("boxd"), "--engine", "user", ...])
+    await group.wait_path(boxd, control_socket)
+    ...
+    await group.stop_all()          # in reverse start order: boosters before boxd
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+BIN = Path(sys.executable).parent
+
+
+def script(name: str) -> str:
+    """Path of a console script of this environment (falls back to PATH)."""
+    path = BIN / name
+    return str(path) if path.exists() else name
+
+
+def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
+    """A port the kernel just gave out on ``host`` (free now, not reserved)."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Role:
+    """One started process."""
+
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen
+    log: Path
+    stats: Path | None = None
+    ready: Path | None = None
+
+    def read_stats(self) -> dict:
+        if self.stats is None or not self.stats.exists():
+            return {}
+        return json.loads(self.stats.read_text())
+
+    def tail(self, chars: int = 1200) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
+
+
+@dataclass
+class ProcessGroup:
+    """The processes of one scenario."""
+
+    workdir: Path
+    env: dict | None = None
+    on_start: Callable[[Role], None] | None = None   # e.g. put the pid into a cgroup
+    roles: list[Role] = field(default_factory=list)
+
+    def start(self, name: str, argv: Sequence[str], *, stats: bool = True, ready: bool = False,
+              new_session: bool = False) -> Role:
+        """Start ``argv`` (a full command line); ``stats``/``ready`` append the suite's options."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = self.workdir / f"{name}.log"
+        stats_path = self.workdir / f"{name}.stats.json" if stats else None
+        ready_path = self.workdir / f"{name}.ready.json" if ready else None
+        full = list(argv)
+        for option, path in (("--stats-json", stats_path), ("--ready-file", ready_path)):
+            if path is not None:
+                path.unlink(missing_ok=True)
+                full += [option, str(path)]
+        env = dict(os.environ if self.env is None else self.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        with log.open("wb") as fh:
+            proc = subprocess.Popen(full, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, start_new_session=new_session)
+        role = Role(name, full, proc, log, stats_path, ready_path)
+        self.roles.append(role)
+        if self.on_start is not None:
+            self.on_start(role)
+        return role
+
+    @staticmethod
+    async def _poll(role: Role, done: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if done():
+                return
+            role._check_alive()
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"{role.name}: {what} within {timeout}s: {role.tail()}")
+
+    async def wait_for_log(self, role: Role, text: str, timeout: float = 20.0) -> None:
+        await self._poll(role, lambda: text in role.tail(1 << 20), timeout, f"{text!r} not logged")
+
+    async def wait_path(self, role: Role, path: Path, timeout: float = 20.0) -> None:
+        await self._poll(role, path.exists, timeout, f"{path} did not appear")
+
+    async def wait_ready(self, role: Role, timeout: float = 20.0) -> dict:
+        """Wait for the role's ``--ready-file`` and return what it says."""
+        if role.ready is None:
+            raise ValueError(f"{role.name} was started without ready=True")
+        path = role.ready
+        await self._poll(role, lambda: path.exists() and path.stat().st_size > 0, timeout, "not ready")
+        return json.loads(path.read_text())
+
+    async def stop(self, role: Role, grace: float = 8.0) -> int:
+        await self.stop_many([role], grace)
+        return role.proc.returncode
+
+    async def stop_many(self, roles: Sequence[Role], grace: float = 8.0) -> None:
+        """SIGTERM a set of roles at once, wait for them, SIGKILL what is left after ``grace``."""
+        for role in roles:
+            if role.proc.poll() is None:
+                role.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while any(r.proc.poll() is None for r in roles) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for role in roles:
+            if role.proc.poll() is None:
+                role.proc.kill()
+                role.proc.wait()
+
+    async def stop_all(self, grace: float = 8.0) -> None:
+        """Stop every role, one by one in reverse start order (boosters before boxd)."""
+        for role in reversed(self.roles):
+            await self.stop(role, grace)
