@@ -36,7 +36,7 @@ class BoxAggregator:
         self.ingest = Ingest(city, max_cars=max_cars)
         self.max_pending = max_pending
         self.pending: list[Any] = []
-        self.stats = {"reports_queued": 0, "flushes": 0}
+        self.stats = {"reports_queued": 0, "flushes": 0, "stats_seq": 0}
 
     def on_packet(self, pkt) -> None:
         """Packet handler: keep the payload for the next batch; None = consume the packet."""
@@ -59,7 +59,8 @@ class BoxAggregator:
 
     def counters(self) -> dict[str, int | float]:
         seq = self.ingest.seq.snapshot()
-        values = {"received": seq["received"], "lost": seq["lost"], "malformed": self.ingest.stats["malformed"],
+        values = {"stats_seq": self.stats["stats_seq"],
+                  "received": seq["received"], "lost": seq["lost"], "malformed": self.ingest.stats["malformed"],
                   "reports": self.stats["reports_queued"], "unacked": len(self.uplink.queue),
                   "uplink_dropped": self.uplink.stats["dropped"]}
         # XML-RPC ints are 32-bit: long-running counters travel as doubles
@@ -129,10 +130,12 @@ async def run_box(box: BoxAggregator, stop: asyncio.Event, flush_interval: float
     while not stop.is_set():
         box.flush()
         if loop.time() >= next_stats:
+            box.stats["stats_seq"] += 1          # lets readers tell a fresh report from a repeated one
             box.uplink.put("fcd.box_stats", box.box_id, box.counters())
             next_stats = loop.time() + stats_interval
         await asyncio.sleep(flush_interval)
     box.flush()
+    box.stats["stats_seq"] += 1
     box.uplink.put("fcd.box_stats", box.box_id, box.counters())
 
 

@@ -21,8 +21,10 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -173,98 +175,138 @@ async def calibrate_sink(budgets, trace: Path, rate: float, duration: float, set
     return min(received, gen["sent"]) / duration
 
 
-async def run_config(args, budgets, trace: Path, n_boxes: int, rates: list[int], workdir: Path) -> list[dict]:
-    from fcd.stack import Stack, free_port, run_gen_async
-    stack = Stack(workdir / f"boxes{n_boxes}", log_level=args.log_level if args.log_level != "info" else "warning")
-    rows: list[dict] = []
-    try:
-        udp, http = free_port(2), free_port()
-        server = stack.server(trace, udp, http, None, ["--model-interval", "2"])
-        await stack.wait_ready(server, timeout=60)
-        budgets.add("server", server.proc.pid)
-        targets = [("127.0.0.1", udp)]
-        if n_boxes:
-            targets = []
-            for i in range(n_boxes):
-                port = free_port(2)
-                boxd, booster = await stack.box(f"box{i}", trace, port, udp, http,
-                                                booster_extra=["--stats-interval", str(args.box_stats_interval)])
-                budgets.add(f"box{i}", boxd.proc.pid)
-                budgets.add(f"box{i}", booster.proc.pid)
-                targets.append(("127.0.0.1", port))
+class Rig:
+    """The server and the boxes, started once; each measurement sends to 0..n of the boxes."""
+
+    def __init__(self, args, budgets, trace: Path, n_boxes: int, workdir: Path) -> None:
+        from fcd.stack import Stack
+        self.args, self.budgets, self.trace, self.n_boxes = args, budgets, trace, n_boxes
+        self.stack = Stack(workdir, log_level=args.log_level if args.log_level != "info" else "warning")
+        self.box_ports: list[int] = []
+
+    async def start(self) -> None:
+        from fcd.stack import free_port
+        self.udp, self.http = free_port(2), free_port()
+        server = self.stack.server(self.trace, self.udp, self.http, None, ["--model-interval", "2"])
+        await self.stack.wait_ready(server, timeout=60)
+        self.budgets.add("server", server.proc.pid)       # after start-up: imports are not charged
+        for i in range(self.n_boxes):
+            port = free_port(2)
+            boxd, booster = await self.stack.box(
+                f"box{i}", self.trace, port, self.udp, self.http,
+                booster_extra=["--stats-interval", str(self.args.box_stats_interval)])
+            self.budgets.add(f"box{i}", boxd.proc.pid)
+            self.budgets.add(f"box{i}", booster.proc.pid)
+            self.box_ports.append(port)
         await asyncio.sleep(0.5)
 
-        def received(status: dict) -> int:
-            if n_boxes == 0:
-                return status["udp"]["received"]
-            return sum(status["boxes"].get(f"box{i}", {}).get("received", 0) for i in range(n_boxes))
+    async def stop(self) -> None:
+        await self.stack.stop_all()
 
-        async def measure(rate: float) -> dict:
-            before = await asyncio.to_thread(_status, http)
-            gen = await run_gen_async(trace, targets, ["--processes", str(max(4, n_boxes)), "--rate", str(rate),
-                                                       "--duration", str(args.duration)])
-            await asyncio.sleep(args.settle)
-            after = await asyncio.to_thread(_status, http)
-            # an overloaded receiver still drains its socket backlog: wait until its count stops
-            # moving, so the backlog is charged to this point and not to the next one
-            for _ in range(5):
-                if received(after) - received(before) >= gen["sent"]:
-                    break
-                await asyncio.sleep(args.box_stats_interval + 0.2 if n_boxes else 0.3)
-                again = await asyncio.to_thread(_status, http)
-                moved = received(again) != received(after)
-                after = again
-                if not moved:
-                    break
-            sent = gen["sent"]
-            d_udp = after["udp"]["received"] - before["udp"]["received"]
-            d_http = after["counters"].get("http_requests", 0) - before["counters"].get("http_requests", 0)
-            box_received = sum(after["boxes"].get(f"box{i}", {}).get("received", 0)
-                               - before["boxes"].get(f"box{i}", {}).get("received", 0) for i in range(n_boxes))
-            row = {
-                "boxes": n_boxes, "offered_pps": rate, "sent": sent, "achieved_pps": round(sent / args.duration, 1),
-                "server_received_pps": round((d_udp + d_http) / args.duration, 1),
-                "server_udp_received": d_udp, "server_http_requests": d_http,
-                "server_loss": round(max(0.0, 1 - d_udp / sent), 4) if n_boxes == 0 and sent else 0.0,
-                "box_received": box_received,
-                "box_loss": round(max(0.0, 1 - box_received / sent), 4) if n_boxes and sent else None,
-                "reports": (after["counters"].get("reports_box", 0) - before["counters"].get("reports_box", 0)
-                            + after["counters"].get("reports_raw", 0) - before["counters"].get("reports_raw", 0)),
-            }
-            row["loss"] = row["server_loss"] if n_boxes == 0 else row["box_loss"]
-            print(f"  boxes={n_boxes} offered={rate:>8.0f} pps  sent={sent:>7}  "
-                  f"{'server' if n_boxes == 0 else 'boxes'} received={d_udp if n_boxes == 0 else box_received:>7}  "
-                  f"loss={row['loss']:.3f}  server received {row['server_received_pps']:.1f} pps", flush=True)
-            rows.append(row)
-            return row
+    def _received(self, status: dict, n_boxes: int) -> int:
+        if n_boxes == 0:
+            return status["udp"]["received"]
+        return sum(status["boxes"].get(f"box{i}", {}).get("received", 0) for i in range(n_boxes))
 
-        last_ok = None
-        refined = False
-        for rate in rates:
-            row = await measure(rate)
-            if row["loss"] > LOSS_KNEE and not refined:
-                refined = True
-                # bisect between the last clean rate and this one: the knee, not the grid, decides
-                lo, hi = (last_ok if last_ok is not None else 0.0), float(rate)
-                for _ in range(args.refine if last_ok is not None else 0):
-                    mid = round((lo + hi) / 2)
-                    if (await measure(mid))["loss"] > LOSS_KNEE:
-                        hi = mid
-                    else:
-                        lo = mid
-            elif row["loss"] <= LOSS_KNEE:
-                last_ok = float(rate)
-            if row["loss"] > args.stop_after_loss:
+    def _stats_seq(self, status: dict, n_boxes: int) -> list[int]:
+        return [status["boxes"].get(f"box{i}", {}).get("stats_seq", 0) for i in range(n_boxes)]
+
+    async def _drained(self, before: dict, sent: int, n_boxes: int) -> dict:
+        """Status once the receivers have processed their backlog (or sent was all received).
+
+        The server answers live; boxes report every ``--box-stats-interval``: a box is drained
+        when two of its reports in a row show the same count."""
+        args = self.args
+        await asyncio.sleep(args.settle)
+        after = await asyncio.to_thread(_status, self.http)
+        for _ in range(8):
+            if self._received(after, n_boxes) - self._received(before, n_boxes) >= sent:
                 break
-    finally:
-        await stack.stop_all()
-    return sorted(rows, key=lambda r: r["offered_pps"])
+            if n_boxes == 0:
+                await asyncio.sleep(0.3)
+                again = await asyncio.to_thread(_status, self.http)
+                if self._received(again, 0) == self._received(after, 0):
+                    return again
+                after = again
+                continue
+            seq0, count0 = self._stats_seq(after, n_boxes), self._received(after, n_boxes)
+            again = after
+            for _ in range(20):          # wait for a fresh report from every box
+                await asyncio.sleep(0.25)
+                again = await asyncio.to_thread(_status, self.http)
+                if all(b > a for a, b in zip(seq0, self._stats_seq(again, n_boxes))):
+                    break
+            if self._received(again, n_boxes) == count0:
+                return again
+            after = again
+        return after
+
+    async def measure(self, n_boxes: int, rate: float) -> dict:
+        from fcd.stack import run_gen_async
+        args = self.args
+        targets = [("127.0.0.1", p) for p in self.box_ports[:n_boxes]] or [("127.0.0.1", self.udp)]
+        before = await asyncio.to_thread(_status, self.http)
+        gen = await run_gen_async(self.trace, targets, ["--processes", str(max(4, n_boxes)), "--rate", str(rate),
+                                                        "--duration", str(args.duration)])
+        sent = gen["sent"]
+        after = await self._drained(before, sent, n_boxes)
+        d_udp = after["udp"]["received"] - before["udp"]["received"]
+        d_http = after["counters"].get("http_requests", 0) - before["counters"].get("http_requests", 0)
+        box_received = self._received(after, n_boxes) - self._received(before, n_boxes) if n_boxes else 0
+        reports = sum(after["counters"].get(k, 0) - before["counters"].get(k, 0) for k in ("reports_box", "reports_raw"))
+        row = {
+            "boxes": n_boxes, "offered_pps": rate, "sent": sent, "achieved_pps": round(sent / args.duration, 1),
+            "server_received_pps": round((d_udp + d_http) / args.duration, 1),
+            "server_udp_received": d_udp, "server_http_requests": d_http,
+            "server_loss": round(max(0.0, 1 - d_udp / sent), 4) if n_boxes == 0 and sent else 0.0,
+            "box_received": box_received,
+            "box_loss": round(max(0.0, 1 - box_received / sent), 4) if n_boxes and sent else None,
+            "reports": reports,
+        }
+        row["loss"] = row["server_loss"] if n_boxes == 0 else row["box_loss"]
+        print(f"  boxes={n_boxes} offered={rate:>8.0f} pps  sent={sent:>7}  "
+              f"{'server' if n_boxes == 0 else 'boxes'} received={d_udp if n_boxes == 0 else box_received:>7}  "
+              f"loss={row['loss']:.3f}  server received {row['server_received_pps']:.1f} pps", flush=True)
+        return row
+
+
+async def sweep(rig: Rig, args, configs: list[int], rates: list[int]) -> list[dict]:
+    """Every rate for every configuration, interleaved (so background load hits all alike);
+    after a configuration's first lossy rate, bisect towards its knee; stop it past
+    ``--stop-after-loss``."""
+    rows: list[dict] = []
+    active = list(configs)
+    last_ok: dict[int, float | None] = {b: None for b in configs}
+    refined: set[int] = set()
+    for rate in rates:
+        for n_boxes in list(active):
+            row = await rig.measure(n_boxes, rate)
+            rows.append(row)
+            if row["loss"] > LOSS_KNEE and n_boxes not in refined:
+                refined.add(n_boxes)
+                if last_ok[n_boxes] is not None:
+                    lo, hi = last_ok[n_boxes], float(rate)
+                    for _ in range(args.refine):
+                        mid = round((lo + hi) / 2)
+                        extra = await rig.measure(n_boxes, mid)
+                        rows.append(extra)
+                        if extra["loss"] > LOSS_KNEE:
+                            hi = mid
+                        else:
+                            lo = mid
+            elif row["loss"] <= LOSS_KNEE:
+                last_ok[n_boxes] = float(rate)
+            if row["loss"] > args.stop_after_loss:
+                active.remove(n_boxes)
+        if not active:
+            break
+    return sorted(rows, key=lambda r: (r["boxes"], r["offered_pps"]))
 
 
 async def experiment(args) -> dict:
     from fcd.city import grid_city
     from fcd.sim import Simulator
-    workdir = Path(args.workdir or f"/tmp/bbfcd-bench-{secrets.token_hex(3)}")
+    workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     trace = args.trace
     if trace is None:
@@ -283,13 +325,15 @@ async def experiment(args) -> dict:
         calib_rate = args.calibration_rate or max(args.rates)
         sink_pps = await calibrate_sink(budgets, trace, calib_rate, args.duration, args.settle)
         print(f"  plain socket sink at the budget: {sink_pps:.0f} pps (offered {calib_rate})", flush=True)
-        server_raw_pps = None
-        for n_boxes in args.boxes:
-            rows = await run_config(args, budgets, trace, n_boxes, args.rates, workdir)
-            results["rows"] += rows
-        # the server's raw ingest rate at its budget, under the same overload as the sink
-        raw = await run_config(_with(args, stop_after_loss=1.1), budgets, trace, 0, [calib_rate], workdir / "raw")
-        server_raw_pps = raw[0]["server_udp_received"] / args.duration
+        rig = Rig(args, budgets, trace, max(args.boxes), workdir / "roles")
+        try:
+            await rig.start()
+            results["rows"] = await sweep(rig, args, sorted(args.boxes), args.rates)
+            # the server's raw ingest rate at its budget, under the same overload as the sink
+            raw = await rig.measure(0, calib_rate)
+        finally:
+            await rig.stop()
+        server_raw_pps = raw["server_udp_received"] / args.duration
         results["sink_pps"] = round(sink_pps, 1)
         results["server_raw_pps"] = round(server_raw_pps, 1)
         results["server_raw_efficiency"] = round(server_raw_pps / sink_pps, 3) if sink_pps else None
@@ -323,14 +367,6 @@ async def experiment(args) -> dict:
     results["knee_ratio_4_over_0"] = ratio("4", "0")
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     return results
-
-
-def _with(args, **changes):
-    import argparse
-    ns = argparse.Namespace(**vars(args))
-    for k, v in changes.items():
-        setattr(ns, k, v)
-    return ns
 
 
 def plot(results: dict, path: Path) -> None:
@@ -383,7 +419,16 @@ def run(args) -> int:
     if not 0 < args.budget <= 1:
         raise ConfigError("--budget is a fraction of one core in (0, 1]")
     args.rates = sorted(args.rates)
-    results = asyncio.run(experiment(args))
+    keep = args.workdir is not None
+    if not keep:
+        args.workdir = Path(tempfile.mkdtemp(prefix="bbfcd-bench-"))
+    try:
+        results = asyncio.run(experiment(args))
+    except BaseException:
+        print(f"booster-loadgen fcd: logs kept in {args.workdir}", file=sys.stderr)
+        raise
+    if not keep:
+        shutil.rmtree(args.workdir, ignore_errors=True)
     text = json.dumps(results, indent=2)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -420,6 +465,7 @@ def register(subparsers) -> None:
                    help="overload rate for the sink/server raw calibration (default: the highest rate)")
     p.add_argument("--cars", type=int, default=1000, help="cars in the generated city")
     p.add_argument("--trace", type=Path, default=None, help="use this trace instead of generating one")
-    p.add_argument("--workdir", type=Path, default=None, help="logs and trace (default: a new /tmp dir)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="keep logs and the trace here (default: a temporary directory, removed after a success)")
     p.add_argument("--no-cgroups", action="store_true", help="run without CPU budgets")
     p.set_defaults(func=run)
