@@ -94,3 +94,25 @@ async def test_router_agrees_with_networkx_on_known_predictions(city):
     slow = dict(known)
     slow[city.road_id[("0_0", "0_1")]] = 1e6
     assert shortest_route(city, slow, "0_0", "0_1").junctions != ["0_0", "0_1"]
+
+
+async def test_fcd_route_cli_prints_the_route_with_its_time(city, tmp_path):
+    import asyncio
+    import sys
+
+    from fcd.tuplespace import TupleSpaceServer
+    server = TupleSpaceServer()
+    host, port = await server.start("127.0.0.1", 0)
+    space = LocalTupleSpace(driver=server.driver)
+    for road in range(city.n_roads):
+        await space.out(("fcd.traverse", road, 1, [10.0]))
+    await space.out(("fcd.run", 1, 100.0, 60.0))
+    city.save(tmp_path / "city.json")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fcd.route", "--city", str(tmp_path / "city.json"), "--tuplespace", f"{host}:{port}",
+        "--from", "0_0", "--to", "2_2", "--wait", "5", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    await server.close()
+    assert proc.returncode == 0, err.decode()
+    line = out.decode().strip().splitlines()[-1]
+    assert line.startswith("route 0_0 -> 2_2: 4 roads, predicted 40.0 s (prediction run 1")

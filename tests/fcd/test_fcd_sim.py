@@ -121,6 +121,9 @@ def test_sumo_network_and_traces(tmp_path):
     # the imported city map-matches SUMO positions to the right roads
     from fcd.aggregate import MapMatcher
     assert list(MapMatcher(city).match(probes["x"], probes["y"], probes["heading"])) == [a, a, d]
+    # our simulator also runs on an imported SUMO network
+    sim_trace = Simulator(city, cars=6, seed=1).run(120)
+    assert len(np.unique(sim_trace.probes["car"])) == 6 and len(sim_trace.lights) >= 4
     out = tmp_path / "s.npz"
     assert main(["--sumo-net", str(tmp_path / "n.net.xml"), "--sumo-fcd", str(tmp_path / "fcd.xml"),
                  "--sumo-tls", str(tmp_path / "tls.xml"), "--out", str(out)]) == 0
