@@ -194,3 +194,23 @@ async def test_box_aggregator_reports_through_the_uplink(small_trace):
     assert seq / server.stats["http_requests"] > 40
     client.close()
     await runner.cleanup()
+
+
+from hypothesis import given, settings, strategies as st
+
+_leaf = st.one_of(st.integers(-3, 300), st.text(max_size=4), st.booleans(), st.floats(allow_nan=False))
+_value = st.recursive(_leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                     st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+                      max_leaves=12)
+_methods = st.sampled_from(["fcd.report", "fcd.box_stats", "fcd.status", "system.multicall",
+                            "system.listMethods", "nope"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(_methods, st.lists(_value, max_size=3))
+def test_xmlrpc_dispatch_only_answers_or_faults(small_city, method, params):
+    server = FcdServer(small_city)
+    try:
+        server.dispatch(method, tuple(params))
+    except xmlrpc.client.Fault:
+        pass
