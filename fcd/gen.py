@@ -202,6 +202,13 @@ def run(args, stats) -> int:
         base.append("--loop")
     children = [subprocess.Popen(base + ["--district", str(i)], stdout=subprocess.PIPE, text=True)
                 for i in range(args.processes)]
+
+    def stop_children(*_):
+        for child in children:
+            if child.poll() is None:
+                child.terminate()        # each child stops sending and prints what it sent
+
+    signal.signal(signal.SIGTERM, stop_children)
     results = []
     try:
         for child in children:
@@ -210,8 +217,7 @@ def run(args, stats) -> int:
                 if line.startswith("{"):
                     results.append(json.loads(line))
     except KeyboardInterrupt:
-        for child in children:
-            child.terminate()
+        stop_children()
         raise
     summary = {"processes": args.processes, "sent": sum(r["sent"] for r in results),
                "lights_sent": sum(r.get("lights_sent", 0) for r in results),

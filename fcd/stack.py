@@ -62,8 +62,12 @@ class Stack:
         if stats_file is not None:
             argv += ["--stats-json", str(stats_file)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env,
-                                start_new_session=True)
+        log_file = open(log, "w")
+        try:
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log_file, env=env,
+                                    start_new_session=True)
+        finally:
+            log_file.close()          # the child has its own copy of the descriptor
         role = Role(name, proc, log, ready_file, stats_file)
         self.roles.append(role)
         if self.on_start is not None:
