@@ -38,7 +38,7 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
     udp, http, ts, box_port = free_port(2), free_port(), free_port(), free_port(2)
     stack = Stack(workdir / "roles")
     try:
-        server = stack.server(trace_path, udp, http, ts, ["--model-interval", "1"])
+        server = stack.server(trace_path, udp, http, ts)
         await stack.wait_ready(server)
         await stack.box("box1", trace_path, box_port, udp, http)
         say(f"fcd-server on udp {udp} / http {http}, tuplespace {ts}; box1 (boxd user engine + fcd-booster) "

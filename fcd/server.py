@@ -7,8 +7,8 @@
   as a box (:class:`fcd.aggregate.Ingest`);
 - both feed one model; a report is identified by (road, light-change time), so a road reported by
   a box and again from raw data (or resent after a reconnect) is counted once;
-- every ``--model-interval`` seconds the prediction model runs and its traverse times go to the
-  tuplespace: ``("fcd.traverse", road, run, [T_0, ..., T_H])`` and ``("fcd.run", run, t, cycle)``,
+- every light cycle (of the data's own time; or every ``--model-interval`` wall seconds) the
+  prediction model runs and its traverse times go to the tuplespace: ``("fcd.traverse", road, run, [T_0, ..., T_H])`` and ``("fcd.run", run, t, cycle)``,
   leased so stale predictions disappear;
 - ``GET /status`` (JSON counters) and ``GET /predictions`` (JSON).
 """
@@ -25,6 +25,7 @@ import xmlrpc.client
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from aiohttp import web
 
 from boxcore.runtime import ConfigError, host_port, make_parser, non_negative_float, positive_int, run_async
@@ -243,18 +244,38 @@ class FcdServer:
                                  lease=lease)
         await self.space.out(("fcd.run", run, float(pred.t), float(pred.cycle)), lease=lease)
 
-    async def model_loop(self, stop: asyncio.Event, interval: float) -> None:
-        self._lease = max(3 * interval, 1.0)
+    async def model_loop(self, stop: asyncio.Event, interval: float | None) -> None:
+        """Run the model every ``interval`` wall seconds, or (``None``) every light cycle of data
+        time: whenever the newest report is one cycle past the previous run."""
+        loop = asyncio.get_running_loop()
+        poll = interval if interval is not None else 0.25
+        self._lease = max(3 * (interval or 1.0), 1.0)
+        next_data_t = -np.inf
+        last_run = loop.time()
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), interval)
-            except asyncio.TimeoutError:
-                pass
+            await asyncio.sleep(poll)
+            if interval is None:
+                if self.model.observed == 0 or self.model.latest_t < next_data_t:
+                    continue
+                next_data_t = self.model.latest_t + self.model.cycle
+                # predictions live for three runs, whatever the replay speed
+                self._lease = max(3 * (loop.time() - last_run), 1.0)
+            last_run = loop.time()
             try:
                 await self.publish()
             except Exception as exc:  # the tuplespace may be down: keep serving
                 self.stats["publish_errors"] += 1
                 log.warning("publishing predictions failed: %s", exc)
+
+
+def _model_interval(text: str) -> float | None:
+    if text == "cycle":
+        return None
+    value = non_negative_float(text)
+    if value <= 0:
+        import argparse
+        raise argparse.ArgumentTypeError("expected 'cycle' or a positive number of seconds")
+    return value
 
 
 def build_parser():
@@ -268,7 +289,8 @@ def build_parser():
     p.add_argument("--rcvbuf", type=positive_int, default=4 * 1024 * 1024, help="UDP receive buffer (bytes)")
     p.add_argument("--tuplespace", help="HOST:PORT of a tuplespace for the predictions")
     p.add_argument("--serve-tuplespace", type=host_port, help="also run a tuplespace server here")
-    p.add_argument("--model-interval", type=non_negative_float, default=2.0, help="seconds between model runs")
+    p.add_argument("--model-interval", type=_model_interval, default=None, metavar="cycle|SECONDS",
+                   help="run the model every light cycle of data time (default), or every SECONDS of wall time")
     p.add_argument("--horizon", type=positive_int, default=5, help="cycles predicted ahead")
     p.add_argument("--batch-interval", type=non_negative_float, default=0.1,
                    help="seconds between raw ingest batches when fewer than 2048 datagrams wait")
