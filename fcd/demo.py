@@ -75,6 +75,8 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
             "reports_raw": st["counters"].get("reports_raw", 0),
             "route": " -> ".join(route.junctions),
             "route_predicted_s": round(route.seconds, 1),
+            "prediction_run": route.run,
+            "predicted_roads_on_route": f"{route.predicted_roads}/{len(route.roads)}",
             "elapsed_s": round(time.monotonic() - started, 1),
         }
     finally:

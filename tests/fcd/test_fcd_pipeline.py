@@ -17,4 +17,9 @@ async def test_full_pipeline_over_real_sockets(tmp_path):
     assert summary["box_reduction_factor"] > 40
     assert summary["route"].startswith("0_0") and summary["route"].endswith("4_4")
     assert summary["route_predicted_s"] > 0
+    # the model ran every light cycle of the replayed data (240 s of 40 s cycles) and the route
+    # used its predictions for every road
+    assert summary["prediction_run"] >= 3
+    done, total = summary["predicted_roads_on_route"].split("/")
+    assert done == total
     assert any("route 0_0 -> 4_4" in line for line in lines)
