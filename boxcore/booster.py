@@ -168,6 +168,22 @@ class Subscription:
             with contextlib.suppress(BoosterError, BoxdGone):
                 await self.booster._request({"t": "cancel", "cookie": self.cookie})
 
+    def receive_batches(self, batch_handler: Callable[[list[bytes]], Any], *, max_batch: int = 1024) -> bool:
+        """Batch fast path for a REDIRECT whose handler consumes every packet.
+
+        On a delegated socket (user engine, ``socket`` delivery) the library then reads up to
+        ``max_batch`` datagrams per wakeup and calls ``batch_handler(payloads)`` once with their
+        payloads (a plain function; what it returns is ignored, the packets are consumed) instead
+        of building a Packet and calling the handler for each.  Packets are still counted for
+        boxd.  Returns False, changing nothing, for any other delivery (the per-packet handler
+        keeps receiving); if boxd later takes the socket back, packets go to the per-packet
+        handler again.
+        """
+        setter = getattr(self.receiver, "set_batch_handler", None)
+        if self.cancelled or setter is None:
+            return False
+        return bool(setter(batch_handler, max_batch))
+
     def __repr__(self) -> str:
         return f"<Subscription {self.cookie} {self.rule.action.value} {self.rule.match.describe()} via {self.delivery.kind}>"
 
@@ -563,6 +579,14 @@ class Booster:
         if counts is None:
             counts = self._counts[cookie] = [0, 0]
         counts[0] += 1
+        counts[1] += nbytes
+
+    def count_packets(self, cookie: int, packets: int, nbytes: int) -> None:
+        """Count a batch of ``packets`` totalling ``nbytes`` in one call (see :meth:`count_packet`)."""
+        counts = self._counts.get(cookie)
+        if counts is None:
+            counts = self._counts[cookie] = [0, 0]
+        counts[0] += packets
         counts[1] += nbytes
 
     # data channel (delivery kind "channel"): boxd pushes packets, we answer verdicts

@@ -46,6 +46,13 @@ class BoxAggregator:
             # keep up inside the read path: under overload the kernel drops, memory stays bounded
             self.flush()
 
+    def on_batch(self, payloads: list[bytes]) -> None:
+        """Batch handler (delegated socket): the payloads of one wakeup, all consumed."""
+        pending = self.pending
+        pending.extend(payloads)
+        if len(pending) >= self.max_pending:
+            self.flush()
+
     def flush(self) -> int:
         if not self.pending:
             return 0
@@ -72,52 +79,15 @@ class BoxAggregator:
                 "http_requests": self.uplink.client.requests}
 
 
-def read_delegated_socket(booster, sub, box: BoxAggregator, max_reads: int = 1024) -> bool:
+def read_delegated_socket(sub, box: BoxAggregator, max_reads: int = 1024) -> bool:
     """Batch fast path for the user engine's ``socket`` delivery.
 
     Every FCD datagram the box gets is consumed (never passed on), so instead of one handler
-    call and one Packet object per datagram, read the delegated socket here with ``recv`` into the
-    batch directly.  Per-rule counts still go to boxd with the heartbeats.  Returns False (and
-    leaves the library's receiver alone) for any other delivery kind.
+    call and one Packet object per datagram, ask the booster library for the payloads of each
+    wakeup's reads at once (:meth:`boxcore.booster.Subscription.receive_batches`; it still counts
+    them for boxd).  Returns False for any other delivery kind: ``box.on_packet`` keeps receiving.
     """
-    receiver = sub.receiver
-    sock = getattr(receiver, "sock", None)
-    if sub.delivery.kind != "socket" or sock is None:
-        return False
-    loop = asyncio.get_running_loop()
-    loop.remove_reader(sock.fileno())
-    cookie = sub.cookie
-    recv = sock.recv
-    # the library's own socket receiver keeps per-rule [packets, bytes] in booster._counts (sent to
-    # boxd with the heartbeats); add a whole batch at once there when it exists
-    counts_table = getattr(booster, "_counts", None)
-
-    def on_readable() -> None:
-        pending = box.pending
-        before = len(pending)
-        nbytes = 0
-        for _ in range(max_reads):
-            try:
-                data = recv(2048)          # FCD datagrams are < 64 bytes; longer ones are malformed anyway
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                break
-            pending.append(data)
-            nbytes += len(data)
-        n = len(pending) - before
-        if isinstance(counts_table, dict):
-            counts = counts_table.setdefault(cookie, [0, 0])
-            counts[0] += n
-            counts[1] += nbytes
-        else:
-            for data in pending[before:]:
-                booster.count_packet(cookie, len(data))
-        if len(pending) >= box.max_pending:
-            box.flush()
-
-    loop.add_reader(sock.fileno(), on_readable)
-    return True
+    return sub.receive_batches(box.on_batch, max_batch=max_reads)
 
 
 async def run_box(box: BoxAggregator, stop: asyncio.Event, flush_interval: float, stats_interval: float) -> None:
@@ -189,7 +159,7 @@ async def amain(args, ctx) -> int:
                 sub = await booster.redirect(Match(proto="udp", dst=host, dst_port=port), box.on_packet)
             except BoosterError as exc:
                 raise ConfigError(f"boxd refused the redirect: {exc}") from None
-            fast = not args.no_fast_path and read_delegated_socket(booster, sub, box)
+            fast = not args.no_fast_path and read_delegated_socket(sub, box)
             log.info("redirecting udp to %s:%d on engine %s via %s%s", host, port, booster.engine,
                      sub.delivery.kind, " (batch reads)" if fast else "")
             if args.ready_file:

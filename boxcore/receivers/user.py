@@ -8,7 +8,10 @@
   fast path).  Packets show ``dst``/``dport`` = the relay destination (from the
   delivery's params), like every other engine.  PASS / modify re-inject the
   packet through boxd, which relays it as if the box had forwarded it.
-  Counted here and reported to boxd with the heartbeats.  When another rule
+  Counted here and reported to boxd with the heartbeats.  A REDIRECT booster
+  that consumes everything may ask for batches instead
+  (:meth:`boxcore.booster.Subscription.receive_batches`): one call per wakeup
+  with the payloads read, no Packet objects.  When another rule
   comes to share the port, boxd takes the socket back (``undelegate``) and the
   receiver carries on as a channel receiver.
 * ``stream``: boxd accepts intercepted TCP connections and passes each one
@@ -29,6 +32,7 @@ from boxcore.rules import Action
 from boxcore.wire import VerdictCode
 
 MAX_READS_PER_WAKEUP = 512
+MAX_DATAGRAM = 65535
 
 
 @register("channel")
@@ -62,6 +66,44 @@ class SocketReceiver:
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
         self.stopped = False
+
+    def set_batch_handler(self, batch_handler: Any, max_batch: int = 1024) -> bool:
+        """Deliver ``batch_handler(payloads)`` once per wakeup instead of the per-packet handler.
+
+        Only for REDIRECT rules (the batch is consumed; nothing is re-injected).  False if the
+        socket is no longer ours.  After an ``undelegate`` packets go to the per-packet handler.
+        """
+        if self.stopped or not self.redirect:
+            return False
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.batch_handler = batch_handler
+        self.max_batch = max_batch
+        self.loop.remove_reader(self.sock.fileno())
+        self.loop.add_reader(self.sock.fileno(), self._on_readable_batch)
+        return True
+
+    def _on_readable_batch(self) -> None:
+        recv = self.sock.recv
+        payloads: list[bytes] = []
+        append = payloads.append
+        nbytes = 0
+        for _ in range(self.max_batch):
+            try:
+                data = recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            append(data)
+            nbytes += len(data)
+        if not payloads:
+            return
+        self.booster.count_packets(self.rule.cookie, len(payloads), nbytes)
+        try:
+            self.batch_handler(payloads)
+        except Exception:
+            self.booster.handler_failed(self.batch_handler)
 
     def _on_readable(self) -> None:
         booster = self.booster

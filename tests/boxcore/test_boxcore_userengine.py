@@ -163,3 +163,42 @@ async def test_evicted_booster_lets_go_of_a_delegated_socket(tmp_path, net):
     async with BoxdProcess(tmp_path, listens=net["listen"], http=False):
         pass   # binds the same port again
     await booster.close()
+
+
+async def test_receive_batches_on_a_delegated_socket(tmp_path, net):
+    async with BoxdProcess(tmp_path, listens=net["listen"], http=False) as boxd:
+        async with Booster("batcher", control=boxd.control, heartbeat=0.05) as a, \
+                Booster("spy", control=boxd.control) as b:
+            singles, batches = [], []
+            sub = await a.redirect(Match(proto="udp", dst_port=net["server_port"]),
+                                   lambda p: singles.append(p.payload))
+            assert sub.delivery.kind == "socket"
+            assert sub.receive_batches(batches.append, max_batch=4) is True
+            sent = [b"batch %d" % i for i in range(10)]
+            for payload in sent:
+                net["client"].sendto(payload, ("127.0.0.1", net["box"]))
+            for _ in range(100):
+                if sum(map(len, batches)) == len(sent):
+                    break
+                await asyncio.sleep(0.02)
+            assert [p for batch in batches for p in batch] == sent and singles == []
+            assert all(1 <= len(batch) <= 4 for batch in batches)
+            for _ in range(100):     # counted by the library, reported with heartbeats
+                rules = {r["cookie"]: r for r in await boxd.query("rules")}
+                if rules[sub.cookie]["packets"] == len(sent):
+                    break
+                await asyncio.sleep(0.02)
+            assert rules[sub.cookie]["packets"] == len(sent)
+            assert rules[sub.cookie]["bytes"] == sum(map(len, sent))
+            # boxd takes the socket back: the per-packet handler receives again
+            await b.copy(Match(proto="udp", dst_port=net["server_port"]), lambda p: None)
+            await asyncio.sleep(0.05)
+            assert sub.delivery.kind == "channel"
+            assert sub.receive_batches(batches.append) is False
+            net["client"].sendto(b"single", ("127.0.0.1", net["box"]))
+            for _ in range(100):
+                if singles:
+                    break
+                await asyncio.sleep(0.02)
+            assert singles == [b"single"] and sum(map(len, batches)) == len(sent)
+

@@ -20,7 +20,7 @@ async def test_redirected_packets_become_queued_reports(tmp_path, small_trace):
     async with MemoryBox(state=tmp_path) as box:
         booster = await box.connect("fcd-booster")
         sub = await booster.redirect(Match(proto="udp", dst="10.0.0.9", dst_port=7000), agg.on_packet)
-        assert read_delegated_socket(booster, sub, agg) is False     # no socket to take over here
+        assert read_delegated_socket(sub, agg) is False     # no socket to take over here
         seq = 0
         for t, probes, lights in short.steps():
             data = wire.probes_from_trace(probes, 3, seq)
