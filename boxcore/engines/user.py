@@ -48,6 +48,7 @@ log = logging.getLogger("boxcore.engines.user")
 
 UDP, TCP = 17, 6
 READS_PER_WAKEUP = 256
+FLOW_SWEEP_INTERVAL = 1.0   # seconds between idle-flow checks, while there are flows
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,10 @@ class UserEngine(Engine):
         self._mcast_socks: collections.OrderedDict[int, socket.socket] = collections.OrderedDict()
         self._inject_sock: socket.socket | None = None
         self._health: dict[int, tuple[int, int]] = {}
-        self._sweeper: asyncio.Task | None = None
+        # Timers run only while there is something to expire: an idle box wakes up for nothing.
+        self._verdict_timer: asyncio.TimerHandle | None = None
+        self._flow_timer: asyncio.TimerHandle | None = None
+        self._verdict_tick = min(0.05, verdict_timeout / 2 or 0.05)
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # ---------------------------------------------------------- construction
@@ -224,13 +228,12 @@ class UserEngine(Engine):
             raise ConfigError(f"cannot bind {spec}: {exc.strerror or exc}") from None
         self._inject_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._inject_sock.setblocking(False)
-        self._sweeper = self.loop.create_task(self._sweep())
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for timer in (self._verdict_timer, self._flow_timer):
+            if timer is not None:
+                timer.cancel()
+        self._verdict_timer = self._flow_timer = None
         for task in list(self._tcp_tasks):
             task.cancel()
         if self._tcp_tasks:
@@ -420,6 +423,8 @@ class UserEngine(Engine):
                 return
             self._token = token = (self._token + 1) & 0xFFFFFFFF
             self.pending[token] = (time.monotonic() + self.verdict_timeout, out, pkt.payload, session)
+            if self._verdict_timer is None:
+                self._verdict_timer = self.loop.call_later(self.verdict_timeout, self._expire_verdicts)
             self._push(session, rule.cookie, token, pkt, True)
         elif action is Action.DROP:
             self.stats["dropped"] += 1
@@ -526,6 +531,8 @@ class UserEngine(Engine):
         self.flows[key] = flow
         self.loop.add_reader(sock.fileno(), self._on_flow, key)
         self.stats["flows_opened"] += 1
+        if self._flow_timer is None:
+            self._flow_timer = self.loop.call_later(FLOW_SWEEP_INTERVAL, self._expire_flows)
         return flow
 
     def _close_flow(self, key) -> None:
@@ -545,28 +552,36 @@ class UserEngine(Engine):
             self.stats["send_errors"] += 1
             log.debug("send to %s failed: %s", addr, exc)
 
-    async def _sweep(self) -> None:
-        """Expire verdict waits (the packet passes: fail open) and idle flows."""
-        tick = min(0.05, self.verdict_timeout / 2 or 0.05)
-        next_flow_sweep = 0.0
-        while True:
-            await asyncio.sleep(tick)
-            now = time.monotonic()
-            while self.pending:
-                token, entry = next(iter(self.pending.items()))
-                if entry[0] > now:
-                    break
-                del self.pending[token]
-                self.stats["verdict_timeouts"] += 1
-                state = entry[3].engine_state
-                state["verdict_timeouts"] = state.get("verdict_timeouts", 0) + 1
-                entry[1](entry[2])
-            if now >= next_flow_sweep:
-                next_flow_sweep = now + 1.0
-                for key, flow in list(self.flows.items()):
-                    if now - flow.last_used > self.flow_idle:
-                        self._close_flow(key)
-                        self.stats["flows_expired"] += 1
+    def _expire_verdicts(self) -> None:
+        """Pass the packets whose verdict is overdue (fail open); armed only while verdicts wait."""
+        self._verdict_timer = None
+        now = time.monotonic()
+        pending = self.pending
+        while pending:
+            token, entry = next(iter(pending.items()))
+            if entry[0] > now:
+                break
+            del pending[token]
+            self.stats["verdict_timeouts"] += 1
+            state = entry[3].engine_state
+            state["verdict_timeouts"] = state.get("verdict_timeouts", 0) + 1
+            entry[1](entry[2])
+        if pending:
+            # entries are in deadline order (one timeout for all); no closer than a tick apart
+            first_deadline = next(iter(pending.values()))[0]
+            self._verdict_timer = self.loop.call_later(max(first_deadline - now, self._verdict_tick),
+                                                       self._expire_verdicts)
+
+    def _expire_flows(self) -> None:
+        """Close idle relay flows; armed only while flows exist."""
+        self._flow_timer = None
+        now = time.monotonic()
+        for key, flow in list(self.flows.items()):
+            if now - flow.last_used > self.flow_idle:
+                self._close_flow(key)
+                self.stats["flows_expired"] += 1
+        if self.flows:
+            self._flow_timer = self.loop.call_later(FLOW_SWEEP_INTERVAL, self._expire_flows)
 
     # ---------------------------------------------------------- packets from boosters
     def inject(self, pkt: Packet, session: BoosterSession) -> None:

@@ -202,3 +202,21 @@ async def test_receive_batches_on_a_delegated_socket(tmp_path, net):
                 await asyncio.sleep(0.02)
             assert singles == [b"single"] and sum(map(len, batches)) == len(sent)
 
+
+async def test_idle_flows_expire_and_an_idle_engine_arms_no_timers(net):
+    from boxcore.engines.user import UserEngine, listen_spec
+    engine = UserEngine([listen_spec(net["listen"][0])], flow_idle=0.1)
+    await engine.start()
+    try:
+        assert engine._flow_timer is None and engine._verdict_timer is None     # idle: nothing to wake for
+        net["client"].sendto(b"relay me", ("127.0.0.1", net["box"]))
+        assert (await recv(net["server"]))[0] == b"relay me"
+        assert engine.status()["flows"] == 1
+        for _ in range(150):
+            if engine.stats["flows_expired"]:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.stats["flows_expired"] == 1 and engine.status()["flows"] == 0
+        assert engine._flow_timer is None and engine._verdict_timer is None
+    finally:
+        await engine.stop()
