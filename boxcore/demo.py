@@ -46,7 +46,7 @@ async def _wait(predicate: Callable, timeout: float, what: str) -> Any:
 async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    box_port, server_port = free_port(), free_port()
+    box_port, server_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
     loop = asyncio.get_running_loop()
     transport, sink = await loop.create_datagram_endpoint(_Sink, local_addr=("127.0.0.1", server_port))
     say(f"server listening on udp 127.0.0.1:{server_port}; the box answers on 127.0.0.1:{box_port}")

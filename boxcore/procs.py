@@ -35,6 +35,11 @@ def script(name: str) -> str:
     return str(path) if path.exists() else name
 
 
+def python_module(module: str) -> list[str]:
+    """Command line running ``module`` with this interpreter (``python -m module``)."""
+    return [sys.executable, "-m", module]
+
+
 def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
     """A port the kernel just gave out on ``host`` (free now, not reserved)."""
     with socket.socket(socket.AF_INET, kind) as sock:

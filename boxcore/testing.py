@@ -36,6 +36,7 @@ from boxcore.booster import Booster
 from boxcore.controller import Controller, ControllerConfig
 from boxcore.engines.memory import MemoryEngine, Outcome
 from boxcore.packet import Packet
+from boxcore.procs import free_port  # re-exported for tests and demos: TCP unless kind=socket.SOCK_DGRAM
 
 __all__ = ["FakeClock", "MemoryBox", "Outcome"]
 
@@ -198,12 +199,6 @@ class MemoryBox:
 
 
 # ------------------------------------------------------------------ real processes
-
-def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
-    """A port free on loopback right now (for tests and demos; another process may race)."""
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class BoxdProcess:

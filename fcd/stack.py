@@ -1,113 +1,59 @@
 """Start and stop the FCD roles as real processes (demo, integration tests, experiment).
 
-Each role is its console-script module run with the current interpreter; readiness is a JSON
-file the role writes once its sockets are bound (or its redirect is installed).  Every process
-started here is stopped here (SIGTERM, then SIGKILL after a grace period), by its own pid.
+Each role is its console-script module run with the current interpreter, started, awaited and
+stopped by the suite's :class:`boxcore.procs.ProcessGroup`: readiness is a JSON file the role
+writes once its sockets are bound (or its redirect is installed); every process started here is
+stopped here (SIGTERM, then SIGKILL after a grace period), by its own pid.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from boxcore.procs import ProcessGroup, Role, free_port, python_module
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Role:
-    name: str
-    proc: subprocess.Popen
-    log: Path
-    ready: Path | None = None
-    stats: Path | None = None
-
-    def read_stats(self) -> dict:
-        if self.stats and self.stats.exists():
-            return json.loads(self.stats.read_text())
-        return {}
+__all__ = ["Stack", "Role", "free_port", "run_gen", "run_gen_async"]
 
 
 @dataclass
 class Stack:
+    """The FCD roles of one scenario, on a :class:`boxcore.procs.ProcessGroup`."""
+
     workdir: Path
     log_level: str = "warning"
     on_start: Callable[[Role], None] | None = None   # e.g. put the pid into a cgroup
-    roles: list[Role] = field(default_factory=list)
+    group: ProcessGroup = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.group = ProcessGroup(self.workdir)
+
+    @property
+    def roles(self) -> list[Role]:
+        return self.group.roles
 
     def start(self, name: str, module: str, args: list[str], ready: bool = True, stats: bool = True,
               wrap: list[str] | None = None) -> Role:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        log = self.workdir / f"{name}.log"
-        ready_file = self.workdir / f"{name}.ready.json" if ready else None
-        stats_file = self.workdir / f"{name}.stats.json" if stats else None
-        for f in (ready_file, stats_file):
-            if f is not None and f.exists():
-                f.unlink()
-        argv = (wrap or []) + [sys.executable, "-m", module, *args, "--log-level", self.log_level]
-        if ready_file is not None:
-            argv += ["--ready-file", str(ready_file)]
-        if stats_file is not None:
-            argv += ["--stats-json", str(stats_file)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        log_file = open(log, "w")
-        try:
-            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log_file, env=env,
-                                    start_new_session=True)
-        finally:
-            log_file.close()          # the child has its own copy of the descriptor
-        role = Role(name, proc, log, ready_file, stats_file)
-        self.roles.append(role)
-        if self.on_start is not None:
-            self.on_start(role)
-        return role
+        """Run ``python -m module args`` (behind ``wrap``, e.g. a namespace command) in its own session."""
+        argv = [*(wrap or []), *python_module(module), *args, "--log-level", self.log_level]
+        self.group.on_start = self.on_start
+        return self.group.start(name, argv, stats=stats, ready=ready, new_session=True)
 
     async def wait_ready(self, role: Role, timeout: float = 20.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if role.proc.poll() is not None:
-                raise RuntimeError(f"{role.name} exited with {role.proc.returncode}: {role.log.read_text()[-800:]}")
-            if role.ready is not None and role.ready.exists() and role.ready.stat().st_size:
-                return json.loads(role.ready.read_text())
-            await asyncio.sleep(0.05)
-        raise RuntimeError(f"{role.name} not ready after {timeout}s: {role.log.read_text()[-800:]}")
+        return await self.group.wait_ready(role, timeout)
 
     async def wait_socket(self, role: Role, path: Path, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if role.proc.poll() is not None:
-                raise RuntimeError(f"{role.name} exited with {role.proc.returncode}: {role.log.read_text()[-800:]}")
-            if path.exists():
-                return
-            await asyncio.sleep(0.05)
-        raise RuntimeError(f"{role.name}: {path} did not appear: {role.log.read_text()[-800:]}")
+        await self.group.wait_path(role, path, timeout)
 
     async def stop(self, role: Role, grace: float = 8.0) -> int:
-        if role.proc.poll() is None:
-            role.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while role.proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if role.proc.poll() is None:
-                role.proc.kill()
-                role.proc.wait()
-        return role.proc.returncode
+        return await self.group.stop(role, grace)
 
     async def stop_all(self) -> None:
-        for role in reversed(self.roles):   # boosters before boxd, servers last
-            await self.stop(role)
+        await self.group.stop_all()   # reverse start order: boosters before boxd, servers last
 
     # ------------------------------------------------------------ roles
     def server(self, city: Path, udp: int, http: int, tuplespace: int | None, extra: list[str] = ()) -> Role:
@@ -140,7 +86,7 @@ class Stack:
 def run_gen(trace: Path, targets: list[tuple[str, int]], extra: list[str], log_level: str = "warning",
             timeout: float = 300.0) -> dict:
     """Run fcd-gen to completion; its JSON summary."""
-    argv = [sys.executable, "-m", "fcd.gen", "--trace", str(trace),
+    argv = [*python_module("fcd.gen"), "--trace", str(trace),
             "--targets", ",".join(f"{h}:{p}" for h, p in targets), "--log-level", log_level, *extra]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:

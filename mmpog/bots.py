@@ -44,6 +44,7 @@ import msgpack
 import numpy as np
 from aiohttp import web
 
+from boxcore.procs import free_port
 from boxcore.runtime import ConfigError, RunContext, make_parser, non_negative_float, positive_int, probability, run_async
 
 from .client import GameClient
@@ -144,12 +145,6 @@ class Bot:
         elif type(event) is Unrecoverable:
             self.unrecoverable += event.count
             self.lost.update((event.location, seq) for seq in range(event.first, event.first + event.count))
-
-
-def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 async def _wait_http(url: str, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
@@ -411,7 +406,8 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         if params.reflector_mode == "booster":
             if params.control is None:
                 from boxcore.testing import BoxdProcess
-                listen_port, relay_port = params.reflector_port or free_port(), free_port()
+                listen_port = params.reflector_port or free_port(socket.SOCK_DGRAM)
+                relay_port = free_port(socket.SOCK_DGRAM)
                 if params.workdir:
                     workdir = Path(params.workdir)
                 else:
@@ -431,7 +427,7 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
                                 "--port", str(port), "--src-port", str(reflector_udp[1]), "--fanout", params.fanout,
                                 "--http", f"127.0.0.1:{refl_http_port}", "--log-level", "warning")
         else:
-            port = params.reflector_port or free_port()
+            port = params.reflector_port or free_port(socket.SOCK_DGRAM)
             argv = _module_argv("mmpog.reflector", "--mode", "standalone", "--listen", f"127.0.0.1:{port}",
                                 "--http", f"127.0.0.1:{refl_http_port}", "--log-level", "warning")
             reflector_udp = ("127.0.0.1", port)
@@ -442,7 +438,7 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         # ---------------------------------------------------------- impairing relay
         reflector_map = None
         if params.loss_mode == "relay" and (params.loss or params.delay or params.jitter or params.duplicate):
-            relay_port = free_port()
+            relay_port = free_port(socket.SOCK_DGRAM)
             argv = _module_argv("mmpog.impair", "--listen", f"127.0.0.1:{relay_port}", "--upstream",
                                 f"{reflector_udp[0]}:{reflector_udp[1]}", "--loss", str(params.loss),
                                 "--delay", str(params.delay), "--jitter", str(params.jitter),

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from boxcore.procs import free_port
 from boxcore.runtime import ConfigError, non_negative_float, positive_int
 
 STAMP = struct.Struct("!QQ")          # sequence, send time (monotonic ns)
@@ -165,11 +166,6 @@ def _booster(control: str, port: int, channel: bool, ready: Any, out: Any) -> No
     uvloop.run(main())
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _run_case(ctx, receiver, receiver_args: tuple, target: tuple[str, int], args, rate: int,
               duration: float) -> dict:
@@ -244,9 +240,9 @@ async def _run_user(args: argparse.Namespace) -> dict:
     def case(receiver, receiver_args, target, rate, duration):
         return loop.run_in_executor(None, _run_case, ctx, receiver, receiver_args, target, args, rate, duration)
 
-    ceiling_port = _free_port()
+    ceiling_port = free_port(socket.SOCK_DGRAM)
     with tempfile.TemporaryDirectory(prefix="bbdatapath") as tmp:
-        server_port, box_port = _free_port(), _free_port()
+        server_port, box_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
         listen = f"udp:127.0.0.1:{box_port}=127.0.0.1:{server_port}"
         async with BoxdProcess(tmp, listens=[listen], http=False, log_level="warning",
                                extra=["--user-max-flows", "64"]) as boxd:

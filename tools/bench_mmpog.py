@@ -35,6 +35,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from boxcore.procs import free_port
 from boxcore.runtime import non_negative_float, positive_int, probability
 
 LOCATION = 1
@@ -72,11 +73,6 @@ def register(subparsers) -> None:
 
 
 # ====================================================================== fan-out throughput
-
-def _free_port(kind=socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _http(method: str, url: str, key: str, body: dict | None = None) -> dict:
@@ -161,19 +157,19 @@ def _blaster(player: int, token: bytes, reflector, rate: int, reliable_every: in
 
 async def _start_reflector(mode: str, workdir: Path, key: str, extra: list[str] = ()):
     """Start a reflector (booster on a fresh boxd, or standalone); returns (udp, http_url, stop)."""
-    http_port = _free_port(socket.SOCK_STREAM)
+    http_port = free_port(socket.SOCK_STREAM)
     env = dict(os.environ, MMPOG_API_KEY=key)
     boxd = None
     if mode == "booster":
         from boxcore.testing import BoxdProcess
-        listen, relay = _free_port(), _free_port()
+        listen, relay = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
         boxd = BoxdProcess(workdir / "boxd", listens=[f"udp:127.0.0.1:{listen}=127.0.0.1:{relay}"], http=False,
                            log_level="warning")
         await boxd.start()
         argv = ["--mode", "booster", "--control", str(boxd.control), "--port", str(relay), "--src-port", str(listen)]
         udp = ("127.0.0.1", listen)
     else:
-        udp = ("127.0.0.1", _free_port())
+        udp = ("127.0.0.1", free_port(socket.SOCK_DGRAM))
         argv = ["--mode", "standalone", "--listen", f"127.0.0.1:{udp[1]}"]
     proc = subprocess.Popen([sys.executable, "-m", "mmpog.reflector", *argv, *extra,
                              "--http", f"127.0.0.1:{http_port}", "--log-level", "warning"], env=env)

@@ -1,6 +1,7 @@
 """boxctl against a real boxd: every command, tables and JSON, over --control and --http."""
 
 import json
+import socket
 
 import pytest
 
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 async def test_every_command_both_ways(tmp_path, capsys):
-    listen = f"udp:127.0.0.1:{free_port()}=127.0.0.1:{free_port()}"
+    listen = f"udp:127.0.0.1:{free_port(socket.SOCK_DGRAM)}=127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
     async with BoxdProcess(tmp_path, listens=[listen]) as boxd:
         async with Booster("shown", control=boxd.control) as b:
             sub = await b.copy(Match(proto="udp", dst_port=4444), lambda p: None)

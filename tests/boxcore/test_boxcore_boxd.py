@@ -42,7 +42,7 @@ async def wait_for(predicate, timeout=5.0, step=0.02):
 
 @pytest.fixture
 def ports():
-    return {"box": free_port(), "server": free_port(), "tbox": free_port(socket.SOCK_STREAM),
+    return {"box": free_port(socket.SOCK_DGRAM), "server": free_port(socket.SOCK_DGRAM), "tbox": free_port(socket.SOCK_STREAM),
             "tserver": free_port(socket.SOCK_STREAM)}
 
 

@@ -30,7 +30,7 @@ async def recv(sock, timeout=2.0):
 
 @pytest.fixture
 def net():
-    box, srv = free_port(), free_port()
+    box, srv = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
     server = bound_udp(srv)
     client = bound_udp()
     yield {"box": box, "server_port": srv, "server": server, "client": client,

@@ -76,9 +76,11 @@ async def test_bots_against_the_reflector_booster_on_boxd(tmp_path):
 
 
 async def test_reflector_booster_with_engine_multicast(tmp_path):
+    import socket
+
     from boxcore.testing import BoxdProcess, free_port
 
-    listen, relay = free_port(), free_port()
+    listen, relay = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
     async with BoxdProcess(tmp_path, listens=[f"udp:127.0.0.1:{listen}=127.0.0.1:{relay}"], http=False) as boxd:
         params = Params(players=3, locations=1, duration=1.0, rate=20, reliable_fraction=0.5, reflector_mode="booster",
                         control=str(boxd.control), box=f"127.0.0.1:{listen}", reflector_port=relay, fanout="engine",

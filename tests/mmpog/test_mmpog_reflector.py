@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from boxcore.procs import free_port
 from mmpog import wire
 from mmpog.reliability import BufferFull, MembersChanged, ReflectorConfig, ReflectorCore
 from mmpog.wire import Flag, Header, Kind
@@ -158,15 +159,9 @@ def test_heartbeat_timer_scales_to_many_locations():
 # ---------------------------------------------------------------- the real process
 
 
-def free_port(kind=socket.SOCK_DGRAM):
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def reflector_process():
-    udp, http = free_port(), free_port(socket.SOCK_STREAM)
+    udp, http = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
     proc = subprocess.Popen([sys.executable, "-m", "mmpog.reflector", "--mode", "standalone", "--listen",
                              f"127.0.0.1:{udp}", "--http", f"127.0.0.1:{http}", "--api-key", "k3y",
                              "--log-level", "warning"])

@@ -12,14 +12,9 @@ import urllib.request
 import aiohttp
 import pytest
 
+from boxcore.procs import free_port
 from mmpog.client import GameClient
 from mmpog.reliability import Delivered, Joined, Received
-
-
-def free_port(kind=socket.SOCK_DGRAM):
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_http(url, proc):
@@ -40,7 +35,7 @@ def game():
     procs, reflectors = [], []
     env_key = ["--api-key", "secret-key"]
     for _ in range(2):
-        udp, http = free_port(), free_port(socket.SOCK_STREAM)
+        udp, http = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
         proc = subprocess.Popen([sys.executable, "-m", "mmpog.reflector", "--mode", "standalone", "--listen",
                                  f"127.0.0.1:{udp}", "--http", f"127.0.0.1:{http}", *env_key, "--log-level", "warning"])
         procs.append(proc)

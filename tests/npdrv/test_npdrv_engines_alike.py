@@ -10,6 +10,7 @@ verdicts, same traffic at the destination.  Only where the work happens differs.
 import contextlib
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -48,7 +49,7 @@ def _stop(proc: subprocess.Popen | None) -> None:
 
 @contextlib.contextmanager
 def user_box(tmp_path: Path):
-    box, dst = free_port(), free_port()
+    box, dst = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
     log = tmp_path / "boxd.log"
     boxd = subprocess.Popen([PY, "-m", "boxcore.boxd", "--engine", "user", "--control", str(tmp_path / "c.sock"),
                              "--state", str(tmp_path / "state"), "--listen", f"udp:127.0.0.1:{box}=127.0.0.1:{dst}"],
