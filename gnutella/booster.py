@@ -33,7 +33,8 @@ from .boostercore import BoosterConfig, BoosterCore, SendPeer
 from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, Identity, Refused, Response,
                         identity_headers, listen_address)
 from .node import Close, Send
-from .wire import DEFAULT_MAX_PAYLOAD, Bye, GnutellaDecodeError, Message, MessageReader, RawMessage, new_guid
+from .stream import pump_messages
+from .wire import DEFAULT_MAX_PAYLOAD, Bye, Message, new_guid
 
 log = logging.getLogger("gnutella.booster")
 
@@ -301,31 +302,11 @@ class GnutellaBooster:
         self._perform(self.core.local_up(cid, time.monotonic(), client_ip, listen, tuple(conn.original_dst), leaf,
                                          shown))
         log.debug("impersonating %s:%d for %s (%s)", *conn.original_dst, client_ip, "leaf" if leaf else "ultrapeer")
-        framer = MessageReader(self.max_payload)
-        data = est.leftover
         try:
-            while True:
-                if data:
-                    try:
-                        messages = framer.feed(data)
-                    except GnutellaDecodeError as exc:
-                        self.stats["framing_errors"] += 1
-                        log.info("local %d: %s; closing", cid, exc)
-                        break
-                    now = time.monotonic()
-                    for msg in messages:
-                        if isinstance(msg, RawMessage):
-                            self.stats["malformed_dropped"] += 1
-                            continue
-                        self._perform(self.core.local_message(cid, msg, now))
-                    if writer.is_closing():
-                        break
-                    await writer.drain()
-                data = await reader.read(1 << 16)
-                if not data:
-                    break
-        except (OSError, asyncio.IncompleteReadError):
-            pass
+            await pump_messages(
+                reader, writer, est.leftover, self.max_payload, self.stats,
+                lambda msg, now: self._perform(self.core.local_message(cid, msg, now)),
+                keep_going=lambda: not writer.is_closing(), label=f"local {cid}")
         finally:
             self.local_writers.pop(cid, None)
             self.core.local_down(cid)
@@ -382,32 +363,12 @@ class GnutellaBooster:
         self.local_writers[uid] = writer
         self._perform(self.core.upstream_up(uid, me))
         log.info("peering with outside servent %s:%d", *addr)
-        framer = MessageReader(self.max_payload)
-        data = est.leftover
         try:
-            while True:
-                if data:
-                    self.upstream_traffic["bytes_in"] += len(data)
-                    try:
-                        messages = framer.feed(data)
-                    except GnutellaDecodeError:
-                        self.stats["framing_errors"] += 1
-                        break
-                    now = time.monotonic()
-                    for msg in messages:
-                        if isinstance(msg, RawMessage):
-                            self.stats["malformed_dropped"] += 1
-                            continue
-                        self.upstream_traffic["msgs_in"] += 1
-                        self._perform(self.core.upstream_message(uid, msg, now))
-                    if writer.is_closing():
-                        break
-                    await writer.drain()
-                data = await reader.read(1 << 16)
-                if not data:
-                    break
-        except (OSError, asyncio.IncompleteReadError):
-            pass
+            await pump_messages(
+                reader, writer, est.leftover, self.max_payload, self.stats,
+                lambda msg, now: self._perform(self.core.upstream_message(uid, msg, now)),
+                keep_going=lambda: not writer.is_closing(), traffic=self.upstream_traffic,
+                label=f"upstream {uid}")
         finally:
             self.local_writers.pop(uid, None)
             self.core.upstream_down(uid)

@@ -29,7 +29,8 @@ from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, 
                         identity_headers, listen_address, remote_guid)
 from .node import (Close, Node, NodeConfig, PushRequested, SearchHit, Send, needs_push)
 from .share import ShareIndex
-from .wire import DEFAULT_MAX_PAYLOAD, Bye, GnutellaDecodeError, Message, MessageReader, RawMessage, new_guid
+from .stream import pump_messages
+from .wire import DEFAULT_MAX_PAYLOAD, Bye, Message, new_guid
 
 log = logging.getLogger("gnutella.servent")
 
@@ -339,33 +340,11 @@ class Servent:
                                         remote_qrp="X-Ultrapeer-Query-Routing" in est.headers))
         self.established.set()
         log.debug("peer %d up: %s:%d (%s)", cid, *listen, "our leaf" if our_leaf else "peer")
-        msg_reader = MessageReader(self.max_payload)
-        data = est.leftover
         try:
-            while True:
-                if data:
-                    link.traffic["bytes_in"] += len(data)
-                    try:
-                        messages = msg_reader.feed(data)
-                    except GnutellaDecodeError as exc:
-                        self.stats["framing_errors"] += 1
-                        log.info("peer %d: %s; closing", cid, exc)
-                        break
-                    now = time.monotonic()
-                    for msg in messages:
-                        if isinstance(msg, RawMessage):
-                            self.stats["malformed_dropped"] += 1
-                            continue
-                        link.traffic["msgs_in"] += 1
-                        self._perform(self.node.receive(cid, msg, now))
-                    if cid not in self.links:
-                        break
-                    await writer.drain()
-                data = await reader.read(1 << 16)
-                if not data:
-                    break
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            log.debug("peer %d: %r", cid, exc)
+            await pump_messages(
+                reader, writer, est.leftover, self.max_payload, self.stats,
+                lambda msg, now: self._perform(self.node.receive(cid, msg, now)),
+                keep_going=lambda: cid in self.links, traffic=link.traffic, label=f"peer {cid}")
         finally:
             self._drop(cid)
 
