@@ -34,7 +34,6 @@ import itertools
 import logging
 import os
 import socket
-import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 

@@ -24,7 +24,6 @@ chains, so an injected packet cannot loop back into the queue of the booster tha
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
 import socket

@@ -264,7 +264,7 @@ def grid_city(
     for node in g.nodes:
         incoming = sorted(g.edges[p, node]["id"] for p in g.predecessors(node))
         ns = ew = 0
-        x, y = g.nodes[node]["x"], g.nodes[node]["y"]
+        x = g.nodes[node]["x"]
         for bit, road in enumerate(incoming):
             u = next(p for p in g.predecessors(node) if g.edges[p, node]["id"] == road)
             if abs(g.nodes[u]["x"] - x) < 1e-9:

@@ -14,7 +14,6 @@ Prints one JSON line with what was sent.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess

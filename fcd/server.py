@@ -20,7 +20,6 @@ import collections
 import json
 import logging
 import socket
-import time
 import xmlrpc.client
 from pathlib import Path
 from typing import Any

@@ -18,7 +18,6 @@ recorded), then cars move to ``t + dt``.
 
 from __future__ import annotations
 
-import math
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path

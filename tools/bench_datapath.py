@@ -29,7 +29,6 @@ import multiprocessing
 import socket
 import statistics
 import struct
-import sys
 import tempfile
 import time
 from pathlib import Path

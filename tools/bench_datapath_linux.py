@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 STAMP = struct.Struct("!QQ")        # sequence, send time (monotonic ns)
 SAMPLE_EVERY = 8

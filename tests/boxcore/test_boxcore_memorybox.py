@@ -9,7 +9,7 @@ from boxcore.booster import Conflict, InvalidRequest, PermissionDenied, Verdict
 from boxcore.examples.udp_counter import TOTALS_KEY, UdpCounter, attach
 from boxcore.packet import Packet
 from boxcore.policy import Policy
-from boxcore.rules import Match, PayloadPattern
+from boxcore.rules import Match
 from boxcore.testing import FakeClock, MemoryBox
 
 

@@ -5,7 +5,7 @@ import pytest
 from fcd.aggregate import RoadReport
 from fcd.city import grid_city
 from fcd.model import Model
-from fcd.route import TRAVERSE_TEMPLATE, latest_times, plan, shortest_route
+from fcd.route import latest_times, plan, shortest_route
 from fcd.tuplespace import LocalTupleSpace
 
 

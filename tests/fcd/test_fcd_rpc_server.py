@@ -2,7 +2,6 @@ import asyncio
 import socket
 import xmlrpc.client
 
-import numpy as np
 import pytest
 from aiohttp import web
 

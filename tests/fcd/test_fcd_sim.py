@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from boxcore.runtime import ConfigError
-from fcd.city import CAR_SPACING, City, from_sumo_net, grid_city, load_city
+from fcd.city import City, from_sumo_net, load_city
 from fcd.sim import Simulator, main, read_sumo_fcd, read_sumo_tls
 from fcd.trace import Trace
 

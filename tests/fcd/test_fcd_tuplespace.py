@@ -1,7 +1,6 @@
 import asyncio
 import struct
 
-import msgpack
 import pytest
 from hypothesis import given, settings, strategies as st
 

@@ -3,10 +3,8 @@
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 

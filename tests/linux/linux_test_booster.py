@@ -13,7 +13,6 @@ Each packet or connection the booster sees is printed as one JSON line on stdout
 """
 
 import argparse
-import asyncio
 import json
 import sys
 

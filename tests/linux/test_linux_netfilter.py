@@ -2,7 +2,6 @@
 
 import socket
 import struct
-import subprocess
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -351,7 +350,7 @@ def test_kernel_payload_matching_agrees_with_the_oracle(probe_lab, proto, patter
                 base[p.offset + i] = (base[p.offset + i] & keep) | v
         payloads = payloads + [bytes(base), bytes(base[:-1])]
     lines = ["*filter", ":INPUT ACCEPT [0:0]"] + [f":P{i} - [0:0]" for i in range(len(rule_matches))]
-    lines += ["-F INPUT"] + [f"-A INPUT -s 10.7.0.1 " + " ".join(nf._quote(a) for a in nf.match_args(m)[0]) +
+    lines += ["-F INPUT"] + ["-A INPUT -s 10.7.0.1 " + " ".join(nf._quote(a) for a in nf.match_args(m)[0]) +
                              f" -j P{i}" for i, m in enumerate(rule_matches)] + ["COMMIT"]
     probe_lab.run("b", ["iptables-restore", "--noflush"], input="\n".join(lines) + "\n")
     raw = probe_lab.socket("a", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)

@@ -1,7 +1,6 @@
 """The linux engine's forwarding table becomes kernel routes; boxd refuses to start without iptables."""
 
 import json
-import subprocess
 import sys
 import textwrap
 
