@@ -135,6 +135,11 @@ async def _in_namespaces(workdir: Path, say: Callable[[str], None]) -> dict:
         say("boxd --engine np started; booster-example redirects udp/9001 (card rule + host NFQUEUE)")
         rx = {port: _udp(server, ("10.2.0.2", port)) for port in (9001, 9002)}
         tx = _udp(client, ("10.1.0.2", 0))
+        # One warm-up packet makes the box resolve the server's MAC; the next forwarding-table
+        # sync (--np-sync 0.2) pushes that neighbour to the card, which then forwards by itself.
+        tx.sendto(b"warm-up", ("10.2.0.2", 9002))
+        await asyncio.sleep(0.6)
+        await asyncio.to_thread(_drain, rx[9002])
         payloads = [b"SPAM %d" % i if i % 4 == 0 else b"data %d" % i for i in range(100)]
         for i, payload in enumerate(payloads):
             tx.sendto(payload, ("10.2.0.2", 9001))
