@@ -90,13 +90,12 @@ def _sender(target: tuple[str, int], duration: float, size: int, rate: int, out:
     out.put(sent)
 
 
-class _Tally:
-    """Counts packets and samples one-way latency from the payload's stamp."""
+class Tally:
+    """Packets, first/last arrival and sampled one-way latency (from the payload's stamp)."""
 
     def __init__(self) -> None:
         self.count = 0
-        self.first = 0.0
-        self.last = 0.0
+        self.first = self.last = 0.0
         self.latencies: list[float] = []
 
     def packet(self, payload: bytes) -> None:
@@ -105,7 +104,7 @@ class _Tally:
             self.first = t
         self.last = t
         self.count += 1
-        if self.count % SAMPLE_EVERY == 0:
+        if self.count % SAMPLE_EVERY == 0 and len(payload) >= STAMP.size:
             self.latencies.append((time.monotonic_ns() - STAMP.unpack_from(payload)[1]) / 1000.0)
 
     def result(self) -> dict:
@@ -118,7 +117,7 @@ def _sink(port: int, ready: Any, out: Any) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.bind(("127.0.0.1", port))
-    tally = _Tally()
+    tally = Tally()
     ready.set()
     sock.settimeout(30.0)
     recv = sock.recv
@@ -145,7 +144,7 @@ def _booster(control: str, port: int, channel: bool, ready: Any, out: Any) -> No
     from boxcore.rules import Match, PayloadPattern
 
     async def main() -> None:
-        tally = _Tally()
+        tally = Tally()
         async with Booster("bench-consume", control=control) as booster:
             def consume(pkt):
                 tally.packet(pkt.payload)      # None: CONSUME
@@ -190,25 +189,37 @@ def _run_case(ctx, receiver, receiver_args: tuple, target: tuple[str, int], args
     return result
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float | None:
     if not values:
-        return float("nan")
+        return None
     ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def _case(name: str, blast: dict, paced: dict) -> dict:
-    lat = paced["latencies"]
-    return {
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def summarize(name: str, blast: dict, paced: dict | None) -> dict:
+    """One JSON case: throughput and loss of the blast, latency of the paced run (if any)."""
+    lat = (paced or blast)["latencies"]
+    out = {
         "case": name,
         "pps": round(blast["received"] / blast["seconds"], 1),
-        "loss": round(1.0 - blast["received"] / max(blast["sent"], 1), 4),
+        "loss": round(max(0.0, 1.0 - blast["received"] / max(blast["sent"], 1)), 4),
         "sent": blast["sent"], "received": blast["received"],
-        "latency_us": {"p50": round(_percentile(lat, 0.5), 1), "p99": round(_percentile(lat, 0.99), 1),
-                       "mean": round(statistics.fmean(lat), 1) if lat else None},
-        "paced_loss": round(1.0 - paced["received"] / max(paced["sent"], 1), 4),
+        "latency_us": {"p50": _round(percentile(lat, 0.5)), "p99": _round(percentile(lat, 0.99)),
+                       "mean": _round(statistics.fmean(lat)) if lat else None},
     }
+    if paced is not None:
+        out["paced_loss"] = round(max(0.0, 1.0 - paced["received"] / max(paced["sent"], 1)), 4)
+    if blast.get("queue"):
+        out["queue"] = blast["queue"]
+    if "booster_seen" in blast:
+        # with a fail-open queue, what the booster could not keep up with passed without it
+        out["booster_seen"] = blast["booster_seen"]
+        out["booster_share"] = round(blast["booster_seen"] / max(blast["received"], 1), 4)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -264,7 +275,7 @@ async def _run_user(args: argparse.Namespace) -> dict:
                 paced = await case(receiver, receiver_args, target, args.paced_rate, args.paced_duration)
                 runs = blasts[name]
                 best = max(runs, key=lambda r: r["received"] / r["seconds"])
-                entry = _case(name, best, paced)
+                entry = summarize(name, best, paced)
                 entry["pps_runs"] = [round(r["received"] / r["seconds"], 1) for r in runs]
                 if "delivery" in best:
                     entry["delivery"] = best["delivery"]

@@ -27,17 +27,14 @@ import argparse
 import json
 import os
 import socket
-import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-STAMP = struct.Struct("!QQ")        # sequence, send time (monotonic ns)
-SAMPLE_EVERY = 8
-IDLE_END = 0.6
+from tools.bench_datapath import IDLE_END, STAMP, Tally, summarize
+
 CLIENT, SERVER = "10.1.0.2", "10.2.0.2"
 PORT = 9500
 
@@ -79,28 +76,6 @@ def role_sender(args: argparse.Namespace) -> dict:
             sent += 1
     sock.close()
     return {"sent": sent, "send_errors": errors, "seconds": time.monotonic() - start}
-
-
-class Tally:
-    """Packets, first/last arrival and sampled one-way latency (from the payload's stamp)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.first = self.last = 0.0
-        self.latencies: list[float] = []
-
-    def packet(self, payload: bytes) -> None:
-        t = time.monotonic()
-        if not self.count:
-            self.first = t
-        self.last = t
-        self.count += 1
-        if self.count % SAMPLE_EVERY == 0 and len(payload) >= STAMP.size:
-            self.latencies.append((time.monotonic_ns() - STAMP.unpack_from(payload)[1]) / 1000.0)
-
-    def result(self) -> dict:
-        return {"received": self.count, "seconds": max(self.last - self.first, 1e-9),
-                "latencies": self.latencies}
 
 
 def role_sink(args: argparse.Namespace) -> dict:
@@ -183,13 +158,6 @@ def role_main(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------- orchestration
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
 class Bench:
     def __init__(self, lab, workdir: Path, size: int, senders: int) -> None:
         self.lab, self.workdir, self.size, self.senders = lab, workdir, size, senders
@@ -255,31 +223,6 @@ class Bench:
         measured["send_errors"] = send_errors
         measured["send_seconds"] = send_seconds
         return measured
-
-
-def summarize(name: str, blast: dict, paced: dict | None) -> dict:
-    lat = (paced or blast)["latencies"]
-    out = {
-        "case": name,
-        "pps": round(blast["received"] / blast["seconds"], 1),
-        "loss": round(max(0.0, 1.0 - blast["received"] / max(blast["sent"], 1)), 4),
-        "sent": blast["sent"], "received": blast["received"],
-        "latency_us": {"p50": _round(_percentile(lat, 0.5)), "p99": _round(_percentile(lat, 0.99)),
-                       "mean": _round(statistics.fmean(lat)) if lat else None},
-    }
-    if paced is not None:
-        out["paced_loss"] = round(max(0.0, 1.0 - paced["received"] / max(paced["sent"], 1)), 4)
-    if blast.get("queue"):
-        out["queue"] = blast["queue"]
-    if "booster_seen" in blast:
-        # with a fail-open queue, what the booster could not keep up with passed without it
-        out["booster_seen"] = blast["booster_seen"]
-        out["booster_share"] = round(blast["booster_seen"] / max(blast["received"], 1), 4)
-    return out
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)
 
 
 def run(args: argparse.Namespace) -> dict:
