@@ -37,7 +37,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-from boxcore import wire
+from boxcore import transport, wire
 from boxcore.engines.base import Delivery
 from boxcore.packet import Packet
 from boxcore.receivers import get_receiver
@@ -317,7 +317,7 @@ class Booster:
         self._heartbeat_override = heartbeat
         self._clock = clock          # timers: the event loop unless a test passes a FakeClock
         self._given_sock = sock      # an already connected control socket (boxcore.testing)
-        self._conn: wire.FramedConnection | None = None
+        self._conn: transport.FramedConnection | None = None
         self._channel: socket.socket | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
@@ -353,7 +353,7 @@ class Booster:
             except OSError as exc:
                 sock.close()
                 raise BoxdGone(f"cannot connect to boxd at {self.control}: {exc.strerror or exc}") from None
-        self._conn = wire.FramedConnection(sock, self._on_message, self._on_close, loop=self.loop)
+        self._conn = transport.FramedConnection(sock, self._on_message, self._on_close, loop=self.loop)
         self.closed = False
         self._gone.clear()
         try:

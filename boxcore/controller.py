@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from boxcore import wire
+from boxcore import transport, wire
 from boxcore.engines.base import BoosterSession, Delivery, Engine, Route
 from boxcore.rules import Action, Match, Rule, RuleError
 from boxcore.runtime import ConfigError, Stats
@@ -80,7 +80,7 @@ class ControlSession:
         self.controller = controller
         self.pid, self.uid, self.gid = pid, uid, gid
         self.booster: BoosterSession | None = None
-        self.conn = wire.FramedConnection(sock, self._on_message, self._on_close,
+        self.conn = transport.FramedConnection(sock, self._on_message, self._on_close,
                                           max_frame=controller.config.max_frame, accept_fds=False)
         self.rules: dict[int, InstalledRule] = {}
         self.watches: dict[int, tuple[Any, asyncio.Task]] = {}
@@ -319,7 +319,7 @@ class Controller:
             sock.close()
             return None
         try:
-            pid, uid, gid = wire.peer_credentials(sock)
+            pid, uid, gid = transport.peer_credentials(sock)
         except OSError:
             sock.close()
             return None
@@ -424,7 +424,7 @@ class Controller:
                 self.stats["boosters_refused"] += 1
                 return Status.CONFLICT, None, (), {"reason": f"a booster named {name!r} is connected",
                                                    "holder": f"{name} (pid {other.pid})"}
-        boxd_end, booster_end = wire.socketpair_dgram()
+        boxd_end, booster_end = transport.socketpair_dgram()
         booster = BoosterSession(sid=next(self._sids), name=name, uid=sess.uid, pid=sess.pid,
                                  gid=sess.gid, channel=boxd_end)
         booster.send_event = sess.send
