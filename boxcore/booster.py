@@ -42,7 +42,7 @@ from boxcore.engines.base import Delivery
 from boxcore.packet import Packet
 from boxcore.receivers import get_receiver
 from boxcore.rules import Action, Match, Rule
-from boxcore.runtime import Stats
+from cliruntime import Stats
 from boxcore.wire import Status, Tag, VerdictCode
 
 log = logging.getLogger("boxcore.booster")

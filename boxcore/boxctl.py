@@ -16,7 +16,7 @@ import urllib.request
 from typing import Any
 
 from boxcore import wire
-from boxcore.runtime import ConfigError, Stats, make_parser, run_sync
+from cliruntime import ConfigError, Stats, make_parser, run_sync
 
 COMMANDS = ("status", "boosters", "rules", "counters")
 HTTP_PATHS = {"status": "/api/status", "boosters": "/api/boosters", "rules": "/api/rules"}

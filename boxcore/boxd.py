@@ -14,7 +14,7 @@ from pathlib import Path
 
 from boxcore.controller import Controller, ControllerConfig
 from boxcore.engines import ENGINE_NAMES, EngineUnavailable, Route, available_engines, get_engine
-from boxcore.runtime import (ConfigError, RunContext, host_port, make_parser, non_negative_float,
+from cliruntime import (ConfigError, RunContext, host_port, make_parser, non_negative_float,
                              positive_int, run_async)
 
 log = logging.getLogger("boxcore.boxd")

@@ -40,7 +40,7 @@ from typing import Any
 from boxcore import transport, wire
 from boxcore.engines.base import BoosterSession, Delivery, Engine, Route
 from boxcore.rules import Action, Match, Rule, RuleError
-from boxcore.runtime import ConfigError, Stats
+from cliruntime import ConfigError, Stats
 from boxcore.wire import Status, Tag, WireDecodeError
 
 log = logging.getLogger("boxcore.controller")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from boxcore.runtime import host_port, make_parser, positive_int, run_sync
+from cliruntime import host_port, make_parser, positive_int, run_sync
 from boxcore.testing import BoxdProcess, free_port
 
 SOURCES = 3
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def generate(args: argparse.Namespace, stats) -> int:
     if args.to[0].split(".")[0] != "127":
-        from boxcore.runtime import ConfigError
+        from cliruntime import ConfigError
         raise ConfigError("the demo generator only sends to loopback")
     socks = []
     for _ in range(args.sources):

@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator, Iterator
 
 import msgpack
 
-from boxcore.runtime import ConfigError
+from cliruntime import ConfigError
 
 SCHEMA_VERSION = 1
 DB_NAME = "directory.sqlite3"

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from boxcore.runtime import ConfigError
+from cliruntime import ConfigError
 
 METRICS_CONTENT_TYPE = "text/plain"
 

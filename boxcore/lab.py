@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from boxcore.runtime import ConfigError, make_parser, run_sync
+from cliruntime import ConfigError, make_parser, run_sync
 
 log = logging.getLogger("boxcore.lab")
 

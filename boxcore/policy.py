@@ -26,7 +26,7 @@ from typing import Any
 
 from boxcore.packet import PROTO_NAMES
 from boxcore.rules import Action, Match, Rule, RuleError, parse_port, parse_proto, port_bounds
-from boxcore.runtime import ConfigError
+from cliruntime import ConfigError
 
 _PROTO_LABELS = {v: k for k, v in PROTO_NAMES.items()}
 _GRANT_KEYS = {"name", "boosters", "booster", "uids", "users", "actions", "protocols",

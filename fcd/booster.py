@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from boxcore.runtime import ConfigError, host_port, make_parser, non_negative_float, positive_int, run_async
+from cliruntime import ConfigError, host_port, make_parser, non_negative_float, positive_int, run_async
 from fcd.aggregate import Ingest
 from fcd.city import City, load_city
 from fcd.rpc import KeepAliveClient, ReliableUplink

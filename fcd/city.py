@@ -24,7 +24,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from boxcore.runtime import ConfigError
+from cliruntime import ConfigError
 
 CAR_SPACING = 7.5  # metres a stopped car occupies in one lane (length + gap)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from boxcore.runtime import ConfigError, host_port, make_parser, non_negative_float, positive_int, run_sync
+from cliruntime import ConfigError, host_port, make_parser, non_negative_float, positive_int, run_sync
 from fcd import wire
 from fcd.trace import Trace
 

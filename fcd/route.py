@@ -16,7 +16,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from boxcore.runtime import ConfigError, make_parser, non_negative_float, positive_int, run_async
+from cliruntime import ConfigError, make_parser, non_negative_float, positive_int, run_async
 from fcd.city import City, load_city
 
 log = logging.getLogger("fcd.route")

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from boxcore.runtime import ConfigError, host_port, make_parser, non_negative_float, positive_int, run_async
+from cliruntime import ConfigError, host_port, make_parser, non_negative_float, positive_int, run_async
 from fcd.aggregate import Ingest, RoadReport
 from fcd.city import City, load_city
 from fcd.model import Model

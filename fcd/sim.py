@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from boxcore.runtime import ConfigError, make_parser, positive_int, progress, run_sync, non_negative_float
+from cliruntime import ConfigError, make_parser, positive_int, progress, run_sync, non_negative_float
 from fcd.city import CAR_SPACING, City, from_sumo_net, grid_city, load_city
 from fcd.trace import LIGHT_DTYPE, PROBE_DTYPE, Trace
 

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from boxcore.runtime import ConfigError
+from cliruntime import ConfigError
 from fcd.city import City
 
 PROBE_DTYPE = np.dtype([("t", "<f8"), ("car", "<u4"), ("x", "<f4"), ("y", "<f4"),

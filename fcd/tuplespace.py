@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from boxcore.runtime import host_port, make_parser, positive_int, run_async
+from cliruntime import host_port, make_parser, positive_int, run_async
 
 log = logging.getLogger("fcd.tuplespace")
 
@@ -687,7 +687,7 @@ async def amain(args, ctx) -> int:
     try:
         host, port = await server.start(*args.listen)
     except OSError as exc:
-        from boxcore.runtime import ConfigError
+        from cliruntime import ConfigError
         raise ConfigError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {exc.strerror}") from None
     log.info("tuplespace listening on %s:%d", host, port)
     print(f"fcd-tuplespace: listening on {host}:{port}", flush=True)

@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 from types import SimpleNamespace
 from typing import Any, Awaitable, Callable
 
-from boxcore.runtime import (ConfigError, RunContext, host_port, make_parser, non_negative_float,
+from cliruntime import (ConfigError, RunContext, host_port, make_parser, non_negative_float,
                              positive_int, run_async)
 
 from . import b2b

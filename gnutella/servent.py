@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from boxcore.runtime import (ConfigError, RunContext, host_port, ip_address, make_parser,
+from cliruntime import (ConfigError, RunContext, host_port, ip_address, make_parser,
                              non_negative_float, positive_int, run_async)
 
 from . import http as ghttp

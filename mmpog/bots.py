@@ -45,7 +45,7 @@ import numpy as np
 from aiohttp import web
 
 from boxcore.procs import free_port
-from boxcore.runtime import ConfigError, RunContext, make_parser, non_negative_float, positive_int, probability, run_async
+from cliruntime import ConfigError, RunContext, make_parser, non_negative_float, positive_int, probability, run_async
 
 from .client import GameClient
 from .reliability import ClientConfig, Delivered, Event, Expired, Received, Unrecoverable

@@ -32,7 +32,7 @@ from typing import Callable
 
 import aiohttp
 
-from boxcore.runtime import ConfigError, RunContext, make_parser, non_negative_float, positive_int, run_async
+from cliruntime import ConfigError, RunContext, make_parser, non_negative_float, positive_int, run_async
 
 from . import wire
 from .reliability import Address, ClientConfig, ClientEndpoint, Event, Joined, JoinFailed, Received

@@ -20,7 +20,7 @@ import random
 import socket
 from dataclasses import dataclass
 
-from boxcore.runtime import ConfigError, RunContext, host_port, make_parser, non_negative_float, positive_int, probability, run_async
+from cliruntime import ConfigError, RunContext, host_port, make_parser, non_negative_float, positive_int, probability, run_async
 
 log = logging.getLogger("mmpog.impair")
 

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from boxcore.runtime import ConfigError, RunContext, host_port, make_parser, non_negative_float, positive_int, run_async
+from cliruntime import ConfigError, RunContext, host_port, make_parser, non_negative_float, positive_int, run_async
 
 from . import fastsend
 from .reliability import Address, BufferFull, MembersChanged, ReflectorConfig, ReflectorCore

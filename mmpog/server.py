@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from boxcore.runtime import ConfigError, RunContext, host_port, make_parser, positive_int, run_async
+from cliruntime import ConfigError, RunContext, host_port, make_parser, positive_int, run_async
 
 log = logging.getLogger("mmpog.server")
 

@@ -23,7 +23,7 @@ import struct
 import sys
 import time
 
-from boxcore.runtime import ConfigError, RunContext, make_parser, non_negative_float, positive_int, run_async
+from cliruntime import ConfigError, RunContext, make_parser, non_negative_float, positive_int, run_async
 from npdrv import netns, wire
 from npdrv.card import Card, CardConfig, complete_l4_checksum, host, is_host
 from npdrv.controlpoint import ControlPoint

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from boxcore.runtime import ConfigError, RunContext, make_parser, non_negative_float, run_async
+from cliruntime import ConfigError, RunContext, make_parser, non_negative_float, run_async
 from npdrv import netns, wire
 from npdrv.driver import NpDriver, NpError
 from npdrv.wire import Scope, Table

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from boxcore.runtime import in_ci
+from cliruntime import in_ci
 
 
 def _root_problem() -> str | None:

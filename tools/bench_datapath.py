@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from boxcore.procs import free_port
-from boxcore.runtime import ConfigError, non_negative_float, positive_int
+from cliruntime import ConfigError, non_negative_float, positive_int
 
 STAMP = struct.Struct("!QQ")          # sequence, send time (monotonic ns)
 SAMPLE_EVERY = 8                      # latency samples: every 8th packet

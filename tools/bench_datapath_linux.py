@@ -228,7 +228,7 @@ class Bench:
 def run(args: argparse.Namespace) -> dict:
     """Called by ``booster-loadgen datapath --engine linux``; returns the figures."""
     from boxcore.lab import Lab
-    from boxcore.runtime import ConfigError
+    from cliruntime import ConfigError
 
     if os.geteuid() != 0:
         raise ConfigError("the linux data-path benchmark needs root (it builds a lab of namespaces)")

@@ -29,7 +29,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from boxcore.runtime import ConfigError, int_list
+from cliruntime import ConfigError, int_list
 
 log = logging.getLogger("bench.fcd")
 

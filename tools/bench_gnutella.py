@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from boxcore.runtime import ConfigError, non_negative_float, positive_int
+from cliruntime import ConfigError, non_negative_float, positive_int
 
 
 def register(subparsers) -> None:

@@ -36,7 +36,7 @@ import urllib.request
 from pathlib import Path
 
 from boxcore.procs import free_port
-from boxcore.runtime import non_negative_float, positive_int, probability
+from cliruntime import non_negative_float, positive_int, probability
 
 LOCATION = 1
 

@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from boxcore.runtime import ConfigError, int_list, non_negative_float, positive_int, progress
+from cliruntime import ConfigError, int_list, non_negative_float, positive_int, progress
 
 log = logging.getLogger("booster-loadgen.np-latency")
 

@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from boxcore.runtime import RunContext, make_parser, run_async
+from cliruntime import RunContext, make_parser, run_async
 
 # (package, title) in the order of the paper: the runtime, then sections III-A, B, C.
 PARTS = (

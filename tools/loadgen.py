@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from boxcore.runtime import ConfigError, Parser, add_common_options, setup_logging
+from cliruntime import ConfigError, Parser, add_common_options, setup_logging
 
 # Subcommand modules, in the order they appear in --help.
 BENCHMARKS = ("datapath", "np_latency", "fcd", "gnutella", "mmpog")

@@ -42,7 +42,7 @@ from boxcore import iptables as nf
 from boxcore.engines.base import BoosterSession, Delivery, Engine, Route
 from boxcore.packet import Packet, PacketDecodeError, PacketError
 from boxcore.rules import Action, Rule
-from boxcore.runtime import ConfigError
+from cliruntime import ConfigError
 
 log = logging.getLogger("boxcore.engines.linux")
 

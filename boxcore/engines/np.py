@@ -48,7 +48,7 @@ from boxcore.engines.base import BoosterSession, Delivery, Route
 from boxcore.engines.linux import EngineRefused, LinuxEngine
 from boxcore.packet import Packet, PacketError
 from boxcore.rules import Action, Rule
-from boxcore.runtime import ConfigError
+from cliruntime import ConfigError
 from npdrv import wire
 from npdrv.card import mcast_tx_mac
 from npdrv.driver import NpDriver, NpError

@@ -41,7 +41,7 @@ from boxcore.classifier import Classifier
 from boxcore.engines.base import BoosterSession, Delivery, Engine, Route
 from boxcore.packet import Packet
 from boxcore.rules import Action, Match, Rule
-from boxcore.runtime import ConfigError, positive_int, non_negative_float
+from cliruntime import ConfigError, positive_int, non_negative_float
 from boxcore.wire import Tag, VerdictCode
 
 log = logging.getLogger("boxcore.engines.user")

@@ -19,7 +19,7 @@ import logging
 from boxcore.booster import Booster, Verdict, add_booster_options
 from boxcore.packet import Packet
 from boxcore.rules import Match
-from boxcore.runtime import RunContext, make_parser, non_negative_float, positive_int, run_async
+from cliruntime import RunContext, make_parser, non_negative_float, positive_int, run_async
 
 log = logging.getLogger("booster-example")
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from boxcore.directory import Directory, DirectoryError, QuotaExceeded
-from boxcore.runtime import ConfigError
+from cliruntime import ConfigError
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import boxcore
 from boxcore.packet import Packet
 from boxcore.policy import Policy, grant_region
 from boxcore.rules import Action, Match, Rule
-from boxcore.runtime import ConfigError
+from cliruntime import ConfigError
 
 EXAMPLE = Path(boxcore.__file__).parent / "policy.example.toml"
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from boxcore.runtime import ConfigError
+from cliruntime import ConfigError
 from fcd.city import City, from_sumo_net, load_city
 from fcd.sim import Simulator, main, read_sumo_fcd, read_sumo_tls
 from fcd.trace import Trace

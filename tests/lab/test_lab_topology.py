@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from boxcore.lab import Topology, load_topology, parse_rate, parse_topology, shipped_topologies
-from boxcore.runtime import ConfigError
+from cliruntime import ConfigError
 
 
 def minimal(**link_overrides):

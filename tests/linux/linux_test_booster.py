@@ -20,7 +20,7 @@ from boxcore.booster import Booster, Verdict
 from boxcore.packet import Packet
 from boxcore.receivers.linux import connect_onward
 from boxcore.rules import Match
-from boxcore.runtime import RunContext, make_parser, run_async
+from cliruntime import RunContext, make_parser, run_async
 
 
 def say(**event) -> None:

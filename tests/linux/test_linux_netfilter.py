@@ -10,7 +10,7 @@ from boxcore import iptables as nf
 from boxcore.engines.linux import LinuxEngine, Pool, parse_range, EngineRefused
 from boxcore.receivers.linux import verdict_batch_message
 from boxcore.rules import Action, Match, PayloadPattern, Rule
-from boxcore.runtime import ConfigError
+from cliruntime import ConfigError
 
 
 def entry(cookie, action=Action.REDIRECT, priority=100, target=None, **match):

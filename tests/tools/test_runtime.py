@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from boxcore.runtime import (
+from cliruntime import (
     ConfigError,
     host_port,
     int_list,
@@ -71,7 +71,7 @@ def test_run_sync_writes_structured_stats(tmp_path):
 SCRIPT = textwrap.dedent(
     """
     import sys
-    from boxcore.runtime import make_parser, run_async
+    from cliruntime import make_parser, run_async
 
     async def amain(args, ctx):
         print("ready", flush=True)

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 
-log = logging.getLogger("boxcore.runtime")
+log = logging.getLogger("cliruntime")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
