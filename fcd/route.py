@@ -80,7 +80,7 @@ def build_parser():
         "fcd-route --city city.json --tuplespace 127.0.0.1:7400 --from 0_0 --to 7_7 --every 5",
     ])
     p.add_argument("--city", type=Path, required=True)
-    p.add_argument("--tuplespace", required=True, help="HOST:PORT of the tuplespace")
+    p.add_argument("--tuplespace", required=True, help="HOST:PORT of a tuplespace server, or a Redis URL (redis://HOST:PORT/N, unix:///path/redis.sock)")
     p.add_argument("--from", dest="src", required=True, help="start junction id")
     p.add_argument("--to", dest="dst", required=True, help="destination junction id")
     p.add_argument("--horizon", type=int, default=0, help="use the prediction this many cycles ahead")

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import msgpack
 
+from boxcore.redisconn import is_redis_url
 from cliruntime import host_port, make_parser, positive_int, run_async
 
 log = logging.getLogger("fcd.tuplespace")
@@ -661,9 +662,13 @@ class TupleSpaceClient(_Api):
 
 
 async def connect(address: str | tuple[str, int] | None) -> _Api:
-    """``None`` or ``"local"``: an in-process space; otherwise HOST:PORT of a server."""
+    """``None`` or ``"local"``: an in-process space; a Redis URL (``redis://HOST:PORT/N``,
+    ``unix:///path``, ``...?cluster=1``): the space on Redis; otherwise HOST:PORT of a server."""
     if address is None or address == "local":
         return LocalTupleSpace()
+    if is_redis_url(address):
+        from fcd.tuplespace_redis import RedisTupleSpace
+        return await RedisTupleSpace.connect(address)
     host, port = host_port(address) if isinstance(address, str) else address
     return await TupleSpaceClient.connect(host, port)
 

@@ -13,6 +13,7 @@ command -v tc >/dev/null || need_pkgs+=(iproute2)
 command -v iptables >/dev/null || need_pkgs+=(iptables)
 command -v gcc >/dev/null || need_pkgs+=(gcc)
 command -v pkg-config >/dev/null || need_pkgs+=(pkg-config)
+command -v redis-server >/dev/null || need_pkgs+=(redis-server)   # the distributed stores (issue 15) and their tests
 [ -e /usr/include/libnetfilter_queue/libnetfilter_queue.h ] || need_pkgs+=(libnetfilter-queue-dev)
 [ -e /usr/include/libnfnetlink/libnfnetlink.h ] || need_pkgs+=(libnfnetlink-dev)
 python3 -c 'import sysconfig,os,sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null \

@@ -1,0 +1,436 @@
+"""The tuplespace on Redis: the same Linda semantics as :mod:`fcd.tuplespace`, shared by many machines.
+
+Selected with a URL wherever a tuplespace address is taken (``--tuplespace redis://HOST:PORT/N``,
+``unix:///path/redis.sock``, ``redis://HOST:PORT?cluster=1``).  Every operation that must be atomic
+runs as one server-side Lua script, so several servers and thousands of routers on many machines
+see one space:
+
+- **out** stores the tuple and, in the same script, serves blocked callers in arrival order (every
+  waiting reader gets it, the first waiting taker takes it and it is not stored), then publishes it
+  to ``notify`` subscribers;
+- **rd/in** look for the oldest match; if there is none and the caller may wait, the same script
+  queues the caller as a waiter (FIFO by a sequence number), which then blocks on its own inbox list
+  (``BLPOP``) until ``out`` pushes a tuple there or its timeout ends;
+- a waiter that gives up runs ``cancel``: it leaves the queue and takes whatever ``out`` pushed in
+  the meantime, so a tuple is never lost between a timeout and a delivery;
+- leases are expiry times (``ZSET`` by time): expired tuples are never returned and are purged as
+  scripts run; waiters carry a deadline refreshed while they wait, so a crashed client's waiter
+  expires instead of swallowing tuples.
+
+Keys of one space share the hash tag ``{ts:NAME}``, so a Redis Cluster keeps a space on one slot
+(scripts need it).  Fields are stored as a type code and a canonical msgpack encoding, so matching
+keeps the core's rules (``1`` does not match ``1.0`` or ``True``; ``int`` does not match ``bool``).
+Scans follow the most selective index among arity, first field and second field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Any
+
+import msgpack
+
+from cliruntime.supervisor import Supervisor
+from fcd.tuplespace import Subscription, TupleSpaceError, _Api, check_template, matches
+
+log = logging.getLogger("fcd.tuplespace_redis")
+
+TYPE_CODES: dict[type, bytes] = {int: b"i", float: b"f", str: b"s", bytes: b"b", bool: b"o", list: b"l",
+                                 dict: b"d", tuple: b"l"}
+WILDCARD = b"\x00"
+BLOCK_CHUNK = 2.0          # seconds a waiter blocks before refreshing its deadline
+WAITER_GRACE_MS = 5_000    # how long past its refresh a silent waiter is kept
+INBOX_TTL_MS = 60_000      # a delivered tuple waits this long for a waiter that died
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _canonical(value[k]) for k in sorted(value, key=repr)}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, float) and value == 0.0:
+        return 0.0                      # -0.0 == 0.0 in Python: one encoding for both
+    return value
+
+
+def field_key(value: Any) -> bytes:
+    """A stored field: its type code then its canonical msgpack encoding."""
+    code = TYPE_CODES.get(type(value))
+    if code is None:
+        raise TupleSpaceError(f"unsupported field type {type(value).__name__}")
+    return code + msgpack.packb(_canonical(value), use_bin_type=True)
+
+
+def template_key(field: Any) -> bytes:
+    """A template field: empty for any value, NUL + type code for a typed wildcard, else the value."""
+    if field is None:
+        return b""
+    if isinstance(field, type):
+        return WILDCARD + TYPE_CODES[field]
+    return field_key(field)
+
+
+def _pack_for_lua(fields: list[bytes]) -> bytes:
+    """An array of byte strings as Redis's Lua cmsgpack reads it (raw strings: it has no bin type)."""
+    return msgpack.packb(fields, use_bin_type=False)
+
+
+_COMMON = r"""
+local P = KEYS[1]
+local DATA, SIG, EXP = P .. ':data', P .. ':sig', P .. ':exp'
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function field_ok(want, have)
+  if want == '' then return true end
+  if string.byte(want, 1) == 0 then return string.sub(want, 2, 2) == string.sub(have, 1, 1) end
+  return want == have
+end
+local function tmatch(tpl, sig)
+  if #tpl ~= #sig then return false end
+  for i = 1, #tpl do
+    if not field_ok(tpl[i], sig[i]) then return false end
+  end
+  return true
+end
+local function index_keys(sig)
+  local n = #sig
+  local keys = {P .. ':a:' .. n, P .. ':k1:' .. n .. ':' .. redis.sha1hex(sig[1])}
+  if n >= 2 then keys[3] = P .. ':k2:' .. n .. ':' .. redis.sha1hex(sig[2]) end
+  return keys
+end
+local function remove(id, sig)
+  for _, k in ipairs(index_keys(sig)) do redis.call('ZREM', k, id) end
+  redis.call('HDEL', DATA, id)
+  redis.call('HDEL', SIG, id)
+  redis.call('ZREM', EXP, id)
+end
+local function purge(now, limit)
+  local due = redis.call('ZRANGEBYSCORE', EXP, '-inf', now, 'LIMIT', 0, limit)
+  for _, id in ipairs(due) do
+    local s = redis.call('HGET', SIG, id)
+    if s then remove(id, cmsgpack.unpack(s)) else redis.call('ZREM', EXP, id) end
+    redis.call('HINCRBY', P .. ':stats', 'expired', 1)
+  end
+end
+local function candidates(tpl)
+  local n = #tpl
+  local best = P .. ':a:' .. n
+  local best_n = redis.call('ZCARD', best)
+  for i = 1, math.min(2, n) do
+    local f = tpl[i]
+    if f ~= '' and string.byte(f, 1) ~= 0 then
+      local k = P .. ':k' .. i .. ':' .. n .. ':' .. redis.sha1hex(f)
+      local c = redis.call('ZCARD', k)
+      if c < best_n then best, best_n = k, c end
+    end
+  end
+  return best
+end
+local function find(tpl, limit, take, now)
+  local key = candidates(tpl)
+  local ids, sigs = {}, {}
+  local start = 0
+  while #ids < limit do
+    local batch = redis.call('ZRANGE', key, start, start + 255)
+    if #batch == 0 then break end
+    for _, id in ipairs(batch) do
+      local e = redis.call('ZSCORE', EXP, id)
+      if (not e) or tonumber(e) > now then
+        local sig = cmsgpack.unpack(redis.call('HGET', SIG, id))
+        if tmatch(tpl, sig) then
+          ids[#ids + 1] = id
+          sigs[#sigs + 1] = sig
+          if #ids >= limit then break end
+        end
+      end
+    end
+    start = start + 256
+  end
+  local out = {}
+  for i, id in ipairs(ids) do
+    out[i] = redis.call('HGET', DATA, id)
+    if take then remove(id, sigs[i]) end
+  end
+  redis.call('HINCRBY', P .. ':stats', take and 'taken' or 'read', #out)
+  return out
+end
+local function drop_waiter(n, wid)
+  redis.call('ZREM', P .. ':w:' .. n, wid)
+  redis.call('HDEL', P .. ':wt', wid)
+end
+"""
+
+# KEYS[1] prefix; ARGV: data, packed sig, lease_ms ('' = none), max_tuples
+_OUT = _COMMON + r"""
+local now = now_ms()
+purge(now, 64)
+local data, sig = ARGV[1], cmsgpack.unpack(ARGV[2])
+local n = #sig
+local id = redis.call('INCR', P .. ':seq')
+redis.call('HINCRBY', P .. ':stats', 'out', 1)
+redis.call('PUBLISH', P .. ':notify', data)
+for _, wid in ipairs(redis.call('ZRANGE', P .. ':w:' .. n, 0, -1)) do
+  local raw = redis.call('HGET', P .. ':wt', wid)
+  if not raw then
+    redis.call('ZREM', P .. ':w:' .. n, wid)
+  else
+    local w = cmsgpack.unpack(raw)          -- {take, deadline_ms, template}
+    if w[2] <= now then
+      drop_waiter(n, wid)
+      redis.call('HINCRBY', P .. ':stats', 'stale_waiters', 1)
+    elseif tmatch(w[3], sig) then
+      local inbox = P .. ':in:' .. wid
+      redis.call('RPUSH', inbox, data)
+      redis.call('PEXPIRE', inbox, tonumber(ARGV[5]))
+      drop_waiter(n, wid)
+      if w[1] == 1 then
+        redis.call('HINCRBY', P .. ':stats', 'taken', 1)
+        return id
+      end
+      redis.call('HINCRBY', P .. ':stats', 'read', 1)
+    end
+  end
+end
+if redis.call('HLEN', DATA) >= tonumber(ARGV[4]) then purge(now, 100000) end
+if redis.call('HLEN', DATA) >= tonumber(ARGV[4]) then
+  redis.call('HINCRBY', P .. ':stats', 'refused_full', 1)
+  return redis.error_reply('tuplespace full (' .. ARGV[4] .. ' tuples)')
+end
+redis.call('HSET', DATA, id, data)
+redis.call('HSET', SIG, id, ARGV[2])
+for _, k in ipairs(index_keys(sig)) do redis.call('ZADD', k, id, id) end
+if ARGV[3] ~= '' then redis.call('ZADD', EXP, now + tonumber(ARGV[3]), id) end
+return id
+"""
+
+# KEYS[1] prefix; ARGV: packed template, take (0/1), wait (0/1), deadline_ms (relative), max_waiters
+# -> {1, data} found, {0} nothing, {2, waiter_id} queued
+_GET = _COMMON + r"""
+local now = now_ms()
+purge(now, 64)
+local tpl = cmsgpack.unpack(ARGV[1])
+local take = ARGV[2] == '1'
+local found = find(tpl, 1, take, now)
+if #found > 0 then return {1, found[1]} end
+if ARGV[3] ~= '1' then return {0} end
+if redis.call('HLEN', P .. ':wt') >= tonumber(ARGV[5]) then
+  redis.call('HINCRBY', P .. ':stats', 'refused_waiters', 1)
+  return redis.error_reply('too many blocked callers (' .. ARGV[5] .. ')')
+end
+local wid = redis.call('INCR', P .. ':wseq')
+redis.call('HSET', P .. ':wt', wid, cmsgpack.pack({take and 1 or 0, now + tonumber(ARGV[4]), tpl}))
+redis.call('ZADD', P .. ':w:' .. #tpl, wid, wid)
+return {2, wid}
+"""
+
+# KEYS[1] prefix; ARGV: waiter id, arity, keep (1 = refresh the deadline by ARGV[4] ms, 0 = leave)
+# -> {1, data} delivered meanwhile, {0} not delivered (refreshed or removed), {3} gone (re-queue)
+_WAITER = _COMMON + r"""
+local wid, n = ARGV[1], ARGV[2]
+local delivered = redis.call('LPOP', P .. ':in:' .. wid)
+if delivered then return {1, delivered} end
+local raw = redis.call('HGET', P .. ':wt', wid)
+if ARGV[3] == '0' then
+  drop_waiter(n, wid)
+  return {0}
+end
+if not raw then return {3} end
+local w = cmsgpack.unpack(raw)
+w[2] = now_ms() + tonumber(ARGV[4])
+redis.call('HSET', P .. ':wt', wid, cmsgpack.pack(w))
+return {0}
+"""
+
+# KEYS[1] prefix; ARGV: packed template, take (0/1), limit
+_GET_ALL = _COMMON + r"""
+local now = now_ms()
+purge(now, 64)
+return find(cmsgpack.unpack(ARGV[1]), tonumber(ARGV[3]), ARGV[2] == '1', now)
+"""
+
+
+class RedisTupleSpace(_Api):
+    """A tuplespace client on Redis; same API as :class:`fcd.tuplespace.LocalTupleSpace`."""
+
+    def __init__(self, client: Any, *, name: str = "fcd", max_tuples: int = 100_000,
+                 max_waiters: int = 10_000, block_chunk: float = BLOCK_CHUNK,
+                 waiter_grace: float = WAITER_GRACE_MS / 1000, pubsub_client: Any | None = None) -> None:
+        self.client = client
+        self.prefix = f"{{ts:{name}}}"
+        self.max_tuples = max_tuples
+        self.max_waiters = max_waiters
+        self.block_chunk = block_chunk
+        self._waiter_ttl_ms = round((block_chunk + waiter_grace) * 1000)
+        self._pubsub_client = pubsub_client or client
+        self._scripts = {op: client.register_script(src) for op, src in
+                         (("out", _OUT), ("get", _GET), ("waiter", _WAITER), ("get_all", _GET_ALL))}
+        self._subs: dict[int, tuple[tuple, Subscription]] = {}
+        self._sub_ids = itertools.count(1)
+        self._pubsub: Any | None = None
+        self._supervisor = Supervisor("tuplespace-redis", logger=log)
+        self.stats = {"notify_dropped": 0}
+
+    @classmethod
+    async def connect(cls, url: str, **kwargs: Any) -> "RedisTupleSpace":
+        from boxcore.redisconn import open_redis
+        from redis.asyncio.cluster import RedisCluster
+
+        client = open_redis(url)
+        pubsub_client = None
+        if isinstance(client, RedisCluster):
+            # cluster PUBLISH reaches every node: subscribe on one node's plain connection
+            await client.initialize()
+            import redis.asyncio as aioredis
+            node = client.get_random_node()
+            pubsub_client = aioredis.Redis(host=node.host, port=node.port, decode_responses=False)
+        else:
+            await client.ping()
+        return cls(client, pubsub_client=pubsub_client, **kwargs)
+
+    async def _run(self, op: str, *args: Any) -> Any:
+        import redis.exceptions
+
+        try:
+            return await self._scripts[op](keys=[self.prefix], args=list(args))
+        except redis.exceptions.ResponseError as exc:
+            raise TupleSpaceError(str(exc)) from None
+        except redis.exceptions.ConnectionError as exc:
+            raise TupleSpaceError(f"tuplespace store unreachable: {exc}") from None
+
+    # ---------------------------------------------------------------- operations
+    async def _call(self, op: str, **kw: Any) -> Any:
+        if op == "out":
+            return await self._out(kw["tuple"], kw.get("lease"))
+        if op in ("rd", "in"):
+            timeout = kw.get("timeout")
+            if timeout is not None and timeout < 0:
+                raise TupleSpaceError("timeout must be >= 0")
+            return await self._get(tuple(kw["template"]), op == "in", timeout)
+        if op in ("rd_all", "in_all"):
+            template = tuple(kw["template"])
+            check_template(template)
+            found = await self._run("get_all", self._pack_template(template), int(op == "in_all"),
+                                    int(kw.get("limit", 10_000)))
+            return [self._decode(data) for data in found]
+        raise TupleSpaceError(f"unknown operation {op!r}")
+
+    async def _out(self, tup: tuple, lease: float | None) -> int:
+        if not isinstance(tup, tuple) or not tup:
+            raise TupleSpaceError("a tuple is a non-empty tuple")
+        if any(isinstance(f, type) or f is None for f in tup):
+            raise TupleSpaceError("a tuple holds values, not wildcards")
+        if lease is not None and lease <= 0:
+            raise TupleSpaceError("a lease must be positive")
+        sig = _pack_for_lua([field_key(f) for f in tup])
+        data = msgpack.packb(list(tup), use_bin_type=True)
+        lease_ms = "" if lease is None else str(max(1, round(lease * 1000)))
+        return int(await self._run("out", data, sig, lease_ms, self.max_tuples, INBOX_TTL_MS))
+
+    @staticmethod
+    def _pack_template(template: tuple) -> bytes:
+        check_template(template)
+        return _pack_for_lua([template_key(f) for f in template])
+
+    @staticmethod
+    def _decode(data: bytes) -> tuple:
+        return tuple(msgpack.unpackb(data, raw=False, strict_map_key=False))
+
+    async def _get(self, template: tuple, take: bool, timeout: float | None) -> tuple | None:
+        packed = self._pack_template(template)
+        wait = timeout is None or timeout > 0
+        reply = await self._run("get", packed, int(take), int(wait), self._waiter_ttl_ms, self.max_waiters)
+        if reply[0] == 1:
+            return self._decode(reply[1])
+        if reply[0] == 0:
+            return None
+        waiter = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        deadline = None if timeout is None else time.monotonic() + timeout
+        inbox = f"{self.prefix}:in:{waiter}"
+        try:
+            while True:
+                remaining = self.block_chunk if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                chunk = min(remaining, self.block_chunk)
+                popped = await self.client.blpop([inbox], timeout=chunk)
+                if popped is not None:
+                    return self._decode(popped[1])
+                refreshed = await self._run("waiter", waiter, len(template), 1, self._waiter_ttl_ms)
+                if refreshed[0] == 1:
+                    return self._decode(refreshed[1])
+                if refreshed[0] == 3:    # our entry was dropped as stale (we were too slow): queue again
+                    return await self._get(template, take, None if deadline is None
+                                           else max(0.0, deadline - time.monotonic()))
+        except BaseException:
+            # cancelled or failed while blocked: leave the queue; a tuple already taken for us
+            # goes back into the space rather than being lost
+            rescued = await asyncio.shield(self._run("waiter", waiter, len(template), 0))
+            if rescued[0] == 1 and take:
+                await self._out(self._decode(rescued[1]), None)
+            raise
+        final = await self._run("waiter", waiter, len(template), 0)
+        return self._decode(final[1]) if final[0] == 1 else None
+
+    # ---------------------------------------------------------------- notify
+    async def notify(self, template: tuple, lease: float | None = None, max_queue: int = 10_000) -> Subscription:
+        template = tuple(template)
+        check_template(template)
+        if self._pubsub is None:
+            self._pubsub = self._pubsub_client.pubsub()
+            await self._pubsub.subscribe(f"{self.prefix}:notify")
+            self._supervisor.spawn(self._pump(), name="notify-pump")
+        sub = Subscription(max_queue)
+        sub.id = next(self._sub_ids)
+        self._subs[sub.id] = (template, sub)
+        expiry = None
+        if lease is not None:
+            expiry = asyncio.get_running_loop().call_later(lease, self._expire, sub.id)
+
+        def cancel() -> None:
+            if expiry is not None:
+                expiry.cancel()
+            self._subs.pop(sub.id, None)
+
+        sub._cancel = cancel
+        return sub
+
+    def _expire(self, sub_id: int) -> None:
+        entry = self._subs.pop(sub_id, None)
+        if entry is not None:
+            entry[1]._push(None)
+
+    async def _pump(self) -> None:
+        assert self._pubsub is not None
+        async for message in self._pubsub.listen():
+            if message.get("type") != "message":
+                continue
+            try:
+                tup = self._decode(message["data"])
+            except Exception:   # not ours to judge: count and go on
+                self.stats["notify_dropped"] += 1
+                continue
+            for template, sub in list(self._subs.values()):
+                if matches(template, tup):
+                    sub._push(tup)
+
+    async def server_stats(self) -> dict[str, int]:
+        raw = await self.client.hgetall(f"{self.prefix}:stats")
+        out = {k.decode(): int(v) for k, v in raw.items()}
+        out["tuples"] = int(await self.client.hlen(f"{self.prefix}:data"))
+        return out
+
+    async def close(self) -> None:
+        for _, sub in list(self._subs.values()):
+            sub._push(None)
+        self._subs.clear()
+        await self._supervisor.aclose()
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
+        if self._pubsub_client is not self.client:
+            await self._pubsub_client.aclose()
+        await self.client.aclose()
