@@ -26,6 +26,7 @@ Scans follow the most selective index among arity, first field and second field.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import time
@@ -254,6 +255,10 @@ return find(cmsgpack.unpack(ARGV[1]), tonumber(ARGV[3]), ARGV[2] == '1', now)
 """
 
 
+# KEYS[1] prefix (routes to the space's node) -> the store's time in ms
+_NOW = _COMMON + "return now_ms()"
+
+
 class RedisTupleSpace(_Api):
     """A tuplespace client on Redis; same API as :class:`fcd.tuplespace.LocalTupleSpace`."""
 
@@ -268,7 +273,7 @@ class RedisTupleSpace(_Api):
         self._waiter_ttl_ms = round((block_chunk + waiter_grace) * 1000)
         self._pubsub_client = pubsub_client or client
         self._scripts = {op: client.register_script(src) for op, src in
-                         (("out", _OUT), ("get", _GET), ("waiter", _WAITER), ("get_all", _GET_ALL))}
+                         (("out", _OUT), ("get", _GET), ("waiter", _WAITER), ("get_all", _GET_ALL), ("now", _NOW))}
         self._subs: dict[int, tuple[tuple, Subscription]] = {}
         self._sub_ids = itertools.count(1)
         self._pubsub: Any | None = None
@@ -311,10 +316,10 @@ class RedisTupleSpace(_Api):
             if timeout is not None and timeout < 0:
                 raise TupleSpaceError("timeout must be >= 0")
             return await self._get(tuple(kw["template"]), op == "in", timeout)
-        if op in ("rd_all", "in_all"):
-            template = tuple(kw["template"])
-            check_template(template)
-            found = await self._run("get_all", self._pack_template(template), int(op == "in_all"),
+        if op == "rd_all":
+            return await self._read_all(tuple(kw["template"]), int(kw.get("limit", 10_000)))
+        if op == "in_all":
+            found = await self._run("get_all", self._pack_template(tuple(kw["template"])), 1,
                                     int(kw.get("limit", 10_000)))
             return [self._decode(data) for data in found]
         raise TupleSpaceError(f"unknown operation {op!r}")
@@ -330,6 +335,48 @@ class RedisTupleSpace(_Api):
         data = msgpack.packb(list(tup), use_bin_type=True)
         lease_ms = "" if lease is None else str(max(1, round(lease * 1000)))
         return int(await self._run("out", data, sig, lease_ms, self.max_tuples, INBOX_TTL_MS))
+
+    async def _read_all(self, template: tuple, limit: int) -> list[tuple]:
+        """A bulk read matched here, not in Redis: the store only ranges an index and fetches, so
+        thousands of readers on many machines spend their own CPU, not the store's.  Each tuple
+        returned was in the space at the moment it was fetched (takes may run in between)."""
+        check_template(template)
+        keys = self._index_keys_for(template)
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.zcard(key)
+        sizes = await pipe.execute()
+        key = min(zip(sizes, range(len(keys)), keys))[2]
+        now_ms = int(await self._run("now"))      # the store's clock judges leases, as in the scripts
+        out: list[tuple] = []
+        start, batch = 0, 1024
+        while len(out) < limit:
+            ids = await self.client.zrange(key, start, start + batch - 1)
+            if not ids:
+                break
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hmget(f"{self.prefix}:data", ids)
+            pipe.zmscore(f"{self.prefix}:exp", ids)
+            datas, expiries = await pipe.execute()
+            for data, expiry in zip(datas, expiries):
+                if data is None or (expiry is not None and expiry <= now_ms):
+                    continue
+                tup = self._decode(data)
+                if matches(template, tup):
+                    out.append(tup)
+                    if len(out) >= limit:
+                        break
+            start += batch
+        return out
+
+    def _index_keys_for(self, template: tuple) -> list[str]:
+        """The index keys a template may scan (the same layout as the scripts' ``candidates``)."""
+        n = len(template)
+        keys = [f"{self.prefix}:a:{n}"]
+        for position, field in enumerate(template[:2], start=1):
+            if field is not None and not isinstance(field, type):
+                keys.append(f"{self.prefix}:k{position}:{n}:{hashlib.sha1(field_key(field)).hexdigest()}")
+        return keys
 
     @staticmethod
     def _pack_template(template: tuple) -> bytes:
