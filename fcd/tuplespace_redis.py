@@ -43,6 +43,7 @@ TYPE_CODES: dict[type, bytes] = {int: b"i", float: b"f", str: b"s", bytes: b"b",
                                  dict: b"d", tuple: b"l"}
 WILDCARD = b"\x00"
 BLOCK_CHUNK = 2.0          # seconds a waiter blocks before refreshing its deadline
+FETCH_BATCH = 1024         # tuples a bulk read fetches per round trip
 WAITER_GRACE_MS = 5_000    # how long past its refresh a silent waiter is kept
 INBOX_TTL_MS = 60_000      # a delivered tuple waits this long for a waiter that died
 
@@ -104,8 +105,20 @@ local function index_keys(sig)
   if n >= 2 then keys[3] = P .. ':k2:' .. n .. ':' .. redis.sha1hex(sig[2]) end
   return keys
 end
+-- index members are the entry itself: 16 digits of id, 16 of expiry (0 = none), then the tuple, so a
+-- bulk read is one ZRANGE with nothing else to fetch
+local HEAD = 32
+local function member_of(id, expires, data) return string.format('%016d%016d', id, expires) .. data end
+local function expiry_of(member) return tonumber(string.sub(member, 17, 32)) end
+local function live(member, now)
+  local e = expiry_of(member)
+  return e == 0 or e > now
+end
 local function remove(id, sig)
-  for _, k in ipairs(index_keys(sig)) do redis.call('ZREM', k, id) end
+  local member = redis.call('HGET', DATA, id)
+  if member then
+    for _, k in ipairs(index_keys(sig)) do redis.call('ZREM', k, member) end
+  end
   redis.call('HDEL', DATA, id)
   redis.call('HDEL', SIG, id)
   redis.call('ZREM', EXP, id)
@@ -134,18 +147,19 @@ local function candidates(tpl)
 end
 local function find(tpl, limit, take, now)
   local key = candidates(tpl)
-  local ids, sigs = {}, {}
+  local ids, sigs, datas = {}, {}, {}
   local start = 0
   while #ids < limit do
     local batch = redis.call('ZRANGE', key, start, start + 255)
     if #batch == 0 then break end
-    for _, id in ipairs(batch) do
-      local e = redis.call('ZSCORE', EXP, id)
-      if (not e) or tonumber(e) > now then
+    for _, member in ipairs(batch) do
+      if live(member, now) then
+        local id = tostring(tonumber(string.sub(member, 1, 16)))
         local sig = cmsgpack.unpack(redis.call('HGET', SIG, id))
         if tmatch(tpl, sig) then
           ids[#ids + 1] = id
           sigs[#sigs + 1] = sig
+          datas[#datas + 1] = string.sub(member, HEAD + 1)
           if #ids >= limit then break end
         end
       end
@@ -154,7 +168,7 @@ local function find(tpl, limit, take, now)
   end
   local out = {}
   for i, id in ipairs(ids) do
-    out[i] = redis.call('HGET', DATA, id)
+    out[i] = datas[i]
     if take then remove(id, sigs[i]) end
   end
   redis.call('HINCRBY', P .. ':stats', take and 'taken' or 'read', #out)
@@ -202,10 +216,15 @@ if redis.call('HLEN', DATA) >= tonumber(ARGV[4]) then
   redis.call('HINCRBY', P .. ':stats', 'refused_full', 1)
   return redis.error_reply('tuplespace full (' .. ARGV[4] .. ' tuples)')
 end
-redis.call('HSET', DATA, id, data)
+local expires = 0
+if ARGV[3] ~= '' then
+  expires = now + tonumber(ARGV[3])
+  redis.call('ZADD', EXP, expires, id)
+end
+local member = member_of(id, expires, data)
+redis.call('HSET', DATA, id, member)
 redis.call('HSET', SIG, id, ARGV[2])
-for _, k in ipairs(index_keys(sig)) do redis.call('ZADD', k, id, id) end
-if ARGV[3] ~= '' then redis.call('ZADD', EXP, now + tonumber(ARGV[3]), id) end
+for _, k in ipairs(index_keys(sig)) do redis.call('ZADD', k, id, member) end
 return id
 """
 
@@ -255,10 +274,6 @@ return find(cmsgpack.unpack(ARGV[1]), tonumber(ARGV[3]), ARGV[2] == '1', now)
 """
 
 
-# KEYS[1] prefix (routes to the space's node) -> the store's time in ms
-_NOW = _COMMON + "return now_ms()"
-
-
 class RedisTupleSpace(_Api):
     """A tuplespace client on Redis; same API as :class:`fcd.tuplespace.LocalTupleSpace`."""
 
@@ -273,7 +288,7 @@ class RedisTupleSpace(_Api):
         self._waiter_ttl_ms = round((block_chunk + waiter_grace) * 1000)
         self._pubsub_client = pubsub_client or client
         self._scripts = {op: client.register_script(src) for op, src in
-                         (("out", _OUT), ("get", _GET), ("waiter", _WAITER), ("get_all", _GET_ALL), ("now", _NOW))}
+                         (("out", _OUT), ("get", _GET), ("waiter", _WAITER), ("get_all", _GET_ALL))}
         self._subs: dict[int, tuple[tuple, Subscription]] = {}
         self._sub_ids = itertools.count(1)
         self._pubsub: Any | None = None
@@ -337,40 +352,44 @@ class RedisTupleSpace(_Api):
         return int(await self._run("out", data, sig, lease_ms, self.max_tuples, INBOX_TTL_MS))
 
     async def _read_all(self, template: tuple, limit: int) -> list[tuple]:
-        """A bulk read matched here, not in Redis: the store only ranges an index and fetches, so
-        thousands of readers on many machines spend their own CPU, not the store's.  Each tuple
-        returned was in the space at the moment it was fetched (takes may run in between)."""
+        """A bulk read matched here, not in Redis: the store only ranges an index (one ZRANGE, its
+        members are the tuples), so thousands of readers on many machines spend their own CPU,
+        not the store's.  Each tuple returned was in the space when its batch was read."""
         check_template(template)
         keys = self._index_keys_for(template)
-        pipe = self.client.pipeline(transaction=False)
-        for key in keys:
-            pipe.zcard(key)
-        sizes = await pipe.execute()
-        key = min(zip(sizes, range(len(keys)), keys))[2]
-        now_ms = int(await self._run("now"))      # the store's clock judges leases, as in the scripts
-        out: list[tuple] = []
-        start, batch = 0, 1024
-        while len(out) < limit:
-            ids = await self.client.zrange(key, start, start + batch - 1)
-            if not ids:
-                break
+        now_ms = await self._store_time_ms()
+        if len(keys) > 1:
             pipe = self.client.pipeline(transaction=False)
-            pipe.hmget(f"{self.prefix}:data", ids)
-            pipe.zmscore(f"{self.prefix}:exp", ids)
-            datas, expiries = await pipe.execute()
-            for data, expiry in zip(datas, expiries):
-                if data is None or (expiry is not None and expiry <= now_ms):
-                    continue
-                tup = self._decode(data)
+            for key in keys:
+                pipe.zcard(key)
+            key = min(zip(await pipe.execute(), range(len(keys)), keys))[2]
+        else:
+            key = keys[0]
+        out: list[tuple] = []
+        start = 0
+        while len(out) < limit:
+            members = await self.client.zrange(key, start, start + FETCH_BATCH - 1)
+            live = [m[32:] for m in members if not (0 < int(m[16:32]) <= now_ms)]
+            unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, use_list=True)
+            unpacker.feed(b"".join(live))        # one decoder pass over the whole batch
+            for fields in unpacker:
+                tup = tuple(fields)
                 if matches(template, tup):
                     out.append(tup)
                     if len(out) >= limit:
                         break
-            start += batch
+            if len(members) < FETCH_BATCH:
+                break
+            start += FETCH_BATCH
         return out
 
+    async def _store_time_ms(self) -> int:
+        """The store's clock (leases are judged by it, as in the scripts)."""
+        seconds, micros = await self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
     def _index_keys_for(self, template: tuple) -> list[str]:
-        """The index keys a template may scan (the same layout as the scripts' ``candidates``)."""
+        """The index keys a template may range (the layout of the scripts' ``index_keys``)."""
         n = len(template)
         keys = [f"{self.prefix}:a:{n}"]
         for position, field in enumerate(template[:2], start=1):
