@@ -122,11 +122,11 @@ async def test_invalid_requests(tmp_path):
     async with MemoryBox(state=tmp_path) as box:
         b = await box.connect("b1")
         with pytest.raises(InvalidRequest):
-            await b._request({"t": "rule", "action": "redirect", "match": {"dst_port": 70000}})
+            await b.session.request({"t": "rule", "action": "redirect", "match": {"dst_port": 70000}})
         with pytest.raises(InvalidRequest):
-            await b._request({"t": "rule", "action": "redirect", "match": {"bogus": 1}})
+            await b.session.request({"t": "rule", "action": "redirect", "match": {"bogus": 1}})
         with pytest.raises(InvalidRequest):
-            await b._request({"t": "cancel", "cookie": 999})
+            await b.session.request({"t": "cancel", "cookie": 999})
         with pytest.raises(Conflict):
             await box.connect("b1")  # one booster per name
 
