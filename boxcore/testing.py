@@ -154,12 +154,17 @@ class MemoryBox:
 
     async def connect(self, name: str, **kwargs: Any) -> Booster:
         """A connected :class:`Booster` named ``name`` using this box's fake clock."""
-        boxd_end, booster_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.controller.adopt(boxd_end)
-        booster = Booster(name, control="<memory>", sock=booster_end, clock=self.clock, **kwargs)
+        booster = Booster(name, control="<memory>", sock=self.control_socket(), clock=self.clock, **kwargs)
         await booster.connect()
         self.boosters.append(booster)
         return booster
+
+    def control_socket(self) -> socket.socket:
+        """A control connection to this box (the booster's end), for a Booster made elsewhere:
+        ``run_booster(name, serve, stop=stop, sock=box.control_socket(), clock=box.clock)``."""
+        boxd_end, booster_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.controller.adopt(boxd_end)
+        return booster_end
 
     async def inject(self, pkt: Packet) -> Outcome:
         """Send ``pkt`` through the box; returns once every booster has handled it."""

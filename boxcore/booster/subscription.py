@@ -73,7 +73,7 @@ class Subscription:
             return None
         return getattr(self.receiver, "delegated_socket", None)
 
-    async def connect_onward(self, conn: InterceptedConnection, *, spoof_client: bool = False,
+    async def connect_onward(self, conn: InterceptedConnection | tuple[str, int], *, spoof_client: bool = False,
                              timeout: float = 10.0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """The booster's own TCP connection to where intercepted ``conn`` was going.
 
@@ -81,12 +81,16 @@ class Subscription:
         connection is marked so that it never re-enters the booster's own rules, and with
         ``spoof_client`` it leaves from the client's address (the server sees the client);
         where the box relays connections it is an ordinary connection from the booster's host
-        (``spoof_client`` has no effect there).  ``timeout`` bounds the connect.
+        (``spoof_client`` has no effect there).  ``conn`` may also be a ``(host, port)`` the
+        booster dials on its own behalf past this interception (a link of its own to a server
+        its rule intercepts for): it is never intercepted either.  ``timeout`` bounds the connect.
         """
-        if conn.cookie != self.cookie:
-            raise ValueError(f"connection {conn} was intercepted by rule {conn.cookie}, not {self.cookie}")
         if self.receiver is None or not hasattr(self.receiver, "connect_onward"):
             raise TypeError(f"{self!r} does not intercept TCP connections")
+        if isinstance(conn, tuple):
+            conn, spoof_client = InterceptedConnection(("0.0.0.0", 0), (str(conn[0]), int(conn[1])), self.cookie), False
+        elif conn.cookie != self.cookie:
+            raise ValueError(f"connection {conn} was intercepted by rule {conn.cookie}, not {self.cookie}")
         return await self.receiver.connect_onward(conn, spoof_client=spoof_client, timeout=timeout)
 
     def receive_batches(self, batch_handler: Callable[[list[bytes]], Any], *, max_batch: int = 1024) -> bool:
