@@ -22,6 +22,11 @@ class DirectoryClient:
         self._session = session
         self._stats = stats
         self._queues: dict[int, asyncio.Queue] = {}
+        # Events can arrive right behind the dir_watch reply, before the watching coroutine has
+        # run again to register its queue: they wait here (watch ids only grow, so an id above
+        # the last registered one is a watch still being set up).
+        self._early: dict[int, list[tuple[str, Any]]] = {}
+        self._last_registered = 0
         self.max_queue = max_queue
 
     async def get(self, key: str, default: Any = None) -> Any:
@@ -49,6 +54,9 @@ class DirectoryClient:
         wid = result["watch"]
         queue: asyncio.Queue = asyncio.Queue(self.max_queue)
         self._queues[wid] = queue
+        self._last_registered = max(self._last_registered, wid)
+        for item in self._early.pop(wid, ()):
+            queue.put_nowait(item)
         try:
             while True:
                 item = await queue.get()
@@ -63,11 +71,20 @@ class DirectoryClient:
 
     # called by the booster when boxd sends a dir_event / goes away
     def event(self, msg: dict) -> None:
-        queue = self._queues.get(msg["watch"])
+        wid = msg["watch"]
+        item = (msg["key"], None if msg["deleted"] else msg.get("value"))
+        queue = self._queues.get(wid)
         if queue is None:
+            if wid <= self._last_registered:
+                return              # a watch that ended
+            early = self._early.setdefault(wid, [])
+            if len(early) < self.max_queue:
+                early.append(item)
+            else:
+                self._stats["directory_events_dropped"] += 1
             return
         try:
-            queue.put_nowait((msg["key"], None if msg["deleted"] else msg.get("value")))
+            queue.put_nowait(item)
         except asyncio.QueueFull:
             self._stats["directory_events_dropped"] += 1
 
