@@ -241,3 +241,42 @@ async def test_connect_onward_on_relayed_interception(tmp_path, net, strict_cont
     finally:
         server.close()
     assert strict_contexts >= {"accept_streams", "stop_streams"}
+
+
+# ------------------------------------------------------------------ connect_onward goes to the receiver
+
+class _OnwardReceiver:
+    def __init__(self):
+        self.calls = []
+
+    async def connect_onward(self, conn, *, spoof_client, timeout):
+        self.calls.append((conn, spoof_client, timeout))
+        return "reader", "writer"
+
+
+def _subscription(receiver, cookie=7):
+    from boxcore.booster import Subscription
+    from boxcore.engines.base import Delivery
+    from boxcore.rules import Action, Rule
+
+    rule = Rule(Match(proto="tcp", dst_port=6346), Action.REDIRECT, cookie=cookie)
+    return Subscription(None, rule, Delivery("tproxy", {"port": 1}), receiver)
+
+
+async def test_connect_onward_hands_the_options_to_the_delivery():
+    receiver = _OnwardReceiver()
+    sub = _subscription(receiver)
+    assert await sub.connect_onward(_conn(7), spoof_client=True, timeout=2.5) == ("reader", "writer")
+    assert await sub.connect_onward(("10.0.0.9", 6346)) == ("reader", "writer")
+    (conn, spoof, timeout), (own, own_spoof, own_timeout) = receiver.calls
+    assert (conn, spoof, timeout) == (_conn(7), True, 2.5)
+    # the booster's own link: nobody's address to borrow
+    assert own.original_dst == ("10.0.0.9", 6346) and own.cookie == 7 and own_spoof is False and own_timeout == 10.0
+
+
+def test_transparent_interception_connects_onward_marked_and_spoofing():
+    import boxcore.receivers.linux as linux
+    from boxcore.receivers import get_receiver
+
+    assert get_receiver("tproxy").connect_onward is linux.connect_onward
+    assert get_receiver("stream").connect_onward is not linux.connect_onward
