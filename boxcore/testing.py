@@ -20,6 +20,8 @@ the ``memory`` engine; boosters talk to it over in-process socketpairs, so no
 network socket is opened and every packet is handled before ``inject``
 returns.  ``FakeClock`` drives the booster's ``call_later`` / ``call_every``;
 ``box.advance(seconds)`` moves it and waits for what the timers started.
+``settle`` / ``advance`` / ``until`` raise :class:`SettleTimeout` rather than
+return when what they wait for does not happen.
 """
 
 from __future__ import annotations
@@ -38,7 +40,11 @@ from boxcore.engines.memory import MemoryEngine, Outcome
 from boxcore.packet import Packet
 from boxcore.procs import free_port  # re-exported for tests and demos: TCP unless kind=socket.SOCK_DGRAM
 
-__all__ = ["FakeClock", "MemoryBox", "Outcome"]
+__all__ = ["FakeClock", "MemoryBox", "Outcome", "SettleTimeout", "BoxdProcess"]
+
+
+class SettleTimeout(AssertionError):
+    """The box or a booster did not get where a test waited for it in time."""
 
 
 class _Handle:
@@ -148,40 +154,74 @@ class MemoryBox:
 
     async def connect(self, name: str, **kwargs: Any) -> Booster:
         """A connected :class:`Booster` named ``name`` using this box's fake clock."""
-        boxd_end, booster_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.controller.adopt(boxd_end)
-        booster = Booster(name, control="<memory>", sock=booster_end, clock=self.clock, **kwargs)
+        booster = Booster(name, control="<memory>", sock=self.control_socket(), clock=self.clock, **kwargs)
         await booster.connect()
         self.boosters.append(booster)
         return booster
 
+    def control_socket(self) -> socket.socket:
+        """A control connection to this box (the booster's end), for a Booster made elsewhere:
+        ``run_booster(name, serve, stop=stop, sock=box.control_socket(), clock=box.clock)``."""
+        boxd_end, booster_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.controller.adopt(boxd_end)
+        return booster_end
+
     async def inject(self, pkt: Packet) -> Outcome:
         """Send ``pkt`` through the box; returns once every booster has handled it."""
-        before = dict(self.engine.delivered)
         outcome = await self.engine.process(pkt)
-        await self.settle(before)
+        await self.settle()
         return outcome
 
-    async def settle(self, before: dict[int, int] | None = None, timeout: float = 5.0) -> None:
-        """Wait until every booster has read what the box pushed to it (copies included)."""
+    async def settle(self, timeout: float = 5.0) -> None:
+        """Wait until every booster has read what the box pushed to it (copies included) and its
+        coroutine handlers have finished.  Raises :class:`SettleTimeout` after ``timeout`` seconds
+        (a booster that stopped reading, or a handler that never returns)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            if all(self._consumed(b) >= self.engine.delivered.get(b.sid, 0) for b in self.boosters
-                   if not b.closed):
+        # The data channel has no event to wait on: poll its read count (cheap, bounded).
+        while True:
+            behind = [b.name for b in self.boosters
+                      if not b.closed and self._consumed(b) < self.engine.delivered.get(b.sid, 0)]
+            if not behind:
                 break
+            if loop.time() >= deadline:
+                raise SettleTimeout(f"boosters {behind} did not read what the box pushed within {timeout}s")
             await asyncio.sleep(0.001)
+        running = [b for b in self.boosters if not b.closed and b.inflight.count]
+        if running:
+            try:
+                await asyncio.wait_for(asyncio.gather(*(b.inflight.wait_idle() for b in running)),
+                                       max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise SettleTimeout(f"handlers of boosters {[b.name for b in running]} still running "
+                                    f"after {timeout}s") from None
         await _yield_loop()
 
     async def advance(self, seconds: float, timeout: float = 5.0) -> int:
         """Move the fake clock and wait until the timers' coroutines (e.g. directory
-        writes) have finished; returns how many timers fired."""
+        writes) have finished; returns how many timers fired.  Raises :class:`SettleTimeout`
+        if they have not finished within ``timeout`` seconds."""
         ran = await self.clock.advance(seconds)
-        pending = [t for b in self.boosters for t in b._timer_tasks]
-        if pending:
-            await asyncio.wait(pending, timeout=timeout)
-        await self.settle()
+        running = [b for b in self.boosters if b.timers.inflight.count]
+        if running:
+            try:
+                await asyncio.wait_for(asyncio.gather(*(b.timers.inflight.wait_idle() for b in running)), timeout)
+            except asyncio.TimeoutError:
+                raise SettleTimeout(f"timer coroutines of {[b.name for b in running]} still running "
+                                    f"after {timeout}s") from None
+        await self.settle(timeout=timeout)
         return ran
+
+    async def until(self, predicate: Callable[[], Any], timeout: float = 5.0, what: str = "the condition") -> Any:
+        """Wait until ``predicate()`` is true (for what has no event: e.g. the box handling a
+        packet a booster sent); raises :class:`SettleTimeout` after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (value := predicate()):
+            if loop.time() >= deadline:
+                raise SettleTimeout(f"timed out after {timeout}s waiting for {what}")
+            await asyncio.sleep(0.001)
+        return value
 
     @staticmethod
     def _consumed(booster: Booster) -> int:

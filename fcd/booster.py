@@ -80,7 +80,7 @@ class BoxAggregator:
 
 
 def read_delegated_socket(sub, box: BoxAggregator, max_reads: int = 1024) -> bool:
-    """Batch fast path for the user engine's ``socket`` delivery.
+    """Batch fast path where the booster reads the box's socket itself (``socket`` delivery).
 
     Every FCD datagram the box gets is consumed (never passed on), so instead of one handler
     call and one Packet object per datagram, ask the booster library for the payloads of each
@@ -140,54 +140,51 @@ def build_parser():
 
 
 async def amain(args, ctx) -> int:
-    from boxcore.booster import Booster, BoosterError, BoxdGone
+    import contextlib
+
+    from boxcore.booster import run_booster
     from boxcore.rules import Match
+    from cliruntime.supervisor import Supervisor
 
     city = load_city(args.city)
     client = KeepAliveClient(*args.server_http)
     uplink = ReliableUplink(client, max_queue=args.max_queue, batch=args.rpc_batch, interval=args.rpc_interval)
     box = BoxAggregator(city, args.box_id, uplink, max_pending=args.max_pending)
     ctx.stats.providers["box"] = box.snapshot
-    uplink_stop = asyncio.Event()
-    uplink_task = asyncio.create_task(uplink.run(uplink_stop))
-    box_task_started = False
-    status = 0
-    try:
-        async with Booster("fcd-booster", control=args.control) as booster:
-            host, port = args.server_udp
-            try:
-                sub = await booster.redirect(Match(proto="udp", dst=host, dst_port=port), box.on_packet)
-            except BoosterError as exc:
-                raise ConfigError(f"boxd refused the redirect: {exc}") from None
-            fast = not args.no_fast_path and read_delegated_socket(sub, box)
-            log.info("redirecting udp to %s:%d on engine %s via %s%s", host, port, booster.engine,
-                     sub.delivery.kind, " (batch reads)" if fast else "")
-            if args.ready_file:
-                args.ready_file.write_text(json.dumps({"engine": booster.engine, "delivery": sub.delivery.kind,
-                                                       "batch_reads": fast}))
-            box_task_started = True
-            box_task = asyncio.create_task(run_box(box, ctx.stop, args.flush_interval, args.stats_interval))
-            gone = asyncio.create_task(booster.run_until_stopped(ctx.stop))
-            await asyncio.wait([box_task, gone], return_when=asyncio.FIRST_COMPLETED)
-            boxd_left = gone.done() and not ctx.stop.is_set()
-            ctx.stop.set()
-            await box_task
-            if boxd_left:
-                log.error("boxd went away (%s): stopping after delivering what was aggregated", gone.result())
-                status = 1
-    except BoxdGone as exc:
-        if box_task_started:
-            log.error("boxd went away: %s", exc)
-            return 1
-        raise ConfigError(str(exc)) from None
-    finally:
-        uplink_stop.set()
+
+    @contextlib.asynccontextmanager
+    async def serve(booster):
+        host, port = args.server_udp
+        sub = await booster.redirect(Match(proto="udp", dst=host, dst_port=port), box.on_packet)
+        fast = not args.no_fast_path and read_delegated_socket(sub, box)
+        log.info("redirecting udp to %s:%d on engine %s via %s%s", host, port, booster.engine,
+                 sub.delivery.kind, " (batch reads)" if fast else "")
+        if args.ready_file:
+            args.ready_file.write_text(json.dumps({"engine": booster.engine, "delivery": sub.delivery.kind,
+                                                   "batch_reads": fast}))
+        box_stop = asyncio.Event()
+        aggregating = booster.spawn(run_box(box, box_stop, args.flush_interval, args.stats_interval),
+                                    name="aggregate")
         try:
-            await asyncio.wait_for(uplink_task, args.drain_timeout)
-        except asyncio.TimeoutError:
-            log.warning("%d calls not delivered at exit", len(uplink.queue))
-        client.close()
-    return status
+            yield
+        finally:
+            box_stop.set()
+            await asyncio.wait([aggregating])      # its last flush and fcd.box_stats
+
+    # The uplink outlives the booster: once the booster has left (its rule removed, datagrams go
+    # straight to the server), what was aggregated is still delivered, for --drain-timeout.
+    async with Supervisor("fcd-booster uplink", logger=log, on_failure=lambda name, exc: ctx.stop.set()) as tasks:
+        uplink_stop = asyncio.Event()
+        delivering = tasks.spawn(uplink.run(uplink_stop), name="uplink")
+        try:
+            status = await run_booster("fcd-booster", serve, control=args.control, stop=ctx.stop)
+        finally:
+            uplink_stop.set()
+            _, late = await asyncio.wait([delivering], timeout=args.drain_timeout)
+            if late:
+                log.warning("%d calls not delivered at exit", len(uplink.queue))
+            client.close()
+    return 1 if tasks.failed is not None else status
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,12 @@
 """``gnutella-booster``: the clustering booster at a cluster's edge (asyncio around :mod:`gnutella.boostercore`).
 
 It asks boxd to intercept the TCP connections that local servents open to
-Gnutella ports outside the cluster (TPROXY on the linux engine, ``stream``
-delivery on the user engine).  Each intercepted connection is identified by
+Gnutella ports outside the cluster (``intercept_tcp``: transparently, or relayed
+by the box, whichever the box does).  Each intercepted connection is identified by
 its first bytes: ``GNUTELLA CONNECT`` is answered as the remote peer would
 (the booster impersonates it); anything else (an HTTP download, a GIV) is
-spliced on to where it was going, untouched.  Boosters of other clusters are
+spliced on to where it was going, untouched, over the booster's own connection
+onward (``Subscription.connect_onward``).  Boosters of other clusters are
 reached over the msgpack protocol of :mod:`gnutella.b2b`.
 """
 
@@ -517,7 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def amain(args, ctx: RunContext) -> int:
-    from boxcore.booster import Booster, BoosterError
+    import contextlib
+
+    from boxcore.booster import Subscription, run_booster
     from boxcore.rules import Match
 
     if args.sightings < 0:
@@ -529,35 +532,40 @@ async def amain(args, ctx: RunContext) -> int:
                            args.max_queries, args.remote_ttl, args.max_per_client, trust_tables=args.trust_tables)
     secret = args.secret.encode() if args.secret else os.urandom(16)
     core = BoosterCore(config, secret, stats=ctx.stats)
-    try:
-        async with Booster("gnutella-booster", control=args.control) as booster:
-            splice: Splicer = _plain_onward
-            if booster.engine in ("linux", "np"):
-                from boxcore.receivers.linux import connect_onward
-                splice = connect_onward
-            adapter = GnutellaBooster(core, ctx.stats, splice, upstream=args.upstream, max_splices=args.max_splices,
-                                      max_payload=args.max_payload)
-            ctx.stats.providers["booster"] = adapter.snapshot
-            ctx.stats.providers["boundary"] = adapter.boundary
-            for lo, hi in ports:
-                for prefix in args.cluster or [None]:
-                    match = Match(proto="tcp", src=prefix, dst_port=lo if lo == hi else (lo, hi))
-                    await booster.intercept_tcp(match, adapter.on_intercepted)
-            try:
-                await adapter.start(args.peer_listen, args.booster)
-            except OSError as exc:
-                raise ConfigError(f"cannot listen for boosters on {args.peer_listen}: {exc.strerror}") from None
-            log.info("booster %s ready on engine %s: cluster %s, ports %s, peers %s", args.name, booster.engine,
-                     ",".join(args.cluster) or "any", ports, args.booster)
-            try:
-                await booster.run_until_stopped(ctx.stop)
-            finally:
-                await adapter.stop()
-    except (ConnectionError, FileNotFoundError) as exc:
-        raise ConfigError(str(exc) if "boxd" in str(exc) else f"cannot reach boxd at {args.control}: {exc}") from None
-    except BoosterError as exc:
-        raise ConfigError(f"boxd refused: {exc}") from None
-    return 0
+    interceptions: dict[int, Subscription] = {}
+
+    async def splice(conn: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        # onward as the subscription that intercepted the connection does it; the adapter's own
+        # upstream links (no cookie) leave past any of them, so they are never intercepted either
+        sub = interceptions.get(getattr(conn, "cookie", None))
+        if sub is not None:
+            return await sub.connect_onward(conn, timeout=HANDSHAKE_TIMEOUT)
+        return await next(iter(interceptions.values())).connect_onward(tuple(conn.original_dst),
+                                                                        timeout=HANDSHAKE_TIMEOUT)
+
+    @contextlib.asynccontextmanager
+    async def serve(booster):
+        adapter = GnutellaBooster(core, ctx.stats, splice, upstream=args.upstream, max_splices=args.max_splices,
+                                  max_payload=args.max_payload)
+        ctx.stats.providers["booster"] = adapter.snapshot
+        ctx.stats.providers["boundary"] = adapter.boundary
+        for lo, hi in ports:
+            for prefix in args.cluster or [None]:
+                match = Match(proto="tcp", src=prefix, dst_port=lo if lo == hi else (lo, hi))
+                sub = await booster.intercept_tcp(match, adapter.on_intercepted)
+                interceptions[sub.cookie] = sub
+        try:
+            await adapter.start(args.peer_listen, args.booster)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen for boosters on {args.peer_listen}: {exc.strerror}") from None
+        log.info("booster %s ready on engine %s: cluster %s, ports %s, peers %s", args.name, booster.engine,
+                 ",".join(args.cluster) or "any", ports, args.booster)
+        try:
+            yield
+        finally:
+            await adapter.stop()
+
+    return await run_booster("gnutella-booster", serve, control=args.control, stop=ctx.stop)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,11 +3,11 @@
 Two ways to run it, same protocol core (:class:`mmpog.reliability.ReflectorCore`):
 
 * ``--mode booster`` (the main one): a boxcore booster in opaque mode.  It asks
-  boxd to redirect a whole UDP port to it; on the user engine the port's socket
-  is delegated (``socket`` delivery), so the booster reads it and fans out with
-  ``sendto`` per member itself - no boxd hop on the hot path.  With any other
-  delivery, or ``--fanout engine``, the fan-out is one ``send_multicast`` to a
-  multicast group of the engine that holds the location's members.
+  boxd to redirect a whole UDP port to it; where boxd hands the port's own socket
+  over (``Subscription.delegated_socket``), the booster fans out with ``sendto``
+  per member on it itself - no boxd hop on the hot path.  Otherwise, or with
+  ``--fanout engine``, the fan-out is one ``send_multicast`` to a multicast group
+  of the box's data path that holds the location's members.
 * ``--mode standalone``: binds its own UDP socket (no boxd).
 
 Membership is pushed by the game server over HTTP (``--http``)::
@@ -271,12 +271,15 @@ def _start_ticker(loop: asyncio.AbstractEventLoop, service: ReflectorService, ti
     return loop.create_task(ticker())
 
 
-async def run_booster(service: ReflectorService, args: argparse.Namespace, stop: asyncio.Event) -> str:
-    from boxcore.booster import Booster, BoosterError
+async def run_booster(service: ReflectorService, args: argparse.Namespace, stop: asyncio.Event) -> int:
+    """The reflector as a booster until ``stop`` (or boxd goes away); returns the exit status."""
+    import contextlib
+
+    from boxcore import booster as boosterlib
+    from boxcore.booster import BoosterError
     from boxcore.packet import Packet
     from boxcore.rules import Match
 
-    loop = asyncio.get_running_loop()
     port = args.port
     box_addr = {"addr": args.box_address}
 
@@ -285,17 +288,15 @@ async def run_booster(service: ReflectorService, args: argparse.Namespace, stop:
         service.on_datagram(pkt.payload, (pkt.src, pkt.sport))
         return None   # CONSUME: the reflector is the packet's end point
 
-    try:
-        booster_cm = Booster("mmpog-reflector", control=args.control)
-        booster = await booster_cm.__aenter__()
-    except (OSError, ConnectionError) as exc:
-        raise ConfigError(f"cannot reach boxd at {args.control}: {exc}") from None
-    try:
-        try:
-            sub = await booster.redirect(Match(proto="udp", dst=args.dst, dst_port=port), on_packet)
-        except BoosterError as exc:
-            raise ConfigError(f"boxd refused udp port {port}: {exc}") from None
-        direct_socket = getattr(sub.receiver, "sock", None) if sub.delivery.kind == "socket" else None
+    async def ticks() -> None:
+        while True:
+            await asyncio.sleep(args.tick)
+            service.tick()
+
+    @contextlib.asynccontextmanager
+    async def serve(booster):
+        sub = await booster.redirect(Match(proto="udp", dst=args.dst, dst_port=port), on_packet)
+        direct_socket = sub.delegated_socket
         if direct_socket is not None:
             service.use_socket(direct_socket)
         else:
@@ -327,23 +328,15 @@ async def run_booster(service: ReflectorService, args: argparse.Namespace, stop:
 
             service.fanout = fanout_engine
             service.on_members = groups.put_nowait
-            updater = loop.create_task(group_updater())
-        else:
-            updater = None
+            booster.spawn(group_updater(), name="multicast groups")
         service.transport = {"mode": "booster", "engine": str(booster.engine), "delivery": sub.delivery.kind,
                              "fanout": "engine multicast" if use_engine else service.fanout_kind}
-        ticker = _start_ticker(loop, service, args.tick)
+        booster.spawn(ticks(), name="tick")
         log.info("reflector booster on udp port %d (delivery %s, fan-out %s)", port, sub.delivery.kind,
                  service.transport["fanout"])
-        try:
-            reason = await booster.run_until_stopped(stop)
-        finally:
-            ticker.cancel()
-            if updater is not None:
-                updater.cancel()
-        return reason
-    finally:
-        await booster_cm.__aexit__(None, None, None)
+        yield
+
+    return await boosterlib.run_booster("mmpog-reflector", serve, control=args.control, stop=stop)
 
 
 # ====================================================================== CLI
@@ -422,10 +415,7 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
         if args.mode == "standalone":
             await run_standalone(service, args.listen, ctx.stop, args.tick)
         else:
-            reason = await run_booster(service, args, ctx.stop)
-            if reason != "stopped":
-                log.error("booster ended: %s", reason)
-                return 1
+            return await run_booster(service, args, ctx.stop)
     finally:
         await runner.cleanup()
     return 0

@@ -14,9 +14,10 @@ counting where it left off; ``boxctl``/``GET /api/directory`` show them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 
-from boxcore.booster import Booster, Verdict, add_booster_options
+from boxcore.booster import Booster, Verdict, add_booster_options, run_booster
 from boxcore.packet import Packet
 from boxcore.rules import Match
 from cliruntime import RunContext, make_parser, non_negative_float, positive_int, run_async
@@ -108,19 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
 async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
     counter = UdpCounter(args.drop_prefix.encode(), args.max_sources)
     ctx.stats.providers["totals"] = counter.totals
-    async with Booster(args.name, control=args.control) as booster:
+
+    @contextlib.asynccontextmanager
+    async def serve(booster: Booster):
         ctx.stats.providers["booster"] = lambda: dict(booster.stats)
         sub, timer, report = await attach(booster, counter, args.port, args.report_every)
         log.info("counting udp port %d (delivery %s)", args.port, sub.delivery.kind)
-        why = await booster.run_until_stopped(ctx.stop)
+        yield
         if timer is not None:
             timer.cancel()
         if not booster.closed:
-            await report()
-        log.info("stopping: %s", why)
-        if why != "stopped":
-            return 1
-    return 0
+            await report()          # the last totals, so a restart carries on from them
+
+    return await run_booster(args.name, serve, control=args.control, stop=ctx.stop)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,23 +8,30 @@ library itself never names an engine.
 A receiver is a class registered with ``@register("kind")`` and built with no
 arguments; the library then calls::
 
-    await receiver.start(booster, rule, delivery, handler)
+    await receiver.start(ctx, delivery, handler)
     ...
     await receiver.stop()
 
 and, if the receiver has it, ``receiver.abandon()`` (synchronous) as soon as
 the connection to boxd is lost, to release what boxd handed over.
 
-``rule`` is the installed :class:`~boxcore.rules.Rule` (its ``cookie`` is set and
-its ``action`` says REDIRECT - a verdict is expected - or COPY - the return value
-is ignored).  ``handler`` is the user's handler; receivers call it through
-``await booster.run_handler(handler, *args)``, which awaits coroutines, logs and
-counts exceptions (returning None) so one bad packet never stops the booster.
-Receivers turn the handler's result into a verdict with
-``boxcore.booster.Verdict.coerce(result)`` (redirects only) and count packets with
-``booster.count_packet(rule.cookie, nbytes)`` when the engine cannot count them
-itself (those counts go to boxd with the heartbeats).  Background work
-belongs in ``booster.spawn(coro)`` (cancelled when the booster closes).
+``ctx`` is a :class:`boxcore.booster.ReceiverContext`, the rule's view of the
+booster and the only part of it a receiver touches: ``ctx.rule`` (cookie set;
+``ctx.redirect`` says a verdict is expected, else the result of a copy handler
+is ignored), ``ctx.listen_on_channel(handler)`` / ``ctx.accept_streams(handler)``
+(boxd brings the packets / connections), ``ctx.counter.add(nbytes, packets=1)``
+for packets the engine cannot count itself (reported to boxd with the
+heartbeats), ``ctx.run_handler`` / ``ctx.handler_failed`` / ``ctx.verdict(handler,
+result)`` (the user's handler never stops the booster: its errors are logged and
+counted), ``ctx.spawn(coro, name=...)`` (supervised per-packet or per-connection
+work, cancelled when the booster closes), ``ctx.send(pkt)``.
+
+What differs between deliveries is offered to applications as capabilities of
+the subscription, each an optional member of the receiver:
+``delegated_socket`` (the box's own socket, or None), ``connect_onward(conn, *,
+spoof_client, timeout)`` (TCP receivers: the booster's connection to where an
+intercepted connection was going), ``set_batch_handler(fn, max_batch)`` (batch
+reads), ``undelegate()`` (boxd takes a delegated socket back).
 
 Modules holding receivers are imported on first lookup, so a receiver kind
 whose module is missing (or cannot load here) fails only when it is used.
@@ -39,7 +46,7 @@ __all__ = ["Receiver", "register", "get_receiver", "RECEIVER_MODULES"]
 
 
 class Receiver(Protocol):
-    async def start(self, booster: Any, rule: Any, delivery: Any, handler: Any) -> None: ...
+    async def start(self, ctx: Any, delivery: Any, handler: Any) -> None: ...
 
     async def stop(self) -> None: ...
 

@@ -10,8 +10,11 @@
 * ``nflog`` {group}: copies.  A netlink socket bound to the NFLOG group; the kernel rule is
   non-terminating, so the original goes on whatever the booster does (or if it is gone).
 * ``tproxy`` {port}: a listening socket with IP_TRANSPARENT; each accepted connection carries
-  its original destination as its local address.  :func:`connect_onward` opens the booster's
-  own connection to that destination, optionally spoofing the client's address.
+  its original destination as its local address.  :func:`connect_onward` (the receiver's
+  ``connect_onward``, offered to applications as ``Subscription.connect_onward``) opens the
+  booster's own connection to that destination, optionally spoofing the client's address.
+
+Every receiver here uses only its :class:`boxcore.booster.ReceiverContext`.
 """
 
 from __future__ import annotations
@@ -188,11 +191,10 @@ class QueueReader:
         self._sock.close()
 
 
-def _verdict_code(result: Any) -> tuple[int, bytes | None]:
-    """(NF verdict, new payload) of a handler result: None/CONSUME drop, PASS accept, bytes/modify."""
-    from boxcore.booster import Verdict, VerdictCode
+def _nf_verdict(verdict: Any) -> tuple[int, bytes | None]:
+    """(NF verdict, new payload) of a Verdict: CONSUME drop, PASS accept, modify accept with payload."""
+    from boxcore.booster import VerdictCode
 
-    verdict = Verdict.coerce(result)
     if verdict.code is VerdictCode.CONSUME:
         return NF_DROP, None
     if verdict.code is VerdictCode.PASS:
@@ -209,18 +211,18 @@ class NfqueueReceiver:
         self.pending = 0           # packets whose (async) handler has not finished
         self.stats = {"packets": 0, "malformed": 0, "not_matching": 0, "modify_failed": 0}
 
-    async def start(self, booster: Any, rule: Any, delivery: Any, handler: Callable) -> None:
-        self.booster, self.rule, self.handler = booster, rule, handler
+    async def start(self, ctx: Any, delivery: Any, handler: Callable) -> None:
+        self.ctx, self.rule, self.handler = ctx, ctx.rule, handler
         params = delivery.params
         for fd in delivery.fds:
             os.close(fd)
-        self.check_payload = bool(rule.match.payload)
+        self.check_payload = bool(self.rule.match.payload)
         self.reader = QueueReader(int(params["queue"]), self._on_batch,
                                   max_len=int(params.get("max_len", DEFAULT_QUEUE_LEN)),
                                   batch=int(params.get("batch", DEFAULT_BATCH)),
-                                  fail_open=bool(params.get("fail_open", True)))
-        if hasattr(booster.stats, "providers"):
-            booster.stats.providers[f"nfqueue_{rule.cookie}"] = self.snapshot
+                                  fail_open=bool(params.get("fail_open", True)),
+                                  loop=ctx.loop)
+        ctx.stats.providers[f"nfqueue_{ctx.cookie}"] = self.snapshot
 
     def snapshot(self) -> dict[str, int]:
         return {**self.stats, **(self.reader.stats if self.reader else {})}
@@ -232,7 +234,7 @@ class NfqueueReceiver:
         decided: list[tuple[Any, int, bytes | None]] = []
         append = decided.append
         in_order = self.pending == 0
-        handler, booster, parse = self.handler, self.booster, Packet.parse_ip
+        handler, ctx, parse = self.handler, self.ctx, Packet.parse_ip
         check_payload, match = self.check_payload, self.rule.match
         seen = 0
         for nfq_pkt, raw in items:
@@ -250,7 +252,7 @@ class NfqueueReceiver:
             try:
                 result = handler(pkt)
             except Exception:
-                booster.handler_failed(handler)
+                ctx.handler_failed(handler)
                 append((nfq_pkt, NF_DROP, None))     # a failed handler consumes, as on every engine
                 continue
             # the common verdicts first, without a call
@@ -261,7 +263,7 @@ class NfqueueReceiver:
             elif inspect.isawaitable(result):
                 in_order = False
                 self.pending += 1
-                booster._spawn(self._finish(nfq_pkt, raw, result))
+                ctx.spawn(self._finish(nfq_pkt, raw, result), name="packet handler")
             else:
                 append((nfq_pkt, *self._decide(raw, result)))
         self.stats["packets"] += seen
@@ -272,11 +274,7 @@ class NfqueueReceiver:
                 QueueReader.verdict(nfq_pkt, verdict, payload)
 
     def _decide(self, raw: bytes, result: Any) -> tuple[int, bytes | None]:
-        try:
-            verdict, payload = _verdict_code(result)
-        except TypeError:
-            self.booster.handler_failed(self.handler)
-            return NF_DROP, None
+        verdict, payload = _nf_verdict(self.ctx.verdict(self.handler, result))
         if payload is not None:
             try:
                 payload = replace_payload(raw, payload)
@@ -292,7 +290,7 @@ class NfqueueReceiver:
             try:
                 result = await awaitable
             except Exception:
-                self.booster.handler_failed(self.handler)
+                self.ctx.handler_failed(self.handler)
                 result = None
             verdict, payload = self._decide(raw, result)
         finally:
@@ -392,11 +390,11 @@ class NflogReceiver:
         self.nflog: NflogSocket | None = None
         self.stats = {"packets": 0, "malformed": 0, "not_matching": 0}
 
-    async def start(self, booster: Any, rule: Any, delivery: Any, handler: Callable) -> None:
-        self.booster, self.rule, self.handler = booster, rule, handler
+    async def start(self, ctx: Any, delivery: Any, handler: Callable) -> None:
+        self.ctx, self.rule, self.handler = ctx, ctx.rule, handler
         for fd in delivery.fds:
             os.close(fd)
-        self.nflog = NflogSocket(int(delivery.params["group"]), self._on_packet)
+        self.nflog = NflogSocket(int(delivery.params["group"]), self._on_packet, loop=ctx.loop)
 
     def _on_packet(self, copy: nf.NflogPacket) -> None:
         try:
@@ -411,16 +409,16 @@ class NflogReceiver:
         try:
             result = self.handler(pkt)
         except Exception:
-            self.booster.handler_failed(self.handler)
+            self.ctx.handler_failed(self.handler)
             return
         if inspect.isawaitable(result):
-            self.booster._spawn(self._finish(result))
+            self.ctx.spawn(self._finish(result), name="copy handler")
 
     async def _finish(self, awaitable: Any) -> None:
         try:
             await awaitable
         except Exception:
-            self.booster.handler_failed(self.handler)
+            self.ctx.handler_failed(self.handler)
 
     async def stop(self) -> None:
         if self.nflog is not None:
@@ -475,10 +473,7 @@ class TproxyReceiver:
         self.server: asyncio.AbstractServer | None = None
         self.stats = {"connections": 0}
 
-    async def start(self, booster: Any, rule: Any, delivery: Any, handler: Callable) -> None:
-        from boxcore.booster import InterceptedConnection
-
-        self.booster, self.rule, self.handler = booster, rule, handler
+    async def start(self, ctx: Any, delivery: Any, handler: Callable) -> None:
         for fd in delivery.fds:
             os.close(fd)
         listener = transparent_listener(int(delivery.params["port"]))
@@ -487,16 +482,11 @@ class TproxyReceiver:
             client = writer.get_extra_info("peername")[:2]
             original_dst = writer.get_extra_info("sockname")[:2]   # TPROXY keeps the original destination
             self.stats["connections"] += 1
-            conn = InterceptedConnection(tuple(client), tuple(original_dst), rule.cookie)
-            try:
-                await booster.run_handler(handler, reader, writer, conn)
-            finally:
-                if not writer.is_closing():
-                    writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
+            await ctx.serve_connection(handler, reader, writer, ctx.intercepted(client, original_dst))
 
         self.server = await asyncio.start_server(on_connection, sock=listener)
+
+    connect_onward = staticmethod(connect_onward)
 
     async def stop(self) -> None:
         if self.server is not None:

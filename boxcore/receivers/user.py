@@ -11,11 +11,15 @@
   Counted here and reported to boxd with the heartbeats.  A REDIRECT booster
   that consumes everything may ask for batches instead
   (:meth:`boxcore.booster.Subscription.receive_batches`): one call per wakeup
-  with the payloads read, no Packet objects.  When another rule
+  with the payloads read, no Packet objects; :attr:`~boxcore.booster.Subscription.delegated_socket`
+  lets it send from the box's address itself.  When another rule
   comes to share the port, boxd takes the socket back (``undelegate``) and the
   receiver carries on as a channel receiver.
 * ``stream``: boxd accepts intercepted TCP connections and passes each one
-  (descriptor + original destination) over the control connection.
+  (descriptor + original destination) over the control connection.  The booster's own
+  connection onward is an ordinary one (boxd relays, nothing to steer or mark).
+
+Every receiver here uses only its :class:`boxcore.booster.ReceiverContext`.
 """
 
 from __future__ import annotations
@@ -26,46 +30,55 @@ import inspect
 import socket
 from typing import Any
 
+from boxcore.booster.subscription import connect_directly
 from boxcore.packet import Packet
 from boxcore.receivers import register
-from boxcore.rules import Action
 from boxcore.wire import VerdictCode
 
 MAX_READS_PER_WAKEUP = 512
 MAX_DATAGRAM = 65535
 
 
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:  # none expected; never leak one
+        socket.socket(fileno=fd).close()
+
+
 @register("channel")
 class ChannelReceiver:
-    async def start(self, booster: Any, rule: Any, delivery: Any, handler: Any) -> None:
-        for fd in delivery.fds:  # none expected; never leak one
-            socket.socket(fileno=fd).close()
-        self.booster = booster
-        self.cookie = rule.cookie
-        booster._channel_handlers[rule.cookie] = (handler, rule.action is Action.REDIRECT)
+    async def start(self, ctx: Any, delivery: Any, handler: Any) -> None:
+        _close_all(delivery.fds)
+        self.ctx = ctx
+        ctx.listen_on_channel(handler)
 
     async def stop(self) -> None:
-        self.booster._channel_handlers.pop(self.cookie, None)
+        self.ctx.stop_listening()
 
 
 @register("socket")
 class SocketReceiver:
     """Reads a delegated UDP socket directly; verdicts other than CONSUME re-inject."""
 
-    async def start(self, booster: Any, rule: Any, delivery: Any, handler: Any) -> None:
+    async def start(self, ctx: Any, delivery: Any, handler: Any) -> None:
         if len(delivery.fds) != 1:
             raise ValueError(f"socket delivery needs exactly one descriptor, got {len(delivery.fds)}")
-        self.booster = booster
-        self.rule = rule
+        self.ctx = ctx
         self.handler = handler
-        self.redirect = rule.action is Action.REDIRECT
+        self.redirect = ctx.redirect
+        self.counter = ctx.counter
         self.sock = socket.socket(fileno=delivery.fds[0])
         self.sock.setblocking(False)
         self.dst = str(delivery.params["dst"])
         self.dport = int(delivery.params["dport"])
-        self.loop = asyncio.get_running_loop()
+        self.loop = ctx.loop
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
         self.stopped = False
+        self.undelegated = False
+
+    @property
+    def delegated_socket(self) -> socket.socket | None:
+        """The box's socket while it is ours (None once closed: taken back, abandoned, stopped)."""
+        return None if self.stopped else self.sock
 
     def set_batch_handler(self, batch_handler: Any, max_batch: int = 1024) -> bool:
         """Deliver ``batch_handler(payloads)`` once per wakeup instead of the per-packet handler.
@@ -91,50 +104,44 @@ class SocketReceiver:
         for _ in range(self.max_batch):
             try:
                 data = recv(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
+            except OSError:          # BlockingIOError: drained
                 break
             append(data)
             nbytes += len(data)
         if not payloads:
             return
-        self.booster.count_packets(self.rule.cookie, len(payloads), nbytes)
+        self.counter.add(nbytes, len(payloads))
         try:
             self.batch_handler(payloads)
         except Exception:
-            self.booster.handler_failed(self.batch_handler)
+            self.ctx.handler_failed(self.batch_handler)
 
     def _on_readable(self) -> None:
-        booster = self.booster
+        ctx = self.ctx
         handler = self.handler
         recvfrom = self.sock.recvfrom
-        dst, dport, cookie = self.dst, self.dport, self.rule.cookie
-        counts = booster._counts.get(cookie)
-        if counts is None:
-            counts = booster._counts[cookie] = [0, 0]
+        dst, dport = self.dst, self.dport
+        counter = self.counter
         redirect = self.redirect
         for _ in range(MAX_READS_PER_WAKEUP):
             try:
-                data, (src, sport, *_) = recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
+                data, (src, sport, *_) = recvfrom(MAX_DATAGRAM)
+            except OSError:          # BlockingIOError: drained
                 return
-            except OSError:
-                return
-            counts[0] += 1
-            counts[1] += len(data)
+            counter.packets += 1     # RuleCounter.add inlined: this is the fast path
+            counter.bytes += len(data)
             pkt = Packet(17, src, sport, dst, dport, data)
             try:
                 result = handler(pkt)
             except Exception:
-                booster.handler_failed(handler)
+                ctx.handler_failed(handler)
                 continue
             if inspect.isawaitable(result):
-                booster._spawn(self._finish(result, pkt))
+                ctx.spawn(self._finish(result, pkt), name="packet handler")
             elif redirect and result is not None:
                 self._apply(result, pkt)
             elif not redirect:
-                booster.send(pkt)  # a copy: the original goes on
+                ctx.send(pkt)  # a copy: the original goes on
 
     async def _finish(self, awaitable: Any, pkt: Packet) -> None:
         try:
@@ -142,20 +149,20 @@ class SocketReceiver:
         except asyncio.CancelledError:
             raise
         except Exception:
-            self.booster.handler_failed(self.handler)
+            self.ctx.handler_failed(self.handler)
             return
         if not self.redirect:
-            self.booster.send(pkt)
+            self.ctx.send(pkt)
         elif result is not None:
             self._apply(result, pkt)
 
     def _apply(self, result: Any, pkt: Packet) -> None:
-        verdict = self.booster._verdict_of(self.handler, result)
+        verdict = self.ctx.verdict(self.handler, result)
         if verdict.code is VerdictCode.CONSUME:
             return
         if verdict.code is VerdictCode.MODIFY:
             pkt = Packet(pkt.proto, pkt.src, pkt.sport, pkt.dst, pkt.dport, verdict.payload)
-        self.booster.send(pkt)
+        self.ctx.send(pkt)
 
     def undelegate(self) -> None:
         """boxd took the socket back (another rule now shares the port): from now on
@@ -163,7 +170,7 @@ class SocketReceiver:
         if self.stopped:
             return
         self._close()
-        self.booster._channel_handlers[self.rule.cookie] = (self.handler, self.redirect)
+        self.ctx.listen_on_channel(self.handler)
         self.undelegated = True
 
     def abandon(self) -> None:
@@ -178,21 +185,21 @@ class SocketReceiver:
         self.sock.close()
 
     async def stop(self) -> None:
-        if getattr(self, "undelegated", False):
-            self.booster._channel_handlers.pop(self.rule.cookie, None)
-        self.booster._counts.pop(self.rule.cookie, None)  # the rule is gone: nothing to report
+        if self.undelegated:
+            self.ctx.stop_listening()
+        self.ctx.forget_counter()  # the rule is gone: nothing to report
         if not self.stopped:
             self._close()
 
 
 @register("stream")
 class StreamReceiver:
-    async def start(self, booster: Any, rule: Any, delivery: Any, handler: Any) -> None:
-        for fd in delivery.fds:
-            socket.socket(fileno=fd).close()
-        self.booster = booster
-        self.cookie = rule.cookie
-        booster._stream_handlers[rule.cookie] = handler
+    async def start(self, ctx: Any, delivery: Any, handler: Any) -> None:
+        _close_all(delivery.fds)
+        self.ctx = ctx
+        ctx.accept_streams(handler)
+
+    connect_onward = staticmethod(connect_directly)
 
     async def stop(self) -> None:
-        self.booster._stream_handlers.pop(self.cookie, None)
+        self.ctx.stop_streams()

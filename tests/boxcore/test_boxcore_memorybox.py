@@ -49,7 +49,7 @@ async def test_coroutine_handler_and_copy(tmp_path):
         copies = []
 
         async def slow(pkt):
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0)          # a coroutine handler that yields before deciding
             return Verdict.PASS
 
         await b1.redirect(Match(proto="udp", dst_port=7000), slow)
@@ -80,8 +80,7 @@ async def test_handler_exception_is_counted_and_isolated(tmp_path):
             raise ValueError("async bug")
 
         await b.copy(Match(proto="udp", dst_port=7001), bad_async)
-        await box.inject(udp(b"c", dport=7001))
-        await asyncio.sleep(0.01)
+        await box.inject(udp(b"c", dport=7001))     # returns once the coroutine handler has finished
         assert b.stats["handler_errors"] == 2
 
 
@@ -122,11 +121,11 @@ async def test_invalid_requests(tmp_path):
     async with MemoryBox(state=tmp_path) as box:
         b = await box.connect("b1")
         with pytest.raises(InvalidRequest):
-            await b._request({"t": "rule", "action": "redirect", "match": {"dst_port": 70000}})
+            await b.session.request({"t": "rule", "action": "redirect", "match": {"dst_port": 70000}})
         with pytest.raises(InvalidRequest):
-            await b._request({"t": "rule", "action": "redirect", "match": {"bogus": 1}})
+            await b.session.request({"t": "rule", "action": "redirect", "match": {"bogus": 1}})
         with pytest.raises(InvalidRequest):
-            await b._request({"t": "cancel", "cookie": 999})
+            await b.session.request({"t": "cancel", "cookie": 999})
         with pytest.raises(Conflict):
             await box.connect("b1")  # one booster per name
 
@@ -147,11 +146,13 @@ async def test_send_multicast_and_timers_with_fake_clock(tmp_path):
         await b.multicast(Match(proto="udp", dst_port=4000), 7)
         out = await box.inject(udp(b"m", dport=4000))
         assert out.action == "multicast" and sorted(p.dst for p in out.emitted) == ["10.0.0.5", "10.0.0.6"]
-        await asyncio.sleep(0.01)
+        # the booster's own send_multicast reaches boxd on the data channel: no event to wait on
+        await box.until(lambda: len(box.sent("multicast")) == 4, what="the booster's multicast")
         assert sorted(p.dst for p in box.sent("multicast")) == ["10.0.0.5", "10.0.0.5", "10.0.0.6", "10.0.0.6"]
+        assert [p.payload for p in box.sent("multicast")].count(b"hello") == 2
         b.send(udp(b"made by booster"))
-        await asyncio.sleep(0.01)
-        assert box.sent("inject")[0].payload == b"made by booster"
+        injected = await box.until(lambda: box.sent("inject"), what="the injected packet")
+        assert injected[0].payload == b"made by booster"
 
 
 async def test_directory_get_put_watch(tmp_path):
@@ -169,7 +170,7 @@ async def test_directory_get_put_watch(tmp_path):
                     return
 
         task = asyncio.create_task(watch())
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)      # the task sends dir_watch; boxd serves a booster's requests in order
         await b.directory.put("p/a", 1)
         await b.directory.put("q/b", 2)
         assert await b.directory.delete("p/a")

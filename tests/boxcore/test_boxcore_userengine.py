@@ -28,6 +28,22 @@ async def recv(sock, timeout=2.0):
     return await asyncio.wait_for(asyncio.get_running_loop().sock_recvfrom(sock, 65535), timeout)
 
 
+async def eventually(predicate, timeout=5.0, what="the condition"):
+    """Poll what has no event to wait on (boxd's side, seen from the test) until a deadline.
+    ``predicate`` may be a coroutine function."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 @pytest.fixture
 def net():
     box, srv = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
@@ -52,7 +68,7 @@ async def test_channel_copy_and_payload_redirect(tmp_path, net):
             net["client"].sendto(b"CMD go", ("127.0.0.1", net["box"]))
             got = sorted([(await recv(net["server"]))[0] for _ in range(2)])
             assert got == [b"cmd go", b"plain"]
-            await asyncio.sleep(0.05)
+            await eventually(lambda: len(copies) == 2, what="both copies")
             assert sorted(copies) == [b"CMD go", b"plain"] and redirected == [b"CMD go"]
             rules = await boxd.query("rules")
             assert {r["cookie"]: r["packets"] for r in rules} == {cop.cookie: 2, red.cookie: 1}
@@ -140,11 +156,11 @@ async def test_delegated_socket_is_taken_back_when_a_copy_arrives(tmp_path, net)
             net["client"].sendto(b"one", ("127.0.0.1", net["box"]))
             assert (await recv(net["server"]))[0] == b"one"
             await b.copy(Match(proto="udp", dst_port=net["server_port"]), lambda p: got_b.append(p.payload))
-            await asyncio.sleep(0.05)
-            assert sub.delivery.kind == "channel" and a.stats["undelegated"] == 1
+            await eventually(lambda: a.stats["undelegated"] == 1, what="undelegate")
+            assert sub.delivery.kind == "channel" and sub.delegated_socket is None
             net["client"].sendto(b"two", ("127.0.0.1", net["box"]))
             assert (await recv(net["server"]))[0] == b"two"
-            await asyncio.sleep(0.05)
+            await eventually(lambda: got_b == [b"two"], what="the copy")
             assert got_a == [b"one", b"two"] and got_b == [b"two"]
             rules = {r["cookie"]: r for r in await boxd.query("rules")}
             assert rules[sub.cookie]["delivery"] == "channel"
@@ -177,29 +193,21 @@ async def test_receive_batches_on_a_delegated_socket(tmp_path, net):
             sent = [b"batch %d" % i for i in range(10)]
             for payload in sent:
                 net["client"].sendto(payload, ("127.0.0.1", net["box"]))
-            for _ in range(100):
-                if sum(map(len, batches)) == len(sent):
-                    break
-                await asyncio.sleep(0.02)
+            await eventually(lambda: sum(map(len, batches)) == len(sent), what="every datagram in batches")
             assert [p for batch in batches for p in batch] == sent and singles == []
             assert all(1 <= len(batch) <= 4 for batch in batches)
-            for _ in range(100):     # counted by the library, reported with heartbeats
+            async def reported():    # counted by the library, reported with heartbeats
                 rules = {r["cookie"]: r for r in await boxd.query("rules")}
-                if rules[sub.cookie]["packets"] == len(sent):
-                    break
-                await asyncio.sleep(0.02)
-            assert rules[sub.cookie]["packets"] == len(sent)
-            assert rules[sub.cookie]["bytes"] == sum(map(len, sent))
+                return rules[sub.cookie] if rules[sub.cookie]["packets"] == len(sent) else None
+
+            rule = await eventually(reported, what="the counts in boxd")
+            assert rule["bytes"] == sum(map(len, sent))
             # boxd takes the socket back: the per-packet handler receives again
             await b.copy(Match(proto="udp", dst_port=net["server_port"]), lambda p: None)
-            await asyncio.sleep(0.05)
-            assert sub.delivery.kind == "channel"
+            await eventually(lambda: sub.delivery.kind == "channel", what="undelegate")
             assert sub.receive_batches(batches.append) is False
             net["client"].sendto(b"single", ("127.0.0.1", net["box"]))
-            for _ in range(100):
-                if singles:
-                    break
-                await asyncio.sleep(0.02)
+            await eventually(lambda: singles, what="the per-packet handler")
             assert singles == [b"single"] and sum(map(len, batches)) == len(sent)
 
 
