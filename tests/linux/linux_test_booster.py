@@ -18,7 +18,6 @@ import sys
 
 from boxcore.booster import Booster, Verdict
 from boxcore.packet import Packet
-from boxcore.receivers.linux import connect_onward
 from boxcore.rules import Match
 from cliruntime import RunContext, make_parser, run_async
 
@@ -54,7 +53,7 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
                              f"client={conn.client[0]}:{conn.client[1]}\n".encode())
                 if args.onward:
                     line = await reader.readline()
-                    r2, w2 = await connect_onward(conn, spoof_client=args.spoof)
+                    r2, w2 = await sub.connect_onward(conn, spoof_client=args.spoof)
                     w2.write(line)
                     await w2.drain()
                     writer.write(await r2.readline())
