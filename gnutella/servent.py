@@ -13,8 +13,10 @@ import contextlib
 import json
 import logging
 import random
+import ssl
 import sys
 import time
+import urllib.parse
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from cliruntime import (ConfigError, RunContext, host_port, ip_address, make_par
                              non_negative_float, positive_int, run_async)
 
 from . import http as ghttp
+from .channel import Channel, TlsContexts, tls_contexts
 from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, Headers, Identity,
                         Refused, Response, SlotState, check_outgoing, decide_incoming,
                         identity_headers, listen_address, remote_guid)
@@ -95,8 +98,11 @@ class Servent:
                  target_peers: int = 4, max_peers: int = 8, max_leaves: int = 30, max_ultrapeers: int = 3,
                  stats: Counter | None = None, seed: int | None = None, user_agent: str = "booster-boxes/0.1",
                  allow_04: bool = True, tick: float = 1.0, connect_version: str = "0.6",
-                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+                 max_payload: int = DEFAULT_MAX_PAYLOAD, tls: bool = True, compress: bool = True) -> None:
         self.listen = listen
+        # TLS (offered and accepted on links and downloads) with a certificate made now; None: off
+        self.tls: TlsContexts | None = tls_contexts() if tls else None
+        self.compress = compress                   # offer and accept deflate on links
         self.advertise_ip = advertise_ip or (listen[0] if listen[0] not in ("0.0.0.0", "") else "127.0.0.1")
         self.shares = shares
         self.config = config or NodeConfig(ultrapeer=ultrapeer)
@@ -224,7 +230,8 @@ class Servent:
                 self.stats["connect_in"] += 1
                 await self._session(reader, writer, outgoing=False, initial=first, dial=None)
             elif first.startswith((b"GET ", b"HEAD ")):
-                await ghttp.serve_upload(reader, writer, self.shares, first, self.user_agent, self.stats)
+                await ghttp.serve_upload(Channel(reader, writer), self.shares, first, self.user_agent, self.stats,
+                                         self.tls)
             elif first.startswith(b"GIV "):
                 await self._on_giv(first, reader, writer)
             else:
@@ -456,9 +463,10 @@ class Servent:
                        timeout: float = 30.0, max_bytes: int = 1 << 30) -> ghttp.DownloadResult:
         """Fetch a hit: directly, or by PUSH when the source is firewalled or unreachable."""
         dest = dest_dir / hit.name if dest_dir is not None else None
-        path = f"/uri-res/N2R?urn:sha1:{hit.sha1}" if hit.sha1 else f"/get/{hit.index}/{hit.name}"
+        path = f"/uri-res/N2R?urn:sha1:{hit.sha1}" if hit.sha1 else f"/get/{hit.index}/{urllib.parse.quote(hit.name)}"
         if not hit.push:
-            result = await ghttp.download(hit.ip, hit.port, path, dest, hit.sha1, max_bytes, timeout)
+            result = await ghttp.download(hit.ip, hit.port, path, dest, hit.sha1, max_bytes, timeout, tls=self.tls,
+                                          local_addr=self._source())
             if result.ok or event is None:
                 self.stats["downloads_ok" if result.ok else "downloads_failed"] += 1
                 return result
@@ -485,17 +493,19 @@ class Servent:
         self.stats["pushes_sent"] += 1
         self._perform(actions)
         try:
-            reader, writer = await asyncio.wait_for(waiter, timeout)
+            channel, giv_done = await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:
             return ghttp.DownloadResult(False, 0, 0, None, None, "no GIV came back")
         finally:
             self._giv_waiters.pop(key, None)
         try:
-            return await asyncio.wait_for(ghttp.fetch(reader, writer, path, dest, hit.sha1, max_bytes), timeout)
-        except (OSError, asyncio.TimeoutError, ghttp.HttpError) as exc:
+            return await asyncio.wait_for(
+                ghttp.fetch(channel, path, f"{hit.ip}:{hit.port}", dest, hit.sha1, max_bytes, tls=self.tls), timeout)
+        except (OSError, asyncio.TimeoutError, ghttp.HttpError, ssl.SSLError) as exc:
             return ghttp.DownloadResult(False, 0, 0, None, None, f"pushed download failed: {exc!r}")
         finally:
-            writer.close()
+            channel.close()
+            giv_done.set()
 
     async def _on_giv(self, first: bytes, reader, writer) -> None:
         try:
@@ -515,10 +525,9 @@ class Servent:
             self.stats["giv_unexpected"] += 1
             return
         self.stats["giv_received"] += 1
-        waiter.set_result((reader, writer))
-        # the downloader owns the connection now; keep this handler alive until it closes it
-        while not writer.is_closing():
-            await asyncio.sleep(0.05)
+        done = asyncio.Event()
+        waiter.set_result((Channel(reader, writer), done))
+        await done.wait()         # the downloader owns the connection now; it sets this when finished
 
     async def _answer_push(self, action: PushRequested) -> None:
         push = action.push
@@ -532,16 +541,16 @@ class Servent:
         except (OSError, asyncio.TimeoutError):
             self.stats["push_connect_failed"] += 1
             return
+        channel = Channel(reader, writer)
         try:
-            writer.write(ghttp.format_giv(shared.index, self.guid, shared.name))
-            await writer.drain()
-            first = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
-            await ghttp.serve_upload(reader, writer, self.shares, first, self.user_agent, self.stats)
+            channel.write(ghttp.format_giv(shared.index, self.guid, shared.name))
+            await channel.drain()
+            await ghttp.serve_upload(channel, self.shares, b"", self.user_agent, self.stats, self.tls)
             self.stats["push_uploads"] += 1
-        except (OSError, asyncio.TimeoutError):
+        except (OSError, asyncio.TimeoutError, ssl.SSLError):
             self.stats["push_upload_failed"] += 1
         finally:
-            writer.close()
+            channel.close()
 
 
 # ---------------------------------------------------------------- command line
@@ -585,6 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-04", action="store_true", help="refuse incoming 0.4 handshakes")
         p.add_argument("--max-payload", type=positive_int, default=DEFAULT_MAX_PAYLOAD,
                        help="largest message payload accepted (bytes); a larger one closes the connection")
+        p.add_argument("--no-tls", action="store_true",
+                       help="neither offer nor accept the TLS upgrade (links and downloads stay in clear)")
+        p.add_argument("--no-compression", action="store_true",
+                       help="neither offer nor accept deflate stream compression on links")
 
     serve = sub.add_parser("serve", help="run a servent until stopped")
     common(serve, "127.0.0.1:6346")
@@ -623,7 +636,8 @@ def servent_from_args(args, stats: Counter) -> Servent:
     return Servent(listen=args.listen, shares=shares, advertise_ip=args.advertise, ultrapeer=not args.leaf,
                    config=config, peers=args.peer, target_peers=args.connections, max_peers=args.max_peers,
                    max_leaves=args.max_leaves, stats=stats, seed=args.seed, allow_04=not args.no_04,
-                   connect_version=args.handshake, max_payload=args.max_payload)
+                   connect_version=args.handshake, max_payload=args.max_payload, tls=not args.no_tls,
+                   compress=not args.no_compression)
 
 
 def _print(obj: dict) -> None:
