@@ -25,21 +25,24 @@ from collections import Counter, defaultdict
 from types import SimpleNamespace
 from typing import Any, Awaitable, Callable
 
+from cliruntime.supervisor import Supervisor
 from cliruntime import (ConfigError, RunContext, host_port, make_parser, non_negative_float,
                              positive_int, run_async)
 
 from . import b2b
 from .boostercore import BoosterConfig, BoosterCore, SendPeer
-from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, Identity, Refused, Response,
-                        identity_headers, listen_address)
+from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, Identity, LinkOptions, Negotiated,
+                        Refused, Response, answer_headers, final_headers, identity_headers, listen_address,
+                        negotiated, offer_headers)
 from .node import Close, Send
-from .stream import pump_messages
+from .channel import Channel
+from .stream import MessageStream, pump_messages
 from .wire import DEFAULT_MAX_PAYLOAD, Bye, Message, new_guid
 
 log = logging.getLogger("gnutella.booster")
 
 HANDSHAKE_TIMEOUT = 10.0
-MAX_OUTBUF = 512 * 1024
+from .stream import MAX_OUTBUF  # noqa: E402  (b2b links share the bound)
 RECONNECT = 1.0
 MAX_TRACKED = 10000          # intercepted (client, destination) pairs reported in the stats
 
@@ -67,7 +70,7 @@ class GnutellaBooster:
 
     def __init__(self, core: BoosterCore, stats: Counter | None = None, splice: Splicer = _plain_onward,
                  tick: float = 0.05, max_splices: int = 256, upstream: int = 0,
-                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+                 max_payload: int = DEFAULT_MAX_PAYLOAD, compress: bool = True) -> None:
         self.core = core
         self.stats: Counter = stats if stats is not None else core.stats
         self.splice = splice
@@ -78,14 +81,17 @@ class GnutellaBooster:
         self.upstream_addrs: set[tuple[str, int]] = set()
         self.upstream_traffic: Counter = Counter()
         self.tick_interval = tick
-        self.local_writers: dict[int, asyncio.StreamWriter] = {}
+        self.local_streams: dict[int, MessageStream] = {}
         self.peer_writers: dict[int, asyncio.StreamWriter] = {}
         self.peer_names: dict[int, str] = {}
         self.peer_outgoing: dict[int, bool] = {}
         self.peer_traffic: dict[str, Counter] = defaultdict(Counter)
         self.intercepted: Counter = Counter()        # "client_ip>dst_ip:port" -> connections
         self._ids = 1
-        self._tasks: set[asyncio.Task] = set()
+        self.supervisor = Supervisor("gnutella-booster", logger=log)
+        # links with local servents and outside peers: deflate offered and accepted; the booster reads
+        # every message, so it declines the TLS upgrade (a servent then stays in clear with it)
+        self.link_options = LinkOptions(compress=compress, tls=False)
         self._server: asyncio.AbstractServer | None = None
         self.peer_port: int | None = None
         self.rng = random.Random()
@@ -97,8 +103,8 @@ class GnutellaBooster:
             self._server = await asyncio.start_server(self._accept_peer, *peer_listen)
             self.peer_port = self._server.sockets[0].getsockname()[1]
         for addr in boosters:
-            self._spawn(self._keep_peer(addr))
-        self._spawn(self._ticker())
+            self.supervisor.spawn(self._keep_peer(addr), name=f"booster-peer {addr[0]}:{addr[1]}")
+        self.supervisor.spawn(self._ticker(), name="ticker")
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -106,19 +112,9 @@ class GnutellaBooster:
         for pid, writer in list(self.peer_writers.items()):
             self._send_peer(pid, {"t": "bye", "reason": "shutting down"})
             writer.close()
-        for writer in list(self.local_writers.values()):
-            writer.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
-
-    def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        for stream in list(self.local_streams.values()):
+            stream.close()
+        await self.supervisor.aclose()
 
     def _next_id(self) -> int:
         self._ids += 1
@@ -127,7 +123,8 @@ class GnutellaBooster:
     def snapshot(self) -> dict:
         return {
             "name": self.core.config.name,
-            "local_connections": len(self.local_writers),
+            "local_connections": len(self.local_streams),
+            "tasks": self.supervisor.snapshot(),
             "boosters": sorted(self.peer_names.get(pid, "?") for pid in self.peer_writers),
             "b2b": {name: dict(c) for name, c in self.peer_traffic.items()},
             "intercepted": dict(self.intercepted),
@@ -154,25 +151,23 @@ class GnutellaBooster:
             elif isinstance(action, SendPeer):
                 self._send_peer(action.pid, action.obj)
             elif isinstance(action, Close):
-                writer = self.local_writers.get(action.cid)
-                if writer is not None:
+                stream = self.local_streams.get(action.cid)
+                if stream is not None:
                     if action.bye_code is not None:
                         self._send_local(action.cid, Message(new_guid(), 1, 0, Bye(action.bye_code, action.reason)))
-                    writer.close()
+                    stream.close()
 
     def _send_local(self, cid: int, msg: Message) -> None:
-        writer = self.local_writers.get(cid)
-        if writer is None or writer.is_closing():
+        stream = self.local_streams.get(cid)
+        if stream is None or stream.is_closing():
             return
-        transport = writer.transport
-        if transport is not None and transport.get_write_buffer_size() > MAX_OUTBUF:
+        if stream.backlogged():
             self.stats["local_tx_dropped_backlog"] += 1
             return
-        data = msg.encode()
-        writer.write(data)
+        sent = stream.send(msg)
         if cid in self.core.upstreams:
             self.upstream_traffic["msgs_out"] += 1
-            self.upstream_traffic["bytes_out"] += len(data)
+            self.upstream_traffic["bytes_out"] += sent
             self.stats[f"upstream_tx_{msg.type_name}"] += 1
         else:
             self.stats[f"local_tx_{msg.type_name}"] += 1
@@ -243,12 +238,15 @@ class GnutellaBooster:
 
     async def _gnutella(self, reader, writer, conn, first: bytes) -> None:
         client_ip = conn.client[0]
-        sockname = writer.get_extra_info("sockname")
+        channel = Channel(reader, writer)
+        sockname = channel.sockname()
         shown = (sockname[0], sockname[1]) if sockname else tuple(conn.original_dst)
         hs = Handshake("server")
         data = first
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         est: Established | None = None
+        settled = Negotiated()
+        sent = identity_headers(self.core.impersonate(tuple(conn.original_dst), shown))
         leaf = False
         listen = (client_ip, 0)
         reserved = False
@@ -261,12 +259,14 @@ class GnutellaBooster:
                             listen = (client_ip, listen[1])
                         decision = self.core.decide(event, listen)
                         me = self.core.impersonate(tuple(conn.original_dst), shown)
-                        headers = identity_headers(me, client_ip)
-                        headers["X-Try-Ultrapeers"] = ",".join(
+                        sent = identity_headers(me, client_ip)
+                        sent["X-Try-Ultrapeers"] = ",".join(
                             f"{h}:{p}" for h, p in self.core.local_hosts(exclude=listen))
-                        out, done = hs.respond(decision.code, decision.reason, headers)
-                        writer.write(out)
-                        await writer.drain()
+                        if decision.accepted and event.version == "0.6":
+                            answer_headers(sent, event.headers, self.link_options)
+                        out, done = hs.respond(decision.code, decision.reason, sent)
+                        channel.write(out)
+                        await channel.drain()
                         if not decision.accepted:
                             self.stats[f"refused_{decision.code}"] += 1
                             self.core.learn_servent(listen)
@@ -276,12 +276,17 @@ class GnutellaBooster:
                         est = done
                     elif isinstance(event, Established):
                         est = event
+                        if event.version == "0.6":
+                            settled = negotiated("server", sent, event.headers)
+                    elif isinstance(event, Refused):
+                        self.stats[f"refused_by_servent_{event.code}"] += 1
+                        log.info("local servent %s declined: GNUTELLA/0.6 %d %s", client_ip, event.code, event.reason)
                 if est is not None:
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise asyncio.TimeoutError()
-                data = await asyncio.wait_for(reader.read(1 << 16), remaining)
+                data = await asyncio.wait_for(channel.read(), remaining)
                 if not data:
                     return
         except (HandshakeError, asyncio.TimeoutError, OSError, RuntimeError) as exc:
@@ -296,19 +301,22 @@ class GnutellaBooster:
         original = (conn.original_dst[0], conn.original_dst[1])
         if self.max_upstream and original not in self.upstream_addrs and len(self.upstream_addrs) < self.max_upstream:
             self.upstream_addrs.add(original)
-            self._spawn(self._keep_upstream(original))
+            self.supervisor.spawn(self._keep_upstream(original), name=f"upstream {original[0]}:{original[1]}")
         cid = self._next_id()
-        self.local_writers[cid] = writer
+        stream = MessageStream(channel, settled)
+        self.local_streams[cid] = stream
+        if settled.deflate_out or settled.inflate_in:
+            self.stats["local_links_compressed"] += 1
         self._perform(self.core.local_up(cid, time.monotonic(), client_ip, listen, tuple(conn.original_dst), leaf,
                                          shown))
         log.debug("impersonating %s:%d for %s (%s)", *conn.original_dst, client_ip, "leaf" if leaf else "ultrapeer")
         try:
             await pump_messages(
-                reader, writer, est.leftover, self.max_payload, self.stats,
+                stream, est.leftover, self.max_payload, self.stats,
                 lambda msg, now: self._perform(self.core.local_message(cid, msg, now)),
-                keep_going=lambda: not writer.is_closing(), label=f"local {cid}")
+                keep_going=lambda: not stream.is_closing(), label=f"local {cid}")
         finally:
-            self.local_writers.pop(cid, None)
+            self.local_streams.pop(cid, None)
             self.core.local_down(cid)
 
     # ---------------------------------------------------------------- conventional outside peers
@@ -333,44 +341,53 @@ class GnutellaBooster:
             backoff = min(backoff * 2, 60.0)
 
     async def _upstream_session(self, reader, writer, addr: tuple[str, int]) -> bool:
-        sockname = writer.get_extra_info("sockname") or ("127.0.0.1", 0)
+        channel = Channel(reader, writer)
+        sockname = channel.sockname() or ("127.0.0.1", 0)
         digest = hashlib.sha1(self.core.secret + b"upstream").digest()
-        me = Identity(new_guid(digest[:16]), sockname[0], 6346, True, self.core.config.user_agent)
+        # port 0: the booster takes no Gnutella connection of its own, so it advertises no Listen-IP
+        me = Identity(new_guid(digest[:16]), sockname[0], 0, True, self.core.config.user_agent)
         hs = Handshake("client")
-        writer.write(hs.connect(identity_headers(me, addr[0])))
+        channel.write(hs.connect(offer_headers(identity_headers(me, addr[0]), self.link_options)))
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         est: Established | None = None
+        settled = Negotiated()
         try:
             while est is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise asyncio.TimeoutError()
-                data = await asyncio.wait_for(reader.read(1 << 16), remaining)
+                await channel.drain()
+                data = await asyncio.wait_for(channel.read(), remaining)
                 if not data:
                     return False
                 for event in hs.receive_data(data):
                     if isinstance(event, Refused):
                         self.stats[f"upstream_refused_{event.code}"] += 1
+                        log.warning("outside servent %s:%d refused the connection: GNUTELLA/0.6 %d %s",
+                                    *addr, event.code, event.reason)
                         return False
                     if isinstance(event, Response):
-                        out, est = hs.confirm(identity_headers(me))
-                        writer.write(out)
+                        final = final_headers(event.headers, self.link_options, offered_tls=False)
+                        out, est = hs.confirm(final)
+                        settled = negotiated("client", final, event.headers)
+                        channel.write(out)
         except (HandshakeError, asyncio.TimeoutError, OSError) as exc:
             self.stats["upstream_handshake_failed"] += 1
             log.debug("upstream handshake with %s failed: %r", addr, exc)
             return False
         uid = self._next_id()
-        self.local_writers[uid] = writer
+        stream = MessageStream(channel, settled)
+        self.local_streams[uid] = stream
         self._perform(self.core.upstream_up(uid, me))
         log.info("peering with outside servent %s:%d", *addr)
         try:
             await pump_messages(
-                reader, writer, est.leftover, self.max_payload, self.stats,
+                stream, est.leftover, self.max_payload, self.stats,
                 lambda msg, now: self._perform(self.core.upstream_message(uid, msg, now)),
-                keep_going=lambda: not writer.is_closing(), traffic=self.upstream_traffic,
+                keep_going=lambda: not stream.is_closing(), traffic=self.upstream_traffic,
                 label=f"upstream {uid}")
         finally:
-            self.local_writers.pop(uid, None)
+            self.local_streams.pop(uid, None)
             self.core.upstream_down(uid)
         return True
 
