@@ -39,15 +39,16 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import random
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
-from . import b2b
+from . import b2b, vendor
 from .handshake import ConnectRequest, Decision, Identity
 from .node import Close, Send
 from .qrp import DEFAULT_TABLE_BITS, RouteTable, TableReceiver
 from .routing import BoundedTable
-from .wire import (BYE, PING, PONG, PUSH, QRP, QUERY, QUERY_HIT, Bye, GnutellaDecodeError, Message,
+from .wire import (BYE, PING, PONG, PUSH, QRP, QUERY, QUERY_HIT, STD_VENDOR, VENDOR, Bye, GnutellaDecodeError, Message,
                    Pong, Push, Query, QueryHit, new_guid)
 
 
@@ -114,9 +115,10 @@ class QueryState:
 
 class BoosterCore:
     def __init__(self, config: BoosterConfig, secret: bytes, rng: random.Random | None = None,
-                 stats: Counter | None = None) -> None:
+                 stats: Counter | None = None, wall_clock=time.time) -> None:
         self.config = config
         self.secret = secret
+        self.wall_clock = wall_clock          # for time sync answers only (``now`` is monotonic)
         self.rng = rng or random.Random()
         self.stats: Counter = stats if stats is not None else Counter()
         self.networks = config.networks()
@@ -198,7 +200,8 @@ class BoosterCore:
                                      TableReceiver(self.config.max_qrp_table))
         self.learn_servent(listen)
         self.stats["local_up"] += 1
-        return []
+        # as the genuine servent it shows: its supported vendor messages first
+        return [Send(cid, vendor.messages_supported_message())]
 
     def local_down(self, cid: int) -> None:
         peer = self.locals.pop(cid, None)
@@ -251,6 +254,8 @@ class BoosterCore:
         if kind == BYE:
             assert isinstance(msg.payload, Bye)
             return [Close(cid, f"bye {msg.payload.code}")]
+        if kind in (VENDOR, STD_VENDOR):
+            return [Send(cid, reply) for reply in vendor.answer(msg, self.wall_clock(), self.stats)]
         self.stats["local_ignored"] += 1
         return []
 
@@ -481,7 +486,7 @@ class BoosterCore:
         "the booster itself can peer with other Gnutella clients outside the domain")."""
         self.upstreams[uid] = me
         self.stats["upstream_up"] += 1
-        return []
+        return [Send(uid, vendor.messages_supported_message())]
 
     def upstream_down(self, uid: int) -> None:
         if self.upstreams.pop(uid, None) is not None:
@@ -525,6 +530,8 @@ class BoosterCore:
             return self._push(msg.payload, ("up", uid))
         if kind == BYE:
             return [Close(uid, "bye")]
+        if kind in (VENDOR, STD_VENDOR):
+            return [Send(uid, reply) for reply in vendor.answer(msg, self.wall_clock(), self.stats)]
         return []
 
     # ---------------------------------------------------------------- time
