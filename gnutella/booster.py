@@ -517,7 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--enough-local-hits", type=positive_int, default=1,
                         help="local hits that keep a query inside the cluster")
     parser.add_argument("--trust-tables", action="store_true",
-                        help="forward at once when every local servent sent a QRP table and none may have it")
+                        help="with --forward wait: still forward at once when every local servent sent a QRP "
+                             "table and none may have it (adaptive does this anyway)")
+    parser.add_argument("--forward", choices=["adaptive", "wait"], default="adaptive",
+                        help="adaptive: a query no local table may answer goes out at once, the others after the "
+                             "local attempt took longer than local hits recently take (at most --local-wait); "
+                             "wait: every local query waits --local-wait or --sightings (the paper's rule)")
     parser.add_argument("--max-per-client", type=positive_int, default=1,
                         help="intercepted connections accepted per local servent (more are steered to local peers)")
     parser.add_argument("--remote-ttl", type=positive_int, default=2, help="TTL of queries from other clusters")
@@ -531,6 +536,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also peer the conventional way with up to N of the outside servents that local "
                              "servents dial (for clusters without a booster); 0: boosters only")
     return parser
+
+
+def config_from_args(args) -> BoosterConfig:
+    """The core's configuration from the command line (what ``amain`` builds the core with)."""
+    if args.sightings < 0:
+        raise ConfigError("--sightings must be >= 0")
+    return BoosterConfig(args.name, tuple(args.cluster), args.sightings, args.local_wait, args.enough_local_hits,
+                         args.max_queries, args.remote_ttl, args.max_per_client, trust_tables=args.trust_tables,
+                         forward=args.forward)
 
 
 async def amain(args, ctx: RunContext) -> int:

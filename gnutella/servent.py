@@ -337,7 +337,9 @@ class Servent:
                     return est, decision.as_leaf, negotiated("client", final, event.headers)
                 elif isinstance(event, Refused):
                     self.stats[f"refused_by_peer_{event.code}"] += 1
-                    log.warning("%s refused the connection: GNUTELLA/0.6 %d %s", who, event.code, event.reason)
+                    # a busy peer (503, with hosts to try) is routine; anything else is worth a warning
+                    log.log(logging.INFO if event.code == 503 else logging.WARNING,
+                            "%s refused the connection: GNUTELLA/0.6 %d %s", who, event.code, event.reason)
                     if event.code == 429 and dial is not None:
                         self._retry_after[dial] = time.monotonic() + BAN_BACKOFF
                     self._learn_try(event.headers)

@@ -91,7 +91,7 @@ def test_local_hit_keeps_the_query_inside():
 
 
 def test_no_local_hit_goes_out_after_the_wait_only_to_boosters_that_may_have_it():
-    c = core(sightings=0, local_wait=0.5)
+    c = core(sightings=0, local_wait=0.5, forward="wait")
     up(c, 1, "10.11.0.11")
     peer(c, 8, table_of("red sky.flac"))
     peer(c, 9, table_of("jazz.mp3"))
@@ -231,7 +231,7 @@ def test_cluster_table_message_round_trip(slots):
 
 
 def test_trust_tables_forwards_at_once_when_no_local_table_matches():
-    c = core(sightings=0, local_wait=5.0, trust_tables=True)
+    c = core(sightings=0, local_wait=5.0, trust_tables=True, forward="wait")
     up(c, 1, "10.11.0.11", table=table_of("mine.txt"))
     up(c, 2, "10.11.0.21", table=table_of("other.txt"))
     peer(c, 9, None)
@@ -239,7 +239,7 @@ def test_trust_tables_forwards_at_once_when_no_local_table_matches():
     # a query some local table may answer still waits for the local attempt
     assert queries_out(c.local_message(1, Q("other", guid=b"\x61" * 16), 0.0)) == []
     # and without the option everything waits
-    plain = core(sightings=0, local_wait=5.0)
+    plain = core(sightings=0, local_wait=5.0, forward="wait")
     up(plain, 1, "10.11.0.11", table=table_of("mine.txt"))
     peer(plain, 9, None)
     assert queries_out(plain.local_message(1, Q("distant opera"), 0.0)) == []
@@ -247,7 +247,7 @@ def test_trust_tables_forwards_at_once_when_no_local_table_matches():
 
 def test_conventional_outside_peer_gets_forwarded_queries_and_its_queries_enter_the_cluster():
     from gnutella.handshake import Identity
-    c = core(sightings=0, local_wait=0.2, upstream_ttl=3)
+    c = core(sightings=0, local_wait=0.2, upstream_ttl=3, forward="wait")
     up(c, 1, "10.11.0.11", table=table_of("local tune.mp3"))
     up(c, 2, "10.11.0.21", table=table_of("other.txt"))
     c.upstream_up(50, Identity(b"\x05" * 16, "10.100.1.2", 6346, True))
@@ -267,3 +267,39 @@ def test_conventional_outside_peer_gets_forwarded_queries_and_its_queries_enter_
     assert hit_back.cid == 50
     c.upstream_down(50)
     assert c.local_message(1, Message(b"\x71" * 16, 2, 0, hit_from("10.11.0.11", "local tune.mp3")), 0.7) == []
+
+
+def test_adaptive_forwarding_goes_out_at_once_when_no_local_table_may_answer():
+    c = core(sightings=0, local_wait=5.0)
+    up(c, 1, "10.11.0.11", table=table_of("mine.txt"))
+    up(c, 2, "10.11.0.21", table=table_of("other.txt"))
+    peer(c, 8, table_of("distant opera.ogg"))
+    peer(c, 9, table_of("jazz.mp3"))
+    (out,) = queries_out(c.local_message(1, Q("distant opera"), 0.0))
+    assert out.pid == 8 and c.stats["forwarded_by_tables"] == 1 and c.stats["queries_not_sent_by_table"] == 1
+    # a local servent without a table yet may hold anything: the local attempt comes first
+    up(c, 3, "10.11.0.31")
+    assert queries_out(c.local_message(1, Q("distant opera", guid=b"\x62" * 16), 0.0)) == []
+
+
+def test_adaptive_wait_follows_how_long_local_hits_take():
+    c = core(sightings=0, local_wait=0.5, min_local_wait=0.02, wait_margin=3.0)
+    up(c, 1, "10.11.0.11", table=table_of("nothing here"))
+    up(c, 2, "10.11.0.21", table=table_of("blue moon.mp3"))
+    peer(c, 9, None)
+    assert c.local_wait() == 0.5                         # nothing learned yet: the configured bound
+    (probe,) = sends(c.local_message(1, Q("blue moon"), 0.0))
+    c.local_message(2, Message(probe.message.guid, 1, 0, hit_from("10.11.0.21", "blue moon.mp3")), 0.01)
+    assert c.local_wait() == pytest.approx(0.03)          # 10 ms local hit, margin 3
+    # a query the table claims but no local hit answers goes out once the learned wait is over
+    c.local_message(1, Q("blue moon", guid=b"\x63" * 16), 1.0)
+    assert queries_out(c.tick(1.02)) == []
+    (out,) = queries_out(c.tick(1.031))
+    assert out.obj["guid"] == b"\x63" * 16 and c.stats["forwarded_by_timeout"] == 1
+    assert c.next_deadline() is None
+    # bounded below and above
+    c.local_hit_delays.clear()
+    c.local_hit_delays.append(0.001)
+    assert c.local_wait() == 0.02
+    c.local_hit_delays.append(10.0)
+    assert c.local_wait() == 0.5
