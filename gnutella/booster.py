@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import os
 import random
+import socket
 import sys
 import time
 from collections import Counter, defaultdict
@@ -30,14 +31,14 @@ from cliruntime import (ConfigError, RunContext, host_port, make_parser, non_neg
                              positive_int, run_async)
 
 from . import b2b
-from .boostercore import BoosterConfig, BoosterCore, SendPeer
+from .boostercore import BoosterConfig, BoosterCore, SendPeer, opaque_hit, opaque_push
 from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, Identity, LinkOptions, Negotiated,
                         Refused, Response, answer_headers, final_headers, identity_headers, listen_address,
                         negotiated, offer_headers)
 from .node import Close, Send
 from .channel import Channel
 from .stream import MessageStream, pump_messages
-from .wire import DEFAULT_MAX_PAYLOAD, Bye, Message, new_guid
+from .wire import DEFAULT_MAX_PAYLOAD, Bye, Message, Push, QueryHit, new_guid
 
 log = logging.getLogger("gnutella.booster")
 
@@ -70,7 +71,7 @@ class GnutellaBooster:
 
     def __init__(self, core: BoosterCore, stats: Counter | None = None, splice: Splicer = _plain_onward,
                  tick: float = 0.05, max_splices: int = 256, upstream: int = 0,
-                 max_payload: int = DEFAULT_MAX_PAYLOAD, compress: bool = True) -> None:
+                 max_payload: int = DEFAULT_MAX_PAYLOAD, compress: bool = True, max_relays: int = 1024) -> None:
         self.core = core
         self.stats: Counter = stats if stats is not None else core.stats
         self.splice = splice
@@ -87,6 +88,13 @@ class GnutellaBooster:
         self.peer_outgoing: dict[int, bool] = {}
         self.peer_traffic: dict[str, Counter] = defaultdict(Counter)
         self.intercepted: Counter = Counter()        # "client_ip>dst_ip:port" -> connections
+        self.spliced_pairs: Counter = Counter()      # the same for connections passed on (downloads, GIV)
+        # opaque mode (servents see the box, not the remote): cid -> the box address the servent dialed
+        self.opaque: dict[int, str] = {}
+        # relays on the box towards remote addresses the servents may only reach through it
+        self.max_relays = max_relays
+        self.relays: dict[tuple[str, tuple[str, int]], int] = {}      # (box ip, remote) -> relay port
+        self._relay_servers: list[asyncio.AbstractServer] = []
         self._ids = 1
         self.supervisor = Supervisor("gnutella-booster", logger=log)
         # links with local servents and outside peers: deflate offered and accepted; the booster reads
@@ -114,6 +122,8 @@ class GnutellaBooster:
             writer.close()
         for stream in list(self.local_streams.values()):
             stream.close()
+        for server in self._relay_servers:
+            server.close()
         await self.supervisor.aclose()
 
     def _next_id(self) -> int:
@@ -128,6 +138,8 @@ class GnutellaBooster:
             "boosters": sorted(self.peer_names.get(pid, "?") for pid in self.peer_writers),
             "b2b": {name: dict(c) for name, c in self.peer_traffic.items()},
             "intercepted": dict(self.intercepted),
+            "spliced": dict(self.spliced_pairs),
+            "relays": {f"{ip}:{port}": f"{r[0]}:{r[1]}" for (ip, r), port in self.relays.items()},
             "local_servents": [f"{h}:{p}" for h, p in self.core.known_servents],
         }
 
@@ -161,6 +173,10 @@ class GnutellaBooster:
         stream = self.local_streams.get(cid)
         if stream is None or stream.is_closing():
             return
+        if cid in self.opaque:
+            msg = self._opaque(cid, msg)
+            if msg is None:
+                return
         if stream.backlogged():
             self.stats["local_tx_dropped_backlog"] += 1
             return
@@ -203,17 +219,86 @@ class GnutellaBooster:
             self.stats["intercepted_silent"] += 1
             return
         if first.startswith(b"GNUTELLA CONNECT/"):
-            key = f"{conn.client[0]}>{conn.original_dst[0]}:{conn.original_dst[1]}"
-            if key in self.intercepted or len(self.intercepted) < MAX_TRACKED:
-                self.intercepted[key] += 1
-            else:
-                self.stats["intercepted_untracked"] += 1
+            self._track(self.intercepted, conn)
             await self._gnutella(reader, writer, conn, first)
         else:
             await self._splice(reader, writer, conn, first)
 
+    def _track(self, table: Counter, conn: Any) -> None:
+        key = f"{conn.client[0]}>{conn.original_dst[0]}:{conn.original_dst[1]}"
+        if key in table or len(table) < MAX_TRACKED:
+            table[key] += 1
+        else:
+            self.stats["intercepted_untracked"] += 1
+
+    # ---------------------------------------------------------------- opaque mode
+
+    def _opaque(self, cid: int, msg: Message) -> Message | None:
+        """A hit or push for a servent behind an opaque box: every remote address becomes a relay
+        on the box, so the servent never learns (nor dials) an address past it."""
+        payload = msg.payload
+        box_ip = self.opaque[cid]
+        if isinstance(payload, QueryHit) and not self.core.is_local(payload.ip):
+            relay = self._relay_for(box_ip, (payload.ip, payload.port))
+            if relay is None:
+                self.stats["opaque_hits_dropped"] += 1     # no relay left: better lost than leaked
+                return None
+            self.stats["opaque_hits_rewritten"] += 1
+            return Message(msg.guid, msg.ttl, msg.hops, opaque_hit(payload, (box_ip, relay)))
+        if isinstance(payload, Push) and not self.core.is_local(payload.ip):
+            relay = self._relay_for(box_ip, (payload.ip, payload.port))
+            if relay is None:
+                self.stats["opaque_pushes_dropped"] += 1
+                return None
+            self.stats["opaque_pushes_rewritten"] += 1
+            return Message(msg.guid, msg.ttl, msg.hops, opaque_push(payload, (box_ip, relay)))
+        return msg
+
+    def _relay_for(self, box_ip: str, remote: tuple[str, int]) -> int | None:
+        """The port on ``box_ip`` whose connections are passed on to ``remote`` (opened on first use;
+        the socket listens at once, so a connection that comes before the server task runs waits
+        in the backlog)."""
+        key = (box_ip, remote)
+        port = self.relays.get(key)
+        if port is not None:
+            return port
+        if len(self.relays) >= self.max_relays:
+            self.stats["relays_refused"] += 1
+            return None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((box_ip, 0))
+            sock.listen(64)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            self.stats["relay_bind_failed"] += 1
+            log.warning("cannot open a relay on %s for %s:%d: %s", box_ip, *remote, exc)
+            return None
+        port = sock.getsockname()[1]
+        self.relays[key] = port
+        self.stats["relays_opened"] += 1
+        self.supervisor.spawn(self._serve_relay(sock, remote), name=f"relay {box_ip}:{port}")
+        return port
+
+    async def _serve_relay(self, sock: socket.socket, remote: tuple[str, int]) -> None:
+        async def relay(reader, writer) -> None:
+            peer = writer.get_extra_info("peername") or ("0.0.0.0", 0)
+            conn = SimpleNamespace(client=peer[:2], original_dst=remote)
+            self.stats["relayed_connections"] += 1
+            try:
+                await self._splice(reader, writer, conn, b"")
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(relay, sock=sock)
+        self._relay_servers.append(server)
+        await server.serve_forever()
+
     async def _splice(self, reader, writer, conn, first: bytes) -> None:
         """Not Gnutella overlay traffic (a download, a GIV...): pass it on untouched."""
+        self._track(self.spliced_pairs, conn)
         if self.splices >= self.max_splices:
             self.stats["splice_refused"] += 1          # bounded: the client will retry
             return
@@ -226,8 +311,9 @@ class GnutellaBooster:
                 self.stats["splice_failed"] += 1
                 log.debug("splice to %s failed: %r", conn.original_dst, exc)
                 return
-            up_writer.write(first)
-            self.stats["spliced_bytes_up"] += len(first)
+            if first:
+                up_writer.write(first)
+                self.stats["spliced_bytes_up"] += len(first)
             try:
                 await asyncio.gather(_pipe(reader, up_writer, self.stats, "spliced_bytes_up"),
                                      _pipe(up_reader, writer, self.stats, "spliced_bytes_down"))
@@ -305,6 +391,8 @@ class GnutellaBooster:
         cid = self._next_id()
         stream = MessageStream(channel, settled)
         self.local_streams[cid] = stream
+        if tuple(shown) != original:
+            self.opaque[cid] = shown[0]          # the servent reaches the outside only through this box
         if settled.deflate_out or settled.inflate_in:
             self.stats["local_links_compressed"] += 1
         self._perform(self.core.local_up(cid, time.monotonic(), client_ip, listen, tuple(conn.original_dst), leaf,
@@ -317,6 +405,7 @@ class GnutellaBooster:
                 keep_going=lambda: not stream.is_closing(), label=f"local {cid}")
         finally:
             self.local_streams.pop(cid, None)
+            self.opaque.pop(cid, None)
             self.core.local_down(cid)
 
     # ---------------------------------------------------------------- conventional outside peers
@@ -414,13 +503,13 @@ class GnutellaBooster:
         self.peer_writers[pid] = writer
         self.peer_outgoing[pid] = outgoing
         self._perform(self.core.peer_up(pid))
-        framer = b2b.FrameReader()
+        framer = b2b.frame_decoder()
         try:
             while data := await reader.read(1 << 16):
                 self.peer_traffic[self.peer_names.get(pid, f"#{pid}")]["bytes_in"] += len(data)
                 try:
                     frames = framer.feed(data)
-                except b2b.B2BDecodeError as exc:
+                except b2b.FramingError as exc:
                     self.stats["peer_framing_errors"] += 1
                     log.info("booster peer %d: %s; closing", pid, exc)
                     break

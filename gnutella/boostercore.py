@@ -50,8 +50,26 @@ from .handshake import ConnectRequest, Decision, Identity
 from .node import Close, Send
 from .qrp import DEFAULT_TABLE_BITS, RouteTable, TableReceiver
 from .routing import BoundedTable
-from .wire import (BYE, PING, PONG, PUSH, QRP, QUERY, QUERY_HIT, STD_VENDOR, VENDOR, Bye, GnutellaDecodeError, Message,
-                   Pong, Push, Query, QueryHit, new_guid)
+from .wire import (BYE, PING, PONG, PUSH, QRP, QUERY, QUERY_HIT, STD_VENDOR, VENDOR, Bye, GnutellaDecodeError,
+                   HitResult, Message, Pong, Push, Query, QueryHit, new_guid)
+
+
+OPAQUE_STRIPPED_GGEP = frozenset({"ALT", "ALT_TLS", "PUSH", "PUSH_TLS"})   # address lists in hits
+
+
+def opaque_hit(hit: QueryHit, relay: tuple[str, int]) -> QueryHit:
+    """The hit as a servent behind an opaque box must see it: the source is the box's relay for it,
+    and no other address is left (alternate locations and push proxies are dropped, and the
+    vendor-private area, which may carry them, with them)."""
+    results = tuple(HitResult(r.index, r.size, r.name, r.urns,
+                              tuple(g for g in r.ggep if g.id not in OPAQUE_STRIPPED_GGEP))
+                    for r in hit.results)
+    return QueryHit(relay[1], relay[0], hit.speed, results, hit.servent_guid, hit.vendor, hit.open_data, b"")
+
+
+def opaque_push(push: Push, relay: tuple[str, int]) -> Push:
+    """A push whose requester is reached through the box's relay (so the GIV goes through the box)."""
+    return Push(push.servent_guid, push.file_index, relay[0], relay[1], ())
 
 
 @dataclass(frozen=True, slots=True)

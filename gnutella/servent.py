@@ -125,6 +125,7 @@ class Servent:
         self.node: Node | None = None
         self.links: dict[int, _Link] = {}
         self.traffic: dict[str, Counter] = defaultdict(Counter)   # per remote IP
+        self.dialed: Counter = Counter()       # connections we opened (links, downloads, GIV), per remote IP
         self._next_cid = 1
         self._server: asyncio.AbstractServer | None = None
         self.supervisor = Supervisor("gnutella-servent", logger=log)
@@ -182,6 +183,7 @@ class Servent:
             "address": f"{self.advertise_ip}:{self.port}",
             "peers": {cid: f"{a[0]}:{a[1]}" for cid, a in self._connected_addrs.items()},
             "traffic": {ip: dict(c) for ip, c in self.traffic.items()},
+            "dialed": dict(self.dialed),
         }
 
     # ---------------------------------------------------------------- connections
@@ -199,7 +201,14 @@ class Servent:
         self._connecting.add(addr)
         self.supervisor.spawn(self._connect(addr), name="connect", critical=False)
 
+    def _dial(self, ip: str) -> None:
+        if ip in self.dialed or len(self.dialed) < MAX_TRAFFIC_ENTRIES:
+            self.dialed[ip] += 1
+        else:
+            self.stats["dialed_untracked"] += 1
+
     async def _connect(self, addr: tuple[str, int]) -> None:
+        self._dial(addr[0])
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(*addr, limit=1 << 16, local_addr=self._source()), HANDSHAKE_TIMEOUT)
@@ -530,6 +539,7 @@ class Servent:
         dest = dest_dir / hit.name if dest_dir is not None else None
         path = f"/uri-res/N2R?urn:sha1:{hit.sha1}" if hit.sha1 else f"/get/{hit.index}/{urllib.parse.quote(hit.name)}"
         if not hit.push:
+            self._dial(hit.ip)
             result = await ghttp.download(hit.ip, hit.port, path, dest, hit.sha1, max_bytes, timeout, tls=self.tls,
                                           local_addr=self._source())
             if result.ok or event is None:
@@ -599,6 +609,7 @@ class Servent:
         if shared is None:
             self.stats["push_unknown_file"] += 1
             return
+        self._dial(push.ip)
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(push.ip, push.port, local_addr=self._source()), HANDSHAKE_TIMEOUT)

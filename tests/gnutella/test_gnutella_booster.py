@@ -146,16 +146,21 @@ async def test_booster_clusters_the_overlay_and_keeps_queries_local(two_clusters
     # a file only in the other cluster: no local table may hold it, so it goes out at once
     # (adaptive forwarding), to the one booster that may have it
     hits = await s["A1"].search("faraway fugue", timeout=2.0, max_hits=1)
-    assert [h.ip for h, _ in hits] == ["127.0.2.2"]
     assert t.cores["A"].stats["forwarded_by_tables"] >= 1
     assert t.boosters["A"].peer_traffic["booster-B"]["query_out"] == before + 1
     assert t.cores["B"].stats["remote_queries_injected"] == 1
-    # the download goes through the edge too: not Gnutella, so it is spliced on untouched
+    # this edge is opaque (servents reach the outside only through the box): the hit names a relay
+    # on the box, never the remote servent 127.0.2.2
     hit = hits[0][0]
-    edge = await t.edges["A"].intercept((hit.ip, hit.port))
-    result = await ghttp.download(*edge, f"/uri-res/N2R?urn:sha1:{hit.sha1}", tmp_path / "fugue", hit.sha1)
+    assert hit.ip == "127.0.1.254" and t.boosters["A"].stats["opaque_hits_rewritten"] >= 1
+    assert t.boosters["A"].relays[("127.0.1.254", ("127.0.2.2", s["B2"].port))] == hit.port
+    # the servent's own download goes to the relay, which passes it on untouched (SHA-1 verified)
+    result = await s["A1"].download(hit, hits[0][1], tmp_path)
     assert result.ok and result.size == 30000
-    assert t.boosters["A"].stats["spliced"] == 1 and t.boosters["A"].stats["spliced_bytes_down"] > 30000
+    assert t.boosters["A"].stats["relayed_connections"] == 1 and t.boosters["A"].stats["spliced_bytes_down"] > 30000
+    # no cluster-A servent ever connected to an address outside its cluster
+    for name in ("A1", "A2", "A3"):
+        assert all(ip.startswith("127.0.1.") for ip in s[name].dialed), (name, s[name].dialed)
 
     # a file nowhere: the cluster table of B says no, so it does not even cross
     await s["A2"].search("nonexistent zebra", timeout=1.0)

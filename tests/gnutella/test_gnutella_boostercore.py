@@ -1,5 +1,7 @@
 """The booster's logic alone (sans-IO, deterministic) and its booster-to-booster codec."""
 
+import struct
+
 import msgpack
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -186,7 +188,7 @@ def test_b2b_round_trip_every_type():
         {"t": "bye", "reason": "done"},
     ]
     stream = b"".join(b2b.encode(m) for m in msgs)
-    reader = b2b.FrameReader()
+    reader = b2b.frame_decoder()
     out = []
     for i in range(0, len(stream), 7):
         out += reader.feed(stream[i:i + 7])
@@ -204,22 +206,22 @@ def test_b2b_round_trip_every_type():
 ])
 def test_b2b_decode_errors_say_what_was_wrong(obj, words):
     body = msgpack.packb(obj, use_bin_type=True)
-    (err,) = b2b.FrameReader().feed(b2b.LENGTH.pack(len(body)) + body)
+    (err,) = b2b.frame_decoder().feed(struct.pack(">I", len(body)) + body)
     assert isinstance(err, b2b.B2BDecodeError) and words in str(err)
 
 
 def test_b2b_oversized_frame_is_fatal():
-    with pytest.raises(b2b.B2BDecodeError, match="exceeds"):
-        b2b.FrameReader(max_frame=10).feed(b2b.LENGTH.pack(11))
+    with pytest.raises(b2b.FramingError, match="outside"):
+        b2b.frame_decoder(max_frame=10).feed(struct.pack(">I", 11))
 
 
 @settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=200))
 def test_b2b_fuzz_only_decode_errors(data):
     try:
-        for item in b2b.FrameReader(max_frame=1000).feed(data):
+        for item in b2b.frame_decoder(max_frame=1000).feed(data):
             assert isinstance(item, (dict, b2b.B2BDecodeError))
-    except b2b.B2BDecodeError:
+    except b2b.FramingError:
         pass
 
 
@@ -303,3 +305,17 @@ def test_adaptive_wait_follows_how_long_local_hits_take():
     assert c.local_wait() == 0.02
     c.local_hit_delays.append(10.0)
     assert c.local_wait() == 0.5
+
+
+def test_opaque_hit_and_push_name_only_the_relay():
+    from gnutella.boostercore import opaque_hit, opaque_push
+    from gnutella.wire import GGEPExtension
+    result = HitResult(1, 10, "far.ogg", ("urn:sha1:" + "A" * 32,),
+                       (GGEPExtension("ALT", b"\x0a\x0c\x00\x0b\xca\x18", cobs=True), GGEPExtension("CT", b"\x01")))
+    hit = QueryHit(6346, "10.12.0.11", 100, (result,), b"\x66" * 16, b"GTKG", b"\x1c\x00", b"\xc3\x82PUSH\x46xxxxxx")
+    seen = QueryHit.decode(opaque_hit(hit, ("10.11.0.1", 40001)).encode())
+    assert (seen.ip, seen.port) == ("10.11.0.1", 40001) and seen.private_data == b""
+    assert [g.id for g in seen.results[0].ggep] == ["CT"] and seen.results[0].sha1 == "A" * 32
+    assert seen.servent_guid == hit.servent_guid and seen.open_data == hit.open_data
+    push = opaque_push(Push(b"\x66" * 16, 3, "10.13.0.5", 6346), ("10.11.0.1", 40002))
+    assert (push.ip, push.port, push.file_index) == ("10.11.0.1", 40002, 3)
