@@ -494,9 +494,9 @@ class GnutellaBooster:
             await self._peer_session(reader, writer, outgoing=True)
             await asyncio.sleep(RECONNECT)
 
-    async def _accept_peer(self, reader, writer) -> None:
-        with contextlib.suppress(asyncio.CancelledError):   # stop() closes these sessions
-            await self._peer_session(reader, writer, outgoing=False)
+    def _accept_peer(self, reader, writer) -> None:
+        self.supervisor.spawn(self._peer_session(reader, writer, outgoing=False), name="booster peer in",
+                              critical=False)
 
     async def _peer_session(self, reader, writer, outgoing: bool) -> None:
         pid = self._next_id()

@@ -330,7 +330,6 @@ class BoosterCore:
                 and all(other.table is not None for other in others)):
             # every local servent told us what it has, and none has this: nothing to wait for
             state.wait = 0.0
-            self.stats["forwarded_by_tables"] += 1
         elif adaptive:
             state.wait = self.local_wait()
         out += self._maybe_forward(state, now)
@@ -355,7 +354,9 @@ class BoosterCore:
             return []
         state.forwarded = True
         self.pending.pop(state.guid, None)
-        self.stats["forwarded_by_count" if by_count else "forwarded_by_timeout"] += 1
+        # by_tables: no local table may answer, so it went out without any wait
+        self.stats["forwarded_by_count" if by_count else
+                   "forwarded_by_tables" if state.wait == 0 else "forwarded_by_timeout"] += 1
         query = state.query
         obj = {"t": "query", "guid": state.guid, "ttl": self.config.remote_ttl, "hops": state.hops + 1,
                "criteria": query.criteria, "flags": query.flags, "urns": list(query.urns)}

@@ -100,7 +100,8 @@ class Servent:
                  stats: Counter | None = None, seed: int | None = None, user_agent: str = "booster-boxes/0.1",
                  allow_04: bool = True, tick: float = 1.0, connect_version: str = "0.6",
                  max_payload: int = DEFAULT_MAX_PAYLOAD, tls: bool = True, compress: bool = True,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         self.listen = listen
         # TLS (offered and accepted on links and downloads) with a certificate made now; None: off
         self.tls: TlsContexts | None = tls_contexts() if tls else None
@@ -131,6 +132,8 @@ class Servent:
         self.supervisor = Supervisor("gnutella-servent", logger=log)
         self.max_connections = max_connections     # accepted connections at once (links, HTTP, GIV)
         self.idle_timeout = idle_timeout           # a link silent this long is closed (alive pings keep it busy)
+        # the first line, a whole handshake, an HTTP request head or a GIV must arrive within this (slowloris)
+        self.handshake_timeout = handshake_timeout
         self.link_options = LinkOptions(compress=compress, tls=tls)
         self.tls_hosts: OrderedDict[tuple[str, int], None] = OrderedDict()   # peers known to speak TLS
         self._accepting = 0
@@ -270,7 +273,7 @@ class Servent:
     async def _accept_inner(self, channel: Channel) -> None:
         try:
             try:
-                first = await asyncio.wait_for(self._first_bytes(channel), HANDSHAKE_TIMEOUT)
+                first = await asyncio.wait_for(self._first_bytes(channel), self.handshake_timeout)
             except (asyncio.TimeoutError, OSError, ValueError, ssl.SSLError):
                 self.stats["accept_no_request"] += 1
                 return
@@ -279,7 +282,7 @@ class Servent:
                 await self._session(channel, outgoing=False, initial=first, dial=None)
             elif first.startswith((b"GET ", b"HEAD ")):
                 await ghttp.serve_upload(channel, self.shares, first, self.user_agent, self.stats, self.tls,
-                                         header_timeout=HANDSHAKE_TIMEOUT)
+                                         header_timeout=self.handshake_timeout)
             elif first.startswith(b"GIV "):
                 await self._on_giv(first, channel)
             else:
@@ -308,7 +311,7 @@ class Servent:
         if outgoing:
             channel.write(hs.connect(offer_headers(identity_headers(me, remote_ip), options)))
         data = initial
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        deadline = time.monotonic() + self.handshake_timeout
         our_leaf = False
         sent = Headers()
         who = f"{dial[0]}:{dial[1]}" if dial else remote_ip
@@ -585,7 +588,7 @@ class Servent:
     async def _on_giv(self, first: bytes, channel: Channel) -> None:
         try:
             while b"\n\n" not in first:
-                more = await asyncio.wait_for(channel.read(), HANDSHAKE_TIMEOUT)
+                more = await asyncio.wait_for(channel.read(), self.handshake_timeout)
                 if not more or len(first) > 1024:
                     self.stats["giv_malformed"] += 1
                     return
@@ -671,6 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest message payload accepted (bytes); a larger one closes the connection")
         p.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
                        help="incoming connections handled at once (links, downloads, GIV); more are closed")
+        p.add_argument("--handshake-timeout", type=non_negative_float, default=HANDSHAKE_TIMEOUT,
+                       help="seconds for a connection's first line, its handshake or HTTP request head")
         p.add_argument("--idle-timeout", type=non_negative_float, default=DEFAULT_IDLE_TIMEOUT,
                        help="close a link silent for this many seconds (0: never)")
         p.add_argument("--no-tls", action="store_true",
@@ -717,7 +722,7 @@ def servent_from_args(args, stats: Counter) -> Servent:
                    max_leaves=args.max_leaves, stats=stats, seed=args.seed, allow_04=not args.no_04,
                    connect_version=args.handshake, max_payload=args.max_payload, tls=not args.no_tls,
                    compress=not args.no_compression, max_connections=args.max_connections,
-                   idle_timeout=args.idle_timeout or None)
+                   idle_timeout=args.idle_timeout or None, handshake_timeout=args.handshake_timeout)
 
 
 def _print(obj: dict) -> None:
@@ -775,7 +780,8 @@ async def amain(args, ctx: RunContext) -> int:
     try:
         if args.mode == "serve":
             started = time.monotonic()
-            script = asyncio.ensure_future(_scripted(servent, args, ctx, started)) if args.queries else None
+            script = (servent.supervisor.spawn(_scripted(servent, args, ctx, started), name="scripted queries")
+                      if args.queries else None)
             if args.duration:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(ctx.stop.wait(), args.duration)

@@ -271,3 +271,17 @@ async def test_connection_cap_and_idle_timeout(tmp_path):
         writer.close()
     finally:
         await a.stop()
+
+
+async def test_a_slow_handshake_is_closed_after_the_handshake_timeout(tmp_path):
+    """Slowloris: a CONNECT that never ends holds a slot only for the handshake timeout."""
+    a = await _servent(tmp_path, "a", handshake_timeout=0.3, tls=False)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
+        writer.write(b"GNUTELLA CONNECT/0.6\r\nX-Ultrapeer: True\r\n")      # and never the blank line
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        await _until(lambda: a.stats["handshake_failed"] == 1 and a._accepting == 0)
+        writer.close()
+    finally:
+        await a.stop()
