@@ -39,7 +39,8 @@ from .wire import DEFAULT_MAX_PAYLOAD, Bye, Message, new_guid
 log = logging.getLogger("gnutella.servent")
 
 HANDSHAKE_TIMEOUT = 10.0
-RETRY_AFTER = 30.0          # seconds before dialing a refused or failed address again
+RETRY_AFTER = 30.0          # seconds before dialing a refused address again
+CONNECT_BACKOFF = 2.0       # first retry of an address that did not answer (doubling up to RETRY_AFTER)
 BAN_BACKOFF = 300.0         # after a 429 (gtk-gnutella's reconnect ban)
 MAX_RETRY_ENTRIES = 4096
 MAX_TRAFFIC_ENTRIES = 4096
@@ -140,6 +141,7 @@ class Servent:
         self._connecting: set[tuple[str, int]] = set()
         self._connected_addrs: dict[int, tuple[str, int]] = {}
         self._retry_after: dict[tuple[str, int], float] = {}
+        self._connect_failures: dict[tuple[str, int], int] = {}
         self._search_listeners: dict[bytes, Callable[[SearchHit], None]] = {}
         self._giv_waiters: dict[tuple[bytes, int], asyncio.Future] = {}
         self.established = asyncio.Event()
@@ -217,11 +219,14 @@ class Servent:
                 asyncio.open_connection(*addr, limit=1 << 16, local_addr=self._source()), HANDSHAKE_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
             self.stats["connect_failed"] += 1
-            self._retry_after[addr] = time.monotonic() + RETRY_AFTER
+            # not up yet (servents start together) or gone: retry soon, then less and less often
+            failures = self._connect_failures[addr] = self._connect_failures.get(addr, 0) + 1
+            self._retry_after[addr] = time.monotonic() + min(RETRY_AFTER, CONNECT_BACKOFF * 2 ** (failures - 1))
             self._connecting.discard(addr)
             log.debug("connect to %s:%d failed: %r", *addr, exc)
             return
         self.stats["connect_out"] += 1
+        self._connect_failures.pop(addr, None)
         channel = Channel(reader, writer)
         try:
             if self.tls is not None and addr in self.tls_hosts:
@@ -478,6 +483,8 @@ class Servent:
             self._perform(self.node.tick(now))
             if len(self._retry_after) > MAX_RETRY_ENTRIES:
                 self._retry_after = {a: t for a, t in self._retry_after.items() if t > now}
+            if len(self._connect_failures) > MAX_RETRY_ENTRIES:
+                self._connect_failures.clear()
             # keep the wanted number of connections from the host cache
             wanted = self.target_peers - len(self.links) - len(self._connecting)
             if wanted > 0:
