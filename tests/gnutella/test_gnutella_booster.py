@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from gnutella import http as ghttp
 from gnutella.booster import GnutellaBooster
 from gnutella.boostercore import BoosterConfig, BoosterCore
 from gnutella.node import NodeConfig

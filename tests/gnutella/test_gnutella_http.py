@@ -9,7 +9,6 @@ import os
 import re
 from urllib.parse import quote
 from collections import Counter
-from pathlib import Path
 
 import h11
 import pytest
@@ -264,3 +263,16 @@ async def test_header_timeout_closes_a_slow_request(lantern):
         assert await asyncio.wait_for(reader.read(), 10) == b""
         writer.close()
     assert stats["http_header_timeouts"] == 1
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=30), st.integers(1, 10_000))
+def test_fuzz_range_is_inside_the_file_or_refused(value, size):
+    try:
+        first, last = ghttp.parse_range(value, size)
+    except ghttp.BadRange:
+        return
+    assert 0 <= first <= last < size

@@ -8,13 +8,12 @@ import asyncio
 import logging
 import re
 import zlib
-from collections import Counter
 
 import pytest
 
 from gnutella.channel import CompressionError, Deflater, Inflater
 from gnutella.handshake import (ConnectRequest, Established, Handshake, Headers, LinkOptions, Negotiated, Response,
-                                answer_headers, final_headers, negotiated, offer_headers, parse_header_lines)
+                                answer_headers, final_headers, negotiated, offer_headers)
 from gnutella.servent import Servent
 from gnutella.share import ShareIndex
 from gnutella.wire import MessageReader, RawMessage
@@ -285,3 +284,17 @@ async def test_a_slow_handshake_is_closed_after_the_handshake_timeout(tmp_path):
         writer.close()
     finally:
         await a.stop()
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400))
+def test_fuzz_inflater_gives_bounded_chunks_or_a_compression_error(data):
+    inflater = Inflater(slack=4096, chunk=1024)
+    try:
+        for chunk in inflater.feed(zlib.compress(data)[:2] + data):
+            assert len(chunk) <= 1024
+    except CompressionError:
+        pass

@@ -104,3 +104,18 @@ def test_link_up_sends_supported_messages_then_one_ping_like_gtk_gnutella():
                 and a.message.ttl > 1]
     refresh = [a for a in node.tick(node.config.ping_interval) if isinstance(a.message.payload, Ping)]
     assert len(refresh) == 1 and refresh[0].message.ttl == 4
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from gnutella.wire import GnutellaDecodeError  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([0, 10]), st.binary(max_size=64))
+def test_fuzz_supported_lists_decode_or_say_what_is_wrong(selector, data):
+    try:
+        listed = vendor.decode_supported(VendorMessage(b"\0\0\0\0", selector, 0, data))
+    except GnutellaDecodeError:
+        return
+    assert len(data) == 2 + len(listed.entries) * (6 if selector == 10 else 8)
