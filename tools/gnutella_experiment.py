@@ -60,6 +60,7 @@ class ExperimentConfig:
     local_wait: float = 0.3
     file_kb: tuple[int, int] = (16, 64)
     forward: str = "adaptive"       # the boosters' forwarding rule ("wait": the paper's local attempt first)
+    stall_bound: float = 10.0       # boxd --linux-stall: how long a booster may leave connections unaccepted
     tail: float = 8.0               # seconds servents stay up after the last query (downloads, stragglers)
 
 
@@ -135,9 +136,13 @@ async def run_mode(lab, cfg: ExperimentConfig, servents: list[Servent], boosters
             for c in clusters:
                 edge = f"edge{c}"
                 control = workdir / f"{edge}.sock"
+                # --linux-stall: when every servent starts at once on a loaded machine, a booster may
+                # take seconds to accept the burst of intercepted connections; boxd's watchdog must
+                # not take its rules away for that (links would then go past the box)
                 boxd = procs.start(f"{edge}-boxd", lab.command(edge, [
                     script("boxd"), "--engine", "linux", "--control", str(control),
-                    "--state", str(workdir / f"{edge}-state"), "--log-level", "info"]))
+                    "--state", str(workdir / f"{edge}-state"), "--log-level", "info",
+                    "--linux-stall", str(cfg.stall_bound)]))
                 await procs.wait_for_log(boxd, "boxd ready", 30)
                 peers = []
                 for other in clusters:
@@ -182,12 +187,18 @@ async def run_mode(lab, cfg: ExperimentConfig, servents: list[Servent], boosters
                 break
             await asyncio.sleep(0.5)
         await procs.stop_many(list(roles.values()))
+        # a booster (or its boxd) that ended during the run stopped intercepting: say so
+        lost = sorted(r.name for r in procs.roles if r.name.startswith("edge") and r.proc.poll() is not None)
+        if lost:
+            say(f"edge processes that ended during the run: {', '.join(lost)}")
         edge_after = _edge_bytes(lab, clusters)
         await procs.stop_many(list(edge_roles.values()))
         booster_stats = {c: r.read_stats() for c, r in edge_roles.items()}
         await procs.stop_all()
-        return summarize(cfg, servents, workdir, {n: r.read_stats() for n, r in roles.items()}, booster_stats,
-                         prefixes, edge_after - edge_before)
+        out = summarize(cfg, servents, workdir, {n: r.read_stats() for n, r in roles.items()}, booster_stats,
+                        prefixes, edge_after - edge_before)
+        out["edge_processes_lost"] = lost
+        return out
     finally:
         await procs.stop_all()
 
