@@ -619,11 +619,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="non-Gnutella connections passed on at once (more are refused)")
     parser.add_argument("--max-payload", type=positive_int, default=DEFAULT_MAX_PAYLOAD,
                         help="largest message payload accepted from a servent (bytes)")
+    parser.add_argument("--max-relays", type=positive_int, default=1024,
+                        help="opaque mode: relay ports opened on the box towards remote sources (past it, hits "
+                             "from other clusters are dropped rather than leaked)")
+    parser.add_argument("--no-compression", action="store_true",
+                        help="neither offer nor accept deflate on links with servents")
     parser.add_argument("--secret", default=None, help="seed of the impersonated identities (default: random)")
     parser.add_argument("--upstream", type=int, default=0, metavar="N",
                         help="also peer the conventional way with up to N of the outside servents that local "
                              "servents dial (for clusters without a booster); 0: boosters only")
     return parser
+
+
+def adapter_options(args) -> dict:
+    """The adapter's keyword arguments from the command line: ``GnutellaBooster(core, stats, splice,
+    **adapter_options(args))``."""
+    return {"upstream": args.upstream, "max_splices": args.max_splices, "max_payload": args.max_payload,
+            "compress": not args.no_compression, "max_relays": args.max_relays}
 
 
 def config_from_args(args) -> BoosterConfig:

@@ -200,3 +200,16 @@ async def test_push_crosses_boosters_to_a_firewalled_source(two_clusters, tmp_pa
     assert t.cores["A"].stats["pushes_to_boosters"] == 1         # A's booster sent it across ...
     assert t.cores["B"].stats["pushes_routed"] == 1              # ... B's gave it to the servent
     assert s["B2"].stats["push_uploads"] == 1 and s["A1"].stats["giv_received"] == 1
+
+
+def test_command_line_reaches_the_core_and_the_adapter():
+    from gnutella.booster import adapter_options, build_parser, config_from_args
+    args = build_parser().parse_args(["--name", "e1", "--cluster", "10.11.0.0/24", "--forward", "wait",
+                                      "--local-wait", "0.5", "--max-relays", "7", "--no-compression"])
+    config = config_from_args(args)
+    assert (config.forward, config.local_wait, config.cluster) == ("wait", 0.5, ("10.11.0.0/24",))
+    assert build_parser().parse_args(["--name", "e1"]).forward == "adaptive"
+    options = adapter_options(args)
+    assert options["max_relays"] == 7 and options["compress"] is False
+    adapter = GnutellaBooster(BoosterCore(config, b"s"), **options)
+    assert adapter.max_relays == 7 and adapter.link_options.compress is False and not adapter.link_options.tls
