@@ -18,7 +18,7 @@ from .qrp import DEFAULT_TABLE_BITS, RouteTable, TableReceiver
 from .routing import LOCAL, Router
 from .share import ShareIndex
 from . import vendor
-from .wire import (BYE, PING, PONG, PUSH, QRP, QUERY, QUERY_HIT, STD_VENDOR, VENDOR, Bye,
+from .wire import (BYE, PING, PONG, PUSH, QRP, QUERY, QUERY_HIT, STD_VENDOR, VENDOR, Bye, GGEPExtension, ggep_get,
                    GnutellaDecodeError, HitResult, Message, Ping, Pong, Push, Query, QueryHit,
                    new_guid, QF_MARKER)
 
@@ -79,6 +79,7 @@ class NodeConfig:
     max_results: int = 50
     speed: int = 1000                 # kbit/s, reported in hits, compared to legacy min speed
     firewalled: bool = False          # advertise the push flag: downloaders must use PUSH/GIV
+    tls: bool = False                 # we accept TLS: say so in our pongs (GGEP "TLS", as gtk-gnutella)
 
 
 @dataclass
@@ -112,6 +113,7 @@ class Node:
         self.peers: dict[int, Peer] = {}
         self.pong_cache: OrderedDict[tuple[str, int], Pong] = OrderedDict()
         self.host_cache: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self.tls_hosts: OrderedDict[tuple[str, int], None] = OrderedDict()   # pongs said they speak TLS
         self.my_searches: OrderedDict[bytes, float] = OrderedDict()
         self._table: RouteTable | None = None
 
@@ -121,7 +123,8 @@ class Node:
         return new_guid(self.rng.randbytes(16))
 
     def own_pong(self) -> Pong:
-        return Pong(self.me.port, self.me.ip, len(self.shares), self.shares.kbytes)
+        ggep = (GGEPExtension("TLS", b""),) if self.config.tls else ()
+        return Pong(self.me.port, self.me.ip, len(self.shares), self.shares.kbytes, ggep)
 
     def _qhd_flags(self) -> bytes:
         # QHD open data: first byte says which flags are meaningful, second holds them
@@ -301,6 +304,11 @@ class Node:
             self.stats["alive_answered"] += 1
         self.learn_host(pong.ip, pong.port)
         key = (pong.ip, pong.port)
+        if ggep_get(pong.ggep, "TLS") is not None and pong.port:
+            self.tls_hosts[key] = None
+            self.tls_hosts.move_to_end(key)
+            while len(self.tls_hosts) > self.config.host_cache:
+                self.tls_hosts.popitem(last=False)
         if key != (self.me.ip, self.me.port):
             self.pong_cache[key] = pong
             self.pong_cache.move_to_end(key)

@@ -111,6 +111,7 @@ class Servent:
         self.shares = shares
         self.config = config or NodeConfig(ultrapeer=ultrapeer)
         self.config.ultrapeer = ultrapeer
+        self.config.tls = tls
         self.bootstrap = list(peers)
         self.target_peers = target_peers
         self.max_peers = max_peers
@@ -229,13 +230,14 @@ class Servent:
         self._connect_failures.pop(addr, None)
         channel = Channel(reader, writer)
         try:
-            if self.tls is not None and addr in self.tls_hosts:
+            if self.tls is not None and (addr in self.tls_hosts or addr in self.node.tls_hosts):
                 # a peer known to speak TLS is dialled in TLS from the first byte
                 try:
                     await asyncio.wait_for(channel.start_tls(self.tls.client, server_side=False), HANDSHAKE_TIMEOUT)
                 except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
                     self.stats["tls_direct_failed"] += 1
                     self.tls_hosts.pop(addr, None)
+                    self.node.tls_hosts.pop(addr, None)
                     log.info("TLS to %s:%d failed (%r); it will be dialled in clear", *addr, exc)
                     channel.close()
                     return

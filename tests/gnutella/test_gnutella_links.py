@@ -298,3 +298,21 @@ def test_fuzz_inflater_gives_bounded_chunks_or_a_compression_error(data):
             assert len(chunk) <= 1024
     except CompressionError:
         pass
+
+
+async def test_a_peer_whose_pong_says_tls_is_dialled_in_tls(tmp_path):
+    a = await _servent(tmp_path, "a")
+    c = await _servent(tmp_path, "c")
+    b = await _servent(tmp_path, "b", peers=[("127.0.0.1", a.port)])
+    try:
+        assert a.node.own_pong().ggep[0].id == "TLS"        # as gtk-gnutella's pongs say it
+        c.connect("127.0.0.1", a.port)                      # a now caches c's pong (GGEP TLS) ...
+        await _until(lambda: len(a.links) == 2 and ("127.0.0.1", c.port) in a.node.pong_cache)
+        b.node.tls_hosts.clear()
+        b._perform(b.node.tick(1e9))                        # ... b's refresh ping brings it from a's cache
+        await _until(lambda: ("127.0.0.1", c.port) in b.node.tls_hosts)
+        b.connect("127.0.0.1", c.port)
+        await _until(lambda: b.stats["tls_direct_out"] == 1 and c.stats["tls_direct_in"] == 1)
+    finally:
+        for s in (b, c, a):
+            await s.stop()

@@ -163,7 +163,7 @@ async def test_duplicate_guid_is_refused_409(tmp_path, gtk_connect):
         assert (await read_headers(r1)).startswith(b"GNUTELLA/0.6 200")
         w1.write(b"GNUTELLA/0.6 200 OK\r\n\r\n")
         await w1.drain()
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(up.established.wait(), 5)     # the first link is up: its GUID is taken
         r2, w2 = await asyncio.open_connection("127.0.0.1", up.port)
         w2.write(gtk_connect("ultrapeer"))                 # same GUID header again
         assert (await read_headers(r2)).startswith(b"GNUTELLA/0.6 409")
@@ -252,7 +252,7 @@ async def test_429_backs_off_five_minutes():
             if s.stats["refused_by_peer_429"]:
                 break
             await asyncio.sleep(0.02)
-        await asyncio.sleep(0.05)
+        # the ban is recorded in the same step that counts the refusal
         wait = s._retry_after[("127.0.0.1", port)] - asyncio.get_running_loop().time()
         assert 250 < wait <= 300
     finally:
