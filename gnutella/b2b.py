@@ -1,6 +1,6 @@
 """Booster-to-booster protocol: the upper level of the two-level overlay.
 
-Frames are a 4-byte big-endian length then one msgpack map.  Every message
+Frames are the suite's (:mod:`boxcore.framing`: a 4-byte big-endian length then one msgpack map).  Every message
 type and its fields are declared once in :data:`SCHEMA` and checked strictly
 on decode (:class:`B2BDecodeError` names what was wrong).
 
@@ -17,16 +17,16 @@ bye      ``reason``
 
 from __future__ import annotations
 
-import struct
 import zlib
-from dataclasses import dataclass, field
 
-import msgpack
+from boxcore.framing import FrameDecoder, FramingError, encode_frame
 
 from .qrp import RouteTable
 
+__all__ = ["B2BDecodeError", "FramingError", "SCHEMA", "VERSION", "encode", "frame_decoder", "table_from_message",
+           "table_message", "validate"]
+
 VERSION = 1
-LENGTH = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 256 * 1024
 
 
@@ -72,38 +72,14 @@ def validate(obj: object) -> dict:
 
 def encode(obj: dict) -> bytes:
     validate(obj)
-    body = msgpack.packb(obj, use_bin_type=True)
-    return LENGTH.pack(len(body)) + body
+    return encode_frame(obj)
 
 
-@dataclass
-class FrameReader:
-    """Frames a byte stream into validated messages (bounded frame size)."""
-
-    max_frame: int = DEFAULT_MAX_FRAME
-    _buf: bytearray = field(default_factory=bytearray)
-
-    def feed(self, data: bytes) -> list[dict | B2BDecodeError]:
-        """Messages, or a B2BDecodeError in place of each malformed frame (the stream goes on).
-        A frame longer than ``max_frame`` cannot be skipped safely: that raises."""
-        self._buf += data
-        out: list[dict | B2BDecodeError] = []
-        while len(self._buf) >= LENGTH.size:
-            (length,) = LENGTH.unpack_from(self._buf)
-            if length > self.max_frame:
-                raise B2BDecodeError(f"frame of {length} bytes exceeds limit {self.max_frame}")
-            if len(self._buf) < LENGTH.size + length:
-                break
-            body = bytes(self._buf[LENGTH.size:LENGTH.size + length])
-            del self._buf[:LENGTH.size + length]
-            try:
-                out.append(validate(msgpack.unpackb(body, raw=False, strict_map_key=True)))
-            except B2BDecodeError as exc:
-                out.append(exc)
-            except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError,
-                    msgpack.exceptions.StackError) as exc:
-                out.append(B2BDecodeError(f"bad msgpack: {exc}"))
-        return out
+def frame_decoder(max_frame: int = DEFAULT_MAX_FRAME) -> FrameDecoder:
+    """The suite's framer with this protocol's validator: each malformed frame comes back as a
+    :class:`B2BDecodeError` in the list (the stream goes on); a bad length raises
+    :class:`~boxcore.framing.FramingError` (boundaries lost: close the link)."""
+    return FrameDecoder(max_frame, error=B2BDecodeError, validate=validate)
 
 
 def table_message(table: RouteTable) -> dict:

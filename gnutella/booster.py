@@ -14,33 +14,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import ipaddress
 import logging
 import os
 import random
+import socket
 import sys
 import time
 from collections import Counter, defaultdict
 from types import SimpleNamespace
 from typing import Any, Awaitable, Callable
 
+from cliruntime.supervisor import Supervisor
 from cliruntime import (ConfigError, RunContext, host_port, make_parser, non_negative_float,
                              positive_int, run_async)
 
 from . import b2b
-from .boostercore import BoosterConfig, BoosterCore, SendPeer
-from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, Identity, Refused, Response,
-                        identity_headers, listen_address)
+from .boostercore import BoosterConfig, BoosterCore, SendPeer, opaque_hit, opaque_push
+from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, Identity, LinkOptions, Negotiated,
+                        Refused, Response, answer_headers, final_headers, identity_headers, listen_address,
+                        negotiated, offer_headers)
 from .node import Close, Send
-from .stream import pump_messages
-from .wire import DEFAULT_MAX_PAYLOAD, Bye, Message, new_guid
+from .channel import Channel
+from .stream import MessageStream, pump_messages
+from .wire import DEFAULT_MAX_PAYLOAD, Bye, Message, Push, QueryHit, new_guid
 
 log = logging.getLogger("gnutella.booster")
 
 HANDSHAKE_TIMEOUT = 10.0
-MAX_OUTBUF = 512 * 1024
+from .stream import MAX_OUTBUF  # noqa: E402  (b2b links share the bound)
 RECONNECT = 1.0
 MAX_TRACKED = 10000          # intercepted (client, destination) pairs reported in the stats
 
@@ -68,7 +71,7 @@ class GnutellaBooster:
 
     def __init__(self, core: BoosterCore, stats: Counter | None = None, splice: Splicer = _plain_onward,
                  tick: float = 0.05, max_splices: int = 256, upstream: int = 0,
-                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+                 max_payload: int = DEFAULT_MAX_PAYLOAD, compress: bool = True, max_relays: int = 1024) -> None:
         self.core = core
         self.stats: Counter = stats if stats is not None else core.stats
         self.splice = splice
@@ -79,14 +82,24 @@ class GnutellaBooster:
         self.upstream_addrs: set[tuple[str, int]] = set()
         self.upstream_traffic: Counter = Counter()
         self.tick_interval = tick
-        self.local_writers: dict[int, asyncio.StreamWriter] = {}
+        self.local_streams: dict[int, MessageStream] = {}
         self.peer_writers: dict[int, asyncio.StreamWriter] = {}
         self.peer_names: dict[int, str] = {}
         self.peer_outgoing: dict[int, bool] = {}
         self.peer_traffic: dict[str, Counter] = defaultdict(Counter)
         self.intercepted: Counter = Counter()        # "client_ip>dst_ip:port" -> connections
+        self.spliced_pairs: Counter = Counter()      # the same for connections passed on (downloads, GIV)
+        # opaque mode (servents see the box, not the remote): cid -> the box address the servent dialed
+        self.opaque: dict[int, str] = {}
+        # relays on the box towards remote addresses the servents may only reach through it
+        self.max_relays = max_relays
+        self.relays: dict[tuple[str, tuple[str, int]], int] = {}      # (box ip, remote) -> relay port
+        self._relay_servers: list[asyncio.AbstractServer] = []
         self._ids = 1
-        self._tasks: set[asyncio.Task] = set()
+        self.supervisor = Supervisor("gnutella-booster", logger=log)
+        # links with local servents and outside peers: deflate offered and accepted; the booster reads
+        # every message, so it declines the TLS upgrade (a servent then stays in clear with it)
+        self.link_options = LinkOptions(compress=compress, tls=False)
         self._server: asyncio.AbstractServer | None = None
         self.peer_port: int | None = None
         self.rng = random.Random()
@@ -98,8 +111,8 @@ class GnutellaBooster:
             self._server = await asyncio.start_server(self._accept_peer, *peer_listen)
             self.peer_port = self._server.sockets[0].getsockname()[1]
         for addr in boosters:
-            self._spawn(self._keep_peer(addr))
-        self._spawn(self._ticker())
+            self.supervisor.spawn(self._keep_peer(addr), name=f"booster-peer {addr[0]}:{addr[1]}")
+        self.supervisor.spawn(self._ticker(), name="ticker")
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -107,19 +120,11 @@ class GnutellaBooster:
         for pid, writer in list(self.peer_writers.items()):
             self._send_peer(pid, {"t": "bye", "reason": "shutting down"})
             writer.close()
-        for writer in list(self.local_writers.values()):
-            writer.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
-
-    def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        for stream in list(self.local_streams.values()):
+            stream.close()
+        for server in self._relay_servers:
+            server.close()
+        await self.supervisor.aclose()
 
     def _next_id(self) -> int:
         self._ids += 1
@@ -128,10 +133,13 @@ class GnutellaBooster:
     def snapshot(self) -> dict:
         return {
             "name": self.core.config.name,
-            "local_connections": len(self.local_writers),
+            "local_connections": len(self.local_streams),
+            "tasks": self.supervisor.snapshot(),
             "boosters": sorted(self.peer_names.get(pid, "?") for pid in self.peer_writers),
             "b2b": {name: dict(c) for name, c in self.peer_traffic.items()},
             "intercepted": dict(self.intercepted),
+            "spliced": dict(self.spliced_pairs),
+            "relays": {f"{ip}:{port}": f"{r[0]}:{r[1]}" for (ip, r), port in self.relays.items()},
             "local_servents": [f"{h}:{p}" for h, p in self.core.known_servents],
         }
 
@@ -155,25 +163,27 @@ class GnutellaBooster:
             elif isinstance(action, SendPeer):
                 self._send_peer(action.pid, action.obj)
             elif isinstance(action, Close):
-                writer = self.local_writers.get(action.cid)
-                if writer is not None:
+                stream = self.local_streams.get(action.cid)
+                if stream is not None:
                     if action.bye_code is not None:
                         self._send_local(action.cid, Message(new_guid(), 1, 0, Bye(action.bye_code, action.reason)))
-                    writer.close()
+                    stream.close()
 
     def _send_local(self, cid: int, msg: Message) -> None:
-        writer = self.local_writers.get(cid)
-        if writer is None or writer.is_closing():
+        stream = self.local_streams.get(cid)
+        if stream is None or stream.is_closing():
             return
-        transport = writer.transport
-        if transport is not None and transport.get_write_buffer_size() > MAX_OUTBUF:
+        if cid in self.opaque:
+            msg = self._opaque(cid, msg)
+            if msg is None:
+                return
+        if stream.backlogged():
             self.stats["local_tx_dropped_backlog"] += 1
             return
-        data = msg.encode()
-        writer.write(data)
+        sent = stream.send(msg)
         if cid in self.core.upstreams:
             self.upstream_traffic["msgs_out"] += 1
-            self.upstream_traffic["bytes_out"] += len(data)
+            self.upstream_traffic["bytes_out"] += sent
             self.stats[f"upstream_tx_{msg.type_name}"] += 1
         else:
             self.stats[f"local_tx_{msg.type_name}"] += 1
@@ -209,17 +219,86 @@ class GnutellaBooster:
             self.stats["intercepted_silent"] += 1
             return
         if first.startswith(b"GNUTELLA CONNECT/"):
-            key = f"{conn.client[0]}>{conn.original_dst[0]}:{conn.original_dst[1]}"
-            if key in self.intercepted or len(self.intercepted) < MAX_TRACKED:
-                self.intercepted[key] += 1
-            else:
-                self.stats["intercepted_untracked"] += 1
+            self._track(self.intercepted, conn)
             await self._gnutella(reader, writer, conn, first)
         else:
             await self._splice(reader, writer, conn, first)
 
+    def _track(self, table: Counter, conn: Any) -> None:
+        key = f"{conn.client[0]}>{conn.original_dst[0]}:{conn.original_dst[1]}"
+        if key in table or len(table) < MAX_TRACKED:
+            table[key] += 1
+        else:
+            self.stats["intercepted_untracked"] += 1
+
+    # ---------------------------------------------------------------- opaque mode
+
+    def _opaque(self, cid: int, msg: Message) -> Message | None:
+        """A hit or push for a servent behind an opaque box: every remote address becomes a relay
+        on the box, so the servent never learns (nor dials) an address past it."""
+        payload = msg.payload
+        box_ip = self.opaque[cid]
+        if isinstance(payload, QueryHit) and not self.core.is_local(payload.ip):
+            relay = self._relay_for(box_ip, (payload.ip, payload.port))
+            if relay is None:
+                self.stats["opaque_hits_dropped"] += 1     # no relay left: better lost than leaked
+                return None
+            self.stats["opaque_hits_rewritten"] += 1
+            return Message(msg.guid, msg.ttl, msg.hops, opaque_hit(payload, (box_ip, relay)))
+        if isinstance(payload, Push) and not self.core.is_local(payload.ip):
+            relay = self._relay_for(box_ip, (payload.ip, payload.port))
+            if relay is None:
+                self.stats["opaque_pushes_dropped"] += 1
+                return None
+            self.stats["opaque_pushes_rewritten"] += 1
+            return Message(msg.guid, msg.ttl, msg.hops, opaque_push(payload, (box_ip, relay)))
+        return msg
+
+    def _relay_for(self, box_ip: str, remote: tuple[str, int]) -> int | None:
+        """The port on ``box_ip`` whose connections are passed on to ``remote`` (opened on first use;
+        the socket listens at once, so a connection that comes before the server task runs waits
+        in the backlog)."""
+        key = (box_ip, remote)
+        port = self.relays.get(key)
+        if port is not None:
+            return port
+        if len(self.relays) >= self.max_relays:
+            self.stats["relays_refused"] += 1
+            return None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((box_ip, 0))
+            sock.listen(64)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            self.stats["relay_bind_failed"] += 1
+            log.warning("cannot open a relay on %s for %s:%d: %s", box_ip, *remote, exc)
+            return None
+        port = sock.getsockname()[1]
+        self.relays[key] = port
+        self.stats["relays_opened"] += 1
+        self.supervisor.spawn(self._serve_relay(sock, remote), name=f"relay {box_ip}:{port}")
+        return port
+
+    async def _serve_relay(self, sock: socket.socket, remote: tuple[str, int]) -> None:
+        async def relay(reader, writer) -> None:
+            peer = writer.get_extra_info("peername") or ("0.0.0.0", 0)
+            conn = SimpleNamespace(client=peer[:2], original_dst=remote)
+            self.stats["relayed_connections"] += 1
+            try:
+                await self._splice(reader, writer, conn, b"")
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(relay, sock=sock)
+        self._relay_servers.append(server)
+        await server.serve_forever()
+
     async def _splice(self, reader, writer, conn, first: bytes) -> None:
         """Not Gnutella overlay traffic (a download, a GIV...): pass it on untouched."""
+        self._track(self.spliced_pairs, conn)
         if self.splices >= self.max_splices:
             self.stats["splice_refused"] += 1          # bounded: the client will retry
             return
@@ -232,8 +311,9 @@ class GnutellaBooster:
                 self.stats["splice_failed"] += 1
                 log.debug("splice to %s failed: %r", conn.original_dst, exc)
                 return
-            up_writer.write(first)
-            self.stats["spliced_bytes_up"] += len(first)
+            if first:
+                up_writer.write(first)
+                self.stats["spliced_bytes_up"] += len(first)
             try:
                 await asyncio.gather(_pipe(reader, up_writer, self.stats, "spliced_bytes_up"),
                                      _pipe(up_reader, writer, self.stats, "spliced_bytes_down"))
@@ -244,12 +324,15 @@ class GnutellaBooster:
 
     async def _gnutella(self, reader, writer, conn, first: bytes) -> None:
         client_ip = conn.client[0]
-        sockname = writer.get_extra_info("sockname")
+        channel = Channel(reader, writer)
+        sockname = channel.sockname()
         shown = (sockname[0], sockname[1]) if sockname else tuple(conn.original_dst)
         hs = Handshake("server")
         data = first
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         est: Established | None = None
+        settled = Negotiated()
+        sent = identity_headers(self.core.impersonate(tuple(conn.original_dst), shown))
         leaf = False
         listen = (client_ip, 0)
         reserved = False
@@ -262,12 +345,14 @@ class GnutellaBooster:
                             listen = (client_ip, listen[1])
                         decision = self.core.decide(event, listen)
                         me = self.core.impersonate(tuple(conn.original_dst), shown)
-                        headers = identity_headers(me, client_ip)
-                        headers["X-Try-Ultrapeers"] = ",".join(
+                        sent = identity_headers(me, client_ip)
+                        sent["X-Try-Ultrapeers"] = ",".join(
                             f"{h}:{p}" for h, p in self.core.local_hosts(exclude=listen))
-                        out, done = hs.respond(decision.code, decision.reason, headers)
-                        writer.write(out)
-                        await writer.drain()
+                        if decision.accepted and event.version == "0.6":
+                            answer_headers(sent, event.headers, self.link_options)
+                        out, done = hs.respond(decision.code, decision.reason, sent)
+                        channel.write(out)
+                        await channel.drain()
                         if not decision.accepted:
                             self.stats[f"refused_{decision.code}"] += 1
                             self.core.learn_servent(listen)
@@ -277,12 +362,17 @@ class GnutellaBooster:
                         est = done
                     elif isinstance(event, Established):
                         est = event
+                        if event.version == "0.6":
+                            settled = negotiated("server", sent, event.headers)
+                    elif isinstance(event, Refused):
+                        self.stats[f"refused_by_servent_{event.code}"] += 1
+                        log.info("local servent %s declined: GNUTELLA/0.6 %d %s", client_ip, event.code, event.reason)
                 if est is not None:
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise asyncio.TimeoutError()
-                data = await asyncio.wait_for(reader.read(1 << 16), remaining)
+                data = await asyncio.wait_for(channel.read(), remaining)
                 if not data:
                     return
         except (HandshakeError, asyncio.TimeoutError, OSError, RuntimeError) as exc:
@@ -297,19 +387,25 @@ class GnutellaBooster:
         original = (conn.original_dst[0], conn.original_dst[1])
         if self.max_upstream and original not in self.upstream_addrs and len(self.upstream_addrs) < self.max_upstream:
             self.upstream_addrs.add(original)
-            self._spawn(self._keep_upstream(original))
+            self.supervisor.spawn(self._keep_upstream(original), name=f"upstream {original[0]}:{original[1]}")
         cid = self._next_id()
-        self.local_writers[cid] = writer
+        stream = MessageStream(channel, settled)
+        self.local_streams[cid] = stream
+        if tuple(shown) != original:
+            self.opaque[cid] = shown[0]          # the servent reaches the outside only through this box
+        if settled.deflate_out or settled.inflate_in:
+            self.stats["local_links_compressed"] += 1
         self._perform(self.core.local_up(cid, time.monotonic(), client_ip, listen, tuple(conn.original_dst), leaf,
                                          shown))
         log.debug("impersonating %s:%d for %s (%s)", *conn.original_dst, client_ip, "leaf" if leaf else "ultrapeer")
         try:
             await pump_messages(
-                reader, writer, est.leftover, self.max_payload, self.stats,
+                stream, est.leftover, self.max_payload, self.stats,
                 lambda msg, now: self._perform(self.core.local_message(cid, msg, now)),
-                keep_going=lambda: not writer.is_closing(), label=f"local {cid}")
+                keep_going=lambda: not stream.is_closing(), label=f"local {cid}")
         finally:
-            self.local_writers.pop(cid, None)
+            self.local_streams.pop(cid, None)
+            self.opaque.pop(cid, None)
             self.core.local_down(cid)
 
     # ---------------------------------------------------------------- conventional outside peers
@@ -334,44 +430,53 @@ class GnutellaBooster:
             backoff = min(backoff * 2, 60.0)
 
     async def _upstream_session(self, reader, writer, addr: tuple[str, int]) -> bool:
-        sockname = writer.get_extra_info("sockname") or ("127.0.0.1", 0)
+        channel = Channel(reader, writer)
+        sockname = channel.sockname() or ("127.0.0.1", 0)
         digest = hashlib.sha1(self.core.secret + b"upstream").digest()
-        me = Identity(new_guid(digest[:16]), sockname[0], 6346, True, self.core.config.user_agent)
+        # port 0: the booster takes no Gnutella connection of its own, so it advertises no Listen-IP
+        me = Identity(new_guid(digest[:16]), sockname[0], 0, True, self.core.config.user_agent)
         hs = Handshake("client")
-        writer.write(hs.connect(identity_headers(me, addr[0])))
+        channel.write(hs.connect(offer_headers(identity_headers(me, addr[0]), self.link_options)))
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         est: Established | None = None
+        settled = Negotiated()
         try:
             while est is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise asyncio.TimeoutError()
-                data = await asyncio.wait_for(reader.read(1 << 16), remaining)
+                await channel.drain()
+                data = await asyncio.wait_for(channel.read(), remaining)
                 if not data:
                     return False
                 for event in hs.receive_data(data):
                     if isinstance(event, Refused):
                         self.stats[f"upstream_refused_{event.code}"] += 1
+                        log.warning("outside servent %s:%d refused the connection: GNUTELLA/0.6 %d %s",
+                                    *addr, event.code, event.reason)
                         return False
                     if isinstance(event, Response):
-                        out, est = hs.confirm(identity_headers(me))
-                        writer.write(out)
+                        final = final_headers(event.headers, self.link_options, offered_tls=False)
+                        out, est = hs.confirm(final)
+                        settled = negotiated("client", final, event.headers)
+                        channel.write(out)
         except (HandshakeError, asyncio.TimeoutError, OSError) as exc:
             self.stats["upstream_handshake_failed"] += 1
             log.debug("upstream handshake with %s failed: %r", addr, exc)
             return False
         uid = self._next_id()
-        self.local_writers[uid] = writer
+        stream = MessageStream(channel, settled)
+        self.local_streams[uid] = stream
         self._perform(self.core.upstream_up(uid, me))
         log.info("peering with outside servent %s:%d", *addr)
         try:
             await pump_messages(
-                reader, writer, est.leftover, self.max_payload, self.stats,
+                stream, est.leftover, self.max_payload, self.stats,
                 lambda msg, now: self._perform(self.core.upstream_message(uid, msg, now)),
-                keep_going=lambda: not writer.is_closing(), traffic=self.upstream_traffic,
+                keep_going=lambda: not stream.is_closing(), traffic=self.upstream_traffic,
                 label=f"upstream {uid}")
         finally:
-            self.local_writers.pop(uid, None)
+            self.local_streams.pop(uid, None)
             self.core.upstream_down(uid)
         return True
 
@@ -389,22 +494,22 @@ class GnutellaBooster:
             await self._peer_session(reader, writer, outgoing=True)
             await asyncio.sleep(RECONNECT)
 
-    async def _accept_peer(self, reader, writer) -> None:
-        with contextlib.suppress(asyncio.CancelledError):   # stop() closes these sessions
-            await self._peer_session(reader, writer, outgoing=False)
+    def _accept_peer(self, reader, writer) -> None:
+        self.supervisor.spawn(self._peer_session(reader, writer, outgoing=False), name="booster peer in",
+                              critical=False)
 
     async def _peer_session(self, reader, writer, outgoing: bool) -> None:
         pid = self._next_id()
         self.peer_writers[pid] = writer
         self.peer_outgoing[pid] = outgoing
         self._perform(self.core.peer_up(pid))
-        framer = b2b.FrameReader()
+        framer = b2b.frame_decoder()
         try:
             while data := await reader.read(1 << 16):
                 self.peer_traffic[self.peer_names.get(pid, f"#{pid}")]["bytes_in"] += len(data)
                 try:
                     frames = framer.feed(data)
-                except b2b.B2BDecodeError as exc:
+                except b2b.FramingError as exc:
                     self.stats["peer_framing_errors"] += 1
                     log.info("booster peer %d: %s; closing", pid, exc)
                     break
@@ -501,7 +606,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--enough-local-hits", type=positive_int, default=1,
                         help="local hits that keep a query inside the cluster")
     parser.add_argument("--trust-tables", action="store_true",
-                        help="forward at once when every local servent sent a QRP table and none may have it")
+                        help="with --forward wait: still forward at once when every local servent sent a QRP "
+                             "table and none may have it (adaptive does this anyway)")
+    parser.add_argument("--forward", choices=["adaptive", "wait"], default="adaptive",
+                        help="adaptive: a query no local table may answer goes out at once, the others after the "
+                             "local attempt took longer than local hits recently take (at most --local-wait); "
+                             "wait: every local query waits --local-wait or --sightings (the paper's rule)")
     parser.add_argument("--max-per-client", type=positive_int, default=1,
                         help="intercepted connections accepted per local servent (more are steered to local peers)")
     parser.add_argument("--remote-ttl", type=positive_int, default=2, help="TTL of queries from other clusters")
@@ -510,11 +620,32 @@ def build_parser() -> argparse.ArgumentParser:
                         help="non-Gnutella connections passed on at once (more are refused)")
     parser.add_argument("--max-payload", type=positive_int, default=DEFAULT_MAX_PAYLOAD,
                         help="largest message payload accepted from a servent (bytes)")
+    parser.add_argument("--max-relays", type=positive_int, default=1024,
+                        help="opaque mode: relay ports opened on the box towards remote sources (past it, hits "
+                             "from other clusters are dropped rather than leaked)")
+    parser.add_argument("--no-compression", action="store_true",
+                        help="neither offer nor accept deflate on links with servents")
     parser.add_argument("--secret", default=None, help="seed of the impersonated identities (default: random)")
     parser.add_argument("--upstream", type=int, default=0, metavar="N",
                         help="also peer the conventional way with up to N of the outside servents that local "
                              "servents dial (for clusters without a booster); 0: boosters only")
     return parser
+
+
+def adapter_options(args) -> dict:
+    """The adapter's keyword arguments from the command line: ``GnutellaBooster(core, stats, splice,
+    **adapter_options(args))``."""
+    return {"upstream": args.upstream, "max_splices": args.max_splices, "max_payload": args.max_payload,
+            "compress": not args.no_compression, "max_relays": args.max_relays}
+
+
+def config_from_args(args) -> BoosterConfig:
+    """The core's configuration from the command line (what ``amain`` builds the core with)."""
+    if args.sightings < 0:
+        raise ConfigError("--sightings must be >= 0")
+    return BoosterConfig(args.name, tuple(args.cluster), args.sightings, args.local_wait, args.enough_local_hits,
+                         args.max_queries, args.remote_ttl, args.max_per_client, trust_tables=args.trust_tables,
+                         forward=args.forward)
 
 
 async def amain(args, ctx: RunContext) -> int:

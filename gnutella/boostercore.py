@@ -24,10 +24,12 @@ Behaviour:
   with the physical clusters.
 - **Queries.** A local query is first tried locally: the booster probes
   (TTL 1, its own GUID) the local servents whose QRP tables may hold it, and
-  passes their hits to the querying servent.  It goes outside only after
-  ``sightings`` local copies were seen, or ``local_wait`` seconds passed with
-  fewer than ``enough_local_hits`` local hits; then only to the boosters whose
-  cluster keyword table matches.  A query from a booster is flooded into the
+  passes their hits to the querying servent.  Adaptive forwarding (default):
+  when no local table may hold it, it goes out at once; otherwise it goes
+  outside after ``sightings`` local copies, or when the local attempt took
+  longer than local hits recently take (times ``wait_margin``, at most
+  ``local_wait``) with fewer than ``enough_local_hits`` local hits.  It goes
+  only to the boosters whose cluster keyword table may hold it.  A query from a booster is flooded into the
   cluster (one copy per servent, filtered by its QRP table) and its hits go
   back to that booster.
 - **Keyword tables.** The union of the local servents' QRP tables is sent to
@@ -39,16 +41,35 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import random
-from collections import Counter, OrderedDict
+import time
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 
-from . import b2b
+from . import b2b, vendor
 from .handshake import ConnectRequest, Decision, Identity
 from .node import Close, Send
 from .qrp import DEFAULT_TABLE_BITS, RouteTable, TableReceiver
 from .routing import BoundedTable
-from .wire import (BYE, PING, PONG, PUSH, QRP, QUERY, QUERY_HIT, Bye, GnutellaDecodeError, Message,
-                   Pong, Push, Query, QueryHit, new_guid)
+from .wire import (BYE, PING, PONG, PUSH, QRP, QUERY, QUERY_HIT, STD_VENDOR, VENDOR, Bye, GnutellaDecodeError,
+                   HitResult, Message, Pong, Push, Query, QueryHit, new_guid)
+
+
+OPAQUE_STRIPPED_GGEP = frozenset({"ALT", "ALT_TLS", "PUSH", "PUSH_TLS"})   # address lists in hits
+
+
+def opaque_hit(hit: QueryHit, relay: tuple[str, int]) -> QueryHit:
+    """The hit as a servent behind an opaque box must see it: the source is the box's relay for it,
+    and no other address is left (alternate locations and push proxies are dropped, and the
+    vendor-private area, which may carry them, with them)."""
+    results = tuple(HitResult(r.index, r.size, r.name, r.urns,
+                              tuple(g for g in r.ggep if g.id not in OPAQUE_STRIPPED_GGEP))
+                    for r in hit.results)
+    return QueryHit(relay[1], relay[0], hit.speed, results, hit.servent_guid, hit.vendor, hit.open_data, b"")
+
+
+def opaque_push(push: Push, relay: tuple[str, int]) -> Push:
+    """A push whose requester is reached through the box's relay (so the GIV goes through the box)."""
+    return Push(push.servent_guid, push.file_index, relay[0], relay[1], ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +94,14 @@ class BoosterConfig:
     max_qrp_table: int = 1 << 20
     table_interval: float = 1.0
     user_agent: str = "booster-boxes/0.1"
-    trust_tables: bool = False              # no local table may have it: forward without waiting
+    # "adaptive": a query no local table may answer goes out at once (to the clusters whose tables may
+    # hold it); one that a local servent may answer waits for the local attempt, as long as local hits
+    # have recently taken (times wait_margin, within min_local_wait..local_wait).  "wait": the paper's
+    # rule, every local query waits local_wait (or the sightings).
+    forward: str = "adaptive"
+    trust_tables: bool = False              # with "wait": still forward at once when no local table matches
+    min_local_wait: float = 0.02
+    wait_margin: float = 3.0
     upstream_ttl: int = 3                   # TTL of queries sent to conventional outside peers
 
     def networks(self) -> list[ipaddress.IPv4Network]:
@@ -109,14 +137,16 @@ class QueryState:
     first_seen: float
     sightings: int = 1
     local_hits: int = 0
+    wait: float = 0.0                       # how long the local attempt may take before forwarding
     forwarded: bool = False
 
 
 class BoosterCore:
     def __init__(self, config: BoosterConfig, secret: bytes, rng: random.Random | None = None,
-                 stats: Counter | None = None) -> None:
+                 stats: Counter | None = None, wall_clock=time.time) -> None:
         self.config = config
         self.secret = secret
+        self.wall_clock = wall_clock          # for time sync answers only (``now`` is monotonic)
         self.rng = rng or random.Random()
         self.stats: Counter = stats if stats is not None else Counter()
         self.networks = config.networks()
@@ -130,6 +160,7 @@ class BoosterCore:
         self.known_servents: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._reserved: Counter = Counter()        # accepted handshakes not yet up, by servent
         self._table_version = 0
+        self.local_hit_delays: deque[float] = deque(maxlen=64)     # recent first-local-hit delays
         self._table_sent_version = -1
         self._table_sent_at = float("-inf")
 
@@ -198,7 +229,8 @@ class BoosterCore:
                                      TableReceiver(self.config.max_qrp_table))
         self.learn_servent(listen)
         self.stats["local_up"] += 1
-        return []
+        # as the genuine servent it shows: its supported vendor messages first
+        return [Send(cid, vendor.messages_supported_message())]
 
     def local_down(self, cid: int) -> None:
         peer = self.locals.pop(cid, None)
@@ -234,7 +266,7 @@ class BoosterCore:
         if kind == QUERY:
             return self._local_query(peer, msg, now)
         if kind == QUERY_HIT:
-            return self._local_hit(peer, msg)
+            return self._local_hit(peer, msg, now)
         if kind == PUSH:
             return self._push(msg.payload, ("local", cid))
         if kind == QRP:
@@ -251,6 +283,8 @@ class BoosterCore:
         if kind == BYE:
             assert isinstance(msg.payload, Bye)
             return [Close(cid, f"bye {msg.payload.code}")]
+        if kind in (VENDOR, STD_VENDOR):
+            return [Send(cid, reply) for reply in vendor.answer(msg, self.wall_clock(), self.stats)]
         self.stats["local_ignored"] += 1
         return []
 
@@ -276,7 +310,8 @@ class BoosterCore:
         if msg.guid in self.probes:
             self.stats["probe_echo_dropped"] += 1
             return []
-        state = QueryState(msg.guid, ("local", peer.cid), query, msg.ttl, msg.hops, now)
+        state = QueryState(msg.guid, ("local", peer.cid), query, msg.ttl, msg.hops, now,
+                           wait=self.config.local_wait)
         self.queries.put(msg.guid, state)
         self.pending[msg.guid] = state
         self.stats["local_queries"] += 1
@@ -290,13 +325,22 @@ class BoosterCore:
             if self._may_have(other.table, query):
                 out.append(Send(other.cid, probe))
                 self.stats["probes_sent"] += 1
-        if (self.config.trust_tables and not out and not query.urns
+        adaptive = self.config.forward == "adaptive"
+        if ((adaptive or self.config.trust_tables) and not out and not query.urns
                 and all(other.table is not None for other in others)):
             # every local servent told us what it has, and none has this: nothing to wait for
-            state.first_seen -= self.config.local_wait
-            self.stats["forwarded_by_tables"] += 1
+            state.wait = 0.0
+        elif adaptive:
+            state.wait = self.local_wait()
         out += self._maybe_forward(state, now)
         return out
+
+    def local_wait(self) -> float:
+        """How long a local attempt may take: recent local hits' delays times a margin, bounded."""
+        if not self.local_hit_delays:
+            return self.config.local_wait
+        learned = max(self.local_hit_delays) * self.config.wait_margin
+        return min(self.config.local_wait, max(self.config.min_local_wait, learned))
 
     def _maybe_forward(self, state: QueryState, now: float) -> list:
         if state.forwarded or state.origin[0] != "local":
@@ -305,12 +349,14 @@ class BoosterCore:
             self.pending.pop(state.guid, None)
             return []
         by_count = self.config.sightings > 0 and state.sightings >= self.config.sightings
-        by_time = now - state.first_seen >= self.config.local_wait
+        by_time = now - state.first_seen >= state.wait
         if not (by_count or by_time):
             return []
         state.forwarded = True
         self.pending.pop(state.guid, None)
-        self.stats["forwarded_by_count" if by_count else "forwarded_by_timeout"] += 1
+        # by_tables: no local table may answer, so it went out without any wait
+        self.stats["forwarded_by_count" if by_count else
+                   "forwarded_by_tables" if state.wait == 0 else "forwarded_by_timeout"] += 1
         query = state.query
         obj = {"t": "query", "guid": state.guid, "ttl": self.config.remote_ttl, "hops": state.hops + 1,
                "criteria": query.criteria, "flags": query.flags, "urns": list(query.urns)}
@@ -330,7 +376,7 @@ class BoosterCore:
             self.stats["queries_kept_inside"] += 1
         return out
 
-    def _local_hit(self, peer: LocalPeer, msg: Message) -> list:
+    def _local_hit(self, peer: LocalPeer, msg: Message, now: float) -> list:
         hit = msg.payload
         assert isinstance(hit, QueryHit)
         self.servents.put(hit.servent_guid, ("local", peer.cid))
@@ -341,6 +387,8 @@ class BoosterCore:
                 return []
             state.local_hits += 1
             self.stats["local_hits"] += 1
+            if state.local_hits == 1 and not state.forwarded:
+                self.local_hit_delays.append(now - state.first_seen)
             if state.local_hits >= self.config.enough_local_hits:
                 self.pending.pop(state.guid, None)
             return self._hit_to_origin(state, hit, msg.hops, exclude_cid=peer.cid)
@@ -481,7 +529,7 @@ class BoosterCore:
         "the booster itself can peer with other Gnutella clients outside the domain")."""
         self.upstreams[uid] = me
         self.stats["upstream_up"] += 1
-        return []
+        return [Send(uid, vendor.messages_supported_message())]
 
     def upstream_down(self, uid: int) -> None:
         if self.upstreams.pop(uid, None) is not None:
@@ -525,21 +573,20 @@ class BoosterCore:
             return self._push(msg.payload, ("up", uid))
         if kind == BYE:
             return [Close(uid, "bye")]
+        if kind in (VENDOR, STD_VENDOR):
+            return [Send(uid, reply) for reply in vendor.answer(msg, self.wall_clock(), self.stats)]
         return []
 
     # ---------------------------------------------------------------- time
 
     def next_deadline(self) -> float | None:
-        if not self.pending:
-            return None
-        first = next(iter(self.pending.values()))
-        return first.first_seen + self.config.local_wait
+        return min((s.first_seen + s.wait for s in self.pending.values()), default=None)
 
     def tick(self, now: float) -> list:
         out: list = []
         for state in list(self.pending.values()):
-            if now - state.first_seen < self.config.local_wait:
-                break                                   # ordered by first sighting
+            if now - state.first_seen < state.wait:
+                continue                                # (waits differ: not ordered by deadline)
             out += self._maybe_forward(state, now)
             self.pending.pop(state.guid, None)
         if (self._table_version != self._table_sent_version and self.peers

@@ -91,7 +91,7 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
         say(f"downloaded {dl.get('size', 0)} bytes from {dl.get('source')}: SHA-1 {dl.get('sha1')} "
             f"{'verified' if verified else 'NOT verified'}")
         out_dl = outside.get("download") or {}
-        say(f"L1 searched 'outside only': nothing in the cluster, so after the local attempt the booster sent it "
+        say(f"L1 searched 'outside only': no local QRP table may hold it, so the booster sent it at once "
             f"to R: {outside['hits']} hit(s) after {outside['first_hit_ms']} ms from {', '.join(outside['sources'])}; "
             f"download {'verified' if out_dl.get('ok') else 'FAILED'}")
         await procs.stop(l1)
@@ -102,7 +102,8 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
         say(f"booster: {b.get('intercepted', 0)} connections intercepted, {b.get('pings_answered', 0)} pings "
             f"answered as R, {b.get('steered_away', 0)} steered to local peers, {b.get('local_queries', 0)} "
             f"local queries, {b.get('probes_sent', 0)} local probes, "
-            f"{b.get('forwarded_by_count', 0) + b.get('forwarded_by_timeout', 0)} sent outside; "
+            f"{b.get('forwarded_by_count', 0) + b.get('forwarded_by_timeout', 0) + b.get('forwarded_by_tables', 0)} "
+            f"sent outside; "
             f"R received {remote_queries} query (the one the cluster could not answer)")
         inside = bool(record["sources"]) and all(src.endswith(f":{ports['L3']}") for src in record["sources"])
         return {
@@ -113,6 +114,7 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
             "remote_queries_received": remote_queries,
             "outside_query_hits": outside["hits"],
             "outside_first_hit_ms": outside["first_hit_ms"],
+            "forwarded_at_once": b.get("forwarded_by_tables", 0),
             "outside_download_verified": bool(out_dl.get("ok")),
             "intercepted_connections": b.get("intercepted", 0),
             "pings_answered_by_booster": b.get("pings_answered", 0),

@@ -320,7 +320,8 @@ def identity_headers(me: Identity, remote_ip: str | None = None) -> Headers:
     and X-Dynamic-Querying (its leaves refuse ultrapeers without them)."""
     h = Headers()
     h["User-Agent"] = me.user_agent
-    h["Listen-IP"] = f"{me.ip}:{me.port}"
+    if me.port:                       # port 0: nothing listens, nothing to advertise
+        h["Listen-IP"] = f"{me.ip}:{me.port}"
     if remote_ip:
         h["Remote-IP"] = remote_ip
     h["GUID"] = me.guid.hex()
@@ -436,3 +437,70 @@ def check_outgoing(response: Response, me: Identity) -> Decision:
         if remote_up and response.headers.int("X-Degree", 0) < 16 and "X-Degree" in response.headers:
             return Decision(503, "Ultrapeer degree too low")
     return Decision(200, "OK", as_leaf=bool(me.ultrapeer and remote_up is False))
+
+
+# ---------------------------------------------------------------- stream compression and TLS
+
+@dataclass(frozen=True, slots=True)
+class LinkOptions:
+    """What this side offers and accepts on a link: deflate (both directions) and the TLS upgrade."""
+    compress: bool = True
+    tls: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """What the handshake settled: compression of each direction, and TLS after the third step."""
+    deflate_out: bool = False
+    inflate_in: bool = False
+    tls: bool = False
+
+
+def _has(headers: Headers, name: str, token: str) -> bool:
+    return token in [t.strip().lower() for t in (headers.get(name) or "").split(",")]
+
+
+def _offers_tls(headers: Headers) -> bool:
+    return any(t.strip().lower().startswith("tls/") for t in (headers.get("Upgrade") or "").split(","))
+
+
+def offer_headers(headers: Headers, options: LinkOptions) -> Headers:
+    """The first step (``GNUTELLA CONNECT``): offer deflate and the TLS upgrade, as gtk-gnutella does."""
+    if options.tls:
+        headers["Upgrade"] = "TLS/1.0"
+    if options.compress:
+        headers["Accept-Encoding"] = "deflate"
+    return headers
+
+
+def answer_headers(headers: Headers, request: Headers, options: LinkOptions) -> Headers:
+    """The second step (a 200): accept what the client offered and we allow; offer deflate ourselves."""
+    if options.tls and _offers_tls(request):
+        headers["Upgrade"] = "TLS/1.0"
+        headers["Connection"] = "Upgrade"
+    if options.compress:
+        headers["Accept-Encoding"] = "deflate"
+        if _has(request, "Accept-Encoding", "deflate"):
+            headers["Content-Encoding"] = "deflate"
+    return headers
+
+
+def final_headers(response: Headers, options: LinkOptions, offered_tls: bool) -> Headers:
+    """The third step carries only what it settles (no repeat of the first step's headers):
+    ``Connection: Upgrade`` when the server took our TLS offer, ``Content-Encoding: deflate`` when it
+    accepts deflate."""
+    headers = Headers()
+    if offered_tls and options.tls and _offers_tls(response) and _has(response, "Connection", "upgrade"):
+        headers["Connection"] = "Upgrade"
+    if options.compress and _has(response, "Accept-Encoding", "deflate"):
+        headers["Content-Encoding"] = "deflate"
+    return headers
+
+
+def negotiated(role: str, sent: Headers, received: Headers) -> Negotiated:
+    """From our last block (server: the response; client: the final step) and the remote's headers
+    (server: request with the final merged in; client: the response)."""
+    tls = (_has(sent, "Connection", "upgrade") if role == "client"
+           else _offers_tls(sent) and _has(sent, "Connection", "upgrade") and _has(received, "Connection", "upgrade"))
+    return Negotiated(deflate_out=_has(sent, "Content-Encoding", "deflate"),
+                      inflate_in=_has(received, "Content-Encoding", "deflate"), tls=tls)

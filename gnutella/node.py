@@ -9,6 +9,7 @@ No sockets, no clock: the asyncio servent (``servent.py``) feeds it.
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
@@ -16,7 +17,8 @@ from .handshake import Identity
 from .qrp import DEFAULT_TABLE_BITS, RouteTable, TableReceiver
 from .routing import LOCAL, Router
 from .share import ShareIndex
-from .wire import (BYE, PING, PONG, PUSH, QRP, QUERY, QUERY_HIT, STD_VENDOR, VENDOR, Bye,
+from . import vendor
+from .wire import (BYE, PING, PONG, PUSH, QRP, QUERY, QUERY_HIT, STD_VENDOR, VENDOR, Bye, GGEPExtension, ggep_get,
                    GnutellaDecodeError, HitResult, Message, Ping, Pong, Push, Query, QueryHit,
                    new_guid, QF_MARKER)
 
@@ -64,7 +66,8 @@ class NodeConfig:
     ultrapeer: bool = True
     max_ttl: int = 7
     query_ttl: int = 4
-    ping_ttl: int = 3
+    ping_ttl: int = 4                 # as gtk-gnutella's pings: answered from pong caches, never relayed
+    ping_interval: float = 30.0       # a link's pongs are refreshed this often (one ping per link)
     route_entries: int = 10000
     pong_cache: int = 100
     pongs_per_ping: int = 10
@@ -76,6 +79,7 @@ class NodeConfig:
     max_results: int = 50
     speed: int = 1000                 # kbit/s, reported in hits, compared to legacy min speed
     firewalled: bool = False          # advertise the push flag: downloaders must use PUSH/GIV
+    tls: bool = False                 # we accept TLS: say so in our pongs (GGEP "TLS", as gtk-gnutella)
 
 
 @dataclass
@@ -92,11 +96,14 @@ class Peer:
     qrp: TableReceiver | None = None
     table: RouteTable | None = None
     user_agent: str = ""
+    last_ping: float = 0.0        # our last (non-alive) ping on this link
 
 
 class Node:
     def __init__(self, config: NodeConfig, me: Identity, shares: ShareIndex,
-                 rng: random.Random | None = None, stats: Counter | None = None) -> None:
+                 rng: random.Random | None = None, stats: Counter | None = None,
+                 wall_clock=time.time) -> None:
+        self.wall_clock = wall_clock       # for time sync answers only (``now`` is monotonic)
         self.config = config
         self.me = me
         self.shares = shares
@@ -106,6 +113,7 @@ class Node:
         self.peers: dict[int, Peer] = {}
         self.pong_cache: OrderedDict[tuple[str, int], Pong] = OrderedDict()
         self.host_cache: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self.tls_hosts: OrderedDict[tuple[str, int], None] = OrderedDict()   # pongs said they speak TLS
         self.my_searches: OrderedDict[bytes, float] = OrderedDict()
         self._table: RouteTable | None = None
 
@@ -115,7 +123,8 @@ class Node:
         return new_guid(self.rng.randbytes(16))
 
     def own_pong(self) -> Pong:
-        return Pong(self.me.port, self.me.ip, len(self.shares), self.shares.kbytes)
+        ggep = (GGEPExtension("TLS", b""),) if self.config.tls else ()
+        return Pong(self.me.port, self.me.ip, len(self.shares), self.shares.kbytes, ggep)
 
     def _qhd_flags(self) -> bytes:
         # QHD open data: first byte says which flags are meaningful, second holds them
@@ -171,11 +180,18 @@ class Node:
             for payload in self.table_for_peers().to_messages():
                 out.append(Send(cid, Message(self._guid(), 1, 0, payload)))
             self.stats["qrp_tables_sent"] += 1
-        # a first ping fills the host and pong caches
-        ping = Message(self._guid(), self.config.ping_ttl if self.config.ultrapeer else 1, 0, Ping())
-        self.router.originate(ping)
-        out.append(Send(cid, ping))
+        # what a genuine servent sends first: its supported vendor messages
+        out.append(Send(cid, vendor.messages_supported_message()))
+        # a first ping fills the host and pong caches (the peer answers from its pong cache)
+        out.append(self._ping(peer, now))
         return out
+
+    def _ping(self, peer: Peer, now: float) -> Send:
+        ping = Message(self._guid(), self.config.ping_ttl, 0, Ping())
+        self.router.originate(ping)
+        peer.last_ping = now
+        self.stats["pings_sent"] += 1
+        return Send(peer.cid, ping)
 
     def table_for_peers(self) -> RouteTable:
         table = RouteTable(self.config.qrp_bits, set(self.route_table().present))
@@ -222,7 +238,13 @@ class Node:
                 out.append(Close(peer.cid, "alive ping unanswered", 406))
                 self.stats["alive_timeouts"] += 1
                 continue
-            if now - peer.last_rx >= self.config.alive_interval and not peer.alive:
+            idle = now - peer.last_rx >= self.config.alive_interval and not peer.alive
+            if now - peer.last_ping >= self.config.ping_interval:
+                refresh = self._ping(peer, now)
+                if idle:       # the peer's own pong (same GUID) answers for liveness too
+                    peer.alive[refresh.message.guid] = now
+                out.append(refresh)
+            elif idle:
                 guid = self._guid()
                 peer.alive[guid] = now
                 out.append(Send(peer.cid, Message(guid, 1, 0, Ping())))
@@ -253,8 +275,7 @@ class Node:
         if kind == QRP:
             return self._on_qrp(peer, msg)
         if kind in (VENDOR, STD_VENDOR):
-            self.stats["vendor_ignored"] += 1
-            return []
+            return [Send(cid, reply) for reply in vendor.answer(msg, self.wall_clock(), self.stats)]
         return []
 
     def _on_ping(self, peer: Peer, msg: Message) -> list:
@@ -266,17 +287,13 @@ class Node:
         out: list = [Send(peer.cid, Message(msg.guid, reply_ttl, 0, self.own_pong()))]
         if msg.ttl <= 1 or not self.config.ultrapeer:
             return out
+        # pong caching (0.6): answered from the cache, never relayed - a relayed ping would reach
+        # gtk-gnutella as a burst from one link, and it throttles (drops) those
         cached = [p for key, p in self.pong_cache.items() if key != (peer.ip, peer.port)]
         self.rng.shuffle(cached)
         for pong in cached[: self.config.pongs_per_ping]:
             out.append(Send(peer.cid, Message(msg.guid, reply_ttl, 1, pong)))
         self.stats["pongs_from_cache"] += min(len(cached), self.config.pongs_per_ping)
-        if len(cached) < self.config.pongs_per_ping:
-            relay = self.router.relay_copy(msg)
-            if relay is not None:
-                for other in self.peers.values():
-                    if other.cid != peer.cid and other.ultrapeer and not other.our_leaf:
-                        out.append(Send(other.cid, relay))
         return out
 
     def _on_pong(self, peer: Peer, msg: Message) -> list:
@@ -285,9 +302,13 @@ class Node:
         if msg.guid in peer.alive:
             del peer.alive[msg.guid]
             self.stats["alive_answered"] += 1
-            return []
         self.learn_host(pong.ip, pong.port)
         key = (pong.ip, pong.port)
+        if ggep_get(pong.ggep, "TLS") is not None and pong.port:
+            self.tls_hosts[key] = None
+            self.tls_hosts.move_to_end(key)
+            while len(self.tls_hosts) > self.config.host_cache:
+                self.tls_hosts.popitem(last=False)
         if key != (self.me.ip, self.me.port):
             self.pong_cache[key] = pong
             self.pong_cache.move_to_end(key)

@@ -13,33 +13,41 @@ import contextlib
 import json
 import logging
 import random
+import ssl
 import sys
 import time
-from collections import Counter, defaultdict
+import urllib.parse
+from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from cliruntime.supervisor import Supervisor
 from cliruntime import (ConfigError, RunContext, host_port, ip_address, make_parser,
                              non_negative_float, positive_int, run_async)
 
 from . import http as ghttp
-from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, Headers, Identity,
-                        Refused, Response, SlotState, check_outgoing, decide_incoming,
-                        identity_headers, listen_address, remote_guid)
+from .channel import Channel, TlsContexts, tls_contexts
+from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, Headers, Identity, LinkOptions,
+                        Negotiated, Refused, Response, SlotState, answer_headers, check_outgoing, decide_incoming,
+                        final_headers, identity_headers, listen_address, negotiated, offer_headers, remote_guid)
 from .node import (Close, Node, NodeConfig, PushRequested, SearchHit, Send, needs_push)
 from .share import ShareIndex
-from .stream import pump_messages
+from .stream import MessageStream, pump_messages
 from .wire import DEFAULT_MAX_PAYLOAD, Bye, Message, new_guid
 
 log = logging.getLogger("gnutella.servent")
 
 HANDSHAKE_TIMEOUT = 10.0
-MAX_OUTBUF = 512 * 1024
-RETRY_AFTER = 30.0          # seconds before dialing a refused or failed address again
+RETRY_AFTER = 30.0          # seconds before dialing a refused address again
+CONNECT_BACKOFF = 2.0       # first retry of an address that did not answer (doubling up to RETRY_AFTER)
 BAN_BACKOFF = 300.0         # after a 429 (gtk-gnutella's reconnect ban)
 MAX_RETRY_ENTRIES = 4096
 MAX_TRAFFIC_ENTRIES = 4096
+MAX_TLS_HOSTS = 4096
+MAX_FIRST_LINE = 4096       # a request line, a CONNECT line or a GIV line
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_IDLE_TIMEOUT = 120.0   # alive pings every 15 s keep a healthy link far from this
 
 
 @dataclass
@@ -70,22 +78,19 @@ def _hits_of(query: str, event: SearchHit, started: float) -> list[Hit]:
 @dataclass
 class _Link:
     cid: int
-    writer: asyncio.StreamWriter
+    stream: MessageStream
     remote_ip: str
     traffic: Counter
     stats: Counter
 
     def send(self, msg: Message) -> None:
-        if self.writer.is_closing():
+        if self.stream.is_closing():
             return
-        transport = self.writer.transport
-        if transport is not None and transport.get_write_buffer_size() > MAX_OUTBUF:
+        if self.stream.backlogged():
             self.stats["tx_dropped_backlog"] += 1      # bounded: a stalled peer loses messages
             return
-        data = msg.encode()
-        self.writer.write(data)
         self.traffic["msgs_out"] += 1
-        self.traffic["bytes_out"] += len(data)
+        self.traffic["bytes_out"] += self.stream.send(msg)
         self.stats[f"tx_{msg.type_name}"] += 1
 
 
@@ -95,12 +100,18 @@ class Servent:
                  target_peers: int = 4, max_peers: int = 8, max_leaves: int = 30, max_ultrapeers: int = 3,
                  stats: Counter | None = None, seed: int | None = None, user_agent: str = "booster-boxes/0.1",
                  allow_04: bool = True, tick: float = 1.0, connect_version: str = "0.6",
-                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+                 max_payload: int = DEFAULT_MAX_PAYLOAD, tls: bool = True, compress: bool = True,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         self.listen = listen
+        # TLS (offered and accepted on links and downloads) with a certificate made now; None: off
+        self.tls: TlsContexts | None = tls_contexts() if tls else None
+        self.compress = compress                   # offer and accept deflate on links
         self.advertise_ip = advertise_ip or (listen[0] if listen[0] not in ("0.0.0.0", "") else "127.0.0.1")
         self.shares = shares
         self.config = config or NodeConfig(ultrapeer=ultrapeer)
         self.config.ultrapeer = ultrapeer
+        self.config.tls = tls
         self.bootstrap = list(peers)
         self.target_peers = target_peers
         self.max_peers = max_peers
@@ -117,12 +128,21 @@ class Servent:
         self.node: Node | None = None
         self.links: dict[int, _Link] = {}
         self.traffic: dict[str, Counter] = defaultdict(Counter)   # per remote IP
+        self.dialed: Counter = Counter()       # connections we opened (links, downloads, GIV), per remote IP
         self._next_cid = 1
         self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self.supervisor = Supervisor("gnutella-servent", logger=log)
+        self.max_connections = max_connections     # accepted connections at once (links, HTTP, GIV)
+        self.idle_timeout = idle_timeout           # a link silent this long is closed (alive pings keep it busy)
+        # the first line, a whole handshake, an HTTP request head or a GIV must arrive within this (slowloris)
+        self.handshake_timeout = handshake_timeout
+        self.link_options = LinkOptions(compress=compress, tls=tls)
+        self.tls_hosts: OrderedDict[tuple[str, int], None] = OrderedDict()   # peers known to speak TLS
+        self._accepting = 0
         self._connecting: set[tuple[str, int]] = set()
         self._connected_addrs: dict[int, tuple[str, int]] = {}
         self._retry_after: dict[tuple[str, int], float] = {}
+        self._connect_failures: dict[tuple[str, int], int] = {}
         self._search_listeners: dict[bytes, Callable[[SearchHit], None]] = {}
         self._giv_waiters: dict[tuple[bytes, int], asyncio.Future] = {}
         self.established = asyncio.Event()
@@ -140,7 +160,7 @@ class Servent:
         self.node = Node(self.config, self.identity, self.shares, self.rng, self.stats)
         for host, port in self.bootstrap:
             self.node.learn_host(host, port)
-        self._spawn(self._ticker())
+        self.supervisor.spawn(self._ticker(), name="ticker")
         for host, port in self.bootstrap:
             self.connect(host, port)
         log.info("servent %s listening on %s:%d (%s, %d files)", self.guid.hex(), self.advertise_ip,
@@ -151,20 +171,17 @@ class Servent:
             self._server.close()
         for cid in list(self.links):
             self._close(cid, "shutting down", 200)
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        await self.supervisor.aclose()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
-    def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    def _learn_tls(self, addr: tuple[str, int]) -> None:
+        self.tls_hosts[addr] = None
+        self.tls_hosts.move_to_end(addr)
+        while len(self.tls_hosts) > MAX_TLS_HOSTS:
+            self.tls_hosts.popitem(last=False)
+            self.stats["tls_hosts_evicted"] += 1
 
     def snapshot(self) -> dict:
         return {
@@ -172,6 +189,7 @@ class Servent:
             "address": f"{self.advertise_ip}:{self.port}",
             "peers": {cid: f"{a[0]}:{a[1]}" for cid, a in self._connected_addrs.items()},
             "traffic": {ip: dict(c) for ip, c in self.traffic.items()},
+            "dialed": dict(self.dialed),
         }
 
     # ---------------------------------------------------------------- connections
@@ -187,53 +205,97 @@ class Servent:
         if (host, port) == (self.advertise_ip, self.port):
             return
         self._connecting.add(addr)
-        self._spawn(self._connect(addr))
+        self.supervisor.spawn(self._connect(addr), name="connect", critical=False)
+
+    def _dial(self, ip: str) -> None:
+        if ip in self.dialed or len(self.dialed) < MAX_TRAFFIC_ENTRIES:
+            self.dialed[ip] += 1
+        else:
+            self.stats["dialed_untracked"] += 1
 
     async def _connect(self, addr: tuple[str, int]) -> None:
+        self._dial(addr[0])
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(*addr, limit=1 << 16, local_addr=self._source()), HANDSHAKE_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
             self.stats["connect_failed"] += 1
-            self._retry_after[addr] = time.monotonic() + RETRY_AFTER
+            # not up yet (servents start together) or gone: retry soon, then less and less often
+            failures = self._connect_failures[addr] = self._connect_failures.get(addr, 0) + 1
+            self._retry_after[addr] = time.monotonic() + min(RETRY_AFTER, CONNECT_BACKOFF * 2 ** (failures - 1))
             self._connecting.discard(addr)
             log.debug("connect to %s:%d failed: %r", *addr, exc)
             return
         self.stats["connect_out"] += 1
+        self._connect_failures.pop(addr, None)
+        channel = Channel(reader, writer)
         try:
-            await self._session(reader, writer, outgoing=True, initial=b"", dial=addr)
+            if self.tls is not None and (addr in self.tls_hosts or addr in self.node.tls_hosts):
+                # a peer known to speak TLS is dialled in TLS from the first byte
+                try:
+                    await asyncio.wait_for(channel.start_tls(self.tls.client, server_side=False), HANDSHAKE_TIMEOUT)
+                except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+                    self.stats["tls_direct_failed"] += 1
+                    self.tls_hosts.pop(addr, None)
+                    self.node.tls_hosts.pop(addr, None)
+                    log.info("TLS to %s:%d failed (%r); it will be dialled in clear", *addr, exc)
+                    channel.close()
+                    return
+                self.stats["tls_direct_out"] += 1
+            await self._session(channel, outgoing=True, initial=b"", dial=addr)
         finally:
             self._connecting.discard(addr)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        with contextlib.suppress(asyncio.CancelledError):     # stop() cancels these
-            await self._accept_inner(reader, writer)
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._accepting >= self.max_connections:
+            self.stats["accept_refused_cap"] += 1      # bounded: past the cap a connection is closed at once
+            writer.close()
+            return
+        self._accepting += 1
+        self.supervisor.spawn(self._accepted(Channel(reader, writer)), name="incoming", critical=False)
 
-    async def _accept_inner(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accepted(self, channel: Channel) -> None:
+        try:
+            await self._accept_inner(channel)
+        finally:
+            self._accepting -= 1
+            channel.close()
+
+    async def _first_bytes(self, channel: Channel) -> bytes:
+        """What arrived up to the end of the first line; a TLS ClientHello first switches to TLS."""
+        data = await channel.read()
+        if data[:1] == b"\x16" and self.tls is not None:
+            await channel.start_tls(self.tls.server, server_side=True, leftover=data)
+            self.stats["tls_direct_in"] += 1
+            data = b""
+        while b"\n" not in data:
+            if len(data) > MAX_FIRST_LINE:
+                raise ValueError("first line too long")
+            more = await channel.read()
+            if not more:
+                raise ConnectionResetError("closed before the first line")
+            data += more
+        return data
+
+    async def _accept_inner(self, channel: Channel) -> None:
         try:
             try:
-                first = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
-            except (asyncio.TimeoutError, OSError, ValueError):
+                first = await asyncio.wait_for(self._first_bytes(channel), self.handshake_timeout)
+            except (asyncio.TimeoutError, OSError, ValueError, ssl.SSLError):
                 self.stats["accept_no_request"] += 1
                 return
             if first.startswith(b"GNUTELLA CONNECT/"):
                 self.stats["connect_in"] += 1
-                await self._session(reader, writer, outgoing=False, initial=first, dial=None)
+                await self._session(channel, outgoing=False, initial=first, dial=None)
             elif first.startswith((b"GET ", b"HEAD ")):
-                await ghttp.serve_upload(reader, writer, self.shares, first, self.user_agent, self.stats)
+                await ghttp.serve_upload(channel, self.shares, first, self.user_agent, self.stats, self.tls,
+                                         header_timeout=self.handshake_timeout)
             elif first.startswith(b"GIV "):
-                await self._on_giv(first, reader, writer)
+                await self._on_giv(first, channel)
             else:
                 self.stats["accept_unknown_protocol"] += 1
-        except (OSError, asyncio.IncompleteReadError) as exc:
+        except (OSError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
             log.debug("incoming connection failed: %r", exc)
-        finally:
-            if not writer.is_closing():
-                writer.close()
 
     def slot_state(self) -> SlotState:
         assert self.node is not None
@@ -245,54 +307,70 @@ class Servent:
         assert self.node is not None
         return ",".join(f"{h}:{p}" for h, p in self.node.hosts()[:10])
 
-    async def _handshake(self, reader, writer, outgoing: bool, initial: bytes, remote_ip: str,
+    async def _handshake(self, channel: Channel, outgoing: bool, initial: bytes, remote_ip: str,
                          dial: tuple[str, int] | None = None):
-        """Run the handshake; return (Established, our_leaf) or None."""
+        """Run the handshake; return (Established, our_leaf, Negotiated) or None."""
         hs = Handshake("client" if outgoing else "server", version=self.connect_version if outgoing else "0.6")
         me = self.identity
+        options = self.link_options if self.connect_version == "0.6" or not outgoing else LinkOptions(False, False)
+        if channel.tls:           # dialled in TLS from the first byte: nothing to upgrade
+            options = LinkOptions(compress=options.compress, tls=False)
         if outgoing:
-            writer.write(hs.connect(identity_headers(me, remote_ip)))
+            channel.write(hs.connect(offer_headers(identity_headers(me, remote_ip), options)))
         data = initial
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        deadline = time.monotonic() + self.handshake_timeout
         our_leaf = False
+        sent = Headers()
+        who = f"{dial[0]}:{dial[1]}" if dial else remote_ip
         while True:
             for event in hs.receive_data(data):
                 if isinstance(event, ConnectRequest):
                     decision = decide_incoming(event, self.slot_state())
                     headers = identity_headers(me, remote_ip)
                     headers["X-Try-Ultrapeers"] = self._try_header()
+                    if decision.accepted and event.version == "0.6":
+                        answer_headers(headers, event.headers, options)
+                    sent = headers
                     out, est = hs.respond(decision.code, decision.reason, headers)
-                    writer.write(out)
+                    channel.write(out)
                     if not decision.accepted:
                         self.stats[f"refused_in_{decision.code}"] += 1
-                        await writer.drain()
+                        log.info("refused %s: GNUTELLA/0.6 %d %s", who, decision.code, decision.reason)
+                        await channel.drain()
                         return None
                     our_leaf = decision.as_leaf
                     if est is not None:
-                        return est, our_leaf
+                        return est, our_leaf, Negotiated()
                 elif isinstance(event, Response):
                     decision = check_outgoing(event, me)
                     if not decision.accepted:
-                        writer.write(hs.refuse_final(decision.code, decision.reason))
+                        channel.write(hs.refuse_final(decision.code, decision.reason))
                         self.stats[f"refused_out_{decision.code}"] += 1
-                        await writer.drain()
+                        log.info("declined %s after its answer: GNUTELLA/0.6 %d %s", who, decision.code,
+                                 decision.reason)
+                        await channel.drain()
                         return None
-                    out, est = hs.confirm(identity_headers(me))
-                    writer.write(out)
-                    return est, decision.as_leaf
+                    final = final_headers(event.headers, options, offered_tls=options.tls)
+                    out, est = hs.confirm(final)
+                    channel.write(out)
+                    return est, decision.as_leaf, negotiated("client", final, event.headers)
                 elif isinstance(event, Refused):
                     self.stats[f"refused_by_peer_{event.code}"] += 1
+                    # a busy peer (503, with hosts to try) is routine; anything else is worth a warning
+                    log.log(logging.INFO if event.code == 503 else logging.WARNING,
+                            "%s refused the connection: GNUTELLA/0.6 %d %s", who, event.code, event.reason)
                     if event.code == 429 and dial is not None:
                         self._retry_after[dial] = time.monotonic() + BAN_BACKOFF
                     self._learn_try(event.headers)
                     return None
                 elif isinstance(event, Established):
-                    return event, our_leaf
-            await writer.drain()
+                    return event, our_leaf, (negotiated("server", sent, event.headers) if event.version == "0.6"
+                                             else Negotiated())
+            await channel.drain()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise asyncio.TimeoutError()
-            data = await asyncio.wait_for(reader.read(1 << 16), remaining)
+            data = await asyncio.wait_for(channel.read(), remaining)
             if not data:
                 return None
 
@@ -304,26 +382,36 @@ class Servent:
                 if sep and port.isdigit():
                     self.node.learn_host(host, int(port))
 
-    async def _session(self, reader, writer, outgoing: bool, initial: bytes, dial: tuple[str, int] | None) -> None:
+    async def _session(self, channel: Channel, outgoing: bool, initial: bytes,
+                       dial: tuple[str, int] | None) -> None:
         assert self.node is not None
-        peername = writer.get_extra_info("peername") or ("0.0.0.0", 0)
+        peername = channel.peername() or ("0.0.0.0", 0)
         remote_ip = peername[0]
         try:
-            result = await self._handshake(reader, writer, outgoing, initial, remote_ip, dial)
-        except (HandshakeError, asyncio.TimeoutError, OSError, RuntimeError) as exc:
+            result = await self._handshake(channel, outgoing, initial, remote_ip, dial)
+            if result is not None and result[2].tls:
+                est, _, _ = result
+                await asyncio.wait_for(channel.start_tls(self.tls.client if outgoing else self.tls.server,
+                                                         server_side=not outgoing, leftover=est.leftover),
+                                       HANDSHAKE_TIMEOUT)
+                result = (Established(est.version, est.headers, b""), result[1], result[2])
+                self.stats["tls_upgrades"] += 1
+        except (HandshakeError, asyncio.TimeoutError, OSError, RuntimeError, ssl.SSLError) as exc:
             self.stats["handshake_failed"] += 1
             log.debug("handshake with %s failed: %r", remote_ip, exc)
             if dial:
                 self._retry_after[dial] = time.monotonic() + RETRY_AFTER
-            writer.close()
+            channel.close()
             return
         if result is None:
             if dial:
                 # gtk-gnutella bans quick reconnects (429) for 5 minutes: respect that
                 self._retry_after[dial] = max(time.monotonic() + RETRY_AFTER, self._retry_after.get(dial, 0.0))
-            writer.close()
+            channel.close()
             return
-        est, our_leaf = result
+        est, our_leaf, settled = result
+        if settled.deflate_out or settled.inflate_in:
+            self.stats["links_compressed"] += 1
         self._learn_try(est.headers)
         listen = listen_address(est.headers) or dial or (remote_ip, 0)
         if dial is not None:
@@ -331,7 +419,9 @@ class Servent:
         remote_up = est.headers.flag("X-Ultrapeer")
         cid = self._next_cid
         self._next_cid += 1
-        link = _Link(cid, writer, remote_ip, self._traffic_of(remote_ip), self.stats)
+        if settled.tls:
+            self._learn_tls(listen)
+        link = _Link(cid, MessageStream(channel, settled), remote_ip, self._traffic_of(remote_ip), self.stats)
         self.links[cid] = link
         self._connected_addrs[cid] = listen
         now = time.monotonic()
@@ -342,9 +432,10 @@ class Servent:
         log.debug("peer %d up: %s:%d (%s)", cid, *listen, "our leaf" if our_leaf else "peer")
         try:
             await pump_messages(
-                reader, writer, est.leftover, self.max_payload, self.stats,
+                link.stream, est.leftover, self.max_payload, self.stats,
                 lambda msg, now: self._perform(self.node.receive(cid, msg, now)),
-                keep_going=lambda: cid in self.links, traffic=link.traffic, label=f"peer {cid}")
+                keep_going=lambda: cid in self.links, traffic=link.traffic, label=f"peer {cid}",
+                idle_timeout=self.idle_timeout)
         finally:
             self._drop(cid)
 
@@ -360,8 +451,8 @@ class Servent:
         self._connected_addrs.pop(cid, None)
         if self.node is not None:
             self.node.peer_down(cid)
-        if link is not None and not link.writer.is_closing():
-            link.writer.close()
+        if link is not None:
+            link.stream.close()
 
     def _close(self, cid: int, reason: str, bye_code: int | None) -> None:
         link = self.links.get(cid)
@@ -384,7 +475,7 @@ class Servent:
                 if listener is not None:
                     listener(action)
             elif isinstance(action, PushRequested):
-                self._spawn(self._answer_push(action))
+                self.supervisor.spawn(self._answer_push(action), name="push", critical=False)
 
     async def _ticker(self) -> None:
         while True:
@@ -394,6 +485,8 @@ class Servent:
             self._perform(self.node.tick(now))
             if len(self._retry_after) > MAX_RETRY_ENTRIES:
                 self._retry_after = {a: t for a, t in self._retry_after.items() if t > now}
+            if len(self._connect_failures) > MAX_RETRY_ENTRIES:
+                self._connect_failures.clear()
             # keep the wanted number of connections from the host cache
             wanted = self.target_peers - len(self.links) - len(self._connecting)
             if wanted > 0:
@@ -456,9 +549,11 @@ class Servent:
                        timeout: float = 30.0, max_bytes: int = 1 << 30) -> ghttp.DownloadResult:
         """Fetch a hit: directly, or by PUSH when the source is firewalled or unreachable."""
         dest = dest_dir / hit.name if dest_dir is not None else None
-        path = f"/uri-res/N2R?urn:sha1:{hit.sha1}" if hit.sha1 else f"/get/{hit.index}/{hit.name}"
+        path = f"/uri-res/N2R?urn:sha1:{hit.sha1}" if hit.sha1 else f"/get/{hit.index}/{urllib.parse.quote(hit.name)}"
         if not hit.push:
-            result = await ghttp.download(hit.ip, hit.port, path, dest, hit.sha1, max_bytes, timeout)
+            self._dial(hit.ip)
+            result = await ghttp.download(hit.ip, hit.port, path, dest, hit.sha1, max_bytes, timeout, tls=self.tls,
+                                          local_addr=self._source())
             if result.ok or event is None:
                 self.stats["downloads_ok" if result.ok else "downloads_failed"] += 1
                 return result
@@ -485,27 +580,28 @@ class Servent:
         self.stats["pushes_sent"] += 1
         self._perform(actions)
         try:
-            reader, writer = await asyncio.wait_for(waiter, timeout)
+            channel, giv_done = await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:
             return ghttp.DownloadResult(False, 0, 0, None, None, "no GIV came back")
         finally:
             self._giv_waiters.pop(key, None)
         try:
-            return await asyncio.wait_for(ghttp.fetch(reader, writer, path, dest, hit.sha1, max_bytes), timeout)
-        except (OSError, asyncio.TimeoutError, ghttp.HttpError) as exc:
+            return await asyncio.wait_for(
+                ghttp.fetch(channel, path, f"{hit.ip}:{hit.port}", dest, hit.sha1, max_bytes, tls=self.tls), timeout)
+        except (OSError, asyncio.TimeoutError, ghttp.HttpError, ssl.SSLError) as exc:
             return ghttp.DownloadResult(False, 0, 0, None, None, f"pushed download failed: {exc!r}")
         finally:
-            writer.close()
+            channel.close()
+            giv_done.set()
 
-    async def _on_giv(self, first: bytes, reader, writer) -> None:
+    async def _on_giv(self, first: bytes, channel: Channel) -> None:
         try:
-            while not first.endswith(b"\n\n"):
-                line = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
-                if not line:
+            while b"\n\n" not in first:
+                more = await asyncio.wait_for(channel.read(), self.handshake_timeout)
+                if not more or len(first) > 1024:
+                    self.stats["giv_malformed"] += 1
                     return
-                first += line
-                if len(first) > 1024:
-                    return
+                first += more
             giv = ghttp.parse_giv(first.decode("utf-8", "replace").splitlines()[0])
         except (ghttp.HttpError, asyncio.TimeoutError):
             self.stats["giv_malformed"] += 1
@@ -515,10 +611,9 @@ class Servent:
             self.stats["giv_unexpected"] += 1
             return
         self.stats["giv_received"] += 1
-        waiter.set_result((reader, writer))
-        # the downloader owns the connection now; keep this handler alive until it closes it
-        while not writer.is_closing():
-            await asyncio.sleep(0.05)
+        done = asyncio.Event()
+        waiter.set_result((channel, done))
+        await done.wait()         # the downloader owns the connection now; it sets this when finished
 
     async def _answer_push(self, action: PushRequested) -> None:
         push = action.push
@@ -526,22 +621,23 @@ class Servent:
         if shared is None:
             self.stats["push_unknown_file"] += 1
             return
+        self._dial(push.ip)
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(push.ip, push.port, local_addr=self._source()), HANDSHAKE_TIMEOUT)
         except (OSError, asyncio.TimeoutError):
             self.stats["push_connect_failed"] += 1
             return
+        channel = Channel(reader, writer)
         try:
-            writer.write(ghttp.format_giv(shared.index, self.guid, shared.name))
-            await writer.drain()
-            first = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
-            await ghttp.serve_upload(reader, writer, self.shares, first, self.user_agent, self.stats)
+            channel.write(ghttp.format_giv(shared.index, self.guid, shared.name))
+            await channel.drain()
+            await ghttp.serve_upload(channel, self.shares, b"", self.user_agent, self.stats, self.tls)
             self.stats["push_uploads"] += 1
-        except (OSError, asyncio.TimeoutError):
+        except (OSError, asyncio.TimeoutError, ssl.SSLError):
             self.stats["push_upload_failed"] += 1
         finally:
-            writer.close()
+            channel.close()
 
 
 # ---------------------------------------------------------------- command line
@@ -585,6 +681,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-04", action="store_true", help="refuse incoming 0.4 handshakes")
         p.add_argument("--max-payload", type=positive_int, default=DEFAULT_MAX_PAYLOAD,
                        help="largest message payload accepted (bytes); a larger one closes the connection")
+        p.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
+                       help="incoming connections handled at once (links, downloads, GIV); more are closed")
+        p.add_argument("--handshake-timeout", type=non_negative_float, default=HANDSHAKE_TIMEOUT,
+                       help="seconds for a connection's first line, its handshake or HTTP request head")
+        p.add_argument("--idle-timeout", type=non_negative_float, default=DEFAULT_IDLE_TIMEOUT,
+                       help="close a link silent for this many seconds (0: never)")
+        p.add_argument("--no-tls", action="store_true",
+                       help="neither offer nor accept the TLS upgrade (links and downloads stay in clear)")
+        p.add_argument("--no-compression", action="store_true",
+                       help="neither offer nor accept deflate stream compression on links")
 
     serve = sub.add_parser("serve", help="run a servent until stopped")
     common(serve, "127.0.0.1:6346")
@@ -623,7 +729,9 @@ def servent_from_args(args, stats: Counter) -> Servent:
     return Servent(listen=args.listen, shares=shares, advertise_ip=args.advertise, ultrapeer=not args.leaf,
                    config=config, peers=args.peer, target_peers=args.connections, max_peers=args.max_peers,
                    max_leaves=args.max_leaves, stats=stats, seed=args.seed, allow_04=not args.no_04,
-                   connect_version=args.handshake, max_payload=args.max_payload)
+                   connect_version=args.handshake, max_payload=args.max_payload, tls=not args.no_tls,
+                   compress=not args.no_compression, max_connections=args.max_connections,
+                   idle_timeout=args.idle_timeout or None, handshake_timeout=args.handshake_timeout)
 
 
 def _print(obj: dict) -> None:
@@ -681,7 +789,8 @@ async def amain(args, ctx: RunContext) -> int:
     try:
         if args.mode == "serve":
             started = time.monotonic()
-            script = asyncio.ensure_future(_scripted(servent, args, ctx, started)) if args.queries else None
+            script = (servent.supervisor.spawn(_scripted(servent, args, ctx, started), name="scripted queries")
+                      if args.queries else None)
             if args.duration:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(ctx.stop.wait(), args.duration)

@@ -41,11 +41,11 @@ class GnutellaDecodeError(ValueError):
 HEADER = struct.Struct("<16sBBBI")
 HEADER_SIZE = HEADER.size  # 23
 
-PING, PONG, BYE, QRP, VENDOR, STD_VENDOR, PUSH, QUERY, QUERY_HIT = (
-    0x00, 0x01, 0x02, 0x30, 0x31, 0x32, 0x40, 0x80, 0x81)
+PING, PONG, BYE, QRP, VENDOR, STD_VENDOR, PUSH, QUERY, QUERY_HIT, HSEP = (
+    0x00, 0x01, 0x02, 0x30, 0x31, 0x32, 0x40, 0x80, 0x81, 0xCD)
 
 TYPE_NAMES = {PING: "ping", PONG: "pong", BYE: "bye", QRP: "qrp", VENDOR: "vendor",
-              STD_VENDOR: "vendor", PUSH: "push", QUERY: "query", QUERY_HIT: "query_hit"}
+              STD_VENDOR: "vendor", PUSH: "push", QUERY: "query", QUERY_HIT: "query_hit", HSEP: "hsep"}
 
 DEFAULT_MAX_PAYLOAD = 64 * 1024
 
@@ -216,7 +216,9 @@ def decode_ggep(buf: bytes, offset: int = 0) -> tuple[tuple[GGEPExtension, ...],
             name = ident.decode("ascii")
         except UnicodeDecodeError:
             raise GnutellaDecodeError(f"GGEP: non-ASCII extension id {ident!r}") from None
-        extensions.append(GGEPExtension(name, bytes(data)))
+        # the encodings are kept so a relayed message is re-encoded as it came (COBS is deterministic)
+        extensions.append(GGEPExtension(name, bytes(data), compress=bool(flags & _GGEP_DEFLATE),
+                                        cobs=bool(flags & _GGEP_COBS)))
         if flags & _GGEP_LAST:
             return tuple(extensions), pos
 
@@ -570,7 +572,27 @@ def _find_result_end(buf: bytes, pos: int, end: int) -> int:
     raise GnutellaDecodeError("query hit: result extensions not NUL-terminated")
 
 
-Payload = Union[Ping, Pong, Bye, QrpReset, QrpPatch, VendorMessage, Push, Query, QueryHit]
+HSEP_ENTRY = struct.Struct("<QQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class Hsep:
+    """Horizon Size Estimation (0xCD, gtk-gnutella sends it to peers that say ``HSEP/0.2``):
+    per hop count 1..n, (nodes, files, kbytes) as three little-endian uint64."""
+    TYPE: ClassVar[int] = HSEP
+    hops: tuple[tuple[int, int, int], ...] = ()
+
+    def encode(self) -> bytes:
+        return b"".join(HSEP_ENTRY.pack(*entry) for entry in self.hops)
+
+    @classmethod
+    def decode(cls, buf: bytes) -> "Hsep":
+        if len(buf) % HSEP_ENTRY.size:
+            raise GnutellaDecodeError(f"hsep: {len(buf)} bytes, not a multiple of {HSEP_ENTRY.size}")
+        return cls(tuple(HSEP_ENTRY.unpack_from(buf, i) for i in range(0, len(buf), HSEP_ENTRY.size)))
+
+
+Payload = Union[Ping, Pong, Bye, QrpReset, QrpPatch, VendorMessage, Push, Query, QueryHit, Hsep]
 
 
 @dataclass(frozen=True, slots=True)
@@ -618,6 +640,8 @@ def decode_payload(ptype: int, body: bytes):
         return Query.decode(body)
     if ptype == QUERY_HIT:
         return QueryHit.decode(body)
+    if ptype == HSEP:
+        return Hsep.decode(body)
     raise GnutellaDecodeError(f"unknown payload type 0x{ptype:02x}")
 
 

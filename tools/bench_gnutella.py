@@ -6,7 +6,8 @@ bootstrap peers, and issues scripted queries (each followed by a SHA-1 verified 
 twice: without boosters, then with boxd (linux engine, TPROXY) and gnutella-booster on
 every cluster edge.  Prints one JSON document with ``without`` and ``with`` objects:
 ``inter_cluster_messages``, ``inter_cluster_bytes``, ``query_success``, ``first_hit_ms``
-{``p50``, ``p99``}, ``download_success`` (and more), plus ``reduction``.  ``--plot``
+{``p50``, ``p99``}, ``download_success`` (and more), plus ``reduction`` (messages, bytes) and
+``first_hit_ratio`` (with / without boosters, p50 and p99: the latency cost of clustering).  ``--plot``
 draws both modes side by side.
 """
 
@@ -45,8 +46,9 @@ def register(subparsers) -> None:
     parser.add_argument("--sightings", type=int, default=6, help="booster: forward outside after N local copies")
     parser.add_argument("--local-wait", type=non_negative_float, default=0.3,
                         help="booster: ... or after this long without a local hit")
-    parser.add_argument("--trust-tables", action="store_true",
-                        help="booster: forward at once when no local QRP table may hold the query")
+    parser.add_argument("--forward", choices=["adaptive", "wait"], default="adaptive",
+                        help="booster: adaptive (a query no local table may answer goes out at once, the others "
+                             "after the learned local wait) or wait (the paper's rule: --local-wait or --sightings)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--only", choices=["with", "without"], default=None, help="run one mode only")
     parser.add_argument("--workdir", type=Path, default=None, help="keep logs and files here")
@@ -56,7 +58,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gnutella.experiment import ExperimentConfig, run_experiment
+    from tools.gnutella_experiment import ExperimentConfig, run_experiment
 
     if os.geteuid() != 0:
         raise ConfigError("the gnutella experiment builds network namespaces: run it as root")
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                            max_replicas=args.max_replicas, queries_per_servent=args.queries,
                            query_gap=args.query_gap, warmup=args.warmup, wait_hits=args.wait_hits,
                            query_ttl=args.ttl, seed=args.seed, sightings=args.sightings, local_wait=args.local_wait,
-                           trust_tables=args.trust_tables)
+                           forward=args.forward)
     modes = (args.only,) if args.only else ("without", "with")
 
     def say(line: str) -> None:
@@ -130,8 +132,10 @@ def plot(out: dict, path: Path) -> None:
     ax.legend(loc="upper left", ncols=2)
     cfg = out.get("config", {})
     red = out.get("reduction", {})
+    ratio = (out.get("first_hit_ratio") or {}).get("p99")
     fig.suptitle(f"Gnutella overlay clustering: {cfg.get('servents')} servents in {cfg.get('clusters')} clusters"
-                 + (f" - {red['messages'] * 100:.1f}% fewer inter-cluster messages" if red else ""))
+                 + (f" - {red['messages'] * 100:.1f}% fewer inter-cluster messages" if red else "")
+                 + (f", first hit p99 x{ratio:.2f}" if ratio is not None else ""))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

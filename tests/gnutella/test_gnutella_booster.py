@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from gnutella import http as ghttp
 from gnutella.booster import GnutellaBooster
 from gnutella.boostercore import BoosterConfig, BoosterCore
 from gnutella.node import NodeConfig
@@ -136,21 +135,31 @@ async def test_booster_clusters_the_overlay_and_keeps_queries_local(two_clusters
     before = t.boosters["A"].peer_traffic["booster-B"]["query_out"]
     hits = await s["A1"].search("lullaby", timeout=1.5)
     assert {h.ip for h, _ in hits} == {"127.0.1.3"}
-    await asyncio.sleep(0.5)
+    # the negative, proven at a defined point: the core settled the query (a local hit, no longer
+    # pending), so no timer can send it out later
+    state = t.cores["A"].queries.get(hits[0][1].query_guid)
+    assert state is not None and state.local_hits >= 1 and not state.forwarded
+    assert hits[0][1].query_guid not in t.cores["A"].pending
     assert t.boosters["A"].peer_traffic["booster-B"]["query_out"] == before
 
-    # a file only in the other cluster: tried locally, then sent to the one booster that may have it
+    # a file only in the other cluster: no local table may hold it, so it goes out at once
+    # (adaptive forwarding), to the one booster that may have it
     hits = await s["A1"].search("faraway fugue", timeout=2.0, max_hits=1)
-    assert [h.ip for h, _ in hits] == ["127.0.2.2"]
-    assert hits[0][0].ms >= 250          # the local attempt came first (local_wait 0.3 s)
+    assert t.cores["A"].stats["forwarded_by_tables"] >= 1
     assert t.boosters["A"].peer_traffic["booster-B"]["query_out"] == before + 1
     assert t.cores["B"].stats["remote_queries_injected"] == 1
-    # the download goes through the edge too: not Gnutella, so it is spliced on untouched
+    # this edge is opaque (servents reach the outside only through the box): the hit names a relay
+    # on the box, never the remote servent 127.0.2.2
     hit = hits[0][0]
-    edge = await t.edges["A"].intercept((hit.ip, hit.port))
-    result = await ghttp.download(*edge, f"/uri-res/N2R?urn:sha1:{hit.sha1}", tmp_path / "fugue", hit.sha1)
+    assert hit.ip == "127.0.1.254" and t.boosters["A"].stats["opaque_hits_rewritten"] >= 1
+    assert t.boosters["A"].relays[("127.0.1.254", ("127.0.2.2", s["B2"].port))] == hit.port
+    # the servent's own download goes to the relay, which passes it on untouched (SHA-1 verified)
+    result = await s["A1"].download(hit, hits[0][1], tmp_path)
     assert result.ok and result.size == 30000
-    assert t.boosters["A"].stats["spliced"] == 1 and t.boosters["A"].stats["spliced_bytes_down"] > 30000
+    assert t.boosters["A"].stats["relayed_connections"] == 1 and t.boosters["A"].stats["spliced_bytes_down"] > 30000
+    # no cluster-A servent ever connected to an address outside its cluster
+    for name in ("A1", "A2", "A3"):
+        assert all(ip.startswith("127.0.1.") for ip in s[name].dialed), (name, s[name].dialed)
 
     # a file nowhere: the cluster table of B says no, so it does not even cross
     await s["A2"].search("nonexistent zebra", timeout=1.0)
@@ -191,3 +200,16 @@ async def test_push_crosses_boosters_to_a_firewalled_source(two_clusters, tmp_pa
     assert t.cores["A"].stats["pushes_to_boosters"] == 1         # A's booster sent it across ...
     assert t.cores["B"].stats["pushes_routed"] == 1              # ... B's gave it to the servent
     assert s["B2"].stats["push_uploads"] == 1 and s["A1"].stats["giv_received"] == 1
+
+
+def test_command_line_reaches_the_core_and_the_adapter():
+    from gnutella.booster import adapter_options, build_parser, config_from_args
+    args = build_parser().parse_args(["--name", "e1", "--cluster", "10.11.0.0/24", "--forward", "wait",
+                                      "--local-wait", "0.5", "--max-relays", "7", "--no-compression"])
+    config = config_from_args(args)
+    assert (config.forward, config.local_wait, config.cluster) == ("wait", 0.5, ("10.11.0.0/24",))
+    assert build_parser().parse_args(["--name", "e1"]).forward == "adaptive"
+    options = adapter_options(args)
+    assert options["max_relays"] == 7 and options["compress"] is False
+    adapter = GnutellaBooster(BoosterCore(config, b"s"), **options)
+    assert adapter.max_relays == 7 and adapter.link_options.compress is False and not adapter.link_options.tls

@@ -1,5 +1,7 @@
 """The booster's logic alone (sans-IO, deterministic) and its booster-to-booster codec."""
 
+import struct
+
 import msgpack
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -91,7 +93,7 @@ def test_local_hit_keeps_the_query_inside():
 
 
 def test_no_local_hit_goes_out_after_the_wait_only_to_boosters_that_may_have_it():
-    c = core(sightings=0, local_wait=0.5)
+    c = core(sightings=0, local_wait=0.5, forward="wait")
     up(c, 1, "10.11.0.11")
     peer(c, 8, table_of("red sky.flac"))
     peer(c, 9, table_of("jazz.mp3"))
@@ -186,7 +188,7 @@ def test_b2b_round_trip_every_type():
         {"t": "bye", "reason": "done"},
     ]
     stream = b"".join(b2b.encode(m) for m in msgs)
-    reader = b2b.FrameReader()
+    reader = b2b.frame_decoder()
     out = []
     for i in range(0, len(stream), 7):
         out += reader.feed(stream[i:i + 7])
@@ -204,22 +206,22 @@ def test_b2b_round_trip_every_type():
 ])
 def test_b2b_decode_errors_say_what_was_wrong(obj, words):
     body = msgpack.packb(obj, use_bin_type=True)
-    (err,) = b2b.FrameReader().feed(b2b.LENGTH.pack(len(body)) + body)
+    (err,) = b2b.frame_decoder().feed(struct.pack(">I", len(body)) + body)
     assert isinstance(err, b2b.B2BDecodeError) and words in str(err)
 
 
 def test_b2b_oversized_frame_is_fatal():
-    with pytest.raises(b2b.B2BDecodeError, match="exceeds"):
-        b2b.FrameReader(max_frame=10).feed(b2b.LENGTH.pack(11))
+    with pytest.raises(b2b.FramingError, match="outside"):
+        b2b.frame_decoder(max_frame=10).feed(struct.pack(">I", 11))
 
 
 @settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=200))
 def test_b2b_fuzz_only_decode_errors(data):
     try:
-        for item in b2b.FrameReader(max_frame=1000).feed(data):
+        for item in b2b.frame_decoder(max_frame=1000).feed(data):
             assert isinstance(item, (dict, b2b.B2BDecodeError))
-    except b2b.B2BDecodeError:
+    except b2b.FramingError:
         pass
 
 
@@ -231,7 +233,7 @@ def test_cluster_table_message_round_trip(slots):
 
 
 def test_trust_tables_forwards_at_once_when_no_local_table_matches():
-    c = core(sightings=0, local_wait=5.0, trust_tables=True)
+    c = core(sightings=0, local_wait=5.0, trust_tables=True, forward="wait")
     up(c, 1, "10.11.0.11", table=table_of("mine.txt"))
     up(c, 2, "10.11.0.21", table=table_of("other.txt"))
     peer(c, 9, None)
@@ -239,7 +241,7 @@ def test_trust_tables_forwards_at_once_when_no_local_table_matches():
     # a query some local table may answer still waits for the local attempt
     assert queries_out(c.local_message(1, Q("other", guid=b"\x61" * 16), 0.0)) == []
     # and without the option everything waits
-    plain = core(sightings=0, local_wait=5.0)
+    plain = core(sightings=0, local_wait=5.0, forward="wait")
     up(plain, 1, "10.11.0.11", table=table_of("mine.txt"))
     peer(plain, 9, None)
     assert queries_out(plain.local_message(1, Q("distant opera"), 0.0)) == []
@@ -247,7 +249,7 @@ def test_trust_tables_forwards_at_once_when_no_local_table_matches():
 
 def test_conventional_outside_peer_gets_forwarded_queries_and_its_queries_enter_the_cluster():
     from gnutella.handshake import Identity
-    c = core(sightings=0, local_wait=0.2, upstream_ttl=3)
+    c = core(sightings=0, local_wait=0.2, upstream_ttl=3, forward="wait")
     up(c, 1, "10.11.0.11", table=table_of("local tune.mp3"))
     up(c, 2, "10.11.0.21", table=table_of("other.txt"))
     c.upstream_up(50, Identity(b"\x05" * 16, "10.100.1.2", 6346, True))
@@ -267,3 +269,53 @@ def test_conventional_outside_peer_gets_forwarded_queries_and_its_queries_enter_
     assert hit_back.cid == 50
     c.upstream_down(50)
     assert c.local_message(1, Message(b"\x71" * 16, 2, 0, hit_from("10.11.0.11", "local tune.mp3")), 0.7) == []
+
+
+def test_adaptive_forwarding_goes_out_at_once_when_no_local_table_may_answer():
+    c = core(sightings=0, local_wait=5.0)
+    up(c, 1, "10.11.0.11", table=table_of("mine.txt"))
+    up(c, 2, "10.11.0.21", table=table_of("other.txt"))
+    peer(c, 8, table_of("distant opera.ogg"))
+    peer(c, 9, table_of("jazz.mp3"))
+    (out,) = queries_out(c.local_message(1, Q("distant opera"), 0.0))
+    assert out.pid == 8 and c.stats["forwarded_by_tables"] == 1 and c.stats["queries_not_sent_by_table"] == 1
+    # a local servent without a table yet may hold anything: the local attempt comes first
+    up(c, 3, "10.11.0.31")
+    assert queries_out(c.local_message(1, Q("distant opera", guid=b"\x62" * 16), 0.0)) == []
+
+
+def test_adaptive_wait_follows_how_long_local_hits_take():
+    c = core(sightings=0, local_wait=0.5, min_local_wait=0.02, wait_margin=3.0)
+    up(c, 1, "10.11.0.11", table=table_of("nothing here"))
+    up(c, 2, "10.11.0.21", table=table_of("blue moon.mp3"))
+    peer(c, 9, None)
+    assert c.local_wait() == 0.5                         # nothing learned yet: the configured bound
+    (probe,) = sends(c.local_message(1, Q("blue moon"), 0.0))
+    c.local_message(2, Message(probe.message.guid, 1, 0, hit_from("10.11.0.21", "blue moon.mp3")), 0.01)
+    assert c.local_wait() == pytest.approx(0.03)          # 10 ms local hit, margin 3
+    # a query the table claims but no local hit answers goes out once the learned wait is over
+    c.local_message(1, Q("blue moon", guid=b"\x63" * 16), 1.0)
+    assert queries_out(c.tick(1.02)) == []
+    (out,) = queries_out(c.tick(1.031))
+    assert out.obj["guid"] == b"\x63" * 16 and c.stats["forwarded_by_timeout"] == 1
+    assert c.next_deadline() is None
+    # bounded below and above
+    c.local_hit_delays.clear()
+    c.local_hit_delays.append(0.001)
+    assert c.local_wait() == 0.02
+    c.local_hit_delays.append(10.0)
+    assert c.local_wait() == 0.5
+
+
+def test_opaque_hit_and_push_name_only_the_relay():
+    from gnutella.boostercore import opaque_hit, opaque_push
+    from gnutella.wire import GGEPExtension
+    result = HitResult(1, 10, "far.ogg", ("urn:sha1:" + "A" * 32,),
+                       (GGEPExtension("ALT", b"\x0a\x0c\x00\x0b\xca\x18", cobs=True), GGEPExtension("CT", b"\x01")))
+    hit = QueryHit(6346, "10.12.0.11", 100, (result,), b"\x66" * 16, b"GTKG", b"\x1c\x00", b"\xc3\x82PUSH\x46xxxxxx")
+    seen = QueryHit.decode(opaque_hit(hit, ("10.11.0.1", 40001)).encode())
+    assert (seen.ip, seen.port) == ("10.11.0.1", 40001) and seen.private_data == b""
+    assert [g.id for g in seen.results[0].ggep] == ["CT"] and seen.results[0].sha1 == "A" * 32
+    assert seen.servent_guid == hit.servent_guid and seen.open_data == hit.open_data
+    push = opaque_push(Push(b"\x66" * 16, 3, "10.13.0.5", 6346), ("10.11.0.1", 40002))
+    assert (push.ip, push.port, push.file_index) == ("10.11.0.1", 40002, 3)

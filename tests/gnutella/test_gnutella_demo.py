@@ -12,7 +12,7 @@ async def test_demo_answers_inside_the_cluster_and_verifies_the_download(tmp_pat
     assert summary["download_verified"] is True
     assert summary["remote_queries_received"] == 1          # only the query the cluster could not answer
     assert summary["outside_query_hits"] >= 1 and summary["outside_download_verified"] is True
-    assert summary["outside_first_hit_ms"] >= 400           # after the local attempt (local wait 0.5 s)
+    assert summary["forwarded_at_once"] == 1                # no local table may hold it: no local wait
     assert summary["intercepted_connections"] >= 3
     assert summary["pings_answered_by_booster"] >= 3
     assert summary["elapsed_s"] < 60

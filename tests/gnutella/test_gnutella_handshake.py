@@ -204,3 +204,9 @@ def test_headers_survive_the_three_way_handshake(pairs):
     (request,) = server.receive_data(client.connect(Headers(pairs)))
     for name, value in pairs.items():
         assert request.headers.get(name) == value
+
+
+def test_listen_ip_only_where_something_listens():
+    from gnutella.handshake import Identity, identity_headers
+    assert identity_headers(Identity(b"\x01" * 16, "10.0.0.1", 16346, True)).get("Listen-IP") == "10.0.0.1:16346"
+    assert "Listen-IP" not in identity_headers(Identity(b"\x01" * 16, "10.0.0.1", 0, True))

@@ -30,7 +30,11 @@ def test_boosters_cluster_the_overlay_in_three_clusters(tmp_path):
     # without boosters the random overlay spans the clusters
     assert without["servent_messages_crossing"] > 50
     # with them, every servent link to another cluster ended at its own edge's booster ...
+    assert with_["edge_processes_lost"] == []              # every box intercepted for the whole run
     assert with_["servent_messages_crossing"] == 0
+    # ... and every connection a servent opened to another cluster (links, downloads, GIV) was
+    # handled by its own box: none went past it
+    assert with_["connections_past_box"] == 0 and without["connections_past_box"] > 0
     for edge in ("edge1", "edge2", "edge3"):
         stats = with_["boosters"][edge]
         assert stats["intercepted"] >= 3 and stats["pings_answered"] >= 1

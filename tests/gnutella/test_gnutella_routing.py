@@ -160,11 +160,20 @@ def test_alive_ping_answered_with_the_same_guid_and_only_our_pong():
     assert (pong.payload.ip, pong.payload.port) == ("10.0.0.3", 6346)
 
 
-def test_pings_flood_then_pongs_return_and_fill_caches():
+def test_pings_are_answered_from_pong_caches_and_never_relayed():
     net = mesh()
-    pongs_before = len(net.nodes[0].pong_cache)
-    assert pongs_before >= 3             # the initial pings at link-up already filled it
-    assert ("10.0.0.4", 6346) in net.nodes[0].host_cache
+    # the first pings at link-up brought each neighbour's own pong (0 links to 1, 3 and 5)
+    assert {("10.0.0.2", 6346), ("10.0.0.4", 6346), ("10.0.0.6", 6346)} <= set(net.nodes[0].pong_cache)
+    # refresh pings (one per link per ping_interval) bring the neighbours' cached pongs: hosts two hops away
+    for round_ in (1, 2):
+        net.now = round_ * net.nodes[0].config.ping_interval
+        for n, node in enumerate(net.nodes):
+            net.push(n, [a for a in node.tick(net.now) if isinstance(a, Send)])
+        net.run()
+    assert ("10.0.0.3", 6346) in net.nodes[0].pong_cache and ("10.0.0.3", 6346) in net.nodes[0].host_cache
+    # no ping was ever relayed: every ping delivered was sent by the link's own end (hops 0)
+    assert all(node.stats["pings_sent"] >= 2 for node in net.nodes)
+    assert sum(net.delivered[(n, "ping")] for n in range(6)) == sum(node.stats["pings_sent"] for node in net.nodes)
 
 
 def test_unanswered_alive_pings_close_the_link():

@@ -24,13 +24,15 @@ import logging
 import random
 import secrets
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from boxcore.procs import ProcessGroup, script
+from tools.stats import summary
 
-log = logging.getLogger("gnutella.experiment")
+log = logging.getLogger("tools.gnutella_experiment")
 
 GNUTELLA_PORT = 6346
 B2B_PORT = 6350
@@ -57,7 +59,8 @@ class ExperimentConfig:
     sightings: int = 6
     local_wait: float = 0.3
     file_kb: tuple[int, int] = (16, 64)
-    trust_tables: bool = False
+    forward: str = "adaptive"       # the boosters' forwarding rule ("wait": the paper's local attempt first)
+    stall_bound: float = 10.0       # boxd --linux-stall: how long a booster may leave connections unaccepted
     tail: float = 8.0               # seconds servents stay up after the last query (downloads, stragglers)
 
 
@@ -111,15 +114,6 @@ def plan(cfg: ExperimentConfig, hosts: dict[int, list[tuple[str, list[str]]]]) -
     return servents, catalogue
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return round(ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo), 2)
-
-
 def _cluster_of(ip: str, prefixes: dict[int, ipaddress.IPv4Network]) -> int | None:
     addr = ipaddress.ip_address(ip)
     for c, net in prefixes.items():
@@ -142,9 +136,13 @@ async def run_mode(lab, cfg: ExperimentConfig, servents: list[Servent], boosters
             for c in clusters:
                 edge = f"edge{c}"
                 control = workdir / f"{edge}.sock"
+                # --linux-stall: when every servent starts at once on a loaded machine, a booster may
+                # take seconds to accept the burst of intercepted connections; boxd's watchdog must
+                # not take its rules away for that (links would then go past the box)
                 boxd = procs.start(f"{edge}-boxd", lab.command(edge, [
                     script("boxd"), "--engine", "linux", "--control", str(control),
-                    "--state", str(workdir / f"{edge}-state"), "--log-level", "info"]))
+                    "--state", str(workdir / f"{edge}-state"), "--log-level", "info",
+                    "--linux-stall", str(cfg.stall_bound)]))
                 await procs.wait_for_log(boxd, "boxd ready", 30)
                 peers = []
                 for other in clusters:
@@ -156,7 +154,7 @@ async def run_mode(lab, cfg: ExperimentConfig, servents: list[Servent], boosters
                     "--peer-listen", f"{lab.addr(edge, 'core')}:{B2B_PORT}",
                     "--sightings", str(cfg.sightings), "--local-wait", str(cfg.local_wait),
                     "--secret", f"{edge}-{cfg.seed}", *peers, "--log-level", "info",
-                    *(["--trust-tables"] if cfg.trust_tables else [])]))
+                    *(["--forward", cfg.forward] if cfg.forward != "adaptive" else [])]))
                 edge_roles[c] = booster
             for role in edge_roles.values():
                 await procs.wait_for_log(role, "ready on engine", 30)
@@ -189,12 +187,18 @@ async def run_mode(lab, cfg: ExperimentConfig, servents: list[Servent], boosters
                 break
             await asyncio.sleep(0.5)
         await procs.stop_many(list(roles.values()))
+        # a booster (or its boxd) that ended during the run stopped intercepting: say so
+        lost = sorted(r.name for r in procs.roles if r.name.startswith("edge") and r.proc.poll() is not None)
+        if lost:
+            say(f"edge processes that ended during the run: {', '.join(lost)}")
         edge_after = _edge_bytes(lab, clusters)
         await procs.stop_many(list(edge_roles.values()))
         booster_stats = {c: r.read_stats() for c, r in edge_roles.items()}
         await procs.stop_all()
-        return summarize(cfg, servents, workdir, {n: r.read_stats() for n, r in roles.items()}, booster_stats,
-                         prefixes, edge_after - edge_before)
+        out = summarize(cfg, servents, workdir, {n: r.read_stats() for n, r in roles.items()}, booster_stats,
+                        prefixes, edge_after - edge_before)
+        out["edge_processes_lost"] = lost
+        return out
     finally:
         await procs.stop_all()
 
@@ -212,23 +216,35 @@ def summarize(cfg: ExperimentConfig, servents: list[Servent], workdir: Path, sta
               booster_stats: dict[int, dict], prefixes: dict, edge_bytes: int) -> dict:
     by_name = {s.name: s for s in servents}
     intercepted: set[tuple[str, str]] = set()
+    seen_by_box: Counter = Counter()          # (servent ip, remote ip) -> connections its edge handled
     b2b_msgs = b2b_bytes = 0
     booster_summary = {}
     for c, st in booster_stats.items():
-        for key in (st.get("booster") or {}).get("intercepted", {}):
+        for key, count in (st.get("booster") or {}).get("intercepted", {}).items():
             client, _, dst = key.partition(">")
             intercepted.add((client, dst.rpartition(":")[0]))
+            seen_by_box[(client, dst.rpartition(":")[0])] += count
+        for key, count in (st.get("booster") or {}).get("spliced", {}).items():
+            client, _, dst = key.partition(">")
+            seen_by_box[(client, dst.rpartition(":")[0])] += count
         boundary = st.get("boundary") or {}
         b2b_msgs += boundary.get("messages_out", 0)
         b2b_bytes += boundary.get("bytes_out", 0)
         booster_summary[f"edge{c}"] = {k: st.get(k, 0) for k in (
             "intercepted", "steered_away", "pings_answered", "local_queries", "probes_sent", "local_hits",
-            "forwarded_by_count", "forwarded_by_timeout", "queries_kept_inside", "remote_queries_injected",
-            "remote_hits", "spliced")}
+            "forwarded_by_count", "forwarded_by_timeout", "forwarded_by_tables", "queries_kept_inside",
+            "remote_queries_injected",
+            "remote_hits", "spliced", "decompression_refused", "local_links_compressed")}
         booster_summary[f"edge{c}"]["b2b_messages_out"] = boundary.get("messages_out", 0)
     servent_msgs = servent_bytes = 0
+    past_box = 0
     for name, st in stats.items():
         s = by_name[name]
+        for remote_ip, count in (st.get("servent") or {}).get("dialed", {}).items():
+            remote_cluster = _cluster_of(remote_ip, prefixes) if remote_ip != "other" else None
+            if remote_cluster is not None and remote_cluster != s.cluster:
+                # a connection to another cluster that its own box did not handle went past it
+                past_box += max(0, count - seen_by_box[(s.ip, remote_ip)]) if booster_stats else count
         traffic = (st.get("servent") or {}).get("traffic", {})
         for remote_ip, counters in traffic.items():
             remote_cluster = _cluster_of(remote_ip, prefixes)
@@ -252,12 +268,13 @@ def summarize(cfg: ExperimentConfig, servents: list[Servent], workdir: Path, sta
         "inter_cluster_messages": servent_msgs + b2b_msgs,
         "inter_cluster_bytes": servent_bytes + b2b_bytes,
         "servent_messages_crossing": servent_msgs,
+        "connections_past_box": past_box,
         "booster_messages_crossing": b2b_msgs,
         "edge_link_bytes": edge_bytes,
         "queries": issued,
         "queries_completed": len(records),
         "query_success": round(len(answered) / issued, 4) if issued else None,
-        "first_hit_ms": {"p50": percentile(first, 0.5), "p99": percentile(first, 0.99)},
+        "first_hit_ms": summary(first, (50, 99)),
         "download_success": round(len(verified) / issued, 4) if issued else None,
         "downloads_attempted": len(downloads),
         "boosters": booster_summary,
@@ -281,7 +298,8 @@ async def run_experiment(cfg: ExperimentConfig, workdir: Path, say: Callable[[st
             out[mode] = await run_mode(lab, cfg, servents, mode == "with", workdir / mode, say)
             m = out[mode]
             say(f"{mode}: {m['inter_cluster_messages']} inter-cluster messages, {m['inter_cluster_bytes']} bytes, "
-                f"success {m['query_success']}, first hit p50 {m['first_hit_ms']['p50']} ms, "
+                f"success {m['query_success']}, first hit p50 {m['first_hit_ms']['p50']} ms "
+                f"p99 {m['first_hit_ms']['p99']} ms, "
                 f"downloads {m['download_success']}")
         if "with" in out and "without" in out and out["without"]["inter_cluster_messages"]:
             w, wo = out["with"], out["without"]
@@ -290,6 +308,11 @@ async def run_experiment(cfg: ExperimentConfig, workdir: Path, say: Callable[[st
                 "bytes": round(1 - w["inter_cluster_bytes"] / max(1, wo["inter_cluster_bytes"]), 4),
                 "edge_link_bytes": round(1 - w["edge_link_bytes"] / max(1, wo["edge_link_bytes"]), 4),
             }
+            # the cost of clustering in latency, next to what it saves: first hit with / without boosters
+            out["first_hit_ratio"] = {
+                q: (round(w["first_hit_ms"][q] / wo["first_hit_ms"][q], 3)
+                    if w["first_hit_ms"][q] is not None and wo["first_hit_ms"][q] else None)
+                for q in ("p50", "p99")}
         return out
     finally:
         await asyncio.to_thread(lab.down)
