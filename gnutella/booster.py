@@ -654,13 +654,10 @@ async def amain(args, ctx: RunContext) -> int:
     from boxcore.booster import Subscription, run_booster
     from boxcore.rules import Match
 
-    if args.sightings < 0:
-        raise ConfigError("--sightings must be >= 0")
     if args.upstream < 0:
         raise ConfigError("--upstream must be >= 0")
     ports = args.port or [(6346, 6346)]
-    config = BoosterConfig(args.name, tuple(args.cluster), args.sightings, args.local_wait, args.enough_local_hits,
-                           args.max_queries, args.remote_ttl, args.max_per_client, trust_tables=args.trust_tables)
+    config = config_from_args(args)
     secret = args.secret.encode() if args.secret else os.urandom(16)
     core = BoosterCore(config, secret, stats=ctx.stats)
     interceptions: dict[int, Subscription] = {}
@@ -676,8 +673,7 @@ async def amain(args, ctx: RunContext) -> int:
 
     @contextlib.asynccontextmanager
     async def serve(booster):
-        adapter = GnutellaBooster(core, ctx.stats, splice, upstream=args.upstream, max_splices=args.max_splices,
-                                  max_payload=args.max_payload)
+        adapter = GnutellaBooster(core, ctx.stats, splice, **adapter_options(args))
         ctx.stats.providers["booster"] = adapter.snapshot
         ctx.stats.providers["boundary"] = adapter.boundary
         for lo, hi in ports:

@@ -482,7 +482,12 @@ class TproxyReceiver:
             client = writer.get_extra_info("peername")[:2]
             original_dst = writer.get_extra_info("sockname")[:2]   # TPROXY keeps the original destination
             self.stats["connections"] += 1
-            await ctx.serve_connection(handler, reader, writer, ctx.intercepted(client, original_dst))
+            try:
+                await ctx.serve_connection(handler, reader, writer, ctx.intercepted(client, original_dst))
+            except asyncio.CancelledError:
+                # the booster is stopping; asyncio's server would log a cancelled connection task
+                # as an error traceback, though nothing failed
+                writer.close()
 
         self.server = await asyncio.start_server(on_connection, sock=listener)
 
