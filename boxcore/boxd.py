@@ -8,6 +8,7 @@ the control socket boosters connect to, the directory (SQLite under
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import logging
 from pathlib import Path
@@ -16,6 +17,7 @@ from boxcore.controller import Controller, ControllerConfig
 from boxcore.engines import ENGINE_NAMES, EngineUnavailable, Route, available_engines, get_engine
 from cliruntime import (ConfigError, RunContext, host_port, make_parser, non_negative_float,
                              positive_int, run_async)
+from cliruntime.supervisor import TaskFailed, first_of
 
 log = logging.getLogger("boxcore.boxd")
 
@@ -123,19 +125,23 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
     ctx.stats.providers["rules"] = controller.rules_view
     ctx.stats.providers["boosters"] = controller.boosters_view
     ctx.stats.providers["engine"] = engine.status
-    http_runner = None
     try:
         await controller.start()
         if args.http is not None:
-            from boxcore.http import start_http
+            from boxcore.http import serve_http
 
-            http_runner = await start_http(controller, *args.http)
+            http_ready = asyncio.get_running_loop().create_future()
+            controller.tasks.spawn(serve_http(controller, *args.http, ready=http_ready),
+                                   name="http", critical=True)
+            await http_ready  # a bind error is a ConfigError here, before "ready"
         log.info("boxd ready (engine %s, control %s%s)", engine.name, args.control,
                  f", http {args.http[0]}:{args.http[1]}" if args.http else "")
-        await ctx.stop.wait()
+        outcome = await first_of(ctx.stop.wait(), controller.wait_failed())
+        if isinstance(outcome, TaskFailed):
+            # a critical task (watchdog, teardown, HTTP) died: its traceback is logged above
+            log.critical("boxd stops, every rule removed: %s", outcome)
+            return 1
     finally:
-        if http_runner is not None:
-            await http_runner.cleanup()
         await controller.stop()
         close = getattr(directory, "close", None)
         if close is not None:

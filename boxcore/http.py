@@ -7,6 +7,7 @@ byte counters), ``/api/directory`` (``?booster=NAME&prefix=P``), and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from typing import Any
@@ -122,6 +123,24 @@ async def start_http(controller: Any, host: str, port: int) -> web.AppRunner:
         await runner.cleanup()
         raise ConfigError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}") from None
     return runner
+
+
+async def serve_http(controller: Any, host: str, port: int, *, ready: "asyncio.Future | None" = None) -> None:
+    """Serve the API until cancelled (a supervised task of boxd); ``ready`` gets None once
+    listening, or the bind error."""
+    try:
+        runner = await start_http(controller, host, port)
+    except BaseException as exc:
+        if ready is not None and not ready.done():
+            ready.set_exception(exc)
+            return
+        raise
+    if ready is not None and not ready.done():
+        ready.set_result(None)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
 
 
 def bound_port(runner: web.AppRunner) -> int:

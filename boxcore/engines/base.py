@@ -149,6 +149,12 @@ class Engine(abc.ABC):
     async def install(self, rule: "Rule", session: BoosterSession) -> Delivery:
         """Install ``rule`` (already checked and arbitrated by boxd) for ``session``."""
 
+    async def install_tcp(self, rule: "Rule", session: BoosterSession) -> Delivery:
+        """Intercept the TCP connections ``rule`` (a REDIRECT of proto 6) matches and hand each
+        accepted connection to ``session`` (delivery ``stream``, or ``tproxy``).  Engines
+        without TCP interception keep this default, which refuses (boxd answers INVALID)."""
+        raise NotImplementedError(f"engine {self.name} cannot intercept TCP connections")
+
     @abc.abstractmethod
     async def remove(self, rule: "Rule") -> None:
         """Remove a rule installed earlier (unknown cookies are ignored)."""
