@@ -36,6 +36,7 @@ task dying closes that session with a log line.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import itertools
@@ -51,7 +52,8 @@ from typing import Any, Awaitable, Callable
 from boxcore import transport, wire
 from boxcore.engines.base import BoosterSession, Delivery, Engine, Route
 from boxcore.packet import Packet
-from boxcore.rules import Action, Match, Rule, RuleError
+from boxcore.policy import Policy
+from boxcore.rules import Action, Match, Rule, RuleError, port_bounds
 from boxcore.wire import Status, Tag, WireDecodeError
 from cliruntime import ConfigError, Stats
 from cliruntime.supervisor import Supervisor
@@ -74,7 +76,20 @@ class ControllerConfig:
     max_frame: int = wire.DEFAULT_MAX_FRAME
     max_groups: int = 1024
     max_group_members: int = 4096
-    socket_mode: int = 0o666
+    # who may connect: the socket's mode and group (boxd --control-mode, --control-group)
+    socket_mode: int = 0o660
+    socket_group: int | None = None
+    # hostile local users (docs/security.md)
+    hello_timeout: float = 5.0              # a connection that has not said hello by then is closed
+    max_connections: int = 1024             # every control connection, authenticated or not
+    max_sessions_per_uid: int = 64          # connections of one uid (boosters, boxctl, pending hellos)
+    max_unauthenticated_per_uid: int = 16   # of which still waiting to say hello
+    max_rules_per_uid: int = 1024
+    max_groups_per_uid: int = 64
+    max_group_members_per_uid: int = 4096   # members over all of a uid's groups
+    max_directory_bytes_per_uid: int = 16 << 20
+    max_output: int = 1 << 20               # reply bytes queued for a peer that does not read
+    max_reply: int = 4 << 20                # the largest reply (a bigger query answers ERROR)
 
 
 # ====================================================================== operations
@@ -113,6 +128,8 @@ class Response:
 class Hello:
     name: str
     version: int
+    observer: bool = False                  # boxctl: a read-only session, no booster
+    features: frozenset[str] = frozenset()  # optional protocol features the booster speaks
 
     @classmethod
     def parse(cls, msg: dict) -> "Hello":
@@ -122,7 +139,8 @@ class Hello:
         if msg["version"] != wire.PROTOCOL_VERSION:
             raise invalid(f"protocol version {msg['version']} unsupported "
                           f"(boxd speaks {wire.PROTOCOL_VERSION})")
-        return cls(name, msg["version"])
+        features = msg.get("features") or ()
+        return cls(name, msg["version"], bool(msg.get("observer")), frozenset(map(str, features)))
 
 
 @dataclass(frozen=True)
@@ -186,6 +204,8 @@ class SetMulticastGroup:
         for host, _ in members:
             if not _is_ip_address(host):
                 raise invalid(f"bad member address {host!r}")
+        if len(set(members)) != len(members):  # one datagram in must not become many to one address
+            raise invalid("a member is listed twice")
         return cls(msg["group"], members)
 
 
@@ -283,6 +303,11 @@ class InstalledRule:
     delivery: Delivery
     request_key: tuple
     installed_at: float = field(default_factory=time.time)
+    region: Match = field(init=False)   # the rule's headers (no payload): what its owner may send
+
+    def __post_init__(self) -> None:
+        m = self.rule.match
+        self.region = Match(proto=m.proto, src=m.src, dst=m.dst, src_port=m.src_port, dst_port=m.dst_port)
 
 
 class ControlSession:
@@ -292,23 +317,36 @@ class ControlSession:
         self.controller = controller
         self.pid, self.uid, self.gid = pid, uid, gid
         self.booster: BoosterSession | None = None
+        self.observer = False               # said hello as boxctl: may only query
+        config = controller.config
         self.conn = transport.FramedConnection(sock, self._on_message, self._on_close,
-                                               max_frame=controller.config.max_frame, accept_fds=False)
+                                               max_frame=config.max_frame, accept_fds=False,
+                                               max_output=config.max_output, max_reply=config.max_reply)
         self.rules: dict[int, InstalledRule] = {}
         self.watches: dict[int, tuple[Any, asyncio.Task]] = {}
         self.watch_ids = itertools.count(1)
         self.groups: set[int] = set()
-        self.last_seen = time.monotonic()
+        self.last_seen = self.opened = time.monotonic()
         self.connected_at = time.time()
+        self.send_checks: dict[tuple, str | None] = {}   # (proto, src, sport, dst, dport) -> refusal
         self.reported: dict[int, tuple[int, int]] = {}
         self.handler_errors = 0
         self.closed = False
-        self.inbox: asyncio.Queue = asyncio.Queue(controller.config.max_inflight_per_booster)
+        # A booster's messages are served one at a time, in the order sent.  When too many
+        # wait, boxd stops reading this connection (its sender blocks): no reply is built for
+        # a flood, and the frames of one chunk are the most that can wait beyond the limit.
+        self.inbox: collections.deque = collections.deque()
+        self.inbox_ready = asyncio.Event()
+        self.max_inbox = config.max_inflight_per_booster
         self.worker: asyncio.Task | None = None
 
     @property
     def name(self) -> str:
         return self.booster.name if self.booster else f"<unregistered pid {self.pid}>"
+
+    @property
+    def authenticated(self) -> bool:
+        return self.booster is not None or self.observer
 
     # ---------------------------------------------------------- input
     def _on_message(self, msg: Any, fds: list[int]) -> None:
@@ -320,21 +358,25 @@ class ControlSession:
                 return
             except WireDecodeError:
                 pass  # answered in order below
-        # A booster's messages are served one at a time, in the order sent.
-        try:
-            self.inbox.put_nowait(msg)
-        except asyncio.QueueFull:
-            ctl.stats["ops_refused_busy"] += 1
-            self.reply_error(wire.request_id(msg), Status.ERROR, "busy: too many requests queued")
-            return
+        self.inbox.append(msg)
+        self.inbox_ready.set()
+        if len(self.inbox) >= self.max_inbox and self.conn.reading:
+            ctl.stats["control_reads_paused"] += 1
+            self.conn.pause_reading()
         if self.worker is None:
             self.worker = ctl.tasks.spawn(self._work(), name=f"session-{self.pid}", critical=False)
 
     async def _work(self) -> None:
         try:
             while not self.closed:
-                msg = await self.inbox.get()
-                await self._handle(msg)
+                if not self.inbox:
+                    self.inbox_ready.clear()
+                    await self.inbox_ready.wait()
+                    continue
+                await self._handle(self.inbox.popleft())
+                if not self.conn.reading and len(self.inbox) <= self.max_inbox // 2:
+                    self.conn.resume_reading()
+                await asyncio.sleep(0)  # one frame per turn: every other connection gets its turn
         except Exception:
             # logged and counted by the supervisor; the session it served goes
             self.close("internal error serving this session")
@@ -354,9 +396,9 @@ class ControlSession:
             return
         kind = msg["t"]
         operation = OPERATIONS.get(kind)
-        if self.booster is None and not (operation and operation.before_hello):
-            ctl.stats["control_malformed"] += 1
-            self.reply_error(wire.request_id(msg), Status.INVALID, "say hello first")
+        if not self.authenticated and kind != "hello":
+            ctl.stats["refused_before_hello"] += 1
+            self.reply_error(wire.request_id(msg), Status.PERMISSION_DENIED, "say hello first")
             return
         if kind == "heartbeat":
             self._on_heartbeat(msg)
@@ -402,7 +444,13 @@ class ControlSession:
             reply["holder"] = holder
         if result is not None:
             reply["result"] = result
-        self.send(reply, fds, close_fds=owns_fds)
+        try:
+            self.conn.send(reply, fds, close_fds=owns_fds)
+        except transport.ReplyTooLarge as exc:
+            self.controller.stats["replies_too_large"] += 1
+            self._reply(rid, Status.ERROR, reason=str(exc))
+        except WireDecodeError:
+            log.exception("%s: refusing to send an invalid message", self.name)
 
     def send(self, msg: dict, fds=(), *, close_fds: bool = False) -> bool:
         try:
@@ -420,6 +468,8 @@ class ControlSession:
     # ---------------------------------------------------------- teardown
     def _on_close(self, reason: str) -> None:
         self.closed = True
+        if self.conn.closed_not_reading:
+            self.controller.stats["clients_closed_not_reading"] += 1
         self.controller._session_closed(self, reason)
 
     def close(self, reason: str) -> None:
@@ -436,8 +486,9 @@ class Controller:
                  directory: Any = None, stats: Stats | None = None) -> None:
         self.engine = engine
         self.config = config
-        self.policy = policy
+        self.policy: Policy = policy if policy is not None else Policy.allow_all()
         self.directory = directory
+        self._names: dict[str, int] = {}      # name -> uid, when there is no directory to persist them
         self.stats = stats if stats is not None else Stats()
         self.sessions: dict[int, ControlSession] = {}
         self.connections: set[ControlSession] = set()
@@ -493,12 +544,21 @@ class Controller:
             finally:
                 probe.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        umask = os.umask(0o177)   # nobody but boxd can connect until the mode and group are set
         try:
             sock.bind(str(path))
         except OSError as exc:
             sock.close()
             raise ConfigError(f"cannot bind control socket {path}: {exc}") from None
-        os.chmod(path, self.config.socket_mode)
+        finally:
+            os.umask(umask)
+        try:
+            if self.config.socket_group is not None:
+                os.chown(path, -1, self.config.socket_group)
+            os.chmod(path, self.config.socket_mode)
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot set the mode or group of {path}: {exc}") from None
         sock.listen(128)
         sock.setblocking(False)
         return sock
@@ -539,13 +599,25 @@ class Controller:
 
     def adopt(self, sock: socket.socket) -> ControlSession | None:
         """Serve a connected control socket (accepted, or one end of a socketpair in tests)."""
-        if len(self.connections) >= self.config.max_boosters + 16:  # room for boxctl queries
-            self.stats["connections_refused"] += 1
-            sock.close()
-            return None
+        config = self.config
         try:
             pid, uid, gid = transport.peer_credentials(sock)
         except OSError:
+            sock.close()
+            return None
+        refusal = None
+        if len(self.connections) >= config.max_connections:
+            refusal = "connections_refused"
+        else:
+            mine = [s for s in self.connections if s.uid == uid]
+            if len(mine) >= config.max_sessions_per_uid:
+                refusal = "connections_refused_uid_limit"
+            elif sum(not s.authenticated for s in mine) >= config.max_unauthenticated_per_uid:
+                refusal = "connections_refused_unauthenticated"
+        if refusal:
+            # one uid's connections never lock out another uid's boosters
+            self.stats[refusal] += 1
+            log.debug("refusing a control connection of uid %d: %s", uid, refusal)
             sock.close()
             return None
         self.stats["connections"] += 1
@@ -561,6 +633,11 @@ class Controller:
             now = time.monotonic()
             for sess in list(self.connections):
                 if sess.closed:
+                    continue
+                if not sess.authenticated:
+                    if now - sess.opened > self.config.hello_timeout:
+                        self.stats["sessions_expired_before_hello"] += 1
+                        sess.close(f"no hello within {self.config.hello_timeout}s")
                     continue
                 if now - sess.last_seen > deadline:
                     self.evict(sess, f"missed heartbeats for {now - sess.last_seen:.1f}s")
@@ -638,6 +715,9 @@ class Controller:
     async def perform(self, sess: ControlSession, operation: Operation, request: Any) -> Response:
         """Serve one parsed request: through the box-wide FIFO when it changes the table."""
         handler: Callable[[ControlSession, Any], Awaitable[Response]] = getattr(self, operation.handler)
+        if sess.observer and operation.request is not Query:
+            raise OpError(Status.PERMISSION_DENIED, "a read-only (observer) session may only query",
+                          counter="permission_denied")
         if not operation.serialized:
             return await handler(sess, request)
         if self._pending_ops >= self.config.max_pending_ops:
@@ -652,8 +732,19 @@ class Controller:
             self._pending_ops -= 1
 
     async def op_hello(self, sess: ControlSession, req: Hello) -> Response:
-        if sess.booster is not None:
+        if sess.authenticated:
             raise invalid("already registered")
+        if req.observer:
+            self._check(self.policy.may_query(sess.uid))
+            sess.observer = True
+            self.stats["observers"] += 1
+            return Response({"sid": 0, "engine": self.engine.name, "heartbeat": self.config.heartbeat_interval})
+        self._check(self.policy.may_use_name(req.name, sess.uid), counter="names_refused")
+        bound = self._bind_name(req.name, sess.uid)
+        if bound is not None:
+            raise OpError(Status.PERMISSION_DENIED,
+                          f"booster name {req.name!r} is bound to uid {bound}, not uid {sess.uid}",
+                          counter="names_refused")
         if len(self.sessions) >= self.config.max_boosters:
             raise OpError(Status.ERROR, f"limit: {self.config.max_boosters} boosters already connected",
                           counter="boosters_refused")
@@ -663,7 +754,7 @@ class Controller:
                               holder=f"{req.name} (pid {other.pid})", counter="boosters_refused")
         boxd_end, booster_end = transport.socketpair_dgram()
         booster = BoosterSession(sid=next(self._sids), name=req.name, uid=sess.uid, pid=sess.pid,
-                                 gid=sess.gid, channel=boxd_end)
+                                 gid=sess.gid, channel=boxd_end, features=req.features)
         booster.send_event = sess.send
         sess.booster = booster
         self.sessions[booster.sid] = sess
@@ -676,6 +767,22 @@ class Controller:
         # the booster end goes with the reply; the connection closes our copy once sent
         return Response(result, (booster_end.detach(),), owns_fds=True)
 
+    def _check(self, refusal: str | None, counter: str = "permission_denied") -> None:
+        """A policy's refusal (a reason, or None) as the operation's error."""
+        if refusal:
+            raise OpError(Status.PERMISSION_DENIED, refusal, counter=counter)
+
+    def _bind_name(self, name: str, uid: int) -> int | None:
+        """Bind ``name`` to ``uid`` for good (persisted in the directory); the uid it is bound
+        to if that is another one."""
+        if self.directory is not None:
+            return self.directory.bind_name(name, uid)
+        bound = self._names.setdefault(name, uid)
+        return None if bound == uid else bound
+
+    def _uid_sessions(self, uid: int) -> list[ControlSession]:
+        return [s for s in self.sessions.values() if s.uid == uid]
+
     async def op_rule(self, sess: ControlSession, req: RuleRequest) -> Response:
         candidate = req.rule(owner=sess.name, cookie=0)
         self._check_policy(sess, candidate)
@@ -686,6 +793,9 @@ class Controller:
         self._arbitrate(sess, candidate)
         if len(sess.rules) >= self.config.max_rules_per_booster:
             raise OpError(Status.ERROR, f"limit: {self.config.max_rules_per_booster} rules per booster",
+                          counter="rules_refused_limit")
+        if sum(len(s.rules) for s in self._uid_sessions(sess.uid)) >= self.config.max_rules_per_uid:
+            raise OpError(Status.ERROR, f"limit: {self.config.max_rules_per_uid} rules per uid",
                           counter="rules_refused_limit")
         rule = req.rule(owner=sess.name, cookie=next(self._cookies))
         try:
@@ -701,17 +811,21 @@ class Controller:
         installed = InstalledRule(rule=rule, session=sess, delivery=delivery, request_key=req.key)
         self.rules[rule.cookie] = installed
         sess.rules[rule.cookie] = installed
+        sess.send_checks.clear()
         self.stats["rules_installed"] += 1
         log.info("%s: %s %s -> cookie %d (%s)", sess.name, rule.action.value, rule.match.describe(),
                  rule.cookie, delivery.kind)
         return Response(self._rule_result(installed), tuple(delivery.fds))
 
     def _check_policy(self, sess: ControlSession, candidate: Rule) -> None:
-        if self.policy is None:
-            return
-        reason = self.policy.check(sess.name, sess.uid, candidate)
-        if reason:
-            raise OpError(Status.PERMISSION_DENIED, reason, counter="permission_denied")
+        self._check(self.policy.check(sess.name, sess.uid, candidate))
+        if candidate.action is Action.COPY:
+            # whose traffic may be copied: a booster of another uid's (docs/security.md)
+            for installed in self.rules.values():
+                if (installed.session.uid != sess.uid and installed.rule.action.terminal
+                        and installed.rule.match.overlaps(candidate.match)):
+                    self._check(self.policy.may_copy_foreign(sess.name, sess.uid, candidate))
+                    break
 
     def _arbitrate(self, sess: ControlSession, candidate: Rule) -> None:
         if candidate.action.terminal:
@@ -743,17 +857,30 @@ class Controller:
             raise invalid(f"no rule {req.cookie} held by {sess.name}")
         self.rules.pop(req.cookie, None)
         sess.reported.pop(req.cookie, None)
+        sess.send_checks.clear()
         await self._engine_remove(installed.rule)
         self.stats["rules_cancelled"] += 1
         return Response({"cookie": req.cookie})
 
     async def op_set_multicast_group(self, sess: ControlSession, req: SetMulticastGroup) -> Response:
         group, members = req.group, list(req.members)
+        config = self.config
         self._check_group_holder(sess, group)
-        if len(members) > self.config.max_group_members:
-            raise OpError(Status.ERROR, f"limit: {self.config.max_group_members} members per group")
-        if group not in self.groups and members and len(self.groups) >= self.config.max_groups:
-            raise OpError(Status.ERROR, f"limit: {self.config.max_groups} groups")
+        if members:
+            self._check(self.policy.check_group(sess.name, sess.uid, members))
+        if len(members) > config.max_group_members:
+            raise OpError(Status.ERROR, f"limit: {config.max_group_members} members per group",
+                          counter="groups_refused_limit")
+        if group not in self.groups and members:
+            if len(self.groups) >= config.max_groups:
+                raise OpError(Status.ERROR, f"limit: {config.max_groups} groups", counter="groups_refused_limit")
+            if sum(len(s.groups) for s in self._uid_sessions(sess.uid)) >= config.max_groups_per_uid:
+                raise OpError(Status.ERROR, f"limit: {config.max_groups_per_uid} groups per uid",
+                              counter="groups_refused_limit")
+        others = sum(len(m) for g, (owner, m) in self.groups.items() if owner.uid == sess.uid and g != group)
+        if others + len(members) > config.max_group_members_per_uid:
+            raise OpError(Status.ERROR, f"limit: {config.max_group_members_per_uid} group members per uid",
+                          counter="groups_refused_limit")
         await self.engine.set_multicast_group(group, members)
         if members:
             self.groups[group] = (sess, members)
@@ -764,6 +891,9 @@ class Controller:
         return Response({"group": group, "members": len(members)})
 
     async def op_send(self, sess: ControlSession, req: Send) -> Response:
+        pkt = req.packet
+        self._check(self.send_refusal(sess, pkt.proto, pkt.src, pkt.sport, pkt.dst, pkt.dport),
+                    counter="send_refused")
         try:
             self.engine.inject(req.packet, sess.booster)
         except (ValueError, NotImplementedError) as exc:
@@ -772,7 +902,40 @@ class Controller:
         return Response()
 
     async def op_query(self, sess: ControlSession, req: Query) -> Response:
+        self._check(self.policy.may_query(sess.uid))
         return Response(self.query(req.what))
+
+    # ---------------------------------------------------------- what a booster may send
+    def send_refusal(self, sess: ControlSession, proto: int, src: str, sport: int, dst: str,
+                     dport: int) -> str | None:
+        """None if ``sess`` may inject this packet: it lies in (or answers) traffic one of its
+        rules holds, or a grant with ``send`` covers it.  Cached per session until its rules change."""
+        key = (proto, src, sport, dst, dport)
+        cached = sess.send_checks.get(key, False)
+        if cached is not False:
+            return cached
+        forward = Packet(proto, src, sport, dst, dport, b"")
+        backward = Packet(proto, dst, dport, src, sport, b"")
+        if any(r.region.matches(forward) or r.region.matches(backward) for r in sess.rules.values()):
+            refusal = None
+        else:
+            refusal = self.policy.may_send(sess.name, sess.uid, proto, src, sport, dst, dport)
+        if len(sess.send_checks) >= 1024:
+            sess.send_checks.clear()
+        sess.send_checks[key] = refusal
+        return refusal
+
+    def port_refusal(self, sess: ControlSession, src_port: int) -> str | None:
+        """None if ``sess`` may fan out from UDP ``src_port`` (0: an ephemeral port; else a port
+        one of its rules holds, or one a grant with ``send`` covers)."""
+        if src_port == 0:
+            return None
+        for installed in sess.rules.values():
+            region = installed.region
+            lo, hi = port_bounds(region.dst_port)
+            if region.proto in (None, 17) and lo <= src_port <= hi and region.dst_port is not None:
+                return None
+        return self.policy.may_send(sess.name, sess.uid, 17, None, src_port, None, None)
 
     def query(self, what: str) -> Any:
         """The management views by name (boxctl over --control, and HTTP)."""
@@ -810,8 +973,11 @@ class Controller:
         return Response({"value": value, "found": value is not None})
 
     async def op_dir_put(self, sess: ControlSession, req: DirPut) -> Response:
+        directory = self._need_directory()
+        used = sum(directory.bytes_of(name) for name in directory.names_of(sess.uid))
         with self._directory_refusals():
-            self._need_directory().put(sess.name, req.key, req.value)
+            directory.put(sess.name, req.key, req.value,
+                          max_growth=self.config.max_directory_bytes_per_uid - used)
         return Response()
 
     async def op_dir_delete(self, sess: ControlSession, req: DirKey) -> Response:
@@ -876,11 +1042,14 @@ class Controller:
                 elif tag is Tag.VERDICT:
                     engine.verdict(booster, fields[0], fields[1], fields[2])
                 elif tag is Tag.SEND:
+                    if self.send_refusal(sess, *fields[:5]) is not None:
+                        self.stats["send_refused"] += 1
+                        continue
                     engine.inject(Packet(*fields[:5], payload=bytes(fields[5])), booster)
                     self.stats["packets_injected"] += 1
                 elif tag is Tag.MULTICAST:
                     group = self.groups.get(fields[0])
-                    if group is None or group[0] is not sess:
+                    if group is None or group[0] is not sess or self.port_refusal(sess, fields[1]):
                         self.stats["multicast_refused"] += 1
                         continue
                     engine.send_multicast(fields[0], bytes(fields[2]), fields[1], booster)
@@ -946,10 +1115,22 @@ class Controller:
         return out
 
     def directory_view(self, booster: str | None = None, prefix: str = "") -> dict[str, Any]:
+        """Every booster's items (or one booster's), as long as they fit in one reply: a bigger
+        directory is an ERROR saying where to read it page by page (never a silent close)."""
         if self.directory is None:
             return {}
-        names = [booster] if booster else self.directory.boosters()
-        return {name: dict(self.directory.items(name, prefix)) for name in names}
+        budget = self.config.max_reply // 2   # values grow a little as msgpack maps
+        names = [booster] if booster else sorted(self.directory.boosters())
+        out: dict[str, Any] = {}
+        for name in names:
+            items, more = self.directory.page(name, prefix, limit=budget, max_bytes=budget)
+            budget -= sum(len(k) for k, _ in items) + self.directory.bytes_of(name) if not prefix else 0
+            if more is not None or budget < 0:
+                raise OpError(Status.ERROR, f"the directory holds more than one reply may carry "
+                              f"({self.config.max_reply} bytes): read it page by page from the HTTP API, "
+                              "/api/directory?booster=NAME&after=KEY", counter="replies_too_large")
+            out[name] = dict(items)
+        return out
 
 
 def _is_ip_address(host: str) -> bool:

@@ -40,6 +40,10 @@ def socketpair_dgram(bufsize: int = 4 << 20) -> tuple[socket.socket, socket.sock
 
 # ------------------------------------------------------------------ asyncio adapter
 
+class ReplyTooLarge(ValueError):
+    """A message larger than the connection's ``max_reply``: it was not sent."""
+
+
 class FramedConnection:
     """A control connection on a non-blocking Unix stream socket, with descriptors.
 
@@ -58,7 +62,7 @@ class FramedConnection:
     def __init__(self, sock: socket.socket, on_message: Callable[[Any, list[int]], None],
                  on_close: Callable[[str], None], *, max_frame: int = DEFAULT_MAX_FRAME,
                  max_output: int = 8 << 20, loop: asyncio.AbstractEventLoop | None = None,
-                 accept_fds: bool = True, read_size: int = READ_SIZE) -> None:
+                 accept_fds: bool = True, read_size: int = READ_SIZE, max_reply: int | None = None) -> None:
         sock.setblocking(False)
         # boxd's side: boosters never send descriptors, so any that arrive are closed
         # and a message's "nfds" is left to validation (INVALID), not fatal pairing.
@@ -77,6 +81,7 @@ class FramedConnection:
         self.frames_in = 0
         self.frames_out = 0
         self.read_size = read_size
+        self.max_reply = max_reply
         self.closed_not_reading = False
         self.reading = True
         self.loop.add_reader(sock.fileno(), self._on_readable)
@@ -145,6 +150,12 @@ class FramedConnection:
         if fds:
             msg = dict(msg, nfds=len(fds))
         frame = encode(msg)
+        if self.max_reply is not None and len(frame) > self.max_reply:
+            if close_fds:
+                for fd in fds:
+                    _close_fd(fd)
+            raise ReplyTooLarge(f"a {msg.get('t')} of {len(frame)} bytes is larger than the "
+                                f"{self.max_reply} bytes one message may carry")
         if self._out and self._out_bytes + len(frame) > self.max_output:
             if close_fds:
                 for fd in fds:

@@ -81,6 +81,10 @@ STATUS = _Kind("status", lambda v: isinstance(v, str) and v in Status.__members_
 ACTION = _Kind("action", lambda v: v in ("redirect", "copy", "drop", "multicast", "forward"))
 
 QUERIES = ("status", "boosters", "rules", "counters", "directory")
+# optional features a booster may announce in its hello
+FEATURES = ("delegate",)   # it takes a socket given back with "delegate" after an "undelegate"
+FEATURE_LIST = _Kind("list of feature names", lambda v: isinstance(v, (list, tuple)) and len(v) <= 16
+                     and all(isinstance(f, str) and len(f) <= 32 for f in v))
 QUERY = _Kind("query name", lambda v: v in QUERIES)
 
 REQ, OPT = True, False
@@ -88,7 +92,10 @@ REQ, OPT = True, False
 # type -> {field: (kind, required)}.  "t" is implicit.  "id" marks requests.
 MESSAGES: dict[str, dict[str, tuple[_Kind, bool]]] = {
     # booster -> boxd: requests (answered by "reply" with the same id)
-    "hello": {"id": (UINT, REQ), "name": (STR, REQ), "version": (UINT, REQ)},
+    # observer: boxctl's read-only session (queries only, no booster);
+    # features: optional protocol features the booster speaks (FEATURES)
+    "hello": {"id": (UINT, REQ), "name": (STR, REQ), "version": (UINT, REQ), "observer": (BOOL, OPT),
+              "features": (FEATURE_LIST, OPT)},
     "rule": {"id": (UINT, REQ), "action": (ACTION, REQ), "match": (MAP, REQ),
              "priority": (INT, OPT), "group": (INT, OPT), "tcp": (BOOL, OPT)},
     "cancel": {"id": (UINT, REQ), "cookie": (UINT, REQ)},
@@ -100,7 +107,7 @@ MESSAGES: dict[str, dict[str, tuple[_Kind, bool]]] = {
     "dir_items": {"id": (UINT, REQ), "prefix": (STR, REQ)},
     "dir_watch": {"id": (UINT, REQ), "prefix": (STR, REQ)},
     "dir_unwatch": {"id": (UINT, REQ), "watch": (UINT, REQ)},
-    # read-only management query (boxctl --control); allowed before hello
+    # read-only management query (boxctl --control), after a hello (observer or booster)
     "query": {"id": (UINT, REQ), "what": (QUERY, REQ)},
     # booster -> boxd: one-way
     "heartbeat": {"counters": (COUNTERS, OPT), "handler_errors": (UINT, OPT)},
@@ -115,6 +122,9 @@ MESSAGES: dict[str, dict[str, tuple[_Kind, bool]]] = {
     "evicted": {"reason": (STR, REQ)},
     # a delegated socket is taken back: the rule's packets come on the data channel from now on
     "undelegate": {"cookie": (UINT, REQ)},
+    # ... and given back (only to boosters whose hello listed the feature "delegate"): the socket
+    # travels beside it, the rule's delivery is ``delivery`` again
+    "delegate": {"cookie": (UINT, REQ), "delivery": (MAP, REQ), "nfds": (UINT, REQ)},
 }
 
 REQUESTS = frozenset(t for t, f in MESSAGES.items() if "id" in f and t != "reply")

@@ -101,6 +101,7 @@ class BoosterSession:
     channel_sent: int = 0
     channel_dropped: int = 0
     send_event: Any = None  # Callable[[dict, list[int]], None]
+    features: frozenset[str] = frozenset()   # optional protocol features from its hello (wire.FEATURES)
 
     def send_datagram(self, data: bytes) -> bool:
         """Queue one datagram for the booster; False (and counted) when its queue is full."""

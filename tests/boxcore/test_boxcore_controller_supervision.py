@@ -24,7 +24,8 @@ async def test_watchdog_death_is_critical_and_logged(caplog):
     try:
         boxd_end, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         sess = controller.adopt(boxd_end)
-        sess.last_seen = time.monotonic() - 3600    # overdue: the watchdog will evict it
+        sess.observer = True                        # authenticated (a boxctl session)...
+        sess.last_seen = time.monotonic() - 3600    # ...and overdue: the watchdog will evict it
 
         def broken_evict(session, reason):
             raise RuntimeError("evict is broken")
