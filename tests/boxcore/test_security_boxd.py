@@ -351,3 +351,91 @@ async def test_http_slow_headers_are_cut_off(workdir, ports):
                 break
         writer.close()
         assert closed
+
+
+class FdClient:
+    """A blocking raw control client that keeps the descriptors boxd sends."""
+
+    def __init__(self, path, name, features=()):
+        from boxcore import wire
+        self.wire = wire
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(str(path))
+        self.decoder = wire.FrameDecoder()
+        self.fds = []
+        self.queue = []
+        self.ids = iter(range(1, 1000))
+        hello = {"t": "hello", "name": name, "version": 1}
+        if features:
+            hello["features"] = list(features)
+        assert self.request(hello)[0]["status"] == "OK"
+
+    def _read(self):
+        data, fds, _, _ = socket.recv_fds(self.sock, 1 << 20, 16)
+        assert data, "boxd closed the connection"
+        self.fds += fds
+        for msg in self.decoder.feed(data):
+            n = msg.get("nfds", 0)
+            self.queue.append((msg, [self.fds.pop(0) for _ in range(n)]))
+
+    def next(self, kind):
+        while True:
+            for i, (msg, fds) in enumerate(self.queue):
+                if msg["t"] == kind:
+                    del self.queue[i]
+                    return msg, fds
+            self._read()
+
+    def request(self, msg):
+        rid = next(self.ids)
+        self.sock.sendall(self.wire.encode(dict(msg, id=rid)))
+        while True:
+            reply, fds = self.next("reply")
+            if reply["id"] == rid:
+                return reply, fds
+
+
+async def test_a_delegated_socket_comes_back_when_the_copy_goes(workdir, ports):
+    async with BoxdProcess(workdir, listens=listen(ports), http=False) as boxd:
+        loop = asyncio.get_running_loop()
+        first = await loop.run_in_executor(None, FdClient, boxd.control, "first", ["delegate"])
+        reply, fds = first.request({"t": "rule", "action": "redirect",
+                                    "match": {"proto": 17, "dst_port": ports["server"]}})
+        cookie = reply["result"]["cookie"]
+        assert reply["result"]["delivery"]["kind"] == "socket" and len(fds) == 1
+        for fd in fds:
+            os.close(fd)
+        async with Booster("second", control=boxd.control) as second:
+            await second.copy(Match(proto="udp", dst_port=ports["server"]), lambda p: None)
+            msg, _ = await loop.run_in_executor(None, first.next, "undelegate")
+            assert msg["cookie"] == cookie
+            rules = await boxd.query("rules")
+            assert [r["delivery"] for r in rules if r["cookie"] == cookie] == ["channel"]
+        # the copy is gone: the first booster gets its socket back
+        msg, fds = await loop.run_in_executor(None, first.next, "delegate")
+        assert msg["cookie"] == cookie and msg["delivery"]["kind"] == "socket" and len(fds) == 1
+        given = socket.socket(fileno=fds[0])
+        given.settimeout(5)
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.sendto(b"straight to the booster", ("127.0.0.1", ports["box"]))
+        assert given.recv(100) == b"straight to the booster"
+        rules = await boxd.query("rules")
+        assert [r["delivery"] for r in rules if r["cookie"] == cookie] == ["socket"]
+        given.close()
+        client.close()
+        # a booster that does not speak "delegate" stays on its channel (today's library)
+        first.sock.close()
+        old = await loop.run_in_executor(None, FdClient, boxd.control, "old-library")
+        reply, fds = old.request({"t": "rule", "action": "redirect",
+                                  "match": {"proto": 17, "dst_port": ports["server"]}})
+        for fd in fds:
+            os.close(fd)
+        async with Booster("third", control=boxd.control) as third:
+            await third.copy(Match(proto="udp", dst_port=ports["server"]), lambda p: None)
+        deadline = loop.time() + 10    # the third booster's rules go in boxd's teardown, after its bye
+        while "sockets_kept_on_channel" not in (engine := (await boxd.query("status"))["engine_status"]["counters"]):
+            assert loop.time() < deadline
+            await asyncio.sleep(0.05)
+        assert engine["sockets_redelegated"] == 1 and engine["sockets_kept_on_channel"] == 1
+        old.sock.close()
