@@ -88,7 +88,7 @@ class ControllerConfig:
     max_groups_per_uid: int = 64
     max_group_members_per_uid: int = 4096   # members over all of a uid's groups
     max_directory_bytes_per_uid: int = 16 << 20
-    max_output: int = 1 << 20               # reply bytes queued for a peer that does not read
+    max_output: int = 256 << 10             # reply bytes queued for a peer that does not read
     max_reply: int = 4 << 20                # the largest reply (a bigger query answers ERROR)
 
 
@@ -652,8 +652,12 @@ class Controller:
                         self.evict(sess, f"unhealthy: {reason}")
 
     def evict(self, sess: ControlSession, reason: str) -> None:
-        log.warning("evicting booster %s (pid %d): %s", sess.name, sess.pid, reason)
-        self.stats["boosters_evicted"] += 1
+        if sess.booster is not None:
+            log.warning("evicting booster %s (pid %d): %s", sess.name, sess.pid, reason)
+            self.stats["boosters_evicted"] += 1
+        else:
+            log.info("closing observer session of pid %d: %s", sess.pid, reason)
+            self.stats["observers_evicted"] += 1
         sess.send({"t": "evicted", "reason": reason})
         sess.close(reason)
 
