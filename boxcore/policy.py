@@ -31,7 +31,7 @@ from cliruntime import ConfigError
 _PROTO_LABELS = {v: k for k, v in PROTO_NAMES.items()}
 _GRANT_KEYS = {"name", "boosters", "booster", "uids", "users", "actions", "protocols",
                "src_prefixes", "dst_prefixes", "src_ports", "dst_ports",
-               "send", "copy_foreign", "max_group_members"}
+               "send", "copy_foreign", "max_group_members", "member_prefixes"}
 _MANAGEMENT_KEYS = {"uids", "users"}
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -69,6 +69,7 @@ class Grant:
     send: bool = False                  # may inject packets lying in the region (booster.send)
     copy_foreign: bool = False          # may COPY traffic another uid's booster holds
     max_group_members: int | None = None
+    member_prefixes: tuple[Network, ...] | None = None   # where multicast members may be (None: anywhere)
     line: int = 0
 
     def names(self, booster: str) -> bool:
@@ -215,7 +216,7 @@ class Policy:
 
     def check_group(self, booster: str, uid: int | None, members: list[tuple[str, int]]) -> str | None:
         """None if ``booster`` may fan out to ``members`` (a grant with action multicast whose
-        destination region holds every member, and its max_group_members)."""
+        ``member_prefixes`` hold every member, and its ``max_group_members``)."""
         if self.allow_everything:
             return None
         reasons = []
@@ -228,7 +229,7 @@ class Policy:
             if grant.max_group_members is not None and len(members) > grant.max_group_members:
                 reasons.append(f"grant {grant.name!r} allows {grant.max_group_members} members, not {len(members)}")
                 continue
-            outside = [f"{h}:{p}" for h, p in members if not _holds_destination(grant, h, p)]
+            outside = [f"{h}:{p}" for h, p in members if not _holds_member(grant, h)]
             if outside:
                 reasons.append(f"grant {grant.name!r} does not cover member {outside[0]}")
                 continue
@@ -252,6 +253,8 @@ class Policy:
                 "dst_prefixes": None if g.dst_prefixes is None else [str(p) for p in g.dst_prefixes],
                 "src_ports": None if g.src_ports is None else _format_ranges(g.src_ports),
                 "dst_ports": None if g.dst_ports is None else _format_ranges(g.dst_ports),
+                "send": g.send, "copy_foreign": g.copy_foreign, "max_group_members": g.max_group_members,
+                "member_prefixes": None if g.member_prefixes is None else [str(p) for p in g.member_prefixes],
             })
         return out
 
@@ -366,7 +369,7 @@ def _parse_grant(table: Any, index: int, line: int) -> Grant:
             raise ValueError(f"protocols: {exc}") from None
 
     prefixes: dict[str, tuple[Network, ...] | None] = {}
-    for key in ("src_prefixes", "dst_prefixes"):
+    for key in ("src_prefixes", "dst_prefixes", "member_prefixes"):
         items = _list(table, key, str)
         if items is None:
             prefixes[key] = None
@@ -401,6 +404,7 @@ def _parse_grant(table: Any, index: int, line: int) -> Grant:
 
     return Grant(name=name, boosters=tuple(boosters), uids=None if uids is None else frozenset(uids),
                  send=flags["send"], copy_foreign=flags["copy_foreign"], max_group_members=max_members,
+                 member_prefixes=prefixes["member_prefixes"],
                  actions=actions, protocols=protocols,
                  src_prefixes=prefixes["src_prefixes"], dst_prefixes=prefixes["dst_prefixes"],
                  src_ports=ports["src_ports"], dst_ports=ports["dst_ports"], line=line)
@@ -425,15 +429,11 @@ def _parse_uids(table: dict) -> set[int] | None:
     return uids
 
 
-def _holds_destination(grant: Grant, host: str, port: int) -> bool:
-    """A multicast member is a destination: inside the grant's destination region."""
-    if grant.dst_prefixes is not None:
-        ip = ipaddress.ip_address(host)
-        if not any(ip.version == p.version and ip in p for p in grant.dst_prefixes):
-            return False
-    if grant.dst_ports is not None and not any(lo <= port <= hi for lo, hi in grant.dst_ports):
-        return False
-    return True
+def _holds_member(grant: Grant, host: str) -> bool:
+    if grant.member_prefixes is None:
+        return True
+    ip = ipaddress.ip_address(host)
+    return any(ip.version == p.version and ip in p for p in grant.member_prefixes)
 
 
 def grant_region(grant: Grant) -> list[Match]:

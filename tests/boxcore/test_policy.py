@@ -182,6 +182,7 @@ protocols = ["udp"]
 dst_prefixes = ["10.0.0.0/8"]
 dst_ports = ["9000-9099"]
 max_group_members = 3
+member_prefixes = ["10.0.0.0/8"]
 send = true
 
 [[grant]]
