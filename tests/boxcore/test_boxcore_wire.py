@@ -158,3 +158,19 @@ def test_verdict_batch_round_trip(records):
 def test_batch_errors(obj, why):
     with pytest.raises(WireDecodeError, match=why):
         wire.unpack_datagram(msgpack.packb(obj))
+
+
+def test_optional_hello_fields_and_delegate_are_declared():
+    """Added without changing any existing shape: an old booster's hello is still valid."""
+    wire.validate({"t": "hello", "id": 1, "name": "old", "version": 1})
+    wire.validate({"t": "hello", "id": 1, "name": "ctl", "version": 1, "observer": True})
+    wire.validate({"t": "hello", "id": 1, "name": "new", "version": 1, "features": ["delegate"]})
+    with pytest.raises(WireDecodeError, match="features"):
+        wire.validate({"t": "hello", "id": 1, "name": "x", "version": 1, "features": "delegate"})
+    with pytest.raises(WireDecodeError, match="features"):
+        wire.validate({"t": "hello", "id": 1, "name": "x", "version": 1, "features": ["f"] * 17})
+    wire.validate({"t": "delegate", "cookie": 3, "delivery": {"kind": "socket", "params": {}, "nfds": 1},
+                   "nfds": 1})
+    with pytest.raises(WireDecodeError, match="missing field 'delivery'"):
+        wire.validate({"t": "delegate", "cookie": 3, "nfds": 1})
+    assert "delegate" not in wire.REQUESTS and "delegate" in wire.FEATURES
