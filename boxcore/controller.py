@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from boxcore import transport, wire
+from boxcore.directory import encode_value
 from boxcore.engines.base import BoosterSession, Delivery, Engine, Route
 from boxcore.packet import Packet
 from boxcore.policy import Policy
@@ -1128,7 +1129,7 @@ class Controller:
         out: dict[str, Any] = {}
         for name in names:
             items, more = self.directory.page(name, prefix, limit=budget, max_bytes=budget)
-            budget -= sum(len(k) for k, _ in items) + self.directory.bytes_of(name) if not prefix else 0
+            budget -= sum(len(k) + len(encode_value(v)) for k, v in items)
             if more is not None or budget < 0:
                 raise OpError(Status.ERROR, f"the directory holds more than one reply may carry "
                               f"({self.config.max_reply} bytes): read it page by page from the HTTP API, "

@@ -11,7 +11,7 @@ import stat
 import aiohttp
 import pytest
 
-from boxcore.booster import Booster, PermissionDenied
+from boxcore.booster import Booster
 from boxcore.rules import Match
 from boxcore.testing import BoxdProcess, free_port
 from hostile import NOBODY, as_uid, outputs, shared_dir

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -32,7 +31,7 @@ async def main(control, port):
         # narrower than the whole port: boxd classifies every packet and waits for the verdict
         await b.redirect(Match(proto="udp", src="127.0.0.0/8", dst_port=port), lambda p: Verdict.PASS)
         print("ready", flush=True)
-        await b.run_until_stopped(asyncio.Event()) if hasattr(b, "run_until_stopped") else await asyncio.Event().wait()
+        await asyncio.Event().wait()     # until the test terminates it
 
 asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 """
