@@ -439,3 +439,27 @@ async def test_a_delegated_socket_comes_back_when_the_copy_goes(workdir, ports):
             await asyncio.sleep(0.05)
         assert engine["sockets_redelegated"] == 1 and engine["sockets_kept_on_channel"] == 1
         old.sock.close()
+
+
+async def test_source_checks_hold_on_every_engine():
+    """The check is the controller's, before any engine's inject (the linux engine writes raw
+    IPv4 as root): shown on the memory engine with a policy that grants rules but no send."""
+    from boxcore.packet import Packet
+    from boxcore.policy import Policy
+    from boxcore.testing import MemoryBox
+
+    policy = Policy.loads('[[grant]]\nboosters = "relay"\nactions = ["redirect"]\nprotocols = ["udp"]\n'
+                          'dst_ports = [5000]\n')
+    async with MemoryBox(policy=policy) as box:
+        relay = await box.connect("relay")
+        await relay.redirect(Match(proto="udp", dst_port=5000), lambda p: None)
+        relay.send(Packet(17, "10.0.0.9", 4000, "10.0.0.1", 5000, b"re-injected"))  # lies in its rule
+        relay.send(Packet(17, "10.0.0.1", 5000, "10.0.0.9", 4000, b"answer"))       # answers it
+        relay.send(Packet(17, "10.0.0.1", 53, "10.0.0.9", 4000, b"forged"))         # neither
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while box.controller.stats["packets_injected"] + box.controller.stats["send_refused"] < 3:
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+        assert [p.payload for p in box.sent("inject")] == [b"re-injected", b"answer"]
+        assert box.controller.stats["send_refused"] == 1
