@@ -35,47 +35,88 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for boxd")
+    parser.add_argument("--http-token-file", metavar="FILE", default=None,
+                        help="bearer token for the management API (boxd --http-token-file)")
     return parser
 
 
+MAX_REPLY = 64 << 20   # boxd bounds its replies far below this
+
+
 def query_control(path: str, what: str, timeout: float = 5.0) -> Any:
+    """One query over the control socket: a read-only (observer) hello, then the query.
+    Every failure is a :class:`ConfigError` of one line."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(path)
-    except OSError as exc:
-        raise ConfigError(f"cannot reach boxd at {path}: {exc.strerror or exc}") from None
-    try:
-        sock.sendall(wire.encode({"t": "query", "id": 1, "what": what}))
-        decoder = wire.FrameDecoder()
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                raise ConfigError("boxd closed the connection")
-            for msg in decoder.feed(data):
-                msg = wire.validate(msg)
-                if msg["t"] == "reply" and msg["id"] == 1:
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise ConfigError(f"cannot reach boxd at {path}: {exc.strerror or exc}") from None
+        try:
+            sock.sendall(wire.encode({"t": "hello", "id": 1, "name": "boxctl", "version": wire.PROTOCOL_VERSION,
+                                      "observer": True})
+                         + wire.encode({"t": "query", "id": 2, "what": what}))
+            decoder = wire.FrameDecoder(MAX_REPLY)
+            while True:
+                data = sock.recv(1 << 20)
+                if not data:
+                    raise ConnectionResetError
+                for msg in decoder.feed(data):
+                    if isinstance(msg, wire.WireDecodeError):
+                        raise ConfigError(f"boxd sent a bad frame: {msg}")
+                    msg = wire.validate(msg)
+                    if msg["t"] == "evicted":
+                        raise ConfigError(f"boxd closed the session: {msg['reason']}")
+                    if msg["t"] != "reply":
+                        continue
                     if msg["status"] != "OK":
-                        raise ConfigError(f"boxd refused: {msg.get('reason')}")
-                    return msg.get("result")
-    except socket.timeout:
-        raise ConfigError(f"boxd did not answer within {timeout}s") from None
+                        raise ConfigError(f"boxd refused ({msg['status']}): {msg.get('reason')}")
+                    if msg["id"] == 2:
+                        return msg.get("result")
+        except socket.timeout:
+            raise ConfigError(f"boxd did not answer within {timeout}s") from None
+        except (BrokenPipeError, ConnectionResetError):
+            raise ConfigError(f"boxd at {path} closed the connection (too many connections of this uid, "
+                              "or boxd is stopping)") from None
+        except (OSError, ValueError) as exc:   # ValueError: a broken stream (framing, validation)
+            raise ConfigError(f"lost boxd at {path}: {exc}") from None
     finally:
         sock.close()
 
 
-def query_http(base: str, what: str, timeout: float = 5.0) -> Any:
+def read_token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = open(path).read().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read token file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise ConfigError(f"token file {path} is empty")
+    return token
+
+
+def query_http(base: str, what: str, timeout: float = 5.0, token: str | None = None) -> Any:
     base = base.rstrip("/")
     if what == "counters":
-        rules = query_http(base, "rules", timeout)
-        status = query_http(base, "status", timeout)
+        rules = query_http(base, "rules", timeout, token)
+        status = query_http(base, "status", timeout, token)
         return {"rules": {str(r["cookie"]): [r["packets"], r["bytes"]] for r in rules},
                 "events": status["counters"], "engine": status.get("engine_status", {}).get("counters", {})}
+    request = urllib.request.Request(base + HTTP_PATHS[what])
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(base + HTTP_PATHS[what], timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read(500).decode("utf-8", "replace").strip()
+        raise ConfigError(f"boxd at {base} answered {exc.code}: {detail or exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise ConfigError(f"cannot reach boxd at {base}: {getattr(exc, 'reason', exc)}") from None
+    except ValueError as exc:
+        raise ConfigError(f"boxd at {base} sent something that is not JSON: {exc}") from None
 
 
 def render(command: str, data: Any) -> None:
@@ -128,7 +169,7 @@ def render(command: str, data: Any) -> None:
 
 def run(args: argparse.Namespace, stats: Stats) -> int:
     if args.http:
-        data = query_http(args.http, args.command, args.timeout)
+        data = query_http(args.http, args.command, args.timeout, read_token(args.http_token_file))
     else:
         data = query_control(args.control, args.command, args.timeout)
     if args.json:

@@ -8,14 +8,18 @@ the control socket boosters connect to, the directory (SQLite under
 from __future__ import annotations
 
 import argparse
+import asyncio
+import grp
 import ipaddress
 import logging
+import os
 from pathlib import Path
 
 from boxcore.controller import Controller, ControllerConfig
 from boxcore.engines import ENGINE_NAMES, EngineUnavailable, Route, available_engines, get_engine
 from cliruntime import (ConfigError, RunContext, host_port, make_parser, non_negative_float,
                              positive_int, run_async)
+from cliruntime.supervisor import TaskFailed, first_of
 
 log = logging.getLogger("boxcore.boxd")
 
@@ -52,8 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="forwarding engine")
     parser.add_argument("--control", type=Path, default=Path("/run/boxd/control.sock"),
                         help="Unix socket boosters connect to")
+    parser.add_argument("--control-group", type=group_id, default=None, metavar="GROUP",
+                        help="group owning the control socket: its members may connect "
+                             "(default: boxd's own group; see docs/security.md)")
+    parser.add_argument("--control-mode", type=file_mode, default=0o660, metavar="MODE",
+                        help="permissions of the control socket, octal (default 0660; "
+                             "never world-writable)")
     parser.add_argument("--http", type=host_port, default=None, metavar="HOST:PORT",
-                        help="management HTTP API address (none: no HTTP API)")
+                        help="management HTTP API address (none: no HTTP API); anything but "
+                             "loopback needs --http-token-file")
+    parser.add_argument("--http-token-file", type=Path, default=None, metavar="FILE",
+                        help="bearer token for the management API: needed for the directory and "
+                             "per-booster data, and for everything off loopback")
     parser.add_argument("--state", type=Path, required=True, metavar="DIR",
                         help="state directory (the directory service's SQLite database)")
     parser.add_argument("--policy", type=Path, default=None, metavar="FILE",
@@ -72,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rule operations waiting for their turn")
     limits.add_argument("--max-directory-keys", type=positive_int, default=10000,
                         help="directory keys per booster")
+    limits.add_argument("--max-directory-bytes", type=positive_int, default=256 << 20,
+                        help="bytes of directory values, all boosters together")
+    limits.add_argument("--max-directory-bytes-per-uid", type=positive_int, default=16 << 20)
+    limits.add_argument("--max-sessions-per-uid", type=positive_int, default=64,
+                        help="control connections of one uid (boosters, boxctl, pending hellos)")
+    limits.add_argument("--max-rules-per-uid", type=positive_int, default=1024)
+    limits.add_argument("--max-groups-per-uid", type=positive_int, default=64)
+    limits.add_argument("--max-group-members-per-uid", type=positive_int, default=4096)
+    limits.add_argument("--hello-timeout", type=non_negative_float, default=5.0,
+                        help="seconds a connection may wait before saying hello")
     for name, cls in available_engines().items():
         group = parser.add_argument_group(f"{name} engine")
         try:
@@ -79,6 +103,29 @@ def build_parser() -> argparse.ArgumentParser:
         except argparse.ArgumentError as exc:
             log.debug("engine %s options clash: %s", name, exc)
     return parser
+
+
+def group_id(text: str) -> int:
+    """argparse type: a group name or number."""
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such group {text!r}") from None
+
+
+def file_mode(text: str) -> int:
+    """argparse type: permissions in octal, never world-writable (any local user could connect)."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode {text} out of range")
+    if mode & 0o002:
+        raise argparse.ArgumentTypeError(f"mode {text} lets every local user connect: use --control-group")
+    return mode
 
 
 def _load_policy(path: Path | None):
@@ -91,15 +138,16 @@ def _load_policy(path: Path | None):
     return Policy.load(path)
 
 
-def _open_directory(state: Path, max_keys: int):
+def _open_directory(state: Path, max_keys: int, max_bytes: int):
     from boxcore.directory import Directory
 
     try:
-        state.mkdir(parents=True, exist_ok=True)
+        state.mkdir(mode=0o750, parents=True, exist_ok=True)
+        os.chmod(state, 0o750)   # the directory holds every booster's state: boxd's (and its group's) only
     except OSError as exc:
         raise ConfigError(f"cannot create state directory {state}: {exc.strerror}") from None
     try:
-        return Directory(state / "directory.sqlite3", max_keys_per_booster=max_keys)
+        return Directory(state / "directory.sqlite3", max_keys_per_booster=max_keys, max_total_bytes=max_bytes)
     except Exception as exc:
         raise ConfigError(f"cannot open the directory under {state}: {exc}") from None
 
@@ -113,29 +161,44 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
         raise ConfigError(str(exc)) from None
     engine = engine_cls.from_args(args)
     policy = _load_policy(args.policy)
-    directory = _open_directory(args.state, args.max_directory_keys)
+    token = None
+    if args.http is not None:
+        from boxcore.http import check_http_binding, read_token_file
+
+        token = read_token_file(args.http_token_file) if args.http_token_file else None
+        check_http_binding(args.http[0], token)
+    directory = _open_directory(args.state, args.max_directory_keys, args.max_directory_bytes)
     config = ControllerConfig(control_path=args.control, heartbeat_interval=args.heartbeat,
                               heartbeat_misses=args.heartbeat_misses, max_boosters=args.max_boosters,
                               max_rules_per_booster=args.max_rules_per_booster,
-                              max_pending_ops=args.max_pending_ops)
+                              max_pending_ops=args.max_pending_ops,
+                              socket_mode=args.control_mode, socket_group=args.control_group,
+                              hello_timeout=args.hello_timeout, max_sessions_per_uid=args.max_sessions_per_uid,
+                              max_rules_per_uid=args.max_rules_per_uid, max_groups_per_uid=args.max_groups_per_uid,
+                              max_group_members_per_uid=args.max_group_members_per_uid,
+                              max_directory_bytes_per_uid=args.max_directory_bytes_per_uid)
     controller = Controller(engine, config, policy=policy, directory=directory, stats=ctx.stats)
     controller.routes = list(args.route)
     ctx.stats.providers["rules"] = controller.rules_view
     ctx.stats.providers["boosters"] = controller.boosters_view
     ctx.stats.providers["engine"] = engine.status
-    http_runner = None
     try:
         await controller.start()
         if args.http is not None:
-            from boxcore.http import start_http
+            from boxcore.http import serve_http
 
-            http_runner = await start_http(controller, *args.http)
+            http_ready = asyncio.get_running_loop().create_future()
+            controller.tasks.spawn(serve_http(controller, *args.http, token=token, ready=http_ready),
+                                   name="http", critical=True)
+            await http_ready  # a bind error is a ConfigError here, before "ready"
         log.info("boxd ready (engine %s, control %s%s)", engine.name, args.control,
                  f", http {args.http[0]}:{args.http[1]}" if args.http else "")
-        await ctx.stop.wait()
+        outcome = await first_of(ctx.stop.wait(), controller.wait_failed())
+        if isinstance(outcome, TaskFailed):
+            # a critical task (watchdog, teardown, HTTP) died: its traceback is logged above
+            log.critical("boxd stops, every rule removed: %s", outcome)
+            return 1
     finally:
-        if http_runner is not None:
-            await http_runner.cleanup()
         await controller.stop()
         close = getattr(directory, "close", None)
         if close is not None:

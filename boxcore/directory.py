@@ -13,8 +13,14 @@ Design choices:
 * Per-booster key counts are kept in memory (loaded at open) so the quota
   check costs no query.
 * Limits: ``max_keys_per_booster``, ``max_value_bytes`` (of the msgpack
-  encoding), ``max_key_chars``, ``max_watchers``; every refusal is counted
-  in :attr:`Directory.stats`.
+  encoding), ``max_key_chars``, ``max_watchers``, ``max_total_bytes`` (all
+  values of all boosters: a box-wide bound), and a caller's ``max_growth`` per
+  put (boxd's per-uid byte quota); every refusal is counted in
+  :attr:`Directory.stats`.  Per-booster key counts and byte sizes are kept in
+  memory (loaded at open).
+* Names: the ``names`` table binds each booster name to the uid that first
+  used it (:meth:`Directory.bind_name`), so a name - and the state under it -
+  stays with its uid while the booster is down and across restarts.
 * A watcher's queue is bounded and *coalescing*: pending changes are kept per
   key (latest value wins), so a slow watcher still converges to the current
   state; when more than ``max_pending`` distinct keys are pending the oldest
@@ -33,13 +39,14 @@ import msgpack
 
 from cliruntime import ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2          # 2: the names table (booster names bound to uids)
 DB_NAME = "directory.sqlite3"
 DEFAULT_MAX_KEYS = 10_000
 DEFAULT_MAX_VALUE_BYTES = 65_536
 DEFAULT_MAX_KEY_CHARS = 1024
 DEFAULT_MAX_WATCHERS = 1024
 DEFAULT_MAX_PENDING = 1024
+DEFAULT_MAX_TOTAL_BYTES = 256 << 20   # every booster's values together (box-wide bound)
 
 _MISSING = object()
 
@@ -150,10 +157,10 @@ class Directory:
     def __init__(self, path: str | Path, max_keys_per_booster: int = DEFAULT_MAX_KEYS,
                  max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES, *,
                  max_key_chars: int = DEFAULT_MAX_KEY_CHARS, max_watchers: int = DEFAULT_MAX_WATCHERS,
-                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
+                 max_pending: int = DEFAULT_MAX_PENDING, max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES) -> None:
         for name, limit in (("max_keys_per_booster", max_keys_per_booster), ("max_value_bytes", max_value_bytes),
                             ("max_key_chars", max_key_chars), ("max_watchers", max_watchers),
-                            ("max_pending", max_pending)):
+                            ("max_pending", max_pending), ("max_total_bytes", max_total_bytes)):
             if not isinstance(limit, int) or limit <= 0:
                 raise ConfigError(f"directory {name} must be a positive integer, got {limit!r}")
         self.max_keys_per_booster = max_keys_per_booster
@@ -161,12 +168,18 @@ class Directory:
         self.max_key_chars = max_key_chars
         self.max_watchers = max_watchers
         self.max_pending = max_pending
+        self.max_total_bytes = max_total_bytes
         self.path = self._db_path(Path(path))
         self.stats: collections.Counter[str] = collections.Counter()
         self._watches: list[Watch] = []
         self._db = self._open(self.path)
-        self._counts: dict[str, int] = dict(
-            self._db.execute("SELECT booster, COUNT(*) FROM kv GROUP BY booster").fetchall())
+        self._counts: dict[str, int] = {}
+        self._bytes: dict[str, int] = {}
+        for booster, count, size in self._db.execute(
+                "SELECT booster, COUNT(*), SUM(LENGTH(value)) FROM kv GROUP BY booster"):
+            self._counts[booster] = count
+            self._bytes[booster] = size or 0
+        self.total_bytes = sum(self._bytes.values())
 
     # ---------------------------------------------------------- opening
     @staticmethod
@@ -194,6 +207,8 @@ class Directory:
                                   f"this boxd knows up to {SCHEMA_VERSION}")
             db.execute("CREATE TABLE IF NOT EXISTS kv (booster TEXT NOT NULL, key TEXT NOT NULL, "
                        "value BLOB NOT NULL, PRIMARY KEY (booster, key)) WITHOUT ROWID")
+            db.execute("CREATE TABLE IF NOT EXISTS names (name TEXT PRIMARY KEY, uid INTEGER NOT NULL) "
+                       "WITHOUT ROWID")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open directory database {db_path}: {exc}") from None
@@ -233,9 +248,10 @@ class Directory:
         row = self._db.execute("SELECT value FROM kv WHERE booster=? AND key=?", (booster, key)).fetchone()
         return default if row is None else decode_value(row[0])
 
-    def put(self, booster: str, key: str, value: Any) -> None:
+    def put(self, booster: str, key: str, value: Any, *, max_growth: int | None = None) -> None:
         """Store ``value`` (anything msgpack can encode, except None: use
-        :meth:`delete`).  Raises :class:`DirectoryError` / :class:`QuotaExceeded`."""
+        :meth:`delete`).  ``max_growth``: how many more bytes the caller's quota allows.
+        Raises :class:`DirectoryError` / :class:`QuotaExceeded`."""
         self._check_key(booster, key)
         if value is None:
             self.stats["refused_bad_value"] += 1
@@ -248,9 +264,19 @@ class Directory:
         if len(blob) > self.max_value_bytes:
             self.stats["refused_value_too_large"] += 1
             raise DirectoryError(f"value of {len(blob)} bytes exceeds the limit of {self.max_value_bytes}")
-        updated = self._db.execute("UPDATE kv SET value=? WHERE booster=? AND key=?",
-                                   (blob, booster, key)).rowcount
-        if not updated:
+        row = self._db.execute("SELECT LENGTH(value) FROM kv WHERE booster=? AND key=?",
+                               (booster, key)).fetchone()
+        growth = len(blob) - (row[0] if row else 0)
+        if max_growth is not None and growth > max_growth:
+            self.stats["refused_quota_bytes"] += 1
+            raise QuotaExceeded(f"value of {len(blob)} bytes exceeds the byte quota of booster {booster!r}'s "
+                                f"uid ({max(max_growth, 0)} bytes left)")
+        if growth > 0 and self.total_bytes + growth > self.max_total_bytes:
+            self.stats["refused_directory_full"] += 1
+            raise QuotaExceeded(f"the directory is full ({self.total_bytes} of {self.max_total_bytes} bytes)")
+        if row:
+            self._db.execute("UPDATE kv SET value=? WHERE booster=? AND key=?", (blob, booster, key))
+        else:
             count = self._counts.get(booster, 0)
             if count >= self.max_keys_per_booster:
                 self.stats["refused_too_many_keys"] += 1
@@ -258,6 +284,7 @@ class Directory:
                                     f"(limit {self.max_keys_per_booster})")
             self._db.execute("INSERT INTO kv (booster, key, value) VALUES (?, ?, ?)", (booster, key, blob))
             self._counts[booster] = count + 1
+        self._grow(booster, growth)
         self.stats["puts"] += 1
         # Watchers get the decoded form, as a reader calling get() would.
         self._notify(booster, key, decode_value(blob))
@@ -265,10 +292,12 @@ class Directory:
     def delete(self, booster: str, key: str) -> bool:
         """Remove ``key``; True if it existed."""
         self._check_key(booster, key)
-        deleted = self._db.execute("DELETE FROM kv WHERE booster=? AND key=?", (booster, key)).rowcount
-        if not deleted:
+        row = self._db.execute("DELETE FROM kv WHERE booster=? AND key=? RETURNING LENGTH(value)",
+                               (booster, key)).fetchone()
+        if row is None:
             return False
         self._decrement(booster)
+        self._grow(booster, -row[0])
         self.stats["deletes"] += 1
         self._notify(booster, key, None)
         return True
@@ -279,6 +308,18 @@ class Directory:
         for key in keys:
             self.delete(booster, key)
         return len(keys)
+
+    def _grow(self, booster: str, growth: int) -> None:
+        self.total_bytes += growth
+        size = self._bytes.get(booster, 0) + growth
+        if size > 0:
+            self._bytes[booster] = size
+        else:
+            self._bytes.pop(booster, None)
+
+    def bytes_of(self, booster: str) -> int:
+        """Bytes of ``booster``'s values (their msgpack encodings)."""
+        return self._bytes.get(booster, 0)
 
     def _decrement(self, booster: str) -> None:
         remaining = self._counts.get(booster, 1) - 1
@@ -291,19 +332,35 @@ class Directory:
         """(key, value) pairs of ``booster`` whose key starts with ``prefix``, sorted by key."""
         return [(key, decode_value(blob)) for key, blob in self._rows(booster, prefix)]
 
-    def _rows(self, booster: str, prefix: str) -> Iterator[tuple[str, bytes]]:
+    def _rows(self, booster: str, prefix: str, after: str | None = None) -> Iterator[tuple[str, bytes]]:
         if not isinstance(prefix, str) or not _is_utf8(prefix):
             raise DirectoryError(f"prefix must be a Unicode string, got {prefix!r}")
+        if after is not None and (not isinstance(after, str) or not _is_utf8(after)):
+            raise DirectoryError(f"after must be a Unicode string, got {after!r}")
         upper = _prefix_upper_bound(prefix)
+        low, op = (prefix, ">=") if after is None or after < prefix else (after, ">")
         if upper is None:
-            query = "SELECT key, value FROM kv WHERE booster=? AND key>=? ORDER BY key"
-            args: tuple = (booster, prefix)
+            query = f"SELECT key, value FROM kv WHERE booster=? AND key{op}? ORDER BY key"
+            args: tuple = (booster, low)
         else:
-            query = "SELECT key, value FROM kv WHERE booster=? AND key>=? AND key<? ORDER BY key"
-            args = (booster, prefix, upper)
+            query = f"SELECT key, value FROM kv WHERE booster=? AND key{op}? AND key<? ORDER BY key"
+            args = (booster, low, upper)
         for key, blob in self._db.execute(query, args):
             if key.startswith(prefix):
                 yield key, blob
+
+    def page(self, booster: str, prefix: str = "", after: str | None = None, limit: int = 100,
+             max_bytes: int = 1 << 20) -> tuple[list[tuple[str, Any]], str | None]:
+        """At most ``limit`` items (and about ``max_bytes``) of ``booster`` under ``prefix`` whose
+        key sorts after ``after``; returns them and the key to continue after (None: the end)."""
+        out: list[tuple[str, Any]] = []
+        size = 0
+        for key, blob in self._rows(booster, prefix, after):
+            if len(out) >= limit or (out and size + len(blob) > max_bytes):
+                return out, out[-1][0]
+            out.append((key, decode_value(blob)))
+            size += len(blob) + len(key)
+        return out, None
 
     def count(self, booster: str) -> int:
         return self._counts.get(booster, 0)
@@ -312,6 +369,28 @@ class Directory:
         """{booster: {"keys": n, "bytes": size of values}} (for the management API)."""
         rows = self._db.execute("SELECT booster, COUNT(*), SUM(LENGTH(value)) FROM kv GROUP BY booster")
         return {booster: {"keys": n, "bytes": size or 0} for booster, n, size in rows}
+
+    # ---------------------------------------------------------- names
+    def bind_name(self, name: str, uid: int) -> int | None:
+        """Bind ``name`` to ``uid`` if it is free; returns the uid it is bound to when that
+        is another uid (the caller refuses), else None."""
+        row = self._db.execute("SELECT uid FROM names WHERE name=?", (name,)).fetchone()
+        if row is not None:
+            return None if row[0] == uid else row[0]
+        self._db.execute("INSERT INTO names (name, uid) VALUES (?, ?)", (name, uid))
+        self.stats["names_bound"] += 1
+        return None
+
+    def name_owner(self, name: str) -> int | None:
+        row = self._db.execute("SELECT uid FROM names WHERE name=?", (name,)).fetchone()
+        return None if row is None else row[0]
+
+    def names_of(self, uid: int) -> list[str]:
+        return [n for (n,) in self._db.execute("SELECT name FROM names WHERE uid=? ORDER BY name", (uid,))]
+
+    def release_name(self, name: str) -> bool:
+        """Forget a binding (an operator's decision; its state stays)."""
+        return self._db.execute("DELETE FROM names WHERE name=?", (name,)).rowcount > 0
 
     # ---------------------------------------------------------- watching
     def watch(self, booster: str, prefix: str = "", *, initial: bool = False,

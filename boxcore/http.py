@@ -1,12 +1,20 @@
 """Management HTTP API (aiohttp), read-only.
 
-``GET /api/status``, ``/api/boosters``, ``/api/rules`` (per-rule packet and
-byte counters), ``/api/directory`` (``?booster=NAME&prefix=P``), and
-``/metrics`` in the Prometheus text exposition format.
+``GET /api/status``, ``/api/rules`` (per-rule packet and byte counters) and
+``/metrics`` (Prometheus text) are open on loopback.  ``/api/boosters`` (pids,
+uids) and ``/api/directory`` (paginated: ``?booster=NAME&prefix=P&after=KEY&limit=N``)
+need the bearer token of ``boxd --http-token-file``, compared in constant time;
+bound anywhere but loopback, every path needs it (boxd refuses to start without
+one).  Requests are small and quick: header lines and counts are bounded, a body
+beyond 16 KiB is refused, and a connection that does not complete a request within
+``HEADER_TIMEOUT`` seconds is closed.  See docs/security.md.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import ipaddress
 import json
 import math
 from typing import Any
@@ -80,8 +88,55 @@ def render_metrics(controller: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_app(controller: Any) -> web.Application:
+# per-booster data (pids, uids, directory contents) needs the token even on loopback
+PRIVATE_PATHS = ("/api/boosters", "/api/directory")
+MAX_PAGE = 1000                 # directory items per page
+PAGE_BYTES = 1 << 20            # and about this many bytes
+HEADER_TIMEOUT = 10.0           # seconds a connection has to send a complete request
+MAX_REQUEST_BYTES = 16 << 10    # the API is GET-only: no body needs more
+
+
+def read_token_file(path: Any) -> str:
+    try:
+        token = open(path).read().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --http-token-file {path}: {exc.strerror or exc}") from None
+    if len(token) < 16:
+        raise ConfigError(f"--http-token-file {path}: the token must be at least 16 characters")
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def check_http_binding(host: str, token: str | None) -> None:
+    """Off loopback the whole API needs a token: refuse to start without one."""
+    if not is_loopback(host) and token is None:
+        raise ConfigError(f"--http {host} is not a loopback address: give --http-token-file too")
+
+
+def build_app(controller: Any, *, token: str | None = None, open_reads: bool = True) -> web.Application:
+    """The API.  ``open_reads``: status, rules and metrics need no token (loopback); the
+    per-booster paths always need ``token`` (and are refused when there is none)."""
     routes = web.RouteTableDef()
+    expected = None if token is None else token.encode()
+
+    @web.middleware
+    async def authorize(request: web.Request, handler: Any) -> web.StreamResponse:
+        if not open_reads or request.path.startswith(PRIVATE_PATHS):
+            if expected is None:
+                raise web.HTTPForbidden(text="this path needs boxd --http-token-file\n")
+            given = request.headers.get("Authorization", "")
+            scheme, _, presented = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), expected):
+                controller.stats["http_unauthorized"] += 1
+                raise web.HTTPUnauthorized(text="a bearer token is needed (Authorization: Bearer ...)\n",
+                                           headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
 
     @routes.get("/api/status")
     async def status(request: web.Request) -> web.Response:
@@ -97,37 +152,89 @@ def build_app(controller: Any) -> web.Application:
 
     @routes.get("/api/directory")
     async def directory(request: web.Request) -> web.Response:
-        booster = request.query.get("booster") or None
-        prefix = request.query.get("prefix", "")
-        return _json(controller.directory_view(booster, prefix))
+        """Without ``booster``: the boosters with state (keys, bytes); with it, one page of its
+        items: ``prefix``, ``after`` (the last key of the previous page), ``limit`` (<= 1000)."""
+        store = controller.directory
+        if store is None:
+            return _json({"boosters": {}, "items": [], "next": None})
+        try:
+            limit = min(int(request.query.get("limit", "100")), MAX_PAGE)
+        except ValueError:
+            raise web.HTTPBadRequest(text="limit must be an integer\n") from None
+        if limit < 1:
+            raise web.HTTPBadRequest(text="limit must be positive\n")
+        booster = request.query.get("booster")
+        after = request.query.get("after") or None
+        if not booster:
+            names = sorted(n for n in store.boosters() if after is None or n > after)
+            page = names[:limit]
+            sizes = store.boosters()
+            return _json({"boosters": {n: sizes[n] for n in page},
+                          "next": page[-1] if len(names) > limit else None})
+        try:
+            items, more = store.page(booster, request.query.get("prefix", ""), after, limit, PAGE_BYTES)
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=f"{exc}\n") from None
+        return _json({"booster": booster, "items": [[k, v] for k, v in items], "next": more})
 
     @routes.get("/metrics")
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(text=render_metrics(controller), content_type=METRICS_CONTENT_TYPE,
                             charset="utf-8", headers={"X-Prometheus-Format": "0.0.4"})
 
-    app = web.Application()
+    app = web.Application(middlewares=[authorize], client_max_size=MAX_REQUEST_BYTES)
     app.add_routes(routes)
     return app
 
 
-async def start_http(controller: Any, host: str, port: int) -> web.AppRunner:
-    """Serve the API on ``host:port``; returns the runner (``await runner.cleanup()``)."""
-    runner = web.AppRunner(build_app(controller), access_log=None)
+class HttpServer:
+    """The API's runner and its one site."""
+
+    def __init__(self, runner: web.AppRunner, site: web.TCPSite) -> None:
+        self.runner = runner
+        self.site = site
+
+    @property
+    def port(self) -> int:
+        return self.site._server.sockets[0].getsockname()[1]
+
+    async def cleanup(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_http(controller: Any, host: str, port: int, *, token: str | None = None,
+                     header_timeout: float = HEADER_TIMEOUT) -> HttpServer:
+    """Serve the API on ``host:port`` (see :func:`build_app` for who may read what).  A
+    connection must send a complete request within ``header_timeout`` of opening or of its
+    previous request (aiohttp's keep-alive deadline, armed from the first byte on)."""
+    check_http_binding(host, token)
+    app = build_app(controller, token=token, open_reads=is_loopback(host))
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=header_timeout, max_line_size=4096,
+                           max_field_size=4096, max_headers=64)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, backlog=128)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}") from None
-    return runner
+    return HttpServer(runner, site)
 
 
-def bound_port(runner: web.AppRunner) -> int:
-    """The port actually bound (for ``--http 127.0.0.1:0``)."""
-    for site in runner.sites:
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            return server.sockets[0].getsockname()[1]
-    raise RuntimeError("HTTP site not started")
+async def serve_http(controller: Any, host: str, port: int, *, token: str | None = None,
+                     ready: "asyncio.Future | None" = None) -> None:
+    """Serve the API until cancelled (a supervised task of boxd); ``ready`` gets None once
+    listening, or the bind error."""
+    try:
+        server = await start_http(controller, host, port, token=token)
+    except BaseException as exc:
+        if ready is not None and not ready.done():
+            ready.set_exception(exc)
+            return
+        raise
+    if ready is not None and not ready.done():
+        ready.set_result(None)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.cleanup()

@@ -30,7 +30,9 @@ from cliruntime import ConfigError
 
 _PROTO_LABELS = {v: k for k, v in PROTO_NAMES.items()}
 _GRANT_KEYS = {"name", "boosters", "booster", "uids", "users", "actions", "protocols",
-               "src_prefixes", "dst_prefixes", "src_ports", "dst_ports"}
+               "src_prefixes", "dst_prefixes", "src_ports", "dst_ports",
+               "send", "copy_foreign", "max_group_members", "member_prefixes"}
+_MANAGEMENT_KEYS = {"uids", "users"}
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -64,6 +66,10 @@ class Grant:
     dst_prefixes: tuple[Network, ...] | None = None
     src_ports: tuple[tuple[int, int], ...] | None = None   # merged
     dst_ports: tuple[tuple[int, int], ...] | None = None
+    send: bool = False                  # may inject packets lying in the region (booster.send)
+    copy_foreign: bool = False          # may COPY traffic another uid's booster holds
+    max_group_members: int | None = None
+    member_prefixes: tuple[Network, ...] | None = None   # where multicast members may be (None: anywhere)
     line: int = 0
 
     def names(self, booster: str) -> bool:
@@ -99,6 +105,24 @@ class Grant:
                 return f"grant {self.name!r} allows {label} ports {_format_ranges(ranges)}, not {text}"
         return None
 
+    def holds_point(self, proto: int, src: str | None, sport: int | None, dst: str | None,
+                    dport: int | None) -> bool:
+        """True if the packet (or, with src/sport None, any source) lies in this grant's region."""
+        if self.protocols is not None and proto not in self.protocols:
+            return False
+        for prefixes, address in ((self.src_prefixes, src), (self.dst_prefixes, dst)):
+            if prefixes is not None:
+                if address is None:
+                    return False
+                ip = ipaddress.ip_address(address)
+                if not any(ip.version == p.version and ip in p for p in prefixes):
+                    return False
+        for ranges, port in ((self.src_ports, sport), (self.dst_ports, dport)):
+            if ranges is not None:
+                if port is None or not any(lo <= port <= hi for lo, hi in ranges):
+                    return False
+        return True
+
     @staticmethod
     def _prefix_inside(asked: str | None, prefixes: tuple[Network, ...]) -> bool:
         if asked is None:
@@ -110,10 +134,12 @@ class Grant:
 class Policy:
     """The grants of a policy file; :meth:`check` decides a rule request."""
 
-    def __init__(self, grants: list[Grant], *, allow_everything: bool = False, source: str = "") -> None:
+    def __init__(self, grants: list[Grant], *, allow_everything: bool = False, source: str = "",
+                 managers: frozenset[int] = frozenset()) -> None:
         self.grants = list(grants)
         self.allow_everything = allow_everything
         self.source = source
+        self.managers = frozenset(managers)   # uids that may query boxd (root always may)
 
     @classmethod
     def allow_all(cls) -> "Policy":
@@ -139,6 +165,79 @@ class Policy:
             return f"{who}: no grant in the policy applies"
         return f"{who} may not {rule.action.name} [{rule.match.describe()}]: " + "; ".join(reasons)
 
+    # ---------------------------------------------------------- beyond rules
+    # Under allow-all every rule, name and group is allowed, but two things stay with root:
+    # sending from a source the booster holds no rule for, and copying traffic that a booster
+    # of another uid holds.  A policy file grants them explicitly (``send``, ``copy_foreign``).
+
+    def _who(self, booster: str, uid: int | None) -> str:
+        return f"booster {booster!r} (uid {uid if uid is not None else 'unknown'})"
+
+    def may_use_name(self, booster: str, uid: int | None) -> str | None:
+        """None if ``uid`` may run a booster named ``booster``: the grants naming it bind it to
+        their uids (a name no grant covers may register, and is then granted nothing)."""
+        if self.allow_everything:
+            return None
+        naming = [g for g in self.grants if g.names(booster)]
+        if not naming or any(g.applies_to(booster, uid) for g in naming):
+            return None
+        uids = sorted({u for g in naming for u in (g.uids or ())})
+        return (f"{self._who(booster, uid)}: the policy binds this name to uid"
+                f"{'s' if len(uids) > 1 else ''} {', '.join(map(str, uids))}")
+
+    def may_query(self, uid: int | None) -> str | None:
+        """None if ``uid`` may read boxd's state (boxctl, ``query``)."""
+        if self.allow_everything or uid == 0 or uid in self.managers:
+            return None
+        return f"uid {uid} may not query boxd (the policy's [management] uids may)"
+
+    def may_send(self, booster: str, uid: int | None, proto: int, src: str | None, sport: int | None,
+                 dst: str | None, dport: int | None) -> str | None:
+        """None if a grant lets ``booster`` inject this packet whatever rules it holds
+        (src/sport None: a multicast fan-out from that port, whatever the address)."""
+        if uid == 0 and self.allow_everything:
+            return None
+        for grant in self.grants:
+            if grant.send and grant.applies_to(booster, uid) and grant.holds_point(proto, src, sport, dst, dport):
+                return None
+        source = f"{src}:{sport}" if src is not None else f"port {sport}"
+        return (f"{self._who(booster, uid)} may not send from {source} to {dst}:{dport}: "
+                "it holds no rule for that traffic and no grant with send = true covers it")
+
+    def may_copy_foreign(self, booster: str, uid: int | None, rule: Rule) -> str | None:
+        """None if ``booster`` may COPY ``rule``'s traffic although a booster of another uid holds it."""
+        if uid == 0 and self.allow_everything:
+            return None
+        for grant in self.grants:
+            if grant.copy_foreign and grant.applies_to(booster, uid) and grant.why_not(rule) is None:
+                return None
+        return (f"{self._who(booster, uid)} may not copy [{rule.match.describe()}]: a booster of another "
+                "uid holds that traffic (a grant with copy_foreign = true may allow it)")
+
+    def check_group(self, booster: str, uid: int | None, members: list[tuple[str, int]]) -> str | None:
+        """None if ``booster`` may fan out to ``members`` (a grant with action multicast whose
+        ``member_prefixes`` hold every member, and its ``max_group_members``)."""
+        if self.allow_everything:
+            return None
+        reasons = []
+        for grant in self.grants:
+            if not grant.applies_to(booster, uid):
+                continue
+            if Action.MULTICAST not in grant.actions:
+                reasons.append(f"grant {grant.name!r} does not allow multicast")
+                continue
+            if grant.max_group_members is not None and len(members) > grant.max_group_members:
+                reasons.append(f"grant {grant.name!r} allows {grant.max_group_members} members, not {len(members)}")
+                continue
+            outside = [f"{h}:{p}" for h, p in members if not _holds_member(grant, h)]
+            if outside:
+                reasons.append(f"grant {grant.name!r} does not cover member {outside[0]}")
+                continue
+            return None
+        if not reasons:
+            return f"{self._who(booster, uid)}: no grant in the policy applies"
+        return f"{self._who(booster, uid)} may not fan out to that group: " + "; ".join(reasons)
+
     def describe(self) -> list[dict[str, Any]]:
         """A JSON-able summary (for the management API)."""
         if self.allow_everything:
@@ -154,6 +253,8 @@ class Policy:
                 "dst_prefixes": None if g.dst_prefixes is None else [str(p) for p in g.dst_prefixes],
                 "src_ports": None if g.src_ports is None else _format_ranges(g.src_ports),
                 "dst_ports": None if g.dst_ports is None else _format_ranges(g.dst_ports),
+                "send": g.send, "copy_foreign": g.copy_foreign, "max_group_members": g.max_group_members,
+                "member_prefixes": None if g.member_prefixes is None else [str(p) for p in g.member_prefixes],
             })
         return out
 
@@ -175,10 +276,21 @@ class Policy:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: {exc}") from None
-        unknown = set(data) - {"grant"}
+        unknown = set(data) - {"grant", "management"}
         if unknown:
             raise ConfigError(f"{source}: unknown top-level key(s) {', '.join(sorted(unknown))} "
-                              "(expected [[grant]] tables)")
+                              "(expected [[grant]] tables and a [management] table)")
+        managers: set[int] = set()
+        management = data.get("management", {})
+        try:
+            if not isinstance(management, dict):
+                raise ValueError("must be a table")
+            extra = set(management) - _MANAGEMENT_KEYS
+            if extra:
+                raise ValueError(f"unknown key(s) {', '.join(sorted(extra))}; allowed: uids, users")
+            managers = _parse_uids(management) or set()
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{source}: [management]: {exc}") from None
         tables = data.get("grant", [])
         if not isinstance(tables, list):
             raise ConfigError(f"{source}: 'grant' must be an array of tables ([[grant]])")
@@ -192,7 +304,7 @@ class Policy:
                 grants.append(_parse_grant(table, index, line))
             except (ValueError, TypeError, KeyError) as exc:
                 raise ConfigError(f"{where}: {exc}") from None
-        return cls(grants, source=source)
+        return cls(grants, source=source, managers=frozenset(managers))
 
 
 # -------------------------------------------------------------- parsing
@@ -238,20 +350,7 @@ def _parse_grant(table: Any, index: int, line: int) -> Grant:
     if not isinstance(name, str):
         raise ValueError("name must be a string")
 
-    uids: set[int] | None = None
-    uid_list = _list(table, "uids", int)
-    user_list = _list(table, "users", str)
-    if uid_list is not None or user_list is not None:
-        uids = set()
-        for uid in uid_list or []:
-            if uid < 0:
-                raise ValueError(f"uids: {uid} is negative")
-            uids.add(uid)
-        for user in user_list or []:
-            try:
-                uids.add(pwd.getpwnam(user).pw_uid)
-            except KeyError:
-                raise ValueError(f"users: no such user {user!r}") from None
+    uids = _parse_uids(table)
 
     action_list = _list(table, "actions", str)
     actions = frozenset(Action)
@@ -270,7 +369,7 @@ def _parse_grant(table: Any, index: int, line: int) -> Grant:
             raise ValueError(f"protocols: {exc}") from None
 
     prefixes: dict[str, tuple[Network, ...] | None] = {}
-    for key in ("src_prefixes", "dst_prefixes"):
+    for key in ("src_prefixes", "dst_prefixes", "member_prefixes"):
         items = _list(table, key, str)
         if items is None:
             prefixes[key] = None
@@ -292,10 +391,49 @@ def _parse_grant(table: Any, index: int, line: int) -> Grant:
         items = _list(table, key, (str, int, list))
         ports[key] = None if items is None else _merge_ranges([_port_range(i, key) for i in items])
 
+    flags = {}
+    for key in ("send", "copy_foreign"):
+        value = table.get(key, False)
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false")
+        flags[key] = value
+    max_members = table.get("max_group_members")
+    if max_members is not None and (not isinstance(max_members, int) or isinstance(max_members, bool)
+                                    or max_members < 1):
+        raise ValueError("max_group_members must be a positive integer")
+
     return Grant(name=name, boosters=tuple(boosters), uids=None if uids is None else frozenset(uids),
+                 send=flags["send"], copy_foreign=flags["copy_foreign"], max_group_members=max_members,
+                 member_prefixes=prefixes["member_prefixes"],
                  actions=actions, protocols=protocols,
                  src_prefixes=prefixes["src_prefixes"], dst_prefixes=prefixes["dst_prefixes"],
                  src_ports=ports["src_ports"], dst_ports=ports["dst_ports"], line=line)
+
+
+def _parse_uids(table: dict) -> set[int] | None:
+    """``uids`` and ``users`` of a table as one set of uids (None when neither is given)."""
+    uid_list = _list(table, "uids", int)
+    user_list = _list(table, "users", str)
+    if uid_list is None and user_list is None:
+        return None
+    uids: set[int] = set()
+    for uid in uid_list or []:
+        if uid < 0:
+            raise ValueError(f"uids: {uid} is negative")
+        uids.add(uid)
+    for user in user_list or []:
+        try:
+            uids.add(pwd.getpwnam(user).pw_uid)
+        except KeyError:
+            raise ValueError(f"users: no such user {user!r}") from None
+    return uids
+
+
+def _holds_member(grant: Grant, host: str) -> bool:
+    if grant.member_prefixes is None:
+        return True
+    ip = ipaddress.ip_address(host)
+    return any(ip.version == p.version and ip in p for p in grant.member_prefixes)
 
 
 def grant_region(grant: Grant) -> list[Match]:

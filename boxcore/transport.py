@@ -16,11 +16,13 @@ import socket
 import struct
 from typing import Any, Callable, Iterable
 
-from boxcore.wire import DEFAULT_MAX_FRAME, FrameDecoder, WireDecodeError, encode
+from boxcore.framing import FramingError
+from boxcore.wire import DEFAULT_MAX_FRAME, FrameDecoder, encode
 
 log = logging.getLogger("boxcore.transport")
 
 MAX_FDS_PER_RECV = 16
+READ_SIZE = 65536   # bytes read per wakeup: one connection's burst cannot hold the loop for long
 
 
 def socketpair_dgram(bufsize: int = 4 << 20) -> tuple[socket.socket, socket.socket]:
@@ -38,20 +40,29 @@ def socketpair_dgram(bufsize: int = 4 << 20) -> tuple[socket.socket, socket.sock
 
 # ------------------------------------------------------------------ asyncio adapter
 
+class ReplyTooLarge(ValueError):
+    """A message larger than the connection's ``max_reply``: it was not sent."""
+
+
 class FramedConnection:
     """A control connection on a non-blocking Unix stream socket, with descriptors.
 
     ``on_message(msg, fds)`` gets every decoded frame (a dict, or a
-    :class:`BadFrame`) and the descriptors it declared with ``nfds`` (the
-    receiver owns them).  ``on_close(reason)`` runs once when the peer goes away
-    or the stream is broken.  Output is bounded by ``max_output``: a peer that
-    does not read is disconnected rather than buffered forever.
+    :class:`~boxcore.wire.WireDecodeError` for an undecodable body) and the descriptors it
+    declared with ``nfds`` (the receiver owns them).  ``on_close(reason)`` runs once when the
+    peer goes away or the stream is broken.
+
+    Fairness: each wakeup reads at most ``read_size`` bytes; the owner may
+    :meth:`pause_reading` while it has too much queued (the peer's own socket buffer then fills
+    and the peer blocks, rather than boxd).  Output is bounded by ``max_output``: a peer that
+    does not read its replies is disconnected (``closed_not_reading``) rather than buffered
+    for; one frame is always accepted onto an empty queue, so a large reply still goes out.
     """
 
     def __init__(self, sock: socket.socket, on_message: Callable[[Any, list[int]], None],
                  on_close: Callable[[str], None], *, max_frame: int = DEFAULT_MAX_FRAME,
                  max_output: int = 8 << 20, loop: asyncio.AbstractEventLoop | None = None,
-                 accept_fds: bool = True) -> None:
+                 accept_fds: bool = True, read_size: int = READ_SIZE, max_reply: int | None = None) -> None:
         sock.setblocking(False)
         # boxd's side: boosters never send descriptors, so any that arrive are closed
         # and a message's "nfds" is left to validation (INVALID), not fatal pairing.
@@ -69,12 +80,26 @@ class FramedConnection:
         self.closed = False
         self.frames_in = 0
         self.frames_out = 0
+        self.read_size = read_size
+        self.max_reply = max_reply
+        self.closed_not_reading = False
+        self.reading = True
         self.loop.add_reader(sock.fileno(), self._on_readable)
+
+    def pause_reading(self) -> None:
+        if self.reading and not self.closed:
+            self.reading = False
+            self.loop.remove_reader(self.sock.fileno())
+
+    def resume_reading(self) -> None:
+        if not self.reading and not self.closed:
+            self.reading = True
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
     # reading
     def _on_readable(self) -> None:
         try:
-            data, fds, flags, _ = socket.recv_fds(self.sock, 262144, MAX_FDS_PER_RECV)
+            data, fds, flags, _ = socket.recv_fds(self.sock, self.read_size, MAX_FDS_PER_RECV)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -93,7 +118,7 @@ class FramedConnection:
             return
         try:
             messages = self.decoder.feed(data)
-        except WireDecodeError as exc:
+        except FramingError as exc:
             self.close(f"broken stream: {exc}")
             return
         for msg in messages:
@@ -125,10 +150,17 @@ class FramedConnection:
         if fds:
             msg = dict(msg, nfds=len(fds))
         frame = encode(msg)
-        if self._out_bytes + len(frame) > self.max_output:
+        if self.max_reply is not None and len(frame) > self.max_reply:
             if close_fds:
                 for fd in fds:
                     _close_fd(fd)
+            raise ReplyTooLarge(f"a {msg.get('t')} of {len(frame)} bytes is larger than the "
+                                f"{self.max_reply} bytes one message may carry")
+        if self._out and self._out_bytes + len(frame) > self.max_output:
+            if close_fds:
+                for fd in fds:
+                    _close_fd(fd)
+            self.closed_not_reading = True
             self.close("peer not reading: output limit reached")
             return False
         self._out.append((memoryview(frame), fds, close_fds))
@@ -171,7 +203,8 @@ class FramedConnection:
             return
         self.closed = True
         try:
-            self.loop.remove_reader(self.sock.fileno())
+            if self.reading:
+                self.loop.remove_reader(self.sock.fileno())
             if self._writing:
                 self.loop.remove_writer(self.sock.fileno())
         except (ValueError, OSError):

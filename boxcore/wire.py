@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import enum
 import logging
-import struct
 from typing import Any, Callable
 
 import msgpack
 
+from boxcore import framing
+
 log = logging.getLogger("boxcore.wire")
 
 PROTOCOL_VERSION = 1
-LENGTH = struct.Struct("!I")
+LENGTH = framing.LENGTH
 DEFAULT_MAX_FRAME = 1 << 20          # 1 MiB: a directory value plus room
 MAX_DATAGRAM = 65535 + 512           # the biggest UDP payload plus the header fields
 
@@ -80,6 +81,10 @@ STATUS = _Kind("status", lambda v: isinstance(v, str) and v in Status.__members_
 ACTION = _Kind("action", lambda v: v in ("redirect", "copy", "drop", "multicast", "forward"))
 
 QUERIES = ("status", "boosters", "rules", "counters", "directory")
+# optional features a booster may announce in its hello
+FEATURES = ("delegate",)   # it takes a socket given back with "delegate" after an "undelegate"
+FEATURE_LIST = _Kind("list of feature names", lambda v: isinstance(v, (list, tuple)) and len(v) <= 16
+                     and all(isinstance(f, str) and len(f) <= 32 for f in v))
 QUERY = _Kind("query name", lambda v: v in QUERIES)
 
 REQ, OPT = True, False
@@ -87,7 +92,10 @@ REQ, OPT = True, False
 # type -> {field: (kind, required)}.  "t" is implicit.  "id" marks requests.
 MESSAGES: dict[str, dict[str, tuple[_Kind, bool]]] = {
     # booster -> boxd: requests (answered by "reply" with the same id)
-    "hello": {"id": (UINT, REQ), "name": (STR, REQ), "version": (UINT, REQ)},
+    # observer: boxctl's read-only session (queries only, no booster);
+    # features: optional protocol features the booster speaks (FEATURES)
+    "hello": {"id": (UINT, REQ), "name": (STR, REQ), "version": (UINT, REQ), "observer": (BOOL, OPT),
+              "features": (FEATURE_LIST, OPT)},
     "rule": {"id": (UINT, REQ), "action": (ACTION, REQ), "match": (MAP, REQ),
              "priority": (INT, OPT), "group": (INT, OPT), "tcp": (BOOL, OPT)},
     "cancel": {"id": (UINT, REQ), "cookie": (UINT, REQ)},
@@ -99,7 +107,7 @@ MESSAGES: dict[str, dict[str, tuple[_Kind, bool]]] = {
     "dir_items": {"id": (UINT, REQ), "prefix": (STR, REQ)},
     "dir_watch": {"id": (UINT, REQ), "prefix": (STR, REQ)},
     "dir_unwatch": {"id": (UINT, REQ), "watch": (UINT, REQ)},
-    # read-only management query (boxctl --control); allowed before hello
+    # read-only management query (boxctl --control), after a hello (observer or booster)
     "query": {"id": (UINT, REQ), "what": (QUERY, REQ)},
     # booster -> boxd: one-way
     "heartbeat": {"counters": (COUNTERS, OPT), "handler_errors": (UINT, OPT)},
@@ -114,6 +122,9 @@ MESSAGES: dict[str, dict[str, tuple[_Kind, bool]]] = {
     "evicted": {"reason": (STR, REQ)},
     # a delegated socket is taken back: the rule's packets come on the data channel from now on
     "undelegate": {"cookie": (UINT, REQ)},
+    # ... and given back (only to boosters whose hello listed the feature "delegate"): the socket
+    # travels beside it, the rule's delivery is ``delivery`` again
+    "delegate": {"cookie": (UINT, REQ), "delivery": (MAP, REQ), "nfds": (UINT, REQ)},
 }
 
 REQUESTS = frozenset(t for t, f in MESSAGES.items() if "id" in f and t != "reply")
@@ -148,8 +159,7 @@ def validate(msg: Any) -> dict[str, Any]:
 def encode(msg: dict[str, Any]) -> bytes:
     """One frame: the length prefix and the msgpack map (validated first)."""
     validate(msg)
-    body = msgpack.packb(msg, use_bin_type=True)
-    return LENGTH.pack(len(body)) + body
+    return framing.encode_frame(msg)
 
 
 def request_id(msg: Any) -> int | None:
@@ -161,49 +171,14 @@ def request_id(msg: Any) -> int | None:
     return None
 
 
-class FrameDecoder:
-    """Sans-IO: bytes in, decoded (unvalidated) messages out.
-
-    A bad length is fatal to the stream (boundaries are lost): :meth:`feed`
-    raises and the connection should be closed.  A frame whose body is not a
-    msgpack map is returned as :class:`BadFrame` so the caller can answer
-    INVALID and keep the session.
-    """
+class FrameDecoder(framing.FrameDecoder):
+    """The control protocol's framer: :class:`boxcore.framing.FrameDecoder` with this
+    protocol's error.  Frames come back decoded but unvalidated (boxd needs the ``id`` of an
+    invalid request to answer it); an undecodable body comes back as a
+    :class:`WireDecodeError` in the list, a bad length raises :class:`boxcore.framing.FramingError`."""
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        self.max_frame = max_frame
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[Any]:
-        self._buf += data
-        out: list[Any] = []
-        while len(self._buf) >= LENGTH.size:
-            (length,) = LENGTH.unpack_from(self._buf)
-            if length == 0 or length > self.max_frame:
-                raise WireDecodeError(f"frame length {length} outside 1..{self.max_frame}")
-            if len(self._buf) < LENGTH.size + length:
-                break
-            body = bytes(self._buf[LENGTH.size:LENGTH.size + length])
-            del self._buf[:LENGTH.size + length]
-            try:
-                out.append(msgpack.unpackb(body, raw=False, strict_map_key=True))
-            except Exception as exc:  # msgpack raises several types for garbage
-                out.append(BadFrame(f"undecodable msgpack: {type(exc).__name__}: {exc}"))
-        return out
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-
-class BadFrame:
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-    def __repr__(self) -> str:
-        return f"BadFrame({self.reason!r})"
+        super().__init__(max_frame, error=WireDecodeError)
 
 
 # ------------------------------------------------------------------ data channel

@@ -101,6 +101,7 @@ class BoosterSession:
     channel_sent: int = 0
     channel_dropped: int = 0
     send_event: Any = None  # Callable[[dict, list[int]], None]
+    features: frozenset[str] = frozenset()   # optional protocol features from its hello (wire.FEATURES)
 
     def send_datagram(self, data: bytes) -> bool:
         """Queue one datagram for the booster; False (and counted) when its queue is full."""
@@ -148,6 +149,12 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def install(self, rule: "Rule", session: BoosterSession) -> Delivery:
         """Install ``rule`` (already checked and arbitrated by boxd) for ``session``."""
+
+    async def install_tcp(self, rule: "Rule", session: BoosterSession) -> Delivery:
+        """Intercept the TCP connections ``rule`` (a REDIRECT of proto 6) matches and hand each
+        accepted connection to ``session`` (delivery ``stream``, or ``tproxy``).  Engines
+        without TCP interception keep this default, which refuses (boxd answers INVALID)."""
+        raise NotImplementedError(f"engine {self.name} cannot intercept TCP connections")
 
     @abc.abstractmethod
     async def remove(self, rule: "Rule") -> None:

@@ -16,7 +16,9 @@ Deliveries:
 * ``socket``: a UDP REDIRECT covering a whole listening port, with nothing
   else overlapping it, gets the bound socket itself (the fast path; boxd stops
   reading it until the rule goes, or until another rule comes to overlap the
-  port: then boxd takes it back and the holder continues on its channel);
+  port: then boxd takes it back (``undelegate``) and the holder continues on its
+  channel; once the overlapping rules are gone the socket is given back
+  (``delegate``) to a booster whose hello listed the feature ``delegate``);
 * ``channel``: everything else - boxd pushes packets on the booster's data
   channel; REDIRECTs wait for a verdict (bounded, with a timeout after which
   the packet passes: the box fails open);
@@ -116,6 +118,7 @@ class _UdpListener:
         self.spec = spec
         self.sock = sock
         self.delegated: int | None = None      # cookie of the rule holding the socket
+        self.taken_from: int | None = None     # cookie of the rule the socket was taken back from
         self.whole_port = Match(proto=UDP, dst=spec.dst_host, dst_port=spec.dst_port)
 
 
@@ -279,9 +282,10 @@ class UserEngine(Engine):
         now shares it); the holder's receiver switches to the data channel."""
         cookie = listener.delegated
         listener.delegated = None
+        listener.taken_from = cookie
         self.loop.add_reader(listener.sock.fileno(), self._on_udp, listener)
         self.stats["sockets_undelegated"] += 1
-        delivery = self.deliveries.pop(cookie, None)
+        delivery = self.deliveries.get(cookie)
         if delivery is not None:  # the controller's record shows the new delivery
             delivery.kind, delivery.fds = "channel", []
         session = self.owners.get(cookie)
@@ -307,6 +311,28 @@ class UserEngine(Engine):
             return listener
         return None
 
+    def _give_back(self, listener: _UdpListener) -> None:
+        """The rules that shared a taken-back port are gone: hand the socket to its first holder
+        again (``delegate``), if its booster said it takes one back; else it stays on its channel."""
+        cookie = listener.taken_from
+        session = self.owners.get(cookie)
+        delivery = self.deliveries.get(cookie)
+        if session is None or delivery is None:
+            listener.taken_from = None
+            return
+        if any(r.cookie != cookie and r.match.overlaps(listener.whole_port) for r in self.classifier.rules()):
+            return  # still shared
+        listener.taken_from = None
+        if "delegate" not in session.features or session.send_event is None:
+            self.stats["sockets_kept_on_channel"] += 1
+            return
+        self.loop.remove_reader(listener.sock.fileno())
+        listener.delegated = cookie
+        delivery.kind, delivery.fds = "socket", [listener.sock.fileno()]
+        self.stats["sockets_redelegated"] += 1
+        session.send_event({"t": "delegate", "cookie": cookie, "delivery": delivery.to_wire()},
+                           [listener.sock.fileno()])
+
     async def remove(self, rule: Rule) -> None:
         self.classifier.remove(rule.cookie)
         self.owners.pop(rule.cookie, None)
@@ -315,6 +341,10 @@ class UserEngine(Engine):
             if listener.delegated == rule.cookie:
                 listener.delegated = None
                 self.loop.add_reader(listener.sock.fileno(), self._on_udp, listener)
+            if listener.taken_from == rule.cookie:
+                listener.taken_from = None
+            elif listener.taken_from is not None and listener.delegated is None:
+                self._give_back(listener)
 
     async def set_forwarding(self, routes: list[Route]) -> None:
         # In opaque mode the relays given by --listen are the forwarding; routes are kept for status.

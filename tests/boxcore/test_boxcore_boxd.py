@@ -199,7 +199,10 @@ async def test_example_booster_end_to_end_and_management_api(tmp_path, ports):
     server.bind(("127.0.0.1", ports["server"]))
     server.setblocking(False)
     stats = tmp_path / "booster-stats.json"
-    async with BoxdProcess(tmp_path, listens=listens(ports)) as boxd:
+    token_file = tmp_path / "token"
+    token_file.write_text("a-long-enough-test-token\n")
+    auth = {"Authorization": "Bearer a-long-enough-test-token"}
+    async with BoxdProcess(tmp_path, listens=listens(ports), extra=["--http-token-file", str(token_file)]) as boxd:
         proc = spawn_booster(boxd.control, ports["server"], "--drop-prefix", "SPAM", stats=stats)
         try:
             await wait_for(lambda: boxd.query("rules"), 15)
@@ -214,9 +217,9 @@ async def test_example_booster_end_to_end_and_management_api(tmp_path, ports):
             assert all(not p.startswith(b"SPAM") for p in received)
             async with aiohttp.ClientSession() as http:
                 async def reported():
-                    async with http.get(boxd.http_url + "/api/directory") as r:
+                    async with http.get(boxd.http_url + "/api/directory?booster=udp-counter", headers=auth) as r:
                         d = await r.json()
-                    totals = d.get("udp-counter", {}).get("totals")
+                    totals = dict(d["items"]).get("totals")
                     return totals if totals and totals["packets"] == 30 else None
                 totals = await wait_for(reported, 5)
                 assert totals["dropped"] == 10 and totals["passed"] == 20 and totals["sources"] == 3
@@ -228,7 +231,7 @@ async def test_example_booster_end_to_end_and_management_api(tmp_path, ports):
                 assert rules[0]["bytes"] == sum(len(b"SPAM %d" % i if i % 3 == 0 else b"data %d" % i)
                                                 for i in range(30))
                 assert rules[0]["delivery"] == "socket"
-                async with http.get(boxd.http_url + "/api/boosters") as r:
+                async with http.get(boxd.http_url + "/api/boosters", headers=auth) as r:
                     boosters = await r.json()
                 assert boosters[0]["name"] == "udp-counter" and boosters[0]["pid"] == proc.pid
                 async with http.get(boxd.http_url + "/api/status") as r:

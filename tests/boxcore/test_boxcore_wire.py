@@ -6,7 +6,8 @@ import msgpack
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from boxcore import wire
+from boxcore import framing, wire
+from boxcore.framing import FramingError
 from boxcore.wire import FrameDecoder, Tag, WireDecodeError
 
 ADDR = st.tuples(st.sampled_from(["127.0.0.1", "10.0.0.1"]), st.integers(0, 65535)).map(list)
@@ -43,10 +44,14 @@ def test_validate_says_what_is_wrong(msg, why):
         wire.validate(msg)
 
 
+def test_the_control_framer_is_the_shared_one():
+    assert issubclass(FrameDecoder, framing.FrameDecoder)
+
+
 def test_bad_lengths_break_the_stream():
-    with pytest.raises(WireDecodeError, match="frame length 0"):
+    with pytest.raises(FramingError, match="frame length 0"):
         FrameDecoder().feed(b"\x00\x00\x00\x00")
-    with pytest.raises(WireDecodeError, match="outside"):
+    with pytest.raises(FramingError, match="outside"):
         FrameDecoder(max_frame=100).feed(struct.pack("!I", 101))
 
 
@@ -54,7 +59,7 @@ def test_garbage_body_is_a_bad_frame_not_fatal():
     dec = FrameDecoder()
     good = wire.encode({"t": "bye"})
     out = dec.feed(struct.pack("!I", 2) + b"\xc1\xc1" + good)
-    assert isinstance(out[0], wire.BadFrame) and out[1] == {"t": "bye"}
+    assert isinstance(out[0], WireDecodeError) and "undecodable" in str(out[0]) and out[1] == {"t": "bye"}
 
 
 @settings(max_examples=200, deadline=None)
@@ -63,10 +68,10 @@ def test_fuzz_frame_decoder_never_crashes(data):
     dec = FrameDecoder(max_frame=1000)
     try:
         msgs = dec.feed(data)
-    except WireDecodeError:
+    except FramingError:
         return
     for msg in msgs:
-        if isinstance(msg, wire.BadFrame):
+        if isinstance(msg, WireDecodeError):
             continue
         try:
             wire.validate(msg)
@@ -153,3 +158,19 @@ def test_verdict_batch_round_trip(records):
 def test_batch_errors(obj, why):
     with pytest.raises(WireDecodeError, match=why):
         wire.unpack_datagram(msgpack.packb(obj))
+
+
+def test_optional_hello_fields_and_delegate_are_declared():
+    """Added without changing any existing shape: an old booster's hello is still valid."""
+    wire.validate({"t": "hello", "id": 1, "name": "old", "version": 1})
+    wire.validate({"t": "hello", "id": 1, "name": "ctl", "version": 1, "observer": True})
+    wire.validate({"t": "hello", "id": 1, "name": "new", "version": 1, "features": ["delegate"]})
+    with pytest.raises(WireDecodeError, match="features"):
+        wire.validate({"t": "hello", "id": 1, "name": "x", "version": 1, "features": "delegate"})
+    with pytest.raises(WireDecodeError, match="features"):
+        wire.validate({"t": "hello", "id": 1, "name": "x", "version": 1, "features": ["f"] * 17})
+    wire.validate({"t": "delegate", "cookie": 3, "delivery": {"kind": "socket", "params": {}, "nfds": 1},
+                   "nfds": 1})
+    with pytest.raises(WireDecodeError, match="missing field 'delivery'"):
+        wire.validate({"t": "delegate", "cookie": 3, "nfds": 1})
+    assert "delegate" not in wire.REQUESTS and "delegate" in wire.FEATURES

@@ -215,3 +215,48 @@ def test_directory_behaves_like_a_dict(tmp_path_factory, operations):
         assert d.items(booster, "a/") == sorted((k, v) for k, v in model[booster].items() if k.startswith("a/"))
         assert d.count(booster) == len(model[booster])
     d.close()
+
+
+def test_names_are_bound_to_their_first_uid_for_good(tmp_path):
+    with Directory(tmp_path) as d:
+        assert d.bind_name("fcd-booster", 0) is None
+        assert d.bind_name("fcd-booster", 0) is None
+        assert d.bind_name("fcd-booster", 65534) == 0
+        assert d.names_of(0) == ["fcd-booster"]
+    with Directory(tmp_path) as d:                      # persisted
+        assert d.name_owner("fcd-booster") == 0 and d.bind_name("fcd-booster", 65534) == 0
+        assert d.release_name("fcd-booster") and d.bind_name("fcd-booster", 65534) is None
+
+
+def test_bytes_are_accounted_and_bounded(tmp_path):
+    with Directory(tmp_path, max_total_bytes=1000) as d:
+        d.put("a", "k", b"x" * 400)
+        size = d.bytes_of("a")
+        assert 400 < size < 410 and d.total_bytes == size
+        with pytest.raises(QuotaExceeded, match="quota"):
+            d.put("a", "k2", b"x" * 100, max_growth=50)
+        d.put("a", "k", b"x" * 10, max_growth=0)       # shrinking always fits
+        d.put("b", "k", b"y" * 500)
+        with pytest.raises(QuotaExceeded, match="directory is full"):
+            d.put("c", "k", b"z" * 600)
+        assert d.stats["refused_directory_full"] == 1 and d.stats["refused_quota_bytes"] == 1
+        d.delete("b", "k")
+        assert d.bytes_of("b") == 0 and d.total_bytes == d.bytes_of("a")
+    with Directory(tmp_path) as d:                      # reloaded at open
+        assert d.total_bytes == d.bytes_of("a") > 0
+
+
+def test_pages_cover_everything_once(tmp_path):
+    with Directory(tmp_path) as d:
+        for i in range(25):
+            d.put("a", f"k{i:02}", "v" * 100)
+        d.put("a", "other", 1)
+        seen, after = [], None
+        while True:
+            items, after = d.page("a", "k", after, limit=7, max_bytes=1 << 20)
+            seen += [k for k, _ in items]
+            if after is None:
+                break
+        assert seen == [f"k{i:02}" for i in range(25)]
+        items, after = d.page("a", "", None, limit=100, max_bytes=250)   # bounded by bytes too
+        assert len(items) == 2 and after == "k01"

@@ -165,3 +165,80 @@ def test_check_equals_brute_force_cover(grants, candidate):
 
     expected = any(grant_allows(g) for g in policy.grants)
     assert (policy.check("b", 0, candidate) is None) == expected
+
+
+# ---------------------------------------------------------------- beyond rules (issue 11)
+
+BEYOND = """
+[management]
+uids = [1000]
+
+[[grant]]
+name = "reflector"
+boosters = "mmpog-*"
+uids = [1000]
+actions = ["redirect", "multicast"]
+protocols = ["udp"]
+dst_prefixes = ["10.0.0.0/8"]
+dst_ports = ["9000-9099"]
+max_group_members = 3
+member_prefixes = ["10.0.0.0/8"]
+send = true
+
+[[grant]]
+name = "auditor"
+boosters = "audit"
+actions = ["copy"]
+copy_foreign = true
+"""
+
+
+def test_names_bound_by_grants():
+    policy = Policy.loads(BEYOND)
+    assert policy.may_use_name("mmpog-r", 1000) is None
+    assert "binds this name to uid 1000" in policy.may_use_name("mmpog-r", 65534)
+    assert policy.may_use_name("unnamed", 65534) is None      # no grant names it: it may register, with nothing
+    assert Policy.allow_all().may_use_name("mmpog-r", 65534) is None
+
+
+def test_queries_need_root_or_management():
+    policy = Policy.loads(BEYOND)
+    assert policy.may_query(0) is None and policy.may_query(1000) is None
+    assert "may not query" in policy.may_query(65534)
+    assert Policy.allow_all().may_query(65534) is None
+
+
+def test_send_needs_a_grant_with_send():
+    policy = Policy.loads(BEYOND)
+    assert policy.may_send("mmpog-r", 1000, 17, "10.1.1.1", 9000, "10.2.2.2", 9001) is None
+    assert "may not send" in policy.may_send("mmpog-r", 1000, 17, "10.1.1.1", 9000, "192.168.1.1", 9001)
+    assert "may not send" in policy.may_send("mmpog-r", 65534, 17, "10.1.1.1", 9000, "10.2.2.2", 9001)
+    assert "may not send" in policy.may_send("audit", 0, 17, "10.1.1.1", 9000, "10.2.2.2", 9001)
+    allow_all = Policy.allow_all()
+    assert allow_all.may_send("x", 0, 17, "1.1.1.1", 1, "2.2.2.2", 2) is None
+    assert allow_all.may_send("x", 65534, 17, "1.1.1.1", 1, "2.2.2.2", 2) is not None
+
+
+def test_copy_foreign_and_groups():
+    policy = Policy.loads(BEYOND)
+    copy = Rule(match=Match(proto="udp", dst_port=9000), action=Action.COPY, priority=1, owner="a", cookie=1)
+    assert policy.may_copy_foreign("audit", 65534, copy) is None
+    assert "another uid" in policy.may_copy_foreign("mmpog-r", 1000, copy)
+    assert Policy.allow_all().may_copy_foreign("x", 0, copy) is None
+    assert Policy.allow_all().may_copy_foreign("x", 65534, copy) is not None
+    members = [("10.0.0.1", 9000), ("10.0.0.2", 9001)]
+    assert policy.check_group("mmpog-r", 1000, members) is None
+    assert "does not cover member 192.168.0.1:9000" in policy.check_group("mmpog-r", 1000, [("192.168.0.1", 9000)])
+    assert "allows 3 members" in policy.check_group("mmpog-r", 1000, members * 2)
+    assert "does not allow multicast" in policy.check_group("audit", 0, members)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[management]\nuids = [-1]\n", "negative"),
+    ("[management]\nwho = 1\n", "unknown key"),
+    ('[[grant]]\nboosters = "x"\nsend = "yes"\n', "send must be true or false"),
+    ('[[grant]]\nboosters = "x"\nmax_group_members = 0\n', "max_group_members"),
+])
+def test_bad_new_keys(text, message):
+    with pytest.raises(ConfigError, match=message):
+        Policy.loads(text)
