@@ -108,6 +108,9 @@ def build_app(controller: Any) -> web.Application:
 
     app = web.Application()
     app.add_routes(routes)
+    from boxcore.dashboard import mount_dashboard   # the live page at / and its stream /api/events
+
+    mount_dashboard(app, controller)
     return app
 
 
