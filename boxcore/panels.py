@@ -228,7 +228,7 @@ def validate_panel(panel: Any) -> dict:
         if not isinstance(part, dict):
             raise PanelError(f"{where}: expected a map, got {type(part).__name__}")
         kind = part.get("kind")
-        if kind not in _PARTS:
+        if not isinstance(kind, str) or kind not in _PARTS:
             raise PanelError(f"{where}: kind {kind!r} is not one of {', '.join(PART_KINDS)}")
         parts.append(_PARTS[kind](part, where))
     return {"v": FORMAT_VERSION, "title": _text(panel.get("title"), "panel.title"), "parts": parts}

@@ -43,6 +43,7 @@
     $("n-boosters").textContent = fmt(tick.counts.boosters);
     $("n-rules").textContent = fmt(tick.counts.rules);
     $("total-pps").textContent = fmt(tick.traffic.pps);
+    $("total-pps").dataset.value = tick.traffic.pps;
     $("total-bps").textContent = fmt(tick.traffic.bps);
     $("n-evictions").textContent = fmt(tick.counts.evictions);
     $("failopen-state").textContent = tick.failopen.state;
@@ -66,7 +67,10 @@
       [r.cookie, "num"], [r.owner], [r.action], [r.match, "match"], [r.delivery],
       [fmt(r.packets), "num packets"], [fmt(r.pps), "num pps"], [fmt(r.bps), "num"],
     ]);
-    [...rules.children].forEach((tr, i) => { tr.dataset.cookie = tick.rules[i].cookie; });
+    [...rules.children].forEach((tr, i) => {
+      tr.dataset.cookie = tick.rules[i].cookie;
+      tr.dataset.packets = tick.rules[i].packets;
+    });
     $("rules-more").textContent = tick.rules_not_shown ? `(${tick.rules_not_shown} more not shown)` : "";
 
     $("failopen-mode").textContent = tick.failopen.mode;

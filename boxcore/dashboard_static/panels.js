@@ -131,7 +131,7 @@
       road.appendChild(title);
       map.appendChild(road);
     });
-    const r = Math.max(width, height) / 140;
+    const r = Math.max(width, height) / 200;
     for (const [x, y, colour, label] of part.points) {
       const dot = svg("circle", { cx: x, cy: -y, r, class: `marker m-${colour}` });
       if (label) { const t = svg("title"); t.textContent = label; dot.appendChild(t); }
@@ -154,20 +154,24 @@
   }
 
   function renderGraph(part) {
-    const W = 640, H = 360;
+    const W = 760, H = 420;
     const groups = [...new Set(part.nodes.map((n) => n[2]))].sort();
     const groupIndex = new Map(groups.map((g, i) => [g, i]));
     const members = new Map(groups.map((g) => [g, []]));
     for (const node of part.nodes) members.get(node[2]).push(node);
     const pos = new Map();
-    const R = groups.length > 1 ? Math.min(W, H) * 0.32 : 0;
+    const R = groups.length > 1 ? Math.min(W, H) * 0.3 : 0;
     groups.forEach((g, gi) => {
       const a = 2 * Math.PI * gi / groups.length - Math.PI / 2;
       const cx = W / 2 + R * 1.35 * Math.cos(a), cy = H / 2 + R * Math.sin(a);
+      // a group of three or more: its first node (e.g. the cluster's booster) in the middle
       const list = members.get(g);
-      const r = list.length > 1 ? Math.min(70, 14 + 7 * list.length) : 0;
-      list.forEach((node, ni) => {
-        const b = 2 * Math.PI * ni / list.length;
+      const centred = list.length >= 3 ? list.slice(0, 1) : [];
+      const ring = list.slice(centred.length);
+      const r = ring.length > 1 ? Math.min(90, 30 + 8 * ring.length) : 0;
+      for (const node of centred) pos.set(node[0], [cx, cy]);
+      ring.forEach((node, ni) => {
+        const b = 2 * Math.PI * ni / ring.length - Math.PI / 2;
         pos.set(node[0], [cx + r * Math.cos(b), cy + r * Math.sin(b)]);
       });
     });
@@ -233,7 +237,7 @@
 
   function renderSeries(part) {
     const series = Object.entries(part.series).map(([name, points]) => ({ name, points }));
-    return lineChart(series, { unit: part.unit, height: 140 });
+    return lineChart(series, { unit: part.unit, relative: true, width: 900, height: 170 });
   }
 
   const RENDER = { figures: renderFigures, map: renderMap, graph: renderGraph, table: renderTable, series: renderSeries };
