@@ -75,7 +75,7 @@ def _numeric(counters: dict) -> dict[str, float]:
     return {str(k): v for k, v in counters.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-class _Client:
+class SseClient:
     """One browser's queue of encoded messages (bounded; overflow closes it)."""
 
     def __init__(self, limit: int) -> None:
@@ -122,7 +122,7 @@ class DashboardHub:
         self.client_queue = client_queue
         self.history: collections.deque[list] = collections.deque(maxlen=max(2, int(history_seconds / interval)))
         self.stats: collections.Counter[str] = collections.Counter()
-        self.clients: set[_Client] = set()
+        self.clients: set[SseClient] = set()
         self.panels: dict[str, dict] = {}
         self.last_tick: dict | None = None
         self.events: collections.deque[dict] = collections.deque(maxlen=MAX_EVENTS)
@@ -161,16 +161,16 @@ class DashboardHub:
         self._watches.clear()
 
     # ------------------------------------------------------------------ clients
-    def subscribe(self) -> _Client | None:
+    def subscribe(self) -> SseClient | None:
         if len(self.clients) >= self.max_clients:
             self.stats["sse_refused"] += 1
             return None
-        client = _Client(self.client_queue)
+        client = SseClient(self.client_queue)
         self.clients.add(client)
         self.stats["sse_connections"] += 1
         return client
 
-    def unsubscribe(self, client: _Client) -> None:
+    def unsubscribe(self, client: SseClient) -> None:
         self.clients.discard(client)
         if client.overflowed:
             self.stats["sse_slow_clients_dropped"] += 1
@@ -363,7 +363,7 @@ class DashboardHub:
 
 DASHBOARD_HUB = web.AppKey("dashboard_hub", DashboardHub)
 
-def _static_response(name: str) -> web.FileResponse:
+def static_response(name: str) -> web.FileResponse:
     response = web.FileResponse(STATIC_DIR / name)
     response.headers["Cache-Control"] = "no-cache"
     response.headers["Content-Security-Policy"] = CSP
@@ -379,7 +379,7 @@ async def static_file(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     if name not in STATIC_FILES:
         raise web.HTTPNotFound()
-    response = _static_response(name)
+    response = static_response(name)
     response.content_type = STATIC_FILES[name]
     return response
 
@@ -408,7 +408,7 @@ def mount_dashboard(app: web.Application, controller: Any, **hub_options: Any) -
     hub = DashboardHub(controller, **hub_options)
 
     async def index(request: web.Request) -> web.StreamResponse:
-        response = _static_response("index.html")
+        response = static_response("index.html")
         response.content_type = "text/html"
         return response
 
