@@ -14,7 +14,7 @@ import sys
 from boxcore.booster import Booster
 from boxcore.panels import PANEL_KEY, publish_panel, publish_panel_every
 
-from tests.dashboard import verticals
+from tools import demo_panels as verticals
 
 
 async def main(argv: list[str]) -> int:

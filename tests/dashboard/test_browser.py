@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from tests.dashboard.conftest import Traffic, console_errors, screenshot
-from tests.dashboard import verticals
+from tools import demo_panels as verticals
 
 TIMEOUT = 30
 

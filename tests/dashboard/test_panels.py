@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from boxcore.panels import (MAX_PANEL_BYTES, PANEL_KEY, PanelError, PanelPublisher, Rates, Series, encoded_size,
                             figures_part, publish_panel, validate_panel)
 from boxcore.testing import MemoryBox
-from tests.dashboard import verticals
+from tools import demo_panels as verticals
 
 
 def good_panel(**extra) -> dict:
