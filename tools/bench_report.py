@@ -270,7 +270,9 @@ class Card:
         if self.images:
             out.append('<div class="figs">')
             for caption, uri in self.images:
-                out.append(f'<figure><img alt="{e(caption)}" src="{uri}"><figcaption>{e(caption)}</figcaption></figure>')
+                wide = ' class="wide"' if len(self.images) == 1 and self.key == "np" else ""
+                out.append(f'<figure{wide}><img alt="{e(caption)}" src="{uri}"><figcaption>{e(caption)}</figcaption>'
+                           f'</figure>')
             out.append("</div>")
         if self.rows:
             out.append("<table><tr><th>quantity</th><th>paper (typed in from the text)</th><th>ours</th></tr>")
@@ -311,7 +313,13 @@ def fcd_cards(data: dict) -> list[Card]:
                                 f"at {near['offered_pps']:,.0f}")
         fig7.rows.append((f"loss near {rate:,} p/s (ours: nearest measured rate)", paper_text, "; ".join(measured)))
     k0, kmax = knees.get("0"), max((v for b, v in knees.items() if b != "0" and v), default=None)
-    ratio = f"{kmax / k0:.1f}x" if k0 and kmax else "n/a"
+    top = max((r["offered_pps"] for r in rows if r["boxes"] != 0), default=None)
+    if k0 and kmax:
+        ratio = f"{kmax / k0:.1f}x"
+    elif k0 and top and any(v is None for b, v in knees.items() if b != "0"):
+        ratio = f"more than {top / k0:.1f}x (no knee with boxes up to {top:,.0f} p/s, the highest rate offered)"
+    else:
+        ratio = "n/a (no knee without boxes in the range)"
     fig7.differs = (f"absolute rates are not comparable (the paper's 2003 machines; here every role gets "
                     f"{data.get('budget_cpu')} of a core, boxes and server alike, where the paper's boxes were eight "
                     f"times slower than its server); compare how far boxes push the knee: paper more than 3x "
@@ -441,7 +449,7 @@ header{background:#1d2330;color:#fff;padding:12px 20px}header h1{margin:0;font-s
 main{padding:16px 20px;display:flex;flex-direction:column;gap:16px;max-width:1400px}
 .card{background:#fff;border:1px solid #dde1e7;border-radius:6px;padding:12px 16px}
 h2{font-size:16px;margin:0 0 8px}.figs{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0;flex:1 1 420px;min-width:0;max-width:760px}figure img{width:100%;height:auto}figcaption{font-size:12px;color:#6a7282}
+figure{margin:0;flex:1 1 420px;min-width:0;max-width:760px}figure.wide{max-width:none}figure img{width:100%;height:auto}figcaption{font-size:12px;color:#6a7282}
 table{border-collapse:collapse;width:100%;font-size:13px;margin-top:8px}th,td{text-align:left;border-bottom:1px solid #eef0f3;padding:4px 6px;vertical-align:top}
 th{color:#6a7282;font-weight:500}.status{color:#b7791f;font-weight:600}.differs{font-size:13px}code{font-size:12px;background:#f0f2f5;padding:1px 4px;border-radius:3px}
 """

@@ -131,7 +131,7 @@
       road.appendChild(title);
       map.appendChild(road);
     });
-    const r = Math.max(width, height) / 200;
+    const r = Math.max(width, height) / 110;
     for (const [x, y, colour, label] of part.points) {
       const dot = svg("circle", { cx: x, cy: -y, r, class: `marker m-${colour}` });
       if (label) { const t = svg("title"); t.textContent = label; dot.appendChild(t); }

@@ -79,7 +79,6 @@ async def test_booster_panel_appears_draws_every_road_and_goes(box, browser, pan
     assert len({stroke for _, stroke, _ in roads}) > 1          # roads differ by queue length
     lights = sum(len(light.roads) for light in city.lights)
     assert count(browser, '#panels .panel[data-booster="fcd-test"] svg circle.marker') == lights
-    browser.execute_script("document.querySelector('#panels').scrollIntoView();")
     screenshot(browser, "dashboard-fcd-panel.png")
     await booster.stop()
     wait_until(browser, lambda d: not panel(d, "fcd-test"), "the panel stayed after its booster left")

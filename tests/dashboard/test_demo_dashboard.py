@@ -40,7 +40,6 @@ async def test_demo_dashboard_is_live_during_the_tour_and_kept_after(browser, tm
         assert proc.returncode is None                     # --keep: still serving after the tour
         later = rule_packets(browser)
         wait_until(browser, lambda d: rule_packets(d) > later, "the kept dashboard is not live")
-        browser.execute_script("document.querySelector('#panels').scrollIntoView();")
         screenshot(browser, "dashboard-demo.png")
         assert console_errors(browser) == []
         proc.send_signal(signal.SIGINT)

@@ -1,0 +1,93 @@
+"""The dashboard's event stream: the hub on an in-process controller, and /api/events of a real boxd."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+
+from boxcore.dashboard import DashboardHub
+from boxcore.fleet import read_events
+from boxcore.packet import Packet
+from boxcore.panels import PANEL_KEY, publish_panel
+from boxcore.rules import Match
+from boxcore.testing import BoxdProcess, MemoryBox
+from tools import demo_panels
+
+
+async def test_hub_rates_panels_and_departures(tmp_path):
+    async with MemoryBox(state=tmp_path) as box:
+        hub = DashboardHub(box.controller)
+        booster = await box.connect("counter")
+        await booster.copy(Match(proto="udp", dst_port=7000), lambda pkt: None)
+        assert [event for event, _ in hub.sample()] == ["tick"]             # no panel yet
+        for _ in range(10):
+            await box.inject(Packet(17, "10.0.0.1", 5000, "10.0.0.2", 7000, b"x" * 100))
+        await publish_panel(booster, demo_panels.mmpog_builder()[0].build())
+        events = hub.sample()
+        tick = events[0][1]
+        assert tick["rules"][0]["packets"] == 10 and tick["rules"][0]["pps"] > 0
+        assert tick["traffic"]["pps"] == tick["rules"][0]["pps"]
+        assert tick["boosters"][0]["name"] == "counter" and tick["boosters"][0]["heartbeat"] == "ok"
+        assert [d["booster"] for e, d in events if e == "panel"] == ["counter"]
+        assert tick["directory"][0]["names"] == [PANEL_KEY] and tick["directory"][0]["connected"]
+        assert hub.snapshot()["panels"][0]["panel"]["title"].startswith("game reflector")
+        await booster.directory.put(PANEL_KEY, {"title": "broken"})        # around the publisher
+        refused = [d for e, d in hub.sample() if e == "panel"]
+        assert "parts" in refused[0]["error"] and hub.stats["panel_invalid"] == 1
+        await booster.close()
+        await asyncio.sleep(0)
+        events = hub.sample()
+        assert ("panel_removed", {"booster": "counter"}) in events
+        assert events[0][1]["events"][-1]["what"] in ("left", "evicted")
+        assert hub.panels == {}
+        await hub.stop()
+
+
+async def test_a_client_that_does_not_read_is_dropped_not_buffered(tmp_path):
+    async with MemoryBox(state=tmp_path) as box:
+        hub = DashboardHub(box.controller, client_queue=4)
+        slow, fast = hub.subscribe(), hub.subscribe()
+        for _ in range(6):
+            hub.broadcast(hub.sample())
+            while fast.buffer:
+                await fast.next()
+        assert slow.closed and await slow.next() is None
+        hub.unsubscribe(slow)
+        assert hub.stats["sse_slow_clients_dropped"] == 1 and not fast.closed
+        hub.max_clients = 1
+        assert hub.subscribe() is None and hub.stats["sse_refused"] == 1
+        await hub.stop()
+
+
+async def test_boxd_streams_events_limits_clients_and_stops_promptly(tmp_path):
+    boxd = BoxdProcess(tmp_path / "boxd")
+    await boxd.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(boxd.http_url + "/api/events") as response:
+                assert response.headers["Content-Type"].startswith("text/event-stream")
+                seen = []
+                async for event, data in read_events(response.content, __import__("collections").Counter()):
+                    seen.append((event, data))
+                    if len(seen) == 3:
+                        break
+                assert [e for e, _ in seen] == ["snapshot", "tick", "tick"]
+                assert seen[1][1]["engine"] == "user" and seen[2][1]["point"] is not None
+            async with http.get(boxd.http_url + "/") as page:
+                assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+                assert "/api/events" in await (await http.get(
+                    boxd.http_url + "/dashboard/static/dashboard.js")).text()
+            assert (await http.get(boxd.http_url + "/dashboard/static/../boxd.py")).status == 404
+            # an open stream must not hold boxd's shutdown (aiohttp would wait up to a minute)
+            stream = await http.get(boxd.http_url + "/api/events")
+            await stream.content.readline()
+            started = time.monotonic()
+            boxd.proc.terminate()
+            assert await asyncio.wait_for(boxd.proc.wait(), 20) == 0
+            assert time.monotonic() - started < 10
+            stream.close()
+    finally:
+        await boxd.stop()
