@@ -86,6 +86,17 @@ def _number(value: Any, where: str, *, optional: bool = False) -> float | int | 
     return value
 
 
+_PLAIN_NUMBERS = {int, float}
+
+
+def _numbers(values: list, where: str, *, optional: bool = False) -> list:
+    """A list of numbers (or None when ``optional``); checked at C speed when all are plain and finite."""
+    kinds = set(map(type, values))
+    if kinds <= _PLAIN_NUMBERS and (kinds == {int} or all(map(math.isfinite, values))):
+        return list(values)
+    return [_number(v, f"{where}[{i}]", optional=optional) for i, v in enumerate(values)]
+
+
 def _list(value: Any, where: str, limit: int, *, min_len: int = 0) -> list:
     if not isinstance(value, (list, tuple)):
         raise PanelError(f"{where}: expected a list, got {type(value).__name__}")
@@ -129,9 +140,9 @@ def _map(part: dict, where: str) -> dict:
         line = _list(line, f"{where}.lines[{i}]", 2 * MAX_LINE_POINTS, min_len=4)
         if len(line) % 2:
             raise PanelError(f"{where}.lines[{i}]: needs x, y pairs (odd length {len(line)})")
-        lines.append([_number(c, f"{where}.lines[{i}]") for c in line])
-    values = [_number(v, f"{where}.values[{i}]", optional=True)
-              for i, v in enumerate(_list(part.get("values", [None] * len(lines)), f"{where}.values", MAX_LINES))]
+        lines.append(_numbers(line, f"{where}.lines[{i}]"))
+    values = _numbers(_list(part.get("values", [None] * len(lines)), f"{where}.values", MAX_LINES),
+                      f"{where}.values", optional=True)
     if len(values) != len(lines):
         raise PanelError(f"{where}: {len(values)} values for {len(lines)} lines")
     scale = part.get("scale")
@@ -313,16 +324,20 @@ class PanelPublisher:
         self.min_interval = min_interval
         self.max_bytes = max_bytes
         self.stats = {"published": 0, "coalesced": 0, "refused_invalid": 0, "refused_too_large": 0,
-                      "write_errors": 0}
+                      "write_errors": 0, "skipped_closed": 0}
         self._holding = False           # a write happened less than min_interval ago
         self._pending: dict | None = None
 
     async def publish(self, panel: dict) -> bool:
         """Validate and write ``panel`` now, or keep it for when the interval is over.
 
-        Returns True when written now, False when deferred.  Raises :class:`PanelError` for a
-        panel that breaks the format or exceeds ``max_bytes``: nothing is written then.
+        Returns True when written now, False when deferred (or the booster is no longer connected:
+        a timer may outlive it).  Raises :class:`PanelError` for a panel that breaks the format or
+        exceeds ``max_bytes``: nothing is written then.
         """
+        if getattr(self.booster, "closed", False):
+            self.stats["skipped_closed"] += 1
+            return False
         try:
             panel = validate_panel(panel)
         except PanelError:

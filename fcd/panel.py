@@ -49,8 +49,9 @@ def light_points(city: City, masks: dict[int, int]) -> list[list]:
 LIGHT_LEGEND = [["green", "green light"], ["red", "red light"], ["grey", "light not seen yet"]]
 
 
-def queue_map(city: City, queue: np.ndarray, masks: dict[int, int], title: str = "queue per road") -> dict:
-    return colour_scale_part(road_lines(city), [int(q) for q in queue], label="queue", unit="cars", title=title,
+def queue_map(city: City, queue: np.ndarray, masks: dict[int, int], title: str = "queue per road",
+              lines: list[list[int]] | None = None) -> dict:
+    return colour_scale_part(lines or road_lines(city), queue.tolist(), label="queue", unit="cars", title=title,
                              scale=(0, max(4, int(queue.max()) if len(queue) else 4)),
                              points=light_points(city, masks), legend=LIGHT_LEGEND)
 
@@ -74,9 +75,12 @@ class BoxPanel:
         self.clock = clock
         self.rates = Rates()
         self.series = Series(history)
+        self._lines: tuple[Any, list[list[int]]] | None = None     # (city, its road lines): drawn once
 
     def build(self) -> dict:
         box, now = self.box, self.clock()
+        if self._lines is None or self._lines[0] is not box.city:
+            self._lines = (box.city, road_lines(box.city))
         agg = box.ingest.aggregator
         used = agg.used
         data_time = float(np.max(agg.t_last[:used])) if used else 0.0
@@ -93,6 +97,7 @@ class BoxPanel:
                 ("lost datagrams", counters["lost"], ""), ("malformed", counters["malformed"], ""),
                 ("reports not yet acknowledged", counters["unacked"], ""), ("data time", round(data_time, 1), "s"),
             ]),
-            queue_map(city, queue, agg.light_mask, title=f"queue per road ({city.n_roads} roads, lights at stop lines)"),
+            queue_map(city, queue, agg.light_mask, title=f"queue per road ({city.n_roads} roads, lights at stop lines)",
+                      lines=self._lines[1]),
             self.series.part("what the box takes in and sends to the server", "per s"),
         ]}

@@ -153,3 +153,18 @@ def test_mmpog_panel_lists_locations_and_members():
     table = next(p for p in validate_panel(builder.build())["parts"] if p["kind"] == "table")
     assert [row[0] for row in table["rows"]] == [1, 2, 3]
     assert all(row[1] == 4 for row in table["rows"])
+
+
+async def test_a_panel_timer_outliving_its_booster_writes_nothing(tmp_path):
+    from boxcore.panels import publish_panel_every, publisher
+
+    async with MemoryBox(state=tmp_path) as box:
+        booster = await box.connect("short-lived")
+        builds = []
+        publish_panel_every(booster, lambda: builds.append(1) or good_panel())
+        await box.advance(1.0)
+        assert publisher(booster).stats["published"] == 1
+        await booster.close()
+        await box.advance(2.0)
+        assert publisher(booster).stats["skipped_closed"] >= 1
+        assert booster.stats["handler_errors"] == 0
