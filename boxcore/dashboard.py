@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 import logging
 import time
@@ -40,6 +41,7 @@ STATIC_PREFIX = "/dashboard/static"
 HISTORY_SECONDS = 300
 MAX_RULES_SHOWN = 500
 MAX_KEYS_SHOWN = 50
+MAX_DIRECTORY_ROWS = 100
 MAX_EVENTS = 50
 WRITE_TIMEOUT = 10.0
 # Engine counters that count packets passed on without a booster's verdict (the box failing open).
@@ -63,6 +65,18 @@ HEALTH_WORDS = ("error", "failure", "stall", "malformed")
 HEALTH_WINDOW = 60.0
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _first_keys(directory: Any, booster: str, limit: int) -> list[str]:
+    """The first ``limit`` key names of ``booster`` without decoding any value.
+
+    ``Directory`` has no public key listing yet; its row iterator reads rows lazily, so only
+    ``limit`` rows are read however many keys the booster holds.
+    """
+    keys = getattr(directory, "keys", None)
+    if callable(keys):
+        return list(itertools.islice(keys(booster), limit))
+    return [key for key, _ in itertools.islice(directory._rows(booster, ""), limit)]
 
 
 def sse_message(event: str, data: Any) -> bytes:
@@ -315,14 +329,19 @@ class DashboardHub:
         if directory is None:
             return []
         out = []
-        for name, summary in sorted(directory.boosters().items()):
+        summaries = directory.boosters()
+        # connected boosters first, then the others by name; at most MAX_DIRECTORY_ROWS
+        names = sorted(summaries, key=lambda n: (n not in connected, n))[:MAX_DIRECTORY_ROWS]
+        for name in names:
+            summary = summaries[name]
             fingerprint = (summary.get("keys", 0), summary.get("bytes", 0))
             cached = self._key_names.get(name)
             if cached is None or cached[0] != fingerprint:
-                names = [key for key, _ in directory.items(name)[:MAX_KEYS_SHOWN]]
-                cached = self._key_names[name] = (fingerprint, names)
+                cached = self._key_names[name] = (fingerprint, _first_keys(directory, name, MAX_KEYS_SHOWN))
             out.append({"booster": name, "keys": fingerprint[0], "bytes": fingerprint[1],
                         "names": cached[1], "connected": name in connected})
+        for gone in set(self._key_names) - set(names):
+            del self._key_names[gone]
         return out
 
     def _panels(self, connected: set[str]) -> list[tuple[str, Any]]:

@@ -91,3 +91,18 @@ async def test_boxd_streams_events_limits_clients_and_stops_promptly(tmp_path):
             stream.close()
     finally:
         await boxd.stop()
+
+
+async def test_directory_shows_key_names_not_values_and_stays_bounded(tmp_path):
+    async with MemoryBox(state=tmp_path) as box:
+        hub = DashboardHub(box.controller)
+        booster = await box.connect("keeper")
+        for i in range(60):
+            await booster.directory.put(f"k{i:03d}", "x" * 1000)
+        box.directory.put("offline-booster", "state", 1)       # a booster that is not connected
+        rows = hub.sample()[0][1]["directory"]
+        assert [r["booster"] for r in rows] == ["keeper", "offline-booster"]     # connected first
+        assert rows[0]["keys"] == 60 and rows[0]["names"] == [f"k{i:03d}" for i in range(50)]
+        assert not rows[1]["connected"]
+        assert "x" * 1000 not in json.dumps(rows)
+        await hub.stop()
