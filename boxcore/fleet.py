@@ -21,7 +21,6 @@ import logging
 import sys
 import time
 import urllib.parse
-from typing import Any
 
 import aiohttp
 from aiohttp import web

@@ -27,7 +27,6 @@ under its keys; a bad panel is shown as an error, never rendered).  Limits: at m
 
 from __future__ import annotations
 
-import logging
 import math
 import weakref
 from collections import deque
@@ -35,7 +34,6 @@ from typing import Any, Callable, Iterable
 
 import msgpack
 
-log = logging.getLogger("boxcore.panels")
 
 PANEL_KEY = "panel"
 FORMAT_VERSION = 1

@@ -94,8 +94,6 @@ class Traffic:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        import time
-
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         burst = max(1, self.rate // 20)
         while not self.stopped.is_set():

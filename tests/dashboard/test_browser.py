@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
-import pytest
-
 from tests.dashboard.conftest import Traffic, console_errors, screenshot
 from tools import demo_panels as verticals
 

@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.dashboard.conftest import REPO, console_errors, screenshot
 
 NP_JSON = REPO / "docs" / "npdrv-latency.json"
