@@ -54,6 +54,8 @@
     if (opts.span && isFinite(tMax)) tMin = Math.min(tMin, tMax - opts.span);
     if (!isFinite(tMin) || tMax <= tMin) { tMin = 0; tMax = 1; }
     if (vMax <= 0) vMax = 1;
+    const step = Math.pow(10, Math.floor(Math.log10(vMax)));      // a round top: 1, 2 or 5 x 10^k
+    vMax = [1, 2, 5, 10].map((m) => m * step).find((top) => top >= vMax);
     const x = (t) => L + (t - tMin) / (tMax - tMin) * (W - L - R);
     const y = (v) => T + (1 - v / vMax) * (H - T - B);
     for (const frac of [0, 0.5, 1]) {

@@ -41,13 +41,18 @@ def _browser_problem() -> str | None:
     return None
 
 
-@pytest.fixture
-def browser():
+def require_browser() -> None:
+    """Skip (outside CI) or fail (in CI) when headless Chromium cannot be driven here."""
     problem = _browser_problem()
     if problem is not None:
         if in_ci():
             pytest.fail(f"browser test cannot run in CI: {problem}", pytrace=False)
         pytest.skip(problem)
+
+
+@pytest.fixture
+def browser():
+    require_browser()
     os.environ["SE_OFFLINE"] = "true"          # selenium-manager must not fetch anything
     os.environ["SE_AVOID_STATS"] = "true"
     from selenium import webdriver
