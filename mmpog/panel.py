@@ -13,7 +13,7 @@ from typing import Any
 
 from boxcore.panels import MAX_ROWS, Rates, Series, figures_part, table_part
 
-MEMBERS_SHOWN = 12
+MEMBERS_SHOWN = 8
 
 
 class ReflectorPanel:
@@ -42,11 +42,11 @@ class ReflectorPanel:
             players = sorted(core.member_players(location))
             members_total += len(players)
             shown = ", ".join(str(p) for p in players[:MEMBERS_SHOWN]) + (" …" if len(players) > MEMBERS_SHOWN else "")
-            rows.append([location, stats["members"], stats["bound"], shown,
+            rows.append([location, stats["members"], stats["bound"],
                          rate(f"loc{location}.in", stats["received"], now),
                          rate(f"loc{location}.out", stats["fanout_datagrams"], now),
                          stats["reliable"], stats["retransmitted"], stats["nacks"], stats["heartbeats"],
-                         stats["buffered"], stats["last_seq"]])
+                         stats["buffered"], stats["last_seq"], shown])
         transport = service.transport
         return {"title": "game reflector" + (f" ({transport.get('fanout')})" if transport.get("fanout") else ""),
                 "parts": [
@@ -59,7 +59,7 @@ class ReflectorPanel:
                         ("heartbeats", totals["heartbeats"], ""), ("send dropped", io["send_dropped"], ""),
                     ]),
                     self.series.part("reflector rates", "per s"),
-                    table_part(["location", "members", "bound", "players", "in/s", "out/s", "reliable",
-                                "retransmitted", "NACKs", "heartbeats", "buffered", "last seq"], rows,
+                    table_part(["location", "members", "bound", "in/s", "out/s", "reliable", "retransmitted",
+                                "NACKs", "heartbeats", "buffered", "last seq", "players"], rows,
                                title="locations"),
                 ]}

@@ -156,29 +156,43 @@
   }
 
   function renderGraph(part) {
-    const W = 760, H = 420;
-    const groups = [...new Set(part.nodes.map((n) => n[2]))].sort();
+    const W = 760, H = 440;
+    // groups in order of first appearance: the first (e.g. this booster's cluster) in the middle,
+    // the others around it; in a group of three or more nodes its first node sits in the middle
+    const groups = [...new Set(part.nodes.map((n) => n[2]))];
     const groupIndex = new Map(groups.map((g, i) => [g, i]));
     const members = new Map(groups.map((g) => [g, []]));
     for (const node of part.nodes) members.get(node[2]).push(node);
     const pos = new Map();
-    const R = groups.length > 1 ? Math.min(W, H) * 0.3 : 0;
+    const labelAt = new Map();          // node id -> [x, y, anchor]
+    const outer = groups.length - 1;
+    const R = outer ? Math.min(W, H) * 0.36 : 0;
     groups.forEach((g, gi) => {
-      const a = 2 * Math.PI * gi / groups.length - Math.PI / 2;
-      const cx = W / 2 + R * 1.35 * Math.cos(a), cy = H / 2 + R * Math.sin(a);
-      // a group of three or more: its first node (e.g. the cluster's booster) in the middle
+      const a = outer ? 2 * Math.PI * (gi - 1) / outer : 0;
+      const cx = W / 2 + (gi === 0 ? 0 : R * 1.45 * Math.cos(a)), cy = H / 2 + (gi === 0 ? 0 : R * Math.sin(a));
       const list = members.get(g);
       const centred = list.length >= 3 ? list.slice(0, 1) : [];
       const ring = list.slice(centred.length);
-      const r = ring.length > 1 ? Math.min(90, 30 + 8 * ring.length) : 0;
-      for (const node of centred) pos.set(node[0], [cx, cy]);
+      const r = ring.length > 1 ? Math.min(gi === 0 ? 80 : 55, 24 + 8 * ring.length) : 0;
+      for (const node of centred) {
+        pos.set(node[0], [cx, cy]);
+        labelAt.set(node[0], [cx, cy + 20, "middle"]);
+      }
       ring.forEach((node, ni) => {
         const b = 2 * Math.PI * ni / ring.length - Math.PI / 2;
-        pos.set(node[0], [cx + r * Math.cos(b), cy + r * Math.sin(b)]);
+        const x = cx + r * Math.cos(b), y = cy + r * Math.sin(b);
+        pos.set(node[0], [x, y]);
+        const c = Math.cos(b);
+        labelAt.set(node[0], [x + 12 * c, y + 12 * Math.sin(b) + 4,
+                              Math.abs(c) < 0.3 ? "middle" : c > 0 ? "start" : "end"]);
       });
     });
     const root = el("div", "graph");
-    const g = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img" });
+    // fit the drawing: the nodes' extent plus room for their labels
+    const xs = [...pos.values()].map((p) => p[0]), ys = [...pos.values()].map((p) => p[1]);
+    const x0 = Math.max(0, Math.min(...xs) - 110), x1 = Math.min(W, Math.max(...xs) + 110);
+    const y0 = Math.max(0, Math.min(...ys) - 30), y1 = Math.min(H, Math.max(...ys) + 36);
+    const g = svg("svg", { viewBox: `${x0} ${y0} ${x1 - x0} ${y1 - y0}`, role: "img" });
     const group = new Map(part.nodes.map((n) => [n[0], n[2]]));
     const labels = [];
     for (const [a, b, count] of part.edges) {
@@ -199,7 +213,8 @@
       dot.appendChild(t);
       g.appendChild(dot);
       if (part.nodes.length <= 40) {
-        const text = svg("text", { x, y: y + 18, "text-anchor": "middle" });
+        const [lx, ly, anchor] = labelAt.get(id);
+        const text = svg("text", { x: lx, y: ly, "text-anchor": anchor });
         text.textContent = label;
         g.appendChild(text);
       }
