@@ -213,9 +213,9 @@ class DashboardHub:
         rule_rows, total_pps, total_bps = self._rules(rules, dt)
         engine_status = status.get("engine_status") or {}
         engine_counters = _numeric(engine_status.get("counters") or {})
-        for key in ALL_FAILOPEN_COUNTERS:      # the linux engine keeps its counters at top level
-            if key not in engine_counters and isinstance(engine_status.get(key), (int, float)):
-                engine_counters[key] = engine_status[key]
+        # the linux and np engines keep their counters at the top level of their status
+        for key, value in _numeric(engine_status).items():
+            engine_counters.setdefault(key, value)
         boxd_counters = _numeric(status.get("counters") or {})
         failopen = self._failopen(status.get("engine", ""), engine_counters, dt)
         health = self._health(now, {**{f"engine.{k}": v for k, v in engine_counters.items()},

@@ -59,7 +59,8 @@ PAPER_FIG12 = {"source": "section III-C, Fig. 12 (four data path scenarios, no n
 
 EXPERIMENTS = {
     "fcd": ("fcd.json", "booster-loadgen fcd --json out/fcd.json --plot out/fcd.png   (root: cgroup CPU budgets)"),
-    "np": ("np.json", "booster-loadgen np-latency --json out/np.json --plot out/np.png   (root)"),
+    "np": ("np.json", "booster-loadgen np-latency --json out/np.json --plot out/np.png   (root); or show the "
+                      "committed run: booster-loadgen report --np docs/npdrv-latency.json"),
     "gnutella": ("gnutella.json",
                  "booster-loadgen gnutella --clusters 3 --servents 20 --json out/gnutella.json --plot out/gnutella.png"
                  "   (root)"),

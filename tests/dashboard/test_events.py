@@ -106,3 +106,34 @@ async def test_directory_shows_key_names_not_values_and_stays_bounded(tmp_path):
         assert not rows[1]["connected"]
         assert "x" * 1000 not in json.dumps(rows)
         await hub.stop()
+
+
+class _LinuxShapedController:
+    """The views' shapes as the linux engine gives them (counters at the top of its status)."""
+
+    def __init__(self) -> None:
+        self.engine_status = {"hooks": ["FORWARD"], "rules": 1, "stalls": 0, "restore_failures": 0, "queues": {}}
+        self.directory = None
+
+    def status(self) -> dict:
+        return {"engine": "linux", "uptime_s": 1.0, "boosters": 0, "rules": 0, "groups": 0, "control": "x",
+                "counters": {}, "engine_status": dict(self.engine_status)}
+
+    def boosters_view(self) -> list:
+        return []
+
+    def rules_view(self) -> list:
+        return []
+
+
+def test_linux_engine_failopen_and_health_from_its_top_level_counters():
+    controller = _LinuxShapedController()
+    hub = DashboardHub(controller)
+    first = hub.sample()[0][1]
+    assert first["failopen"]["counters"] == {"stalls": 0} and first["health"]["state"] == "ok"
+    controller.engine_status.update(stalls=2, restore_failures=1)
+    tick = hub.sample()[0][1]
+    assert tick["failopen"]["rates"]["stalls"] > 0 and tick["failopen"]["state"].startswith("passing")
+    assert tick["health"] == {"state": "degraded", "rising": ["engine.restore_failures", "engine.stalls"],
+                              "window_s": 60.0}
+    assert "NFQUEUE --queue-bypass" in tick["failopen"]["mode"]
