@@ -77,13 +77,19 @@ def console_errors(driver) -> list[dict]:
 
 
 def screenshot(driver, name: str, full_page: bool = True) -> Path:
-    """Save a screenshot under out/dashboard/ (the whole page height when ``full_page``)."""
+    """Save a screenshot under out/dashboard/ (the whole page, through DevTools, when ``full_page``)."""
+    import base64
+
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / name
-    if full_page:
-        height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(1440, min(max(height + 20, 800), 4000))
-    driver.save_screenshot(str(path))
+    if not full_page:
+        driver.save_screenshot(str(path))
+        return path
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+        "format": "png", "captureBeyondViewport": True,
+        "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
+    path.write_bytes(base64.b64decode(shot["data"]))
     return path
 
 

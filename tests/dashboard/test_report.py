@@ -28,6 +28,10 @@ GNUTELLA = {"config": {"servents": 9, "clusters": 3},
                      "first_hit_ms": {"p50": 20, "p99": 80}},
             "reduction": {"messages": 0.94, "bytes": 0.922}}
 
+DATAPATH = {"engine": "user", "ceiling_pps": 200000.0, "payload_bytes": 64, "cases": [
+    {"case": "ceiling", "pps": 200000.0, "loss": 0.0, "latency_us": {"p50": 20.0, "p99": 40.0}},
+    {"case": "redirect_consume", "pps": 190000.0, "loss": 0.0, "latency_us": {"p50": 25.0, "p99": 60.0}}]}
+
 
 def run_report(tmp_path: Path, *extra: str) -> tuple[Path, dict]:
     out = tmp_path / "report.html"
@@ -42,18 +46,22 @@ def test_nothing_run_every_card_says_not_run_with_its_command(tmp_path):
     page = out.read_text()
     assert summary["experiments_found"] == []
     for command in ("booster-loadgen fcd --json out/fcd.json", "booster-loadgen np-latency --json out/np.json",
-                    "booster-loadgen gnutella --clusters 3", "booster-loadgen mmpog --players 64"):
+                    "booster-loadgen gnutella --clusters 3", "booster-loadgen mmpog --players 64",
+                    "booster-loadgen datapath --engine user", "booster-loadgen datapath --engine linux"):
         assert command in page
-    assert page.count("not run:") == 4
+    assert page.count("not run:") == 6
 
 
 def test_report_is_self_contained_and_keeps_the_model_input_apart(tmp_path):
     (tmp_path / "fcd.json").write_text(json.dumps(FCD))
     (tmp_path / "gnutella.json").write_text(json.dumps(GNUTELLA))
     (tmp_path / "mmpog.json").write_text("{not json")
+    (tmp_path / "datapath-user.json").write_text(json.dumps(DATAPATH))
     out, summary = run_report(tmp_path, "--np", str(NP_JSON))
     page = out.read_text()
-    assert sorted(summary["experiments_found"]) == ["fcd", "gnutella", "mmpog", "np"]
+    assert sorted(summary["experiments_found"]) == ["datapath_user", "fcd", "gnutella", "mmpog", "np"]
+    assert summary["not_run"] == ["datapath_linux"]
+    assert "190,000 p/s = 0.95 of the ceiling" in page
     # no external fetch of any kind: every image is a data URI, no script, no stylesheet link
     assert not re.search(r'(src|href)="(?!data:)', page)
     assert "<script" not in page and "<link" not in page
@@ -76,7 +84,8 @@ def test_report_renders_in_chromium_without_errors(tmp_path, browser):
     (tmp_path / "fcd.json").write_text(json.dumps(FCD))
     (tmp_path / "gnutella.json").write_text(json.dumps(GNUTELLA))
     experiments = REPO / "out"
-    for name in ("mmpog.json", "fcd.json", "gnutella.json"):      # real runs, when this checkout has them
+    for name in ("mmpog.json", "fcd.json", "gnutella.json", "datapath-user.json", "datapath-linux.json"):
+        # real runs, when this checkout has them
         if (experiments / name).exists():
             shutil.copy(experiments / name, tmp_path / name)
     out, _ = run_report(tmp_path, "--np", str(NP_JSON))
