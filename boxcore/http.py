@@ -184,6 +184,9 @@ def build_app(controller: Any, *, token: str | None = None, open_reads: bool = T
 
     app = web.Application(middlewares=[authorize], client_max_size=MAX_REQUEST_BYTES)
     app.add_routes(routes)
+    from boxcore.dashboard import mount_dashboard   # the live page at / and its stream /api/events
+
+    mount_dashboard(app, controller)
     return app
 
 

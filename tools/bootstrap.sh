@@ -18,6 +18,8 @@ command -v redis-server >/dev/null || need_pkgs+=(redis-server)   # the distribu
 [ -e /usr/include/libnfnetlink/libnfnetlink.h ] || need_pkgs+=(libnfnetlink-dev)
 python3 -c 'import sysconfig,os,sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null \
   || need_pkgs+=(python3-dev)
+command -v chromium >/dev/null || need_pkgs+=(chromium)              # browser tests of the dashboard
+command -v chromedriver >/dev/null || need_pkgs+=(chromium-driver)
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

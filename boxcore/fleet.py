@@ -1,0 +1,282 @@
+"""``booster-fleet``: several boxd dashboards side by side, in one page.
+
+It subscribes to each box's event stream (``BOX/api/events``, the same Server-Sent Events the box
+page uses), keeps each box's latest summary and a few minutes of its traffic, and serves a page
+at ``/`` that receives them over its own stream (``/api/fleet/events``).  The browser talks only
+to this process: no box has to allow cross-origin requests, and a box's management API is
+reached only from where ``booster-fleet`` runs.  A box that does not answer is shown as such and
+retried with a growing delay.
+
+The boxes are given on the command line, never by the page: the fleet process makes no request
+a browser asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import logging
+import sys
+import time
+import urllib.parse
+
+import aiohttp
+from aiohttp import web
+
+from boxcore.dashboard import STATIC_PREFIX, SseClient, static_response, sse_message, static_file, stream_events
+from cliruntime import ConfigError, RunContext, host_port, make_parser, run_async
+from cliruntime.supervisor import Supervisor
+
+log = logging.getLogger("boxcore.fleet")
+
+MAX_EVENT_BYTES = 8 << 20       # a box's snapshot carries its panels: bounded, larger ones are skipped
+HISTORY_POINTS = 300
+RETRY_MIN, RETRY_MAX = 1.0, 10.0
+
+
+def box_url(text: str) -> str:
+    """argparse type: ``http://HOST:PORT`` (a boxd's --http address)."""
+    parsed = urllib.parse.urlsplit(text.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.path not in ("", "/") \
+            or parsed.query or parsed.fragment:
+        raise argparse.ArgumentTypeError(f"expected http://HOST:PORT of a boxd --http address, got {text!r}")
+    return f"{parsed.scheme}://{parsed.netloc}"
+
+
+def summarise(tick: dict) -> dict:
+    """What the fleet page shows of one box's tick."""
+    return {
+        "engine": tick.get("engine"), "uptime_s": tick.get("uptime_s"), "health": tick.get("health"),
+        "counts": tick.get("counts"), "traffic": tick.get("traffic"),
+        "failopen": {k: tick.get("failopen", {}).get(k) for k in ("state", "pps")},
+        "boosters": [{"name": b.get("name"), "pid": b.get("pid"), "heartbeat": b.get("heartbeat"),
+                      "rules": b.get("rules")} for b in tick.get("boosters", [])][:64],
+    }
+
+
+class BoxFeed:
+    """One box's stream: its status, latest summary, traffic history and panel titles."""
+
+    def __init__(self, index: int, url: str) -> None:
+        self.index, self.url = index, url
+        self.status = "connecting"
+        self.summary: dict | None = None
+        self.history: collections.deque[list] = collections.deque(maxlen=HISTORY_POINTS)
+        self.panels: dict[str, str] = {}
+        self.last_event = 0.0
+
+    def view(self) -> dict:
+        return {"index": self.index, "url": self.url, "status": self.status, "summary": self.summary,
+                "history": list(self.history), "panels": sorted(self.panels.items())}
+
+    def apply(self, event: str, data: dict) -> str | None:
+        """Take one event of the box's stream; what the page must be told: "full", "tick" or None."""
+        self.last_event = time.time()
+        if event == "snapshot":
+            self.history.clear()
+            self.history.extend(point for point in data.get("history", []) if point)
+            self.panels = {p["booster"]: _panel_title(p) for p in data.get("panels", [])}
+            if data.get("tick"):
+                self.summary = summarise(data["tick"])
+            return "full"
+        if event == "tick":
+            if data.get("point"):
+                self.history.append(data["point"])
+            self.summary = summarise(data)
+            return "tick"
+        if event == "panel":
+            self.panels[data["booster"]] = _panel_title(data)
+        elif event == "panel_removed":
+            self.panels.pop(data["booster"], None)
+        return None
+
+
+def _panel_title(entry: dict) -> str:
+    return entry["panel"]["title"] if entry.get("panel") else f"refused: {entry.get('error', '?')}"
+
+
+class FleetHub:
+    """Follows every box and fans their summaries out to the fleet page's streams."""
+
+    def __init__(self, urls: list[str], *, max_clients: int = 32, client_queue: int = 256) -> None:
+        self.feeds = [BoxFeed(i, url) for i, url in enumerate(urls)]
+        self.max_clients = max_clients
+        self.client_queue = client_queue
+        self.clients: set[SseClient] = set()
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.supervisor: Supervisor | None = None
+        self.session: aiohttp.ClientSession | None = None
+
+    # the interface boxcore.dashboard.stream_events serves
+    def subscribe(self) -> SseClient | None:
+        if len(self.clients) >= self.max_clients:
+            self.stats["sse_refused"] += 1
+            return None
+        client = SseClient(self.client_queue)
+        self.clients.add(client)
+        return client
+
+    def unsubscribe(self, client: SseClient) -> None:
+        self.clients.discard(client)
+        if client.overflowed:
+            self.stats["sse_slow_clients_dropped"] += 1
+
+    def snapshot(self) -> dict:
+        return {"boxes": [feed.view() for feed in self.feeds]}
+
+    def publish(self, feed: BoxFeed, full: bool = True) -> None:
+        """Tell the pages: the whole view, or (each tick) the view with only the newest point."""
+        view = feed.view()
+        if not full:
+            view["history"] = view["history"][-1:]
+        message = sse_message("box", {**view, "incremental": not full})
+        for client in list(self.clients):
+            client.offer(message)
+
+    # lifecycle
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5,
+                                                                           sock_read=15))
+        self.supervisor = Supervisor("fleet", logger=log)
+        for feed in self.feeds:
+            self.supervisor.spawn_restarting(lambda feed=feed: self.follow(feed), name=f"box{feed.index}")
+
+    async def stop(self) -> None:
+        for client in list(self.clients):
+            client.close()
+        if self.supervisor is not None:
+            await self.supervisor.aclose()
+        if self.session is not None:
+            await self.session.close()
+
+    async def follow(self, feed: BoxFeed) -> None:
+        delay = RETRY_MIN
+        while True:
+            try:
+                async with self.session.get(feed.url + "/api/events",
+                                            headers={"Accept": "text/event-stream"}) as response:
+                    if response.status != 200:
+                        raise ConnectionError(f"HTTP {response.status}")
+                    delay = RETRY_MIN
+                    async for event, data in read_events(response.content, self.stats):
+                        became_live = feed.status != "live"
+                        feed.status = "live"
+                        change = feed.apply(event, data)
+                        if change or became_live:
+                            self.publish(feed, full=became_live or change == "full")
+                    raise ConnectionError("the box closed its stream")
+            except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError, OSError) as exc:
+                feed.status = f"unreachable: {exc or type(exc).__name__}"
+                self.stats["box_disconnects"] += 1
+                self.publish(feed)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+
+async def read_events(stream: aiohttp.StreamReader, stats: collections.Counter):
+    """(event, JSON data) pairs of a Server-Sent Events stream; oversized or bad events are skipped."""
+    buffer = b""
+    async for chunk in stream.iter_any():
+        buffer += chunk
+        while b"\n\n" in buffer:
+            raw, buffer = buffer.split(b"\n\n", 1)
+            event, data = "message", []
+            for line in raw.decode("utf-8", "replace").split("\n"):
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].lstrip())
+            if not data:
+                continue
+            try:
+                yield event, json.loads("\n".join(data))
+            except ValueError:
+                stats["box_events_malformed"] += 1
+        if len(buffer) > MAX_EVENT_BYTES:
+            stats["box_events_too_large"] += 1
+            # drop up to the next event boundary
+            buffer = b""
+            async for chunk in stream.iter_any():
+                if b"\n\n" in chunk:
+                    buffer = chunk.split(b"\n\n", 1)[1]
+                    break
+
+
+def build_app(hub: FleetHub) -> web.Application:
+    async def index(request: web.Request) -> web.StreamResponse:
+        response = static_response("fleet.html")
+        response.content_type = "text/html"
+        return response
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        return await stream_events(request, hub)
+
+    async def on_startup(app: web.Application) -> None:
+        await hub.start()
+
+    async def on_shutdown(app: web.Application) -> None:
+        for client in list(hub.clients):
+            client.close()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await hub.stop()
+
+    app = web.Application()
+    app.router.add_get("/", index)
+    app.router.add_get(STATIC_PREFIX + "/{name}", static_file)
+    app.router.add_get("/api/fleet/events", events)
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(
+        "booster-fleet", "Show several boxd dashboards side by side in one page.",
+        examples=["booster-fleet --listen 127.0.0.1:9200 --box http://127.0.0.1:9100 --box http://127.0.0.1:9101",
+                  "booster-fleet --box http://10.0.0.1:8700 --box http://10.0.0.2:8700   # then open http://127.0.0.1:9200/"])
+    parser.add_argument("--box", type=box_url, action="append", required=True, metavar="URL",
+                        help="a boxd management address, http://HOST:PORT (repeatable)")
+    parser.add_argument("--listen", type=host_port, default=("127.0.0.1", 9200), metavar="HOST:PORT",
+                        help="where to serve the fleet page (default 127.0.0.1:9200)")
+    parser.add_argument("--ready-file", default=None, help="write the page's URL here once it is served")
+    return parser
+
+
+async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
+    if len(set(args.box)) != len(args.box):
+        raise ConfigError("each --box may be given once")
+    hub = FleetHub(args.box)
+    ctx.stats.providers["fleet"] = lambda: {"stats": dict(hub.stats), "boxes": [
+        {"url": f.url, "status": f.status} for f in hub.feeds]}
+    runner = web.AppRunner(build_app(hub), access_log=None)
+    await runner.setup()
+    host, port = args.listen
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+    bound = site._server.sockets[0].getsockname()[1]
+    url = f"http://{host}:{bound}/"
+    print(f"booster-fleet: {len(args.box)} boxes at {url}", flush=True)
+    if args.ready_file:
+        with open(args.ready_file, "w") as fh:
+            fh.write(url)
+    try:
+        await ctx.stop.wait()
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_async(build_parser(), amain, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
