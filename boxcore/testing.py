@@ -317,10 +317,11 @@ class BoxdProcess:
         writer.close()
         return True
 
-    async def query(self, what: str) -> Any:
+    async def query(self, what: str, timeout: float = 2.0) -> Any:
         from boxcore.boxctl import query_control
 
-        return await asyncio.get_running_loop().run_in_executor(None, query_control, str(self.control), what, 2.0)
+        return await asyncio.get_running_loop().run_in_executor(None, query_control, str(self.control), what,
+                                                                timeout)
 
     async def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM and wait (SIGKILL after ``timeout``); returns the exit status."""

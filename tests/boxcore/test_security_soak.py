@@ -147,13 +147,15 @@ async def test_control_flood_never_starves_a_booster(capsys):
                 while loop.time() - t0 < FLOOD_S:
                     await asyncio.sleep(1.0)
                     peak = max(peak, rss_mb(boxd.proc.pid))
-                    rules = await boxd.query("rules")
+                    # the observer shares boxd with 70 hostile clients on a machine that may be busy:
+                    # what must hold is the booster's service, not this query's latency
+                    rules = await boxd.query("rules", timeout=15)
                     samples.append((round(loop.time() - t0, 1), sum(r["packets"] for r in rules
                                                                     if r["owner"] == "soak")))
                 flood_out = json.loads((await flood).stdout.splitlines()[-1])
                 sent = int((await loop.run_in_executor(None, load.communicate))[0])
-                status = await boxd.query("status")
-                boosters = await boxd.query("boosters")
+                status = await boxd.query("status", timeout=15)
+                boosters = await boxd.query("boosters", timeout=15)
             finally:
                 booster.terminate()
                 booster.wait(10)

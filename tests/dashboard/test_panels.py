@@ -166,5 +166,7 @@ async def test_a_panel_timer_outliving_its_booster_writes_nothing(tmp_path):
         assert publisher(booster).stats["published"] == 1
         await booster.close()
         await box.advance(2.0)
-        assert publisher(booster).stats["skipped_closed"] >= 1
+        # the booster's timers end with it (or, if one still fired, it would skip the write)
+        assert publisher(booster).stats["published"] == 1
+        assert len(builds) == 1
         assert booster.stats["handler_errors"] == 0
