@@ -92,7 +92,7 @@ async def test_router_agrees_with_networkx_on_known_predictions(city):
     direct = shortest_route(city, known, "0_0", "0_1")
     assert direct.junctions == ["0_0", "0_1"]
     slow = dict(known)
-    slow[city.road_id[("0_0", "0_1")]] = 1e6
+    slow[city.road_between("0_0", "0_1")] = 1e6
     assert shortest_route(city, slow, "0_0", "0_1").junctions != ["0_0", "0_1"]
 
 
