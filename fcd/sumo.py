@@ -7,8 +7,8 @@
 - :func:`read_tls`: ``SaveTLSSwitchStates`` -> light changes (green masks by the GREEN_STATES
   rule); a light the network does not have, or a state string of another length than the light's
   links, is a ConfigError.
-- :func:`read_queues`, :func:`read_edgedata`, :func:`read_tripinfo`: the ground truth the
-  validation compares with (``--queue-output``, ``edgeData`` and ``--tripinfo-output``).
+- :func:`read_queues`, :func:`read_edgedata`, :func:`read_vehroutes`: the ground truth the
+  validation compares with (``--queue-output``, ``edgeData`` and ``--vehroute-output``).
 
 Every reader returns its records and a summary of what was matched, skipped and why.
 """
@@ -145,14 +145,17 @@ def read_queues(path: Path, city: City) -> dict[float, dict[int, list[float]]]:
 
     SUMO writes a lane only while it has a queue, so a road missing at a time has none."""
     out: dict[float, dict[int, list[float]]] = {}
+    kept = {edge: set(lanes) for edge, lanes in city.source.get("sumo_lanes", {}).items()}
     for _, el in _iterparse(path, "queue output"):
         if el.tag != "data":
             continue
         t = float(el.get("timestep"))
         roads: dict[int, list[float]] = {}
         for lane in el.iter("lane"):
-            road = city.road_id.get(_lane_edge(lane.get("id", "")))
-            if road is not None:
+            lane_id = lane.get("id", "")
+            edge, _, index = lane_id.rpartition("_")
+            road = city.road_id.get(edge)
+            if road is not None and (edge not in kept or int(index) in kept[edge]):
                 roads.setdefault(road, []).append(float(lane.get("queueing_length")))
         out[t] = roads
         el.clear()
@@ -176,11 +179,25 @@ def read_edgedata(path: Path, city: City) -> list[tuple[float, float, int, float
     return rows
 
 
-def read_tripinfo(path: Path) -> dict[str, tuple[float, float]]:
-    """SUMO ``--tripinfo-output`` -> {vehicle id: (depart, duration)} of vehicles that arrived."""
-    trips = {}
-    for _, el in _iterparse(path, "tripinfo output"):
-        if el.tag == "tripinfo":
-            trips[el.get("id")] = (float(el.get("depart")), float(el.get("duration")))
+def read_vehroutes(path: Path) -> list[tuple[str, float, float, list[str]]]:
+    """SUMO ``--vehroute-output`` -> [(vehicle, depart, arrival, edges driven)] of vehicles that
+    arrived."""
+    trips = []
+    for _, el in _iterparse(path, "vehroute output"):
+        if el.tag == "vehicle" and el.get("arrival") is not None:
+            route = el.find("route")
+            if route is not None:
+                trips.append((el.get("id"), float(el.get("depart")), float(el.get("arrival")),
+                              route.get("edges", "").split()))
             el.clear()
     return trips
+
+
+def read_vtypes(paths: list[Path]) -> dict[str, tuple[float, float]]:
+    """{vType id: (length, minGap)} from route files (SUMO's defaults 5 m and 2.5 m where unset)."""
+    types = {}
+    for path in paths:
+        for _, el in _iterparse(path, "route file"):
+            if el.tag == "vType":
+                types[el.get("id")] = (float(el.get("length", 5.0)), float(el.get("minGap", 2.5)))
+    return types
