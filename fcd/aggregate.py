@@ -182,6 +182,9 @@ class RoadReport:
     turns: dict[int, int] = field(default_factory=dict)
     crossed: int = 0       # cars that crossed the whole road (entry to exit) in the interval
     crossing_time: float = 0.0   # the sum of their crossing times, seconds
+    samples: float = 0.0   # car-seconds spent on the road in the interval
+    distance: float = 0.0  # metres driven on the road in the interval (samples / distance x length
+                           # = the road's travel time, as SUMO's edgeData measures it)
 
     @property
     def key(self) -> tuple[int, float]:
@@ -192,7 +195,8 @@ class RoadReport:
                 "cars": int(self.cars), "density": float(self.density), "mean_speed": float(self.mean_speed),
                 "departures": int(self.departures), "interval": float(self.interval),
                 "was_green": bool(self.was_green), "turns": {str(k): int(v) for k, v in self.turns.items()},
-                "crossed": int(self.crossed), "crossing_time": float(self.crossing_time)}
+                "crossed": int(self.crossed), "crossing_time": float(self.crossing_time),
+                "samples": float(self.samples), "distance": float(self.distance)}
 
     @classmethod
     def from_xmlrpc(cls, data: Any, n_roads: int) -> "RoadReport":
@@ -228,6 +232,11 @@ class RoadReport:
             report.crossing_time = float(num("crossing_time"))
             if report.crossed < 0 or report.crossing_time < 0:
                 raise ValueError("report crossed and crossing_time must be non-negative")
+        if "samples" in data or "distance" in data:
+            report.samples = float(num("samples"))
+            report.distance = float(num("distance"))
+            if report.samples < 0 or report.distance < 0:
+                raise ValueError("report samples and distance must be non-negative")
         if min(report.queue, report.cars, report.departures) < 0 or report.queue > report.cars:
             raise ValueError("report counts must be non-negative and queue <= cars")
         if report.t < 0 or report.interval < 0 or report.density < 0:
@@ -265,6 +274,8 @@ class Aggregator:
         self.departures = np.zeros(R, dtype=np.int64)
         self.crossed = np.zeros(R, dtype=np.int64)
         self.crossing_time = np.zeros(R)
+        self.samples = np.zeros(R)
+        self.distance = np.zeros(R)
         self.turns: list[dict[int, int]] = [dict() for _ in range(R)]
         self.light_mask: dict[int, int] = {}
         self.last_change = np.full(R, np.nan)
@@ -360,6 +371,7 @@ class Aggregator:
         fresh = known & (ts >= self.t_last[safe])
         self.stats["stale_probes"] += int((known & ~fresh).sum())
         self._moves(np.flatnonzero(fresh & (roads != -1)), slots, roads, ts)
+        self._sample(np.flatnonzero(fresh & (roads >= 0)), slots, roads, ts, batch["speed"])
         # latest state per car: the last fresh probe in (car, t) order
         li = np.flatnonzero(fresh)
         if len(li):
@@ -370,6 +382,22 @@ class Aggregator:
             self.speed[s] = batch["speed"][li]
             self.t_last[s] = ts[li]
         return reports + self._tick(t_max)
+
+    MAX_SAMPLE_GAP = 5.0     # seconds: a longer silence is not counted as time on the road
+
+    def _sample(self, on: np.ndarray, slots: np.ndarray, roads: np.ndarray, ts: np.ndarray,
+                speed: np.ndarray) -> None:
+        """Car-seconds and metres on each road: each probe stands for the time since the car's
+        previous probe."""
+        if not len(on):
+            return
+        s_o, t_o = slots[on], ts[on]
+        first = np.r_[True, s_o[1:] != s_o[:-1]]
+        prev_t = np.where(first, self.t_last[s_o], np.r_[0.0, t_o[:-1]])
+        known = np.isfinite(prev_t)
+        dt = np.where(known, np.clip(t_o - np.where(known, prev_t, 0.0), 0.0, self.MAX_SAMPLE_GAP), 0.0)
+        np.add.at(self.samples, roads[on], dt)
+        np.add.at(self.distance, roads[on], dt * speed[on].astype(np.float64))
 
     def _moves(self, ev: np.ndarray, slots: np.ndarray, roads: np.ndarray, ts: np.ndarray) -> None:
         """Departures, crossing times and turns from the located probes ``ev`` (in car, t order)."""
@@ -452,9 +480,10 @@ class Aggregator:
                 density=cars / (c.length[road] / 1000.0 * c.lanes[road]), mean_speed=float(mean_all[road]),
                 departures=int(self.departures[road]), interval=interval, was_green=was_green,
                 turns=self.turns[road], crossed=int(self.crossed[road]),
-                crossing_time=float(self.crossing_time[road])))
+                crossing_time=float(self.crossing_time[road]), samples=float(self.samples[road]),
+                distance=float(self.distance[road])))
             self.departures[road] = self.crossed[road] = 0
-            self.crossing_time[road] = 0.0
+            self.crossing_time[road] = self.samples[road] = self.distance[road] = 0.0
             self.turns[road] = {}
             self.last_change[road] = t
         self.stats["reports"] += len(reports)

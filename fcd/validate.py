@@ -172,12 +172,12 @@ class Replay:
     stats: dict[str, Any]
 
 
-def predict_traverse(model) -> np.ndarray:
+def predict_traverse(model, now: float) -> np.ndarray:
     """What the server publishes for "now" (T_0 of ``fcd.traverse``)."""
-    return model.predict(1).traverse[0]
+    return model.predict(1, now=now).traverse[0]
 
 
-def replay(trace: Trace, boundaries: list[float], batch: int = 2048) -> Replay:
+def replay(trace: Trace, boundaries: list[float], batch: int = 2048, window: float | None = None) -> Replay:
     """Trace -> datagrams (generators' encoding) -> Ingest (box / server aggregation) -> Model,
     with a prediction at every boundary, from the data up to it."""
     from fcd.aggregate import Ingest
@@ -187,6 +187,7 @@ def replay(trace: Trace, boundaries: list[float], batch: int = 2048) -> Replay:
     stream = Stream(trace, None, 1)
     ingest = Ingest(city)
     model = Model(city)
+    model.window = window
     reports: list[Any] = []
     predictions: dict[float, np.ndarray] = {}
     pending = sorted(boundaries)
@@ -196,7 +197,7 @@ def replay(trace: Trace, boundaries: list[float], batch: int = 2048) -> Replay:
     seq = 0
     for start, stop in zip(edges, edges[1:]):
         while k < len(pending) and cuts[k] <= start:
-            predictions[pending[k]] = predict_traverse(model)
+            predictions[pending[k]] = predict_traverse(model, pending[k])
             k += 1
         datagrams = stream.encode(start, stop, 1, seq, 0)
         seq += len(datagrams)
@@ -204,7 +205,7 @@ def replay(trace: Trace, boundaries: list[float], batch: int = 2048) -> Replay:
             model.observe(rep)
             reports.append(rep)
     while k < len(pending):
-        predictions[pending[k]] = predict_traverse(model)
+        predictions[pending[k]] = predict_traverse(model, pending[k])
         k += 1
     stats = {"ingest": dict(ingest.stats), "aggregator": dict(ingest.aggregator.stats),
              "lost": ingest.seq.snapshot()["lost"]}
@@ -326,7 +327,7 @@ def validate_scenario(name: str, work: Path, duration: float, interval: float, s
     lights, tls_summary = read_tls(outputs["tls"], city)
     trace = Trace(city, probes, lights, meta={"source": "sumo", "scenario": name})
     boundaries = list(np.arange(sc.begin, sc.end, interval))
-    rep = replay(trace, boundaries)
+    rep = replay(trace, boundaries, window=interval)
     vtypes = read_vtypes(sc.routes)
     car_length, min_gap = next(iter(vtypes.values())) if len(vtypes) == 1 else (5.0, 2.5)
     queues = compare_queues(city, rep.reports, read_queues(outputs["queue"], city), car_length, min_gap)
