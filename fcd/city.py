@@ -87,6 +87,15 @@ def parse_vclasses(text: str) -> int:
     return mask
 
 
+def vclass_argument(text: str) -> int:
+    """parse_vclasses for argparse (a bad name is a usage error, exit 2)."""
+    import argparse
+    try:
+        return parse_vclasses(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 @dataclass(frozen=True, slots=True)
 class Phase:
     duration: float

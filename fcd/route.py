@@ -18,7 +18,7 @@ from pathlib import Path
 import networkx as nx
 
 from cliruntime import ConfigError, make_parser, non_negative_float, positive_int, run_async
-from fcd.city import CAR, City, load_city, parse_vclasses
+from fcd.city import CAR, City, load_city, vclass_argument
 
 log = logging.getLogger("fcd.route")
 
@@ -94,7 +94,7 @@ def build_parser():
     p.add_argument("--from", dest="src", required=True, help="start junction id")
     p.add_argument("--to", dest="dst", required=True, help="destination junction id")
     p.add_argument("--horizon", type=int, default=0, help="use the prediction this many cycles ahead")
-    p.add_argument("--vclass", type=parse_vclasses, default="passenger",
+    p.add_argument("--vclass", type=vclass_argument, default="passenger",
                    help="route over roads this vehicle class may use (SUMO class name)")
     p.add_argument("--wait", type=non_negative_float, default=10.0,
                    help="seconds to wait for a first prediction run")

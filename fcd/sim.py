@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from cliruntime import ConfigError, make_parser, positive_int, progress, run_sync, non_negative_float
-from fcd.city import CAR_SPACING, City, from_sumo_net, grid_city, load_city, parse_vclasses
+from fcd.city import CAR_SPACING, City, from_sumo_net, grid_city, load_city, vclass_argument
 from fcd.trace import LIGHT_DTYPE, PROBE_DTYPE, Trace
 
 
@@ -206,7 +206,7 @@ def build_parser():
     p.add_argument("--sumo-fcd", type=Path, help="convert SUMO --fcd-output XML (needs --sumo-net)")
     p.add_argument("--sumo-tls", type=Path, help="SUMO SaveTLSSwitchStates XML (with --sumo-fcd; needed when "
                    "the network has lights)")
-    p.add_argument("--vclass", type=parse_vclasses, default="passenger",
+    p.add_argument("--vclass", type=vclass_argument, default="passenger",
                    help="import the SUMO roads these vehicle classes may use: a class, a comma list or 'all' "
                         "(default passenger: car roads)")
     p.add_argument("--city", type=Path, help="use a saved city (JSON or trace)")

@@ -400,10 +400,11 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 # ---------------------------------------------------------------- CLI
 
 def _scenarios(text: str) -> list[str]:
+    import argparse
     names = list(ALL_SCENARIOS) if text == "all" else [s.strip() for s in text.split(",") if s.strip()]
     for s in names:
         if s not in ALL_SCENARIOS:
-            raise ConfigError(f"unknown scenario {s!r} (known: {', '.join(ALL_SCENARIOS)}, all)")
+            raise argparse.ArgumentTypeError(f"unknown scenario {s!r} (known: {', '.join(ALL_SCENARIOS)}, all)")
     return names
 
 
