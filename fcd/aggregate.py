@@ -29,6 +29,8 @@ from fcd.city import City
 QUEUE_SPEED = 1.0   # m/s: a car slower than this counts as not moving (mean speed of moving cars)
 HALT_SPEED = 0.1    # m/s: a car slower than this is halted (SUMO's halting threshold)
 IN_JUNCTION = -2    # MapMatcher.locate: the probe is inside a junction, on no road
+JUNCTION_MARGIN = 0.5   # metres past a road lane's end, inside a junction's shape: in the junction
+ON_LANE = 0.5           # metres from a road lane (and not past its end): on that lane
 
 
 class MapMatcher:
@@ -139,15 +141,24 @@ class MapMatcher:
         dist, dh, along, beyond = self.project(seg, x[:, None], y[:, None], heading[:, None])
         ok = valid & (dist <= self.max_distance) & (dh <= self.max_heading)
         cost = np.where(ok, dist + dh * 0.1, np.inf)
-        best = np.argmin(cost, axis=1)
+        internal = self.s_road[seg] == IN_JUNCTION
         rows = np.arange(len(x))
-        found = np.isfinite(cost[rows, best])
+        best_road = np.argmin(np.where(internal, np.inf, cost), axis=1)
+        best_internal = np.argmin(np.where(internal, cost, np.inf), axis=1)
+        road_cost = np.where(internal[rows, best_road], np.inf, cost[rows, best_road])
+        internal_cost = np.where(internal[rows, best_internal], cost[rows, best_internal], np.inf)
+        # internal lanes start where the roads end: a probe on a road lane, not past its end,
+        # stays on the road whatever its heading says
+        on_lane = (dist[rows, best_road] <= ON_LANE) & (beyond[rows, best_road] <= ON_LANE)
+        take_internal = internal_cost < np.where(on_lane, -np.inf, road_cost)
+        best = np.where(take_internal, best_internal, best_road)
+        found = np.isfinite(np.minimum(road_cost, internal_cost))
         k = seg[rows, best]
         road = np.where(found, self.s_road[k], -1).astype(np.int32)
         lane = np.where(found, self.s_lane[k], -1).astype(np.int32)
         to_end = np.where(found, self.s_to_end[k] - along[rows, best], 0.0)
         # beyond a lane's end inside a junction's shape: crossing the junction
-        over = np.flatnonzero(found & (road >= 0) & (beyond[rows, best] > 0.5))
+        over = np.flatnonzero(found & (road >= 0) & (beyond[rows, best] > JUNCTION_MARGIN))
         if len(over) and self.junction_paths:
             pts = np.column_stack([x[over], y[over]])
             hit = np.zeros(len(over), dtype=bool)

@@ -253,6 +253,19 @@ def _ape(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return {"mape": float(ape.mean()), "median_ape": float(np.median(ape))} if len(ape) else {}
 
 
+def map_matching(city: City, probes: np.ndarray) -> dict[str, Any]:
+    """Located road (or junction) of every probe vs the lane SUMO had the vehicle on."""
+    from fcd.aggregate import IN_JUNCTION, MapMatcher
+    road, *_ = MapMatcher(city).locate(probes["x"], probes["y"], probes["heading"])
+    truth = probes["road"]
+    on_road, in_junction = truth >= 0, truth < 0
+    return {"probes": int(len(probes)),
+            "on_road_correct": float(np.mean(road[on_road] == truth[on_road])) if on_road.any() else None,
+            "on_road_in_junction": float(np.mean(road[on_road] == IN_JUNCTION)) if on_road.any() else None,
+            "on_road_unmatched": float(np.mean(road[on_road] == -1)) if on_road.any() else None,
+            "in_junction_correct": float(np.mean(road[in_junction] == IN_JUNCTION)) if in_junction.any() else None}
+
+
 def compare_traverse(city: City, edges: list[tuple], predictions: dict[float, np.ndarray],
                      warmup: float) -> dict[str, Any]:
     free = city.length / city.speed
@@ -331,6 +344,7 @@ def validate_scenario(name: str, work: Path, duration: float, interval: float, s
     vtypes = read_vtypes(sc.routes)
     car_length, min_gap = next(iter(vtypes.values())) if len(vtypes) == 1 else (5.0, 2.5)
     queues = compare_queues(city, rep.reports, read_queues(outputs["queue"], city), car_length, min_gap)
+    matching = map_matching(city, probes)
     traverse = compare_traverse(city, read_edgedata(outputs["edges"], city), rep.predictions, sc.begin + warmup)
     routes = compare_routes(city, read_vehroutes(outputs["vehroutes"]), rep.predictions, sc.begin + warmup)
     points = queues.pop("_points")
@@ -343,7 +357,7 @@ def validate_scenario(name: str, work: Path, duration: float, interval: float, s
         "reports": len(rep.reports), "light_switches": switches, "lit_roads": len(lit),
         "reports_per_switch_roads": (sum(1 for r in rep.reports if city.exit_light[r.road] >= 0)
                                      / max(1, sum(len(city.lights[int(l)].roads) for l in lights["light"]))),
-        "queue": queues, "traverse": traverse, "routes": routes,
+        "map_matching": matching, "queue": queues, "traverse": traverse, "routes": routes,
         "commands": sc.commands, "sumo_seconds": round(t_sumo, 1),
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -472,7 +486,9 @@ def summary_line(res: dict[str, Any]) -> str:
                 f"persistence {t['persistence']['mape']:.3f}" if t else "no traverse data")
     route = (f"own-route MAPE {r['own_route_model']['mape']:.3f} (free-flow {r['own_route_free_flow']['mape']:.3f})"
              if r.get("n") else "no trips")
-    return (f"{res['scenario']}: queue MAE {q.get('mae', float('nan')):.3f} bias {q.get('bias', float('nan')):+.3f} "
+    m = res["map_matching"]
+    return (f"{res['scenario']}: map matching {m['on_road_correct']:.4f} of road probes right, "
+            f"{m['in_junction_correct'] or 0:.4f} of junction probes in the junction; queue MAE {q.get('mae', float('nan')):.3f} bias {q.get('bias', float('nan')):+.3f} "
             f"r {q.get('r', float('nan')):.3f} (n={q.get('n', 0)}); {traverse}; {route}; "
             f"targets {'met' if ok else 'NOT met: ' + ', '.join(k for k, v in res['targets'].items() if not v)}")
 

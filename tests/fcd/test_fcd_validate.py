@@ -33,6 +33,7 @@ def test_validation_on_a_generated_grid_and_a_city_cut(tmp_path, capsys):
     for res in data["scenarios"]:
         assert res["fcd"]["records"] > 1000 and res["fcd"]["unmatched"] == 0
         assert res["replay"]["lost"] == 0 and res["replay"]["ingest"]["malformed"] == 0
+        assert res["map_matching"]["on_road_correct"] > 0.97 and res["map_matching"]["in_junction_correct"] > 0.9
         queue = res["queue"]["all"]
         assert queue["n"] > 100
         assert queue["mae"] <= 0.3 and queue["r"] >= 0.95, queue
