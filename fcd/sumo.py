@@ -140,24 +140,39 @@ def read_tls(path: Path, city: City) -> tuple[np.ndarray, dict[str, Any]]:
                     "skipped_no_car_roads": counts["skipped_no_car_roads"], "unmatched": 0}
 
 
-def read_queues(path: Path, city: City) -> dict[float, dict[int, list[float]]]:
-    """SUMO ``--queue-output`` -> {time: {road: [queueing_length (m) per kept lane that has one]}}.
-
-    SUMO writes a lane only while it has a queue, so a road missing at a time has none."""
-    out: dict[float, dict[int, list[float]]] = {}
+def read_queues(path: Path, city: City) -> dict[float, dict[int, list[tuple[str, float]]]]:
+    """SUMO ``--queue-output`` -> {time: {road: [(lane, queueing_length m) per kept lane that has
+    one]}}.  SUMO writes a lane only while it has a queue, so a road missing at a time has none."""
+    out: dict[float, dict[int, list[tuple[str, float]]]] = {}
     kept = {edge: set(lanes) for edge, lanes in city.source.get("sumo_lanes", {}).items()}
     for _, el in _iterparse(path, "queue output"):
         if el.tag != "data":
             continue
         t = float(el.get("timestep"))
-        roads: dict[int, list[float]] = {}
+        roads: dict[int, list[tuple[str, float]]] = {}
         for lane in el.iter("lane"):
             lane_id = lane.get("id", "")
             edge, _, index = lane_id.rpartition("_")
             road = city.road_id.get(edge)
             if road is not None and (edge not in kept or int(index) in kept[edge]):
-                roads.setdefault(road, []).append(float(lane.get("queueing_length")))
+                roads.setdefault(road, []).append((lane_id, float(lane.get("queueing_length"))))
         out[t] = roads
+        el.clear()
+    return out
+
+
+def read_lane_positions(path: Path, times: set[float]) -> dict[float, dict[str, list[float]]]:
+    """SUMO ``--fcd-output`` -> {time: {lane: [vehicle front positions (m from the lane start)]}},
+    for the given times only."""
+    out: dict[float, dict[str, list[float]]] = {}
+    for _, el in _iterparse(path, "FCD output"):
+        if el.tag != "timestep":
+            continue
+        t = round(float(el.get("time")), 2)
+        if t in times:
+            lanes = out.setdefault(t, {})
+            for veh in el.iter("vehicle"):
+                lanes.setdefault(veh.get("lane", ""), []).append(float(veh.get("pos", 0.0)))
         el.clear()
     return out
 

@@ -10,8 +10,8 @@ datagrams by the generators' code (``fcd.gen.Stream``), aggregated by ``fcd.aggr
 server does.  All of it runs in this process, in data time (no sockets: the transport is
 tested elsewhere and loses nothing).  Compared with SUMO:
 
-- queue at every light switch, for every road the light controls: our report vs SUMO's queue
-  length of the road's lanes (metres, turned into cars with the demand's vehicle length + gap);
+- queue at every light switch, for every road the light controls: our report vs the cars in
+  SUMO's queue (per lane, the vehicles within SUMO's queueing length of the lane's end);
   MAE, bias and Pearson r per road class (lanes);
 - traverse time per road and ``--interval``: the model's prediction made at the interval's start
   vs SUMO's edge travel time in the interval; the same for free-flow (length / speed limit) and
@@ -229,21 +229,34 @@ def road_class(city: City, road: int) -> str:
     return f"{lanes} lane" + ("s" if lanes > 1 else "") if lanes < 3 else "3+ lanes"
 
 
-def compare_queues(city: City, reports: list[Any], queues: dict[float, dict[int, list[float]]],
-                   car_length: float, min_gap: float) -> dict[str, Any]:
-    ours, truth, classes = [], [], []
+def compare_queues(city: City, reports: list[Any], queues: dict[float, dict[int, list[tuple[str, float]]]],
+                   positions: dict[float, dict[str, list[float]]], car_space: float) -> dict[str, Any]:
+    """Our queue at every switch vs the cars in SUMO's queue: per lane, the vehicles whose front
+    is within SUMO's queueing length of the lane's end (SUMO measures from the end to the back of
+    the last halted vehicle, so every vehicle in front of it counts, and none behind).  Also
+    (``by_length``) SUMO's queueing length divided by the space a stopped car takes
+    (``car_space`` = vehicle length + minGap), which overcounts where cars stopped apart."""
+    ours, truth, by_length, classes = [], [], [], []
     for rep in reports:
         if city.exit_light[rep.road] < 0:
             continue              # periodic reports of roads without a light
-        lengths = queues.get(round(rep.t, 2), {}).get(rep.road, [])
-        cars = sum(round((q + min_gap) / (car_length + min_gap)) for q in lengths if q > 0)
+        t = round(rep.t, 2)
+        cars = 0
+        spaced = 0
+        for lane, length in queues.get(t, {}).get(rep.road, []):
+            if length > 0:
+                cars += sum(1 for pos in positions.get(t, {}).get(lane, ())
+                            if city.length[rep.road] - pos < length)
+                spaced += round(length / car_space)
         ours.append(rep.queue)
         truth.append(cars)
+        by_length.append(spaced)
         classes.append(road_class(city, rep.road))
     ours_a, truth_a, cls = np.array(ours, float), np.array(truth, float), np.array(classes)
     out = {"all": _errors(ours_a, truth_a)}
     for c in sorted(set(classes)):
         out[c] = _errors(ours_a[cls == c], truth_a[cls == c])
+    out["by_length"] = _errors(ours_a, np.array(by_length, float))
     out["_points"] = (ours_a, truth_a)
     return out
 
@@ -330,7 +343,8 @@ def compare_routes(city: City, trips: list[tuple], predictions: dict[float, np.n
 
 def validate_scenario(name: str, work: Path, duration: float, interval: float, seed: int,
                       warmup: float) -> dict[str, Any]:
-    from fcd.sumo import read_edgedata, read_fcd, read_queues, read_tls, read_vehroutes, read_vtypes
+    from fcd.sumo import (read_edgedata, read_fcd, read_lane_positions, read_queues, read_tls, read_vehroutes,
+                          read_vtypes)
     started = time.monotonic()
     sc = build_scenario(name, work, duration, seed)
     outputs = run_sumo(sc, work, interval, seed)
@@ -341,9 +355,11 @@ def validate_scenario(name: str, work: Path, duration: float, interval: float, s
     trace = Trace(city, probes, lights, meta={"source": "sumo", "scenario": name})
     boundaries = list(np.arange(sc.begin, sc.end, interval))
     rep = replay(trace, boundaries, window=interval)
+    switch_times = {round(float(t), 2) for t in lights["t"]}
     vtypes = read_vtypes(sc.routes)
     car_length, min_gap = next(iter(vtypes.values())) if len(vtypes) == 1 else (5.0, 2.5)
-    queues = compare_queues(city, rep.reports, read_queues(outputs["queue"], city), car_length, min_gap)
+    queues = compare_queues(city, rep.reports, read_queues(outputs["queue"], city),
+                            read_lane_positions(outputs["fcd"], switch_times), car_length + min_gap)
     matching = map_matching(city, probes)
     traverse = compare_traverse(city, read_edgedata(outputs["edges"], city), rep.predictions, sc.begin + warmup)
     routes = compare_routes(city, read_vehroutes(outputs["vehroutes"]), rep.predictions, sc.begin + warmup)
@@ -353,7 +369,7 @@ def validate_scenario(name: str, work: Path, duration: float, interval: float, s
     result = {
         "scenario": name, "network": city.source["import"], "dead_end_roads": len(city.dead_ends()),
         "light_kinds": city.source["import"]["light_kinds"], "fcd": fcd_summary, "tls": tls_summary,
-        "vehicle_length_gap": [car_length, min_gap], "replay": rep.stats,
+        "replay": rep.stats, "vehicle_length_gap": [car_length, min_gap],
         "reports": len(rep.reports), "light_switches": switches, "lit_roads": len(lit),
         "reports_per_switch_roads": (sum(1 for r in rep.reports if city.exit_light[r.road] >= 0)
                                      / max(1, sum(len(city.lights[int(l)].roads) for l in lights["light"]))),
