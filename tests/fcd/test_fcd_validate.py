@@ -27,7 +27,7 @@ def test_validation_on_a_generated_grid_and_a_city_cut(tmp_path, capsys):
     assert main(["--scenarios", "grid-static,cologne1", "--duration", "480", "--json", str(out),
                  "--plot", str(tmp_path / "v.png"), "--work", str(tmp_path / "work")]) == 0
     printed = capsys.readouterr().out
-    assert "grid-static: queue MAE" in printed and "cologne1: queue MAE" in printed
+    assert "grid-static: map matching" in printed and "cologne1: map matching" in printed
     data = json.loads(out.read_text())
     assert (tmp_path / "v.png").stat().st_size > 10_000
     for res in data["scenarios"]:
