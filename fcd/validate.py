@@ -23,7 +23,8 @@ tested elsewhere and loses nothing).  Compared with SUMO:
 
 Scenarios: SUMO's netgenerate grid / spider / random networks with static or actuated lights and
 randomTrips demand, and the RESCO city cuts (Cologne 1/3/8, Ingolstadt 1/7/21) with their real
-demand from the ``sumo-rl`` package (data files only: ``pip install --no-deps sumo-rl``).
+demand from the ``sumo-rl`` package (data files only: ``pip install --no-deps sumo-rl``), as
+they are (static lights) and with actuated programs (``<cut>-actuated``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ log = logging.getLogger("fcd.validate")
 
 GENERATED = ("grid-static", "grid-actuated", "spider-static", "spider-actuated", "random-static", "random-actuated")
 RESCO = ("cologne1", "cologne3", "cologne8", "ingolstadt1", "ingolstadt7", "ingolstadt21")
-ALL_SCENARIOS = GENERATED + RESCO
+# the same city cuts with their lights actuated (SUMO detects traffic and extends greens)
+RESCO_ACTUATED = tuple(f"{name}-actuated" for name in RESCO)
+ALL_SCENARIOS = GENERATED + RESCO + RESCO_ACTUATED
 TARGETS = {"queue_mae": 0.3, "queue_r": 0.95, "traverse_vs_free_flow": 0.7, "traverse_vs_persistence": 0.85}
 
 
@@ -133,13 +136,36 @@ def build_scenario(name: str, work: Path, duration: float, seed: int) -> Scenari
         if done.returncode != 0 or not routes.exists():
             raise ConfigError(f"randomTrips failed: {(done.stderr or done.stdout).strip()[-300:]}")
         return Scenario(name, net, [routes], 0.0, duration, [" ".join(cmd[1:]), "randomTrips.py " + " ".join(trips[2:])])
-    if name in RESCO:
-        src = resco_dir() / name
-        cfg = ET.parse(src / f"{name}.sumocfg").getroot()
+    if name in RESCO or name in RESCO_ACTUATED:
+        city = name.removesuffix("-actuated")
+        src = resco_dir() / city
+        cfg = ET.parse(src / f"{city}.sumocfg").getroot()
         begin = float(cfg.find("time/begin").get("value"))
         routes = [src / r for r in cfg.find("input/route-files").get("value").split(",")]
-        return Scenario(name, src / f"{name}.net.xml", routes, begin, begin + duration)
+        sc = Scenario(name, src / f"{city}.net.xml", routes, begin, begin + duration)
+        if name in RESCO_ACTUATED:
+            sc.additional.append(actuated_programs(sc.net, work / f"{name}.actuated.add.xml"))
+        return sc
     raise ConfigError(f"unknown scenario {name!r} (known: {', '.join(ALL_SCENARIOS)})")
+
+
+def actuated_programs(net: Path, out: Path) -> Path:
+    """An additional file giving every light of ``net`` an actuated program (loaded after the
+    network's, so SUMO runs it): its green phases may last from 5 s to twice their static
+    duration, as SUMO's induction loops (built automatically) see traffic; other phases keep
+    their duration."""
+    root = ET.Element("additional")
+    for tl in ET.parse(net).getroot().iter("tlLogic"):
+        prog = ET.SubElement(root, "tlLogic", id=tl.get("id"), type="actuated", programID="fcd-actuated",
+                             offset=tl.get("offset", "0"))
+        for ph in tl.findall("phase"):
+            state, duration = ph.get("state", ""), float(ph.get("duration"))
+            attrs = {"duration": f"{duration:g}", "state": state}
+            if any(c in "Gg" for c in state) and not any(c in "yY" for c in state):
+                attrs.update(minDur=f"{min(5.0, duration):g}", maxDur=f"{2 * duration:g}")
+            ET.SubElement(prog, "phase", attrs)
+    ET.ElementTree(root).write(out)
+    return out
 
 
 def run_sumo(sc: Scenario, work: Path, interval: float, seed: int) -> dict[str, Path]:
@@ -350,6 +376,10 @@ def validate_scenario(name: str, work: Path, duration: float, interval: float, s
     outputs = run_sumo(sc, work, interval, seed)
     t_sumo = time.monotonic() - started
     city = from_sumo_net(sc.net)
+    if sc.additional:             # the actuated programs SUMO ran instead of the network's own
+        for light in city.lights:
+            light.kind = "actuated"
+        city.source["import"]["light_kinds"] = {"actuated": len(city.lights)}
     probes, fcd_summary = read_fcd(outputs["fcd"], city)
     lights, tls_summary = read_tls(outputs["tls"], city)
     trace = Trace(city, probes, lights, meta={"source": "sumo", "scenario": name})
