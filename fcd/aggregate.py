@@ -76,6 +76,7 @@ class MapMatcher:
         self.s_lane = seg[:, 5].astype(np.int32)
         self.s_to_end = seg[:, 6]
         self.s_first, self.s_last = seg[:, 7].astype(bool), seg[:, 8].astype(bool)
+        self.has_internal = bool((self.s_road == IN_JUNCTION).any())
         dx, dy = sx1 - self.sx0, sy1 - self.sy0
         self.s_len = np.maximum(np.hypot(dx, dy), 1e-9)
         self.sux, self.suy = dx / self.s_len, dy / self.s_len
@@ -112,6 +113,15 @@ class MapMatcher:
     def _iy(self, y: float) -> int:
         return min(self.ny - 1, max(0, int((y - self.oy) // self.cell)))
 
+    def _near(self, seg: np.ndarray, x: np.ndarray, y: np.ndarray, heading: np.ndarray):
+        """Distance and heading difference of points to segments (broadcast): the hot loop."""
+        px, py = x - self.sx0[seg], y - self.sy0[seg]
+        ux, uy = self.sux[seg], self.suy[seg]
+        along = np.clip(px * ux + py * uy, 0.0, self.s_len[seg])
+        dist = np.hypot(px - along * ux, py - along * uy)
+        dh = np.abs((heading - self.s_heading[seg] + 180.0) % 360.0 - 180.0)
+        return dist, dh
+
     def project(self, seg: np.ndarray, x: np.ndarray, y: np.ndarray, heading: np.ndarray):
         """Distance, heading difference, clipped position along, and overshoot beyond the lane's
         ends, of points against segments (broadcast)."""
@@ -138,27 +148,33 @@ class MapMatcher:
         cand = self.table[cells]                         # (n, K)
         valid = (cand >= 0) & inside[:, None]
         seg = np.where(valid, cand, 0)
-        dist, dh, along, beyond = self.project(seg, x[:, None], y[:, None], heading[:, None])
+        dist, dh = self._near(seg, x[:, None], y[:, None], heading[:, None])
         ok = valid & (dist <= self.max_distance) & (dh <= self.max_heading)
         cost = np.where(ok, dist + dh * 0.1, np.inf)
-        internal = self.s_road[seg] == IN_JUNCTION
         rows = np.arange(len(x))
-        best_road = np.argmin(np.where(internal, np.inf, cost), axis=1)
-        best_internal = np.argmin(np.where(internal, cost, np.inf), axis=1)
-        road_cost = np.where(internal[rows, best_road], np.inf, cost[rows, best_road])
-        internal_cost = np.where(internal[rows, best_internal], cost[rows, best_internal], np.inf)
-        # internal lanes start where the roads end: a probe on a road lane, not past its end,
-        # stays on the road whatever its heading says
-        on_lane = (dist[rows, best_road] <= ON_LANE) & (beyond[rows, best_road] <= ON_LANE)
-        take_internal = internal_cost < np.where(on_lane, -np.inf, road_cost)
-        best = np.where(take_internal, best_internal, best_road)
-        found = np.isfinite(np.minimum(road_cost, internal_cost))
+        if not self.has_internal:
+            best = np.argmin(cost, axis=1)
+            found = np.isfinite(cost[rows, best])
+        else:
+            internal = self.s_road[seg] == IN_JUNCTION
+            best_road = np.argmin(np.where(internal, np.inf, cost), axis=1)
+            best_internal = np.argmin(np.where(internal, cost, np.inf), axis=1)
+            road_cost = np.where(internal[rows, best_road], np.inf, cost[rows, best_road])
+            internal_cost = np.where(internal[rows, best_internal], cost[rows, best_internal], np.inf)
+            # internal lanes start where the roads end: a probe on a road lane, not past its end,
+            # stays on the road whatever its heading says
+            d_road, _, _, beyond_road = self.project(seg[rows, best_road], x, y, heading)
+            on_lane = (d_road <= ON_LANE) & (beyond_road <= ON_LANE)
+            take_internal = internal_cost < np.where(on_lane, -np.inf, road_cost)
+            best = np.where(take_internal, best_internal, best_road)
+            found = np.isfinite(np.minimum(road_cost, internal_cost))
         k = seg[rows, best]
+        _, _, along, beyond = self.project(k, x, y, heading)
         road = np.where(found, self.s_road[k], -1).astype(np.int32)
         lane = np.where(found, self.s_lane[k], -1).astype(np.int32)
-        to_end = np.where(found, self.s_to_end[k] - along[rows, best], 0.0)
+        to_end = np.where(found, self.s_to_end[k] - along, 0.0)
         # beyond a lane's end inside a junction's shape: crossing the junction
-        over = np.flatnonzero(found & (road >= 0) & (beyond[rows, best] > JUNCTION_MARGIN))
+        over = np.flatnonzero(found & (road >= 0) & (beyond > JUNCTION_MARGIN))
         if len(over) and self.junction_paths:
             pts = np.column_stack([x[over], y[over]])
             hit = np.zeros(len(over), dtype=bool)
@@ -451,23 +467,33 @@ class Aggregator:
         self.last_road[s_last] = np.where(l_e[last] >= 0, l_e[last], last_before[last])
 
     # ------------------------------------------------------------ reports
-    def road_states(self, now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(cars, queue, mean moving speed or -1) for every road, from the latest probes.
+    def road_states(self, now: float, roads: list[int] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(cars, queue, mean moving speed or -1) per road (every road, or counted for ``roads``
+        only and zero elsewhere), from the latest probes.
 
         Queue: per lane, the cars from the stop line back to the last halted car (slower than
         HALT_SPEED), as SUMO measures a queue's length."""
         n = self.used
-        road, speed = self.road[:n], self.speed[:n]
-        live = (road >= 0) & (self.t_last[:n] >= now - self.stale_after)
+        road = self.road[:n]
         R = self.city.n_roads
-        r, v = road[live], speed[live]
-        lane, to_end = self.lane[:n][live], self.to_end[:n][live]
+        live = road >= 0
+        if roads is not None:
+            wanted = np.zeros(R + 1, dtype=bool)
+            wanted[roads] = True
+            live &= wanted[road]
+        idx = np.flatnonzero(live)
+        idx = idx[self.t_last[idx] >= now - self.stale_after]
+        r, v = road[idx], self.speed[idx]
+        lane, to_end = self.lane[idx], self.to_end[idx]
         cars = np.bincount(r, minlength=R)
         halted = v < HALT_SPEED
-        back = np.full(self.matcher.n_lanes, -1.0)
-        np.maximum.at(back, lane[halted], to_end[halted])
-        queued = to_end <= back[lane] + 1e-6
-        queue = np.bincount(r[queued], minlength=R)
+        if halted.any():
+            back = np.full(self.matcher.n_lanes, -1.0)
+            np.maximum.at(back, lane[halted], to_end[halted])
+            queue = np.bincount(r[to_end <= back[lane] + 1e-6], minlength=R)
+        else:
+            queue = np.zeros(R, dtype=np.int64)
         moving = v >= QUEUE_SPEED
         n_moving = np.bincount(r[moving], minlength=R)
         sum_moving = np.bincount(r[moving], weights=v[moving], minlength=R)
@@ -480,7 +506,7 @@ class Aggregator:
 
     def _reports(self, roads: list[tuple[int, bool, bool]], t: float) -> list[RoadReport]:
         """Reports of (road, green from t on, green before t) and reset of their counters."""
-        cars_all, queue_all, mean_all = self.road_states(t)
+        cars_all, queue_all, mean_all = self.road_states(t, [road for road, _, _ in roads])
         c = self.city
         reports = []
         for road, green, was_green in roads:
