@@ -1,16 +1,19 @@
 """Map matching and per-road aggregation: the sans-IO core shared by the booster and the server.
 
-:class:`MapMatcher` finds each probe's road with a uniform grid spatial index (every cell lists
-the road segments within ``max_distance`` of it) and a heading test (a car's heading must be
-within ``max_heading`` degrees of the road's direction, so the two directions of a street are
-told apart); vectorised over a batch.
+:class:`MapMatcher` finds each probe's road and lane with a uniform grid spatial index (every
+cell lists the lane-polyline segments within ``max_distance`` of it) and a heading test (a car's
+heading must be within ``max_heading`` degrees of the lane's direction there, so the two
+directions of a street are told apart); a probe inside a junction belongs to the junction, not
+to a road.  Vectorised over a batch.
 
 :class:`Aggregator` keeps the latest state of every car (bounded table, stale cars expire) and
-counts road departures and turns from consecutive matched probes.  At every light change it
-produces a :class:`RoadReport` for each road whose light changed: queue length at the exit light
-(cars slower than ``QUEUE_SPEED``), cars on the road, density (cars per km per lane), mean speed
-of moving cars, and the departures and turns since that road's previous report.  Time is the
-probes' own clock: nothing here reads a clock or touches a socket.
+counts road departures, whole-road crossing times and turns from consecutive located probes.
+At every switch of a light it produces a :class:`RoadReport` for every road that light controls:
+queue at the exit light (per lane, the cars from the stop line back to the last halted one),
+cars on the road, density (cars per km per lane), mean speed of moving cars, and the departures,
+crossings and turns since that road's previous report.  Roads without a light are reported every
+``unlit_period`` seconds of probe time.  Time is the probes' own clock: nothing here reads a
+clock or touches a socket.
 """
 
 from __future__ import annotations
@@ -23,27 +26,82 @@ import numpy as np
 
 from fcd.city import City
 
-QUEUE_SPEED = 1.0   # m/s: a car slower than this is waiting in the queue
+QUEUE_SPEED = 1.0   # m/s: a car slower than this counts as not moving (mean speed of moving cars)
+HALT_SPEED = 0.1    # m/s: a car slower than this is halted (SUMO's halting threshold)
+IN_JUNCTION = -2    # MapMatcher.locate: the probe is inside a junction, on no road
+JUNCTION_MARGIN = 0.5   # metres past a road lane's end, inside a junction's shape: in the junction
+ON_LANE = 0.5           # metres from a road lane (and not past its end): on that lane
 
 
 class MapMatcher:
-    def __init__(self, city: City, cell: float = 50.0, max_distance: float = 20.0,
+    """Probe -> (road, lane, metres to the lane's end), or a junction.
+
+    Candidates are the segments of every lane polyline of every road, and of every internal
+    (junction) lane.  A probe goes to the candidate with the least ``distance + 0.1 x heading
+    difference`` among those within ``max_distance`` metres and ``max_heading`` degrees.  It is in
+    a junction (road ``IN_JUNCTION``) when that candidate is an internal lane, or when it lies
+    inside a junction's shape beyond the end (or before the start) of the road lane it is
+    nearest to: SUMO's lanes stop at the junction shape, so a car there is crossing.
+    """
+
+    def __init__(self, city: City, cell: float = 50.0, max_distance: float | None = None,
                  max_heading: float = 45.0) -> None:
-        self.city, self.cell, self.max_distance, self.max_heading = city, cell, max_distance, max_heading
+        self.city, self.cell, self.max_heading = city, cell, max_heading
+        self.max_distance = city.match_distance if max_distance is None else max_distance
+        max_distance = self.max_distance
+        # segments of every lane (lane = global lane number) and internal lane (lane -1)
+        rows = []          # (x0, y0, x1, y1, road, lane, to_end at segment start, first, last)
+        lane_road = []
+        for road, shapes in enumerate(city.lane_shapes):
+            for shape in shapes:
+                lane = len(lane_road)
+                lane_road.append(road)
+                seg = np.hypot(*np.diff(shape, axis=0).T)
+                to_end = seg[::-1].cumsum()[::-1]
+                k = len(seg)
+                for i in range(k):
+                    rows.append((*shape[i], *shape[i + 1], road, lane, to_end[i], i == 0, i == k - 1))
+        self.junction_names = sorted({j for j, _ in city.internal_shapes} | {
+            n for n in city.graph.nodes if city.junction_shape(n) is not None})
+        junction_index = {j: i for i, j in enumerate(self.junction_names)}
+        for junction, pts in city.internal_shapes:
+            shape = np.asarray(pts, dtype=np.float64)
+            for i in range(len(shape) - 1):
+                rows.append((*shape[i], *shape[i + 1], IN_JUNCTION, -1, 0.0, False, False))
+        seg = np.array(rows, dtype=np.float64)
+        self.lane_road = np.array(lane_road, dtype=np.int32)
+        self.n_lanes = len(lane_road)
+        self.sx0, self.sy0, sx1, sy1 = seg[:, 0], seg[:, 1], seg[:, 2], seg[:, 3]
+        self.s_road = seg[:, 4].astype(np.int32)
+        self.s_lane = seg[:, 5].astype(np.int32)
+        self.s_to_end = seg[:, 6]
+        self.s_first, self.s_last = seg[:, 7].astype(bool), seg[:, 8].astype(bool)
+        self.has_internal = bool((self.s_road == IN_JUNCTION).any())
+        dx, dy = sx1 - self.sx0, sy1 - self.sy0
+        self.s_len = np.maximum(np.hypot(dx, dy), 1e-9)
+        self.sux, self.suy = dx / self.s_len, dy / self.s_len
+        self.s_heading = np.degrees(np.arctan2(dx, dy)) % 360.0
+        # junction shapes (matplotlib paths), with their bounding boxes
+        from matplotlib.path import Path as MplPath
+        self.junction_paths = []
+        for name in self.junction_names:
+            shape = city.junction_shape(name)
+            if shape is not None:
+                self.junction_paths.append((shape.min(axis=0), shape.max(axis=0), MplPath(shape)))
         xmin, ymin, xmax, ymax = city.bbox
         pad = max_distance + city.junction_radius + 1.0
         self.ox, self.oy = xmin - pad, ymin - pad
         self.nx = int(math.ceil((xmax - xmin + 2 * pad) / cell)) + 1
         self.ny = int(math.ceil((ymax - ymin + 2 * pad) / cell)) + 1
         buckets: list[list[int]] = [[] for _ in range(self.nx * self.ny)]
-        for road in range(city.n_roads):
-            x0, x1 = sorted((city.x0[road], city.x1[road]))
-            y0, y1 = sorted((city.y0[road], city.y1[road]))
+        for k in range(len(seg)):
+            x0, x1 = sorted((self.sx0[k], sx1[k]))
+            y0, y1 = sorted((self.sy0[k], sy1[k]))
             i0, i1 = self._ix(x0 - max_distance), self._ix(x1 + max_distance)
             j0, j1 = self._iy(y0 - max_distance), self._iy(y1 + max_distance)
             for i in range(i0, i1 + 1):
                 for j in range(j0, j1 + 1):
-                    buckets[i * self.ny + j].append(road)
+                    buckets[i * self.ny + j].append(k)
         width = max(1, max(len(b) for b in buckets))
         self.table = np.full((len(buckets), width), -1, dtype=np.int32)
         for k, b in enumerate(buckets):
@@ -55,28 +113,83 @@ class MapMatcher:
     def _iy(self, y: float) -> int:
         return min(self.ny - 1, max(0, int((y - self.oy) // self.cell)))
 
-    def match(self, x: np.ndarray, y: np.ndarray, heading: np.ndarray) -> np.ndarray:
-        """Road id per point, -1 where no road is close enough in position and heading."""
-        c = self.city
+    def _near(self, seg: np.ndarray, x: np.ndarray, y: np.ndarray, heading: np.ndarray):
+        """Distance and heading difference of points to segments (broadcast): the hot loop."""
+        px, py = x - self.sx0[seg], y - self.sy0[seg]
+        ux, uy = self.sux[seg], self.suy[seg]
+        along = np.clip(px * ux + py * uy, 0.0, self.s_len[seg])
+        dist = np.hypot(px - along * ux, py - along * uy)
+        dh = np.abs((heading - self.s_heading[seg] + 180.0) % 360.0 - 180.0)
+        return dist, dh
+
+    def project(self, seg: np.ndarray, x: np.ndarray, y: np.ndarray, heading: np.ndarray):
+        """Distance, heading difference, clipped position along, and overshoot beyond the lane's
+        ends, of points against segments (broadcast)."""
+        px, py = x - self.sx0[seg], y - self.sy0[seg]
+        raw = px * self.sux[seg] + py * self.suy[seg]
+        along = np.clip(raw, 0.0, self.s_len[seg])
+        dist = np.hypot(px - along * self.sux[seg], py - along * self.suy[seg])
+        dh = np.abs((heading - self.s_heading[seg] + 180.0) % 360.0 - 180.0)
+        beyond = np.where(self.s_last[seg], raw - self.s_len[seg], 0.0)
+        beyond = np.maximum(beyond, np.where(self.s_first[seg], -raw, 0.0))
+        return dist, dh, along, beyond
+
+    def locate(self, x: np.ndarray, y: np.ndarray, heading: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(road, lane, metres to the lane's end, segment) per point; road -1: no road close
+        enough in position and heading, IN_JUNCTION: inside a junction."""
         x = np.asarray(x, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
+        heading = np.asarray(heading, dtype=np.float64)
         i = np.floor((x - self.ox) / self.cell)
         j = np.floor((y - self.oy) / self.cell)
         inside = (i >= 0) & (i < self.nx) & (j >= 0) & (j < self.ny)
         cells = np.where(inside, i * self.ny + j, 0).astype(np.int64)
         cand = self.table[cells]                         # (n, K)
         valid = (cand >= 0) & inside[:, None]
-        r = np.where(valid, cand, 0)
-        px, py = x[:, None] - c.x0[r], y[:, None] - c.y0[r]
-        seg = c.seg_length[r]
-        along = np.clip(px * c.ux[r] + py * c.uy[r], 0.0, seg)
-        dist = np.hypot(px - along * c.ux[r], py - along * c.uy[r])
-        dh = np.abs((np.asarray(heading, dtype=np.float64)[:, None] - c.heading[r] + 180.0) % 360.0 - 180.0)
+        seg = np.where(valid, cand, 0)
+        dist, dh = self._near(seg, x[:, None], y[:, None], heading[:, None])
         ok = valid & (dist <= self.max_distance) & (dh <= self.max_heading)
         cost = np.where(ok, dist + dh * 0.1, np.inf)
-        best = np.argmin(cost, axis=1)
         rows = np.arange(len(x))
-        return np.where(np.isfinite(cost[rows, best]), cand[rows, best], -1).astype(np.int32)
+        if not self.has_internal:
+            best = np.argmin(cost, axis=1)
+            found = np.isfinite(cost[rows, best])
+        else:
+            internal = self.s_road[seg] == IN_JUNCTION
+            best_road = np.argmin(np.where(internal, np.inf, cost), axis=1)
+            best_internal = np.argmin(np.where(internal, cost, np.inf), axis=1)
+            road_cost = np.where(internal[rows, best_road], np.inf, cost[rows, best_road])
+            internal_cost = np.where(internal[rows, best_internal], cost[rows, best_internal], np.inf)
+            # internal lanes start where the roads end: a probe on a road lane, not past its end,
+            # stays on the road whatever its heading says
+            d_road, _, _, beyond_road = self.project(seg[rows, best_road], x, y, heading)
+            on_lane = (d_road <= ON_LANE) & (beyond_road <= ON_LANE)
+            take_internal = internal_cost < np.where(on_lane, -np.inf, road_cost)
+            best = np.where(take_internal, best_internal, best_road)
+            found = np.isfinite(np.minimum(road_cost, internal_cost))
+        k = seg[rows, best]
+        _, _, along, beyond = self.project(k, x, y, heading)
+        road = np.where(found, self.s_road[k], -1).astype(np.int32)
+        lane = np.where(found, self.s_lane[k], -1).astype(np.int32)
+        to_end = np.where(found, self.s_to_end[k] - along, 0.0)
+        # beyond a lane's end inside a junction's shape: crossing the junction
+        over = np.flatnonzero(found & (road >= 0) & (beyond > JUNCTION_MARGIN))
+        if len(over) and self.junction_paths:
+            pts = np.column_stack([x[over], y[over]])
+            hit = np.zeros(len(over), dtype=bool)
+            for lo, hi, path in self.junction_paths:
+                near = np.flatnonzero(~hit & np.all(pts >= lo, axis=1) & np.all(pts <= hi, axis=1))
+                if len(near):
+                    hit[near] = path.contains_points(pts[near])
+            road[over[hit]] = IN_JUNCTION
+            lane[over[hit]] = -1
+        return road, lane, np.maximum(to_end, 0.0), np.where(found, k, -1)
+
+    def match(self, x: np.ndarray, y: np.ndarray, heading: np.ndarray) -> np.ndarray:
+        """Road id per point; -1 where no road is close enough or the point is in a junction."""
+        road = self.locate(x, y, heading)[0]
+        return np.where(road >= 0, road, -1).astype(np.int32)
 
 
 @dataclass
@@ -94,6 +207,11 @@ class RoadReport:
     interval: float        # seconds since the previous report (0 for the first)
     was_green: bool        # light state during that interval
     turns: dict[int, int] = field(default_factory=dict)
+    crossed: int = 0       # cars that crossed the whole road (entry to exit) in the interval
+    crossing_time: float = 0.0   # the sum of their crossing times, seconds
+    samples: float = 0.0   # car-seconds spent on the road in the interval
+    distance: float = 0.0  # metres driven on the road in the interval (samples / distance x length
+                           # = the road's travel time, as SUMO's edgeData measures it)
 
     @property
     def key(self) -> tuple[int, float]:
@@ -103,7 +221,9 @@ class RoadReport:
         return {"road": int(self.road), "t": float(self.t), "green": bool(self.green), "queue": int(self.queue),
                 "cars": int(self.cars), "density": float(self.density), "mean_speed": float(self.mean_speed),
                 "departures": int(self.departures), "interval": float(self.interval),
-                "was_green": bool(self.was_green), "turns": {str(k): int(v) for k, v in self.turns.items()}}
+                "was_green": bool(self.was_green), "turns": {str(k): int(v) for k, v in self.turns.items()},
+                "crossed": int(self.crossed), "crossing_time": float(self.crossing_time),
+                "samples": float(self.samples), "distance": float(self.distance)}
 
     @classmethod
     def from_xmlrpc(cls, data: Any, n_roads: int) -> "RoadReport":
@@ -133,6 +253,17 @@ class RoadReport:
                      cars=num("cars", int), density=float(num("density")), mean_speed=float(num("mean_speed")),
                      departures=num("departures", int), interval=float(num("interval")),
                      was_green=data["was_green"], turns=parsed)
+        # optional (older boxes do not send them)
+        if "crossed" in data or "crossing_time" in data:
+            report.crossed = num("crossed", int)
+            report.crossing_time = float(num("crossing_time"))
+            if report.crossed < 0 or report.crossing_time < 0:
+                raise ValueError("report crossed and crossing_time must be non-negative")
+        if "samples" in data or "distance" in data:
+            report.samples = float(num("samples"))
+            report.distance = float(num("distance"))
+            if report.samples < 0 or report.distance < 0:
+                raise ValueError("report samples and distance must be non-negative")
         if min(report.queue, report.cars, report.departures) < 0 or report.queue > report.cars:
             raise ValueError("report counts must be non-negative and queue <= cars")
         if report.t < 0 or report.interval < 0 or report.density < 0:
@@ -141,10 +272,13 @@ class RoadReport:
 
 
 class Aggregator:
+    """Per-car state from probes; per-road reports at light changes (and periodically for roads
+    without a light).  See the module docstring and docs/fcd.md for every field."""
+
     LUT_SIZE = 1 << 20      # car ids below this find their slot by array lookup; others by dict
 
     def __init__(self, city: City, max_cars: int = 100_000, stale_after: float = 10.0,
-                 matcher: MapMatcher | None = None) -> None:
+                 matcher: MapMatcher | None = None, unlit_period: float = 60.0) -> None:
         self.city = city
         self.matcher = matcher or MapMatcher(city)
         self.max_cars, self.stale_after = max_cars, stale_after
@@ -153,16 +287,30 @@ class Aggregator:
         self.free: list[int] = list(range(max_cars - 1, -1, -1))
         self.used = 0            # slots [0, used) have been handed out at least once
         self.car_id = np.zeros(max_cars, dtype=np.int64)
-        self.road = np.full(max_cars, -1, dtype=np.int32)
-        self.last_road = np.full(max_cars, -1, dtype=np.int32)
+        self.loc = np.full(max_cars, -1, dtype=np.int32)        # road, IN_JUNCTION, or -1 (not seen yet)
+        self.road = np.full(max_cars, -1, dtype=np.int32)       # road the car is on now (-1: none)
+        self.lane = np.full(max_cars, -1, dtype=np.int32)
+        self.seg = np.full(max_cars, -1, dtype=np.int32)
+        self.to_end = np.zeros(max_cars)
+        self.last_road = np.full(max_cars, -1, dtype=np.int32)  # last road the car was on
+        self.entry_t = np.zeros(max_cars)                        # when it came onto its location
+        self.entry_valid = np.zeros(max_cars, dtype=bool)        # ... from somewhere else (not born there)
         self.speed = np.zeros(max_cars)
         self.t_last = np.full(max_cars, -np.inf)
-        self.departures = np.zeros(city.n_roads, dtype=np.int64)
-        self.turns: list[dict[int, int]] = [dict() for _ in range(city.n_roads)]
+        R = city.n_roads
+        self.departures = np.zeros(R, dtype=np.int64)
+        self.crossed = np.zeros(R, dtype=np.int64)
+        self.crossing_time = np.zeros(R)
+        self.samples = np.zeros(R)
+        self.distance = np.zeros(R)
+        self.turns: list[dict[int, int]] = [dict() for _ in range(R)]
         self.light_mask: dict[int, int] = {}
-        self.last_change = np.full(city.n_roads, np.nan)
+        self.last_change = np.full(R, np.nan)
         self.successor_sets = [set(s) for s in city.successors]
-        self.stats = {"probes": 0, "unmatched": 0, "cars_refused": 0, "cars_expired": 0,
+        self.unlit = np.flatnonzero(city.exit_light < 0)
+        self.unlit_period = unlit_period
+        self.next_tick: float | None = None
+        self.stats = {"probes": 0, "unmatched": 0, "in_junction": 0, "cars_refused": 0, "cars_expired": 0,
                       "stale_probes": 0, "unknown_lights": 0, "reports": 0}
 
     # ------------------------------------------------------------ car slots
@@ -186,10 +334,14 @@ class Aggregator:
                 if car < self.LUT_SIZE:
                     self.lut[car] = slot
                 self.car_id[slot] = car
-                self.road[slot] = self.last_road[slot] = -1
-                self.t_last[slot] = -np.inf
+                self._reset(slot)
             slots[i] = slot
         return slots
+
+    def _reset(self, slot: int) -> None:
+        self.loc[slot] = self.road[slot] = self.lane[slot] = self.seg[slot] = self.last_road[slot] = -1
+        self.entry_valid[slot] = False
+        self.t_last[slot] = -np.inf
 
     def _expire(self, now: float) -> None:
         stale = np.flatnonzero((self.t_last < now - self.stale_after) & (self.t_last > -np.inf))
@@ -198,84 +350,150 @@ class Aggregator:
             del self.slot_of[car]
             if car < self.LUT_SIZE:
                 self.lut[car] = -1
-            self.t_last[slot] = -np.inf
-            self.road[slot] = self.last_road[slot] = -1
+            self._reset(slot)
             self.free.append(slot)
         self.stats["cars_expired"] += len(stale)
 
     # ------------------------------------------------------------ probes
-    def _match(self, batch: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        """Map-match; a car still on its previous road is checked against that road only."""
-        c, m = self.city, self.matcher
+    def _match(self, batch: np.ndarray, slots: np.ndarray):
+        """Locate; a car still well inside the lane segment of its previous probe is checked
+        against that segment only."""
+        m = self.matcher
         x = batch["x"].astype(np.float64)
         y = batch["y"].astype(np.float64)
         h = batch["heading"].astype(np.float64)
-        prev = np.where(slots >= 0, self.last_road[np.maximum(slots, 0)], -1)
-        r = np.maximum(prev, 0)
-        px, py = x - c.x0[r], y - c.y0[r]
-        along = np.clip(px * c.ux[r] + py * c.uy[r], 0.0, c.seg_length[r])
-        dist = np.hypot(px - along * c.ux[r], py - along * c.uy[r])
-        dh = np.abs((h - c.heading[r] + 180.0) % 360.0 - 180.0)
-        # well inside the previous road (not near its ends, where another road may be closer)
-        inner = (along > m.max_distance) & (along < c.seg_length[r] - m.max_distance)
-        keep = (prev >= 0) & (dist <= m.max_distance / 2) & (dh <= m.max_heading) & inner
-        roads = np.where(keep, prev, -1).astype(np.int32)
+        prev = np.where(slots >= 0, self.seg[np.maximum(slots, 0)], -1)
+        k = np.maximum(prev, 0)
+        dist, dh, along, _ = m.project(k, x, y, h)
+        inner = (along > m.max_distance) & (along < m.s_len[k] - m.max_distance)
+        keep = (prev >= 0) & (m.s_road[k] >= 0) & (dist <= min(1.0, m.max_distance / 2)) & (dh <= m.max_heading) & inner
+        road = np.where(keep, m.s_road[k], -1).astype(np.int32)
+        lane = np.where(keep, m.s_lane[k], -1).astype(np.int32)
+        to_end = np.where(keep, m.s_to_end[k] - along, 0.0)
+        seg = np.where(keep, prev, -1).astype(np.int32)
         rest = np.flatnonzero(~keep)
         if len(rest):
-            roads[rest] = m.match(x[rest], y[rest], h[rest])
-        return roads
+            road[rest], lane[rest], to_end[rest], seg[rest] = m.locate(x[rest], y[rest], h[rest])
+        return road, lane, to_end, seg
 
-    def feed(self, batch: np.ndarray) -> None:
-        """Take a batch of probes (fields car, t, x, y, speed, heading; any order)."""
+    def feed(self, batch: np.ndarray) -> list[RoadReport]:
+        """Take a batch of probes (fields car, t, x, y, speed, heading; any order).  Returns the
+        periodic reports of roads without a light that fell due (see ``unlit_period``)."""
         if len(batch) == 0:
-            return
+            return []
         order = np.lexsort((batch["t"], batch["car"]))
         batch = batch[order]
         cars = batch["car"].astype(np.int64)
         ts = batch["t"].astype(np.float64)
-        slots = self._slots(cars, float(ts.max()))
-        roads = self._match(batch, slots)
+        t_max = float(ts.max())
+        reports = self._tick(float(ts.min()))
+        slots = self._slots(cars, t_max)
+        roads, lanes, to_end, segs = self._match(batch, slots)
         self.stats["probes"] += len(batch)
-        self.stats["unmatched"] += int((roads < 0).sum())
+        self.stats["unmatched"] += int((roads == -1).sum())
+        self.stats["in_junction"] += int((roads == IN_JUNCTION).sum())
         known = slots >= 0
         safe = np.where(known, slots, 0)
         # drop probes older than what we already know of the car (reordered datagrams)
         fresh = known & (ts >= self.t_last[safe])
         self.stats["stale_probes"] += int((known & ~fresh).sum())
-        # departures and turns: consecutive matched roads of one car
-        idx = np.flatnonzero(fresh & (roads >= 0))
-        if len(idx):
-            s_idx, r_idx = slots[idx], roads[idx]
-            first = np.r_[True, s_idx[1:] != s_idx[:-1]]
-            prev = np.where(first, self.last_road[s_idx], np.r_[-1, r_idx[:-1]])
-            changed = np.flatnonzero((prev >= 0) & (prev != r_idx))
-            if len(changed):
-                np.add.at(self.departures, prev[changed], 1)
-                for a, b in zip(prev[changed].tolist(), r_idx[changed].tolist()):
-                    if b in self.successor_sets[a]:
-                        turns = self.turns[a]
-                        turns[b] = turns.get(b, 0) + 1
-            last = np.r_[s_idx[1:] != s_idx[:-1], True]
-            self.last_road[s_idx[last]] = r_idx[last]
+        self._moves(np.flatnonzero(fresh & (roads != -1)), slots, roads, ts)
+        self._sample(np.flatnonzero(fresh & (roads >= 0)), slots, roads, ts, batch["speed"])
         # latest state per car: the last fresh probe in (car, t) order
         li = np.flatnonzero(fresh)
         if len(li):
             li = li[np.r_[slots[li][1:] != slots[li][:-1], True]]
             s = slots[li]
-            self.road[s] = roads[li]
+            self.road[s] = np.where(roads[li] >= 0, roads[li], -1)
+            self.lane[s], self.to_end[s], self.seg[s] = lanes[li], to_end[li], segs[li]
             self.speed[s] = batch["speed"][li]
             self.t_last[s] = ts[li]
+        return reports + self._tick(t_max)
 
-    # ------------------------------------------------------------ lights
-    def road_states(self, now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(cars, queue, mean moving speed or -1) for every road, from the latest probes."""
+    MAX_SAMPLE_GAP = 5.0     # seconds: a longer silence is not counted as time on the road
+
+    def _sample(self, on: np.ndarray, slots: np.ndarray, roads: np.ndarray, ts: np.ndarray,
+                speed: np.ndarray) -> None:
+        """Car-seconds and metres on each road: each probe stands for the time since the car's
+        previous probe."""
+        if not len(on):
+            return
+        s_o, t_o = slots[on], ts[on]
+        first = np.r_[True, s_o[1:] != s_o[:-1]]
+        prev_t = np.where(first, self.t_last[s_o], np.r_[0.0, t_o[:-1]])
+        known = np.isfinite(prev_t)
+        dt = np.where(known, np.clip(t_o - np.where(known, prev_t, 0.0), 0.0, self.MAX_SAMPLE_GAP), 0.0)
+        np.add.at(self.samples, roads[on], dt)
+        np.add.at(self.distance, roads[on], dt * speed[on].astype(np.float64))
+
+    def _moves(self, ev: np.ndarray, slots: np.ndarray, roads: np.ndarray, ts: np.ndarray) -> None:
+        """Departures, crossing times and turns from the located probes ``ev`` (in car, t order)."""
+        if not len(ev):
+            return
+        s_e, l_e, t_e = slots[ev], roads[ev], ts[ev]
+        n = len(ev)
+        idx = np.arange(n)
+        first = np.r_[True, s_e[1:] != s_e[:-1]]
+        prev = np.where(first, self.loc[s_e], np.r_[-1, l_e[:-1]])
+        changed = prev != l_e
+        # entry time and validity of the run of equal locations each probe belongs to
+        run_t = np.where(changed, t_e, self.entry_t[s_e])
+        run_valid = np.where(changed, prev != -1, self.entry_valid[s_e])
+        start = np.maximum.accumulate(np.where(first | changed, idx, 0))
+        entry_t, entry_valid = run_t[start], run_valid[start]
+        prev_entry = np.where(first, self.entry_t[s_e], np.r_[0.0, entry_t[:-1]])
+        prev_valid = np.where(first, self.entry_valid[s_e], np.r_[False, entry_valid[:-1]])
+        leave = np.flatnonzero(changed & (prev >= 0))
+        if len(leave):
+            np.add.at(self.departures, prev[leave], 1)
+            whole = leave[prev_valid[leave]]          # came in at the start: crossed the whole road
+            np.add.at(self.crossed, prev[whole], 1)
+            np.add.at(self.crossing_time, prev[whole], t_e[whole] - prev_entry[whole])
+        # the road before each probe (through junctions): for turn counts
+        car_start = np.maximum.accumulate(np.where(first, idx, 0))
+        on_road = np.maximum.accumulate(np.where(l_e >= 0, idx, -1))
+        before = np.r_[-1, on_road[:-1]]
+        last_before = np.where(before >= car_start, l_e[np.maximum(before, 0)], self.last_road[s_e])
+        arrive = np.flatnonzero((l_e >= 0) & changed & (last_before >= 0) & (last_before != l_e))
+        for a, b in zip(last_before[arrive].tolist(), l_e[arrive].tolist()):
+            if b in self.successor_sets[a]:
+                turns = self.turns[a]
+                turns[b] = turns.get(b, 0) + 1
+        last = np.r_[s_e[1:] != s_e[:-1], True]
+        s_last = s_e[last]
+        self.loc[s_last] = l_e[last]
+        self.entry_t[s_last] = entry_t[last]
+        self.entry_valid[s_last] = entry_valid[last]
+        self.last_road[s_last] = np.where(l_e[last] >= 0, l_e[last], last_before[last])
+
+    # ------------------------------------------------------------ reports
+    def road_states(self, now: float, roads: list[int] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(cars, queue, mean moving speed or -1) per road (every road, or counted for ``roads``
+        only and zero elsewhere), from the latest probes.
+
+        Queue: per lane, the cars from the stop line back to the last halted car (slower than
+        HALT_SPEED), as SUMO measures a queue's length."""
         n = self.used
-        road, speed = self.road[:n], self.speed[:n]
-        live = (road >= 0) & (self.t_last[:n] >= now - self.stale_after)
+        road = self.road[:n]
         R = self.city.n_roads
-        r, v = road[live], speed[live]
+        live = road >= 0
+        if roads is not None:
+            wanted = np.zeros(R + 1, dtype=bool)
+            wanted[roads] = True
+            live &= wanted[road]
+        idx = np.flatnonzero(live)
+        idx = idx[self.t_last[idx] >= now - self.stale_after]
+        r, v = road[idx], self.speed[idx]
+        lane, to_end = self.lane[idx], self.to_end[idx]
         cars = np.bincount(r, minlength=R)
-        queue = np.bincount(r[v < QUEUE_SPEED], minlength=R)
+        halted = v < HALT_SPEED
+        if halted.any():
+            back = np.full(self.matcher.n_lanes, -1.0)
+            np.maximum.at(back, lane[halted], to_end[halted])
+            queue = np.bincount(r[to_end <= back[lane] + 1e-6], minlength=R)
+        else:
+            queue = np.zeros(R, dtype=np.int64)
         moving = v >= QUEUE_SPEED
         n_moving = np.bincount(r[moving], minlength=R)
         sum_moving = np.bincount(r[moving], weights=v[moving], minlength=R)
@@ -286,36 +504,51 @@ class Aggregator:
         cars, queue, mean = self.road_states(now)
         return int(cars[road]), int(queue[road]), float(mean[road])
 
-    def light_change(self, light: int, t: float, green: int) -> list[RoadReport]:
-        if not 0 <= light < len(self.city.lights):
-            self.stats["unknown_lights"] += 1
-            return []
-        prev = self.light_mask.get(light)
-        self.light_mask[light] = green
-        roads = self.city.lights[light].roads
-        if prev is None:
-            for road in roads:
-                self.last_change[road] = t
-            return []
-        changed = [(bit, road) for bit, road in enumerate(roads) if (prev ^ green) >> bit & 1]
-        if not changed:
-            return []
-        cars_all, queue_all, mean_all = self.road_states(t)
-        reports = []
+    def _reports(self, roads: list[tuple[int, bool, bool]], t: float) -> list[RoadReport]:
+        """Reports of (road, green from t on, green before t) and reset of their counters."""
+        cars_all, queue_all, mean_all = self.road_states(t, [road for road, _, _ in roads])
         c = self.city
-        for bit, road in changed:
+        reports = []
+        for road, green, was_green in roads:
             cars = int(cars_all[road])
             interval = 0.0 if math.isnan(self.last_change[road]) else t - self.last_change[road]
             reports.append(RoadReport(
-                road=road, t=t, green=bool(green >> bit & 1), queue=int(queue_all[road]), cars=cars,
+                road=road, t=t, green=green, queue=int(queue_all[road]), cars=cars,
                 density=cars / (c.length[road] / 1000.0 * c.lanes[road]), mean_speed=float(mean_all[road]),
-                departures=int(self.departures[road]), interval=interval, was_green=bool(prev >> bit & 1),
-                turns=self.turns[road]))
-            self.departures[road] = 0
+                departures=int(self.departures[road]), interval=interval, was_green=was_green,
+                turns=self.turns[road], crossed=int(self.crossed[road]),
+                crossing_time=float(self.crossing_time[road]), samples=float(self.samples[road]),
+                distance=float(self.distance[road])))
+            self.departures[road] = self.crossed[road] = 0
+            self.crossing_time[road] = self.samples[road] = self.distance[road] = 0.0
             self.turns[road] = {}
             self.last_change[road] = t
         self.stats["reports"] += len(reports)
         return reports
+
+    def light_change(self, light: int, t: float, green: int) -> list[RoadReport]:
+        """A light switched: a report for every road it controls (whether its state flipped or not)."""
+        if not 0 <= light < len(self.city.lights):
+            self.stats["unknown_lights"] += 1
+            return []
+        prev = self.light_mask.get(light, green)
+        self.light_mask[light] = green
+        roads = self.city.lights[light].roads
+        return self._reports([(road, bool(green >> bit & 1), bool(prev >> bit & 1))
+                              for bit, road in enumerate(roads)], t)
+
+    def _tick(self, now: float) -> list[RoadReport]:
+        """Roads without a light are reported every ``unlit_period`` seconds of probe time."""
+        if not self.unlit_period or not len(self.unlit):
+            return []
+        if self.next_tick is None:
+            self.next_tick = (math.floor(now / self.unlit_period) + 1) * self.unlit_period
+            return []
+        if now < self.next_tick:
+            return []
+        t = self.next_tick
+        self.next_tick = (math.floor(now / self.unlit_period) + 1) * self.unlit_period
+        return self._reports([(road, True, True) for road in self.unlit.tolist()], t)
 
 
 class Ingest:
@@ -340,7 +573,7 @@ class Ingest:
         sizes = np.fromiter(map(len, datagrams), dtype=np.int64, count=n)
         start = 0
         for i in np.flatnonzero(sizes != wire.PROBE_SIZE).tolist():
-            self._probes(datagrams[start:i])
+            reports += self._probes(datagrams[start:i])
             start = i + 1
             try:
                 msg = wire.decode(datagrams[i])
@@ -352,13 +585,13 @@ class Ingest:
                 self.stats["lights"] += 1
                 self.seq.add(msg.generator, msg.seq)
                 reports += self.aggregator.light_change(msg.light, msg.t, msg.green)
-        self._probes(datagrams[start:] if start else datagrams)
+        reports += self._probes(datagrams[start:] if start else datagrams)
         return reports
 
-    def _probes(self, datagrams: list[bytes]) -> None:
+    def _probes(self, datagrams: list[bytes]) -> list[RoadReport]:
         """A run of probe-sized datagrams."""
         if not datagrams:
-            return
+            return []
         from fcd import wire
         arr = np.frombuffer(b"".join(datagrams), dtype=wire.PROBE_WIRE_DTYPE)
         ok = wire.probe_valid_mask(arr)
@@ -368,4 +601,4 @@ class Ingest:
             self.stats["malformed"] += bad
         self.stats["probes"] += len(arr)
         self.seq.add_batch(arr["generator"], arr["seq"])
-        self.aggregator.feed(arr)
+        return self.aggregator.feed(arr)

@@ -3,7 +3,8 @@
 Reads the predicted traverse times from the tuplespace (``("fcd.traverse", road, run, [T_0..T_H])``,
 the newest run of each road) and computes the shortest-time path between two junctions with
 networkx (Dijkstra on the junction graph, a road weighted by its predicted traverse time
-``horizon`` cycles ahead; roads without a prediction use free-flow time).  Prints the route with
+``horizon`` cycles ahead; roads without a prediction use free-flow time).  Only roads the
+vehicle class may use (``--vclass``, cars by default) are ever part of a route.  Prints the route with
 its predicted time; ``--every`` keeps re-planning as new predictions arrive.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import networkx as nx
 
 from cliruntime import ConfigError, make_parser, non_negative_float, positive_int, run_async
-from fcd.city import City, load_city
+from fcd.city import CAR, City, load_city, vclass_argument
 
 log = logging.getLogger("fcd.route")
 
@@ -52,13 +53,22 @@ def latest_times(tuples: list[tuple], horizon: int = 0) -> tuple[dict[int, float
     return {road: value for road, (_, value) in best.items()}, newest
 
 
-def shortest_route(city: City, times: dict[int, float], src: str, dst: str, run: int = 0) -> Route:
+def shortest_route(city: City, times: dict[int, float], src: str, dst: str, run: int = 0,
+                   vclasses: int = CAR) -> Route:
+    """Fastest route using only roads ``vclasses`` may use (cars by default); of parallel roads
+    between two junctions the faster one."""
     if src not in city.graph or dst not in city.graph:
         raise ConfigError(f"unknown junction {src if src not in city.graph else dst!r}")
     g = nx.DiGraph()
     for road, (u, v) in enumerate(city.roads):
+        if not city.allows(road, vclasses):
+            continue
         free = float(city.length[road] / city.speed[road])
-        g.add_edge(u, v, road=road, time=max(times.get(road, free), 0.0))
+        time = max(times.get(road, free), 0.0)
+        if not g.has_edge(u, v) or time < g.edges[u, v]["time"]:
+            g.add_edge(u, v, road=road, time=time)
+    if src not in g or dst not in g:
+        raise ConfigError(f"no route from {src} to {dst} on roads these vehicles may use")
     try:
         path = nx.dijkstra_path(g, src, dst, weight="time")
     except nx.NetworkXNoPath:
@@ -68,10 +78,10 @@ def shortest_route(city: City, times: dict[int, float], src: str, dst: str, run:
     return Route(path, roads, seconds, run, sum(1 for r in roads if r in times))
 
 
-async def plan(space, city: City, src: str, dst: str, horizon: int = 0) -> Route:
+async def plan(space, city: City, src: str, dst: str, horizon: int = 0, vclasses: int = CAR) -> Route:
     tuples = await space.rd_all(TRAVERSE_TEMPLATE, limit=10 * city.n_roads + 100)
     times, run = latest_times(tuples, horizon)
-    return shortest_route(city, times, src, dst, run)
+    return shortest_route(city, times, src, dst, run, vclasses)
 
 
 def build_parser():
@@ -84,6 +94,8 @@ def build_parser():
     p.add_argument("--from", dest="src", required=True, help="start junction id")
     p.add_argument("--to", dest="dst", required=True, help="destination junction id")
     p.add_argument("--horizon", type=int, default=0, help="use the prediction this many cycles ahead")
+    p.add_argument("--vclass", type=vclass_argument, default="passenger",
+                   help="route over roads this vehicle class may use (SUMO class name)")
     p.add_argument("--wait", type=non_negative_float, default=10.0,
                    help="seconds to wait for a first prediction run")
     p.add_argument("--every", type=non_negative_float, default=0.0, help="re-plan every N seconds (0: once)")
@@ -105,7 +117,7 @@ async def amain(args, ctx) -> int:
             print(f"fcd-route: no prediction within {args.wait:.0f} s; using free-flow times", flush=True)
         plans = 0
         while not ctx.stop.is_set():
-            route = await plan(space, city, args.src, args.dst, args.horizon)
+            route = await plan(space, city, args.src, args.dst, args.horizon, args.vclass)
             print(route.describe(), flush=True)
             ctx.stats["plans"] += 1
             ctx.stats["last_seconds"] = round(route.seconds, 2)

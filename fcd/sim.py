@@ -11,7 +11,9 @@ Model (one step of ``dt`` seconds, all cars at once with numpy):
 - a car that reaches the end of its road on green enters the road it chose with the junction's
   turning probabilities, behind the last car there; the next turn is drawn on entry.
 
-Cars never leave the city: their number is conserved.  Order within a step at time ``t``: the
+Cars never leave the city: their number is conserved.  A car reaching the end of a dead-end road
+(nothing to turn into, e.g. where a SUMO network is cut) is sent to the entrance of a road drawn
+at random, as if it had left the city and another car had come in (counted as ``respawned``).  Order within a step at time ``t``: the
 probes of the state at ``t`` are recorded, lights switch to their phase at ``t`` (changes
 recorded), then cars move to ``t + dt``.
 """
@@ -19,13 +21,12 @@ recorded), then cars move to ``t + dt``.
 from __future__ import annotations
 
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 
 from cliruntime import ConfigError, make_parser, positive_int, progress, run_sync, non_negative_float
-from fcd.city import CAR_SPACING, City, from_sumo_net, grid_city, load_city
+from fcd.city import CAR_SPACING, City, from_sumo_net, grid_city, load_city, vclass_argument
 from fcd.trace import LIGHT_DTYPE, PROBE_DTYPE, Trace
 
 
@@ -42,8 +43,15 @@ class Simulator:
         # turn tables: successors and cumulative probabilities per road
         self._turn_out = [np.array(list(p.keys()), dtype=np.int32) for p in city.turn_probs]
         self._turn_cum = [np.cumsum(list(p.values())) for p in city.turn_probs]
-        if any(len(o) == 0 for o in self._turn_out):
-            raise ConfigError("every road needs at least one road to turn into")
+        dead_ends = [r for r, o in enumerate(self._turn_out) if len(o) == 0]
+        if len(dead_ends) == R:
+            raise ConfigError("no road has a road to turn into")
+        for road in dead_ends:
+            others = np.array([o for o in range(R) if o != road] or [road], dtype=np.int32)
+            self._turn_out[road] = others
+            self._turn_cum[road] = np.arange(1, len(others) + 1, dtype=np.float64)
+        self.dead_end = np.zeros(R, dtype=bool)
+        self.dead_end[dead_ends] = True
         # place cars on distinct slots, spread over the city
         capacity = np.floor(city.length / self.spacing).astype(np.int64)
         total = int(capacity.sum())
@@ -59,7 +67,7 @@ class Simulator:
         # lights: roads without a light are always green
         self.green = np.ones(R, dtype=bool)
         self.phase = np.full(len(city.lights), -1, dtype=np.int64)
-        self.counters = {"crossings": 0, "blocked_entries": 0}
+        self.counters = {"crossings": 0, "blocked_entries": 0, "respawned": 0}
 
     @property
     def n_cars(self) -> int:
@@ -72,10 +80,7 @@ class Simulator:
 
     # ------------------------------------------------------------ state views
     def positions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        c = self.city
-        x = c.x0[self.road] + c.ux[self.road] * self.s
-        y = c.y0[self.road] + c.uy[self.road] * self.s
-        return x, y, c.heading[self.road]
+        return self.city.position(self.road, self.s)
 
     def probes(self) -> np.ndarray:
         out = np.empty(self.n_cars, dtype=PROBE_DTYPE)
@@ -133,7 +138,11 @@ class Simulator:
             target = nxt[i]
             room = min_s[target] - self.spacing[target]
             if room >= 0:
-                s_new[i] = min(s_new[i] - length[i], room)
+                if self.dead_end[r[i]]:           # left the city; a new car comes in elsewhere
+                    self.counters["respawned"] += 1
+                    s_new[i] = 0.0
+                else:
+                    s_new[i] = min(s_new[i] - length[i], room)
                 r[i] = target
                 min_s[target] = s_new[i]
                 nxt[i] = self._choose(target)
@@ -169,52 +178,6 @@ class Simulator:
         )
 
 
-# ---------------------------------------------------------------- SUMO traces
-
-def read_sumo_fcd(path: Path, city: City) -> np.ndarray:
-    """SUMO ``--fcd-output`` XML -> probes (vehicle ids numbered by first appearance)."""
-    edges = getattr(city, "sumo_edges", {})
-    ids: dict[str, int] = {}
-    rows = []
-    try:
-        for _, el in ET.iterparse(path, events=("end",)):
-            if el.tag == "timestep":
-                t = float(el.get("time"))
-                for veh in el.iter("vehicle"):
-                    car = ids.setdefault(veh.get("id"), len(ids))
-                    lane = veh.get("lane", "")
-                    road = edges.get(lane.rsplit("_", 1)[0], -1) if not lane.startswith(":") else -1
-                    rows.append((t, car, float(veh.get("x")), float(veh.get("y")),
-                                 float(veh.get("speed")), float(veh.get("angle")) % 360.0, road))
-                el.clear()
-    except (OSError, ET.ParseError, TypeError, ValueError) as exc:
-        raise ConfigError(f"cannot read SUMO FCD output {path}: {exc}") from None
-    probes = np.array(rows, dtype=PROBE_DTYPE)
-    return probes[np.lexsort((probes["car"], probes["t"]))]
-
-
-def read_sumo_tls(path: Path, city: City) -> np.ndarray:
-    """SUMO ``SaveTLSSwitchStates`` XML -> light changes (green mask from the link states)."""
-    lights = getattr(city, "sumo_lights", {})
-    links = getattr(city, "sumo_tl_links", {})
-    rows = []
-    try:
-        for _, el in ET.iterparse(path, events=("end",)):
-            if el.tag != "tlsState" or el.get("id") not in lights:
-                continue
-            light = city.lights[lights[el.get("id")]]
-            mask = 0
-            for index, ch in enumerate(el.get("state", "")):
-                road = links.get(el.get("id"), {}).get(index)
-                if road is not None and ch in "Gg":
-                    mask |= 1 << light.roads.index(road)
-            rows.append((float(el.get("time")), light.id, int(el.get("phase", 0)) & 0xFF, mask))
-    except (OSError, ET.ParseError, TypeError, ValueError) as exc:
-        raise ConfigError(f"cannot read SUMO TLS states {path}: {exc}") from None
-    lights_arr = np.array(rows, dtype=LIGHT_DTYPE)
-    return lights_arr[np.argsort(lights_arr["t"], kind="stable")]
-
-
 # ---------------------------------------------------------------- CLI
 
 def _grid(text: str) -> tuple[int, int]:
@@ -241,7 +204,11 @@ def build_parser():
     p.add_argument("--straight", type=float, default=0.6, help="probability of going straight")
     p.add_argument("--sumo-net", type=Path, help="use a SUMO .net.xml network instead of a grid")
     p.add_argument("--sumo-fcd", type=Path, help="convert SUMO --fcd-output XML (needs --sumo-net)")
-    p.add_argument("--sumo-tls", type=Path, help="SUMO SaveTLSSwitchStates XML (with --sumo-fcd)")
+    p.add_argument("--sumo-tls", type=Path, help="SUMO SaveTLSSwitchStates XML (with --sumo-fcd; needed when "
+                   "the network has lights)")
+    p.add_argument("--vclass", type=vclass_argument, default="passenger",
+                   help="import the SUMO roads these vehicle classes may use: a class, a comma list or 'all' "
+                        "(default passenger: car roads)")
     p.add_argument("--city", type=Path, help="use a saved city (JSON or trace)")
     p.add_argument("--cars", type=positive_int, default=1000)
     p.add_argument("--duration", type=non_negative_float, default=600.0, help="simulated seconds")
@@ -256,7 +223,7 @@ def build_parser():
 
 def make_city(args) -> City:
     if args.sumo_net:
-        return from_sumo_net(args.sumo_net, districts=args.districts)
+        return from_sumo_net(args.sumo_net, districts=args.districts, vclasses=args.vclass)
     if args.city:
         return load_city(args.city, districts=args.districts)
     nx_, ny = _grid(args.grid)
@@ -268,12 +235,27 @@ def make_city(args) -> City:
 def run(args, stats) -> int:
     started = time.monotonic()
     city = make_city(args)
+    if args.sumo_tls and not args.sumo_fcd:
+        raise ConfigError("--sumo-tls goes with --sumo-fcd")
     if args.sumo_fcd:
+        from fcd.sumo import read_fcd, read_tls
         if not args.sumo_net:
             raise ConfigError("--sumo-fcd needs --sumo-net")
-        probes = read_sumo_fcd(args.sumo_fcd, city)
-        lights = read_sumo_tls(args.sumo_tls, city) if args.sumo_tls else np.empty(0, LIGHT_DTYPE)
-        trace = Trace(city, probes, lights, meta={"source": "sumo", "cars": int(len(np.unique(probes["car"])))})
+        if city.lights and not args.sumo_tls:
+            raise ConfigError(f"the network has {len(city.lights)} traffic lights: --sumo-fcd needs --sumo-tls "
+                              "(SUMO's SaveTLSSwitchStates output), or no road report is ever made")
+        probes, fcd_summary = read_fcd(args.sumo_fcd, city)
+        lights, tls_summary = read_tls(args.sumo_tls, city) if args.sumo_tls else (np.empty(0, LIGHT_DTYPE), {})
+        trace = Trace(city, probes, lights, meta={"source": "sumo", "cars": int(len(np.unique(probes["car"]))),
+                                                  "fcd": fcd_summary, "tls": tls_summary})
+        stats["fcd_records"] = fcd_summary
+        stats["tls_records"] = tls_summary
+        print(f"fcd-sim: {args.sumo_fcd}: {fcd_summary['records']} vehicle records: {fcd_summary['matched_road']} on "
+              f"roads, {fcd_summary['matched_junction']} in junctions, {fcd_summary['skipped_vehicle_class']} skipped "
+              f"(vehicle class), {fcd_summary['unmatched']} unmatched")
+        if tls_summary:
+            print(f"fcd-sim: {args.sumo_tls}: {tls_summary['records']} switches: {tls_summary['matched']} matched, "
+                  f"{tls_summary['skipped_no_car_roads']} skipped (light without car roads), 0 unmatched")
     else:
         sim = Simulator(city, args.cars, seed=args.seed, dt=args.dt)
         with progress("simulating", int(args.duration / args.dt)) as advance:
@@ -282,6 +264,13 @@ def run(args, stats) -> int:
     if args.city_out:
         city.save(args.city_out)
     elapsed = time.monotonic() - started
+    if city.source.get("kind") == "sumo":
+        summary = city.source["import"]
+        stats["import"] = summary
+        print(f"fcd-sim: {args.sumo_net}: kept {summary['roads']} roads ({summary['lanes']} lanes) for "
+              f"{','.join(summary['vclasses'])}, {summary['lights']} lights {summary['light_kinds']}, "
+              f"{summary['internal_edges']} internal edges as junctions; skipped {summary['skipped'] or 'nothing'}; "
+              f"{len(city.dead_ends())} dead-end roads (cars reaching their end re-enter elsewhere)")
     stats.update({"cars": int(trace.meta.get("cars", 0)), "probes": len(trace.probes),
                   "light_changes": len(trace.lights), "roads": city.n_roads, "lights": len(city.lights)})
     stats["elapsed_s"] = round(elapsed, 3)

@@ -14,7 +14,7 @@ import sys
 from cliruntime import ConfigError, Parser, add_common_options, setup_logging
 
 # Subcommand modules, in the order they appear in --help.
-BENCHMARKS = ("datapath", "np_latency", "fcd", "fcd_scale", "gnutella", "mmpog", "report")
+BENCHMARKS = ("datapath", "np_latency", "fcd", "fcd_scale", "fcd_validate", "gnutella", "mmpog", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

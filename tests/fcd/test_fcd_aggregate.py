@@ -1,6 +1,6 @@
 import numpy as np
 
-from fcd.aggregate import QUEUE_SPEED, Aggregator, MapMatcher, RoadReport
+from fcd.aggregate import HALT_SPEED, QUEUE_SPEED, Aggregator, MapMatcher, RoadReport
 
 
 def test_map_matching_is_exact_on_simulated_positions(small_trace):
@@ -13,7 +13,7 @@ def test_heading_tells_the_two_directions_apart(small_city):
     m = MapMatcher(small_city)
     road = 0
     u, v = small_city.roads[road]
-    back = small_city.road_id[(v, u)]
+    back = small_city.road_between(v, u)
     x = (small_city.x0[road] + small_city.x1[road]) / 2
     y = (small_city.y0[road] + small_city.y1[road]) / 2
     h = small_city.heading[road]
@@ -39,12 +39,17 @@ def test_reports_match_simulator_ground_truth(small_trace):
             for rep in agg.light_change(int(change["light"]), t, int(change["green"])):
                 on_road = probes[probes["road"] == rep.road]
                 assert rep.cars == len(on_road)
-                assert rep.queue == int((on_road["speed"] < QUEUE_SPEED).sum())
+                # queue: from the stop line back to the last halted car
+                to_end = np.hypot(on_road["x"] - city.x1[rep.road], on_road["y"] - city.y1[rep.road])
+                halted = on_road["speed"] < HALT_SPEED
+                back = to_end[halted].max() if halted.any() else -1.0
+                assert rep.queue == int((to_end <= back + 1e-3).sum())
                 moving = on_road["speed"][on_road["speed"] >= QUEUE_SPEED]
                 if len(moving):
                     assert abs(rep.mean_speed - moving.mean()) < 1e-3
                 assert abs(rep.density - len(on_road) / (city.length[rep.road] / 1000)) < 1e-9
-                assert sum(rep.turns.values()) == rep.departures
+                assert sum(rep.turns.values()) == rep.departures      # no junction probes here
+                assert rep.crossed <= rep.departures and rep.crossing_time >= rep.crossed * city.length[rep.road] / city.speed[rep.road] - 2 * rep.crossed
                 assert all(out in city.successors[rep.road] for out in rep.turns)
                 departures[rep.road] += rep.departures
                 truth_departures[rep.road] -= rep.departures
