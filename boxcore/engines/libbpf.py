@@ -10,11 +10,17 @@ Errors come back as :class:`BpfError` (an ``OSError`` with the errno libbpf repo
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 from typing import Callable
+
+log = logging.getLogger("boxcore.engines.libbpf")
+#: libbpf's own messages (the verifier's log on a failed load), newest last
+MESSAGES: collections.deque[str] = collections.deque(maxlen=40)
 
 __all__ = ["BpfError", "BpfObject", "available", "libbpf", "map_update", "map_lookup", "map_delete",
            "map_keys", "xdp_attach", "xdp_detach", "xdp_query_id", "tc_hook", "prog_test_run",
@@ -50,6 +56,9 @@ def libbpf() -> ctypes.CDLL:
                 raise BpfError(errno.ENOENT, "libbpf.so.1 is not installed (Debian package libbpf1)") from None
             lib = ctypes.CDLL(found, use_errno=True)
         _declare(lib)
+        lib.libbpf_set_print.restype = _vp
+        lib.libbpf_set_print.argtypes = [PRINT_CALLBACK]
+        lib.libbpf_set_print(_print_callback)
         _lib = lib
     return _lib
 
@@ -83,6 +92,23 @@ class TestRunOpts(ctypes.Structure):
 
 
 RING_CALLBACK = ctypes.CFUNCTYPE(_int, _vp, _vp, _sz)
+PRINT_CALLBACK = ctypes.CFUNCTYPE(_int, _int, _cp, _vp)    # level, format, va_list (x86-64: a pointer)
+_libc = ctypes.CDLL(None)
+_libc.vsnprintf.argtypes = [ctypes.c_char_p, _sz, _cp, _vp]
+
+
+def _on_libbpf_message(level: int, fmt: bytes, args: int) -> int:
+    """libbpf's messages go to our log (debug) and MESSAGES instead of stderr."""
+    buf = ctypes.create_string_buffer(1024)
+    _libc.vsnprintf(buf, len(buf), fmt, args)
+    text = buf.value.decode(errors="replace").rstrip()
+    if text:
+        MESSAGES.append(text)
+        log.debug("libbpf: %s", text)
+    return 0
+
+
+_print_callback = PRINT_CALLBACK(_on_libbpf_message)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -148,7 +174,11 @@ class BpfObject:
             raise BpfError(code, f"cannot open BPF object {self.path}: {os.strerror(code)}")
         self._obj = ptr
         try:
-            _check(lib.bpf_object__load(ptr), f"loading {self.path} into the kernel")
+            MESSAGES.clear()
+            rc = lib.bpf_object__load(ptr)
+            if rc < 0:
+                tail = " | ".join(m for m in list(MESSAGES)[-4:])
+                _check(rc, f"loading {self.path} into the kernel ({tail})")
         except BaseException:
             lib.bpf_object__close(ptr)
             self._obj = None

@@ -63,6 +63,8 @@ MEMBER = struct.Struct("=4sHxx")
 GROUP_HEAD = struct.Struct("=Ixxxx")
 GROUP_SIZE = GROUP_HEAD.size + MAX_MEMBERS * MEMBER.size
 COPY_HEAD = struct.Struct("=QII")
+FLOW_KEY = struct.Struct("=4sHxx")     # source address, source port (host order)
+FLOW_DST = struct.Struct("=4sHxx")     # original destination address, port
 
 assert RULE_SIZE == 152, RULE_SIZE
 
@@ -167,7 +169,7 @@ class Datapath:
     """The loaded BPF object and its maps, kept equal to a set of rules."""
 
     MAPS = ("rules", "exact", "by_dport", "by_prefix", "general", "counters", "stats", "config", "socks",
-            "groups", "copies")
+            "groups", "copies", "flows")
 
     def __init__(self, path: Path = BPF_OBJECT) -> None:
         self.obj = bpf.BpfObject(path)
@@ -343,6 +345,14 @@ class Datapath:
         body = b"".join(socket.inet_aton(host) + struct.pack("!H", port) + b"\0\0" for host, port in members)
         value = GROUP_HEAD.pack(len(members)) + body
         bpf.map_update(self.fds["groups"], key, value + b"\0" * (GROUP_SIZE - len(value)))
+
+    def original_destination(self, src: str, sport: int) -> tuple[str, int] | None:
+        """Where the last packet redirected from ``src``:``sport`` was going (LRU, kernel-written)."""
+        raw = bpf.map_lookup(self.fds["flows"], FLOW_KEY.pack(socket.inet_aton(src), sport), FLOW_DST.size)
+        if raw is None:
+            return None
+        addr, port = FLOW_DST.unpack(raw)
+        return socket.inet_ntoa(addr), port
 
     def pin(self, directory: str) -> None:
         """Pin every map and both programs under ``directory`` (boxd-owned names)."""

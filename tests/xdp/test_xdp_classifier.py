@@ -164,3 +164,4 @@ def test_expired_lease_passes_everything(datapath):
     datapath.set_config(lease_until_ns=0)
     assert datapath.test_run(frame(pkt))[0] == XDP_PASS
     assert datapath.stats()["lease_expired"] == 1
+    assert datapath.counters()[1] == (1, 1)   # only the packet it really dropped

@@ -181,6 +181,27 @@ struct {
 	__type(value, struct group);
 } groups SEC(".maps");
 
+/* A redirected packet's original destination by its source, for boxd: the booster's socket
+ * only learns the source, and a pass / modify verdict re-sends the packet onward. */
+struct flow_key {
+	__u32 saddr;         /* network byte order */
+	__u16 sport;         /* host order */
+	__u16 pad;
+};
+
+struct flow_dst {
+	__u32 daddr;
+	__u16 dport;
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct flow_dst);
+} flows SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 4 << 20);
@@ -366,6 +387,7 @@ int boxd_xdp(struct xdp_md *ctx)
 	struct decision d = {};
 	struct config *cfg;
 	__u32 zero = 0, hlen, body_len, frag, i;
+	int expired;
 
 	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
 		return XDP_PASS;
@@ -373,10 +395,10 @@ int boxd_xdp(struct xdp_md *ctx)
 	if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl < 5)
 		return XDP_PASS;
 	cfg = bpf_map_lookup_elem(&config, &zero);
-	if (!cfg || bpf_ktime_get_ns() > cfg->lease_until_ns) {
-		count_stat(S_LEASE_EXPIRED);
+	if (!cfg)
 		return XDP_PASS;
-	}
+	/* boxd gone (lease not renewed): pass everything no live socket claims */
+	expired = bpf_ktime_get_ns() > cfg->lease_until_ns;
 	hlen = ip->ihl * 4;
 	p.ip_len = bpf_ntohs(ip->tot_len);
 	if (p.ip_len < hlen || (void *)ip + p.ip_len > data_end)
@@ -432,6 +454,10 @@ int boxd_xdp(struct xdp_md *ctx)
 	scan(ctx, &p, &d, L_PREFIX);
 	scan(ctx, &p, &d, L_GENERAL);
 
+	if (expired) {
+		count_stat(S_LEASE_EXPIRED);
+		d.ncopies = 0;
+	}
 	for (i = 0; i < MAX_COPIES; i++) {
 		if (i >= d.ncopies)
 			break;
@@ -440,13 +466,15 @@ int boxd_xdp(struct xdp_md *ctx)
 	}
 	if (d.best == ~0u)
 		return XDP_PASS;
-	count_rule(d.best, p.payload_len);
 	{
 		struct rule *r = bpf_map_lookup_elem(&rules, &d.best);
 		struct meta *meta;
 
 		if (!r)
 			return XDP_PASS;
+		if (expired && r->action != A_REDIRECT && r->action != A_INTERCEPT)
+			return XDP_PASS;
+		count_rule(d.best, p.payload_len);
 		switch (r->action) {
 		case A_DROP:
 			return XDP_DROP;
@@ -594,9 +622,25 @@ int boxd_tc(struct __sk_buff *skb)
 	if (r->action == A_MULTICAST)
 		return fan_out(skb, r->group);
 	if (r->action == A_REDIRECT) {
-		struct bpf_sock *sk = bpf_map_lookup_elem(&socks, &slot);
+		struct iphdr *ip = data + ETH_HLEN;
+		struct bpf_sock *sk;
 		long err;
 
+		__u16 *ports;
+
+		/* the booster's socket is a UDP socket: other protocols go on */
+		if ((void *)(ip + 1) > data_end || ip->protocol != IPPROTO_UDP)
+			return TC_ACT_OK;
+		ports = (void *)ip + ip->ihl * 4;
+		if ((void *)(ports + 2) > data_end)
+			return TC_ACT_OK;
+		{
+			struct flow_key key = { .saddr = ip->saddr, .sport = bpf_ntohs(ports[0]) };
+			struct flow_dst dst = { .daddr = ip->daddr, .dport = bpf_ntohs(ports[1]) };
+
+			bpf_map_update_elem(&flows, &key, &dst, BPF_ANY);
+		}
+		sk = bpf_map_lookup_elem(&socks, &slot);
 		if (!sk) {
 			count_stat(S_NO_SOCKET);   /* its booster is gone: the packet goes on */
 			return TC_ACT_OK;
