@@ -78,6 +78,7 @@ class SocketWatch:
     """What the watchdog remembers of a REDIRECT socket between looks."""
 
     rmem: int = 0
+    head: int = 0                # hash of the first unread datagram (peeked)
     last_progress: float = 0.0
 
 
@@ -88,6 +89,24 @@ class Installed:
     delivery: Delivery
     sock: socket.socket | None = None      # boxd's copy of a REDIRECT socket
     port: int | None = None                # interception listener port
+
+
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+
+
+def _missing_capabilities() -> str:
+    """The capabilities this process lacks for loading and attaching BPF, or ''."""
+    try:
+        with open("/proc/self/status") as f:
+            effective = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return "" if os.geteuid() == 0 else "CAP_BPF, CAP_NET_ADMIN"
+    missing = []
+    if not effective >> CAP_BPF & 1 and not effective >> CAP_SYS_ADMIN & 1:
+        missing.append("CAP_BPF")
+    if not effective >> CAP_NET_ADMIN & 1:
+        missing.append("CAP_NET_ADMIN")
+    return ", ".join(missing)
 
 
 def _bpffs_mounted(path: str) -> bool:
@@ -172,8 +191,10 @@ class XdpEngine(Engine):
     @staticmethod
     def problem() -> str | None:
         """Why the xdp engine cannot run here, or None."""
-        if os.geteuid() != 0:
-            return "the xdp engine needs root (CAP_BPF, CAP_NET_ADMIN): run boxd as root or choose another engine"
+        missing = _missing_capabilities()
+        if missing:
+            return (f"the xdp engine needs root ({missing} missing): run boxd as root or choose another "
+                    f"engine")
         missing = bpf.available()
         if missing:
             return f"the xdp engine needs libbpf: {missing}"
@@ -528,11 +549,15 @@ class XdpEngine(Engine):
                     continue
                 try:
                     rmem = SK_MEMINFO.unpack(entry.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, SK_MEMINFO.size))[0]
+                    head = hash(entry.sock.recvfrom(2048, socket.MSG_PEEK | socket.MSG_DONTWAIT)) if rmem else 0
+                except BlockingIOError:
+                    rmem, head = 0, 0
                 except OSError:
                     continue
-                if rmem == 0 or rmem != watch.rmem:
+                # the booster read something: the queue emptied, shrank, or has a new first datagram
+                if rmem == 0 or rmem < watch.rmem or head != watch.head:
                     watch.last_progress = now
-                watch.rmem = rmem
+                watch.rmem, watch.head = rmem, head
                 if now - watch.last_progress > self.stall:
                     self.stats["stalls"] += 1
                     return (f"socket of rule {cookie} stalled: {rmem} bytes unread for "
