@@ -65,6 +65,7 @@ MCAST_VETH = ("bbxdpmc0", "bbxdpmc1")  # boxd writes send_multicast frames into 
 SO_MEMINFO = 55
 SK_MEMINFO = struct.Struct("=9I")     # rmem_alloc, rcvbuf, wmem_alloc, sndbuf, fwd_alloc, wmem_queued, optmem, backlog, drops
 SO_RCVBUFFORCE = 33
+IP_TRANSPARENT = 19
 REDIRECT_RCVBUF = 8 << 20
 MAX_GROUP_MEMBERS = maps.MAX_MEMBERS
 
@@ -439,7 +440,7 @@ class XdpEngine(Engine):
             elif rule.action is Action.REDIRECT:
                 if rule.match.proto not in (None, PROTO_UDP):
                     raise EngineRefused("the xdp engine redirects UDP to boosters; intercept TCP with intercept_tcp")
-                sock = self._redirect_socket()
+                sock = self._redirect_socket(rule)
                 dst, dport = self._delivered_destination(rule)
                 delivery = Delivery("socket", {"dst": dst, "dport": dport, "data_path": "kernel"},
                                     fds=[sock.fileno()])
@@ -472,18 +473,35 @@ class XdpEngine(Engine):
             return delivery
 
     @staticmethod
-    def _redirect_socket() -> socket.socket:
-        """The UDP socket a REDIRECT rule's packets are assigned to (bound, so it is hashed:
-        bpf_sk_assign needs that; its own port never receives anything else)."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, REDIRECT_RCVBUF)
-            sock.bind(("127.0.0.1", 0))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+    def _redirect_socket(rule: Rule) -> socket.socket:
+        """The UDP socket a REDIRECT rule's packets are assigned to.
+
+        It must be bound (bpf_sk_assign needs a hashed socket).  It is bound where the booster
+        can also answer from it, as on the user engine's delegated socket: to the rule's host and
+        port when it names them (IP_TRANSPARENT: that address need not be the box's), to the
+        rule's port on every address when it names only a port, else (or when that is taken) to
+        a loopback port of its own that never receives anything else.
+        """
+        m = rule.match
+        places = []
+        if isinstance(m.dst_port, int) and m.dst_port:
+            host = XdpEngine._delivered_destination(rule)[0]
+            places.append((host, m.dst_port))
+        places.append(("127.0.0.1", 0))
+        last_error: OSError | None = None
+        for place in places:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, REDIRECT_RCVBUF)
+                if place[1]:
+                    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                sock.bind(place)
+                return sock
+            except OSError as exc:
+                sock.close()
+                last_error = exc
+        raise EngineRefused(f"cannot make the rule's socket: {last_error}")
 
     @staticmethod
     def _delivered_destination(rule: Rule) -> tuple[str, int]:

@@ -399,3 +399,45 @@ def test_boxd_refuses_to_start_without_bpf_privileges(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(lines) == 1 and "xdp engine needs root (CAP_BPF, CAP_NET_ADMIN missing)" in lines[0], proc.stderr
+
+
+ANSWERER = """
+import asyncio, sys
+from boxcore.booster import Booster
+from boxcore.rules import Match
+async def main():
+    async with Booster("answerer", control=sys.argv[1]) as b:
+        dst = sys.argv[3] if len(sys.argv) > 3 else None
+        holder = {}
+        def on_packet(pkt):
+            holder["sub"].receiver.sock.sendto(b"direct " + pkt.payload, (pkt.src, pkt.sport))
+        holder["sub"] = await b.redirect(Match(proto="udp", dst=dst, dst_port=int(sys.argv[2])), on_packet)
+        print("ready", holder["sub"].delivery.kind, flush=True)
+        await b.run_until_stopped(asyncio.Event())
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("named_host", [False, True])
+def test_a_booster_answers_on_its_own_socket(lab, tmp_path, named_host):
+    """As the mmpog reflector does with a delegated socket: replies leave from the rule's host
+    and port when the rule names them (a transparent socket), else from the box's address."""
+    boxd = Boxd(lab, tmp_path)
+    extra = [SERVER] if named_host else []
+    proc = lab.popen("box", [PY, "-c", ANSWERER, boxd.control, "9060", *extra], stdout=subprocess.PIPE,
+                     stderr=open(tmp_path / "answerer.log", "w"), text=True)
+    client = lab.socket("client")
+    try:
+        assert proc.stdout.readline().split() == ["ready", "socket"], (tmp_path / "answerer.log").read_text()
+        client.bind(("10.1.0.2", 0))
+        client.settimeout(3)
+        client.sendto(b"hi", (SERVER, 9060))
+        data, peer = client.recvfrom(100)
+        assert data == b"direct hi"
+        assert peer == ((SERVER, 9060) if named_host else ("10.1.0.1", 9060))
+    finally:
+        client.close()
+        proc.kill()
+        proc.wait()
+        boxd.stop()
+    assert_box_clean(lab)
