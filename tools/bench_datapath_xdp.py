@@ -277,6 +277,9 @@ class Bench:
 
 def case(name: str, engine: str, rules: int, pps: float, loss: float, latencies: list[float] | None,
          **extra) -> dict:
+    """One JSON case.  ``offered_pps`` (the generator's rate in that blast) tells a case the box
+    kept up with (loss 0: ``pps`` is the generator's limit, a lower bound of the box's) from one
+    it could not."""
     latency = summary(latencies, (50, 99), digits=1) if latencies else {"p50": None, "p99": None}
     return {"case": name, "engine": engine, "rules": rules, "pps": round(pps, 1), "loss": round(max(0.0, loss), 4),
             "latency_us": latency, **extra}
@@ -323,7 +326,7 @@ def run(args: argparse.Namespace) -> dict:
 
         blast = best_of(bench.blast)
         pps, loss = forwarded(blast)
-        cases.append(case("ceiling", "linux", 0, pps, loss, bench.paced(), sent=blast["sent"], pps_runs=blast["runs"]))
+        cases.append(case("ceiling", "linux", 0, pps, loss, bench.paced(), sent=blast["sent"], offered_pps=round(blast["sent"] / blast["seconds"], 1), pps_runs=blast["runs"]))
 
         # ---- xdp
         bench.start_boxd("xdp")
@@ -334,7 +337,7 @@ def run(args: argparse.Namespace) -> dict:
                 bench.wait_file(ready, proc, timeout=300)
                 blast = best_of(bench.blast)
                 pps, loss = forwarded(blast)
-                cases.append(case("pass", "xdp", count, pps, loss, bench.paced(), sent=blast["sent"],
+                cases.append(case("pass", "xdp", count, pps, loss, bench.paced(), sent=blast["sent"], offered_pps=round(blast["sent"] / blast["seconds"], 1),
                                   pps_runs=blast["runs"]))
                 bench.finish(proc, out, ready)
 
@@ -343,13 +346,13 @@ def run(args: argparse.Namespace) -> dict:
             bench.wait_file(ready, proc)
             blast = best_of(lambda: bench.blast(count=bench.rule_packets), key=lambda r: r["counted"] / r["seconds"])
             cases.append(case("drop", "xdp", 1, blast["counted"] / blast["seconds"],
-                              1 - blast["counted"] / max(blast["sent"], 1), None, sent=blast["sent"],
+                              1 - blast["counted"] / max(blast["sent"], 1), None, sent=blast["sent"], offered_pps=round(blast["sent"] / blast["seconds"], 1),
                               leaked_to_server=blast["arrived"], pps_runs=blast["runs"]))
             bench.finish(proc, out, ready)
 
             blast, latencies = bench.booster_paced(repeat)
             cases.append(case("redirect_consume", "xdp", 1, blast["consumed"] / blast["seconds"],
-                              1 - blast["consumed"] / max(blast["sent"], 1), latencies, sent=blast["sent"],
+                              1 - blast["consumed"] / max(blast["sent"], 1), latencies, sent=blast["sent"], offered_pps=round(blast["sent"] / blast["seconds"], 1),
                               passed_to_server=blast["arrived"], pps_runs=blast["runs"]))
 
             def copy_blast():
@@ -367,7 +370,7 @@ def run(args: argparse.Namespace) -> dict:
             bench.wait_file(ready, proc)
             latencies = bench.paced()
             bench.finish(proc, out, ready)
-            cases.append(case("copy", "xdp", 1, pps, loss, latencies, sent=blast["sent"], pps_runs=blast["runs"],
+            cases.append(case("copy", "xdp", 1, pps, loss, latencies, sent=blast["sent"], offered_pps=round(blast["sent"] / blast["seconds"], 1), pps_runs=blast["runs"],
                               copies_received=blast["copies"],
                               copies_pps=round(blast["copies"] / blast["seconds"], 1)))
 
@@ -381,7 +384,8 @@ def run(args: argparse.Namespace) -> dict:
             offered = blast["sent"] * FANOUT_MEMBERS
             cases.append(case("fanout", "xdp", 1, blast["arrived"] / blast["seconds"],
                               1 - blast["arrived"] / max(offered, 1), latencies, members=FANOUT_MEMBERS,
-                              sent=blast["sent"], datagrams_out=blast["arrived"]))
+                              sent=blast["sent"], offered_pps=round(blast["sent"] / blast["seconds"], 1), datagrams_out=blast["arrived"],
+                              pps_runs=blast["runs"]))
         finally:
             bench.stop_boxd()
 
@@ -390,7 +394,7 @@ def run(args: argparse.Namespace) -> dict:
         try:
             blast, latencies = bench.booster_paced(repeat)
             cases.append(case("redirect_consume", "linux", 1, blast["consumed"] / blast["seconds"],
-                              1 - blast["consumed"] / max(blast["sent"], 1), latencies, sent=blast["sent"],
+                              1 - blast["consumed"] / max(blast["sent"], 1), latencies, sent=blast["sent"], offered_pps=round(blast["sent"] / blast["seconds"], 1),
                               passed_to_server=blast["arrived"], pps_runs=blast["runs"]))
             if getattr(args, "linux_pass_rules", 0):
                 proc, out, ready = bench.popen("box", "tools.bench_datapath_xdp", "rules", "--control", bench.control,
@@ -399,7 +403,7 @@ def run(args: argparse.Namespace) -> dict:
                 blast = bench.blast()
                 pps, loss = forwarded(blast)
                 cases.append(case("pass", "linux", args.linux_pass_rules, pps, loss, bench.paced(),
-                                  sent=blast["sent"]))
+                                  sent=blast["sent"], offered_pps=round(blast["sent"] / blast["seconds"], 1)))
                 bench.finish(proc, out, ready)
         finally:
             bench.stop_boxd()
@@ -420,7 +424,7 @@ def run(args: argparse.Namespace) -> dict:
         bench.finish(proc, out, ready)
         cases.append(case("fanout", "user", 0, blast["arrived"] / blast["seconds"],
                           1 - blast["arrived"] / max(blast["sent"] * FANOUT_MEMBERS, 1), latencies,
-                          members=FANOUT_MEMBERS, sent=blast["sent"], datagrams_out=blast["arrived"],
+                          members=FANOUT_MEMBERS, sent=blast["sent"], offered_pps=round(blast["sent"] / blast["seconds"], 1), datagrams_out=blast["arrived"],
                           reflector=reflected, pps_runs=blast["runs"]))
     result = figures(cases, args)
     result["program_ns"] = program_cost(int(args.size))
@@ -503,6 +507,10 @@ def plot(result: dict, path: Path) -> None:
     colors = {"xdp": "tab:green", "linux": "tab:blue", "user": "tab:orange"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5))
     ax1.bar(range(len(cases)), [c["pps"] for c in cases], color=[colors[c["engine"]] for c in cases])
+    offered = [(i, c["offered_pps"] * (c.get("members") or 1)) for i, c in enumerate(cases) if c.get("offered_pps")]
+    ax1.scatter([i for i, _ in offered], [v for _, v in offered], marker="_", s=600, color="black",
+                label="offered by the generator (x members for fan-out)")
+    ax1.legend(fontsize=7, loc="lower left")
     ax1.set_yscale("log")
     ax1.set_ylabel("packets/s (fan-out: datagrams/s delivered)")
     ax1.set_xticks(range(len(cases)), labels, fontsize=7)

@@ -317,7 +317,9 @@ def test_fail_open_when_the_booster_is_killed(lab, tmp_path):
         boxd.stop()
     print(f"\nbooster SIGKILL under {stream.rate} pps: sent {sent}, lost {lost}, {after} received after the kill")
     assert after > 0.5 * 0.7 * stream.rate
-    assert lost <= 200
+    # lost: what reached the dead booster's socket until boxd saw the disconnect and removed
+    # the rule (boxd holds a copy of the socket): well under a second of traffic
+    assert lost <= stream.rate * 1.0
     assert_box_clean(lab)
 
 
