@@ -165,3 +165,24 @@ def test_expired_lease_passes_everything(datapath):
     assert datapath.test_run(frame(pkt))[0] == XDP_PASS
     assert datapath.stats()["lease_expired"] == 1
     assert datapath.counters()[1] == (1, 1)   # only the packet it really dropped
+
+
+def test_pins_are_made_and_removed_by_name(datapath, tmp_path):
+    """boxd pins every map and both programs under its directory; unpin removes exactly those."""
+    import os
+    import subprocess
+
+    from boxcore.engines.xdp_maps import unpin
+
+    mount = tmp_path / "bpffs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(mount)], check=True)
+    try:
+        directory = str(mount / "boxd-1")
+        datapath.pin(directory)
+        names = set(os.listdir(directory))
+        assert {"prog_xdp", "prog_tc", "map_rules", "map_counters", "map_socks", "map_copies"} <= names
+        assert unpin(directory) == len(names)
+        assert not os.path.exists(directory)
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -73,11 +73,6 @@ def api(lab: Lab, path: str, port: int = 8710):
         return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).read())
 
 
-def kernel_rules(lab: Lab) -> int:
-    """Rules boxd has in the kernel's maps (read back through the management API's engine status)."""
-    return len(api(lab, "/api/status")["engine_status"]["kernel_counters"])
-
-
 def attached(lab: Lab) -> dict[str, str]:
     """What the box's interfaces carry of ours: XDP programs, clsact qdiscs, the multicast veth."""
     found = {}
