@@ -532,7 +532,9 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cases = result["cases"]
-    labels = [f"{c['case']}\n{c['engine']}" + (f" {c['rules']}r" if c["case"] == "pass" else "") for c in cases]
+    short = {"redirect_consume": "consume", "redirect_consume_batch": "consume\n(batches)"}
+    labels = [f"{short.get(c['case'], c['case'])}\n{c['engine']}" + (f" {c['rules']}r" if c["case"] == "pass" else "")
+              for c in cases]
     colors = {"xdp": "tab:green", "linux": "tab:blue", "user": "tab:orange"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5))
     ax1.bar(range(len(cases)), [c["pps"] for c in cases], color=[colors[c["engine"]] for c in cases])
@@ -542,7 +544,7 @@ def plot(result: dict, path: Path) -> None:
     ax1.legend(fontsize=7, loc="lower left")
     ax1.set_yscale("log")
     ax1.set_ylabel("packets/s (fan-out: datagrams/s delivered)")
-    ax1.set_xticks(range(len(cases)), labels, fontsize=7)
+    ax1.set_xticks(range(len(cases)), labels, fontsize=7, rotation=45)
     ax1.set_title(f"throughput (ceiling {result['ceiling_pps']:,.0f} pps)")
     with_latency = [c for c in cases if c["latency_us"]["p50"] is not None]
     x = range(len(with_latency))
@@ -552,7 +554,7 @@ def plot(result: dict, path: Path) -> None:
             color="lightgray")
     ax2.set_yscale("log")
     ax2.set_ylabel("one-way latency (us), paced run")
-    ax2.set_xticks(list(x), [labels[cases.index(c)] for c in with_latency], fontsize=7)
+    ax2.set_xticks(list(x), [labels[cases.index(c)] for c in with_latency], fontsize=7, rotation=45)
     ax2.legend()
     fig.suptitle("booster box data path: xdp engine vs linux engine vs user space (one run)")
     fig.tight_layout()
