@@ -235,6 +235,7 @@ class XdpEngine(Engine):
         result = subprocess.run(["mount", "-t", "bpf", "bpf", self.bpffs], capture_output=True, text=True)
         if result.returncode != 0:
             raise ConfigError(f"cannot mount bpffs at {self.bpffs}: {result.stderr.strip()}")
+        self._mounted_bpffs = True        # ours: unmounted again at stop when nothing else is pinned
 
     def _interfaces(self) -> list[tuple[str, int]]:
         found = {name: index for index, name in socket.if_nameindex()}
@@ -397,6 +398,11 @@ class XdpEngine(Engine):
                 LinuxEngine._clean_kernel_routing(self)
         if self.pin_dir:
             maps.unpin(self.pin_dir)
+        if getattr(self, "_mounted_bpffs", False):
+            leftovers = [n for n in os.listdir(self.bpffs) if not n.endswith(".debug")]
+            if not leftovers:
+                subprocess.run(["umount", self.bpffs], capture_output=True)
+            self._mounted_bpffs = False
 
     # -- the lease ---------------------------------------------------------------------
     def _renew_lease(self) -> None:
