@@ -313,10 +313,13 @@ class XdpEngine(Engine):
         error: Exception | None = None
         for flags in modes:
             try:
-                bpf.xdp_attach(index, self.dp.xdp_fd, flags)
+                # never replace another program's XDP attachment (ours were removed by _clean_stale)
+                bpf.xdp_attach(index, self.dp.xdp_fd, flags | bpf.XDP_FLAGS_UPDATE_IF_NOEXIST)
                 return flags
             except bpf.BpfError as exc:
                 error = exc
+                if exc.errno == 16:          # EBUSY: something else is attached there
+                    raise bpf.BpfError(exc.errno, f"{name} already carries another XDP program") from None
         raise bpf.BpfError(getattr(error, "errno", 0) or 22, f"{name}: {error}")
 
     def _attach_tc(self, index: int) -> None:
