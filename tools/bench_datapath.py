@@ -16,7 +16,8 @@ Each case runs ``--repeat`` blasts (``--senders`` processes as fast as they
 can; cases interleaved, the best kept, every run listed in ``pps_runs``) for
 ``pps`` and ``loss``, and one paced run (``--paced-rate``) for the one-way latency
 (``latency_us`` p50/p99, sender and receiver share CLOCK_MONOTONIC).
-``--engine linux`` delegates to ``tools.bench_datapath_linux.run(args)``.
+``--engine linux`` delegates to ``tools.bench_datapath_linux.run(args)``, ``--engine xdp`` to
+``tools.bench_datapath_xdp.run(args)`` (and ``--plot``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 
 from boxcore.procs import free_port
 from cliruntime import ConfigError, non_negative_float, positive_int
+from tools.stats import percentile
 
 STAMP = struct.Struct("!QQ")          # sequence, send time (monotonic ns)
 SAMPLE_EVERY = 8                      # latency samples: every 8th packet
@@ -46,8 +48,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "datapath", help="packets/s and latency: plain socket ceiling, redirect-and-consume, relay",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", default="user", choices=["user", "linux"])
+    parser.add_argument("--engine", default="user", choices=["user", "linux", "xdp"],
+                        help="xdp: the kernel fast path, with the linux engine's and user space's cases in the "
+                             "same run (root, trafgen)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the figures here")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG", help="xdp: plot the figures here")
+    parser.add_argument("--linux-pass-rules", type=int, default=0, metavar="N",
+                        help="xdp: also measure the linux engine forwarding with N rules installed (slow to "
+                             "install: one iptables transaction per rule)")
     parser.add_argument("--duration", type=non_negative_float, default=2.0, help="seconds of blast per case")
     parser.add_argument("--size", type=positive_int, default=64, help="UDP payload bytes (>= 16)")
     parser.add_argument("--paced-rate", type=positive_int, default=2000,
@@ -189,13 +197,6 @@ def _run_case(ctx, receiver, receiver_args: tuple, target: tuple[str, int], args
     return result
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
@@ -231,6 +232,11 @@ def run(args: argparse.Namespace) -> int:
         except ModuleNotFoundError as exc:
             raise ConfigError(f"the linux data-path benchmark is not available: {exc}") from None
         figures = linux.run(args)
+    elif args.engine == "xdp":
+        xdp = importlib.import_module("tools.bench_datapath_xdp")
+        figures = xdp.run(args)
+        if args.plot:
+            xdp.plot(figures, args.plot)
     else:
         figures = asyncio.run(_run_user(args))
     text = json.dumps(figures, indent=2)

@@ -114,6 +114,12 @@ def role_booster(args: argparse.Namespace) -> dict:
                 tally.packet(pkt.payload)
                 return verdict
             sub = await booster.redirect(Match(proto="udp", dst_port=args.port), on_packet)
+            batched = False
+            if args.batch:   # the same booster code on every engine: batches where the delivery has them
+                def on_batch(payloads):
+                    for payload in payloads:
+                        tally.packet(payload)
+                batched = sub.receive_batches(on_batch)
             Path(args.ready).touch()
             # The orchestrator says when the senders are done (an idle timer would misfire
             # when this process is starved of CPU under overload).
@@ -123,6 +129,7 @@ def role_booster(args: argparse.Namespace) -> dict:
                 await asyncio.sleep(0.05)
             result = tally.result()
             result["delivery"] = sub.delivery.kind
+            result["batched"] = batched
             receiver = sub.receiver
             if receiver is not None and getattr(receiver, "reader", None) is not None:
                 result["queue"] = dict(receiver.reader.stats)
@@ -148,6 +155,8 @@ def role_main(argv: list[str]) -> int:
     parser.add_argument("--control", default="")
     parser.add_argument("--port", type=int, default=PORT)
     parser.add_argument("--verdict", choices=["consume", "pass"], default="consume")
+    parser.add_argument("--batch", action="store_true",
+                        help="booster: consume through Subscription.receive_batches where the delivery allows")
     parser.add_argument("--ready", default="")
     parser.add_argument("--wait", type=float, default=30.0)
     args = parser.parse_args(argv)

@@ -16,6 +16,13 @@ command -v pkg-config >/dev/null || need_pkgs+=(pkg-config)
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)   # the distributed stores (issue 15) and their tests
 [ -e /usr/include/libnetfilter_queue/libnetfilter_queue.h ] || need_pkgs+=(libnetfilter-queue-dev)
 [ -e /usr/include/libnfnetlink/libnfnetlink.h ] || need_pkgs+=(libnfnetlink-dev)
+# the xdp engine: BPF programs compiled with clang against libbpf's headers, loaded through
+# libbpf1; trafgen (netsniff-ng) is its benchmark's packet generator
+command -v clang >/dev/null || need_pkgs+=(clang)
+command -v llc >/dev/null || need_pkgs+=(llvm)
+[ -e /usr/include/bpf/bpf_helpers.h ] || need_pkgs+=(libbpf-dev)
+command -v bpftool >/dev/null || need_pkgs+=(bpftool)
+command -v trafgen >/dev/null || need_pkgs+=(netsniff-ng)
 python3 -c 'import sysconfig,os,sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null \
   || need_pkgs+=(python3-dev)
 command -v chromium >/dev/null || need_pkgs+=(chromium)              # browser tests of the dashboard
@@ -50,4 +57,20 @@ if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -c 'import boxcore, uvloop, msgpack, aiohttp, pytest' \
     || { echo "bootstrap: installing the package failed" >&2; exit 1; }
   touch "$stamp"
+fi
+
+# BPF objects of the xdp engine: compiled only when missing or older than their source
+# (build products, not committed)
+if command -v clang >/dev/null && [ -e /usr/include/bpf/bpf_helpers.h ]; then
+  for src in boxcore/engines/bpf/*.bpf.c; do
+    [ -e "$src" ] || continue
+    obj="${src%.c}.o"
+    if [ ! -e "$obj" ] || [ "$src" -nt "$obj" ]; then
+      clang -O2 -g -Wall -target bpf -I"/usr/include/$(uname -m)-linux-gnu" -c "$src" -o "$obj.tmp" \
+        && mv "$obj.tmp" "$obj" \
+        || { rm -f "$obj.tmp"; echo "bootstrap: compiling $src failed (the xdp engine will not load)" >&2; }
+    fi
+  done
+else
+  echo "bootstrap: clang or libbpf-dev missing: the xdp engine's BPF programs are not built" >&2
 fi

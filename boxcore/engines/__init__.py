@@ -2,7 +2,7 @@
 
 Engine modules are imported lazily so boxd runs while some of them are
 missing or cannot load on this machine (``linux`` needs netfilter, ``np``
-needs npdrv).
+needs npdrv, ``xdp`` needs libbpf and its compiled BPF object).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ ENGINE_NAMES: dict[str, tuple[str, str]] = {
     "user": ("boxcore.engines.user", "UserEngine"),
     "linux": ("boxcore.engines.linux", "LinuxEngine"),
     "np": ("boxcore.engines.np", "NPEngine"),
+    "xdp": ("boxcore.engines.xdp", "XdpEngine"),
     "memory": ("boxcore.engines.memory", "MemoryEngine"),
 }
 

@@ -1,0 +1,29 @@
+"""Fixtures of the xdp engine tests: a loaded BPF data path (root, BPF, the compiled object)."""
+
+import os
+
+import pytest
+
+
+def bpf_problem() -> str | None:
+    from boxcore.engines import libbpf
+    from boxcore.engines.xdp_maps import object_problem
+
+    if os.geteuid() != 0:
+        return "needs root (BPF)"
+    return libbpf.available() or object_problem()
+
+
+@pytest.fixture
+def datapath():
+    from boxcore.engines.xdp_maps import Datapath
+
+    problem = bpf_problem()
+    if problem:
+        pytest.fail(problem) if os.environ.get("CI") else pytest.skip(problem)
+    dp = Datapath()
+    dp.set_config(lease_until_ns=2**64 - 1)
+    try:
+        yield dp
+    finally:
+        dp.close()

@@ -1,0 +1,440 @@
+"""The xdp engine end to end: boxd in the box of a transparent lab, real boosters, real traffic.
+
+client 10.1.0.2 -> box (boxd --engine xdp, boosters) -> server 10.2.0.2
+
+Each action, the example booster unchanged with its kernel counters in /api/rules, fail-open
+under booster SIGKILL / SIGSTOP and boxd SIGKILL with a steady stream, and nothing left behind.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from boxcore.lab import Lab
+from tests.linux.test_linux_engine import SERVER, Stream, TestBooster, exchange
+
+pytestmark = pytest.mark.root
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def lab():
+    from tests.xdp.conftest import bpf_problem
+
+    problem = bpf_problem()
+    if problem:
+        pytest.fail(problem) if os.environ.get("CI") else pytest.skip(problem)
+    with Lab.up("transparent") as lab:
+        yield lab
+    assert not [ns for ns in os.listdir("/run/netns") if ns.startswith(f"bb{lab.name}_")]
+
+
+class Boxd:
+    def __init__(self, lab: Lab, workdir: Path, *extra: str, name: str = "boxd") -> None:
+        self.lab = lab
+        self.control = str(workdir / f"{name}.sock")
+        self.log = workdir / f"{name}.log"
+        self.proc = lab.popen("box", [PY, "-m", "boxcore.boxd", "--engine", "xdp", "--control", self.control,
+                                      "--state", str(workdir / "state"), "--heartbeat", "0.25",
+                                      "--xdp-stall", "0.5", "--xdp-lease", "1.0", "--log-level", "info", *extra],
+                              stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"boxd exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            if "boxd ready" in self.log.read_text():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"boxd did not start: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def booster(lab, boxd, mode, port, *extra):
+    """The linux engine tests' booster: plain booster-library code, no engine named."""
+    return TestBooster(lab, boxd, mode, port, *extra)
+
+
+def api(lab: Lab, path: str, port: int = 8710):
+    import urllib.request
+
+    with lab.inside("box"):
+        return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).read())
+
+
+def attached(lab: Lab) -> dict[str, str]:
+    """What the box's interfaces carry of ours: XDP programs, clsact qdiscs, the multicast veth."""
+    found = {}
+    links = lab.run("box", ["ip", "-d", "link"]).stdout
+    if "boxd_xdp" in links:
+        found["xdp"] = "boxd_xdp attached"
+    if "bbxdpmc" in links:
+        found["veth"] = "bbxdpmc0"
+    qdiscs = lab.run("box", ["tc", "qdisc", "show"]).stdout
+    if "clsact" in qdiscs:
+        found["qdisc"] = qdiscs
+    rules = lab.run("box", ["ip", "rule"]).stdout
+    if "lookup 178" in rules:
+        found["ip rule"] = rules
+    return found
+
+
+def _boxd_programs() -> dict[int, str]:
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True).stdout
+    return {p["id"]: p["name"] for p in json.loads(out or "[]") if p.get("name") in ("boxd_xdp", "boxd_tc")}
+
+
+# programs of an earlier, crashed run may still be waiting for their namespace to be torn down
+# (asynchronous in the kernel): only what this module loads must be gone
+EARLIER = set(_boxd_programs())
+
+
+def programs_loaded() -> list[str]:
+    return [name for pid, name in _boxd_programs().items() if pid not in EARLIER]
+
+
+def assert_box_clean(lab: Lab) -> None:
+    assert attached(lab) == {}
+    deadline = time.monotonic() + 5          # programs are freed after an RCU grace period
+    while programs_loaded() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert programs_loaded() == []
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+    return True
+
+
+def test_redirect_consume_modify_inject_and_pass(lab, tmp_path):
+    boxd = Boxd(lab, tmp_path)
+    try:
+        b = booster(lab, boxd, "redirect", 9001)
+        assert b.ready["delivery"] == "socket"          # the booster reads its own socket: no boxd hop
+        got = exchange(lab, [b"hello", b"DROP me", b"MOD me", b"plain"], 9001)
+        assert got == [b"hello", b"MOD ME!", b"plain"]
+        seen = [e for e in b.events() if e["kind"] == "packet"]
+        assert [e["payload"] for e in seen] == ["hello", "DROP me", "MOD me", "plain"]
+        assert all(e["src"] == "10.1.0.2" and e["dport"] == 9001 for e in seen)
+        assert exchange(lab, [b"DROP? no, other port"], 9002) == [b"DROP? no, other port"]
+        # a reply in the server's name: the original destination comes back from the kernel
+        client, server = lab.socket("client"), lab.socket("server")
+        try:
+            client.bind(("10.1.0.2", 5555))
+            client.settimeout(2)
+            server.bind((SERVER, 9001))
+            server.settimeout(0.3)
+            client.sendto(b"REPLY please", (SERVER, 9001))
+            data, peer = client.recvfrom(2048)
+            assert data == b"pong REPLY please" and peer == (SERVER, 9001)
+            with pytest.raises(TimeoutError):
+                server.recv(2048)
+        finally:
+            client.close()
+            server.close()
+        b.kill(signal.SIGTERM)
+        assert exchange(lab, [b"DROP now passes"], 9001) == [b"DROP now passes"]
+    finally:
+        boxd.stop()
+    assert_box_clean(lab)
+
+
+def test_the_example_booster_with_kernel_counters(lab, tmp_path):
+    """booster-example unchanged; DROP in XDP by an installed drop rule; counters in /api/rules."""
+    boxd = Boxd(lab, tmp_path, "--http", "127.0.0.1:8710")
+    stats = tmp_path / "example.json"
+    example = lab.popen("box", [PY, "-m", "boxcore.examples.udp_counter", "--control", boxd.control,
+                                "--port", "9020", "--drop-prefix", "SPAM", "--report-every", "0",
+                                "--stats-json", str(stats)], stderr=open(tmp_path / "example.log", "w"))
+    try:
+        assert wait_until(lambda: "counting udp port" in (tmp_path / "example.log").read_text(), 10)
+        payloads = [b"one", b"SPAM two", b"three", b"SPAM four", b"five"]
+        assert exchange(lab, payloads, 9020) == [b"one", b"three", b"five"]
+        assert exchange(lab, [b"SPAM elsewhere"], 9021) == [b"SPAM elsewhere"]
+
+        def counted():
+            rules = api(lab, "/api/rules")
+            return rules if rules and rules[0]["packets"] == 5 else None
+        assert wait_until(counted, 5)
+        rules = counted()
+        assert [(r["delivery"], r["packets"], r["bytes"]) for r in rules] == \
+            [("socket", 5, sum(len(p) for p in payloads))]
+        example.terminate()
+        assert example.wait(10) == 0
+    finally:
+        if example.poll() is None:
+            example.kill()
+        boxd.stop()
+    totals = json.loads(stats.read_text())["totals"]
+    assert (totals["packets"], totals["dropped"], totals["passed"]) == (5, 2, 3)
+    assert_box_clean(lab)
+
+
+DROPPER = """
+import asyncio, sys
+from boxcore.booster import Booster
+from boxcore.rules import Match
+async def main():
+    async with Booster("dropper", control=sys.argv[1]) as b:
+        await b.drop(Match(proto="udp", dst_port=int(sys.argv[2])))
+        print("ready", flush=True)
+        await b.run_until_stopped(asyncio.Event())
+asyncio.run(main())
+"""
+
+
+def test_drop_happens_in_xdp_and_is_counted(lab, tmp_path):
+    boxd = Boxd(lab, tmp_path, "--http", "127.0.0.1:8710")
+    proc = lab.popen("box", [PY, "-c", DROPPER, boxd.control, "9040"], stdout=subprocess.PIPE,
+                     stderr=open(tmp_path / "dropper.log", "w"), text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready", (tmp_path / "dropper.log").read_text()
+        assert exchange(lab, [b"a", b"bb", b"ccc"], 9040) == []
+        assert exchange(lab, [b"other"], 9041) == [b"other"]
+        assert wait_until(lambda: [(r["packets"], r["bytes"]) for r in api(lab, "/api/rules")] == [(3, 6)])
+        assert api(lab, "/api/status")["engine_status"]["kernel"]["packets"] >= 4
+        with lab.inside("box"):
+            import urllib.request
+            metrics = urllib.request.urlopen("http://127.0.0.1:8710/metrics", timeout=5).read().decode()
+        assert any(line.endswith(" 3") for line in metrics.splitlines() if "packets" in line and "rule" in line), metrics
+    finally:
+        proc.kill()
+        proc.wait()
+        boxd.stop()
+    assert_box_clean(lab)
+
+
+def test_copy_through_the_ring_buffer_never_holds_packets(lab, tmp_path):
+    boxd = Boxd(lab, tmp_path)
+    try:
+        b = booster(lab, boxd, "copy", 9003)
+        assert b.ready["delivery"] == "channel"
+        payloads = [b"c%d" % i for i in range(50)]
+        assert exchange(lab, payloads, 9003) == payloads
+        b.wait_for(lambda e: e.get("payload") == "c49")
+        assert [e["payload"] for e in b.events() if e["kind"] == "copy"] == [p.decode() for p in payloads]
+        b.kill(signal.SIGSTOP)        # a hung copier costs the originals nothing
+        assert exchange(lab, payloads[:5], 9003) == payloads[:5]
+        b.kill(signal.SIGKILL)
+    finally:
+        boxd.stop()
+    assert_box_clean(lab)
+
+
+def test_tcp_interception_sees_the_original_destination(lab, tmp_path):
+    boxd = Boxd(lab, tmp_path)
+    echo = lab.popen("server", [PY, "-c", (
+        "import socket\n"
+        "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "s.bind(('10.2.0.2', 8081)); s.listen()\n"
+        "while True:\n"
+        "    c, peer = s.accept(); line = c.makefile().readline()\n"
+        "    c.sendall(f'server peer={peer[0]} got={line.strip()}\\n'.encode()); c.close()\n")])
+    try:
+        b = booster(lab, boxd, "tproxy", 8080)
+        assert b.ready["delivery"] == "tproxy"
+        with lab.inside("client"):
+            conn = socket.create_connection((SERVER, 8080), timeout=5)
+        with conn:
+            line = conn.makefile().readline()
+        assert line.startswith(f"booster original_dst={SERVER}:8080 client=10.1.0.2:")
+        b.kill(signal.SIGKILL)
+        onward = booster(lab, boxd, "tproxy", 8081, "--onward")
+        with lab.inside("client"):
+            conn = socket.create_connection((SERVER, 8081), timeout=5)
+        with conn:
+            f = conn.makefile("rw")
+            assert f.readline().startswith(f"booster original_dst={SERVER}:8081")
+            f.write("hi\n")
+            f.flush()
+            assert f.readline() == "server peer=10.2.0.1 got=hi\n"
+        onward.kill(signal.SIGKILL)
+    finally:
+        echo.kill()
+        echo.wait()
+        boxd.stop()
+    assert_box_clean(lab)
+
+
+def test_multicast_fan_out_in_the_kernel(lab, tmp_path):
+    boxd = Boxd(lab, tmp_path)
+    rx = [lab.socket("server") for _ in range(3)]
+    try:
+        for i, s in enumerate(rx):
+            s.bind((SERVER, 9101 + i))
+            s.settimeout(2)
+        members = ",".join(f"{SERVER}:{9101 + i}" for i in range(3))
+        b = booster(lab, boxd, "multicast", 9100, "--members", members)
+        assert [s.recv(100) for s in rx] == [b"hello group"] * 3            # send_multicast
+        tx = lab.socket("client")
+        tx.bind(("10.1.0.2", 0))
+        tx.sendto(b"to the group", (SERVER, 9100))                          # a MULTICAST rule
+        sender = tx.getsockname()
+        tx.close()
+        assert [s.recvfrom(100) for s in rx] == [(b"to the group", sender)] * 3
+    finally:
+        for s in rx:
+            s.close()
+        boxd.stop()
+    assert b.proc.wait(10) is not None
+    assert_box_clean(lab)
+
+
+def test_fail_open_when_the_booster_is_killed(lab, tmp_path):
+    boxd = Boxd(lab, tmp_path)
+    try:
+        b = booster(lab, boxd, "redirect", 9010)
+        stream = Stream(lab, 9010, rate=2000)
+        time.sleep(0.7)
+        assert b.events()[-1]["kind"] == "packet"
+        b.kill(signal.SIGKILL)
+        killed = time.monotonic()
+        time.sleep(0.7)
+        after = stream.received_after(killed)
+        sent, lost = stream.finish()
+    finally:
+        boxd.stop()
+    print(f"\nbooster SIGKILL under {stream.rate} pps: sent {sent}, lost {lost}, {after} received after the kill")
+    assert after > 0.5 * 0.7 * stream.rate
+    # lost: what reached the dead booster's socket until boxd saw the disconnect and removed
+    # the rule (boxd holds a copy of the socket): well under a second of traffic
+    assert lost <= stream.rate * 1.0
+    assert_box_clean(lab)
+
+
+def test_hung_booster_is_removed_by_the_watchdog(lab, tmp_path):
+    # heartbeats would catch a stopped booster after 1.5 s: the engine's watchdog must be first
+    boxd = Boxd(lab, tmp_path, "--heartbeat", "0.5", "--xdp-stall", "0.3")
+    try:
+        b = booster(lab, boxd, "redirect", 9011)
+        stream = Stream(lab, 9011, rate=2000)
+        time.sleep(0.5)
+        b.kill(signal.SIGSTOP)
+        hung = time.monotonic()
+        assert wait_until(lambda: "evicting booster" in boxd.log.read_text(), 5)
+        removed_after = time.monotonic() - hung
+        time.sleep(0.5)
+        after = stream.received_after(hung + removed_after)
+        sent, lost = stream.finish()
+        b.kill(signal.SIGKILL)
+    finally:
+        boxd.stop()
+    print(f"\nhung booster: rules removed {removed_after:.2f}s after SIGSTOP (0.3s stall + 0.5s check); "
+          f"sent {sent}, lost {lost}, {after} received after removal")
+    assert "unhealthy: socket of rule" in boxd.log.read_text()
+    assert removed_after < 1.4
+    assert after > 0.5 * 0.5 * stream.rate
+    assert lost <= 2000 * (removed_after + 0.3) + 50      # what reached the hung socket until removal
+    assert_box_clean(lab)
+
+
+def test_boxd_sigkill_fails_open_and_the_next_boxd_reconciles(lab, tmp_path):
+    boxd = Boxd(lab, tmp_path)
+    b = booster(lab, boxd, "redirect", 9012)
+    dropper = lab.popen("box", [PY, "-c", DROPPER, boxd.control, "9013"], stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL, text=True)
+    stream = Stream(lab, 9012, rate=2000)
+    try:
+        assert dropper.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        boxd.proc.kill()
+        boxd.proc.wait(5)
+        killed = time.monotonic()
+        assert "xdp" in attached(lab)                        # left behind by the dead boxd
+        time.sleep(1.0)
+        after = stream.received_after(killed)
+        b.proc.wait(10)                                      # the booster notices boxd is gone
+        dropper.wait(10)
+        time.sleep(1.2)                                      # past the lease: drop rules no longer apply
+        late = stream.received_after(time.monotonic() - 0.25)
+        assert exchange(lab, [b"dropped no more"], 9013) == [b"dropped no more"]
+        sent, lost = stream.finish()
+        again = Boxd(lab, tmp_path, name="boxd2")
+        assert "left behind" in again.log.read_text()
+        again.stop()
+    finally:
+        stream.stop.set()
+        b.kill()
+        dropper.kill()
+        boxd.stop()
+    print(f"\nboxd SIGKILL: sent {sent}, lost {lost}, {after} received in the second after the kill")
+    assert after > 0.5 * stream.rate and late > 0
+    assert_box_clean(lab)
+
+
+def _drop_bpf_capabilities() -> None:
+    """preexec_fn: take CAP_BPF, CAP_SYS_ADMIN and CAP_NET_ADMIN out of the bounding set, so the
+    exec'd boxd runs as root without them."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (39, 21, 12):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:     # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def test_boxd_refuses_to_start_without_bpf_privileges(tmp_path):
+    proc = subprocess.run([PY, "-m", "boxcore.boxd", "--engine", "xdp", "--control", f"{tmp_path}/c.sock",
+                           "--state", f"{tmp_path}/st"], capture_output=True, text=True, timeout=30,
+                          preexec_fn=_drop_bpf_capabilities)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "xdp engine needs root (CAP_BPF, CAP_NET_ADMIN missing)" in lines[0], proc.stderr
+
+
+ANSWERER = """
+import asyncio, sys
+from boxcore.booster import Booster
+from boxcore.rules import Match
+async def main():
+    async with Booster("answerer", control=sys.argv[1]) as b:
+        dst = sys.argv[3] if len(sys.argv) > 3 else None
+        holder = {}
+        def on_packet(pkt):
+            holder["sub"].receiver.sock.sendto(b"direct " + pkt.payload, (pkt.src, pkt.sport))
+        holder["sub"] = await b.redirect(Match(proto="udp", dst=dst, dst_port=int(sys.argv[2])), on_packet)
+        print("ready", holder["sub"].delivery.kind, flush=True)
+        await b.run_until_stopped(asyncio.Event())
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("named_host", [False, True])
+def test_a_booster_answers_on_its_own_socket(lab, tmp_path, named_host):
+    """As the mmpog reflector does with a delegated socket: replies leave from the rule's host
+    and port when the rule names them (a transparent socket), else from the box's address."""
+    boxd = Boxd(lab, tmp_path)
+    extra = [SERVER] if named_host else []
+    proc = lab.popen("box", [PY, "-c", ANSWERER, boxd.control, "9060", *extra], stdout=subprocess.PIPE,
+                     stderr=open(tmp_path / "answerer.log", "w"), text=True)
+    client = lab.socket("client")
+    try:
+        assert proc.stdout.readline().split() == ["ready", "socket"], (tmp_path / "answerer.log").read_text()
+        client.bind(("10.1.0.2", 0))
+        client.settimeout(3)
+        client.sendto(b"hi", (SERVER, 9060))
+        data, peer = client.recvfrom(100)
+        assert data == b"direct hi"
+        assert peer == ((SERVER, 9060) if named_host else ("10.1.0.1", 9060))
+    finally:
+        client.close()
+        proc.kill()
+        proc.wait()
+        boxd.stop()
+    assert_box_clean(lab)
