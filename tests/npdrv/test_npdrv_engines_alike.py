@@ -1,10 +1,11 @@
-"""The same booster, unchanged, on the user, linux and np engines: same packets seen, same
+"""The same booster, unchanged, on the user, linux, np and xdp engines: same packets seen, same
 verdicts, same traffic at the destination.  Only where the work happens differs.
 
 * user:  boxd on loopback relays udp 127.0.0.1:BOX -> 127.0.0.1:DST (opaque mode);
 * linux: boxd --engine linux on the box of the ``transparent`` lab (kernel forwarding);
 * np:    boxd --engine np on the host of an emulated card, the ``np-transparent`` lab with
-         np4gs3-emu attached to its card namespace.
+         np4gs3-emu attached to its card namespace;
+* xdp:   boxd --engine xdp on the box of the ``transparent`` lab (XDP and tc BPF programs).
 """
 
 import contextlib
@@ -64,7 +65,7 @@ def user_box(tmp_path: Path):
 
 @contextlib.contextmanager
 def lab_box(tmp_path: Path, engine: str):
-    topology = "transparent" if engine == "linux" else netns.LAB_TOPOLOGY
+    topology = netns.LAB_TOPOLOGY if engine == "np" else "transparent"
     with Lab.up(topology) as lab:
         emu = None
         if engine == "np":
@@ -95,7 +96,7 @@ def _socket(ns: str | None, bind: tuple[str, int]):
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("engine", ["user", "linux", "np"])
+@pytest.mark.parametrize("engine", ["user", "linux", "np", "xdp"])
 def test_the_same_booster_behaves_the_same_on_every_engine(engine, tmp_path):
     box = user_box(tmp_path) if engine == "user" else lab_box(tmp_path, engine)
     with box as env:
