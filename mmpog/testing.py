@@ -78,7 +78,7 @@ class SimNetwork:
         for data, dest in self.reflector.datagrams_to_send(self.now):
             if isinstance(dest, int):
                 header, _ = wire.decode(data)
-                if header.seq and header.kind is wire.Kind.DATA:
+                if header.seq and header.kind is wire.Kind.DATA and header.reliable:
                     self.sequenced[(header.location, header.seq)] = (header.sender, header.packet_id)
                 targets = self.reflector.members(dest)
             else:

@@ -137,8 +137,6 @@ def decode(data: bytes) -> tuple[Header, bytes]:
         if seq == 0 and flags & RELIABLE and lowest:
             # a reflector-forwarded reliable packet always has a seq; a client's one has neither
             raise WireDecodeError("reliable DATA with lowest set but no seq")
-        if seq and not flags & RELIABLE:
-            raise WireDecodeError("unreliable DATA must not carry a seq")
     elif kind is Kind.HEARTBEAT:
         if length or packet_id or sender or flags:
             raise WireDecodeError("HEARTBEAT carries no payload, packet id, sender or flags")
@@ -202,6 +200,15 @@ def seqs_to_ranges(seqs: list[int], max_ranges: int = MAX_NACK_RANGES) -> list[t
 FLAGS_OFFSET = 2
 SEQ_LOWEST = struct.Struct("!II")
 SEQ_OFFSET = 20
+
+
+SENDER_AND_ID = struct.Struct("!II")
+SENDER_OFFSET = 12
+
+
+def sender_and_id(data: bytes) -> tuple[int, int]:
+    """(sender, packet_id) of an already validated datagram."""
+    return SENDER_AND_ID.unpack_from(data, SENDER_OFFSET)
 
 
 def restamp(data: bytes, seq: int, lowest: int, flags: int | None = None) -> bytes:

@@ -90,20 +90,74 @@ def test_reliable_sequenced_and_buffer_bounded_by_count_and_age():
     assert (stats["buffered"], stats["lowest"], stats["buffer_evicted_age"]) == (0, 6, 3)
 
 
-def test_members_changed_on_rebind_and_removal():
+def test_token_is_bound_to_its_address_and_moving_needs_a_fresh_token():
     core = bound_core()
-    new_addr = ("127.0.0.1", 5555)
-    core.receive_datagram(hello(1, TOKEN_A), new_addr, 1.0)       # the player's port changed (NAT rebinding)
-    assert core.next_event() == MembersChanged(LOC, (BOB, new_addr))
-    core.receive_datagram(data(1, 1), ALICE, 1.0)                  # the old address is no longer a member
+    thief = ("127.0.0.1", 5555)
+    core.receive_datagram(hello(1, TOKEN_A), thief, 1.0)          # a valid token, from another address
+    assert core.next_event() is None and core.members(LOC) == (ALICE, BOB)
+    assert core.datagrams_to_send(1.0) == []                       # not even a WELCOME
+    assert core.location_stats(LOC)["hello_rebind_refused"] == 1
+    core.receive_datagram(data(1, 1), thief, 1.0)                  # and it cannot send as the player
     assert core.location_stats(LOC)["not_member"] == 1
-    assert core.remove_member(LOC, 2)
-    assert core.next_event() == MembersChanged(LOC, (new_addr,))
+    core.receive_datagram(hello(1, TOKEN_A), ALICE, 1.0)           # the bound address may say HELLO again (lost WELCOME)
+    assert [dest for _, dest in core.datagrams_to_send(1.0)] == [ALICE]
+    # moving (a NAT rebinding, a new device) needs a fresh token from the game server
     core.add_member(LOC, 1, b"n" * 16)                             # a new token unbinds until a new HELLO
-    assert core.members(LOC) == ()
+    assert core.next_event() == MembersChanged(LOC, (BOB,))
+    core.receive_datagram(hello(1, b"n" * 16), thief, 1.0)
+    assert core.next_event() == MembersChanged(LOC, (BOB, thief))
+
+
+def test_members_changed_on_removal():
+    core = bound_core()
+    assert core.remove_member(LOC, 2)
+    assert core.next_event() == MembersChanged(LOC, (ALICE,))
+    core.receive_datagram(data(2, 1), BOB, 1.0)                    # the removed member is no longer a member
+    assert core.location_stats(LOC)["not_member"] == 1
     assert core.remove_member(LOC, 1)                               # the last member: the location is forgotten
     assert core.locations() == []
     assert core.totals()["not_member"] == 1                         # ... but its counters still count
+
+
+def test_nack_ranges_clipped_to_the_buffer_before_walking(monkeypatch):
+    """One 412-byte NACK with 64 ranges of 65535 seqs walked 4.2M seqs; now only what the buffer holds."""
+    import mmpog.reliability as reliability
+    core = bound_core()
+    for n in range(10):
+        core.receive_datagram(data(1, 100 + n, reliable=True), ALICE, 1.0)
+    core.datagrams_to_send(1.0)
+    walked = []
+    real_range = range
+
+    def counting_range(*args):
+        r = real_range(*args)
+        walked.append(len(r))
+        return r
+
+    monkeypatch.setattr(reliability, "range", counting_range, raising=False)
+    ranges = [(1 + i * 65535, 65535) for i in range(wire.MAX_NACK_RANGES)]
+    nack = wire.encode(Header(Kind.NACK, rto_ms=40, location=LOC, sender=2), wire.encode_nack_ranges(ranges))
+    core.receive_datagram(nack, BOB, 1.0)
+    assert sum(walked) <= 10
+    stats = core.location_stats(LOC)
+    assert stats["retransmitted"] == 10
+    assert stats["nack_unavailable"] == 64 * 65535 - 10
+
+
+def test_a_small_nack_is_answered_within_a_byte_budget():
+    """One 34-byte NACK returned 91 KB in a burst; now at most nack_burst_bytes per member."""
+    config = ReflectorConfig(nack_burst=1000, nack_rate=0.0, nack_bytes_rate=0.0, nack_burst_bytes=8192)
+    core = bound_core(config)
+    for n in range(64):
+        core.receive_datagram(data(1, 100 + n, payload=bytes(1400), reliable=True), ALICE, 1.0)
+    core.datagrams_to_send(1.0)
+    nack = wire.encode(Header(Kind.NACK, rto_ms=40, location=LOC, sender=2), wire.encode_nack_ranges([(1, 64)]))
+    assert len(nack) == 34
+    core.receive_datagram(nack, BOB, 1.0)
+    out = core.datagrams_to_send(1.0)
+    sent = sum(len(d) for d, _ in out)
+    assert 0 < sent <= 8192 and {dest for _, dest in out} == {BOB}
+    assert core.location_stats(LOC)["nack_byte_limited"] == 64 - len(out)
 
 
 def test_membership_bounds_are_enforced_and_counted():
@@ -126,7 +180,7 @@ def test_malformed_and_client_set_seq_dropped():
 
 
 def test_heartbeat_interval_follows_member_rto_and_backs_off_when_idle():
-    core = bound_core(ReflectorConfig(heartbeat_min=0.01, heartbeat_max=0.5))
+    core = bound_core(ReflectorConfig(heartbeat_min=0.01, heartbeat_max=0.5, heartbeat_factor=0.5))
     core.receive_datagram(data(1, 1, reliable=True), ALICE, 10.0)
     core.datagrams_to_send(10.0)
     times = []
@@ -247,3 +301,25 @@ def test_reflector_bad_config_exits_2():
                            "--heartbeat-min", "2", "--heartbeat-max", "1"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "heartbeat_min" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_tail_probe_follows_a_reliable_packet_on_a_location_that_was_idle():
+    """The heartbeat after a reliable packet is one interval after it, not at the backed-off idle time."""
+    core = bound_core(ReflectorConfig(heartbeat_min=0.01, heartbeat_max=1.0, heartbeat_factor=0.5))
+    now = 10.0
+    beats = 0
+    while beats < 4:                                   # idle: 20, 40, 80, 160 ms apart
+        now = core.get_timer()
+        core.handle_timer(now)
+        beats += len(core.datagrams_to_send(now))
+    sent_at = now + 0.001
+    core.receive_datagram(data(1, 9, reliable=True), ALICE, sent_at)
+    core.datagrams_to_send(sent_at)
+    while True:
+        now = core.get_timer()
+        core.handle_timer(now)
+        out = core.datagrams_to_send(now)
+        if out:
+            break
+    assert [wire.decode(d)[0].kind for d, _ in out] == [Kind.HEARTBEAT]
+    assert now - sent_at == pytest.approx(0.02)       # half the members' 40 ms RTO
