@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import socket
@@ -166,10 +167,14 @@ class ReflectorService:
     @web.middleware
     async def _auth(self, request: web.Request, handler):
         self.counters["control_requests"] += 1
-        if self.api_key and request.path != "/health" and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+        if self.api_key and request.path != "/health" and not self._key_matches(request):
             self.counters["control_refused"] += 1
             return web.json_response({"error": "missing or wrong API key"}, status=401)
         return await handler(request)
+
+    def _key_matches(self, request: web.Request) -> bool:
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        return hmac.compare_digest(given, f"Bearer {self.api_key}".encode())   # constant time
 
     @staticmethod
     def _ids(request: web.Request) -> tuple[int, int]:
@@ -264,9 +269,15 @@ async def run_standalone(service: ReflectorService, listen: Address, stop: async
 
 
 def _start_ticker(loop: asyncio.AbstractEventLoop, service: ReflectorService, tick: float) -> asyncio.Task:
+    """Run the core's timers when they are due (tail-loss probes come ~1 RTO after the last packet,
+    a few ms on a LAN), and at least every ``tick`` (a location bound since the last wake-up)."""
+    core = service.core
+
     async def ticker() -> None:
         while True:
-            await asyncio.sleep(tick)
+            due = core.get_timer()
+            delay = tick if due is None else min(tick, max(0.0, due - time.monotonic()))
+            await asyncio.sleep(delay)
             service.tick()
     return loop.create_task(ticker())
 
@@ -375,18 +386,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group-base", type=int, default=70000, help="engine multicast group = base + location")
     parser.add_argument("--listen", type=host_port, default=("127.0.0.1", 7400), help="UDP address (standalone mode)")
     parser.add_argument("--http", type=host_port, default=("127.0.0.1", 7401), help="control API address")
-    parser.add_argument("--api-key", default=os.environ.get("MMPOG_API_KEY"), help="require this bearer key on the control API")
+    parser.add_argument("--api-key", default=os.environ.get("MMPOG_API_KEY"),
+                        help="the bearer key the control API requires (or $MMPOG_API_KEY); needed unless --no-api-key")
+    parser.add_argument("--no-api-key", action="store_true",
+                        help="leave the control API open (anyone who reaches --http can add members): tests only")
     parser.add_argument("--buffer-packets", type=positive_int, default=1024, help="retransmission buffer per location (packets)")
     parser.add_argument("--buffer-age", type=non_negative_float, default=2.0, help="retransmission buffer age limit (s)")
-    parser.add_argument("--heartbeat-min", type=non_negative_float, default=0.01)
+    parser.add_argument("--heartbeat-min", type=non_negative_float, default=0.002)
     parser.add_argument("--heartbeat-max", type=non_negative_float, default=1.0)
-    parser.add_argument("--heartbeat-factor", type=non_negative_float, default=0.5,
+    parser.add_argument("--heartbeat-factor", type=non_negative_float, default=1.0,
                         help="heartbeat interval = factor x the members' smallest RTO (then doubling while idle)")
     parser.add_argument("--nack-rate", type=non_negative_float, default=200.0, help="retransmissions/s per member")
     parser.add_argument("--nack-burst", type=int, default=64)
+    parser.add_argument("--nack-burst-bytes", type=int, default=16 * 1024,
+                        help="bytes of retransmissions one member may get in a burst")
+    parser.add_argument("--nack-bytes-rate", type=non_negative_float, default=256 * 1024,
+                        help="retransmitted bytes/s per member")
     parser.add_argument("--max-locations", type=positive_int, default=4096)
     parser.add_argument("--max-members", type=positive_int, default=256, help="members per location")
-    parser.add_argument("--tick", type=non_negative_float, default=0.005, help="timer resolution (s)")
+    parser.add_argument("--tick", type=non_negative_float, default=0.005,
+                        help="longest sleep between timer checks (s); due timers wake the loop on time")
     return parser
 
 
@@ -394,6 +413,7 @@ def config_from_args(args: argparse.Namespace) -> ReflectorConfig:
     config = ReflectorConfig(
         buffer_packets=args.buffer_packets, buffer_age=args.buffer_age, heartbeat_min=args.heartbeat_min,
         heartbeat_max=args.heartbeat_max, heartbeat_factor=args.heartbeat_factor, nack_rate=args.nack_rate, nack_burst=args.nack_burst,
+        nack_burst_bytes=args.nack_burst_bytes, nack_bytes_rate=args.nack_bytes_rate,
         max_locations=args.max_locations, max_members=args.max_members,
     )
     try:
@@ -402,6 +422,10 @@ def config_from_args(args: argparse.Namespace) -> ReflectorConfig:
         raise ConfigError(str(exc)) from None
     if args.tick <= 0:
         raise ConfigError("--tick must be positive")
+    if not args.api_key and not args.no_api_key:
+        raise ConfigError("the control API needs a key: --api-key KEY or $MMPOG_API_KEY (--no-api-key leaves it open)")
+    if args.no_api_key:
+        args.api_key = None
     return config
 
 

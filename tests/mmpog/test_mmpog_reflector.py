@@ -1,6 +1,7 @@
 """Reflector membership and anti-spoofing: the sans-IO core in memory, then the real process over sockets."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -323,3 +324,34 @@ def test_tail_probe_follows_a_reliable_packet_on_a_location_that_was_idle():
             break
     assert [wire.decode(d)[0].kind for d, _ in out] == [Kind.HEARTBEAT]
     assert now - sent_at == pytest.approx(0.02)       # half the members' 40 ms RTO
+
+
+def test_reflector_refuses_to_start_without_a_control_key():
+    env = {k: v for k, v in os.environ.items() if k != "MMPOG_API_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "mmpog.reflector", "--mode", "standalone"],
+                          capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 2
+    assert "--api-key" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_control_key_compared_in_constant_time(monkeypatch):
+    import hmac
+
+    from mmpog import reflector as reflector_module
+    calls = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(reflector_module.hmac, "compare_digest", spy)
+    service = reflector_module.ReflectorService(ReflectorCore(), api_key="k3y")
+
+    class FakeRequest:
+        headers = {"Authorization": "Bearer k3x"}
+
+    assert not service._key_matches(FakeRequest())
+    FakeRequest.headers = {"Authorization": "Bearer k3y"}
+    assert service._key_matches(FakeRequest())
+    assert calls == [(b"Bearer k3x", b"Bearer k3y"), (b"Bearer k3y", b"Bearer k3y")]
