@@ -257,7 +257,7 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
                               initial_rto=max(params.min_rto, ClientConfig().initial_rto))
         for index in indices:
             bot_rng = random.Random(params.seed * 1_000_003 + index)
-            client = GameClient(server_url, f"bot{index}", "pw", http=http, config=config,
+            client = GameClient(server_url, f"bot{index}", f"bot-{index}-{params.seed}-plays", http=http, config=config,
                                 reflector_map=reflector_map, rng=bot_rng, join_timeout=10.0)
             bot = Bot(index, client, bot_rng)
             client.on_event = bot.on_event
@@ -455,7 +455,7 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
 
         # ---------------------------------------------------------- game server (in process)
         world = World(params.locations, 1, CELL)
-        server = GameServer(world, [ReflectorInfo(refl_http, reflector_udp)], api_key=api_key, pbkdf2_iterations=1000)
+        server = GameServer(world, [ReflectorInfo(refl_http, reflector_udp)], api_key=api_key)
         runner = web.AppRunner(server.app(), access_log=None)
         await runner.setup()
         server_port = free_port(socket.SOCK_STREAM)

@@ -29,6 +29,7 @@ import contextlib
 import hmac
 import logging
 import os
+import secrets
 import socket
 import time
 from typing import Any, Callable
@@ -59,6 +60,7 @@ class ReflectorService:
         self.counters = {"datagrams_in": 0, "datagrams_out": 0, "send_dropped": 0, "send_errors": 0,
                          "control_requests": 0, "control_refused": 0}
         self.started = time.monotonic()
+        self.instance = secrets.token_hex(8)     # /health says it: the game server notices a restart
         self.transport: dict[str, str] = {"mode": "memory"}
         self.fanout_kind = "direct"
 
@@ -213,7 +215,7 @@ class ReflectorService:
         return web.json_response(self.snapshot())
 
     async def _get_health(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "locations": len(self.core.locations())})
+        return web.json_response({"ok": True, "instance": self.instance, "locations": len(self.core.locations())})
 
 
 # ====================================================================== I/O modes
