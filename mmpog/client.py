@@ -215,7 +215,8 @@ class GameClient:
             return
         for endpoint, reflector in self._endpoints.values():
             if endpoint.has_datagrams:
-                for data in endpoint.datagrams_to_send(0.0):
+                # what the game queued in one go (several updates, NACKs) leaves packed up to the MTU
+                for data in wire.pack(endpoint.datagrams_to_send(0.0)):
                     transport.sendto(data, reflector)
 
     def _service(self) -> None:

@@ -38,7 +38,7 @@ from aiohttp import web
 
 from cliruntime import ConfigError, RunContext, host_port, make_parser, non_negative_float, positive_int, run_async
 
-from . import fastsend
+from . import fastsend, wire
 from .reliability import Address, BufferFull, MembersChanged, ReflectorConfig, ReflectorCore
 
 log = logging.getLogger("mmpog.reflector")
@@ -53,12 +53,19 @@ class ReflectorService:
     def __init__(self, core: ReflectorCore, api_key: str | None = None, use_sendmmsg: bool = True) -> None:
         self.core = core
         self.use_sendmmsg = use_sendmmsg
+        # packing (ReflectorConfig.pack/pack_budget/mtu): what one pass of the event loop fans out to a
+        # location goes out as few datagrams (BUNDLE, at most `mtu` bytes); a `pack_budget` > 0 holds
+        # datagrams up to that long for more company
+        self.pack = core.config.pack
+        self.pack_budget = core.config.pack_budget
+        self.mtu = core.config.mtu
+        self._flush_handle: asyncio.Handle | None = None
         self.api_key = api_key
         self.send_to: Callable[[bytes, Address], None] = lambda data, addr: None
         self.fanout: Callable[[int, bytes], None] = self.fanout_direct
         self.on_members: Callable[[MembersChanged], None] | None = None
         self.counters = {"datagrams_in": 0, "datagrams_out": 0, "send_dropped": 0, "send_errors": 0,
-                         "control_requests": 0, "control_refused": 0}
+                         "control_requests": 0, "control_refused": 0, "updates_out": 0, "bundles_out": 0}
         self.started = time.monotonic()
         self.instance = secrets.token_hex(8)     # /health says it: the game server notices a restart
         self.transport: dict[str, str] = {"mode": "memory"}
@@ -70,18 +77,53 @@ class ReflectorService:
         core = self.core
         self.counters["datagrams_in"] += 1
         core.receive_datagram(data, addr, time.monotonic())
-        self.flush()
+        if not self.pack:
+            self.flush()
+        elif self._flush_handle is None:
+            # answer once this pass of the loop has read what is there: one pack per location
+            loop = asyncio.get_running_loop()
+            if self.pack_budget > 0:
+                self._flush_handle = loop.call_later(self.pack_budget, self.flush)
+            else:
+                self._flush_handle = loop.call_soon(self.flush)
 
     def flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         core = self.core
         out = core.datagrams_to_send(0.0)
         if out:
-            send_to, fanout = self.send_to, self.fanout
-            for data, dest in out:
-                if dest.__class__ is int:
-                    fanout(dest, data)
-                else:
-                    send_to(data, dest)
+            send_to, fanout, counters = self.send_to, self.fanout, self.counters
+            if not self.pack:
+                for data, dest in out:
+                    if dest.__class__ is int:
+                        counters["updates_out"] += len(core.members(dest))
+                        fanout(dest, data)
+                    else:
+                        counters["updates_out"] += 1
+                        send_to(data, dest)
+            else:
+                groups: dict = {}          # location id, or (address, location): datagrams in order
+                for data, dest in out:
+                    key = dest if dest.__class__ is int else (dest, data[wire.LOCATION_OFFSET:wire.LOCATION_OFFSET + 4])
+                    items = groups.get(key)
+                    if items is None:
+                        groups[key] = [data]
+                    else:
+                        items.append(data)
+                mtu = self.mtu
+                for key, items in groups.items():
+                    packed = wire.pack(items, mtu)
+                    counters["bundles_out"] += len(items) > 1 and len(packed)
+                    if key.__class__ is int:
+                        counters["updates_out"] += len(items) * len(core.members(key))
+                        for data in packed:
+                            fanout(key, data)
+                    else:
+                        counters["updates_out"] += len(items)
+                        for data in packed:
+                            send_to(data, key[0])
         if self.on_members is not None:
             while (event := core.next_event()) is not None:
                 self.on_members(event)
@@ -386,6 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-sendmmsg", action="store_true",
                         help="direct fan-out with one sendto per member instead of one sendmmsg per location")
     parser.add_argument("--group-base", type=int, default=70000, help="engine multicast group = base + location")
+    parser.add_argument("--no-pack", action="store_true",
+                        help="one datagram per update and member (default: what one loop pass sends to a location "
+                             "goes out packed in as few datagrams as the MTU allows)")
+    parser.add_argument("--pack-budget", type=non_negative_float, default=0.0,
+                        help="hold outgoing updates up to this long (s) to pack more per datagram (0: one loop pass)")
+    parser.add_argument("--mtu", type=positive_int, default=wire.MAX_DATAGRAM,
+                        help="largest packed datagram (UDP payload bytes) the path carries")
     parser.add_argument("--listen", type=host_port, default=("127.0.0.1", 7400), help="UDP address (standalone mode)")
     parser.add_argument("--http", type=host_port, default=("127.0.0.1", 7401), help="control API address")
     parser.add_argument("--api-key", default=os.environ.get("MMPOG_API_KEY"),
@@ -416,6 +465,7 @@ def config_from_args(args: argparse.Namespace) -> ReflectorConfig:
         buffer_packets=args.buffer_packets, buffer_age=args.buffer_age, heartbeat_min=args.heartbeat_min,
         heartbeat_max=args.heartbeat_max, heartbeat_factor=args.heartbeat_factor, nack_rate=args.nack_rate, nack_burst=args.nack_burst,
         nack_burst_bytes=args.nack_burst_bytes, nack_bytes_rate=args.nack_bytes_rate,
+        pack=not args.no_pack, pack_budget=args.pack_budget, mtu=args.mtu,
         max_locations=args.max_locations, max_members=args.max_members,
     )
     try:

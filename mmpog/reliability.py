@@ -249,7 +249,7 @@ class ClientEndpoint:
             "retransmissions_received", "missing_detected", "seqs_accounted", "unrecoverable",
             "malformed", "wrong_location", "unexpected_kind", "before_join", "refused_pending",
             "dup_window_evicted", "missing_overflow", "events_dropped", "outgoing_dropped",
-            "heartbeats", "timeouts", "nack_retries", "gaps_from_unreliable",
+            "heartbeats", "timeouts", "nack_retries", "gaps_from_unreliable", "bundles",
         ), 0)
 
     # ------------------------------------------------------------------ public API
@@ -317,6 +317,16 @@ class ClientEndpoint:
             self.stats["wrong_location"] += 1
             return
         if self.closed:
+            return
+        if header.kind is Kind.BUNDLE:
+            try:
+                items = wire.unpack(header, payload)
+            except WireDecodeError:
+                self.stats["malformed"] += 1
+                return
+            self.stats["bundles"] += 1
+            for item in items:
+                self.receive_datagram(item, now)
             return
         kind = header.kind
         if kind is Kind.DATA:
@@ -624,6 +634,10 @@ class ReflectorConfig:
     max_locations: int = 4096
     max_members: int = 256          # per location
     max_outgoing: int = 65536       # queued datagrams between pulls
+    # packing, done by the I/O adapter (mmpog.reflector.ReflectorService), configured with the rest
+    pack: bool = True               # what one loop pass sends to a location leaves as BUNDLEs
+    pack_budget: float = 0.0        # > 0: hold outgoing datagrams up to this long to pack more
+    mtu: int = wire.MAX_DATAGRAM    # largest packed datagram
 
     def validate(self) -> None:
         if self.buffer_packets <= 0 or self.buffer_age <= 0:
@@ -636,6 +650,8 @@ class ReflectorConfig:
             raise ValueError("nack_rate, nack_burst, nack_bytes_rate and nack_burst_bytes must be non-negative")
         if self.max_locations <= 0 or self.max_members <= 0 or self.max_outgoing <= 0:
             raise ValueError("max_locations, max_members and max_outgoing must be positive")
+        if self.pack_budget < 0 or not 2 * wire.HEADER_SIZE + 2 <= self.mtu <= 65507:
+            raise ValueError(f"pack_budget must be >= 0 and mtu {2 * wire.HEADER_SIZE + 2}..65507")
 
 
 @dataclass(frozen=True, slots=True)
@@ -710,7 +726,7 @@ class ReflectorCore:
         self._events: deque[MembersChanged] = deque()
         self.stats: dict[str, int] = dict.fromkeys((
             "received", "malformed", "unknown_location", "not_member", "unexpected_kind",
-            "outgoing_dropped", "locations_refused", "members_refused",
+            "outgoing_dropped", "locations_refused", "members_refused", "bundles",
         ), 0)
 
     # ------------------------------------------------------------------ membership (control plane)
@@ -773,6 +789,16 @@ class ReflectorCore:
             self.stats["unknown_location"] += 1
             return
         kind = header.kind
+        if kind is Kind.BUNDLE:
+            try:
+                items = wire.unpack(header, payload)
+            except WireDecodeError:
+                self.stats["malformed"] += 1
+                return
+            self.stats["bundles"] += 1
+            for item in items:
+                self.receive_datagram(item, addr, now)
+            return
         if kind is Kind.HELLO:
             self._on_hello(loc, header, payload, addr, now)
             return

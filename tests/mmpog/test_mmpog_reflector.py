@@ -355,3 +355,26 @@ def test_control_key_compared_in_constant_time(monkeypatch):
     FakeRequest.headers = {"Authorization": "Bearer k3y"}
     assert service._key_matches(FakeRequest())
     assert calls == [(b"Bearer k3x", b"Bearer k3y"), (b"Bearer k3y", b"Bearer k3y")]
+
+
+def test_bundles_from_a_member_are_handled_item_by_item_and_fanned_out_packable():
+    from mmpog.reliability import ClientEndpoint, Received
+    core = bound_core()
+    bob = ClientEndpoint(2, LOC, TOKEN_B)
+    bob.connect(0.9)
+    [hello_dgram] = bob.datagrams_to_send(0.9)
+    core.receive_datagram(hello_dgram, BOB, 0.9)
+    [(welcome, _)] = core.datagrams_to_send(0.9)
+    bob.receive_datagram(welcome, 0.95)
+    [single] = wire.pack([data(1, 11, reliable=True), data(1, 12), data(2, 13)])    # the last claims to be Bob
+    core.receive_datagram(single, ALICE, 1.0)
+    out = core.datagrams_to_send(1.0)
+    assert [dest for _, dest in out] == [LOC, LOC]                 # items checked one by one: Bob's refused
+    assert core.location_stats(LOC)["not_member"] == 1 and core.stats["bundles"] == 1
+    [packed] = wire.pack([d for d, _ in out])
+    bob.receive_datagram(packed, 1.0)
+    got = []
+    while (event := bob.next_event()) is not None:
+        if isinstance(event, Received):
+            got.append(event.packet_id)
+    assert got == [11, 12] and bob.stats["bundles"] == 1
