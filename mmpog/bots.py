@@ -45,6 +45,7 @@ import numpy as np
 from aiohttp import web
 
 from boxcore.procs import free_port
+from tools.stats import summary
 from cliruntime import ConfigError, RunContext, make_parser, non_negative_float, positive_int, probability, run_async
 
 from .client import GameClient
@@ -82,7 +83,7 @@ class Params:
     workdir: str | None = None        # where an auto-started boxd keeps its files
     fanout: str = "auto"              # booster mode: auto | direct | engine (see mmpog-reflector --fanout)
     drain: float = 1.5
-    min_rto: float = 0.04             # the clients' RTO floor (ClientConfig.min_rto)
+    min_rto: float = ClientConfig().min_rto   # the clients' RTO sanity bound (the RTO itself follows the path)
     workers: int = 1                  # bot processes (the bots' receive path is the experiment's heaviest part)
 
     def validate(self) -> None:
@@ -183,12 +184,7 @@ async def _reflector_stats(http: aiohttp.ClientSession, url: str, api_key: str) 
 
 
 def _percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"p50": None, "p90": None, "p99": None, "max": None}
-    arr = np.asarray(values) * 1000
-    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
-    return {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3),
-            "max": round(float(arr.max()), 3)}
+    return summary(values, (50, 90, 99), scale=1000, digits=3, with_max=True)
 
 
 def analyse(bots: list[Bot], deadline: float) -> dict:
@@ -199,10 +195,11 @@ def analyse(bots: list[Bot], deadline: float) -> dict:
             final = number == len(bot.intervals) - 1      # still there when the run ended
             by_location.setdefault(location, []).append((start, end, bot.index, final))
     out = {}
+    t_first = min((sent_at for bot in bots for _, sent_at, _, _ in bot.sent), default=0.0)
     for reliable, name in ((True, "reliable"), (False, "unreliable")):
         sent = expected = got = in_time = 0
         expired = reported = sender_left = receiver_left = pending = unaccounted = 0
-        latencies = []
+        latencies, first_second = [], []
         for bot in bots:
             for number, sent_at, location, is_reliable in bot.sent:
                 if is_reliable != reliable:
@@ -216,6 +213,8 @@ def analyse(bots: list[Bot], deadline: float) -> dict:
                     if latency is not None:
                         got += 1
                         latencies.append(latency)
+                        if sent_at < t_first + 1.0:
+                            first_second.append(latency)
                         if latency <= deadline:
                             in_time += 1
                     elif reliable:
@@ -239,6 +238,7 @@ def analyse(bots: list[Bot], deadline: float) -> dict:
             "delivered_ratio": round(got / expected, 6) if expected else None,
             "delivered_within_deadline_ratio": round(in_time / expected, 6) if expected else None,
             "latency_ms": _percentiles(latencies),
+            "first_second_latency_ms": _percentiles(first_second),    # cold start, measured on its own
         }
         if reliable:
             out[name]["missed"] = {"expired_at_sender": expired, "reported_unrecoverable": reported,
@@ -550,6 +550,7 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         }
         result.update(analyse(bots, params.deadline))
         out_delta = after["io"]["datagrams_out"] - before["io"]["datagrams_out"]
+        updates_delta = after["io"].get("updates_out", 0) - before["io"].get("updates_out", 0)
         in_delta = after["io"]["datagrams_in"] - before["io"]["datagrams_in"]
         totals = final["totals"]
         reflector_retx = totals["retransmitted"]
@@ -559,6 +560,7 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
             "retransmissions": client_retx + reflector_retx,
             "retransmissions_detail": {"by_senders": client_retx, "by_reflector": reflector_retx},
             "reflector_pps": round(out_delta / elapsed, 1),
+            "reflector_updates_per_s": round(updates_delta / elapsed, 1),
             "reflector_in_pps": round(in_delta / elapsed, 1),
             "reflector": {"transport": final.get("transport", {}), "send_dropped": final["io"]["send_dropped"],
                           **{name: totals[name] for name in ("nacks", "nack_rate_limited", "nack_unavailable",
@@ -570,6 +572,9 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
             "moves": sum(bot.moves for bot in bots),
             "loadavg": [round(x, 2) for x in os.getloadavg()],
             "srtt_ms_median": _median([s["srtt_ms"] for s in client_stats if s.get("srtt_ms") is not None]),
+            "rto_ms_median": _median([s["rto_ms"] for s in client_stats if s.get("rto_ms") is not None]),
+            "client_counters": {name: sum(s.get(name, 0) for s in client_stats) for name in (
+                "timeouts", "nacks_sent", "nack_retries", "gaps_from_unreliable", "duplicates", "bundles")},
         })
         return result
     finally:
@@ -662,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the UDP port clients send to (0: any free one); booster mode with --control: "
                              "the redirected relay-destination port")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here (also printed)")
-    parser.add_argument("--min-rto", type=non_negative_float, default=0.04, help="the clients' RTO floor (s)")
+    parser.add_argument("--min-rto", type=non_negative_float, default=ClientConfig().min_rto,
+                        help="the clients' RTO sanity bound (s); the RTO is SRTT + max(2 ms, 4 RTTVAR) above it")
     parser.add_argument("--workers", type=positive_int, default=1, help="bot processes (spread the bots' CPU)")
     parser.add_argument("--netns-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)

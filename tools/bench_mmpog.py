@@ -69,6 +69,9 @@ def register(subparsers) -> None:
     parser.add_argument("--no-sendmmsg", action="store_true", help="fan-out with one sendto per member")
     parser.add_argument("--no-pack", action="store_true", help="reflector: one datagram per update and member")
     parser.add_argument("--fanout-duration", type=non_negative_float, default=5.0)
+    parser.add_argument("--compare", default=None, metavar="STACKS",
+                        help="run the bots workload (nobody moves) over mmpog and these stacks too, e.g. kcp,enet "
+                             "(needs root for the namespaces, and the 'compare' extra); prints a table, --plot draws it")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     parser.set_defaults(func=run)
@@ -288,8 +291,44 @@ def _plot(result: dict, path: Path) -> None:
     fig.savefig(path)
 
 
+def run_compare(args: argparse.Namespace) -> int:
+    from cliruntime import ConfigError
+    from tools.compare_mmpog import STACKS, Workload, compare, plot, table
+
+    others = [name.strip() for name in args.compare.split(",") if name.strip()]
+    unknown = [name for name in others if name not in STACKS]
+    if unknown:
+        raise ConfigError(f"--compare: unknown stack(s) {', '.join(unknown)} (known: kcp, enet)")
+    stacks = ["mmpog"] + [name for name in others if name != "mmpog"]
+    for name, module in (("kcp", "kcp"), ("enet", "enet")):
+        if name in stacks:
+            try:
+                __import__(module)
+            except ImportError:
+                raise ConfigError(f"--compare {name} needs the '{module}' package: pip install "
+                                  f"'booster-boxes[compare]'") from None
+    if os.geteuid() != 0:
+        raise ConfigError("--compare needs root (a network namespace with iptables loss per stack)")
+    workload = Workload(players=args.players, locations=args.locations, duration=args.duration, rate=args.rate,
+                        reliable_fraction=args.reliable_fraction, deadline=args.deadline, loss=args.loss,
+                        seed=args.seed, workers=args.workers, reflector_mode=args.reflector_mode)
+    result = compare(workload, stacks, say=lambda line: print(line, file=sys.stderr))
+    print(table(result, stacks), file=sys.stderr)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    if args.plot is not None:
+        plot(result, stacks, args.plot)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from mmpog.bots import Params, run_experiment
+
+    if args.compare:
+        return run_compare(args)
 
     async def main() -> dict:
         result: dict = {}
