@@ -325,7 +325,8 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmpog.bots import Params, run_experiment
+    from mmpog.bots import Params
+    from tools.mmpog_experiment import run_experiment
 
     if args.compare:
         return run_compare(args)
@@ -344,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
                 if loss_mode == "iptables":
                     # the whole session in a fresh namespace whose iptables drop --loss each way
                     out = Path(tmp) / "bots.json"
-                    argv = [sys.executable, "-m", "mmpog.bots", "--players", str(args.players),
+                    argv = [sys.executable, "-m", "tools.mmpog_experiment", "--players", str(args.players),
                             "--locations", str(args.locations), "--duration", str(args.duration),
                             "--loss", str(args.loss), "--loss-mode", "iptables", "--rate", str(args.rate),
                             "--reliable-fraction", str(args.reliable_fraction), "--deadline", str(args.deadline),

@@ -6,7 +6,7 @@ audience), ``rate`` updates/s of ``payload`` bytes each, ``reliable_fraction`` o
 ``deadline`` the delivery bound; ``loss`` of the datagrams dropped each way by iptables
 ``statistic`` on the relay's port, in a fresh network namespace per stack (``boxcore.lab``).
 
-* ``mmpog``: ``mmpog.bots.run_experiment`` (reflector, game server, bots) with no movement.
+* ``mmpog``: ``tools.mmpog_experiment.run_experiment`` (reflector, game server, bots) with no movement.
 * ``kcp``: a relay that keeps one KCP conversation per player (the ``kcp`` package, "turbo"
   settings: nodelay, 10 ms interval, fast resend after 2 ACK skips, no congestion window) and
   forwards each reliable update over the KCP conversation of every other member of the
@@ -466,7 +466,8 @@ def run_relay_stack(stack: str, w: Workload, port: int) -> dict:
 
 
 def run_mmpog_stack(w: Workload, port: int) -> dict:
-    from mmpog.bots import Params, run_experiment
+    from mmpog.bots import Params
+    from tools.mmpog_experiment import run_experiment
 
     params = Params(players=w.players, locations=w.locations, duration=w.duration, loss=0.0, loss_mode="none",
                     rate=w.rate, reliable_fraction=w.reliable_fraction, deadline=w.deadline, payload=w.payload,
