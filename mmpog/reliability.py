@@ -74,15 +74,21 @@ class RttEstimator:
         self.rto = self._clamp(initial_rto)
         self.samples = 0
         self.backoffs = 0
+        self.provisional = False    # the only samples so far came from the join: the next one starts afresh
 
     def _clamp(self, value: float) -> float:
         return min(self.max_rto, max(self.min_rto, value))
 
-    def update(self, rtt: float) -> None:
-        """(2.2)/(2.3): a new RTT measurement from a packet sent exactly once."""
+    def update(self, rtt: float, provisional: bool = False) -> None:
+        """(2.2)/(2.3): a new RTT measurement from a packet sent exactly once.
+
+        ``provisional``: the join's HELLO/WELCOME sample - taken while a whole wave of players
+        joins, it is used until the first game packet's sample, which then counts as the first
+        (2.2), instead of decaying through RTTVAR for a second of play.
+        """
         if rtt < 0:
             return
-        if self.srtt is None:
+        if self.srtt is None or (self.provisional and not provisional):
             self.srtt = rtt
             self.rttvar = rtt / 2
         else:
@@ -91,6 +97,7 @@ class RttEstimator:
             self.srtt = (1 - self.ALPHA) * self.srtt + self.ALPHA * rtt
         self.rto = self._clamp(self.srtt + max(self.granularity, self.K * self.rttvar))
         self.samples += 1
+        self.provisional = provisional
 
     def backoff(self) -> None:
         """(5.5): the retransmission timer expired: double the RTO (up to max_rto)."""
@@ -240,6 +247,8 @@ class ClientEndpoint:
         # that asked for it, that NACK's own timeout (RTO doubling per attempt of *this* seq)
         self._missing: dict[int, float] = {}
         self._nack_tries: dict[int, int] = {}
+        self._nack_sent: dict[int, float] = {}    # missing seq -> when a NACK last asked for it
+        self._last_repair = float("-inf")         # when a retransmission from the reflector last arrived
         self._missing_due: float | None = None   # min(_missing.values()), kept up to date
         self._events: deque[Event] = deque()
         self._out: list[bytes] = []
@@ -249,7 +258,7 @@ class ClientEndpoint:
             "retransmissions_received", "missing_detected", "seqs_accounted", "unrecoverable",
             "malformed", "wrong_location", "unexpected_kind", "before_join", "refused_pending",
             "dup_window_evicted", "missing_overflow", "events_dropped", "outgoing_dropped",
-            "heartbeats", "timeouts", "nack_retries", "gaps_from_unreliable", "bundles",
+            "heartbeats", "timeouts", "nack_retries", "nack_retries_unbacked", "gaps_from_unreliable", "bundles",
         ), 0)
 
     # ------------------------------------------------------------------ public API
@@ -274,6 +283,7 @@ class ClientEndpoint:
         self._hello_next = None
         self._missing.clear()
         self._nack_tries.clear()
+        self._nack_sent.clear()
         self._missing_due = None
 
     def send(self, payload: bytes, now: float, reliable: bool = False, deadline: float | None = None) -> int:
@@ -458,7 +468,7 @@ class ClientEndpoint:
         if self.joined or header.sender != self.player or sent_at is None:
             self.stats["unexpected_kind" if header.sender != self.player else "echo_duplicates"] += 1
             return
-        self.rtt.update(now - sent_at)
+        self.rtt.update(now - sent_at, provisional=True)
         self._hello_sent.clear()
         self.joined = True
         self._hello_next = None
@@ -475,6 +485,7 @@ class ClientEndpoint:
         if reliable:
             if flags & RETRANSMIT:
                 self.stats["retransmissions_received"] += 1
+                self._last_repair = now
             fresh_seq = self._on_seq(seq, now)
         else:
             fresh_seq = True
@@ -524,6 +535,7 @@ class ClientEndpoint:
             return True
         if self._missing.pop(seq, None) is not None:
             self._nack_tries.pop(seq, None)
+            self._nack_sent.pop(seq, None)
             self._recompute_missing_due()
             return True
         return False
@@ -553,6 +565,7 @@ class ClientEndpoint:
             for seq in list(missing)[:excess]:
                 del missing[seq]
                 self._nack_tries.pop(seq, None)
+                self._nack_sent.pop(seq, None)
                 self._report_unrecoverable(seq, 1)
         self._recompute_missing_due()
 
@@ -569,6 +582,7 @@ class ClientEndpoint:
         for seq in lost:
             del missing[seq]
             self._nack_tries.pop(seq, None)
+            self._nack_sent.pop(seq, None)
         for first, count in wire.seqs_to_ranges(lost, max_ranges=len(lost)):
             self._report_unrecoverable(first, count)
         self._recompute_missing_due()
@@ -591,13 +605,16 @@ class ClientEndpoint:
 
         Several NACKs may be in flight: a seq noticed while an earlier request is unanswered is asked
         for as soon as its reorder window passes, and a seq whose request (or answer) was lost is asked
-        again after *its* timeout, which doubles per attempt of that seq only (the correlated-loss
-        guard of section III-C without holding unrelated gaps back).
+        again after *its* timeout.  That timeout doubles per attempt of that seq only, and only when no
+        retransmission at all reached us since the seq was last asked for: silence is the correlated
+        loss the paper guards against; repairs still arriving say the path works and this one loss was
+        independent, so the seq is asked again after one RTO.
         """
         due = self._missing_due
         if due is None or due > now or self.closed:
             return
-        missing, tries = self._missing, self._nack_tries
+        missing, tries, sent_at = self._missing, self._nack_tries, self._nack_sent
+        repaired_since = self._last_repair
         wanted = sorted(seq for seq, at in missing.items() if at <= now)
         rto, max_rto = self.rtt.rto, self.config.max_rto
         while wanted:
@@ -611,7 +628,11 @@ class ClientEndpoint:
                 attempt = tries.get(seq, 0)
                 if attempt:
                     self.stats["nack_retries"] += 1
+                    if repaired_since > sent_at[seq]:
+                        attempt = 0          # the path works: no backoff for an independent loss
+                        self.stats["nack_retries_unbacked"] += 1
                 tries[seq] = attempt + 1
+                sent_at[seq] = now
                 missing[seq] = now + min(max_rto, rto * (2 ** min(attempt, 16)))
             wanted = wanted[len(asked):]
         self._recompute_missing_due()

@@ -127,7 +127,7 @@ def run(w: Workload) -> dict:
             totals[name] = totals.get(name, 0) + value
     out["clients"] = {name: totals.get(name, 0) for name in (
         "retransmitted", "timeouts", "nacks_sent", "nack_seqs", "duplicates", "expired", "unrecoverable",
-        "retransmissions_received", "heartbeats", "nack_retries", "gaps_from_unreliable")}
+        "retransmissions_received", "heartbeats", "nack_retries", "nack_retries_unbacked", "gaps_from_unreliable")}
     out["rto_at_send_ms"] = _latencies(rto_at_send)
     out["reflector_totals"] = {name: value for name, value in reflector.totals().items()
                                if name in ("retransmitted", "nacks", "heartbeats", "fanout_datagrams", "reliable",

@@ -448,3 +448,34 @@ def test_join_after_a_lost_hello_still_measures_the_rtt():
     assert ep.joined and ep.rtt.backoffs == 1
     assert ep.rtt.samples == 1 and ep.rtt.srtt == pytest.approx(0.010)
     assert ep.rtt.rto == pytest.approx(0.010 + 4 * 0.005)      # RFC 6298 (2.2), not the backed-off 400 ms
+
+
+def test_join_sample_is_provisional_the_first_game_sample_starts_afresh():
+    est = RttEstimator(initial_rto=0.2, min_rto=0.001, granularity=0.002)
+    est.update(0.030, provisional=True)                # the join, in a wave of 64 players joining
+    assert est.rto == pytest.approx(0.030 + 4 * 0.015)
+    est.update(0.002)                                   # the first game packet's echo: (2.2) again
+    assert (est.srtt, est.rttvar) == (pytest.approx(0.002), pytest.approx(0.001))
+    est.update(0.004)                                   # and from then on (2.3)
+    assert est.srtt == pytest.approx(7 / 8 * 0.002 + 1 / 8 * 0.004)
+
+
+def test_nack_retry_not_backed_off_while_repairs_arrive():
+    """A lost answer among answered ones is independent loss: that seq is asked again after one RTO, not two."""
+    net, [(a, addr_a), (b, addr_b)] = make_world()
+    net.drop_when(lambda d, addr, h: d == DOWN and addr == addr_b and h.seq in (1, 2) and not h.retransmit, times=2)
+    net.drop_when(lambda d, addr, h: d == DOWN and addr == addr_b and h.seq == 2 and h.retransmit, times=2)
+    asked = []
+    net.drop_when(lambda d, addr, h: d == UP and addr == addr_b and h.kind is wire.Kind.NACK
+                  and asked.append(net.now), times=100)                           # records, never drops
+    for n in range(3):
+        a.send(b"%d" % n, net.now, reliable=True)
+    net.run_for(0.5)
+    rto = b.rtt.rto
+    gaps = [t2 - t1 for t1, t2 in zip(asked, asked[1:])]
+    assert len(gaps) >= 2
+    # NACK 1 asks for 1 and 2; 1's answer arrives (a repair), 2's is lost.  NACK 2 (one RTO later) asks for 2
+    # again and, since a repair arrived after 2 was last asked for, waits one RTO (not two) before NACK 3.
+    assert gaps == [pytest.approx(rto, rel=0.1), pytest.approx(rto, rel=0.1)]
+    assert b.stats["nack_retries_unbacked"] == 1
+    assert sorted(e.seq for e in received(net, addr_b)) == [1, 2, 3]
