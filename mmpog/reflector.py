@@ -97,11 +97,12 @@ class ReflectorService:
             send_to, fanout, counters = self.send_to, self.fanout, self.counters
             if not self.pack:
                 for data, dest in out:
+                    is_update = data[1] == wire.Kind.DATA
                     if dest.__class__ is int:
-                        counters["updates_out"] += len(core.members(dest))
+                        counters["updates_out"] += is_update and len(core.members(dest))
                         fanout(dest, data)
                     else:
-                        counters["updates_out"] += 1
+                        counters["updates_out"] += is_update
                         send_to(data, dest)
             else:
                 groups: dict = {}          # location id, or (address, location): datagrams in order
@@ -113,15 +114,18 @@ class ReflectorService:
                     else:
                         items.append(data)
                 mtu = self.mtu
+                data_kind = wire.Kind.DATA
                 for key, items in groups.items():
                     packed = wire.pack(items, mtu)
                     counters["bundles_out"] += len(items) > 1 and len(packed)
                     if key.__class__ is int:
-                        counters["updates_out"] += len(items) * len(core.members(key))
+                        # updates relayed: game data only (heartbeats are the protocol's own), echo included
+                        updates = sum(1 for d in items if d[1] == data_kind)
+                        counters["updates_out"] += updates * len(core.members(key))
                         for data in packed:
                             fanout(key, data)
                     else:
-                        counters["updates_out"] += len(items)
+                        counters["updates_out"] += sum(1 for d in items if d[1] == data_kind)
                         for data in packed:
                             send_to(data, key[0])
         if self.on_members is not None:
