@@ -492,13 +492,9 @@ def run_mmpog_stack(w: Workload, port: int) -> dict:
 
 def run_in_namespace(stack: str, w: Workload, port: int = 7400) -> dict:
     """Run one stack's session in a fresh namespace whose iptables drop ``w.loss`` each way on ``port``."""
-    from boxcore.lab import Lab
+    from tools.mmpog_experiment import lossy_namespace
 
-    with Lab.up({"name": "mmpogcmp", "nodes": {"game": {"kind": "host"}}, "links": []}) as lab:
-        if w.loss > 0:
-            for direction in ("--dport", "--sport"):
-                lab.run("game", ["iptables", "-w", "-A", "INPUT", "-p", "udp", direction, str(port), "-m",
-                                 "statistic", "--mode", "random", "--probability", f"{w.loss:.6f}", "-j", "DROP"])
+    with lossy_namespace("mmpogcmp", w.loss, port) as lab:
         with tempfile.TemporaryDirectory(prefix="mmpog-compare-") as tmp:
             out = Path(tmp) / "out.json"
             proc = lab.popen("game", [sys.executable, "-m", "tools.compare_mmpog", "--child", stack, "--port", str(port),

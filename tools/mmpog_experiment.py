@@ -332,15 +332,29 @@ def _median(values: list[float]) -> float | None:
 
 # ====================================================================== kernel loss in a namespace
 
-def run_in_netns(argv_tail: list[str], loss: float, port: int) -> str:
-    """Re-run this experiment inside a fresh namespace (boxcore.lab) where iptables drops ``loss`` each way."""
+def lossy_namespace(name: str, loss: float, port: int):
+    """A one-node lab (boxcore.lab) whose iptables drop ``loss`` of the UDP datagrams to and from ``port``.
+
+    Port-specific on purpose: the game server's HTTP and the processes' control traffic stay intact.
+    Use as a context manager; run commands with ``lab.popen("game", argv)``.
+    """
     from boxcore.lab import Lab
 
-    with Lab.up({"name": "mmpogbots", "nodes": {"game": {"kind": "host"}}, "links": []}) as lab:
+    lab = Lab.up({"name": name, "nodes": {"game": {"kind": "host"}}, "links": []})
+    try:
         if loss > 0:
             for direction in ("--dport", "--sport"):
                 lab.run("game", ["iptables", "-w", "-A", "INPUT", "-p", "udp", direction, str(port), "-m", "statistic",
                                  "--mode", "random", "--probability", f"{loss:.6f}", "-j", "DROP"])
+    except BaseException:
+        lab.down()
+        raise
+    return lab
+
+
+def run_in_netns(argv_tail: list[str], loss: float, port: int) -> str:
+    """Re-run this experiment inside a fresh namespace where iptables drops ``loss`` each way."""
+    with lossy_namespace("mmpogbots", loss, port) as lab:
         proc = lab.popen("game", [*python_module("tools.mmpog_experiment"), *argv_tail])
         if proc.wait() != 0:
             raise RuntimeError(f"the session in namespace {lab.ns('game')} failed (status {proc.returncode})")
