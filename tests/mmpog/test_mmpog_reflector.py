@@ -378,3 +378,27 @@ def test_bundles_from_a_member_are_handled_item_by_item_and_fanned_out_packable(
         if isinstance(event, Received):
             got.append(event.packet_id)
     assert got == [11, 12] and bob.stats["bundles"] == 1
+
+
+async def test_service_packs_what_one_loop_pass_fans_out_and_counts_updates():
+    """Three updates read in one pass of the loop leave as one BUNDLE per location; updates_out counts 3 x members."""
+    import asyncio
+
+    from mmpog.reflector import ReflectorService
+    service = ReflectorService(bound_core())
+    sent = []
+    service.fanout = lambda location, data: sent.append((location, data))
+    service.send_to = lambda data, addr: sent.append((addr, data))
+    for pid in (1, 2, 3):
+        service.on_datagram(data(1, pid, reliable=pid == 2), ALICE)
+    assert sent == []                                        # answered once the pass is over
+    await asyncio.sleep(0)
+    [(location, bundle)] = sent
+    header, payload = wire.decode(bundle)
+    assert location == LOC and header.kind is Kind.BUNDLE and len(wire.unpack(header, payload)) == 3
+    assert service.counters["updates_out"] == 3 * 2 and service.counters["bundles_out"] == 1
+    unpacked = ReflectorService(bound_core(ReflectorConfig(pack=False)))
+    unpacked.fanout = lambda location, data: sent.append((location, data))
+    sent.clear()
+    unpacked.on_datagram(data(1, 9), ALICE)
+    assert len(sent) == 1 and wire.decode(sent[0][1])[0].kind is Kind.DATA   # --no-pack: at once, unpacked
