@@ -6,7 +6,7 @@
 * :mod:`mmpog.testing` - a seeded in-memory lossy network for tests.
 * :mod:`mmpog.reflector` - ``mmpog-reflector``, the multicast reflector booster.
 * :mod:`mmpog.server`, :mod:`mmpog.client`, :mod:`mmpog.bots` - the game's control plane, the
-  asyncio client adapter, measured bot sessions.
+  asyncio client adapter, the bots of ``mmpog-bots`` (the experiment around them: tools.mmpog_experiment).
 
 See docs/mmpog.md for the protocol, its delivery semantics and how to run each role.
 """

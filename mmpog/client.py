@@ -134,9 +134,13 @@ class GameClient:
         self.player, self.session = int(body["player"]), body["session"]
         return self.player
 
-    async def move(self, x: float, y: float) -> int:
-        """Tell the server where we are; on a location change, join the new location and leave the old."""
-        _, body = await self._post("/move", {"x": x, "y": y})
+    async def move(self, x: float, y: float, rejoin: bool = False) -> int:
+        """Tell the server where we are; on a location change, join the new location and leave the old.
+
+        ``rejoin``: ask for a fresh token and join again even if the location did not change (after our
+        address changed, or the reflector restarted: a token is bound to the address that first used it).
+        """
+        _, body = await self._post("/move", {"x": x, "y": y, "rejoin": rejoin} if rejoin else {"x": x, "y": y})
         location = int(body["location"])
         if location == self.location and self.endpoint is not None and not body.get("changed"):
             return location
@@ -211,7 +215,8 @@ class GameClient:
             return
         for endpoint, reflector in self._endpoints.values():
             if endpoint.has_datagrams:
-                for data in endpoint.datagrams_to_send(0.0):
+                # what the game queued in one go (several updates, NACKs) leaves packed up to the MTU
+                for data in wire.pack(endpoint.datagrams_to_send(0.0)):
                     transport.sendto(data, reflector)
 
     def _service(self) -> None:
@@ -258,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mmpog-client",
         "A game client: log in, move to a position, send updates, print what arrives as JSON lines.",
         examples=[
-            "mmpog-client --server http://127.0.0.1:7500 --name alice --password pw --register "
+            "mmpog-client --server http://127.0.0.1:7500 --name alice --password 'correct horse' --register "
             "--position 150,20 --send hello --count 10 --interval 0.1 --reliable --duration 3",
         ],
     )

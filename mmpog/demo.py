@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .bots import Params, run_experiment
+from .bots import Params
 
 
 async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
@@ -21,6 +21,8 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
     params = Params(players=8, locations=2, duration=4.0, loss=0.05, rate=20.0, reliable_fraction=0.3,
                     deadline=1.0, move_interval=1.5, seed=11, reflector_mode="booster",
                     workdir=str(workdir / "boxd"), drain=1.5)
+    from tools.mmpog_experiment import run_experiment   # the experiment around the bots lives under tools/
+
     result = await run_experiment(params, say=say)
     transport = result["reflector"]["transport"]
     say(f"reflector ran as a booster (engine {transport.get('engine')}, delivery {transport.get('delivery')}, "

@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
+import secrets
 import socket
 import time
 from typing import Any, Callable
@@ -36,7 +38,7 @@ from aiohttp import web
 
 from cliruntime import ConfigError, RunContext, host_port, make_parser, non_negative_float, positive_int, run_async
 
-from . import fastsend
+from . import fastsend, wire
 from .reliability import Address, BufferFull, MembersChanged, ReflectorConfig, ReflectorCore
 
 log = logging.getLogger("mmpog.reflector")
@@ -51,13 +53,21 @@ class ReflectorService:
     def __init__(self, core: ReflectorCore, api_key: str | None = None, use_sendmmsg: bool = True) -> None:
         self.core = core
         self.use_sendmmsg = use_sendmmsg
+        # packing (ReflectorConfig.pack/pack_budget/mtu): what one pass of the event loop fans out to a
+        # location goes out as few datagrams (BUNDLE, at most `mtu` bytes); a `pack_budget` > 0 holds
+        # datagrams up to that long for more company
+        self.pack = core.config.pack
+        self.pack_budget = core.config.pack_budget
+        self.mtu = core.config.mtu
+        self._flush_handle: asyncio.Handle | None = None
         self.api_key = api_key
         self.send_to: Callable[[bytes, Address], None] = lambda data, addr: None
         self.fanout: Callable[[int, bytes], None] = self.fanout_direct
         self.on_members: Callable[[MembersChanged], None] | None = None
         self.counters = {"datagrams_in": 0, "datagrams_out": 0, "send_dropped": 0, "send_errors": 0,
-                         "control_requests": 0, "control_refused": 0}
+                         "control_requests": 0, "control_refused": 0, "updates_out": 0, "bundles_out": 0}
         self.started = time.monotonic()
+        self.instance = secrets.token_hex(8)     # /health says it: the game server notices a restart
         self.transport: dict[str, str] = {"mode": "memory"}
         self.fanout_kind = "direct"
 
@@ -67,18 +77,57 @@ class ReflectorService:
         core = self.core
         self.counters["datagrams_in"] += 1
         core.receive_datagram(data, addr, time.monotonic())
-        self.flush()
+        if not self.pack:
+            self.flush()
+        elif self._flush_handle is None:
+            # answer once this pass of the loop has read what is there: one pack per location
+            loop = asyncio.get_running_loop()
+            if self.pack_budget > 0:
+                self._flush_handle = loop.call_later(self.pack_budget, self.flush)
+            else:
+                self._flush_handle = loop.call_soon(self.flush)
 
     def flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         core = self.core
         out = core.datagrams_to_send(0.0)
         if out:
-            send_to, fanout = self.send_to, self.fanout
-            for data, dest in out:
-                if dest.__class__ is int:
-                    fanout(dest, data)
-                else:
-                    send_to(data, dest)
+            send_to, fanout, counters = self.send_to, self.fanout, self.counters
+            if not self.pack:
+                for data, dest in out:
+                    is_update = data[1] == wire.Kind.DATA
+                    if dest.__class__ is int:
+                        counters["updates_out"] += is_update and len(core.members(dest))
+                        fanout(dest, data)
+                    else:
+                        counters["updates_out"] += is_update
+                        send_to(data, dest)
+            else:
+                groups: dict = {}          # location id, or (address, location): datagrams in order
+                for data, dest in out:
+                    key = dest if dest.__class__ is int else (dest, data[wire.LOCATION_OFFSET:wire.LOCATION_OFFSET + 4])
+                    items = groups.get(key)
+                    if items is None:
+                        groups[key] = [data]
+                    else:
+                        items.append(data)
+                mtu = self.mtu
+                data_kind = wire.Kind.DATA
+                for key, items in groups.items():
+                    packed = wire.pack(items, mtu)
+                    counters["bundles_out"] += len(items) > 1 and len(packed)
+                    if key.__class__ is int:
+                        # updates relayed: game data only (heartbeats are the protocol's own), echo included
+                        updates = sum(1 for d in items if d[1] == data_kind)
+                        counters["updates_out"] += updates * len(core.members(key))
+                        for data in packed:
+                            fanout(key, data)
+                    else:
+                        counters["updates_out"] += sum(1 for d in items if d[1] == data_kind)
+                        for data in packed:
+                            send_to(data, key[0])
         if self.on_members is not None:
             while (event := core.next_event()) is not None:
                 self.on_members(event)
@@ -166,10 +215,14 @@ class ReflectorService:
     @web.middleware
     async def _auth(self, request: web.Request, handler):
         self.counters["control_requests"] += 1
-        if self.api_key and request.path != "/health" and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+        if self.api_key and request.path != "/health" and not self._key_matches(request):
             self.counters["control_refused"] += 1
             return web.json_response({"error": "missing or wrong API key"}, status=401)
         return await handler(request)
+
+    def _key_matches(self, request: web.Request) -> bool:
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        return hmac.compare_digest(given, f"Bearer {self.api_key}".encode())   # constant time
 
     @staticmethod
     def _ids(request: web.Request) -> tuple[int, int]:
@@ -208,7 +261,7 @@ class ReflectorService:
         return web.json_response(self.snapshot())
 
     async def _get_health(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "locations": len(self.core.locations())})
+        return web.json_response({"ok": True, "instance": self.instance, "locations": len(self.core.locations())})
 
 
 # ====================================================================== I/O modes
@@ -264,9 +317,15 @@ async def run_standalone(service: ReflectorService, listen: Address, stop: async
 
 
 def _start_ticker(loop: asyncio.AbstractEventLoop, service: ReflectorService, tick: float) -> asyncio.Task:
+    """Run the core's timers when they are due (tail-loss probes come ~1 RTO after the last packet,
+    a few ms on a LAN), and at least every ``tick`` (a location bound since the last wake-up)."""
+    core = service.core
+
     async def ticker() -> None:
         while True:
-            await asyncio.sleep(tick)
+            due = core.get_timer()
+            delay = tick if due is None else min(tick, max(0.0, due - time.monotonic()))
+            await asyncio.sleep(delay)
             service.tick()
     return loop.create_task(ticker())
 
@@ -366,20 +425,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-sendmmsg", action="store_true",
                         help="direct fan-out with one sendto per member instead of one sendmmsg per location")
     parser.add_argument("--group-base", type=int, default=70000, help="engine multicast group = base + location")
+    parser.add_argument("--no-pack", action="store_true",
+                        help="one datagram per update and member (default: what one loop pass sends to a location "
+                             "goes out packed in as few datagrams as the MTU allows)")
+    parser.add_argument("--pack-budget", type=non_negative_float, default=0.0,
+                        help="hold outgoing updates up to this long (s) to pack more per datagram (0: one loop pass)")
+    parser.add_argument("--mtu", type=positive_int, default=wire.MAX_DATAGRAM,
+                        help="largest packed datagram (UDP payload bytes) the path carries")
     parser.add_argument("--listen", type=host_port, default=("127.0.0.1", 7400), help="UDP address (standalone mode)")
     parser.add_argument("--http", type=host_port, default=("127.0.0.1", 7401), help="control API address")
-    parser.add_argument("--api-key", default=os.environ.get("MMPOG_API_KEY"), help="require this bearer key on the control API")
+    parser.add_argument("--api-key", default=os.environ.get("MMPOG_API_KEY"),
+                        help="the bearer key the control API requires (or $MMPOG_API_KEY); needed unless --no-api-key")
+    parser.add_argument("--no-api-key", action="store_true",
+                        help="leave the control API open (anyone who reaches --http can add members): tests only")
     parser.add_argument("--buffer-packets", type=positive_int, default=1024, help="retransmission buffer per location (packets)")
     parser.add_argument("--buffer-age", type=non_negative_float, default=2.0, help="retransmission buffer age limit (s)")
-    parser.add_argument("--heartbeat-min", type=non_negative_float, default=0.01)
+    parser.add_argument("--heartbeat-min", type=non_negative_float, default=0.002)
     parser.add_argument("--heartbeat-max", type=non_negative_float, default=1.0)
-    parser.add_argument("--heartbeat-factor", type=non_negative_float, default=0.5,
+    parser.add_argument("--heartbeat-factor", type=non_negative_float, default=1.0,
                         help="heartbeat interval = factor x the members' smallest RTO (then doubling while idle)")
     parser.add_argument("--nack-rate", type=non_negative_float, default=200.0, help="retransmissions/s per member")
     parser.add_argument("--nack-burst", type=int, default=64)
+    parser.add_argument("--nack-burst-bytes", type=int, default=16 * 1024,
+                        help="bytes of retransmissions one member may get in a burst")
+    parser.add_argument("--nack-bytes-rate", type=non_negative_float, default=256 * 1024,
+                        help="retransmitted bytes/s per member")
     parser.add_argument("--max-locations", type=positive_int, default=4096)
     parser.add_argument("--max-members", type=positive_int, default=256, help="members per location")
-    parser.add_argument("--tick", type=non_negative_float, default=0.005, help="timer resolution (s)")
+    parser.add_argument("--tick", type=non_negative_float, default=0.005,
+                        help="longest sleep between timer checks (s); due timers wake the loop on time")
     return parser
 
 
@@ -387,6 +461,8 @@ def config_from_args(args: argparse.Namespace) -> ReflectorConfig:
     config = ReflectorConfig(
         buffer_packets=args.buffer_packets, buffer_age=args.buffer_age, heartbeat_min=args.heartbeat_min,
         heartbeat_max=args.heartbeat_max, heartbeat_factor=args.heartbeat_factor, nack_rate=args.nack_rate, nack_burst=args.nack_burst,
+        nack_burst_bytes=args.nack_burst_bytes, nack_bytes_rate=args.nack_bytes_rate,
+        pack=not args.no_pack, pack_budget=args.pack_budget, mtu=args.mtu,
         max_locations=args.max_locations, max_members=args.max_members,
     )
     try:
@@ -395,6 +471,10 @@ def config_from_args(args: argparse.Namespace) -> ReflectorConfig:
         raise ConfigError(str(exc)) from None
     if args.tick <= 0:
         raise ConfigError("--tick must be positive")
+    if not args.api_key and not args.no_api_key:
+        raise ConfigError("the control API needs a key: --api-key KEY or $MMPOG_API_KEY (--no-api-key leaves it open)")
+    if args.no_api_key:
+        args.api_key = None
     return config
 
 

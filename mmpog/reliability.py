@@ -49,18 +49,21 @@ Address = tuple[str, int]
 class RttEstimator:
     """RFC 6298 retransmission timeout, with game-suited bounds.
 
-    ``initial_rto`` is used until the first sample (RFC: 1 s; games want less),
-    ``min_rto`` replaces the RFC's 1 s floor (a LAN-to-reflector RTT is a few
-    ms, a 1 s floor would make every loss cost a second), ``max_rto`` caps the
-    backoff.  Callers apply Karn's rule by never sampling a retransmitted packet.
+    ``initial_rto`` is used until the first sample (RFC: 1 s; games want less).
+    The floor is what the path shows: SRTT + max(G, 4 RTTVAR), G the timer
+    granularity of the endpoint and reflector loops (2 ms); ``min_rto`` is only a
+    sanity bound (1 ms), not the RFC's 1 s nor a fixed 40 ms - on a loopback or
+    LAN path (SRTT 0.3-0.8 ms) a fixed 40 ms floor *was* the p99 (docs/mmpog.md).
+    ``max_rto`` caps the backoff.  Callers apply Karn's rule by never sampling a
+    retransmitted packet; backoff is per packet (``_Pending.rto``), not the estimator's.
     """
 
     K = 4
     ALPHA = 1 / 8
     BETA = 1 / 4
 
-    def __init__(self, initial_rto: float = 0.2, min_rto: float = 0.04, max_rto: float = 1.0,
-                 granularity: float = 0.001) -> None:
+    def __init__(self, initial_rto: float = 0.2, min_rto: float = 0.001, max_rto: float = 1.0,
+                 granularity: float = 0.002) -> None:
         if not 0 < min_rto <= max_rto:
             raise ValueError(f"need 0 < min_rto <= max_rto, got {min_rto}, {max_rto}")
         self.min_rto = min_rto
@@ -71,15 +74,21 @@ class RttEstimator:
         self.rto = self._clamp(initial_rto)
         self.samples = 0
         self.backoffs = 0
+        self.provisional = False    # the only samples so far came from the join: the next one starts afresh
 
     def _clamp(self, value: float) -> float:
         return min(self.max_rto, max(self.min_rto, value))
 
-    def update(self, rtt: float) -> None:
-        """(2.2)/(2.3): a new RTT measurement from a packet sent exactly once."""
+    def update(self, rtt: float, provisional: bool = False) -> None:
+        """(2.2)/(2.3): a new RTT measurement from a packet sent exactly once.
+
+        ``provisional``: the join's HELLO/WELCOME sample - taken while a whole wave of players
+        joins, it is used until the first game packet's sample, which then counts as the first
+        (2.2), instead of decaying through RTTVAR for a second of play.
+        """
         if rtt < 0:
             return
-        if self.srtt is None:
+        if self.srtt is None or (self.provisional and not provisional):
             self.srtt = rtt
             self.rttvar = rtt / 2
         else:
@@ -88,6 +97,7 @@ class RttEstimator:
             self.srtt = (1 - self.ALPHA) * self.srtt + self.ALPHA * rtt
         self.rto = self._clamp(self.srtt + max(self.granularity, self.K * self.rttvar))
         self.samples += 1
+        self.provisional = provisional
 
     def backoff(self) -> None:
         """(5.5): the retransmission timer expired: double the RTO (up to max_rto)."""
@@ -108,7 +118,7 @@ class JoinFailed:
     location: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)     # not frozen: built for every update received (a frozen one costs 3.2 us, this 0.5)
 class Received:
     sender: int
     packet_id: int
@@ -155,11 +165,11 @@ class BufferFull(RuntimeError):
 @dataclass(slots=True)
 class ClientConfig:
     initial_rto: float = 0.2
-    min_rto: float = 0.04
+    min_rto: float = 0.001          # sanity bound only: the RTO is SRTT + max(granularity, 4 RTTVAR)
     max_rto: float = 1.0
-    granularity: float = 0.001
+    granularity: float = 0.002      # timer granularity of the I/O loops (RFC 6298's G)
     default_deadline: float = 1.0   # how long a reliable packet is retried unless send() says otherwise
-    reorder_window: float = 0.003   # a gap must persist this long before it is NACKed
+    reorder_window: float = 0.003   # a gap must persist min(this, SRTT/4) (RACK) before it is NACKed
     max_pending: int = 1024         # reliable packets awaiting their echo
     dup_window: int = 8192          # (sender, packet id) pairs remembered for duplicate detection
     max_missing: int = 4096         # missing seqs tracked; older ones are given up as unrecoverable
@@ -185,6 +195,7 @@ class _Pending:
     first_sent: float
     deadline: float
     next_retx: float
+    rto: float               # this packet's own timeout: doubles on each of *its* retransmissions
     retries: int = 0
 
 
@@ -221,8 +232,7 @@ class ClientEndpoint:
             self.rtt.srtt, self.rtt.rttvar, self.rtt.rto = rtt.srtt, rtt.rttvar, self.rtt._clamp(rtt.rto)
         self.joined = False
         self.closed = False
-        self._hello_id = 0
-        self._hello_first = 0.0
+        self._hello_sent: dict[int, float] = {}   # packet id of each HELLO attempt -> when it went out
         self._hello_next: float | None = None
         self._hello_deadline = 0.0
         self._hello_retries = 0
@@ -233,11 +243,13 @@ class ClientEndpoint:
         # Every seq <= _highest is received, missing (in _missing: seq -> when noticed) or given up.
         self._highest = 0
         self._lowest = 0
+        # missing seq -> when it may be asked for (again): noticed + reorder window, then after each NACK
+        # that asked for it, that NACK's own timeout (RTO doubling per attempt of *this* seq)
         self._missing: dict[int, float] = {}
-        self._nack_outstanding: set[int] = set()
-        self._nack_deadline: float | None = None
-        self._nack_timeout: float | None = None
-        self._nack_progress = False     # some asked-for seq arrived since the request went out
+        self._nack_tries: dict[int, int] = {}
+        self._nack_sent: dict[int, float] = {}    # missing seq -> when a NACK last asked for it
+        self._last_repair = float("-inf")         # when a retransmission from the reflector last arrived
+        self._missing_due: float | None = None   # min(_missing.values()), kept up to date
         self._events: deque[Event] = deque()
         self._out: list[bytes] = []
         self.stats: dict[str, int] = dict.fromkeys((
@@ -246,15 +258,14 @@ class ClientEndpoint:
             "retransmissions_received", "missing_detected", "seqs_accounted", "unrecoverable",
             "malformed", "wrong_location", "unexpected_kind", "before_join", "refused_pending",
             "dup_window_evicted", "missing_overflow", "events_dropped", "outgoing_dropped",
-            "heartbeats", "timeouts", "nack_partial", "nack_backoffs",
+            "heartbeats", "timeouts", "nack_retries", "nack_retries_unbacked", "gaps_from_unreliable", "bundles",
         ), 0)
 
     # ------------------------------------------------------------------ public API
 
     def connect(self, now: float) -> None:
         """Queue the HELLO (with the game server's token) that binds this endpoint's address."""
-        self._hello_id = self._new_id()
-        self._hello_first = now
+        self._hello_sent.clear()
         self._hello_deadline = now + self.config.join_timeout
         self._hello_retries = 0
         self._send_hello(now)
@@ -270,9 +281,10 @@ class ClientEndpoint:
             self._event(Expired(packet_id))
         self._pending.clear()
         self._hello_next = None
-        self._nack_outstanding.clear()
-        self._nack_deadline = None
         self._missing.clear()
+        self._nack_tries.clear()
+        self._nack_sent.clear()
+        self._missing_due = None
 
     def send(self, payload: bytes, now: float, reliable: bool = False, deadline: float | None = None) -> int:
         """Queue one game packet; returns its packet id.
@@ -294,7 +306,8 @@ class ClientEndpoint:
         if reliable:
             self.stats["sent_reliable"] += 1
             bound = self.config.default_deadline if deadline is None else deadline
-            self._pending[packet_id] = _Pending(data, now, now + bound, now + self.rtt.rto)
+            rto = self.rtt.rto
+            self._pending[packet_id] = _Pending(data, now, now + bound, now + rto, rto)
         else:
             self.stats["sent_unreliable"] += 1
             recent = self._recent_unreliable
@@ -314,6 +327,16 @@ class ClientEndpoint:
             self.stats["wrong_location"] += 1
             return
         if self.closed:
+            return
+        if header.kind is Kind.BUNDLE:
+            try:
+                items = wire.unpack(header, payload)
+            except WireDecodeError:
+                self.stats["malformed"] += 1
+                return
+            self.stats["bundles"] += 1
+            for item in items:
+                self.receive_datagram(item, now)
             return
         kind = header.kind
         if kind is Kind.DATA:
@@ -351,11 +374,8 @@ class ClientEndpoint:
             times.append(min(self._hello_next, self._hello_deadline))
         for pending in self._pending.values():
             times.append(min(pending.next_retx, pending.deadline))
-        if self._nack_outstanding and self._nack_deadline is not None:
-            times.append(self._nack_deadline)
-        elif self._missing:
-            # dicts keep insertion order and seqs are added in increasing order: the first is the oldest
-            times.append(next(iter(self._missing.values())) + self.config.reorder_window)
+        if self._missing_due is not None:
+            times.append(self._missing_due)
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
@@ -367,35 +387,20 @@ class ClientEndpoint:
                 self._hello_retries += 1
                 self.rtt.backoff()
                 self._send_hello(now)
-        timed_out = False
         for packet_id, pending in list(self._pending.items()):
             if now >= pending.deadline:
                 del self._pending[packet_id]
                 self.stats["expired"] += 1
                 self._event(Expired(packet_id))
             elif now >= pending.next_retx:
-                timed_out = True
+                # this packet's timer, backed off for this packet only (5.5 applied per packet): one
+                # lost packet must not make every later reliable update wait twice the RTO
+                self.stats["timeouts"] += 1
                 pending.retries += 1
+                pending.rto = min(pending.rto * 2, self.config.max_rto)
+                pending.next_retx = now + pending.rto
                 self.stats["retransmitted"] += 1
                 self._queue(wire.restamp(pending.data, 0, 0, pending.data[wire.FLAGS_OFFSET] | RETRANSMIT))
-        if timed_out:
-            self.stats["timeouts"] += 1
-            self.rtt.backoff()
-            for pending in self._pending.values():
-                if pending.next_retx <= now:
-                    pending.next_retx = now + self.rtt.rto
-        if self._nack_outstanding and self._nack_deadline is not None and now >= self._nack_deadline:
-            # the request was not fully answered in time: a new one may go out.  Back off (double
-            # the timeout) only if nothing at all came back - that is the correlated-loss case the
-            # paper guards against; a partial answer means the path works, so start again at the RTO.
-            self._nack_deadline = None
-            self._nack_outstanding.clear()
-            if self._nack_progress:
-                self._nack_timeout = None
-                self.stats["nack_partial"] += 1
-            else:
-                self._nack_timeout = min((self._nack_timeout or self.rtt.rto) * 2, self.config.max_rto)
-                self.stats["nack_backoffs"] += 1
         self._maybe_nack(now)
 
     def next_event(self) -> Event | None:
@@ -433,7 +438,8 @@ class ClientEndpoint:
         return packet_id
 
     def _rto_ms(self) -> int:
-        return min(wire.MAX_RTO_MS, int(self.rtt.rto * 1000))
+        # at least 1: 0 means "not reported" on the wire, and a sub-millisecond RTO is real on a LAN
+        return max(1, min(wire.MAX_RTO_MS, round(self.rtt.rto * 1000)))
 
     def _queue(self, data: bytes) -> None:
         if len(self._out) >= self.config.max_outgoing:
@@ -448,16 +454,22 @@ class ClientEndpoint:
         self._events.append(event)
 
     def _send_hello(self, now: float) -> None:
+        # every attempt has its own packet id, which the WELCOME echoes: the answer says which attempt it
+        # answers, so even a join that needed retries yields an RTT sample (no Karn ambiguity) and the
+        # session does not start with a backed-off RTO (cold start as good as steady state)
+        packet_id = self._new_id()
+        self._hello_sent[packet_id] = now
         self._queue(wire.encode(Header(Kind.HELLO, rto_ms=self._rto_ms(), location=self.location,
-                                       sender=self.player, packet_id=self._hello_id), self.token))
+                                       sender=self.player, packet_id=packet_id), self.token))
         self._hello_next = now + self.rtt.rto
 
     def _on_welcome(self, header: Header, now: float) -> None:
-        if self.joined or header.sender != self.player or header.packet_id != self._hello_id:
+        sent_at = self._hello_sent.get(header.packet_id)
+        if self.joined or header.sender != self.player or sent_at is None:
             self.stats["unexpected_kind" if header.sender != self.player else "echo_duplicates"] += 1
             return
-        if self._hello_retries == 0:
-            self.rtt.update(now - self._hello_first)
+        self.rtt.update(now - sent_at, provisional=True)
+        self._hello_sent.clear()
         self.joined = True
         self._hello_next = None
         self._highest = header.seq
@@ -470,12 +482,17 @@ class ClientEndpoint:
         if reliable and seq == 0:
             self.stats["malformed"] += 1      # the reflector sequences every reliable packet it forwards
             return
-        if seq:
+        if reliable:
             if flags & RETRANSMIT:
                 self.stats["retransmissions_received"] += 1
+                self._last_repair = now
             fresh_seq = self._on_seq(seq, now)
         else:
             fresh_seq = True
+            if seq > self._highest:
+                # an unreliable packet carries the location's last seq: it reveals a lost reliable one too
+                self.stats["gaps_from_unreliable"] += 1
+                self._account_up_to(seq, now)
         self._on_lowest(header.lowest)
         if header.sender == self.player:
             self._on_echo(header.packet_id, seq, now)
@@ -517,13 +534,9 @@ class ClientEndpoint:
             self.stats["seqs_accounted"] += 1
             return True
         if self._missing.pop(seq, None) is not None:
-            if seq in self._nack_outstanding:
-                self._nack_outstanding.discard(seq)
-                self._nack_progress = True
-            if not self._nack_outstanding and self._nack_deadline is not None:
-                # everything asked for has arrived: a new request may go out at once
-                self._nack_deadline = None
-                self._nack_timeout = None
+            self._nack_tries.pop(seq, None)
+            self._nack_sent.pop(seq, None)
+            self._recompute_missing_due()
             return True
         return False
 
@@ -542,16 +555,19 @@ class ClientEndpoint:
             self.stats["missing_overflow"] += gap - limit
             first = last - limit + 1
         missing = self._missing
+        ripe = now + self._reorder_window()
         for seq in range(first, last + 1):
-            missing[seq] = now
+            missing[seq] = ripe
         self._highest = last
         excess = len(missing) - limit
         if excess > 0:
             self.stats["missing_overflow"] += excess
             for seq in list(missing)[:excess]:
                 del missing[seq]
-                self._nack_outstanding.discard(seq)
+                self._nack_tries.pop(seq, None)
+                self._nack_sent.pop(seq, None)
                 self._report_unrecoverable(seq, 1)
+        self._recompute_missing_due()
 
     def _on_lowest(self, lowest: int) -> None:
         """Missing seqs below the reflector's lowest retransmittable seq can never be recovered."""
@@ -560,39 +576,66 @@ class ClientEndpoint:
         missing = self._missing
         if not missing or next(iter(missing)) >= self._lowest:
             return
-        lost = [seq for seq in missing if seq < self._lowest]
+        lost = sorted(seq for seq in missing if seq < self._lowest)
+        if not lost:
+            return
         for seq in lost:
             del missing[seq]
-            self._nack_outstanding.discard(seq)
+            self._nack_tries.pop(seq, None)
+            self._nack_sent.pop(seq, None)
         for first, count in wire.seqs_to_ranges(lost, max_ranges=len(lost)):
             self._report_unrecoverable(first, count)
-        if not self._nack_outstanding:
-            self._nack_deadline = None
+        self._recompute_missing_due()
 
     def _report_unrecoverable(self, first: int, count: int) -> None:
         self.stats["unrecoverable"] += count
         self._event(Unrecoverable(first, count, self.location))
 
-    def _maybe_nack(self, now: float) -> None:
-        """Ask for every missing seq at once, then not again until all arrive or the timeout passes."""
-        if not self._missing or self._nack_outstanding or self.closed:
-            return
+    def _reorder_window(self) -> float:
+        """How long a gap must persist before it is loss (RACK: a quarter of the SRTT, at most the config's)."""
+        srtt = self.rtt.srtt
         window = self.config.reorder_window
-        # the same expression as get_timer(), so a timer firing at that instant always finds them ripe
-        wanted = [seq for seq, noticed in self._missing.items() if noticed + window <= now]
-        if not wanted:
+        return window if srtt is None else min(window, srtt / 4)
+
+    def _recompute_missing_due(self) -> None:
+        self._missing_due = min(self._missing.values()) if self._missing else None
+
+    def _maybe_nack(self, now: float) -> None:
+        """Ask for every missing seq whose own timer is due; each asked seq gets its own timeout.
+
+        Several NACKs may be in flight: a seq noticed while an earlier request is unanswered is asked
+        for as soon as its reorder window passes, and a seq whose request (or answer) was lost is asked
+        again after *its* timeout.  That timeout doubles per attempt of that seq only, and only when no
+        retransmission at all reached us since the seq was last asked for: silence is the correlated
+        loss the paper guards against; repairs still arriving say the path works and this one loss was
+        independent, so the seq is asked again after one RTO.
+        """
+        due = self._missing_due
+        if due is None or due > now or self.closed:
             return
-        ranges = wire.seqs_to_ranges(wanted)
-        asked = [seq for first, count in ranges for seq in range(first, first + count)]
-        self._queue(wire.encode(Header(Kind.NACK, rto_ms=self._rto_ms(), location=self.location,
-                                       sender=self.player), wire.encode_nack_ranges(ranges)))
-        self.stats["nacks_sent"] += 1
-        self.stats["nack_seqs"] += len(asked)
-        self._nack_outstanding = set(asked)
-        if self._nack_timeout is None:
-            self._nack_timeout = self.rtt.rto
-        self._nack_deadline = now + self._nack_timeout
-        self._nack_progress = False
+        missing, tries, sent_at = self._missing, self._nack_tries, self._nack_sent
+        repaired_since = self._last_repair
+        wanted = sorted(seq for seq, at in missing.items() if at <= now)
+        rto, max_rto = self.rtt.rto, self.config.max_rto
+        while wanted:
+            ranges = wire.seqs_to_ranges(wanted)
+            asked = [seq for first, count in ranges for seq in range(first, first + count)]
+            self._queue(wire.encode(Header(Kind.NACK, rto_ms=self._rto_ms(), location=self.location,
+                                           sender=self.player), wire.encode_nack_ranges(ranges)))
+            self.stats["nacks_sent"] += 1
+            self.stats["nack_seqs"] += len(asked)
+            for seq in asked:
+                attempt = tries.get(seq, 0)
+                if attempt:
+                    self.stats["nack_retries"] += 1
+                    if repaired_since > sent_at[seq]:
+                        attempt = 0          # the path works: no backoff for an independent loss
+                        self.stats["nack_retries_unbacked"] += 1
+                tries[seq] = attempt + 1
+                sent_at[seq] = now
+                missing[seq] = now + min(max_rto, rto * (2 ** min(attempt, 16)))
+            wanted = wanted[len(asked):]
+        self._recompute_missing_due()
 
 
 # ====================================================================== reflector
@@ -601,15 +644,21 @@ class ClientEndpoint:
 class ReflectorConfig:
     buffer_packets: int = 1024      # reliable packets kept per location for retransmission
     buffer_age: float = 2.0         # ... and for at most this long (game packets go stale)
-    heartbeat_min: float = 0.01     # heartbeat interval = factor x members' smallest RTO, clamped to
+    heartbeat_min: float = 0.002    # heartbeat interval = factor x members' smallest RTO, clamped to
     heartbeat_max: float = 1.0      #   [min, max], doubling while the location stays idle
-    heartbeat_factor: float = 0.5   # a receiver that lost the last reliable packet hears of it this soon
+    heartbeat_factor: float = 1.0   # a tail-loss probe: a receiver that lost the last packet hears of it this soon
     default_rto: float = 0.2        # assumed for members that have not reported one yet
-    nack_rate: float = 200.0        # retransmissions per second per member (token bucket)
+    nack_rate: float = 200.0        # retransmissions per second per member (token bucket) ...
     nack_burst: int = 64
+    nack_bytes_rate: float = 256 * 1024   # ... and bytes per second per member
+    nack_burst_bytes: int = 16 * 1024     # the most one NACK (or a burst of them) can make the reflector send
     max_locations: int = 4096
     max_members: int = 256          # per location
     max_outgoing: int = 65536       # queued datagrams between pulls
+    # packing, done by the I/O adapter (mmpog.reflector.ReflectorService), configured with the rest
+    pack: bool = True               # what one loop pass sends to a location leaves as BUNDLEs
+    pack_budget: float = 0.0        # > 0: hold outgoing datagrams up to this long to pack more
+    mtu: int = wire.MAX_DATAGRAM    # largest packed datagram
 
     def validate(self) -> None:
         if self.buffer_packets <= 0 or self.buffer_age <= 0:
@@ -618,10 +667,12 @@ class ReflectorConfig:
             raise ValueError("need 0 < heartbeat_min <= heartbeat_max")
         if self.heartbeat_factor <= 0:
             raise ValueError("heartbeat_factor must be positive")
-        if self.nack_rate < 0 or self.nack_burst < 0:
-            raise ValueError("nack_rate and nack_burst must be non-negative")
+        if self.nack_rate < 0 or self.nack_burst < 0 or self.nack_bytes_rate < 0 or self.nack_burst_bytes < 0:
+            raise ValueError("nack_rate, nack_burst, nack_bytes_rate and nack_burst_bytes must be non-negative")
         if self.max_locations <= 0 or self.max_members <= 0 or self.max_outgoing <= 0:
             raise ValueError("max_locations, max_members and max_outgoing must be positive")
+        if self.pack_budget < 0 or not 2 * wire.HEADER_SIZE + 2 <= self.mtu <= 65507:
+            raise ValueError(f"pack_budget must be >= 0 and mtu {2 * wire.HEADER_SIZE + 2}..65507")
 
 
 @dataclass(frozen=True, slots=True)
@@ -638,6 +689,7 @@ class _Member:
     addr: Address | None = None
     rto: float | None = None
     tokens: float = 0.0
+    byte_tokens: float = 0.0
     refilled: float = 0.0
 
 
@@ -645,6 +697,7 @@ LOCATION_COUNTERS = (
     "received", "reliable", "unreliable", "fanout_datagrams", "retransmitted", "nacks",
     "nack_rate_limited", "nack_unavailable", "heartbeats", "hello_accepted", "hello_rejected",
     "not_member", "buffer_evicted_count", "buffer_evicted_age", "byes", "malformed_client_fields",
+    "resends_recognised", "hello_rebind_refused", "nack_byte_limited",
 )
 
 
@@ -656,14 +709,19 @@ class _Location:
     addresses: tuple[Address, ...] = ()
     last_seq: int = 0
     buffer: deque = field(default_factory=deque)     # (seq, forwarded bytes, stored_at), seqs contiguous
+    seq_of: dict = field(default_factory=dict)       # (sender, packet id) -> seq, for every buffered packet
     announced_at: float = 0.0     # last time the current last_seq went out (reliable data or heartbeat)
     idle_heartbeats: int = 0
     rto_floor: float | None = None  # smallest RTO members reported since the last heartbeat
-    in_heap: bool = False         # has an entry in the reflector's heartbeat heap
+    heap_due: float | None = None  # the time of this location's live entry in the heartbeat heap
     stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LOCATION_COUNTERS, 0))
 
     def lowest(self) -> int:
         return self.buffer[0][0] if self.buffer else self.last_seq + 1
+
+    def by_addr_of(self, player: int) -> Address | None:
+        member = self.members.get(player)
+        return member.addr if member is not None else None
 
 
 Destination = Union[Address, int]   # an address, or a location id meaning "every bound member"
@@ -689,7 +747,7 @@ class ReflectorCore:
         self._events: deque[MembersChanged] = deque()
         self.stats: dict[str, int] = dict.fromkeys((
             "received", "malformed", "unknown_location", "not_member", "unexpected_kind",
-            "outgoing_dropped", "locations_refused", "members_refused",
+            "outgoing_dropped", "locations_refused", "members_refused", "bundles",
         ), 0)
 
     # ------------------------------------------------------------------ membership (control plane)
@@ -710,7 +768,8 @@ class ReflectorCore:
         if len(loc.members) >= self.config.max_members:
             self.stats["members_refused"] += 1
             raise BufferFull(f"location {location} already has {len(loc.members)} members")
-        loc.members[player] = _Member(player, bytes(token), tokens=float(self.config.nack_burst), refilled=now)
+        loc.members[player] = _Member(player, bytes(token), tokens=float(self.config.nack_burst),
+                                      byte_tokens=float(self.config.nack_burst_bytes), refilled=now)
 
     def remove_member(self, location: int, player: int) -> bool:
         loc = self._locations.get(location)
@@ -751,6 +810,16 @@ class ReflectorCore:
             self.stats["unknown_location"] += 1
             return
         kind = header.kind
+        if kind is Kind.BUNDLE:
+            try:
+                items = wire.unpack(header, payload)
+            except WireDecodeError:
+                self.stats["malformed"] += 1
+                return
+            self.stats["bundles"] += 1
+            for item in items:
+                self.receive_datagram(item, addr, now)
+            return
         if kind is Kind.HELLO:
             self._on_hello(loc, header, payload, addr, now)
             return
@@ -792,12 +861,12 @@ class ReflectorCore:
         """
         heap = self._heap
         while heap and heap[0][0] <= now:
-            _, loc_id = heapq.heappop(heap)
+            at, loc_id = heapq.heappop(heap)
             loc = self._locations.get(loc_id)
-            if loc is None:
-                continue
+            if loc is None or at != loc.heap_due:
+                continue            # superseded by an earlier entry for the same location
+            loc.heap_due = None
             if not loc.addresses:
-                loc.in_heap = False
                 continue
             due = self._heartbeat_due(loc)
             if due <= now:
@@ -811,7 +880,7 @@ class ReflectorCore:
                 rtos = [m.rto for m in loc.by_addr.values() if m.rto]
                 loc.rto_floor = min(rtos) if rtos else None
                 due = self._heartbeat_due(loc)
-            heapq.heappush(heap, (due, loc_id))
+            self._arm(loc, due)
 
     def next_event(self) -> MembersChanged | None:
         return self._events.popleft() if self._events else None
@@ -854,8 +923,14 @@ class ReflectorCore:
         """A member reported a smaller RTO: heartbeats may be due sooner than the heap says."""
         if rto and (loc.rto_floor is None or rto < loc.rto_floor):
             loc.rto_floor = rto
-            if loc.in_heap:
-                heapq.heappush(self._heap, (self._heartbeat_due(loc), loc.id))
+            if loc.heap_due is not None:
+                self._arm(loc, self._heartbeat_due(loc))
+
+    def _arm(self, loc: _Location, due: float) -> None:
+        """Make sure the heap wakes the location by ``due`` (one live entry per location; later ones are lazy)."""
+        if loc.heap_due is None or due < loc.heap_due:
+            loc.heap_due = due
+            heapq.heappush(self._heap, (due, loc.id))
 
     def _bind(self, loc: _Location, member: _Member, addr: Address) -> None:
         if member.addr == addr:
@@ -868,9 +943,7 @@ class ReflectorCore:
         member.addr = addr
         loc.by_addr[addr] = member
         self._note_rto(loc, member.rto)
-        if not loc.in_heap:
-            loc.in_heap = True
-            heapq.heappush(self._heap, (self._heartbeat_due(loc), loc.id))
+        self._arm(loc, self._heartbeat_due(loc))
         self._members_changed(loc)
 
     def _unbind(self, loc: _Location, member: _Member) -> None:
@@ -889,6 +962,12 @@ class ReflectorCore:
         if member is None or not hmac.compare_digest(member.token, token):
             loc.stats["hello_rejected"] += 1   # silently: a spoofed source gets nothing back
             return
+        if member.addr is not None and member.addr != addr:
+            # the token is bound to the address that first proved it: someone who learnt the token
+            # must not redirect the player's fan-out.  Moving needs a fresh token from the game server
+            # (add_member with a new token unbinds).
+            loc.stats["hello_rebind_refused"] += 1
+            return
         loc.stats["hello_accepted"] += 1
         if header.rto_ms:
             member.rto = header.rto_ms / 1000
@@ -905,32 +984,56 @@ class ReflectorCore:
             return
         stats = loc.stats
         stats["received"] += 1
-        stats["fanout_datagrams"] += len(loc.addresses)
         if header.flags & RELIABLE:
+            key = (header.sender, header.packet_id)
+            known = loc.seq_of.get(key)
+            if known is not None:
+                # the sender's resend after a lost echo: the same update, already sequenced and fanned
+                # out; only the sender needs its echo again (members that lost it NACK that seq)
+                stats["resends_recognised"] += 1
+                lowest = loc.lowest()
+                _, stored, _ = loc.buffer[known - lowest]
+                self._queue(wire.restamp(stored, known, lowest, stored[wire.FLAGS_OFFSET] | RETRANSMIT),
+                            loc.by_addr_of(header.sender))
+                return
+            stats["fanout_datagrams"] += len(loc.addresses)
             stats["reliable"] += 1
             loc.last_seq += 1
             seq = loc.last_seq
             buffer = loc.buffer
             buffer.append((seq, data, now))
+            loc.seq_of[key] = seq
             if len(buffer) > self.config.buffer_packets:
-                buffer.popleft()
+                self._drop_oldest(loc)
                 stats["buffer_evicted_count"] += 1
             if buffer[0][2] < now - self.config.buffer_age:
                 self._evict(loc, now)
             out = wire.restamp(data, seq, buffer[0][0])
-            loc.announced_at = now
-            loc.idle_heartbeats = 0
+            if loc.idle_heartbeats:
+                # the location was idle and its heartbeat backed off: the tail-loss probe for this packet
+                # must come one interval after it, not at the backed-off time already in the heap
+                loc.idle_heartbeats = 0
+                loc.announced_at = now
+                self._arm(loc, self._heartbeat_due(loc))
         else:
+            stats["fanout_datagrams"] += len(loc.addresses)
             stats["unreliable"] += 1
-            out = wire.restamp(data, 0, loc.lowest())
+            # unreliable packets carry the last seq too: every packet reveals a lost reliable one
+            out = wire.restamp(data, loc.last_seq, loc.lowest())
+        loc.announced_at = now
         self._queue(out, loc.id)
 
     def _evict(self, loc: _Location, now: float) -> None:
         buffer = loc.buffer
         horizon = now - self.config.buffer_age
         while buffer and buffer[0][2] < horizon:
-            buffer.popleft()
+            self._drop_oldest(loc)
             loc.stats["buffer_evicted_age"] += 1
+
+    @staticmethod
+    def _drop_oldest(loc: _Location) -> None:
+        _, data, _ = loc.buffer.popleft()
+        loc.seq_of.pop(wire.sender_and_id(data), None)
 
     def _on_nack(self, loc: _Location, member: _Member, payload: bytes, now: float) -> None:
         try:
@@ -942,27 +1045,37 @@ class ReflectorCore:
         stats["nacks"] += 1
         self._evict(loc, now)
         config = self.config
-        member.tokens = min(float(config.nack_burst), member.tokens + (now - member.refilled) * config.nack_rate)
+        elapsed = now - member.refilled
+        member.tokens = min(float(config.nack_burst), member.tokens + elapsed * config.nack_rate)
+        member.byte_tokens = min(float(config.nack_burst_bytes), member.byte_tokens + elapsed * config.nack_bytes_rate)
         member.refilled = now
         buffer = loc.buffer
-        lowest = loc.lowest()
+        lowest, last = loc.lowest(), loc.last_seq
         unavailable = False
         for first, count in ranges:
-            for seq in range(first, first + count):
-                if seq < lowest or seq > loc.last_seq:
-                    unavailable = True
-                    stats["nack_unavailable"] += 1
-                    continue
+            # clip to what the buffer holds before walking: a range over 4 billion seqs costs nothing
+            start, end = max(first, lowest), min(first + count - 1, last)
+            outside = count - max(0, end - start + 1)
+            if outside:
+                unavailable = True
+                stats["nack_unavailable"] += outside
+            for seq in range(start, end + 1):
                 if member.tokens < 1:
-                    stats["nack_rate_limited"] += 1
-                    continue
-                member.tokens -= 1
+                    stats["nack_rate_limited"] += end - seq + 1
+                    break
                 _, data, _ = buffer[seq - lowest]
+                if member.byte_tokens < len(data):
+                    # a byte budget as well as a packet count: one small NACK never answers with a burst
+                    stats["nack_byte_limited"] += end - seq + 1
+                    break
+                member.tokens -= 1
+                member.byte_tokens -= len(data)
                 flags = data[wire.FLAGS_OFFSET] | RETRANSMIT
                 self._queue(wire.restamp(data, seq, lowest, flags), member.addr)
                 stats["retransmitted"] += 1
-        if unavailable and member.tokens >= 1:
+        if unavailable and member.tokens >= 1 and member.byte_tokens >= wire.HEADER_SIZE:
             # tell the requester at once what is still available, even on an idle location
             member.tokens -= 1
+            member.byte_tokens -= wire.HEADER_SIZE
             self._queue(wire.encode(Header(Kind.HEARTBEAT, location=loc.id, seq=loc.last_seq,
                                            lowest=lowest)), member.addr)

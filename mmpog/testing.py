@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -35,8 +36,9 @@ class LinkProfile:
 
 class SimNetwork:
     def __init__(self, reflector: ReflectorCore, profile: LinkProfile | None = None, seed: int = 0,
-                 start: float = 1000.0) -> None:
+                 start: float = 1000.0, reflector_tick: float = 0.0) -> None:
         self.reflector = reflector
+        self.reflector_tick = reflector_tick   # the reflector adapter's timer resolution (0: exact)
         self.profile = profile or LinkProfile()
         self.rng = random.Random(seed)
         self.now = start
@@ -76,7 +78,7 @@ class SimNetwork:
         for data, dest in self.reflector.datagrams_to_send(self.now):
             if isinstance(dest, int):
                 header, _ = wire.decode(data)
-                if header.seq and header.kind is wire.Kind.DATA:
+                if header.seq and header.kind is wire.Kind.DATA and header.reliable:
                     self.sequenced[(header.location, header.seq)] = (header.sender, header.packet_id)
                 targets = self.reflector.members(dest)
             else:
@@ -112,10 +114,17 @@ class SimNetwork:
             timer = endpoint.get_timer()
             if timer is not None:
                 times.append(timer)
-        timer = self.reflector.get_timer()
+        timer = self._reflector_timer()
         if timer is not None:
             times.append(timer)
         return min(times) if times else None
+
+    def _reflector_timer(self) -> float | None:
+        """The reflector's timer as its adapter would run it: at the next multiple of the tick."""
+        timer = self.reflector.get_timer()
+        if timer is None or not self.reflector_tick:
+            return timer
+        return math.ceil(timer / self.reflector_tick - 1e-9) * self.reflector_tick
 
     def step(self, until: float) -> bool:
         """Advance to the next thing that happens (not past ``until``); False if nothing is due."""
@@ -136,7 +145,7 @@ class SimNetwork:
             timer = endpoint.get_timer()
             if timer is not None and timer <= self.now:
                 endpoint.handle_timer(self.now)
-        timer = self.reflector.get_timer()
+        timer = self._reflector_timer()
         if timer is not None and timer <= self.now:
             self.reflector.handle_timer(self.now)
         self.flush()

@@ -58,6 +58,7 @@ class Kind(enum.IntEnum):
     HELLO = 4       # client -> reflector: payload = the token the game server issued; binds the address
     WELCOME = 5     # reflector -> client: answer to HELLO; packet_id echoed, seq = last, lowest = lowest
     BYE = 6         # client -> reflector: leaving the location (unbinds the address)
+    BUNDLE = 7      # either way: payload = several whole datagrams of one location, each after a u16 length
 
 
 class Flag(enum.IntFlag):
@@ -137,8 +138,6 @@ def decode(data: bytes) -> tuple[Header, bytes]:
         if seq == 0 and flags & RELIABLE and lowest:
             # a reflector-forwarded reliable packet always has a seq; a client's one has neither
             raise WireDecodeError("reliable DATA with lowest set but no seq")
-        if seq and not flags & RELIABLE:
-            raise WireDecodeError("unreliable DATA must not carry a seq")
     elif kind is Kind.HEARTBEAT:
         if length or packet_id or sender or flags:
             raise WireDecodeError("HEARTBEAT carries no payload, packet id, sender or flags")
@@ -160,8 +159,73 @@ def decode(data: bytes) -> tuple[Header, bytes]:
     elif kind is Kind.BYE:
         if length or flags or seq or lowest:
             raise WireDecodeError("BYE carries no payload, flags, seq or lowest")
+    elif kind is Kind.BUNDLE:
+        if length < BUNDLE_ITEM.size + HEADER_SIZE or flags or rto_ms or sender or packet_id or seq or lowest:
+            raise WireDecodeError("BUNDLE carries only a location and at least one datagram")
     header = Header(kind, flags, rto_ms, location, sender, packet_id, seq, lowest)
     return header, bytes(data[HEADER_SIZE:])
+
+
+# ------------------------------------------------------------------ packing (BUNDLE)
+# Several datagrams of one location in one: the reflector packs what one pass of its loop fans out to
+# a location, a client what it queued in one go, up to the path MTU (MAX_DATAGRAM).  Each item is a
+# whole datagram as it would have been sent alone, so unpacking is just "handle each in turn".
+
+BUNDLE_ITEM = struct.Struct("!H")
+MAX_DATAGRAM = HEADER_SIZE + MAX_PAYLOAD        # 1428: with IP/UDP headers under a 1500-byte MTU
+_LOCATION = struct.Struct("!I")
+LOCATION_OFFSET = 8
+
+
+def pack(datagrams: list[bytes], max_size: int = MAX_DATAGRAM) -> list[bytes]:
+    """Datagrams of one location -> as few datagrams as fit in ``max_size`` bytes each (a lone one as is).
+
+    The caller passes validated datagrams of the same location (the location is read from the first).
+    """
+    if len(datagrams) < 2:
+        return list(datagrams)
+    out: list[bytes] = []
+    items: list[bytes] = []
+    size = HEADER_SIZE
+    location = _LOCATION.unpack_from(datagrams[0], LOCATION_OFFSET)[0]
+
+    def close() -> None:
+        if len(items) == 1:
+            out.append(items[0])
+        elif items:
+            payload = b"".join(BUNDLE_ITEM.pack(len(item)) + item for item in items)
+            out.append(encode(Header(Kind.BUNDLE, location=location), payload))
+
+    for data in datagrams:
+        need = BUNDLE_ITEM.size + len(data)
+        if items and size + need > max_size:
+            close()
+            items, size = [], HEADER_SIZE
+        items.append(data)
+        size += need
+    close()
+    return out
+
+
+def unpack(header: Header, payload: bytes) -> list[bytes]:
+    """A decoded BUNDLE -> its datagrams (each still to be decoded; nested bundles and other locations refused)."""
+    items = []
+    offset, end = 0, len(payload)
+    while offset < end:
+        if end - offset < BUNDLE_ITEM.size:
+            raise WireDecodeError(f"BUNDLE has {end - offset} stray bytes at offset {offset}")
+        (length,) = BUNDLE_ITEM.unpack_from(payload, offset)
+        offset += BUNDLE_ITEM.size
+        if length < HEADER_SIZE or offset + length > end:
+            raise WireDecodeError(f"BUNDLE item of {length} bytes at offset {offset} does not fit")
+        item = payload[offset:offset + length]
+        offset += length
+        if item[1] == Kind.BUNDLE:
+            raise WireDecodeError("a BUNDLE inside a BUNDLE")
+        if _LOCATION.unpack_from(item, LOCATION_OFFSET)[0] != header.location:
+            raise WireDecodeError("a BUNDLE item of another location")
+        items.append(item)
+    return items
 
 
 def encode_nack_ranges(ranges: list[tuple[int, int]]) -> bytes:
@@ -202,6 +266,15 @@ def seqs_to_ranges(seqs: list[int], max_ranges: int = MAX_NACK_RANGES) -> list[t
 FLAGS_OFFSET = 2
 SEQ_LOWEST = struct.Struct("!II")
 SEQ_OFFSET = 20
+
+
+SENDER_AND_ID = struct.Struct("!II")
+SENDER_OFFSET = 12
+
+
+def sender_and_id(data: bytes) -> tuple[int, int]:
+    """(sender, packet_id) of an already validated datagram."""
+    return SENDER_AND_ID.unpack_from(data, SENDER_OFFSET)
 
 
 def restamp(data: bytes, seq: int, lowest: int, flags: int | None = None) -> bytes:

@@ -28,6 +28,7 @@ import secrets
 import select
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -66,7 +67,11 @@ def register(subparsers) -> None:
     parser.add_argument("--fanout-members", type=positive_int, default=64)
     parser.add_argument("--fanout-in-rate", type=positive_int, default=2500, help="datagrams/s into the reflector")
     parser.add_argument("--no-sendmmsg", action="store_true", help="fan-out with one sendto per member")
+    parser.add_argument("--no-pack", action="store_true", help="reflector: one datagram per update and member")
     parser.add_argument("--fanout-duration", type=non_negative_float, default=5.0)
+    parser.add_argument("--compare", default=None, metavar="STACKS",
+                        help="run the bots workload (nobody moves) over mmpog and these stacks too, e.g. kcp,enet "
+                             "(needs root for the namespaces, and the 'compare' extra); prints a table, --plot draws it")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     parser.set_defaults(func=run)
@@ -98,8 +103,21 @@ def _join(sock: socket.socket, player: int, token: bytes, reflector: tuple[str, 
     raise RuntimeError(f"player {player} was not welcomed")
 
 
-def _sink(players: list[int], tokens: dict, reflector, ready, start, stop, result) -> None:
-    """Join as ``players`` and count every datagram that arrives until ``stop``."""
+def _updates_in(buf: bytearray, size: int) -> int:
+    """How many updates one received datagram holds (a BUNDLE holds several)."""
+    from mmpog import wire
+
+    if size < wire.HEADER_SIZE or buf[1] != wire.Kind.BUNDLE:
+        return 1
+    count, offset = 0, wire.HEADER_SIZE
+    while offset + 2 <= size:
+        offset += 2 + ((buf[offset] << 8) | buf[offset + 1])
+        count += 1
+    return count
+
+
+def _sink(players: list[int], tokens: dict, reflector, ready, start, stop, result, datagrams) -> None:
+    """Join as ``players`` and count every update (and datagram) that arrives until ``stop``."""
     socks = []
     for player in players:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -114,17 +132,18 @@ def _sink(players: list[int], tokens: dict, reflector, ready, start, stop, resul
     buf = bytearray(2048)
     ready.set()
     start.wait()
-    count = 0
+    count = packets = 0
     while not stop.is_set():
         for fd, _ in poller.poll(0.05):
             recv_into = by_fd[fd].recv_into
             try:
                 while True:
-                    recv_into(buf)
-                    count += 1
+                    count += _updates_in(buf, recv_into(buf))
+                    packets += 1
             except BlockingIOError:
                 pass
     result.value = count
+    datagrams.value = packets
 
 
 def _blaster(player: int, token: bytes, reflector, rate: int, reliable_every: int, ready, start, stop, result) -> None:
@@ -135,8 +154,11 @@ def _blaster(player: int, token: bytes, reflector, rate: int, reliable_every: in
     _join(sock, player, token, reflector)
     ready.set()
     start.wait()
-    datagrams = [wire.encode(wire.Header(wire.Kind.DATA, int(wire.Flag.RELIABLE) if n % reliable_every == 0 else 0,
-                                         40, LOCATION, player, 1000 + n), bytes(48)) for n in range(reliable_every)]
+    # every update its own packet id: the reflector recognises a repeated (sender, id) as a resend
+    templates = [bytearray(wire.encode(wire.Header(wire.Kind.DATA, int(wire.Flag.RELIABLE) if n % reliable_every == 0
+                                                   else 0, 40, LOCATION, player, 1), bytes(48)))
+                 for n in range(reliable_every)]
+    packet_id = struct.Struct("!I")
     sent = 0
     began = time.monotonic()
     buf = bytearray(2048)
@@ -146,8 +168,10 @@ def _blaster(player: int, token: bytes, reflector, rate: int, reliable_every: in
         if sent >= due:
             time.sleep(batch / rate)
         for _ in range(min(batch, max(0, due - sent))):
+            datagram = templates[sent % reliable_every]
+            packet_id.pack_into(datagram, 16, 1000 + sent)
             with contextlib.suppress(BlockingIOError):
-                sock.sendto(datagrams[sent % reliable_every], reflector)
+                sock.sendto(datagram, reflector)
             sent += 1
         with contextlib.suppress(BlockingIOError):
             while True:
@@ -195,9 +219,10 @@ async def _start_reflector(mode: str, workdir: Path, key: str, extra: list[str] 
 
 
 async def measure_fanout(members: int, in_rate: int, duration: float, mode: str, workdir: Path,
-                         sendmmsg: bool = True) -> dict:
+                         sendmmsg: bool = True, pack: bool = True) -> dict:
     key = secrets.token_hex(8)
-    udp, url, stop_reflector = await _start_reflector(mode, workdir, key, [] if sendmmsg else ["--no-sendmmsg"])
+    extra = ([] if sendmmsg else ["--no-sendmmsg"]) + ([] if pack else ["--no-pack"])
+    udp, url, stop_reflector = await _start_reflector(mode, workdir, key, extra)
     try:
         tokens = {player: secrets.token_bytes(16) for player in range(1, members + 1)}
         for player, token in tokens.items():
@@ -205,9 +230,9 @@ async def measure_fanout(members: int, in_rate: int, duration: float, mode: str,
         ctx = multiprocessing.get_context("fork")
         start, stop = ctx.Event(), ctx.Event()
         sink_ready, blaster_ready = ctx.Event(), ctx.Event()
-        received, sent = ctx.Value("q", 0), ctx.Value("q", 0)
+        received, sent, received_datagrams = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Value("q", 0)
         sink = ctx.Process(target=_sink, args=(list(range(2, members + 1)), tokens, udp, sink_ready, start, stop,
-                                               received))
+                                               received, received_datagrams))
         blaster = ctx.Process(target=_blaster, args=(1, tokens[1], udp, in_rate, 4, blaster_ready, start, stop, sent))
         sink.start()
         blaster.start()
@@ -223,13 +248,16 @@ async def measure_fanout(members: int, in_rate: int, duration: float, mode: str,
         await asyncio.to_thread(sink.join, 10)
         await asyncio.to_thread(blaster.join, 10)
         out = after["io"]["datagrams_out"] - before["io"]["datagrams_out"]
+        updates = after["io"].get("updates_out", 0) - before["io"].get("updates_out", 0)
         inbound = after["io"]["datagrams_in"] - before["io"]["datagrams_in"]
         return {
-            "members": members, "mode": mode, "transport": after.get("transport", {}),
+            "members": members, "mode": mode, "transport": after.get("transport", {}), "pack": pack,
             "offered_in_pps": round(sent.value / elapsed, 1),
             "reflector_in_pps": round(inbound / elapsed, 1),
             "reflector_fanout_pps": round(out / elapsed, 1),
-            "sinks_received_pps": round(received.value / elapsed, 1),
+            "updates_relayed_per_s": round(updates / elapsed, 1),
+            "sinks_received_updates_per_s": round(received.value / elapsed, 1),
+            "sinks_received_pps": round(received_datagrams.value / elapsed, 1),
             "send_dropped": after["io"]["send_dropped"] - before["io"]["send_dropped"],
             "duration": round(elapsed, 3),
         }
@@ -263,8 +291,45 @@ def _plot(result: dict, path: Path) -> None:
     fig.savefig(path)
 
 
+def run_compare(args: argparse.Namespace) -> int:
+    from cliruntime import ConfigError
+    from tools.compare_mmpog import STACKS, Workload, compare, plot, table
+
+    others = [name.strip() for name in args.compare.split(",") if name.strip()]
+    unknown = [name for name in others if name not in STACKS]
+    if unknown:
+        raise ConfigError(f"--compare: unknown stack(s) {', '.join(unknown)} (known: kcp, enet)")
+    stacks = ["mmpog"] + [name for name in others if name != "mmpog"]
+    for name, module in (("kcp", "kcp"), ("enet", "enet")):
+        if name in stacks:
+            try:
+                __import__(module)
+            except ImportError:
+                raise ConfigError(f"--compare {name} needs the '{module}' package: pip install "
+                                  f"'booster-boxes[compare]'") from None
+    if os.geteuid() != 0:
+        raise ConfigError("--compare needs root (a network namespace with iptables loss per stack)")
+    workload = Workload(players=args.players, locations=args.locations, duration=args.duration, rate=args.rate,
+                        reliable_fraction=args.reliable_fraction, deadline=args.deadline, loss=args.loss,
+                        seed=args.seed, workers=args.workers, reflector_mode=args.reflector_mode)
+    result = compare(workload, stacks, say=lambda line: print(line, file=sys.stderr))
+    print(table(result, stacks), file=sys.stderr)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    if args.plot is not None:
+        plot(result, stacks, args.plot)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    from mmpog.bots import Params, run_experiment
+    from mmpog.bots import Params
+    from tools.mmpog_experiment import run_experiment
+
+    if args.compare:
+        return run_compare(args)
 
     async def main() -> dict:
         result: dict = {}
@@ -272,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
             if args.only in (None, "fanout"):
                 result["fanout"] = await measure_fanout(args.fanout_members, args.fanout_in_rate,
                                                         args.fanout_duration, args.reflector_mode, Path(tmp),
-                                                        sendmmsg=not args.no_sendmmsg)
+                                                        sendmmsg=not args.no_sendmmsg, pack=not args.no_pack)
             if args.only in (None, "bots"):
                 loss_mode = args.loss_mode
                 if loss_mode == "auto":
@@ -280,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
                 if loss_mode == "iptables":
                     # the whole session in a fresh namespace whose iptables drop --loss each way
                     out = Path(tmp) / "bots.json"
-                    argv = [sys.executable, "-m", "mmpog.bots", "--players", str(args.players),
+                    argv = [sys.executable, "-m", "tools.mmpog_experiment", "--players", str(args.players),
                             "--locations", str(args.locations), "--duration", str(args.duration),
                             "--loss", str(args.loss), "--loss-mode", "iptables", "--rate", str(args.rate),
                             "--reliable-fraction", str(args.reliable_fraction), "--deadline", str(args.deadline),

@@ -50,7 +50,7 @@ fi
 stamp=.venv/.boosterbox-installed
 if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
-  .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "is ignored" >&2 || true
+  .venv/bin/python -m pip install -q -e '.[test,compare]' 2>&1 | grep -v "is ignored" >&2 || true
   # SUMO for fcd-validate and its tests (the sumo extra); the RESCO city cuts are sumo-rl's data files
   .venv/bin/python -m pip install -q -e '.[sumo]' 2>&1 | grep -v "is ignored" >&2 || true
   .venv/bin/python -m pip install -q --no-deps 'sumo-rl>=1.4' 2>&1 | grep -v "is ignored" >&2 || true

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from mmpog.bots import Params, run_experiment
+from mmpog.bots import Params
+from tools.mmpog_experiment import run_experiment
 
 KEYS = {"reliable", "unreliable", "duplicates_delivered", "retransmissions", "reflector_pps"}
 

@@ -1,6 +1,7 @@
 """Reflector membership and anti-spoofing: the sans-IO core in memory, then the real process over sockets."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -90,20 +91,74 @@ def test_reliable_sequenced_and_buffer_bounded_by_count_and_age():
     assert (stats["buffered"], stats["lowest"], stats["buffer_evicted_age"]) == (0, 6, 3)
 
 
-def test_members_changed_on_rebind_and_removal():
+def test_token_is_bound_to_its_address_and_moving_needs_a_fresh_token():
     core = bound_core()
-    new_addr = ("127.0.0.1", 5555)
-    core.receive_datagram(hello(1, TOKEN_A), new_addr, 1.0)       # the player's port changed (NAT rebinding)
-    assert core.next_event() == MembersChanged(LOC, (BOB, new_addr))
-    core.receive_datagram(data(1, 1), ALICE, 1.0)                  # the old address is no longer a member
+    thief = ("127.0.0.1", 5555)
+    core.receive_datagram(hello(1, TOKEN_A), thief, 1.0)          # a valid token, from another address
+    assert core.next_event() is None and core.members(LOC) == (ALICE, BOB)
+    assert core.datagrams_to_send(1.0) == []                       # not even a WELCOME
+    assert core.location_stats(LOC)["hello_rebind_refused"] == 1
+    core.receive_datagram(data(1, 1), thief, 1.0)                  # and it cannot send as the player
     assert core.location_stats(LOC)["not_member"] == 1
-    assert core.remove_member(LOC, 2)
-    assert core.next_event() == MembersChanged(LOC, (new_addr,))
+    core.receive_datagram(hello(1, TOKEN_A), ALICE, 1.0)           # the bound address may say HELLO again (lost WELCOME)
+    assert [dest for _, dest in core.datagrams_to_send(1.0)] == [ALICE]
+    # moving (a NAT rebinding, a new device) needs a fresh token from the game server
     core.add_member(LOC, 1, b"n" * 16)                             # a new token unbinds until a new HELLO
-    assert core.members(LOC) == ()
+    assert core.next_event() == MembersChanged(LOC, (BOB,))
+    core.receive_datagram(hello(1, b"n" * 16), thief, 1.0)
+    assert core.next_event() == MembersChanged(LOC, (BOB, thief))
+
+
+def test_members_changed_on_removal():
+    core = bound_core()
+    assert core.remove_member(LOC, 2)
+    assert core.next_event() == MembersChanged(LOC, (ALICE,))
+    core.receive_datagram(data(2, 1), BOB, 1.0)                    # the removed member is no longer a member
+    assert core.location_stats(LOC)["not_member"] == 1
     assert core.remove_member(LOC, 1)                               # the last member: the location is forgotten
     assert core.locations() == []
     assert core.totals()["not_member"] == 1                         # ... but its counters still count
+
+
+def test_nack_ranges_clipped_to_the_buffer_before_walking(monkeypatch):
+    """One 412-byte NACK with 64 ranges of 65535 seqs walked 4.2M seqs; now only what the buffer holds."""
+    import mmpog.reliability as reliability
+    core = bound_core()
+    for n in range(10):
+        core.receive_datagram(data(1, 100 + n, reliable=True), ALICE, 1.0)
+    core.datagrams_to_send(1.0)
+    walked = []
+    real_range = range
+
+    def counting_range(*args):
+        r = real_range(*args)
+        walked.append(len(r))
+        return r
+
+    monkeypatch.setattr(reliability, "range", counting_range, raising=False)
+    ranges = [(1 + i * 65535, 65535) for i in range(wire.MAX_NACK_RANGES)]
+    nack = wire.encode(Header(Kind.NACK, rto_ms=40, location=LOC, sender=2), wire.encode_nack_ranges(ranges))
+    core.receive_datagram(nack, BOB, 1.0)
+    assert sum(walked) <= 10
+    stats = core.location_stats(LOC)
+    assert stats["retransmitted"] == 10
+    assert stats["nack_unavailable"] == 64 * 65535 - 10
+
+
+def test_a_small_nack_is_answered_within_a_byte_budget():
+    """One 34-byte NACK returned 91 KB in a burst; now at most nack_burst_bytes per member."""
+    config = ReflectorConfig(nack_burst=1000, nack_rate=0.0, nack_bytes_rate=0.0, nack_burst_bytes=8192)
+    core = bound_core(config)
+    for n in range(64):
+        core.receive_datagram(data(1, 100 + n, payload=bytes(1400), reliable=True), ALICE, 1.0)
+    core.datagrams_to_send(1.0)
+    nack = wire.encode(Header(Kind.NACK, rto_ms=40, location=LOC, sender=2), wire.encode_nack_ranges([(1, 64)]))
+    assert len(nack) == 34
+    core.receive_datagram(nack, BOB, 1.0)
+    out = core.datagrams_to_send(1.0)
+    sent = sum(len(d) for d, _ in out)
+    assert 0 < sent <= 8192 and {dest for _, dest in out} == {BOB}
+    assert core.location_stats(LOC)["nack_byte_limited"] == 64 - len(out)
 
 
 def test_membership_bounds_are_enforced_and_counted():
@@ -126,7 +181,7 @@ def test_malformed_and_client_set_seq_dropped():
 
 
 def test_heartbeat_interval_follows_member_rto_and_backs_off_when_idle():
-    core = bound_core(ReflectorConfig(heartbeat_min=0.01, heartbeat_max=0.5))
+    core = bound_core(ReflectorConfig(heartbeat_min=0.01, heartbeat_max=0.5, heartbeat_factor=0.5))
     core.receive_datagram(data(1, 1, reliable=True), ALICE, 10.0)
     core.datagrams_to_send(10.0)
     times = []
@@ -247,3 +302,103 @@ def test_reflector_bad_config_exits_2():
                            "--heartbeat-min", "2", "--heartbeat-max", "1"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "heartbeat_min" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_tail_probe_follows_a_reliable_packet_on_a_location_that_was_idle():
+    """The heartbeat after a reliable packet is one interval after it, not at the backed-off idle time."""
+    core = bound_core(ReflectorConfig(heartbeat_min=0.01, heartbeat_max=1.0, heartbeat_factor=0.5))
+    now = 10.0
+    beats = 0
+    while beats < 4:                                   # idle: 20, 40, 80, 160 ms apart
+        now = core.get_timer()
+        core.handle_timer(now)
+        beats += len(core.datagrams_to_send(now))
+    sent_at = now + 0.001
+    core.receive_datagram(data(1, 9, reliable=True), ALICE, sent_at)
+    core.datagrams_to_send(sent_at)
+    while True:
+        now = core.get_timer()
+        core.handle_timer(now)
+        out = core.datagrams_to_send(now)
+        if out:
+            break
+    assert [wire.decode(d)[0].kind for d, _ in out] == [Kind.HEARTBEAT]
+    assert now - sent_at == pytest.approx(0.02)       # half the members' 40 ms RTO
+
+
+def test_reflector_refuses_to_start_without_a_control_key():
+    env = {k: v for k, v in os.environ.items() if k != "MMPOG_API_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "mmpog.reflector", "--mode", "standalone"],
+                          capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 2
+    assert "--api-key" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_control_key_compared_in_constant_time(monkeypatch):
+    import hmac
+
+    from mmpog import reflector as reflector_module
+    calls = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(reflector_module.hmac, "compare_digest", spy)
+    service = reflector_module.ReflectorService(ReflectorCore(), api_key="k3y")
+
+    class FakeRequest:
+        headers = {"Authorization": "Bearer k3x"}
+
+    assert not service._key_matches(FakeRequest())
+    FakeRequest.headers = {"Authorization": "Bearer k3y"}
+    assert service._key_matches(FakeRequest())
+    assert calls == [(b"Bearer k3x", b"Bearer k3y"), (b"Bearer k3y", b"Bearer k3y")]
+
+
+def test_bundles_from_a_member_are_handled_item_by_item_and_fanned_out_packable():
+    from mmpog.reliability import ClientEndpoint, Received
+    core = bound_core()
+    bob = ClientEndpoint(2, LOC, TOKEN_B)
+    bob.connect(0.9)
+    [hello_dgram] = bob.datagrams_to_send(0.9)
+    core.receive_datagram(hello_dgram, BOB, 0.9)
+    [(welcome, _)] = core.datagrams_to_send(0.9)
+    bob.receive_datagram(welcome, 0.95)
+    [single] = wire.pack([data(1, 11, reliable=True), data(1, 12), data(2, 13)])    # the last claims to be Bob
+    core.receive_datagram(single, ALICE, 1.0)
+    out = core.datagrams_to_send(1.0)
+    assert [dest for _, dest in out] == [LOC, LOC]                 # items checked one by one: Bob's refused
+    assert core.location_stats(LOC)["not_member"] == 1 and core.stats["bundles"] == 1
+    [packed] = wire.pack([d for d, _ in out])
+    bob.receive_datagram(packed, 1.0)
+    got = []
+    while (event := bob.next_event()) is not None:
+        if isinstance(event, Received):
+            got.append(event.packet_id)
+    assert got == [11, 12] and bob.stats["bundles"] == 1
+
+
+async def test_service_packs_what_one_loop_pass_fans_out_and_counts_updates():
+    """Three updates read in one pass of the loop leave as one BUNDLE per location; updates_out counts 3 x members."""
+    import asyncio
+
+    from mmpog.reflector import ReflectorService
+    service = ReflectorService(bound_core())
+    sent = []
+    service.fanout = lambda location, data: sent.append((location, data))
+    service.send_to = lambda data, addr: sent.append((addr, data))
+    for pid in (1, 2, 3):
+        service.on_datagram(data(1, pid, reliable=pid == 2), ALICE)
+    assert sent == []                                        # answered once the pass is over
+    await asyncio.sleep(0)
+    [(location, bundle)] = sent
+    header, payload = wire.decode(bundle)
+    assert location == LOC and header.kind is Kind.BUNDLE and len(wire.unpack(header, payload)) == 3
+    assert service.counters["updates_out"] == 3 * 2 and service.counters["bundles_out"] == 1
+    unpacked = ReflectorService(bound_core(ReflectorConfig(pack=False)))
+    unpacked.fanout = lambda location, data: sent.append((location, data))
+    sent.clear()
+    unpacked.on_datagram(data(1, 9), ALICE)
+    assert len(sent) == 1 and wire.decode(sent[0][1])[0].kind is Kind.DATA   # --no-pack: at once, unpacked

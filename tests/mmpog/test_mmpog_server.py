@@ -43,7 +43,7 @@ def game():
         wait_http(reflectors[-1][0] + "/health", proc)
     server_port = free_port(socket.SOCK_STREAM)
     argv = [sys.executable, "-m", "mmpog.server", "--http", f"127.0.0.1:{server_port}", "--world", "2x2",
-            "--cell", "10", "--pbkdf2-iterations", "1000", *env_key, "--log-level", "warning"]
+            "--cell", "10", "--reflector-check-interval", "0.05", *env_key, "--log-level", "warning"]
     for url, (host, port) in reflectors:
         argv += ["--reflector", f"{url}={host}:{port}"]
     server = subprocess.Popen(argv)
@@ -80,11 +80,11 @@ def test_register_login_move_between_reflectors_and_leave(game):
     base, reflectors = game
     status, world = call("GET", base + "/world")
     assert world["locations"] == 4 and world["mapping"] == {"0": 0, "1": 1, "2": 0, "3": 1}
-    assert call("POST", base + "/register", {"name": "carol", "password": "pw"})[0] == 201
-    assert call("POST", base + "/register", {"name": "carol", "password": "pw"})[0] == 409
-    assert call("POST", base + "/register", {"name": "bad name!", "password": "pw"})[0] == 400
+    assert call("POST", base + "/register", {"name": "carol", "password": "carol-plays-well"})[0] == 201
+    assert call("POST", base + "/register", {"name": "carol", "password": "carol-plays-well"})[0] == 409
+    assert call("POST", base + "/register", {"name": "bad name!", "password": "carol-plays-well"})[0] == 400
     assert call("POST", base + "/login", {"name": "carol", "password": "nope"})[0] == 401
-    status, login = call("POST", base + "/login", {"name": "carol", "password": "pw"})
+    status, login = call("POST", base + "/login", {"name": "carol", "password": "carol-plays-well"})
     assert status == 200
     session, player = login["session"], login["player"]
     assert call("POST", base + "/move", {"x": 1, "y": 1})[0] == 401
@@ -108,7 +108,7 @@ async def test_clients_exchange_reliable_updates_and_change_location(game):
     base, _ = game
     events = {"dave": [], "erin": []}
     async with aiohttp.ClientSession() as http:
-        clients = {name: GameClient(base, name, "pw", http=http, on_event=events[name].append) for name in events}
+        clients = {name: GameClient(base, name, f"{name}-plays-well", http=http, on_event=events[name].append) for name in events}
         for client in clients.values():
             await client.start()
             await client.register()
@@ -159,3 +159,164 @@ def test_server_needs_a_reflector_exit_2():
     proc = subprocess.run([sys.executable, "-m", "mmpog.server", "--http", "127.0.0.1:0"], capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 2 and "--reflector" in proc.stderr
+
+
+# ---------------------------------------------------------------- hardening (issue 11), in process
+
+import hashlib  # noqa: E402
+
+from aiohttp.test_utils import TestServer  # noqa: E402
+
+from mmpog.server import SCRYPT_N, GameServer, ReflectorInfo, World, json_depth_ok  # noqa: E402
+
+
+async def start_server(**options):
+    # a reflector that is never called by these tests (no /move with a location change)
+    server = GameServer(World(2, 2, 10.0), [ReflectorInfo("http://127.0.0.1:9", ("127.0.0.1", 9))],
+                        reflector_check_interval=0, **options)
+    test_server = TestServer(server.app())
+    await test_server.start_server()
+    return server, test_server
+
+
+async def post(http, test_server, path, body, session=None, raw=None):
+    headers = {"Authorization": f"Bearer {session}"} if session else {}
+    async with http.post(test_server.make_url(path), json=None if raw is not None else body, data=raw,
+                         headers=headers) as resp:
+        return resp.status, await resp.text()
+
+
+async def test_password_policy_length_common_list_and_name():
+    server, test_server = await start_server()
+    async with aiohttp.ClientSession() as http:
+        for password, why in (("a", "at least 8"), ("password", "most common"), ("Qwerty123", "most common"),
+                              ("frankfrank", None), ("Frank", "at least 8")):
+            status, text = await post(http, test_server, "/register", {"name": "frank", "password": password})
+            if why is None:
+                assert status == 201
+            else:
+                assert status == 400 and why in text and "\n" not in text.strip()
+        status, text = await post(http, test_server, "/register", {"name": "gina1234", "password": "GINA1234"})
+        assert status == 400 and "name" in text
+    await test_server.close()
+    assert server.stats["weak_passwords_refused"] == 5
+
+
+def test_passwords_hashed_with_scrypt_at_current_parameters():
+    server = GameServer(World(1, 1, 1.0), [ReflectorInfo("http://127.0.0.1:9", ("127.0.0.1", 9))])
+    salt = b"s" * 16
+    assert server._hash("correct horse", salt) == hashlib.scrypt(b"correct horse", salt=salt, n=2 ** 14, r=8, p=1,
+                                                                 maxmem=2 ** 25, dklen=32)
+    assert SCRYPT_N >= 2 ** 14
+    with pytest.raises(ValueError):
+        GameServer(World(1, 1, 1.0), [], scrypt_n=2 ** 10)
+
+
+async def test_login_throttled_per_account_and_per_address():
+    server, test_server = await start_server(login_failures_per_account=3, login_failures_per_address=5)
+    async with aiohttp.ClientSession() as http:
+        for name in ("hank", "iris", "jack"):
+            assert (await post(http, test_server, "/register", {"name": name, "password": f"{name}-is-here"}))[0] == 201
+        for _ in range(3):
+            assert (await post(http, test_server, "/login", {"name": "hank", "password": "wrong-guess"}))[0] == 401
+        # the account is locked for a while, even with the right password, and without hashing
+        assert (await post(http, test_server, "/login", {"name": "hank", "password": "hank-is-here"}))[0] == 429
+        assert (await post(http, test_server, "/login", {"name": "iris", "password": "iris-is-here"}))[0] == 200
+        # the address: 5 failures over any accounts, then nothing more from it
+        for _ in range(2):
+            assert (await post(http, test_server, "/login", {"name": "iris", "password": "wrong-guess"}))[0] == 401
+        status, text = await post(http, test_server, "/login", {"name": "jack", "password": "jack-is-here"})
+        assert status == 429 and "\n" not in text.strip()
+    await test_server.close()
+    assert server.stats["login_failed"] == 5 and server.stats["logins_throttled"] == 2
+
+
+async def test_sessions_capped_per_address_and_overall_without_evicting_others():
+    server, test_server = await start_server(sessions_per_address=2, max_sessions=3)
+    async with aiohttp.ClientSession() as http:
+        names = ["kim1", "lou2", "max3"]
+        sessions = {}
+        for name in names:
+            await post(http, test_server, "/register", {"name": name, "password": f"{name}-is-here"})
+            status, text = await post(http, test_server, "/login", {"name": name, "password": f"{name}-is-here"})
+            assert status == 200
+            sessions[name] = json.loads(text)["session"]
+        # the address holds 2: its oldest (kim1) was dropped, the others still work
+        assert (await post(http, test_server, "/leave", {}, session=sessions["kim1"]))[0] == 401
+        assert (await post(http, test_server, "/leave", {}, session=sessions["lou2"]))[0] == 200
+        assert (await post(http, test_server, "/leave", {}, session=sessions["max3"]))[0] == 200
+        # a second login of the same player replaces its session (one per player)
+        status, text = await post(http, test_server, "/login", {"name": "max3", "password": "max3-is-here"})
+        assert (await post(http, test_server, "/leave", {}, session=sessions["max3"]))[0] == 401
+        assert len(server.sessions) == 2
+    await test_server.close()
+    # overall cap: the next login is refused rather than evicting another address's session
+    server._address_sessions.clear()
+    server.sessions_per_address = 100
+    server.sessions["someone-elses"] = 1
+    with pytest.raises(Exception) as refused:
+        server._new_session(server.by_id[1], "10.9.9.9")       # kim1: no session of its own left
+    assert getattr(refused.value, "status", None) == 503 and "someone-elses" in server.sessions
+
+
+async def test_deep_json_is_a_400_with_one_line_never_a_500():
+    server, test_server = await start_server()
+    async with aiohttp.ClientSession() as http:
+        deep = ("[" * 5000 + "]" * 5000).encode()
+        status, text = await post(http, test_server, "/register", None, raw=deep)
+        assert status == 400 and "deeper than 32" in text and "\n" not in text.strip()
+        tricky = json.dumps({"name": "[[[[" * 50, "password": "{{{{" * 50}).encode()    # brackets inside strings
+        status, text = await post(http, test_server, "/register", None, raw=tricky)
+        assert status == 400 and "name must be" in text
+    await test_server.close()
+    assert json_depth_ok('{"a": [[["\\"]]]]"]]]}', limit=4) and not json_depth_ok('{"a": [[[1]]]}', limit=3)
+
+
+def test_membership_pushed_again_when_a_reflector_restarts(tmp_path):
+    """After a reflector restart a player can rejoin: the server notices the new instance and pushes its members."""
+    udp, http_port, server_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+    refl_argv = [sys.executable, "-m", "mmpog.reflector", "--mode", "standalone", "--listen", f"127.0.0.1:{udp}",
+                 "--http", f"127.0.0.1:{http_port}", "--api-key", "secret-key", "--log-level", "warning"]
+    refl_url = f"http://127.0.0.1:{http_port}"
+    reflector = subprocess.Popen(refl_argv)
+    wait_http(refl_url + "/health", reflector)
+    server = subprocess.Popen([sys.executable, "-m", "mmpog.server", "--http", f"127.0.0.1:{server_port}",
+                               "--world", "1x1", "--cell", "10", "--api-key", "secret-key",
+                               "--reflector-check-interval", "0.05", "--reflector", f"{refl_url}=127.0.0.1:{udp}",
+                               "--log-level", "warning"])
+    base = f"http://127.0.0.1:{server_port}"
+    try:
+        wait_http(base + "/world", server)
+
+        async def play() -> None:
+            events = []
+            async with aiohttp.ClientSession() as http:
+                client = GameClient(base, "nora", "nora-plays-well", http=http, on_event=events.append)
+                await client.start()
+                await client.register()
+                await client.login()
+                await client.move(5, 5)
+                reflector.terminate()
+                assert reflector.wait(10) == 0
+                restarted = subprocess.Popen(refl_argv)
+                try:
+                    wait_http(refl_url + "/health", restarted)
+                    deadline = time.monotonic() + 10       # the server's watcher has no event to wait on
+                    while reflector_stats(refl_url)["locations"].get("0", {}).get("members") != 1:
+                        assert time.monotonic() < deadline, "membership was not pushed again"
+                        await asyncio.sleep(0.05)
+                    await client.move(5, 5, rejoin=True)
+                    assert sum(isinstance(e, Joined) for e in events) == 2
+                    await client.close()
+                finally:
+                    restarted.terminate()
+                    restarted.wait(10)
+
+        asyncio.run(play())
+        status, stats = call("GET", base + "/stats")
+        assert stats["counters"]["membership_pushed_again"] == 1 and stats["counters"]["rejoins"] == 1
+    finally:
+        for proc in (server, reflector):
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait(10)

@@ -70,7 +70,6 @@ def test_decode_errors_say_what_is_wrong(data, message):
     (Header(Kind.HEARTBEAT, seq=4, lowest=1), b"x", "HEARTBEAT carries no"),
     (Header(Kind.NACK), b"\x00\x00\x00\x01\x00", "NACK payload"),
     (Header(Kind.HELLO), b"short", "HELLO token"),
-    (Header(Kind.DATA, flags=0, seq=3, lowest=1), b"", "unreliable DATA must not carry a seq"),
     (Header(Kind.DATA, flags=1, seq=3, lowest=9), b"", "lowest 9 is above seq 3"),
     (Header(Kind.WELCOME, flags=1), b"", "WELCOME carries no"),
 ])
@@ -151,3 +150,51 @@ def test_fuzz_reflector_and_client_survive_anything(datagrams):
             pass
     snapshot = client.snapshot()
     assert snapshot["missing"] <= client.config.max_missing
+
+
+# ---------------------------------------------------------------- packing (BUNDLE)
+
+
+def test_pack_fills_up_to_the_mtu_and_unpacks_to_the_same_datagrams():
+    items = [wire.encode(Header(Kind.DATA, 0, 3, 7, 1, n, seq=4, lowest=1), bytes(64)) for n in range(40)]
+    packed = wire.pack(items)
+    assert all(len(d) <= wire.MAX_DATAGRAM for d in packed)
+    assert len(packed) == 3                                     # 94 bytes per item: 14 per datagram
+    again = []
+    for data in packed:
+        header, payload = wire.decode(data)
+        assert header.kind is Kind.BUNDLE and header.location == 7
+        again += wire.unpack(header, payload)
+    assert again == items
+    assert wire.pack(items[:1]) == items[:1]                    # a lone datagram goes as it is
+
+
+@pytest.mark.parametrize("payload, why", [
+    (b"\x00", "stray bytes"),
+    (b"\x00\x05abcde", "does not fit"),
+    (b"\x03\x00" + bytes(10), "does not fit"),
+])
+def test_bundle_items_validated(payload, why):
+    header = Header(Kind.BUNDLE, location=7)
+    with pytest.raises(WireDecodeError, match=why):
+        wire.unpack(header, payload)
+
+
+def test_bundle_refuses_nesting_and_other_locations():
+    inner = wire.encode(Header(Kind.DATA, 0, 3, 7, 1, 9), b"x")
+    other = wire.encode(Header(Kind.DATA, 0, 3, 8, 1, 9), b"x")
+    [nested] = wire.pack([inner, inner])
+    with pytest.raises(WireDecodeError, match="inside a BUNDLE"):
+        wire.unpack(Header(Kind.BUNDLE, location=7), wire.BUNDLE_ITEM.pack(len(nested)) + nested)
+    with pytest.raises(WireDecodeError, match="another location"):
+        wire.unpack(Header(Kind.BUNDLE, location=7), wire.BUNDLE_ITEM.pack(len(other)) + other)
+
+
+@given(st.lists(st.binary(min_size=0, max_size=300), min_size=0, max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_unpack_never_raises_anything_but_wire_decode_error(blob_parts):
+    header = Header(Kind.BUNDLE, location=7)
+    try:
+        wire.unpack(header, b"".join(blob_parts))
+    except WireDecodeError:
+        pass

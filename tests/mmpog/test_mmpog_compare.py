@@ -1,0 +1,61 @@
+"""The transport comparison: the analysis in memory, and (root) the three stacks for real in namespaces."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tools.compare_mmpog import Workload, analyse
+
+FIELDS = {"reliable", "unreliable", "duplicates_delivered", "updates_relayed_per_s", "datagrams_sent_per_s"}
+
+
+def test_analysis_counts_expected_pairs_of_the_static_placement():
+    w = Workload(players=3, locations=1, deadline=1.0)
+    sent = [(0, 0, 0, True, 10.0), (1, 0, 0, False, 10.5), (2, 0, 0, True, 12.0)]
+    got = {(1, 0, 0): 0.002, (2, 0, 0): 1.5, (0, 1, 0): 0.001, (0, 2, 0): 0.004, (1, 2, 0): 0.003}
+    result = analyse(w, sent, got, duplicates=1, t_start=10.0)
+    reliable = result["reliable"]
+    assert (reliable["sent"], reliable["expected"]) == (2, 4)
+    assert reliable["delivered_ratio"] == 1.0 and reliable["delivered_within_deadline_ratio"] == 0.75
+    assert reliable["latency_ms"]["max"] == 1500.0
+    assert reliable["first_second_latency_ms"]["max"] == 1500.0     # sent at t_start: in the first second
+    assert result["unreliable"]["delivered_ratio"] == 0.5
+    assert result["duplicates_delivered"] == 1
+
+
+def test_location_placement_is_mmpog_bots_placement():
+    import random
+    w = Workload(players=10, locations=4, seed=3)
+    assert [w.location_of(i) for i in range(10)] == [random.Random(3 * 1_000_003 + i).randrange(4) for i in range(10)]
+
+
+@pytest.mark.root
+def test_compare_runs_all_three_stacks_side_by_side(tmp_path):
+    pytest.importorskip("kcp")
+    pytest.importorskip("enet")
+    out = tmp_path / "cmp.json"
+    plot = tmp_path / "cmp.png"
+    proc = subprocess.run([sys.executable, "-m", "tools.loadgen", "mmpog", "--compare", "kcp,enet", "--players", "4",
+                           "--locations", "1", "--duration", "1.5", "--loss", "0.05", "--workers", "1",
+                           "--reflector-mode", "standalone", "--json", str(out), "--plot", str(plot)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for stack in ("mmpog", "kcp", "enet"):
+        section = result[stack]
+        assert FIELDS <= section.keys(), stack
+        assert {"p50", "p90", "p99", "max"} <= section["reliable"]["latency_ms"].keys()
+        # same workload, same audience: the same number of expected reliable deliveries in every stack
+        assert section["reliable"]["expected"] > 0
+        assert section["reliable"]["delivered_ratio"] == 1.0, stack
+        assert section["duplicates_delivered"] == 0
+    assert "| kcp |" in proc.stderr and "| enet |" in proc.stderr
+    assert plot.stat().st_size > 0
+
+
+def test_compare_unknown_stack_exits_2():
+    proc = subprocess.run([sys.executable, "-m", "tools.loadgen", "mmpog", "--compare", "quic"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "quic" in proc.stderr
