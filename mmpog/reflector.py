@@ -37,6 +37,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from cliruntime import ConfigError, RunContext, host_port, make_parser, non_negative_float, positive_int, run_async
+from cliruntime.supervisor import Supervisor, TaskFailed, first_of
 
 from . import fastsend, wire
 from .reliability import Address, BufferFull, MembersChanged, ReflectorConfig, ReflectorCore
@@ -304,30 +305,28 @@ async def run_standalone(service: ReflectorService, listen: Address, stop: async
     service.use_socket(sock)
     service.transport = {"mode": "standalone", "delivery": "own socket", "fanout": service.fanout_kind}
     attach_reader(loop, sock, service)
-    ticker = _start_ticker(loop, service, tick)
     log.info("reflector listening on udp %s:%d (standalone)", *sock.getsockname()[:2])
     if ready is not None:
         ready(sock.getsockname()[:2])
     try:
-        await stop.wait()
+        async with Supervisor("mmpog-reflector", logger=log) as tasks:
+            tasks.spawn(run_timers(service, tick), name="timers")
+            failed = await first_of(stop.wait(), tasks.wait_failed())
+            if isinstance(failed, TaskFailed):
+                raise failed
     finally:
-        ticker.cancel()
         loop.remove_reader(sock.fileno())
         sock.close()
 
 
-def _start_ticker(loop: asyncio.AbstractEventLoop, service: ReflectorService, tick: float) -> asyncio.Task:
+async def run_timers(service: ReflectorService, tick: float) -> None:
     """Run the core's timers when they are due (tail-loss probes come ~1 RTO after the last packet,
     a few ms on a LAN), and at least every ``tick`` (a location bound since the last wake-up)."""
     core = service.core
-
-    async def ticker() -> None:
-        while True:
-            due = core.get_timer()
-            delay = tick if due is None else min(tick, max(0.0, due - time.monotonic()))
-            await asyncio.sleep(delay)
-            service.tick()
-    return loop.create_task(ticker())
+    while True:
+        due = core.get_timer()
+        await asyncio.sleep(tick if due is None else min(tick, max(0.0, due - time.monotonic())))
+        service.tick()
 
 
 async def run_booster(service: ReflectorService, args: argparse.Namespace, stop: asyncio.Event) -> int:
@@ -346,11 +345,6 @@ async def run_booster(service: ReflectorService, args: argparse.Namespace, stop:
         box_addr["addr"] = pkt.dst
         service.on_datagram(pkt.payload, (pkt.src, pkt.sport))
         return None   # CONSUME: the reflector is the packet's end point
-
-    async def ticks() -> None:
-        while True:
-            await asyncio.sleep(args.tick)
-            service.tick()
 
     @contextlib.asynccontextmanager
     async def serve(booster):
@@ -390,7 +384,7 @@ async def run_booster(service: ReflectorService, args: argparse.Namespace, stop:
             booster.spawn(group_updater(), name="multicast groups")
         service.transport = {"mode": "booster", "engine": str(booster.engine), "delivery": sub.delivery.kind,
                              "fanout": "engine multicast" if use_engine else service.fanout_kind}
-        booster.spawn(ticks(), name="tick")
+        booster.spawn(run_timers(service, args.tick), name="timers")
         log.info("reflector booster on udp port %d (delivery %s, fan-out %s)", port, sub.delivery.kind,
                  service.transport["fanout"])
         yield
@@ -414,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--control", metavar="PATH", default=os.environ.get("BOXD_CONTROL", "/run/boxd/control.sock"),
                         help="boxd's control socket (booster mode)")
     parser.add_argument("--port", type=positive_int, default=7400,
-                        help="booster mode: redirect UDP packets headed for this port (on the user engine, the relay "
-                             "destination port of boxd's --listen udp:BOX:PORT=DST:DPORT, i.e. DPORT)")
+                        help="booster mode: redirect UDP packets headed for this port (with a box in opaque mode, "
+                             "the relay destination port of boxd's --listen udp:BOX:PORT=DST:DPORT, i.e. DPORT)")
     parser.add_argument("--dst", default=None, help="booster mode: ... and for this destination address (DST)")
     parser.add_argument("--src-port", type=int, default=0,
                         help="booster mode: the box's listening port, the source of engine multicasts (default --port)")
