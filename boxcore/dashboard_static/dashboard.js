@@ -110,7 +110,11 @@
     }
     const source = new EventSource("/api/events");
     source.onopen = () => setPill($("conn-state"), "live", "ok");
-    source.onerror = () => setPill($("conn-state"), "reconnecting", "warn");
+    source.onerror = () => {
+      // a refused stream (boxd has a token and this page was not opened with it) is not retried
+      if (source.readyState === EventSource.CLOSED) setPill($("conn-state"), "refused: open /?token=…", "warn");
+      else setPill($("conn-state"), "reconnecting", "warn");
+    };
     source.addEventListener("snapshot", (e) => {
       const snap = JSON.parse(e.data);
       interval = snap.interval || interval;
