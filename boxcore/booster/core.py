@@ -192,11 +192,16 @@ class Booster:
         if sub is None or sub.cancelled or sub.handler is None or sub.tcp or len(fds) != msg["nfds"]:
             self.stats["delegate_refused"] += 1
             return False
+        try:
+            receiver = get_receiver(delivery.kind)()
+        except LookupError as exc:
+            log.error("cannot take rule %d's %s delivery back: %s", sub.cookie, delivery.kind, exc)
+            self.stats["delegate_refused"] += 1
+            return False
         ctx = self._receiver_context(sub.rule)
         # What boxd pushed on the channel before it stopped reading the socket may still wait
         # there: it reaches the handler all the same (see _channel_handler_of).
         ctx.stop_listening()
-        receiver = get_receiver(delivery.kind)()
         # critical: should it fail, the rule's packets would wait in a socket nobody reads
         self.spawn(self._start_delegated(sub, receiver, ctx, delivery), name=f"delegate {sub.cookie}")
         return True
