@@ -62,6 +62,8 @@ from cliruntime.supervisor import Supervisor
 log = logging.getLogger("boxcore.controller")
 
 MAX_DATAGRAMS_PER_WAKEUP = 256
+MAX_DEPARTURES = 100            # recent departures kept for the management views
+MAX_EVICTION_NAMES = 1024       # booster names whose eviction count is kept (least recent dropped)
 
 
 @dataclass
@@ -332,6 +334,7 @@ class ControlSession:
         self.send_checks: dict[tuple, str | None] = {}   # (proto, src, sport, dst, dport) -> refusal
         self.reported: dict[int, tuple[int, int]] = {}
         self.handler_errors = 0
+        self.evicted: str | None = None     # why boxd evicted it (None: it left, or is here)
         self.closed = False
         # A booster's messages are served one at a time, in the order sent.  When too many
         # wait, boxd stops reading this connection (its sender blocks): no reply is built for
@@ -496,6 +499,9 @@ class Controller:
         self.rules: dict[int, InstalledRule] = {}
         self.groups: dict[int, tuple[ControlSession, list[tuple[str, int]]]] = {}
         self.routes: list[Route] = []
+        # who left and why, newest last (bounded), and how often each name was evicted
+        self.departures: collections.deque[dict[str, Any]] = collections.deque(maxlen=MAX_DEPARTURES)
+        self.evictions: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.started_at = time.time()
         self._sids = itertools.count(1)
         self._cookies = itertools.count(1)
@@ -656,6 +662,7 @@ class Controller:
         if sess.booster is not None:
             log.warning("evicting booster %s (pid %d): %s", sess.name, sess.pid, reason)
             self.stats["boosters_evicted"] += 1
+            sess.evicted = reason
         else:
             log.info("closing observer session of pid %d: %s", sess.pid, reason)
             self.stats["observers_evicted"] += 1
@@ -676,6 +683,7 @@ class Controller:
             return
         log.info("booster %s (pid %d) left: %s", sess.name, sess.pid, reason)
         self.stats["boosters_left"] += 1
+        self._note_departure(sess, reason)
         self.sessions.pop(sess.booster.sid, None)
         channel = sess.booster.channel
         if channel is not None:
@@ -690,6 +698,18 @@ class Controller:
         if owned:
             self.stats["rules_removed_on_leave"] += len(owned)
         self._teardowns.put_nowait((sess, owned))
+
+    def _note_departure(self, sess: ControlSession, reason: str) -> None:
+        name = sess.booster.name
+        if sess.evicted is not None:
+            reason = sess.evicted
+            self.evictions[name] = self.evictions.pop(name, 0) + 1
+            while len(self.evictions) > MAX_EVICTION_NAMES:
+                self.evictions.popitem(last=False)
+                self.stats["eviction_counts_dropped"] += 1
+        self.departures.append({"name": name, "sid": sess.booster.sid, "pid": sess.pid, "uid": sess.uid,
+                                "reason": reason, "evicted": sess.evicted is not None,
+                                "time": round(time.time(), 3)})
 
     async def _teardown_worker(self) -> None:
         # Removal jumps the FIFO queue on purpose: a dead booster's rules must go at once,
@@ -1102,8 +1122,14 @@ class Controller:
                 "last_heartbeat_s": round(now - sess.last_seen, 3),
                 "handler_errors": sess.handler_errors,
                 "channel_sent": b.channel_sent, "channel_dropped": b.channel_dropped,
+                "evictions": self.evictions.get(b.name, 0),
             })
         return out
+
+    def departures_view(self) -> list[dict[str, Any]]:
+        """The last :data:`MAX_DEPARTURES` boosters that left, oldest first: name, sid, pid, uid,
+        reason (boxd's eviction reason when ``evicted``), time (Unix seconds)."""
+        return [dict(d) for d in self.departures]
 
     def rules_view(self) -> list[dict[str, Any]]:
         counters = self.rule_counters()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import json
 import logging
 import time
@@ -65,18 +64,6 @@ HEALTH_WORDS = ("error", "failure", "stall", "malformed")
 HEALTH_WINDOW = 60.0
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-
-
-def _first_keys(directory: Any, booster: str, limit: int) -> list[str]:
-    """The first ``limit`` key names of ``booster`` without decoding any value.
-
-    ``Directory`` has no public key listing yet; its row iterator reads rows lazily, so only
-    ``limit`` rows are read however many keys the booster holds.
-    """
-    keys = getattr(directory, "keys", None)
-    if callable(keys):
-        return list(itertools.islice(keys(booster), limit))
-    return [key for key, _ in itertools.islice(directory._rows(booster, ""), limit)]
 
 
 def sse_message(event: str, data: Any) -> bytes:
@@ -146,8 +133,8 @@ class DashboardHub:
         self._last_health: dict[str, float] = {}
         self._health_rising: dict[str, float] = {}     # counter -> when it last rose
         self._last_time: float | None = None
-        self._known: dict[int, dict] = {}              # sid -> booster row, to see who joined and left
-        self._last_evicted = 0
+        self._known: dict[int, dict] = {}              # sid -> booster row, to see who joined
+        self._departures_seen: set[int] = set()        # sids of boxd's departures already told
         self._sampled = False
         self._key_names: dict[str, tuple[tuple[int, int], list[str]]] = {}
         self.supervisor: Supervisor | None = None
@@ -220,7 +207,7 @@ class DashboardHub:
         failopen = self._failopen(status.get("engine", ""), engine_counters, dt)
         health = self._health(now, {**{f"engine.{k}": v for k, v in engine_counters.items()},
                                     **{f"boxd.{k}": v for k, v in boxd_counters.items()}})
-        booster_rows = self._boosters(boosters, boxd_counters)
+        booster_rows = self._boosters(boosters)
         point = [round(time.time(), 3), total_pps, total_bps, failopen["pps"]]
         if dt is not None:
             self.history.append(point)
@@ -233,7 +220,7 @@ class DashboardHub:
                        "boosters_left": boxd_counters.get("boosters_left", 0)},
             "traffic": {"pps": total_pps, "bps": total_bps},
             "point": point if dt is not None else None,
-            "boosters": booster_rows, "events": list(self.events),
+            "boosters": booster_rows, "events": sorted(self.events, key=lambda e: e["t"]),
             "rules": rule_rows[:MAX_RULES_SHOWN], "rules_not_shown": max(0, len(rule_rows) - MAX_RULES_SHOWN),
             "directory": self._directory({row["name"] for row in booster_rows}),
             "engine_counters": engine_counters, "boxd_counters": boxd_counters,
@@ -289,7 +276,7 @@ class DashboardHub:
         rising = sorted(k for k, when in self._health_rising.items() if now - when <= HEALTH_WINDOW)
         return {"state": "degraded" if rising else "ok", "rising": rising, "window_s": HEALTH_WINDOW}
 
-    def _boosters(self, boosters: list[dict], boxd_counters: dict[str, float]) -> list[dict]:
+    def _boosters(self, boosters: list[dict]) -> list[dict]:
         config = getattr(self.controller, "config", None)
         interval = getattr(config, "heartbeat_interval", 1.0)
         deadline = interval * getattr(config, "heartbeat_misses", 3)
@@ -301,28 +288,29 @@ class DashboardHub:
                          "rules": len(b.get("rules", ())), "cookies": list(b.get("rules", ()))[:32],
                          "groups": len(b.get("groups", ())), "connected_s": b.get("connected_s"),
                          "heartbeat_age_s": age, "heartbeat": state, "handler_errors": b.get("handler_errors", 0),
-                         "channel_sent": b.get("channel_sent", 0), "channel_dropped": b.get("channel_dropped", 0)})
-        self._note_departures(rows, boxd_counters)
+                         "channel_sent": b.get("channel_sent", 0), "channel_dropped": b.get("channel_dropped", 0),
+                         "evictions": b.get("evictions", 0)})
+        self._note_departures(rows)
         rows.sort(key=lambda r: (r["name"] or "", r["sid"] or 0))
         return rows
 
-    def _note_departures(self, rows: list[dict], boxd_counters: dict[str, float]) -> None:
+    def _note_departures(self, rows: list[dict]) -> None:
+        """Joins as this hub sees them; departures as boxd recorded them (with its reason, and
+        whether it evicted the booster)."""
         now = round(time.time(), 3)
         current = {row["sid"]: row for row in rows}
         first, self._sampled = not self._sampled, True
-        evicted = int(boxd_counters.get("boosters_evicted", 0))
-        new_evictions = evicted - self._last_evicted
-        self._last_evicted = evicted
         if not first:
             for sid, row in current.items():
                 if sid not in self._known:
                     self.events.append({"t": now, "booster": row["name"], "pid": row["pid"], "what": "joined"})
-            left = [row for sid, row in self._known.items() if sid not in current]
-            for row in left:
-                # boxd counts evictions, not whom: name it when every departure of this second was one
-                what = "evicted" if left and new_evictions >= len(left) else "left"
-                self.events.append({"t": now, "booster": row["name"], "pid": row["pid"], "what": what})
         self._known = current
+        departures = getattr(self.controller, "departures_view", lambda: [])()
+        for d in departures:
+            if d["sid"] not in self._departures_seen:
+                self.events.append({"t": d["time"], "booster": d["name"], "pid": d["pid"],
+                                    "what": "evicted" if d["evicted"] else "left", "reason": d["reason"]})
+        self._departures_seen = {d["sid"] for d in departures}   # bounded like boxd's list
 
     def _directory(self, connected: set[str]) -> list[dict]:
         directory = getattr(self.controller, "directory", None)
@@ -337,7 +325,7 @@ class DashboardHub:
             fingerprint = (summary.get("keys", 0), summary.get("bytes", 0))
             cached = self._key_names.get(name)
             if cached is None or cached[0] != fingerprint:
-                cached = self._key_names[name] = (fingerprint, _first_keys(directory, name, MAX_KEYS_SHOWN))
+                cached = self._key_names[name] = (fingerprint, directory.keys(name, limit=MAX_KEYS_SHOWN))
             out.append({"booster": name, "keys": fingerprint[0], "bytes": fingerprint[1],
                         "names": cached[1], "connected": name in connected})
         for gone in set(self._key_names) - set(names):

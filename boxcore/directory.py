@@ -362,6 +362,21 @@ class Directory:
             size += len(blob) + len(key)
         return out, None
 
+    def keys(self, booster: str, prefix: str = "", limit: int = 100) -> list[str]:
+        """The first ``limit`` key names of ``booster`` under ``prefix``, in order; no value is
+        read (the dashboard shows names, never values)."""
+        if limit < 0:
+            raise DirectoryError(f"limit must not be negative, got {limit}")
+        if not isinstance(prefix, str) or not _is_utf8(prefix):
+            raise DirectoryError(f"prefix must be a Unicode string, got {prefix!r}")
+        upper = _prefix_upper_bound(prefix)
+        if upper is None:
+            query, args = "SELECT key FROM kv WHERE booster=? AND key>=? ORDER BY key LIMIT ?", (booster, prefix, limit)
+        else:
+            query = "SELECT key FROM kv WHERE booster=? AND key>=? AND key<? ORDER BY key LIMIT ?"
+            args = (booster, prefix, upper, limit)
+        return [key for (key,) in self._db.execute(query, args) if key.startswith(prefix)]
+
     def count(self, booster: str) -> int:
         return self._counts.get(booster, 0)
 

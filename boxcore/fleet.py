@@ -8,7 +8,9 @@ reached only from where ``booster-fleet`` runs.  A box that does not answer is s
 retried with a growing delay.
 
 The boxes are given on the command line, never by the page: the fleet process makes no request
-a browser asked for.
+a browser asked for.  Boxes that need a token (``boxd --http-token-file``) get the one in
+``--token-file`` as ``Authorization: Bearer``; the fleet page then shows what those boxes keep for
+token holders (booster names and pids), so with a token it is served on loopback only.
 """
 
 from __future__ import annotations
@@ -100,8 +102,12 @@ def _panel_title(entry: dict) -> str:
 class FleetHub:
     """Follows every box and fans their summaries out to the fleet page's streams."""
 
-    def __init__(self, urls: list[str], *, max_clients: int = 32, client_queue: int = 256) -> None:
+    def __init__(self, urls: list[str], *, max_clients: int = 32, client_queue: int = 256,
+                 token: str | None = None) -> None:
         self.feeds = [BoxFeed(i, url) for i, url in enumerate(urls)]
+        self.headers = {"Accept": "text/event-stream"}
+        if token is not None:
+            self.headers["Authorization"] = f"Bearer {token}"
         self.max_clients = max_clients
         self.client_queue = client_queue
         self.clients: set[SseClient] = set()
@@ -155,8 +161,7 @@ class FleetHub:
         delay = RETRY_MIN
         while True:
             try:
-                async with self.session.get(feed.url + "/api/events",
-                                            headers={"Accept": "text/event-stream"}) as response:
+                async with self.session.get(feed.url + "/api/events", headers=self.headers) as response:
                     if response.status != 200:
                         raise ConnectionError(f"HTTP {response.status}")
                     delay = RETRY_MIN
@@ -242,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a boxd management address, http://HOST:PORT (repeatable)")
     parser.add_argument("--listen", type=host_port, default=("127.0.0.1", 9200), metavar="HOST:PORT",
                         help="where to serve the fleet page (default 127.0.0.1:9200)")
+    parser.add_argument("--token-file", default=None, metavar="FILE",
+                        help="the token of boxes started with --http-token-file (sent to every box)")
     parser.add_argument("--ready-file", default=None, help="write the page's URL here once it is served")
     return parser
 
@@ -249,7 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
 async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
     if len(set(args.box)) != len(args.box):
         raise ConfigError("each --box may be given once")
-    hub = FleetHub(args.box)
+    token = None
+    if args.token_file:
+        from boxcore.http import is_loopback, read_token_file
+
+        token = read_token_file(args.token_file)
+        if not is_loopback(args.listen[0]):
+            raise ConfigError("with --token-file the fleet page shows what the boxes keep for token holders: "
+                              "--listen must be a loopback address")
+    hub = FleetHub(args.box, token=token)
     ctx.stats.providers["fleet"] = lambda: {"stats": dict(hub.stats), "boxes": [
         {"url": f.url, "status": f.status} for f in hub.feeds]}
     runner = web.AppRunner(build_app(hub), access_log=None)

@@ -2,17 +2,28 @@
 
 ``GET /api/status``, ``/api/rules`` (per-rule packet and byte counters) and
 ``/metrics`` (Prometheus text) are open on loopback.  ``/api/boosters`` (pids,
-uids) and ``/api/directory`` (paginated: ``?booster=NAME&prefix=P&after=KEY&limit=N``)
-need the bearer token of ``boxd --http-token-file``, compared in constant time;
-bound anywhere but loopback, every path needs it (boxd refuses to start without
-one).  Requests are small and quick: header lines and counts are bounded, a body
-beyond 16 KiB is refused, and a connection that does not complete a request within
-``HEADER_TIMEOUT`` seconds is closed.  See docs/security.md.
+uids), ``/api/boosters/departures`` (the last boosters that left, with boxd's
+eviction reasons) and ``/api/directory`` (paginated:
+``?booster=NAME&prefix=P&after=KEY&limit=N``) need the token of ``boxd
+--http-token-file``; so does the dashboard's stream ``/api/events`` when boxd has
+a token (it carries the same data).  Bound anywhere but loopback, every path needs
+it (boxd refuses to start without one).
+
+The token is presented as ``Authorization: Bearer TOKEN``, or - for a browser,
+whose ``EventSource`` cannot send headers - as ``?token=TOKEN`` in the page's URL:
+the page load then sets an HttpOnly, SameSite=Strict cookie holding a value derived
+from the token (never the token itself) that the page's stream and static files
+present.  Every form is compared in constant time; no form is logged (boxd keeps
+no access log).  Requests are small and quick: header lines and counts are bounded,
+a body beyond 16 KiB is refused, and a connection that does not complete a request
+within ``HEADER_TIMEOUT`` seconds is closed; a response in progress (the stream)
+is never cut by it.  See docs/security.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -21,6 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
+from boxcore.dashboard import EVENTS_PATH    # the dashboard's stream: private whenever boxd has a token
 from cliruntime import ConfigError
 
 METRICS_CONTENT_TYPE = "text/plain"
@@ -90,6 +102,7 @@ def render_metrics(controller: Any) -> str:
 
 # per-booster data (pids, uids, directory contents) needs the token even on loopback
 PRIVATE_PATHS = ("/api/boosters", "/api/directory")
+TOKEN_COOKIE = "boxd_dashboard"
 MAX_PAGE = 1000                 # directory items per page
 PAGE_BYTES = 1 << 20            # and about this many bytes
 HEADER_TIMEOUT = 10.0           # seconds a connection has to send a complete request
@@ -104,6 +117,11 @@ def read_token_file(path: Any) -> str:
     if len(token) < 16:
         raise ConfigError(f"--http-token-file {path}: the token must be at least 16 characters")
     return token
+
+
+def cookie_for(token: str) -> str:
+    """The dashboard cookie's value: derived from the token, so the cookie never holds it."""
+    return hmac.new(token.encode(), b"boxd dashboard cookie", hashlib.sha256).hexdigest()
 
 
 def is_loopback(host: str) -> bool:
@@ -124,18 +142,38 @@ def build_app(controller: Any, *, token: str | None = None, open_reads: bool = T
     per-booster paths always need ``token`` (and are refused when there is none)."""
     routes = web.RouteTableDef()
     expected = None if token is None else token.encode()
+    cookie_value = None if token is None else cookie_for(token)
+
+    def presented(request: web.Request) -> tuple[bool, bool]:
+        """(whether the request carries the token in some form, whether it came in the query)."""
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected):
+            return True, False
+        in_query = request.query.get("token")
+        if in_query is not None and hmac.compare_digest(in_query.encode(), expected):
+            return True, True
+        cookie = request.cookies.get(TOKEN_COOKIE)
+        return cookie is not None and hmac.compare_digest(cookie.encode(), cookie_value.encode()), False
 
     @web.middleware
     async def authorize(request: web.Request, handler: Any) -> web.StreamResponse:
-        if not open_reads or request.path.startswith(PRIVATE_PATHS):
-            if expected is None:
-                raise web.HTTPForbidden(text="this path needs boxd --http-token-file\n")
-            given = request.headers.get("Authorization", "")
-            scheme, _, presented = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), expected):
+        path = request.path
+        needs = (not open_reads or path.startswith(PRIVATE_PATHS)
+                 or (path == EVENTS_PATH and expected is not None))
+        if expected is not None and (needs or "token" in request.query):
+            ok, from_query = presented(request)
+            if not ok and needs:
                 controller.stats["http_unauthorized"] += 1
-                raise web.HTTPUnauthorized(text="a bearer token is needed (Authorization: Bearer ...)\n",
+                raise web.HTTPUnauthorized(text="a token is needed (Authorization: Bearer ..., "
+                                                "or ?token=... in the dashboard's URL)\n",
                                            headers={"WWW-Authenticate": "Bearer"})
+            response = await handler(request)
+            if ok and from_query and path == "/":
+                # the page's stream and scripts present this instead of the token in their URLs
+                response.set_cookie(TOKEN_COOKIE, cookie_value, httponly=True, samesite="Strict", path="/")
+            return response
+        if needs:
+            raise web.HTTPForbidden(text="this path needs boxd --http-token-file\n")
         return await handler(request)
 
     @routes.get("/api/status")
@@ -145,6 +183,10 @@ def build_app(controller: Any, *, token: str | None = None, open_reads: bool = T
     @routes.get("/api/boosters")
     async def boosters(request: web.Request) -> web.Response:
         return _json(controller.boosters_view())
+
+    @routes.get("/api/boosters/departures")
+    async def departures(request: web.Request) -> web.Response:
+        return _json(controller.departures_view())
 
     @routes.get("/api/rules")
     async def rules(request: web.Request) -> web.Response:

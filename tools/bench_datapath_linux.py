@@ -130,9 +130,10 @@ def role_booster(args: argparse.Namespace) -> dict:
             result = tally.result()
             result["delivery"] = sub.delivery.kind
             result["batched"] = batched
-            receiver = sub.receiver
-            if receiver is not None and getattr(receiver, "reader", None) is not None:
-                result["queue"] = dict(receiver.reader.stats)
+            # the nfqueue receiver's section of the booster's stats (batches, verdict messages, overruns)
+            queue = booster.stats.snapshot().get(f"nfqueue_{sub.cookie}")
+            if queue is not None:
+                result["queue"] = dict(queue)
             result["handler_errors"] = booster.stats["handler_errors"]
         return result
 

@@ -2,7 +2,8 @@
 
 Requests carry an ``id`` and wait (at most ``request_timeout``) for the reply with the same id; a
 refusal raises the :mod:`~boxcore.booster.errors` class of its status.  Everything else boxd sends
-(``dir_event``, ``stream``, ``undelegate``, ``evicted``) goes to ``on_event(kind, msg, fds)``.
+(``dir_event``, ``stream``, ``undelegate``, ``delegate``) goes to ``on_event(kind, msg, fds)``;
+``evicted`` is logged and becomes the close reason.
 The message types themselves are declared once, in :mod:`boxcore.wire`.
 """
 

@@ -37,6 +37,8 @@ from cliruntime.supervisor import Supervisor, first_of
 log = logging.getLogger("boxcore.booster")
 
 DEFAULT_CONTROL = "/run/boxd/control.sock"
+# optional protocol features this library speaks (announced in the hello, see wire.FEATURES)
+FEATURES = ("delegate",)      # takes a socket boxd gives back after an "undelegate"
 
 __all__ = ["Booster", "DEFAULT_CONTROL"]
 
@@ -64,7 +66,7 @@ class Booster:
                                       request_timeout=request_timeout)
         self.directory = DirectoryClient(self.session, self.stats)
         self._guard = HandlerGuard(self.stats)
-        self.dispatch = DataDispatch(self.stats, self._guard, self.spawn)
+        self.dispatch = DataDispatch(self.stats, self._guard, self.spawn, claim=self._channel_handler_of)
         self.timers = Timers(self.spawn, self._guard.failed)
 
     # ---------------------------------------------------------- state
@@ -109,7 +111,8 @@ class Booster:
         self.tasks = Supervisor(f"booster {self.name}", logger=log)
         try:
             result, fds = await self.session.request_fds({"t": "hello", "name": self.name,
-                                                          "version": wire.PROTOCOL_VERSION})
+                                                          "version": wire.PROTOCOL_VERSION,
+                                                          "features": list(FEATURES)})
         except BaseException:
             self.session.close("registration refused")
             await self.tasks.aclose()
@@ -167,10 +170,71 @@ class Booster:
                 undelegate()
                 sub.delivery.kind, sub.delivery.fds = "channel", []
             self.stats["undelegated"] += 1
+        elif kind == "delegate":
+            if self._take_delegation(msg, fds):
+                return      # the descriptor is the new receiver's
         else:
             self.stats["control_unexpected"] += 1
         for fd in fds:
             os.close(fd)
+
+    def _take_delegation(self, msg: dict, fds: list[int]) -> bool:
+        """boxd gives a taken-back socket back: the rule's packets stop coming on the data channel
+        and arrive on that socket, read by the receiver of the new delivery.  True if a receiver
+        is being started on ``fds`` (else the caller closes them)."""
+        sub = self._subscriptions.get(msg["cookie"])
+        try:
+            delivery = Delivery.from_wire(msg["delivery"], fds)
+        except ValueError as exc:
+            log.warning("boxd gave back rule %d with %s", msg["cookie"], exc)
+            self.stats["delegate_refused"] += 1
+            return False
+        if sub is None or sub.cancelled or sub.handler is None or sub.tcp or len(fds) != msg["nfds"]:
+            self.stats["delegate_refused"] += 1
+            return False
+        try:
+            receiver = get_receiver(delivery.kind)()
+        except LookupError as exc:
+            log.error("cannot take rule %d's %s delivery back: %s", sub.cookie, delivery.kind, exc)
+            self.stats["delegate_refused"] += 1
+            return False
+        ctx = self._receiver_context(sub.rule)
+        # What boxd pushed on the channel before it stopped reading the socket may still wait
+        # there: it reaches the handler all the same (see _channel_handler_of).
+        ctx.stop_listening()
+        # critical: should it fail, the rule's packets would wait in a socket nobody reads
+        self.spawn(self._start_delegated(sub, receiver, ctx, delivery), name=f"delegate {sub.cookie}")
+        return True
+
+    async def _start_delegated(self, sub: Subscription, receiver: Any, ctx: ReceiverContext,
+                               delivery: Delivery) -> None:
+        try:
+            await receiver.start(ctx, delivery, sub.handler)
+        except BaseException as exc:
+            for fd in delivery.fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if not isinstance(exc, asyncio.CancelledError):
+                self.stats["delegate_failed"] += 1
+            raise           # logged by the supervisor; the booster stops
+        if sub.cancelled or self._subscriptions.get(sub.cookie) is not sub:
+            await receiver.stop()           # cancelled meanwhile: the socket goes back with the rule
+            return
+        sub._receiver_replaced(receiver, delivery)
+        self.stats["delegated_again"] += 1
+        if self.closed:                     # boxd left meanwhile: let go of its socket at once
+            abandon = getattr(receiver, "abandon", None)
+            if abandon is not None:
+                abandon()
+
+    def _channel_handler_of(self, cookie: int) -> tuple[Callable, bool] | None:
+        """The handler of a rule this booster holds, for a packet on the data channel that no
+        receiver listens for: pushed just after an ``undelegate`` the booster has not read yet,
+        or just before a ``delegate`` it has already read."""
+        sub = self._subscriptions.get(cookie)
+        if sub is None or sub.cancelled or sub.handler is None or sub.tcp:
+            return None
+        return sub.handler, sub.rule.action is Action.REDIRECT
 
     # ---------------------------------------------------------- background work
     def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str = "task", critical: bool = True) -> asyncio.Task:
@@ -237,7 +301,7 @@ class Booster:
         else:
             for fd in fds:
                 os.close(fd)
-        sub = Subscription(self, rule, delivery, receiver)
+        sub = Subscription(self, rule, delivery, receiver, handler, tcp=tcp)
         self._subscriptions[cookie] = sub
         return sub
 

@@ -6,6 +6,13 @@ wakeup go back together in one VERDICTS datagram.  Packets and multicasts the bo
 on the same channel.  ``stream`` events (TCP connections boxd accepted for an ``intercept_tcp``
 rule) go to the handler registered for their cookie.  Per-rule counters for packets only the
 booster sees (a delegated socket) are kept here and reported with the heartbeats.
+
+The data channel and the control connection are two sockets, read in whatever order the loop
+finds them ready: a packet boxd pushed after an ``undelegate`` event may be read before that
+event, and packets it pushed before a ``delegate`` event may still wait on the channel after it.
+For such a packet no receiver listens on the channel; ``claim(cookie)`` (given by the booster)
+names the handler of the rule the booster holds, and the packet reaches it rather than passing
+unseen (counted in ``packets_claimed``).
 """
 
 from __future__ import annotations
@@ -83,10 +90,12 @@ class HandlerGuard:
 
 
 class DataDispatch:
-    def __init__(self, stats: Any, guard: HandlerGuard, spawn: Callable[..., asyncio.Task]) -> None:
+    def __init__(self, stats: Any, guard: HandlerGuard, spawn: Callable[..., asyncio.Task],
+                 claim: Callable[[int], tuple[Callable, bool] | None] = lambda cookie: None) -> None:
         self.stats = stats
         self.guard = guard
         self._spawn = spawn
+        self._claim = claim     # cookie -> (handler, wants a verdict) of a rule nobody listens for yet
         self.channel_handlers: dict[int, tuple[Callable, bool]] = {}   # cookie -> (handler, wants a verdict)
         self.stream_handlers: dict[int, Callable] = {}
         self.counters: dict[int, RuleCounter] = {}
@@ -150,6 +159,8 @@ class DataDispatch:
     def _on_packet(self, cookie: int, token: int, proto: int, src: str, sport: int, dst: str,
                    dport: int, payload: bytes, want_verdict: bool) -> None:
         entry = self.channel_handlers.get(cookie)
+        if entry is None and (entry := self._claim(cookie)) is not None:
+            self.stats["packets_claimed"] += 1
         if entry is None:
             self.stats["packets_unclaimed"] += 1
             if want_verdict:

@@ -44,13 +44,17 @@ class Subscription:
     :meth:`receive_batches`.
     """
 
-    def __init__(self, booster: "Booster", rule: Rule, delivery: Delivery, receiver: Any) -> None:
+    def __init__(self, booster: "Booster", rule: Rule, delivery: Delivery, receiver: Any,
+                 handler: Callable | None = None, *, tcp: bool = False) -> None:
         self.booster = booster
         self.rule = rule
         self.cookie = rule.cookie
         self.delivery = delivery
         self.receiver = receiver
+        self.handler = handler          # the booster's handler (None for drop / multicast)
+        self.tcp = tcp                  # intercepts TCP connections (the handler takes streams)
         self.cancelled = False
+        self._batches: tuple[Callable[[list[bytes]], Any], int] | None = None   # receive_batches' wish
 
     async def cancel(self) -> None:
         """Stop the receiver and remove the rule from the box."""
@@ -65,8 +69,10 @@ class Subscription:
 
         The booster may send on it (replies and fan-outs then leave from the box's address
         without a hop through boxd); the library keeps reading it.  None when the delivery has
-        no such socket, after :meth:`cancel`, and once boxd has taken it back (another rule
-        came to share the port) or gone away.
+        no such socket, after :meth:`cancel`, while boxd has taken it back (another rule came to
+        share the port: ``delivery.kind`` is then ``channel``) and once boxd has gone away.  When
+        the rules sharing the port are gone boxd gives the socket back (``delegate``) and this is
+        the socket again.
         """
         if self.cancelled:
             return None
@@ -101,12 +107,22 @@ class Subscription:
         consumed) instead of building a Packet and calling the handler for each.  Packets are
         still counted for boxd.  Returns False, changing nothing, for any other delivery (the
         per-packet handler keeps receiving); if boxd later takes the socket back, packets go to
-        the per-packet handler again.
+        the per-packet handler again, and to ``batch_handler`` once boxd gives the socket back.
         """
         setter = getattr(self.receiver, "set_batch_handler", None)
         if self.cancelled or setter is None:
             return False
-        return bool(setter(batch_handler, max_batch))
+        if not setter(batch_handler, max_batch):
+            return False
+        self._batches = (batch_handler, max_batch)
+        return True
+
+    def _receiver_replaced(self, receiver: Any, delivery: Delivery) -> None:
+        """boxd changed this rule's delivery (a socket given back): ``receiver`` now serves it."""
+        self.receiver, self.delivery = receiver, delivery
+        setter = getattr(receiver, "set_batch_handler", None)
+        if self._batches is not None and setter is not None:
+            setter(*self._batches)
 
     def __repr__(self) -> str:
         return (f"<Subscription {self.cookie} {self.rule.action.value} {self.rule.match.describe()} "

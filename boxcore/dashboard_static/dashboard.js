@@ -53,13 +53,15 @@
       [b.name], [b.pid, "num"], [b.uid, "num"], [b.rules, "num"],
       [b.heartbeat + " (" + b.heartbeat_age_s.toFixed(1) + " s)", "state-" + b.heartbeat],
       [duration(b.connected_s)], [fmt(b.handler_errors), "num"], [fmt(b.channel_dropped), "num"],
+      [fmt(b.evictions || 0), "num"],
     ]);
     [...boosters.children].forEach((tr, i) => { tr.dataset.booster = tick.boosters[i].name; });
     const events = $("events");
     events.replaceChildren();
     for (const e of [...tick.events].reverse()) {
       const when = new Date(e.t * 1000).toLocaleTimeString();
-      events.appendChild(el("li", e.what === "evicted" ? "state-bad" : null, `${when} ${e.booster} (pid ${e.pid}) ${e.what}`));
+      const why = e.reason ? `: ${e.reason}` : "";
+      events.appendChild(el("li", e.what === "evicted" ? "state-bad" : null, `${when} ${e.booster} (pid ${e.pid}) ${e.what}${why}`));
     }
     if (!tick.events.length) events.appendChild(el("li", "muted", "no booster joined or left since this page's boxd view started"));
 
@@ -98,10 +100,21 @@
   }
 
   function connect() {
-    const token = new URLSearchParams(location.search).get("token");
-    const source = new EventSource("/api/events" + (token ? "?token=" + encodeURIComponent(token) : ""));
+    // A token in the page's URL was checked by boxd when it served this page, which then set a
+    // cookie the stream presents (EventSource cannot send headers): take it out of the address
+    // bar and the history, and never put it in another URL.
+    const params = new URLSearchParams(location.search);
+    if (params.has("token")) {
+      params.delete("token");
+      window.history.replaceState(null, "", location.pathname + (params.toString() ? "?" + params : "") + location.hash);
+    }
+    const source = new EventSource("/api/events");
     source.onopen = () => setPill($("conn-state"), "live", "ok");
-    source.onerror = () => setPill($("conn-state"), "reconnecting", "warn");
+    source.onerror = () => {
+      // a refused stream (boxd has a token and this page was not opened with it) is not retried
+      if (source.readyState === EventSource.CLOSED) setPill($("conn-state"), "refused: open /?token=…", "warn");
+      else setPill($("conn-state"), "reconnecting", "warn");
+    };
     source.addEventListener("snapshot", (e) => {
       const snap = JSON.parse(e.data);
       interval = snap.interval || interval;

@@ -51,6 +51,24 @@ def test_unicode_prefixes(directory):
     assert [k for k, _ in directory.items("x", "\ud7ff")] == []
 
 
+def test_keys_lists_names_in_order_without_reading_values(directory, monkeypatch):
+    for key in ("b", "a", "ab", "\u00e9t\u00e9", "z"):
+        directory.put("keeper", key, {"big": "x" * 1000})
+    directory.put("other", "a", 1)
+    import boxcore.directory as module
+
+    monkeypatch.setattr(module, "decode_value", lambda blob: pytest.fail("a value was decoded"))
+    assert directory.keys("keeper") == ["a", "ab", "b", "z", "\u00e9t\u00e9"]
+    assert directory.keys("keeper", "a") == ["a", "ab"]
+    assert directory.keys("keeper", limit=2) == ["a", "ab"]
+    assert directory.keys("keeper", "\u00e9") == ["\u00e9t\u00e9"]
+    assert directory.keys("nobody") == [] and directory.keys("keeper", limit=0) == []
+    with pytest.raises(DirectoryError):
+        directory.keys("keeper", limit=-1)
+    with pytest.raises(DirectoryError):
+        directory.keys("keeper", "\ud800")
+
+
 def test_limits_are_enforced_and_counted(tmp_path):
     d = Directory(tmp_path, max_keys_per_booster=2, max_value_bytes=16, max_key_chars=8)
     d.put("b", "k1", 1)

@@ -8,6 +8,7 @@ reason, in CI it fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -123,11 +124,32 @@ class Traffic:
         self.thread.join(5)
 
 
+HTTP_TOKEN = "dashboard-test-token-0123456789"
+
+
 @pytest.fixture
 async def box(tmp_path):
     """A real boxd (user engine, loopback) with the example booster counting UDP on its port."""
+    async with _box_with_counter(tmp_path) as boxd:
+        yield boxd
+
+
+@pytest.fixture
+async def token_box(tmp_path):
+    """The same, with ``--http-token-file`` (``boxd.http_token``)."""
+    path = tmp_path / "http.token"
+    path.write_text(HTTP_TOKEN)
+    path.chmod(0o600)
+    async with _box_with_counter(tmp_path, ["--http-token-file", str(path)]) as boxd:
+        boxd.http_token = HTTP_TOKEN
+        yield boxd
+
+
+@contextlib.asynccontextmanager
+async def _box_with_counter(tmp_path: Path, extra: list[str] = ()):
     port, relay = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
-    async with BoxdProcess(tmp_path / "boxd", listens=[f"udp:127.0.0.1:{port}=127.0.0.1:{relay}"]) as boxd:
+    async with BoxdProcess(tmp_path / "boxd", listens=[f"udp:127.0.0.1:{port}=127.0.0.1:{relay}"],
+                           extra=list(extra)) as boxd:
         example = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "boxcore.examples.udp_counter", "--control", str(boxd.control),
             "--port", str(relay), "--drop-prefix", "SPAM", stdout=subprocess.DEVNULL,

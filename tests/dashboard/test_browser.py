@@ -60,6 +60,29 @@ async def test_page_is_live_and_counters_follow_the_traffic(box, browser):
     assert console_errors(browser) == []
 
 
+async def test_with_a_token_the_page_loads_and_goes_live(token_box, browser):
+    # without the token the page loads (loopback) but its stream is refused: never live
+    browser.get(token_box.http_url + "/")
+    wait_until(browser, lambda d: (text(d, "conn-state") or "").startswith("refused"),
+               "the refused stream was not noticed")
+    # with ?token= the page load sets the cookie the stream presents; the token leaves the URL
+    browser.get(token_box.http_url + "/?token=" + token_box.http_token)
+    wait_until(browser, lambda d: text(d, "conn-state") == "live", "the event stream never opened")
+    assert token_box.http_token not in browser.current_url
+    cookie = browser.get_cookie("boxd_dashboard")
+    assert cookie["httpOnly"] and token_box.http_token not in cookie["value"]
+    wait_until(browser, lambda d: count(d, '#boosters tbody tr[data-booster="udp-counter"]') == 1,
+               "the booster is not listed")
+    before = rule_packets(browser)
+    with Traffic(token_box.udp_port, rate=2000):
+        wait_until(browser, lambda d: rule_packets(d) >= before + 500, "the rule's packet counter did not move")
+        wait_until(browser, lambda d: total_pps(d) > 0, "the rate stayed at zero")
+    browser.refresh()                       # the cookie alone keeps it live
+    wait_until(browser, lambda d: text(d, "conn-state") == "live", "the stream did not reopen with the cookie")
+    # the refused stream of the first load is the only console error (Chromium logs a 401)
+    assert all("401" in entry["message"] for entry in console_errors(browser))
+
+
 async def test_booster_panel_appears_draws_every_road_and_goes(box, browser, panel_boosters):
     browser.get(box.http_url + "/")
     wait_until(browser, lambda d: text(d, "conn-state") == "live", "the event stream never opened")

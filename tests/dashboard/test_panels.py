@@ -165,8 +165,11 @@ async def test_a_panel_timer_outliving_its_booster_writes_nothing(tmp_path):
         await box.advance(1.0)
         assert publisher(booster).stats["published"] == 1
         await booster.close()
+        built = len(builds)
         await box.advance(2.0)
-        # the booster's timers end with it (or, if one still fired, it would skip the write)
-        assert publisher(booster).stats["published"] == 1
-        assert len(builds) == 1
+        # the booster's timers die with it: nothing is built or written after the close
+        assert len(builds) == built and publisher(booster).stats["published"] == 1
+        # and a publish that still reaches a closed booster is skipped, not an error
+        assert await publisher(booster).publish(good_panel()) is False
+        assert publisher(booster).stats["skipped_closed"] == 1
         assert booster.stats["handler_errors"] == 0

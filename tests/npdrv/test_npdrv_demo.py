@@ -9,7 +9,10 @@ def test_demo_in_memory():
     lines = []
     out = demo._in_memory(lines.append)
     assert out["commands_ok"] == 1002 and out["guided_frames"] > 1
-    assert (out["redirected"], out["forwarded"]) == (1, 1) and 12 <= out["modelled_latency_us"] <= 18
+    assert (out["redirected"], out["forwarded"]) == (1, 1)
+    # the paper's 15 us is the card model's input, named as such (never a latency we measured)
+    assert out["model_input_latency_us"] == 15.0
+    assert not any(key.startswith("modelled") for key in out)
     assert len(lines) == 2
 
 
@@ -20,4 +23,5 @@ async def test_demo_in_namespaces(tmp_path):
     assert out["mode"] == "namespaces"
     assert (out["booster_seen"], out["booster_dropped"], out["delivered_9001"]) == (100, 25, 75)
     assert out["delivered_9002"] == 100 and out["card_redirected"] == 100
-    assert 12 <= out["modelled_p50_us"] <= 18
+    assert out["model_input_latency_us"] == 15.0 and out["wall_p50_us"] > 0
+    assert not any(key.startswith("modelled") for key in out)
