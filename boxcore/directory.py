@@ -516,6 +516,9 @@ class AsyncDirectory:
     async def release_name(self, name: str) -> bool:
         return self.sync.release_name(name)
 
+    async def sync_watches(self) -> None:
+        """Changes reach local watchers as they are made: nothing to wait for."""
+
     def watch(self, booster: str, prefix: str = "", *, initial: bool = False,
               max_pending: int | None = None) -> Watch:
         return self.sync.watch(booster, prefix, initial=initial, max_pending=max_pending)

@@ -32,8 +32,11 @@ after a lost connection, changes are missed (counted in ``watch_resubscribes``).
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import itertools
 import logging
+import os
 import re
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -111,7 +114,8 @@ RELEASE = """
 local bound = redis.call('HGET', KEYS[1], ARGV[1])
 if not bound then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('HINCRBY', KEYS[2], bound, -tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0'))
+local size = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
+if size > 0 then redis.call('HINCRBY', KEYS[2], bound, 0 - size) end  -- never '-0': not an integer to Redis
 return 1
 """
 
@@ -135,6 +139,9 @@ def split_directory_url(url: str) -> tuple[str, str]:
         raise ConfigError(f"fleet name {fleet!r} must be 1-64 of A-Z a-z 0-9 _ . -")
     rest = urlencode([(k, v) for k, values in query.items() for v in values])
     return parts._replace(query=rest).geturl(), fleet
+
+
+_barrier_ids = itertools.count()
 
 
 def redacted(url: str) -> str:
@@ -193,6 +200,7 @@ class RedisDirectory:
         self._supervisor = Supervisor("directory-redis", logger=log)
         self._pubsub: Any = None
         self._subscribed = 0
+        self._barriers: dict[bytes, asyncio.Future] = {}
 
     # ---------------------------------------------------------- opening
     @classmethod
@@ -251,6 +259,11 @@ class RedisDirectory:
         self._subscribed += 1
         async for message in self._pubsub.listen():
             if message.get("type") != "message":
+                continue
+            if message["data"].startswith(b"s "):          # a barrier (sync_watches), maybe another box's
+                barrier = self._barriers.pop(message["data"], None)
+                if barrier is not None and not barrier.done():
+                    barrier.set_result(None)
                 continue
             deleted, count, size, booster, key, blob = _parse_change(message["data"])
             if count > 0:
@@ -399,6 +412,18 @@ class RedisDirectory:
                                                    args=[name]))
 
     # ---------------------------------------------------------- watching
+    async def sync_watches(self) -> None:
+        """Return once every change published before this call has reached this box's watchers
+        (a marker sent through the fleet's channel and waited for: the channel keeps order)."""
+        token = b"s %d %d" % (os.getpid(), next(_barrier_ids))
+        arrived = asyncio.get_running_loop().create_future()
+        self._barriers[token] = arrived
+        try:
+            await self.client.publish(self.channel, token)
+            await arrived
+        finally:
+            self._barriers.pop(token, None)
+
     def watch(self, booster: str, prefix: str = "", *, initial: bool = False,
               max_pending: int | None = None) -> Watch:
         """Watch changes of ``booster``'s keys under ``prefix`` made on any box of the fleet.
