@@ -138,7 +138,8 @@ def split_directory_url(url: str) -> tuple[str, str]:
     if not FLEET_RE.match(fleet):
         raise ConfigError(f"fleet name {fleet!r} must be 1-64 of A-Z a-z 0-9 _ . -")
     rest = urlencode([(k, v) for k, values in query.items() for v in values])
-    return parts._replace(query=rest).geturl(), fleet
+    # not geturl(): it drops the "//" of unix:///path
+    return f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{rest}" if rest else ""), fleet
 
 
 _barrier_ids = itertools.count()
