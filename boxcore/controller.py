@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from boxcore import transport, wire
-from boxcore.directory import as_async, encode_value
+from boxcore.directory import DirectoryUnavailable, as_async, encode_value
 from boxcore.engines.base import BoosterSession, Delivery, Engine, Route
 from boxcore.packet import Packet
 from boxcore.policy import Policy
@@ -782,7 +782,8 @@ class Controller:
         """Bind ``name`` to ``uid`` for good (persisted in the directory); the uid it is bound
         to if that is another one."""
         if self.store is not None:
-            return await self.store.bind_name(name, uid)
+            with self._directory_refusals():
+                return await self.store.bind_name(name, uid)
         bound = self._names.setdefault(name, uid)
         return None if bound == uid else bound
 
@@ -972,6 +973,8 @@ class Controller:
             yield
         except ValueError as exc:
             raise OpError(Status.INVALID, str(exc), counter="directory_refused") from None
+        except DirectoryUnavailable as exc:       # a fleet directory's Redis is away: try later
+            raise OpError(Status.ERROR, str(exc), counter="directory_unavailable") from None
 
     async def op_dir_get(self, sess: ControlSession, req: DirKey) -> Response:
         with self._directory_refusals():
@@ -1127,7 +1130,8 @@ class Controller:
         names = [booster] if booster else sorted(self.store.boosters())
         out: dict[str, Any] = {}
         for name in names:
-            items, more = await self.store.page(name, prefix, limit=budget, max_bytes=budget)
+            with self._directory_refusals():
+                items, more = await self.store.page(name, prefix, limit=budget, max_bytes=budget)
             budget -= sum(len(k) + len(encode_value(v)) for k, v in items)
             if more is not None or budget < 0:
                 raise OpError(Status.ERROR, f"the directory holds more than one reply may carry "

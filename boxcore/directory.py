@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import sqlite3
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
@@ -53,6 +54,11 @@ _MISSING = object()
 
 class DirectoryError(ValueError):
     """A refused directory operation (bad key or value, quota, limits)."""
+
+
+class DirectoryUnavailable(RuntimeError):
+    """The directory's store cannot be reached now (a fleet directory's Redis): the operation did
+    not happen; try again later."""
 
 
 class QuotaExceeded(DirectoryError):
@@ -512,6 +518,10 @@ class AsyncDirectory:
 
     async def names_of(self, uid: int) -> list[str]:
         return self.sync.names_of(uid)
+
+    async def first_keys(self, booster: str, limit: int) -> list[str]:
+        """The first ``limit`` key names of ``booster``, values not read (the dashboard)."""
+        return [key for key, _ in itertools.islice(self.sync._rows(booster, ""), limit)]
 
     async def release_name(self, name: str) -> bool:
         return self.sync.release_name(name)

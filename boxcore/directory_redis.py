@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -43,7 +45,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from boxcore.directory import (DEFAULT_MAX_KEY_CHARS, DEFAULT_MAX_KEYS, DEFAULT_MAX_PENDING,
                                DEFAULT_MAX_TOTAL_BYTES, DEFAULT_MAX_VALUE_BYTES, DEFAULT_MAX_WATCHERS,
-                               DirectoryError, QuotaExceeded, Watch, check_key, check_limits, check_prefix,
+                               DirectoryError, DirectoryUnavailable, QuotaExceeded, Watch, check_key, check_limits, check_prefix,
                                decode_value, encode_value, prefix_upper_bound)
 from cliruntime import ConfigError
 from cliruntime.supervisor import Supervisor
@@ -143,6 +145,21 @@ def split_directory_url(url: str) -> tuple[str, str]:
 
 
 _barrier_ids = itertools.count()
+
+
+def _unavailable_on_redis_errors(method):
+    """A lost or refusing Redis as :class:`DirectoryUnavailable` (one line, no traceback)."""
+    @functools.wraps(method)
+    async def wrapper(self, *args, **kwargs):
+        from redis.exceptions import RedisError
+
+        try:
+            return await method(self, *args, **kwargs)
+        except (RedisError, OSError) as exc:
+            self.stats["unavailable"] += 1
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise DirectoryUnavailable(f"the fleet directory is unreachable: {reason}") from None
+    return wrapper
 
 
 def redacted(url: str) -> str:
@@ -254,6 +271,8 @@ class RedisDirectory:
     async def _listen(self) -> None:
         if self._subscribed:            # a restart: the subscription was lost, changes were missed
             self.stats["watch_resubscribes"] += 1
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
             self._pubsub = self._sub_client.pubsub()
             await self._pubsub.subscribe(self.channel)
             await self._reload_summary()
@@ -296,12 +315,14 @@ class RedisDirectory:
         check_key(self.stats, self.max_key_chars, booster, key)
 
     # ---------------------------------------------------------- operations
+    @_unavailable_on_redis_errors
     async def get(self, booster: str, key: str, default: Any = None) -> Any:
         self._check_key(booster, key)
         self.stats["gets"] += 1
         blob = await self.client.hget(f"{self._base}:kv:{booster}", key)
         return default if blob is None else decode_value(blob)
 
+    @_unavailable_on_redis_errors
     async def put(self, booster: str, key: str, value: Any, *, uid: int | None = None,
                   max_uid_bytes: int | None = None) -> None:
         """Store ``value``; ``max_uid_bytes`` bounds the bytes of every name bound to ``booster``'s
@@ -336,6 +357,7 @@ class RedisDirectory:
             raise QuotaExceeded(f"booster {booster!r} already has {number} keys (limit {self.max_keys_per_booster})")
         self.stats["puts"] += 1
 
+    @_unavailable_on_redis_errors
     async def delete(self, booster: str, key: str) -> bool:
         self._check_key(booster, key)
         freed = await self._scripts["delete"](keys=self._keys(booster), args=[booster, key, self.channel])
@@ -351,6 +373,7 @@ class RedisDirectory:
             removed += await self.delete(booster, key)
         return removed
 
+    @_unavailable_on_redis_errors
     async def page(self, booster: str, prefix: str = "", after: str | None = None, limit: int = 100,
                    max_bytes: int = 1 << 20) -> tuple[list[tuple[str, Any]], str | None]:
         """As :meth:`boxcore.directory.Directory.page`: one consistent page (one script)."""
@@ -374,15 +397,19 @@ class RedisDirectory:
                                    max_bytes=self.max_keys_per_booster * self.max_value_bytes)
         return items
 
+    @_unavailable_on_redis_errors
     async def count(self, booster: str) -> int:
         return int(await self.client.hget(self._counts_key, booster) or 0)
 
+    @_unavailable_on_redis_errors
     async def bytes_of(self, booster: str) -> int:
         return int(await self.client.hget(self._bytes_key, booster) or 0)
 
+    @_unavailable_on_redis_errors
     async def uid_bytes(self, uid: int) -> int:
         return int(await self.client.hget(self._uidbytes_key, str(uid)) or 0)
 
+    @_unavailable_on_redis_errors
     async def total_bytes(self) -> int:
         return int(await self.client.get(self._total_key) or 0)
 
@@ -392,6 +419,7 @@ class RedisDirectory:
         return {name: dict(summary) for name, summary in self._summary.items()}
 
     # ---------------------------------------------------------- names
+    @_unavailable_on_redis_errors
     async def bind_name(self, name: str, uid: int) -> int | None:
         bound = await self._scripts["bind"](keys=[self._names_key, self._uidbytes_key, self._bytes_key],
                                             args=[name, uid])
@@ -400,14 +428,23 @@ class RedisDirectory:
             return None
         return None if int(bound) == uid else int(bound)
 
+    @_unavailable_on_redis_errors
     async def name_owner(self, name: str) -> int | None:
         bound = await self.client.hget(self._names_key, name)
         return None if bound is None else int(bound)
 
+    @_unavailable_on_redis_errors
     async def names_of(self, uid: int) -> list[str]:
         names = await self.client.hgetall(self._names_key)
         return sorted(n.decode() for n, u in names.items() if int(u) == uid)
 
+    @_unavailable_on_redis_errors
+    async def first_keys(self, booster: str, limit: int) -> list[str]:
+        """The first ``limit`` key names of ``booster``, values not read (the dashboard)."""
+        names = await self.client.zrange(f"{self._base}:keys:{booster}", 0, limit - 1)
+        return [name.decode() for name in names]
+
+    @_unavailable_on_redis_errors
     async def release_name(self, name: str) -> bool:
         return bool(await self._scripts["release"](keys=[self._names_key, self._uidbytes_key, self._bytes_key],
                                                    args=[name]))

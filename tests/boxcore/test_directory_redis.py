@@ -12,7 +12,7 @@ import pytest
 
 from boxcore.booster import Booster
 from boxcore.booster.errors import InvalidRequest
-from boxcore.directory import QuotaExceeded
+from boxcore.directory import DirectoryUnavailable, QuotaExceeded
 from boxcore.directory_redis import RedisDirectory, redacted, split_directory_url
 from boxcore.testing import BoxdProcess, free_port
 from cliruntime import ConfigError
@@ -102,6 +102,35 @@ async def test_a_put_on_one_box_reaches_a_watcher_on_another(two_boxes):
     await b.sync_watches()
     assert watch.pending() == [] and b.boosters() == {"fcd": {"keys": 2, "bytes": await b.bytes_of("fcd")}}
     watch.close()
+
+
+async def test_a_lost_redis_is_one_line_and_the_directory_recovers(tmp_path):
+    from boxcore.redisproc import RedisServer
+
+    server = await RedisServer(tmp_path).start()
+    try:
+        d = await RedisDirectory.open(server.url)
+        watch = d.watch("b")
+        await d.put("b", "k", 1)
+        await server.stop()
+        with pytest.raises(DirectoryUnavailable, match="^the fleet directory is unreachable: "):
+            await d.put("b", "k", 2)
+        await server.start()                       # same socket, empty (no persistence)
+        await d.put("b", "k", 3)                   # the client reconnects by itself
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:                                # no event tells when the listener is back
+            try:
+                await asyncio.wait_for(d.sync_watches(), 0.5)
+                break
+            except asyncio.TimeoutError:
+                assert asyncio.get_running_loop().time() < deadline, "the subscription never came back"
+        await d.put("b", "k", 4)
+        await d.sync_watches()
+        assert watch.pending()[-1] == ("k", 4) and d.stats["watch_resubscribes"] >= 1
+        assert d.stats["unavailable"] >= 1
+        await d.aclose()
+    finally:
+        await server.stop()
 
 
 def test_urls_name_the_fleet_and_never_show_a_password():
