@@ -214,6 +214,7 @@ class RedisDirectory:
         self._scripts = {name: client.register_script(src) for name, src in
                          (("put", PUT), ("delete", DELETE), ("bind", BIND), ("release", RELEASE), ("page", PAGE))}
         self._watches: list[Watch] = []
+        self._by_booster: dict[str, list[Watch]] = {}     # the listener's index
         self._summary: dict[str, dict[str, int]] = {}
         self._supervisor = Supervisor("directory-redis", logger=log)
         self._pubsub: Any = None
@@ -285,16 +286,20 @@ class RedisDirectory:
                 if barrier is not None and not barrier.done():
                     barrier.set_result(None)
                 continue
-            deleted, count, size, booster, key, blob = _parse_change(message["data"])
+            try:
+                deleted, count, size, booster, key, blob = _parse_change(message["data"])
+                watches = self._by_booster.get(booster)
+                value = None if deleted or not watches else decode_value(blob)
+            except Exception:                          # not ours: whoever else may publish here
+                self.stats["changes_malformed"] += 1
+                continue
             if count > 0:
                 self._summary[booster] = {"keys": count, "bytes": size}
             else:
                 self._summary.pop(booster, None)
-            if any(w.booster == booster for w in self._watches):
-                value = None if deleted else decode_value(blob)
-                for watch in list(self._watches):
-                    if watch.booster == booster and key.startswith(watch.prefix):
-                        watch._offer(key, value)
+            for watch in watches or ():
+                if key.startswith(watch.prefix):
+                    watch._offer(key, value)
 
     async def aclose(self) -> None:
         for watch in list(self._watches):
@@ -474,6 +479,7 @@ class RedisDirectory:
             raise DirectoryError(f"too many watchers (limit {self.max_watchers})")
         watch = Watch(self, booster, prefix, max_pending or self.max_pending)
         self._watches.append(watch)
+        self._by_booster.setdefault(booster, []).append(watch)
         if initial:
             watch.loading = self._supervisor.spawn(self._load_initial(watch), name=f"watch-initial-{booster}",
                                                    critical=False)
@@ -489,6 +495,10 @@ class RedisDirectory:
     def _unwatch(self, watch: Watch) -> None:
         if watch in self._watches:
             self._watches.remove(watch)
+            same = self._by_booster[watch.booster]
+            same.remove(watch)
+            if not same:
+                del self._by_booster[watch.booster]
 
     @property
     def watcher_count(self) -> int:
