@@ -157,8 +157,8 @@ def fleet_boxd(workdir, name, url, *extra):
                        extra=["--directory", url, "--control-group", str(NOBODY), *extra])
 
 
-async def test_two_boxd_share_state_and_watches(workdir, redis_node):
-    url = f"{redis_node.url}?fleet=pair{next(_fleets)}"
+async def test_two_boxd_share_state_and_watches(workdir, fleet_url):
+    url = fleet_url                                 # one node over a Unix socket, or a cluster
     async with fleet_boxd(workdir, "a", url) as box_a, fleet_boxd(workdir, "b", url) as box_b:
         async with Booster("fcd-booster", control=box_a.control) as on_a, \
                 Booster("fcd-booster", control=box_b.control) as on_b:
