@@ -2,7 +2,8 @@
 
 Runs one engine (``user`` - no privileges, opaque mode; ``linux``; ``np``),
 the control socket boosters connect to, the directory (SQLite under
-``--state``) and the management HTTP API.  SIGINT/SIGTERM remove every rule.
+``--state``, or a fleet's shared Redis with ``--directory redis://...``) and the
+management HTTP API.  SIGINT/SIGTERM remove every rule.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "per-booster data, and for everything off loopback")
     parser.add_argument("--state", type=Path, required=True, metavar="DIR",
                         help="state directory (the directory service's SQLite database)")
+    parser.add_argument("--directory", default=None, metavar="URL",
+                        help="a fleet directory shared by several boxes on Redis: redis://[USER:PASS@]HOST:PORT/N, "
+                             "rediss://... (TLS), unix:///path/redis.sock?db=N, ?cluster=1, ?fleet=NAME "
+                             "(default: SQLite under --state; see docs/security.md)")
     parser.add_argument("--policy", type=Path, default=None, metavar="FILE",
                         help="policy TOML saying which boosters may claim what (default: allow all)")
     parser.add_argument("--route", type=route_spec, action="append", default=[],
@@ -87,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-directory-keys", type=positive_int, default=10000,
                         help="directory keys per booster")
     limits.add_argument("--max-directory-bytes", type=positive_int, default=256 << 20,
-                        help="bytes of directory values, all boosters together")
+                        help="bytes of directory values, all boosters together (of the whole fleet "
+                             "with --directory)")
     limits.add_argument("--max-directory-bytes-per-uid", type=positive_int, default=16 << 20)
     limits.add_argument("--max-sessions-per-uid", type=positive_int, default=64,
                         help="control connections of one uid (boosters, boxctl, pending hellos)")
@@ -138,8 +144,16 @@ def _load_policy(path: Path | None):
     return Policy.load(path)
 
 
-def _open_directory(state: Path, max_keys: int, max_bytes: int):
+async def _open_directory(state: Path, url: str | None, max_keys: int, max_bytes: int):
     from boxcore.directory import Directory
+
+    if url is not None:
+        from boxcore.directory_redis import RedisDirectory
+        from boxcore.redisconn import is_redis_url
+
+        if not is_redis_url(url):
+            raise ConfigError(f"--directory {url!r} is not a Redis URL (redis://HOST:PORT/N, rediss://, unix:///path)")
+        return await RedisDirectory.open(url, max_keys_per_booster=max_keys, max_total_bytes=max_bytes)
 
     try:
         state.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -167,7 +181,7 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
 
         token = read_token_file(args.http_token_file) if args.http_token_file else None
         check_http_binding(args.http[0], token)
-    directory = _open_directory(args.state, args.max_directory_keys, args.max_directory_bytes)
+    directory = await _open_directory(args.state, args.directory, args.max_directory_keys, args.max_directory_bytes)
     config = ControllerConfig(control_path=args.control, heartbeat_interval=args.heartbeat,
                               heartbeat_misses=args.heartbeat_misses, max_boosters=args.max_boosters,
                               max_rules_per_booster=args.max_rules_per_booster,
@@ -200,9 +214,7 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
             return 1
     finally:
         await controller.stop()
-        close = getattr(directory, "close", None)
-        if close is not None:
-            close()
+        await controller.store.aclose()
     return 0
 
 

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from boxcore import transport, wire
-from boxcore.directory import encode_value
+from boxcore.directory import DirectoryUnavailable, as_async, encode_value
 from boxcore.engines.base import BoosterSession, Delivery, Engine, Route
 from boxcore.packet import Packet
 from boxcore.policy import Policy
@@ -492,6 +492,7 @@ class Controller:
         self.config = config
         self.policy: Policy = policy if policy is not None else Policy.allow_all()
         self.directory = directory
+        self.store = as_async(directory)      # the directory's async interface (SQLite or Redis)
         self._names: dict[str, int] = {}      # name -> uid, when there is no directory to persist them
         self.stats = stats if stats is not None else Stats()
         self.sessions: dict[int, ControlSession] = {}
@@ -765,7 +766,7 @@ class Controller:
             self.stats["observers"] += 1
             return Response({"sid": 0, "engine": self.engine.name, "heartbeat": self.config.heartbeat_interval})
         self._check(self.policy.may_use_name(req.name, sess.uid), counter="names_refused")
-        bound = self._bind_name(req.name, sess.uid)
+        bound = await self._bind_name(req.name, sess.uid)
         if bound is not None:
             raise OpError(Status.PERMISSION_DENIED,
                           f"booster name {req.name!r} is bound to uid {bound}, not uid {sess.uid}",
@@ -797,11 +798,12 @@ class Controller:
         if refusal:
             raise OpError(Status.PERMISSION_DENIED, refusal, counter=counter)
 
-    def _bind_name(self, name: str, uid: int) -> int | None:
+    async def _bind_name(self, name: str, uid: int) -> int | None:
         """Bind ``name`` to ``uid`` for good (persisted in the directory); the uid it is bound
         to if that is another one."""
-        if self.directory is not None:
-            return self.directory.bind_name(name, uid)
+        if self.store is not None:
+            with self._directory_refusals():
+                return await self.store.bind_name(name, uid)
         bound = self._names.setdefault(name, uid)
         return None if bound == uid else bound
 
@@ -928,7 +930,7 @@ class Controller:
 
     async def op_query(self, sess: ControlSession, req: Query) -> Response:
         self._check(self.policy.may_query(sess.uid))
-        return Response(self.query(req.what))
+        return Response(await self.query(req.what))
 
     # ---------------------------------------------------------- what a booster may send
     def send_refusal(self, sess: ControlSession, proto: int, src: str, sport: int, dst: str,
@@ -962,7 +964,7 @@ class Controller:
                 return None
         return self.policy.may_send(sess.name, sess.uid, 17, None, src_port, None, None)
 
-    def query(self, what: str) -> Any:
+    async def query(self, what: str) -> Any:
         """The management views by name (boxctl over --control, and HTTP)."""
         if what == "status":
             return self.status()
@@ -975,14 +977,14 @@ class Controller:
                     "events": dict(self.stats),
                     "engine": self.engine.status().get("counters", {})}
         if what == "directory":
-            return self.directory_view()
+            return await self.directory_view()
         raise invalid(f"unknown query {what!r}")
 
     # ---------------------------------------------------------- directory
     def _need_directory(self):
-        if self.directory is None:
+        if self.store is None:
             raise OpError(Status.ERROR, "this boxd has no directory (no --state)")
-        return self.directory
+        return self.store
 
     @contextlib.contextmanager
     def _directory_refusals(self):
@@ -991,28 +993,28 @@ class Controller:
             yield
         except ValueError as exc:
             raise OpError(Status.INVALID, str(exc), counter="directory_refused") from None
+        except DirectoryUnavailable as exc:       # a fleet directory's Redis is away: try later
+            raise OpError(Status.ERROR, str(exc), counter="directory_unavailable") from None
 
     async def op_dir_get(self, sess: ControlSession, req: DirKey) -> Response:
         with self._directory_refusals():
-            value = self._need_directory().get(sess.name, req.key)
+            value = await self._need_directory().get(sess.name, req.key)
         return Response({"value": value, "found": value is not None})
 
     async def op_dir_put(self, sess: ControlSession, req: DirPut) -> Response:
-        directory = self._need_directory()
-        used = sum(directory.bytes_of(name) for name in directory.names_of(sess.uid))
         with self._directory_refusals():
-            directory.put(sess.name, req.key, req.value,
-                          max_growth=self.config.max_directory_bytes_per_uid - used)
+            await self._need_directory().put(sess.name, req.key, req.value, uid=sess.uid,
+                                             max_uid_bytes=self.config.max_directory_bytes_per_uid)
         return Response()
 
     async def op_dir_delete(self, sess: ControlSession, req: DirKey) -> Response:
         with self._directory_refusals():
-            existed = self._need_directory().delete(sess.name, req.key)
+            existed = await self._need_directory().delete(sess.name, req.key)
         return Response({"deleted": bool(existed)})
 
     async def op_dir_items(self, sess: ControlSession, req: DirPrefix) -> Response:
         with self._directory_refusals():
-            items = self._need_directory().items(sess.name, req.prefix)
+            items = await self._need_directory().items(sess.name, req.prefix)
         return Response({"items": [[k, v] for k, v in items]})
 
     async def op_dir_watch(self, sess: ControlSession, req: DirPrefix) -> Response:
@@ -1145,16 +1147,17 @@ class Controller:
             })
         return out
 
-    def directory_view(self, booster: str | None = None, prefix: str = "") -> dict[str, Any]:
+    async def directory_view(self, booster: str | None = None, prefix: str = "") -> dict[str, Any]:
         """Every booster's items (or one booster's), as long as they fit in one reply: a bigger
         directory is an ERROR saying where to read it page by page (never a silent close)."""
-        if self.directory is None:
+        if self.store is None:
             return {}
         budget = self.config.max_reply // 2   # values grow a little as msgpack maps
-        names = [booster] if booster else sorted(self.directory.boosters())
+        names = [booster] if booster else sorted(self.store.boosters())
         out: dict[str, Any] = {}
         for name in names:
-            items, more = self.directory.page(name, prefix, limit=budget, max_bytes=budget)
+            with self._directory_refusals():
+                items, more = await self.store.page(name, prefix, limit=budget, max_bytes=budget)
             budget -= sum(len(k) + len(encode_value(v)) for k, v in items)
             if more is not None or budget < 0:
                 raise OpError(Status.ERROR, f"the directory holds more than one reply may carry "

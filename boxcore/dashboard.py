@@ -146,8 +146,28 @@ class DashboardHub:
 
     async def run(self) -> None:
         while True:
+            await self._refresh_key_names()
             self.broadcast(self.sample())
             await asyncio.sleep(self.interval)
+
+    async def _refresh_key_names(self) -> None:
+        """Re-read the key names of boosters whose directory changed (keys, bytes) since the last
+        look: through the directory's async interface, so a fleet directory on Redis works too."""
+        store = getattr(self.controller, "store", None)
+        if store is None:
+            return
+        summaries = store.boosters()
+        for name in self._directory_names(summaries):
+            summary = summaries[name]
+            fingerprint = (summary.get("keys", 0), summary.get("bytes", 0))
+            cached = self._key_names.get(name)
+            if cached is None or cached[0] != fingerprint:
+                self._key_names[name] = (fingerprint, await store.keys(name, limit=MAX_KEYS_SHOWN))
+
+    def _directory_names(self, summaries: dict) -> list[str]:
+        """Connected boosters first, then the others by name; at most MAX_DIRECTORY_ROWS."""
+        connected = {row["name"] for row in self._known.values()}
+        return sorted(summaries, key=lambda n: (n not in connected, n))[:MAX_DIRECTORY_ROWS]
 
     def close_clients(self) -> None:
         for client in list(self.clients):
@@ -313,21 +333,17 @@ class DashboardHub:
         self._departures_seen = {d["sid"] for d in departures}   # bounded like boxd's list
 
     def _directory(self, connected: set[str]) -> list[dict]:
-        directory = getattr(self.controller, "directory", None)
-        if directory is None:
+        store = getattr(self.controller, "store", None)
+        if store is None:
             return []
         out = []
-        summaries = directory.boosters()
-        # connected boosters first, then the others by name; at most MAX_DIRECTORY_ROWS
+        summaries = store.boosters()
         names = sorted(summaries, key=lambda n: (n not in connected, n))[:MAX_DIRECTORY_ROWS]
         for name in names:
             summary = summaries[name]
-            fingerprint = (summary.get("keys", 0), summary.get("bytes", 0))
-            cached = self._key_names.get(name)
-            if cached is None or cached[0] != fingerprint:
-                cached = self._key_names[name] = (fingerprint, directory.keys(name, limit=MAX_KEYS_SHOWN))
-            out.append({"booster": name, "keys": fingerprint[0], "bytes": fingerprint[1],
-                        "names": cached[1], "connected": name in connected})
+            cached = self._key_names.get(name)     # refreshed before each sample (_refresh_key_names)
+            out.append({"booster": name, "keys": summary.get("keys", 0), "bytes": summary.get("bytes", 0),
+                        "names": cached[1] if cached else [], "connected": name in connected})
         for gone in set(self._key_names) - set(names):
             del self._key_names[gone]
         return out

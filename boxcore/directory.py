@@ -55,6 +55,11 @@ class DirectoryError(ValueError):
     """A refused directory operation (bad key or value, quota, limits)."""
 
 
+class DirectoryUnavailable(RuntimeError):
+    """The directory's store cannot be reached now (a fleet directory's Redis): the operation did
+    not happen; try again later."""
+
+
 class QuotaExceeded(DirectoryError):
     """The booster already holds ``max_keys_per_booster`` keys."""
 
@@ -78,7 +83,7 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _prefix_upper_bound(prefix: str) -> str | None:
+def prefix_upper_bound(prefix: str) -> str | None:
     """The smallest string greater than every string starting with ``prefix``
     (SQLite compares UTF-8 bytes, which orders like code points)."""
     chars = list(prefix)
@@ -89,6 +94,34 @@ def _prefix_upper_bound(prefix: str) -> str | None:
             return "".join(chars)
         chars.pop()
     return None
+
+
+def check_limits(**limits: Any) -> None:
+    for name, limit in limits.items():
+        if not isinstance(limit, int) or limit <= 0:
+            raise ConfigError(f"directory {name} must be a positive integer, got {limit!r}")
+
+
+def check_key(stats: collections.Counter, max_key_chars: int, booster: str, key: str) -> None:
+    """Refuse (and count) a booster name or key no backend may store."""
+    if not isinstance(booster, str) or not booster:
+        raise DirectoryError(f"booster name must be a non-empty string, got {booster!r}")
+    if not isinstance(key, str) or not key:
+        stats["refused_bad_key"] += 1
+        raise DirectoryError(f"key must be a non-empty string, got {key!r}")
+    if len(key) > max_key_chars:
+        stats["refused_bad_key"] += 1
+        raise DirectoryError(f"key of {len(key)} characters exceeds the limit of {max_key_chars}")
+    if not _is_utf8(key) or not _is_utf8(booster):
+        stats["refused_bad_key"] += 1
+        raise DirectoryError(f"key {key!r} of booster {booster!r} is not valid Unicode text")
+
+
+def check_prefix(prefix: str, after: str | None = None) -> None:
+    if not isinstance(prefix, str) or not _is_utf8(prefix):
+        raise DirectoryError(f"prefix must be a Unicode string, got {prefix!r}")
+    if after is not None and (not isinstance(after, str) or not _is_utf8(after)):
+        raise DirectoryError(f"after must be a Unicode string, got {after!r}")
 
 
 class Watch:
@@ -104,6 +137,12 @@ class Watch:
         self.closed = False
         self._pending: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._wakeup = asyncio.Event()
+        self.loading: asyncio.Task | None = None    # a backend reading the initial items
+
+    async def ready(self) -> None:
+        """Wait until the initial items (``watch(..., initial=True)``) are queued."""
+        if self.loading is not None:
+            await asyncio.shield(self.loading)
 
     def _offer(self, key: str, value: Any) -> None:
         if key in self._pending:
@@ -158,11 +197,9 @@ class Directory:
                  max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES, *,
                  max_key_chars: int = DEFAULT_MAX_KEY_CHARS, max_watchers: int = DEFAULT_MAX_WATCHERS,
                  max_pending: int = DEFAULT_MAX_PENDING, max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES) -> None:
-        for name, limit in (("max_keys_per_booster", max_keys_per_booster), ("max_value_bytes", max_value_bytes),
-                            ("max_key_chars", max_key_chars), ("max_watchers", max_watchers),
-                            ("max_pending", max_pending), ("max_total_bytes", max_total_bytes)):
-            if not isinstance(limit, int) or limit <= 0:
-                raise ConfigError(f"directory {name} must be a positive integer, got {limit!r}")
+        check_limits(max_keys_per_booster=max_keys_per_booster, max_value_bytes=max_value_bytes,
+                     max_key_chars=max_key_chars, max_watchers=max_watchers, max_pending=max_pending,
+                     max_total_bytes=max_total_bytes)
         self.max_keys_per_booster = max_keys_per_booster
         self.max_value_bytes = max_value_bytes
         self.max_key_chars = max_key_chars
@@ -229,17 +266,7 @@ class Directory:
 
     # ---------------------------------------------------------- checks
     def _check_key(self, booster: str, key: str) -> None:
-        if not isinstance(booster, str) or not booster:
-            raise DirectoryError(f"booster name must be a non-empty string, got {booster!r}")
-        if not isinstance(key, str) or not key:
-            self.stats["refused_bad_key"] += 1
-            raise DirectoryError(f"key must be a non-empty string, got {key!r}")
-        if len(key) > self.max_key_chars:
-            self.stats["refused_bad_key"] += 1
-            raise DirectoryError(f"key of {len(key)} characters exceeds the limit of {self.max_key_chars}")
-        if not _is_utf8(key) or not _is_utf8(booster):
-            self.stats["refused_bad_key"] += 1
-            raise DirectoryError(f"key {key!r} of booster {booster!r} is not valid Unicode text")
+        check_key(self.stats, self.max_key_chars, booster, key)
 
     # ---------------------------------------------------------- operations
     def get(self, booster: str, key: str, default: Any = None) -> Any:
@@ -333,11 +360,8 @@ class Directory:
         return [(key, decode_value(blob)) for key, blob in self._rows(booster, prefix)]
 
     def _rows(self, booster: str, prefix: str, after: str | None = None) -> Iterator[tuple[str, bytes]]:
-        if not isinstance(prefix, str) or not _is_utf8(prefix):
-            raise DirectoryError(f"prefix must be a Unicode string, got {prefix!r}")
-        if after is not None and (not isinstance(after, str) or not _is_utf8(after)):
-            raise DirectoryError(f"after must be a Unicode string, got {after!r}")
-        upper = _prefix_upper_bound(prefix)
+        check_prefix(prefix, after)
+        upper = prefix_upper_bound(prefix)
         low, op = (prefix, ">=") if after is None or after < prefix else (after, ">")
         if upper is None:
             query = f"SELECT key, value FROM kv WHERE booster=? AND key{op}? ORDER BY key"
@@ -437,3 +461,102 @@ class Directory:
     @property
     def watcher_count(self) -> int:
         return len(self._watches)
+
+
+class AsyncDirectory:
+    """The interface boxd's controller uses, whichever the backend: awaitable ``get``, ``put``
+    (with the caller's uid and its byte quota), ``delete``, ``items``, ``page``, ``count``,
+    ``bytes_of``, ``uid_bytes`` and names (``bind_name``, ``name_owner``, ``names_of``,
+    ``release_name``); synchronous ``watch`` and ``boosters`` (the management views); ``aclose``.
+
+    This class serves it from a SQLite :class:`Directory` by calling it directly: each operation
+    is one small local transaction (tens of microseconds), cheaper than a hop to a thread.
+    :class:`boxcore.directory_redis.RedisDirectory` serves the same interface from Redis.
+    """
+
+    is_async = True
+
+    def __init__(self, directory: Directory) -> None:
+        self.sync = directory
+
+    @property
+    def stats(self) -> collections.Counter[str]:
+        return self.sync.stats
+
+    async def get(self, booster: str, key: str, default: Any = None) -> Any:
+        return self.sync.get(booster, key, default)
+
+    async def put(self, booster: str, key: str, value: Any, *, uid: int | None = None,
+                  max_uid_bytes: int | None = None) -> None:
+        max_growth = None
+        if max_uid_bytes is not None and uid is not None:
+            max_growth = max_uid_bytes - self.sync_uid_bytes(uid)
+        self.sync.put(booster, key, value, max_growth=max_growth)
+
+    def sync_uid_bytes(self, uid: int) -> int:
+        return sum(self.sync.bytes_of(name) for name in self.sync.names_of(uid))
+
+    async def delete(self, booster: str, key: str) -> bool:
+        return self.sync.delete(booster, key)
+
+    async def clear(self, booster: str) -> int:
+        return self.sync.clear(booster)
+
+    async def items(self, booster: str, prefix: str = "") -> list[tuple[str, Any]]:
+        return self.sync.items(booster, prefix)
+
+    async def page(self, booster: str, prefix: str = "", after: str | None = None, limit: int = 100,
+                   max_bytes: int = 1 << 20) -> tuple[list[tuple[str, Any]], str | None]:
+        return self.sync.page(booster, prefix, after, limit, max_bytes)
+
+    async def count(self, booster: str) -> int:
+        return self.sync.count(booster)
+
+    async def bytes_of(self, booster: str) -> int:
+        return self.sync.bytes_of(booster)
+
+    async def uid_bytes(self, uid: int) -> int:
+        return self.sync_uid_bytes(uid)
+
+    async def total_bytes(self) -> int:
+        return self.sync.total_bytes
+
+    def boosters(self) -> dict[str, dict[str, int]]:
+        return self.sync.boosters()
+
+    async def bind_name(self, name: str, uid: int) -> int | None:
+        return self.sync.bind_name(name, uid)
+
+    async def name_owner(self, name: str) -> int | None:
+        return self.sync.name_owner(name)
+
+    async def names_of(self, uid: int) -> list[str]:
+        return self.sync.names_of(uid)
+
+    async def keys(self, booster: str, prefix: str = "", limit: int = 100) -> list[str]:
+        return self.sync.keys(booster, prefix, limit)
+
+    async def release_name(self, name: str) -> bool:
+        return self.sync.release_name(name)
+
+    async def sync_watches(self) -> None:
+        """Changes reach local watchers as they are made: nothing to wait for."""
+
+    def watch(self, booster: str, prefix: str = "", *, initial: bool = False,
+              max_pending: int | None = None) -> Watch:
+        return self.sync.watch(booster, prefix, initial=initial, max_pending=max_pending)
+
+    @property
+    def watcher_count(self) -> int:
+        return self.sync.watcher_count
+
+    async def aclose(self) -> None:
+        self.sync.close()
+
+
+def as_async(directory: Any) -> Any:
+    """The async interface of ``directory``: itself if it has one (Redis), else an
+    :class:`AsyncDirectory` over a SQLite :class:`Directory`; None stays None."""
+    if directory is None or getattr(directory, "is_async", False):
+        return directory
+    return AsyncDirectory(directory)

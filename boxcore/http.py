@@ -33,6 +33,7 @@ from typing import Any
 from aiohttp import web
 
 from boxcore.dashboard import EVENTS_PATH    # the dashboard's stream: private whenever boxd has a token
+from boxcore.directory import DirectoryUnavailable
 from cliruntime import ConfigError
 
 METRICS_CONTENT_TYPE = "text/plain"
@@ -196,7 +197,7 @@ def build_app(controller: Any, *, token: str | None = None, open_reads: bool = T
     async def directory(request: web.Request) -> web.Response:
         """Without ``booster``: the boosters with state (keys, bytes); with it, one page of its
         items: ``prefix``, ``after`` (the last key of the previous page), ``limit`` (<= 1000)."""
-        store = controller.directory
+        store = controller.store
         if store is None:
             return _json({"boosters": {}, "items": [], "next": None})
         try:
@@ -214,9 +215,11 @@ def build_app(controller: Any, *, token: str | None = None, open_reads: bool = T
             return _json({"boosters": {n: sizes[n] for n in page},
                           "next": page[-1] if len(names) > limit else None})
         try:
-            items, more = store.page(booster, request.query.get("prefix", ""), after, limit, PAGE_BYTES)
+            items, more = await store.page(booster, request.query.get("prefix", ""), after, limit, PAGE_BYTES)
         except ValueError as exc:
             raise web.HTTPBadRequest(text=f"{exc}\n") from None
+        except DirectoryUnavailable as exc:
+            raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
         return _json({"booster": booster, "items": [[k, v] for k, v in items], "next": more})
 
     @routes.get("/metrics")
