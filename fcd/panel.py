@@ -24,7 +24,9 @@ KEEP_RIGHT = 8.0   # metres: each direction of a two-way street is drawn on its 
 
 def _drawn(city: City) -> np.ndarray:
     """(R, 4) segments moved KEEP_RIGHT metres to the right of travel, so u->v and v->u both show."""
-    right_x, right_y = city.uy, -city.ux          # the unit vector (ux, uy) turned clockwise
+    dx, dy = city.x1 - city.x0, city.y1 - city.y0
+    norm = np.maximum(np.hypot(dx, dy), 1e-9)
+    right_x, right_y = dy / norm, -dx / norm      # the road's direction turned clockwise
     shift = np.stack([right_x, right_y, right_x, right_y], axis=1) * KEEP_RIGHT
     return np.stack([city.x0, city.y0, city.x1, city.y1], axis=1) + shift
 
