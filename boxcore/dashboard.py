@@ -146,8 +146,7 @@ class DashboardHub:
 
     async def run(self) -> None:
         while True:
-            await self._refresh_key_names()
-            self.broadcast(self.sample())
+            self.broadcast(await self.sample())
             await asyncio.sleep(self.interval)
 
     async def _refresh_key_names(self) -> None:
@@ -207,8 +206,9 @@ class DashboardHub:
                 "interval": self.interval}
 
     # ------------------------------------------------------------------ sampling
-    def sample(self) -> list[tuple[str, Any]]:
+    async def sample(self) -> list[tuple[str, Any]]:
         """Read the controller's views once; the events to send (a tick, panel changes)."""
+        await self._refresh_key_names()
         now = time.monotonic()
         dt = None if self._last_time is None else max(1e-6, now - self._last_time)
         self._last_time = now

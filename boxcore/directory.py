@@ -391,9 +391,8 @@ class Directory:
         read (the dashboard shows names, never values)."""
         if limit < 0:
             raise DirectoryError(f"limit must not be negative, got {limit}")
-        if not isinstance(prefix, str) or not _is_utf8(prefix):
-            raise DirectoryError(f"prefix must be a Unicode string, got {prefix!r}")
-        upper = _prefix_upper_bound(prefix)
+        check_prefix(prefix)
+        upper = prefix_upper_bound(prefix)
         if upper is None:
             query, args = "SELECT key FROM kv WHERE booster=? AND key>=? ORDER BY key LIMIT ?", (booster, prefix, limit)
         else:

@@ -452,9 +452,11 @@ class RedisDirectory:
         check_prefix(prefix)
         if limit == 0:
             return []
-        low = b"[" + prefix.encode()
-        names = await self.client.zrangebylex(f"{self._base}:keys:{booster}", low, b"+", start=0, num=limit)
-        return [name.decode() for name in names if name.decode().startswith(prefix)]
+        upper = prefix_upper_bound(prefix)
+        high = b"+" if upper is None else b"(" + upper.encode()
+        names = await self.client.zrangebylex(f"{self._base}:keys:{booster}", b"[" + prefix.encode(), high,
+                                              start=0, num=limit)
+        return [name.decode() for name in names]
 
     @_unavailable_on_redis_errors
     async def release_name(self, name: str) -> bool:

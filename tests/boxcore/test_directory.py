@@ -363,6 +363,6 @@ async def test_pages_cover_everything_once(directory):
         if after is None:
             break
     assert seen == [f"k{i:02}" for i in range(25)]
-    assert await directory.first_keys("a", 3) == ["k00", "k01", "k02"]
+    assert await directory.keys("a", limit=3) == ["k00", "k01", "k02"]
     items, after = await directory.page("a", "", None, limit=100, max_bytes=250)   # bounded by bytes too
     assert len(items) == 2 and after == "k01"

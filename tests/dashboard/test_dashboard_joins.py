@@ -93,11 +93,11 @@ async def test_the_stream_outlives_the_request_deadline_that_cuts_idle_connectio
 async def test_departures_carry_boxds_reason_and_the_dashboard_shows_them(tmp_path):
     async with MemoryBox(state=tmp_path) as box:
         hub = DashboardHub(box.controller)
-        hub.sample()
+        await hub.sample()
         stays = await box.connect("stays")
         flaky = await box.connect("flaky")
         leaves = await box.connect("leaves")
-        hub.sample()
+        await hub.sample()
         controller = box.controller
         for attempt in range(2):                 # evicted twice under the same name
             sess = next(s for s in controller.sessions.values() if s.booster.name == "flaky")
@@ -111,12 +111,12 @@ async def test_departures_carry_boxds_reason_and_the_dashboard_shows_them(tmp_pa
         assert [(d["name"], d["evicted"]) for d in departed] == [("flaky", True), ("flaky", True), ("leaves", False)]
         assert departed[0]["reason"] == "unhealthy: test reason 0" and departed[0]["uid"] == os.getuid()
         assert {b["name"]: b["evictions"] for b in controller.boosters_view()} == {"stays": 0, "flaky": 2}
-        tick = hub.sample()[0][1]
+        tick = (await hub.sample())[0][1]
         told = [(e["booster"], e["what"], e.get("reason")) for e in tick["events"] if e["what"] != "joined"]
         assert told == [("flaky", "evicted", "unhealthy: test reason 0"), ("flaky", "evicted", "unhealthy: test reason 1"),
                         ("leaves", "left", departed[2]["reason"])]
         assert {b["name"]: b["evictions"] for b in tick["boosters"]} == {"stays": 0, "flaky": 2}
-        assert len(hub.sample()[0][1]["events"]) == len(tick["events"])     # each departure told once
+        assert len((await hub.sample())[0][1]["events"]) == len(tick["events"])     # each departure told once
         for b in (stays, flaky):
             await b.close()
         await hub.stop()

@@ -22,11 +22,11 @@ async def test_hub_rates_panels_and_departures(tmp_path):
         hub = DashboardHub(box.controller)
         booster = await box.connect("counter")
         await booster.copy(Match(proto="udp", dst_port=7000), lambda pkt: None)
-        assert [event for event, _ in hub.sample()] == ["tick"]             # no panel yet
+        assert [event for event, _ in (await hub.sample())] == ["tick"]             # no panel yet
         for _ in range(10):
             await box.inject(Packet(17, "10.0.0.1", 5000, "10.0.0.2", 7000, b"x" * 100))
         await publish_panel(booster, demo_panels.mmpog_builder()[0].build())
-        events = hub.sample()
+        events = (await hub.sample())
         tick = events[0][1]
         assert tick["rules"][0]["packets"] == 10 and tick["rules"][0]["pps"] > 0
         assert tick["traffic"]["pps"] == tick["rules"][0]["pps"]
@@ -35,11 +35,11 @@ async def test_hub_rates_panels_and_departures(tmp_path):
         assert tick["directory"][0]["names"] == [PANEL_KEY] and tick["directory"][0]["connected"]
         assert hub.snapshot()["panels"][0]["panel"]["title"].startswith("game reflector")
         await booster.directory.put(PANEL_KEY, {"title": "broken"})        # around the publisher
-        refused = [d for e, d in hub.sample() if e == "panel"]
+        refused = [d for e, d in (await hub.sample()) if e == "panel"]
         assert "parts" in refused[0]["error"] and hub.stats["panel_invalid"] == 1
         await booster.close()
         await asyncio.sleep(0)
-        events = hub.sample()
+        events = (await hub.sample())
         assert ("panel_removed", {"booster": "counter"}) in events
         assert events[0][1]["events"][-1]["what"] in ("left", "evicted")
         assert hub.panels == {}
@@ -51,7 +51,7 @@ async def test_a_client_that_does_not_read_is_dropped_not_buffered(tmp_path):
         hub = DashboardHub(box.controller, client_queue=4)
         slow, fast = hub.subscribe(), hub.subscribe()
         for _ in range(6):
-            hub.broadcast(hub.sample())
+            hub.broadcast(await hub.sample())
             while fast.buffer:
                 await fast.next()
         assert slow.closed and await slow.next() is None
@@ -100,7 +100,7 @@ async def test_directory_shows_key_names_not_values_and_stays_bounded(tmp_path):
         for i in range(60):
             await booster.directory.put(f"k{i:03d}", "x" * 1000)
         box.directory.put("offline-booster", "state", 1)       # a booster that is not connected
-        rows = hub.sample()[0][1]["directory"]
+        rows = (await hub.sample())[0][1]["directory"]
         assert [r["booster"] for r in rows] == ["keeper", "offline-booster"]     # connected first
         assert rows[0]["keys"] == 60 and rows[0]["names"] == [f"k{i:03d}" for i in range(50)]
         assert not rows[1]["connected"]
@@ -126,13 +126,13 @@ class _LinuxShapedController:
         return []
 
 
-def test_linux_engine_failopen_and_health_from_its_top_level_counters():
+async def test_linux_engine_failopen_and_health_from_its_top_level_counters():
     controller = _LinuxShapedController()
     hub = DashboardHub(controller)
-    first = hub.sample()[0][1]
+    first = (await hub.sample())[0][1]
     assert first["failopen"]["counters"] == {"stalls": 0} and first["health"]["state"] == "ok"
     controller.engine_status.update(stalls=2, restore_failures=1)
-    tick = hub.sample()[0][1]
+    tick = (await hub.sample())[0][1]
     assert tick["failopen"]["rates"]["stalls"] > 0 and tick["failopen"]["state"].startswith("passing")
     assert tick["health"] == {"state": "degraded", "rising": ["engine.restore_failures", "engine.stalls"],
                               "window_s": 60.0}
