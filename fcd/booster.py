@@ -26,6 +26,10 @@ from fcd.rpc import KeepAliveClient, ReliableUplink
 
 log = logging.getLogger("fcd.booster")
 
+# Reports per fcd.report call: about 1 KB of XML each, so one call stays far below the uplink's
+# request limit (fcd.rpc.MAX_BODY) and a batch of calls can always be cut to fit it.
+REPORTS_PER_CALL = 1000
+
 
 class BoxAggregator:
     """The booster's logic without the box: datagrams in, XML-RPC calls queued on the uplink."""
@@ -58,9 +62,9 @@ class BoxAggregator:
             return 0
         batch, self.pending = self.pending, []
         reports = self.ingest.ingest(batch)
-        if reports:
-            self.uplink.put("fcd.report", self.box_id, [r.to_xmlrpc() for r in reports])
-            self.stats["reports_queued"] += len(reports)
+        for i in range(0, len(reports), REPORTS_PER_CALL):
+            self.uplink.put("fcd.report", self.box_id, [r.to_xmlrpc() for r in reports[i:i + REPORTS_PER_CALL]])
+        self.stats["reports_queued"] += len(reports)
         self.stats["flushes"] += 1
         return len(batch)
 

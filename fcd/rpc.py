@@ -1,13 +1,15 @@
 """XML-RPC over one persistent HTTP/1.1 connection, batched with ``system.multicall``.
 
-Marshalling is the standard library's (``xmlrpc.client.dumps``/``loads``).  The HTTP part is a
-minimal keep-alive client: one TCP connection carries request after request (no pipelining);
-``Content-Length`` framing both ways; the response head is bounded.
+Marshalling is the standard library's (``xmlrpc.client.dumps``/``loads``); HTTP is aiohttp's
+client on a connector limited to one keep-alive connection (request after request, no
+pipelining), so framing, status lines and headers are aiohttp's, bounded here by
+:data:`MAX_BODY` both ways.
 
 :class:`ReliableUplink` queues calls (bounded; overflow drops the oldest and counts it), sends
-them in batches, and removes them only when the server's multicall response acknowledges them.
-If the connection fails, it reconnects with backoff and resends every unacknowledged call, so a
-server restart loses nothing (the server treats repeated reports idempotently).
+them in batches no larger than :data:`MAX_BODY` (the server's request limit), and removes them
+only when the server's multicall response acknowledges them.  If the connection fails, it
+reconnects with backoff and resends every unacknowledged call, so a server restart loses nothing
+(the server treats repeated reports idempotently).
 """
 
 from __future__ import annotations
@@ -18,81 +20,93 @@ import logging
 import xmlrpc.client
 from typing import Any
 
+import aiohttp
+
 log = logging.getLogger("fcd.rpc")
 
-MAX_HEAD = 16 * 1024
-MAX_BODY = 64 * 1024 * 1024
+# The largest XML-RPC body either side accepts.  Uplink batches are cut to fit it, so it is
+# also the largest legitimate request the server has to take (fcd-server's body limit).
+MAX_BODY = 4 * 1024 * 1024
 
 
 class RpcError(Exception):
     """The HTTP exchange failed (connection, framing or status)."""
 
 
-class KeepAliveClient:
-    """One HTTP/1.1 connection, reopened only when it breaks."""
+class CallTooLarge(ValueError):
+    """One call whose request alone exceeds the body limit: it can never be sent."""
 
-    def __init__(self, host: str, port: int, path: str = "/RPC2", timeout: float = 10.0) -> None:
+
+class KeepAliveClient:
+    """One HTTP/1.1 connection (aiohttp), reopened only when it breaks."""
+
+    def __init__(self, host: str, port: int, path: str = "/RPC2", timeout: float = 10.0,
+                 max_body: int = MAX_BODY) -> None:
         self.host, self.port, self.path, self.timeout = host, port, path, timeout
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.max_body = max_body
+        self.url = f"http://{host}:{port}{path}"
+        self._session: aiohttp.ClientSession | None = None
+        self._closing: asyncio.Task | None = None
         self.connections = 0
         self.requests = 0
 
-    async def _ensure(self) -> None:
-        if self.writer is None or self.writer.is_closing():
-            self.reader, self.writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), self.timeout)
-            self.connections += 1
+    def _ensure(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            trace = aiohttp.TraceConfig()
+            trace.on_connection_create_end.append(self._on_connection)
+            # one connection, kept alive well below the server's idle timeout
+            connector = aiohttp.TCPConnector(limit=1, keepalive_timeout=5.0, force_close=False)
+            self._session = aiohttp.ClientSession(
+                connector=connector, trace_configs=[trace], auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers={"Content-Type": "text/xml"})
+        return self._session
+
+    async def _on_connection(self, session, ctx, params) -> None:
+        self.connections += 1
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
+        """Drop the connection (the next call opens a new one); :meth:`aclose` waits for it."""
+        if self._session is not None and not self._session.closed:
+            self._closing = asyncio.ensure_future(self._session.close())
+        self._session = None
+
+    async def aclose(self) -> None:
+        self.close()
+        if self._closing is not None:
+            await self._closing
+            self._closing = None
 
     async def post(self, body: bytes) -> bytes:
+        if len(body) > self.max_body:
+            raise CallTooLarge(f"request of {len(body)} bytes exceeds the {self.max_body}-byte limit")
+        session = self._ensure()
+        self.requests += 1
         try:
-            await self._ensure()
-            head = (f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                    f"Content-Type: text/xml\r\nContent-Length: {len(body)}\r\n"
-                    f"Connection: keep-alive\r\n\r\n").encode()
-            self.writer.write(head + body)
-            self.requests += 1
-            return await asyncio.wait_for(self._response(), self.timeout)
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            async with session.post(self.url, data=body) as resp:
+                if resp.content_length is not None and resp.content_length > self.max_body:
+                    raise RpcError(f"response body of {resp.content_length} bytes refused")
+                data = await resp.content.read(self.max_body + 1)
+                if len(data) > self.max_body:
+                    raise RpcError("response body exceeds the limit")
+                if resp.status != 200:
+                    raise RpcError(f"HTTP status {resp.status}")
+                return data
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             self.close()
             raise RpcError(f"HTTP exchange with {self.host}:{self.port} failed: {exc!r}") from None
         except RpcError:
             self.close()
             raise
 
-    async def _response(self) -> bytes:
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        if len(head) > MAX_HEAD:
-            raise RpcError("response head too large")
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
-            raise RpcError(f"bad status line {lines[0]!r}")
-        headers = {}
-        for line in lines[1:]:
-            if ":" in line:
-                k, v = line.split(":", 1)
-                headers[k.strip().lower()] = v.strip()
-        try:
-            length = int(headers["content-length"])
-        except (KeyError, ValueError):
-            raise RpcError("response without a valid Content-Length") from None
-        if not 0 <= length <= MAX_BODY:
-            raise RpcError(f"response body of {length} bytes refused")
-        body = await self.reader.readexactly(length)
-        if headers.get("connection", "").lower() == "close":
-            self.close()
-        if parts[1] != "200":
-            raise RpcError(f"HTTP status {parts[1]}")
-        return body
+    @staticmethod
+    def encode(method: str, *params: Any) -> bytes:
+        return xmlrpc.client.dumps(params, methodname=method, allow_none=True).encode()
 
     async def call(self, method: str, *params: Any) -> Any:
-        body = xmlrpc.client.dumps(params, methodname=method, allow_none=True).encode()
+        return await self.call_encoded(self.encode(method, *params))
+
+    async def call_encoded(self, body: bytes) -> Any:
         data = await self.post(body)
         try:
             (result,), _ = xmlrpc.client.loads(data, use_builtin_types=True)
@@ -103,10 +117,14 @@ class KeepAliveClient:
             raise RpcError(f"malformed XML-RPC response: {exc}") from None
         return result
 
-    async def multicall(self, calls: list[tuple[str, tuple]]) -> list[Any]:
+    @staticmethod
+    def encode_multicall(calls: list[tuple[str, tuple]]) -> bytes:
+        return KeepAliveClient.encode("system.multicall",
+                                      [{"methodName": m, "params": list(p)} for m, p in calls])
+
+    async def multicall(self, calls: list[tuple[str, tuple]], body: bytes | None = None) -> list[Any]:
         """Results in order; a failed call gives an ``xmlrpc.client.Fault`` in its place."""
-        payload = [{"methodName": m, "params": list(p)} for m, p in calls]
-        results = await self.call("system.multicall", payload)
+        results = await self.call_encoded(body if body is not None else self.encode_multicall(calls))
         if not isinstance(results, list) or len(results) != len(calls):
             raise RpcError("multicall answer does not match the calls")
         out = []
@@ -133,7 +151,7 @@ class ReliableUplink:
         self.idle = asyncio.Event()
         self.idle.set()
         self.stats = {"queued": 0, "acked": 0, "dropped": 0, "faults": 0, "batches": 0, "failures": 0,
-                      "unmarshallable": 0}
+                      "unmarshallable": 0, "batches_split": 0}
         self.last_fault = ""
 
     def put(self, method: str, *params: Any) -> None:
@@ -169,12 +187,14 @@ class ReliableUplink:
                 continue
             batch = [self.queue[i] for i in range(min(self.batch, len(self.queue)))]
             try:
-                results = await self.client.multicall([(m, p) for _, m, p in batch])
+                batch, body = self._fit(batch)
+                results = await self.client.multicall([(m, p) for _, m, p in batch], body)
             except (TypeError, OverflowError, ValueError, xmlrpc.client.Fault) as exc:
                 # a call that cannot be marshalled (or that the server refuses whole) never succeeds
-                self.stats["unmarshallable"] += len(batch)
-                log.error("uplink: dropping %d calls that cannot be sent: %s", len(batch), exc)
-                self._ack(batch[-1][0])
+                bad = batch[:1] if isinstance(exc, CallTooLarge) else batch   # _fit: the first call alone
+                self.stats["unmarshallable"] += len(bad)
+                log.error("uplink: dropping %d calls that cannot be sent: %s", len(bad), exc)
+                self._ack(bad[-1][0])
                 continue
             except RpcError as exc:
                 self.stats["failures"] += 1
@@ -193,6 +213,19 @@ class ReliableUplink:
             if self.queue and len(self.queue) < self.batch and not stop.is_set():
                 await self._wait(stop, self.interval)
         self.idle.set()
+
+    def _fit(self, batch: list[tuple[int, str, tuple]]) -> tuple[list[tuple[int, str, tuple]], bytes]:
+        """The longest head of ``batch`` whose multicall body fits the size limit, and that body.
+
+        A single call too large on its own raises :class:`CallTooLarge`."""
+        while True:
+            body = self.client.encode_multicall([(m, p) for _, m, p in batch])
+            if len(body) <= self.client.max_body:
+                return batch, body
+            if len(batch) == 1:
+                raise CallTooLarge(f"one call of {len(body)} bytes exceeds the {self.client.max_body}-byte limit")
+            self.stats["batches_split"] += 1
+            batch = batch[:len(batch) // 2]
 
     def _ack(self, last: int) -> None:
         while self.queue and self.queue[0][0] <= last:

@@ -43,7 +43,7 @@ async def test_one_connection_carries_many_calls(small_trace):
     assert results[2] == {"accepted": 0, "duplicates": 0, "rejected": 0}
     assert client.connections == 1 and client.requests == 21
     assert server.status()["http_connections"] == 1 and server.stats["http_requests"] == 21
-    client.close()
+    await client.aclose()
     await runner.cleanup()
 
 
@@ -73,7 +73,7 @@ async def test_reconnect_after_server_restart_loses_nothing(small_trace):
     assert got == {r.key for r in reports}
     assert uplink.stats["acked"] == len(reports) and uplink.stats["dropped"] == 0
     assert client.connections == 2
-    client.close()
+    await client.aclose()
     await runner2.cleanup()
 
 
@@ -152,7 +152,7 @@ async def test_box_and_raw_data_combine_without_double_counting(small_trace):
         xmlrpc.client.loads(body)
     assert await client.call("fcd.box_stats", "b1", {"received": 5, "lost": 1}) is True
     assert server.boxes["b1"]["received"] == 5
-    client.close()
+    await client.aclose()
     await runner.cleanup()
 
 
@@ -191,7 +191,7 @@ async def test_box_aggregator_reports_through_the_uplink(small_trace):
     assert client.connections == 1
     # many datagrams became few requests: the reduction the paper is about
     assert seq / server.stats["http_requests"] > 40
-    client.close()
+    await client.aclose()
     await runner.cleanup()
 
 
@@ -213,3 +213,22 @@ def test_xmlrpc_dispatch_only_answers_or_faults(small_city, method, params):
         server.dispatch(method, tuple(params))
     except xmlrpc.client.Fault:
         pass
+
+
+async def test_uplink_cuts_batches_to_the_body_limit(small_trace):
+    server, runner, port = await start_server(small_trace.city)
+    reports = reports_from(small_trace, 200)
+    client = KeepAliveClient("127.0.0.1", port, max_body=4096)
+    uplink = ReliableUplink(client, batch=500, interval=0.01)
+    for rep in reports:
+        uplink.put("fcd.report", "b1", [rep.to_xmlrpc()])
+    uplink.put("fcd.report", "b1", [r.to_xmlrpc() for r in reports])    # alone over the limit: never sendable
+    stop = asyncio.Event()
+    stop.set()                                # drain what is queued, then stop
+    await uplink.run(stop)
+    assert uplink.stats["batches_split"] > 0 and uplink.stats["unmarshallable"] == 1
+    assert uplink.stats["acked"] == len(reports) and not uplink.queue
+    assert set(server.seen) == {r.key for r in reports}
+    assert client.connections == 1
+    await client.aclose()
+    await runner.cleanup()
