@@ -22,6 +22,7 @@ import logging
 import socket
 import xmlrpc.client
 from pathlib import Path
+from xmlrpc.server import SimpleXMLRPCDispatcher
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,45 @@ def _xmlrpc_safe(value: Any) -> Any:
     return value
 
 
+class _Dispatcher(SimpleXMLRPCDispatcher):
+    """The stdlib dispatcher (``system.multicall``, ``system.listMethods``) with typed faults:
+    unknown methods and bad parameters are faults that say so, and a multicall may not nest."""
+
+    def __init__(self, stats: collections.Counter) -> None:
+        super().__init__(allow_none=True, use_builtin_types=True)
+        self.stats = stats
+        self.register_introspection_functions()
+        self.register_multicall_functions()
+
+    # entries the stdlib loop would choke on become calls of these names, which fault
+    _REFUSED = {"\0nested": (3, "recursive system.multicall refused"),
+                "\0malformed": (2, "multicall entry needs methodName and params (an array)")}
+
+    def system_multicall(self, call_list):
+        if not isinstance(call_list, list):
+            raise xmlrpc.client.Fault(2, "system.multicall takes one array of calls")
+        self.stats["rpc_calls"] += len(call_list)
+        return super().system_multicall([self._entry(c) for c in call_list])
+
+    @staticmethod
+    def _entry(call: Any) -> dict:
+        if not isinstance(call, dict) or not isinstance(call.get("params", []), list):
+            return {"methodName": "\0malformed", "params": []}
+        if call.get("methodName") == "system.multicall":
+            return {"methodName": "\0nested", "params": []}
+        return {"methodName": call.get("methodName"), "params": call.get("params", [])}
+
+    def _dispatch(self, method, params):
+        if method in self._REFUSED:
+            raise xmlrpc.client.Fault(*self._REFUSED[method])
+        if not isinstance(method, str) or method not in self.funcs:
+            raise xmlrpc.client.Fault(1, f"unknown method {method!r}")
+        try:
+            return self.funcs[method](*params)
+        except TypeError as exc:
+            raise xmlrpc.client.Fault(2, f"bad parameters for {method}: {exc}") from None
+
+
 class FcdServer:
     def __init__(self, city: City, horizon: int = 5, max_keys: int = 500_000, max_cars: int = 100_000) -> None:
         self.city = city
@@ -62,6 +102,10 @@ class FcdServer:
         self.stats = collections.Counter()
         self.udp_sock: socket.socket | None = None
         self.inline_batch = 2048
+        self.dispatcher = _Dispatcher(self.stats)
+        self.dispatcher.register_function(self.rpc_report, "fcd.report")
+        self.dispatcher.register_function(self.rpc_box_stats, "fcd.box_stats")
+        self.dispatcher.register_function(lambda: _xmlrpc_safe(self.status()), "fcd.status")
 
     # ------------------------------------------------------------ reports
     def accept(self, rep: RoadReport, source: str) -> bool:
@@ -117,33 +161,8 @@ class FcdServer:
         }
 
     def dispatch(self, method: str, params: tuple) -> Any:
-        if method == "system.multicall":
-            if len(params) != 1 or not isinstance(params[0], list):
-                raise xmlrpc.client.Fault(2, "system.multicall takes one array of calls")
-            results = []
-            for call in params[0]:
-                try:
-                    if not isinstance(call, dict) or not isinstance(call.get("params", []), list):
-                        raise xmlrpc.client.Fault(2, "multicall entry needs methodName and params")
-                    name = call.get("methodName")
-                    if name == "system.multicall":
-                        raise xmlrpc.client.Fault(3, "recursive system.multicall refused")
-                    results.append([self.dispatch(str(name), tuple(call.get("params", [])))])
-                except xmlrpc.client.Fault as fault:
-                    results.append({"faultCode": fault.faultCode, "faultString": fault.faultString})
-                self.stats["rpc_calls"] += 1
-            return results
-        handlers = {"fcd.report": self.rpc_report, "fcd.box_stats": self.rpc_box_stats,
-                    "fcd.status": lambda: _xmlrpc_safe(self.status()),
-                    "system.listMethods": lambda: ["fcd.report", "fcd.box_stats", "fcd.status",
-                                                   "system.multicall", "system.listMethods"]}
-        handler = handlers.get(method)
-        if handler is None:
-            raise xmlrpc.client.Fault(1, f"unknown method {method!r}")
-        try:
-            return handler(*params)
-        except TypeError as exc:
-            raise xmlrpc.client.Fault(2, f"bad parameters for {method}: {exc}") from None
+        """One call (``system.multicall`` included) through the stdlib dispatcher."""
+        return self.dispatcher._dispatch(method, params)
 
     async def handle_rpc(self, request: web.Request) -> web.Response:
         self.stats["http_requests"] += 1
