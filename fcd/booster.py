@@ -27,8 +27,8 @@ from fcd.rpc import KeepAliveClient, ReliableUplink
 log = logging.getLogger("fcd.booster")
 
 # Reports per fcd.report call: about 1 KB of XML each, so one call stays far below the uplink's
-# request limit (fcd.rpc.MAX_BODY) and a batch of calls can always be cut to fit it.
-REPORTS_PER_CALL = 1000
+# request limit (fcd.rpc.MAX_BODY, 1 MiB) and a batch of calls can always be cut to fit it.
+REPORTS_PER_CALL = 250
 
 
 class BoxAggregator:

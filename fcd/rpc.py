@@ -26,7 +26,7 @@ log = logging.getLogger("fcd.rpc")
 
 # The largest XML-RPC body either side accepts.  Uplink batches are cut to fit it, so it is
 # also the largest legitimate request the server has to take (fcd-server's body limit).
-MAX_BODY = 4 * 1024 * 1024
+MAX_BODY = 1024 * 1024
 
 
 class RpcError(Exception):

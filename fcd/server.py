@@ -21,6 +21,7 @@ import json
 import logging
 import socket
 import xmlrpc.client
+from dataclasses import dataclass
 from pathlib import Path
 from xmlrpc.server import SimpleXMLRPCDispatcher
 from typing import Any
@@ -32,6 +33,7 @@ from cliruntime import ConfigError, host_port, make_parser, non_negative_float, 
 from fcd.aggregate import Ingest, RoadReport
 from fcd.city import City, load_city
 from fcd.model import Model
+from fcd.rpc import MAX_BODY
 
 log = logging.getLogger("fcd.server")
 
@@ -45,6 +47,77 @@ def _xmlrpc_safe(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool) and not -2**31 <= value < 2**31:
         return float(value)
     return value
+
+
+@dataclass
+class HttpLimits:
+    """What one HTTP client may hold of the server (issue 11's probes are the tests)."""
+
+    max_body: int = MAX_BODY          # the uplink never sends more (fcd.rpc cuts its batches to it)
+    max_concurrent: int = 4           # XML-RPC bodies read and dispatched at once
+    max_connections: int = 256
+    header_timeout: float = 10.0      # a new connection must have sent a whole request head by then
+    body_timeout: float = 30.0        # a request body must arrive within this
+    idle_timeout: float = 30.0        # between requests (the boxes' uplink talks every second)
+
+
+class _Refused(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()
+
+
+class HttpFront:
+    """aiohttp's server for an application, behind a connection cap and a first-request timeout.
+
+    aiohttp closes connections idle between requests (``keepalive_timeout``) and bounds request
+    heads and bodies; what it lacks is done here: connections over the cap are closed as they
+    arrive, and a connection whose first request head is not complete within
+    ``header_timeout`` (slowloris) is closed.  Both counted in ``stats``.
+    """
+
+    def __init__(self, app: web.Application, limits: HttpLimits, stats: collections.Counter) -> None:
+        self.limits, self.stats = limits, stats
+        self.runner = web.AppRunner(app, access_log=None, keepalive_timeout=limits.idle_timeout,
+                                    handle_signals=False)
+        # connections still waiting for their first whole request head (each leaves by its check)
+        self.awaiting_head: set = set()
+        self.listener: asyncio.base_events.Server | None = None
+
+        @web.middleware
+        async def mark_served(request: web.Request, handler):
+            self.awaiting_head.discard(request.protocol)
+            return await handler(request)
+
+        app.middlewares.append(mark_served)
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        await self.runner.setup()
+        self.listener = await asyncio.get_running_loop().create_server(
+            self._protocol, host, port, reuse_address=True)
+        return self.listener.sockets[0].getsockname()[:2]
+
+    def _protocol(self) -> asyncio.Protocol:
+        server = self.runner.server
+        if len(server.connections) >= self.limits.max_connections:
+            self.stats["http_refused_connections"] += 1
+            return _Refused()
+        handler = server()
+        self.awaiting_head.add(handler)
+        asyncio.get_running_loop().call_later(self.limits.header_timeout, self._check_head, handler)
+        return handler
+
+    def _check_head(self, handler) -> None:
+        if handler not in self.awaiting_head:
+            return
+        self.awaiting_head.discard(handler)
+        if handler.transport is not None:
+            self.stats["http_header_timeouts"] += 1
+            handler.force_close()
+
+    async def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        await self.runner.cleanup()
 
 
 class _Dispatcher(SimpleXMLRPCDispatcher):
@@ -87,8 +160,12 @@ class _Dispatcher(SimpleXMLRPCDispatcher):
 
 
 class FcdServer:
-    def __init__(self, city: City, horizon: int = 5, max_keys: int = 500_000, max_cars: int = 100_000) -> None:
+    def __init__(self, city: City, horizon: int = 5, max_keys: int = 500_000, max_cars: int = 100_000,
+                 limits: HttpLimits | None = None) -> None:
         self.city = city
+        self.limits = limits or HttpLimits()
+        self.rpc_slots = asyncio.Semaphore(self.limits.max_concurrent)
+        self.http: HttpFront | None = None
         self.model = Model(city)
         self.ingest = Ingest(city, max_cars=max_cars)
         self.horizon = horizon
@@ -173,19 +250,40 @@ class FcdServer:
                 self.stats["http_connections_seen"] += 1
                 if len(self.connections) > 10_000:      # bounded: forget the oldest
                     self.connections.popitem(last=False)
-        body = await request.read()
-        try:
-            params, method = xmlrpc.client.loads(body, use_builtin_types=True)
-            if method is None:
-                raise ValueError("not a method call")
-            result = self.dispatch(method, params)
-            out = xmlrpc.client.dumps((result,), methodresponse=True, allow_none=True)
-        except xmlrpc.client.Fault as fault:
-            out = xmlrpc.client.dumps(fault, methodresponse=True)
-        except Exception as exc:  # malformed XML: stdlib raises several kinds
-            self.stats["rpc_malformed"] += 1
-            out = xmlrpc.client.dumps(xmlrpc.client.Fault(4, f"malformed request: {exc}"), methodresponse=True)
+        limits = self.limits
+        if request.content_length is None:
+            # XML-RPC clients declare the length; an undeclared (chunked) body is refused unread
+            return self._refuse(411, "http_refused_length", "Content-Length required")
+        if request.content_length > limits.max_body:
+            return self._refuse(413, "http_refused_body", f"body over {limits.max_body} bytes")
+        if self.rpc_slots.locked():
+            self.stats["rpc_waited"] += 1
+        async with self.rpc_slots:        # bodies in memory at once: max_concurrent x max_body
+            try:
+                body = await asyncio.wait_for(request.read(), limits.body_timeout)
+            except web.HTTPRequestEntityTooLarge:
+                return self._refuse(413, "http_refused_body", f"body over {limits.max_body} bytes")
+            except asyncio.TimeoutError:
+                return self._refuse(408, "http_body_timeouts", f"body not received within {limits.body_timeout} s")
+            try:
+                params, method = xmlrpc.client.loads(body, use_builtin_types=True)
+                if method is None:
+                    raise ValueError("not a method call")
+                result = self.dispatch(method, params)
+                out = xmlrpc.client.dumps((result,), methodresponse=True, allow_none=True)
+            except xmlrpc.client.Fault as fault:
+                out = xmlrpc.client.dumps(fault, methodresponse=True)
+            except Exception as exc:  # malformed XML: stdlib raises several kinds
+                self.stats["rpc_malformed"] += 1
+                out = xmlrpc.client.dumps(xmlrpc.client.Fault(4, f"malformed request: {exc}"), methodresponse=True)
         return web.Response(body=out.encode(), content_type="text/xml")
+
+    def _refuse(self, status: int, counter: str, reason: str) -> web.Response:
+        """An error answer that closes the connection (its unread body is never read)."""
+        self.stats[counter] += 1
+        resp = web.Response(status=status, text=reason + "\n")
+        resp.force_close()
+        return resp
 
     async def handle_status(self, request: web.Request) -> web.Response:
         return web.json_response(self.status())
@@ -198,11 +296,16 @@ class FcdServer:
                                   "traverse": p.traverse[0].round(2).tolist()})
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=self.limits.max_body)
         app.router.add_post("/RPC2", self.handle_rpc)
         app.router.add_get("/status", self.handle_status)
         app.router.add_get("/predictions", self.handle_predictions)
         return app
+
+    async def start_http(self, host: str, port: int) -> tuple[str, int]:
+        """Serve :meth:`app` on ``host:port`` behind :class:`HttpFront`; the bound address."""
+        self.http = HttpFront(self.app(), self.limits, self.stats)
+        return await self.http.start(host, port)
 
     # ------------------------------------------------------------ raw UDP
     def open_udp(self, host: str, port: int, rcvbuf: int) -> tuple[str, int]:
@@ -313,13 +416,25 @@ def build_parser():
     p.add_argument("--batch-interval", type=non_negative_float, default=0.1,
                    help="seconds between raw ingest batches when fewer than 2048 datagrams wait")
     p.add_argument("--max-cars", type=positive_int, default=100_000)
+    p.add_argument("--max-body", type=positive_int, default=MAX_BODY,
+                   help="largest XML-RPC request body (bytes; the boxes' uplink never sends more than the default)")
+    p.add_argument("--max-concurrent", type=positive_int, default=4, help="XML-RPC requests processed at once")
+    p.add_argument("--max-connections", type=positive_int, default=256, help="HTTP connections at once")
+    p.add_argument("--header-timeout", type=non_negative_float, default=10.0,
+                   help="seconds a new connection has to send its first request head")
+    p.add_argument("--body-timeout", type=non_negative_float, default=30.0, help="seconds to receive a request body")
+    p.add_argument("--idle-timeout", type=non_negative_float, default=30.0,
+                   help="seconds a connection may stay idle between requests")
     p.add_argument("--ready-file", type=Path, help="write the bound addresses as JSON here when ready")
     return p
 
 
 async def amain(args, ctx) -> int:
     city = load_city(args.city)
-    server = FcdServer(city, horizon=args.horizon, max_cars=args.max_cars)
+    limits = HttpLimits(max_body=args.max_body, max_concurrent=args.max_concurrent,
+                        max_connections=args.max_connections, header_timeout=args.header_timeout,
+                        body_timeout=args.body_timeout, idle_timeout=args.idle_timeout)
+    server = FcdServer(city, horizon=args.horizon, max_cars=args.max_cars, limits=limits)
     ts_server = None
     if args.serve_tuplespace:
         from fcd.tuplespace import TupleSpaceServer
@@ -337,14 +452,10 @@ async def amain(args, ctx) -> int:
         except OSError as exc:
             raise ConfigError(f"cannot reach the tuplespace at {args.tuplespace}: {exc.strerror}") from None
     udp_addr = server.open_udp(*args.udp, args.rcvbuf)
-    runner = web.AppRunner(server.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, *args.http)
     try:
-        await site.start()
+        http_addr = await server.start_http(*args.http)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.http[0]}:{args.http[1]}: {exc.strerror}") from None
-    http_addr = runner.addresses[0][:2]
     ctx.stats.providers["server"] = server.status
     info = {"http": list(http_addr), "udp": list(udp_addr), "pid": __import__("os").getpid()}
     if ts_server is not None:
@@ -356,7 +467,7 @@ async def amain(args, ctx) -> int:
              asyncio.create_task(server.model_loop(ctx.stop, args.model_interval))]
     await ctx.stop.wait()
     await asyncio.gather(*tasks, return_exceptions=True)
-    await runner.cleanup()
+    await server.http.close()
     if ts_server is not None:
         await ts_server.close()
     return 0

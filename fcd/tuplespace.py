@@ -525,7 +525,7 @@ class TupleSpaceServer:
         self.driver: SpaceDriver | None = None
         self.server: asyncio.base_events.Server | None = None
         self.supervisor = Supervisor("fcd-tuplespace", logger=log)
-        self.active = 0
+        self.conns: set[_Connection] = set()
         self.buffered = 0        # bytes of incomplete frames held over all connections
         self.stats = {"connections": 0, "requests": 0, "bad_frames": 0, "errors": 0,
                       "refused_connections": 0, "refused_buffer": 0, "frame_timeouts": 0, "idle_closed": 0,
@@ -533,32 +533,20 @@ class TupleSpaceServer:
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self.driver = SpaceDriver(self.space, clock=self.clock)
-        self.server = await asyncio.start_server(self._serve, host, port)
+        self.server = await asyncio.get_running_loop().create_server(lambda: _Connection(self), host, port)
         return self.server.sockets[0].getsockname()[:2]
 
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        for conn in list(self.conns):
+            conn.close()
         await self.supervisor.aclose()
         if self.server is not None:
             await self.server.wait_closed()
 
     def snapshot(self) -> dict[str, int]:
-        return {**self.stats, "active_connections": self.active, "buffered_bytes": self.buffered}
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.active >= self.max_connections:
-            self.stats["refused_connections"] += 1
-            writer.transport.abort()
-            return
-        self.active += 1
-        self.stats["connections"] += 1
-        conn = _Connection(self, writer)
-        try:
-            await conn.read_loop(reader)
-        finally:
-            self.active -= 1
-            conn.release()
+        return {**self.stats, "active_connections": len(self.conns), "buffered_bytes": self.buffered}
 
     async def _handle(self, msg: dict, conn: "_Connection") -> None:
         rid = msg.get("id")
@@ -599,25 +587,102 @@ class TupleSpaceServer:
             send({"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
 
-class _Connection:
-    """One client of :class:`TupleSpaceServer`: its framer, requests in flight, subscriptions."""
+class _Connection(asyncio.Protocol):
+    """One client of :class:`TupleSpaceServer`: bytes go straight into its framer (no stream
+    buffer in between, so what a connection holds is what the framer holds), requests in
+    flight, subscriptions, and one timer for the frame and idle timeouts."""
 
-    def __init__(self, server: TupleSpaceServer, writer: asyncio.StreamWriter) -> None:
-        self.server, self.writer = server, writer
+    def __init__(self, server: TupleSpaceServer) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
         self.frames = frame_decoder(server.max_frame)
         self.counted = 0             # this connection's share of server.buffered
         self.inflight = 0
         self.subs: set[int] = set()
+        self.frame_started = 0.0     # when the incomplete frame held now began
+        self.last_data = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------ asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = self.server
+        if len(server.conns) >= server.max_connections:
+            server.stats["refused_connections"] += 1
+            transport.abort()
+            return
+        server.conns.add(self)
+        server.stats["connections"] += 1
+        self.transport = transport
+        self.last_data = self.loop.time()
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        server, stats = self.server, self.server.stats
+        if self.transport is None:
+            return
+        had_partial = self.frames.buffered > 0
+        self.last_data = self.loop.time()
+        try:
+            messages = self.frames.feed(data)
+        except framing.FramingError as exc:
+            stats["bad_frames"] += 1
+            log.warning("closing connection: %s", exc)
+            self.close()
+            return
+        if not self._account():
+            stats["refused_buffer"] += 1
+            log.warning("closing connection: incomplete frames over all connections exceed %d bytes",
+                        server.max_buffered)
+            self.close()
+            return
+        if self.frames.buffered and (messages or not had_partial):
+            self.frame_started = self.last_data          # a new incomplete frame began in this chunk
+            if self.timer is not None and self.timer.when() > self._deadline():
+                self.timer.cancel()                      # its timeout comes before the idle one
+                self._arm()
+        for msg in messages:
+            if isinstance(msg, TupleDecodeError):
+                stats["bad_frames"] += 1
+                self.send({"id": None, "ok": False, "error": str(msg)})
+                continue
+            stats["requests"] += 1
+            if self.inflight >= server.max_inflight:
+                stats["refused_inflight"] += 1
+                self.send({"id": msg.get("id"), "ok": False,
+                           "error": f"too many requests in flight ({server.max_inflight})"})
+                continue
+            self.inflight += 1
+            server.supervisor.spawn(self._request(msg), name="request", critical=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:
+            return
+        self.transport = None
+        server = self.server
+        server.conns.discard(self)
+        server.buffered -= self.counted
+        self.counted = 0
+        if self.timer is not None:
+            self.timer.cancel()
+        for sub in self.subs:
+            server.driver.unsubscribe(sub)
+        self.subs.clear()
+
+    # ------------------------------------------------------------ helpers
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()          # connection_lost follows and releases everything
 
     def send(self, msg: dict) -> None:
-        writer = self.writer
-        if writer.is_closing():
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
-        if writer.transport.get_write_buffer_size() > self.server.max_output:
+        if transport.get_write_buffer_size() > self.server.max_output:
             self.server.stats["slow_readers_closed"] += 1       # replies are not queued without bound
-            writer.transport.abort()
+            self.close()
             return
-        writer.write(encode_frame(msg))
+        transport.write(encode_frame(msg))
 
     def _account(self) -> bool:
         """Track this connection's incomplete frame in the server-wide total; False = over it."""
@@ -626,64 +691,31 @@ class _Connection:
         self.counted = self.frames.buffered
         return server.buffered <= server.max_buffered
 
-    def release(self) -> None:
-        self.server.buffered -= self.counted
-        self.counted = 0
-        for sub in self.subs:
-            self.server.driver.unsubscribe(sub)
-        self.writer.close()
+    def _deadline(self) -> float:
+        if self.frames.buffered:
+            return self.frame_started + self.server.frame_timeout
+        return self.last_data + self.server.idle_timeout
 
-    async def read_loop(self, reader: asyncio.StreamReader) -> None:
-        server, stats = self.server, self.server.stats
-        loop = asyncio.get_running_loop()
-        frame_started: float | None = None
-        while True:
+    def _arm(self) -> None:
+        self.timer = self.loop.call_at(self._deadline(), self._on_timer)
+
+    def _on_timer(self) -> None:
+        """One timer per connection, moved on lazily: fires, then checks what is due."""
+        self.timer = None
+        if self.transport is None:
+            return
+        stats = self.server.stats
+        if self.loop.time() >= self._deadline():
             if self.frames.buffered:
-                timeout = max(0.0, frame_started + server.frame_timeout - loop.time())
-            else:
-                timeout = server.idle_timeout
-            try:
-                data = await asyncio.wait_for(reader.read(65536), timeout)
-            except asyncio.TimeoutError:
-                if self.frames.buffered:
-                    stats["frame_timeouts"] += 1
-                    return
-                if self.inflight or self.subs:      # blocked callers and subscribers wait legitimately
-                    continue
+                stats["frame_timeouts"] += 1
+                self.close()
+                return
+            if not (self.inflight or self.subs):        # blocked callers and subscribers wait legitimately
                 stats["idle_closed"] += 1
+                self.close()
                 return
-            except ConnectionError:
-                return
-            if not data:
-                return
-            try:
-                messages = self.frames.feed(data)
-            except framing.FramingError as exc:
-                stats["bad_frames"] += 1
-                log.warning("closing connection: %s", exc)
-                return
-            if not self._account():
-                stats["refused_buffer"] += 1
-                log.warning("closing connection: incomplete frames over all connections exceed %d bytes",
-                            server.max_buffered)
-                return
-            if self.frames.buffered and (frame_started is None or messages):
-                frame_started = loop.time()
-            elif not self.frames.buffered:
-                frame_started = None
-            for msg in messages:
-                if isinstance(msg, TupleDecodeError):
-                    stats["bad_frames"] += 1
-                    self.send({"id": None, "ok": False, "error": str(msg)})
-                    continue
-                stats["requests"] += 1
-                if self.inflight >= server.max_inflight:
-                    stats["refused_inflight"] += 1
-                    self.send({"id": msg.get("id"), "ok": False,
-                               "error": f"too many requests in flight ({server.max_inflight})"})
-                    continue
-                self.inflight += 1
-                server.supervisor.spawn(self._request(msg), name="request", critical=False)
+            self.last_data = self.loop.time()
+        self._arm()
 
     async def _request(self, msg: dict) -> None:
         try:

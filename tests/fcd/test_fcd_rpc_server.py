@@ -3,7 +3,6 @@ import socket
 import xmlrpc.client
 
 import pytest
-from aiohttp import web
 
 from fcd import wire
 from fcd.aggregate import Aggregator
@@ -12,13 +11,10 @@ from fcd.rpc import KeepAliveClient, ReliableUplink, RpcError
 from fcd.server import FcdServer
 
 
-async def start_server(city, port=0):
-    server = FcdServer(city)
-    runner = web.AppRunner(server.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    return server, runner, runner.addresses[0][1]
+async def start_server(city, port=0, limits=None):
+    server = FcdServer(city, limits=limits)
+    _, port = await server.start_http("127.0.0.1", port)
+    return server, server.http, port
 
 
 def reports_from(trace, limit_t):
@@ -44,7 +40,7 @@ async def test_one_connection_carries_many_calls(small_trace):
     assert client.connections == 1 and client.requests == 21
     assert server.status()["http_connections"] == 1 and server.stats["http_requests"] == 21
     await client.aclose()
-    await runner.cleanup()
+    await runner.close()
 
 
 async def test_reconnect_after_server_restart_loses_nothing(small_trace):
@@ -60,7 +56,7 @@ async def test_reconnect_after_server_restart_loses_nothing(small_trace):
     for rep in reports[:half]:
         uplink.put("fcd.report", "b1", [rep.to_xmlrpc()])
     await asyncio.wait_for(uplink.idle.wait(), 10)
-    await runner1.cleanup()                                    # the server goes away
+    await runner1.close()                                    # the server goes away
     for rep in reports[half:]:
         uplink.put("fcd.report", "b1", [rep.to_xmlrpc()])
     await asyncio.sleep(0.3)
@@ -74,7 +70,7 @@ async def test_reconnect_after_server_restart_loses_nothing(small_trace):
     assert uplink.stats["acked"] == len(reports) and uplink.stats["dropped"] == 0
     assert client.connections == 2
     await client.aclose()
-    await runner2.cleanup()
+    await runner2.close()
 
 
 async def test_uplink_queue_is_bounded():
@@ -153,7 +149,7 @@ async def test_box_and_raw_data_combine_without_double_counting(small_trace):
     assert await client.call("fcd.box_stats", "b1", {"received": 5, "lost": 1}) is True
     assert server.boxes["b1"]["received"] == 5
     await client.aclose()
-    await runner.cleanup()
+    await runner.close()
 
 
 async def test_box_aggregator_reports_through_the_uplink(small_trace):
@@ -192,7 +188,7 @@ async def test_box_aggregator_reports_through_the_uplink(small_trace):
     # many datagrams became few requests: the reduction the paper is about
     assert seq / server.stats["http_requests"] > 40
     await client.aclose()
-    await runner.cleanup()
+    await runner.close()
 
 
 from hypothesis import given, settings, strategies as st
@@ -231,4 +227,4 @@ async def test_uplink_cuts_batches_to_the_body_limit(small_trace):
     assert set(server.seen) == {r.key for r in reports}
     assert client.connections == 1
     await client.aclose()
-    await runner.cleanup()
+    await runner.close()
