@@ -147,16 +147,18 @@ class ReliableUplink:
         self.backoff = backoff
         self.queue: collections.deque[tuple[int, str, tuple]] = collections.deque()
         self._seq = 0
+        self._sizes: dict[int, int] = {}      # encoded size of queued calls already measured
         self.wakeup = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
+        self.failing = asyncio.Event()    # set while the server cannot be reached, cleared on success
         self.stats = {"queued": 0, "acked": 0, "dropped": 0, "faults": 0, "batches": 0, "failures": 0,
                       "unmarshallable": 0, "batches_split": 0}
         self.last_fault = ""
 
     def put(self, method: str, *params: Any) -> None:
         if len(self.queue) >= self.max_queue:
-            self.queue.popleft()
+            self._sizes.pop(self.queue.popleft()[0], None)
             self.stats["dropped"] += 1
         self._seq += 1
         self.queue.append((self._seq, method, params))
@@ -198,11 +200,13 @@ class ReliableUplink:
                 continue
             except RpcError as exc:
                 self.stats["failures"] += 1
+                self.failing.set()
                 log.warning("uplink: %s; resending %d calls in %.2fs", exc, len(self.queue), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff[1])
                 continue
             delay = self.backoff[0]
+            self.failing.clear()
             self._ack(batch[-1][0])       # the server answered every call of the batch
             self.stats["batches"] += 1
             self.stats["acked"] += len(batch)
@@ -217,16 +221,30 @@ class ReliableUplink:
     def _fit(self, batch: list[tuple[int, str, tuple]]) -> tuple[list[tuple[int, str, tuple]], bytes]:
         """The longest head of ``batch`` whose multicall body fits the size limit, and that body.
 
-        A single call too large on its own raises :class:`CallTooLarge`."""
-        while True:
+        Each call's encoded size is measured once (calls left over wait for the next batch);
+        a single call too large on its own raises :class:`CallTooLarge`."""
+        limit = self.client.max_body
+        envelope = len(self.client.encode_multicall([]))
+        total, cut = envelope, 0
+        for seq, method, params in batch:
+            size = self._sizes.get(seq)
+            if size is None:
+                size = self._sizes[seq] = len(self.client.encode_multicall([(method, params)])) - envelope
+            if total + size > limit and cut:
+                break
+            total += size
+            cut += 1
+        if cut < len(batch):
+            self.stats["batches_split"] += 1
+        batch = batch[:cut]
+        while True:                                # the estimate is close; the real body decides
             body = self.client.encode_multicall([(m, p) for _, m, p in batch])
-            if len(body) <= self.client.max_body:
+            if len(body) <= limit:
                 return batch, body
             if len(batch) == 1:
-                raise CallTooLarge(f"one call of {len(body)} bytes exceeds the {self.client.max_body}-byte limit")
-            self.stats["batches_split"] += 1
+                raise CallTooLarge(f"one call of {len(body)} bytes exceeds the {limit}-byte limit")
             batch = batch[:len(batch) // 2]
 
     def _ack(self, last: int) -> None:
         while self.queue and self.queue[0][0] <= last:
-            self.queue.popleft()
+            self._sizes.pop(self.queue.popleft()[0], None)

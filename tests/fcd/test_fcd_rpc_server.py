@@ -59,10 +59,11 @@ async def test_reconnect_after_server_restart_loses_nothing(small_trace):
     await runner1.close()                                    # the server goes away
     for rep in reports[half:]:
         uplink.put("fcd.report", "b1", [rep.to_xmlrpc()])
-    await asyncio.sleep(0.3)
+    await asyncio.wait_for(uplink.failing.wait(), 10)
     assert uplink.stats["failures"] > 0 and len(uplink.queue) > 0
     server2, runner2, _ = await start_server(city, port)        # restarted
     await asyncio.wait_for(uplink.idle.wait(), 10)
+    assert not uplink.failing.is_set()
     stop.set()
     await task
     got = set(server1.seen) | set(server2.seen)
