@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 from cliruntime import ConfigError, host_port, make_parser, non_negative_float, positive_int, run_async
+from fcd import wire
 from fcd.aggregate import Ingest
 from fcd.city import City, load_city
 from fcd.rpc import KeepAliveClient, ReliableUplink
@@ -32,15 +34,37 @@ REPORTS_PER_CALL = 250
 
 
 class BoxAggregator:
-    """The booster's logic without the box: datagrams in, XML-RPC calls queued on the uplink."""
+    """The booster's logic without the box: datagrams in, XML-RPC calls queued on the uplink.
+
+    Batching runs on the data's time (the newest probe or light-change time seen), never the wall
+    clock: every ``rpc_interval`` seconds of data time the calls queued so far become one uplink
+    request (:meth:`fcd.rpc.ReliableUplink.mark_due`), and every ``stats_interval`` seconds of
+    data time an ``fcd.box_stats`` call joins them.  A replay at any speed therefore gives the
+    same requests with the same road reports, and the reduction factor does not depend on it.
+    Only when the data stops (:meth:`idle`) does a wall-clock period matter: the counters are
+    then reported once more and whatever is queued is sent.
+    """
+
+    # a jump in data time over more intervals than this closes them as one
+    MAX_INTERVALS_PER_STEP = 1000
 
     def __init__(self, city: City, box_id: str, uplink: ReliableUplink, max_pending: int = 2048,
-                 max_cars: int = 100_000) -> None:
+                 max_cars: int = 100_000, rpc_interval: float | None = None, stats_interval: float = 1.0) -> None:
         self.city, self.box_id, self.uplink = city, box_id, uplink
         self.ingest = Ingest(city, max_cars=max_cars)
         self.max_pending = max_pending
         self.pending: list[Any] = []
-        self.stats = {"reports_queued": 0, "flushes": 0, "stats_seq": 0}
+        # the box decides when an uplink batch is due (data time); the uplink's wall-clock
+        # interval, if it was given one, becomes the data-time interval
+        self.rpc_interval = rpc_interval or uplink.interval or 0.5
+        uplink.interval = None
+        self.stats_interval = stats_interval
+        self.data_t = -math.inf            # newest time in the data
+        self.interval_end = math.inf       # end of the current data-time interval
+        self.next_stats = math.inf
+        self.reported = None               # counters in the last fcd.box_stats (to skip idle repeats)
+        self.stats = {"reports_queued": 0, "flushes": 0, "stats_seq": 0, "intervals": 0, "idle_reports": 0}
+        self._idle = False
 
     def on_packet(self, pkt) -> None:
         """Packet handler: keep the payload for the next batch; None = consume the packet."""
@@ -61,16 +85,83 @@ class BoxAggregator:
         if not self.pending:
             return 0
         batch, self.pending = self.pending, []
+        if not math.isfinite(self.data_t):
+            self._start_clock(batch)
         reports = self.ingest.ingest(batch)
-        for i in range(0, len(reports), REPORTS_PER_CALL):
-            self.uplink.put("fcd.report", self.box_id, [r.to_xmlrpc() for r in reports[i:i + REPORTS_PER_CALL]])
-        self.stats["reports_queued"] += len(reports)
+        # reports in data-time order, each after the intervals that ended before it
+        reports.sort(key=lambda r: r.t)
+        start = 0
+        for i, rep in enumerate(reports):
+            if rep.t >= self.interval_end:
+                self._queue_reports(reports[start:i])
+                start = i
+                self._advance(rep.t)
+        self._queue_reports(reports[start:])
+        agg = self.ingest.aggregator
+        newest = float(agg.t_last[:agg.used].max()) if agg.used else -math.inf
+        self._advance(max(newest, reports[-1].t if reports else -math.inf))
         self.stats["flushes"] += 1
         return len(batch)
 
+    def _start_clock(self, batch: list[bytes]) -> None:
+        """Data time starts at the first valid message, whatever the batch spans."""
+        for payload in batch[:64]:
+            try:
+                self._advance(wire.decode(payload).t)
+                return
+            except wire.WireDecodeError:
+                continue
+
+    def _queue_reports(self, reports: list) -> None:
+        for i in range(0, len(reports), REPORTS_PER_CALL):
+            self.uplink.put("fcd.report", self.box_id, [r.to_xmlrpc() for r in reports[i:i + REPORTS_PER_CALL]])
+        self.stats["reports_queued"] += len(reports)
+
+    def _advance(self, t: float) -> None:
+        """Data time moved on to ``t``: close every interval that ended at or before it."""
+        if not math.isfinite(t) or t <= self.data_t:
+            return
+        if not math.isfinite(self.data_t):       # the first data: intervals aligned on its clock
+            self.interval_end = (math.floor(t / self.rpc_interval) + 1) * self.rpc_interval
+            self.next_stats = (math.floor(t / self.stats_interval) + 1) * self.stats_interval
+        self.data_t = t
+        steps = 0
+        while t >= self.interval_end:
+            if self.interval_end >= self.next_stats:
+                self.report_counters()
+                self.next_stats += self.stats_interval * max(
+                    1, math.floor((self.interval_end - self.next_stats) / self.stats_interval) + 1)
+            self.uplink.mark_due()
+            self.stats["intervals"] += 1
+            self.interval_end += self.rpc_interval
+            steps += 1
+            if steps >= self.MAX_INTERVALS_PER_STEP:   # a jump: realign instead of walking it
+                self.interval_end = (math.floor(t / self.rpc_interval) + 1) * self.rpc_interval
+                self.next_stats = max(self.next_stats, (math.floor(t / self.stats_interval) + 1) * self.stats_interval)
+
+    def report_counters(self) -> None:
+        self.stats["stats_seq"] += 1          # lets readers tell a fresh report from a repeated one
+        counters = self.counters()
+        self.uplink.put("fcd.box_stats", self.box_id, counters)
+        self.reported = {k: v for k, v in counters.items() if k not in ("stats_seq", "idle", "unacked")}
+
+    def idle(self) -> bool:
+        """No data for a while: report the counters if they changed and send what is queued."""
+        self.flush()
+        changed = self.reported != {k: v for k, v in self.counters().items()
+                                    if k not in ("stats_seq", "idle", "unacked")}
+        if changed:
+            self._idle = True
+            self.report_counters()
+            self._idle = False
+            self.stats["idle_reports"] += 1
+        self.uplink.mark_due()
+        return changed
+
     def counters(self) -> dict[str, int | float]:
         seq = self.ingest.seq.snapshot()
-        values = {"stats_seq": self.stats["stats_seq"],
+        values = {"stats_seq": self.stats["stats_seq"], "idle": int(self._idle), "data_t": self.data_t
+                  if math.isfinite(self.data_t) else -1.0,
                   "received": seq["received"], "lost": seq["lost"], "malformed": self.ingest.stats["malformed"],
                   "reports": self.stats["reports_queued"], "unacked": len(self.uplink.queue),
                   "uplink_dropped": self.uplink.stats["dropped"]}
@@ -95,22 +186,28 @@ def read_delegated_socket(sub, box: BoxAggregator, max_reads: int = 1024) -> boo
 
 
 async def run_box(box: BoxAggregator, stop: asyncio.Event, flush_interval: float, stats_interval: float) -> None:
-    """Flush batches and report counters until ``stop``; then a last flush.
+    """Process datagram batches every ``flush_interval`` wall seconds until ``stop``.
 
+    Uplink batches and counter reports follow the data's time (:class:`BoxAggregator`);
+    ``stats_interval`` is that data-time period, and also how long (wall) the data may pause
+    before the box reports its counters once and sends what it holds (:meth:`BoxAggregator.idle`).
     A plain sleep loop: at a few percent of a core the idle cost of timers matters.
     """
     loop = asyncio.get_running_loop()
-    next_stats = loop.time() + stats_interval
+    box.stats_interval = stats_interval
+    last_count, quiet_since = -1, loop.time()
+    idle_reported = False
     while not stop.is_set():
         box.flush()
-        if loop.time() >= next_stats:
-            box.stats["stats_seq"] += 1          # lets readers tell a fresh report from a repeated one
-            box.uplink.put("fcd.box_stats", box.box_id, box.counters())
-            next_stats = loop.time() + stats_interval
+        count = box.ingest.stats["datagrams"]
+        now = loop.time()
+        if count != last_count:
+            last_count, quiet_since, idle_reported = count, now, False
+        elif not idle_reported and now - quiet_since >= stats_interval:
+            box.idle()
+            idle_reported = True
         await asyncio.sleep(flush_interval)
-    box.flush()
-    box.stats["stats_seq"] += 1
-    box.uplink.put("fcd.box_stats", box.box_id, box.counters())
+    box.idle()
 
 
 def build_parser():

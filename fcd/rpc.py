@@ -142,12 +142,15 @@ class ReliableUplink:
     """Queue of calls sent in multicall batches over one keep-alive connection; at-least-once."""
 
     def __init__(self, client: KeepAliveClient, max_queue: int = 100_000, batch: int = 500,
-                 interval: float = 0.25, backoff: tuple[float, float] = (0.05, 2.0)) -> None:
+                 interval: float | None = 0.25, backoff: tuple[float, float] = (0.05, 2.0)) -> None:
+        """``interval``: seconds of wall clock a batch may grow; ``None``: batches are cut only by
+        :meth:`mark_due` (data time), a full batch, or the stop."""
         self.client, self.max_queue, self.batch, self.interval = client, max_queue, batch, interval
         self.backoff = backoff
         self.queue: collections.deque[tuple[int, str, tuple]] = collections.deque()
         self._seq = 0
         self._sizes: dict[int, int] = {}      # encoded size of queued calls already measured
+        self._marks: collections.deque[int] = collections.deque()   # last seq of each due batch
         self.wakeup = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
@@ -165,29 +168,55 @@ class ReliableUplink:
         self.stats["queued"] += 1
         self.idle.clear()
         if len(self.queue) == 1 or len(self.queue) >= self.batch:
+            self.wakeup.set()      # start the wall-clock interval, or send a full batch
+
+    def mark_due(self) -> None:
+        """Data-time batching (``interval=None``): every call queued so far forms one batch, due
+        now.  The caller marks the end of each data-time interval, so the number of requests
+        follows the data, not the wall clock or the replay speed."""
+        if self.queue and (not self._marks or self._marks[-1] < self._seq):
+            self._marks.append(self._seq)
             self.wakeup.set()
 
-    async def _wait(self, stop: asyncio.Event, timeout: float | None) -> None:
-        """Until woken by a put, a stop, or ``timeout``."""
+    async def _wait(self, stop: asyncio.Event, timeout: float | None) -> bool:
+        """Until woken by a put, a mark, a stop (True), or ``timeout`` (False)."""
         if stop.is_set():
-            return
+            return True
         waiters = [asyncio.ensure_future(self.wakeup.wait()), asyncio.ensure_future(stop.wait())]
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:
             w.cancel()
         self.wakeup.clear()
+        return bool(done)
+
+    def _sendable(self, stop: asyncio.Event) -> int:
+        """How many calls from the head of the queue may go now (0: wait)."""
+        queue = self.queue
+        if not queue:
+            return 0
+        head = queue[0][0]
+        while self._marks and self._marks[0] < head:
+            self._marks.popleft()
+        if stop.is_set() or len(queue) >= self.batch:
+            return min(len(queue), self.batch)
+        if self._marks:                  # seqs in the queue are consecutive: up to the first mark
+            return min(self._marks[0] - head + 1, self.batch)
+        return 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Send until ``stop`` is set and the queue is empty (the caller bounds the drain time)."""
         delay = self.backoff[0]
         while not (stop.is_set() and not self.queue):
-            if not self.queue:
-                self.idle.set()
-                await self._wait(stop, None)          # idle costs nothing
-                if self.queue and not stop.is_set() and len(self.queue) < self.batch:
-                    await self._wait(stop, self.interval)   # let the batch grow: fewer, larger requests
+            n = self._sendable(stop)
+            if n == 0:
+                if not self.queue:
+                    self.idle.set()
+                # wall-clock batching: a batch may grow for ``interval`` after its first call
+                grow = self.interval if (self.queue and self.interval is not None) else None
+                if not await self._wait(stop, grow):
+                    self.mark_due()
                 continue
-            batch = [self.queue[i] for i in range(min(self.batch, len(self.queue)))]
+            batch = [self.queue[i] for i in range(n)]
             try:
                 batch, body = self._fit(batch)
                 results = await self.client.multicall([(m, p) for _, m, p in batch], body)
@@ -214,8 +243,6 @@ class ReliableUplink:
                 if isinstance(r, xmlrpc.client.Fault):
                     self.stats["faults"] += 1
                     self.last_fault = r.faultString
-            if self.queue and len(self.queue) < self.batch and not stop.is_set():
-                await self._wait(stop, self.interval)
         self.idle.set()
 
     def _fit(self, batch: list[tuple[int, str, tuple]]) -> tuple[list[tuple[int, str, tuple]], bytes]:

@@ -214,31 +214,29 @@ class Rig:
     async def _drained(self, before: dict, sent: int, n_boxes: int) -> dict:
         """Status once the receivers have processed their backlog (or sent was all received).
 
-        The server answers live; boxes report every ``--box-stats-interval``: a box is drained
-        when two of its reports in a row show the same count."""
+        The server answers live: drained when its count stops moving.  A box reports its
+        counters on the data's time and once more when the data stops (``idle``): drained when
+        every box's newest report is such a final one, newer than the point's start."""
         args = self.args
         await asyncio.sleep(args.settle)
         after = await asyncio.to_thread(_status, self.http)
-        for _ in range(8):
-            if self._received(after, n_boxes) - self._received(before, n_boxes) >= sent:
-                break
-            if n_boxes == 0:
+        if n_boxes == 0:
+            for _ in range(8):
+                if self._received(after, 0) - self._received(before, 0) >= sent:
+                    break
                 await asyncio.sleep(0.3)
                 again = await asyncio.to_thread(_status, self.http)
                 if self._received(again, 0) == self._received(after, 0):
                     return again
                 after = again
-                continue
-            seq0, count0 = self._stats_seq(after, n_boxes), self._received(after, n_boxes)
-            again = after
-            for _ in range(20):          # wait for a fresh report from every box
-                await asyncio.sleep(0.25)
-                again = await asyncio.to_thread(_status, self.http)
-                if all(b > a for a, b in zip(seq0, self._stats_seq(again, n_boxes))):
-                    break
-            if self._received(again, n_boxes) == count0:
-                return again
-            after = again
+            return after
+        seq0 = self._stats_seq(before, n_boxes)
+        for _ in range(120):                 # polled: there is no event across processes
+            boxes = [after["boxes"].get(f"box{i}", {}) for i in range(n_boxes)]
+            if all(b.get("idle") and b.get("stats_seq", 0) > s0 for b, s0 in zip(boxes, seq0)):
+                break
+            await asyncio.sleep(0.25)
+            after = await asyncio.to_thread(_status, self.http)
         return after
 
     async def measure(self, n_boxes: int, rate: float) -> dict:

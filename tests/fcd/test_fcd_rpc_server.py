@@ -178,7 +178,7 @@ async def test_box_aggregator_reports_through_the_uplink(small_trace):
             seq += 1
         if t % 20 == 0:
             box.flush()
-    box.flush()
+    box.idle()                   # the data stopped: counters reported, everything queued is due
     await asyncio.wait_for(uplink.idle.wait(), 10)
     stop.set()
     await task
@@ -229,3 +229,4 @@ async def test_uplink_cuts_batches_to_the_body_limit(small_trace):
     assert client.connections == 1
     await client.aclose()
     await runner.close()
+
