@@ -159,10 +159,49 @@ class _Dispatcher(SimpleXMLRPCDispatcher):
             raise xmlrpc.client.Fault(2, f"bad parameters for {method}: {exc}") from None
 
 
+class RoadHistory:
+    """The newest ``depth`` accepted reports of every road and the newest ``depth`` model runs
+    (bounded; what falls out is counted).  Reports are kept as objects, runs as the model's
+    arrays: JSON is made only when read."""
+
+    def __init__(self, n_roads: int, depth: int = 128) -> None:
+        self.n_roads, self.depth = n_roads, depth
+        self.reports: dict[int, collections.deque] = {}
+        self.runs: collections.deque = collections.deque(maxlen=depth)
+        self.stats = {"reports_evicted": 0, "runs_evicted": 0}
+
+    def report(self, rep: RoadReport, source: str) -> None:
+        queue = self.reports.get(rep.road)
+        if queue is None:
+            queue = self.reports[rep.road] = collections.deque(maxlen=self.depth)
+        elif len(queue) == self.depth:
+            self.stats["reports_evicted"] += 1
+        queue.append((rep, source))
+
+    def prediction(self, pred) -> None:
+        if len(self.runs) == self.depth:
+            self.stats["runs_evicted"] += 1
+        self.runs.append(pred)
+
+    def of(self, road: int, limit: int) -> dict[str, Any]:
+        """The newest ``limit`` reports and predictions of ``road``, oldest first."""
+        if not 0 <= road < self.n_roads:
+            raise KeyError(f"unknown road {road} (roads are 0..{self.n_roads - 1})")
+        limit = max(0, min(limit, self.depth))
+        reports = list(self.reports.get(road, ()))[-limit:] if limit else []
+        runs = list(self.runs)[-limit:] if limit else []
+        return {"road": road,
+                "reports": [{**rep.to_xmlrpc(), "source": source} for rep, source in reports],
+                "predictions": [{"run": int(p.run), "t": float(p.t), "cycle": float(p.cycle),
+                                 "cars": p.n[:, road].round(2).tolist(), "queue": p.q[:, road].round(2).tolist(),
+                                 "traverse": p.traverse[:, road].round(2).tolist()} for p in runs]}
+
+
 class FcdServer:
     def __init__(self, city: City, horizon: int = 5, max_keys: int = 500_000, max_cars: int = 100_000,
-                 limits: HttpLimits | None = None) -> None:
+                 limits: HttpLimits | None = None, history: int = 128) -> None:
         self.city = city
+        self.history = RoadHistory(city.n_roads, history)
         self.limits = limits or HttpLimits()
         self.rpc_slots = asyncio.Semaphore(self.limits.max_concurrent)
         self.http: HttpFront | None = None
@@ -183,6 +222,7 @@ class FcdServer:
         self.dispatcher.register_function(self.rpc_report, "fcd.report")
         self.dispatcher.register_function(self.rpc_box_stats, "fcd.box_stats")
         self.dispatcher.register_function(lambda: _xmlrpc_safe(self.status()), "fcd.status")
+        self.dispatcher.register_function(self.rpc_history, "fcd.history")
 
     # ------------------------------------------------------------ reports
     def accept(self, rep: RoadReport, source: str) -> bool:
@@ -195,6 +235,7 @@ class FcdServer:
             self.seen.popitem(last=False)
             self.stats["dedup_evicted"] += 1
         self.model.observe(rep)
+        self.history.report(rep, source)
         self.stats[f"reports_{source}"] += 1
         return True
 
@@ -218,6 +259,15 @@ class FcdServer:
         self.boxes.setdefault(box, {})["reports"] = self.boxes.get(box, {}).get("reports", 0) + accepted
         return {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
 
+    def rpc_history(self, road: int, limit: int = 32) -> dict[str, Any]:
+        """``fcd.history(road, limit=32)``: the road's newest reports and predictions."""
+        if isinstance(road, bool) or not isinstance(road, int) or isinstance(limit, bool) or not isinstance(limit, int):
+            raise xmlrpc.client.Fault(2, "fcd.history(road: int, limit: int)")
+        try:
+            return _xmlrpc_safe(self.history.of(road, limit))
+        except KeyError as exc:
+            raise xmlrpc.client.Fault(5, exc.args[0]) from None
+
     def rpc_box_stats(self, box: str, stats: dict) -> bool:
         if not isinstance(box, str) or not isinstance(stats, dict):
             raise xmlrpc.client.Fault(2, "fcd.box_stats(box: str, stats: struct)")
@@ -234,6 +284,7 @@ class FcdServer:
             "counters": dict(self.stats),
             "boxes": self.boxes,
             "http_connections": self.stats["http_connections_seen"],
+            "history": dict(self.history.stats),
             "model": {"runs": self.model.runs, "observed": self.model.observed, "latest_t": self.model.latest_t},
         }
 
@@ -288,6 +339,18 @@ class FcdServer:
     async def handle_status(self, request: web.Request) -> web.Response:
         return web.json_response(self.status())
 
+    async def handle_history(self, request: web.Request) -> web.Response:
+        """``GET /api/roads/<road>/history?limit=N``: as ``fcd.history``, in JSON."""
+        try:
+            road = int(request.match_info["road"])
+            limit = int(request.query.get("limit", "32"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="road and limit are integers\n") from None
+        try:
+            return web.json_response(self.history.of(road, limit))
+        except KeyError as exc:
+            raise web.HTTPNotFound(text=exc.args[0] + "\n") from None
+
     async def handle_predictions(self, request: web.Request) -> web.Response:
         p = self.latest
         if p is None:
@@ -300,6 +363,7 @@ class FcdServer:
         app.router.add_post("/RPC2", self.handle_rpc)
         app.router.add_get("/status", self.handle_status)
         app.router.add_get("/predictions", self.handle_predictions)
+        app.router.add_get("/api/roads/{road}/history", self.handle_history)
         return app
 
     async def start_http(self, host: str, port: int) -> tuple[str, int]:
@@ -356,6 +420,7 @@ class FcdServer:
     async def publish(self) -> None:
         pred = self.model.predict(self.horizon)
         self.latest = pred
+        self.history.prediction(pred)
         if self.space is None:
             return
         lease = self._lease
@@ -416,6 +481,8 @@ def build_parser():
     p.add_argument("--batch-interval", type=non_negative_float, default=0.1,
                    help="seconds between raw ingest batches when fewer than 2048 datagrams wait")
     p.add_argument("--max-cars", type=positive_int, default=100_000)
+    p.add_argument("--history", type=positive_int, default=128,
+                   help="reports and predictions kept per road for fcd.history and /api/roads/<road>/history")
     p.add_argument("--max-body", type=positive_int, default=MAX_BODY,
                    help="largest XML-RPC request body (bytes; the boxes' uplink never sends more than the default)")
     p.add_argument("--max-concurrent", type=positive_int, default=4, help="XML-RPC requests processed at once")
@@ -434,7 +501,7 @@ async def amain(args, ctx) -> int:
     limits = HttpLimits(max_body=args.max_body, max_concurrent=args.max_concurrent,
                         max_connections=args.max_connections, header_timeout=args.header_timeout,
                         body_timeout=args.body_timeout, idle_timeout=args.idle_timeout)
-    server = FcdServer(city, horizon=args.horizon, max_cars=args.max_cars, limits=limits)
+    server = FcdServer(city, horizon=args.horizon, max_cars=args.max_cars, limits=limits, history=args.history)
     ts_server = None
     if args.serve_tuplespace:
         from fcd.tuplespace import TupleSpaceServer

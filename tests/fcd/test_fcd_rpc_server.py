@@ -198,7 +198,7 @@ _leaf = st.one_of(st.integers(-3, 300), st.text(max_size=4), st.booleans(), st.f
 _value = st.recursive(_leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                      st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                       max_leaves=12)
-_methods = st.sampled_from(["fcd.report", "fcd.box_stats", "fcd.status", "system.multicall",
+_methods = st.sampled_from(["fcd.report", "fcd.box_stats", "fcd.status", "fcd.history", "system.multicall",
                             "system.listMethods", "nope"])
 
 
@@ -230,3 +230,41 @@ async def test_uplink_cuts_batches_to_the_body_limit(small_trace):
     await client.aclose()
     await runner.close()
 
+
+async def test_road_history_over_xmlrpc_and_http(small_trace):
+    import json
+    import urllib.request
+    city = small_trace.city
+    server, runner, port = await start_server(city)
+    server.history = type(server.history)(city.n_roads, depth=4)
+    reports = reports_from(small_trace, 1e9)
+    client = KeepAliveClient("127.0.0.1", port)
+    await client.call("fcd.report", "b1", [r.to_xmlrpc() for r in reports])
+    await server.publish()                      # one model run, no tuplespace
+    road = max({r.road for r in reports}, key=lambda x: sum(r.road == x for r in reports))
+    mine = [r for r in reports if r.road == road]
+    assert len(mine) > 4
+    got = await client.call("fcd.history", road, 10)
+    assert [r["t"] for r in got["reports"]] == [r.t for r in mine[-4:]]    # the newest 4, oldest first
+    assert got["reports"][-1]["source"] == "box"
+    (pred,) = got["predictions"]
+    assert pred["run"] == server.latest.run and len(pred["traverse"]) == server.horizon + 1
+    assert pred["traverse"][0] == round(float(server.latest.traverse[0, road]), 2)
+    assert server.status()["history"]["reports_evicted"] == len(reports) - sum(
+        min(4, sum(r.road == x for r in reports)) for x in {r.road for r in reports})
+
+    def get(path):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, None
+
+    status, body = await asyncio.to_thread(get, f"/api/roads/{road}/history?limit=2")
+    assert status == 200 and body["reports"] == got["reports"][-2:] and body["predictions"] == got["predictions"]
+    assert (await asyncio.to_thread(get, f"/api/roads/{city.n_roads}/history"))[0] == 404
+    assert (await asyncio.to_thread(get, "/api/roads/x/history"))[0] == 400
+    with pytest.raises(xmlrpc.client.Fault, match="unknown road"):
+        await client.call("fcd.history", -1, 5)
+    await client.aclose()
+    await runner.close()
