@@ -42,7 +42,7 @@ class BoxAggregator:
     data time an ``fcd.box_stats`` call joins them.  A replay at any speed therefore gives the
     same requests with the same road reports, and the reduction factor does not depend on it.
     Only when the data stops (:meth:`idle`) does a wall-clock period matter: the counters are
-    then reported once more and whatever is queued is sent.
+    then reported once more (once per pause) and whatever is queued is sent.
     """
 
     # a jump in data time over more intervals than this closes them as one
@@ -62,7 +62,6 @@ class BoxAggregator:
         self.data_t = -math.inf            # newest time in the data
         self.interval_end = math.inf       # end of the current data-time interval
         self.next_stats = math.inf
-        self.reported = None               # counters in the last fcd.box_stats (to skip idle repeats)
         self.stats = {"reports_queued": 0, "flushes": 0, "stats_seq": 0, "intervals": 0, "idle_reports": 0}
         self._idle = False
 
@@ -139,24 +138,19 @@ class BoxAggregator:
                 self.interval_end = (math.floor(t / self.rpc_interval) + 1) * self.rpc_interval
                 self.next_stats = max(self.next_stats, (math.floor(t / self.stats_interval) + 1) * self.stats_interval)
 
-    def report_counters(self) -> None:
+    def report_counters(self, idle: bool = False) -> None:
         self.stats["stats_seq"] += 1          # lets readers tell a fresh report from a repeated one
-        counters = self.counters()
-        self.uplink.put("fcd.box_stats", self.box_id, counters)
-        self.reported = {k: v for k, v in counters.items() if k not in ("stats_seq", "idle", "unacked")}
+        self._idle = idle
+        self.uplink.put("fcd.box_stats", self.box_id, self.counters())
+        self._idle = False
 
-    def idle(self) -> bool:
-        """No data for a while: report the counters if they changed and send what is queued."""
+    def idle(self) -> None:
+        """The data stopped: report the counters once more, marked final (``idle: 1``: readers
+        know the box has drained), and send everything queued."""
         self.flush()
-        changed = self.reported != {k: v for k, v in self.counters().items()
-                                    if k not in ("stats_seq", "idle", "unacked")}
-        if changed:
-            self._idle = True
-            self.report_counters()
-            self._idle = False
-            self.stats["idle_reports"] += 1
+        self.report_counters(idle=True)
+        self.stats["idle_reports"] += 1
         self.uplink.mark_due()
-        return changed
 
     def counters(self) -> dict[str, int | float]:
         seq = self.ingest.seq.snapshot()
