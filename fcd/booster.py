@@ -47,6 +47,8 @@ class BoxAggregator:
 
     # a jump in data time over more intervals than this closes them as one
     MAX_INTERVALS_PER_STEP = 1000
+    # data time this far behind the newest seen starts a new clock (a replay from its start)
+    RESTART_AFTER = 60.0
 
     def __init__(self, city: City, box_id: str, uplink: ReliableUplink, max_pending: int = 2048,
                  max_cars: int = 100_000, rpc_interval: float | None = None, stats_interval: float = 1.0) -> None:
@@ -62,7 +64,8 @@ class BoxAggregator:
         self.data_t = -math.inf            # newest time in the data
         self.interval_end = math.inf       # end of the current data-time interval
         self.next_stats = math.inf
-        self.stats = {"reports_queued": 0, "flushes": 0, "stats_seq": 0, "intervals": 0, "idle_reports": 0}
+        self.stats = {"reports_queued": 0, "flushes": 0, "stats_seq": 0, "intervals": 0, "idle_reports": 0,
+                      "clock_restarts": 0}
         self._idle = False
 
     def on_packet(self, pkt) -> None:
@@ -84,6 +87,12 @@ class BoxAggregator:
         if not self.pending:
             return 0
         batch, self.pending = self.pending, []
+        newest = self._newest_time(batch)
+        if newest < self.data_t - self.RESTART_AFTER:
+            # time went far back: a new stream (a replay from its start); what is queued goes
+            self.uplink.mark_due()
+            self.data_t = -math.inf
+            self.stats["clock_restarts"] += 1
         if not math.isfinite(self.data_t):
             self._start_clock(batch)
         reports = self.ingest.ingest(batch)
@@ -96,11 +105,21 @@ class BoxAggregator:
                 start = i
                 self._advance(rep.t)
         self._queue_reports(reports[start:])
-        agg = self.ingest.aggregator
-        newest = float(agg.t_last[:agg.used].max()) if agg.used else -math.inf
         self._advance(max(newest, reports[-1].t if reports else -math.inf))
         self.stats["flushes"] += 1
         return len(batch)
+
+    @staticmethod
+    def _newest_time(batch: list[bytes], look: int = 16) -> float:
+        """The data time a batch reaches: the newest valid time among its last messages
+        (datagrams arrive about in time order; a few suffice and cost nothing per datagram)."""
+        newest = -math.inf
+        for payload in batch[-look:]:
+            try:
+                newest = max(newest, wire.decode(payload).t)
+            except wire.WireDecodeError:
+                continue
+        return newest
 
     def _start_clock(self, batch: list[bytes]) -> None:
         """Data time starts at the first valid message, whatever the batch spans."""

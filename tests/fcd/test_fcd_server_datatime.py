@@ -88,3 +88,18 @@ async def test_uplink_batches_only_at_marks():
     stop.set()
     uplink.put("fcd.report", "b", [])
     assert uplink._sendable(stop) == 4                 # stopping: everything, a batch at a time
+
+
+async def test_a_replay_from_the_start_restarts_the_clock(small_trace):
+    uplink = ReliableUplink(KeepAliveClient("127.0.0.1", 9), interval=None)     # never started: we read marks
+    box = BoxAggregator(small_trace.city, "b1", uplink, rpc_interval=0.5, stats_interval=1.0)
+    for rnd in range(2):
+        marks_before = box.stats["intervals"]
+        for t, payloads in datagrams(small_trace):
+            box.on_batch(payloads)
+            if t % 10 == 0:
+                box.flush()
+        box.flush()
+        # the second replay closes as many data-time intervals as the first
+        assert box.stats["intervals"] - marks_before >= 2 * 230
+    assert box.stats["clock_restarts"] == 1
