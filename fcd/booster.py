@@ -223,6 +223,14 @@ async def run_box(box: BoxAggregator, stop: asyncio.Event, flush_interval: float
     box.idle()
 
 
+def _positive_seconds(text: str) -> float:
+    value = non_negative_float(text)
+    if value <= 0:
+        import argparse
+        raise argparse.ArgumentTypeError("expected a positive number of seconds")
+    return value
+
+
 def build_parser():
     from boxcore.booster import add_booster_options
     p = make_parser("fcd-booster", "Aggregate car probes on a booster box; report to the FCD server by XML-RPC.",
@@ -237,10 +245,11 @@ def build_parser():
     p.add_argument("--box-id", default="box", help="name of this box in the server's statistics")
     p.add_argument("--flush-interval", type=non_negative_float, default=0.1,
                    help="seconds between batches when fewer than --max-pending datagrams wait")
-    p.add_argument("--stats-interval", type=non_negative_float, default=1.0,
-                   help="seconds between fcd.box_stats calls")
-    p.add_argument("--rpc-interval", type=non_negative_float, default=0.5,
-                   help="seconds an uplink batch may wait to grow")
+    p.add_argument("--stats-interval", type=_positive_seconds, default=1.0,
+                   help="seconds of data time between fcd.box_stats calls (and wall seconds of silence "
+                        "before the final one)")
+    p.add_argument("--rpc-interval", type=_positive_seconds, default=0.5,
+                   help="seconds of data time per uplink request")
     p.add_argument("--rpc-batch", type=positive_int, default=500, help="calls per system.multicall")
     p.add_argument("--max-queue", type=positive_int, default=100_000, help="unacknowledged calls kept")
     p.add_argument("--max-pending", type=positive_int, default=2048,
