@@ -103,3 +103,49 @@ async def test_a_replay_from_the_start_restarts_the_clock(small_trace):
         # the second replay closes as many data-time intervals as the first
         assert box.stats["intervals"] - marks_before >= 2 * 230
     assert box.stats["clock_restarts"] == 1
+
+
+async def settled_box(port: int, box: str, after_seq: int = 0, timeout: float = 60.0) -> dict:
+    """The server's status once the box sent final counters (``idle``) newer than ``after_seq``
+    (polled: the box and the server are other processes)."""
+    import json
+    import urllib.request
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        status = await asyncio.to_thread(
+            lambda: json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10).read()))
+        entry = status["boxes"].get(box, {})
+        if entry.get("idle") and entry.get("stats_seq", 0) > after_seq:
+            return status
+        assert loop.time() < deadline, status
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.slow
+async def test_real_replays_at_two_speeds_give_the_same_requests(tmp_path, small_trace):
+    from fcd.stack import Stack, free_port, run_gen_async
+    from fcd.trace import Trace
+    short = Trace(small_trace.city, small_trace.probes[small_trace.probes["t"] < 120],
+                  small_trace.lights[small_trace.lights["t"] < 120])
+    trace = tmp_path / "t.npz"
+    short.save(trace)
+    results = {}
+    for speed in (12, 48):
+        stack = Stack(tmp_path / f"roles{speed}")
+        try:
+            udp, http, box_port = free_port(2), free_port(), free_port(2)
+            await stack.wait_ready(stack.server(trace, udp, http, None))
+            # the final report comes after 3 s of silence: a busy machine does not split a replay
+            await stack.box("b", trace, box_port, udp, http, booster_extra=["--stats-interval", "3"])
+            before = await settled_box(http, "b")           # the box's start-up report
+            gen = await run_gen_async(trace, [("127.0.0.1", box_port)], ["--processes", "1", "--speed", str(speed)])
+            after = await settled_box(http, "b", before["boxes"]["b"]["stats_seq"])
+            assert after["boxes"]["b"]["received"] == gen["sent"]
+            results[speed] = (after["counters"]["reports_box"],
+                              after["counters"]["http_requests"] - before["counters"]["http_requests"])
+        finally:
+            await stack.stop_all()
+    assert results[12] == results[48]
+    reports, requests = results[12]
+    assert reports > 50 and requests <= 2 * 120 + 2      # one request per half second of data at most
