@@ -25,6 +25,26 @@ def _status(port: int) -> dict:
         return json.loads(resp.read())
 
 
+async def _settled(port: int, sent: int, timeout: float = 30.0) -> dict:
+    """The server's status once every datagram sent was counted (by the box or raw), the box
+    has sent its final counters (``idle``) and the model has run on what arrived.  Polled: the
+    roles are other processes, there is no event to wait on."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    runs = -1
+    while True:
+        st = await asyncio.to_thread(_status, port)
+        box = st["boxes"].get("box1", {})
+        # the box's final counters travel with its last reports, in the same request
+        if (box.get("idle") and box.get("received", 0) + st["udp"]["received"] >= sent
+                and st["model"]["runs"] == runs > 0):       # and no model run due any more
+            return st
+        if loop.time() > deadline:
+            return st                 # report what there is; the summary shows what is missing
+        runs = st["model"]["runs"]
+        await asyncio.sleep(0.3)      # longer than the model loop's 0.25 s poll
+
+
 async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -47,8 +67,7 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
                                   ["--processes", "2", "--speed", "20"])
         say(f"2 generators replayed the trace at 20x: {gen['sent']} packets "
             f"(district 0 through box1, district 1 raw to the server)")
-        await asyncio.sleep(2.5)      # let the last batches, reports and a model run land
-        st = await asyncio.to_thread(_status, http)
+        st = await _settled(http, gen["sent"])
         box = st["boxes"].get("box1", {})
         raw_pkts = st["udp"]["received"]
         requests = st["counters"].get("http_requests", 0)

@@ -22,17 +22,21 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import json
+import os
 import itertools
 import logging
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import msgpack
 
+from boxcore import framing
 from boxcore.redisconn import is_redis_url
-from cliruntime import host_port, make_parser, positive_int, run_async
+from cliruntime import host_port, make_parser, non_negative_float, positive_int, run_async
+from cliruntime.supervisor import Supervisor
 
 log = logging.getLogger("fcd.tuplespace")
 
@@ -241,18 +245,46 @@ class Space:
 # ---------------------------------------------------------------- asyncio driver
 
 class SpaceDriver:
-    """Runs a :class:`Space` on the running loop: futures for blocked calls, one timer."""
+    """Runs a :class:`Space` on the running loop: futures for blocked calls, one timer.
 
-    def __init__(self, space: Space | None = None) -> None:
+    ``clock`` (``time()`` and ``call_at(when, fn)`` returning a handle with ``cancel()``) is the
+    loop by default; tests pass a :class:`boxcore.testing.FakeClock` to move time themselves.
+    """
+
+    def __init__(self, space: Space | None = None, clock: Any = None) -> None:
         self.space = space or Space()
         self.loop = asyncio.get_running_loop()
+        self.clock = clock or self.loop
         self._futures: dict[int, tuple[asyncio.Future, bool]] = {}
         self._subs: dict[int, Callable[[tuple | None], None]] = {}
         self._ids = itertools.count(1)
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Any = None
+        self._watchers: list[tuple[Callable[[], bool], asyncio.Future]] = []
 
     def now(self) -> float:
-        return self.loop.time()
+        return self.clock.time()
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        """Return once ``predicate()`` holds; checked after every change of the space's state
+        (how a test waits for a blocked caller to be queued, without sleeping)."""
+        if predicate():
+            return
+        fut = self.loop.create_future()
+        self._watchers.append((predicate, fut))
+        await fut
+
+    def _changed(self) -> None:
+        if not self._watchers:
+            return
+        keep = []
+        for predicate, fut in self._watchers:
+            if fut.done():
+                continue
+            if predicate():
+                fut.set_result(None)
+            else:
+                keep.append((predicate, fut))
+        self._watchers = keep
 
     def _dispatch(self, events: list) -> None:
         for ev in events:
@@ -282,7 +314,8 @@ class SpaceDriver:
             self._timer.cancel()
             self._timer = None
         if deadline is not None:
-            self._timer = self.loop.call_at(deadline, self._on_timer)
+            self._timer = self.clock.call_at(deadline, self._on_timer)
+        self._changed()
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -297,6 +330,8 @@ class SpaceDriver:
         template = tuple(template)
         found = self.space.read(template, take, self.now())
         if found is not None or timeout == 0:
+            if found is not None and take:
+                self._changed()
             return found
         wid = next(self._ids)
         fut = self.loop.create_future()
@@ -310,9 +345,12 @@ class SpaceDriver:
             if not fut.done() or fut.cancelled():
                 self.space.cancel(wid)
                 self._futures.pop(wid, None)
+                self._changed()
 
     def get_all(self, template: tuple, take: bool, limit: int) -> list[tuple]:
-        return self.space.read_all(tuple(template), take, self.now(), limit)
+        found = self.space.read_all(tuple(template), take, self.now(), limit)
+        self._changed()
+        return found
 
     def subscribe(self, template: tuple, lease: float | None, callback: Callable[[tuple | None], None]) -> int:
         sub = next(self._ids)
@@ -324,6 +362,7 @@ class SpaceDriver:
     def unsubscribe(self, sub: int) -> None:
         self.space.unsubscribe(sub)
         self._subs.pop(sub, None)
+        self._changed()
 
 
 class Subscription:
@@ -440,42 +479,19 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 
 def encode_frame(msg: dict) -> bytes:
-    body = msgpack.packb(msg, default=_default, use_bin_type=True)
-    return struct.pack("!I", len(body)) + body
+    return framing.encode_frame(msg, default=_default)
 
 
-def decode_body(body: bytes) -> dict:
-    try:
-        msg = msgpack.unpackb(body, ext_hook=_ext_hook, raw=False, strict_map_key=False,
-                              max_bin_len=MAX_FRAME, max_str_len=MAX_FRAME)
-    except TupleDecodeError:
-        raise
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise TupleDecodeError(f"bad msgpack: {exc}") from None
+def _require_map(msg: Any) -> dict:
     if not isinstance(msg, dict):
         raise TupleDecodeError("a frame must hold a map")
     return msg
 
 
-class FrameReader:
-    """Sans-IO framing: ``feed(bytes)`` -> complete frame bodies; oversize frames are fatal."""
-
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self.max_frame = max_frame
-        self.buffer = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        self.buffer += data
-        bodies = []
-        while len(self.buffer) >= 4:
-            (length,) = struct.unpack_from("!I", self.buffer)
-            if length > self.max_frame:
-                raise TupleDecodeError(f"frame of {length} bytes exceeds the {self.max_frame}-byte limit")
-            if len(self.buffer) < 4 + length:
-                break
-            bodies.append(bytes(self.buffer[4:4 + length]))
-            del self.buffer[:4 + length]
-        return bodies
+def frame_decoder(max_frame: int = MAX_FRAME) -> framing.FrameDecoder:
+    """The suite's framer with this protocol's wildcards and validator: messages (dicts) or
+    :class:`TupleDecodeError` instances out; a lost boundary raises ``FramingError``."""
+    return framing.FrameDecoder(max_frame, error=TupleDecodeError, validate=_require_map, ext_hook=_ext_hook)
 
 
 def _as_tuple(value: Any, what: str) -> tuple:
@@ -487,60 +503,55 @@ def _as_tuple(value: Any, what: str) -> tuple:
 # ---------------------------------------------------------------- server
 
 class TupleSpaceServer:
-    def __init__(self, space: Space | None = None, max_frame: int = MAX_FRAME) -> None:
+    """The space over TCP, hardened against clients that hold resources without using them.
+
+    Bounds (each refusal counted in :attr:`stats`): at most ``max_connections`` connections;
+    a frame at most ``max_frame`` bytes; at most ``max_buffered`` bytes of incomplete frames over
+    all connections (the connection that would exceed it is closed); a frame must arrive whole
+    within ``frame_timeout`` seconds of its first byte (slowloris); a connection with nothing
+    blocked, no subscription and no bytes for ``idle_timeout`` seconds is closed; at most
+    ``max_inflight`` requests per connection at once; a client that does not read its replies is
+    closed once ``max_output`` bytes wait for it.
+    """
+
+    def __init__(self, space: Space | None = None, max_frame: int = MAX_FRAME, *, clock: Any = None,
+                 max_connections: int = 256, max_buffered: int = 16 * MAX_FRAME, frame_timeout: float = 10.0,
+                 idle_timeout: float = 300.0, max_inflight: int = 1024, max_output: int = 4 * MAX_FRAME) -> None:
         self.space = space or Space()
         self.max_frame = max_frame
+        self.clock = clock
+        self.max_connections, self.max_buffered = max_connections, max_buffered
+        self.frame_timeout, self.idle_timeout = frame_timeout, idle_timeout
+        self.max_inflight, self.max_output = max_inflight, max_output
         self.driver: SpaceDriver | None = None
         self.server: asyncio.base_events.Server | None = None
-        self.stats = {"connections": 0, "requests": 0, "bad_frames": 0, "errors": 0}
+        self.supervisor = Supervisor("fcd-tuplespace", logger=log)
+        self.conns: set[_Connection] = set()
+        self.buffered = 0        # bytes of incomplete frames held over all connections
+        self.stats = {"connections": 0, "requests": 0, "bad_frames": 0, "errors": 0,
+                      "refused_connections": 0, "refused_buffer": 0, "frame_timeouts": 0, "idle_closed": 0,
+                      "refused_inflight": 0, "slow_readers_closed": 0}
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self.driver = SpaceDriver(self.space)
-        self.server = await asyncio.start_server(self._serve, host, port)
+        self.driver = SpaceDriver(self.space, clock=self.clock)
+        self.server = await asyncio.get_running_loop().create_server(lambda: _Connection(self), host, port)
         return self.server.sockets[0].getsockname()[:2]
 
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        for conn in list(self.conns):
+            conn.close()
+        await self.supervisor.aclose()
+        if self.server is not None:
             await self.server.wait_closed()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.stats["connections"] += 1
-        frames = FrameReader(self.max_frame)
-        tasks: set[asyncio.Task] = set()
-        subs: list[int] = []
+    def snapshot(self) -> dict[str, int]:
+        return {**self.stats, "active_connections": len(self.conns), "buffered_bytes": self.buffered}
 
-        def send(msg: dict) -> None:
-            if not writer.is_closing():
-                writer.write(encode_frame(msg))
-
-        try:
-            while data := await reader.read(65536):
-                for body in frames.feed(data):
-                    try:
-                        msg = decode_body(body)
-                    except TupleDecodeError as exc:
-                        self.stats["bad_frames"] += 1
-                        send({"id": None, "ok": False, "error": str(exc)})
-                        continue
-                    self.stats["requests"] += 1
-                    task = asyncio.create_task(self._handle(msg, send, subs))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-        except TupleDecodeError as exc:
-            self.stats["bad_frames"] += 1
-            log.warning("closing connection: %s", exc)
-        except ConnectionError:
-            pass
-        finally:
-            for task in tasks:
-                task.cancel()
-            for sub in subs:
-                self.driver.unsubscribe(sub)
-            writer.close()
-
-    async def _handle(self, msg: dict, send: Callable[[dict], None], subs: list[int]) -> None:
+    async def _handle(self, msg: dict, conn: "_Connection") -> None:
         rid = msg.get("id")
+        send = conn.send
         try:
             op = msg.get("op")
             if op == "notify":
@@ -552,10 +563,13 @@ class TupleSpaceServer:
                           "tuple": list(tup) if tup is not None else None})
 
                 sub_box["id"] = self.driver.subscribe(template, msg.get("lease"), push)
-                subs.append(sub_box["id"])
+                conn.subs.add(sub_box["id"])
                 result: Any = sub_box["id"]
             elif op == "unnotify":
-                self.driver.unsubscribe(int(msg.get("sub", -1)))
+                sub = msg.get("sub", -1)
+                if sub in conn.subs:          # only this connection's own subscriptions
+                    conn.subs.discard(sub)
+                    self.driver.unsubscribe(sub)
                 result = True
             else:
                 kw = {k: msg[k] for k in ("lease", "timeout", "limit") if k in msg}
@@ -574,6 +588,143 @@ class TupleSpaceServer:
             send({"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
 
+class _Connection(asyncio.Protocol):
+    """One client of :class:`TupleSpaceServer`: bytes go straight into its framer (no stream
+    buffer in between, so what a connection holds is what the framer holds), requests in
+    flight, subscriptions, and one timer for the frame and idle timeouts."""
+
+    def __init__(self, server: TupleSpaceServer) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.frames = frame_decoder(server.max_frame)
+        self.counted = 0             # this connection's share of server.buffered
+        self.inflight = 0
+        self.subs: set[int] = set()
+        self.frame_started = 0.0     # when the incomplete frame held now began
+        self.last_data = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------ asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = self.server
+        if len(server.conns) >= server.max_connections:
+            server.stats["refused_connections"] += 1
+            transport.abort()
+            return
+        server.conns.add(self)
+        server.stats["connections"] += 1
+        self.transport = transport
+        self.last_data = self.loop.time()
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        server, stats = self.server, self.server.stats
+        if self.transport is None:
+            return
+        had_partial = self.frames.buffered > 0
+        self.last_data = self.loop.time()
+        try:
+            messages = self.frames.feed(data)
+        except framing.FramingError as exc:
+            stats["bad_frames"] += 1
+            log.warning("closing connection: %s", exc)
+            self.close()
+            return
+        if not self._account():
+            stats["refused_buffer"] += 1
+            log.warning("closing connection: incomplete frames over all connections exceed %d bytes",
+                        server.max_buffered)
+            self.close()
+            return
+        if self.frames.buffered and (messages or not had_partial):
+            self.frame_started = self.last_data          # a new incomplete frame began in this chunk
+            if self.timer is not None and self.timer.when() > self._deadline():
+                self.timer.cancel()                      # its timeout comes before the idle one
+                self._arm()
+        for msg in messages:
+            if isinstance(msg, TupleDecodeError):
+                stats["bad_frames"] += 1
+                self.send({"id": None, "ok": False, "error": str(msg)})
+                continue
+            stats["requests"] += 1
+            if self.inflight >= server.max_inflight:
+                stats["refused_inflight"] += 1
+                self.send({"id": msg.get("id"), "ok": False,
+                           "error": f"too many requests in flight ({server.max_inflight})"})
+                continue
+            self.inflight += 1
+            server.supervisor.spawn(self._request(msg), name="request", critical=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:
+            return
+        self.transport = None
+        server = self.server
+        server.conns.discard(self)
+        server.buffered -= self.counted
+        self.counted = 0
+        if self.timer is not None:
+            self.timer.cancel()
+        for sub in self.subs:
+            server.driver.unsubscribe(sub)
+        self.subs.clear()
+
+    # ------------------------------------------------------------ helpers
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()          # connection_lost follows and releases everything
+
+    def send(self, msg: dict) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size() > self.server.max_output:
+            self.server.stats["slow_readers_closed"] += 1       # replies are not queued without bound
+            self.close()
+            return
+        transport.write(encode_frame(msg))
+
+    def _account(self) -> bool:
+        """Track this connection's incomplete frame in the server-wide total; False = over it."""
+        server = self.server
+        server.buffered += self.frames.buffered - self.counted
+        self.counted = self.frames.buffered
+        return server.buffered <= server.max_buffered
+
+    def _deadline(self) -> float:
+        if self.frames.buffered:
+            return self.frame_started + self.server.frame_timeout
+        return self.last_data + self.server.idle_timeout
+
+    def _arm(self) -> None:
+        self.timer = self.loop.call_at(self._deadline(), self._on_timer)
+
+    def _on_timer(self) -> None:
+        """One timer per connection, moved on lazily: fires, then checks what is due."""
+        self.timer = None
+        if self.transport is None:
+            return
+        stats = self.server.stats
+        if self.loop.time() >= self._deadline():
+            if self.frames.buffered:
+                stats["frame_timeouts"] += 1
+                self.close()
+                return
+            if not (self.inflight or self.subs):        # blocked callers and subscribers wait legitimately
+                stats["idle_closed"] += 1
+                self.close()
+                return
+            self.last_data = self.loop.time()
+        self._arm()
+
+    async def _request(self, msg: dict) -> None:
+        try:
+            await self.server._handle(msg, self)
+        finally:
+            self.inflight -= 1
+
+
 # ---------------------------------------------------------------- client
 
 class TupleSpaceClient(_Api):
@@ -583,21 +734,24 @@ class TupleSpaceClient(_Api):
         self._pending: dict[int, asyncio.Future] = {}
         self._subs: dict[int, Subscription] = {}
         self._ids = itertools.count(1)
+        self._supervisor = Supervisor("tuplespace-client", logger=log)
         self._task: asyncio.Task | None = None
 
     @classmethod
     async def connect(cls, host: str, port: int) -> "TupleSpaceClient":
         self = cls()
         self.reader, self.writer = await asyncio.open_connection(host, port)
-        self._task = asyncio.create_task(self._read_loop())
+        self._task = self._supervisor.spawn(self._read_loop(), name="read")
         return self
 
     async def _read_loop(self) -> None:
-        frames = FrameReader()
+        frames = frame_decoder()
         try:
             while data := await self.reader.read(65536):
-                for body in frames.feed(data):
-                    msg = decode_body(body)
+                for msg in frames.feed(data):
+                    if isinstance(msg, TupleDecodeError):
+                        log.warning("tuplespace: ignoring a bad frame from the server: %s", msg)
+                        continue
                     if "event" in msg:
                         sub = self._subs.get(msg.get("sub"))
                         if sub is not None:
@@ -610,7 +764,7 @@ class TupleSpaceClient(_Api):
                         fut.set_result(msg.get("result"))
                     else:
                         fut.set_exception(TupleSpaceError(str(msg.get("error"))))
-        except (ConnectionError, TupleDecodeError) as exc:
+        except (ConnectionError, framing.FramingError) as exc:
             log.warning("tuplespace connection lost: %s", exc)
         finally:
             for fut in self._pending.values():
@@ -653,12 +807,7 @@ class TupleSpaceClient(_Api):
     async def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await self._supervisor.aclose()
 
 
 async def connect(address: str | tuple[str, int] | None) -> _Api:
@@ -683,12 +832,22 @@ def build_parser():
     p.add_argument("--listen", type=host_port, default=("127.0.0.1", 7400))
     p.add_argument("--max-tuples", type=positive_int, default=100_000)
     p.add_argument("--max-waiters", type=positive_int, default=10_000)
-    p.add_argument("--max-frame", type=positive_int, default=MAX_FRAME)
+    p.add_argument("--max-frame", type=positive_int, default=MAX_FRAME, help="largest request frame (bytes)")
+    p.add_argument("--max-connections", type=positive_int, default=256)
+    p.add_argument("--max-buffered", type=positive_int, default=16 * MAX_FRAME,
+                   help="bytes of incomplete frames held over all connections")
+    p.add_argument("--frame-timeout", type=non_negative_float, default=10.0,
+                   help="seconds a frame may take to arrive whole")
+    p.add_argument("--idle-timeout", type=non_negative_float, default=300.0,
+                   help="seconds before a connection with nothing blocked or subscribed and no bytes is closed")
+    p.add_argument("--ready-file", type=Path, help="write the bound address as JSON here when listening")
     return p
 
 
 async def amain(args, ctx) -> int:
-    server = TupleSpaceServer(Space(args.max_tuples, args.max_waiters), max_frame=args.max_frame)
+    server = TupleSpaceServer(Space(args.max_tuples, args.max_waiters), max_frame=args.max_frame,
+                              max_connections=args.max_connections, max_buffered=args.max_buffered,
+                              frame_timeout=args.frame_timeout, idle_timeout=args.idle_timeout)
     try:
         host, port = await server.start(*args.listen)
     except OSError as exc:
@@ -696,7 +855,9 @@ async def amain(args, ctx) -> int:
         raise ConfigError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {exc.strerror}") from None
     log.info("tuplespace listening on %s:%d", host, port)
     print(f"fcd-tuplespace: listening on {host}:{port}", flush=True)
-    ctx.stats.providers["server"] = lambda: dict(server.stats)
+    if args.ready_file:
+        args.ready_file.write_text(json.dumps({"listen": [host, port], "pid": os.getpid()}))
+    ctx.stats.providers["server"] = server.snapshot
     ctx.stats.providers["space"] = lambda: {**server.space.stats, "tuples": len(server.space.tuples)}
     await ctx.stop.wait()
     await server.close()

@@ -21,7 +21,7 @@ def test_experiment_smoke_without_budgets(tmp_path, small_trace, capsys):
     small_trace.save(trace)
     out = tmp_path / "fcd.json"
     assert loadgen(["fcd", "--no-cgroups", "--trace", str(trace), "--rates", "500,1000", "--boxes", "0,1",
-                    "--duration", "0.5", "--settle", "1.0", "--calibration-rate", "1000",
+                    "--duration", "0.5", "--settle", "1.0", "--calibration-rate", "1000", "--raw-reps", "1",
                     "--workdir", str(tmp_path / "w"), "--json", str(out), "--plot", str(tmp_path / "f.png")]) == 0
     result = json.loads(out.read_text())
     assert result["budget_cpu"] is None
@@ -30,5 +30,6 @@ def test_experiment_smoke_without_budgets(tmp_path, small_trace, capsys):
         assert {"boxes", "offered_pps", "server_received_pps", "server_loss", "box_loss"} <= set(row)
     assert result["reduction_factor"] > 1
     assert set(result["knee_pps"]) == {"0", "1"}
+    assert len(result["raw_ingest_ratios"]) == 1 and result["raw_ingest_ratio"] > 0
     assert (tmp_path / "f.png").stat().st_size > 1000
     assert loadgen(["fcd", "--rates", "0", "--json", str(out)]) == 2

@@ -19,6 +19,20 @@ def server_status(lab, addr):
     return json.loads(out.stdout)
 
 
+async def until(condition, what: str, timeout: float = 30.0):
+    """Poll ``condition()`` (run in a thread) until it returns a true value: across namespaces and
+    processes there is no event to wait on."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await asyncio.to_thread(condition)
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
 def gen(lab, trace, target, seconds):
     out = lab.run("client", [sys.executable, "-m", "fcd.gen", "--trace", str(trace), "--targets", target,
                              "--speed", "20", "--duration", str(seconds), "--log-level", "warning"],
@@ -53,8 +67,12 @@ async def test_transparent_placement_with_the_linux_engine(tmp_path, small_trace
         assert ready["engine"] == "linux" and ready["delivery"] == "nfqueue"
 
         sent = (await asyncio.to_thread(gen, lab, trace, udp, 3))["sent"]
-        await asyncio.sleep(1.5)
-        status = await asyncio.to_thread(server_status, lab, f"{server_ip}:8080")
+
+        def final_box_report():             # the box reports once more when its data stops
+            status = server_status(lab, f"{server_ip}:8080")
+            return status if status["boxes"].get("edge", {}).get("idle") else None
+
+        status = await until(final_box_report, "the box's final counters")
         assert status["udp"]["received"] == 0                 # nothing reached the server raw
         assert status["boxes"]["edge"]["received"] == sent    # the box saw every packet
         assert status["counters"]["reports_box"] > 10
@@ -62,9 +80,11 @@ async def test_transparent_placement_with_the_linux_engine(tmp_path, small_trace
 
         # the booster goes away: its rules are removed and the traffic passes again (fail-open)
         await stack.stop(booster)
-        await asyncio.sleep(0.5)
+        await until(lambda: "NFQUEUE" not in lab.run("box", ["iptables-save"], timeout=30).stdout,
+                    "the booster's NFQUEUE rules to go")
         sent_after = (await asyncio.to_thread(gen, lab, trace, udp, 1))["sent"]
-        await asyncio.sleep(0.5)
+        await until(lambda: server_status(lab, f"{server_ip}:8080")["udp"]["received"] >= sent_after,
+                    "the raw datagrams at the server")
         status = await asyncio.to_thread(server_status, lab, f"{server_ip}:8080")
         assert status["udp"]["received"] == sent_after
     finally:

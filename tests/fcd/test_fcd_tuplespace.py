@@ -1,26 +1,38 @@
+"""Tuplespace semantics, in-process and over TCP, on a FakeClock: timeouts and leases move when
+the test moves time, and blocked callers are awaited as state changes, never slept for."""
+
 import asyncio
 import struct
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fcd.tuplespace import (FrameReader, LocalTupleSpace, Space, TupleDecodeError, TupleSpaceClient,
-                            TupleSpaceError, TupleSpaceServer, decode_body, encode_frame, matches)
+from boxcore.framing import FramingError
+from boxcore.testing import FakeClock
+from fcd.tuplespace import (LocalTupleSpace, Space, SpaceDriver, TupleDecodeError, TupleSpaceClient,
+                            TupleSpaceError, TupleSpaceServer, encode_frame, frame_decoder, matches)
 
 
 @pytest.fixture(params=["local", "tcp"])
 async def ts(request):
+    clock = FakeClock(1000.0)
     if request.param == "local":
-        space = LocalTupleSpace()
+        space = LocalTupleSpace(driver=SpaceDriver(clock=clock))
+        space.clock = clock
         yield space
         return
-    server = TupleSpaceServer()
+    server = TupleSpaceServer(clock=clock)
     host, port = await server.start("127.0.0.1", 0)
     client = await TupleSpaceClient.connect(host, port)
-    client.server = server
+    client.server, client.driver, client.clock = server, server.driver, clock
     yield client
     await client.close()
     await server.close()
+
+
+async def blocked(ts, n):
+    """Until ``n`` callers are blocked in the space."""
+    await ts.driver.until(lambda: len(ts.driver.space.waiters) == n)
 
 
 def test_template_matching_is_typed():
@@ -45,12 +57,18 @@ async def test_out_rd_in_and_nonblocking(ts):
 
 
 async def test_blocking_with_timeout_and_wakeup(ts):
-    assert await ts.in_(("x", int), timeout=0.05) is None
+    timing_out = asyncio.create_task(ts.in_(("x", int), timeout=0.05))
+    await blocked(ts, 1)
+    await ts.clock.advance(0.049)
+    assert not timing_out.done() and len(ts.driver.space.waiters) == 1
+    await ts.clock.advance(0.001)
+    assert await timing_out is None
     waiter = asyncio.create_task(ts.in_(("x", int), timeout=5))
-    await asyncio.sleep(0.02)
+    await blocked(ts, 1)
     await ts.out(("x", 7))
     assert await waiter == ("x", 7)
     assert await ts.rdp(("x", int)) is None
+    assert ts.driver.space.stats["timeouts"] == 1
 
 
 async def test_fifo_fairness_among_blocked_takers(ts):
@@ -61,11 +79,11 @@ async def test_fifo_fairness_among_blocked_takers(ts):
         order.append((name, tup[1]))
 
     reader = asyncio.create_task(ts.rd(("job", int), timeout=5))   # queued first: sees job 0
-    await asyncio.sleep(0.01)
+    await blocked(ts, 1)
     tasks = []
-    for name in "abc":
+    for n, name in enumerate("abc"):
         tasks.append(asyncio.create_task(taker(name)))
-        await asyncio.sleep(0.01)
+        await blocked(ts, n + 2)
     for n in range(3):
         await ts.out(("job", n))
     await asyncio.gather(*tasks)
@@ -78,21 +96,27 @@ async def test_leases_expire(ts):
     await ts.out(("lease", 1), lease=0.05)
     await ts.out(("lease", 2))
     assert len(await ts.rd_all(("lease", int))) == 2
-    await asyncio.sleep(0.1)
+    await ts.clock.advance(0.049)
+    assert len(await ts.rd_all(("lease", int))) == 2
+    await ts.clock.advance(0.001)
     assert await ts.rd_all(("lease", int)) == [("lease", 2)]
+    assert ts.driver.space.stats["expired"] == 1
 
 
 async def test_notify_on_write(ts):
-    sub = await ts.notify(("pred", int, float))
+    sub = await ts.notify(("pred", int, float), lease=10)
     await ts.out(("pred", 1, 1.5))
     await ts.out(("other", 1, 1.5))
     await ts.out(("pred", 2, 2.5))
-    assert await sub.get(1) == ("pred", 1, 1.5)
-    assert await sub.get(1) == ("pred", 2, 2.5)
-    assert await sub.get(0.05) is None
+    # a notification is sent before the reply to the out that caused it: the queue is complete
+    assert [sub.queue.get_nowait() for _ in range(sub.queue.qsize())] == [("pred", 1, 1.5), ("pred", 2, 2.5)]
     await sub.cancel()
     await ts.out(("pred", 3, 3.5))
-    assert await sub.get(0.05) is None
+    assert sub.queue.empty()
+    expiring = await ts.notify(("pred", int, float), lease=10)
+    await ts.clock.advance(10)
+    assert [x async for x in expiring] == []          # the lease ended the subscription
+    assert not ts.driver.space.subscriptions
 
 
 async def test_errors_are_reported_not_fatal(ts):
@@ -124,27 +148,30 @@ async def test_bad_frames_are_counted_and_the_connection_survives():
     body = b"\xc1garbage"
     writer.write(struct.pack("!I", len(body)) + body)
     writer.write(encode_frame({"op": "out", "id": 5, "tuple": ["ok", 1]}))
-    frames = FrameReader()
+    writer.write(encode_frame([1, 2]))                      # valid msgpack, not a map
+    frames = frame_decoder()
     replies = []
-    while len(replies) < 2:
-        replies += [decode_body(b) for b in frames.feed(await reader.read(4096))]
-    assert replies[0]["ok"] is False and replies[1] == {"id": 5, "ok": True, "result": 1}
-    assert server.stats["bad_frames"] == 1
+    while len(replies) < 3:
+        replies += frames.feed(await reader.read(4096))
+    errors = [r["error"] for r in replies if r["id"] is None]      # answered at once, in order
+    assert "msgpack" in errors[0] and errors[1] == "a frame must hold a map"
+    assert {"id": 5, "ok": True, "result": 1} in replies
+    assert server.stats["bad_frames"] == 2
+    writer.write(struct.pack("!I", 0))                      # a lost boundary closes the connection
+    assert await reader.read() == b""
+    assert server.stats["bad_frames"] == 3
     writer.close()
     await server.close()
 
 
-@settings(max_examples=100)
+@settings(max_examples=200)
 @given(st.binary(max_size=200))
 def test_frame_decoding_fuzz(data):
-    frames = FrameReader(max_frame=1000)
+    frames = frame_decoder(max_frame=1000)
     try:
-        for body in frames.feed(data):
-            try:
-                decode_body(body)
-            except TupleDecodeError:
-                pass
-    except TupleDecodeError:
+        for msg in frames.feed(data):
+            assert isinstance(msg, (dict, TupleDecodeError))
+    except FramingError:
         pass
 
 
@@ -153,6 +180,12 @@ def test_frame_decoding_fuzz(data):
                           st.binary(max_size=5), st.booleans()), min_size=1, max_size=5))
 def test_tuples_survive_the_wire(values):
     msg = {"op": "out", "id": 1, "tuple": values, "template": [int, float, str, None]}
-    frames = FrameReader()
-    (body,) = frames.feed(encode_frame(msg))
-    assert decode_body(body) == msg
+    (decoded,) = frame_decoder().feed(encode_frame(msg))
+    assert decoded == msg
+
+
+def test_unknown_wildcard_is_a_decode_error():
+    import msgpack
+    from boxcore.framing import encode_frame as raw_frame
+    (err,) = frame_decoder().feed(raw_frame({"template": [msgpack.ExtType(1, b"set")]}))
+    assert isinstance(err, TupleDecodeError) and "set" in str(err)

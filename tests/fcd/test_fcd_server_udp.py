@@ -1,0 +1,36 @@
+"""Batch receive for the server's raw UDP path: recvmmsg and its recv_into fallback agree."""
+
+import socket
+
+import pytest
+
+from fcd.udp import BatchReceiver
+
+
+@pytest.fixture
+def pair():
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)      # room for all 300
+    rx.bind(("127.0.0.1", 0))
+    rx.setblocking(False)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    yield rx, tx
+    rx.close()
+    tx.close()
+
+
+@pytest.mark.parametrize("use_recvmmsg", [True, False])
+def test_batches_in_order_with_oversized_datagrams_cut(pair, use_recvmmsg):
+    rx, tx = pair
+    sent = [bytes([i % 251]) * (i % 90) for i in range(300)]       # 0..89 bytes, some over the slot
+    for payload in sent:
+        tx.sendto(payload, rx.getsockname())                       # loopback: queued on return
+    receiver = BatchReceiver(rx, batch=128, slot=64, use_recvmmsg=use_recvmmsg)
+    got = []
+    while batch := receiver.receive():
+        assert len(batch) <= 128
+        got += batch
+    assert got == [p[:64] for p in sent]
+    assert receiver.receive() == []
+    if use_recvmmsg:
+        assert receiver.kind == "recvmmsg" and receiver.syscalls == 5       # 128 + 128 + 44, then two empty
