@@ -223,6 +223,17 @@ async def run_box(box: BoxAggregator, stop: asyncio.Event, flush_interval: float
     box.idle()
 
 
+def _panel_seconds(text: str) -> float:
+    import argparse
+
+    from boxcore.panels import MIN_INTERVAL
+
+    value = non_negative_float(text)
+    if 0 < value < MIN_INTERVAL:
+        raise argparse.ArgumentTypeError(f"must be 0 (no panel) or at least {MIN_INTERVAL} s, got {text}")
+    return value
+
+
 def _positive_seconds(text: str) -> float:
     value = non_negative_float(text)
     if value <= 0:
@@ -243,6 +254,8 @@ def build_parser():
     p.add_argument("--server-udp", type=host_port, required=True, help="the server address cars send to")
     p.add_argument("--server-http", type=host_port, required=True, help="the server's XML-RPC address")
     p.add_argument("--box-id", default="box", help="name of this box in the server's statistics")
+    p.add_argument("--panel-interval", type=_panel_seconds, default=1.0,
+                   help="seconds between updates of the box's dashboard panel (the city map); 0: no panel")
     p.add_argument("--flush-interval", type=non_negative_float, default=0.1,
                    help="seconds between batches when fewer than --max-pending datagrams wait")
     p.add_argument("--stats-interval", type=_positive_seconds, default=1.0,
@@ -271,8 +284,10 @@ async def amain(args, ctx) -> int:
 
     city = load_city(args.city)
     client = KeepAliveClient(*args.server_http)
-    uplink = ReliableUplink(client, max_queue=args.max_queue, batch=args.rpc_batch, interval=args.rpc_interval)
-    box = BoxAggregator(city, args.box_id, uplink, max_pending=args.max_pending)
+    # batches are cut on the data's time by the aggregator, never on the wall clock
+    uplink = ReliableUplink(client, max_queue=args.max_queue, batch=args.rpc_batch, interval=None)
+    box = BoxAggregator(city, args.box_id, uplink, max_pending=args.max_pending, rpc_interval=args.rpc_interval,
+                        stats_interval=args.stats_interval)
     ctx.stats.providers["box"] = box.snapshot
 
     @contextlib.asynccontextmanager
@@ -282,6 +297,10 @@ async def amain(args, ctx) -> int:
         fast = not args.no_fast_path and read_delegated_socket(sub, box)
         log.info("redirecting udp to %s:%d on engine %s via %s%s", host, port, booster.engine,
                  sub.delivery.kind, " (batch reads)" if fast else "")
+        if args.panel_interval:
+            from boxcore.panels import publish_panel_every
+            from fcd.panel import BoxPanel
+            publish_panel_every(booster, BoxPanel(box).build, args.panel_interval)
         if args.ready_file:
             args.ready_file.write_text(json.dumps({"engine": booster.engine, "delivery": sub.delivery.kind,
                                                    "batch_reads": fast}))
@@ -306,7 +325,7 @@ async def amain(args, ctx) -> int:
             _, late = await asyncio.wait([delivering], timeout=args.drain_timeout)
             if late:
                 log.warning("%d calls not delivered at exit", len(uplink.queue))
-            client.close()
+            await client.aclose()
     return 1 if tasks.failed is not None else status
 
 

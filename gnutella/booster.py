@@ -685,6 +685,9 @@ async def amain(args, ctx: RunContext) -> int:
             await adapter.start(args.peer_listen, args.booster)
         except OSError as exc:
             raise ConfigError(f"cannot listen for boosters on {args.peer_listen}: {exc.strerror}") from None
+        from boxcore.panels import publish_panel_every
+        from .panel import OverlayPanel
+        publish_panel_every(booster, OverlayPanel(adapter).build)
         log.info("booster %s ready on engine %s: cluster %s, ports %s, peers %s", args.name, booster.engine,
                  ",".join(args.cluster) or "any", ports, args.booster)
         try:

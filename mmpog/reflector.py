@@ -385,6 +385,9 @@ async def run_booster(service: ReflectorService, args: argparse.Namespace, stop:
         service.transport = {"mode": "booster", "engine": str(booster.engine), "delivery": sub.delivery.kind,
                              "fanout": "engine multicast" if use_engine else service.fanout_kind}
         booster.spawn(run_timers(service, args.tick), name="timers")
+        from boxcore.panels import publish_panel_every
+        from .panel import ReflectorPanel
+        publish_panel_every(booster, ReflectorPanel(service).build)
         log.info("reflector booster on udp port %d (delivery %s, fan-out %s)", port, sub.delivery.kind,
                  service.transport["fanout"])
         yield
