@@ -494,7 +494,8 @@ def build_parser():
     p.add_argument("--http", type=host_port, default=("127.0.0.1", 8080), help="XML-RPC/HTTP address")
     p.add_argument("--udp", type=host_port, default=("127.0.0.1", 7000), help="raw UDP ingest address")
     p.add_argument("--rcvbuf", type=positive_int, default=4 * 1024 * 1024, help="UDP receive buffer (bytes)")
-    p.add_argument("--tuplespace", help="HOST:PORT of a tuplespace for the predictions")
+    p.add_argument("--tuplespace", help="where the predictions go: HOST:PORT of a tuplespace server, or a "
+                                        "Redis URL (redis://HOST:PORT/N, unix:///path/redis.sock)")
     p.add_argument("--serve-tuplespace", type=host_port, help="also run a tuplespace server here")
     p.add_argument("--model-interval", type=_model_interval, default=None, metavar="cycle|SECONDS",
                    help="run the model every light cycle of data time (default), or every SECONDS of wall time")

@@ -261,15 +261,11 @@ def _position(rng: random.Random, location: int) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``mmpog-bots``: the experiment (tools.mmpog_experiment); ``--worker SPEC``: one bots worker process."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker"]:
-        parser = make_parser("mmpog-bots --worker", "One process of bots (started by the mmpog-bots experiment).")
-        parser.add_argument("--worker", type=Path, required=True)
-        return run_async(parser, lambda args, ctx: run_worker(args.worker), argv)
-    from tools.mmpog_experiment import main as experiment_main
-
-    return experiment_main(argv)
+    """``python -m mmpog.bots --worker SPEC``: one process of bots, started by the experiment
+    (``mmpog-bots``, :mod:`tools.mmpog_experiment`, which orchestrates the session)."""
+    parser = make_parser("mmpog-bots --worker", "One process of bots (started by the mmpog-bots experiment).")
+    parser.add_argument("--worker", type=Path, required=True)
+    return run_async(parser, lambda args, ctx: run_worker(args.worker), argv)
 
 
 if __name__ == "__main__":

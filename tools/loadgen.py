@@ -26,7 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
         "  booster-loadgen np-latency --json out/np.json --plot out/np.png\n"
         "  booster-loadgen fcd --rates 1000,4000,8000 --boxes 0,1,2,4 --json out/fcd.json --plot out/fcd.png\n"
         "  booster-loadgen gnutella --clusters 3 --servents 20 --json out/g.json --plot out/g.png\n"
-        "  booster-loadgen mmpog --players 64 --locations 1 --duration 10 --loss 0.05 --json out/m.json",
+        "  booster-loadgen mmpog --players 64 --locations 1 --duration 10 --loss 0.05 --json out/m.json\n"
+        "  booster-loadgen mmpog --compare kcp,enet --players 32 --locations 4 --loss 0.05 --json out/c.json\n"
+        "  booster-loadgen datapath --engine xdp --json out/datapath-xdp.json --plot out/datapath-xdp.png\n"
+        "  booster-loadgen fcd-validate --json out/fcd-validate.json --plot out/fcd-validate.png\n"
+        "  booster-loadgen fcd-scale --json out/fcd-scale.json --plot out/fcd-scale.png\n"
+        "  booster-loadgen report --out out/report.html",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="EXPERIMENT")

@@ -127,7 +127,7 @@ class LinuxEngine(Engine):
         self._injector: socket.socket | None = None
         self._multicast_reader = None
         self._counter_task: asyncio.Task | None = None
-        self._src_cache: dict[str, str] = {}
+        self._sources = SourceAddresses()
         self._started = False
 
     # -- construction ----------------------------------------------------------------
@@ -185,7 +185,7 @@ class LinuxEngine(Engine):
             await nf.restore(cleanup)
             self.stats["stale_cleanups"] += 1
             log.warning("removed booster chains left behind by an earlier boxd")
-        await asyncio.to_thread(self._clean_kernel_routing)
+        await asyncio.to_thread(clean_kernel_routing)
         await nf.restore(nf.render_setup(self.hooks))
         await asyncio.to_thread(self._setup_tproxy_routing)
         self._injector = nf.raw_injector()
@@ -210,7 +210,7 @@ class LinuxEngine(Engine):
                 if cleanup:
                     await nf.restore(cleanup)
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(self._clean_kernel_routing)
+                await asyncio.to_thread(clean_kernel_routing)
         if self._injector is not None:
             self._injector.close()
             self._injector = None
@@ -398,36 +398,8 @@ class LinuxEngine(Engine):
             except ValueError as exc:
                 raise EngineRefused(f"bad route {route.prefix} via {route.via}: {exc}") from None
         async with self._lock:
-            await asyncio.to_thread(self._apply_routes, list(routes))
+            await asyncio.to_thread(apply_kernel_routes, list(routes))
             self.routes = list(routes)
-
-    def _apply_routes(self, routes: list[Route]) -> None:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            wanted = {}
-            for route in routes:
-                net = ipaddress.ip_network(route.prefix, strict=False)
-                spec: dict[str, Any] = {"dst": str(net), "proto": nf.RT_PROTO_BOOSTER, "priority": route.metric}
-                if route.via:
-                    spec["gateway"] = route.via
-                if route.dev:
-                    found = ipr.link_lookup(ifname=route.dev)
-                    if not found:
-                        raise EngineRefused(f"route {route.prefix}: no interface {route.dev!r} on the box")
-                    spec["oif"] = found[0]
-                wanted[(str(net), route.metric)] = spec
-            for old in ipr.get_routes(family=socket.AF_INET, proto=nf.RT_PROTO_BOOSTER):
-                dst = old.get("dst") or "0.0.0.0"
-                key = (f"{dst}/{old['dst_len']}", old.get("priority") or 0)
-                if key not in wanted and old.get("table") != nf.TPROXY_TABLE:
-                    with contextlib.suppress(Exception):
-                        ipr.route("del", dst=key[0], proto=nf.RT_PROTO_BOOSTER, priority=key[1] or None)
-            for spec in wanted.values():
-                try:
-                    ipr.route("replace", **{k: v for k, v in spec.items() if v is not None})
-                except Exception as exc:
-                    raise EngineRefused(f"the kernel refused route {spec['dst']}: {exc}") from None
 
     def _setup_tproxy_routing(self) -> None:
         from pyroute2 import IPRoute
@@ -438,23 +410,6 @@ class LinuxEngine(Engine):
                      fwmark=nf.MARK_TPROXY, fwmask=nf.MARK_TPROXY)
             ipr.route("replace", dst="0.0.0.0/0", type="local", scope="host", oif=lo, table=nf.TPROXY_TABLE,
                       proto=nf.RT_PROTO_BOOSTER)
-
-    def _clean_kernel_routing(self) -> None:
-        """Remove our fwmark rule, the TPROXY table and routes tagged as ours."""
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            for rule in ipr.get_rules(family=socket.AF_INET):
-                if rule.get("priority") == nf.TPROXY_RULE_PRIORITY or rule.get_attr("FRA_PRIORITY") == nf.TPROXY_RULE_PRIORITY:
-                    with contextlib.suppress(Exception):
-                        ipr.rule("del", priority=nf.TPROXY_RULE_PRIORITY, table=nf.TPROXY_TABLE)
-            for table in (nf.TPROXY_TABLE, None):
-                query: dict[str, Any] = {"family": socket.AF_INET, "proto": nf.RT_PROTO_BOOSTER}
-                if table is not None:
-                    query["table"] = table
-                for route in ipr.get_routes(**query):
-                    with contextlib.suppress(Exception):
-                        ipr.route("del", **_route_key(route))
 
     # -- packets from boosters -----------------------------------------------------------
     def inject(self, pkt: Packet, session: BoosterSession) -> None:
@@ -495,16 +450,7 @@ class LinuxEngine(Engine):
             self.groups.pop(group, None)
 
     def _source_for(self, dst: str) -> str:
-        """The box's address toward ``dst`` (a routing lookup through a connected UDP socket)."""
-        src = self._src_cache.get(dst)
-        if src is None:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-                probe.connect((dst, 9))
-                src = probe.getsockname()[0]
-            if len(self._src_cache) > 4096:
-                self._src_cache.clear()
-            self._src_cache[dst] = src
-        return src
+        return self._sources.toward(dst)
 
     def send_multicast(self, group: int, payload: bytes, src_port: int, session: BoosterSession) -> None:
         members = self.groups.get(group)
@@ -583,3 +529,72 @@ def _route_key(route: Any) -> dict[str, Any]:
     if oif is not None:
         key["oif"] = oif
     return key
+
+
+class SourceAddresses:
+    """The box's own address toward a destination (a routing lookup through a connected UDP
+    socket), cached and bounded: the source of packets the box sends for boosters."""
+
+    MAX = 4096
+
+    def __init__(self) -> None:
+        self._cache: dict[str, str] = {}
+
+    def toward(self, dst: str) -> str:
+        src = self._cache.get(dst)
+        if src is None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((dst, 9))
+                src = probe.getsockname()[0]
+            if len(self._cache) >= self.MAX:
+                self._cache.clear()
+            self._cache[dst] = src
+        return src
+
+
+def apply_kernel_routes(routes: list[Route]) -> None:
+    """The forwarding table as kernel routes tagged as ours (replacing our earlier ones)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        wanted = {}
+        for route in routes:
+            net = ipaddress.ip_network(route.prefix, strict=False)
+            spec: dict[str, Any] = {"dst": str(net), "proto": nf.RT_PROTO_BOOSTER, "priority": route.metric}
+            if route.via:
+                spec["gateway"] = route.via
+            if route.dev:
+                found = ipr.link_lookup(ifname=route.dev)
+                if not found:
+                    raise EngineRefused(f"route {route.prefix}: no interface {route.dev!r} on the box")
+                spec["oif"] = found[0]
+            wanted[(str(net), route.metric)] = spec
+        for old in ipr.get_routes(family=socket.AF_INET, proto=nf.RT_PROTO_BOOSTER):
+            dst = old.get("dst") or "0.0.0.0"
+            key = (f"{dst}/{old['dst_len']}", old.get("priority") or 0)
+            if key not in wanted and old.get("table") != nf.TPROXY_TABLE:
+                with contextlib.suppress(Exception):
+                    ipr.route("del", dst=key[0], proto=nf.RT_PROTO_BOOSTER, priority=key[1] or None)
+        for spec in wanted.values():
+            try:
+                ipr.route("replace", **{k: v for k, v in spec.items() if v is not None})
+            except Exception as exc:
+                raise EngineRefused(f"the kernel refused route {spec['dst']}: {exc}") from None
+
+
+def clean_kernel_routing() -> None:
+    """Remove our fwmark rule, the TPROXY table and routes tagged as ours."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for rule in ipr.get_rules(family=socket.AF_INET):
+            if rule.get("priority") == nf.TPROXY_RULE_PRIORITY or rule.get_attr("FRA_PRIORITY") == nf.TPROXY_RULE_PRIORITY:
+                with contextlib.suppress(Exception):
+                    ipr.rule("del", priority=nf.TPROXY_RULE_PRIORITY, table=nf.TPROXY_TABLE)
+        for table in (nf.TPROXY_TABLE, None):
+            query: dict[str, Any] = {"family": socket.AF_INET, "proto": nf.RT_PROTO_BOOSTER}
+            if table is not None:
+                query["table"] = table
+            for route in ipr.get_routes(**query):
+                with contextlib.suppress(Exception):
+                    ipr.route("del", **_route_key(route))

@@ -44,6 +44,7 @@ from boxcore.engines.base import BoosterSession, Delivery, Engine, Route
 from boxcore.packet import Packet
 from boxcore.rules import Action, Match, Rule
 from cliruntime import ConfigError, positive_int, non_negative_float
+from cliruntime.supervisor import Supervisor
 from boxcore.wire import Tag, VerdictCode
 
 log = logging.getLogger("boxcore.engines.user")
@@ -164,7 +165,7 @@ class UserEngine(Engine):
         self.routes: list[Route] = []
         self.stats: collections.Counter = collections.Counter()
         self._token = 0
-        self._tcp_tasks: set[asyncio.Task] = set()
+        self._tcp_tasks = Supervisor("user engine tcp relays", logger=log)   # one per relayed connection
         self._mcast_socks: collections.OrderedDict[int, socket.socket] = collections.OrderedDict()
         self._inject_sock: socket.socket | None = None
         self._health: dict[int, tuple[int, int]] = {}
@@ -237,10 +238,7 @@ class UserEngine(Engine):
             if timer is not None:
                 timer.cancel()
         self._verdict_timer = self._flow_timer = None
-        for task in list(self._tcp_tasks):
-            task.cancel()
-        if self._tcp_tasks:
-            await asyncio.gather(*self._tcp_tasks, return_exceptions=True)
+        await self._tcp_tasks.aclose()
         for listener in self.udp + self.tcp:
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(listener.sock.fileno())
@@ -381,7 +379,7 @@ class UserEngine(Engine):
             "listen": [str(s) for s in self.specs],
             "delegated": {str(l.spec): l.delegated for l in self.udp if l.delegated is not None},
             "flows": len(self.flows), "pending_verdicts": len(self.pending),
-            "tcp_relays": len(self._tcp_tasks), "groups": len(self.groups),
+            "tcp_relays": self._tcp_tasks.active, "groups": len(self.groups),
             "counters": dict(self.stats),
             "classifier": dict(self.classifier.stats),
         }
@@ -697,13 +695,11 @@ class UserEngine(Engine):
             elif rule is not None and rule.action is Action.DROP:
                 self.stats["tcp_dropped"] += 1
                 conn.close()
-            elif len(self._tcp_tasks) >= self.max_tcp:
+            elif self._tcp_tasks.active >= self.max_tcp:
                 self.stats["tcp_refused"] += 1
                 conn.close()
             else:
-                task = self.loop.create_task(self._splice(conn, spec))
-                self._tcp_tasks.add(task)
-                task.add_done_callback(self._tcp_tasks.discard)
+                self._tcp_tasks.spawn(self._splice(conn, spec), name="tcp relay", critical=False)
 
     async def _splice(self, conn: socket.socket, spec: ListenSpec) -> None:
         conn.setblocking(False)

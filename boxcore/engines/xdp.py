@@ -50,9 +50,11 @@ from boxcore import wire
 from boxcore.engines import libbpf as bpf
 from boxcore.engines import xdp_maps as maps
 from boxcore.engines.base import BoosterSession, Delivery, Engine, Route
+from boxcore.engines.linux import SourceAddresses, apply_kernel_routes, clean_kernel_routing, parse_range
 from boxcore.packet import PROTO_TCP, PROTO_UDP, Packet, PacketDecodeError, PacketError
 from boxcore.rules import Action, Rule
 from cliruntime import ConfigError
+from cliruntime.supervisor import Supervisor
 
 log = logging.getLogger("boxcore.engines.xdp")
 
@@ -139,11 +141,13 @@ class XdpEngine(Engine):
         self._listen_watch: dict[int, float] = {}
         self._counters: dict[int, tuple[int, int]] = {}
         self._ring: bpf.RingBuffer | None = None
-        self._tasks: list[asyncio.Task] = []
+        # the lease renewal and counter refresh: a failure is logged, counted and restarted (a
+        # lease left to expire would fail open: everything passes)
+        self._tasks = Supervisor("xdp engine", logger=log)
         self._injector: socket.socket | None = None
         self._mcast: socket.socket | None = None
         self._mcast_src_mac = b""
-        self._src_cache: dict[str, str] = {}
+        self._sources = SourceAddresses()
         self._lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats: dict[str, int] = {
@@ -174,7 +178,6 @@ class XdpEngine(Engine):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "XdpEngine":
-        from boxcore.engines.linux import parse_range
 
         names = tuple(n.strip() for n in str(getattr(args, "xdp_interfaces", "") or "").split(",") if n.strip())
         stall = float(getattr(args, "xdp_stall", 1.0))
@@ -222,8 +225,8 @@ class XdpEngine(Engine):
         self._ring = bpf.RingBuffer(self.dp.fds["copies"], self._on_copy)
         self._loop.add_reader(self._ring.fileno(), self._drain_copies)
         self._injector = nf.raw_injector()
-        self._tasks.append(self._loop.create_task(self._renew_forever(), name="xdp-lease"))
-        self._tasks.append(self._loop.create_task(self._refresh_counters(), name="xdp-counters"))
+        self._tasks.spawn_restarting(self._renew_forever, name="lease")
+        self._tasks.spawn_restarting(self._refresh_counters, name="counters")
         log.info("xdp engine ready on %s (%s), lease %.1fs, watchdog %.2fs",
                  ",".join(f"{n}:{'native' if f & bpf.XDP_FLAGS_DRV_MODE else 'generic'}"
                           for n, (_, f) in self.attached.items()), self.pin_dir, self.lease, self.stall)
@@ -277,9 +280,7 @@ class XdpEngine(Engine):
             subprocess.run(["ip", "link", "del", MCAST_VETH[0]], capture_output=True)
             cleaned += 1
         cleaned += self._clean_routing()
-        from boxcore.engines.linux import LinuxEngine
-
-        LinuxEngine._clean_kernel_routing(self)     # forwarding routes of an earlier boxd (protocol-tagged)
+        clean_kernel_routing()     # forwarding routes of an earlier boxd (protocol-tagged)
         if cleaned:
             self.stats["stale_cleanups"] += 1
             log.warning("removed %d objects left behind by an earlier boxd", cleaned)
@@ -356,11 +357,7 @@ class XdpEngine(Engine):
         return removed
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
+        await self._tasks.aclose()
         if self._ring is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._ring.fileno())
@@ -395,10 +392,8 @@ class XdpEngine(Engine):
         with contextlib.suppress(Exception):
             self._clean_routing()
         with contextlib.suppress(Exception):
-            from boxcore.engines.linux import LinuxEngine
-
             if self.routes:
-                LinuxEngine._clean_kernel_routing(self)
+                clean_kernel_routing()
         if self.pin_dir:
             maps.unpin(self.pin_dir)
         if getattr(self, "_mounted_bpffs", False):
@@ -628,8 +623,6 @@ class XdpEngine(Engine):
 
     # -- forwarding table ----------------------------------------------------------------
     async def set_forwarding(self, routes: list[Route]) -> None:
-        from boxcore.engines.linux import LinuxEngine
-
         for route in routes:
             try:
                 ipaddress.ip_network(route.prefix, strict=False)
@@ -639,7 +632,7 @@ class XdpEngine(Engine):
                 raise EngineRefused(f"bad route {route.prefix} via {route.via}: {exc}") from None
         async with self._lock:
             # the same kernel routes as the linux engine (protocol-tagged, replaced as a set)
-            await asyncio.to_thread(LinuxEngine._apply_routes, self, list(routes))
+            await asyncio.to_thread(apply_kernel_routes, list(routes))
             self.routes = list(routes)
 
     # -- packets from boosters -------------------------------------------------------------
@@ -716,15 +709,7 @@ class XdpEngine(Engine):
                     probe.sendto(b"", (host, 9))
 
     def _source_for(self, dst: str) -> str:
-        src = self._src_cache.get(dst)
-        if src is None:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-                probe.connect((dst, 9))
-                src = probe.getsockname()[0]
-            if len(self._src_cache) > 4096:
-                self._src_cache.clear()
-            self._src_cache[dst] = src
-        return src
+        return self._sources.toward(dst)
 
     def send_multicast(self, group: int, payload: bytes, src_port: int, session: BoosterSession) -> None:
         """One frame into boxd's veth; the tc program on its far end makes one copy per member."""
