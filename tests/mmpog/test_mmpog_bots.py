@@ -35,7 +35,7 @@ async def test_bots_through_lossy_reordering_duplicating_relay():
 
 
 def test_bots_bad_arguments_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "mmpog.bots", "--players", "1"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "tools.mmpog_experiment", "--players", "1"], capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 2
     assert "at least 2" in proc.stderr
@@ -49,7 +49,7 @@ def _namespaces():
 @pytest.mark.root
 def test_bots_with_iptables_statistic_loss_in_a_namespace(tmp_path):
     out = tmp_path / "kernel.json"
-    proc = subprocess.run([sys.executable, "-m", "mmpog.bots", "--players", "4", "--duration", "2", "--loss", "0.1",
+    proc = subprocess.run([sys.executable, "-m", "tools.mmpog_experiment", "--players", "4", "--duration", "2", "--loss", "0.1",
                            "--rate", "20", "--reliable-fraction", "0.5", "--loss-mode", "iptables", "--json", str(out),
                            "--log-level", "warning"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
