@@ -63,7 +63,6 @@ class MapMatcher:
                     rows.append((*shape[i], *shape[i + 1], road, lane, to_end[i], i == 0, i == k - 1))
         self.junction_names = sorted({j for j, _ in city.internal_shapes} | {
             n for n in city.graph.nodes if city.junction_shape(n) is not None})
-        junction_index = {j: i for i, j in enumerate(self.junction_names)}
         for junction, pts in city.internal_shapes:
             shape = np.asarray(pts, dtype=np.float64)
             for i in range(len(shape) - 1):

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from cliruntime import ConfigError, host_port, make_parser, non_negative_float, positive_int, run_async
+from cliruntime import host_port, make_parser, non_negative_float, positive_int, run_async
 from fcd import wire
 from fcd.aggregate import Ingest
 from fcd.city import City, load_city

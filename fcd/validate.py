@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from cliruntime import ConfigError, make_parser, positive_int, run_sync, non_negative_float
+from cliruntime import ConfigError, make_parser, run_sync, non_negative_float
 from fcd.city import CAR, City, from_sumo_net
 from fcd.trace import Trace
 

@@ -56,7 +56,6 @@ class OverlayPanel:
             edges.append((me_id, node_id, messages))
             rows.append([name, cluster, traffic.get("msgs_out", 0), traffic.get("msgs_in", 0),
                          traffic.get("query_out", 0), traffic.get("bytes_out", 0), traffic.get("bytes_in", 0)])
-        up = adapter.upstream_traffic
         for uid in list(core.upstreams):
             node_id = f"outside:{uid}"
             nodes.append((node_id, f"outside peer {uid}", "outside (no booster)"))

@@ -16,7 +16,6 @@ import logging
 import random
 import signal
 import struct
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

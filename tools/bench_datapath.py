@@ -28,8 +28,6 @@ import importlib
 import json
 import multiprocessing
 import socket
-import statistics
-import struct
 import tempfile
 import time
 from pathlib import Path
@@ -37,11 +35,8 @@ from typing import Any
 
 from boxcore.procs import free_port
 from cliruntime import ConfigError, non_negative_float, positive_int
-from tools.stats import percentile
 
-STAMP = struct.Struct("!QQ")          # sequence, send time (monotonic ns)
-SAMPLE_EVERY = 8                      # latency samples: every 8th packet
-IDLE_END = 0.6                        # a receiver stops after this long without packets
+from tools.datapath_tally import IDLE_END, STAMP, Tally, summarize
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -96,28 +91,6 @@ def _sender(target: tuple[str, int], duration: float, size: int, rate: int, out:
                 break
     sock.close()
     out.put(sent)
-
-
-class Tally:
-    """Packets, first/last arrival and sampled one-way latency (from the payload's stamp)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.first = self.last = 0.0
-        self.latencies: list[float] = []
-
-    def packet(self, payload: bytes) -> None:
-        t = time.monotonic()
-        if not self.count:
-            self.first = t
-        self.last = t
-        self.count += 1
-        if self.count % SAMPLE_EVERY == 0 and len(payload) >= STAMP.size:
-            self.latencies.append((time.monotonic_ns() - STAMP.unpack_from(payload)[1]) / 1000.0)
-
-    def result(self) -> dict:
-        return {"received": self.count, "seconds": max(self.last - self.first, 1e-9),
-                "latencies": self.latencies}
 
 
 def _sink(port: int, ready: Any, out: Any) -> None:
@@ -195,32 +168,6 @@ def _run_case(ctx, receiver, receiver_args: tuple, target: tuple[str, int], args
     proc.join(10)
     result["sent"] = sent
     return result
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)
-
-
-def summarize(name: str, blast: dict, paced: dict | None) -> dict:
-    """One JSON case: throughput and loss of the blast, latency of the paced run (if any)."""
-    lat = (paced or blast)["latencies"]
-    out = {
-        "case": name,
-        "pps": round(blast["received"] / blast["seconds"], 1),
-        "loss": round(max(0.0, 1.0 - blast["received"] / max(blast["sent"], 1)), 4),
-        "sent": blast["sent"], "received": blast["received"],
-        "latency_us": {"p50": _round(percentile(lat, 0.5)), "p99": _round(percentile(lat, 0.99)),
-                       "mean": _round(statistics.fmean(lat)) if lat else None},
-    }
-    if paced is not None:
-        out["paced_loss"] = round(max(0.0, 1.0 - paced["received"] / max(paced["sent"], 1)), 4)
-    if blast.get("queue"):
-        out["queue"] = blast["queue"]
-    if "booster_seen" in blast:
-        # with a fail-open queue, what the booster could not keep up with passed without it
-        out["booster_seen"] = blast["booster_seen"]
-        out["booster_share"] = round(blast["booster_seen"] / max(blast["received"], 1), 4)
-    return out
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.bench_datapath import IDLE_END, STAMP, Tally, summarize
+from tools.datapath_tally import IDLE_END, STAMP, Tally, summarize
 
 CLIENT, SERVER = "10.1.0.2", "10.2.0.2"
 PORT = 9500

@@ -39,7 +39,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tools.bench_datapath import Tally
+from tools.datapath_tally import Tally
 from tools.stats import summary
 
 CLIENT, SERVER, BOX_CLIENT_SIDE = "10.1.0.2", "10.2.0.2", "10.1.0.1"

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from cliruntime import ConfigError, int_list, non_negative_float, positive_int, progress
+from tools.stats import summary
 
 log = logging.getLogger("booster-loadgen.np-latency")
 
@@ -239,10 +240,7 @@ class NpPath:
         self.rules = count
 
     def modelled(self, count: int) -> dict:
-        import numpy as np
-
-        samples = np.array([self.model.model_latency_ns() for _ in range(max(count, 1))]) / 1000
-        return {"p50": round(float(np.percentile(samples, 50)), 2), "p99": round(float(np.percentile(samples, 99)), 2)}
+        return summary([self.model.model_latency_ns() / 1000 for _ in range(max(count, 1))], (50, 99))
 
     def close(self) -> dict:
         summary = {}
@@ -303,8 +301,6 @@ def points(args: argparse.Namespace) -> list[tuple[int, int, int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
     if os.geteuid() != 0:
         raise ConfigError("np-latency builds network namespaces: run it as root")
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
@@ -334,8 +330,7 @@ def run(args: argparse.Namespace) -> int:
                     lat = result["latencies"]
                     row = {
                         "path": path.name, "load_pps": load, "size": size, "rules": nrules,
-                        "latency_us": ({"p50": round(float(np.percentile(lat, 50)), 2),
-                                        "p99": round(float(np.percentile(lat, 99)), 2)} if len(lat) else None),
+                        "latency_us": summary(lat, (50, 99)) if len(lat) else None,
                         "modelled_latency_us": path.modelled(result["received"]) if path.name == "np" else None,
                         "sent": result["sent"], "received": result["received"],
                         "lost": result["sent"] - result["received"],
