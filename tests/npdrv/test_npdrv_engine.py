@@ -116,6 +116,12 @@ async def test_example_booster_on_a_udp_stream_through_the_card(tmp_path):
                 time.sleep(0.1)
             (rule,) = await card(lab, Table.RULES)
             assert rule.rule.action.name == "REDIRECT" and rule.rule.dport == (9001, 9001)
+            # the card's rule comes first; the booster is ready once its host side (the queue it
+            # reads) is bound too, which it says in its log: before that, packets fail open
+            deadline = time.monotonic() + 15
+            while "counting udp port" not in (tmp_path / "example.log").read_text():
+                assert time.monotonic() < deadline and example.poll() is None, (tmp_path / "example.log").read_text()
+                time.sleep(0.05)
             payloads = [b"SPAM %d" % i if i % 4 == 0 else b"data %d" % i for i in range(200)]
             got = exchange(lab, payloads, 9001)
             assert got == [p for p in payloads if not p.startswith(b"SPAM")]
