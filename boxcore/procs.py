@@ -129,34 +129,37 @@ class ProcessGroup:
             raise RuntimeError(f"{role.name}: {what} in time: {role.tail()}")
         return False
 
-    async def _poll(self, role: Role, done: Callable[[], bool], timeout: float, what: str) -> None:
+    async def wait_until(self, role: Role, done: Callable[[], bool], timeout: float = 20.0,
+                         what: str = "condition not met") -> None:
+        """Poll ``done`` (for conditions with no event to wait on) while the role keeps running."""
         deadline = time.monotonic() + timeout
         while not self._poll_step(role, done, deadline, what):
             await asyncio.sleep(POLL_INTERVAL)
 
-    def _poll_sync(self, role: Role, done: Callable[[], bool], timeout: float, what: str) -> None:
+    def wait_until_sync(self, role: Role, done: Callable[[], bool], timeout: float = 20.0,
+                        what: str = "condition not met") -> None:
         deadline = time.monotonic() + timeout
         while not self._poll_step(role, done, deadline, what):
             time.sleep(POLL_INTERVAL)
 
     async def wait_for_log(self, role: Role, text: str, timeout: float = 20.0) -> None:
-        await self._poll(role, lambda: text in role.output(), timeout, f"{text!r} not logged")
+        await self.wait_until(role, lambda: text in role.output(), timeout, f"{text!r} not logged")
 
     async def wait_path(self, role: Role, path: Path, timeout: float = 20.0) -> None:
-        await self._poll(role, path.exists, timeout, f"{path} did not appear")
+        await self.wait_until(role, path.exists, timeout, f"{path} did not appear")
 
     def wait_path_sync(self, role: Role, path: Path, timeout: float = 20.0) -> None:
-        self._poll_sync(role, path.exists, timeout, f"{path} did not appear")
+        self.wait_until_sync(role, path.exists, timeout, f"{path} did not appear")
 
     def wait_for_log_sync(self, role: Role, text: str, timeout: float = 20.0) -> None:
-        self._poll_sync(role, lambda: text in role.output(), timeout, f"{text!r} not logged")
+        self.wait_until_sync(role, lambda: text in role.output(), timeout, f"{text!r} not logged")
 
     async def wait_ready(self, role: Role, timeout: float = 20.0) -> dict:
         """Wait for the role's ``--ready-file`` and return what it says."""
         if role.ready is None:
             raise ValueError(f"{role.name} was started without ready=True")
         path = role.ready
-        await self._poll(role, lambda: path.exists() and path.stat().st_size > 0, timeout, "not ready")
+        await self.wait_until(role, lambda: path.exists() and path.stat().st_size > 0, timeout, "not ready")
         return json.loads(path.read_text())
 
     # ------------------------------------------------------------ stopping
