@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from cliruntime import host_port, make_parser, positive_int, run_sync
+from boxcore.procs import ProcessGroup, python_module
 from boxcore.testing import BoxdProcess, free_port
 
 SOURCES = 3
@@ -50,27 +49,24 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
     loop = asyncio.get_running_loop()
     transport, sink = await loop.create_datagram_endpoint(_Sink, local_addr=("127.0.0.1", server_port))
     say(f"server listening on udp 127.0.0.1:{server_port}; the box answers on 127.0.0.1:{box_port}")
-    booster = None
+    group = ProcessGroup(workdir)     # the booster and the generator; boxd is BoxdProcess's
     try:
         async with BoxdProcess(workdir / "boxd",
                                listens=[f"udp:127.0.0.1:{box_port}=127.0.0.1:{server_port}"]) as boxd:
             say(f"boxd up (engine user, control {boxd.control}, http {boxd.http_url})")
-            stats_path = workdir / "booster-stats.json"
-            booster = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "boxcore.examples.udp_counter", "--control", str(boxd.control),
+            booster = group.start("booster", [
+                *python_module("boxcore.examples.udp_counter"), "--control", str(boxd.control),
                 "--port", str(server_port), "--drop-prefix", "SPAM", "--report-every", "0.3",
-                "--stats-json", str(stats_path), "--log-level", "warning")
+                "--log-level", "warning"])
             rules = await _wait(lambda: boxd.query("rules"), 20, "the booster's rule")
             rule = rules[0]
             say(f"booster 'udp-counter' holds rule {rule['cookie']}: {rule['action']} {rule['match_text']} "
                 f"(delivery: {rule['delivery']})")
             started = time.monotonic()
-            gen = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "boxcore.demo", "generate", "--to", f"127.0.0.1:{box_port}",
+            await group.run("generator", [
+                *python_module("boxcore.demo"), "generate", "--to", f"127.0.0.1:{box_port}",
                 "--count", str(PACKETS), "--sources", str(SOURCES), "--spam-every", str(SPAM_EVERY),
-                "--log-level", "warning")
-            if await gen.wait() != 0:
-                raise RuntimeError("demo: the traffic generator failed")
+                "--log-level", "warning"])
             spam = PACKETS // SPAM_EVERY
             say(f"generator sent {PACKETS} packets from {SOURCES} sources ({spam} start with 'SPAM')")
 
@@ -87,18 +83,15 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
             say(f"booster dropped {totals['dropped']} SPAM packets and passed {totals['passed']}; "
                 f"the server received {len(sink.payloads)} (none of them SPAM: "
                 f"{not any(p.startswith(b'SPAM') for p in sink.payloads)})")
-            booster.terminate()
-            await asyncio.wait_for(booster.wait(), 10)
-            final = json.loads(stats_path.read_text())["totals"] if stats_path.exists() else totals
+            await group.stop(booster, grace=10)
+            final = booster.read_stats().get("totals", totals)
             say("booster stopped; boxd removed its rule; totals stay in the directory for its next run")
         return {"packets_sent": PACKETS, "booster_seen": final["packets"], "dropped": final["dropped"],
                 "passed": final["passed"], "server_received": len(sink.payloads),
                 "sources": final["sources"], "seconds": round(elapsed, 3)}
     finally:
         transport.close()
-        if booster is not None and booster.returncode is None:
-            booster.kill()
-            await booster.wait()
+        await group.stop_all()
 
 
 async def _ready(value: bool) -> bool:

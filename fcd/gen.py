@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from boxcore.procs import ProcessGroup
 from cliruntime import ConfigError, host_port, make_parser, non_negative_float, positive_int, run_sync
 from fcd import wire
 from fcd.trace import Trace
@@ -199,25 +200,24 @@ def run(args, stats) -> int:
         base += ["--duration", str(args.duration)]
     if args.loop:
         base.append("--loop")
-    children = [subprocess.Popen(base + ["--district", str(i)], stdout=subprocess.PIPE, text=True)
-                for i in range(args.processes)]
-
-    def stop_children(*_):
-        for child in children:
-            if child.poll() is None:
-                child.terminate()        # each child stops sending and prints what it sent
-
-    signal.signal(signal.SIGTERM, stop_children)
-    results = []
-    try:
-        for child in children:
-            out, _ = child.communicate()
-            for line in out.splitlines():
-                if line.startswith("{"):
-                    results.append(json.loads(line))
-    except KeyboardInterrupt:
-        stop_children()
-        raise
+    with tempfile.TemporaryDirectory(prefix="fcd-gen-") as tmp:
+        group = ProcessGroup(Path(tmp))
+        children = [group.start(f"district-{i}", base + ["--district", str(i)], stats=False)
+                    for i in range(args.processes)]
+        # each child stops sending on SIGTERM and prints what it sent
+        signal.signal(signal.SIGTERM, lambda *_: group.terminate(children))
+        results = []
+        try:
+            for child in children:
+                group.wait_exit_sync(child)
+                for line in child.output().splitlines():
+                    if line.startswith("{"):
+                        results.append(json.loads(line))
+                    else:
+                        print(line, file=sys.stderr)   # the child's log lines, as when it shared our stderr
+        except KeyboardInterrupt:
+            group.stop_many_sync(children)
+            raise
     summary = {"processes": args.processes, "sent": sum(r["sent"] for r in results),
                "lights_sent": sum(r.get("lights_sent", 0) for r in results),
                "send_errors": sum(r["send_errors"] for r in results),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -85,13 +85,12 @@ class Stack:
 
 def run_gen(trace: Path, targets: list[tuple[str, int]], extra: list[str], log_level: str = "warning",
             timeout: float = 300.0) -> dict:
-    """Run fcd-gen to completion; its JSON summary."""
+    """Run fcd-gen to completion (a :class:`ProcessGroup` role); its JSON summary."""
     argv = [*python_module("fcd.gen"), "--trace", str(trace),
             "--targets", ",".join(f"{h}:{p}" for h, p in targets), "--log-level", log_level, *extra]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    if out.returncode != 0:
-        raise RuntimeError(f"fcd-gen failed ({out.returncode}): {out.stderr[-800:]}")
-    lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+    with tempfile.TemporaryDirectory(prefix="fcd-gen-") as tmp:
+        role = ProcessGroup(Path(tmp)).run_sync("fcd-gen", argv, timeout)
+        lines = [l for l in role.output().splitlines() if l.startswith("{")]
     return json.loads(lines[-1])
 
 

@@ -27,12 +27,12 @@ import argparse
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from boxcore.procs import ProcessGroup, Role, python_module
 from tools.datapath_tally import IDLE_END, STAMP, Tally, summarize
 
 CLIENT, SERVER = "10.1.0.2", "10.2.0.2"
@@ -171,23 +171,19 @@ def role_main(argv: list[str]) -> int:
 class Bench:
     def __init__(self, lab, workdir: Path, size: int, senders: int) -> None:
         self.lab, self.workdir, self.size, self.senders = lab, workdir, size, senders
+        self.group = ProcessGroup(workdir)
         self.n = 0
 
-    def _role(self, node: str, role: str, *extra: str) -> tuple[subprocess.Popen, Path]:
+    def start(self, node: str, name: str, argv: list[str]) -> Role:
+        """``argv`` inside ``node``'s namespace, as a role of this bench (log: ``workdir/<name>.log``)."""
+        return self.group.start(name, self.lab.command(node, argv), stats=False)
+
+    def _role(self, node: str, role: str, *extra: str) -> tuple[Role, Path]:
         self.n += 1
         out = self.workdir / f"{self.n:02d}-{role}.json"
-        proc = self.lab.popen(node, [sys.executable, "-m", "tools.bench_datapath_linux", role, "--out", str(out),
-                                     *extra], stderr=open(out.with_suffix(".log"), "w"))
+        proc = self.start(node, out.stem, [*python_module("tools.bench_datapath_linux"), role, "--out", str(out),
+                                           *extra])
         return proc, out
-
-    @staticmethod
-    def _wait_file(path: Path, proc: subprocess.Popen, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not path.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{path.name}: role did not get ready "
-                                   f"({path.with_suffix('.log').read_text()[-500:] if path.with_suffix('.log').exists() else ''})")
-            time.sleep(0.02)
 
     def run_case(self, receiver: str, rate: int, duration: float, control: str = "", verdict: str = "consume",
                  senders: int | None = None) -> dict:
@@ -198,12 +194,12 @@ class Bench:
         else:
             rproc, rout = self._role("box", "booster", "--control", control, "--port", str(PORT),
                                      "--verdict", verdict, "--ready", str(ready))
-        self._wait_file(ready, rproc)
+        self.group.wait_path_sync(rproc, ready, 30)
         if receiver == "booster" and verdict == "pass":
             # the passed packets go on to a sink at the server
             sready = self.workdir / f"ready-sink-{self.n + 1}"
             sproc, sout = self._role("server", "sink", "--bind", f"{SERVER}:{PORT}", "--ready", str(sready))
-            self._wait_file(sready, sproc)
+            self.group.wait_path_sync(sproc, sready, 30)
         senders = senders or (self.senders if not rate else 1)
         procs = []
         for i in range(senders):
@@ -213,7 +209,7 @@ class Bench:
         sent = send_errors = 0
         send_seconds = 0.0
         for proc, out in procs:
-            proc.wait(duration + 60)
+            self.group.wait_exit_sync(proc, duration + 60)
             result = json.loads(out.read_text())
             sent += result["sent"]
             send_errors += result["send_errors"]
@@ -221,10 +217,10 @@ class Bench:
         if receiver == "booster":
             time.sleep(0.5)                      # let the queue drain
             Path(str(ready) + ".stop").touch()
-        rproc.wait(60)
+        self.group.wait_exit_sync(rproc, 60)
         measured = json.loads(rout.read_text())
         if receiver == "booster" and verdict == "pass":
-            sproc.wait(60)
+            self.group.wait_exit_sync(sproc, 60)
             booster, measured = measured, json.loads(sout.read_text())
             # fail-open: what the queue could not hold passed without the booster
             measured["booster_seen"] = booster["received"]
@@ -268,17 +264,12 @@ def run(args: argparse.Namespace) -> dict:
         paced = bench.run_case("sink", paced_rate, paced_duration)
         cases.append(summarize("ceiling", blast, paced))
         control = str(workdir / "boxd.sock")
-        boxd_log = open(workdir / "boxd.log", "w")
-        boxd = lab.popen("box", [sys.executable, "-m", "boxcore.boxd", "--engine", "linux", "--control", control,
-                                 "--state", str(workdir / "state"), "--log-level", "warning",
-                                 "--linux-queue-len", "8192", "--linux-stall", "5"],
-                         stderr=boxd_log)
         try:
-            deadline = time.monotonic() + 20
-            while not Path(control).exists():
-                if boxd.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"boxd did not start: {(workdir / 'boxd.log').read_text()[-500:]}")
-                time.sleep(0.05)
+            boxd = bench.start("box", "boxd", [*python_module("boxcore.boxd"), "--engine", "linux",
+                                               "--control", control, "--state", str(workdir / "state"),
+                                               "--log-level", "warning", "--linux-queue-len", "8192",
+                                               "--linux-stall", "5"])
+            bench.group.wait_path_sync(boxd, Path(control), 20)
             blast = best([bench.run_case("booster", 0, duration, control, "pass") for _ in range(repeat)],
                          lambda r: r["booster_seen"] / max(r["seconds"], 1e-9))
             paced = bench.run_case("booster", paced_rate, paced_duration, control, "pass")
@@ -295,8 +286,7 @@ def run(args: argparse.Namespace) -> dict:
             case["consumed_pps_over_offered_window"] = round(at_rate["received"] / at_rate["send_seconds"], 1)
             cases.append(case)
         finally:
-            boxd.terminate()
-            boxd.wait(10)
+            bench.group.stop_all_sync(grace=10)     # boxd last; roles left by a failed case before it
     base = cases[0]["latency_us"]["p50"] or 0.0
     for case in cases:
         p50 = case["latency_us"]["p50"]

@@ -23,7 +23,6 @@ import math
 import os
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -161,19 +160,22 @@ def knee(rows: list[dict], key: str, threshold: float = LOSS_KNEE) -> float | No
 
 # ---------------------------------------------------------------- the experiment
 
-async def calibrate_sink(budgets, trace: Path, rate: float, duration: float, settle: float) -> float:
+async def calibrate_sink(budgets, trace: Path, rate: float, duration: float, settle: float,
+                         workdir: Path) -> float:
+    from boxcore.procs import ProcessGroup
     from fcd.stack import run_gen_async
-    proc = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
+    group = ProcessGroup(workdir)
+    sink = group.start("sink", [sys.executable, "-c", SINK], stats=False)
     try:
-        port = int(proc.stdout.readline())
-        budgets.add("sink", proc.pid)
+        await group.wait_for_log(sink, "\n")          # its first line is the port it bound
+        port = int(sink.output().split()[0])
+        budgets.add("sink", sink.proc.pid)
         gen = await run_gen_async(trace, [("127.0.0.1", port)],
                                   ["--processes", "4", "--rate", str(rate), "--duration", str(duration)])
         await asyncio.sleep(settle)
     finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=10)
-    received = int(out.split()[-1])
+        await group.stop(sink, grace=10)     # on SIGTERM it prints how many datagrams it received
+    received = int(sink.output().split()[-1])
     return min(received, gen["sent"]) / duration
 
 
@@ -337,7 +339,8 @@ async def experiment(args) -> dict:
             # overload, measured back to back (so background load hits both alike), several times
             sinks, raws = [], []
             for rep in range(args.raw_reps):
-                sinks.append(await calibrate_sink(budgets, trace, calib_rate, args.duration, args.settle))
+                sinks.append(await calibrate_sink(budgets, trace, calib_rate, args.duration, args.settle,
+                                                   workdir / "calibration"))
                 raw = await rig.measure(0, calib_rate)
                 raws.append(raw["server_udp_received"] / args.duration)
                 print(f"  raw ingest {rep + 1}/{args.raw_reps}: plain sink {sinks[-1]:.0f} pps, server "

@@ -29,14 +29,13 @@ import select
 import shutil
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from boxcore.procs import free_port
+from boxcore.procs import ProcessGroup, free_port, python_module
 from cliruntime import non_negative_float, positive_int, probability
 
 LOCATION = 1
@@ -195,23 +194,23 @@ async def _start_reflector(mode: str, workdir: Path, key: str, extra: list[str] 
     else:
         udp = ("127.0.0.1", free_port(socket.SOCK_DGRAM))
         argv = ["--mode", "standalone", "--listen", f"127.0.0.1:{udp[1]}"]
-    proc = subprocess.Popen([sys.executable, "-m", "mmpog.reflector", *argv, *extra,
-                             "--http", f"127.0.0.1:{http_port}", "--log-level", "warning"], env=env)
+    group = ProcessGroup(workdir, env=env)
+    reflector = group.start("reflector", [*python_module("mmpog.reflector"), *argv, *extra,
+                                          "--http", f"127.0.0.1:{http_port}", "--log-level", "warning"],
+                            stats=False)
     url = f"http://127.0.0.1:{http_port}"
-    deadline = time.monotonic() + 15
-    while True:
+
+    def healthy() -> bool:
         try:
             urllib.request.urlopen(url + "/health", timeout=1).read()
-            break
+            return True
         except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the reflector did not start")
-            await asyncio.sleep(0.05)
+            return False
+
+    await group.wait_until(reflector, healthy, 15, "the reflector did not answer /health")
 
     async def stop() -> None:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
+        await group.stop(reflector, grace=10)
         if boxd is not None:
             await boxd.stop()
 
@@ -352,9 +351,7 @@ def run(args: argparse.Namespace) -> int:
                             "--seed", str(args.seed), "--reflector-mode", args.reflector_mode,
                             "--workers", str(args.workers),
                             "--json", str(out), "--log-level", "warning"]
-                    proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.DEVNULL)
-                    if await proc.wait() != 0:
-                        raise RuntimeError("mmpog-bots --loss-mode iptables failed")
+                    await ProcessGroup(Path(tmp)).run("mmpog-bots-iptables", argv)
                     result["bots"] = json.loads(out.read_text())
                 else:
                     params = Params(players=args.players, locations=args.locations, duration=args.duration,

@@ -28,14 +28,12 @@ import json
 import logging
 import multiprocessing
 import os
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from boxcore.procs import ProcessGroup, python_module
 from cliruntime import ConfigError, int_list, non_negative_float, positive_int, progress
 from tools.stats import summary
 
@@ -185,14 +183,13 @@ class NpPath:
         from npdrv import netns
 
         self.lab = Lab.up(netns.LAB_TOPOLOGY)
-        self.stats_path = workdir / "np4gs3-emu.json"
         macs = [netns.link_mac(iface, self.lab.ns("box")) for iface in ("np0", "np1")]
-        self.emu = subprocess.Popen(
-            [sys.executable, "-m", "npdrv.emulator", "--name", self.lab.ns("card"), "--port-macs", ",".join(macs),
-             "--code", "booster", "--model-latency-us", str(model_us), "--model-jitter-us", str(jitter_us),
-             "--stats-json", str(self.stats_path), "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
-        if not self.emu.stdout.readline():
-            raise RuntimeError(f"np4gs3-emu exited with {self.emu.wait()}")
+        self.group = ProcessGroup(workdir)
+        self.emu = self.group.start("np4gs3-emu", [
+            *python_module("npdrv.emulator"), "--name", self.lab.ns("card"), "--port-macs", ",".join(macs),
+            "--code", "booster", "--model-latency-us", str(model_us), "--model-jitter-us", str(jitter_us),
+            "--log-level", "warning"])
+        self.group.wait_for_log_sync(self.emu, '"ready": true', 60)   # its ready line on stdout
         self.rules = 0
         self.control_log: list[dict] = []      # how fast rules reach the card over guided frames
         server_mac = netns.link_mac("eth0", self.lab.ns("server"))
@@ -244,14 +241,9 @@ class NpPath:
 
     def close(self) -> dict:
         summary = {}
-        if self.emu.poll() is None:
-            self.emu.send_signal(signal.SIGTERM)
-            try:
-                self.emu.wait(15)
-            except subprocess.TimeoutExpired:
-                self.emu.kill()
+        self.group.stop_sync(self.emu, grace=15)
         try:
-            data = json.loads(self.stats_path.read_text())
+            data = self.emu.read_stats()
             summary = {"latency_us": data["emulator"]["latency_us"], "card": data["emulator"]["card"],
                        "control": data["emulator"]["control"], "kernel_drops": data.get("kernel_drops", {})}
         except (OSError, ValueError, KeyError):
