@@ -18,7 +18,7 @@ from pathlib import Path
 import networkx as nx
 
 from cliruntime import ConfigError, make_parser, non_negative_float, positive_int, run_async
-from fcd.city import CAR, City, load_city, vclass_argument
+from fcd.city import CAR, City, CityError, load_city, vclass_argument
 
 log = logging.getLogger("fcd.route")
 
@@ -134,7 +134,7 @@ async def amain(args, ctx) -> int:
 
 
 def main(argv=None) -> int:
-    return run_async(build_parser(), amain, argv)
+    return run_async(build_parser(), amain, argv, config_errors=(CityError,))
 
 
 if __name__ == "__main__":
