@@ -18,11 +18,15 @@ from pathlib import Path
 
 from boxcore.controller import Controller, ControllerConfig
 from boxcore.engines import ENGINE_NAMES, EngineUnavailable, Route, available_engines, get_engine
+from boxcore.policy import PolicyError
 from cliruntime import (ConfigError, RunContext, host_port, make_parser, non_negative_float,
                              positive_int, run_async)
 from cliruntime.supervisor import TaskFailed, first_of
 
 log = logging.getLogger("boxcore.boxd")
+
+# What the domain modules raise for bad configuration: one line, exit status 2.
+CONFIG_ERRORS: tuple[type[Exception], ...] = (PolicyError,)
 
 
 def route_spec(text: str) -> Route:
@@ -219,7 +223,7 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_async(build_parser(), amain, argv)
+    return run_async(build_parser(), amain, argv, config_errors=CONFIG_ERRORS)
 
 
 if __name__ == "__main__":
