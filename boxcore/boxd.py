@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from boxcore.controller import Controller, ControllerConfig
+from boxcore.directory import DirectoryOpenError
 from boxcore.engines import ENGINE_NAMES, EngineUnavailable, Route, available_engines, get_engine
 from boxcore.policy import PolicyError
 from cliruntime import (ConfigError, RunContext, host_port, make_parser, non_negative_float,
@@ -26,7 +27,7 @@ from cliruntime.supervisor import TaskFailed, first_of
 log = logging.getLogger("boxcore.boxd")
 
 # What the domain modules raise for bad configuration: one line, exit status 2.
-CONFIG_ERRORS: tuple[type[Exception], ...] = (PolicyError,)
+CONFIG_ERRORS: tuple[type[Exception], ...] = (PolicyError, DirectoryOpenError)
 
 
 def route_spec(text: str) -> Route:
