@@ -18,7 +18,7 @@ from pathlib import Path
 
 from boxcore.controller import Controller, ControllerConfig
 from boxcore.directory import DirectoryOpenError
-from boxcore.engines import ENGINE_NAMES, EngineUnavailable, Route, available_engines, get_engine
+from boxcore.engines import ENGINE_NAMES, EngineSetupError, EngineUnavailable, Route, available_engines, get_engine
 from boxcore.policy import PolicyError
 from cliruntime import (ConfigError, RunContext, host_port, make_parser, non_negative_float,
                              positive_int, run_async)
@@ -27,7 +27,7 @@ from cliruntime.supervisor import TaskFailed, first_of
 log = logging.getLogger("boxcore.boxd")
 
 # What the domain modules raise for bad configuration: one line, exit status 2.
-CONFIG_ERRORS: tuple[type[Exception], ...] = (PolicyError, DirectoryOpenError)
+CONFIG_ERRORS: tuple[type[Exception], ...] = (PolicyError, DirectoryOpenError, EngineUnavailable, EngineSetupError)
 
 
 def route_spec(text: str) -> Route:
@@ -174,11 +174,7 @@ async def _open_directory(state: Path, url: str | None, max_keys: int, max_bytes
 async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
     if args.heartbeat <= 0:
         raise ConfigError("--heartbeat must be positive")
-    try:
-        engine_cls = get_engine(args.engine)
-    except EngineUnavailable as exc:
-        raise ConfigError(str(exc)) from None
-    engine = engine_cls.from_args(args)
+    engine = get_engine(args.engine).from_args(args)
     policy = _load_policy(args.policy)
     token = None
     if args.http is not None:
