@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from boxcore.controller import Controller, ControllerConfig
+from boxcore.controller import ControlSocketError, Controller, ControllerConfig
 from boxcore.directory import DirectoryOpenError
 from boxcore.engines import ENGINE_NAMES, EngineSetupError, EngineUnavailable, Route, available_engines, get_engine
 from boxcore.policy import PolicyError
@@ -27,7 +27,8 @@ from cliruntime.supervisor import TaskFailed, first_of
 log = logging.getLogger("boxcore.boxd")
 
 # What the domain modules raise for bad configuration: one line, exit status 2.
-CONFIG_ERRORS: tuple[type[Exception], ...] = (PolicyError, DirectoryOpenError, EngineUnavailable, EngineSetupError)
+CONFIG_ERRORS: tuple[type[Exception], ...] = (PolicyError, DirectoryOpenError, EngineUnavailable, EngineSetupError,
+                                                ControlSocketError)
 
 
 def route_spec(text: str) -> Route:
