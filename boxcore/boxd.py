@@ -16,13 +16,19 @@ import logging
 import os
 from pathlib import Path
 
-from boxcore.controller import Controller, ControllerConfig
-from boxcore.engines import ENGINE_NAMES, EngineUnavailable, Route, available_engines, get_engine
+from boxcore.controller import ControlSocketError, Controller, ControllerConfig
+from boxcore.directory import DirectoryOpenError
+from boxcore.engines import ENGINE_NAMES, EngineSetupError, EngineUnavailable, Route, available_engines, get_engine
+from boxcore.policy import PolicyError
 from cliruntime import (ConfigError, RunContext, host_port, make_parser, non_negative_float,
                              positive_int, run_async)
 from cliruntime.supervisor import TaskFailed, first_of
 
 log = logging.getLogger("boxcore.boxd")
+
+# What the domain modules raise for bad configuration: one line, exit status 2.
+CONFIG_ERRORS: tuple[type[Exception], ...] = (PolicyError, DirectoryOpenError, EngineUnavailable, EngineSetupError,
+                                                ControlSocketError)
 
 
 def route_spec(text: str) -> Route:
@@ -169,11 +175,7 @@ async def _open_directory(state: Path, url: str | None, max_keys: int, max_bytes
 async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
     if args.heartbeat <= 0:
         raise ConfigError("--heartbeat must be positive")
-    try:
-        engine_cls = get_engine(args.engine)
-    except EngineUnavailable as exc:
-        raise ConfigError(str(exc)) from None
-    engine = engine_cls.from_args(args)
+    engine = get_engine(args.engine).from_args(args)
     policy = _load_policy(args.policy)
     token = None
     if args.http is not None:
@@ -219,7 +221,7 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_async(build_parser(), amain, argv)
+    return run_async(build_parser(), amain, argv, config_errors=CONFIG_ERRORS)
 
 
 if __name__ == "__main__":

@@ -56,10 +56,16 @@ from boxcore.packet import Packet
 from boxcore.policy import Policy
 from boxcore.rules import Action, Match, Rule, RuleError, port_bounds
 from boxcore.wire import Status, Tag, WireDecodeError
-from cliruntime import ConfigError, Stats
+from cliruntime import Stats
 from cliruntime.supervisor import Supervisor
 
 log = logging.getLogger("boxcore.controller")
+
+
+class ControlSocketError(RuntimeError):
+    """boxd's control socket cannot be set up (path taken, another boxd listening, cannot bind or
+    set its mode); boxd reports it as a configuration error (one line, exit status 2)."""
+
 
 MAX_DATAGRAMS_PER_WAKEUP = 256
 MAX_DEPARTURES = 100            # recent departures kept for the management views
@@ -537,10 +543,10 @@ class Controller:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"cannot create {path.parent}: {exc}") from None
+            raise ControlSocketError(f"cannot create {path.parent}: {exc}") from None
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise ConfigError(f"--control {path} exists and is not a socket")
+                raise ControlSocketError(f"--control {path} exists and is not a socket")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(str(path))
@@ -548,7 +554,7 @@ class Controller:
                 path.unlink()  # left by a crashed boxd
                 self.stats["stale_control_socket_removed"] += 1
             else:
-                raise ConfigError(f"another boxd is already listening on {path}")
+                raise ControlSocketError(f"another boxd is already listening on {path}")
             finally:
                 probe.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -557,7 +563,7 @@ class Controller:
             sock.bind(str(path))
         except OSError as exc:
             sock.close()
-            raise ConfigError(f"cannot bind control socket {path}: {exc}") from None
+            raise ControlSocketError(f"cannot bind control socket {path}: {exc}") from None
         finally:
             os.umask(umask)
         try:
@@ -566,7 +572,7 @@ class Controller:
             os.chmod(path, self.config.socket_mode)
         except OSError as exc:
             sock.close()
-            raise ConfigError(f"cannot set the mode or group of {path}: {exc}") from None
+            raise ControlSocketError(f"cannot set the mode or group of {path}: {exc}") from None
         sock.listen(128)
         sock.setblocking(False)
         return sock

@@ -37,8 +37,6 @@ from typing import Any, AsyncIterator, Iterator
 
 import msgpack
 
-from cliruntime import ConfigError
-
 SCHEMA_VERSION = 2          # 2: the names table (booster names bound to uids)
 DB_NAME = "directory.sqlite3"
 DEFAULT_MAX_KEYS = 10_000
@@ -53,6 +51,11 @@ _MISSING = object()
 
 class DirectoryError(ValueError):
     """A refused directory operation (bad key or value, quota, limits)."""
+
+
+class DirectoryOpenError(RuntimeError):
+    """A directory that cannot be opened as configured (bad limit, unusable database or Redis URL,
+    unreachable fleet store).  boxd reports it as a configuration error (one line, exit 2)."""
 
 
 class DirectoryUnavailable(RuntimeError):
@@ -99,7 +102,7 @@ def prefix_upper_bound(prefix: str) -> str | None:
 def check_limits(**limits: Any) -> None:
     for name, limit in limits.items():
         if not isinstance(limit, int) or limit <= 0:
-            raise ConfigError(f"directory {name} must be a positive integer, got {limit!r}")
+            raise DirectoryOpenError(f"directory {name} must be a positive integer, got {limit!r}")
 
 
 def check_key(stats: collections.Counter, max_key_chars: int, booster: str, key: str) -> None:
@@ -229,7 +232,7 @@ class Directory:
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"cannot create state directory {db.parent}: {exc.strerror or exc}") from None
+            raise DirectoryOpenError(f"cannot create state directory {db.parent}: {exc.strerror or exc}") from None
         return db
 
     @staticmethod
@@ -240,15 +243,15 @@ class Directory:
             db.execute("PRAGMA synchronous=NORMAL")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise ConfigError(f"directory {db_path} has schema version {version}, "
-                                  f"this boxd knows up to {SCHEMA_VERSION}")
+                raise DirectoryOpenError(f"directory {db_path} has schema version {version}, "
+                                     f"this boxd knows up to {SCHEMA_VERSION}")
             db.execute("CREATE TABLE IF NOT EXISTS kv (booster TEXT NOT NULL, key TEXT NOT NULL, "
                        "value BLOB NOT NULL, PRIMARY KEY (booster, key)) WITHOUT ROWID")
             db.execute("CREATE TABLE IF NOT EXISTS names (name TEXT PRIMARY KEY, uid INTEGER NOT NULL) "
                        "WITHOUT ROWID")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
-            raise ConfigError(f"cannot open directory database {db_path}: {exc}") from None
+            raise DirectoryOpenError(f"cannot open directory database {db_path}: {exc}") from None
         return db
 
     def close(self) -> None:

@@ -45,9 +45,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from boxcore.directory import (DEFAULT_MAX_KEY_CHARS, DEFAULT_MAX_KEYS, DEFAULT_MAX_PENDING,
                                DEFAULT_MAX_TOTAL_BYTES, DEFAULT_MAX_VALUE_BYTES, DEFAULT_MAX_WATCHERS,
-                               DirectoryError, DirectoryUnavailable, QuotaExceeded, Watch, check_key, check_limits, check_prefix,
+                               DirectoryError, DirectoryOpenError, DirectoryUnavailable, QuotaExceeded, Watch, check_key, check_limits, check_prefix,
                                decode_value, encode_value, prefix_upper_bound)
-from cliruntime import ConfigError
 from cliruntime.supervisor import Supervisor
 
 log = logging.getLogger("boxcore.directory")
@@ -138,7 +137,7 @@ def split_directory_url(url: str) -> tuple[str, str]:
     query = parse_qs(parts.query)
     fleet = query.pop("fleet", [DEFAULT_FLEET])[-1]
     if not FLEET_RE.match(fleet):
-        raise ConfigError(f"fleet name {fleet!r} must be 1-64 of A-Z a-z 0-9 _ . -")
+        raise DirectoryOpenError(f"fleet name {fleet!r} must be 1-64 of A-Z a-z 0-9 _ . -")
     rest = urlencode([(k, v) for k, values in query.items() for v in values])
     # not geturl(): it drops the "//" of unix:///path
     return f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{rest}" if rest else ""), fleet
@@ -225,7 +224,7 @@ class RedisDirectory:
     @classmethod
     async def open(cls, url: str, **limits: Any) -> "RedisDirectory":
         """Connect, check the server answers and subscribe to the fleet's changes; an unreachable
-        or refusing server is a :class:`ConfigError` (one line)."""
+        or refusing server is a :class:`DirectoryOpenError` (one line)."""
         import redis.asyncio as aioredis
         from redis.asyncio.cluster import RedisCluster
         from redis.exceptions import RedisError
@@ -236,7 +235,7 @@ class RedisDirectory:
         try:
             client = open_redis(redis_url)
         except ValueError as exc:
-            raise ConfigError(f"directory {redacted(url)}: {exc}") from None
+            raise DirectoryOpenError(f"directory {redacted(url)}: {exc}") from None
         sub_client = client
         try:
             if isinstance(client, RedisCluster):
@@ -254,7 +253,7 @@ class RedisDirectory:
             if sub_client is not client:
                 await sub_client.aclose()
             reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise ConfigError(f"cannot reach the directory at {redacted(url)}: {reason}") from None
+            raise DirectoryOpenError(f"cannot reach the directory at {redacted(url)}: {reason}") from None
         return directory
 
     async def _subscribe(self) -> None:

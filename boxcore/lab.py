@@ -65,6 +65,17 @@ from cliruntime import ConfigError, make_parser, run_sync
 
 log = logging.getLogger("boxcore.lab")
 
+
+class LabError(RuntimeError):
+    """A lab that cannot be built or taken down here (no root, name taken, links stay down...).
+
+    booster-lab reports it as a configuration error (one line, exit status 2).
+    """
+
+
+class TopologyError(LabError, ValueError):
+    """A topology (TOML file or mapping) that is malformed: says where and what is wrong."""
+
 TOPOLOGY_DIR = Path(__file__).with_name("topologies")
 STATE_DIR = Path(os.environ.get("BOOSTER_LAB_STATE", "/run/booster-lab"))
 NETNS_DIR = Path("/run/netns")
@@ -130,13 +141,13 @@ class Topology:
 
 def _expect_keys(where: str, table: Mapping[str, Any], allowed: set[str], required: set[str] = frozenset()) -> None:
     if not isinstance(table, Mapping):
-        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
+        raise TopologyError(f"{where}: expected a table, got {type(table).__name__}")
     unknown = set(table) - allowed
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise TopologyError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
     missing = required - set(table)
     if missing:
-        raise ConfigError(f"{where}: missing key(s) {', '.join(sorted(missing))}")
+        raise TopologyError(f"{where}: missing key(s) {', '.join(sorted(missing))}")
 
 
 def parse_rate(text: str | int) -> int:
@@ -145,7 +156,7 @@ def parse_rate(text: str | int) -> int:
         return text
     match = RATE_RE.match(str(text).strip().lower())
     if not match or float(match.group(1)) <= 0:
-        raise ConfigError(f"bad rate {text!r}: expected e.g. '100mbit', '512kbit'")
+        raise TopologyError(f"bad rate {text!r}: expected e.g. '100mbit', '512kbit'")
     return int(float(match.group(1)) * RATE_UNITS[match.group(2)])
 
 
@@ -155,19 +166,19 @@ def parse_topology(data: Mapping[str, Any]) -> Topology:
     name = _typed("topology name", data.get("name", "lab"), str)
     _typed("topology description", data.get("description", ""), str)
     if not LAB_NAME_RE.match(name):
-        raise ConfigError(f"topology name {name!r}: use lowercase letters, digits and '-' (max 40)")
+        raise TopologyError(f"topology name {name!r}: use lowercase letters, digits and '-' (max 40)")
     nodes: dict[str, Node] = {}
     raw_nodes = data["nodes"]
     if not isinstance(raw_nodes, Mapping) or not raw_nodes:
-        raise ConfigError("topology: [nodes] must name at least one node")
+        raise TopologyError("topology: [nodes] must name at least one node")
     for node_name, spec in raw_nodes.items():
         where = f"node {node_name!r}"
         if not isinstance(node_name, str) or not NODE_NAME_RE.match(node_name):
-            raise ConfigError(f"{where}: use lowercase letters, digits and '-' (max 32)")
+            raise TopologyError(f"{where}: use lowercase letters, digits and '-' (max 32)")
         _expect_keys(where, spec, {"kind", "routes", "sysctls"}, {"kind"})
         kind = spec["kind"]
         if kind not in NODE_KINDS:
-            raise ConfigError(f"{where}: kind must be one of {', '.join(NODE_KINDS)}, got {kind!r}")
+            raise TopologyError(f"{where}: kind must be one of {', '.join(NODE_KINDS)}, got {kind!r}")
         routes = []
         for i, route in enumerate(_typed(f"{where} routes", spec.get("routes", []), list)):
             _expect_keys(f"{where} route {i}", route, {"dst", "via"}, {"dst", "via"})
@@ -178,16 +189,16 @@ def parse_topology(data: Mapping[str, Any]) -> Topology:
                     dst = str(ipaddress.ip_network(dst, strict=False))
                 via = str(ipaddress.ip_address(route["via"]))
             except ValueError as exc:
-                raise ConfigError(f"{where} route {i}: {exc}") from None
+                raise TopologyError(f"{where} route {i}: {exc}") from None
             routes.append(Route(dst, via))
         if kind == "switch" and routes:
-            raise ConfigError(f"{where}: a switch takes no routes")
+            raise TopologyError(f"{where}: a switch takes no routes")
         sysctls = spec.get("sysctls", {})
         if not isinstance(sysctls, Mapping):
-            raise ConfigError(f"{where}: sysctls must be a table")
+            raise TopologyError(f"{where}: sysctls must be a table")
         for key, value in sysctls.items():
             if not isinstance(key, str) or not re.match(r"^net\.[A-Za-z0-9_.-]+$", key):
-                raise ConfigError(f"{where}: only net.* sysctls are per-namespace, got {key!r}")
+                raise TopologyError(f"{where}: only net.* sysctls are per-namespace, got {key!r}")
             _typed(f"{where} sysctl {key}", value, (int, str, bool))
         nodes[node_name] = Node(node_name, kind, routes, {k: str(int(v) if isinstance(v, bool) else v) for k, v in sysctls.items()})
 
@@ -202,14 +213,14 @@ def parse_topology(data: Mapping[str, Any]) -> Topology:
             _expect_keys(f"{where}.{side}", end, {"node", "iface", "addr"}, {"node"})
             node_name = _typed(f"{where}.{side} node", end["node"], str)
             if node_name not in nodes:
-                raise ConfigError(f"{where}.{side}: unknown node {node_name!r}")
+                raise TopologyError(f"{where}.{side}: unknown node {node_name!r}")
             peer = spec["b" if side == "a" else "a"]
             iface = _typed(f"{where}.{side} iface", end.get("iface"), (str, type(None))) or _default_ifname(
                 str(peer.get("node", "x")) if isinstance(peer, Mapping) else "x", used_ifaces[node_name])
             if not IFNAME_RE.match(iface) or iface == BRIDGE_NAME and nodes[node_name].kind == "switch":
-                raise ConfigError(f"{where}.{side}: bad interface name {iface!r} (max 15 chars)")
+                raise TopologyError(f"{where}.{side}: bad interface name {iface!r} (max 15 chars)")
             if iface in used_ifaces[node_name]:
-                raise ConfigError(f"{where}.{side}: node {node_name!r} already has an interface {iface!r}")
+                raise TopologyError(f"{where}.{side}: node {node_name!r} already has an interface {iface!r}")
             used_ifaces[node_name].add(iface)
             raw_addrs = _typed(f"{where}.{side} addr", end.get("addr", []), (str, list))
             if isinstance(raw_addrs, str):
@@ -220,31 +231,31 @@ def parse_topology(data: Mapping[str, Any]) -> Topology:
                 try:
                     iface_addr = ipaddress.ip_interface(text)
                 except ValueError as exc:
-                    raise ConfigError(f"{where}.{side}: {exc}") from None
+                    raise TopologyError(f"{where}.{side}: {exc}") from None
                 if iface_addr.version != 4 or not any(iface_addr.ip in net for net in LAB_RANGES):
-                    raise ConfigError(f"{where}.{side}: {text!r}: use private IPv4 ranges (10.x, 192.168.x) only")
+                    raise TopologyError(f"{where}.{side}: {text!r}: use private IPv4 ranges (10.x, 192.168.x) only")
                 if "/" not in text:
-                    raise ConfigError(f"{where}.{side}: {text!r}: give a prefix length, e.g. 10.1.0.2/24")
+                    raise TopologyError(f"{where}.{side}: {text!r}: give a prefix length, e.g. 10.1.0.2/24")
                 addrs.append(str(iface_addr))
             if nodes[node_name].kind == "switch" and addrs:
-                raise ConfigError(f"{where}.{side}: a switch port takes no address")
+                raise TopologyError(f"{where}.{side}: a switch port takes no address")
             ends.append(End(node_name, iface, tuple(addrs)))
         if ends[0].node == ends[1].node:
-            raise ConfigError(f"{where}: both ends on node {ends[0].node!r}")
+            raise TopologyError(f"{where}: both ends on node {ends[0].node!r}")
         rate = parse_rate(spec["rate"]) if "rate" in spec else None
         loss = spec.get("loss", 0.0)
         if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not 0 <= loss <= 1:
-            raise ConfigError(f"{where}: loss must be a probability in [0, 1], got {loss!r}")
+            raise TopologyError(f"{where}: loss must be a probability in [0, 1], got {loss!r}")
         links.append(Link(ends[0], ends[1], rate, float(loss)))
     return Topology(name, str(data.get("description", "")), nodes, links)
 
 
 def _typed(what: str, value: Any, kinds: type | tuple[type, ...]) -> Any:
-    """``value`` if it has one of ``kinds`` (bool is never an int here), else a ConfigError."""
+    """``value`` if it has one of ``kinds`` (bool is never an int here), else a TopologyError."""
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         names = " or ".join("nothing" if k is type(None) else k.__name__ for k in kinds)
-        raise ConfigError(f"{what}: expected {names}, got {type(value).__name__} {value!r:.40}")
+        raise TopologyError(f"{what}: expected {names}, got {type(value).__name__} {value!r:.40}")
     return value
 
 
@@ -270,9 +281,9 @@ def load_topology(source: str | os.PathLike | Mapping[str, Any]) -> Topology:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"no topology file {str(source)!r} (shipped: {', '.join(shipped_topologies())})") from None
+        raise TopologyError(f"no topology file {str(source)!r} (shipped: {', '.join(shipped_topologies())})") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: bad TOML: {exc}") from None
+        raise TopologyError(f"{path}: bad TOML: {exc}") from None
     return parse_topology(data)
 
 
@@ -304,7 +315,7 @@ def _list_netns() -> list[str]:
 
 def _check_root() -> None:
     if os.geteuid() != 0:
-        raise ConfigError("booster-lab needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) to build namespaces")
+        raise LabError("booster-lab needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) to build namespaces")
 
 
 # ---------------------------------------------------------------- the lab
@@ -327,10 +338,10 @@ class Lab:
         if name is None:
             name = f"{topo.name[:33]}-{secrets.token_hex(3)}"
         if not LAB_NAME_RE.match(name):
-            raise ConfigError(f"lab name {name!r}: use lowercase letters, digits and '-' (max 40)")
+            raise LabError(f"lab name {name!r}: use lowercase letters, digits and '-' (max 40)")
         existing = [ns for ns in _list_netns() if ns.startswith(_ns_prefix(name))]
         if existing:
-            raise ConfigError(f"lab {name!r} is already up ({len(existing)} namespaces); run: booster-lab down {name}")
+            raise LabError(f"lab {name!r} is already up ({len(existing)} namespaces); run: booster-lab down {name}")
         lab = cls(name, topo)
         try:
             _off_loop(lab._build)
@@ -422,7 +433,7 @@ class Lab:
                         break
                     if time.monotonic() > deadline:
                         down_ifaces = sorted(i for i in wanted if states.get(i) != "UP")
-                        raise ConfigError(f"lab {self.name}: {node.name} interfaces {down_ifaces} stay down")
+                        raise LabError(f"lab {self.name}: {node.name} interfaces {down_ifaces} stay down")
                     time.sleep(0.01)
 
     @staticmethod
@@ -437,7 +448,7 @@ class Lab:
                 try:
                     path.write_text(f"{value}\n")
                 except OSError as exc:
-                    raise ConfigError(f"sysctl {key}={value} in {ns}: {exc.strerror}") from None
+                    raise LabError(f"sysctl {key}={value} in {ns}: {exc.strerror}") from None
         finally:
             netns.popns()
 
@@ -532,7 +543,7 @@ class Lab:
         drop hits both forwarded and locally delivered packets.
         """
         if not 0 <= probability <= 1:
-            raise ConfigError(f"loss probability must be in [0, 1], got {probability}")
+            raise LabError(f"loss probability must be in [0, 1], got {probability}")
         chain = f"{LOSS_CHAIN}-{iface}" if iface else LOSS_CHAIN
         lines = ["*raw", f":{chain} - [0:0]", f"-F {chain}"]
         if probability > 0:
@@ -593,7 +604,7 @@ def down(name: str) -> int:
     from pyroute2 import IPRoute, netns
 
     if not LAB_NAME_RE.match(name):
-        raise ConfigError(f"lab name {name!r}: use lowercase letters, digits and '-'")
+        raise LabError(f"lab name {name!r}: use lowercase letters, digits and '-'")
     removed = 0
     mine = [ns for ns in _list_netns() if ns.startswith(_ns_prefix(name))]
     if mine:
@@ -744,7 +755,7 @@ def _cli(args: argparse.Namespace, stats) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_sync(build_parser(), _cli, argv)
+    return run_sync(build_parser(), _cli, argv, config_errors=(LabError,))
 
 
 if __name__ == "__main__":

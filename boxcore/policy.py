@@ -26,7 +26,14 @@ from typing import Any
 
 from boxcore.packet import PROTO_NAMES
 from boxcore.rules import Action, Match, Rule, RuleError, parse_port, parse_proto, port_bounds
-from cliruntime import ConfigError
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be read or parsed: names the file, the line and what is wrong.
+
+    boxd reports it as a configuration error (one line, exit status 2).
+    """
+
 
 _PROTO_LABELS = {v: k for k, v in PROTO_NAMES.items()}
 _GRANT_KEYS = {"name", "boosters", "booster", "uids", "users", "actions", "protocols",
@@ -261,13 +268,13 @@ class Policy:
     # ---------------------------------------------------------- loading
     @classmethod
     def load(cls, path: str | Path) -> "Policy":
-        """Read a policy file; any problem is a :class:`ConfigError` naming
+        """Read a policy file; any problem is a :class:`PolicyError` naming
         the file, the line and what is wrong."""
         path = Path(path)
         try:
             text = path.read_text()
         except OSError as exc:
-            raise ConfigError(f"cannot read policy {path}: {exc.strerror or exc}") from None
+            raise PolicyError(f"cannot read policy {path}: {exc.strerror or exc}") from None
         return cls.loads(text, source=str(path))
 
     @classmethod
@@ -275,10 +282,10 @@ class Policy:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+            raise PolicyError(f"{source}: {exc}") from None
         unknown = set(data) - {"grant", "management"}
         if unknown:
-            raise ConfigError(f"{source}: unknown top-level key(s) {', '.join(sorted(unknown))} "
+            raise PolicyError(f"{source}: unknown top-level key(s) {', '.join(sorted(unknown))} "
                               "(expected [[grant]] tables and a [management] table)")
         managers: set[int] = set()
         management = data.get("management", {})
@@ -290,10 +297,10 @@ class Policy:
                 raise ValueError(f"unknown key(s) {', '.join(sorted(extra))}; allowed: uids, users")
             managers = _parse_uids(management) or set()
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{source}: [management]: {exc}") from None
+            raise PolicyError(f"{source}: [management]: {exc}") from None
         tables = data.get("grant", [])
         if not isinstance(tables, list):
-            raise ConfigError(f"{source}: 'grant' must be an array of tables ([[grant]])")
+            raise PolicyError(f"{source}: 'grant' must be an array of tables ([[grant]])")
         # tomllib keeps no positions: find each [[grant]] header for messages.
         lines = [i + 1 for i, line in enumerate(text.splitlines()) if re.match(r"\s*\[\[\s*grant\s*\]\]", line)]
         grants = []
@@ -303,7 +310,7 @@ class Policy:
             try:
                 grants.append(_parse_grant(table, index, line))
             except (ValueError, TypeError, KeyError) as exc:
-                raise ConfigError(f"{where}: {exc}") from None
+                raise PolicyError(f"{where}: {exc}") from None
         return cls(grants, source=source, managers=frozenset(managers))
 
 

@@ -20,7 +20,10 @@ Every console script of the suite is built the same way::
 
 Synchronous tools use :func:`run_sync` instead.  Code anywhere below ``amain``
 raises :class:`ConfigError` for bad configuration; it becomes
-``prog: error: <message>`` on stderr and exit status 2.
+``prog: error: <message>`` on stderr and exit status 2.  Domain modules raise
+their own typed errors instead (``fcd.city.CityError``, ...); a script names
+the ones that mean "bad configuration" once, ``run_async(parser, amain, argv,
+config_errors=(CityError,))``, and they are reported the same way.
 """
 
 from __future__ import annotations
@@ -208,10 +211,13 @@ def run_async(
     parser: argparse.ArgumentParser,
     amain: Callable[[argparse.Namespace, RunContext], Awaitable[int | None]],
     argv: list[str] | None = None,
+    config_errors: tuple[type[Exception], ...] = (),
 ) -> int:
     """Parse ``argv``, then run ``amain(args, ctx)`` on uvloop until it returns.
 
     SIGINT/SIGTERM set ``ctx.stop``; a second signal cancels ``amain``.
+    :class:`ConfigError`, and the domain errors named in ``config_errors``,
+    become one ``prog: error: <message>`` line and exit status 2.
     """
     args = parser.parse_args(argv)
     prog = parser.prog
@@ -241,7 +247,7 @@ def run_async(
     try:
         import uvloop
         status = uvloop.run(runner())
-    except ConfigError as exc:
+    except (ConfigError, *config_errors) as exc:
         status = _fail(prog, str(exc))
     except asyncio.CancelledError:
         status = EXIT_FAILURE
@@ -261,6 +267,7 @@ def run_sync(
     parser: argparse.ArgumentParser,
     fn: Callable[[argparse.Namespace, Stats], int | None],
     argv: list[str] | None = None,
+    config_errors: tuple[type[Exception], ...] = (),
 ) -> int:
     """Like :func:`run_async` for synchronous tools: ``fn(args, stats)``."""
     args = parser.parse_args(argv)
@@ -269,7 +276,7 @@ def run_sync(
     stats = Stats()
     try:
         status = fn(args, stats)
-    except ConfigError as exc:
+    except (ConfigError, *config_errors) as exc:
         status = _fail(prog, str(exc))
     except KeyboardInterrupt:
         status = 130

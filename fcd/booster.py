@@ -23,7 +23,7 @@ from typing import Any
 from cliruntime import host_port, make_parser, non_negative_float, positive_int, run_async
 from fcd import wire
 from fcd.aggregate import Ingest
-from fcd.city import City, load_city
+from fcd.city import City, CityError, load_city
 from fcd.rpc import KeepAliveClient, ReliableUplink
 
 log = logging.getLogger("fcd.booster")
@@ -330,7 +330,7 @@ async def amain(args, ctx) -> int:
 
 
 def main(argv=None) -> int:
-    return run_async(build_parser(), amain, argv)
+    return run_async(build_parser(), amain, argv, config_errors=(CityError,))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,14 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from cliruntime import ConfigError
+
+
+class CityError(ValueError):
+    """A city description, SUMO network or vehicle-class list that cannot be used (says why).
+
+    The console scripts report it as a configuration error (one line, exit status 2).
+    """
+
 
 CAR_SPACING = 7.5  # metres a stopped car occupies in one lane (length + gap)
 MAX_LIGHT_ROADS = 32  # the wire's green mask is 32 bits
@@ -73,7 +80,7 @@ def vclass_mask(allow: str | None, disallow: str | None) -> int:
 
 
 def parse_vclasses(text: str) -> int:
-    """``passenger``, ``passenger,bus`` or ``all`` -> mask; unknown names are a ConfigError."""
+    """``passenger``, ``passenger,bus`` or ``all`` -> mask; unknown names are a CityError."""
     mask = 0
     for name in text.replace(",", " ").split():
         if name == "all":
@@ -81,9 +88,9 @@ def parse_vclasses(text: str) -> int:
         elif name in VCLASS_BIT:
             mask |= VCLASS_BIT[name]
         else:
-            raise ConfigError(f"unknown vehicle class {name!r} (SUMO classes: {', '.join(SUMO_VCLASSES)}, all)")
+            raise CityError(f"unknown vehicle class {name!r} (SUMO classes: {', '.join(SUMO_VCLASSES)}, all)")
     if not mask:
-        raise ConfigError("no vehicle class given")
+        raise CityError("no vehicle class given")
     return mask
 
 
@@ -92,7 +99,7 @@ def vclass_argument(text: str) -> int:
     import argparse
     try:
         return parse_vclasses(text)
-    except ConfigError as exc:
+    except CityError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
@@ -185,9 +192,9 @@ class City:
         edges = sorted(self.graph.edges(keys=True, data=True), key=lambda e: e[3]["id"])
         n = len(edges)
         if n == 0:
-            raise ConfigError("city has no roads")
+            raise CityError("city has no roads")
         if [d["id"] for *_, d in edges] != list(range(n)):
-            raise ConfigError("road ids must be 0..n-1")
+            raise CityError("road ids must be 0..n-1")
         self.roads = [(u, v) for u, v, _, _ in edges]
         self.keys = [k for _, _, k, _ in edges]
         self.road_id: dict[str, int] = {k: i for i, k in enumerate(self.keys)}
@@ -205,7 +212,7 @@ class City:
         self.exit_light = np.full(n, -1, dtype=np.int32)
         for light in self.lights:
             if len(light.roads) > MAX_LIGHT_ROADS:
-                raise ConfigError(f"light {light.name or light.id} controls {len(light.roads)} roads; "
+                raise CityError(f"light {light.name or light.id} controls {len(light.roads)} roads; "
                                   f"at most {MAX_LIGHT_ROADS} fit the wire's green mask")
             for road in light.roads:
                 self.exit_light[road] = light.id
@@ -289,10 +296,10 @@ class City:
         return sorted(d["id"] for d in self.graph.get_edge_data(u, v, default={}).values())
 
     def road_between(self, u: str, v: str) -> int:
-        """The one road from u to v (ConfigError when there is none or several)."""
+        """The one road from u to v (CityError when there is none or several)."""
         found = self.roads_between(u, v)
         if len(found) != 1:
-            raise ConfigError(f"{len(found)} roads from {u} to {v}: name the road by its id")
+            raise CityError(f"{len(found)} roads from {u} to {v}: name the road by its id")
         return found[0]
 
     def allows(self, road: int, vclasses: int = CAR) -> bool:
@@ -328,7 +335,7 @@ class City:
 
     def with_districts(self, districts: int) -> "City":
         if districts < 1:
-            raise ConfigError("districts must be >= 1")
+            raise CityError("districts must be >= 1")
         self.districts = districts
         return self
 
@@ -367,7 +374,7 @@ class City:
     def from_dict(cls, data: dict[str, Any]) -> "City":
         fmt = data.get("format") if isinstance(data, dict) else None
         if fmt not in ("fcd-city/1", "fcd-city/2"):
-            raise ConfigError(f"not an fcd city (format {fmt!r})")
+            raise CityError(f"not an fcd city (format {fmt!r})")
         try:
             g = nx.MultiDiGraph()
             for j in data["junctions"]:
@@ -393,8 +400,10 @@ class City:
                        internal={str(k): str(v) for k, v in data.get("internal", {}).items()},
                        internal_shapes=[(str(j), s) for j, s in data.get("internal_shapes", [])],
                        source=dict(data.get("source", {})))
+        except CityError:
+            raise  # already says what is wrong
         except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"malformed city description: {exc!r}") from None
+            raise CityError(f"malformed city description: {exc!r}") from None
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict()))
@@ -430,9 +439,9 @@ def grid_city(
     """A Manhattan grid: nx_ x ny junctions ``block`` metres apart, two-way roads, a
     two-phase light at every junction (north-south green, then east-west green)."""
     if nx_ < 2 or ny < 2:
-        raise ConfigError("a grid needs at least 2x2 junctions")
+        raise CityError("a grid needs at least 2x2 junctions")
     if block <= 4 * junction_radius:
-        raise ConfigError("block must be longer than 4 junction radii")
+        raise CityError("block must be longer than 4 junction radii")
     rng = np.random.default_rng(seed)
     g = nx.MultiDiGraph()
     for i in range(nx_):
@@ -508,9 +517,9 @@ def from_sumo_net(path: Path, districts: int = 1, vclasses: int = CAR, match_dis
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError) as exc:
-        raise ConfigError(f"cannot read SUMO network {path}: {exc}") from None
+        raise CityError(f"cannot read SUMO network {path}: {exc}") from None
     if root.tag != "net":
-        raise ConfigError(f"{path}: not a SUMO network (root <{root.tag}>)")
+        raise CityError(f"{path}: not a SUMO network (root <{root.tag}>)")
     g = nx.MultiDiGraph()
     lane_junction: dict[str, str] = {}
     for j in root.iter("junction"):
@@ -519,8 +528,10 @@ def from_sumo_net(path: Path, districts: int = 1, vclasses: int = CAR, match_dis
         try:
             shape = _points(j.get("shape"))
             g.add_node(j.get("id"), x=float(j.get("x")), y=float(j.get("y")), shape=shape if len(shape) >= 3 else None)
+        except CityError:
+            raise  # already says what is wrong
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{path}: junction {j.get('id')}: {exc}") from None
+            raise CityError(f"{path}: junction {j.get('id')}: {exc}") from None
         for lane in (j.get("intLanes") or "").split():
             lane_junction[lane] = j.get("id")
     skipped: Counter = Counter()
@@ -556,7 +567,7 @@ def from_sumo_net(path: Path, districts: int = 1, vclasses: int = CAR, match_dis
             continue
         u, v = e.get("from"), e.get("to")
         if u not in g or v not in g:
-            raise ConfigError(f"{path}: edge {eid} joins unknown junctions {u} -> {v}")
+            raise CityError(f"{path}: edge {eid} joins unknown junctions {u} -> {v}")
         masks = [vclass_mask(l.get("allow"), l.get("disallow")) for l in lanes]
         usable = [l for l, m in zip(lanes, masks) if m & vclasses]
         if not usable:
@@ -569,8 +580,10 @@ def from_sumo_net(path: Path, districts: int = 1, vclasses: int = CAR, match_dis
                 raise ValueError("a lane shape needs two points")
             length = float(usable[0].get("length"))
             speed = max(float(l.get("speed")) for l in usable)
+        except CityError:
+            raise  # already says what is wrong
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{path}: edge {eid}: {exc}") from None
+            raise CityError(f"{path}: edge {eid}: {exc}") from None
         for index, l in enumerate(usable):
             kept_lanes[l.get("id")] = (road, index)
         classes = 0
@@ -581,7 +594,7 @@ def from_sumo_net(path: Path, districts: int = 1, vclasses: int = CAR, match_dis
                    sumo_lanes=[int(l.get("index", i)) for i, l in enumerate(usable)])
         road += 1
     if road == 0:
-        raise ConfigError(f"{path}: no road the chosen vehicle classes may use")
+        raise CityError(f"{path}: no road the chosen vehicle classes may use")
     edge_road = {k: d["id"] for _, _, k, d in g.edges(keys=True, data=True)}
     outs: dict[int, set[int]] = {}
     tl_links: dict[str, dict[int, int]] = {}
@@ -618,10 +631,12 @@ def from_sumo_net(path: Path, districts: int = 1, vclasses: int = CAR, match_dis
         try:
             light.phases = [Phase(float(ph.get("duration")), light.mask_of_state(ph.get("state", "")))
                             for ph in tl.findall("phase")]
+        except CityError:
+            raise  # already says what is wrong
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{path}: tlLogic {tid}: {exc}") from None
+            raise CityError(f"{path}: tlLogic {tid}: {exc}") from None
         if not light.phases or light.cycle <= 0:
-            raise ConfigError(f"{path}: tlLogic {tid} has no phases with a duration")
+            raise CityError(f"{path}: tlLogic {tid} has no phases with a duration")
         ends = Counter(v for _, v, d in g.edges(data=True) if d["id"] in roads)
         light.junction = ends.most_common(1)[0][0]
         lights.append(light)
@@ -642,20 +657,22 @@ def load_city(path: Path, districts: int | None = None, vclasses: int = CAR) -> 
     """Load a city from JSON, a trace (.npz, embedded city) or a SUMO .net.xml."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"no such city file: {path}")
+        raise CityError(f"no such city file: {path}")
     if path.name.endswith(".net.xml"):
         city = from_sumo_net(path, vclasses=vclasses)
     elif path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as data:
                 city = City.from_dict(json.loads(bytes(data["city"]).decode()))
+        except CityError:
+            raise  # already says what is wrong
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-            raise ConfigError(f"cannot read the city of trace {path}: {exc}") from None
+            raise CityError(f"cannot read the city of trace {path}: {exc}") from None
     else:
         try:
             city = City.from_dict(json.loads(path.read_text()))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not JSON: {exc}") from None
+            raise CityError(f"{path}: not JSON: {exc}") from None
     if districts is not None:
         city.with_districts(districts)
     return city

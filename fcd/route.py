@@ -18,7 +18,7 @@ from pathlib import Path
 import networkx as nx
 
 from cliruntime import ConfigError, make_parser, non_negative_float, positive_int, run_async
-from fcd.city import CAR, City, load_city, vclass_argument
+from fcd.city import CAR, City, CityError, load_city, vclass_argument
 
 log = logging.getLogger("fcd.route")
 
@@ -53,12 +53,16 @@ def latest_times(tuples: list[tuple], horizon: int = 0) -> tuple[dict[int, float
     return {road: value for road, (_, value) in best.items()}, newest
 
 
+class RouteError(ValueError):
+    """No route: an unknown junction, or none between the two on roads the vehicles may use."""
+
+
 def shortest_route(city: City, times: dict[int, float], src: str, dst: str, run: int = 0,
                    vclasses: int = CAR) -> Route:
     """Fastest route using only roads ``vclasses`` may use (cars by default); of parallel roads
     between two junctions the faster one."""
     if src not in city.graph or dst not in city.graph:
-        raise ConfigError(f"unknown junction {src if src not in city.graph else dst!r}")
+        raise RouteError(f"unknown junction {src if src not in city.graph else dst!r}")
     g = nx.DiGraph()
     for road, (u, v) in enumerate(city.roads):
         if not city.allows(road, vclasses):
@@ -68,11 +72,11 @@ def shortest_route(city: City, times: dict[int, float], src: str, dst: str, run:
         if not g.has_edge(u, v) or time < g.edges[u, v]["time"]:
             g.add_edge(u, v, road=road, time=time)
     if src not in g or dst not in g:
-        raise ConfigError(f"no route from {src} to {dst} on roads these vehicles may use")
+        raise RouteError(f"no route from {src} to {dst} on roads these vehicles may use")
     try:
         path = nx.dijkstra_path(g, src, dst, weight="time")
     except nx.NetworkXNoPath:
-        raise ConfigError(f"no route from {src} to {dst}") from None
+        raise RouteError(f"no route from {src} to {dst}") from None
     roads = [g.edges[a, b]["road"] for a, b in zip(path, path[1:])]
     seconds = sum(g.edges[a, b]["time"] for a, b in zip(path, path[1:]))
     return Route(path, roads, seconds, run, sum(1 for r in roads if r in times))
@@ -134,7 +138,7 @@ async def amain(args, ctx) -> int:
 
 
 def main(argv=None) -> int:
-    return run_async(build_parser(), amain, argv)
+    return run_async(build_parser(), amain, argv, config_errors=(CityError, RouteError))
 
 
 if __name__ == "__main__":

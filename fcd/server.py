@@ -33,7 +33,7 @@ from aiohttp import web
 from cliruntime import ConfigError, host_port, make_parser, non_negative_float, positive_int, run_async
 from cliruntime.supervisor import Supervisor, first_of
 from fcd.aggregate import Ingest, RoadReport
-from fcd.city import City, load_city
+from fcd.city import City, CityError, load_city
 from fcd.model import Model
 from fcd.rpc import MAX_BODY
 from fcd.udp import BatchReceiver
@@ -573,7 +573,7 @@ async def amain(args, ctx) -> int:
 
 
 def main(argv=None) -> int:
-    return run_async(build_parser(), amain, argv)
+    return run_async(build_parser(), amain, argv, config_errors=(CityError,))
 
 
 if __name__ == "__main__":

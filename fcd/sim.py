@@ -26,15 +26,19 @@ from pathlib import Path
 import numpy as np
 
 from cliruntime import ConfigError, make_parser, positive_int, progress, run_sync, non_negative_float
-from fcd.city import CAR_SPACING, City, from_sumo_net, grid_city, load_city, vclass_argument
+from fcd.city import CAR_SPACING, City, CityError, from_sumo_net, grid_city, load_city, vclass_argument
 from fcd.trace import LIGHT_DTYPE, PROBE_DTYPE, Trace
+
+
+class SimulationError(ValueError):
+    """Simulator parameters the city cannot take (too many cars, no turns, bad step)."""
 
 
 class Simulator:
     def __init__(self, city: City, cars: int, seed: int = 1, dt: float = 1.0,
                  accel: float = 2.6, decel: float = 4.5, dawdle: float = 0.2) -> None:
         if dt <= 0:
-            raise ConfigError("dt must be positive")
+            raise SimulationError("dt must be positive")
         self.city, self.dt, self.accel, self.decel, self.dawdle = city, dt, accel, decel, dawdle
         self.rng = np.random.default_rng(seed)
         self.t = 0.0
@@ -45,7 +49,7 @@ class Simulator:
         self._turn_cum = [np.cumsum(list(p.values())) for p in city.turn_probs]
         dead_ends = [r for r, o in enumerate(self._turn_out) if len(o) == 0]
         if len(dead_ends) == R:
-            raise ConfigError("no road has a road to turn into")
+            raise SimulationError("no road has a road to turn into")
         for road in dead_ends:
             others = np.array([o for o in range(R) if o != road] or [road], dtype=np.int32)
             self._turn_out[road] = others
@@ -56,7 +60,7 @@ class Simulator:
         capacity = np.floor(city.length / self.spacing).astype(np.int64)
         total = int(capacity.sum())
         if cars > 0.8 * total:
-            raise ConfigError(f"{cars} cars do not fit: the city holds about {int(0.8 * total)}")
+            raise SimulationError(f"{cars} cars do not fit: the city holds about {int(0.8 * total)}")
         slots = np.sort(self.rng.choice(total, size=cars, replace=False))
         starts = np.concatenate([[0], np.cumsum(capacity)[:-1]])
         self.road = (np.searchsorted(starts, slots, side="right") - 1).astype(np.int32)
@@ -281,7 +285,7 @@ def run(args, stats) -> int:
 
 
 def main(argv=None) -> int:
-    return run_sync(build_parser(), run, argv)
+    return run_sync(build_parser(), run, argv, config_errors=(CityError, SimulationError))
 
 
 if __name__ == "__main__":

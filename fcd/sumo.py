@@ -3,10 +3,10 @@
 - :func:`read_fcd`: ``--fcd-output`` -> probes.  Records on internal lanes are in a junction
   (ground truth road -1); records on edges skipped by vehicle class (footways, tram tracks, ...)
   and persons are skipped; a record on a lane the network does not have means the trace belongs
-  to another network: :class:`ConfigError` naming the lanes.
+  to another network: :class:`SumoError` naming the lanes.
 - :func:`read_tls`: ``SaveTLSSwitchStates`` -> light changes (green masks by the GREEN_STATES
   rule); a light the network does not have, or a state string of another length than the light's
-  links, is a ConfigError.
+  links, is a SumoError.
 - :func:`read_queues`, :func:`read_edgedata`, :func:`read_vehroutes`: the ground truth the
   validation compares with (``--queue-output``, ``edgeData`` and ``--vehroute-output``).
 
@@ -22,9 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from cliruntime import ConfigError
-from fcd.city import City
+from fcd.city import City, CityError
 from fcd.trace import LIGHT_DTYPE, PROBE_DTYPE
+
+
+class SumoError(CityError):
+    """A SUMO output file that cannot be read or belongs to another network."""
+
 
 JUNCTION = -1     # ground truth road of a probe inside a junction (on an internal lane)
 
@@ -37,14 +41,14 @@ def _iterparse(path: Path, what: str):
     try:
         yield from ET.iterparse(path, events=("end",))
     except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+        raise SumoError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     except ET.ParseError as exc:
-        raise ConfigError(f"{path}: not a SUMO {what} file: {exc}") from None
+        raise SumoError(f"{path}: not a SUMO {what} file: {exc}") from None
 
 
 def _require_sumo(city: City, what: str) -> None:
     if city.source.get("kind") != "sumo":
-        raise ConfigError(f"{what} needs a city imported from a SUMO network (--sumo-net NET)")
+        raise SumoError(f"{what} needs a city imported from a SUMO network (--sumo-net NET)")
 
 
 def read_fcd(path: Path, city: City) -> tuple[np.ndarray, dict[str, Any]]:
@@ -67,7 +71,7 @@ def read_fcd(path: Path, city: City) -> tuple[np.ndarray, dict[str, Any]]:
                 counts["records"] += 1
                 lane = veh.get("lane")
                 if lane is None:
-                    raise ConfigError(f"{path}: vehicle records have no lane attribute "
+                    raise SumoError(f"{path}: vehicle records have no lane attribute "
                                       "(run SUMO with plain --fcd-output, not --fcd-output.geo)")
                 edge = _lane_edge(lane)
                 if edge in city.internal:
@@ -86,11 +90,13 @@ def read_fcd(path: Path, city: City) -> tuple[np.ndarray, dict[str, Any]]:
                 rows.append((t, car, float(veh.get("x")), float(veh.get("y")), float(veh.get("speed")),
                              float(veh.get("angle")) % 360.0, road))
             el.clear()
+    except CityError:
+        raise  # already says what is wrong
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{path}: malformed FCD record: {exc}") from None
+        raise SumoError(f"{path}: malformed FCD record: {exc}") from None
     if unknown:
         n = sum(unknown.values())
-        raise ConfigError(f"{path} does not fit network {city.source.get('net', city.name)}: {n} of "
+        raise SumoError(f"{path} does not fit network {city.source.get('net', city.name)}: {n} of "
                           f"{counts['records']} records are on lanes it does not have "
                           f"(e.g. {', '.join(list(unknown)[:5])})")
     probes = np.array(rows, dtype=PROBE_DTYPE)
@@ -124,14 +130,16 @@ def read_tls(path: Path, city: City) -> tuple[np.ndarray, dict[str, Any]]:
                     unknown[name] += 1
                 continue
             if len(state) != len(light.links):
-                raise ConfigError(f"{path} does not fit network {city.source.get('net', city.name)}: light {name} "
+                raise SumoError(f"{path} does not fit network {city.source.get('net', city.name)}: light {name} "
                                   f"switched a state of {len(state)} links, the network's has {len(light.links)}")
             rows.append((float(el.get("time")), light.id, int(el.get("phase", 0)) & 0xFF, light.mask_of_state(state)))
             counts["matched"] += 1
+    except CityError:
+        raise  # already says what is wrong
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{path}: malformed light-switch record: {exc}") from None
+        raise SumoError(f"{path}: malformed light-switch record: {exc}") from None
     if unknown:
-        raise ConfigError(f"{path} does not fit network {city.source.get('net', city.name)}: "
+        raise SumoError(f"{path} does not fit network {city.source.get('net', city.name)}: "
                           f"{sum(unknown.values())} switches of lights it does not have "
                           f"(e.g. {', '.join(list(unknown)[:5])})")
     lights = np.array(rows, dtype=LIGHT_DTYPE)

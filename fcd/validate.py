@@ -46,7 +46,8 @@ from typing import Any
 import numpy as np
 
 from cliruntime import ConfigError, make_parser, run_sync, non_negative_float
-from fcd.city import CAR, City, from_sumo_net
+from fcd.city import CAR, City, CityError, from_sumo_net
+from fcd.route import RouteError
 from fcd.trace import Trace
 
 log = logging.getLogger("fcd.validate")
@@ -547,7 +548,7 @@ def run(args, stats) -> int:
 
 
 def main(argv=None) -> int:
-    return run_sync(build_parser(), run, argv)
+    return run_sync(build_parser(), run, argv, config_errors=(CityError, RouteError))
 
 
 if __name__ == "__main__":

@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib
 import logging
 
-from boxcore.engines.base import BoosterSession, Delivery, Engine, Route
+from boxcore.engines.base import BoosterSession, Delivery, Engine, EngineSetupError, Route
 
 log = logging.getLogger("boxcore.engines")
 
-__all__ = ["BoosterSession", "Delivery", "Engine", "Route", "ENGINE_NAMES", "get_engine",
+__all__ = ["BoosterSession", "Delivery", "Engine", "EngineSetupError", "Route", "ENGINE_NAMES", "get_engine",
            "available_engines"]
 
 # name -> (module, class name)

@@ -120,6 +120,12 @@ class BoosterSession:
         return {"sid": self.sid, "name": self.name, "uid": self.uid, "pid": self.pid}
 
 
+class EngineSetupError(RuntimeError):
+    """An engine that cannot be set up as asked: a bad engine option (``from_args``) or a start-up
+    failure here (a missing kernel feature, a port it cannot bind...).  Says what is wrong;
+    boxd reports it as a configuration error (one line, exit status 2)."""
+
+
 class Engine(abc.ABC):
     """A data path behind boxd.  All methods run on boxd's event loop."""
 
@@ -133,7 +139,7 @@ class Engine(abc.ABC):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Engine":
-        """Build the engine from boxd's arguments; raise ConfigError on bad options."""
+        """Build the engine from boxd's arguments; raise EngineSetupError on bad options."""
         return cls()
 
     # -- lifecycle --------------------------------------------------------------

@@ -39,10 +39,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from boxcore import iptables as nf
-from boxcore.engines.base import BoosterSession, Delivery, Engine, Route
+from boxcore.engines.base import BoosterSession, Delivery, Engine, EngineSetupError, Route
 from boxcore.packet import Packet, PacketDecodeError, PacketError
 from boxcore.rules import Action, Rule
-from cliruntime import ConfigError
 
 log = logging.getLogger("boxcore.engines.linux")
 
@@ -56,9 +55,9 @@ def parse_range(text: str, what: str, lo: int, hi: int) -> range:
     try:
         start, end = int(first), int(last if sep else first)
     except ValueError:
-        raise ConfigError(f"{what}: expected N or N-M, got {text!r}") from None
+        raise EngineSetupError(f"{what}: expected N or N-M, got {text!r}") from None
     if not lo <= start <= end <= hi:
-        raise ConfigError(f"{what}: {text!r} must lie within {lo}-{hi} with N <= M")
+        raise EngineSetupError(f"{what}: {text!r} must lie within {lo}-{hi} with N <= M")
     return range(start, end + 1)
 
 
@@ -153,17 +152,17 @@ class LinuxEngine(Engine):
         hooks = tuple(h.strip() for h in str(getattr(args, "linux_hooks", "forward,input")).split(",") if h.strip())
         bad = [h for h in hooks if h not in VALID_HOOKS]
         if bad or not hooks:
-            raise ConfigError(f"--linux-hooks: choose from {', '.join(VALID_HOOKS)}, got {','.join(hooks) or 'nothing'}")
+            raise EngineSetupError(f"--linux-hooks: choose from {', '.join(VALID_HOOKS)}, got {','.join(hooks) or 'nothing'}")
         stall = float(getattr(args, "linux_stall", 1.0))
         if not 0.05 <= stall <= 60:
-            raise ConfigError(f"--linux-stall must be within 0.05-60 s, got {stall}")
+            raise EngineSetupError(f"--linux-stall must be within 0.05-60 s, got {stall}")
         queue_len = int(getattr(args, "linux_queue_len", 4096))
         if not 16 <= queue_len <= 1 << 20:
-            raise ConfigError(f"--linux-queue-len must be within 16-1048576, got {queue_len}")
+            raise EngineSetupError(f"--linux-queue-len must be within 16-1048576, got {queue_len}")
         queues = parse_range(getattr(args, "linux_queues", "100-199"), "--linux-queues", 0, 65535)
         mq = int(getattr(args, "linux_multicast_queue", 99))
         if mq in queues or not 0 <= mq <= 65535:
-            raise ConfigError(f"--linux-multicast-queue {mq} must be a queue number outside --linux-queues")
+            raise EngineSetupError(f"--linux-multicast-queue {mq} must be a queue number outside --linux-queues")
         return cls(hooks=hooks, queues=queues,
                    nflog_groups=parse_range(getattr(args, "linux_nflog_groups", "100-199"),
                                             "--linux-nflog-groups", 1, 65535),
@@ -175,11 +174,11 @@ class LinuxEngine(Engine):
     async def start(self) -> None:
         problem = nf.missing_privilege()
         if problem:
-            raise ConfigError(problem)
+            raise EngineSetupError(problem)
         try:
             saved = await nf.save()
         except (nf.NetfilterError, OSError) as exc:
-            raise ConfigError(f"iptables does not work here: {exc}") from None
+            raise EngineSetupError(f"iptables does not work here: {exc}") from None
         cleanup = nf.render_cleanup(saved)
         if cleanup:
             await nf.restore(cleanup)

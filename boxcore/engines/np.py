@@ -44,11 +44,10 @@ import socket
 from typing import Any
 
 from boxcore import iptables as nf
-from boxcore.engines.base import BoosterSession, Delivery, Route
+from boxcore.engines.base import BoosterSession, Delivery, EngineSetupError, Route
 from boxcore.engines.linux import EngineRefused, LinuxEngine
 from boxcore.packet import Packet, PacketError
 from boxcore.rules import Action, Rule
-from cliruntime import ConfigError
 from npdrv import wire
 from npdrv.card import mcast_tx_mac
 from npdrv.driver import NpDriver, NpError
@@ -137,16 +136,16 @@ class NPEngine(LinuxEngine):
         engine = super().from_args(args)
         ifaces = tuple(i.strip() for i in str(getattr(args, "np_host_ifaces", "np0,np1")).split(",") if i.strip())
         if len(ifaces) != 2:
-            raise ConfigError(f"--np-host-ifaces needs two interfaces (ports 0 and 1), got {len(ifaces)}")
+            raise EngineSetupError(f"--np-host-ifaces needs two interfaces (ports 0 and 1), got {len(ifaces)}")
         engine.host_ifaces = ifaces
         engine.control = str(getattr(args, "np_control", "npc"))
         engine.timeout = float(getattr(args, "np_timeout", 0.5))
         engine.retries = int(getattr(args, "np_retries", 3))
         engine.sync_interval = float(getattr(args, "np_sync", 1.0))
         if not 0.01 <= engine.timeout <= 10 or not 0 <= engine.retries <= 10:
-            raise ConfigError("--np-timeout must be within 0.01-10 s and --np-retries within 0-10")
+            raise EngineSetupError("--np-timeout must be within 0.01-10 s and --np-retries within 0-10")
         if not 0.05 <= engine.sync_interval <= 60:
-            raise ConfigError(f"--np-sync must be within 0.05-60 s, got {engine.sync_interval}")
+            raise EngineSetupError(f"--np-sync must be within 0.05-60 s, got {engine.sync_interval}")
         return engine
 
     # -- lifecycle -------------------------------------------------------------------
@@ -173,7 +172,7 @@ class NPEngine(LinuxEngine):
             if self.driver is not None:
                 await self.driver.close()
                 self.driver = None
-            raise ConfigError(f"np engine: no card on control interface {self.control!r}: {exc}") from None
+            raise EngineSetupError(f"np engine: no card on control interface {self.control!r}: {exc}") from None
         await self._setup_copy_chain()
         self._tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         self._tx.bind((self.host_ifaces[0], 0))

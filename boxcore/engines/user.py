@@ -40,10 +40,10 @@ from typing import Any, Callable
 
 from boxcore import wire
 from boxcore.classifier import Classifier
-from boxcore.engines.base import BoosterSession, Delivery, Engine, Route
+from boxcore.engines.base import BoosterSession, Delivery, Engine, EngineSetupError, Route
 from boxcore.packet import Packet
 from boxcore.rules import Action, Match, Rule
-from cliruntime import ConfigError, positive_int, non_negative_float
+from cliruntime import positive_int, non_negative_float
 from cliruntime.supervisor import Supervisor
 from boxcore.wire import Tag, VerdictCode
 
@@ -140,11 +140,11 @@ class UserEngine(Engine):
         for spec in self.specs:
             key = (spec.proto, spec.host, spec.port)
             if key in seen:
-                raise ConfigError(f"--listen {spec} given twice")
+                raise EngineSetupError(f"--listen {spec} given twice")
             seen.add(key)
             if spec.dst_port == spec.port and (spec.dst_host == spec.host
                                                or "0.0.0.0" in (spec.host, spec.dst_host)):
-                raise ConfigError(f"--listen {spec} relays to itself")
+                raise EngineSetupError(f"--listen {spec} relays to itself")
         self.max_flows = max_flows
         self.flow_idle = flow_idle
         self.verdict_timeout = verdict_timeout
@@ -229,7 +229,7 @@ class UserEngine(Engine):
                 log.info("user engine: %s", spec)
         except OSError as exc:
             await self.stop()
-            raise ConfigError(f"cannot bind {spec}: {exc.strerror or exc}") from None
+            raise EngineSetupError(f"cannot bind {spec}: {exc.strerror or exc}") from None
         self._inject_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._inject_sock.setblocking(False)
 

@@ -49,11 +49,10 @@ from boxcore import iptables as nf
 from boxcore import wire
 from boxcore.engines import libbpf as bpf
 from boxcore.engines import xdp_maps as maps
-from boxcore.engines.base import BoosterSession, Delivery, Engine, Route
+from boxcore.engines.base import BoosterSession, Delivery, Engine, EngineSetupError, Route
 from boxcore.engines.linux import SourceAddresses, apply_kernel_routes, clean_kernel_routing, parse_range
 from boxcore.packet import PROTO_TCP, PROTO_UDP, Packet, PacketDecodeError, PacketError
 from boxcore.rules import Action, Rule
-from cliruntime import ConfigError
 from cliruntime.supervisor import Supervisor
 
 log = logging.getLogger("boxcore.engines.xdp")
@@ -182,10 +181,10 @@ class XdpEngine(Engine):
         names = tuple(n.strip() for n in str(getattr(args, "xdp_interfaces", "") or "").split(",") if n.strip())
         stall = float(getattr(args, "xdp_stall", 1.0))
         if not 0.05 <= stall <= 60:
-            raise ConfigError(f"--xdp-stall must be within 0.05-60 s, got {stall}")
+            raise EngineSetupError(f"--xdp-stall must be within 0.05-60 s, got {stall}")
         lease = float(getattr(args, "xdp_lease", 2.0))
         if not 0.2 <= lease <= 3600:
-            raise ConfigError(f"--xdp-lease must be within 0.2-3600 s, got {lease}")
+            raise EngineSetupError(f"--xdp-lease must be within 0.2-3600 s, got {lease}")
         return cls(interfaces=names, mode=getattr(args, "xdp_mode", "auto"), stall=stall, lease=lease,
                    bpffs=str(getattr(args, "xdp_bpffs", "/sys/fs/bpf")),
                    tproxy_ports=parse_range(getattr(args, "xdp_tproxy_ports", "15201-15300"),
@@ -207,7 +206,7 @@ class XdpEngine(Engine):
     async def start(self) -> None:
         problem = self.problem()
         if problem:
-            raise ConfigError(problem)
+            raise EngineSetupError(problem)
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._mount_bpffs)
         self.pin_dir = os.path.join(self.bpffs, f"boxd-{os.stat('/proc/self/ns/net').st_ino}")
@@ -215,13 +214,13 @@ class XdpEngine(Engine):
         try:
             self.dp = maps.Datapath()
         except bpf.BpfError as exc:
-            raise ConfigError(f"the kernel refused the xdp engine's BPF programs: {exc}") from None
+            raise EngineSetupError(f"the kernel refused the xdp engine's BPF programs: {exc}") from None
         self._renew_lease()
         try:
             await asyncio.to_thread(self._setup)
         except (bpf.BpfError, OSError) as exc:
             await self.stop()
-            raise ConfigError(f"the xdp engine could not attach: {exc}") from None
+            raise EngineSetupError(f"the xdp engine could not attach: {exc}") from None
         self._ring = bpf.RingBuffer(self.dp.fds["copies"], self._on_copy)
         self._loop.add_reader(self._ring.fileno(), self._drain_copies)
         self._injector = nf.raw_injector()
@@ -237,7 +236,7 @@ class XdpEngine(Engine):
         os.makedirs(self.bpffs, exist_ok=True)
         result = subprocess.run(["mount", "-t", "bpf", "bpf", self.bpffs], capture_output=True, text=True)
         if result.returncode != 0:
-            raise ConfigError(f"cannot mount bpffs at {self.bpffs}: {result.stderr.strip()}")
+            raise EngineSetupError(f"cannot mount bpffs at {self.bpffs}: {result.stderr.strip()}")
         self._mounted_bpffs = True        # ours: unmounted again at stop when nothing else is pinned
 
     def _interfaces(self) -> list[tuple[str, int]]:
@@ -245,7 +244,7 @@ class XdpEngine(Engine):
         if self.interfaces_wanted:
             missing = [n for n in self.interfaces_wanted if n not in found]
             if missing:
-                raise ConfigError(f"--xdp-interfaces: no interface {', '.join(missing)} here")
+                raise EngineSetupError(f"--xdp-interfaces: no interface {', '.join(missing)} here")
             return [(n, found[n]) for n in self.interfaces_wanted]
         out = []
         for name, index in found.items():

@@ -12,9 +12,8 @@ import textwrap
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from boxcore.directory import AsyncDirectory, Directory, DirectoryError, QuotaExceeded
+from boxcore.directory import AsyncDirectory, Directory, DirectoryError, DirectoryOpenError, QuotaExceeded
 from boxcore.directory_redis import RedisDirectory
-from cliruntime import ConfigError
 from tests.redis_support import redis_cluster, redis_node  # noqa: F401  (module fixtures)
 
 _fleets = itertools.count()
@@ -166,7 +165,7 @@ async def test_limits_are_enforced_and_counted(backend):
     assert await d.get("b", "k1") == 1
     assert (d.stats["refused_too_many_keys"], d.stats["refused_value_too_large"],
             d.stats["refused_bad_value"], d.stats["refused_bad_key"]) == (1, 1, 2, 3)
-    with pytest.raises(ConfigError, match="max_keys_per_booster"):
+    with pytest.raises(DirectoryOpenError, match="max_keys_per_booster"):
         await backend.open(max_keys_per_booster=0)
 
 
@@ -204,11 +203,11 @@ def test_survives_a_killed_process(tmp_path):
 
 def test_bad_database_is_a_config_error(tmp_path):
     (tmp_path / "directory.sqlite3").write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(ConfigError, match="cannot open directory database"):
+    with pytest.raises(DirectoryOpenError, match="cannot open directory database"):
         Directory(tmp_path)
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(ConfigError, match="cannot create state directory"):
+    with pytest.raises(DirectoryOpenError, match="cannot create state directory"):
         Directory(blocker / "state")
 
 

@@ -12,10 +12,9 @@ import pytest
 
 from boxcore.booster import Booster
 from boxcore.booster.errors import InvalidRequest
-from boxcore.directory import DirectoryUnavailable, QuotaExceeded
+from boxcore.directory import DirectoryOpenError, DirectoryUnavailable, QuotaExceeded
 from boxcore.directory_redis import RedisDirectory, redacted, split_directory_url
 from boxcore.testing import BoxdProcess, free_port
-from cliruntime import ConfigError
 from hostile import NOBODY, as_uid, outputs, shared_dir
 from tests.redis_support import redis_cluster, redis_node  # noqa: F401  (module fixtures)
 
@@ -136,7 +135,7 @@ async def test_a_lost_redis_is_one_line_and_the_directory_recovers(tmp_path):
 def test_urls_name_the_fleet_and_never_show_a_password():
     assert split_directory_url("redis://h:1/0?fleet=city-1&cluster=1") == ("redis://h:1/0?cluster=1", "city-1")
     assert split_directory_url("unix:///run/r.sock?db=2") == ("unix:///run/r.sock?db=2", "boxes")
-    with pytest.raises(ConfigError, match="fleet name"):
+    with pytest.raises(DirectoryOpenError, match="fleet name"):
         split_directory_url("redis://h:1/0?fleet=a{b}")
     assert redacted("redis://boxd:hunter2@h:1/0") == "redis://boxd:***@h:1/0"
 

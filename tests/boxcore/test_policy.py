@@ -9,9 +9,8 @@ from hypothesis import example, given, settings, strategies as st
 
 import boxcore
 from boxcore.packet import Packet
-from boxcore.policy import Policy, grant_region
+from boxcore.policy import Policy, PolicyError, grant_region
 from boxcore.rules import Action, Match, Rule
-from cliruntime import ConfigError
 
 EXAMPLE = Path(boxcore.__file__).parent / "policy.example.toml"
 
@@ -91,18 +90,18 @@ def test_users_resolve_to_uids():
     ("[[grant]\n", "<policy>: "),
 ])
 def test_bad_policies_raise_config_error(text, message):
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(PolicyError) as info:
         Policy.loads(text)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 
 
 def test_load_errors_name_the_file(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read policy"):
+    with pytest.raises(PolicyError, match="cannot read policy"):
         Policy.load(tmp_path / "missing.toml")
     bad = tmp_path / "p.toml"
     bad.write_text("[[grant]]\nboosters = 'b'\ncolour = 1\n")
-    with pytest.raises(ConfigError, match=rf"{bad}:1: grant #1: unknown key"):
+    with pytest.raises(PolicyError, match=rf"{bad}:1: grant #1: unknown key"):
         Policy.load(bad)
 
 
@@ -240,5 +239,5 @@ def test_copy_foreign_and_groups():
     ('[[grant]]\nboosters = "x"\nmax_group_members = 0\n', "max_group_members"),
 ])
 def test_bad_new_keys(text, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(PolicyError, match=message):
         Policy.loads(text)

@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 
-from cliruntime import ConfigError
 from fcd.city import City, load_city
-from fcd.sim import Simulator, main
+from fcd.sim import SimulationError, Simulator, main
 from fcd.trace import Trace
 
 
@@ -51,7 +50,7 @@ def test_seeded_runs_are_identical(small_city):
 
 
 def test_too_many_cars_is_a_config_error(small_city):
-    with pytest.raises(ConfigError, match="do not fit"):
+    with pytest.raises(SimulationError, match="do not fit"):
         Simulator(small_city, cars=100_000)
 
 

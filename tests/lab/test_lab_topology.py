@@ -3,8 +3,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from boxcore.lab import Topology, load_topology, parse_rate, parse_topology, shipped_topologies
-from cliruntime import ConfigError
+from boxcore.lab import Topology, TopologyError, load_topology, parse_rate, parse_topology, shipped_topologies
 
 
 def minimal(**link_overrides):
@@ -50,7 +49,7 @@ def test_minimal_topology():
 def test_bad_topologies_are_refused_with_a_reason(mutate, message):
     topo = minimal()
     mutate(topo)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(TopologyError, match=message):
         parse_topology(topo)
 
 
@@ -58,7 +57,7 @@ def test_duplicate_interface_refused():
     topo = minimal()
     topo["nodes"]["h3"] = {"kind": "host"}
     topo["links"].append({"a": {"node": "h1", "iface": "eth0"}, "b": {"node": "h3"}})
-    with pytest.raises(ConfigError, match="already has an interface"):
+    with pytest.raises(TopologyError, match="already has an interface"):
         parse_topology(topo)
 
 
@@ -71,11 +70,11 @@ def test_default_interface_names_are_unique_and_short():
 
 
 def test_missing_file_names_shipped_ones(tmp_path):
-    with pytest.raises(ConfigError, match="transparent"):
+    with pytest.raises(TopologyError, match="transparent"):
         load_topology(tmp_path / "nope.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("nodes = [")
-    with pytest.raises(ConfigError, match="bad TOML"):
+    with pytest.raises(TopologyError, match="bad TOML"):
         load_topology(bad)
 
 
@@ -91,7 +90,7 @@ def test_parse_rate_units(value, unit):
 def test_parse_rate_never_crashes(text):
     try:
         assert parse_rate(text) > 0
-    except ConfigError:
+    except TopologyError:
         pass
 
 
@@ -138,9 +137,9 @@ ALL_PATHS = list(_paths(VALID))
 @settings(max_examples=300)
 @given(st.sampled_from(ALL_PATHS), json_values)
 def test_malformed_topologies_are_config_errors(path, value):
-    """Any one field of a valid topology replaced by anything: a Topology or a ConfigError."""
+    """Any one field of a valid topology replaced by anything: a Topology or a TopologyError."""
     assert isinstance(parse_topology(VALID), Topology)
     try:
         assert isinstance(parse_topology(_replace(VALID, path, value)), Topology)
-    except ConfigError:
+    except TopologyError:
         pass

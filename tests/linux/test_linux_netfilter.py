@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from boxcore import iptables as nf
+from boxcore.engines.base import EngineSetupError
 from boxcore.engines.linux import LinuxEngine, Pool, parse_range, EngineRefused
 from boxcore.receivers.linux import verdict_batch_message
 from boxcore.rules import Action, Match, PayloadPattern, Rule
-from cliruntime import ConfigError
 
 
 def entry(cookie, action=Action.REDIRECT, priority=100, target=None, **match):
@@ -192,7 +192,7 @@ def test_ranges_and_pools():
     assert parse_range("100-102", "x", 0, 200) == range(100, 103)
     assert parse_range("7", "x", 0, 200) == range(7, 8)
     for bad in ("a-b", "5-1", "300"):
-        with pytest.raises(ConfigError):
+        with pytest.raises(EngineSetupError):
             parse_range(bad, "--linux-queues", 0, 200)
     pool = Pool(range(1, 3), "queues")
     assert [pool.take(), pool.take()] == [1, 2]
@@ -216,7 +216,7 @@ def test_engine_options_are_checked():
     assert LinuxEngine.from_args(args()).hooks == ("forward", "input")
     for bad, message in [({"linux_hooks": "sideways"}, "--linux-hooks"), ({"linux_stall": 0}, "--linux-stall"),
                          ({"linux_multicast_queue": 150}, "outside"), ({"linux_queue_len": 1}, "queue-len")]:
-        with pytest.raises(ConfigError, match=message):
+        with pytest.raises(EngineSetupError, match=message):
             LinuxEngine.from_args(args(**bad))
 
 
