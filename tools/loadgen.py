@@ -48,13 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What an experiment's set-up may refuse with one clear line (exit 2) rather than a traceback:
+# no root for a lab, a city that does not load, an engine or a directory that cannot start.
+def _config_errors() -> tuple[type[Exception], ...]:
+    from boxcore.directory import DirectoryOpenError
+    from boxcore.engines.base import EngineSetupError
+    from boxcore.lab import LabError
+    from fcd.city import CityError
+
+    return (ConfigError, LabError, CityError, DirectoryOpenError, EngineSetupError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level, f"booster-loadgen {args.command}")
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
+    except _config_errors() as exc:
         print(f"booster-loadgen {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
