@@ -71,8 +71,12 @@ class RedisServer:
         self.role = self.group.start(self.name, [binary, "--port", "0", "--unixsocket", str(self.socket),
                                                  "--unixsocketperm", "700", "--dir", str(self.workdir),
                                                  *COMMON_OPTIONS], stats=False)
-        await _wait_until(lambda: "PONG" in _cli("-s", str(self.socket), "ping"), self.role, timeout,
-                          "no PONG")
+        try:
+            await _wait_until(lambda: "PONG" in _cli("-s", str(self.socket), "ping"), self.role, timeout,
+                              "no PONG")
+        except BaseException:
+            await self.stop()
+            raise
         return self
 
     async def stop(self) -> None:
@@ -118,6 +122,14 @@ class RedisClusterNodes:
                 "--cluster-node-timeout", "2000", *COMMON_OPTIONS], stats=False)
             self.ports.append(port)
             roles.append(role)
+        try:
+            await self._form(roles, timeout)
+        except BaseException:
+            await self.stop()        # no node of a cluster that did not form is left running
+            raise
+        return self
+
+    async def _form(self, roles: list[Role], timeout: float) -> None:
         for role, port in zip(roles, self.ports):
             await _wait_until(lambda p=port: "PONG" in _cli("-p", str(p), "ping"), role, timeout, "no PONG")
         created = _cli("--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
@@ -127,7 +139,6 @@ class RedisClusterNodes:
         for role, port in zip(roles, self.ports):
             await _wait_until(lambda p=port: "cluster_state:ok" in _cli("-p", str(p), "cluster", "info"),
                               role, timeout, "cluster not ok")
-        return self
 
     async def stop(self) -> None:
         await self.group.stop_all(grace=5.0)

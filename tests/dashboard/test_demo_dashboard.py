@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import signal
 import sys
@@ -27,7 +29,7 @@ async def _line(proc, pattern: str, timeout: float = 120) -> re.Match:
 async def test_demo_dashboard_is_live_during_the_tour_and_kept_after(browser, tmp_path):
     proc = await asyncio.create_subprocess_exec(
         str(BIN / "booster-demo"), "--only", "boxcore", "--keep", "--workdir", str(tmp_path),
-        stdout=asyncio.subprocess.PIPE, stderr=open(tmp_path / "demo.err", "wb"))
+        stdout=asyncio.subprocess.PIPE, stderr=open(tmp_path / "demo.err", "wb"), start_new_session=True)
     try:
         url = (await _line(proc, r"== dashboard: (http://\S+)")).group(1)
         browser.get(url)
@@ -45,6 +47,13 @@ async def test_demo_dashboard_is_live_during_the_tour_and_kept_after(browser, tm
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     finally:
+        # a failed check must not leave the demo's boxd and boosters running: stop the demo,
+        # then whatever of its process group is left
         if proc.returncode is None:
-            proc.kill()
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(proc.wait(), 20)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.returncode is None:
             await proc.wait()
