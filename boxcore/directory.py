@@ -99,10 +99,13 @@ def prefix_upper_bound(prefix: str) -> str | None:
     return None
 
 
-def check_limits(**limits: Any) -> None:
+def set_limits(directory: Any, **limits: Any) -> None:
+    """Check a backend's limits (positive integers) and set them as its attributes."""
     for name, limit in limits.items():
         if not isinstance(limit, int) or limit <= 0:
             raise DirectoryOpenError(f"directory {name} must be a positive integer, got {limit!r}")
+    for name, limit in limits.items():
+        setattr(directory, name, limit)
 
 
 def check_key(stats: collections.Counter, max_key_chars: int, booster: str, key: str) -> None:
@@ -200,15 +203,9 @@ class Directory:
                  max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES, *,
                  max_key_chars: int = DEFAULT_MAX_KEY_CHARS, max_watchers: int = DEFAULT_MAX_WATCHERS,
                  max_pending: int = DEFAULT_MAX_PENDING, max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES) -> None:
-        check_limits(max_keys_per_booster=max_keys_per_booster, max_value_bytes=max_value_bytes,
-                     max_key_chars=max_key_chars, max_watchers=max_watchers, max_pending=max_pending,
-                     max_total_bytes=max_total_bytes)
-        self.max_keys_per_booster = max_keys_per_booster
-        self.max_value_bytes = max_value_bytes
-        self.max_key_chars = max_key_chars
-        self.max_watchers = max_watchers
-        self.max_pending = max_pending
-        self.max_total_bytes = max_total_bytes
+        set_limits(self, max_keys_per_booster=max_keys_per_booster, max_value_bytes=max_value_bytes,
+                   max_key_chars=max_key_chars, max_watchers=max_watchers, max_pending=max_pending,
+                   max_total_bytes=max_total_bytes)
         self.path = self._db_path(Path(path))
         self.stats: collections.Counter[str] = collections.Counter()
         self._watches: list[Watch] = []

@@ -45,8 +45,9 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from boxcore.directory import (DEFAULT_MAX_KEY_CHARS, DEFAULT_MAX_KEYS, DEFAULT_MAX_PENDING,
                                DEFAULT_MAX_TOTAL_BYTES, DEFAULT_MAX_VALUE_BYTES, DEFAULT_MAX_WATCHERS,
-                               DirectoryError, DirectoryOpenError, DirectoryUnavailable, QuotaExceeded, Watch, check_key, check_limits, check_prefix,
-                               decode_value, encode_value, prefix_upper_bound)
+                               DirectoryError, DirectoryOpenError, DirectoryUnavailable, QuotaExceeded, Watch,
+                               check_key, check_prefix, decode_value, encode_value, prefix_upper_bound,
+                               set_limits)
 from cliruntime.supervisor import Supervisor
 
 log = logging.getLogger("boxcore.directory")
@@ -192,18 +193,12 @@ class RedisDirectory:
                  max_keys_per_booster: int = DEFAULT_MAX_KEYS, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
                  max_key_chars: int = DEFAULT_MAX_KEY_CHARS, max_watchers: int = DEFAULT_MAX_WATCHERS,
                  max_pending: int = DEFAULT_MAX_PENDING, max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES) -> None:
-        check_limits(max_keys_per_booster=max_keys_per_booster, max_value_bytes=max_value_bytes,
-                     max_key_chars=max_key_chars, max_watchers=max_watchers, max_pending=max_pending,
-                     max_total_bytes=max_total_bytes)
+        set_limits(self, max_keys_per_booster=max_keys_per_booster, max_value_bytes=max_value_bytes,
+                   max_key_chars=max_key_chars, max_watchers=max_watchers, max_pending=max_pending,
+                   max_total_bytes=max_total_bytes)
         self.client = client
         self._sub_client = sub_client
         self.fleet = fleet
-        self.max_keys_per_booster = max_keys_per_booster
-        self.max_value_bytes = max_value_bytes
-        self.max_key_chars = max_key_chars
-        self.max_watchers = max_watchers
-        self.max_pending = max_pending
-        self.max_total_bytes = max_total_bytes
         self.stats: collections.Counter[str] = collections.Counter()
         base = f"bbdir:{{{fleet}}}"
         self._base = base

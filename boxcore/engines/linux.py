@@ -389,13 +389,7 @@ class LinuxEngine(Engine):
 
     # -- forwarding table --------------------------------------------------------------
     async def set_forwarding(self, routes: list[Route]) -> None:
-        for route in routes:
-            try:
-                ipaddress.ip_network(route.prefix, strict=False)
-                if route.via is not None:
-                    ipaddress.ip_address(route.via)
-            except ValueError as exc:
-                raise EngineRefused(f"bad route {route.prefix} via {route.via}: {exc}") from None
+        check_routes(routes)
         async with self._lock:
             await asyncio.to_thread(apply_kernel_routes, list(routes))
             self.routes = list(routes)
@@ -549,6 +543,17 @@ class SourceAddresses:
                 self._cache.clear()
             self._cache[dst] = src
         return src
+
+
+def check_routes(routes: list[Route]) -> None:
+    """Refuse a forwarding table with a malformed prefix or gateway before anything is changed."""
+    for route in routes:
+        try:
+            ipaddress.ip_network(route.prefix, strict=False)
+            if route.via is not None:
+                ipaddress.ip_address(route.via)
+        except ValueError as exc:
+            raise EngineRefused(f"bad route {route.prefix} via {route.via}: {exc}") from None
 
 
 def apply_kernel_routes(routes: list[Route]) -> None:

@@ -50,7 +50,8 @@ from boxcore import wire
 from boxcore.engines import libbpf as bpf
 from boxcore.engines import xdp_maps as maps
 from boxcore.engines.base import BoosterSession, Delivery, Engine, EngineSetupError, Route
-from boxcore.engines.linux import SourceAddresses, apply_kernel_routes, clean_kernel_routing, parse_range
+from boxcore.engines.linux import (SourceAddresses, apply_kernel_routes, check_routes, clean_kernel_routing,
+                                   parse_range)
 from boxcore.packet import PROTO_TCP, PROTO_UDP, Packet, PacketDecodeError, PacketError
 from boxcore.rules import Action, Rule
 from cliruntime.supervisor import Supervisor
@@ -622,13 +623,7 @@ class XdpEngine(Engine):
 
     # -- forwarding table ----------------------------------------------------------------
     async def set_forwarding(self, routes: list[Route]) -> None:
-        for route in routes:
-            try:
-                ipaddress.ip_network(route.prefix, strict=False)
-                if route.via is not None:
-                    ipaddress.ip_address(route.via)
-            except ValueError as exc:
-                raise EngineRefused(f"bad route {route.prefix} via {route.via}: {exc}") from None
+        check_routes(routes)
         async with self._lock:
             # the same kernel routes as the linux engine (protocol-tagged, replaced as a set)
             await asyncio.to_thread(apply_kernel_routes, list(routes))
