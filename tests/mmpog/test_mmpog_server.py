@@ -168,6 +168,7 @@ import hashlib  # noqa: E402
 from aiohttp.test_utils import TestServer  # noqa: E402
 
 from mmpog.server import SCRYPT_N, GameServer, ReflectorInfo, World, json_depth_ok  # noqa: E402
+from mmpog.store import StoreFull, StoreLimits  # noqa: E402
 
 
 async def start_server(**options):
@@ -248,15 +249,17 @@ async def test_sessions_capped_per_address_and_overall_without_evicting_others()
         # a second login of the same player replaces its session (one per player)
         status, text = await post(http, test_server, "/login", {"name": "max3", "password": "max3-is-here"})
         assert (await post(http, test_server, "/leave", {}, session=sessions["max3"]))[0] == 401
-        assert len(server.sessions) == 2
+        assert await server.store.count_sessions(time.time()) == 2
+        # overall cap: the third login from another address is refused rather than evicting anyone
+        server.store.limits = StoreLimits(max_sessions=3, sessions_per_address=100)
+        await server.store.open_session("someone-elses", 1, "10.9.9.8", time.time())
+        with pytest.raises(StoreFull):
+            await server.store.open_session("refused", 99, "10.9.9.9", time.time())
+        assert await server.store.session_player("someone-elses", time.time()) == 1
+        status, text = await post(http, test_server, "/login", {"name": "lou2", "password": "lou2-is-here"})
+        assert status == 200          # lou2 replaces its own session: nobody else's is needed
     await test_server.close()
-    # overall cap: the next login is refused rather than evicting another address's session
-    server._address_sessions.clear()
-    server.sessions_per_address = 100
-    server.sessions["someone-elses"] = 1
-    with pytest.raises(Exception) as refused:
-        server._new_session(server.by_id[1], "10.9.9.9")       # kim1: no session of its own left
-    assert getattr(refused.value, "status", None) == 503 and "someone-elses" in server.sessions
+    assert server.counters()["sessions_refused"] == 1 and server.counters()["sessions_evicted_same_address"] == 1
 
 
 async def test_deep_json_is_a_400_with_one_line_never_a_500():
