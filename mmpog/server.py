@@ -42,7 +42,7 @@ import os
 import re
 import secrets
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -94,35 +94,6 @@ def json_depth_ok(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
         elif char in "]}":
             depth -= 1
     return True
-
-
-class Throttle:
-    """At most ``limit`` failures per key within ``window`` seconds; bounded (oldest keys evicted, counted)."""
-
-    def __init__(self, limit: int, window: float, max_keys: int = 100_000) -> None:
-        self.limit, self.window, self.max_keys = limit, window, max_keys
-        self._failures: OrderedDict[object, list[float]] = OrderedDict()
-        self.evicted = 0
-
-    def blocked(self, key: object, now: float) -> bool:
-        times = self._failures.get(key)
-        if not times:
-            return False
-        while times and times[0] <= now - self.window:
-            times.pop(0)
-        if not times:
-            del self._failures[key]
-            return False
-        return len(times) >= self.limit
-
-    def failed(self, key: object, now: float) -> None:
-        times = self._failures.pop(key, [])
-        times.append(now)
-        del times[:-self.limit]
-        self._failures[key] = times
-        if len(self._failures) > self.max_keys:
-            self._failures.popitem(last=False)
-            self.evicted += 1
 
 
 @dataclass(frozen=True)
@@ -223,13 +194,14 @@ class GameServer:
             raise ValueError(f"scrypt n must be a power of two >= {SCRYPT_N}")
         if self.store is None:
             self.store = MemoryStore(self.limits())
-        self._account_throttle = Throttle(self.login_failures_per_account, self.login_window)
-        self._address_throttle = Throttle(self.login_failures_per_address, self.login_window)
         self._configured = {reflector.http: reflector for reflector in self.reflectors}
 
     def limits(self) -> StoreLimits:
         return StoreLimits(max_accounts=self.max_players, max_sessions=self.max_sessions,
-                           sessions_per_address=self.sessions_per_address, session_ttl=self.session_ttl)
+                           sessions_per_address=self.sessions_per_address, session_ttl=self.session_ttl,
+                           login_failures_per_account=self.login_failures_per_account,
+                           login_failures_per_address=self.login_failures_per_address,
+                           login_window=self.login_window)
 
     def _hash(self, password: str, salt: bytes, kdf: str | None = None) -> bytes:
         n, r, p, dklen = kdf_parameters(kdf) if kdf else (self.scrypt_n, SCRYPT_R, SCRYPT_P, 32)
@@ -436,8 +408,8 @@ class GameServer:
     async def login(self, request: web.Request) -> web.Response:
         name, password = self._credentials(await self._json(request))
         address = request.remote or "?"
-        now = time.monotonic()
-        if self._account_throttle.blocked(name, now) or self._address_throttle.blocked(address, now):
+        now = time.time()
+        if await self.store.login_throttled(name, address, now):
             # refused before hashing: a guessing flood costs neither CPU nor other players' logins
             self.stats["logins_throttled"] += 1
             raise web.HTTPTooManyRequests(text="too many failed logins: try again later")
@@ -450,12 +422,11 @@ class GameServer:
             account, attempt = None, b""
         if account is None or not hmac.compare_digest(attempt, account.pw_hash):
             self.stats["login_failed"] += 1
-            self._account_throttle.failed(name, now)
-            self._address_throttle.failed(address, now)
+            await self.store.login_failed(name, address, now)
             raise web.HTTPUnauthorized(text="unknown player or wrong password")
         session = secrets.token_urlsafe(24)
         try:
-            opened = await self.store.open_session(session_key(session), account.id, address, time.time())
+            opened = await self.store.open_session(session_key(session), account.id, address, now)
         except StoreFull:       # counted by the store (sessions_refused), as its evictions are
             raise web.HTTPServiceUnavailable(text="too many sessions") from None
         self.stats["logins"] += 1
@@ -626,23 +597,20 @@ def server_from_args(args: argparse.Namespace, store: Store | None = None) -> Ga
                       store=store)
 
 
-async def open_store(args: argparse.Namespace) -> Store | None:
-    """The Redis store of ``--store`` (None: in memory); an unreachable one is a ConfigError (one line)."""
-    if args.store is None:
-        return None
+async def open_store(url: str, limits: StoreLimits) -> Store:
+    """The Redis store of ``--store``; an unreachable one is a ConfigError (one line)."""
     from .store_redis import RedisStore
 
     try:
-        return await RedisStore.open(args.store, StoreLimits(max_accounts=args.max_players,
-                                                             max_sessions=args.max_sessions,
-                                                             sessions_per_address=args.sessions_per_address,
-                                                             session_ttl=args.session_ttl))
+        return await RedisStore.open(url, limits)
     except StoreError as exc:
         raise ConfigError(str(exc)) from None
 
 
 async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
-    server = server_from_args(args, await open_store(args))
+    server = server_from_args(args)
+    if args.store is not None:      # the same limits, kept by the store for every instance
+        server.store = await open_store(args.store, server.limits())
     ctx.stats.providers["server"] = server.counters
     runner = web.AppRunner(server.app(), access_log=None)
     try:

@@ -26,7 +26,7 @@ import abc
 import bisect
 import itertools
 import math
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 PURGE_BATCH = 100     # expired sessions removed per login: the work of one login stays bounded
@@ -59,6 +59,10 @@ class StoreLimits:
     sessions_per_address: int = 256
     session_ttl: float = 24 * 3600.0
     max_reflectors: int = 1024
+    login_failures_per_account: int = 5      # within login_window seconds; then logins are refused
+    login_failures_per_address: int = 20
+    login_window: float = 60.0
+    max_throttle_keys: int = 100_000         # accounts and addresses with recent failures (memory store)
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,14 @@ class Store(abc.ABC):
     async def count_sessions(self, now: float) -> int:
         """Live sessions."""
 
+    @abc.abstractmethod
+    async def login_throttled(self, name: str, address: str, now: float) -> bool:
+        """True while the account or the address has had its limit of failed logins in the window."""
+
+    @abc.abstractmethod
+    async def login_failed(self, name: str, address: str, now: float) -> None:
+        """Count one failed login against both (shared by every instance: k instances give no k-fold guesses)."""
+
     # ---------------------------------------------------------- presence
     @abc.abstractmethod
     async def presence(self, player: int) -> Presence | None: ...
@@ -185,6 +197,36 @@ class Store(abc.ABC):
         pass
 
 
+class Throttle:
+    """At most ``limit`` failures per key within ``window`` seconds; bounded (oldest keys evicted, counted)."""
+
+    def __init__(self, limit: int, window: float, max_keys: int = 100_000) -> None:
+        self.limit, self.window, self.max_keys = limit, window, max_keys
+        self._failures: OrderedDict[object, list[float]] = OrderedDict()
+        self.evicted = 0
+
+    def blocked(self, key: object, now: float) -> bool:
+        times = self._failures.get(key)
+        if not times:
+            return False
+        while times and times[0] <= now - self.window:
+            times.pop(0)
+        if not times:
+            del self._failures[key]
+            return False
+        return len(times) >= self.limit
+
+    def failed(self, key: object, now: float) -> None:
+        times = self._failures.pop(key, [])
+        times.append(now)
+        del times[:-self.limit]
+        self._failures[key] = times
+        if len(self._failures) > self.max_keys:
+            self._failures.popitem(last=False)
+            self.evicted += 1
+
+
+
 def pick_least_loaded(loads: dict[str, int]) -> str:
     """The reflector with the fewest locations; ties go to the smallest id (both stores agree)."""
     return min(loads, key=lambda rid: (loads[rid], rid))
@@ -215,6 +257,10 @@ class MemoryStore(Store):
         self._locks: dict[int, tuple[str, float]] = {}
         self._reflectors: dict[str, ReflectorRecord] = {}
         self._map: dict[int, str] = {}
+        self._account_failures = Throttle(self.limits.login_failures_per_account, self.limits.login_window,
+                                          self.limits.max_throttle_keys)
+        self._address_failures = Throttle(self.limits.login_failures_per_address, self.limits.login_window,
+                                          self.limits.max_throttle_keys)
 
     # ---------------------------------------------------------- accounts
     async def create_account(self, name: str, salt: bytes, pw_hash: bytes, kdf: str) -> int:
@@ -285,6 +331,14 @@ class MemoryStore(Store):
     async def count_sessions(self, now: float) -> int:
         expired = bisect.bisect_right(self._deadlines, (now, math.inf, ""))
         return len(self._sessions) - expired
+
+    async def login_throttled(self, name: str, address: str, now: float) -> bool:
+        return self._account_failures.blocked(name, now) or self._address_failures.blocked(address, now)
+
+    async def login_failed(self, name: str, address: str, now: float) -> None:
+        self._account_failures.failed(name, now)
+        self._address_failures.failed(address, now)
+        self.stats["throttle_keys_evicted"] = self._account_failures.evicted + self._address_failures.evicted
 
     # ---------------------------------------------------------- presence
     async def presence(self, player: int) -> Presence | None:
@@ -394,4 +448,4 @@ class MovePlan:
 
 __all__ = ["Account", "AccountExists", "MemoryStore", "MovePlan", "Presence", "ReflectorRecord",
            "SessionOpened", "Store", "StoreError", "StoreFull", "StoreLimits", "StoreUnavailable",
-           "pick_least_loaded", "PURGE_BATCH"]
+           "pick_least_loaded", "PURGE_BATCH", "Throttle"]

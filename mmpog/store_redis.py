@@ -23,6 +23,8 @@ account)::
     mmpog:{G}:r:udp / r:instance   hash reflector -> UDP address / last /health instance
     mmpog:{G}:r:deadline  zset reflector -> registration expiry (+inf: never)
     mmpog:{G}:map         hash location -> reflector
+    mmpog:{G}:fail:a:NAME / fail:ip:ADDRESS   zset of failed-login times (at most the limit, expire after
+                          the window: their number is bounded by the rate the server can hash at)
 
 Session keys are SHA-256 digests of the tokens (the server hashes them): reading Redis does not
 give anyone a usable session.
@@ -31,7 +33,9 @@ give anyone a usable session.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
+import secrets
 from collections import Counter
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -106,6 +110,26 @@ return redis.call('HGET', KEYS[1], ARGV[1])
 """
 
 COUNT_SESSIONS = "return redis.call('HLEN', KEYS[1]) - redis.call('ZCOUNT', KEYS[2], '-inf', ARGV[1])"
+
+# KEYS: an account's and an address's failures (zsets of times); ARGV: now, window, account limit, address limit
+LOGIN_THROTTLED = """
+local since = '(' .. (tonumber(ARGV[1]) - tonumber(ARGV[2]))
+if redis.call('ZCOUNT', KEYS[1], since, '+inf') >= tonumber(ARGV[3]) then return 1 end
+if redis.call('ZCOUNT', KEYS[2], since, '+inf') >= tonumber(ARGV[4]) then return 1 end
+return 0
+"""
+
+# KEYS as above; ARGV: now, window, account limit, address limit, a unique member
+LOGIN_FAILED = """
+local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  redis.call('ZADD', key, now, ARGV[5])
+  redis.call('ZREMRANGEBYRANK', key, 0, -1 - tonumber(ARGV[2 + i]))
+  redis.call('PEXPIRE', key, math.ceil(window * 1000))
+end
+return 0
+"""
 
 # KEYS: where, members, occupancy; ARGV: player, new value ('' none), new location, new reflector, padded player
 SET_PRESENCE = """
@@ -290,7 +314,11 @@ class RedisStore(Store):
             ("create_account", CREATE_ACCOUNT), ("account", ACCOUNT), ("open_session", OPEN_SESSION),
             ("session_player", SESSION_PLAYER), ("count_sessions", COUNT_SESSIONS), ("set_presence", SET_PRESENCE),
             ("members_on", MEMBERS_ON), ("try_lock", TRY_LOCK), ("unlock", UNLOCK), ("register", REGISTER),
-            ("heartbeat", HEARTBEAT), ("reflectors", REFLECTORS), ("init_map", INIT_MAP), ("reassign", REASSIGN))}
+            ("heartbeat", HEARTBEAT), ("reflectors", REFLECTORS), ("init_map", INIT_MAP), ("reassign", REASSIGN),
+            ("login_throttled", LOGIN_THROTTLED), ("login_failed", LOGIN_FAILED))}
+        self._prefix = prefix
+        self._instance = secrets.token_hex(6)          # failure members unique across instances
+        self._failure_ids = itertools.count()
 
     @classmethod
     async def open(cls, url: str, limits: StoreLimits | None = None) -> "RedisStore":
@@ -367,6 +395,23 @@ class RedisStore(Store):
     @_unavailable_on_redis_errors
     async def count_sessions(self, now: float) -> int:
         return int(await self._run("count_sessions", [self.keys["s:player"], self.keys["s:deadline"]], [repr(now)]))
+
+    def _failure_keys(self, name: str, address: str) -> list[str]:
+        return [f"{self._prefix}:fail:a:{name}", f"{self._prefix}:fail:ip:{address}"]
+
+    @_unavailable_on_redis_errors
+    async def login_throttled(self, name: str, address: str, now: float) -> bool:
+        limits = self.limits
+        return bool(await self._run("login_throttled", self._failure_keys(name, address),
+                                    [repr(now), repr(limits.login_window), limits.login_failures_per_account,
+                                     limits.login_failures_per_address]))
+
+    @_unavailable_on_redis_errors
+    async def login_failed(self, name: str, address: str, now: float) -> None:
+        limits = self.limits
+        await self._run("login_failed", self._failure_keys(name, address),
+                        [repr(now), repr(limits.login_window), limits.login_failures_per_account,
+                         limits.login_failures_per_address, f"{now!r}:{self._instance}:{next(self._failure_ids)}"])
 
     # ---------------------------------------------------------- presence
     @_unavailable_on_redis_errors

@@ -47,11 +47,11 @@ class Game:
         await self.group.wait_until(role, lambda: answers(url + "/health"), what="no /health")
         return role
 
-    async def start_server(self, name: str, port: int | None = None):
+    async def start_server(self, name: str, port: int | None = None, *extra: str):
         port = port or free_port()
         argv = [*python_module("mmpog.server"), "--http", f"127.0.0.1:{port}", "--world", "2x2", "--cell", "10",
                 "--api-key", API_KEY, "--store", self.store_url, "--reflector-check-interval", "0.1",
-                "--reflector-ttl", "1.5", "--log-level", "info"]
+                "--reflector-ttl", "1.5", "--log-level", "info", *extra]
         for url, udp in self.reflectors:
             argv += ["--reflector", f"{url}=127.0.0.1:{udp}"]
         role = self.group.start(name, argv, stats=False)
@@ -160,6 +160,19 @@ async def test_a_dead_reflectors_locations_go_to_the_live_one_and_its_players_fo
         assert sum(c.get("locations_reassigned", 0) for c in counters) == 2         # locations 1 and 3, once
         assert sum(c.get("reflector_migrations", 0) for c in counters) == 1
         assert (await call(http, "POST", a + "/leave", {}, session))[1] == {"left": 1}
+
+
+async def test_failed_logins_are_counted_across_instances(game):
+    await game.start_reflector(0)
+    _, a = await game.start_server("server-a", None, "--login-failures", "3")
+    _, b = await game.start_server("server-b", None, "--login-failures", "3")
+    async with aiohttp.ClientSession() as http:
+        assert (await call(http, "POST", a + "/register", {"name": "vic", "password": "vic-plays-well"}))[0] == 201
+        wrong = {"name": "vic", "password": "a-wrong-guess"}
+        assert [(await call(http, "POST", base + "/login", wrong))[0] for base in (a, b, a)] == [401] * 3
+        # three guesses spread over two instances are three for the account: both refuse now
+        right = {"name": "vic", "password": "vic-plays-well"}
+        assert [(await call(http, "POST", base + "/login", right))[0] for base in (a, b)] == [429, 429]
 
 
 def test_unreachable_store_is_one_line_exit_2(tmp_path):

@@ -18,7 +18,8 @@ from tests.redis_support import redis_cluster, redis_node  # noqa: F401  (fixtur
 
 _games = itertools.count()
 NOW = 1_800_000_000.0
-LIMITS = StoreLimits(max_accounts=5, max_sessions=4, sessions_per_address=2, session_ttl=100.0, max_reflectors=3)
+LIMITS = StoreLimits(max_accounts=5, max_sessions=4, sessions_per_address=2, session_ttl=100.0, max_reflectors=3,
+                     login_failures_per_account=3, login_failures_per_address=5, login_window=60.0)
 
 
 async def open_store(kind: str, request, limits: StoreLimits = LIMITS):
@@ -100,6 +101,20 @@ async def test_sessions_overall_cap_refuses_and_evicts_nobody(store):
     # once they have expired, they are purged by the next login and it fits
     await store.open_session("k9", 9, "10.0.0.9", NOW + 100)
     assert await store.count_sessions(NOW + 100) == 1 and store.stats["sessions_expired"] == 4
+
+
+async def test_failed_logins_throttle_the_account_and_the_address_for_the_window(store):
+    for n in range(3):
+        assert not await store.login_throttled("ann", "10.0.0.1", NOW + n)
+        await store.login_failed("ann", "10.0.0.1", NOW + n)
+    assert await store.login_throttled("ann", "10.0.0.9", NOW + 3)          # the account, from anywhere
+    assert not await store.login_throttled("bob", "10.0.0.9", NOW + 3)
+    for n in range(2):
+        await store.login_failed(f"other{n}", "10.0.0.1", NOW + 3)
+    assert await store.login_throttled("bob", "10.0.0.1", NOW + 3)          # the address, for any account
+    assert not await store.login_throttled("ann", "10.0.0.2", NOW + 60.5)   # the first failures aged out
+    assert await store.login_throttled("cid", "10.0.0.1", NOW + 59.9)       # all 5 within the window
+    assert not await store.login_throttled("cid", "10.0.0.1", NOW + 60.5)   # the one at NOW aged out
 
 
 async def test_presence_swaps_and_indexes_members_and_occupancy(store):
