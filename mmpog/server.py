@@ -371,11 +371,15 @@ class GameServer:
             return "password must not be the name"
         return None
 
-    async def _player(self, request: web.Request) -> int:
+    @staticmethod
+    def _session_key(request: web.Request) -> str:
         auth = request.headers.get("Authorization", "")
-        player = None
         if auth.startswith("Bearer ") and len(auth) <= 256:
-            player = await self.store.session_player(session_key(auth.removeprefix("Bearer ")), time.time())
+            return session_key(auth.removeprefix("Bearer "))
+        return ""        # no session has this key
+
+    async def _player(self, request: web.Request) -> int:
+        player = await self.store.session_player(self._session_key(request), time.time())
         if player is None:
             self.stats["unauthorized"] += 1
             raise web.HTTPUnauthorized(text="log in first (Authorization: Bearer <session>)")
@@ -467,17 +471,31 @@ class GameServer:
             self.stats["stale_memberships_left"] += 1
 
     async def move(self, request: web.Request) -> web.Response:
-        player = await self._player(request)
-        body = await self._json(request)
+        problem = None           # reported after the session check: a stranger learns nothing but 401
         try:
+            body = await self._json(request)
             x, y = float(body["x"]), float(body["y"])
             location = self.world.location_at(x, y)
+        except web.HTTPBadRequest as exc:
+            problem, location = exc, 0
         except (KeyError, TypeError, ValueError) as exc:
-            raise web.HTTPBadRequest(text=f"move wants {{'x': number, 'y': number}} inside the world: {exc}") from None
+            problem = web.HTTPBadRequest(text=f"move wants {{'x': number, 'y': number}} inside the world: {exc}")
+            location = 0
+        # one read for the request most players make most: the session, where it is, who serves the cell
+        player, current, reflector_id = await self.store.move_context(self._session_key(request), time.time(),
+                                                                      location)
+        if player is None:
+            self.stats["unauthorized"] += 1
+            raise web.HTTPUnauthorized(text="log in first (Authorization: Bearer <session>)")
+        if problem is not None:
+            raise problem
         rejoin = body.get("rejoin", False) is True
+        if reflector_id is not None and not MovePlan.decide(current, location, reflector_id, rejoin).put:
+            self.stats["moves"] += 1
+            return await self._moved(location, reflector_id, current, changed=False)
         async with self._move_lock(player):
             self.stats["moves"] += 1
-            current = await self.store.presence(player)
+            current = await self.store.presence(player)          # again, under the lock
             reflector_id = await self.store.reflector_of(location)
             if reflector_id is None:
                 raise web.HTTPServiceUnavailable(text=f"location {location} has no reflector")
@@ -497,8 +515,12 @@ class GameServer:
                     self.stats["rejoins"] += 1
             if plan.delete_old is not None:
                 await self._delete_membership(plan.delete_old, player)
+        return await self._moved(location, reflector_id, presence, plan.changed)
+
+    async def _moved(self, location: int, reflector_id: str, presence: Presence, changed: bool) -> web.Response:
+        reflector = await self._reflector_info(reflector_id)
         return web.json_response({"location": location, "reflector": f"{reflector.udp[0]}:{reflector.udp[1]}",
-                                  "token": presence.token.hex(), "changed": plan.changed})
+                                  "token": presence.token.hex(), "changed": changed})
 
     async def leave(self, request: web.Request) -> web.Response:
         player = await self._player(request)

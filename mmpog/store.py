@@ -152,6 +152,14 @@ class Store(abc.ABC):
     async def occupancy(self) -> dict[int, int]:
         """location -> players present (locations with none are left out)."""
 
+    async def move_context(self, key: str, now: float, location: int) -> tuple[int | None, Presence | None, str | None]:
+        """(the session's player or None, its presence, the location's reflector) read at one instant:
+        a /move that changes nothing needs no more (one round trip to a remote store)."""
+        player = await self.session_player(key, now)
+        if player is None:
+            return None, None, None
+        return player, await self.presence(player), await self.reflector_of(location)
+
     # ---------------------------------------------------------- move locks
     @abc.abstractmethod
     async def try_lock(self, player: int, owner: str, now: float, ttl: float) -> bool:

@@ -159,6 +159,15 @@ end
 return out
 """
 
+# KEYS: session player, session deadline, where, map; ARGV: session key, now, location
+MOVE_CONTEXT = """
+local deadline = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not deadline or tonumber(deadline) <= tonumber(ARGV[2]) then return {false, false, false} end
+local player = redis.call('HGET', KEYS[1], ARGV[1])
+if not player then return {false, false, false} end
+return {player, redis.call('HGET', KEYS[3], player), redis.call('HGET', KEYS[4], ARGV[3])}
+"""
+
 # KEYS: locks; ARGV: player, owner, now, ttl
 TRY_LOCK = """
 local held = redis.call('HGET', KEYS[1], ARGV[1])
@@ -315,7 +324,7 @@ class RedisStore(Store):
             ("session_player", SESSION_PLAYER), ("count_sessions", COUNT_SESSIONS), ("set_presence", SET_PRESENCE),
             ("members_on", MEMBERS_ON), ("try_lock", TRY_LOCK), ("unlock", UNLOCK), ("register", REGISTER),
             ("heartbeat", HEARTBEAT), ("reflectors", REFLECTORS), ("init_map", INIT_MAP), ("reassign", REASSIGN),
-            ("login_throttled", LOGIN_THROTTLED), ("login_failed", LOGIN_FAILED))}
+            ("login_throttled", LOGIN_THROTTLED), ("login_failed", LOGIN_FAILED), ("move_context", MOVE_CONTEXT))}
         self._prefix = prefix
         self._instance = secrets.token_hex(6)          # failure members unique across instances
         self._failure_ids = itertools.count()
@@ -440,6 +449,15 @@ class RedisStore(Store):
     async def occupancy(self) -> dict[int, int]:
         counts = await self.client.hgetall(self.keys["occupancy"])
         return {int(location): int(n) for location, n in counts.items() if int(n) > 0}
+
+    @_unavailable_on_redis_errors
+    async def move_context(self, key: str, now: float, location: int) -> tuple[int | None, Presence | None, str | None]:
+        player, where, reflector = await self._run(
+            "move_context", [self.keys["s:player"], self.keys["s:deadline"], self.keys["where"], self.keys["map"]],
+            [key, repr(now), str(location)])
+        if player is None:
+            return None, None, None
+        return int(player), _presence(where), None if reflector is None else _text(reflector)
 
     # ---------------------------------------------------------- move locks
     @_unavailable_on_redis_errors

@@ -131,6 +131,17 @@ async def test_presence_swaps_and_indexes_members_and_occupancy(store):
     assert await store.occupancy() == {5: 2} and await store.presence(2) is None
 
 
+async def test_move_context_reads_session_presence_and_map_at_once(store):
+    await store.init_map(["http://a", "http://b"])
+    await store.open_session("k1", 7, "10.0.0.1", NOW)
+    assert await store.move_context("k1", NOW, 1) == (7, None, "http://b")
+    await store.set_presence(7, presence(1, "http://b"))
+    assert await store.move_context("k1", NOW + 1, 0) == (7, presence(1, "http://b"), "http://a")
+    assert await store.move_context("k1", NOW + 100, 0) == (None, None, None)       # expired
+    assert await store.move_context("nope", NOW, 0) == (None, None, None)
+    assert await store.move_context("k1", NOW, 9) == (7, presence(1, "http://b"), None)
+
+
 async def test_move_lock_held_until_released_or_expired(store):
     assert await store.try_lock(1, "a", NOW, 10)
     assert not await store.try_lock(1, "b", NOW + 5, 10)
