@@ -1,9 +1,12 @@
 """``mmpog-server``: the game's control plane (paper Fig. 10): players, the world, locations, reflectors.
 
 The virtual world is a grid of ``--world COLSxROWS`` cells of ``--cell`` units;
-each cell is a location (id = row * cols + col).  Locations are spread over the
-reflectors round-robin (location ``l`` -> reflector ``l % R``).  The server
-never touches game data: it registers and logs players in, and as a player
+each cell is a location (id = row * cols + col).  Location ``l``'s home is
+reflector ``l % R``; when a reflector stops answering for ``--reflector-ttl``
+its locations go to live ones.  The state (accounts, sessions, where players
+are, the reflectors, the location map) is in a :class:`mmpog.store.Store`: in
+this process by default, or in Redis with ``--store redis://...`` so several
+instances serve one game (docs/mmpog.md).  The server never touches game data: it registers and logs players in, and as a player
 moves it pushes the membership (player id + a fresh random token) to the
 location's reflector and tells the player where to send and which token proves
 it is the member.
@@ -21,12 +24,12 @@ HTTP API (JSON)::
 
 Hardening (docs/mmpog.md): passwords of at least ``--min-password`` characters that are not
 in the shipped common-password list nor the name; scrypt (n=2**14, r=8, p=1) hashes; failed
-logins throttled per account and per address (429 while over the limit, without hashing);
-sessions capped per address (the address's oldest is dropped) and overall (503, nobody
-else's session is evicted), one per player; request bodies of at most 16 KiB and JSON
-nested at most 32 deep (400 with one line).  The reflectors' ``/health`` carries an
-instance id: when a reflector comes back (restarted, or reachable again), the server
-pushes the membership of its locations to it again, so players can rejoin.
+logins throttled per account and per address (429 while over the limit, without hashing; shared
+by all instances); sessions expire (``--session-ttl``), capped per address (the address's oldest
+is dropped) and overall (503, nobody else's session is evicted), one per player; request
+bodies of at most 16 KiB and JSON nested at most 32 deep (400 with one line).  The
+reflectors' ``/health`` carries an instance id: when a reflector restarts, one server
+instance pushes the membership of its players to it again, so players can rejoin.
 """
 
 from __future__ import annotations
