@@ -183,7 +183,7 @@ class GameServer:
     login_failures_per_address: int = 20
     login_window: float = 60.0
     reflector_check_interval: float = 1.0    # how often the reflectors' /health is read (0: never)
-    reflector_ttl: float = 3.0               # a reflector not heard for this long is dead: its locations move
+    reflector_ttl: float = 10.0              # a reflector not heard for this long is dead: its locations move
     scrypt_n: int = SCRYPT_N
     store: Store | None = None               # None: a MemoryStore with the limits above (one instance)
     stats: Counter = field(default_factory=Counter)
@@ -596,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--login-window", type=non_negative_float, default=60.0)
     parser.add_argument("--reflector-check-interval", type=non_negative_float, default=1.0,
                         help="seconds between /health reads; a restarted reflector gets the membership again")
-    parser.add_argument("--reflector-ttl", type=non_negative_float, default=3.0,
+    parser.add_argument("--reflector-ttl", type=non_negative_float, default=10.0,
                         help="a reflector whose /health nobody could read for this long is dead: its locations "
                              "go to live reflectors")
     parser.add_argument("--session-ttl", type=non_negative_float, default=24 * 3600.0, help="seconds a login lasts")
