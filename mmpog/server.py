@@ -260,8 +260,7 @@ class GameServer:
     async def _store_errors(self, request: web.Request, handler):
         try:
             return await handler(request)
-        except StoreUnavailable as exc:
-            self.stats["store_unavailable"] += 1
+        except StoreUnavailable as exc:      # counted by the store (store_unavailable)
             raise web.HTTPServiceUnavailable(text=str(exc)) from None
 
     async def _startup(self, app: web.Application) -> None:
@@ -270,9 +269,7 @@ class GameServer:
         for reflector in self.reflectors:
             await self.store.register_reflector(reflector.http, f"{reflector.udp[0]}:{reflector.udp[1]}", now,
                                                 self._registration_ttl)
-        # location l's home is reflector l mod R; a location another instance already placed stays where it is
-        await self.store.init_map([self.reflectors[location % len(self.reflectors)].http
-                                   for location in range(self.world.locations)])
+        await self._init_map()
         self._supervisor = Supervisor("mmpog-server", logger=log)
         if self.reflector_check_interval > 0:
             for reflector in self.reflectors:
@@ -312,10 +309,16 @@ class GameServer:
             return None
         return str(body.get("instance", "")) if isinstance(body, dict) else None
 
+    async def _init_map(self) -> None:
+        # location l's home is reflector l mod R; a location another instance already placed stays where it is
+        await self.store.init_map([self.reflectors[location % len(self.reflectors)].http
+                                   for location in range(self.world.locations)])
+
     async def _reassign_dead(self) -> None:
         """Give the locations of reflectors whose registration lapsed to live ones; their players move
         over on their next /move (``changed`` with the new reflector's address)."""
         while True:
+            await self._init_map()       # a store that lost its data (Redis restarted empty) gets a map again
             changes = await self.store.reassign_dead(time.time())
             if changes:
                 self.stats["locations_reassigned"] += len(changes)

@@ -184,3 +184,36 @@ def test_unreachable_store_is_one_line_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "cannot reach the game store" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+async def test_a_lost_redis_is_a_one_line_503_and_the_server_recovers_when_it_is_back(tmp_path):
+    from boxcore.redisproc import RedisServer
+
+    redis = RedisServer(tmp_path / "redis")
+    await redis.start()
+    game = Game(tmp_path / "game", redis.url)
+    try:
+        await game.start_reflector(0)
+        server, a = await game.start_server("server-a")
+        async with aiohttp.ClientSession() as http:
+            assert (await call(http, "POST", a + "/register", {"name": "wes", "password": "wes-plays-well"}))[0] == 201
+            session = (await call(http, "POST", a + "/login", {"name": "wes", "password": "wes-plays-well"}))[1]["session"]
+            await redis.stop()
+            for path, body in (("/move", {"x": 1, "y": 1}), ("/login", {"name": "wes", "password": "wes-plays-well"}),
+                               ("/register", {"name": "xia", "password": "xia-plays-well"})):
+                status, text = await call(http, "POST", a + path, body, session)
+                assert status == 503 and "game store is unreachable" in text and "\n" not in text.strip(), text
+            await redis.start()       # the same socket, empty (no persistence here): the server carries on
+            assert server.returncode is None
+            assert (await call(http, "POST", a + "/register", {"name": "xia", "password": "xia-plays-well"}))[0] == 201
+            status, login = await call(http, "POST", a + "/login", {"name": "xia", "password": "xia-plays-well"})
+            assert status == 200
+            await game.group.wait_until(server, lambda: json.loads(urllib.request.urlopen(
+                a + "/world", timeout=2).read())["mapping"] != {}, what="no map after the store came back")
+            status, moved = await call(http, "POST", a + "/move", {"x": 1, "y": 1}, login["session"])
+            assert status == 200 and moved["changed"]
+            stats = (await call(http, "GET", a + "/stats"))[1]
+            assert stats["counters"]["store_unavailable"] >= 3
+    finally:
+        await game.group.stop_all()
+        await redis.stop()
