@@ -55,7 +55,7 @@ from aiohttp import web
 from cliruntime import ConfigError, RunContext, host_port, make_parser, non_negative_float, positive_int, run_async
 from cliruntime.supervisor import Supervisor
 
-from .store import (AccountExists, MemoryStore, MovePlan, Presence, Store, StoreError, StoreFull, StoreLimits,
+from .store import (Account, AccountExists, MemoryStore, MovePlan, Presence, Store, StoreError, StoreFull, StoreLimits,
                     StoreUnavailable)
 
 log = logging.getLogger("mmpog.server")
@@ -434,6 +434,8 @@ class GameServer:
             self.stats["login_failed"] += 1
             await self.store.login_failed(name, address, now)
             raise web.HTTPUnauthorized(text="unknown player or wrong password")
+        if account.kdf != kdf_name(self.scrypt_n):
+            await self._rehash(account, password)
         session = secrets.token_urlsafe(24)
         try:
             opened = await self.store.open_session(session_key(session), account.id, address, now)
@@ -443,6 +445,14 @@ class GameServer:
         if opened.replaced:
             self.stats["sessions_replaced"] += 1
         return web.json_response({"player": account.id, "session": session})
+
+    async def _rehash(self, account: Account, password: str) -> None:
+        """The password was right but hashed with older parameters: store it at today's (only we see
+        the password, and only at login)."""
+        salt = secrets.token_bytes(16)
+        pw_hash = await asyncio.to_thread(self._hash, password, salt)
+        if await self.store.replace_password(account.name, account.pw_hash, salt, pw_hash, kdf_name(self.scrypt_n)):
+            self.stats["passwords_rehashed"] += 1
 
     @contextlib.asynccontextmanager
     async def _move_lock(self, player: int):

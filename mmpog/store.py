@@ -112,6 +112,10 @@ class Store(abc.ABC):
     async def account(self, name: str) -> Account | None: ...
 
     @abc.abstractmethod
+    async def replace_password(self, name: str, old_hash: bytes, salt: bytes, pw_hash: bytes, kdf: str) -> bool:
+        """Store a new hash (stronger parameters) if the account still has ``old_hash``."""
+
+    @abc.abstractmethod
     async def count_accounts(self) -> int: ...
 
     # ---------------------------------------------------------- sessions
@@ -283,6 +287,13 @@ class MemoryStore(Store):
 
     async def account(self, name: str) -> Account | None:
         return self._accounts.get(name)
+
+    async def replace_password(self, name: str, old_hash: bytes, salt: bytes, pw_hash: bytes, kdf: str) -> bool:
+        account = self._accounts.get(name)
+        if account is None or account.pw_hash != old_hash:
+            return False
+        self._accounts[name] = Account(account.id, name, salt, pw_hash, kdf)
+        return True
 
     async def count_accounts(self) -> int:
         return len(self._accounts)

@@ -57,6 +57,13 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return id
 """
 
+# KEYS: acct:data; ARGV: name, the old blob, the new blob
+REPLACE_PASSWORD = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
 ACCOUNT = "return {redis.call('HGET', KEYS[1], ARGV[1]), redis.call('HGET', KEYS[2], ARGV[1])}"
 
 # the session scripts share one way of dropping a session (KEYS: player, addr, deadline, byplayer, byaddr)
@@ -324,7 +331,8 @@ class RedisStore(Store):
             ("session_player", SESSION_PLAYER), ("count_sessions", COUNT_SESSIONS), ("set_presence", SET_PRESENCE),
             ("members_on", MEMBERS_ON), ("try_lock", TRY_LOCK), ("unlock", UNLOCK), ("register", REGISTER),
             ("heartbeat", HEARTBEAT), ("reflectors", REFLECTORS), ("init_map", INIT_MAP), ("reassign", REASSIGN),
-            ("login_throttled", LOGIN_THROTTLED), ("login_failed", LOGIN_FAILED), ("move_context", MOVE_CONTEXT))}
+            ("login_throttled", LOGIN_THROTTLED), ("login_failed", LOGIN_FAILED), ("move_context", MOVE_CONTEXT),
+            ("replace_password", REPLACE_PASSWORD))}
         self._prefix = prefix
         self._instance = secrets.token_hex(6)          # failure members unique across instances
         self._failure_ids = itertools.count()
@@ -375,6 +383,15 @@ class RedisStore(Store):
             return None
         salt, pw_hash, kdf = msgpack.unpackb(blob)
         return Account(int(player), name, salt, pw_hash, kdf)
+
+    @_unavailable_on_redis_errors
+    async def replace_password(self, name: str, old_hash: bytes, salt: bytes, pw_hash: bytes, kdf: str) -> bool:
+        account = await self.account(name)
+        if account is None or account.pw_hash != old_hash:
+            return False
+        old = msgpack.packb([account.salt, account.pw_hash, account.kdf])
+        return bool(await self._run("replace_password", [self.keys["acct:data"]],
+                                    [name, old, msgpack.packb([salt, pw_hash, kdf])]))
 
     @_unavailable_on_redis_errors
     async def count_accounts(self) -> int:

@@ -213,6 +213,24 @@ def test_passwords_hashed_with_scrypt_at_current_parameters():
         GameServer(World(1, 1, 1.0), [], scrypt_n=2 ** 10)
 
 
+async def test_an_old_hash_is_upgraded_at_the_next_login():
+    server, test_server = await start_server()
+    async with aiohttp.ClientSession() as http:
+        credentials = {"name": "olga", "password": "olga-plays-well"}
+        assert (await post(http, test_server, "/register", credentials))[0] == 201
+        assert (await server.store.account("olga")).kdf == "scrypt:n=16384,r=8,p=1,dklen=32"
+        server.scrypt_n = 2 ** 15                       # the operator raised the cost since
+        assert (await post(http, test_server, "/login", credentials))[0] == 200
+        account = await server.store.account("olga")
+        assert account.kdf == "scrypt:n=32768,r=8,p=1,dklen=32" and server.stats["passwords_rehashed"] == 1
+        assert account.pw_hash == hashlib.scrypt(b"olga-plays-well", salt=account.salt, n=2 ** 15, r=8, p=1,
+                                                 maxmem=2 ** 26, dklen=32)
+        assert (await post(http, test_server, "/login", credentials))[0] == 200
+        assert (await post(http, test_server, "/login", {**credentials, "password": "wrong-guess"}))[0] == 401
+    await test_server.close()
+    assert server.stats["passwords_rehashed"] == 1
+
+
 async def test_login_throttled_per_account_and_per_address():
     server, test_server = await start_server(login_failures_per_account=3, login_failures_per_address=5)
     async with aiohttp.ClientSession() as http:

@@ -59,6 +59,16 @@ async def test_accounts_are_unique_numbered_and_bounded(store):
     assert store.stats["accounts_refused"] == 1
 
 
+async def test_a_password_is_replaced_only_over_the_hash_it_had(store):
+    await store.create_account("ann", b"s1", b"h1", "k1")
+    assert not await store.replace_password("ann", b"other", b"s2", b"h2", "k2")
+    assert await store.replace_password("ann", b"h1", b"s2", b"h2", "k2")
+    account = await store.account("ann")
+    assert (account.id, account.salt, account.pw_hash, account.kdf) == (1, b"s2", b"h2", "k2")
+    assert not await store.replace_password("ann", b"h1", b"s3", b"h3", "k3")     # a second instance lost
+    assert not await store.replace_password("nobody", b"h1", b"s3", b"h3", "k3")
+
+
 async def test_two_racing_registrations_of_one_name_one_wins(store):
     results = await asyncio.gather(*(store.create_account("ann", bytes([i]), b"h", "k") for i in range(4)),
                                    return_exceptions=True)
