@@ -38,9 +38,11 @@ import re
 import secrets
 from collections import Counter
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode
 
 import msgpack
+
+from boxcore.directory_redis import redacted   # the one password-free form of a Redis URL
 
 from .store import (PURGE_BATCH, Account, AccountExists, Presence, ReflectorRecord, SessionOpened, Store, StoreError,
                     StoreFull, StoreLimits, StoreUnavailable)
@@ -274,14 +276,6 @@ def split_store_url(url: str) -> tuple[str, str]:
         raise ValueError(f"game name must be 1-64 characters of A-Z a-z 0-9 _ . -, got {game!r}")
     rest = urlencode(query, doseq=True)
     return f"{base}?{rest}" if rest else base, game
-
-
-def redacted(url: str) -> str:
-    """``url`` without its password (errors and logs must not carry it)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 def _unavailable_on_redis_errors(method):
