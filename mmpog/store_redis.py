@@ -32,6 +32,7 @@ give anyone a usable session.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import re
@@ -48,6 +49,7 @@ from .store import (PURGE_BATCH, Account, AccountExists, Presence, ReflectorReco
                     StoreFull, StoreLimits, StoreUnavailable)
 
 DEFAULT_GAME = "mmpog"
+MAX_CONCURRENCY = 64      # calls in flight per instance: below redis-py's pool of 100 connections
 GAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 CREATE_ACCOUNT = """
@@ -279,13 +281,15 @@ def split_store_url(url: str) -> tuple[str, str]:
 
 
 def _unavailable_on_redis_errors(method):
-    """A lost or refusing Redis as :class:`StoreUnavailable` (one line)."""
+    """At most ``max_concurrency`` calls at once (the others wait their turn: redis-py's pool refuses
+    past its size rather than waiting); a lost or refusing Redis as :class:`StoreUnavailable` (one line)."""
     @functools.wraps(method)
     async def wrapper(self, *args, **kwargs):
         from redis.exceptions import RedisError
 
         try:
-            return await method(self, *args, **kwargs)
+            async with self._slots:
+                return await method(self, *args, **kwargs)
         except (RedisError, OSError) as exc:
             self.stats["store_unavailable"] += 1
             reason = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -309,8 +313,10 @@ def _deadline(ttl: float | None, now: float) -> str:
 
 
 class RedisStore(Store):
-    def __init__(self, client: Any, game: str = DEFAULT_GAME, limits: StoreLimits | None = None) -> None:
+    def __init__(self, client: Any, game: str = DEFAULT_GAME, limits: StoreLimits | None = None,
+                 max_concurrency: int = MAX_CONCURRENCY) -> None:
         self.client = client
+        self._slots = asyncio.Semaphore(max_concurrency)
         self.game = game
         self.limits = limits or StoreLimits()
         self.stats = Counter()
@@ -380,10 +386,9 @@ class RedisStore(Store):
 
     @_unavailable_on_redis_errors
     async def replace_password(self, name: str, old_hash: bytes, salt: bytes, pw_hash: bytes, kdf: str) -> bool:
-        account = await self.account(name)
-        if account is None or account.pw_hash != old_hash:
+        player, old = await self._run("account", [self.keys["acct"], self.keys["acct:data"]], [name])
+        if player is None or old is None or msgpack.unpackb(old)[1] != old_hash:
             return False
-        old = msgpack.packb([account.salt, account.pw_hash, account.kdf])
         return bool(await self._run("replace_password", [self.keys["acct:data"]],
                                     [name, old, msgpack.packb([salt, pw_hash, kdf])]))
 

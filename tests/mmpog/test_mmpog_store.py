@@ -152,6 +152,12 @@ async def test_move_context_reads_session_presence_and_map_at_once(store):
     assert await store.move_context("k1", NOW, 9) == (7, presence(1, "http://b"), None)
 
 
+async def test_more_calls_at_once_than_connections_wait_their_turn(store):
+    await store.open_session("k1", 7, "10.0.0.1", NOW)
+    results = await asyncio.gather(*(store.move_context("k1", NOW, 0) for _ in range(300)))
+    assert results == [(7, None, None)] * 300          # redis-py's pool alone refuses past 100
+
+
 async def test_move_lock_held_until_released_or_expired(store):
     assert await store.try_lock(1, "a", NOW, 10)
     assert not await store.try_lock(1, "b", NOW + 5, 10)
