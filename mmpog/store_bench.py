@@ -27,10 +27,21 @@ import aiohttp
 
 from boxcore.procs import ProcessGroup, free_port, python_module
 from boxcore.redisproc import RedisServer
-from cliruntime import RunContext, make_parser, non_negative_float, positive_int, run_async
+from cliruntime import ConfigError, RunContext, make_parser, non_negative_float, positive_int, run_async
 from tools.stats import summary
 
-CONFIGS = (("memory", 1), ("redis", 1), ("redis", 2))
+CONFIGS = "memory:1,redis:1,redis:2"
+
+
+def parse_configs(text: str) -> list[tuple[str, int]]:
+    """``memory:1,redis:2`` -> [("memory", 1), ("redis", 2)] (memory runs one instance only)."""
+    configs = []
+    for item in text.split(","):
+        kind, _, count = item.partition(":")
+        if kind not in ("memory", "redis") or not count.isdigit() or int(count) < 1 or (kind == "memory" and count != "1"):
+            raise ConfigError(f"--configs wants memory:1 or redis:N items, got {item!r}")
+        configs.append((kind, int(count)))
+    return configs
 
 
 def _answers(url: str) -> bool:
@@ -49,7 +60,7 @@ async def _drive(bases: list[str], clients: int, duration: float, config: str) -
         sessions = []
         for n in range(clients):
             base = bases[n % len(bases)]
-            name, password = f"{config}-{n}", f"bench-player-{n}"
+            name, password = f"p{n}", f"bench-player-{n}"
             async with http.post(base + "/register", json={"name": name, "password": password}) as resp:
                 assert resp.status == 201, await resp.text()
             async with http.post(base + "/login", json={"name": name, "password": password}) as resp:
@@ -78,7 +89,7 @@ async def _drive(bases: list[str], clients: int, duration: float, config: str) -
             "latency_ms": summary(latencies, (50, 99), scale=1000.0, with_max=True)}
 
 
-async def run_bench(clients: int, duration: float, workdir: Path) -> dict:
+async def run_bench(clients: int, duration: float, workdir: Path, configs: list[tuple[str, int]]) -> dict:
     group = ProcessGroup(workdir)
     redis = RedisServer(workdir / "redis")
     results = {}
@@ -90,8 +101,8 @@ async def run_bench(clients: int, duration: float, workdir: Path) -> dict:
                                               f"127.0.0.1:{refl_udp}", "--http", f"127.0.0.1:{refl_http}",
                                               "--api-key", key, "--log-level", "warning"], stats=False)
         await group.wait_until(reflector, lambda: _answers(f"http://127.0.0.1:{refl_http}/health"), what="no /health")
-        for number, (kind, instances) in enumerate(CONFIGS):
-            config = f"{kind}x{instances}"
+        for number, (kind, instances) in enumerate(configs):
+            config = f"{kind}x{instances}" + (f" #{number}" if (kind, instances) in configs[:number] else "")
             roles, bases = [], []
             for index in range(instances):
                 port = free_port()
@@ -137,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--plot out.png"])
     parser.add_argument("--clients", type=positive_int, default=16)
     parser.add_argument("--duration", type=non_negative_float, default=5.0)
+    parser.add_argument("--configs", default=CONFIGS, help="store:instances, in the order run (repeat to interleave)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plot", type=Path, help="write a PNG here")
     return parser
@@ -144,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
     with tempfile.TemporaryDirectory(prefix="bbmmpogstore") as tmp:
-        results = await run_bench(args.clients, args.duration, Path(tmp))
+        results = await run_bench(args.clients, args.duration, Path(tmp), parse_configs(args.configs))
     report = {"clients": args.clients, "duration": args.duration, "configs": results}
     print(json.dumps(report, indent=1))
     if args.json:
