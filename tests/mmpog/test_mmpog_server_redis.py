@@ -47,11 +47,11 @@ class Game:
         await self.group.wait_until(role, lambda: answers(url + "/health"), what="no /health")
         return role
 
-    async def start_server(self, name: str, port: int | None = None, *extra: str):
+    async def start_server(self, name: str, port: int | None = None, *extra: str, reflector_ttl: float = 10.0):
         port = port or free_port()
         argv = [*python_module("mmpog.server"), "--http", f"127.0.0.1:{port}", "--world", "2x2", "--cell", "10",
                 "--api-key", API_KEY, "--store", self.store_url, "--reflector-check-interval", "0.1",
-                "--reflector-ttl", "1.5", "--log-level", "info", *extra]
+                "--reflector-ttl", str(reflector_ttl), "--log-level", "info", *extra]
         for url, udp in self.reflectors:
             argv += ["--reflector", f"{url}=127.0.0.1:{udp}"]
         role = self.group.start(name, argv, stats=False)
@@ -132,8 +132,9 @@ async def test_two_instances_serve_the_same_players_and_a_killed_one_loses_nothi
 
 async def test_a_dead_reflectors_locations_go_to_the_live_one_and_its_players_follow(game):
     roles = [await game.start_reflector(n) for n in range(2)]
-    _, a = await game.start_server("server-a")
-    _, b = await game.start_server("server-b")
+    # 3 s without one /health answer (read every 0.1 s) is dead: short for the test, long for a busy host
+    _, a = await game.start_server("server-a", reflector_ttl=3.0)
+    _, b = await game.start_server("server-b", reflector_ttl=3.0)
     async with aiohttp.ClientSession() as http:
         await call(http, "POST", a + "/register", {"name": "uma", "password": "uma-plays-well"})
         session = (await call(http, "POST", b + "/login", {"name": "uma", "password": "uma-plays-well"}))[1]["session"]
