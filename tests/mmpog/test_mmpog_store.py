@@ -273,3 +273,54 @@ def test_random_session_histories_agree_with_a_model(kind, request):
         asyncio.run(run())
 
     check()
+
+
+def test_redis_answers_every_random_history_as_the_memory_store_does(redis_node):  # noqa: F811
+    """Differential: one random history of presence, lock, registration and reassignment steps on
+    the memory store (the reference) and on Redis gives the same answer at every step."""
+    reflectors = ["http://a", "http://b", "http://c"]
+    steps = st.one_of(
+        st.tuples(st.just("presence"), st.integers(1, 4),
+                  st.none() | st.tuples(st.integers(0, 3), st.sampled_from(reflectors), st.binary(min_size=1, max_size=4))),
+        st.tuples(st.just("lock"), st.integers(1, 3), st.sampled_from(["x", "y"]), st.floats(0, 20)),
+        st.tuples(st.just("unlock"), st.integers(1, 3), st.sampled_from(["x", "y"])),
+        st.tuples(st.just("heartbeat"), st.sampled_from(reflectors), st.sampled_from(["i1", "i2"]), st.floats(0.5, 5)),
+        st.tuples(st.just("reassign"), st.floats(0, 3)),
+    )
+
+    async def apply(store, step, now):
+        kind = step[0]
+        if kind == "presence":
+            _, player, where = step
+            new = None if where is None else Presence(where[0], where[2], where[1])
+            return await store.set_presence(player, new), await store.members_on(where[1] if where else "http://a")
+        if kind == "lock":
+            return await store.try_lock(step[1], step[2], now, step[3])
+        if kind == "unlock":
+            return await store.unlock(step[1], step[2])
+        if kind == "heartbeat":
+            await store.register_reflector(step[1], "127.0.0.1:1", now, step[3])
+            return await store.heartbeat(step[1], step[2], now, step[3])
+        return await store.reassign_dead(now), await store.location_map(), await store.occupancy()
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(steps, max_size=25))
+    def check(history):
+        async def run():
+            reference = MemoryStore(LIMITS)
+            store = await RedisStore.open(f"{redis_node.url}?game=d{next(_games)}", LIMITS)
+            try:
+                for target in (reference, store):
+                    for n, rid in enumerate(reflectors):       # they die one after the other unless heard
+                        await target.register_reflector(rid, "127.0.0.1:1", NOW, 1.0 + n)
+                    await target.init_map(reflectors * 2)
+                now = NOW
+                for step in history:
+                    now += step[-1] if step[0] == "reassign" else 0.25
+                    assert await apply(store, step, now) == await apply(reference, step, now), step
+                assert await store.reflectors(now) == await reference.reflectors(now)
+            finally:
+                await store.aclose()
+        asyncio.run(run())
+
+    check()
