@@ -341,3 +341,43 @@ def test_membership_pushed_again_when_a_reflector_restarts(tmp_path):
             if proc.poll() is None:
                 proc.terminate()
             proc.wait(10)
+
+
+async def test_default_store_moves_a_dead_reflectors_locations_to_a_live_one(tmp_path):
+    """The in-memory default: of two reflectors one never answers; after --reflector-ttl its locations
+    go to the live one, and a player placed there follows on its next /move."""
+    from boxcore.procs import ProcessGroup, python_module
+
+    group = ProcessGroup(tmp_path)
+    udp, http_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
+    live_url = f"http://127.0.0.1:{http_port}"
+    reflector = group.start("reflector", [*python_module("mmpog.reflector"), "--mode", "standalone", "--listen",
+                                          f"127.0.0.1:{udp}", "--http", f"127.0.0.1:{http_port}",
+                                          "--api-key", "secret-key", "--log-level", "warning"], stats=False)
+    dead = ReflectorInfo(f"http://127.0.0.1:{free_port()}", ("127.0.0.1", free_port(socket.SOCK_DGRAM)))
+    server = GameServer(World(2, 1, 10.0), [ReflectorInfo(live_url, ("127.0.0.1", udp)), dead], api_key="secret-key",
+                        reflector_check_interval=0.05, reflector_ttl=1.0)
+    test_server = TestServer(server.app())
+    try:
+        await group.wait_until(reflector, lambda: reflector_answers(live_url), what="no /health")
+        await test_server.start_server()
+        async with aiohttp.ClientSession() as http:
+            await group.wait_until(reflector, lambda: server.stats["locations_reassigned"] == 1, timeout=30,
+                                   what="location 1 not reassigned")
+            async with http.get(test_server.make_url("/world")) as resp:
+                assert (await resp.json())["mapping"] == {"0": 0, "1": 0}         # 1's home (l mod R) was dead
+            await post(http, test_server, "/register", {"name": "pia", "password": "pia-plays-well"})
+            status, text = await post(http, test_server, "/login", {"name": "pia", "password": "pia-plays-well"})
+            status, text = await post(http, test_server, "/move", {"x": 15, "y": 5}, session=json.loads(text)["session"])
+            assert status == 200 and json.loads(text)["reflector"] == f"127.0.0.1:{udp}"
+    finally:
+        await test_server.close()
+        await group.stop_all()
+
+
+def reflector_answers(url):
+    try:
+        urllib.request.urlopen(url + "/health", timeout=1).read()
+        return True
+    except OSError:
+        return False
