@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from boxcore.procs import ProcessGroup, free_port, python_module
-from tests.redis_support import redis_node  # noqa: F401  (fixture)
+from tests.redis_support import redis_cluster, redis_node  # noqa: F401  (fixtures)
 
 API_KEY = "secret-key"
 _games = itertools.count()
@@ -174,6 +174,24 @@ async def test_failed_logins_are_counted_across_instances(game):
         # three guesses spread over two instances are three for the account: both refuse now
         right = {"name": "vic", "password": "vic-plays-well"}
         assert [(await call(http, "POST", base + "/login", right))[0] for base in (a, b)] == [429, 429]
+
+
+async def test_two_instances_on_a_redis_cluster(redis_cluster, tmp_path):  # noqa: F811
+    game = Game(tmp_path, f"{redis_cluster.url}&game=c{next(_games)}", reflectors=1)
+    try:
+        await game.start_reflector(0)
+        _, a = await game.start_server("server-a")
+        _, b = await game.start_server("server-b")
+        async with aiohttp.ClientSession() as http:
+            assert (await call(http, "POST", a + "/register", {"name": "yan", "password": "yan-plays-well"}))[0] == 201
+            status, login = await call(http, "POST", b + "/login", {"name": "yan", "password": "yan-plays-well"})
+            status, moved = await call(http, "POST", a + "/move", {"x": 5, "y": 5}, login["session"])
+            assert status == 200 and moved["changed"]
+            status, again = await call(http, "POST", b + "/move", {"x": 6, "y": 6}, login["session"])
+            assert status == 200 and not again["changed"] and again["token"] == moved["token"]
+            assert (await call(http, "GET", b + "/stats"))[1]["occupancy"] == {"0": 1}
+    finally:
+        await game.group.stop_all()
 
 
 def test_unreachable_store_is_one_line_exit_2(tmp_path):
