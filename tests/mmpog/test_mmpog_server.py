@@ -168,6 +168,7 @@ import hashlib  # noqa: E402
 from aiohttp.test_utils import TestServer  # noqa: E402
 
 from mmpog.server import SCRYPT_N, GameServer, ReflectorInfo, World, json_depth_ok  # noqa: E402
+from mmpog.store import StoreFull, StoreLimits  # noqa: E402
 
 
 async def start_server(**options):
@@ -212,6 +213,24 @@ def test_passwords_hashed_with_scrypt_at_current_parameters():
         GameServer(World(1, 1, 1.0), [], scrypt_n=2 ** 10)
 
 
+async def test_an_old_hash_is_upgraded_at_the_next_login():
+    server, test_server = await start_server()
+    async with aiohttp.ClientSession() as http:
+        credentials = {"name": "olga", "password": "olga-plays-well"}
+        assert (await post(http, test_server, "/register", credentials))[0] == 201
+        assert (await server.store.account("olga")).kdf == "scrypt:n=16384,r=8,p=1,dklen=32"
+        server.scrypt_n = 2 ** 15                       # the operator raised the cost since
+        assert (await post(http, test_server, "/login", credentials))[0] == 200
+        account = await server.store.account("olga")
+        assert account.kdf == "scrypt:n=32768,r=8,p=1,dklen=32" and server.stats["passwords_rehashed"] == 1
+        assert account.pw_hash == hashlib.scrypt(b"olga-plays-well", salt=account.salt, n=2 ** 15, r=8, p=1,
+                                                 maxmem=2 ** 26, dklen=32)
+        assert (await post(http, test_server, "/login", credentials))[0] == 200
+        assert (await post(http, test_server, "/login", {**credentials, "password": "wrong-guess"}))[0] == 401
+    await test_server.close()
+    assert server.stats["passwords_rehashed"] == 1
+
+
 async def test_login_throttled_per_account_and_per_address():
     server, test_server = await start_server(login_failures_per_account=3, login_failures_per_address=5)
     async with aiohttp.ClientSession() as http:
@@ -248,15 +267,17 @@ async def test_sessions_capped_per_address_and_overall_without_evicting_others()
         # a second login of the same player replaces its session (one per player)
         status, text = await post(http, test_server, "/login", {"name": "max3", "password": "max3-is-here"})
         assert (await post(http, test_server, "/leave", {}, session=sessions["max3"]))[0] == 401
-        assert len(server.sessions) == 2
+        assert await server.store.count_sessions(time.time()) == 2
+        # overall cap: the third login from another address is refused rather than evicting anyone
+        server.store.limits = StoreLimits(max_sessions=3, sessions_per_address=100)
+        await server.store.open_session("someone-elses", 1, "10.9.9.8", time.time())
+        with pytest.raises(StoreFull):
+            await server.store.open_session("refused", 99, "10.9.9.9", time.time())
+        assert await server.store.session_player("someone-elses", time.time()) == 1
+        status, text = await post(http, test_server, "/login", {"name": "lou2", "password": "lou2-is-here"})
+        assert status == 200          # lou2 replaces its own session: nobody else's is needed
     await test_server.close()
-    # overall cap: the next login is refused rather than evicting another address's session
-    server._address_sessions.clear()
-    server.sessions_per_address = 100
-    server.sessions["someone-elses"] = 1
-    with pytest.raises(Exception) as refused:
-        server._new_session(server.by_id[1], "10.9.9.9")       # kim1: no session of its own left
-    assert getattr(refused.value, "status", None) == 503 and "someone-elses" in server.sessions
+    assert server.counters()["sessions_refused"] == 1 and server.counters()["sessions_evicted_same_address"] == 1
 
 
 async def test_deep_json_is_a_400_with_one_line_never_a_500():
@@ -320,3 +341,43 @@ def test_membership_pushed_again_when_a_reflector_restarts(tmp_path):
             if proc.poll() is None:
                 proc.terminate()
             proc.wait(10)
+
+
+async def test_default_store_moves_a_dead_reflectors_locations_to_a_live_one(tmp_path):
+    """The in-memory default: of two reflectors one never answers; after --reflector-ttl its locations
+    go to the live one, and a player placed there follows on its next /move."""
+    from boxcore.procs import ProcessGroup, python_module
+
+    group = ProcessGroup(tmp_path)
+    udp, http_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
+    live_url = f"http://127.0.0.1:{http_port}"
+    reflector = group.start("reflector", [*python_module("mmpog.reflector"), "--mode", "standalone", "--listen",
+                                          f"127.0.0.1:{udp}", "--http", f"127.0.0.1:{http_port}",
+                                          "--api-key", "secret-key", "--log-level", "warning"], stats=False)
+    dead = ReflectorInfo(f"http://127.0.0.1:{free_port()}", ("127.0.0.1", free_port(socket.SOCK_DGRAM)))
+    server = GameServer(World(2, 1, 10.0), [ReflectorInfo(live_url, ("127.0.0.1", udp)), dead], api_key="secret-key",
+                        reflector_check_interval=0.05, reflector_ttl=1.0)
+    test_server = TestServer(server.app())
+    try:
+        await group.wait_until(reflector, lambda: reflector_answers(live_url), what="no /health")
+        await test_server.start_server()
+        async with aiohttp.ClientSession() as http:
+            await group.wait_until(reflector, lambda: server.stats["locations_reassigned"] == 1, timeout=30,
+                                   what="location 1 not reassigned")
+            async with http.get(test_server.make_url("/world")) as resp:
+                assert (await resp.json())["mapping"] == {"0": 0, "1": 0}         # 1's home (l mod R) was dead
+            await post(http, test_server, "/register", {"name": "pia", "password": "pia-plays-well"})
+            status, text = await post(http, test_server, "/login", {"name": "pia", "password": "pia-plays-well"})
+            status, text = await post(http, test_server, "/move", {"x": 15, "y": 5}, session=json.loads(text)["session"])
+            assert status == 200 and json.loads(text)["reflector"] == f"127.0.0.1:{udp}"
+    finally:
+        await test_server.close()
+        await group.stop_all()
+
+
+def reflector_answers(url):
+    try:
+        urllib.request.urlopen(url + "/health", timeout=1).read()
+        return True
+    except OSError:
+        return False
