@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import itertools
 import logging
 import os
@@ -48,6 +47,7 @@ from boxcore.directory import (DEFAULT_MAX_KEY_CHARS, DEFAULT_MAX_KEYS, DEFAULT_
                                DirectoryError, DirectoryOpenError, DirectoryUnavailable, QuotaExceeded, Watch,
                                check_key, check_prefix, decode_value, encode_value, prefix_upper_bound,
                                set_limits)
+from boxcore.redisconn import first_line, redacted, unavailable_on_redis_errors
 from cliruntime.supervisor import Supervisor
 
 log = logging.getLogger("boxcore.directory")
@@ -147,28 +147,8 @@ def split_directory_url(url: str) -> tuple[str, str]:
 _barrier_ids = itertools.count()
 
 
-def _unavailable_on_redis_errors(method):
-    """A lost or refusing Redis as :class:`DirectoryUnavailable` (one line, no traceback)."""
-    @functools.wraps(method)
-    async def wrapper(self, *args, **kwargs):
-        from redis.exceptions import RedisError
-
-        try:
-            return await method(self, *args, **kwargs)
-        except (RedisError, OSError) as exc:
-            self.stats["unavailable"] += 1
-            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise DirectoryUnavailable(f"the fleet directory is unreachable: {reason}") from None
-    return wrapper
-
-
-def redacted(url: str) -> str:
-    """``url`` without its password (error messages and logs must not carry it)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+_unavailable_on_redis_errors = unavailable_on_redis_errors(DirectoryUnavailable, "the fleet directory",
+                                                           "unavailable")
 
 
 def _parse_change(payload: bytes) -> tuple[bool, int, int, str, str, bytes]:
@@ -247,8 +227,7 @@ class RedisDirectory:
             await client.aclose()
             if sub_client is not client:
                 await sub_client.aclose()
-            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise DirectoryOpenError(f"cannot reach the directory at {redacted(url)}: {reason}") from None
+            raise DirectoryOpenError(f"cannot reach the directory at {redacted(url)}: {first_line(exc)}") from None
         return directory
 
     async def _subscribe(self) -> None:

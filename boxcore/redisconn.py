@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -35,3 +38,40 @@ def open_redis(url: str, *, max_connections: int | None = None):
     if max_connections:
         kwargs["max_connections"] = max_connections
     return aioredis.Redis.from_url(url, **kwargs)
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password (error messages and logs must not carry it)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name if it has none): for one-line errors."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def unavailable_on_redis_errors(error: type[Exception], what: str, counter: str,
+                                slots: str | None = None) -> Callable:
+    """Decorate a store's async methods: a lost or refusing Redis becomes ``error("<what> is
+    unreachable: <reason>")`` (one line, no traceback), counted in ``self.stats[counter]``.
+
+    With ``slots`` (the name of an ``asyncio.Semaphore`` attribute), at most that many calls run at
+    once and the others wait their turn: redis-py's pool refuses past its size rather than waiting."""
+    def decorate(method):
+        @functools.wraps(method)
+        async def wrapper(self: Any, *args: Any, **kwargs: Any):
+            from redis.exceptions import RedisError
+
+            gate = getattr(self, slots) if slots else contextlib.nullcontext()
+            try:
+                async with gate:
+                    return await method(self, *args, **kwargs)
+            except (RedisError, OSError) as exc:
+                self.stats[counter] += 1
+                raise error(f"{what} is unreachable: {first_line(exc)}") from None
+        return wrapper
+    return decorate

@@ -33,7 +33,6 @@ give anyone a usable session.
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import re
 import secrets
@@ -43,7 +42,7 @@ from urllib.parse import parse_qs, urlencode
 
 import msgpack
 
-from boxcore.directory_redis import redacted   # the one password-free form of a Redis URL
+from boxcore.redisconn import first_line, redacted, unavailable_on_redis_errors
 
 from .store import (PURGE_BATCH, Account, AccountExists, Presence, ReflectorRecord, SessionOpened, Store, StoreError,
                     StoreFull, StoreLimits, StoreUnavailable)
@@ -280,21 +279,8 @@ def split_store_url(url: str) -> tuple[str, str]:
     return f"{base}?{rest}" if rest else base, game
 
 
-def _unavailable_on_redis_errors(method):
-    """At most ``max_concurrency`` calls at once (the others wait their turn: redis-py's pool refuses
-    past its size rather than waiting); a lost or refusing Redis as :class:`StoreUnavailable` (one line)."""
-    @functools.wraps(method)
-    async def wrapper(self, *args, **kwargs):
-        from redis.exceptions import RedisError
-
-        try:
-            async with self._slots:
-                return await method(self, *args, **kwargs)
-        except (RedisError, OSError) as exc:
-            self.stats["store_unavailable"] += 1
-            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise StoreUnavailable(f"the game store is unreachable: {reason}") from None
-    return wrapper
+_unavailable_on_redis_errors = unavailable_on_redis_errors(StoreUnavailable, "the game store", "store_unavailable",
+                                                           slots="_slots")
 
 
 def _text(value: bytes | str) -> str:
@@ -353,8 +339,7 @@ class RedisStore(Store):
             await client.ping()
         except (RedisError, OSError) as exc:
             await client.aclose()
-            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise StoreUnavailable(f"cannot reach the game store at {redacted(url)}: {reason}") from None
+            raise StoreUnavailable(f"cannot reach the game store at {redacted(url)}: {first_line(exc)}") from None
         return cls(client, game, limits)
 
     async def aclose(self) -> None:
@@ -527,4 +512,4 @@ class RedisStore(Store):
         return {int(flat[i]): (_text(flat[i + 1]), _text(flat[i + 2])) for i in range(0, len(flat), 3)}
 
 
-__all__ = ["DEFAULT_GAME", "RedisStore", "redacted", "split_store_url"]
+__all__ = ["DEFAULT_GAME", "RedisStore", "split_store_url"]
