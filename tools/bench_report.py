@@ -116,7 +116,9 @@ def register(subparsers) -> None:
         "report", help="one self-contained HTML page: every experiment's figure beside the paper's numbers",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  booster-loadgen report --out report.html\n"
-               "  booster-loadgen report --dir out --np docs/npdrv-latency.json --out out/report.html")
+               "  booster-loadgen report --dir out --np docs/npdrv-latency.json --out out/report.html\n"
+               "  booster-loadgen report --np docs/npdrv-latency.json --datapath-xdp docs/xdp-datapath.json "
+               "--mmpog-compare docs/mmpog-compare-p32-l4-loss0.05.json --out out/report.html")
     parser.add_argument("--out", type=Path, default=Path("report.html"), help="the HTML file to write")
     parser.add_argument("--dir", type=Path, default=Path("out"), help="where the experiments wrote their JSON")
     for name, (filename, _) in EXPERIMENTS.items():
