@@ -160,23 +160,22 @@ class FirefoxBidi:
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._supervisor: Supervisor | None = None
-        self._role = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "FirefoxBidi":
         profile = self.workdir / "profile"
         profile.mkdir(parents=True, exist_ok=True)
         (profile / "user.js").write_text(user_js(PREFS))
-        self._role = self.group.start("firefox", [self.binary, "--headless", "--no-remote", "--remote-debugging-port",
-                                                  "0", "--profile", str(profile), "about:blank"], stats=False)
-        self.group.wait_until_sync(self._role, lambda: LISTENING.search(self._role.output()) is not None,
-                                   START_TIMEOUT, "no WebDriver BiDi endpoint announced")
-        endpoint = LISTENING.search(self._role.output()).group(1)
-        self._thread.start()
+        role = self.group.start("firefox", [self.binary, "--headless", "--no-remote", "--remote-debugging-port", "0",
+                                            "--profile", str(profile), "about:blank"], stats=False)
         try:
+            self.group.wait_until_sync(role, lambda: LISTENING.search(role.output()) is not None,
+                                       START_TIMEOUT, "no WebDriver BiDi endpoint announced")
+            endpoint = LISTENING.search(role.output()).group(1)
+            self._thread.start()
             self._run(self._connect(endpoint + "/session"))
         except BaseException:
-            self.close()
+            self.close()            # no browser left behind by a start that failed
             raise
         return self
 

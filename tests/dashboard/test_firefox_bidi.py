@@ -8,6 +8,7 @@ import math
 import pytest
 
 from tests.dashboard.conftest import FIREFOX, require_browser, wait_until
+from tests.dashboard import firefox_bidi
 from tests.dashboard.firefox_bidi import BidiError, FirefoxBidi, from_remote_value, to_local_value
 
 
@@ -54,3 +55,15 @@ def test_local_values_are_refused_when_the_page_cannot_take_them():
                                                                                        "value": "one"}]]}) == {"1": "one"}
     node = {"type": "node", "sharedId": "abc"}
     assert from_remote_value(node) is node
+
+
+def test_a_browser_that_never_listens_fails_the_start_and_is_not_left_running(tmp_path, monkeypatch):
+    # a "browser" that prints nothing and waits: the start times out, then stops it
+    script = tmp_path / "silent-browser"
+    script.write_text("#!/bin/sh\nexec sleep 600\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(firefox_bidi, "START_TIMEOUT", 1.0)
+    browser = FirefoxBidi(str(script), tmp_path / "silent")
+    with pytest.raises(RuntimeError, match="no WebDriver BiDi endpoint announced"):
+        browser.start()
+    assert [role.proc.poll() for role in browser.group.roles] == [-15]      # SIGTERM, not left behind
