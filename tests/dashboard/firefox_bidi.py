@@ -299,8 +299,12 @@ class FirefoxBidi:
 
     def console_errors(self) -> list[dict]:
         """Console errors and uncaught exceptions so far, as ``{"level", "message", "source"}``."""
+        entries = self._run(self._log_copy())      # copied on the loop that appends to it
         return [{"level": entry.get("level"), "message": entry.get("text") or "", "source": entry.get("type")}
-                for entry in list(self.log_entries) if entry.get("level") == "error"]
+                for entry in entries if entry.get("level") == "error"]
+
+    async def _log_copy(self) -> list[dict]:
+        return list(self.log_entries)
 
     def screenshot(self, path: Path, full_page: bool = True) -> Path:
         shot = self.command("browsingContext.captureScreenshot",
