@@ -112,18 +112,59 @@ class SseClient:
         return self.buffer.popleft()
 
 
-class DashboardHub:
+class SseHub:
+    """The browsers of one Server-Sent Events stream: at most ``max_clients`` at once, each with a
+    bounded queue (a client that does not read is dropped and counted).  Subclasses say what a new
+    client gets first (:meth:`snapshot`) and how they start and stop their own work."""
+
+    def __init__(self, *, max_clients: int, client_queue: int) -> None:
+        self.max_clients = max_clients
+        self.client_queue = client_queue
+        self.clients: set[SseClient] = set()
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    def subscribe(self) -> SseClient | None:
+        if len(self.clients) >= self.max_clients:
+            self.stats["sse_refused"] += 1
+            return None
+        client = SseClient(self.client_queue)
+        self.clients.add(client)
+        self.stats["sse_connections"] += 1
+        return client
+
+    def unsubscribe(self, client: SseClient) -> None:
+        self.clients.discard(client)
+        if client.overflowed:
+            self.stats["sse_slow_clients_dropped"] += 1
+
+    def send(self, message: bytes) -> None:
+        """Queue one encoded message to every client."""
+        for client in list(self.clients):
+            client.offer(message)
+
+    def close_clients(self) -> None:
+        for client in list(self.clients):
+            client.close()
+
+    def snapshot(self) -> dict:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+
+class DashboardHub(SseHub):
     """Samples a controller once per ``interval`` and fans the result out to SSE clients."""
 
     def __init__(self, controller: Any, *, interval: float = 1.0, history_seconds: float = HISTORY_SECONDS,
                  max_clients: int = 32, client_queue: int = 64) -> None:
+        super().__init__(max_clients=max_clients, client_queue=client_queue)
         self.controller = controller
         self.interval = interval
-        self.max_clients = max_clients
-        self.client_queue = client_queue
         self.history: collections.deque[list] = collections.deque(maxlen=max(2, int(history_seconds / interval)))
-        self.stats: collections.Counter[str] = collections.Counter()
-        self.clients: set[SseClient] = set()
         self.panels: dict[str, dict] = {}
         self.last_tick: dict | None = None
         self.events: collections.deque[dict] = collections.deque(maxlen=MAX_EVENTS)
@@ -168,10 +209,6 @@ class DashboardHub:
         connected = {row["name"] for row in self._known.values()}
         return sorted(summaries, key=lambda n: (n not in connected, n))[:MAX_DIRECTORY_ROWS]
 
-    def close_clients(self) -> None:
-        for client in list(self.clients):
-            client.close()
-
     async def stop(self) -> None:
         self.close_clients()
         if self.supervisor is not None:
@@ -181,25 +218,9 @@ class DashboardHub:
         self._watches.clear()
 
     # ------------------------------------------------------------------ clients
-    def subscribe(self) -> SseClient | None:
-        if len(self.clients) >= self.max_clients:
-            self.stats["sse_refused"] += 1
-            return None
-        client = SseClient(self.client_queue)
-        self.clients.add(client)
-        self.stats["sse_connections"] += 1
-        return client
-
-    def unsubscribe(self, client: SseClient) -> None:
-        self.clients.discard(client)
-        if client.overflowed:
-            self.stats["sse_slow_clients_dropped"] += 1
-
     def broadcast(self, events: list[tuple[str, Any]]) -> None:
         for event, data in events:
-            message = sse_message(event, data)
-            for client in list(self.clients):
-                client.offer(message)
+            self.send(sse_message(event, data))
 
     def snapshot(self) -> dict:
         return {"tick": self.last_tick, "history": list(self.history), "panels": list(self.panels.values()),
@@ -407,8 +428,8 @@ async def static_file(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def stream_events(request: web.Request, hub: Any) -> web.StreamResponse:
-    """Serve one SSE stream from ``hub`` (a :class:`DashboardHub` or the fleet's hub)."""
+async def stream_events(request: web.Request, hub: SseHub) -> web.StreamResponse:
+    """Serve one SSE stream from ``hub``: its snapshot first, then what it sends."""
     client = hub.subscribe()
     if client is None:
         raise web.HTTPServiceUnavailable(text=f"at most {hub.max_clients} dashboard streams at once\n")
@@ -426,12 +447,13 @@ async def stream_events(request: web.Request, hub: Any) -> web.StreamResponse:
     return response
 
 
-def mount_dashboard(app: web.Application, controller: Any, **hub_options: Any) -> DashboardHub:
-    """Add the dashboard to boxd's management app: ``/``, its static files and ``/api/events``."""
-    hub = DashboardHub(controller, **hub_options)
+def mount_page(app: web.Application, hub: SseHub, *, page: str, events_path: str) -> None:
+    """Serve the static ``page`` at ``/``, the shared static files, and ``hub``'s stream at
+    ``events_path``; the hub starts with ``app`` and stops with it (its streams end first, so
+    aiohttp does not wait for open pages on shutdown).  The box's page and the fleet's use it."""
 
     async def index(request: web.Request) -> web.StreamResponse:
-        response = static_response("index.html")
+        response = static_response(page)
         response.content_type = "text/html"
         return response
 
@@ -442,16 +464,22 @@ def mount_dashboard(app: web.Application, controller: Any, **hub_options: Any) -
         await hub.start()
 
     async def on_shutdown(app: web.Application) -> None:
-        hub.close_clients()       # let the streams end before aiohttp waits for open requests
+        hub.close_clients()
 
     async def on_cleanup(app: web.Application) -> None:
         await hub.stop()
 
     app.router.add_get("/", index)
     app.router.add_get(STATIC_PREFIX + "/{name}", static_file)
-    app.router.add_get(EVENTS_PATH, events)
+    app.router.add_get(events_path, events)
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
+
+
+def mount_dashboard(app: web.Application, controller: Any, **hub_options: Any) -> DashboardHub:
+    """Add the dashboard to boxd's management app: ``/``, its static files and ``/api/events``."""
+    hub = DashboardHub(controller, **hub_options)
+    mount_page(app, hub, page="index.html", events_path=EVENTS_PATH)
     app[DASHBOARD_HUB] = hub
     return hub

@@ -27,7 +27,7 @@ import urllib.parse
 import aiohttp
 from aiohttp import web
 
-from boxcore.dashboard import STATIC_PREFIX, SseClient, static_response, sse_message, static_file, stream_events
+from boxcore.dashboard import SseHub, mount_page, sse_message
 from cliruntime import ConfigError, RunContext, host_port, make_parser, run_async
 from cliruntime.supervisor import Supervisor
 
@@ -36,6 +36,7 @@ log = logging.getLogger("boxcore.fleet")
 MAX_EVENT_BYTES = 8 << 20       # a box's snapshot carries its panels: bounded, larger ones are skipped
 HISTORY_POINTS = 300
 RETRY_MIN, RETRY_MAX = 1.0, 10.0
+FLEET_EVENTS_PATH = "/api/fleet/events"
 
 
 def box_url(text: str) -> str:
@@ -99,35 +100,18 @@ def _panel_title(entry: dict) -> str:
     return entry["panel"]["title"] if entry.get("panel") else f"refused: {entry.get('error', '?')}"
 
 
-class FleetHub:
+class FleetHub(SseHub):
     """Follows every box and fans their summaries out to the fleet page's streams."""
 
     def __init__(self, urls: list[str], *, max_clients: int = 32, client_queue: int = 256,
                  token: str | None = None) -> None:
+        super().__init__(max_clients=max_clients, client_queue=client_queue)
         self.feeds = [BoxFeed(i, url) for i, url in enumerate(urls)]
         self.headers = {"Accept": "text/event-stream"}
         if token is not None:
             self.headers["Authorization"] = f"Bearer {token}"
-        self.max_clients = max_clients
-        self.client_queue = client_queue
-        self.clients: set[SseClient] = set()
-        self.stats: collections.Counter[str] = collections.Counter()
         self.supervisor: Supervisor | None = None
         self.session: aiohttp.ClientSession | None = None
-
-    # the interface boxcore.dashboard.stream_events serves
-    def subscribe(self) -> SseClient | None:
-        if len(self.clients) >= self.max_clients:
-            self.stats["sse_refused"] += 1
-            return None
-        client = SseClient(self.client_queue)
-        self.clients.add(client)
-        return client
-
-    def unsubscribe(self, client: SseClient) -> None:
-        self.clients.discard(client)
-        if client.overflowed:
-            self.stats["sse_slow_clients_dropped"] += 1
 
     def snapshot(self) -> dict:
         return {"boxes": [feed.view() for feed in self.feeds]}
@@ -137,9 +121,7 @@ class FleetHub:
         view = feed.view()
         if not full:
             view["history"] = view["history"][-1:]
-        message = sse_message("box", {**view, "incremental": not full})
-        for client in list(self.clients):
-            client.offer(message)
+        self.send(sse_message("box", {**view, "incremental": not full}))
 
     # lifecycle
     async def start(self) -> None:
@@ -150,8 +132,7 @@ class FleetHub:
             self.supervisor.spawn_restarting(lambda feed=feed: self.follow(feed), name=f"box{feed.index}")
 
     async def stop(self) -> None:
-        for client in list(self.clients):
-            client.close()
+        self.close_clients()
         if self.supervisor is not None:
             await self.supervisor.aclose()
         if self.session is not None:
@@ -210,31 +191,8 @@ async def read_events(stream: aiohttp.StreamReader, stats: collections.Counter):
 
 
 def build_app(hub: FleetHub) -> web.Application:
-    async def index(request: web.Request) -> web.StreamResponse:
-        response = static_response("fleet.html")
-        response.content_type = "text/html"
-        return response
-
-    async def events(request: web.Request) -> web.StreamResponse:
-        return await stream_events(request, hub)
-
-    async def on_startup(app: web.Application) -> None:
-        await hub.start()
-
-    async def on_shutdown(app: web.Application) -> None:
-        for client in list(hub.clients):
-            client.close()
-
-    async def on_cleanup(app: web.Application) -> None:
-        await hub.stop()
-
     app = web.Application()
-    app.router.add_get("/", index)
-    app.router.add_get(STATIC_PREFIX + "/{name}", static_file)
-    app.router.add_get("/api/fleet/events", events)
-    app.on_startup.append(on_startup)
-    app.on_shutdown.append(on_shutdown)
-    app.on_cleanup.append(on_cleanup)
+    mount_page(app, hub, page="fleet.html", events_path=FLEET_EVENTS_PATH)
     return app
 
 

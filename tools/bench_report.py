@@ -1,7 +1,8 @@
 """``booster-loadgen report``: the experiments' JSON side by side with the paper, as one page.
 
-Reads the files the README's experiment commands write (``out/fcd.json``, ``out/np.json``,
-``out/datapath-user.json``, ``out/datapath-linux.json``, ``out/gnutella.json``, ``out/mmpog.json``)
+Reads the files the README's experiment commands write (``out/fcd.json``, ``out/fcd-validate.json``,
+``out/fcd-scale.json``, ``out/np.json``, ``out/datapath-user.json``, ``out/datapath-linux.json``,
+``out/datapath-xdp.json``, ``out/gnutella.json``, ``out/mmpog.json``, ``out/mmpog-compare.json``)
 and writes one self-contained HTML file: every figure
 is an inline SVG data URI, nothing is fetched.  Each card puts our figure (drawn from the JSON)
 next to the paper's numbers, typed in from the paper's text with the section or figure they
@@ -10,8 +11,8 @@ command that produces it; a file that cannot be read says why.
 
 The paper's 15 µs ± 3 µs NP latency is a measurement of the real card (section II-C).  Our card
 emulator takes it as its model's *input* (``--model-latency-us``/``--model-jitter-us``): the NP card
-shows it as such, beside what we measured (the emulator's wall clock, kernel forwarding), never
-as a result of ours.
+shows it as such, beside what we measured (the emulator's wall clock, kernel forwarding, and the
+xdp engine's one-way latency through the box from ``datapath-xdp.json``), never as a result of ours.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import datetime
 import html
 import io
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -49,6 +51,28 @@ PAPER_NP = {"source": "section II-C", "latency_us": 15.0, "jitter_us": 3.0,
 PAPER_RATE = {"source": "section II-C",
               "text": "the NP is able to forward packets at the line rate of 1 Gbit/s, whereas software based "
                       "forwarding in Linux is able to sustain only an order of magnitude less"}
+# 1 Gbit/s in packets per second for a UDP payload: Ethernet header and FCS (18 bytes), preamble and
+# inter-frame gap (20), IPv4 and UDP headers (28); a frame is at least 64 bytes.  Our arithmetic, not the paper's.
+def line_rate_pps(payload_bytes: int, bits_per_second: float = 1e9) -> float:
+    frame = max(64, 14 + 20 + 8 + payload_bytes + 4)
+    return bits_per_second / ((frame + 20) * 8)
+
+
+PAPER_FCD_MODEL = {"source": "section III-A",
+                   "text": "the model (after Peytchev et al.) keeps the queue length at each road's exit light and "
+                           "the road's density; we extended it to the traverse time: the drive through the road at "
+                           "the cars' average speed plus the time stuck in the queue. Predictions further ahead "
+                           "have decreasing accuracy (no accuracy figures given)"}
+PAPER_TUPLESPACE = {"source": "section III-A",
+                    "text": "the server outputs its predictions to a tuplespace, which plays the role of a broadcast "
+                            "medium (in a real deployment e.g. DAB); a routing application on the in-car computer "
+                            "periodically reads from it to calculate shortest time paths across the city (no figures "
+                            "given)"}
+PAPER_GAME_RELIABILITY = {"source": "section III-C",
+                          "text": "UDP is preferred over TCP in games and the application handles retransmission; "
+                                  "slow-start is not appropriate when timeliness is essential; the booster box offers "
+                                  "reliable delivery of packets within some time period (no figures given; related "
+                                  "work: Levine et al.'s application-layer reliability, reference [16])"}
 PAPER_FIG9 = {"source": "section III-B, Fig. 9",
               "text": "booster boxes inserted in the three clusters minimize the connections on the links between "
                       "clusters; a query is forwarded outside only after several local sightings; a dramatic "
@@ -65,7 +89,14 @@ EXPERIMENTS = {
     "datapath_user": ("datapath-user.json", "booster-loadgen datapath --engine user --json out/datapath-user.json"),
     "datapath_linux": ("datapath-linux.json",
                        "booster-loadgen datapath --engine linux --json out/datapath-linux.json   (root)"),
+    "datapath_xdp": ("datapath-xdp.json",
+                     "booster-loadgen datapath --engine xdp --json out/datapath-xdp.json --plot out/datapath-xdp.png   "
+                     "(root); or show the committed run: booster-loadgen report --datapath-xdp docs/xdp-datapath.json"),
     "fcd": ("fcd.json", "booster-loadgen fcd --json out/fcd.json --plot out/fcd.png   (root: cgroup CPU budgets)"),
+    "fcd_validate": ("fcd-validate.json", "booster-loadgen fcd-validate --json out/fcd-validate.json "
+                                          "--plot out/fcd-validate.png   (the sumo extra)"),
+    "fcd_scale": ("fcd-scale.json", "booster-loadgen fcd-scale --json out/fcd-scale.json --plot out/fcd-scale.png"
+                                    "   (root: cgroup CPU budgets)"),
     "np": ("np.json", "booster-loadgen np-latency --json out/np.json --plot out/np.png   (root); or show the "
                       "committed run: booster-loadgen report --np docs/npdrv-latency.json"),
     "gnutella": ("gnutella.json",
@@ -73,6 +104,10 @@ EXPERIMENTS = {
                  "   (root)"),
     "mmpog": ("mmpog.json", "booster-loadgen mmpog --players 64 --locations 1 --duration 10 --loss 0.05 "
                             "--json out/mmpog.json --plot out/mmpog.png"),
+    "mmpog_compare": ("mmpog-compare.json",
+                      "booster-loadgen mmpog --compare kcp,enet --players 32 --locations 4 --loss 0.05 "
+                      "--json out/mmpog-compare.json --plot out/mmpog-compare.png   (root; the compare extra); or show a "
+                      "committed run: booster-loadgen report --mmpog-compare docs/mmpog-compare-p32-l4-loss0.05.json"),
 }
 
 
@@ -81,7 +116,9 @@ def register(subparsers) -> None:
         "report", help="one self-contained HTML page: every experiment's figure beside the paper's numbers",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  booster-loadgen report --out report.html\n"
-               "  booster-loadgen report --dir out --np docs/npdrv-latency.json --out out/report.html")
+               "  booster-loadgen report --dir out --np docs/npdrv-latency.json --out out/report.html\n"
+               "  booster-loadgen report --np docs/npdrv-latency.json --datapath-xdp docs/xdp-datapath.json "
+               "--mmpog-compare docs/mmpog-compare-p32-l4-loss0.05.json --out out/report.html")
     parser.add_argument("--out", type=Path, default=Path("report.html"), help="the HTML file to write")
     parser.add_argument("--dir", type=Path, default=Path("out"), help="where the experiments wrote their JSON")
     for name, (filename, _) in EXPERIMENTS.items():
@@ -156,7 +193,7 @@ def _reduction_figure(data: dict) -> str:
     return _svg_uri(fig)
 
 
-def _np_figure(data: dict) -> str:
+def _np_figure(data: dict, xdp: dict | None = None) -> str:
     fig, axes = _figure(12.0, 3.6, ncols=3)
     rows = data["rows"]
     base = data.get("base", {})
@@ -178,6 +215,17 @@ def _np_figure(data: dict) -> str:
         ax.axhspan(lo, hi, color="tab:green", alpha=0.2,
                    label=f"paper II-C: {PAPER_NP['latency_us']:g} ± {PAPER_NP['jitter_us']:g} µs "
                          f"(= emulator model input {model.get('latency_us', '?')} ± {model.get('jitter_us', '?')})")
+        if key == "rules" and xdp is not None:
+            passes = sorted((c for c in xdp["cases"] if c["case"] == "pass" and c["engine"] == "xdp"
+                             and c["latency_us"].get("p50") is not None), key=lambda c: c["rules"])
+            if passes:
+                xs = [c["rules"] for c in passes]
+                legend = (f"xdp engine, one-way through the box (paced {xdp.get('paced_rate')} p/s, "
+                          f"{xdp.get('payload_bytes')} B)")
+                ax.plot(xs, [c["latency_us"]["p50"] for c in passes], "s-", color="tab:purple", label=f"{legend} p50")
+                ax.plot(xs, [c["latency_us"]["p99"] for c in passes], "s:", color="tab:purple", alpha=0.6,
+                        label=f"{legend} p99")
+                ax.legend(fontsize=6.5, loc="upper left")
         ax.set_xlabel(label)
         ax.set_yscale("log")
         if key != "size":
@@ -270,6 +318,119 @@ def _ours_fig12(data: dict) -> str:
     return _svg_uri(fig)
 
 
+XDP_COLOURS = {"xdp": "tab:green", "linux": "tab:blue", "user": "tab:orange"}
+XDP_SHORT = {"redirect_consume": "consume", "redirect_consume_batch": "consume (batches)"}
+
+
+def _xdp_label(case: dict) -> str:
+    name = XDP_SHORT.get(case["case"], case["case"])
+    rules = f" {case['rules']}r" if case["case"] == "pass" else ""
+    return f"{name}\n{case['engine']}{rules}"
+
+
+def _xdp_figure(data: dict) -> str:
+    fig, (ax1, ax2) = _figure(12.0, 3.8, ncols=2)
+    cases = data["cases"]
+    xs = range(len(cases))
+    ax1.bar(xs, [c["pps"] for c in cases], color=[XDP_COLOURS.get(c["engine"], "grey") for c in cases])
+    offered = [(i, c["offered_pps"] * (c.get("members") or 1)) for i, c in enumerate(cases) if c.get("offered_pps")]
+    ax1.scatter([i for i, _ in offered], [v for _, v in offered], marker="_", s=300, color="black",
+                label="offered by the generator (x members for fan-out)")
+    line = line_rate_pps(int(data.get("payload_bytes", 64)))
+    ax1.axhline(line, color="tab:red", ls="--", lw=1,
+                label=f"paper II-C: the NP forwards at 1 Gbit/s line rate (= {line:,.0f} p/s of these frames)")
+    ax1.axhline(line / 10, color="tab:red", ls=":", lw=1, label="paper II-C: Linux, an order of magnitude less")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("packets/s (fan-out: datagrams/s delivered)")
+    ax1.set_xticks(list(xs), [_xdp_label(c) for c in cases], fontsize=6.5, rotation=45)
+    top = max([line] + [c["pps"] for c in cases] + [v for _, v in offered])
+    ax1.set_ylim(top=top * 60)                 # room for the legend above the bars
+    ax1.legend(fontsize=6.5, loc="upper left")
+    ax1.grid(alpha=0.3, axis="y")
+    ax1.set_title(f"ours: throughput (kernel forwarding ceiling {data['ceiling_pps']:,.0f} p/s)", fontsize=9)
+    timed = [c for c in cases if (c.get("latency_us") or {}).get("p50") is not None]
+    xt = range(len(timed))
+    ax2.bar([i - 0.2 for i in xt], [c["latency_us"]["p50"] for c in timed], width=0.4, label="p50",
+            color=[XDP_COLOURS.get(c["engine"], "grey") for c in timed])
+    ax2.bar([i + 0.2 for i in xt], [c["latency_us"]["p99"] or 0 for c in timed], width=0.4, label="p99",
+            color="lightgray")
+    lo, hi = PAPER_NP["latency_us"] - PAPER_NP["jitter_us"], PAPER_NP["latency_us"] + PAPER_NP["jitter_us"]
+    ax2.axhspan(lo, hi, color="tab:red", alpha=0.2, label="paper II-C: the NP, 15 ± 3 µs")
+    ax2.set_yscale("log")
+    ax2.set_ylabel(f"one-way latency (µs), paced {data.get('paced_rate')} p/s")
+    ax2.set_xticks(list(xt), [_xdp_label(c) for c in timed], fontsize=6.5, rotation=45)
+    ax2.legend(fontsize=6.5)
+    ax2.grid(alpha=0.3, axis="y")
+    ax2.set_title("ours: latency through the box", fontsize=9)
+    return _svg_uri(fig)
+
+
+def _fcd_scale_figure(data: dict) -> str:
+    fig, ax = _figure(6.0, 3.6)
+    for kind, label in (("tcp", "tuplespace server (TCP)"), ("redis", "tuplespace on Redis")):
+        points = (data.get("route_lookups") or {}).get(kind)
+        if points:
+            clients = sorted(points, key=int)
+            ax.plot([int(c) for c in clients], [points[c] for c in clients], "o-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent routers")
+    ax.set_ylabel("route look-ups per second")
+    budget = data.get("budget_cpu")
+    ax.set_title(f"ours: the store at {budget} core" if budget else "ours: stores without a CPU budget", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _svg_uri(fig)
+
+
+def _fcd_validate_figure(scenarios: list[dict]) -> str:
+    fig, (ax1, ax2) = _figure(12.0, 3.6, ncols=2)
+    names = [s["scenario"] for s in scenarios]
+    xs = range(len(names))
+    for offset, key, label, colour in ((-0.27, "model", "our model", "tab:green"),
+                                       (0.0, "free_flow", "free flow", "tab:blue"),
+                                       (0.27, "persistence", "persistence", "tab:orange")):
+        values = [100 * ((s["traverse"].get("all") or {}).get(key, {}).get("mape") or 0) for s in scenarios]
+        ax1.bar([i + offset for i in xs], values, width=0.27, label=label, color=colour)
+    ax1.set_xticks(list(xs), names, fontsize=7, rotation=30)
+    ax1.set_ylabel("traverse time MAPE (%)")
+    ax1.set_title("ours: predicted traverse time vs SUMO's, against two baselines", fontsize=9)
+    ax1.legend(fontsize=7)
+    ax1.grid(alpha=0.3, axis="y")
+    queues = [s["queue"].get("all") or {} for s in scenarios]
+    bars = ax2.bar(list(xs), [q.get("mae") or 0 for q in queues], color="tab:green")
+    ax2.bar_label(bars, labels=[f"r {_num(q.get('r'), '.3f')}" for q in queues], fontsize=7)
+    ax2.set_xticks(list(xs), names, fontsize=7, rotation=30)
+    ax2.set_ylabel("queue MAE (cars)")
+    ax2.set_title("ours: queue at each light switch vs SUMO's", fontsize=9)
+    ax2.grid(alpha=0.3, axis="y")
+    return _svg_uri(fig)
+
+
+def _mmpog_compare_figure(data: dict, stacks: list[str]) -> str:
+    fig, ax = _figure(7.0, 3.6)
+    labels = ["p50", "p90", "p99", "max"]
+    width = 0.8 / len(stacks)
+    for k, stack in enumerate(stacks):
+        values = [data[stack]["reliable"]["latency_ms"].get(q) or 0 for q in labels]
+        ax.bar([i + (k - (len(stacks) - 1) / 2) * width for i in range(len(labels))], values, width=width, label=stack)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("reliable update latency (ms)")
+    w = data["workload"]
+    ax.set_title(f"ours: {w['players']} players, {w['locations']} location(s), {w['loss']:.0%} loss each way",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return _svg_uri(fig)
+
+
+def _num(value, fmt: str = ",.1f", missing: str = "n/a") -> str:
+    """A number for a table cell; None or NaN (a figure the run could not compute) as ``missing``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    return format(value, fmt)
+
+
 # ---------------------------------------------------------------- cards
 
 class Card:
@@ -277,9 +438,11 @@ class Card:
         self.key, self.title = key, title
         self.images: list[tuple[str, str]] = []           # (caption, data URI)
         self.rows: list[tuple[str, str, str]] = []         # (quantity, paper, ours)
+        self.tables: list[tuple[str, list[str], list[list[str]]]] = []   # (caption, header, rows): ours in detail
         self.differs = ""
         self.notes: list[str] = []
         self.status = "ok"
+        self.wide = False          # a figure of several panels: let it take the card's width
 
     def html(self) -> str:
         e = html.escape
@@ -291,7 +454,7 @@ class Card:
         if self.images:
             out.append('<div class="figs">')
             for caption, uri in self.images:
-                wide = ' class="wide"' if len(self.images) == 1 and self.key == "np" else ""
+                wide = ' class="wide"' if len(self.images) == 1 and self.wide else ""
                 out.append(f'<figure{wide}><img alt="{e(caption)}" src="{uri}"><figcaption>{e(caption)}</figcaption>'
                            f'</figure>')
             out.append("</div>")
@@ -299,6 +462,12 @@ class Card:
             out.append("<table><tr><th>quantity</th><th>paper (typed in from the text)</th><th>ours</th></tr>")
             for quantity, paper, ours in self.rows:
                 out.append(f"<tr><td>{e(quantity)}</td><td>{e(paper)}</td><td>{e(ours)}</td></tr>")
+            out.append("</table>")
+        for caption, header, rows in self.tables:
+            out.append(f'<table class="detail"><caption>{e(caption)}</caption><tr>'
+                       + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+            for row in rows:
+                out.append("<tr>" + "".join(f"<td>{e(str(cell))}</td>" for cell in row) + "</tr>")
             out.append("</table>")
         if self.differs:
             out.append(f'<p class="differs"><b>What differs:</b> {e(self.differs)}</p>')
@@ -310,7 +479,7 @@ def _nearest(rows: list[dict], rate: float) -> dict | None:
     return min(rows, key=lambda r: abs(r["offered_pps"] - rate)) if rows else None
 
 
-def fcd_cards(data: dict) -> list[Card]:
+def fcd_cards(data: dict, loaded: dict[str, dict]) -> list[Card]:
     fig7 = Card("fig7", "Fig. 7 - FCD server load and loss, with and without booster boxes")
     fig7.notes.append(f"Paper: {html.escape(PAPER_FIG7['source'])}; setting: {html.escape(PAPER_FIG7['setting'])}.")
     fig7.images = [("paper: the values its text states (the figure itself is not in the text)", _paper_fig7()),
@@ -360,10 +529,17 @@ def fcd_cards(data: dict) -> list[Card]:
     return [fig7, reduction]
 
 
-def np_cards(data: dict) -> list[Card]:
+def np_cards(data: dict, loaded: dict[str, dict]) -> list[Card]:
     card = Card("np", "NP forwarding latency vs load, packet size and rules (II-C)")
+    card.wide = True
+    xdp = loaded.get("datapath_xdp")
+    try:
+        xdp_text = _xdp_latency_text(xdp)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:     # its own card says more
+        xdp, xdp_text = None, f"cannot read the xdp run: {type(exc).__name__}: {exc}"
     card.images = [("latency per axis around the base point; green band: the paper's measurement, which is also "
-                    "the emulator model's input", _np_figure(data))]
+                    "the emulator model's input" + ("; purple: the xdp engine, measured" if xdp else ""),
+                    _np_figure(data, xdp))]
     model = data.get("model", {})
     card.notes.append(f"Paper: {html.escape(PAPER_NP['source'])}: \u201c{html.escape(PAPER_NP['text'])}\u201d; "
                       f"{html.escape(PAPER_NP['linux'])}.")
@@ -385,6 +561,8 @@ def np_cards(data: dict) -> list[Card]:
         ("card emulator, wall clock (software on this host)", "-",
          f"p50 {span('np', 'p50')}, p99 {span('np', 'p99')} over the points"),
         ("Linux kernel forwarding", PAPER_NP["linux"], f"p50 {span('linux', 'p50')}, p99 {span('linux', 'p99')}"),
+        ("xdp engine (the kernel fast path in place of the card), one-way through the box",
+         f"the NP: {PAPER_NP['latency_us']:g} µs ± {PAPER_NP['jitter_us']:g} µs", xdp_text),
     ]
     card.differs = ("the paper measured a real NP4GS3; we have an emulator, whose wall clock measures a Python "
                     "process on a shared host and says nothing about the card. Kernel forwarding ran on a modern "
@@ -392,7 +570,26 @@ def np_cards(data: dict) -> list[Card]:
     return [card]
 
 
-def datapath_cards(data: dict) -> list[Card]:
+def _xdp_latency_text(xdp: dict | None) -> str:
+    """What the xdp engine's run measured of latency, for the NP card (or that it was not run)."""
+    if xdp is None:
+        return f"not run ({EXPERIMENTS['datapath_xdp'][1]})"
+    passes = sorted((c for c in xdp["cases"] if c["case"] == "pass" and c["engine"] == "xdp"), key=lambda c: c["rules"])
+    if not passes:
+        return "the xdp run has no pass case"
+    p50 = " / ".join(_num(c["latency_us"].get("p50")) for c in passes)
+    p99 = " / ".join(_num(c["latency_us"].get("p99")) for c in passes)
+    rules = " / ".join(str(c["rules"]) for c in passes)
+    text = (f"measured: p50 {p50} µs, p99 {p99} µs with {rules} rules (paced {xdp.get('paced_rate')} p/s of "
+            f"{xdp.get('payload_bytes')}-byte payloads, veth and namespaces)")
+    program = xdp.get("program_ns") or {}
+    if program:
+        text += ("; the XDP program itself: " + ", ".join(f"{v:,.0f} ns ({k.replace('_', ' ')})"
+                                                          for k, v in program.items()) + " per packet")
+    return text
+
+
+def datapath_cards(data: dict, loaded: dict[str, dict]) -> list[Card]:
     engine = data.get("engine", "?")
     card = Card(f"datapath-{engine}", f"Forwarding rate through the {engine} engine (II-C)")
     card.notes.append(f"Paper: {html.escape(PAPER_RATE['source'])}: \u201c{html.escape(PAPER_RATE['text'])}\u201d.")
@@ -411,7 +608,7 @@ def datapath_cards(data: dict) -> list[Card]:
     return [card]
 
 
-def gnutella_cards(data: dict) -> list[Card]:
+def gnutella_cards(data: dict, loaded: dict[str, dict]) -> list[Card]:
     card = Card("fig9", "Fig. 9 - clustering the Gnutella overlay")
     card.notes.append(f"Paper: {html.escape(PAPER_FIG9['source'])}: {html.escape(PAPER_FIG9['text'])}.")
     card.images = [("paper: the principle Fig. 9 shows (drawn from its description)", _paper_fig9())]
@@ -436,7 +633,7 @@ def gnutella_cards(data: dict) -> list[Card]:
     return [card]
 
 
-def mmpog_cards(data: dict) -> list[Card]:
+def mmpog_cards(data: dict, loaded: dict[str, dict]) -> list[Card]:
     card = Card("fig12", "Fig. 12 - the game data path under loss")
     cases = "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(text)}</li>" for name, text in PAPER_FIG12["cases"])
     card.notes.append(f"Paper ({html.escape(PAPER_FIG12['source'])}):<ul>{cases}</ul>"
@@ -468,13 +665,185 @@ def mmpog_cards(data: dict) -> list[Card]:
     return [card]
 
 
-BUILDERS: dict[str, tuple[str, Callable[[dict], list[Card]]]] = {
+def xdp_cards(data: dict, loaded: dict[str, dict]) -> list[Card]:
+    card = Card("datapath-xdp", "The xdp engine's data path: line rate vs software forwarding (II-C)")
+    card.wide = True
+    card.notes.append(f"Paper: {html.escape(PAPER_RATE['source'])}: \u201c{html.escape(PAPER_RATE['text'])}\u201d; "
+                      f"{html.escape(PAPER_NP['source'])}: \u201c{html.escape(PAPER_NP['text'])}\u201d.")
+    card.images.append(("ours: every case of one run (green xdp, blue linux, orange user space); red: the paper's "
+                        "NP claims", _xdp_figure(data)))
+    cases = data["cases"]
+    ceiling = data["ceiling_pps"]
+    payload = int(data.get("payload_bytes", 64))
+    line = line_rate_pps(payload)
+
+    def find(name: str, engine: str) -> list[dict]:
+        return sorted((c for c in cases if c["case"] == name and c["engine"] == engine), key=lambda c: c["rules"])
+
+    passes = find("pass", "xdp")
+    ratios = data.get("ratios") or {}
+    card.rows += [
+        ("forwarding with rules installed that the traffic does not match (pass)",
+         f"the NP: line rate of 1 Gbit/s (= {line:,.0f} p/s of {payload}-byte payloads, our arithmetic), "
+         "independent of the number of rules",
+         "; ".join(f"{c['rules']} rules: {c['pps']:,.0f} p/s = {c['pps'] / ceiling:.2f} of kernel forwarding"
+                   for c in passes) + f" (the ceiling, {ceiling:,.0f} p/s, is what this host's veth path and "
+                                       "generator reach; no 1 Gbit/s wire here)"),
+        ("the fast path against software in the box", "Linux software forwarding: an order of magnitude less than "
+                                                      "the NP",
+         f"xdp drop / linux engine redirect+consume: {_num(ratios.get('drop_over_linux_consume'), '.1f')}x; "
+         f"xdp / linux redirect+consume by the same Python booster: "
+         f"{_num(ratios.get('xdp_consume_over_linux_consume'), '.2f')}x; "
+         f"xdp fan-out (tc clones) / user-space sendmmsg fan-out: {_num(ratios.get('xdp_fanout_over_user_fanout'), '.1f')}x"),
+        ("latency", f"the NP: {PAPER_NP['latency_us']:g} µs ± {PAPER_NP['jitter_us']:g} µs, independent of load, "
+                    "size and rules", _xdp_latency_text(data)),
+    ]
+    card.tables.append(("every case (pps: packets/s forwarded, dropped or consumed; fan-out: datagrams/s "
+                        "delivered to the members)",
+                        ["case", "engine", "rules", "p/s", "of the ceiling", "offered p/s", "loss", "p50 µs", "p99 µs"],
+                        [[XDP_SHORT.get(c["case"], c["case"]), c["engine"], c["rules"], _num(c["pps"], ",.0f"),
+                          _num(c["pps"] / ceiling if ceiling else None, ".2f"), _num(c.get("offered_pps"), ",.0f"),
+                          f"{100 * c.get('loss', 0):.1f}%", _num(c["latency_us"].get("p50"), missing="-"),
+                          _num(c["latency_us"].get("p99"), missing="-")] for c in cases]))
+    met = data.get("target_met") or {}
+    if met:
+        card.rows.append(("our targets for this engine (not the paper's)", "-",
+                          ", ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in met.items())))
+    card.differs = ("the paper measured the NP4GS3 on 1 Gbit/s ports; we have no card and no wire: the xdp engine's "
+                    "fast path runs in the kernel of a shared 2-core host, between veth pairs in namespaces, fed by "
+                    "one trafgen CPU. So ours are ratios within one run (to kernel forwarding, to the linux engine, "
+                    "to user space), not line rate.")
+    return [card]
+
+
+def fcd_validate_cards(data: dict, loaded: dict[str, dict]) -> list[Card]:
+    card = Card("fcd-validate", "The FCD prediction model against SUMO (III-A)")
+    card.wide = True
+    card.notes.append(f"Paper: {html.escape(PAPER_FCD_MODEL['source'])}: {html.escape(PAPER_FCD_MODEL['text'])}.")
+    scenarios = data["scenarios"]
+    if not scenarios:
+        card.status = "the run holds no scenario"
+        return [card]
+    card.images.append(("ours: per scenario, traverse-time MAPE of our model and of two baselines; queue MAE and "
+                        "Pearson r", _fcd_validate_figure(scenarios)))
+    targets = data.get("targets") or {}
+    rows = []
+    for sc in scenarios:
+        q = sc["queue"].get("all") or {}
+        t = sc["traverse"].get("all") or {}
+        met = sc.get("targets") or {}
+        rows.append([sc["scenario"], _num(q.get("mae"), ".3f"), _num(q.get("r"), ".3f"), q.get("n", 0),
+                     _num(100 * t["model"]["mape"] if t else None, ".1f"),
+                     _num(100 * t["free_flow"]["mape"] if t else None, ".1f"),
+                     _num(100 * t["persistence"]["mape"] if t else None, ".1f"),
+                     _num(t.get("model_vs_free_flow"), ".2f"), _num(t.get("model_vs_persistence"), ".2f"),
+                     f"{sum(bool(v) for v in met.values())} / {len(met)}"])
+    card.tables.append((f"every scenario (targets: queue MAE <= {targets.get('queue_mae')} cars, r >= "
+                        f"{targets.get('queue_r')}, model / free flow <= {targets.get('traverse_vs_free_flow')}, "
+                        f"model / persistence <= {targets.get('traverse_vs_persistence')})",
+                        ["scenario", "queue MAE", "queue r", "switch reports", "traverse MAPE %", "free flow %",
+                         "persistence %", "model / free flow", "model / persistence", "targets met"], rows))
+    all_met = sum(all((sc.get("targets") or {"": False}).values()) for sc in scenarios)
+    card.rows += [
+        ("queue length at the exit light", "the model's state, from the cars' reports (no accuracy given)",
+         "MAE " + ", ".join(f"{sc['scenario']} {_num((sc['queue'].get('all') or {}).get('mae'), '.3f')}"
+                            for sc in scenarios) + " cars"),
+        ("predicted traverse time", "drive time plus time in the queue (no accuracy given)",
+         "our MAPE / free-flow MAPE: " + ", ".join(
+             f"{sc['scenario']} {_num((sc['traverse'].get('all') or {}).get('model_vs_free_flow'), '.2f')}"
+             for sc in scenarios)),
+        ("scenarios meeting every target", "-", f"{all_met} of {len(scenarios)}"),
+    ]
+    card.differs = ("the paper gives no accuracy; ours replays SUMO's vehicles through the generators' encoding, a "
+                    "box's aggregation and the model, and compares with SUMO's own queues and edge travel times, "
+                    f"{data.get('duration')} s per scenario, {data.get('interval')} s prediction intervals, against "
+                    "free-flow and persistence baselines.")
+    return [card]
+
+
+def fcd_scale_cards(data: dict, loaded: dict[str, dict]) -> list[Card]:
+    card = Card("fcd-scale", "Route look-ups from the prediction store (III-A)")
+    card.notes.append(f"Paper: {html.escape(PAPER_TUPLESPACE['source'])}: {html.escape(PAPER_TUPLESPACE['text'])}.")
+    lookups = data["route_lookups"]
+    if not lookups:
+        card.status = "the run measured no store"
+        return [card]
+    card.images.append(("ours: look-ups per second each store serves as routers are added", _fcd_scale_figure(data)))
+    clients = sorted({c for points in lookups.values() for c in points}, key=int)
+    card.tables.append(("look-ups per second by concurrent routers", ["store"] + clients,
+                        [[store] + [_num(points.get(c), ",.0f", "-") for c in clients]
+                         for store, points in lookups.items()]))
+    top = clients[-1]
+    card.rows.append((f"look-ups per second at {top} routers", "periodic reads by every car's router (no figures)",
+                      ", ".join(f"{store} {_num(points.get(top), ',.0f', '-')}" for store, points in lookups.items())
+                      + (f"; Redis / TCP {_num(data['ratio_at_max_clients'], '.2f')}"
+                         if data.get("ratio_at_max_clients") is not None else "")))
+    knee = data.get("knee_pps")
+    if knee is not None:
+        shown = (", ".join(f"{k}: {_num(v, ',.0f', 'no knee in the range')}" for k, v in knee.items())
+                 if isinstance(knee, dict) else _num(knee, ",.0f"))
+        card.rows.append(("knee (where the store stops keeping up)", "-", shown))
+    grid = "x".join(str(n) for n in data.get("grid") or ()) or "?"
+    card.differs = (f"the paper does not measure its tuplespace; ours is a {grid} grid "
+                    f"({data.get('roads')} roads, {data.get('runs')} prediction runs held), each store in "
+                    f"{data.get('budget_cpu') or 'no'} core of CPU budget, the routers outside it.")
+    return [card]
+
+
+def mmpog_compare_cards(data: dict, loaded: dict[str, dict]) -> list[Card]:
+    card = Card("mmpog-compare", "The game protocol beside KCP and ENet (III-C)")
+    card.notes.append(f"Paper: {html.escape(PAPER_GAME_RELIABILITY['source'])}: "
+                      f"{html.escape(PAPER_GAME_RELIABILITY['text'])}.")
+    stacks = [name for name in ("mmpog", "kcp", "enet") if name in data]
+    if "mmpog" not in stacks:
+        raise KeyError("mmpog")
+    card.images.append(("ours: reliable update latency per stack, same workload, same loss",
+                        _mmpog_compare_figure(data, stacks)))
+    rows = []
+    for stack in stacks:
+        section = data[stack]
+        reliable = section["reliable"]
+        lat = reliable["latency_ms"]
+        retransmissions = section.get("retransmissions") or {}
+        rows.append([section.get("stack", stack),
+                     f"{reliable['delivered_ratio']} ({reliable['delivered_within_deadline_ratio']})",
+                     " / ".join(_num(lat.get(q), ".1f") for q in ("p50", "p90", "p99", "max")),
+                     _num(reliable["first_second_latency_ms"].get("p99"), ".1f"),
+                     _num(section["unreliable"].get("delivered_ratio"), ".3f"), section["duplicates_delivered"],
+                     _num(section["updates_relayed_per_s"], ",.0f"), _num(section["datagrams_sent_per_s"], ",.0f"),
+                     ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in retransmissions.items()) or "-"])
+    card.tables.append(("every stack (reliable updates unless said)",
+                        ["stack", "delivered (within the deadline)", "p50 / p90 / p99 / max ms", "first second p99 ms",
+                         "unreliable delivered", "duplicates", "updates relayed/s", "datagrams/s", "retransmissions"],
+                        rows))
+    w = data["workload"]
+    ours = data["mmpog"]["reliable"]
+    card.rows += [
+        ("reliable delivery within a bound", "\"within some time period\", if sender and receiver think it worthwhile "
+                                             "(no figures)",
+         f"mmpog: {ours['delivered_within_deadline_ratio']} within {w['deadline']:g} s; " + "; ".join(
+             f"{stack}: {data[stack]['reliable']['delivered_within_deadline_ratio']}" for stack in stacks[1:])),
+        ("the workload", "-", f"{w['players']} players in {w['locations']} location(s), {w['rate']:g} updates/s "
+                              f"each, {100 * w['reliable_fraction']:.0f}% reliable, {w['payload']}-byte payloads, "
+                              f"{100 * w['loss']:.0f}% loss each way, {w['duration']:g} s"),
+    ]
+    card.differs = ("the paper compares with no other protocol; KCP and ENet are today's application-layer reliable "
+                    "UDP (the family of Levine et al. it cites), run as relays with the same bots, audience and "
+                    "loss (" + data.get("loss_mode", "?") + ").")
+    return [card]
+
+
+BUILDERS: dict[str, tuple[str, Callable[[dict, dict[str, dict]], list[Card]]]] = {
     "fcd": ("Fig. 7 and the 10x reduction (III-A)", fcd_cards),
+    "fcd_validate": ("The FCD prediction model against SUMO (III-A)", fcd_validate_cards),
+    "fcd_scale": ("Route look-ups from the prediction store (III-A)", fcd_scale_cards),
     "np": ("NP latency (II-C)", np_cards),
     "datapath_user": ("Forwarding rate through the user engine (II-C)", datapath_cards),
     "datapath_linux": ("Forwarding rate through the linux engine (II-C)", datapath_cards),
+    "datapath_xdp": ("The xdp engine's data path (II-C)", xdp_cards),
     "gnutella": ("Fig. 9 (III-B)", gnutella_cards),
     "mmpog": ("Fig. 12 (III-C)", mmpog_cards),
+    "mmpog_compare": ("The game protocol beside KCP and ENet (III-C)", mmpog_compare_cards),
 }
 
 
@@ -493,22 +862,39 @@ main{padding:16px 20px;display:flex;flex-direction:column;gap:16px;max-width:140
 h2{font-size:16px;margin:0 0 8px}.figs{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;flex:1 1 420px;min-width:0;max-width:760px}figure.wide{max-width:none}figure img{width:100%;height:auto}figcaption{font-size:12px;color:#6a7282}
 table{border-collapse:collapse;width:100%;font-size:13px;margin-top:8px}th,td{text-align:left;border-bottom:1px solid #eef0f3;padding:4px 6px;vertical-align:top}
-th{color:#6a7282;font-weight:500}.status{color:#b7791f;font-weight:600}.differs{font-size:13px}code{font-size:12px;background:#f0f2f5;padding:1px 4px;border-radius:3px}
+th{color:#6a7282;font-weight:500}caption{text-align:left;font-size:12px;color:#6a7282;padding:6px 0 2px}.status{color:#b7791f;font-weight:600}.differs{font-size:13px}code{font-size:12px;background:#f0f2f5;padding:1px 4px;border-radius:3px}
 """
 
 
-def build_report(paths: dict[str, Path]) -> str:
-    cards: list[Card] = []
-    for name, (title, builder) in BUILDERS.items():
-        path = paths[name]
-        command = EXPERIMENTS[name][1]
+def load(paths: dict[str, Path]) -> dict[str, dict | str]:
+    """Each experiment's JSON object, or why there is none ("not run: ...", "cannot read ...")."""
+    loaded: dict[str, dict | str] = {}
+    for name, path in paths.items():
         if not path.exists():
-            cards.append(missing_card(name, title, path, command, f"not run: {path} does not exist"))
+            loaded[name] = f"not run: {path} does not exist"
             continue
         try:
             data = json.loads(path.read_text())
-            built = builder(data)
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
+        except (OSError, ValueError) as exc:
+            loaded[name] = f"cannot read {path}: {type(exc).__name__}: {exc}"
+            continue
+        loaded[name] = data if isinstance(data, dict) else f"cannot read {path}: not a JSON object"
+    return loaded
+
+
+def build_report(paths: dict[str, Path]) -> str:
+    loaded = load(paths)
+    found = {name: data for name, data in loaded.items() if isinstance(data, dict)}
+    cards: list[Card] = []
+    for name, (title, builder) in BUILDERS.items():
+        path, data = paths[name], loaded[name]
+        command = EXPERIMENTS[name][1]
+        if isinstance(data, str):
+            cards.append(missing_card(name, title, path, command, data))
+            continue
+        try:
+            built = builder(data, found)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             cards.append(missing_card(name, title, path, command, f"cannot read {path}: {type(exc).__name__}: {exc}"))
             continue
         for card in built:

@@ -27,6 +27,7 @@ python3 -c 'import sysconfig,os,sys; sys.exit(not os.path.exists(os.path.join(sy
   || need_pkgs+=(python3-dev)
 command -v chromium >/dev/null || need_pkgs+=(chromium)              # browser tests of the dashboard
 command -v chromedriver >/dev/null || need_pkgs+=(chromium-driver)
+command -v firefox-esr >/dev/null || need_pkgs+=(firefox-esr)        # the same tests in Firefox (WebDriver BiDi)
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

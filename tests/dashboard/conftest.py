@@ -1,19 +1,28 @@
-"""Fixtures for the dashboard tests: a real boxd with traffic, test boosters, headless Chromium.
+"""Fixtures for the dashboard tests: a real boxd with traffic, test boosters, headless browsers.
 
-Browser tests need Debian's ``chromium`` and ``chromium-driver`` (tools/bootstrap.sh installs them
-as root) and the ``selenium`` package (the test extra): outside CI a missing piece skips with the
+Every browser test runs twice, in headless Chromium and in headless Firefox (the ``browser``
+fixture is parametrized), through one small synchronous surface: ``get``, ``refresh``,
+``current_url``, ``execute_script``, ``get_cookie``, ``console_errors()``, ``screenshot(path)``.
+
+- Chromium: Debian's ``chromium`` and ``chromium-driver`` through Selenium (the test extra).
+- Firefox: Debian's ``firefox-esr`` over WebDriver BiDi, spoken directly
+  (:mod:`tests.dashboard.firefox_bidi`; geckodriver is not packaged).
+
+tools/bootstrap.sh installs both browsers as root; outside CI a missing piece skips with the
 reason, in CI it fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,72 +35,139 @@ REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "out" / "dashboard"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
+FIREFOX = "/usr/bin/firefox-esr"
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu",
                   "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
                   "--disable-background-networking", "--disable-component-update")
+BROWSERS = ("chromium", "firefox")
+WINDOW = (1440, 1000)
+WAIT_TIMEOUT = 30
+WAIT_POLL = 0.2
 
 
-def _browser_problem() -> str | None:
+def _present(path: str) -> bool:
+    return os.path.exists(path) or shutil.which(os.path.basename(path)) is not None
+
+
+def _browser_problem(name: str = "chromium") -> str | None:
+    if name == "firefox":
+        if not _present(FIREFOX):
+            return f"needs {FIREFOX} (apt-get install firefox-esr)"
+        return None
     try:
         import selenium  # noqa: F401
     except ImportError:
         return "needs the selenium package (pip install -e '.[test]')"
     for path in (CHROMIUM, CHROMEDRIVER):
-        if not (os.path.exists(path) or shutil.which(os.path.basename(path))):
+        if not _present(path):
             return f"needs {path} (apt-get install chromium chromium-driver)"
     return None
 
 
-def require_browser() -> None:
-    """Skip (outside CI) or fail (in CI) when headless Chromium cannot be driven here."""
-    problem = _browser_problem()
+def require_browser(name: str = "chromium") -> None:
+    """Skip (outside CI) or fail (in CI) when headless ``name`` cannot be driven here."""
+    problem = _browser_problem(name)
     if problem is not None:
         if in_ci():
-            pytest.fail(f"browser test cannot run in CI: {problem}", pytrace=False)
+            pytest.fail(f"{name} browser test cannot run in CI: {problem}", pytrace=False)
         pytest.skip(problem)
 
 
-@pytest.fixture
-def browser():
-    require_browser()
-    os.environ["SE_OFFLINE"] = "true"          # selenium-manager must not fetch anything
-    os.environ["SE_AVOID_STATS"] = "true"
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+class ChromiumBrowser:
+    """Selenium's Chrome driver behind the surface the tests share with :class:`FirefoxBidi`."""
 
-    options = webdriver.ChromeOptions()
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument("--window-size=1440,1000")
-    options.binary_location = CHROMIUM
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
+    name = "chromium"
+
+    def __init__(self) -> None:
+        os.environ["SE_OFFLINE"] = "true"          # selenium-manager must not fetch anything
+        os.environ["SE_AVOID_STATS"] = "true"
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        options = webdriver.ChromeOptions()
+        for flag in CHROMIUM_FLAGS:
+            options.add_argument(flag)
+        options.add_argument("--window-size={},{}".format(*WINDOW))
+        options.binary_location = CHROMIUM
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        self.driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        self.driver.set_page_load_timeout(30)
+        self._log: list[dict] = []
+
+    def get(self, url: str) -> None:
+        self.driver.get(url)
+
+    def refresh(self) -> None:
+        self.driver.refresh()
+
+    @property
+    def current_url(self) -> str:
+        return self.driver.current_url
+
+    def execute_script(self, body: str, *args):
+        return self.driver.execute_script(body, *args)
+
+    def get_cookie(self, name: str) -> dict | None:
+        return self.driver.get_cookie(name)
+
+    def console_errors(self) -> list[dict]:
+        """Console errors so far, as ``{"level", "message", "source"}`` (the log is read once by Selenium)."""
+        self._log += self.driver.get_log("browser")
+        return [{"level": "error", "message": entry["message"], "source": entry.get("source")}
+                for entry in self._log if entry["level"] in ("SEVERE", "ERROR")]
+
+    def screenshot(self, path: Path, full_page: bool = True) -> Path:
+        if not full_page:
+            self.driver.save_screenshot(str(path))
+            return path
+        size = self.driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+        shot = self.driver.execute_cdp_cmd("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
+        path.write_bytes(base64.b64decode(shot["data"]))
+        return path
+
+    def close(self) -> None:
+        self.driver.quit()
+
+
+@pytest.fixture(params=BROWSERS)
+def browser(request, tmp_path):
+    """A headless browser: Chromium, then Firefox (same tests, same checks)."""
+    require_browser(request.param)
+    if request.param == "firefox":
+        from tests.dashboard.firefox_bidi import FirefoxBidi
+
+        driver = FirefoxBidi(FIREFOX, tmp_path / "firefox", width=WINDOW[0], height=WINDOW[1]).start()
+    else:
+        driver = ChromiumBrowser()
     try:
         yield driver
     finally:
-        driver.quit()
+        driver.close()
 
 
 def console_errors(driver) -> list[dict]:
-    return [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
+    return driver.console_errors()
 
 
 def screenshot(driver, name: str, full_page: bool = True) -> Path:
-    """Save a screenshot under out/dashboard/ (the whole page, through DevTools, when ``full_page``)."""
-    import base64
-
+    """Save a screenshot under out/dashboard/ (Chromium's as ``name``, Firefox's as ``firefox-name``)."""
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / name
-    if not full_page:
-        driver.save_screenshot(str(path))
-        return path
-    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
-    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
-        "format": "png", "captureBeyondViewport": True,
-        "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
-    path.write_bytes(base64.b64decode(shot["data"]))
-    return path
+    prefix = "" if driver.name == "chromium" else driver.name + "-"
+    return driver.screenshot(OUT / (prefix + name), full_page)
+
+
+def wait_until(driver, condition, message: str, timeout: float = WAIT_TIMEOUT):
+    """Poll ``condition(driver)`` until it is true (a page's state has no event the test can await)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition(driver)
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{driver.name}: {message} (within {timeout:g} s)")
+        time.sleep(WAIT_POLL)
 
 
 class Traffic:

@@ -27,12 +27,15 @@ async def main(argv: list[str]) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # the vertical's objects (a simulated city replayed, ...) are built before connecting: on a busy
+    # machine that takes seconds of CPU, and a booster that blocks its loop that long misses its
+    # heartbeats and is evicted
+    builder = None if args.kind == "invalid" else getattr(verticals, f"{args.kind}_builder")()[0]
     async with Booster(args.name, control=args.control) as booster:
-        if args.kind == "invalid":
+        if builder is None:
             # written around the publisher, as a buggy booster might: the dashboard must refuse it
             await booster.directory.put(PANEL_KEY, {"title": "bad", "parts": [{"kind": "map", "lines": [[1, 2, 3]]}]})
         else:
-            builder = getattr(verticals, f"{args.kind}_builder")()[0]
             await publish_panel(booster, builder.build())
             publish_panel_every(booster, builder.build, 1.0)
         print("published", flush=True)

@@ -1,4 +1,4 @@
-"""Without Chromium the browser tests skip with the reason outside CI, and fail in CI."""
+"""Without a browser the browser tests skip with the reason outside CI, and fail in CI."""
 
 import pytest
 
@@ -6,9 +6,11 @@ from tests.dashboard import conftest
 
 
 @pytest.mark.parametrize("ci, outcome", [("", pytest.skip.Exception), ("true", pytest.fail.Exception)])
-def test_missing_chromium_skips_outside_ci_and_fails_in_ci(monkeypatch, ci, outcome):
-    monkeypatch.setattr(conftest, "CHROMIUM", "/nonexistent/chromium")
+@pytest.mark.parametrize("browser_name, attribute", [("chromium", "CHROMIUM"), ("firefox", "FIREFOX")])
+def test_missing_browser_skips_outside_ci_and_fails_in_ci(monkeypatch, ci, outcome, browser_name, attribute):
+    monkeypatch.setattr(conftest, attribute, f"/nonexistent/{browser_name}")
     monkeypatch.setattr(conftest.shutil, "which", lambda name: None)
     monkeypatch.setenv("CI", ci)
-    with pytest.raises(outcome, match="needs /nonexistent/chromium"):
-        conftest.require_browser()
+    with pytest.raises(outcome, match=f"needs /nonexistent/{browser_name}"):
+        conftest.require_browser(browser_name)
+

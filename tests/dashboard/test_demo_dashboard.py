@@ -10,8 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
-from tests.dashboard.conftest import console_errors, screenshot
-from tests.dashboard.test_browser import count, panel, rule_packets, wait_until
+from tests.dashboard.conftest import console_errors, screenshot, wait_until
+from tests.dashboard.test_browser import count, panel, rule_packets
 
 BIN = Path(sys.executable).parent
 

@@ -11,8 +11,8 @@ import pytest
 from boxcore.fleet import box_url
 from boxcore.procs import free_port
 from boxcore.testing import BoxdProcess
-from tests.dashboard.conftest import REPO, Traffic, console_errors, screenshot
-from tests.dashboard.test_browser import count, wait_until
+from tests.dashboard.conftest import REPO, Traffic, console_errors, screenshot, wait_until
+from tests.dashboard.test_browser import count
 
 
 def test_box_addresses_are_checked():
