@@ -19,11 +19,11 @@ import asyncio
 import json
 import logging
 import socket
-import struct
 import sys
 import time
 
 from cliruntime import ConfigError, RunContext, make_parser, non_negative_float, positive_int, run_async
+from cliruntime.wirefields import Layout
 from npdrv import netns, wire
 from npdrv.card import Card, CardConfig, complete_l4_checksum, host, is_host
 from npdrv.controlpoint import ControlPoint
@@ -38,8 +38,11 @@ PACKET_STATISTICS = 6
 PACKET_IGNORE_OUTGOING = 23
 SO_TIMESTAMPNS = 35
 TP_STATUS_CSUMNOTREADY = 1 << 3
-AUXDATA = struct.Struct("IIIHHHH")
-TIMESPEC = struct.Struct("qq")
+# kernel structures read from packet sockets (native byte order; no padding in either)
+AUXDATA = Layout("=", (("status", "I"), ("len", "I"), ("snaplen", "I"), ("mac", "H"), ("net", "H"),
+                       ("vlan_tci", "H"), ("vlan_tpid", "H")))        # struct tpacket_auxdata
+TIMESPEC = Layout("=", (("sec", "q"), ("nsec", "q")))               # struct timespec (64-bit)
+PACKET_STATS = Layout("=", (("packets", "I"), ("drops", "I")))      # struct tpacket_stats
 ANC_SIZE = socket.CMSG_SPACE(AUXDATA.size) + socket.CMSG_SPACE(TIMESPEC.size)
 BATCH = 64           # frames per wake-up per interface, so one busy port cannot starve the rest
 
@@ -101,8 +104,8 @@ class Emulator:
         """Frames the kernel dropped because a receive queue was full (per interface)."""
         out = {}
         for iface, sock in self.socks.items():
-            with_stats = sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
-            out[self.names[iface]] = struct.unpack("II", with_stats)[1]
+            stats = sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, PACKET_STATS.size)
+            out[self.names[iface]] = PACKET_STATS.unpack(stats)[1]
         return out
 
     def _readable(self, iface: int, sock: socket.socket) -> None:
