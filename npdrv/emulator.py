@@ -31,6 +31,10 @@ from npdrv.histogram import LatencyHistogram
 
 log = logging.getLogger("npdrv.emulator")
 
+
+class EmulatorError(RuntimeError):
+    """The emulator cannot open one of its interfaces (the text names it and says why)."""
+
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_AUXDATA = 8
@@ -77,7 +81,8 @@ class Emulator:
             try:
                 sock.bind((name, ETH_P_ALL))
             except OSError as exc:
-                raise ConfigError(f"cannot open card interface {name!r}: {exc.strerror}") from None
+                sock.close()
+                raise EmulatorError(f"cannot open card interface {name!r}: {exc.strerror}") from None
             sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
@@ -89,7 +94,8 @@ class Emulator:
         try:
             sock.bind((self.control_iface, wire.ETHERTYPE))
         except OSError as exc:
-            raise ConfigError(f"cannot open control interface {self.control_iface!r}: {exc.strerror}") from None
+            sock.close()
+            raise EmulatorError(f"cannot open control interface {self.control_iface!r}: {exc.strerror}") from None
         sock.setblocking(False)
         self.control_sock = sock
         loop.add_reader(sock.fileno(), self._control_readable)
@@ -259,18 +265,12 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
     if args.create:
         if not args.box_netns or not args.port0 or not args.port1:
             raise ConfigError("--create needs --box-netns, --port0 and --port1")
-        try:
-            # In a worker thread: pyroute2's ethtool runs an event loop of its own.
-            topo = await asyncio.to_thread(netns.create_card, args.name, args.box_netns, [args.port0, args.port1])
-        except netns.NetnsError as exc:
-            raise ConfigError(str(exc)) from None
+        # In a worker thread: pyroute2's ethtool runs an event loop of its own.
+        topo = await asyncio.to_thread(netns.create_card, args.name, args.box_netns, [args.port0, args.port1])
         created = True
         port_macs = port_macs or [wire.mac_bytes(mac) for mac in topo.host_macs]
     try:
-        try:
-            netns.enter(args.name)
-        except netns.NetnsError as exc:
-            raise ConfigError(str(exc)) from None
+        netns.enter(args.name)
         if port_macs is None:
             port_macs = [wire.mac_bytes(netns.link_mac(name)) for name in args.ports]
         if len(port_macs) != 2:
@@ -309,7 +309,7 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_async(build_parser(), amain, argv)
+    return run_async(build_parser(), amain, argv, config_errors=(EmulatorError, netns.NetnsError))
 
 
 if __name__ == "__main__":
