@@ -15,6 +15,7 @@ from boxcore.booster.core import Booster as CoreBooster
 from boxcore.packet import Packet
 from boxcore.rules import Match
 from boxcore.testing import BoxdProcess, MemoryBox, free_port
+from tests.loopback import bound_udp, recv
 from tests.polling import until
 
 pytestmark = pytest.mark.timeout(60)
@@ -103,17 +104,6 @@ def strict_contexts(monkeypatch):
     real = CoreBooster._receiver_context
     monkeypatch.setattr(CoreBooster, "_receiver_context", lambda self, rule: StrictContext(real(self, rule), used))
     return used
-
-
-def bound_udp(port=0):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", port))
-    sock.setblocking(False)
-    return sock
-
-
-async def recv(sock, timeout=3.0):
-    return await asyncio.wait_for(asyncio.get_running_loop().sock_recvfrom(sock, 65535), timeout)
 
 
 @pytest.fixture

@@ -13,20 +13,10 @@ import pytest
 from boxcore.booster import Booster, BoxdGone, Conflict, PermissionDenied, Verdict
 from boxcore.rules import Match
 from boxcore.testing import BoxdProcess, free_port
+from tests.loopback import bound_udp, recv
 from tests.polling import until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def udp_socket():
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.setblocking(False)
-    return sock
-
-
-async def recv(sock, timeout=2.0):
-    return await asyncio.wait_for(asyncio.get_running_loop().sock_recvfrom(sock, 65535), timeout)
 
 
 @pytest.fixture
@@ -49,7 +39,7 @@ def spawn_booster(control, port, *extra, name="udp-counter", stats=None):
 
 
 async def test_relay_udp_and_tcp_without_boosters(tmp_path, ports):
-    server = await udp_socket()
+    server = bound_udp()
     server.close()
     server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     server.bind(("127.0.0.1", ports["server"]))
@@ -62,7 +52,7 @@ async def test_relay_udp_and_tcp_without_boosters(tmp_path, ports):
 
     tcp_server = await asyncio.start_server(echo_upper, "127.0.0.1", ports["tserver"])
     async with BoxdProcess(tmp_path, listens=listens(ports)):
-        client = await udp_socket()
+        client = bound_udp()
         client.sendto(b"ping", ("127.0.0.1", ports["box"]))
         data, addr = await recv(server)
         assert data == b"ping"
@@ -92,7 +82,7 @@ async def test_socket_delivery_and_pass_through_real_boxd(tmp_path, ports):
                 return Verdict.PASS if pkt.payload.startswith(b"ok") else Verdict.CONSUME
             sub = await booster.redirect(Match(proto="udp", dst_port=ports["server"]), handler)
             assert sub.delivery.kind == "socket"
-            client = await udp_socket()
+            client = bound_udp()
             for payload in (b"ok 1", b"no 2", b"bug", b"ok 3"):
                 client.sendto(payload, ("127.0.0.1", ports["box"]))
             got = [(await recv(server))[0] for _ in range(2)]
@@ -196,7 +186,7 @@ async def test_example_booster_end_to_end_and_management_api(tmp_path, ports):
         proc = spawn_booster(boxd.control, ports["server"], "--drop-prefix", "SPAM", stats=stats)
         try:
             await until(lambda: boxd.query("rules"), timeout=15)
-            clients = [await udp_socket() for _ in range(3)]
+            clients = [bound_udp() for _ in range(3)]
             for i in range(30):
                 payload = b"SPAM %d" % i if i % 3 == 0 else b"data %d" % i
                 clients[i % 3].sendto(payload, ("127.0.0.1", ports["box"]))

@@ -13,20 +13,10 @@ from boxcore.booster import Booster, BoosterError, Verdict
 from boxcore.packet import Packet
 from boxcore.rules import Match, PayloadPattern
 from boxcore.testing import BoxdProcess, free_port
+from tests.loopback import bound_udp, recv
 from tests.polling import until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def bound_udp(port=0):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", port))
-    sock.setblocking(False)
-    return sock
-
-
-async def recv(sock, timeout=2.0):
-    return await asyncio.wait_for(asyncio.get_running_loop().sock_recvfrom(sock, 65535), timeout)
 
 
 @pytest.fixture
