@@ -15,6 +15,7 @@ from boxcore.booster import Booster
 from boxcore.rules import Match
 from boxcore.testing import BoxdProcess, free_port
 from hostile import NOBODY, as_uid, outputs, shared_dir
+from tests.loopback import bound_udp
 from tests.polling import until
 
 pytestmark = pytest.mark.timeout(120)
@@ -113,9 +114,7 @@ async def test_a_name_stays_with_its_uid_while_its_booster_is_down(workdir, port
 async def test_send_needs_a_source_the_policy_grants(workdir, ports):
     policy = workdir / "policy.toml"
     policy.write_text(NOTHING_FOR_NOBODY)
-    target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    target.bind(("127.0.0.1", 0))
-    target.setblocking(False)
+    target = bound_udp()
     tport = target.getsockname()[1]
     async with hostile_boxd(workdir, ports, policy=policy) as boxd:
         probe = as_uid(f"""
@@ -138,9 +137,7 @@ async def test_send_needs_a_source_the_policy_grants(workdir, ports):
 
 async def test_data_channel_send_and_multicast_pass_the_policy(workdir, ports):
     """The data channel (booster.send, send_multicast) is checked like the control request."""
-    target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    target.bind(("127.0.0.1", 0))
-    target.setblocking(False)
+    target = bound_udp()
     tport = target.getsockname()[1]
     async with hostile_boxd(workdir, ports) as boxd:   # allow-all: still no spoofing for non-root
         probe = as_uid(f"""
@@ -176,9 +173,7 @@ async def test_data_channel_send_and_multicast_pass_the_policy(workdir, ports):
 
 async def test_a_booster_may_answer_from_the_port_it_redirects(workdir, ports):
     """The legitimate use of send (the reflector's): from the address and port its rule holds."""
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    client.bind(("127.0.0.1", 0))
-    client.setblocking(False)
+    client = bound_udp()
     cport = client.getsockname()[1]
     async with hostile_boxd(workdir, ports) as boxd:
         probe = as_uid(f"""
