@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from cliruntime.wirefields import Layout
 
-MODULES = ("boxcore.packet", "fcd.wire", "gnutella.wire", "mmpog.wire", "npdrv.wire", "npdrv.card",
-           "npdrv.emulator")
+MODULES = ("boxcore.framing", "boxcore.packet", "fcd.wire", "gnutella.wire", "gnutella.vendor", "mmpog.wire",
+           "npdrv.wire", "npdrv.card", "npdrv.emulator")
 
 
 def declared_layouts() -> dict[str, Layout]:
