@@ -45,7 +45,7 @@ import os
 import socket
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -152,6 +152,15 @@ class Hello:
         return cls(name, msg["version"], bool(msg.get("observer")), frozenset(map(str, features)))
 
 
+class FieldsOfMessage:
+    """A request whose fields are the message's fields of the same names (boxcore.wire has
+    already checked their types)."""
+
+    @classmethod
+    def parse(cls, msg: dict):
+        return cls(*(msg[f.name] for f in fields(cls)))
+
+
 @dataclass(frozen=True)
 class RuleRequest:
     match: Match
@@ -194,12 +203,8 @@ class RuleRequest:
 
 
 @dataclass(frozen=True)
-class Cancel:
+class Cancel(FieldsOfMessage):
     cookie: int
-
-    @classmethod
-    def parse(cls, msg: dict) -> "Cancel":
-        return cls(msg["cookie"])
 
 
 @dataclass(frozen=True)
@@ -231,49 +236,29 @@ class Send:
 
 
 @dataclass(frozen=True)
-class Query:
+class Query(FieldsOfMessage):
     what: str
 
-    @classmethod
-    def parse(cls, msg: dict) -> "Query":
-        return cls(msg["what"])
-
 
 @dataclass(frozen=True)
-class DirKey:
+class DirKey(FieldsOfMessage):
     key: str
 
-    @classmethod
-    def parse(cls, msg: dict) -> "DirKey":
-        return cls(msg["key"])
-
 
 @dataclass(frozen=True)
-class DirPut:
+class DirPut(FieldsOfMessage):
     key: str
     value: Any
 
-    @classmethod
-    def parse(cls, msg: dict) -> "DirPut":
-        return cls(msg["key"], msg["value"])
-
 
 @dataclass(frozen=True)
-class DirPrefix:
+class DirPrefix(FieldsOfMessage):
     prefix: str
 
-    @classmethod
-    def parse(cls, msg: dict) -> "DirPrefix":
-        return cls(msg["prefix"])
-
 
 @dataclass(frozen=True)
-class DirUnwatch:
+class DirUnwatch(FieldsOfMessage):
     watch: int
-
-    @classmethod
-    def parse(cls, msg: dict) -> "DirUnwatch":
-        return cls(msg["watch"])
 
 
 @dataclass(frozen=True)

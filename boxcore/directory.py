@@ -123,6 +123,22 @@ def check_key(stats: collections.Counter, max_key_chars: int, booster: str, key:
         raise DirectoryError(f"key {key!r} of booster {booster!r} is not valid Unicode text")
 
 
+def check_value(stats: collections.Counter, max_value_bytes: int, value: Any) -> bytes:
+    """``value`` encoded for storage; refuse (and count) what no backend may store."""
+    if value is None:
+        stats["refused_bad_value"] += 1
+        raise DirectoryError("value None is reserved for deletions; use delete()")
+    try:
+        blob = encode_value(value)
+    except DirectoryError:
+        stats["refused_bad_value"] += 1
+        raise
+    if len(blob) > max_value_bytes:
+        stats["refused_value_too_large"] += 1
+        raise DirectoryError(f"value of {len(blob)} bytes exceeds the limit of {max_value_bytes}")
+    return blob
+
+
 def check_prefix(prefix: str, after: str | None = None) -> None:
     if not isinstance(prefix, str) or not _is_utf8(prefix):
         raise DirectoryError(f"prefix must be a Unicode string, got {prefix!r}")
@@ -280,17 +296,7 @@ class Directory:
         :meth:`delete`).  ``max_growth``: how many more bytes the caller's quota allows.
         Raises :class:`DirectoryError` / :class:`QuotaExceeded`."""
         self._check_key(booster, key)
-        if value is None:
-            self.stats["refused_bad_value"] += 1
-            raise DirectoryError("value None is reserved for deletions; use delete()")
-        try:
-            blob = encode_value(value)
-        except DirectoryError:
-            self.stats["refused_bad_value"] += 1
-            raise
-        if len(blob) > self.max_value_bytes:
-            self.stats["refused_value_too_large"] += 1
-            raise DirectoryError(f"value of {len(blob)} bytes exceeds the limit of {self.max_value_bytes}")
+        blob = check_value(self.stats, self.max_value_bytes, value)
         row = self._db.execute("SELECT LENGTH(value) FROM kv WHERE booster=? AND key=?",
                                (booster, key)).fetchone()
         growth = len(blob) - (row[0] if row else 0)

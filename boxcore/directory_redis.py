@@ -45,7 +45,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from boxcore.directory import (DEFAULT_MAX_KEY_CHARS, DEFAULT_MAX_KEYS, DEFAULT_MAX_PENDING,
                                DEFAULT_MAX_TOTAL_BYTES, DEFAULT_MAX_VALUE_BYTES, DEFAULT_MAX_WATCHERS,
                                DirectoryError, DirectoryOpenError, DirectoryUnavailable, QuotaExceeded, Watch,
-                               check_key, check_prefix, decode_value, encode_value, prefix_upper_bound,
+                               check_key, check_prefix, check_value, decode_value, prefix_upper_bound,
                                set_limits)
 from boxcore.redisconn import first_line, redacted, unavailable_on_redis_errors
 from cliruntime.supervisor import Supervisor
@@ -307,17 +307,7 @@ class RedisDirectory:
         uid, fleet-wide (checked in the same script as the write).  Raises
         :class:`DirectoryError` / :class:`QuotaExceeded`."""
         self._check_key(booster, key)
-        if value is None:
-            self.stats["refused_bad_value"] += 1
-            raise DirectoryError("value None is reserved for deletions; use delete()")
-        try:
-            blob = encode_value(value)
-        except DirectoryError:
-            self.stats["refused_bad_value"] += 1
-            raise
-        if len(blob) > self.max_value_bytes:
-            self.stats["refused_value_too_large"] += 1
-            raise DirectoryError(f"value of {len(blob)} bytes exceeds the limit of {self.max_value_bytes}")
+        blob = check_value(self.stats, self.max_value_bytes, value)
         outcome, number = await self._scripts["put"](
             keys=self._keys(booster),
             args=[booster, key, blob, self.max_keys_per_booster, self.max_total_bytes,

@@ -15,12 +15,13 @@ by how much of the stream survives it:
 
 from __future__ import annotations
 
-import struct
 from typing import Any, Callable, Generic, TypeVar
 
 import msgpack
 
-LENGTH = struct.Struct("!I")
+from cliruntime.wirefields import Layout
+
+LENGTH = Layout("!", (("length", "I"),))     # of the msgpack body that follows
 
 T = TypeVar("T")
 

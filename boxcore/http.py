@@ -110,6 +110,14 @@ HEADER_TIMEOUT = 10.0           # seconds a connection has to send a complete re
 MAX_REQUEST_BYTES = 16 << 10    # the API is GET-only: no body needs more
 
 
+class HttpSetupError(ValueError):
+    """The API cannot be served as asked: not on that address, or not without a token there."""
+
+
+# read_token_file and check_http_binding check command-line flags (--http-token-file, --http) for
+# boxd's and booster-fleet's amain: they raise the CLI's ConfigError.  start_http, a library call,
+# raises HttpSetupError.
+
 def read_token_file(path: Any) -> str:
     try:
         token = open(path).read().strip()
@@ -132,10 +140,17 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def check_http_binding(host: str, token: str | None) -> None:
-    """Off loopback the whole API needs a token: refuse to start without one."""
+def http_binding_problem(host: str, token: str | None) -> str | None:
+    """Off loopback the whole API needs a token: why serving on ``host`` is refused, or None."""
     if not is_loopback(host) and token is None:
-        raise ConfigError(f"--http {host} is not a loopback address: give --http-token-file too")
+        return f"--http {host} is not a loopback address: give --http-token-file too"
+    return None
+
+
+def check_http_binding(host: str, token: str | None) -> None:
+    problem = http_binding_problem(host, token)
+    if problem:
+        raise ConfigError(problem)
 
 
 def build_app(controller: Any, *, token: str | None = None, open_reads: bool = True) -> web.Application:
@@ -255,7 +270,9 @@ async def start_http(controller: Any, host: str, port: int, *, token: str | None
     """Serve the API on ``host:port`` (see :func:`build_app` for who may read what).  A
     connection must send a complete request within ``header_timeout`` of opening or of its
     previous request (aiohttp's keep-alive deadline, armed from the first byte on)."""
-    check_http_binding(host, token)
+    problem = http_binding_problem(host, token)
+    if problem:
+        raise HttpSetupError(problem)
     app = build_app(controller, token=token, open_reads=is_loopback(host))
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=header_timeout, max_line_size=4096,
                            max_field_size=4096, max_headers=64)
@@ -265,7 +282,7 @@ async def start_http(controller: Any, host: str, port: int, *, token: str | None
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise ConfigError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}") from None
+        raise HttpSetupError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}") from None
     return HttpServer(runner, site)
 
 
@@ -277,7 +294,9 @@ async def serve_http(controller: Any, host: str, port: int, *, token: str | None
         server = await start_http(controller, host, port, token=token)
     except BaseException as exc:
         if ready is not None and not ready.done():
-            ready.set_exception(exc)
+            # boxd's amain awaits ready and reports a set-up failure as bad configuration (one
+            # line, exit 2); boxd.CONFIG_ERRORS does not name HttpSetupError yet
+            ready.set_exception(ConfigError(str(exc)) if isinstance(exc, HttpSetupError) else exc)
             return
         raise
     if ready is not None and not ready.done():

@@ -1,5 +1,5 @@
 """Packets as the box sees them: a parsed 5-tuple plus payload, and the wire
-formats (Ethernet, IPv4, UDP, TCP) declared once as ``struct`` layouts.
+formats (Ethernet, IPv4, UDP, TCP) declared once as ``cliruntime.wirefields.Layout`` field lists.
 
 Every engine hands boosters the same :class:`Packet`, whether it came from a
 socket (user engine), an NFQUEUE verdict queue (linux engine) or a frame on the
@@ -15,8 +15,9 @@ non-first fragments, are 0.
 from __future__ import annotations
 
 import socket
-import struct
 from dataclasses import dataclass, field
+
+from cliruntime.wirefields import Layout
 
 # ----------------------------------------------------------------- protocols
 
@@ -33,18 +34,20 @@ ETHERTYPE_VLAN = 0x8100
 # ------------------------------------------------------------ wire layouts
 # Declared once; every encoder and decoder below goes through these.
 
-#: Ethernet II: destination MAC, source MAC, EtherType.
-ETHERNET = struct.Struct("!6s6sH")
-#: IPv4 without options: version/IHL, DSCP/ECN, total length, identification,
-#: flags/fragment offset, TTL, protocol, header checksum, source, destination.
-IPV4 = struct.Struct("!BBHHHBBH4s4s")
+#: Ethernet II.
+ETHERNET = Layout("!", (("dst", "6s"), ("src", "6s"), ("ethertype", "H")))
+#: IPv4 without options.
+IPV4 = Layout("!", (("version_ihl", "B"), ("tos", "B"), ("total_length", "H"), ("ident", "H"),
+                    ("flags_fragment", "H"), ("ttl", "B"), ("proto", "B"), ("checksum", "H"),
+                    ("src", "4s"), ("dst", "4s")))
 #: The pseudo-header that UDP and TCP checksums cover.
-PSEUDO = struct.Struct("!4s4sBBH")
-#: UDP: source port, destination port, length, checksum.
-UDP = struct.Struct("!HHHH")
-#: TCP without options: ports, sequence, acknowledgement, data offset (high
-#: nibble), flags, window, checksum, urgent pointer.
-TCP = struct.Struct("!HHIIBBHHH")
+PSEUDO = Layout("!", (("src", "4s"), ("dst", "4s"), ("zero", "B"), ("proto", "B"), ("length", "H")))
+UDP = Layout("!", (("sport", "H"), ("dport", "H"), ("length", "H"), ("checksum", "H")))
+#: TCP without options; the data offset is the high nibble of its byte.
+TCP = Layout("!", (("sport", "H"), ("dport", "H"), ("seq", "I"), ("ack", "I"), ("data_offset", "B"),
+                   ("flags", "B"), ("window", "H"), ("checksum", "H"), ("urgent", "H")))
+#: One 16-bit field rewritten in place (lengths and checksums, at the offsets below).
+U16 = Layout("!", (("value", "H"),))
 
 IPV4_FLAG_DF = 0x4000
 IPV4_FLAG_MF = 0x2000
@@ -58,11 +61,14 @@ TCP_PSH = 0x08
 TCP_ACK = 0x10
 TCP_URG = 0x20
 
-# IPv4 header checksum sits at bytes 10..11; UDP's at 6..7 of its header,
-# TCP's at 16..17 of its header.
-_IP_CSUM_AT = 10
-_UDP_CSUM_AT = 6
-_TCP_CSUM_AT = 16
+_IP_TOTAL_AT = IPV4.offset("total_length")
+_IP_FRAGMENT_AT = IPV4.offset("flags_fragment")
+_IP_PROTO_AT = IPV4.offset("proto")
+_IP_CSUM_AT = IPV4.offset("checksum")
+_UDP_LENGTH_AT = UDP.offset("length")
+_UDP_CSUM_AT = UDP.offset("checksum")
+_TCP_OFFSET_AT = TCP.offset("data_offset")
+_TCP_CSUM_AT = TCP.offset("checksum")
 
 
 class PacketDecodeError(ValueError):
@@ -288,11 +294,11 @@ class Packet:
         if total > IPV4_MAX_TOTAL:
             raise PacketError(f"packet of {total} bytes exceeds the IPv4 maximum of {IPV4_MAX_TOTAL}")
         if csum_at is not None:
-            struct.pack_into("!H", segment, csum_at,
+            U16.pack_into(segment, csum_at,
                              _transport_checksum(src_b, dst_b, self.proto, bytes(segment)))
         header = bytearray(IPV4.pack(0x45, tos & 0xFF, total, ident & 0xFFFF, 0, self.ttl,
                                      self.proto, 0, src_b, dst_b))
-        struct.pack_into("!H", header, _IP_CSUM_AT, ip_checksum(header))
+        U16.pack_into(header, _IP_CSUM_AT, ip_checksum(header))
         return bytes(header + segment)
 
     def reply(self, payload: bytes) -> "Packet":
@@ -315,7 +321,8 @@ def _ip_layout(raw: bytes) -> tuple[int, int, bool]:
     header_len = (raw[0] & 0x0F) * 4
     if header_len < IPV4.size or header_len > len(raw):
         raise PacketDecodeError("bad_ihl", f"IHL gives {header_len} header bytes for a {len(raw)}-byte packet")
-    total, flags_frag = struct.unpack_from("!H2xH", raw, 2)
+    (total,) = U16.unpack_from(raw, _IP_TOTAL_AT)
+    (flags_frag,) = U16.unpack_from(raw, _IP_FRAGMENT_AT)
     if total != len(raw):
         raise PacketDecodeError("length_mismatch", f"total length {total}, but {len(raw)} bytes present")
     return header_len, total, bool(flags_frag & (IPV4_FLAG_MF | IPV4_OFFSET_MASK))
@@ -327,7 +334,7 @@ def fix_checksums(raw: bytes | bytearray) -> bytes:
     checksum: their transport checksum covers bytes this fragment lacks."""
     buf = bytearray(raw)
     header_len, _total, fragmented = _ip_layout(bytes(buf))
-    proto = buf[9]
+    proto = buf[_IP_PROTO_AT]
     if not fragmented and proto in (PROTO_UDP, PROTO_TCP):
         at = _UDP_CSUM_AT if proto == PROTO_UDP else _TCP_CSUM_AT
         need = UDP.size if proto == PROTO_UDP else TCP.size
@@ -335,9 +342,9 @@ def fix_checksums(raw: bytes | bytearray) -> bytes:
             raise PacketDecodeError("truncated", f"transport header needs {need} bytes")
         buf[header_len + at:header_len + at + 2] = b"\x00\x00"
         csum = _transport_checksum(bytes(buf[12:16]), bytes(buf[16:20]), proto, bytes(buf[header_len:]))
-        struct.pack_into("!H", buf, header_len + at, csum)
+        U16.pack_into(buf, header_len + at, csum)
     buf[_IP_CSUM_AT:_IP_CSUM_AT + 2] = b"\x00\x00"
-    struct.pack_into("!H", buf, _IP_CSUM_AT, ip_checksum(buf[:header_len]))
+    U16.pack_into(buf, _IP_CSUM_AT, ip_checksum(buf[:header_len]))
     return bytes(buf)
 
 
@@ -349,16 +356,16 @@ def replace_payload(raw: bytes | bytearray, payload: bytes) -> bytes:
     header_len, _total, fragmented = _ip_layout(raw)
     if fragmented:
         raise PacketError("cannot replace the payload of a fragment")
-    proto = raw[9]
+    proto = raw[_IP_PROTO_AT]
     if proto == PROTO_UDP:
         transport = bytearray(raw[header_len:header_len + UDP.size])
         if len(transport) < UDP.size:
             raise PacketDecodeError("truncated", "UDP header incomplete")
-        struct.pack_into("!H", transport, 4, UDP.size + len(payload))
+        U16.pack_into(transport, _UDP_LENGTH_AT, UDP.size + len(payload))
     elif proto == PROTO_TCP:
         if len(raw) - header_len < TCP.size:
             raise PacketDecodeError("truncated", "TCP header incomplete")
-        data_offset = (raw[header_len + 12] >> 4) * 4
+        data_offset = (raw[header_len + _TCP_OFFSET_AT] >> 4) * 4
         if data_offset < TCP.size or header_len + data_offset > len(raw):
             raise PacketDecodeError("bad_transport", f"TCP data offset {data_offset}")
         transport = bytearray(raw[header_len:header_len + data_offset])
@@ -368,7 +375,7 @@ def replace_payload(raw: bytes | bytearray, payload: bytes) -> bytes:
     if total > IPV4_MAX_TOTAL:
         raise PacketError(f"packet of {total} bytes exceeds the IPv4 maximum of {IPV4_MAX_TOTAL}")
     header = bytearray(raw[:header_len])
-    struct.pack_into("!H", header, 2, total)
+    U16.pack_into(header, _IP_TOTAL_AT, total)
     return fix_checksums(bytes(header + transport + payload))
 
 

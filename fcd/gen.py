@@ -26,7 +26,7 @@ import numpy as np
 from boxcore.procs import ProcessGroup
 from cliruntime import ConfigError, host_port, make_parser, non_negative_float, positive_int, run_sync
 from fcd import wire
-from fcd.trace import Trace
+from fcd.trace import Trace, TraceError
 
 
 class Stream:
@@ -229,7 +229,7 @@ def run(args, stats) -> int:
 
 
 def main(argv=None) -> int:
-    return run_sync(build_parser(), run, argv)
+    return run_sync(build_parser(), run, argv, config_errors=(TraceError,))
 
 
 if __name__ == "__main__":

@@ -20,12 +20,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from cliruntime import ConfigError
 from fcd.city import City
 
 PROBE_DTYPE = np.dtype([("t", "<f8"), ("car", "<u4"), ("x", "<f4"), ("y", "<f4"),
                         ("speed", "<f4"), ("heading", "<f4"), ("road", "<i4")])
 LIGHT_DTYPE = np.dtype([("t", "<f8"), ("light", "<u4"), ("phase", "u1"), ("green", "<u4")])
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be read or does not hold a trace; the text says which and why."""
 
 
 @dataclass
@@ -54,9 +57,9 @@ class Trace:
                 city = City.from_dict(json.loads(bytes(data["city"]).decode()))
                 meta = json.loads(bytes(data["meta"]).decode())
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-            raise ConfigError(f"cannot read trace {path}: {exc}") from None
+            raise TraceError(f"cannot read trace {path}: {exc}") from None
         if probes.dtype != PROBE_DTYPE or lights.dtype != LIGHT_DTYPE:
-            raise ConfigError(f"{path}: trace arrays have an unexpected layout")
+            raise TraceError(f"{path}: trace arrays have an unexpected layout")
         return cls(city, probes, lights, meta)
 
     @property

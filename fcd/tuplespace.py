@@ -35,7 +35,7 @@ import msgpack
 
 from boxcore import framing
 from boxcore.redisconn import is_redis_url
-from cliruntime import host_port, make_parser, non_negative_float, positive_int, run_async
+from cliruntime import ConfigError, host_port, make_parser, non_negative_float, positive_int, run_async
 from cliruntime.supervisor import Supervisor
 
 log = logging.getLogger("fcd.tuplespace")
@@ -851,7 +851,6 @@ async def amain(args, ctx) -> int:
     try:
         host, port = await server.start(*args.listen)
     except OSError as exc:
-        from cliruntime import ConfigError
         raise ConfigError(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {exc.strerror}") from None
     log.info("tuplespace listening on %s:%d", host, port)
     print(f"fcd-tuplespace: listening on {host}:{port}", flush=True)

@@ -18,36 +18,29 @@ once with numpy (same fields, same rules) for the high-rate paths.
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
+
+from cliruntime.wirefields import Layout
 
 MAGIC = b"FC"
 VERSION = 1
 KIND_PROBE = 1
 KIND_LIGHT = 2
 
-HEADER_FIELDS = (("magic", "2s"), ("version", "B"), ("kind", "B"), ("generator", "H"), ("seq", "I"))
-PROBE_FIELDS = HEADER_FIELDS + (("car", "I"), ("t", "d"), ("x", "f"), ("y", "f"), ("speed", "f"),
-                                ("heading", "f"))
-LIGHT_FIELDS = HEADER_FIELDS + (("light", "I"), ("t", "d"), ("phase", "B"), ("green", "I"))
+HEADER = Layout("!", (("magic", "2s"), ("version", "B"), ("kind", "B"), ("generator", "H"), ("seq", "I")))
+PROBE = HEADER + (("car", "I"), ("t", "d"), ("x", "f"), ("y", "f"), ("speed", "f"), ("heading", "f"))
+LIGHT = HEADER + (("light", "I"), ("t", "d"), ("phase", "B"), ("green", "I"))
 
-_NUMPY = {"2s": "S2", "B": "u1", "H": ">u2", "I": ">u4", "d": ">f8", "f": ">f4"}
-
-
-def _struct(fields) -> struct.Struct:
-    return struct.Struct("!" + "".join(code for _, code in fields))
-
-
-PROBE_STRUCT = _struct(PROBE_FIELDS)
-LIGHT_STRUCT = _struct(LIGHT_FIELDS)
-HEADER_STRUCT = _struct(HEADER_FIELDS)
-PROBE_SIZE = PROBE_STRUCT.size
-LIGHT_SIZE = LIGHT_STRUCT.size
-PROBE_WIRE_DTYPE = np.dtype([(name, _NUMPY[code]) for name, code in PROBE_FIELDS])
-assert PROBE_WIRE_DTYPE.itemsize == PROBE_SIZE
+# the names the rest of fcd uses
+PROBE_STRUCT = PROBE.struct
+LIGHT_STRUCT = LIGHT.struct
+HEADER_STRUCT = HEADER.struct
+PROBE_SIZE = PROBE.size
+LIGHT_SIZE = LIGHT.size
+PROBE_WIRE_DTYPE = PROBE.dtype
 
 MAX_SPEED = 150.0          # m/s; anything faster is garbage
 MAX_COORD = 1e7            # metres

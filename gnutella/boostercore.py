@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from . import b2b, vendor
 from .handshake import ConnectRequest, Decision, Identity
 from .node import Close, Send
-from .qrp import DEFAULT_TABLE_BITS, RouteTable, TableReceiver
+from .qrp import DEFAULT_TABLE_BITS, RouteTable, TableReceiver, receive_table
 from .routing import BoundedTable
 from .wire import (BYE, PING, PONG, PUSH, QRP, QUERY, QUERY_HIT, STD_VENDOR, VENDOR, Bye, GnutellaDecodeError,
                    HitResult, Message, Pong, Push, Query, QueryHit, new_guid)
@@ -270,15 +270,8 @@ class BoosterCore:
         if kind == PUSH:
             return self._push(msg.payload, ("local", cid))
         if kind == QRP:
-            try:
-                table = peer.qrp.receive(msg.payload)   # type: ignore[arg-type]
-            except GnutellaDecodeError:
-                self.stats["qrp_malformed"] += 1
-                return []
-            if table is not None:
-                peer.table = table
+            if receive_table(peer, msg.payload, self.stats):   # type: ignore[arg-type]
                 self._table_version += 1
-                self.stats["qrp_tables"] += 1
             return []
         if kind == BYE:
             assert isinstance(msg.payload, Bye)

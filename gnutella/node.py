@@ -14,12 +14,12 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from .handshake import Identity
-from .qrp import DEFAULT_TABLE_BITS, RouteTable, TableReceiver
+from .qrp import DEFAULT_TABLE_BITS, RouteTable, TableReceiver, receive_table
 from .routing import LOCAL, Router
 from .share import ShareIndex
 from . import vendor
 from .wire import (BYE, PING, PONG, PUSH, QRP, QUERY, QUERY_HIT, STD_VENDOR, VENDOR, Bye, GGEPExtension, ggep_get,
-                   GnutellaDecodeError, HitResult, Message, Ping, Pong, Push, Query, QueryHit,
+                   HitResult, Message, Ping, Pong, Push, Query, QueryHit,
                    new_guid, QF_MARKER)
 
 VENDOR_CODE = b"BBOX"
@@ -388,12 +388,5 @@ class Node:
         if peer.qrp is None or (not self.config.ultrapeer):
             self.stats["qrp_ignored"] += 1        # a leaf routes nothing
             return []
-        try:
-            table = peer.qrp.receive(msg.payload)   # type: ignore[arg-type]
-        except GnutellaDecodeError:
-            self.stats["qrp_malformed"] += 1
-            return []
-        if table is not None:
-            peer.table = table
-            self.stats["qrp_tables"] += 1
+        receive_table(peer, msg.payload, self.stats)   # type: ignore[arg-type]
         return []

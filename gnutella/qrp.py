@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from .wire import (GnutellaDecodeError, QRP_COMPRESS_NONE, QRP_COMPRESS_ZLIB,
                    QrpPatch, QrpReset)
@@ -167,3 +169,19 @@ class TableReceiver:
                     delta = nib - (1 << bits) if nib & sign else nib
                     slot = i * per_byte + k
                     values[slot] = (values[slot] + delta) & 0xFF
+
+
+def receive_table(peer: Any, msg: QrpReset | QrpPatch, stats: Counter) -> bool:
+    """Feed one QRP message to ``peer.qrp`` and install ``peer.table`` when a table completes
+    (counted in ``qrp_tables``); a malformed message is counted (``qrp_malformed``) and dropped.
+    True when a new table was installed."""
+    try:
+        table = peer.qrp.receive(msg)
+    except GnutellaDecodeError:
+        stats["qrp_malformed"] += 1
+        return False
+    if table is None:
+        return False
+    peer.table = table
+    stats["qrp_tables"] += 1
+    return True

@@ -19,8 +19,9 @@ then the selector's data.  What we send and answer, as gtk-gnutella 1.2.3 does
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
+
+from cliruntime.wirefields import Layout
 
 from .wire import GnutellaDecodeError, Message, VendorMessage
 
@@ -32,10 +33,10 @@ TIME_SYNC_REQUEST = 9
 TIME_SYNC_REPLY = 10
 ZERO_GUID = bytes(16)
 
-_ENTRY = struct.Struct("<4sHH")
-_FEATURE = struct.Struct("<4sH")
-_COUNT = struct.Struct("<H")
-_STAMP = struct.Struct(">II")
+_ENTRY = Layout("<", (("vendor", "4s"), ("selector", "H"), ("version", "H")))     # Messages Supported
+_FEATURE = Layout("<", (("feature", "4s"), ("version", "H")))                     # Features Supported
+_COUNT = Layout("<", (("count", "H"),))
+_STAMP = Layout(">", (("seconds", "I"), ("microseconds", "I")))                  # Time Sync
 
 # (vendor, selector, version) we answer; listed in our Messages Supported
 OUR_MESSAGES: tuple[tuple[bytes, int, int], ...] = ((GTKG, TIME_SYNC_REQUEST, 1), (GTKG, TIME_SYNC_REPLY, 1))

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import struct
 import zlib
 from dataclasses import dataclass, field
 from typing import ClassVar, Union
+
+from cliruntime.wirefields import Layout
 
 
 class GnutellaDecodeError(ValueError):
@@ -38,7 +39,7 @@ class GnutellaDecodeError(ValueError):
 
 # ---------------------------------------------------------------- header
 
-HEADER = struct.Struct("<16sBBBI")
+HEADER = Layout("<", (("guid", "16s"), ("type", "B"), ("ttl", "B"), ("hops", "B"), ("length", "I")))
 HEADER_SIZE = HEADER.size  # 23
 
 PING, PONG, BYE, QRP, VENDOR, STD_VENDOR, PUSH, QUERY, QUERY_HIT, HSEP = (
@@ -254,7 +255,7 @@ class Ping:
         return cls(_optional_ggep(buf, "ping"))
 
 
-PONG_FIXED = struct.Struct("<H4sII")
+PONG_FIXED = Layout("<", (("port", "H"), ("ip", "4s"), ("files", "I"), ("kbytes", "I")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +278,9 @@ class Pong:
         return cls(port, _ip_from_bytes(ip), files, kbytes, _optional_ggep(buf[PONG_FIXED.size:], "pong"))
 
 
+BYE_FIXED = Layout("<", (("code", "H"),))
+
+
 @dataclass(frozen=True, slots=True)
 class Bye:
     TYPE: ClassVar[int] = BYE
@@ -284,19 +288,20 @@ class Bye:
     reason: str = ""
 
     def encode(self) -> bytes:
-        return struct.pack("<H", self.code) + self.reason.encode("utf-8", "replace") + b"\0"
+        return BYE_FIXED.pack(self.code) + self.reason.encode("utf-8", "replace") + b"\0"
 
     @classmethod
     def decode(cls, buf: bytes) -> "Bye":
-        if len(buf) < 2:
-            raise GnutellaDecodeError(f"bye: {len(buf)} bytes, need at least 2")
-        (code,) = struct.unpack_from("<H", buf)
-        text = buf[2:].split(b"\0", 1)[0]
+        if len(buf) < BYE_FIXED.size:
+            raise GnutellaDecodeError(f"bye: {len(buf)} bytes, need at least {BYE_FIXED.size}")
+        (code,) = BYE_FIXED.unpack_from(buf)
+        text = buf[BYE_FIXED.size:].split(b"\0", 1)[0]
         return cls(code, text.decode("utf-8", "replace").rstrip("\r\n"))
 
 
-QRP_RESET_FIXED = struct.Struct("<BIB")
-QRP_PATCH_FIXED = struct.Struct("<BBBBB")
+QRP_RESET_FIXED = Layout("<", (("variant", "B"), ("table_length", "I"), ("infinity", "B")))
+QRP_PATCH_FIXED = Layout("<", (("variant", "B"), ("seq_no", "B"), ("seq_size", "B"), ("compressor", "B"),
+                                  ("entry_bits", "B")))
 QRP_COMPRESS_NONE, QRP_COMPRESS_ZLIB = 0, 1
 
 
@@ -357,7 +362,7 @@ def decode_qrp(buf: bytes) -> "QrpReset | QrpPatch":
     raise GnutellaDecodeError(f"QRP: unknown variant {buf[0]}")
 
 
-VENDOR_FIXED = struct.Struct("<4sHH")
+VENDOR_FIXED = Layout("<", (("vendor", "4s"), ("selector", "H"), ("version", "H")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,7 +385,7 @@ class VendorMessage:
         return cls(vendor, selector, version, bytes(buf[VENDOR_FIXED.size:]), standard)
 
 
-PUSH_FIXED = struct.Struct("<16sI4sH")
+PUSH_FIXED = Layout("<", (("servent_guid", "16s"), ("file_index", "I"), ("ip", "4s"), ("port", "H")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,6 +436,12 @@ def _join_extensions(texts: tuple[str, ...], ggep: tuple[GGEPExtension, ...]) ->
     return b"\x1c".join(parts)
 
 
+# the query's first two bytes: big-endian flags when the top bit is set, else the legacy
+# little-endian minimum speed
+QUERY_FLAGS = Layout(">", (("flags", "H"),))
+QUERY_MIN_SPEED = Layout("<", (("min_speed", "H"),))
+
+
 @dataclass(frozen=True, slots=True)
 class Query:
     TYPE: ClassVar[int] = QUERY
@@ -445,9 +456,9 @@ class Query:
 
     def encode(self) -> bytes:
         if self.flags & QF_MARKER:
-            head = struct.pack(">H", self.flags)
+            head = QUERY_FLAGS.pack(self.flags)
         else:
-            head = struct.pack("<H", self.flags)   # legacy minimum speed, little-endian
+            head = QUERY_MIN_SPEED.pack(self.flags)
         body = self.criteria.encode("utf-8")
         if b"\0" in body:
             raise ValueError("query criteria cannot contain NUL")
@@ -458,9 +469,9 @@ class Query:
         if len(buf) < 3:
             raise GnutellaDecodeError(f"query: {len(buf)} bytes, need at least 3")
         if buf[0] & 0x80:
-            (flags,) = struct.unpack_from(">H", buf)
+            (flags,) = QUERY_FLAGS.unpack_from(buf)
         else:
-            (flags,) = struct.unpack_from("<H", buf)
+            (flags,) = QUERY_MIN_SPEED.unpack_from(buf)
         nul = buf.find(b"\0", 2)
         if nul < 0:
             raise GnutellaDecodeError("query: criteria not NUL-terminated")
@@ -473,8 +484,8 @@ class Query:
         return cls(criteria, flags, urns, ggep)
 
 
-HIT_FIXED = struct.Struct("<BH4sI")
-RESULT_FIXED = struct.Struct("<II")
+HIT_FIXED = Layout("<", (("count", "B"), ("port", "H"), ("ip", "4s"), ("speed", "I")))
+RESULT_FIXED = Layout("<", (("index", "I"), ("size", "I")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -572,7 +583,7 @@ def _find_result_end(buf: bytes, pos: int, end: int) -> int:
     raise GnutellaDecodeError("query hit: result extensions not NUL-terminated")
 
 
-HSEP_ENTRY = struct.Struct("<QQQ")
+HSEP_ENTRY = Layout("<", (("nodes", "Q"), ("files", "Q"), ("kbytes", "Q")))
 
 
 @dataclass(frozen=True, slots=True)

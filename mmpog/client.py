@@ -32,7 +32,7 @@ from typing import Callable
 
 import aiohttp
 
-from cliruntime import ConfigError, RunContext, make_parser, non_negative_float, positive_int, run_async
+from cliruntime import RunContext, make_parser, non_negative_float, positive_int, run_async
 
 from . import wire
 from .reliability import Address, ClientConfig, ClientEndpoint, Event, Joined, JoinFailed, Received
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", required=True)
     parser.add_argument("--password", required=True)
     parser.add_argument("--register", action="store_true", help="register the name first (an existing name is fine)")
-    parser.add_argument("--position", default="0,0", help="X,Y in world units")
+    parser.add_argument("--position", type=_position, default=(0.0, 0.0), help="X,Y in world units")
     parser.add_argument("--send", default=None, help="payload text to send")
     parser.add_argument("--count", type=positive_int, default=1)
     parser.add_argument("--interval", type=non_negative_float, default=0.1)
@@ -288,11 +288,17 @@ def _event_json(event: Event) -> str:
     return json.dumps({"event": type(event).__name__, **fields})
 
 
-async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
+def _position(text: str) -> tuple[float, float]:
+    """argparse type for ``X,Y``."""
     try:
-        x, y = (float(v) for v in args.position.split(","))
+        x, y = (float(v) for v in text.split(","))
     except ValueError:
-        raise ConfigError(f"--position wants X,Y, got {args.position!r}") from None
+        raise argparse.ArgumentTypeError(f"expected X,Y, got {text!r}") from None
+    return x, y
+
+
+async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
+    x, y = args.position
 
     def on_event(event: Event) -> None:
         ctx.stats[f"event_{type(event).__name__}"] += 1

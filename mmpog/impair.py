@@ -20,12 +20,16 @@ import random
 import socket
 from dataclasses import dataclass
 
-from cliruntime import ConfigError, RunContext, host_port, make_parser, non_negative_float, positive_int, probability, run_async
+from cliruntime import RunContext, host_port, make_parser, non_negative_float, positive_int, probability, run_async
 
 log = logging.getLogger("mmpog.impair")
 
 Address = tuple[str, int]
 MAX_READS = 512
+
+
+class RelayError(ValueError):
+    """The relay cannot run as asked: an impairment out of range, or a listening address it cannot bind."""
 
 
 @dataclass
@@ -37,9 +41,9 @@ class Impairment:
 
     def validate(self) -> None:
         if not (0 <= self.loss <= 1 and 0 <= self.duplicate <= 1):
-            raise ConfigError("loss and duplicate must be probabilities in [0, 1]")
+            raise RelayError("loss and duplicate must be probabilities in [0, 1]")
         if self.delay < 0 or self.jitter < 0:
-            raise ConfigError("delay and jitter must be non-negative")
+            raise RelayError("delay and jitter must be non-negative")
 
 
 class _Direction:
@@ -94,7 +98,7 @@ class ImpairingRelay:
             sock.bind(self.listen_addr)
         except OSError as exc:
             sock.close()
-            raise ConfigError(f"cannot bind {self.listen_addr[0]}:{self.listen_addr[1]}: {exc.strerror}") from None
+            raise RelayError(f"cannot bind {self.listen_addr[0]}:{self.listen_addr[1]}: {exc.strerror}") from None
         sock.setblocking(False)
         self._listen = sock
         self._loop.add_reader(sock.fileno(), self._on_client_readable)
@@ -211,7 +215,7 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_async(build_parser(), amain, argv)
+    return run_async(build_parser(), amain, argv, config_errors=(RelayError,))
 
 
 if __name__ == "__main__":

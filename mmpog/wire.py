@@ -35,13 +35,17 @@ import enum
 import struct
 from typing import NamedTuple
 
+from cliruntime.wirefields import Layout
+
 VERSION = 1
 
-HEADER = struct.Struct("!BBBxHHIIIII")
+HEADER = Layout("!", (("version", "B"), ("kind", "B"), ("flags", "B"), ("reserved", "x"), ("rto_ms", "H"),
+                     ("payload_len", "H"), ("location", "I"), ("sender", "I"), ("packet_id", "I"),
+                     ("seq", "I"), ("lowest", "I")))
 HEADER_SIZE = HEADER.size  # 28
 
 # A NACK payload is a list of ranges of missing sequence numbers.
-NACK_RANGE = struct.Struct("!IH")  # first seq, count (1..65535)
+NACK_RANGE = Layout("!", (("first", "I"), ("count", "H")))  # count 1..65535
 MAX_NACK_RANGES = 64
 
 MAX_PAYLOAD = 1400  # keeps every datagram under a 1500-byte MTU with IP/UDP headers
@@ -171,10 +175,10 @@ def decode(data: bytes) -> tuple[Header, bytes]:
 # a location, a client what it queued in one go, up to the path MTU (MAX_DATAGRAM).  Each item is a
 # whole datagram as it would have been sent alone, so unpacking is just "handle each in turn".
 
-BUNDLE_ITEM = struct.Struct("!H")
+BUNDLE_ITEM = Layout("!", (("length", "H"),))
 MAX_DATAGRAM = HEADER_SIZE + MAX_PAYLOAD        # 1428: with IP/UDP headers under a 1500-byte MTU
-_LOCATION = struct.Struct("!I")
-LOCATION_OFFSET = 8
+_LOCATION = Layout("!", (("location", "I"),))
+LOCATION_OFFSET = HEADER.offset("location")
 
 
 def pack(datagrams: list[bytes], max_size: int = MAX_DATAGRAM) -> list[bytes]:
@@ -263,13 +267,14 @@ def seqs_to_ranges(seqs: list[int], max_ranges: int = MAX_NACK_RANGES) -> list[t
 # ------------------------------------------------------------------ hot path helpers
 # The reflector rewrites seq/lowest (and flags) of a client's DATA without a full
 # decode/encode round trip: these are offsets into HEADER, declared next to it.
-FLAGS_OFFSET = 2
-SEQ_LOWEST = struct.Struct("!II")
-SEQ_OFFSET = 20
+FLAGS_OFFSET = HEADER.offset("flags")
+SEQ_LOWEST = Layout("!", (("seq", "I"), ("lowest", "I")))
+SEQ_OFFSET = HEADER.offset("seq")
+assert SEQ_OFFSET + SEQ_LOWEST.size == HEADER.offset("lowest") + 4
 
-
-SENDER_AND_ID = struct.Struct("!II")
-SENDER_OFFSET = 12
+SENDER_AND_ID = Layout("!", (("sender", "I"), ("packet_id", "I")))
+SENDER_OFFSET = HEADER.offset("sender")
+assert SENDER_OFFSET + 4 == HEADER.offset("packet_id")
 
 
 def sender_and_id(data: bytes) -> tuple[int, int]:

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import collections
 import random
-import struct
 from dataclasses import dataclass, field
+
+from cliruntime.wirefields import Layout
 
 from npdrv import wire
 from npdrv.tables import CompiledRule, LpmTable, RuleTable
@@ -48,8 +49,7 @@ MCAST_TX_PREFIX = bytes.fromhex("034e504d")
 
 def mcast_tx_mac(group: int) -> bytes:
     return MCAST_TX_PREFIX + group.to_bytes(2, "big")
-IPV4 = struct.Struct("!BBHHHBBH4s4s")
-PORTS = struct.Struct("!HH")
+PORTS = Layout("!", (("sport", "H"), ("dport", "H")))   # the first four bytes of UDP and TCP
 
 # Named action sets the card accepts with CODE_LOAD (its picocode images).
 ACTION_SETS: dict[str, frozenset[NpAction]] = {

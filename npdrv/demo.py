@@ -11,25 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Callable
 
+from cliruntime.procs import ProcessGroup, python_module, script
 from npdrv import netns, wire
 from npdrv.card import Card, CardConfig, host, ones_sum
 from npdrv.channel import ControlChannel
 from npdrv.controlpoint import ControlPoint
 from npdrv.wire import NpAction, NpRule
 
-BIN = Path(sys.executable).parent
 # the card model's latency: the paper's 15 us ± 3 us of II-C, an input (never a result of ours)
 MODEL = CardConfig()
 
@@ -100,21 +95,18 @@ def _drain(sock: socket.socket) -> list[bytes]:
 async def _in_namespaces(workdir: Path, say: Callable[[str], None]) -> dict:
     prefix = f"bbnpd{secrets.token_hex(2)}"
     client, box, server, card = (f"{prefix}{r}" for r in ("cli", "box", "srv", "card"))
-    procs: list[subprocess.Popen] = []
+    group = ProcessGroup(workdir)
     made: list[str] = []
     try:
         for ns in (client, box, server):
             netns.ip("netns", "add", ns)
             made.append(ns)
-        emu = subprocess.Popen([str(BIN / "np4gs3-emu"), "--name", card, "--create", "--box-netns", box,
-                                "--port0", f"{client}:eth0", "--port1", f"{server}:eth0", "--stats-json",
-                                str(workdir / "card.json"), "--log-level", "warning",
-                                "--model-latency-us", str(MODEL.model_latency_us),
-                                "--model-jitter-us", str(MODEL.model_jitter_us)],
-                               stdout=subprocess.PIPE, text=True)
-        procs.append(emu)
-        if not await asyncio.to_thread(emu.stdout.readline):
-            raise RuntimeError("np4gs3-emu did not start")
+        emu = group.start("card", [script("np4gs3-emu"), "--name", card, "--create", "--box-netns", box,
+                                   "--port0", f"{client}:eth0", "--port1", f"{server}:eth0",
+                                   "--log-level", "warning",
+                                   "--model-latency-us", str(MODEL.model_latency_us),
+                                   "--model-jitter-us", str(MODEL.model_jitter_us)])
+        await group.wait_for_log(emu, '"ready": true')
         for ns, iface, addr, gw in ((client, "eth0", "10.1.0.2/24", "10.1.0.1"),
                                     (server, "eth0", "10.2.0.2/24", "10.2.0.1")):
             netns.ip("link", "set", "lo", "up", netns=ns)
@@ -126,18 +118,14 @@ async def _in_namespaces(workdir: Path, say: Callable[[str], None]) -> dict:
             Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
         say("client 10.1.0.2 -- card (np4gs3-emu) -- server 10.2.0.2; the box hosts the card (np0, np1, npc)")
         control = workdir / "boxd.sock"
-        boxd_log = workdir / "boxd.log"
-        boxd = subprocess.Popen(["ip", "netns", "exec", box, sys.executable, "-m", "boxcore.boxd", "--engine", "np",
-                                 "--control", str(control), "--state", str(workdir / "state"), "--np-sync", "0.2"],
-                                stderr=open(boxd_log, "w"))
-        procs.append(boxd)
-        await _wait_for(lambda: "boxd ready" in boxd_log.read_text(), boxd, "boxd")
-        example_log = workdir / "booster.log"
-        example = subprocess.Popen(["ip", "netns", "exec", box, str(BIN / "booster-example"), "--control",
-                                    str(control), "--port", "9001", "--drop-prefix", "SPAM", "--report-every", "0",
-                                    "--stats-json", str(workdir / "booster.json")], stderr=open(example_log, "w"))
-        procs.append(example)
-        await _wait_for(lambda: "counting udp port" in example_log.read_text(), example, "booster-example")
+        in_box = ["ip", "netns", "exec", box]
+        boxd = group.start("boxd", [*in_box, *python_module("boxcore.boxd"), "--engine", "np",
+                                    "--control", str(control), "--state", str(workdir / "state"),
+                                    "--np-sync", "0.2"], stats=False)
+        await group.wait_for_log(boxd, "boxd ready")
+        example = group.start("booster", [*in_box, script("booster-example"), "--control", str(control),
+                                          "--port", "9001", "--drop-prefix", "SPAM", "--report-every", "0"])
+        await group.wait_for_log(example, "counting udp port")
         say("boxd --engine np started; booster-example redirects udp/9001 (card rule + host NFQUEUE)")
         rx = {port: _udp(server, ("10.2.0.2", port)) for port in (9001, 9002)}
         tx = _udp(client, ("10.1.0.2", 0))
@@ -156,14 +144,12 @@ async def _in_namespaces(workdir: Path, say: Callable[[str], None]) -> dict:
             sock.close()
         say(f"udp/9001: {len(payloads)} sent, {len(got[9001])} delivered (the booster dropped the SPAM); "
             f"udp/9002: {len(got[9002])} of 100 delivered")
-        example.send_signal(signal.SIGTERM)
-        example.wait(10)
-        totals = json.loads((workdir / "booster.json").read_text())["totals"]
-        boxd.send_signal(signal.SIGTERM)
-        boxd.wait(15)
-        emu.send_signal(signal.SIGTERM)
-        emu.wait(15)
-        stats = json.loads((workdir / "card.json").read_text())["emulator"]
+        # each role writes its --stats-json when it stops: booster first, then boxd, then the card
+        await group.stop(example)
+        totals = example.read_stats()["totals"]
+        await group.stop(boxd)
+        await group.stop(emu)
+        stats = emu.read_stats()["emulator"]
         latency = stats["latency_us"]
         say(f"card: {stats['card'].get('redirected', 0)} redirected to the host, "
             f"{stats['card'].get('forwarded', 0)} forwarded by itself; measured: the emulator's wall-clock "
@@ -179,25 +165,8 @@ async def _in_namespaces(workdir: Path, say: Callable[[str], None]) -> dict:
                 # the paper's figure the card model was given, not a measurement of ours
                 "model_input_latency_us": MODEL.model_latency_us}
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        await group.stop_all()
         for ns in made:
             with contextlib.suppress(netns.NetnsError):
                 netns.ip("netns", "delete", ns)
         netns.destroy_card(card)
-
-
-async def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise RuntimeError(f"{what} did not start in {timeout:.0f}s")

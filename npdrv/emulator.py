@@ -19,17 +19,21 @@ import asyncio
 import json
 import logging
 import socket
-import struct
 import sys
 import time
 
 from cliruntime import ConfigError, RunContext, make_parser, non_negative_float, positive_int, run_async
+from cliruntime.wirefields import Layout
 from npdrv import netns, wire
 from npdrv.card import Card, CardConfig, complete_l4_checksum, host, is_host
 from npdrv.controlpoint import ControlPoint
 from npdrv.histogram import LatencyHistogram
 
 log = logging.getLogger("npdrv.emulator")
+
+
+class EmulatorError(RuntimeError):
+    """The emulator cannot open one of its interfaces (the text names it and says why)."""
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
@@ -38,8 +42,11 @@ PACKET_STATISTICS = 6
 PACKET_IGNORE_OUTGOING = 23
 SO_TIMESTAMPNS = 35
 TP_STATUS_CSUMNOTREADY = 1 << 3
-AUXDATA = struct.Struct("IIIHHHH")
-TIMESPEC = struct.Struct("qq")
+# kernel structures read from packet sockets (native byte order; no padding in either)
+AUXDATA = Layout("=", (("status", "I"), ("len", "I"), ("snaplen", "I"), ("mac", "H"), ("net", "H"),
+                       ("vlan_tci", "H"), ("vlan_tpid", "H")))        # struct tpacket_auxdata
+TIMESPEC = Layout("=", (("sec", "q"), ("nsec", "q")))               # struct timespec (64-bit)
+PACKET_STATS = Layout("=", (("packets", "I"), ("drops", "I")))      # struct tpacket_stats
 ANC_SIZE = socket.CMSG_SPACE(AUXDATA.size) + socket.CMSG_SPACE(TIMESPEC.size)
 BATCH = 64           # frames per wake-up per interface, so one busy port cannot starve the rest
 
@@ -74,7 +81,8 @@ class Emulator:
             try:
                 sock.bind((name, ETH_P_ALL))
             except OSError as exc:
-                raise ConfigError(f"cannot open card interface {name!r}: {exc.strerror}") from None
+                sock.close()
+                raise EmulatorError(f"cannot open card interface {name!r}: {exc.strerror}") from None
             sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
@@ -86,7 +94,8 @@ class Emulator:
         try:
             sock.bind((self.control_iface, wire.ETHERTYPE))
         except OSError as exc:
-            raise ConfigError(f"cannot open control interface {self.control_iface!r}: {exc.strerror}") from None
+            sock.close()
+            raise EmulatorError(f"cannot open control interface {self.control_iface!r}: {exc.strerror}") from None
         sock.setblocking(False)
         self.control_sock = sock
         loop.add_reader(sock.fileno(), self._control_readable)
@@ -101,8 +110,8 @@ class Emulator:
         """Frames the kernel dropped because a receive queue was full (per interface)."""
         out = {}
         for iface, sock in self.socks.items():
-            with_stats = sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
-            out[self.names[iface]] = struct.unpack("II", with_stats)[1]
+            stats = sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, PACKET_STATS.size)
+            out[self.names[iface]] = PACKET_STATS.unpack(stats)[1]
         return out
 
     def _readable(self, iface: int, sock: socket.socket) -> None:
@@ -256,18 +265,12 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
     if args.create:
         if not args.box_netns or not args.port0 or not args.port1:
             raise ConfigError("--create needs --box-netns, --port0 and --port1")
-        try:
-            # In a worker thread: pyroute2's ethtool runs an event loop of its own.
-            topo = await asyncio.to_thread(netns.create_card, args.name, args.box_netns, [args.port0, args.port1])
-        except netns.NetnsError as exc:
-            raise ConfigError(str(exc)) from None
+        # In a worker thread: pyroute2's ethtool runs an event loop of its own.
+        topo = await asyncio.to_thread(netns.create_card, args.name, args.box_netns, [args.port0, args.port1])
         created = True
         port_macs = port_macs or [wire.mac_bytes(mac) for mac in topo.host_macs]
     try:
-        try:
-            netns.enter(args.name)
-        except netns.NetnsError as exc:
-            raise ConfigError(str(exc)) from None
+        netns.enter(args.name)
         if port_macs is None:
             port_macs = [wire.mac_bytes(netns.link_mac(name)) for name in args.ports]
         if len(port_macs) != 2:
@@ -306,7 +309,7 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_async(build_parser(), amain, argv)
+    return run_async(build_parser(), amain, argv, config_errors=(EmulatorError, netns.NetnsError))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class NetnsError(Exception):
-    pass
+    """A namespace or link of the card that cannot be made, found or entered."""
 
 
 def _setns_fd(fd: int) -> None:

@@ -111,10 +111,7 @@ def _print(rows: list[dict], as_json: bool) -> None:
 
 async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
     if args.netns:
-        try:
-            netns.enter(args.netns)
-        except netns.NetnsError as exc:
-            raise ConfigError(str(exc)) from None
+        netns.enter(args.netns)
     try:
         driver = await NpDriver(args.iface, timeout=args.timeout or 0.5, retries=args.retries).open()
     except OSError as exc:
@@ -174,7 +171,7 @@ async def _run(args: argparse.Namespace, np: NpDriver) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_async(build_parser(), amain, argv)
+    return run_async(build_parser(), amain, argv, config_errors=(netns.NetnsError,))
 
 
 if __name__ == "__main__":

@@ -26,15 +26,16 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-import struct
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from cliruntime.wirefields import Layout
+
 ETHERTYPE = 0x88B5
 VERSION = 1
-ETH_HEADER = struct.Struct("!6s6sH")
-HEADER = struct.Struct("!BBIHH")
-TLV = struct.Struct("!BBH")
+ETH_HEADER = Layout("!", (("dst", "6s"), ("src", "6s"), ("ethertype", "H")))
+HEADER = Layout("!", (("version", "B"), ("flags", "B"), ("correlator", "I"), ("fragment", "H"), ("count", "H")))
+TLV = Layout("!", (("type", "B"), ("status", "B"), ("length", "H")))
 MAX_PAYLOAD = 1500          # Ethernet payload (MTU) a guided frame must fit in
 MIN_FRAME = 60              # frames shorter than this are zero-padded on the wire
 FLAG_REPLY = 0x01
@@ -124,7 +125,7 @@ def _fail(what: str) -> GuidedFrameDecodeError:
     return GuidedFrameDecodeError(what)
 
 
-def _unpack(layout: struct.Struct, data: bytes, what: str) -> tuple:
+def _unpack(layout: Layout, data: bytes, what: str) -> tuple:
     if len(data) != layout.size:
         raise _fail(f"{what}: expected {layout.size} bytes, got {len(data)}")
     return layout.unpack(data)
@@ -226,7 +227,7 @@ class Reason(Body):
 class PortConfig(Body):
     """Set a port: enabled, MTU, MAC.  The reply carries the resulting config."""
 
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("!BBH6s")
+    LAYOUT: ClassVar[Layout] = Layout("!", (("port", "B"), ("enabled", "B"), ("mtu", "H"), ("mac", "6s")))
     port: int
     enabled: bool = True
     mtu: int = 1500
@@ -260,7 +261,7 @@ class FwdAdd(Body):
     ``port`` :data:`PORT_HOST` delivers matching packets to the host.
     """
 
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("!IBB6s")
+    LAYOUT: ClassVar[Layout] = Layout("!", (("address", "I"), ("prefix_len", "B"), ("port", "B"), ("next_hop", "6s")))
     network: str
     port: int
     next_hop: bytes = b"\x00" * 6
@@ -297,7 +298,7 @@ def _network(addr: int, plen: int, what: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class FwdDelete(Body):
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("!IB")
+    LAYOUT: ClassVar[Layout] = Layout("!", (("address", "I"), ("prefix_len", "B")))
     network: str
 
     def __post_init__(self) -> None:
@@ -317,7 +318,7 @@ class FwdDelete(Body):
 class Pattern:
     """payload[offset:offset+len(value)] & mask == value (value has no bits outside mask)."""
 
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("!HB")
+    LAYOUT: ClassVar[Layout] = Layout("!", (("offset", "H"), ("length", "B")))
     offset: int
     value: bytes
     mask: bytes
@@ -343,7 +344,10 @@ class NpRule(Body):
     MULTICAST rule (0 otherwise).
     """
 
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("!IiBBHBBIIIIHHHHB")
+    LAYOUT: ClassVar[Layout] = Layout("!", (
+        ("rule_id", "I"), ("priority", "i"), ("action", "B"), ("reserved", "B"), ("group", "H"),
+        ("proto", "B"), ("proto_mask", "B"), ("src", "I"), ("src_mask", "I"), ("dst", "I"), ("dst_mask", "I"),
+        ("sport_lo", "H"), ("sport_hi", "H"), ("dport_lo", "H"), ("dport_hi", "H"), ("patterns", "B")))
     rule_id: int
     priority: int = 100
     action: NpAction = NpAction.FORWARD
@@ -444,7 +448,7 @@ class NpRule(Body):
 
 @dataclass(frozen=True, slots=True)
 class RuleRef(Body):
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("!I")
+    LAYOUT: ClassVar[Layout] = Layout("!", (("rule_id", "I"),))
     rule_id: int
 
     def encode(self) -> bytes:
@@ -459,7 +463,7 @@ class RuleRef(Body):
 class RuleRecord(Body):
     """A rule with its counters (RULE_READ reply, rule-table dump entry)."""
 
-    COUNTS: ClassVar[struct.Struct] = struct.Struct("!QQ")
+    COUNTS: ClassVar[Layout] = Layout("!", (("packets", "Q"), ("bytes", "Q")))
     rule: NpRule
     packets: int = 0
     bytes: int = 0
@@ -484,8 +488,8 @@ class McastSet(Body):
     frame's destination for each member and forwards it by its LPM table.
     """
 
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("!HH")
-    MEMBER: ClassVar[struct.Struct] = struct.Struct("!IH")
+    LAYOUT: ClassVar[Layout] = Layout("!", (("group", "H"), ("count", "H")))
+    MEMBER: ClassVar[Layout] = Layout("!", (("address", "I"), ("port", "H")))
     group: int
     members: tuple[tuple[str, int], ...] = ()
 
@@ -523,7 +527,7 @@ class McastSet(Body):
 class CounterRef(Body):
     """COUNTERS_READ / COUNTERS_CLEAR target: a scope and an id (:data:`ALL` to clear a scope)."""
 
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("!BI")
+    LAYOUT: ClassVar[Layout] = Layout("!", (("scope", "B"), ("ident", "I")))
     scope: Scope
     ident: int
 
@@ -544,7 +548,7 @@ class CounterRef(Body):
 
 @dataclass(frozen=True, slots=True)
 class Counters(Body):
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("!BIQQ")
+    LAYOUT: ClassVar[Layout] = Layout("!", (("scope", "B"), ("ident", "I"), ("packets", "Q"), ("bytes", "Q")))
     scope: Scope
     ident: int
     packets: int
@@ -588,7 +592,7 @@ class CodeLoad(Body):
 
 @dataclass(frozen=True, slots=True)
 class DumpRequest(Body):
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("!B")
+    LAYOUT: ClassVar[Layout] = Layout("!", (("table", "B"),))
     table: Table
 
     def __post_init__(self) -> None:
@@ -610,7 +614,7 @@ class DumpRequest(Body):
 class DumpHead(Body):
     """TABLE_DUMP reply: how many ENTRY commands follow (possibly in later fragments)."""
 
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("!BI")
+    LAYOUT: ClassVar[Layout] = Layout("!", (("table", "B"), ("count", "I")))
     table: Table
     count: int
 
@@ -633,7 +637,7 @@ class DumpHead(Body):
 class PortRecord(Body):
     """A port-table dump entry: the config and its rx/tx counters."""
 
-    COUNTS: ClassVar[struct.Struct] = struct.Struct("!QQQQQ")
+    COUNTS: ClassVar[Layout] = Layout("!", (("rx_packets", "Q"), ("rx_bytes", "Q"), ("tx_packets", "Q"), ("tx_bytes", "Q"), ("drops", "Q")))
     config: PortConfig
     rx_packets: int = 0
     rx_bytes: int = 0

@@ -206,3 +206,25 @@ class Engine(abc.ABC):
     def status(self) -> dict[str, Any]:
         """Engine-specific figures for the management API (JSON-able)."""
         return {}
+
+
+class TablesInBoxd(Engine):
+    """An engine whose classifier, forwarding table and multicast groups live in boxd's own
+    process (``user``, ``memory``): setting those tables is bookkeeping.  Subclasses set
+    ``classifier``, ``routes`` and ``groups`` in ``__init__``."""
+
+    classifier: Any
+    routes: list[Route]
+    groups: dict[int, list[tuple[str, int]]]
+
+    async def set_forwarding(self, routes: list[Route]) -> None:
+        self.routes = list(routes)
+
+    async def set_multicast_group(self, group: int, members: list[tuple[str, int]]) -> None:
+        if members:
+            self.groups[group] = list(members)
+        else:
+            self.groups.pop(group, None)
+
+    def counters(self) -> dict[int, tuple[int, int]]:
+        return self.classifier.counters()

@@ -16,7 +16,7 @@ from typing import Any
 
 from boxcore import wire
 from boxcore.classifier import Classifier
-from boxcore.engines.base import BoosterSession, Delivery, Engine, Route
+from boxcore.engines.base import BoosterSession, Delivery, Route, TablesInBoxd
 from boxcore.packet import Packet
 from boxcore.rules import Action, Rule
 from boxcore.wire import Tag, VerdictCode
@@ -40,7 +40,7 @@ class Outcome:
     copies: int = 0
 
 
-class MemoryEngine(Engine):
+class MemoryEngine(TablesInBoxd):
     name = "memory"
 
     def __init__(self, *, verdict_timeout: float = 5.0, max_emitted: int = 100_000) -> None:
@@ -76,18 +76,6 @@ class MemoryEngine(Engine):
     async def remove(self, rule: Rule) -> None:
         self.classifier.remove(rule.cookie)
         self.owners.pop(rule.cookie, None)
-
-    async def set_forwarding(self, routes: list[Route]) -> None:
-        self.routes = list(routes)
-
-    async def set_multicast_group(self, group: int, members: list[tuple[str, int]]) -> None:
-        if members:
-            self.groups[group] = list(members)
-        else:
-            self.groups.pop(group, None)
-
-    def counters(self) -> dict[int, tuple[int, int]]:
-        return self.classifier.counters()
 
     def status(self) -> dict[str, Any]:
         return {"emitted": len(self.emitted), "pending_verdicts": len(self.pending),

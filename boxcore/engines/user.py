@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 from boxcore import wire
 from boxcore.classifier import Classifier
-from boxcore.engines.base import BoosterSession, Delivery, Engine, EngineSetupError, Route
+from boxcore.engines.base import BoosterSession, Delivery, EngineSetupError, Route, TablesInBoxd
 from boxcore.packet import Packet
 from boxcore.rules import Action, Match, Rule
 from cliruntime import positive_int, non_negative_float
@@ -129,7 +129,7 @@ class _TcpListener:
         self.sock = sock
 
 
-class UserEngine(Engine):
+class UserEngine(TablesInBoxd):
     name = "user"
 
     def __init__(self, listens: list[ListenSpec] = (), *, max_flows: int = 1024,
@@ -162,7 +162,7 @@ class UserEngine(Engine):
         self.pending: collections.OrderedDict[int, tuple[float, Callable[[bytes], None], bytes, BoosterSession]] = \
             collections.OrderedDict()
         self.groups: dict[int, list[tuple[str, int]]] = {}
-        self.routes: list[Route] = []
+        self.routes: list[Route] = []      # opaque mode: the --listen relays are the forwarding; kept for status
         self.stats: collections.Counter = collections.Counter()
         self._token = 0
         self._tcp_tasks = Supervisor("user engine tcp relays", logger=log)   # one per relayed connection
@@ -343,19 +343,6 @@ class UserEngine(Engine):
                 listener.taken_from = None
             elif listener.taken_from is not None and listener.delegated is None:
                 self._give_back(listener)
-
-    async def set_forwarding(self, routes: list[Route]) -> None:
-        # In opaque mode the relays given by --listen are the forwarding; routes are kept for status.
-        self.routes = list(routes)
-
-    async def set_multicast_group(self, group: int, members: list[tuple[str, int]]) -> None:
-        if members:
-            self.groups[group] = list(members)
-        else:
-            self.groups.pop(group, None)
-
-    def counters(self) -> dict[int, tuple[int, int]]:
-        return self.classifier.counters()
 
     def health(self, session: BoosterSession) -> str | None:
         state = session.engine_state

@@ -14,6 +14,7 @@ import pytest
 from boxcore.booster import Booster
 from boxcore.rules import Match
 from boxcore.testing import BoxdProcess, free_port
+from tests.polling import until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -61,21 +62,6 @@ class Seen:
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append((target, fut))
         await asyncio.wait_for(fut, timeout)
-
-
-async def until(predicate, what: str, timeout: float = 10.0):
-    """Poll what has no event to wait on (the library's state after a boxd event, boxd's
-    counters) with a deadline; ``predicate`` may be a coroutine function."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 class SteadyStream(threading.Thread):

@@ -15,6 +15,8 @@ from boxcore.booster.core import Booster as CoreBooster
 from boxcore.packet import Packet
 from boxcore.rules import Match
 from boxcore.testing import BoxdProcess, MemoryBox, free_port
+from tests.loopback import bound_udp, recv
+from tests.polling import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -104,27 +106,6 @@ def strict_contexts(monkeypatch):
     return used
 
 
-def bound_udp(port=0):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", port))
-    sock.setblocking(False)
-    return sock
-
-
-async def recv(sock, timeout=3.0):
-    return await asyncio.wait_for(asyncio.get_running_loop().sock_recvfrom(sock, 65535), timeout)
-
-
-async def eventually(predicate, timeout=5.0, what="the condition"):
-    """Poll a condition that has no event (boxd's side, seen from the test) with a deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 @pytest.fixture
 def net():
     ports = {"box": free_port(socket.SOCK_DGRAM), "server": free_port(socket.SOCK_DGRAM),
@@ -181,19 +162,15 @@ async def test_delegated_socket_capability_and_socket_receiver(tmp_path, net, st
                     rules = {r["cookie"]: r for r in await boxd.query("rules")}
                     return rules[sub.cookie]["packets"] == 1 and rules[sub.cookie]["bytes"] == 3
 
-                done = False
-                for _ in range(200):       # counted by the receiver, reported with heartbeats
-                    if done := await counted():
-                        break
-                    await asyncio.sleep(0.02)
-                assert done
+                # counted by the receiver, reported with heartbeats
+                await until(counted, what="boxd's count of the delegated socket's packet")
                 # boxd takes the socket back when another rule comes to share the port
                 await b.copy(Match(proto="udp", dst_port=net["server"]), lambda pkt: None)
-                await eventually(lambda: sub.delegated_socket is None, what="undelegate")
+                await until(lambda: sub.delegated_socket is None, what="undelegate")
                 assert sock.fileno() == -1 and sub.delivery.kind == "channel"
                 client.sendto(b"two", ("127.0.0.1", net["box"]))
                 assert (await recv(server))[0] == b"two"
-                await eventually(lambda: seen == [b"one", b"two"], what="the handler on the channel")
+                await until(lambda: seen == [b"one", b"two"], what="the handler on the channel")
                 await sub.cancel()
                 assert sub.delegated_socket is None
     finally:

@@ -95,8 +95,8 @@ async def _exercise(msgs, tmp):
                 break
             replies += [m for m in dec.feed(data) if m.get("t") == "reply"]
         writer.close()
-        while box.controller.rules or box.controller.sessions:   # the fuzzer's rules go with it
-            await asyncio.sleep(0.005)
+        await box.until(lambda: not (box.controller.rules or box.controller.sessions),
+                        what="the fuzzer's session and rules to go")
         # the box still works for a real booster
         booster = await box.connect("after-fuzz")
         seen = []
@@ -176,8 +176,9 @@ async def _run_sequence(sequence, tmp):
                 if clients[who] is not None:
                     clients[who].close()
                     clients[who] = None
-                    while any(s.booster.name == f"b{who}" for s in box.controller.sessions.values()):
-                        await asyncio.sleep(0.001)
+                    await box.until(lambda: not any(s.booster.name == f"b{who}"
+                                                    for s in box.controller.sessions.values()),
+                                    what=f"b{who} to leave")
             else:
                 c = await client(who)
                 if kind == "rule":
@@ -201,8 +202,7 @@ async def _run_sequence(sequence, tmp):
         for c in clients:
             if c is not None:
                 c.close()
-        while box.controller.sessions:
-            await asyncio.sleep(0.001)
+        await box.until(lambda: not box.controller.sessions, what="every session to close")
         await box.controller._teardowns.join()
         check_invariants(box)
         assert not box.controller.rules and not box.engine.owners and not box.engine.groups

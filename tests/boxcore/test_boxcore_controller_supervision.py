@@ -55,8 +55,7 @@ async def test_a_dying_session_worker_closes_only_that_session(caplog, monkeypat
         victim = box.controller.adopt(boxd_end)
         raw.sendall(wire.encode({"t": "hello", "id": 1, "name": "victim", "version": 1}))
         with caplog.at_level(logging.WARNING):
-            while not victim.closed:
-                await asyncio.sleep(0.005)
+            await box.until(lambda: victim.closed, what="the victim's session to close")
         assert raw.recv(100) == b""                      # its connection is closed
         assert any(name.startswith("session-") for name in box.controller.tasks.failures)
         assert "worker bug" in caplog.text

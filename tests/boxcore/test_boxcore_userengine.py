@@ -13,35 +13,10 @@ from boxcore.booster import Booster, BoosterError, Verdict
 from boxcore.packet import Packet
 from boxcore.rules import Match, PayloadPattern
 from boxcore.testing import BoxdProcess, free_port
+from tests.loopback import bound_udp, recv
+from tests.polling import until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def bound_udp(port=0):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", port))
-    sock.setblocking(False)
-    return sock
-
-
-async def recv(sock, timeout=2.0):
-    return await asyncio.wait_for(asyncio.get_running_loop().sock_recvfrom(sock, 65535), timeout)
-
-
-async def eventually(predicate, timeout=5.0, what="the condition"):
-    """Poll what has no event to wait on (boxd's side, seen from the test) until a deadline.
-    ``predicate`` may be a coroutine function."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -68,7 +43,7 @@ async def test_channel_copy_and_payload_redirect(tmp_path, net):
             net["client"].sendto(b"CMD go", ("127.0.0.1", net["box"]))
             got = sorted([(await recv(net["server"]))[0] for _ in range(2)])
             assert got == [b"cmd go", b"plain"]
-            await eventually(lambda: len(copies) == 2, what="both copies")
+            await until(lambda: len(copies) == 2, what="both copies")
             assert sorted(copies) == [b"CMD go", b"plain"] and redirected == [b"CMD go"]
             rules = await boxd.query("rules")
             assert {r["cookie"]: r["packets"] for r in rules} == {cop.cookie: 2, red.cookie: 1}
@@ -156,11 +131,11 @@ async def test_delegated_socket_is_taken_back_when_a_copy_arrives(tmp_path, net)
             net["client"].sendto(b"one", ("127.0.0.1", net["box"]))
             assert (await recv(net["server"]))[0] == b"one"
             await b.copy(Match(proto="udp", dst_port=net["server_port"]), lambda p: got_b.append(p.payload))
-            await eventually(lambda: a.stats["undelegated"] == 1, what="undelegate")
+            await until(lambda: a.stats["undelegated"] == 1, what="undelegate")
             assert sub.delivery.kind == "channel" and sub.delegated_socket is None
             net["client"].sendto(b"two", ("127.0.0.1", net["box"]))
             assert (await recv(net["server"]))[0] == b"two"
-            await eventually(lambda: got_b == [b"two"], what="the copy")
+            await until(lambda: got_b == [b"two"], what="the copy")
             assert got_a == [b"one", b"two"] and got_b == [b"two"]
             rules = {r["cookie"]: r for r in await boxd.query("rules")}
             assert rules[sub.cookie]["delivery"] == "channel"
@@ -193,21 +168,21 @@ async def test_receive_batches_on_a_delegated_socket(tmp_path, net):
             sent = [b"batch %d" % i for i in range(10)]
             for payload in sent:
                 net["client"].sendto(payload, ("127.0.0.1", net["box"]))
-            await eventually(lambda: sum(map(len, batches)) == len(sent), what="every datagram in batches")
+            await until(lambda: sum(map(len, batches)) == len(sent), what="every datagram in batches")
             assert [p for batch in batches for p in batch] == sent and singles == []
             assert all(1 <= len(batch) <= 4 for batch in batches)
             async def reported():    # counted by the library, reported with heartbeats
                 rules = {r["cookie"]: r for r in await boxd.query("rules")}
                 return rules[sub.cookie] if rules[sub.cookie]["packets"] == len(sent) else None
 
-            rule = await eventually(reported, what="the counts in boxd")
+            rule = await until(reported, what="the counts in boxd")
             assert rule["bytes"] == sum(map(len, sent))
             # boxd takes the socket back: the per-packet handler receives again
             await b.copy(Match(proto="udp", dst_port=net["server_port"]), lambda p: None)
-            await eventually(lambda: sub.delivery.kind == "channel", what="undelegate")
+            await until(lambda: sub.delivery.kind == "channel", what="undelegate")
             assert sub.receive_batches(batches.append) is False
             net["client"].sendto(b"single", ("127.0.0.1", net["box"]))
-            await eventually(lambda: singles, what="the per-packet handler")
+            await until(lambda: singles, what="the per-packet handler")
             assert singles == [b"single"] and sum(map(len, batches)) == len(sent)
 
 
@@ -220,10 +195,7 @@ async def test_idle_flows_expire_and_an_idle_engine_arms_no_timers(net):
         net["client"].sendto(b"relay me", ("127.0.0.1", net["box"]))
         assert (await recv(net["server"]))[0] == b"relay me"
         assert engine.status()["flows"] == 1
-        for _ in range(150):
-            if engine.stats["flows_expired"]:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: engine.stats["flows_expired"], what="the idle flow to expire")
         assert engine.stats["flows_expired"] == 1 and engine.status()["flows"] == 0
         assert engine._flow_timer is None and engine._verdict_timer is None
     finally:

@@ -1,4 +1,4 @@
-"""boxcore.procs.ProcessGroup: one way to start, await, run to completion and stop a role, in
+"""cliruntime.procs.ProcessGroup (re-exported as boxcore.procs): one way to start, await, run to completion and stop a role, in
 asyncio code and in synchronous code alike (real processes)."""
 
 import asyncio
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from boxcore.procs import ProcessGroup
+from cliruntime.procs import ProcessGroup
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -92,3 +92,11 @@ def test_async_run_and_stop_all(tmp_path):
     assert done.output().strip() == "done"
     assert [role.returncode for role in roles] == [0, 0]
     assert all(role.output().split() == ["up", "bye"] for role in roles)
+
+
+def test_boxcore_procs_is_the_same_helper():
+    import boxcore.procs
+    import cliruntime.procs
+
+    assert boxcore.procs.ProcessGroup is cliruntime.procs.ProcessGroup
+    assert boxcore.procs.free_port is cliruntime.procs.free_port

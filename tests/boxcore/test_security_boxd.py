@@ -15,6 +15,8 @@ from boxcore.booster import Booster
 from boxcore.rules import Match
 from boxcore.testing import BoxdProcess, free_port
 from hostile import NOBODY, as_uid, outputs, shared_dir
+from tests.loopback import bound_udp
+from tests.polling import until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -112,9 +114,7 @@ async def test_a_name_stays_with_its_uid_while_its_booster_is_down(workdir, port
 async def test_send_needs_a_source_the_policy_grants(workdir, ports):
     policy = workdir / "policy.toml"
     policy.write_text(NOTHING_FOR_NOBODY)
-    target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    target.bind(("127.0.0.1", 0))
-    target.setblocking(False)
+    target = bound_udp()
     tport = target.getsockname()[1]
     async with hostile_boxd(workdir, ports, policy=policy) as boxd:
         probe = as_uid(f"""
@@ -137,9 +137,7 @@ async def test_send_needs_a_source_the_policy_grants(workdir, ports):
 
 async def test_data_channel_send_and_multicast_pass_the_policy(workdir, ports):
     """The data channel (booster.send, send_multicast) is checked like the control request."""
-    target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    target.bind(("127.0.0.1", 0))
-    target.setblocking(False)
+    target = bound_udp()
     tport = target.getsockname()[1]
     async with hostile_boxd(workdir, ports) as boxd:   # allow-all: still no spoofing for non-root
         probe = as_uid(f"""
@@ -156,13 +154,16 @@ async def test_data_channel_send_and_multicast_pass_the_policy(workdir, ports):
             emit(c.request({{"t": "set_multicast_group", "group": 1, "members": [["127.0.0.1", {tport}]]}}))
             # fan-out from the box's own port, which it holds no rule for
             channel.send(wire.pack_datagram(wire.Tag.MULTICAST, 1, {ports['box']}, b"amplify"))
-            time.sleep(0.5)
-            emit(c.request({{"t": "dir_get", "key": "sync"}})["status"])   # the datagrams were read
         """)
-        duplicates, single, synced = outputs(probe)
+        duplicates, single = outputs(probe)
         assert duplicates["status"] == "INVALID" and "twice" in duplicates["reason"]
-        assert single["status"] == "OK" and synced == "OK"
-        counters = (await boxd.query("status"))["counters"]
+        assert single["status"] == "OK"
+
+        # boxd reads the channel in order: once the last datagram is refused, all were handled
+        async def both_refused():
+            counters = (await boxd.query("status"))["counters"]
+            return counters if counters.get("multicast_refused") else None
+        counters = await until(both_refused, what="boxd to read the channel's datagrams")
         assert counters["send_refused"] == 1 and counters["multicast_refused"] == 1
         assert counters.get("packets_injected", 0) == 0 and counters.get("multicast_sent", 0) == 0
     with pytest.raises(BlockingIOError):
@@ -172,9 +173,7 @@ async def test_data_channel_send_and_multicast_pass_the_policy(workdir, ports):
 
 async def test_a_booster_may_answer_from_the_port_it_redirects(workdir, ports):
     """The legitimate use of send (the reflector's): from the address and port its rule holds."""
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    client.bind(("127.0.0.1", 0))
-    client.setblocking(False)
+    client = bound_udp()
     cport = client.getsockname()[1]
     async with hostile_boxd(workdir, ports) as boxd:
         probe = as_uid(f"""
@@ -206,10 +205,10 @@ async def test_unauthenticated_connections_expire_and_lock_nobody_out(workdir, p
                     held.append(s)
                 except OSError:
                     pass
-            time.sleep(5)
             alive = 0
+            deadline = time.monotonic() + 20    # boxd's --hello-timeout (2 s) must close every one
             for s in held:
-                s.settimeout(0.5)
+                s.settimeout(max(0.01, deadline - time.monotonic()))
                 try:
                     alive += s.recv(1) != b""
                 except socket.timeout:
@@ -218,10 +217,9 @@ async def test_unauthenticated_connections_expire_and_lock_nobody_out(workdir, p
                     pass            # reset: closed by boxd
             emit(alive)
         """)
-        deadline = loop.time() + 20
-        while (await boxd.query("status"))["counters"].get("connections_refused_unauthenticated", 0) == 0:
-            assert loop.time() < deadline, "the hostile connections never arrived"
-            await asyncio.sleep(0.05)
+        async def refused():
+            return (await boxd.query("status"))["counters"].get("connections_refused_unauthenticated", 0)
+        await until(refused, what="the hostile connections", timeout=20)
         # while the hostile uid holds every connection it may, root boosters and boxctl get in
         async with Booster("legit", control=boxd.control) as legit:
             await legit.copy(Match(proto="udp", dst_port=ports["server"]), lambda p: None)
@@ -433,10 +431,10 @@ async def test_a_delegated_socket_comes_back_when_the_copy_goes(workdir, ports):
             os.close(fd)
         async with Booster("third", control=boxd.control) as third:
             await third.copy(Match(proto="udp", dst_port=ports["server"]), lambda p: None)
-        deadline = loop.time() + 10    # the third booster's rules go in boxd's teardown, after its bye
-        while "sockets_kept_on_channel" not in (engine := (await boxd.query("status"))["engine_status"]["counters"]):
-            assert loop.time() < deadline
-            await asyncio.sleep(0.05)
+        async def kept():      # the third booster's rules go in boxd's teardown, after its bye
+            counters = (await boxd.query("status"))["engine_status"]["counters"]
+            return counters if "sockets_kept_on_channel" in counters else None
+        engine = await until(kept, what="the third booster's teardown")
         assert engine["sockets_redelegated"] == 1 and engine["sockets_kept_on_channel"] == 1
         old.sock.close()
 
@@ -456,10 +454,7 @@ async def test_source_checks_hold_on_every_engine():
         relay.send(Packet(17, "10.0.0.9", 4000, "10.0.0.1", 5000, b"re-injected"))  # lies in its rule
         relay.send(Packet(17, "10.0.0.1", 5000, "10.0.0.9", 4000, b"answer"))       # answers it
         relay.send(Packet(17, "10.0.0.1", 53, "10.0.0.9", 4000, b"forged"))         # neither
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while box.controller.stats["packets_injected"] + box.controller.stats["send_refused"] < 3:
-            assert loop.time() < deadline
-            await asyncio.sleep(0.01)
+        await box.until(lambda: box.controller.stats["packets_injected"] + box.controller.stats["send_refused"] == 3,
+                        what="boxd to handle the three sends")
         assert [p.payload for p in box.sent("inject")] == [b"re-injected", b"answer"]
         assert box.controller.stats["send_refused"] == 1

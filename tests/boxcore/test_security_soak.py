@@ -14,6 +14,7 @@ import pytest
 
 from boxcore.testing import BoxdProcess, free_port
 from hostile import NOBODY, as_uid, shared_dir
+from tests.polling import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -139,7 +140,10 @@ async def test_control_flood_never_starves_a_booster(capsys):
                 baseline = rss_mb(boxd.proc.pid)
                 load = subprocess.Popen([sys.executable, "-c", LOAD, str(box), str(PPS), str(FLOOD_S + 4)],
                                         stdout=subprocess.PIPE, text=True)
-                await asyncio.sleep(2)       # traffic flows before the flood
+                async def flowing():     # traffic reaches the booster before the flood
+                    rules = await boxd.query("rules", timeout=15)
+                    return sum(r["packets"] for r in rules if r["owner"] == "soak")
+                await until(flowing, what="the load to reach the booster", timeout=30)
                 flood = loop.run_in_executor(None, as_uid, FLOOD.format(
                     path=str(boxd.control), clients=70, seconds=FLOOD_S), NOBODY, FLOOD_S + 60)
                 samples, peak = [], baseline

@@ -16,6 +16,7 @@ from gnutella.boostercore import BoosterConfig, BoosterCore
 from gnutella.node import NodeConfig
 from gnutella.servent import Servent
 from gnutella.share import ShareIndex
+from tests.polling import until
 
 
 class FakeEdge:
@@ -109,21 +110,13 @@ async def two_clusters(tmp_path):
         e.close()
 
 
-async def wait_for(pred, timeout=5.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not pred():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.05)
-
-
 async def test_booster_clusters_the_overlay_and_keeps_queries_local(two_clusters, tmp_path):
     t = two_clusters
     s = t.servents
     # steering: each servent keeps one intercepted link and meets the local servents
-    await wait_for(lambda: all(len(x.links) >= 2 for x in (s["A1"], s["A2"], s["A3"])), 10)
-    await wait_for(lambda: len(t.boosters["A"].peer_writers) == 1 and len(t.boosters["B"].peer_writers) == 1)
-    await wait_for(lambda: t.cores["A"].peers and all(p.table for p in t.cores["A"].peers.values()), 5)
+    await until(lambda: all(len(x.links) >= 2 for x in (s["A1"], s["A2"], s["A3"])), timeout=10)
+    await until(lambda: len(t.boosters["A"].peer_writers) == 1 and len(t.boosters["B"].peer_writers) == 1)
+    await until(lambda: t.cores["A"].peers and all(p.table for p in t.cores["A"].peers.values()), timeout=5)
     for name, servent in s.items():
         links = [link.remote_ip for link in servent.links.values()]
         # one link (at most) through the edge, the others inside the cluster
@@ -171,7 +164,7 @@ async def test_alive_pings_answered_as_the_impersonated_peer(two_clusters):
     t = two_clusters
     # servents send TTL-1 alive pings on idle links (every second here); the booster answers
     # them as the impersonated peer, with the same GUID, so no link is dropped
-    await wait_for(lambda: all(x.stats["alive_answered"] >= 3 for x in t.servents.values()), 8)
+    await until(lambda: all(x.stats["alive_answered"] >= 3 for x in t.servents.values()), timeout=8)
     assert all(x.stats["alive_timeouts"] == 0 for x in t.servents.values())
     assert t.cores["A"].stats["pings_answered"] >= 3 and t.cores["B"].stats["pings_answered"] >= 2
 
@@ -190,8 +183,8 @@ async def test_push_crosses_boosters_to_a_firewalled_source(two_clusters, tmp_pa
     t = two_clusters
     s = t.servents
     s["B2"].config.firewalled = True                  # its hits now carry the push flag
-    await wait_for(lambda: t.cores["A"].peers and all(p.table for p in t.cores["A"].peers.values()), 10)
-    await wait_for(lambda: all(len(x.links) >= 2 for x in s.values()), 10)
+    await until(lambda: t.cores["A"].peers and all(p.table for p in t.cores["A"].peers.values()), timeout=10)
+    await until(lambda: all(len(x.links) >= 2 for x in s.values()), timeout=10)
     hits = await s["A1"].search("faraway fugue", timeout=2.0, max_hits=1)
     (hit, event), = hits
     assert hit.push

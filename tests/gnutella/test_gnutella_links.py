@@ -19,6 +19,7 @@ from gnutella.share import ShareIndex
 from gnutella.wire import MessageReader, RawMessage
 
 from conftest import FIXTURES
+from tests.polling import until
 
 LINKS = {"leaf": FIXTURES / "gtk-gnutella-1.2.3-deflate-leaf-link.txt",
          "ultrapeer": FIXTURES / "gtk-gnutella-1.2.3-deflate-ultrapeer-link.txt"}
@@ -142,13 +143,6 @@ async def _servent(tmp_path, name, **kw):
     return s
 
 
-async def _until(cond, timeout=10.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 @pytest.mark.parametrize("a_opts,b_opts,compressed,tls", [
     ({}, {}, True, True),
     ({"tls": False}, {}, True, False),
@@ -159,7 +153,7 @@ async def test_servents_negotiate_compression_and_tls(tmp_path, a_opts, b_opts, 
     a = await _servent(tmp_path, "a", **a_opts)
     b = await _servent(tmp_path, "b", peers=[("127.0.0.1", a.port)], **b_opts)
     try:
-        await _until(lambda: a.links and b.links and a.stats["rx_ping"] and b.stats["rx_pong"])
+        await until(lambda: a.links and b.links and a.stats["rx_ping"] and b.stats["rx_pong"])
         for s in (a, b):
             (link,) = s.links.values()
             assert link.stream.channel.tls == tls
@@ -178,7 +172,7 @@ async def test_compressed_link_carries_a_search(tmp_path):
     a.node.shares = a.shares
     b = await _servent(tmp_path, "b", peers=[("127.0.0.1", a.port)], ultrapeer=False)
     try:
-        await _until(lambda: a.links and a.stats["qrp_tables"] >= 1)
+        await until(lambda: a.links and a.stats["qrp_tables"] >= 1)
         hits = await b.search("deflated sonata", timeout=3.0, max_hits=1)
         assert len(hits) == 1
         (link,) = b.links.values()
@@ -208,8 +202,8 @@ async def test_a_decompression_bomb_on_a_link_is_refused_and_counted(tmp_path):
             writer.write(z.compress(b"\0" * (1 << 20)))
         writer.write(z.flush(zlib.Z_SYNC_FLUSH))
         await writer.drain()
-        await _until(lambda: a.stats["decompression_refused"] == 1)
-        await _until(lambda: not a.links)
+        await until(lambda: a.stats["decompression_refused"] == 1)
+        await until(lambda: not a.links)
         # refused at the 64x ratio: a few MiB were read, never the 64 MiB (2.9 million pings) sent
         assert 0 < a.stats["rx_ping"] * 23 < 8 << 20
         writer.close()
@@ -230,7 +224,7 @@ async def test_a_refusal_is_logged_with_the_peers_status_line(tmp_path, caplog):
     async with server:
         b = await _servent(tmp_path, "b", peers=[("127.0.0.1", port)])
         try:
-            await _until(lambda: b.stats["refused_by_peer_403"] == 1)
+            await until(lambda: b.stats["refused_by_peer_403"] == 1)
         finally:
             await b.stop()
     assert f"127.0.0.1:{port} refused the connection: GNUTELLA/0.6 403 Gnet connection not compressed" in caplog.text
@@ -242,7 +236,7 @@ async def test_a_peer_known_to_speak_tls_is_dialled_in_tls_from_the_first_byte(t
     try:
         b._learn_tls(("127.0.0.1", a.port))
         b.connect("127.0.0.1", a.port)
-        await _until(lambda: a.links and b.links)
+        await until(lambda: a.links and b.links)
         assert b.stats["tls_direct_out"] == 1 and a.stats["tls_direct_in"] == 1
         (link,) = a.links.values()
         assert link.stream.channel.tls and a.stats["tls_upgrades"] == 0      # no in-band upgrade needed
@@ -255,18 +249,18 @@ async def test_connection_cap_and_idle_timeout(tmp_path):
     a = await _servent(tmp_path, "a", max_connections=2, idle_timeout=0.3, tls=False)
     try:
         first = [await asyncio.open_connection("127.0.0.1", a.port) for _ in range(2)]
-        await _until(lambda: a._accepting == 2)
+        await until(lambda: a._accepting == 2)
         reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
         assert await asyncio.wait_for(reader.read(), 5) == b""          # closed at once: over the cap
         assert a.stats["accept_refused_cap"] == 1
         for _, w in first:
             w.close()
-        await _until(lambda: a._accepting == 0)
+        await until(lambda: a._accepting == 0)
         # a link that goes silent after its handshake is closed after the idle timeout
         reader, writer, head = await _raw_connect(a.port, "")
         writer.write(b"GNUTELLA/0.6 200 OK\r\n\r\n")
         await writer.drain()
-        await _until(lambda: a.stats["idle_timeouts"] == 1)
+        await until(lambda: a.stats["idle_timeouts"] == 1)
         writer.close()
     finally:
         await a.stop()
@@ -280,7 +274,7 @@ async def test_a_slow_handshake_is_closed_after_the_handshake_timeout(tmp_path):
         writer.write(b"GNUTELLA CONNECT/0.6\r\nX-Ultrapeer: True\r\n")      # and never the blank line
         await writer.drain()
         assert await asyncio.wait_for(reader.read(), 10) == b""
-        await _until(lambda: a.stats["handshake_failed"] == 1 and a._accepting == 0)
+        await until(lambda: a.stats["handshake_failed"] == 1 and a._accepting == 0)
         writer.close()
     finally:
         await a.stop()
@@ -307,12 +301,12 @@ async def test_a_peer_whose_pong_says_tls_is_dialled_in_tls(tmp_path):
     try:
         assert a.node.own_pong().ggep[0].id == "TLS"        # as gtk-gnutella's pongs say it
         c.connect("127.0.0.1", a.port)                      # a now caches c's pong (GGEP TLS) ...
-        await _until(lambda: len(a.links) == 2 and ("127.0.0.1", c.port) in a.node.pong_cache)
+        await until(lambda: len(a.links) == 2 and ("127.0.0.1", c.port) in a.node.pong_cache)
         b.node.tls_hosts.clear()
         b._perform(b.node.tick(1e9))                        # ... b's refresh ping brings it from a's cache
-        await _until(lambda: ("127.0.0.1", c.port) in b.node.tls_hosts)
+        await until(lambda: ("127.0.0.1", c.port) in b.node.tls_hosts)
         b.connect("127.0.0.1", c.port)
-        await _until(lambda: b.stats["tls_direct_out"] == 1 and c.stats["tls_direct_in"] == 1)
+        await until(lambda: b.stats["tls_direct_out"] == 1 and c.stats["tls_direct_in"] == 1)
     finally:
         for s in (b, c, a):
             await s.stop()

@@ -15,6 +15,7 @@ from gnutella import http as ghttp
 from gnutella.node import NodeConfig
 from gnutella.servent import Servent
 from gnutella.share import ShareIndex
+from tests.polling import until
 from gnutella.wire import HEADER_SIZE, Message, MessageReader, Ping, Pong, Query, QueryHit
 
 BIN = Path(sys.executable).parent
@@ -248,10 +249,7 @@ async def test_429_backs_off_five_minutes():
     s = Servent(listen=("127.0.0.1", 0), shares=ShareIndex([]), peers=[("127.0.0.1", port)], seed=23)
     try:
         await s.start()
-        for _ in range(100):
-            if s.stats["refused_by_peer_429"]:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: s.stats["refused_by_peer_429"], what="the peer's 429")
         # the ban is recorded in the same step that counts the refusal
         wait = s._retry_after[("127.0.0.1", port)] - asyncio.get_running_loop().time()
         assert 250 < wait <= 300
@@ -281,10 +279,7 @@ async def test_old_04_servent_searches_a_06_servent(tmp_path):
                    connect_version="0.4")
     try:
         await old2.start()
-        for _ in range(50):
-            if refusing.stats["refused_in_503"]:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: refusing.stats["refused_in_503"], what="the 0.4 handshake's refusal")
         assert refusing.stats["refused_in_503"] == 1 and not old2.links
     finally:
         await old2.stop()

@@ -13,16 +13,18 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
-import signal
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
+from cliruntime.procs import ProcessGroup, Role, script
 from npdrv import netns
 
 VENV_BIN = Path(sys.executable).parent
+MARKER = b"bb-marker: everything sent before me has arrived"
 
 
 @dataclass
@@ -32,9 +34,9 @@ class CardLab:
     client: str
     box: str
     server: str
-    emu: subprocess.Popen
+    group: ProcessGroup     # the emulator, and whatever a test starts in the box (boxd, boosters)
+    emu: Role
     ready: dict
-    stats_path: Path
 
     def mac(self, ns: str, ifname: str) -> str:
         return netns.link_mac(ifname, ns)
@@ -54,11 +56,27 @@ class CardLab:
         return subprocess.run(["ip", "netns", "exec", ns, *argv], check=True, capture_output=True,
                               text=True, timeout=30).stdout
 
+    def start_in_box(self, name: str, argv: Sequence[str], **options) -> Role:
+        return self.group.start(name, ["ip", "netns", "exec", self.box, *argv], **options)
+
+    def stop_box_roles(self) -> None:
+        """Stop what the test started in the box (boosters before boxd); the card keeps running."""
+        for role in reversed(self.group.roles):
+            if role is not self.emu:
+                self.group.stop_sync(role)
+
     def stop_emulator(self) -> dict:
-        if self.emu.poll() is None:
-            self.emu.send_signal(signal.SIGTERM)
-            self.emu.wait(timeout=10)
-        return json.loads(self.stats_path.read_text())
+        self.group.stop_sync(self.emu)
+        return self.emu.read_stats()
+
+
+def receive_until_marker(sock: socket.socket) -> list[bytes]:
+    """What ``sock`` receives before :data:`MARKER`, sent last on the same path: once the marker is
+    in, whatever was going to arrive has (the sockets' timeouts bound the wait)."""
+    got = []
+    while (data := sock.recv(2048)) != MARKER:
+        got.append(data)
+    return got
 
 
 @contextlib.contextmanager
@@ -67,21 +85,16 @@ def card_lab(tmp_path: Path, *, box_forwards: bool = True, emu_args: tuple[str, 
     names = {role: f"{prefix}{role}" for role in ("client", "box", "server")}
     card = f"{prefix}card"
     made = []
-    emu = None
+    group = ProcessGroup(tmp_path / "roles")
     try:
         for ns in names.values():
             netns.ip("netns", "add", ns)
             made.append(ns)
-        stats = tmp_path / f"{card}.json"
-        emu = subprocess.Popen(
-            [str(VENV_BIN / "np4gs3-emu"), "--name", card, "--create", "--box-netns", names["box"],
-             "--port0", f"{names['client']}:eth0", "--port1", f"{names['server']}:eth0",
-             "--stats-json", str(stats), "--log-level", "warning", *emu_args],
-            stdout=subprocess.PIPE, text=True)
-        line = emu.stdout.readline()
-        if not line:
-            raise RuntimeError(f"np4gs3-emu exited with {emu.wait()} before it was ready")
-        ready = json.loads(line)
+        emu = group.start("card", [script("np4gs3-emu"), "--name", card, "--create", "--box-netns", names["box"],
+                                   "--port0", f"{names['client']}:eth0", "--port1", f"{names['server']}:eth0",
+                                   "--log-level", "warning", *emu_args])
+        group.wait_for_log_sync(emu, '"ready": true')
+        ready = next(json.loads(line) for line in emu.output().splitlines() if line.startswith("{"))
         c, b, s = names["client"], names["box"], names["server"]
         for ns in (c, b, s):
             netns.ip("link", "set", "lo", "up", netns=ns)
@@ -93,15 +106,9 @@ def card_lab(tmp_path: Path, *, box_forwards: bool = True, emu_args: tuple[str, 
         netns.ip("addr", "add", "10.2.0.1/24", "dev", "np1", netns=b)
         with netns.inside(b):
             Path("/proc/sys/net/ipv4/ip_forward").write_text("1" if box_forwards else "0")
-        yield CardLab(prefix, card, c, b, s, emu, ready, stats)
+        yield CardLab(prefix, card, c, b, s, group, emu, ready)
     finally:
-        if emu is not None and emu.poll() is None:
-            emu.send_signal(signal.SIGTERM)
-            try:
-                emu.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                emu.kill()
-                emu.wait()
+        group.stop_all_sync(grace=10)
         for ns in made:
             with contextlib.suppress(netns.NetnsError):
                 netns.ip("netns", "delete", ns)

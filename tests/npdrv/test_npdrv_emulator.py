@@ -13,7 +13,7 @@ from npdrv.card import COPY_MAC
 from npdrv.driver import NpDriver, NpTimeout
 from npdrv.wire import NpAction, NpRule, Scope, Table
 
-from npdrv_netlab import VENV_BIN, card_lab
+from npdrv_netlab import MARKER, VENV_BIN, card_lab, receive_until_marker
 
 pytestmark = pytest.mark.root
 UDP = dict(proto=17, proto_mask=0xFF)
@@ -47,6 +47,18 @@ def _recv_all(sock, expect, wait=2.0):
     except socket.timeout:
         pass
     return got
+
+
+def _nothing_waiting(sock) -> bool:
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        sock.recv(2048)
+    except BlockingIOError:
+        return True
+    finally:
+        sock.settimeout(timeout)
+    return False
 
 
 async def _driver(lab):
@@ -88,15 +100,22 @@ async def test_card_forwards_redirects_copies_drops_and_multicasts(tmp_path):
             assert len(_sniffed(np0, 7000)) == 1 and len(_sniffed(np1, 7000)) == 1
 
             # Copy: the server gets the original from the card, the box a tagged copy that
-            # its kernel does not forward (ip_forward is on: only the tag stops it).
+            # its kernel does not forward (ip_forward is on: only the tag stops it).  A marker
+            # redirected after it takes the way a forwarded copy would (up np0, out np1): once
+            # the marker is in, a second "copy me" would have been too.
             client.sendto(b"copy me", ("10.2.0.2", 7001))
-            assert [d for d, _ in _recv_all(servers[7001], 2, wait=1.0)] == [b"copy me"]
+            assert _recv_all(servers[7001], 1)[0][0] == b"copy me"
+            client.sendto(MARKER, ("10.2.0.2", 7000))
+            assert receive_until_marker(servers[7000]) == []
+            assert _nothing_waiting(servers[7001])
             (copy,) = _sniffed(np0, 7001)
             assert copy[:6] == COPY_MAC
 
-            # Drop.
+            # Drop: a marker the card forwards after it proves the card handled the dropped one.
             client.sendto(b"drop me", ("10.2.0.2", 7002))
-            assert _recv_all(servers[7002], 1, wait=0.5) == []
+            client.sendto(MARKER, ("10.2.0.2", 7003))
+            assert receive_until_marker(servers[7003]) == []
+            assert _nothing_waiting(servers[7002])
 
             # Multicast: one frame to the group address, one copy per member, from the sender.
             client.sendto(b"to the group", ("10.1.0.1", 9000))
@@ -104,9 +123,9 @@ async def test_card_forwards_redirects_copies_drops_and_multicasts(tmp_path):
             assert [(d, a) for d, a in got] == [(b"to the group", ("10.1.0.2", 4002))] * 2
 
             counts = {r.rule.rule_id: r.packets for r in await np.dump(Table.RULES)}
-            assert counts == {1: 1, 2: 1, 3: 1, 4: 1}
+            assert counts == {1: 2, 2: 1, 3: 1, 4: 1}          # the redirect rule saw a marker too
             rx = await np.counters(Scope.PORT_RX, 0)
-            assert rx.packets >= 9
+            assert rx.packets >= 11
         finally:
             await np.close()
         stats = lab.stop_emulator()["emulator"]
@@ -169,12 +188,12 @@ async def test_card_survives_malformed_control_frames_and_driver_times_out_on_si
         with netns.inside(lab.box):
             np = await NpDriver("npc", timeout=0.05, retries=1).open()
         try:
-            lab.emu.send_signal(signal.SIGSTOP)
+            lab.emu.proc.send_signal(signal.SIGSTOP)
             try:
                 with pytest.raises(NpTimeout) as err:
                     await np.fwd_add("10.9.0.0/16", port=1)
             finally:
-                lab.emu.send_signal(signal.SIGCONT)
+                lab.emu.proc.send_signal(signal.SIGCONT)
             assert "FWD_ADD failed: TIMEOUT" in str(err.value) and np.stats["retries"] == 1
             assert await np.echo(b"back") == b"back"      # replies come in order: the stale ones first
             assert np.stats["stale"] == 2
