@@ -19,6 +19,7 @@ from pathlib import Path
 from boxcore.controller import ControlSocketError, Controller, ControllerConfig
 from boxcore.directory import DirectoryOpenError
 from boxcore.engines import ENGINE_NAMES, EngineSetupError, EngineUnavailable, Route, available_engines, get_engine
+from boxcore.http import HttpSetupError, serve_http
 from boxcore.policy import PolicyError
 from cliruntime import (ConfigError, RunContext, host_port, make_parser, non_negative_float,
                              positive_int, run_async)
@@ -28,7 +29,7 @@ log = logging.getLogger("boxcore.boxd")
 
 # What the domain modules raise for bad configuration: one line, exit status 2.
 CONFIG_ERRORS: tuple[type[Exception], ...] = (PolicyError, DirectoryOpenError, EngineUnavailable, EngineSetupError,
-                                                ControlSocketError)
+                                                ControlSocketError, HttpSetupError)
 
 
 def route_spec(text: str) -> Route:
@@ -201,12 +202,10 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
     try:
         await controller.start()
         if args.http is not None:
-            from boxcore.http import serve_http
-
             http_ready = asyncio.get_running_loop().create_future()
             controller.tasks.spawn(serve_http(controller, *args.http, token=token, ready=http_ready),
                                    name="http", critical=True)
-            await http_ready  # a bind error is a ConfigError here, before "ready"
+            await http_ready  # a bind error is an HttpSetupError here (one line, exit 2), before "ready"
         log.info("boxd ready (engine %s, control %s%s)", engine.name, args.control,
                  f", http {args.http[0]}:{args.http[1]}" if args.http else "")
         outcome = await first_of(ctx.stop.wait(), controller.wait_failed())

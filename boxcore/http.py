@@ -294,9 +294,8 @@ async def serve_http(controller: Any, host: str, port: int, *, token: str | None
         server = await start_http(controller, host, port, token=token)
     except BaseException as exc:
         if ready is not None and not ready.done():
-            # boxd's amain awaits ready and reports a set-up failure as bad configuration (one
-            # line, exit 2); boxd.CONFIG_ERRORS does not name HttpSetupError yet
-            ready.set_exception(ConfigError(str(exc)) if isinstance(exc, HttpSetupError) else exc)
+            # boxd's amain awaits ready: HttpSetupError is one of its config_errors (one line, exit 2)
+            ready.set_exception(exc)
             return
         raise
     if ready is not None and not ready.done():

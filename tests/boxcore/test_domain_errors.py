@@ -76,6 +76,16 @@ async def test_start_http_raises_http_setup_errors():
             await start_http(None, *taken.getsockname())
 
 
+def test_boxd_reports_a_taken_http_port_in_one_line(tmp_path):
+    with _taken_port(socket.SOCK_STREAM) as taken:
+        host, port = taken.getsockname()
+        out = _run_module("boxcore.boxd", "--engine", "user", "--control", str(tmp_path / "c.sock"),
+                          "--state", str(tmp_path / "st"), "--http", f"{host}:{port}")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"boxd: error: cannot serve HTTP on {host}:{port}")
+    assert "Traceback" not in out.stderr
+
+
 def test_the_emulator_names_the_interface_it_cannot_open():
     import asyncio
 
