@@ -143,6 +143,7 @@ def role_main(argv: list[str]) -> int:
 
 KNEE_FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)   # of the ceiling's unlimited rate
 KNEE_LOSS = 0.01             # the ceiling "starts to lose" above this share of what was sent
+GENERATOR_REACHES = 0.9      # below this share of the asked rate the generator, not the box, is the limit
 BOX_INGRESS = "cli"          # the box's interface facing the client
 
 
@@ -331,10 +332,12 @@ class Bench:
         chosen["latencies"] = [lat for r in runs for lat in r.get("latencies") or ()]
         return chosen
 
-    def find_knee(self, unlimited_pps: float) -> tuple[int, list[dict]]:
+    def find_knee(self, unlimited_pps: float) -> tuple[int, list[dict], str]:
         """The offered rate where plain forwarding starts to lose: the highest rate of a ladder
-        (fractions of the unlimited ceiling) the ceiling still delivers with loss <= KNEE_LOSS."""
-        steps, knee = [], int(unlimited_pps * KNEE_FRACTIONS[0])
+        (fractions of the unlimited ceiling) the ceiling still delivers with loss <= KNEE_LOSS.
+        The ladder also stops where the generator no longer reaches the rate it is asked for
+        (then the knee is the sender's, and ``limit`` says so)."""
+        steps, knee, limit = [], int(unlimited_pps * KNEE_FRACTIONS[0]), "ladder top (no loss)"
         for fraction in KNEE_FRACTIONS:
             rate = int(unlimited_pps * fraction)
             result = self.blast(rate=rate)
@@ -343,9 +346,13 @@ class Bench:
             steps.append({"rate": rate, "offered_pps": round(offered, 1),
                           "delivered_pps": round(result["arrived"] / result["seconds"], 1), "loss": round(loss, 4)})
             if loss > KNEE_LOSS:
+                limit = "the ceiling lost packets above it"
                 break
             knee = rate
-        return knee, steps
+            if offered < GENERATOR_REACHES * rate:
+                limit = "the generator fell short of the next rate"
+                break
+        return knee, steps, limit
 
     def booster_paced(self, verdict: str = "consume", batch: bool = False) -> tuple[dict, list[float]]:
         """A consuming booster: ``repeat`` blasts (median) for pps, then a paced run for its latency."""
@@ -466,7 +473,7 @@ def measure(bench: Bench, lab, args: argparse.Namespace, cases: list[dict]) -> d
 
     # ---- plain kernel forwarding: as fast as the generator sends, then the knee, then at the knee
     unlimited = bench.repeated(bench.blast, key=delivered)
-    knee_rate, steps = bench.find_knee(unlimited["median"])
+    knee_rate, steps, knee_limit = bench.find_knee(unlimited["median"])
     cases.append(case("ceiling", "linux", 0, unlimited["median"], loss_of(unlimited), bench.paced(),
                       offered="unlimited", **_blast_fields(unlimited, unlimited["median"])))
     at_knee = bench.repeated(lambda: bench.blast(rate=knee_rate, probe=True), key=delivered)
@@ -548,7 +555,7 @@ def measure(bench: Bench, lab, args: argparse.Namespace, cases: list[dict]) -> d
     cases.append(case("fanout", "user", 0, blast["median"], 1 - blast["arrived"] / max(blast["sent"] * FANOUT_MEMBERS, 1),
                       latencies, members=FANOUT_MEMBERS, offered="unlimited", datagrams_out=blast["arrived"],
                       reflector=blast["reflector"], **_blast_fields(blast, blast["median"])))
-    return {"rate": knee_rate, "loss_bound": KNEE_LOSS, "ladder": steps,
+    return {"rate": knee_rate, "loss_bound": KNEE_LOSS, "ladder": steps, "limit": knee_limit,
             "unlimited_ceiling_pps": round(unlimited["median"], 1)}
 
 
@@ -619,6 +626,8 @@ def figures(cases: list[dict], args: argparse.Namespace) -> dict:
     ratios = {
         # both offered the knee rate (where plain forwarding starts to lose): the box, not the sender
         "pass1000_over_ceiling": ratio(pass1000["pps"], ceiling_at_knee["pps"]),
+        # the box alone: the share of what the generator really offered that arrived, pass over ceiling
+        "pass1000_delivered_share_over_ceiling": ratio(1 - pass1000["loss"], 1 - ceiling_at_knee["loss"]),
         # both from the probe stream during that load
         "pass1000_p50_over_pass1_p50": ratio(pass1000["latency_us"]["p50"], pass1["latency_us"]["p50"]),
         "drop_over_linux_consume": ratio(drop["pps"], consume_linux["pps"]),
