@@ -405,8 +405,10 @@ class XdpEngine(Engine):
     # -- the lease ---------------------------------------------------------------------
     def _renew_lease(self) -> None:
         if self.dp is not None:
+            # replies to spoofing onward connections are looked up only while TCP is intercepted
+            intercepting = any(entry.port is not None for entry in self.installed.values())
             self.dp.set_config(time.monotonic_ns() + int(self.lease * 1e9), MARK_ASSIGNED,
-                               getattr(self, "_mcast_ifindex", 0))
+                               getattr(self, "_mcast_ifindex", 0), steer_replies=intercepting)
             self.stats["lease_renewals"] += 1
 
     async def _renew_forever(self) -> None:
@@ -469,6 +471,8 @@ class XdpEngine(Engine):
                     self._listen_watch.pop(port, None)
                 raise EngineRefused(f"the kernel data path refused {rule.match.describe()}: {exc}") from None
             self.installed[rule.cookie] = Installed(rule, session, delivery, sock, port)
+            if port is not None:
+                self._renew_lease()      # steer replies to spoofing onward connections from now on
             if sock is not None:
                 self.watch[rule.cookie] = SocketWatch(last_progress=time.monotonic())
             self.stats["rules_installed"] += 1
@@ -535,6 +539,7 @@ class XdpEngine(Engine):
         if entry.port is not None:
             self._listen_watch.pop(entry.port, None)
             self.tproxy_ports.insert(0, entry.port)
+            self._renew_lease()          # the last interception gone: no more reply look-ups
         self.watch.pop(cookie, None)
         self._counters.pop(cookie, None)
         self.stats["rules_removed"] += 1

@@ -198,7 +198,7 @@ def test_copy_through_the_ring_buffer_never_holds_packets(lab, tmp_path):
 
 
 def test_tcp_interception_sees_the_original_destination(lab, tmp_path):
-    boxd = Boxd(lab, tmp_path)
+    boxd = Boxd(lab, tmp_path, "--http", "127.0.0.1:8710")
     echo = echo_server(lab, 8081)
     try:
         b = booster(lab, boxd, "tproxy", 8080)
@@ -209,16 +209,21 @@ def test_tcp_interception_sees_the_original_destination(lab, tmp_path):
             line = conn.makefile().readline()
         assert line.startswith(f"booster original_dst={SERVER}:8080 client=10.1.0.2:")
         b.kill(signal.SIGKILL)
-        onward = booster(lab, boxd, "tproxy", 8081, "--onward")
-        with lab.inside("client"):
-            conn = socket.create_connection((SERVER, 8081), timeout=5)
-        with conn:
-            f = conn.makefile("rw")
-            assert f.readline().startswith(f"booster original_dst={SERVER}:8081")
-            f.write("hi\n")
-            f.flush()
-            assert f.readline() == "server peer=10.2.0.1 got=hi\n"
-        onward.kill(signal.SIGKILL)
+        for spoof in (False, True):
+            onward = booster(lab, boxd, "tproxy", 8081, "--onward", *(["--spoof"] if spoof else []))
+            with lab.inside("client"):
+                conn = socket.create_connection((SERVER, 8081), timeout=5)
+            with conn:
+                f = conn.makefile("rw")
+                assert f.readline().startswith(f"booster original_dst={SERVER}:8081")
+                f.write("hi\n")
+                f.flush()
+                answer = f.readline()
+            # the booster connected onward itself; spoofing, the server sees the client and its
+            # replies (addressed to the client) are steered back to the booster's socket
+            assert answer == f"server peer={'10.1.0.2' if spoof else '10.2.0.1'} got=hi\n"
+            onward.kill(signal.SIGKILL)
+        assert api(lab, "/api/status")["engine_status"]["kernel"]["replies_steered"] > 0
     finally:
         echo.kill()
         echo.wait()
