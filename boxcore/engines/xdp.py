@@ -53,6 +53,7 @@ from boxcore.engines.base import BoosterSession, Delivery, Engine, EngineSetupEr
 from boxcore.engines.linux import (SourceAddresses, apply_kernel_routes, check_routes, clean_kernel_routing,
                                    parse_range)
 from boxcore.packet import PROTO_TCP, PROTO_UDP, Packet, PacketDecodeError, PacketError
+from boxcore.receivers.linux import want_original_destination
 from boxcore.rules import Action, Rule
 from cliruntime.supervisor import Supervisor
 
@@ -448,7 +449,9 @@ class XdpEngine(Engine):
                     raise EngineRefused("the xdp engine redirects UDP to boosters; intercept TCP with intercept_tcp")
                 sock = self._redirect_socket(rule)
                 dst, dport = self._delivered_destination(rule)
-                delivery = Delivery("socket", {"dst": dst, "dport": dport, "data_path": "kernel"},
+                # orig_dst: bpf_sk_assign keeps the packet's destination, and the socket reports
+                # it with each datagram read by recvmsg (IP_RECVORIGDSTADDR, set here)
+                delivery = Delivery("socket", {"dst": dst, "dport": dport, "data_path": "kernel", "orig_dst": True},
                                     fds=[sock.fileno()])
             elif rule.action is Action.COPY:
                 delivery = Delivery("channel", {})
@@ -504,6 +507,7 @@ class XdpEngine(Engine):
                     sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, REDIRECT_RCVBUF)
                 if place[1]:
                     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                want_original_destination(sock)
                 sock.bind(place)
                 return sock
             except OSError as exc:

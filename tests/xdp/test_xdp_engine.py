@@ -425,3 +425,48 @@ def test_what_the_kernel_cannot_hold_is_refused_with_the_reason(lab, tmp_path):
     finally:
         boxd.stop()
     assert_box_clean(lab)
+
+
+ORIGINAL = """
+import asyncio, sys
+from boxcore.booster import Booster
+from boxcore.receivers.linux import recv_original
+from boxcore.rules import Match
+async def main():
+    async with Booster("original", control=sys.argv[1]) as b:
+        sub = await b.redirect(Match(proto="udp", dst_port=int(sys.argv[2])), lambda pkt: None)
+        sock = sub.delegated_socket
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(sock.fileno())            # read it here, with the ancillary data
+        def readable():
+            data, source, original = recv_original(sock)
+            print(data.decode(), source[0], *original, flush=True)
+        loop.add_reader(sock.fileno(), readable)
+        print("ready", sub.delivery.params["dst"], sub.delivery.params["dport"],
+              sub.delivery.params.get("orig_dst"), flush=True)
+        await b.run_until_stopped(asyncio.Event())
+asyncio.run(main())
+"""
+
+
+def test_a_redirect_socket_reports_each_datagram_s_original_destination(lab, tmp_path):
+    """A rule naming only a port: the delivery's dst is 0.0.0.0, but the socket (bpf_sk_assign
+    keeps the destination) reports each datagram's original destination (IP_RECVORIGDSTADDR),
+    the delivery says so (orig_dst), and boxcore.receivers.linux.recv_original reads it."""
+    boxd = Boxd(lab, tmp_path)
+    proc = lab.popen("box", [PY, "-c", ORIGINAL, boxd.control, "9080"], stdout=subprocess.PIPE,
+                     stderr=open(tmp_path / "original.log", "w"), text=True)
+    client = lab.socket("client")
+    try:
+        assert proc.stdout.readline().split() == ["ready", "0.0.0.0", "9080", "True"], \
+            (tmp_path / "original.log").read_text()
+        client.bind((engine_lab.CLIENT, 0))
+        for host in (SERVER, "10.2.0.77", "10.1.0.1"):     # the server, another host, the box itself
+            client.sendto(f"to-{host}".encode(), (host, 9080))
+            assert proc.stdout.readline().split() == [f"to-{host}", engine_lab.CLIENT, host, "9080"]
+    finally:
+        client.close()
+        proc.kill()
+        proc.wait()
+        boxd.stop()
+    assert_box_clean(lab)
