@@ -9,6 +9,7 @@ recorded in :data:`LABS`, so a last test can check that none is left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -249,3 +250,55 @@ def hung_booster_watchdog(lab: Lab, boxd: Boxd, port: int, rules_present, *, sta
     # lost: at most what reached the hung booster until its rules went (and what was in flight)
     assert lost <= rate * (removed_after + 0.3) + 50, (sent, lost)
     return {"reason": reason, "removed_after": removed_after, "sent": sent, "lost": lost}
+
+
+# ---------------------------------------------------------------- what the suite may leave behind
+
+BPF_NAMES = {"boxd_xdp", "boxd_tc"}
+BPF_MAP_NAMES = {"rules", "exact", "by_dport", "by_prefix", "general", "counters", "stats", "config", "groups",
+                 "copies", "socks", "flows"}
+
+
+def kernel_objects() -> dict[str, set]:
+    """What the engines could leave in the host's kernel: BPF programs and maps of boxd's object
+    (by id), pins and bpffs mounts, and, in the host's own namespace, qdiscs, XDP programs, the
+    multicast veth and policy-routing rules of ours."""
+    def bpftool(kind: str) -> list[dict]:
+        out = subprocess.run(["bpftool", "-j", kind, "show"], capture_output=True, text=True).stdout
+        return json.loads(out or "[]")
+
+    found: dict[str, set] = {
+        "programs": {(p["id"], p.get("name")) for p in bpftool("prog") if p.get("name") in BPF_NAMES},
+        "maps": {(m["id"], m.get("name")) for m in bpftool("map") if m.get("name") in BPF_MAP_NAMES},
+        "pins": set(), "bpffs_mounts": set(),
+    }
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == "bpf":
+                found["bpffs_mounts"].add(fields[1])
+                with contextlib.suppress(OSError):
+                    found["pins"] |= {f"{fields[1]}/{n}" for n in os.listdir(fields[1]) if n.startswith("boxd-")}
+    host = {
+        "links": subprocess.run(["ip", "-d", "link"], capture_output=True, text=True).stdout,
+        "qdiscs": subprocess.run(["tc", "qdisc", "show"], capture_output=True, text=True).stdout,
+        "rules": subprocess.run(["ip", "rule"], capture_output=True, text=True).stdout,
+    }
+    found["host"] = ({"boxd_xdp attached"} if "boxd_xdp" in host["links"] else set()) \
+        | ({"bbxdpmc veth"} if "bbxdpmc" in host["links"] else set()) \
+        | {line.strip() for line in host["qdiscs"].splitlines() if "clsact" in line} \
+        | {line.strip() for line in host["rules"].splitlines() if "lookup 178" in line}
+    return found
+
+
+def left_behind(before: dict[str, set]) -> dict[str, set]:
+    """What appeared since ``before`` and is still there (programs and maps are freed after an
+    RCU grace period: waited for, up to 5 s), plus the namespaces of every lab of this run."""
+    def new() -> dict[str, set]:
+        now = kernel_objects()
+        out = {kind: now[kind] - before.get(kind, set()) for kind in now}
+        out["namespaces"] = {ns for name in LABS for ns in lab_namespaces(name)}
+        return {kind: items for kind, items in out.items() if items}
+
+    wait_until(lambda: not new(), 5, interval=0.1)
+    return new()
