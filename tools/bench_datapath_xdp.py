@@ -15,13 +15,25 @@ In the ``transparent`` lab (client -> box -> server), one run, ratios within it:
   ``pps`` = datagrams delivered to members per second.
 
 The blast generator is ``trafgen`` (netsniff-ng) on the client: one static, checksummed 64-byte
-UDP frame as fast as one CPU sends it for ``--duration`` seconds; the server drops it in its raw
-table (by the generator's source port) and counts it on its interface.  ``loss`` is the share of
-sent packets (the client's tx counter) that did not arrive (or, for drop / consume, were not
-dropped / consumed).  Latency comes from a paced run (``--paced-rate`` packets/s of stamped
-datagrams from a Python sender, CLOCK_MONOTONIC shared by all namespaces) through the same
-rules: one-way client -> server (or -> booster, or -> a fan-out member); percentiles from
-:mod:`tools.stats`.
+UDP frame for ``--duration`` seconds, as fast as one CPU sends it or at a given rate (``-b``); the
+server drops it in its raw table (by the generator's source port) and counts it on its
+interface.  ``loss`` is the share of sent packets (the client's tx counter) that did not arrive
+(or, for drop / consume, were not dropped / consumed).
+
+Method (:class:`Isolation`, :meth:`Bench.find_knee`):
+
+* the generator is pinned to one CPU in a cgroup of its own, boxd and the boosters to the other
+  CPU, each in its own cgroup (v1 ``cpu``, ``--cpu-budget`` cores each); ``--no-isolation``
+  turns that off;
+* every case runs ``--repeat`` times and reports the median run (every run in ``pps_runs``);
+* plain forwarding is measured as fast as the generator sends, then on a ladder of offered
+  rates (fractions of that): the knee is the highest rate it still forwards with loss <= 1 %
+  (or where the generator no longer reaches the asked rate).  The ceiling and the pass cases
+  are then measured offered exactly that rate, so their ratio is the box's, not the sender's;
+* their latency comes from a probe stream (``--paced-rate`` stamped datagrams/s from a Python
+  sender, CLOCK_MONOTONIC shared by all namespaces) running through the box during that load;
+  the other cases' latency from a paced run of the probe alone.  Percentiles from
+  :mod:`tools.stats`.
 
 Roles run as ``python -m tools.bench_datapath_xdp ROLE`` inside lab namespaces.
 """
