@@ -62,6 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="xdp: CPU budget (cores) of the generator's and of the box's cgroup")
     parser.add_argument("--no-isolation", action="store_true",
                         help="xdp: do not pin the generator and the box to CPUs and cgroups of their own")
+    parser.add_argument("--box-receive-thread", action="store_true",
+                        help="xdp: run the box's receive path in a NAPI kernel thread pinned to the box's CPU "
+                             "(off by default: under other load that thread loses its CPU)")
     parser.add_argument("--senders", type=positive_int, default=2,
                         help="parallel sender processes of the blast (enough to outrun one receiver)")
     parser.set_defaults(func=run)

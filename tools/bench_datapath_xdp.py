@@ -45,6 +45,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -165,16 +166,22 @@ class Isolation:
     The generator (trafgen) is pinned to one CPU in a cgroup of its own; boxd and the box's
     boosters (and the user-space reflector) are pinned to the other CPU, boxd in one cgroup,
     the boosters in another.  Each cgroup (v1 ``cpu``) has a CFS quota of ``budget`` cores.
-    The kernel's forwarding runs in softirq context, which no cgroup is charged for: on a veth
-    pair it runs on the sending CPU.  Steering it to the box's CPU (RPS on the box's ingress)
-    was measured and rejected: one cross-CPU backlog and IPI per packet cut plain forwarding
-    from about 180k to about 20k packets/s here.  Without two CPUs or the cgroup v1 cpu
-    controller (or with ``--no-isolation``) everything runs unpinned and the JSON says so.
+    The box's receive path (XDP, forwarding, tc, local delivery) runs in softirq on the sending
+    CPU, a veth pair having no queue of its own: its cost shows as a slower generator, which is
+    why the pass cases are compared at the knee rate (:meth:`Bench.find_knee`).  With
+    ``receive_thread`` the box's ingress veth gets a NAPI instance (GRO on, which forwards UDP
+    unchanged) run by a kernel thread of its own (``threaded``), pinned to the box's CPU and put
+    in boxd's cgroup where the kernel allows.  Off by default: measured with the machine's
+    other load, that thread (an ordinary task, where softirq would pre-empt) lost its CPU and
+    every xdp case fell by 2-10x.  (RPS to the box's CPU was rejected too: a cross-CPU backlog
+    and an IPI per packet cut plain forwarding from about 180k to about 20k packets/s.)
+    Without two CPUs or the cgroup v1 cpu controller (or with ``--no-isolation``) everything
+    runs unpinned and the JSON says so.
     """
 
     SIDES = ("generator", "boxd", "booster")
 
-    def __init__(self, enabled: bool, budget: float, period_us: int = 100_000) -> None:
+    def __init__(self, enabled: bool, budget: float, period_us: int = 100_000, receive_thread: bool = False) -> None:
         from tools.bench_fcd import CGROUP_CPU, CpuBudgets
 
         cpus = sorted(os.sched_getaffinity(0))
@@ -189,6 +196,9 @@ class Isolation:
         # trafgen -P 1 pins its one worker to the first CPU: that one is the generator's
         self.cpus = {"generator": cpus[0], "boxd": cpus[-1], "booster": cpus[-1]} if self.budgets else {}
         self.budget = budget if self.budgets else None
+        self.receive_thread = receive_thread and self.budgets is not None
+        self.napi_before: dict[int, str] = {}
+        self.napi_pinned: dict[int, str] = {}
 
     def wrap(self, side: str | None, argv: list[str]) -> list[str]:
         """``argv`` started inside ``side``'s cgroup, pinned to its CPU (the same pid all along:
@@ -201,11 +211,62 @@ class Isolation:
         return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup),
                 "taskset", "-c", str(self.cpus[side]), *argv]
 
+    def threaded_receive(self, lab) -> None:
+        """The box's ingress veth: NAPI (GRO on) in a kernel thread of its own (``threaded``)."""
+        if not self.receive_thread:
+            return
+        self.napi_before = self._napi_threads()
+        from pyroute2.ethtool import Ethtool
+
+        with lab.inside("box"):
+            ethtool = Ethtool()
+            try:
+                features = ethtool.get_features(BOX_INGRESS)
+                features.features["rx-gro"].enable = True
+                ethtool.set_features(BOX_INGRESS, features)
+            finally:
+                ethtool.close()
+        lab.run("box", ["sh", "-c", f"echo 1 > /sys/class/net/{BOX_INGRESS}/threaded"])
+        self.pin_receive()
+
+    @staticmethod
+    def _napi_threads() -> dict[int, str]:
+        threads = {}
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    name = Path(f"/proc/{pid}/comm").read_text().strip()
+                except OSError:
+                    continue
+                if name.startswith(f"napi/{BOX_INGRESS}-"):
+                    threads[int(pid)] = name
+        return threads
+
+    def pin_receive(self) -> None:
+        """Pin the box's NAPI threads (made since :meth:`threaded_receive`: an XDP attach may
+        rebuild them) to the box's CPU and into boxd's cgroup."""
+        if not self.receive_thread:
+            return
+        for pid, name in self._napi_threads().items():
+            if pid in self.napi_before or pid in self.napi_pinned:
+                continue
+            pinned = subprocess.run(["taskset", "-pc", str(self.cpus["boxd"]), str(pid)],
+                                    capture_output=True).returncode == 0
+            try:
+                (self.budgets.group("boxd") / "cgroup.procs").write_text(str(pid))
+                where = "boxd cgroup"
+            except OSError:
+                where = "no cgroup (refused for a kernel thread)"
+            self.napi_pinned[pid] = f"{name}: {'CPU ' + str(self.cpus['boxd']) if pinned else 'not pinned'}, {where}"
+
     def describe(self) -> dict:
         if self.budgets is None:
             return {"isolated": False, "reason": self.reason}
         return {"isolated": True, "cpus": self.cpus, "cpu_budget_cores": self.budget,
-                "cgroups": list(self.SIDES), "softirq": "unpinned (on a veth pair, the sending CPU's)"}
+                "cgroups": list(self.SIDES),
+                "box_receive": (f"threaded NAPI on the box's {BOX_INGRESS}" if self.receive_thread
+                                else "softirq on the sending CPU (veth)"),
+                "napi_threads": sorted(set(self.napi_pinned.values()))}
 
     def cleanup(self) -> None:
         if self.budgets is not None:
@@ -265,12 +326,14 @@ class Bench:
                                        "--http", f"127.0.0.1:{HTTP_PORT}", "--log-level", "warning",
                                        "--max-rules-per-booster", "2000", *extra], f"boxd-{engine}", side="boxd")
         self.group.wait_path_sync(self.boxd, Path(self.control), 30)
+        self.isolation.pin_receive()       # attaching XDP may have rebuilt the NAPI thread
 
     def stop_boxd(self) -> None:
         if self.boxd is not None:
             self.group.stop_sync(self.boxd, grace=300)   # the linux engine removes its rules one transaction each
             self.boxd = None
             Path(self.control).unlink(missing_ok=True)
+            self.isolation.pin_receive()   # detaching XDP may have rebuilt the NAPI thread
 
     def rule_packets(self) -> int:
         with self.lab.inside("box"):
@@ -449,7 +512,8 @@ def run(args: argparse.Namespace) -> dict:
     if problem:
         raise ConfigError(problem)
     cases: list[dict] = []
-    isolation = Isolation(not getattr(args, "no_isolation", False), float(getattr(args, "cpu_budget", 1.0)))
+    isolation = Isolation(not getattr(args, "no_isolation", False), float(getattr(args, "cpu_budget", 1.0)),
+                          receive_thread=bool(getattr(args, "box_receive_thread", False)))
     try:
         with tempfile.TemporaryDirectory(prefix="bbdpxdp") as tmp, Lab.up("transparent") as lab:
             workdir = Path(tmp)
@@ -470,6 +534,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def measure(bench: Bench, lab, args: argparse.Namespace, cases: list[dict]) -> dict:
     """Every case, in one lab; returns how the knee rate was found."""
+    bench.isolation.threaded_receive(lab)
     # the server counts the generator's packets on its interface and drops them early
     lab.run("server", ["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "udp", "--sport", str(GENERATOR_SPORT),
                        "-j", "DROP"])
