@@ -761,14 +761,15 @@ def plot(result: dict, path: Path) -> None:
     ax2.bar([i + 0.2 for i in x], [c["latency_us"]["p99"] for c in with_latency], width=0.4, label="p99",
             color="lightgray")
     ax2.set_yscale("log")
-    ax2.set_ylabel("one-way latency (us): probe during the load (@knee), else paced run")
+    ax2.set_ylabel("one-way latency (us)")
+    ax2.set_title("latency: probe during the load (@knee), else a paced run")
     ax2.set_xticks(list(x), [labels[cases.index(c)] for c in with_latency], fontsize=7, rotation=45)
     ax2.legend()
     iso = result.get("isolation", {})
     fig.suptitle("booster box data path: xdp engine vs linux engine vs user space (one run, median of "
                  f"{result.get('repeat', 1)}; knee {result.get('knee', {}).get('rate', 0):,} pps; "
                  f"{'generator and box on separate CPUs and cgroups' if iso.get('isolated') else 'not isolated'})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
