@@ -2,7 +2,9 @@
 
 In the ``transparent`` lab (client -> box -> server), one run, ratios within it:
 
-* ``ceiling`` (engine ``linux``: plain kernel forwarding, no boxd);
+* ``ceiling`` (engine ``linux``: plain kernel forwarding, no boxd), also at the knee rate, and at
+  the knee rate with a no-op XDP program attached (``xdp`` field; boxcore/engines/bpf/noop.bpf.c):
+  what attaching any XDP program costs, apart from boxd's classifier;
 * ``pass`` with 1 / 100 / 1000 rules installed (DROP rules on other ports: the traffic passes
   the classifier and is forwarded), engine ``xdp``;
 * ``drop``: a DROP rule on the stream, engine ``xdp`` (``pps`` = what the rule dropped per second);
@@ -156,6 +158,7 @@ def role_main(argv: list[str]) -> int:
 
 KNEE_FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)   # of the ceiling's unlimited rate
 KNEE_LOSS = 0.01             # the ceiling "starts to lose" above this share of what was sent
+NOOP_OBJECT = Path(__file__).resolve().parent.parent / "boxcore" / "engines" / "bpf" / "noop.bpf.o"
 GENERATOR_REACHES = 0.9      # below this share of the asked rate the generator, not the box, is the limit
 BOX_INGRESS = "cli"          # the box's interface facing the client
 
@@ -558,6 +561,18 @@ def measure(bench: Bench, lab, args: argparse.Namespace, cases: list[dict]) -> d
                       offered=knee_rate, latency_from="probe during the load",
                       **_blast_fields(at_knee, at_knee["median"])))
 
+    # ---- the same, with an XDP program attached that passes everything (no boxd): what any XDP
+    # program costs on this interface (on veth: its NAPI mode), apart from boxd's classifier
+    if NOOP_OBJECT.exists():
+        lab.run("box", ["ip", "link", "set", "dev", BOX_INGRESS, "xdpdrv", "obj", str(NOOP_OBJECT), "sec", "xdp"])
+        try:
+            noop = bench.repeated(lambda: bench.blast(rate=knee_rate, probe=True), key=delivered)
+        finally:
+            lab.run("box", ["ip", "link", "set", "dev", BOX_INGRESS, "xdpdrv", "off"])
+        cases.append(case("ceiling", "linux", 0, noop["median"], loss_of(noop), noop["latencies"],
+                          offered=knee_rate, latency_from="probe during the load",
+                          xdp="a no-op program (XDP_PASS) attached", **_blast_fields(noop, noop["median"])))
+
     # ---- xdp
     bench.start_boxd("xdp")
     try:
@@ -680,16 +695,19 @@ def program_cost(size: int, repeat: int = 200_000) -> dict[str, float]:
 
 
 def _find(cases: list[dict], name: str, engine: str, rules: int | None = None, *,
-          at_rate: bool | None = None) -> dict | None:
-    """The case by name and engine (``at_rate``: True = offered at the knee rate, False = unlimited)."""
+          at_rate: bool | None = None, noop_xdp: bool = False) -> dict | None:
+    """The case by name and engine (``at_rate``: True = offered at the knee rate, False = unlimited;
+    ``noop_xdp``: the ceiling with the no-op XDP program attached)."""
     return next((c for c in cases if c["case"] == name and c["engine"] == engine
                  and (rules is None or c["rules"] == rules)
-                 and (at_rate is None or (c.get("offered") != "unlimited") == at_rate)), None)
+                 and (at_rate is None or (c.get("offered") != "unlimited") == at_rate)
+                 and ("xdp" in c) == noop_xdp), None)
 
 
 def figures(cases: list[dict], args: argparse.Namespace) -> dict:
     ceiling = _find(cases, "ceiling", "linux", at_rate=False)
     ceiling_at_knee = _find(cases, "ceiling", "linux", at_rate=True)
+    ceiling_noop = _find(cases, "ceiling", "linux", at_rate=True, noop_xdp=True) or {"pps": None, "loss": 1}
     pass1, pass1000 = _find(cases, "pass", "xdp", 1), _find(cases, "pass", "xdp", 1000)
     drop = _find(cases, "drop", "xdp")
     consume_xdp, consume_linux = _find(cases, "redirect_consume", "xdp"), _find(cases, "redirect_consume", "linux")
@@ -705,6 +723,9 @@ def figures(cases: list[dict], args: argparse.Namespace) -> dict:
         "pass1000_over_ceiling": ratio(pass1000["pps"], ceiling_at_knee["pps"]),
         # the box alone: the share of what the generator really offered that arrived, pass over ceiling
         "pass1000_delivered_share_over_ceiling": ratio(1 - pass1000["loss"], 1 - ceiling_at_knee["loss"]),
+        # what attaching any XDP program costs here, and boxd's classifier apart from that
+        "noop_xdp_over_ceiling": ratio(ceiling_noop["pps"], ceiling_at_knee["pps"]),
+        "pass1000_over_noop_xdp": ratio(pass1000["pps"], ceiling_noop["pps"]),
         # both from the probe stream during that load
         "pass1000_p50_over_pass1_p50": ratio(pass1000["latency_us"]["p50"], pass1["latency_us"]["p50"]),
         "drop_over_linux_consume": ratio(drop["pps"], consume_linux["pps"]),
@@ -742,7 +763,8 @@ def plot(result: dict, path: Path) -> None:
     cases = result["cases"]
     short = {"redirect_consume": "consume", "redirect_consume_batch": "consume\n(batches)"}
     labels = [f"{short.get(c['case'], c['case'])}\n{c['engine']}" + (f" {c['rules']}r" if c["case"] == "pass" else "")
-              + ("" if c.get("offered", "unlimited") == "unlimited" else "\n@knee") for c in cases]
+              + ("" if c.get("offered", "unlimited") == "unlimited" else "\n@knee") + ("\nno-op XDP" if "xdp" in c else "")
+              for c in cases]
     colors = {"xdp": "tab:green", "linux": "tab:blue", "user": "tab:orange"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5))
     ax1.bar(range(len(cases)), [c["pps"] for c in cases], color=[colors[c["engine"]] for c in cases])
