@@ -260,17 +260,16 @@ def test_fail_open_when_the_booster_is_killed(lab, tmp_path):
     try:
         b = booster(lab, boxd, "redirect", 9010)
         stream = Stream(lab, 9010, rate=2000)
-        time.sleep(0.7)
-        assert b.events()[-1]["kind"] == "packet"
+        b.wait_for(lambda e: e["kind"] == "packet")                  # it is in the path
         b.kill(signal.SIGKILL)
         killed = time.monotonic()
-        time.sleep(0.7)
+        flowing = stream.wait_received_after(killed, int(0.35 * stream.rate), timeout=5)
         after = stream.received_after(killed)
         sent, lost = stream.finish()
     finally:
         boxd.stop()
     print(f"\nbooster SIGKILL under {stream.rate} pps: sent {sent}, lost {lost}, {after} received after the kill")
-    assert after > 0.5 * 0.7 * stream.rate
+    assert flowing, f"traffic did not flow again after the kill ({after} received)"
     # lost: what reached the dead booster's socket until boxd saw the disconnect and removed
     # the rule (boxd holds a copy of the socket): well under a second of traffic
     assert lost <= stream.rate * 1.0
