@@ -57,7 +57,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="packets/s of the latency run")
     parser.add_argument("--paced-duration", type=non_negative_float, default=1.0)
     parser.add_argument("--repeat", type=positive_int, default=3,
-                        help="blasts per case, interleaved; the best is kept")
+                        help="blasts per case (user, linux: interleaved, the best kept; xdp: the median)")
+    parser.add_argument("--cpu-budget", type=non_negative_float, default=1.0,
+                        help="xdp: CPU budget (cores) of the generator's and of the box's cgroup")
+    parser.add_argument("--no-isolation", action="store_true",
+                        help="xdp: do not pin the generator and the box to CPUs and cgroups of their own")
+    parser.add_argument("--box-receive-thread", action="store_true",
+                        help="xdp: run the box's receive path in a NAPI kernel thread pinned to the box's CPU "
+                             "(off by default: under other load that thread loses its CPU)")
     parser.add_argument("--senders", type=positive_int, default=2,
                         help="parallel sender processes of the blast (enough to outrun one receiver)")
     parser.set_defaults(func=run)

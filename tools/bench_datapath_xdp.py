@@ -2,7 +2,9 @@
 
 In the ``transparent`` lab (client -> box -> server), one run, ratios within it:
 
-* ``ceiling`` (engine ``linux``: plain kernel forwarding, no boxd);
+* ``ceiling`` (engine ``linux``: plain kernel forwarding, no boxd), also at the knee rate, and at
+  the knee rate with a no-op XDP program attached (``xdp`` field; boxcore/engines/bpf/noop.bpf.c):
+  what attaching any XDP program costs, apart from boxd's classifier;
 * ``pass`` with 1 / 100 / 1000 rules installed (DROP rules on other ports: the traffic passes
   the classifier and is forwarded), engine ``xdp``;
 * ``drop``: a DROP rule on the stream, engine ``xdp`` (``pps`` = what the rule dropped per second);
@@ -15,13 +17,25 @@ In the ``transparent`` lab (client -> box -> server), one run, ratios within it:
   ``pps`` = datagrams delivered to members per second.
 
 The blast generator is ``trafgen`` (netsniff-ng) on the client: one static, checksummed 64-byte
-UDP frame as fast as one CPU sends it for ``--duration`` seconds; the server drops it in its raw
-table (by the generator's source port) and counts it on its interface.  ``loss`` is the share of
-sent packets (the client's tx counter) that did not arrive (or, for drop / consume, were not
-dropped / consumed).  Latency comes from a paced run (``--paced-rate`` packets/s of stamped
-datagrams from a Python sender, CLOCK_MONOTONIC shared by all namespaces) through the same
-rules: one-way client -> server (or -> booster, or -> a fan-out member); percentiles from
-:mod:`tools.stats`.
+UDP frame for ``--duration`` seconds, as fast as one CPU sends it or at a given rate (``-b``); the
+server drops it in its raw table (by the generator's source port) and counts it on its
+interface.  ``loss`` is the share of sent packets (the client's tx counter) that did not arrive
+(or, for drop / consume, were not dropped / consumed).
+
+Method (:class:`Isolation`, :meth:`Bench.find_knee`):
+
+* the generator is pinned to one CPU in a cgroup of its own, boxd and the boosters to the other
+  CPU, each in its own cgroup (v1 ``cpu``, ``--cpu-budget`` cores each); ``--no-isolation``
+  turns that off;
+* every case runs ``--repeat`` times and reports the median run (every run in ``pps_runs``);
+* plain forwarding is measured as fast as the generator sends, then on a ladder of offered
+  rates (fractions of that): the knee is the highest rate it still forwards with loss <= 1 %
+  (or where the generator no longer reaches the asked rate).  The ceiling and the pass cases
+  are then measured offered exactly that rate, so their ratio is the box's, not the sender's;
+* their latency comes from a probe stream (``--paced-rate`` stamped datagrams/s from a Python
+  sender, CLOCK_MONOTONIC shared by all namespaces) running through the box during that load;
+  the other cases' latency from a paced run of the probe alone.  Percentiles from
+  :mod:`tools.stats`.
 
 Roles run as ``python -m tools.bench_datapath_xdp ROLE`` inside lab namespaces.
 """
@@ -31,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -39,8 +54,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from boxcore.procs import ProcessGroup, Role, python_module
 from tools.datapath_tally import Tally
-from tools.stats import summary
+from tools.stats import percentile, summary
 
 CLIENT, SERVER, BOX_CLIENT_SIDE = "10.1.0.2", "10.2.0.2", "10.1.0.1"
 PORT = 9500
@@ -140,62 +156,187 @@ def role_main(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------- orchestration
 
+KNEE_FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)   # of the ceiling's unlimited rate
+KNEE_LOSS = 0.01             # the ceiling "starts to lose" above this share of what was sent
+NOOP_OBJECT = Path(__file__).resolve().parent.parent / "boxcore" / "engines" / "bpf" / "noop.bpf.o"
+GENERATOR_REACHES = 0.9      # below this share of the asked rate the generator, not the box, is the limit
+BOX_INGRESS = "cli"          # the box's interface facing the client
+
+
+class Isolation:
+    """Where each side of a measurement runs, so that the figure is the box's and not the sender's.
+
+    The generator (trafgen) is pinned to one CPU in a cgroup of its own; boxd and the box's
+    boosters (and the user-space reflector) are pinned to the other CPU, boxd in one cgroup,
+    the boosters in another.  Each cgroup (v1 ``cpu``) has a CFS quota of ``budget`` cores.
+    The box's receive path (XDP, forwarding, tc, local delivery) runs in softirq on the sending
+    CPU, a veth pair having no queue of its own: its cost shows as a slower generator, which is
+    why the pass cases are compared at the knee rate (:meth:`Bench.find_knee`).  With
+    ``receive_thread`` the box's ingress veth gets a NAPI instance (GRO on, which forwards UDP
+    unchanged) run by a kernel thread of its own (``threaded``), pinned to the box's CPU and put
+    in boxd's cgroup where the kernel allows.  Off by default: measured with the machine's
+    other load, that thread (an ordinary task, where softirq would pre-empt) lost its CPU and
+    every xdp case fell by 2-10x.  (RPS to the box's CPU was rejected too: a cross-CPU backlog
+    and an IPI per packet cut plain forwarding from about 180k to about 20k packets/s.)
+    Without two CPUs or the cgroup v1 cpu controller (or with ``--no-isolation``) everything
+    runs unpinned and the JSON says so.
+    """
+
+    SIDES = ("generator", "boxd", "booster")
+
+    def __init__(self, enabled: bool, budget: float, period_us: int = 100_000, receive_thread: bool = False) -> None:
+        from tools.bench_fcd import CGROUP_CPU, CpuBudgets
+
+        cpus = sorted(os.sched_getaffinity(0))
+        self.reason = ""
+        if not enabled:
+            self.reason = "--no-isolation"
+        elif len(cpus) < 2:
+            self.reason = f"only {len(cpus)} CPU"
+        elif not (CGROUP_CPU / "cgroup.procs").exists():
+            self.reason = f"no cgroup v1 cpu controller at {CGROUP_CPU}"
+        self.budgets = None if self.reason else CpuBudgets(budget, period_us)
+        # trafgen -P 1 pins its one worker to the first CPU: that one is the generator's
+        self.cpus = {"generator": cpus[0], "boxd": cpus[-1], "booster": cpus[-1]} if self.budgets else {}
+        self.budget = budget if self.budgets else None
+        self.receive_thread = receive_thread and self.budgets is not None
+        self.napi_before: dict[int, str] = {}
+        self.napi_pinned: dict[int, str] = {}
+
+    def wrap(self, side: str | None, argv: list[str]) -> list[str]:
+        """``argv`` started inside ``side``'s cgroup, pinned to its CPU (the same pid all along:
+        sh, taskset and ``ip netns exec`` all exec)."""
+        if self.budgets is None or side is None:
+            return argv
+        if side not in self.SIDES:
+            raise ValueError(f"unknown side {side!r}")
+        cgroup = self.budgets.group(side)
+        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup),
+                "taskset", "-c", str(self.cpus[side]), *argv]
+
+    def threaded_receive(self, lab) -> None:
+        """The box's ingress veth: NAPI (GRO on) in a kernel thread of its own (``threaded``)."""
+        if not self.receive_thread:
+            return
+        self.napi_before = self._napi_threads()
+        from pyroute2.ethtool import Ethtool
+
+        with lab.inside("box"):
+            ethtool = Ethtool()
+            try:
+                features = ethtool.get_features(BOX_INGRESS)
+                features.features["rx-gro"].enable = True
+                ethtool.set_features(BOX_INGRESS, features)
+            finally:
+                ethtool.close()
+        lab.run("box", ["sh", "-c", f"echo 1 > /sys/class/net/{BOX_INGRESS}/threaded"])
+        self.pin_receive()
+
+    @staticmethod
+    def _napi_threads() -> dict[int, str]:
+        threads = {}
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    name = Path(f"/proc/{pid}/comm").read_text().strip()
+                except OSError:
+                    continue
+                if name.startswith(f"napi/{BOX_INGRESS}-"):
+                    threads[int(pid)] = name
+        return threads
+
+    def pin_receive(self) -> None:
+        """Pin the box's NAPI threads (made since :meth:`threaded_receive`: an XDP attach may
+        rebuild them) to the box's CPU and into boxd's cgroup."""
+        if not self.receive_thread:
+            return
+        for pid, name in self._napi_threads().items():
+            if pid in self.napi_before or pid in self.napi_pinned:
+                continue
+            pinned = subprocess.run(["taskset", "-pc", str(self.cpus["boxd"]), str(pid)],
+                                    capture_output=True).returncode == 0
+            try:
+                (self.budgets.group("boxd") / "cgroup.procs").write_text(str(pid))
+                where = "boxd cgroup"
+            except OSError:
+                where = "no cgroup (refused for a kernel thread)"
+            self.napi_pinned[pid] = f"{name}: {'CPU ' + str(self.cpus['boxd']) if pinned else 'not pinned'}, {where}"
+
+    def describe(self) -> dict:
+        if self.budgets is None:
+            return {"isolated": False, "reason": self.reason}
+        return {"isolated": True, "cpus": self.cpus, "cpu_budget_cores": self.budget,
+                "cgroups": list(self.SIDES),
+                "box_receive": (f"threaded NAPI on the box's {BOX_INGRESS}" if self.receive_thread
+                                else "softirq on the sending CPU (veth)"),
+                "napi_threads": sorted(set(self.napi_pinned.values()))}
+
+    def cleanup(self) -> None:
+        if self.budgets is not None:
+            self.budgets.cleanup()
+
+
+def median(values: list[float]) -> float:
+    return percentile(values, 0.5)
+
+
 class Bench:
-    def __init__(self, lab, workdir: Path, args: argparse.Namespace) -> None:
+    def __init__(self, lab, workdir: Path, args: argparse.Namespace, isolation: Isolation) -> None:
         self.lab, self.workdir = lab, workdir
+        self.isolation = isolation
+        self.group = ProcessGroup(workdir)
         self.duration = float(args.duration)
         self.size = int(args.size)
         self.paced_rate = int(args.paced_rate)
         self.paced_duration = float(args.paced_duration)
+        self.repeat = max(1, int(args.repeat))
         self.n = 0
-        self.boxd: subprocess.Popen | None = None
+        self.boxd: Role | None = None
         self.control = str(workdir / "boxd.sock")
 
     # -- processes
-    def popen(self, node: str, module: str, role: str, *extra: str) -> tuple[subprocess.Popen, Path, Path]:
+    def start(self, node: str, argv: list[str], name: str, side: str | None = None) -> Role:
+        """``argv`` in ``node``'s namespace as a role of this bench (``side``: its CPU and cgroup)."""
+        return self.group.start(name, self.isolation.wrap(side, self.lab.command(node, argv)), stats=False)
+
+    def role(self, node: str, module: str, role: str, *extra: str, side: str | None = None) -> tuple[Role, Path, Path]:
         self.n += 1
         out = self.workdir / f"{self.n:02d}-{role}.json"
         ready = self.workdir / f"{self.n:02d}-{role}.ready"
-        proc = self.lab.popen(node, [sys.executable, "-m", module, role, "--out", str(out), "--ready", str(ready),
-                                     *extra], stderr=open(out.with_suffix(".log"), "w"))
+        proc = self.start(node, [*python_module(module), role, "--out", str(out), "--ready", str(ready), *extra],
+                          out.stem, side)
         return proc, out, ready
 
-    @staticmethod
-    def wait_file(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while not path.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log = path.with_suffix(".log")
-                raise RuntimeError(f"{path.name}: role did not get ready "
-                                   f"({log.read_text()[-800:] if log.exists() else ''})")
-            time.sleep(0.05)
+    def wait_ready(self, role: Role, ready: Path, timeout: float = 120) -> None:
+        self.group.wait_path_sync(role, ready, timeout)
 
-    def finish(self, proc: subprocess.Popen, out: Path, ready: Path) -> dict:
+    def finish(self, role: Role, out: Path, ready: Path) -> dict:
+        """Tell a role that waits for it to stop; its JSON output."""
         Path(str(ready) + ".stop").touch()
-        proc.wait(60)
+        self.group.wait_exit_sync(role, 60)
         return json.loads(out.read_text()) if out.exists() else {}
 
+    def rules_role(self, kind: str, count: int = 1, timeout: float = 120) -> tuple[Role, Path, Path]:
+        proc, out, ready = self.role("box", "tools.bench_datapath_xdp", "rules", "--control", self.control,
+                                     "--kind", kind, "--count", str(count), side="booster")
+        self.wait_ready(proc, ready, timeout)
+        return proc, out, ready
+
     def start_boxd(self, engine: str) -> None:
-        log = open(self.workdir / f"boxd-{engine}.log", "w")
         extra = (["--xdp-stall", "10"] if engine == "xdp" else ["--linux-stall", "10", "--linux-queue-len", "8192"])
-        self.boxd = self.lab.popen("box", [sys.executable, "-m", "boxcore.boxd", "--engine", engine, "--control",
-                                           self.control, "--state", str(self.workdir / f"state-{engine}"),
-                                           "--http", f"127.0.0.1:{HTTP_PORT}", "--log-level", "warning",
-                                           "--max-rules-per-booster", "2000", *extra], stderr=log)
-        deadline = time.monotonic() + 30
-        while not Path(self.control).exists():
-            if self.boxd.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"boxd --engine {engine} did not start: "
-                                   f"{(self.workdir / f'boxd-{engine}.log').read_text()[-800:]}")
-            time.sleep(0.05)
+        self.boxd = self.start("box", [*python_module("boxcore.boxd"), "--engine", engine, "--control",
+                                       self.control, "--state", str(self.workdir / f"state-{engine}"),
+                                       "--http", f"127.0.0.1:{HTTP_PORT}", "--log-level", "warning",
+                                       "--max-rules-per-booster", "2000", *extra], f"boxd-{engine}", side="boxd")
+        self.group.wait_path_sync(self.boxd, Path(self.control), 30)
+        self.isolation.pin_receive()       # attaching XDP may have rebuilt the NAPI thread
 
     def stop_boxd(self) -> None:
         if self.boxd is not None:
-            self.boxd.terminate()
-            self.boxd.wait(300)          # the linux engine removes its rules one transaction each
+            self.group.stop_sync(self.boxd, grace=300)   # the linux engine removes its rules one transaction each
             self.boxd = None
-            with __import__("contextlib").suppress(FileNotFoundError):
-                os.unlink(self.control)
+            Path(self.control).unlink(missing_ok=True)
+            self.isolation.pin_receive()   # detaching XDP may have rebuilt the NAPI thread
 
     def rule_packets(self) -> int:
         with self.lab.inside("box"):
@@ -219,66 +360,120 @@ class Bench:
     def mac(self, node: str, iface: str) -> str:
         return json.loads(self.lab.run(node, ["ip", "-j", "link", "show", iface]).stdout)[0]["address"]
 
-    def blast(self, dst: str = SERVER, *, count=None) -> dict:
-        """trafgen for ``duration`` s; returns sent (client tx), arrived (server rx) and, with
-        ``count``, the case's own counter's growth."""
-        config = self.write_generator_config(dst, self.mac("box", "cli"))
+    def blast(self, dst: str = SERVER, *, rate: int | None = None, count=None, probe: bool = False) -> dict:
+        """trafgen for ``duration`` s (as fast as its CPU sends, or at ``rate`` packets/s); returns
+        sent (client tx), arrived (server rx) and, with ``count``, the case's own counter's
+        growth.  With ``probe``, a low-rate stream of stamped datagrams runs through the box
+        during the blast and ``latencies`` are its one-way latencies (its packets are not
+        counted in sent / arrived)."""
+        config = self.write_generator_config(dst, self.mac("box", BOX_INGRESS))
+        if probe:
+            sink, sink_out, sink_ready = self.role("server", "tools.bench_datapath_linux", "sink", "--bind",
+                                                   f"{SERVER}:{PORT}", "--wait", "30")
+            self.wait_ready(sink, sink_ready)
         tx0, rx0 = self.counter("client", "eth0", "tx_packets"), self.counter("server", "eth0", "rx_packets")
         c0 = count() if count else 0
+        if probe:    # it ends before the blast does (its interpreter starts while trafgen runs)
+            sender, sender_out, _ = self.role("client", "tools.bench_datapath_linux", "sender", "--target",
+                                              f"{SERVER}:{PORT}", "--rate", str(self.paced_rate), "--duration",
+                                              str(round(self.duration * 0.7, 3)), "--size", str(max(self.size, 16)))
+        self.n += 1
+        gen = ["timeout", "-s", "INT", str(self.duration), "trafgen", "-o", "eth0", "-i", str(config), "-P", "1",
+               "--no-sock-mem", "-C", "-Q", *(["-b", f"{int(rate)}pps"] if rate else [])]
         start = time.monotonic()
-        self.lab.run("client", ["timeout", "-s", "INT", str(self.duration), "trafgen", "-o", "eth0", "-i", str(config),
-                                "-P", "1", "--no-sock-mem", "-C", "-Q"], check=False, timeout=self.duration + 30)
+        generator = self.start("client", gen, f"{self.n:02d}-trafgen", side="generator")
+        self.group.wait_exit_sync(generator, self.duration + 30)
         seconds = time.monotonic() - start
-        time.sleep(0.3)                       # what is in flight lands
+        probe_sent = probe_arrived = 0
+        latencies: list[float] = []
+        if probe:
+            self.group.wait_exit_sync(sender, 60)
+            self.group.wait_exit_sync(sink, 60)
+            probe_sent = json.loads(sender_out.read_text())["sent"]
+            arrived = json.loads(sink_out.read_text())
+            probe_arrived, latencies = arrived["received"], arrived["latencies"]
+        else:
+            time.sleep(0.3)                       # what is in flight lands
         tx1, rx1 = self.counter("client", "eth0", "tx_packets"), self.counter("server", "eth0", "rx_packets")
-        return {"sent": tx1 - tx0, "arrived": rx1 - rx0, "seconds": seconds,
-                "counted": (count() - c0) if count else None}
+        return {"sent": tx1 - tx0 - probe_sent, "arrived": rx1 - rx0 - probe_arrived, "seconds": seconds,
+                "counted": (count() - c0) if count else None, "rate": rate, "latencies": latencies,
+                "probe": {"sent": probe_sent, "arrived": probe_arrived} if probe else None}
 
-    def paced(self, target: str = f"{SERVER}:{PORT}", sink_port: int = PORT) -> list[float]:
-        """Stamped datagrams at ``paced_rate`` through the box; latencies at a sink on the server."""
-        sink, sink_out, sink_ready = self.popen("server", "tools.bench_datapath_linux", "sink", "--bind",
-                                                f"{SERVER}:{sink_port}", "--wait", "30")
-        self.wait_file(sink_ready, sink)
-        sender, sender_out, _ = self.popen("client", "tools.bench_datapath_linux", "sender", "--target", target,
-                                           "--rate", str(self.paced_rate), "--duration", str(self.paced_duration),
-                                           "--size", str(max(self.size, 16)))
-        sender.wait(self.paced_duration + 60)
-        sink.wait(60)
-        return json.loads(sink_out.read_text())["latencies"]
+    def repeated(self, run_once, key) -> dict:
+        """``repeat`` runs of one measurement; the median run by ``key`` (every run's figure in ``runs``)."""
+        runs = [run_once() for _ in range(self.repeat)]
+        values = [key(r) for r in runs]
+        middle = median(values)
+        chosen = dict(min(runs, key=lambda r: abs(key(r) - middle)))
+        chosen["median"] = middle
+        chosen["runs"] = [round(v, 1) for v in values]
+        chosen["latencies"] = [lat for r in runs for lat in r.get("latencies") or ()]
+        return chosen
 
-    def booster_paced(self, repeat: int = 1, verdict: str = "consume", batch: bool = False) -> tuple[dict, list[float]]:
-        """A consuming booster: the best of ``repeat`` blasts for pps, then a paced run for its latency."""
-        runs = []
+    def find_knee(self, unlimited_pps: float) -> tuple[int, list[dict], str]:
+        """The offered rate where plain forwarding starts to lose: the highest rate of a ladder
+        (fractions of the unlimited ceiling) the ceiling still delivers with loss <= KNEE_LOSS.
+        The ladder also stops where the generator no longer reaches the rate it is asked for
+        (then the knee is the sender's, and ``limit`` says so)."""
+        steps, knee, limit = [], int(unlimited_pps * KNEE_FRACTIONS[0]), "ladder top (no loss)"
+        for fraction in KNEE_FRACTIONS:
+            rate = int(unlimited_pps * fraction)
+            result = self.blast(rate=rate)
+            loss = 1 - result["arrived"] / max(result["sent"], 1)
+            offered = result["sent"] / result["seconds"]
+            steps.append({"rate": rate, "offered_pps": round(offered, 1),
+                          "delivered_pps": round(result["arrived"] / result["seconds"], 1), "loss": round(loss, 4)})
+            if loss > KNEE_LOSS:
+                limit = "the ceiling lost packets above it"
+                break
+            knee = rate
+            if offered < GENERATOR_REACHES * rate:
+                limit = "the generator fell short of the next rate"
+                break
+        return knee, steps, limit
+
+    def booster_paced(self, verdict: str = "consume", batch: bool = False) -> tuple[dict, list[float]]:
+        """A consuming booster: ``repeat`` blasts (median) for pps, then a paced run for its latency."""
         flags = ["--batch"] if batch else []
-        for _ in range(repeat):
-            booster, out, ready = self.popen("box", "tools.bench_datapath_linux", "booster", "--control",
-                                             self.control, "--port", str(PORT), "--verdict", verdict, "--wait", "600",
-                                             *flags)
-            self.wait_file(ready, booster)
-            cpu0 = cpu_seconds(booster.pid)
+
+        def once() -> dict:
+            booster, out, ready = self.role("box", "tools.bench_datapath_linux", "booster", "--control",
+                                            self.control, "--port", str(PORT), "--verdict", verdict, "--wait",
+                                            "600", *flags, side="booster")
+            self.wait_ready(booster, ready)
+            cpu0 = cpu_seconds(booster.proc.pid)
             blast = self.blast()
             time.sleep(0.5)
-            blast["booster_cpu_s"] = round(cpu_seconds(booster.pid) - cpu0, 3)
-            Path(str(ready) + ".stop").touch()
-            booster.wait(60)
-            consumed = json.loads(out.read_text())
+            blast["booster_cpu_s"] = round(cpu_seconds(booster.proc.pid) - cpu0, 3)
+            consumed = self.finish(booster, out, ready)
             blast["consumed"] = consumed["received"]
             blast["batched"] = consumed.get("batched", False)
-            runs.append(blast)
-        blast = max(runs, key=lambda r: r["consumed"] / r["seconds"])
-        blast["runs"] = [round(r["consumed"] / r["seconds"], 1) for r in runs]
-        booster, out, ready = self.popen("box", "tools.bench_datapath_linux", "booster", "--control", self.control,
-                                         "--port", str(PORT), "--verdict", verdict, "--wait", "600", *flags)
-        self.wait_file(ready, booster)
-        sender, _, _ = self.popen("client", "tools.bench_datapath_linux", "sender", "--target", f"{SERVER}:{PORT}",
-                                  "--rate", str(self.paced_rate), "--duration", str(self.paced_duration),
-                                  "--size", str(max(self.size, 16)))
-        sender.wait(self.paced_duration + 60)
+            return blast
+
+        blast = self.repeated(once, key=lambda r: r["consumed"] / r["seconds"])
+        booster, out, ready = self.role("box", "tools.bench_datapath_linux", "booster", "--control", self.control,
+                                        "--port", str(PORT), "--verdict", verdict, "--wait", "600", *flags,
+                                        side="booster")
+        self.wait_ready(booster, ready)
+        sender, _, _ = self.role("client", "tools.bench_datapath_linux", "sender", "--target", f"{SERVER}:{PORT}",
+                                 "--rate", str(self.paced_rate), "--duration", str(self.paced_duration),
+                                 "--size", str(max(self.size, 16)))
+        self.group.wait_exit_sync(sender, self.paced_duration + 60)
         time.sleep(0.5)
-        Path(str(ready) + ".stop").touch()
-        booster.wait(60)
-        paced = json.loads(out.read_text())
+        paced = self.finish(booster, out, ready)
         return blast, paced["latencies"]
+
+    def paced(self, target: str = f"{SERVER}:{PORT}", sink_port: int = PORT) -> list[float]:
+        """Stamped datagrams at ``paced_rate`` through the box, no other load; latencies at a sink."""
+        sink, sink_out, sink_ready = self.role("server", "tools.bench_datapath_linux", "sink", "--bind",
+                                               f"{SERVER}:{sink_port}", "--wait", "30")
+        self.wait_ready(sink, sink_ready)
+        sender, _, _ = self.role("client", "tools.bench_datapath_linux", "sender", "--target", target,
+                                 "--rate", str(self.paced_rate), "--duration", str(self.paced_duration),
+                                 "--size", str(max(self.size, 16)))
+        self.group.wait_exit_sync(sender, self.paced_duration + 60)
+        self.group.wait_exit_sync(sink, 60)
+        return json.loads(sink_out.read_text())["latencies"]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -297,6 +492,12 @@ def case(name: str, engine: str, rules: int, pps: float, loss: float, latencies:
             "latency_us": latency, **extra}
 
 
+def _blast_fields(blast: dict, value: float) -> dict:
+    """What every case records of its (median) blast."""
+    return {"sent": blast["sent"], "offered_pps": round(blast["sent"] / blast["seconds"], 1),
+            "pps_runs": blast["runs"], "median_of": len(blast["runs"]), "median_run_pps": round(value, 1)}
+
+
 def run(args: argparse.Namespace) -> dict:
     """Called by ``booster-loadgen datapath --engine xdp``; returns the figures."""
     from boxcore.lab import Lab
@@ -304,151 +505,163 @@ def run(args: argparse.Namespace) -> dict:
 
     if os.geteuid() != 0:
         raise ConfigError("the xdp data-path benchmark needs root (it builds a lab of namespaces)")
-    if subprocess.run(["sh", "-c", "command -v trafgen"], capture_output=True).returncode != 0:
+    if shutil.which("trafgen") is None:
         raise ConfigError("the xdp data-path benchmark needs trafgen (Debian package netsniff-ng)")
+    if shutil.which("taskset") is None:
+        raise ConfigError("the xdp data-path benchmark needs taskset (Debian package util-linux)")
     from boxcore.engines.xdp import XdpEngine
 
     problem = XdpEngine.problem()
     if problem:
         raise ConfigError(problem)
     cases: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="bbdpxdp") as tmp, Lab.up("transparent") as lab:
-        workdir = Path(tmp)
-        os.chmod(workdir, 0o755)
-        bench = Bench(lab, workdir, args)
-        # the server counts the generator's packets on its interface and drops them early
-        for sport in (GENERATOR_SPORT,):
-            lab.run("server", ["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "udp", "--sport", str(sport),
-                               "-j", "DROP"])
-        # fan-out members other than the latency sink's port: dropped early too (no ICMP storms)
-        lab.run("server", ["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "udp", "--dport",
-                           f"{PORT + 2}:{PORT + FANOUT_MEMBERS}", "-j", "DROP"])
-
-        def forwarded(result: dict) -> tuple[float, float]:
-            return result["arrived"] / result["seconds"], 1 - result["arrived"] / max(result["sent"], 1)
-
-        repeat = max(1, int(getattr(args, "repeat", 1)))
-
-        def best_of(run_once, key=lambda r: r["arrived"] / r["seconds"]):
-            """The machine is shared: the best of ``--repeat`` blasts (load only slows a run down)."""
-            runs = [run_once() for _ in range(repeat)]
-            best = max(runs, key=key)
-            best["runs"] = [round(key(r), 1) for r in runs]
-            return best
-
-        blast = best_of(bench.blast)
-        pps, loss = forwarded(blast)
-        cases.append(case("ceiling", "linux", 0, pps, loss, bench.paced(), sent=blast["sent"], offered_pps=round(blast["sent"] / blast["seconds"], 1), pps_runs=blast["runs"]))
-
-        # ---- xdp
-        bench.start_boxd("xdp")
-        try:
-            for count in (1, 100, 1000):
-                proc, out, ready = bench.popen("box", "tools.bench_datapath_xdp", "rules", "--control", bench.control,
-                                               "--kind", "pass", "--count", str(count))
-                bench.wait_file(ready, proc, timeout=300)
-                blast = best_of(bench.blast)
-                pps, loss = forwarded(blast)
-                cases.append(case("pass", "xdp", count, pps, loss, bench.paced(), sent=blast["sent"], offered_pps=round(blast["sent"] / blast["seconds"], 1),
-                                  pps_runs=blast["runs"]))
-                bench.finish(proc, out, ready)
-
-            proc, out, ready = bench.popen("box", "tools.bench_datapath_xdp", "rules", "--control", bench.control,
-                                           "--kind", "drop")
-            bench.wait_file(ready, proc)
-            blast = best_of(lambda: bench.blast(count=bench.rule_packets), key=lambda r: r["counted"] / r["seconds"])
-            cases.append(case("drop", "xdp", 1, blast["counted"] / blast["seconds"],
-                              1 - blast["counted"] / max(blast["sent"], 1), None, sent=blast["sent"], offered_pps=round(blast["sent"] / blast["seconds"], 1),
-                              leaked_to_server=blast["arrived"], pps_runs=blast["runs"]))
-            bench.finish(proc, out, ready)
-
-            for batch in (False, True):
-                blast, latencies = bench.booster_paced(repeat, batch=batch)
-                cases.append(case("redirect_consume_batch" if batch else "redirect_consume", "xdp", 1, blast["consumed"] / blast["seconds"],
-                                  1 - blast["consumed"] / max(blast["sent"], 1), latencies, sent=blast["sent"], offered_pps=round(blast["sent"] / blast["seconds"], 1),
-                                  passed_to_server=blast["arrived"], pps_runs=blast["runs"],
-                                  booster_cpu_s=blast["booster_cpu_s"],
-                                  consumed_per_booster_cpu_s=round(blast["consumed"] / max(blast["booster_cpu_s"], 1e-3), 1),
-                                  batched=blast["batched"]))
-
-            def copy_blast():
-                proc, out, ready = bench.popen("box", "tools.bench_datapath_xdp", "rules", "--control",
-                                               bench.control, "--kind", "copy")
-                bench.wait_file(ready, proc)
-                result = bench.blast()
-                time.sleep(0.5)
-                result["copies"] = bench.finish(proc, out, ready).get("received", 0)
-                return result
-            blast = best_of(copy_blast)
-            pps, loss = forwarded(blast)
-            proc, out, ready = bench.popen("box", "tools.bench_datapath_xdp", "rules", "--control", bench.control,
-                                           "--kind", "copy")
-            bench.wait_file(ready, proc)
-            latencies = bench.paced()
-            bench.finish(proc, out, ready)
-            cases.append(case("copy", "xdp", 1, pps, loss, latencies, sent=blast["sent"], offered_pps=round(blast["sent"] / blast["seconds"], 1), pps_runs=blast["runs"],
-                              copies_received=blast["copies"],
-                              copies_pps=round(blast["copies"] / blast["seconds"], 1)))
-
-            proc, out, ready = bench.popen("box", "tools.bench_datapath_xdp", "rules", "--control", bench.control,
-                                           "--kind", "fanout")
-            bench.wait_file(ready, proc)
-            time.sleep(0.5)                 # neighbour resolution of the members
-            blast = best_of(bench.blast)
-            latencies = bench.paced(sink_port=PORT + 1)
-            bench.finish(proc, out, ready)
-            offered = blast["sent"] * FANOUT_MEMBERS
-            cases.append(case("fanout", "xdp", 1, blast["arrived"] / blast["seconds"],
-                              1 - blast["arrived"] / max(offered, 1), latencies, members=FANOUT_MEMBERS,
-                              sent=blast["sent"], offered_pps=round(blast["sent"] / blast["seconds"], 1), datagrams_out=blast["arrived"],
-                              pps_runs=blast["runs"]))
-        finally:
-            bench.stop_boxd()
-
-        # ---- linux, same run
-        bench.start_boxd("linux")
-        try:
-            for batch in (False, True):
-                blast, latencies = bench.booster_paced(repeat, batch=batch)
-                cases.append(case("redirect_consume_batch" if batch else "redirect_consume", "linux", 1, blast["consumed"] / blast["seconds"],
-                                  1 - blast["consumed"] / max(blast["sent"], 1), latencies, sent=blast["sent"], offered_pps=round(blast["sent"] / blast["seconds"], 1),
-                                  passed_to_server=blast["arrived"], pps_runs=blast["runs"],
-                                  booster_cpu_s=blast["booster_cpu_s"],
-                                  consumed_per_booster_cpu_s=round(blast["consumed"] / max(blast["booster_cpu_s"], 1e-3), 1),
-                                  batched=blast["batched"]))
-            if getattr(args, "linux_pass_rules", 0):
-                proc, out, ready = bench.popen("box", "tools.bench_datapath_xdp", "rules", "--control", bench.control,
-                                               "--kind", "pass", "--count", str(args.linux_pass_rules))
-                bench.wait_file(ready, proc, timeout=900)
-                blast = bench.blast()
-                pps, loss = forwarded(blast)
-                cases.append(case("pass", "linux", args.linux_pass_rules, pps, loss, bench.paced(),
-                                  sent=blast["sent"], offered_pps=round(blast["sent"] / blast["seconds"], 1)))
-                bench.finish(proc, out, ready)
-        finally:
-            bench.stop_boxd()
-
-        # ---- the user-space sendmmsg reflector, same run
-        def reflector_blast():
-            proc, out, ready = bench.popen("box", "tools.bench_datapath_xdp", "reflector")
-            bench.wait_file(ready, proc)
-            result = bench.blast(dst=BOX_CLIENT_SIDE)
-            result["reflector"] = bench.finish(proc, out, ready)
-            return result
-        blast = best_of(reflector_blast)
-        reflected = blast["reflector"]
-        # a fresh reflector for the latency run (the blast's backlog would reach the sink)
-        proc, out, ready = bench.popen("box", "tools.bench_datapath_xdp", "reflector")
-        bench.wait_file(ready, proc)
-        latencies = bench.paced(target=f"{BOX_CLIENT_SIDE}:{PORT}", sink_port=PORT + 1)
-        bench.finish(proc, out, ready)
-        cases.append(case("fanout", "user", 0, blast["arrived"] / blast["seconds"],
-                          1 - blast["arrived"] / max(blast["sent"] * FANOUT_MEMBERS, 1), latencies,
-                          members=FANOUT_MEMBERS, sent=blast["sent"], offered_pps=round(blast["sent"] / blast["seconds"], 1), datagrams_out=blast["arrived"],
-                          reflector=reflected, pps_runs=blast["runs"]))
+    isolation = Isolation(not getattr(args, "no_isolation", False), float(getattr(args, "cpu_budget", 1.0)),
+                          receive_thread=bool(getattr(args, "box_receive_thread", False)))
+    try:
+        with tempfile.TemporaryDirectory(prefix="bbdpxdp") as tmp, Lab.up("transparent") as lab:
+            workdir = Path(tmp)
+            os.chmod(workdir, 0o755)
+            bench = Bench(lab, workdir, args, isolation)
+            try:
+                knee = measure(bench, lab, args, cases)
+            finally:
+                bench.group.stop_all_sync()
+    finally:
+        isolation.cleanup()
     result = figures(cases, args)
+    result["isolation"] = isolation.describe()
+    result["knee"] = knee
     result["program_ns"] = program_cost(int(args.size))
     return result
+
+
+def measure(bench: Bench, lab, args: argparse.Namespace, cases: list[dict]) -> dict:
+    """Every case, in one lab; returns how the knee rate was found."""
+    bench.isolation.threaded_receive(lab)
+    # the server counts the generator's packets on its interface and drops them early
+    lab.run("server", ["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "udp", "--sport", str(GENERATOR_SPORT),
+                       "-j", "DROP"])
+    # fan-out members other than the latency sink's port: dropped early too (no ICMP storms)
+    lab.run("server", ["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "udp", "--dport",
+                       f"{PORT + 2}:{PORT + FANOUT_MEMBERS}", "-j", "DROP"])
+
+    def delivered(r: dict) -> float:
+        return r["arrived"] / r["seconds"]
+
+    def loss_of(r: dict) -> float:
+        return 1 - r["arrived"] / max(r["sent"], 1)
+
+    # ---- plain kernel forwarding: as fast as the generator sends, then the knee, then at the knee
+    unlimited = bench.repeated(bench.blast, key=delivered)
+    knee_rate, steps, knee_limit = bench.find_knee(unlimited["median"])
+    cases.append(case("ceiling", "linux", 0, unlimited["median"], loss_of(unlimited), bench.paced(),
+                      offered="unlimited", **_blast_fields(unlimited, unlimited["median"])))
+    at_knee = bench.repeated(lambda: bench.blast(rate=knee_rate, probe=True), key=delivered)
+    cases.append(case("ceiling", "linux", 0, at_knee["median"], loss_of(at_knee), at_knee["latencies"],
+                      offered=knee_rate, latency_from="probe during the load",
+                      **_blast_fields(at_knee, at_knee["median"])))
+
+    # ---- the same, with an XDP program attached that passes everything (no boxd): what any XDP
+    # program costs on this interface (on veth: its NAPI mode), apart from boxd's classifier
+    if NOOP_OBJECT.exists():
+        lab.run("box", ["ip", "link", "set", "dev", BOX_INGRESS, "xdpdrv", "obj", str(NOOP_OBJECT), "sec", "xdp"])
+        try:
+            noop = bench.repeated(lambda: bench.blast(rate=knee_rate, probe=True), key=delivered)
+        finally:
+            lab.run("box", ["ip", "link", "set", "dev", BOX_INGRESS, "xdpdrv", "off"])
+        cases.append(case("ceiling", "linux", 0, noop["median"], loss_of(noop), noop["latencies"],
+                          offered=knee_rate, latency_from="probe during the load",
+                          xdp="a no-op program (XDP_PASS) attached", **_blast_fields(noop, noop["median"])))
+
+    # ---- xdp
+    bench.start_boxd("xdp")
+    try:
+        for count in (1, 100, 1000):
+            proc, out, ready = bench.rules_role("pass", count, timeout=300)
+            blast = bench.repeated(lambda: bench.blast(rate=knee_rate, probe=True), key=delivered)
+            cases.append(case("pass", "xdp", count, blast["median"], loss_of(blast), blast["latencies"],
+                              offered=knee_rate, latency_from="probe during the load",
+                              **_blast_fields(blast, blast["median"])))
+            bench.finish(proc, out, ready)
+
+        proc, out, ready = bench.rules_role("drop")
+        blast = bench.repeated(lambda: bench.blast(count=bench.rule_packets),
+                               key=lambda r: r["counted"] / r["seconds"])
+        cases.append(case("drop", "xdp", 1, blast["median"], 1 - blast["counted"] / max(blast["sent"], 1), None,
+                          offered="unlimited", leaked_to_server=blast["arrived"],
+                          **_blast_fields(blast, blast["median"])))
+        bench.finish(proc, out, ready)
+
+        consume_cases(bench, "xdp", cases)
+
+        def copy_blast() -> dict:
+            proc, out, ready = bench.rules_role("copy")
+            result = bench.blast(rate=knee_rate, probe=True)
+            time.sleep(0.5)
+            result["copies"] = bench.finish(proc, out, ready).get("received", 0)
+            return result
+        blast = bench.repeated(copy_blast, key=delivered)
+        cases.append(case("copy", "xdp", 1, blast["median"], loss_of(blast), blast["latencies"], offered=knee_rate,
+                          latency_from="probe during the load", copies_received=blast["copies"],
+                          copies_pps=round(blast["copies"] / blast["seconds"], 1),
+                          **_blast_fields(blast, blast["median"])))
+
+        proc, out, ready = bench.rules_role("fanout")
+        time.sleep(0.5)                 # neighbour resolution of the members
+        blast = bench.repeated(bench.blast, key=delivered)
+        latencies = bench.paced(sink_port=PORT + 1)
+        bench.finish(proc, out, ready)
+        cases.append(case("fanout", "xdp", 1, blast["median"], 1 - blast["arrived"] / max(blast["sent"] * FANOUT_MEMBERS, 1),
+                          latencies, members=FANOUT_MEMBERS, offered="unlimited", datagrams_out=blast["arrived"],
+                          **_blast_fields(blast, blast["median"])))
+    finally:
+        bench.stop_boxd()
+
+    # ---- linux, same run
+    bench.start_boxd("linux")
+    try:
+        consume_cases(bench, "linux", cases)
+        if getattr(args, "linux_pass_rules", 0):
+            proc, out, ready = bench.rules_role("pass", args.linux_pass_rules, timeout=900)
+            blast = bench.repeated(lambda: bench.blast(rate=knee_rate, probe=True), key=delivered)
+            cases.append(case("pass", "linux", args.linux_pass_rules, blast["median"], loss_of(blast),
+                              blast["latencies"], offered=knee_rate, latency_from="probe during the load",
+                              **_blast_fields(blast, blast["median"])))
+            bench.finish(proc, out, ready)
+    finally:
+        bench.stop_boxd()
+
+    # ---- the user-space sendmmsg reflector, same run
+    def reflector_blast() -> dict:
+        proc, out, ready = bench.role("box", "tools.bench_datapath_xdp", "reflector", side="booster")
+        bench.wait_ready(proc, ready)
+        result = bench.blast(dst=BOX_CLIENT_SIDE)
+        result["reflector"] = bench.finish(proc, out, ready)
+        return result
+    blast = bench.repeated(reflector_blast, key=delivered)
+    # a fresh reflector for the latency run (the blast's backlog would reach the sink)
+    proc, out, ready = bench.role("box", "tools.bench_datapath_xdp", "reflector", side="booster")
+    bench.wait_ready(proc, ready)
+    latencies = bench.paced(target=f"{BOX_CLIENT_SIDE}:{PORT}", sink_port=PORT + 1)
+    bench.finish(proc, out, ready)
+    cases.append(case("fanout", "user", 0, blast["median"], 1 - blast["arrived"] / max(blast["sent"] * FANOUT_MEMBERS, 1),
+                      latencies, members=FANOUT_MEMBERS, offered="unlimited", datagrams_out=blast["arrived"],
+                      reflector=blast["reflector"], **_blast_fields(blast, blast["median"])))
+    return {"rate": knee_rate, "loss_bound": KNEE_LOSS, "ladder": steps, "limit": knee_limit,
+            "unlimited_ceiling_pps": round(unlimited["median"], 1)}
+
+
+def consume_cases(bench: Bench, engine: str, cases: list[dict]) -> None:
+    """The same consuming Python booster, per packet and asking for batches
+    (``Subscription.receive_batches``: granted on a socket delivery, refused on nfqueue, whose
+    receiver already reads and gives verdicts in batches)."""
+    for batch in (False, True):
+        blast, latencies = bench.booster_paced(batch=batch)
+        cases.append(case("redirect_consume_batch" if batch else "redirect_consume", engine, 1, blast["median"],
+                          1 - blast["consumed"] / max(blast["sent"], 1), latencies, offered="unlimited",
+                          passed_to_server=blast["arrived"], booster_cpu_s=blast["booster_cpu_s"],
+                          consumed_per_booster_cpu_s=round(blast["consumed"] / max(blast["booster_cpu_s"], 1e-3), 1),
+                          batched=blast["batched"], **_blast_fields(blast, blast["median"])))
 
 
 def program_cost(size: int, repeat: int = 200_000) -> dict[str, float]:
@@ -481,13 +694,20 @@ def program_cost(size: int, repeat: int = 200_000) -> dict[str, float]:
     return out
 
 
-def _find(cases: list[dict], name: str, engine: str, rules: int | None = None) -> dict | None:
+def _find(cases: list[dict], name: str, engine: str, rules: int | None = None, *,
+          at_rate: bool | None = None, noop_xdp: bool = False) -> dict | None:
+    """The case by name and engine (``at_rate``: True = offered at the knee rate, False = unlimited;
+    ``noop_xdp``: the ceiling with the no-op XDP program attached)."""
     return next((c for c in cases if c["case"] == name and c["engine"] == engine
-                 and (rules is None or c["rules"] == rules)), None)
+                 and (rules is None or c["rules"] == rules)
+                 and (at_rate is None or (c.get("offered") != "unlimited") == at_rate)
+                 and ("xdp" in c) == noop_xdp), None)
 
 
 def figures(cases: list[dict], args: argparse.Namespace) -> dict:
-    ceiling = _find(cases, "ceiling", "linux")
+    ceiling = _find(cases, "ceiling", "linux", at_rate=False)
+    ceiling_at_knee = _find(cases, "ceiling", "linux", at_rate=True)
+    ceiling_noop = _find(cases, "ceiling", "linux", at_rate=True, noop_xdp=True) or {"pps": None, "loss": 1}
     pass1, pass1000 = _find(cases, "pass", "xdp", 1), _find(cases, "pass", "xdp", 1000)
     drop = _find(cases, "drop", "xdp")
     consume_xdp, consume_linux = _find(cases, "redirect_consume", "xdp"), _find(cases, "redirect_consume", "linux")
@@ -499,18 +719,26 @@ def figures(cases: list[dict], args: argparse.Namespace) -> dict:
         return round(a / b, 3) if a is not None and b else None
 
     ratios = {
-        "pass1000_over_ceiling": ratio(pass1000["pps"], ceiling["pps"]),
+        # both offered the knee rate (where plain forwarding starts to lose): the box, not the sender
+        "pass1000_over_ceiling": ratio(pass1000["pps"], ceiling_at_knee["pps"]),
+        # the box alone: the share of what the generator really offered that arrived, pass over ceiling
+        "pass1000_delivered_share_over_ceiling": ratio(1 - pass1000["loss"], 1 - ceiling_at_knee["loss"]),
+        # what attaching any XDP program costs here, and boxd's classifier apart from that
+        "noop_xdp_over_ceiling": ratio(ceiling_noop["pps"], ceiling_at_knee["pps"]),
+        "pass1000_over_noop_xdp": ratio(pass1000["pps"], ceiling_noop["pps"]),
+        # both from the probe stream during that load
         "pass1000_p50_over_pass1_p50": ratio(pass1000["latency_us"]["p50"], pass1["latency_us"]["p50"]),
         "drop_over_linux_consume": ratio(drop["pps"], consume_linux["pps"]),
-        "xdp_consume_over_linux_consume": ratio(consume_xdp["pps"], consume_linux["pps"]),
+        # the headline: the same booster code asking for batches (Subscription.receive_batches):
+        # recvmmsg-style reads of its socket on xdp, the nfqueue receiver's own batches on linux
+        "xdp_consume_over_linux_consume": ratio(batch_xdp["pps"], batch_linux["pps"]),
+        "xdp_per_packet_consume_over_linux_consume": ratio(consume_xdp["pps"], consume_linux["pps"]),
         "xdp_fanout_over_user_fanout": ratio(fan_xdp["pps"], fan_user["pps"]),
         # contention-proof: packets consumed per CPU-second the Python booster spent
-        "xdp_consume_per_cpu_over_linux": ratio(consume_xdp.get("consumed_per_booster_cpu_s"),
-                                                consume_linux.get("consumed_per_booster_cpu_s")),
-        # the same booster code asking for batches: it gets them on xdp's socket delivery, not on nfqueue
-        "xdp_batch_consume_over_linux_batch_consume": ratio(batch_xdp["pps"], batch_linux["pps"]),
-        "xdp_batch_consume_per_cpu_over_linux": ratio(batch_xdp.get("consumed_per_booster_cpu_s"),
-                                                      batch_linux.get("consumed_per_booster_cpu_s")),
+        "xdp_consume_per_cpu_over_linux": ratio(batch_xdp.get("consumed_per_booster_cpu_s"),
+                                                batch_linux.get("consumed_per_booster_cpu_s")),
+        "xdp_per_packet_consume_per_cpu_over_linux": ratio(consume_xdp.get("consumed_per_booster_cpu_s"),
+                                                           consume_linux.get("consumed_per_booster_cpu_s")),
     }
     met = {
         "pass1000_ge_0.95_ceiling": (ratios["pass1000_over_ceiling"] or 0) >= 0.95,
@@ -522,6 +750,7 @@ def figures(cases: list[dict], args: argparse.Namespace) -> dict:
     }
     return {"engine": "xdp", "topology": "transparent", "generator": "trafgen -P 1 (one static frame)",
             "ceiling_pps": ceiling["pps"], "payload_bytes": int(args.size), "duration_s": float(args.duration),
+            "repeat": int(args.repeat), "statistic": "median of the repeats",
             "paced_rate": int(args.paced_rate), "cases": cases, "ratios": ratios, "target_met": met}
 
 
@@ -534,6 +763,7 @@ def plot(result: dict, path: Path) -> None:
     cases = result["cases"]
     short = {"redirect_consume": "consume", "redirect_consume_batch": "consume\n(batches)"}
     labels = [f"{short.get(c['case'], c['case'])}\n{c['engine']}" + (f" {c['rules']}r" if c["case"] == "pass" else "")
+              + ("" if c.get("offered", "unlimited") == "unlimited" else "\n@knee") + ("\nno-op XDP" if "xdp" in c else "")
               for c in cases]
     colors = {"xdp": "tab:green", "linux": "tab:blue", "user": "tab:orange"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5))
@@ -553,11 +783,15 @@ def plot(result: dict, path: Path) -> None:
     ax2.bar([i + 0.2 for i in x], [c["latency_us"]["p99"] for c in with_latency], width=0.4, label="p99",
             color="lightgray")
     ax2.set_yscale("log")
-    ax2.set_ylabel("one-way latency (us), paced run")
+    ax2.set_ylabel("one-way latency (us)")
+    ax2.set_title("latency: probe during the load (@knee), else a paced run")
     ax2.set_xticks(list(x), [labels[cases.index(c)] for c in with_latency], fontsize=7, rotation=45)
     ax2.legend()
-    fig.suptitle("booster box data path: xdp engine vs linux engine vs user space (one run)")
-    fig.tight_layout()
+    iso = result.get("isolation", {})
+    fig.suptitle("booster box data path: xdp engine vs linux engine vs user space (one run, median of "
+                 f"{result.get('repeat', 1)}; knee {result.get('knee', {}).get('rate', 0):,} pps; "
+                 f"{'generator and box on separate CPUs and cgroups' if iso.get('isolated') else 'not isolated'})")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -53,6 +53,7 @@ from boxcore.engines.base import BoosterSession, Delivery, Engine, EngineSetupEr
 from boxcore.engines.linux import (SourceAddresses, apply_kernel_routes, check_routes, clean_kernel_routing,
                                    parse_range)
 from boxcore.packet import PROTO_TCP, PROTO_UDP, Packet, PacketDecodeError, PacketError
+from boxcore.receivers.linux import want_original_destination
 from boxcore.rules import Action, Rule
 from cliruntime.supervisor import Supervisor
 
@@ -405,8 +406,10 @@ class XdpEngine(Engine):
     # -- the lease ---------------------------------------------------------------------
     def _renew_lease(self) -> None:
         if self.dp is not None:
+            # replies to spoofing onward connections are looked up only while TCP is intercepted
+            intercepting = any(entry.port is not None for entry in self.installed.values())
             self.dp.set_config(time.monotonic_ns() + int(self.lease * 1e9), MARK_ASSIGNED,
-                               getattr(self, "_mcast_ifindex", 0))
+                               getattr(self, "_mcast_ifindex", 0), steer_replies=intercepting)
             self.stats["lease_renewals"] += 1
 
     async def _renew_forever(self) -> None:
@@ -446,7 +449,9 @@ class XdpEngine(Engine):
                     raise EngineRefused("the xdp engine redirects UDP to boosters; intercept TCP with intercept_tcp")
                 sock = self._redirect_socket(rule)
                 dst, dport = self._delivered_destination(rule)
-                delivery = Delivery("socket", {"dst": dst, "dport": dport, "data_path": "kernel"},
+                # orig_dst: bpf_sk_assign keeps the packet's destination, and the socket reports
+                # it with each datagram read by recvmsg (IP_RECVORIGDSTADDR, set here)
+                delivery = Delivery("socket", {"dst": dst, "dport": dport, "data_path": "kernel", "orig_dst": True},
                                     fds=[sock.fileno()])
             elif rule.action is Action.COPY:
                 delivery = Delivery("channel", {})
@@ -469,6 +474,8 @@ class XdpEngine(Engine):
                     self._listen_watch.pop(port, None)
                 raise EngineRefused(f"the kernel data path refused {rule.match.describe()}: {exc}") from None
             self.installed[rule.cookie] = Installed(rule, session, delivery, sock, port)
+            if port is not None:
+                self._renew_lease()      # steer replies to spoofing onward connections from now on
             if sock is not None:
                 self.watch[rule.cookie] = SocketWatch(last_progress=time.monotonic())
             self.stats["rules_installed"] += 1
@@ -500,6 +507,7 @@ class XdpEngine(Engine):
                     sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, REDIRECT_RCVBUF)
                 if place[1]:
                     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                want_original_destination(sock)
                 sock.bind(place)
                 return sock
             except OSError as exc:
@@ -535,6 +543,7 @@ class XdpEngine(Engine):
         if entry.port is not None:
             self._listen_watch.pop(entry.port, None)
             self.tproxy_ports.insert(0, entry.port)
+            self._renew_lease()          # the last interception gone: no more reply look-ups
         self.watch.pop(cookie, None)
         self._counters.pop(cookie, None)
         self.stats["rules_removed"] += 1

@@ -47,7 +47,7 @@ ACTION_CODES = {Action.FORWARD: A_FORWARD, Action.REDIRECT: A_REDIRECT, Action.C
                 Action.DROP: A_DROP, Action.MULTICAST: A_MULTICAST}
 F_PROTO, F_SRC, F_DST = 1, 2, 4
 STAT_NAMES = ("packets", "lease_expired", "copy_lost", "assigned", "no_socket", "assign_failed",
-              "fanout_out", "fanout_failed", "no_neigh", "no_group", "no_meta")
+              "fanout_out", "fanout_failed", "no_neigh", "no_group", "no_meta", "replies_steered")
 
 # ---- layouts (native byte order; addresses in network order as 4-byte strings)
 CHUNK = struct.Struct("=HB5x8s8s")
@@ -58,7 +58,7 @@ EXACT_KEY = struct.Struct("=4s4sHHBxxx")
 LPM_KEY = struct.Struct("=I4s")
 U32 = struct.Struct("=I")
 COUNTER = struct.Struct("=QQ")
-CONFIG = struct.Struct("=QII")
+CONFIG = struct.Struct("=QIIIxxxx")   # lease_until_ns, mark, mcast_ifindex, steer_replies
 MEMBER = struct.Struct("=4sHxx")
 GROUP_HEAD = struct.Struct("=Ixxxx")
 GROUP_SIZE = GROUP_HEAD.size + MAX_MEMBERS * MEMBER.size
@@ -325,8 +325,9 @@ class Datapath:
             out[name] = sum(v for (v,) in struct.iter_unpack("=Q", raw)) if raw else 0
         return out
 
-    def set_config(self, lease_until_ns: int, mark: int = 0, mcast_ifindex: int = 0) -> None:
-        bpf.map_update(self.fds["config"], U32.pack(0), CONFIG.pack(lease_until_ns, mark, mcast_ifindex))
+    def set_config(self, lease_until_ns: int, mark: int = 0, mcast_ifindex: int = 0, steer_replies: bool = False) -> None:
+        bpf.map_update(self.fds["config"], U32.pack(0),
+                       CONFIG.pack(lease_until_ns, mark, mcast_ifindex, int(steer_replies)))
 
     def set_socket(self, cookie: int, sock_fd: int) -> None:
         """The socket REDIRECT rule ``cookie`` hands its packets to (bpf_sk_assign)."""

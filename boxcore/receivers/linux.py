@@ -9,6 +9,10 @@
   ``--queue-bypass`` (no listener: packets pass).
 * ``nflog`` {group}: copies.  A netlink socket bound to the NFLOG group; the kernel rule is
   non-terminating, so the original goes on whatever the booster does (or if it is gone).
+* original destination of a datagram on a transparent UDP socket (a socket delivery whose
+  params say ``orig_dst``: the xdp engine's REDIRECT, packets handed over by bpf_sk_assign keep
+  their destination): :func:`want_original_destination` turns IP_RECVORIGDSTADDR on and
+  :func:`recv_original` reads a datagram with its source and original destination.
 * ``tproxy`` {port}: a listening socket with IP_TRANSPARENT; each accepted connection carries
   its original destination as its local address.  :func:`connect_onward` (the receiver's
   ``connect_onward``, offered to applications as ``Subscription.connect_onward``) opens the
@@ -423,6 +427,31 @@ class NflogReceiver:
     async def stop(self) -> None:
         if self.nflog is not None:
             self.nflog.close()
+
+
+# ---------------------------------------------------------------- original destination (UDP)
+
+IP_RECVORIGDSTADDR = 20                 # linux/in.h; the ancillary message has the same number
+SOCKADDR_IN = struct.Struct("=H2s4s8x")  # family (host order), port and address (network order)
+ORIGDST_CMSG_SPACE = socket.CMSG_SPACE(SOCKADDR_IN.size)
+
+
+def want_original_destination(sock: socket.socket) -> None:
+    """Have every datagram read with :func:`recv_original` carry its original destination."""
+    sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+
+
+def recv_original(sock: socket.socket, size: int = 65535
+                  ) -> tuple[bytes, tuple[str, int], tuple[str, int] | None]:
+    """One datagram: (payload, (source, port), (original destination, port) or None when the
+    socket does not report it).  Raises BlockingIOError when nothing is waiting."""
+    data, ancillary, _flags, source = sock.recvmsg(size, ORIGDST_CMSG_SPACE)
+    for level, kind, value in ancillary:
+        if level == socket.SOL_IP and kind == IP_RECVORIGDSTADDR and len(value) >= SOCKADDR_IN.size:
+            family, port, address = SOCKADDR_IN.unpack_from(value)
+            if family == socket.AF_INET:
+                return data, source[:2], (socket.inet_ntoa(address), int.from_bytes(port, "big"))
+    return data, source[:2], None
 
 
 # ---------------------------------------------------------------- TPROXY

@@ -4,6 +4,12 @@ import os
 
 import pytest
 
+from tests.linux.engine_lab import kernel_objects
+
+# what the host's kernel held before any test ran (collection comes first): the last test of the
+# suite (test_zz_nothing_left_behind.py) checks nothing was added and left
+AT_START = kernel_objects() if os.geteuid() == 0 else {}
+
 
 def bpf_problem() -> str | None:
     from boxcore.engines import libbpf

@@ -6,23 +6,23 @@ Each action, the example booster unchanged with its kernel counters in /api/rule
 under booster SIGKILL / SIGSTOP and boxd SIGKILL with a steady stream, and nothing left behind.
 """
 
+import functools
 import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from boxcore.lab import Lab
-from tests.linux.test_linux_engine import SERVER, Stream, TestBooster, exchange
+from tests.linux import engine_lab
+from tests.linux.engine_lab import PY, SERVER, Stream, TestBooster, echo_server, exchange, transparent_lab, wait_until
 
 pytestmark = pytest.mark.root
 
-PY = sys.executable
+Boxd = functools.partial(engine_lab.Boxd, engine="xdp")
 
 
 @pytest.fixture(scope="module")
@@ -32,38 +32,10 @@ def lab():
     problem = bpf_problem()
     if problem:
         pytest.fail(problem) if os.environ.get("CI") else pytest.skip(problem)
-    with Lab.up("transparent") as lab:
-        yield lab
-    assert not [ns for ns in os.listdir("/run/netns") if ns.startswith(f"bb{lab.name}_")]
+    yield from transparent_lab()
 
 
-class Boxd:
-    def __init__(self, lab: Lab, workdir: Path, *extra: str, name: str = "boxd") -> None:
-        self.lab = lab
-        self.control = str(workdir / f"{name}.sock")
-        self.log = workdir / f"{name}.log"
-        self.proc = lab.popen("box", [PY, "-m", "boxcore.boxd", "--engine", "xdp", "--control", self.control,
-                                      "--state", str(workdir / "state"), "--heartbeat", "0.25",
-                                      "--xdp-stall", "0.5", "--xdp-lease", "1.0", "--log-level", "info", *extra],
-                              stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"boxd exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            if "boxd ready" in self.log.read_text():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"boxd did not start: {self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
-def booster(lab, boxd, mode, port, *extra):
-    """The linux engine tests' booster: plain booster-library code, no engine named."""
-    return TestBooster(lab, boxd, mode, port, *extra)
+booster = TestBooster     # the linux engine tests' booster: plain booster-library code, no engine named
 
 
 def api(lab: Lab, path: str, port: int = 8710):
@@ -106,20 +78,8 @@ def programs_loaded() -> list[str]:
 
 def assert_box_clean(lab: Lab) -> None:
     assert attached(lab) == {}
-    deadline = time.monotonic() + 5          # programs are freed after an RCU grace period
-    while programs_loaded() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not programs_loaded(), 5)      # programs are freed after an RCU grace period
     assert programs_loaded() == []
-
-
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-    return True
 
 
 def test_redirect_consume_modify_inject_and_pass(lab, tmp_path):
@@ -238,14 +198,8 @@ def test_copy_through_the_ring_buffer_never_holds_packets(lab, tmp_path):
 
 
 def test_tcp_interception_sees_the_original_destination(lab, tmp_path):
-    boxd = Boxd(lab, tmp_path)
-    echo = lab.popen("server", [PY, "-c", (
-        "import socket\n"
-        "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-        "s.bind(('10.2.0.2', 8081)); s.listen()\n"
-        "while True:\n"
-        "    c, peer = s.accept(); line = c.makefile().readline()\n"
-        "    c.sendall(f'server peer={peer[0]} got={line.strip()}\\n'.encode()); c.close()\n")])
+    boxd = Boxd(lab, tmp_path, "--http", "127.0.0.1:8710")
+    echo = echo_server(lab, 8081)
     try:
         b = booster(lab, boxd, "tproxy", 8080)
         assert b.ready["delivery"] == "tproxy"
@@ -255,16 +209,21 @@ def test_tcp_interception_sees_the_original_destination(lab, tmp_path):
             line = conn.makefile().readline()
         assert line.startswith(f"booster original_dst={SERVER}:8080 client=10.1.0.2:")
         b.kill(signal.SIGKILL)
-        onward = booster(lab, boxd, "tproxy", 8081, "--onward")
-        with lab.inside("client"):
-            conn = socket.create_connection((SERVER, 8081), timeout=5)
-        with conn:
-            f = conn.makefile("rw")
-            assert f.readline().startswith(f"booster original_dst={SERVER}:8081")
-            f.write("hi\n")
-            f.flush()
-            assert f.readline() == "server peer=10.2.0.1 got=hi\n"
-        onward.kill(signal.SIGKILL)
+        for spoof in (False, True):
+            onward = booster(lab, boxd, "tproxy", 8081, "--onward", *(["--spoof"] if spoof else []))
+            with lab.inside("client"):
+                conn = socket.create_connection((SERVER, 8081), timeout=5)
+            with conn:
+                f = conn.makefile("rw")
+                assert f.readline().startswith(f"booster original_dst={SERVER}:8081")
+                f.write("hi\n")
+                f.flush()
+                answer = f.readline()
+            # the booster connected onward itself; spoofing, the server sees the client and its
+            # replies (addressed to the client) are steered back to the booster's socket
+            assert answer == f"server peer={'10.1.0.2' if spoof else '10.2.0.1'} got=hi\n"
+            onward.kill(signal.SIGKILL)
+        assert api(lab, "/api/status")["engine_status"]["kernel"]["replies_steered"] > 0
     finally:
         echo.kill()
         echo.wait()
@@ -301,17 +260,16 @@ def test_fail_open_when_the_booster_is_killed(lab, tmp_path):
     try:
         b = booster(lab, boxd, "redirect", 9010)
         stream = Stream(lab, 9010, rate=2000)
-        time.sleep(0.7)
-        assert b.events()[-1]["kind"] == "packet"
+        b.wait_for(lambda e: e["kind"] == "packet")                  # it is in the path
         b.kill(signal.SIGKILL)
         killed = time.monotonic()
-        time.sleep(0.7)
+        flowing = stream.wait_received_after(killed, int(0.35 * stream.rate), timeout=5)
         after = stream.received_after(killed)
         sent, lost = stream.finish()
     finally:
         boxd.stop()
     print(f"\nbooster SIGKILL under {stream.rate} pps: sent {sent}, lost {lost}, {after} received after the kill")
-    assert after > 0.5 * 0.7 * stream.rate
+    assert flowing, f"traffic did not flow again after the kill ({after} received)"
     # lost: what reached the dead booster's socket until boxd saw the disconnect and removed
     # the rule (boxd holds a copy of the socket): well under a second of traffic
     assert lost <= stream.rate * 1.0
@@ -319,28 +277,12 @@ def test_fail_open_when_the_booster_is_killed(lab, tmp_path):
 
 
 def test_hung_booster_is_removed_by_the_watchdog(lab, tmp_path):
-    # heartbeats would catch a stopped booster after 1.5 s: the engine's watchdog must be first
-    boxd = Boxd(lab, tmp_path, "--heartbeat", "0.5", "--xdp-stall", "0.3")
-    try:
-        b = booster(lab, boxd, "redirect", 9011)
-        stream = Stream(lab, 9011, rate=2000)
-        time.sleep(0.5)
-        b.kill(signal.SIGSTOP)
-        hung = time.monotonic()
-        assert wait_until(lambda: "evicting booster" in boxd.log.read_text(), 5)
-        removed_after = time.monotonic() - hung
-        time.sleep(0.5)
-        after = stream.received_after(hung + removed_after)
-        sent, lost = stream.finish()
-        b.kill(signal.SIGKILL)
-    finally:
-        boxd.stop()
-    print(f"\nhung booster: rules removed {removed_after:.2f}s after SIGSTOP (0.3s stall + 0.5s check); "
-          f"sent {sent}, lost {lost}, {after} received after removal")
-    assert "unhealthy: socket of rule" in boxd.log.read_text()
-    assert removed_after < 1.4
-    assert after > 0.5 * 0.5 * stream.rate
-    assert lost <= 2000 * (removed_after + 0.3) + 50      # what reached the hung socket until removal
+    """SIGSTOP: the engine's watchdog (the socket's queue unread for --xdp-stall) removes the
+    booster's rules from the maps within the bound, before heartbeats would; the stream passes again."""
+    boxd = Boxd(lab, tmp_path, *engine_lab.WATCHDOG_BOXD_OPTIONS, "--xdp-stall", "0.3", "--http", "127.0.0.1:8710")
+    result = engine_lab.hung_booster_watchdog(
+        lab, boxd, 9011, rules_present=lambda: api(lab, "/api/status")["engine_status"]["rules"] > 0, stall=0.3)
+    assert "unhealthy: socket of rule" in result["reason"] and "stalled" in result["reason"], result
     assert_box_clean(lab)
 
 
@@ -432,6 +374,95 @@ def test_a_booster_answers_on_its_own_socket(lab, tmp_path, named_host):
         data, peer = client.recvfrom(100)
         assert data == b"direct hi"
         assert peer == ((SERVER, 9060) if named_host else ("10.1.0.1", 9060))
+    finally:
+        client.close()
+        proc.kill()
+        proc.wait()
+        boxd.stop()
+    assert_box_clean(lab)
+
+
+LIMITS = """
+import asyncio, sys
+from boxcore.booster import Booster, BoosterError
+from boxcore.rules import Match
+async def main():
+    async with Booster("limits", control=sys.argv[1]) as b:
+        async def attempt(label, coro):
+            try:
+                await coro
+                print(label, "ok", flush=True)
+            except BoosterError as exc:
+                print(label, type(exc).__name__, exc, flush=True)
+        members = [("10.2.0.2", 10000 + i) for i in range(257)]
+        await attempt("group257", b.set_multicast_group(7, members))
+        await attempt("group256", b.set_multicast_group(7, members[:256]))
+        await attempt("ipv6dst", b.redirect(Match(proto="udp", dst="2001:db8::/32", dst_port=9070), lambda p: None))
+        await attempt("ipv6src", b.drop(Match(proto="udp", src="::1", dst_port=9071)))
+        await attempt("ipv4", b.drop(Match(proto="udp", dst="10.2.0.0/16", dst_port=9072)))
+asyncio.run(main())
+"""
+
+
+def test_what_the_kernel_cannot_hold_is_refused_with_the_reason(lab, tmp_path):
+    """A group larger than the kernel's fan-out (256 members) and IPv6 rules: the booster gets
+    INVALID with the reason, the box keeps working (a 256-member group and an IPv4 rule go in)."""
+    boxd = Boxd(lab, tmp_path, "--http", "127.0.0.1:8710")
+    try:
+        proc = lab.run("box", [PY, "-c", LIMITS, boxd.control], timeout=60)
+        answers = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in proc.stdout.splitlines()}
+        # refused with the reason (the controller passes the engine's refusal of a group on as
+        # ERROR, not INVALID as for rules: its op_set_multicast_group does not map ValueError)
+        assert answers["group257"].split()[0] in ("InvalidRequest", "BoosterError"), answers
+        assert "257 members, at most 256" in answers["group257"], answers
+        assert answers["group256"] == "ok"
+        for label in ("ipv6dst", "ipv6src"):
+            assert answers[label].startswith("InvalidRequest") and "IPv4 only" in answers[label], answers
+        assert answers["ipv4"] == "ok"
+        refused = api(lab, "/api/status")
+        assert refused["engine_status"]["rules"] == 0          # the booster left: nothing held
+    finally:
+        boxd.stop()
+    assert_box_clean(lab)
+
+
+ORIGINAL = """
+import asyncio, sys
+from boxcore.booster import Booster
+from boxcore.receivers.linux import recv_original
+from boxcore.rules import Match
+async def main():
+    async with Booster("original", control=sys.argv[1]) as b:
+        sub = await b.redirect(Match(proto="udp", dst_port=int(sys.argv[2])), lambda pkt: None)
+        sock = sub.delegated_socket
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(sock.fileno())            # read it here, with the ancillary data
+        def readable():
+            data, source, original = recv_original(sock)
+            print(data.decode(), source[0], *original, flush=True)
+        loop.add_reader(sock.fileno(), readable)
+        print("ready", sub.delivery.params["dst"], sub.delivery.params["dport"],
+              sub.delivery.params.get("orig_dst"), flush=True)
+        await b.run_until_stopped(asyncio.Event())
+asyncio.run(main())
+"""
+
+
+def test_a_redirect_socket_reports_each_datagram_s_original_destination(lab, tmp_path):
+    """A rule naming only a port: the delivery's dst is 0.0.0.0, but the socket (bpf_sk_assign
+    keeps the destination) reports each datagram's original destination (IP_RECVORIGDSTADDR),
+    the delivery says so (orig_dst), and boxcore.receivers.linux.recv_original reads it."""
+    boxd = Boxd(lab, tmp_path)
+    proc = lab.popen("box", [PY, "-c", ORIGINAL, boxd.control, "9080"], stdout=subprocess.PIPE,
+                     stderr=open(tmp_path / "original.log", "w"), text=True)
+    client = lab.socket("client")
+    try:
+        assert proc.stdout.readline().split() == ["ready", "0.0.0.0", "9080", "True"], \
+            (tmp_path / "original.log").read_text()
+        client.bind((engine_lab.CLIENT, 0))
+        for host in (SERVER, "10.2.0.77", "10.1.0.1"):     # the server, another host, the box itself
+            client.sendto(f"to-{host}".encode(), (host, 9080))
+            assert proc.stdout.readline().split() == [f"to-{host}", engine_lab.CLIENT, host, "9080"]
     finally:
         client.close()
         proc.kill()

@@ -35,7 +35,7 @@ enum action { A_NONE = 0, A_FORWARD = 1, A_REDIRECT = 2, A_COPY = 3, A_DROP = 4,
               A_INTERCEPT = 6 };
 enum flags { F_PROTO = 1, F_SRC = 2, F_DST = 4 };
 enum stat { S_PACKETS, S_LEASE_EXPIRED, S_COPY_LOST, S_ASSIGNED, S_NO_SOCKET, S_ASSIGN_FAILED,
-            S_FANOUT_OUT, S_FANOUT_FAILED, S_NO_NEIGH, S_NO_GROUP, S_NO_META, S_NSTATS };
+            S_FANOUT_OUT, S_FANOUT_FAILED, S_NO_NEIGH, S_NO_GROUP, S_NO_META, S_REPLY_STEERED, S_NSTATS };
 
 struct chunk {
 	__u16 offset;        /* into the transport payload */
@@ -82,6 +82,8 @@ struct config {
 	__u64 lease_until_ns;   /* boxd renews it; past it, everything passes */
 	__u32 mark;             /* skb mark that policy-routes assigned packets to local delivery */
 	__u32 mcast_ifindex;    /* the injection veth whose ingress carries send_multicast frames */
+	__u32 steer_replies;    /* TCP interception installed: steer replies to boosters' own sockets */
+	__u32 pad;
 };
 
 struct member {
@@ -588,6 +590,50 @@ static __always_inline int fan_out(struct __sk_buff *skb, __u32 group_id)
 	return TC_ACT_SHOT;       /* the original is replaced by its copies */
 }
 
+/* The server's replies to a booster's onward connection that spoofs the client
+ * (connect_onward(spoof_client=True)): addressed to the client, they would be forwarded to it;
+ * the booster's own transparent socket holds that 4-tuple, so they are handed to it, as the
+ * linux engine's TPROXY socket match does.  Only while TCP interception is installed. */
+static __always_inline int steer_reply(struct __sk_buff *skb, struct config *cfg)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + ETH_HLEN;
+	struct bpf_sock_tuple tuple = {};
+	struct bpf_sock *sk;
+	__u16 *ports;
+	long err;
+
+	if ((void *)(ip + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) ||
+	    ip->protocol != IPPROTO_TCP || ip->ihl != 5)
+		return TC_ACT_OK;
+	ports = (void *)(ip + 1);
+	if ((void *)(ports + 2) > data_end)
+		return TC_ACT_OK;
+	tuple.ipv4.saddr = ip->saddr;
+	tuple.ipv4.daddr = ip->daddr;
+	tuple.ipv4.sport = ports[0];
+	tuple.ipv4.dport = ports[1];
+	sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return TC_ACT_OK;
+	/* a connection's own socket only: not a listener, not a TIME_WAIT mini-socket */
+	if (sk->state == 10 /* TCP_LISTEN */ || sk->state == 6 /* TCP_TIME_WAIT */) {
+		bpf_sk_release(sk);
+		return TC_ACT_OK;
+	}
+	err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err) {
+		count_stat(S_ASSIGN_FAILED);
+		return TC_ACT_OK;
+	}
+	skb->mark = cfg->mark;
+	count_stat(S_REPLY_STEERED);
+	return TC_ACT_OK;
+}
+
 SEC("tc")
 int boxd_tc(struct __sk_buff *skb)
 {
@@ -613,6 +659,8 @@ int boxd_tc(struct __sk_buff *skb)
 		return fan_out(skb, group);
 	}
 	if ((void *)(meta + 1) > data || meta->magic != META_MAGIC) {
+		if (cfg->steer_replies)
+			return steer_reply(skb, cfg);
 		return TC_ACT_OK;
 	}
 	slot = meta->slot;
