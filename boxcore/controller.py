@@ -899,7 +899,10 @@ class Controller:
         if others + len(members) > config.max_group_members_per_uid:
             raise OpError(Status.ERROR, f"limit: {config.max_group_members_per_uid} group members per uid",
                           counter="groups_refused_limit")
-        await self.engine.set_multicast_group(group, members)
+        try:
+            await self.engine.set_multicast_group(group, members)
+        except (ValueError, NotImplementedError) as exc:   # what this engine cannot do (xdp: > 256)
+            raise invalid(f"engine {self.engine.name}: {exc}") from None
         if members:
             self.groups[group] = (sess, members)
             sess.groups.add(group)

@@ -33,7 +33,9 @@ class Delivery:
 
     ``kind`` is one of :data:`DELIVERY_KINDS`; ``params`` are msgpack-able
     details (``{"queue": 3}`` for nfqueue, ``{"group": 5}`` for nflog,
-    ``{"port": 15001}`` for tproxy, ``{"dst": ip, "dport": port}`` for socket).
+    ``{"port": 15001}`` for tproxy, ``{"dst": ip, "dport": port}`` for socket, plus
+    ``"orig_dst": True`` when the socket reports each datagram's original destination
+    (IP_RECVORIGDSTADDR: a rule naming only a port sees traffic to many addresses).
     ``fds`` are file descriptors handed to the booster with the reply
     (SCM_RIGHTS); on the booster side they are the received descriptors.
     """

@@ -70,6 +70,11 @@ class SocketReceiver:
         self.sock.setblocking(False)
         self.dst = str(delivery.params["dst"])
         self.dport = int(delivery.params["dport"])
+        # a port-only rule's socket sees datagrams to many addresses: the kernel says which (xdp)
+        self.recv_original = None
+        if delivery.params.get("orig_dst"):
+            from boxcore.receivers.linux import recv_original
+            self.recv_original = recv_original
         self.loop = ctx.loop
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
         self.stopped = False
@@ -120,12 +125,17 @@ class SocketReceiver:
         ctx = self.ctx
         handler = self.handler
         recvfrom = self.sock.recvfrom
+        recv_original = self.recv_original
         dst, dport = self.dst, self.dport
         counter = self.counter
         redirect = self.redirect
         for _ in range(MAX_READS_PER_WAKEUP):
             try:
-                data, (src, sport, *_) = recvfrom(MAX_DATAGRAM)
+                if recv_original is None:
+                    data, (src, sport, *_) = recvfrom(MAX_DATAGRAM)
+                else:
+                    data, (src, sport), original = recv_original(self.sock, MAX_DATAGRAM)
+                    dst, dport = original or (self.dst, self.dport)
             except OSError:          # BlockingIOError: drained
                 return
             counter.packets += 1     # RuleCounter.add inlined: this is the fast path
