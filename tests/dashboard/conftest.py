@@ -22,7 +22,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ import pytest
 from boxcore.procs import free_port
 from boxcore.testing import BoxdProcess
 from cliruntime import in_ci
+from tests.polling import until_sync
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "out" / "dashboard"
@@ -160,14 +160,7 @@ def screenshot(driver, name: str, full_page: bool = True) -> Path:
 
 def wait_until(driver, condition, message: str, timeout: float = WAIT_TIMEOUT):
     """Poll ``condition(driver)`` until it is true (a page's state has no event the test can await)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition(driver)
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{driver.name}: {message} (within {timeout:g} s)")
-        time.sleep(WAIT_POLL)
+    return until_sync(lambda: condition(driver), f"{driver.name}: {message}", timeout, WAIT_POLL)
 
 
 class Traffic:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 from boxcore.lab import Lab
+from tests.polling import until_sync
 
 PY = sys.executable
 HERE = Path(__file__).parent
@@ -51,12 +53,11 @@ def transparent_lab():
 
 
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
-    """Poll a condition that has no event to wait on; False if it did not hold in time."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
+    """:func:`tests.polling.until_sync` as a truth value (``assert wait_until(...)``)."""
+    try:
+        until_sync(predicate, timeout=timeout, step=interval)
+    except AssertionError:
+        return False
     return True
 
 
@@ -118,6 +119,25 @@ class TestBooster:
             self.proc.send_signal(sig)
         if sig in (signal.SIGKILL, signal.SIGTERM):
             self.proc.wait(10)
+
+
+def assert_onward_connections(lab: Lab, boxd: Boxd, port: int) -> None:
+    """A booster intercepting TCP to ``port`` and connecting onward itself (``connect_onward``):
+    unspoofed, the server sees the box; spoofed, it sees the client, and its replies (addressed
+    to the client) come back to the booster's socket.  Needs :func:`echo_server` on ``port``."""
+    box_server_side = SERVER.rsplit(".", 1)[0] + ".1"
+    for spoof in (False, True):
+        onward = TestBooster(lab, boxd, "tproxy", port, "--onward", *(["--spoof"] if spoof else []))
+        with lab.inside("client"):
+            conn = socket.create_connection((SERVER, port), timeout=5)
+        with conn:
+            f = conn.makefile("rw")
+            assert f.readline().startswith(f"booster original_dst={SERVER}:{port}")
+            f.write("hi\n")
+            f.flush()
+            answer = f.readline()
+        assert answer == f"server peer={CLIENT if spoof else box_server_side} got=hi\n"
+        onward.kill(signal.SIGKILL)
 
 
 def exchange(lab: Lab, payloads: list[bytes], port: int, timeout: float = 1.0) -> list[bytes]:
