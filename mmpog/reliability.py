@@ -330,14 +330,24 @@ class ClientEndpoint:
             return
         if header.kind is Kind.BUNDLE:
             try:
-                items = wire.unpack(header, payload)
+                items = wire.unpack(header, payload)     # each item checked to be of this location, unnested
             except WireDecodeError:
                 self.stats["malformed"] += 1
                 return
             self.stats["bundles"] += 1
+            decode = wire.decode
             for item in items:
-                self.receive_datagram(item, now)
-            return
+                try:
+                    item_header, item_payload = decode(item)
+                except WireDecodeError:
+                    self.stats["malformed"] += 1       # one bad item loses nothing else of the bundle
+                    continue
+                self._handle(item_header, item_payload, now)
+        else:
+            self._handle(header, payload, now)
+        self._maybe_nack(now)          # once per datagram: a bundle's gaps go out in one NACK
+
+    def _handle(self, header: Header, payload: bytes, now: float) -> None:
         kind = header.kind
         if kind is Kind.DATA:
             if not self.joined:
@@ -355,8 +365,6 @@ class ClientEndpoint:
             self._on_welcome(header, now)
         else:
             self.stats["unexpected_kind"] += 1
-            return
-        self._maybe_nack(now)
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
         out, self._out = self._out, []
@@ -493,7 +501,8 @@ class ClientEndpoint:
                 # an unreliable packet carries the location's last seq: it reveals a lost reliable one too
                 self.stats["gaps_from_unreliable"] += 1
                 self._account_up_to(seq, now)
-        self._on_lowest(header.lowest)
+        if header.lowest > self._lowest or self._missing:
+            self._on_lowest(header.lowest)
         if header.sender == self.player:
             self._on_echo(header.packet_id, seq, now)
             return
