@@ -22,6 +22,11 @@ datagrams it sent; each stack's section has mmpog-bots' fields: ``reliable``/``u
 ``duplicates_delivered``, ``updates_relayed_per_s``, ``datagrams_sent_per_s``.  Percentiles
 come from :func:`tools.stats.percentile`.
 
+Every role (the relay or reflector, each bots worker) may run at the same CPU budget in its own
+cgroup (``Workload.budget``, :func:`tools.mmpog_experiment.cpu_budgets`); each section also has
+``cpu_share`` and ``cpu_budget``.  :func:`compare_matrix` runs a list of scenarios and losses in
+one go; :func:`table` and :func:`plot` render the whole matrix.
+
 KCP and ENet come from the optional extra ``compare`` (``pip install 'booster-boxes[compare]'``).
 """
 

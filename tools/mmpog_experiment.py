@@ -12,8 +12,10 @@ A (packet, receiver) pair is *expected* when the receiver stayed in the sender's
 from ``GUARD`` seconds before the send until the packet's deadline after it.  JSON:
 ``reliable``/``unreliable`` {``sent``, ``expected``, ``delivered_ratio``,
 ``delivered_within_deadline_ratio``, ``latency_ms`` {``p50``, ``p90``, ``p99``, ``max``},
-``first_second_latency_ms``}, ``duplicates_delivered``, ``retransmissions``,
-``reflector_pps``, ``reflector_updates_per_s``, and details.
+``first_second_latency_ms``, ``arrival_latency_ms`` (the same deliveries timed by the kernel's
+arrival stamp at the bot's socket)}, ``duplicates_delivered``, ``retransmissions``,
+``reflector_pps``, ``reflector_updates_per_s``, ``cpu_share`` (CPU seconds per second of play, per
+process), ``cpu_budget`` (``--budget``: each role in its own cgroup v1 CPU group), and details.
 """
 
 from __future__ import annotations
