@@ -56,7 +56,8 @@ def test_compare_runs_all_three_stacks_side_by_side(tmp_path):
         # every role ran in its own cgroup at the same budget, and its CPU over the play was measured
         assert section["cpu_budget"]["cores_per_role"] == 0.5
         assert set(section["cpu_share"]) == set(section["cpu_budget"]["throttled_periods"]) >= {"worker0"}
-        assert all(0 < share <= 0.5 * 1.2 for share in section["cpu_share"].values()), section["cpu_share"]
+        # (/proc counts CPU in 10 ms ticks: a nearly idle role of a 1.5 s run may show 0)
+        assert all(0 <= share <= 0.5 * 1.2 for share in section["cpu_share"].values()), section["cpu_share"]
     assert "| kcp |" in proc.stderr and "| enet |" in proc.stderr
     assert plot.stat().st_size > 0
 
