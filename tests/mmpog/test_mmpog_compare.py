@@ -87,3 +87,16 @@ def test_matrix_table_and_plot_have_a_row_per_scenario_loss_and_stack(tmp_path):
     assert lines[3].startswith("|  | kcp |") and lines[-1].endswith("| 0.2 / 0.25 |")
     plot(result, tmp_path / "grid.png")
     assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--scenarios", "64y1"], "PLAYERSxLOCATIONS"),
+    (["--losses", "0.1,2"], "--losses"),
+    (["--budget", "0.05", "--budget-period-us", "10000"], "1000 us"),
+])
+def test_compare_bad_matrix_or_budget_exits_2(args, says):
+    if "--budget" in args:
+        pytest.importorskip("kcp")       # checked after the stack's package is found
+    proc = subprocess.run([sys.executable, "-m", "tools.loadgen", "mmpog", "--compare", "kcp", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr
