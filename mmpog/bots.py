@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import signal
+import socket
 import struct
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import msgpack
 
 from cliruntime import ConfigError, make_parser, run_async
 
+from . import wire
 from .client import GameClient
 from .reliability import ClientConfig, Delivered, Event, Expired, Received, Unrecoverable
 
@@ -34,6 +36,104 @@ log = logging.getLogger("mmpog.bots")
 UPDATE = struct.Struct("!HId")   # bot index, update number, send time (time.monotonic(): one clock per host)
 GUARD = 0.3
 CELL = 100.0
+
+# Linux: SO_TIMESTAMPNS (= its SCM_TIMESTAMPNS) stamps each datagram with CLOCK_REALTIME when the kernel
+# queued it on the socket; the stdlib names neither
+SO_TIMESTAMPNS = 35
+TIMESPEC = struct.Struct("@qq")
+LOCATION = slice(wire.LOCATION_OFFSET, wire.LOCATION_OFFSET + 4)
+RECV_BATCH = 256          # datagrams read per wake-up before the protocol's output and timers are serviced
+
+
+class _BotTransport:
+    """The bot's own non-blocking UDP socket, in the shape GameClient sends through."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.send_errors = 0
+
+    def sendto(self, data: bytes, addr) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self.send_errors += 1           # a full socket buffer is loss, which the protocol repairs
+
+    def get_extra_info(self, name: str, default=None):
+        return self.sock.getsockname() if name == "sockname" else default
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+class BotClient(GameClient):
+    """A GameClient whose receive path is the bots' own: every readable wake-up reads up to
+    ``RECV_BATCH`` datagrams, hands each to its endpoint, and services output, events and timers
+    once for the batch (not once per datagram as the asyncio protocol does), and keeps the kernel's
+    arrival time of each datagram (``SO_TIMESTAMPNS``) so the measurement can tell the network and
+    reflector's part of a latency from the bot process's own queueing.
+
+    ``arrival_of(event.now)`` is the kernel arrival time (``time.monotonic()`` clock) of the datagram
+    that carried an event handed out by the current batch.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._arrivals: dict[float, float] = {}
+        self.batches = 0
+        self.datagrams = 0
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.setblocking(False)
+        sock.bind(self.local)
+        self._transport = _BotTransport(sock)
+        self._loop.add_reader(sock.fileno(), self._drain, sock)
+
+    def arrival_of(self, now: float) -> float | None:
+        return self._arrivals.get(now)
+
+    def _drain(self, sock: socket.socket) -> None:
+        endpoints = self._endpoints
+        arrivals = self._arrivals
+        offset = time.time() - time.monotonic()     # kernel stamps are CLOCK_REALTIME
+        unpack = TIMESPEC.unpack
+        count = 0
+        for _ in range(RECV_BATCH):
+            try:
+                data, ancillary, _, _ = sock.recvmsg(2048, 64)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.io_errors += 1
+                break
+            count += 1
+            now = time.monotonic()
+            for level, kind, value in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= TIMESPEC.size:
+                    seconds, nanoseconds = unpack(value[:TIMESPEC.size])
+                    arrivals[now] = seconds + nanoseconds * 1e-9 - offset
+            entry = endpoints.get(int.from_bytes(data[LOCATION], "big")) if len(data) >= wire.HEADER_SIZE else None
+            if entry is None:
+                self.foreign += 1
+                continue
+            entry[0].receive_datagram(data, now)
+        if count:
+            self.batches += 1
+            self.datagrams += count
+            self._service()
+            arrivals.clear()
+
+    def snapshot(self) -> dict:
+        out = super().snapshot()
+        out.update(recv_batches=self.batches, recv_datagrams=self.datagrams,
+                   send_errors=self._transport.send_errors if self._transport is not None else 0)
+        return out
 
 
 @dataclass
@@ -62,6 +162,8 @@ class Params:
     drain: float = 1.5
     min_rto: float = ClientConfig().min_rto   # the clients' RTO sanity bound (the RTO itself follows the path)
     workers: int = 1                  # bot processes (the bots' receive path is the experiment's heaviest part)
+    budget: float = 0.0               # CPU cores per role (reflector, each bots worker, relay): its own cgroup; 0: none
+    budget_period_us: int = 10_000    # CFS period: short, so a throttled role stalls for milliseconds, not 100 ms
 
     def validate(self) -> None:
         if self.players < 2:
@@ -74,6 +176,8 @@ class Params:
             raise ConfigError(f"--payload must be {UPDATE.size}..1400 bytes")
         if not 1 <= self.workers <= 64 or self.workers > self.players:
             raise ConfigError("--workers must be 1..64 and at most --players")
+        if self.budget < 0 or (self.budget and self.budget * self.budget_period_us < 1000):
+            raise ConfigError("--budget must be 0 (none) or at least 1000 us of CPU per --budget-period-us")
         if not 0 < self.min_rto <= 1.0:
             raise ConfigError("--min-rto must be in (0, 1] seconds")
         if self.loss_mode not in ("relay", "iptables", "none"):
@@ -90,7 +194,8 @@ class Bot:
     rng: random.Random
     intervals: list = field(default_factory=list)       # [location, start, end]
     sent: list = field(default_factory=list)            # (n, t, location, reliable)
-    got: dict = field(default_factory=dict)             # (sender, n) -> latency
+    got: dict = field(default_factory=dict)             # (sender, n) -> latency at the game (event handed out)
+    arrived: dict = field(default_factory=dict)         # (sender, n) -> latency at the bot's socket (kernel stamp)
     duplicates: int = 0
     delivered: int = 0
     expired: int = 0
@@ -110,6 +215,9 @@ class Bot:
                 self.duplicates += 1     # would be a protocol bug: the library filters duplicates
             else:
                 self.got[key] = event.now - sent_at
+                arrival = self.client.arrival_of(event.now)
+                if arrival is not None:
+                    self.arrived[key] = arrival - sent_at
         elif type(event) is Delivered:
             self.delivered += 1
             number = self.pid_number.pop(event.packet_id, None)
@@ -136,7 +244,7 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
                               initial_rto=max(params.min_rto, ClientConfig().initial_rto))
         for index in indices:
             bot_rng = random.Random(params.seed * 1_000_003 + index)
-            client = GameClient(server_url, f"bot{index}", f"bot-{index}-{params.seed}-plays", http=http, config=config,
+            client = BotClient(server_url, f"bot{index}", f"bot-{index}-{params.seed}-plays", http=http, config=config,
                                 reflector_map=reflector_map, rng=bot_rng, join_timeout=10.0)
             bot = Bot(index, client, bot_rng)
             client.on_event = bot.on_event
@@ -211,7 +319,8 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
 
 def dump_bots(bots: list[Bot], client_stats: list[dict], path: Path) -> None:
     records = [{"index": b.index, "intervals": b.intervals, "sent": b.sent,
-                "got": [[s, n, lat] for (s, n), lat in b.got.items()], "duplicates": b.duplicates,
+                "got": [[s, n, lat] for (s, n), lat in b.got.items()],
+                "arrived": [[s, n, lat] for (s, n), lat in b.arrived.items()], "duplicates": b.duplicates,
                 "delivered": b.delivered, "expired": b.expired, "unrecoverable": b.unrecoverable, "moves": b.moves,
                 "echo_seq": [[n, seq] for n, seq in b.echo_seq.items()], "expired_numbers": sorted(b.expired_numbers),
                 "lost": [list(item) for item in b.lost], "missing_at_end": [list(item) for item in b.missing_at_end]}
@@ -225,6 +334,7 @@ def load_bots(path: Path) -> tuple[list[Bot], list[dict]]:
     for rec in data["bots"]:
         bot = Bot(rec["index"], None, random.Random(0), intervals=[list(i) for i in rec["intervals"]],
                   sent=[tuple(x) for x in rec["sent"]], got={(s, n): lat for s, n, lat in rec["got"]},
+                  arrived={(s, n): lat for s, n, lat in rec["arrived"]},
                   duplicates=rec["duplicates"], delivered=rec["delivered"], expired=rec["expired"],
                   unrecoverable=rec["unrecoverable"], moves=rec["moves"],
                   echo_seq={n: seq for n, seq in rec["echo_seq"]}, expired_numbers=set(rec["expired_numbers"]),

@@ -307,7 +307,7 @@ class ClientEndpoint:
             self.stats["sent_reliable"] += 1
             bound = self.config.default_deadline if deadline is None else deadline
             rto = self.rtt.rto
-            self._pending[packet_id] = _Pending(data, now, now + bound, now + rto, rto)
+            self._pending[packet_id] = _Pending(data, now, now + bound, self._retx_at(now, rto, now + bound), rto)
         else:
             self.stats["sent_unreliable"] += 1
             recent = self._recent_unreliable
@@ -330,14 +330,24 @@ class ClientEndpoint:
             return
         if header.kind is Kind.BUNDLE:
             try:
-                items = wire.unpack(header, payload)
+                items = wire.unpack(header, payload)     # each item checked to be of this location, unnested
             except WireDecodeError:
                 self.stats["malformed"] += 1
                 return
             self.stats["bundles"] += 1
+            decode = wire.decode
             for item in items:
-                self.receive_datagram(item, now)
-            return
+                try:
+                    item_header, item_payload = decode(item)
+                except WireDecodeError:
+                    self.stats["malformed"] += 1       # one bad item loses nothing else of the bundle
+                    continue
+                self._handle(item_header, item_payload, now)
+        else:
+            self._handle(header, payload, now)
+        self._maybe_nack(now)          # once per datagram: a bundle's gaps go out in one NACK
+
+    def _handle(self, header: Header, payload: bytes, now: float) -> None:
         kind = header.kind
         if kind is Kind.DATA:
             if not self.joined:
@@ -355,8 +365,6 @@ class ClientEndpoint:
             self._on_welcome(header, now)
         else:
             self.stats["unexpected_kind"] += 1
-            return
-        self._maybe_nack(now)
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
         out, self._out = self._out, []
@@ -398,7 +406,7 @@ class ClientEndpoint:
                 self.stats["timeouts"] += 1
                 pending.retries += 1
                 pending.rto = min(pending.rto * 2, self.config.max_rto)
-                pending.next_retx = now + pending.rto
+                pending.next_retx = self._retx_at(now, pending.rto, pending.deadline)
                 self.stats["retransmitted"] += 1
                 self._queue(wire.restamp(pending.data, 0, 0, pending.data[wire.FLAGS_OFFSET] | RETRANSMIT))
         self._maybe_nack(now)
@@ -436,6 +444,21 @@ class ClientEndpoint:
         packet_id = self._next_id
         self._next_id = (packet_id + 1) & wire.MAX_U32 or 1   # 0 is reserved (heartbeats carry none)
         return packet_id
+
+    def _retx_at(self, now: float, rto: float, deadline: float) -> float:
+        """When to resend a reliable packet sent (or resent) at ``now``: one RTO later - unless that
+        is past the last moment a copy can still reach the location in time (deadline - SRTT: up to
+        the reflector and on to the members).  Then at that last moment, so a packet whose RTO is a
+        large part of its deadline (a long or queued path: the RTO follows what the path shows) gets
+        one more try before it expires instead of none.  At least one timer granularity away."""
+        at = now + rto
+        srtt = self.rtt.srtt
+        if srtt is None:
+            return at
+        last_useful = deadline - srtt
+        if at > last_useful > now:
+            return max(now + self.config.granularity, last_useful)
+        return at
 
     def _rto_ms(self) -> int:
         # at least 1: 0 means "not reported" on the wire, and a sub-millisecond RTO is real on a LAN
@@ -493,7 +516,8 @@ class ClientEndpoint:
                 # an unreliable packet carries the location's last seq: it reveals a lost reliable one too
                 self.stats["gaps_from_unreliable"] += 1
                 self._account_up_to(seq, now)
-        self._on_lowest(header.lowest)
+        if header.lowest > self._lowest or self._missing:
+            self._on_lowest(header.lowest)
         if header.sender == self.player:
             self._on_echo(header.packet_id, seq, now)
             return

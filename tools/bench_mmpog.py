@@ -71,9 +71,34 @@ def register(subparsers) -> None:
     parser.add_argument("--compare", default=None, metavar="STACKS",
                         help="run the bots workload (nobody moves) over mmpog and these stacks too, e.g. kcp,enet "
                              "(needs root for the namespaces, and the 'compare' extra); prints a table, --plot draws it")
+    parser.add_argument("--scenarios", type=_scenarios, default=None, metavar="PxL,...",
+                        help="--compare: players x locations of each scenario, e.g. 32x4,64x1 (default: --players "
+                             "x --locations)")
+    parser.add_argument("--losses", type=_losses, default=None, metavar="P,...",
+                        help="--compare: the loss each way of each run, e.g. 0.01,0.05,0.10 (default: --loss)")
+    parser.add_argument("--budget", type=non_negative_float, default=None,
+                        help="CPU cores per role (reflector or relay, each bots worker), each in its own cgroup v1 "
+                             "CPU group as booster-loadgen fcd does (root); 0: none (default: 0.5 with --compare, "
+                             "else 0)")
+    parser.add_argument("--budget-period-us", type=positive_int, default=10_000,
+                        help="the budgets' CFS period (a throttled role stalls for up to one period)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     parser.set_defaults(func=run)
+
+
+def _scenarios(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        players, _, locations = item.strip().partition("x")
+        if not (players.isdigit() and locations.isdigit() and int(players) >= 2 and int(locations) >= 1):
+            raise argparse.ArgumentTypeError(f"{item!r} is not PLAYERSxLOCATIONS (e.g. 64x1)")
+        out.append((int(players), int(locations)))
+    return out
+
+
+def _losses(text: str) -> list[float]:
+    return [probability(item.strip()) for item in text.split(",")]
 
 
 # ====================================================================== fan-out throughput
@@ -292,7 +317,7 @@ def _plot(result: dict, path: Path) -> None:
 
 def run_compare(args: argparse.Namespace) -> int:
     from cliruntime import ConfigError
-    from tools.compare_mmpog import STACKS, Workload, compare, plot, table
+    from tools.compare_mmpog import STACKS, Workload, compare_matrix, plot, table
 
     others = [name.strip() for name in args.compare.split(",") if name.strip()]
     unknown = [name for name in others if name not in STACKS]
@@ -308,18 +333,23 @@ def run_compare(args: argparse.Namespace) -> int:
                                   f"'booster-boxes[compare]'") from None
     if os.geteuid() != 0:
         raise ConfigError("--compare needs root (a network namespace with iptables loss per stack)")
+    budget = 0.5 if args.budget is None else args.budget
     workload = Workload(players=args.players, locations=args.locations, duration=args.duration, rate=args.rate,
                         reliable_fraction=args.reliable_fraction, deadline=args.deadline, loss=args.loss,
-                        seed=args.seed, workers=args.workers, reflector_mode=args.reflector_mode)
-    result = compare(workload, stacks, say=lambda line: print(line, file=sys.stderr))
-    print(table(result, stacks), file=sys.stderr)
+                        seed=args.seed, workers=args.workers, reflector_mode=args.reflector_mode, budget=budget,
+                        budget_period_us=args.budget_period_us)
+    if budget and budget * args.budget_period_us < 1000:
+        raise ConfigError("--budget x --budget-period-us must be at least 1000 us (the kernel's minimum quota)")
+    result = compare_matrix(workload, args.scenarios or [(args.players, args.locations)], args.losses or [args.loss],
+                            stacks, say=lambda line: print(line, file=sys.stderr))
+    print(table(result), file=sys.stderr)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")
     if args.plot is not None:
-        plot(result, stacks, args.plot)
+        plot(result, args.plot)
     return 0
 
 
@@ -349,7 +379,8 @@ def run(args: argparse.Namespace) -> int:
                             "--loss", str(args.loss), "--loss-mode", "iptables", "--rate", str(args.rate),
                             "--reliable-fraction", str(args.reliable_fraction), "--deadline", str(args.deadline),
                             "--seed", str(args.seed), "--reflector-mode", args.reflector_mode,
-                            "--workers", str(args.workers),
+                            "--workers", str(args.workers), "--budget", str(args.budget or 0),
+                            "--budget-period-us", str(args.budget_period_us),
                             "--json", str(out), "--log-level", "warning"]
                     await ProcessGroup(Path(tmp)).run("mmpog-bots-iptables", argv)
                     result["bots"] = json.loads(out.read_text())
@@ -358,6 +389,7 @@ def run(args: argparse.Namespace) -> int:
                                     loss=args.loss, loss_mode=loss_mode, rate=args.rate,
                                     reliable_fraction=args.reliable_fraction, deadline=args.deadline, seed=args.seed,
                                     reflector_mode=args.reflector_mode, workers=args.workers,
+                                    budget=args.budget or 0.0, budget_period_us=args.budget_period_us,
                                     workdir=str(Path(tmp) / "bots-boxd"))
                     result["bots"] = await run_experiment(params)
         result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]

@@ -22,6 +22,11 @@ datagrams it sent; each stack's section has mmpog-bots' fields: ``reliable``/``u
 ``duplicates_delivered``, ``updates_relayed_per_s``, ``datagrams_sent_per_s``.  Percentiles
 come from :func:`tools.stats.percentile`.
 
+Every role (the relay or reflector, each bots worker) may run at the same CPU budget in its own
+cgroup (``Workload.budget``, :func:`tools.mmpog_experiment.cpu_budgets`); each section also has
+``cpu_share`` and ``cpu_budget``.  :func:`compare_matrix` runs a list of scenarios and losses in
+one go; :func:`table` and :func:`plot` render the whole matrix.
+
 KCP and ENet come from the optional extra ``compare`` (``pip install 'booster-boxes[compare]'``).
 """
 
@@ -41,6 +46,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tools.bench_datapath_xdp import cpu_seconds
 from tools.stats import percentile
 
 STACKS = ("mmpog", "kcp", "enet")
@@ -64,6 +70,8 @@ class Workload:
     workers: int = 2
     drain: float = 1.5
     reflector_mode: str = "standalone"
+    budget: float = 0.0               # CPU cores per role (relay or reflector, each bots worker); 0: none
+    budget_period_us: int = 10_000
 
     def location_of(self, index: int) -> int:
         # mmpog-bots draws the first location with this generator's first call
@@ -421,12 +429,17 @@ def bots_worker(stack: str, indices: list[int], w: Workload, relay: tuple[str, i
 
 def run_relay_stack(stack: str, w: Workload, port: int) -> dict:
     """KCP or ENet: the relay and the bots (``w.workers`` processes) on loopback, port ``port``."""
+    from tools.mmpog_experiment import _throttled, cpu_budgets
+
     ctx = multiprocessing.get_context("fork")
     stop, relay_ready = ctx.Event(), ctx.Event()
     counters = ctx.Array("q", 2, lock=False)
     relay = ctx.Process(target=kcp_relay if stack == "kcp" else enet_relay, args=(port, relay_ready, stop, counters))
+    budgets = cpu_budgets(w.budget, w.budget_period_us)
     relay.start()
     try:
+        if budgets is not None:
+            budgets.add("relay", relay.pid)
         if not relay_ready.wait(20):
             raise RuntimeError(f"{stack} relay did not start")
         start_at = ctx.Value("d", 0.0)
@@ -435,20 +448,27 @@ def run_relay_stack(stack: str, w: Workload, port: int) -> dict:
         readies = [ctx.Event() for _ in groups]
         workers = [ctx.Process(target=bots_worker, args=(stack, g, w, ("127.0.0.1", port), r, start_at, out))
                    for g, r in zip(groups, readies)]
-        for proc in workers:
+        for number, proc in enumerate(workers):
             proc.start()
+            if budgets is not None:
+                budgets.add(f"worker{number}", proc.pid)
         for r, proc in zip(readies, workers):
             while not r.wait(0.5):
                 if not proc.is_alive():
                     raise RuntimeError(f"a {stack} bots worker died before joining")
         t_start = time.monotonic() + 0.2
         start_at.value = t_start
-        # the relay's counters over the play window only, as mmpog's reflector counters are read
+        # the relay's counters and each process's CPU over the play window only, as mmpog's are read
+        pids = {"relay": relay.pid, **{f"worker{n}": proc.pid for n, proc in enumerate(workers)}}
         time.sleep(max(0.0, t_start - time.monotonic()))
         before = list(counters)
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        throttled_before = _throttled(budgets, list(pids))
         time.sleep(max(0.0, t_start + w.duration - time.monotonic()))
         after = list(counters)
         played = time.monotonic() - t_start
+        cpu_share = {name: round((cpu_seconds(pid) - cpu_before[name]) / played, 3) for name, pid in pids.items()}
+        throttled = {name: count - throttled_before[name] for name, count in _throttled(budgets, list(pids)).items()}
         results = [json.loads(out.get(timeout=w.duration + w.drain + 120)) for _ in workers]
         for proc in workers:
             proc.join(10)
@@ -457,6 +477,8 @@ def run_relay_stack(stack: str, w: Workload, port: int) -> dict:
         relay.join(10)
         if relay.is_alive():
             relay.kill()
+        if budgets is not None:
+            budgets.cleanup()
     sent, got, duplicates = [], {}, 0
     for result in results:
         sent += [tuple(x) for x in result["sent"]]
@@ -465,6 +487,9 @@ def run_relay_stack(stack: str, w: Workload, port: int) -> dict:
     out_section = analyse(w, sent, got, duplicates, t_start)
     out_section["updates_relayed_per_s"] = round((after[0] - before[0]) / played, 1)
     out_section["datagrams_sent_per_s"] = round((after[1] - before[1]) / played, 1)
+    out_section["cpu_share"] = cpu_share
+    out_section["cpu_budget"] = {"cores_per_role": w.budget or None, "period_us": w.budget_period_us,
+                                 "throttled_periods": throttled}
     out_section["stack"] = {"kcp": "kcp (turbo: nodelay, 10 ms interval, resend 2, no congestion window)",
                             "enet": "enet (pyenet defaults)"}[stack]
     return out_section
@@ -477,7 +502,7 @@ def run_mmpog_stack(w: Workload, port: int) -> dict:
     params = Params(players=w.players, locations=w.locations, duration=w.duration, loss=0.0, loss_mode="none",
                     rate=w.rate, reliable_fraction=w.reliable_fraction, deadline=w.deadline, payload=w.payload,
                     move_interval=1e9, seed=w.seed, reflector_mode=w.reflector_mode, reflector_port=port,
-                    workers=w.workers, drain=w.drain)
+                    workers=w.workers, drain=w.drain, budget=w.budget, budget_period_us=w.budget_period_us)
     result = asyncio.run(run_experiment(params))
     out = {name: result[name] for name in ("reliable", "unreliable")}
     out["duplicates_delivered"] = result["duplicates_delivered"]
@@ -485,6 +510,8 @@ def run_mmpog_stack(w: Workload, port: int) -> dict:
     out["datagrams_sent_per_s"] = result.get("reflector_pps")
     out["stack"] = "mmpog (reflector " + w.reflector_mode + ")"
     out["retransmissions"] = result.get("retransmissions_detail")
+    out["cpu_share"] = result.get("cpu_share")
+    out["cpu_budget"] = result.get("cpu_budget")
     return out
 
 
@@ -492,13 +519,14 @@ def run_mmpog_stack(w: Workload, port: int) -> dict:
 
 def run_in_namespace(stack: str, w: Workload, port: int = 7400) -> dict:
     """Run one stack's session in a fresh namespace whose iptables drop ``w.loss`` each way on ``port``."""
-    from tools.mmpog_experiment import lossy_namespace
+    from tools.mmpog_experiment import PRIVATE_MOUNTS, lossy_namespace
 
     with lossy_namespace("mmpogcmp", w.loss, port) as lab:
         with tempfile.TemporaryDirectory(prefix="mmpog-compare-") as tmp:
             out = Path(tmp) / "out.json"
             proc = lab.popen("game", [sys.executable, "-m", "tools.compare_mmpog", "--child", stack, "--port", str(port),
-                                      "--workload", json.dumps(asdict(w)), "--json", str(out)])
+                                      "--workload", json.dumps(asdict(w)), "--json", str(out)],
+                             env=dict(os.environ, **{PRIVATE_MOUNTS: "1"}))
             if proc.wait() != 0:
                 raise RuntimeError(f"the {stack} session failed (status {proc.returncode})")
             return json.loads(out.read_text())
@@ -513,37 +541,77 @@ def compare(w: Workload, stacks: list[str], say=print) -> dict:
     return result
 
 
-def table(result: dict, stacks: list[str]) -> str:
-    lines = ["| stack | reliable delivered (within deadline) | p50 / p90 / p99 / max ms | first-second p99 ms | "
-             "duplicates | updates relayed/s | datagrams/s |", "|---|---|---|---|---|---|---|"]
-    for stack in stacks:
-        s = result[stack]
-        r = s["reliable"]
-        lat = r["latency_ms"]
-        lines.append(f"| {stack} | {r['delivered_ratio']} ({r['delivered_within_deadline_ratio']}) | "
-                     f"{lat['p50']} / {lat['p90']} / {lat['p99']} / {lat['max']} | "
-                     f"{r['first_second_latency_ms']['p99']} | {s['duplicates_delivered']} | "
-                     f"{s['updates_relayed_per_s']} | {s['datagrams_sent_per_s']} |")
+def compare_matrix(base: Workload, scenarios: list[tuple[int, int]], losses: list[float], stacks: list[str],
+                   say=print) -> dict:
+    """Every (players x locations, loss) of the matrix over every stack: the whole table in one run."""
+    runs = []
+    for players, locations in scenarios:
+        for loss in losses:
+            w = Workload(**{**asdict(base), "players": players, "locations": locations, "loss": loss})
+            runs.append(compare(w, stacks, say))
+    return {"stacks": stacks, "runs": runs, "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def table(result: dict) -> str:
+    """One markdown row per (scenario, loss, stack), in the layout of docs/mmpog.md."""
+    lines = ["| scenario, loss | stack | reliable within deadline (delivered) | p50 / p90 / p99 / max ms | "
+             "first-second p99 ms | at the socket p99 ms | duplicates | updates relayed/s | datagrams/s | "
+             "CPU share (relay or reflector / bots) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in result["runs"]:
+        w = run["workload"]
+        label = f"{w['players']}x{w['locations']}, {w['loss']:.0%}"
+        for stack in result["stacks"]:
+            s = run[stack]
+            r = s["reliable"]
+            lat = r["latency_ms"]
+            cpu = s.get("cpu_share") or {}
+            server = cpu.get("relay", cpu.get("reflector"))
+            bots = sum(v for k, v in cpu.items() if k.startswith("worker"))
+            socket_p99 = (r.get("arrival_latency_ms") or {}).get("p99")
+            lines.append(f"| {label} | {stack} | {r['delivered_within_deadline_ratio']:.2%} ({r['delivered_ratio']:.2%}) | "
+                         f"{_ms(lat['p50'])} / {_ms(lat['p90'])} / {_ms(lat['p99'])} / {_ms(lat['max'])} | "
+                         f"{_ms(r['first_second_latency_ms']['p99'])} | {_ms(socket_p99)} | "
+                         f"{s['duplicates_delivered']} | {s['updates_relayed_per_s']:,.0f} | "
+                         f"{s['datagrams_sent_per_s']:,.0f} | {server} / {round(bots, 3)} |")
+            label = ""
     return "\n".join(lines)
 
 
-def plot(result: dict, stacks: list[str], path: Path) -> None:
+def plot(result: dict, path: Path) -> None:
+    """A grid: one panel per run (scenario x loss), the stacks' reliable-latency percentiles side by side."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs, stacks = result["runs"], result["stacks"]
+    scenarios = sorted({(r["workload"]["players"], r["workload"]["locations"]) for r in runs}, reverse=True)
+    losses = sorted({r["workload"]["loss"] for r in runs})
     labels = ["p50", "p90", "p99", "max"]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, axes = plt.subplots(len(scenarios), len(losses), figsize=(4.2 * len(losses), 3.4 * len(scenarios)),
+                             squeeze=False, sharey=True)
     width = 0.8 / len(stacks)
-    for k, stack in enumerate(stacks):
-        values = [result[stack]["reliable"]["latency_ms"][q] or 0 for q in labels]
-        ax.bar([i + (k - (len(stacks) - 1) / 2) * width for i in range(len(labels))], values, width=width, label=stack)
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_yscale("log")
-    ax.set_ylabel("reliable update latency (ms)")
-    w = result["workload"]
-    ax.set_title(f"{w['players']} players, {w['locations']} location(s), {w['loss']:.0%} loss each way")
-    ax.legend()
+    for run in runs:
+        w = run["workload"]
+        ax = axes[scenarios.index((w["players"], w["locations"]))][losses.index(w["loss"])]
+        for k, stack in enumerate(stacks):
+            values = [run[stack]["reliable"]["latency_ms"][q] or 0 for q in labels]
+            ax.bar([i + (k - (len(stacks) - 1) / 2) * width for i in range(len(labels))], values, width=width,
+                   label=stack)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_yscale("log")
+        ax.axhline(w["deadline"] * 1000, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_title(f"{w['players']} players, {w['locations']} loc., {w['loss']:.0%} loss each way", fontsize=9)
+    for row in axes:
+        row[0].set_ylabel("reliable latency (ms)")
+    axes[0][0].legend(fontsize=8)
+    budget = runs[0]["workload"].get("budget") if runs else None
+    fig.suptitle("mmpog vs " + ", ".join(s for s in stacks if s != "mmpog")
+                 + (f" (CPU budget {budget:g} core per role)" if budget else ""), fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path)

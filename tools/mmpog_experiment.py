@@ -12,8 +12,10 @@ A (packet, receiver) pair is *expected* when the receiver stayed in the sender's
 from ``GUARD`` seconds before the send until the packet's deadline after it.  JSON:
 ``reliable``/``unreliable`` {``sent``, ``expected``, ``delivered_ratio``,
 ``delivered_within_deadline_ratio``, ``latency_ms`` {``p50``, ``p90``, ``p99``, ``max``},
-``first_second_latency_ms``}, ``duplicates_delivered``, ``retransmissions``,
-``reflector_pps``, ``reflector_updates_per_s``, and details.
+``first_second_latency_ms``, ``arrival_latency_ms`` (the same deliveries timed by the kernel's
+arrival stamp at the bot's socket)}, ``duplicates_delivered``, ``retransmissions``,
+``reflector_pps``, ``reflector_updates_per_s``, ``cpu_share`` (CPU seconds per second of play, per
+process), ``cpu_budget`` (``--budget``: each role in its own cgroup v1 CPU group), and details.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import secrets
 import signal
 import socket
 import statistics
+import subprocess
 import tempfile
 import time
 from dataclasses import asdict
@@ -43,6 +46,7 @@ from cliruntime.supervisor import Supervisor
 from mmpog.bots import CELL, GUARD, Bot, Params, load_bots, run_bots
 from mmpog.reliability import ClientConfig
 from mmpog.server import GameServer, ReflectorInfo, World
+from tools.bench_datapath_xdp import cpu_seconds
 from tools.stats import summary
 
 log = logging.getLogger("mmpog.bots")
@@ -69,6 +73,36 @@ async def _reflector_stats(http: aiohttp.ClientSession, url: str, api_key: str) 
         return await resp.json()
 
 
+# ====================================================================== CPU budgets
+
+# set by our own code for a child it starts with `ip netns exec` (a private mount namespace)
+PRIVATE_MOUNTS = "MMPOG_PRIVATE_MOUNTS"
+
+
+def cpu_budgets(budget: float, period_us: int):
+    """One cgroup v1 CPU group per role, each ``budget`` cores (``tools.bench_fcd.CpuBudgets``, as
+    ``booster-loadgen fcd`` does), or None when ``budget`` is 0.
+
+    Inside ``ip netns exec`` (every session with iptables loss runs there) /sys is a fresh sysfs
+    without the cgroup mounts: the cpu hierarchy is mounted again, in the private mount namespace
+    ``ip netns exec`` gave this process (nothing shows outside it; the groups are the host's own).
+    """
+    if not budget:
+        return None
+    from tools.bench_fcd import CGROUP_CPU, CpuBudgets
+
+    if not (CGROUP_CPU / "cgroup.procs").exists() and os.environ.get(PRIVATE_MOUNTS) == "1":
+        subprocess.run(["mount", "-t", "tmpfs", "bbcgroup", str(CGROUP_CPU.parent)], check=True)
+        CGROUP_CPU.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-t", "cgroup", "-o", "cpu", "cgroup", str(CGROUP_CPU)], check=True)
+    return CpuBudgets(budget, period_us)
+
+
+def _throttled(budgets, names) -> dict:
+    """How many CFS periods so far each role hit its budget in."""
+    return {name: budgets.throttled(name) for name in names} if budgets is not None else {}
+
+
 # ====================================================================== analysis
 
 def _percentiles(values: list[float]) -> dict:
@@ -87,7 +121,7 @@ def analyse(bots: list[Bot], deadline: float) -> dict:
     for reliable, name in ((True, "reliable"), (False, "unreliable")):
         sent = expected = got = in_time = 0
         expired = reported = sender_left = receiver_left = pending = unaccounted = 0
-        latencies, first_second = [], []
+        latencies, first_second, arrivals = [], [], []
         for bot in bots:
             for number, sent_at, location, is_reliable in bot.sent:
                 if is_reliable != reliable:
@@ -101,6 +135,9 @@ def analyse(bots: list[Bot], deadline: float) -> dict:
                     if latency is not None:
                         got += 1
                         latencies.append(latency)
+                        arrival = bots[index].arrived.get((bot.index, number))
+                        if arrival is not None:
+                            arrivals.append(arrival)
                         if sent_at < t_first + 1.0:
                             first_second.append(latency)
                         if latency <= deadline:
@@ -127,6 +164,9 @@ def analyse(bots: list[Bot], deadline: float) -> dict:
             "delivered_within_deadline_ratio": round(in_time / expected, 6) if expected else None,
             "latency_ms": _percentiles(latencies),
             "first_second_latency_ms": _percentiles(first_second),    # cold start, measured on its own
+            # the same deliveries timed at the receiving bot's socket (the kernel's arrival stamp of the
+            # datagram that carried them): latency_ms minus this is the bot process's own queueing
+            "arrival_latency_ms": _percentiles(arrivals),
         }
         if reliable:
             out[name]["missed"] = {"expired_at_sender": expired, "reported_unrecoverable": reported,
@@ -148,6 +188,9 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         scratch = Path(scratch_dir)
         group = ProcessGroup(scratch / "procs")
         supervisor = Supervisor("mmpog-bots", logger=log)
+        budgets = cpu_budgets(params.budget, params.budget_period_us)
+        if budgets is not None:
+            group.on_start = lambda role: budgets.add(role.name, role.proc.pid)
         try:
             # ---------------------------------------------------------- reflector
             refl_http_port = free_port(socket.SOCK_STREAM)
@@ -217,7 +260,7 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
                 return t_start_box[0]
 
             workers = []
-            if params.workers == 1:
+            if params.workers == 1 and budgets is None:
                 local = supervisor.spawn(run_bots(groups[0], params, server_url, reflector_map, start_at, stop),
                                          name="bots")
                 join_waits = [supervisor.spawn(joined.wait(), name="joined", critical=False)]
@@ -263,12 +306,28 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
                 role.proc.send_signal(signal.SIGUSR1)
             say(f"playing for {params.duration:g} s at {params.rate:g} updates/s per bot "
                 f"({params.reliable_fraction:.0%} reliable, deadline {params.deadline:g} s)")
+            # each role's CPU over the play window: is a figure the protocol's, or a starved process's?
+            pids = {"reflector": reflector.proc.pid}
+            if relay_addr is not None:
+                pids["impair"] = relay_role.proc.pid
+            if boxd is not None and boxd.proc is not None:
+                pids["boxd"] = boxd.proc.pid
+            if workers:
+                pids.update({role.name: role.proc.pid for role, _ in workers})
+            else:
+                pids["bots (with the game server)"] = os.getpid()
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
                 await asyncio.sleep(max(0.0, t_start - time.monotonic()))
                 before = await _reflector_stats(http, refl_http, api_key)
+                cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                throttled_before = _throttled(budgets, [name for name in pids if name != "boxd"])
                 await asyncio.sleep(max(0.0, t_start + params.duration - time.monotonic()))
                 after = await _reflector_stats(http, refl_http, api_key)
                 elapsed = time.monotonic() - t_start
+                cpu_share = {name: round((cpu_seconds(pid) - cpu_before[name]) / elapsed, 3)
+                             for name, pid in pids.items()}
+                throttled = {name: count - throttled_before[name]
+                             for name, count in _throttled(budgets, list(throttled_before)).items()}
                 if local is not None:
                     bots, client_stats = await local
                 else:
@@ -288,6 +347,8 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
             await group.stop_all()
             if boxd is not None:
                 await boxd.stop()
+            if budgets is not None:
+                budgets.cleanup()
 
     result = {
         "players": params.players, "locations": params.locations, "duration": params.duration,
@@ -318,10 +379,15 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         "nacks_sent": sum(s.get("nacks_sent", 0) for s in client_stats),
         "moves": sum(bot.moves for bot in bots),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
+        # CPU seconds per second of play (1.0 = one core busy the whole time), per process
+        "cpu_share": cpu_share,
+        "cpu_budget": {"cores_per_role": params.budget or None, "period_us": params.budget_period_us,
+                       "throttled_periods": throttled},      # during play (0: the budget never bound)
         "srtt_ms_median": _median([s["srtt_ms"] for s in client_stats if s.get("srtt_ms") is not None]),
         "rto_ms_median": _median([s["rto_ms"] for s in client_stats if s.get("rto_ms") is not None]),
         "client_counters": {name: sum(s.get(name, 0) for s in client_stats) for name in (
-            "timeouts", "nacks_sent", "nack_retries", "gaps_from_unreliable", "duplicates", "bundles")},
+            "timeouts", "nacks_sent", "nack_retries", "gaps_from_unreliable", "duplicates", "bundles",
+            "recv_batches", "recv_datagrams", "send_errors")},
     })
     return result
 
@@ -355,7 +421,8 @@ def lossy_namespace(name: str, loss: float, port: int):
 def run_in_netns(argv_tail: list[str], loss: float, port: int) -> str:
     """Re-run this experiment inside a fresh namespace where iptables drops ``loss`` each way."""
     with lossy_namespace("mmpogbots", loss, port) as lab:
-        proc = lab.popen("game", [*python_module("tools.mmpog_experiment"), *argv_tail])
+        proc = lab.popen("game", [*python_module("tools.mmpog_experiment"), *argv_tail],
+                         env=dict(os.environ, **{PRIVATE_MOUNTS: "1"}))
         if proc.wait() != 0:
             raise RuntimeError(f"the session in namespace {lab.ns('game')} failed (status {proc.returncode})")
         return lab.ns("game")
@@ -403,6 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-rto", type=non_negative_float, default=ClientConfig().min_rto,
                         help="the clients' RTO sanity bound (s); the RTO is SRTT + max(2 ms, 4 RTTVAR) above it")
     parser.add_argument("--workers", type=positive_int, default=1, help="bot processes (spread the bots' CPU)")
+    parser.add_argument("--budget", type=non_negative_float, default=0.0,
+                        help="CPU cores per role (reflector, each bots worker, the impairing relay), each in its "
+                             "own cgroup v1 CPU group as booster-loadgen fcd does (root); 0: no budgets")
+    parser.add_argument("--budget-period-us", type=positive_int, default=10_000,
+                        help="the CFS period of the budgets (a throttled role stalls for up to one period)")
     parser.add_argument("--netns-child", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -417,7 +489,7 @@ def params_from_args(args: argparse.Namespace) -> Params:
         reliable_fraction=args.reliable_fraction, deadline=args.deadline, payload=args.payload,
         move_interval=args.move_interval, seed=args.seed, reflector_mode=args.reflector_mode, control=args.control,
         box=args.box, reflector_port=args.reflector_port, fanout=args.fanout, workers=args.workers,
-        min_rto=args.min_rto,
+        min_rto=args.min_rto, budget=args.budget, budget_period_us=args.budget_period_us,
     )
 
 
@@ -457,7 +529,7 @@ def _child_argv(args: argparse.Namespace, port: int) -> list[str]:
     argv = ["--netns-child", "--reflector-port", str(port), "--log-level", args.log_level,
             "--reflector-mode", args.reflector_mode, "--fanout", args.fanout]
     for name in ("players", "locations", "duration", "loss", "rate", "reliable_fraction", "deadline", "payload",
-                 "move_interval", "seed", "workers", "min_rto"):
+                 "move_interval", "seed", "workers", "min_rto", "budget", "budget_period_us"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.json is not None:
         argv += ["--json", str(args.json.resolve())]

@@ -28,6 +28,16 @@ async def test_bots_through_lossy_reordering_duplicating_relay():
     assert result["reliable"]["delivered_ratio"] >= 0.95
     assert result["unreliable"]["delivered_ratio"] < 1.0           # 5% loss each way is not repaired
     assert result["retransmissions"] > 0
+    assert_arrival_stamps_precede_the_game(result)
+
+
+def assert_arrival_stamps_precede_the_game(result):
+    """Every delivery is also timed at the bot's socket by the kernel, which comes first."""
+    for section in ("reliable", "unreliable"):
+        at_game, at_socket = result[section]["latency_ms"], result[section]["arrival_latency_ms"]
+        assert at_socket["p50"] is not None and at_socket["p50"] > 0
+        for q in ("p50", "p90", "p99", "max"):
+            assert at_socket[q] <= at_game[q]
     assert result["retransmissions_detail"]["by_reflector"] > 0     # receivers' NACKs were answered
     assert result["reflector"]["nacks"] > 0
     assert result["reflector_pps"] > 0
@@ -101,3 +111,4 @@ async def test_bots_in_worker_processes():
     assert result["reliable"]["missed"]["unaccounted"] == 0
     assert result["reliable"]["expected"] > 20
     assert result["moves"] > 0
+    assert_arrival_stamps_precede_the_game(result)          # the stamps survive the worker's results file

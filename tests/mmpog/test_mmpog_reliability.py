@@ -18,7 +18,7 @@ LOC = 9
 A, B, C = ("10.0.0.1", 5001), ("10.0.0.2", 5002), ("10.0.0.3", 5003)
 
 
-def make_world(players=2, profile=None, seed=1, client_config=None, reflector_config=None):
+def make_world(players=2, profile=None, seed=1, client_config=None, reflector_config=None, join_time=0.2):
     reflector = ReflectorCore(reflector_config or ReflectorConfig())
     net = SimNetwork(reflector, profile or LinkProfile(latency=0.005), seed=seed)
     endpoints = []
@@ -31,7 +31,7 @@ def make_world(players=2, profile=None, seed=1, client_config=None, reflector_co
         net.add_client(ep, addr)
         ep.connect(net.now)
         endpoints.append((ep, addr))
-    net.run_for(0.2)
+    net.run_for(join_time)
     for ep, _ in endpoints:
         assert ep.joined
     return net, endpoints
@@ -479,3 +479,29 @@ def test_nack_retry_not_backed_off_while_repairs_arrive():
     assert gaps == [pytest.approx(rto, rel=0.1), pytest.approx(rto, rel=0.1)]
     assert b.stats["nack_retries_unbacked"] == 1
     assert sorted(e.seq for e in received(net, addr_b)) == [1, 2, 3]
+
+
+def test_a_packet_whose_rto_outlasts_its_deadline_is_resent_at_the_last_useful_moment():
+    # a long path (one way 200 ms): SRTT 0.4 s, RTO clamped to 1 s = the deadline; with one RTO per
+    # try a lost packet would expire untried, so it is resent at deadline - SRTT (0.6 s) instead
+    net, [(a, addr_a), (b, addr_b)] = make_world(profile=LinkProfile(latency=0.2), join_time=1.0)
+    a.send(b"a sample", net.now)          # the first game packet's echo: the RTT sample that counts
+    net.run_for(0.5)
+    assert a.rtt.srtt == pytest.approx(0.4, rel=1e-3) and a.rtt.rto == 1.0
+    net.drop_when(lambda d, addr, h: d == UP and h.kind is wire.Kind.DATA, times=1)
+    t0 = net.now
+    lost = a.send(b"lost once", net.now, reliable=True, deadline=1.0)
+    assert a.get_timer() == pytest.approx(t0 + 0.6)
+    net.run_for(1.5)
+    [delivered] = [d for d in of_type(net, addr_a, Delivered) if d.packet_id == lost]
+    assert delivered.retransmitted and delivered.rtt == pytest.approx(0.6 + 0.4, rel=1e-3)
+    [got] = [r for r in received(net, addr_b) if r.packet_id == lost]
+    assert got.now - t0 == pytest.approx(0.6 + 0.4, rel=1e-3)       # up 0.2 s, down 0.2 s: just in time
+    assert not of_type(net, addr_a, Expired)
+
+
+def test_on_a_short_path_the_retransmission_timer_is_one_rto():
+    net, [(a, _), _] = make_world()
+    t0 = net.now
+    a.send(b"x", net.now, reliable=True, deadline=1.0)
+    assert a.get_timer() == pytest.approx(t0 + a.rtt.rto)
