@@ -48,7 +48,13 @@ Everything is learned from the reports, per road:
   report's queue, fed at the learned arrival rate (departures per second over whole cycles) and
   served during the learned green at the learned saturation flow; by Little's law the window's
   travel time is L / v + mean queue / arrival rate.  The level is scaled by that relative to the
-  road's mean over a whole cycle (Webster's uniform delay), bounded to 1/DELAY_RANGE..DELAY_RANGE.
+  road's mean over a whole cycle (Webster's uniform delay), bounded to 1/DELAY_RANGE..DELAY_RANGE,
+  to the power w.  w is chosen by the factor's own record (:meth:`Model._score_delay`): every
+  prediction of a lit road is scored once the reports cover its window, for each w in
+  DELAY_WEIGHTS (0 = no factor .. 1 = the whole factor), against the travel time the probes
+  took; the w with the least fading sum of APE over the city's lit roads wins (1 until
+  DELAY_SKILL_MIN windows were scored).  Where lights keep no schedule (actuated) the
+  extrapolated cycle is wrong and the data turn the factor down.
 
 T_r(0) is that calibrated prediction; later steps follow the structural model's relative change
 T_r(k) / T_r(0) (the structural T above, with the learned parameters and the newest state).
@@ -83,6 +89,9 @@ class Model:
     MIN_WINDOW = 30.0      # seconds of data per observation window
     MAX_TRAVERSE = 3600.0  # an observation above this (cars standing still) is capped
     DELAY_RANGE = 4.0      # the light-delay model changes a prediction by at most this factor
+    DELAY_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)   # exponents of the light-delay factor scored
+    DELAY_SKILL_MEMORY = 200.0   # scored windows: older scores fade with this count
+    DELAY_SKILL_MIN = 20         # scored windows before the best exponent replaces the prior 1
     PRIOR_WEIGHT = 1.0     # pseudo-observations of the class prior in a road's level
     RATE_BANDWIDTH = 1.0   # log-rate kernel width: windows with traffic like now's count most
 
@@ -122,6 +131,13 @@ class Model:
         self.report_queue = np.zeros(R)
         self.acc_departures = np.zeros(R)
         self.arrival_rate = np.full(R, np.nan)   # cars per second (departures over whole cycles)
+        # the light-delay factor scored against what the probes then took: per lit road its
+        # recent reports' (start, end, car-seconds, metres) and the predictions still to score
+        self.report_log: list[deque] = [deque(maxlen=64) for _ in range(R)]
+        self.to_score: list[deque] = [deque(maxlen=16) for _ in range(R)]
+        self.delay_skill = np.zeros(len(self.DELAY_WEIGHTS))     # fading sum of APE per exponent
+        self.delay_scored = 0
+        self.delay_weight = 1.0
         self.window: float | None = None      # seconds ahead a prediction covers (None: one cycle)
         self.latest_t = 0.0
         self.runs = 0
@@ -160,6 +176,7 @@ class Model:
             counts[out] = counts.get(out, 0.0) + k
         if self.lit[r]:
             self._observe_timing(r, rep, starts_green)
+            self._score_delay(r, rep)
         self._observe_travel(r, rep, starts_green)
 
     def _observe_timing(self, r: int, rep: RoadReport, starts_green: bool) -> None:
@@ -171,6 +188,32 @@ class Model:
             self.green_start[r] = rep.t
         elif rep.was_green and not rep.green and not np.isnan(started) and rep.t > started:
             self.green_r[r] = (1 - EWMA) * self.green_r[r] + EWMA * (rep.t - started)
+
+    def _score_delay(self, r: int, rep: RoadReport) -> None:
+        """Score the predictions of road r whose window the reports now cover: their level
+        times the light-delay factor to each exponent in DELAY_WEIGHTS vs the travel time the
+        probes took over the window (reports' car-seconds and metres, shared out in proportion
+        to how much of each report's interval lies in the window)."""
+        if rep.interval > 0:
+            self.report_log[r].append((rep.t - rep.interval, rep.t, rep.samples, rep.distance))
+        pending = self.to_score[r]
+        while pending and pending[0][1] <= rep.t:
+            start, end, level, factor = pending.popleft()
+            samples = distance = 0.0
+            for t0, t1, s, d in self.report_log[r]:
+                overlap = min(t1, end) - max(t0, start)
+                if overlap > 0:
+                    samples += s * overlap / (t1 - t0)
+                    distance += d * overlap / (t1 - t0)
+            if samples <= 0 or distance <= 0:
+                continue
+            travel = min(self.city.length[r] * samples / distance, self.MAX_TRAVERSE)
+            guesses = level * factor ** np.asarray(self.DELAY_WEIGHTS)
+            fade = np.exp(-1.0 / self.DELAY_SKILL_MEMORY)
+            self.delay_skill = fade * self.delay_skill + np.abs(guesses - travel) / travel
+            self.delay_scored += 1
+            if self.delay_scored >= self.DELAY_SKILL_MIN:
+                self.delay_weight = self.DELAY_WEIGHTS[int(np.argmin(self.delay_skill))]
 
     def _observe_travel(self, r: int, rep: RoadReport, starts_green: bool) -> None:
         self.acc_samples[r] += rep.samples
@@ -301,8 +344,13 @@ class Model:
         # the road's mean delay over a whole cycle
         now = self.latest_t if now is None else now
         delay_ahead, delay_mean = self.light_delay(now, self.window or self.cycle)
-        known = ~np.isnan(delay_ahead)
-        level[known] *= np.clip(delay_ahead[known] / delay_mean[known], 1 / self.DELAY_RANGE, self.DELAY_RANGE)
+        window = self.window or self.cycle
+        known = np.flatnonzero(~np.isnan(delay_ahead))
+        factor = np.clip(delay_ahead[known] / delay_mean[known], 1 / self.DELAY_RANGE, self.DELAY_RANGE)
+        for r, lev, f in zip(known.tolist(), level[known].tolist(), factor.tolist()):
+            if not self.to_score[r] or self.to_score[r][-1][0] < now:
+                self.to_score[r].append((now, now + window, lev, f))
+        level[known] *= factor ** self.delay_weight
         traverse = level * structural / np.maximum(structural[0], 1e-6)
         self.runs += 1
         return Prediction(self.runs, self.latest_t, self.cycle, n_arr, q_arr, traverse)

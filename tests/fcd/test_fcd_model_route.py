@@ -222,3 +222,23 @@ def test_level_weights_windows_with_traffic_like_now():
     assert quiet_level == pytest.approx((6 + 6 * w + 1) / (6 / 20 + 6 * w / 60 + 1 / free))
     plain = 13 / (6 / 60 + 6 / 20 + 1 / free)
     assert busy_level > plain + 10 and quiet_level < plain
+
+
+@pytest.mark.parametrize("truth, weight", [(10.0, 0.0), (20.0, 1.0), (14.0, 0.5)])
+def test_light_delay_factor_is_weighted_by_its_own_record(city, truth, weight):
+    """Every prediction of a lit road is scored once the reports cover its window: a factor of 2
+    on a level of 10 s, the probes then taking ``truth`` seconds: the exponent whose guess
+    10 x 2^w came closest over the scored windows wins (2^0.5 x 10 = 14.1)."""
+    model = Model(city)
+    road = city.lights[4].roads[0]
+    length = city.length[road]
+    for k in range(Model.DELAY_SKILL_MIN + 5):
+        start = 60.0 * k
+        model.to_score[road].append((start, start + 60.0, 10.0, 2.0))
+        # two reports covering the window: cars took ``truth`` seconds per road length
+        for t, interval in ((start + 30.0, 30.0), (start + 60.0, 30.0)):
+            model.observe(RoadReport(road, t, bool(k % 2), queue=0, cars=0, density=0.0, mean_speed=-1.0,
+                                     departures=0, interval=interval, was_green=not k % 2,
+                                     samples=5 * truth * 0.5, distance=5 * length * 0.5))
+    assert model.delay_scored == Model.DELAY_SKILL_MIN + 5
+    assert model.delay_weight == weight
