@@ -7,8 +7,12 @@ per-interval edge travel times (``edgeData``) and the routes vehicles drove
 (``--vehroute-output``).  The FCD and switches become a trace (``fcd.sumo``), are encoded as
 datagrams by the generators' code (``fcd.gen.Stream``), aggregated by ``fcd.aggregate.Ingest``
 (the code a booster box and the server run) and the reports feed ``fcd.model.Model`` as the
-server does.  All of it runs in this process, in data time (no sockets: the transport is
-tested elsewhere and loses nothing).  Compared with SUMO:
+server does.  By default all of it runs in this process, in data time; ``--through processes``
+replays through real processes over loopback instead (``fcd-gen`` -> ``boxd`` + ``fcd-booster``
+-> ``fcd-server``) and reads every road's reports back from the server's
+``/api/roads/<road>/history``.  Either way one function (:func:`predictions_from`) feeds the
+reports to the model and predicts at every interval start from the reports strictly before it.
+Compared with SUMO:
 
 - queue at every light switch, for every road the light controls: our report vs the cars in
   SUMO's queue (per lane, the vehicles within SUMO's queueing length of the lane's end);
@@ -369,30 +373,55 @@ def map_matching(city: City, probes: np.ndarray) -> dict[str, Any]:
             "in_junction_correct": float(np.mean(road[in_junction] == IN_JUNCTION)) if in_junction.any() else None}
 
 
+CONGESTION = (("free", 0.0, 1.5), ("slowed", 1.5, 5.0), ("jammed", 5.0, math.inf))   # SUMO time / free flow
+
+
+def hindsight_constant(roads: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per road, the one constant that minimises its MAPE over the whole run (the 1/y-weighted
+    median of its measured times): knows the future, so a reference for what any per-road level
+    could reach, never a prediction."""
+    out = np.empty_like(truth)
+    for road in np.unique(roads):
+        k = np.flatnonzero(roads == road)
+        y = truth[k]
+        order = np.argsort(y)
+        weight = np.cumsum(1.0 / y[order])
+        out[k] = y[order][np.searchsorted(weight, weight[-1] / 2)]
+    return out
+
+
 def compare_traverse(city: City, edges: list[tuple], predictions: dict[float, np.ndarray],
                      warmup: float) -> dict[str, Any]:
     free = city.length / city.speed
     last: dict[int, float] = {}
-    rows = []     # (model, free, persistence, truth, lit)
+    rows = []     # (model, free, persistence, truth, lit, road)
     for begin, end, road, travel, sampled in sorted(edges):
         if begin >= warmup and begin in predictions and travel > 0:
             rows.append((predictions[begin][road], free[road], last.get(road, free[road]), travel,
-                         city.exit_light[road] >= 0))
+                         city.exit_light[road] >= 0, road))
         last[road] = travel
     if not rows:
         return {"n": 0}
     a = np.array(rows, dtype=float)
+    total_ape = float((np.abs(a[:, 0] - a[:, 3]) / a[:, 3]).sum())
+    congestion = a[:, 3] / a[:, 1]
+    subsets = [("all", np.ones(len(a), bool)), ("light-controlled", a[:, 4] > 0), ("other", a[:, 4] == 0)]
+    subsets += [(f"congestion {name} (SUMO time / free flow {lo:g}-{hi:g})", (congestion >= lo) & (congestion < hi))
+                for name, lo, hi in CONGESTION]
     out: dict[str, Any] = {"n": len(a)}
-    for subset, mask in (("all", np.ones(len(a), bool)), ("light-controlled", a[:, 4] > 0),
-                         ("other", a[:, 4] == 0)):
+    for subset, mask in subsets:
         if not mask.any():
             continue
         b = a[mask]
         res = {"n": int(mask.sum()), "model": _ape(b[:, 0], b[:, 3]), "free_flow": _ape(b[:, 1], b[:, 3]),
-               "persistence": _ape(b[:, 2], b[:, 3])}
+               "persistence": _ape(b[:, 2], b[:, 3]),
+               "share_of_model_error": float((np.abs(b[:, 0] - b[:, 3]) / b[:, 3]).sum() / total_ape)}
         res["model_vs_free_flow"] = res["model"]["mape"] / res["free_flow"]["mape"]
         res["model_vs_persistence"] = res["model"]["mape"] / res["persistence"]["mape"]
         out[subset] = res
+    reference = hindsight_constant(a[:, 5].astype(np.int64), a[:, 3])
+    out["hindsight_constant_per_road"] = {**_ape(reference, a[:, 3]),
+                                          "vs_free_flow": _ape(reference, a[:, 3])["mape"] / out["all"]["free_flow"]["mape"]}
     return out
 
 
@@ -603,7 +632,9 @@ def summary_line(res: dict[str, Any]) -> str:
     r = res["routes"]
     ok = all(res["targets"].values())
     traverse = (f"traverse MAPE model {t['model']['mape']:.3f} free-flow {t['free_flow']['mape']:.3f} "
-                f"persistence {t['persistence']['mape']:.3f}" if t else "no traverse data")
+                f"persistence {t['persistence']['mape']:.3f} (x{t['model_vs_free_flow']:.2f} free flow, "
+                f"x{t['model_vs_persistence']:.2f} persistence; hindsight constant per road "
+                f"x{res['traverse']['hindsight_constant_per_road']['vs_free_flow']:.2f})" if t else "no traverse data")
     route = (f"own-route MAPE {r['own_route_model']['mape']:.3f} (free-flow {r['own_route_free_flow']['mape']:.3f})"
              if r.get("n") else "no trips")
     m = res["map_matching"]
