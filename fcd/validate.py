@@ -231,16 +231,20 @@ def predictions_from(city: City, reports: list[Any], boundaries: list[float],
 
 def replay(trace: Trace, boundaries: list[float], batch: int = 2048, window: float | None = None) -> Replay:
     """In this process: trace -> datagrams (generators' encoding) -> Ingest (box / server
-    aggregation) in ``batch``-datagram batches -> reports -> model predictions."""
+    aggregation) in ``batch``-datagram batches -> reports -> model predictions.  A batch never
+    spans a boundary: the aggregation counts all of a batch's probes into the reports due inside
+    it, so a report before a boundary holds no data from after it."""
     from fcd.aggregate import Ingest
     from fcd.gen import Stream
     city = trace.city
     stream = Stream(trace, None, 1)
     ingest = Ingest(city)
     reports: list[Any] = []
+    cuts = np.searchsorted(stream.t, sorted(boundaries), side="left")
+    edges = sorted(set(range(0, len(stream), batch)) | {int(c) for c in cuts} | {len(stream)})
     seq = 0
-    for start in range(0, len(stream), batch):
-        datagrams = stream.encode(start, min(start + batch, len(stream)), 1, seq, 0)
+    for start, stop in zip(edges, edges[1:]):
+        datagrams = stream.encode(start, stop, 1, seq, 0)
         seq += len(datagrams)
         reports.extend(ingest.ingest(datagrams))
     stats = {"path": "in-process", "ingest": dict(ingest.stats), "aggregator": dict(ingest.aggregator.stats),
