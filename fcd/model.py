@@ -92,7 +92,8 @@ class Model:
     DELAY_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)   # exponents of the light-delay factor scored
     DELAY_SKILL_MEMORY = 200.0   # scored windows: older scores fade with this count
     DELAY_SKILL_MIN = 20         # scored windows before the best exponent replaces the prior 1
-    PRIOR_WEIGHT = 1.0     # pseudo-observations of the class prior in a road's level
+    PRIOR_WEIGHT = 1.0     # pseudo-observations of the free-flow time in a road's level
+    DELAY_LOOKBACK = 300.0 # seconds: an older report's queue starts the point queue no earlier
     RATE_BANDWIDTH = 1.0   # log-rate kernel width: windows with traffic like now's count most
 
     def __init__(self, city: City, turn_prior: float = 1.0) -> None:
@@ -281,7 +282,7 @@ class Model:
 
     def calibrated(self) -> np.ndarray:
         """Per road: harmonic mean of its observed travel times, weighted by how close each
-        window's traffic (car-seconds per second) was to the newest window's, and the class
+        window's traffic (car-seconds per second) was to the newest window's, and its
         free-flow time (PRIOR_WEIGHT pseudo-observations; alone where nothing was observed yet)."""
         out = self.city.length / self.city.speed
         for r, hist in enumerate(self.history):
@@ -316,7 +317,8 @@ class Model:
         C = self.cycle_r[roads]
         g = np.clip(self.green_r[roads], 1.0, C)
         drive = self.city.length[roads] / np.maximum(self.v[roads], 0.5)
-        start = np.minimum(self.report_t[roads], now)
+        # from the newest report on (a road silent for long: from DELAY_LOOKBACK before now)
+        start = np.clip(self.report_t[roads], now - self.DELAY_LOOKBACK, now)
         steps = int(np.ceil(now + window - start.min()))
         q = self.report_queue[roads].astype(float)
         total = np.zeros(len(roads))

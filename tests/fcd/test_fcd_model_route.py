@@ -200,6 +200,10 @@ def test_light_delay_follows_the_queue_through_the_cycle(city):
     assert drained[road] == pytest.approx(drive + 2.0 / 0.1, abs=0.5)
     # roads without a light or without a learned arrival rate have no light delay
     assert np.isnan(red_ahead[~model.lit]).all()
+    # a report from long ago starts the queue DELAY_LOOKBACK before now (not a day of steps)
+    model.report_t[road], model.report_queue[road] = -86_400.0, 0.0
+    stale, _ = model.light_delay(30.0, 30.0)
+    assert stale[road] == pytest.approx(red_ahead[road], abs=0.1)
 
 
 def test_level_weights_windows_with_traffic_like_now():
