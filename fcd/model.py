@@ -35,15 +35,26 @@ Everything is learned from the reports, per road:
 - traverse time calibrated against what the probes took: the reports' car-seconds and metres on
   each road give its observed travel time (length x car-seconds / metres, SUMO's edgeData
   definition) over windows of whole light cycles (at least MIN_WINDOW seconds; roads without a
-  light: every report).  A road's level is the harmonic mean of its last HISTORY observations
-  and its free-flow time (one pseudo-observation; alone before any observation).  The harmonic
-  mean, not the arithmetic one, because a travel time's error is judged relative to the time
-  itself (MAPE): the predictor minimising it sits below the mean of a skewed distribution, and
-  a road's travel times are skewed (a car through on green, a car that waited a whole red).
-- where in its light cycle the coming window falls (``window`` seconds, one cycle by default):
-  per light-controlled road, car-seconds and metres are kept by position in the learned cycle
-  (BINS bins, fading with PROFILE_MEMORY); the level is scaled by the window's travel time
-  relative to a whole cycle's (bounded to 1/PROFILE_RANGE..PROFILE_RANGE).
+  light: every report), each with its traffic (car-seconds per second).  A road's level is the
+  harmonic mean of its last HISTORY observations, each weighted by how close its traffic was to
+  the newest window's (a Gaussian kernel in log traffic, RATE_BANDWIDTH wide: a busy road is
+  predicted from its busy windows), and its free-flow time (PRIOR_WEIGHT pseudo-observations;
+  alone before any observation).  The harmonic mean, not the arithmetic one, because a travel
+  time's error is judged relative to the time itself (MAPE): the predictor minimising it sits
+  below the mean of a skewed distribution, and a road's travel times are skewed (a car through
+  on green, a car that waited a whole red).
+- the light delay of the coming window (``window`` seconds, one cycle by default), per
+  light-controlled road (:meth:`Model.light_delay`): a point queue at the light from the newest
+  report's queue, fed at the learned arrival rate (departures per second over whole cycles) and
+  served during the learned green at the learned saturation flow; by Little's law the window's
+  travel time is L / v + mean queue / arrival rate.  The level is scaled by that relative to the
+  road's mean over a whole cycle (Webster's uniform delay), bounded to 1/DELAY_RANGE..DELAY_RANGE,
+  to the power w.  w is chosen by the factor's own record (:meth:`Model._score_delay`): every
+  prediction of a lit road is scored once the reports cover its window, for each w in
+  DELAY_WEIGHTS (0 = no factor .. 1 = the whole factor), against the travel time the probes
+  took; the w with the least fading sum of APE over the city's lit roads wins (1 until
+  DELAY_SKILL_MIN windows were scored).  Where lights keep no schedule (actuated) the
+  extrapolated cycle is wrong and the data turn the factor down.
 
 T_r(0) is that calibrated prediction; later steps follow the structural model's relative change
 T_r(k) / T_r(0) (the structural T above, with the learned parameters and the newest state).
@@ -77,9 +88,13 @@ class Model:
     HISTORY = 16           # observed travel-time windows kept per road
     MIN_WINDOW = 30.0      # seconds of data per observation window
     MAX_TRAVERSE = 3600.0  # an observation above this (cars standing still) is capped
-    BINS = 8               # positions in the light cycle the travel-time profile tells apart
-    PROFILE_MEMORY = 600.0 # seconds: older observations fade with this time constant
-    PROFILE_RANGE = 4.0    # the cycle position changes a prediction by at most this factor
+    DELAY_RANGE = 4.0      # the light-delay model changes a prediction by at most this factor
+    DELAY_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)   # exponents of the light-delay factor scored
+    DELAY_SKILL_MEMORY = 200.0   # scored windows: older scores fade with this count
+    DELAY_SKILL_MIN = 20         # scored windows before the best exponent replaces the prior 1
+    PRIOR_WEIGHT = 1.0     # pseudo-observations of the free-flow time in a road's level
+    DELAY_LOOKBACK = 300.0 # seconds: an older report's queue starts the point queue no earlier
+    RATE_BANDWIDTH = 1.0   # log-rate kernel width: windows with traffic like now's count most
 
     def __init__(self, city: City, turn_prior: float = 1.0) -> None:
         self.city = city
@@ -110,9 +125,20 @@ class Model:
         self.acc_samples = np.zeros(R)
         self.acc_distance = np.zeros(R)
         self.acc_span = np.zeros(R)
-        self.history: list[deque] = [deque(maxlen=self.HISTORY) for _ in range(R)]
-        # per lit road: car-seconds, metres and observed seconds by position in the light cycle
-        self.profile = np.zeros((R, 3, self.BINS))
+        self.history: list[deque] = [deque(maxlen=self.HISTORY) for _ in range(R)]   # (travel s, car-s per s)
+        self.last_rate = np.zeros(R)       # car-seconds per second in the newest completed window
+        # the light-delay model's state: the newest report of each road and its arrival rate
+        self.report_t = np.full(R, np.nan)
+        self.report_queue = np.zeros(R)
+        self.acc_departures = np.zeros(R)
+        self.arrival_rate = np.full(R, np.nan)   # cars per second (departures over whole cycles)
+        # the light-delay factor scored against what the probes then took: per lit road its
+        # recent reports' (start, end, car-seconds, metres) and the predictions still to score
+        self.report_log: list[deque] = [deque(maxlen=64) for _ in range(R)]
+        self.to_score: list[deque] = [deque(maxlen=16) for _ in range(R)]
+        self.delay_skill = np.zeros(len(self.DELAY_WEIGHTS))     # fading sum of APE per exponent
+        self.delay_scored = 0
+        self.delay_weight = 1.0
         self.window: float | None = None      # seconds ahead a prediction covers (None: one cycle)
         self.latest_t = 0.0
         self.runs = 0
@@ -133,6 +159,8 @@ class Model:
             # the state is sampled where the cycle starts for this road: at the start of its green
             self.n[r], self.q[r], self.updated[r] = rep.cars, rep.queue, rep.t
         self.latest_t = max(self.latest_t, rep.t)
+        if rep.t >= np.nan_to_num(self.report_t[r], nan=-np.inf):
+            self.report_t[r], self.report_queue[r] = rep.t, rep.queue
         if rep.mean_speed > 0:
             self.v[r] = (1 - EWMA) * self.v[r] + EWMA * max(rep.mean_speed, 0.5)
         if rep.was_green and rep.interval > 0 and rep.departures > 0:
@@ -148,39 +176,9 @@ class Model:
         for out, k in rep.turns.items():
             counts[out] = counts.get(out, 0.0) + k
         if self.lit[r]:
-            self._observe_profile(r, rep)
             self._observe_timing(r, rep, starts_green)
+            self._score_delay(r, rep)
         self._observe_travel(r, rep, starts_green)
-
-    def _phase_bins(self, r: int, start: float, stop: float) -> np.ndarray:
-        """Cycle-position bin of every second in [start, stop) for road r."""
-        seconds = np.arange(start, stop, 1.0) + 0.5
-        pos = ((seconds - self.green_start[r]) % self.cycle_r[r]) / self.cycle_r[r]
-        return np.minimum((pos * self.BINS).astype(np.int64), self.BINS - 1)
-
-    def _observe_profile(self, r: int, rep: RoadReport) -> None:
-        if np.isnan(self.green_start[r]) or rep.interval <= 0 or rep.t - rep.interval < self.green_start[r]:
-            return
-        self.profile[r] *= np.exp(-rep.interval / self.PROFILE_MEMORY)
-        bins = self._phase_bins(r, rep.t - rep.interval, rep.t)
-        if not len(bins):
-            return
-        share = 1.0 / len(bins)
-        np.add.at(self.profile[r, 0], bins, rep.samples * share)
-        np.add.at(self.profile[r, 1], bins, rep.distance * share)
-        np.add.at(self.profile[r, 2], bins, rep.interval * share)
-
-    def _profiled(self, r: int, now: float, window: float) -> float | None:
-        """Travel time over [now, now + window) from the cycle profile of road r."""
-        prof = self.profile[r]
-        if np.isnan(self.green_start[r]) or (prof[2] < self.MIN_WINDOW / self.BINS).any():
-            return None
-        bins = self._phase_bins(r, now, now + window)
-        samples = (prof[0] / prof[2])[bins].sum()
-        distance = (prof[1] / prof[2])[bins].sum()
-        if samples <= 0:
-            return None
-        return min(self.city.length[r] * samples / max(distance, 1e-9), self.MAX_TRAVERSE)
 
     def _observe_timing(self, r: int, rep: RoadReport, starts_green: bool) -> None:
         started = self.green_start[r]
@@ -192,8 +190,35 @@ class Model:
         elif rep.was_green and not rep.green and not np.isnan(started) and rep.t > started:
             self.green_r[r] = (1 - EWMA) * self.green_r[r] + EWMA * (rep.t - started)
 
+    def _score_delay(self, r: int, rep: RoadReport) -> None:
+        """Score the predictions of road r whose window the reports now cover: their level
+        times the light-delay factor to each exponent in DELAY_WEIGHTS vs the travel time the
+        probes took over the window (reports' car-seconds and metres, shared out in proportion
+        to how much of each report's interval lies in the window)."""
+        if rep.interval > 0:
+            self.report_log[r].append((rep.t - rep.interval, rep.t, rep.samples, rep.distance))
+        pending = self.to_score[r]
+        while pending and pending[0][1] <= rep.t:
+            start, end, level, factor = pending.popleft()
+            samples = distance = 0.0
+            for t0, t1, s, d in self.report_log[r]:
+                overlap = min(t1, end) - max(t0, start)
+                if overlap > 0:
+                    samples += s * overlap / (t1 - t0)
+                    distance += d * overlap / (t1 - t0)
+            if samples <= 0 or distance <= 0:
+                continue
+            travel = min(self.city.length[r] * samples / distance, self.MAX_TRAVERSE)
+            guesses = level * factor ** np.asarray(self.DELAY_WEIGHTS)
+            fade = np.exp(-1.0 / self.DELAY_SKILL_MEMORY)
+            self.delay_skill = fade * self.delay_skill + np.abs(guesses - travel) / travel
+            self.delay_scored += 1
+            if self.delay_scored >= self.DELAY_SKILL_MIN:
+                self.delay_weight = self.DELAY_WEIGHTS[int(np.argmin(self.delay_skill))]
+
     def _observe_travel(self, r: int, rep: RoadReport, starts_green: bool) -> None:
         self.acc_samples[r] += rep.samples
+        self.acc_departures[r] += rep.departures
         self.acc_distance[r] += rep.distance
         self.acc_span[r] += rep.interval
         span = self.acc_span[r]
@@ -202,9 +227,16 @@ class Model:
             return
         if self.acc_samples[r] > 0:
             length = self.city.length[r]
-            travel = length * self.acc_samples[r] / max(self.acc_distance[r], 1e-9)
-            self.history[r].append(min(travel, self.MAX_TRAVERSE))
-        self.acc_samples[r] = self.acc_distance[r] = self.acc_span[r] = 0.0
+            travel = min(length * self.acc_samples[r] / max(self.acc_distance[r], 1e-9), self.MAX_TRAVERSE)
+            rate = self.acc_samples[r] / span
+            self.history[r].append((travel, rate))
+            self.last_rate[r] = rate
+        else:
+            self.last_rate[r] = 0.0
+        rate = self.acc_departures[r] / span
+        old = self.arrival_rate[r]
+        self.arrival_rate[r] = rate if np.isnan(old) else (1 - EWMA) * old + EWMA * rate
+        self.acc_samples[r] = self.acc_distance[r] = self.acc_span[r] = self.acc_departures[r] = 0.0
 
     def turn_probabilities(self, road: int) -> dict[int, float]:
         prior = self.city.turn_probs[road]
@@ -249,28 +281,78 @@ class Model:
         return n_arr, q_arr, c.length / self.v + wait
 
     def calibrated(self) -> np.ndarray:
-        """Per road: harmonic mean of its observed travel times and the free-flow time (one
-        pseudo-observation; alone where nothing was observed yet)."""
+        """Per road: harmonic mean of its observed travel times, weighted by how close each
+        window's traffic (car-seconds per second) was to the newest window's, and its
+        free-flow time (PRIOR_WEIGHT pseudo-observations; alone where nothing was observed yet)."""
         out = self.city.length / self.city.speed
         for r, hist in enumerate(self.history):
             if hist:
-                values = np.fromiter(hist, dtype=np.float64, count=len(hist))
-                inv = (1.0 / np.maximum(values, 1e-3)).sum() + 1.0 / max(out[r], 1e-3)
-                out[r] = (len(values) + 1) / inv
+                values = np.array(hist, dtype=np.float64)
+                travel, rate = values[:, 0], values[:, 1]
+                gap = np.log((rate + 0.05) / (self.last_rate[r] + 0.05)) / self.RATE_BANDWIDTH
+                w = np.exp(-0.5 * gap * gap)
+                inv = (w / np.maximum(travel, 1e-3)).sum() + self.PRIOR_WEIGHT / max(out[r], 1e-3)
+                out[r] = (w.sum() + self.PRIOR_WEIGHT) / inv
         return out
+
+    def light_delay(self, now: float, window: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per lit road with a learned timing and arrival rate: (travel time over [now, now +
+        window), its mean over a whole cycle); NaN elsewhere.
+
+        A point queue at the light, from the newest report's queue on: cars reach the light at the
+        learned arrival rate lam, leave during the learned green at the learned saturation flow
+        mu.  By Little's law the travel time over the window is the driving time L / v plus the
+        mean queue over the window / lam.  The whole-cycle mean is Webster's uniform delay
+        C (1 - g/C)^2 / (2 (1 - x g/C)), x = lam C / (mu g) the degree of saturation (< 0.95)."""
+        R = self.city.n_roads
+        ahead = np.full(R, np.nan)
+        mean = np.full(R, np.nan)
+        ok = (self.lit & ~np.isnan(self.green_start) & ~np.isnan(self.report_t) & ~np.isnan(self.arrival_rate)
+              & (self.cycle_r > 0))
+        roads = np.flatnonzero(ok)
+        if not len(roads):
+            return ahead, mean
+        lam = np.maximum(self.arrival_rate[roads], 1e-3)
+        mu = np.maximum(self.mu[roads], 1e-3)
+        C = self.cycle_r[roads]
+        g = np.clip(self.green_r[roads], 1.0, C)
+        drive = self.city.length[roads] / np.maximum(self.v[roads], 0.5)
+        # from the newest report on (a road silent for long: from DELAY_LOOKBACK before now)
+        start = np.clip(self.report_t[roads], now - self.DELAY_LOOKBACK, now)
+        steps = int(np.ceil(now + window - start.min()))
+        q = self.report_queue[roads].astype(float)
+        total = np.zeros(len(roads))
+        counted = np.zeros(len(roads))
+        for k in range(steps):
+            t = start.min() + k + 0.5
+            active = t >= start
+            green = ((t - self.green_start[roads]) % C) < g
+            before = q
+            q = np.where(active, np.maximum(q + lam - np.where(green, mu, 0.0), 0.0), q)
+            inside = active & (t >= now) & (t < now + window)
+            total += np.where(inside, (before + q) / 2, 0.0)     # this second's mean queue
+            counted += inside
+        ahead[roads] = drive + total / np.maximum(counted, 1.0) / lam
+        red = 1.0 - g / C
+        x = np.minimum(lam * C / (mu * g), 0.95)
+        mean[roads] = drive + C * red * red / (2.0 * (1.0 - x * g / C))
+        return ahead, mean
 
     def predict(self, horizon: int = 5, now: float | None = None) -> Prediction:
         self._timing()
         n_arr, q_arr, structural = self.structural(horizon)
         level = self.calibrated()
-        # where in its light cycle the coming window falls: its profile relative to a whole cycle
+        # the coming window's light delay (queue now, where in the cycle it falls) relative to
+        # the road's mean delay over a whole cycle
         now = self.latest_t if now is None else now
+        delay_ahead, delay_mean = self.light_delay(now, self.window or self.cycle)
         window = self.window or self.cycle
-        for r in np.flatnonzero(self.lit).tolist():
-            ahead = self._profiled(r, now, window)
-            if ahead is not None:
-                whole = self._profiled(r, now, self.cycle_r[r])
-                level[r] *= float(np.clip(ahead / whole, 1 / self.PROFILE_RANGE, self.PROFILE_RANGE))
+        known = np.flatnonzero(~np.isnan(delay_ahead))
+        factor = np.clip(delay_ahead[known] / delay_mean[known], 1 / self.DELAY_RANGE, self.DELAY_RANGE)
+        for r, lev, f in zip(known.tolist(), level[known].tolist(), factor.tolist()):
+            if not self.to_score[r] or self.to_score[r][-1][0] < now:
+                self.to_score[r].append((now, now + window, lev, f))
+        level[known] *= factor ** self.delay_weight
         traverse = level * structural / np.maximum(structural[0], 1e-6)
         self.runs += 1
         return Prediction(self.runs, self.latest_t, self.cycle, n_arr, q_arr, traverse)

@@ -6,12 +6,18 @@ networkx (Dijkstra on the junction graph, a road weighted by its predicted trave
 ``horizon`` cycles ahead; roads without a prediction use free-flow time).  Only roads the
 vehicle class may use (``--vclass``, cars by default) are ever part of a route.  Prints the route with
 its predicted time; ``--every`` keeps re-planning as new predictions arrive.
+
+The connection is not assumed to last: the tuplespace closes idle connections (its
+``--idle-timeout``, 300 s) and may restart.  A request that fails for want of a connection is
+retried on a new one (backoff 0.2 s doubling to 5 s, counted in the stats as ``reconnects``)
+for up to ``--reconnect-for`` seconds, then fcd-route exits 1 naming the tuplespace.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +88,59 @@ def shortest_route(city: City, times: dict[int, float], src: str, dst: str, run:
     return Route(path, roads, seconds, run, sum(1 for r in roads if r in times))
 
 
+class Reconnecting:
+    """fcd-route's tuplespace connection: every request runs on a live connection, made anew
+    when the server closed the old one (idle timeout, restart)."""
+
+    FIRST_BACKOFF = 0.2
+    MAX_BACKOFF = 5.0
+
+    def __init__(self, address: str, retry_for: float, stop: asyncio.Event, stats) -> None:
+        self.address = address
+        self.retry_for = retry_for
+        self.stop = stop
+        self.stats = stats
+        self.space = None
+
+    async def open(self) -> None:
+        from fcd.tuplespace import connect
+        self.space = await connect(self.address)
+
+    async def close(self) -> None:
+        if self.space is not None:
+            space, self.space = self.space, None
+            await space.close()
+
+    async def call(self, request):
+        """``await request(space)``, on a new connection if the current one is gone."""
+        from fcd.tuplespace import TupleSpaceError
+        deadline = None
+        backoff = self.FIRST_BACKOFF
+        while True:
+            try:
+                if self.space is None:
+                    await self.open()
+                    self.stats["reconnects"] += 1
+                    log.info("reconnected to the tuplespace at %s", self.address)
+                return await request(self.space)
+            except (TupleSpaceError, OSError) as exc:
+                # a request the server refused on a live connection fails the same way anew and
+                # ends with the deadline; a closed connection is what a new one cures
+                await self.close()
+                now = time.monotonic()
+                deadline = now + self.retry_for if deadline is None else deadline
+                if now >= deadline or self.stop.is_set():
+                    raise TupleSpaceError(f"tuplespace at {self.address} unusable for "
+                                          f"{self.retry_for:g} s: {exc}") from None
+                log.warning("tuplespace at %s: %s; reconnecting in %.1f s", self.address, exc, backoff)
+                self.stats["connection_losses"] += 1
+                try:
+                    await asyncio.wait_for(self.stop.wait(), min(backoff, deadline - now))
+                except asyncio.TimeoutError:
+                    pass
+                backoff = min(2 * backoff, self.MAX_BACKOFF)
+
+
 async def plan(space, city: City, src: str, dst: str, horizon: int = 0, vclasses: int = CAR) -> Route:
     tuples = await space.rd_all(TRAVERSE_TEMPLATE, limit=10 * city.n_roads + 100)
     times, run = latest_times(tuples, horizon)
@@ -104,24 +163,28 @@ def build_parser():
                    help="seconds to wait for a first prediction run")
     p.add_argument("--every", type=non_negative_float, default=0.0, help="re-plan every N seconds (0: once)")
     p.add_argument("--count", type=positive_int, default=None, help="stop after this many plans")
+    p.add_argument("--reconnect-for", type=non_negative_float, default=60.0,
+                   help="seconds to keep reconnecting to a tuplespace that closed the connection or went away")
     return p
 
 
 async def amain(args, ctx) -> int:
-    from fcd.tuplespace import connect
+    from fcd.tuplespace import TupleSpaceError
     city = load_city(args.city)
     if args.src not in city.graph or args.dst not in city.graph:
         raise ConfigError(f"unknown junction: {args.src if args.src not in city.graph else args.dst}")
+    session = Reconnecting(args.tuplespace, args.reconnect_for, ctx.stop, ctx.stats)
     try:
-        space = await connect(args.tuplespace)
+        await session.open()
     except OSError as exc:
         raise ConfigError(f"cannot reach the tuplespace at {args.tuplespace}: {exc.strerror}") from None
     try:
-        if await space.rd(("fcd.run", int, float, float), timeout=args.wait) is None:
+        first = await session.call(lambda space: space.rd(("fcd.run", int, float, float), timeout=args.wait))
+        if first is None:
             print(f"fcd-route: no prediction within {args.wait:.0f} s; using free-flow times", flush=True)
         plans = 0
         while not ctx.stop.is_set():
-            route = await plan(space, city, args.src, args.dst, args.horizon, args.vclass)
+            route = await session.call(lambda space: plan(space, city, args.src, args.dst, args.horizon, args.vclass))
             print(route.describe(), flush=True)
             ctx.stats["plans"] += 1
             ctx.stats["last_seconds"] = round(route.seconds, 2)
@@ -132,8 +195,11 @@ async def amain(args, ctx) -> int:
                 await asyncio.wait_for(ctx.stop.wait(), args.every)
             except asyncio.TimeoutError:
                 pass
+    except TupleSpaceError as exc:
+        print(f"fcd-route: {exc}", flush=True)
+        return 1
     finally:
-        await space.close()
+        await session.close()
     return 0
 
 

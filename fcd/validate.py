@@ -7,8 +7,12 @@ per-interval edge travel times (``edgeData``) and the routes vehicles drove
 (``--vehroute-output``).  The FCD and switches become a trace (``fcd.sumo``), are encoded as
 datagrams by the generators' code (``fcd.gen.Stream``), aggregated by ``fcd.aggregate.Ingest``
 (the code a booster box and the server run) and the reports feed ``fcd.model.Model`` as the
-server does.  All of it runs in this process, in data time (no sockets: the transport is
-tested elsewhere and loses nothing).  Compared with SUMO:
+server does.  By default all of it runs in this process, in data time; ``--through processes``
+replays through real processes over loopback instead (``fcd-gen`` -> ``boxd`` + ``fcd-booster``
+-> ``fcd-server``) and reads every road's reports back from the server's
+``/api/roads/<road>/history``.  Either way one function (:func:`predictions_from`) feeds the
+reports to the model and predicts at every interval start from the reports strictly before it.
+Compared with SUMO:
 
 - queue at every light switch, for every road the light controls: our report vs the cars in
   SUMO's queue (per lane, the vehicles within SUMO's queueing length of the lane's end);
@@ -204,39 +208,106 @@ def predict_traverse(model, now: float) -> np.ndarray:
     return model.predict(1, now=now).traverse[0]
 
 
+def predictions_from(city: City, reports: list[Any], boundaries: list[float],
+                     window: float | None = None) -> dict[float, np.ndarray]:
+    """The model fed the reports in data-time order (then by road); at every boundary its
+    prediction from the reports strictly before it (no report at or after the boundary is seen:
+    no leakage).  Both replays score their reports with this one function."""
+    from fcd.model import Model
+    model = Model(city)
+    model.window = window
+    ordered = sorted(reports, key=lambda rep: (rep.t, rep.road))
+    times = np.array([rep.t for rep in ordered])
+    predictions: dict[float, np.ndarray] = {}
+    fed = 0
+    for boundary in sorted(boundaries):
+        upto = int(np.searchsorted(times, boundary, side="left"))
+        for rep in ordered[fed:upto]:
+            model.observe(rep)
+        fed = max(fed, upto)
+        predictions[boundary] = predict_traverse(model, boundary)
+    return predictions
+
+
 def replay(trace: Trace, boundaries: list[float], batch: int = 2048, window: float | None = None) -> Replay:
-    """Trace -> datagrams (generators' encoding) -> Ingest (box / server aggregation) -> Model,
-    with a prediction at every boundary, from the data up to it."""
+    """In this process: trace -> datagrams (generators' encoding) -> Ingest (box / server
+    aggregation) in ``batch``-datagram batches -> reports -> model predictions.  A batch never
+    spans a boundary: the aggregation counts all of a batch's probes into the reports due inside
+    it, so a report before a boundary holds no data from after it."""
     from fcd.aggregate import Ingest
     from fcd.gen import Stream
-    from fcd.model import Model
     city = trace.city
     stream = Stream(trace, None, 1)
     ingest = Ingest(city)
-    model = Model(city)
-    model.window = window
     reports: list[Any] = []
-    predictions: dict[float, np.ndarray] = {}
-    pending = sorted(boundaries)
-    k = 0
-    cuts = np.searchsorted(stream.t, pending, side="left")
-    edges = sorted(set(range(0, len(stream), batch)) | set(int(c) for c in cuts) | {len(stream)})
+    cuts = np.searchsorted(stream.t, sorted(boundaries), side="left")
+    edges = sorted(set(range(0, len(stream), batch)) | {int(c) for c in cuts} | {len(stream)})
     seq = 0
     for start, stop in zip(edges, edges[1:]):
-        while k < len(pending) and cuts[k] <= start:
-            predictions[pending[k]] = predict_traverse(model, pending[k])
-            k += 1
         datagrams = stream.encode(start, stop, 1, seq, 0)
         seq += len(datagrams)
-        for rep in ingest.ingest(datagrams):
-            model.observe(rep)
-            reports.append(rep)
-    while k < len(pending):
-        predictions[pending[k]] = predict_traverse(model, pending[k])
-        k += 1
-    stats = {"ingest": dict(ingest.stats), "aggregator": dict(ingest.aggregator.stats),
+        reports.extend(ingest.ingest(datagrams))
+    stats = {"path": "in-process", "ingest": dict(ingest.stats), "aggregator": dict(ingest.aggregator.stats),
              "lost": ingest.seq.snapshot()["lost"]}
-    return Replay(reports, predictions, stats)
+    return Replay(reports, predictions_from(city, reports, boundaries, window), stats)
+
+
+HISTORY_DEPTH = 100_000    # reports kept per road by the validation's server: all of a run
+
+
+def replay_processes(trace: Trace, boundaries: list[float], workdir: Path, window: float | None = None,
+                     speed: float = 20.0) -> Replay:
+    """Through real processes over loopback: the trace saved, ``fcd-gen`` sends it at ``speed``x
+    to a box (``boxd --engine user`` + ``fcd-booster``) in front of ``fcd-server``; once the
+    server has every datagram the box took, every road's reports are read back over HTTP
+    (``/api/roads/<road>/history``, what ``fcd.history`` returns over XML-RPC) and scored like
+    the in-process replay's.  The aggregation runs in data time, so the speed changes nothing
+    but the wall time."""
+    import asyncio
+    return asyncio.run(_replay_processes(trace, sorted(boundaries), Path(workdir), window, speed))
+
+
+async def _replay_processes(trace: Trace, boundaries: list[float], workdir: Path, window: float | None,
+                            speed: float) -> Replay:
+    import asyncio
+    import tempfile
+    from fcd.aggregate import RoadReport
+    from fcd.demo import _settled
+    from fcd.stack import Stack, free_port, run_gen_async
+    workdir.mkdir(parents=True, exist_ok=True)
+    trace_path = workdir / "trace.npz"
+    trace.save(trace_path)
+    city = Trace.load(trace_path).city          # the city as the processes see it
+    udp, http, box_port = free_port(2), free_port(), free_port(2)
+    stack = Stack(workdir / "roles")
+    sockets = Path(tempfile.mkdtemp(prefix="fcdv-"))    # boxd's control socket: AF_UNIX paths are short
+    try:
+        server = stack.server(trace_path, udp, http, None, ["--history", str(HISTORY_DEPTH)])
+        await stack.wait_ready(server, timeout=120)
+        await stack.box("box1", trace_path, box_port, udp, http, control=sockets / "box1.sock")
+        gen = await run_gen_async(trace_path, [("127.0.0.1", box_port)], ["--speed", f"{speed:g}"])
+        status = await _settled(http, gen["sent"], timeout=120)
+
+        def history(road: int) -> list[dict]:
+            import urllib.request
+            url = f"http://127.0.0.1:{http}/api/roads/{road}/history?limit={HISTORY_DEPTH}"
+            with urllib.request.urlopen(url, timeout=30) as resp:
+                return json.loads(resp.read())["reports"]
+
+        reports = []
+        for road in range(city.n_roads):
+            for data in await asyncio.to_thread(history, road):
+                data.pop("source", None)
+                reports.append(RoadReport.from_xmlrpc(data, city.n_roads))
+    finally:
+        await stack.stop_all()
+        shutil.rmtree(sockets, ignore_errors=True)
+    box = status["boxes"].get("box1", {})
+    stats = {"path": "processes", "speed": speed, "generator": gen, "box_datagrams": box.get("received", 0),
+             "server_raw_datagrams": status["udp"]["received"], "reports_box": status["counters"].get("reports_box", 0),
+             "server_model_runs": status["model"]["runs"], "history": status.get("history", {}),
+             "lost": gen["sent"] - box.get("received", 0) - status["udp"]["received"]}
+    return Replay(reports, predictions_from(city, reports, boundaries, window), stats)
 
 
 # ---------------------------------------------------------------- comparisons
@@ -306,30 +377,55 @@ def map_matching(city: City, probes: np.ndarray) -> dict[str, Any]:
             "in_junction_correct": float(np.mean(road[in_junction] == IN_JUNCTION)) if in_junction.any() else None}
 
 
+CONGESTION = (("free", 0.0, 1.5), ("slowed", 1.5, 5.0), ("jammed", 5.0, math.inf))   # SUMO time / free flow
+
+
+def hindsight_constant(roads: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per road, the one constant that minimises its MAPE over the whole run (the 1/y-weighted
+    median of its measured times): knows the future, so a reference for what any per-road level
+    could reach, never a prediction."""
+    out = np.empty_like(truth)
+    for road in np.unique(roads):
+        k = np.flatnonzero(roads == road)
+        y = truth[k]
+        order = np.argsort(y)
+        weight = np.cumsum(1.0 / y[order])
+        out[k] = y[order][np.searchsorted(weight, weight[-1] / 2)]
+    return out
+
+
 def compare_traverse(city: City, edges: list[tuple], predictions: dict[float, np.ndarray],
                      warmup: float) -> dict[str, Any]:
     free = city.length / city.speed
     last: dict[int, float] = {}
-    rows = []     # (model, free, persistence, truth, lit)
+    rows = []     # (model, free, persistence, truth, lit, road)
     for begin, end, road, travel, sampled in sorted(edges):
         if begin >= warmup and begin in predictions and travel > 0:
             rows.append((predictions[begin][road], free[road], last.get(road, free[road]), travel,
-                         city.exit_light[road] >= 0))
+                         city.exit_light[road] >= 0, road))
         last[road] = travel
     if not rows:
         return {"n": 0}
     a = np.array(rows, dtype=float)
+    total_ape = float((np.abs(a[:, 0] - a[:, 3]) / a[:, 3]).sum())
+    congestion = a[:, 3] / a[:, 1]
+    subsets = [("all", np.ones(len(a), bool)), ("light-controlled", a[:, 4] > 0), ("other", a[:, 4] == 0)]
+    subsets += [(f"congestion {name} (SUMO time / free flow {lo:g}-{hi:g})", (congestion >= lo) & (congestion < hi))
+                for name, lo, hi in CONGESTION]
     out: dict[str, Any] = {"n": len(a)}
-    for subset, mask in (("all", np.ones(len(a), bool)), ("light-controlled", a[:, 4] > 0),
-                         ("other", a[:, 4] == 0)):
+    for subset, mask in subsets:
         if not mask.any():
             continue
         b = a[mask]
         res = {"n": int(mask.sum()), "model": _ape(b[:, 0], b[:, 3]), "free_flow": _ape(b[:, 1], b[:, 3]),
-               "persistence": _ape(b[:, 2], b[:, 3])}
+               "persistence": _ape(b[:, 2], b[:, 3]),
+               "share_of_model_error": float((np.abs(b[:, 0] - b[:, 3]) / b[:, 3]).sum() / total_ape)}
         res["model_vs_free_flow"] = res["model"]["mape"] / res["free_flow"]["mape"]
         res["model_vs_persistence"] = res["model"]["mape"] / res["persistence"]["mape"]
         out[subset] = res
+    reference = hindsight_constant(a[:, 5].astype(np.int64), a[:, 3])
+    out["hindsight_constant_per_road"] = {**_ape(reference, a[:, 3]),
+                                          "vs_free_flow": _ape(reference, a[:, 3])["mape"] / out["all"]["free_flow"]["mape"]}
     return out
 
 
@@ -369,7 +465,7 @@ def compare_routes(city: City, trips: list[tuple], predictions: dict[float, np.n
 # ---------------------------------------------------------------- one scenario
 
 def validate_scenario(name: str, work: Path, duration: float, interval: float, seed: int,
-                      warmup: float) -> dict[str, Any]:
+                      warmup: float, through: str = "in-process", speed: float = 20.0) -> dict[str, Any]:
     from fcd.sumo import (read_edgedata, read_fcd, read_lane_positions, read_queues, read_tls, read_vehroutes,
                           read_vtypes)
     started = time.monotonic()
@@ -385,7 +481,10 @@ def validate_scenario(name: str, work: Path, duration: float, interval: float, s
     lights, tls_summary = read_tls(outputs["tls"], city)
     trace = Trace(city, probes, lights, meta={"source": "sumo", "scenario": name})
     boundaries = list(np.arange(sc.begin, sc.end, interval))
-    rep = replay(trace, boundaries, window=interval)
+    if through == "processes":
+        rep = replay_processes(trace, boundaries, work / "processes", window=interval, speed=speed)
+    else:
+        rep = replay(trace, boundaries, window=interval)
     switch_times = {round(float(t), 2) for t in lights["t"]}
     vtypes = read_vtypes(sc.routes)
     car_length, min_gap = next(iter(vtypes.values())) if len(vtypes) == 1 else (5.0, 2.5)
@@ -474,6 +573,7 @@ def build_parser():
                     "with SUMO's measurements.", examples=[
         "fcd-validate --scenarios grid-static --duration 600 --json out/v.json --plot out/v.png",
         "fcd-validate --scenarios all --json out/fcd-validate.json --plot out/fcd-validate.png",
+        "fcd-validate --scenarios grid-static --duration 300 --through processes --json out/v-processes.json",
     ])
     add_arguments(p)
     return p
@@ -487,6 +587,11 @@ def add_arguments(p) -> None:
                    help="seconds per traverse-time interval (SUMO edgeData period, model predictions)")
     p.add_argument("--warmup", type=non_negative_float, default=120.0, help="seconds before comparisons start")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--through", choices=("in-process", "processes"), default="in-process",
+                   help="replay in this process, or through real processes over loopback (fcd-gen -> boxd + "
+                        "fcd-booster -> fcd-server, reports read back from /api/roads/<road>/history)")
+    p.add_argument("--speed", type=non_negative_float, default=20.0,
+                   help="replay speed-up of fcd-gen with --through processes")
     p.add_argument("--work", type=Path, default=None, help="directory for SUMO files (default: a temporary one)")
     p.add_argument("--json", type=Path, help="write the results as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG plot")
@@ -498,7 +603,8 @@ def run_validation(args) -> list[dict[str, Any]]:
     results = []
     try:
         for name in args.scenarios:
-            res = validate_scenario(name, work / name, args.duration, args.interval, args.seed, args.warmup)
+            res = validate_scenario(name, work / name, args.duration, args.interval, args.seed, args.warmup,
+                                    args.through, args.speed)
             results.append(res)
             print(summary_line(res), flush=True)
     finally:
@@ -530,7 +636,9 @@ def summary_line(res: dict[str, Any]) -> str:
     r = res["routes"]
     ok = all(res["targets"].values())
     traverse = (f"traverse MAPE model {t['model']['mape']:.3f} free-flow {t['free_flow']['mape']:.3f} "
-                f"persistence {t['persistence']['mape']:.3f}" if t else "no traverse data")
+                f"persistence {t['persistence']['mape']:.3f} (x{t['model_vs_free_flow']:.2f} free flow, "
+                f"x{t['model_vs_persistence']:.2f} persistence; hindsight constant per road "
+                f"x{res['traverse']['hindsight_constant_per_road']['vs_free_flow']:.2f})" if t else "no traverse data")
     route = (f"own-route MAPE {r['own_route_model']['mape']:.3f} (free-flow {r['own_route_free_flow']['mape']:.3f})"
              if r.get("n") else "no trips")
     m = res["map_matching"]

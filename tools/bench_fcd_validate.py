@@ -3,7 +3,9 @@
 The same experiment as the ``fcd-validate`` console script (``fcd/validate.py``): SUMO runs each
 scenario, its FCD and light switches go through the generators' encoding, the aggregation of a
 box / the server and the prediction model, and the queues, traverse times and routes are compared
-with SUMO's own outputs.  JSON figures per scenario and a PNG plot.
+with SUMO's own outputs.  JSON figures per scenario and a PNG plot.  ``--through processes``
+replays through real processes over loopback (fcd-gen, boxd + fcd-booster, fcd-server) and reads
+the reports back from the server's history.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ def register(subparsers) -> None:
         "fcd-validate", help="fcd's queues, traverse times and routes against SUMO (grid, spider, random, RESCO)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  booster-loadgen fcd-validate --scenarios grid-static,cologne3 --json out/v.json --plot out/v.png\n"
-               "  booster-loadgen fcd-validate --json out/fcd-validate.json --plot out/fcd-validate.png")
+               "  booster-loadgen fcd-validate --json out/fcd-validate.json --plot out/fcd-validate.png\n"
+               "  booster-loadgen fcd-validate --scenarios grid-static,cologne1 --through processes --json out/vp.json")
     add_arguments(p)
     p.set_defaults(func=run)
 

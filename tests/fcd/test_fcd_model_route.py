@@ -175,3 +175,74 @@ async def test_fcd_route_cli_prints_the_route_with_its_time(city, tmp_path):
     assert proc.returncode == 0, err.decode()
     line = out.decode().strip().splitlines()[-1]
     assert line.startswith("route 0_0 -> 2_2: 4 roads, predicted 40.0 s (prediction run 1")
+
+
+def test_light_delay_follows_the_queue_through_the_cycle(city):
+    """Point queue at a light with a learned 60 s cycle (30 s green from t=0), 0.1 cars/s
+    arriving, 0.5 cars/s served: over the red half the queue grows 0 -> 3 cars (mean 1.5), so
+    the travel time is L/v + 1.5/0.1 = L/v + 15 s; the next green drains those 3 cars at
+    0.4 cars/s in 7.5 s (mean queue over its 30 s 3 x 7.5 / 2 / 30 = 0.375: L/v + 3.75 s).
+    The whole-cycle mean is Webster's uniform delay, 60 x 0.5^2 / (2 (1 - 0.4 x 0.5)) = 9.375 s."""
+    model = Model(city)
+    road = city.lights[4].roads[0]
+    model.cycle_r[road], model.green_r[road], model.green_start[road] = 60.0, 30.0, 0.0
+    model.report_t[road], model.report_queue[road] = 0.0, 0.0
+    model.arrival_rate[road], model.mu[road] = 0.1, 0.5
+    drive = city.length[road] / model.v[road]
+    red_ahead, mean = model.light_delay(30.0, 30.0)
+    green_ahead, _ = model.light_delay(60.0, 30.0)
+    assert red_ahead[road] == pytest.approx(drive + 15.0, abs=0.1)
+    assert green_ahead[road] == pytest.approx(drive + 3.75, abs=0.1)
+    assert mean[road] == pytest.approx(drive + 9.375)
+    # a queue reported at the start of green drains at mu - lam = 0.4 cars/s: 4 cars take 10 s
+    model.report_queue[road] = 4.0
+    drained, _ = model.light_delay(0.0, 10.0)
+    assert drained[road] == pytest.approx(drive + 2.0 / 0.1, abs=0.5)
+    # roads without a light or without a learned arrival rate have no light delay
+    assert np.isnan(red_ahead[~model.lit]).all()
+    # a report from long ago starts the queue DELAY_LOOKBACK before now (not a day of steps)
+    model.report_t[road], model.report_queue[road] = -86_400.0, 0.0
+    stale, _ = model.light_delay(30.0, 30.0)
+    assert stale[road] == pytest.approx(red_ahead[road], abs=0.1)
+
+
+def test_level_weights_windows_with_traffic_like_now():
+    """A road whose quiet windows (0.1 car-s/s) take 20 s and busy ones (2 car-s/s) 60 s: after a
+    busy window the windows like it count fully and the others with the kernel's weight
+    exp(-ln(2.05 / 0.15)^2 / 2) = 0.033; the free-flow time is one pseudo-observation."""
+    city = grid_city(3, 3, block=220.0, cycle=90.0, offsets="zero")
+    road = city.lights[4].roads[0]
+    free = city.length[road] / city.speed[road]
+    w = np.exp(-0.5 * np.log(2.05 / 0.15) ** 2)
+    model = Model(city)
+    for k in range(12):
+        busy = k % 2 == 1
+        model.history[road].append((60.0 if busy else 20.0, 2.0 if busy else 0.1))
+    model.last_rate[road] = 2.0
+    busy_level = model.calibrated()[road]
+    model.last_rate[road] = 0.1
+    quiet_level = model.calibrated()[road]
+    assert busy_level == pytest.approx((6 + 6 * w + 1) / (6 / 60 + 6 * w / 20 + 1 / free))
+    assert quiet_level == pytest.approx((6 + 6 * w + 1) / (6 / 20 + 6 * w / 60 + 1 / free))
+    plain = 13 / (6 / 60 + 6 / 20 + 1 / free)
+    assert busy_level > plain + 10 and quiet_level < plain
+
+
+@pytest.mark.parametrize("truth, weight", [(10.0, 0.0), (20.0, 1.0), (14.0, 0.5)])
+def test_light_delay_factor_is_weighted_by_its_own_record(city, truth, weight):
+    """Every prediction of a lit road is scored once the reports cover its window: a factor of 2
+    on a level of 10 s, the probes then taking ``truth`` seconds: the exponent whose guess
+    10 x 2^w came closest over the scored windows wins (2^0.5 x 10 = 14.1)."""
+    model = Model(city)
+    road = city.lights[4].roads[0]
+    length = city.length[road]
+    for k in range(Model.DELAY_SKILL_MIN + 5):
+        start = 60.0 * k
+        model.to_score[road].append((start, start + 60.0, 10.0, 2.0))
+        # two reports covering the window: cars took ``truth`` seconds per road length
+        for t, interval in ((start + 30.0, 30.0), (start + 60.0, 30.0)):
+            model.observe(RoadReport(road, t, bool(k % 2), queue=0, cars=0, density=0.0, mean_speed=-1.0,
+                                     departures=0, interval=interval, was_green=not k % 2,
+                                     samples=5 * truth * 0.5, distance=5 * length * 0.5))
+    assert model.delay_scored == Model.DELAY_SKILL_MIN + 5
+    assert model.delay_weight == weight
