@@ -27,7 +27,6 @@ import msgpack
 
 from cliruntime import ConfigError, make_parser, run_async
 
-from . import wire
 from .client import GameClient
 from .reliability import ClientConfig, Delivered, Event, Expired, Received, Unrecoverable
 
@@ -41,7 +40,6 @@ CELL = 100.0
 # queued it on the socket; the stdlib names neither
 SO_TIMESTAMPNS = 35
 TIMESPEC = struct.Struct("@qq")
-LOCATION = slice(wire.LOCATION_OFFSET, wire.LOCATION_OFFSET + 4)
 RECV_BATCH = 256          # datagrams read per wake-up before the protocol's output and timers are serviced
 
 
@@ -80,30 +78,28 @@ class BotClient(GameClient):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._arrivals: dict[float, float] = {}
+        self.transport: _BotTransport | None = None
         self.batches = 0
         self.datagrams = 0
 
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+    async def open_transport(self, loop: asyncio.AbstractEventLoop) -> _BotTransport:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         sock.setblocking(False)
         sock.bind(self.local)
-        self._transport = _BotTransport(sock)
-        self._loop.add_reader(sock.fileno(), self._drain, sock)
+        self.transport = _BotTransport(sock)
+        loop.add_reader(sock.fileno(), self._drain, sock)
+        return self.transport
 
     def arrival_of(self, now: float) -> float | None:
         return self._arrivals.get(now)
 
     def _drain(self, sock: socket.socket) -> None:
-        endpoints = self._endpoints
         arrivals = self._arrivals
         offset = time.time() - time.monotonic()     # kernel stamps are CLOCK_REALTIME
         unpack = TIMESPEC.unpack
-        count = 0
+        batch: list[tuple[bytes, float]] = []
         for _ in range(RECV_BATCH):
             try:
                 data, ancillary, _, _ = sock.recvmsg(2048, 64)
@@ -112,27 +108,22 @@ class BotClient(GameClient):
             except OSError:
                 self.io_errors += 1
                 break
-            count += 1
             now = time.monotonic()
             for level, kind, value in ancillary:
                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= TIMESPEC.size:
                     seconds, nanoseconds = unpack(value[:TIMESPEC.size])
                     arrivals[now] = seconds + nanoseconds * 1e-9 - offset
-            entry = endpoints.get(int.from_bytes(data[LOCATION], "big")) if len(data) >= wire.HEADER_SIZE else None
-            if entry is None:
-                self.foreign += 1
-                continue
-            entry[0].receive_datagram(data, now)
-        if count:
+            batch.append((data, now))
+        if batch:
             self.batches += 1
-            self.datagrams += count
-            self._service()
+            self.datagrams += len(batch)
+            self.receive_datagrams(batch)
             arrivals.clear()
 
     def snapshot(self) -> dict:
         out = super().snapshot()
         out.update(recv_batches=self.batches, recv_datagrams=self.datagrams,
-                   send_errors=self._transport.send_errors if self._transport is not None else 0)
+                   send_errors=self.transport.send_errors if self.transport is not None else 0)
         return out
 
 

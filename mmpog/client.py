@@ -28,7 +28,7 @@ import logging
 import random
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import aiohttp
 
@@ -39,7 +39,7 @@ from .reliability import Address, ClientConfig, ClientEndpoint, Event, Joined, J
 
 log = logging.getLogger("mmpog.client")
 
-LOCATION_SLICE = slice(8, 12)   # the location field of wire.HEADER, for routing before a full decode
+LOCATION_SLICE = slice(wire.LOCATION_OFFSET, wire.LOCATION_OFFSET + 4)   # routing before a full decode
 
 
 class GameClientError(Exception):
@@ -92,7 +92,14 @@ class GameClient:
         self._loop = asyncio.get_running_loop()
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        self._transport, _ = await self._loop.create_datagram_endpoint(lambda: _Protocol(self), local_addr=self.local)
+        self._transport = await self.open_transport(self._loop)
+
+    async def open_transport(self, loop: asyncio.AbstractEventLoop) -> Any:
+        """The datagram transport the client sends through (``sendto``, ``get_extra_info``,
+        ``close``) and whose arrivals it is given by :meth:`receive_datagrams`.  A subclass may bring
+        its own receive path (``mmpog.bots`` reads batches with the kernel's arrival times)."""
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), local_addr=self.local)
+        return transport
 
     async def close(self) -> None:
         now = self._now()
@@ -201,13 +208,20 @@ class GameClient:
         # not loop.time(): uvloop's clock has millisecond resolution, too coarse for loopback RTTs
         return time.monotonic()
 
-    def _on_datagram(self, data: bytes) -> None:
-        entry = self._endpoints.get(int.from_bytes(data[LOCATION_SLICE], "big")) if len(data) >= wire.HEADER_SIZE else None
-        if entry is None:
-            self.foreign += 1
-            return
-        entry[0].receive_datagram(data, self._now())
+    def receive_datagrams(self, datagrams: Iterable[tuple[bytes, float]]) -> None:
+        """Hand each ``(datagram, arrival time)`` to its location's endpoint, then send what is
+        queued, hand out events and arm the timer once for the whole batch."""
+        endpoints = self._endpoints
+        for data, now in datagrams:
+            entry = endpoints.get(int.from_bytes(data[LOCATION_SLICE], "big")) if len(data) >= wire.HEADER_SIZE else None
+            if entry is None:
+                self.foreign += 1
+                continue
+            entry[0].receive_datagram(data, now)
         self._service()
+
+    def _on_datagram(self, data: bytes) -> None:
+        self.receive_datagrams(((data, self._now()),))
 
     def _flush(self) -> None:
         transport = self._transport
