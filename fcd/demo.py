@@ -25,7 +25,7 @@ def _status(port: int) -> dict:
         return json.loads(resp.read())
 
 
-async def _settled(port: int, sent: int, timeout: float = 30.0) -> dict:
+async def settled(port: int, sent: int, timeout: float = 30.0) -> dict:
     """The server's status once every datagram sent was counted (by the box or raw), the box
     has sent its final counters (``idle``) and the model has run on what arrived.  Polled: the
     roles are other processes, there is no event to wait on."""
@@ -67,7 +67,7 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
                                   ["--processes", "2", "--speed", "20"])
         say(f"2 generators replayed the trace at 20x: {gen['sent']} packets "
             f"(district 0 through box1, district 1 raw to the server)")
-        st = await _settled(http, gen["sent"])
+        st = await settled(http, gen["sent"])
         box = st["boxes"].get("box1", {})
         raw_pkts = st["udp"]["received"]
         requests = st["counters"].get("http_requests", 0)

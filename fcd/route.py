@@ -113,7 +113,7 @@ class Reconnecting:
 
     async def call(self, request):
         """``await request(space)``, on a new connection if the current one is gone."""
-        from fcd.tuplespace import TupleSpaceError
+        from fcd.tuplespace import TupleSpaceConnectionError, TupleSpaceError
         deadline = None
         backoff = self.FIRST_BACKOFF
         while True:
@@ -123,9 +123,9 @@ class Reconnecting:
                     self.stats["reconnects"] += 1
                     log.info("reconnected to the tuplespace at %s", self.address)
                 return await request(self.space)
-            except (TupleSpaceError, OSError) as exc:
-                # a request the server refused on a live connection fails the same way anew and
-                # ends with the deadline; a closed connection is what a new one cures
+            except (TupleSpaceConnectionError, OSError) as exc:
+                # a closed connection is what a new one cures; a refused request (any other
+                # TupleSpaceError) would fail the same way anew, and goes up at once
                 await self.close()
                 now = time.monotonic()
                 deadline = now + self.retry_for if deadline is None else deadline

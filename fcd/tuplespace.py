@@ -51,6 +51,11 @@ class TupleSpaceError(Exception):
     """A refused or failed tuplespace operation (the text says why)."""
 
 
+class TupleSpaceConnectionError(TupleSpaceError):
+    """The connection to the tuplespace is gone (closed by the server, idle timeout, restart):
+    what a new connection cures, unlike a refused operation."""
+
+
 class TupleDecodeError(ValueError):
     """A frame that is not a valid tuplespace message."""
 
@@ -769,14 +774,14 @@ class TupleSpaceClient(_Api):
         finally:
             for fut in self._pending.values():
                 if not fut.done():
-                    fut.set_exception(TupleSpaceError("connection closed"))
+                    fut.set_exception(TupleSpaceConnectionError("connection closed"))
             self._pending.clear()
             for sub in self._subs.values():
                 sub._push(None)
 
     async def _request(self, msg: dict) -> Any:
         if self.writer is None or self.writer.is_closing() or (self._task and self._task.done()):
-            raise TupleSpaceError("not connected")
+            raise TupleSpaceConnectionError("not connected")
         rid = next(self._ids)
         msg["id"] = rid
         fut = asyncio.get_running_loop().create_future()

@@ -35,7 +35,7 @@ from typing import Any
 import msgpack
 
 from cliruntime.supervisor import Supervisor
-from fcd.tuplespace import Subscription, TupleSpaceError, _Api, check_template, matches
+from fcd.tuplespace import Subscription, TupleSpaceConnectionError, TupleSpaceError, _Api, check_template, matches
 
 log = logging.getLogger("fcd.tuplespace_redis")
 
@@ -320,7 +320,7 @@ class RedisTupleSpace(_Api):
         except redis.exceptions.ResponseError as exc:
             raise TupleSpaceError(str(exc)) from None
         except redis.exceptions.ConnectionError as exc:
-            raise TupleSpaceError(f"tuplespace store unreachable: {exc}") from None
+            raise TupleSpaceConnectionError(f"tuplespace store unreachable: {exc}") from None
 
     # ---------------------------------------------------------------- operations
     async def _call(self, op: str, **kw: Any) -> Any:

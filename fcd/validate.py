@@ -272,7 +272,7 @@ async def _replay_processes(trace: Trace, boundaries: list[float], workdir: Path
     import asyncio
     import tempfile
     from fcd.aggregate import RoadReport
-    from fcd.demo import _settled
+    from fcd.demo import settled
     from fcd.stack import Stack, free_port, run_gen_async
     workdir.mkdir(parents=True, exist_ok=True)
     trace_path = workdir / "trace.npz"
@@ -286,7 +286,7 @@ async def _replay_processes(trace: Trace, boundaries: list[float], workdir: Path
         await stack.wait_ready(server, timeout=120)
         await stack.box("box1", trace_path, box_port, udp, http, control=sockets / "box1.sock")
         gen = await run_gen_async(trace_path, [("127.0.0.1", box_port)], ["--speed", f"{speed:g}"])
-        status = await _settled(http, gen["sent"], timeout=120)
+        status = await settled(http, gen["sent"], timeout=120)
 
         def history(road: int) -> list[dict]:
             import urllib.request

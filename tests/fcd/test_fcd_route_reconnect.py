@@ -89,3 +89,23 @@ async def test_fcd_route_gives_up_after_reconnect_for(group, city_file):
     assert await group.stop(ts) == 0                        # and never comes back
     assert group.wait_exit_sync(route, timeout=60) == 1
     assert f"tuplespace at 127.0.0.1:{port} unusable for 1 s" in route.output()
+
+
+async def test_a_refused_request_is_not_retried():
+    """Only a lost connection is cured by a new one: a request the tuplespace refuses goes up at once."""
+    import asyncio
+    import collections
+
+    from fcd.route import Reconnecting
+    from fcd.tuplespace import TupleSpaceConnectionError, TupleSpaceError
+
+    conn = Reconnecting("127.0.0.1:9", retry_for=60, stop=asyncio.Event(), stats=collections.Counter())
+    conn.space = object()                 # a live connection: no open() needed
+
+    async def refused(space):
+        raise TupleSpaceError("tuplespace full (10 tuples)")
+
+    with pytest.raises(TupleSpaceError, match="tuplespace full"):
+        await asyncio.wait_for(conn.call(refused), 5)
+    assert conn.stats["connection_losses"] == 0
+    assert issubclass(TupleSpaceConnectionError, TupleSpaceError)
