@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 from cliruntime import host_port, make_parser, positive_int, run_sync
 from boxcore.procs import ProcessGroup, python_module
-from boxcore.testing import BoxdProcess, free_port
+from boxcore.procs import free_port
+from boxcore.testing import BoxdProcess
 
 SOURCES = 3
 PACKETS = 300

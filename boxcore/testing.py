@@ -38,7 +38,7 @@ from boxcore.booster import Booster
 from boxcore.controller import Controller, ControllerConfig
 from boxcore.engines.memory import MemoryEngine, Outcome
 from boxcore.packet import Packet
-from boxcore.procs import free_port  # re-exported for tests and demos: TCP unless kind=socket.SOCK_DGRAM
+from boxcore.procs import free_port
 
 __all__ = ["FakeClock", "MemoryBox", "Outcome", "SettleTimeout", "BoxdProcess"]
 

@@ -13,7 +13,8 @@ import pytest
 
 from boxcore.booster import Booster
 from boxcore.rules import Match
-from boxcore.testing import BoxdProcess, free_port
+from boxcore.procs import free_port
+from boxcore.testing import BoxdProcess
 from tests.polling import until
 
 pytestmark = pytest.mark.timeout(90)

@@ -14,7 +14,8 @@ from boxcore.booster import Booster, ReceiverContext, RuleCounter, Verdict
 from boxcore.booster.core import Booster as CoreBooster
 from boxcore.packet import Packet
 from boxcore.rules import Match
-from boxcore.testing import BoxdProcess, MemoryBox, free_port
+from boxcore.procs import free_port
+from boxcore.testing import BoxdProcess, MemoryBox
 from tests.loopback import bound_udp, recv
 from tests.polling import until
 

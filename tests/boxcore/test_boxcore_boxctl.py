@@ -11,7 +11,8 @@ import pytest
 from boxcore import boxctl
 from boxcore.booster import Booster
 from boxcore.rules import Match
-from boxcore.testing import BoxdProcess, free_port
+from boxcore.procs import free_port
+from boxcore.testing import BoxdProcess
 from hostile import as_uid, shared_dir
 
 pytestmark = pytest.mark.timeout(60)

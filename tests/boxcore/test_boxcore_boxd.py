@@ -12,7 +12,8 @@ import pytest
 
 from boxcore.booster import Booster, BoxdGone, Conflict, PermissionDenied, Verdict
 from boxcore.rules import Match
-from boxcore.testing import BoxdProcess, free_port
+from boxcore.procs import free_port
+from boxcore.testing import BoxdProcess
 from tests.loopback import bound_udp, recv
 from tests.polling import until
 

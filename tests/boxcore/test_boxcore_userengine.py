@@ -12,7 +12,8 @@ from boxcore import wire
 from boxcore.booster import Booster, BoosterError, Verdict
 from boxcore.packet import Packet
 from boxcore.rules import Match, PayloadPattern
-from boxcore.testing import BoxdProcess, free_port
+from boxcore.procs import free_port
+from boxcore.testing import BoxdProcess
 from tests.loopback import bound_udp, recv
 from tests.polling import until
 

@@ -14,7 +14,8 @@ from boxcore.booster import Booster
 from boxcore.booster.errors import InvalidRequest
 from boxcore.directory import DirectoryOpenError, DirectoryUnavailable, QuotaExceeded
 from boxcore.directory_redis import RedisDirectory, redacted, split_directory_url
-from boxcore.testing import BoxdProcess, free_port
+from boxcore.procs import free_port
+from boxcore.testing import BoxdProcess
 from hostile import NOBODY, as_uid, outputs, shared_dir
 from tests.redis_support import redis_cluster, redis_node  # noqa: F401  (module fixtures)
 

@@ -13,7 +13,8 @@ import pytest
 
 from boxcore.booster import Booster
 from boxcore.rules import Match
-from boxcore.testing import BoxdProcess, free_port
+from boxcore.procs import free_port
+from boxcore.testing import BoxdProcess
 from hostile import NOBODY, as_uid, outputs, shared_dir
 from tests.loopback import bound_udp
 from tests.polling import until

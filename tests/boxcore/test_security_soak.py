@@ -12,7 +12,8 @@ import threading
 
 import pytest
 
-from boxcore.testing import BoxdProcess, free_port
+from boxcore.procs import free_port
+from boxcore.testing import BoxdProcess
 from hostile import NOBODY, as_uid, shared_dir
 from tests.polling import until
 
