@@ -368,17 +368,15 @@ class StreamFront:
         self.queued_items += items
         self.wakeup.set()
 
-    def raw(self, datagrams: list[bytes]) -> None:
-        """Received datagrams, in order: probes and light changes per partition."""
-        n = len(datagrams)
+    def raw(self, slots: np.ndarray, lengths: np.ndarray) -> None:
+        """Received datagrams in order, as rows of their first bytes (see
+        :meth:`fcd.aggregate.Ingest.ingest_slots`) and lengths: probes and light changes per partition."""
+        n = len(lengths)
         if not n:
             return
         self.stats["datagrams"] += n
-        sizes = np.fromiter(map(len, datagrams), dtype=np.int64, count=n)
-        is_probe = sizes == PROBE_SIZE
-        joined = (b"".join(datagrams) if is_probe.all()
-                  else b"".join(d for d, ok in zip(datagrams, is_probe.tolist()) if ok))
-        arr = np.frombuffer(joined, dtype=wire.PROBE_WIRE_DTYPE)
+        is_probe = lengths == PROBE_SIZE
+        arr = np.ascontiguousarray(slots[is_probe, :PROBE_SIZE]).view(wire.PROBE_WIRE_DTYPE)[:, 0]
         valid = wire.probe_valid_mask(arr)
         bad = len(arr) - int(valid.sum())
         self.stats["malformed"] += bad
@@ -391,8 +389,12 @@ class StreamFront:
         if not is_probe.all():
             before = np.cumsum(is_probe)
             for i in np.flatnonzero(~is_probe).tolist():
+                length = int(lengths[i])
+                data = slots[i, :length].tobytes()
                 try:
-                    msg = wire.decode(datagrams[i])
+                    if length > slots.shape[1]:
+                        raise wire.WireDecodeError(f"datagram of {length} bytes is longer than any FCD message")
+                    msg = wire.decode(data)
                 except wire.WireDecodeError as exc:
                     self.stats["malformed"] += 1
                     self.last_error = str(exc)
@@ -405,7 +407,7 @@ class StreamFront:
                     self.last_error = f"unknown light {msg.light}"
                     continue
                 self.stats["lights"] += 1
-                lights.append((int(self.part.light[msg.light]), int(before[i]), datagrams[i]))
+                lights.append((int(self.part.light[msg.light]), int(before[i]), data))
         for p in range(self.partitions):
             sel = valid & (part == p)
             mine = [(k, d) for q, k, d in lights if q == p]
