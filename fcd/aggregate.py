@@ -550,6 +550,11 @@ class Aggregator:
         return self._reports([(road, True, True) for road in self.unlit.tolist()], t)
 
 
+# the fields Aggregator.feed reads, in native byte order
+NATIVE_PROBE_DTYPE = np.dtype([("car", "=u4"), ("t", "=f8"), ("x", "=f4"), ("y", "=f4"), ("speed", "=f4"),
+                               ("heading", "=f4")])
+
+
 class Ingest:
     """Datagrams in, road reports out: validation, loss accounting and aggregation in order.
 
@@ -606,7 +611,12 @@ class Ingest:
             self.stats["malformed"] += bad
         self.stats["probes"] += len(arr)
         self.seq.add_batch(arr["generator"], arr["seq"])
-        return self.aggregator.feed(arr)
+        # in native byte order once: every later numpy step on the wire's big-endian fields would
+        # convert them again
+        native = np.empty(len(arr), dtype=NATIVE_PROBE_DTYPE)
+        for name in NATIVE_PROBE_DTYPE.names:
+            native[name] = arr[name]
+        return self.aggregator.feed(native)
 
     def ingest_slots(self, slots: np.ndarray, lengths: np.ndarray) -> list[RoadReport]:
         """The fast path: datagrams as a receive buffer holds them, no object per datagram.
