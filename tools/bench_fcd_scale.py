@@ -404,8 +404,8 @@ def register(subparsers) -> None:
     g = p.add_argument_group("server side as workers")
     g.add_argument("--workers", type=int_list, default=[], help="numbers of workers to compare, e.g. 1,2,4 "
                                                                 "(default: none, route look-ups only)")
-    g.add_argument("--rates", type=int_list, default=[500, 1000, 2000, 3000, 4000, 6000, 8000, 12000, 16000, 24000,
-                                                      32000], help="offered packet rates (p/s)")
+    g.add_argument("--rates", type=int_list, default=[1000, 2000, 4000, 8000, 12000, 16000, 24000, 32000,
+                                                      40000, 48000, 64000], help="offered packet rates (p/s)")
     g.add_argument("--partitions", type=positive_int, default=4, help="partitions (districts) of the city")
     g.add_argument("--max-backlog", type=positive_int, default=8192,
                    help="datagrams waiting in the streams (all partitions) before the front refuses more")
