@@ -705,6 +705,7 @@ async def amain(args, ctx) -> int:
             from boxcore.procs import ProcessGroup
             workers = ProcessGroup(Path(tempfile.mkdtemp(prefix="fcd-workers-")))
             _start_workers(args, workers)
+            log.info("%d workers started, their logs in %s", args.workers, workers.workdir)
     udp_addr = server.open_udp(*args.udp, args.rcvbuf)
     try:
         http_addr = await server.start_http(*args.http)

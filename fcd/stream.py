@@ -470,8 +470,7 @@ class ReportReader:
     """The front's model input: the reports the workers applied, read from every partition's report stream."""
 
     def __init__(self, redis, keys: Keys, partitions: int, n_roads: int) -> None:
-        self.redis, self.keys, self.n_roads = redis, keys, partitions
-        self.n_roads = n_roads
+        self.redis, self.n_roads = redis, n_roads
         self.last = {keys.reports(p): b"0" for p in range(partitions)}
 
     async def read(self, count: int = 1000) -> list[tuple[RoadReport, str]]:

@@ -127,3 +127,40 @@ def test_sigkill_of_a_worker_mid_replay_loses_nothing_and_counts_nothing_twice(s
 def _run(coro):
     import asyncio
     return asyncio.run(coro)
+
+
+def test_front_with_workers_option_starts_and_stops_its_workers(redis_node, small_trace, tmp_path):
+    """``fcd-server --store URL --workers 2``: one command, two worker children sharing the partitions."""
+    trace_path = tmp_path / "trace.npz"
+    small_trace.save(trace_path)
+    stack = Stack(tmp_path / "roles")
+    udp, http = free_port(socket.SOCK_DGRAM), free_port()
+    try:
+        front = stack.start("front", "fcd.server", ["--city", str(trace_path), "--udp", f"127.0.0.1:{udp}",
+                                                    "--http", f"127.0.0.1:{http}", "--store", redis_node.url,
+                                                    "--prefix", f"t{secrets.token_hex(3)}", "--workers", "2"])
+        _run(stack.wait_ready(front, timeout=60))
+        _wait("two workers own the partitions",
+              lambda: len({p["owner"] for p in _status(http)["stream"]["partitions"]} - {""}) == 2)
+        stream = Stream(small_trace, None, 1)
+        datagrams = stream.encode(0, 3000, generator=1, first_seq=0, loop=0)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            for d in datagrams:
+                tx.sendto(d, ("127.0.0.1", udp))
+        def applied():
+            status = _status(http)
+            totals = status["stream"]["totals"]
+            return status if totals.get("probes", 0) + totals.get("lights", 0) == len(datagrams) else None
+
+        status = _wait("everything applied", applied)
+        assert len(status["stream"]["totals"]["applied_by"]) == 2
+        worker_pids = [int(line.split()[0]) for line in
+                       __import__("subprocess").run(["pgrep", "-P", str(front.proc.pid)], capture_output=True,
+                                                    text=True).stdout.split()]
+        assert len(worker_pids) == 2
+        assert _run(stack.stop(front)) == 0
+        for pid in worker_pids:                  # stopped with their front
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        _run(stack.stop_all())
