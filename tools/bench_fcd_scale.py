@@ -340,8 +340,11 @@ def _plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     worker_rows = results.get("worker_rows") or []
+    lookups = any(results["route_lookups"].values())
+    panels = (1 if lookups else 0) + (1 if worker_rows else 0)
+    fig, axes = plt.subplots(1, max(1, panels), figsize=(6.4 * max(1, panels), 4.2), squeeze=False)
+    ax, ax_w = axes[0][0], axes[0][-1]
     if worker_rows:
-        fig, (ax, ax_w) = plt.subplots(1, 2, figsize=(12.8, 4.2))
         for workers in sorted({r["workers"] for r in worker_rows}):
             sel = [r for r in worker_rows if r["workers"] == workers]
             ax_w.plot([r["offered_pps"] for r in sel], [100 * r["loss"] for r in sel], marker="o",
@@ -352,8 +355,15 @@ def _plot(results: dict, path: Path) -> None:
         ax_w.set_title(f"server side as workers, {results.get('budget_worker')} core each")
         ax_w.grid(True, alpha=0.3)
         ax_w.legend(fontsize=8)
-    else:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if lookups or not worker_rows:
+        _plot_lookups(results, ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_lookups(results: dict, ax) -> None:
     for kind, label in (("tcp", "tuplespace server (TCP)"), ("redis", "tuplespace on Redis")):
         points = results["route_lookups"].get(kind)
         if points:
@@ -365,11 +375,8 @@ def _plot(results: dict, path: Path) -> None:
     budget = results.get("budget_cpu")
     ax.set_title(f"fcd route look-ups, store at {budget} core" if budget else "fcd route look-ups")
     ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    if any(results["route_lookups"].values()):
+        ax.legend()
 
 
 def _grid(text: str) -> tuple[int, int]:
