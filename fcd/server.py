@@ -633,7 +633,7 @@ async def worker_main(args, ctx) -> int:
         status = 0
         async with Supervisor("fcd-worker", logger=log) as tasks:
             ctx.stats.providers["tasks"] = tasks.snapshot
-            balance = tasks.spawn(worker.balance(ctx.stop), name="balance")
+            balance = tasks.spawn(worker.balance(ctx.stop, tasks), name="balance")
             await first_of(ctx.stop.wait(), tasks.wait_failed())
             if tasks.failed is not None:
                 log.error("stopping: %s", tasks.failed)

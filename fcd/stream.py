@@ -531,8 +531,10 @@ class Worker:
         await self.redis.zremrangebyscore(self.keys.workers, "-inf", now)
         return max(1, await self.redis.zcard(self.keys.workers))
 
-    async def balance(self, stop: asyncio.Event) -> None:
-        """Keep leases: renew ours, release beyond a fair share, take free partitions up to it."""
+    async def balance(self, stop: asyncio.Event, tasks) -> None:
+        """Keep leases: renew ours, release beyond a fair share, take free partitions up to it.
+        Each owned partition is served by a task of ``tasks`` (a :class:`cliruntime.supervisor.Supervisor`):
+        one that fails is logged and counted there, and its partition is left for the next round."""
         while not stop.is_set():
             live = await self._live_workers()
             share = math.ceil(self.partitions / live)
@@ -551,7 +553,7 @@ class Worker:
                                                                   px=self.lease_ms):
                     self.stats["acquired"] += 1
                     log.info("%s: took partition %d", self.name, p)
-                    self.owned[p] = asyncio.get_running_loop().create_task(self.serve(p), name=f"partition{p}")
+                    self.owned[p] = tasks.spawn(self.serve(p), name=f"partition{p}", critical=False)
             try:
                 await asyncio.wait_for(stop.wait(), self.lease_ms / 3000)
             except asyncio.TimeoutError:
@@ -565,8 +567,7 @@ class Worker:
         task = self.owned.pop(p, None)
         if task is not None:
             if task.done() and not task.cancelled() and task.exception() is not None:
-                log.error("%s: partition %d failed: %r", self.name, p, task.exception())
-                self.stats["partition_failures"] += 1
+                self.stats["partition_failures"] += 1       # logged by the supervisor
             task.cancel()
         log.info("%s: left partition %d (%s)", self.name, p, why)
 
