@@ -383,6 +383,9 @@ class FcdServer:
                 if method is None:
                     raise ValueError("not a method call")
                 result = self.dispatch(method, params)
+                if self.front is not None:
+                    # a box's reports are acknowledged once they are in the store, not merely queued
+                    await self.front.flush()
                 out = xmlrpc.client.dumps((result,), methodresponse=True, allow_none=True)
             except xmlrpc.client.Fault as fault:
                 out = xmlrpc.client.dumps(fault, methodresponse=True)

@@ -344,6 +344,7 @@ class StreamFront:
         self.queue: collections.deque = collections.deque()
         self.queued_items = 0
         self.wakeup = asyncio.Event()
+        self.flushing = asyncio.Lock()      # one flush at a time: two would interleave a partition's entries
         self.seq = wire.SeqTracker()
         self.stats = {"datagrams": 0, "probes": 0, "lights": 0, "malformed": 0, "queue_refused": 0,
                       "appended_entries": 0, "refused_entries": 0, "append_errors": 0}
@@ -429,14 +430,15 @@ class StreamFront:
     async def flush(self) -> None:
         """Append everything queued: each partition's entries in order (one at a time: concurrent
         appends on several connections could reorder them), the partitions side by side."""
-        if not self.queue:
-            return
-        by_part: dict[int, list] = collections.defaultdict(list)
-        for p, fields, items in self.queue:
-            by_part[p].append((fields, items))
-        self.queue.clear()
-        self.queued_items = 0
-        await asyncio.gather(*(self._append_all(p, entries) for p, entries in by_part.items()))
+        async with self.flushing:
+            if not self.queue:
+                return
+            by_part: dict[int, list] = collections.defaultdict(list)
+            for p, fields, items in self.queue:
+                by_part[p].append((fields, items))
+            self.queue.clear()
+            self.queued_items = 0
+            await asyncio.gather(*(self._append_all(p, entries) for p, entries in by_part.items()))
 
     async def _append_all(self, p: int, entries: list) -> None:
         keys = [self.keys.state(p), self.keys.stream(p)]
