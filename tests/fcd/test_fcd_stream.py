@@ -109,3 +109,16 @@ def test_scripts_fence_dedup_and_bound(redis_node):
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--worker"], "--worker and --workers need --store"),
+    (["--workers", "2"], "--worker and --workers need --store"),
+    (["--store", "http://x"], "--store takes a Redis URL"),
+])
+def test_server_refuses_worker_options_that_do_not_fit(argv, says, small_trace, tmp_path, capsys):
+    from fcd.server import main
+    city = tmp_path / "trace.npz"
+    small_trace.save(city)
+    assert main(["--city", str(city), "--udp", "127.0.0.1:0", "--http", "127.0.0.1:0", *argv]) == 2
+    assert says in capsys.readouterr().err
