@@ -326,6 +326,16 @@ def totals(states: list[dict[str, Any]]) -> dict[str, Any]:
     return {**dict(total), "applied_by": dict(by_worker)}
 
 
+def city_fingerprint(city: City) -> str:
+    """Front and workers must read one city: its roads' ends and lengths, hashed."""
+    import hashlib
+    digest = hashlib.sha256()
+    digest.update(str(city.n_roads).encode())
+    digest.update(np.asarray([(s[0, 0], s[0, 1], s[-1, 0], s[-1, 1]) for s in city.shapes], dtype="<f8").tobytes())
+    digest.update(np.asarray(city.length, dtype="<f8").tobytes())
+    return digest.hexdigest()[:16]
+
+
 # ---------------------------------------------------------------- the front
 
 class StreamFront:
@@ -353,12 +363,17 @@ class StreamFront:
         self.states: list[dict[str, Any]] = []
 
     async def start(self) -> None:
+        from cliruntime import ConfigError
+        city = city_fingerprint(self.city)
+        await self.redis.hsetnx(self.keys.meta, "city", city)
         await self.redis.hsetnx(self.keys.meta, "partitions", self.partitions)
         stored = int(await self.redis.hget(self.keys.meta, "partitions"))
         if stored != self.partitions:
-            from cliruntime import ConfigError
             raise ConfigError(f"the store already holds {stored} partitions under prefix "
                               f"{self.keys.prefix!r}, not {self.partitions}")
+        if (await self.redis.hget(self.keys.meta, "city")).decode() != city:
+            raise ConfigError(f"the store's deployment {self.keys.prefix!r} was set up with another city "
+                              "(use that city, or another --prefix)")
         await ensure_groups(self.redis, self.keys, self.partitions)
 
     def _queue(self, p: int, fields: dict[bytes, bytes], items: int) -> None:
@@ -519,6 +534,10 @@ class Worker:
                 raise ConfigError(f"no fcd front has set up prefix {self.keys.prefix!r} in the store")
             await asyncio.sleep(0.1)
         self.partitions = int(stored)
+        if (await self.redis.hget(self.keys.meta, "city") or b"").decode() != city_fingerprint(self.city):
+            from cliruntime import ConfigError
+            raise ConfigError(f"this worker's city is not the one of deployment {self.keys.prefix!r} "
+                              "(front and workers must read the same --city)")
         self.part = Partitioner(self.city, self.partitions)
         self.matcher = MapMatcher(self.city)
         await ensure_groups(self.redis, self.keys, self.partitions)

@@ -164,3 +164,25 @@ def test_front_with_workers_option_starts_and_stops_its_workers(redis_node, smal
                 os.kill(pid, 0)
     finally:
         _run(stack.stop_all())
+
+
+def test_a_worker_with_another_city_is_refused(redis_node, small_trace, tmp_path):
+    """Front and workers must read one city: a worker given another is refused with a clear error."""
+    from fcd.city import grid_city
+    from fcd.sim import Simulator
+    trace_path, other_path = tmp_path / "trace.npz", tmp_path / "other.npz"
+    small_trace.save(trace_path)
+    Simulator(grid_city(3, 3, block=120.0, seed=9), cars=10, seed=1).run(20.0).save(other_path)
+    stack = Stack(tmp_path / "roles")
+    common = ["--store", redis_node.url, "--prefix", f"t{secrets.token_hex(3)}"]
+    try:
+        front = stack.start("front", "fcd.server", ["--city", str(trace_path), "--udp", "127.0.0.1:0",
+                                                    "--http", f"127.0.0.1:{free_port()}", *common])
+        _run(stack.wait_ready(front, timeout=60))
+        from boxcore.procs import python_module
+        worker = _run(stack.group.run("worker", [*python_module("fcd.server"), "--worker", "--city",
+                                                 str(other_path), *common], timeout=60, check=False))
+        assert worker.returncode == 2
+        assert "front and workers must read the same --city" in worker.output()
+    finally:
+        _run(stack.stop_all())
