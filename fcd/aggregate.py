@@ -610,7 +610,7 @@ class Ingest:
             arr = arr[ok]
             self.stats["malformed"] += bad
         self.stats["probes"] += len(arr)
-        self.seq.add_batch(arr["generator"], arr["seq"])
+        self.seq.add_batch(arr["generator"].astype(np.uint16), arr["seq"].astype(np.uint32))
         # in native byte order once: every later numpy step on the wire's big-endian fields would
         # convert them again
         native = np.empty(len(arr), dtype=NATIVE_PROBE_DTYPE)
