@@ -51,7 +51,7 @@ import msgpack
 import numpy as np
 
 from fcd import wire
-from fcd.aggregate import IN_JUNCTION, Aggregator, MapMatcher, RoadReport
+from fcd.aggregate import Aggregator, MapMatcher, RoadReport
 from fcd.city import City
 
 log = logging.getLogger("fcd.stream")
