@@ -743,6 +743,12 @@ async def amain(args, ctx) -> int:
     await server.http.close()
     if workers is not None:
         await workers.stop_all()
+        failed = [role.name for role in workers.roles if role.returncode not in (0, -15)]
+        if failed:      # keep their logs for a look
+            log.warning("workers %s did not stop cleanly; their logs are in %s", failed, workers.workdir)
+        else:
+            import shutil
+            shutil.rmtree(workers.workdir, ignore_errors=True)
     if redis is not None:
         await redis.aclose()
     if ts_server is not None:
