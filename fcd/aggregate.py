@@ -550,6 +550,11 @@ class Aggregator:
         return self._reports([(road, True, True) for road in self.unlit.tolist()], t)
 
 
+# the fields Aggregator.feed reads, in native byte order
+NATIVE_PROBE_DTYPE = np.dtype([("car", "=u4"), ("t", "=f8"), ("x", "=f4"), ("y", "=f4"), ("speed", "=f4"),
+                               ("heading", "=f4")])
+
+
 class Ingest:
     """Datagrams in, road reports out: validation, loss accounting and aggregation in order.
 
@@ -592,12 +597,60 @@ class Ingest:
         if not datagrams:
             return []
         from fcd import wire
-        arr = np.frombuffer(b"".join(datagrams), dtype=wire.PROBE_WIRE_DTYPE)
+        return self._probe_array(np.frombuffer(b"".join(datagrams), dtype=wire.PROBE_WIRE_DTYPE))
+
+    def _probe_array(self, arr: np.ndarray) -> list[RoadReport]:
+        """A run of probes as a ``PROBE_WIRE_DTYPE`` array: checked vectorised, then aggregated."""
+        if not len(arr):
+            return []
+        from fcd import wire
         ok = wire.probe_valid_mask(arr)
         bad = len(arr) - int(ok.sum())
         if bad:
             arr = arr[ok]
             self.stats["malformed"] += bad
         self.stats["probes"] += len(arr)
-        self.seq.add_batch(arr["generator"], arr["seq"])
-        return self.aggregator.feed(arr)
+        self.seq.add_batch(arr["generator"].astype(np.uint16), arr["seq"].astype(np.uint32))
+        # in native byte order once: every later numpy step on the wire's big-endian fields would
+        # convert them again
+        native = np.empty(len(arr), dtype=NATIVE_PROBE_DTYPE)
+        for name in NATIVE_PROBE_DTYPE.names:
+            native[name] = arr[name]
+        return self.aggregator.feed(native)
+
+    def ingest_slots(self, slots: np.ndarray, lengths: np.ndarray) -> list[RoadReport]:
+        """The fast path: datagrams as a receive buffer holds them, no object per datagram.
+
+        ``slots`` is an (n, k) uint8 array, row i holding datagram i from its first byte
+        (k >= the probe size; a longer datagram is cut to k bytes), ``lengths`` the datagrams' real
+        lengths.  Same checks, counts and order as :meth:`ingest`: runs of probes are viewed as
+        ``PROBE_WIRE_DTYPE`` records straight from the rows, other datagrams decoded one by one."""
+        from fcd import wire
+        n = len(lengths)
+        self.stats["datagrams"] += n
+        size = wire.PROBE_SIZE
+
+        def run(lo: int, hi: int) -> list[RoadReport]:
+            if hi <= lo:
+                return []
+            return self._probe_array(np.ascontiguousarray(slots[lo:hi, :size]).view(wire.PROBE_WIRE_DTYPE)[:, 0])
+
+        reports: list[RoadReport] = []
+        start = 0
+        for i in np.flatnonzero(lengths != size).tolist():
+            reports += run(start, i)
+            start = i + 1
+            length = int(lengths[i])
+            try:
+                if length > slots.shape[1]:
+                    raise wire.WireDecodeError(f"datagram of {length} bytes is longer than any FCD message")
+                msg = wire.decode(slots[i, :length].tobytes())
+            except wire.WireDecodeError as exc:
+                self.stats["malformed"] += 1
+                self.last_error = str(exc)
+                continue
+            if isinstance(msg, wire.LightChange):
+                self.stats["lights"] += 1
+                self.seq.add(msg.generator, msg.seq)
+                reports += self.aggregator.light_change(msg.light, msg.t, msg.green)
+        return reports + run(start, n)

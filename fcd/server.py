@@ -11,13 +11,21 @@
   prediction model runs and its traverse times go to the tuplespace: ``("fcd.traverse", road, run, [T_0, ..., T_H])`` and ``("fcd.run", run, t, cycle)``,
   leased so stale predictions disappear;
 - ``GET /status`` (JSON counters) and ``GET /predictions`` (JSON).
+
+With ``--store redis://...`` the server is the *front* of workers on Redis streams (``fcd.stream``):
+it validates and appends box reports and raw probes to the partitions' streams, and runs the model
+on the reports the workers applied; ``fcd-server --worker --store ...`` processes (or ``--workers N``
+children) aggregate.  Without ``--store`` everything happens in this one process, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
+import errno
 import gc
+import os
 import json
 import logging
 import socket
@@ -36,7 +44,7 @@ from fcd.aggregate import Ingest, RoadReport
 from fcd.city import City, CityError, load_city
 from fcd.model import Model
 from fcd.rpc import MAX_BODY
-from fcd.udp import BatchReceiver
+from fcd.udp import MSG_DONTWAIT, BatchReceiver
 
 log = logging.getLogger("fcd.server")
 
@@ -62,6 +70,34 @@ class HttpLimits:
     header_timeout: float = 10.0      # a new connection must have sent a whole request head by then
     body_timeout: float = 30.0        # a request body must arrive within this
     idle_timeout: float = 30.0        # between requests (the boxes' uplink talks every second)
+
+
+class SlotReceiver(BatchReceiver):
+    """recvmmsg batches handed over as the receive buffer's rows: no bytes object per datagram.
+
+    (Belongs in fcd.udp; kept here until that module's owner takes it.)"""
+
+    KEEP = 38      # bytes kept of each datagram: the largest FCD message (a probe)
+
+    def receive_slots(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, lengths) of what the socket holds now, up to ``batch`` datagrams; rows are
+        copies of the first ``KEEP`` bytes of each datagram (the buffer is reused)."""
+        if self.recvmmsg is None:
+            batch = self._receive_loop()
+            rows = np.zeros((len(batch), self.KEEP), dtype=np.uint8)
+            for i, d in enumerate(batch):
+                rows[i, :min(len(d), self.KEEP)] = np.frombuffer(d[:self.KEEP], dtype=np.uint8)
+            return rows, np.fromiter(map(len, batch), dtype=np.int64, count=len(batch))
+        self.syscalls += 1
+        n = self.recvmmsg(self.fd, self._msgs, self.batch, MSG_DONTWAIT, None)
+        if n < 0:
+            err = ctypes.get_errno()
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                n = 0
+            else:
+                raise OSError(err, os.strerror(err))
+        slots = np.frombuffer(self.buffer, dtype=np.uint8, count=n * self.slot).reshape(n, self.slot)
+        return slots[:, :self.KEEP].copy(), self._lengths[:n].astype(np.int64)
 
 
 class _Refused(asyncio.Protocol):
@@ -213,7 +249,8 @@ class FcdServer:
         self.horizon = horizon
         self.max_keys = max_keys
         self.seen: collections.OrderedDict[tuple[int, float], str] = collections.OrderedDict()
-        self.pending: list[bytes] = []
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []     # received (rows, lengths) chunks
+        self.pending_count = 0
         self.boxes: dict[str, dict[str, Any]] = {}
         self.connections: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.latest = None
@@ -230,6 +267,11 @@ class FcdServer:
         self.dispatcher.register_function(self.rpc_box_stats, "fcd.box_stats")
         self.dispatcher.register_function(lambda: _xmlrpc_safe(self.status()), "fcd.status")
         self.dispatcher.register_function(self.rpc_history, "fcd.history")
+        self.front = None          # fcd.stream.StreamFront when the work is done by workers
+
+    def use_front(self, front) -> None:
+        """Append what arrives to Redis streams (``front``) instead of aggregating here."""
+        self.front = front
 
     # ------------------------------------------------------------ reports
     def accept(self, rep: RoadReport, source: str) -> bool:
@@ -251,6 +293,7 @@ class FcdServer:
         if not isinstance(box, str) or not isinstance(reports, list):
             raise xmlrpc.client.Fault(2, "fcd.report(box: str, reports: array)")
         accepted = duplicates = rejected = 0
+        valid: list[RoadReport] = []
         for item in reports:
             try:
                 rep = RoadReport.from_xmlrpc(item, self.city.n_roads)
@@ -259,10 +302,14 @@ class FcdServer:
                 self.stats["reports_rejected"] += 1
                 self.last_reject = str(exc)
                 continue
-            if self.accept(rep, "box"):
+            if self.front is not None:
+                valid.append(rep)
+            elif self.accept(rep, "box"):
                 accepted += 1
             else:
                 duplicates += 1
+        if self.front is not None:      # queued for the workers, who find the duplicates
+            accepted = self.front.reports(box, valid)
         self.boxes.setdefault(box, {})["reports"] = self.boxes.get(box, {}).get("reports", 0) + accepted
         return {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
 
@@ -285,6 +332,13 @@ class FcdServer:
         return True
 
     def status(self) -> dict[str, Any]:
+        if self.front is not None:
+            return {"udp": {**self.front.stats, **self.front.seq.snapshot(),
+                            "syscalls": self.udp_rx.syscalls if self.udp_sock is not None else 0},
+                    "stream": self.front.status(), "counters": dict(self.stats), "boxes": self.boxes,
+                    "http_connections": self.stats["http_connections_seen"], "history": dict(self.history.stats),
+                    "model": {"runs": self.model.runs, "observed": self.model.observed,
+                              "latest_t": self.model.latest_t}}
         return {
             "udp": {**self.ingest.stats, **self.ingest.seq.snapshot(),
                     "syscalls": self.udp_rx.syscalls if self.udp_sock is not None else 0},
@@ -329,6 +383,9 @@ class FcdServer:
                 if method is None:
                     raise ValueError("not a method call")
                 result = self.dispatch(method, params)
+                if self.front is not None:
+                    # a box's reports are acknowledged once they are in the store, not merely queued
+                    await self.front.flush()
                 out = xmlrpc.client.dumps((result,), methodresponse=True, allow_none=True)
             except xmlrpc.client.Fault as fault:
                 out = xmlrpc.client.dumps(fault, methodresponse=True)
@@ -393,49 +450,75 @@ class FcdServer:
             raise ConfigError(f"cannot bind UDP {host}:{port}: {exc.strerror}") from None
         sock.setblocking(False)
         self.udp_sock = sock
-        self.udp_rx = BatchReceiver(sock, batch=1024)     # recvmmsg: up to 1024 datagrams per system call
+        self.udp_rx = SlotReceiver(sock, batch=1024)     # recvmmsg: up to 1024 datagrams per system call
         asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
         return sock.getsockname()[:2]
 
+    def _take(self, rows: np.ndarray, lengths: np.ndarray) -> None:
+        self.pending.append((rows, lengths))
+        self.pending_count += len(lengths)
+        if self.pending_count >= self.inline_batch:
+            # keep up inside the read path: under overload the kernel drops, memory stays bounded
+            self.process_pending()
+
     def _on_readable(self) -> None:
-        receive = self.udp_rx.receive
+        receive = self.udp_rx.receive_slots
         for _ in range(4):               # at most 4 batches per wakeup: HTTP and timers get their turn
             try:
-                batch = receive()
+                rows, lengths = receive()
             except OSError as exc:
                 self.stats["udp_errors"] += 1
                 log.warning("raw UDP receive failed: %s", exc)
                 return
-            self.pending.extend(batch)
-            if len(self.pending) >= self.inline_batch:
-                # keep up inside the read path: under overload the kernel drops, memory stays bounded
-                self.process_pending()
-            if len(batch) < self.udp_rx.batch:
+            if len(lengths):
+                self._take(rows, lengths)
+            if len(lengths) < self.udp_rx.batch:
                 return                   # the socket is drained: no empty system call to find out
 
     def drain_udp(self) -> int:
         """Read everything the socket holds and process it (at shutdown; in tests, where
         loopback delivery is complete when ``sendto`` returns)."""
-        while batch := self.udp_rx.receive():
-            self.pending.extend(batch)
-            if len(self.pending) >= self.inline_batch:
-                self.process_pending()
+        while True:
+            rows, lengths = self.udp_rx.receive_slots()
+            if not len(lengths):
+                break
+            self._take(rows, lengths)
         return self.process_pending()
 
     def process_pending(self) -> int:
         if not self.pending:
             return 0
-        batch, self.pending = self.pending, []
-        reports = self.ingest.ingest(batch)
+        chunks, self.pending, self.pending_count = self.pending, [], 0
+        if len(chunks) == 1:
+            rows, lengths = chunks[0]
+        else:
+            rows = np.concatenate([c[0] for c in chunks])
+            lengths = np.concatenate([c[1] for c in chunks])
+        if self.front is not None:
+            self.front.raw(rows, lengths)
+            return len(lengths)
+        reports = self.ingest.ingest_slots(rows, lengths)
         for rep in reports:
             self.accept(rep, "raw")
-        return len(batch)
+        return len(lengths)
 
     async def ingest_loop(self, stop: asyncio.Event, interval: float) -> None:
         while not stop.is_set():
             self.process_pending()
             await asyncio.sleep(interval)
         self.process_pending()
+
+    async def applied_loop(self, stop: asyncio.Event, reader, interval: float = 0.2) -> None:
+        """With workers: the reports they applied feed the model and the history; their counters
+        are refreshed for ``/status``."""
+        while not stop.is_set():
+            for rep, source in await reader.read():
+                self.accept(rep, source)
+            await self.front.refresh_states()
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
 
     # ------------------------------------------------------------ model
     async def publish(self) -> None:
@@ -514,11 +597,77 @@ def build_parser():
     p.add_argument("--body-timeout", type=non_negative_float, default=30.0, help="seconds to receive a request body")
     p.add_argument("--idle-timeout", type=non_negative_float, default=30.0,
                    help="seconds a connection may stay idle between requests")
+    g = p.add_argument_group("workers on Redis streams (fcd.stream)")
+    g.add_argument("--store", help="Redis URL (redis://HOST:PORT/N, unix:///path/redis.sock, ...?cluster=1): "
+                                   "append what arrives to streams there for workers")
+    g.add_argument("--worker", action="store_true",
+                   help="be a worker: aggregate and apply the partitions of --store (no HTTP, no UDP)")
+    g.add_argument("--workers", type=int, default=0, help="with --store: also start this many worker processes")
+    g.add_argument("--partitions", type=positive_int, default=4, help="with --store: partitions (districts) of the city")
+    g.add_argument("--prefix", default="fcd", help="with --store: key prefix of this deployment")
+    g.add_argument("--lease", type=non_negative_float, default=3.0,
+                   help="seconds a worker's partition lease lasts without renewal (a dead worker's partitions "
+                        "move after this)")
+    g.add_argument("--max-backlog", type=positive_int, default=200_000,
+                   help="with --store: datagrams and reports waiting per partition before appends are refused")
+    g.add_argument("--worker-name", help="this worker's consumer name (default: from the pid)")
     p.add_argument("--ready-file", type=Path, help="write the bound addresses as JSON here when ready")
     return p
 
 
+async def worker_main(args, ctx) -> int:
+    """``fcd-server --worker --store URL``: take a share of the partitions until stopped."""
+    from boxcore.redisconn import open_redis
+    from fcd.stream import Keys, Worker
+    city = load_city(args.city)
+    redis = open_redis(args.store)
+    worker = Worker(redis, city, Keys(args.prefix), name=args.worker_name, lease=args.lease or 3.0,
+                    max_cars=args.max_cars)
+    try:
+        try:
+            await worker.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot reach the store at {args.store}: {exc}") from None
+        ctx.stats.providers["worker"] = worker.status
+        gc.freeze()
+        if args.ready_file:
+            args.ready_file.write_text(json.dumps({"worker": worker.name, "pid": __import__("os").getpid()}))
+        log.info("fcd-server worker %s ready", worker.name)
+        status = 0
+        async with Supervisor("fcd-worker", logger=log) as tasks:
+            ctx.stats.providers["tasks"] = tasks.snapshot
+            balance = tasks.spawn(worker.balance(ctx.stop, tasks), name="balance")
+            await first_of(ctx.stop.wait(), tasks.wait_failed())
+            if tasks.failed is not None:
+                log.error("stopping: %s", tasks.failed)
+                status = 1
+            ctx.stop.set()
+            await asyncio.gather(balance, return_exceptions=True)
+        return status
+    finally:
+        await redis.aclose()
+
+
+def _start_workers(args, group) -> list:
+    """``--workers N``: N ``fcd-server --worker`` processes beside this front."""
+    from boxcore.procs import python_module
+    roles = []
+    for i in range(args.workers):
+        argv = [*python_module("fcd.server"), "--worker", "--store", args.store, "--city", str(args.city),
+                "--prefix", args.prefix, "--lease", str(args.lease), "--max-cars", str(args.max_cars),
+                "--log-level", args.log_level]
+        roles.append(group.start(f"worker{i}", argv, stats=False, new_session=False))
+    return roles
+
+
 async def amain(args, ctx) -> int:
+    if args.worker or args.workers:
+        if not args.store:
+            raise ConfigError("--worker and --workers need --store redis://...")
+    if args.worker:
+        return await worker_main(args, ctx)
+    if args.workers < 0:
+        raise ConfigError("--workers takes a number >= 0")
     city = load_city(args.city)
     limits = HttpLimits(max_body=args.max_body, max_concurrent=args.max_concurrent,
                         max_connections=args.max_connections, header_timeout=args.header_timeout,
@@ -540,6 +689,26 @@ async def amain(args, ctx) -> int:
             server.space = await connect(args.tuplespace)
         except OSError as exc:
             raise ConfigError(f"cannot reach the tuplespace at {args.tuplespace}: {exc.strerror}") from None
+    redis = reader = workers = None
+    if args.store:
+        from boxcore.redisconn import is_redis_url, open_redis
+        from fcd.stream import Keys, ReportReader, StreamFront
+        if not is_redis_url(args.store):
+            raise ConfigError(f"--store takes a Redis URL, not {args.store!r}")
+        redis = open_redis(args.store)
+        front = StreamFront(redis, city, args.partitions, Keys(args.prefix), max_backlog=args.max_backlog)
+        try:
+            await front.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot reach the store at {args.store}: {exc}") from None
+        server.use_front(front)
+        reader = ReportReader(redis, Keys(args.prefix), args.partitions, city.n_roads)
+        if args.workers:
+            import tempfile
+            from boxcore.procs import ProcessGroup
+            workers = ProcessGroup(Path(tempfile.mkdtemp(prefix="fcd-workers-")))
+            _start_workers(args, workers)
+            log.info("%d workers started, their logs in %s", args.workers, workers.workdir)
     udp_addr = server.open_udp(*args.udp, args.rcvbuf)
     try:
         http_addr = await server.start_http(*args.http)
@@ -560,13 +729,28 @@ async def amain(args, ctx) -> int:
         ctx.stats.providers["tasks"] = tasks.snapshot
         ingest = tasks.spawn(server.ingest_loop(ctx.stop, args.batch_interval), name="ingest")
         model = tasks.spawn(server.model_loop(ctx.stop, args.model_interval), name="model")
+        extra = []
+        if server.front is not None:
+            extra = [tasks.spawn(server.front.flush_loop(ctx.stop), name="append"),
+                     tasks.spawn(server.applied_loop(ctx.stop, reader), name="applied")]
         await first_of(ctx.stop.wait(), tasks.wait_failed())
         if tasks.failed is not None:
             log.error("stopping: %s", tasks.failed)   # what the task served fails loudly
             status = 1
         ctx.stop.set()
-        await asyncio.gather(ingest, model, return_exceptions=True)   # both end at the stop
+        server.front and server.front.wakeup.set()
+        await asyncio.gather(ingest, model, *extra, return_exceptions=True)   # all end at the stop
     await server.http.close()
+    if workers is not None:
+        await workers.stop_all()
+        failed = [role.name for role in workers.roles if role.returncode not in (0, -15)]
+        if failed:      # keep their logs for a look
+            log.warning("workers %s did not stop cleanly; their logs are in %s", failed, workers.workdir)
+        else:
+            import shutil
+            shutil.rmtree(workers.workdir, ignore_errors=True)
+    if redis is not None:
+        await redis.aclose()
     if ts_server is not None:
         await ts_server.close()
     return status

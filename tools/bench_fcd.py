@@ -311,17 +311,22 @@ async def sweep(rig: Rig, args, configs: list[int], rates: list[int]) -> list[di
     return sorted(rows, key=lambda r: (r["boxes"], r["offered_pps"]))
 
 
-async def experiment(args) -> dict:
+def default_trace(workdir: Path, cars: int) -> Path:
+    """The experiments' city: an 8x8 grid in 4 districts, ``cars`` cars for 600 s (made once per workdir)."""
     from fcd.city import grid_city
     from fcd.sim import Simulator
+    workdir.mkdir(parents=True, exist_ok=True)
+    trace = workdir / f"city{cars}.npz"
+    if not trace.exists():
+        city = grid_city(8, 8, block=200.0, seed=1, districts=4)
+        Simulator(city, cars=cars, seed=1).run(600.0).save(trace)
+    return trace
+
+
+async def experiment(args) -> dict:
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    trace = args.trace
-    if trace is None:
-        trace = workdir / "city1000.npz"
-        if not trace.exists():
-            city = grid_city(8, 8, block=200.0, seed=1, districts=4)
-            Simulator(city, cars=args.cars, seed=1).run(600.0).save(trace)
+    trace = args.trace or default_trace(workdir, args.cars)
     period = args.period_us or max(10_000, int(math.ceil(1000 / max(args.budget, 1e-6))))
     budgets = NoBudgets() if args.no_cgroups else CpuBudgets(args.budget, period)
     started = time.monotonic()

@@ -1,5 +1,16 @@
 """``booster-loadgen fcd-scale``: the fcd store side when one machine is outgrown.
 
+Server side as workers (``--workers 1,2,4``): for each number of workers, a fresh redis-server,
+the front (``fcd-server --store``) and the workers (``fcd-server --worker``) start, each in its own
+cgroup v1 CPU budget (workers ``--budget-worker``, the front ``--budget-front``, Redis
+``--budget-redis``, fractions of one core), and the generators (outside the budgets) offer each rate
+of ``--rates`` to the front as in ``booster-loadgen fcd`` (load mode, four district processes).  Loss
+at a point = 1 - (probes and light changes the workers applied) / (sent), after the backlog drains;
+the front's backlog is bounded (``--max-backlog`` datagrams in all, about what the single server's
+socket buffer holds), so a side that cannot keep up loses data rather than queueing without end.
+The knee is where loss first exceeds 1% (``booster-loadgen fcd``'s definition, bisected as there).
+JSON: ``knee_pps`` {workers: pps}, ``knee_ratio_4_over_1``, ``worker_rows`` (one per point).
+
 Route look-ups: the in-car routers (``fcd-route``) all read the server's predictions from the
 tuplespace.  For 1..64 concurrent routers this measures look-ups per second against today's
 tuplespace server (``fcd-tuplespace``, msgpack over TCP) and against the tuplespace on Redis
@@ -32,7 +43,7 @@ from cliruntime import ConfigError, int_list, positive_int
 from fcd.city import grid_city
 from fcd.route import TRAVERSE_TEMPLATE, latest_times
 from fcd.tuplespace import connect
-from tools.bench_fcd import CpuBudgets, NoBudgets
+from tools.bench_fcd import LOSS_KNEE, CpuBudgets, NoBudgets, default_trace, knee
 
 log = logging.getLogger("booster-loadgen.fcd-scale")
 
@@ -117,8 +128,160 @@ def _start_store(kind: str, workdir: Path, group: ProcessGroup):
     return server.url, server.role.proc.pid, server
 
 
+# ---------------------------------------------------------------- server side as workers
+
+class WorkerBudgets:
+    """A CPU budget per role: workers, the front and Redis may have different ones."""
+
+    def __init__(self, args) -> None:
+        self.groups = {}
+        if args.no_cgroups:
+            self.make = lambda budget: NoBudgets()
+        else:
+            self.make = lambda budget: CpuBudgets(budget, args.period_us)
+        self.by_kind = {"worker": self.make(args.budget_worker), "front": self.make(args.budget_front),
+                        "redis": self.make(args.budget_redis)}
+
+    def add(self, kind: str, name: str, pid: int) -> None:
+        self.by_kind[kind].add(name, pid)
+
+    def cleanup(self) -> None:
+        for budgets in self.by_kind.values():
+            budgets.cleanup()
+
+
+class WorkerRig:
+    """Redis, the front and ``workers`` workers for one configuration."""
+
+    def __init__(self, args, budgets: WorkerBudgets, trace: Path, workers: int, workdir: Path) -> None:
+        from fcd.stack import Stack
+        self.args, self.budgets, self.trace, self.workers = args, budgets, trace, workers
+        self.workdir = workdir
+        self.stack = Stack(workdir, log_level="warning")
+        self.redis: RedisServer | None = None
+
+    async def start(self) -> None:
+        from fcd.stack import free_port
+        import socket
+        self.redis = RedisServer(self.workdir / "redis")
+        await self.redis.start()
+        self.budgets.add("redis", f"redis-w{self.workers}", self.redis.role.proc.pid)
+        self.udp, self.http = free_port(socket.SOCK_DGRAM), free_port()
+        partitions = self.args.partitions
+        common = ["--store", self.redis.url, "--city", str(self.trace), "--lease", "3"]
+        front = self.stack.start("front", "fcd.server", [
+            *common, "--udp", f"127.0.0.1:{self.udp}", "--http", f"127.0.0.1:{self.http}",
+            "--partitions", str(partitions), "--max-backlog", str(max(1, self.args.max_backlog // partitions)),
+            "--model-interval", "2"])
+        await self.stack.wait_ready(front, timeout=120)
+        self.budgets.add("front", f"front-w{self.workers}", front.proc.pid)
+        for i in range(self.workers):
+            worker = self.stack.start(f"worker{i}", "fcd.server", [*common, "--worker", "--worker-name", f"w{i}"])
+            await self.stack.wait_ready(worker, timeout=120)
+            self.budgets.add("worker", f"worker{i}-w{self.workers}", worker.proc.pid)
+        deadline = time.monotonic() + 60
+        while True:       # polled: ownership settles in Redis, no event reaches the experiment
+            owners = {p["owner"] for p in (await asyncio.to_thread(_status, self.http))["stream"]["partitions"]}
+            if len(owners - {""}) == min(self.workers, partitions) and "" not in owners:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"partitions not shared by {self.workers} workers: owners {owners}")
+            await asyncio.sleep(0.2)
+
+    async def stop(self) -> None:
+        await self.stack.stop_all()
+        if self.redis is not None:
+            await self.redis.stop()
+
+    @staticmethod
+    def _applied(status: dict) -> int:
+        totals = status["stream"]["totals"]
+        return totals.get("probes", 0) + totals.get("lights", 0)
+
+    async def measure(self, rate: float) -> dict:
+        from fcd.stack import run_gen_async
+        args = self.args
+        before = await asyncio.to_thread(_status, self.http)
+        gen = await run_gen_async(self.trace, [("127.0.0.1", self.udp)],
+                                  ["--processes", "4", "--rate", str(rate), "--duration", str(args.duration)])
+        sent = gen["sent"]
+        await asyncio.sleep(args.settle)
+        after = await asyncio.to_thread(_status, self.http)
+        for _ in range(40):           # drained when the applied count stops moving (no event across processes)
+            await asyncio.sleep(0.3)
+            again = await asyncio.to_thread(_status, self.http)
+            if self._applied(again) == self._applied(after) and not again["stream"]["totals"].get("backlog"):
+                break
+            after = again
+        applied = self._applied(after) - self._applied(before)
+
+        def delta(key: str) -> int:
+            return after["stream"]["totals"].get(key, 0) - before["stream"]["totals"].get(key, 0)
+
+        row = {"workers": self.workers, "offered_pps": rate, "sent": sent,
+               "front_received": after["udp"]["datagrams"] - before["udp"]["datagrams"],
+               "applied": applied, "refused": delta("refused_items"),
+               "applied_by": {w: n - before["stream"]["totals"]["applied_by"].get(w, 0)
+                              for w, n in after["stream"]["totals"]["applied_by"].items()},
+               "loss": round(max(0.0, 1 - applied / sent), 4) if sent else 0.0}
+        print(f"  workers={self.workers} offered={rate:>8.0f} pps  sent={sent:>7}  applied={applied:>7}  "
+              f"refused={row['refused']:>6}  loss={row['loss']:.3f}", flush=True)
+        return row
+
+
+async def _worker_sweep(rig: WorkerRig, args) -> list[dict]:
+    """Rates upwards until loss passes ``--stop-after-loss``; bisect between the last clean rate and the first lossy one."""
+    rows, last_ok = [], None
+    for rate in args.rates:
+        row = await rig.measure(rate)
+        rows.append(row)
+        if row["loss"] > LOSS_KNEE:
+            if last_ok is not None:
+                lo, hi = last_ok, float(rate)
+                for _ in range(args.refine):
+                    mid = round((lo + hi) / 2)
+                    extra = await rig.measure(mid)
+                    rows.append(extra)
+                    lo, hi = (lo, mid) if extra["loss"] > LOSS_KNEE else (mid, hi)
+            break
+        last_ok = float(rate)
+    return sorted(rows, key=lambda r: r["offered_pps"])
+
+
+async def worker_knees(args, workdir: Path) -> dict:
+    trace = args.trace or default_trace(workdir, args.cars)
+    budgets = WorkerBudgets(args)
+    out: dict = {"budget_worker": None if args.no_cgroups else args.budget_worker,
+                 "budget_front": None if args.no_cgroups else args.budget_front,
+                 "budget_redis": None if args.no_cgroups else args.budget_redis,
+                 "partitions": args.partitions, "max_backlog": args.max_backlog,
+                 "knee_pps": {}, "worker_rows": []}
+    try:
+        for workers in args.workers:
+            rig = WorkerRig(args, budgets, trace, workers, workdir / f"workers{workers}")
+            try:
+                await rig.start()
+                rows = await _worker_sweep(rig, args)
+            finally:
+                await rig.stop()
+            out["worker_rows"] += rows
+            k = knee(rows, "loss")
+            out["knee_pps"][str(workers)] = None if k is None else round(k, 1)
+    finally:
+        budgets.cleanup()
+    kn = out["knee_pps"]
+    if kn.get("1") and kn.get("4"):
+        out["knee_ratio_4_over_1"] = round(kn["4"] / kn["1"], 2)
+    return out
+
+
+def _status(port: int) -> dict:
+    from tools.bench_fcd import _status as status
+    return status(port)
+
+
 def run(args) -> int:
-    if shutil.which("redis-server") is None and "redis" in args.backends:
+    if shutil.which("redis-server") is None and ("redis" in args.backends or args.workers):
         raise ConfigError("redis-server is not installed (tools/bootstrap.sh installs it as root)")
     city = grid_city(args.grid[0], args.grid[1])
     limit = 10 * city.n_roads + 100
@@ -129,6 +292,8 @@ def run(args) -> int:
                      "roads": city.n_roads, "runs": args.runs, "duration_s": args.duration,
                      "router_processes": args.processes, "route_lookups": {}, "rows": []}
     try:
+        if args.workers:
+            results.update(asyncio.run(worker_knees(args, workdir)))
         for kind in args.backends:
             group = ProcessGroup(workdir / kind)
             address, pid, redis_server = _start_store(kind, workdir / kind, group)
@@ -174,7 +339,31 @@ def _plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    worker_rows = results.get("worker_rows") or []
+    lookups = any(results["route_lookups"].values())
+    panels = (1 if lookups else 0) + (1 if worker_rows else 0)
+    fig, axes = plt.subplots(1, max(1, panels), figsize=(6.4 * max(1, panels), 4.2), squeeze=False)
+    ax, ax_w = axes[0][0], axes[0][-1]
+    if worker_rows:
+        for workers in sorted({r["workers"] for r in worker_rows}):
+            sel = [r for r in worker_rows if r["workers"] == workers]
+            ax_w.plot([r["offered_pps"] for r in sel], [100 * r["loss"] for r in sel], marker="o",
+                      label=f"{workers} worker{'s' if workers > 1 else ''}: knee {results['knee_pps'].get(str(workers))}")
+        ax_w.axhline(100 * LOSS_KNEE, color="grey", linewidth=0.8, linestyle="--")
+        ax_w.set_xlabel("packets sent (p/s)")
+        ax_w.set_ylabel("loss (%)")
+        ax_w.set_title(f"server side as workers, {results.get('budget_worker')} core each")
+        ax_w.grid(True, alpha=0.3)
+        ax_w.legend(fontsize=8)
+    if lookups or not worker_rows:
+        _plot_lookups(results, ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_lookups(results: dict, ax) -> None:
     for kind, label in (("tcp", "tuplespace server (TCP)"), ("redis", "tuplespace on Redis")):
         points = results["route_lookups"].get(kind)
         if points:
@@ -186,11 +375,8 @@ def _plot(results: dict, path: Path) -> None:
     budget = results.get("budget_cpu")
     ax.set_title(f"fcd route look-ups, store at {budget} core" if budget else "fcd route look-ups")
     ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    if any(results["route_lookups"].values()):
+        ax.legend()
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -222,4 +408,19 @@ def register(subparsers) -> None:
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--plot", type=Path, help="write the plot here (PNG)")
     p.add_argument("--workdir", type=Path, default=None, help="keep logs here (default: a temporary directory)")
+    g = p.add_argument_group("server side as workers")
+    g.add_argument("--workers", type=int_list, default=[], help="numbers of workers to compare, e.g. 1,2,4 "
+                                                                "(default: none, route look-ups only)")
+    g.add_argument("--rates", type=int_list, default=[1000, 2000, 4000, 8000, 12000, 16000, 24000, 32000,
+                                                      40000, 48000, 64000], help="offered packet rates (p/s)")
+    g.add_argument("--partitions", type=positive_int, default=4, help="partitions (districts) of the city")
+    g.add_argument("--max-backlog", type=positive_int, default=8192,
+                   help="datagrams waiting in the streams (all partitions) before the front refuses more")
+    g.add_argument("--budget-worker", type=float, default=0.05, help="CPU budget of each worker (fraction of a core)")
+    g.add_argument("--budget-front", type=float, default=0.25, help="CPU budget of the front")
+    g.add_argument("--budget-redis", type=float, default=0.25, help="CPU budget of the Redis node")
+    g.add_argument("--settle", type=float, default=1.6, help="seconds to let counters settle after each point")
+    g.add_argument("--refine", type=int, default=2, help="bisection steps towards each knee")
+    g.add_argument("--cars", type=int, default=1000, help="cars in the generated city")
+    g.add_argument("--trace", type=Path, default=None, help="use this trace instead of generating one")
     p.set_defaults(func=run)

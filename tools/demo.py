@@ -39,6 +39,9 @@ PARTS = (
     ("gnutella", "file sharing: a cluster's search answered inside it, a verified download"),
     ("mmpog", "multiplayer game: a session through the multicast reflector"),
 )
+# booster-demo --scale: the fcd server side on several hosts of a lab (root, redis-server)
+SCALE_PART = ("fcd-scale", "fcd beyond one machine: boxes -> front -> Redis streams -> workers, one killed")
+PART_MODULES = {"fcd-scale": "fcd.workers_demo"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
             "booster-demo --only fcd --only mmpog",
             "booster-demo --workdir out/demo --stats-json out/demo.json",
             "booster-demo --only boxcore --keep          # then look at the dashboard until Ctrl-C",
+            "booster-demo --scale --no-dashboard         # fcd on Redis streams with workers, in a lab (root)",
         ],
     )
     parser.add_argument("--only", action="append", choices=[name for name, _ in PARTS],
@@ -62,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the dashboard up this long after the tour (alone: until Ctrl-C; "
                              "default: 10 s on a terminal, 0 when the output is piped)")
     parser.add_argument("--no-dashboard", action="store_true", help="no dashboard box during the tour")
+    parser.add_argument("--scale", action="store_true",
+                        help="run the scaled fcd deployment instead: a lab (boxcore/topologies/fcd-scale.toml) "
+                             "of boxes, an fcd-server front, Redis and two workers (needs root and redis-server)")
     return parser
 
 
@@ -122,7 +129,7 @@ class DashboardBox:
 
 
 async def _run_part(name: str, workdir: Path, timeout: float) -> dict:
-    module = importlib.import_module(f"{name}.demo")
+    module = importlib.import_module(PART_MODULES.get(name, f"{name}.demo"))
     part_dir = workdir / name
     part_dir.mkdir(parents=True, exist_ok=True)
 
@@ -133,7 +140,7 @@ async def _run_part(name: str, workdir: Path, timeout: float) -> dict:
 
 
 async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
-    selected = [(n, t) for n, t in PARTS if not args.only or n in args.only]
+    selected = [SCALE_PART] if args.scale else [(n, t) for n, t in PARTS if not args.only or n in args.only]
     results: dict[str, dict] = {}
     failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="booster-demo-") as tmp:

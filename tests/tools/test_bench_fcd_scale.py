@@ -19,3 +19,21 @@ def test_route_lookups_are_measured_on_both_stores(tmp_path, capsys):
     assert figures["ratio_at_max_clients"] > 0
     assert {row["tuples"] for row in figures["rows"]} == {3 * figures["roads"]}   # every prediction stored
     assert (tmp_path / "scale.png").stat().st_size > 0
+
+
+def test_worker_knees_are_measured_with_real_workers(tmp_path, capsys):
+    """The server side as workers: a real redis-server, front and workers; every point's data applied."""
+    require_redis()
+    out = tmp_path / "workers.json"
+    assert loadgen(["fcd-scale", "--no-cgroups", "--backends", "", "--workers", "1,2", "--rates", "500,1000",
+                    "--duration", "1", "--settle", "0.5", "--cars", "100", "--workdir", str(tmp_path / "w"),
+                    "--json", str(out), "--plot", str(tmp_path / "workers.png")]) == 0
+    figures = json.loads(out.read_text())
+    assert set(figures["knee_pps"]) == {"1", "2"}
+    rows = figures["worker_rows"]
+    assert [(r["workers"], r["offered_pps"]) for r in rows] == [(1, 500), (1, 1000), (2, 500), (2, 1000)]
+    for row in rows:
+        assert row["sent"] > 0 and row["applied"] + row["refused"] <= row["sent"]
+        assert sum(row["applied_by"].values()) == row["applied"]
+    assert all(len(r["applied_by"]) == 2 for r in rows if r["workers"] == 2)     # both workers applied data
+    assert (tmp_path / "workers.png").stat().st_size > 0
