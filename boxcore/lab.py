@@ -66,6 +66,17 @@ from cliruntime import ConfigError, make_parser, run_sync
 log = logging.getLogger("boxcore.lab")
 
 
+def _forget_wakeup_fd_in_child() -> None:
+    # pyroute2 forks helpers (netns.create, NetNS) and stops them with SIGTERM.  A child that kept
+    # the parent's signal wake-up descriptor (an asyncio loop's) would write that SIGTERM into the
+    # parent's loop, which would then shut itself down.
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
+
+
+os.register_at_fork(after_in_child=_forget_wakeup_fd_in_child)
+
+
 class LabError(RuntimeError):
     """A lab that cannot be built or taken down here (no root, name taken, links stay down...).
 

@@ -101,20 +101,6 @@ class ScaleDemo:
         return json.loads([line for line in role.output().splitlines() if line.startswith("{")][-1])
 
 
-def _lab_up() -> Lab:
-    """``Lab.up`` on the main thread with the loop's signal wake-up descriptor set aside: pyroute2
-    forks helpers and stops them with SIGTERM, and a fork that shares the descriptor would wake
-    the parent's loop with a SIGTERM of its own (booster-demo would shut down)."""
-    import threading
-    if threading.current_thread() is not threading.main_thread():
-        return Lab.up(TOPOLOGY)
-    saved = signal.set_wakeup_fd(-1)
-    try:
-        return Lab.up(TOPOLOGY)       # blocks the loop ~2 s: nothing else runs in the demo yet
-    finally:
-        signal.set_wakeup_fd(saved)
-
-
 async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +110,7 @@ async def run_demo(workdir: Path, say: Callable[[str], None]) -> dict:
     city = grid_city(6, 6, block=200.0, cycle=40.0, seed=4, districts=3)
     trace_path = workdir / "city.npz"
     Simulator(city, cars=400, seed=4).run(240.0).save(trace_path)
-    lab = _lab_up()
+    lab = await Lab.up_async(TOPOLOGY)
     demo = ScaleDemo(lab, workdir / "roles", trace_path)
     try:
         await demo.up()
