@@ -17,7 +17,8 @@ from typing import Callable
 
 from fcd.city import grid_city
 from fcd.sim import Simulator
-from fcd.stack import Stack, free_port, run_gen_async
+from boxcore.procs import free_port
+from fcd.stack import Stack, run_gen_async
 
 
 def _status(port: int) -> dict:

@@ -64,22 +64,24 @@ class Stack:
 
     async def box(self, name: str, city: Path, listen: int, server_udp: int, server_http: int,
                   engine_args: list[str] | None = None, booster_extra: list[str] = (),
-                  control: Path | None = None) -> tuple[Role, Role]:
-        """boxd (user engine, listening on ``listen``, relaying to the server) + fcd-booster."""
+                  control: Path | None = None, *, host: str = "127.0.0.1", server_host: str = "127.0.0.1",
+                  wrap: list[str] | None = None, ready_timeout: float = 20.0) -> tuple[Role, Role]:
+        """boxd (user engine, listening on ``host:listen``, relaying to the server at
+        ``server_host``) + fcd-booster, both behind ``wrap`` (e.g. a lab node's namespace command)."""
         control = control or self.workdir / f"{name}.sock"
         if control.exists():
             control.unlink()
         engine_args = engine_args if engine_args is not None else [
-            "--engine", "user", "--listen", f"udp:127.0.0.1:{listen}=127.0.0.1:{server_udp}"]
+            "--engine", "user", "--listen", f"udp:{host}:{listen}={server_host}:{server_udp}"]
         boxd = self.start(f"{name}-boxd", "boxcore.boxd",
                           [*engine_args, "--control", str(control), "--state", str(self.workdir / f"{name}-state")],
-                          ready=False)
+                          ready=False, wrap=wrap)
         await self.wait_socket(boxd, control)
         booster = self.start(f"{name}-booster", "fcd.booster",
                              ["--control", str(control), "--city", str(city), "--server-udp",
-                              f"127.0.0.1:{server_udp}", "--server-http", f"127.0.0.1:{server_http}",
-                              "--box-id", name, *booster_extra])
-        await self.wait_ready(booster)
+                              f"{server_host}:{server_udp}", "--server-http", f"{server_host}:{server_http}",
+                              "--box-id", name, *booster_extra], wrap=wrap)
+        await self.wait_ready(booster, ready_timeout)
         return boxd, booster
 
 

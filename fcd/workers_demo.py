@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Callable
 
 from boxcore.lab import TOPOLOGY_DIR, Lab
-from boxcore.procs import ProcessGroup, python_module
+from boxcore.procs import python_module
 from boxcore.redisproc import redis_server_binary
 from fcd.city import grid_city
 from fcd.sim import Simulator
+from fcd.stack import Stack
 
 TOPOLOGY = TOPOLOGY_DIR / "fcd-scale.toml"
 FRONT_UDP, FRONT_HTTP, BOX_PORT, REDIS_PORT = 7000, 8080, 7100, 6379
@@ -36,7 +37,8 @@ FRONT_UDP, FRONT_HTTP, BOX_PORT, REDIS_PORT = 7000, 8080, 7100, 6379
 class ScaleDemo:
     def __init__(self, lab: Lab, workdir: Path, trace: Path) -> None:
         self.lab, self.workdir, self.trace = lab, workdir, trace
-        self.group = ProcessGroup(workdir)
+        self.stack = Stack(workdir)
+        self.group = self.stack.group
         self.front_addr = lab.addr("front")
         self.store = f"redis://{lab.addr('store')}:{REDIS_PORT}/0"
 
@@ -67,17 +69,8 @@ class ScaleDemo:
                                                          "--log-level", "warning"], ready=True)
             await self.group.wait_ready(self.workers[name], timeout=60)
         for box in ("box0", "box1"):
-            control = self.workdir / f"{box}.sock"
-            boxd = self.start(box, f"{box}-boxd", [*python_module("boxcore.boxd"), "--engine", "user", "--listen",
-                                                  f"udp:{lab.addr(box)}:{BOX_PORT}={self.front_addr}:{FRONT_UDP}",
-                                                  "--control", str(control), "--state", str(self.workdir / box),
-                                                  "--log-level", "warning"])
-            await self.group.wait_path(boxd, control)
-            booster = self.start(box, f"{box}-booster", [
-                *python_module("fcd.booster"), "--control", str(control), "--city", trace,
-                "--server-udp", f"{self.front_addr}:{FRONT_UDP}", "--server-http", f"{self.front_addr}:{FRONT_HTTP}",
-                "--box-id", box, "--log-level", "warning"], ready=True)
-            await self.group.wait_ready(booster, timeout=60)
+            await self.stack.box(box, self.trace, BOX_PORT, FRONT_UDP, FRONT_HTTP, host=lab.addr(box),
+                                 server_host=self.front_addr, wrap=lab.command(box, []), ready_timeout=60)
         return await self.wait("both workers own partitions",
                                lambda s: {p["owner"] for p in s["stream"]["partitions"]} == {"worker0", "worker1"})
 

@@ -124,7 +124,8 @@ async def settled_box(port: int, box: str, after_seq: int = 0, timeout: float = 
 
 @pytest.mark.slow
 async def test_real_replays_at_two_speeds_give_the_same_requests(tmp_path, small_trace):
-    from fcd.stack import Stack, free_port, run_gen_async
+    from boxcore.procs import free_port
+    from fcd.stack import Stack, run_gen_async
     from fcd.trace import Trace
     short = Trace(small_trace.city, small_trace.probes[small_trace.probes["t"] < 120],
                   small_trace.lights[small_trace.lights["t"] < 120])
