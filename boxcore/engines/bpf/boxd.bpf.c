@@ -590,6 +590,22 @@ static __always_inline int fan_out(struct __sk_buff *skb, __u32 group_id)
 	return TC_ACT_SHOT;       /* the original is replaced by its copies */
 }
 
+/* Hand the packet to ``sk`` (a reference this takes over) and mark it for local delivery; the
+ * packet goes on untouched if the kernel refuses. */
+static __always_inline int assign_to(struct __sk_buff *skb, struct bpf_sock *sk, struct config *cfg, __u32 done)
+{
+	long err = bpf_sk_assign(skb, sk, 0);
+
+	bpf_sk_release(sk);
+	if (err) {
+		count_stat(S_ASSIGN_FAILED);
+		return TC_ACT_OK;
+	}
+	skb->mark = cfg->mark;
+	count_stat(done);
+	return TC_ACT_OK;
+}
+
 /* The server's replies to a booster's onward connection that spoofs the client
  * (connect_onward(spoof_client=True)): addressed to the client, they would be forwarded to it;
  * the booster's own transparent socket holds that 4-tuple, so they are handed to it, as the
@@ -603,7 +619,6 @@ static __always_inline int steer_reply(struct __sk_buff *skb, struct config *cfg
 	struct bpf_sock_tuple tuple = {};
 	struct bpf_sock *sk;
 	__u16 *ports;
-	long err;
 
 	if ((void *)(ip + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) ||
 	    ip->protocol != IPPROTO_TCP || ip->ihl != 5)
@@ -623,15 +638,7 @@ static __always_inline int steer_reply(struct __sk_buff *skb, struct config *cfg
 		bpf_sk_release(sk);
 		return TC_ACT_OK;
 	}
-	err = bpf_sk_assign(skb, sk, 0);
-	bpf_sk_release(sk);
-	if (err) {
-		count_stat(S_ASSIGN_FAILED);
-		return TC_ACT_OK;
-	}
-	skb->mark = cfg->mark;
-	count_stat(S_REPLY_STEERED);
-	return TC_ACT_OK;
+	return assign_to(skb, sk, cfg, S_REPLY_STEERED);
 }
 
 SEC("tc")
@@ -672,8 +679,6 @@ int boxd_tc(struct __sk_buff *skb)
 	if (r->action == A_REDIRECT) {
 		struct iphdr *ip = data + ETH_HLEN;
 		struct bpf_sock *sk;
-		long err;
-
 		__u16 *ports;
 
 		/* the booster's socket is a UDP socket: other protocols go on */
@@ -693,15 +698,7 @@ int boxd_tc(struct __sk_buff *skb)
 			count_stat(S_NO_SOCKET);   /* its booster is gone: the packet goes on */
 			return TC_ACT_OK;
 		}
-		err = bpf_sk_assign(skb, sk, 0);
-		bpf_sk_release(sk);
-		if (err) {
-			count_stat(S_ASSIGN_FAILED);
-			return TC_ACT_OK;
-		}
-		skb->mark = cfg->mark;
-		count_stat(S_ASSIGNED);
-		return TC_ACT_OK;
+		return assign_to(skb, sk, cfg, S_ASSIGNED);
 	}
 	if (r->action == A_INTERCEPT) {
 		/* TCP interception as TPROXY does: a connection's own (transparent) socket first,
@@ -710,7 +707,6 @@ int boxd_tc(struct __sk_buff *skb)
 		struct bpf_sock_tuple tuple = {};
 		struct bpf_sock *sk;
 		__u16 *ports;
-		long err;
 
 		if ((void *)(ip + 1) > data_end || ip->ihl != 5)
 			return TC_ACT_OK;
@@ -740,15 +736,7 @@ int boxd_tc(struct __sk_buff *skb)
 			return TC_ACT_OK;
 		}
 assign:
-		err = bpf_sk_assign(skb, sk, 0);
-		bpf_sk_release(sk);
-		if (err) {
-			count_stat(S_ASSIGN_FAILED);
-			return TC_ACT_OK;
-		}
-		skb->mark = cfg->mark;
-		count_stat(S_ASSIGNED);
-		return TC_ACT_OK;
+		return assign_to(skb, sk, cfg, S_ASSIGNED);
 	}
 	return TC_ACT_OK;
 }
