@@ -10,6 +10,7 @@ from fcd import wire
 from fcd.booster import BoxAggregator
 from fcd.rpc import KeepAliveClient, ReliableUplink
 from fcd.server import FcdServer
+from tests.polling import until
 
 
 def datagrams(trace):
@@ -110,16 +111,13 @@ async def settled_box(port: int, box: str, after_seq: int = 0, timeout: float = 
     (polled: the box and the server are other processes)."""
     import json
     import urllib.request
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        status = await asyncio.to_thread(
-            lambda: json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10).read()))
+
+    def status_once_settled():
+        status = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10).read())
         entry = status["boxes"].get(box, {})
-        if entry.get("idle") and entry.get("stats_seq", 0) > after_seq:
-            return status
-        assert loop.time() < deadline, status
-        await asyncio.sleep(0.2)
+        return status if entry.get("idle") and entry.get("stats_seq", 0) > after_seq else None
+    return await until(lambda: asyncio.to_thread(status_once_settled), f"box {box}'s final counters", timeout,
+                       step=0.2)
 
 
 @pytest.mark.slow

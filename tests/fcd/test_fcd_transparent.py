@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from fcd.stack import Stack
+from tests.polling import until
 
 STATUS = ("import json, sys, urllib.request; "
           "print(urllib.request.urlopen(f'http://{sys.argv[1]}/status', timeout=10).read().decode())")
@@ -19,18 +20,10 @@ def server_status(lab, addr):
     return json.loads(out.stdout)
 
 
-async def until(condition, what: str, timeout: float = 30.0):
-    """Poll ``condition()`` (run in a thread) until it returns a true value: across namespaces and
-    processes there is no event to wait on."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await asyncio.to_thread(condition)
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
+async def until_in_thread(condition, what: str, timeout: float = 30.0, step: float = 0.1):
+    """:func:`tests.polling.until` of ``condition()`` run in a thread (it runs commands in the lab's
+    namespaces): across namespaces and processes there is no event to wait on."""
+    return await until(lambda: asyncio.to_thread(condition), what, timeout, step=step)
 
 
 def gen(lab, trace, target, seconds):
@@ -72,7 +65,7 @@ async def test_transparent_placement_with_the_linux_engine(tmp_path, small_trace
             status = server_status(lab, f"{server_ip}:8080")
             return status if status["boxes"].get("edge", {}).get("idle") else None
 
-        status = await until(final_box_report, "the box's final counters")
+        status = await until_in_thread(final_box_report, "the box's final counters")
         assert status["udp"]["received"] == 0                 # nothing reached the server raw
         assert status["boxes"]["edge"]["received"] == sent    # the box saw every packet
         assert status["counters"]["reports_box"] > 10
@@ -80,10 +73,10 @@ async def test_transparent_placement_with_the_linux_engine(tmp_path, small_trace
 
         # the booster goes away: its rules are removed and the traffic passes again (fail-open)
         await stack.stop(booster)
-        await until(lambda: "NFQUEUE" not in lab.run("box", ["iptables-save"], timeout=30).stdout,
+        await until_in_thread(lambda: "NFQUEUE" not in lab.run("box", ["iptables-save"], timeout=30).stdout,
                     "the booster's NFQUEUE rules to go")
         sent_after = (await asyncio.to_thread(gen, lab, trace, udp, 1))["sent"]
-        await until(lambda: server_status(lab, f"{server_ip}:8080")["udp"]["received"] >= sent_after,
+        await until_in_thread(lambda: server_status(lab, f"{server_ip}:8080")["udp"]["received"] >= sent_after,
                     "the raw datagrams at the server")
         status = await asyncio.to_thread(server_status, lab, f"{server_ip}:8080")
         assert status["udp"]["received"] == sent_after

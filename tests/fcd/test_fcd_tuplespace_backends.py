@@ -11,6 +11,7 @@ import pytest
 from fcd.tuplespace import LocalTupleSpace, Space, TupleSpaceClient, TupleSpaceError, TupleSpaceServer
 from fcd.tuplespace_redis import RedisTupleSpace
 from tests.redis_support import redis_cluster, redis_node  # noqa: F401  (fixtures)
+from tests.polling import until
 
 _names = itertools.count()
 
@@ -111,12 +112,9 @@ async def test_leases_expire(space):
     await space.out(("lease", 2))
     assert await space.rdp(("lease", 1)) == ("lease", 1)
     # leases run on each backend's own clock: wait for the expiry to be seen, with a deadline
-    for _ in range(200):
-        if await space.rd_all(("lease", int)) == [("lease", 2)]:
-            break
-        await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("a leased tuple outlived its lease")
+    async def only_the_unleased_one_left():
+        return await space.rd_all(("lease", int)) == [("lease", 2)]
+    await until(only_the_unleased_one_left, "the leased tuple to expire", timeout=10)
 
 
 async def test_notify_sees_matching_writes(space):
@@ -140,11 +138,9 @@ async def test_bounds_are_refused_with_a_reason(space):
 
 async def _until_waiting(space, count: int) -> None:
     """Wait until ``count`` callers are queued in the space (each backend shows its own queue)."""
-    for _ in range(500):
-        if await _waiting(space) >= count:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{count} waiters never queued")
+    async def queued():
+        return await _waiting(space) >= count
+    await until(queued, f"{count} waiters queued")
 
 
 async def _waiting(space) -> int:
@@ -171,10 +167,8 @@ async def test_redis_clients_share_one_space_and_a_dead_waiter_swallows_nothing(
         assert int(await a.client.hlen(f"{a.prefix}:wt")) == 0
         stale = await b._run("get", b._pack_template(("late", int)), 1, 1, 100, 10)   # ... a crash does not:
         assert stale[0] == 2                                                          # queued, never served
-        for _ in range(500):    # its deadline (100 ms, Redis's clock) passes with nobody refreshing it
-            if await _deadline_passed(a, stale[1]):
-                break
-            await asyncio.sleep(0.01)
+        # its deadline (100 ms, Redis's clock) passes with nobody refreshing it
+        await until(lambda: _deadline_passed(a, stale[1]), "the dead waiter's deadline")
         await a.out(("late", 1))
         assert await a.rdp(("late", int)) == ("late", 1)
         assert (await a.server_stats())["stale_waiters"] == 1
@@ -184,11 +178,9 @@ async def test_redis_clients_share_one_space_and_a_dead_waiter_swallows_nothing(
 
 
 async def _until_queued(space, count: int) -> None:
-    for _ in range(500):
-        if int(await space.client.hlen(f"{space.prefix}:wt")) >= count:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{count} waiters never queued")
+    async def queued():
+        return int(await space.client.hlen(f"{space.prefix}:wt")) >= count
+    await until(queued, f"{count} waiters queued in Redis")
 
 
 async def _deadline_passed(space, waiter_id) -> bool:
