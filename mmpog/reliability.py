@@ -330,19 +330,17 @@ class ClientEndpoint:
             return
         if header.kind is Kind.BUNDLE:
             try:
-                items = wire.unpack(header, payload)     # each item checked to be of this location, unnested
+                # each item checked to be of this location and unnested, and decoded, in one pass
+                items, malformed = wire.decode_bundle(header, payload)
             except WireDecodeError:
                 self.stats["malformed"] += 1
                 return
             self.stats["bundles"] += 1
-            decode = wire.decode
-            for item in items:
-                try:
-                    item_header, item_payload = decode(item)
-                except WireDecodeError:
-                    self.stats["malformed"] += 1       # one bad item loses nothing else of the bundle
-                    continue
-                self._handle(item_header, item_payload, now)
+            if malformed:
+                self.stats["malformed"] += malformed   # one bad item loses nothing else of the bundle
+            handle = self._handle
+            for item_header, item_payload in items:
+                handle(item_header, item_payload, now)
         else:
             self._handle(header, payload, now)
         self._maybe_nack(now)          # once per datagram: a bundle's gaps go out in one NACK
