@@ -6,7 +6,8 @@ At 64 players in one location every bot receives 63 x 10 updates/s; KCP's and EN
 in C, mmpog's in Python, so this path decides whether the bots keep up within their CPU budget.
 One synthetic stream is built as the reflector sends it to one member (updates from 63 other
 players, 25% reliable with consecutive seqs, unreliable ones carrying the last seq, ``--loss``
-of the datagrams dropped so gap detection and NACKs run too, ``--bundle`` updates per BUNDLE)
+of the updates dropped so gap detection and NACKs run too, each lost reliable one arriving again
+as the reflector's retransmission a few updates later, ``--bundle`` updates per BUNDLE)
 and is timed (``time.process_time``, the best of ``--repeat`` passes) through three stages:
 
 * ``wire``: ``wire.decode`` of every datagram and ``wire.decode_bundle`` of each BUNDLE;
@@ -39,7 +40,7 @@ from cliruntime import RunContext, make_parser, positive_int, run_async
 from . import wire
 from .bots import UPDATE, Bot, BotClient
 from .reliability import ClientEndpoint, ReflectorCore
-from .wire import RELIABLE, Header, Kind
+from .wire import RELIABLE, RETRANSMIT, Header, Kind
 
 LOCATION = 7
 PLAYER = 1
@@ -55,6 +56,7 @@ def build_stream(updates: int, bundle: int, loss: float, payload: int, seed: int
     numbers = [0] * (SENDERS + 2)
     last = 0
     items = []
+    repairs: list[tuple[int, bytes]] = []
     for i in range(updates):
         sender = 2 + i % SENDERS
         number = numbers[sender]
@@ -67,6 +69,11 @@ def build_stream(updates: int, bundle: int, loss: float, payload: int, seed: int
                            UPDATE.pack(sender, number, i / RATE) + pad)
         if rng.random() >= loss:
             items.append(data)
+        elif reliable:
+            # the reflector's answer to the NACK the next datagram lets the client send: two datagrams later
+            repairs.append((i + 2 * bundle, wire.restamp(data, last, max(1, last - 1023), RELIABLE | RETRANSMIT)))
+        while repairs and repairs[0][0] <= i:
+            items.append(repairs.pop(0)[1])
     return [packed for start in range(0, len(items), bundle) for packed in wire.pack(items[start:start + bundle])]
 
 
