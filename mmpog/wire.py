@@ -152,6 +152,9 @@ def _validated(version: int, kind_code: int, flags: int, reserved: int, rto_ms: 
         if seq == 0 and flags & RELIABLE and lowest:
             # a reflector-forwarded reliable packet always has a seq; a client's one has neither
             raise WireDecodeError("reliable DATA with lowest set but no seq")
+    elif kind is _BUNDLE:          # second: what the reflector sends a busy location
+        if length < BUNDLE_ITEM.size + HEADER_SIZE or flags or rto_ms or sender or packet_id or seq or lowest:
+            raise WireDecodeError("BUNDLE carries only a location and at least one datagram")
     elif kind is _HEARTBEAT:
         if length or packet_id or sender or flags:
             raise WireDecodeError("HEARTBEAT carries no payload, packet id, sender or flags")
@@ -173,9 +176,6 @@ def _validated(version: int, kind_code: int, flags: int, reserved: int, rto_ms: 
     elif kind is _BYE:
         if length or flags or seq or lowest:
             raise WireDecodeError("BYE carries no payload, flags, seq or lowest")
-    elif kind is _BUNDLE:
-        if length < BUNDLE_ITEM.size + HEADER_SIZE or flags or rto_ms or sender or packet_id or seq or lowest:
-            raise WireDecodeError("BUNDLE carries only a location and at least one datagram")
     return _new_header(Header, (kind, flags, rto_ms, location, sender, packet_id, seq, lowest))
 
 
