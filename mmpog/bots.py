@@ -33,6 +33,7 @@ from .reliability import ClientConfig, Delivered, Event, Expired, Received, Unre
 log = logging.getLogger("mmpog.bots")
 
 UPDATE = struct.Struct("!HId")   # bot index, update number, send time (time.monotonic(): one clock per host)
+_unpack_update = UPDATE.unpack_from
 GUARD = 0.3
 CELL = 100.0
 
@@ -199,14 +200,16 @@ class Bot:
     missing_at_end: set = field(default_factory=set)    # (location, seq) still being recovered when the run ended
 
     def on_event(self, event: Event) -> None:
-        if type(event) is Received:
-            sender, number, sent_at = UPDATE.unpack_from(event.payload)
+        if type(event) is Received:       # 40k/s at 64 players x 1 location: the rest is rare
+            now = event.now
+            sender, number, sent_at = _unpack_update(event.payload)
             key = (sender, number)
-            if key in self.got:
+            got = self.got
+            if key in got:
                 self.duplicates += 1     # would be a protocol bug: the library filters duplicates
             else:
-                self.got[key] = event.now - sent_at
-                arrival = self.client.arrival_of(event.now)
+                got[key] = now - sent_at
+                arrival = self.client.arrival_of(now)
                 if arrival is not None:
                     self.arrived[key] = arrival - sent_at
         elif type(event) is Delivered:

@@ -39,6 +39,7 @@ from .reliability import Address, ClientConfig, ClientEndpoint, Event, Joined, J
 
 log = logging.getLogger("mmpog.client")
 
+_JOIN_OUTCOMES = frozenset((Joined, JoinFailed))   # the events a join() waits for (final classes: type() is exact)
 LOCATION_SLICE = slice(wire.LOCATION_OFFSET, wire.LOCATION_OFFSET + 4)   # routing before a full decode
 
 
@@ -239,11 +240,12 @@ class GameClient:
         on_event = self.on_event
         earliest = float("inf")
         for endpoint, _ in self._endpoints.values():
-            while (event := endpoint.next_event()) is not None:
-                if isinstance(event, (Joined, JoinFailed)):
+            next_event = endpoint.next_event
+            while (event := next_event()) is not None:
+                if type(event) in _JOIN_OUTCOMES:
                     waiter = self._join_waiters.get(event.location)
                     if waiter is not None and not waiter.done():
-                        waiter.set_result(isinstance(event, Joined))
+                        waiter.set_result(type(event) is Joined)
                 on_event(event)
             timer = endpoint.get_timer()
             if timer is not None and timer < earliest:

@@ -42,6 +42,7 @@ from . import wire
 from .wire import RELIABLE, RETRANSMIT, Header, Kind, WireDecodeError
 
 Address = tuple[str, int]
+_DATA, _HEARTBEAT, _WELCOME, _BUNDLE = Kind.DATA, Kind.HEARTBEAT, Kind.WELCOME, Kind.BUNDLE   # hot-path names
 
 
 # ====================================================================== RTO (RFC 6298)
@@ -328,40 +329,47 @@ class ClientEndpoint:
             return
         if self.closed:
             return
-        if header.kind is Kind.BUNDLE:
+        if header.kind is _BUNDLE:
             try:
-                items = wire.unpack(header, payload)     # each item checked to be of this location, unnested
+                # each item checked to be of this location and unnested, and decoded, in one pass
+                items, malformed = wire.decode_bundle(header, payload)
             except WireDecodeError:
                 self.stats["malformed"] += 1
                 return
             self.stats["bundles"] += 1
-            decode = wire.decode
-            for item in items:
-                try:
-                    item_header, item_payload = decode(item)
-                except WireDecodeError:
-                    self.stats["malformed"] += 1       # one bad item loses nothing else of the bundle
-                    continue
-                self._handle(item_header, item_payload, now)
+            if malformed:
+                self.stats["malformed"] += malformed   # one bad item loses nothing else of the bundle
+            if self.joined:
+                on_data, handle = self._on_data, self._handle
+                for item_header, item_payload in items:
+                    if item_header[0] is _DATA:        # the game's updates: straight to their handler
+                        on_data(item_header, item_payload, now)
+                    else:
+                        handle(item_header, item_payload, now)
+            else:
+                for item_header, item_payload in items:
+                    self._handle(item_header, item_payload, now)
         else:
             self._handle(header, payload, now)
-        self._maybe_nack(now)          # once per datagram: a bundle's gaps go out in one NACK
+        due = self._missing_due
+        if due is not None and due <= now:
+            self._maybe_nack(now)      # once per datagram: a bundle's gaps go out in one NACK
 
     def _handle(self, header: Header, payload: bytes, now: float) -> None:
         kind = header.kind
-        if kind is Kind.DATA:
+        if kind is _DATA:
             if not self.joined:
                 self.stats["before_join"] += 1
                 return
             self._on_data(header, payload, now)
-        elif kind is Kind.HEARTBEAT:
+        elif kind is _HEARTBEAT:
             if not self.joined:
                 self.stats["before_join"] += 1
                 return
             self.stats["heartbeats"] += 1
             self._account_up_to(header.seq, now)
             self._on_lowest(header.lowest)
-        elif kind is Kind.WELCOME:
+        elif kind is _WELCOME:
             self._on_welcome(header, now)
         else:
             self.stats["unexpected_kind"] += 1
@@ -500,41 +508,51 @@ class ClientEndpoint:
         self._event(Joined(self.location, header.seq))
 
     def _on_data(self, header: Header, payload: bytes, now: float) -> None:
-        flags, seq = header.flags, header.seq
+        # the per-update path (40k/s in a bot at 64 players x 1 location): fields unpacked once, the
+        # in-order case of every step inline, the rest in the helpers it always called
+        _, flags, _, _, sender, packet_id, seq, lowest = header
+        stats = self.stats
         reliable = flags & RELIABLE
-        if reliable and seq == 0:
-            self.stats["malformed"] += 1      # the reflector sequences every reliable packet it forwards
-            return
         if reliable:
+            if seq == 0:
+                stats["malformed"] += 1      # the reflector sequences every reliable packet it forwards
+                return
             if flags & RETRANSMIT:
-                self.stats["retransmissions_received"] += 1
+                stats["retransmissions_received"] += 1
                 self._last_repair = now
-            fresh_seq = self._on_seq(seq, now)
+            if seq == self._highest + 1:     # the next seq, nothing missed (_on_seq's common case)
+                self._highest = seq
+                stats["seqs_accounted"] += 1
+                fresh_seq = True
+            else:
+                fresh_seq = self._on_seq(seq, now)
         else:
             fresh_seq = True
             if seq > self._highest:
                 # an unreliable packet carries the location's last seq: it reveals a lost reliable one too
-                self.stats["gaps_from_unreliable"] += 1
+                stats["gaps_from_unreliable"] += 1
                 self._account_up_to(seq, now)
-        if header.lowest > self._lowest or self._missing:
-            self._on_lowest(header.lowest)
-        if header.sender == self.player:
-            self._on_echo(header.packet_id, seq, now)
+        missing = self._missing
+        if lowest > self._lowest or (missing and next(iter(missing)) < self._lowest):
+            self._on_lowest(lowest)          # (missing seqs are kept in ascending order)
+        if sender == self.player:
+            self._on_echo(packet_id, seq, now)
             return
-        key = (header.sender, header.packet_id)
-        if not fresh_seq or key in self._seen:
-            self.stats["duplicates"] += 1
+        key = (sender, packet_id)
+        seen = self._seen
+        if not fresh_seq or key in seen:
+            stats["duplicates"] += 1
             return
         seen_order = self._seen_order
         if len(seen_order) >= self.config.dup_window:
-            self._seen.discard(seen_order.popleft())
-            self.stats["dup_window_evicted"] += 1
-        self._seen.add(key)
+            seen.discard(seen_order.popleft())
+            stats["dup_window_evicted"] += 1
+        seen.add(key)
         seen_order.append(key)
-        self.stats["received"] += 1
+        stats["received"] += 1
         if reliable:
-            self.stats["received_reliable"] += 1
-        self._event(Received(header.sender, header.packet_id, payload, bool(reliable), seq, now, self.location))
+            stats["received_reliable"] += 1
+        self._event(Received(sender, packet_id, payload, bool(reliable), seq, now, self.location))
 
     def _on_echo(self, packet_id: int, seq: int, now: float) -> None:
         pending = self._pending.pop(packet_id, None)

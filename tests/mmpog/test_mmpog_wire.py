@@ -198,3 +198,50 @@ def test_unpack_never_raises_anything_but_wire_decode_error(blob_parts):
         wire.unpack(header, b"".join(blob_parts))
     except WireDecodeError:
         pass
+
+
+def _unpack_then_decode(header, payload):
+    """The two-pass reference: frame the items, then decode each (a bad item is left out and counted)."""
+    items, malformed = [], 0
+    for item in wire.unpack(header, payload):
+        try:
+            items.append(wire.decode(item))
+        except WireDecodeError:
+            malformed += 1
+    return items, malformed
+
+
+@st.composite
+def bundle_payloads(draw):
+    """Items framed as a BUNDLE carries them: plausible datagrams (some corrupted), sometimes a bad frame."""
+    parts = []
+    for data in draw(st.lists(plausible_datagrams(), max_size=12)):
+        length = len(data) if draw(st.integers(0, 9)) else draw(st.integers(0, 0xFFFF))
+        parts.append(wire.BUNDLE_ITEM.pack(length) + data)
+    if draw(st.booleans()):
+        parts.append(draw(st.binary(max_size=40)))
+    return b"".join(parts)
+
+
+@given(bundle_payloads(), st.integers(0, 3))
+@settings(max_examples=300, deadline=None)
+def test_decode_bundle_is_unpack_then_decode_in_one_pass(payload, location):
+    header = Header(Kind.BUNDLE, location=location)
+    try:
+        expected = _unpack_then_decode(header, payload)
+    except WireDecodeError as exc:
+        with pytest.raises(WireDecodeError) as raised:
+            wire.decode_bundle(header, payload)
+        assert str(raised.value) == str(exc)          # the same error, saying the same thing
+        return
+    assert wire.decode_bundle(header, payload) == expected
+
+
+def test_decode_bundle_keeps_good_items_around_a_bad_one():
+    good = [wire.encode(Header(Kind.DATA, 0, 3, 7, 1, n, seq=4, lowest=1), bytes(8)) for n in range(3)]
+    bad = bytearray(good[1])
+    bad[2] = 0x80                                      # unknown flag
+    payload = b"".join(wire.BUNDLE_ITEM.pack(len(d)) + d for d in (good[0], bytes(bad), good[2]))
+    items, malformed = wire.decode_bundle(Header(Kind.BUNDLE, location=7), payload)
+    assert malformed == 1
+    assert [h.packet_id for h, _ in items] == [0, 2] and all(p == bytes(8) for _, p in items)

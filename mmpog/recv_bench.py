@@ -1,0 +1,231 @@
+"""What one received update costs a game client in CPU: the receive path of ``mmpog-bots``, stage by stage.
+
+    python -m mmpog.recv_bench --updates 200000 --bundle 14 --json out/recv.json [--profile]
+
+At 64 players in one location every bot receives 63 x 10 updates/s; KCP's and ENet's bots decode
+in C, mmpog's in Python, so this path decides whether the bots keep up within their CPU budget.
+One synthetic stream is built as the reflector sends it to one member (updates from 63 other
+players, 25% reliable with consecutive seqs, unreliable ones carrying the last seq, ``--loss``
+of the updates dropped so gap detection and NACKs run too, each lost reliable one arriving again
+as the reflector's retransmission a few updates later, ``--bundle`` updates per BUNDLE)
+and is timed (``time.process_time``, the best of ``--repeat`` passes) through three stages:
+
+* ``wire``: ``wire.decode`` of every datagram and ``wire.decode_bundle`` of each BUNDLE;
+* ``endpoint``: a joined :class:`~mmpog.reliability.ClientEndpoint`'s ``receive_datagram`` and its
+  events drained (dedup, gap detection, NACKs, events);
+* ``bot``: :meth:`mmpog.bots.BotClient.receive_datagrams` in batches of ``--batch`` datagrams with
+  the bots' own bookkeeping (:meth:`mmpog.bots.Bot.on_event`), joined through a real
+  :class:`~mmpog.reliability.ReflectorCore` over loopback sockets; the socket reads themselves are
+  not in it (they are the kernel's, the same for every stack).
+
+Figures are microseconds of CPU per update; compare them within one run or between two runs on a
+quiet machine, never against a fixed number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import json
+import pstats
+import random
+import socket
+import time
+from pathlib import Path
+
+from cliruntime import RunContext, make_parser, positive_int, run_async
+
+from . import wire
+from .bots import UPDATE, Bot, BotClient
+from .reliability import ClientEndpoint, ReflectorCore
+from .wire import RELIABLE, RETRANSMIT, Header, Kind
+
+LOCATION = 7
+PLAYER = 1
+TOKEN = b"recv-bench-token"
+SENDERS = 63
+RATE = SENDERS * 10.0             # updates per second one member receives at 64 players x 1 location
+
+
+def build_stream(updates: int, bundle: int, loss: float, payload: int, seed: int) -> list[bytes]:
+    """The datagrams the reflector sends one member: ``updates`` DATA updates packed ``bundle`` per datagram."""
+    rng = random.Random(seed)
+    pad = bytes(payload - UPDATE.size)
+    numbers = [0] * (SENDERS + 2)
+    last = 0
+    items = []
+    repairs: list[tuple[int, bytes]] = []
+    for i in range(updates):
+        sender = 2 + i % SENDERS
+        number = numbers[sender]
+        numbers[sender] += 1
+        reliable = rng.random() < 0.25
+        if reliable:
+            last += 1
+        data = wire.encode(Header(Kind.DATA, RELIABLE if reliable else 0, 5, LOCATION, sender, number + 1,
+                                  last, max(1, last - 1023) if last else 0),
+                           UPDATE.pack(sender, number, i / RATE) + pad)
+        if rng.random() >= loss:
+            items.append(data)
+        elif reliable:
+            # the reflector's answer to the NACK the next datagram lets the client send: two datagrams later
+            repairs.append((i + 2 * bundle, wire.restamp(data, last, max(1, last - 1023), RELIABLE | RETRANSMIT)))
+        while repairs and repairs[0][0] <= i:
+            items.append(repairs.pop(0)[1])
+    return [packed for start in range(0, len(items), bundle) for packed in wire.pack(items[start:start + bundle])]
+
+
+def _times(count_updates: int, datagrams: list[bytes]) -> list[float]:
+    """A receive time for each datagram: the stream's pace at 630 updates/s from t=1000 s."""
+    step = count_updates / RATE / max(1, len(datagrams))
+    return [1000.0 + i * step for i in range(len(datagrams))]
+
+
+def stage_wire(datagrams: list[bytes]) -> None:
+    decode, decode_bundle, bundle = wire.decode, wire.decode_bundle, Kind.BUNDLE
+    for data in datagrams:
+        header, payload = decode(data)
+        if header.kind is bundle:
+            decode_bundle(header, payload)
+
+
+def _joined_endpoint(welcome_at: float) -> ClientEndpoint:
+    reflector = ReflectorCore()
+    reflector.add_member(LOCATION, PLAYER, TOKEN)
+    endpoint = ClientEndpoint(PLAYER, LOCATION, TOKEN, rng=random.Random(1))
+    endpoint.connect(welcome_at)
+    for hello in endpoint.datagrams_to_send(welcome_at):
+        reflector.receive_datagram(hello, ("127.0.0.1", 9), welcome_at)
+    for welcome, _ in reflector.datagrams_to_send(welcome_at):
+        endpoint.receive_datagram(welcome, welcome_at + 0.0005)
+    assert endpoint.joined
+    while endpoint.next_event() is not None:
+        pass
+    return endpoint
+
+
+def stage_endpoint(datagrams: list[bytes], times: list[float]) -> ClientEndpoint:
+    endpoint = _joined_endpoint(times[0] - 1)
+    receive, next_event = endpoint.receive_datagram, endpoint.next_event
+    for data, now in zip(datagrams, times):
+        receive(data, now)
+        while next_event() is not None:
+            pass
+        endpoint.datagrams_to_send(now)
+    return endpoint
+
+
+async def _joined_bot() -> tuple[Bot, socket.socket]:
+    """A BotClient joined through a ReflectorCore behind a loopback socket (the bench plays the reflector)."""
+    reflector_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    reflector_sock.bind(("127.0.0.1", 0))
+    reflector_sock.setblocking(False)
+    reflector_addr = reflector_sock.getsockname()
+    core = ReflectorCore()
+    core.add_member(LOCATION, PLAYER, TOKEN)
+    client = BotClient("http://127.0.0.1:9", "bench", "unused", rng=random.Random(1))
+    client.player = PLAYER                     # what /login would have said
+    bot = Bot(0, client, random.Random(1))
+    client.on_event = bot.on_event
+    await client.start()
+    join = asyncio.ensure_future(client.join(LOCATION, TOKEN, reflector_addr))
+    while not join.done():
+        try:
+            data, addr = reflector_sock.recvfrom(2048)
+        except BlockingIOError:
+            await asyncio.sleep(0.001)
+            continue
+        core.receive_datagram(data, addr, time.monotonic())
+        for out, dest in core.datagrams_to_send(time.monotonic()):
+            reflector_sock.sendto(out, dest if isinstance(dest, tuple) else addr)
+    await join
+    return bot, reflector_sock
+
+
+def stage_bot(bot: Bot, datagrams: list[bytes], times: list[float], batch: int) -> None:
+    receive = bot.client.receive_datagrams
+    pairs = list(zip(datagrams, times))
+    for start in range(0, len(pairs), batch):
+        receive(pairs[start:start + batch])
+
+
+def _best(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.process_time()
+        fn()
+        best = min(best, time.process_time() - started)
+    return best
+
+
+async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
+    datagrams = build_stream(args.updates, args.bundle, args.loss, args.payload, args.seed)
+    times = _times(args.updates, datagrams)
+    endpoint = stage_endpoint(datagrams, times)                # warm-up, and the count of what arrived
+    received = endpoint.stats["received"] + endpoint.stats["duplicates"]
+    result: dict = {"updates_offered": args.updates, "updates_received": received, "datagrams": len(datagrams),
+                    "bundle": args.bundle, "loss": args.loss, "batch": args.batch, "repeat": args.repeat,
+                    "us_per_update": {}, "endpoint_stats": {k: v for k, v in endpoint.stats.items() if v}}
+    result["us_per_update"]["wire"] = _best(lambda: stage_wire(datagrams), args.repeat) / received * 1e6
+    result["us_per_update"]["endpoint"] = _best(lambda: stage_endpoint(datagrams, times), args.repeat) / received * 1e6
+    bots = []
+
+    async def fresh_bot() -> Bot:
+        bot, sock = await _joined_bot()
+        bots.append((bot, sock))
+        return bot
+
+    best = float("inf")
+    for _ in range(args.repeat):
+        bot = await fresh_bot()
+        started = time.process_time()
+        stage_bot(bot, datagrams, times, args.batch)
+        best = min(best, time.process_time() - started)
+        assert len(bot.got) == endpoint.stats["received"], (len(bot.got), endpoint.stats["received"])
+    profile = None
+    if args.profile:
+        bot = await fresh_bot()                                # one more pass, profiled (not timed)
+        profile = cProfile.Profile()
+        profile.runcall(stage_bot, bot, datagrams, times, args.batch)
+    result["us_per_update"]["bot"] = best / received * 1e6
+    result["us_per_update"] = {k: round(v, 3) for k, v in result["us_per_update"].items()}
+    for bot, sock in bots:
+        await bot.client.close()
+        sock.close()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if profile is not None:
+        out = io.StringIO()
+        pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(args.profile)
+        print(out.getvalue())
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("python -m mmpog.recv_bench", __doc__.split("\n\n")[0],
+                         examples=["python -m mmpog.recv_bench --updates 200000 --bundle 14 --json out/recv.json",
+                                   "python -m mmpog.recv_bench --bundle 1 --profile 20"])
+    parser.add_argument("--updates", type=positive_int, default=200_000, help="updates in the stream")
+    parser.add_argument("--bundle", type=positive_int, default=14, help="updates per datagram (1: no BUNDLE)")
+    parser.add_argument("--loss", type=float, default=0.05, help="fraction of updates dropped before packing")
+    parser.add_argument("--payload", type=positive_int, default=64)
+    parser.add_argument("--batch", type=positive_int, default=8, help="datagrams per receive_datagrams call")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="passes per stage; the fastest counts")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="cProfile the bot stage and print its N most expensive functions")
+    parser.add_argument("--json", type=Path, default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_async(build_parser(), amain, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
