@@ -35,6 +35,7 @@ from tools.stats import percentile
 log = logging.getLogger("bench.fcd")
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+CGROUP_CPUACCT = Path("/sys/fs/cgroup/cpuacct")   # where v1 mounts cpuacct apart from cpu
 LOSS_KNEE = 0.01        # the knee: offered load where loss first exceeds 1%
 DEFAULT_RATES = [1000, 4000, 8000, 12000, 16000, 20000, 24000, 28000, 32000, 40000, 48000, 56000, 64000, 72000,
                  80000]
@@ -57,6 +58,13 @@ class CpuBudgets:
         self.base = CGROUP_CPU / f"bbfcd-{secrets.token_hex(3)}"
         self.base.mkdir()
         self.groups: dict[str, Path] = {}
+        # CPU used is read from cpuacct: the cpu group itself when both controllers share a
+        # mount, else a twin group under the separate cpuacct mount holding the same processes
+        self.acct_base = None
+        if not (self.base / "cpuacct.usage").exists() and (CGROUP_CPUACCT / "cpuacct.usage").exists():
+            self.acct_base = CGROUP_CPUACCT / self.base.name
+            self.acct_base.mkdir()
+        self.acct_groups: dict[str, Path] = {}
 
     def group(self, name: str) -> Path:
         if name not in self.groups:
@@ -65,16 +73,28 @@ class CpuBudgets:
             (path / "cpu.cfs_period_us").write_text(str(self.period_us))
             (path / "cpu.cfs_quota_us").write_text(str(self.quota_us))
             self.groups[name] = path
+            if self.acct_base is not None:
+                self.acct_groups[name] = self.acct_base / name
+                self.acct_groups[name].mkdir()
         return self.groups[name]
 
     def add(self, name: str, pid: int) -> None:
         (self.group(name) / "cgroup.procs").write_text(str(pid))
+        if name in self.acct_groups:
+            (self.acct_groups[name] / "cgroup.procs").write_text(str(pid))
 
     def usage_s(self, name: str) -> float:
+        """CPU seconds the group's processes have used (nan without a cpuacct controller)."""
+        group = self.group(name)
         try:
-            return int((self.group(name) / "cpuacct.usage").read_text()) / 1e9
+            return int((self.acct_groups.get(name, group) / "cpuacct.usage").read_text()) / 1e9
         except OSError:
             return float("nan")
+
+    def periods(self, name: str) -> tuple[int, int]:
+        """(CFS periods elapsed, periods in which the group was throttled) so far."""
+        stat = dict(line.split() for line in (self.group(name) / "cpu.stat").read_text().splitlines())
+        return int(stat.get("nr_periods", 0)), int(stat.get("nr_throttled", 0))
 
     def throttled(self, name: str) -> int:
         for line in (self.group(name) / "cpu.stat").read_text().splitlines():
@@ -84,18 +104,22 @@ class CpuBudgets:
         return 0
 
     def cleanup(self) -> None:
-        for path in list(self.groups.values()):
+        for root, groups, base in ((CGROUP_CPU, self.groups, self.base),
+                                   (CGROUP_CPUACCT, self.acct_groups, self.acct_base)):
+            for path in list(groups.values()):
+                try:
+                    pids = (path / "cgroup.procs").read_text().split()
+                    for pid in pids:   # our own processes only; they should be gone already
+                        (root / "cgroup.procs").write_text(pid)
+                    path.rmdir()
+                except OSError as exc:
+                    log.warning("cannot remove cgroup %s: %s", path, exc)
+            if base is None:
+                continue
             try:
-                pids = (path / "cgroup.procs").read_text().split()
-                for pid in pids:   # our own processes only; they should be gone already
-                    (CGROUP_CPU / "cgroup.procs").write_text(pid)
-                path.rmdir()
+                base.rmdir()
             except OSError as exc:
-                log.warning("cannot remove cgroup %s: %s", path, exc)
-        try:
-            self.base.rmdir()
-        except OSError as exc:
-            log.warning("cannot remove cgroup %s: %s", self.base, exc)
+                log.warning("cannot remove cgroup %s: %s", base, exc)
 
 
 class NoBudgets:
