@@ -14,15 +14,23 @@ JSON: ``knee_pps`` {workers: pps}, ``knee_ratio_4_over_1``, ``worker_rows`` (one
 Route look-ups: the in-car routers (``fcd-route``) all read the server's predictions from the
 tuplespace.  For 1..64 concurrent routers this measures look-ups per second against today's
 tuplespace server (``fcd-tuplespace``, msgpack over TCP) and against the tuplespace on Redis
-(``redis-server``), each store in its own cgroup v1 CPU budget (``--budget`` of one core), the
-routers outside it.  A look-up is what a router asks of the store before planning: every current
-traverse-time prediction (``rd_all(("fcd.traverse", int, int, list))``) reduced to the newest per
-road (``fcd.route.latest_times``); the shortest-path search after it is the car's own CPU and the
+(``redis-server``), each store in its own cgroup v1 CPU budget (``--budget``, 0.1 of one core),
+the routers (``--processes`` processes) in a group of their own with every core
+(``--router-budget``), there to account their CPU.  A look-up is what a router asks of the store
+before planning: every current traverse-time prediction (``rd_all(("fcd.traverse", int, int,
+list))``, one round trip on either store) reduced to the newest per road
+(``fcd.route.latest_times``); the shortest-path search after it is the car's own CPU and the
 same for both stores, so it is left out.  The store holds ``--runs`` prediction runs of a
 ``--grid`` city, as fcd-server publishes them.
 
+Which side bound a point: over the measured window each row has both groups' CPU seconds, CFS
+periods and throttled periods (``store_*``, ``routers_*``, per look-up too) and ``bound``:
+``store`` when only the store was throttled in at least half of its periods (the figure measures
+the store), ``routers`` when only the routers were, ``machine`` when neither (the routers could
+not get the CPU they were allowed: other load on the machine).
+
 JSON: ``route_lookups`` {``redis``: {clients: per second}, ``tcp``: {...}}, ``rows`` (one per
-point, with the store's CPU seconds used), ``ratio_at_max_clients``; a PNG plot with ``--plot``.
+point), ``ratio_at_max_clients``; a PNG plot with ``--plot``.
 """
 
 from __future__ import annotations
@@ -465,7 +473,7 @@ def register(subparsers) -> None:
     p.add_argument("--duration", type=float, default=3.0, help="seconds per point")
     p.add_argument("--budget", type=float, default=0.1,
                    help="the store's CPU budget (fraction of one core): small enough that the routers, "
-                        "outside it, are not what limits the figure on a small machine")
+                        "outside it, are not what limits the figure on a small machine (see each row's bound)")
     p.add_argument("--router-budget", type=float, default=float(os.cpu_count() or 1),
                    help="the routers' CPU budget in cores (default: every core; a group of their own, "
                         "to account their CPU and throttling)")
