@@ -12,8 +12,9 @@ At every switch of a light it produces a :class:`RoadReport` for every road that
 queue at the exit light (per lane, the cars from the stop line back to the last halted one),
 cars on the road, density (cars per km per lane), mean speed of moving cars, and the departures,
 crossings and turns since that road's previous report.  Roads without a light are reported every
-``unlit_period`` seconds of probe time.  Time is the probes' own clock: nothing here reads a
-clock or touches a socket.
+``unlit_period`` seconds of probe time; a batch of probes is split where such a report falls due,
+so it holds the probes before its time and none after, however they were batched.  Time is the
+probes' own clock: nothing here reads a clock or touches a socket.
 """
 
 from __future__ import annotations
@@ -377,15 +378,31 @@ class Aggregator:
 
     def feed(self, batch: np.ndarray) -> list[RoadReport]:
         """Take a batch of probes (fields car, t, x, y, speed, heading; any order).  Returns the
-        periodic reports of roads without a light that fell due (see ``unlit_period``)."""
+        periodic reports of roads without a light that fell due (see ``unlit_period``).
+
+        The batch is split at the times those reports fall due: a report at time T holds the
+        probes before T and none after, however the probes were batched."""
         if len(batch) == 0:
             return []
+        reports = self._tick(float(batch["t"].min()))
+        while self.next_tick is not None:
+            later = batch["t"] >= self.next_tick
+            if not later.any():
+                break
+            if not later.all():
+                self._feed_run(batch[~later])
+            batch = batch[later]
+            reports += self._tick(float(batch["t"].min()))
+        self._feed_run(batch)
+        return reports
+
+    def _feed_run(self, batch: np.ndarray) -> None:
+        """Probes all before the next periodic report (``batch`` non-empty)."""
         order = np.lexsort((batch["t"], batch["car"]))
         batch = batch[order]
         cars = batch["car"].astype(np.int64)
         ts = batch["t"].astype(np.float64)
         t_max = float(ts.max())
-        reports = self._tick(float(ts.min()))
         slots = self._slots(cars, t_max)
         roads, lanes, to_end, segs = self._match(batch, slots)
         self.stats["probes"] += len(batch)
@@ -407,7 +424,6 @@ class Aggregator:
             self.lane[s], self.to_end[s], self.seg[s] = lanes[li], to_end[li], segs[li]
             self.speed[s] = batch["speed"][li]
             self.t_last[s] = ts[li]
-        return reports + self._tick(t_max)
 
     MAX_SAMPLE_GAP = 5.0     # seconds: a longer silence is not counted as time on the road
 
