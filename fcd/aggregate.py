@@ -12,8 +12,9 @@ At every switch of a light it produces a :class:`RoadReport` for every road that
 queue at the exit light (per lane, the cars from the stop line back to the last halted one),
 cars on the road, density (cars per km per lane), mean speed of moving cars, and the departures,
 crossings and turns since that road's previous report.  Roads without a light are reported every
-``unlit_period`` seconds of probe time.  Time is the probes' own clock: nothing here reads a
-clock or touches a socket.
+``unlit_period`` seconds of probe time; a batch of probes is split where such a report falls due,
+so it holds the probes before its time and none after, however they were batched.  Time is the
+probes' own clock: nothing here reads a clock or touches a socket.
 """
 
 from __future__ import annotations
@@ -377,15 +378,31 @@ class Aggregator:
 
     def feed(self, batch: np.ndarray) -> list[RoadReport]:
         """Take a batch of probes (fields car, t, x, y, speed, heading; any order).  Returns the
-        periodic reports of roads without a light that fell due (see ``unlit_period``)."""
+        periodic reports of roads without a light that fell due (see ``unlit_period``).
+
+        The batch is split at the times those reports fall due: a report at time T holds the
+        probes before T and none after, however the probes were batched."""
         if len(batch) == 0:
             return []
+        reports = self._tick(float(batch["t"].min()))
+        while self.next_tick is not None:
+            later = batch["t"] >= self.next_tick
+            if not later.any():
+                break
+            if not later.all():
+                self._feed_run(batch[~later])
+            batch = batch[later]
+            reports += self._tick(float(batch["t"].min()))
+        self._feed_run(batch)
+        return reports
+
+    def _feed_run(self, batch: np.ndarray) -> None:
+        """Probes all before the next periodic report (``batch`` non-empty)."""
         order = np.lexsort((batch["t"], batch["car"]))
         batch = batch[order]
         cars = batch["car"].astype(np.int64)
         ts = batch["t"].astype(np.float64)
         t_max = float(ts.max())
-        reports = self._tick(float(ts.min()))
         slots = self._slots(cars, t_max)
         roads, lanes, to_end, segs = self._match(batch, slots)
         self.stats["probes"] += len(batch)
@@ -401,13 +418,12 @@ class Aggregator:
         # latest state per car: the last fresh probe in (car, t) order
         li = np.flatnonzero(fresh)
         if len(li):
-            li = li[np.r_[slots[li][1:] != slots[li][:-1], True]]
+            li = li[_run_ends(slots[li])]
             s = slots[li]
             self.road[s] = np.where(roads[li] >= 0, roads[li], -1)
             self.lane[s], self.to_end[s], self.seg[s] = lanes[li], to_end[li], segs[li]
             self.speed[s] = batch["speed"][li]
             self.t_last[s] = ts[li]
-        return reports + self._tick(t_max)
 
     MAX_SAMPLE_GAP = 5.0     # seconds: a longer silence is not counted as time on the road
 
@@ -418,8 +434,8 @@ class Aggregator:
         if not len(on):
             return
         s_o, t_o = slots[on], ts[on]
-        first = np.r_[True, s_o[1:] != s_o[:-1]]
-        prev_t = np.where(first, self.t_last[s_o], np.r_[0.0, t_o[:-1]])
+        first = _run_starts(s_o)
+        prev_t = np.where(first, self.t_last[s_o], _shifted(t_o, 0.0))
         known = np.isfinite(prev_t)
         dt = np.where(known, np.clip(t_o - np.where(known, prev_t, 0.0), 0.0, self.MAX_SAMPLE_GAP), 0.0)
         np.add.at(self.samples, roads[on], dt)
@@ -432,16 +448,16 @@ class Aggregator:
         s_e, l_e, t_e = slots[ev], roads[ev], ts[ev]
         n = len(ev)
         idx = np.arange(n)
-        first = np.r_[True, s_e[1:] != s_e[:-1]]
-        prev = np.where(first, self.loc[s_e], np.r_[-1, l_e[:-1]])
+        first = _run_starts(s_e)
+        prev = np.where(first, self.loc[s_e], _shifted(l_e, -1))
         changed = prev != l_e
         # entry time and validity of the run of equal locations each probe belongs to
         run_t = np.where(changed, t_e, self.entry_t[s_e])
         run_valid = np.where(changed, prev != -1, self.entry_valid[s_e])
         start = np.maximum.accumulate(np.where(first | changed, idx, 0))
         entry_t, entry_valid = run_t[start], run_valid[start]
-        prev_entry = np.where(first, self.entry_t[s_e], np.r_[0.0, entry_t[:-1]])
-        prev_valid = np.where(first, self.entry_valid[s_e], np.r_[False, entry_valid[:-1]])
+        prev_entry = np.where(first, self.entry_t[s_e], _shifted(entry_t, 0.0))
+        prev_valid = np.where(first, self.entry_valid[s_e], _shifted(entry_valid, False))
         leave = np.flatnonzero(changed & (prev >= 0))
         if len(leave):
             np.add.at(self.departures, prev[leave], 1)
@@ -451,14 +467,14 @@ class Aggregator:
         # the road before each probe (through junctions): for turn counts
         car_start = np.maximum.accumulate(np.where(first, idx, 0))
         on_road = np.maximum.accumulate(np.where(l_e >= 0, idx, -1))
-        before = np.r_[-1, on_road[:-1]]
+        before = _shifted(on_road, -1)
         last_before = np.where(before >= car_start, l_e[np.maximum(before, 0)], self.last_road[s_e])
         arrive = np.flatnonzero((l_e >= 0) & changed & (last_before >= 0) & (last_before != l_e))
         for a, b in zip(last_before[arrive].tolist(), l_e[arrive].tolist()):
             if b in self.successor_sets[a]:
                 turns = self.turns[a]
                 turns[b] = turns.get(b, 0) + 1
-        last = np.r_[s_e[1:] != s_e[:-1], True]
+        last = _run_ends(s_e)
         s_last = s_e[last]
         self.loc[s_last] = l_e[last]
         self.entry_t[s_last] = entry_t[last]
@@ -550,6 +566,33 @@ class Aggregator:
         return self._reports([(road, True, True) for road in self.unlit.tolist()], t)
 
 
+# run boundaries and shifts of small arrays, as feed's hot path needs them many times per batch:
+# written into preallocated arrays because np.r_ costs ~10 us a call, most of a small batch's time
+
+def _run_starts(a: np.ndarray) -> np.ndarray:
+    """True where a run of equal values begins (``a`` non-empty)."""
+    out = np.empty(len(a), dtype=bool)
+    out[0] = True
+    np.not_equal(a[1:], a[:-1], out=out[1:])
+    return out
+
+
+def _run_ends(a: np.ndarray) -> np.ndarray:
+    """True where a run of equal values ends (``a`` non-empty)."""
+    out = np.empty(len(a), dtype=bool)
+    out[-1] = True
+    np.not_equal(a[1:], a[:-1], out=out[:-1])
+    return out
+
+
+def _shifted(a: np.ndarray, first) -> np.ndarray:
+    """``a`` moved one place on: ``[first, a[0], ..., a[-2]]`` (``a`` non-empty)."""
+    out = np.empty_like(a)
+    out[0] = first
+    out[1:] = a[:-1]
+    return out
+
+
 # the fields Aggregator.feed reads, in native byte order
 NATIVE_PROBE_DTYPE = np.dtype([("car", "=u4"), ("t", "=f8"), ("x", "=f4"), ("y", "=f4"), ("speed", "=f4"),
                                ("heading", "=f4")])
@@ -610,7 +653,7 @@ class Ingest:
             arr = arr[ok]
             self.stats["malformed"] += bad
         self.stats["probes"] += len(arr)
-        self.seq.add_batch(arr["generator"].astype(np.uint16), arr["seq"].astype(np.uint32))
+        self.seq.add_batch(arr["generator"], arr["seq"])
         # in native byte order once: every later numpy step on the wire's big-endian fields would
         # convert them again
         native = np.empty(len(arr), dtype=NATIVE_PROBE_DTYPE)

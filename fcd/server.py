@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
-import errno
 import gc
-import os
 import json
 import logging
 import socket
@@ -44,9 +41,11 @@ from fcd.aggregate import Ingest, RoadReport
 from fcd.city import City, CityError, load_city
 from fcd.model import Model
 from fcd.rpc import MAX_BODY
-from fcd.udp import MSG_DONTWAIT, BatchReceiver
+from fcd.udp import BatchReceiver
+from fcd.wire import LIGHT_SIZE, PROBE_SIZE
 
 log = logging.getLogger("fcd.server")
+RAW_KEEP = max(PROBE_SIZE, LIGHT_SIZE)    # bytes kept of each raw datagram: the largest FCD message
 
 
 def _xmlrpc_safe(value: Any) -> Any:
@@ -70,34 +69,6 @@ class HttpLimits:
     header_timeout: float = 10.0      # a new connection must have sent a whole request head by then
     body_timeout: float = 30.0        # a request body must arrive within this
     idle_timeout: float = 30.0        # between requests (the boxes' uplink talks every second)
-
-
-class SlotReceiver(BatchReceiver):
-    """recvmmsg batches handed over as the receive buffer's rows: no bytes object per datagram.
-
-    (Belongs in fcd.udp; kept here until that module's owner takes it.)"""
-
-    KEEP = 38      # bytes kept of each datagram: the largest FCD message (a probe)
-
-    def receive_slots(self) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, lengths) of what the socket holds now, up to ``batch`` datagrams; rows are
-        copies of the first ``KEEP`` bytes of each datagram (the buffer is reused)."""
-        if self.recvmmsg is None:
-            batch = self._receive_loop()
-            rows = np.zeros((len(batch), self.KEEP), dtype=np.uint8)
-            for i, d in enumerate(batch):
-                rows[i, :min(len(d), self.KEEP)] = np.frombuffer(d[:self.KEEP], dtype=np.uint8)
-            return rows, np.fromiter(map(len, batch), dtype=np.int64, count=len(batch))
-        self.syscalls += 1
-        n = self.recvmmsg(self.fd, self._msgs, self.batch, MSG_DONTWAIT, None)
-        if n < 0:
-            err = ctypes.get_errno()
-            if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
-                n = 0
-            else:
-                raise OSError(err, os.strerror(err))
-        slots = np.frombuffer(self.buffer, dtype=np.uint8, count=n * self.slot).reshape(n, self.slot)
-        return slots[:, :self.KEEP].copy(), self._lengths[:n].astype(np.int64)
 
 
 class _Refused(asyncio.Protocol):
@@ -450,7 +421,7 @@ class FcdServer:
             raise ConfigError(f"cannot bind UDP {host}:{port}: {exc.strerror}") from None
         sock.setblocking(False)
         self.udp_sock = sock
-        self.udp_rx = SlotReceiver(sock, batch=1024)     # recvmmsg: up to 1024 datagrams per system call
+        self.udp_rx = BatchReceiver(sock, batch=1024)    # recvmmsg: up to 1024 datagrams per system call
         asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
         return sock.getsockname()[:2]
 
@@ -462,10 +433,10 @@ class FcdServer:
             self.process_pending()
 
     def _on_readable(self) -> None:
-        receive = self.udp_rx.receive_slots
+        receive, keep = self.udp_rx.receive_slots, RAW_KEEP
         for _ in range(4):               # at most 4 batches per wakeup: HTTP and timers get their turn
             try:
-                rows, lengths = receive()
+                rows, lengths = receive(keep)
             except OSError as exc:
                 self.stats["udp_errors"] += 1
                 log.warning("raw UDP receive failed: %s", exc)
@@ -479,7 +450,7 @@ class FcdServer:
         """Read everything the socket holds and process it (at shutdown; in tests, where
         loopback delivery is complete when ``sendto`` returns)."""
         while True:
-            rows, lengths = self.udp_rx.receive_slots()
+            rows, lengths = self.udp_rx.receive_slots(RAW_KEEP)
             if not len(lengths):
                 break
             self._take(rows, lengths)

@@ -75,6 +75,38 @@ def template_key(field: Any) -> bytes:
     return field_key(field)
 
 
+NO_EXPIRY = b"0" * 16      # an index member's expiry field for a tuple without a lease
+# values whose stored encoding is equal exactly when ``matches`` finds them equal (not float: NaN)
+_EXACT_KEY_TYPES = (int, str, bytes, bool)
+
+
+def index_matcher(template: tuple, keyed: int | None):
+    """``matches(template, fields)`` for the decoded fields of an index's members, without
+    re-checking what that index already guarantees: the arity, and for a ``k1``/``k2`` index the
+    field it is keyed by (``keyed``: 0 or 1; None for the arity index) when its encoding decides
+    equality."""
+    typed, valued = [], []
+    for i, want in enumerate(template):
+        if want is None or (i == keyed and type(want) in _EXACT_KEY_TYPES):
+            continue
+        if isinstance(want, type):
+            typed.append((i, want))
+        else:
+            valued.append((i, want))
+
+    def accept(fields: list) -> bool:
+        for i, want in typed:
+            if type(fields[i]) is not want:
+                return False
+        for i, want in valued:
+            have = fields[i]
+            if type(have) is not type(want) or have != want:
+                return False
+        return True
+
+    return accept
+
+
 def _pack_for_lua(fields: list[bytes]) -> bytes:
     """An array of byte strings as Redis's Lua cmsgpack reads it (raw strings: it has no bin type)."""
     return msgpack.packb(fields, use_bin_type=False)
@@ -266,6 +298,22 @@ redis.call('HSET', P .. ':wt', wid, cmsgpack.pack(w))
 return {0}
 """
 
+# KEYS[1] prefix; ARGV: start, count, index keys (the smallest is ranged)
+# -> {now_ms, position of the index ranged (1-based), members}: a bulk read in one round trip
+_RANGE = r"""
+local best, best_i, best_n = ARGV[3], 1, nil
+if #ARGV > 3 then
+  for i = 3, #ARGV do
+    local c = redis.call('ZCARD', ARGV[i])
+    if best_n == nil or c < best_n then best, best_i, best_n = ARGV[i], i - 2, c end
+  end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local start = tonumber(ARGV[1])
+return {now, best_i, redis.call('ZRANGE', best, start, start + tonumber(ARGV[2]) - 1)}
+"""
+
 # KEYS[1] prefix; ARGV: packed template, take (0/1), limit
 _GET_ALL = _COMMON + r"""
 local now = now_ms()
@@ -288,7 +336,8 @@ class RedisTupleSpace(_Api):
         self._waiter_ttl_ms = round((block_chunk + waiter_grace) * 1000)
         self._pubsub_client = pubsub_client or client
         self._scripts = {op: client.register_script(src) for op, src in
-                         (("out", _OUT), ("get", _GET), ("waiter", _WAITER), ("get_all", _GET_ALL))}
+                         (("out", _OUT), ("get", _GET), ("waiter", _WAITER), ("get_all", _GET_ALL),
+                                                       ("range", _RANGE))}
         self._subs: dict[int, tuple[tuple, Subscription]] = {}
         self._sub_ids = itertools.count(1)
         self._pubsub: Any | None = None
@@ -352,30 +401,28 @@ class RedisTupleSpace(_Api):
         return int(await self._run("out", data, sig, lease_ms, self.max_tuples, INBOX_TTL_MS))
 
     async def _read_all(self, template: tuple, limit: int) -> list[tuple]:
-        """A bulk read matched here, not in Redis: the store only ranges an index (one ZRANGE, its
-        members are the tuples), so thousands of readers on many machines spend their own CPU,
-        not the store's.  Each tuple returned was in the space when its batch was read."""
+        """A bulk read matched here, not in Redis: the store only ranges an index (its members are
+        the tuples), so thousands of readers on many machines spend their own CPU, not the
+        store's.  One round trip per batch of ``FETCH_BATCH`` (the ``range`` script picks the most
+        selective index and reads the store's clock in the same call).  Each tuple returned was in
+        the space when its batch was read."""
         check_template(template)
-        keys = self._index_keys_for(template)
-        now_ms = await self._store_time_ms()
-        if len(keys) > 1:
-            pipe = self.client.pipeline(transaction=False)
-            for key in keys:
-                pipe.zcard(key)
-            key = min(zip(await pipe.execute(), range(len(keys)), keys))[2]
-        else:
-            key = keys[0]
+        keys, keyed = self._index_keys_for(template)
         out: list[tuple] = []
         start = 0
         while len(out) < limit:
-            members = await self.client.zrange(key, start, start + FETCH_BATCH - 1)
-            live = [m[32:] for m in members if not (0 < int(m[16:32]) <= now_ms)]
+            now_ms, chosen, members = await self._run("range", start, FETCH_BATCH, *keys)
+            if start == 0:                     # later batches range the same index
+                keys, keyed = [keys[int(chosen) - 1]], keyed[int(chosen) - 1]
+                accept = index_matcher(template, keyed)
+            now_ms = int(now_ms)
             unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, use_list=True)
-            unpacker.feed(b"".join(live))        # one decoder pass over the whole batch
+            # one decoder pass over the whole batch; most tuples carry no lease (expiry 0)
+            unpacker.feed(b"".join([m[32:] for m in members
+                                    if m[16:32] == NO_EXPIRY or int(m[16:32]) > now_ms]))
             for fields in unpacker:
-                tup = tuple(fields)
-                if matches(template, tup):
-                    out.append(tup)
+                if accept(fields):
+                    out.append(tuple(fields))
                     if len(out) >= limit:
                         break
             if len(members) < FETCH_BATCH:
@@ -383,19 +430,16 @@ class RedisTupleSpace(_Api):
             start += FETCH_BATCH
         return out
 
-    async def _store_time_ms(self) -> int:
-        """The store's clock (leases are judged by it, as in the scripts)."""
-        seconds, micros = await self.client.time()
-        return int(seconds) * 1000 + int(micros) // 1000
-
-    def _index_keys_for(self, template: tuple) -> list[str]:
-        """The index keys a template may range (the layout of the scripts' ``index_keys``)."""
+    def _index_keys_for(self, template: tuple) -> tuple[list[str], list[int | None]]:
+        """The index keys a template may range (the layout of the scripts' ``index_keys``), and
+        for each the template field it is keyed by (None: the arity index)."""
         n = len(template)
-        keys = [f"{self.prefix}:a:{n}"]
+        keys, keyed = [f"{self.prefix}:a:{n}"], [None]
         for position, field in enumerate(template[:2], start=1):
             if field is not None and not isinstance(field, type):
                 keys.append(f"{self.prefix}:k{position}:{n}:{hashlib.sha1(field_key(field)).hexdigest()}")
-        return keys
+                keyed.append(position - 1)
+        return keys, keyed
 
     @staticmethod
     def _pack_template(template: tuple) -> bytes:

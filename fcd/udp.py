@@ -3,7 +3,9 @@
 The server's raw ingest is bound by per-datagram costs: one ``recv`` system call and one Python
 call each.  :class:`BatchReceiver` asks the kernel for up to ``batch`` datagrams at once with
 Linux ``recvmmsg(2)`` (through ctypes: the standard library has no binding) into one
-preallocated buffer of fixed ``slot``-byte slots, and returns the payloads.  A datagram larger
+preallocated buffer of fixed ``slot``-byte slots, and returns the payloads (:meth:`~BatchReceiver.receive`)
+or, with no Python object per datagram, the slots' first bytes as rows of a numpy array
+(:meth:`~BatchReceiver.receive_slots`, the server's raw path).  A datagram larger
 than a slot is cut to the slot size, which no valid FCD message has, so it is counted as
 malformed downstream.  Where ``recvmmsg`` is missing, the same interface loops ``recv_into``.
 """
@@ -76,22 +78,44 @@ class BatchReceiver:
     def kind(self) -> str:
         return "recvmmsg" if self.recvmmsg is not None else "recv_into"
 
-    def receive(self) -> list[bytes]:
-        """What the socket holds now, up to ``batch`` datagrams (empty when nothing waits)."""
-        if self.recvmmsg is None:
-            return self._receive_loop()
+    def _recvmmsg(self) -> int:
+        """Datagrams now in the buffer's slots (0 when nothing waits); one system call."""
         self.syscalls += 1
         n = self.recvmmsg(self.fd, self._msgs, self.batch, MSG_DONTWAIT, None)
         if n < 0:
             err = ctypes.get_errno()
             if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
-                return []
+                return 0
             raise OSError(err, os.strerror(err))
+        return n
+
+    def receive(self) -> list[bytes]:
+        """What the socket holds now, up to ``batch`` datagrams (empty when nothing waits)."""
+        if self.recvmmsg is None:
+            return self._receive_loop()
+        n = self._recvmmsg()
         if n == 0:
             return []
         slot = self.slot
         raw = self.buffer.raw[:n * slot]
         return [raw[start:start + length] for start, length in zip(range(0, n * slot, slot), self._lengths[:n].tolist())]
+
+    def receive_slots(self, keep: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, lengths) of what the socket holds now, up to ``batch`` datagrams, with no bytes
+        object per datagram: ``rows`` is a (n, ``keep``) uint8 copy of the first ``keep`` bytes
+        of each slot (the buffer is reused; bytes past a datagram's length are not its own),
+        ``lengths`` the datagrams' lengths (int64; up to ``slot``, a longer one was cut)."""
+        if keep > self.slot:
+            raise ValueError(f"keep {keep} exceeds the slot size {self.slot}")
+        if self.recvmmsg is None:
+            batch = self._receive_loop()
+            rows = np.zeros((len(batch), keep), dtype=np.uint8)
+            for i, d in enumerate(batch):
+                rows[i, :min(len(d), keep)] = np.frombuffer(d[:keep], dtype=np.uint8)
+            return rows, np.fromiter(map(len, batch), dtype=np.int64, count=len(batch))
+        n = self._recvmmsg()
+        slots = np.frombuffer(self.buffer, dtype=np.uint8, count=n * self.slot).reshape(n, self.slot)
+        return slots[:, :keep].copy(), self._lengths[:n].astype(np.int64)
 
     def _receive_loop(self) -> list[bytes]:
         out = []

@@ -179,7 +179,16 @@ class SeqTracker:
         self._update(gen, seq, seq, 1)
 
     def add_batch(self, gens: np.ndarray, seqs: np.ndarray) -> None:
+        """Datagrams' generators and sequence numbers, in any byte order (the wire's fields are
+        big-endian: converted here once, numpy's sorting and reductions on them are ~1/3 slower)."""
         if len(gens) == 0:
+            return
+        gens, seqs = np.asarray(gens), np.asarray(seqs)
+        gens = gens.astype(gens.dtype.newbyteorder("="), copy=False)
+        seqs = seqs.astype(seqs.dtype.newbyteorder("="), copy=False)
+        first = gens[0]
+        if (gens == first).all():           # usual: one generator's run
+            self._update(int(first), int(seqs.min()), int(seqs.max()), len(seqs))
             return
         for gen in np.unique(gens):
             sel = seqs[gens == gen]

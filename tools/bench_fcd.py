@@ -35,6 +35,7 @@ from tools.stats import percentile
 log = logging.getLogger("bench.fcd")
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+CGROUP_CPUACCT = Path("/sys/fs/cgroup/cpuacct")   # where v1 mounts cpuacct apart from cpu
 LOSS_KNEE = 0.01        # the knee: offered load where loss first exceeds 1%
 DEFAULT_RATES = [1000, 4000, 8000, 12000, 16000, 20000, 24000, 28000, 32000, 40000, 48000, 56000, 64000, 72000,
                  80000]
@@ -57,6 +58,13 @@ class CpuBudgets:
         self.base = CGROUP_CPU / f"bbfcd-{secrets.token_hex(3)}"
         self.base.mkdir()
         self.groups: dict[str, Path] = {}
+        # CPU used is read from cpuacct: the cpu group itself when both controllers share a
+        # mount, else a twin group under the separate cpuacct mount holding the same processes
+        self.acct_base = None
+        if not (self.base / "cpuacct.usage").exists() and (CGROUP_CPUACCT / "cpuacct.usage").exists():
+            self.acct_base = CGROUP_CPUACCT / self.base.name
+            self.acct_base.mkdir()
+        self.acct_groups: dict[str, Path] = {}
 
     def group(self, name: str) -> Path:
         if name not in self.groups:
@@ -65,16 +73,28 @@ class CpuBudgets:
             (path / "cpu.cfs_period_us").write_text(str(self.period_us))
             (path / "cpu.cfs_quota_us").write_text(str(self.quota_us))
             self.groups[name] = path
+            if self.acct_base is not None:
+                self.acct_groups[name] = self.acct_base / name
+                self.acct_groups[name].mkdir()
         return self.groups[name]
 
     def add(self, name: str, pid: int) -> None:
         (self.group(name) / "cgroup.procs").write_text(str(pid))
+        if name in self.acct_groups:
+            (self.acct_groups[name] / "cgroup.procs").write_text(str(pid))
 
     def usage_s(self, name: str) -> float:
+        """CPU seconds the group's processes have used (nan without a cpuacct controller)."""
+        group = self.group(name)
         try:
-            return int((self.group(name) / "cpuacct.usage").read_text()) / 1e9
+            return int((self.acct_groups.get(name, group) / "cpuacct.usage").read_text()) / 1e9
         except OSError:
             return float("nan")
+
+    def periods(self, name: str) -> tuple[int, int]:
+        """(CFS periods elapsed, periods in which the group was throttled) so far."""
+        stat = dict(line.split() for line in (self.group(name) / "cpu.stat").read_text().splitlines())
+        return int(stat.get("nr_periods", 0)), int(stat.get("nr_throttled", 0))
 
     def throttled(self, name: str) -> int:
         for line in (self.group(name) / "cpu.stat").read_text().splitlines():
@@ -84,18 +104,22 @@ class CpuBudgets:
         return 0
 
     def cleanup(self) -> None:
-        for path in list(self.groups.values()):
+        for root, groups, base in ((CGROUP_CPU, self.groups, self.base),
+                                   (CGROUP_CPUACCT, self.acct_groups, self.acct_base)):
+            for path in list(groups.values()):
+                try:
+                    pids = (path / "cgroup.procs").read_text().split()
+                    for pid in pids:   # our own processes only; they should be gone already
+                        (root / "cgroup.procs").write_text(pid)
+                    path.rmdir()
+                except OSError as exc:
+                    log.warning("cannot remove cgroup %s: %s", path, exc)
+            if base is None:
+                continue
             try:
-                pids = (path / "cgroup.procs").read_text().split()
-                for pid in pids:   # our own processes only; they should be gone already
-                    (CGROUP_CPU / "cgroup.procs").write_text(pid)
-                path.rmdir()
+                base.rmdir()
             except OSError as exc:
-                log.warning("cannot remove cgroup %s: %s", path, exc)
-        try:
-            self.base.rmdir()
-        except OSError as exc:
-            log.warning("cannot remove cgroup %s: %s", self.base, exc)
+                log.warning("cannot remove cgroup %s: %s", base, exc)
 
 
 class NoBudgets:
@@ -103,6 +127,9 @@ class NoBudgets:
 
     def add(self, name: str, pid: int) -> None:
         pass
+
+    def usage_s(self, name: str) -> float:
+        return float("nan")
 
     def cleanup(self) -> None:
         pass
@@ -161,7 +188,9 @@ def knee(rows: list[dict], key: str, threshold: float = LOSS_KNEE) -> float | No
 # ---------------------------------------------------------------- the experiment
 
 async def calibrate_sink(budgets, trace: Path, rate: float, duration: float, settle: float,
-                         workdir: Path) -> float:
+                         workdir: Path) -> tuple[float, int, float]:
+    """A plain socket sink in the "sink" budget under ``rate``: (datagrams per second of the
+    load, datagrams received, CPU seconds the sink's group used meanwhile)."""
     from boxcore.procs import ProcessGroup
     from fcd.stack import run_gen_async
     group = ProcessGroup(workdir)
@@ -170,13 +199,69 @@ async def calibrate_sink(budgets, trace: Path, rate: float, duration: float, set
         await group.wait_for_log(sink, "\n")          # its first line is the port it bound
         port = int(sink.output().split()[0])
         budgets.add("sink", sink.proc.pid)
+        cpu_before = budgets.usage_s("sink")
         gen = await run_gen_async(trace, [("127.0.0.1", port)],
                                   ["--processes", "4", "--rate", str(rate), "--duration", str(duration)])
         await asyncio.sleep(settle)
     finally:
         await group.stop(sink, grace=10)     # on SIGTERM it prints how many datagrams it received
-    received = int(sink.output().split()[-1])
-    return min(received, gen["sent"]) / duration
+    received = min(int(sink.output().split()[-1]), gen["sent"])
+    return received / duration, received, budgets.usage_s("sink") - cpu_before
+
+
+async def raw_ingest(rig: "Rig", budgets, trace: Path, args, workdir: Path) -> dict:
+    """The server's raw ingest against a plain socket sink at the same budget under the same
+    overload, ``--raw-reps`` times, interleaved (sink then server, then server then sink, ...) so
+    that background load and drift hit both alike.
+
+    Two ratios per repetition: by rate (datagrams received / duration; both also drain their
+    socket buffers after the load stops, so this counts more than the window) and per CPU
+    second (datagrams / CPU seconds the role's cgroup used: what the budget buys, independent of
+    how much backlog each drained).  ``raw_ingest_ratio`` is the median of the per-CPU ratios
+    where the cgroups account CPU (the by-rate ratios otherwise), with its spread."""
+    calib_rate = args.calibration_rate or max(args.rates)
+    reps = []
+    for rep in range(args.raw_reps):
+        measured: dict = {}
+        for role in (("sink", "server") if rep % 2 == 0 else ("server", "sink")):
+            if role == "sink":
+                measured["sink"] = await calibrate_sink(budgets, trace, calib_rate, args.duration, args.settle,
+                                                        workdir / "calibration")
+            else:
+                cpu_before = budgets.usage_s("server")
+                row = await rig.measure(0, calib_rate)
+                got = row["server_udp_received"]
+                measured["server"] = (got / args.duration, got, budgets.usage_s("server") - cpu_before)
+        (sink_pps, sink_n, sink_cpu), (server_pps, server_n, server_cpu) = measured["sink"], measured["server"]
+        entry = {"first": "sink" if rep % 2 == 0 else "server", "sink_pps": round(sink_pps, 1),
+                 "server_pps": round(server_pps, 1),
+                 "ratio_by_rate": round(server_pps / sink_pps, 3) if sink_pps else None}
+        if sink_cpu > 0 and server_cpu > 0 and math.isfinite(sink_cpu + server_cpu):
+            entry.update(sink_cpu_s=round(sink_cpu, 3), server_cpu_s=round(server_cpu, 3),
+                         sink_per_cpu_s=round(sink_n / sink_cpu, 1), server_per_cpu_s=round(server_n / server_cpu, 1),
+                         ratio_per_cpu=round((server_n / server_cpu) / (sink_n / sink_cpu), 3) if sink_n else None)
+        reps.append(entry)
+        print(f"  raw ingest {rep + 1}/{args.raw_reps} ({entry['first']} first): plain sink {sink_pps:.0f} pps, "
+              f"server {server_pps:.0f} pps (offered {calib_rate:.0f}); ratio by rate {entry['ratio_by_rate']}, "
+              f"per CPU second {entry.get('ratio_per_cpu')}", flush=True)
+
+    def summary(key: str) -> dict | None:
+        values = [r[key] for r in reps if r.get(key) is not None]
+        if not values:
+            return None
+        return {"median": round(percentile(values, 0.5), 3), "min": min(values), "max": max(values),
+                "values": values}
+
+    by_rate, per_cpu = summary("ratio_by_rate"), summary("ratio_per_cpu")
+    primary = per_cpu or by_rate
+    return {"calibration_pps": calib_rate, "raw_reps": reps,
+            "sink_pps": round(percentile([r["sink_pps"] for r in reps], 0.5), 1) if reps else None,
+            "server_raw_pps": round(percentile([r["server_pps"] for r in reps], 0.5), 1) if reps else None,
+            "raw_ingest_ratio_by_rate": by_rate, "raw_ingest_ratio_per_cpu": per_cpu,
+            "raw_ingest_ratio_kind": "per_cpu" if per_cpu else "by_rate",
+            "raw_ingest_ratios": primary["values"] if primary else [],
+            "raw_ingest_ratio": primary["median"] if primary else None,
+            "raw_ingest_spread": [primary["min"], primary["max"]] if primary else None}
 
 
 class Rig:
@@ -335,29 +420,13 @@ async def experiment(args) -> dict:
                      "cars": args.cars, "rows": []}
     try:
         print(f"fcd bench: budget {results['budget_cpu']} core per role, {args.duration}s per point", flush=True)
-        calib_rate = args.calibration_rate or max(args.rates)
         rig = Rig(args, budgets, trace, max(args.boxes), workdir / "roles")
         try:
             await rig.start()
             results["rows"] = await sweep(rig, args, sorted(args.boxes), args.rates)
-            # the server's raw ingest against a plain socket sink at the same budget under the same
-            # overload, measured back to back (so background load hits both alike), several times
-            sinks, raws = [], []
-            for rep in range(args.raw_reps):
-                sinks.append(await calibrate_sink(budgets, trace, calib_rate, args.duration, args.settle,
-                                                   workdir / "calibration"))
-                raw = await rig.measure(0, calib_rate)
-                raws.append(raw["server_udp_received"] / args.duration)
-                print(f"  raw ingest {rep + 1}/{args.raw_reps}: plain sink {sinks[-1]:.0f} pps, server "
-                      f"{raws[-1]:.0f} pps (offered {calib_rate:.0f})", flush=True)
+            results.update(await raw_ingest(rig, budgets, trace, args, workdir))
         finally:
             await rig.stop()
-        ratios = [r / s for r, s in zip(raws, sinks) if s]
-        results["sink_pps"] = round(percentile(sinks, 0.5), 1)
-        results["server_raw_pps"] = round(percentile(raws, 0.5), 1)
-        results["raw_ingest_ratios"] = [round(r, 3) for r in ratios]
-        # the median of the back-to-back ratios (tools.stats, type 7)
-        results["raw_ingest_ratio"] = round(percentile(ratios, 0.5), 3) if ratios else None
     finally:
         budgets.cleanup()
     rows = results["rows"]
@@ -486,8 +555,8 @@ def register(subparsers) -> None:
                    help="skip a configuration's higher rates once its loss exceeds this")
     p.add_argument("--calibration-rate", type=float, default=None,
                    help="overload rate for the sink/server raw calibration (default: the highest rate)")
-    p.add_argument("--raw-reps", type=int, default=3,
-                   help="back-to-back sink/server raw ingest measurements; raw_ingest_ratio is their median")
+    p.add_argument("--raw-reps", type=int, default=5,
+                   help="interleaved sink/server raw ingest measurements; raw_ingest_ratio is their median")
     p.add_argument("--cars", type=int, default=1000, help="cars in the generated city")
     p.add_argument("--trace", type=Path, default=None, help="use this trace instead of generating one")
     p.add_argument("--workdir", type=Path, default=None,

@@ -14,15 +14,23 @@ JSON: ``knee_pps`` {workers: pps}, ``knee_ratio_4_over_1``, ``worker_rows`` (one
 Route look-ups: the in-car routers (``fcd-route``) all read the server's predictions from the
 tuplespace.  For 1..64 concurrent routers this measures look-ups per second against today's
 tuplespace server (``fcd-tuplespace``, msgpack over TCP) and against the tuplespace on Redis
-(``redis-server``), each store in its own cgroup v1 CPU budget (``--budget`` of one core), the
-routers outside it.  A look-up is what a router asks of the store before planning: every current
-traverse-time prediction (``rd_all(("fcd.traverse", int, int, list))``) reduced to the newest per
-road (``fcd.route.latest_times``); the shortest-path search after it is the car's own CPU and the
+(``redis-server``), each store in its own cgroup v1 CPU budget (``--budget``, 0.1 of one core),
+the routers (``--processes`` processes) in a group of their own with every core
+(``--router-budget``), there to account their CPU.  A look-up is what a router asks of the store
+before planning: every current traverse-time prediction (``rd_all(("fcd.traverse", int, int,
+list))``, one round trip on either store) reduced to the newest per road
+(``fcd.route.latest_times``); the shortest-path search after it is the car's own CPU and the
 same for both stores, so it is left out.  The store holds ``--runs`` prediction runs of a
 ``--grid`` city, as fcd-server publishes them.
 
+Which side bound a point: over the measured window each row has both groups' CPU seconds, CFS
+periods and throttled periods (``store_*``, ``routers_*``, per look-up too) and ``bound``:
+``store`` when only the store was throttled in at least half of its periods (the figure measures
+the store), ``routers`` when only the routers were, ``machine`` when neither (the routers could
+not get the CPU they were allowed: other load on the machine).
+
 JSON: ``route_lookups`` {``redis``: {clients: per second}, ``tcp``: {...}}, ``rows`` (one per
-point, with the store's CPU seconds used), ``ratio_at_max_clients``; a PNG plot with ``--plot``.
+point), ``ratio_at_max_clients``; a PNG plot with ``--plot``.
 """
 
 from __future__ import annotations
@@ -90,8 +98,30 @@ def _router_process(address: str, clients: int, limit: int, start_at: float, dur
         out.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def _measure(address: str, clients: int, processes: int, limit: int, duration: float) -> int:
-    """Look-ups completed by ``clients`` routers spread over ``processes`` processes."""
+class _Accounts:
+    """CPU used and CFS periods throttled by each cgroup of a measurement (store, routers),
+    sampled at the start and the end of the measured window."""
+
+    def __init__(self, groups: dict[str, tuple]) -> None:
+        """``groups``: label -> (CpuBudgets, group name)."""
+        self.groups = groups
+
+    def sample(self) -> dict[str, tuple[float, int, int]]:
+        return {label: (budgets.usage_s(name), *budgets.periods(name))
+                for label, (budgets, name) in self.groups.items()}
+
+    @staticmethod
+    def delta(before: dict, after: dict) -> dict[str, dict]:
+        return {name: {"cpu_s": round(after[name][0] - before[name][0], 3),
+                       "periods": after[name][1] - before[name][1],
+                       "throttled_periods": after[name][2] - before[name][2]} for name in before}
+
+
+def _measure(address: str, clients: int, processes: int, limit: int, duration: float,
+             routers: tuple | None = None, accounts: "_Accounts | None" = None):
+    """Look-ups completed by ``clients`` routers spread over ``processes`` processes (in the
+    cgroup ``routers`` = (CpuBudgets, group name) when given), and each accounted cgroup's use
+    over the window."""
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
     shares = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
@@ -100,13 +130,44 @@ def _measure(address: str, clients: int, processes: int, limit: int, duration: f
              for share in shares if share]
     for proc in procs:
         proc.start()
+        if routers is not None:
+            routers[0].add(routers[1], proc.pid)
+    used: dict = {}
+    if accounts is not None:         # the window is the routers' own clock (start_at .. + duration)
+        time.sleep(max(0.0, start_at - time.time()))
+        before = accounts.sample()
+        time.sleep(max(0.0, start_at + duration - time.time()))
+        used = accounts.delta(before, accounts.sample())
     results = [out.get(timeout=duration + 120) for _ in procs]
     for proc in procs:
         proc.join(30)
     errors = [text for status, text in results if status == "error"]
     if errors:
         raise RuntimeError(f"router process failed: {errors[0]}")
-    return sum(count for _, count in results)
+    return sum(count for _, count in results), used
+
+
+SATURATED = 0.5      # a group throttled in at least this share of its periods was at its budget
+
+
+def _bound(used: dict, lookups: int, args) -> dict:
+    """A row's accounting: each side's CPU (per look-up too) and throttled share over the window,
+    and which side was saturated (``bound``: store, routers, or neither when the machine itself
+    was: nothing throttled yet neither used its budget)."""
+    if not used:
+        return {}
+    out: dict = {}
+    for side, figures in used.items():
+        periods = figures["periods"]
+        share = figures["throttled_periods"] / periods if periods else 0.0
+        out[f"{side}_cpu_window_s"] = figures["cpu_s"]
+        out[f"{side}_throttled_periods"] = figures["throttled_periods"]
+        out[f"{side}_periods"] = periods
+        out[f"{side}_throttled_share"] = round(share, 3)
+        out[f"{side}_cpu_per_lookup_us"] = round(1e6 * figures["cpu_s"] / lookups, 1) if lookups else None
+    saturated = [side for side in ("store", "routers") if out[f"{side}_throttled_share"] >= SATURATED]
+    out["bound"] = saturated[0] if len(saturated) == 1 else ("both" if saturated else "machine")
+    return out
 
 
 def _process_cpu_s(pid: int) -> float:
@@ -286,9 +347,14 @@ def run(args) -> int:
     city = grid_city(args.grid[0], args.grid[1])
     limit = 10 * city.n_roads + 100
     budgets = NoBudgets() if args.no_cgroups else CpuBudgets(args.budget, args.period_us)
+    # the routers get a group of their own: a budget of --router-budget cores (all of a small
+    # machine by default), there to account their CPU and throttling, so a row says which side bound it
+    router_budgets = NoBudgets() if args.no_cgroups else CpuBudgets(args.router_budget, args.period_us)
     own_workdir = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="bbscale")) if own_workdir else args.workdir
-    results: dict = {"budget_cpu": None if args.no_cgroups else args.budget, "grid": list(args.grid),
+    results: dict = {"budget_cpu": None if args.no_cgroups else args.budget,
+                     "router_budget_cpu": None if args.no_cgroups else args.router_budget,
+                     "grid": list(args.grid),
                      "roads": city.n_roads, "runs": args.runs, "duration_s": args.duration,
                      "router_processes": args.processes, "route_lookups": {}, "rows": []}
     try:
@@ -299,18 +365,22 @@ def run(args) -> int:
             address, pid, redis_server = _start_store(kind, workdir / kind, group)
             try:
                 budgets.add(kind, pid)
+                routers = None if args.no_cgroups else (router_budgets, f"routers-{kind}")
+                accounts = None if args.no_cgroups else _Accounts({"store": (budgets, kind), "routers": routers})
                 stored = asyncio.run(_populate(address, city.n_roads, args.runs))
                 per_second: dict[str, float] = {}
                 for clients in args.clients:
                     cpu_before = _process_cpu_s(pid)
-                    done = _measure(address, clients, min(args.processes, clients), limit, args.duration)
+                    done, used = _measure(address, clients, min(args.processes, clients), limit, args.duration,
+                                          routers, accounts)
                     cpu = _process_cpu_s(pid) - cpu_before
                     rate = done / args.duration
                     per_second[str(clients)] = round(rate, 1)
-                    results["rows"].append({"store": kind, "clients": clients, "lookups": done,
-                                            "lookups_per_s": round(rate, 1), "tuples": stored,
-                                            "store_cpu_s": round(cpu, 3)})
-                    log.info("%s: %d routers, %.0f look-ups/s", kind, clients, rate)
+                    row = {"store": kind, "clients": clients, "lookups": done,
+                           "lookups_per_s": round(rate, 1), "tuples": stored, "store_cpu_s": round(cpu, 3)}
+                    row.update(_bound(used, done, args))
+                    results["rows"].append(row)
+                    log.info("%s: %d routers, %.0f look-ups/s (%s)", kind, clients, rate, row.get("bound", "-"))
                 results["route_lookups"][kind] = per_second
             finally:
                 if redis_server is not None:
@@ -322,6 +392,7 @@ def run(args) -> int:
             results["ratio_at_max_clients"] = round(results["route_lookups"]["redis"][top] / tcp, 2) if tcp else None
     finally:
         budgets.cleanup()
+        router_budgets.cleanup()
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:
@@ -400,9 +471,12 @@ def register(subparsers) -> None:
     p.add_argument("--runs", type=positive_int, default=3, help="prediction runs held in the store")
     p.add_argument("--processes", type=positive_int, default=2, help="router processes")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per point")
-    p.add_argument("--budget", type=float, default=0.2,
+    p.add_argument("--budget", type=float, default=0.1,
                    help="the store's CPU budget (fraction of one core): small enough that the routers, "
-                        "outside it, are not what limits the figure on a small machine")
+                        "outside it, are not what limits the figure on a small machine (see each row's bound)")
+    p.add_argument("--router-budget", type=float, default=float(os.cpu_count() or 1),
+                   help="the routers' CPU budget in cores (default: every core; a group of their own, "
+                        "to account their CPU and throttling)")
     p.add_argument("--period-us", type=int, default=100_000, help="CFS period")
     p.add_argument("--no-cgroups", action="store_true", help="run without CPU budgets")
     p.add_argument("--json", type=Path, help="write the figures here")

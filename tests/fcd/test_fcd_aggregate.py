@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from fcd.aggregate import HALT_SPEED, QUEUE_SPEED, Aggregator, MapMatcher, RoadReport
 
@@ -86,3 +87,28 @@ def test_report_validation_raises_value_error_only(data, n_roads):
     except ValueError:
         return
     assert 0 <= rep.road < n_roads and 0 <= rep.queue <= rep.cars
+
+
+def _periodic_reports(trace, steps_per_batch: int) -> list:
+    agg = Aggregator(trace.city, max_cars=1000, unlit_period=10.0)
+    agg.unlit = np.arange(trace.city.n_roads)        # every road reported periodically (the grid lights all)
+    steps = [probes for _, probes, _ in trace.steps()]
+    reports = []
+    for i in range(0, len(steps), steps_per_batch):
+        reports += agg.feed(np.concatenate(steps[i:i + steps_per_batch]))
+    return reports
+
+
+def test_periodic_reports_hold_only_probes_before_their_time_however_batched(small_trace):
+    """feed splits a batch where a periodic report falls due: batches of 7 or 25 steps give the
+    reports one step at a time gives (a report at T holds the probes before T, none after)."""
+    one = _periodic_reports(small_trace, 1)
+    assert len({r.t for r in one}) >= 20 and sum(r.departures for r in one) > 0
+    for steps in (7, 25):
+        batched = _periodic_reports(small_trace, steps)
+        assert [(r.road, r.t, r.cars, r.queue, r.departures, r.crossed, r.turns) for r in batched] == \
+               [(r.road, r.t, r.cars, r.queue, r.departures, r.crossed, r.turns) for r in one]
+        for a, b in zip(batched, one):
+            assert a.samples == pytest.approx(b.samples) and a.distance == pytest.approx(b.distance)
+            assert a.crossing_time == pytest.approx(b.crossing_time)
+            assert a.mean_speed == pytest.approx(b.mean_speed)

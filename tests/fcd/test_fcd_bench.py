@@ -33,3 +33,26 @@ def test_experiment_smoke_without_budgets(tmp_path, small_trace, capsys):
     assert len(result["raw_ingest_ratios"]) == 1 and result["raw_ingest_ratio"] > 0
     assert (tmp_path / "f.png").stat().st_size > 1000
     assert loadgen(["fcd", "--rates", "0", "--json", str(out)]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_raw_ingest_is_measured_interleaved_per_cpu_second_in_budgets(tmp_path, small_trace, capsys):
+    """With cgroup budgets: the sink and the server alternate who goes first, and each repetition
+    carries the CPU each role's group used, so the ratio is per CPU second, with its spread."""
+    trace = tmp_path / "t.npz"
+    small_trace.save(trace)
+    out = tmp_path / "fcd.json"
+    assert loadgen(["fcd", "--boxes", "0", "--rates", "4000", "--budget", "0.2", "--trace", str(trace),
+                    "--duration", "0.5", "--settle", "0.5", "--raw-reps", "2",
+                    "--workdir", str(tmp_path / "w"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    reps = result["raw_reps"]
+    assert [r["first"] for r in reps] == ["sink", "server"]
+    for rep in reps:
+        assert rep["sink_cpu_s"] > 0 and rep["server_cpu_s"] > 0
+        assert rep["ratio_per_cpu"] == pytest.approx(rep["server_per_cpu_s"] / rep["sink_per_cpu_s"], rel=1e-2)
+    assert result["raw_ingest_ratio_kind"] == "per_cpu"
+    spread = result["raw_ingest_spread"]
+    assert spread[0] <= result["raw_ingest_ratio"] <= spread[1]
+    assert result["raw_ingest_ratios"] == [r["ratio_per_cpu"] for r in reps]

@@ -2,6 +2,8 @@
 
 import socket
 
+import numpy as np
+
 import pytest
 
 from fcd.udp import BatchReceiver
@@ -34,3 +36,27 @@ def test_batches_in_order_with_oversized_datagrams_cut(pair, use_recvmmsg):
     assert receiver.receive() == []
     if use_recvmmsg:
         assert receiver.kind == "recvmmsg" and receiver.syscalls == 5       # 128 + 128 + 44, then two empty
+
+
+@pytest.mark.parametrize("use_recvmmsg", [True, False])
+def test_slot_rows_hold_each_datagrams_first_bytes_and_its_length(pair, use_recvmmsg):
+    """The raw path's receive: rows of the first ``keep`` bytes, lengths uncut up to the slot."""
+    rx, tx = pair
+    sent = [bytes(range(i % 7, i % 7 + 1 + i % 70)) for i in range(300)]     # 1..70 bytes
+    for payload in sent:
+        tx.sendto(payload, rx.getsockname())
+    receiver = BatchReceiver(rx, batch=128, slot=64, use_recvmmsg=use_recvmmsg)
+    rows, lengths = [], []
+    while True:
+        r, n = receiver.receive_slots(38)
+        assert r.shape == (len(n), 38) and r.dtype == np.uint8 and len(n) <= 128
+        if not len(n):
+            break
+        rows.append(r.copy())
+        lengths.append(n)
+    rows, lengths = np.concatenate(rows), np.concatenate(lengths)
+    assert lengths.tolist() == [min(len(p), 64) for p in sent]
+    for row, payload in zip(rows, sent):
+        assert row[:min(len(payload), 38)].tobytes() == payload[:38]
+    with pytest.raises(ValueError):
+        receiver.receive_slots(65)

@@ -82,3 +82,16 @@ def test_seq_tracker_counts_gaps_and_reordering():
     tracker.add_batch(np.array([8, 8, 8]), np.array([100, 102, 103]))
     assert tracker.total_received == 9
     assert tracker.total_lost == (10 - 6) + 1
+
+
+def test_seq_tracker_takes_the_wires_big_endian_fields_as_they_are():
+    """add_batch converts byte order itself: big-endian and native arrays count alike."""
+    gens = np.array([1, 1, 2, 1, 2, 7], dtype=np.uint16)
+    seqs = np.array([10, 12, 5, 11, 9, 70000], dtype=np.uint32)
+    native, wire_order = SeqTracker(), SeqTracker()
+    native.add_batch(gens, seqs)
+    wire_order.add_batch(gens.astype(">u2"), seqs.astype(">u4"))
+    wire_order.add_batch(np.array([3, 3], dtype=">u2"), np.array([1, 4], dtype=">u4"))   # one generator
+    native.add_batch(np.array([3, 3], dtype=np.uint16), np.array([1, 4], dtype=np.uint32))
+    assert wire_order.snapshot() == native.snapshot() == {"received": 8, "lost": 3 + 2, "generators": 4}
+    assert wire_order.first == {1: 10, 2: 5, 7: 70000, 3: 1} and wire_order.last[7] == 70000

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tests.redis_support import require_redis
 from tools.loadgen import main as loadgen
 
@@ -37,3 +39,19 @@ def test_worker_knees_are_measured_with_real_workers(tmp_path, capsys):
         assert sum(row["applied_by"].values()) == row["applied"]
     assert all(len(r["applied_by"]) == 2 for r in rows if r["workers"] == 2)     # both workers applied data
     assert (tmp_path / "workers.png").stat().st_size > 0
+
+
+@pytest.mark.root
+def test_route_lookups_say_which_side_was_saturated(tmp_path, capsys):
+    """In cgroups: each row has the store's and the routers' CPU and throttled periods over the
+    measured window, per look-up too, and names the saturated side."""
+    require_redis()
+    out = tmp_path / "scale.json"
+    assert loadgen(["fcd-scale", "--backends", "tcp", "--clients", "4", "--grid", "3x3", "--duration", "1",
+                    "--budget", "0.05", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["store_periods"] > 0 and row["routers_periods"] > 0
+    assert row["store_cpu_window_s"] > 0 and row["routers_cpu_window_s"] > 0
+    assert row["store_cpu_per_lookup_us"] == pytest.approx(1e6 * row["store_cpu_window_s"] / row["lookups"], rel=0.01)
+    assert row["bound"] in ("store", "routers", "both", "machine")
+    assert row["store_throttled_share"] == round(row["store_throttled_periods"] / row["store_periods"], 3)
