@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import argparse
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -120,6 +121,25 @@ class BoosterSession:
 
     def describe(self) -> dict[str, Any]:
         return {"sid": self.sid, "name": self.name, "uid": self.uid, "pid": self.pid}
+
+
+class EngineRefused(ValueError):
+    """A rule or group the kernel or the engine's limits refuse (boxd answers INVALID with this reason)."""
+
+
+def checked_group_members(group: int, members: list[tuple[str, int]], limit: int) -> list[tuple[str, int]]:
+    """A multicast group's members as (IPv4 address, port) pairs, or :class:`EngineRefused` saying
+    which member (or how many) the engine cannot take."""
+    if len(members) > limit:
+        raise EngineRefused(f"multicast group {group}: {len(members)} members, at most {limit}")
+    for host, port in members:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise EngineRefused(f"multicast group {group}: bad member address {host!r}") from None
+        if not 0 < int(port) <= 65535:
+            raise EngineRefused(f"multicast group {group}: bad member port {port}")
+    return [(h, int(p)) for h, p in members]
 
 
 class EngineSetupError(RuntimeError):

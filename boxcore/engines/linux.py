@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from boxcore import iptables as nf
-from boxcore.engines.base import BoosterSession, Delivery, Engine, EngineSetupError, Route
+from boxcore.engines.base import (BoosterSession, Delivery, Engine, EngineRefused, EngineSetupError, Route,
+                                  checked_group_members)
 from boxcore.packet import Packet, PacketDecodeError, PacketError
 from boxcore.rules import Action, Rule
 
@@ -59,10 +60,6 @@ def parse_range(text: str, what: str, lo: int, hi: int) -> range:
     if not lo <= start <= end <= hi:
         raise EngineSetupError(f"{what}: {text!r} must lie within {lo}-{hi} with N <= M")
     return range(start, end + 1)
-
-
-class EngineRefused(ValueError):
-    """A rule the kernel or the engine's limits refuse (boxd answers INVALID with this reason)."""
 
 
 class Pool:
@@ -428,17 +425,9 @@ class LinuxEngine(Engine):
         return True
 
     async def set_multicast_group(self, group: int, members: list[tuple[str, int]]) -> None:
-        if len(members) > MAX_MULTICAST_MEMBERS:
-            raise EngineRefused(f"multicast group {group}: {len(members)} members, at most {MAX_MULTICAST_MEMBERS}")
-        for host, port in members:
-            try:
-                ipaddress.IPv4Address(host)
-            except ValueError:
-                raise EngineRefused(f"multicast group {group}: bad member address {host!r}") from None
-            if not 0 < int(port) <= 65535:
-                raise EngineRefused(f"multicast group {group}: bad member port {port}")
+        members = checked_group_members(group, members, MAX_MULTICAST_MEMBERS)
         if members:
-            self.groups[group] = [(h, int(p)) for h, p in members]
+            self.groups[group] = members
         else:
             self.groups.pop(group, None)
 

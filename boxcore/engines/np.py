@@ -44,8 +44,8 @@ import socket
 from typing import Any
 
 from boxcore import iptables as nf
-from boxcore.engines.base import BoosterSession, Delivery, EngineSetupError, Route
-from boxcore.engines.linux import EngineRefused, LinuxEngine
+from boxcore.engines.base import BoosterSession, Delivery, EngineRefused, EngineSetupError, Route
+from boxcore.engines.linux import LinuxEngine
 from boxcore.packet import Packet, PacketError
 from boxcore.rules import Action, Rule
 from npdrv import wire

@@ -49,7 +49,8 @@ from boxcore import iptables as nf
 from boxcore import wire
 from boxcore.engines import libbpf as bpf
 from boxcore.engines import xdp_maps as maps
-from boxcore.engines.base import BoosterSession, Delivery, Engine, EngineSetupError, Route
+from boxcore.engines.base import (BoosterSession, Delivery, Engine, EngineRefused, EngineSetupError, Route,
+                                  checked_group_members)
 from boxcore.engines.linux import (SourceAddresses, apply_kernel_routes, check_routes, clean_kernel_routing,
                                    parse_range)
 from boxcore.packet import PROTO_TCP, PROTO_UDP, Packet, PacketDecodeError, PacketError
@@ -71,10 +72,6 @@ SO_RCVBUFFORCE = 33
 IP_TRANSPARENT = 19
 REDIRECT_RCVBUF = 8 << 20
 MAX_GROUP_MEMBERS = maps.MAX_MEMBERS
-
-
-class EngineRefused(ValueError):
-    """A rule the kernel data path cannot hold (boxd answers INVALID with this reason)."""
 
 
 @dataclasses.dataclass
@@ -680,16 +677,7 @@ class XdpEngine(Engine):
         return pkt
 
     async def set_multicast_group(self, group: int, members: list[tuple[str, int]]) -> None:
-        if len(members) > MAX_GROUP_MEMBERS:
-            raise EngineRefused(f"multicast group {group}: {len(members)} members, at most {MAX_GROUP_MEMBERS}")
-        for host, port in members:
-            try:
-                ipaddress.IPv4Address(host)
-            except ValueError:
-                raise EngineRefused(f"multicast group {group}: bad member address {host!r}") from None
-            if not 0 < int(port) <= 65535:
-                raise EngineRefused(f"multicast group {group}: bad member port {port}")
-        members = [(h, int(p)) for h, p in members]
+        members = checked_group_members(group, members, MAX_GROUP_MEMBERS)
         try:
             self.dp.set_group(group, members)
         except (maps.DatapathRefused, bpf.BpfError) as exc:
