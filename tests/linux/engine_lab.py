@@ -140,6 +140,44 @@ def assert_onward_connections(lab: Lab, boxd: Boxd, port: int) -> None:
         onward.kill(signal.SIGKILL)
 
 
+def assert_reply_in_the_server_s_name(lab: Lab, port: int) -> None:
+    """A redirect booster (linux_test_booster.py) answers "REPLY ..." in the server's name: the
+    client gets the answer from the server's address, the server itself gets nothing."""
+    client, server = lab.socket("client"), lab.socket("server")
+    try:
+        client.bind((CLIENT, 5555))
+        client.settimeout(2)
+        server.bind((SERVER, port))
+        server.settimeout(0.3)
+        client.sendto(b"REPLY please", (SERVER, port))
+        data, peer = client.recvfrom(2048)
+        assert data == b"pong REPLY please" and peer == (SERVER, port)
+        try:
+            leaked = server.recv(2048)
+        except TimeoutError:
+            leaked = None
+        assert leaked is None, f"the server got {leaked!r}"
+    finally:
+        client.close()
+        server.close()
+
+
+def fail_open_after_booster_kill(lab: Lab, boxd: Boxd, port: int, rate: int = 2000) -> dict:
+    """SIGKILL a redirect booster in the path of a steady stream; what the stream saw: whether
+    traffic flowed again (a third of a second's worth within 5 s), sent, lost, received after."""
+    booster = TestBooster(lab, boxd, "redirect", port)
+    stream = Stream(lab, port, rate=rate)
+    booster.wait_for(lambda e: e["kind"] == "packet")                 # it is in the path
+    booster.kill(signal.SIGKILL)
+    killed = time.monotonic()
+    flowing = stream.wait_received_after(killed, int(0.35 * stream.rate), timeout=5)
+    after = stream.received_after(killed)
+    sent, lost = stream.finish()
+    print(f"\nbooster SIGKILL under {stream.rate} pps: sent {sent}, lost {lost}, {after} received after the kill")
+    assert flowing, f"traffic did not flow again after the kill ({after} received)"
+    return {"sent": sent, "lost": lost, "after": after, "rate": stream.rate}
+
+
 def exchange(lab: Lab, payloads: list[bytes], port: int, timeout: float = 1.0) -> list[bytes]:
     """Send payloads client -> server:port; return what the server received (in order)."""
     rx = lab.socket("server")
