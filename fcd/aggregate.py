@@ -622,18 +622,24 @@ class Ingest:
         for i in np.flatnonzero(sizes != wire.PROBE_SIZE).tolist():
             reports += self._probes(datagrams[start:i])
             start = i + 1
-            try:
-                msg = wire.decode(datagrams[i])
-            except wire.WireDecodeError as exc:
-                self.stats["malformed"] += 1
-                self.last_error = str(exc)
-                continue
-            if isinstance(msg, wire.LightChange):
-                self.stats["lights"] += 1
-                self.seq.add(msg.generator, msg.seq)
-                reports += self.aggregator.light_change(msg.light, msg.t, msg.green)
+            reports += self._other(datagrams[i])
         reports += self._probes(datagrams[start:] if start else datagrams)
         return reports
+
+    def _other(self, data: bytes) -> list[RoadReport]:
+        """A datagram that is not a probe: a light change (its reports), or malformed (counted)."""
+        from fcd import wire
+        try:
+            msg = wire.decode(data)
+        except wire.WireDecodeError as exc:
+            self.stats["malformed"] += 1
+            self.last_error = str(exc)
+            return []
+        if isinstance(msg, wire.LightChange):
+            self.stats["lights"] += 1
+            self.seq.add(msg.generator, msg.seq)
+            return self.aggregator.light_change(msg.light, msg.t, msg.green)
+        return []
 
     def _probes(self, datagrams: list[bytes]) -> list[RoadReport]:
         """A run of probe-sized datagrams."""
@@ -684,16 +690,9 @@ class Ingest:
             reports += run(start, i)
             start = i + 1
             length = int(lengths[i])
-            try:
-                if length > slots.shape[1]:
-                    raise wire.WireDecodeError(f"datagram of {length} bytes is longer than any FCD message")
-                msg = wire.decode(slots[i, :length].tobytes())
-            except wire.WireDecodeError as exc:
+            if length > slots.shape[1]:
                 self.stats["malformed"] += 1
-                self.last_error = str(exc)
+                self.last_error = f"datagram of {length} bytes is longer than any FCD message"
                 continue
-            if isinstance(msg, wire.LightChange):
-                self.stats["lights"] += 1
-                self.seq.add(msg.generator, msg.seq)
-                reports += self.aggregator.light_change(msg.light, msg.t, msg.green)
+            reports += self._other(slots[i, :length].tobytes())
         return reports + run(start, n)

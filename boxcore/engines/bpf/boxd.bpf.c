@@ -606,6 +606,24 @@ static __always_inline int assign_to(struct __sk_buff *skb, struct bpf_sock *sk,
 	return TC_ACT_OK;
 }
 
+/* The IPv4 4-tuple of the packet (no IP options) for a socket look-up; non-zero if it has none. */
+static __always_inline int tcp_tuple(void *data, void *data_end, struct bpf_sock_tuple *tuple)
+{
+	struct iphdr *ip = data + ETH_HLEN;
+	__u16 *ports;
+
+	if ((void *)(ip + 1) > data_end || ip->ihl != 5)
+		return -1;
+	ports = (void *)(ip + 1);
+	if ((void *)(ports + 2) > data_end)
+		return -1;
+	tuple->ipv4.saddr = ip->saddr;
+	tuple->ipv4.daddr = ip->daddr;
+	tuple->ipv4.sport = ports[0];
+	tuple->ipv4.dport = ports[1];
+	return 0;
+}
+
 /* The server's replies to a booster's onward connection that spoofs the client
  * (connect_onward(spoof_client=True)): addressed to the client, they would be forwarded to it;
  * the booster's own transparent socket holds that 4-tuple, so they are handed to it, as the
@@ -618,18 +636,10 @@ static __always_inline int steer_reply(struct __sk_buff *skb, struct config *cfg
 	struct iphdr *ip = data + ETH_HLEN;
 	struct bpf_sock_tuple tuple = {};
 	struct bpf_sock *sk;
-	__u16 *ports;
 
 	if ((void *)(ip + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) ||
-	    ip->protocol != IPPROTO_TCP || ip->ihl != 5)
+	    ip->protocol != IPPROTO_TCP || tcp_tuple(data, data_end, &tuple))
 		return TC_ACT_OK;
-	ports = (void *)(ip + 1);
-	if ((void *)(ports + 2) > data_end)
-		return TC_ACT_OK;
-	tuple.ipv4.saddr = ip->saddr;
-	tuple.ipv4.daddr = ip->daddr;
-	tuple.ipv4.sport = ports[0];
-	tuple.ipv4.dport = ports[1];
 	sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (!sk)
 		return TC_ACT_OK;
@@ -703,20 +713,11 @@ int boxd_tc(struct __sk_buff *skb)
 	if (r->action == A_INTERCEPT) {
 		/* TCP interception as TPROXY does: a connection's own (transparent) socket first,
 		 * else the booster's listener on 0.0.0.0:port, found by the kernel's lookup. */
-		struct iphdr *ip = data + ETH_HLEN;
 		struct bpf_sock_tuple tuple = {};
 		struct bpf_sock *sk;
-		__u16 *ports;
 
-		if ((void *)(ip + 1) > data_end || ip->ihl != 5)
+		if (tcp_tuple(data, data_end, &tuple))
 			return TC_ACT_OK;
-		ports = (void *)(ip + 1);
-		if ((void *)(ports + 2) > data_end)
-			return TC_ACT_OK;
-		tuple.ipv4.saddr = ip->saddr;
-		tuple.ipv4.daddr = ip->daddr;
-		tuple.ipv4.sport = ports[0];
-		tuple.ipv4.dport = ports[1];
 		sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 		if (sk) {
 			if (sk->state != 10 /* TCP_LISTEN */)
