@@ -146,6 +146,16 @@ def check_prefix(prefix: str, after: str | None = None) -> None:
         raise DirectoryError(f"after must be a Unicode string, got {after!r}")
 
 
+def new_watch(directory: Any, booster: str, prefix: str, max_pending: int | None) -> "Watch":
+    """A :class:`Watch` on ``directory`` (either backend), within its limit of watchers (refusals counted)."""
+    if not isinstance(prefix, str):
+        raise DirectoryError(f"prefix must be a string, got {prefix!r}")
+    if len(directory._watches) >= directory.max_watchers:
+        directory.stats["refused_watchers"] += 1
+        raise DirectoryError(f"too many watchers (limit {directory.max_watchers})")
+    return Watch(directory, booster, prefix, max_pending or directory.max_pending)
+
+
 class Watch:
     """Changes under ``prefix`` of one booster's keys: ``async for key, value
     in watch.events()`` (value None = deleted).  Close it when done."""
@@ -442,12 +452,7 @@ class Directory:
         """Watch changes of ``booster``'s keys under ``prefix``.  With
         ``initial`` the current items are queued first, so the watcher sees
         the whole state and then every change (no gap)."""
-        if not isinstance(prefix, str):
-            raise DirectoryError(f"prefix must be a string, got {prefix!r}")
-        if len(self._watches) >= self.max_watchers:
-            self.stats["refused_watchers"] += 1
-            raise DirectoryError(f"too many watchers (limit {self.max_watchers})")
-        watch = Watch(self, booster, prefix, max_pending or self.max_pending)
+        watch = new_watch(self, booster, prefix, max_pending)
         if initial:
             for key, value in self.items(booster, prefix):
                 watch._offer(key, value)

@@ -45,8 +45,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from boxcore.directory import (DEFAULT_MAX_KEY_CHARS, DEFAULT_MAX_KEYS, DEFAULT_MAX_PENDING,
                                DEFAULT_MAX_TOTAL_BYTES, DEFAULT_MAX_VALUE_BYTES, DEFAULT_MAX_WATCHERS,
                                DirectoryError, DirectoryOpenError, DirectoryUnavailable, QuotaExceeded, Watch,
-                               check_key, check_prefix, check_value, decode_value, prefix_upper_bound,
-                               set_limits)
+                               check_key, check_prefix, check_value, decode_value, new_watch,
+                               prefix_upper_bound, set_limits)
 from boxcore.redisconn import first_line, redacted, unavailable_on_redis_errors
 from cliruntime.supervisor import Supervisor
 
@@ -444,12 +444,7 @@ class RedisDirectory:
         """Watch changes of ``booster``'s keys under ``prefix`` made on any box of the fleet.
         With ``initial`` the current items are queued first (read after the watch is live, so
         no change falls between; a change already pending for a key wins over its read value)."""
-        if not isinstance(prefix, str):
-            raise DirectoryError(f"prefix must be a string, got {prefix!r}")
-        if len(self._watches) >= self.max_watchers:
-            self.stats["refused_watchers"] += 1
-            raise DirectoryError(f"too many watchers (limit {self.max_watchers})")
-        watch = Watch(self, booster, prefix, max_pending or self.max_pending)
+        watch = new_watch(self, booster, prefix, max_pending)
         self._watches.append(watch)
         self._by_booster.setdefault(booster, []).append(watch)
         if initial:

@@ -62,6 +62,16 @@ class TupleDecodeError(ValueError):
 
 # ---------------------------------------------------------------- matching
 
+def check_tuple(tup: tuple, lease: float | None) -> None:
+    """What ``out`` accepts on either backend: a non-empty tuple of values and a positive lease."""
+    if not isinstance(tup, tuple) or not tup:
+        raise TupleSpaceError("a tuple is a non-empty tuple")
+    if any(isinstance(f, type) or f is None for f in tup):
+        raise TupleSpaceError("a tuple holds values, not wildcards")
+    if lease is not None and lease <= 0:
+        raise TupleSpaceError("a lease must be positive")
+
+
 def check_template(template: tuple) -> None:
     if not isinstance(template, (tuple, list)) or len(template) == 0:
         raise TupleSpaceError("a template is a non-empty tuple")
@@ -137,12 +147,7 @@ class Space:
         return self._deadlines[0][0] if self._deadlines else None
 
     def out(self, tup: tuple, lease: float | None, now: float) -> tuple[int, list]:
-        if not isinstance(tup, tuple) or not tup:
-            raise TupleSpaceError("a tuple is a non-empty tuple")
-        if any(isinstance(f, type) or f is None for f in tup):
-            raise TupleSpaceError("a tuple holds values, not wildcards")
-        if lease is not None and lease <= 0:
-            raise TupleSpaceError("a lease must be positive")
+        check_tuple(tup, lease)
         self.stats["out"] += 1
         events: list = []
         for sub, (template, _) in self.subscriptions.items():

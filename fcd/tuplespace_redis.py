@@ -35,7 +35,8 @@ from typing import Any
 import msgpack
 
 from cliruntime.supervisor import Supervisor
-from fcd.tuplespace import Subscription, TupleSpaceConnectionError, TupleSpaceError, _Api, check_template, matches
+from fcd.tuplespace import (Subscription, TupleSpaceConnectionError, TupleSpaceError, _Api, check_template,
+                            check_tuple, matches)
 
 log = logging.getLogger("fcd.tuplespace_redis")
 
@@ -389,12 +390,7 @@ class RedisTupleSpace(_Api):
         raise TupleSpaceError(f"unknown operation {op!r}")
 
     async def _out(self, tup: tuple, lease: float | None) -> int:
-        if not isinstance(tup, tuple) or not tup:
-            raise TupleSpaceError("a tuple is a non-empty tuple")
-        if any(isinstance(f, type) or f is None for f in tup):
-            raise TupleSpaceError("a tuple holds values, not wildcards")
-        if lease is not None and lease <= 0:
-            raise TupleSpaceError("a lease must be positive")
+        check_tuple(tup, lease)
         sig = _pack_for_lua([field_key(f) for f in tup])
         data = msgpack.packb(list(tup), use_bin_type=True)
         lease_ms = "" if lease is None else str(max(1, round(lease * 1000)))
