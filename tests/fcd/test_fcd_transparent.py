@@ -33,9 +33,11 @@ def gen(lab, trace, target, seconds):
     return json.loads(out.stdout.splitlines()[-1])
 
 
-@pytest.mark.root
-@pytest.mark.slow
-async def test_transparent_placement_with_the_linux_engine(tmp_path, small_trace):
+async def fcd_through_a_transparent_box(tmp_path, small_trace, engine: str, delivery: str, rules_gone,
+                                        boxd_extra=()) -> None:
+    """fcd-booster, unchanged, on ``engine`` in the transparent lab: the cars send to the server's
+    address, the box takes every probe (``delivery``), aggregates and reports by XML-RPC; once the
+    booster is gone (``rules_gone(lab)``), the cars' datagrams reach the server again (fail-open)."""
     from boxcore.lab import TOPOLOGY_DIR, Lab
 
     trace = tmp_path / "t.npz"
@@ -48,16 +50,11 @@ async def test_transparent_placement_with_the_linux_engine(tmp_path, small_trace
         server = stack.start("server", "fcd.server", ["--city", str(trace), "--udp", udp, "--http", http],
                              wrap=lab.command("server", []))
         await stack.wait_ready(server)
-        control = tmp_path / "boxd.sock"
-        boxd = stack.start("boxd", "boxcore.boxd", ["--engine", "linux", "--control", str(control),
-                                                     "--state", str(tmp_path / "state")],
-                           ready=False, wrap=lab.command("box", []))
-        await stack.wait_socket(boxd, control)
-        booster = stack.start("booster", "fcd.booster", [
-            "--control", str(control), "--city", str(trace), "--server-udp", udp, "--server-http", http,
-            "--box-id", "edge", "--stats-interval", "0.2"], wrap=lab.command("box", []))
+        _, booster = await stack.box("edge", trace, 0, 7000, 8080, ["--engine", engine, *boxd_extra],
+                                     ["--stats-interval", "0.2"], control=tmp_path / "boxd.sock",
+                                     server_host=server_ip, wrap=lab.command("box", []))
         ready = await stack.wait_ready(booster)
-        assert ready["engine"] == "linux" and ready["delivery"] == "nfqueue"
+        assert ready["engine"] == engine and ready["delivery"] == delivery
 
         sent = (await asyncio.to_thread(gen, lab, trace, udp, 3))["sent"]
 
@@ -73,13 +70,20 @@ async def test_transparent_placement_with_the_linux_engine(tmp_path, small_trace
 
         # the booster goes away: its rules are removed and the traffic passes again (fail-open)
         await stack.stop(booster)
-        await until_in_thread(lambda: "NFQUEUE" not in lab.run("box", ["iptables-save"], timeout=30).stdout,
-                    "the booster's NFQUEUE rules to go")
+        await until_in_thread(lambda: rules_gone(lab), "the booster's rules to go")
         sent_after = (await asyncio.to_thread(gen, lab, trace, udp, 1))["sent"]
         await until_in_thread(lambda: server_status(lab, f"{server_ip}:8080")["udp"]["received"] >= sent_after,
-                    "the raw datagrams at the server")
+                              "the raw datagrams at the server")
         status = await asyncio.to_thread(server_status, lab, f"{server_ip}:8080")
         assert status["udp"]["received"] == sent_after
     finally:
         await stack.stop_all()
         lab.down()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+async def test_transparent_placement_with_the_linux_engine(tmp_path, small_trace):
+    await fcd_through_a_transparent_box(
+        tmp_path, small_trace, "linux", "nfqueue",
+        rules_gone=lambda lab: "NFQUEUE" not in lab.run("box", ["iptables-save"], timeout=30).stdout)
