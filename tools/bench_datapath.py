@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import json
 import multiprocessing
 import socket
 import tempfile
@@ -37,6 +36,7 @@ from boxcore.procs import free_port
 from cliruntime import ConfigError, non_negative_float, positive_int
 
 from tools.datapath_tally import IDLE_END, STAMP, Tally, summarize
+from tools.output import write_result
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -193,11 +193,7 @@ def run(args: argparse.Namespace) -> int:
             xdp.plot(figures, args.plot)
     else:
         figures = asyncio.run(_run_user(args))
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    write_result(figures, args.json)
     return 0
 
 

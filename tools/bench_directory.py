@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from boxcore.directory import AsyncDirectory, Directory
 from boxcore.directory_redis import RedisDirectory
 from boxcore.redisproc import RedisServer
+from tools.output import write_result
 from tools.stats import summary
 
 
@@ -60,11 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
     result = asyncio.run(run(args.ops))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    write_result(result, args.json)
     return 0
 
 

@@ -30,6 +30,7 @@ import urllib.request
 from pathlib import Path
 
 from cliruntime import ConfigError, int_list
+from tools.output import write_result
 from tools.stats import percentile
 
 log = logging.getLogger("bench.fcd")
@@ -521,13 +522,7 @@ def run(args) -> int:
         raise
     if not keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
-    text = json.dumps(results, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    if args.plot:
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        plot(results, args.plot)
+    write_result(results, args.json, args.plot, plot, echo=False)
     print(json.dumps({k: v for k, v in results.items() if k != "rows"}, indent=2))
     return 0
 

@@ -36,7 +36,6 @@ point), ``ratio_at_max_clients``; a PNG plot with ``--plot``.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import multiprocessing
 import os
@@ -52,6 +51,7 @@ from fcd.city import grid_city
 from fcd.route import TRAVERSE_TEMPLATE, latest_times
 from fcd.tuplespace import connect
 from tools.bench_fcd import LOSS_KNEE, CpuBudgets, NoBudgets, default_trace, knee
+from tools.output import write_result
 
 log = logging.getLogger("booster-loadgen.fcd-scale")
 
@@ -393,13 +393,7 @@ def run(args) -> int:
     finally:
         budgets.cleanup()
         router_budgets.cleanup()
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    if args.plot:
-        _plot(results, args.plot)
+    write_result(results, args.json, args.plot, _plot)
     if own_workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

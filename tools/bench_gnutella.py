@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 from cliruntime import ConfigError, non_negative_float, positive_int
+from tools.output import write_result
 
 
 def register(subparsers) -> None:
@@ -81,13 +81,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bb-gnutella-") as tmp:
         workdir = args.workdir or Path(tmp)
         out = asyncio.run(run_experiment(cfg, workdir, say, modes))
-    text = json.dumps(out, indent=2, sort_keys=True)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    if args.plot:
-        plot(out, args.plot)
+    write_result(out, args.json, args.plot, plot, sort_keys=True)
     return 0
 
 

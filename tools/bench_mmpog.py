@@ -37,6 +37,7 @@ from pathlib import Path
 
 from boxcore.procs import ProcessGroup, free_port, python_module
 from cliruntime import non_negative_float, positive_int, probability
+from tools.output import write_result
 
 LOCATION = 1
 
@@ -343,13 +344,7 @@ def run_compare(args: argparse.Namespace) -> int:
     result = compare_matrix(workload, args.scenarios or [(args.players, args.locations)], args.losses or [args.loss],
                             stacks, say=lambda line: print(line, file=sys.stderr))
     print(table(result), file=sys.stderr)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    if args.plot is not None:
-        plot(result, args.plot)
+    write_result(result, args.json, args.plot, plot)
     return 0
 
 
@@ -397,11 +392,5 @@ def run(args: argparse.Namespace) -> int:
 
     import uvloop
     result = uvloop.run(main())
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    if args.plot is not None:
-        _plot(result, args.plot)
+    write_result(result, args.json, args.plot, _plot)
     return 0

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import logging
 import multiprocessing
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from boxcore.procs import ProcessGroup, python_module
 from cliruntime import ConfigError, int_list, non_negative_float, positive_int, progress
+from tools.output import write_result
 from tools.stats import summary
 
 log = logging.getLogger("booster-loadgen.np-latency")
@@ -346,12 +346,7 @@ def run(args: argparse.Namespace) -> int:
         "rows": rows,
         "emulator": extras.get("np", {}),
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    if args.plot:
-        plot(out, args, args.plot)
+    write_result(out, args.json, args.plot, lambda result, path: plot(result, args, path))
     return 0
 
 

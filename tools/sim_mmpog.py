@@ -17,7 +17,6 @@ the result).  Deterministic: the same arguments give the same figures.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import struct
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from mmpog.reliability import ClientConfig, ClientEndpoint, Received, ReflectorConfig, ReflectorCore
 from mmpog.testing import LinkProfile, SimNetwork
+from tools.output import write_result
 from tools.stats import percentile
 
 UPDATE = struct.Struct("!Id")   # player, send time
@@ -172,11 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                  reflector_tick=args.reflector_tick, client=overrides(args.client),
                  reflector=overrides(args.reflector), **base)
     result = run(w)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    write_result(result, args.json)
     return 0
 
 
