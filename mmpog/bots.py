@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import random
 import signal
 import socket
@@ -25,6 +26,7 @@ from typing import Callable
 import aiohttp
 import msgpack
 
+from boxcore import udpbatch
 from cliruntime import ConfigError, make_parser, run_async
 
 from .client import GameClient
@@ -37,11 +39,9 @@ _unpack_update = UPDATE.unpack_from
 GUARD = 0.3
 CELL = 100.0
 
-# Linux: SO_TIMESTAMPNS (= its SCM_TIMESTAMPNS) stamps each datagram with CLOCK_REALTIME when the kernel
-# queued it on the socket; the stdlib names neither
-SO_TIMESTAMPNS = 35
-TIMESPEC = struct.Struct("@qq")
-RECV_BATCH = 256          # datagrams read per wake-up before the protocol's output and timers are serviced
+RECV_BATCH = 64           # datagrams per recvmmsg call; a wake-up reads up to RECV_CALLS of them
+RECV_CALLS = 4            # before the protocol's output and timers are serviced
+RECV_SLOT = 2048          # bytes per datagram slot: above any path MTU a reflector packs to
 
 
 class _BotTransport:
@@ -67,54 +67,67 @@ class _BotTransport:
 
 class BotClient(GameClient):
     """A GameClient whose receive path is the bots' own: every readable wake-up reads up to
-    ``RECV_BATCH`` datagrams, hands each to its endpoint, and services output, events and timers
-    once for the batch (not once per datagram as the asyncio protocol does), and keeps the kernel's
-    arrival time of each datagram (``SO_TIMESTAMPNS``) so the measurement can tell the network and
-    reflector's part of a latency from the bot process's own queueing.
+    ``RECV_CALLS`` x ``RECV_BATCH`` datagrams with ``recvmmsg`` (:class:`boxcore.udpbatch.BatchReceiver`:
+    one system call for many datagrams, each with its ancillary data), hands each to its endpoint,
+    and services output, events and timers once for the batch (not once per datagram as the asyncio
+    protocol does), and keeps the kernel's arrival time of each datagram (``SO_TIMESTAMPNS``) so the
+    measurement can tell the network and reflector's part of a latency from the bot process's own
+    queueing.
 
     ``arrival_of(event.now)`` is the kernel arrival time (``time.monotonic()`` clock) of the datagram
     that carried an event handed out by the current batch.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, recvmmsg: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.recvmmsg = recvmmsg                # False: one recvmsg per datagram (recv_bench compares them)
         self._arrivals: dict[float, float] = {}
         self.transport: _BotTransport | None = None
+        self.receiver: udpbatch.BatchReceiver | None = None
         self.batches = 0
         self.datagrams = 0
 
     async def open_transport(self, loop: asyncio.AbstractEventLoop) -> _BotTransport:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        udpbatch.enable_timestamps(sock)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         sock.setblocking(False)
         sock.bind(self.local)
         self.transport = _BotTransport(sock)
-        loop.add_reader(sock.fileno(), self._drain, sock)
+        self.receiver = udpbatch.BatchReceiver(sock, batch=RECV_BATCH, slot=RECV_SLOT, control=udpbatch.STAMP_CONTROL,
+                                                 use_recvmmsg=self.recvmmsg)
+        loop.add_reader(sock.fileno(), self._drain)
         return self.transport
 
     def arrival_of(self, now: float) -> float | None:
         return self._arrivals.get(now)
 
-    def _drain(self, sock: socket.socket) -> None:
+    def _drain(self) -> None:
+        """Read what the socket holds (a few recvmmsg calls, each datagram with its kernel stamp), then
+        hand the batch to the protocol.  Each datagram gets its own ``now`` (taken as it is handed
+        over, strictly increasing), the key under which its arrival time is found by ``arrival_of``."""
         arrivals = self._arrivals
         offset = time.time() - time.monotonic()     # kernel stamps are CLOCK_REALTIME
-        unpack = TIMESPEC.unpack
+        receive = self.receiver.receive_stamped
+        monotonic = time.monotonic
         batch: list[tuple[bytes, float]] = []
-        for _ in range(RECV_BATCH):
+        last = 0.0
+        for _ in range(RECV_CALLS):
             try:
-                data, ancillary, _, _ = sock.recvmsg(2048, 64)
-            except (BlockingIOError, InterruptedError):
-                break
+                payloads, stamps = receive()
             except OSError:
                 self.io_errors += 1
                 break
-            now = time.monotonic()
-            for level, kind, value in ancillary:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= TIMESPEC.size:
-                    seconds, nanoseconds = unpack(value[:TIMESPEC.size])
-                    arrivals[now] = seconds + nanoseconds * 1e-9 - offset
-            batch.append((data, now))
+            for data, stamp in zip(payloads, stamps):
+                now = monotonic()
+                if now <= last:
+                    now = math.nextafter(last, math.inf)
+                last = now
+                if stamp == stamp:                   # not NaN: the kernel stamped it
+                    arrivals[now] = stamp - offset
+                batch.append((data, now))
+            if len(payloads) < RECV_BATCH:
+                break
         if batch:
             self.batches += 1
             self.datagrams += len(batch)
@@ -123,7 +136,10 @@ class BotClient(GameClient):
 
     def snapshot(self) -> dict:
         out = super().snapshot()
+        receiver = self.receiver
         out.update(recv_batches=self.batches, recv_datagrams=self.datagrams,
+                   recv_syscalls=receiver.syscalls if receiver is not None else 0,
+                   recv_truncated=receiver.truncated if receiver is not None else 0,
                    send_errors=self.transport.send_errors if self.transport is not None else 0)
         return out
 
@@ -156,6 +172,7 @@ class Params:
     workers: int = 1                  # bot processes (the bots' receive path is the experiment's heaviest part)
     budget: float = 0.0               # CPU cores per role (reflector, each bots worker, relay): its own cgroup; 0: none
     budget_period_us: int = 10_000    # CFS period: short, so a throttled role stalls for milliseconds, not 100 ms
+    recvmmsg: bool = True             # the bots read their sockets with recvmmsg (False: one recvmsg per datagram)
 
     def validate(self) -> None:
         if self.players < 2:
@@ -239,7 +256,7 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
         for index in indices:
             bot_rng = random.Random(params.seed * 1_000_003 + index)
             client = BotClient(server_url, f"bot{index}", f"bot-{index}-{params.seed}-plays", http=http, config=config,
-                                reflector_map=reflector_map, rng=bot_rng, join_timeout=10.0)
+                                reflector_map=reflector_map, rng=bot_rng, join_timeout=10.0, recvmmsg=params.recvmmsg)
             bot = Bot(index, client, bot_rng)
             client.on_event = bot.on_event
             bots.append(bot)

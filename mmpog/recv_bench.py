@@ -16,7 +16,13 @@ and is timed (``time.process_time``, the best of ``--repeat`` passes) through th
 * ``bot``: :meth:`mmpog.bots.BotClient.receive_datagrams` in batches of ``--batch`` datagrams with
   the bots' own bookkeeping (:meth:`mmpog.bots.Bot.on_event`), joined through a real
   :class:`~mmpog.reliability.ReflectorCore` over loopback sockets; the socket reads themselves are
-  not in it (they are the kernel's, the same for every stack).
+  not in it;
+* ``socket``: the whole receive path of a bot, the reads included: the stream is sent to the
+  bot's own socket over loopback ``--wakeup`` datagrams at a time and each time the bot's reader
+  (``BotClient._drain``) runs once, as the event loop would run it: ``recvmmsg`` with each
+  datagram's kernel stamp (:class:`boxcore.udpbatch.BatchReceiver`), then the ``bot`` stage's work;
+  ``socket_recvmsg`` the same with one ``recvmsg`` per datagram (the bots' receive path before
+  the batch receiver).  Only the reader's CPU is counted, not the sender's.
 
 Figures are microseconds of CPU per update; compare them within one run or between two runs on a
 quiet machine, never against a fixed number.
@@ -117,7 +123,7 @@ def stage_endpoint(datagrams: list[bytes], times: list[float]) -> ClientEndpoint
     return endpoint
 
 
-async def _joined_bot() -> tuple[Bot, socket.socket]:
+async def _joined_bot(recvmmsg: bool = True) -> tuple[Bot, socket.socket]:
     """A BotClient joined through a ReflectorCore behind a loopback socket (the bench plays the reflector)."""
     reflector_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     reflector_sock.bind(("127.0.0.1", 0))
@@ -125,7 +131,7 @@ async def _joined_bot() -> tuple[Bot, socket.socket]:
     reflector_addr = reflector_sock.getsockname()
     core = ReflectorCore()
     core.add_member(LOCATION, PLAYER, TOKEN)
-    client = BotClient("http://127.0.0.1:9", "bench", "unused", rng=random.Random(1))
+    client = BotClient("http://127.0.0.1:9", "bench", "unused", rng=random.Random(1), recvmmsg=recvmmsg)
     client.player = PLAYER                     # what /login would have said
     bot = Bot(0, client, random.Random(1))
     client.on_event = bot.on_event
@@ -151,6 +157,24 @@ def stage_bot(bot: Bot, datagrams: list[bytes], times: list[float], batch: int) 
         receive(pairs[start:start + batch])
 
 
+def stage_socket(bot: Bot, datagrams: list[bytes], wakeup: int) -> float:
+    """CPU seconds the bot's reader spends on ``datagrams`` sent to its socket ``wakeup`` at a time."""
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    address = bot.client.local_address
+    drain = bot.client._drain
+    spent = 0.0
+    try:
+        for start in range(0, len(datagrams), wakeup):
+            for data in datagrams[start:start + wakeup]:
+                sender.sendto(data, address)           # loopback: queued on the bot's socket on return
+            started = time.process_time()
+            drain()
+            spent += time.process_time() - started
+    finally:
+        sender.close()
+    return spent
+
+
 def _best(fn, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -166,7 +190,7 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
     endpoint = stage_endpoint(datagrams, times)                # warm-up, and the count of what arrived
     received = endpoint.stats["received"] + endpoint.stats["duplicates"]
     result: dict = {"updates_offered": args.updates, "updates_received": received, "datagrams": len(datagrams),
-                    "bundle": args.bundle, "loss": args.loss, "batch": args.batch, "repeat": args.repeat,
+                    "bundle": args.bundle, "loss": args.loss, "batch": args.batch, "wakeup": args.wakeup, "repeat": args.repeat,
                     "us_per_update": {}, "endpoint_stats": {k: v for k, v in endpoint.stats.items() if v}}
     result["us_per_update"]["wire"] = _best(lambda: stage_wire(datagrams), args.repeat) / received * 1e6
     result["us_per_update"]["endpoint"] = _best(lambda: stage_endpoint(datagrams, times), args.repeat) / received * 1e6
@@ -190,6 +214,17 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
         profile = cProfile.Profile()
         profile.runcall(stage_bot, bot, datagrams, times, args.batch)
     result["us_per_update"]["bot"] = best / received * 1e6
+    for stage, recvmmsg in (("socket", True), ("socket_recvmsg", False)):
+        best = float("inf")
+        for _ in range(args.repeat):
+            bot, sock = await _joined_bot(recvmmsg)
+            bots.append((bot, sock))
+            best = min(best, stage_socket(bot, datagrams, args.wakeup))
+            # every update reached the game: none lost on the loopback, none cut
+            assert len(bot.got) == endpoint.stats["received"], (stage, len(bot.got), endpoint.stats["received"])
+            assert bot.client.receiver.truncated == 0
+            result.setdefault("recv_syscalls", {})[stage] = bot.client.receiver.syscalls
+        result["us_per_update"][stage] = best / received * 1e6
     result["us_per_update"] = {k: round(v, 3) for k, v in result["us_per_update"].items()}
     for bot, sock in bots:
         await bot.client.close()
@@ -215,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loss", type=float, default=0.05, help="fraction of updates dropped before packing")
     parser.add_argument("--payload", type=positive_int, default=64)
     parser.add_argument("--batch", type=positive_int, default=8, help="datagrams per receive_datagrams call")
+    parser.add_argument("--wakeup", type=positive_int, default=4,
+                        help="datagrams waiting on the bot's socket per wake-up of its reader (socket stages)")
     parser.add_argument("--repeat", type=positive_int, default=3, help="passes per stage; the fastest counts")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--profile", type=int, default=0, metavar="N",

@@ -74,10 +74,14 @@ class ReflectorService:
 
     # ------------------------------------------------------------------ data path
 
-    def on_datagram(self, data: bytes, addr: Address) -> None:
-        core = self.core
+    def receive(self, data: bytes, addr: Address) -> None:
+        """One datagram into the core; what it makes is sent by :meth:`flush` (or :meth:`reads_done`)."""
         self.counters["datagrams_in"] += 1
-        core.receive_datagram(data, addr, time.monotonic())
+        self.core.receive_datagram(data, addr, time.monotonic())
+
+    def on_datagram(self, data: bytes, addr: Address) -> None:
+        """A datagram handed over on its own (booster mode: one packet per callback)."""
+        self.receive(data, addr)
         if not self.pack:
             self.flush()
         elif self._flush_handle is None:
@@ -87,6 +91,16 @@ class ReflectorService:
                 self._flush_handle = loop.call_later(self.pack_budget, self.flush)
             else:
                 self._flush_handle = loop.call_soon(self.flush)
+
+    def reads_done(self) -> None:
+        """The socket reader has read everything that waited (up to its limit): send at once what that
+        made, packed - what queued while the reflector was busy shares datagrams, a lone update on an
+        idle path leaves with no delay (not even one more pass of the event loop)."""
+        if self.pack_budget > 0 and self.pack:
+            if self._flush_handle is None:
+                self._flush_handle = asyncio.get_running_loop().call_later(self.pack_budget, self.flush)
+        else:
+            self.flush()
 
     def flush(self) -> None:
         if self._flush_handle is not None:
@@ -283,17 +297,16 @@ def open_udp_socket(listen: Address) -> socket.socket:
 
 def attach_reader(loop: asyncio.AbstractEventLoop, sock: socket.socket, service: ReflectorService) -> None:
     recvfrom = sock.recvfrom
-    on_datagram = service.on_datagram
+    receive = service.receive
 
     def on_readable() -> None:
         for _ in range(MAX_READS_PER_WAKEUP):
             try:
                 data, addr = recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            on_datagram(data, addr[:2])
+            except OSError:                      # BlockingIOError: all read
+                break
+            receive(data, addr[:2])
+        service.reads_done()
 
     loop.add_reader(sock.fileno(), on_readable)
 

@@ -475,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "own cgroup v1 CPU group as booster-loadgen fcd does (root); 0: no budgets")
     parser.add_argument("--budget-period-us", type=positive_int, default=10_000,
                         help="the CFS period of the budgets (a throttled role stalls for up to one period)")
+    parser.add_argument("--no-recvmmsg", action="store_true",
+                        help="the bots read one datagram per recvmsg call (default: recvmmsg batches)")
     parser.add_argument("--netns-child", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -490,6 +492,7 @@ def params_from_args(args: argparse.Namespace) -> Params:
         move_interval=args.move_interval, seed=args.seed, reflector_mode=args.reflector_mode, control=args.control,
         box=args.box, reflector_port=args.reflector_port, fanout=args.fanout, workers=args.workers,
         min_rto=args.min_rto, budget=args.budget, budget_period_us=args.budget_period_us,
+        recvmmsg=not args.no_recvmmsg,
     )
 
 
@@ -531,6 +534,8 @@ def _child_argv(args: argparse.Namespace, port: int) -> list[str]:
     for name in ("players", "locations", "duration", "loss", "rate", "reliable_fraction", "deadline", "payload",
                  "move_interval", "seed", "workers", "min_rto", "budget", "budget_period_us"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if args.no_recvmmsg:
+        argv.append("--no-recvmmsg")
     if args.json is not None:
         argv += ["--json", str(args.json.resolve())]
     return argv

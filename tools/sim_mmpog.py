@@ -5,7 +5,9 @@
 ``rate`` updates/s (``reliable_fraction`` of them reliable, deadline ``deadline``) into its
 location; every other member of the location is expected to receive each one.  The figures are
 those of ``mmpog-bots`` (reliable/unreliable delivered ratio, latency p50/p90/p99/max, computed
-with :func:`tools.stats.percentile`), plus the first second of play on its own (cold start) and
+with :func:`tools.stats.percentile`), plus the first second of play on its own (cold start), the
+p99 of each second of play (``per_second_p99_ms``: a cold start out of line stands out from the
+other seconds' spread, which one second's few repaired updates make wide), and
 the protocol's counters (NACKs, retransmissions, duplicates dropped, sender timeouts), so a
 scenario says *why* a tail is what it is.
 
@@ -101,6 +103,7 @@ def run(w: Workload) -> dict:
         members[location] = members.get(location, 0) + 1
     lat: dict[bool, list[float]] = {True: [], False: []}
     first: dict[bool, list[float]] = {True: [], False: []}
+    per_second: dict[bool, dict[int, list[float]]] = {True: {}, False: {}}     # second of play -> latencies
     got: dict[bool, int] = {True: 0, False: 0}
     for ep, addr, _ in endpoints:
         for event in net.events[addr]:
@@ -111,6 +114,7 @@ def run(w: Workload) -> dict:
                 got[reliable] += 1
                 if t < start + 1.0:
                     first[reliable].append(latency)
+                per_second[reliable].setdefault(int(t - start), []).append(latency)
     out: dict = {"players": w.players, "locations": w.locations, "loss": w.loss, "duration": w.duration,
                  "seed": w.seed, "client": w.client, "reflector": w.reflector}
     for reliable, name in ((True, "reliable"), (False, "unreliable")):
@@ -120,7 +124,10 @@ def run(w: Workload) -> dict:
                      "delivered_ratio": round(got[reliable] / expected, 6) if expected else None,
                      "delivered_within_deadline_ratio": (round(sum(v <= w.deadline for v in values) / expected, 6)
                                                          if expected else None),
-                     "latency_ms": _latencies(values), "first_second_latency_ms": _latencies(first[reliable])}
+                     "latency_ms": _latencies(values), "first_second_latency_ms": _latencies(first[reliable]),
+                     # the p99 of every second of play on its own: is the first one (the cold start) out of line?
+                     "per_second_p99_ms": [_latencies(per_second[reliable][second])["p99"]
+                                           for second in sorted(per_second[reliable])]}
     totals: dict[str, int] = {}
     for ep, _, _ in endpoints:
         for name, value in ep.stats.items():

@@ -16,3 +16,27 @@ def test_bench_stream_reaches_the_game_whole():
     assert stats["retransmissions_received"] == stats["missing_detected"]
     assert stats["received_reliable"] == stats["seqs_accounted"]
     assert 0.93 * updates < stats["received"] < updates
+
+
+async def test_bot_reads_its_socket_in_batches_and_every_update_reaches_the_game():
+    """The socket stage: the bot's own reader (recvmmsg, or one recvmsg per datagram) gets the whole stream,
+    each datagram with its kernel stamp, in fewer system calls when batched."""
+    updates = 2000
+    datagrams = recv_bench.build_stream(updates, bundle=2, loss=0.05, payload=64, seed=5)
+    expected = recv_bench.stage_endpoint(datagrams, recv_bench._times(updates, datagrams)).stats["received"]
+    syscalls = {}
+    for recvmmsg in (True, False):
+        bot, sock = await recv_bench._joined_bot(recvmmsg)
+        try:
+            recv_bench.stage_socket(bot, datagrams, wakeup=8)
+            assert len(bot.got) == expected
+            assert len(bot.arrived) == expected            # every datagram carried its arrival stamp
+            assert all(0 <= latency for latency in bot.arrived.values())
+            receiver = bot.client.receiver
+            assert receiver.truncated == receiver.control_truncated == 0
+            syscalls[recvmmsg] = receiver.syscalls
+        finally:
+            await bot.client.close()
+            sock.close()
+    # one recvmmsg per wake-up; recvmsg one per datagram plus the one that finds the socket empty
+    assert syscalls[True] < len(datagrams) / 4 < syscalls[False]

@@ -402,3 +402,33 @@ async def test_service_packs_what_one_loop_pass_fans_out_and_counts_updates():
     sent.clear()
     unpacked.on_datagram(data(1, 9), ALICE)
     assert len(sent) == 1 and wire.decode(sent[0][1])[0].kind is Kind.DATA   # --no-pack: at once, unpacked
+
+
+async def test_socket_reader_sends_what_it_read_packed_as_soon_as_the_socket_is_empty():
+    """The standalone reader: what queued while the reflector was busy leaves packed, with no extra loop pass
+    (a lone update on an idle path is not held at all); a --pack-budget still holds it."""
+    import asyncio
+
+    from mmpog.reflector import ReflectorService
+    service = ReflectorService(bound_core())
+    sent = []
+    service.fanout = lambda location, data: sent.append((location, data))
+    for pid in (1, 2):
+        service.receive(data(1, pid), ALICE)
+    assert sent == []
+    service.reads_done()
+    [(location, bundle)] = sent                              # at once: no call_soon, no timer
+    header, payload = wire.decode(bundle)
+    assert header.kind is Kind.BUNDLE and len(wire.unpack(header, payload)) == 2
+    sent.clear()
+    service.receive(data(1, 3), ALICE)
+    service.reads_done()
+    assert len(sent) == 1 and wire.decode(sent[0][1])[0].kind is Kind.DATA   # alone: as it came
+    budgeted = ReflectorService(bound_core(ReflectorConfig(pack_budget=0.001)))
+    budgeted.fanout = lambda location, data: sent.append((location, data))
+    sent.clear()
+    budgeted.receive(data(1, 4), ALICE)
+    budgeted.reads_done()
+    assert sent == []                                        # held for company up to the budget
+    await asyncio.sleep(0.05)
+    assert len(sent) == 1
