@@ -54,7 +54,7 @@ def test_a_case_reports_the_median_run_and_every_run():
 def test_roles_start_in_their_cgroup_pinned_to_their_cpu(monkeypatch):
     iso = Isolation(enabled=False, budget=1.0)
     assert iso.wrap("generator", ["trafgen"]) == ["trafgen"]
-    assert iso.describe() == {"isolated": False, "reason": "--no-isolation"}
+    assert iso.describe() == {"isolated": False, "reason": "--no-isolation", "box_receive": "softirq"}
 
     class Budgets:
         def group(self, name):
