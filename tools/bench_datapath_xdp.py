@@ -441,18 +441,18 @@ class Bench:
         return path
 
     def sent_counter(self) -> tuple[int, int]:
-        """What the client's veth was handed (transmitted + dropped: with a NAPI receiver, a
-        frame that finds the peer's ring full is dropped there and counted in ``tx_dropped``,
-        not in ``tx_packets``) and the dropped part."""
-        dropped = self.counter("client", "eth0", "tx_dropped")
-        return self.counter("client", "eth0", "tx_packets") + dropped, dropped
+        """The client's veth: frames transmitted and frames refused (with a NAPI receiver - XDP
+        attached, or ``--box-receive`` thread/fifo - a frame that finds the peer's ring full is
+        refused, counted in ``tx_dropped`` and not in ``tx_packets``)."""
+        return self.counter("client", "eth0", "tx_packets"), self.counter("client", "eth0", "tx_dropped")
 
     def mac(self, node: str, iface: str) -> str:
         return json.loads(self.lab.run(node, ["ip", "-j", "link", "show", iface]).stdout)[0]["address"]
 
     def blast(self, dst: str = SERVER, *, rate: int | None = None, count=None, probe: bool = False) -> dict:
         """trafgen for ``duration`` s (as fast as its CPU sends, or at ``rate`` packets/s); returns
-        sent (what the client's veth was handed, :meth:`sent_counter`), arrived (server rx) and, with ``count``, the case's own counter's
+        sent (the client's veth transmitted, plus what it refused on trafgen's ring path, where a
+        refused frame is lost: :meth:`sent_counter`), arrived (server rx) and, with ``count``, the case's own counter's
         growth.  With ``probe``, a low-rate stream of stamped datagrams runs through the box
         during the blast and ``latencies`` are its one-way latencies (its packets are not
         counted in sent / arrived)."""
@@ -461,7 +461,7 @@ class Bench:
             sink, sink_out, sink_ready = self.role("server", "tools.bench_datapath_linux", "sink", "--bind",
                                                    f"{SERVER}:{PORT}", "--wait", "30")
             self.wait_ready(sink, sink_ready)
-        tx0, rx0 = self.sent_counter(), self.counter("server", "eth0", "rx_packets")
+        tx0, rx0, backlog0 = self.sent_counter(), self.counter("server", "eth0", "rx_packets"), backlog_drops()
         c0 = count() if count else 0
         if probe:    # it ends before the blast does (its interpreter starts while trafgen runs)
             sender, sender_out, _ = self.role("client", "tools.bench_datapath_linux", "sender", "--target",
@@ -485,9 +485,14 @@ class Bench:
             probe_arrived, latencies = arrived["received"], arrived["latencies"]
         else:
             time.sleep(0.3)                       # what is in flight lands
-        tx1, rx1 = self.sent_counter(), self.counter("server", "eth0", "rx_packets")
-        return {"sent": tx1[0] - tx0[0] - probe_sent, "arrived": rx1 - rx0 - probe_arrived, "seconds": seconds,
-                "dropped_at_veth": tx1[1] - tx0[1],
+        tx1, rx1, backlog1 = self.sent_counter(), self.counter("server", "eth0", "rx_packets"), backlog_drops()
+        transmitted, refused = tx1[0] - tx0[0], tx1[1] - tx0[1]
+        # a frame the veth refuses (its peer's NAPI ring full) is lost on trafgen's ring path;
+        # its paced path (-b) gets ENOBUFS and sends the same frame again
+        lost = 0 if pace else refused
+        return {"sent": transmitted + lost - probe_sent, "arrived": rx1 - rx0 - probe_arrived, "seconds": seconds,
+                "dropped_at_veth": lost, "veth_refused_and_resent": refused - lost,
+                "backlog_dropped_host": backlog1 - backlog0,
                 "counted": (count() - c0) if count else None, "rate": rate, "latencies": latencies,
                 "probe": {"sent": probe_sent, "arrived": probe_arrived} if probe else None}
 
@@ -568,6 +573,16 @@ class Bench:
         return json.loads(sink_out.read_text())["latencies"]
 
 
+def backlog_drops() -> int:
+    """Packets the host's CPUs dropped at their input backlog (``netdev_max_backlog``, where a
+    veth without NAPI delivers), all namespaces and all jobs on the machine together."""
+    try:
+        lines = Path("/proc/net/softnet_stat").read_text().split("\n")
+    except OSError:
+        return 0
+    return sum(int(line.split()[1], 16) for line in lines if line.strip())
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` (``ip netns exec`` execs the role: same pid)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -595,6 +610,8 @@ def _blast_fields(blast: dict, value: float) -> dict:
     """What every case records of its (median) blast."""
     return {"sent": blast["sent"], "offered_pps": round(blast["sent"] / blast["seconds"], 1),
             "dropped_at_veth": blast.get("dropped_at_veth", 0),
+            "veth_refused_and_resent": blast.get("veth_refused_and_resent", 0),
+            "backlog_dropped_host": blast.get("backlog_dropped_host", 0),
             "pps_runs": blast["runs"], "median_of": len(blast["runs"]), "median_run_pps": round(value, 1)}
 
 
