@@ -162,6 +162,7 @@ NOOP_OBJECT = Path(__file__).resolve().parent.parent / "boxcore" / "engines" / "
 LATENCY_LOAD = 0.5           # the latency figures: offered this share of the knee rate (the path, not a full queue)
 GENERATOR_REACHES = 0.9      # below this share of the asked rate the generator, not the box, is the limit
 BOX_INGRESS = "cli"          # the box's interface facing the client
+GENERATOR_DUMMY = "bbgen0"   # trafgen alone sends into this veth, its peer down (client namespace)
 
 
 RECEIVE_MODES = ("softirq", "thread", "fifo")
@@ -469,8 +470,8 @@ class Bench:
                                               str(round(self.duration * 0.7, 3)), "--size", str(max(self.size, 16)))
         self.n += 1
         pace = rate or self.isolation.generator_flood_rate()
-        gen = ["timeout", "-s", "INT", str(self.duration), "trafgen", "-o", "eth0", "-i", str(config), "-P", "1",
-               "--no-sock-mem", "-C", "-Q", *(["-b", f"{int(pace)}pps"] if pace else [])]
+        gen = ["timeout", "-s", "INT", "-k", "5", str(self.duration), "trafgen", "-o", "eth0", "-i", str(config),
+               "-P", "1", "--no-sock-mem", "-C", "-Q", *(["-b", f"{int(pace)}pps"] if pace else [])]
         start = time.monotonic()
         generator = self.start("client", gen, f"{self.n:02d}-trafgen", side="generator")
         self.group.wait_exit_sync(generator, self.duration + 30)
@@ -495,6 +496,39 @@ class Bench:
                 "backlog_dropped_host": backlog1 - backlog0,
                 "counted": (count() - c0) if count else None, "rate": rate, "latencies": latencies,
                 "probe": {"sent": probe_sent, "arrived": probe_arrived} if probe else None}
+
+    def generator_alone(self) -> dict:
+        """trafgen's own top rate on its CPU (its ring path): into a veth in the client's
+        namespace whose peer is down, so that it frees every frame at once (no receiver, no
+        box; this kernel has no dummy device): the most any case can be offered here.  (Its
+        paced path, used with a NAPI receiver, resends a refused frame forever: not measurable
+        this way.)"""
+        config = self.write_generator_config(SERVER, "02:00:00:00:00:01")
+        self.lab.run("client", ["ip", "link", "add", GENERATOR_DUMMY, "type", "veth", "peer", "name", GENERATOR_DUMMY + "p"])
+        try:
+            self.lab.run("client", ["ip", "link", "set", GENERATOR_DUMMY, "up"])
+
+            def once() -> dict:
+                self.n += 1
+                tx0 = self.handed(GENERATOR_DUMMY)
+                start = time.monotonic()
+                gen = self.start("client", ["timeout", "-s", "INT", "-k", "5", str(self.duration), "trafgen",
+                                            "-o", GENERATOR_DUMMY, "-i", str(config), "-P", "1", "--no-sock-mem",
+                                            "-C", "-Q"],
+                                 f"{self.n:02d}-trafgen-alone", side="generator")
+                self.group.wait_exit_sync(gen, self.duration + 30)
+                seconds = time.monotonic() - start
+                return {"sent": self.handed(GENERATOR_DUMMY) - tx0, "seconds": seconds}
+
+            alone = self.repeated(once, key=lambda r: r["sent"] / r["seconds"])
+        finally:
+            self.lab.run("client", ["ip", "link", "del", GENERATOR_DUMMY], check=False)
+        return {"alone_pps": round(alone["median"], 1), "runs": alone["runs"],
+                "how": f"trafgen -P 1 ring path into a veth ({GENERATOR_DUMMY}) whose peer is down, on the "
+                       "generator's CPU"}
+
+    def handed(self, iface: str) -> int:
+        return self.counter("client", iface, "tx_packets") + self.counter("client", iface, "tx_dropped")
 
     def repeated(self, run_once, key) -> dict:
         """``repeat`` runs of one measurement; the median run by ``key`` (every run's figure in ``runs``)."""
@@ -652,6 +686,8 @@ def run(args: argparse.Namespace) -> dict:
     result["isolation"] = isolation.describe()
     result["load_average"] = {"start": [round(v, 2) for v in load_at_start],
                               "end": [round(v, 2) for v in os.getloadavg()]}
+    result["generator_alone"] = knee.pop("generator")
+    result["drop"]["generator_alone_pps"] = result["generator_alone"]["alone_pps"]
     result["knee"] = knee
     result["program_ns"] = program_cost(int(args.size))
     return result
@@ -673,6 +709,7 @@ def measure(bench: Bench, lab, args: argparse.Namespace, cases: list[dict]) -> d
     def loss_of(r: dict) -> float:
         return 1 - r["arrived"] / max(r["sent"], 1)
 
+    generator = bench.generator_alone()
     # ---- plain kernel forwarding: as fast as the generator sends, then the knee, then at the knee
     unlimited = bench.repeated(bench.blast, key=delivered)
     knee_rate, steps, knee_limit = bench.find_knee(unlimited["median"])
@@ -782,7 +819,7 @@ def measure(bench: Bench, lab, args: argparse.Namespace, cases: list[dict]) -> d
                       reflector=blast["reflector"], reflector_cpu_s=blast["reflector_cpu_s"],
                       **_blast_fields(blast, blast["median"])))
     return {"rate": knee_rate, "loss_bound": KNEE_LOSS, "ladder": steps, "limit": knee_limit,
-            "unlimited_ceiling_pps": round(unlimited["median"], 1)}
+            "unlimited_ceiling_pps": round(unlimited["median"], 1), "generator": generator}
 
 
 def consume_cases(bench: Bench, engine: str, cases: list[dict]) -> None:
@@ -915,7 +952,7 @@ def plot(result: dict, path: Path) -> None:
               + ("\nno-op XDP" if "xdp" in c else "")
               for c in cases]
     colors = {"xdp": "tab:green", "linux": "tab:blue", "user": "tab:orange"}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(20, 6.5))
     ax1.bar(range(len(cases)), [c["pps"] for c in cases], color=[colors[c["engine"]] for c in cases])
     offered = [(i, c["offered_pps"] * (c.get("members") or 1)) for i, c in enumerate(cases) if c.get("offered_pps")]
     ax1.scatter([i for i, _ in offered], [v for _, v in offered], marker="_", s=600, color="black",
@@ -939,7 +976,8 @@ def plot(result: dict, path: Path) -> None:
     iso = result.get("isolation", {})
     fig.suptitle("booster box data path: xdp engine vs linux engine vs user space (one run, median of "
                  f"{result.get('repeat', 1)}; knee {result.get('knee', {}).get('rate', 0):,} pps; "
-                 f"{'generator and box on separate CPUs and cgroups' if iso.get('isolated') else 'not isolated'})")
+                 f"{'generator and box on separate CPUs and cgroups' if iso.get('isolated') else 'not isolated'}; "
+                 f"box receive: {iso.get('box_receive', 'softirq')})")
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
