@@ -17,25 +17,28 @@ In the ``transparent`` lab (client -> box -> server), one run, ratios within it:
   ``pps`` = datagrams delivered to members per second.
 
 The blast generator is ``trafgen`` (netsniff-ng) on the client: one static, checksummed 64-byte
-UDP frame for ``--duration`` seconds, as fast as one CPU sends it or at a given rate (``-b``); the
-server drops it in its raw table (by the generator's source port) and counts it on its
-interface.  ``loss`` is the share of sent packets (the client's tx counter) that did not arrive
-(or, for drop / consume, were not dropped / consumed).
+UDP frame for ``--duration`` seconds, as fast as one CPU sends it (its ring path) or at a given
+rate (``-b``, its paced path); the server drops it in its raw table (by the generator's source
+port) and counts it on its interface.  ``loss`` is the share of sent packets (the client's tx
+counter, plus the frames its veth refused on the ring path) that did not arrive (or, for drop /
+consume, were not dropped / consumed).  ``generator_alone`` is trafgen's own top rate.
 
 Method (:class:`Isolation`, :meth:`Bench.find_knee`):
 
 * the generator is pinned to one CPU in a cgroup of its own, boxd and the boosters to the other
   CPU, each in its own cgroup (v1 ``cpu``, ``--cpu-budget`` cores each); ``--no-isolation``
-  turns that off;
+  turns that off; ``--box-receive`` says where the box's receive path runs (softirq on the
+  sending CPU, or a NAPI thread on the box's CPU, ordinary or SCHED_FIFO);
 * every case runs ``--repeat`` times and reports the median run (every run in ``pps_runs``);
 * plain forwarding is measured as fast as the generator sends, then on a ladder of offered
   rates (fractions of that): the knee is the highest rate it still forwards with loss <= 1 %
   (or where the generator no longer reaches the asked rate).  The ceiling and the pass cases
   are then measured offered exactly that rate, so their ratio is the box's, not the sender's;
-* their latency comes from a probe stream (``--paced-rate`` stamped datagrams/s from a Python
-  sender, CLOCK_MONOTONIC shared by all namespaces) running through the box during that load;
-  the other cases' latency from a paced run of the probe alone.  Percentiles from
-  :mod:`tools.stats`.
+* latency comes from a probe stream (``--paced-rate`` stamped datagrams/s from a Python sender,
+  CLOCK_MONOTONIC shared by all namespaces) running through the box during a blast: the
+  latency target's figure while the generator offers ``LATENCY_LOAD`` (half) of the knee rate,
+  the same probe at the knee rate kept beside it; the other cases' latency from a paced run of
+  the probe alone.  Percentiles from :mod:`tools.stats`.
 
 Roles run as ``python -m tools.bench_datapath_xdp ROLE`` inside lab namespaces.
 """
@@ -305,9 +308,15 @@ class Isolation:
             self.napi_pinned[pid] = f"{name}: {where}"
 
     def restore_receive(self, lab) -> None:
-        """The NAPI threads back to SCHED_OTHER on every CPU, the veth back to softirq receive."""
+        """The NAPI threads back to SCHED_OTHER on every CPU, the veth back to softirq receive
+        (which ends its threads)."""
         if not self.napi_receive:
             return
+        self.release_threads()
+        lab.run("box", ["sh", "-c", f"echo 0 > /sys/class/net/{BOX_INGRESS}/threaded"], check=False)
+
+    def release_threads(self) -> None:
+        """The NAPI threads this run pinned, still alive, back to SCHED_OTHER on every CPU."""
         for pid in self.napi_pinned:
             if not _comm(pid).startswith(f"napi/{BOX_INGRESS}-"):
                 continue            # gone with a rebuilt NAPI (its pid may be someone else's now)
@@ -316,7 +325,6 @@ class Isolation:
                 os.sched_setaffinity(pid, self.all_cpus)
             except OSError:
                 pass
-        lab.run("box", ["sh", "-c", f"echo 0 > /sys/class/net/{BOX_INGRESS}/threaded"], check=False)
 
     @staticmethod
     def rt_throttling() -> dict:

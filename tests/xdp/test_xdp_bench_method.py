@@ -134,6 +134,13 @@ def test_the_latency_target_uses_the_load_below_the_knee_and_keeps_the_knee_figu
     assert result["latency_load_share_of_knee"] == LATENCY_LOAD
 
 
+def _runs_fifo(pid: int) -> bool:
+    try:
+        return os.sched_getscheduler(pid) == os.SCHED_FIFO
+    except ProcessLookupError:
+        return False
+
+
 def _cpu_cgroup(pid: int) -> str:
     for line in open(f"/proc/{pid}/cgroup"):
         _, controllers, path = line.rstrip("\n").split(":", 2)
@@ -161,9 +168,12 @@ def test_the_napi_thread_runs_sched_fifo_on_the_box_cpu_and_is_restored():
                 # left in the root cgroup (RT_GROUP_SCHED gives child groups no RT time)
                 assert _cpu_cgroup(pid) == "/"
             assert iso.describe()["rt_throttling"]["sched_rt_period_us"] > 0
-            iso.restore_receive(lab)
+            iso.release_threads()
             for pid in pids:
                 assert os.sched_getscheduler(pid) == os.SCHED_OTHER
-            assert lab.run("box", ["cat", "/sys/class/net/cli/threaded"], capture_output=True).stdout.strip() == b"0"
+                assert os.sched_getaffinity(pid) == iso.all_cpus
+            iso.restore_receive(lab)
+            assert lab.run("box", ["cat", "/sys/class/net/cli/threaded"], capture_output=True).stdout.strip() == "0"
+            assert not any(_runs_fifo(pid) for pid in pids)
     finally:
         iso.cleanup()
