@@ -62,9 +62,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="xdp: CPU budget (cores) of the generator's and of the box's cgroup")
     parser.add_argument("--no-isolation", action="store_true",
                         help="xdp: do not pin the generator and the box to CPUs and cgroups of their own")
-    parser.add_argument("--box-receive-thread", action="store_true",
-                        help="xdp: run the box's receive path in a NAPI kernel thread pinned to the box's CPU "
-                             "(off by default: under other load that thread loses its CPU)")
+    parser.add_argument("--box-receive", choices=["softirq", "thread", "fifo"], default="softirq",
+                        help="xdp: where the box's receive path runs: softirq on the sending CPU (veth), or a "
+                             "NAPI kernel thread on the box's CPU, in boxd's cgroup (thread) or SCHED_FIFO in "
+                             "the root cgroup (fifo); the same for every engine and case")
+    parser.add_argument("--box-receive-priority", type=positive_int, default=50,
+                        help="xdp: the SCHED_FIFO priority of the NAPI thread with --box-receive fifo")
     parser.add_argument("--senders", type=positive_int, default=2,
                         help="parallel sender processes of the blast (enough to outrun one receiver)")
     parser.set_defaults(func=run)
