@@ -248,3 +248,20 @@ def test_report_renders_in_a_browser_without_errors(tmp_path, browser):
     assert images and all(complete and width > 0 for complete, width in images)
     screenshot(browser, "report.png")
     assert console_errors(browser) == []
+
+
+def test_xdp_latency_is_read_from_the_pass_cases_offered_the_latency_load():
+    from tools.bench_report import _xdp_latency_passes, _xdp_latency_text, _xdp_passes
+
+    def passed(rules, share, p50):
+        return {"case": "pass", "engine": "xdp", "rules": rules, "offered_share_of_knee": share,
+                "latency_us": {"p50": p50, "p99": p50 * 2}}
+    run = {"latency_load_share_of_knee": 0.5, "paced_rate": 2000, "payload_bytes": 18,
+           "cases": [passed(1000, 1.0, 900.0), passed(1, 0.5, 31.0), passed(1, 1.0, 800.0), passed(1000, 0.5, 33.0)]}
+    assert [c["latency_us"]["p50"] for c in _xdp_latency_passes(run)] == [31.0, 33.0]
+    assert [c["latency_us"]["p50"] for c in _xdp_passes(run, 1.0)] == [800.0, 900.0]
+    text = _xdp_latency_text(run)
+    assert "p50 31.0 / 33.0" in text and "offered 0.5 of the knee rate" in text and "900" not in text
+    # a run from before pass was measured at two loads: every pass case counts
+    older = {"cases": [{k: v for k, v in c.items() if k != "offered_share_of_knee"} for c in run["cases"][:2]]}
+    assert len(_xdp_latency_passes(older)) == 2
