@@ -120,13 +120,20 @@ def parse_ancillary(control: bytes) -> list[tuple[int, int, bytes]]:
     return out
 
 
-def timestamp_of(ancillary: list[tuple[int, int, bytes]]) -> float:
-    """The ``SCM_TIMESTAMPNS`` stamp (CLOCK_REALTIME seconds) in one datagram's ancillary data; NaN if none."""
+def timestamp_ns_of(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    """The ``SCM_TIMESTAMPNS`` stamp (CLOCK_REALTIME, integer nanoseconds) in one datagram's ancillary
+    data; None if none."""
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS and len(data) >= TIMESPEC.size:
             seconds, nanoseconds = TIMESPEC.unpack_from(data)
-            return seconds + nanoseconds * 1e-9
-    return math.nan
+            return seconds * 1_000_000_000 + nanoseconds
+    return None
+
+
+def timestamp_of(ancillary: list[tuple[int, int, bytes]]) -> float:
+    """The ``SCM_TIMESTAMPNS`` stamp (CLOCK_REALTIME seconds) in one datagram's ancillary data; NaN if none."""
+    stamp = timestamp_ns_of(ancillary)
+    return math.nan if stamp is None else stamp * 1e-9
 
 
 class BatchReceiver:

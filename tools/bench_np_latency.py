@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from boxcore.procs import ProcessGroup, python_module
+from boxcore.udpbatch import STAMP_CONTROL, enable_timestamps, timestamp_ns_of
 from cliruntime import ConfigError, int_list, non_negative_float, positive_int, progress
 from tools.output import write_result
 from tools.stats import summary
@@ -43,7 +44,6 @@ STAMP = struct.Struct("!QI")          # send time (ns, realtime), sequence numbe
 FRAME_OVERHEAD = 14 + 20 + 8          # Ethernet + IPv4 + UDP headers
 FLOW_PORT = 9000
 RULE_PORT_BASE = 20000
-SO_TIMESTAMPNS = 35
 CLIENT, SERVER = "10.1.0.2", "10.2.0.2"
 
 
@@ -86,7 +86,7 @@ def _receiver(ns: str, port: int, ready, conn) -> None:
 
     _enter(ns)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    enable_timestamps(sock)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
     sock.bind((SERVER, port))
     sock.settimeout(0.2)
@@ -96,18 +96,14 @@ def _receiver(ns: str, port: int, ready, conn) -> None:
     done_at = None
     while True:
         try:
-            data, anc, _flags, _addr = sock.recvmsg(2048, socket.CMSG_SPACE(16))
+            data, anc, _flags, _addr = sock.recvmsg(2048, STAMP_CONTROL)
         except socket.timeout:
             if conn.poll():
                 done_at = done_at or time.monotonic()
             if done_at is not None and time.monotonic() - done_at > 0.3:
                 break
             continue
-        rx_ns = None
-        for level, kind, value in anc:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                sec, nsec = struct.unpack("qq", value[:16])
-                rx_ns = sec * 1_000_000_000 + nsec
+        rx_ns = timestamp_ns_of(anc)
         if rx_ns is None or len(data) < STAMP.size:
             continue
         sent_ns, seq = STAMP.unpack_from(data)
