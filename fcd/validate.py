@@ -11,7 +11,8 @@ server does.  By default all of it runs in this process, in data time; ``--throu
 replays through real processes over loopback instead (``fcd-gen`` -> ``boxd`` + ``fcd-booster``
 -> ``fcd-server``) and reads every road's reports back from the server's
 ``/api/roads/<road>/history``.  Either way one function (:func:`predictions_from`) feeds the
-reports to the model and predicts at every interval start from the reports strictly before it.
+reports to the model and predicts at every interval start from the reports whose data all lie
+before it (:func:`usable_at`).
 Compared with SUMO:
 
 - queue at every light switch, for every road the light controls: our report vs the cars in
@@ -208,23 +209,36 @@ def predict_traverse(model, now: float) -> np.ndarray:
     return model.predict(1, now=now).traverse[0]
 
 
+def usable_at(city: City, report: Any, boundary: float) -> bool:
+    """Whether ``report`` holds only data from before ``boundary`` (so a prediction made at the
+    boundary may use it).  By the aggregation's contract (``fcd.aggregate``): a periodic report
+    of a road without a light, stamped t, holds the probes before t and none at or after it
+    (the batch is split where it falls due); a light-controlled road's report is made when its
+    light switches at t, after the probes of that instant (a stream sends probes before lights at
+    equal times), so it holds probes up to and including t."""
+    if city.exit_light[report.road] < 0:
+        return report.t <= boundary
+    return report.t < boundary
+
+
 def predictions_from(city: City, reports: list[Any], boundaries: list[float],
                      window: float | None = None) -> dict[float, np.ndarray]:
     """The model fed the reports in data-time order (then by road); at every boundary its
-    prediction from the reports strictly before it (no report at or after the boundary is seen:
-    no leakage).  Both replays score their reports with this one function."""
+    prediction from the reports whose data all lie before it (:func:`usable_at`: no probe at or
+    after the boundary is seen, no leakage).  Both replays score their reports with this one
+    function."""
     from fcd.model import Model
     model = Model(city)
     model.window = window
-    ordered = sorted(reports, key=lambda rep: (rep.t, rep.road))
-    times = np.array([rep.t for rep in ordered])
+    # reports in the order they become usable: at equal times a periodic report (data before t)
+    # before a light's (data up to t)
+    ordered = sorted(reports, key=lambda rep: (rep.t, bool(city.exit_light[rep.road] >= 0), rep.road))
     predictions: dict[float, np.ndarray] = {}
     fed = 0
     for boundary in sorted(boundaries):
-        upto = int(np.searchsorted(times, boundary, side="left"))
-        for rep in ordered[fed:upto]:
-            model.observe(rep)
-        fed = max(fed, upto)
+        while fed < len(ordered) and usable_at(city, ordered[fed], boundary):
+            model.observe(ordered[fed])
+            fed += 1
         predictions[boundary] = predict_traverse(model, boundary)
     return predictions
 
