@@ -54,7 +54,9 @@ Everything is learned from the reports, per road:
   DELAY_WEIGHTS (0 = no factor .. 1 = the whole factor), against the travel time the probes
   took; the w with the least fading sum of APE over the city's lit roads wins (1 until
   DELAY_SKILL_MIN windows were scored).  Where lights keep no schedule (actuated) the
-  extrapolated cycle is wrong and the data turn the factor down.
+  extrapolated cycle is wrong and the data turn the factor down.  Where the queue on every road
+  right now is known (:meth:`Model.present`: the aggregator's state at the moment of the
+  prediction), the point queue starts from it instead of from the queue at the last switch.
 
 T_r(0) is that calibrated prediction; later steps follow the structural model's relative change
 T_r(k) / T_r(0) (the structural T above, with the learned parameters and the newest state).
@@ -237,6 +239,17 @@ class Model:
         old = self.arrival_rate[r]
         self.arrival_rate[r] = rate if np.isnan(old) else (1 - EWMA) * old + EWMA * rate
         self.acc_samples[r] = self.acc_distance[r] = self.acc_span[r] = self.acc_departures[r] = 0.0
+
+    def present(self, now: float, queue: np.ndarray) -> None:
+        """The queue measured on every road at ``now`` (what the aggregator holds from the probes
+        before ``now``: ``Aggregator.road_states``): the light delay's point queue starts from it
+        instead of from the queue at the light's last switch, so a queue that grew or drained
+        since then counts as it is.  Only what was measured: call it with every road's queue
+        from one complete view of the city, or not at all."""
+        lit = np.flatnonzero(self.lit)
+        self.report_t[lit] = now
+        self.report_queue[lit] = np.asarray(queue, dtype=float)[lit]
+        self.latest_t = max(self.latest_t, now)
 
     def turn_probabilities(self, road: int) -> dict[int, float]:
         prior = self.city.turn_probs[road]

@@ -3,7 +3,8 @@
 The rule (``fcd.validate.usable_at``) is exact, not conservative: a periodic report of a road
 without a light stamped at the boundary holds the 60 s before it and is used there.  Proved by
 replaying only what came before each boundary: the reports used there are exactly the reports an
-aggregator makes that has seen nothing at or after the boundary, and the prediction is the same."""
+aggregator makes that has seen nothing at or after the boundary, so are the queues measured there
+(``Model.present``), and the prediction is the same."""
 
 import dataclasses
 
@@ -42,6 +43,7 @@ def test_reports_used_at_a_boundary_hold_no_data_from_at_or_after_it(half_lit_tr
     trace, city = half_lit_trace, half_lit_trace.city
     boundaries = [float(b) for b in np.arange(0.0, 300.0, INTERVAL)]
     full = replay(trace, boundaries, window=INTERVAL)
+    assert full.present is not None and any(q.any() for q in full.present.values())
     lit = city.exit_light >= 0
     # the edges the rule decides: periodic reports stamped at a boundary (used there), light
     # switches at a boundary (their probes of that instant are not before it: not used)
@@ -55,5 +57,8 @@ def test_reports_used_at_a_boundary_hold_no_data_from_at_or_after_it(half_lit_tr
         assert any(not lit[r.road] and r.t == boundary for r in used)
         assert not any(r.t > boundary or (lit[r.road] and r.t == boundary) for r in used)
         # and the prediction made there is the one made from that past alone
-        alone = predictions_from(city, seen, [b for b in boundaries if b <= boundary], INTERVAL)
+        # the queues measured at the boundaries too: from the past alone, the same
+        assert past.present is not None and boundary in past.present
+        np.testing.assert_array_equal(past.present[boundary], full.present[boundary])
+        alone = predictions_from(city, seen, [b for b in boundaries if b <= boundary], INTERVAL, past.present)
         np.testing.assert_array_equal(alone[boundary], full.predictions[boundary])
