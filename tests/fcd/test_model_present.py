@@ -31,3 +31,24 @@ def test_present_queue_starts_the_point_queue():
     # every lit road's measured queue is taken, an empty one too
     other = city.lights[4].roads[1]
     assert model.report_queue[other] == 0.0 and model.report_t[other] == 30.0
+
+
+def test_the_point_queue_runs_from_the_lights_last_switch():
+    """Learned 60 s cycle, 30 s green; the last green began at t=0 but (actuated) ran until 50,
+    so at t=60 the road has been red for 10 s: its red lasts its learned 30 s, to t=80.  From an
+    empty queue at 0.1 cars/s the next 20 s are red: the queue grows 0 -> 2, mean 1 car,
+    L/v + 10 s.  Extrapolating the cycle from the start of green instead would call them green.
+    For a light that keeps its schedule (red from t=30) both agree: green from 60, L/v."""
+    city = grid_city(3, 3, block=200.0, cycle=60.0, offsets="zero")
+    model = Model(city)
+    road = city.lights[4].roads[0]
+    model.cycle_r[road], model.green_r[road], model.green_start[road] = 60.0, 30.0, 0.0
+    model.arrival_rate[road], model.mu[road] = 0.1, 0.5
+    model.present(60.0, np.zeros(city.n_roads, dtype=np.int64))
+    drive = city.length[road] / model.v[road]
+    model.red_start[road] = 50.0
+    late, _ = model.light_delay(60.0, 20.0)
+    assert late[road] == pytest.approx(drive + 10.0, abs=0.1)
+    model.red_start[road] = 30.0
+    on_time, _ = model.light_delay(60.0, 20.0)
+    assert on_time[road] == pytest.approx(drive, abs=0.1)
