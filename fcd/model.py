@@ -46,7 +46,10 @@ Everything is learned from the reports, per road:
 - the light delay of the coming window (``window`` seconds, one cycle by default), per
   light-controlled road (:meth:`Model.light_delay`): a point queue at the light from the newest
   report's queue, fed at the learned arrival rate (departures per second over whole cycles) and
-  served during the learned green at the learned saturation flow; by Little's law the window's
+  served during the learned green at the learned saturation flow (ahead of now the light runs
+  from its last observed switch: a green lasts its learned length from its start, or ends now if
+  it ran longer, a red its learned length; with no switch for a whole cycle the cycle is
+  extrapolated from the last start of green); by Little's law the window's
   travel time is L / v + mean queue / arrival rate.  The level is scaled by that relative to the
   road's mean over a whole cycle (Webster's uniform delay), bounded to 1/DELAY_RANGE..DELAY_RANGE,
   to the power w.  w is chosen by the factor's own record (:meth:`Model._score_delay`): every
@@ -54,7 +57,9 @@ Everything is learned from the reports, per road:
   DELAY_WEIGHTS (0 = no factor .. 1 = the whole factor), against the travel time the probes
   took; the w with the least fading sum of APE over the city's lit roads wins (1 until
   DELAY_SKILL_MIN windows were scored).  Where lights keep no schedule (actuated) the
-  extrapolated cycle is wrong and the data turn the factor down.
+  extrapolated cycle is wrong and the data turn the factor down.  Where the queue on every road
+  right now is known (:meth:`Model.present`: the aggregator's state at the moment of the
+  prediction), the point queue starts from it instead of from the queue at the last switch.
 
 T_r(0) is that calibrated prediction; later steps follow the structural model's relative change
 T_r(k) / T_r(0) (the structural T above, with the learned parameters and the newest state).
@@ -108,6 +113,7 @@ class Model:
                 self.cycle_r[road] = light.cycle
                 self.green_r[road] = light.green_time(road)
         self.green_start = np.full(R, np.nan)
+        self.red_start = np.full(R, np.nan)
         self.timing_observed = np.zeros(R, dtype=np.int64)
         self.cycle = 60.0
         self.green = np.full(R, self.cycle)
@@ -189,6 +195,8 @@ class Model:
             self.green_start[r] = rep.t
         elif rep.was_green and not rep.green and not np.isnan(started) and rep.t > started:
             self.green_r[r] = (1 - EWMA) * self.green_r[r] + EWMA * (rep.t - started)
+        if rep.was_green and not rep.green:
+            self.red_start[r] = rep.t
 
     def _score_delay(self, r: int, rep: RoadReport) -> None:
         """Score the predictions of road r whose window the reports now cover: their level
@@ -237,6 +245,17 @@ class Model:
         old = self.arrival_rate[r]
         self.arrival_rate[r] = rate if np.isnan(old) else (1 - EWMA) * old + EWMA * rate
         self.acc_samples[r] = self.acc_distance[r] = self.acc_span[r] = self.acc_departures[r] = 0.0
+
+    def present(self, now: float, queue: np.ndarray) -> None:
+        """The queue measured on every road at ``now`` (what the aggregator holds from the probes
+        before ``now``: ``Aggregator.road_states``): the light delay's point queue starts from it
+        instead of from the queue at the light's last switch, so a queue that grew or drained
+        since then counts as it is.  Only what was measured: call it with every road's queue
+        from one complete view of the city, or not at all."""
+        lit = np.flatnonzero(self.lit)
+        self.report_t[lit] = now
+        self.report_queue[lit] = np.asarray(queue, dtype=float)[lit]
+        self.latest_t = max(self.latest_t, now)
 
     def turn_probabilities(self, road: int) -> dict[int, float]:
         prior = self.city.turn_probs[road]
@@ -320,13 +339,28 @@ class Model:
         # from the newest report on (a road silent for long: from DELAY_LOOKBACK before now)
         start = np.clip(self.report_t[roads], now - self.DELAY_LOOKBACK, now)
         steps = int(np.ceil(now + window - start.min()))
+        # from now on the light runs from its last observed switch (its state now is known): a
+        # green lasts its learned length from its start (or ends now if it already ran longer,
+        # as actuated greens do), a red its learned length (cycle - green); before now, and
+        # where no switch was seen for a whole cycle, the cycle is extrapolated from the last
+        # start of green
+        gs, rs = self.green_start[roads], self.red_start[roads]
+        green_now = np.isnan(rs) | (gs > rs)
+        anchored = now - np.where(green_now, gs, rs) < C
+        red_at = np.maximum(gs + g, now)
+        green_at = np.maximum(np.nan_to_num(rs) + (C - g), now)
+
+        def ahead_green(t):
+            return np.where(green_now, (t < red_at) | (((t - red_at) % C) >= C - g),
+                            (t >= green_at) & (((t - green_at) % C) < g))
+
         q = self.report_queue[roads].astype(float)
         total = np.zeros(len(roads))
         counted = np.zeros(len(roads))
         for k in range(steps):
             t = start.min() + k + 0.5
             active = t >= start
-            green = ((t - self.green_start[roads]) % C) < g
+            green = np.where(anchored & (t >= now), ahead_green(t), ((t - gs) % C) < g)
             before = q
             q = np.where(active, np.maximum(q + lam - np.where(green, mu, 0.0), 0.0), q)
             inside = active & (t >= now) & (t < now + window)

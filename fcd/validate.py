@@ -11,7 +11,8 @@ server does.  By default all of it runs in this process, in data time; ``--throu
 replays through real processes over loopback instead (``fcd-gen`` -> ``boxd`` + ``fcd-booster``
 -> ``fcd-server``) and reads every road's reports back from the server's
 ``/api/roads/<road>/history``.  Either way one function (:func:`predictions_from`) feeds the
-reports to the model and predicts at every interval start from the reports strictly before it.
+reports to the model and predicts at every interval start from the reports whose data all lie
+before it (:func:`usable_at`).
 Compared with SUMO:
 
 - queue at every light switch, for every road the light controls: our report vs the cars in
@@ -201,6 +202,7 @@ class Replay:
     reports: list[Any]
     predictions: dict[float, np.ndarray]          # interval start -> predicted traverse time per road
     stats: dict[str, Any]
+    present: dict[float, np.ndarray] | None = None   # interval start -> queue per road there, if known
 
 
 def predict_traverse(model, now: float) -> np.ndarray:
@@ -208,32 +210,50 @@ def predict_traverse(model, now: float) -> np.ndarray:
     return model.predict(1, now=now).traverse[0]
 
 
+def usable_at(city: City, report: Any, boundary: float) -> bool:
+    """Whether ``report`` holds only data from before ``boundary`` (so a prediction made at the
+    boundary may use it).  By the aggregation's contract (``fcd.aggregate``): a periodic report
+    of a road without a light, stamped t, holds the probes before t and none at or after it
+    (the batch is split where it falls due); a light-controlled road's report is made when its
+    light switches at t, after the probes of that instant (a stream sends probes before lights at
+    equal times), so it holds probes up to and including t."""
+    if city.exit_light[report.road] < 0:
+        return report.t <= boundary
+    return report.t < boundary
+
+
 def predictions_from(city: City, reports: list[Any], boundaries: list[float],
-                     window: float | None = None) -> dict[float, np.ndarray]:
+                     window: float | None = None, present: dict[float, np.ndarray] | None = None
+                     ) -> dict[float, np.ndarray]:
     """The model fed the reports in data-time order (then by road); at every boundary its
-    prediction from the reports strictly before it (no report at or after the boundary is seen:
-    no leakage).  Both replays score their reports with this one function."""
+    prediction from the reports whose data all lie before it (:func:`usable_at`: no probe at or
+    after the boundary is seen, no leakage) and, where ``present`` has it, the queue on every
+    road at the boundary (``Model.present``; from the probes before it).  Both replays score
+    their reports with this one function."""
     from fcd.model import Model
     model = Model(city)
     model.window = window
-    ordered = sorted(reports, key=lambda rep: (rep.t, rep.road))
-    times = np.array([rep.t for rep in ordered])
+    # reports in the order they become usable: at equal times a periodic report (data before t)
+    # before a light's (data up to t)
+    ordered = sorted(reports, key=lambda rep: (rep.t, bool(city.exit_light[rep.road] >= 0), rep.road))
     predictions: dict[float, np.ndarray] = {}
     fed = 0
     for boundary in sorted(boundaries):
-        upto = int(np.searchsorted(times, boundary, side="left"))
-        for rep in ordered[fed:upto]:
-            model.observe(rep)
-        fed = max(fed, upto)
+        while fed < len(ordered) and usable_at(city, ordered[fed], boundary):
+            model.observe(ordered[fed])
+            fed += 1
+        if present is not None and boundary in present:
+            model.present(boundary, present[boundary])
         predictions[boundary] = predict_traverse(model, boundary)
     return predictions
 
 
-def replay(trace: Trace, boundaries: list[float], batch: int = 2048, window: float | None = None) -> Replay:
+def replay(trace: Trace, boundaries: list[float], batch: int = 2048, window: float | None = None,
+           present: bool = True) -> Replay:
     """In this process: trace -> datagrams (generators' encoding) -> Ingest (box / server
-    aggregation) in ``batch``-datagram batches -> reports -> model predictions.  A batch never
-    spans a boundary: the aggregation counts all of a batch's probes into the reports due inside
-    it, so a report before a boundary holds no data from after it."""
+    aggregation) in ``batch``-datagram batches -> reports -> model predictions.  Batches are cut
+    at every boundary; with ``present``, the aggregator's queue on every road there (from the
+    probes before the boundary, ``Aggregator.road_states``) is given to the model too."""
     from fcd.aggregate import Ingest
     from fcd.gen import Stream
     city = trace.city
@@ -242,14 +262,27 @@ def replay(trace: Trace, boundaries: list[float], batch: int = 2048, window: flo
     reports: list[Any] = []
     cuts = np.searchsorted(stream.t, sorted(boundaries), side="left")
     edges = sorted(set(range(0, len(stream), batch)) | {int(c) for c in cuts} | {len(stream)})
+    cut_at: dict[int, list[float]] = {}
+    for cut, boundary in zip(cuts.tolist(), sorted(boundaries)):
+        cut_at.setdefault(cut, []).append(boundary)
+    queues: dict[float, np.ndarray] = {}
+
+    def state_at(cut: int) -> None:
+        for boundary in cut_at.get(cut, []) if present else []:
+            queues[boundary] = ingest.aggregator.road_states(boundary)[1]
+
     seq = 0
     for start, stop in zip(edges, edges[1:]):
+        state_at(start)
         datagrams = stream.encode(start, stop, 1, seq, 0)
         seq += len(datagrams)
         reports.extend(ingest.ingest(datagrams))
+    state_at(len(stream))
     stats = {"path": "in-process", "ingest": dict(ingest.stats), "aggregator": dict(ingest.aggregator.stats),
-             "lost": ingest.seq.snapshot()["lost"]}
-    return Replay(reports, predictions_from(city, reports, boundaries, window), stats)
+             "lost": ingest.seq.snapshot()["lost"],
+             "present_state": "the aggregator's queues at every boundary" if present else "none"}
+    known = queues if present else None
+    return Replay(reports, predictions_from(city, reports, boundaries, window, known), stats, known)
 
 
 HISTORY_DEPTH = 100_000    # reports kept per road by the validation's server: all of a run
@@ -306,7 +339,8 @@ async def _replay_processes(trace: Trace, boundaries: list[float], workdir: Path
     stats = {"path": "processes", "speed": speed, "generator": gen, "box_datagrams": box.get("received", 0),
              "server_raw_datagrams": status["udp"]["received"], "reports_box": status["counters"].get("reports_box", 0),
              "server_model_runs": status["model"]["runs"], "history": status.get("history", {}),
-             "lost": gen["sent"] - box.get("received", 0) - status["udp"]["received"]}
+             "lost": gen["sent"] - box.get("received", 0) - status["udp"]["received"],
+             "present_state": "none (a box sends reports, not the state between them)"}
     return Replay(reports, predictions_from(city, reports, boundaries, window), stats)
 
 
@@ -465,7 +499,8 @@ def compare_routes(city: City, trips: list[tuple], predictions: dict[float, np.n
 # ---------------------------------------------------------------- one scenario
 
 def validate_scenario(name: str, work: Path, duration: float, interval: float, seed: int,
-                      warmup: float, through: str = "in-process", speed: float = 20.0) -> dict[str, Any]:
+                      warmup: float, through: str = "in-process", speed: float = 20.0,
+                      present: bool = True) -> dict[str, Any]:
     from fcd.sumo import (read_edgedata, read_fcd, read_lane_positions, read_queues, read_tls, read_vehroutes,
                           read_vtypes)
     started = time.monotonic()
@@ -484,7 +519,7 @@ def validate_scenario(name: str, work: Path, duration: float, interval: float, s
     if through == "processes":
         rep = replay_processes(trace, boundaries, work / "processes", window=interval, speed=speed)
     else:
-        rep = replay(trace, boundaries, window=interval)
+        rep = replay(trace, boundaries, window=interval, present=present)
     switch_times = {round(float(t), 2) for t in lights["t"]}
     vtypes = read_vtypes(sc.routes)
     car_length, min_gap = next(iter(vtypes.values())) if len(vtypes) == 1 else (5.0, 2.5)
@@ -592,6 +627,9 @@ def add_arguments(p) -> None:
                         "fcd-booster -> fcd-server, reports read back from /api/roads/<road>/history)")
     p.add_argument("--speed", type=non_negative_float, default=20.0,
                    help="replay speed-up of fcd-gen with --through processes")
+    p.add_argument("--no-present-state", dest="present", action="store_false",
+                   help="in process, predict from the reports only, without the aggregator's queue on every "
+                        "road at the interval's start (what --through processes sees: a box sends no state)")
     p.add_argument("--work", type=Path, default=None, help="directory for SUMO files (default: a temporary one)")
     p.add_argument("--json", type=Path, help="write the results as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG plot")
@@ -604,7 +642,7 @@ def run_validation(args) -> list[dict[str, Any]]:
     try:
         for name in args.scenarios:
             res = validate_scenario(name, work / name, args.duration, args.interval, args.seed, args.warmup,
-                                    args.through, args.speed)
+                                    args.through, args.speed, args.present)
             results.append(res)
             print(summary_line(res), flush=True)
     finally:
