@@ -492,7 +492,21 @@ class FcdServer:
                 pass
 
     # ------------------------------------------------------------ model
+    def own_view_is_complete(self) -> bool:
+        """Whether this server's own aggregator saw every car the model knows of: raw probes only,
+        no box's reports (whose cars it never sees) and no workers (each sees a partition)."""
+        return (self.front is None and self.stats["reports_raw"] > 0
+                and not any(n for key, n in self.stats.items() if key.startswith("reports_") and key != "reports_raw"
+                            and key not in ("reports_rejected", "reports_refused")))
+
     async def publish(self) -> None:
+        if self.own_view_is_complete():
+            # the queue on every road now, from the probes before now (Model.present); behind
+            # boxes the model starts from the queues at the lights' last switches instead
+            aggregator = self.ingest.aggregator
+            now = float(aggregator.t_last[:aggregator.used].max())    # the newest probe's data time
+            self.model.present(now, aggregator.road_states(now)[1])
+            self.stats["present_queues"] += 1
         pred = self.model.predict(self.horizon)
         self.latest = pred
         self.history.prediction(pred)
