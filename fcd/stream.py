@@ -635,13 +635,8 @@ class Worker:
             reports: list[RoadReport] = []
         else:
             if isinstance(entry, RawEntry):
-                reports = []
-                prev = 0
-                for light, at in zip(entry.lights, entry.at.tolist()):
-                    reports += aggregator.feed(entry.probes[prev:at])
-                    reports += aggregator.light_change(light.light, light.t, light.green)
-                    prev = at
-                reports += aggregator.feed(entry.probes[prev:])
+                reports = aggregator.feed_with_lights(entry.probes, entry.at,
+                                                      [(light.light, light.t, light.green) for light in entry.lights])
                 # only this partition's roads (roads without a light are reported by every aggregator)
                 reports = [r for r in reports if part.road[r.road] == p]
                 probes, lights, items = len(entry.probes), len(entry.lights), entry.items
