@@ -115,7 +115,7 @@ class MapMatcher:
         return min(self.ny - 1, max(0, int((y - self.oy) // self.cell)))
 
     def _near(self, seg: np.ndarray, x: np.ndarray, y: np.ndarray, heading: np.ndarray):
-        """Distance and heading difference of points to segments (broadcast): the hot loop."""
+        """Distance and heading difference of points to segments, elementwise: the hot loop."""
         px, py = x - self.sx0[seg], y - self.sy0[seg]
         ux, uy = self.sux[seg], self.suy[seg]
         along = np.clip(px * ux + py * uy, 0.0, self.s_len[seg])
@@ -149,9 +149,11 @@ class MapMatcher:
         cand = self.table[cells]                         # (n, K)
         valid = (cand >= 0) & inside[:, None]
         seg = np.where(valid, cand, 0)
-        dist, dh = self._near(seg, x[:, None], y[:, None], heading[:, None])
-        ok = valid & (dist <= self.max_distance) & (dh <= self.max_heading)
-        cost = np.where(ok, dist + dh * 0.1, np.inf)
+        # distances of the real candidates only (a cell lists a few of the table's K columns)
+        pi, pj = np.nonzero(valid)
+        dist, dh = self._near(cand[pi, pj], x[pi], y[pi], heading[pi])
+        cost = np.full(valid.shape, np.inf)
+        cost[pi, pj] = np.where((dist <= self.max_distance) & (dh <= self.max_heading), dist + dh * 0.1, np.inf)
         rows = np.arange(len(x))
         if not self.has_internal:
             best = np.argmin(cost, axis=1)
