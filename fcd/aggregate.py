@@ -460,8 +460,11 @@ class Aggregator:
         car_start = np.maximum.accumulate(np.where(car_first, idx, 0))
         # t_last as each probe's run begins: the car's before the batch, or its newest probe in an
         # earlier run (a run's fresh probes end with the car's newest; stale ones are older)
-        upto = _car_cummax(t, car_first)
-        earlier = np.where(car_first[group_start], -np.inf, upto[np.maximum(group_start - 1, 0)])
+        group = np.cumsum(group_first) - 1              # (car, run) group of each probe
+        ends = np.flatnonzero(group_last)                # each group's newest probe (sorted by t)
+        opens_car = car_first[group_start[ends]]
+        upto = _car_cummax(t[ends], opens_car)          # the car's newest so far, group by group
+        earlier = np.where(opens_car, -np.inf, _shifted(upto, -np.inf))[group]
         t_start = np.maximum(self.t_last[slots], earlier)
         fresh = t >= t_start
         # map matching: a run starts from the segment of its car's newest fresh probe in an earlier
@@ -502,7 +505,6 @@ class Aggregator:
             moves = (dep_road[o_leave], cross_road[o_whole], cross_dt[o_whole], turn_from[o_arrive], turn_to[o_arrive])
             move_bounds = (b_leave, b_whole, b_arrive)
         on = np.flatnonzero(fresh & (roads >= 0))
-        group = np.cumsum(group_first)
         t_on = t[on]
         dt = self._sample_dt(t_on, np.where(_run_starts(group[on]), t_start[on], _shifted(t_on, 0.0))) \
             if len(on) else t_on
@@ -836,14 +838,20 @@ def _shifted(a: np.ndarray, first) -> np.ndarray:
 
 
 def _car_cummax(t: np.ndarray, car_first: np.ndarray) -> np.ndarray:
-    """Running maximum of ``t`` within each car's contiguous probes (``car_first`` marks where a
-    car's begin), exactly: as ranks, cars apart by whole rank ranges."""
+    """Running maximum of ``t`` within each car's contiguous values (``car_first`` marks where a
+    car's begin): a scan by doubling distances (log2 of the longest car's steps)."""
     if len(t) < 2 or bool(((t[1:] >= t[:-1]) | car_first[1:]).all()):
         return t                       # usual: each car's probes come in time order
-    values, rank = np.unique(t, return_inverse=True)
-    span = len(values)
-    car_no = np.cumsum(car_first) - 1
-    return values[np.maximum.accumulate(car_no * span + rank) - car_no * span]
+    out = t.copy()
+    car_no = np.cumsum(car_first)
+    k = 1
+    while k < len(t):
+        same = car_no[k:] == car_no[:-k]
+        if not same.any():
+            break
+        out[k:] = np.where(same, np.maximum(out[k:], out[:-k]), out[k:])
+        k *= 2
+    return out
 
 
 def _by_unit(units: np.ndarray, n_units: int) -> tuple[np.ndarray, np.ndarray]:
