@@ -437,8 +437,10 @@ class Aggregator:
         if len(at) != k or (k and (at[0] < 0 or at[-1] > n or bool((at[1:] < at[:-1]).any()))):
             raise ValueError(f"at must give, for each of the {k} light changes, the probes before it "
                              f"(non-decreasing, 0..{n}); got {len(at)} positions")
+        if n == 0:                      # light changes only
+            return self.feed_per_run(batch, at, lights)
         cars = batch["car"].astype(np.int64)
-        if n == 0 or not self._room_for(cars):
+        if not self._room_for(cars):
             self.passes["per_run"] += 1
             return self.feed_per_run(batch, at, lights)
         self.passes["one_pass"] += 1
