@@ -875,9 +875,13 @@ class Ingest:
     before it.  Malformed datagrams are counted and dropped (they do not cut the batch).
     """
 
-    def __init__(self, city: City, max_cars: int = 100_000, stale_after: float = 10.0) -> None:
+    def __init__(self, city: City, max_cars: int = 100_000, stale_after: float = 10.0,
+                 matcher: MapMatcher | None = None, one_pass: bool = True) -> None:
+        """``one_pass=False``: run by run (``Aggregator.feed_per_run``), the reference the
+        benchmark compares with."""
         from fcd.wire import SeqTracker
-        self.aggregator = Aggregator(city, max_cars=max_cars, stale_after=stale_after)
+        self.aggregator = Aggregator(city, max_cars=max_cars, stale_after=stale_after, matcher=matcher)
+        self._feed = self.aggregator.feed_with_lights if one_pass else self.aggregator.feed_per_run
         self.seq = SeqTracker()
         self.stats = {"datagrams": 0, "probes": 0, "lights": 0, "malformed": 0}
         self.last_error = ""
@@ -939,7 +943,7 @@ class Ingest:
         native = np.empty(len(probes), dtype=NATIVE_PROBE_DTYPE)
         for name in NATIVE_PROBE_DTYPE.names:
             native[name] = probes[name]
-        return self.aggregator.feed_with_lights(native, at, lights)
+        return self._feed(native, at, lights)
 
     def _other(self, data: bytes):
         """A datagram that is not a probe: its light change, or None (malformed: counted)."""
