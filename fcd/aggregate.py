@@ -19,6 +19,7 @@ probes' own clock: nothing here reads a clock or touches a socket.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,7 +115,7 @@ class MapMatcher:
         return min(self.ny - 1, max(0, int((y - self.oy) // self.cell)))
 
     def _near(self, seg: np.ndarray, x: np.ndarray, y: np.ndarray, heading: np.ndarray):
-        """Distance and heading difference of points to segments (broadcast): the hot loop."""
+        """Distance and heading difference of points to segments, elementwise: the hot loop."""
         px, py = x - self.sx0[seg], y - self.sy0[seg]
         ux, uy = self.sux[seg], self.suy[seg]
         along = np.clip(px * ux + py * uy, 0.0, self.s_len[seg])
@@ -148,9 +149,11 @@ class MapMatcher:
         cand = self.table[cells]                         # (n, K)
         valid = (cand >= 0) & inside[:, None]
         seg = np.where(valid, cand, 0)
-        dist, dh = self._near(seg, x[:, None], y[:, None], heading[:, None])
-        ok = valid & (dist <= self.max_distance) & (dh <= self.max_heading)
-        cost = np.where(ok, dist + dh * 0.1, np.inf)
+        # distances of the real candidates only (a cell lists a few of the table's K columns)
+        pi, pj = np.nonzero(valid)
+        dist, dh = self._near(cand[pi, pj], x[pi], y[pi], heading[pi])
+        cost = np.full(valid.shape, np.inf)
+        cost[pi, pj] = np.where((dist <= self.max_distance) & (dh <= self.max_heading), dist + dh * 0.1, np.inf)
         rows = np.arange(len(x))
         if not self.has_internal:
             best = np.argmin(cost, axis=1)
@@ -312,31 +315,37 @@ class Aggregator:
         self.next_tick: float | None = None
         self.stats = {"probes": 0, "unmatched": 0, "in_junction": 0, "cars_refused": 0, "cars_expired": 0,
                       "stale_probes": 0, "unknown_lights": 0, "reports": 0}
+        # batches of feed_with_lights taken in one pass, or run by run (eviction)
+        self.passes = {"one_pass": 0, "per_run": 0}
 
     # ------------------------------------------------------------ car slots
     def _slots(self, cars: np.ndarray, now: float) -> np.ndarray:
         """Slot per car id (-1: table full, refused); new cars get a slot."""
         small = cars < self.LUT_SIZE
         slots = np.where(small, self.lut[np.where(small, cars, 0)], -1)
-        missing = np.flatnonzero(slots < 0)
-        for i in missing.tolist():
-            car = int(cars[i])
-            slot = self.slot_of.get(car)
-            if slot is None:
-                if not self.free:
-                    self._expire(now)
-                if not self.free:
-                    self.stats["cars_refused"] += 1
-                    continue
-                slot = self.free.pop()
-                self.used = max(self.used, slot + 1)
-                self.slot_of[car] = slot
-                if car < self.LUT_SIZE:
-                    self.lut[car] = slot
-                self.car_id[slot] = car
-                self._reset(slot)
-            slots[i] = slot
+        for i in np.flatnonzero(slots < 0).tolist():
+            slots[i] = self._slot_of_new(int(cars[i]), now)
         return slots
+
+    def _slot_of_new(self, car: int, now: float) -> int:
+        """The slot of a car the lookup table does not hold: a big id's, or a new car's (a free
+        slot, after expiring stale cars if none is free; -1 and counted when still none)."""
+        slot = self.slot_of.get(car)
+        if slot is not None:
+            return slot
+        if not self.free:
+            self._expire(now)
+        if not self.free:
+            self.stats["cars_refused"] += 1
+            return -1
+        slot = self.free.pop()
+        self.used = max(self.used, slot + 1)
+        self.slot_of[car] = slot
+        if car < self.LUT_SIZE:
+            self.lut[car] = slot
+        self.car_id[slot] = car
+        self._reset(slot)
+        return slot
 
     def _reset(self, slot: int) -> None:
         self.loc[slot] = self.road[slot] = self.lane[slot] = self.seg[slot] = self.last_road[slot] = -1
@@ -356,13 +365,16 @@ class Aggregator:
 
     # ------------------------------------------------------------ probes
     def _match(self, batch: np.ndarray, slots: np.ndarray):
-        """Locate; a car still well inside the lane segment of its previous probe is checked
-        against that segment only."""
-        m = self.matcher
-        x = batch["x"].astype(np.float64)
-        y = batch["y"].astype(np.float64)
-        h = batch["heading"].astype(np.float64)
+        """Locate each probe; its car's previous segment is the fast path's guess."""
         prev = np.where(slots >= 0, self.seg[np.maximum(slots, 0)], -1)
+        return self._match_from(batch["x"].astype(np.float64), batch["y"].astype(np.float64),
+                                batch["heading"].astype(np.float64), prev)
+
+    def _match_from(self, x: np.ndarray, y: np.ndarray, h: np.ndarray, prev: np.ndarray):
+        """(road, lane, to_end, segment) per point; a point still well inside its ``prev`` lane
+        segment (-1: none) is checked against that segment only.  Each point's result depends on
+        its own inputs only, so any subset gives the same answers."""
+        m = self.matcher
         k = np.maximum(prev, 0)
         dist, dh, along, _ = m.project(k, x, y, h)
         inner = (along > m.max_distance) & (along < m.s_len[k] - m.max_distance)
@@ -396,6 +408,214 @@ class Aggregator:
         self._feed_run(batch)
         return reports
 
+    def feed_per_run(self, batch: np.ndarray, at, lights) -> list[RoadReport]:
+        """Probes with light changes among them, one run at a time: :meth:`feed` of the probes
+        before each light change, then :meth:`light_change`.  ``lights[j]`` = (light, t, green)
+        came after the first ``at[j]`` probes of ``batch``.  The reference for
+        :meth:`feed_with_lights`, which gives the same in one pass."""
+        reports: list[RoadReport] = []
+        prev = 0
+        for (light, t, green), end in zip(lights, np.asarray(at, dtype=np.int64).tolist()):
+            reports += self.feed(batch[prev:end])
+            reports += self.light_change(light, t, green)
+            prev = end
+        return reports + self.feed(batch[prev:])
+
+    def feed_with_lights(self, batch: np.ndarray, at, lights) -> list[RoadReport]:
+        """Probes with light changes among them, in one pass: ``lights[j]`` = (light, t, green)
+        came after the first ``at[j]`` probes of ``batch`` (``at`` non-decreasing).
+
+        The same reports, counters and state as :meth:`feed_per_run`, bit for bit: a light change
+        sees exactly the probes before it.  But the batch is sorted, given its car slots,
+        map-matched and analysed (freshness, moves, time on roads) once, not once per run (a
+        numpy call costs microseconds whatever its size, and light changes cut a received batch
+        into ~10 runs); only each run's state updates and counters are applied run by run, before
+        the reports that must see them.  A batch with more new cars than free slots (eviction)
+        goes run by run."""
+        n, k = len(batch), len(lights)
+        at = np.asarray(at, dtype=np.int64).reshape(-1)
+        if len(at) != k or (k and (at[0] < 0 or at[-1] > n or bool((at[1:] < at[:-1]).any()))):
+            raise ValueError(f"at must give, for each of the {k} light changes, the probes before it "
+                             f"(non-decreasing, 0..{n}); got {len(at)} positions")
+        if n == 0:                      # light changes only
+            return self.feed_per_run(batch, at, lights)
+        cars = batch["car"].astype(np.int64)
+        if not self._room_for(cars):
+            self.passes["per_run"] += 1
+            return self.feed_per_run(batch, at, lights)
+        self.passes["one_pass"] += 1
+        ts = batch["t"].astype(np.float64)
+        unit_of, steps, n_units = self._plan_units(ts, at)
+
+        # ---- the whole batch at once, in (car, run, t) order: each car's probes across runs in a row
+        order = np.lexsort((ts, unit_of, cars))
+        slots = self._batch_slots(cars, ts, unit_of)[order]
+        t, unit = ts[order], unit_of[order]
+        sorted_batch = batch[order]
+        idx = np.arange(n)
+        car_first = _run_starts(slots)                  # one slot per car: a car's probes are contiguous
+        group_first = car_first | _run_starts(unit)      # a (car, run) group begins
+        group_last = np.empty(n, dtype=bool)
+        group_last[:-1] = group_first[1:]
+        group_last[-1] = True
+        group_start = np.maximum.accumulate(np.where(group_first, idx, 0))
+        car_start = np.maximum.accumulate(np.where(car_first, idx, 0))
+        # t_last as each probe's run begins: the car's before the batch, or its newest probe in an
+        # earlier run (a run's fresh probes end with the car's newest; stale ones are older)
+        group = np.cumsum(group_first) - 1              # (car, run) group of each probe
+        ends = np.flatnonzero(group_last)                # each group's newest probe (sorted by t)
+        opens_car = car_first[group_start[ends]]
+        upto = _car_cummax(t[ends], opens_car)          # the car's newest so far, group by group
+        earlier = np.where(opens_car, -np.inf, _shifted(upto, -np.inf))[group]
+        t_start = np.maximum(self.t_last[slots], earlier)
+        fresh = t >= t_start
+        # map matching: a run starts from the segment of its car's newest fresh probe in an earlier
+        # run (or the car's before the batch).  Those depend on matches of earlier runs: match all
+        # from the segments before the batch, then again those whose starting segment was another
+        # (each pass settles at least one more run of every car; usually one pass does).
+        newest = np.maximum.accumulate(np.where(group_last & fresh, idx, -1))
+        source = np.where(group_start > 0, newest[np.maximum(group_start - 1, 0)], -1)
+        source = np.where(source >= car_start, source, -1)
+        x = sorted_batch["x"].astype(np.float64)
+        y = sorted_batch["y"].astype(np.float64)
+        h = sorted_batch["heading"].astype(np.float64)
+        seg_before = self.seg[slots]
+        prev = seg_before
+        roads, lanes, to_end, segs = self._match_from(x, y, h, prev)
+        while True:
+            want = np.where(source >= 0, segs[np.maximum(source, 0)], seg_before)
+            redo = np.flatnonzero(want != prev)
+            if not len(redo):
+                break
+            prev = want
+            roads[redo], lanes[redo], to_end[redo], segs[redo] = self._match_from(x[redo], y[redo], h[redo], want[redo])
+        self._count_located(roads)
+        self.stats["stale_probes"] += n - int(fresh.sum())
+        speed = sorted_batch["speed"]
+
+        # ---- what each run adds, in (run, car, t) order (the order run-by-run adds it: float sums
+        # come out bit for bit the same)
+        ev = np.flatnonzero(fresh & (roads != -1))
+        moves = ((), (), (), (), ())
+        move_bounds = (np.zeros(n_units + 1, dtype=np.int64),) * 3
+        if len(ev):
+            leave, whole, arrive, dep_road, cross_road, cross_dt, turn_from, turn_to = \
+                self._move_events(slots[ev], roads[ev], t[ev])
+            o_leave, b_leave = _by_unit(unit[ev[leave]], n_units)
+            o_whole, b_whole = _by_unit(unit[ev[whole]], n_units)
+            o_arrive, b_arrive = _by_unit(unit[ev[arrive]], n_units)
+            moves = (dep_road[o_leave], cross_road[o_whole], cross_dt[o_whole], turn_from[o_arrive], turn_to[o_arrive])
+            move_bounds = (b_leave, b_whole, b_arrive)
+        on = np.flatnonzero(fresh & (roads >= 0))
+        t_on = t[on]
+        dt = self._sample_dt(t_on, np.where(_run_starts(group[on]), t_start[on], _shifted(t_on, 0.0))) \
+            if len(on) else t_on
+        o_on, b_on = _by_unit(unit[on], n_units)
+        on_road, on_dt, on_speed = roads[on][o_on], dt[o_on], speed[on][o_on]
+        # each car's state after each run: its run's newest probe, when fresh
+        last = np.flatnonzero(group_last & fresh)
+        o_last, b_last = _by_unit(unit[last], n_units)
+        last = last[o_last]
+        st_slot, st_road, st_lane, st_to_end = slots[last], roads[last], lanes[last], to_end[last]
+        st_seg, st_speed, st_t = segs[last], speed[last], t[last]
+
+        # ---- run by run: counters and state, then the reports that follow the run
+        reports: list[RoadReport] = []
+        b_leave, b_whole, b_arrive = move_bounds
+        for kind, value in steps:
+            if kind == _UNIT:
+                u = value
+                a, b = b_last[u], b_last[u + 1]
+                if b > a:
+                    self._set_state(st_slot[a:b], st_road[a:b], st_lane[a:b], st_to_end[a:b], st_seg[a:b],
+                                    st_speed[a:b], st_t[a:b])
+                if len(ev):
+                    l0, l1, w0, w1, a0, a1 = b_leave[u], b_leave[u + 1], b_whole[u], b_whole[u + 1], \
+                        b_arrive[u], b_arrive[u + 1]
+                    self._count_moves(moves[0][l0:l1], moves[1][w0:w1], moves[2][w0:w1], moves[3][a0:a1],
+                                      moves[4][a0:a1])
+                a, b = b_on[u], b_on[u + 1]
+                if b > a:
+                    self._count_samples(on_road[a:b], on_dt[a:b], on_speed[a:b])
+            elif kind == _LIGHT:
+                light, lt, green = lights[value]
+                reports += self.light_change(light, lt, green)
+            else:
+                reports += self._unlit_reports(value)
+        return reports
+
+    def _room_for(self, cars: np.ndarray) -> bool:
+        """Whether every new car among ``cars`` finds a free slot (no eviction needed)."""
+        small = cars < self.LUT_SIZE
+        missing = cars[~small | (self.lut[np.where(small, cars, 0)] < 0)]
+        if not len(missing):
+            return True
+        new = sum(1 for car in np.unique(missing).tolist() if car not in self.slot_of)
+        return new <= len(self.free)
+
+    def _batch_slots(self, cars: np.ndarray, ts: np.ndarray, unit_of: np.ndarray) -> np.ndarray:
+        """Slot per probe; new cars get theirs in the order run-by-run meets them ((run, car, t))."""
+        small = cars < self.LUT_SIZE
+        slots = np.where(small, self.lut[np.where(small, cars, 0)], -1)
+        missing = np.flatnonzero(slots < 0)
+        if len(missing):
+            missing = missing[np.lexsort((ts[missing], cars[missing], unit_of[missing]))]
+            now = float(ts.max())
+            for i in missing.tolist():
+                slots[i] = self._slot_of_new(int(cars[i]), now)
+        return slots
+
+    def _plan_units(self, ts: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, list, int]:
+        """The runs :meth:`feed_per_run` would feed (``_feed_run`` calls: the probes between light
+        changes, split where a periodic report falls due): (run number per probe, steps in order
+        as (_UNIT, run) / (_LIGHT, j) / (_TICK, report time), number of runs).  Advances the
+        periodic reports' clock as feed would."""
+        n, k = len(ts), len(at)
+        bounds = np.empty(k + 2, dtype=np.int64)
+        bounds[0], bounds[1:-1], bounds[-1] = 0, at, n
+        if not (self.unlit_period and len(self.unlit)):
+            # no periodic reports: run j = the probes before light change j
+            steps = [None] * (2 * k + 1)
+            steps[0::2] = [(_UNIT, j) for j in range(k + 1)]
+            steps[1::2] = [(_LIGHT, j) for j in range(k)]
+            return np.repeat(np.arange(k + 1), np.diff(bounds)), steps, k + 1
+        unit_of = np.empty(n, dtype=np.int64)
+        steps: list = []
+        units = 0
+        starts = bounds[:-1][bounds[1:] > bounds[:-1]]
+        lows = np.minimum.reduceat(ts, starts).tolist()
+        highs = np.maximum.reduceat(ts, starts).tolist()
+        nonempty = 0
+        for j in range(k + 1):
+            lo, hi = int(bounds[j]), int(bounds[j + 1])
+            if hi > lo:
+                due = self._tick_due(lows[nonempty])
+                if due is not None:
+                    steps.append((_TICK, due))
+                if self.next_tick is None or highs[nonempty] < self.next_tick:
+                    unit_of[lo:hi] = units
+                else:          # a periodic report falls due inside the run: as feed splits it
+                    rest = np.arange(lo, hi)
+                    while self.next_tick is not None:
+                        later = ts[rest] >= self.next_tick
+                        if not later.any():
+                            break
+                        if not later.all():
+                            unit_of[rest[~later]] = units
+                            steps.append((_UNIT, units))
+                            units += 1
+                        rest = rest[later]
+                        due = self._tick_due(float(ts[rest].min()))
+                        if due is not None:
+                            steps.append((_TICK, due))
+                    unit_of[rest] = units
+                steps.append((_UNIT, units))
+                units += 1
+                nonempty += 1
+            if j < k:
+                steps.append((_LIGHT, j))
+        return unit_of, steps, units
+
     def _feed_run(self, batch: np.ndarray) -> None:
         """Probes all before the next periodic report (``batch`` non-empty)."""
         order = np.lexsort((batch["t"], batch["car"]))
@@ -405,48 +625,58 @@ class Aggregator:
         t_max = float(ts.max())
         slots = self._slots(cars, t_max)
         roads, lanes, to_end, segs = self._match(batch, slots)
-        self.stats["probes"] += len(batch)
-        self.stats["unmatched"] += int((roads == -1).sum())
-        self.stats["in_junction"] += int((roads == IN_JUNCTION).sum())
+        self._count_located(roads)
         known = slots >= 0
         safe = np.where(known, slots, 0)
         # drop probes older than what we already know of the car (reordered datagrams)
         fresh = known & (ts >= self.t_last[safe])
         self.stats["stale_probes"] += int((known & ~fresh).sum())
-        self._moves(np.flatnonzero(fresh & (roads != -1)), slots, roads, ts)
-        self._sample(np.flatnonzero(fresh & (roads >= 0)), slots, roads, ts, batch["speed"])
+        ev = np.flatnonzero(fresh & (roads != -1))
+        if len(ev):
+            self._count_moves(*self._move_events(slots[ev], roads[ev], ts[ev])[3:])
+        on = np.flatnonzero(fresh & (roads >= 0))
+        if len(on):
+            # each probe stands for the time since the car's previous probe
+            s_o, t_o = slots[on], ts[on]
+            prev_t = np.where(_run_starts(s_o), self.t_last[s_o], _shifted(t_o, 0.0))
+            self._count_samples(roads[on], self._sample_dt(t_o, prev_t), batch["speed"][on])
         # latest state per car: the last fresh probe in (car, t) order
         li = np.flatnonzero(fresh)
         if len(li):
             li = li[_run_ends(slots[li])]
-            s = slots[li]
-            self.road[s] = np.where(roads[li] >= 0, roads[li], -1)
-            self.lane[s], self.to_end[s], self.seg[s] = lanes[li], to_end[li], segs[li]
-            self.speed[s] = batch["speed"][li]
-            self.t_last[s] = ts[li]
+            self._set_state(slots[li], roads[li], lanes[li], to_end[li], segs[li], batch["speed"][li], ts[li])
+
+    def _count_located(self, roads: np.ndarray) -> None:
+        self.stats["probes"] += len(roads)
+        self.stats["unmatched"] += int((roads == -1).sum())
+        self.stats["in_junction"] += int((roads == IN_JUNCTION).sum())
+
+    def _set_state(self, s, roads, lanes, to_end, segs, speed, t) -> None:
+        """Each car's latest located probe (``s`` distinct slots)."""
+        self.road[s] = np.where(roads >= 0, roads, -1)
+        self.lane[s], self.to_end[s], self.seg[s] = lanes, to_end, segs
+        self.speed[s] = speed
+        self.t_last[s] = t
 
     MAX_SAMPLE_GAP = 5.0     # seconds: a longer silence is not counted as time on the road
 
-    def _sample(self, on: np.ndarray, slots: np.ndarray, roads: np.ndarray, ts: np.ndarray,
-                speed: np.ndarray) -> None:
-        """Car-seconds and metres on each road: each probe stands for the time since the car's
-        previous probe."""
-        if not len(on):
-            return
-        s_o, t_o = slots[on], ts[on]
-        first = _run_starts(s_o)
-        prev_t = np.where(first, self.t_last[s_o], _shifted(t_o, 0.0))
+    def _sample_dt(self, t_o: np.ndarray, prev_t: np.ndarray) -> np.ndarray:
+        """Seconds each on-road probe stands for: since the car's previous probe (none: 0)."""
         known = np.isfinite(prev_t)
-        dt = np.where(known, np.clip(t_o - np.where(known, prev_t, 0.0), 0.0, self.MAX_SAMPLE_GAP), 0.0)
-        np.add.at(self.samples, roads[on], dt)
-        np.add.at(self.distance, roads[on], dt * speed[on].astype(np.float64))
+        return np.where(known, np.clip(t_o - np.where(known, prev_t, 0.0), 0.0, self.MAX_SAMPLE_GAP), 0.0)
 
-    def _moves(self, ev: np.ndarray, slots: np.ndarray, roads: np.ndarray, ts: np.ndarray) -> None:
-        """Departures, crossing times and turns from the located probes ``ev`` (in car, t order)."""
-        if not len(ev):
-            return
-        s_e, l_e, t_e = slots[ev], roads[ev], ts[ev]
-        n = len(ev)
+    def _count_samples(self, roads: np.ndarray, dt: np.ndarray, speed: np.ndarray) -> None:
+        """Car-seconds and metres on each road."""
+        np.add.at(self.samples, roads, dt)
+        np.add.at(self.distance, roads, dt * speed.astype(np.float64))
+
+    def _move_events(self, s_e: np.ndarray, l_e: np.ndarray, t_e: np.ndarray):
+        """Departures, crossings and turns of located probes (in car, t order; a car's first
+        probe here follows its stored location), and each car's location state after them.
+
+        Returns (leave, whole, arrive: positions in the input; the departed road per leave, the
+        crossed road and crossing time per whole, (from, to) roads per arrive)."""
+        n = len(s_e)
         idx = np.arange(n)
         first = _run_starts(s_e)
         prev = np.where(first, self.loc[s_e], _shifted(l_e, -1))
@@ -459,27 +689,31 @@ class Aggregator:
         prev_entry = np.where(first, self.entry_t[s_e], _shifted(entry_t, 0.0))
         prev_valid = np.where(first, self.entry_valid[s_e], _shifted(entry_valid, False))
         leave = np.flatnonzero(changed & (prev >= 0))
-        if len(leave):
-            np.add.at(self.departures, prev[leave], 1)
-            whole = leave[prev_valid[leave]]          # came in at the start: crossed the whole road
-            np.add.at(self.crossed, prev[whole], 1)
-            np.add.at(self.crossing_time, prev[whole], t_e[whole] - prev_entry[whole])
+        whole = leave[prev_valid[leave]]          # came in at the start: crossed the whole road
         # the road before each probe (through junctions): for turn counts
         car_start = np.maximum.accumulate(np.where(first, idx, 0))
         on_road = np.maximum.accumulate(np.where(l_e >= 0, idx, -1))
         before = _shifted(on_road, -1)
         last_before = np.where(before >= car_start, l_e[np.maximum(before, 0)], self.last_road[s_e])
         arrive = np.flatnonzero((l_e >= 0) & changed & (last_before >= 0) & (last_before != l_e))
-        for a, b in zip(last_before[arrive].tolist(), l_e[arrive].tolist()):
-            if b in self.successor_sets[a]:
-                turns = self.turns[a]
-                turns[b] = turns.get(b, 0) + 1
         last = _run_ends(s_e)
         s_last = s_e[last]
         self.loc[s_last] = l_e[last]
         self.entry_t[s_last] = entry_t[last]
         self.entry_valid[s_last] = entry_valid[last]
         self.last_road[s_last] = np.where(l_e[last] >= 0, l_e[last], last_before[last])
+        return (leave, whole, arrive, prev[leave], prev[whole], t_e[whole] - prev_entry[whole],
+                last_before[arrive], l_e[arrive])
+
+    def _count_moves(self, dep_road, cross_road, cross_dt, turn_from, turn_to) -> None:
+        if len(dep_road):
+            np.add.at(self.departures, dep_road, 1)
+            np.add.at(self.crossed, cross_road, 1)
+            np.add.at(self.crossing_time, cross_road, cross_dt)
+        for a, b in zip(turn_from.tolist(), turn_to.tolist()):
+            if b in self.successor_sets[a]:
+                turns = self.turns[a]
+                turns[b] = turns.get(b, 0) + 1
 
     # ------------------------------------------------------------ reports
     def road_states(self, now: float, roads: list[int] | None = None
@@ -554,16 +788,28 @@ class Aggregator:
 
     def _tick(self, now: float) -> list[RoadReport]:
         """Roads without a light are reported every ``unlit_period`` seconds of probe time."""
+        due = self._tick_due(now)
+        return [] if due is None else self._unlit_reports(due)
+
+    def _tick_due(self, now: float) -> float | None:
+        """The time of the periodic report due at probe time ``now`` (None: none), advancing
+        the clock of periodic reports."""
         if not self.unlit_period or not len(self.unlit):
-            return []
+            return None
         if self.next_tick is None:
             self.next_tick = (math.floor(now / self.unlit_period) + 1) * self.unlit_period
-            return []
+            return None
         if now < self.next_tick:
-            return []
+            return None
         t = self.next_tick
         self.next_tick = (math.floor(now / self.unlit_period) + 1) * self.unlit_period
+        return t
+
+    def _unlit_reports(self, t: float) -> list[RoadReport]:
         return self._reports([(road, True, True) for road in self.unlit.tolist()], t)
+
+
+_UNIT, _LIGHT, _TICK = 0, 1, 2      # steps of Aggregator.feed_with_lights
 
 
 # run boundaries and shifts of small arrays, as feed's hot path needs them many times per batch:
@@ -593,6 +839,29 @@ def _shifted(a: np.ndarray, first) -> np.ndarray:
     return out
 
 
+def _car_cummax(t: np.ndarray, car_first: np.ndarray) -> np.ndarray:
+    """Running maximum of ``t`` within each car's contiguous values (``car_first`` marks where a
+    car's begin): a scan by doubling distances (log2 of the longest car's steps)."""
+    if len(t) < 2 or bool(((t[1:] >= t[:-1]) | car_first[1:]).all()):
+        return t                       # usual: each car's probes come in time order
+    out = t.copy()
+    car_no = np.cumsum(car_first)
+    k = 1
+    while k < len(t):
+        same = car_no[k:] == car_no[:-k]
+        if not same.any():
+            break
+        out[k:] = np.where(same, np.maximum(out[k:], out[:-k]), out[k:])
+        k *= 2
+    return out
+
+
+def _by_unit(units: np.ndarray, n_units: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order that sorts ``units`` stably, where each unit's items begin in that order (n_units + 1))."""
+    order = np.argsort(units, kind="stable")
+    return order, np.searchsorted(units[order], np.arange(n_units + 1))
+
+
 # the fields Aggregator.feed reads, in native byte order
 NATIVE_PROBE_DTYPE = np.dtype([("car", "=u4"), ("t", "=f8"), ("x", "=f4"), ("y", "=f4"), ("speed", "=f4"),
                                ("heading", "=f4")])
@@ -601,98 +870,92 @@ NATIVE_PROBE_DTYPE = np.dtype([("car", "=u4"), ("t", "=f8"), ("x", "=f4"), ("y",
 class Ingest:
     """Datagrams in, road reports out: validation, loss accounting and aggregation in order.
 
-    Probe runs are decoded and aggregated vectorised; a light change is applied after the probes
-    that arrived before it.  Malformed datagrams are counted and dropped.
+    A received batch is decoded and aggregated vectorised in one pass
+    (:meth:`Aggregator.feed_with_lights`); a light change sees exactly the probes that arrived
+    before it.  Malformed datagrams are counted and dropped (they do not cut the batch).
     """
 
-    def __init__(self, city: City, max_cars: int = 100_000, stale_after: float = 10.0) -> None:
+    def __init__(self, city: City, max_cars: int = 100_000, stale_after: float = 10.0,
+                 matcher: MapMatcher | None = None, one_pass: bool = True) -> None:
+        """``one_pass=False``: run by run (``Aggregator.feed_per_run``), the reference the
+        benchmark compares with."""
         from fcd.wire import SeqTracker
-        self.aggregator = Aggregator(city, max_cars=max_cars, stale_after=stale_after)
+        self.aggregator = Aggregator(city, max_cars=max_cars, stale_after=stale_after, matcher=matcher)
+        self._feed = self.aggregator.feed_with_lights if one_pass else self.aggregator.feed_per_run
         self.seq = SeqTracker()
         self.stats = {"datagrams": 0, "probes": 0, "lights": 0, "malformed": 0}
         self.last_error = ""
 
     def ingest(self, datagrams: list[bytes]) -> list[RoadReport]:
+        """Datagrams in arrival order."""
         from fcd import wire
-        n = len(datagrams)
-        self.stats["datagrams"] += n
-        reports: list[RoadReport] = []
-        sizes = np.fromiter(map(len, datagrams), dtype=np.int64, count=n)
-        start = 0
-        for i in np.flatnonzero(sizes != wire.PROBE_SIZE).tolist():
-            reports += self._probes(datagrams[start:i])
-            start = i + 1
-            reports += self._other(datagrams[i])
-        reports += self._probes(datagrams[start:] if start else datagrams)
-        return reports
-
-    def _other(self, data: bytes) -> list[RoadReport]:
-        """A datagram that is not a probe: a light change (its reports), or malformed (counted)."""
-        from fcd import wire
-        try:
-            msg = wire.decode(data)
-        except wire.WireDecodeError as exc:
-            self.stats["malformed"] += 1
-            self.last_error = str(exc)
-            return []
-        if isinstance(msg, wire.LightChange):
-            self.stats["lights"] += 1
-            self.seq.add(msg.generator, msg.seq)
-            return self.aggregator.light_change(msg.light, msg.t, msg.green)
-        return []
-
-    def _probes(self, datagrams: list[bytes]) -> list[RoadReport]:
-        """A run of probe-sized datagrams."""
-        if not datagrams:
-            return []
-        from fcd import wire
-        return self._probe_array(np.frombuffer(b"".join(datagrams), dtype=wire.PROBE_WIRE_DTYPE))
-
-    def _probe_array(self, arr: np.ndarray) -> list[RoadReport]:
-        """A run of probes as a ``PROBE_WIRE_DTYPE`` array: checked vectorised, then aggregated."""
-        if not len(arr):
-            return []
-        from fcd import wire
-        ok = wire.probe_valid_mask(arr)
-        bad = len(arr) - int(ok.sum())
-        if bad:
-            arr = arr[ok]
-            self.stats["malformed"] += bad
-        self.stats["probes"] += len(arr)
-        self.seq.add_batch(arr["generator"], arr["seq"])
-        # in native byte order once: every later numpy step on the wire's big-endian fields would
-        # convert them again
-        native = np.empty(len(arr), dtype=NATIVE_PROBE_DTYPE)
-        for name in NATIVE_PROBE_DTYPE.names:
-            native[name] = arr[name]
-        return self.aggregator.feed(native)
+        sizes = np.fromiter(map(len, datagrams), dtype=np.int64, count=len(datagrams))
+        is_probe = sizes == wire.PROBE_SIZE
+        probes = np.frombuffer(b"".join(itertools.compress(datagrams, is_probe.tolist())), dtype=wire.PROBE_WIRE_DTYPE)
+        return self._batch(probes, is_probe, [(i, datagrams[i]) for i in np.flatnonzero(~is_probe).tolist()])
 
     def ingest_slots(self, slots: np.ndarray, lengths: np.ndarray) -> list[RoadReport]:
         """The fast path: datagrams as a receive buffer holds them, no object per datagram.
 
         ``slots`` is an (n, k) uint8 array, row i holding datagram i from its first byte
         (k >= the probe size; a longer datagram is cut to k bytes), ``lengths`` the datagrams' real
-        lengths.  Same checks, counts and order as :meth:`ingest`: runs of probes are viewed as
+        lengths.  Same checks, counts and results as :meth:`ingest`: the probes are viewed as
         ``PROBE_WIRE_DTYPE`` records straight from the rows, other datagrams decoded one by one."""
         from fcd import wire
-        n = len(lengths)
-        self.stats["datagrams"] += n
         size = wire.PROBE_SIZE
-
-        def run(lo: int, hi: int) -> list[RoadReport]:
-            if hi <= lo:
-                return []
-            return self._probe_array(np.ascontiguousarray(slots[lo:hi, :size]).view(wire.PROBE_WIRE_DTYPE)[:, 0])
-
-        reports: list[RoadReport] = []
-        start = 0
-        for i in np.flatnonzero(lengths != size).tolist():
-            reports += run(start, i)
-            start = i + 1
+        is_probe = lengths == size
+        probes = np.ascontiguousarray(slots[is_probe, :size]).view(wire.PROBE_WIRE_DTYPE)[:, 0]
+        others: list[tuple[int, bytes]] = []
+        for i in np.flatnonzero(~is_probe).tolist():
             length = int(lengths[i])
             if length > slots.shape[1]:
                 self.stats["malformed"] += 1
                 self.last_error = f"datagram of {length} bytes is longer than any FCD message"
                 continue
-            reports += self._other(slots[i, :length].tobytes())
-        return reports + run(start, n)
+            others.append((i, slots[i, :length].tobytes()))
+        return self._batch(probes, is_probe, others)
+
+    def _batch(self, probes: np.ndarray, is_probe: np.ndarray, others: list[tuple[int, bytes]]) -> list[RoadReport]:
+        """``probes``: the probe-sized datagrams as ``PROBE_WIRE_DTYPE`` records; ``is_probe``
+        per datagram; ``others``: (position, datagram) of the rest."""
+        from fcd import wire
+        self.stats["datagrams"] += len(is_probe)
+        ok = wire.probe_valid_mask(probes)
+        bad = len(probes) - int(ok.sum())
+        if bad:
+            probes = probes[ok]
+            self.stats["malformed"] += bad
+        self.stats["probes"] += len(probes)
+        lights: list[tuple[int, float, int]] = []
+        at: list[int] = []
+        if others:
+            valid = np.zeros(len(is_probe), dtype=bool)
+            valid[is_probe] = ok
+            before = np.cumsum(valid)           # valid probes up to each datagram
+            for i, data in others:
+                msg = self._other(data)
+                if msg is not None:
+                    lights.append((msg.light, msg.t, msg.green))
+                    at.append(int(before[i]))
+        self.seq.add_batch(probes["generator"], probes["seq"])
+        # in native byte order once: every later numpy step on the wire's big-endian fields would
+        # convert them again
+        native = np.empty(len(probes), dtype=NATIVE_PROBE_DTYPE)
+        for name in NATIVE_PROBE_DTYPE.names:
+            native[name] = probes[name]
+        return self._feed(native, at, lights)
+
+    def _other(self, data: bytes):
+        """A datagram that is not a probe: its light change, or None (malformed: counted)."""
+        from fcd import wire
+        try:
+            msg = wire.decode(data)
+        except wire.WireDecodeError as exc:
+            self.stats["malformed"] += 1
+            self.last_error = str(exc)
+            return None
+        if not isinstance(msg, wire.LightChange):
+            return None
+        self.stats["lights"] += 1
+        self.seq.add(msg.generator, msg.seq)
+        return msg

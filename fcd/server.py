@@ -46,6 +46,7 @@ from fcd.wire import LIGHT_SIZE, PROBE_SIZE
 
 log = logging.getLogger("fcd.server")
 RAW_KEEP = max(PROBE_SIZE, LIGHT_SIZE)    # bytes kept of each raw datagram: the largest FCD message
+FAULT_BACKLOG = 6     # fcd.report: reports refused at the workers' backlog bound (the box is told, counts it)
 
 
 def _xmlrpc_safe(value: Any) -> Any:
@@ -279,9 +280,20 @@ class FcdServer:
                 accepted += 1
             else:
                 duplicates += 1
+        refused = 0
         if self.front is not None:      # queued for the workers, who find the duplicates
             accepted = self.front.reports(box, valid)
-        self.boxes.setdefault(box, {})["reports"] = self.boxes.get(box, {}).get("reports", 0) + accepted
+            # refused now at the front's queue bound, or earlier by the store at a backlog bound
+            refused = len(valid) - accepted + self.front.refused_since(box)
+        entry = self.boxes.setdefault(box, {})
+        entry["reports"] = entry.get("reports", 0) + accepted
+        if refused:
+            entry["refused"] = entry.get("refused", 0) + refused
+            self.stats["reports_refused"] += refused
+            # a fault, so that the box's uplink counts it and keeps the reason (it resends nothing:
+            # the reports of a full server are lost, and the box must know)
+            raise xmlrpc.client.Fault(FAULT_BACKLOG, f"{refused} reports refused: the server's backlog is full "
+                                                     f"({accepted} of this call's {len(valid)} taken)")
         return {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
 
     def rpc_history(self, road: int, limit: int = 32) -> dict[str, Any]:

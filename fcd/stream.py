@@ -338,6 +338,9 @@ def city_fingerprint(city: City) -> str:
 
 # ---------------------------------------------------------------- the front
 
+MAX_REFUSED_BOXES = 4096     # boxes whose store refusals are remembered until their next call
+
+
 class StreamFront:
     """Validates and splits what the server receives; appends it to the partitions' streams.
 
@@ -359,6 +362,7 @@ class StreamFront:
         self.stats = {"datagrams": 0, "probes": 0, "lights": 0, "malformed": 0, "queue_refused": 0,
                       "appended_entries": 0, "refused_entries": 0, "append_errors": 0}
         self.last_error = ""
+        self.refused_by_box: dict[str, int] = {}    # reports refused by the store, not yet told
         self._append = redis.register_script(APPEND)
         self.states: list[dict[str, Any]] = []
 
@@ -376,13 +380,15 @@ class StreamFront:
                               "(use that city, or another --prefix)")
         await ensure_groups(self.redis, self.keys, self.partitions)
 
-    def _queue(self, p: int, fields: dict[bytes, bytes], items: int) -> None:
+    def _queue(self, p: int, fields: dict[bytes, bytes], items: int, box: str | None = None) -> bool:
+        """Queue one entry of ``items`` items (a box's reports: ``box``); False when refused."""
         if self.queued_items + items > self.max_queued:
             self.stats["queue_refused"] += items
-            return
-        self.queue.append((p, fields, items))
+            return False
+        self.queue.append((p, fields, items, box))
         self.queued_items += items
         self.wakeup.set()
+        return True
 
     def raw(self, slots: np.ndarray, lengths: np.ndarray) -> None:
         """Received datagrams in order, as rows of their first bytes (see
@@ -435,12 +441,20 @@ class StreamFront:
             self._queue(p, encode_raw(probes, [d for _, d in mine], at), len(probes) + len(mine))
 
     def reports(self, box: str, reports: list[RoadReport]) -> int:
+        """Queue a box's reports; how many were taken (the rest: refused at the queue's bound)."""
         by_part: dict[int, list[RoadReport]] = collections.defaultdict(list)
         for rep in reports:
             by_part[int(self.part.road[rep.road])].append(rep)
+        taken = 0
         for p, reps in by_part.items():
-            self._queue(p, encode_reports(box, reps), len(reps))
-        return len(reports)
+            if self._queue(p, encode_reports(box, reps), len(reps), box):
+                taken += len(reps)
+        return taken
+
+    def refused_since(self, box: str) -> int:
+        """Reports of ``box`` the store refused at a partition's backlog bound (after the box's
+        call was answered) since the last time this was asked; the next answer tells the box."""
+        return self.refused_by_box.pop(box, 0)
 
     async def flush(self) -> None:
         """Append everything queued: each partition's entries in order (one at a time: concurrent
@@ -449,15 +463,15 @@ class StreamFront:
             if not self.queue:
                 return
             by_part: dict[int, list] = collections.defaultdict(list)
-            for p, fields, items in self.queue:
-                by_part[p].append((fields, items))
+            for p, fields, items, box in self.queue:
+                by_part[p].append((fields, items, box))
             self.queue.clear()
             self.queued_items = 0
             await asyncio.gather(*(self._append_all(p, entries) for p, entries in by_part.items()))
 
     async def _append_all(self, p: int, entries: list) -> None:
         keys = [self.keys.state(p), self.keys.stream(p)]
-        for fields, items in entries:
+        for fields, items, box in entries:
             args: list[Any] = [self.max_backlog, items]
             for k, v in fields.items():
                 args += [k, v]
@@ -468,6 +482,9 @@ class StreamFront:
                 self.last_error = str(exc)
                 continue
             self.stats["refused_entries" if res is None else "appended_entries"] += 1
+            if res is None and box is not None and (box in self.refused_by_box
+                                                    or len(self.refused_by_box) < MAX_REFUSED_BOXES):
+                self.refused_by_box[box] = self.refused_by_box.get(box, 0) + items
 
     async def flush_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -635,13 +652,8 @@ class Worker:
             reports: list[RoadReport] = []
         else:
             if isinstance(entry, RawEntry):
-                reports = []
-                prev = 0
-                for light, at in zip(entry.lights, entry.at.tolist()):
-                    reports += aggregator.feed(entry.probes[prev:at])
-                    reports += aggregator.light_change(light.light, light.t, light.green)
-                    prev = at
-                reports += aggregator.feed(entry.probes[prev:])
+                reports = aggregator.feed_with_lights(entry.probes, entry.at,
+                                                      [(light.light, light.t, light.green) for light in entry.lights])
                 # only this partition's roads (roads without a light are reported by every aggregator)
                 reports = [r for r in reports if part.road[r.road] == p]
                 probes, lights, items = len(entry.probes), len(entry.lights), entry.items

@@ -50,7 +50,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +58,7 @@ from pathlib import Path
 
 from boxcore.procs import ProcessGroup, Role, python_module
 from tools.datapath_tally import Tally
-from tools.stats import percentile, summary
+from tools.stats import cpu_seconds, percentile, summary
 
 CLIENT, SERVER, BOX_CLIENT_SIDE = "10.1.0.2", "10.2.0.2", "10.1.0.1"
 PORT = 9500
@@ -219,7 +218,7 @@ class Isolation:
             self.reason = f"only {len(cpus)} CPU"
         elif not (CGROUP_CPU / "cgroup.procs").exists():
             self.reason = f"no cgroup v1 cpu controller at {CGROUP_CPU}"
-        self.budgets = None if self.reason else CpuBudgets(budget, period_us)
+        self.budgets = None if self.reason else CpuBudgets(budget, period_us, prefix="bbxdp")
         # trafgen -P 1 pins its one worker to the first CPU: that one is the generator's
         self.cpus = {"generator": cpus[0], "boxd": cpus[-1], "booster": cpus[-1]} if self.budgets else {}
         self.budget = budget if self.budgets else None
@@ -623,12 +622,6 @@ def backlog_drops() -> int:
     except OSError:
         return 0
     return sum(int(line.split()[1], 16) for line in lines if line.strip())
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (``ip netns exec`` execs the role: same pid)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def case(name: str, engine: str, rules: int, pps: float, loss: float, latencies: list[float] | None,

@@ -45,9 +45,10 @@ DEFAULT_RATES = [1000, 4000, 8000, 12000, 16000, 20000, 24000, 28000, 32000, 400
 # ---------------------------------------------------------------- CPU budgets
 
 class CpuBudgets:
-    """cgroup v1 CPU groups, one per role, each with quota = budget x period."""
+    """cgroup v1 CPU groups, one per role, each with quota = budget x period, under one parent
+    named ``prefix`` + a random suffix (so that each experiment's groups are told apart)."""
 
-    def __init__(self, budget: float, period_us: int) -> None:
+    def __init__(self, budget: float, period_us: int, prefix: str = "bbfcd") -> None:
         if not (CGROUP_CPU / "cgroup.procs").exists():
             raise ConfigError(f"no cgroup v1 cpu controller at {CGROUP_CPU}")
         if os.geteuid() != 0:
@@ -56,7 +57,7 @@ class CpuBudgets:
         self.quota_us = int(round(budget * period_us))
         if self.quota_us < 1000:
             raise ConfigError(f"quota {self.quota_us}us is below the kernel's 1000us minimum: raise --period-us")
-        self.base = CGROUP_CPU / f"bbfcd-{secrets.token_hex(3)}"
+        self.base = CGROUP_CPU / f"{prefix}-{secrets.token_hex(3)}"
         self.base.mkdir()
         self.groups: dict[str, Path] = {}
         # CPU used is read from cpuacct: the cpu group itself when both controllers share a

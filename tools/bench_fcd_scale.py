@@ -52,6 +52,7 @@ from fcd.route import TRAVERSE_TEMPLATE, latest_times
 from fcd.tuplespace import connect
 from tools.bench_fcd import LOSS_KNEE, CpuBudgets, NoBudgets, default_trace, knee
 from tools.output import write_result
+from tools.stats import cpu_seconds
 
 log = logging.getLogger("booster-loadgen.fcd-scale")
 
@@ -170,12 +171,6 @@ def _bound(used: dict, lookups: int, args) -> dict:
     return out
 
 
-def _process_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a process has used, from /proc/PID/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _start_store(kind: str, workdir: Path, group: ProcessGroup):
     if kind == "tcp":
         port = free_port()
@@ -199,7 +194,7 @@ class WorkerBudgets:
         if args.no_cgroups:
             self.make = lambda budget: NoBudgets()
         else:
-            self.make = lambda budget: CpuBudgets(budget, args.period_us)
+            self.make = lambda budget: CpuBudgets(budget, args.period_us, prefix="bbscale")
         self.by_kind = {"worker": self.make(args.budget_worker), "front": self.make(args.budget_front),
                         "redis": self.make(args.budget_redis)}
 
@@ -346,10 +341,11 @@ def run(args) -> int:
         raise ConfigError("redis-server is not installed (tools/bootstrap.sh installs it as root)")
     city = grid_city(args.grid[0], args.grid[1])
     limit = 10 * city.n_roads + 100
-    budgets = NoBudgets() if args.no_cgroups else CpuBudgets(args.budget, args.period_us)
+    budgets = NoBudgets() if args.no_cgroups else CpuBudgets(args.budget, args.period_us, prefix="bbscale")
     # the routers get a group of their own: a budget of --router-budget cores (all of a small
     # machine by default), there to account their CPU and throttling, so a row says which side bound it
-    router_budgets = NoBudgets() if args.no_cgroups else CpuBudgets(args.router_budget, args.period_us)
+    router_budgets = NoBudgets() if args.no_cgroups else CpuBudgets(args.router_budget, args.period_us,
+                                                                                  prefix="bbscale-routers")
     own_workdir = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="bbscale")) if own_workdir else args.workdir
     results: dict = {"budget_cpu": None if args.no_cgroups else args.budget,
@@ -370,10 +366,10 @@ def run(args) -> int:
                 stored = asyncio.run(_populate(address, city.n_roads, args.runs))
                 per_second: dict[str, float] = {}
                 for clients in args.clients:
-                    cpu_before = _process_cpu_s(pid)
+                    cpu_before = cpu_seconds(pid)
                     done, used = _measure(address, clients, min(args.processes, clients), limit, args.duration,
                                           routers, accounts)
-                    cpu = _process_cpu_s(pid) - cpu_before
+                    cpu = cpu_seconds(pid) - cpu_before
                     rate = done / args.duration
                     per_second[str(clients)] = round(rate, 1)
                     row = {"store": kind, "clients": clients, "lookups": done,

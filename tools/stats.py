@@ -1,4 +1,4 @@
-"""The one percentile behind every published figure.
+"""The one percentile behind every published figure (and the one reading of a process's CPU time).
 
 Definition: linear interpolation between closest ranks (Hyndman & Fan type 7, numpy's and
 Excel's default): for n sorted samples x[0..n-1] and quantile q in [0, 1], the rank is
@@ -9,6 +9,8 @@ p0 is the minimum and p100 the maximum; no samples give None rather than a numbe
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Iterable, Sequence
 
 
@@ -37,3 +39,10 @@ def summary(values: Sequence[float], quantiles: Sequence[int] = (50, 99), *, sca
     if with_max:
         out["max"] = rounded(ordered[-1] if ordered else None)
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used so far, from /proc/PID/stat (a role
+    behind ``ip netns exec`` is the same pid: it execs)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -56,3 +56,18 @@ def test_raw_ingest_is_measured_interleaved_per_cpu_second_in_budgets(tmp_path, 
     spread = result["raw_ingest_spread"]
     assert spread[0] <= result["raw_ingest_ratio"] <= spread[1]
     assert result["raw_ingest_ratios"] == [r["ratio_per_cpu"] for r in reps]
+
+
+def test_ingest_bench_compares_one_pass_with_run_by_run(small_trace, tmp_path):
+    """``python -m tools.bench_ingest``: both paths measured on the same stream, same reports."""
+    from tools import bench_ingest
+    trace = tmp_path / "trace.npz"
+    small_trace.save(trace)
+    out = tmp_path / "ingest.json"
+    assert bench_ingest.main(["--trace", str(trace), "--batch", "512", "--warmup", "0", "--kept", "0.5",
+                              "--json", str(out), "--plot", str(tmp_path / "ingest.png")]) == 0
+    result = json.loads(out.read_text())
+    assert result["same_reports"] and result["reports"] > 0 and result["light_changes"] > 0
+    assert result["passes"]["one_pass"] > 0 and result["passes"]["per_run"] == 0
+    assert result["us_per_datagram"]["one_pass"] > 0 and result["us_per_datagram"]["per_run"] > 0
+    assert (tmp_path / "ingest.png").stat().st_size > 0
