@@ -41,7 +41,7 @@ from fcd.aggregate import Ingest, RoadReport
 from fcd.city import City, CityError, load_city
 from fcd.model import Model
 from fcd.rpc import MAX_BODY
-from fcd.udp import BatchReceiver
+from boxcore.udpbatch import BatchReceiver
 from fcd.wire import LIGHT_SIZE, PROBE_SIZE
 
 log = logging.getLogger("fcd.server")

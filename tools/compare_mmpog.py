@@ -46,7 +46,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tools.bench_datapath_xdp import cpu_seconds
+from tools.stats import cpu_seconds
 from tools.stats import percentile
 
 STACKS = ("mmpog", "kcp", "enet")

@@ -46,7 +46,7 @@ from cliruntime.supervisor import Supervisor
 from mmpog.bots import CELL, GUARD, Bot, Params, load_bots, run_bots
 from mmpog.reliability import ClientConfig
 from mmpog.server import GameServer, ReflectorInfo, World
-from tools.bench_datapath_xdp import cpu_seconds
+from tools.stats import cpu_seconds
 from tools.stats import summary
 
 log = logging.getLogger("mmpog.bots")
@@ -95,7 +95,7 @@ def cpu_budgets(budget: float, period_us: int):
         subprocess.run(["mount", "-t", "tmpfs", "bbcgroup", str(CGROUP_CPU.parent)], check=True)
         CGROUP_CPU.mkdir(exist_ok=True)
         subprocess.run(["mount", "-t", "cgroup", "-o", "cpu", "cgroup", str(CGROUP_CPU)], check=True)
-    return CpuBudgets(budget, period_us)
+    return CpuBudgets(budget, period_us, prefix="bbmmpog")
 
 
 def _throttled(budgets, names) -> dict:

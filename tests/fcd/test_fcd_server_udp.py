@@ -1,4 +1,4 @@
-"""Batch receive for the server's raw UDP path: recvmmsg and its recv_into fallback agree."""
+"""Batch receive as the server's raw UDP path uses it (boxcore.udpbatch): recvmmsg and its recv_into fallback agree."""
 
 import socket
 
@@ -6,7 +6,7 @@ import numpy as np
 
 import pytest
 
-from fcd.udp import BatchReceiver
+from boxcore.udpbatch import BatchReceiver
 
 
 @pytest.fixture
