@@ -177,6 +177,17 @@ async def test_fcd_route_cli_prints_the_route_with_its_time(city, tmp_path):
     assert line.startswith("route 0_0 -> 2_2: 4 roads, predicted 40.0 s (prediction run 1")
 
 
+def learned_light(model: Model, city) -> tuple[int, float]:
+    """A light-controlled road whose light the model has learned: a 60 s cycle with 30 s of green
+    from t=0, 0.1 cars/s arriving, 0.5 cars/s served, an empty queue reported at t=0.  Returns the
+    road and its free driving time."""
+    road = city.lights[4].roads[0]
+    model.cycle_r[road], model.green_r[road], model.green_start[road] = 60.0, 30.0, 0.0
+    model.report_t[road], model.report_queue[road] = 0.0, 0.0
+    model.arrival_rate[road], model.mu[road] = 0.1, 0.5
+    return road, city.length[road] / model.v[road]
+
+
 def test_light_delay_follows_the_queue_through_the_cycle(city):
     """Point queue at a light with a learned 60 s cycle (30 s green from t=0), 0.1 cars/s
     arriving, 0.5 cars/s served: over the red half the queue grows 0 -> 3 cars (mean 1.5), so
@@ -184,11 +195,7 @@ def test_light_delay_follows_the_queue_through_the_cycle(city):
     0.4 cars/s in 7.5 s (mean queue over its 30 s 3 x 7.5 / 2 / 30 = 0.375: L/v + 3.75 s).
     The whole-cycle mean is Webster's uniform delay, 60 x 0.5^2 / (2 (1 - 0.4 x 0.5)) = 9.375 s."""
     model = Model(city)
-    road = city.lights[4].roads[0]
-    model.cycle_r[road], model.green_r[road], model.green_start[road] = 60.0, 30.0, 0.0
-    model.report_t[road], model.report_queue[road] = 0.0, 0.0
-    model.arrival_rate[road], model.mu[road] = 0.1, 0.5
-    drive = city.length[road] / model.v[road]
+    road, drive = learned_light(model, city)
     red_ahead, mean = model.light_delay(30.0, 30.0)
     green_ahead, _ = model.light_delay(60.0, 30.0)
     assert red_ahead[road] == pytest.approx(drive + 15.0, abs=0.1)

@@ -6,6 +6,7 @@ import pytest
 
 from fcd.city import grid_city
 from fcd.model import Model
+from tests.fcd.test_fcd_model_route import learned_light
 
 
 def test_present_queue_starts_the_point_queue():
@@ -15,11 +16,7 @@ def test_present_queue_starts_the_point_queue():
     mean 4.5 cars, L/v + 45 s."""
     city = grid_city(3, 3, block=200.0, cycle=60.0, offsets="zero")
     model = Model(city)
-    road = city.lights[4].roads[0]
-    model.cycle_r[road], model.green_r[road], model.green_start[road] = 60.0, 30.0, 0.0
-    model.report_t[road], model.report_queue[road] = 0.0, 0.0
-    model.arrival_rate[road], model.mu[road] = 0.1, 0.5
-    drive = city.length[road] / model.v[road]
+    road, drive = learned_light(model, city)
     from_switch, _ = model.light_delay(30.0, 30.0)
     assert from_switch[road] == pytest.approx(drive + 15.0, abs=0.1)
     queue = np.zeros(city.n_roads, dtype=np.int64)
