@@ -83,7 +83,7 @@ class BotClient(GameClient):
         self.recvmmsg = recvmmsg                # False: one recvmsg per datagram (recv_bench compares them)
         self._arrivals: dict[float, float] = {}
         self.transport: _BotTransport | None = None
-        self.receiver: udpbatch.BatchReceiver | None = None
+        self.batch_receiver: udpbatch.BatchReceiver | None = None
         self.batches = 0
         self.datagrams = 0
 
@@ -94,7 +94,7 @@ class BotClient(GameClient):
         sock.setblocking(False)
         sock.bind(self.local)
         self.transport = _BotTransport(sock)
-        self.receiver = udpbatch.BatchReceiver(sock, batch=RECV_BATCH, slot=RECV_SLOT, control=udpbatch.STAMP_CONTROL,
+        self.batch_receiver = udpbatch.BatchReceiver(sock, batch=RECV_BATCH, slot=RECV_SLOT, control=udpbatch.STAMP_CONTROL,
                                                  use_recvmmsg=self.recvmmsg)
         loop.add_reader(sock.fileno(), self._drain)
         return self.transport
@@ -108,7 +108,7 @@ class BotClient(GameClient):
         over, strictly increasing), the key under which its arrival time is found by ``arrival_of``."""
         arrivals = self._arrivals
         offset = time.time() - time.monotonic()     # kernel stamps are CLOCK_REALTIME
-        receive = self.receiver.receive_stamped
+        receive = self.batch_receiver.receive_stamped
         monotonic = time.monotonic
         batch: list[tuple[bytes, float]] = []
         last = 0.0
@@ -136,7 +136,7 @@ class BotClient(GameClient):
 
     def snapshot(self) -> dict:
         out = super().snapshot()
-        receiver = self.receiver
+        receiver = self.batch_receiver
         out.update(recv_batches=self.batches, recv_datagrams=self.datagrams,
                    recv_syscalls=receiver.syscalls if receiver is not None else 0,
                    recv_truncated=receiver.truncated if receiver is not None else 0,

@@ -222,8 +222,8 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
             best = min(best, stage_socket(bot, datagrams, args.wakeup))
             # every update reached the game: none lost on the loopback, none cut
             assert len(bot.got) == endpoint.stats["received"], (stage, len(bot.got), endpoint.stats["received"])
-            assert bot.client.receiver.truncated == 0
-            result.setdefault("recv_syscalls", {})[stage] = bot.client.receiver.syscalls
+            assert bot.client.batch_receiver.truncated == 0
+            result.setdefault("recv_syscalls", {})[stage] = bot.client.batch_receiver.syscalls
         result["us_per_update"][stage] = best / received * 1e6
     result["us_per_update"] = {k: round(v, 3) for k, v in result["us_per_update"].items()}
     for bot, sock in bots:

@@ -32,7 +32,7 @@ async def test_bot_reads_its_socket_in_batches_and_every_update_reaches_the_game
             assert len(bot.got) == expected
             assert len(bot.arrived) == expected            # every datagram carried its arrival stamp
             assert all(0 <= latency for latency in bot.arrived.values())
-            receiver = bot.client.receiver
+            receiver = bot.client.batch_receiver
             assert receiver.truncated == receiver.control_truncated == 0
             syscalls[recvmmsg] = receiver.syscalls
         finally:
