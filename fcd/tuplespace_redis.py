@@ -449,12 +449,26 @@ class RedisTupleSpace(_Api):
     async def _get(self, template: tuple, take: bool, timeout: float | None) -> tuple | None:
         packed = self._pack_template(template)
         wait = timeout is None or timeout > 0
-        reply = await self._run("get", packed, int(take), int(wait), self._waiter_ttl_ms, self.max_waiters)
+        registering = asyncio.ensure_future(
+            self._run("get", packed, int(take), int(wait), self._waiter_ttl_ms, self.max_waiters))
+        try:
+            reply = await asyncio.shield(registering)
+        except asyncio.CancelledError:
+            # cancelled while the script ran: what it did stands, so undo it before leaving (a
+            # queued waiter would otherwise stay until its deadline, a taken tuple be lost)
+            await asyncio.wait([registering])
+            if not registering.cancelled() and registering.exception() is None:
+                done = registering.result()
+                if done[0] == 1 and take:
+                    await self._out(self._decode(done[1]), None)
+                elif done[0] == 2:
+                    await self._leave(self._waiter_id(done[1]), len(template), take)
+            raise
         if reply[0] == 1:
             return self._decode(reply[1])
         if reply[0] == 0:
             return None
-        waiter = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        waiter = self._waiter_id(reply[1])
         deadline = None if timeout is None else time.monotonic() + timeout
         inbox = f"{self.prefix}:in:{waiter}"
         try:
@@ -473,14 +487,21 @@ class RedisTupleSpace(_Api):
                     return await self._get(template, take, None if deadline is None
                                            else max(0.0, deadline - time.monotonic()))
         except BaseException:
-            # cancelled or failed while blocked: leave the queue; a tuple already taken for us
-            # goes back into the space rather than being lost
-            rescued = await asyncio.shield(self._run("waiter", waiter, len(template), 0))
-            if rescued[0] == 1 and take:
-                await self._out(self._decode(rescued[1]), None)
+            await self._leave(waiter, len(template), take)     # cancelled or failed while blocked
             raise
         final = await self._run("waiter", waiter, len(template), 0)
         return self._decode(final[1]) if final[0] == 1 else None
+
+    @staticmethod
+    def _waiter_id(raw) -> str:
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    async def _leave(self, waiter: str, arity: int, take: bool) -> None:
+        """Leave the waiters' queue; a tuple already taken for us goes back into the space rather
+        than being lost."""
+        rescued = await asyncio.shield(self._run("waiter", waiter, arity, 0))
+        if rescued[0] == 1 and take:
+            await self._out(self._decode(rescued[1]), None)
 
     # ---------------------------------------------------------------- notify
     async def notify(self, template: tuple, lease: float | None = None, max_queue: int = 10_000) -> Subscription:

@@ -177,6 +177,36 @@ async def test_redis_clients_share_one_space_and_a_dead_waiter_swallows_nothing(
         await b.close()
 
 
+@pytest.mark.parametrize("found", [False, True])
+async def test_redis_take_cancelled_while_its_script_ran_leaves_nothing_behind(redis_node, found):
+    """The cancel lands after Redis ran the take but before its reply came back: a queued waiter
+    must leave the queue, a taken tuple go back into the space."""
+    space = await RedisTupleSpace.connect(redis_node.url, name=f"cancelled{next(_names)}")
+    ran, reply_may_arrive = asyncio.Event(), asyncio.Event()
+    real_run = space._run
+
+    async def reply_held_back(script, *args):
+        result = await real_run(script, *args)
+        if script == "get":
+            ran.set()
+            await reply_may_arrive.wait()
+        return result
+
+    space._run = reply_held_back
+    try:
+        if found:
+            await space.out(("job", 7))
+        taker = asyncio.create_task(space.in_(("job", int)))
+        await ran.wait()
+        taker.cancel()
+        reply_may_arrive.set()
+        assert (await asyncio.gather(taker, return_exceptions=True))[0].__class__ is asyncio.CancelledError
+        assert int(await space.client.hlen(f"{space.prefix}:wt")) == 0
+        assert await space.rdp(("job", int)) == (("job", 7) if found else None)
+    finally:
+        await space.close()
+
+
 async def _until_queued(space, count: int) -> None:
     async def queued():
         return int(await space.client.hlen(f"{space.prefix}:wt")) >= count
