@@ -507,9 +507,7 @@ class FcdServer:
     def own_view_is_complete(self) -> bool:
         """Whether this server's own aggregator saw every car the model knows of: raw probes only,
         no box's reports (whose cars it never sees) and no workers (each sees a partition)."""
-        return (self.front is None and self.stats["reports_raw"] > 0
-                and not any(n for key, n in self.stats.items() if key.startswith("reports_") and key != "reports_raw"
-                            and key not in ("reports_rejected", "reports_refused")))
+        return self.front is None and self.stats["reports_raw"] > 0 and not self.stats["reports_box"]
 
     async def publish(self) -> None:
         if self.own_view_is_complete():
