@@ -51,7 +51,7 @@ def test_compare_runs_all_three_stacks_side_by_side(tmp_path):
         assert {"p50", "p90", "p99", "max"} <= section["reliable"]["latency_ms"].keys()
         # same workload, same audience: the same number of expected reliable deliveries in every stack
         assert section["reliable"]["expected"] > 0
-        assert section["reliable"]["delivered_ratio"] == 1.0, stack
+        assert section["reliable"]["delivered_ratio"] == 1.0, (stack, section.get("drain"))
         assert section["duplicates_delivered"] == 0
         # every role ran in its own cgroup at the same budget, and its CPU over the play was measured
         assert section["cpu_budget"]["cores_per_role"] == 0.5
