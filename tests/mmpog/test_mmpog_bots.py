@@ -112,3 +112,21 @@ async def test_bots_in_worker_processes():
     assert result["reliable"]["expected"] > 20
     assert result["moves"] > 0
     assert_arrival_stamps_precede_the_game(result)          # the stamps survive the worker's results file
+    assert_cold_start_figures(result, params)
+
+
+def assert_cold_start_figures(result, params):
+    """Each second of play on its own (and the first in tenths), the senders' RTO when they sent, what the
+    join left, and each bots process's collections during play, with its start-up heap frozen."""
+    reliable = result["reliable"]
+    seconds = reliable["per_second"]
+    assert [s["second"] for s in seconds] == list(range(len(seconds))) and len(seconds) >= int(params.duration)
+    assert sum(s["sent"] for s in seconds) == reliable["sent"]
+    assert sum(s["delivered"] for s in seconds) == round(reliable["delivered_ratio"] * reliable["expected"])
+    assert all(s["rto_at_send_ms"]["p50"] > 0 for s in seconds)
+    assert sum(t["sent"] for t in reliable["first_second_per_tenth"]) == seconds[0]["sent"]
+    assert reliable["at_start_ms"]["rto"]["p50"] > 0           # every bot joined with an RTT sample
+    gc_figures = result["bots_gc"]
+    assert gc_figures["heap_frozen_before_play"] is True
+    assert set(gc_figures["processes"]) == {f"worker{n}" for n in range(params.workers)}
+    assert result["reflector_gc"]["gen2_collections"] >= 0
