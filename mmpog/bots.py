@@ -353,7 +353,8 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
 
 def _trace_rtt(bot: Bot, estimator, t_start: float) -> None:
     """Record every RTT sample the bot's estimator takes from now on (seconds of play, sample), after its
-    state when play begins (what the join left): the input to replaying other estimators offline."""
+    state when play begins (what the join left): the input to replaying other estimators offline.  Until
+    the bot moves (a new location's endpoint has an estimator of its own)."""
     samples: list = []
     bot.rtt_trace = [[estimator.srtt, estimator.rttvar, estimator.rto, estimator.provisional], samples]
     update = estimator.update

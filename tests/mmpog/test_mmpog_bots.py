@@ -102,10 +102,17 @@ async def test_reflector_booster_with_engine_multicast(tmp_path):
     assert result["unreliable"]["delivered_ratio"] == 1.0      # no loss configured
 
 
-async def test_bots_in_worker_processes():
+async def test_bots_in_worker_processes(tmp_path):
+    trace = tmp_path / "rtt.json"
     params = Params(players=6, locations=2, duration=1.5, loss=0.05, rate=20, reliable_fraction=0.5,
-                    move_interval=0.8, workers=2, seed=5, drain=1.0)
+                    move_interval=0.8, workers=2, seed=5, drain=1.0, rtt_trace=str(trace))
     result = await run_experiment(params)
+    samples_of = json.loads(trace.read_text())      # every bot's estimator at the start, then its samples
+    assert sorted(map(int, samples_of)) == list(range(params.players))
+    for (srtt, rttvar, rto, provisional), samples in samples_of.values():
+        assert 0 < srtt < rto and rttvar > 0 and provisional      # the join's sample, nothing else yet
+        assert samples and all(0 <= t < params.duration + params.drain and rtt > 0 for t, rtt in samples)
+        assert [t for t, _ in samples] == sorted(t for t, _ in samples)
     assert result["duplicates_delivered"] == 0
     assert result["reliable"]["delivered_ratio"] >= 0.95
     assert result["reliable"]["missed"]["unaccounted"] == 0
