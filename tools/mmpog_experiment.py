@@ -13,9 +13,12 @@ from ``GUARD`` seconds before the send until the packet's deadline after it.  JS
 ``reliable``/``unreliable`` {``sent``, ``expected``, ``delivered_ratio``,
 ``delivered_within_deadline_ratio``, ``latency_ms`` {``p50``, ``p90``, ``p99``, ``max``},
 ``first_second_latency_ms``, ``arrival_latency_ms`` (the same deliveries timed by the kernel's
-arrival stamp at the bot's socket)}, ``duplicates_delivered``, ``retransmissions``,
-``reflector_pps``, ``reflector_updates_per_s``, ``cpu_share`` (CPU seconds per second of play, per
-process), ``cpu_budget`` (``--budget``: each role in its own cgroup v1 CPU group), and details.
+arrival stamp at the bot's socket), ``per_second`` and ``first_second_per_tenth`` (each second of
+play, and each tenth of the first, on its own: p99 at the game and at the socket, the senders' RTO
+at send), ``at_start_ms`` (what the join left the estimators with)}, ``duplicates_delivered``,
+``retransmissions``, ``reflector_pps``, ``reflector_updates_per_s``, ``cpu_share`` (CPU seconds per
+second of play, per process), ``cpu_budget`` (``--budget``: each role in its own cgroup v1 CPU
+group), ``bots_gc`` / ``reflector_gc`` (garbage collections during play), and details.
 """
 
 from __future__ import annotations
