@@ -30,6 +30,7 @@ from boxcore import udpbatch
 from cliruntime import ConfigError, make_parser, run_async
 
 from .client import GameClient
+from .gcwatch import GcWatch, freeze_startup_heap
 from .reliability import ClientConfig, Delivered, Event, Expired, Received, Unrecoverable
 
 log = logging.getLogger("mmpog.bots")
@@ -173,6 +174,8 @@ class Params:
     budget: float = 0.0               # CPU cores per role (reflector, each bots worker, relay): its own cgroup; 0: none
     budget_period_us: int = 10_000    # CFS period: short, so a throttled role stalls for milliseconds, not 100 ms
     recvmmsg: bool = True             # the bots read their sockets with recvmmsg (False: one recvmsg per datagram)
+    rtt_trace: str | None = None      # write every bot's RTT samples during play here (JSON)
+    gc_freeze: bool = True            # collect and freeze the heap once joined, before play (a game's loading screen)
 
     def validate(self) -> None:
         if self.players < 2:
@@ -215,6 +218,10 @@ class Bot:
     expired_numbers: set = field(default_factory=set)
     lost: set = field(default_factory=set)              # (location, seq) reported unrecoverable
     missing_at_end: set = field(default_factory=set)    # (location, seq) still being recovered when the run ended
+    rto_at_send: dict = field(default_factory=dict)     # update number -> the sender's RTO (s) when it sent it (reliable)
+    resent: set = field(default_factory=set)            # update numbers the sender had to retransmit (echo came late)
+    rtt_at_start: tuple = ()                            # (SRTT, RTO) in s when play began: what the join left
+    rtt_trace: list = field(default_factory=list)       # with Params.rtt_trace: [start state, [[t, rtt], ...]]
 
     def on_event(self, event: Event) -> None:
         if type(event) is Received:       # 40k/s at 64 players x 1 location: the rest is rare
@@ -234,6 +241,8 @@ class Bot:
             number = self.pid_number.pop(event.packet_id, None)
             if number is not None:
                 self.echo_seq[number] = event.seq
+                if event.retransmitted:
+                    self.resent.add(number)
         elif type(event) is Expired:
             self.expired += 1
             number = self.pid_number.pop(event.packet_id, None)
@@ -246,8 +255,10 @@ class Bot:
 
 async def run_bots(indices: list[int], params: Params, server_url: str,
                    reflector_map: Callable[[tuple[str, int]], tuple[str, int]] | None,
-                   start_at: Callable[[], "asyncio.Future[float]"], stop: asyncio.Event) -> tuple[list[Bot], list[dict]]:
-    """Bots ``indices`` join, wait for ``start_at()``, play ``params.duration``, drain; returns them and their stats."""
+                   start_at: Callable[[], "asyncio.Future[float]"],
+                   stop: asyncio.Event) -> tuple[list[Bot], list[dict], dict]:
+    """Bots ``indices`` join, wait for ``start_at()``, play ``params.duration``, drain; returns them, their
+    stats, and the process's own (``gc_pauses``: its garbage collections of generations 1-2 during play)."""
     bots: list[Bot] = []
     # logins hash with scrypt (tens of ms each, more on a busy host): 64 bots queue behind each other
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
@@ -270,7 +281,13 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
             bot.intervals.append([location, time.monotonic(), float("inf")])
 
         await asyncio.gather(*(enter(bot) for bot in bots))
+        if params.gc_freeze:
+            # what joining left (aiohttp, logins, imports) is long-lived: collect it now and keep it out of
+            # every later full collection.  Without this the first full collection came 0.7-0.8 s into play
+            # and stopped every bots worker for 110-140 ms at once: the cold start's p99 (docs/mmpog.md)
+            freeze_startup_heap()
         t_start = await start_at()
+        collections = GcWatch().start()
         t_end = t_start + params.duration
         payload_pad = bytes(params.payload - UPDATE.size)
 
@@ -280,6 +297,10 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
             next_move = t_start + bot.rng.uniform(0.5, 1.5) * params.move_interval
             number = 0
             client = bot.client
+            estimator = client.endpoint.rtt
+            bot.rtt_at_start = (estimator.srtt, estimator.rto)
+            if params.rtt_trace:
+                _trace_rtt(bot, estimator, t_start)
             while not stop.is_set():
                 now = time.monotonic()
                 if now >= t_end:
@@ -309,12 +330,14 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
                     continue
                 if reliable:
                     bot.pid_number[packet_id] = number
+                    bot.rto_at_send[number] = client.endpoint.rtt.rto
                 bot.sent.append((number, sent_at, client.location, reliable))
                 number += 1
 
         await asyncio.sleep(max(0.0, t_start - time.monotonic()))
         await asyncio.gather(*(play(bot) for bot in bots))
         await asyncio.sleep(params.drain)      # let retransmissions finish
+        collections.stop()
         for bot in bots:
             if bot.intervals:
                 bot.intervals[-1][2] = time.monotonic()
@@ -325,21 +348,38 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
                 bot.missing_at_end = {(endpoint.location, seq) for seq in endpoint.missing_seqs}
             with contextlib.suppress(Exception):
                 await bot.client.close()
-    return bots, client_stats
+    return bots, client_stats, {"gc_pauses": collections.since(t_start)}
 
 
-def dump_bots(bots: list[Bot], client_stats: list[dict], path: Path) -> None:
+def _trace_rtt(bot: Bot, estimator, t_start: float) -> None:
+    """Record every RTT sample the bot's estimator takes from now on (seconds of play, sample), after its
+    state when play begins (what the join left): the input to replaying other estimators offline.  Until
+    the bot moves (a new location's endpoint has an estimator of its own)."""
+    samples: list = []
+    bot.rtt_trace = [[estimator.srtt, estimator.rttvar, estimator.rto, estimator.provisional], samples]
+    update = estimator.update
+
+    def recording_update(rtt: float, provisional: bool = False) -> None:
+        samples.append([time.monotonic() - t_start, rtt])
+        update(rtt, provisional)
+
+    estimator.update = recording_update
+
+
+def dump_bots(bots: list[Bot], client_stats: list[dict], process: dict, path: Path) -> None:
     records = [{"index": b.index, "intervals": b.intervals, "sent": b.sent,
                 "got": [[s, n, lat] for (s, n), lat in b.got.items()],
                 "arrived": [[s, n, lat] for (s, n), lat in b.arrived.items()], "duplicates": b.duplicates,
                 "delivered": b.delivered, "expired": b.expired, "unrecoverable": b.unrecoverable, "moves": b.moves,
                 "echo_seq": [[n, seq] for n, seq in b.echo_seq.items()], "expired_numbers": sorted(b.expired_numbers),
-                "lost": [list(item) for item in b.lost], "missing_at_end": [list(item) for item in b.missing_at_end]}
+                "lost": [list(item) for item in b.lost], "missing_at_end": [list(item) for item in b.missing_at_end],
+                "rto_at_send": [[n, rto] for n, rto in b.rto_at_send.items()], "resent": sorted(b.resent),
+                "rtt_at_start": list(b.rtt_at_start), "rtt_trace": b.rtt_trace}
                for b in bots]
-    path.write_bytes(msgpack.packb({"bots": records, "stats": client_stats}))
+    path.write_bytes(msgpack.packb({"bots": records, "stats": client_stats, "process": process}))
 
 
-def load_bots(path: Path) -> tuple[list[Bot], list[dict]]:
+def load_bots(path: Path) -> tuple[list[Bot], list[dict], dict]:
     data = msgpack.unpackb(path.read_bytes(), strict_map_key=False)
     bots = []
     for rec in data["bots"]:
@@ -350,9 +390,11 @@ def load_bots(path: Path) -> tuple[list[Bot], list[dict]]:
                   unrecoverable=rec["unrecoverable"], moves=rec["moves"],
                   echo_seq={n: seq for n, seq in rec["echo_seq"]}, expired_numbers=set(rec["expired_numbers"]),
                   lost={tuple(item) for item in rec["lost"]},
-                  missing_at_end={tuple(item) for item in rec["missing_at_end"]})
+                  missing_at_end={tuple(item) for item in rec["missing_at_end"]},
+                  rto_at_send={n: rto for n, rto in rec["rto_at_send"]}, resent=set(rec["resent"]),
+                  rtt_at_start=tuple(rec["rtt_at_start"]), rtt_trace=rec["rtt_trace"])
         bots.append(bot)
-    return bots, data["stats"]
+    return bots, data["stats"], data["process"]
 
 
 async def run_worker(spec_path: Path) -> int:
@@ -371,8 +413,9 @@ async def run_worker(spec_path: Path) -> int:
         await go.wait()
         return float(Path(spec["start"]).read_text())
 
-    bots, stats = await run_bots(spec["indices"], params, spec["server"], reflector_map, start_at, asyncio.Event())
-    dump_bots(bots, stats, Path(spec["out"]))
+    bots, stats, process = await run_bots(spec["indices"], params, spec["server"], reflector_map, start_at,
+                                          asyncio.Event())
+    dump_bots(bots, stats, process, Path(spec["out"]))
     return 0
 
 

@@ -40,6 +40,7 @@ from cliruntime import ConfigError, RunContext, host_port, make_parser, non_nega
 from cliruntime.supervisor import Supervisor, TaskFailed, first_of
 
 from . import fastsend, wire
+from .gcwatch import GcWatch
 from .reliability import Address, BufferFull, MembersChanged, ReflectorConfig, ReflectorCore
 
 log = logging.getLogger("mmpog.reflector")
@@ -68,6 +69,7 @@ class ReflectorService:
         self.counters = {"datagrams_in": 0, "datagrams_out": 0, "send_dropped": 0, "send_errors": 0,
                          "control_requests": 0, "control_refused": 0, "updates_out": 0, "bundles_out": 0}
         self.started = time.monotonic()
+        self.gc_watch: GcWatch | None = None     # the process's collections (mmpog-reflector sets it)
         self.instance = secrets.token_hex(8)     # /health says it: the game server notices a restart
         self.transport: dict[str, str] = {"mode": "memory"}
         self.fanout_kind = "direct"
@@ -215,6 +217,8 @@ class ReflectorService:
         out["io"] = dict(self.counters)
         out["transport"] = dict(self.transport)
         out["uptime"] = round(time.monotonic() - self.started, 3)
+        if self.gc_watch is not None:
+            out["gc"] = self.gc_watch.snapshot()
         return out
 
     # ------------------------------------------------------------------ control plane (HTTP)
@@ -492,6 +496,7 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
     service = ReflectorService(ReflectorCore(config_from_args(args)), api_key=args.api_key,
                                use_sendmmsg=not args.no_sendmmsg)
     ctx.stats.providers["reflector"] = service.snapshot
+    service.gc_watch = GcWatch().start()
     runner = web.AppRunner(service.control_app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, args.http[0], args.http[1])

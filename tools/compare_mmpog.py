@@ -46,6 +46,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mmpog.gcwatch import freeze_startup_heap
 from tools.stats import cpu_seconds
 from tools.stats import percentile
 
@@ -407,6 +408,7 @@ def bots_worker(stack: str, indices: list[int], w: Workload, relay: tuple[str, i
                     bot.join()
             last_join = time.monotonic()
         pump(0.01)
+    freeze_startup_heap()        # as mmpog's bots do: no full collection of the start-up heap in play
     ready.set()
     while start_at.value == 0.0:
         pump(0.01)

@@ -13,9 +13,12 @@ from ``GUARD`` seconds before the send until the packet's deadline after it.  JS
 ``reliable``/``unreliable`` {``sent``, ``expected``, ``delivered_ratio``,
 ``delivered_within_deadline_ratio``, ``latency_ms`` {``p50``, ``p90``, ``p99``, ``max``},
 ``first_second_latency_ms``, ``arrival_latency_ms`` (the same deliveries timed by the kernel's
-arrival stamp at the bot's socket)}, ``duplicates_delivered``, ``retransmissions``,
-``reflector_pps``, ``reflector_updates_per_s``, ``cpu_share`` (CPU seconds per second of play, per
-process), ``cpu_budget`` (``--budget``: each role in its own cgroup v1 CPU group), and details.
+arrival stamp at the bot's socket), ``per_second`` and ``first_second_per_tenth`` (each second of
+play, and each tenth of the first, on its own: p99 at the game and at the socket, the senders' RTO
+at send), ``at_start_ms`` (what the join left the estimators with)}, ``duplicates_delivered``,
+``retransmissions``, ``reflector_pps``, ``reflector_updates_per_s``, ``cpu_share`` (CPU seconds per
+second of play, per process), ``cpu_budget`` (``--budget``: each role in its own cgroup v1 CPU
+group), ``bots_gc`` / ``reflector_gc`` (garbage collections during play), and details.
 """
 
 from __future__ import annotations
@@ -109,6 +112,25 @@ def _percentiles(values: list[float]) -> dict:
     return summary(values, (50, 90, 99), scale=1000, digits=3, with_max=True)
 
 
+def _per_second(seconds: dict[int, dict], p99_ms: float | None, label: str = "second") -> list[dict]:
+    """Each second of play on its own: its p99 at the game and at the socket, the senders' RTO when they
+    sent (reliable), and of its deliveries above the whole run's p99 how many carried an update its
+    sender had to resend (a lost way up: every member late by the sender's RTO) - where a first second
+    out of line comes from."""
+    out = []
+    for number in sorted(seconds):
+        second = seconds[number]
+        late = [resent for latency, resent in zip(second["latencies"], second["resent"])
+                if p99_ms is not None and latency * 1000 > p99_ms]
+        rto = second["rto"]
+        out.append({label: number, "sent": second["sent"], "delivered": len(second["latencies"]),
+                    "p99_ms": _percentiles(second["latencies"])["p99"],
+                    "arrival_p99_ms": _percentiles(second["arrivals"])["p99"],
+                    "rto_at_send_ms": summary(rto, (50, 90), scale=1000, digits=3) if rto else None,
+                    "above_run_p99": len(late), "above_run_p99_sender_resent": sum(late)})
+    return out
+
+
 def analyse(bots: list[Bot], deadline: float) -> dict:
     """Expected (packet, receiver) pairs vs what arrived; latency percentiles per class."""
     by_location: dict[int, list[tuple[float, float, int, bool]]] = {}
@@ -122,11 +144,28 @@ def analyse(bots: list[Bot], deadline: float) -> dict:
         sent = expected = got = in_time = 0
         expired = reported = sender_left = receiver_left = pending = unaccounted = 0
         latencies, first_second, arrivals = [], [], []
+        seconds: dict[int, dict] = {}        # second of play -> what its updates met (the cold start beside the rest)
+        tenths: dict[int, dict] = {}
         for bot in bots:
             for number, sent_at, location, is_reliable in bot.sent:
                 if is_reliable != reliable:
                     continue
                 sent += 1
+                since = sent_at - t_first
+                if since < 1.0:      # the first second in tenths: when in it is the cold start?
+                    tenth = tenths.setdefault(int(since * 10), {"latencies": [], "arrivals": [], "rto": [],
+                                                                "resent": [], "sent": 0})
+                    tenth["sent"] += 1
+                second = seconds.setdefault(int(since), {"latencies": [], "arrivals": [], "rto": [],
+                                                                     "resent": [], "sent": 0})
+                second["sent"] += 1
+                resent = number in bot.resent
+                if reliable:
+                    rto = bot.rto_at_send.get(number)
+                    if rto is not None:
+                        second["rto"].append(rto)
+                        if since < 1.0:
+                            tenth["rto"].append(rto)
                 for start, end, index, final in by_location.get(location, ()):
                     if index == bot.index or start > sent_at - GUARD or end < sent_at + deadline:
                         continue
@@ -135,9 +174,17 @@ def analyse(bots: list[Bot], deadline: float) -> dict:
                     if latency is not None:
                         got += 1
                         latencies.append(latency)
+                        second["latencies"].append(latency)
+                        second["resent"].append(resent)
+                        if since < 1.0:
+                            tenth["latencies"].append(latency)
+                            tenth["resent"].append(resent)
                         arrival = bots[index].arrived.get((bot.index, number))
                         if arrival is not None:
                             arrivals.append(arrival)
+                            second["arrivals"].append(arrival)
+                            if since < 1.0:
+                                tenth["arrivals"].append(arrival)
                         if sent_at < t_first + 1.0:
                             first_second.append(latency)
                         if latency <= deadline:
@@ -168,7 +215,15 @@ def analyse(bots: list[Bot], deadline: float) -> dict:
             # datagram that carried them): latency_ms minus this is the bot process's own queueing
             "arrival_latency_ms": _percentiles(arrivals),
         }
+        out[name]["per_second"] = _per_second(seconds, out[name]["latency_ms"]["p99"])
+        out[name]["first_second_per_tenth"] = _per_second(tenths, out[name]["latency_ms"]["p99"], "tenth")
         if reliable:
+            # what the join left each sender's estimator with when play began (the first sends' RTO)
+            started = [bot.rtt_at_start for bot in bots if bot.rtt_at_start and bot.rtt_at_start[0] is not None]
+            out[name]["at_start_ms"] = {"srtt": summary([srtt for srtt, _ in started], (50, 90), scale=1000, digits=3,
+                                                        with_max=True),
+                                        "rto": summary([rto for _, rto in started], (50, 90), scale=1000, digits=3,
+                                                       with_max=True)}
             out[name]["missed"] = {"expired_at_sender": expired, "reported_unrecoverable": reported,
                                    "sender_left": sender_left, "receiver_left": receiver_left,
                                    "still_recovering": pending, "unaccounted": unaccounted}
@@ -329,17 +384,21 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
                 throttled = {name: count - throttled_before[name]
                              for name, count in _throttled(budgets, list(throttled_before)).items()}
                 if local is not None:
-                    bots, client_stats = await local
+                    bots, client_stats, process = await local
+                    processes = {"bots (with the game server)": process}
                 else:
-                    bots, client_stats = [], []
+                    bots, client_stats, processes = [], [], {}
                     for role, spec in workers:
                         if await asyncio.to_thread(role.proc.wait) != 0:
                             raise RuntimeError(f"{role.name} failed with status {role.proc.returncode}: {role.tail()}")
-                        worker_bots, worker_stats = load_bots(Path(json.loads(spec.read_text())["out"]))
+                        worker_bots, worker_stats, processes[role.name] = load_bots(
+                            Path(json.loads(spec.read_text())["out"]))
                         bots += worker_bots
                         client_stats += worker_stats
                     bots.sort(key=lambda bot: bot.index)
                 final = await _reflector_stats(http, refl_http, api_key)
+                if params.rtt_trace:
+                    Path(params.rtt_trace).write_text(json.dumps({bot.index: bot.rtt_trace for bot in bots}))
         finally:
             await supervisor.aclose()
             if runner is not None:
@@ -383,6 +442,18 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         "cpu_share": cpu_share,
         "cpu_budget": {"cores_per_role": params.budget or None, "period_us": params.budget_period_us,
                        "throttled_periods": throttled},      # during play (0: the budget never bound)
+        # each bots process's full (generation 2) and generation-1 collections during play: a full one
+        # stops all of that process's bots at once (frozen heap: --no-gc-freeze to compare)
+        "bots_gc": {"heap_frozen_before_play": params.gc_freeze, "processes": {
+            name: {"gen2": [[at, ms] for at, generation, ms in process["gc_pauses"] if generation == 2],
+                   "gen1_count": sum(1 for _, generation, _ in process["gc_pauses"] if generation == 1),
+                   "gen1_max_ms": max((ms for _, generation, ms in process["gc_pauses"] if generation == 1),
+                                      default=None)}
+            for name, process in processes.items()}},
+        # the reflector's collections during play (full ones stop its whole fan-out)
+        "reflector_gc": ({name: after["gc"][name] - before["gc"].get(name, 0)
+                          for name in ("gen1_collections", "gen2_collections")} | {"gen2_max_ms_ever": after["gc"]["gen2_max_ms"]}
+                         if "gc" in after else None),
         "srtt_ms_median": _median([s["srtt_ms"] for s in client_stats if s.get("srtt_ms") is not None]),
         "rto_ms_median": _median([s["rto_ms"] for s in client_stats if s.get("rto_ms") is not None]),
         "client_counters": {name: sum(s.get(name, 0) for s in client_stats) for name in (
@@ -477,6 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the CFS period of the budgets (a throttled role stalls for up to one period)")
     parser.add_argument("--no-recvmmsg", action="store_true",
                         help="the bots read one datagram per recvmsg call (default: recvmmsg batches)")
+    parser.add_argument("--no-gc-freeze", action="store_true",
+                        help="leave the bots' heap as joining left it (the first full collection then stops them in play)")
+    parser.add_argument("--rtt-trace", type=Path, default=None,
+                        help="write each bot's RTT samples during play (and its estimator at the start) here, JSON")
     parser.add_argument("--netns-child", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -492,7 +567,7 @@ def params_from_args(args: argparse.Namespace) -> Params:
         move_interval=args.move_interval, seed=args.seed, reflector_mode=args.reflector_mode, control=args.control,
         box=args.box, reflector_port=args.reflector_port, fanout=args.fanout, workers=args.workers,
         min_rto=args.min_rto, budget=args.budget, budget_period_us=args.budget_period_us,
-        recvmmsg=not args.no_recvmmsg,
+        recvmmsg=not args.no_recvmmsg, gc_freeze=not args.no_gc_freeze, rtt_trace=str(args.rtt_trace.resolve()) if args.rtt_trace else None,
     )
 
 
@@ -536,6 +611,10 @@ def _child_argv(args: argparse.Namespace, port: int) -> list[str]:
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.no_recvmmsg:
         argv.append("--no-recvmmsg")
+    if args.no_gc_freeze:
+        argv.append("--no-gc-freeze")
+    if args.rtt_trace is not None:
+        argv += ["--rtt-trace", str(args.rtt_trace.resolve())]
     if args.json is not None:
         argv += ["--json", str(args.json.resolve())]
     return argv

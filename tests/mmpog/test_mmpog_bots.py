@@ -102,13 +102,38 @@ async def test_reflector_booster_with_engine_multicast(tmp_path):
     assert result["unreliable"]["delivered_ratio"] == 1.0      # no loss configured
 
 
-async def test_bots_in_worker_processes():
+async def test_bots_in_worker_processes(tmp_path):
+    trace = tmp_path / "rtt.json"
     params = Params(players=6, locations=2, duration=1.5, loss=0.05, rate=20, reliable_fraction=0.5,
-                    move_interval=0.8, workers=2, seed=5, drain=1.0)
+                    move_interval=0.8, workers=2, seed=5, drain=1.0, rtt_trace=str(trace))
     result = await run_experiment(params)
+    samples_of = json.loads(trace.read_text())      # every bot's estimator at the start, then its samples
+    assert sorted(map(int, samples_of)) == list(range(params.players))
+    for (srtt, rttvar, rto, provisional), samples in samples_of.values():
+        assert 0 < srtt < rto and rttvar > 0 and provisional      # the join's sample, nothing else yet
+        assert samples and all(0 <= t < params.duration + params.drain and rtt > 0 for t, rtt in samples)
+        assert [t for t, _ in samples] == sorted(t for t, _ in samples)
     assert result["duplicates_delivered"] == 0
     assert result["reliable"]["delivered_ratio"] >= 0.95
     assert result["reliable"]["missed"]["unaccounted"] == 0
     assert result["reliable"]["expected"] > 20
     assert result["moves"] > 0
     assert_arrival_stamps_precede_the_game(result)          # the stamps survive the worker's results file
+    assert_cold_start_figures(result, params)
+
+
+def assert_cold_start_figures(result, params):
+    """Each second of play on its own (and the first in tenths), the senders' RTO when they sent, what the
+    join left, and each bots process's collections during play, with its start-up heap frozen."""
+    reliable = result["reliable"]
+    seconds = reliable["per_second"]
+    assert [s["second"] for s in seconds] == list(range(len(seconds))) and len(seconds) >= int(params.duration)
+    assert sum(s["sent"] for s in seconds) == reliable["sent"]
+    assert sum(s["delivered"] for s in seconds) == round(reliable["delivered_ratio"] * reliable["expected"])
+    assert all(s["rto_at_send_ms"]["p50"] > 0 for s in seconds)
+    assert sum(t["sent"] for t in reliable["first_second_per_tenth"]) == seconds[0]["sent"]
+    assert reliable["at_start_ms"]["rto"]["p50"] > 0           # every bot joined with an RTT sample
+    gc_figures = result["bots_gc"]
+    assert gc_figures["heap_frozen_before_play"] is True
+    assert set(gc_figures["processes"]) == {f"worker{n}" for n in range(params.workers)}
+    assert result["reflector_gc"]["gen2_collections"] >= 0
