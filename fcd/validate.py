@@ -243,7 +243,11 @@ def predictions_from(city: City, reports: list[Any], boundaries: list[float],
             model.observe(ordered[fed])
             fed += 1
         if present is not None and boundary in present:
-            model.present(boundary, present[boundary])
+            state = np.asarray(present[boundary])
+            if state.ndim == 2:     # cars, queue, moving speed per road
+                model.present(boundary, state[1], cars=state[0], speed=state[2])
+            else:                   # the queue alone
+                model.present(boundary, state)
         predictions[boundary] = predict_traverse(model, boundary)
     return predictions
 
@@ -269,7 +273,8 @@ def replay(trace: Trace, boundaries: list[float], batch: int = 2048, window: flo
 
     def state_at(cut: int) -> None:
         for boundary in cut_at.get(cut, []) if present else []:
-            queues[boundary] = ingest.aggregator.road_states(boundary)[1]
+            # cars, queue and moving speed (-1: none moved) on every road, one row each
+            queues[boundary] = np.stack(ingest.aggregator.road_states(boundary)).astype(float)
 
     seq = 0
     for start, stop in zip(edges, edges[1:]):
