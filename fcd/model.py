@@ -103,7 +103,7 @@ class Model:
     # the online correction (Model._score_correction): per class of road (without / with a light)
     # a recursive least-squares fit of log(travel taken / predicted) on what is known at the
     # prediction's moment, applied to a power chosen by its own record like the delay factor's
-    CORRECTION_FEATURES = 11
+    CORRECTION_FEATURES = 14
     CORRECTION_FORGET = 0.999    # RLS forgetting per scored window
     CORRECTION_RIDGE = 10.0      # prior precision of every coefficient (toward no correction)
     CORRECTION_SHRINKS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -308,6 +308,9 @@ class Model:
         X[:, 9] = np.where(self.lit, np.clip(since, 0.0, 2.0), 0.0)
         green_now = ~np.isnan(gs) & (np.isnan(rs) | (gs > rs))
         X[:, 10] = self.lit & green_now
+        X[:, 11] = cars <= 0
+        X[:, 12] = np.log1p(np.maximum(cars, 0.0))
+        X[:, 13] = np.log1p(np.maximum(queue, 0.0))
         return X
 
     def _observe_travel(self, r: int, rep: RoadReport, starts_green: bool) -> None:
