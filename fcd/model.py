@@ -103,7 +103,7 @@ class Model:
     # the online correction (Model._score_correction): per class of road (without / with a light)
     # a recursive least-squares fit of log(travel taken / predicted) on what is known at the
     # prediction's moment, applied to a power chosen by its own record like the delay factor's
-    CORRECTION_FEATURES = 14
+    CORRECTION_FEATURES = 17
     CORRECTION_FORGET = 0.999    # RLS forgetting per scored window
     CORRECTION_RIDGE = 10.0      # prior precision of every coefficient (toward no correction)
     CORRECTION_SHRINKS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -166,6 +166,9 @@ class Model:
         self.corr_scored = np.zeros(2, dtype=np.int64)
         self.corr_shrink = np.zeros(2)
         self.corr_pending: list[deque] = [deque(maxlen=16) for _ in range(R)]
+        # what the light delay's point queue expects over the coming window, per lit road
+        self.red_ahead = np.zeros(R)        # share of the window the light is red
+        self.queue_ahead = np.zeros(R)      # mean queue over the window
         self.window: float | None = None      # seconds ahead a prediction covers (None: one cycle)
         self.latest_t = 0.0
         self.runs = 0
@@ -311,6 +314,9 @@ class Model:
         X[:, 11] = cars <= 0
         X[:, 12] = np.log1p(np.maximum(cars, 0.0))
         X[:, 13] = np.log1p(np.maximum(queue, 0.0))
+        X[:, 14] = self.red_ahead
+        X[:, 15] = np.log1p(self.queue_ahead)
+        X[:, 16] = self.lit & ~green_now & (queue > 0)
         return X
 
     def _observe_travel(self, r: int, rep: RoadReport, starts_green: bool) -> None:
@@ -450,6 +456,7 @@ class Model:
         q = self.report_queue[roads].astype(float)
         total = np.zeros(len(roads))
         counted = np.zeros(len(roads))
+        red_seconds = np.zeros(len(roads))
         for k in range(steps):
             t = start.min() + k + 0.5
             active = t >= start
@@ -459,7 +466,12 @@ class Model:
             inside = active & (t >= now) & (t < now + window)
             total += np.where(inside, (before + q) / 2, 0.0)     # this second's mean queue
             counted += inside
+            red_seconds += inside & ~green
         ahead[roads] = drive + total / np.maximum(counted, 1.0) / lam
+        self.red_ahead[:] = 0.0
+        self.queue_ahead[:] = 0.0
+        self.red_ahead[roads] = red_seconds / np.maximum(counted, 1.0)
+        self.queue_ahead[roads] = total / np.maximum(counted, 1.0)
         red = 1.0 - g / C
         x = np.minimum(lam * C / (mu * g), 0.95)
         mean[roads] = drive + C * red * red / (2.0 * (1.0 - x * g / C))
