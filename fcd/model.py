@@ -60,6 +60,15 @@ Everything is learned from the reports, per road:
   extrapolated cycle is wrong and the data turn the factor down.  Where the queue on every road
   right now is known (:meth:`Model.present`: the aggregator's state at the moment of the
   prediction), the point queue starts from it instead of from the queue at the last switch.
+- an online correction on top (:meth:`Model._score_correction`): every prediction is scored
+  once the reports cover its window; per class of road (without / with a light) a ridge
+  regression of log(travel taken / prediction), each window weighted by prediction / taken
+  (MAPE's 1/y) and faded over CORRECTION_MEMORY seconds of data time, on what was known at the
+  prediction's moment (:meth:`Model._features`: level, light-delay factor, the road's cars,
+  queue and moving speed now, its traffic against its past, the queue on the roads it leads
+  to, the light's state and the point queue's red share and queue over the window).  The
+  correction is applied to a power chosen by its own record (as the delay factor's exponent;
+  0 until CORRECTION_MIN windows of the class were scored).
 
 T_r(0) is that calibrated prediction; later steps follow the structural model's relative change
 T_r(k) / T_r(0) (the structural T above, with the learned parameters and the newest state).
@@ -101,13 +110,14 @@ class Model:
     DELAY_LOOKBACK = 300.0 # seconds: an older report's queue starts the point queue no earlier
     RATE_BANDWIDTH = 1.0   # log-rate kernel width: windows with traffic like now's count most
     # the online correction (Model._score_correction): per class of road (without / with a light)
-    # a recursive least-squares fit of log(travel taken / predicted) on what is known at the
-    # prediction's moment, applied to a power chosen by its own record like the delay factor's
+    # a ridge fit of log(travel taken / predicted), weighted by predicted / taken and faded in
+    # data time, on what is known at the prediction's moment (Model._features), applied to a
+    # power chosen by its own record like the delay factor's
     CORRECTION_FEATURES = 17
-    CORRECTION_FORGET = 0.999    # RLS forgetting per scored window
-    CORRECTION_RIDGE = 10.0      # prior precision of every coefficient (toward no correction)
+    CORRECTION_MEMORY = 600.0    # seconds of data time: older scored windows fade with this
+    CORRECTION_RIDGE = 0.1       # prior precision of every coefficient (toward no correction)
     CORRECTION_SHRINKS = (0.0, 0.25, 0.5, 0.75, 1.0)
-    CORRECTION_MIN = 200         # scored windows of a class before its correction may be used
+    CORRECTION_MIN = 100         # scored windows of a class before its correction may be used
     CORRECTION_RANGE = 4.0       # the correction changes a prediction by at most this factor
 
     def __init__(self, city: City, turn_prior: float = 1.0) -> None:
@@ -160,8 +170,12 @@ class Model:
         self.delay_scored = 0
         self.delay_weight = 1.0
         k = self.CORRECTION_FEATURES
+        # the fit's normal equations, faded in data time: sum w x x^T and sum w x y per class
+        self.corr_A = np.zeros((2, k, k))
+        self.corr_b = np.zeros((2, k))
+        self.corr_t = np.full(2, -np.inf)       # data time of the newest window in the sums
         self.corr_beta = np.zeros((2, k))
-        self.corr_P = np.stack([np.eye(k) / self.CORRECTION_RIDGE] * 2)
+        self.corr_fresh = np.zeros(2, dtype=bool)     # sums changed since beta was solved
         self.corr_skill = np.zeros((2, len(self.CORRECTION_SHRINKS)))   # fading sum of APE per shrink
         self.corr_scored = np.zeros(2, dtype=np.int64)
         self.corr_shrink = np.zeros(2)
@@ -276,18 +290,23 @@ class Model:
             self.corr_scored[c] += 1
             if self.corr_scored[c] >= self.CORRECTION_MIN:
                 self.corr_shrink[c] = self.CORRECTION_SHRINKS[int(np.argmin(self.corr_skill[c]))]
-            # recursive least squares with forgetting, each window weighted by predicted / taken:
-            # MAPE counts an error relative to the time taken (its 1/y weight)
-            y = np.log(travel / base)
-            P, beta = self.corr_P[c], self.corr_beta[c]
-            Px = P @ x
+            # weighted least squares faded in data time, each window weighted by predicted /
+            # taken: MAPE counts an error relative to the time taken (its 1/y weight)
+            if end > self.corr_t[c]:
+                if np.isfinite(self.corr_t[c]):
+                    fade = np.exp(-(end - self.corr_t[c]) / self.CORRECTION_MEMORY)
+                    self.corr_A[c] *= fade
+                    self.corr_b[c] *= fade
+                self.corr_t[c] = end
             weight = float(np.clip(base / travel, 0.05, 20.0))
-            gain = Px / (self.CORRECTION_FORGET / weight + x @ Px)
-            beta += gain * (y - x @ beta)
-            self.corr_P[c] = (P - np.outer(gain, Px)) / self.CORRECTION_FORGET
+            self.corr_A[c] += weight * np.outer(x, x)
+            self.corr_b[c] += weight * x * np.log(travel / base)
+            self.corr_fresh[c] = True
 
     def _features(self, now: float, level: np.ndarray, factor: np.ndarray) -> np.ndarray:
-        """(R, CORRECTION_FEATURES) what is known of every road at ``now``."""
+        """(R, CORRECTION_FEATURES) what is known of every road at ``now``: the newest state of
+        each road (its newest report, or Model.present), the level and the light-delay factor
+        applied to it, and what the point queue of Model.light_delay expects over the window."""
         c = self.city
         R = c.n_roads
         free = c.length / c.speed
@@ -498,6 +517,10 @@ class Model:
         X = self._features(now, level, applied)
         cls = self.lit.astype(np.int64)
         bound = np.log(self.CORRECTION_RANGE)
+        for c in np.flatnonzero(self.corr_fresh):
+            ridge = self.CORRECTION_RIDGE * np.eye(self.CORRECTION_FEATURES)
+            self.corr_beta[c] = np.linalg.solve(self.corr_A[c] + ridge, self.corr_b[c])
+            self.corr_fresh[c] = False
         correction = np.clip(np.einsum("rk,rk->r", X, self.corr_beta[cls]), -bound, bound)
         for r in range(len(base)):
             if not self.corr_pending[r] or self.corr_pending[r][-1][0] < now:
