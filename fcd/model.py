@@ -205,12 +205,7 @@ class Model:
         self.latest_t = max(self.latest_t, rep.t)
         if rep.t >= np.nan_to_num(self.report_t[r], nan=-np.inf):
             self.report_t[r], self.report_queue[r] = rep.t, rep.queue
-        if rep.t >= np.nan_to_num(self.state_t[r], nan=-np.inf):
-            self.state_t[r] = rep.t
-            self.state[:, r] = (rep.cars, rep.queue, rep.mean_speed)
-        if rep.interval > 0:
-            self.report_log[r].append((rep.t - rep.interval, rep.t, rep.samples, rep.distance))
-        self._score_correction(r, rep)
+        self._observe_state(r, rep)
         if rep.mean_speed > 0:
             self.v[r] = (1 - EWMA) * self.v[r] + EWMA * max(rep.mean_speed, 0.5)
         if rep.was_green and rep.interval > 0 and rep.departures > 0:
@@ -273,8 +268,18 @@ class Model:
             return None
         return min(self.city.length[r] * samples / distance, self.MAX_TRAVERSE)
 
+    def _observe_state(self, r: int, rep: RoadReport) -> None:
+        """Road r's newest state (the correction's features), its report log (what the probes
+        took over any window) and the scoring of its predictions that the log now covers."""
+        if rep.t >= np.nan_to_num(self.state_t[r], nan=-np.inf):
+            self.state_t[r] = rep.t
+            self.state[:, r] = (rep.cars, rep.queue, rep.mean_speed)
+        if rep.interval > 0:
+            self.report_log[r].append((rep.t - rep.interval, rep.t, rep.samples, rep.distance))
+        self._score_correction(r, rep)
+
     def _score_correction(self, r: int, rep: RoadReport) -> None:
-        """Score road r's predictions whose window the reports now cover: the RLS fit of its
+        """Score road r's predictions whose window the reports now cover: the ridge fit of its
         class learns log(travel taken / uncorrected prediction) from the features the
         prediction saw, and each shrink of the correction then applied is scored by its APE."""
         pending = self.corr_pending[r]
@@ -365,8 +370,10 @@ class Model:
         """The queue measured on every road at ``now`` (what the aggregator holds from the probes
         before ``now``: ``Aggregator.road_states``): the light delay's point queue starts from it
         instead of from the queue at the light's last switch, so a queue that grew or drained
-        since then counts as it is.  Only what was measured: call it with every road's queue
-        from one complete view of the city, or not at all."""
+        since then counts as it is.  With ``cars`` and ``speed`` (moving speed, -1 where none
+        moved) too, every road's state now replaces its newest report's in the correction's
+        features.  Only what was measured: call it with every road's queue from one complete
+        view of the city, or not at all."""
         lit = np.flatnonzero(self.lit)
         self.report_t[lit] = now
         self.report_queue[lit] = np.asarray(queue, dtype=float)[lit]
