@@ -60,6 +60,15 @@ Everything is learned from the reports, per road:
   extrapolated cycle is wrong and the data turn the factor down.  Where the queue on every road
   right now is known (:meth:`Model.present`: the aggregator's state at the moment of the
   prediction), the point queue starts from it instead of from the queue at the last switch.
+- an online correction on top (:meth:`Model._score_correction`): every prediction is scored
+  once the reports cover its window; per class of road (without / with a light) a ridge
+  regression of log(travel taken / prediction), each window weighted by prediction / taken
+  (MAPE's 1/y) and faded over CORRECTION_MEMORY seconds of data time, on what was known at the
+  prediction's moment (:meth:`Model._features`: level, light-delay factor, the road's cars,
+  queue and moving speed now, its traffic against its past, the queue on the roads it leads
+  to, the light's state and the point queue's red share and queue over the window).  The
+  correction is applied to a power chosen by its own record (as the delay factor's exponent;
+  0 until CORRECTION_MIN windows of the class were scored).
 
 T_r(0) is that calibrated prediction; later steps follow the structural model's relative change
 T_r(k) / T_r(0) (the structural T above, with the learned parameters and the newest state).
@@ -100,6 +109,16 @@ class Model:
     PRIOR_WEIGHT = 1.0     # pseudo-observations of the free-flow time in a road's level
     DELAY_LOOKBACK = 300.0 # seconds: an older report's queue starts the point queue no earlier
     RATE_BANDWIDTH = 1.0   # log-rate kernel width: windows with traffic like now's count most
+    # the online correction (Model._score_correction): per class of road (without / with a light)
+    # a ridge fit of log(travel taken / predicted), weighted by predicted / taken and faded in
+    # data time, on what is known at the prediction's moment (Model._features), applied to a
+    # power chosen by its own record like the delay factor's
+    CORRECTION_FEATURES = 17
+    CORRECTION_MEMORY = 600.0    # seconds of data time: older scored windows fade with this
+    CORRECTION_RIDGE = 0.1       # prior precision of every coefficient (toward no correction)
+    CORRECTION_SHRINKS = (0.0, 0.25, 0.5, 0.75, 1.0)
+    CORRECTION_MIN = 100         # scored windows of a class before its correction may be used
+    CORRECTION_RANGE = 4.0       # the correction changes a prediction by at most this factor
 
     def __init__(self, city: City, turn_prior: float = 1.0) -> None:
         self.city = city
@@ -136,6 +155,11 @@ class Model:
         # the light-delay model's state: the newest report of each road and its arrival rate
         self.report_t = np.full(R, np.nan)
         self.report_queue = np.zeros(R)
+        # each road's newest state (cars, queue, moving speed or -1, when): from its newest report
+        # or from Model.present
+        self.state_t = np.full(R, np.nan)
+        self.state = np.zeros((3, R))
+        self.state[2] = -1.0
         self.acc_departures = np.zeros(R)
         self.arrival_rate = np.full(R, np.nan)   # cars per second (departures over whole cycles)
         # the light-delay factor scored against what the probes then took: per lit road its
@@ -145,6 +169,20 @@ class Model:
         self.delay_skill = np.zeros(len(self.DELAY_WEIGHTS))     # fading sum of APE per exponent
         self.delay_scored = 0
         self.delay_weight = 1.0
+        k = self.CORRECTION_FEATURES
+        # the fit's normal equations, faded in data time: sum w x x^T and sum w x y per class
+        self.corr_A = np.zeros((2, k, k))
+        self.corr_b = np.zeros((2, k))
+        self.corr_t = np.full(2, -np.inf)       # data time of the newest window in the sums
+        self.corr_beta = np.zeros((2, k))
+        self.corr_fresh = np.zeros(2, dtype=bool)     # sums changed since beta was solved
+        self.corr_skill = np.zeros((2, len(self.CORRECTION_SHRINKS)))   # fading sum of APE per shrink
+        self.corr_scored = np.zeros(2, dtype=np.int64)
+        self.corr_shrink = np.zeros(2)
+        self.corr_pending: list[deque] = [deque(maxlen=16) for _ in range(R)]
+        # what the light delay's point queue expects over the coming window, per lit road
+        self.red_ahead = np.zeros(R)        # share of the window the light is red
+        self.queue_ahead = np.zeros(R)      # mean queue over the window
         self.window: float | None = None      # seconds ahead a prediction covers (None: one cycle)
         self.latest_t = 0.0
         self.runs = 0
@@ -167,6 +205,7 @@ class Model:
         self.latest_t = max(self.latest_t, rep.t)
         if rep.t >= np.nan_to_num(self.report_t[r], nan=-np.inf):
             self.report_t[r], self.report_queue[r] = rep.t, rep.queue
+        self._observe_state(r, rep)
         if rep.mean_speed > 0:
             self.v[r] = (1 - EWMA) * self.v[r] + EWMA * max(rep.mean_speed, 0.5)
         if rep.was_green and rep.interval > 0 and rep.departures > 0:
@@ -203,26 +242,106 @@ class Model:
         times the light-delay factor to each exponent in DELAY_WEIGHTS vs the travel time the
         probes took over the window (reports' car-seconds and metres, shared out in proportion
         to how much of each report's interval lies in the window)."""
-        if rep.interval > 0:
-            self.report_log[r].append((rep.t - rep.interval, rep.t, rep.samples, rep.distance))
         pending = self.to_score[r]
         while pending and pending[0][1] <= rep.t:
             start, end, level, factor = pending.popleft()
-            samples = distance = 0.0
-            for t0, t1, s, d in self.report_log[r]:
-                overlap = min(t1, end) - max(t0, start)
-                if overlap > 0:
-                    samples += s * overlap / (t1 - t0)
-                    distance += d * overlap / (t1 - t0)
-            if samples <= 0 or distance <= 0:
+            travel = self._travel_over(r, start, end)
+            if travel is None:
                 continue
-            travel = min(self.city.length[r] * samples / distance, self.MAX_TRAVERSE)
             guesses = level * factor ** np.asarray(self.DELAY_WEIGHTS)
             fade = np.exp(-1.0 / self.DELAY_SKILL_MEMORY)
             self.delay_skill = fade * self.delay_skill + np.abs(guesses - travel) / travel
             self.delay_scored += 1
             if self.delay_scored >= self.DELAY_SKILL_MIN:
                 self.delay_weight = self.DELAY_WEIGHTS[int(np.argmin(self.delay_skill))]
+
+    def _travel_over(self, r: int, start: float, end: float) -> float | None:
+        """The travel time the probes took on road r over [start, end): its reports' car-seconds
+        and metres shared out in proportion to how much of each report's interval lies in it."""
+        samples = distance = 0.0
+        for t0, t1, s, d in self.report_log[r]:
+            overlap = min(t1, end) - max(t0, start)
+            if overlap > 0:
+                samples += s * overlap / (t1 - t0)
+                distance += d * overlap / (t1 - t0)
+        if samples <= 0 or distance <= 0:
+            return None
+        return min(self.city.length[r] * samples / distance, self.MAX_TRAVERSE)
+
+    def _observe_state(self, r: int, rep: RoadReport) -> None:
+        """Road r's newest state (the correction's features), its report log (what the probes
+        took over any window) and the scoring of its predictions that the log now covers."""
+        if rep.t >= np.nan_to_num(self.state_t[r], nan=-np.inf):
+            self.state_t[r] = rep.t
+            self.state[:, r] = (rep.cars, rep.queue, rep.mean_speed)
+        if rep.interval > 0:
+            self.report_log[r].append((rep.t - rep.interval, rep.t, rep.samples, rep.distance))
+        self._score_correction(r, rep)
+
+    def _score_correction(self, r: int, rep: RoadReport) -> None:
+        """Score road r's predictions whose window the reports now cover: the ridge fit of its
+        class learns log(travel taken / uncorrected prediction) from the features the
+        prediction saw, and each shrink of the correction then applied is scored by its APE."""
+        pending = self.corr_pending[r]
+        while pending and pending[0][1] <= rep.t:
+            start, end, base, x, correction = pending.popleft()
+            travel = self._travel_over(r, start, end)
+            if travel is None:
+                continue
+            c = int(self.lit[r])
+            guesses = base * np.exp(correction * np.asarray(self.CORRECTION_SHRINKS))
+            fade = np.exp(-1.0 / self.DELAY_SKILL_MEMORY)
+            self.corr_skill[c] = fade * self.corr_skill[c] + np.abs(guesses - travel) / travel
+            self.corr_scored[c] += 1
+            if self.corr_scored[c] >= self.CORRECTION_MIN:
+                self.corr_shrink[c] = self.CORRECTION_SHRINKS[int(np.argmin(self.corr_skill[c]))]
+            # weighted least squares faded in data time, each window weighted by predicted /
+            # taken: MAPE counts an error relative to the time taken (its 1/y weight)
+            if end > self.corr_t[c]:
+                if np.isfinite(self.corr_t[c]):
+                    fade = np.exp(-(end - self.corr_t[c]) / self.CORRECTION_MEMORY)
+                    self.corr_A[c] *= fade
+                    self.corr_b[c] *= fade
+                self.corr_t[c] = end
+            weight = float(np.clip(base / travel, 0.05, 20.0))
+            self.corr_A[c] += weight * np.outer(x, x)
+            self.corr_b[c] += weight * x * np.log(travel / base)
+            self.corr_fresh[c] = True
+
+    def _features(self, now: float, level: np.ndarray, factor: np.ndarray) -> np.ndarray:
+        """(R, CORRECTION_FEATURES) what is known of every road at ``now``: the newest state of
+        each road (its newest report, or Model.present), the level and the light-delay factor
+        applied to it, and what the point queue of Model.light_delay expects over the window."""
+        c = self.city
+        R = c.n_roads
+        free = c.length / c.speed
+        cars, queue, speed = self.state
+        room = np.maximum(self.n_max, 1.0)
+        X = np.zeros((R, self.CORRECTION_FEATURES))
+        X[:, 0] = 1.0
+        X[:, 1] = np.log(np.maximum(level, 1e-3) / np.maximum(free, 1e-3))
+        X[:, 2] = np.log(factor)
+        X[:, 3] = np.clip(queue / room, 0.0, 1.5)
+        X[:, 4] = np.clip(cars / room, 0.0, 1.5)
+        X[:, 5] = np.where(speed > 0, np.clip(speed / c.speed, 0.0, 1.5), 0.0)
+        X[:, 6] = (cars > 0) & (speed <= 0)
+        mean_rate = np.array([np.mean([h[1] for h in hist]) if hist else 0.0 for hist in self.history])
+        X[:, 7] = np.clip(np.log((self.last_rate + 0.05) / (mean_rate + 0.05)), -3.0, 3.0)
+        fill = np.clip(queue / room, 0.0, 1.5)
+        X[:, 8] = [max((fill[o] for o in outs), default=0.0) for outs in c.successors]
+        gs, rs = self.green_start, self.red_start
+        last_switch = np.fmax(gs, rs)
+        since = np.where(np.isnan(last_switch), 0.0, (now - last_switch) / np.maximum(self.cycle_r, 1.0))
+        X[:, 9] = np.where(self.lit, np.clip(since, 0.0, 2.0), 0.0)
+        green_now = ~np.isnan(gs) & (np.isnan(rs) | (gs > rs))
+        X[:, 10] = self.lit & green_now
+        X[:, 11] = cars <= 0
+        X[:, 12] = np.log1p(np.maximum(cars, 0.0))
+        X[:, 13] = np.log1p(np.maximum(queue, 0.0))
+        X[:, 14] = self.red_ahead
+        X[:, 15] = np.log1p(self.queue_ahead)
+        X[:, 16] = self.lit & ~green_now & (queue > 0)
+        return X
 
     def _observe_travel(self, r: int, rep: RoadReport, starts_green: bool) -> None:
         self.acc_samples[r] += rep.samples
@@ -246,15 +365,21 @@ class Model:
         self.arrival_rate[r] = rate if np.isnan(old) else (1 - EWMA) * old + EWMA * rate
         self.acc_samples[r] = self.acc_distance[r] = self.acc_span[r] = self.acc_departures[r] = 0.0
 
-    def present(self, now: float, queue: np.ndarray) -> None:
+    def present(self, now: float, queue: np.ndarray, cars: np.ndarray | None = None,
+                speed: np.ndarray | None = None) -> None:
         """The queue measured on every road at ``now`` (what the aggregator holds from the probes
         before ``now``: ``Aggregator.road_states``): the light delay's point queue starts from it
         instead of from the queue at the light's last switch, so a queue that grew or drained
-        since then counts as it is.  Only what was measured: call it with every road's queue
-        from one complete view of the city, or not at all."""
+        since then counts as it is.  With ``cars`` and ``speed`` (moving speed, -1 where none
+        moved) too, every road's state now replaces its newest report's in the correction's
+        features.  Only what was measured: call it with every road's queue from one complete
+        view of the city, or not at all."""
         lit = np.flatnonzero(self.lit)
         self.report_t[lit] = now
         self.report_queue[lit] = np.asarray(queue, dtype=float)[lit]
+        if cars is not None and speed is not None:
+            self.state_t[:] = now
+            self.state[:] = (cars, queue, speed)
         self.latest_t = max(self.latest_t, now)
 
     def turn_probabilities(self, road: int) -> dict[int, float]:
@@ -357,6 +482,7 @@ class Model:
         q = self.report_queue[roads].astype(float)
         total = np.zeros(len(roads))
         counted = np.zeros(len(roads))
+        red_seconds = np.zeros(len(roads))
         for k in range(steps):
             t = start.min() + k + 0.5
             active = t >= start
@@ -366,7 +492,12 @@ class Model:
             inside = active & (t >= now) & (t < now + window)
             total += np.where(inside, (before + q) / 2, 0.0)     # this second's mean queue
             counted += inside
+            red_seconds += inside & ~green
         ahead[roads] = drive + total / np.maximum(counted, 1.0) / lam
+        self.red_ahead[:] = 0.0
+        self.queue_ahead[:] = 0.0
+        self.red_ahead[roads] = red_seconds / np.maximum(counted, 1.0)
+        self.queue_ahead[roads] = total / np.maximum(counted, 1.0)
         red = 1.0 - g / C
         x = np.minimum(lam * C / (mu * g), 0.95)
         mean[roads] = drive + C * red * red / (2.0 * (1.0 - x * g / C))
@@ -386,7 +517,22 @@ class Model:
         for r, lev, f in zip(known.tolist(), level[known].tolist(), factor.tolist()):
             if not self.to_score[r] or self.to_score[r][-1][0] < now:
                 self.to_score[r].append((now, now + window, lev, f))
-        level[known] *= factor ** self.delay_weight
+        applied = np.ones(len(level))
+        applied[known] = factor ** self.delay_weight
+        base = level * applied
+        # the online correction learned from the scored record, per class of road
+        X = self._features(now, level, applied)
+        cls = self.lit.astype(np.int64)
+        bound = np.log(self.CORRECTION_RANGE)
+        for c in np.flatnonzero(self.corr_fresh):
+            ridge = self.CORRECTION_RIDGE * np.eye(self.CORRECTION_FEATURES)
+            self.corr_beta[c] = np.linalg.solve(self.corr_A[c] + ridge, self.corr_b[c])
+            self.corr_fresh[c] = False
+        correction = np.clip(np.einsum("rk,rk->r", X, self.corr_beta[cls]), -bound, bound)
+        for r in range(len(base)):
+            if not self.corr_pending[r] or self.corr_pending[r][-1][0] < now:
+                self.corr_pending[r].append((now, now + window, base[r], X[r], correction[r]))
+        level = base * np.exp(correction * self.corr_shrink[cls])
         traverse = level * structural / np.maximum(structural[0], 1e-6)
         self.runs += 1
         return Prediction(self.runs, self.latest_t, self.cycle, n_arr, q_arr, traverse)

@@ -202,7 +202,7 @@ class Replay:
     reports: list[Any]
     predictions: dict[float, np.ndarray]          # interval start -> predicted traverse time per road
     stats: dict[str, Any]
-    present: dict[float, np.ndarray] | None = None   # interval start -> queue per road there, if known
+    present: dict[float, np.ndarray] | None = None   # interval start -> (cars, queue, speed) x road, if known
 
 
 def predict_traverse(model, now: float) -> np.ndarray:
@@ -227,8 +227,9 @@ def predictions_from(city: City, reports: list[Any], boundaries: list[float],
                      ) -> dict[float, np.ndarray]:
     """The model fed the reports in data-time order (then by road); at every boundary its
     prediction from the reports whose data all lie before it (:func:`usable_at`: no probe at or
-    after the boundary is seen, no leakage) and, where ``present`` has it, the queue on every
-    road at the boundary (``Model.present``; from the probes before it).  Both replays score
+    after the boundary is seen, no leakage) and, where ``present`` has it, the state of every
+    road at the boundary (``Model.present``; from the probes before it): its queue, or rows of
+    cars, queue and moving speed.  Both replays score
     their reports with this one function."""
     from fcd.model import Model
     model = Model(city)
@@ -243,7 +244,11 @@ def predictions_from(city: City, reports: list[Any], boundaries: list[float],
             model.observe(ordered[fed])
             fed += 1
         if present is not None and boundary in present:
-            model.present(boundary, present[boundary])
+            state = np.asarray(present[boundary])
+            if state.ndim == 2:     # cars, queue, moving speed per road
+                model.present(boundary, state[1], cars=state[0], speed=state[2])
+            else:                   # the queue alone
+                model.present(boundary, state)
         predictions[boundary] = predict_traverse(model, boundary)
     return predictions
 
@@ -252,8 +257,9 @@ def replay(trace: Trace, boundaries: list[float], batch: int = 2048, window: flo
            present: bool = True) -> Replay:
     """In this process: trace -> datagrams (generators' encoding) -> Ingest (box / server
     aggregation) in ``batch``-datagram batches -> reports -> model predictions.  Batches are cut
-    at every boundary; with ``present``, the aggregator's queue on every road there (from the
-    probes before the boundary, ``Aggregator.road_states``) is given to the model too."""
+    at every boundary; with ``present``, the aggregator's cars, queue and moving speed on every
+    road there (from the probes before the boundary, ``Aggregator.road_states``) are given to
+    the model too."""
     from fcd.aggregate import Ingest
     from fcd.gen import Stream
     city = trace.city
@@ -269,7 +275,8 @@ def replay(trace: Trace, boundaries: list[float], batch: int = 2048, window: flo
 
     def state_at(cut: int) -> None:
         for boundary in cut_at.get(cut, []) if present else []:
-            queues[boundary] = ingest.aggregator.road_states(boundary)[1]
+            # cars, queue and moving speed (-1: none moved) on every road, one row each
+            queues[boundary] = np.stack(ingest.aggregator.road_states(boundary)).astype(float)
 
     seq = 0
     for start, stop in zip(edges, edges[1:]):
