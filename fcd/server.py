@@ -26,6 +26,7 @@ import gc
 import json
 import logging
 import socket
+import time
 import xmlrpc.client
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +229,9 @@ class FcdServer:
         self.latest = None
         self.space = None
         self.stats = collections.Counter()
+        # CPU seconds (this process's, user + system) per stage of the raw path, and the whole
+        # process's at the last /status: where a datagram's cost goes, measured where it is paid
+        self.cpu = dict.fromkeys(("receive", "ingest", "reports", "model"), 0.0)
         self.udp_sock: socket.socket | None = None
         # datagrams processed at once in the read path.  Larger batches spread numpy's fixed costs
         # (under a 5% budget 8192 took ~25% less CPU per datagram than 2048), but nothing is read
@@ -331,6 +335,7 @@ class FcdServer:
             "http_connections": self.stats["http_connections_seen"],
             "history": dict(self.history.stats),
             "model": {"runs": self.model.runs, "observed": self.model.observed, "latest_t": self.model.latest_t},
+            "cpu_s": {**self.cpu, "process": time.process_time()},
         }
 
     def dispatch(self, method: str, params: tuple) -> Any:
@@ -445,14 +450,17 @@ class FcdServer:
             self.process_pending()
 
     def _on_readable(self) -> None:
-        receive, keep = self.udp_rx.receive_slots, RAW_KEEP
+        receive, keep, clock = self.udp_rx.receive_slots, RAW_KEEP, time.process_time
         for _ in range(4):               # at most 4 batches per wakeup: HTTP and timers get their turn
+            start = clock()
             try:
                 rows, lengths = receive(keep)
             except OSError as exc:
                 self.stats["udp_errors"] += 1
                 log.warning("raw UDP receive failed: %s", exc)
                 return
+            finally:
+                self.cpu["receive"] += clock() - start
             if len(lengths):
                 self._take(rows, lengths)
             if len(lengths) < self.udp_rx.batch:
@@ -480,9 +488,14 @@ class FcdServer:
         if self.front is not None:
             self.front.raw(rows, lengths)
             return len(lengths)
+        clock = time.process_time
+        start = clock()
         reports = self.ingest.ingest_slots(rows, lengths)
+        ingested = clock()
         for rep in reports:
             self.accept(rep, "raw")
+        self.cpu["ingest"] += ingested - start
+        self.cpu["reports"] += clock() - ingested
         return len(lengths)
 
     async def ingest_loop(self, stop: asyncio.Event, interval: float) -> None:
@@ -510,6 +523,23 @@ class FcdServer:
         return self.front is None and self.stats["reports_raw"] > 0 and not self.stats["reports_box"]
 
     async def publish(self) -> None:
+        start = time.process_time()
+        try:
+            self._run_model()
+        finally:
+            self.cpu["model"] += time.process_time() - start
+        pred = self.latest
+        if self.space is None:
+            return
+        lease = self._lease
+        run = pred.run
+        for road in range(self.city.n_roads):
+            await self.space.out(("fcd.traverse", road, run, [float(x) for x in pred.traverse[:, road].round(3)]),
+                                 lease=lease)
+        await self.space.out(("fcd.run", run, float(pred.t), float(pred.cycle)), lease=lease)
+
+    def _run_model(self) -> None:
+        """One prediction run, kept as the latest and in the history."""
         if self.own_view_is_complete():
             # the queue on every road now, from the probes before now (Model.present); behind
             # boxes the model starts from the queues at the lights' last switches instead
@@ -520,14 +550,6 @@ class FcdServer:
         pred = self.model.predict(self.horizon)
         self.latest = pred
         self.history.prediction(pred)
-        if self.space is None:
-            return
-        lease = self._lease
-        run = pred.run
-        for road in range(self.city.n_roads):
-            await self.space.out(("fcd.traverse", road, run, [float(x) for x in pred.traverse[:, road].round(3)]),
-                                 lease=lease)
-        await self.space.out(("fcd.run", run, float(pred.t), float(pred.cycle)), lease=lease)
 
     async def model_loop(self, stop: asyncio.Event, interval: float | None) -> None:
         """Run the model every ``interval`` wall seconds, or (``None``) every light cycle of data
