@@ -41,13 +41,12 @@ from cliruntime.supervisor import Supervisor, first_of
 from fcd.aggregate import Ingest, RoadReport
 from fcd.city import City, CityError, load_city
 from fcd.model import Model
-from fcd.rpc import MAX_BODY
+from fcd.rpc import FAULT_BACKLOG, MAX_BODY
 from boxcore.udpbatch import BatchReceiver, kernel_drops
 from fcd.wire import LIGHT_SIZE, PROBE_SIZE
 
 log = logging.getLogger("fcd.server")
 RAW_KEEP = max(PROBE_SIZE, LIGHT_SIZE)    # bytes kept of each raw datagram: the largest FCD message
-FAULT_BACKLOG = 6     # fcd.report: reports refused at the workers' backlog bound (the box is told, counts it)
 
 
 def _xmlrpc_safe(value: Any) -> Any:
@@ -300,8 +299,8 @@ class FcdServer:
         if refused:
             entry["refused"] = entry.get("refused", 0) + refused
             self.stats["reports_refused"] += refused
-            # a fault, so that the box's uplink counts it and keeps the reason (it resends nothing:
-            # the reports of a full server are lost, and the box must know)
+            # a fault, so that the box's uplink counts it, keeps the reason and sends the call
+            # again after a backoff (the workers find the duplicates among what was taken)
             raise xmlrpc.client.Fault(FAULT_BACKLOG, f"{refused} reports refused: the server's backlog is full "
                                                      f"({accepted} of this call's {len(valid)} taken)")
         return {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
