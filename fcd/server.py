@@ -575,12 +575,16 @@ class FcdServer:
 
     async def model_loop(self, stop: asyncio.Event, interval: float | None) -> None:
         """Run the model every ``interval`` wall seconds, or (``None``) every light cycle of data
-        time: whenever the newest report is one cycle past the previous run."""
+        time: whenever the newest report is one cycle past the previous run.  Every ``interval``:
+        after the first run, only if reports or datagrams arrived since the previous one (on the
+        same data a run predicts the same; its predictions then expire with their lease, as when
+        data time stands still)."""
         loop = asyncio.get_running_loop()
         poll = interval if interval is not None else 0.25
         self._lease = max(3 * (interval or 1.0), 1.0)
         next_data_t = -np.inf
         last_run = loop.time()
+        data_at_run = None
         while not stop.is_set():
             await asyncio.sleep(poll)
             if interval is None:
@@ -589,6 +593,12 @@ class FcdServer:
                 next_data_t = self.model.latest_t + self.model.cycle
                 # predictions live for three runs, whatever the replay speed
                 self._lease = max(3 * (loop.time() - last_run), 1.0)
+            else:
+                data = (self.model.observed, self.ingest.stats["datagrams"])
+                if data == data_at_run:
+                    self.stats["model_runs_skipped"] += 1
+                    continue
+                data_at_run = data
             last_run = loop.time()
             try:
                 await self.publish()

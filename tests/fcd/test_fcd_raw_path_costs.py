@@ -90,3 +90,37 @@ async def test_an_overflowing_socket_is_counted_and_switches_to_the_larger_batch
         sender.close()
         asyncio.get_running_loop().remove_reader(sock.fileno())
         sock.close()
+
+
+async def _until(condition, timeout: float = 20.0) -> None:
+    """Polled: the model loop runs on its own wall-clock interval, there is no event to wait on."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_wall_clock_model_run_needs_new_data_since_the_previous_run(small_trace):
+    from tests.fcd.test_fcd_rpc_server import reports_from
+    server = FcdServer(small_trace.city)
+    reports = reports_from(small_trace, 200)
+    for rep in reports[:len(reports) // 2]:
+        server.accept(rep, "box")
+    # the reason: on the same data a run predicts the same (the run number aside)
+    first, again = server.model.predict(5), server.model.predict(5)
+    assert all(np.array_equal(getattr(first, k), getattr(again, k)) for k in ("n", "q", "traverse"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.model_loop(stop, 0.02))
+    try:
+        await _until(lambda: server.model.runs == 3)                 # the loop's first run
+        await _until(lambda: server.stats["model_runs_skipped"] >= 5)
+        assert server.model.runs == 3
+        for rep in reports[len(reports) // 2:]:
+            server.accept(rep, "box")
+        await _until(lambda: server.model.runs == 4)
+        skipped = server.stats["model_runs_skipped"]
+        await _until(lambda: server.stats["model_runs_skipped"] >= skipped + 5)
+        assert server.model.runs == 4 and server.latest.run == 4
+    finally:
+        stop.set()
+        await task
