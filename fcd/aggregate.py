@@ -135,6 +135,17 @@ class MapMatcher:
         beyond = np.maximum(beyond, np.where(self.s_first[seg], -raw, 0.0))
         return dist, dh, along, beyond
 
+    def along_beyond(self, seg: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`project`'s clipped position along and overshoot only (the same arithmetic),
+        for the chosen segments, where distance and heading are already known."""
+        px, py = x - self.sx0[seg], y - self.sy0[seg]
+        raw = px * self.sux[seg] + py * self.suy[seg]
+        s_len = self.s_len[seg]
+        along = np.clip(raw, 0.0, s_len)
+        beyond = np.where(self.s_last[seg], raw - s_len, 0.0)
+        beyond = np.maximum(beyond, np.where(self.s_first[seg], -raw, 0.0))
+        return along, beyond
+
     def locate(self, x: np.ndarray, y: np.ndarray, heading: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(road, lane, metres to the lane's end, segment) per point; road -1: no road close
@@ -172,7 +183,7 @@ class MapMatcher:
             best = np.where(take_internal, best_internal, best_road)
             found = np.isfinite(np.minimum(road_cost, internal_cost))
         k = seg[rows, best]
-        _, _, along, beyond = self.project(k, x, y, heading)
+        along, beyond = self.along_beyond(k, x, y)
         road = np.where(found, self.s_road[k], -1).astype(np.int32)
         lane = np.where(found, self.s_lane[k], -1).astype(np.int32)
         to_end = np.where(found, self.s_to_end[k] - along, 0.0)
