@@ -56,6 +56,24 @@ _FIRST_STAMP = struct.Struct(f"@NiI{_CMSG_DATA - CMSG_HEADER.size}xqq")   # a cm
 _STAMP_END = _CMSG_DATA + TIMESPEC.size
 
 
+# Linux: SO_MEMINFO answers the socket's memory counters (u32[SK_MEMINFO_VARS]); the last one,
+# SK_MEMINFO_DROPS, counts the datagrams dropped on this socket (its receive buffer was full)
+SO_MEMINFO = 55
+SK_MEMINFO_DROPS = 8
+
+
+def kernel_drops(sock: socket.socket) -> int | None:
+    """Datagrams the kernel dropped on ``sock`` since it was opened (receive buffer full, bad
+    checksums), from ``SO_MEMINFO``; None where the kernel has no such option."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * (SK_MEMINFO_DROPS + 1))
+    except OSError:
+        return None
+    if len(raw) < 4 * (SK_MEMINFO_DROPS + 1):
+        return None
+    return struct.unpack_from("=I", raw, 4 * SK_MEMINFO_DROPS)[0]
+
+
 def enable_timestamps(sock: socket.socket) -> None:
     """Ask the kernel to stamp every datagram ``sock`` receives (``SO_TIMESTAMPNS``, CLOCK_REALTIME)."""
     sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)

@@ -9,7 +9,9 @@ pipelining), so framing, status lines and headers are aiohttp's, bounded here by
 them in batches no larger than :data:`MAX_BODY` (the server's request limit), and removes them
 only when the server's multicall response acknowledges them.  If the connection fails, it
 reconnects with backoff and resends every unacknowledged call, so a server restart loses nothing
-(the server treats repeated reports idempotently).
+(the server treats repeated reports idempotently).  A call the server answers with
+:data:`FAULT_BACKLOG` (its backlog is full: the reports were refused) is sent again after a
+backoff, at most ``max_resends`` times; refusals are logged once per burst, and counted.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ log = logging.getLogger("fcd.rpc")
 # The largest XML-RPC body either side accepts.  Uplink batches are cut to fit it, so it is
 # also the largest legitimate request the server has to take (fcd-server's body limit).
 MAX_BODY = 1024 * 1024
+# fcd.report's fault when the server refused reports at its workers' backlog bound: worth sending again
+FAULT_BACKLOG = 6
 
 
 class RpcError(Exception):
@@ -142,11 +146,18 @@ class ReliableUplink:
     """Queue of calls sent in multicall batches over one keep-alive connection; at-least-once."""
 
     def __init__(self, client: KeepAliveClient, max_queue: int = 100_000, batch: int = 500,
-                 interval: float | None = 0.25, backoff: tuple[float, float] = (0.05, 2.0)) -> None:
+                 interval: float | None = 0.25, backoff: tuple[float, float] = (0.05, 2.0),
+                 max_resends: int = 5) -> None:
         """``interval``: seconds of wall clock a batch may grow; ``None``: batches are cut only by
-        :meth:`mark_due` (data time), a full batch, or the stop."""
+        :meth:`mark_due` (data time), a full batch, or the stop.  ``backoff``: first and largest
+        delay before reconnecting, and before sending a refused call again (doubling per attempt);
+        ``max_resends``: how often a refused call is sent again before it is given up."""
         self.client, self.max_queue, self.batch, self.interval = client, max_queue, batch, interval
         self.backoff = backoff
+        self.max_resends = max_resends
+        self._resends: dict[int, int] = {}    # seq -> times this call was refused and sent again
+        self._waiting_resend = 0              # refused calls waiting for their backoff
+        self._refusal_burst = 0               # refusals since the server last took a batch whole
         self.queue: collections.deque[tuple[int, str, tuple]] = collections.deque()
         self._seq = 0
         self._sizes: dict[int, int] = {}      # encoded size of queued calls already measured
@@ -156,19 +167,50 @@ class ReliableUplink:
         self.idle.set()
         self.failing = asyncio.Event()    # set while the server cannot be reached, cleared on success
         self.stats = {"queued": 0, "acked": 0, "dropped": 0, "faults": 0, "batches": 0, "failures": 0,
-                      "unmarshallable": 0, "batches_split": 0}
+                      "unmarshallable": 0, "batches_split": 0, "refused": 0, "resent": 0, "refused_given_up": 0}
         self.last_fault = ""
 
     def put(self, method: str, *params: Any) -> None:
+        self.stats["queued"] += 1
+        self._enqueue(method, params)
+
+    def _enqueue(self, method: str, params: tuple) -> int:
         if len(self.queue) >= self.max_queue:
-            self._sizes.pop(self.queue.popleft()[0], None)
+            seq = self.queue.popleft()[0]
+            self._sizes.pop(seq, None)
+            self._resends.pop(seq, None)
             self.stats["dropped"] += 1
         self._seq += 1
         self.queue.append((self._seq, method, params))
-        self.stats["queued"] += 1
         self.idle.clear()
         if len(self.queue) == 1 or len(self.queue) >= self.batch:
             self.wakeup.set()      # start the wall-clock interval, or send a full batch
+        return self._seq
+
+    def _refused(self, refused: list[tuple[int, str, tuple]]) -> None:
+        """Calls the server refused (its backlog was full): each goes back to the queue after its
+        backoff, or is given up after ``max_resends``; logged once per burst of refusals."""
+        if not self._refusal_burst:
+            log.warning("uplink: the server refuses reports (its backlog is full: %s); sending them again "
+                        "with backoff", self.last_fault)
+        self._refusal_burst += len(refused)
+        self.stats["refused"] += len(refused)
+        loop = asyncio.get_running_loop()
+        for seq, method, params in refused:
+            attempt = self._resends.pop(seq, 0) + 1
+            if attempt > self.max_resends:
+                self.stats["refused_given_up"] += 1
+                log.error("uplink: giving up a %s call refused %d times", method, attempt)
+                continue
+            self._waiting_resend += 1
+            delay = min(self.backoff[0] * 2 ** (attempt - 1), self.backoff[1])
+            loop.call_later(delay, self._resend, method, params, attempt)
+
+    def _resend(self, method: str, params: tuple, attempt: int) -> None:
+        self._waiting_resend -= 1
+        self._resends[self._enqueue(method, params)] = attempt
+        self.stats["resent"] += 1
+        self.mark_due()                 # due now, whatever the batching
 
     def mark_due(self) -> None:
         """Data-time batching (``interval=None``): every call queued so far forms one batch, due
@@ -206,11 +248,18 @@ class ReliableUplink:
     async def run(self, stop: asyncio.Event) -> None:
         """Send until ``stop`` is set and the queue is empty (the caller bounds the drain time)."""
         delay = self.backoff[0]
-        while not (stop.is_set() and not self.queue):
+        while not (stop.is_set() and not self.queue and not self._waiting_resend):
             n = self._sendable(stop)
             if n == 0:
-                if not self.queue:
+                if not self.queue and not self._waiting_resend:
                     self.idle.set()
+                if stop.is_set():       # only refused calls are left, back when their backoff ends
+                    try:
+                        await asyncio.wait_for(self.wakeup.wait(), self.backoff[1])
+                    except asyncio.TimeoutError:
+                        pass
+                    self.wakeup.clear()
+                    continue
                 # wall-clock batching: a batch may grow for ``interval`` after its first call
                 grow = self.interval if (self.queue and self.interval is not None) else None
                 if not await self._wait(stop, grow):
@@ -236,13 +285,21 @@ class ReliableUplink:
                 continue
             delay = self.backoff[0]
             self.failing.clear()
-            self._ack(batch[-1][0])       # the server answered every call of the batch
-            self.stats["batches"] += 1
-            self.stats["acked"] += len(batch)
-            for r in results:
+            refused = []
+            for call, r in zip(batch, results):
                 if isinstance(r, xmlrpc.client.Fault):
                     self.stats["faults"] += 1
                     self.last_fault = r.faultString
+                    if r.faultCode == FAULT_BACKLOG:
+                        refused.append(call)
+            if refused:
+                self._refused(refused)    # before the ack forgets how often each was sent again
+            self._ack(batch[-1][0])       # the server answered every call of the batch
+            self.stats["batches"] += 1
+            self.stats["acked"] += len(batch)
+            if not refused and self._refusal_burst:
+                log.info("uplink: the server takes reports again (%d calls refused meanwhile)", self._refusal_burst)
+                self._refusal_burst = 0
         self.idle.set()
 
     def _fit(self, batch: list[tuple[int, str, tuple]]) -> tuple[list[tuple[int, str, tuple]], bytes]:
@@ -274,4 +331,6 @@ class ReliableUplink:
 
     def _ack(self, last: int) -> None:
         while self.queue and self.queue[0][0] <= last:
-            self._sizes.pop(self.queue.popleft()[0], None)
+            seq = self.queue.popleft()[0]
+            self._sizes.pop(seq, None)
+            self._resends.pop(seq, None)

@@ -26,6 +26,7 @@ import gc
 import json
 import logging
 import socket
+import time
 import xmlrpc.client
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +41,12 @@ from cliruntime.supervisor import Supervisor, first_of
 from fcd.aggregate import Ingest, RoadReport
 from fcd.city import City, CityError, load_city
 from fcd.model import Model
-from fcd.rpc import MAX_BODY
-from boxcore.udpbatch import BatchReceiver
+from fcd.rpc import FAULT_BACKLOG, MAX_BODY
+from boxcore.udpbatch import BatchReceiver, kernel_drops
 from fcd.wire import LIGHT_SIZE, PROBE_SIZE
 
 log = logging.getLogger("fcd.server")
 RAW_KEEP = max(PROBE_SIZE, LIGHT_SIZE)    # bytes kept of each raw datagram: the largest FCD message
-FAULT_BACKLOG = 6     # fcd.report: reports refused at the workers' backlog bound (the box is told, counts it)
 
 
 def _xmlrpc_safe(value: Any) -> Any:
@@ -228,12 +228,21 @@ class FcdServer:
         self.latest = None
         self.space = None
         self.stats = collections.Counter()
+        # CPU seconds (this process's, user + system) per stage of the raw path, and the whole
+        # process's at the last /status: where a datagram's cost goes, measured where it is paid
+        self.cpu = dict.fromkeys(("receive", "ingest", "reports", "model"), 0.0)
         self.udp_sock: socket.socket | None = None
         # datagrams processed at once in the read path.  Larger batches spread numpy's fixed costs
         # (under a 5% budget 8192 took ~25% less CPU per datagram than 2048), but nothing is read
         # while one is processed: at 5% of a core 8192 datagrams take ~0.5 s of wall time, about
-        # what the 8 MiB socket buffer holds at 15k p/s.  4096 keeps that wait at ~0.25 s.
+        # what the 8 MiB socket buffer holds at 15k p/s.  4096 keeps that wait at ~0.25 s.  Once
+        # the kernel drops datagrams anyway (the buffer overflowed since the last batch: more
+        # arrive than the server can process), a longer wait loses nothing more and the cheaper
+        # batch takes more of them: then ``overload_batch`` (8192: 10-15% less CPU per datagram).
         self.inline_batch = 4096
+        self.overload_batch = 8192
+        self.batch_now = self.inline_batch
+        self._drops_seen = 0
         self.dispatcher = _Dispatcher(self.stats)
         self.dispatcher.register_function(self.rpc_report, "fcd.report")
         self.dispatcher.register_function(self.rpc_box_stats, "fcd.box_stats")
@@ -290,8 +299,8 @@ class FcdServer:
         if refused:
             entry["refused"] = entry.get("refused", 0) + refused
             self.stats["reports_refused"] += refused
-            # a fault, so that the box's uplink counts it and keeps the reason (it resends nothing:
-            # the reports of a full server are lost, and the box must know)
+            # a fault, so that the box's uplink counts it, keeps the reason and sends the call
+            # again after a backoff (the workers find the duplicates among what was taken)
             raise xmlrpc.client.Fault(FAULT_BACKLOG, f"{refused} reports refused: the server's backlog is full "
                                                      f"({accepted} of this call's {len(valid)} taken)")
         return {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
@@ -314,23 +323,26 @@ class FcdServer:
                 entry[str(k)] = v
         return True
 
+    def _receive_status(self) -> dict[str, Any]:
+        return {"syscalls": self.udp_rx.syscalls if self.udp_sock is not None else 0, "batch": self.batch_now,
+                "kernel_drops": self.stats["udp_kernel_drops"]}
+
     def status(self) -> dict[str, Any]:
         if self.front is not None:
-            return {"udp": {**self.front.stats, **self.front.seq.snapshot(),
-                            "syscalls": self.udp_rx.syscalls if self.udp_sock is not None else 0},
+            return {"udp": {**self.front.stats, **self.front.seq.snapshot(), **self._receive_status()},
                     "stream": self.front.status(), "counters": dict(self.stats), "boxes": self.boxes,
                     "http_connections": self.stats["http_connections_seen"], "history": dict(self.history.stats),
                     "model": {"runs": self.model.runs, "observed": self.model.observed,
                               "latest_t": self.model.latest_t}}
         return {
-            "udp": {**self.ingest.stats, **self.ingest.seq.snapshot(),
-                    "syscalls": self.udp_rx.syscalls if self.udp_sock is not None else 0},
+            "udp": {**self.ingest.stats, **self.ingest.seq.snapshot(), **self._receive_status()},
             "aggregator": dict(self.ingest.aggregator.stats),
             "counters": dict(self.stats),
             "boxes": self.boxes,
             "http_connections": self.stats["http_connections_seen"],
             "history": dict(self.history.stats),
             "model": {"runs": self.model.runs, "observed": self.model.observed, "latest_t": self.model.latest_t},
+            "cpu_s": {**self.cpu, "process": time.process_time()},
         }
 
     def dispatch(self, method: str, params: tuple) -> Any:
@@ -433,6 +445,7 @@ class FcdServer:
             raise ConfigError(f"cannot bind UDP {host}:{port}: {exc.strerror}") from None
         sock.setblocking(False)
         self.udp_sock = sock
+        self._drops_seen = kernel_drops(sock) or 0
         self.udp_rx = BatchReceiver(sock, batch=1024)    # recvmmsg: up to 1024 datagrams per system call
         asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
         return sock.getsockname()[:2]
@@ -440,19 +453,23 @@ class FcdServer:
     def _take(self, rows: np.ndarray, lengths: np.ndarray) -> None:
         self.pending.append((rows, lengths))
         self.pending_count += len(lengths)
-        if self.pending_count >= self.inline_batch:
+        if self.pending_count >= self.batch_now:
             # keep up inside the read path: under overload the kernel drops, memory stays bounded
             self.process_pending()
 
     def _on_readable(self) -> None:
-        receive, keep = self.udp_rx.receive_slots, RAW_KEEP
-        for _ in range(4):               # at most 4 batches per wakeup: HTTP and timers get their turn
+        receive, keep, clock = self.udp_rx.receive_slots, RAW_KEEP, time.process_time
+        # at most one processing batch per wakeup: HTTP and timers get their turn
+        for _ in range(-(-self.batch_now // self.udp_rx.batch)):
+            start = clock()
             try:
                 rows, lengths = receive(keep)
             except OSError as exc:
                 self.stats["udp_errors"] += 1
                 log.warning("raw UDP receive failed: %s", exc)
                 return
+            finally:
+                self.cpu["receive"] += clock() - start
             if len(lengths):
                 self._take(rows, lengths)
             if len(lengths) < self.udp_rx.batch:
@@ -468,7 +485,20 @@ class FcdServer:
             self._take(rows, lengths)
         return self.process_pending()
 
+    def _watch_overflow(self) -> None:
+        """Count what the kernel dropped on the raw socket since the last batch, and choose the
+        next batch's size from it (see ``overload_batch``)."""
+        drops = kernel_drops(self.udp_sock)
+        if drops is None:
+            return
+        new = (drops - self._drops_seen) % 2**32         # a 32-bit counter in the kernel
+        self._drops_seen = drops
+        self.stats["udp_kernel_drops"] += new
+        self.batch_now = self.overload_batch if new else self.inline_batch
+
     def process_pending(self) -> int:
+        if self.udp_sock is not None:
+            self._watch_overflow()
         if not self.pending:
             return 0
         chunks, self.pending, self.pending_count = self.pending, [], 0
@@ -480,9 +510,14 @@ class FcdServer:
         if self.front is not None:
             self.front.raw(rows, lengths)
             return len(lengths)
+        clock = time.process_time
+        start = clock()
         reports = self.ingest.ingest_slots(rows, lengths)
+        ingested = clock()
         for rep in reports:
             self.accept(rep, "raw")
+        self.cpu["ingest"] += ingested - start
+        self.cpu["reports"] += clock() - ingested
         return len(lengths)
 
     async def ingest_loop(self, stop: asyncio.Event, interval: float) -> None:
@@ -510,6 +545,23 @@ class FcdServer:
         return self.front is None and self.stats["reports_raw"] > 0 and not self.stats["reports_box"]
 
     async def publish(self) -> None:
+        start = time.process_time()
+        try:
+            self._run_model()
+        finally:
+            self.cpu["model"] += time.process_time() - start
+        pred = self.latest
+        if self.space is None:
+            return
+        lease = self._lease
+        run = pred.run
+        for road in range(self.city.n_roads):
+            await self.space.out(("fcd.traverse", road, run, [float(x) for x in pred.traverse[:, road].round(3)]),
+                                 lease=lease)
+        await self.space.out(("fcd.run", run, float(pred.t), float(pred.cycle)), lease=lease)
+
+    def _run_model(self) -> None:
+        """One prediction run, kept as the latest and in the history."""
         if self.own_view_is_complete():
             # the queue on every road now, from the probes before now (Model.present); behind
             # boxes the model starts from the queues at the lights' last switches instead
@@ -520,23 +572,19 @@ class FcdServer:
         pred = self.model.predict(self.horizon)
         self.latest = pred
         self.history.prediction(pred)
-        if self.space is None:
-            return
-        lease = self._lease
-        run = pred.run
-        for road in range(self.city.n_roads):
-            await self.space.out(("fcd.traverse", road, run, [float(x) for x in pred.traverse[:, road].round(3)]),
-                                 lease=lease)
-        await self.space.out(("fcd.run", run, float(pred.t), float(pred.cycle)), lease=lease)
 
     async def model_loop(self, stop: asyncio.Event, interval: float | None) -> None:
         """Run the model every ``interval`` wall seconds, or (``None``) every light cycle of data
-        time: whenever the newest report is one cycle past the previous run."""
+        time: whenever the newest report is one cycle past the previous run.  Every ``interval``:
+        after the first run, only if reports or datagrams arrived since the previous one (on the
+        same data a run predicts the same; its predictions then expire with their lease, as when
+        data time stands still)."""
         loop = asyncio.get_running_loop()
         poll = interval if interval is not None else 0.25
         self._lease = max(3 * (interval or 1.0), 1.0)
         next_data_t = -np.inf
         last_run = loop.time()
+        data_at_run = None
         while not stop.is_set():
             await asyncio.sleep(poll)
             if interval is None:
@@ -545,6 +593,12 @@ class FcdServer:
                 next_data_t = self.model.latest_t + self.model.cycle
                 # predictions live for three runs, whatever the replay speed
                 self._lease = max(3 * (loop.time() - last_run), 1.0)
+            else:
+                data = (self.model.observed, self.ingest.stats["datagrams"])
+                if data == data_at_run:
+                    self.stats["model_runs_skipped"] += 1
+                    continue
+                data_at_run = data
             last_run = loop.time()
             try:
                 await self.publish()

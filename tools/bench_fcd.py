@@ -187,6 +187,15 @@ def knee(rows: list[dict], key: str, threshold: float = LOSS_KNEE) -> float | No
     return None
 
 
+def cpu_by_stage(before: dict, after: dict, datagrams: int) -> dict:
+    """The server's CPU microseconds per datagram received between two ``/status`` answers, per
+    stage of its raw path (``cpu_s``: receive, ingest, reports, model) and in all (``process``);
+    ``other``: the rest (the event loop, HTTP, garbage collection)."""
+    per = {k: (after[k] - before[k]) / datagrams * 1e6 for k in after if k in before}
+    per["other"] = per["process"] - sum(v for k, v in per.items() if k != "process")
+    return {k: round(v, 3) for k, v in per.items()}
+
+
 # ---------------------------------------------------------------- the experiment
 
 async def calibrate_sink(budgets, trace: Path, rate: float, duration: float, settle: float,
@@ -234,6 +243,7 @@ async def raw_ingest(rig: "Rig", budgets, trace: Path, args, workdir: Path) -> d
                 row = await rig.measure(0, calib_rate)
                 got = row["server_udp_received"]
                 measured["server"] = (got / args.duration, got, budgets.usage_s("server") - cpu_before)
+                measured["stages"] = row.get("server_cpu_us_per_datagram")
         (sink_pps, sink_n, sink_cpu), (server_pps, server_n, server_cpu) = measured["sink"], measured["server"]
         entry = {"first": "sink" if rep % 2 == 0 else "server", "sink_pps": round(sink_pps, 1),
                  "server_pps": round(server_pps, 1),
@@ -242,10 +252,13 @@ async def raw_ingest(rig: "Rig", budgets, trace: Path, args, workdir: Path) -> d
             entry.update(sink_cpu_s=round(sink_cpu, 3), server_cpu_s=round(server_cpu, 3),
                          sink_per_cpu_s=round(sink_n / sink_cpu, 1), server_per_cpu_s=round(server_n / server_cpu, 1),
                          ratio_per_cpu=round((server_n / server_cpu) / (sink_n / sink_cpu), 3) if sink_n else None)
+        if measured.get("stages"):
+            entry["server_cpu_us_per_datagram"] = measured["stages"]
         reps.append(entry)
         print(f"  raw ingest {rep + 1}/{args.raw_reps} ({entry['first']} first): plain sink {sink_pps:.0f} pps, "
               f"server {server_pps:.0f} pps (offered {calib_rate:.0f}); ratio by rate {entry['ratio_by_rate']}, "
-              f"per CPU second {entry.get('ratio_per_cpu')}", flush=True)
+              f"per CPU second {entry.get('ratio_per_cpu')}; server CPU us per datagram "
+              f"{entry.get('server_cpu_us_per_datagram')}", flush=True)
 
     def summary(key: str) -> dict | None:
         values = [r[key] for r in reps if r.get(key) is not None]
@@ -255,6 +268,8 @@ async def raw_ingest(rig: "Rig", budgets, trace: Path, args, workdir: Path) -> d
                 "values": values}
 
     by_rate, per_cpu = summary("ratio_by_rate"), summary("ratio_per_cpu")
+    staged = [r["server_cpu_us_per_datagram"] for r in reps if r.get("server_cpu_us_per_datagram")]
+    stages = {k: round(percentile([s[k] for s in staged], 0.5), 3) for k in staged[0]} if staged else None
     primary = per_cpu or by_rate
     return {"calibration_pps": calib_rate, "raw_reps": reps,
             "sink_pps": round(percentile([r["sink_pps"] for r in reps], 0.5), 1) if reps else None,
@@ -263,7 +278,8 @@ async def raw_ingest(rig: "Rig", budgets, trace: Path, args, workdir: Path) -> d
             "raw_ingest_ratio_kind": "per_cpu" if per_cpu else "by_rate",
             "raw_ingest_ratios": primary["values"] if primary else [],
             "raw_ingest_ratio": primary["median"] if primary else None,
-            "raw_ingest_spread": [primary["min"], primary["max"]] if primary else None}
+            "raw_ingest_spread": [primary["min"], primary["max"]] if primary else None,
+            "server_cpu_us_per_datagram": stages}
 
 
 class Rig:
@@ -359,6 +375,8 @@ class Rig:
             "reports": reports,
         }
         row["loss"] = row["server_loss"] if n_boxes == 0 else row["box_loss"]
+        if n_boxes == 0 and d_udp and "cpu_s" in before and "cpu_s" in after:
+            row["server_cpu_us_per_datagram"] = cpu_by_stage(before["cpu_s"], after["cpu_s"], d_udp)
         print(f"  boxes={n_boxes} offered={rate:>8.0f} pps  sent={sent:>7}  "
               f"{'server' if n_boxes == 0 else 'boxes'} received={d_udp if n_boxes == 0 else box_received:>7}  "
               f"loss={row['loss']:.3f}  server received {row['server_received_pps']:.1f} pps", flush=True)
