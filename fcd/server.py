@@ -563,11 +563,13 @@ class FcdServer:
     def _run_model(self) -> None:
         """One prediction run, kept as the latest and in the history."""
         if self.own_view_is_complete():
-            # the queue on every road now, from the probes before now (Model.present); behind
-            # boxes the model starts from the queues at the lights' last switches instead
+            # the cars, queue and moving speed on every road now, from the probes before now
+            # (Model.present: the light queues start from them and the correction reads them);
+            # behind boxes the model starts from the queues at the lights' last switches instead
             aggregator = self.ingest.aggregator
             now = float(aggregator.t_last[:aggregator.used].max())    # the newest probe's data time
-            self.model.present(now, aggregator.road_states(now)[1])
+            cars, queue, speed = aggregator.road_states(now)
+            self.model.present(now, queue, cars=cars, speed=speed)
             self.stats["present_queues"] += 1
         pred = self.model.predict(self.horizon)
         self.latest = pred

@@ -1,6 +1,7 @@
-"""The server's model starts its light queues from the queue on every road now (``Model.present``)
-only when its own aggregator saw every car: raw probes only.  Behind a box, whose cars it never
-sees, it keeps the queues of the lights' last switches."""
+"""The server's model starts its light queues from the queue on every road now, and its
+correction from the cars, queue and speed on every road now (``Model.present``), only when its
+own aggregator saw every car: raw probes only.  Behind a box, whose cars it never sees, it keeps
+the queues of the lights' last switches."""
 
 import asyncio
 
@@ -34,13 +35,16 @@ def test_raw_only_server_starts_its_light_queues_from_the_queues_now(small_trace
     assert server.own_view_is_complete()
     aggregator = server.ingest.aggregator
     now = float(aggregator.t_last[:aggregator.used].max())
-    queues = aggregator.road_states(now)[1]
+    cars, queues, speed = aggregator.road_states(now)
     lit = np.flatnonzero(server.model.lit)
     assert queues[lit].sum() > 0                     # some light holds a queue: the check can fail
     asyncio.run(server.publish())
     assert server.stats["present_queues"] == 1
     assert np.array_equal(server.model.report_queue[lit], queues[lit])
     assert np.all(server.model.report_t[lit] == now)
+    # every road's state now, for the model's correction: cars, queue and moving speed
+    assert np.array_equal(server.model.state, np.stack([cars, queues, speed]))
+    assert np.all(server.model.state_t == now)
 
 
 def test_a_box_report_keeps_the_model_on_the_lights_switches(small_trace):
