@@ -252,6 +252,7 @@ class ClientEndpoint:
         self._last_repair = float("-inf")         # when a retransmission from the reflector last arrived
         self._missing_due: float | None = None   # min(_missing.values()), kept up to date
         self._events: deque[Event] = deque()
+        self._max_events = c.max_events
         self._out: list[bytes] = []
         self.stats: dict[str, int] = dict.fromkeys((
             "sent", "sent_reliable", "sent_unreliable", "retransmitted", "delivered", "expired",
@@ -500,7 +501,7 @@ class ClientEndpoint:
         self._out.append(data)
 
     def _event(self, event: Event) -> None:
-        if len(self._events) >= self.config.max_events:
+        if len(self._events) >= self._max_events:
             self._events.popleft()
             self.stats["events_dropped"] += 1
         self._events.append(event)
@@ -573,7 +574,12 @@ class ClientEndpoint:
         stats["received"] += 1
         if reliable:
             stats["received_reliable"] += 1
-        self._event(Received(sender, packet_id, payload, bool(reliable), seq, now, self.location))
+        event = Received(sender, packet_id, payload, bool(reliable), seq, now, self.location)
+        events = self._events
+        if len(events) < self._max_events:
+            events.append(event)             # _event's common case, without its frame
+        else:
+            self._event(event)
 
     def _on_echo(self, packet_id: int, seq: int, now: float) -> None:
         pending = self._pending.pop(packet_id, None)
