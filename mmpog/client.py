@@ -40,6 +40,7 @@ from .reliability import Address, ClientConfig, ClientEndpoint, Event, Joined, J
 log = logging.getLogger("mmpog.client")
 
 _JOIN_OUTCOMES = frozenset((Joined, JoinFailed))   # the events a join() waits for (final classes: type() is exact)
+_NEVER = float("inf")
 LOCATION_SLICE = slice(wire.LOCATION_OFFSET, wire.LOCATION_OFFSET + 4)   # routing before a full decode
 
 
@@ -255,7 +256,7 @@ class GameClient:
         """Send what is queued, hand out events, and arm the timer for the earliest deadline."""
         self._flush()
         on_event = self.on_event
-        earliest = float("inf")
+        earliest = _NEVER
         for endpoint, _ in self._endpoints.values():
             events = endpoint.events
             while events:
@@ -268,7 +269,8 @@ class GameClient:
             timer = endpoint.get_timer()
             if timer is not None and timer < earliest:
                 earliest = timer
-        if earliest < self._timer_at - 1e-4 or (self._timer is None and earliest != float("inf")):
+        # re-armed only for an earlier deadline: a later one finds the armed timer early, and it re-arms
+        if earliest < self._timer_at - 1e-4 or (self._timer is None and earliest != _NEVER):
             if self._timer is not None:
                 self._timer.cancel()
             self._timer_at = earliest
