@@ -40,6 +40,7 @@ from .reliability import Address, ClientConfig, ClientEndpoint, Event, Joined, J
 log = logging.getLogger("mmpog.client")
 
 _JOIN_OUTCOMES = frozenset((Joined, JoinFailed))   # the events a join() waits for (final classes: type() is exact)
+_NEVER = float("inf")
 LOCATION_SLICE = slice(wire.LOCATION_OFFSET, wire.LOCATION_OFFSET + 4)   # routing before a full decode
 
 
@@ -210,15 +211,32 @@ class GameClient:
         return time.monotonic()
 
     def receive_datagrams(self, datagrams: Iterable[tuple[bytes, float]]) -> None:
-        """Hand each ``(datagram, arrival time)`` to its location's endpoint, then send what is
-        queued, hand out events and arm the timer once for the whole batch."""
+        """Hand each ``(datagram, arrival time)`` to its location's endpoint, in order, then send what
+        is queued, hand out events and arm the timer once for the whole batch.  Consecutive datagrams
+        of one location reach their endpoint as one batch (:meth:`ClientEndpoint.receive_datagrams`)."""
         endpoints = self._endpoints
-        for data, now in datagrams:
-            entry = endpoints.get(int.from_bytes(data[LOCATION_SLICE], "big")) if len(data) >= wire.HEADER_SIZE else None
-            if entry is None:
+        header_size = wire.HEADER_SIZE
+        run: list[tuple[bytes, float]] = []
+        run_location = -1
+        run_endpoint = None
+        for pair in datagrams:
+            data = pair[0]
+            if len(data) < header_size:
                 self.foreign += 1
                 continue
-            entry[0].receive_datagram(data, now)
+            location = int.from_bytes(data[LOCATION_SLICE], "big")
+            if location != run_location:
+                entry = endpoints.get(location)
+                if entry is None:
+                    self.foreign += 1
+                    continue
+                if run:
+                    run_endpoint.receive_datagrams(run)
+                    run = []
+                run_location, run_endpoint = location, entry[0]
+            run.append(pair)
+        if run:
+            run_endpoint.receive_datagrams(run)
         self._service()
 
     def _on_datagram(self, data: bytes) -> None:
@@ -238,10 +256,11 @@ class GameClient:
         """Send what is queued, hand out events, and arm the timer for the earliest deadline."""
         self._flush()
         on_event = self.on_event
-        earliest = float("inf")
+        earliest = _NEVER
         for endpoint, _ in self._endpoints.values():
-            next_event = endpoint.next_event
-            while (event := next_event()) is not None:
+            events = endpoint.events
+            while events:
+                event = events.popleft()      # popped one at a time: on_event may send, which services again
                 if type(event) in _JOIN_OUTCOMES:
                     waiter = self._join_waiters.get(event.location)
                     if waiter is not None and not waiter.done():
@@ -250,7 +269,8 @@ class GameClient:
             timer = endpoint.get_timer()
             if timer is not None and timer < earliest:
                 earliest = timer
-        if earliest < self._timer_at - 1e-4 or (self._timer is None and earliest != float("inf")):
+        # re-armed only for an earlier deadline: a later one finds the armed timer early, and it re-arms
+        if earliest < self._timer_at - 1e-4 or (self._timer is None and earliest != _NEVER):
             if self._timer is not None:
                 self._timer.cancel()
             self._timer_at = earliest
