@@ -46,6 +46,7 @@ from cliruntime import RunContext, make_parser, positive_int, run_async
 from . import wire
 from .bots import UPDATE, Bot, BotClient
 from .reliability import ClientEndpoint, ReflectorCore
+from .testing import joined_endpoint
 from .wire import RELIABLE, RETRANSMIT, Header, Kind
 
 LOCATION = 7
@@ -98,15 +99,7 @@ def stage_wire(datagrams: list[bytes]) -> None:
 
 
 def _joined_endpoint(welcome_at: float) -> ClientEndpoint:
-    reflector = ReflectorCore()
-    reflector.add_member(LOCATION, PLAYER, TOKEN)
-    endpoint = ClientEndpoint(PLAYER, LOCATION, TOKEN, rng=random.Random(1))
-    endpoint.connect(welcome_at)
-    for hello in endpoint.datagrams_to_send(welcome_at):
-        reflector.receive_datagram(hello, ("127.0.0.1", 9), welcome_at)
-    for welcome, _ in reflector.datagrams_to_send(welcome_at):
-        endpoint.receive_datagram(welcome, welcome_at + 0.0005)
-    assert endpoint.joined
+    endpoint = joined_endpoint(LOCATION, PLAYER, TOKEN, welcome_at)
     while endpoint.next_event() is not None:
         pass
     return endpoint

@@ -7,6 +7,7 @@ after a backoff (bounded, counted, logged once per burst of refusals)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import xmlrpc.client
@@ -24,25 +25,40 @@ def _reports(road: int, n: int, t0: float) -> list[dict]:
                        departures=0, interval=1.0, was_green=True).to_xmlrpc() for k in range(n)]
 
 
-async def test_reports_refused_at_a_bound_are_a_fault_the_uplink_counts(redis_node, small_city):
-    redis = open_redis(redis_node.url)
-    front = StreamFront(redis, small_city, 1, Keys(f"r{secrets.token_hex(3)}"), max_backlog=4, max_queued=3)
+@contextlib.asynccontextmanager
+async def box_and_server(redis_url: str, city, front_bounds: dict, **uplink_options):
+    """A server with a stream front on a real Redis, and a box's uplink running toward it:
+    (front, server, client, uplink)."""
+    redis = open_redis(redis_url)
+    front = StreamFront(redis, city, 1, Keys(f"r{secrets.token_hex(3)}"), **front_bounds)
     await front.start()
-    server = FcdServer(small_city)
+    server = FcdServer(city)
     server.use_front(front)
     _, port = await server.start_http("127.0.0.1", 0)
     client = KeepAliveClient("127.0.0.1", port)
-    uplink = ReliableUplink(client, batch=1, interval=0.01, max_resends=0)    # each refusal told once, not resent
+    uplink = ReliableUplink(client, batch=1, interval=0.01, **uplink_options)
     stop = asyncio.Event()
     task = asyncio.create_task(uplink.run(stop))
-
-    async def send(reports: list[dict]) -> None:
-        acked = uplink.stats["acked"]
-        uplink.put("fcd.report", "box1", reports)
-        await asyncio.wait_for(uplink.idle.wait(), 10)
-        assert uplink.stats["acked"] == acked + 1
-
     try:
+        yield front, server, client, uplink
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
+        await server.http.close()
+        await redis.aclose()
+
+
+async def test_reports_refused_at_a_bound_are_a_fault_the_uplink_counts(redis_node, small_city):
+    async with box_and_server(redis_node.url, small_city, {"max_backlog": 4, "max_queued": 3},
+                              max_resends=0) as (front, server, client, uplink):    # each refusal told once
+
+        async def send(reports: list[dict]) -> None:
+            acked = uplink.stats["acked"]
+            uplink.put("fcd.report", "box1", reports)
+            await asyncio.wait_for(uplink.idle.wait(), 10)
+            assert uplink.stats["acked"] == acked + 1
+
         # 5 reports for one partition: more than the front's queue holds, refused while answering
         await send(_reports(0, 5, 100.0))
         assert uplink.stats["faults"] == 1 and "5 reports refused" in uplink.last_fault
@@ -64,28 +80,13 @@ async def test_reports_refused_at_a_bound_are_a_fault_the_uplink_counts(redis_no
         assert uplink.stats["faults"] == 2
         direct = await client.multicall([("fcd.report", ("box2", _reports(0, 4, 400.0)))])
         assert isinstance(direct[0], xmlrpc.client.Fault) and direct[0].faultCode == FAULT_BACKLOG
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-        await client.aclose()
-        await server.http.close()
-        await redis.aclose()
 
 
 async def test_a_refused_call_is_sent_again_after_a_backoff_and_given_up_after_max_resends(
         redis_node, small_city, caplog):
-    redis = open_redis(redis_node.url)
-    front = StreamFront(redis, small_city, 1, Keys(f"r{secrets.token_hex(3)}"), max_queued=3)
-    await front.start()
-    server = FcdServer(small_city)
-    server.use_front(front)
-    _, port = await server.start_http("127.0.0.1", 0)
-    client = KeepAliveClient("127.0.0.1", port)
-    uplink = ReliableUplink(client, batch=1, interval=0.01, backoff=(0.05, 0.2), max_resends=2)
-    stop = asyncio.Event()
-    task = asyncio.create_task(uplink.run(stop))
     caplog.set_level(logging.INFO, logger="fcd.rpc")
-    try:
+    async with box_and_server(redis_node.url, small_city, {"max_queued": 3},
+                              backoff=(0.05, 0.2), max_resends=2) as (front, server, _, uplink):
         # the front's queue is full (another box's 3 reports, not yet appended): box1's 2 reports
         # are refused; answering flushes the queue to the store, so the resend is taken
         assert front.reports("box0", [RoadReport.from_xmlrpc(r, small_city.n_roads) for r in _reports(1, 3, 50.0)]) == 3
@@ -107,9 +108,3 @@ async def test_a_refused_call_is_sent_again_after_a_backoff_and_given_up_after_m
         ended = [r for r in caplog.records if "takes reports again" in r.getMessage()]
         assert len(started) == 2 and len(ended) == 2          # two bursts: 1 refusal, then 3
         assert "(3 calls refused meanwhile)" in ended[-1].getMessage()
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-        await client.aclose()
-        await server.http.close()
-        await redis.aclose()

@@ -9,7 +9,8 @@ import random
 
 from mmpog import recv_bench, wire
 from mmpog.client import LOCATION_SLICE, GameClient
-from mmpog.reliability import ClientEndpoint, ReflectorCore
+from mmpog.reliability import ClientEndpoint
+from mmpog.testing import joined_endpoint
 from mmpog.wire import RELIABLE, Header, Kind
 
 TOKEN = b"batch-test-token"
@@ -17,16 +18,7 @@ PLAYER = 1
 
 
 def joined(location: int, at: float = 0.0) -> ClientEndpoint:
-    reflector = ReflectorCore()
-    reflector.add_member(location, PLAYER, TOKEN)
-    endpoint = ClientEndpoint(PLAYER, location, TOKEN, rng=random.Random(1))
-    endpoint.connect(at)
-    for hello in endpoint.datagrams_to_send(at):
-        reflector.receive_datagram(hello, ("127.0.0.1", 9), at)
-    for welcome, _ in reflector.datagrams_to_send(at):
-        endpoint.receive_datagram(welcome, at + 0.0005)
-    assert endpoint.joined
-    return endpoint
+    return joined_endpoint(location, PLAYER, TOKEN, at)
 
 
 def drained(endpoint: ClientEndpoint) -> list:
