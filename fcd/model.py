@@ -160,6 +160,11 @@ class Model:
         self._turn_src, self._turn_dst, self._turn_slices = self._turn_layout()
         self._turn_prob = np.zeros(len(self._turn_src))
         self._turn_stale: set[int] = set(range(R))
+        # each road's successors, padded with the index R (a 0.0 appended to the values read)
+        widest = max((len(outs) for outs in city.successors), default=0)
+        self._successors = np.full((R, max(widest, 1)), R, dtype=np.int64)
+        for road, outs in enumerate(city.successors):
+            self._successors[road, :len(outs)] = list(outs)
         # the light-delay model's state: the newest report of each road and its arrival rate
         self.report_t = np.full(R, np.nan)
         self.report_queue = np.zeros(R)
@@ -339,7 +344,8 @@ class Model:
         X[:, 6] = (cars > 0) & (speed <= 0)
         X[:, 7] = np.clip(np.log((self.last_rate + 0.05) / (self._mean_rate + 0.05)), -3.0, 3.0)
         fill = np.clip(queue / room, 0.0, 1.5)
-        X[:, 8] = [max((fill[o] for o in outs), default=0.0) for outs in c.successors]
+        # the fullest road each leads to (0 where none): fill >= 0, so the padding changes no max
+        X[:, 8] = np.append(fill, 0.0)[self._successors].max(axis=1)
         gs, rs = self.green_start, self.red_start
         last_switch = np.fmax(gs, rs)
         since = np.where(np.isnan(last_switch), 0.0, (now - last_switch) / np.maximum(self.cycle_r, 1.0))

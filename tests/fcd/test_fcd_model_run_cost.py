@@ -164,3 +164,14 @@ def test_a_road_whose_turn_counts_change_gets_its_new_probabilities(small_city):
     assert dict(zip(dst[mine].tolist(), prob[mine].tolist())) == model.turn_probabilities(road)
     assert not np.array_equal(prob[mine], before[mine])
     np.testing.assert_array_equal(prob[~mine], before[~mine])
+
+
+def _features_before(model, now, level, factor):
+    """Model._features as it read the roads each one leads to before: a Python max per road."""
+    X = Model._features(model, now, level, factor)
+    fill = np.clip(model.state[1] / np.maximum(model.n_max, 1.0), 0.0, 1.5)
+    X[:, 8] = [max((fill[o] for o in outs), default=0.0) for outs in model.city.successors]
+    return X
+
+
+ReferenceModel._features = _features_before
