@@ -157,6 +157,10 @@ class Model:
         # the calibrated level, the mean traffic of the history, the turn probabilities
         self._level = city.length / city.speed
         self._mean_rate = np.zeros(R)
+        # what the kept level and mean traffic were computed from: per road the history's length
+        # and newest entry (entries are appended, never edited in place) and the newest traffic
+        self._level_seen: list[tuple[int, object]] = [(0, None)] * R
+        self._level_rate = np.full(R, np.nan)
         self._turn_src, self._turn_dst, self._turn_slices = self._turn_layout()
         self._turn_prob = np.zeros(len(self._turn_src))
         self._turn_stale: set[int] = set(range(R))
@@ -342,6 +346,7 @@ class Model:
         X[:, 4] = np.clip(cars / room, 0.0, 1.5)
         X[:, 5] = np.where(speed > 0, np.clip(speed / c.speed, 0.0, 1.5), 0.0)
         X[:, 6] = (cars > 0) & (speed <= 0)
+        self._refresh_levels()
         X[:, 7] = np.clip(np.log((self.last_rate + 0.05) / (self._mean_rate + 0.05)), -3.0, 3.0)
         fill = np.clip(queue / room, 0.0, 1.5)
         # the fullest road each leads to (0 where none): fill >= 0, so the padding changes no max
@@ -377,7 +382,6 @@ class Model:
             self.last_rate[r] = rate
         else:
             self.last_rate[r] = 0.0
-        self._history_changed(r)
         rate = self.acc_departures[r] / span
         old = self.arrival_rate[r]
         self.arrival_rate[r] = rate if np.isnan(old) else (1 - EWMA) * old + EWMA * rate
@@ -456,22 +460,32 @@ class Model:
         """Per road: harmonic mean of its observed travel times, weighted by how close each
         window's traffic (car-seconds per second) was to the newest window's, and its
         free-flow time (PRIOR_WEIGHT pseudo-observations; alone where nothing was observed yet).
-        Kept per road, recomputed when the road's history changes (Model._history_changed)."""
+        Kept per road, recomputed where the history or the newest traffic changed."""
+        self._refresh_levels()
         return self._level.copy()
 
-    def _history_changed(self, r: int) -> None:
-        """Road r's history or newest traffic changed: its calibrated level and mean traffic."""
-        hist = self.history[r]
-        if not hist:
-            return
-        free = self.city.length[r] / self.city.speed[r]
-        values = np.array(hist, dtype=np.float64)
-        travel, rate = values[:, 0], values[:, 1]
-        gap = np.log((rate + 0.05) / (self.last_rate[r] + 0.05)) / self.RATE_BANDWIDTH
-        w = np.exp(-0.5 * gap * gap)
-        inv = (w / np.maximum(travel, 1e-3)).sum() + self.PRIOR_WEIGHT / max(free, 1e-3)
-        self._level[r] = (w.sum() + self.PRIOR_WEIGHT) / inv
-        self._mean_rate[r] = np.mean([h[1] for h in hist])
+    def _refresh_levels(self) -> None:
+        """Recompute the kept level and mean traffic of the roads whose history or newest traffic
+        changed since they were computed (a few per run; checking all costs a pass over lists)."""
+        changed = set(np.flatnonzero(self.last_rate != self._level_rate).tolist())
+        for r, (hist, (length, newest)) in enumerate(zip(self.history, self._level_seen)):
+            if len(hist) != length or (hist and hist[-1] is not newest):
+                changed.add(r)
+        for r in changed:
+            hist = self.history[r]
+            self._level_seen[r] = (len(hist), hist[-1] if hist else None)
+            self._level_rate[r] = self.last_rate[r]
+            free = self.city.length[r] / self.city.speed[r]
+            if not hist:
+                self._level[r], self._mean_rate[r] = free, 0.0
+                continue
+            values = np.array(hist, dtype=np.float64)
+            travel, rate = values[:, 0], values[:, 1]
+            gap = np.log((rate + 0.05) / (self.last_rate[r] + 0.05)) / self.RATE_BANDWIDTH
+            w = np.exp(-0.5 * gap * gap)
+            inv = (w / np.maximum(travel, 1e-3)).sum() + self.PRIOR_WEIGHT / max(free, 1e-3)
+            self._level[r] = (w.sum() + self.PRIOR_WEIGHT) / inv
+            self._mean_rate[r] = np.mean([h[1] for h in hist])
 
     def light_delay(self, now: float, window: float) -> tuple[np.ndarray, np.ndarray]:
         """Per lit road with a learned timing and arrival rate: (travel time over [now, now +
