@@ -145,6 +145,7 @@ class Model:
         self.updated = np.full(R, -np.inf)
         self.queue_at_green = np.zeros(R)
         self.turn_prior = turn_prior
+        # changed through observe only: it marks the road's kept turn probabilities stale
         self.turn_counts: list[dict[int, float]] = [dict() for _ in range(R)]
         # travel-time observations
         self.acc_samples = np.zeros(R)
