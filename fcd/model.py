@@ -145,6 +145,7 @@ class Model:
         self.updated = np.full(R, -np.inf)
         self.queue_at_green = np.zeros(R)
         self.turn_prior = turn_prior
+        # changed through observe only: it marks the road's kept turn probabilities stale
         self.turn_counts: list[dict[int, float]] = [dict() for _ in range(R)]
         # travel-time observations
         self.acc_samples = np.zeros(R)
@@ -152,6 +153,23 @@ class Model:
         self.acc_span = np.zeros(R)
         self.history: list[deque] = [deque(maxlen=self.HISTORY) for _ in range(R)]   # (travel s, car-s per s)
         self.last_rate = np.zeros(R)       # car-seconds per second in the newest completed window
+        # what a prediction run reads of the history and the turn counts, recomputed per road only
+        # when that road's history or turn counts changed (a run no longer loops over every road):
+        # the calibrated level, the mean traffic of the history, the turn probabilities
+        self._level = city.length / city.speed
+        self._mean_rate = np.zeros(R)
+        # what the kept level and mean traffic were computed from: per road the history's length
+        # and newest entry (entries are appended, never edited in place) and the newest traffic
+        self._level_seen: list[tuple[int, object]] = [(0, None)] * R
+        self._level_rate = np.full(R, np.nan)
+        self._turn_src, self._turn_dst, self._turn_slices = self._turn_layout()
+        self._turn_prob = np.zeros(len(self._turn_src))
+        self._turn_stale: set[int] = set(range(R))
+        # each road's successors, padded with the index R (a 0.0 appended to the values read)
+        widest = max((len(outs) for outs in city.successors), default=0)
+        self._successors = np.full((R, max(widest, 1)), R, dtype=np.int64)
+        for road, outs in enumerate(city.successors):
+            self._successors[road, :len(outs)] = list(outs)
         # the light-delay model's state: the newest report of each road and its arrival rate
         self.report_t = np.full(R, np.nan)
         self.report_queue = np.zeros(R)
@@ -220,6 +238,8 @@ class Model:
         if rep.green:
             self.queue_at_green[r] = rep.queue
         counts = self.turn_counts[r]
+        if rep.turns:
+            self._turn_stale.add(r)
         for out, k in rep.turns.items():
             counts[out] = counts.get(out, 0.0) + k
         if self.lit[r]:
@@ -327,10 +347,11 @@ class Model:
         X[:, 4] = np.clip(cars / room, 0.0, 1.5)
         X[:, 5] = np.where(speed > 0, np.clip(speed / c.speed, 0.0, 1.5), 0.0)
         X[:, 6] = (cars > 0) & (speed <= 0)
-        mean_rate = np.array([np.mean([h[1] for h in hist]) if hist else 0.0 for hist in self.history])
-        X[:, 7] = np.clip(np.log((self.last_rate + 0.05) / (mean_rate + 0.05)), -3.0, 3.0)
+        self._refresh_levels()
+        X[:, 7] = np.clip(np.log((self.last_rate + 0.05) / (self._mean_rate + 0.05)), -3.0, 3.0)
         fill = np.clip(queue / room, 0.0, 1.5)
-        X[:, 8] = [max((fill[o] for o in outs), default=0.0) for outs in c.successors]
+        # the fullest road each leads to (0 where none): fill >= 0, so the padding changes no max
+        X[:, 8] = np.append(fill, 0.0)[self._successors].max(axis=1)
         gs, rs = self.green_start, self.red_start
         last_switch = np.fmax(gs, rs)
         since = np.where(np.isnan(last_switch), 0.0, (now - last_switch) / np.maximum(self.cycle_r, 1.0))
@@ -391,14 +412,24 @@ class Model:
         return {out: (counts.get(out, 0.0) + self.turn_prior * p) / total for out, p in prior.items()}
 
     # ------------------------------------------------------------ prediction
-    def _turn_edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        src, dst, prob = [], [], []
+    def _turn_layout(self) -> tuple[np.ndarray, np.ndarray, list[slice]]:
+        """The turn edges (road -> out, in the city prior's order) and each road's slice of them:
+        fixed by the city, only their probabilities follow the counts."""
+        src, dst, slices = [], [], []
         for road in range(self.city.n_roads):
-            for out, p in self.turn_probabilities(road).items():
-                src.append(road)
-                dst.append(out)
-                prob.append(p)
-        return np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64), np.array(prob)
+            outs = list(self.city.turn_probs[road])
+            slices.append(slice(len(src), len(src) + len(outs)))
+            src += [road] * len(outs)
+            dst += outs
+        return np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64), slices
+
+    def _turn_edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(src, dst, probability) of every turn; the probabilities of roads whose turn counts
+        changed since the previous call recomputed (Model.turn_probabilities), the rest kept."""
+        for road in self._turn_stale:
+            self._turn_prob[self._turn_slices[road]] = list(self.turn_probabilities(road).values())
+        self._turn_stale.clear()
+        return self._turn_src, self._turn_dst, self._turn_prob.copy()
 
     def structural(self, horizon: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(n, q, traverse) for steps 0..horizon from the equations of the module docstring."""
@@ -429,17 +460,33 @@ class Model:
     def calibrated(self) -> np.ndarray:
         """Per road: harmonic mean of its observed travel times, weighted by how close each
         window's traffic (car-seconds per second) was to the newest window's, and its
-        free-flow time (PRIOR_WEIGHT pseudo-observations; alone where nothing was observed yet)."""
-        out = self.city.length / self.city.speed
-        for r, hist in enumerate(self.history):
-            if hist:
-                values = np.array(hist, dtype=np.float64)
-                travel, rate = values[:, 0], values[:, 1]
-                gap = np.log((rate + 0.05) / (self.last_rate[r] + 0.05)) / self.RATE_BANDWIDTH
-                w = np.exp(-0.5 * gap * gap)
-                inv = (w / np.maximum(travel, 1e-3)).sum() + self.PRIOR_WEIGHT / max(out[r], 1e-3)
-                out[r] = (w.sum() + self.PRIOR_WEIGHT) / inv
-        return out
+        free-flow time (PRIOR_WEIGHT pseudo-observations; alone where nothing was observed yet).
+        Kept per road, recomputed where the history or the newest traffic changed."""
+        self._refresh_levels()
+        return self._level.copy()
+
+    def _refresh_levels(self) -> None:
+        """Recompute the kept level and mean traffic of the roads whose history or newest traffic
+        changed since they were computed (a few per run; checking all costs a pass over lists)."""
+        changed = set(np.flatnonzero(self.last_rate != self._level_rate).tolist())
+        for r, (hist, (length, newest)) in enumerate(zip(self.history, self._level_seen)):
+            if len(hist) != length or (hist and hist[-1] is not newest):
+                changed.add(r)
+        for r in changed:
+            hist = self.history[r]
+            self._level_seen[r] = (len(hist), hist[-1] if hist else None)
+            self._level_rate[r] = self.last_rate[r]
+            free = self.city.length[r] / self.city.speed[r]
+            if not hist:
+                self._level[r], self._mean_rate[r] = free, 0.0
+                continue
+            values = np.array(hist, dtype=np.float64)
+            travel, rate = values[:, 0], values[:, 1]
+            gap = np.log((rate + 0.05) / (self.last_rate[r] + 0.05)) / self.RATE_BANDWIDTH
+            w = np.exp(-0.5 * gap * gap)
+            inv = (w / np.maximum(travel, 1e-3)).sum() + self.PRIOR_WEIGHT / max(free, 1e-3)
+            self._level[r] = (w.sum() + self.PRIOR_WEIGHT) / inv
+            self._mean_rate[r] = np.mean([h[1] for h in hist])
 
     def light_delay(self, now: float, window: float) -> tuple[np.ndarray, np.ndarray]:
         """Per lit road with a learned timing and arrival rate: (travel time over [now, now +
@@ -477,24 +524,25 @@ class Model:
         red_at = np.maximum(gs + g, now)
         green_at = np.maximum(np.nan_to_num(rs) + (C - g), now)
 
-        def ahead_green(t):
-            return np.where(green_now, (t < red_at) | (((t - red_at) % C) >= C - g),
-                            (t >= green_at) & (((t - green_at) % C) < g))
-
+        # every second's light state and activity at once (steps x roads); only the queue's
+        # recursion runs second by second
+        t = (start.min() + np.arange(steps, dtype=np.float64) + 0.5)[:, None]
+        ahead_green = np.where(green_now, (t < red_at) | (((t - red_at) % C) >= C - g),
+                               (t >= green_at) & (((t - green_at) % C) < g))
+        green = np.where(anchored & (t >= now), ahead_green, ((t - gs) % C) < g)
+        active = t >= start
+        inside = active & (t >= now) & (t < now + window)
+        served = np.where(green, mu, 0.0)
         q = self.report_queue[roads].astype(float)
-        total = np.zeros(len(roads))
-        counted = np.zeros(len(roads))
-        red_seconds = np.zeros(len(roads))
+        queues = np.empty((steps + 1, len(roads)))
+        queues[0] = q
         for k in range(steps):
-            t = start.min() + k + 0.5
-            active = t >= start
-            green = np.where(anchored & (t >= now), ahead_green(t), ((t - gs) % C) < g)
-            before = q
-            q = np.where(active, np.maximum(q + lam - np.where(green, mu, 0.0), 0.0), q)
-            inside = active & (t >= now) & (t < now + window)
-            total += np.where(inside, (before + q) / 2, 0.0)     # this second's mean queue
-            counted += inside
-            red_seconds += inside & ~green
+            q = queues[k + 1] = np.where(active[k], np.maximum(q + lam - served[k], 0.0), q)
+        # each second's mean queue, summed in time order (accumulate adds sequentially, as a loop)
+        total = np.add.accumulate(np.where(inside, (queues[:-1] + queues[1:]) / 2, 0.0), axis=0)[-1] \
+            if steps else np.zeros(len(roads))
+        counted = inside.sum(axis=0).astype(float)
+        red_seconds = (inside & ~green).sum(axis=0).astype(float)
         ahead[roads] = drive + total / np.maximum(counted, 1.0) / lam
         self.red_ahead[:] = 0.0
         self.queue_ahead[:] = 0.0
