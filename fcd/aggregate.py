@@ -159,17 +159,21 @@ class MapMatcher:
         cells = np.where(inside, i * self.ny + j, 0).astype(np.int64)
         cand = self.table[cells]                         # (n, K)
         valid = (cand >= 0) & inside[:, None]
-        seg = np.where(valid, cand, 0)
-        # distances of the real candidates only (a cell lists a few of the table's K columns)
-        pi, pj = np.nonzero(valid)
-        dist, dh = self._near(cand[pi, pj], x[pi], y[pi], heading[pi])
-        cost = np.full(valid.shape, np.inf)
-        cost[pi, pj] = np.where((dist <= self.max_distance) & (dh <= self.max_heading), dist + dh * 0.1, np.inf)
+        # distances of the real candidates only (a cell lists a few of the table's K columns),
+        # by flat position: one index array gathers faster than a (row, column) pair
+        flat = np.flatnonzero(valid)
+        pi = flat // cand.shape[1]
+        dist, dh = self._near(cand.ravel()[flat], x[pi], y[pi], heading[pi])
+        cost = np.full(valid.size, np.inf)
+        cost[flat] = np.where((dist <= self.max_distance) & (dh <= self.max_heading), dist + dh * 0.1, np.inf)
+        cost = cost.reshape(valid.shape)
         rows = np.arange(len(x))
         if not self.has_internal:
             best = np.argmin(cost, axis=1)
             found = np.isfinite(cost[rows, best])
+            k = cand[rows, best]                         # -1 where not found: masked below
         else:
+            seg = np.where(valid, cand, 0)
             internal = self.s_road[seg] == IN_JUNCTION
             best_road = np.argmin(np.where(internal, np.inf, cost), axis=1)
             best_internal = np.argmin(np.where(internal, cost, np.inf), axis=1)
@@ -182,7 +186,7 @@ class MapMatcher:
             take_internal = internal_cost < np.where(on_lane, -np.inf, road_cost)
             best = np.where(take_internal, best_internal, best_road)
             found = np.isfinite(np.minimum(road_cost, internal_cost))
-        k = seg[rows, best]
+            k = seg[rows, best]
         along, beyond = self.along_beyond(k, x, y)
         road = np.where(found, self.s_road[k], -1).astype(np.int32)
         lane = np.where(found, self.s_lane[k], -1).astype(np.int32)
@@ -386,15 +390,26 @@ class Aggregator:
         segment (-1: none) is checked against that segment only.  Each point's result depends on
         its own inputs only, so any subset gives the same answers."""
         m = self.matcher
+        n = len(prev)
         k = np.maximum(prev, 0)
-        dist, dh, along, _ = m.project(k, x, y, h)
-        inner = (along > m.max_distance) & (along < m.s_len[k] - m.max_distance)
-        keep = (prev >= 0) & (m.s_road[k] >= 0) & (dist <= min(1.0, m.max_distance / 2)) & (dh <= m.max_heading) & inner
-        road = np.where(keep, m.s_road[k], -1).astype(np.int32)
-        lane = np.where(keep, m.s_lane[k], -1).astype(np.int32)
-        to_end = np.where(keep, m.s_to_end[k] - along, 0.0)
-        seg = np.where(keep, prev, -1).astype(np.int32)
-        rest = np.flatnonzero(~keep)
+        px, py = x - m.sx0[k], y - m.sy0[k]
+        ux, uy = m.sux[k], m.suy[k]
+        raw = px * ux + py * uy
+        # well inside the segment (raw strictly within max_distance of neither end): there the
+        # clipped position along is raw itself, so distance and heading (MapMatcher.project's
+        # arithmetic) are needed for these points only
+        inner = np.flatnonzero((prev >= 0) & (raw > m.max_distance) & (raw < m.s_len[k] - m.max_distance))
+        ki, along = k[inner], raw[inner]
+        dist = np.hypot(px[inner] - along * ux[inner], py[inner] - along * uy[inner])
+        dh = np.abs((h[inner] - m.s_heading[ki] + 180.0) % 360.0 - 180.0)
+        fits = (m.s_road[ki] >= 0) & (dist <= min(1.0, m.max_distance / 2)) & (dh <= m.max_heading)
+        keep, ki, along = inner[fits], ki[fits], along[fits]
+        road, lane = np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int32)
+        to_end, seg = np.empty(n), np.empty(n, dtype=np.int32)
+        road[keep], lane[keep], to_end[keep], seg[keep] = m.s_road[ki], m.s_lane[ki], m.s_to_end[ki] - along, ki
+        rest = np.ones(n, dtype=bool)
+        rest[keep] = False
+        rest = np.flatnonzero(rest)
         if len(rest):
             road[rest], lane[rest], to_end[rest], seg[rest] = m.locate(x[rest], y[rest], h[rest])
         return road, lane, to_end, seg
