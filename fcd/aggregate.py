@@ -114,14 +114,16 @@ class MapMatcher:
     def _iy(self, y: float) -> int:
         return min(self.ny - 1, max(0, int((y - self.oy) // self.cell)))
 
-    def _near(self, seg: np.ndarray, x: np.ndarray, y: np.ndarray, heading: np.ndarray):
-        """Distance and heading difference of points to segments, elementwise: the hot loop."""
+    def _heading_diff(self, seg: np.ndarray, heading: np.ndarray) -> np.ndarray:
+        """Degrees between headings and segments' directions (0..180), elementwise."""
+        return np.abs((heading - self.s_heading[seg] + 180.0) % 360.0 - 180.0)
+
+    def _distance(self, seg: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Distance of points to segments, elementwise: the hot loop (:meth:`project`'s arithmetic)."""
         px, py = x - self.sx0[seg], y - self.sy0[seg]
         ux, uy = self.sux[seg], self.suy[seg]
         along = np.clip(px * ux + py * uy, 0.0, self.s_len[seg])
-        dist = np.hypot(px - along * ux, py - along * uy)
-        dh = np.abs((heading - self.s_heading[seg] + 180.0) % 360.0 - 180.0)
-        return dist, dh
+        return np.hypot(px - along * ux, py - along * uy)
 
     def project(self, seg: np.ndarray, x: np.ndarray, y: np.ndarray, heading: np.ndarray):
         """Distance, heading difference, clipped position along, and overshoot beyond the lane's
@@ -163,9 +165,15 @@ class MapMatcher:
         # by flat position: one index array gathers faster than a (row, column) pair
         flat = np.flatnonzero(valid)
         pi = flat // cand.shape[1]
-        dist, dh = self._near(cand.ravel()[flat], x[pi], y[pi], heading[pi])
+        near = cand.ravel()[flat]
+        dh = self._heading_diff(near, heading[pi])
+        # heading first: it rules out most candidates (the opposite lanes, the crossing roads),
+        # whose distance is then not needed (their cost is infinite either way)
+        aligned = np.flatnonzero(dh <= self.max_heading)
+        flat, near, pi, dh = flat[aligned], near[aligned], pi[aligned], dh[aligned]
+        dist = self._distance(near, x[pi], y[pi])
         cost = np.full(valid.size, np.inf)
-        cost[flat] = np.where((dist <= self.max_distance) & (dh <= self.max_heading), dist + dh * 0.1, np.inf)
+        cost[flat] = np.where(dist <= self.max_distance, dist + dh * 0.1, np.inf)
         cost = cost.reshape(valid.shape)
         rows = np.arange(len(x))
         if not self.has_internal:
