@@ -485,7 +485,6 @@ class Aggregator:
         order = np.lexsort((ts, unit_of, cars))
         slots = self._batch_slots(cars, ts, unit_of)[order]
         t, unit = ts[order], unit_of[order]
-        sorted_batch = batch[order]
         idx = np.arange(n)
         car_first = _run_starts(slots)                  # one slot per car: a car's probes are contiguous
         group_first = car_first | _run_starts(unit)      # a (car, run) group begins
@@ -510,9 +509,10 @@ class Aggregator:
         newest = np.maximum.accumulate(np.where(group_last & fresh, idx, -1))
         source = np.where(group_start > 0, newest[np.maximum(group_start - 1, 0)], -1)
         source = np.where(source >= car_start, source, -1)
-        x = sorted_batch["x"].astype(np.float64)
-        y = sorted_batch["y"].astype(np.float64)
-        h = sorted_batch["heading"].astype(np.float64)
+        # field by field: gathering whole records of the packed (unaligned) dtype costs ten times more
+        x = batch["x"][order].astype(np.float64)
+        y = batch["y"][order].astype(np.float64)
+        h = batch["heading"][order].astype(np.float64)
         seg_before = self.seg[slots]
         prev = seg_before
         roads, lanes, to_end, segs = self._match_from(x, y, h, prev)
@@ -525,7 +525,7 @@ class Aggregator:
             roads[redo], lanes[redo], to_end[redo], segs[redo] = self._match_from(x[redo], y[redo], h[redo], want[redo])
         self._count_located(roads)
         self.stats["stale_probes"] += n - int(fresh.sum())
-        speed = sorted_batch["speed"]
+        speed = batch["speed"][order]
 
         # ---- what each run adds, in (run, car, t) order (the order run-by-run adds it: float sums
         # come out bit for bit the same)
