@@ -825,10 +825,11 @@ class Aggregator:
             return [rep for entry in roads for rep in self._reports([entry], t)]
         states = self._states_of(ids, t)
         c = self.city
+        ix = np.array(ids, dtype=np.intp)    # indexed by 14 times below: converted once
         # the roads' counters read at once (as Python numbers: the same values)
-        counters = zip(self.departures[ids].tolist(), self.crossed[ids].tolist(),
-                       self.crossing_time[ids].tolist(), self.samples[ids].tolist(), self.distance[ids].tolist(),
-                       self.last_change[ids].tolist(), c.length[ids].tolist(), c.lanes[ids].tolist())
+        counters = zip(self.departures[ix].tolist(), self.crossed[ix].tolist(),
+                       self.crossing_time[ix].tolist(), self.samples[ix].tolist(), self.distance[ix].tolist(),
+                       self.last_change[ix].tolist(), c.length[ix].tolist(), c.lanes[ix].tolist())
         reports = []
         for (road, green, was_green), (departures, crossed, crossing_time, samples, distance, last, length,
                                         lanes) in zip(roads, counters):
@@ -840,9 +841,9 @@ class Aggregator:
                 turns=self.turns[road], crossed=crossed, crossing_time=crossing_time, samples=samples,
                 distance=distance))
             self.turns[road] = {}
-        self.departures[ids] = self.crossed[ids] = 0
-        self.crossing_time[ids] = self.samples[ids] = self.distance[ids] = 0.0
-        self.last_change[ids] = t
+        self.departures[ix] = self.crossed[ix] = 0
+        self.crossing_time[ix] = self.samples[ix] = self.distance[ix] = 0.0
+        self.last_change[ix] = t
         self.stats["reports"] += len(reports)
         return reports
 
