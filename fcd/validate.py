@@ -114,34 +114,44 @@ class Scenario:
     additional: list[Path] = field(default_factory=list)
 
 
+# netgenerate's arguments per generated network shape (fcd.train_prior trains on other sizes)
+GENERATED_SHAPES = {
+    "grid": ["--grid", "--grid.number", "4", "--grid.length", "200", "--default.lanenumber", "2"],
+    "spider": ["--spider", "--spider.arm-number", "6", "--spider.circle-number", "4", "--spider.space-radius", "120"],
+    "random": ["--rand", "--rand.iterations", "60", "--rand.min-distance", "120", "--rand.max-distance", "250",
+               "--default.lanenumber", "1"],
+}
+
+
+def generated_scenario(name: str, work: Path, duration: float, seed: int, lights: str,
+                       shape_args: list[str], junctions: str = "traffic_light", period: float = 1.0) -> Scenario:
+    """A netgenerate network (``shape_args``; junctions of type ``junctions``, lights of kind
+    ``lights``: static or actuated) with randomTrips demand (a trip every ``period`` seconds)
+    over ``duration`` seconds, both seeded with ``seed``."""
+    work.mkdir(parents=True, exist_ok=True)
+    net = work / f"{name}.net.xml"
+    cmd = [sumo_binary("netgenerate"), "-o", net.name, "--seed", str(seed),
+           "--default-junction-type", junctions, "--tls.default-type", lights, *shape_args]
+    _run(cmd, work, "netgenerate")
+    routes = work / f"{name}.rou.xml"
+    trips = [sys.executable, str(sumo_home() / "tools" / "randomTrips.py"), "-n", net.name,
+             "-o", f"{name}.trips.xml", "-r", routes.name, "-b", "0", "-e", str(duration), "-p", str(period),
+             "--fringe-factor", "5", "--seed", str(seed), "--min-distance", "300"]
+    env_path = dict(os.environ, PATH=f"{Path(sumo_binary('duarouter')).parent}:{os.environ.get('PATH', '')}")
+    log.info("randomTrips: %s", " ".join(trips))
+    done = subprocess.run(trips, cwd=work, env=dict(env_path, SUMO_HOME=str(sumo_home())),
+                          capture_output=True, text=True)
+    if done.returncode != 0 or not routes.exists():
+        raise ConfigError(f"randomTrips failed: {(done.stderr or done.stdout).strip()[-300:]}")
+    return Scenario(name, net, [routes], 0.0, duration, [" ".join(cmd[1:]), "randomTrips.py " + " ".join(trips[2:])])
+
+
 def build_scenario(name: str, work: Path, duration: float, seed: int) -> Scenario:
     """Network and demand of a scenario in ``work``."""
     work.mkdir(parents=True, exist_ok=True)
     if name in GENERATED:
         shape, lights = name.split("-")
-        net = work / f"{name}.net.xml"
-        cmd = [sumo_binary("netgenerate"), "-o", net.name, "--seed", str(seed),
-               "--default-junction-type", "traffic_light", "--tls.default-type", lights]
-        if shape == "grid":
-            cmd += ["--grid", "--grid.number", "4", "--grid.length", "200", "--default.lanenumber", "2"]
-        elif shape == "spider":
-            cmd += ["--spider", "--spider.arm-number", "6", "--spider.circle-number", "4",
-                    "--spider.space-radius", "120"]
-        else:
-            cmd += ["--rand", "--rand.iterations", "60", "--rand.min-distance", "120", "--rand.max-distance", "250",
-                    "--default.lanenumber", "1"]
-        _run(cmd, work, "netgenerate")
-        routes = work / f"{name}.rou.xml"
-        trips = [sys.executable, str(sumo_home() / "tools" / "randomTrips.py"), "-n", net.name,
-                 "-o", f"{name}.trips.xml", "-r", routes.name, "-b", "0", "-e", str(duration), "-p", "1.0",
-                 "--fringe-factor", "5", "--seed", str(seed), "--min-distance", "300"]
-        env_path = dict(os.environ, PATH=f"{Path(sumo_binary('duarouter')).parent}:{os.environ.get('PATH', '')}")
-        log.info("randomTrips: %s", " ".join(trips))
-        done = subprocess.run(trips, cwd=work, env=dict(env_path, SUMO_HOME=str(sumo_home())),
-                              capture_output=True, text=True)
-        if done.returncode != 0 or not routes.exists():
-            raise ConfigError(f"randomTrips failed: {(done.stderr or done.stdout).strip()[-300:]}")
-        return Scenario(name, net, [routes], 0.0, duration, [" ".join(cmd[1:]), "randomTrips.py " + " ".join(trips[2:])])
+        return generated_scenario(name, work, duration, seed, lights, GENERATED_SHAPES[shape])
     if name in RESCO or name in RESCO_ACTUATED:
         city = name.removesuffix("-actuated")
         src = resco_dir() / city
@@ -223,16 +233,17 @@ def usable_at(city: City, report: Any, boundary: float) -> bool:
 
 
 def predictions_from(city: City, reports: list[Any], boundaries: list[float],
-                     window: float | None = None, present: dict[float, np.ndarray] | None = None
-                     ) -> dict[float, np.ndarray]:
+                     window: float | None = None, present: dict[float, np.ndarray] | None = None,
+                     model=None) -> dict[float, np.ndarray]:
     """The model fed the reports in data-time order (then by road); at every boundary its
     prediction from the reports whose data all lie before it (:func:`usable_at`: no probe at or
     after the boundary is seen, no leakage) and, where ``present`` has it, the state of every
     road at the boundary (``Model.present``; from the probes before it): its queue, or rows of
     cars, queue and moving speed.  Both replays score
-    their reports with this one function."""
+    their reports with this one function.  ``model``: a fresh Model of ``city`` to use (default:
+    ``Model(city)``; fcd.train_prior passes one that logs its scored windows)."""
     from fcd.model import Model
-    model = Model(city)
+    model = Model(city) if model is None else model
     model.window = window
     # reports in the order they become usable: at equal times a periodic report (data before t)
     # before a light's (data up to t)
