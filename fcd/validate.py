@@ -265,12 +265,13 @@ def predictions_from(city: City, reports: list[Any], boundaries: list[float],
 
 
 def replay(trace: Trace, boundaries: list[float], batch: int = 2048, window: float | None = None,
-           present: bool = True) -> Replay:
+           present: bool = True, correction_prior: bool = True) -> Replay:
     """In this process: trace -> datagrams (generators' encoding) -> Ingest (box / server
     aggregation) in ``batch``-datagram batches -> reports -> model predictions.  Batches are cut
     at every boundary; with ``present``, the aggregator's cars, queue and moving speed on every
     road there (from the probes before the boundary, ``Aggregator.road_states``) are given to
-    the model too."""
+    the model too.  Without ``correction_prior`` the model's online correction starts from no
+    correction instead of the packaged offline prior (``fcd.train_prior``)."""
     from fcd.aggregate import Ingest
     from fcd.gen import Stream
     city = trace.city
@@ -300,7 +301,10 @@ def replay(trace: Trace, boundaries: list[float], batch: int = 2048, window: flo
              "lost": ingest.seq.snapshot()["lost"],
              "present_state": "the aggregator's queues at every boundary" if present else "none"}
     known = queues if present else None
-    return Replay(reports, predictions_from(city, reports, boundaries, window, known), stats, known)
+    from fcd.model import Model
+    model = None if correction_prior else Model(city, correction_prior=None)
+    stats["correction_prior"] = "packaged" if correction_prior else "none"
+    return Replay(reports, predictions_from(city, reports, boundaries, window, known, model=model), stats, known)
 
 
 HISTORY_DEPTH = 100_000    # reports kept per road by the validation's server: all of a run
@@ -518,7 +522,7 @@ def compare_routes(city: City, trips: list[tuple], predictions: dict[float, np.n
 
 def validate_scenario(name: str, work: Path, duration: float, interval: float, seed: int,
                       warmup: float, through: str = "in-process", speed: float = 20.0,
-                      present: bool = True) -> dict[str, Any]:
+                      present: bool = True, correction_prior: bool = True) -> dict[str, Any]:
     from fcd.sumo import (read_edgedata, read_fcd, read_lane_positions, read_queues, read_tls, read_vehroutes,
                           read_vtypes)
     started = time.monotonic()
@@ -537,7 +541,7 @@ def validate_scenario(name: str, work: Path, duration: float, interval: float, s
     if through == "processes":
         rep = replay_processes(trace, boundaries, work / "processes", window=interval, speed=speed)
     else:
-        rep = replay(trace, boundaries, window=interval, present=present)
+        rep = replay(trace, boundaries, window=interval, present=present, correction_prior=correction_prior)
     switch_times = {round(float(t), 2) for t in lights["t"]}
     vtypes = read_vtypes(sc.routes)
     car_length, min_gap = next(iter(vtypes.values())) if len(vtypes) == 1 else (5.0, 2.5)
@@ -648,6 +652,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-present-state", dest="present", action="store_false",
                    help="in process, predict from the reports only, without the aggregator's queue on every "
                         "road at the interval's start (what --through processes sees: a box sends no state)")
+    p.add_argument("--no-correction-prior", dest="correction_prior", action="store_false",
+                   help="in process, start the model's online correction from no correction instead of the "
+                        "packaged offline prior (fcd/data/correction_prior.json, python -m fcd.train_prior)")
     p.add_argument("--work", type=Path, default=None, help="directory for SUMO files (default: a temporary one)")
     p.add_argument("--json", type=Path, help="write the results as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG plot")
@@ -660,7 +667,7 @@ def run_validation(args) -> list[dict[str, Any]]:
     try:
         for name in args.scenarios:
             res = validate_scenario(name, work / name, args.duration, args.interval, args.seed, args.warmup,
-                                    args.through, args.speed, args.present)
+                                    args.through, args.speed, args.present, args.correction_prior)
             results.append(res)
             print(summary_line(res), flush=True)
     finally:
