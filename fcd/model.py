@@ -67,8 +67,12 @@ Everything is learned from the reports, per road:
   prediction's moment (:meth:`Model._features`: level, light-delay factor, the road's cars,
   queue and moving speed now, its traffic against its past, the queue on the roads it leads
   to, the light's state and the point queue's red share and queue over the window).  The
-  correction is applied to a power chosen by its own record (as the delay factor's exponent;
-  0 until CORRECTION_MIN windows of the class were scored).
+  correction is applied to a power chosen by its own record (as the delay factor's exponent)
+  once CORRECTION_MIN windows of the class were scored.  For lit roads it starts from an
+  offline prior (:class:`CorrectionPrior`, fitted by ``python -m fcd.train_prior`` on generated
+  SUMO scenarios that are not fcd-validate's, shipped as fcd/data/correction_prior.json): its
+  coefficients at its trained power until then, and what the ridge shrinks toward (weighing as
+  CORRECTION_PRIOR_WINDOWS scored windows); a class without a prior starts from no correction.
 
 T_r(0) is that calibrated prediction; later steps follow the structural model's relative change
 T_r(k) / T_r(0) (the structural T above, with the learned parameters and the newest state).
