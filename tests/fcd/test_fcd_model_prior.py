@@ -109,3 +109,23 @@ def test_online_fit_moves_from_the_prior_to_the_data(half_lit):
     assert 0.0 < fitted[-1] < fitted[5] - 0.03      # the data pull it toward 0, the prior holds it
     assert model.corr_scored[0] >= Model.CORRECTION_MIN and model.corr_shrink[0] == 0.0
     assert abs(predicted / free - 1.0) < 0.1
+
+
+def test_validation_replay_with_and_without_the_prior(half_lit):
+    """fcd-validate's --no-correction-prior: the in-process replay's model starts from no
+    correction (what Model(city, correction_prior=None) predicts from the same reports); by
+    default from the packaged prior, which changes the lit roads' predictions from the start."""
+    from fcd.sim import Simulator
+    from fcd.validate import predictions_from, replay
+    trace = Simulator(half_lit, cars=120, seed=7).run(240.0)
+    boundaries = [0.0, 60.0, 120.0, 180.0]
+    with_prior = replay(trace, boundaries, window=60.0)
+    without = replay(trace, boundaries, window=60.0, correction_prior=False)
+    assert with_prior.stats["correction_prior"] == "packaged" and without.stats["correction_prior"] == "none"
+    plain = predictions_from(half_lit, without.reports, boundaries, 60.0, without.present,
+                             model=Model(half_lit, correction_prior=None))
+    lit = half_lit.exit_light >= 0
+    for b in boundaries:
+        assert np.array_equal(without.predictions[b], plain[b])
+        assert np.array_equal(with_prior.predictions[b][~lit], without.predictions[b][~lit])
+    assert not np.allclose(with_prior.predictions[0.0][lit], without.predictions[0.0][lit])
