@@ -67,8 +67,12 @@ Everything is learned from the reports, per road:
   prediction's moment (:meth:`Model._features`: level, light-delay factor, the road's cars,
   queue and moving speed now, its traffic against its past, the queue on the roads it leads
   to, the light's state and the point queue's red share and queue over the window).  The
-  correction is applied to a power chosen by its own record (as the delay factor's exponent;
-  0 until CORRECTION_MIN windows of the class were scored).
+  correction is applied to a power chosen by its own record (as the delay factor's exponent)
+  once CORRECTION_MIN windows of the class were scored.  For lit roads it starts from an
+  offline prior (:class:`CorrectionPrior`, fitted by ``python -m fcd.train_prior`` on generated
+  SUMO scenarios that are not fcd-validate's, shipped as fcd/data/correction_prior.json): its
+  coefficients at its trained power until then, and what the ridge shrinks toward (weighing as
+  CORRECTION_PRIOR_WINDOWS scored windows); a class without a prior starts from no correction.
 
 T_r(0) is that calibrated prediction; later steps follow the structural model's relative change
 T_r(k) / T_r(0) (the structural T above, with the learned parameters and the newest state).
@@ -76,8 +80,10 @@ T_r(k) / T_r(0) (the structural T above, with the learned parameters and the new
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from dataclasses import dataclass
+from importlib import resources
 
 import numpy as np
 
@@ -86,6 +92,54 @@ from fcd.city import CAR_SPACING, City
 
 DEFAULT_DISCHARGE = 0.5     # cars per second of green, per lane, before any estimate
 EWMA = 0.3
+
+
+CLASSES = ("unlit", "lit")     # the correction's classes of road, indexed by Model.lit
+
+
+@dataclass(frozen=True)
+class CorrectionPrior:
+    """The online correction's starting point, fitted offline by ``python -m fcd.train_prior`` on
+    SUMO scenarios that are not the validation's: per class of road (CLASSES) whether it has a
+    prior (``known``; a class without one starts from no correction), the coefficients ``beta``,
+    the training windows' weighted mean of x x^T (``gram``: how the features vary together, so
+    the prior weighs like CORRECTION_PRIOR_WINDOWS real windows) and the power of the correction
+    its own training record chose (used until the online record has CORRECTION_MIN windows)."""
+    known: np.ndarray       # (2,) bool
+    beta: np.ndarray        # (2, CORRECTION_FEATURES)
+    gram: np.ndarray        # (2, CORRECTION_FEATURES, CORRECTION_FEATURES)
+    power: np.ndarray       # (2,)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CorrectionPrior":
+        k = Model.CORRECTION_FEATURES
+        if data.get("features") != k:
+            raise ValueError(f"correction prior has {data.get('features')} features, the model {k}: "
+                             "regenerate it with python -m fcd.train_prior")
+        known = np.zeros(2, dtype=bool)
+        beta, gram, power = np.zeros((2, k)), np.zeros((2, k, k)), np.zeros(2)
+        for c, name in enumerate(CLASSES):
+            entry = data["classes"].get(name)
+            if entry is None:
+                continue
+            known[c] = True
+            beta[c], gram[c] = np.asarray(entry["beta"], dtype=float), np.asarray(entry["gram"], dtype=float)
+            power[c] = float(entry["power"])
+        return cls(known, beta, gram, power)
+
+
+PRIOR_FILE = "correction_prior.json"
+
+
+def packaged_prior() -> CorrectionPrior | None:
+    """The prior shipped with the package (fcd/data/correction_prior.json), None if absent."""
+    path = resources.files("fcd") / "data" / PRIOR_FILE
+    if not path.is_file():
+        return None
+    return CorrectionPrior.from_json(json.loads(path.read_text()))
+
+
+_PACKAGED = object()
 
 
 @dataclass
@@ -119,8 +173,11 @@ class Model:
     CORRECTION_SHRINKS = (0.0, 0.25, 0.5, 0.75, 1.0)
     CORRECTION_MIN = 100         # scored windows of a class before its correction may be used
     CORRECTION_RANGE = 4.0       # the correction changes a prediction by at most this factor
+    CORRECTION_PRIOR_WINDOWS = 300.0   # weight of the offline prior (CorrectionPrior), in scored windows
 
-    def __init__(self, city: City, turn_prior: float = 1.0) -> None:
+    def __init__(self, city: City, turn_prior: float = 1.0, correction_prior=_PACKAGED) -> None:
+        """``correction_prior``: the online correction's starting point (a CorrectionPrior; by
+        default the packaged one, None: start from no correction)."""
         self.city = city
         R = city.n_roads
         self.lit = city.exit_light >= 0
@@ -193,10 +250,25 @@ class Model:
         self.corr_b = np.zeros((2, k))
         self.corr_t = np.full(2, -np.inf)       # data time of the newest window in the sums
         self.corr_beta = np.zeros((2, k))
+        self.corr_prior = packaged_prior() if correction_prior is _PACKAGED else correction_prior
+        # the fit shrinks toward the prior (toward 0 without one): precision ridge + PRIOR_WINDOWS
+        # pseudo-windows of the training data's gram
+        self.corr_center = np.zeros((2, k))
+        self.corr_precision = np.broadcast_to(self.CORRECTION_RIDGE * np.eye(k), (2, k, k)).copy()
+        # every scored window (class, x, log(taken / predicted), weight), if a list: what
+        # fcd.train_prior fits the prior on
+        self.correction_log: list | None = None
         self.corr_fresh = np.zeros(2, dtype=bool)     # sums changed since beta was solved
         self.corr_skill = np.zeros((2, len(self.CORRECTION_SHRINKS)))   # fading sum of APE per shrink
         self.corr_scored = np.zeros(2, dtype=np.int64)
         self.corr_shrink = np.zeros(2)
+        if self.corr_prior is not None:
+            # a class without a prior keeps zeros: no correction until its record says otherwise
+            known = self.corr_prior.known
+            self.corr_center[known] = self.corr_prior.beta[known]
+            self.corr_precision[known] += self.CORRECTION_PRIOR_WINDOWS * self.corr_prior.gram[known]
+            self.corr_beta[known] = self.corr_prior.beta[known]
+            self.corr_shrink[known] = self.corr_prior.power[known]
         self.corr_pending: list[deque] = [deque(maxlen=16) for _ in range(R)]
         # what the light delay's point queue expects over the coming window, per lit road
         self.red_ahead = np.zeros(R)        # share of the window the light is red
@@ -328,6 +400,8 @@ class Model:
             weight = float(np.clip(base / travel, 0.05, 20.0))
             self.corr_A[c] += weight * np.outer(x, x)
             self.corr_b[c] += weight * x * np.log(travel / base)
+            if self.correction_log is not None:
+                self.correction_log.append((c, x, float(np.log(travel / base)), weight))
             self.corr_fresh[c] = True
 
     def _features(self, now: float, level: np.ndarray, factor: np.ndarray) -> np.ndarray:
@@ -575,8 +649,9 @@ class Model:
         cls = self.lit.astype(np.int64)
         bound = np.log(self.CORRECTION_RANGE)
         for c in np.flatnonzero(self.corr_fresh):
-            ridge = self.CORRECTION_RIDGE * np.eye(self.CORRECTION_FEATURES)
-            self.corr_beta[c] = np.linalg.solve(self.corr_A[c] + ridge, self.corr_b[c])
+            prior = self.corr_precision[c]
+            self.corr_beta[c] = np.linalg.solve(self.corr_A[c] + prior,
+                                                self.corr_b[c] + prior @ self.corr_center[c])
             self.corr_fresh[c] = False
         correction = np.clip(np.einsum("rk,rk->r", X, self.corr_beta[cls]), -bound, bound)
         for r in range(len(base)):

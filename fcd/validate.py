@@ -114,34 +114,44 @@ class Scenario:
     additional: list[Path] = field(default_factory=list)
 
 
+# netgenerate's arguments per generated network shape (fcd.train_prior trains on other sizes)
+GENERATED_SHAPES = {
+    "grid": ["--grid", "--grid.number", "4", "--grid.length", "200", "--default.lanenumber", "2"],
+    "spider": ["--spider", "--spider.arm-number", "6", "--spider.circle-number", "4", "--spider.space-radius", "120"],
+    "random": ["--rand", "--rand.iterations", "60", "--rand.min-distance", "120", "--rand.max-distance", "250",
+               "--default.lanenumber", "1"],
+}
+
+
+def generated_scenario(name: str, work: Path, duration: float, seed: int, lights: str,
+                       shape_args: list[str], junctions: str = "traffic_light", period: float = 1.0) -> Scenario:
+    """A netgenerate network (``shape_args``; junctions of type ``junctions``, lights of kind
+    ``lights``: static or actuated) with randomTrips demand (a trip every ``period`` seconds)
+    over ``duration`` seconds, both seeded with ``seed``."""
+    work.mkdir(parents=True, exist_ok=True)
+    net = work / f"{name}.net.xml"
+    cmd = [sumo_binary("netgenerate"), "-o", net.name, "--seed", str(seed),
+           "--default-junction-type", junctions, "--tls.default-type", lights, *shape_args]
+    _run(cmd, work, "netgenerate")
+    routes = work / f"{name}.rou.xml"
+    trips = [sys.executable, str(sumo_home() / "tools" / "randomTrips.py"), "-n", net.name,
+             "-o", f"{name}.trips.xml", "-r", routes.name, "-b", "0", "-e", str(duration), "-p", str(period),
+             "--fringe-factor", "5", "--seed", str(seed), "--min-distance", "300"]
+    env_path = dict(os.environ, PATH=f"{Path(sumo_binary('duarouter')).parent}:{os.environ.get('PATH', '')}")
+    log.info("randomTrips: %s", " ".join(trips))
+    done = subprocess.run(trips, cwd=work, env=dict(env_path, SUMO_HOME=str(sumo_home())),
+                          capture_output=True, text=True)
+    if done.returncode != 0 or not routes.exists():
+        raise ConfigError(f"randomTrips failed: {(done.stderr or done.stdout).strip()[-300:]}")
+    return Scenario(name, net, [routes], 0.0, duration, [" ".join(cmd[1:]), "randomTrips.py " + " ".join(trips[2:])])
+
+
 def build_scenario(name: str, work: Path, duration: float, seed: int) -> Scenario:
     """Network and demand of a scenario in ``work``."""
     work.mkdir(parents=True, exist_ok=True)
     if name in GENERATED:
         shape, lights = name.split("-")
-        net = work / f"{name}.net.xml"
-        cmd = [sumo_binary("netgenerate"), "-o", net.name, "--seed", str(seed),
-               "--default-junction-type", "traffic_light", "--tls.default-type", lights]
-        if shape == "grid":
-            cmd += ["--grid", "--grid.number", "4", "--grid.length", "200", "--default.lanenumber", "2"]
-        elif shape == "spider":
-            cmd += ["--spider", "--spider.arm-number", "6", "--spider.circle-number", "4",
-                    "--spider.space-radius", "120"]
-        else:
-            cmd += ["--rand", "--rand.iterations", "60", "--rand.min-distance", "120", "--rand.max-distance", "250",
-                    "--default.lanenumber", "1"]
-        _run(cmd, work, "netgenerate")
-        routes = work / f"{name}.rou.xml"
-        trips = [sys.executable, str(sumo_home() / "tools" / "randomTrips.py"), "-n", net.name,
-                 "-o", f"{name}.trips.xml", "-r", routes.name, "-b", "0", "-e", str(duration), "-p", "1.0",
-                 "--fringe-factor", "5", "--seed", str(seed), "--min-distance", "300"]
-        env_path = dict(os.environ, PATH=f"{Path(sumo_binary('duarouter')).parent}:{os.environ.get('PATH', '')}")
-        log.info("randomTrips: %s", " ".join(trips))
-        done = subprocess.run(trips, cwd=work, env=dict(env_path, SUMO_HOME=str(sumo_home())),
-                              capture_output=True, text=True)
-        if done.returncode != 0 or not routes.exists():
-            raise ConfigError(f"randomTrips failed: {(done.stderr or done.stdout).strip()[-300:]}")
-        return Scenario(name, net, [routes], 0.0, duration, [" ".join(cmd[1:]), "randomTrips.py " + " ".join(trips[2:])])
+        return generated_scenario(name, work, duration, seed, lights, GENERATED_SHAPES[shape])
     if name in RESCO or name in RESCO_ACTUATED:
         city = name.removesuffix("-actuated")
         src = resco_dir() / city
@@ -223,16 +233,17 @@ def usable_at(city: City, report: Any, boundary: float) -> bool:
 
 
 def predictions_from(city: City, reports: list[Any], boundaries: list[float],
-                     window: float | None = None, present: dict[float, np.ndarray] | None = None
-                     ) -> dict[float, np.ndarray]:
+                     window: float | None = None, present: dict[float, np.ndarray] | None = None,
+                     model=None) -> dict[float, np.ndarray]:
     """The model fed the reports in data-time order (then by road); at every boundary its
     prediction from the reports whose data all lie before it (:func:`usable_at`: no probe at or
     after the boundary is seen, no leakage) and, where ``present`` has it, the state of every
     road at the boundary (``Model.present``; from the probes before it): its queue, or rows of
     cars, queue and moving speed.  Both replays score
-    their reports with this one function."""
+    their reports with this one function.  ``model``: a fresh Model of ``city`` to use (default:
+    ``Model(city)``; fcd.train_prior passes one that logs its scored windows)."""
     from fcd.model import Model
-    model = Model(city)
+    model = Model(city) if model is None else model
     model.window = window
     # reports in the order they become usable: at equal times a periodic report (data before t)
     # before a light's (data up to t)
@@ -254,12 +265,13 @@ def predictions_from(city: City, reports: list[Any], boundaries: list[float],
 
 
 def replay(trace: Trace, boundaries: list[float], batch: int = 2048, window: float | None = None,
-           present: bool = True) -> Replay:
+           present: bool = True, correction_prior: bool = True) -> Replay:
     """In this process: trace -> datagrams (generators' encoding) -> Ingest (box / server
     aggregation) in ``batch``-datagram batches -> reports -> model predictions.  Batches are cut
     at every boundary; with ``present``, the aggregator's cars, queue and moving speed on every
     road there (from the probes before the boundary, ``Aggregator.road_states``) are given to
-    the model too."""
+    the model too.  Without ``correction_prior`` the model's online correction starts from no
+    correction instead of the packaged offline prior (``fcd.train_prior``)."""
     from fcd.aggregate import Ingest
     from fcd.gen import Stream
     city = trace.city
@@ -289,7 +301,10 @@ def replay(trace: Trace, boundaries: list[float], batch: int = 2048, window: flo
              "lost": ingest.seq.snapshot()["lost"],
              "present_state": "the aggregator's queues at every boundary" if present else "none"}
     known = queues if present else None
-    return Replay(reports, predictions_from(city, reports, boundaries, window, known), stats, known)
+    from fcd.model import Model
+    model = None if correction_prior else Model(city, correction_prior=None)
+    stats["correction_prior"] = "packaged" if correction_prior else "none"
+    return Replay(reports, predictions_from(city, reports, boundaries, window, known, model=model), stats, known)
 
 
 HISTORY_DEPTH = 100_000    # reports kept per road by the validation's server: all of a run
@@ -507,7 +522,7 @@ def compare_routes(city: City, trips: list[tuple], predictions: dict[float, np.n
 
 def validate_scenario(name: str, work: Path, duration: float, interval: float, seed: int,
                       warmup: float, through: str = "in-process", speed: float = 20.0,
-                      present: bool = True) -> dict[str, Any]:
+                      present: bool = True, correction_prior: bool = True) -> dict[str, Any]:
     from fcd.sumo import (read_edgedata, read_fcd, read_lane_positions, read_queues, read_tls, read_vehroutes,
                           read_vtypes)
     started = time.monotonic()
@@ -526,7 +541,7 @@ def validate_scenario(name: str, work: Path, duration: float, interval: float, s
     if through == "processes":
         rep = replay_processes(trace, boundaries, work / "processes", window=interval, speed=speed)
     else:
-        rep = replay(trace, boundaries, window=interval, present=present)
+        rep = replay(trace, boundaries, window=interval, present=present, correction_prior=correction_prior)
     switch_times = {round(float(t), 2) for t in lights["t"]}
     vtypes = read_vtypes(sc.routes)
     car_length, min_gap = next(iter(vtypes.values())) if len(vtypes) == 1 else (5.0, 2.5)
@@ -637,6 +652,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-present-state", dest="present", action="store_false",
                    help="in process, predict from the reports only, without the aggregator's queue on every "
                         "road at the interval's start (what --through processes sees: a box sends no state)")
+    p.add_argument("--no-correction-prior", dest="correction_prior", action="store_false",
+                   help="in process, start the model's online correction from no correction instead of the "
+                        "packaged offline prior (fcd/data/correction_prior.json, python -m fcd.train_prior)")
     p.add_argument("--work", type=Path, default=None, help="directory for SUMO files (default: a temporary one)")
     p.add_argument("--json", type=Path, help="write the results as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG plot")
@@ -649,7 +667,7 @@ def run_validation(args) -> list[dict[str, Any]]:
     try:
         for name in args.scenarios:
             res = validate_scenario(name, work / name, args.duration, args.interval, args.seed, args.warmup,
-                                    args.through, args.speed, args.present)
+                                    args.through, args.speed, args.present, args.correction_prior)
             results.append(res)
             print(summary_line(res), flush=True)
     finally:

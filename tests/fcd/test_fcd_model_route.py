@@ -15,14 +15,15 @@ def city():
 
 
 def test_model_conserves_cars_and_drains_queues(city):
-    model = Model(city)
+    model = Model(city, correction_prior=None)
     model.n[:] = 5.0
     model.q[:] = 3.0
     pred = model.predict(horizon=4)
     # cars only move between roads: totals are conserved (no road saturates here)
     assert np.allclose(pred.n.sum(axis=1), pred.n[0].sum())
     assert np.all(pred.q <= pred.n + 1e-9) and np.all(pred.q >= 0)
-    # nothing observed yet: the prediction now is the free-flow time, later steps follow the structure
+    # nothing observed yet (and no offline prior of the correction): the prediction now is the
+    # free-flow time, later steps follow the structure
     assert np.allclose(pred.traverse[0], city.length / city.speed)
     structural = model.structural(4)[2]
     assert np.allclose(pred.traverse / pred.traverse[0], structural / structural[0])

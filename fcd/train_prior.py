@@ -1,0 +1,169 @@
+"""Fit the online correction's prior offline (``python -m fcd.train_prior``).
+
+The model's online correction (``Model._score_correction``) is a ridge regression per class of
+road (without / with a light) of log(travel taken / prediction) on what was known at the
+prediction's moment.  Online it starts from this prior instead of from "no correction": the
+prior is its estimate before enough windows are scored, and what the online fit shrinks toward.
+
+The prior is fitted here on SUMO scenarios made by SUMO's own tools (netgenerate grid, spider
+and random networks, static and actuated lights, some with priority junctions and lights only
+where netgenerate guesses them; randomTrips demand at several rates) that are NOT fcd-validate's
+scenarios: other sizes, other seeds (TRAINING_SEED_BASE + i, never the validation's default
+seed 1), and never the RESCO city cuts.  Each is run through the same replay as fcd-validate
+(in process, with the present state), the model logs every window it scores, and the windows of
+all scenarios are fitted at once (weighted like the online fit, without fading).  Deterministic:
+SUMO, netgenerate and randomTrips are seeded and the replay runs in data time.
+
+Writes fcd/data/correction_prior.json (package data): per class the coefficients, the weighted
+mean of x x^T over the training windows (so the online fit can weigh the prior as a number of
+windows), the power of the correction chosen by its own training record, and how it was made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from cliruntime import ConfigError, make_parser, run_sync
+from fcd.model import CLASSES, PRIOR_FILE, Model
+
+log = logging.getLogger("fcd.train_prior")
+
+TRAINING_SEED_BASE = 100
+# the classes a prior is shipped for: on fcd-validate's 18 scenarios an unlit-road prior from these
+# networks made the small city cuts worse (Ingolstadt 1 actuated 0.673 -> 0.736 x free flow's MAPE;
+# docs/fcd.md), so unlit roads start from no correction as before
+PRIOR_CLASSES = ("lit",)
+# (name, lights, junction type, netgenerate shape arguments, seconds between trips): sizes unlike
+# fcd-validate's (grid 4x200 m, spider 6 arms x 4 circles, random 60 iterations, all lit)
+TRAINING = [
+    ("train-grid3", "static", "traffic_light",
+     ["--grid", "--grid.number", "3", "--grid.length", "250", "--default.lanenumber", "1"], 1.0),
+    ("train-grid5", "actuated", "traffic_light",
+     ["--grid", "--grid.number", "5", "--grid.length", "150", "--default.lanenumber", "2"], 0.6),
+    ("train-spider5", "static", "traffic_light",
+     ["--spider", "--spider.arm-number", "5", "--spider.circle-number", "3", "--spider.space-radius", "150"], 0.8),
+    ("train-spider7", "actuated", "traffic_light",
+     ["--spider", "--spider.arm-number", "7", "--spider.circle-number", "5", "--spider.space-radius", "100"], 1.0),
+    ("train-random40", "static", "priority",
+     ["--rand", "--rand.iterations", "40", "--rand.min-distance", "100", "--rand.max-distance", "200",
+      "--default.lanenumber", "2", "--tls.guess"], 0.7),
+    ("train-random80", "actuated", "priority",
+     ["--rand", "--rand.iterations", "80", "--rand.min-distance", "150", "--rand.max-distance", "300",
+      "--default.lanenumber", "1", "--tls.guess"], 1.0),
+    ("train-random50-lit", "static", "traffic_light",
+     ["--rand", "--rand.iterations", "50", "--rand.min-distance", "150", "--rand.max-distance", "250",
+      "--default.lanenumber", "1"], 1.2),
+    ("train-grid4-priority", "actuated", "priority",
+     ["--grid", "--grid.number", "4", "--grid.length", "180", "--default.lanenumber", "1", "--tls.guess"], 0.8),
+]
+
+
+def scored_windows(name: str, lights: str, junctions: str, shape: list[str], period: float, seed: int,
+                   work: Path, duration: float, interval: float) -> tuple[list, list[str]]:
+    """Run one training scenario through fcd-validate's replay; the windows the model scored
+    (class, features, log(taken / predicted), weight) and the commands that made it."""
+    from fcd.city import from_sumo_net
+    from fcd.sumo import read_fcd, read_tls
+    from fcd.trace import Trace
+    from fcd.validate import generated_scenario, predictions_from, replay, run_sumo
+    sc = generated_scenario(name, work, duration, seed, lights, shape, junctions=junctions, period=period)
+    outputs = run_sumo(sc, work, interval, seed)
+    city = from_sumo_net(sc.net)
+    probes, _ = read_fcd(outputs["fcd"], city)
+    switches, _ = read_tls(outputs["tls"], city)
+    trace = Trace(city, probes, switches, meta={"source": "sumo", "scenario": name})
+    boundaries = list(np.arange(sc.begin, sc.end, interval))
+    rep = replay(trace, boundaries, window=interval, present=True)
+    model = Model(city, correction_prior=None)
+    model.correction_log = []
+    predictions_from(city, rep.reports, boundaries, interval, rep.present, model=model)
+    # netgenerate's and randomTrips' commands (relative paths: the file does not depend on --work)
+    return model.correction_log, sc.commands[:2]
+
+
+def fit(windows: list, classes=PRIOR_CLASSES) -> dict:
+    """Per class in ``classes`` the weighted ridge fit (Model's weighting, no fading), the
+    weighted mean of x x^T, and the power of the correction with the least APE on the training
+    windows; None for the other classes (they start from no correction)."""
+    k = Model.CORRECTION_FEATURES
+    out: dict = {}
+    bound = np.log(Model.CORRECTION_RANGE)
+    for c, name in enumerate(CLASSES):
+        if name not in classes:
+            out[name] = None
+            continue
+        rows = [w for w in windows if w[0] == c]
+        if not rows:
+            raise ConfigError(f"no training window of road class {name}")
+        X = np.array([w[1] for w in rows])
+        y = np.array([w[2] for w in rows])
+        weight = np.array([w[3] for w in rows])
+        A = (X * weight[:, None]).T @ X
+        beta = np.linalg.solve(A + Model.CORRECTION_RIDGE * np.eye(k), (X * weight[:, None]).T @ y)
+        correction = np.clip(X @ beta, -bound, bound)
+        # APE of base * exp(s correction) against taken = base * exp(y), relative to taken
+        ape = [float(np.abs(np.exp(s * correction - y) - 1.0).sum()) for s in Model.CORRECTION_SHRINKS]
+        out[name] = {"beta": beta.tolist(), "gram": (A / weight.sum()).tolist(),
+                     "power": Model.CORRECTION_SHRINKS[int(np.argmin(ape))], "windows": len(rows),
+                     "training_mape_by_power": dict(zip(map(str, Model.CORRECTION_SHRINKS),
+                                                        (a / len(rows) for a in ape)))}
+    return out
+
+
+def build_parser():
+    p = make_parser("fcd-train-prior", "Fit the online correction's prior on generated SUMO scenarios "
+                    "(never fcd-validate's) and write it as package data.", examples=[
+        "python -m fcd.train_prior",
+        "python -m fcd.train_prior --out /tmp/prior.json --work /tmp/train",
+    ])
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "data" / PRIOR_FILE)
+    p.add_argument("--duration", type=float, default=900.0)
+    p.add_argument("--interval", type=float, default=60.0)
+    p.add_argument("--classes", default=",".join(PRIOR_CLASSES),
+                   help=f"comma list of the road classes to fit a prior for ({', '.join(CLASSES)})")
+    p.add_argument("--work", type=Path, default=None, help="directory for SUMO files (default: a temporary one)")
+    return p
+
+
+def run(args, stats) -> int:
+    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
+    if not set(classes) <= set(CLASSES):
+        raise ConfigError(f"--classes: unknown {sorted(set(classes) - set(CLASSES))} (known: {', '.join(CLASSES)})")
+    work = args.work or Path(tempfile.mkdtemp(prefix="fcd-train-prior-"))
+    windows: list = []
+    scenarios = []
+    try:
+        for i, (name, lights, junctions, shape, period) in enumerate(TRAINING):
+            seed = TRAINING_SEED_BASE + i
+            got, commands = scored_windows(name, lights, junctions, shape, period, seed, work / name,
+                                           args.duration, args.interval)
+            windows += got
+            scenarios.append({"name": name, "seed": seed, "windows": len(got), "commands": commands})
+            print(f"{name}: {len(got)} scored windows", flush=True)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    data = {"features": Model.CORRECTION_FEATURES, "classes": fit(windows, classes),
+            "generated_by": f"python -m fcd.train_prior --classes {','.join(classes)} --duration {args.duration:g} "
+                            f"--interval {args.interval:g}", "duration": args.duration, "interval": args.interval,
+            "training": scenarios,
+            "disjoint_from": "fcd-validate's scenarios: other netgenerate sizes and seeds, no RESCO city cut"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=1) + "\n")
+    stats["windows"] = len(windows)
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_sync(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""The online correction's offline prior (``fcd.train_prior`` -> ``Model(correction_prior=)``):
+fitted on scenarios disjoint from fcd-validate's, the correction before any window is scored,
+and what the online fit shrinks toward until the data overrule it."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fcd import train_prior
+from fcd.aggregate import RoadReport
+from fcd.city import City, grid_city
+from fcd.model import CLASSES, CorrectionPrior, Model, packaged_prior
+from fcd.validate import ALL_SCENARIOS, GENERATED_SHAPES, RESCO
+
+K = Model.CORRECTION_FEATURES
+
+
+@pytest.fixture(scope="module")
+def half_lit():
+    grid = grid_city(3, 3, block=200.0, cycle=60.0, offsets="zero")
+    lights = [dataclasses.replace(light, id=i) for i, light in enumerate(grid.lights[::2])]
+    return City(grid.graph, lights, junction_radius=grid.junction_radius)
+
+
+def hand_prior(unlit_log_factor: float) -> CorrectionPrior:
+    """A prior for the unlit class only: a constant log correction (the bias feature, x[0] = 1)."""
+    beta = np.zeros((2, K))
+    beta[0, 0] = unlit_log_factor
+    gram = np.zeros((2, K, K))
+    gram[0] = np.eye(K)
+    return CorrectionPrior(np.array([True, False]), beta, gram, np.array([1.0, 0.0]))
+
+
+def test_packaged_prior_matches_the_model():
+    prior = packaged_prior()
+    assert prior is not None, "fcd/data/correction_prior.json is package data: python -m fcd.train_prior"
+    assert prior.beta.shape == (2, K) and prior.gram.shape == (2, K, K)
+    # shipped for lit roads only (an unlit prior made the small city cuts worse: docs/fcd.md)
+    assert list(prior.known) == [name in train_prior.PRIOR_CLASSES for name in CLASSES]
+    lit = CLASSES.index("lit")
+    assert np.allclose(prior.gram[lit], prior.gram[lit].T) and np.linalg.eigvalsh(prior.gram[lit]).min() > -1e-9
+    assert prior.power[lit] in Model.CORRECTION_SHRINKS
+
+
+def test_prior_with_other_feature_count_is_refused():
+    with pytest.raises(ValueError, match="features"):
+        CorrectionPrior.from_json({"features": K - 1, "classes": {}})
+
+
+def test_training_scenarios_are_not_the_validation_scenarios():
+    """Disjoint by construction: no RESCO cut, no validation name or seed, no validation size."""
+    validation_seed = 1          # fcd-validate's default --seed
+    names = [name for name, *_ in train_prior.TRAINING]
+    assert not set(names) & set(ALL_SCENARIOS)
+    assert not any(cut in name for name in names for cut in RESCO)
+    seeds = [train_prior.TRAINING_SEED_BASE + i for i in range(len(names))]
+    assert validation_seed not in seeds and len(set(seeds)) == len(seeds)
+    for _, _, _, shape, _ in train_prior.TRAINING:
+        assert shape not in GENERATED_SHAPES.values()
+
+
+def test_fit_recovers_a_log_linear_correction_and_skips_other_classes():
+    rng = np.random.default_rng(5)
+    truth = rng.normal(0, 0.3, K)
+    windows = []
+    for _ in range(3000):
+        x = np.concatenate([[1.0], rng.normal(0, 1, K - 1)])
+        windows.append((1, x, float(x @ truth), 1.0))
+    out = train_prior.fit(windows, classes=("lit",))
+    assert out["unlit"] is None
+    assert np.allclose(out["lit"]["beta"], truth, atol=1e-3)
+    assert out["lit"]["power"] == 1.0 and out["lit"]["windows"] == 3000
+    again = train_prior.fit(list(windows), classes=("lit",))
+    assert again == out                       # deterministic
+
+
+def test_prior_is_the_correction_before_any_window_is_scored(half_lit):
+    city = half_lit
+    unlit = city.exit_light < 0
+    with_prior = Model(city, correction_prior=hand_prior(np.log(2.0))).predict(1, now=0.0).traverse[0]
+    without = Model(city, correction_prior=None).predict(1, now=0.0).traverse[0]
+    assert np.allclose(with_prior[unlit], 2.0 * without[unlit])
+    assert np.allclose(with_prior[~unlit], without[~unlit])      # a class without a prior: unchanged
+
+
+def test_online_fit_moves_from_the_prior_to_the_data(half_lit):
+    """A prior saying x2 on a road whose cars take the free-flow time, minute after minute: the
+    first prediction follows the prior; the fit moves toward the data but, with one road's
+    windows faded over CORRECTION_MEMORY against the prior's CORRECTION_PRIOR_WINDOWS, stays
+    near the prior; the correction's own record then turns it off (power 0)."""
+    city = half_lit
+    road = int(np.flatnonzero(city.exit_light < 0)[0])
+    length, free = city.length[road], city.length[road] / city.speed[road]
+    model = Model(city, correction_prior=hand_prior(np.log(2.0)))
+    model.window = 60.0
+    first = None
+    fitted = []
+    for k in range(1, Model.CORRECTION_MIN + 200):
+        t = 60.0 * k
+        model.observe(RoadReport(road, t, True, queue=0, cars=2, density=0.0, mean_speed=city.speed[road],
+                                 departures=5, interval=60.0, was_green=True, samples=600.0,
+                                 distance=600.0 * length / free))
+        predicted = model.predict(1, now=t).traverse[0][road]
+        first = predicted if first is None else first
+        fitted.append(model.corr_beta[0] @ model._features(t, model.calibrated(), np.ones(city.n_roads))[road])
+    assert first > 1.5 * free                      # the prior's x2 (the level is near free flow)
+    assert fitted[5] > 0.6                          # a few windows barely move it
+    assert 0.0 < fitted[-1] < fitted[5] - 0.03      # the data pull it toward 0, the prior holds it
+    assert model.corr_scored[0] >= Model.CORRECTION_MIN and model.corr_shrink[0] == 0.0
+    assert abs(predicted / free - 1.0) < 0.1
+
+
+def test_validation_replay_with_and_without_the_prior(half_lit):
+    """fcd-validate's --no-correction-prior: the in-process replay's model starts from no
+    correction (what Model(city, correction_prior=None) predicts from the same reports); by
+    default from the packaged prior, which changes the lit roads' predictions from the start."""
+    from fcd.sim import Simulator
+    from fcd.validate import predictions_from, replay
+    trace = Simulator(half_lit, cars=120, seed=7).run(240.0)
+    boundaries = [0.0, 60.0, 120.0, 180.0]
+    with_prior = replay(trace, boundaries, window=60.0)
+    without = replay(trace, boundaries, window=60.0, correction_prior=False)
+    assert with_prior.stats["correction_prior"] == "packaged" and without.stats["correction_prior"] == "none"
+    plain = predictions_from(half_lit, without.reports, boundaries, 60.0, without.present,
+                             model=Model(half_lit, correction_prior=None))
+    lit = half_lit.exit_light >= 0
+    for b in boundaries:
+        assert np.array_equal(without.predictions[b], plain[b])
+        assert np.array_equal(with_prior.predictions[b][~lit], without.predictions[b][~lit])
+    assert not np.allclose(with_prior.predictions[0.0][lit], without.predictions[0.0][lit])
