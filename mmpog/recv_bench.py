@@ -8,7 +8,7 @@ One synthetic stream is built as the reflector sends it to one member (updates f
 players, 25% reliable with consecutive seqs, unreliable ones carrying the last seq, ``--loss``
 of the updates dropped so gap detection and NACKs run too, each lost reliable one arriving again
 as the reflector's retransmission a few updates later, ``--bundle`` updates per BUNDLE)
-and is timed (``time.process_time``, the best of ``--repeat`` passes) through three stages:
+and is timed (``time.process_time``, the best of ``--repeat`` passes) through these stages:
 
 * ``wire``: ``wire.decode`` of every datagram and ``wire.decode_bundle`` of each BUNDLE;
 * ``endpoint``: a joined :class:`~mmpog.reliability.ClientEndpoint`'s ``receive_datagram`` and its
@@ -19,10 +19,18 @@ and is timed (``time.process_time``, the best of ``--repeat`` passes) through th
   not in it;
 * ``socket``: the whole receive path of a bot, the reads included: the stream is sent to the
   bot's own socket over loopback ``--wakeup`` datagrams at a time and each time the bot's reader
-  (``BotClient._drain``) runs once, as the event loop would run it: ``recvmmsg`` with each
-  datagram's kernel stamp (:class:`boxcore.udpbatch.BatchReceiver`), then the ``bot`` stage's work;
-  ``socket_recvmsg`` the same with one ``recvmsg`` per datagram (the bots' receive path before
-  the batch receiver).  Only the reader's CPU is counted, not the sender's.
+  (``BotClient._drain``) runs until it has read them, as a level-triggered event loop runs it: the
+  first datagram with ``recvmsg`` and its kernel stamp, the rest with ``recvmmsg`` if that one
+  came late (:class:`boxcore.udpbatch.BatchReceiver`), then the ``bot`` stage's work;
+  ``socket_recvmmsg`` the same with ``recvmmsg`` from the first datagram (the bots' path before),
+  ``socket_recvmsg`` with one ``recvmsg`` per datagram and one more that finds the socket empty
+  (the path before the batch receiver).  Only the reader's CPU is counted, not the sender's;
+  ``time.process_time`` around each wake-up adds about 1 us to each of them.
+* ``loop`` (with ``--loop-bots N``): N joined bots on this process's event loop (uvloop, as a
+  bots worker), the stream sent to each of them by another process at 630 datagrams/s, each
+  datagram to all N back to back as a fan-out does; CPU of this process (``getrusage``) per
+  datagram received, for each read path, the paths alternated ``--repeat`` rounds.  It counts
+  what the socket stages leave out: the loop's pass per wake-up and cold caches between wake-ups.
 
 Figures are microseconds of CPU per update; compare them within one run or between two runs on a
 quiet machine, never against a fixed number.

@@ -46,3 +46,21 @@ async def test_bot_reads_its_socket_and_every_update_reaches_the_game():
     # a busy test host may make a first datagram late: then recvmmsg takes the rest in one more call
     assert len(datagrams) / 4 < syscalls["socket"] <= len(datagrams)
     assert syscalls["socket_recvmsg"] > len(datagrams)
+
+
+async def test_loop_stage_counts_cpu_while_every_bot_gets_the_whole_stream():
+    """The loop stage: bots on this event loop, the stream from another process; each bot reads every
+    datagram (the stage raises if any is missing), and the CPU it reports is this process's."""
+    datagrams = recv_bench.build_stream(300, bundle=1, loss=0.05, payload=64, seed=7)
+    group = [await recv_bench._joined_bot(*recv_bench.READ_PATHS["socket"]) for _ in range(3)]
+    try:
+        before = [bot.client.datagrams for bot, _ in group]
+        spent = await recv_bench.stage_loop([bot for bot, _ in group], datagrams, rate=3000.0)
+        assert [bot.client.datagrams - b for (bot, _), b in zip(group, before)] == [len(datagrams)] * 3
+        assert 0 < spent
+        expected = recv_bench.stage_endpoint(datagrams, recv_bench._times(300, datagrams)).stats["received"]
+        assert all(len(bot.got) == len(bot.arrived) == expected for bot, _ in group)
+    finally:
+        for bot, sock in group:
+            await bot.client.close()
+            sock.close()
