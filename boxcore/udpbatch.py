@@ -12,7 +12,8 @@ buffer of fixed ``slot``-byte slots, each with its own ``control``-byte slot of 
   (:meth:`~BatchReceiver.receive_slots`: a raw ingest that parses columns);
 * the payloads and each one's kernel receive time (:meth:`~BatchReceiver.receive_stamped`,
   ``SO_TIMESTAMPNS`` set on the socket: :func:`enable_timestamps`), read for the whole batch at
-  once from the control slots;
+  once from the control slots; or one datagram and its time with the stdlib's ``recvmsg``
+  (:meth:`~BatchReceiver.receive_one_stamped`: cheaper when a wake-up finds one datagram);
 * the payloads and each one's ancillary data as ``recvmsg`` gives it
   (:meth:`~BatchReceiver.receive_ancillary`: ``[(level, type, data), ...]`` per datagram).
 
@@ -54,6 +55,7 @@ def _cmsg_align(n: int) -> int:
 _CMSG_DATA = _cmsg_align(CMSG_HEADER.size)          # where a cmsg's data starts (CMSG_DATA)
 _FIRST_STAMP = struct.Struct(f"@NiI{_CMSG_DATA - CMSG_HEADER.size}xqq")   # a cmsg header + a timespec
 _STAMP_END = _CMSG_DATA + TIMESPEC.size
+_unpack_timespec = TIMESPEC.unpack_from
 
 
 # Linux: SO_MEMINFO answers the socket's memory counters (u32[SK_MEMINFO_VARS]); the last one,
@@ -287,6 +289,29 @@ class BatchReceiver:
                 stamps.append(timestamp_of(self._ancillary(index, controllen)))
             give_back(msgs, offset + _CONTROLLEN_OFFSET, control)
         return payloads, stamps
+
+    def receive_one_stamped(self) -> tuple[bytes, float] | None:
+        """(payload, kernel receive time) of the next datagram, None when nothing waits.
+
+        One stdlib ``recvmsg`` (C, no ctypes, no header array to read back): the cheapest stamped
+        read of a single datagram, for a reader that the event loop calls again while its socket
+        stays readable.  The time is what :meth:`receive_stamped` gives for the same datagram
+        (``SCM_TIMESTAMPNS`` in CLOCK_REALTIME seconds, NaN without one); cut datagrams and
+        control data are counted the same way."""
+        self.syscalls += 1
+        try:
+            data, ancillary, flags, _ = self.sock.recvmsg(self.slot, self.control)
+        except (BlockingIOError, InterruptedError):
+            return None
+        if flags & (MSG_TRUNC | MSG_CTRUNC):
+            self.truncated += bool(flags & MSG_TRUNC)
+            self.control_truncated += bool(flags & MSG_CTRUNC)
+        if ancillary:
+            level, kind, stamp = ancillary[0]
+            if kind == SCM_TIMESTAMPNS and level == socket.SOL_SOCKET and len(stamp) >= TIMESPEC.size:
+                seconds, nanoseconds = _unpack_timespec(stamp)
+                return data, seconds + nanoseconds * 1e-9
+        return data, timestamp_of(ancillary)
 
     def receive_ancillary(self) -> list[tuple[bytes, list[tuple[int, int, bytes]]]]:
         """``(payload, [(level, type, data), ...])`` for what the socket holds now, as ``recvmsg`` gives each."""

@@ -8,7 +8,7 @@ One synthetic stream is built as the reflector sends it to one member (updates f
 players, 25% reliable with consecutive seqs, unreliable ones carrying the last seq, ``--loss``
 of the updates dropped so gap detection and NACKs run too, each lost reliable one arriving again
 as the reflector's retransmission a few updates later, ``--bundle`` updates per BUNDLE)
-and is timed (``time.process_time``, the best of ``--repeat`` passes) through three stages:
+and is timed (``time.process_time``, the best of ``--repeat`` passes) through these stages:
 
 * ``wire``: ``wire.decode`` of every datagram and ``wire.decode_bundle`` of each BUNDLE;
 * ``endpoint``: a joined :class:`~mmpog.reliability.ClientEndpoint`'s ``receive_datagram`` and its
@@ -19,10 +19,18 @@ and is timed (``time.process_time``, the best of ``--repeat`` passes) through th
   not in it;
 * ``socket``: the whole receive path of a bot, the reads included: the stream is sent to the
   bot's own socket over loopback ``--wakeup`` datagrams at a time and each time the bot's reader
-  (``BotClient._drain``) runs once, as the event loop would run it: ``recvmmsg`` with each
-  datagram's kernel stamp (:class:`boxcore.udpbatch.BatchReceiver`), then the ``bot`` stage's work;
-  ``socket_recvmsg`` the same with one ``recvmsg`` per datagram (the bots' receive path before
-  the batch receiver).  Only the reader's CPU is counted, not the sender's.
+  (``BotClient._drain``) runs until it has read them, as a level-triggered event loop runs it: the
+  first datagram with ``recvmsg`` and its kernel stamp, the rest with ``recvmmsg`` if that one
+  came late (:class:`boxcore.udpbatch.BatchReceiver`), then the ``bot`` stage's work;
+  ``socket_recvmmsg`` the same with ``recvmmsg`` from the first datagram (the bots' path before),
+  ``socket_recvmsg`` with one ``recvmsg`` per datagram and one more that finds the socket empty
+  (the path before the batch receiver).  Only the reader's CPU is counted, not the sender's;
+  ``time.process_time`` around each wake-up adds about 1 us to each of them.
+* ``loop`` (with ``--loop-bots N``): N joined bots on this process's event loop (uvloop, as a
+  bots worker), the stream sent to each of them by another process at 630 datagrams/s, each
+  datagram to all N back to back as a fan-out does; CPU of this process (``getrusage``) per
+  datagram received, for each read path, the paths alternated ``--repeat`` rounds.  It counts
+  what the socket stages leave out: the loop's pass per wake-up and cold caches between wake-ups.
 
 Figures are microseconds of CPU per update; compare them within one run or between two runs on a
 quiet machine, never against a fixed number.
@@ -35,9 +43,12 @@ import asyncio
 import cProfile
 import io
 import json
+import multiprocessing
 import pstats
 import random
+import resource
 import socket
+import statistics
 import time
 from pathlib import Path
 
@@ -116,7 +127,11 @@ def stage_endpoint(datagrams: list[bytes], times: list[float]) -> ClientEndpoint
     return endpoint
 
 
-async def _joined_bot(recvmmsg: bool = True) -> tuple[Bot, socket.socket]:
+# the bots' read paths the socket stages compare: BotClient's (recvmmsg, read_one_first)
+READ_PATHS = {"socket": (True, True), "socket_recvmmsg": (True, False), "socket_recvmsg": (False, False)}
+
+
+async def _joined_bot(recvmmsg: bool = True, read_one_first: bool = True) -> tuple[Bot, socket.socket]:
     """A BotClient joined through a ReflectorCore behind a loopback socket (the bench plays the reflector)."""
     reflector_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     reflector_sock.bind(("127.0.0.1", 0))
@@ -124,7 +139,8 @@ async def _joined_bot(recvmmsg: bool = True) -> tuple[Bot, socket.socket]:
     reflector_addr = reflector_sock.getsockname()
     core = ReflectorCore()
     core.add_member(LOCATION, PLAYER, TOKEN)
-    client = BotClient("http://127.0.0.1:9", "bench", "unused", rng=random.Random(1), recvmmsg=recvmmsg)
+    client = BotClient("http://127.0.0.1:9", "bench", "unused", rng=random.Random(1), recvmmsg=recvmmsg,
+                       read_one_first=read_one_first)
     client.player = PLAYER                     # what /login would have said
     bot = Bot(0, client, random.Random(1))
     client.on_event = bot.on_event
@@ -151,21 +167,68 @@ def stage_bot(bot: Bot, datagrams: list[bytes], times: list[float], batch: int) 
 
 
 def stage_socket(bot: Bot, datagrams: list[bytes], wakeup: int) -> float:
-    """CPU seconds the bot's reader spends on ``datagrams`` sent to its socket ``wakeup`` at a time."""
+    """CPU seconds the bot's reader spends on ``datagrams`` sent to its socket ``wakeup`` at a time.
+
+    The reader runs until it has read what was sent, as a level-triggered event loop calls it while
+    its socket stays readable (a reader that leaves datagrams for the next pass is called again; the
+    loop's own cost of that pass is not counted here: the ``loop`` stage counts it)."""
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    address = bot.client.local_address
-    drain = bot.client._drain
+    client = bot.client
+    address = client.local_address
+    drain = client._drain
     spent = 0.0
     try:
         for start in range(0, len(datagrams), wakeup):
             for data in datagrams[start:start + wakeup]:
                 sender.sendto(data, address)           # loopback: queued on the bot's socket on return
+            target = client.datagrams + len(datagrams[start:start + wakeup])
             started = time.process_time()
-            drain()
+            while client.datagrams < target:
+                before = client.datagrams
+                drain()
+                if client.datagrams == before:         # nothing read: lost on the loopback (the caller checks)
+                    break
             spent += time.process_time() - started
     finally:
         sender.close()
     return spent
+
+
+def _send_fanned_out(addresses: list, datagrams: list[bytes], rate: float) -> None:
+    """The loop stage's reflector (a process of its own, so its CPU is not counted): each datagram to
+    every address back to back, as a fan-out does, ``rate`` datagrams per second."""
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sendto, monotonic, sleep = sender.sendto, time.monotonic, time.sleep
+    start = monotonic() + 0.05
+    for index, data in enumerate(datagrams):
+        delay = start + index / rate - monotonic()
+        if delay > 0:
+            sleep(delay)
+        for address in addresses:
+            sendto(data, address)
+    sender.close()
+
+
+async def stage_loop(bots: list[Bot], datagrams: list[bytes], rate: float) -> float:
+    """CPU seconds this process spends while ``bots`` (one bots worker's players, on this event loop)
+    receive ``datagrams`` from another process at ``rate`` per second each: the real wake-ups, with the
+    event loop's own cost per wake-up and the cold caches of a process that sleeps between them."""
+    context = multiprocessing.get_context("spawn")
+    sender = context.Process(target=_send_fanned_out,
+                             args=([bot.client.local_address for bot in bots], datagrams, rate), daemon=True)
+    target = sum(bot.client.datagrams for bot in bots) + len(bots) * len(datagrams)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    sender.start()
+    deadline = time.monotonic() + 30 + len(datagrams) / rate
+    # no event tells that the last datagram was read: poll the count (the CPU of polling is noise)
+    while sum(bot.client.datagrams for bot in bots) < target and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    sender.join(5)
+    received = sum(bot.client.datagrams for bot in bots)
+    if received < target:
+        raise RuntimeError(f"loop stage: {target - received} datagrams never reached the bots")
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def _best(fn, repeat: int) -> float:
@@ -207,10 +270,10 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
         profile = cProfile.Profile()
         profile.runcall(stage_bot, bot, datagrams, times, args.batch)
     result["us_per_update"]["bot"] = best / received * 1e6
-    for stage, recvmmsg in (("socket", True), ("socket_recvmsg", False)):
+    for stage, (recvmmsg, read_one_first) in READ_PATHS.items():
         best = float("inf")
         for _ in range(args.repeat):
-            bot, sock = await _joined_bot(recvmmsg)
+            bot, sock = await _joined_bot(recvmmsg, read_one_first)
             bots.append((bot, sock))
             best = min(best, stage_socket(bot, datagrams, args.wakeup))
             # every update reached the game: none lost on the loopback, none cut
@@ -218,6 +281,21 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
             assert bot.client.batch_receiver.truncated == 0
             result.setdefault("recv_syscalls", {})[stage] = bot.client.batch_receiver.syscalls
         result["us_per_update"][stage] = best / received * 1e6
+    if args.loop_bots:
+        # the loop stage: the read paths alternated round by round (the host's load drifts)
+        stream = build_stream(args.loop_updates, args.bundle, args.loss, args.payload, args.seed + 1)
+        rounds: dict[str, list[float]] = {}
+        for _ in range(args.repeat):
+            for stage, (recvmmsg, read_one_first) in READ_PATHS.items():
+                group = [await _joined_bot(recvmmsg, read_one_first) for _ in range(args.loop_bots)]
+                bots.extend(group)
+                spent = await stage_loop([bot for bot, _ in group], stream, RATE / args.bundle)
+                rounds.setdefault(stage, []).append(spent / (len(group) * len(stream)) * 1e6)
+                for bot, _ in group:
+                    assert bot.client.batch_receiver.truncated == 0
+        result["loop"] = {"bots": args.loop_bots, "datagrams_per_bot": len(stream),
+                          "us_per_datagram_rounds": {k: [round(v, 3) for v in vs] for k, vs in rounds.items()},
+                          "us_per_datagram_median": {k: round(statistics.median(vs), 3) for k, vs in rounds.items()}}
     result["us_per_update"] = {k: round(v, 3) for k, v in result["us_per_update"].items()}
     for bot, sock in bots:
         await bot.client.close()
@@ -246,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wakeup", type=positive_int, default=4,
                         help="datagrams waiting on the bot's socket per wake-up of its reader (socket stages)")
     parser.add_argument("--repeat", type=positive_int, default=3, help="passes per stage; the fastest counts")
+    parser.add_argument("--loop-bots", type=int, default=0, metavar="N",
+                        help="loop stage: N bots on this process's event loop (a bots worker), the stream sent to "
+                             "each by another process at 630 updates/s; CPU per datagram of each read path (0: off)")
+    parser.add_argument("--loop-updates", type=positive_int, default=3000, help="updates per bot in the loop stage")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="cProfile the bot stage and print its N most expensive functions")
