@@ -458,7 +458,7 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         "rto_ms_median": _median([s["rto_ms"] for s in client_stats if s.get("rto_ms") is not None]),
         "client_counters": {name: sum(s.get(name, 0) for s in client_stats) for name in (
             "timeouts", "nacks_sent", "nack_retries", "gaps_from_unreliable", "duplicates", "bundles",
-            "recv_batches", "recv_datagrams", "send_errors")},
+            "recv_batches", "recv_datagrams", "recv_syscalls", "send_errors")},
     })
     return result
 
