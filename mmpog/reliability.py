@@ -399,7 +399,10 @@ class ClientEndpoint:
         self.uplink_loss = LossEstimator(prior_round_trip, c.loss_prior_weight, c.loss_half_life)
         self._echo_watch: dict[int, list] = {}      # own packet id -> [sent at, copies sent, echoes back]
         self._copies_due: deque[tuple[float, int]] = deque()   # (when, packet id) of spaced copies
-        self._copies = 1                             # copies per reliable update now
+        self._copies = 1                             # copies per reliable update now (what the prior says)
+        if c.redundancy:
+            self._copies = copies_for(self.uplink_leg_loss(), c.redundancy_threshold, c.redundancy_target,
+                                      c.redundancy_max_copies)
         self.stats: dict[str, int] = dict.fromkeys((
             "sent", "sent_reliable", "sent_unreliable", "retransmitted", "delivered", "expired",
             "received", "received_reliable", "duplicates", "echo_duplicates", "nacks_sent", "nack_seqs",
