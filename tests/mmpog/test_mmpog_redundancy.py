@@ -122,11 +122,20 @@ def test_copies_go_out_at_high_loss_and_not_on_a_clean_path_and_rarely_at_one_pe
     assert reflector > reliable * 7 / 2               # ... and down to most of the 7 other members
     totals = net.reflector.totals()
     assert totals["redundant_copies_received"] > 0 and totals["reliable"] == reliable
+    assert all(ep._copies > 1 for ep in eps.values())
     net, eps, _ = _play(0.0)
     assert _copies(eps, net)[:2] == (0, 0)
-    net, eps, _ = _play(0.01)
+    net, eps, _ = _play(0.01, seconds=8.0)
     client, reflector, reliable = _copies(eps, net)
-    assert client < reliable * 0.1 and reflector < reliable * 7 * 0.1
+    assert client < reliable * 0.1 and reflector < reliable * 7 * 0.05
+    assert all(ep._copies == 1 for ep in eps.values())          # by the end, none
+
+
+def test_a_lossy_client_prior_copies_a_sessions_first_updates_until_the_echoes_show_a_clean_path():
+    net, eps, _ = _play(0.0, seconds=8.0, client=dict(loss_prior=0.05))
+    client, reflector, reliable = _copies(eps, net)
+    assert 0 < client < reliable * 0.3 and reflector == 0
+    assert all(ep._copies == 1 for ep in eps.values())
 
 
 def test_switched_off_nothing_is_copied_and_the_run_is_the_one_without_the_feature():
