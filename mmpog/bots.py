@@ -217,6 +217,7 @@ class Params:
     recvmmsg: bool = True             # the bots read their sockets with recvmmsg (False: one recvmsg per datagram)
     rtt_trace: str | None = None      # write every bot's RTT samples during play here (JSON)
     gc_freeze: bool = True            # collect and freeze the heap once joined, before play (a game's loading screen)
+    redundancy: bool = True           # the clients send redundant copies of reliable updates over a lossy uplink
 
     def validate(self) -> None:
         if self.players < 2:
@@ -304,7 +305,8 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
     # logins hash with scrypt (tens of ms each, more on a busy host): 64 bots queue behind each other
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
         config = ClientConfig(default_deadline=params.deadline, min_rto=params.min_rto,
-                              initial_rto=max(params.min_rto, ClientConfig().initial_rto))
+                              initial_rto=max(params.min_rto, ClientConfig().initial_rto),
+                              redundancy=params.redundancy)
         for index in indices:
             bot_rng = random.Random(params.seed * 1_000_003 + index)
             client = BotClient(server_url, f"bot{index}", f"bot-{index}-{params.seed}-plays", http=http, config=config,

@@ -35,7 +35,7 @@ import aiohttp
 from cliruntime import RunContext, make_parser, non_negative_float, positive_int, run_async
 
 from . import wire
-from .reliability import Address, ClientConfig, ClientEndpoint, Event, Joined, JoinFailed, Received
+from .reliability import Address, ClientConfig, ClientEndpoint, Event, Joined, JoinFailed, Received, copy_rounds
 
 log = logging.getLogger("mmpog.client")
 
@@ -248,9 +248,11 @@ class GameClient:
             return
         for endpoint, reflector in self._endpoints.values():
             if endpoint.has_datagrams:
-                # what the game queued in one go (several updates, NACKs) leaves packed up to the MTU
-                for data in wire.pack(endpoint.datagrams_to_send(0.0)):
-                    transport.sendto(data, reflector)
+                # what the game queued in one go (several updates, NACKs) leaves packed up to the MTU;
+                # redundant copies of an update each in a datagram of their own
+                for group in copy_rounds(endpoint.datagrams_to_send(0.0)):
+                    for data in wire.pack(group):
+                        transport.sendto(data, reflector)
 
     def _service(self) -> None:
         """Send what is queued, hand out events, and arm the timer for the earliest deadline."""

@@ -41,7 +41,7 @@ from cliruntime.supervisor import Supervisor, TaskFailed, first_of
 
 from . import fastsend, wire
 from .gcwatch import GcWatch
-from .reliability import Address, BufferFull, MembersChanged, ReflectorConfig, ReflectorCore
+from .reliability import Address, BufferFull, MembersChanged, ReflectorConfig, ReflectorCore, copy_rounds
 
 log = logging.getLogger("mmpog.reflector")
 
@@ -67,7 +67,9 @@ class ReflectorService:
         self.fanout: Callable[[int, bytes], None] = self.fanout_direct
         self.on_members: Callable[[MembersChanged], None] | None = None
         self.counters = {"datagrams_in": 0, "datagrams_out": 0, "send_dropped": 0, "send_errors": 0,
-                         "control_requests": 0, "control_refused": 0, "updates_out": 0, "bundles_out": 0}
+                         "control_requests": 0, "control_refused": 0, "updates_out": 0, "bundles_out": 0,
+                         "redundant_copies_out": 0}
+        self._copies_counted = 0     # core.copies_queued already taken out of updates_out
         self.started = time.monotonic()
         self.gc_watch: GcWatch | None = None     # the process's collections (mmpog-reflector sets it)
         self.instance = secrets.token_hex(8)     # /health says it: the game server notices a restart
@@ -112,6 +114,12 @@ class ReflectorService:
         out = core.datagrams_to_send(0.0)
         if out:
             send_to, fanout, counters = self.send_to, self.fanout, self.counters
+            copies = core.copies_queued - self._copies_counted
+            if copies:
+                # redundant copies (unicast DATA) are what the wire carries, not updates relayed
+                self._copies_counted = core.copies_queued
+                counters["redundant_copies_out"] += copies
+                counters["updates_out"] -= copies
             if not self.pack:
                 for data, dest in out:
                     is_update = data[1] == wire.Kind.DATA
@@ -133,9 +141,9 @@ class ReflectorService:
                 mtu = self.mtu
                 data_kind = wire.Kind.DATA
                 for key, items in groups.items():
-                    packed = wire.pack(items, mtu)
-                    counters["bundles_out"] += len(items) > 1 and len(packed)
                     if key.__class__ is int:
+                        packed = wire.pack(items, mtu)
+                        counters["bundles_out"] += len(items) > 1 and len(packed)
                         # updates relayed: game data only (heartbeats are the protocol's own), echo included
                         updates = sum(1 for d in items if d[1] == data_kind)
                         counters["updates_out"] += updates * len(core.members(key))
@@ -143,8 +151,13 @@ class ReflectorService:
                             fanout(key, data)
                     else:
                         counters["updates_out"] += sum(1 for d in items if d[1] == data_kind)
-                        for data in packed:
-                            send_to(data, key[0])
+                        # copies of one update to a member never share a datagram (lost together, they
+                        # would be no copies): each round is packed on its own
+                        for group in copy_rounds(items):
+                            packed = wire.pack(group, mtu)
+                            counters["bundles_out"] += len(group) > 1 and len(packed)
+                            for data in packed:
+                                send_to(data, key[0])
         if self.on_members is not None:
             while (event := core.next_event()) is not None:
                 self.on_members(event)
@@ -444,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "goes out packed in as few datagrams as the MTU allows)")
     parser.add_argument("--pack-budget", type=non_negative_float, default=0.0,
                         help="hold outgoing updates up to this long (s) to pack more per datagram (0: one loop pass)")
+    parser.add_argument("--no-redundancy", action="store_true",
+                        help="never send a member redundant copies of reliable updates (default: while the loss its "
+                             "NACKs show is above 2.5%%, each reliable update goes to it 2-3 times)")
+    parser.add_argument("--redundancy-spacing", type=non_negative_float, default=0.0,
+                        help="send copy i of a reliable update i x this long (s) after the original (0: at once)")
     parser.add_argument("--mtu", type=positive_int, default=wire.MAX_DATAGRAM,
                         help="largest packed datagram (UDP payload bytes) the path carries")
     parser.add_argument("--listen", type=host_port, default=("127.0.0.1", 7400), help="UDP address (standalone mode)")
@@ -477,6 +495,7 @@ def config_from_args(args: argparse.Namespace) -> ReflectorConfig:
         heartbeat_max=args.heartbeat_max, heartbeat_factor=args.heartbeat_factor, nack_rate=args.nack_rate, nack_burst=args.nack_burst,
         nack_burst_bytes=args.nack_burst_bytes, nack_bytes_rate=args.nack_bytes_rate,
         pack=not args.no_pack, pack_budget=args.pack_budget, mtu=args.mtu,
+        redundancy=not args.no_redundancy, redundancy_spacing=args.redundancy_spacing,
         max_locations=args.max_locations, max_members=args.max_members,
     )
     try:

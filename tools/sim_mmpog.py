@@ -134,11 +134,13 @@ def run(w: Workload) -> dict:
             totals[name] = totals.get(name, 0) + value
     out["clients"] = {name: totals.get(name, 0) for name in (
         "retransmitted", "timeouts", "nacks_sent", "nack_seqs", "duplicates", "expired", "unrecoverable",
-        "retransmissions_received", "heartbeats", "nack_retries", "nack_retries_unbacked", "gaps_from_unreliable")}
+        "retransmissions_received", "heartbeats", "nack_retries", "nack_retries_unbacked", "gaps_from_unreliable",
+        "redundant_copies_sent")}
     out["rto_at_send_ms"] = _latencies(rto_at_send)
     out["reflector_totals"] = {name: value for name, value in reflector.totals().items()
                                if name in ("retransmitted", "nacks", "heartbeats", "fanout_datagrams", "reliable",
-                                           "nack_rate_limited", "nack_unavailable", "resends_recognised")}
+                                           "nack_rate_limited", "nack_unavailable", "resends_recognised",
+                                           "redundant_copies_sent", "redundant_copies_received")}
     out["datagrams"] = net.delivered_datagrams
     return out
 

@@ -12,4 +12,6 @@ def test_sim_is_deterministic_and_reports_every_second_of_play():
     per_second = reliable["per_second_p99_ms"]
     assert len(per_second) == 3
     assert per_second[0] == reliable["first_second_latency_ms"]["p99"]      # the first second is the cold start
-    assert min(per_second) <= reliable["latency_ms"]["p99"] <= max(per_second)
+    # (the whole run's p99 lies within the seconds' up to interpolation: type 7 between the two order
+    # statistics around it, which in a union of few small samples can sit a little past every second's)
+    assert min(per_second) * 0.99 <= reliable["latency_ms"]["p99"] <= max(per_second) * 1.01

@@ -1,0 +1,252 @@
+"""Loss-adaptive redundant copies of reliable updates (issue 17): the estimator, when copies go out,
+and that a copy never reaches a game twice nor gets a seq of its own."""
+
+import random
+
+import pytest
+
+from boxcore.testing import FakeClock
+from mmpog import wire
+from mmpog.reflector import ReflectorService, build_parser, config_from_args
+from mmpog.reliability import (
+    ClientConfig, ClientEndpoint, Delivered, Expired, LossEstimator, ReflectorConfig, ReflectorCore, Received,
+    copies_for, copy_rounds,
+)
+from mmpog.testing import UP, LinkProfile, SimNetwork
+from mmpog.wire import Header, Kind
+
+LOC = 5
+LOSSY = 0.2       # a prior above the threshold: copies from the first update on
+
+
+# ---------------------------------------------------------------- the estimator
+
+def test_estimator_starts_at_its_prior_and_counts_units_sent_once():
+    clock = FakeClock(100.0)
+    est = LossEstimator(prior=0.01, prior_weight=20, half_life=5.0)
+    assert est.estimate() == pytest.approx(0.01) and est.samples == 0
+    est.observe(clock.time(), sent=100, lost=5)
+    assert est.estimate() == pytest.approx((0.2 + 5) / 120)
+
+
+def test_estimator_reads_losses_of_every_copy_as_the_rate_per_copy():
+    """With two copies only losing both shows (p**2): 25 of 10,000 is a 5% path, not a 0.25% one."""
+    clock = FakeClock()
+    est = LossEstimator(prior=0.01, prior_weight=1, half_life=1e9)
+    est.observe(clock.time(), sent=10_000, lost=25, copies=2)
+    assert est.estimate() == pytest.approx(0.05, rel=0.05)
+    three = LossEstimator(prior=0.01, prior_weight=1, half_life=1e9)
+    three.observe(clock.time(), sent=1_000_000, lost=1_000, copies=3)
+    assert three.estimate() == pytest.approx(0.10, rel=0.05)
+    # levels combine: the same 5% path seen once and with two copies
+    both = LossEstimator(prior=0.01, prior_weight=1, half_life=1e9)
+    both.observe(0.0, sent=1_000, lost=50)
+    both.observe(0.0, sent=10_000, lost=25, copies=2)
+    assert both.estimate() == pytest.approx(0.05, rel=0.05)
+
+
+async def test_estimator_forgets_with_its_half_life():
+    clock = FakeClock()
+    est = LossEstimator(prior=0.01, prior_weight=10, half_life=2.0)
+    est.observe(clock.time(), sent=100, lost=50)
+    await clock.advance(2.0)
+    est.observe(clock.time(), sent=100, lost=0)       # the first 100 now weigh 50, their losses 25
+    assert est.samples == pytest.approx(150)
+    assert est.estimate() == pytest.approx((0.1 + 25) / (10 + 150))
+    est.set_prior(0.5)                                  # the reflector's pooled prior
+    assert est.estimate() == pytest.approx((5 + 25) / (10 + 150))
+    with pytest.raises(ValueError):
+        LossEstimator(prior=0.0)
+
+
+def test_copies_for_the_fewest_with_a_residual_under_the_target():
+    assert copies_for(0.01, 0.025, 0.005) == 1               # 1% loss: nothing changes
+    assert copies_for(0.05, 0.025, 0.005) == 2               # 0.25%
+    assert copies_for(0.10, 0.025, 0.005) == 3               # 1% > 0.5%: three, 0.1%
+    assert copies_for(0.10, 0.025, 0.01) == 2                # exactly on the target is enough
+    assert copies_for(0.5, 0.025, 0.005, cap=3) == 3          # capped
+    assert copies_for(0.5, 0.025, 0.005, cap=1) == 1
+
+
+def test_copy_rounds_keep_copies_of_one_update_in_datagrams_of_their_own():
+    a, b, c = b"a" * 40, b"b" * 40, b"c" * 40
+    assert copy_rounds([a, b, c]) == [[a, b, c]]
+    assert copy_rounds([a, a, b, a]) == [[a, b], [a], [a]]
+    for group in copy_rounds([a, a, b, a]):
+        assert len(wire.pack(group)) == 1                    # each round fits one datagram ...
+    assert copy_rounds([a]) == [[a]] and copy_rounds([]) == [[]]
+
+
+# ---------------------------------------------------------------- in simulated time
+
+def _play(loss: float, seed: int = 1, players: int = 8, seconds: float = 4.0, client=None, reflector=None,
+          duplicate: float = 0.0, jitter: float = 0.0002) -> tuple[SimNetwork, dict, dict]:
+    core = ReflectorCore(ReflectorConfig(**(reflector or {})))
+    net = SimNetwork(core, LinkProfile(loss_up=loss, loss_down=loss, latency=0.00025, jitter=jitter,
+                                       duplicate=duplicate), seed=seed)
+    eps = {}
+    for player in range(1, players + 1):
+        token = bytes([player]) * 12
+        core.add_member(LOC, player, token, now=net.now)
+        ep = ClientEndpoint(player, LOC, token, ClientConfig(join_timeout=30, **(client or {})),
+                            rng=random.Random(seed * 31 + player))
+        addr = ("10.9.0.%d" % player, 7000 + player)
+        net.add_client(ep, addr)
+        ep.connect(net.now)
+        eps[addr] = ep
+    while not all(ep.joined for ep in eps.values()):
+        net.run_for(0.1)
+    rng = random.Random(seed)
+    sent = {addr: [] for addr in eps}
+    for _ in range(int(seconds * 10 * players)):
+        addr = rng.choice(list(eps))
+        reliable = rng.random() < 0.5
+        pid = eps[addr].send(b"update", net.now, reliable=reliable)
+        if reliable:
+            sent[addr].append(pid)
+        net.run_for(0.1 / players)
+    net.run_for(3.0)
+    return net, eps, sent
+
+
+def _copies(eps: dict, net: SimNetwork) -> tuple[int, int, int]:
+    client = sum(ep.stats["redundant_copies_sent"] for ep in eps.values())
+    reliable = sum(ep.stats["sent_reliable"] for ep in eps.values())
+    return client, net.reflector.totals()["redundant_copies_sent"], reliable
+
+
+def test_copies_go_out_at_high_loss_and_not_on_a_clean_path_and_rarely_at_one_percent():
+    net, eps, _ = _play(0.10)
+    client, reflector, reliable = _copies(eps, net)
+    assert client > reliable / 2                      # most reliable updates went up twice or more
+    assert reflector > reliable * 7 / 2               # ... and down to most of the 7 other members
+    totals = net.reflector.totals()
+    assert totals["redundant_copies_received"] > 0 and totals["reliable"] == reliable
+    assert all(ep._copies > 1 for ep in eps.values())
+    net, eps, _ = _play(0.0)
+    assert _copies(eps, net)[:2] == (0, 0)
+    net, eps, _ = _play(0.01, seconds=8.0)
+    client, reflector, reliable = _copies(eps, net)
+    assert client < reliable * 0.1 and reflector < reliable * 7 * 0.05
+    assert all(ep._copies == 1 for ep in eps.values())          # by the end, none
+
+
+def test_a_lossy_client_prior_copies_a_sessions_first_updates_until_the_echoes_show_a_clean_path():
+    net, eps, _ = _play(0.0, seconds=8.0, client=dict(loss_prior=0.05))
+    client, reflector, reliable = _copies(eps, net)
+    assert 0 < client < reliable * 0.3 and reflector == 0
+    assert all(ep._copies == 1 for ep in eps.values())
+
+
+def test_switched_off_nothing_is_copied_and_the_run_is_the_one_without_the_feature():
+    off = dict(redundancy=False, loss_prior=LOSSY)
+    net, eps, _ = _play(0.10, client=off, reflector=off)
+    assert _copies(eps, net)[:2] == (0, 0)
+    assert all(not ep._echo_watch for ep in eps.values())     # not even watched
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_copy_lost_duplicated_or_reordered_reaches_each_game_once_under_one_seq(seed):
+    """Copies from the first update on (prior above the threshold) over a path that loses 15% each way,
+    duplicates 20% and reorders (jitter 4x the latency): every member receives each reliable update exactly
+    once, every sender gets exactly one Delivered or Expired, and the reflector gives each update one seq."""
+    lossy = dict(loss_prior=LOSSY)
+    net, eps, sent = _play(0.15, seed=seed, players=5, seconds=2.0, client=lossy, reflector=lossy,
+                           duplicate=0.2, jitter=0.001)
+    client, reflector, _ = _copies(eps, net)
+    assert client > 0 and reflector > 0
+    seqs_of: dict = {}
+    for (_, seq), key in net.sequenced.items():
+        seqs_of.setdefault(key, set()).add(seq)
+    assert all(len(seqs) == 1 for seqs in seqs_of.values()), "a copy was sequenced anew"
+    players = {addr: ep.player for addr, ep in eps.items()}
+    for addr, ep in eps.items():
+        received = [(e.sender, e.packet_id) for e in net.events[addr] if isinstance(e, Received) and e.reliable]
+        assert len(received) == len(set(received)), "a copy reached the game twice"
+        expected = {(players[other], pid) for other, pids in sent.items() if other != addr for pid in pids}
+        assert set(received) == expected
+        outcomes = [e.packet_id for e in net.events[addr] if isinstance(e, (Delivered, Expired))]
+        assert sorted(outcomes) == sorted(sent[addr])
+    assert sum(ep.stats["duplicates"] for ep in eps.values()) > 0      # copies did arrive, and were dropped
+
+
+def test_a_copy_carries_the_update_when_the_original_is_lost_on_the_way_up():
+    """The original of one reliable update dropped on its way up: its copy is sequenced and fanned out
+    as the update, in the same instant - no timeout, no NACK."""
+    lossy = dict(loss_prior=LOSSY)
+    core = ReflectorCore(ReflectorConfig(**lossy))
+    net = SimNetwork(core, LinkProfile(latency=0.00025), seed=1)
+    eps = {}
+    for player in (1, 2, 3):
+        token = bytes([player]) * 12
+        core.add_member(LOC, player, token, now=net.now)
+        ep = ClientEndpoint(player, LOC, token, ClientConfig(**lossy), rng=random.Random(player))
+        net.add_client(ep, ("10.9.1.%d" % player, 7100 + player))
+        ep.connect(net.now)
+        eps[player] = ep
+    net.run_for(0.1)
+    dropped_once = []
+
+    def original_up(direction, addr, header):
+        if direction == UP and header.kind is Kind.DATA and header.reliable and not dropped_once:
+            dropped_once.append(header.packet_id)
+            return True
+        return False
+
+    net.drop_when(original_up)
+    start = net.now
+    pid = eps[1].send(b"sword", net.now, reliable=True)
+    net.run_for(0.002)
+    assert dropped_once == [pid]
+    for player in (2, 3):
+        [got] = [e for e in net.events[("10.9.1.%d" % player, 7100 + player)] if isinstance(e, Received)]
+        assert got.packet_id == pid and got.now - start < 0.0015
+    assert eps[1].stats["timeouts"] == 0 and eps[2].stats["nacks_sent"] == eps[3].stats["nacks_sent"] == 0
+    # a 20% leg takes three copies (0.2**3 <= 0.5%): the original lost, one copy sequenced, the other recognised
+    assert eps[1].stats["redundant_copies_sent"] == 2 and core.totals()["redundant_copies_received"] == 1
+    assert core.totals()["reliable"] == 1
+
+
+# ---------------------------------------------------------------- the reflector's adapter and CLI
+
+def _hello(player: int, token: bytes) -> bytes:
+    return wire.encode(Header(Kind.HELLO, location=LOC, sender=player, packet_id=1), token)
+
+
+def test_service_sends_copies_only_to_bound_members_apart_and_not_as_updates_relayed():
+    core = ReflectorCore(ReflectorConfig(loss_prior=LOSSY))
+    addrs = {1: ("127.0.0.1", 1001), 2: ("127.0.0.1", 1002), 3: ("127.0.0.1", 1003)}
+    for player in (1, 2, 3, 4):                        # player 4 holds a token but never said HELLO
+        core.add_member(LOC, player, bytes([player]) * 12)
+    for player, addr in addrs.items():
+        core.receive_datagram(_hello(player, bytes([player]) * 12), addr, 0.0)
+    core.datagrams_to_send(0.0)
+    service = ReflectorService(core)
+    fanned, unicast = [], []
+    service.fanout = lambda location, data: fanned.append(data)
+    service.send_to = lambda data, addr: unicast.append((addr, data))
+    update = wire.encode(Header(Kind.DATA, wire.RELIABLE, 3, LOC, 1, 77), b"x" * 20)
+    service.receive(update, addrs[1])
+    service.flush()
+    assert len(fanned) == 1                                      # the original, to every bound member
+    copies = core.location_stats(LOC)["redundant_copies_sent"]
+    assert copies >= 2                                           # 20% prior: 3 copies to each of 2 and 3
+    assert sorted({addr for addr, _ in unicast}) == [addrs[2], addrs[3]]   # not the sender, not player 4
+    for addr, data in unicast:
+        header, _ = wire.decode(data)
+        assert header.kind is Kind.DATA and header.seq == 1      # whole datagrams, never a BUNDLE of copies
+    assert len(unicast) == copies
+    assert service.counters["redundant_copies_out"] == copies
+    assert service.counters["updates_out"] == 3                  # one update relayed to 3 bound members
+
+
+def test_cli_switches_redundancy_off_and_sets_the_spacing():
+    args = build_parser().parse_args(["--mode", "standalone", "--no-api-key", "--no-redundancy",
+                                      "--redundancy-spacing", "0.001"])
+    config = config_from_args(args)
+    assert config.redundancy is False and config.redundancy_spacing == 0.001
+    assert config_from_args(build_parser().parse_args(["--no-api-key"])).redundancy is True
+    with pytest.raises(ValueError):
+        ReflectorConfig(redundancy_max_copies=4).validate()
+    with pytest.raises(ValueError):
+        ClientConfig(redundancy_target=0.0).validate()
