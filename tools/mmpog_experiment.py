@@ -252,7 +252,8 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
             refl_http = f"http://127.0.0.1:{refl_http_port}"
             api_key = secrets.token_hex(8)
             group.env = dict(os.environ, MMPOG_API_KEY=api_key)
-            common = ["--http", f"127.0.0.1:{refl_http_port}", "--log-level", "warning"]
+            common = ["--http", f"127.0.0.1:{refl_http_port}", "--log-level", "warning",
+                      *([] if params.redundancy else ["--no-redundancy"])]
             if params.reflector_mode == "booster":
                 if params.control is None:
                     from boxcore.testing import BoxdProcess
@@ -417,7 +418,7 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
     }
     result.update(analyse(bots, params.deadline))
     io_delta = {name: after["io"].get(name, 0) - before["io"].get(name, 0)
-                for name in ("datagrams_out", "datagrams_in", "updates_out")}
+                for name in ("datagrams_out", "datagrams_in", "updates_out", "redundant_copies_out")}
     totals = final["totals"]
     reflector_retx = totals["retransmitted"]
     client_retx = sum(s.get("retransmitted", 0) for s in client_stats)
@@ -428,11 +429,13 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         "reflector_pps": round(io_delta["datagrams_out"] / elapsed, 1),
         "reflector_updates_per_s": round(io_delta["updates_out"] / elapsed, 1),
         "reflector_in_pps": round(io_delta["datagrams_in"] / elapsed, 1),
+        "reflector_copies_per_s": round(io_delta["redundant_copies_out"] / elapsed, 1),
         "reflector": {"transport": final.get("transport", {}), "send_dropped": final["io"]["send_dropped"],
                       **{name: totals[name] for name in ("nacks", "nack_rate_limited", "nack_unavailable",
                                                          "heartbeats", "not_member", "hello_rejected",
                                                          "buffer_evicted_count", "buffer_evicted_age",
-                                                         "resends_recognised")}},
+                                                         "resends_recognised", "redundant_copies_sent",
+                                                         "redundant_copies_received")}},
         "expired": sum(bot.expired for bot in bots),
         "unrecoverable": sum(bot.unrecoverable for bot in bots),
         "nacks_sent": sum(s.get("nacks_sent", 0) for s in client_stats),
@@ -458,7 +461,7 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         "rto_ms_median": _median([s["rto_ms"] for s in client_stats if s.get("rto_ms") is not None]),
         "client_counters": {name: sum(s.get(name, 0) for s in client_stats) for name in (
             "timeouts", "nacks_sent", "nack_retries", "gaps_from_unreliable", "duplicates", "bundles",
-            "recv_batches", "recv_datagrams", "recv_syscalls", "send_errors")},
+            "recv_batches", "recv_datagrams", "recv_syscalls", "send_errors", "redundant_copies_sent")},
     })
     return result
 
@@ -548,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the CFS period of the budgets (a throttled role stalls for up to one period)")
     parser.add_argument("--no-recvmmsg", action="store_true",
                         help="the bots read one datagram per recvmsg call (default: recvmmsg batches)")
+    parser.add_argument("--no-redundancy", action="store_true",
+                        help="no redundant copies of reliable updates, at the clients nor at the reflector")
     parser.add_argument("--no-gc-freeze", action="store_true",
                         help="leave the bots' heap as joining left it (the first full collection then stops them in play)")
     parser.add_argument("--rtt-trace", type=Path, default=None,
@@ -567,7 +572,7 @@ def params_from_args(args: argparse.Namespace) -> Params:
         move_interval=args.move_interval, seed=args.seed, reflector_mode=args.reflector_mode, control=args.control,
         box=args.box, reflector_port=args.reflector_port, fanout=args.fanout, workers=args.workers,
         min_rto=args.min_rto, budget=args.budget, budget_period_us=args.budget_period_us,
-        recvmmsg=not args.no_recvmmsg, gc_freeze=not args.no_gc_freeze, rtt_trace=str(args.rtt_trace.resolve()) if args.rtt_trace else None,
+        recvmmsg=not args.no_recvmmsg, gc_freeze=not args.no_gc_freeze, redundancy=not args.no_redundancy, rtt_trace=str(args.rtt_trace.resolve()) if args.rtt_trace else None,
     )
 
 
@@ -613,6 +618,8 @@ def _child_argv(args: argparse.Namespace, port: int) -> list[str]:
         argv.append("--no-recvmmsg")
     if args.no_gc_freeze:
         argv.append("--no-gc-freeze")
+    if args.no_redundancy:
+        argv.append("--no-redundancy")
     if args.rtt_trace is not None:
         argv += ["--rtt-trace", str(args.rtt_trace.resolve())]
     if args.json is not None:
