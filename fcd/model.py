@@ -68,7 +68,8 @@ Everything is learned from the reports, per road:
   queue and moving speed now, its traffic against its past, the queue on the roads it leads
   to, the light's state and the point queue's red share and queue over the window).  The
   correction is applied to a power chosen by its own record (as the delay factor's exponent)
-  once CORRECTION_MIN windows of the class were scored.  For lit roads it starts from an
+  once CORRECTION_MIN windows of the class were scored, unless the class's prior holds its power
+  (the lit class's: chosen offline against SUMO's edge times, see CorrectionPrior).  For lit roads it starts from an
   offline prior (:class:`CorrectionPrior`, fitted by ``python -m fcd.train_prior`` on generated
   SUMO scenarios that are not fcd-validate's, shipped as fcd/data/correction_prior.json): its
   coefficients at its trained power until then, and what the ridge shrinks toward (weighing as
@@ -82,7 +83,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 import numpy as np
@@ -104,11 +105,14 @@ class CorrectionPrior:
     prior (``known``; a class without one starts from no correction), the coefficients ``beta``,
     the training windows' weighted mean of x x^T (``gram``: how the features vary together, so
     the prior weighs like CORRECTION_PRIOR_WINDOWS real windows) and the power of the correction
-    its own training record chose (used until the online record has CORRECTION_MIN windows)."""
+    (used until the online record has CORRECTION_MIN windows; where ``hold``, for the whole run:
+    fcd.train_prior then chose it against SUMO's own edge travel times on held-out training
+    scenarios, which the online record, scored on the probes' travel times, cannot see)."""
     known: np.ndarray       # (2,) bool
     beta: np.ndarray        # (2, CORRECTION_FEATURES)
     gram: np.ndarray        # (2, CORRECTION_FEATURES, CORRECTION_FEATURES)
     power: np.ndarray       # (2,)
+    hold: np.ndarray = field(default_factory=lambda: np.zeros(2, dtype=bool))   # (2,) the power is kept, the record never changes it
 
     @classmethod
     def from_json(cls, data: dict) -> "CorrectionPrior":
@@ -118,6 +122,7 @@ class CorrectionPrior:
                              "regenerate it with python -m fcd.train_prior")
         known = np.zeros(2, dtype=bool)
         beta, gram, power = np.zeros((2, k)), np.zeros((2, k, k)), np.zeros(2)
+        hold = np.zeros(2, dtype=bool)
         for c, name in enumerate(CLASSES):
             entry = data["classes"].get(name)
             if entry is None:
@@ -125,7 +130,8 @@ class CorrectionPrior:
             known[c] = True
             beta[c], gram[c] = np.asarray(entry["beta"], dtype=float), np.asarray(entry["gram"], dtype=float)
             power[c] = float(entry["power"])
-        return cls(known, beta, gram, power)
+            hold[c] = bool(entry.get("hold", False))
+        return cls(known, beta, gram, power, hold)
 
 
 PRIOR_FILE = "correction_prior.json"
@@ -262,6 +268,7 @@ class Model:
         self.corr_skill = np.zeros((2, len(self.CORRECTION_SHRINKS)))   # fading sum of APE per shrink
         self.corr_scored = np.zeros(2, dtype=np.int64)
         self.corr_shrink = np.zeros(2)
+        self.corr_hold = np.zeros(2, dtype=bool)     # classes whose power the prior fixes (CorrectionPrior.hold)
         if self.corr_prior is not None:
             # a class without a prior keeps zeros: no correction until its record says otherwise
             known = self.corr_prior.known
@@ -269,6 +276,7 @@ class Model:
             self.corr_precision[known] += self.CORRECTION_PRIOR_WINDOWS * self.corr_prior.gram[known]
             self.corr_beta[known] = self.corr_prior.beta[known]
             self.corr_shrink[known] = self.corr_prior.power[known]
+            self.corr_hold[known] = self.corr_prior.hold[known]
         self.corr_pending: list[deque] = [deque(maxlen=16) for _ in range(R)]
         # what the light delay's point queue expects over the coming window, per lit road
         self.red_ahead = np.zeros(R)        # share of the window the light is red
@@ -387,7 +395,7 @@ class Model:
             fade = np.exp(-1.0 / self.DELAY_SKILL_MEMORY)
             self.corr_skill[c] = fade * self.corr_skill[c] + np.abs(guesses - travel) / travel
             self.corr_scored[c] += 1
-            if self.corr_scored[c] >= self.CORRECTION_MIN:
+            if self.corr_scored[c] >= self.CORRECTION_MIN and not self.corr_hold[c]:
                 self.corr_shrink[c] = self.CORRECTION_SHRINKS[int(np.argmin(self.corr_skill[c]))]
             # weighted least squares faded in data time, each window weighted by predicted /
             # taken: MAPE counts an error relative to the time taken (its 1/y weight)

@@ -16,7 +16,10 @@ SUMO, netgenerate and randomTrips are seeded and the replay runs in data time.
 
 Writes fcd/data/correction_prior.json (package data): per class the coefficients, the weighted
 mean of x x^T over the training windows (so the online fit can weigh the prior as a number of
-windows), the power of the correction chosen by its own training record, and how it was made.
+windows), the power of the correction and how it was made.  The power is chosen against SUMO's
+own edge travel times (what fcd-validate measures), each training scenario predicted with a
+prior fitted on the others (``choose_power``), and held online for the whole run: the online
+record, scored on the probes' travel times, preferred higher powers than SUMO's times favour.
 """
 
 from __future__ import annotations
@@ -26,16 +29,18 @@ import logging
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cliruntime import ConfigError, make_parser, run_sync
-from fcd.model import CLASSES, PRIOR_FILE, Model
+from fcd.model import CLASSES, PRIOR_FILE, CorrectionPrior, Model
 
 log = logging.getLogger("fcd.train_prior")
 
 TRAINING_SEED_BASE = 100
+WARMUP = 120.0     # seconds before SUMO's edge times are compared (fcd-validate's default)
 # the classes a prior is shipped for: on fcd-validate's 18 scenarios an unlit-road prior from these
 # networks made the small city cuts worse (Ingolstadt 1 actuated 0.673 -> 0.736 x free flow's MAPE;
 # docs/fcd.md), so unlit roads start from no correction as before
@@ -65,12 +70,26 @@ TRAINING = [
 ]
 
 
+@dataclass
+class TrainingRun:
+    """One training scenario replayed: what fcd-validate's predictions_from and compare_traverse
+    need to score a model on it against SUMO's edge travel times."""
+    name: str
+    city: object
+    reports: list
+    present: dict
+    boundaries: list[float]
+    edges: list
+    warmup: float
+    window: float
+
+
 def scored_windows(name: str, lights: str, junctions: str, shape: list[str], period: float, seed: int,
-                   work: Path, duration: float, interval: float) -> tuple[list, list[str]]:
+                   work: Path, duration: float, interval: float) -> tuple[list, list[str], TrainingRun]:
     """Run one training scenario through fcd-validate's replay; the windows the model scored
-    (class, features, log(taken / predicted), weight) and the commands that made it."""
+    (class, features, log(taken / predicted), weight), the commands that made it and the run."""
     from fcd.city import from_sumo_net
-    from fcd.sumo import read_fcd, read_tls
+    from fcd.sumo import read_edgedata, read_fcd, read_tls
     from fcd.trace import Trace
     from fcd.validate import generated_scenario, predictions_from, replay, run_sumo
     sc = generated_scenario(name, work, duration, seed, lights, shape, junctions=junctions, period=period)
@@ -84,8 +103,45 @@ def scored_windows(name: str, lights: str, junctions: str, shape: list[str], per
     model = Model(city, correction_prior=None)
     model.correction_log = []
     predictions_from(city, rep.reports, boundaries, interval, rep.present, model=model)
+    run = TrainingRun(name, city, rep.reports, rep.present, boundaries, read_edgedata(outputs["edges"], city),
+                      sc.begin + WARMUP, interval)
     # netgenerate's and randomTrips' commands (relative paths: the file does not depend on --work)
-    return model.correction_log, sc.commands[:2]
+    return model.correction_log, sc.commands[:2], run
+
+
+def choose_power(runs: list[TrainingRun], windows: list[list], classes=PRIOR_CLASSES) -> dict:
+    """Per class in ``classes``: the power of the correction, held for the whole run, with the
+    least mean ratio of the model's traverse-time MAPE to free flow's against SUMO's own edge
+    travel times (what fcd-validate measures), each training scenario predicted with a prior
+    fitted on the other scenarios' windows only (``windows[i]``: scenario i's; leave one
+    scenario out, so the power is not chosen in sample).  Scenarios without a road of the
+    class are skipped.  Returns {class: {"power": p, "held_out_ratio_by_power": {p: mean}}}."""
+    from fcd.validate import compare_traverse, predictions_from
+    k = Model.CORRECTION_FEATURES
+    out: dict = {}
+    for c, name in enumerate(CLASSES):
+        if name not in classes:
+            continue
+        ratios: dict[float, list[float]] = {p: [] for p in Model.CORRECTION_SHRINKS}
+        for i, run in enumerate(runs):
+            if not (run.city.exit_light >= 0 if c else run.city.exit_light < 0).any():
+                continue
+            others = [w for j, got in enumerate(windows) if j != i for w in got]
+            fold = fit(others, (name,))
+            for power in Model.CORRECTION_SHRINKS:
+                fold[name]["power"], fold[name]["hold"] = power, True
+                prior = CorrectionPrior.from_json({"features": k, "classes": fold})
+                model = Model(run.city, correction_prior=prior)
+                predictions = predictions_from(run.city, run.reports, run.boundaries, run.window, run.present,
+                                               model=model)
+                traverse = compare_traverse(run.city, run.edges, predictions, run.warmup)
+                ratios[power].append(traverse["all"]["model_vs_free_flow"])
+        if not ratios[Model.CORRECTION_SHRINKS[0]]:
+            raise ConfigError(f"no training scenario has a road of class {name}")
+        mean = {p: float(np.mean(v)) for p, v in ratios.items()}
+        out[name] = {"power": min(mean, key=mean.get), "held_out_ratio_by_power": {str(p): m for p, m in mean.items()},
+                     "held_out_scenarios": len(ratios[Model.CORRECTION_SHRINKS[0]])}
+    return out
 
 
 def fit(windows: list, classes=PRIOR_CLASSES) -> dict:
@@ -138,19 +194,32 @@ def run(args, stats) -> int:
         raise ConfigError(f"--classes: unknown {sorted(set(classes) - set(CLASSES))} (known: {', '.join(CLASSES)})")
     work = args.work or Path(tempfile.mkdtemp(prefix="fcd-train-prior-"))
     windows: list = []
+    per_scenario: list[list] = []
+    runs: list[TrainingRun] = []
     scenarios = []
     try:
         for i, (name, lights, junctions, shape, period) in enumerate(TRAINING):
             seed = TRAINING_SEED_BASE + i
-            got, commands = scored_windows(name, lights, junctions, shape, period, seed, work / name,
-                                           args.duration, args.interval)
+            got, commands, replayed = scored_windows(name, lights, junctions, shape, period, seed, work / name,
+                                                     args.duration, args.interval)
             windows += got
+            per_scenario.append(got)
+            runs.append(replayed)
             scenarios.append({"name": name, "seed": seed, "windows": len(got), "commands": commands})
             print(f"{name}: {len(got)} scored windows", flush=True)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    data = {"features": Model.CORRECTION_FEATURES, "classes": fit(windows, classes),
+    fitted = fit(windows, classes)
+    # the power used online: chosen against SUMO's edge times on held-out scenarios and held for
+    # the whole run (the online record, scored on the probes' travel times, chose higher powers
+    # than SUMO's times favour: docs/fcd.md)
+    for name, chosen in choose_power(runs, per_scenario, classes).items():
+        fitted[name]["power_in_sample"] = fitted[name]["power"]
+        fitted[name].update(chosen, hold=True)
+        print(f"{name}: power {chosen['power']} (held-out ratio to free flow by power: "
+              f"{ {p: round(m, 4) for p, m in chosen['held_out_ratio_by_power'].items()} })", flush=True)
+    data = {"features": Model.CORRECTION_FEATURES, "classes": fitted,
             "generated_by": f"python -m fcd.train_prior --classes {','.join(classes)} --duration {args.duration:g} "
                             f"--interval {args.interval:g}", "duration": args.duration, "interval": args.interval,
             "training": scenarios,

@@ -129,3 +129,72 @@ def test_validation_replay_with_and_without_the_prior(half_lit):
         assert np.array_equal(without.predictions[b], plain[b])
         assert np.array_equal(with_prior.predictions[b][~lit], without.predictions[b][~lit])
     assert not np.allclose(with_prior.predictions[0.0][lit], without.predictions[0.0][lit])
+
+
+def test_packaged_prior_holds_the_power_chosen_on_held_out_scenarios():
+    """The lit class's power was chosen by fcd.train_prior against SUMO's edge times on training
+    scenarios each predicted with a prior fitted on the others, and the online record keeps it."""
+    import json
+    from importlib import resources
+    data = json.loads((resources.files("fcd") / "data" / "correction_prior.json").read_text())
+    lit = data["classes"]["lit"]
+    held_out = {float(p): m for p, m in lit["held_out_ratio_by_power"].items()}
+    assert lit["hold"] is True and lit["power"] == min(held_out, key=held_out.get)
+    prior = packaged_prior()
+    assert prior.hold[CLASSES.index("lit")] and not prior.hold[CLASSES.index("unlit")]
+
+
+def test_held_power_is_kept_where_the_record_disagrees(half_lit):
+    """The same minutes as test_online_fit_moves_from_the_prior_to_the_data (the record turns an
+    unheld prior's power to 0): a prior that holds its power keeps it past CORRECTION_MIN scored
+    windows, while its coefficients move toward the data exactly as the unheld one's."""
+    city = half_lit
+    road = int(np.flatnonzero(city.exit_light < 0)[0])
+    length, free = city.length[road], city.length[road] / city.speed[road]
+    prior = hand_prior(np.log(2.0))
+    held = Model(city, correction_prior=CorrectionPrior(prior.known, prior.beta, prior.gram, prior.power,
+                                                       np.array([True, False])))
+    unheld = Model(city, correction_prior=prior)
+    for model in (held, unheld):
+        model.window = 60.0
+        for k in range(1, Model.CORRECTION_MIN + 200):
+            t = 60.0 * k
+            model.observe(RoadReport(road, t, True, queue=0, cars=2, density=0.0, mean_speed=city.speed[road],
+                                     departures=5, interval=60.0, was_green=True, samples=600.0,
+                                     distance=600.0 * length / free))
+            model.predict(1, now=t)
+    assert held.corr_scored[0] >= Model.CORRECTION_MIN
+    assert held.corr_shrink[0] == 1.0 and unheld.corr_shrink[0] == 0.0
+    # the fit itself is the same (it learns against the uncorrected prediction): only the power differs
+    assert np.array_equal(held.corr_beta, unheld.corr_beta) and not np.array_equal(held.corr_beta, prior.beta)
+
+
+def test_choose_power_scores_each_scenario_with_a_prior_fitted_on_the_others(half_lit, monkeypatch):
+    """Leave one scenario out: scenario i's windows all say log(taken / predicted) = y_i (the
+    bias feature), so the prior it is predicted with must carry the others' mean, never its own;
+    the power returned is the one with the least mean ratio (here a bowl around 0.25)."""
+    from fcd import validate
+    from fcd.train_prior import TrainingRun, choose_power
+    ys = [0.1, 0.4, 0.7]
+    x = np.zeros(K)
+    x[0] = 1.0
+    windows = [[(1, x, y, 1.0)] * 400 for y in ys]
+    runs = [TrainingRun(f"s{i}", half_lit, [], {}, [0.0], [], 0.0, 60.0) for i in range(len(ys))]
+    seen = []
+
+    def fake_predictions(city, reports, boundaries, window, present, model):
+        return model
+
+    def fake_compare(city, edges, model, warmup):
+        seen.append((model.corr_prior.beta[1, 0], model.corr_shrink[1], model.corr_hold[1]))
+        return {"all": {"model_vs_free_flow": (model.corr_shrink[1] - 0.25) ** 2 + len(seen) * 1e-9}}
+
+    monkeypatch.setattr(validate, "predictions_from", fake_predictions)
+    monkeypatch.setattr(validate, "compare_traverse", fake_compare)
+    out = choose_power(runs, windows, classes=("lit",))
+    assert out["lit"]["power"] == 0.25 and out["lit"]["held_out_scenarios"] == 3
+    shrinks = len(Model.CORRECTION_SHRINKS)
+    for i, y in enumerate(ys):
+        others = np.mean([v for j, v in enumerate(ys) if j != i])
+        for beta0, power, hold in seen[i * shrinks:(i + 1) * shrinks]:
+            assert abs(beta0 - others) < 0.01 and hold
