@@ -1,5 +1,6 @@
 """The shared batch receiver: recvmmsg and its one-call-per-datagram fallback give the same datagrams,
-and each datagram its own ancillary data (the kernel's receive stamp), over real loopback sockets."""
+and each datagram its own ancillary data (the kernel's receive stamp), over real loopback sockets; the
+one-datagram stamped read (stdlib recvmsg) gives what the batch reads give."""
 
 import math
 import socket
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 
 from boxcore import udpbatch
-from boxcore.udpbatch import STAMP_CONTROL, BatchReceiver, enable_timestamps, parse_ancillary, timestamp_of
+from boxcore.udpbatch import (SCM_TIMESTAMPNS, STAMP_CONTROL, TIMESPEC, BatchReceiver, enable_timestamps,
+                              parse_ancillary, timestamp_of)
 
 IP_PKTINFO = 8        # Linux; the stdlib does not name it
 
@@ -44,9 +46,9 @@ def test_stamped_batches_keep_order_and_each_datagram_its_own_kernel_stamp(pair,
         sent.append(payload)
         _send(tx, rx, [payload])
         time.sleep(0.0005)                          # distinct, increasing kernel stamps
-    after = time.time()
     got, stamps = [], []
     while True:
+        read_at = time.time()
         payloads, batch_stamps = receiver.receive_stamped()
         assert len(payloads) == len(batch_stamps) <= 16
         if not payloads:
@@ -54,10 +56,12 @@ def test_stamped_batches_keep_order_and_each_datagram_its_own_kernel_stamp(pair,
         got += payloads
         stamps += batch_stamps
     assert got == sent
-    # each its own stamp (not the batch's); no order asserted: this VM's realtime clock can step back
+    # each its own stamp (not the batch's: they differ), taken between its send and the read; not
+    # bounded by the next send, since a busy host's softirq may stamp a datagram after it, nor ordered:
+    # this VM's realtime clock can step back
     assert len(set(stamps)) == len(stamps)
-    for before, stamp, following in zip(stamps_before, stamps, stamps_before[1:] + [after]):
-        assert before - 0.001 <= stamp <= following + 0.001      # each datagram's own stamp, not the batch's
+    for before, stamp in zip(stamps_before, stamps):
+        assert before - 0.001 <= stamp <= read_at + 0.001
     assert receiver.truncated == receiver.control_truncated == 0
     assert receiver.kind == ("recvmmsg" if use_recvmmsg else "recvmsg")
     if use_recvmmsg:
@@ -207,3 +211,88 @@ def test_slot_rows_hold_each_datagrams_first_bytes_and_its_length(pair, use_recv
         assert row[:min(len(payload), 38)].tobytes() == payload[:38]
     with pytest.raises(ValueError):
         receiver.receive_slots(65)
+
+
+# ---------------------------------------------------------------- one datagram with its stamp (recvmsg)
+
+def _peek_stamp(rx) -> tuple[bytes, float]:
+    """The next datagram, left in the socket, and its stamp from recvmsg's ancillary list, in seconds as
+    ``receive_stamped`` gives it (seconds + nanoseconds * 1e-9: the float the bots' latencies used)."""
+    data, ancillary, _, _ = rx.recvmsg(2048, 256, socket.MSG_PEEK)
+    (seconds, nanoseconds), = [TIMESPEC.unpack(cmsg) for level, kind, cmsg in ancillary
+                               if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS]
+    return data, seconds + nanoseconds * 1e-9
+
+
+def test_each_datagram_and_its_stamp_equal_the_recvmsg_reference(pair):
+    rx, tx = pair
+    enable_timestamps(rx)
+    receiver = BatchReceiver(rx, batch=8, slot=2048, control=STAMP_CONTROL)
+    payloads = [bytes([i]) * (i + 1) for i in range(20)]
+    for payload in payloads:
+        tx.sendto(payload, rx.getsockname())
+    got, stamps = [], []
+    while True:
+        if len(got) == len(payloads):
+            break
+        reference = _peek_stamp(rx)
+        one = receiver.receive_one_stamped()
+        assert one == reference                    # the same datagram, the same stamp to the nanosecond's float
+        got.append(one[0])
+        stamps.append(one[1])
+    assert got == payloads
+    assert stamps == sorted(stamps) and not any(math.isnan(s) for s in stamps)
+    assert receiver.syscalls == len(payloads)
+    assert receiver.receive_one_stamped() is None and receiver.syscalls == len(payloads) + 1
+
+
+def test_the_same_stamps_as_the_batch_read(pair):
+    """Two receivers on one socket: alternating one-datagram and batch reads give every datagram once,
+    in order, each with a stamp no earlier than the one before (the kernel stamps in arrival order)."""
+    rx, tx = pair
+    enable_timestamps(rx)
+    one = BatchReceiver(rx, batch=4, slot=2048, control=STAMP_CONTROL)
+    batch = BatchReceiver(rx, batch=4, slot=2048, control=STAMP_CONTROL)
+    payloads = [b"%d" % i for i in range(30)]
+    for payload in payloads:
+        tx.sendto(payload, rx.getsockname())
+    got, stamps = [], []
+    while len(got) < len(payloads):
+        reference = _peek_stamp(rx)
+        first = one.receive_one_stamped()
+        assert first == reference
+        got.append(first[0])
+        stamps.append(first[1])
+        more, more_stamps = batch.receive_stamped()
+        got += more
+        stamps += more_stamps
+    assert got == payloads
+    assert stamps == sorted(stamps) and not any(math.isnan(s) for s in stamps)
+
+
+def test_cut_datagrams_and_missing_stamps_counted(pair):
+    rx, tx = pair
+    receiver = BatchReceiver(rx, batch=4, slot=10, control=STAMP_CONTROL)
+    tx.sendto(b"x" * 50, rx.getsockname())          # no timestamps enabled yet: no stamp
+    data, stamp = receiver.receive_one_stamped()
+    assert data == b"x" * 10 and math.isnan(stamp) and receiver.truncated == 1
+    enable_timestamps(rx)
+    no_room = BatchReceiver(rx, batch=4, slot=64)    # no control room: the kernel's stamp is cut
+    tx.sendto(b"y", rx.getsockname())
+    data, stamp = no_room.receive_one_stamped()
+    assert data == b"y" and math.isnan(stamp) and no_room.control_truncated == 1
+
+
+def test_other_ancillary_data_beside_or_instead_of_the_stamp(pair):
+    rx, tx = pair
+    rx.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    receiver = BatchReceiver(rx, batch=4, slot=64, control=STAMP_CONTROL + socket.CMSG_SPACE(12))
+    tx.sendto(b"no stamp", rx.getsockname())        # only IP_PKTINFO: the list is walked, no stamp found
+    data, stamp = receiver.receive_one_stamped()
+    assert data == b"no stamp" and math.isnan(stamp) and receiver.control_truncated == 0
+    enable_timestamps(rx)
+    tx.sendto(b"z", rx.getsockname())
+    _, ancillary, _, _ = rx.recvmsg(64, 256, socket.MSG_PEEK)
+    assert len(ancillary) == 2                        # the stamp and IP_PKTINFO
+    reference = _peek_stamp(rx)
+    assert receiver.receive_one_stamped() == reference == (b"z", reference[1])
