@@ -13,8 +13,12 @@ queue at the exit light (per lane, the cars from the stop line back to the last 
 cars on the road, density (cars per km per lane), mean speed of moving cars, and the departures,
 crossings and turns since that road's previous report.  Roads without a light are reported every
 ``unlit_period`` seconds of probe time; a batch of probes is split where such a report falls due,
-so it holds the probes before its time and none after, however they were batched.  Time is the
-probes' own clock: nothing here reads a clock or touches a socket.
+so it holds the probes before its time and none after, however they were batched.  A
+light-controlled road's report, whose window is a light phase, also carries its car-seconds and
+metres cut where that periodic clock ticks (``RoadReport.pieces``), so the time its probes took
+can be read over the same intervals as SUMO's ``edgeData`` (the phase's red and green are not
+smeared across an interval's edge).  Time is the probes' own clock: nothing here reads a clock
+or touches a socket.
 """
 
 from __future__ import annotations
@@ -238,6 +242,9 @@ class RoadReport:
     samples: float = 0.0   # car-seconds spent on the road in the interval
     distance: float = 0.0  # metres driven on the road in the interval (samples / distance x length
                            # = the road's travel time, as SUMO's edgeData measures it)
+    # samples and distance cut on the periodic reports' clock: (start s, samples, distance) of the
+    # probes at or after start (and before the next piece's); empty when the window is one piece
+    pieces: list[tuple[float, float, float]] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[int, float]:
@@ -249,7 +256,8 @@ class RoadReport:
                 "departures": int(self.departures), "interval": float(self.interval),
                 "was_green": bool(self.was_green), "turns": {str(k): int(v) for k, v in self.turns.items()},
                 "crossed": int(self.crossed), "crossing_time": float(self.crossing_time),
-                "samples": float(self.samples), "distance": float(self.distance)}
+                "samples": float(self.samples), "distance": float(self.distance),
+                **({"pieces": [[float(g), float(s), float(d)] for g, s, d in self.pieces]} if self.pieces else {})}
 
     @classmethod
     def from_xmlrpc(cls, data: Any, n_roads: int) -> "RoadReport":
@@ -290,11 +298,33 @@ class RoadReport:
             report.distance = float(num("distance"))
             if report.samples < 0 or report.distance < 0:
                 raise ValueError("report samples and distance must be non-negative")
+        if "pieces" in data:
+            report.pieces = _parse_pieces(data["pieces"])
         if min(report.queue, report.cars, report.departures) < 0 or report.queue > report.cars:
             raise ValueError("report counts must be non-negative and queue <= cars")
         if report.t < 0 or report.interval < 0 or report.density < 0:
             raise ValueError("report t, interval and density must be non-negative")
         return report
+
+
+MAX_PIECES = 64      # pieces a report carries at most (a light silent for an hour: older ones fold)
+
+
+def _parse_pieces(value: Any) -> list[tuple[float, float, float]]:
+    """A report's ``pieces``: at most MAX_PIECES [start, samples, distance], finite, non-negative,
+    starts increasing."""
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_PIECES:
+        raise ValueError(f"report field 'pieces' must be a list of at most {MAX_PIECES} entries")
+    out = []
+    for item in value:
+        if (not isinstance(item, (list, tuple)) or len(item) != 3
+                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0
+                       for x in item)):
+            raise ValueError(f"bad report piece {item!r}: [start, samples, distance], finite, non-negative")
+        if out and item[0] <= out[-1][0]:
+            raise ValueError("report pieces must have increasing starts")
+        out.append((float(item[0]), float(item[1]), float(item[2])))
+    return out
 
 
 class Aggregator:
@@ -336,8 +366,12 @@ class Aggregator:
         self.unlit = np.flatnonzero(city.exit_light < 0)
         self.unlit_period = unlit_period
         self.next_tick: float | None = None
+        # a lit road's car-seconds and metres per tick of the periodic clock: {tick: [samples, metres]}
+        self.lit = city.exit_light >= 0
+        self.piece_period = unlit_period or 60.0
+        self.pieces: list[dict[int, list[float]]] = [dict() for _ in range(R)]
         self.stats = {"probes": 0, "unmatched": 0, "in_junction": 0, "cars_refused": 0, "cars_expired": 0,
-                      "stale_probes": 0, "unknown_lights": 0, "reports": 0}
+                      "stale_probes": 0, "unknown_lights": 0, "reports": 0, "pieces_folded": 0}
         # batches of feed_with_lights taken in one pass, or run by run (eviction)
         self.passes = {"one_pass": 0, "per_run": 0}
 
@@ -545,7 +579,7 @@ class Aggregator:
         dt = self._sample_dt(t_on, np.where(_run_starts(group[on]), t_start[on], _shifted(t_on, 0.0))) \
             if len(on) else t_on
         o_on, b_on = _by_unit(unit[on], n_units)
-        on_road, on_dt, on_speed = roads[on][o_on], dt[o_on], speed[on][o_on]
+        on_road, on_dt, on_speed, on_t = roads[on][o_on], dt[o_on], speed[on][o_on], t_on[o_on]
         # each car's state after each run: its run's newest probe, when fresh
         last = np.flatnonzero(group_last & fresh)
         o_last, b_last = _by_unit(unit[last], n_units)
@@ -570,7 +604,7 @@ class Aggregator:
                                       moves[4][a0:a1])
                 a, b = b_on[u], b_on[u + 1]
                 if b > a:
-                    self._count_samples(on_road[a:b], on_dt[a:b], on_speed[a:b])
+                    self._count_samples(on_road[a:b], on_dt[a:b], on_speed[a:b], on_t[a:b])
             elif kind == _LIGHT:
                 light, lt, green = lights[value]
                 reports += self.light_change(light, lt, green)
@@ -673,7 +707,7 @@ class Aggregator:
             # each probe stands for the time since the car's previous probe
             s_o, t_o = slots[on], ts[on]
             prev_t = np.where(_run_starts(s_o), self.t_last[s_o], _shifted(t_o, 0.0))
-            self._count_samples(roads[on], self._sample_dt(t_o, prev_t), batch["speed"][on])
+            self._count_samples(roads[on], self._sample_dt(t_o, prev_t), batch["speed"][on], t_o)
         # latest state per car: the last fresh probe in (car, t) order
         li = np.flatnonzero(fresh)
         if len(li):
@@ -699,10 +733,36 @@ class Aggregator:
         known = np.isfinite(prev_t)
         return np.where(known, np.clip(t_o - np.where(known, prev_t, 0.0), 0.0, self.MAX_SAMPLE_GAP), 0.0)
 
-    def _count_samples(self, roads: np.ndarray, dt: np.ndarray, speed: np.ndarray) -> None:
-        """Car-seconds and metres on each road."""
+    def _count_samples(self, roads: np.ndarray, dt: np.ndarray, speed: np.ndarray, t: np.ndarray) -> None:
+        """Car-seconds and metres on each road (probes at times ``t``); on lit roads also per tick
+        of the periodic clock (a probe at t counts in the tick floor(t / period), as SUMO's
+        interval [b, b + period) holds the step at b)."""
+        metres = dt * speed.astype(np.float64)
         np.add.at(self.samples, roads, dt)
-        np.add.at(self.distance, roads, dt * speed.astype(np.float64))
+        np.add.at(self.distance, roads, metres)
+        lit = self.lit[roads]
+        if not lit.any():
+            return
+        ticks = np.floor(np.asarray(t, dtype=np.float64)[lit] / self.piece_period).astype(np.int64)
+        pairs, inverse = np.unique(np.stack([roads[lit].astype(np.int64), ticks]), axis=1, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        s_sum = np.zeros(pairs.shape[1])
+        d_sum = np.zeros(pairs.shape[1])
+        np.add.at(s_sum, inverse, dt[lit])
+        np.add.at(d_sum, inverse, metres[lit])
+        for road, tick, s, d in zip(pairs[0].tolist(), pairs[1].tolist(), s_sum.tolist(), d_sum.tolist()):
+            pieces = self.pieces[road]
+            acc = pieces.get(tick)
+            if acc is None:
+                pieces[tick] = acc = [0.0, 0.0]
+                if len(pieces) > MAX_PIECES:     # fold the oldest into the next: memory bounded
+                    oldest, second = sorted(pieces)[:2]
+                    old = pieces.pop(oldest)
+                    pieces[second][0] += old[0]
+                    pieces[second][1] += old[1]
+                    self.stats["pieces_folded"] += 1
+            acc[0] += s
+            acc[1] += d
 
     def _move_events(self, s_e: np.ndarray, l_e: np.ndarray, t_e: np.ndarray):
         """Departures, crossings and turns of located probes (in car, t order; a car's first
@@ -839,13 +899,24 @@ class Aggregator:
                 density=cars / (length / 1000.0 * lanes), mean_speed=mean_speed,
                 departures=departures, interval=0.0 if math.isnan(last) else t - last, was_green=was_green,
                 turns=self.turns[road], crossed=crossed, crossing_time=crossing_time, samples=samples,
-                distance=distance))
+                distance=distance, pieces=self._take_pieces(road)))
             self.turns[road] = {}
         self.departures[ix] = self.crossed[ix] = 0
         self.crossing_time[ix] = self.samples[ix] = self.distance[ix] = 0.0
         self.last_change[ix] = t
         self.stats["reports"] += len(reports)
         return reports
+
+    def _take_pieces(self, road: int) -> list[tuple[float, float, float]]:
+        """Road's car-seconds and metres per tick since its previous report (none when one tick:
+        the report's own samples and distance say it), and their reset."""
+        pieces = self.pieces[road]
+        if not pieces:
+            return []
+        self.pieces[road] = {}
+        if len(pieces) == 1:
+            return []
+        return [(tick * self.piece_period, s, d) for tick, (s, d) in sorted(pieces.items())]
 
     def light_change(self, light: int, t: float, green: int) -> list[RoadReport]:
         """A light switched: a report for every road it controls (whether its state flipped or not)."""

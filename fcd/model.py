@@ -158,6 +158,19 @@ class Prediction:
     traverse: np.ndarray       # (H+1, R) seconds
 
 
+def report_pieces(rep) -> list[tuple[float, float, float, float]]:
+    """(start, end, car-seconds, metres) of a report's window: one piece, or where the report
+    carries them (``RoadReport.pieces``: a light phase cut on the aggregator's periodic clock) each
+    piece over its part of the window, so what the probes took is read over intervals on that
+    clock without sharing a red and a green out by overlap."""
+    t0 = rep.t - rep.interval
+    if not rep.pieces:
+        return [(t0, rep.t, rep.samples, rep.distance)]
+    starts = [max(t0, start) for start, _, _ in rep.pieces]
+    ends = starts[1:] + [rep.t]
+    return [(a, max(a, b), s, d) for a, b, (_, s, d) in zip(starts, ends, rep.pieces)]
+
+
 class Model:
     HISTORY = 16           # observed travel-time windows kept per road
     MIN_WINDOW = 30.0      # seconds of data per observation window
@@ -359,9 +372,15 @@ class Model:
 
     def _travel_over(self, r: int, start: float, end: float) -> float | None:
         """The travel time the probes took on road r over [start, end): its reports' car-seconds
-        and metres shared out in proportion to how much of each report's interval lies in it."""
+        and metres shared out in proportion to how much of each report's interval lies in it (a
+        piece of no length, the probes at a report's own time on its clock's tick, where it lies)."""
         samples = distance = 0.0
         for t0, t1, s, d in self.report_log[r]:
+            if t1 <= t0:
+                if start <= t0 < end:
+                    samples += s
+                    distance += d
+                continue
             overlap = min(t1, end) - max(t0, start)
             if overlap > 0:
                 samples += s * overlap / (t1 - t0)
@@ -377,7 +396,7 @@ class Model:
             self.state_t[r] = rep.t
             self.state[:, r] = (rep.cars, rep.queue, rep.mean_speed)
         if rep.interval > 0:
-            self.report_log[r].append((rep.t - rep.interval, rep.t, rep.samples, rep.distance))
+            self.report_log[r].extend(report_pieces(rep))
         self._score_correction(r, rep)
 
     def _score_correction(self, r: int, rep: RoadReport) -> None:
