@@ -744,13 +744,13 @@ class Aggregator:
         if not lit.any():
             return
         ticks = np.floor(np.asarray(t, dtype=np.float64)[lit] / self.piece_period).astype(np.int64)
-        pairs, inverse = np.unique(np.stack([roads[lit].astype(np.int64), ticks]), axis=1, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        s_sum = np.zeros(pairs.shape[1])
-        d_sum = np.zeros(pairs.shape[1])
-        np.add.at(s_sum, inverse, dt[lit])
-        np.add.at(d_sum, inverse, metres[lit])
-        for road, tick, s, d in zip(pairs[0].tolist(), pairs[1].tolist(), s_sum.tolist(), d_sum.tolist()):
+        # one int64 key per (road, tick): a 1-D unique is several times cheaper than unique(axis=1)
+        first = int(ticks.min())     # a batch spans far fewer than 2**32 ticks
+        keys, inverse = np.unique(roads[lit].astype(np.int64) << 32 | (ticks - first), return_inverse=True)
+        s_sum = np.bincount(inverse, weights=dt[lit], minlength=len(keys))
+        d_sum = np.bincount(inverse, weights=metres[lit], minlength=len(keys))
+        for road, tick, s, d in zip((keys >> 32).tolist(), ((keys & 0xFFFFFFFF) + first).tolist(), s_sum.tolist(),
+                                    d_sum.tolist()):
             pieces = self.pieces[road]
             acc = pieces.get(tick)
             if acc is None:
