@@ -300,11 +300,12 @@ class ClientConfig:
     redundancy_max_copies: int = MAX_COPIES
     redundancy_spacing: float = 0.0
     # per leg, what a path that has shown little is taken to lose, worth this many copies' echoes.  A
-    # conservative (lossy) start: a session's first reliable updates go twice until the echoes (one
-    # trial per copy, so copying does not slow the learning) show the path clean - about a second on a
-    # 1% path; a lossy path's first second is then as good as the rest (docs/mmpog.md, "Redundant copies")
-    loss_prior: float = 0.05
-    loss_prior_weight: float = 10.0
+    # conservative (lossy) start: a session's first reliable updates go three times (10%: 0.1% left)
+    # until the echoes (one trial per copy, so copying does not slow the learning) show the path
+    # clean - 1-2 s on a 1% path; a lossy path's first second is then as good as the rest (at 5%
+    # prior two copies left 1% of 10% path deliveries to repairs: docs/mmpog.md, "Redundant copies")
+    loss_prior: float = 0.10
+    loss_prior_weight: float = 5.0
     loss_half_life: float = 10.0    # observations fade with this half-life (s)
     loss_watch: int = 1024          # own updates whose echoes are counted (oldest settled first)
     loss_report_interval: float = 0.1   # LOSS reports (seqs that came first as a reflector's COPY): at most one per interval
@@ -1028,11 +1029,11 @@ class ReflectorConfig:
     redundancy_target: float = 0.005
     redundancy_max_copies: int = MAX_COPIES
     redundancy_spacing: float = 0.0
-    # a conservative start: a new member's downlink (and a new location's pool) is taken to lose 5%
+    # a conservative start: a new member's downlink (and a new location's pool) is taken to lose 10%
     # until its evidence says otherwise; with copies on it still learns at full rate (a COPY that
     # arrives first is a lost original: LOSS reports), so a 1% path stops getting copies in about a second
-    loss_prior: float = 0.05
-    loss_prior_weight: float = 50.0   # seqs (pooled over the location)
+    loss_prior: float = 0.10
+    loss_prior_weight: float = 25.0   # seqs (the location's pool; each member's estimate shrinks toward it)
     loss_half_life: float = 10.0
     loss_refresh: float = 0.1
     max_spaced_copies: int = 65536  # copies waiting for their spacing (the oldest dropped, counted)
