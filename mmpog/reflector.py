@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hold outgoing updates up to this long (s) to pack more per datagram (0: one loop pass)")
     parser.add_argument("--no-redundancy", action="store_true",
                         help="never send a member redundant copies of reliable updates (default: while the loss its "
-                             "NACKs show is above 2.5%%, each reliable update goes to it 2-3 times)")
+                             "NACKs and LOSS reports show is above 2.5%%, each reliable update goes to it 2-3 times)")
     parser.add_argument("--redundancy-spacing", type=non_negative_float, default=0.0,
                         help="send copy i of a reliable update i x this long (s) after the original (0: at once)")
     parser.add_argument("--mtu", type=positive_int, default=wire.MAX_DATAGRAM,

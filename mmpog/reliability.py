@@ -114,9 +114,10 @@ MAX_COPIES = 3      # the most copies of one reliable update a sender or the ref
 class LossEstimator:
     """The loss rate of one leg of a path, from what the path shows, for loss-adaptive redundancy.
 
-    Observations are units sent with ``copies`` copies each, of which ``lost`` lost *every* copy
-    (the reflector learns of a member's lost seq from its NACK, and with two copies on the way only
-    losing both shows).  The estimate is the maximum-likelihood rate per copy over every level of
+    Observations are units sent with ``copies`` copies each, of which ``lost`` lost *every* copy.
+    Both ends now observe single-copy trials (the client each copy's echo, the reflector each seq's
+    original: NACKed or reported by the member as arriving first as a COPY); the levels remain for
+    evidence that only shows when every copy is lost.  The estimate is the maximum-likelihood rate per copy over every level of
     copies (a unit of k copies is lost with p**k: counting NACKed seqs as if sent once would read
     the 5% of a path that gets two copies as 0.25%, switch the copies off, and oscillate), with a
     prior of ``prior_weight`` units sent once at ``prior`` - a path that has shown little is taken
@@ -1023,7 +1024,7 @@ class ReflectorConfig:
     pack_budget: float = 0.0        # > 0: hold outgoing datagrams up to this long to pack more
     mtu: int = wire.MAX_DATAGRAM    # largest packed datagram
     # loss-adaptive redundancy on each member's downlink (see ClientConfig): the loss a member's NACKs
-    # show; re-decided per location at most every `loss_refresh` seconds
+    # and LOSS reports show; re-decided per location at most every `loss_refresh` seconds
     redundancy: bool = True
     redundancy_threshold: float = 0.025
     redundancy_target: float = 0.005
