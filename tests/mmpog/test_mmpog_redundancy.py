@@ -358,3 +358,34 @@ def test_a_member_reports_seqs_that_came_first_as_a_copy_once_the_original_fails
     ep.handle_timer(timer + ep.config.loss_report_interval)
     [report] = ep.datagrams_to_send(timer + ep.config.loss_report_interval)
     assert wire.LOSS_REPORT.unpack(wire.decode(report)[1]) == (2,)           # a running count
+
+
+@pytest.mark.parametrize("lost_every, expected_copies", [(None, 1), (10, 3), (20, 2)])
+def test_the_reflector_estimate_with_copies_on_follows_the_members_reports(lost_every, expected_copies):
+    """Deterministic (FakeClock): member 2's downlink starts copied (10% prior); it reports every
+    `lost_every`-th seq as first arriving as a COPY (its original lost).  A clean member is seen clean
+    and loses its copies; 10% is measured 10% (three copies), 5% two - with copies on, NACKs alone
+    would show none of it."""
+    clock = FakeClock(0.0)
+    core = ReflectorCore(ReflectorConfig(loss_prior=0.10, loss_prior_weight=25))
+    addrs = {1: ("127.0.0.1", 3001), 2: ("127.0.0.1", 3002)}
+    for player, addr in addrs.items():
+        core.add_member(LOC, player, bytes([player]) * 12)
+        core.receive_datagram(_hello(player, bytes([player]) * 12), addr, clock.time())
+    member = core._locations[LOC].members[2]
+    reported = 0
+    for pid in range(1, 801):
+        clock.now += 0.01
+        core.receive_datagram(wire.encode(Header(Kind.DATA, wire.RELIABLE, 3, LOC, 1, pid), b"x"), addrs[1], clock.time())
+        if pid == 1:
+            assert member.copies == 3                       # the conservative start
+        if lost_every and pid % lost_every == 0 and member.copies > 1:
+            reported += 1
+            core.receive_datagram(_report(2, reported), addrs[2], clock.time())
+        core.datagrams_to_send(clock.time())
+    estimate = member.loss.estimate()           # its own (the pool also holds the sender's clean downlink)
+    if lost_every is None:
+        assert estimate < 0.01 and member.copies == 1
+    else:
+        assert estimate == pytest.approx(1 / lost_every, rel=0.35) and member.copies == expected_copies
+    assert core.location_stats(LOC)["loss_report_clipped"] == 0
