@@ -264,6 +264,7 @@ def test_cli_switches_redundancy_off_and_sets_the_spacing():
     config = config_from_args(args)
     assert config.redundancy is False and config.redundancy_spacing == 0.001
     assert config_from_args(build_parser().parse_args(["--no-api-key"])).redundancy is True
+    assert config_from_args(build_parser().parse_args(["--no-api-key", "--loss-prior", "0.01"])).loss_prior == 0.01
     with pytest.raises(ValueError):
         ReflectorConfig(redundancy_max_copies=4).validate()
     with pytest.raises(ValueError):
