@@ -303,10 +303,11 @@ class ClientConfig:
     # per leg, what a path that has shown little is taken to lose, worth this many copies' echoes.  A
     # conservative (lossy) start: a session's first reliable updates go three times (10%: 0.1% left)
     # until the echoes (one trial per copy, so copying does not slow the learning) show the path
-    # clean - 1-2 s on a 1% path; a lossy path's first second is then as good as the rest (at 5%
-    # prior two copies left 1% of 10% path deliveries to repairs: docs/mmpog.md, "Redundant copies")
+    # clean - 2-3 s on a clean or 1% path; a lossy path's first second is then as good as the rest (a
+    # 5% prior's two copies left 1% of a 10% path's deliveries to repairs, and a 5-echo weight let a
+    # fifth of the clients of a 5% path stop copying in the first second: docs/mmpog.md, "Redundant copies")
     loss_prior: float = 0.10
-    loss_prior_weight: float = 5.0
+    loss_prior_weight: float = 10.0
     loss_half_life: float = 10.0    # observations fade with this half-life (s)
     loss_watch: int = 1024          # own updates whose echoes are counted (oldest settled first)
     loss_report_interval: float = 0.1   # LOSS reports (seqs that came first as a reflector's COPY): at most one per interval
