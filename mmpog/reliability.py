@@ -1380,6 +1380,7 @@ class ReflectorCore:
             loc.stats["hello_rebind_refused"] += 1
             return
         loc.stats["hello_accepted"] += 1
+        member.copy_report = 0          # a new endpoint's LOSS count starts from 0 (a retry's is still 0)
         if header.rto_ms:
             member.rto = header.rto_ms / 1000
         self._bind(loc, member, addr)
