@@ -459,7 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hold outgoing updates up to this long (s) to pack more per datagram (0: one loop pass)")
     parser.add_argument("--no-redundancy", action="store_true",
                         help="never send a member redundant copies of reliable updates (default: while the loss its "
-                             "NACKs show is above 2.5%%, each reliable update goes to it 2-3 times)")
+                             "NACKs and LOSS reports show is above 2.5%%, each reliable update goes to it 2-3 times)")
+    parser.add_argument("--loss-prior", type=float, default=ReflectorConfig().loss_prior,
+                        help="the loss a new member's downlink is taken to have until its NACKs and LOSS reports "
+                             "show otherwise (default 0.10: copies from the first update; 0.01: a clean-path start)")
     parser.add_argument("--redundancy-spacing", type=non_negative_float, default=0.0,
                         help="send copy i of a reliable update i x this long (s) after the original (0: at once)")
     parser.add_argument("--mtu", type=positive_int, default=wire.MAX_DATAGRAM,
@@ -495,7 +498,7 @@ def config_from_args(args: argparse.Namespace) -> ReflectorConfig:
         heartbeat_max=args.heartbeat_max, heartbeat_factor=args.heartbeat_factor, nack_rate=args.nack_rate, nack_burst=args.nack_burst,
         nack_burst_bytes=args.nack_burst_bytes, nack_bytes_rate=args.nack_bytes_rate,
         pack=not args.no_pack, pack_budget=args.pack_budget, mtu=args.mtu,
-        redundancy=not args.no_redundancy, redundancy_spacing=args.redundancy_spacing,
+        redundancy=not args.no_redundancy, redundancy_spacing=args.redundancy_spacing, loss_prior=args.loss_prior,
         max_locations=args.max_locations, max_members=args.max_members,
     )
     try:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Union
 
 from . import wire
-from .wire import RELIABLE, RETRANSMIT, Header, Kind, WireDecodeError
+from .wire import COPY, RELIABLE, RETRANSMIT, Header, Kind, WireDecodeError
 
 Address = tuple[str, int]
 _DATA, _HEARTBEAT, _WELCOME, _BUNDLE = Kind.DATA, Kind.HEARTBEAT, Kind.WELCOME, Kind.BUNDLE   # hot-path names
@@ -114,9 +114,10 @@ MAX_COPIES = 3      # the most copies of one reliable update a sender or the ref
 class LossEstimator:
     """The loss rate of one leg of a path, from what the path shows, for loss-adaptive redundancy.
 
-    Observations are units sent with ``copies`` copies each, of which ``lost`` lost *every* copy
-    (the reflector learns of a member's lost seq from its NACK, and with two copies on the way only
-    losing both shows).  The estimate is the maximum-likelihood rate per copy over every level of
+    Observations are units sent with ``copies`` copies each, of which ``lost`` lost *every* copy.
+    Both ends now observe single-copy trials (the client each copy's echo, the reflector each seq's
+    original: NACKed or reported by the member as arriving first as a COPY); the levels remain for
+    evidence that only shows when every copy is lost.  The estimate is the maximum-likelihood rate per copy over every level of
     copies (a unit of k copies is lost with p**k: counting NACKed seqs as if sent once would read
     the 5% of a path that gets two copies as 0.25%, switch the copies off, and oscillate), with a
     prior of ``prior_weight`` units sent once at ``prior`` - a path that has shown little is taken
@@ -300,13 +301,16 @@ class ClientConfig:
     redundancy_max_copies: int = MAX_COPIES
     redundancy_spacing: float = 0.0
     # per leg, what a path that has shown little is taken to lose, worth this many copies' echoes.  A
-    # lossy prior (0.05) makes a session's first reliable updates go twice until the echoes show the
-    # path clean: at 5% it took the p99 from 3.4 to 0.9 ms in simulated time, at the cost of copies
-    # on every clean path's first second or two (docs/mmpog.md, "Redundant copies")
-    loss_prior: float = 0.01
+    # conservative (lossy) start: a session's first reliable updates go three times (10%: 0.1% left)
+    # until the echoes (one trial per copy, so copying does not slow the learning) show the path
+    # clean - 2-3 s on a clean or 1% path; a lossy path's first second is then as good as the rest (a
+    # 5% prior's two copies left 1% of a 10% path's deliveries to repairs, and a 5-echo weight let a
+    # fifth of the clients of a 5% path stop copying in the first second: docs/mmpog.md, "Redundant copies")
+    loss_prior: float = 0.10
     loss_prior_weight: float = 10.0
     loss_half_life: float = 10.0    # observations fade with this half-life (s)
     loss_watch: int = 1024          # own updates whose echoes are counted (oldest settled first)
+    loss_report_interval: float = 0.1   # LOSS reports (seqs that came first as a reflector's COPY): at most one per interval
 
     def validate(self) -> None:
         if not 0 < self.min_rto <= self.max_rto:
@@ -316,6 +320,8 @@ class ClientConfig:
                      "max_outgoing"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.loss_report_interval <= 0:
+            raise ValueError("loss_report_interval must be positive")
         if self.default_deadline <= 0 or self.reorder_window < 0 or self.join_timeout <= 0:
             raise ValueError("deadline and join_timeout must be positive, reorder_window non-negative")
 
@@ -404,6 +410,15 @@ class ClientEndpoint:
         self._echo_watch: dict[int, list] = {}      # own packet id -> [sent at, copies sent, echoes back]
         self._copies_due: deque[tuple[float, int]] = deque()   # (when, packet id) of spaced copies
         self._copies = 1                             # copies per reliable update now (what the prior says)
+        # the downlink's evidence for the reflector: seqs that reached us first as its COPY (their original
+        # was lost), a running count (mod 2**32) sent in LOSS reports at most every loss_report_interval
+        self._copies_first = 0
+        # seq -> when its COPY came first: counted as a lost original only if the original has not come
+        # within the settle time (a path may reorder the two: that is no loss); bounded by max_missing
+        self._copy_wait: dict[int, float] = {}
+        self._report_next = float("-inf")            # when the next LOSS report may go
+        self._report_due: float | None = None        # when copies settle or a changed count may go
+        self._unreported = False                     # the count changed since the last report
         if c.redundancy:
             self._copies = copies_for(self.uplink_leg_loss(), c.redundancy_threshold, c.redundancy_target,
                                       c.redundancy_max_copies)
@@ -414,7 +429,7 @@ class ClientEndpoint:
             "malformed", "wrong_location", "unexpected_kind", "before_join", "refused_pending",
             "dup_window_evicted", "missing_overflow", "events_dropped", "outgoing_dropped",
             "heartbeats", "timeouts", "nack_retries", "nack_retries_unbacked", "gaps_from_unreliable", "bundles",
-            "redundant_copies_sent",
+            "redundant_copies_sent", "copies_first", "loss_reports_sent", "copy_wait_evicted",
         ), 0)
 
     # ------------------------------------------------------------------ public API
@@ -437,6 +452,8 @@ class ClientEndpoint:
             self._event(Expired(packet_id))
         self._pending.clear()
         self._copies_due.clear()
+        self._report_due = None
+        self._copy_wait.clear()
         self._hello_next = None
         self._missing.clear()
         self._nack_tries.clear()
@@ -560,6 +577,8 @@ class ClientEndpoint:
         # asked after every batch an adapter hands over: no list built, and nothing to scan in the
         # common case (no HELLO outstanding, few reliable packets awaiting their echo)
         earliest = self._missing_due
+        if self._report_due is not None and (earliest is None or self._report_due < earliest):
+            earliest = self._report_due
         if self._copies_due:
             at = self._copies_due[0][0]
             if earliest is None or at < earliest:
@@ -607,6 +626,8 @@ class ClientEndpoint:
             if pending is not None and pending.retries == 0:
                 # (a spaced copy whose original was already echoed, or resent, is not needed)
                 self._queue_copy(packet_id, pending)
+        if self._report_due is not None and now >= self._report_due and not self.closed:
+            self._settle_copies(now)
         self._maybe_nack(now)
 
     def next_event(self) -> Event | None:
@@ -695,6 +716,49 @@ class ClientEndpoint:
                                       c.redundancy_max_copies)
         watch[packet_id] = [now, 1, 0]
 
+    def _copy_arrived_first(self, seq: int, now: float) -> None:
+        wait = self._copy_wait
+        if len(wait) >= self.config.max_missing:
+            del wait[next(iter(wait))]
+            self.stats["copy_wait_evicted"] += 1
+        wait[seq] = now + self._copy_settle()
+        if self._report_due is None or wait[seq] < self._report_due:
+            self._report_due = max(wait[seq], self._report_next)
+
+    def _copy_settle(self) -> float:
+        """How long an original may trail its copy and still be a reordering rather than a loss."""
+        srtt = self.rtt.srtt
+        return max(self.config.reorder_window, srtt if srtt is not None else 0.0)
+
+    def _settle_copies(self, now: float) -> None:
+        """Count the copies whose original did not follow in time; report the count if it may go now."""
+        wait = self._copy_wait
+        settled = 0
+        while wait:
+            seq = next(iter(wait))
+            if wait[seq] > now:
+                break
+            del wait[seq]
+            settled += 1
+        if settled:
+            self._copies_first = (self._copies_first + settled) & wire.MAX_U32
+            self.stats["copies_first"] += settled
+            self._unreported = True
+        if self._unreported and now >= self._report_next:
+            self._send_loss_report(now)
+        if wait:
+            self._report_due = max(next(iter(wait.values())), self._report_next)
+        else:
+            self._report_due = self._report_next if self._unreported else None
+
+    def _send_loss_report(self, now: float) -> None:
+        """The running count to the reflector (never answered: no amplification; rate-bounded)."""
+        self._unreported = False
+        self._report_next = now + self.config.loss_report_interval
+        self.stats["loss_reports_sent"] += 1
+        self._queue(wire.encode(Header(Kind.LOSS, rto_ms=self._rto_ms(), location=self.location, sender=self.player),
+                                wire.LOSS_REPORT.pack(self._copies_first)))
+
     def _send_copies(self, packet_id: int, pending: _Pending, now: float) -> None:
         spacing = self.config.redundancy_spacing
         for index in range(1, self._copies):
@@ -763,12 +827,19 @@ class ClientEndpoint:
             if flags & RETRANSMIT:
                 stats["retransmissions_received"] += 1
                 self._last_repair = now
+            # a reflector's COPY of a seq not yet received and not yet NACKed: its original was lost
+            # (a NACKed seq is counted by the reflector from the NACK)
+            copy_first = flags & COPY and seq not in self._nack_sent
             if seq == self._highest + 1:     # the next seq, nothing missed (_on_seq's common case)
                 self._highest = seq
                 stats["seqs_accounted"] += 1
                 fresh_seq = True
             else:
                 fresh_seq = self._on_seq(seq, now)
+            if copy_first and fresh_seq:
+                self._copy_arrived_first(seq, now)
+            elif not fresh_seq and self._copy_wait and not flags & COPY:
+                self._copy_wait.pop(seq, None)       # the original, after its copy: reordered, not lost
         else:
             fresh_seq = True
             if seq > self._highest:
@@ -954,14 +1025,17 @@ class ReflectorConfig:
     pack_budget: float = 0.0        # > 0: hold outgoing datagrams up to this long to pack more
     mtu: int = wire.MAX_DATAGRAM    # largest packed datagram
     # loss-adaptive redundancy on each member's downlink (see ClientConfig): the loss a member's NACKs
-    # show; re-decided per location at most every `loss_refresh` seconds
+    # and LOSS reports show; re-decided per location at most every `loss_refresh` seconds
     redundancy: bool = True
     redundancy_threshold: float = 0.025
     redundancy_target: float = 0.005
     redundancy_max_copies: int = MAX_COPIES
     redundancy_spacing: float = 0.0
-    loss_prior: float = 0.01
-    loss_prior_weight: float = 50.0   # seqs: a member that lost 2 of its first 48 at 1% is no lossy path
+    # a conservative start: a new member's downlink (and a new location's pool) is taken to lose 10%
+    # until its evidence says otherwise; with copies on it still learns at full rate (a COPY that
+    # arrives first is a lost original: LOSS reports), so a 1% path stops getting copies in about a second
+    loss_prior: float = 0.10
+    loss_prior_weight: float = 25.0   # seqs (the location's pool; each member's estimate shrinks toward it)
     loss_half_life: float = 10.0
     loss_refresh: float = 0.1
     max_spaced_copies: int = 65536  # copies waiting for their spacing (the oldest dropped, counted)
@@ -1007,6 +1081,9 @@ class _Member:
     counted_seq: int = 0
     nack_high: int = 0
     lost_pending: int = 0
+    copied: int = 0          # seqs sent to it with copies, of which `copy_losses` were reported as arriving
+    copy_losses: int = 0     #   first as a COPY (original lost): a report is credited up to `copied`
+    copy_report: int = 0     # the member's last running count of such seqs (LOSS, mod 2**32)
 
 
 LOCATION_COUNTERS = (
@@ -1014,7 +1091,7 @@ LOCATION_COUNTERS = (
     "nack_rate_limited", "nack_unavailable", "heartbeats", "hello_accepted", "hello_rejected",
     "not_member", "buffer_evicted_count", "buffer_evicted_age", "byes", "malformed_client_fields",
     "resends_recognised", "hello_rebind_refused", "nack_byte_limited", "redundant_copies_sent",
-    "redundant_copies_received",
+    "redundant_copies_received", "loss_reports", "loss_report_clipped",
 )
 
 
@@ -1160,6 +1237,8 @@ class ReflectorCore:
             self._on_data(loc, header, data, now)
         elif kind is Kind.NACK:
             self._on_nack(loc, member, payload, now)
+        elif kind is Kind.LOSS:
+            self._on_loss_report(loc, member, payload)
         elif kind is Kind.BYE:
             loc.stats["byes"] += 1
             self._unbind(loc, member)
@@ -1301,6 +1380,7 @@ class ReflectorCore:
             loc.stats["hello_rebind_refused"] += 1
             return
         loc.stats["hello_accepted"] += 1
+        member.copy_report = 0          # a new endpoint's LOSS count starts from 0 (a retry's is still 0)
         if header.rto_ms:
             member.rto = header.rto_ms / 1000
         self._bind(loc, member, addr)
@@ -1438,6 +1518,24 @@ class ReflectorCore:
                 high = end
         member.nack_high = high
 
+    def _on_loss_report(self, loc: _Location, member: _Member, payload: bytes) -> None:
+        """A member's running count of seqs that reached it first as a COPY: each such seq's original
+        was lost on its downlink, a loss its NACKs never show while copies are on.  Counted like a NACKed
+        seq (a lost original), credited only up to the seqs actually sent to it with copies: a member
+        cannot report more losses than it was given the chance to have.  Never answered."""
+        (count,) = wire.LOSS_REPORT.unpack(payload)
+        stats = loc.stats
+        stats["loss_reports"] += 1
+        new = (count - member.copy_report) & wire.MAX_U32
+        member.copy_report = count
+        if not self.config.redundancy or member.loss is None:
+            return
+        credit = min(new, member.copied - member.copy_losses)
+        if credit < new:
+            stats["loss_report_clipped"] += new - credit
+        member.copy_losses += credit
+        member.lost_pending += credit
+
     def _decide_copies(self, loc: _Location, now: float) -> None:
         """Fold what each bound member was sent and lost since the last time into its estimate, and
         decide how many copies of a reliable update its downlink gets."""
@@ -1455,9 +1553,11 @@ class ReflectorCore:
                 member.lost_pending = 0
             sent = last - member.counted_seq
             if sent > 0 or member.lost_pending:
+                # every seq is one trial of its original: lost if NACKed (every copy lost) or reported
+                # as arriving first as a COPY, so copies on or off the estimate is of p itself
                 # (a seq NACKed now may have been counted as sent in an earlier round)
-                member.loss.observe(now, max(sent, 0), member.lost_pending, member.copies)
-                pooled.observe(now, max(sent, 0), member.lost_pending, member.copies)
+                member.loss.observe(now, max(sent, 0), member.lost_pending)
+                pooled.observe(now, max(sent, 0), member.lost_pending)
                 member.counted_seq = max(member.counted_seq, last)
                 member.lost_pending = 0
         # with copies on, only losing every copy shows (a few NACKs a minute per member at 5%): one
@@ -1478,10 +1578,15 @@ class ReflectorCore:
         its sender, whose echo is only an acknowledgement): unicast, each a datagram of its own."""
         spacing = self.config.redundancy_spacing
         sent = 0
+        # marked COPY: a member that gets this first knows the original was lost (its LOSS report)
+        copy = bytearray(out)
+        copy[wire.FLAGS_OFFSET] = (out[wire.FLAGS_OFFSET] & ~RETRANSMIT) | COPY
+        out = bytes(copy)
         for member in loc.copy_members:
             addr = member.addr
             if addr is None or member.player == sender:
                 continue
+            member.copied += 1
             for index in range(1, member.copies):
                 if spacing <= 0:
                     self._queue(out, addr)

@@ -48,6 +48,10 @@ HEADER_SIZE = HEADER.size  # 28
 NACK_RANGE = Layout("!", (("first", "I"), ("count", "H")))  # count 1..65535
 MAX_NACK_RANGES = 64
 
+# A LOSS payload: the member's running count (mod 2**32) of seqs whose first arrival was a COPY.  A
+# running count, not a delta: a lost report costs nothing, the next one carries it.
+LOSS_REPORT = Layout("!", (("copies_first", "I"),))
+
 MAX_PAYLOAD = 1400  # keeps every datagram under a 1500-byte MTU with IP/UDP headers
 MAX_TOKEN = 64
 MIN_TOKEN = 8
@@ -63,17 +67,23 @@ class Kind(enum.IntEnum):
     WELCOME = 5     # reflector -> client: answer to HELLO; packet_id echoed, seq = last, lowest = lowest
     BYE = 6         # client -> reflector: leaving the location (unbinds the address)
     BUNDLE = 7      # either way: payload = several whole datagrams of one location, each after a u16 length
+    LOSS = 8        # client -> reflector: payload = LOSS_REPORT (how many reliable updates reached it only as
+                    # a reflector's COPY, i.e. whose original was lost on its downlink); never answered
 
 
 class Flag(enum.IntFlag):
     RELIABLE = 0x01      # the sender asked for reliable delivery: the reflector sequences and buffers it
     RETRANSMIT = 0x02    # a copy: resent by the sender after a timeout, or from the reflector's buffer
+    COPY = 0x04          # a redundant copy the reflector sent a member beside the original (reliable, sequenced,
+                         # never with RETRANSMIT): a member that gets a seq first as a COPY knows its original was lost
 
 
-KNOWN_FLAGS = int(Flag.RELIABLE | Flag.RETRANSMIT)
+KNOWN_FLAGS = int(Flag.RELIABLE | Flag.RETRANSMIT | Flag.COPY)
+_PLAIN_FLAGS = int(Flag.RELIABLE | Flag.RETRANSMIT)     # what the DATA hot path accepts without further rules
 # plain ints for the hot paths (IntFlag/IntEnum arithmetic costs microseconds per packet)
 RELIABLE = int(Flag.RELIABLE)
 RETRANSMIT = int(Flag.RETRANSMIT)
+COPY = int(Flag.COPY)
 _KIND_OF = {int(k): k for k in Kind}
 
 
@@ -121,8 +131,8 @@ def encode(header: Header, payload: bytes = b"") -> bytes:
 RESERVED_OFFSET = HEADER.offset("flags") + 1     # the pad byte ("x": the layout gives it no name)
 _BUNDLE_CODE = int(Kind.BUNDLE)
 _new_header = tuple.__new__     # Header(...) through its Python-level __new__ costs twice as much per packet
-_DATA, _HEARTBEAT, _NACK, _HELLO, _WELCOME, _BYE, _BUNDLE = (Kind.DATA, Kind.HEARTBEAT, Kind.NACK, Kind.HELLO,
-                                                             Kind.WELCOME, Kind.BYE, Kind.BUNDLE)
+_DATA, _HEARTBEAT, _NACK, _HELLO, _WELCOME, _BYE, _BUNDLE, _LOSS = (
+    Kind.DATA, Kind.HEARTBEAT, Kind.NACK, Kind.HELLO, Kind.WELCOME, Kind.BYE, Kind.BUNDLE, Kind.LOSS)
 
 
 def _validated(version: int, kind_code: int, flags: int, reserved: int, rto_ms: int, length: int, available: int,
@@ -132,7 +142,7 @@ def _validated(version: int, kind_code: int, flags: int, reserved: int, rto_ms: 
     kind = _KIND_OF.get(kind_code)
     if kind is _DATA and version == VERSION and not reserved and length == available <= MAX_PAYLOAD:
         # the hot path (every game update): only the DATA rules are left to check
-        if not flags & ~KNOWN_FLAGS and not (seq and lowest > seq + 1) and not (seq == 0 and flags & RELIABLE and lowest):
+        if not flags & ~_PLAIN_FLAGS and not (seq and lowest > seq + 1) and not (seq == 0 and flags & RELIABLE and lowest):
             return _new_header(Header, (kind, flags, rto_ms, location, sender, packet_id, seq, lowest))
     if reserved != 0:
         raise WireDecodeError(f"reserved byte is {reserved}, must be 0")
@@ -152,6 +162,8 @@ def _validated(version: int, kind_code: int, flags: int, reserved: int, rto_ms: 
         if seq == 0 and flags & RELIABLE and lowest:
             # a reflector-forwarded reliable packet always has a seq; a client's one has neither
             raise WireDecodeError("reliable DATA with lowest set but no seq")
+        if flags & COPY and (not flags & RELIABLE or flags & RETRANSMIT or not seq):
+            raise WireDecodeError("a COPY is a reliable, sequenced DATA and never a RETRANSMIT")
     elif kind is _BUNDLE:          # second: what the reflector sends a busy location
         if length < BUNDLE_ITEM.size + HEADER_SIZE or flags or rto_ms or sender or packet_id or seq or lowest:
             raise WireDecodeError("BUNDLE carries only a location and at least one datagram")
@@ -173,6 +185,9 @@ def _validated(version: int, kind_code: int, flags: int, reserved: int, rto_ms: 
     elif kind is _WELCOME:
         if length or flags:
             raise WireDecodeError("WELCOME carries no payload or flags")
+    elif kind is _LOSS:
+        if length != LOSS_REPORT.size or flags or seq or lowest or packet_id:
+            raise WireDecodeError(f"LOSS carries a {LOSS_REPORT.size}-byte count and no flags, packet id, seq or lowest")
     elif kind is _BYE:
         if length or flags or seq or lowest:
             raise WireDecodeError("BYE carries no payload, flags, seq or lowest")

@@ -90,13 +90,22 @@ def run(w: Workload) -> dict:
     sends.sort()
     sent: dict[tuple[int, int], tuple[float, bool, int]] = {}   # (player, packet id) -> (time, reliable, location)
     rto_at_send: list[float] = []   # the sender's RTO when it sent each reliable update
+
+    def copies_so_far() -> tuple[int, int]:
+        return sum(ep.stats["redundant_copies_sent"] for ep, _, _ in endpoints), reflector.copies_queued
+
+    copy_marks = [copies_so_far()]  # at the start of each second of play: when does a clean path stop copying?
     for t, index, reliable in sends:
+        while t >= start + len(copy_marks):
+            net.run_for(start + len(copy_marks) - net.now)
+            copy_marks.append(copies_so_far())
         net.run_for(t - net.now)
         ep, _, location = endpoints[index]
         if reliable:
             rto_at_send.append(ep.rtt.rto)
         pid = ep.send(UPDATE.pack(ep.player, t) + pad, net.now, reliable=reliable)
         sent[(ep.player, pid)] = (t, reliable, location)
+    copy_marks.append(copies_so_far())
     net.run_for(w.deadline + 1.0)
     members: dict[int, int] = {}
     for _, _, location in endpoints:
@@ -142,6 +151,9 @@ def run(w: Workload) -> dict:
                                            "nack_rate_limited", "nack_unavailable", "resends_recognised",
                                            "redundant_copies_sent", "redundant_copies_received")}
     out["datagrams"] = net.delivered_datagrams
+    # redundant copies sent in each second of play (the last entry: the rest of the last second)
+    out["copies_per_second"] = {side: [b[i] - a[i] for a, b in zip(copy_marks, copy_marks[1:])]
+                                for i, side in enumerate(("clients", "reflector"))}
     return out
 
 

@@ -16,6 +16,10 @@ from mmpog import wire
 from mmpog.reliability import BufferFull, MembersChanged, ReflectorConfig, ReflectorCore
 from mmpog.wire import Flag, Header, Kind
 
+# these tests are about resends and fan-out: a path taken as clean from the start (no redundant copies;
+# the default is a conservative start that copies until the path shows itself clean, test_mmpog_redundancy)
+CLEAN_PATH = dict(loss_prior=0.01)
+
 LOC = 3
 ALICE, BOB = ("127.0.0.1", 4001), ("127.0.0.1", 4002)
 TOKEN_A, TOKEN_B = b"a" * 16, b"b" * 16
@@ -30,7 +34,7 @@ def data(player, pid, payload=b"x", reliable=False, location=LOC):
 
 
 def bound_core(config=None):
-    core = ReflectorCore(config)
+    core = ReflectorCore(config or ReflectorConfig(**CLEAN_PATH))
     core.add_member(LOC, 1, TOKEN_A)
     core.add_member(LOC, 2, TOKEN_B)
     core.receive_datagram(hello(1, TOKEN_A), ALICE, 0.0)
@@ -42,7 +46,7 @@ def bound_core(config=None):
 
 
 def test_hello_with_valid_token_binds_and_is_welcomed_without_amplification():
-    core = ReflectorCore()
+    core = ReflectorCore(ReflectorConfig(**CLEAN_PATH))
     core.add_member(LOC, 1, TOKEN_A)
     request = hello(1, TOKEN_A, pid=1234)
     core.receive_datagram(request, ALICE, 0.0)
@@ -60,7 +64,7 @@ def test_hello_with_valid_token_binds_and_is_welcomed_without_amplification():
     (1, TOKEN_A, LOC + 1),    # unknown location
 ])
 def test_hello_without_valid_token_gets_nothing_back(player, token, location):
-    core = ReflectorCore()
+    core = ReflectorCore(ReflectorConfig(**CLEAN_PATH))
     core.add_member(LOC, 1, TOKEN_A)
     core.receive_datagram(hello(player, token, location), ("203.0.113.9", 9), 0.0)
     assert core.datagrams_to_send(0.0) == []
@@ -79,7 +83,7 @@ def test_only_bound_members_may_send_and_only_as_themselves():
 
 
 def test_reliable_sequenced_and_buffer_bounded_by_count_and_age():
-    core = bound_core(ReflectorConfig(buffer_packets=3, buffer_age=1.0))
+    core = bound_core(ReflectorConfig(**CLEAN_PATH, buffer_packets=3, buffer_age=1.0))
     for pid in range(5):
         core.receive_datagram(data(1, 100 + pid, reliable=True), ALICE, 0.0)
     seqs = [wire.decode(d)[0].seq for d, _ in core.datagrams_to_send(0.0)]
@@ -147,7 +151,7 @@ def test_nack_ranges_clipped_to_the_buffer_before_walking(monkeypatch):
 
 def test_a_small_nack_is_answered_within_a_byte_budget():
     """One 34-byte NACK returned 91 KB in a burst; now at most nack_burst_bytes per member."""
-    config = ReflectorConfig(nack_burst=1000, nack_rate=0.0, nack_bytes_rate=0.0, nack_burst_bytes=8192)
+    config = ReflectorConfig(**CLEAN_PATH, nack_burst=1000, nack_rate=0.0, nack_bytes_rate=0.0, nack_burst_bytes=8192)
     core = bound_core(config)
     for n in range(64):
         core.receive_datagram(data(1, 100 + n, payload=bytes(1400), reliable=True), ALICE, 1.0)
@@ -162,7 +166,7 @@ def test_a_small_nack_is_answered_within_a_byte_budget():
 
 
 def test_membership_bounds_are_enforced_and_counted():
-    core = ReflectorCore(ReflectorConfig(max_locations=1, max_members=1))
+    core = ReflectorCore(ReflectorConfig(**CLEAN_PATH, max_locations=1, max_members=1))
     core.add_member(1, 1, TOKEN_A)
     with pytest.raises(BufferFull):
         core.add_member(1, 2, TOKEN_B)
@@ -181,7 +185,7 @@ def test_malformed_and_client_set_seq_dropped():
 
 
 def test_heartbeat_interval_follows_member_rto_and_backs_off_when_idle():
-    core = bound_core(ReflectorConfig(heartbeat_min=0.01, heartbeat_max=0.5, heartbeat_factor=0.5))
+    core = bound_core(ReflectorConfig(**CLEAN_PATH, heartbeat_min=0.01, heartbeat_max=0.5, heartbeat_factor=0.5))
     core.receive_datagram(data(1, 1, reliable=True), ALICE, 10.0)
     core.datagrams_to_send(10.0)
     times = []
@@ -200,7 +204,7 @@ def test_heartbeat_interval_follows_member_rto_and_backs_off_when_idle():
 
 
 def test_heartbeat_timer_scales_to_many_locations():
-    core = ReflectorCore(ReflectorConfig(max_locations=5000))
+    core = ReflectorCore(ReflectorConfig(**CLEAN_PATH, max_locations=5000))
     for location in range(4000):
         core.add_member(location, 1, TOKEN_A)
         core.receive_datagram(hello(1, TOKEN_A, location=location), ("127.0.0.1", 10000 + location % 50000), 0.0)
@@ -278,6 +282,10 @@ def test_real_reflector_membership_api_anti_spoofing_and_fanout(reflector_proces
         for sock in (alice, bob):                      # the sender gets its echo, the other member the data
             header, payload = wire.decode(sock.recv(2048))
             assert (header.sender, header.packet_id, header.seq, payload) == (1, 11, 1, b"hello")
+        # a new member's downlink is taken as lossy until it shows otherwise: bob also gets the update's
+        # redundant copies, marked COPY (the sender never does)
+        copy, payload = wire.decode(bob.recv(2048))
+        assert (copy.flags, copy.seq, payload) == (wire.RELIABLE | wire.COPY, 1, b"hello")
         mallory.settimeout(0.3)
         with pytest.raises(socket.timeout):
             mallory.recv(2048)
@@ -291,7 +299,9 @@ def test_real_reflector_membership_api_anti_spoofing_and_fanout(reflector_proces
         assert recv_data(alice)[0].packet_id == 12
         bob.settimeout(0.3)
         with pytest.raises(socket.timeout):
-            recv_data(bob)                              # bob is no longer a member
+            while True:                                 # bob is no longer a member: at most the rest of
+                header = recv_data(bob)[0]              # the first update's copies, nothing after
+                assert header.packet_id == 11 and header.flags & wire.COPY
     finally:
         for sock in (alice, bob, mallory):
             sock.close()
@@ -306,7 +316,7 @@ def test_reflector_bad_config_exits_2():
 
 def test_tail_probe_follows_a_reliable_packet_on_a_location_that_was_idle():
     """The heartbeat after a reliable packet is one interval after it, not at the backed-off idle time."""
-    core = bound_core(ReflectorConfig(heartbeat_min=0.01, heartbeat_max=1.0, heartbeat_factor=0.5))
+    core = bound_core(ReflectorConfig(**CLEAN_PATH, heartbeat_min=0.01, heartbeat_max=1.0, heartbeat_factor=0.5))
     now = 10.0
     beats = 0
     while beats < 4:                                   # idle: 20, 40, 80, 160 ms apart
@@ -346,7 +356,7 @@ def test_control_key_compared_in_constant_time(monkeypatch):
         return real(a, b)
 
     monkeypatch.setattr(reflector_module.hmac, "compare_digest", spy)
-    service = reflector_module.ReflectorService(ReflectorCore(), api_key="k3y")
+    service = reflector_module.ReflectorService(ReflectorCore(ReflectorConfig(**CLEAN_PATH)), api_key="k3y")
 
     class FakeRequest:
         headers = {"Authorization": "Bearer k3x"}
@@ -397,7 +407,7 @@ async def test_service_packs_what_one_loop_pass_fans_out_and_counts_updates():
     header, payload = wire.decode(bundle)
     assert location == LOC and header.kind is Kind.BUNDLE and len(wire.unpack(header, payload)) == 3
     assert service.counters["updates_out"] == 3 * 2 and service.counters["bundles_out"] == 1
-    unpacked = ReflectorService(bound_core(ReflectorConfig(pack=False)))
+    unpacked = ReflectorService(bound_core(ReflectorConfig(**CLEAN_PATH, pack=False)))
     unpacked.fanout = lambda location, data: sent.append((location, data))
     sent.clear()
     unpacked.on_datagram(data(1, 9), ALICE)
@@ -424,7 +434,7 @@ async def test_socket_reader_sends_what_it_read_packed_as_soon_as_the_socket_is_
     service.receive(data(1, 3), ALICE)
     service.reads_done()
     assert len(sent) == 1 and wire.decode(sent[0][1])[0].kind is Kind.DATA   # alone: as it came
-    budgeted = ReflectorService(bound_core(ReflectorConfig(pack_budget=0.001)))
+    budgeted = ReflectorService(bound_core(ReflectorConfig(**CLEAN_PATH, pack_budget=0.001)))
     budgeted.fanout = lambda location, data: sent.append((location, data))
     sent.clear()
     budgeted.receive(data(1, 4), ALICE)

@@ -14,19 +14,23 @@ from mmpog.reliability import (
 )
 from mmpog.testing import DOWN, UP, LinkProfile, SimNetwork
 
+# these tests are about resends and fan-out: a path taken as clean from the start (no redundant copies;
+# the default is a conservative start that copies until the path shows itself clean, test_mmpog_redundancy)
+CLEAN_PATH = dict(loss_prior=0.01)
+
 LOC = 9
 A, B, C = ("10.0.0.1", 5001), ("10.0.0.2", 5002), ("10.0.0.3", 5003)
 
 
 def make_world(players=2, profile=None, seed=1, client_config=None, reflector_config=None, join_time=0.2):
-    reflector = ReflectorCore(reflector_config or ReflectorConfig())
+    reflector = ReflectorCore(reflector_config or ReflectorConfig(**CLEAN_PATH))
     net = SimNetwork(reflector, profile or LinkProfile(latency=0.005), seed=seed)
     endpoints = []
     for index in range(players):
         player = index + 1
         token = bytes([player]) * 16
         reflector.add_member(LOC, player, token, now=net.now)
-        ep = ClientEndpoint(player, LOC, token, client_config or ClientConfig(), rng=random.Random(seed + player))
+        ep = ClientEndpoint(player, LOC, token, client_config or ClientConfig(**CLEAN_PATH), rng=random.Random(seed + player))
         addr = (f"10.0.0.{player}", 5000 + player)
         net.add_client(ep, addr)
         ep.connect(net.now)
@@ -118,7 +122,7 @@ def test_fig12_loss_to_receiver_revealed_by_heartbeat():
 
 
 def test_unrecoverable_reported_when_buffer_moves_past_gap():
-    config = ReflectorConfig(buffer_packets=2)
+    config = ReflectorConfig(**CLEAN_PATH, buffer_packets=2)
     net, [(a, addr_a), (b, addr_b)] = make_world(reflector_config=config)
     # B misses seq 1 and its NACKs are lost: by the time it could ask again, seq 1 is gone
     net.drop_when(lambda d, addr, h: d == DOWN and addr == addr_b and h.seq == 1)
@@ -211,7 +215,7 @@ def test_several_nacks_in_flight_each_with_its_own_timer():
 
 def test_gap_revealed_by_an_unreliable_packet_without_waiting_for_a_heartbeat():
     # heartbeats far away: only the unreliable packet can tell B that seq 1 exists
-    net, [(a, addr_a), (b, addr_b)] = make_world(reflector_config=ReflectorConfig(heartbeat_min=5.0, heartbeat_max=5.0))
+    net, [(a, addr_a), (b, addr_b)] = make_world(reflector_config=ReflectorConfig(**CLEAN_PATH, heartbeat_min=5.0, heartbeat_max=5.0))
     net.drop_when(lambda d, addr, h: d == DOWN and addr == addr_b and h.kind is wire.Kind.DATA and h.reliable)
     pid = a.send(b"event", net.now, reliable=True)
     net.run_for(0.02)
@@ -241,7 +245,7 @@ def test_per_packet_backoff_leaves_later_packets_at_the_measured_rto():
 
 
 def test_nack_rate_limited_per_member():
-    config = ReflectorConfig(nack_rate=0.0, nack_burst=2)
+    config = ReflectorConfig(**CLEAN_PATH, nack_rate=0.0, nack_burst=2)
     net, [(a, addr_a), (b, addr_b)] = make_world(reflector_config=config)
     net.drop_when(lambda d, addr, h: d == DOWN and addr == addr_b and h.kind is wire.Kind.DATA, times=5)
     for n in range(6):
@@ -264,10 +268,10 @@ def test_new_endpoint_can_start_from_a_previous_rtt_estimate():
 
 def test_send_before_join_and_pending_bound():
     token = b"t" * 16
-    ep = ClientEndpoint(1, LOC, token, ClientConfig(max_pending=2))
+    ep = ClientEndpoint(1, LOC, token, ClientConfig(**CLEAN_PATH, max_pending=2))
     with pytest.raises(NotJoined):
         ep.send(b"x", 0.0)
-    reflector = ReflectorCore()
+    reflector = ReflectorCore(ReflectorConfig(**CLEAN_PATH))
     reflector.add_member(LOC, 1, token)
     ep.connect(0.0)
     for data in ep.datagrams_to_send(0.0):
@@ -386,14 +390,14 @@ def test_karn_no_sample_from_retransmitted_packet():
 def test_property_no_duplicates_and_every_reliable_packet_accounted(
         seed, loss_up, loss_down, jitter, duplicate, players, packets, buffer_packets):
     profile = LinkProfile(loss_up=loss_up, loss_down=loss_down, latency=0.004, jitter=jitter, duplicate=duplicate)
-    reflector = ReflectorCore(ReflectorConfig(buffer_age=1.0, buffer_packets=buffer_packets))
+    reflector = ReflectorCore(ReflectorConfig(**CLEAN_PATH, buffer_age=1.0, buffer_packets=buffer_packets))
     net = SimNetwork(reflector, profile, seed=seed)
     rng = random.Random(seed)
     eps = {}
     for player in range(1, players + 1):
         token = bytes([player]) * 12
         reflector.add_member(LOC, player, token, now=net.now)
-        ep = ClientEndpoint(player, LOC, token, ClientConfig(join_timeout=30), rng=random.Random(seed ^ player))
+        ep = ClientEndpoint(player, LOC, token, ClientConfig(**CLEAN_PATH, join_timeout=30), rng=random.Random(seed ^ player))
         addr = ("10.1.0.%d" % player, 6000 + player)
         net.add_client(ep, addr)
         ep.connect(net.now)
@@ -436,11 +440,11 @@ def test_property_no_duplicates_and_every_reliable_packet_accounted(
 
 def test_join_after_a_lost_hello_still_measures_the_rtt():
     """Each HELLO attempt has its own id, echoed by WELCOME: no backed-off RTO at the start of a session."""
-    reflector = ReflectorCore()
+    reflector = ReflectorCore(ReflectorConfig(**CLEAN_PATH))
     net = SimNetwork(reflector, LinkProfile(latency=0.005), seed=3)
     token = b"h" * 16
     reflector.add_member(LOC, 1, token, now=net.now)
-    ep = ClientEndpoint(1, LOC, token, ClientConfig(), rng=random.Random(1))
+    ep = ClientEndpoint(1, LOC, token, ClientConfig(**CLEAN_PATH), rng=random.Random(1))
     net.add_client(ep, A)
     net.drop_when(lambda d, addr, h: d == UP and h.kind is wire.Kind.HELLO)
     ep.connect(net.now)

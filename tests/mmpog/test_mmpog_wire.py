@@ -72,6 +72,12 @@ def test_decode_errors_say_what_is_wrong(data, message):
     (Header(Kind.HELLO), b"short", "HELLO token"),
     (Header(Kind.DATA, flags=1, seq=3, lowest=9), b"", "lowest 9 is above seq 3"),
     (Header(Kind.WELCOME, flags=1), b"", "WELCOME carries no"),
+    (Header(Kind.DATA, flags=wire.COPY, seq=3, lowest=1), b"", "COPY is a reliable"),
+    (Header(Kind.DATA, flags=wire.COPY | wire.RELIABLE), b"", "COPY is a reliable, sequenced"),
+    (Header(Kind.DATA, flags=wire.COPY | wire.RELIABLE | wire.RETRANSMIT, seq=3, lowest=1), b"", "never a RETRANSMIT"),
+    (Header(Kind.LOSS, sender=2), b"\x00\x00\x01", "LOSS carries a 4-byte count"),
+    (Header(Kind.LOSS, sender=2, seq=1), b"\x00\x00\x00\x01", "LOSS carries"),
+    (Header(Kind.LOSS, sender=2, flags=wire.COPY), b"\x00\x00\x00\x01", "LOSS carries"),
 ])
 def test_kind_rules(header, payload, message):
     with pytest.raises(WireDecodeError, match=message):
@@ -116,7 +122,7 @@ def plausible_datagrams(draw):
     """Well-framed headers with arbitrary field values (and sometimes a corrupted byte)."""
     kind = draw(_kinds)
     payload = draw(st.binary(max_size=40))
-    data = bytearray(wire.HEADER.pack(1, int(kind), draw(st.integers(0, 3)), draw(st.integers(0, 65535)),
+    data = bytearray(wire.HEADER.pack(1, int(kind), draw(st.integers(0, 7)), draw(st.integers(0, 65535)),
                                       len(payload), draw(st.integers(0, 3)), draw(st.integers(0, 4)),
                                       draw(u32), draw(st.integers(0, 50)), draw(st.integers(0, 50))) + payload)
     if draw(st.booleans()):
@@ -245,3 +251,35 @@ def test_decode_bundle_keeps_good_items_around_a_bad_one():
     items, malformed = wire.decode_bundle(Header(Kind.BUNDLE, location=7), payload)
     assert malformed == 1
     assert [h.packet_id for h, _ in items] == [0, 2] and all(p == bytes(8) for _, p in items)
+
+
+@given(rto=st.integers(0, 65535), location=u32, sender=u32, pid=u32, seq=st.integers(1, wire.MAX_U32 - 1),
+       payload=st.binary(max_size=200), count=u32)
+@settings(max_examples=150)
+def test_roundtrip_copy_flag_and_loss_report(rto, location, sender, pid, seq, payload, count):
+    copy = Header(Kind.DATA, wire.RELIABLE | wire.COPY, rto, location, sender, pid, seq, seq // 2)
+    data = wire.encode(copy, payload)
+    assert wire.decode(data) == (copy, payload)
+    # the one-pass bundle decoder applies the same rules to a COPY inside a BUNDLE
+    bundle = wire.decode(wire.pack([data, data], max_size=65535)[0])
+    assert wire.decode_bundle(*bundle) == ([(copy, payload)] * 2, 0)
+    report = Header(Kind.LOSS, 0, rto, location, sender)
+    loss_payload = wire.LOSS_REPORT.pack(count)
+    assert wire.decode(wire.encode(report, loss_payload)) == (report, loss_payload)
+
+
+@given(st.integers(0, 255), st.integers(0, wire.MAX_U32), st.binary(max_size=8))
+@settings(max_examples=200)
+def test_fuzz_copy_and_loss_fields(flags, seq, payload):
+    """Any flags and seq on DATA, any payload on LOSS: valid ones obey the COPY/LOSS rules, the rest
+    raise WireDecodeError (never anything else)."""
+    for kind in (Kind.DATA, Kind.LOSS):
+        raw = wire.HEADER.pack(1, int(kind), flags, 0, len(payload), 1, 2, 0, seq, 0) + payload
+        try:
+            header, body = wire.decode(raw)
+        except WireDecodeError:
+            continue
+        if header.flags & wire.COPY:
+            assert kind is Kind.DATA and header.reliable and header.seq and not header.retransmit
+        if kind is Kind.LOSS:
+            assert len(body) == wire.LOSS_REPORT.size and header.flags == 0 and header.seq == 0
