@@ -43,8 +43,10 @@ async def test_bot_reads_its_socket_and_every_update_reaches_the_game():
             await bot.client.close()
             sock.close()
     assert syscalls["socket_recvmmsg"] < len(datagrams) / 4
-    # a busy test host may make a first datagram late: then recvmmsg takes the rest in one more call
-    assert len(datagrams) / 4 < syscalls["socket"] <= len(datagrams)
+    # a busy test host may make a datagram late: then recvmmsg takes the rest of its wake-up and one
+    # more call finds the socket empty, so at most one call per wake-up beyond one per datagram
+    wakeups = -(-len(datagrams) // 8)
+    assert len(datagrams) / 4 < syscalls["socket"] <= len(datagrams) + wakeups
     assert syscalls["socket_recvmsg"] > len(datagrams)
 
 
