@@ -275,10 +275,46 @@ class BufferFull(RuntimeError):
     """Too many reliable packets awaiting their echo (``max_pending``)."""
 
 
+# ====================================================================== redundancy settings
+
+@dataclass(slots=True)
+class RedundancyConfig:
+    """Loss-adaptive redundancy, as the client (its uplink) and the reflector (each member's downlink)
+    share it: while a leg loses more than `redundancy_threshold`, every reliable update goes out k
+    times (the fewest k with loss**k <= `redundancy_target`, at most `redundancy_max_copies`), copy
+    i `redundancy_spacing` x i after the original.  A leg that has shown little is taken to lose
+    `loss_prior`, worth `loss_prior_weight` observations; observations fade with `loss_half_life` s.
+
+    A conservative start (10%): a session's first reliable updates go three times (0.1% left) until
+    the evidence - one trial per copy (client: echoes; reflector: NACKs and LOSS reports of a COPY
+    that came first), so copying does not slow the learning - shows the path clean: 2-3 s at a
+    client on a clean or 1% path, about a second at the reflector.  A lossy path's first second is
+    then as good as the rest (a 5% prior's two copies left 1% of a 10% path's deliveries to
+    repairs: docs/mmpog.md, "Redundant copies")."""
+    redundancy: bool = True
+    redundancy_threshold: float = 0.025
+    redundancy_target: float = 0.005
+    redundancy_max_copies: int = MAX_COPIES
+    redundancy_spacing: float = 0.0
+    loss_prior: float = 0.10
+    loss_prior_weight: float = 10.0
+    loss_half_life: float = 10.0
+
+    def validate_redundancy(self) -> None:
+        if not 0 <= self.redundancy_threshold < 1 or not 0 < self.redundancy_target < 1:
+            raise ValueError("need 0 <= redundancy_threshold < 1 and 0 < redundancy_target < 1")
+        if not 1 <= self.redundancy_max_copies <= MAX_COPIES:
+            raise ValueError(f"redundancy_max_copies must be 1..{MAX_COPIES}")
+        if self.redundancy_spacing < 0:
+            raise ValueError("redundancy_spacing must be non-negative")
+        if not 0 < self.loss_prior < 1 or self.loss_prior_weight <= 0 or self.loss_half_life <= 0:
+            raise ValueError("need 0 < loss_prior < 1, loss_prior_weight > 0 and loss_half_life > 0")
+
+
 # ====================================================================== client
 
 @dataclass(slots=True)
-class ClientConfig:
+class ClientConfig(RedundancyConfig):
     initial_rto: float = 0.2
     min_rto: float = 0.001          # sanity bound only: the RTO is SRTT + max(granularity, 4 RTTVAR)
     max_rto: float = 1.0
@@ -292,30 +328,15 @@ class ClientConfig:
     max_events: int = 65536
     max_outgoing: int = 8192
     join_timeout: float = 5.0
-    # loss-adaptive redundancy: while the uplink loses more than `redundancy_threshold`, every reliable
-    # update goes out k times (the fewest k with loss**k <= `redundancy_target`, at most
-    # `redundancy_max_copies`), copy i `redundancy_spacing` x i after the original
-    redundancy: bool = True
-    redundancy_threshold: float = 0.025
-    redundancy_target: float = 0.005
-    redundancy_max_copies: int = MAX_COPIES
-    redundancy_spacing: float = 0.0
-    # per leg, what a path that has shown little is taken to lose, worth this many copies' echoes.  A
-    # conservative (lossy) start: a session's first reliable updates go three times (10%: 0.1% left)
-    # until the echoes (one trial per copy, so copying does not slow the learning) show the path
-    # clean - 2-3 s on a clean or 1% path; a lossy path's first second is then as good as the rest (a
-    # 5% prior's two copies left 1% of a 10% path's deliveries to repairs, and a 5-echo weight let a
-    # fifth of the clients of a 5% path stop copying in the first second: docs/mmpog.md, "Redundant copies")
-    loss_prior: float = 0.10
-    loss_prior_weight: float = 10.0
-    loss_half_life: float = 10.0    # observations fade with this half-life (s)
+    # redundancy on the uplink (RedundancyConfig); the prior is worth 10 of the client's own echoes (5
+    # let a fifth of the clients of a 5% path stop copying in their first second)
     loss_watch: int = 1024          # own updates whose echoes are counted (oldest settled first)
     loss_report_interval: float = 0.1   # LOSS reports (seqs that came first as a reflector's COPY): at most one per interval
 
     def validate(self) -> None:
         if not 0 < self.min_rto <= self.max_rto:
             raise ValueError("need 0 < min_rto <= max_rto")
-        _validate_redundancy(self)
+        self.validate_redundancy()
         for name in ("max_pending", "dup_window", "max_missing", "recent_unreliable", "max_events",
                      "max_outgoing"):
             if getattr(self, name) <= 0:
@@ -325,17 +346,6 @@ class ClientConfig:
         if self.default_deadline <= 0 or self.reorder_window < 0 or self.join_timeout <= 0:
             raise ValueError("deadline and join_timeout must be positive, reorder_window non-negative")
 
-
-def _validate_redundancy(config) -> None:
-    """The redundancy settings ClientConfig and ReflectorConfig share."""
-    if not 0 <= config.redundancy_threshold < 1 or not 0 < config.redundancy_target < 1:
-        raise ValueError("need 0 <= redundancy_threshold < 1 and 0 < redundancy_target < 1")
-    if not 1 <= config.redundancy_max_copies <= MAX_COPIES:
-        raise ValueError(f"redundancy_max_copies must be 1..{MAX_COPIES}")
-    if config.redundancy_spacing < 0:
-        raise ValueError("redundancy_spacing must be non-negative")
-    if not 0 < config.loss_prior < 1 or config.loss_prior_weight <= 0 or config.loss_half_life <= 0:
-        raise ValueError("need 0 < loss_prior < 1, loss_prior_weight > 0 and loss_half_life > 0")
 
 
 @dataclass(slots=True)
@@ -1006,7 +1016,7 @@ class ClientEndpoint:
 # ====================================================================== reflector
 
 @dataclass(slots=True)
-class ReflectorConfig:
+class ReflectorConfig(RedundancyConfig):
     buffer_packets: int = 1024      # reliable packets kept per location for retransmission
     buffer_age: float = 2.0         # ... and for at most this long (game packets go stale)
     heartbeat_min: float = 0.002    # heartbeat interval = factor x members' smallest RTO, clamped to
@@ -1024,26 +1034,17 @@ class ReflectorConfig:
     pack: bool = True               # what one loop pass sends to a location leaves as BUNDLEs
     pack_budget: float = 0.0        # > 0: hold outgoing datagrams up to this long to pack more
     mtu: int = wire.MAX_DATAGRAM    # largest packed datagram
-    # loss-adaptive redundancy on each member's downlink (see ClientConfig): the loss a member's NACKs
-    # and LOSS reports show; re-decided per location at most every `loss_refresh` seconds
-    redundancy: bool = True
-    redundancy_threshold: float = 0.025
-    redundancy_target: float = 0.005
-    redundancy_max_copies: int = MAX_COPIES
-    redundancy_spacing: float = 0.0
-    # a conservative start: a new member's downlink (and a new location's pool) is taken to lose 10%
-    # until its evidence says otherwise; with copies on it still learns at full rate (a COPY that
-    # arrives first is a lost original: LOSS reports), so a 1% path stops getting copies in about a second
-    loss_prior: float = 0.10
-    loss_prior_weight: float = 25.0   # seqs (the location's pool; each member's estimate shrinks toward it)
-    loss_half_life: float = 10.0
+    # redundancy on each member's downlink (RedundancyConfig), from what its NACKs and LOSS reports
+    # show, re-decided per location at most every `loss_refresh` seconds; the prior (a new member's
+    # and a new location's pool) is worth 25 seqs of the location's pool
+    loss_prior_weight: float = 25.0
     loss_refresh: float = 0.1
     max_spaced_copies: int = 65536  # copies waiting for their spacing (the oldest dropped, counted)
 
     def validate(self) -> None:
         if self.buffer_packets <= 0 or self.buffer_age <= 0:
             raise ValueError("buffer_packets and buffer_age must be positive")
-        _validate_redundancy(self)
+        self.validate_redundancy()
         if self.loss_refresh <= 0 or self.max_spaced_copies <= 0:
             raise ValueError("loss_refresh and max_spaced_copies must be positive")
         if not 0 < self.heartbeat_min <= self.heartbeat_max:
