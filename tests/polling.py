@@ -12,6 +12,9 @@ import time
 from typing import Any, Callable
 
 STEP = 0.01
+# how long to wait for something that ends the wait itself when it comes (a search returning at its
+# first hit): generous, since only a busy host ever waits that long, and a healthy run never does
+EVENT_WAIT = 15.0
 
 
 async def until(predicate: Callable[[], Any], what: str = "the condition", timeout: float = 10.0,

@@ -16,7 +16,7 @@ from gnutella.boostercore import BoosterConfig, BoosterCore
 from gnutella.node import NodeConfig
 from gnutella.servent import Servent
 from gnutella.share import ShareIndex
-from tests.polling import until
+from tests.polling import EVENT_WAIT, until
 
 
 class FakeEdge:
@@ -137,7 +137,7 @@ async def test_booster_clusters_the_overlay_and_keeps_queries_local(two_clusters
 
     # a file only in the other cluster: no local table may hold it, so it goes out at once
     # (adaptive forwarding), to the one booster that may have it
-    hits = await s["A1"].search("faraway fugue", timeout=2.0, max_hits=1)
+    hits = await s["A1"].search("faraway fugue", timeout=EVENT_WAIT, max_hits=1)
     assert t.cores["A"].stats["forwarded_by_tables"] >= 1
     assert t.boosters["A"].peer_traffic["booster-B"]["query_out"] == before + 1
     assert t.cores["B"].stats["remote_queries_injected"] == 1
@@ -185,7 +185,7 @@ async def test_push_crosses_boosters_to_a_firewalled_source(two_clusters, tmp_pa
     s["B2"].config.firewalled = True                  # its hits now carry the push flag
     await until(lambda: t.cores["A"].peers and all(p.table for p in t.cores["A"].peers.values()), timeout=10)
     await until(lambda: all(len(x.links) >= 2 for x in s.values()), timeout=10)
-    hits = await s["A1"].search("faraway fugue", timeout=2.0, max_hits=1)
+    hits = await s["A1"].search("faraway fugue", timeout=EVENT_WAIT, max_hits=1)
     (hit, event), = hits
     assert hit.push
     result = await s["A1"].download(hit, event, tmp_path)

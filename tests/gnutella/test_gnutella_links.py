@@ -19,7 +19,7 @@ from gnutella.share import ShareIndex
 from gnutella.wire import MessageReader, RawMessage
 
 from conftest import FIXTURES
-from tests.polling import until
+from tests.polling import EVENT_WAIT, until
 
 LINKS = {"leaf": FIXTURES / "gtk-gnutella-1.2.3-deflate-leaf-link.txt",
          "ultrapeer": FIXTURES / "gtk-gnutella-1.2.3-deflate-ultrapeer-link.txt"}
@@ -173,7 +173,7 @@ async def test_compressed_link_carries_a_search(tmp_path):
     b = await _servent(tmp_path, "b", peers=[("127.0.0.1", a.port)], ultrapeer=False)
     try:
         await until(lambda: a.links and a.stats["qrp_tables"] >= 1)
-        hits = await b.search("deflated sonata", timeout=3.0, max_hits=1)
+        hits = await b.search("deflated sonata", timeout=EVENT_WAIT, max_hits=1)
         assert len(hits) == 1
         (link,) = b.links.values()
         assert link.stream.deflater.bytes_out > 0 and link.stream.inflater.bytes_in > 0

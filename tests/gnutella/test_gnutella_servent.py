@@ -15,7 +15,7 @@ from gnutella import http as ghttp
 from gnutella.node import NodeConfig
 from gnutella.servent import Servent
 from gnutella.share import ShareIndex
-from tests.polling import until
+from tests.polling import EVENT_WAIT, until
 from gnutella.wire import HEADER_SIZE, Message, MessageReader, Ping, Pong, Query, QueryHit
 
 BIN = Path(sys.executable).parent
@@ -49,7 +49,7 @@ async def pair(tmp_path):
 
 async def test_two_servents_search_and_download(pair, tmp_path):
     a, b, payload = pair
-    hits = await b.search("drone ambient", timeout=2.0, max_hits=1)
+    hits = await b.search("drone ambient", timeout=EVENT_WAIT, max_hits=1)
     (hit, event) = hits[0]
     assert (hit.ip, hit.port, hit.name, hit.size) == ("127.0.0.1", a.port, "ambient drone loop.ogg", len(payload))
     assert hit.sha1 == b32sha1(payload) and not hit.push
@@ -102,7 +102,7 @@ async def test_firewalled_source_is_fetched_by_push_and_giv(tmp_path):
         await source.start()
         await getter.start()
         await asyncio.wait_for(asyncio.gather(source.established.wait(), getter.established.wait()), 5)
-        (hit, event), = await getter.search("wall", timeout=2.0, max_hits=1)
+        (hit, event), = await getter.search("wall", timeout=EVENT_WAIT, max_hits=1)
         assert hit.push
         result = await getter.download(hit, event, tmp_path)
         assert result.ok, result.error
@@ -267,7 +267,7 @@ async def test_old_04_servent_searches_a_06_servent(tmp_path):
     try:
         await old.start()
         await asyncio.wait_for(old.established.wait(), 5)
-        (hit, _), = await old.search("school tune", timeout=2.0, max_hits=1)
+        (hit, _), = await old.search("school tune", timeout=EVENT_WAIT, max_hits=1)
         assert hit.name == "old school tune.mod"
         assert new.node.peers and all(p.version == "0.4" for p in new.node.peers.values())
     finally:
