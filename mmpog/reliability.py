@@ -114,17 +114,14 @@ MAX_COPIES = 3      # the most copies of one reliable update a sender or the ref
 class LossEstimator:
     """The loss rate of one leg of a path, from what the path shows, for loss-adaptive redundancy.
 
-    Observations are units sent with ``copies`` copies each, of which ``lost`` lost *every* copy.
-    Both ends now observe single-copy trials (the client each copy's echo, the reflector each seq's
-    original: NACKed or reported by the member as arriving first as a COPY); the levels remain for
-    evidence that only shows when every copy is lost.  The estimate is the maximum-likelihood rate per copy over every level of
-    copies (a unit of k copies is lost with p**k: counting NACKed seqs as if sent once would read
-    the 5% of a path that gets two copies as 0.25%, switch the copies off, and oscillate), with a
-    prior of ``prior_weight`` units sent once at ``prior`` - a path that has shown little is taken
-    as a good one.  Older observations fade with ``half_life`` seconds.  Sans-IO: ``now`` comes in.
+    Observations are trials and how many of them were lost: the client's own copies (each a round
+    trip the reflector echoes or not), the reflector's seqs to a member (each original lost if the
+    member NACKs it or reports that its COPY came first), so copies on or off the estimate is of the
+    rate per datagram itself.  The estimate is lost / sent with a prior of ``prior_weight`` trials
+    at ``prior``; older observations fade with ``half_life`` seconds.  Sans-IO: ``now`` comes in.
     """
 
-    __slots__ = ("prior", "prior_weight", "half_life", "_sent", "_lost", "_at", "_value")
+    __slots__ = ("prior", "prior_weight", "half_life", "_sent", "_lost", "_at")
 
     def __init__(self, prior: float = 0.01, prior_weight: float = 20.0, half_life: float = 5.0) -> None:
         if not 0 < prior < 1 or prior_weight <= 0 or half_life <= 0:
@@ -132,64 +129,36 @@ class LossEstimator:
         self.prior = prior
         self.prior_weight = prior_weight
         self.half_life = half_life
-        self._sent = [0.0] * (MAX_COPIES + 1)    # index k: units sent with k copies (faded)
-        self._lost = [0.0] * (MAX_COPIES + 1)    # ... of which every copy was lost
+        self._sent = 0.0        # trials (faded)
+        self._lost = 0.0        # ... of which lost
         self._at: float | None = None
-        self._value: float | None = prior
 
-    def observe(self, now: float, sent: float, lost: float, copies: int = 1) -> None:
+    def observe(self, now: float, sent: float, lost: float) -> None:
         if sent <= 0 and lost <= 0:
             return
-        if not 1 <= copies <= MAX_COPIES:
-            raise ValueError(f"copies must be 1..{MAX_COPIES}")
         if self._at is not None and now > self._at:
             fade = 0.5 ** ((now - self._at) / self.half_life)
-            self._sent = [n * fade for n in self._sent]
-            self._lost = [m * fade for m in self._lost]
+            self._sent *= fade
+            self._lost *= fade
         if self._at is None or now > self._at:
             self._at = now
-        self._sent[copies] += max(sent, 0.0)
-        self._lost[copies] += max(lost, 0.0)
-        self._value = None
+        self._sent += max(sent, 0.0)
+        self._lost += max(lost, 0.0)
 
     @property
     def samples(self) -> float:
-        """Units observed (faded), the prior not included."""
-        return sum(self._sent)
+        """Trials observed (faded), the prior not included."""
+        return self._sent
 
     def set_prior(self, prior: float) -> None:
         """Shrink toward another prior from now on (the reflector: the member's location, pooled)."""
-        prior = min(0.999, max(1e-6, prior))
-        if abs(prior - self.prior) > 1e-4:
-            self.prior = prior
-            self._value = None
+        self.prior = min(0.999, max(1e-6, prior))
 
     def estimate(self) -> float:
-        """The loss rate per copy (cached until the next observation)."""
-        if self._value is None:
-            self._value = self._solve()
-        return self._value
-
-    def _solve(self) -> float:
-        a = self.prior * self.prior_weight + self._lost[1]        # losses of units sent once, prior included
-        b = (1 - self.prior) * self.prior_weight + max(0.0, self._sent[1] - self._lost[1])
-        levels = [(k, self._lost[k], max(0.0, self._sent[k] - self._lost[k])) for k in range(2, MAX_COPIES + 1)
-                  if self._sent[k] > 0 or self._lost[k] > 0]
-        if not levels:
-            return a / (a + b)                                    # one level: the closed form
-        low, high = 1e-9, 1 - 1e-9
-        for _ in range(30):
-            # the score (d log-likelihood / dp) falls as p rises: bisect for its root
-            p = (low + high) / 2
-            score = a / p - b / (1 - p)
-            for k, lost, kept in levels:
-                pk = p ** k
-                score += k * lost / p - kept * k * pk / p / (1 - pk)
-            if score > 0:
-                low = p
-            else:
-                high = p
-        return (low + high) / 2
+        """The loss rate per datagram: the prior's trials and the observed ones together."""
+        lost = self.prior * self.prior_weight + self._lost
+        kept = (1 - self.prior) * self.prior_weight + max(0.0, self._sent - self._lost)
+        return lost / (lost + kept)
 
 
 def copies_for(loss: float, threshold: float, target: float, cap: int = MAX_COPIES) -> int:

@@ -29,22 +29,6 @@ def test_estimator_starts_at_its_prior_and_counts_units_sent_once():
     assert est.estimate() == pytest.approx((0.2 + 5) / 120)
 
 
-def test_estimator_reads_losses_of_every_copy_as_the_rate_per_copy():
-    """With two copies only losing both shows (p**2): 25 of 10,000 is a 5% path, not a 0.25% one."""
-    clock = FakeClock()
-    est = LossEstimator(prior=0.01, prior_weight=1, half_life=1e9)
-    est.observe(clock.time(), sent=10_000, lost=25, copies=2)
-    assert est.estimate() == pytest.approx(0.05, rel=0.05)
-    three = LossEstimator(prior=0.01, prior_weight=1, half_life=1e9)
-    three.observe(clock.time(), sent=1_000_000, lost=1_000, copies=3)
-    assert three.estimate() == pytest.approx(0.10, rel=0.05)
-    # levels combine: the same 5% path seen once and with two copies
-    both = LossEstimator(prior=0.01, prior_weight=1, half_life=1e9)
-    both.observe(0.0, sent=1_000, lost=50)
-    both.observe(0.0, sent=10_000, lost=25, copies=2)
-    assert both.estimate() == pytest.approx(0.05, rel=0.05)
-
-
 async def test_estimator_forgets_with_its_half_life():
     clock = FakeClock()
     est = LossEstimator(prior=0.01, prior_weight=10, half_life=2.0)
