@@ -1016,6 +1016,11 @@ class Controller:
             raise OpError(Status.ERROR, f"limit: {self.config.max_watches_per_booster} watches")
         with self._directory_refusals():
             watch = self._need_directory().watch(sess.name, req.prefix)
+            try:
+                await watch.ready()          # live before the reply: the booster's next change is seen
+            except BaseException:
+                watch.close()
+                raise
         wid = next(sess.watch_ids)
         task = self.tasks.spawn(self._pump_watch(sess, wid, watch), name=f"watch-{sess.name}-{wid}",
                                 critical=False)

@@ -169,10 +169,11 @@ class Watch:
         self.closed = False
         self._pending: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._wakeup = asyncio.Event()
-        self.loading: asyncio.Task | None = None    # a backend reading the initial items
+        self.live = True                            # False while a backend starts it (changes ignored)
+        self.loading: asyncio.Task | None = None    # a backend starting it or reading the initial items
 
     async def ready(self) -> None:
-        """Wait until the initial items (``watch(..., initial=True)``) are queued."""
+        """Wait until the watch is live and the initial items (``watch(..., initial=True)``) are queued."""
         if self.loading is not None:
             await asyncio.shield(self.loading)
 

@@ -145,6 +145,7 @@ def split_directory_url(url: str) -> tuple[str, str]:
 
 
 _barrier_ids = itertools.count()
+WATCH_START_SECONDS = 10.0          # a new watch waits this long for its marker to come back
 
 
 _unavailable_on_redis_errors = unavailable_on_redis_errors(DirectoryUnavailable, "the fleet directory",
@@ -193,7 +194,8 @@ class RedisDirectory:
         self._supervisor = Supervisor("directory-redis", logger=log)
         self._pubsub: Any = None
         self._subscribed = 0
-        self._barriers: dict[bytes, asyncio.Future] = {}
+        self._closed = False
+        self._barriers: dict[bytes, tuple[asyncio.Future, Watch | None]] = {}   # token -> (arrived, to arm)
 
     # ---------------------------------------------------------- opening
     @classmethod
@@ -214,9 +216,11 @@ class RedisDirectory:
         sub_client = client
         try:
             if isinstance(client, RedisCluster):
-                # cluster PUBLISH reaches every node: subscribe on one node's plain connection
+                # Subscribe on the node that owns the fleet's slot: the scripts publish there, so their
+                # changes reach us without the cluster bus, in the order they were made, and a
+                # barrier published on the same node comes after every one of them.
                 await client.initialize()
-                node = client.get_random_node()
+                node = client.get_node_from_key(f"bbdir:{{{fleet}}}")
                 parts = urlsplit(redis_url)
                 sub_client = aioredis.Redis(host=node.host, port=node.port, username=parts.username,
                                             password=parts.password, decode_responses=False)
@@ -255,9 +259,11 @@ class RedisDirectory:
             if message.get("type") != "message":
                 continue
             if message["data"].startswith(b"s "):          # a barrier (sync_watches), maybe another box's
-                barrier = self._barriers.pop(message["data"], None)
-                if barrier is not None and not barrier.done():
-                    barrier.set_result(None)
+                arrived, to_arm = self._barriers.pop(message["data"], (None, None))
+                if to_arm is not None:
+                    to_arm.live = True                 # here, before the listener reads the next change
+                if arrived is not None and not arrived.done():
+                    arrived.set_result(None)
                 continue
             try:
                 deleted, count, size, booster, key, blob = _parse_change(message["data"])
@@ -271,12 +277,15 @@ class RedisDirectory:
             else:
                 self._summary.pop(booster, None)
             for watch in watches or ():
-                if key.startswith(watch.prefix):
+                if watch.live and key.startswith(watch.prefix):
                     watch._offer(key, value)
 
     async def aclose(self) -> None:
         for watch in list(self._watches):
             watch.close()
+        self._closed = True
+        for arrived, _ in self._barriers.values():
+            arrived.cancel()        # no marker will come now
         await self._supervisor.aclose()
         if self._pubsub is not None:
             await self._pubsub.aclose()
@@ -427,14 +436,19 @@ class RedisDirectory:
                                                    args=[name]))
 
     # ---------------------------------------------------------- watching
-    async def sync_watches(self) -> None:
+    @_unavailable_on_redis_errors
+    async def sync_watches(self, arm: Watch | None = None) -> None:
         """Return once every change published before this call has reached this box's watchers
-        (a marker sent through the fleet's channel and waited for: the channel keeps order)."""
+        (a marker sent through the fleet's channel and waited for: the channel keeps order).
+        ``arm``, a watch not yet live, goes live as the marker arrives: it gets exactly the changes
+        published after it."""
         token = b"s %d %d" % (os.getpid(), next(_barrier_ids))
         arrived = asyncio.get_running_loop().create_future()
-        self._barriers[token] = arrived
+        self._barriers[token] = (arrived, arm)
         try:
-            await self.client.publish(self.channel, token)
+            await self._sub_client.publish(self.channel, token)     # the subscription's own node
+            if self._closed:        # closed meanwhile (redis-py may swallow a cancel mid-command)
+                raise DirectoryUnavailable("the fleet directory is closed")
             await arrived
         finally:
             self._barriers.pop(token, None)
@@ -442,17 +456,29 @@ class RedisDirectory:
     def watch(self, booster: str, prefix: str = "", *, initial: bool = False,
               max_pending: int | None = None) -> Watch:
         """Watch changes of ``booster``'s keys under ``prefix`` made on any box of the fleet.
-        With ``initial`` the current items are queued first (read after the watch is live, so
-        no change falls between; a change already pending for a key wins over its read value)."""
+
+        The watch goes live when a marker it publishes comes back through the channel (await
+        :meth:`Watch.ready`), so a change made before the watch, still on its way, is never
+        delivered as new.  With ``initial`` the current items are queued next (read after the
+        watch is live, so no change falls between; a change already pending for a key wins over
+        its read value)."""
         watch = new_watch(self, booster, prefix, max_pending)
+        watch.live = False
         self._watches.append(watch)
         self._by_booster.setdefault(booster, []).append(watch)
-        if initial:
-            watch.loading = self._supervisor.spawn(self._load_initial(watch), name=f"watch-initial-{booster}",
-                                                   critical=False)
+        watch.loading = self._supervisor.spawn(self._start_watch(watch, initial), name=f"watch-start-{booster}",
+                                               critical=False)
         return watch
 
-    async def _load_initial(self, watch: Watch) -> None:
+    async def _start_watch(self, watch: Watch, initial: bool) -> None:
+        try:
+            await asyncio.wait_for(self.sync_watches(arm=watch), WATCH_START_SECONDS)
+        except asyncio.TimeoutError:            # the subscription is being re-established
+            self.stats["unavailable"] += 1
+            raise DirectoryUnavailable("the fleet directory's change channel did not answer within "
+                                       f"{WATCH_START_SECONDS:g} s; try again") from None
+        if not initial:
+            return
         for key, value in await self.items(watch.booster, watch.prefix):
             if watch.closed:
                 return

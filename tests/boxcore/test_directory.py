@@ -213,6 +213,7 @@ def test_bad_database_is_a_config_error(tmp_path):
 
 async def test_watch_sees_changes_under_its_prefix(directory):
     watch = directory.watch("fcd", "road/")
+    await watch.ready()
     received = []
 
     async def consume():

@@ -12,7 +12,7 @@ import pytest
 
 from boxcore.booster import Booster
 from boxcore.booster.errors import InvalidRequest
-from boxcore.directory import DirectoryOpenError, DirectoryUnavailable, QuotaExceeded
+from boxcore.directory import DirectoryOpenError, DirectoryUnavailable, QuotaExceeded, encode_value
 from boxcore.directory_redis import RedisDirectory, redacted, split_directory_url
 from boxcore.procs import free_port
 from boxcore.testing import BoxdProcess
@@ -104,6 +104,37 @@ async def test_a_put_on_one_box_reaches_a_watcher_on_another(two_boxes):
     watch.close()
 
 
+def _publish_while_the_loop_waits(url: str, channel: str, payload: bytes) -> None:
+    """PUBLISH from a synchronous client on the node owning ``channel``'s slot (where the
+    directory's scripts publish): the event loop runs nothing meanwhile, so no listener of this
+    process has read the message when this returns."""
+    import redis
+    from redis.cluster import RedisCluster
+
+    redis_url, _ = split_directory_url(url)
+    if "cluster=1" in redis_url:
+        cluster = RedisCluster.from_url(redis_url.split("?")[0])
+        try:
+            cluster.get_redis_connection(cluster.get_node_from_key(channel)).publish(channel, payload)
+        finally:
+            cluster.close()
+    else:
+        with redis.Redis.from_url(redis_url) as node:
+            node.publish(channel, payload)
+
+
+async def test_a_change_made_before_a_watch_is_not_delivered_as_new(two_boxes, fleet_url):
+    a, b = await two_boxes(), await two_boxes()
+    await a.put("fcd", "road/0", "before")
+    # the change message of a put made just before the watch, still unread when the watch starts
+    _publish_while_the_loop_waits(fleet_url, b.channel, b"p 1 9 3 6|fcdroad/0" + encode_value("before"))
+    watch = b.watch("fcd", "road/")
+    await watch.ready()
+    await a.put("fcd", "road/1", "after")
+    await b.sync_watches()
+    assert watch.pending() == [("road/1", "after")]
+
+
 async def test_a_lost_redis_is_one_line_and_the_directory_recovers(tmp_path):
     from boxcore.redisproc import RedisServer
 
@@ -111,6 +142,7 @@ async def test_a_lost_redis_is_one_line_and_the_directory_recovers(tmp_path):
     try:
         d = await RedisDirectory.open(server.url)
         watch = d.watch("b")
+        await watch.ready()
         await d.put("b", "k", 1)
         await server.stop()
         with pytest.raises(DirectoryUnavailable, match="^the fleet directory is unreachable: "):
