@@ -26,8 +26,12 @@ fleet's directory is small: ``max_total_bytes``, 256 MiB by default; several fle
 
 Watches: every boxd subscribes once to the fleet's channel and hands each message to its local
 watchers (the same coalescing, bounded :class:`boxcore.directory.Watch` as SQLite, drops counted
-in ``watch_overflow``).  Pub/sub is at most once: while the subscription is being re-established
-after a lost connection, changes are missed (counted in ``watch_resubscribes``).
+in ``watch_overflow``).  On a cluster it subscribes on the node owning the fleet's slot, where the
+scripts run and publish, so changes need no cluster bus and keep the order they were made in.  A
+new watch goes live when a marker it publishes there comes back: it gets exactly the changes made
+after it, never one made before it that was still on its way.  Pub/sub is at most once: while the
+subscription is being re-established after a lost connection, changes are missed (counted in
+``watch_resubscribes``).
 """
 
 from __future__ import annotations
