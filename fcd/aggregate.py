@@ -953,7 +953,7 @@ class Aggregator:
                 density=cars / (length / 1000.0 * lanes), mean_speed=mean_speed,
                 departures=departures, interval=0.0 if math.isnan(last) else t - last, was_green=was_green,
                 turns=self.turns[road], crossed=crossed, crossing_time=crossing_time, samples=samples,
-                distance=distance, pieces=self._take_pieces(road)))
+                distance=distance, pieces=self._take_pieces(road, last)))
             self.turns[road] = {}
         self.departures[ix] = self.crossed[ix] = 0
         self.crossing_time[ix] = self.samples[ix] = self.distance[ix] = 0.0
@@ -961,15 +961,20 @@ class Aggregator:
         self.stats["reports"] += len(reports)
         return reports
 
-    def _take_pieces(self, road: int) -> list[tuple[float, float, float]]:
-        """Road's car-seconds and metres per tick since its previous report (none when one tick:
-        the report's own samples and distance say it), and their reset."""
+    def _take_pieces(self, road: int, since: float) -> list[tuple[float, float, float]]:
+        """Road's car-seconds and metres per tick since its previous report at ``since`` (none
+        when one tick holds them all and the window starts in it: the report's own samples and
+        distance say it), and their reset.  A window that starts in an earlier tick than its
+        probes' one carries that tick as its piece: read over the whole window, the probes'
+        time would be shared out into the earlier interval, where they were not."""
         pieces = self.pieces[road]
         if not pieces:
             return []
         self.pieces[road] = {}
         if len(pieces) == 1:
-            return []
+            tick = next(iter(pieces))
+            if math.isnan(since) or since >= tick * self.piece_period:
+                return []
         return [(tick * self.piece_period, s, d) for tick, (s, d) in sorted(pieces.items())]
 
     def light_change(self, light: int, t: float, green: int) -> list[RoadReport]:
