@@ -37,6 +37,8 @@ HALT_SPEED = 0.1    # m/s: a car slower than this is halted (SUMO's halting thre
 IN_JUNCTION = -2    # MapMatcher.locate: the probe is inside a junction, on no road
 JUNCTION_MARGIN = 0.5   # metres past a road lane's end, inside a junction's shape: in the junction
 ON_LANE = 0.5           # metres from a road lane (and not past its end): on that lane
+CREDIT_GRID = 2.0 ** 24  # car-seconds and metres are counted in units of 1 / this (Aggregator._time_on_roads):
+                        # sums stay exact up to 2**29 per road and report
 ON_ROAD_EPS = 1e-6      # metres: a probe matched this close to (or past) a lane's end or start is not
                         # counted on the road (Aggregator._time_on_roads)
 
@@ -783,8 +785,10 @@ class Aggregator:
         n = len(road)
         roads = np.column_stack([np.where(leave, prev_road, -1), np.where(on, road, -1)]).ravel()
         keep = np.flatnonzero(roads >= 0)
-        seconds = np.column_stack([out_metres * per_metre, in_seconds]).ravel()
-        metres = np.column_stack([out_metres, in_metres]).ravel()
+        # on a grid of 2**-24 (s, m): sums of such numbers are exact in any order, so reports do
+        # not depend on how probes were batched (a box's packets or a trace's steps)
+        seconds = np.round(np.column_stack([out_metres * per_metre, in_seconds]).ravel() * CREDIT_GRID) / CREDIT_GRID
+        metres = np.round(np.column_stack([out_metres, in_metres]).ravel() * CREDIT_GRID) / CREDIT_GRID
         return (roads[keep], seconds[keep], metres[keep], np.repeat(np.asarray(t, dtype=np.float64), 2)[keep],
                 np.repeat(np.arange(n), 2)[keep])
 
