@@ -37,6 +37,10 @@ HALT_SPEED = 0.1    # m/s: a car slower than this is halted (SUMO's halting thre
 IN_JUNCTION = -2    # MapMatcher.locate: the probe is inside a junction, on no road
 JUNCTION_MARGIN = 0.5   # metres past a road lane's end, inside a junction's shape: in the junction
 ON_LANE = 0.5           # metres from a road lane (and not past its end): on that lane
+CREDIT_GRID = 2.0 ** 24  # car-seconds and metres are counted in units of 1 / this (Aggregator._time_on_roads):
+                        # sums stay exact up to 2**29 per road and report
+ON_ROAD_EPS = 1e-6      # metres: a probe matched this close to (or past) a lane's end or start is not
+                        # counted on the road (Aggregator._time_on_roads)
 
 
 class MapMatcher:
@@ -76,6 +80,12 @@ class MapMatcher:
         seg = np.array(rows, dtype=np.float64)
         self.lane_road = np.array(lane_road, dtype=np.int32)
         self.n_lanes = len(lane_road)
+        # metres of every lane (its first segment's distance to the lane's end): a probe's
+        # position from the lane's start is this minus its distance to the end
+        self.lane_length = np.zeros(len(lane_road))
+        for row in rows:
+            if row[7] and row[5] >= 0:
+                self.lane_length[int(row[5])] = row[6]
         self.sx0, self.sy0, sx1, sy1 = seg[:, 0], seg[:, 1], seg[:, 2], seg[:, 3]
         self.s_road = seg[:, 4].astype(np.int32)
         self.s_lane = seg[:, 5].astype(np.int32)
@@ -574,12 +584,19 @@ class Aggregator:
             o_arrive, b_arrive = _by_unit(unit[ev[arrive]], n_units)
             moves = (dep_road[o_leave], cross_road[o_whole], cross_dt[o_whole], turn_from[o_arrive], turn_to[o_arrive])
             move_bounds = (b_leave, b_whole, b_arrive)
-        on = np.flatnonzero(fresh & (roads >= 0))
-        t_on = t[on]
-        dt = self._sample_dt(t_on, np.where(_run_starts(group[on]), t_start[on], _shifted(t_on, 0.0))) \
-            if len(on) else t_on
-        o_on, b_on = _by_unit(unit[on], n_units)
-        on_road, on_dt, on_speed, on_t = roads[on][o_on], dt[o_on], speed[on][o_on], t_on[o_on]
+        # time on roads: each fresh probe against the car's previous fresh one (in (car, run, t)
+        # order the previous fresh probe is the newest before it, as run by run)
+        fr = np.flatnonzero(fresh)
+        s_f = slots[fr]
+        car_opens = _run_starts(s_f) if len(fr) else np.zeros(0, dtype=bool)
+        credit = self._time_on_roads(
+            roads[fr], lanes[fr], to_end[fr], speed[fr], t[fr],
+            np.where(car_opens, self.road[s_f], _shifted(roads[fr], -1)) if len(fr) else roads[fr],
+            np.where(car_opens, self.lane[s_f], _shifted(lanes[fr], -1)) if len(fr) else lanes[fr],
+            np.where(car_opens, self.to_end[s_f], _shifted(to_end[fr], 0.0)) if len(fr) else to_end[fr],
+            np.where(car_opens, self.t_last[s_f], _shifted(t[fr], 0.0)) if len(fr) else t[fr])
+        o_on, b_on = _by_unit(unit[fr][credit[4]], n_units)
+        on_road, on_dt, on_metres, on_t = (a[o_on] for a in credit[:4])
         # each car's state after each run: its run's newest probe, when fresh
         last = np.flatnonzero(group_last & fresh)
         o_last, b_last = _by_unit(unit[last], n_units)
@@ -604,7 +621,7 @@ class Aggregator:
                                       moves[4][a0:a1])
                 a, b = b_on[u], b_on[u + 1]
                 if b > a:
-                    self._count_samples(on_road[a:b], on_dt[a:b], on_speed[a:b], on_t[a:b])
+                    self._count_samples(on_road[a:b], on_dt[a:b], on_metres[a:b], on_t[a:b])
             elif kind == _LIGHT:
                 light, lt, green = lights[value]
                 reports += self.light_change(light, lt, green)
@@ -702,12 +719,16 @@ class Aggregator:
         ev = np.flatnonzero(fresh & (roads != -1))
         if len(ev):
             self._count_moves(*self._move_events(slots[ev], roads[ev], ts[ev])[3:])
-        on = np.flatnonzero(fresh & (roads >= 0))
-        if len(on):
-            # each probe stands for the time since the car's previous probe
-            s_o, t_o = slots[on], ts[on]
-            prev_t = np.where(_run_starts(s_o), self.t_last[s_o], _shifted(t_o, 0.0))
-            self._count_samples(roads[on], self._sample_dt(t_o, prev_t), batch["speed"][on], t_o)
+        fr = np.flatnonzero(fresh)
+        if len(fr):
+            # each probe stands for the time since the car's previous probe (wherever that was)
+            s_f, t_f, r_f, e_f = slots[fr], ts[fr], roads[fr], to_end[fr]
+            opens = _run_starts(s_f)
+            credit = self._time_on_roads(
+                r_f, lanes[fr], e_f, batch["speed"][fr], t_f, np.where(opens, self.road[s_f], _shifted(r_f, -1)),
+                np.where(opens, self.lane[s_f], _shifted(lanes[fr], -1)),
+                np.where(opens, self.to_end[s_f], _shifted(e_f, 0.0)), np.where(opens, self.t_last[s_f], _shifted(t_f, 0.0)))
+            self._count_samples(*credit[:4])
         # latest state per car: the last fresh probe in (car, t) order
         li = np.flatnonzero(fresh)
         if len(li):
@@ -733,11 +754,48 @@ class Aggregator:
         known = np.isfinite(prev_t)
         return np.where(known, np.clip(t_o - np.where(known, prev_t, 0.0), 0.0, self.MAX_SAMPLE_GAP), 0.0)
 
-    def _count_samples(self, roads: np.ndarray, dt: np.ndarray, speed: np.ndarray, t: np.ndarray) -> None:
-        """Car-seconds and metres on each road (probes at times ``t``); on lit roads also per tick
-        of the periodic clock (a probe at t counts in the tick floor(t / period), as SUMO's
-        interval [b, b + period) holds the step at b)."""
-        metres = dt * speed.astype(np.float64)
+    def _time_on_roads(self, road, lane, to_end, speed, t, prev_road, prev_lane, prev_to_end, prev_t):
+        """Car-seconds and metres each probe's step puts on roads, as SUMO's edgeData counts a
+        vehicle's front: a step stands for the time since the car's previous probe (``prev_*``;
+        at most MAX_SAMPLE_GAP), moving ``speed`` x that (SUMO's update moves a car at its new
+        speed).  A step within one road counts whole; a step that enters a road counts only the
+        part after the front crossed the road's start (the probe's metres from its lane's start,
+        of the step's metres), and a step that leaves a road gives that road the part before the
+        front crossed its end (the previous probe's metres to the end).  A probe matched to a
+        road but before its start or past its end (inside the junction, within the matcher's
+        margin) is on no road here.  Counting such steps whole made a car's first second on a
+        road of a few seconds' drive (often spent in the junction before it) weigh as much as a
+        whole one.  Returns (road, seconds, metres, t, index of the probe) per credit, in probe
+        order, a leaving credit before its probe's entering one."""
+        dt = self._sample_dt(t, prev_t)
+        moved = dt * np.asarray(speed, dtype=np.float64)
+        has_moved = moved > 0
+        per_metre = np.where(has_moved, dt / np.where(has_moved, moved, 1.0), 0.0)
+        length = self.matcher.lane_length
+        along = np.where(road >= 0, length[np.where(road >= 0, lane, 0)] - to_end, 0.0)
+        on = (road >= 0) & (to_end > ON_ROAD_EPS) & (along > ON_ROAD_EPS)
+        was_on = (prev_road >= 0) & (prev_to_end > ON_ROAD_EPS) & (
+            np.where(prev_road >= 0, length[np.where(prev_road >= 0, prev_lane, 0)] - prev_to_end, 0.0) > ON_ROAD_EPS)
+        stay = on & was_on & (road == prev_road)
+        in_metres = np.where(stay, moved, np.minimum(np.maximum(along, 0.0), moved))
+        # entering without moving (a match that jumped): the step's time, no metres
+        in_seconds = np.where(stay, dt, np.where(has_moved, in_metres * per_metre, dt))
+        leave = was_on & ~stay
+        out_metres = np.where(leave, np.minimum(np.maximum(prev_to_end, 0.0), moved), 0.0)
+        n = len(road)
+        roads = np.column_stack([np.where(leave, prev_road, -1), np.where(on, road, -1)]).ravel()
+        keep = np.flatnonzero(roads >= 0)
+        # on a grid of 2**-24 (s, m): sums of such numbers are exact in any order, so reports do
+        # not depend on how probes were batched (a box's packets or a trace's steps)
+        seconds = np.round(np.column_stack([out_metres * per_metre, in_seconds]).ravel() * CREDIT_GRID) / CREDIT_GRID
+        metres = np.round(np.column_stack([out_metres, in_metres]).ravel() * CREDIT_GRID) / CREDIT_GRID
+        return (roads[keep], seconds[keep], metres[keep], np.repeat(np.asarray(t, dtype=np.float64), 2)[keep],
+                np.repeat(np.arange(n), 2)[keep])
+
+    def _count_samples(self, roads: np.ndarray, dt: np.ndarray, metres: np.ndarray, t: np.ndarray) -> None:
+        """Car-seconds and metres on each road (credits at times ``t``, :meth:`_time_on_roads`);
+        on lit roads also per tick of the periodic clock (a probe at t counts in the tick
+        floor(t / period), as SUMO's interval [b, b + period) holds the step at b)."""
         np.add.at(self.samples, roads, dt)
         np.add.at(self.distance, roads, metres)
         lit = self.lit[roads]
@@ -899,7 +957,7 @@ class Aggregator:
                 density=cars / (length / 1000.0 * lanes), mean_speed=mean_speed,
                 departures=departures, interval=0.0 if math.isnan(last) else t - last, was_green=was_green,
                 turns=self.turns[road], crossed=crossed, crossing_time=crossing_time, samples=samples,
-                distance=distance, pieces=self._take_pieces(road)))
+                distance=distance, pieces=self._take_pieces(road, last)))
             self.turns[road] = {}
         self.departures[ix] = self.crossed[ix] = 0
         self.crossing_time[ix] = self.samples[ix] = self.distance[ix] = 0.0
@@ -907,15 +965,20 @@ class Aggregator:
         self.stats["reports"] += len(reports)
         return reports
 
-    def _take_pieces(self, road: int) -> list[tuple[float, float, float]]:
-        """Road's car-seconds and metres per tick since its previous report (none when one tick:
-        the report's own samples and distance say it), and their reset."""
+    def _take_pieces(self, road: int, since: float) -> list[tuple[float, float, float]]:
+        """Road's car-seconds and metres per tick since its previous report at ``since`` (none
+        when one tick holds them all and the window starts in it: the report's own samples and
+        distance say it), and their reset.  A window that starts in an earlier tick than its
+        probes' one carries that tick as its piece: read over the whole window, the probes'
+        time would be shared out into the earlier interval, where they were not."""
         pieces = self.pieces[road]
         if not pieces:
             return []
         self.pieces[road] = {}
         if len(pieces) == 1:
-            return []
+            tick = next(iter(pieces))
+            if math.isnan(since) or since >= tick * self.piece_period:
+                return []
         return [(tick * self.piece_period, s, d) for tick, (s, d) in sorted(pieces.items())]
 
     def light_change(self, light: int, t: float, green: int) -> list[RoadReport]:

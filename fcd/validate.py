@@ -662,7 +662,8 @@ def add_arguments(p) -> None:
 
 def run_validation(args) -> list[dict[str, Any]]:
     import tempfile
-    work = args.work or Path(tempfile.mkdtemp(prefix="fcd-validate-"))
+    # absolute: SUMO and its tools run inside each scenario's directory
+    work = (args.work or Path(tempfile.mkdtemp(prefix="fcd-validate-"))).resolve()
     results = []
     try:
         for name in args.scenarios:

@@ -85,6 +85,31 @@ def test_probes_at_the_reports_own_tick_count_in_the_interval_it_starts(small_ci
     assert model._travel_over(road, 60.0, 120.0) is None        # one halted second: no metres
 
 
+def test_a_phase_whose_probes_all_lie_in_a_later_interval_is_read_there(small_city):
+    """A phase from 45 to 75 whose probes all come after 60 (the road was empty before): the
+    report carries that one tick as its piece, so nothing is shared out into [0, 60), where
+    SUMO saw no car, and [60, 120) reads what the probes took (read over the whole window, a
+    half of their seconds and metres went to [0, 60))."""
+    city = small_city
+    road = int(np.flatnonzero(city.exit_light >= 0)[0])
+    light = int(city.exit_light[road])
+    bit = city.lights[light].roads.index(road)
+    times = np.arange(62.0, 75.0)
+    speeds = np.where(times < 68, 0.0, 7.0)
+    agg = Aggregator(city, unlit_period=60.0)
+    agg.light_change(light, 45.0, 1 << bit)
+    agg.feed(_probes_on(city, road, times, speeds))
+    report = next(r for r in agg.light_change(light, 75.0, 0) if r.road == road)
+    assert [p[0] for p in report.pieces] == [60.0]
+    model = Model(city)
+    model.observe(RoadReport.from_xmlrpc(report.to_xmlrpc(), city.n_roads))
+    assert model._travel_over(road, 0.0, 60.0) is None
+    assert model._travel_over(road, 60.0, 120.0) == pytest.approx(_sumo_style(city, road, times, speeds, 60.0, 120.0))
+    # a window that starts in its probes' tick needs no piece
+    agg.feed(_probes_on(city, road, np.arange(76.0, 80.0), np.full(4, 7.0)))
+    assert next(r for r in agg.light_change(light, 80.0, 1 << bit) if r.road == road).pieces == []
+
+
 @pytest.mark.parametrize("pieces, error", [
     ("x", "list"), ([[0.0, 1.0]], "bad report piece"), ([[0.0, -1.0, 1.0]], "bad report piece"),
     ([[0.0, float("nan"), 1.0]], "bad report piece"), ([[60.0, 1.0, 1.0], [0.0, 1.0, 1.0]], "increasing"),
