@@ -408,6 +408,7 @@ class ClientEndpoint:
             "malformed", "wrong_location", "unexpected_kind", "before_join", "refused_pending",
             "dup_window_evicted", "missing_overflow", "events_dropped", "outgoing_dropped",
             "heartbeats", "timeouts", "nack_retries", "nack_retries_unbacked", "gaps_from_unreliable", "bundles",
+            "gaps_from_heartbeat",
             "redundant_copies_sent", "copies_first", "loss_reports_sent", "copy_wait_evicted",
         ), 0)
 
@@ -535,6 +536,8 @@ class ClientEndpoint:
                 self.stats["before_join"] += 1
                 return
             self.stats["heartbeats"] += 1
+            if header.seq > self._highest:
+                self.stats["gaps_from_heartbeat"] += 1     # the probe told this member of a lost seq
             self._account_up_to(header.seq, now)
             self._on_lowest(header.lowest)
         elif kind is _WELCOME:
@@ -1061,7 +1064,7 @@ LOCATION_COUNTERS = (
     "nack_rate_limited", "nack_unavailable", "heartbeats", "hello_accepted", "hello_rejected",
     "not_member", "buffer_evicted_count", "buffer_evicted_age", "byes", "malformed_client_fields",
     "resends_recognised", "hello_rebind_refused", "nack_byte_limited", "redundant_copies_sent",
-    "redundant_copies_received", "loss_reports", "loss_report_clipped",
+    "redundant_copies_received", "loss_reports", "loss_report_clipped", "heartbeat_datagrams",
 )
 
 
@@ -1254,6 +1257,7 @@ class ReflectorCore:
                 self._evict(loc, now)
                 loc.stats["heartbeats"] += 1
                 loc.stats["fanout_datagrams"] += len(loc.addresses)
+                loc.stats["heartbeat_datagrams"] += len(loc.addresses)
                 self._queue(wire.encode(Header(Kind.HEARTBEAT, location=loc.id, seq=loc.last_seq,
                                                lowest=loc.lowest())), loc.id)
                 loc.announced_at = now

@@ -47,6 +47,7 @@ class SimNetwork:
         self.drop_rules: list[DropRule] = []
         self.dropped: list[tuple[str, Address, wire.Header]] = []
         self.delivered_datagrams = 0
+        self.transmitted = {UP: 0, DOWN: 0}   # datagrams put on the links each way (before loss)
         self.sequenced: dict[tuple[int, int], tuple[int, int]] = {}   # (location, seq) -> (sender, packet id)
         self._queue: list[tuple[float, int, str, Address, bytes]] = []
         self._tiebreak = itertools.count()
@@ -94,6 +95,7 @@ class SimNetwork:
             sink.append(event)
 
     def _transmit(self, direction: str, addr: Address, data: bytes) -> None:
+        self.transmitted[direction] += 1
         header, _ = wire.decode(data)
         for rule in self.drop_rules:
             if rule(direction, addr, header):

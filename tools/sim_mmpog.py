@@ -94,6 +94,14 @@ def run(w: Workload) -> dict:
     def copies_so_far() -> tuple[int, int]:
         return sum(ep.stats["redundant_copies_sent"] for ep, _, _ in endpoints), reflector.copies_queued
 
+    def rate_counters() -> dict[str, int]:
+        totals = reflector.totals()
+        return {"heartbeats": totals["heartbeats"], "heartbeat_datagrams": totals["heartbeat_datagrams"],
+                "reflector_datagrams": net.transmitted["down"],
+                "gaps_from_heartbeat": sum(ep.stats["gaps_from_heartbeat"] for ep, _, _ in endpoints),
+                "heartbeats_received": sum(ep.stats["heartbeats"] for ep, _, _ in endpoints)}
+
+    play_start = rate_counters()
     copy_marks = [copies_so_far()]  # at the start of each second of play: when does a clean path stop copying?
     for t, index, reliable in sends:
         while t >= start + len(copy_marks):
@@ -106,6 +114,8 @@ def run(w: Workload) -> dict:
         pid = ep.send(UPDATE.pack(ep.player, t) + pad, net.now, reliable=reliable)
         sent[(ep.player, pid)] = (t, reliable, location)
     copy_marks.append(copies_so_far())
+    net.run_for(start + w.duration - net.now)
+    play = {name: value - play_start[name] for name, value in rate_counters().items()}
     net.run_for(w.deadline + 1.0)
     members: dict[int, int] = {}
     for _, _, location in endpoints:
@@ -144,13 +154,25 @@ def run(w: Workload) -> dict:
     out["clients"] = {name: totals.get(name, 0) for name in (
         "retransmitted", "timeouts", "nacks_sent", "nack_seqs", "duplicates", "expired", "unrecoverable",
         "retransmissions_received", "heartbeats", "nack_retries", "nack_retries_unbacked", "gaps_from_unreliable",
-        "redundant_copies_sent")}
+        "gaps_from_heartbeat", "redundant_copies_sent")}
     out["rto_at_send_ms"] = _latencies(rto_at_send)
     out["reflector_totals"] = {name: value for name, value in reflector.totals().items()
                                if name in ("retransmitted", "nacks", "heartbeats", "fanout_datagrams", "reliable",
                                            "nack_rate_limited", "nack_unavailable", "resends_recognised",
                                            "redundant_copies_sent", "redundant_copies_received")}
     out["datagrams"] = net.delivered_datagrams
+    # during play: the reflector's datagrams and tail-loss probes per second, and how many probes told
+    # a member of a seq it had lost (each such heartbeat's gap is NACKed unless the seq comes first)
+    out["play_rates"] = {
+        "reflector_datagrams_per_s": round(play["reflector_datagrams"] / w.duration, 1),
+        "heartbeats_per_s": round(play["heartbeats"] / w.duration, 1),
+        "heartbeat_datagrams_per_s": round(play["heartbeat_datagrams"] / w.duration, 1),
+        "heartbeats_revealing_a_gap": play["gaps_from_heartbeat"],
+        # per heartbeat received, and (an upper bound) per heartbeat sent: "did it tell anyone anything"
+        "revealing_ratio_received": (round(play["gaps_from_heartbeat"] / play["heartbeats_received"], 6)
+                                     if play["heartbeats_received"] else None),
+        "revealing_ratio_sent_at_most": (round(play["gaps_from_heartbeat"] / play["heartbeats"], 6)
+                                         if play["heartbeats"] else None)}
     # redundant copies sent in each second of play (the last entry: the rest of the last second)
     out["copies_per_second"] = {side: [b[i] - a[i] for a, b in zip(copy_marks, copy_marks[1:])]
                                 for i, side in enumerate(("clients", "reflector"))}
