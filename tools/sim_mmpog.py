@@ -46,6 +46,7 @@ class Workload:
     latency: float = 0.00025         # one way: the loopback SRTT of ~0.5 ms measured by mmpog-bots
     jitter: float = 0.0002
     reflector_tick: float = 0.0      # the reflector adapter's timer resolution (0: exact)
+    probe_stream: bool = False       # heartbeats' losses drawn apart (comparing probe policies)
     seed: int = 1
     client: dict = field(default_factory=dict)      # ClientConfig overrides
     reflector: dict = field(default_factory=dict)   # ReflectorConfig overrides
@@ -61,7 +62,7 @@ def _latencies(values: list[float]) -> dict:
 def run(w: Workload) -> dict:
     reflector = ReflectorCore(ReflectorConfig(**w.reflector))
     profile = LinkProfile(loss_up=w.loss, loss_down=w.loss, latency=w.latency, jitter=w.jitter)
-    net = SimNetwork(reflector, profile, seed=w.seed, reflector_tick=w.reflector_tick)
+    net = SimNetwork(reflector, profile, seed=w.seed, reflector_tick=w.reflector_tick, probe_stream=w.probe_stream)
     config = ClientConfig(default_deadline=w.deadline, **w.client)
     rng = random.Random(w.seed)
     endpoints: list[tuple[ClientEndpoint, tuple[str, int], int]] = []
@@ -136,6 +137,8 @@ def run(w: Workload) -> dict:
                 per_second[reliable].setdefault(int(t - start), []).append(latency)
     out: dict = {"players": w.players, "locations": w.locations, "loss": w.loss, "duration": w.duration,
                  "seed": w.seed, "client": w.client, "reflector": w.reflector}
+    if w.probe_stream:
+        out["probe_stream"] = True
     for reliable, name in ((True, "reliable"), (False, "unreliable")):
         expected = sum(members[loc] - 1 for _, r, loc in sent.values() if r == reliable)
         values = lat[reliable]
@@ -200,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="ClientConfig override, e.g. min_rto=0.04 (repeatable)")
     parser.add_argument("--reflector", action="append", default=[], metavar="NAME=VALUE",
                         help="ReflectorConfig override (repeatable)")
+    parser.add_argument("--probe-stream", action="store_true",
+                        help="draw the heartbeats' losses from a random stream of their own, so runs with "
+                             "different probe policies lose the same other datagrams")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     base = dict(SCENARIOS.get(args.scenario, {}))
@@ -212,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return {k: float(v) for k, v in (item.split("=", 1) for item in items)}
 
     w = Workload(loss=args.loss, duration=args.duration, seed=args.seed, latency=args.latency, jitter=args.jitter,
-                 reflector_tick=args.reflector_tick, client=overrides(args.client),
+                 reflector_tick=args.reflector_tick, probe_stream=args.probe_stream, client=overrides(args.client),
                  reflector=overrides(args.reflector), **base)
     result = run(w)
     write_result(result, args.json)
