@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat-max", type=non_negative_float, default=1.0)
     parser.add_argument("--heartbeat-factor", type=non_negative_float, default=1.0,
                         help="heartbeat interval = factor x the members' smallest RTO (then doubling while idle)")
-    parser.add_argument("--probe-skip-target", type=non_negative_float, default=0.005,
+    parser.add_argument("--probe-skip-target", type=non_negative_float, default=0.0001,
                         help="skip a heartbeat when the chance that it tells any member of a seq it missed is "
                              "below this (from the members' measured loss); 0: send every one")
     parser.add_argument("--nack-rate", type=non_negative_float, default=200.0, help="retransmissions/s per member")

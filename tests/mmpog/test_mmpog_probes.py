@@ -19,6 +19,7 @@ from mmpog.wire import Flag, Header, Kind
 LOC = 3
 ALICE, BOB, CAROL = ("127.0.0.1", 4001), ("127.0.0.1", 4002), ("127.0.0.1", 4003)
 TOKENS = {1: b"a" * 16, 2: b"b" * 16, 3: b"c" * 16}
+TARGET = 0.005      # a round target for the arithmetic below (the default is stricter)
 
 
 def hello(player, location=LOC):
@@ -30,6 +31,7 @@ def data(player, pid, reliable=False):
 
 
 def core_with(clock, **config):
+    config.setdefault("probe_skip_target", TARGET)
     core = ReflectorCore(ReflectorConfig(heartbeat_min=0.01, heartbeat_max=1.0, heartbeat_factor=0.5, **config))
     for player, addr in ((1, ALICE), (2, BOB), (3, CAROL)):
         core.add_member(LOC, player, TOKENS[player], clock.time())
@@ -131,6 +133,14 @@ def test_a_location_without_reliable_traffic_needs_no_probe_and_target_zero_alwa
     assert probes_within(core, clock, 0.5) == [0.02, 0.06, 0.14, 0.3]    # every probe, doubling while idle
 
 
+def test_the_default_target_probes_until_a_clean_path_has_carried_the_seq_three_times():
+    clock = FakeClock(10.0)
+    core = core_with(clock, **CLEAN, probe_skip_target=ReflectorConfig().probe_skip_target)
+    core.receive_datagram(data(1, 1, reliable=True), ALICE, clock.time())
+    core.datagrams_to_send(clock.time())
+    assert probes_within(core, clock, 1.0) == [0.02, 0.06]      # 2 x 1%, 2 x 0.01%, then 2 x 0.0001%
+
+
 def test_probe_skip_target_is_validated():
     with pytest.raises(ValueError, match="probe_skip_target"):
         ReflectorConfig(probe_skip_target=1.0).validate()
@@ -139,7 +149,7 @@ def test_probe_skip_target_is_validated():
 def test_a_member_that_lost_the_last_packet_still_learns_of_it_from_the_probe():
     """End to end in simulated time: Bob loses the location's last reliable packet; the probe (needed:
     one datagram carried it) tells him one interval later, he NACKs and gets it - no later packet needed."""
-    core = ReflectorCore(ReflectorConfig(**CLEAN, heartbeat_min=0.01, heartbeat_factor=0.5))
+    core = ReflectorCore(ReflectorConfig(**CLEAN, heartbeat_min=0.01, heartbeat_factor=0.5, probe_skip_target=TARGET))
     net = SimNetwork(core, LinkProfile(latency=0.0005))
     endpoints = {}
     for player, addr in ((1, ALICE), (2, BOB), (3, CAROL)):
