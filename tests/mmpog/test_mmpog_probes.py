@@ -169,3 +169,13 @@ def test_a_member_that_lost_the_last_packet_still_learns_of_it_from_the_probe():
     assert bob.stats["gaps_from_heartbeat"] == 1 and bob.stats["nacks_sent"] == 1
     assert got.now - sent_at < 0.05        # the probe about one interval later, then a NACK round trip
     assert core.location_stats(LOC)["heartbeats"] == 1     # and no more: the probe made the seq known
+
+
+def test_reflector_cli_sets_the_target_and_defaults_to_the_core_default():
+    from mmpog.reflector import build_parser, config_from_args
+
+    def config(*argv):
+        return config_from_args(build_parser().parse_args(["--no-api-key", *argv]))
+
+    assert config().probe_skip_target == ReflectorConfig().probe_skip_target
+    assert config("--probe-skip-target", "0").probe_skip_target == 0.0
