@@ -154,7 +154,8 @@ def test_a_member_that_lost_the_last_packet_still_learns_of_it_from_the_probe():
     endpoints = {}
     for player, addr in ((1, ALICE), (2, BOB), (3, CAROL)):
         core.add_member(LOC, player, TOKENS[player], net.now)
-        endpoints[player] = ep = ClientEndpoint(player, LOC, TOKENS[player], ClientConfig(**CLEAN), rng=random.Random(player))
+        endpoints[player] = ep = ClientEndpoint(player, LOC, TOKENS[player], ClientConfig(**CLEAN),
+                                                rng=random.Random(player))
         net.add_client(ep, addr)
         ep.connect(net.now)
     net.run_for(0.5)
