@@ -997,8 +997,9 @@ class ReflectorConfig(RedundancyConfig):
     # a probe is skipped when the chance that some bound member heard of the location's last seq from
     # none of the datagrams that carried it (sum over members of p**n, p its downlink's loss, n the
     # separate datagrams: the original, its copies, later updates and probes) is below this; 0: always.
-    # Far below the copies' 0.5%: skips add up (~10 a second per location) and each one that was needed
-    # leaves a member waiting for the next packet (0.5% made the max at 10% loss 4x: docs/mmpog.md)
+    # Far below the copies' 0.5%: skips add up (about 37 a second per location at 32x4 10%) and each
+    # one that was needed leaves a member waiting for the next packet (0.5% made the max at 10% loss
+    # 4x: docs/mmpog.md)
     probe_skip_target: float = 0.0001
     default_rto: float = 0.2        # assumed for members that have not reported one yet
     nack_rate: float = 200.0        # retransmissions per second per member (token bucket) ...

@@ -98,6 +98,7 @@ def run(w: Workload) -> dict:
     def rate_counters() -> dict[str, int]:
         totals = reflector.totals()
         return {"heartbeats": totals["heartbeats"], "heartbeat_datagrams": totals["heartbeat_datagrams"],
+                "heartbeats_skipped": totals["heartbeats_skipped"],
                 "reflector_datagrams": net.transmitted["down"],
                 "gaps_from_heartbeat": sum(ep.stats["gaps_from_heartbeat"] for ep, _, _ in endpoints),
                 "heartbeats_received": sum(ep.stats["heartbeats"] for ep, _, _ in endpoints)}
@@ -170,6 +171,7 @@ def run(w: Workload) -> dict:
         "reflector_datagrams_per_s": round(play["reflector_datagrams"] / w.duration, 1),
         "heartbeats_per_s": round(play["heartbeats"] / w.duration, 1),
         "heartbeat_datagrams_per_s": round(play["heartbeat_datagrams"] / w.duration, 1),
+        "heartbeats_skipped_per_s": round(play["heartbeats_skipped"] / w.duration, 1),
         "heartbeats_revealing_a_gap": play["gaps_from_heartbeat"],
         # per heartbeat received, and (an upper bound) per heartbeat sent: "did it tell anyone anything"
         "revealing_ratio_received": (round(play["gaps_from_heartbeat"] / play["heartbeats_received"], 6)
