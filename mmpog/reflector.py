@@ -479,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat-max", type=non_negative_float, default=1.0)
     parser.add_argument("--heartbeat-factor", type=non_negative_float, default=1.0,
                         help="heartbeat interval = factor x the members' smallest RTO (then doubling while idle)")
+    parser.add_argument("--probe-skip-target", type=non_negative_float, default=0.0001,
+                        help="skip a heartbeat when the chance that it tells any member of a seq it missed is "
+                             "below this (from the members' measured loss); 0: send every one")
     parser.add_argument("--nack-rate", type=non_negative_float, default=200.0, help="retransmissions/s per member")
     parser.add_argument("--nack-burst", type=int, default=64)
     parser.add_argument("--nack-burst-bytes", type=int, default=16 * 1024,
@@ -495,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ReflectorConfig:
     config = ReflectorConfig(
         buffer_packets=args.buffer_packets, buffer_age=args.buffer_age, heartbeat_min=args.heartbeat_min,
-        heartbeat_max=args.heartbeat_max, heartbeat_factor=args.heartbeat_factor, nack_rate=args.nack_rate, nack_burst=args.nack_burst,
+        heartbeat_max=args.heartbeat_max, heartbeat_factor=args.heartbeat_factor,
+        probe_skip_target=args.probe_skip_target, nack_rate=args.nack_rate, nack_burst=args.nack_burst,
         nack_burst_bytes=args.nack_burst_bytes, nack_bytes_rate=args.nack_bytes_rate,
         pack=not args.no_pack, pack_budget=args.pack_budget, mtu=args.mtu,
         redundancy=not args.no_redundancy, redundancy_spacing=args.redundancy_spacing, loss_prior=args.loss_prior,

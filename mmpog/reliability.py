@@ -408,6 +408,7 @@ class ClientEndpoint:
             "malformed", "wrong_location", "unexpected_kind", "before_join", "refused_pending",
             "dup_window_evicted", "missing_overflow", "events_dropped", "outgoing_dropped",
             "heartbeats", "timeouts", "nack_retries", "nack_retries_unbacked", "gaps_from_unreliable", "bundles",
+            "gaps_from_heartbeat",
             "redundant_copies_sent", "copies_first", "loss_reports_sent", "copy_wait_evicted",
         ), 0)
 
@@ -535,6 +536,8 @@ class ClientEndpoint:
                 self.stats["before_join"] += 1
                 return
             self.stats["heartbeats"] += 1
+            if header.seq > self._highest:
+                self.stats["gaps_from_heartbeat"] += 1     # the probe told this member of a lost seq
             self._account_up_to(header.seq, now)
             self._on_lowest(header.lowest)
         elif kind is _WELCOME:
@@ -991,6 +994,13 @@ class ReflectorConfig(RedundancyConfig):
     heartbeat_min: float = 0.002    # heartbeat interval = factor x members' smallest RTO, clamped to
     heartbeat_max: float = 1.0      #   [min, max], doubling while the location stays idle
     heartbeat_factor: float = 1.0   # a tail-loss probe: a receiver that lost the last packet hears of it this soon
+    # a probe is skipped when the chance that some bound member heard of the location's last seq from
+    # none of the datagrams that carried it (sum over members of p**n, p its downlink's loss, n the
+    # separate datagrams: the original, its copies, later updates and probes) is below this; 0: always.
+    # Far below the copies' 0.5%: skips add up (about 37 a second per location at 32x4 10%) and each
+    # one that was needed leaves a member waiting for the next packet (0.5% made the max at 10% loss
+    # 4x: docs/mmpog.md)
+    probe_skip_target: float = 0.0001
     default_rto: float = 0.2        # assumed for members that have not reported one yet
     nack_rate: float = 200.0        # retransmissions per second per member (token bucket) ...
     nack_burst: int = 64
@@ -1020,6 +1030,8 @@ class ReflectorConfig(RedundancyConfig):
             raise ValueError("need 0 < heartbeat_min <= heartbeat_max")
         if self.heartbeat_factor <= 0:
             raise ValueError("heartbeat_factor must be positive")
+        if not 0 <= self.probe_skip_target < 1:
+            raise ValueError("probe_skip_target must be in [0, 1)")
         if self.nack_rate < 0 or self.nack_burst < 0 or self.nack_bytes_rate < 0 or self.nack_burst_bytes < 0:
             raise ValueError("nack_rate, nack_burst, nack_bytes_rate and nack_burst_bytes must be non-negative")
         if self.max_locations <= 0 or self.max_members <= 0 or self.max_outgoing <= 0:
@@ -1061,7 +1073,8 @@ LOCATION_COUNTERS = (
     "nack_rate_limited", "nack_unavailable", "heartbeats", "hello_accepted", "hello_rejected",
     "not_member", "buffer_evicted_count", "buffer_evicted_age", "byes", "malformed_client_fields",
     "resends_recognised", "hello_rebind_refused", "nack_byte_limited", "redundant_copies_sent",
-    "redundant_copies_received", "loss_reports", "loss_report_clipped",
+    "redundant_copies_received", "loss_reports", "loss_report_clipped", "heartbeat_datagrams",
+    "heartbeats_skipped",
 )
 
 
@@ -1078,6 +1091,12 @@ class _Location:
     idle_heartbeats: int = 0
     rto_floor: float | None = None  # smallest RTO members reported since the last heartbeat
     heap_due: float | None = None  # the time of this location's live entry in the heartbeat heap
+    # what told the members of last_seq so far: datagrams fanned out to all since it was sequenced
+    # (counted when the adapter takes them: what it packs into one datagram is lost together), and
+    # its copies (`copied_to`'s members, not its sender, got `member.copies - 1` more each)
+    carriers: int = 0
+    copied_to: tuple = ()
+    last_sender: int = 0
     copy_members: tuple = ()        # bound members whose downlink gets redundant copies now
     loss: LossEstimator | None = None   # every member's downlink pooled: each member's prior
     loss_checked: float = float("-inf")   # when their copies were last re-decided
@@ -1113,6 +1132,7 @@ class ReflectorCore:
         self._out: list[tuple[bytes, Destination]] = []
         self._events: deque[MembersChanged] = deque()
         self._copies_due: deque[tuple[float, bytes, Address]] = deque()   # spaced copies: (when, data, member)
+        self._carrying: set[int] = set()   # locations that queued a datagram carrying their last seq since the last pull
         self.copies_queued = 0      # redundant copies handed out so far (an adapter's updates-relayed excludes them)
         self.stats: dict[str, int] = dict.fromkeys((
             "received", "malformed", "unknown_location", "not_member", "unexpected_kind",
@@ -1218,6 +1238,13 @@ class ReflectorCore:
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Destination]]:
         """Datagrams to send: to an address, or (int destination) to every bound member of that location."""
         out, self._out = self._out, []
+        if self._carrying:
+            locations = self._locations
+            for loc_id in self._carrying:
+                loc = locations.get(loc_id)
+                if loc is not None:
+                    loc.carriers += 1
+            self._carrying.clear()
         return out
 
     def get_timer(self) -> float | None:
@@ -1252,10 +1279,17 @@ class ReflectorCore:
             due = self._heartbeat_due(loc)
             if due <= now:
                 self._evict(loc, now)
-                loc.stats["heartbeats"] += 1
-                loc.stats["fanout_datagrams"] += len(loc.addresses)
-                self._queue(wire.encode(Header(Kind.HEARTBEAT, location=loc.id, seq=loc.last_seq,
-                                               lowest=loc.lowest())), loc.id)
+                if self._probe_tells_nothing(loc):
+                    # every member has almost surely heard of last_seq: no wake-up of all of them for it;
+                    # the timer backs off as if it had gone (a new reliable packet re-arms it)
+                    loc.stats["heartbeats_skipped"] += 1
+                else:
+                    loc.stats["heartbeats"] += 1
+                    loc.stats["fanout_datagrams"] += len(loc.addresses)
+                    loc.stats["heartbeat_datagrams"] += len(loc.addresses)
+                    self._queue(wire.encode(Header(Kind.HEARTBEAT, location=loc.id, seq=loc.last_seq,
+                                                   lowest=loc.lowest())), loc.id)
+                    self._carrying.add(loc.id)
                 loc.announced_at = now
                 loc.idle_heartbeats += 1
                 rtos = [m.rto for m in loc.by_addr.values() if m.rto]
@@ -1299,6 +1333,37 @@ class ReflectorCore:
         interval = min(config.heartbeat_max,
                        max(config.heartbeat_min, base * config.heartbeat_factor) * (2 ** min(loc.idle_heartbeats, 16)))
         return loc.announced_at + interval
+
+    def _probe_tells_nothing(self, loc: _Location) -> bool:
+        """Would a tail-loss probe now tell no member anything (within `probe_skip_target`)?
+
+        A probe's only news is last_seq (and lowest, which a member that needs it gets by NACKing).
+        A member still unaware of last_seq lost every separate datagram that carried it: p**n with
+        p its downlink's measured loss (the location's pool, or the prior, until it has one).  Summed
+        over the bound members: the chance that the probe tells anyone anything.  The seq's sender is
+        left out: its own retransmission timer covers a lost echo (the resend's echo brings the seq)."""
+        target = self.config.probe_skip_target
+        if target <= 0:
+            return False
+        if loc.last_seq == 0:
+            return True                      # nothing reliable was ever sequenced: nothing to reveal
+        carriers = loc.carriers
+        if carriers == 0:
+            return False                     # the last seq's datagram is still queued
+        pooled = loc.loss.estimate() if loc.loss is not None else self.config.loss_prior
+        # (spaced copies may not have left yet: counted only when they go with the original)
+        copied = {member.player for member in loc.copied_to} if self.config.redundancy_spacing <= 0 else set()
+        sender = loc.last_sender
+        unaware = 0.0
+        for member in loc.by_addr.values():
+            if member.player == sender:
+                continue
+            n = carriers + member.copies - 1 if member.player in copied else carriers
+            p = member.loss.estimate() if member.loss is not None else pooled
+            unaware += p ** n
+            if unaware >= target:
+                return False
+        return True
 
     def _note_rto(self, loc: _Location, rto: float | None) -> None:
         """A member reported a smaller RTO: heartbeats may be due sooner than the heap says."""
@@ -1395,6 +1460,10 @@ class ReflectorCore:
             if self.config.redundancy and now - loc.loss_checked >= self.config.loss_refresh:
                 self._decide_copies(loc, now)
             copy_members = loc.copy_members
+            loc.carriers = 0                 # counted when the adapter takes the original (with what it packs)
+            loc.copied_to = copy_members
+            loc.last_sender = header.sender
+            self._carrying.add(loc.id)
             if loc.idle_heartbeats:
                 # the location was idle and its heartbeat backed off: the tail-loss probe for this packet
                 # must come one interval after it, not at the backed-off time already in the heap
@@ -1407,6 +1476,7 @@ class ReflectorCore:
             # unreliable packets carry the last seq too: every packet reveals a lost reliable one
             out = wire.restamp(data, loc.last_seq, loc.lowest())
             copy_members = ()
+            self._carrying.add(loc.id)
         loc.announced_at = now
         self._queue(out, loc.id)
         if copy_members:

@@ -36,17 +36,21 @@ class LinkProfile:
 
 class SimNetwork:
     def __init__(self, reflector: ReflectorCore, profile: LinkProfile | None = None, seed: int = 0,
-                 start: float = 1000.0, reflector_tick: float = 0.0) -> None:
+                 start: float = 1000.0, reflector_tick: float = 0.0, probe_stream: bool = False) -> None:
         self.reflector = reflector
         self.reflector_tick = reflector_tick   # the reflector adapter's timer resolution (0: exact)
         self.profile = profile or LinkProfile()
         self.rng = random.Random(seed)
+        # probe_stream: heartbeats draw their loss and delay from a stream of their own, so two probe
+        # policies meet the same losses of every other datagram (a comparison of policies, not of luck)
+        self.probe_rng = random.Random(seed * 7717 + 1) if probe_stream else self.rng
         self.now = start
         self.clients: dict[Address, ClientEndpoint] = {}
         self.events: dict[Address, list[Event]] = {}
         self.drop_rules: list[DropRule] = []
         self.dropped: list[tuple[str, Address, wire.Header]] = []
         self.delivered_datagrams = 0
+        self.transmitted = {UP: 0, DOWN: 0}   # datagrams put on the links each way (before loss)
         self.sequenced: dict[tuple[int, int], tuple[int, int]] = {}   # (location, seq) -> (sender, packet id)
         self._queue: list[tuple[float, int, str, Address, bytes]] = []
         self._tiebreak = itertools.count()
@@ -94,18 +98,20 @@ class SimNetwork:
             sink.append(event)
 
     def _transmit(self, direction: str, addr: Address, data: bytes) -> None:
+        self.transmitted[direction] += 1
         header, _ = wire.decode(data)
         for rule in self.drop_rules:
             if rule(direction, addr, header):
                 self.dropped.append((direction, addr, header))
                 return
+        rng = self.probe_rng if header.kind is wire.Kind.HEARTBEAT else self.rng
         loss = self.profile.loss_up if direction == UP else self.profile.loss_down
-        if loss and self.rng.random() < loss:
+        if loss and rng.random() < loss:
             self.dropped.append((direction, addr, header))
             return
-        copies = 2 if self.profile.duplicate and self.rng.random() < self.profile.duplicate else 1
+        copies = 2 if self.profile.duplicate and rng.random() < self.profile.duplicate else 1
         for _ in range(copies):
-            delay = self.profile.latency + (self.rng.random() * self.profile.jitter if self.profile.jitter else 0)
+            delay = self.profile.latency + (rng.random() * self.profile.jitter if self.profile.jitter else 0)
             heapq.heappush(self._queue, (self.now + delay, next(self._tiebreak), direction, addr, data))
 
     def _next_time(self) -> float | None:

@@ -46,6 +46,7 @@ class Workload:
     latency: float = 0.00025         # one way: the loopback SRTT of ~0.5 ms measured by mmpog-bots
     jitter: float = 0.0002
     reflector_tick: float = 0.0      # the reflector adapter's timer resolution (0: exact)
+    probe_stream: bool = False       # heartbeats' losses drawn apart (comparing probe policies)
     seed: int = 1
     client: dict = field(default_factory=dict)      # ClientConfig overrides
     reflector: dict = field(default_factory=dict)   # ReflectorConfig overrides
@@ -61,7 +62,7 @@ def _latencies(values: list[float]) -> dict:
 def run(w: Workload) -> dict:
     reflector = ReflectorCore(ReflectorConfig(**w.reflector))
     profile = LinkProfile(loss_up=w.loss, loss_down=w.loss, latency=w.latency, jitter=w.jitter)
-    net = SimNetwork(reflector, profile, seed=w.seed, reflector_tick=w.reflector_tick)
+    net = SimNetwork(reflector, profile, seed=w.seed, reflector_tick=w.reflector_tick, probe_stream=w.probe_stream)
     config = ClientConfig(default_deadline=w.deadline, **w.client)
     rng = random.Random(w.seed)
     endpoints: list[tuple[ClientEndpoint, tuple[str, int], int]] = []
@@ -94,6 +95,15 @@ def run(w: Workload) -> dict:
     def copies_so_far() -> tuple[int, int]:
         return sum(ep.stats["redundant_copies_sent"] for ep, _, _ in endpoints), reflector.copies_queued
 
+    def rate_counters() -> dict[str, int]:
+        totals = reflector.totals()
+        return {"heartbeats": totals["heartbeats"], "heartbeat_datagrams": totals["heartbeat_datagrams"],
+                "heartbeats_skipped": totals["heartbeats_skipped"],
+                "reflector_datagrams": net.transmitted["down"],
+                "gaps_from_heartbeat": sum(ep.stats["gaps_from_heartbeat"] for ep, _, _ in endpoints),
+                "heartbeats_received": sum(ep.stats["heartbeats"] for ep, _, _ in endpoints)}
+
+    play_start = rate_counters()
     copy_marks = [copies_so_far()]  # at the start of each second of play: when does a clean path stop copying?
     for t, index, reliable in sends:
         while t >= start + len(copy_marks):
@@ -106,6 +116,8 @@ def run(w: Workload) -> dict:
         pid = ep.send(UPDATE.pack(ep.player, t) + pad, net.now, reliable=reliable)
         sent[(ep.player, pid)] = (t, reliable, location)
     copy_marks.append(copies_so_far())
+    net.run_for(start + w.duration - net.now)
+    play = {name: value - play_start[name] for name, value in rate_counters().items()}
     net.run_for(w.deadline + 1.0)
     members: dict[int, int] = {}
     for _, _, location in endpoints:
@@ -126,6 +138,8 @@ def run(w: Workload) -> dict:
                 per_second[reliable].setdefault(int(t - start), []).append(latency)
     out: dict = {"players": w.players, "locations": w.locations, "loss": w.loss, "duration": w.duration,
                  "seed": w.seed, "client": w.client, "reflector": w.reflector}
+    if w.probe_stream:
+        out["probe_stream"] = True
     for reliable, name in ((True, "reliable"), (False, "unreliable")):
         expected = sum(members[loc] - 1 for _, r, loc in sent.values() if r == reliable)
         values = lat[reliable]
@@ -144,13 +158,26 @@ def run(w: Workload) -> dict:
     out["clients"] = {name: totals.get(name, 0) for name in (
         "retransmitted", "timeouts", "nacks_sent", "nack_seqs", "duplicates", "expired", "unrecoverable",
         "retransmissions_received", "heartbeats", "nack_retries", "nack_retries_unbacked", "gaps_from_unreliable",
-        "redundant_copies_sent")}
+        "gaps_from_heartbeat", "redundant_copies_sent")}
     out["rto_at_send_ms"] = _latencies(rto_at_send)
     out["reflector_totals"] = {name: value for name, value in reflector.totals().items()
                                if name in ("retransmitted", "nacks", "heartbeats", "fanout_datagrams", "reliable",
                                            "nack_rate_limited", "nack_unavailable", "resends_recognised",
                                            "redundant_copies_sent", "redundant_copies_received")}
     out["datagrams"] = net.delivered_datagrams
+    # during play: the reflector's datagrams and tail-loss probes per second, and how many probes told
+    # a member of a seq it had lost (each such heartbeat's gap is NACKed unless the seq comes first)
+    out["play_rates"] = {
+        "reflector_datagrams_per_s": round(play["reflector_datagrams"] / w.duration, 1),
+        "heartbeats_per_s": round(play["heartbeats"] / w.duration, 1),
+        "heartbeat_datagrams_per_s": round(play["heartbeat_datagrams"] / w.duration, 1),
+        "heartbeats_skipped_per_s": round(play["heartbeats_skipped"] / w.duration, 1),
+        "heartbeats_revealing_a_gap": play["gaps_from_heartbeat"],
+        # per heartbeat received, and (an upper bound) per heartbeat sent: "did it tell anyone anything"
+        "revealing_ratio_received": (round(play["gaps_from_heartbeat"] / play["heartbeats_received"], 6)
+                                     if play["heartbeats_received"] else None),
+        "revealing_ratio_sent_at_most": (round(play["gaps_from_heartbeat"] / play["heartbeats"], 6)
+                                         if play["heartbeats"] else None)}
     # redundant copies sent in each second of play (the last entry: the rest of the last second)
     out["copies_per_second"] = {side: [b[i] - a[i] for a, b in zip(copy_marks, copy_marks[1:])]
                                 for i, side in enumerate(("clients", "reflector"))}
@@ -178,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="ClientConfig override, e.g. min_rto=0.04 (repeatable)")
     parser.add_argument("--reflector", action="append", default=[], metavar="NAME=VALUE",
                         help="ReflectorConfig override (repeatable)")
+    parser.add_argument("--probe-stream", action="store_true",
+                        help="draw the heartbeats' losses from a random stream of their own, so runs with "
+                             "different probe policies lose the same other datagrams")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     base = dict(SCENARIOS.get(args.scenario, {}))
@@ -190,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         return {k: float(v) for k, v in (item.split("=", 1) for item in items)}
 
     w = Workload(loss=args.loss, duration=args.duration, seed=args.seed, latency=args.latency, jitter=args.jitter,
-                 reflector_tick=args.reflector_tick, client=overrides(args.client),
+                 reflector_tick=args.reflector_tick, probe_stream=args.probe_stream, client=overrides(args.client),
                  reflector=overrides(args.reflector), **base)
     result = run(w)
     write_result(result, args.json)

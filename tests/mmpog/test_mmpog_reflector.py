@@ -185,7 +185,9 @@ def test_malformed_and_client_set_seq_dropped():
 
 
 def test_heartbeat_interval_follows_member_rto_and_backs_off_when_idle():
-    core = bound_core(ReflectorConfig(**CLEAN_PATH, heartbeat_min=0.01, heartbeat_max=0.5, heartbeat_factor=0.5))
+    # every probe sent (probe_skip_target=0): the schedule itself (which probes are skipped: test_mmpog_probes)
+    core = bound_core(ReflectorConfig(**CLEAN_PATH, heartbeat_min=0.01, heartbeat_max=0.5, heartbeat_factor=0.5,
+                                      probe_skip_target=0.0))
     core.receive_datagram(data(1, 1, reliable=True), ALICE, 10.0)
     core.datagrams_to_send(10.0)
     times = []
@@ -204,7 +206,7 @@ def test_heartbeat_interval_follows_member_rto_and_backs_off_when_idle():
 
 
 def test_heartbeat_timer_scales_to_many_locations():
-    core = ReflectorCore(ReflectorConfig(**CLEAN_PATH, max_locations=5000))
+    core = ReflectorCore(ReflectorConfig(**CLEAN_PATH, max_locations=5000, probe_skip_target=0.0))   # (idle: would skip)
     for location in range(4000):
         core.add_member(location, 1, TOKEN_A)
         core.receive_datagram(hello(1, TOKEN_A, location=location), ("127.0.0.1", 10000 + location % 50000), 0.0)
@@ -316,7 +318,8 @@ def test_reflector_bad_config_exits_2():
 
 def test_tail_probe_follows_a_reliable_packet_on_a_location_that_was_idle():
     """The heartbeat after a reliable packet is one interval after it, not at the backed-off idle time."""
-    core = bound_core(ReflectorConfig(**CLEAN_PATH, heartbeat_min=0.01, heartbeat_max=1.0, heartbeat_factor=0.5))
+    core = bound_core(ReflectorConfig(**CLEAN_PATH, heartbeat_min=0.01, heartbeat_max=1.0, heartbeat_factor=0.5,
+                                      probe_skip_target=0.0))
     now = 10.0
     beats = 0
     while beats < 4:                                   # idle: 20, 40, 80, 160 ms apart
