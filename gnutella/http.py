@@ -34,7 +34,7 @@ from pathlib import Path
 
 import h11
 
-from .channel import Channel, TlsContexts
+from .channel import Channel, TlsContexts, within
 from .share import ShareIndex, SharedFile
 
 MAX_REQUEST_HEAD = 8192          # h11's bound on a request's line and headers
@@ -194,7 +194,7 @@ async def serve_upload(channel: Channel, shares: ShareIndex, initial: bytes, ser
     if initial:
         conn.receive_data(initial)        # (h11 reads b"" as the end of the stream)
     try:
-        request = await asyncio.wait_for(_next_event(conn, channel), header_timeout)
+        request = await within(_next_event(conn, channel), header_timeout)
     except h11.RemoteProtocolError as exc:
         missing_host = "Host" in str(exc)
         stats["http_missing_host" if missing_host else "http_bad_requests"] += 1
@@ -345,12 +345,12 @@ async def download(host: str, port: int, path: str, dest: Path | None, expect_sh
                    byte_range: tuple[int, int] | None = None, tls: TlsContexts | None = None,
                    local_addr: tuple[str, int] | None = None) -> DownloadResult:
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, local_addr=local_addr), timeout)
+        reader, writer = await within(asyncio.open_connection(host, port, local_addr=local_addr), timeout)
     except (OSError, asyncio.TimeoutError) as exc:
         return DownloadResult(False, 0, 0, None, None, f"connect to {host}:{port} failed: {exc!r}")
     channel = Channel(reader, writer)
     try:
-        return await asyncio.wait_for(
+        return await within(
             fetch(channel, path, f"{host}:{port}", dest, expect_sha1, max_bytes, byte_range, tls), timeout)
     except (OSError, asyncio.TimeoutError, HttpError, ssl.SSLError) as exc:
         return DownloadResult(False, 0, 0, None, None, f"download failed: {exc!r}")

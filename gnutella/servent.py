@@ -27,7 +27,7 @@ from cliruntime import (ConfigError, RunContext, host_port, ip_address, make_par
                              non_negative_float, positive_int, run_async)
 
 from . import http as ghttp
-from .channel import Channel, TlsContexts, tls_contexts
+from .channel import Channel, TlsContexts, tls_contexts, within
 from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, Headers, Identity, LinkOptions,
                         Negotiated, Refused, Response, SlotState, answer_headers, check_outgoing, decide_incoming,
                         final_headers, identity_headers, listen_address, negotiated, offer_headers, remote_guid)
@@ -48,6 +48,7 @@ MAX_TLS_HOSTS = 4096
 MAX_FIRST_LINE = 4096       # a request line, a CONNECT line or a GIV line
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_IDLE_TIMEOUT = 120.0   # alive pings every 15 s keep a healthy link far from this
+STOP_TIMEOUT = 10.0            # tasks cancelled by stop() must have ended by then
 
 
 @dataclass
@@ -171,10 +172,15 @@ class Servent:
             self._server.close()
         for cid in list(self.links):
             self._close(cid, "shutting down", 200)
-        await self.supervisor.aclose()
+        try:
+            await within(self.supervisor.aclose(), STOP_TIMEOUT)
+        except TimeoutError:
+            # a task that outlives its cancellation is a bug: say so rather than hang the caller
+            raise RuntimeError(f"servent {self.guid.hex()}: {self.supervisor.active} tasks still running "
+                               f"{STOP_TIMEOUT:.0f} s after they were cancelled") from None
         if self._server is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+                await within(self._server.wait_closed(), 2)
 
     def _learn_tls(self, addr: tuple[str, int]) -> None:
         self.tls_hosts[addr] = None
@@ -216,7 +222,7 @@ class Servent:
     async def _connect(self, addr: tuple[str, int]) -> None:
         self._dial(addr[0])
         try:
-            reader, writer = await asyncio.wait_for(
+            reader, writer = await within(
                 asyncio.open_connection(*addr, limit=1 << 16, local_addr=self._source()), HANDSHAKE_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
             self.stats["connect_failed"] += 1
@@ -233,7 +239,7 @@ class Servent:
             if self.tls is not None and (addr in self.tls_hosts or addr in self.node.tls_hosts):
                 # a peer known to speak TLS is dialled in TLS from the first byte
                 try:
-                    await asyncio.wait_for(channel.start_tls(self.tls.client, server_side=False), HANDSHAKE_TIMEOUT)
+                    await within(channel.start_tls(self.tls.client, server_side=False), HANDSHAKE_TIMEOUT)
                 except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
                     self.stats["tls_direct_failed"] += 1
                     self.tls_hosts.pop(addr, None)
@@ -280,7 +286,7 @@ class Servent:
     async def _accept_inner(self, channel: Channel) -> None:
         try:
             try:
-                first = await asyncio.wait_for(self._first_bytes(channel), self.handshake_timeout)
+                first = await within(self._first_bytes(channel), self.handshake_timeout)
             except (asyncio.TimeoutError, OSError, ValueError, ssl.SSLError):
                 self.stats["accept_no_request"] += 1
                 return
@@ -370,7 +376,7 @@ class Servent:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise asyncio.TimeoutError()
-            data = await asyncio.wait_for(channel.read(), remaining)
+            data = await within(channel.read(), remaining)
             if not data:
                 return None
 
@@ -391,9 +397,9 @@ class Servent:
             result = await self._handshake(channel, outgoing, initial, remote_ip, dial)
             if result is not None and result[2].tls:
                 est, _, _ = result
-                await asyncio.wait_for(channel.start_tls(self.tls.client if outgoing else self.tls.server,
-                                                         server_side=not outgoing, leftover=est.leftover),
-                                       HANDSHAKE_TIMEOUT)
+                await within(channel.start_tls(self.tls.client if outgoing else self.tls.server,
+                                             server_side=not outgoing, leftover=est.leftover),
+                             HANDSHAKE_TIMEOUT)
                 result = (Established(est.version, est.headers, b""), result[1], result[2])
                 self.stats["tls_upgrades"] += 1
         except (HandshakeError, asyncio.TimeoutError, OSError, RuntimeError, ssl.SSLError) as exc:
@@ -539,7 +545,7 @@ class Servent:
 
         guid = self.start_search(criteria, collect)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(enough.wait(), timeout)
+            await within(enough.wait(), timeout)
         self.end_search(guid)
         return found
 
@@ -580,13 +586,13 @@ class Servent:
         self.stats["pushes_sent"] += 1
         self._perform(actions)
         try:
-            channel, giv_done = await asyncio.wait_for(waiter, timeout)
+            channel, giv_done = await within(waiter, timeout)
         except asyncio.TimeoutError:
             return ghttp.DownloadResult(False, 0, 0, None, None, "no GIV came back")
         finally:
             self._giv_waiters.pop(key, None)
         try:
-            return await asyncio.wait_for(
+            return await within(
                 ghttp.fetch(channel, path, f"{hit.ip}:{hit.port}", dest, hit.sha1, max_bytes, tls=self.tls), timeout)
         except (OSError, asyncio.TimeoutError, ghttp.HttpError, ssl.SSLError) as exc:
             return ghttp.DownloadResult(False, 0, 0, None, None, f"pushed download failed: {exc!r}")
@@ -597,7 +603,7 @@ class Servent:
     async def _on_giv(self, first: bytes, channel: Channel) -> None:
         try:
             while b"\n\n" not in first:
-                more = await asyncio.wait_for(channel.read(), self.handshake_timeout)
+                more = await within(channel.read(), self.handshake_timeout)
                 if not more or len(first) > 1024:
                     self.stats["giv_malformed"] += 1
                     return
@@ -623,7 +629,7 @@ class Servent:
             return
         self._dial(push.ip)
         try:
-            reader, writer = await asyncio.wait_for(
+            reader, writer = await within(
                 asyncio.open_connection(push.ip, push.port, local_addr=self._source()), HANDSHAKE_TIMEOUT)
         except (OSError, asyncio.TimeoutError):
             self.stats["push_connect_failed"] += 1
@@ -741,7 +747,7 @@ def _print(obj: dict) -> None:
 
 async def _wait_connected(servent: Servent, timeout: float) -> bool:
     try:
-        await asyncio.wait_for(servent.established.wait(), timeout)
+        await within(servent.established.wait(), timeout)
         return True
     except asyncio.TimeoutError:
         return False
@@ -755,7 +761,7 @@ async def _scripted(servent: Servent, args, ctx: RunContext, started: float) -> 
             delay = started + float(item.get("at", 0)) - time.monotonic()
             if delay > 0:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(ctx.stop.wait(), delay)
+                    await within(ctx.stop.wait(), delay)
             if ctx.stop.is_set():
                 return
             query = str(item["query"])
@@ -793,7 +799,7 @@ async def amain(args, ctx: RunContext) -> int:
                       if args.queries else None)
             if args.duration:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(ctx.stop.wait(), args.duration)
+                    await within(ctx.stop.wait(), args.duration)
             else:
                 await ctx.stop.wait()
             if script is not None:

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from typing import Callable
 
-from .channel import Channel, CompressionError, Deflater, Inflater
+from .channel import Channel, CompressionError, Deflater, Inflater, within
 from .handshake import Negotiated
 from .wire import GnutellaDecodeError, Message, MessageReader, RawMessage
 
@@ -111,7 +111,7 @@ async def pump_messages(
                 data = await stream.channel.read()
             else:
                 try:
-                    data = await asyncio.wait_for(stream.channel.read(), idle_timeout)
+                    data = await within(stream.channel.read(), idle_timeout)
                 except asyncio.TimeoutError:
                     stats["idle_timeouts"] += 1
                     log.info("%s: idle for %.0f s; closing", label, idle_timeout)

@@ -1,0 +1,82 @@
+"""Stopping a servent is bounded: a cancellation that lands just as a wait ends is never lost.
+
+Python 3.11's ``asyncio.wait_for`` returns the inner result when its caller is cancelled in the
+same loop iteration as the inner awaitable finishes: the cancellation is dropped.  A servent
+stopped at that moment went on with its handshake, opened a link after ``stop()`` had closed them
+all, and ``stop()`` then waited on that link (kept alive by the still-running peer) without bound
+(the 300 s hang seen once in CI).  Here the stop is started exactly at that point: from inside the
+read that brings the peer's handshake answer."""
+
+import asyncio
+
+import pytest
+
+from gnutella.channel import Channel, within
+from gnutella.servent import Servent
+from gnutella.share import ShareIndex
+
+from tests.polling import until
+
+
+async def test_stop_landing_as_a_handshake_read_ends_is_not_lost(tmp_path, monkeypatch):
+    peer_writers: list[asyncio.StreamWriter] = []
+    peer_saw_eof = asyncio.Event()
+
+    async def silent_peer(reader, writer):
+        """Answers the CONNECT with a 200, then says nothing (a real peer's alive pings would keep
+        a link open just the same); notes when the servent closes the connection."""
+        peer_writers.append(writer)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"GNUTELLA/0.6 200 OK\r\nX-Ultrapeer: True\r\nUser-Agent: probe\r\n\r\n")
+        await writer.drain()
+        while await reader.read(1 << 16):
+            pass
+        peer_saw_eof.set()
+
+    server = await asyncio.start_server(silent_peer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    (tmp_path / "b").mkdir()
+    b = Servent(listen=("127.0.0.1", 0), shares=ShareIndex.scan(tmp_path / "b"), seed=2, tick=0.1, tls=False,
+                compress=False, idle_timeout=60)
+    await b.start()
+    stopping: list[asyncio.Task] = []
+    read_raw = Channel._read_raw
+
+    async def read_then_stop(channel: Channel) -> bytes:
+        data = await read_raw(channel)
+        if b"GNUTELLA/0.6 200" in data and not stopping:
+            # stop() runs before the reader's caller resumes: its cancel meets a finished read
+            stopping.append(asyncio.get_running_loop().create_task(b.stop()))
+        return data
+
+    monkeypatch.setattr(Channel, "_read_raw", read_then_stop)
+    async with server:
+        try:
+            b.connect("127.0.0.1", port)
+            await until(lambda: stopping, "the peer's handshake answer")
+            done, _ = await asyncio.wait(stopping, timeout=20)      # past STOP_TIMEOUT
+            assert done, "stop() did not return: a cancellation was lost and a link outlived the servent"
+            stopping[0].result()
+            assert not b.links and b.supervisor.active == 0
+            await asyncio.wait_for(peer_saw_eof.wait(), 10)
+        finally:
+            for writer in peer_writers:      # ends a link left behind, so a failing run does not hang
+                writer.close()
+            if stopping:
+                await asyncio.wait(stopping, timeout=10)
+
+
+async def test_within_keeps_a_cancellation_that_lands_as_the_wait_ends():
+    """The unit of the fix: asyncio.wait_for on 3.11 would return 1 here and drop the cancel."""
+    finished = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(within(finished, 10))
+    await asyncio.sleep(0)                  # the task now waits on ``finished``
+    finished.set_result(1)
+    task.cancel()                           # same iteration: before the task resumes
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_within_times_out():
+    with pytest.raises(TimeoutError):
+        await within(asyncio.sleep(10), 0.01)
