@@ -232,6 +232,15 @@ class Servent:
             self._connecting.discard(addr)
             log.debug("connect to %s:%d failed: %r", *addr, exc)
             return
+        if writer.get_extra_info("sockname") == writer.get_extra_info("peername"):
+            # a port nothing listens on, dialled from that same ephemeral port: TCP connects the socket
+            # to itself and our ClientHello comes back as the "answer" (SSL UNEXPECTED_MESSAGE): the
+            # peer is down, not a peer without TLS
+            self.stats["connect_self"] += 1
+            writer.close()
+            self._retry_after[addr] = time.monotonic() + RETRY_AFTER
+            self._connecting.discard(addr)
+            return
         self.stats["connect_out"] += 1
         self._connect_failures.pop(addr, None)
         channel = Channel(reader, writer)

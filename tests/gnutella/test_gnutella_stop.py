@@ -8,6 +8,7 @@ all, and ``stop()`` then waited on that link (kept alive by the still-running pe
 read that brings the peer's handshake answer."""
 
 import asyncio
+import socket
 
 import pytest
 
@@ -80,3 +81,31 @@ async def test_within_keeps_a_cancellation_that_lands_as_the_wait_ends():
 async def test_within_times_out():
     with pytest.raises(TimeoutError):
         await within(asyncio.sleep(10), 0.01)
+
+
+async def test_a_dial_that_connects_to_itself_is_a_down_peer_not_a_tls_failure(tmp_path, monkeypatch):
+    """The UNEXPECTED_MESSAGE of the CI hang: a servent kept dialling a stopped peer's closed port
+    (in TLS, as it was known to speak it) until the kernel picked that very port as the source and
+    TCP connected the socket to itself; the ClientHello came back as the answer."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.connect(("127.0.0.1", port))           # simultaneous open with itself: nothing listens there
+    sock.setblocking(False)
+
+    open_connection = asyncio.open_connection
+
+    async def self_connected(*args, **kw):
+        return await open_connection(sock=sock)
+
+    (tmp_path / "a").mkdir()
+    a = Servent(listen=("127.0.0.1", 0), shares=ShareIndex.scan(tmp_path / "a"), seed=1, tick=60)
+    await a.start()
+    try:
+        a._learn_tls(("127.0.0.1", port))
+        monkeypatch.setattr("gnutella.servent.asyncio.open_connection", self_connected)
+        a.connect("127.0.0.1", port)
+        await until(lambda: a.stats["connect_self"] == 1 and not a._connecting)
+        assert a.stats["tls_direct_failed"] == 0 and ("127.0.0.1", port) in a.tls_hosts
+    finally:
+        await a.stop()
