@@ -333,61 +333,58 @@ class Servent:
         if outgoing:
             channel.write(hs.connect(offer_headers(identity_headers(me, remote_ip), options)))
         data = initial
-        deadline = time.monotonic() + self.handshake_timeout
         our_leaf = False
         sent = Headers()
         who = f"{dial[0]}:{dial[1]}" if dial else remote_ip
-        while True:
-            for event in hs.receive_data(data):
-                if isinstance(event, ConnectRequest):
-                    decision = decide_incoming(event, self.slot_state())
-                    headers = identity_headers(me, remote_ip)
-                    headers["X-Try-Ultrapeers"] = self._try_header()
-                    if decision.accepted and event.version == "0.6":
-                        answer_headers(headers, event.headers, options)
-                    sent = headers
-                    out, est = hs.respond(decision.code, decision.reason, headers)
-                    channel.write(out)
-                    if not decision.accepted:
-                        self.stats[f"refused_in_{decision.code}"] += 1
-                        log.info("refused %s: GNUTELLA/0.6 %d %s", who, decision.code, decision.reason)
-                        await channel.drain()
+        async with asyncio.timeout(self.handshake_timeout):     # every read and drain of the handshake
+            while True:
+                for event in hs.receive_data(data):
+                    if isinstance(event, ConnectRequest):
+                        decision = decide_incoming(event, self.slot_state())
+                        headers = identity_headers(me, remote_ip)
+                        headers["X-Try-Ultrapeers"] = self._try_header()
+                        if decision.accepted and event.version == "0.6":
+                            answer_headers(headers, event.headers, options)
+                        sent = headers
+                        out, est = hs.respond(decision.code, decision.reason, headers)
+                        channel.write(out)
+                        if not decision.accepted:
+                            self.stats[f"refused_in_{decision.code}"] += 1
+                            log.info("refused %s: GNUTELLA/0.6 %d %s", who, decision.code, decision.reason)
+                            await channel.drain()
+                            return None
+                        our_leaf = decision.as_leaf
+                        if est is not None:
+                            return est, our_leaf, Negotiated()
+                    elif isinstance(event, Response):
+                        decision = check_outgoing(event, me)
+                        if not decision.accepted:
+                            channel.write(hs.refuse_final(decision.code, decision.reason))
+                            self.stats[f"refused_out_{decision.code}"] += 1
+                            log.info("declined %s after its answer: GNUTELLA/0.6 %d %s", who, decision.code,
+                                     decision.reason)
+                            await channel.drain()
+                            return None
+                        final = final_headers(event.headers, options, offered_tls=options.tls)
+                        out, est = hs.confirm(final)
+                        channel.write(out)
+                        return est, decision.as_leaf, negotiated("client", final, event.headers)
+                    elif isinstance(event, Refused):
+                        self.stats[f"refused_by_peer_{event.code}"] += 1
+                        # a busy peer (503, with hosts to try) is routine; anything else is worth a warning
+                        log.log(logging.INFO if event.code == 503 else logging.WARNING,
+                                "%s refused the connection: GNUTELLA/0.6 %d %s", who, event.code, event.reason)
+                        if event.code == 429 and dial is not None:
+                            self._retry_after[dial] = time.monotonic() + BAN_BACKOFF
+                        self._learn_try(event.headers)
                         return None
-                    our_leaf = decision.as_leaf
-                    if est is not None:
-                        return est, our_leaf, Negotiated()
-                elif isinstance(event, Response):
-                    decision = check_outgoing(event, me)
-                    if not decision.accepted:
-                        channel.write(hs.refuse_final(decision.code, decision.reason))
-                        self.stats[f"refused_out_{decision.code}"] += 1
-                        log.info("declined %s after its answer: GNUTELLA/0.6 %d %s", who, decision.code,
-                                 decision.reason)
-                        await channel.drain()
-                        return None
-                    final = final_headers(event.headers, options, offered_tls=options.tls)
-                    out, est = hs.confirm(final)
-                    channel.write(out)
-                    return est, decision.as_leaf, negotiated("client", final, event.headers)
-                elif isinstance(event, Refused):
-                    self.stats[f"refused_by_peer_{event.code}"] += 1
-                    # a busy peer (503, with hosts to try) is routine; anything else is worth a warning
-                    log.log(logging.INFO if event.code == 503 else logging.WARNING,
-                            "%s refused the connection: GNUTELLA/0.6 %d %s", who, event.code, event.reason)
-                    if event.code == 429 and dial is not None:
-                        self._retry_after[dial] = time.monotonic() + BAN_BACKOFF
-                    self._learn_try(event.headers)
+                    elif isinstance(event, Established):
+                        return event, our_leaf, (negotiated("server", sent, event.headers) if event.version == "0.6"
+                                                 else Negotiated())
+                await channel.drain()
+                data = await channel.read()
+                if not data:
                     return None
-                elif isinstance(event, Established):
-                    return event, our_leaf, (negotiated("server", sent, event.headers) if event.version == "0.6"
-                                             else Negotiated())
-            await channel.drain()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise asyncio.TimeoutError()
-            data = await within(channel.read(), remaining)
-            if not data:
-                return None
 
     def _learn_try(self, headers: Headers) -> None:
         assert self.node is not None

@@ -9,12 +9,15 @@ read that brings the peer's handshake answer."""
 
 import asyncio
 import socket
+from collections import Counter
 
 import pytest
 
 from gnutella.channel import Channel, within
 from gnutella.servent import Servent
 from gnutella.share import ShareIndex
+from gnutella.stream import MessageStream, pump_messages
+from gnutella.wire import DEFAULT_MAX_PAYLOAD, Message, Ping, new_guid
 
 from tests.polling import until
 
@@ -109,3 +112,26 @@ async def test_a_dial_that_connects_to_itself_is_a_down_peer_not_a_tls_failure(t
         assert a.stats["tls_direct_failed"] == 0 and ("127.0.0.1", port) in a.tls_hosts
     finally:
         await a.stop()
+
+
+class _PeerNotReading:
+    """A channel (unit-test fake) whose peer sent one ping and never reads what we write: our
+    write buffer stays above its high-water mark, so drain() never returns."""
+
+    def __init__(self) -> None:
+        self.reads = [Message(new_guid(bytes(16)), 1, 0, Ping()).encode()]
+
+    async def read(self) -> bytes:
+        return self.reads.pop() if self.reads else await asyncio.Event().wait()
+
+    async def drain(self) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_peer_that_stops_reading_ends_the_pump_after_the_idle_timeout():
+    stats: Counter = Counter()
+    got = []
+    pump = pump_messages(MessageStream(_PeerNotReading()), b"", DEFAULT_MAX_PAYLOAD, stats,
+                         lambda msg, now: got.append(msg), keep_going=lambda: True, idle_timeout=0.05)
+    await within(pump, 10)          # before: the pump waited in drain() for ever
+    assert len(got) == 1 and stats["stalled_peers"] == 1
