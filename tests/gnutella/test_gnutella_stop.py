@@ -13,7 +13,8 @@ from collections import Counter
 
 import pytest
 
-from gnutella.channel import Channel, within
+from gnutella import http as ghttp
+from gnutella.channel import Channel, tls_contexts, within
 from gnutella.servent import Servent
 from gnutella.share import ShareIndex
 from gnutella.stream import MessageStream, pump_messages
@@ -135,3 +136,31 @@ async def test_a_peer_that_stops_reading_ends_the_pump_after_the_idle_timeout():
                          lambda msg, now: got.append(msg), keep_going=lambda: True, idle_timeout=0.05)
     await within(pump, 10)          # before: the pump waited in drain() for ever
     assert len(got) == 1 and stats["stalled_peers"] == 1
+
+
+async def test_an_upload_whose_client_stalls_in_the_tls_upgrade_ends_after_the_header_timeout(tmp_path):
+    """Slowloris on uploads: a GET asking for the TLS upgrade, then silence after the 101."""
+    (tmp_path / "song.ogg").write_bytes(b"s" * 1000)
+    shares = ShareIndex.scan(tmp_path)
+    (shared,) = shares.files.values()
+    stats: Counter = Counter()
+    served = asyncio.Event()
+
+    async def handle(reader, writer):
+        channel = Channel(reader, writer)
+        try:
+            await ghttp.serve_upload(channel, shares, b"", "test", stats, tls_contexts(), header_timeout=0.3)
+        finally:
+            channel.close()
+            served.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        writer.write(f"GET /get/{shared.index}/song.ogg HTTP/1.1\r\nHost: x\r\nUpgrade: TLS/1.0\r\n"
+                     "Connection: Upgrade\r\n\r\n".encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+        await within(served.wait(), 10)             # before: the upload waited in the handshake for ever
+        assert stats["http_upload_stalled"] == 1 and stats["http_tls_upgrades"] == 0
+        assert await within(reader.read(), 10) == b""
+        writer.close()
