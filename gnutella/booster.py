@@ -36,7 +36,7 @@ from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, 
                         Refused, Response, answer_headers, final_headers, identity_headers, listen_address,
                         negotiated, offer_headers)
 from .node import Close, Send
-from .channel import Channel
+from .channel import Channel, within
 from .stream import MessageStream, pump_messages
 from .wire import DEFAULT_MAX_PAYLOAD, Bye, Message, Push, QueryHit, new_guid
 
@@ -51,7 +51,7 @@ Splicer = Callable[[Any], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWr
 
 
 async def _plain_onward(conn: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.wait_for(asyncio.open_connection(*conn.original_dst), HANDSHAKE_TIMEOUT)
+    return await within(asyncio.open_connection(*conn.original_dst), HANDSHAKE_TIMEOUT)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: Counter, counter: str) -> None:
@@ -214,7 +214,7 @@ class GnutellaBooster:
         """boxcore's intercept_tcp handler: conn.client, conn.original_dst."""
         self.stats["intercepted"] += 1
         try:
-            first = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
+            first = await within(reader.readline(), HANDSHAKE_TIMEOUT)
         except (asyncio.TimeoutError, OSError, ValueError):
             self.stats["intercepted_silent"] += 1
             return
@@ -372,7 +372,7 @@ class GnutellaBooster:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise asyncio.TimeoutError()
-                data = await asyncio.wait_for(channel.read(), remaining)
+                data = await within(channel.read(), remaining)
                 if not data:
                     return
         except (HandshakeError, asyncio.TimeoutError, OSError, RuntimeError) as exc:
@@ -446,7 +446,7 @@ class GnutellaBooster:
                 if remaining <= 0:
                     raise asyncio.TimeoutError()
                 await channel.drain()
-                data = await asyncio.wait_for(channel.read(), remaining)
+                data = await within(channel.read(), remaining)
                 if not data:
                     return False
                 for event in hs.receive_data(data):
@@ -486,7 +486,7 @@ class GnutellaBooster:
         """Keep a connection to another booster, reconnecting when it drops."""
         while True:
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(*addr), HANDSHAKE_TIMEOUT)
+                reader, writer = await within(asyncio.open_connection(*addr), HANDSHAKE_TIMEOUT)
             except (OSError, asyncio.TimeoutError):
                 self.stats["peer_connect_failed"] += 1
                 await asyncio.sleep(RECONNECT)

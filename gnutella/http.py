@@ -34,7 +34,7 @@ from pathlib import Path
 
 import h11
 
-from .channel import Channel, TlsContexts
+from .channel import Channel, TlsContexts, within
 from .share import ShareIndex, SharedFile
 
 MAX_REQUEST_HEAD = 8192          # h11's bound on a request's line and headers
@@ -194,7 +194,7 @@ async def serve_upload(channel: Channel, shares: ShareIndex, initial: bytes, ser
     if initial:
         conn.receive_data(initial)        # (h11 reads b"" as the end of the stream)
     try:
-        request = await asyncio.wait_for(_next_event(conn, channel), header_timeout)
+        request = await within(_next_event(conn, channel), header_timeout)
     except h11.RemoteProtocolError as exc:
         missing_host = "Host" in str(exc)
         stats["http_missing_host" if missing_host else "http_bad_requests"] += 1
@@ -212,32 +212,38 @@ async def serve_upload(channel: Channel, shares: ShareIndex, initial: bytes, ser
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
     plan = plan_upload(request.method.decode("latin-1"), request.target.decode("latin-1"), headers, shares,
                        server_name, time.time(), tls_offered=tls is not None)
-    if plan.upgrade_tls and tls is not None:
-        channel.write(conn.send(h11.InformationalResponse(status_code=101, reason=b"Switching Protocols", headers=[
-            ("Server", server_name), ("Date", http_date(time.time())),
-            ("Upgrade", "TLS/1.0, HTTP/1.1"), ("Connection", "Upgrade")])))
-        await channel.drain()
-        leftover, _ = conn.trailing_data
-        await channel.start_tls(tls.server, server_side=True, leftover=leftover)
-        stats["http_tls_upgrades"] += 1
-        # the response follows inside TLS for the request already received
-        conn = h11.Connection(h11.SERVER)
-        conn.receive_data(_replay_request(request))
-        conn.next_event()
-    channel.write(conn.send(h11.Response(status_code=plan.status, reason=plan.reason.encode(), headers=plan.headers)))
-    if plan.file is not None and plan.length:
-        offset, remaining = plan.first, plan.length
-        while remaining:
-            chunk = await asyncio.to_thread(_read_chunk, plan.file.path, offset, min(remaining, FILE_CHUNK))
-            if not chunk:
-                break                      # the file shrank: the short body tells the client
-            channel.write(chunk)
-            offset += len(chunk)
-            remaining -= len(chunk)
-            await channel.drain()
-        stats["upload_bytes"] += plan.length - remaining
-    await channel.drain()
-    stats[plan.counter] += 1
+    # a client that stalls in the TLS upgrade or stops reading the body holds the upload for at most
+    # header_timeout at each step (slowloris)
+    try:
+        if plan.upgrade_tls and tls is not None:
+            channel.write(conn.send(h11.InformationalResponse(status_code=101, reason=b"Switching Protocols", headers=[
+                ("Server", server_name), ("Date", http_date(time.time())),
+                ("Upgrade", "TLS/1.0, HTTP/1.1"), ("Connection", "Upgrade")])))
+            await within(channel.drain(), header_timeout)
+            leftover, _ = conn.trailing_data
+            await within(channel.start_tls(tls.server, server_side=True, leftover=leftover), header_timeout)
+            stats["http_tls_upgrades"] += 1
+            # the response follows inside TLS for the request already received
+            conn = h11.Connection(h11.SERVER)
+            conn.receive_data(_replay_request(request))
+            conn.next_event()
+        channel.write(conn.send(h11.Response(status_code=plan.status, reason=plan.reason.encode(),
+                                             headers=plan.headers)))
+        if plan.file is not None and plan.length:
+            offset, remaining = plan.first, plan.length
+            while remaining:
+                chunk = await asyncio.to_thread(_read_chunk, plan.file.path, offset, min(remaining, FILE_CHUNK))
+                if not chunk:
+                    break                      # the file shrank: the short body tells the client
+                channel.write(chunk)
+                offset += len(chunk)
+                remaining -= len(chunk)
+                await within(channel.drain(), header_timeout)
+            stats["upload_bytes"] += plan.length - remaining
+        await within(channel.drain(), header_timeout)
+        stats[plan.counter] += 1
+    except asyncio.TimeoutError:
+        stats["http_upload_stalled"] += 1
 
 
 def _replay_request(request: h11.Request) -> bytes:
@@ -345,12 +351,12 @@ async def download(host: str, port: int, path: str, dest: Path | None, expect_sh
                    byte_range: tuple[int, int] | None = None, tls: TlsContexts | None = None,
                    local_addr: tuple[str, int] | None = None) -> DownloadResult:
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, local_addr=local_addr), timeout)
+        reader, writer = await within(asyncio.open_connection(host, port, local_addr=local_addr), timeout)
     except (OSError, asyncio.TimeoutError) as exc:
         return DownloadResult(False, 0, 0, None, None, f"connect to {host}:{port} failed: {exc!r}")
     channel = Channel(reader, writer)
     try:
-        return await asyncio.wait_for(
+        return await within(
             fetch(channel, path, f"{host}:{port}", dest, expect_sha1, max_bytes, byte_range, tls), timeout)
     except (OSError, asyncio.TimeoutError, HttpError, ssl.SSLError) as exc:
         return DownloadResult(False, 0, 0, None, None, f"download failed: {exc!r}")

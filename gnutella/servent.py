@@ -27,7 +27,7 @@ from cliruntime import (ConfigError, RunContext, host_port, ip_address, make_par
                              non_negative_float, positive_int, run_async)
 
 from . import http as ghttp
-from .channel import Channel, TlsContexts, tls_contexts
+from .channel import Channel, TlsContexts, tls_contexts, within
 from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, Headers, Identity, LinkOptions,
                         Negotiated, Refused, Response, SlotState, answer_headers, check_outgoing, decide_incoming,
                         final_headers, identity_headers, listen_address, negotiated, offer_headers, remote_guid)
@@ -48,6 +48,7 @@ MAX_TLS_HOSTS = 4096
 MAX_FIRST_LINE = 4096       # a request line, a CONNECT line or a GIV line
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_IDLE_TIMEOUT = 120.0   # alive pings every 15 s keep a healthy link far from this
+STOP_TIMEOUT = 10.0            # tasks cancelled by stop() must have ended by then
 
 
 @dataclass
@@ -171,10 +172,15 @@ class Servent:
             self._server.close()
         for cid in list(self.links):
             self._close(cid, "shutting down", 200)
-        await self.supervisor.aclose()
+        try:
+            await within(self.supervisor.aclose(), STOP_TIMEOUT)
+        except TimeoutError:
+            # a task that outlives its cancellation is a bug: say so rather than hang the caller
+            raise RuntimeError(f"servent {self.guid.hex()}: {self.supervisor.active} tasks still running "
+                               f"{STOP_TIMEOUT:.0f} s after they were cancelled") from None
         if self._server is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+                await within(self._server.wait_closed(), 2)
 
     def _learn_tls(self, addr: tuple[str, int]) -> None:
         self.tls_hosts[addr] = None
@@ -216,7 +222,7 @@ class Servent:
     async def _connect(self, addr: tuple[str, int]) -> None:
         self._dial(addr[0])
         try:
-            reader, writer = await asyncio.wait_for(
+            reader, writer = await within(
                 asyncio.open_connection(*addr, limit=1 << 16, local_addr=self._source()), HANDSHAKE_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
             self.stats["connect_failed"] += 1
@@ -226,6 +232,15 @@ class Servent:
             self._connecting.discard(addr)
             log.debug("connect to %s:%d failed: %r", *addr, exc)
             return
+        if writer.get_extra_info("sockname") == writer.get_extra_info("peername"):
+            # a port nothing listens on, dialled from that same ephemeral port: TCP connects the socket
+            # to itself and our ClientHello comes back as the "answer" (SSL UNEXPECTED_MESSAGE): the
+            # peer is down, not a peer without TLS
+            self.stats["connect_self"] += 1
+            writer.close()
+            self._retry_after[addr] = time.monotonic() + RETRY_AFTER
+            self._connecting.discard(addr)
+            return
         self.stats["connect_out"] += 1
         self._connect_failures.pop(addr, None)
         channel = Channel(reader, writer)
@@ -233,7 +248,7 @@ class Servent:
             if self.tls is not None and (addr in self.tls_hosts or addr in self.node.tls_hosts):
                 # a peer known to speak TLS is dialled in TLS from the first byte
                 try:
-                    await asyncio.wait_for(channel.start_tls(self.tls.client, server_side=False), HANDSHAKE_TIMEOUT)
+                    await within(channel.start_tls(self.tls.client, server_side=False), HANDSHAKE_TIMEOUT)
                 except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
                     self.stats["tls_direct_failed"] += 1
                     self.tls_hosts.pop(addr, None)
@@ -280,7 +295,7 @@ class Servent:
     async def _accept_inner(self, channel: Channel) -> None:
         try:
             try:
-                first = await asyncio.wait_for(self._first_bytes(channel), self.handshake_timeout)
+                first = await within(self._first_bytes(channel), self.handshake_timeout)
             except (asyncio.TimeoutError, OSError, ValueError, ssl.SSLError):
                 self.stats["accept_no_request"] += 1
                 return
@@ -318,61 +333,58 @@ class Servent:
         if outgoing:
             channel.write(hs.connect(offer_headers(identity_headers(me, remote_ip), options)))
         data = initial
-        deadline = time.monotonic() + self.handshake_timeout
         our_leaf = False
         sent = Headers()
         who = f"{dial[0]}:{dial[1]}" if dial else remote_ip
-        while True:
-            for event in hs.receive_data(data):
-                if isinstance(event, ConnectRequest):
-                    decision = decide_incoming(event, self.slot_state())
-                    headers = identity_headers(me, remote_ip)
-                    headers["X-Try-Ultrapeers"] = self._try_header()
-                    if decision.accepted and event.version == "0.6":
-                        answer_headers(headers, event.headers, options)
-                    sent = headers
-                    out, est = hs.respond(decision.code, decision.reason, headers)
-                    channel.write(out)
-                    if not decision.accepted:
-                        self.stats[f"refused_in_{decision.code}"] += 1
-                        log.info("refused %s: GNUTELLA/0.6 %d %s", who, decision.code, decision.reason)
-                        await channel.drain()
+        async with asyncio.timeout(self.handshake_timeout):     # every read and drain of the handshake
+            while True:
+                for event in hs.receive_data(data):
+                    if isinstance(event, ConnectRequest):
+                        decision = decide_incoming(event, self.slot_state())
+                        headers = identity_headers(me, remote_ip)
+                        headers["X-Try-Ultrapeers"] = self._try_header()
+                        if decision.accepted and event.version == "0.6":
+                            answer_headers(headers, event.headers, options)
+                        sent = headers
+                        out, est = hs.respond(decision.code, decision.reason, headers)
+                        channel.write(out)
+                        if not decision.accepted:
+                            self.stats[f"refused_in_{decision.code}"] += 1
+                            log.info("refused %s: GNUTELLA/0.6 %d %s", who, decision.code, decision.reason)
+                            await channel.drain()
+                            return None
+                        our_leaf = decision.as_leaf
+                        if est is not None:
+                            return est, our_leaf, Negotiated()
+                    elif isinstance(event, Response):
+                        decision = check_outgoing(event, me)
+                        if not decision.accepted:
+                            channel.write(hs.refuse_final(decision.code, decision.reason))
+                            self.stats[f"refused_out_{decision.code}"] += 1
+                            log.info("declined %s after its answer: GNUTELLA/0.6 %d %s", who, decision.code,
+                                     decision.reason)
+                            await channel.drain()
+                            return None
+                        final = final_headers(event.headers, options, offered_tls=options.tls)
+                        out, est = hs.confirm(final)
+                        channel.write(out)
+                        return est, decision.as_leaf, negotiated("client", final, event.headers)
+                    elif isinstance(event, Refused):
+                        self.stats[f"refused_by_peer_{event.code}"] += 1
+                        # a busy peer (503, with hosts to try) is routine; anything else is worth a warning
+                        log.log(logging.INFO if event.code == 503 else logging.WARNING,
+                                "%s refused the connection: GNUTELLA/0.6 %d %s", who, event.code, event.reason)
+                        if event.code == 429 and dial is not None:
+                            self._retry_after[dial] = time.monotonic() + BAN_BACKOFF
+                        self._learn_try(event.headers)
                         return None
-                    our_leaf = decision.as_leaf
-                    if est is not None:
-                        return est, our_leaf, Negotiated()
-                elif isinstance(event, Response):
-                    decision = check_outgoing(event, me)
-                    if not decision.accepted:
-                        channel.write(hs.refuse_final(decision.code, decision.reason))
-                        self.stats[f"refused_out_{decision.code}"] += 1
-                        log.info("declined %s after its answer: GNUTELLA/0.6 %d %s", who, decision.code,
-                                 decision.reason)
-                        await channel.drain()
-                        return None
-                    final = final_headers(event.headers, options, offered_tls=options.tls)
-                    out, est = hs.confirm(final)
-                    channel.write(out)
-                    return est, decision.as_leaf, negotiated("client", final, event.headers)
-                elif isinstance(event, Refused):
-                    self.stats[f"refused_by_peer_{event.code}"] += 1
-                    # a busy peer (503, with hosts to try) is routine; anything else is worth a warning
-                    log.log(logging.INFO if event.code == 503 else logging.WARNING,
-                            "%s refused the connection: GNUTELLA/0.6 %d %s", who, event.code, event.reason)
-                    if event.code == 429 and dial is not None:
-                        self._retry_after[dial] = time.monotonic() + BAN_BACKOFF
-                    self._learn_try(event.headers)
+                    elif isinstance(event, Established):
+                        return event, our_leaf, (negotiated("server", sent, event.headers) if event.version == "0.6"
+                                                 else Negotiated())
+                await channel.drain()
+                data = await channel.read()
+                if not data:
                     return None
-                elif isinstance(event, Established):
-                    return event, our_leaf, (negotiated("server", sent, event.headers) if event.version == "0.6"
-                                             else Negotiated())
-            await channel.drain()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise asyncio.TimeoutError()
-            data = await asyncio.wait_for(channel.read(), remaining)
-            if not data:
-                return None
 
     def _learn_try(self, headers: Headers) -> None:
         assert self.node is not None
@@ -391,9 +403,9 @@ class Servent:
             result = await self._handshake(channel, outgoing, initial, remote_ip, dial)
             if result is not None and result[2].tls:
                 est, _, _ = result
-                await asyncio.wait_for(channel.start_tls(self.tls.client if outgoing else self.tls.server,
-                                                         server_side=not outgoing, leftover=est.leftover),
-                                       HANDSHAKE_TIMEOUT)
+                await within(channel.start_tls(self.tls.client if outgoing else self.tls.server,
+                                             server_side=not outgoing, leftover=est.leftover),
+                             HANDSHAKE_TIMEOUT)
                 result = (Established(est.version, est.headers, b""), result[1], result[2])
                 self.stats["tls_upgrades"] += 1
         except (HandshakeError, asyncio.TimeoutError, OSError, RuntimeError, ssl.SSLError) as exc:
@@ -539,7 +551,7 @@ class Servent:
 
         guid = self.start_search(criteria, collect)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(enough.wait(), timeout)
+            await within(enough.wait(), timeout)
         self.end_search(guid)
         return found
 
@@ -580,13 +592,13 @@ class Servent:
         self.stats["pushes_sent"] += 1
         self._perform(actions)
         try:
-            channel, giv_done = await asyncio.wait_for(waiter, timeout)
+            channel, giv_done = await within(waiter, timeout)
         except asyncio.TimeoutError:
             return ghttp.DownloadResult(False, 0, 0, None, None, "no GIV came back")
         finally:
             self._giv_waiters.pop(key, None)
         try:
-            return await asyncio.wait_for(
+            return await within(
                 ghttp.fetch(channel, path, f"{hit.ip}:{hit.port}", dest, hit.sha1, max_bytes, tls=self.tls), timeout)
         except (OSError, asyncio.TimeoutError, ghttp.HttpError, ssl.SSLError) as exc:
             return ghttp.DownloadResult(False, 0, 0, None, None, f"pushed download failed: {exc!r}")
@@ -597,7 +609,7 @@ class Servent:
     async def _on_giv(self, first: bytes, channel: Channel) -> None:
         try:
             while b"\n\n" not in first:
-                more = await asyncio.wait_for(channel.read(), self.handshake_timeout)
+                more = await within(channel.read(), self.handshake_timeout)
                 if not more or len(first) > 1024:
                     self.stats["giv_malformed"] += 1
                     return
@@ -623,7 +635,7 @@ class Servent:
             return
         self._dial(push.ip)
         try:
-            reader, writer = await asyncio.wait_for(
+            reader, writer = await within(
                 asyncio.open_connection(push.ip, push.port, local_addr=self._source()), HANDSHAKE_TIMEOUT)
         except (OSError, asyncio.TimeoutError):
             self.stats["push_connect_failed"] += 1
@@ -741,7 +753,7 @@ def _print(obj: dict) -> None:
 
 async def _wait_connected(servent: Servent, timeout: float) -> bool:
     try:
-        await asyncio.wait_for(servent.established.wait(), timeout)
+        await within(servent.established.wait(), timeout)
         return True
     except asyncio.TimeoutError:
         return False
@@ -755,7 +767,7 @@ async def _scripted(servent: Servent, args, ctx: RunContext, started: float) -> 
             delay = started + float(item.get("at", 0)) - time.monotonic()
             if delay > 0:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(ctx.stop.wait(), delay)
+                    await within(ctx.stop.wait(), delay)
             if ctx.stop.is_set():
                 return
             query = str(item["query"])
@@ -793,7 +805,7 @@ async def amain(args, ctx: RunContext) -> int:
                       if args.queries else None)
             if args.duration:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(ctx.stop.wait(), args.duration)
+                    await within(ctx.stop.wait(), args.duration)
             else:
                 await ctx.stop.wait()
             if script is not None:

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from typing import Callable
 
-from .channel import Channel, CompressionError, Deflater, Inflater
+from .channel import Channel, CompressionError, Deflater, Inflater, within
 from .handshake import Negotiated
 from .wire import GnutellaDecodeError, Message, MessageReader, RawMessage
 
@@ -73,7 +73,8 @@ async def pump_messages(
     ``stats["decompression_refused"]``; a malformed message inside a good frame is counted in
     ``stats["malformed_dropped"]`` and skipped.  ``traffic`` (if given) counts ``bytes_in`` (on the
     link) and ``msgs_in``.  The loop also ends when ``keep_going()`` turns false after a batch,
-    after ``idle_timeout`` seconds without a byte, and on socket errors; the caller's ``finally``
+    after ``idle_timeout`` seconds without a byte or with our own bytes unread by the peer
+    (``stats["stalled_peers"]``), and on socket errors; the caller's ``finally``
     cleans up.
     """
     framer = MessageReader(max_payload)
@@ -106,12 +107,18 @@ async def pump_messages(
                     stats["decompression_refused"] += 1
                     log.warning("%s: %s; closing", label, exc)
                     return
-                await stream.channel.drain()
+                try:
+                    await within(stream.channel.drain(), idle_timeout)
+                except asyncio.TimeoutError:
+                    # a peer that stops reading would hold this task (and its slot) forever
+                    stats["stalled_peers"] += 1
+                    log.info("%s: not reading our data for %.0f s; closing", label, idle_timeout)
+                    return
             if idle_timeout is None:
                 data = await stream.channel.read()
             else:
                 try:
-                    data = await asyncio.wait_for(stream.channel.read(), idle_timeout)
+                    data = await within(stream.channel.read(), idle_timeout)
                 except asyncio.TimeoutError:
                     stats["idle_timeouts"] += 1
                     log.info("%s: idle for %.0f s; closing", label, idle_timeout)
