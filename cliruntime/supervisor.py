@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from typing import Any, Awaitable, Callable, Coroutine
+from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger("cliruntime.supervisor")
 
@@ -142,3 +144,16 @@ async def first_of(*awaitables: Awaitable[Any]) -> Any:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def within(aw: Awaitable[T], timeout: float | None) -> T:
+    """``aw`` with a deadline (TimeoutError after ``timeout`` seconds), awaited in the calling task.
+
+    Used instead of :func:`asyncio.wait_for`, which on Python 3.11 runs ``aw`` in a task of its own
+    and returns its result when the caller is cancelled in the loop iteration where ``aw``
+    finishes: that cancellation is lost, and a task being stopped goes on (a gnutella servent's stop
+    once opened a link that nothing closed).  Awaited in place, under :func:`asyncio.timeout`, a
+    cancellation always lands.
+    """
+    async with asyncio.timeout(timeout):
+        return await aw

@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from types import SimpleNamespace
 from typing import Any, Awaitable, Callable
 
-from cliruntime.supervisor import Supervisor
+from cliruntime.supervisor import Supervisor, within
 from cliruntime import (ConfigError, RunContext, host_port, make_parser, non_negative_float,
                              positive_int, run_async)
 
@@ -36,7 +36,7 @@ from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, 
                         Refused, Response, answer_headers, final_headers, identity_headers, listen_address,
                         negotiated, offer_headers)
 from .node import Close, Send
-from .channel import Channel, within
+from .channel import Channel
 from .stream import MessageStream, pump_messages
 from .wire import DEFAULT_MAX_PAYLOAD, Bye, Message, Push, QueryHit, new_guid
 

@@ -25,9 +25,6 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, TypeVar
-
-T = TypeVar("T")
 
 DEFAULT_MAX_RATIO = 64          # gtk-gnutella's streams inflate 2-3x; 64x is far beyond legitimate traffic
 DEFAULT_SLACK = 256 * 1024       # the first bytes may inflate more (a QRP patch of zeros)
@@ -83,18 +80,6 @@ class Deflater:
         self.bytes_in += len(data)
         self.bytes_out += len(out)
         return out
-
-
-async def within(aw: Awaitable[T], timeout: float | None) -> T:
-    """``aw`` with a deadline (TimeoutError after ``timeout`` seconds), awaited in the calling task.
-
-    Used instead of :func:`asyncio.wait_for`, which on Python 3.11 runs ``aw`` in a task of its own
-    and returns its result when the caller is cancelled in the loop iteration where ``aw``
-    finishes: that cancellation is lost, and a servent being stopped went on to open a link that
-    nothing closed.  Awaited in place, under :func:`asyncio.timeout`, a cancellation always lands.
-    """
-    async with asyncio.timeout(timeout):
-        return await aw
 
 
 # ---------------------------------------------------------------- TLS

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import h11
 
-from .channel import Channel, TlsContexts, within
+from cliruntime.supervisor import within
+from .channel import Channel, TlsContexts
 from .share import ShareIndex, SharedFile
 
 MAX_REQUEST_HEAD = 8192          # h11's bound on a request's line and headers

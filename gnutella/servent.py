@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from cliruntime.supervisor import Supervisor
+from cliruntime.supervisor import Supervisor, within
 from cliruntime import (ConfigError, RunContext, host_port, ip_address, make_parser,
                              non_negative_float, positive_int, run_async)
 
 from . import http as ghttp
-from .channel import Channel, TlsContexts, tls_contexts, within
+from .channel import Channel, TlsContexts, tls_contexts
 from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, Headers, Identity, LinkOptions,
                         Negotiated, Refused, Response, SlotState, answer_headers, check_outgoing, decide_incoming,
                         final_headers, identity_headers, listen_address, negotiated, offer_headers, remote_guid)

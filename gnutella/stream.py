@@ -16,7 +16,8 @@ import time
 from collections import Counter
 from typing import Callable
 
-from .channel import Channel, CompressionError, Deflater, Inflater, within
+from cliruntime.supervisor import within
+from .channel import Channel, CompressionError, Deflater, Inflater
 from .handshake import Negotiated
 from .wire import GnutellaDecodeError, Message, MessageReader, RawMessage
 

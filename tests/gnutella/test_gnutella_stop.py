@@ -13,8 +13,9 @@ from collections import Counter
 
 import pytest
 
+from cliruntime.supervisor import within
 from gnutella import http as ghttp
-from gnutella.channel import Channel, tls_contexts, within
+from gnutella.channel import Channel, tls_contexts
 from gnutella.servent import Servent
 from gnutella.share import ShareIndex
 from gnutella.stream import MessageStream, pump_messages
