@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from boxcore.panels import PANEL_KEY, PanelError, validate_panel
-from cliruntime.supervisor import Supervisor
+from cliruntime.supervisor import Supervisor, within
 
 log = logging.getLogger("boxcore.dashboard")
 
@@ -439,7 +439,7 @@ async def stream_events(request: web.Request, hub: SseHub) -> web.StreamResponse
         await response.prepare(request)
         await response.write(b"retry: 3000\n\n" + sse_message("snapshot", hub.snapshot()))
         while (message := await client.next()) is not None:
-            await asyncio.wait_for(response.write(message), WRITE_TIMEOUT)
+            await within(response.write(message), WRITE_TIMEOUT)
     except (ConnectionError, asyncio.TimeoutError):
         hub.stats["sse_write_failed"] += 1
     finally:

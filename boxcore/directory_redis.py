@@ -52,7 +52,7 @@ from boxcore.directory import (DEFAULT_MAX_KEY_CHARS, DEFAULT_MAX_KEYS, DEFAULT_
                                check_key, check_prefix, check_value, decode_value, new_watch,
                                prefix_upper_bound, set_limits)
 from boxcore.redisconn import first_line, redacted, unavailable_on_redis_errors
-from cliruntime.supervisor import Supervisor
+from cliruntime.supervisor import Supervisor, within
 
 log = logging.getLogger("boxcore.directory")
 
@@ -476,7 +476,7 @@ class RedisDirectory:
 
     async def _start_watch(self, watch: Watch, initial: bool) -> None:
         try:
-            await asyncio.wait_for(self.sync_watches(arm=watch), WATCH_START_SECONDS)
+            await within(self.sync_watches(arm=watch), WATCH_START_SECONDS)
         except asyncio.TimeoutError:            # the subscription is being re-established
             self.stats["unavailable"] += 1
             raise DirectoryUnavailable("the fleet directory's change channel did not answer within "

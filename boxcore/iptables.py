@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from boxcore.rules import Action, Match, PayloadPattern, Rule
+from cliruntime.supervisor import within
 
 PROTO_TCP, PROTO_UDP = 6, 17
 
@@ -334,7 +335,7 @@ async def run_tool(*argv: str, stdin: str | None = None, timeout: float = 10.0) 
         *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin.encode() if stdin is not None else None), timeout)
+        out, err = await within(proc.communicate(stdin.encode() if stdin is not None else None), timeout)
     except asyncio.TimeoutError:
         proc.kill()
         await proc.wait()

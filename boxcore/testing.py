@@ -39,6 +39,7 @@ from boxcore.controller import Controller, ControllerConfig
 from boxcore.engines.memory import MemoryEngine, Outcome
 from boxcore.packet import Packet
 from boxcore.procs import free_port
+from cliruntime.supervisor import within
 
 __all__ = ["FakeClock", "MemoryBox", "Outcome", "SettleTimeout", "BoxdProcess"]
 
@@ -190,8 +191,8 @@ class MemoryBox:
         running = [b for b in self.boosters if not b.closed and b.inflight.count]
         if running:
             try:
-                await asyncio.wait_for(asyncio.gather(*(b.inflight.wait_idle() for b in running)),
-                                       max(0.0, deadline - loop.time()))
+                await within(asyncio.gather(*(b.inflight.wait_idle() for b in running)),
+                             max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
                 raise SettleTimeout(f"handlers of boosters {[b.name for b in running]} still running "
                                     f"after {timeout}s") from None
@@ -205,7 +206,7 @@ class MemoryBox:
         running = [b for b in self.boosters if b.timers.inflight.count]
         if running:
             try:
-                await asyncio.wait_for(asyncio.gather(*(b.timers.inflight.wait_idle() for b in running)), timeout)
+                await within(asyncio.gather(*(b.timers.inflight.wait_idle() for b in running)), timeout)
             except asyncio.TimeoutError:
                 raise SettleTimeout(f"timer coroutines of {[b.name for b in running]} still running "
                                     f"after {timeout}s") from None
@@ -329,7 +330,7 @@ class BoxdProcess:
             return None if self.proc is None else self.proc.returncode
         self.proc.terminate()
         try:
-            return await asyncio.wait_for(self.proc.wait(), timeout)
+            return await within(self.proc.wait(), timeout)
         except asyncio.TimeoutError:
             self.proc.kill()
             return await self.proc.wait()

@@ -45,6 +45,7 @@ log = logging.getLogger("gnutella.booster")
 HANDSHAKE_TIMEOUT = 10.0
 from .stream import MAX_OUTBUF  # noqa: E402  (b2b links share the bound)
 RECONNECT = 1.0
+STALL_TIMEOUT = 120.0        # a peer that leaves what we send unread this long holds its slot for nothing
 MAX_TRACKED = 10000          # intercepted (client, destination) pairs reported in the stats
 
 Splicer = Callable[[Any], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
@@ -54,14 +55,18 @@ async def _plain_onward(conn: Any) -> tuple[asyncio.StreamReader, asyncio.Stream
     return await within(asyncio.open_connection(*conn.original_dst), HANDSHAKE_TIMEOUT)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: Counter, counter: str) -> None:
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: Counter, counter: str,
+                stall_timeout: float) -> None:
+    """Copy until EOF; backpressure from ``writer`` slows the reading, for ``stall_timeout`` at most."""
     try:
         while data := await reader.read(65536):
             stats[counter] += len(data)
             writer.write(data)
-            await writer.drain()
+            await within(writer.drain(), stall_timeout)
         if writer.can_write_eof():
             writer.write_eof()
+    except asyncio.TimeoutError:
+        stats["splice_stalled"] += 1
     except (ConnectionError, OSError):
         pass
 
@@ -71,8 +76,10 @@ class GnutellaBooster:
 
     def __init__(self, core: BoosterCore, stats: Counter | None = None, splice: Splicer = _plain_onward,
                  tick: float = 0.05, max_splices: int = 256, upstream: int = 0,
-                 max_payload: int = DEFAULT_MAX_PAYLOAD, compress: bool = True, max_relays: int = 1024) -> None:
+                 max_payload: int = DEFAULT_MAX_PAYLOAD, compress: bool = True, max_relays: int = 1024,
+                 stall_timeout: float = STALL_TIMEOUT) -> None:
         self.core = core
+        self.stall_timeout = stall_timeout
         self.stats: Counter = stats if stats is not None else core.stats
         self.splice = splice
         self.max_splices = max_splices
@@ -315,8 +322,8 @@ class GnutellaBooster:
                 up_writer.write(first)
                 self.stats["spliced_bytes_up"] += len(first)
             try:
-                await asyncio.gather(_pipe(reader, up_writer, self.stats, "spliced_bytes_up"),
-                                     _pipe(up_reader, writer, self.stats, "spliced_bytes_down"))
+                await asyncio.gather(_pipe(reader, up_writer, self.stats, "spliced_bytes_up", self.stall_timeout),
+                                     _pipe(up_reader, writer, self.stats, "spliced_bytes_down", self.stall_timeout))
             finally:
                 up_writer.close()
         finally:
@@ -352,7 +359,7 @@ class GnutellaBooster:
                             answer_headers(sent, event.headers, self.link_options)
                         out, done = hs.respond(decision.code, decision.reason, sent)
                         channel.write(out)
-                        await channel.drain()
+                        await within(channel.drain(), max(0.0, deadline - time.monotonic()))
                         if not decision.accepted:
                             self.stats[f"refused_{decision.code}"] += 1
                             self.core.learn_servent(listen)
@@ -402,7 +409,8 @@ class GnutellaBooster:
             await pump_messages(
                 stream, est.leftover, self.max_payload, self.stats,
                 lambda msg, now: self._perform(self.core.local_message(cid, msg, now)),
-                keep_going=lambda: not stream.is_closing(), label=f"local {cid}")
+                keep_going=lambda: not stream.is_closing(), label=f"local {cid}",
+                stall_timeout=self.stall_timeout)
         finally:
             self.local_streams.pop(cid, None)
             self.opaque.pop(cid, None)
@@ -445,7 +453,7 @@ class GnutellaBooster:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise asyncio.TimeoutError()
-                await channel.drain()
+                await within(channel.drain(), remaining)
                 data = await within(channel.read(), remaining)
                 if not data:
                     return False
@@ -474,7 +482,7 @@ class GnutellaBooster:
                 stream, est.leftover, self.max_payload, self.stats,
                 lambda msg, now: self._perform(self.core.upstream_message(uid, msg, now)),
                 keep_going=lambda: not stream.is_closing(), traffic=self.upstream_traffic,
-                label=f"upstream {uid}")
+                label=f"upstream {uid}", stall_timeout=self.stall_timeout)
         finally:
             self.local_streams.pop(uid, None)
             self.core.upstream_down(uid)
@@ -524,7 +532,10 @@ class GnutellaBooster:
                     self._perform(self.core.peer_message(pid, obj, now))
                     if obj["t"] == "bye":
                         return
-                await writer.drain()
+                await within(writer.drain(), self.stall_timeout)
+        except asyncio.TimeoutError:
+            self.stats["peer_stalled"] += 1
+            log.info("booster peer %d: not reading our frames for %.0f s; closing", pid, self.stall_timeout)
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:

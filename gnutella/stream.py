@@ -66,6 +66,7 @@ async def pump_messages(
     traffic: Counter | None = None,
     label: str = "connection",
     idle_timeout: float | None = None,
+    stall_timeout: float | None = None,
 ) -> None:
     """Frame bytes into messages and hand each to ``on_message(msg, now)`` until EOF.
 
@@ -74,10 +75,12 @@ async def pump_messages(
     ``stats["decompression_refused"]``; a malformed message inside a good frame is counted in
     ``stats["malformed_dropped"]`` and skipped.  ``traffic`` (if given) counts ``bytes_in`` (on the
     link) and ``msgs_in``.  The loop also ends when ``keep_going()`` turns false after a batch,
-    after ``idle_timeout`` seconds without a byte or with our own bytes unread by the peer
-    (``stats["stalled_peers"]``), and on socket errors; the caller's ``finally``
-    cleans up.
+    after ``idle_timeout`` seconds without a byte, after ``stall_timeout`` (default: ``idle_timeout``)
+    with our own bytes unread by the peer (``stats["stalled_peers"]``), and on socket errors; the
+    caller's ``finally`` cleans up.
     """
+    if stall_timeout is None:
+        stall_timeout = idle_timeout
     framer = MessageReader(max_payload)
     inflater = stream.inflater
     data = leftover
@@ -109,11 +112,11 @@ async def pump_messages(
                     log.warning("%s: %s; closing", label, exc)
                     return
                 try:
-                    await within(stream.channel.drain(), idle_timeout)
+                    await within(stream.channel.drain(), stall_timeout)
                 except asyncio.TimeoutError:
                     # a peer that stops reading would hold this task (and its slot) forever
                     stats["stalled_peers"] += 1
-                    log.info("%s: not reading our data for %.0f s; closing", label, idle_timeout)
+                    log.info("%s: not reading our data for %.0f s; closing", label, stall_timeout)
                     return
             if idle_timeout is None:
                 data = await stream.channel.read()

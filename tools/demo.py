@@ -29,7 +29,7 @@ import traceback
 from pathlib import Path
 
 from cliruntime import RunContext, make_parser, run_async
-from cliruntime.supervisor import Supervisor
+from cliruntime.supervisor import Supervisor, within
 
 # (package, title) in the order of the paper: the runtime, then sections III-A, B, C.
 PARTS = (
@@ -136,7 +136,7 @@ async def _run_part(name: str, workdir: Path, timeout: float) -> dict:
     def say(line: str) -> None:
         print(f"  [{name}] {line}", flush=True)
 
-    return await asyncio.wait_for(module.run_demo(part_dir, say), timeout)
+    return await within(module.run_demo(part_dir, say), timeout)
 
 
 async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
@@ -158,7 +158,7 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
                 how = "until Ctrl-C" if math.isinf(keep) else f"for {keep:g} s (booster-demo --keep: until Ctrl-C)"
                 print(f"\n== dashboard stays up at {dashboard.url} {how}", flush=True)
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(ctx.stop.wait(), None if math.isinf(keep) else keep)
+                    await within(ctx.stop.wait(), None if math.isinf(keep) else keep)
         finally:
             if dashboard is not None:
                 await dashboard.stop()

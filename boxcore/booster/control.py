@@ -19,6 +19,7 @@ from typing import Any, Callable
 from boxcore import transport, wire
 from boxcore.booster.errors import BoxdGone, error_for
 from boxcore.wire import Status
+from cliruntime.supervisor import within
 
 log = logging.getLogger("boxcore.booster")
 
@@ -79,7 +80,7 @@ class ControlSession:
         self._pending[rid] = fut
         self._conn.send(dict(msg, id=rid))
         try:
-            reply, fds = await asyncio.wait_for(fut, self.request_timeout)
+            reply, fds = await within(fut, self.request_timeout)
         except asyncio.TimeoutError:
             self._pending.pop(rid, None)
             raise BoxdGone(f"boxd did not answer {msg['t']} within {self.request_timeout}s") from None

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from boxcore.engines.base import Delivery
 from boxcore.rules import Rule
+from cliruntime.supervisor import within
 
 if TYPE_CHECKING:
     from boxcore.booster.core import Booster
@@ -33,7 +34,7 @@ async def connect_directly(conn: InterceptedConnection, *, spoof_client: bool = 
     own traffic back into its rules, and the client's address cannot be borrowed, so
     ``spoof_client`` has no effect.
     """
-    return await asyncio.wait_for(asyncio.open_connection(*conn.original_dst), timeout)
+    return await within(asyncio.open_connection(*conn.original_dst), timeout)
 
 
 class Subscription:

@@ -20,6 +20,7 @@ from boxcore.engines.base import BoosterSession, Delivery, Route, TablesInBoxd
 from boxcore.packet import Packet
 from boxcore.rules import Action, Rule
 from boxcore.wire import Tag, VerdictCode
+from cliruntime.supervisor import within
 
 
 @dataclass
@@ -121,7 +122,7 @@ class MemoryEngine(TablesInBoxd):
                 self._emit("forward", pkt, outcome.emitted)  # fail open
                 return outcome
             try:
-                code, payload = await asyncio.wait_for(fut, self.verdict_timeout)
+                code, payload = await within(fut, self.verdict_timeout)
             except asyncio.TimeoutError:
                 self.pending.pop(token, None)
                 outcome.action = "timeout"

@@ -48,6 +48,7 @@ from boxcore.engines.base import BoosterSession, Delivery, EngineRefused, Engine
 from boxcore.engines.linux import LinuxEngine
 from boxcore.packet import Packet, PacketError
 from boxcore.rules import Action, Rule
+from cliruntime.supervisor import within
 from npdrv import wire
 from npdrv.card import mcast_tx_mac
 from npdrv.driver import NpDriver, NpError
@@ -373,7 +374,7 @@ class NPEngine(LinuxEngine):
     async def _sync_loop(self) -> None:
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._sync_now.wait(), self.sync_interval)
+                await within(self._sync_now.wait(), self.sync_interval)
             self._sync_now.clear()
             try:
                 await self._sync_forwarding()

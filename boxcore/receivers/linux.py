@@ -36,6 +36,7 @@ from typing import Any, Callable
 from boxcore import iptables as nf
 from boxcore.packet import Packet, PacketDecodeError, PacketError, replace_payload
 from boxcore.receivers import register
+from cliruntime.supervisor import within
 
 log = logging.getLogger("boxcore.receivers.linux")
 
@@ -487,7 +488,7 @@ async def connect_onward(conn: Any, *, spoof_client: bool = False, timeout: floa
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             sock.bind((conn.client[0], 0))
         sock.setblocking(False)
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, tuple(conn.original_dst)), timeout)
+        await within(asyncio.get_running_loop().sock_connect(sock, tuple(conn.original_dst)), timeout)
     except BaseException:
         sock.close()
         raise
@@ -526,4 +527,4 @@ class TproxyReceiver:
         if self.server is not None:
             self.server.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.server.wait_closed(), 1.0)
+                await within(self.server.wait_closed(), 1.0)

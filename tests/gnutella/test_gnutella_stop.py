@@ -16,6 +16,7 @@ import pytest
 from cliruntime.supervisor import within
 from gnutella import http as ghttp
 from gnutella.channel import Channel, tls_contexts
+from gnutella.booster import _pipe
 from gnutella.servent import Servent
 from gnutella.share import ShareIndex
 from gnutella.stream import MessageStream, pump_messages
@@ -165,3 +166,34 @@ async def test_an_upload_whose_client_stalls_in_the_tls_upgrade_ends_after_the_h
         assert stats["http_upload_stalled"] == 1 and stats["http_tls_upgrades"] == 0
         assert await within(reader.read(), 10) == b""
         writer.close()
+
+
+async def test_a_stall_bound_ends_the_pump_even_without_an_idle_timeout():
+    """The booster's links have no idle timeout (a quiet leaf is fine) but a stalled one ends."""
+    stats: Counter = Counter()
+    pump = pump_messages(MessageStream(_PeerNotReading()), b"", DEFAULT_MAX_PAYLOAD, stats,
+                         lambda msg, now: None, keep_going=lambda: True, idle_timeout=None, stall_timeout=0.05)
+    await within(pump, 10)          # before: no idle timeout meant drain() was waited on for ever
+    assert stats["stalled_peers"] == 1
+
+
+class _EndlessSource:
+    """A download's sender (unit-test fake) that always has another chunk."""
+
+    async def read(self, n: int) -> bytes:
+        return b"x" * n
+
+
+async def test_a_splice_whose_receiver_stops_reading_ends_after_the_stall_timeout():
+    """A relayed download whose receiver never reads: real kernel buffers fill, then the splice
+    ends (and frees its slot) instead of waiting in drain() for ever."""
+    accepted: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
+    async with server:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        stats: Counter = Counter()
+        await within(_pipe(_EndlessSource(), writer, stats, "spliced_bytes_down", stall_timeout=0.2), 30)
+        assert stats["splice_stalled"] == 1 and stats["spliced_bytes_down"] > 65536
+        writer.close()
+        for w in accepted:
+            w.close()
