@@ -112,6 +112,41 @@ class Scenario:
     end: float
     commands: list[str] = field(default_factory=list)
     additional: list[Path] = field(default_factory=list)
+    lights_actuated: bool = False     # SUMO runs actuated_programs() instead of the network's own
+
+
+def sumocfg_scenario(path: Path, duration: float) -> Scenario:
+    """A SUMO configuration's network, demand, additional files and begin time (its paths relative
+    to the file, as SUMO reads them), run for ``duration`` seconds from its begin: any scenario a
+    user has, validated as the built-in ones are."""
+    try:
+        cfg = ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as exc:
+        raise ConfigError(f"{path}: not a readable SUMO configuration ({exc})") from None
+
+    def files(option: str) -> list[Path]:
+        element = cfg.find(f"input/{option}")
+        value = "" if element is None else element.get("value", "")
+        return [path.parent / f.strip() for f in value.split(",") if f.strip()]
+
+    nets, routes, additional = files("net-file"), files("route-files"), files("additional-files")
+    if len(nets) != 1 or not routes:
+        raise ConfigError(f"{path}: needs one <net-file> and at least one <route-files> in <input> "
+                          f"(found {len(nets)} and {len(routes)})")
+    missing = [str(f) for f in nets + routes + additional if not f.is_file()]
+    if missing:
+        raise ConfigError(f"{path}: files it names do not exist: {', '.join(missing)}")
+    begin_element = cfg.find("time/begin")
+    try:
+        begin = float(begin_element.get("value", "0")) if begin_element is not None else 0.0
+    except ValueError:
+        raise ConfigError(f"{path}: <time><begin value=...> is not a number") from None
+    return Scenario(scenario_label(str(path)), nets[0], routes, begin, begin + duration, additional=additional)
+
+
+def scenario_label(name: str) -> str:
+    """A built-in scenario's name, or a configuration file's name without ``.sumocfg``."""
+    return Path(name).name.removesuffix(".sumocfg") if name.endswith(".sumocfg") else name
 
 
 # netgenerate's arguments per generated network shape (fcd.train_prior trains on other sizes)
@@ -154,15 +189,15 @@ def build_scenario(name: str, work: Path, duration: float, seed: int) -> Scenari
         return generated_scenario(name, work, duration, seed, lights, GENERATED_SHAPES[shape])
     if name in RESCO or name in RESCO_ACTUATED:
         city = name.removesuffix("-actuated")
-        src = resco_dir() / city
-        cfg = ET.parse(src / f"{city}.sumocfg").getroot()
-        begin = float(cfg.find("time/begin").get("value"))
-        routes = [src / r for r in cfg.find("input/route-files").get("value").split(",")]
-        sc = Scenario(name, src / f"{city}.net.xml", routes, begin, begin + duration)
+        sc = sumocfg_scenario(resco_dir() / city / f"{city}.sumocfg", duration)
+        sc.name = name
         if name in RESCO_ACTUATED:
             sc.additional.append(actuated_programs(sc.net, work / f"{name}.actuated.add.xml"))
+            sc.lights_actuated = True
         return sc
-    raise ConfigError(f"unknown scenario {name!r} (known: {', '.join(ALL_SCENARIOS)})")
+    if name.endswith(".sumocfg"):
+        return sumocfg_scenario(Path(name), duration)
+    raise ConfigError(f"unknown scenario {name!r} (known: {', '.join(ALL_SCENARIOS)}, or a .sumocfg file)")
 
 
 def actuated_programs(net: Path, out: Path) -> Path:
@@ -530,13 +565,13 @@ def validate_scenario(name: str, work: Path, duration: float, interval: float, s
     outputs = run_sumo(sc, work, interval, seed)
     t_sumo = time.monotonic() - started
     city = from_sumo_net(sc.net)
-    if sc.additional:             # the actuated programs SUMO ran instead of the network's own
+    if sc.lights_actuated:        # the actuated programs SUMO ran instead of the network's own
         for light in city.lights:
             light.kind = "actuated"
         city.source["import"]["light_kinds"] = {"actuated": len(city.lights)}
     probes, fcd_summary = read_fcd(outputs["fcd"], city)
     lights, tls_summary = read_tls(outputs["tls"], city)
-    trace = Trace(city, probes, lights, meta={"source": "sumo", "scenario": name})
+    trace = Trace(city, probes, lights, meta={"source": "sumo", "scenario": sc.name})
     boundaries = list(np.arange(sc.begin, sc.end, interval))
     if through == "processes":
         rep = replay_processes(trace, boundaries, work / "processes", window=interval, speed=speed)
@@ -554,7 +589,7 @@ def validate_scenario(name: str, work: Path, duration: float, interval: float, s
     lit = sorted({r for l in city.lights for r in l.roads})
     switches = len(lights)
     result = {
-        "scenario": name, "network": city.source["import"], "dead_end_roads": len(city.dead_ends()),
+        "scenario": sc.name, "network": city.source["import"], "dead_end_roads": len(city.dead_ends()),
         "light_kinds": city.source["import"]["light_kinds"], "fcd": fcd_summary, "tls": tls_summary,
         "replay": rep.stats, "vehicle_length_gap": [car_length, min_gap],
         "reports": len(rep.reports), "light_switches": switches, "lit_roads": len(lit),
@@ -620,9 +655,13 @@ def _scenarios(text: str) -> list[str]:
     import argparse
     names = list(ALL_SCENARIOS) if text == "all" else [s.strip() for s in text.split(",") if s.strip()]
     for s in names:
-        if s not in ALL_SCENARIOS:
-            raise argparse.ArgumentTypeError(f"unknown scenario {s!r} (known: {', '.join(ALL_SCENARIOS)}, all)")
-    return names
+        if s.endswith(".sumocfg"):
+            if not Path(s).is_file():
+                raise argparse.ArgumentTypeError(f"no SUMO configuration at {s}")
+        elif s not in ALL_SCENARIOS:
+            raise argparse.ArgumentTypeError(f"unknown scenario {s!r} (known: {', '.join(ALL_SCENARIOS)}, all, "
+                                             "or a .sumocfg file)")
+    return [str(Path(s).resolve()) if s.endswith(".sumocfg") else s for s in names]
 
 
 def build_parser():
@@ -631,6 +670,7 @@ def build_parser():
         "fcd-validate --scenarios grid-static --duration 600 --json out/v.json --plot out/v.png",
         "fcd-validate --scenarios all --json out/fcd-validate.json --plot out/fcd-validate.png",
         "fcd-validate --scenarios grid-static --duration 300 --through processes --json out/v-processes.json",
+        "fcd-validate --scenarios mycity/mycity.sumocfg --duration 900 --json out/mycity.json",
     ])
     add_arguments(p)
     return p
@@ -638,7 +678,8 @@ def build_parser():
 
 def add_arguments(p) -> None:
     p.add_argument("--scenarios", type=_scenarios, default=list(ALL_SCENARIOS),
-                   help=f"comma list of {', '.join(ALL_SCENARIOS)}, or all")
+                   help=f"comma list of {', '.join(ALL_SCENARIOS)}, or all; or paths to your own SUMO "
+                        "configurations (.sumocfg: its net-file, route-files, additional-files and begin)")
     p.add_argument("--duration", type=non_negative_float, default=900.0, help="simulated seconds per scenario")
     p.add_argument("--interval", type=non_negative_float, default=60.0,
                    help="seconds per traverse-time interval (SUMO edgeData period, model predictions)")
@@ -667,7 +708,7 @@ def run_validation(args) -> list[dict[str, Any]]:
     results = []
     try:
         for name in args.scenarios:
-            res = validate_scenario(name, work / name, args.duration, args.interval, args.seed, args.warmup,
+            res = validate_scenario(name, work / scenario_label(name), args.duration, args.interval, args.seed, args.warmup,
                                     args.through, args.speed, args.present, args.correction_prior)
             results.append(res)
             print(summary_line(res), flush=True)

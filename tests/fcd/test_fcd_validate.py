@@ -81,3 +81,46 @@ def test_validation_through_real_processes_agrees_with_the_in_process_replay(tmp
     ours, theirs = real["traverse"]["all"], local["traverse"]["all"]
     assert ours["n"] == theirs["n"] and ours["free_flow"] == theirs["free_flow"]
     assert ours["model"]["mape"] == pytest.approx(theirs["model"]["mape"], rel=0.03)
+
+
+@pytest.mark.slow
+def test_validation_of_a_users_own_sumo_configuration(tmp_path, capsys):
+    """A network and demand the tool has never seen, named by its .sumocfg (relative paths, a begin
+    time and an additional file, as users write them), is validated like the built-in scenarios."""
+    need("sumo", "the eclipse-sumo wheel, the sumo extra")
+    from fcd.validate import generated_scenario
+    mine = tmp_path / "mine"
+    sc = generated_scenario("town", mine, 400, seed=7, lights="static",
+                            shape_args=["--grid", "--grid.number", "3", "--grid.length", "150"])
+    (mine / "empty.add.xml").write_text("<additional/>")
+    cfg = mine / "town.sumocfg"
+    cfg.write_text(f'<configuration><input><net-file value="{sc.net.name}"/>'
+                   f'<route-files value="{sc.routes[0].name}"/><additional-files value="empty.add.xml"/>'
+                   '</input><time><begin value="0"/></time></configuration>')
+    out = tmp_path / "v.json"
+    assert main(["--scenarios", str(cfg), "--duration", "300", "--warmup", "60", "--json", str(out),
+                 "--work", str(tmp_path / "work")]) == 0
+    assert "town: map matching" in capsys.readouterr().out
+    (res,) = json.loads(out.read_text())["scenarios"]
+    assert res["scenario"] == "town" and res["fcd"]["records"] > 1000 and res["fcd"]["unmatched"] == 0
+    assert res["light_switches"] > 0 and res["queue"]["all"]["n"] > 0 and res["traverse"]["all"]["n"] > 0
+
+
+def test_a_sumo_configuration_missing_its_files_is_refused_by_name(tmp_path, capsys):
+    from cliruntime import ConfigError
+    from fcd.validate import sumocfg_scenario
+    cfg = tmp_path / "broken.sumocfg"
+    cfg.write_text('<configuration><input><net-file value="gone.net.xml"/>'
+                   '<route-files value="a.rou.xml,b.rou.xml"/></input></configuration>')
+    (tmp_path / "a.rou.xml").write_text("<routes/>")
+    with pytest.raises(ConfigError, match=r"do not exist: .*gone\.net\.xml, .*b\.rou\.xml"):
+        sumocfg_scenario(cfg, 60)
+    cfg.write_text('<configuration><input><route-files value="a.rou.xml"/></input></configuration>')
+    with pytest.raises(ConfigError, match="needs one <net-file>"):
+        sumocfg_scenario(cfg, 60)
+    cfg.write_text("<configuration><input>")
+    with pytest.raises(ConfigError, match="not a readable SUMO configuration"):
+        sumocfg_scenario(cfg, 60)
+    with pytest.raises(SystemExit):
+        main(["--scenarios", str(tmp_path / "nowhere.sumocfg")])
+    assert "no SUMO configuration at" in capsys.readouterr().err
