@@ -653,7 +653,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 def _scenarios(text: str) -> list[str]:
     import argparse
-    names = list(ALL_SCENARIOS) if text == "all" else [s.strip() for s in text.split(",") if s.strip()]
+    names = list(dict.fromkeys(n for s in text.split(",") if s.strip()
+                               for n in (ALL_SCENARIOS if s.strip() == "all" else [s.strip()])))
     for s in names:
         if s.endswith(".sumocfg"):
             if not Path(s).is_file():
@@ -678,7 +679,7 @@ def build_parser():
 
 def add_arguments(p) -> None:
     p.add_argument("--scenarios", type=_scenarios, default=list(ALL_SCENARIOS),
-                   help=f"comma list of {', '.join(ALL_SCENARIOS)}, or all; or paths to your own SUMO "
+                   help=f"comma list of {', '.join(ALL_SCENARIOS)}, all (the built-in ones); and paths to your own SUMO "
                         "configurations (.sumocfg: its net-file, route-files, additional-files and begin)")
     p.add_argument("--duration", type=non_negative_float, default=900.0, help="simulated seconds per scenario")
     p.add_argument("--interval", type=non_negative_float, default=60.0,

@@ -124,3 +124,11 @@ def test_a_sumo_configuration_missing_its_files_is_refused_by_name(tmp_path, cap
     with pytest.raises(SystemExit):
         main(["--scenarios", str(tmp_path / "nowhere.sumocfg")])
     assert "no SUMO configuration at" in capsys.readouterr().err
+
+
+def test_all_mixes_with_names_and_files_once_each(tmp_path):
+    from fcd.validate import ALL_SCENARIOS, _scenarios
+    cfg = tmp_path / "mine.sumocfg"
+    cfg.write_text("<configuration/>")
+    others = [s for s in ALL_SCENARIOS if s != "cologne1"]
+    assert _scenarios(f"cologne1,all,{cfg}") == ["cologne1", *others, str(cfg.resolve())]
