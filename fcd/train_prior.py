@@ -99,7 +99,8 @@ def scored_windows(name: str, lights: str, junctions: str, shape: list[str], per
     switches, _ = read_tls(outputs["tls"], city)
     trace = Trace(city, probes, switches, meta={"source": "sumo", "scenario": name})
     boundaries = list(np.arange(sc.begin, sc.end, interval))
-    rep = replay(trace, boundaries, window=interval, present=True)
+    # its own predictions are made below: the packaged prior (stale after a feature change) is not needed
+    rep = replay(trace, boundaries, window=interval, present=True, correction_prior=False)
     model = Model(city, correction_prior=None)
     model.correction_log = []
     predictions_from(city, rep.reports, boundaries, interval, rep.present, model=model)
