@@ -119,6 +119,7 @@ def sumocfg_scenario(path: Path, duration: float) -> Scenario:
     """A SUMO configuration's network, demand, additional files and begin time (its paths relative
     to the file, as SUMO reads them), run for ``duration`` seconds from its begin: any scenario a
     user has, validated as the built-in ones are."""
+    path = path.resolve()           # SUMO runs in the scenario's work directory
     try:
         cfg = ET.parse(path).getroot()
     except (OSError, ET.ParseError) as exc:
