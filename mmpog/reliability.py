@@ -38,8 +38,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Union
 
-from mypy_extensions import mypyc_attr
-
 from . import wire
 from .wire import COPY, RELIABLE, RETRANSMIT, Header, Kind, WireDecodeError
 
@@ -239,12 +237,10 @@ class Unrecoverable:
 Event = Union[Joined, JoinFailed, Received, Delivered, Expired, Unrecoverable]
 
 
-@mypyc_attr(native_class=False)     # (a compiled class cannot derive from RuntimeError)
 class NotJoined(RuntimeError):
     """send() before the reflector welcomed this endpoint."""
 
 
-@mypyc_attr(native_class=False)     # (a compiled class cannot derive from RuntimeError)
 class BufferFull(RuntimeError):
     """Too many reliable packets awaiting their echo (``max_pending``)."""
 
