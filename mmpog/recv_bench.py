@@ -32,6 +32,19 @@ and is timed (``time.process_time``, the best of ``--repeat`` passes) through th
   datagram received, for each read path, the paths alternated ``--repeat`` rounds.  It counts
   what the socket stages leave out: the loop's pass per wake-up and cold caches between wake-ups.
 
+Two more stages time the other two hops of an update's plain path, for comparing the whole path
+(``--no-core-stages`` leaves them out):
+
+* ``send``: a joined :class:`~mmpog.reliability.ClientEndpoint` sending at 10 updates/s, 25%
+  reliable: ``send`` and ``datagrams_to_send`` per update, and each reliable update's echo
+  received (the protocol part of ``GameClient.send``; the reflector's part not counted);
+* ``reflector``: a :class:`~mmpog.reliability.ReflectorCore` with ``SENDERS + 1`` bound members
+  in one location (64x1): each update received, its fan-out queued (``datagrams_to_send``) and its
+  timer served.
+
+``modules`` in the JSON says whether ``mmpog.wire``/``reliability``/``client`` ran as Python or as
+compiled extension modules (docs/mmpog.md, "A compiled hot path").
+
 Figures are microseconds of CPU per update; compare them within one run or between two runs on a
 quiet machine, never against a fixed number.
 """
@@ -56,7 +69,7 @@ from cliruntime import RunContext, make_parser, positive_int, run_async
 
 from . import wire
 from .bots import UPDATE, Bot, BotClient
-from .reliability import ClientEndpoint, ReflectorCore
+from .reliability import ClientConfig, ClientEndpoint, ReflectorCore
 from .testing import joined_endpoint
 from .wire import RELIABLE, RETRANSMIT, Header, Kind
 
@@ -231,6 +244,97 @@ async def stage_loop(bots: list[Bot], datagrams: list[bytes], rate: float) -> fl
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def _joined_pair(members: int, at: float, config: ClientConfig | None = None) -> tuple[ReflectorCore, list[ClientEndpoint]]:
+    """A ReflectorCore and ``members`` ClientEndpoints joined to it in LOCATION (players 1..members,
+    each at its own loopback port), their join events drained."""
+    core = ReflectorCore()
+    endpoints = []
+    for player in range(1, members + 1):
+        core.add_member(LOCATION, player, TOKEN)
+        endpoint = ClientEndpoint(player, LOCATION, TOKEN, config, rng=random.Random(player))
+        endpoint.connect(at)
+        for hello in endpoint.datagrams_to_send(at):
+            core.receive_datagram(hello, ("127.0.0.1", 1000 + player), at)
+        for welcome, _ in core.datagrams_to_send(at):
+            endpoint.receive_datagram(welcome, at + 0.0005)
+        if not endpoint.joined:
+            raise RuntimeError(f"player {player} did not join")
+        while endpoint.next_event() is not None:
+            pass
+        endpoints.append(endpoint)
+    core.datagrams_to_send(at)
+    return core, endpoints
+
+
+def stage_send(updates: int, seed: int, chunk: int = 100) -> tuple[float, ClientEndpoint]:
+    """CPU seconds a sender's endpoint spends on ``updates`` (10/s, 25% reliable, 64-byte payloads):
+    ``send`` + ``datagrams_to_send`` each, and the echoes' receipt; the reflector's part between the
+    two, ``chunk`` updates at a time, is not counted."""
+    core, (endpoint,) = _joined_pair(1, 1000.0)
+    rng = random.Random(seed)
+    payload = bytes(64)
+    send, to_send, receive, next_event = (endpoint.send, endpoint.datagrams_to_send, endpoint.receive_datagram,
+                                          endpoint.next_event)
+    address = ("127.0.0.1", 1001)
+    now = 1000.0
+    spent = 0.0
+    for start in range(0, updates, chunk):
+        started = time.process_time()
+        out = []
+        for _ in range(min(chunk, updates - start)):
+            now += 0.1
+            send(payload, now, reliable=rng.random() < 0.25)
+            out += to_send(now)
+        spent += time.process_time() - started
+        for data in out:
+            core.receive_datagram(data, address, now + 0.0002)
+        echoes = [data for data, _ in core.datagrams_to_send(now + 0.0002)]
+        started = time.process_time()
+        for data in echoes:
+            receive(data, now + 0.0004)
+        while next_event() is not None:
+            pass
+        to_send(now + 0.0004)
+        spent += time.process_time() - started
+    return spent, endpoint
+
+
+def stage_reflector(updates: int, seed: int) -> tuple[float, ReflectorCore]:
+    """CPU seconds a ReflectorCore with SENDERS + 1 members in one location spends on ``updates``
+    (the members' own datagrams, built beforehand, in turn, at the location's 640 updates/s):
+    receipt, fan-out queued, timer served."""
+    # (the datagrams are built before the reflector sees them: no echo comes back to the senders meanwhile)
+    core, endpoints = _joined_pair(SENDERS + 1, 1000.0, ClientConfig(max_pending=updates))
+    rng = random.Random(seed)
+    payload = bytes(64)
+    arrivals = []               # per update, what its sender sent (the update, and any copies of it)
+    for index in range(updates):
+        endpoint = endpoints[index % len(endpoints)]
+        endpoint.send(payload, 1000.0, reliable=rng.random() < 0.25)
+        arrivals.append((endpoint.datagrams_to_send(1000.0), ("127.0.0.1", 1000 + endpoint.player)))
+    receive, to_send, get_timer, handle_timer = (core.receive_datagram, core.datagrams_to_send, core.get_timer,
+                                                 core.handle_timer)
+    step = 1 / (10.0 * len(endpoints))
+    now = 1000.0
+    started = time.process_time()
+    for datagrams, address in arrivals:
+        now += step
+        timer = get_timer()
+        if timer is not None and timer <= now:
+            handle_timer(now)
+        for data in datagrams:
+            receive(data, address, now)
+        to_send(now)
+    return time.process_time() - started, core
+
+
+def compiled_modules() -> dict[str, str]:
+    """Which of the hot modules run as Python and which as compiled extension modules."""
+    from . import client, reliability
+    return {module.__name__: "compiled" if module.__file__.endswith((".so", ".pyd")) else "python"
+            for module in (wire, reliability, client)}
+
+
 def _best(fn, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -248,6 +352,12 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
     result: dict = {"updates_offered": args.updates, "updates_received": received, "datagrams": len(datagrams),
                     "bundle": args.bundle, "loss": args.loss, "batch": args.batch, "wakeup": args.wakeup, "repeat": args.repeat,
                     "us_per_update": {}, "endpoint_stats": {k: v for k, v in endpoint.stats.items() if v}}
+    result["modules"] = compiled_modules()
+    if args.core_stages:
+        result["us_per_update"]["send"] = min(stage_send(args.updates, args.seed)[0]
+                                              for _ in range(args.repeat)) / args.updates * 1e6
+        result["us_per_update"]["reflector"] = min(stage_reflector(args.updates, args.seed)[0]
+                                                   for _ in range(args.repeat)) / args.updates * 1e6
     result["us_per_update"]["wire"] = _best(lambda: stage_wire(datagrams), args.repeat) / received * 1e6
     result["us_per_update"]["endpoint"] = _best(lambda: stage_endpoint(datagrams, times), args.repeat) / received * 1e6
     bots = []
@@ -328,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="loop stage: N bots on this process's event loop (a bots worker), the stream sent to "
                              "each by another process at 630 updates/s; CPU per datagram of each read path (0: off)")
     parser.add_argument("--loop-updates", type=positive_int, default=3000, help="updates per bot in the loop stage")
+    parser.add_argument("--no-core-stages", dest="core_stages", action="store_false",
+                        help="leave out the send and reflector stages (the other hops of the plain path)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="cProfile the bot stage and print its N most expensive functions")

@@ -93,8 +93,9 @@ class RttEstimator:
             self.srtt = rtt
             self.rttvar = rtt / 2
         else:
-            # RTTVAR first, with the old SRTT (RFC 6298 2.3)
-            self.rttvar = (1 - self.BETA) * self.rttvar + self.BETA * abs(self.srtt - rtt)
+            # RTTVAR first, with the old SRTT (RFC 6298 2.3); set together with SRTT, never None here
+            rttvar: float = self.rttvar  # type: ignore[assignment]
+            self.rttvar = (1 - self.BETA) * rttvar + self.BETA * abs(self.srtt - rtt)
             self.srtt = (1 - self.ALPHA) * self.srtt + self.ALPHA * rtt
         self.rto = self._clamp(self.srtt + max(self.granularity, self.K * self.rttvar))
         self.samples += 1
@@ -604,10 +605,10 @@ class ClientEndpoint:
         copies_due = self._copies_due
         while copies_due and copies_due[0][0] <= now:
             _, packet_id = copies_due.popleft()
-            pending = self._pending.get(packet_id)
-            if pending is not None and pending.retries == 0:
+            copied = self._pending.get(packet_id)
+            if copied is not None and copied.retries == 0:
                 # (a spaced copy whose original was already echoed, or resent, is not needed)
-                self._queue_copy(packet_id, pending)
+                self._queue_copy(packet_id, copied)
         if self._report_due is not None and now >= self._report_due and not self.closed:
             self._settle_copies(now)
         self._maybe_nack(now)
@@ -623,7 +624,7 @@ class ClientEndpoint:
 
     def snapshot(self) -> dict:
         """Counters plus the RTT estimator state (for ``--stats-json`` and experiments)."""
-        out = dict(self.stats)
+        out: dict[str, float | None] = dict(self.stats)
         out["srtt_ms"] = None if self.rtt.srtt is None else round(self.rtt.srtt * 1000, 3)
         out["rto_ms"] = round(self.rtt.rto * 1000, 3)
         out["pending"] = len(self._pending)
@@ -1321,11 +1322,13 @@ class ReflectorCore:
 
     # ------------------------------------------------------------------ internals
 
-    def _queue(self, data: bytes, dest: Destination) -> None:
+    def _queue(self, data: bytes, dest: Destination | None) -> None:
         if len(self._out) >= self.config.max_outgoing:
             self._out.pop(0)
             self.stats["outgoing_dropped"] += 1
-        self._out.append((data, dest))
+        # (dest is None only for a member without an address; the callers act on packets from bound
+        # members, so it does not happen; the annotation says what the lookups return)
+        self._out.append((data, dest))  # type: ignore[arg-type]
 
     def _heartbeat_due(self, loc: _Location) -> float:
         base = loc.rto_floor or self.config.default_rto
@@ -1606,8 +1609,9 @@ class ReflectorCore:
         prior = pooled.estimate()
         copy_members = []
         for member in members:
-            member.loss.set_prior(prior)
-            member.copies = copies_for(member.loss.estimate(), config.redundancy_threshold,
+            estimator: LossEstimator = member.loss  # type: ignore[assignment]  # (made in the loop above)
+            estimator.set_prior(prior)
+            member.copies = copies_for(estimator.estimate(), config.redundancy_threshold,
                                        config.redundancy_target, config.redundancy_max_copies)
             if member.copies > 1:
                 copy_members.append(member)

@@ -66,3 +66,33 @@ async def test_loop_stage_counts_cpu_while_every_bot_gets_the_whole_stream():
         for bot, sock in group:
             await bot.client.close()
             sock.close()
+
+
+def test_send_stage_sends_every_update_and_gets_every_echo():
+    """The send stage times a sender's endpoint: every update leaves it, every reliable one is
+    echoed (none left pending, none resent: the bench's clock never reaches a timeout)."""
+    spent, endpoint = recv_bench.stage_send(400, seed=3, chunk=50)
+    stats = endpoint.stats
+    assert spent >= 0
+    assert stats["sent"] == 400 and 0 < stats["sent_reliable"] < 400
+    assert stats["delivered"] == stats["sent_reliable"] and endpoint.pending_count == 0
+    assert stats["retransmitted"] == stats["timeouts"] == 0
+
+
+def test_reflector_stage_fans_out_every_update_to_the_whole_location():
+    """The reflector stage: 64 members bound in one location, every update (and copy) accepted and
+    fanned out to the location, none refused or malformed."""
+    updates = 640
+    spent, core = recv_bench.stage_reflector(updates, seed=3)
+    assert spent >= 0
+    assert len(core.members(recv_bench.LOCATION)) == recv_bench.SENDERS + 1
+    stats = core.location_stats(recv_bench.LOCATION)
+    assert stats["reliable"] + stats["unreliable"] == updates
+    assert stats["fanout_datagrams"] >= updates * recv_bench.SENDERS
+    assert core.stats["malformed"] == core.stats["not_member"] == core.stats["unexpected_kind"] == 0
+
+
+def test_modules_report_says_python_or_compiled():
+    modules = recv_bench.compiled_modules()
+    assert set(modules) == {"mmpog.wire", "mmpog.reliability", "mmpog.client"}
+    assert set(modules.values()) <= {"python", "compiled"}
