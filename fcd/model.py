@@ -684,7 +684,9 @@ class Model:
         for r in range(len(base)):
             if not self.corr_pending[r] or self.corr_pending[r][-1][0] < now:
                 self.corr_pending[r].append((now, now + window, base[r], X[r], correction[r]))
-        level = base * np.exp(correction * self.corr_shrink[cls])
-        traverse = level * structural / np.maximum(structural[0], 1e-6)
+        corrected = base * np.exp(correction * self.corr_shrink[cls])
+        # what each stage gave (fcd-validate's decomposition reads it; a debug view, not state)
+        self.stages = {"level": level, "with_light_delay": base, "corrected": corrected}
+        traverse = corrected * structural / np.maximum(structural[0], 1e-6)
         self.runs += 1
         return Prediction(self.runs, self.latest_t, self.cycle, n_arr, q_arr, traverse)
