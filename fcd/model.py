@@ -113,6 +113,11 @@ class CorrectionPrior:
     gram: np.ndarray        # (2, CORRECTION_FEATURES, CORRECTION_FEATURES)
     power: np.ndarray       # (2,)
     hold: np.ndarray = field(default_factory=lambda: np.zeros(2, dtype=bool))   # (2,) the power is kept, the record never changes it
+    # the light-delay factor's exponent until its own record has DELAY_SKILL_MIN windows (None:
+    # 1, as before), or for the whole run where delay_hold: fcd.train_prior chose it against
+    # SUMO's edge times on its scenarios
+    delay_power: float | None = None
+    delay_hold: bool = False
 
     @classmethod
     def from_json(cls, data: dict) -> "CorrectionPrior":
@@ -131,7 +136,9 @@ class CorrectionPrior:
             beta[c], gram[c] = np.asarray(entry["beta"], dtype=float), np.asarray(entry["gram"], dtype=float)
             power[c] = float(entry["power"])
             hold[c] = bool(entry.get("hold", False))
-        return cls(known, beta, gram, power, hold)
+        delay = data.get("light_delay")
+        delay_power = float(delay["power"]) if delay else None
+        return cls(known, beta, gram, power, hold, delay_power, bool(delay and delay.get("hold", False)))
 
 
 PRIOR_FILE = "correction_prior.json"
@@ -194,9 +201,13 @@ class Model:
     CORRECTION_RANGE = 4.0       # the correction changes a prediction by at most this factor
     CORRECTION_PRIOR_WINDOWS = 300.0   # weight of the offline prior (CorrectionPrior), in scored windows
 
-    def __init__(self, city: City, turn_prior: float = 1.0, correction_prior=_PACKAGED) -> None:
+    def __init__(self, city: City, turn_prior: float = 1.0, correction_prior=_PACKAGED,
+                 delay_power: float | None = None, delay_hold: bool = False) -> None:
         """``correction_prior``: the online correction's starting point (a CorrectionPrior; by
-        default the packaged one, None: start from no correction)."""
+        default the packaged one, None: start from no correction), and the light-delay factor's
+        starting exponent, if it has one.  ``delay_power``: that exponent instead of the prior's,
+        used until the factor's record has DELAY_SKILL_MIN windows (for the whole run with
+        ``delay_hold``); fcd.train_prior chooses it so.  Without either: 1."""
         self.city = city
         R = city.n_roads
         self.lit = city.exit_light >= 0
@@ -263,6 +274,7 @@ class Model:
         self.delay_skill = np.zeros(len(self.DELAY_WEIGHTS))     # fading sum of APE per exponent
         self.delay_scored = 0
         self.delay_weight = 1.0
+        self.delay_hold = False       # the exponent is held: the record scores but does not choose
         k = self.CORRECTION_FEATURES
         # the fit's normal equations, faded in data time: sum w x x^T and sum w x y per class
         self.corr_A = np.zeros((2, k, k))
@@ -290,6 +302,10 @@ class Model:
             self.corr_beta[known] = self.corr_prior.beta[known]
             self.corr_shrink[known] = self.corr_prior.power[known]
             self.corr_hold[known] = self.corr_prior.hold[known]
+        if delay_power is None and self.corr_prior is not None and self.corr_prior.delay_power is not None:
+            delay_power, delay_hold = self.corr_prior.delay_power, self.corr_prior.delay_hold
+        if delay_power is not None:
+            self.delay_weight, self.delay_hold = float(delay_power), bool(delay_hold)
         self.corr_pending: list[deque] = [deque(maxlen=16) for _ in range(R)]
         # what the light delay's point queue expects over the coming window, per lit road
         self.red_ahead = np.zeros(R)        # share of the window the light is red
@@ -367,7 +383,7 @@ class Model:
             fade = np.exp(-1.0 / self.DELAY_SKILL_MEMORY)
             self.delay_skill = fade * self.delay_skill + np.abs(guesses - travel) / travel
             self.delay_scored += 1
-            if self.delay_scored >= self.DELAY_SKILL_MIN:
+            if self.delay_scored >= self.DELAY_SKILL_MIN and not self.delay_hold:
                 self.delay_weight = self.DELAY_WEIGHTS[int(np.argmin(self.delay_skill))]
 
     def _travel_over(self, r: int, start: float, end: float) -> float | None:
