@@ -55,8 +55,9 @@ Everything is learned from the reports, per road:
   to the power w.  w is chosen by the factor's own record (:meth:`Model._score_delay`): every
   prediction of a lit road is scored once the reports cover its window, for each w in
   DELAY_WEIGHTS (0 = no factor .. 1 = the whole factor), against the travel time the probes
-  took; the w with the least fading sum of APE over the city's lit roads wins (1 until
-  DELAY_SKILL_MIN windows were scored).  Where lights keep no schedule (actuated) the
+  took; the w with the least fading sum of APE over the city's lit roads wins (before
+  DELAY_SKILL_MIN windows were scored: the offline prior's starting exponent, chosen by
+  ``python -m fcd.train_prior`` with the correction's power against SUMO's times; 1 without one).  Where lights keep no schedule (actuated) the
   extrapolated cycle is wrong and the data turn the factor down.  Where the queue on every road
   right now is known (:meth:`Model.present`: the aggregator's state at the moment of the
   prediction), the point queue starts from it instead of from the queue at the last switch.

@@ -20,6 +20,9 @@ windows), the power of the correction and how it was made.  The power is chosen 
 own edge travel times (what fcd-validate measures), each training scenario predicted with a
 prior fitted on the others (``choose_power``), and held online for the whole run: the online
 record, scored on the probes' travel times, preferred higher powers than SUMO's times favour.
+With it, the light-delay factor's starting exponent (``light_delay``: used online until the
+factor's own record has scored Model.DELAY_SKILL_MIN windows), chosen together with the power:
+the exponent whose windows and held-out power give the least held-out ratio (``choose_exponents``).
 """
 
 from __future__ import annotations
