@@ -57,8 +57,9 @@ Everything is learned from the reports, per road:
   DELAY_WEIGHTS (0 = no factor .. 1 = the whole factor), against the travel time the probes
   took; the w with the least fading sum of APE over the city's lit roads wins (before
   DELAY_SKILL_MIN windows were scored: the offline prior's starting exponent, chosen by
-  ``python -m fcd.train_prior`` with the correction's power against SUMO's times; 1 without one).  Where lights keep no schedule (actuated) the
-  extrapolated cycle is wrong and the data turn the factor down.  Where the queue on every road
+  ``python -m fcd.train_prior`` with the correction's power against SUMO's times; 1 without
+  one).  Where lights keep no schedule (actuated) the extrapolated cycle is wrong and the data
+  turn the factor down.  Where the queue on every road
   right now is known (:meth:`Model.present`: the aggregator's state at the moment of the
   prediction), the point queue starts from it instead of from the queue at the last switch.
 - an online correction on top (:meth:`Model._score_correction`): every prediction is scored
@@ -315,6 +316,9 @@ class Model:
         self.latest_t = 0.0
         self.runs = 0
         self.observed = 0
+        # what each stage of the newest prediction gave per road (level, with the light delay,
+        # corrected): fcd-validate's decomposition reads it
+        self.stages: dict[str, np.ndarray] = {}
 
     def _timing(self) -> None:
         """Global step C and green seconds per step g_r from the (learned) timing."""
@@ -702,7 +706,6 @@ class Model:
             if not self.corr_pending[r] or self.corr_pending[r][-1][0] < now:
                 self.corr_pending[r].append((now, now + window, base[r], X[r], correction[r]))
         corrected = base * np.exp(correction * self.corr_shrink[cls])
-        # what each stage gave (fcd-validate's decomposition reads it; a debug view, not state)
         self.stages = {"level": level, "with_light_delay": base, "corrected": corrected}
         traverse = corrected * structural / np.maximum(structural[0], 1e-6)
         self.runs += 1
