@@ -55,9 +55,11 @@ Everything is learned from the reports, per road:
   to the power w.  w is chosen by the factor's own record (:meth:`Model._score_delay`): every
   prediction of a lit road is scored once the reports cover its window, for each w in
   DELAY_WEIGHTS (0 = no factor .. 1 = the whole factor), against the travel time the probes
-  took; the w with the least fading sum of APE over the city's lit roads wins (1 until
-  DELAY_SKILL_MIN windows were scored).  Where lights keep no schedule (actuated) the
-  extrapolated cycle is wrong and the data turn the factor down.  Where the queue on every road
+  took; the w with the least fading sum of APE over the city's lit roads wins (before
+  DELAY_SKILL_MIN windows were scored: the offline prior's starting exponent, chosen by
+  ``python -m fcd.train_prior`` with the correction's power against SUMO's times; 1 without
+  one).  Where lights keep no schedule (actuated) the extrapolated cycle is wrong and the data
+  turn the factor down.  Where the queue on every road
   right now is known (:meth:`Model.present`: the aggregator's state at the moment of the
   prediction), the point queue starts from it instead of from the queue at the last switch.
 - an online correction on top (:meth:`Model._score_correction`): every prediction is scored
@@ -113,6 +115,11 @@ class CorrectionPrior:
     gram: np.ndarray        # (2, CORRECTION_FEATURES, CORRECTION_FEATURES)
     power: np.ndarray       # (2,)
     hold: np.ndarray = field(default_factory=lambda: np.zeros(2, dtype=bool))   # (2,) the power is kept, the record never changes it
+    # the light-delay factor's exponent until its own record has DELAY_SKILL_MIN windows (None:
+    # 1, as before), or for the whole run where delay_hold: fcd.train_prior chose it against
+    # SUMO's edge times on its scenarios
+    delay_power: float | None = None
+    delay_hold: bool = False
 
     @classmethod
     def from_json(cls, data: dict) -> "CorrectionPrior":
@@ -131,7 +138,9 @@ class CorrectionPrior:
             beta[c], gram[c] = np.asarray(entry["beta"], dtype=float), np.asarray(entry["gram"], dtype=float)
             power[c] = float(entry["power"])
             hold[c] = bool(entry.get("hold", False))
-        return cls(known, beta, gram, power, hold)
+        delay = data.get("light_delay")
+        delay_power = float(delay["power"]) if delay else None
+        return cls(known, beta, gram, power, hold, delay_power, bool(delay and delay.get("hold", False)))
 
 
 PRIOR_FILE = "correction_prior.json"
@@ -194,9 +203,13 @@ class Model:
     CORRECTION_RANGE = 4.0       # the correction changes a prediction by at most this factor
     CORRECTION_PRIOR_WINDOWS = 300.0   # weight of the offline prior (CorrectionPrior), in scored windows
 
-    def __init__(self, city: City, turn_prior: float = 1.0, correction_prior=_PACKAGED) -> None:
+    def __init__(self, city: City, turn_prior: float = 1.0, correction_prior=_PACKAGED,
+                 delay_power: float | None = None, delay_hold: bool = False) -> None:
         """``correction_prior``: the online correction's starting point (a CorrectionPrior; by
-        default the packaged one, None: start from no correction)."""
+        default the packaged one, None: start from no correction), and the light-delay factor's
+        starting exponent, if it has one.  ``delay_power``: that exponent instead of the prior's,
+        used until the factor's record has DELAY_SKILL_MIN windows (for the whole run with
+        ``delay_hold``); fcd.train_prior chooses it so.  Without either: 1."""
         self.city = city
         R = city.n_roads
         self.lit = city.exit_light >= 0
@@ -263,6 +276,7 @@ class Model:
         self.delay_skill = np.zeros(len(self.DELAY_WEIGHTS))     # fading sum of APE per exponent
         self.delay_scored = 0
         self.delay_weight = 1.0
+        self.delay_hold = False       # the exponent is held: the record scores but does not choose
         k = self.CORRECTION_FEATURES
         # the fit's normal equations, faded in data time: sum w x x^T and sum w x y per class
         self.corr_A = np.zeros((2, k, k))
@@ -290,6 +304,10 @@ class Model:
             self.corr_beta[known] = self.corr_prior.beta[known]
             self.corr_shrink[known] = self.corr_prior.power[known]
             self.corr_hold[known] = self.corr_prior.hold[known]
+        if delay_power is None and self.corr_prior is not None and self.corr_prior.delay_power is not None:
+            delay_power, delay_hold = self.corr_prior.delay_power, self.corr_prior.delay_hold
+        if delay_power is not None:
+            self.delay_weight, self.delay_hold = float(delay_power), bool(delay_hold)
         self.corr_pending: list[deque] = [deque(maxlen=16) for _ in range(R)]
         # what the light delay's point queue expects over the coming window, per lit road
         self.red_ahead = np.zeros(R)        # share of the window the light is red
@@ -298,6 +316,9 @@ class Model:
         self.latest_t = 0.0
         self.runs = 0
         self.observed = 0
+        # what each stage of the newest prediction gave per road (level, with the light delay,
+        # corrected): fcd-validate's decomposition reads it
+        self.stages: dict[str, np.ndarray] = {}
 
     def _timing(self) -> None:
         """Global step C and green seconds per step g_r from the (learned) timing."""
@@ -367,7 +388,7 @@ class Model:
             fade = np.exp(-1.0 / self.DELAY_SKILL_MEMORY)
             self.delay_skill = fade * self.delay_skill + np.abs(guesses - travel) / travel
             self.delay_scored += 1
-            if self.delay_scored >= self.DELAY_SKILL_MIN:
+            if self.delay_scored >= self.DELAY_SKILL_MIN and not self.delay_hold:
                 self.delay_weight = self.DELAY_WEIGHTS[int(np.argmin(self.delay_skill))]
 
     def _travel_over(self, r: int, start: float, end: float) -> float | None:
@@ -684,7 +705,8 @@ class Model:
         for r in range(len(base)):
             if not self.corr_pending[r] or self.corr_pending[r][-1][0] < now:
                 self.corr_pending[r].append((now, now + window, base[r], X[r], correction[r]))
-        level = base * np.exp(correction * self.corr_shrink[cls])
-        traverse = level * structural / np.maximum(structural[0], 1e-6)
+        corrected = base * np.exp(correction * self.corr_shrink[cls])
+        self.stages = {"level": level, "with_light_delay": base, "corrected": corrected}
+        traverse = corrected * structural / np.maximum(structural[0], 1e-6)
         self.runs += 1
         return Prediction(self.runs, self.latest_t, self.cycle, n_arr, q_arr, traverse)

@@ -20,6 +20,9 @@ windows), the power of the correction and how it was made.  The power is chosen 
 own edge travel times (what fcd-validate measures), each training scenario predicted with a
 prior fitted on the others (``choose_power``), and held online for the whole run: the online
 record, scored on the probes' travel times, preferred higher powers than SUMO's times favour.
+With it, the light-delay factor's starting exponent (``light_delay``: used online until the
+factor's own record has scored Model.DELAY_SKILL_MIN windows), chosen together with the power:
+the exponent whose windows and held-out power give the least held-out ratio (``choose_exponents``).
 """
 
 from __future__ import annotations
@@ -84,10 +87,10 @@ class TrainingRun:
     window: float
 
 
-def scored_windows(name: str, lights: str, junctions: str, shape: list[str], period: float, seed: int,
-                   work: Path, duration: float, interval: float) -> tuple[list, list[str], TrainingRun]:
-    """Run one training scenario through fcd-validate's replay; the windows the model scored
-    (class, features, log(taken / predicted), weight), the commands that made it and the run."""
+def replayed(name: str, lights: str, junctions: str, shape: list[str], period: float, seed: int,
+             work: Path, duration: float, interval: float) -> tuple[list[str], TrainingRun]:
+    """Run one training scenario through fcd-validate's replay: the commands that made it and the
+    run (what predictions_from and compare_traverse need)."""
     from fcd.city import from_sumo_net
     from fcd.sumo import read_edgedata, read_fcd, read_tls
     from fcd.trace import Trace
@@ -99,23 +102,59 @@ def scored_windows(name: str, lights: str, junctions: str, shape: list[str], per
     switches, _ = read_tls(outputs["tls"], city)
     trace = Trace(city, probes, switches, meta={"source": "sumo", "scenario": name})
     boundaries = list(np.arange(sc.begin, sc.end, interval))
-    # its own predictions are made below: the packaged prior (stale after a feature change) is not needed
+    # the windows are scored below by a model of its own: the packaged prior (the one being
+    # replaced, refused after a feature change) is not needed
     rep = replay(trace, boundaries, window=interval, present=True, correction_prior=False)
-    model = Model(city, correction_prior=None)
-    model.correction_log = []
-    predictions_from(city, rep.reports, boundaries, interval, rep.present, model=model)
     run = TrainingRun(name, city, rep.reports, rep.present, boundaries, read_edgedata(outputs["edges"], city),
                       sc.begin + WARMUP, interval)
     # netgenerate's and randomTrips' commands (relative paths: the file does not depend on --work)
-    return model.correction_log, sc.commands[:2], run
+    return sc.commands[:2], run
 
 
-def choose_power(runs: list[TrainingRun], windows: list[list], classes=PRIOR_CLASSES) -> dict:
+def scored_windows(run: TrainingRun, delay_power: float | None) -> list:
+    """The windows the model scored on ``run`` (class, features, log(taken / predicted), weight),
+    starting from no correction, the light-delay factor's exponent from ``delay_power`` (then
+    its own record's choice, as online)."""
+    from fcd.validate import predictions_from
+    model = Model(run.city, correction_prior=None, delay_power=delay_power)
+    model.correction_log = []
+    predictions_from(run.city, run.reports, run.boundaries, run.window, run.present, model=model)
+    return model.correction_log
+
+
+def choose_exponents(runs: list[TrainingRun], classes=PRIOR_CLASSES) -> tuple[dict, list[list], dict]:
+    """The light-delay factor's starting exponent (until its own record has DELAY_SKILL_MIN
+    windows, as online) and the correction's power (held): for each exponent in
+    Model.DELAY_WEIGHTS the training scenarios' windows are scored starting from it, and each
+    class's power chosen on held-out scenarios with it (:func:`choose_power`); the exponent whose
+    best power gives the least mean held-out ratio to free flow's MAPE against SUMO's edge times
+    wins (the lit class's, or the first class's without one).  Returns (the exponent's record
+    {"power", "held_out_ratio_by_power", "hold": False}, the windows scored with it per scenario,
+    choose_power's result with it)."""
+    judge = "lit" if "lit" in classes else classes[0]
+    best = None
+    ratios = {}
+    for power in Model.DELAY_WEIGHTS:
+        windows = [scored_windows(run, power) for run in runs]
+        chosen = choose_power(runs, windows, classes, power)
+        ratio = chosen[judge]["held_out_ratio_by_power"][str(chosen[judge]["power"])]
+        ratios[str(power)] = ratio
+        log.info("light-delay exponent %s: correction power %s, held-out ratio %.4f", power,
+                 chosen[judge]["power"], ratio)
+        if best is None or ratio < best[0]:
+            best = (ratio, power, windows, chosen)
+    _, power, windows, chosen = best
+    return {"power": power, "held_out_ratio_by_power": ratios, "hold": False}, windows, chosen
+
+
+def choose_power(runs: list[TrainingRun], windows: list[list], classes=PRIOR_CLASSES,
+                 delay_power: float | None = None) -> dict:
     """Per class in ``classes``: the power of the correction, held for the whole run, with the
     least mean ratio of the model's traverse-time MAPE to free flow's against SUMO's own edge
     travel times (what fcd-validate measures), each training scenario predicted with a prior
     fitted on the other scenarios' windows only (``windows[i]``: scenario i's; leave one
-    scenario out, so the power is not chosen in sample).  Scenarios without a road of the
+    scenario out, so the power is not chosen in sample; the light-delay exponent held at
+    ``delay_power``, as the windows were scored).  Scenarios without a road of the
     class are skipped.  Returns {class: {"power": p, "held_out_ratio_by_power": {p: mean}}}."""
     from fcd.validate import compare_traverse, predictions_from
     k = Model.CORRECTION_FEATURES
@@ -132,7 +171,7 @@ def choose_power(runs: list[TrainingRun], windows: list[list], classes=PRIOR_CLA
             for power in Model.CORRECTION_SHRINKS:
                 fold[name]["power"], fold[name]["hold"] = power, True
                 prior = CorrectionPrior.from_json({"features": k, "classes": fold})
-                model = Model(run.city, correction_prior=prior)
+                model = Model(run.city, correction_prior=prior, delay_power=delay_power)
                 predictions = predictions_from(run.city, run.reports, run.boundaries, run.window, run.present,
                                                model=model)
                 traverse = compare_traverse(run.city, run.edges, predictions, run.warmup)
@@ -201,26 +240,33 @@ def run(args, stats) -> int:
     try:
         for i, (name, lights, junctions, shape, period) in enumerate(TRAINING):
             seed = TRAINING_SEED_BASE + i
-            got, commands, replayed = scored_windows(name, lights, junctions, shape, period, seed, work / name,
-                                                     args.duration, args.interval)
-            windows += got
-            per_scenario.append(got)
-            runs.append(replayed)
-            scenarios.append({"name": name, "seed": seed, "windows": len(got), "commands": commands})
-            print(f"{name}: {len(got)} scored windows", flush=True)
+            commands, run = replayed(name, lights, junctions, shape, period, seed, work / name,
+                                     args.duration, args.interval)
+            runs.append(run)
+            scenarios.append({"name": name, "seed": seed, "commands": commands})
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    # the light-delay factor's starting exponent and the correction's power chosen together on
+    # held-out training scenarios against SUMO's times (the correction's power held online: its
+    # record, scored on the probes' times, chose powers SUMO's times do not favour; docs/fcd.md)
+    delay, per_scenario, chosen_powers = choose_exponents(runs, classes)
+    print(f"light delay: power {delay['power']} (held-out ratio to free flow by power: "
+          f"{ {p: round(m, 4) for p, m in delay['held_out_ratio_by_power'].items()} })", flush=True)
+    for scenario, got in zip(scenarios, per_scenario):
+        windows += got
+        scenario["windows"] = len(got)
+        print(f"{scenario['name']}: {len(got)} scored windows", flush=True)
     fitted = fit(windows, classes)
     # the power used online: chosen against SUMO's edge times on held-out scenarios and held for
     # the whole run (the online record, scored on the probes' travel times, chose higher powers
     # than SUMO's times favour: docs/fcd.md)
-    for name, chosen in choose_power(runs, per_scenario, classes).items():
+    for name, chosen in chosen_powers.items():
         fitted[name]["power_in_sample"] = fitted[name]["power"]
         fitted[name].update(chosen, hold=True)
         print(f"{name}: power {chosen['power']} (held-out ratio to free flow by power: "
               f"{ {p: round(m, 4) for p, m in chosen['held_out_ratio_by_power'].items()} })", flush=True)
-    data = {"features": Model.CORRECTION_FEATURES, "classes": fitted,
+    data = {"features": Model.CORRECTION_FEATURES, "classes": fitted, "light_delay": delay,
             "generated_by": f"python -m fcd.train_prior --classes {','.join(classes)} --duration {args.duration:g} "
                             f"--interval {args.interval:g}", "duration": args.duration, "interval": args.interval,
             "training": scenarios,

@@ -198,3 +198,89 @@ def test_choose_power_scores_each_scenario_with_a_prior_fitted_on_the_others(hal
         others = np.mean([v for j, v in enumerate(ys) if j != i])
         for beta0, power, hold in seen[i * shrinks:(i + 1) * shrinks]:
             assert abs(beta0 - others) < 0.01 and hold
+
+
+def _switching_road(model, city, road, cycles):
+    """A lit road whose light switches every 30 s, its cars taking the free-flow time (so the
+    light-delay factor's record prefers no factor), predicted at every switch."""
+    length, free = city.length[road], city.length[road] / city.speed[road]
+    model.window = 60.0
+    for k in range(1, 2 * cycles):
+        t = 30.0 * k
+        green = k % 2 == 0
+        model.observe(RoadReport(road, t, green, queue=0 if green else 4, cars=4, density=0.0,
+                                 mean_speed=city.speed[road], departures=4 if not green else 0, interval=30.0,
+                                 was_green=not green, samples=120.0, distance=120.0 * length / free))
+        model.predict(1, now=t)
+
+
+def test_light_delay_exponent_starts_from_the_given_one_then_its_record_chooses(half_lit):
+    """Model(delay_power=): the light-delay factor's exponent until its record has DELAY_SKILL_MIN
+    scored windows (fcd.train_prior chooses it against SUMO's times; 1 without it), then the
+    record's choice, exactly as a model started from 1; with delay_hold the given one for good."""
+    city = half_lit
+    road = int(np.flatnonzero(city.exit_light >= 0)[0])
+    early = Model(city, correction_prior=None, delay_power=0.75)
+    _switching_road(early, city, road, 6)
+    assert 0 < early.delay_scored < Model.DELAY_SKILL_MIN and early.delay_weight == 0.75
+    started, plain = Model(city, correction_prior=None, delay_power=0.75), Model(city, correction_prior=None)
+    held = Model(city, correction_prior=None, delay_power=0.75, delay_hold=True)
+    for model in (started, plain, held):
+        _switching_road(model, city, road, 60)
+    assert held.delay_scored >= Model.DELAY_SKILL_MIN
+    assert started.delay_weight == plain.delay_weight != 0.75 and not started.delay_hold
+    assert held.delay_weight == 0.75 and held.delay_hold
+    assert np.array_equal(held.delay_skill, started.delay_skill)     # the same record, only the choice differs
+
+
+def test_prior_file_carries_the_light_delay_exponent():
+    data = {"features": K, "classes": {"unlit": None, "lit": None}, "light_delay": {"power": 0.5, "hold": False}}
+    prior = CorrectionPrior.from_json(data)
+    assert prior.delay_power == 0.5 and not prior.delay_hold
+    model = Model(grid_city(2, 2), correction_prior=prior)
+    assert model.delay_weight == 0.5 and not model.delay_hold
+    data["light_delay"]["hold"] = True
+    assert Model(grid_city(2, 2), correction_prior=CorrectionPrior.from_json(data)).delay_hold
+    # an older file without it: 1, then the record, as before
+    del data["light_delay"]
+    assert CorrectionPrior.from_json(data).delay_power is None
+    model = Model(grid_city(2, 2), correction_prior=CorrectionPrior.from_json(data))
+    assert model.delay_weight == 1.0 and not model.delay_hold
+
+
+def test_packaged_prior_starts_the_light_delay_exponent_chosen_on_the_training_scenarios():
+    import json
+    from importlib import resources
+    data = json.loads((resources.files("fcd") / "data" / "correction_prior.json").read_text())
+    delay = data["light_delay"]
+    ratios = {float(p): m for p, m in delay["held_out_ratio_by_power"].items()}
+    assert delay["hold"] is False and delay["power"] == min(ratios, key=ratios.get)
+    assert packaged_prior().delay_power == delay["power"]
+
+
+def test_choose_exponents_picks_the_pair_with_the_least_held_out_ratio(half_lit, monkeypatch):
+    """choose_exponents: for every light-delay exponent the windows are scored with it held and
+    the correction's power chosen on held-out scenarios with it; the exponent whose best power
+    has the least held-out ratio wins, with its windows and powers (here a bowl at 0.5 / 0.25)."""
+    from fcd.train_prior import TrainingRun, choose_exponents
+    runs = [TrainingRun("lit", half_lit, [], {}, [0.0], [], 0.0, 60.0)]
+    table = {(d, c): 1.0 + (d - 0.5) ** 2 + (c - 0.25) ** 2 for d in Model.DELAY_WEIGHTS for c in Model.CORRECTION_SHRINKS}
+    scored = []
+
+    def fake_windows(run, delay_power):
+        scored.append(delay_power)
+        return [("windows at", delay_power)]
+
+    def fake_power(runs, windows, classes, delay_power):
+        assert windows == [[("windows at", delay_power)]]
+        ratios = {str(c): table[(delay_power, c)] for c in Model.CORRECTION_SHRINKS}
+        return {"lit": {"power": min(Model.CORRECTION_SHRINKS, key=lambda c: table[(delay_power, c)]),
+                        "held_out_ratio_by_power": ratios}}
+
+    monkeypatch.setattr(train_prior, "scored_windows", fake_windows)
+    monkeypatch.setattr(train_prior, "choose_power", fake_power)
+    delay, windows, chosen = choose_exponents(runs, ("lit",))
+    assert scored == list(Model.DELAY_WEIGHTS)
+    assert delay["power"] == 0.5 and not delay["hold"] and windows == [[("windows at", 0.5)]]
+    assert chosen["lit"]["power"] == 0.25
+    assert delay["held_out_ratio_by_power"]["0.5"] == pytest.approx(1.0)
