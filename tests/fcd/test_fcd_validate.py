@@ -132,3 +132,27 @@ def test_all_mixes_with_names_and_files_once_each(tmp_path):
     cfg.write_text("<configuration/>")
     others = [s for s in ALL_SCENARIOS if s != "cologne1"]
     assert _scenarios(f"cologne1,all,{cfg}") == ["cologne1", *others, str(cfg.resolve())]
+
+
+def test_held_out_names_sumo_rl_networks_outside_the_validation_set():
+    need("sumo_rl", "the held-out networks come with sumo-rl")
+    from pathlib import Path
+
+    from fcd.validate import ALL_SCENARIOS, _scenarios, resco_dir
+    held_out = _scenarios("held-out")
+    assert len(held_out) == 8 and all(Path(p).is_file() and p.endswith(".sumocfg") for p in held_out)
+    cuts = {n.removesuffix("-actuated") for n in ALL_SCENARIOS}
+    assert not cuts & {Path(p).parent.name for p in held_out}      # no validation network among them
+    assert all(Path(p).is_relative_to(resco_dir().parent) for p in held_out)
+
+
+def test_a_network_without_lights_has_no_queue_or_switch_targets_to_miss():
+    from fcd.validate import all_met, check_targets
+    traverse = {"all": {"model_vs_free_flow": 0.5, "model_vs_persistence": 0.5}}
+    unlit = {"queue": {}, "traverse": traverse, "routes": {}, "light_switches": 0, "reports_per_switch_roads": 0.0}
+    targets = check_targets(unlit)
+    assert targets["queue_mae"] is None and targets["queue_r"] is None
+    assert targets["every_controlled_road_reported_at_every_switch"] is None
+    assert targets["traverse_vs_free_flow"] is True and all_met(targets)
+    lit = dict(unlit, light_switches=12)          # lights that switched but no queue compared: a miss
+    assert check_targets(lit)["queue_mae"] is False and not all_met(check_targets(lit))
