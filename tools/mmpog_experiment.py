@@ -232,8 +232,9 @@ def analyse(bots: list[Bot], deadline: float) -> dict:
 
 
 async def run_experiment(params: Params, say: Callable[[str], None] | None = None,
-                         stop: asyncio.Event | None = None) -> dict:
-    """Run one bots session on loopback; returns the JSON-able figures."""
+                         stop: asyncio.Event | None = None, bots_out: list | None = None) -> dict:
+    """Run one bots session on loopback; returns the JSON-able figures (and extends ``bots_out``, when
+    given, with every :class:`Bot`: per-update data for ``tools.mmpog_hops``)."""
     params.validate()
     say = say or (lambda line: None)
     stop = stop or asyncio.Event()
@@ -417,6 +418,8 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         "deadline": params.deadline, "reflector_mode": params.reflector_mode,
     }
     result.update(analyse(bots, params.deadline))
+    if bots_out is not None:
+        bots_out.extend(bots)
     io_delta = {name: after["io"].get(name, 0) - before["io"].get(name, 0)
                 for name in ("datagrams_out", "datagrams_in", "updates_out", "redundant_copies_out")}
     totals = final["totals"]
