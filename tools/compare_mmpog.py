@@ -461,6 +461,7 @@ def run_relay_stack(stack: str, w: Workload, port: int, updates: dict | None = N
     ``updates``, when given, gets ``sent`` {(sender, number): (send time, reliable)} and ``got``
     {(receiver, sender, number): latency}: the per-update input of ``tools.mmpog_hops``."""
     from tools.mmpog_experiment import _throttled, cpu_budgets
+    from tools.mmpog_hops import sleeps
 
     ctx = multiprocessing.get_context("fork")
     stop, relay_ready = ctx.Event(), ctx.Event()
@@ -494,11 +495,13 @@ def run_relay_stack(stack: str, w: Workload, port: int, updates: dict | None = N
         time.sleep(max(0.0, t_start - time.monotonic()))
         before = list(counters)
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        sleeps_before = {name: sleeps(pid) for name, pid in pids.items()}
         throttled_before = _throttled(budgets, list(pids))
         time.sleep(max(0.0, t_start + w.duration - time.monotonic()))
         after = list(counters)
         played = time.monotonic() - t_start
         cpu_share = {name: round((cpu_seconds(pid) - cpu_before[name]) / played, 3) for name, pid in pids.items()}
+        wakeups = {name: round((sleeps(pid) - sleeps_before[name]) / played) for name, pid in pids.items()}
         throttled = {name: count - throttled_before[name] for name, count in _throttled(budgets, list(pids)).items()}
         results = [json.loads(out.get(timeout=w.duration + max(w.drain, w.drain_limit) + 120)) for _ in workers]
         for proc in workers:
@@ -522,6 +525,7 @@ def run_relay_stack(stack: str, w: Workload, port: int, updates: dict | None = N
     out_section["updates_relayed_per_s"] = round((after[0] - before[0]) / played, 1)
     out_section["datagrams_sent_per_s"] = round((after[1] - before[1]) / played, 1)
     out_section["cpu_share"] = cpu_share
+    out_section["wakeups_per_s"] = wakeups
     out_section["drain"] = {"seconds": max(r["drain"]["seconds"] for r in results),
                             "settled": all(r["drain"]["settled"] for r in results)}
     out_section["cpu_budget"] = {"cores_per_role": w.budget or None, "period_us": w.budget_period_us,
@@ -554,6 +558,7 @@ def run_mmpog_stack(w: Workload, port: int, updates: dict | None = None) -> dict
     out["stack"] = "mmpog (reflector " + w.reflector_mode + ")"
     out["retransmissions"] = result.get("retransmissions_detail")
     out["cpu_share"] = result.get("cpu_share")
+    out["wakeups_per_s"] = result.get("wakeups_per_s")
     out["cpu_budget"] = result.get("cpu_budget")
     return out
 

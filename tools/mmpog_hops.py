@@ -55,6 +55,20 @@ HOPS = ("sender", "relay", "receiver", "to_socket", "to_game")
 RELAY_PARTS = ("relay_first", "relay_fanout")
 
 
+def sleeps(pid: int) -> int:
+    """How many times the process's threads went to sleep (voluntary context switches): each is a
+    wake-up to pay for later, which a per-update CPU figure does not show."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass            # a thread that ended meanwhile
+    return total
+
+
 def realtime_offset(samples: int = 200) -> float:
     """CLOCK_REALTIME - CLOCK_MONOTONIC in seconds, from the tightest of ``samples`` bracketed reads."""
     best = None
@@ -188,8 +202,8 @@ def analyse(stack: str, captured: dict, port: int, sent: dict, got: dict, arrive
 
 
 def table(result: dict) -> str:
-    lines = ["| run | stack | sender p50/p90 | relay p50/p90 | receiver p50/p90 | to socket p50/p90 | to game p50/p90 | CPU relay / bots |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | stack | sender p50/p90 | relay p50/p90 | receiver p50/p90 | to socket p50/p90 | to game p50/p90 | CPU relay / bots | wake-ups/s relay / bots |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for run in result["runs"]:
         w = run["workload"]
         label = f"{w['players']}x{w['locations']} {w['loss']:.0%} w{w['workers']} b{w['budget']:g}"
@@ -199,7 +213,11 @@ def table(result: dict) -> str:
             cpu = run[stack].get("cpu_share") or {}
             server = cpu.get("relay", cpu.get("reflector"))
             bots = round(sum(v for k, v in cpu.items() if k.startswith("worker")), 3)
-            lines.append(f"| {label} | {stack} | " + " | ".join(cells) + f" | {server} / {bots} |")
+            wakeups = run[stack].get("wakeups_per_s") or {}
+            relay_wakeups = wakeups.get("relay", wakeups.get("reflector"))
+            bots_wakeups = sum(v for k, v in wakeups.items() if k.startswith("worker"))
+            lines.append(f"| {label} | {stack} | " + " | ".join(cells) + f" | {server} / {bots} | "
+                         f"{relay_wakeups} / {bots_wakeups} |")
             label = ""
     return "\n".join(lines)
 
