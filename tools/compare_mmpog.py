@@ -543,7 +543,8 @@ def run_mmpog_stack(w: Workload, port: int, updates: dict | None = None) -> dict
     params = Params(players=w.players, locations=w.locations, duration=w.duration, loss=0.0, loss_mode="none",
                     rate=w.rate, reliable_fraction=w.reliable_fraction, deadline=w.deadline, payload=w.payload,
                     move_interval=1e9, seed=w.seed, reflector_mode=w.reflector_mode, reflector_port=port,
-                    workers=w.workers, drain=w.drain, budget=w.budget, budget_period_us=w.budget_period_us)
+                    workers=w.workers, drain=w.drain, budget=w.budget, budget_period_us=w.budget_period_us,
+                    bots_in_process=False)     # the bots in worker processes of their own, as KCP's and ENet's
     bots: list = []
     result = asyncio.run(run_experiment(params, bots_out=bots))
     if updates is not None:

@@ -318,7 +318,7 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
                 return t_start_box[0]
 
             workers = []
-            if params.workers == 1 and budgets is None:
+            if params.workers == 1 and budgets is None and params.bots_in_process:
                 local = supervisor.spawn(run_bots(groups[0], params, server_url, reflector_map, start_at, stop),
                                          name="bots")
                 join_waits = [supervisor.spawn(joined.wait(), name="joined", critical=False)]

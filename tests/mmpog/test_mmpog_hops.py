@@ -78,3 +78,20 @@ def test_a_kcp_session_captured_in_a_namespace_has_every_unreliable_delivery_spl
     assert section["hops"]["capture_kernel_drops"] == 0
     for hop in ("sender", "relay", "receiver"):
         assert 0 < hops[hop]["p50"] < 100                      # ms: stamps and send times on one clock
+
+
+def test_the_comparison_runs_mmpogs_bots_in_a_worker_process_even_alone_and_unbudgeted():
+    # mmpog-bots runs one unbudgeted worker's bots inside its own process, beside the game server;
+    # the comparison gives them a process of their own, as KCP's and ENet's bots have
+    import socket
+
+    from boxcore.procs import free_port
+    from tools.compare_mmpog import Workload, run_mmpog_stack
+
+    w = Workload(players=3, locations=1, duration=1.0, loss=0.0, workers=1, budget=0.0, drain=0.5)
+    updates: dict = {}
+    section = run_mmpog_stack(w, free_port(socket.SOCK_DGRAM), updates)
+    assert set(section["cpu_share"]) == {"reflector", "worker0"}
+    assert set(section["wakeups_per_s"]) == {"reflector", "worker0"} and section["wakeups_per_s"]["worker0"] > 0
+    assert updates["sent"] and len(updates["got"]) == 2 * len(updates["sent"])    # per-update data handed over
+
