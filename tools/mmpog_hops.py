@@ -222,6 +222,41 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def cold_cost(sleeps: list[float], updates: int = 3000) -> dict:
+    """CPU (thread time) of the reflector's core for one unreliable update from one of 8 members
+    (``receive_datagram`` + ``datagrams_to_send``), called back to back (a sleep of 0) or with the
+    process asleep for each of ``sleeps`` seconds before each call, as a relay woken per datagram
+    is; and the same interval with nothing in it (the floor).  Microseconds, p50 / p90."""
+    from mmpog.recv_bench import _joined_pair
+
+    core, endpoints = _joined_pair(8, 1000.0)
+    payload = bytes(64)
+    thread_ns = time.thread_time_ns
+    out = {}
+    for pause in sleeps:
+        work, empty = [], []
+        now = 1000.0
+        for index in range(updates):
+            now += 0.0003
+            endpoint = endpoints[index % len(endpoints)]
+            endpoint.send(payload, now, reliable=False)
+            (data,) = endpoint.datagrams_to_send(now)
+            address = ("127.0.0.1", 1000 + endpoint.player)
+            if pause:
+                time.sleep(pause)
+            started = thread_ns()
+            core.receive_datagram(data, address, now)
+            core.datagrams_to_send(now)
+            work.append((thread_ns() - started) / 1e3)
+            if pause:
+                time.sleep(pause)
+            started = thread_ns()
+            empty.append((thread_ns() - started) / 1e3)
+        out[str(pause)] = {"core_us": {"p50": round(percentile(work, 0.5), 1), "p90": round(percentile(work, 0.9), 1)},
+                           "floor_us": {"p50": round(percentile(empty, 0.5), 1), "p90": round(percentile(empty, 0.9), 1)}}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from tools.compare_mmpog import STACKS, Workload, compare
 
@@ -234,7 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="4", help="comma-separated: one run per value")
     parser.add_argument("--budget", default="0.5", help="cores per role, comma-separated: one run per value; 0: none")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--cold", metavar="SECONDS", help="instead: the reflector core's CPU per update after "
+                        "each of these sleeps, comma-separated (0: back to back; see cold_cost)")
     args = parser.parse_args(argv)
+    if args.cold is not None:
+        result = cold_cost([float(x) for x in args.cold.split(",")])
+        print(json.dumps(result, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return 0
     stacks = [s for s in args.stacks.split(",") if s]
     if any(s not in STACKS for s in stacks):
         parser.error(f"--stacks: one of {', '.join(STACKS)}")

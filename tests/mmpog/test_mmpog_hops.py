@@ -95,3 +95,13 @@ def test_the_comparison_runs_mmpogs_bots_in_a_worker_process_even_alone_and_unbu
     assert set(section["wakeups_per_s"]) == {"reflector", "worker0"} and section["wakeups_per_s"]["worker0"] > 0
     assert updates["sent"] and len(updates["got"]) == 2 * len(updates["sent"])    # per-update data handed over
 
+
+
+def test_cold_cost_times_the_reflector_core_after_each_sleep():
+    from tools.mmpog_hops import cold_cost
+
+    result = cold_cost([0.0, 0.001], updates=200)
+    assert set(result) == {"0.0", "0.001"}
+    for figures in result.values():
+        assert figures["core_us"]["p50"] > 0 and figures["core_us"]["p90"] >= figures["core_us"]["p50"]
+        assert figures["floor_us"]["p50"] >= 0
