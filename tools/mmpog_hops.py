@@ -14,8 +14,12 @@ datagram and any framing are fine), which gives per delivery (receiver, sender, 
 * ``game``: when the receiver's game had it (each stack's own latency figure: for mmpog the
   ``now`` of the read that brought it, for the relays' bots ``time.monotonic()`` in ``on_update``).
 
-and the hops ``sender`` = in - send, ``relay`` = out - in, ``receiver`` = game - out, with
-``to_socket`` = out - send and ``to_game`` = game - send, as p50 / p90 / p99 per stack.
+and the hops ``sender`` = in - send, ``relay`` = out - in (split into ``relay_first``, until the
+relay's first datagram of the update left, and ``relay_fanout``, this receiver's place after it),
+``receiver`` = game - out, with ``to_socket`` = out - send and ``to_game`` = game - send, as
+p50 / p90 / p99 per stack and class.  Each section also has every role's ``cpu_share`` and
+``wakeups_per_s`` (CPU per wake-up is their ratio).  ``--cold`` instead times the reflector's core
+after the process slept (:func:`cold_cost`).  docs/mmpog.md has the figures.
 
 ``python -m tools.mmpog_hops --stacks mmpog,kcp,enet --players 32 --locations 4 --loss 0.01
 --duration 10 --workers 4 --budget 0.5 --json F`` (root: each stack in its own namespace).
@@ -31,7 +35,6 @@ import socket
 import struct
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from boxcore.udpbatch import SO_TIMESTAMPNS
@@ -94,7 +97,8 @@ def capture(ready, stop, path: str) -> None:
     cpu_start = time.process_time()
     records = []
     ready.set()
-    while not stop.is_set():
+    while True:
+        stopping = stop.is_set()          # one more drain after the stop: nothing stamped is left out
         # drained every POLL seconds, not woken per datagram: the kernel has stamped each one on
         # arrival, and a capture process woken 10k times a second would be one more process for
         # the stacks' processes to wait behind on two cores
@@ -114,6 +118,8 @@ def capture(ready, stop, path: str) -> None:
                     seconds, nanoseconds = TIMESTAMP.unpack_from(value)
                     stamp = seconds * 1_000_000_000 + nanoseconds
             records.append((stamp, source, destination, data[header + 8:]))
+        if stopping:
+            break
     packets, drops = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
     offset = (offset_start + realtime_offset()) / 2
     with open(path, "wb") as f:
