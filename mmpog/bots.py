@@ -212,6 +212,9 @@ class Params:
     drain: float = 1.5
     min_rto: float = ClientConfig().min_rto   # the clients' RTO sanity bound (the RTO itself follows the path)
     workers: int = 1                  # bot processes (the bots' receive path is the experiment's heaviest part)
+    bots_in_process: bool = True      # one worker and no budget: the bots run in the experiment's own process,
+                                      # beside the game server (False: a worker process, as the comparison's
+                                      # KCP and ENet bots always have)
     budget: float = 0.0               # CPU cores per role (reflector, each bots worker, relay): its own cgroup; 0: none
     budget_period_us: int = 10_000    # CFS period: short, so a throttled role stalls for milliseconds, not 100 ms
     recvmmsg: bool = True             # the bots read their sockets with recvmmsg (False: one recvmsg per datagram)

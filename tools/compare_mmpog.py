@@ -37,6 +37,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import pickle
 import random
 import socket
 import struct
@@ -74,6 +75,7 @@ class Workload:
     reflector_mode: str = "standalone"
     budget: float = 0.0               # CPU cores per role (relay or reflector, each bots worker); 0: none
     budget_period_us: int = 10_000
+    hops: bool = False                # capture the namespace's loopback: each section gets ``hops`` (tools.mmpog_hops)
 
     def location_of(self, index: int) -> int:
         # mmpog-bots draws the first location with this generator's first call
@@ -453,9 +455,13 @@ def bots_worker(stack: str, indices: list[int], w: Workload, relay: tuple[str, i
                         "drain": {"seconds": round(time.monotonic() - drain_start, 3), "settled": settled()}}))
 
 
-def run_relay_stack(stack: str, w: Workload, port: int) -> dict:
-    """KCP or ENet: the relay and the bots (``w.workers`` processes) on loopback, port ``port``."""
+def run_relay_stack(stack: str, w: Workload, port: int, updates: dict | None = None) -> dict:
+    """KCP or ENet: the relay and the bots (``w.workers`` processes) on loopback, port ``port``.
+
+    ``updates``, when given, gets ``sent`` {(sender, number): (send time, reliable)} and ``got``
+    {(receiver, sender, number): latency}: the per-update input of ``tools.mmpog_hops``."""
     from tools.mmpog_experiment import _throttled, cpu_budgets
+    from tools.mmpog_hops import sleeps
 
     ctx = multiprocessing.get_context("fork")
     stop, relay_ready = ctx.Event(), ctx.Event()
@@ -489,11 +495,13 @@ def run_relay_stack(stack: str, w: Workload, port: int) -> dict:
         time.sleep(max(0.0, t_start - time.monotonic()))
         before = list(counters)
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        sleeps_before = {name: sleeps(pid) for name, pid in pids.items()}
         throttled_before = _throttled(budgets, list(pids))
         time.sleep(max(0.0, t_start + w.duration - time.monotonic()))
         after = list(counters)
         played = time.monotonic() - t_start
         cpu_share = {name: round((cpu_seconds(pid) - cpu_before[name]) / played, 3) for name, pid in pids.items()}
+        wakeups = {name: round((sleeps(pid) - sleeps_before[name]) / played) for name, pid in pids.items()}
         throttled = {name: count - throttled_before[name] for name, count in _throttled(budgets, list(pids)).items()}
         results = [json.loads(out.get(timeout=w.duration + max(w.drain, w.drain_limit) + 120)) for _ in workers]
         for proc in workers:
@@ -511,9 +519,13 @@ def run_relay_stack(stack: str, w: Workload, port: int) -> dict:
         got.update({(r, s, n): lat for r, s, n, lat in result["got"]})
         duplicates += result["duplicates"]
     out_section = analyse(w, sent, got, duplicates, t_start)
+    if updates is not None:
+        updates["sent"] = {(bot, number): (at, reliable) for bot, number, _, reliable, at in sent}
+        updates["got"] = got
     out_section["updates_relayed_per_s"] = round((after[0] - before[0]) / played, 1)
     out_section["datagrams_sent_per_s"] = round((after[1] - before[1]) / played, 1)
     out_section["cpu_share"] = cpu_share
+    out_section["wakeups_per_s"] = wakeups
     out_section["drain"] = {"seconds": max(r["drain"]["seconds"] for r in results),
                             "settled": all(r["drain"]["settled"] for r in results)}
     out_section["cpu_budget"] = {"cores_per_role": w.budget or None, "period_us": w.budget_period_us,
@@ -523,15 +535,23 @@ def run_relay_stack(stack: str, w: Workload, port: int) -> dict:
     return out_section
 
 
-def run_mmpog_stack(w: Workload, port: int) -> dict:
+def run_mmpog_stack(w: Workload, port: int, updates: dict | None = None) -> dict:
+    """``updates`` as in :func:`run_relay_stack`, and ``arrived``: the latency at the receiving socket."""
     from mmpog.bots import Params
     from tools.mmpog_experiment import run_experiment
 
     params = Params(players=w.players, locations=w.locations, duration=w.duration, loss=0.0, loss_mode="none",
                     rate=w.rate, reliable_fraction=w.reliable_fraction, deadline=w.deadline, payload=w.payload,
                     move_interval=1e9, seed=w.seed, reflector_mode=w.reflector_mode, reflector_port=port,
-                    workers=w.workers, drain=w.drain, budget=w.budget, budget_period_us=w.budget_period_us)
-    result = asyncio.run(run_experiment(params))
+                    workers=w.workers, drain=w.drain, budget=w.budget, budget_period_us=w.budget_period_us,
+                    bots_in_process=False)     # the bots in worker processes of their own, as KCP's and ENet's
+    bots: list = []
+    result = asyncio.run(run_experiment(params, bots_out=bots))
+    if updates is not None:
+        updates["sent"] = {(bot.index, number): (at, reliable) for bot in bots for number, at, _, reliable in bot.sent}
+        updates["got"] = {(bot.index, sender, number): lat for bot in bots for (sender, number), lat in bot.got.items()}
+        updates["arrived"] = {(bot.index, sender, number): lat for bot in bots
+                              for (sender, number), lat in bot.arrived.items()}
     out = {name: result[name] for name in ("reliable", "unreliable")}
     out["duplicates_delivered"] = result["duplicates_delivered"]
     out["updates_relayed_per_s"] = result.get("reflector_updates_per_s")
@@ -539,6 +559,7 @@ def run_mmpog_stack(w: Workload, port: int) -> dict:
     out["stack"] = "mmpog (reflector " + w.reflector_mode + ")"
     out["retransmissions"] = result.get("retransmissions_detail")
     out["cpu_share"] = result.get("cpu_share")
+    out["wakeups_per_s"] = result.get("wakeups_per_s")
     out["cpu_budget"] = result.get("cpu_budget")
     return out
 
@@ -654,7 +675,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
     w = Workload(**json.loads(args.workload))
-    section = run_mmpog_stack(w, args.port) if args.child == "mmpog" else run_relay_stack(args.child, w, args.port)
+    if not w.hops:
+        section = run_mmpog_stack(w, args.port) if args.child == "mmpog" else run_relay_stack(args.child, w, args.port)
+        args.json.write_text(json.dumps(section, indent=2))
+        return 0
+    from tools import mmpog_hops
+
+    ctx = multiprocessing.get_context("fork")
+    ready, stop = ctx.Event(), ctx.Event()
+    captured_path = args.json.with_suffix(".capture")
+    capturer = ctx.Process(target=mmpog_hops.capture, args=(ready, stop, str(captured_path)))
+    capturer.start()
+    try:
+        if not ready.wait(10):
+            raise RuntimeError("the loopback capture did not start")
+        updates: dict = {}
+        section = (run_mmpog_stack(w, args.port, updates) if args.child == "mmpog"
+                   else run_relay_stack(args.child, w, args.port, updates))
+    finally:
+        stop.set()
+        capturer.join(60)
+    captured = pickle.loads(captured_path.read_bytes())
+    section["hops"] = mmpog_hops.analyse(args.child, captured, args.port, updates["sent"], updates["got"],
+                                         updates.get("arrived"))
     args.json.write_text(json.dumps(section, indent=2))
     return 0
 

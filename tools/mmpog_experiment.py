@@ -47,6 +47,7 @@ from boxcore.procs import ProcessGroup, free_port, python_module
 from cliruntime import ConfigError, RunContext, make_parser, non_negative_float, positive_int, probability, run_async
 from cliruntime.supervisor import Supervisor
 from mmpog.bots import CELL, GUARD, Bot, Params, load_bots, run_bots
+from tools.mmpog_hops import sleeps
 from mmpog.reliability import ClientConfig
 from mmpog.server import GameServer, ReflectorInfo, World
 from tools.stats import cpu_seconds
@@ -232,8 +233,9 @@ def analyse(bots: list[Bot], deadline: float) -> dict:
 
 
 async def run_experiment(params: Params, say: Callable[[str], None] | None = None,
-                         stop: asyncio.Event | None = None) -> dict:
-    """Run one bots session on loopback; returns the JSON-able figures."""
+                         stop: asyncio.Event | None = None, bots_out: list | None = None) -> dict:
+    """Run one bots session on loopback; returns the JSON-able figures (and extends ``bots_out``, when
+    given, with every :class:`Bot`: per-update data for ``tools.mmpog_hops``)."""
     params.validate()
     say = say or (lambda line: None)
     stop = stop or asyncio.Event()
@@ -316,7 +318,7 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
                 return t_start_box[0]
 
             workers = []
-            if params.workers == 1 and budgets is None:
+            if params.workers == 1 and budgets is None and params.bots_in_process:
                 local = supervisor.spawn(run_bots(groups[0], params, server_url, reflector_map, start_at, stop),
                                          name="bots")
                 join_waits = [supervisor.spawn(joined.wait(), name="joined", critical=False)]
@@ -376,12 +378,14 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
                 await asyncio.sleep(max(0.0, t_start - time.monotonic()))
                 before = await _reflector_stats(http, refl_http, api_key)
                 cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                sleeps_before = {name: sleeps(pid) for name, pid in pids.items()}
                 throttled_before = _throttled(budgets, [name for name in pids if name != "boxd"])
                 await asyncio.sleep(max(0.0, t_start + params.duration - time.monotonic()))
                 after = await _reflector_stats(http, refl_http, api_key)
                 elapsed = time.monotonic() - t_start
                 cpu_share = {name: round((cpu_seconds(pid) - cpu_before[name]) / elapsed, 3)
                              for name, pid in pids.items()}
+                wakeups = {name: round((sleeps(pid) - sleeps_before[name]) / elapsed) for name, pid in pids.items()}
                 throttled = {name: count - throttled_before[name]
                              for name, count in _throttled(budgets, list(throttled_before)).items()}
                 if local is not None:
@@ -417,6 +421,8 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         "deadline": params.deadline, "reflector_mode": params.reflector_mode,
     }
     result.update(analyse(bots, params.deadline))
+    if bots_out is not None:
+        bots_out.extend(bots)
     io_delta = {name: after["io"].get(name, 0) - before["io"].get(name, 0)
                 for name in ("datagrams_out", "datagrams_in", "updates_out", "redundant_copies_out")}
     totals = final["totals"]
@@ -443,6 +449,7 @@ async def run_experiment(params: Params, say: Callable[[str], None] | None = Non
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         # CPU seconds per second of play (1.0 = one core busy the whole time), per process
         "cpu_share": cpu_share,
+        "wakeups_per_s": wakeups,          # each process's sleeps per second of play (voluntary switches)
         "cpu_budget": {"cores_per_role": params.budget or None, "period_us": params.budget_period_us,
                        "throttled_periods": throttled},      # during play (0: the budget never bound)
         # each bots process's full (generation 2) and generation-1 collections during play: a full one
