@@ -24,6 +24,7 @@ from pathlib import Path
 import networkx as nx
 
 from cliruntime import ConfigError, make_parser, non_negative_float, positive_int, run_async
+from cliruntime.supervisor import within
 from fcd.city import CAR, City, CityError, load_city, vclass_argument
 
 log = logging.getLogger("fcd.route")
@@ -135,7 +136,7 @@ class Reconnecting:
                 log.warning("tuplespace at %s: %s; reconnecting in %.1f s", self.address, exc, backoff)
                 self.stats["connection_losses"] += 1
                 try:
-                    await asyncio.wait_for(self.stop.wait(), min(backoff, deadline - now))
+                    await within(self.stop.wait(), min(backoff, deadline - now))
                 except asyncio.TimeoutError:
                     pass
                 backoff = min(2 * backoff, self.MAX_BACKOFF)
@@ -192,7 +193,7 @@ async def amain(args, ctx) -> int:
             if not args.every or (args.count and plans >= args.count):
                 break
             try:
-                await asyncio.wait_for(ctx.stop.wait(), args.every)
+                await within(ctx.stop.wait(), args.every)
             except asyncio.TimeoutError:
                 pass
     except TupleSpaceError as exc:

@@ -24,6 +24,8 @@ from typing import Any
 
 import aiohttp
 
+from cliruntime.supervisor import within
+
 log = logging.getLogger("fcd.rpc")
 
 # The largest XML-RPC body either side accepts.  Uplink batches are cut to fit it, so it is
@@ -255,7 +257,7 @@ class ReliableUplink:
                     self.idle.set()
                 if stop.is_set():       # only refused calls are left, back when their backoff ends
                     try:
-                        await asyncio.wait_for(self.wakeup.wait(), self.backoff[1])
+                        await within(self.wakeup.wait(), self.backoff[1])
                     except asyncio.TimeoutError:
                         pass
                     self.wakeup.clear()

@@ -37,7 +37,7 @@ import numpy as np
 from aiohttp import web
 
 from cliruntime import ConfigError, host_port, make_parser, non_negative_float, positive_int, run_async
-from cliruntime.supervisor import Supervisor, first_of
+from cliruntime.supervisor import Supervisor, first_of, within
 from fcd.aggregate import Ingest, RoadReport
 from fcd.city import City, CityError, load_city
 from fcd.model import Model
@@ -368,7 +368,7 @@ class FcdServer:
             self.stats["rpc_waited"] += 1
         async with self.rpc_slots:        # bodies in memory at once: max_concurrent x max_body
             try:
-                body = await asyncio.wait_for(request.read(), limits.body_timeout)
+                body = await within(request.read(), limits.body_timeout)
             except web.HTTPRequestEntityTooLarge:
                 return self._refuse(413, "http_refused_body", f"body over {limits.max_body} bytes")
             except asyncio.TimeoutError:
@@ -534,7 +534,7 @@ class FcdServer:
                 self.accept(rep, source)
             await self.front.refresh_states()
             try:
-                await asyncio.wait_for(stop.wait(), interval)
+                await within(stop.wait(), interval)
             except asyncio.TimeoutError:
                 pass
 

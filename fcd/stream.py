@@ -50,6 +50,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from cliruntime.supervisor import within
 from fcd import wire
 from fcd.aggregate import Aggregator, MapMatcher, RoadReport
 from fcd.city import City
@@ -593,7 +594,7 @@ class Worker:
                     log.info("%s: took partition %d", self.name, p)
                     self.owned[p] = tasks.spawn(self.serve(p), name=f"partition{p}", critical=False)
             try:
-                await asyncio.wait_for(stop.wait(), self.lease_ms / 3000)
+                await within(stop.wait(), self.lease_ms / 3000)
             except asyncio.TimeoutError:
                 pass
         for p in list(self.owned):

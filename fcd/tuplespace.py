@@ -36,7 +36,7 @@ import msgpack
 from boxcore import framing
 from boxcore.redisconn import is_redis_url
 from cliruntime import ConfigError, host_port, make_parser, non_negative_float, positive_int, run_async
-from cliruntime.supervisor import Supervisor
+from cliruntime.supervisor import Supervisor, within
 
 log = logging.getLogger("fcd.tuplespace")
 
@@ -401,7 +401,7 @@ class Subscription:
 
     async def get(self, timeout: float | None = None) -> tuple | None:
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
+            return await within(self.queue.get(), timeout)
         except asyncio.TimeoutError:
             return None
 

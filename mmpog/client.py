@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable
 import aiohttp
 
 from cliruntime import RunContext, make_parser, non_negative_float, positive_int, run_async
+from cliruntime.supervisor import within
 
 from . import wire
 from .reliability import Address, ClientConfig, ClientEndpoint, Event, Joined, JoinFailed, Received, copy_rounds
@@ -182,7 +183,7 @@ class GameClient:
         endpoint.connect(now)
         self._service()
         try:
-            joined = await asyncio.wait_for(waiter, self.join_timeout)
+            joined = await within(waiter, self.join_timeout)
         finally:
             self._join_waiters.pop(location, None)
         if not joined:
@@ -357,7 +358,7 @@ async def amain(args: argparse.Namespace, ctx: RunContext) -> int:
                 if index + 1 < args.count:
                     await asyncio.sleep(args.interval)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(ctx.stop.wait(), args.duration)
+            await within(ctx.stop.wait(), args.duration)
     except (GameClientError, aiohttp.ClientError) as exc:
         print(f"mmpog-client: error: {exc}", file=sys.stderr)
         return 1
