@@ -461,7 +461,7 @@ def run_relay_stack(stack: str, w: Workload, port: int, updates: dict | None = N
     ``updates``, when given, gets ``sent`` {(sender, number): (send time, reliable)} and ``got``
     {(receiver, sender, number): latency}: the per-update input of ``tools.mmpog_hops``."""
     from tools.mmpog_experiment import _throttled, cpu_budgets
-    from tools.mmpog_hops import sleeps
+    from tools.stats import sleeps
 
     ctx = multiprocessing.get_context("fork")
     stop, relay_ready = ctx.Event(), ctx.Event()

@@ -47,10 +47,9 @@ from boxcore.procs import ProcessGroup, free_port, python_module
 from cliruntime import ConfigError, RunContext, make_parser, non_negative_float, positive_int, probability, run_async
 from cliruntime.supervisor import Supervisor
 from mmpog.bots import CELL, GUARD, Bot, Params, load_bots, run_bots
-from tools.mmpog_hops import sleeps
 from mmpog.reliability import ClientConfig
 from mmpog.server import GameServer, ReflectorInfo, World
-from tools.stats import cpu_seconds
+from tools.stats import cpu_seconds, sleeps
 from tools.stats import summary
 
 log = logging.getLogger("mmpog.bots")

@@ -58,20 +58,6 @@ HOPS = ("sender", "relay", "receiver", "to_socket", "to_game")
 RELAY_PARTS = ("relay_first", "relay_fanout")
 
 
-def sleeps(pid: int) -> int:
-    """How many times the process's threads went to sleep (voluntary context switches): each is a
-    wake-up to pay for later, which a per-update CPU figure does not show."""
-    total = 0
-    for status in Path(f"/proc/{pid}/task").glob("*/status"):
-        try:
-            for line in status.read_text().splitlines():
-                if line.startswith("voluntary_ctxt_switches"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass            # a thread that ended meanwhile
-    return total
-
-
 def realtime_offset(samples: int = 200) -> float:
     """CLOCK_REALTIME - CLOCK_MONOTONIC in seconds, from the tightest of ``samples`` bracketed reads."""
     best = None

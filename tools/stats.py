@@ -46,3 +46,17 @@ def cpu_seconds(pid: int) -> float:
     behind ``ip netns exec`` is the same pid: it execs)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sleeps(pid: int) -> int:
+    """How many times the process's threads went to sleep (voluntary context switches): each is a
+    wake-up to pay for later, which a per-update CPU figure does not show."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass            # a thread that ended meanwhile
+    return total
