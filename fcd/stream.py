@@ -573,30 +573,52 @@ class Worker:
     async def balance(self, stop: asyncio.Event, tasks) -> None:
         """Keep leases: renew ours, release beyond a fair share, take free partitions up to it.
         Each owned partition is served by a task of ``tasks`` (a :class:`cliruntime.supervisor.Supervisor`):
-        one that fails is logged and counted there, and its partition is left for the next round."""
+        one that fails is logged and counted there, and its partition is left for the next round.
+
+        A round gets one lease to finish: a store that does not answer within it has let our
+        leases lapse anyway, and a round stuck on it (seen once: a worker whose leases lapsed
+        never came back for its share, and did not stop) would hold this worker out of the
+        deployment for good.  The round is cut (``balance_stalled``) and the next one starts
+        over; cutting it is safe, as a lease taken but not recorded lapses by itself."""
+        lease = self.lease_ms / 1000
         while not stop.is_set():
-            live = await self._live_workers()
-            share = math.ceil(self.partitions / live)
-            for p, task in list(self.owned.items()):
-                if task.done() or not await self._renew(keys=[self.keys.owner(p)], args=[self.name, self.lease_ms]):
-                    self._drop(p, "lease lost")
-            while len(self.owned) > share:
-                p = max(self.owned)
-                await self._stop_partition(p)
-                await self._release(keys=[self.keys.owner(p)], args=[self.name])
-                self.stats["released"] += 1
-            for p in range(self.partitions):
-                if len(self.owned) >= share:
-                    break
-                if p not in self.owned and await self.redis.set(self.keys.owner(p), self.name, nx=True,
-                                                                  px=self.lease_ms):
-                    self.stats["acquired"] += 1
-                    log.info("%s: took partition %d", self.name, p)
-                    self.owned[p] = tasks.spawn(self.serve(p), name=f"partition{p}", critical=False)
             try:
-                await within(stop.wait(), self.lease_ms / 3000)
+                await within(self._balance_round(tasks), lease)
+            except asyncio.TimeoutError:
+                self.stats["balance_stalled"] += 1
+                log.warning("%s: a lease round got no answer from the store within %.1f s; starting over",
+                            self.name, lease)
+            try:
+                await within(stop.wait(), lease / 3)
             except asyncio.TimeoutError:
                 pass
+        try:
+            await within(self._release_all(), lease)
+        except asyncio.TimeoutError:          # the leases lapse by themselves
+            self.stats["release_stalled"] += 1
+            log.warning("%s: releasing its partitions got no answer within %.1f s; they lapse", self.name, lease)
+
+    async def _balance_round(self, tasks) -> None:
+        live = await self._live_workers()
+        share = math.ceil(self.partitions / live)
+        for p, task in list(self.owned.items()):
+            if task.done() or not await self._renew(keys=[self.keys.owner(p)], args=[self.name, self.lease_ms]):
+                self._drop(p, "lease lost")
+        while len(self.owned) > share:
+            p = max(self.owned)
+            await self._stop_partition(p)
+            await self._release(keys=[self.keys.owner(p)], args=[self.name])
+            self.stats["released"] += 1
+        for p in range(self.partitions):
+            if len(self.owned) >= share:
+                break
+            if p not in self.owned and await self.redis.set(self.keys.owner(p), self.name, nx=True,
+                                                              px=self.lease_ms):
+                self.stats["acquired"] += 1
+                log.info("%s: took partition %d", self.name, p)
+                self.owned[p] = tasks.spawn(self.serve(p), name=f"partition{p}", critical=False)
+
+    async def _release_all(self) -> None:
         for p in list(self.owned):
             await self._stop_partition(p)
             await self._release(keys=[self.keys.owner(p)], args=[self.name])
@@ -632,7 +654,10 @@ class Worker:
             if start in (b"0-0", "0-0"):
                 break
         while True:
-            resp = await self.redis.xreadgroup(GROUP, self.name, {stream: ">"}, count=self.batch, block=500)
+            # the server answers a 500 ms block by then; a read that never returns would keep a
+            # partition whose lease balance() goes on renewing: it fails instead, and is retaken
+            resp = await within(self.redis.xreadgroup(GROUP, self.name, {stream: ">"}, count=self.batch, block=500),
+                                0.5 + self.lease_ms / 1000)
             for _, entries in resp or ():
                 for entry_id, fields in entries:
                     if not await self._process(p, aggregator, entry_id, fields):

@@ -122,3 +122,42 @@ def test_server_refuses_worker_options_that_do_not_fit(argv, says, small_trace, 
     small_trace.save(city)
     assert main(["--city", str(city), "--udp", "127.0.0.1:0", "--http", "127.0.0.1:0", *argv]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_a_lease_round_the_store_never_answers_is_cut_and_the_next_takes_the_share(redis_node, small_city):
+    """A round of balance() stuck on the store (a reply that never comes) once kept a worker out of
+    the deployment for good: its leases lapsed, another worker took every partition, and it never
+    came back for its share.  Now the round is cut after one lease and the next one starts over."""
+    from cliruntime.supervisor import Supervisor, within
+    from fcd.stream import Worker
+    from tests.polling import until
+
+    async def scenario():
+        client = open_redis(redis_node.url)
+        keys = Keys(f"u{secrets.token_hex(3)}")
+        try:
+            await ensure_groups(client, keys, 2)
+            worker = Worker(client, small_city, keys, name="w", lease=0.3)
+            worker.partitions = 2
+            answered = worker._live_workers
+            stuck = asyncio.Event()
+
+            async def never_answers_once() -> int:
+                if not stuck.is_set():
+                    stuck.set()
+                    await asyncio.Event().wait()          # the store's reply never comes
+                return await answered()
+
+            worker._live_workers = never_answers_once
+            stop = asyncio.Event()
+            async with Supervisor("test-worker") as tasks:
+                balance = tasks.spawn(worker.balance(stop, tasks), name="balance")
+                await until(lambda: len(worker.owned) == 2)     # before: balance() waited for ever
+                stop.set()
+                await within(balance, 10)
+            assert worker.stats["balance_stalled"] == 1 and worker.stats["acquired"] == 2
+            assert await client.get(keys.owner(0)) is None and await client.get(keys.owner(1)) is None
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
