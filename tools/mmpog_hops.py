@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from boxcore.udpbatch import SO_TIMESTAMPNS
+from boxcore.udpbatch import STAMP_CONTROL, enable_timestamps, timestamp_ns_of
 from tools.stats import percentile
 
 SOL_PACKET = 263
@@ -45,7 +45,6 @@ PACKET_STATISTICS = 6
 SO_RCVBUFFORCE = 33
 PACKET_IGNORE_OUTGOING = 23          # loopback shows each datagram twice: keep the receive side's copy
 ETH_P_IP = 0x0800
-TIMESTAMP = struct.Struct("qq")      # struct timespec of SCM_TIMESTAMPNS
 DOUBLE = struct.Struct("!d")
 # how far before the send time the sender's index (!H) and the update number (!I) start:
 # mmpog.bots.UPDATE is !HId, tools.compare_mmpog.UPDATE !HIIBd (index, location, number, reliable, time)
@@ -76,7 +75,7 @@ def capture(ready, stop, path: str) -> None:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
     sock.bind(("lo", ETH_P_IP))
     sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
-    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    enable_timestamps(sock)
     sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
     sock.setblocking(False)
     offset_start = realtime_offset()
@@ -91,19 +90,14 @@ def capture(ready, stop, path: str) -> None:
         time.sleep(POLL)
         while True:
             try:
-                data, ancillary, _, _ = sock.recvmsg(2048, 64)
+                data, ancillary, _, _ = sock.recvmsg(2048, STAMP_CONTROL)
             except BlockingIOError:
                 break
             if len(data) < 28 or data[9] != socket.IPPROTO_UDP:
                 continue
             header = (data[0] & 15) * 4
             source, destination = struct.unpack_from("!HH", data, header)
-            stamp = 0
-            for level, kind, value in ancillary:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                    seconds, nanoseconds = TIMESTAMP.unpack_from(value)
-                    stamp = seconds * 1_000_000_000 + nanoseconds
-            records.append((stamp, source, destination, data[header + 8:]))
+            records.append((timestamp_ns_of(ancillary) or 0, source, destination, data[header + 8:]))
         if stopping:
             break
     packets, drops = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
@@ -285,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             result = {"stacks": stacks, "runs": runs}
             if args.json:
                 args.json.write_text(json.dumps(result, indent=2))
-            print(table({"stacks": stacks, "runs": [run]}).splitlines()[-len(stacks):], file=sys.stderr, flush=True)
+            print("\n".join(table({"stacks": stacks, "runs": [run]}).splitlines()[-len(stacks):]), file=sys.stderr,
+                  flush=True)
     print(table(result))
     return 0
 
