@@ -70,7 +70,7 @@ from cliruntime import RunContext, make_parser, positive_int, run_async
 from . import wire
 from .bots import UPDATE, Bot, BotClient
 from .reliability import ClientConfig, ClientEndpoint, ReflectorCore
-from .testing import joined_endpoint
+from .testing import join, joined_endpoint
 from .wire import RELIABLE, RETRANSMIT, Header, Kind
 
 LOCATION = 7
@@ -248,20 +248,11 @@ def _joined_pair(members: int, at: float, config: ClientConfig | None = None) ->
     """A ReflectorCore and ``members`` ClientEndpoints joined to it in LOCATION (players 1..members,
     each at its own loopback port), their join events drained."""
     core = ReflectorCore()
-    endpoints = []
-    for player in range(1, members + 1):
-        core.add_member(LOCATION, player, TOKEN)
-        endpoint = ClientEndpoint(player, LOCATION, TOKEN, config, rng=random.Random(player))
-        endpoint.connect(at)
-        for hello in endpoint.datagrams_to_send(at):
-            core.receive_datagram(hello, ("127.0.0.1", 1000 + player), at)
-        for welcome, _ in core.datagrams_to_send(at):
-            endpoint.receive_datagram(welcome, at + 0.0005)
-        if not endpoint.joined:
-            raise RuntimeError(f"player {player} did not join")
+    endpoints = [join(core, LOCATION, player, TOKEN, at, ("127.0.0.1", 1000 + player), config,
+                      random.Random(player)) for player in range(1, members + 1)]
+    for endpoint in endpoints:
         while endpoint.next_event() is not None:
             pass
-        endpoints.append(endpoint)
     core.datagrams_to_send(at)
     return core, endpoints
 

@@ -173,18 +173,24 @@ class SimNetwork:
                 return
 
 
-def joined_endpoint(location: int, player: int, token: bytes, at: float) -> ClientEndpoint:
-    """A client endpoint of ``player`` that joined ``location`` at ``at`` (through a fresh
-    reflector core, welcomed 0.5 ms later), for benches and tests that feed it datagrams directly.
-    Its join's events are still queued."""
-    reflector = ReflectorCore()
+def join(reflector: ReflectorCore, location: int, player: int, token: bytes, at: float,
+         address: tuple[str, int], config=None, rng: random.Random | None = None) -> ClientEndpoint:
+    """A client endpoint of ``player`` joined to ``location`` of ``reflector`` at ``at`` (its hello
+    from ``address``, welcomed 0.5 ms later).  Its join's events are still queued."""
     reflector.add_member(location, player, token)
-    endpoint = ClientEndpoint(player, location, token, rng=random.Random(1))
+    endpoint = ClientEndpoint(player, location, token, config, rng=rng or random.Random(1))
     endpoint.connect(at)
     for hello in endpoint.datagrams_to_send(at):
-        reflector.receive_datagram(hello, ("127.0.0.1", 9), at)
+        reflector.receive_datagram(hello, address, at)
     for welcome, _ in reflector.datagrams_to_send(at):
         endpoint.receive_datagram(welcome, at + 0.0005)
     if not endpoint.joined:
-        raise RuntimeError("the endpoint did not join")
+        raise RuntimeError(f"player {player} did not join")
     return endpoint
+
+
+def joined_endpoint(location: int, player: int, token: bytes, at: float) -> ClientEndpoint:
+    """A client endpoint of ``player`` that joined ``location`` at ``at`` (through a fresh
+    reflector core), for benches and tests that feed it datagrams directly.  Its join's events
+    are still queued."""
+    return join(ReflectorCore(), location, player, token, at, ("127.0.0.1", 9))
