@@ -553,12 +553,14 @@ def compare_traverse(city: City, edges: list[tuple], predictions: dict[float, np
         res["model_vs_free_flow"] = res["model"]["mape"] / res["free_flow"]["mape"]
         res["model_vs_persistence"] = res["model"]["mape"] / res["persistence"]["mape"]
         out[subset] = res
+    def against_free_flow(values: np.ndarray) -> dict[str, Any]:
+        errors = _ape(values, a[:, 3])
+        return {**errors, "vs_free_flow": errors["mape"] / out["all"]["free_flow"]["mape"]}
+
     reference = hindsight_constant(a[:, 5].astype(np.int64), a[:, 3])
-    out["hindsight_constant_per_road"] = {**_ape(reference, a[:, 3]),
-                                          "vs_free_flow": _ape(reference, a[:, 3])["mape"] / out["all"]["free_flow"]["mape"]}
-    learned = online_constant(sorted(edges), free, keys)
-    out["online_constant_per_road"] = {**_ape(learned, a[:, 3]),
-                                       "vs_free_flow": _ape(learned, a[:, 3])["mape"] / out["all"]["free_flow"]["mape"]}
+    out["hindsight_constant_per_road"] = against_free_flow(reference)
+    learned = online_constant(edges, free, keys)
+    out["online_constant_per_road"] = against_free_flow(learned)
     if stages:
         names = list(next(iter(stages.values())))
         values = {name: np.array([stages[b][name][r] for b, r in keys]) for name in names}
@@ -567,7 +569,7 @@ def compare_traverse(city: City, edges: list[tuple], predictions: dict[float, np
         out["stages"] = {}
         for subset, mask in subsets[:3]:
             if mask.any():
-                ff = _ape(a[mask, 1], a[mask, 3])["mape"]
+                ff = out[subset]["free_flow"]["mape"]
                 out["stages"][subset] = {name: _ape(v[mask], a[mask, 3])["mape"] / ff for name, v in values.items()}
     return out
 
