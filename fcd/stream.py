@@ -605,9 +605,7 @@ class Worker:
             if task.done() or not await self._renew(keys=[self.keys.owner(p)], args=[self.name, self.lease_ms]):
                 self._drop(p, "lease lost")
         while len(self.owned) > share:
-            p = max(self.owned)
-            await self._stop_partition(p)
-            await self._release(keys=[self.keys.owner(p)], args=[self.name])
+            await self._hand_back(max(self.owned))
             self.stats["released"] += 1
         for p in range(self.partitions):
             if len(self.owned) >= share:
@@ -620,9 +618,13 @@ class Worker:
 
     async def _release_all(self) -> None:
         for p in list(self.owned):
-            await self._stop_partition(p)
-            await self._release(keys=[self.keys.owner(p)], args=[self.name])
+            await self._hand_back(p)
         await self.redis.zrem(self.keys.workers, self.name)
+
+    async def _hand_back(self, p: int) -> None:
+        """Stop serving partition ``p`` and release its lease for another worker to take now."""
+        await self._stop_partition(p)
+        await self._release(keys=[self.keys.owner(p)], args=[self.name])
 
     def _drop(self, p: int, why: str) -> None:
         task = self.owned.pop(p, None)
