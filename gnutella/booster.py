@@ -336,7 +336,6 @@ class GnutellaBooster:
         shown = (sockname[0], sockname[1]) if sockname else tuple(conn.original_dst)
         hs = Handshake("server")
         data = first
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         est: Established | None = None
         settled = Negotiated()
         sent = identity_headers(self.core.impersonate(tuple(conn.original_dst), shown))
@@ -344,44 +343,43 @@ class GnutellaBooster:
         listen = (client_ip, 0)
         reserved = False
         try:
-            while est is None:
-                for event in hs.receive_data(data):
-                    if isinstance(event, ConnectRequest):
-                        listen = listen_address(event.headers) or (client_ip, conn.original_dst[1])
-                        if not self.core.is_local(listen[0]):
-                            listen = (client_ip, listen[1])
-                        decision = self.core.decide(event, listen)
-                        me = self.core.impersonate(tuple(conn.original_dst), shown)
-                        sent = identity_headers(me, client_ip)
-                        sent["X-Try-Ultrapeers"] = ",".join(
-                            f"{h}:{p}" for h, p in self.core.local_hosts(exclude=listen))
-                        if decision.accepted and event.version == "0.6":
-                            answer_headers(sent, event.headers, self.link_options)
-                        out, done = hs.respond(decision.code, decision.reason, sent)
-                        channel.write(out)
-                        await within(channel.drain(), max(0.0, deadline - time.monotonic()))
-                        if not decision.accepted:
-                            self.stats[f"refused_{decision.code}"] += 1
-                            self.core.learn_servent(listen)
-                            return
-                        leaf = decision.as_leaf
-                        reserved = True
-                        est = done
-                    elif isinstance(event, Established):
-                        est = event
-                        if event.version == "0.6":
-                            settled = negotiated("server", sent, event.headers)
-                    elif isinstance(event, Refused):
-                        self.stats[f"refused_by_servent_{event.code}"] += 1
-                        log.info("local servent %s declined: GNUTELLA/0.6 %d %s", client_ip, event.code, event.reason)
-                if est is not None:
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise asyncio.TimeoutError()
-                data = await within(channel.read(), remaining)
-                if not data:
-                    return
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):     # every read and write of the handshake
+                while est is None:
+                    for event in hs.receive_data(data):
+                        if isinstance(event, ConnectRequest):
+                            listen = listen_address(event.headers) or (client_ip, conn.original_dst[1])
+                            if not self.core.is_local(listen[0]):
+                                listen = (client_ip, listen[1])
+                            decision = self.core.decide(event, listen)
+                            me = self.core.impersonate(tuple(conn.original_dst), shown)
+                            sent = identity_headers(me, client_ip)
+                            sent["X-Try-Ultrapeers"] = ",".join(
+                                f"{h}:{p}" for h, p in self.core.local_hosts(exclude=listen))
+                            if decision.accepted and event.version == "0.6":
+                                answer_headers(sent, event.headers, self.link_options)
+                            out, done = hs.respond(decision.code, decision.reason, sent)
+                            channel.write(out)
+                            await channel.drain()
+                            if not decision.accepted:
+                                self.stats[f"refused_{decision.code}"] += 1
+                                self.core.learn_servent(listen)
+                                return
+                            leaf = decision.as_leaf
+                            reserved = True
+                            est = done
+                        elif isinstance(event, Established):
+                            est = event
+                            if event.version == "0.6":
+                                settled = negotiated("server", sent, event.headers)
+                        elif isinstance(event, Refused):
+                            self.stats[f"refused_by_servent_{event.code}"] += 1
+                            log.info("local servent %s declined: GNUTELLA/0.6 %d %s", client_ip, event.code,
+                                     event.reason)
+                    if est is not None:
+                        break
+                    data = await channel.read()
+                    if not data:
+                        return
         except (HandshakeError, asyncio.TimeoutError, OSError, RuntimeError) as exc:
             self.stats["handshake_failed"] += 1
             log.debug("intercepted handshake from %s failed: %r", client_ip, exc)
@@ -445,29 +443,26 @@ class GnutellaBooster:
         me = Identity(new_guid(digest[:16]), sockname[0], 0, True, self.core.config.user_agent)
         hs = Handshake("client")
         channel.write(hs.connect(offer_headers(identity_headers(me, addr[0]), self.link_options)))
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         est: Established | None = None
         settled = Negotiated()
         try:
-            while est is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise asyncio.TimeoutError()
-                await within(channel.drain(), remaining)
-                data = await within(channel.read(), remaining)
-                if not data:
-                    return False
-                for event in hs.receive_data(data):
-                    if isinstance(event, Refused):
-                        self.stats[f"upstream_refused_{event.code}"] += 1
-                        log.warning("outside servent %s:%d refused the connection: GNUTELLA/0.6 %d %s",
-                                    *addr, event.code, event.reason)
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):     # every read and write of the handshake
+                while est is None:
+                    await channel.drain()
+                    data = await channel.read()
+                    if not data:
                         return False
-                    if isinstance(event, Response):
-                        final = final_headers(event.headers, self.link_options, offered_tls=False)
-                        out, est = hs.confirm(final)
-                        settled = negotiated("client", final, event.headers)
-                        channel.write(out)
+                    for event in hs.receive_data(data):
+                        if isinstance(event, Refused):
+                            self.stats[f"upstream_refused_{event.code}"] += 1
+                            log.warning("outside servent %s:%d refused the connection: GNUTELLA/0.6 %d %s",
+                                        *addr, event.code, event.reason)
+                            return False
+                        if isinstance(event, Response):
+                            final = final_headers(event.headers, self.link_options, offered_tls=False)
+                            out, est = hs.confirm(final)
+                            settled = negotiated("client", final, event.headers)
+                            channel.write(out)
         except (HandshakeError, asyncio.TimeoutError, OSError) as exc:
             self.stats["upstream_handshake_failed"] += 1
             log.debug("upstream handshake with %s failed: %r", addr, exc)
