@@ -360,3 +360,40 @@ def left_behind(before: dict[str, set]) -> dict[str, set]:
 
     wait_until(lambda: not new(), 5, interval=0.1)
     return new()
+
+
+def assert_example_booster_filters_and_counts(lab: Lab, boxd: Boxd, tmp_path: Path, http_port: int, *,
+                                              delivery: str, header_bytes: int) -> None:
+    """booster-example (the library's UDP counter/filter), unchanged, on any engine: it drops what
+    starts with SPAM on its port, leaves other ports untouched, and the kernel's per-rule counters
+    reach ``/api/rules`` (``header_bytes`` per packet: what the engine's counter counts beyond the
+    payload)."""
+    stats = tmp_path / "example.json"
+    log = tmp_path / "example.log"
+    example = lab.popen("box", [PY, "-m", "boxcore.examples.udp_counter", "--control", boxd.control,
+                                "--port", "9020", "--drop-prefix", "SPAM", "--report-every", "0",
+                                "--stats-json", str(stats)], stderr=open(log, "w"))
+
+    def rules_api():
+        import urllib.request
+
+        with lab.inside("box"):
+            return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/rules", timeout=5).read())
+
+    try:
+        # its rule is in place and its socket or queue bound (until then, packets would pass: fail-open)
+        assert wait_until(lambda: "counting udp port" in log.read_text(), 10), log.read_text()
+        payloads = [b"one", b"SPAM two", b"three", b"SPAM four", b"five"]
+        assert exchange(lab, payloads, 9020) == [b"one", b"three", b"five"]
+        assert exchange(lab, [b"SPAM elsewhere"], 9021) == [b"SPAM elsewhere"]     # untouched, unseen
+        assert wait_until(lambda: [r["packets"] for r in rules_api()] == [5], 5), rules_api()
+        assert [(r["delivery"], r["packets"], r["bytes"]) for r in rules_api()] == \
+            [(delivery, 5, sum(header_bytes + len(p) for p in payloads))]
+        example.terminate()
+        assert example.wait(10) == 0
+    finally:
+        if example.poll() is None:
+            example.kill()
+    totals = json.loads(stats.read_text())["totals"]
+    assert (totals["packets"], totals["dropped"], totals["passed"]) == (5, 2, 3)
+    assert list(totals["per_source"]) and all(k.startswith(f"{CLIENT}:") for k in totals["per_source"])

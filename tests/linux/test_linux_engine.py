@@ -4,7 +4,6 @@ client 10.1.0.2 -> box (boxd --engine linux, boosters) -> server 10.2.0.2
 """
 
 import functools
-import json
 import signal
 import socket
 import subprocess
@@ -74,39 +73,12 @@ def test_redirect_consume_modify_inject_and_pass(lab, tmp_path):
 def test_the_example_booster_in_transparent_placement(lab, tmp_path):
     """booster-example (the library's UDP counter/filter) on the linux engine, unchanged."""
     boxd = Boxd(lab, tmp_path, "--http", "127.0.0.1:8700")
-    stats = tmp_path / "example.json"
-    example = lab.popen("box", [PY, "-m", "boxcore.examples.udp_counter", "--control", boxd.control,
-                                "--port", "9020", "--drop-prefix", "SPAM", "--report-every", "0",
-                                "--stats-json", str(stats)], stderr=open(tmp_path / "example.log", "w"))
     try:
-        deadline = time.monotonic() + 10
-        # its rule is in place and its queue bound (until then, packets would pass: fail-open)
-        while "counting udp port" not in (tmp_path / "example.log").read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        payloads = [b"one", b"SPAM two", b"three", b"SPAM four", b"five"]
-        assert exchange(lab, payloads, 9020) == [b"one", b"three", b"five"]
-        # other traffic goes by untouched, and unseen
-        assert exchange(lab, [b"SPAM elsewhere"], 9021) == [b"SPAM elsewhere"]
-        # the kernel's per-rule counters reach the management API
-        import urllib.request
-        deadline = time.monotonic() + 5
-        while True:
-            with lab.inside("box"):
-                rules = json.loads(urllib.request.urlopen("http://127.0.0.1:8700/api/rules", timeout=5).read())
-            if rules and rules[0]["packets"] == 5 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert [(r["delivery"], r["packets"]) for r in rules] == [("nfqueue", 5)]
-        assert rules[0]["bytes"] == sum(28 + len(p) for p in payloads)
-        example.terminate()
-        assert example.wait(10) == 0
+        # netfilter's counters count the whole IP packet: 20 + 8 header bytes each
+        engine_lab.assert_example_booster_filters_and_counts(lab, boxd, tmp_path, 8700, delivery="nfqueue",
+                                                             header_bytes=28)
     finally:
-        if example.poll() is None:
-            example.kill()
         boxd.stop()
-    totals = json.loads(stats.read_text())["totals"]
-    assert (totals["packets"], totals["dropped"], totals["passed"]) == (5, 2, 3)
-    assert list(totals["per_source"]) and all(k.startswith("10.1.0.2:") for k in totals["per_source"])
     assert_box_clean(lab)
 
 

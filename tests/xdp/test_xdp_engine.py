@@ -105,31 +105,12 @@ def test_redirect_consume_modify_inject_and_pass(lab, tmp_path):
 def test_the_example_booster_with_kernel_counters(lab, tmp_path):
     """booster-example unchanged; DROP in XDP by an installed drop rule; counters in /api/rules."""
     boxd = Boxd(lab, tmp_path, "--http", "127.0.0.1:8710")
-    stats = tmp_path / "example.json"
-    example = lab.popen("box", [PY, "-m", "boxcore.examples.udp_counter", "--control", boxd.control,
-                                "--port", "9020", "--drop-prefix", "SPAM", "--report-every", "0",
-                                "--stats-json", str(stats)], stderr=open(tmp_path / "example.log", "w"))
     try:
-        assert wait_until(lambda: "counting udp port" in (tmp_path / "example.log").read_text(), 10)
-        payloads = [b"one", b"SPAM two", b"three", b"SPAM four", b"five"]
-        assert exchange(lab, payloads, 9020) == [b"one", b"three", b"five"]
-        assert exchange(lab, [b"SPAM elsewhere"], 9021) == [b"SPAM elsewhere"]
-
-        def counted():
-            rules = api(lab, "/api/rules")
-            return rules if rules and rules[0]["packets"] == 5 else None
-        assert wait_until(counted, 5)
-        rules = counted()
-        assert [(r["delivery"], r["packets"], r["bytes"]) for r in rules] == \
-            [("socket", 5, sum(len(p) for p in payloads))]
-        example.terminate()
-        assert example.wait(10) == 0
+        # the XDP program counts the UDP payload
+        engine_lab.assert_example_booster_filters_and_counts(lab, boxd, tmp_path, 8710, delivery="socket",
+                                                             header_bytes=0)
     finally:
-        if example.poll() is None:
-            example.kill()
         boxd.stop()
-    totals = json.loads(stats.read_text())["totals"]
-    assert (totals["packets"], totals["dropped"], totals["passed"]) == (5, 2, 3)
     assert_box_clean(lab)
 
 
