@@ -163,9 +163,14 @@ class ControlChannel:
             self.stats["duplicate_fragments" if message.fragment < self.max_fragments
                        else "refused_fragments"] += 1
             return
+        ends_at = message.fragment if not message.more else pending.last_fragment
+        if ends_at is not None and (
+                (not message.more and pending.last_fragment is not None)       # a second last fragment
+                or any(i > ends_at for i in (*pending.fragments, message.fragment))):   # one beyond the last
+            self.stats["refused_fragments"] += 1      # the reply cannot be put together: a retry asks again
+            return
         pending.fragments[message.fragment] = message
-        if not message.more:
-            pending.last_fragment = message.fragment
+        pending.last_fragment = ends_at
         last = pending.last_fragment
         if last is None or len(pending.fragments) != last + 1:
             return

@@ -96,6 +96,28 @@ def test_fragments_reassemble_in_any_order():
     assert [r.rule.rule_id for r in result.entries] == list(range(79, 0, -1))   # priority order
 
 
+def test_fragments_beyond_the_last_or_a_second_last_are_refused_and_the_retry_completes():
+    cp, ch = make()
+    cp.execute(wire.request(wire.CodeLoad("booster")))
+    cid = ch.submit([wire.request(NpRule(1, 5, NpAction.DROP))], now=0)     # idempotent: retried
+    request = ch.frames_to_send()[0]
+    (reply,) = cp.handle_frame(request)
+    _, _, good = wire.parse_frame(reply)
+
+    def fragment(number: int, more: bool) -> bytes:
+        return wire.frame(HOST_MAC, CARD_MAC, wire.Message(cid, good.commands, reply=True, more=more, fragment=number))
+
+    ch.receive(fragment(5, True), 0.1)      # beyond the last that comes next: kept until then
+    ch.receive(fragment(1, False), 0.1)     # the last is 1, yet 5 is held and 0 is missing
+    ch.receive(fragment(0, False), 0.1)     # a second last fragment
+    assert ch.next_event() is None and ch.stats["refused_fragments"] == 2
+    ch.handle_timer(1.5)                    # the retry clears what was held and asks again
+    (again,) = ch.frames_to_send()
+    (reply,) = cp.handle_frame(again)
+    ch.receive(reply, 1.6)
+    assert isinstance(ch.next_event(), Completed)
+
+
 class Link:
     """An in-memory control link to a ControlPoint that can lose or corrupt frames."""
 
@@ -179,13 +201,14 @@ def _reply_commands():
 @settings(max_examples=150, deadline=None)
 @given(requests=st.lists(request_commands(), min_size=1, max_size=3),
        replies=st.lists(st.lists(_reply_commands(), max_size=4), min_size=1, max_size=3),
-       more=st.lists(st.booleans(), min_size=3, max_size=3))
-def test_fuzz_arbitrary_replies_end_a_request_cleanly_or_not_at_all(requests, replies, more):
+       more=st.lists(st.booleans(), min_size=3, max_size=3),
+       numbers=st.lists(st.integers(0, 4), min_size=3, max_size=3))
+def test_fuzz_arbitrary_replies_end_a_request_cleanly_or_not_at_all(requests, replies, more, numbers):
     _, ch = make()
     cid = ch.submit(wire.split_commands(requests)[0], now=0)
     ch.frames_to_send()
     for i, commands in enumerate(replies):
-        msg = wire.Message(cid, tuple(commands), reply=True, more=more[i], fragment=i)
+        msg = wire.Message(cid, tuple(commands), reply=True, more=more[i], fragment=numbers[i])
         ch.receive(wire.frame(HOST_MAC, CARD_MAC, msg), 0.1)
     event = ch.next_event()
     assert event is None or event.correlator == cid
