@@ -43,6 +43,7 @@ from boxcore.engines.base import (BoosterSession, Delivery, Engine, EngineRefuse
                                   checked_group_members)
 from boxcore.packet import Packet, PacketDecodeError, PacketError
 from boxcore.rules import Action, Rule
+from cliruntime.supervisor import Supervisor
 
 log = logging.getLogger("boxcore.engines.linux")
 
@@ -122,7 +123,9 @@ class LinuxEngine(Engine):
         self._lock = asyncio.Lock()
         self._injector: socket.socket | None = None
         self._multicast_reader = None
-        self._counter_task: asyncio.Task | None = None
+        # background loops (the counters; the np engine's card sync): a failure is logged, counted
+        # in status()["tasks"] and the loop restarted
+        self._tasks = Supervisor(f"{self.name} engine", logger=log)
         self._sources = SourceAddresses()
         self._started = False
 
@@ -186,17 +189,13 @@ class LinuxEngine(Engine):
         await asyncio.to_thread(self._setup_tproxy_routing)
         self._injector = nf.raw_injector()
         self._started = True
-        self._counter_task = asyncio.get_running_loop().create_task(self._refresh_counters())
+        self._tasks.spawn_restarting(self._refresh_counters, name="counters")
         log.info("linux engine ready: hooks %s, queues %d-%d, watchdog %.2fs", ",".join(self.hooks),
                  self.queues.free[0] if self.queues.free else -1,
                  self.queues.free[-1] if self.queues.free else -1, self.stall)
 
     async def stop(self) -> None:
-        if self._counter_task is not None:
-            self._counter_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._counter_task
-            self._counter_task = None
+        await self._tasks.aclose()
         if self._multicast_reader is not None:
             self._multicast_reader.close()
             self._multicast_reader = None
@@ -496,6 +495,7 @@ class LinuxEngine(Engine):
                                 "queued_total": s.id_sequence} for q, s in queues.items()},
             "multicast_groups": {str(g): len(m) for g, m in self.groups.items()},
             "stall_bound_s": self.stall,
+            "tasks": self._tasks.snapshot(),
             **self.stats,
         }
 

@@ -113,7 +113,6 @@ class NPEngine(LinuxEngine):
         self.copy_entries: dict[int, tuple[Rule, int]] = {}   # cookie -> (rule, nflog group)
         self.pushed_fwd: dict[str, tuple[int, bytes]] = {}
         self._next_rule_id = 1
-        self._sync_task: asyncio.Task | None = None
         self._sync_now = asyncio.Event()
         self._tx: socket.socket | None = None
         self.np_stats: dict[str, int] = {"card_rules_installed": 0, "card_rules_removed": 0,
@@ -179,15 +178,11 @@ class NPEngine(LinuxEngine):
         self._tx.bind((self.host_ifaces[0], 0))
         self._tx.setblocking(False)
         await self._sync_forwarding()
-        self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
+        self._tasks.spawn_restarting(self._sync_loop, name="card sync")
         log.info("np engine ready: card on %s, host interfaces %s", self.control, ",".join(self.host_ifaces))
 
     async def stop(self) -> None:
-        if self._sync_task is not None:
-            self._sync_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._sync_task
-            self._sync_task = None
+        await self._tasks.aclose()          # the card sync first: it uses the driver closed below
         if self.driver is not None:
             with contextlib.suppress(NpError, OSError):
                 commands = [wire.request(wire.RuleRef(rid), wire.Cmd.RULE_DELETE) for rid in self.card_rules.values()]
