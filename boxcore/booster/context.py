@@ -32,8 +32,10 @@ class ReceiverContext:
     * :meth:`run_handler`, :meth:`handler_failed`, :meth:`verdict`: call the user's handler so
       that its errors are logged and counted and never stop the booster;
     * :meth:`serve_connection`: run a connection handler, errors isolated, connection closed after;
-    * :meth:`spawn`: supervised per-packet or per-connection work (cancelled when the booster
-      closes; a failure is logged and counted);
+    * :meth:`finish_in_task`: the rest of a coroutine handler's work on one packet, bounded per
+      booster (beyond the bound the packet is decided at once, failing open);
+    * :meth:`spawn`: supervised per-connection work (cancelled when the booster closes; a failure
+      is logged and counted);
     * :meth:`send`: inject a packet into the data path through boxd.
     """
 
@@ -102,6 +104,12 @@ class ReceiverContext:
         """Per-packet or per-connection work as a supervised task (a failure is logged and counted;
         the booster goes on)."""
         return self._spawn(coro, name=f"rule {self.cookie} {name}", critical=False)
+
+    def finish_in_task(self, finish: Coroutine[Any, Any, Any], awaitable: Any, *, name: str) -> bool:
+        """Run ``finish``, which awaits ``awaitable`` (what a coroutine handler returned for one
+        packet), as a supervised task; False (counted in ``handlers_refused``, neither run) when the
+        booster already runs its bound of handlers: decide the packet at once, failing open."""
+        return self._dispatch.finish_in_task(finish, awaitable, name=f"rule {self.cookie} {name}")
 
     def send(self, pkt: Packet) -> bool:
         """Inject ``pkt`` into the data path (False, counted, if the channel is full or gone)."""

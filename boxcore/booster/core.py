@@ -20,7 +20,7 @@ from boxcore import wire
 from boxcore.booster.context import ReceiverContext
 from boxcore.booster.control import ControlSession
 from boxcore.booster.directory import DirectoryClient
-from boxcore.booster.dispatch import DataDispatch, HandlerGuard, guard_streams
+from boxcore.booster.dispatch import MAX_HANDLERS_IN_FLIGHT, DataDispatch, HandlerGuard, guard_streams
 from boxcore.booster.errors import BoosterError, BoxdGone
 from boxcore.booster.inflight import InFlight
 from boxcore.booster.sockets import UdpEndpoint
@@ -46,11 +46,16 @@ __all__ = ["Booster", "DEFAULT_CONTROL"]
 class Booster:
     """An asyncio booster connected to boxd.  Use as ``async with Booster(name, control=...)``
     (or through :func:`boxcore.booster.run_booster`, which also turns startup errors into CLI
-    errors and waits for the stop)."""
+    errors and waits for the stop).
+
+    ``max_handlers_in_flight`` bounds the coroutine packet handlers running at once (every rule,
+    every delivery): a packet that finds them all busy is decided at once, failing open (it
+    passes), and counted in ``stats["handlers_refused"]``."""
 
     def __init__(self, name: str, control: str | os.PathLike | None = None, *,
                  heartbeat: float | None = None, request_timeout: float = 10.0,
-                 clock: Any = None, sock: socket.socket | None = None) -> None:
+                 clock: Any = None, sock: socket.socket | None = None,
+                 max_handlers_in_flight: int = MAX_HANDLERS_IN_FLIGHT) -> None:
         self.name = name
         self.control = os.fspath(control or os.environ.get("BOXD_CONTROL", DEFAULT_CONTROL))
         self.stats = Stats()
@@ -66,7 +71,8 @@ class Booster:
                                       request_timeout=request_timeout)
         self.directory = DirectoryClient(self.session, self.stats)
         self._guard = HandlerGuard(self.stats)
-        self.dispatch = DataDispatch(self.stats, self._guard, self.spawn, claim=self._channel_handler_of)
+        self.dispatch = DataDispatch(self.stats, self._guard, self.spawn, claim=self._channel_handler_of,
+                                     max_handlers_in_flight=max_handlers_in_flight)
         self.timers = Timers(self.spawn, self._guard.failed)
 
     # ---------------------------------------------------------- state

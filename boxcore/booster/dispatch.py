@@ -23,7 +23,7 @@ import inspect
 import logging
 import os
 import socket
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine
 
 from boxcore import wire
 from boxcore.booster.inflight import InFlight
@@ -89,9 +89,13 @@ class HandlerGuard:
             return Verdict.CONSUME
 
 
+MAX_HANDLERS_IN_FLIGHT = 1024
+
+
 class DataDispatch:
     def __init__(self, stats: Any, guard: HandlerGuard, spawn: Callable[..., asyncio.Task],
-                 claim: Callable[[int], tuple[Callable, bool] | None] = lambda cookie: None) -> None:
+                 claim: Callable[[int], tuple[Callable, bool] | None] = lambda cookie: None,
+                 max_handlers_in_flight: int = MAX_HANDLERS_IN_FLIGHT) -> None:
         self.stats = stats
         self.guard = guard
         self._spawn = spawn
@@ -99,7 +103,8 @@ class DataDispatch:
         self.channel_handlers: dict[int, tuple[Callable, bool]] = {}   # cookie -> (handler, wants a verdict)
         self.stream_handlers: dict[int, Callable] = {}
         self.counters: dict[int, RuleCounter] = {}
-        self.inflight = InFlight()          # coroutine handlers still running
+        self.inflight = InFlight()          # coroutine packet handlers still running, on every delivery
+        self.max_handlers_in_flight = max_handlers_in_flight
         self._channel: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._verdict_batch: list | None = None
@@ -177,25 +182,44 @@ class DataDispatch:
                 self._send_verdict(token, Verdict.CONSUME)
             return
         if inspect.isawaitable(result):
-            self.inflight.enter()
-            self._spawn(self._finish(handler, result, token, want_verdict and is_redirect),
-                        name="packet handler", critical=False)
+            if not self.finish_in_task(self._finish(handler, result, token, want_verdict and is_redirect),
+                                       result, name="packet handler") and want_verdict:
+                self._send_verdict(token, Verdict.PASS)
         elif want_verdict:
             self._send_verdict(token, self.guard.verdict(handler, result) if is_redirect else Verdict.PASS)
 
-    async def _finish(self, handler: Callable, awaitable: Any, token: int, want: bool) -> None:
+    def finish_in_task(self, finish: Coroutine[Any, Any, Any], awaitable: Any, *, name: str) -> bool:
+        """Run ``finish`` (which awaits ``awaitable``, what a coroutine handler returned for one
+        packet) as a task, counted in :attr:`inflight`.  With ``max_handlers_in_flight`` already
+        running, neither runs: False, counted in ``handlers_refused``, and the caller decides the
+        packet at once, failing open (it passes) - a flood must not grow tasks without bound."""
+        if self.inflight.count >= self.max_handlers_in_flight:
+            self.stats["handlers_refused"] += 1
+            finish.close()
+            close = getattr(awaitable, "close", None)
+            if close is not None:
+                close()             # a coroutine never started: no "never awaited" warning
+            return False
+        self.inflight.enter()
+        self._spawn(self._leave_after(finish), name=name, critical=False)
+        return True
+
+    async def _leave_after(self, finish: Coroutine[Any, Any, Any]) -> None:
         try:
-            try:
-                result = await awaitable
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self.guard.failed(handler)
-                result = None
-            if want:
-                self._send_verdict(token, self.guard.verdict(handler, result))
+            await finish
         finally:
             self.inflight.leave()
+
+    async def _finish(self, handler: Callable, awaitable: Any, token: int, want: bool) -> None:
+        try:
+            result = await awaitable
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.guard.failed(handler)
+            result = None
+        if want:
+            self._send_verdict(token, self.guard.verdict(handler, result))
 
     def _flush_verdicts(self, batch: list) -> None:
         size = 0

@@ -23,8 +23,11 @@ is ignored), ``ctx.listen_on_channel(handler)`` / ``ctx.accept_streams(handler)`
 for packets the engine cannot count itself (reported to boxd with the
 heartbeats), ``ctx.run_handler`` / ``ctx.handler_failed`` / ``ctx.verdict(handler,
 result)`` (the user's handler never stops the booster: its errors are logged and
-counted), ``ctx.spawn(coro, name=...)`` (supervised per-packet or per-connection
-work, cancelled when the booster closes), ``ctx.send(pkt)``.
+counted), ``ctx.finish_in_task(finish, awaitable, name=...)`` (the rest of a
+coroutine handler's work on one packet, bounded per booster: False when the bound
+is reached, and the receiver decides the packet at once, failing open),
+``ctx.spawn(coro, name=...)`` (supervised per-connection work, cancelled when the
+booster closes), ``ctx.send(pkt)``.
 
 What differs between deliveries is offered to applications as capabilities of
 the subscription, each an optional member of the receiver:

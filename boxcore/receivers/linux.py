@@ -266,9 +266,12 @@ class NfqueueReceiver:
             elif result is passed:
                 append((nfq_pkt, NF_ACCEPT, None))
             elif inspect.isawaitable(result):
-                in_order = False
                 self.pending += 1
-                ctx.spawn(self._finish(nfq_pkt, raw, result), name="packet handler")
+                if ctx.finish_in_task(self._finish(nfq_pkt, raw, result), result, name="packet handler"):
+                    in_order = False
+                else:
+                    self.pending -= 1
+                    append((nfq_pkt, NF_ACCEPT, None))      # over the handler bound: fail open
             else:
                 append((nfq_pkt, *self._decide(raw, result)))
         self.stats["packets"] += seen
@@ -417,7 +420,7 @@ class NflogReceiver:
             self.ctx.handler_failed(self.handler)
             return
         if inspect.isawaitable(result):
-            self.ctx.spawn(self._finish(result), name="copy handler")
+            self.ctx.finish_in_task(self._finish(result), result, name="copy handler")   # refused: counted
 
     async def _finish(self, awaitable: Any) -> None:
         try:

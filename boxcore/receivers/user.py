@@ -147,7 +147,8 @@ class SocketReceiver:
                 ctx.handler_failed(handler)
                 continue
             if inspect.isawaitable(result):
-                ctx.spawn(self._finish(result, pkt), name="packet handler")
+                if not ctx.finish_in_task(self._finish(result, pkt), result, name="packet handler"):
+                    ctx.send(pkt)       # over the handler bound: fail open, the packet goes on unchanged
             elif redirect and result is not None:
                 self._apply(result, pkt)
             elif not redirect:

@@ -180,6 +180,34 @@ async def test_delegated_socket_capability_and_socket_receiver(tmp_path, net, st
     assert strict_contexts >= {"counter", "verdict", "send", "listen_on_channel", "forget_counter"}
 
 
+async def test_socket_receiver_fails_open_beyond_the_handler_bound(tmp_path, net, strict_contexts):
+    client = bound_udp()
+    server = bound_udp(net["server"])
+    try:
+        async with BoxdProcess(tmp_path, listens=net["listen"], http=False) as boxd:
+            async with Booster("held", control=boxd.control, max_handlers_in_flight=1) as b:
+                gate = asyncio.Event()
+
+                async def held(pkt):
+                    await gate.wait()
+                    return Verdict.modify(pkt.payload.upper())
+
+                sub = await b.redirect(Match(proto="udp", dst_port=net["server"]), held)
+                assert sub.delegated_socket is not None         # the socket receiver reads it
+                client.sendto(b"one", ("127.0.0.1", net["box"]))
+                await until(lambda: b.inflight.count == 1, what="the first handler running")
+                client.sendto(b"two", ("127.0.0.1", net["box"]))
+                assert (await recv(server))[0] == b"two"        # the bound is reached: passed unchanged
+                assert b.stats["handlers_refused"] == 1
+                gate.set()
+                assert (await recv(server))[0] == b"ONE"        # the held one, decided by its handler
+                await sub.cancel()
+    finally:
+        client.close()
+        server.close()
+    assert "finish_in_task" in strict_contexts
+
+
 async def test_connect_onward_on_relayed_interception(tmp_path, net, strict_contexts):
     async def upper(reader, writer):
         writer.write((await reader.readline()).upper())

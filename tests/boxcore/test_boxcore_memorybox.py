@@ -221,3 +221,26 @@ async def test_async_socket_helpers(tmp_path):
         writer.close()
         server.close()
         assert b.stats["handler_errors"] == 1
+
+
+async def test_coroutine_handlers_are_bounded_and_a_packet_beyond_the_bound_passes(tmp_path):
+    async with MemoryBox(state=tmp_path) as box:
+        b = await box.connect("b1", max_handlers_in_flight=2)
+        gate = asyncio.Event()
+        started = []
+
+        async def held(pkt):
+            started.append(pkt.payload)
+            await gate.wait()
+            return None                     # consume
+
+        await b.redirect(Match(proto="udp", dst_port=7000), held)
+        first, second, third = (asyncio.create_task(box.engine.process(udp(p))) for p in (b"1", b"2", b"3"))
+        assert (await third).action == "forwarded"         # decided at once: fail-open
+        assert started == [b"1", b"2"] and b.stats["handlers_refused"] == 1 and b.inflight.count == 2
+        assert not first.done() and not second.done()
+        gate.set()
+        assert [(await t).action for t in (first, second)] == ["consumed", "consumed"]
+        await box.settle()
+        assert b.inflight.count == 0 and b.stats["handler_errors"] == 0
+        assert (await box.inject(udp(b"4"))).action == "consumed"       # room again
