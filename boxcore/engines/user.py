@@ -44,13 +44,15 @@ from boxcore.engines.base import BoosterSession, Delivery, EngineSetupError, Rou
 from boxcore.packet import Packet
 from boxcore.rules import Action, Match, Rule
 from cliruntime import positive_int, non_negative_float
-from cliruntime.supervisor import Supervisor
+from cliruntime.supervisor import Supervisor, within
+from boxcore.splice import splice
 from boxcore.wire import Tag, VerdictCode
 
 log = logging.getLogger("boxcore.engines.user")
 
 UDP, TCP = 17, 6
 READS_PER_WAKEUP = 256
+TCP_CONNECT_TIMEOUT = 10.0  # seconds for the relay's onward connection
 FLOW_SWEEP_INTERVAL = 1.0   # seconds between idle-flow checks, while there are flows
 
 
@@ -134,7 +136,8 @@ class UserEngine(TablesInBoxd):
 
     def __init__(self, listens: list[ListenSpec] = (), *, max_flows: int = 1024,
                  flow_idle: float = 60.0, verdict_timeout: float = 0.5, max_pending: int = 4096,
-                 max_tcp: int = 256, max_rules: int = 10_000, max_multicast_sockets: int = 64) -> None:
+                 max_tcp: int = 256, max_tcp_per_source: int = 32, tcp_idle: float = 300.0,
+                 max_rules: int = 10_000, max_multicast_sockets: int = 64) -> None:
         self.specs = list(listens)
         seen = set()
         for spec in self.specs:
@@ -150,6 +153,9 @@ class UserEngine(TablesInBoxd):
         self.verdict_timeout = verdict_timeout
         self.max_pending = max_pending
         self.max_tcp = max_tcp
+        self.max_tcp_per_source = max_tcp_per_source
+        self.tcp_idle = tcp_idle
+        self._tcp_per_source: collections.Counter[str] = collections.Counter()   # relays by client address
         self.max_multicast_sockets = max_multicast_sockets
         self.classifier = Classifier(max_rules)
         self.owners: dict[int, BoosterSession] = {}
@@ -192,6 +198,12 @@ class UserEngine(TablesInBoxd):
                            help="user engine: packets waiting for verdicts")
         group.add_argument("--user-max-tcp", type=positive_int, default=256,
                            help="user engine: concurrent relayed TCP connections")
+        group.add_argument("--user-max-tcp-per-source", type=positive_int, default=32,
+                           help="user engine: concurrent relayed TCP connections from one client address "
+                                "(one host cannot take them all)")
+        group.add_argument("--user-tcp-idle", type=non_negative_float, default=300.0,
+                           help="user engine: seconds without a byte either way before a relayed TCP "
+                                "connection is closed (also the bound on a peer not reading); 0: none")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "UserEngine":
@@ -200,7 +212,9 @@ class UserEngine(TablesInBoxd):
                    flow_idle=getattr(args, "user_flow_idle", 60.0),
                    verdict_timeout=getattr(args, "user_verdict_timeout", 0.5),
                    max_pending=getattr(args, "user_max_pending", 4096),
-                   max_tcp=getattr(args, "user_max_tcp", 256))
+                   max_tcp=getattr(args, "user_max_tcp", 256),
+                   max_tcp_per_source=getattr(args, "user_max_tcp_per_source", 32),
+                   tcp_idle=getattr(args, "user_tcp_idle", 300.0))
 
     # ---------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -366,7 +380,7 @@ class UserEngine(TablesInBoxd):
             "listen": [str(s) for s in self.specs],
             "delegated": {str(l.spec): l.delegated for l in self.udp if l.delegated is not None},
             "flows": len(self.flows), "pending_verdicts": len(self.pending),
-            "tcp_relays": self._tcp_tasks.active, "groups": len(self.groups),
+            "tcp_relays": self._tcp_tasks.active, "tcp_sources": len(self._tcp_per_source), "groups": len(self.groups),
             "counters": dict(self.stats),
             "classifier": dict(self.classifier.stats),
         }
@@ -685,8 +699,20 @@ class UserEngine(TablesInBoxd):
             elif self._tcp_tasks.active >= self.max_tcp:
                 self.stats["tcp_refused"] += 1
                 conn.close()
+            elif self._tcp_per_source[client[0]] >= self.max_tcp_per_source:
+                self.stats["tcp_refused_per_source"] += 1
+                conn.close()
             else:
-                self._tcp_tasks.spawn(self._splice(conn, spec), name="tcp relay", critical=False)
+                self._tcp_per_source[client[0]] += 1
+                self._tcp_tasks.spawn(self._relay(conn, client[0], spec), name="tcp relay", critical=False)
+
+    async def _relay(self, conn: socket.socket, source: str, spec: ListenSpec) -> None:
+        try:
+            await self._splice(conn, spec)
+        finally:
+            self._tcp_per_source[source] -= 1
+            if self._tcp_per_source[source] <= 0:
+                del self._tcp_per_source[source]
 
     async def _splice(self, conn: socket.socket, spec: ListenSpec) -> None:
         conn.setblocking(False)
@@ -696,28 +722,17 @@ class UserEngine(TablesInBoxd):
             conn.close()
             return
         try:
-            s_reader, s_writer = await asyncio.open_connection(spec.dst_host, spec.dst_port)
-        except OSError as exc:
+            s_reader, s_writer = await within(asyncio.open_connection(spec.dst_host, spec.dst_port),
+                                              TCP_CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
             self.stats["tcp_connect_errors"] += 1
-            log.debug("relay to %s:%d failed: %s", spec.dst_host, spec.dst_port, exc)
+            log.debug("relay to %s:%d failed: %r", spec.dst_host, spec.dst_port, exc)
             c_writer.close()
             return
         self.stats["tcp_relayed"] += 1
-
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counter: str) -> None:
-            try:
-                while data := await reader.read(65536):
-                    self.stats[counter] += len(data)
-                    writer.write(data)
-                    await writer.drain()
-                if writer.can_write_eof():
-                    writer.write_eof()
-            except (ConnectionError, OSError):
-                pass
-
         try:
-            await asyncio.gather(pipe(c_reader, s_writer, "tcp_bytes_up"),
-                                 pipe(s_reader, c_writer, "tcp_bytes_down"))
+            await splice((c_reader, c_writer), (s_reader, s_writer), self.stats,
+                         idle=self.tcp_idle or None, stall=self.tcp_idle or None)
         finally:
             for writer in (c_writer, s_writer):
                 writer.close()

@@ -201,3 +201,35 @@ async def test_idle_flows_expire_and_an_idle_engine_arms_no_timers(net):
         assert engine._flow_timer is None and engine._verdict_timer is None
     finally:
         await engine.stop()
+
+
+async def test_tcp_relays_are_shared_out_per_client_and_idle_ones_closed():
+    """One host cannot take every relay slot (--user-max-tcp-per-source), and a relayed connection
+    silent both ways for --user-tcp-idle is closed, freeing its slot."""
+    from boxcore.engines.user import UserEngine, listen_spec
+
+    upstream = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)     # accepts, never speaks
+    box = free_port(socket.SOCK_STREAM)
+    engine = UserEngine([listen_spec(f"tcp:127.0.0.1:{box}=127.0.0.1:{upstream.sockets[0].getsockname()[1]}")],
+                        max_tcp=8, max_tcp_per_source=2, tcp_idle=1.0)
+    await engine.start()
+    conns = []
+    try:
+        for source in ("127.0.0.2", "127.0.0.2", "127.0.0.2", "127.0.0.3"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", box, local_addr=(source, 0))
+            conns.append((reader, writer))
+        await until(lambda: engine.stats["tcp_relayed"] == 3, what="three relays")
+        assert engine.stats["tcp_refused_per_source"] == 1 and engine.stats["tcp_refused"] == 0
+        assert await asyncio.wait_for(conns[2][0].read(), 5) == b""          # the third of one host: closed
+        assert engine.status()["tcp_relays"] == 3
+        # nobody says anything: every relay is closed after the idle bound, and the slots are free
+        for reader, _ in (conns[0], conns[1], conns[3]):
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        await until(lambda: engine.status()["tcp_relays"] == 0, what="the relays to end")
+        assert engine.stats["tcp_idle_closed"] == 3 and engine._tcp_per_source == {}
+    finally:
+        for _, writer in conns:
+            writer.close()
+        await engine.stop()
+        upstream.close()
+        await upstream.wait_closed()
