@@ -6,10 +6,10 @@ import asyncio
 import socket
 
 
-def bound_udp(port: int = 0) -> socket.socket:
-    """A non-blocking UDP socket bound to 127.0.0.1:``port`` (0: any free port)."""
+def bound_udp(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
+    """A non-blocking UDP socket bound to ``host``:``port`` (0: any free port)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", port))
+    sock.bind((host, port))
     sock.setblocking(False)
     return sock
 

@@ -134,7 +134,7 @@ class _TcpListener:
 class UserEngine(TablesInBoxd):
     name = "user"
 
-    def __init__(self, listens: list[ListenSpec] = (), *, max_flows: int = 1024,
+    def __init__(self, listens: list[ListenSpec] = (), *, max_flows: int = 1024, max_flows_per_source: int = 64,
                  flow_idle: float = 60.0, verdict_timeout: float = 0.5, max_pending: int = 4096,
                  max_tcp: int = 256, max_tcp_per_source: int = 32, tcp_idle: float = 300.0,
                  max_rules: int = 10_000, max_multicast_sockets: int = 64) -> None:
@@ -149,6 +149,8 @@ class UserEngine(TablesInBoxd):
                                                or "0.0.0.0" in (spec.host, spec.dst_host)):
                 raise EngineSetupError(f"--listen {spec} relays to itself")
         self.max_flows = max_flows
+        self.max_flows_per_source = max_flows_per_source
+        self._flows_per_source: collections.Counter[str] = collections.Counter()   # by client address
         self.flow_idle = flow_idle
         self.verdict_timeout = verdict_timeout
         self.max_pending = max_pending
@@ -190,6 +192,9 @@ class UserEngine(TablesInBoxd):
                                 "(repeatable)")
         group.add_argument("--user-max-flows", type=positive_int, default=1024,
                            help="user engine: UDP relay flow table size (LRU)")
+        group.add_argument("--user-max-flows-per-source", type=positive_int, default=64,
+                           help="user engine: UDP relay flows of one client address; beyond, its own "
+                                "least recently used flow makes room (one host cannot churn the others')")
         group.add_argument("--user-flow-idle", type=non_negative_float, default=60.0,
                            help="user engine: seconds before an idle UDP flow is dropped")
         group.add_argument("--user-verdict-timeout", type=non_negative_float, default=0.5,
@@ -209,6 +214,7 @@ class UserEngine(TablesInBoxd):
     def from_args(cls, args: argparse.Namespace) -> "UserEngine":
         return cls(getattr(args, "listen", []) or [],
                    max_flows=getattr(args, "user_max_flows", 1024),
+                   max_flows_per_source=getattr(args, "user_max_flows_per_source", 64),
                    flow_idle=getattr(args, "user_flow_idle", 60.0),
                    verdict_timeout=getattr(args, "user_verdict_timeout", 0.5),
                    max_pending=getattr(args, "user_max_pending", 4096),
@@ -541,6 +547,10 @@ class UserEngine(TablesInBoxd):
             log.debug("relay to %s:%d failed: %s", listener.spec.dst_host, listener.spec.dst_port, exc)
 
     def _open_flow(self, key, listener: _UdpListener, client: tuple[str, int]) -> _Flow | None:
+        if self._flows_per_source[client[0]] >= self.max_flows_per_source:
+            # this host's own least recently used flow makes room, not another host's
+            self._close_flow(next(k for k in self.flows if k[1][0] == client[0]))
+            self.stats["flows_evicted_per_source"] += 1
         while len(self.flows) >= self.max_flows:
             oldest = next(iter(self.flows))
             self._close_flow(oldest)
@@ -558,6 +568,7 @@ class UserEngine(TablesInBoxd):
             return None
         flow = _Flow(sock, client, listener)
         self.flows[key] = flow
+        self._flows_per_source[client[0]] += 1
         self.loop.add_reader(sock.fileno(), self._on_flow, key)
         self.stats["flows_opened"] += 1
         if self._flow_timer is None:
@@ -568,6 +579,10 @@ class UserEngine(TablesInBoxd):
         flow = self.flows.pop(key, None)
         if flow is None:
             return
+        source = key[1][0]
+        self._flows_per_source[source] -= 1
+        if self._flows_per_source[source] <= 0:
+            del self._flows_per_source[source]
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(flow.sock.fileno())
         flow.sock.close()

@@ -233,3 +233,32 @@ async def test_tcp_relays_are_shared_out_per_client_and_idle_ones_closed():
         await engine.stop()
         upstream.close()
         await upstream.wait_closed()
+
+
+async def test_one_host_churning_udp_flows_evicts_only_its_own(net):
+    """Beyond --user-max-flows-per-source a host's own least recently used flow makes room: a host
+    sending from many ports cannot push another host's flow out of the table."""
+    from boxcore.engines.user import UserEngine, listen_spec
+
+    engine = UserEngine([listen_spec(net["listen"][0])], max_flows=8, max_flows_per_source=3)
+    await engine.start()
+    churners = []
+    try:
+        other = bound_udp(host="127.0.0.3")
+        churners = [bound_udp(host="127.0.0.2") for _ in range(10)]
+        other.sendto(b"keep me", ("127.0.0.1", net["box"]))
+        assert (await recv(net["server"]))[0] == b"keep me"
+        for i, sock in enumerate(churners):
+            sock.sendto(b"churn %d" % i, ("127.0.0.1", net["box"]))
+            assert (await recv(net["server"]))[0] == b"churn %d" % i
+        assert engine.stats["flows_evicted_per_source"] == 7 and engine.stats["flows_evicted"] == 0
+        assert sorted(client[0] for _, client in engine.flows) == ["127.0.0.2"] * 3 + ["127.0.0.3"]
+        # the other host's flow is still the same one: the server's answer through it comes back
+        other_flow = next(f for (_, client), f in engine.flows.items() if client[0] == "127.0.0.3")
+        net["server"].sendto(b"answer", other_flow.sock.getsockname())
+        assert (await recv(other))[0] == b"answer"
+        other.close()
+    finally:
+        for sock in churners:
+            sock.close()
+        await engine.stop()
