@@ -83,10 +83,7 @@ def frame_decoder(max_frame: int = DEFAULT_MAX_FRAME) -> FrameDecoder:
 
 
 def table_message(table: RouteTable) -> dict:
-    bitmap = bytearray(table.size // 8 or 1)
-    for slot in table.present:
-        bitmap[slot >> 3] |= 1 << (slot & 7)
-    return {"t": "table", "bits": table.bits, "slots": zlib.compress(bytes(bitmap))}
+    return {"t": "table", "bits": table.bits, "slots": zlib.compress(bytes(table.bitmap))}
 
 
 def table_from_message(msg: dict) -> RouteTable:
@@ -100,5 +97,6 @@ def table_from_message(msg: dict) -> RouteTable:
         raise B2BDecodeError(f"table: bad zlib data: {exc}") from None
     if len(bitmap) != want:
         raise B2BDecodeError(f"table: bitmap of {len(bitmap)} bytes, expected {want}")
-    present = {i * 8 + b for i, byte in enumerate(bitmap) if byte for b in range(8) if byte >> b & 1}
-    return RouteTable(bits, {s for s in present if s < size})
+    if size < 8:   # a table smaller than its one byte: bits past the end are not slots
+        bitmap = bytes([bitmap[0] & ((1 << size) - 1)])
+    return RouteTable(bits, bitmap=bitmap)

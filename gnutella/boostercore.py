@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from . import b2b, vendor
 from .handshake import ConnectRequest, Decision, Identity
 from .node import Close, Send
-from .qrp import DEFAULT_TABLE_BITS, RouteTable, TableReceiver, receive_table
+from .qrp import DEFAULT_TABLE_BITS, MAX_TABLE_SIZE, RouteTable, TableReceiver, receive_table
 from .routing import BoundedTable
 from .wire import (BYE, PING, PONG, PUSH, QRP, QUERY, QUERY_HIT, STD_VENDOR, VENDOR, Bye, GnutellaDecodeError,
                    HitResult, Message, Pong, Push, Query, QueryHit, new_guid)
@@ -91,7 +91,7 @@ class BoosterConfig:
     max_local: int = 512                    # local connections in all
     pongs_per_ping: int = 8
     qrp_bits: int = DEFAULT_TABLE_BITS
-    max_qrp_table: int = 1 << 20
+    max_qrp_table: int = MAX_TABLE_SIZE
     table_interval: float = 1.0
     user_agent: str = "booster-boxes/0.1"
     # "adaptive": a query no local table may answer goes out at once (to the clusters whose tables may
@@ -270,7 +270,7 @@ class BoosterCore:
         if kind == PUSH:
             return self._push(msg.payload, ("local", cid))
         if kind == QRP:
-            if receive_table(peer, msg.payload, self.stats):   # type: ignore[arg-type]
+            if receive_table(peer, msg.payload, self.stats, now):   # type: ignore[arg-type]
                 self._table_version += 1
             return []
         if kind == BYE:
@@ -443,7 +443,7 @@ class BoosterCore:
         for peer in self.locals.values():
             if peer.table is not None:
                 if peer.table.bits == table.bits:
-                    table.present |= peer.table.present
+                    table.merge(peer.table)
                 else:   # a table of another size: fold it conservatively by re-hashing is impossible; take all
                     self.stats["qrp_foreign_size"] += 1
         return table

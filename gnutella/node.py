@@ -14,7 +14,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from .handshake import Identity
-from .qrp import DEFAULT_TABLE_BITS, RouteTable, TableReceiver, receive_table
+from .qrp import DEFAULT_TABLE_BITS, MAX_TABLE_SIZE, RouteTable, TableReceiver, receive_table
 from .routing import LOCAL, Router
 from .share import ShareIndex
 from . import vendor
@@ -75,7 +75,7 @@ class NodeConfig:
     alive_interval: float = 15.0      # idle time before an alive ping (TTL 1)
     alive_timeout: float = 30.0       # unanswered alive ping for this long: close
     qrp_bits: int = DEFAULT_TABLE_BITS
-    max_qrp_table: int = 1 << 20
+    max_qrp_table: int = MAX_TABLE_SIZE
     max_results: int = 50
     speed: int = 1000                 # kbit/s, reported in hits, compared to legacy min speed
     firewalled: bool = False          # advertise the push flag: downloaders must use PUSH/GIV
@@ -194,10 +194,10 @@ class Node:
         return Send(peer.cid, ping)
 
     def table_for_peers(self) -> RouteTable:
-        table = RouteTable(self.config.qrp_bits, set(self.route_table().present))
+        table = self.route_table().copy()
         for peer in self.peers.values():
             if peer.our_leaf and peer.table is not None and peer.table.bits == table.bits:
-                table.present |= peer.table.present
+                table.merge(peer.table)
         return table
 
     def peer_down(self, cid: int) -> None:
@@ -273,7 +273,7 @@ class Node:
             assert isinstance(msg.payload, Bye)
             return [Close(cid, f"bye {msg.payload.code} {msg.payload.reason}")]
         if kind == QRP:
-            return self._on_qrp(peer, msg)
+            return self._on_qrp(peer, msg, now)
         if kind in (VENDOR, STD_VENDOR):
             return [Send(cid, reply) for reply in vendor.answer(msg, self.wall_clock(), self.stats)]
         return []
@@ -384,9 +384,9 @@ class Node:
         relay = self.router.reply_copy(msg)
         return [Send(cid, relay)] if relay else []
 
-    def _on_qrp(self, peer: Peer, msg: Message) -> list:
+    def _on_qrp(self, peer: Peer, msg: Message, now: float) -> list:
         if peer.qrp is None or (not self.config.ultrapeer):
             self.stats["qrp_ignored"] += 1        # a leaf routes nothing
             return []
-        receive_table(peer, msg.payload, self.stats)   # type: ignore[arg-type]
+        receive_table(peer, msg.payload, self.stats, now)   # type: ignore[arg-type]
         return []

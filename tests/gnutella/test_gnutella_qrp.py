@@ -1,9 +1,10 @@
 import zlib
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from gnutella.qrp import RouteTable, TableReceiver, keywords, qrp_hash
+from gnutella.qrp import MAX_TABLE_SIZE, RouteTable, TableReceiver, keywords, qrp_hash, receive_table
 from gnutella.wire import GnutellaDecodeError, QrpPatch, QrpReset, decode_message
 
 
@@ -73,10 +74,64 @@ def test_patch_before_reset_and_out_of_sequence_are_refused():
 
 def test_bad_zlib_and_wrong_size_and_oversized_table():
     receiver = TableReceiver(max_table_size=1 << 12)
-    with pytest.raises(GnutellaDecodeError, match="exceeds"):
+    with pytest.raises(GnutellaDecodeError, match="outside"):
         receiver.receive(QrpReset(1 << 16, 7))
     receiver.receive(QrpReset(1024, 7))
     with pytest.raises(GnutellaDecodeError, match="zlib"):
         receiver.receive(QrpPatch(1, 1, 1, 4, b"not zlib"))
     with pytest.raises(GnutellaDecodeError, match="table needs 512"):
         receiver.receive(QrpPatch(1, 1, 1, 4, zlib.compress(b"\x00" * 100)))
+
+
+def _flood_patch(slots: int) -> list:
+    """A RESET and one zlib PATCH marking every slot present: a few hundred bytes on the wire."""
+    return [QrpReset(slots, 7), QrpPatch(1, 1, 1, 4, zlib.compress(b"\xaa" * (slots // 2), 9))]
+
+
+def test_huge_table_is_refused_and_counted_and_its_patches_dropped():
+    """Review finding: a RESET of 2**20 slots plus one 543-byte PATCH built a 1,048,576-entry
+    set (66 MB, seconds of CPU on the event loop).  Larger than MAX_TABLE_SIZE is refused."""
+    class Link:
+        qrp = TableReceiver()
+        table = None
+    stats: Counter = Counter()
+    reset, patch = _flood_patch(1 << 20)
+    assert len(patch.encode()) < 1100
+    assert not receive_table(Link, reset, stats)
+    assert not receive_table(Link, patch, stats)
+    assert Link.table is None
+    assert stats == Counter(qrp_refused_size=1, qrp_patches_dropped=1)
+
+
+def test_a_full_table_of_the_largest_accepted_size_is_cheap():
+    receiver = TableReceiver()
+    table = None
+    for msg in _flood_patch(MAX_TABLE_SIZE):
+        table = receiver.receive(msg)
+    assert table is not None and table.fill_ratio() == 1.0
+    assert len(table.bitmap) == MAX_TABLE_SIZE // 8      # a bitmap, not a set of ints
+    assert table.matches("anything at all")
+
+
+def test_resets_are_rate_limited_per_link():
+    class Link:
+        qrp = TableReceiver(reset_burst=2, reset_interval=10.0)
+        table = None
+    stats: Counter = Counter()
+    small = RouteTable(10, {1, 2, 3}).to_messages()
+    for now in (0.0, 1.0, 2.0):
+        for msg in small:
+            receive_table(Link, msg, stats, now)
+    assert stats["qrp_tables"] == 2 and stats["qrp_rate_limited"] == 1
+    assert stats["qrp_patches_dropped"] == 1
+    for msg in small:        # the window has passed: accepted again
+        receive_table(Link, msg, stats, 25.0)
+    assert stats["qrp_tables"] == 3
+
+
+def test_patch_bytes_buffered_are_bounded():
+    receiver = TableReceiver()
+    receiver.receive(QrpReset(1 << 10, 7))
+    receiver.receive(QrpPatch(1, 3, 0, 4, b"\x00" * 400))
+    with pytest.raises(GnutellaDecodeError, match="exceeds 512"):
+        receiver.receive(QrpPatch(2, 3, 0, 4, b"\x00" * 400))
