@@ -95,6 +95,35 @@ class _Link:
         self.stats[f"tx_{msg.type_name}"] += 1
 
 
+class UnsafeFileName(ValueError):
+    """A remote file name that cannot name a file inside the download directory."""
+
+
+MAX_NAME_BYTES = 255        # NAME_MAX of Linux file systems
+MAX_SAME_NAME = 1000
+
+
+def download_destination(dest_dir: Path, name: str) -> Path:
+    """Where a download named ``name`` by a remote QueryHit goes: a plain file name inside
+    ``dest_dir`` (no separators, not ``.``/``..``, no NUL or control characters), never an
+    existing file (``name (1).ext``, ``name (2).ext``, ... instead; the download then opens it
+    exclusively)."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name
+            or any(ord(c) < 0x20 or c == "\x7f" for c in name)):
+        raise UnsafeFileName(f"remote file name {name!r} is not a plain file name")
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise UnsafeFileName(f"remote file name of more than {MAX_NAME_BYTES} bytes")
+    base = dest_dir.resolve()
+    stem, suffix = Path(name).stem, Path(name).suffix
+    for n in range(MAX_SAME_NAME):
+        candidate = base / (name if n == 0 else f"{stem} ({n}){suffix}")
+        if candidate.parent != base:      # belt and braces: the name added no directory
+            raise UnsafeFileName(f"remote file name {name!r} leaves {base}")
+        if not candidate.exists() and not candidate.is_symlink():
+            return candidate
+    raise UnsafeFileName(f"{MAX_SAME_NAME} files named like {name!r} already in {base}")
+
+
 class Servent:
     def __init__(self, *, listen: tuple[str, int], shares: ShareIndex, advertise_ip: str | None = None,
                  ultrapeer: bool = True, config: NodeConfig | None = None, peers: list[tuple[str, int]] = (),
@@ -559,8 +588,16 @@ class Servent:
 
     async def download(self, hit: Hit, event: SearchHit | None, dest_dir: Path | None,
                        timeout: float = 30.0, max_bytes: int = 1 << 30) -> ghttp.DownloadResult:
-        """Fetch a hit: directly, or by PUSH when the source is firewalled or unreachable."""
-        dest = dest_dir / hit.name if dest_dir is not None else None
+        """Fetch a hit: directly, or by PUSH when the source is firewalled or unreachable.  The
+        file lands in ``dest_dir`` under the hit's name made safe (:func:`download_destination`)."""
+        dest = None
+        if dest_dir is not None:
+            try:
+                dest = download_destination(dest_dir, hit.name)
+            except UnsafeFileName as exc:
+                self.stats["downloads_unsafe_name"] += 1
+                log.warning("download refused: %s", exc)
+                return ghttp.DownloadResult(False, 0, 0, None, None, str(exc))
         path = f"/uri-res/N2R?urn:sha1:{hit.sha1}" if hit.sha1 else f"/get/{hit.index}/{urllib.parse.quote(hit.name)}"
         if not hit.push:
             self._dial(hit.ip)

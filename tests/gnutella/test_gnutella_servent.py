@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -312,3 +313,31 @@ async def test_oversized_and_malformed_messages_are_counted_never_fatal(tmp_path
         writer.close()
     finally:
         await up.stop()
+
+
+@pytest.mark.parametrize("evil", ["../escaped.ogg", "../../escaped.ogg", "/tmp/escaped.ogg", "..", ".", "",
+                                  "a\x00b", "sub/escaped.ogg", "back\\slash", "bell\x07"])
+async def test_remote_file_names_cannot_leave_the_download_directory(pair, tmp_path, evil):
+    """Review finding: ``dest_dir / hit.name`` took the remote QueryHit's name as a path."""
+    a, b, payload = pair
+    (hit, event), = await b.search("drone ambient", timeout=EVENT_WAIT, max_hits=1)
+    out = tmp_path / "deep" / "got"
+    out.mkdir(parents=True)
+    result = await b.download(dataclasses.replace(hit, name=evil), event, out)
+    assert not result.ok and "name" in result.error
+    assert b.stats["downloads_unsafe_name"] == 1
+    assert not (tmp_path / "deep" / "escaped.ogg").exists() and not (tmp_path / "escaped.ogg").exists()
+    assert list(out.iterdir()) == []
+
+
+async def test_a_download_never_overwrites_an_existing_file(pair, tmp_path):
+    a, b, payload = pair
+    (hit, event), = await b.search("drone ambient", timeout=EVENT_WAIT, max_hits=1)
+    out = tmp_path / "got"
+    out.mkdir()
+    (out / hit.name).write_bytes(b"mine")
+    (out / "ambient drone loop (1).ogg").symlink_to(tmp_path / "planted")
+    result = await b.download(hit, event, out)
+    assert result.ok and result.path == str(out / "ambient drone loop (2).ogg")
+    assert (out / hit.name).read_bytes() == b"mine" and not (tmp_path / "planted").exists()
+    assert (out / "ambient drone loop (2).ogg").read_bytes() == payload
