@@ -43,6 +43,9 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "bye": {"reason": str},
 }
 
+# Integer fields that end up in a Gnutella header or payload: exactly the ranges those hold.
+RANGES = {"ttl": (0, 255), "hops": (0, 255), "flags": (0, 0xFFFF), "v": (0, 0xFFFF)}
+
 
 def validate(obj: object) -> dict:
     if not isinstance(obj, dict):
@@ -61,6 +64,11 @@ def validate(obj: object) -> dict:
         raise B2BDecodeError(f"{kind}: unexpected fields {sorted(extra)}")
     if kind in ("query", "hit") and len(obj["guid"]) != 16:
         raise B2BDecodeError(f"{kind}: guid of {len(obj['guid'])} bytes, expected 16")
+    for name, (low, high) in RANGES.items():
+        if name in SCHEMA[kind] and not low <= obj[name] <= high:
+            raise B2BDecodeError(f"{kind}: {name} {obj[name]} outside {low}..{high}")
+    if kind == "query" and "\x00" in obj["criteria"]:
+        raise B2BDecodeError("query: NUL in criteria")
     if kind == "table" and not 1 <= obj["bits"] <= 20:
         raise B2BDecodeError(f"table: bits {obj['bits']} outside 1..20")
     if kind == "query" and not all(isinstance(u, str) for u in obj["urns"]):

@@ -203,7 +203,12 @@ class GnutellaBooster:
         if transport is not None and transport.get_write_buffer_size() > MAX_OUTBUF:
             self.stats["peer_tx_dropped_backlog"] += 1
             return
-        frame = b2b.encode(obj)
+        try:
+            frame = b2b.encode(obj)
+        except (ValueError, TypeError, OverflowError) as exc:   # B2BDecodeError is a ValueError
+            self.stats["peer_encode_failed"] += 1      # that message alone is lost, not the peer link
+            log.warning("b2b %s not sent, it cannot be encoded: %s", obj.get("t"), exc)
+            return
         writer.write(frame)
         traffic = self.peer_traffic[self.peer_names.get(pid, f"#{pid}")]
         traffic["msgs_out"] += 1
@@ -394,7 +399,7 @@ class GnutellaBooster:
             self.upstream_addrs.add(original)
             self.supervisor.spawn(self._keep_upstream(original), name=f"upstream {original[0]}:{original[1]}")
         cid = self._next_id()
-        stream = MessageStream(channel, settled)
+        stream = MessageStream(channel, settled, stats=self.stats)
         self.local_streams[cid] = stream
         if tuple(shown) != original:
             self.opaque[cid] = shown[0]          # the servent reaches the outside only through this box
@@ -468,7 +473,7 @@ class GnutellaBooster:
             log.debug("upstream handshake with %s failed: %r", addr, exc)
             return False
         uid = self._next_id()
-        stream = MessageStream(channel, settled)
+        stream = MessageStream(channel, settled, stats=self.stats)
         self.local_streams[uid] = stream
         self._perform(self.core.upstream_up(uid, me))
         log.info("peering with outside servent %s:%d", *addr)

@@ -13,14 +13,14 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
-from .handshake import Identity
+from .handshake import Identity, parse_address
 from .qrp import DEFAULT_TABLE_BITS, MAX_TABLE_SIZE, RouteTable, TableReceiver, receive_table
 from .routing import LOCAL, Router
 from .share import ShareIndex
 from . import vendor
 from .wire import (BYE, PING, PONG, PUSH, QRP, QUERY, QUERY_HIT, STD_VENDOR, VENDOR, Bye, GGEPExtension, ggep_get,
                    HitResult, Message, Ping, Pong, Push, Query, QueryHit,
-                   new_guid, QF_MARKER)
+                   new_guid, next_hop, QF_MARKER)
 
 VENDOR_CODE = b"BBOX"
 QHD_PUSH, QHD_BUSY, QHD_UPLOADED, QHD_MEASURED = 0x01, 0x04, 0x08, 0x10
@@ -138,7 +138,10 @@ class Node:
         return self._table
 
     def learn_host(self, ip: str, port: int) -> None:
-        if (ip, port) == (self.me.ip, self.me.port) or port == 0:
+        if (ip, port) == (self.me.ip, self.me.port):
+            return
+        if parse_address(f"{ip}:{port}") != (ip, port):
+            self.stats["hosts_refused"] += 1      # never cache what a pong or a dial cannot carry
             return
         self.host_cache[(ip, port)] = None
         self.host_cache.move_to_end((ip, port))
@@ -283,7 +286,7 @@ class Node:
             return []
         # Our own pong carries the ping's GUID: that is how it is routed back
         # (and what gtk-gnutella checks on its TTL-1 "alive" pings).
-        reply_ttl = msg.hops + 1
+        reply_ttl = next_hop(msg.hops)
         out: list = [Send(peer.cid, Message(msg.guid, reply_ttl, 0, self.own_pong()))]
         if msg.ttl <= 1 or not self.config.ultrapeer:
             return out
@@ -349,7 +352,7 @@ class Node:
             if other.our_leaf:
                 # leaves sit one hop away: QRP decides, whatever the remaining TTL
                 if self._leaf_may_have(other, query):
-                    out.append(Send(other.cid, Message(msg.guid, 1, msg.hops + 1, query)))
+                    out.append(Send(other.cid, Message(msg.guid, 1, next_hop(msg.hops), query)))
                 else:
                     self.stats["qrp_filtered"] += 1
             elif relay is not None and other.ultrapeer:

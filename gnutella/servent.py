@@ -30,7 +30,8 @@ from . import http as ghttp
 from .channel import Channel, TlsContexts, tls_contexts
 from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, Headers, Identity, LinkOptions,
                         Negotiated, Refused, Response, SlotState, answer_headers, check_outgoing, decide_incoming,
-                        final_headers, identity_headers, listen_address, negotiated, offer_headers, remote_guid)
+                        final_headers, identity_headers, listen_address, negotiated, offer_headers, remote_guid,
+                        try_addresses)
 from .node import (Close, Node, NodeConfig, PushRequested, SearchHit, Send, needs_push)
 from .share import ShareIndex
 from .stream import MessageStream, pump_messages
@@ -249,16 +250,22 @@ class Servent:
             self.stats["dialed_untracked"] += 1
 
     async def _connect(self, addr: tuple[str, int]) -> None:
+        try:
+            await self._dial_and_run(addr)
+        finally:   # whatever ends the attempt, the address may be dialled again (``wanted`` counts it)
+            self._connecting.discard(addr)
+
+    async def _dial_and_run(self, addr: tuple[str, int]) -> None:
         self._dial(addr[0])
         try:
             reader, writer = await within(
                 asyncio.open_connection(*addr, limit=1 << 16, local_addr=self._source()), HANDSHAKE_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (OSError, asyncio.TimeoutError, OverflowError, ValueError) as exc:
+            # OverflowError/ValueError: an address no socket takes (it should never have been learned)
             self.stats["connect_failed"] += 1
             # not up yet (servents start together) or gone: retry soon, then less and less often
             failures = self._connect_failures[addr] = self._connect_failures.get(addr, 0) + 1
             self._retry_after[addr] = time.monotonic() + min(RETRY_AFTER, CONNECT_BACKOFF * 2 ** (failures - 1))
-            self._connecting.discard(addr)
             log.debug("connect to %s:%d failed: %r", *addr, exc)
             return
         if writer.get_extra_info("sockname") == writer.get_extra_info("peername"):
@@ -268,27 +275,23 @@ class Servent:
             self.stats["connect_self"] += 1
             writer.close()
             self._retry_after[addr] = time.monotonic() + RETRY_AFTER
-            self._connecting.discard(addr)
             return
         self.stats["connect_out"] += 1
         self._connect_failures.pop(addr, None)
         channel = Channel(reader, writer)
-        try:
-            if self.tls is not None and (addr in self.tls_hosts or addr in self.node.tls_hosts):
-                # a peer known to speak TLS is dialled in TLS from the first byte
-                try:
-                    await within(channel.start_tls(self.tls.client, server_side=False), HANDSHAKE_TIMEOUT)
-                except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
-                    self.stats["tls_direct_failed"] += 1
-                    self.tls_hosts.pop(addr, None)
-                    self.node.tls_hosts.pop(addr, None)
-                    log.info("TLS to %s:%d failed (%r); it will be dialled in clear", *addr, exc)
-                    channel.close()
-                    return
-                self.stats["tls_direct_out"] += 1
-            await self._session(channel, outgoing=True, initial=b"", dial=addr)
-        finally:
-            self._connecting.discard(addr)
+        if self.tls is not None and (addr in self.tls_hosts or addr in self.node.tls_hosts):
+            # a peer known to speak TLS is dialled in TLS from the first byte
+            try:
+                await within(channel.start_tls(self.tls.client, server_side=False), HANDSHAKE_TIMEOUT)
+            except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+                self.stats["tls_direct_failed"] += 1
+                self.tls_hosts.pop(addr, None)
+                self.node.tls_hosts.pop(addr, None)
+                log.info("TLS to %s:%d failed (%r); it will be dialled in clear", *addr, exc)
+                channel.close()
+                return
+            self.stats["tls_direct_out"] += 1
+        await self._session(channel, outgoing=True, initial=b"", dial=addr)
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._accepting >= self.max_connections:
@@ -417,11 +420,10 @@ class Servent:
 
     def _learn_try(self, headers: Headers) -> None:
         assert self.node is not None
-        for name in ("X-Try-Ultrapeers", "X-Try"):
-            for item in (headers.get(name) or "").split(","):
-                host, sep, port = item.strip().rpartition(":")
-                if sep and port.isdigit():
-                    self.node.learn_host(host, int(port))
+        hosts, refused = try_addresses(headers)
+        self.stats["try_hosts_refused"] += refused
+        for host, port in hosts:
+            self.node.learn_host(host, port)
 
     async def _session(self, channel: Channel, outgoing: bool, initial: bytes,
                        dial: tuple[str, int] | None) -> None:
@@ -462,7 +464,7 @@ class Servent:
         self._next_cid += 1
         if settled.tls:
             self._learn_tls(listen)
-        link = _Link(cid, MessageStream(channel, settled), remote_ip, self._traffic_of(remote_ip), self.stats)
+        link = _Link(cid, MessageStream(channel, settled, stats=self.stats), remote_ip, self._traffic_of(remote_ip), self.stats)
         self.links[cid] = link
         self._connected_addrs[cid] = listen
         now = time.monotonic()

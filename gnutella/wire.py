@@ -648,7 +648,16 @@ class Message:
 
     def forwarded(self) -> "Message":
         """The copy a servent relays: TTL one less, hops one more."""
-        return Message(self.guid, self.ttl - 1, self.hops + 1, self.payload)
+        return Message(self.guid, self.ttl - 1, next_hop(self.hops), self.payload)
+
+
+MAX_HOPS = 255
+
+
+def next_hop(count: int) -> int:
+    """One more hop (or a reply TTL of hops+1), saturating at what the header's byte holds:
+    a peer's hop count of 255 must not make our copy unencodable."""
+    return min(count + 1, MAX_HOPS)
 
 
 def decode_payload(ptype: int, body: bytes):

@@ -341,3 +341,34 @@ async def test_a_download_never_overwrites_an_existing_file(pair, tmp_path):
     assert result.ok and result.path == str(out / "ambient drone loop (2).ogg")
     assert (out / hit.name).read_bytes() == b"mine" and not (tmp_path / "planted").exists()
     assert (out / "ambient drone loop (2).ogg").read_bytes() == payload
+
+
+async def test_invalid_try_addresses_are_refused_and_a_failed_dial_always_frees_its_slot():
+    """Review finding: ``X-Try-Ultrapeers: 1.2.3.4:99999`` entered the host cache; dialling it
+    raised OverflowError before ``_connecting.discard``, and each such address lowered ``wanted``
+    for good (four, and the servent never dialled again)."""
+    bad = ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.2:65536", "300.1.1.1:6346", "localhost:6346", "1.2.3.4:-1"]
+
+    async def refusing(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"GNUTELLA/0.6 503 Busy\r\nX-Try-Ultrapeers: " + ",".join(bad + ["127.0.0.9:6346"]).encode()
+                     + b"\r\n\r\n")
+        await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(refusing, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    s = Servent(listen=("127.0.0.1", 0), shares=ShareIndex([]), peers=[("127.0.0.1", port)], seed=24)
+    try:
+        await s.start()
+        await until(lambda: s.stats["refused_by_peer_503"], what="the peer's 503")
+        assert s.stats["try_hosts_refused"] == len(bad)
+        assert ("127.0.0.9", 6346) in s.node.hosts()
+        assert all(port_ in range(1, 65536) for _, port_ in s.node.hosts())
+        # an address no socket takes, however it got there, costs one failed dial and no more
+        for host, port_ in (("127.0.0.1", 99999), ("127.0.0.1", 70000), ("127.0.0.3", 65536), ("127.0.0.4", 1 << 20)):
+            s.connect(host, port_)
+        await until(lambda: not s._connecting, what="every dial to end")
+        assert s.stats["connect_failed"] >= 4
+    finally:
+        await s.stop()
+        server.close()
