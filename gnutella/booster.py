@@ -121,6 +121,12 @@ class GnutellaBooster:
             self.supervisor.spawn(self._keep_peer(addr), name=f"booster-peer {addr[0]}:{addr[1]}")
         self.supervisor.spawn(self._ticker(), name="ticker")
 
+    async def raise_on_failure(self) -> None:
+        """Raise the first critical failure of our tasks (the ticker, a booster peer's session,
+        an upstream link): whoever runs the booster races this, so a dead critical task ends the
+        booster loudly instead of leaving it running degraded while boxd sees it healthy."""
+        raise await self.supervisor.wait_failed()
+
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -696,6 +702,8 @@ async def amain(args, ctx: RunContext) -> int:
             await adapter.start(args.peer_listen, args.booster)
         except OSError as exc:
             raise ConfigError(f"cannot listen for boosters on {args.peer_listen}: {exc.strerror}") from None
+        # a critical task of the adapter that dies is a critical failure of the booster: exit 1
+        booster.spawn(adapter.raise_on_failure(), name="gnutella adapter")
         from boxcore.panels import publish_panel_every
         from .panel import OverlayPanel
         publish_panel_every(booster, OverlayPanel(adapter).build)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from cliruntime.supervisor import Supervisor, within
+from cliruntime.supervisor import Supervisor, first_of, within
 from cliruntime import (ConfigError, RunContext, host_port, ip_address, make_parser,
                              non_negative_float, positive_int, run_async)
 
@@ -229,6 +229,13 @@ class Servent:
         }
 
     # ---------------------------------------------------------------- connections
+
+    async def run_until(self, stop: asyncio.Event, duration: float | None = None) -> BaseException | None:
+        """Serve until ``stop`` is set or ``duration`` passes (None), or until a critical task
+        (the ticker, the scripted queries) dies: that failure is returned, never run past."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await within(first_of(stop.wait(), self.supervisor.wait_failed()), duration)
+        return self.supervisor.failed
 
     def _source(self) -> tuple[str, int] | None:
         # leave from our own address: a host may carry several servents, one per address
@@ -842,15 +849,14 @@ async def amain(args, ctx: RunContext) -> int:
             started = time.monotonic()
             script = (servent.supervisor.spawn(_scripted(servent, args, ctx, started), name="scripted queries")
                       if args.queries else None)
-            if args.duration:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await within(ctx.stop.wait(), args.duration)
-            else:
-                await ctx.stop.wait()
+            failed = await servent.run_until(ctx.stop, args.duration or None)
             if script is not None:
                 script.cancel()
                 with contextlib.suppress(BaseException):
                     await script
+            if failed is not None:
+                log.error("stopping because a critical task failed: %s", failed)
+                return 1
             return 0
         if not await _wait_connected(servent, 10.0):
             print(f"{args.mode}: no peer accepted a connection", file=sys.stderr)

@@ -206,3 +206,21 @@ def test_command_line_reaches_the_core_and_the_adapter():
     assert options["max_relays"] == 7 and options["compress"] is False
     adapter = GnutellaBooster(BoosterCore(config, b"s"), **options)
     assert adapter.max_relays == 7 and adapter.link_options.compress is False and not adapter.link_options.tls
+
+
+async def test_a_dead_critical_task_fails_the_booster_loudly():
+    """Review finding: the booster's critical tasks (ticker, peer sessions) could die and nobody
+    awaited ``supervisor.wait_failed()``: the booster ran on degraded, boxd saw it healthy."""
+    from cliruntime.supervisor import TaskFailed
+    core = BoosterCore(BoosterConfig("e1", ("127.0.1.0/24",)), b"s")
+    adapter = GnutellaBooster(core, tick=0.01)
+
+    def broken_tick(now):
+        raise RuntimeError("tick broke")
+    core.tick = broken_tick
+    await adapter.start(None, [])
+    try:
+        with pytest.raises(TaskFailed, match="ticker"):
+            await asyncio.wait_for(adapter.raise_on_failure(), EVENT_WAIT)
+    finally:
+        await adapter.stop()

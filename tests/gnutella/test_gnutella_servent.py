@@ -372,3 +372,17 @@ async def test_invalid_try_addresses_are_refused_and_a_failed_dial_always_frees_
     finally:
         await s.stop()
         server.close()
+
+
+async def test_a_serving_servent_stops_when_a_critical_task_dies():
+    s = Servent(listen=("127.0.0.1", 0), shares=ShareIndex([]), seed=25, tick=0.01)
+    await s.start()
+
+    def broken_tick(now):
+        raise RuntimeError("tick broke")
+    s.node.tick = broken_tick
+    try:
+        failed = await asyncio.wait_for(s.run_until(asyncio.Event()), EVENT_WAIT)
+        assert failed is not None and "ticker" in str(failed)
+    finally:
+        await s.stop()
