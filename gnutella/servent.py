@@ -30,8 +30,8 @@ from . import http as ghttp
 from .channel import Channel, TlsContexts, tls_contexts
 from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, Headers, Identity, LinkOptions,
                         Negotiated, Refused, Response, SlotState, answer_headers, check_outgoing, decide_incoming,
-                        final_headers, identity_headers, listen_address, negotiated, offer_headers, remote_guid,
-                        try_addresses)
+                        final_headers, identity_headers, listen_address, negotiated, offer_headers, parse_address,
+                        remote_guid, try_addresses)
 from .node import (Close, Node, NodeConfig, PushRequested, SearchHit, Send, needs_push)
 from .share import ShareIndex
 from .stream import MessageStream, pump_messages
@@ -46,6 +46,11 @@ BAN_BACKOFF = 300.0         # after a 429 (gtk-gnutella's reconnect ban)
 MAX_RETRY_ENTRIES = 4096
 MAX_TRAFFIC_ENTRIES = 4096
 MAX_TLS_HOSTS = 4096
+# PUSH answers are TCP connects to an address a stranger chose: bounded so we reflect little.
+MAX_PUSH_ANSWERS = 8        # at once
+MAX_PUSH_PER_IP = 2         # at once towards one address
+PUSH_REPEAT_WINDOW = 30.0   # the same (ip, port, index) is answered once in this window
+MAX_PUSH_REMEMBERED = 1024
 MAX_FIRST_LINE = 4096       # a request line, a CONNECT line or a GIV line
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_IDLE_TIMEOUT = 120.0   # alive pings every 15 s keep a healthy link far from this
@@ -176,6 +181,9 @@ class Servent:
         self._connect_failures: dict[tuple[str, int], int] = {}
         self._search_listeners: dict[bytes, Callable[[SearchHit], None]] = {}
         self._giv_waiters: dict[tuple[bytes, int], asyncio.Future] = {}
+        self.max_push_answers = MAX_PUSH_ANSWERS
+        self._push_answering: Counter = Counter()          # target ip -> answers in flight
+        self._push_answered: OrderedDict[tuple[str, int, int], float] = OrderedDict()
         self.established = asyncio.Event()
         self.port = listen[1]
 
@@ -524,7 +532,8 @@ class Servent:
                 listener = self._search_listeners.get(action.query_guid)
                 if listener is not None:
                     listener(action)
-            elif isinstance(action, PushRequested):
+            elif isinstance(action, PushRequested) and self._push_allowed(action):
+                self._push_answering[action.push.ip] += 1
                 self.supervisor.spawn(self._answer_push(action), name="push", critical=False)
 
     async def _ticker(self) -> None:
@@ -673,8 +682,41 @@ class Servent:
         waiter.set_result((channel, done))
         await done.wait()         # the downloader owns the connection now; it sets this when finished
 
-    async def _answer_push(self, action: PushRequested) -> None:
+    def _push_allowed(self, action: PushRequested) -> bool:
+        """Whether to dial back for this PUSH: a dialable address, a file we share, not the same
+        request again within :data:`PUSH_REPEAT_WINDOW`, and room under the caps (each refusal
+        counted)."""
         push = action.push
+        now = time.monotonic()
+        if parse_address(f"{push.ip}:{push.port}") != (push.ip, push.port):
+            self.stats["push_refused_address"] += 1
+            return False
+        if self.shares.get(push.file_index) is None:
+            self.stats["push_unknown_file"] += 1
+            return False
+        key = (push.ip, push.port, push.file_index)
+        while self._push_answered and (len(self._push_answered) > MAX_PUSH_REMEMBERED
+                                       or now - next(iter(self._push_answered.values())) > PUSH_REPEAT_WINDOW):
+            self._push_answered.popitem(last=False)
+        if key in self._push_answered:
+            self.stats["push_duplicate"] += 1
+            return False
+        if (sum(self._push_answering.values()) >= self.max_push_answers
+                or self._push_answering[push.ip] >= MAX_PUSH_PER_IP):
+            self.stats["push_refused_busy"] += 1
+            return False
+        self._push_answered[key] = now
+        return True
+
+    async def _answer_push(self, action: PushRequested) -> None:
+        try:
+            await self._push_upload(action.push)
+        finally:
+            self._push_answering[action.push.ip] -= 1
+            if self._push_answering[action.push.ip] <= 0:
+                del self._push_answering[action.push.ip]
+
+    async def _push_upload(self, push) -> None:
         shared = self.shares.get(push.file_index)
         if shared is None:
             self.stats["push_unknown_file"] += 1

@@ -386,3 +386,44 @@ async def test_a_serving_servent_stops_when_a_critical_task_dies():
         assert failed is not None and "ticker" in str(failed)
     finally:
         await s.stop()
+
+
+async def test_push_answers_are_deduplicated_and_capped(tmp_path):
+    """Review finding: every PUSH naming our GUID and a shared index made us TCP-connect to an
+    address the sender chose and hold it ~20 s: no dedup, no cap (reflection, fd exhaustion)."""
+    from gnutella.node import PushRequested
+    from gnutella.wire import Push
+    share = make_share(tmp_path / "a", {"notes.txt": b"hello"})
+    s = Servent(listen=("127.0.0.1", 0), shares=ShareIndex.scan(share), seed=26)
+    await s.start()
+    held: list = []
+    arrived = asyncio.Queue()
+
+    async def holding(reader, writer):      # reads the GIV and keeps the connection open
+        held.append(writer)
+        arrived.put_nowait(await reader.readline())
+    servers = [await asyncio.start_server(holding, f"127.0.0.{n}", 0) for n in range(2, 14)]
+    targets = [srv.sockets[0].getsockname() for srv in servers]
+    index = next(iter(s.shares.files))
+    try:
+        def push(ip, port, file_index=index):
+            s._perform([PushRequested(Push(s.guid, file_index, ip, port))])
+        for _ in range(5):
+            push(*targets[0])
+        assert s.stats["push_duplicate"] == 4
+        push("127.0.0.2", 99999)
+        push("0.0.0.0", 6346)
+        push(targets[1][0], targets[1][1], file_index=4242)
+        assert s.stats["push_refused_address"] == 2 and s.stats["push_unknown_file"] == 1
+        for ip, port in targets[1:]:
+            push(ip, port)
+        assert s.stats["push_refused_busy"] == len(targets) - s.max_push_answers
+        for _ in range(s.max_push_answers):
+            assert (await asyncio.wait_for(arrived.get(), EVENT_WAIT)).startswith(b"GIV ")
+        assert arrived.empty()
+    finally:
+        for w in held:
+            w.close()
+        for srv in servers:
+            srv.close()
+        await s.stop()
