@@ -47,6 +47,7 @@ HANDSHAKE_TIMEOUT = 10.0
 from .stream import MAX_OUTBUF  # noqa: E402  (b2b links share the bound)
 RECONNECT = 1.0
 MAX_PEER_CONNECTIONS = 64    # booster peer connections (authenticated or not yet) at once
+IDLE_TIMEOUT = 120.0         # servent links: as the servent's --idle-timeout
 PEER_IDLE_TIMEOUT = 120.0    # a booster link silent this long is gone (we send "alive" every third of it)
 STALL_TIMEOUT = 120.0        # a peer that leaves what we send unread this long holds its slot for nothing
 MAX_TRACKED = 10000          # intercepted (client, destination) pairs reported in the stats
@@ -82,7 +83,8 @@ class GnutellaBooster:
                  max_payload: int = DEFAULT_MAX_PAYLOAD, compress: bool = True, max_relays: int = 1024,
                  stall_timeout: float = STALL_TIMEOUT, peer_secret: bytes | None = None,
                  unauthenticated_peers: bool = False, max_peer_connections: int = MAX_PEER_CONNECTIONS,
-                 peer_idle_timeout: float = PEER_IDLE_TIMEOUT) -> None:
+                 peer_idle_timeout: float = PEER_IDLE_TIMEOUT,
+                 idle_timeout: float | None = IDLE_TIMEOUT) -> None:
         if peer_secret is not None and len(peer_secret) < b2b.MIN_SECRET_BYTES:
             raise ValueError(f"the booster peers' secret needs at least {b2b.MIN_SECRET_BYTES} bytes")
         self.core = core
@@ -92,6 +94,9 @@ class GnutellaBooster:
         self.unauthenticated_peers = unauthenticated_peers
         self.max_peer_connections = max_peer_connections
         self.peer_idle_timeout = peer_idle_timeout
+        # a servent link (local or upstream) without a byte this long is dead or hostile: servents
+        # ping every link at least every 30 s (alive pings after 15 s idle)
+        self.idle_timeout = idle_timeout
         self._peer_connections = 0
         self.peer_last_tx: dict[int, float] = {}
         self.stall_timeout = stall_timeout
@@ -441,7 +446,7 @@ class GnutellaBooster:
                 stream, est.leftover, self.max_payload, self.stats,
                 lambda msg, now: self._perform(self.core.local_message(cid, msg, now)),
                 keep_going=lambda: not stream.is_closing(), label=f"local {cid}",
-                stall_timeout=self.stall_timeout)
+                idle_timeout=self.idle_timeout, stall_timeout=self.stall_timeout)
         finally:
             self.local_streams.pop(cid, None)
             self.opaque.pop(cid, None)
@@ -728,6 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="peer without a secret: any TCP client of --peer-listen becomes a booster peer "
                              "(it gets the cluster's keyword table and may flood queries into the cluster); "
                              "only on a network where nothing else can reach --peer-listen")
+    parser.add_argument("--idle-timeout", type=non_negative_float, default=IDLE_TIMEOUT,
+                        help="close a servent link (local or upstream) silent this many seconds (0: never)")
     parser.add_argument("--max-peer-connections", type=positive_int, default=MAX_PEER_CONNECTIONS,
                         help="booster peer connections at once (more are closed at accept)")
     parser.add_argument("--sightings", type=int, default=6,
@@ -789,7 +796,7 @@ def adapter_options(args) -> dict:
     return {"upstream": args.upstream, "max_splices": args.max_splices, "max_payload": args.max_payload,
             "compress": not args.no_compression, "max_relays": args.max_relays, "peer_secret": secret,
             "unauthenticated_peers": args.peer_allow_unauthenticated,
-            "max_peer_connections": args.max_peer_connections}
+            "max_peer_connections": args.max_peer_connections, "idle_timeout": args.idle_timeout or None}
 
 
 def config_from_args(args) -> BoosterConfig:

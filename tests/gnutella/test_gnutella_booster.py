@@ -372,3 +372,24 @@ async def test_peering_without_a_secret_must_be_asked_for(tmp_path):
     open_ = adapter_options(build_parser().parse_args(["--name", "e1", "--peer-listen", "127.0.0.1:6350",
                                                        "--peer-allow-unauthenticated"]))
     assert open_["peer_secret"] is None and open_["unauthenticated_peers"]
+
+
+async def test_a_silent_local_link_is_closed():
+    core = BoosterCore(BoosterConfig("booster-A", ("127.0.1.0/24",)), secret=b"A")
+    adapter = GnutellaBooster(core, idle_timeout=0.5)
+    edge = FakeEdge(adapter, "127.0.1.254")
+    await adapter.start(None, [])
+    try:
+        reader, writer = await asyncio.open_connection(*await edge.intercept(("127.0.2.9", 6346)),
+                                                       local_addr=("127.0.1.7", 0))
+        writer.write(b"GNUTELLA CONNECT/0.6\r\nX-Ultrapeer: True\r\nListen-IP: 127.0.1.7:6346\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"GNUTELLA/0.6 200")
+        writer.write(b"GNUTELLA/0.6 200 OK\r\n\r\n")
+        async with asyncio.timeout(EVENT_WAIT):
+            while await reader.read(1 << 16):       # the booster's pings; then its close
+                pass
+        assert adapter.stats["idle_timeouts"] == 1 and adapter.local_streams == {}
+        writer.close()
+    finally:
+        await adapter.stop()
+        edge.close()
