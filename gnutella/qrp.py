@@ -146,8 +146,8 @@ class QrpRefused(GnutellaDecodeError):
 # stays, its queries are not filtered.
 MAX_TABLE_SIZE = 1 << 17
 MIN_TABLE_SIZE = 1 << 6
-# A link may send a burst of RESETs, then one per interval (a leaf resends when its library
-# changes; gtk-gnutella at most every few minutes).  Beyond that: ``qrp_rate_limited``.
+# A link may send RESET_BURST RESETs in any RESET_BURST * RESET_INTERVAL seconds (a leaf resends
+# when its library changes, gtk-gnutella at most every few minutes).  Beyond: ``qrp_rate_limited``.
 RESET_BURST = 3
 RESET_INTERVAL = 30.0
 
