@@ -367,3 +367,19 @@ def test_a_b2b_query_of_hops_255_reaches_local_servents_encodable():
     obj = {"t": "query", "guid": b"\x03" * 16, "ttl": 3, "hops": 255, "criteria": "free", "flags": 0x8000, "urns": []}
     out = sends(c.peer_message(7, b2b.validate(obj), 0.0))
     assert out and all(len(a.message.encode()) > 23 for a in out)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(min_size=16, max_size=64), st.binary(min_size=16, max_size=64), st.binary(min_size=32, max_size=32),
+       st.binary(min_size=32, max_size=32))
+def test_peer_auth_succeeds_exactly_when_both_hold_the_same_secret(secret_a, secret_b, nonce_a, nonce_b):
+    connector, acceptor = b2b.PeerAuth(secret_a, True, nonce_a), b2b.PeerAuth(secret_b, False, nonce_b)
+    try:
+        to_acceptor = acceptor.receive(b2b.validate(connector.challenge()))
+        to_connector = connector.receive(b2b.validate(acceptor.challenge()))
+        connector.receive(b2b.validate(to_acceptor[0]))
+        acceptor.receive(b2b.validate(to_connector[0]))
+    except b2b.B2BAuthError:
+        assert secret_a != secret_b or nonce_a == nonce_b
+        return
+    assert secret_a == secret_b and connector.done and acceptor.done

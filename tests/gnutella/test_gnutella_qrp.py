@@ -135,3 +135,48 @@ def test_patch_bytes_buffered_are_bounded():
     receiver.receive(QrpPatch(1, 3, 0, 4, b"\x00" * 400))
     with pytest.raises(GnutellaDecodeError, match="exceeds 512"):
         receiver.receive(QrpPatch(2, 3, 0, 4, b"\x00" * 400))
+
+
+def _reference_present(size: int, infinity: int, patches: list[tuple[int, bytes]]) -> set[int]:
+    """The specification's arithmetic slot by slot (the slow loop the receiver used to run)."""
+    values = [infinity] * size
+    for bits, data in patches:
+        per_byte, mask, sign = 8 // bits, (1 << bits) - 1, 1 << (bits - 1)
+        for i, byte in enumerate(data):
+            for k in range(per_byte):
+                nib = (byte >> (8 - bits * (k + 1))) & mask
+                delta = nib - (1 << bits) if nib & sign else nib
+                values[i * per_byte + k] = (values[i * per_byte + k] + delta) & 0xFF
+    return {i for i, v in enumerate(values) if v < infinity}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([64, 128, 1024]), st.integers(1, 255), st.data())
+def test_vectorised_patches_match_the_specifications_arithmetic(size, infinity, data):
+    receiver = TableReceiver()
+    receiver.receive(QrpReset(size, infinity))
+    patches = []
+    table = None
+    for _ in range(data.draw(st.integers(1, 3))):
+        bits = data.draw(st.sampled_from([1, 2, 4, 8]))
+        raw = data.draw(st.binary(min_size=size * bits // 8, max_size=size * bits // 8))
+        patches.append((bits, raw))
+        table = receiver.receive(QrpPatch(1, 1, 0, bits, raw))
+    assert table is not None and table.present == _reference_present(size, infinity, patches)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(
+    st.builds(QrpReset, st.sampled_from([1 << k for k in range(0, 24)]), st.integers(1, 255)),
+    st.builds(QrpPatch, st.integers(1, 3), st.integers(3, 3), st.sampled_from([0, 1]), st.sampled_from([1, 2, 4, 8]),
+              st.binary(max_size=600))), max_size=8))
+def test_any_qrp_sequence_is_decoded_or_refused_and_stays_bounded(messages):
+    class Link:
+        qrp = TableReceiver()
+        table = None
+    stats: Counter = Counter()
+    for now, msg in enumerate(messages):
+        receive_table(Link, msg, stats, float(now))
+        if Link.table is not None:
+            assert Link.table.size <= MAX_TABLE_SIZE and len(Link.table.bitmap) == max(1, Link.table.size // 8)
+    assert sum(stats.values()) <= len(messages)
