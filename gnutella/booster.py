@@ -46,6 +46,7 @@ log = logging.getLogger("gnutella.booster")
 HANDSHAKE_TIMEOUT = 10.0
 from .stream import MAX_OUTBUF  # noqa: E402  (b2b links share the bound)
 RECONNECT = 1.0
+MAX_RECONNECT = 60.0         # backoff towards a booster that does not authenticate
 MAX_PEER_CONNECTIONS = 64    # booster peer connections (authenticated or not yet) at once
 IDLE_TIMEOUT = 120.0         # servent links: as the servent's --idle-timeout
 PEER_IDLE_TIMEOUT = 120.0    # a booster link silent this long is gone (we send "alive" every third of it)
@@ -525,6 +526,7 @@ class GnutellaBooster:
 
     async def _keep_peer(self, addr: tuple[str, int]) -> None:
         """Keep a connection to another booster, reconnecting when it drops."""
+        refused = 0
         while True:
             try:
                 reader, writer = await within(asyncio.open_connection(*addr), HANDSHAKE_TIMEOUT)
@@ -532,8 +534,12 @@ class GnutellaBooster:
                 self.stats["peer_connect_failed"] += 1
                 await asyncio.sleep(RECONNECT)
                 continue
-            await self._peer_session(reader, writer, outgoing=True)
-            await asyncio.sleep(RECONNECT)
+            if await self._peer_session(reader, writer, outgoing=True):
+                refused = 0
+                await asyncio.sleep(RECONNECT)
+            else:   # not authenticated (another secret?): ask again less and less often
+                refused += 1
+                await asyncio.sleep(min(MAX_RECONNECT, RECONNECT * 2 ** refused))
 
     def _accept_peer(self, reader, writer) -> None:
         if self._peer_connections >= self.max_peer_connections:
@@ -571,15 +577,16 @@ class GnutellaBooster:
                     return frames[n + 1:]
             await writer.drain()
 
-    async def _peer_session(self, reader, writer, outgoing: bool) -> None:
+    async def _peer_session(self, reader, writer, outgoing: bool) -> bool:
+        """One booster link, from authentication to close; whether it was authenticated."""
         self._peer_connections += 1
         try:
-            await self._peer_link(reader, writer, outgoing)
+            return await self._peer_link(reader, writer, outgoing)
         finally:
             self._peer_connections -= 1
             writer.close()
 
-    async def _peer_link(self, reader, writer, outgoing: bool) -> None:
+    async def _peer_link(self, reader, writer, outgoing: bool) -> bool:
         framer = b2b.frame_decoder()
         frames: list = []
         auth_traffic: Counter = Counter()
@@ -589,15 +596,20 @@ class GnutellaBooster:
                     frames = await self._authenticate(reader, writer, framer, outgoing, auth_traffic)
             except TimeoutError:
                 self.stats["peer_auth_timeout"] += 1
-                return
+                return False
             except (b2b.B2BDecodeError, b2b.FramingError) as exc:
                 self.stats["peer_auth_failed"] += 1
                 log.warning("booster peer %s refused: %s", writer.get_extra_info("peername"), exc)
-                return
+                return False
             except OSError:      # ConnectionError included
                 self.stats["peer_auth_closed"] += 1
-                return
+                return False
             self.stats["peer_authenticated"] += 1
+        await self._serve_peer(reader, writer, outgoing, framer, frames, auth_traffic)
+        return True
+
+    async def _serve_peer(self, reader, writer, outgoing: bool, framer, frames: list, auth_traffic: Counter) -> None:
+        """An authenticated (or, when allowed, unauthenticated) booster link until it ends."""
         pid = self._next_id()
         self.peer_traffic[f"#{pid}"].update(auth_traffic)     # under the peer's name once its hello comes
         self.peer_writers[pid] = writer

@@ -393,3 +393,18 @@ async def test_a_silent_local_link_is_closed():
     finally:
         await adapter.stop()
         edge.close()
+
+
+async def test_boosters_with_different_secrets_never_peer():
+    a = await _listening_booster()
+    core_b = BoosterCore(BoosterConfig("booster-B", ("127.0.2.0/24",)), secret=b"B")
+    b = GnutellaBooster(core_b, peer_secret=b"another secret, not the mesh's")
+    await b.start(None, [("127.0.1.253", a.peer_port)])
+    try:
+        await until(lambda: a.stats["peer_auth_failed"] and b.stats["peer_auth_failed"],
+                    what="both ends refusing the other")
+        assert a.core.stats["peers_up"] == 0 and core_b.stats["peers_up"] == 0
+        assert a.stats["peer_authenticated"] == 0 and b.stats["peer_authenticated"] == 0
+    finally:
+        await b.stop()
+        await a.stop()
