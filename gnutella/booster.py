@@ -23,6 +23,7 @@ import socket
 import sys
 import time
 from collections import Counter, defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Awaitable, Callable
 
@@ -45,6 +46,10 @@ log = logging.getLogger("gnutella.booster")
 HANDSHAKE_TIMEOUT = 10.0
 from .stream import MAX_OUTBUF  # noqa: E402  (b2b links share the bound)
 RECONNECT = 1.0
+MAX_RECONNECT = 60.0         # backoff towards a booster that does not authenticate
+MAX_PEER_CONNECTIONS = 64    # booster peer connections (authenticated or not yet) at once
+IDLE_TIMEOUT = 120.0         # servent links: as the servent's --idle-timeout
+PEER_IDLE_TIMEOUT = 120.0    # a booster link silent this long is gone (we send "alive" every third of it)
 STALL_TIMEOUT = 120.0        # a peer that leaves what we send unread this long holds its slot for nothing
 MAX_TRACKED = 10000          # intercepted (client, destination) pairs reported in the stats
 
@@ -77,8 +82,24 @@ class GnutellaBooster:
     def __init__(self, core: BoosterCore, stats: Counter | None = None, splice: Splicer = _plain_onward,
                  tick: float = 0.05, max_splices: int = 256, upstream: int = 0,
                  max_payload: int = DEFAULT_MAX_PAYLOAD, compress: bool = True, max_relays: int = 1024,
-                 stall_timeout: float = STALL_TIMEOUT) -> None:
+                 stall_timeout: float = STALL_TIMEOUT, peer_secret: bytes | None = None,
+                 unauthenticated_peers: bool = False, max_peer_connections: int = MAX_PEER_CONNECTIONS,
+                 peer_idle_timeout: float = PEER_IDLE_TIMEOUT,
+                 idle_timeout: float | None = IDLE_TIMEOUT) -> None:
+        if peer_secret is not None and len(peer_secret) < b2b.MIN_SECRET_BYTES:
+            raise ValueError(f"the booster peers' secret needs at least {b2b.MIN_SECRET_BYTES} bytes")
         self.core = core
+        # booster peers prove they hold this shared secret before anything is sent or processed;
+        # without one, peering is refused unless the operator explicitly allows strangers
+        self.peer_secret = peer_secret
+        self.unauthenticated_peers = unauthenticated_peers
+        self.max_peer_connections = max_peer_connections
+        self.peer_idle_timeout = peer_idle_timeout
+        # a servent link (local or upstream) without a byte this long is dead or hostile: servents
+        # ping every link at least every 30 s (alive pings after 15 s idle)
+        self.idle_timeout = idle_timeout
+        self._peer_connections = 0
+        self.peer_last_tx: dict[int, float] = {}
         self.stall_timeout = stall_timeout
         self.stats: Counter = stats if stats is not None else core.stats
         self.splice = splice
@@ -114,12 +135,20 @@ class GnutellaBooster:
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self, peer_listen: tuple[str, int] | None, boosters: list[tuple[str, int]]) -> None:
+        if (peer_listen is not None or boosters) and self.peer_secret is None and not self.unauthenticated_peers:
+            raise ValueError("booster peering needs a shared secret (or unauthenticated peers explicitly allowed)")
         if peer_listen is not None:
             self._server = await asyncio.start_server(self._accept_peer, *peer_listen)
             self.peer_port = self._server.sockets[0].getsockname()[1]
         for addr in boosters:
             self.supervisor.spawn(self._keep_peer(addr), name=f"booster-peer {addr[0]}:{addr[1]}")
         self.supervisor.spawn(self._ticker(), name="ticker")
+
+    async def raise_on_failure(self) -> None:
+        """Raise the first critical failure of our tasks (the ticker, a booster peer's session,
+        an upstream link): whoever runs the booster races this, so a dead critical task ends the
+        booster loudly instead of leaving it running degraded while boxd sees it healthy."""
+        raise await self.supervisor.wait_failed()
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -203,8 +232,14 @@ class GnutellaBooster:
         if transport is not None and transport.get_write_buffer_size() > MAX_OUTBUF:
             self.stats["peer_tx_dropped_backlog"] += 1
             return
-        frame = b2b.encode(obj)
+        try:
+            frame = b2b.encode(obj)
+        except (ValueError, TypeError, OverflowError) as exc:   # B2BDecodeError is a ValueError
+            self.stats["peer_encode_failed"] += 1      # that message alone is lost, not the peer link
+            log.warning("b2b %s not sent, it cannot be encoded: %s", obj.get("t"), exc)
+            return
         writer.write(frame)
+        self.peer_last_tx[pid] = time.monotonic()
         traffic = self.peer_traffic[self.peer_names.get(pid, f"#{pid}")]
         traffic["msgs_out"] += 1
         traffic["bytes_out"] += len(frame)
@@ -213,7 +248,11 @@ class GnutellaBooster:
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(self.tick_interval)
-            self._perform(self.core.tick(time.monotonic()))
+            now = time.monotonic()
+            self._perform(self.core.tick(now))
+            for pid, sent in list(self.peer_last_tx.items()):
+                if now - sent >= self.peer_idle_timeout / 3:
+                    self._send_peer(pid, {"t": "alive"})
 
     # ---------------------------------------------------------------- intercepted connections
 
@@ -394,7 +433,7 @@ class GnutellaBooster:
             self.upstream_addrs.add(original)
             self.supervisor.spawn(self._keep_upstream(original), name=f"upstream {original[0]}:{original[1]}")
         cid = self._next_id()
-        stream = MessageStream(channel, settled)
+        stream = MessageStream(channel, settled, stats=self.stats)
         self.local_streams[cid] = stream
         if tuple(shown) != original:
             self.opaque[cid] = shown[0]          # the servent reaches the outside only through this box
@@ -408,7 +447,7 @@ class GnutellaBooster:
                 stream, est.leftover, self.max_payload, self.stats,
                 lambda msg, now: self._perform(self.core.local_message(cid, msg, now)),
                 keep_going=lambda: not stream.is_closing(), label=f"local {cid}",
-                stall_timeout=self.stall_timeout)
+                idle_timeout=self.idle_timeout, stall_timeout=self.stall_timeout)
         finally:
             self.local_streams.pop(cid, None)
             self.opaque.pop(cid, None)
@@ -468,7 +507,7 @@ class GnutellaBooster:
             log.debug("upstream handshake with %s failed: %r", addr, exc)
             return False
         uid = self._next_id()
-        stream = MessageStream(channel, settled)
+        stream = MessageStream(channel, settled, stats=self.stats)
         self.local_streams[uid] = stream
         self._perform(self.core.upstream_up(uid, me))
         log.info("peering with outside servent %s:%d", *addr)
@@ -487,6 +526,7 @@ class GnutellaBooster:
 
     async def _keep_peer(self, addr: tuple[str, int]) -> None:
         """Keep a connection to another booster, reconnecting when it drops."""
+        refused = 0
         while True:
             try:
                 reader, writer = await within(asyncio.open_connection(*addr), HANDSHAKE_TIMEOUT)
@@ -494,51 +534,143 @@ class GnutellaBooster:
                 self.stats["peer_connect_failed"] += 1
                 await asyncio.sleep(RECONNECT)
                 continue
-            await self._peer_session(reader, writer, outgoing=True)
-            await asyncio.sleep(RECONNECT)
+            if await self._peer_session(reader, writer, outgoing=True):
+                refused = 0
+                await asyncio.sleep(RECONNECT)
+            else:   # not authenticated (another secret?): ask again less and less often
+                refused += 1
+                await asyncio.sleep(min(MAX_RECONNECT, RECONNECT * 2 ** refused))
 
     def _accept_peer(self, reader, writer) -> None:
+        if self._peer_connections >= self.max_peer_connections:
+            self.stats["peer_refused_cap"] += 1      # bounded: past the cap a connection is closed at once
+            writer.close()
+            return
         self.supervisor.spawn(self._peer_session(reader, writer, outgoing=False), name="booster peer in",
                               critical=False)
 
-    async def _peer_session(self, reader, writer, outgoing: bool) -> None:
+    async def _authenticate(self, reader, writer, framer, outgoing: bool, traffic: Counter) -> list:
+        """Run :class:`b2b.PeerAuth` (under the caller's deadline); the frames that followed the
+        peer's proof in the same read.  Raises B2BAuthError, FramingError or ConnectionError.
+        What it sends and reads is counted in ``traffic`` (it crosses the cluster boundary too)."""
+        assert self.peer_secret is not None
+        auth = b2b.PeerAuth(self.peer_secret, outgoing, os.urandom(b2b.NONCE_BYTES))
+
+        def send(obj: dict) -> None:
+            frame = b2b.encode(obj)
+            writer.write(frame)
+            traffic.update({"msgs_out": 1, "bytes_out": len(frame), f"{obj['t']}_out": 1})
+        send(auth.challenge())
+        while True:
+            data = await reader.read(4096)
+            if not data:
+                raise ConnectionError("closed during authentication")
+            traffic["bytes_in"] += len(data)
+            frames = framer.feed(data)
+            for n, obj in enumerate(frames):
+                if isinstance(obj, b2b.B2BDecodeError):
+                    raise b2b.B2BAuthError(f"malformed frame before authentication: {obj}")
+                traffic["msgs_in"] += 1
+                for reply in auth.receive(obj):
+                    send(reply)
+                if auth.done:
+                    return frames[n + 1:]
+            await writer.drain()
+
+    async def _peer_session(self, reader, writer, outgoing: bool) -> bool:
+        """One booster link, from authentication to close; whether it was authenticated."""
+        self._peer_connections += 1
+        try:
+            return await self._peer_link(reader, writer, outgoing)
+        finally:
+            self._peer_connections -= 1
+            writer.close()
+
+    async def _peer_link(self, reader, writer, outgoing: bool) -> bool:
+        framer = b2b.frame_decoder()
+        frames: list = []
+        auth_traffic: Counter = Counter()
+        if self.peer_secret is not None:
+            try:
+                async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                    frames = await self._authenticate(reader, writer, framer, outgoing, auth_traffic)
+            except TimeoutError:
+                self.stats["peer_auth_timeout"] += 1
+                return False
+            except (b2b.B2BDecodeError, b2b.FramingError) as exc:
+                self.stats["peer_auth_failed"] += 1
+                log.warning("booster peer %s refused: %s", writer.get_extra_info("peername"), exc)
+                return False
+            except OSError:      # ConnectionError included
+                self.stats["peer_auth_closed"] += 1
+                return False
+            self.stats["peer_authenticated"] += 1
+        await self._serve_peer(reader, writer, outgoing, framer, frames, auth_traffic)
+        return True
+
+    async def _serve_peer(self, reader, writer, outgoing: bool, framer, frames: list, auth_traffic: Counter) -> None:
+        """An authenticated (or, when allowed, unauthenticated) booster link until it ends."""
         pid = self._next_id()
+        self.peer_traffic[f"#{pid}"].update(auth_traffic)     # under the peer's name once its hello comes
         self.peer_writers[pid] = writer
         self.peer_outgoing[pid] = outgoing
         self._perform(self.core.peer_up(pid))
-        framer = b2b.frame_decoder()
         try:
-            while data := await reader.read(1 << 16):
+            if not self._peer_frames(pid, frames):
+                return
+            while True:
+                try:
+                    data = await within(reader.read(1 << 16), self.peer_idle_timeout)
+                except TimeoutError:
+                    self.stats["peer_idle_closed"] += 1
+                    log.info("booster peer %d: silent for %.0f s; closing", pid, self.peer_idle_timeout)
+                    return
+                if not data:
+                    return
                 self.peer_traffic[self.peer_names.get(pid, f"#{pid}")]["bytes_in"] += len(data)
                 try:
                     frames = framer.feed(data)
                 except b2b.FramingError as exc:
                     self.stats["peer_framing_errors"] += 1
                     log.info("booster peer %d: %s; closing", pid, exc)
-                    break
-                now = time.monotonic()
-                for obj in frames:
-                    if isinstance(obj, b2b.B2BDecodeError):
-                        self.stats["peer_malformed"] += 1
-                        continue
-                    if obj["t"] == "hello" and not self._register_peer(pid, obj["id"]):
-                        return
-                    self.peer_traffic[self.peer_names.get(pid, f"#{pid}")]["msgs_in"] += 1
-                    self._perform(self.core.peer_message(pid, obj, now))
-                    if obj["t"] == "bye":
-                        return
-                await within(writer.drain(), self.stall_timeout)
-        except asyncio.TimeoutError:
-            self.stats["peer_stalled"] += 1
-            log.info("booster peer %d: not reading our frames for %.0f s; closing", pid, self.stall_timeout)
+                    return
+                if not self._peer_frames(pid, frames):
+                    return
+                try:
+                    await within(writer.drain(), self.stall_timeout)
+                except TimeoutError:
+                    self.stats["peer_stalled"] += 1
+                    log.info("booster peer %d: not reading our frames for %.0f s; closing", pid, self.stall_timeout)
+                    return
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
             self.peer_writers.pop(pid, None)
             self.peer_outgoing.pop(pid, None)
             self.peer_names.pop(pid, None)
+            self.peer_last_tx.pop(pid, None)
             self.core.peer_down(pid)
-            writer.close()
+
+    def _peer_frames(self, pid: int, frames: list) -> bool:
+        """Hand a peer's frames to the core; False when the link must end (bye, duplicate)."""
+        now = time.monotonic()
+        for obj in frames:
+            if isinstance(obj, b2b.B2BDecodeError):
+                self.stats["peer_malformed"] += 1
+                continue
+            kind = obj["t"]
+            if kind in ("challenge", "auth"):      # only ever before the link is up
+                self.stats["peer_malformed"] += 1
+                continue
+            self.peer_traffic[self.peer_names.get(pid, f"#{pid}")]["msgs_in"] += 1
+            if kind == "alive":
+                continue
+            if kind == "hello" and not self._register_peer(pid, obj["id"]):
+                return False
+            self._perform(self.core.peer_message(pid, obj, now))
+            if kind == "bye":
+                return False
+        return True
 
     def _register_peer(self, pid: int, name: str) -> bool:
         """One link per pair of boosters: of two crossing connections keep the one
@@ -605,6 +737,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peer-listen", type=host_port, default=None, help="where other boosters connect")
     parser.add_argument("--booster", type=host_port, action="append", default=[],
                         help="another cluster's booster to peer with (repeatable)")
+    parser.add_argument("--peer-secret-file", type=Path, default=None,
+                        help="file holding the secret shared by the boosters (at least 16 bytes, readable by "
+                             "its owner only): peers prove they hold it (HMAC challenge-response, both ways) "
+                             "before anything is sent or processed; needed with --peer-listen/--booster")
+    parser.add_argument("--peer-allow-unauthenticated", action="store_true",
+                        help="peer without a secret: any TCP client of --peer-listen becomes a booster peer "
+                             "(it gets the cluster's keyword table and may flood queries into the cluster); "
+                             "only on a network where nothing else can reach --peer-listen")
+    parser.add_argument("--idle-timeout", type=non_negative_float, default=IDLE_TIMEOUT,
+                        help="close a servent link (local or upstream) silent this many seconds (0: never)")
+    parser.add_argument("--max-peer-connections", type=positive_int, default=MAX_PEER_CONNECTIONS,
+                        help="booster peer connections at once (more are closed at accept)")
     parser.add_argument("--sightings", type=int, default=6,
                         help="forward a local query outside after this many local copies (0: only by time)")
     parser.add_argument("--local-wait", type=non_negative_float, default=0.3,
@@ -638,11 +782,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_peer_secret(path: Path) -> bytes:
+    """The boosters' shared secret from ``path``: at least 16 bytes (surrounding whitespace
+    ignored), in a file no one but its owner may read."""
+    try:
+        mode = path.stat().st_mode
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the peer secret file {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ConfigError(f"peer secret file {path} is readable by others (mode {mode & 0o777:o}): chmod 600 it")
+    if len(secret) < b2b.MIN_SECRET_BYTES:
+        raise ConfigError(f"peer secret in {path} has {len(secret)} bytes, at least {b2b.MIN_SECRET_BYTES} needed")
+    return secret
+
+
 def adapter_options(args) -> dict:
     """The adapter's keyword arguments from the command line: ``GnutellaBooster(core, stats, splice,
     **adapter_options(args))``."""
+    peering = args.peer_listen is not None or bool(args.booster)
+    if peering and args.peer_secret_file is None and not args.peer_allow_unauthenticated:
+        raise ConfigError("--peer-listen/--booster need --peer-secret-file (or, on a closed network, "
+                          "--peer-allow-unauthenticated)")
+    secret = read_peer_secret(args.peer_secret_file) if args.peer_secret_file is not None else None
     return {"upstream": args.upstream, "max_splices": args.max_splices, "max_payload": args.max_payload,
-            "compress": not args.no_compression, "max_relays": args.max_relays}
+            "compress": not args.no_compression, "max_relays": args.max_relays, "peer_secret": secret,
+            "unauthenticated_peers": args.peer_allow_unauthenticated,
+            "max_peer_connections": args.max_peer_connections, "idle_timeout": args.idle_timeout or None}
 
 
 def config_from_args(args) -> BoosterConfig:
@@ -664,6 +830,7 @@ async def amain(args, ctx: RunContext) -> int:
         raise ConfigError("--upstream must be >= 0")
     ports = args.port or [(6346, 6346)]
     config = config_from_args(args)
+    options = adapter_options(args)      # configuration errors before boxd is involved
     secret = args.secret.encode() if args.secret else os.urandom(16)
     core = BoosterCore(config, secret, stats=ctx.stats)
     interceptions: dict[int, Subscription] = {}
@@ -679,7 +846,7 @@ async def amain(args, ctx: RunContext) -> int:
 
     @contextlib.asynccontextmanager
     async def serve(booster):
-        adapter = GnutellaBooster(core, ctx.stats, splice, **adapter_options(args))
+        adapter = GnutellaBooster(core, ctx.stats, splice, **options)
         ctx.stats.providers["booster"] = adapter.snapshot
         ctx.stats.providers["boundary"] = adapter.boundary
         for lo, hi in ports:
@@ -691,6 +858,8 @@ async def amain(args, ctx: RunContext) -> int:
             await adapter.start(args.peer_listen, args.booster)
         except OSError as exc:
             raise ConfigError(f"cannot listen for boosters on {args.peer_listen}: {exc.strerror}") from None
+        # a critical task of the adapter that dies is a critical failure of the booster: exit 1
+        booster.spawn(adapter.raise_on_failure(), name="gnutella adapter")
         from boxcore.panels import publish_panel_every
         from .panel import OverlayPanel
         publish_panel_every(booster, OverlayPanel(adapter).build)

@@ -46,12 +46,12 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 
 from . import b2b, vendor
-from .handshake import ConnectRequest, Decision, Identity
+from .handshake import ConnectRequest, Decision, Identity, parse_address
 from .node import Close, Send
-from .qrp import DEFAULT_TABLE_BITS, RouteTable, TableReceiver, receive_table
+from .qrp import DEFAULT_TABLE_BITS, MAX_TABLE_SIZE, RouteTable, TableReceiver, receive_table
 from .routing import BoundedTable
 from .wire import (BYE, PING, PONG, PUSH, QRP, QUERY, QUERY_HIT, STD_VENDOR, VENDOR, Bye, GnutellaDecodeError,
-                   HitResult, Message, Pong, Push, Query, QueryHit, new_guid)
+                   HitResult, Message, Pong, Push, Query, QueryHit, new_guid, next_hop)
 
 
 OPAQUE_STRIPPED_GGEP = frozenset({"ALT", "ALT_TLS", "PUSH", "PUSH_TLS"})   # address lists in hits
@@ -91,7 +91,7 @@ class BoosterConfig:
     max_local: int = 512                    # local connections in all
     pongs_per_ping: int = 8
     qrp_bits: int = DEFAULT_TABLE_BITS
-    max_qrp_table: int = 1 << 20
+    max_qrp_table: int = MAX_TABLE_SIZE
     table_interval: float = 1.0
     user_agent: str = "booster-boxes/0.1"
     # "adaptive": a query no local table may answer goes out at once (to the clusters whose tables may
@@ -195,7 +195,10 @@ class BoosterCore:
         return hosts[:limit]
 
     def learn_servent(self, listen: tuple[str, int]) -> None:
-        if listen[1] == 0 or not self.is_local(listen[0]):
+        if parse_address(f"{listen[0]}:{listen[1]}") != tuple(listen):
+            self.stats["servents_refused"] += 1   # would break every pong naming it
+            return
+        if not self.is_local(listen[0]):
             return
         self.known_servents[listen] = None
         self.known_servents.move_to_end(listen)
@@ -270,7 +273,7 @@ class BoosterCore:
         if kind == PUSH:
             return self._push(msg.payload, ("local", cid))
         if kind == QRP:
-            if receive_table(peer, msg.payload, self.stats):   # type: ignore[arg-type]
+            if receive_table(peer, msg.payload, self.stats, now):   # type: ignore[arg-type]
                 self._table_version += 1
             return []
         if kind == BYE:
@@ -283,7 +286,7 @@ class BoosterCore:
 
     def _local_ping(self, peer: LocalPeer, msg: Message) -> list:
         me = peer.impersonated
-        ttl = msg.hops + 1
+        ttl = next_hop(msg.hops)
         out: list = [Send(peer.cid, Message(msg.guid, ttl, 0, Pong(me.port, me.ip, 0, 0)))]
         if msg.ttl > 1:
             for host in self.local_hosts(exclude=peer.listen, limit=self.config.pongs_per_ping):
@@ -351,7 +354,7 @@ class BoosterCore:
         self.stats["forwarded_by_count" if by_count else
                    "forwarded_by_tables" if state.wait == 0 else "forwarded_by_timeout"] += 1
         query = state.query
-        obj = {"t": "query", "guid": state.guid, "ttl": self.config.remote_ttl, "hops": state.hops + 1,
+        obj = {"t": "query", "guid": state.guid, "ttl": self.config.remote_ttl, "hops": next_hop(state.hops),
                "criteria": query.criteria, "flags": query.flags, "urns": list(query.urns)}
         out: list = []
         for remote in self.peers.values():
@@ -361,7 +364,7 @@ class BoosterCore:
                 self.stats["queries_not_sent_by_table"] += 1
         if self.upstreams:
             ttl = max(1, min(state.ttl - 1, self.config.upstream_ttl))
-            message = Message(state.guid, ttl, state.hops + 1, query)
+            message = Message(state.guid, ttl, next_hop(state.hops), query)
             for uid in self.upstreams:
                 out.append(Send(uid, message))
                 self.stats["queries_to_upstream"] += 1
@@ -393,7 +396,7 @@ class BoosterCore:
             return self._hit_to_origin(state, hit, msg.hops, exclude_cid=None)
         if state.origin[0] == "peer":
             self.stats["hits_to_boosters"] += 1
-            return [SendPeer(state.origin[1], {"t": "hit", "guid": state.guid, "hops": msg.hops + 1,
+            return [SendPeer(state.origin[1], {"t": "hit", "guid": state.guid, "hops": next_hop(msg.hops),
                                                "payload": hit.encode()})]
         state.local_hits += 1
         return self._hit_to_origin(state, hit, msg.hops, exclude_cid=None)
@@ -402,11 +405,11 @@ class BoosterCore:
         kind, cid = state.origin
         if kind == "up" and cid in self.upstreams:
             self.stats["hits_to_upstream"] += 1
-            return [Send(cid, Message(state.guid, hops + 2, hops + 1, hit))]
+            return [Send(cid, Message(state.guid, next_hop(hops + 1), next_hop(hops), hit))]
         if kind != "local" or cid == exclude_cid or cid not in self.locals:
             return []
         self.stats["hits_delivered"] += 1
-        return [Send(cid, Message(state.guid, 2, hops + 1, hit))]
+        return [Send(cid, Message(state.guid, 2, next_hop(hops), hit))]
 
     def _push(self, push, source: tuple[str, int]) -> list:
         assert isinstance(push, Push)
@@ -443,7 +446,7 @@ class BoosterCore:
         for peer in self.locals.values():
             if peer.table is not None:
                 if peer.table.bits == table.bits:
-                    table.present |= peer.table.present
+                    table.merge(peer.table)
                 else:   # a table of another size: fold it conservatively by re-hashing is impossible; take all
                     self.stats["qrp_foreign_size"] += 1
         return table
@@ -536,7 +539,7 @@ class BoosterCore:
         kind = msg.type
         if kind == PING:
             # alive pings (and others) get our own pong, same GUID; pings never enter the cluster
-            return [Send(uid, Message(msg.guid, msg.hops + 1, 0, Pong(me.port, me.ip, 0, 0)))]
+            return [Send(uid, Message(msg.guid, next_hop(msg.hops), 0, Pong(me.port, me.ip, 0, 0)))]
         if kind == QUERY:
             if msg.guid in self.queries or msg.ttl <= 1:
                 self.stats["upstream_queries_dropped"] += 1
@@ -545,7 +548,7 @@ class BoosterCore:
             assert isinstance(query, Query)
             state = QueryState(msg.guid, ("up", uid), query, msg.ttl, msg.hops, now, forwarded=True)
             self.queries.put(msg.guid, state)
-            inject = Message(msg.guid, max(1, min(msg.ttl - 1, self.config.remote_ttl)), msg.hops + 1, query)
+            inject = Message(msg.guid, max(1, min(msg.ttl - 1, self.config.remote_ttl)), next_hop(msg.hops), query)
             out: list = []
             for peer in self._one_connection_per_servent():
                 if self._may_have(peer.table, query):

@@ -19,6 +19,7 @@ handed on in :class:`Established` so no message is lost.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -339,15 +340,53 @@ def identity_headers(me: Identity, remote_ip: str | None = None) -> Headers:
     return h
 
 
+def parse_address(text: str) -> tuple[str, int] | None:
+    """``a.b.c.d:port`` as a dialable IPv4 address (port 1..65535, dotted quad in canonical
+    form), else None: what a peer names in a header ends up in pongs and dials, whose wire
+    formats hold exactly that."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit() or len(port) > 5:
+        return None
+    try:
+        ip = ipaddress.IPv4Address(host)
+    except ValueError:
+        return None
+    number = int(port)
+    if not 1 <= number <= 65535 or ip.is_unspecified:
+        return None
+    return str(ip), number
+
+
 def listen_address(headers: Headers) -> tuple[str, int] | None:
-    """The address a peer listens on, from Listen-IP, X-My-Address or gtk-gnutella's Node."""
+    """The address a peer listens on, from Listen-IP, X-My-Address or gtk-gnutella's Node
+    (the first that holds a valid :func:`parse_address`)."""
     for name in ("Listen-IP", "X-My-Address", "Node"):
         value = headers.get(name)
         if value:
-            host, sep, port = value.strip().rpartition(":")
-            if sep and port.isdigit():
-                return host, int(port)
+            address = parse_address(value)
+            if address is not None:
+                return address
     return None
+
+
+MAX_TRY_HOSTS = 50
+
+
+def try_addresses(headers: Headers) -> tuple[list[tuple[str, int]], int]:
+    """The hosts of ``X-Try-Ultrapeers`` and ``X-Try`` (at most :data:`MAX_TRY_HOSTS`), and how
+    many items were refused (invalid, or past the cap)."""
+    hosts: list[tuple[str, int]] = []
+    refused = 0
+    for name in ("X-Try-Ultrapeers", "X-Try"):
+        for item in (headers.get(name) or "").split(","):
+            if not item.strip():
+                continue
+            address = parse_address(item)
+            if address is None or len(hosts) >= MAX_TRY_HOSTS:
+                refused += 1
+            else:
+                hosts.append(address)
+    return hosts, refused
 
 
 def remote_guid(headers: Headers) -> bytes | None:

@@ -320,7 +320,10 @@ async def fetch(channel: Channel, path: str, host: str, dest: Path | None, expec
         return DownloadResult(False, status, 0, None, None,
                               f"content length {length} not accepted (limit {max_bytes})", channel.tls, headers)
     digest = hashlib.sha1()
-    out = dest.open("wb") if dest is not None else None
+    try:   # exclusive: a download never replaces a file (nor follows a planted symlink)
+        out = dest.open("xb") if dest is not None else None
+    except FileExistsError:
+        return DownloadResult(False, status, 0, None, None, f"{dest} already exists", channel.tls, headers)
     received = 0
     try:
         while True:

@@ -13,14 +13,14 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
-from .handshake import Identity
-from .qrp import DEFAULT_TABLE_BITS, RouteTable, TableReceiver, receive_table
+from .handshake import Identity, parse_address
+from .qrp import DEFAULT_TABLE_BITS, MAX_TABLE_SIZE, RouteTable, TableReceiver, receive_table
 from .routing import LOCAL, Router
 from .share import ShareIndex
 from . import vendor
 from .wire import (BYE, PING, PONG, PUSH, QRP, QUERY, QUERY_HIT, STD_VENDOR, VENDOR, Bye, GGEPExtension, ggep_get,
                    HitResult, Message, Ping, Pong, Push, Query, QueryHit,
-                   new_guid, QF_MARKER)
+                   new_guid, next_hop, QF_MARKER)
 
 VENDOR_CODE = b"BBOX"
 QHD_PUSH, QHD_BUSY, QHD_UPLOADED, QHD_MEASURED = 0x01, 0x04, 0x08, 0x10
@@ -75,7 +75,7 @@ class NodeConfig:
     alive_interval: float = 15.0      # idle time before an alive ping (TTL 1)
     alive_timeout: float = 30.0       # unanswered alive ping for this long: close
     qrp_bits: int = DEFAULT_TABLE_BITS
-    max_qrp_table: int = 1 << 20
+    max_qrp_table: int = MAX_TABLE_SIZE
     max_results: int = 50
     speed: int = 1000                 # kbit/s, reported in hits, compared to legacy min speed
     firewalled: bool = False          # advertise the push flag: downloaders must use PUSH/GIV
@@ -138,7 +138,10 @@ class Node:
         return self._table
 
     def learn_host(self, ip: str, port: int) -> None:
-        if (ip, port) == (self.me.ip, self.me.port) or port == 0:
+        if (ip, port) == (self.me.ip, self.me.port):
+            return
+        if parse_address(f"{ip}:{port}") != (ip, port):
+            self.stats["hosts_refused"] += 1      # never cache what a pong or a dial cannot carry
             return
         self.host_cache[(ip, port)] = None
         self.host_cache.move_to_end((ip, port))
@@ -194,10 +197,10 @@ class Node:
         return Send(peer.cid, ping)
 
     def table_for_peers(self) -> RouteTable:
-        table = RouteTable(self.config.qrp_bits, set(self.route_table().present))
+        table = self.route_table().copy()
         for peer in self.peers.values():
             if peer.our_leaf and peer.table is not None and peer.table.bits == table.bits:
-                table.present |= peer.table.present
+                table.merge(peer.table)
         return table
 
     def peer_down(self, cid: int) -> None:
@@ -273,7 +276,7 @@ class Node:
             assert isinstance(msg.payload, Bye)
             return [Close(cid, f"bye {msg.payload.code} {msg.payload.reason}")]
         if kind == QRP:
-            return self._on_qrp(peer, msg)
+            return self._on_qrp(peer, msg, now)
         if kind in (VENDOR, STD_VENDOR):
             return [Send(cid, reply) for reply in vendor.answer(msg, self.wall_clock(), self.stats)]
         return []
@@ -283,7 +286,7 @@ class Node:
             return []
         # Our own pong carries the ping's GUID: that is how it is routed back
         # (and what gtk-gnutella checks on its TTL-1 "alive" pings).
-        reply_ttl = msg.hops + 1
+        reply_ttl = next_hop(msg.hops)
         out: list = [Send(peer.cid, Message(msg.guid, reply_ttl, 0, self.own_pong()))]
         if msg.ttl <= 1 or not self.config.ultrapeer:
             return out
@@ -349,7 +352,7 @@ class Node:
             if other.our_leaf:
                 # leaves sit one hop away: QRP decides, whatever the remaining TTL
                 if self._leaf_may_have(other, query):
-                    out.append(Send(other.cid, Message(msg.guid, 1, msg.hops + 1, query)))
+                    out.append(Send(other.cid, Message(msg.guid, 1, next_hop(msg.hops), query)))
                 else:
                     self.stats["qrp_filtered"] += 1
             elif relay is not None and other.ultrapeer:
@@ -384,9 +387,9 @@ class Node:
         relay = self.router.reply_copy(msg)
         return [Send(cid, relay)] if relay else []
 
-    def _on_qrp(self, peer: Peer, msg: Message) -> list:
+    def _on_qrp(self, peer: Peer, msg: Message, now: float) -> list:
         if peer.qrp is None or (not self.config.ultrapeer):
             self.stats["qrp_ignored"] += 1        # a leaf routes nothing
             return []
-        receive_table(peer, msg.payload, self.stats)   # type: ignore[arg-type]
+        receive_table(peer, msg.payload, self.stats, now)   # type: ignore[arg-type]
         return []

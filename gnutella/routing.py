@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
-from .wire import PING, PONG, QUERY, QUERY_HIT, Message, Push
+from .wire import PING, PONG, QUERY, QUERY_HIT, Message, Push, next_hop
 
 LOCAL = 0   # connection id of "ourselves": routes that end here
 
@@ -88,7 +88,7 @@ class Router:
         ttl = min(msg.ttl, max(0, self.max_ttl - msg.hops))
         if ttl <= 1:
             return None
-        return Message(msg.guid, ttl - 1, msg.hops + 1, msg.payload)
+        return Message(msg.guid, ttl - 1, next_hop(msg.hops), msg.payload)
 
     # replies
     def route_reply(self, msg: Message) -> int | None:
@@ -119,4 +119,4 @@ class Router:
         if msg.ttl <= 1:
             self.stats["replies_ttl_expired"] += 1
             return None
-        return Message(msg.guid, msg.ttl - 1, msg.hops + 1, msg.payload)
+        return Message(msg.guid, msg.ttl - 1, next_hop(msg.hops), msg.payload)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from cliruntime.supervisor import Supervisor, within
+from cliruntime.supervisor import Supervisor, first_of, within
 from cliruntime import (ConfigError, RunContext, host_port, ip_address, make_parser,
                              non_negative_float, positive_int, run_async)
 
@@ -30,7 +30,8 @@ from . import http as ghttp
 from .channel import Channel, TlsContexts, tls_contexts
 from .handshake import (ConnectRequest, Established, Handshake, HandshakeError, Headers, Identity, LinkOptions,
                         Negotiated, Refused, Response, SlotState, answer_headers, check_outgoing, decide_incoming,
-                        final_headers, identity_headers, listen_address, negotiated, offer_headers, remote_guid)
+                        final_headers, identity_headers, listen_address, negotiated, offer_headers, parse_address,
+                        remote_guid, try_addresses)
 from .node import (Close, Node, NodeConfig, PushRequested, SearchHit, Send, needs_push)
 from .share import ShareIndex
 from .stream import MessageStream, pump_messages
@@ -45,6 +46,11 @@ BAN_BACKOFF = 300.0         # after a 429 (gtk-gnutella's reconnect ban)
 MAX_RETRY_ENTRIES = 4096
 MAX_TRAFFIC_ENTRIES = 4096
 MAX_TLS_HOSTS = 4096
+# PUSH answers are TCP connects to an address a stranger chose: bounded so we reflect little.
+MAX_PUSH_ANSWERS = 8        # at once
+MAX_PUSH_PER_IP = 2         # at once towards one address
+PUSH_REPEAT_WINDOW = 30.0   # the same (ip, port, index) is answered once in this window
+MAX_PUSH_REMEMBERED = 1024
 MAX_FIRST_LINE = 4096       # a request line, a CONNECT line or a GIV line
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_IDLE_TIMEOUT = 120.0   # alive pings every 15 s keep a healthy link far from this
@@ -93,6 +99,35 @@ class _Link:
         self.traffic["msgs_out"] += 1
         self.traffic["bytes_out"] += self.stream.send(msg)
         self.stats[f"tx_{msg.type_name}"] += 1
+
+
+class UnsafeFileName(ValueError):
+    """A remote file name that cannot name a file inside the download directory."""
+
+
+MAX_NAME_BYTES = 255        # NAME_MAX of Linux file systems
+MAX_SAME_NAME = 1000
+
+
+def download_destination(dest_dir: Path, name: str) -> Path:
+    """Where a download named ``name`` by a remote QueryHit goes: a plain file name inside
+    ``dest_dir`` (no separators, not ``.``/``..``, no NUL or control characters), never an
+    existing file (``name (1).ext``, ``name (2).ext``, ... instead; the download then opens it
+    exclusively)."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name
+            or any(ord(c) < 0x20 or c == "\x7f" for c in name)):
+        raise UnsafeFileName(f"remote file name {name!r} is not a plain file name")
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise UnsafeFileName(f"remote file name of more than {MAX_NAME_BYTES} bytes")
+    base = dest_dir.resolve()
+    stem, suffix = Path(name).stem, Path(name).suffix
+    for n in range(MAX_SAME_NAME):
+        candidate = base / (name if n == 0 else f"{stem} ({n}){suffix}")
+        if candidate.parent != base:      # belt and braces: the name added no directory
+            raise UnsafeFileName(f"remote file name {name!r} leaves {base}")
+        if not candidate.exists() and not candidate.is_symlink():
+            return candidate
+    raise UnsafeFileName(f"{MAX_SAME_NAME} files named like {name!r} already in {base}")
 
 
 class Servent:
@@ -146,6 +181,9 @@ class Servent:
         self._connect_failures: dict[tuple[str, int], int] = {}
         self._search_listeners: dict[bytes, Callable[[SearchHit], None]] = {}
         self._giv_waiters: dict[tuple[bytes, int], asyncio.Future] = {}
+        self.max_push_answers = MAX_PUSH_ANSWERS
+        self._push_answering: Counter = Counter()          # target ip -> answers in flight
+        self._push_answered: OrderedDict[tuple[str, int, int], float] = OrderedDict()
         self.established = asyncio.Event()
         self.port = listen[1]
 
@@ -200,6 +238,13 @@ class Servent:
 
     # ---------------------------------------------------------------- connections
 
+    async def run_until(self, stop: asyncio.Event, duration: float | None = None) -> BaseException | None:
+        """Serve until ``stop`` is set or ``duration`` passes (None), or until a critical task
+        (the ticker, the scripted queries) dies: that failure is returned, never run past."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await within(first_of(stop.wait(), self.supervisor.wait_failed()), duration)
+        return self.supervisor.failed
+
     def _source(self) -> tuple[str, int] | None:
         # leave from our own address: a host may carry several servents, one per address
         return (self.listen[0], 0) if self.listen[0] not in ("0.0.0.0", "") else None
@@ -220,16 +265,22 @@ class Servent:
             self.stats["dialed_untracked"] += 1
 
     async def _connect(self, addr: tuple[str, int]) -> None:
+        try:
+            await self._dial_and_run(addr)
+        finally:   # whatever ends the attempt, the address may be dialled again (``wanted`` counts it)
+            self._connecting.discard(addr)
+
+    async def _dial_and_run(self, addr: tuple[str, int]) -> None:
         self._dial(addr[0])
         try:
             reader, writer = await within(
                 asyncio.open_connection(*addr, limit=1 << 16, local_addr=self._source()), HANDSHAKE_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (OSError, asyncio.TimeoutError, OverflowError, ValueError) as exc:
+            # OverflowError/ValueError: an address no socket takes (it should never have been learned)
             self.stats["connect_failed"] += 1
             # not up yet (servents start together) or gone: retry soon, then less and less often
             failures = self._connect_failures[addr] = self._connect_failures.get(addr, 0) + 1
             self._retry_after[addr] = time.monotonic() + min(RETRY_AFTER, CONNECT_BACKOFF * 2 ** (failures - 1))
-            self._connecting.discard(addr)
             log.debug("connect to %s:%d failed: %r", *addr, exc)
             return
         if writer.get_extra_info("sockname") == writer.get_extra_info("peername"):
@@ -239,27 +290,23 @@ class Servent:
             self.stats["connect_self"] += 1
             writer.close()
             self._retry_after[addr] = time.monotonic() + RETRY_AFTER
-            self._connecting.discard(addr)
             return
         self.stats["connect_out"] += 1
         self._connect_failures.pop(addr, None)
         channel = Channel(reader, writer)
-        try:
-            if self.tls is not None and (addr in self.tls_hosts or addr in self.node.tls_hosts):
-                # a peer known to speak TLS is dialled in TLS from the first byte
-                try:
-                    await within(channel.start_tls(self.tls.client, server_side=False), HANDSHAKE_TIMEOUT)
-                except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
-                    self.stats["tls_direct_failed"] += 1
-                    self.tls_hosts.pop(addr, None)
-                    self.node.tls_hosts.pop(addr, None)
-                    log.info("TLS to %s:%d failed (%r); it will be dialled in clear", *addr, exc)
-                    channel.close()
-                    return
-                self.stats["tls_direct_out"] += 1
-            await self._session(channel, outgoing=True, initial=b"", dial=addr)
-        finally:
-            self._connecting.discard(addr)
+        if self.tls is not None and (addr in self.tls_hosts or addr in self.node.tls_hosts):
+            # a peer known to speak TLS is dialled in TLS from the first byte
+            try:
+                await within(channel.start_tls(self.tls.client, server_side=False), HANDSHAKE_TIMEOUT)
+            except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+                self.stats["tls_direct_failed"] += 1
+                self.tls_hosts.pop(addr, None)
+                self.node.tls_hosts.pop(addr, None)
+                log.info("TLS to %s:%d failed (%r); it will be dialled in clear", *addr, exc)
+                channel.close()
+                return
+            self.stats["tls_direct_out"] += 1
+        await self._session(channel, outgoing=True, initial=b"", dial=addr)
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._accepting >= self.max_connections:
@@ -388,11 +435,10 @@ class Servent:
 
     def _learn_try(self, headers: Headers) -> None:
         assert self.node is not None
-        for name in ("X-Try-Ultrapeers", "X-Try"):
-            for item in (headers.get(name) or "").split(","):
-                host, sep, port = item.strip().rpartition(":")
-                if sep and port.isdigit():
-                    self.node.learn_host(host, int(port))
+        hosts, refused = try_addresses(headers)
+        self.stats["try_hosts_refused"] += refused
+        for host, port in hosts:
+            self.node.learn_host(host, port)
 
     async def _session(self, channel: Channel, outgoing: bool, initial: bytes,
                        dial: tuple[str, int] | None) -> None:
@@ -433,7 +479,7 @@ class Servent:
         self._next_cid += 1
         if settled.tls:
             self._learn_tls(listen)
-        link = _Link(cid, MessageStream(channel, settled), remote_ip, self._traffic_of(remote_ip), self.stats)
+        link = _Link(cid, MessageStream(channel, settled, stats=self.stats), remote_ip, self._traffic_of(remote_ip), self.stats)
         self.links[cid] = link
         self._connected_addrs[cid] = listen
         now = time.monotonic()
@@ -486,7 +532,8 @@ class Servent:
                 listener = self._search_listeners.get(action.query_guid)
                 if listener is not None:
                     listener(action)
-            elif isinstance(action, PushRequested):
+            elif isinstance(action, PushRequested) and self._push_allowed(action):
+                self._push_answering[action.push.ip] += 1
                 self.supervisor.spawn(self._answer_push(action), name="push", critical=False)
 
     async def _ticker(self) -> None:
@@ -559,8 +606,16 @@ class Servent:
 
     async def download(self, hit: Hit, event: SearchHit | None, dest_dir: Path | None,
                        timeout: float = 30.0, max_bytes: int = 1 << 30) -> ghttp.DownloadResult:
-        """Fetch a hit: directly, or by PUSH when the source is firewalled or unreachable."""
-        dest = dest_dir / hit.name if dest_dir is not None else None
+        """Fetch a hit: directly, or by PUSH when the source is firewalled or unreachable.  The
+        file lands in ``dest_dir`` under the hit's name made safe (:func:`download_destination`)."""
+        dest = None
+        if dest_dir is not None:
+            try:
+                dest = download_destination(dest_dir, hit.name)
+            except UnsafeFileName as exc:
+                self.stats["downloads_unsafe_name"] += 1
+                log.warning("download refused: %s", exc)
+                return ghttp.DownloadResult(False, 0, 0, None, None, str(exc))
         path = f"/uri-res/N2R?urn:sha1:{hit.sha1}" if hit.sha1 else f"/get/{hit.index}/{urllib.parse.quote(hit.name)}"
         if not hit.push:
             self._dial(hit.ip)
@@ -627,8 +682,41 @@ class Servent:
         waiter.set_result((channel, done))
         await done.wait()         # the downloader owns the connection now; it sets this when finished
 
-    async def _answer_push(self, action: PushRequested) -> None:
+    def _push_allowed(self, action: PushRequested) -> bool:
+        """Whether to dial back for this PUSH: a dialable address, a file we share, not the same
+        request again within :data:`PUSH_REPEAT_WINDOW`, and room under the caps (each refusal
+        counted)."""
         push = action.push
+        now = time.monotonic()
+        if parse_address(f"{push.ip}:{push.port}") != (push.ip, push.port):
+            self.stats["push_refused_address"] += 1
+            return False
+        if self.shares.get(push.file_index) is None:
+            self.stats["push_unknown_file"] += 1
+            return False
+        key = (push.ip, push.port, push.file_index)
+        while self._push_answered and (len(self._push_answered) > MAX_PUSH_REMEMBERED
+                                       or now - next(iter(self._push_answered.values())) > PUSH_REPEAT_WINDOW):
+            self._push_answered.popitem(last=False)
+        if key in self._push_answered:
+            self.stats["push_duplicate"] += 1
+            return False
+        if (sum(self._push_answering.values()) >= self.max_push_answers
+                or self._push_answering[push.ip] >= MAX_PUSH_PER_IP):
+            self.stats["push_refused_busy"] += 1
+            return False
+        self._push_answered[key] = now
+        return True
+
+    async def _answer_push(self, action: PushRequested) -> None:
+        try:
+            await self._push_upload(action.push)
+        finally:
+            self._push_answering[action.push.ip] -= 1
+            if self._push_answering[action.push.ip] <= 0:
+                del self._push_answering[action.push.ip]
+
+    async def _push_upload(self, push) -> None:
         shared = self.shares.get(push.file_index)
         if shared is None:
             self.stats["push_unknown_file"] += 1
@@ -803,15 +891,14 @@ async def amain(args, ctx: RunContext) -> int:
             started = time.monotonic()
             script = (servent.supervisor.spawn(_scripted(servent, args, ctx, started), name="scripted queries")
                       if args.queries else None)
-            if args.duration:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await within(ctx.stop.wait(), args.duration)
-            else:
-                await ctx.stop.wait()
+            failed = await servent.run_until(ctx.stop, args.duration or None)
             if script is not None:
                 script.cancel()
                 with contextlib.suppress(BaseException):
                     await script
+            if failed is not None:
+                log.error("stopping because a critical task failed: %s", failed)
+                return 1
             return 0
         if not await _wait_connected(servent, 10.0):
             print(f"{args.mode}: no peer accepted a connection", file=sys.stderr)

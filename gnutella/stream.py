@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import struct
 import time
 from collections import Counter
 from typing import Callable
@@ -28,8 +29,9 @@ MAX_OUTBUF = 512 * 1024
 
 class MessageStream:
     def __init__(self, channel: Channel, negotiated: Negotiated = Negotiated(), *,
-                 max_outbuf: int = MAX_OUTBUF) -> None:
+                 max_outbuf: int = MAX_OUTBUF, stats: Counter | None = None) -> None:
         self.channel = channel
+        self.stats = stats if stats is not None else Counter()
         self.negotiated = negotiated
         self.deflater = Deflater() if negotiated.deflate_out else None
         self.inflater = Inflater() if negotiated.inflate_in else None
@@ -45,7 +47,14 @@ class MessageStream:
         """Write one message; the bytes it took on the link (after compression), 0 if not sent."""
         if self.channel.is_closing():
             return 0
-        data = msg.encode()
+        try:
+            data = msg.encode()
+        except (struct.error, ValueError, OverflowError) as exc:
+            # a message our logic built from hostile input (a port or hop count out of range):
+            # it alone is lost, never the link that would carry it
+            self.stats["encode_failed"] += 1
+            log.warning("message %s not sent, it cannot be encoded: %s", msg.type_name, exc)
+            return 0
         if self.deflater is not None:
             data = self.deflater.compress(data)
         self.channel.write(data)

@@ -88,6 +88,10 @@ _GGEP_COBS = 0x40
 _GGEP_DEFLATE = 0x20
 _GGEP_RESERVED = 0x10
 _GGEP_MAX_DATA = (1 << 18) - 1
+# What the deflated extensions of one GGEP block may inflate to, together: as much as the
+# largest legitimate message (a few hundred bytes of deflate otherwise inflate to megabytes,
+# which a node would cache and re-compress on relay).
+GGEP_MAX_INFLATED = DEFAULT_MAX_PAYLOAD
 
 
 def cobs_encode(data: bytes) -> bytes:
@@ -169,12 +173,27 @@ def encode_ggep(extensions: list[GGEPExtension] | tuple[GGEPExtension, ...]) -> 
     return bytes(out)
 
 
+def _inflate_ggep(data: bytes, ident: bytes, budget: int) -> bytes:
+    inflater = zlib.decompressobj()
+    try:
+        plain = inflater.decompress(data, budget + 1)
+    except zlib.error as exc:
+        raise GnutellaDecodeError(f"GGEP: bad deflate data in {ident!r}: {exc}") from None
+    if len(plain) > budget:
+        raise GnutellaDecodeError(f"GGEP: deflated data in {ident!r} inflates past "
+                                  f"{GGEP_MAX_INFLATED} bytes for the block")
+    if not inflater.eof or inflater.unused_data:
+        raise GnutellaDecodeError(f"GGEP: deflate data in {ident!r} truncated or followed by stray bytes")
+    return plain
+
+
 def decode_ggep(buf: bytes, offset: int = 0) -> tuple[tuple[GGEPExtension, ...], int]:
     """Decode a GGEP block starting at ``offset`` (on the magic byte); return (extensions, end)."""
     if offset >= len(buf) or buf[offset] != GGEP_MAGIC:
         raise GnutellaDecodeError("GGEP: missing magic byte 0xC3")
     pos = offset + 1
     extensions = []
+    inflate_budget = GGEP_MAX_INFLATED
     while True:
         if pos >= len(buf):
             raise GnutellaDecodeError("GGEP: block ends without a LAST extension")
@@ -209,10 +228,8 @@ def decode_ggep(buf: bytes, offset: int = 0) -> tuple[tuple[GGEPExtension, ...],
         if flags & _GGEP_COBS:
             data = cobs_decode(data)
         if flags & _GGEP_DEFLATE:
-            try:
-                data = zlib.decompress(data)
-            except zlib.error as exc:
-                raise GnutellaDecodeError(f"GGEP: bad deflate data in {ident!r}: {exc}") from None
+            data = _inflate_ggep(data, ident, inflate_budget)
+            inflate_budget -= len(data)
         try:
             name = ident.decode("ascii")
         except UnicodeDecodeError:
@@ -631,7 +648,16 @@ class Message:
 
     def forwarded(self) -> "Message":
         """The copy a servent relays: TTL one less, hops one more."""
-        return Message(self.guid, self.ttl - 1, self.hops + 1, self.payload)
+        return Message(self.guid, self.ttl - 1, next_hop(self.hops), self.payload)
+
+
+MAX_HOPS = 255
+
+
+def next_hop(count: int) -> int:
+    """One more hop (or a reply TTL of hops+1), saturating at what the header's byte holds:
+    a peer's hop count of 255 must not make our copy unencodable."""
+    return min(count + 1, MAX_HOPS)
 
 
 def decode_payload(ptype: int, body: bytes):

@@ -133,6 +133,11 @@ async def run_mode(lab, cfg: ExperimentConfig, servents: list[Servent], boosters
     rng = random.Random(cfg.seed + 1)
     try:
         if boosters:
+            # the boosters authenticate each other with a secret only they hold (mode 600)
+            peer_secret = workdir / "b2b.secret"
+            peer_secret.touch(mode=0o600)
+            peer_secret.chmod(0o600)
+            peer_secret.write_text(secrets.token_hex(32))
             for c in clusters:
                 edge = f"edge{c}"
                 control = workdir / f"{edge}.sock"
@@ -153,7 +158,8 @@ async def run_mode(lab, cfg: ExperimentConfig, servents: list[Servent], boosters
                     "--cluster", str(prefixes[c]), "--port", str(GNUTELLA_PORT),
                     "--peer-listen", f"{lab.addr(edge, 'core')}:{B2B_PORT}",
                     "--sightings", str(cfg.sightings), "--local-wait", str(cfg.local_wait),
-                    "--secret", f"{edge}-{cfg.seed}", *peers, "--log-level", "info",
+                    "--secret", f"{edge}-{cfg.seed}", "--peer-secret-file", str(peer_secret),
+                    *peers, "--log-level", "info",
                     *(["--forward", cfg.forward] if cfg.forward != "adaptive" else [])]))
                 edge_roles[c] = booster
             for role in edge_roles.values():

@@ -61,6 +61,9 @@ class FakeEdge:
             s.close()
 
 
+PEER_SECRET = b"a secret the boosters share"
+
+
 def share_dir(root, name, files):
     d = root / name
     d.mkdir()
@@ -77,7 +80,7 @@ async def two_clusters(tmp_path):
         core = BoosterCore(BoosterConfig(f"booster-{name}", (f"{net}.0/24",), sightings=0, local_wait=0.3),
                            secret=name.encode())
         cores[name] = core
-        boosters[name] = GnutellaBooster(core)
+        boosters[name] = GnutellaBooster(core, peer_secret=PEER_SECRET)
         edges[name] = FakeEdge(boosters[name], f"{net}.254")
     await boosters["A"].start(("127.0.1.253", 0), [])
     await boosters["B"].start(("127.0.2.253", 0), [("127.0.1.253", boosters["A"].peer_port)])
@@ -206,3 +209,202 @@ def test_command_line_reaches_the_core_and_the_adapter():
     assert options["max_relays"] == 7 and options["compress"] is False
     adapter = GnutellaBooster(BoosterCore(config, b"s"), **options)
     assert adapter.max_relays == 7 and adapter.link_options.compress is False and not adapter.link_options.tls
+
+
+async def test_a_dead_critical_task_fails_the_booster_loudly():
+    """Review finding: the booster's critical tasks (ticker, peer sessions) could die and nobody
+    awaited ``supervisor.wait_failed()``: the booster ran on degraded, boxd saw it healthy."""
+    from cliruntime.supervisor import TaskFailed
+    core = BoosterCore(BoosterConfig("e1", ("127.0.1.0/24",)), b"s")
+    adapter = GnutellaBooster(core, tick=0.01)
+
+    def broken_tick(now):
+        raise RuntimeError("tick broke")
+    core.tick = broken_tick
+    await adapter.start(None, [])
+    try:
+        with pytest.raises(TaskFailed, match="ticker"):
+            await asyncio.wait_for(adapter.raise_on_failure(), EVENT_WAIT)
+    finally:
+        await adapter.stop()
+
+
+# ---------------------------------------------------------------- booster peers authenticate
+
+from boxcore.framing import encode_frame  # noqa: E402
+
+from gnutella import b2b  # noqa: E402
+
+
+async def _frames(reader, framer, want: int, timeout: float = EVENT_WAIT) -> list:
+    """Read until ``want`` frames came (or EOF: what came)."""
+    got: list = []
+    async with asyncio.timeout(timeout):
+        while len(got) < want:
+            data = await reader.read(1 << 16)
+            if not data:
+                break
+            got += framer.feed(data)
+    return got
+
+
+async def _listening_booster(**options) -> GnutellaBooster:
+    core = BoosterCore(BoosterConfig("booster-A", ("127.0.1.0/24",)), secret=b"A")
+    adapter = GnutellaBooster(core, **{"peer_secret": PEER_SECRET, **options})
+    await adapter.start(("127.0.1.253", 0), [])
+    return adapter
+
+
+async def _authenticated_client(adapter, secret=PEER_SECRET):
+    reader, writer = await asyncio.open_connection("127.0.1.253", adapter.peer_port)
+    framer = b2b.frame_decoder()
+    auth = b2b.PeerAuth(secret, True, os.urandom(32))
+    writer.write(b2b.encode(auth.challenge()))
+    (challenge,) = await _frames(reader, framer, 1)
+    for reply in auth.receive(challenge):
+        writer.write(b2b.encode(reply))
+    return reader, writer, framer, auth
+
+
+async def test_a_stranger_on_the_peer_port_gets_nothing_and_injects_nothing():
+    """Review finding: any TCP client of --peer-listen became a peer, got our hello and keyword
+    table before sending anything, and could flood queries into the cluster."""
+    adapter = await _listening_booster()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.1.253", adapter.peer_port)
+        framer = b2b.frame_decoder()
+        first = await _frames(reader, framer, 1)
+        assert [f["t"] for f in first] == ["challenge"]          # no hello, no table
+        writer.write(encode_frame({"t": "hello", "id": "booster-B", "cluster": [], "v": 1})
+                     + encode_frame({"t": "query", "guid": b"\x01" * 16, "ttl": 2, "hops": 0, "criteria": "song",
+                                     "flags": 0x8000, "urns": []}))
+        assert await _frames(reader, framer, 1) == []             # closed, nothing more said
+        await until(lambda: adapter.stats["peer_auth_failed"] == 1, what="the refusal counted")
+        assert adapter.core.stats["peers_up"] == 0 and adapter.core.stats["peer_rx_query"] == 0
+        writer.close()
+    finally:
+        await adapter.stop()
+
+
+async def test_a_wrong_secret_is_refused_and_the_right_one_gets_hello_and_table():
+    adapter = await _listening_booster()
+    try:
+        reader, writer, framer, auth = await _authenticated_client(adapter, secret=b"not the secret, same length!")
+        # at most the booster's own proof (an HMAC: nothing to learn from it), then the close
+        assert [f["t"] for f in await _frames(reader, framer, 3)] in ([], ["auth"])
+        await until(lambda: adapter.stats["peer_auth_failed"] == 1, what="the wrong MAC counted")
+        writer.close()
+        reader, writer, framer, auth = await _authenticated_client(adapter)
+        got = await _frames(reader, framer, 3)
+        assert got[0]["t"] == "auth"
+        auth.receive(got[0])
+        assert auth.done and [f["t"] for f in got[1:]] == ["hello", "table"]
+        assert adapter.stats["peer_authenticated"] == 1
+        writer.close()
+    finally:
+        await adapter.stop()
+
+
+async def test_peer_connections_are_capped_and_silent_ones_time_out(monkeypatch):
+    import gnutella.booster as booster_module
+    monkeypatch.setattr(booster_module, "HANDSHAKE_TIMEOUT", 0.5)
+    adapter = await _listening_booster(max_peer_connections=2)
+    try:
+        conns = [await asyncio.open_connection("127.0.1.253", adapter.peer_port) for _ in range(3)]
+        await until(lambda: adapter.stats["peer_refused_cap"] == 1, what="the third refused at accept")
+        # the two others never answer the challenge: closed at the authentication deadline
+        for reader, _ in conns[:2]:
+            assert [f["t"] for f in await _frames(reader, b2b.frame_decoder(), 5)] == ["challenge"]
+        await until(lambda: adapter.stats["peer_auth_timeout"] == 2, what="both timed out")
+        for _, writer in conns:
+            writer.close()
+    finally:
+        await adapter.stop()
+
+
+async def test_a_silent_peer_link_is_closed_and_a_live_one_kept_alive():
+    adapter = await _listening_booster(peer_idle_timeout=0.6)
+    try:
+        reader, writer, framer, auth = await _authenticated_client(adapter)
+        got = await _frames(reader, framer, 3)
+        auth.receive(got[0])
+        # we say nothing: the booster keeps talking (alive) but closes our silent link
+        rest = await _frames(reader, framer, 100)
+        assert any(f["t"] == "alive" for f in rest)
+        await until(lambda: adapter.stats["peer_idle_closed"] == 1, what="the idle link closed")
+        writer.close()
+    finally:
+        await adapter.stop()
+
+
+def test_a_mac_got_from_a_second_connection_cannot_be_replayed():
+    """The MAC names which end computed it: the acceptor's answer on one connection is no
+    connector's proof on another, even for the same nonces."""
+    acceptor = b2b.PeerAuth(PEER_SECRET, False, b"\x01" * 32)
+    acceptor.receive({"t": "challenge", "nonce": b"\x02" * 32})
+    # an attacker opens a second connection to the same booster and sends the first one's nonce
+    second = b2b.PeerAuth(PEER_SECRET, False, b"\x02" * 32)
+    (reflected,) = second.receive({"t": "challenge", "nonce": b"\x01" * 32})
+    with pytest.raises(b2b.B2BAuthError, match="wrong MAC"):
+        acceptor.receive(reflected)
+    with pytest.raises(b2b.B2BAuthError, match="before authentication"):
+        b2b.PeerAuth(PEER_SECRET, True, b"\x03" * 32).receive({"t": "query"})
+
+
+async def test_peering_without_a_secret_must_be_asked_for(tmp_path):
+    from gnutella.booster import adapter_options, build_parser
+    core = BoosterCore(BoosterConfig("booster-A", ("127.0.1.0/24",)), secret=b"A")
+    with pytest.raises(ValueError, match="secret"):
+        await GnutellaBooster(core).start(("127.0.1.253", 0), [])
+    from cliruntime import ConfigError
+    with pytest.raises(ConfigError, match="peer-secret-file"):
+        adapter_options(build_parser().parse_args(["--name", "e1", "--peer-listen", "127.0.0.1:6350"]))
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"0123456789abcdef0123\n")
+    secret.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by others"):
+        adapter_options(build_parser().parse_args(["--name", "e1", "--booster", "127.0.0.1:6350",
+                                                   "--peer-secret-file", str(secret)]))
+    secret.chmod(0o600)
+    options = adapter_options(build_parser().parse_args(["--name", "e1", "--booster", "127.0.0.1:6350",
+                                                         "--peer-secret-file", str(secret)]))
+    assert options["peer_secret"] == b"0123456789abcdef0123"
+    open_ = adapter_options(build_parser().parse_args(["--name", "e1", "--peer-listen", "127.0.0.1:6350",
+                                                       "--peer-allow-unauthenticated"]))
+    assert open_["peer_secret"] is None and open_["unauthenticated_peers"]
+
+
+async def test_a_silent_local_link_is_closed():
+    core = BoosterCore(BoosterConfig("booster-A", ("127.0.1.0/24",)), secret=b"A")
+    adapter = GnutellaBooster(core, idle_timeout=0.5)
+    edge = FakeEdge(adapter, "127.0.1.254")
+    await adapter.start(None, [])
+    try:
+        reader, writer = await asyncio.open_connection(*await edge.intercept(("127.0.2.9", 6346)),
+                                                       local_addr=("127.0.1.7", 0))
+        writer.write(b"GNUTELLA CONNECT/0.6\r\nX-Ultrapeer: True\r\nListen-IP: 127.0.1.7:6346\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"GNUTELLA/0.6 200")
+        writer.write(b"GNUTELLA/0.6 200 OK\r\n\r\n")
+        async with asyncio.timeout(EVENT_WAIT):
+            while await reader.read(1 << 16):       # the booster's pings; then its close
+                pass
+        assert adapter.stats["idle_timeouts"] == 1 and adapter.local_streams == {}
+        writer.close()
+    finally:
+        await adapter.stop()
+        edge.close()
+
+
+async def test_boosters_with_different_secrets_never_peer():
+    a = await _listening_booster()
+    core_b = BoosterCore(BoosterConfig("booster-B", ("127.0.2.0/24",)), secret=b"B")
+    b = GnutellaBooster(core_b, peer_secret=b"another secret, not the mesh's")
+    await b.start(None, [("127.0.1.253", a.peer_port)])
+    try:
+        await until(lambda: a.stats["peer_auth_failed"] and b.stats["peer_auth_failed"],
+                    what="both ends refusing the other")
+        assert a.core.stats["peers_up"] == 0 and core_b.stats["peers_up"] == 0
+        assert a.stats["peer_authenticated"] == 0 and b.stats["peer_authenticated"] == 0
+    finally:
+        await b.stop()
+        await a.stop()

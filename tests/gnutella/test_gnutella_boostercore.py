@@ -319,3 +319,67 @@ def test_opaque_hit_and_push_name_only_the_relay():
     assert seen.servent_guid == hit.servent_guid and seen.open_data == hit.open_data
     push = opaque_push(Push(b"\x66" * 16, 3, "10.13.0.5", 6346), ("10.11.0.1", 40002))
     assert (push.ip, push.port, push.file_index) == ("10.11.0.1", 40002, 3)
+
+
+def test_a_listen_address_no_pong_can_carry_is_never_learned():
+    """Review finding: ``Listen-IP: 10.11.0.5:99999`` was learned (even when refused); every
+    later ping answer then built Pong(99999), which raised inside the link's pump."""
+    c = core()
+    for bad in (("10.11.0.5", 99999), ("10.11.0.5", 0), ("10.11.0.5", -1), ("10.11.0.999", 6346)):
+        c.learn_servent(bad)
+    assert c.stats["servents_refused"] == 4 and c.local_hosts() == []
+    up(c, 1, "10.11.0.11")
+    pongs = sends(c.local_message(1, Message(b"\x01" * 16, 2, 0, Ping()), 0.0))
+    assert [m.message.payload.port for m in pongs] == [6346]
+    for action in pongs:
+        action.message.encode()
+
+
+def test_hop_counts_saturate_at_255_instead_of_making_unencodable_messages():
+    """Review finding: a query with hops 255 was forwarded with hops 256 (struct.error in the task
+    that encoded it)."""
+    c = core()
+    up(c, 1, "10.11.0.11")
+    peer(c, 7, None)
+    actions = c.local_message(1, Q("free song", ttl=1, hops=255), 0.0)
+    actions += c.local_message(1, Message(b"\x02" * 16, 1, 255, Ping()), 0.0)
+    for a in actions:
+        if isinstance(a, SendPeer):
+            b2b.encode(a.obj)
+        elif isinstance(a, Send):
+            a.message.encode()
+    assert any(isinstance(a, Send) for a in actions)
+
+
+@pytest.mark.parametrize("field,value", [("hops", 256), ("ttl", 256), ("hops", -1), ("flags", 0x10000),
+                                         ("criteria", "a\x00b")])
+def test_b2b_query_fields_are_range_checked(field, value):
+    obj = {"t": "query", "guid": b"\x01" * 16, "ttl": 3, "hops": 1, "criteria": "free", "flags": 0x8000, "urns": []}
+    b2b.validate(obj)
+    with pytest.raises(b2b.B2BDecodeError):
+        b2b.validate({**obj, field: value})
+
+
+def test_a_b2b_query_of_hops_255_reaches_local_servents_encodable():
+    c = core()
+    up(c, 1, "10.11.0.11")
+    peer(c, 7, None)
+    obj = {"t": "query", "guid": b"\x03" * 16, "ttl": 3, "hops": 255, "criteria": "free", "flags": 0x8000, "urns": []}
+    out = sends(c.peer_message(7, b2b.validate(obj), 0.0))
+    assert out and all(len(a.message.encode()) > 23 for a in out)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(min_size=16, max_size=64), st.binary(min_size=16, max_size=64), st.binary(min_size=32, max_size=32),
+       st.binary(min_size=32, max_size=32))
+def test_peer_auth_succeeds_exactly_when_both_hold_the_same_secret(secret_a, secret_b, nonce_a, nonce_b):
+    connector, acceptor = b2b.PeerAuth(secret_a, True, nonce_a), b2b.PeerAuth(secret_b, False, nonce_b)
+    try:
+        to_acceptor = acceptor.receive(b2b.validate(connector.challenge()))
+        to_connector = connector.receive(b2b.validate(acceptor.challenge()))
+        connector.receive(b2b.validate(to_acceptor[0]))
+        acceptor.receive(b2b.validate(to_connector[0]))
+    except b2b.B2BAuthError:
+        assert secret_a != secret_b or nonce_a == nonce_b
+        return
+    assert secret_a == secret_b and connector.done and acceptor.done

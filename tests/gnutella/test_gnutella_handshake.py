@@ -210,3 +210,24 @@ def test_listen_ip_only_where_something_listens():
     from gnutella.handshake import Identity, identity_headers
     assert identity_headers(Identity(b"\x01" * 16, "10.0.0.1", 16346, True)).get("Listen-IP") == "10.0.0.1:16346"
     assert "Listen-IP" not in identity_headers(Identity(b"\x01" * 16, "10.0.0.1", 0, True))
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("10.11.0.5:6346", ("10.11.0.5", 6346)), ("10.11.0.5:99999", None), ("10.11.0.5:0", None),
+    ("10.11.0.5:65535", ("10.11.0.5", 65535)), ("10.11.0.5:65536", None), ("0.0.0.0:6346", None),
+    ("host.example:6346", None), ("10.11.0.256:6346", None), ("10.11.0.5:+80", None), ("10.11.0.5:٣", None),
+    ("010.11.0.5:6346", None), ("[::1]:6346", None), ("10.11.0.5", None), ("", None)])
+def test_addresses_in_headers_are_ipv4_with_a_port_a_socket_takes(value, expected):
+    from gnutella.handshake import listen_address, parse_address
+    assert parse_address(value) == expected
+    assert listen_address(Headers({"Listen-IP": value})) == expected
+
+
+def test_try_addresses_keep_the_valid_ones_and_count_the_rest():
+    from gnutella.handshake import MAX_TRY_HOSTS, try_addresses
+    hosts, refused = try_addresses(Headers({"X-Try-Ultrapeers": "10.0.0.1:6346, 1.2.3.4:99999,,",
+                                            "X-Try": "10.0.0.2:6347,bogus"}))
+    assert hosts == [("10.0.0.1", 6346), ("10.0.0.2", 6347)] and refused == 2
+    many = ",".join(f"10.0.{i // 250}.{i % 250 + 1}:6346" for i in range(MAX_TRY_HOSTS + 5))
+    hosts, refused = try_addresses(Headers({"X-Try-Ultrapeers": many}))
+    assert len(hosts) == MAX_TRY_HOSTS and refused == 5

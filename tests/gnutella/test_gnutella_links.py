@@ -310,3 +310,32 @@ async def test_a_peer_whose_pong_says_tls_is_dialled_in_tls(tmp_path):
     finally:
         for s in (b, c, a):
             await s.stop()
+
+
+async def test_a_message_that_cannot_be_encoded_costs_only_itself():
+    """Review finding: Pong(99999) raised struct.error out of the send and tore the link down."""
+    from collections import Counter
+
+    from gnutella.channel import Channel
+    from gnutella.stream import MessageStream
+    from gnutella.wire import HEADER_SIZE, Message, MessageReader, Ping, Pong
+
+    received = asyncio.Queue()
+
+    async def reading(reader, writer):
+        received.put_nowait(await reader.readexactly(HEADER_SIZE))
+        writer.close()
+    server = await asyncio.start_server(reading, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    stats = Counter()
+    stream = MessageStream(Channel(reader, writer), stats=stats)
+    try:
+        assert stream.send(Message(b"\x01" * 16, 1, 0, Pong(99999, "10.0.0.1", 0, 0))) == 0
+        assert stream.send(Message(b"\x02" * 16, 256, 0, Ping())) == 0
+        assert stats["encode_failed"] == 2
+        assert stream.send(Message(b"\x03" * 16, 1, 0, Ping())) == HEADER_SIZE
+        header = await asyncio.wait_for(received.get(), 10)
+        assert header[:16] == b"\x03" * 16
+    finally:
+        writer.close()
+        server.close()

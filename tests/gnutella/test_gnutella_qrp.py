@@ -1,9 +1,10 @@
 import zlib
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from gnutella.qrp import RouteTable, TableReceiver, keywords, qrp_hash
+from gnutella.qrp import MAX_TABLE_SIZE, RouteTable, TableReceiver, keywords, qrp_hash, receive_table
 from gnutella.wire import GnutellaDecodeError, QrpPatch, QrpReset, decode_message
 
 
@@ -73,10 +74,109 @@ def test_patch_before_reset_and_out_of_sequence_are_refused():
 
 def test_bad_zlib_and_wrong_size_and_oversized_table():
     receiver = TableReceiver(max_table_size=1 << 12)
-    with pytest.raises(GnutellaDecodeError, match="exceeds"):
+    with pytest.raises(GnutellaDecodeError, match="outside"):
         receiver.receive(QrpReset(1 << 16, 7))
     receiver.receive(QrpReset(1024, 7))
     with pytest.raises(GnutellaDecodeError, match="zlib"):
         receiver.receive(QrpPatch(1, 1, 1, 4, b"not zlib"))
     with pytest.raises(GnutellaDecodeError, match="table needs 512"):
         receiver.receive(QrpPatch(1, 1, 1, 4, zlib.compress(b"\x00" * 100)))
+
+
+def _flood_patch(slots: int) -> list:
+    """A RESET and one zlib PATCH marking every slot present: a few hundred bytes on the wire."""
+    return [QrpReset(slots, 7), QrpPatch(1, 1, 1, 4, zlib.compress(b"\xaa" * (slots // 2), 9))]
+
+
+def test_huge_table_is_refused_and_counted_and_its_patches_dropped():
+    """Review finding: a RESET of 2**20 slots plus one 543-byte PATCH built a 1,048,576-entry
+    set (66 MB, seconds of CPU on the event loop).  Larger than MAX_TABLE_SIZE is refused."""
+    class Link:
+        qrp = TableReceiver()
+        table = None
+    stats: Counter = Counter()
+    reset, patch = _flood_patch(1 << 20)
+    assert len(patch.encode()) < 1100
+    assert not receive_table(Link, reset, stats)
+    assert not receive_table(Link, patch, stats)
+    assert Link.table is None
+    assert stats == Counter(qrp_refused_size=1, qrp_patches_dropped=1)
+
+
+def test_a_full_table_of_the_largest_accepted_size_is_cheap():
+    receiver = TableReceiver()
+    table = None
+    for msg in _flood_patch(MAX_TABLE_SIZE):
+        table = receiver.receive(msg)
+    assert table is not None and table.fill_ratio() == 1.0
+    assert len(table.bitmap) == MAX_TABLE_SIZE // 8      # a bitmap, not a set of ints
+    assert table.matches("anything at all")
+
+
+def test_resets_are_rate_limited_per_link():
+    class Link:
+        qrp = TableReceiver(reset_burst=2, reset_interval=10.0)
+        table = None
+    stats: Counter = Counter()
+    small = RouteTable(10, {1, 2, 3}).to_messages()
+    for now in (0.0, 1.0, 2.0):
+        for msg in small:
+            receive_table(Link, msg, stats, now)
+    assert stats["qrp_tables"] == 2 and stats["qrp_rate_limited"] == 1
+    assert stats["qrp_patches_dropped"] == 1
+    for msg in small:        # the window has passed: accepted again
+        receive_table(Link, msg, stats, 25.0)
+    assert stats["qrp_tables"] == 3
+
+
+def test_patch_bytes_buffered_are_bounded():
+    receiver = TableReceiver()
+    receiver.receive(QrpReset(1 << 10, 7))
+    receiver.receive(QrpPatch(1, 3, 0, 4, b"\x00" * 400))
+    with pytest.raises(GnutellaDecodeError, match="exceeds 512"):
+        receiver.receive(QrpPatch(2, 3, 0, 4, b"\x00" * 400))
+
+
+def _reference_present(size: int, infinity: int, patches: list[tuple[int, bytes]]) -> set[int]:
+    """The specification's arithmetic slot by slot (the slow loop the receiver used to run)."""
+    values = [infinity] * size
+    for bits, data in patches:
+        per_byte, mask, sign = 8 // bits, (1 << bits) - 1, 1 << (bits - 1)
+        for i, byte in enumerate(data):
+            for k in range(per_byte):
+                nib = (byte >> (8 - bits * (k + 1))) & mask
+                delta = nib - (1 << bits) if nib & sign else nib
+                values[i * per_byte + k] = (values[i * per_byte + k] + delta) & 0xFF
+    return {i for i, v in enumerate(values) if v < infinity}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([64, 128, 1024]), st.integers(1, 255), st.data())
+def test_vectorised_patches_match_the_specifications_arithmetic(size, infinity, data):
+    receiver = TableReceiver()
+    receiver.receive(QrpReset(size, infinity))
+    patches = []
+    table = None
+    for _ in range(data.draw(st.integers(1, 3))):
+        bits = data.draw(st.sampled_from([1, 2, 4, 8]))
+        raw = data.draw(st.binary(min_size=size * bits // 8, max_size=size * bits // 8))
+        patches.append((bits, raw))
+        table = receiver.receive(QrpPatch(1, 1, 0, bits, raw))
+    assert table is not None and table.present == _reference_present(size, infinity, patches)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(
+    st.builds(QrpReset, st.sampled_from([1 << k for k in range(0, 24)]), st.integers(1, 255)),
+    st.builds(QrpPatch, st.integers(1, 3), st.integers(3, 3), st.sampled_from([0, 1]), st.sampled_from([1, 2, 4, 8]),
+              st.binary(max_size=600))), max_size=8))
+def test_any_qrp_sequence_is_decoded_or_refused_and_stays_bounded(messages):
+    class Link:
+        qrp = TableReceiver()
+        table = None
+    stats: Counter = Counter()
+    for now, msg in enumerate(messages):
+        receive_table(Link, msg, stats, float(now))
+        if Link.table is not None:
+            assert Link.table.size <= MAX_TABLE_SIZE and len(Link.table.bitmap) == max(1, Link.table.size // 8)
+    assert sum(stats.values()) <= len(messages)

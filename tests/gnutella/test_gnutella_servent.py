@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -312,3 +313,117 @@ async def test_oversized_and_malformed_messages_are_counted_never_fatal(tmp_path
         writer.close()
     finally:
         await up.stop()
+
+
+@pytest.mark.parametrize("evil", ["../escaped.ogg", "../../escaped.ogg", "/tmp/escaped.ogg", "..", ".", "",
+                                  "a\x00b", "sub/escaped.ogg", "back\\slash", "bell\x07"])
+async def test_remote_file_names_cannot_leave_the_download_directory(pair, tmp_path, evil):
+    """Review finding: ``dest_dir / hit.name`` took the remote QueryHit's name as a path."""
+    a, b, payload = pair
+    (hit, event), = await b.search("drone ambient", timeout=EVENT_WAIT, max_hits=1)
+    out = tmp_path / "deep" / "got"
+    out.mkdir(parents=True)
+    result = await b.download(dataclasses.replace(hit, name=evil), event, out)
+    assert not result.ok and "name" in result.error
+    assert b.stats["downloads_unsafe_name"] == 1
+    assert not (tmp_path / "deep" / "escaped.ogg").exists() and not (tmp_path / "escaped.ogg").exists()
+    assert list(out.iterdir()) == []
+
+
+async def test_a_download_never_overwrites_an_existing_file(pair, tmp_path):
+    a, b, payload = pair
+    (hit, event), = await b.search("drone ambient", timeout=EVENT_WAIT, max_hits=1)
+    out = tmp_path / "got"
+    out.mkdir()
+    (out / hit.name).write_bytes(b"mine")
+    (out / "ambient drone loop (1).ogg").symlink_to(tmp_path / "planted")
+    result = await b.download(hit, event, out)
+    assert result.ok and result.path == str(out / "ambient drone loop (2).ogg")
+    assert (out / hit.name).read_bytes() == b"mine" and not (tmp_path / "planted").exists()
+    assert (out / "ambient drone loop (2).ogg").read_bytes() == payload
+
+
+async def test_invalid_try_addresses_are_refused_and_a_failed_dial_always_frees_its_slot():
+    """Review finding: ``X-Try-Ultrapeers: 1.2.3.4:99999`` entered the host cache; dialling it
+    raised OverflowError before ``_connecting.discard``, and each such address lowered ``wanted``
+    for good (four, and the servent never dialled again)."""
+    bad = ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.2:65536", "300.1.1.1:6346", "localhost:6346", "1.2.3.4:-1"]
+
+    async def refusing(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"GNUTELLA/0.6 503 Busy\r\nX-Try-Ultrapeers: " + ",".join(bad + ["127.0.0.9:6346"]).encode()
+                     + b"\r\n\r\n")
+        await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(refusing, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    s = Servent(listen=("127.0.0.1", 0), shares=ShareIndex([]), peers=[("127.0.0.1", port)], seed=24)
+    try:
+        await s.start()
+        await until(lambda: s.stats["refused_by_peer_503"], what="the peer's 503")
+        assert s.stats["try_hosts_refused"] == len(bad)
+        assert ("127.0.0.9", 6346) in s.node.hosts()
+        assert all(port_ in range(1, 65536) for _, port_ in s.node.hosts())
+        # an address no socket takes, however it got there, costs one failed dial and no more
+        for host, port_ in (("127.0.0.1", 99999), ("127.0.0.1", 70000), ("127.0.0.3", 65536), ("127.0.0.4", 1 << 20)):
+            s.connect(host, port_)
+        await until(lambda: not s._connecting, what="every dial to end")
+        assert s.stats["connect_failed"] >= 4
+    finally:
+        await s.stop()
+        server.close()
+
+
+async def test_a_serving_servent_stops_when_a_critical_task_dies():
+    s = Servent(listen=("127.0.0.1", 0), shares=ShareIndex([]), seed=25, tick=0.01)
+    await s.start()
+
+    def broken_tick(now):
+        raise RuntimeError("tick broke")
+    s.node.tick = broken_tick
+    try:
+        failed = await asyncio.wait_for(s.run_until(asyncio.Event()), EVENT_WAIT)
+        assert failed is not None and "ticker" in str(failed)
+    finally:
+        await s.stop()
+
+
+async def test_push_answers_are_deduplicated_and_capped(tmp_path):
+    """Review finding: every PUSH naming our GUID and a shared index made us TCP-connect to an
+    address the sender chose and hold it ~20 s: no dedup, no cap (reflection, fd exhaustion)."""
+    from gnutella.node import PushRequested
+    from gnutella.wire import Push
+    share = make_share(tmp_path / "a", {"notes.txt": b"hello"})
+    s = Servent(listen=("127.0.0.1", 0), shares=ShareIndex.scan(share), seed=26)
+    await s.start()
+    held: list = []
+    arrived = asyncio.Queue()
+
+    async def holding(reader, writer):      # reads the GIV and keeps the connection open
+        held.append(writer)
+        arrived.put_nowait(await reader.readline())
+    servers = [await asyncio.start_server(holding, f"127.0.0.{n}", 0) for n in range(2, 14)]
+    targets = [srv.sockets[0].getsockname() for srv in servers]
+    index = next(iter(s.shares.files))
+    try:
+        def push(ip, port, file_index=index):
+            s._perform([PushRequested(Push(s.guid, file_index, ip, port))])
+        for _ in range(5):
+            push(*targets[0])
+        assert s.stats["push_duplicate"] == 4
+        push("127.0.0.2", 99999)
+        push("0.0.0.0", 6346)
+        push(targets[1][0], targets[1][1], file_index=4242)
+        assert s.stats["push_refused_address"] == 2 and s.stats["push_unknown_file"] == 1
+        for ip, port in targets[1:]:
+            push(ip, port)
+        assert s.stats["push_refused_busy"] == len(targets) - s.max_push_answers
+        for _ in range(s.max_push_answers):
+            assert (await asyncio.wait_for(arrived.get(), EVENT_WAIT)).startswith(b"GIV ")
+        assert arrived.empty()
+    finally:
+        for w in held:
+            w.close()
+        for srv in servers:
+            srv.close()
+        await s.stop()

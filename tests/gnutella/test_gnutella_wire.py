@@ -1,7 +1,10 @@
 import struct
+import zlib
 
 import pytest
 from hypothesis import given, settings, strategies as st
+
+from gnutella import wire
 
 from gnutella.wire import (GGEPExtension, GnutellaDecodeError, HitResult, Message, MessageReader, Ping, Pong,
                            Push, Query, QueryHit, QrpPatch, QrpReset, RawMessage, VendorMessage, Bye,
@@ -191,3 +194,34 @@ def test_ggep_round_trip_with_deflate_and_cobs(exts):
     decoded, end = decode_ggep(raw)
     assert end == len(raw)
     assert [(e.id, e.data) for e in decoded] == [(e.id, e.data) for e in exts]
+
+
+def _deflated_ggep(ident: bytes, plain_size: int) -> bytes:
+    """A GGEP block by hand (encode_ggep would refuse): one deflated extension."""
+    data = zlib.compress(b"\x00" * plain_size, 9)
+    assert len(data) < 1 << 18
+    return bytes([0xC3, 0x80 | 0x20 | len(ident)]) + ident + wire._ggep_length(len(data)) + data
+
+
+def test_ggep_deflate_bomb_in_a_pong_is_refused():
+    """Review finding: a 61 KiB Pong payload inflated to 60 MiB (zlib.decompress unbounded)."""
+    payload = Pong(6346, b"\x0a\x00\x00\x01", 0, 0).encode() + _deflated_ggep(b"DU", 60 << 20)
+    assert len(payload) < 64 * 1024
+    with pytest.raises(GnutellaDecodeError, match="inflates past"):
+        Pong.decode(payload)
+
+
+def test_ggep_inflation_is_bounded_per_block_not_per_extension():
+    one = _deflated_ggep(b"A", 40 << 10)
+    block = one[:1] + bytes([one[1] & ~0x80]) + one[2:] + _deflated_ggep(b"B", 40 << 10)[1:]
+    with pytest.raises(GnutellaDecodeError, match="inflates past"):
+        decode_ggep(block)
+    exts, _ = decode_ggep(_deflated_ggep(b"A", 40 << 10))
+    assert exts[0].data == b"\x00" * (40 << 10) and exts[0].compress
+
+
+def test_ggep_truncated_deflate_is_refused():
+    whole = zlib.compress(b"x" * 100)
+    block = bytes([0xC3, 0x80 | 0x20 | 1]) + b"A" + wire._ggep_length(len(whole) - 4) + whole[:-4]
+    with pytest.raises(GnutellaDecodeError, match="truncated"):
+        decode_ggep(block)
