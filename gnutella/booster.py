@@ -27,6 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Awaitable, Callable
 
+from boxcore.splice import SpliceCounters, splice
 from cliruntime.supervisor import Supervisor, within
 from cliruntime import (ConfigError, RunContext, host_port, make_parser, non_negative_float,
                              positive_int, run_async)
@@ -60,20 +61,9 @@ async def _plain_onward(conn: Any) -> tuple[asyncio.StreamReader, asyncio.Stream
     return await within(asyncio.open_connection(*conn.original_dst), HANDSHAKE_TIMEOUT)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: Counter, counter: str,
-                stall_timeout: float) -> None:
-    """Copy until EOF; backpressure from ``writer`` slows the reading, for ``stall_timeout`` at most."""
-    try:
-        while data := await reader.read(65536):
-            stats[counter] += len(data)
-            writer.write(data)
-            await within(writer.drain(), stall_timeout)
-        if writer.can_write_eof():
-            writer.write_eof()
-    except asyncio.TimeoutError:
-        stats["splice_stalled"] += 1
-    except (ConnectionError, OSError):
-        pass
+# what a splice (a download or GIV passed on untouched) adds to the booster's stats
+SPLICE_COUNTERS = SpliceCounters(bytes_up="spliced_bytes_up", bytes_down="spliced_bytes_down",
+                                 idle="splice_idle", stalled="splice_stalled")
 
 
 class GnutellaBooster:
@@ -361,8 +351,8 @@ class GnutellaBooster:
                 up_writer.write(first)
                 self.stats["spliced_bytes_up"] += len(first)
             try:
-                await asyncio.gather(_pipe(reader, up_writer, self.stats, "spliced_bytes_up", self.stall_timeout),
-                                     _pipe(up_reader, writer, self.stats, "spliced_bytes_down", self.stall_timeout))
+                await splice((reader, writer), (up_reader, up_writer), self.stats, idle=self.stall_timeout,
+                             stall=self.stall_timeout, counters=SPLICE_COUNTERS)
             finally:
                 up_writer.close()
         finally:

@@ -16,7 +16,8 @@ import pytest
 from cliruntime.supervisor import within
 from gnutella import http as ghttp
 from gnutella.channel import Channel, tls_contexts
-from gnutella.booster import _pipe
+from boxcore.splice import splice
+from gnutella.booster import SPLICE_COUNTERS
 from gnutella.servent import Servent
 from gnutella.share import ShareIndex
 from gnutella.stream import MessageStream, pump_messages
@@ -185,15 +186,17 @@ class _EndlessSource:
 
 
 async def test_a_splice_whose_receiver_stops_reading_ends_after_the_stall_timeout():
-    """A relayed download whose receiver never reads: real kernel buffers fill, then the splice
+    """A relayed upload whose receiver never reads: real kernel buffers fill, then the splice
     ends (and frees its slot) instead of waiting in drain() for ever."""
-    accepted: list[asyncio.StreamWriter] = []
-    server = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
+    accepted: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    server = await asyncio.start_server(lambda r, w: accepted.append((r, w)), "127.0.0.1", 0)
     async with server:
-        _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        port = server.sockets[0].getsockname()[1]
+        up = await asyncio.open_connection("127.0.0.1", port)             # its far end never reads
+        _, client_writer = await asyncio.open_connection("127.0.0.1", port)
         stats: Counter = Counter()
-        await within(_pipe(_EndlessSource(), writer, stats, "spliced_bytes_down", stall_timeout=0.2), 30)
-        assert stats["splice_stalled"] == 1 and stats["spliced_bytes_down"] > 65536
-        writer.close()
-        for w in accepted:
+        await within(splice((_EndlessSource(), client_writer), up, stats, idle=None, stall=0.2,
+                            counters=SPLICE_COUNTERS), 30)
+        assert stats["splice_stalled"] == 1 and stats["spliced_bytes_up"] > 65536
+        for _, w in [up, (None, client_writer), *accepted]:
             w.close()
