@@ -19,13 +19,15 @@ HTTP API (JSON)::
                    ("rejoin": true issues a fresh token for the same location: a token is bound to the
                     address that first used it, so a player whose address changed needs a new one)
     POST /leave                     (Bearer session) -> {"left": location | null}
-    GET  /world                                      -> grid, reflectors, location -> reflector mapping
-    GET  /stats                                      -> counters
+    GET  /world                                      -> grid, reflectors (UDP), location -> reflector mapping
+    GET  /stats                     (Bearer API key) -> counters, reflectors, occupancy
 
 Hardening (docs/mmpog.md): passwords of at least ``--min-password`` characters that are not
 in the shipped common-password list nor the name; scrypt (n=2**14, r=8, p=1) hashes; failed
 logins throttled per account and per address (429 while over the limit, without hashing; shared
-by all instances); sessions expire (``--session-ttl``), capped per address (the address's oldest
+by all instances); registrations throttled per address (``--registrations-per-address`` per
+``--registration-window``, per instance) and every scrypt hash bounded (at most 4 at once, 256
+waiting, then 503); sessions expire (``--session-ttl``), capped per address (the address's oldest
 is dropped) and overall (503, nobody else's session is evicted), one per player; request
 bodies of at most 16 KiB and JSON nested at most 32 deep (400 with one line).  The
 reflectors' ``/health`` carries an instance id: when a reflector restarts, one server
@@ -56,7 +58,7 @@ from cliruntime import ConfigError, RunContext, host_port, make_parser, non_nega
 from cliruntime.supervisor import Supervisor
 
 from .store import (Account, AccountExists, MemoryStore, MovePlan, Presence, Store, StoreError, StoreFull, StoreLimits,
-                    StoreUnavailable)
+                    StoreUnavailable, Throttle)
 
 log = logging.getLogger("mmpog.server")
 
@@ -182,6 +184,10 @@ class GameServer:
     login_failures_per_account: int = 5      # within login_window seconds, then 429 until they age out
     login_failures_per_address: int = 20
     login_window: float = 60.0
+    registrations_per_address: int = 100     # within registration_window seconds (per instance), then 429
+    registration_window: float = 600.0
+    max_concurrent_hashes: int = 4           # scrypt at once (16 MiB each); more requests wait ...
+    max_waiting_hashes: int = 256            # ... up to this many, beyond which 503
     reflector_check_interval: float = 1.0    # how often the reflectors' /health is read (0: never)
     reflector_ttl: float = 10.0              # a reflector not heard for this long is dead: its locations move
     scrypt_n: int = SCRYPT_N
@@ -191,6 +197,8 @@ class GameServer:
     instance: str = field(default_factory=lambda: secrets.token_hex(8))   # owner of this process's move locks
     _local_locks: dict[int, list] = field(default_factory=dict)
     _supervisor: Supervisor | None = None
+    _hash_slots: asyncio.Semaphore | None = None
+    _hashes_waiting: int = 0
 
     def __post_init__(self) -> None:
         if self.scrypt_n < SCRYPT_N or self.scrypt_n & (self.scrypt_n - 1):
@@ -198,6 +206,7 @@ class GameServer:
         if self.store is None:
             self.store = MemoryStore(self.limits())
         self._configured = {reflector.http: reflector for reflector in self.reflectors}
+        self._registrations = Throttle(self.registrations_per_address, self.registration_window)
 
     def limits(self) -> StoreLimits:
         return StoreLimits(max_accounts=self.max_players, max_sessions=self.max_sessions,
@@ -209,6 +218,24 @@ class GameServer:
     def _hash(self, password: str, salt: bytes, kdf: str | None = None) -> bytes:
         n, r, p, dklen = kdf_parameters(kdf) if kdf else (self.scrypt_n, SCRYPT_R, SCRYPT_P, 32)
         return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=256 * n * r, dklen=dklen)
+
+    async def _hashed(self, password: str, salt: bytes, kdf: str | None = None) -> bytes:
+        """:meth:`_hash` in a thread, at most ``max_concurrent_hashes`` at once (memory and CPU
+        bounded however many logins arrive); with ``max_waiting_hashes`` already queued, 503."""
+        if self._hash_slots is None:
+            self._hash_slots = asyncio.Semaphore(self.max_concurrent_hashes)
+        if self._hashes_waiting >= self.max_waiting_hashes:
+            self.stats["hashes_refused"] += 1
+            raise web.HTTPServiceUnavailable(text="too many logins at once: try again shortly")
+        self._hashes_waiting += 1
+        try:
+            await self._hash_slots.acquire()
+        finally:
+            self._hashes_waiting -= 1
+        try:
+            return await asyncio.to_thread(self._hash, password, salt, kdf)
+        finally:
+            self._hash_slots.release()
 
     @property
     def _registration_ttl(self) -> float | None:
@@ -393,6 +420,11 @@ class GameServer:
 
     async def register(self, request: web.Request) -> web.Response:
         name, password = self._credentials(await self._json(request))
+        address, now = request.remote or "?", time.time()
+        if self._registrations.blocked(address, now):
+            # before hashing: one host cannot fill the game (max_players) nor burn our CPU
+            self.stats["registrations_throttled"] += 1
+            raise web.HTTPTooManyRequests(text="too many registrations from this address: try again later")
         problem = self.password_problem(name, password)
         if problem is not None:
             self.stats["weak_passwords_refused"] += 1
@@ -403,8 +435,9 @@ class GameServer:
         if await self.store.count_accounts() >= self.store.limits.max_accounts:
             self.stats["registrations_refused"] += 1
             raise web.HTTPServiceUnavailable(text="the game is full")
+        self._registrations.note(address, now)          # every attempt that reaches the hashing counts
         salt = secrets.token_bytes(16)
-        pw_hash = await asyncio.to_thread(self._hash, password, salt)
+        pw_hash = await self._hashed(password, salt)
         try:
             player = await self.store.create_account(name, salt, pw_hash, kdf_name(self.scrypt_n))
         except AccountExists:      # lost a race while hashing (here or on another instance)
@@ -425,8 +458,8 @@ class GameServer:
             raise web.HTTPTooManyRequests(text="too many failed logins: try again later")
         account = await self.store.account(name)
         try:
-            attempt = await asyncio.to_thread(self._hash, password, account.salt if account else b"\0" * 16,
-                                              account.kdf if account else None)
+            attempt = await self._hashed(password, account.salt if account else b"\0" * 16,
+                                         account.kdf if account else None)
         except ValueError as exc:     # a stored hash we do not accept: nobody logs in with it
             log.error("account %r: %s", name, exc)
             account, attempt = None, b""
@@ -450,7 +483,7 @@ class GameServer:
         """The password was right but hashed with older parameters: store it at today's (only we see
         the password, and only at login)."""
         salt = secrets.token_bytes(16)
-        pw_hash = await asyncio.to_thread(self._hash, password, salt)
+        pw_hash = await self._hashed(password, salt)
         if await self.store.replace_password(account.name, account.pw_hash, salt, pw_hash, kdf_name(self.scrypt_n)):
             self.stats["passwords_rehashed"] += 1
 
@@ -494,7 +527,7 @@ class GameServer:
             location = self.world.location_at(x, y)
         except web.HTTPBadRequest as exc:
             problem, location = exc, 0
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             problem = web.HTTPBadRequest(text=f"move wants {{'x': number, 'y': number}} inside the world: {exc}")
             location = 0
         # one read for the request most players make most: the session, where it is, who serves the cell
@@ -557,11 +590,18 @@ class GameServer:
         return web.json_response({
             "cols": self.world.cols, "rows": self.world.rows, "cell": self.world.cell,
             "size": list(self.world.size), "locations": self.world.locations,
-            "reflectors": [{"http": r.http, "udp": f"{r.udp[0]}:{r.udp[1]}"} for r in infos],
+            "reflectors": [{"udp": f"{r.udp[0]}:{r.udp[1]}"} for r in infos],      # not their control API
             "mapping": {str(loc): index[rid] for loc, rid in sorted(mapping.items()) if loc < self.world.locations},
         })
 
     async def get_stats(self, request: web.Request) -> web.Response:
+        """For the operator: with an API key set, only with it (the reflectors, their instances and
+        the players per location are not for strangers)."""
+        if self.api_key is not None:
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                self.stats["stats_unauthorized"] += 1
+                raise web.HTTPUnauthorized(text="/stats needs the API key (Authorization: Bearer <key>)")
         now = time.time()
         occupancy = await self.store.occupancy()
         reflectors = [{"http": r.id, "udp": r.udp, "instance": r.instance, "live": now < r.deadline}
@@ -607,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--login-failures", type=positive_int, default=5,
                         help="failed logins per account per --login-window before 429 (per address: 4x)")
     parser.add_argument("--login-window", type=non_negative_float, default=60.0)
+    parser.add_argument("--registrations-per-address", type=positive_int, default=100,
+                        help="registrations one client address may attempt per --registration-window (then 429)")
+    parser.add_argument("--registration-window", type=non_negative_float, default=600.0)
     parser.add_argument("--reflector-check-interval", type=non_negative_float, default=1.0,
                         help="seconds between /health reads; a restarted reflector gets the membership again")
     parser.add_argument("--reflector-ttl", type=non_negative_float, default=10.0,
@@ -631,6 +674,8 @@ def server_from_args(args: argparse.Namespace, store: Store | None = None) -> Ga
                       sessions_per_address=args.sessions_per_address, session_ttl=args.session_ttl,
                       min_password=args.min_password, login_failures_per_account=args.login_failures,
                       login_failures_per_address=4 * args.login_failures, login_window=args.login_window,
+                      registrations_per_address=args.registrations_per_address,
+                      registration_window=args.registration_window,
                       reflector_check_interval=args.reflector_check_interval, reflector_ttl=args.reflector_ttl,
                       store=store)
 

@@ -210,7 +210,8 @@ class Store(abc.ABC):
 
 
 class Throttle:
-    """At most ``limit`` failures per key within ``window`` seconds; bounded (oldest keys evicted, counted)."""
+    """At most ``limit`` events (failed logins, registrations) per key within ``window`` seconds;
+    bounded (oldest keys evicted, counted)."""
 
     def __init__(self, limit: int, window: float, max_keys: int = 100_000) -> None:
         self.limit, self.window, self.max_keys = limit, window, max_keys
@@ -228,7 +229,7 @@ class Throttle:
             return False
         return len(times) >= self.limit
 
-    def failed(self, key: object, now: float) -> None:
+    def note(self, key: object, now: float) -> None:
         times = self._failures.pop(key, [])
         times.append(now)
         del times[:-self.limit]
@@ -355,8 +356,8 @@ class MemoryStore(Store):
         return self._account_failures.blocked(name, now) or self._address_failures.blocked(address, now)
 
     async def login_failed(self, name: str, address: str, now: float) -> None:
-        self._account_failures.failed(name, now)
-        self._address_failures.failed(address, now)
+        self._account_failures.note(name, now)
+        self._address_failures.note(address, now)
         self.stats["throttle_keys_evicted"] = self._account_failures.evicted + self._address_failures.evicted
 
     # ---------------------------------------------------------- presence

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import threading
 import urllib.error
 import urllib.request
 
@@ -15,6 +16,7 @@ import pytest
 from boxcore.procs import free_port
 from mmpog.client import GameClient
 from mmpog.reliability import Delivered, Joined, Received
+from tests.polling import until
 
 
 def wait_http(url, proc):
@@ -100,7 +102,7 @@ def test_register_login_move_between_reflectors_and_leave(game):
     assert str(2) in reflector_stats(reflectors[0][0])["locations"]
     assert call("POST", base + "/leave", {}, token=session)[1] == {"left": 2}
     assert str(2) not in reflector_stats(reflectors[0][0])["locations"]
-    status, stats = call("GET", base + "/stats")
+    status, stats = call("GET", base + "/stats", token="secret-key")
     assert stats["counters"]["location_changes"] == 2 and player >= 1
 
 
@@ -293,6 +295,70 @@ async def test_deep_json_is_a_400_with_one_line_never_a_500():
     assert json_depth_ok('{"a": [[["\\"]]]]"]]]}', limit=4) and not json_depth_ok('{"a": [[[1]]]}', limit=3)
 
 
+async def test_registrations_throttled_per_address_before_any_hashing():
+    server, test_server = await start_server(registrations_per_address=3)
+    async with aiohttp.ClientSession() as http:
+        for n in range(3):
+            assert (await post(http, test_server, "/register", {"name": f"reg{n}", "password": f"reg{n}-plays"}))[0] == 201
+        status, text = await post(http, test_server, "/register", {"name": "reg9", "password": "reg9-plays"})
+        assert status == 429 and "\n" not in text.strip()
+        assert await server.store.account("reg9") is None
+    await test_server.close()
+    assert server.stats["registrations_throttled"] == 1 and server.stats["registered"] == 3
+
+
+async def test_hashes_bounded_and_a_queue_beyond_the_bound_gets_503():
+    server, test_server = await start_server(max_concurrent_hashes=1, max_waiting_hashes=1)
+    release = threading.Event()
+    inside = threading.Event()
+    real_hash = server._hash
+
+    def held_hash(*args):
+        inside.set()
+        release.wait(10)
+        return real_hash(*args)
+
+    server._hash = held_hash
+    async with aiohttp.ClientSession() as http:
+        first = asyncio.create_task(post(http, test_server, "/register", {"name": "una1", "password": "una1-plays"}))
+        await asyncio.to_thread(inside.wait, 10)                         # one hash running ...
+        second = asyncio.create_task(post(http, test_server, "/register", {"name": "una2", "password": "una2-plays"}))
+        await until(lambda: server._hashes_waiting == 1, what="the second to wait for a hash slot")
+        status, text = await post(http, test_server, "/login", {"name": "una1", "password": "una1-plays"})
+        assert status == 503 and "\n" not in text.strip()                # ... one waiting: no more
+        release.set()
+        assert [(await t)[0] for t in (first, second)] == [201, 201]
+        assert (await post(http, test_server, "/login", {"name": "una1", "password": "una1-plays"}))[0] == 200
+    await test_server.close()
+    assert server.stats["hashes_refused"] == 1
+
+
+async def test_stats_need_the_api_key_and_world_names_no_control_api():
+    server, test_server = await start_server(api_key="operator-key")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(test_server.make_url("/stats")) as resp:
+            assert resp.status == 401
+        async with http.get(test_server.make_url("/stats"), headers={"Authorization": "Bearer wrong"}) as resp:
+            assert resp.status == 401
+        async with http.get(test_server.make_url("/stats"), headers={"Authorization": "Bearer operator-key"}) as resp:
+            assert resp.status == 200 and "counters" in await resp.json()
+        async with http.get(test_server.make_url("/world")) as resp:
+            assert (await resp.json())["reflectors"] == [{"udp": "127.0.0.1:9"}]
+    await test_server.close()
+    assert server.stats["stats_unauthorized"] == 2
+
+
+async def test_a_move_to_an_overflowing_number_is_a_400():
+    server, test_server = await start_server()
+    async with aiohttp.ClientSession() as http:
+        await post(http, test_server, "/register", {"name": "vic1", "password": "vic1-plays"})
+        _, text = await post(http, test_server, "/login", {"name": "vic1", "password": "vic1-plays"})
+        status, text = await post(http, test_server, "/move", None, session=json.loads(text)["session"],
+                                  raw=b'{"x": 1' + b"0" * 400 + b', "y": 1}')
+        assert status == 400 and "move wants" in text
+    await test_server.close()
+
+
 def test_membership_pushed_again_when_a_reflector_restarts(tmp_path):
     """After a reflector restart a player can rejoin: the server notices the new instance and pushes its members."""
     udp, http_port, server_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
@@ -334,7 +400,7 @@ def test_membership_pushed_again_when_a_reflector_restarts(tmp_path):
                     restarted.wait(10)
 
         asyncio.run(play())
-        status, stats = call("GET", base + "/stats")
+        status, stats = call("GET", base + "/stats", token="secret-key")
         assert stats["counters"]["membership_pushed_again"] == 1 and stats["counters"]["rejoins"] == 1
     finally:
         for proc in (server, reflector):

@@ -108,7 +108,7 @@ async def test_two_instances_serve_the_same_players_and_a_killed_one_loses_nothi
                                        sessions[name])
             assert status == 200 and not again["changed"] and again["token"] == moved["token"]
             tokens[name] = moved["token"]
-        stats_a, stats_b = (await call(http, "GET", a + "/stats"))[1], (await call(http, "GET", b + "/stats"))[1]
+        stats_a, stats_b = [(await call(http, "GET", url + "/stats", session=API_KEY))[1] for url in (a, b)]
         assert stats_a["players"] == stats_b["players"] == 9 and stats_a["sessions"] == stats_b["sessions"] == 8
         assert stats_a["occupancy"] == stats_b["occupancy"] == {"0": 4, "1": 4}
         for url, _ in game.reflectors:       # each player is a member at exactly one reflector
@@ -120,9 +120,9 @@ async def test_two_instances_serve_the_same_players_and_a_killed_one_loses_nothi
         # SIGKILL instance a in the middle of the game and start it again on the same address
         role_a.proc.kill()
         role_a.proc.wait()
-        assert (await call(http, "GET", b + "/stats"))[1]["players"] == before[0]
+        assert (await call(http, "GET", b + "/stats", session=API_KEY))[1]["players"] == before[0]
         _, a2 = await game.start_server("server-a2", port=int(a.rsplit(":", 1)[1]))
-        stats = (await call(http, "GET", a2 + "/stats"))[1]
+        stats = (await call(http, "GET", a2 + "/stats", session=API_KEY))[1]
         assert (stats["players"], stats["sessions"]) == before
         for n, name in enumerate(names):          # every session still works, on the restarted instance too
             status, moved = await call(http, "POST", a2 + "/move", {"x": 5 + 10 * (n % 2), "y": 5}, sessions[name])
@@ -157,7 +157,7 @@ async def test_a_dead_reflectors_locations_go_to_the_live_one_and_its_players_fo
         assert again["token"] != moved["token"]
         request = urllib.request.Request(game.reflectors[0][0] + "/stats", headers={"Authorization": f"Bearer {API_KEY}"})
         assert json.loads(urllib.request.urlopen(request, timeout=5).read())["locations"]["1"]["members"] == 1
-        counters = [(await call(http, "GET", base + "/stats"))[1]["counters"] for base in (a, b)]
+        counters = [(await call(http, "GET", base + "/stats", session=API_KEY))[1]["counters"] for base in (a, b)]
         assert sum(c.get("locations_reassigned", 0) for c in counters) == 2         # locations 1 and 3, once
         assert sum(c.get("reflector_migrations", 0) for c in counters) == 1
         assert (await call(http, "POST", a + "/leave", {}, session))[1] == {"left": 1}
@@ -189,7 +189,7 @@ async def test_two_instances_on_a_redis_cluster(redis_cluster, tmp_path):  # noq
             assert status == 200 and moved["changed"]
             status, again = await call(http, "POST", b + "/move", {"x": 6, "y": 6}, login["session"])
             assert status == 200 and not again["changed"] and again["token"] == moved["token"]
-            assert (await call(http, "GET", b + "/stats"))[1]["occupancy"] == {"0": 1}
+            assert (await call(http, "GET", b + "/stats", session=API_KEY))[1]["occupancy"] == {"0": 1}
     finally:
         await game.group.stop_all()
 
@@ -231,7 +231,7 @@ async def test_a_lost_redis_is_a_one_line_503_and_the_server_recovers_when_it_is
                 a + "/world", timeout=2).read())["mapping"] != {}, what="no map after the store came back")
             status, moved = await call(http, "POST", a + "/move", {"x": 1, "y": 1}, login["session"])
             assert status == 200 and moved["changed"]
-            stats = (await call(http, "GET", a + "/stats"))[1]
+            stats = (await call(http, "GET", a + "/stats", session=API_KEY))[1]
             assert stats["counters"]["store_unavailable"] >= 3
     finally:
         await game.group.stop_all()
