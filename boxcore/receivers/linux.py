@@ -266,11 +266,10 @@ class NfqueueReceiver:
             elif result is passed:
                 append((nfq_pkt, NF_ACCEPT, None))
             elif inspect.isawaitable(result):
-                self.pending += 1
                 if ctx.finish_in_task(self._finish(nfq_pkt, raw, result), result, name="packet handler"):
+                    self.pending += 1           # the task starts after this pass: it decrements when done
                     in_order = False
                 else:
-                    self.pending -= 1
                     append((nfq_pkt, NF_ACCEPT, None))      # over the handler bound: fail open
             else:
                 append((nfq_pkt, *self._decide(raw, result)))
