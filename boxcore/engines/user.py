@@ -43,10 +43,10 @@ from boxcore.classifier import Classifier
 from boxcore.engines.base import BoosterSession, Delivery, EngineSetupError, Route, TablesInBoxd
 from boxcore.packet import Packet
 from boxcore.rules import Action, Match, Rule
-from cliruntime import positive_int, non_negative_float
-from cliruntime.supervisor import Supervisor, within
 from boxcore.splice import splice
 from boxcore.wire import Tag, VerdictCode
+from cliruntime import positive_int, non_negative_float
+from cliruntime.supervisor import Supervisor, within
 
 log = logging.getLogger("boxcore.engines.user")
 
@@ -123,6 +123,13 @@ class _UdpListener:
         self.delegated: int | None = None      # cookie of the rule holding the socket
         self.taken_from: int | None = None     # cookie of the rule the socket was taken back from
         self.whole_port = Match(proto=UDP, dst=spec.dst_host, dst_port=spec.dst_port)
+
+
+def _release(per_source: collections.Counter, source: str) -> None:
+    """One less for ``source``; an address that holds nothing more leaves the table."""
+    per_source[source] -= 1
+    if per_source[source] <= 0:
+        del per_source[source]
 
 
 class _TcpListener:
@@ -579,10 +586,7 @@ class UserEngine(TablesInBoxd):
         flow = self.flows.pop(key, None)
         if flow is None:
             return
-        source = key[1][0]
-        self._flows_per_source[source] -= 1
-        if self._flows_per_source[source] <= 0:
-            del self._flows_per_source[source]
+        _release(self._flows_per_source, key[1][0])
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(flow.sock.fileno())
         flow.sock.close()
@@ -725,9 +729,7 @@ class UserEngine(TablesInBoxd):
         try:
             await self._splice(conn, spec)
         finally:
-            self._tcp_per_source[source] -= 1
-            if self._tcp_per_source[source] <= 0:
-                del self._tcp_per_source[source]
+            _release(self._tcp_per_source, source)
 
     async def _splice(self, conn: socket.socket, spec: ListenSpec) -> None:
         conn.setblocking(False)
