@@ -202,6 +202,9 @@ class Model:
     CORRECTION_MIN = 100         # scored windows of a class before its correction may be used
     CORRECTION_RANGE = 4.0       # the correction changes a prediction by at most this factor
     CORRECTION_PRIOR_WINDOWS = 300.0   # weight of the offline prior (CorrectionPrior), in scored windows
+    # a road that takes longer to cross than the coming window is driven in it mostly by the cars
+    # already on it: the time they took in the newest window carries over (Model.carry_over)
+    CARRY_MIN_TRAVERSED = 1.0    # the newest window counts only if its cars drove this many road lengths
 
     def __init__(self, city: City, turn_prior: float = 1.0, correction_prior=_PACKAGED,
                  delay_power: float | None = None, delay_hold: bool = False) -> None:
@@ -395,6 +398,14 @@ class Model:
         """The travel time the probes took on road r over [start, end): its reports' car-seconds
         and metres shared out in proportion to how much of each report's interval lies in it (a
         piece of no length, the probes at a report's own time on its clock's tick, where it lies)."""
+        samples, distance = self._taken_over(r, start, end)
+        if samples <= 0 or distance <= 0:
+            return None
+        return min(self.city.length[r] * samples / distance, self.MAX_TRAVERSE)
+
+    def _taken_over(self, r: int, start: float, end: float) -> tuple[float, float]:
+        """(car-seconds, metres) the probes drove on road r over [start, end), from its report log
+        as :meth:`_travel_over` reads it."""
         samples = distance = 0.0
         for t0, t1, s, d in self.report_log[r]:
             if t1 <= t0:
@@ -406,9 +417,32 @@ class Model:
             if overlap > 0:
                 samples += s * overlap / (t1 - t0)
                 distance += d * overlap / (t1 - t0)
-        if samples <= 0 or distance <= 0:
-            return None
-        return min(self.city.length[r] * samples / distance, self.MAX_TRAVERSE)
+        return samples, distance
+
+    def carry_over(self, now: float, window: float) -> tuple[np.ndarray, np.ndarray]:
+        """(weight, newest) per road: how much of the coming window [now, now + window) the time
+        the probes took over the newest one, [now - window, now), carries over, and that time.
+
+        Cars on a road when a window starts leave it, in steady traffic, at times spread evenly
+        over its traverse time T; for T >= window W they drive 1 - W / (2 T) of the window's
+        car-seconds on it, so the window's time is mostly theirs, whose time so far the newest
+        window measured.  T is the road's free-flow time (what makes a road long, not a jam,
+        which may clear within the window), and the weight 0 where T < W / 2 (a short road's
+        newest window is a few cars' timing against a light: its level already holds that).
+        The newest window counts only where its cars drove at least CARRY_MIN_TRAVERSED road
+        lengths (whole traversals, not a few stopped cars) and took under MAX_TRAVERSE; weight
+        0 elsewhere, newest NaN."""
+        length = self.city.length
+        weight = np.clip(1.0 - window / (2.0 * length / self.city.speed), 0.0, 1.0)
+        newest = np.full(self.city.n_roads, np.nan)
+        for r in np.flatnonzero(weight > 0).tolist():
+            samples, distance = self._taken_over(r, now - window, now)
+            if samples > 0 and distance >= self.CARRY_MIN_TRAVERSED * length[r]:
+                travel = length[r] * samples / distance
+                if travel < self.MAX_TRAVERSE:
+                    newest[r] = travel
+        weight[np.isnan(newest)] = 0.0
+        return weight, newest
 
     def _observe_state(self, r: int, rep: RoadReport) -> None:
         """Road r's newest state (the correction's features), its report log (what the probes
@@ -706,7 +740,10 @@ class Model:
             if not self.corr_pending[r] or self.corr_pending[r][-1][0] < now:
                 self.corr_pending[r].append((now, now + window, base[r], X[r], correction[r]))
         corrected = base * np.exp(correction * self.corr_shrink[cls])
-        self.stages = {"level": level, "with_light_delay": base, "corrected": corrected}
-        traverse = corrected * structural / np.maximum(structural[0], 1e-6)
+        # on roads longer than half the window, the newest window's time carries over (geometric)
+        carry, newest = self.carry_over(now, window)
+        carried = corrected ** (1.0 - carry) * np.where(carry > 0, newest, 1.0) ** carry
+        self.stages = {"level": level, "with_light_delay": base, "corrected": corrected, "carried_over": carried}
+        traverse = carried * structural / np.maximum(structural[0], 1e-6)
         self.runs += 1
         return Prediction(self.runs, self.latest_t, self.cycle, n_arr, q_arr, traverse)
