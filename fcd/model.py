@@ -77,6 +77,13 @@ Everything is learned from the reports, per road:
   coefficients at its trained power until then, and what the ridge shrinks toward (weighing as
   CORRECTION_PRIOR_WINDOWS scored windows); a class without a prior starts from no correction.
 
+- the newest window (the time the probes took over the window before the prediction): on a road
+  whose free-flow time T exceeds half the window W, cars already on it drive 1 - W / (2 T) of the
+  window's car-seconds, so the newest window's time carries over with that weight (geometric;
+  :meth:`Model.carry_over`); and on any road a record of the newest window (and its blend) against
+  the prediction, scored like the others, switches the road to it where its gain is significant
+  (:meth:`Model._score_regime`): a road that holds steady or trends far from its level.
+
 T_r(0) is that calibrated prediction; later steps follow the structural model's relative change
 T_r(k) / T_r(0) (the structural T above, with the learned parameters and the newest state).
 """
