@@ -77,6 +77,13 @@ Everything is learned from the reports, per road:
   coefficients at its trained power until then, and what the ridge shrinks toward (weighing as
   CORRECTION_PRIOR_WINDOWS scored windows); a class without a prior starts from no correction.
 
+- the newest window (the time the probes took over the window before the prediction): on a road
+  whose free-flow time T exceeds half the window W, cars already on it drive 1 - W / (2 T) of the
+  window's car-seconds, so the newest window's time carries over with that weight (geometric;
+  :meth:`Model.carry_over`); and on any road a record of the newest window (and its blend) against
+  the prediction, scored like the others, switches the road to it where its gain is significant
+  (:meth:`Model._score_regime`): a road that holds steady or trends far from its level.
+
 T_r(0) is that calibrated prediction; later steps follow the structural model's relative change
 T_r(k) / T_r(0) (the structural T above, with the learned parameters and the newest state).
 """
@@ -202,6 +209,16 @@ class Model:
     CORRECTION_MIN = 100         # scored windows of a class before its correction may be used
     CORRECTION_RANGE = 4.0       # the correction changes a prediction by at most this factor
     CORRECTION_PRIOR_WINDOWS = 300.0   # weight of the offline prior (CorrectionPrior), in scored windows
+    # the newest window (the time the probes took over the window before the prediction): a road
+    # that takes longer to cross than the coming window is driven in it mostly by the cars already
+    # on it, so that time carries over (Model.carry_over); on any road, a record of the newest
+    # window against the prediction decides whether it weighs in (Model._score_regime)
+    CARRY_MIN_TRAVERSED = 1.0    # the newest window carries over only if its cars drove this many road lengths
+    REGIME_BLENDS = (0.0, 0.5, 1.0)    # weight of the newest window in the regime record's candidates
+    REGIME_MIN_TRAVERSED = 3.0   # a road's newest window is a regime candidate only if its cars drove this many road lengths
+    REGIME_MEMORY = 50.0         # scored windows of a road: older scores fade with this count
+    REGIME_MIN = 8.0             # scored windows of a road before it may leave the prediction
+    REGIME_Z = 2.0               # standard errors a candidate's mean gain in APE must exceed
 
     def __init__(self, city: City, turn_prior: float = 1.0, correction_prior=_PACKAGED,
                  delay_power: float | None = None, delay_hold: bool = False) -> None:
@@ -309,6 +326,16 @@ class Model:
         if delay_power is not None:
             self.delay_weight, self.delay_hold = float(delay_power), bool(delay_hold)
         self.corr_pending: list[deque] = [deque(maxlen=16) for _ in range(R)]
+        # the regime record (Model._score_regime): per road its predictions still to score (start,
+        # end, prediction, newest window or NaN), fading sums per candidate of REGIME_BLENDS of the
+        # gain in APE over the prediction and of its square, the fading weights' sum and sum of
+        # squares, and the newest window's weight the road uses now
+        self.regime_pending: list[deque] = [deque(maxlen=16) for _ in range(R)]
+        self.regime_gain = np.zeros((R, len(self.REGIME_BLENDS)))
+        self.regime_gain2 = np.zeros((R, len(self.REGIME_BLENDS)))
+        self.regime_w = np.zeros(R)
+        self.regime_w2 = np.zeros(R)
+        self.regime_blend = np.zeros(R)
         # what the light delay's point queue expects over the coming window, per lit road
         self.red_ahead = np.zeros(R)        # share of the window the light is red
         self.queue_ahead = np.zeros(R)      # mean queue over the window
@@ -395,6 +422,14 @@ class Model:
         """The travel time the probes took on road r over [start, end): its reports' car-seconds
         and metres shared out in proportion to how much of each report's interval lies in it (a
         piece of no length, the probes at a report's own time on its clock's tick, where it lies)."""
+        samples, distance = self._taken_over(r, start, end)
+        if samples <= 0 or distance <= 0:
+            return None
+        return min(self.city.length[r] * samples / distance, self.MAX_TRAVERSE)
+
+    def _taken_over(self, r: int, start: float, end: float) -> tuple[float, float]:
+        """(car-seconds, metres) the probes drove on road r over [start, end), from its report log
+        as :meth:`_travel_over` reads it."""
         samples = distance = 0.0
         for t0, t1, s, d in self.report_log[r]:
             if t1 <= t0:
@@ -406,9 +441,41 @@ class Model:
             if overlap > 0:
                 samples += s * overlap / (t1 - t0)
                 distance += d * overlap / (t1 - t0)
-        if samples <= 0 or distance <= 0:
-            return None
-        return min(self.city.length[r] * samples / distance, self.MAX_TRAVERSE)
+        return samples, distance
+
+    def newest_window(self, now: float, window: float) -> tuple[np.ndarray, np.ndarray]:
+        """(time, traversals) per road: the travel time the probes took over [now - window, now)
+        and the road lengths their cars drove in it (NaN and 0 where nothing was driven, NaN
+        where the time reaches MAX_TRAVERSE: a few stopped cars)."""
+        length = self.city.length
+        travel = np.full(self.city.n_roads, np.nan)
+        traversals = np.zeros(self.city.n_roads)
+        for r, log in enumerate(self.report_log):
+            if not log:
+                continue
+            samples, distance = self._taken_over(r, now - window, now)
+            if samples > 0 and distance > 0:
+                traversals[r] = distance / length[r]
+                taken = length[r] * samples / distance
+                if taken < self.MAX_TRAVERSE:
+                    travel[r] = taken
+        return travel, traversals
+
+    def carry_over(self, window: float, newest: np.ndarray, traversals: np.ndarray) -> np.ndarray:
+        """Per road how much of the coming window the newest one's time (``newest``, driven
+        over ``traversals`` road lengths: :meth:`newest_window`) carries over.
+
+        Cars on a road when a window starts leave it, in steady traffic, at times spread evenly
+        over its traverse time T; for T >= window W they drive 1 - W / (2 T) of the window's
+        car-seconds on it, so the window's time is mostly theirs, whose time so far the newest
+        window measured.  T is the road's free-flow time (what makes a road long, not a jam,
+        which may clear within the window), and the weight 0 where T < W / 2 (a short road's
+        newest window is a few cars' timing against a light: its level already holds that).
+        The newest window counts only where its cars drove at least CARRY_MIN_TRAVERSED road
+        lengths (whole traversals, not a few stopped cars); weight 0 elsewhere."""
+        weight = np.clip(1.0 - window / (2.0 * self.city.length / self.city.speed), 0.0, 1.0)
+        usable = ~np.isnan(newest) & (traversals >= self.CARRY_MIN_TRAVERSED)
+        return np.where(usable, weight, 0.0)
 
     def _observe_state(self, r: int, rep: RoadReport) -> None:
         """Road r's newest state (the correction's features), its report log (what the probes
@@ -419,6 +486,47 @@ class Model:
         if rep.interval > 0:
             self.report_log[r].extend(report_pieces(rep))
         self._score_correction(r, rep)
+        self._score_regime(r, rep)
+
+    def _score_regime(self, r: int, rep: RoadReport) -> None:
+        """Score road r's predictions whose window the reports now cover: each candidate of
+        REGIME_BLENDS (the prediction, the newest window before it, their geometric mean) by its
+        APE against the travel time the probes took, as a gain over the prediction's; then the
+        road's choice (:meth:`_regime_choice`)."""
+        pending = self.regime_pending[r]
+        scored = False
+        while pending and pending[0][1] <= rep.t:
+            start, end, predicted, newest = pending.popleft()
+            travel = self._travel_over(r, start, end)
+            if travel is None or newest != newest:     # nothing taken, or no newest window then
+                continue
+            weights = np.asarray(self.REGIME_BLENDS)
+            ape = np.abs(predicted ** (1.0 - weights) * newest ** weights - travel) / travel
+            gain = ape[0] - ape
+            fade = np.exp(-1.0 / self.REGIME_MEMORY)
+            self.regime_gain[r] = fade * self.regime_gain[r] + gain
+            self.regime_gain2[r] = fade * self.regime_gain2[r] + gain * gain
+            self.regime_w[r] = fade * self.regime_w[r] + 1.0
+            self.regime_w2[r] = fade * fade * self.regime_w2[r] + 1.0
+            scored = True
+        if scored:
+            self.regime_blend[r] = self.REGIME_BLENDS[self._regime_choice(r)]
+
+    def _regime_choice(self, r: int) -> int:
+        """The candidate road r uses: of those whose mean gain over the prediction exceeds
+        REGIME_Z standard errors (effective windows of the fading weights) after REGIME_MIN
+        scored windows, the one of the largest mean gain; else the prediction (index 0).  A test,
+        not the least sum: on a dozen windows the least of three noisy sums is often not the
+        prediction by chance alone."""
+        w = self.regime_w[r]
+        if w < self.REGIME_MIN:
+            return 0
+        mean = self.regime_gain[r] / w
+        var = np.maximum(self.regime_gain2[r] / w - mean * mean, 0.0)
+        n_eff = w * w / self.regime_w2[r]
+        significant = mean > self.REGIME_Z * np.sqrt(var / n_eff)
+        significant[0] = True
+        return int(np.argmax(np.where(significant, mean, -np.inf)))
 
     def _score_correction(self, r: int, rep: RoadReport) -> None:
         """Score road r's predictions whose window the reports now cover: the ridge fit of its
@@ -706,7 +814,20 @@ class Model:
             if not self.corr_pending[r] or self.corr_pending[r][-1][0] < now:
                 self.corr_pending[r].append((now, now + window, base[r], X[r], correction[r]))
         corrected = base * np.exp(correction * self.corr_shrink[cls])
-        self.stages = {"level": level, "with_light_delay": base, "corrected": corrected}
-        traverse = corrected * structural / np.maximum(structural[0], 1e-6)
+        # on roads longer than half the window, the newest window's time carries over (geometric)
+        newest, traversals = self.newest_window(now, window)
+        carry = self.carry_over(window, newest, traversals)
+        carried = corrected ** (1.0 - carry) * np.where(carry > 0, newest, 1.0) ** carry
+        # on any road whose own record says so, the newest window weighs in (a road that holds
+        # steady or trends, far from its level), where it rests on REGIME_MIN_TRAVERSED traversals
+        candidate = np.where(traversals >= self.REGIME_MIN_TRAVERSED, newest, np.nan)
+        for r in range(len(base)):
+            if not self.regime_pending[r] or self.regime_pending[r][-1][0] < now:
+                self.regime_pending[r].append((now, now + window, carried[r], candidate[r]))
+        blend = np.where(np.isnan(candidate), 0.0, self.regime_blend)
+        chosen = carried ** (1.0 - blend) * np.where(np.isnan(candidate), 1.0, candidate) ** blend
+        self.stages = {"level": level, "with_light_delay": base, "corrected": corrected, "carried_over": carried,
+                       "regime": chosen}
+        traverse = chosen * structural / np.maximum(structural[0], 1e-6)
         self.runs += 1
         return Prediction(self.runs, self.latest_t, self.cycle, n_arr, q_arr, traverse)

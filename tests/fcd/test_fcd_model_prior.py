@@ -284,3 +284,18 @@ def test_choose_exponents_picks_the_pair_with_the_least_held_out_ratio(half_lit,
     assert delay["power"] == 0.5 and not delay["hold"] and windows == [[("windows at", 0.5)]]
     assert chosen["lit"]["power"] == 0.25
     assert delay["held_out_ratio_by_power"]["0.5"] == pytest.approx(1.0)
+
+
+def test_development_scenarios_are_neither_validation_nor_training():
+    """The development set (fcd-validate --scenarios development: steady, long or saturated roads,
+    chosen on beside the 18) shares no name, seed or network size with the 18 or the training set."""
+    from fcd.validate import DEVELOPMENT, _scenarios
+    training_names = {name for name, *_ in train_prior.TRAINING}
+    training_seeds = {train_prior.TRAINING_SEED_BASE + i for i in range(len(train_prior.TRAINING))}
+    training_shapes = [shape for _, _, _, shape, _ in train_prior.TRAINING]
+    assert not set(DEVELOPMENT) & (set(ALL_SCENARIOS) | training_names)
+    seeds = [seed for *_, seed in DEVELOPMENT.values()]
+    assert len(set(seeds)) == len(seeds) and not set(seeds) & (training_seeds | {1})
+    for _, _, shape, _, _ in DEVELOPMENT.values():
+        assert shape not in GENERATED_SHAPES.values() and shape not in training_shapes
+    assert _scenarios("development") == list(DEVELOPMENT)
