@@ -613,6 +613,7 @@ def from_sumo_net(path: Path, districts: int = 1, vclasses: int = CAR, match_dis
         d["turns"] = {str(o): 1.0 / len(options) for o in options}
     lights = []
     skipped_lights: list[str] = []
+    steady_lights: list[str] = []
     seen_tl: set[str] = set()
     for tl in root.iter("tlLogic"):
         tid = tl.get("id")
@@ -637,6 +638,13 @@ def from_sumo_net(path: Path, districts: int = 1, vclasses: int = CAR, match_dis
             raise CityError(f"{path}: tlLogic {tid}: {exc}") from None
         if not light.phases or light.cycle <= 0:
             raise CityError(f"{path}: tlLogic {tid} has no phases with a duration")
+        if len({ph.get("state", "") for ph in tl.findall("phase")}) == 1:
+            # one state (netgenerate's corner junctions: "GG"): it never switches, so its roads
+            # would never be reported at a switch; they are roads without a light (reported
+            # periodically), and its switch records (the initial state) are counted as skipped
+            skip("light that never switches (one state)", tid)
+            steady_lights.append(tid)
+            continue
         ends = Counter(v for _, v, d in g.edges(data=True) if d["id"] in roads)
         light.junction = ends.most_common(1)[0][0]
         lights.append(light)
@@ -645,7 +653,7 @@ def from_sumo_net(path: Path, districts: int = 1, vclasses: int = CAR, match_dis
                "skipped": dict(skipped), "skipped_examples": examples,
                "vclasses": [n for n, b in VCLASS_BIT.items() if vclasses & b]}
     source = {"kind": "sumo", "net": Path(path).name, "import": summary, "skipped_edges": skipped_edges,
-              "skipped_lights": skipped_lights,
+              "skipped_lights": skipped_lights, "steady_lights": steady_lights,
               "sumo_lanes": {k: d["sumo_lanes"] for _, _, k, d in g.edges(keys=True, data=True)}}
     for _, _, d in g.edges(data=True):
         del d["sumo_lanes"]

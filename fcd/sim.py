@@ -259,7 +259,8 @@ def run(args, stats) -> int:
               f"(vehicle class), {fcd_summary['unmatched']} unmatched")
         if tls_summary:
             print(f"fcd-sim: {args.sumo_tls}: {tls_summary['records']} switches: {tls_summary['matched']} matched, "
-                  f"{tls_summary['skipped_no_car_roads']} skipped (light without car roads), 0 unmatched")
+                  f"{tls_summary['skipped_no_car_roads']} skipped (light without car roads), "
+                  f"{tls_summary['skipped_never_switches']} skipped (light that never switches), 0 unmatched")
     else:
         sim = Simulator(city, args.cars, seed=args.seed, dt=args.dt)
         with progress("simulating", int(args.duration / args.dt)) as advance:

@@ -113,6 +113,7 @@ def read_tls(path: Path, city: City) -> tuple[np.ndarray, dict[str, Any]]:
     _require_sumo(city, "a SUMO light-switch file")
     by_name = {l.name: l for l in city.lights}
     skipped_lights = set(city.source.get("skipped_lights", ()))
+    steady_lights = set(city.source.get("steady_lights", ()))
     rows = []
     counts: Counter = Counter()
     unknown: Counter = Counter()
@@ -126,6 +127,8 @@ def read_tls(path: Path, city: City) -> tuple[np.ndarray, dict[str, Any]]:
             if light is None:
                 if name in skipped_lights:
                     counts["skipped_no_car_roads"] += 1
+                elif name in steady_lights:
+                    counts["skipped_never_switches"] += 1
                 else:
                     unknown[name] += 1
                 continue
@@ -145,7 +148,8 @@ def read_tls(path: Path, city: City) -> tuple[np.ndarray, dict[str, Any]]:
     lights = np.array(rows, dtype=LIGHT_DTYPE)
     lights = lights[np.argsort(lights["t"], kind="stable")]
     return lights, {"records": counts["records"], "matched": counts["matched"],
-                    "skipped_no_car_roads": counts["skipped_no_car_roads"], "unmatched": 0}
+                    "skipped_no_car_roads": counts["skipped_no_car_roads"],
+                    "skipped_never_switches": counts["skipped_never_switches"], "unmatched": 0}
 
 
 def read_queues(path: Path, city: City) -> dict[float, dict[int, list[tuple[str, float]]]]:

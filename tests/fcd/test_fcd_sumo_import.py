@@ -185,3 +185,27 @@ def test_router_never_uses_a_road_cars_may_not_use():
     route = shortest_route(everything, times, "J0", "J1")
     assert footway not in route.roads and route.roads
     assert shortest_route(everything, times, "J0", "J1", vclasses=parse_vclasses("pedestrian")).roads == [footway]
+
+
+def test_a_light_that_never_switches_is_no_light(tmp_path):
+    """A program of one state (netgenerate's corner junctions: one phase "GG") never switches, so its
+    roads would never be reported at a switch: they are imported as roads without a light (reported
+    periodically), and the light's one switch record (its initial state) is counted as skipped."""
+    text = NET.read_text()
+    start, end = text.index("<tlLogic"), text.index("</tlLogic>") + len("</tlLogic>")
+    steady = text[:start] + ('<tlLogic id="J1" type="static" programID="0" offset="0">'
+                             '<phase duration="90" state="GGGG"/></tlLogic>') + text[end:]
+    (tmp_path / "steady.net.xml").write_text(steady)
+    city = from_sumo_net(tmp_path / "steady.net.xml")
+    assert city.lights == [] and (city.exit_light == -1).all()
+    assert city.source["steady_lights"] == ["J1"]
+    assert city.source["import"]["skipped"]["light that never switches (one state)"] == 1
+    (tmp_path / "tls.xml").write_text('<tlsStates><tlsState time="0.00" id="J1" programID="0" phase="0" '
+                                      'state="GGGG"/></tlsStates>')
+    lights, tls = read_tls(tmp_path / "tls.xml", city)
+    assert len(lights) == 0
+    assert tls == {"records": 1, "matched": 0, "skipped_no_car_roads": 0, "skipped_never_switches": 1,
+                   "unmatched": 0}
+    # the same switch record against the network's own program still matches
+    lights, tls = read_tls(tmp_path / "tls.xml", from_sumo_net(NET))
+    assert tls["matched"] == 1 and tls["skipped_never_switches"] == 0
