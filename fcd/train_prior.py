@@ -44,6 +44,7 @@ log = logging.getLogger("fcd.train_prior")
 
 TRAINING_SEED_BASE = 100
 WARMUP = 120.0     # seconds before SUMO's edge times are compared (fcd-validate's default)
+POWER_TIE = 0.001   # mean ratios to free flow within this of the least are a tie (choose_power)
 # the classes a prior is shipped for: on fcd-validate's 18 scenarios an unlit-road prior from these
 # networks made the small city cuts worse (Ingolstadt 1 actuated 0.673 -> 0.736 x free flow's MAPE;
 # docs/fcd.md), so unlit roads start from no correction as before
@@ -179,7 +180,11 @@ def choose_power(runs: list[TrainingRun], windows: list[list], classes=PRIOR_CLA
         if not ratios[Model.CORRECTION_SHRINKS[0]]:
             raise ConfigError(f"no training scenario has a road of class {name}")
         mean = {p: float(np.mean(v)) for p, v in ratios.items()}
-        out[name] = {"power": min(mean, key=mean.get), "held_out_ratio_by_power": {str(p): m for p, m in mean.items()},
+        # less correction where the training scenarios cannot tell the powers apart: a difference
+        # of a few 1e-5 in the mean ratio is a tie, and a tie must not flip the power
+        least = min(mean.values())
+        power = min(p for p, m in mean.items() if m <= least + POWER_TIE)
+        out[name] = {"power": power, "held_out_ratio_by_power": {str(p): m for p, m in mean.items()},
                      "held_out_scenarios": len(ratios[Model.CORRECTION_SHRINKS[0]])}
     return out
 

@@ -133,13 +133,16 @@ def test_validation_replay_with_and_without_the_prior(half_lit):
 
 def test_packaged_prior_holds_the_power_chosen_on_held_out_scenarios():
     """The lit class's power was chosen by fcd.train_prior against SUMO's edge times on training
-    scenarios each predicted with a prior fitted on the others, and the online record keeps it."""
+    scenarios each predicted with a prior fitted on the others (the smallest power within
+    POWER_TIE of the least mean ratio), and the online record keeps it."""
     import json
     from importlib import resources
+    from fcd.train_prior import POWER_TIE
     data = json.loads((resources.files("fcd") / "data" / "correction_prior.json").read_text())
     lit = data["classes"]["lit"]
     held_out = {float(p): m for p, m in lit["held_out_ratio_by_power"].items()}
-    assert lit["hold"] is True and lit["power"] == min(held_out, key=held_out.get)
+    tied = [p for p, m in held_out.items() if m <= min(held_out.values()) + POWER_TIE]
+    assert lit["hold"] is True and lit["power"] == min(tied)
     prior = packaged_prior()
     assert prior.hold[CLASSES.index("lit")] and not prior.hold[CLASSES.index("unlit")]
 
