@@ -247,23 +247,27 @@ class Params:
 
 
 class DeliveryLog:
-    """Every delivery a receiver records during play, appended to flat arrays (an integer key, the
-    latency at the game, the latency at the socket or ``NO_STAMP``) and turned into dicts only when
-    read, after play.  A dict entry per delivery (a tuple key, two boxed floats, growing tables)
-    cost a bots worker new memory at 10,000 updates/s - page faults and cache misses inside the CPU
-    share being measured; the arrays take 24 bytes per delivery.  The first delivery of a key is
-    the one kept; every later one counts as a duplicate (the library filters them: a protocol bug).
+    """Every delivery a receiver records during play, written into flat arrays (an integer key, the
+    latency at the game, the latency at the socket or ``NO_STAMP``) allocated and touched before play
+    (``capacity`` deliveries; more grow them), and turned into dicts only when read, after play.  A
+    dict entry per delivery (a tuple key, two boxed floats, growing tables) cost a bots worker new
+    memory at 10,000 updates/s - page faults and copies inside the CPU share being measured; so did
+    arrays grown by ``append`` (each growth by 1/16 copies the whole array).  The first delivery of
+    a key is the one kept; every later one counts as a duplicate (the library filters them: a
+    protocol bug).
 
-    The receiver appends with ``keys.append(key)``, ``game.append(latency)``,
-    ``socket.append(latency or NO_STAMP)`` (bound methods, in that order, one of each per delivery).
+    The receiver records with :meth:`record`, or inline as :meth:`Bot.on_event` does: ``i = log.count``,
+    the three arrays' item ``i`` set (``IndexError``: :meth:`grow` and again), ``log.count = i + 1``.
     """
 
-    __slots__ = ("keys", "game", "socket", "_got", "_arrived", "_duplicates", "_settled")
+    __slots__ = ("keys", "game", "socket", "count", "_got", "_arrived", "_duplicates", "_settled")
 
-    def __init__(self) -> None:
-        self.keys = array.array("Q")
-        self.game = array.array("d")
-        self.socket = array.array("d")
+    def __init__(self, capacity: int = 1024) -> None:
+        zeros = bytes(8 * max(1, capacity))
+        self.keys = array.array("Q", zeros)        # (copied from zeros: every page touched now, not in play)
+        self.game = array.array("d", zeros)
+        self.socket = array.array("d", zeros)
+        self.count = 0
         self._got: dict[int, float] = {}
         self._arrived: dict[int, float] = {}
         self._duplicates = 0
@@ -271,18 +275,29 @@ class DeliveryLog:
 
     @classmethod
     def from_dicts(cls, got: dict[int, float], arrived: dict[int, float], duplicates: int) -> "DeliveryLog":
-        log = cls()
+        log = cls(0)
         log._got, log._arrived, log._duplicates = got, arrived, duplicates
         return log
 
+    def grow(self) -> None:
+        """Double the room (in place: what holds the arrays keeps them)."""
+        zeros = bytes(8 * len(self.keys))
+        for column in (self.keys, self.game, self.socket):
+            column.frombytes(zeros)
+
+    def record(self, key: int, game_latency: float, socket_latency: float = NO_STAMP) -> None:
+        i = self.count
+        if i >= len(self.keys):
+            self.grow()
+        self.keys[i], self.game[i], self.socket[i] = key, game_latency, socket_latency
+        self.count = i + 1
+
     def _settle(self) -> None:
-        keys, game, socket_ = self.keys, self.game, self.socket
-        if self._settled == len(keys):
+        if self._settled == self.count:
             return
-        if not len(keys) == len(game) == len(socket_):
-            raise ValueError(f"delivery log out of step: {len(keys)} keys, {len(game)} / {len(socket_)} latencies")
+        keys, game, socket_ = self.keys, self.game, self.socket
         got, arrived = self._got, self._arrived
-        for i in range(self._settled, len(keys)):
+        for i in range(self._settled, self.count):
             key = keys[i]
             if key in got:
                 self._duplicates += 1
@@ -291,7 +306,7 @@ class DeliveryLog:
             stamp = socket_[i]
             if stamp == stamp:                  # not NO_STAMP
                 arrived[key] = stamp
-        self._settled = len(keys)
+        self._settled = self.count
 
     @property
     def got(self) -> dict[int, float]:
@@ -309,6 +324,12 @@ class DeliveryLog:
     def duplicates(self) -> int:
         self._settle()
         return self._duplicates
+
+
+def expected_deliveries(params: "Params", bots: int = 1) -> int:
+    """Room for what ``bots`` receivers get in a session (half as much again as the mean; more grows)."""
+    per_bot = params.rate * params.duration * (params.players - 1) / params.locations
+    return int(1.5 * per_bot * bots) + 1024
 
 
 def _update_key(sender: int, number: int) -> int:
@@ -342,8 +363,6 @@ class Bot:
     rtt_trace: list = field(default_factory=list)       # with Params.rtt_trace: [start state, [[t, rtt], ...]]
 
     def __post_init__(self) -> None:
-        log = self.deliveries
-        self._record_key, self._record_game, self._record_socket = log.keys.append, log.game.append, log.socket.append
         self._got_view: tuple[int, dict] | None = None
         self._arrived_view: tuple[int, dict] | None = None
 
@@ -351,16 +370,16 @@ class Bot:
     def got(self) -> dict[tuple[int, int], float]:
         """(sender, n) -> latency at the game (event handed out), s."""
         log = self.deliveries
-        if self._got_view is None or self._got_view[0] != len(log.keys):
-            self._got_view = (len(log.keys), {_update_of(key): latency for key, latency in log.got.items()})
+        if self._got_view is None or self._got_view[0] != log.count:
+            self._got_view = (log.count, {_update_of(key): latency for key, latency in log.got.items()})
         return self._got_view[1]
 
     @property
     def arrived(self) -> dict[tuple[int, int], float]:
         """(sender, n) -> latency at the bot's socket (kernel stamp), s."""
         log = self.deliveries
-        if self._arrived_view is None or self._arrived_view[0] != len(log.keys):
-            self._arrived_view = (len(log.keys), {_update_of(key): latency for key, latency in log.arrived.items()})
+        if self._arrived_view is None or self._arrived_view[0] != log.count:
+            self._arrived_view = (log.count, {_update_of(key): latency for key, latency in log.arrived.items()})
         return self._arrived_view[1]
 
     @property
@@ -371,10 +390,17 @@ class Bot:
         if type(event) is Received:       # 40k/s at 64 players x 1 location: the rest is rare
             now = event.now
             sender, number, sent_at = _unpack_update(event.payload)
-            self._record_key(sender << 32 | number)          # _update_key, inline
-            self._record_game(now - sent_at)
             arrival = self.client.arrival_of(now)
-            self._record_socket(NO_STAMP if arrival is None else arrival - sent_at)
+            log = self.deliveries                             # DeliveryLog.record, inline
+            i = log.count
+            try:
+                log.keys[i] = sender << 32 | number           # _update_key
+            except IndexError:
+                log.grow()
+                log.keys[i] = sender << 32 | number
+            log.game[i] = now - sent_at
+            log.socket[i] = NO_STAMP if arrival is None else arrival - sent_at
+            log.count = i + 1
         elif type(event) is Delivered:
             self.delivered += 1
             number = self.pid_number.pop(event.packet_id, None)
@@ -408,7 +434,7 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
             bot_rng = random.Random(params.seed * 1_000_003 + index)
             client = BotClient(server_url, f"bot{index}", f"bot-{index}-{params.seed}-plays", http=http, config=config,
                                 reflector_map=reflector_map, rng=bot_rng, join_timeout=10.0, recvmmsg=params.recvmmsg)
-            bot = Bot(index, client, bot_rng)
+            bot = Bot(index, client, bot_rng, deliveries=DeliveryLog(expected_deliveries(params)))
             client.on_event = bot.on_event
             bots.append(bot)
 
