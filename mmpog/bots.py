@@ -437,6 +437,7 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
             bot = Bot(index, client, bot_rng, deliveries=DeliveryLog(expected_deliveries(params)))
             client.on_event = bot.on_event
             bots.append(bot)
+        account = _worker_account()
 
         async def enter(bot: Bot) -> None:
             await bot.client.start()
@@ -447,6 +448,9 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
             bot.intervals.append([location, time.monotonic(), float("inf")])
 
         await asyncio.gather(*(enter(bot) for bot in bots))
+        if account is not None:
+            for bot in bots:
+                _account_bot(account, bot)
         if params.gc_freeze:
             # what joining left (aiohttp, logins, imports) is long-lived: collect it now and keep it out of
             # every later full collection.  Without this the first full collection came 0.7-0.8 s into play
@@ -455,6 +459,8 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
         t_start = await start_at()
         collections = GcWatch().start()
         profile = _play_profiler()
+        if account is not None:
+            account.start()
         t_end = t_start + params.duration
         payload_pad = bytes(params.payload - UPDATE.size)
 
@@ -505,6 +511,9 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
         await asyncio.gather(*(play(bot) for bot in bots))
         if profile is not None:
             profile()
+        if account is not None:
+            account.stop()
+            _write_account(account, len(bots))
         await asyncio.sleep(params.drain)      # let retransmissions finish
         collections.stop()
         for bot in bots:
@@ -543,6 +552,44 @@ def _play_profiler() -> Callable[[], None] | None:
         profiler.dump_stats(f"{prefix}.{os.getpid()}.prof")
 
     return finish
+
+
+ACCOUNT_ENV = "MMPOG_BOTS_ACCOUNT"
+
+
+def _worker_account():
+    """With ``MMPOG_BOTS_ACCOUNT=PREFIX``: a :class:`mmpog.cpu_account.CpuAccount` for this bots process."""
+    import os
+    if not os.environ.get(ACCOUNT_ENV):
+        return None
+    from .cpu_account import CpuAccount
+    return CpuAccount()
+
+
+def _account_bot(account, bot: "Bot") -> None:
+    """Time the parts of one joined bot's work (instance attributes over the methods it is reached by)."""
+    client = bot.client
+    client._receive_one = account.wrap("read: recvmsg (a wake-up's first datagram)", client._receive_one)
+    receiver = client.batch_receiver
+    receiver.receive_stamped = account.wrap("read: recvmmsg (the rest, when late)", receiver.receive_stamped)
+    client.receive_datagrams = account.wrap("GameClient.receive_datagrams (protocol + service)", client.receive_datagrams)
+    client.endpoint.receive_datagrams = account.wrap("ClientEndpoint.receive_datagrams (decode, dedup, gaps)",
+                                                     client.endpoint.receive_datagrams)
+    client._service = account.wrap("GameClient._service (flush, events, timer)", client._service)
+    client.on_event = account.wrap("Bot.on_event (the bot's bookkeeping)", client.on_event)
+    client._on_timer = account.wrap("GameClient._on_timer", client._on_timer)
+    client.send = account.wrap("GameClient.send (the bot's own updates)", client.send)
+    # the wake-up as the loop calls it: registered at open_transport, so the reader is replaced
+    loop = asyncio.get_running_loop()
+    loop.remove_reader(client.transport.sock.fileno())
+    loop.add_reader(client.transport.sock.fileno(), account.wrap("BotClient._drain (a readable wake-up)", client._drain))
+
+
+def _write_account(account, bots: int) -> None:
+    import os
+    report = account.report()
+    report["bots"] = bots
+    Path(f"{os.environ[ACCOUNT_ENV]}.{os.getpid()}.json").write_text(json.dumps(report, indent=1))
 
 
 def _trace_rtt(bot: Bot, estimator, t_start: float) -> None:
