@@ -29,7 +29,9 @@ def test_counts_every_call_times_every_nth_and_estimates_the_whole():
     parts = report["parts"]
     assert (parts["heavy"]["calls"], parts["heavy"]["sampled"]) == (40, 10)
     assert (parts["light"]["calls"], parts["light"]["sampled"]) == (10, 2)
-    assert 2000 <= parts["heavy"]["us_per_call"] < 6000          # each spins 2 ms of CPU
+    assert 2000 <= parts["heavy"]["us_per_call_timed"] < 6000    # each spins 2 ms of CPU
+    assert 0 < report["clock_us"] < 100 and parts["heavy"]["us_per_call"] == pytest.approx(
+        parts["heavy"]["us_per_call_timed"] - report["clock_us"], abs=0.02)
     assert parts["heavy"]["cpu_s"] == pytest.approx(40 * parts["heavy"]["us_per_call"] / 1e6, rel=1e-3)
     assert parts["light"]["us_per_call"] < parts["heavy"]["us_per_call"] / 10
     assert report["process_cpu_s"] >= 0.9 * parts["heavy"]["cpu_s"]   # the process did at least that
