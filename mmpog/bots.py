@@ -326,10 +326,11 @@ class DeliveryLog:
         return self._duplicates
 
 
-def expected_deliveries(params: "Params", bots: int = 1) -> int:
-    """Room for what ``bots`` receivers get in a session (half as much again as the mean; more grows)."""
-    per_bot = params.rate * params.duration * (params.players - 1) / params.locations
-    return int(1.5 * per_bot * bots) + 1024
+def expected_deliveries(rate: float, duration: float, players: int, locations: int, receivers: int = 1) -> int:
+    """A DeliveryLog's room for what ``receivers`` players get in a session of ``players`` sending ``rate``
+    updates/s for ``duration`` s over ``locations`` (half as much again as the mean; more grows it)."""
+    per_receiver = rate * duration * (players - 1) / locations
+    return int(1.5 * per_receiver * receivers) + 1024
 
 
 def _update_key(sender: int, number: int) -> int:
@@ -434,7 +435,8 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
             bot_rng = random.Random(params.seed * 1_000_003 + index)
             client = BotClient(server_url, f"bot{index}", f"bot-{index}-{params.seed}-plays", http=http, config=config,
                                 reflector_map=reflector_map, rng=bot_rng, join_timeout=10.0, recvmmsg=params.recvmmsg)
-            bot = Bot(index, client, bot_rng, deliveries=DeliveryLog(expected_deliveries(params)))
+            bot = Bot(index, client, bot_rng, deliveries=DeliveryLog(expected_deliveries(
+                params.rate, params.duration, params.players, params.locations)))
             client.on_event = bot.on_event
             bots.append(bot)
         account = _worker_account()

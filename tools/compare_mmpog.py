@@ -47,7 +47,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mmpog.bots import NO_STAMP, DeliveryLog
+from mmpog.bots import NO_STAMP, DeliveryLog, expected_deliveries
 from mmpog.gcwatch import freeze_startup_heap
 from tools.stats import cpu_seconds
 from tools.stats import percentile
@@ -376,7 +376,7 @@ def bots_worker(stack: str, indices: list[int], w: Workload, relay: tuple[str, i
         selector.register(bot.fileno(), selectors.EVENT_READ, bot)
     # recorded as mmpog's bots record (mmpog.bots.DeliveryLog: flat arrays during play, dicts after),
     # so no stack's bots pay more for the measurement than another's
-    deliveries = DeliveryLog(int(1.5 * w.rate * w.duration * (w.players - 1) / w.locations * len(bots)) + 1024)
+    deliveries = DeliveryLog(expected_deliveries(w.rate, w.duration, w.players, w.locations, receivers=len(bots)))
     me = [0]
 
     def on_update(data: bytes) -> None:

@@ -60,3 +60,11 @@ def test_bot_records_received_events_and_survives_dump_and_load(tmp_path):
     dump_bots([bot], [{}], {"gc_pauses": []}, path)
     (loaded,), _, _ = load_bots(path)
     assert loaded.got == bot.got and loaded.arrived == bot.arrived and loaded.duplicates == 1
+
+
+def test_expected_deliveries_gives_room_for_a_whole_session():
+    from mmpog.bots import expected_deliveries
+    mean = 10 * 10 * 63                                     # 64 players in one location, 10 updates/s, 10 s
+    assert expected_deliveries(10, 10, 64, 1) == int(1.5 * mean) + 1024
+    assert expected_deliveries(10, 10, 64, 1, receivers=16) == int(1.5 * mean * 16) + 1024
+    assert expected_deliveries(10, 10, 32, 4) < expected_deliveries(10, 10, 32, 1)
