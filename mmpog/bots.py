@@ -9,6 +9,7 @@ processes, the game server, the namespace, the analysis) is :mod:`tools.mmpog_ex
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import json
@@ -39,6 +40,7 @@ UPDATE = struct.Struct("!HId")   # bot index, update number, send time (time.mon
 _unpack_update = UPDATE.unpack_from
 GUARD = 0.3
 CELL = 100.0
+NO_STAMP = math.nan       # DeliveryLog: a delivery whose datagram had no kernel arrival stamp
 
 RECV_BATCH = 64           # datagrams per recvmmsg call; a wake-up reads up to RECV_CALLS of them
 RECV_CALLS = 4            # before the protocol's output and timers are serviced
@@ -244,6 +246,101 @@ class Params:
                               "(a boxd with the user engine is started)")
 
 
+class DeliveryLog:
+    """Every delivery a receiver records during play, written into flat arrays (an integer key, the
+    latency at the game, the latency at the socket or ``NO_STAMP``) allocated and touched before play
+    (``capacity`` deliveries; more grow them), and turned into dicts only when read, after play.  A
+    dict entry per delivery (a tuple key, two boxed floats, growing tables) cost a bots worker new
+    memory at 10,000 updates/s - page faults and copies inside the CPU share being measured; so did
+    arrays grown by ``append`` (each growth by 1/16 copies the whole array).  The first delivery of
+    a key is the one kept; every later one counts as a duplicate (the library filters them: a
+    protocol bug).
+
+    The receiver records with :meth:`record`, or inline as :meth:`Bot.on_event` does: ``i = log.count``,
+    the three arrays' item ``i`` set (``IndexError``: :meth:`grow` and again), ``log.count = i + 1``.
+    """
+
+    __slots__ = ("keys", "game", "socket", "count", "_got", "_arrived", "_duplicates", "_settled")
+
+    def __init__(self, capacity: int = 1024) -> None:
+        zeros = bytes(8 * max(1, capacity))
+        self.keys = array.array("Q", zeros)        # (copied from zeros: every page touched now, not in play)
+        self.game = array.array("d", zeros)
+        self.socket = array.array("d", zeros)
+        self.count = 0
+        self._got: dict[int, float] = {}
+        self._arrived: dict[int, float] = {}
+        self._duplicates = 0
+        self._settled = 0           # deliveries already folded into the dicts
+
+    @classmethod
+    def from_dicts(cls, got: dict[int, float], arrived: dict[int, float], duplicates: int) -> "DeliveryLog":
+        log = cls(0)
+        log._got, log._arrived, log._duplicates = got, arrived, duplicates
+        return log
+
+    def grow(self) -> None:
+        """Double the room (in place: what holds the arrays keeps them)."""
+        zeros = bytes(8 * len(self.keys))
+        for column in (self.keys, self.game, self.socket):
+            column.frombytes(zeros)
+
+    def record(self, key: int, game_latency: float, socket_latency: float = NO_STAMP) -> None:
+        i = self.count
+        if i >= len(self.keys):
+            self.grow()
+        self.keys[i], self.game[i], self.socket[i] = key, game_latency, socket_latency
+        self.count = i + 1
+
+    def _settle(self) -> None:
+        if self._settled == self.count:
+            return
+        keys, game, socket_ = self.keys, self.game, self.socket
+        got, arrived = self._got, self._arrived
+        for i in range(self._settled, self.count):
+            key = keys[i]
+            if key in got:
+                self._duplicates += 1
+                continue
+            got[key] = game[i]
+            stamp = socket_[i]
+            if stamp == stamp:                  # not NO_STAMP
+                arrived[key] = stamp
+        self._settled = self.count
+
+    @property
+    def got(self) -> dict[int, float]:
+        """key -> latency at the game (s), first delivery of each key."""
+        self._settle()
+        return self._got
+
+    @property
+    def arrived(self) -> dict[int, float]:
+        """key -> latency at the receiving socket (s), for the deliveries that had a kernel stamp."""
+        self._settle()
+        return self._arrived
+
+    @property
+    def duplicates(self) -> int:
+        self._settle()
+        return self._duplicates
+
+
+def expected_deliveries(rate: float, duration: float, players: int, locations: int, receivers: int = 1) -> int:
+    """A DeliveryLog's room for what ``receivers`` players get in a session of ``players`` sending ``rate``
+    updates/s for ``duration`` s over ``locations`` (half as much again as the mean; more grows it)."""
+    per_receiver = rate * duration * (players - 1) / locations
+    return int(1.5 * per_receiver * receivers) + 1024
+
+
+def _update_key(sender: int, number: int) -> int:
+    return sender << 32 | number
+
+
+def _update_of(key: int) -> tuple[int, int]:
+    return key >> 32, key & 0xFFFF_FFFF
+
+
 @dataclass
 class Bot:
     index: int
@@ -251,9 +348,7 @@ class Bot:
     rng: random.Random
     intervals: list = field(default_factory=list)       # [location, start, end]
     sent: list = field(default_factory=list)            # (n, t, location, reliable)
-    got: dict = field(default_factory=dict)             # (sender, n) -> latency at the game (event handed out)
-    arrived: dict = field(default_factory=dict)         # (sender, n) -> latency at the bot's socket (kernel stamp)
-    duplicates: int = 0
+    deliveries: DeliveryLog = field(default_factory=DeliveryLog)   # what it received: got / arrived below
     delivered: int = 0
     expired: int = 0
     unrecoverable: int = 0
@@ -268,19 +363,45 @@ class Bot:
     rtt_at_start: tuple = ()                            # (SRTT, RTO) in s when play began: what the join left
     rtt_trace: list = field(default_factory=list)       # with Params.rtt_trace: [start state, [[t, rtt], ...]]
 
+    def __post_init__(self) -> None:
+        self._got_view: tuple[int, dict] | None = None
+        self._arrived_view: tuple[int, dict] | None = None
+
+    @property
+    def got(self) -> dict[tuple[int, int], float]:
+        """(sender, n) -> latency at the game (event handed out), s."""
+        log = self.deliveries
+        if self._got_view is None or self._got_view[0] != log.count:
+            self._got_view = (log.count, {_update_of(key): latency for key, latency in log.got.items()})
+        return self._got_view[1]
+
+    @property
+    def arrived(self) -> dict[tuple[int, int], float]:
+        """(sender, n) -> latency at the bot's socket (kernel stamp), s."""
+        log = self.deliveries
+        if self._arrived_view is None or self._arrived_view[0] != log.count:
+            self._arrived_view = (log.count, {_update_of(key): latency for key, latency in log.arrived.items()})
+        return self._arrived_view[1]
+
+    @property
+    def duplicates(self) -> int:
+        return self.deliveries.duplicates
+
     def on_event(self, event: Event) -> None:
         if type(event) is Received:       # 40k/s at 64 players x 1 location: the rest is rare
             now = event.now
             sender, number, sent_at = _unpack_update(event.payload)
-            key = (sender, number)
-            got = self.got
-            if key in got:
-                self.duplicates += 1     # would be a protocol bug: the library filters duplicates
-            else:
-                got[key] = now - sent_at
-                arrival = self.client.arrival_of(now)
-                if arrival is not None:
-                    self.arrived[key] = arrival - sent_at
+            arrival = self.client.arrival_of(now)
+            log = self.deliveries                             # DeliveryLog.record, inline
+            i = log.count
+            try:
+                log.keys[i] = sender << 32 | number           # _update_key
+            except IndexError:
+                log.grow()
+                log.keys[i] = sender << 32 | number
+            log.game[i] = now - sent_at
+            log.socket[i] = NO_STAMP if arrival is None else arrival - sent_at
+            log.count = i + 1
         elif type(event) is Delivered:
             self.delivered += 1
             number = self.pid_number.pop(event.packet_id, None)
@@ -314,9 +435,11 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
             bot_rng = random.Random(params.seed * 1_000_003 + index)
             client = BotClient(server_url, f"bot{index}", f"bot-{index}-{params.seed}-plays", http=http, config=config,
                                 reflector_map=reflector_map, rng=bot_rng, join_timeout=10.0, recvmmsg=params.recvmmsg)
-            bot = Bot(index, client, bot_rng)
+            bot = Bot(index, client, bot_rng, deliveries=DeliveryLog(expected_deliveries(
+                params.rate, params.duration, params.players, params.locations)))
             client.on_event = bot.on_event
             bots.append(bot)
+        account = _worker_account()
 
         async def enter(bot: Bot) -> None:
             await bot.client.start()
@@ -327,6 +450,9 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
             bot.intervals.append([location, time.monotonic(), float("inf")])
 
         await asyncio.gather(*(enter(bot) for bot in bots))
+        if account is not None:
+            for bot in bots:
+                _account_bot(account, bot)
         if params.gc_freeze:
             # what joining left (aiohttp, logins, imports) is long-lived: collect it now and keep it out of
             # every later full collection.  Without this the first full collection came 0.7-0.8 s into play
@@ -334,6 +460,9 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
             freeze_startup_heap()
         t_start = await start_at()
         collections = GcWatch().start()
+        profile = _play_profiler()
+        if account is not None:
+            account.start()
         t_end = t_start + params.duration
         payload_pad = bytes(params.payload - UPDATE.size)
 
@@ -382,6 +511,11 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
 
         await asyncio.sleep(max(0.0, t_start - time.monotonic()))
         await asyncio.gather(*(play(bot) for bot in bots))
+        if profile is not None:
+            profile()
+        if account is not None:
+            account.stop()
+            _write_account(account, len(bots))
         await asyncio.sleep(params.drain)      # let retransmissions finish
         collections.stop()
         for bot in bots:
@@ -395,6 +529,70 @@ async def run_bots(indices: list[int], params: Params, server_url: str,
             with contextlib.suppress(Exception):
                 await bot.client.close()
     return bots, client_stats, {"gc_pauses": collections.since(t_start)}
+
+
+PROFILE_ENV = "MMPOG_BOTS_PROFILE"
+
+
+def _play_profiler() -> Callable[[], None] | None:
+    """With ``MMPOG_BOTS_PROFILE=PREFIX`` in the environment, profile this bots process during play
+    (cProfile) and write ``PREFIX.<pid>.prof`` when play ends: what a real worker spends its CPU on
+    (docs/mmpog.md, "A real bots worker's CPU").  Returns the function that stops and writes it."""
+    import os
+    prefix = os.environ.get(PROFILE_ENV)
+    if not prefix:
+        return None
+    import cProfile
+    # MMPOG_BOTS_PROFILE_CLOCK=cpu: the thread's CPU time (a system call per event: slower, but a call
+    # the scheduler preempted, e.g. a sendto whose wake-up runs the reflector first, is not charged)
+    cpu = os.environ.get(PROFILE_ENV + "_CLOCK") == "cpu"
+    profiler = cProfile.Profile(time.thread_time) if cpu else cProfile.Profile()
+    profiler.enable()
+
+    def finish() -> None:
+        profiler.disable()
+        profiler.dump_stats(f"{prefix}.{os.getpid()}.prof")
+
+    return finish
+
+
+ACCOUNT_ENV = "MMPOG_BOTS_ACCOUNT"
+
+
+def _worker_account():
+    """With ``MMPOG_BOTS_ACCOUNT=PREFIX``: a :class:`mmpog.cpu_account.CpuAccount` for this bots process."""
+    import os
+    if not os.environ.get(ACCOUNT_ENV):
+        return None
+    from .cpu_account import CpuAccount
+    return CpuAccount()
+
+
+def _account_bot(account, bot: "Bot") -> None:
+    """Time the parts of one joined bot's work (instance attributes over the methods it is reached by)."""
+    client = bot.client
+    client._receive_one = account.wrap("read: recvmsg (a wake-up's first datagram)", client._receive_one)
+    receiver = client.batch_receiver
+    receiver.receive_stamped = account.wrap("read: recvmmsg (the rest, when late)", receiver.receive_stamped)
+    client.receive_datagrams = account.wrap("GameClient.receive_datagrams (protocol + service)", client.receive_datagrams)
+    client.endpoint.receive_datagrams = account.wrap("ClientEndpoint.receive_datagrams (decode, dedup, gaps)",
+                                                     client.endpoint.receive_datagrams)
+    client._service = account.wrap("GameClient._service (flush, events, timer)", client._service)
+    # (Bot.on_event, 10,000 calls/s, is not wrapped: a clock read per event - a system call - costs more
+    # than the event and disturbs what it times; it is inside _service's figure)
+    client._on_timer = account.wrap("GameClient._on_timer", client._on_timer)
+    client.send = account.wrap("GameClient.send (the bot's own updates)", client.send)
+    # the wake-up as the loop calls it: registered at open_transport, so the reader is replaced
+    loop = asyncio.get_running_loop()
+    loop.remove_reader(client.transport.sock.fileno())
+    loop.add_reader(client.transport.sock.fileno(), account.wrap("BotClient._drain (a readable wake-up)", client._drain))
+
+
+def _write_account(account, bots: int) -> None:
+    import os
+    report = account.report()
+    report["bots"] = bots
+    Path(f"{os.environ[ACCOUNT_ENV]}.{os.getpid()}.json").write_text(json.dumps(report, indent=1))
 
 
 def _trace_rtt(bot: Bot, estimator, t_start: float) -> None:
@@ -414,8 +612,9 @@ def _trace_rtt(bot: Bot, estimator, t_start: float) -> None:
 
 def dump_bots(bots: list[Bot], client_stats: list[dict], process: dict, path: Path) -> None:
     records = [{"index": b.index, "intervals": b.intervals, "sent": b.sent,
-                "got": [[s, n, lat] for (s, n), lat in b.got.items()],
-                "arrived": [[s, n, lat] for (s, n), lat in b.arrived.items()], "duplicates": b.duplicates,
+                "got": [[*_update_of(key), lat] for key, lat in b.deliveries.got.items()],
+                "arrived": [[*_update_of(key), lat] for key, lat in b.deliveries.arrived.items()],
+                "duplicates": b.deliveries.duplicates,
                 "delivered": b.delivered, "expired": b.expired, "unrecoverable": b.unrecoverable, "moves": b.moves,
                 "echo_seq": [[n, seq] for n, seq in b.echo_seq.items()], "expired_numbers": sorted(b.expired_numbers),
                 "lost": [list(item) for item in b.lost], "missing_at_end": [list(item) for item in b.missing_at_end],
@@ -429,10 +628,11 @@ def load_bots(path: Path) -> tuple[list[Bot], list[dict], dict]:
     data = msgpack.unpackb(path.read_bytes(), strict_map_key=False)
     bots = []
     for rec in data["bots"]:
+        deliveries = DeliveryLog.from_dicts({_update_key(s, n): lat for s, n, lat in rec["got"]},
+                                            {_update_key(s, n): lat for s, n, lat in rec["arrived"]}, rec["duplicates"])
         bot = Bot(rec["index"], None, random.Random(0), intervals=[list(i) for i in rec["intervals"]],
-                  sent=[tuple(x) for x in rec["sent"]], got={(s, n): lat for s, n, lat in rec["got"]},
-                  arrived={(s, n): lat for s, n, lat in rec["arrived"]},
-                  duplicates=rec["duplicates"], delivered=rec["delivered"], expired=rec["expired"],
+                  sent=[tuple(x) for x in rec["sent"]], deliveries=deliveries,
+                  delivered=rec["delivered"], expired=rec["expired"],
                   unrecoverable=rec["unrecoverable"], moves=rec["moves"],
                   echo_seq={n: seq for n, seq in rec["echo_seq"]}, expired_numbers=set(rec["expired_numbers"]),
                   lost={tuple(item) for item in rec["lost"]},

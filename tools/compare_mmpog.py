@@ -47,6 +47,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mmpog.bots import NO_STAMP, DeliveryLog, expected_deliveries
 from mmpog.gcwatch import freeze_startup_heap
 from tools.stats import cpu_seconds
 from tools.stats import percentile
@@ -373,18 +374,23 @@ def bots_worker(stack: str, indices: list[int], w: Workload, relay: tuple[str, i
     selector = selectors.DefaultSelector()
     for bot in bots:
         selector.register(bot.fileno(), selectors.EVENT_READ, bot)
-    got: dict = {}
-    duplicates = 0
-    me = [None]
+    # recorded as mmpog's bots record (mmpog.bots.DeliveryLog: flat arrays during play, dicts after),
+    # so no stack's bots pay more for the measurement than another's
+    deliveries = DeliveryLog(expected_deliveries(w.rate, w.duration, w.players, w.locations, receivers=len(bots)))
+    me = [0]
 
     def on_update(data: bytes) -> None:
-        nonlocal duplicates
         sender, _, number, _, sent_at = UPDATE.unpack_from(data)
-        key = (me[0], sender, number)
-        if key in got:
-            duplicates += 1
-        else:
-            got[key] = time.monotonic() - sent_at
+        log = deliveries                          # DeliveryLog.record, inline (as mmpog.bots.Bot.on_event)
+        i = log.count
+        try:
+            log.keys[i] = me[0] << 48 | sender << 32 | number
+        except IndexError:
+            log.grow()
+            log.keys[i] = me[0] << 48 | sender << 32 | number
+        log.game[i] = time.monotonic() - sent_at
+        log.socket[i] = NO_STAMP                  # (these bots read no kernel stamps)
+        log.count = i + 1
 
     def pump(timeout: float) -> None:
         for key, _ in selector.select(timeout):
@@ -450,8 +456,9 @@ def bots_worker(stack: str, indices: list[int], w: Workload, relay: tuple[str, i
 
     while (now := time.monotonic()) < drain_min or (now < drain_max and not settled()):
         pump(0.005)
-    out.put(json.dumps({"sent": sent, "got": [[r, s, n, lat] for (r, s, n), lat in got.items()],
-                        "duplicates": duplicates,
+    out.put(json.dumps({"sent": sent, "got": [[key >> 48, key >> 32 & 0xFFFF, key & 0xFFFF_FFFF, lat]
+                                              for key, lat in deliveries.got.items()],
+                        "duplicates": deliveries.duplicates,
                         "drain": {"seconds": round(time.monotonic() - drain_start, 3), "settled": settled()}}))
 
 

@@ -139,3 +139,25 @@ def assert_cold_start_figures(result, params):
     assert gc_figures["heap_frozen_before_play"] is True
     assert set(gc_figures["processes"]) == {f"worker{n}" for n in range(params.workers)}
     assert result["reflector_gc"]["gen2_collections"] >= 0
+
+
+async def test_worker_profile_and_cpu_account_from_the_environment(tmp_path, monkeypatch):
+    """MMPOG_BOTS_PROFILE / MMPOG_BOTS_ACCOUNT: each bots worker writes its cProfile of play and its CPU
+    account, part by part (docs/mmpog.md, "A real bots worker's CPU")."""
+    import pstats
+
+    monkeypatch.setenv("MMPOG_BOTS_PROFILE", str(tmp_path / "prof"))
+    monkeypatch.setenv("MMPOG_BOTS_ACCOUNT", str(tmp_path / "account"))
+    params = Params(players=4, locations=1, duration=1.5, rate=20, workers=2, seed=3, drain=0.5)
+    result = await run_experiment(params)
+    profiles = sorted(tmp_path.glob("prof.*.prof"))
+    accounts = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("account.*.json"))]
+    assert len(profiles) == len(accounts) == params.workers
+    functions = {name for _, _, name in pstats.Stats(*map(str, profiles)).stats}
+    assert {"_drain", "_on_data", "on_event"} <= functions
+    sends = sum(a["parts"]["GameClient.send (the bot's own updates)"]["calls"] for a in accounts)
+    assert sends == result["reliable"]["sent"] + result["unreliable"]["sent"]    # every update the bots sent
+    for account in accounts:
+        assert account["bots"] == 2 and 0 < account["process_cpu_s"] and account["wall_s"] >= params.duration
+        drain = account["parts"]["BotClient._drain (a readable wake-up)"]
+        assert drain["calls"] > 0 and drain["sampled"] > 0 and drain["us_per_call"] > 0
