@@ -1082,14 +1082,18 @@ class Ingest:
     """
 
     def __init__(self, city: City, max_cars: int = 100_000, stale_after: float = 10.0,
-                 matcher: MapMatcher | None = None, one_pass: bool = True) -> None:
-        """``one_pass=False``: run by run (``Aggregator.feed_per_run``), the reference the
+                 matcher: MapMatcher | None = None, one_pass: bool = True, clock=None) -> None:
+        """``clock``: the :class:`fcd.wire.DataClock` shared with the caller (default: its own).
+        ``one_pass=False``: run by run (``Aggregator.feed_per_run``), the reference the
         benchmark compares with."""
-        from fcd.wire import SeqTracker
+        from fcd.wire import DataClock, SeqTracker
         self.aggregator = Aggregator(city, max_cars=max_cars, stale_after=stale_after, matcher=matcher)
         self._feed = self.aggregator.feed_with_lights if one_pass else self.aggregator.feed_per_run
         self.seq = SeqTracker()
-        self.stats = {"datagrams": 0, "probes": 0, "lights": 0, "malformed": 0}
+        # probes and lights more than max_skew seconds of data time past the newest accepted
+        # are refused (``time_ahead``): one spoofed datagram must not move the clock for ever
+        self.clock = DataClock() if clock is None else clock
+        self.stats = {"datagrams": 0, "probes": 0, "lights": 0, "malformed": 0, "time_ahead": 0}
         self.last_error = ""
 
     def ingest(self, datagrams: list[bytes]) -> list[RoadReport]:
@@ -1126,11 +1130,15 @@ class Ingest:
         per datagram; ``others``: (position, datagram) of the rest."""
         from fcd import wire
         self.stats["datagrams"] += len(is_probe)
+        clock = self.clock
         ok = wire.probe_valid_mask(probes)
         bad = len(probes) - int(ok.sum())
-        if bad:
+        self.stats["malformed"] += bad
+        refused_before = clock.refused
+        limit = clock.limit                 # the batch is checked against the clock before it
+        ok = clock.admit_mask(probes["t"], ok)
+        if bad or clock.refused != refused_before:
             probes = probes[ok]
-            self.stats["malformed"] += bad
         self.stats["probes"] += len(probes)
         lights: list[tuple[int, float, int]] = []
         at: list[int] = []
@@ -1140,15 +1148,24 @@ class Ingest:
             before = np.cumsum(valid)           # valid probes up to each datagram
             for i, data in others:
                 msg = self._other(data)
-                if msg is not None:
-                    lights.append((msg.light, msg.t, msg.green))
-                    at.append(int(before[i]))
+                if msg is None:
+                    continue
+                if msg.t > limit:
+                    clock.refused += 1
+                    continue
+                lights.append((msg.light, msg.t, msg.green))
+                at.append(int(before[i]))
+        self.stats["time_ahead"] += clock.refused - refused_before
         self.seq.add_batch(probes["generator"], probes["seq"])
         # in native byte order once: every later numpy step on the wire's big-endian fields would
         # convert them again
         native = np.empty(len(probes), dtype=NATIVE_PROBE_DTYPE)
         for name in NATIVE_PROBE_DTYPE.names:
             native[name] = probes[name]
+        if len(native):
+            clock.advance(native["t"].max())
+        for _, t, _ in lights:
+            clock.advance(t)
         return self._feed(native, at, lights)
 
     def _other(self, data: bytes):

@@ -43,7 +43,7 @@ from fcd.city import City, CityError, load_city
 from fcd.model import Model
 from fcd.rpc import FAULT_BACKLOG, MAX_BODY
 from boxcore.udpbatch import BatchReceiver, kernel_drops
-from fcd.wire import LIGHT_SIZE, PROBE_SIZE
+from fcd.wire import DEFAULT_MAX_SKEW, LIGHT_SIZE, PROBE_SIZE, DataClock
 
 log = logging.getLogger("fcd.server")
 RAW_KEEP = max(PROBE_SIZE, LIGHT_SIZE)    # bytes kept of each raw datagram: the largest FCD message
@@ -210,14 +210,16 @@ class RoadHistory:
 
 class FcdServer:
     def __init__(self, city: City, horizon: int = 5, max_keys: int = 500_000, max_cars: int = 100_000,
-                 limits: HttpLimits | None = None, history: int = 128) -> None:
+                 limits: HttpLimits | None = None, history: int = 128, max_skew: float = DEFAULT_MAX_SKEW) -> None:
         self.city = city
         self.history = RoadHistory(city.n_roads, history)
         self.limits = limits or HttpLimits()
         self.rpc_slots = asyncio.Semaphore(self.limits.max_concurrent)
         self.http: HttpFront | None = None
         self.model = Model(city)
-        self.ingest = Ingest(city, max_cars=max_cars)
+        # one data clock for raw datagrams and box reports: what is too far ahead is refused
+        self.data_clock = DataClock(max_skew)
+        self.ingest = Ingest(city, max_cars=max_cars, clock=self.data_clock)
         self.horizon = horizon
         self.max_keys = max_keys
         self.seen: collections.OrderedDict[tuple[int, float], str] = collections.OrderedDict()
@@ -253,6 +255,7 @@ class FcdServer:
     def use_front(self, front) -> None:
         """Append what arrives to Redis streams (``front``) instead of aggregating here."""
         self.front = front
+        front.clock = self.data_clock
 
     # ------------------------------------------------------------ reports
     def accept(self, rep: RoadReport, source: str) -> bool:
@@ -282,6 +285,11 @@ class FcdServer:
                 rejected += 1
                 self.stats["reports_rejected"] += 1
                 self.last_reject = str(exc)
+                continue
+            if not self.data_clock.admit(rep.t):
+                rejected += 1
+                self.stats["time_ahead"] += 1
+                self.last_reject = f"report time {rep.t} is over {self.data_clock.max_skew} s past the newest data"
                 continue
             if self.front is not None:
                 valid.append(rep)
@@ -637,6 +645,9 @@ def build_parser():
     p.add_argument("--batch-interval", type=non_negative_float, default=0.1,
                    help="seconds between raw ingest batches when fewer than 4096 datagrams wait")
     p.add_argument("--max-cars", type=positive_int, default=100_000)
+    p.add_argument("--max-skew", type=non_negative_float, default=DEFAULT_MAX_SKEW,
+                   help="seconds of data time a probe, light or report may be ahead of the newest accepted "
+                        "(further ahead: refused, counted as time_ahead)")
     p.add_argument("--history", type=positive_int, default=128,
                    help="reports and predictions kept per road for fcd.history and /api/roads/<road>/history")
     p.add_argument("--max-body", type=positive_int, default=MAX_BODY,
@@ -723,7 +734,10 @@ async def amain(args, ctx) -> int:
     limits = HttpLimits(max_body=args.max_body, max_concurrent=args.max_concurrent,
                         max_connections=args.max_connections, header_timeout=args.header_timeout,
                         body_timeout=args.body_timeout, idle_timeout=args.idle_timeout)
-    server = FcdServer(city, horizon=args.horizon, max_cars=args.max_cars, limits=limits, history=args.history)
+    if args.max_skew <= 0:
+        raise ConfigError("--max-skew takes a positive number of seconds")
+    server = FcdServer(city, horizon=args.horizon, max_cars=args.max_cars, limits=limits, history=args.history,
+                       max_skew=args.max_skew)
     ts_server = None
     if args.serve_tuplespace:
         from fcd.tuplespace import TupleSpaceServer

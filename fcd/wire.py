@@ -155,6 +155,57 @@ def probes_from_trace(rows: np.ndarray, generator: int, first_seq: int) -> bytes
     return out.tobytes()
 
 
+DEFAULT_MAX_SKEW = 300.0   # seconds of data time a message may be ahead of the newest accepted one
+
+
+class DataClock:
+    """The newest data time accepted so far, and how far beyond it a message may be.
+
+    Data time is the senders' own clock (replays run it at any speed), so nothing checks it
+    against the wall clock; but once data has arrived, one message far ahead of it (a spoofed
+    probe with ``t=1e12``) would move the model's clock where the real data never catches up.
+    Such messages are refused and counted (``refused``).  The first accepted time sets the clock.
+    """
+
+    def __init__(self, max_skew: float = DEFAULT_MAX_SKEW) -> None:
+        if not (math.isfinite(max_skew) and max_skew > 0):
+            raise ValueError(f"max_skew must be a positive number of seconds, not {max_skew!r}")
+        self.max_skew = max_skew
+        self.newest: float | None = None
+        self.refused = 0
+
+    @property
+    def limit(self) -> float:
+        """The latest data time accepted now."""
+        return math.inf if self.newest is None else self.newest + self.max_skew
+
+    def admit(self, t: float) -> bool:
+        """One message's time: True (and the clock advanced) or False (refused, counted)."""
+        if t > self.limit:
+            self.refused += 1
+            return False
+        if self.newest is None or t > self.newest:
+            self.newest = t
+        return True
+
+    def admit_mask(self, ts: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        """``ok`` without the entries of ``ts`` beyond the limit (counted); the clock is not
+        advanced (:meth:`advance` once the batch's accepted times are known)."""
+        limit = self.limit
+        if limit == math.inf:
+            return ok
+        within = ts <= limit
+        if within.all():          # usual: one comparison and one reduction per batch
+            return ok
+        ahead = ok & ~within
+        self.refused += int(ahead.sum())
+        return ok & within
+
+    def advance(self, t: float) -> None:
+        if self.newest is None or t > self.newest:
+            self.newest = float(t)
+
+
 class SeqTracker:
     """Received and lost counts per generator from sequence numbers (loss = gaps in the span)."""
 

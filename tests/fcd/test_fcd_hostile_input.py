@@ -1,0 +1,88 @@
+"""A review's findings on fcd-server's network-facing parts, each as the probe that got through:
+spoofed data times, XML-RPC amplification and entity expansion, out-of-range numbers, unbounded
+box stats.  Real sockets on loopback (the server in this process, as test_fcd_rpc_server)."""
+
+import asyncio
+import json
+import socket
+import urllib.request
+import xmlrpc.client
+
+import pytest
+
+from fcd import wire
+from fcd.aggregate import RoadReport
+from fcd.rpc import KeepAliveClient
+from fcd.server import FcdServer, HttpLimits
+
+
+def report(road: int, t: float, **extra) -> dict:
+    rep = RoadReport(road=road, t=t, green=True, queue=0, cars=1, density=1.0, mean_speed=5.0,
+                     departures=0, interval=1.0, was_green=True)
+    return {**rep.to_xmlrpc(), **extra}
+
+
+async def start(city, **kw):
+    server = FcdServer(city, **kw)
+    _, port = await server.start_http("127.0.0.1", 0)
+    return server, port
+
+
+async def post(port: int, body: bytes) -> bytes:
+    """One raw XML-RPC POST; the whole answer's body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\nConnection: close\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    answer = await asyncio.wait_for(reader.read(), 60)
+    writer.close()
+    return answer.split(b"\r\n\r\n", 1)[1]
+
+
+def light(light_no: int, t: float, seq: int) -> bytes:
+    return wire.encode(wire.LightChange(generator=9, seq=seq, light=light_no, t=t, phase=0, green=1))
+
+
+def probe(t: float, seq: int) -> bytes:
+    return wire.encode(wire.CarProbe(generator=9, seq=seq, car=1, t=t, x=10.0, y=10.0, speed=1.0, heading=0.0))
+
+
+# ---------------------------------------------------------------- 1: data-clock poisoning
+
+async def test_a_spoofed_datagram_far_ahead_does_not_move_the_data_clock(small_city):
+    server, port = await start(small_city)
+    _, udp = server.open_udp("127.0.0.1", 0, 1 << 20)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.sendto(light(0, 100.0, 1), ("127.0.0.1", udp))
+        server.drain_udp()
+        assert server.model.observed > 0 and server.model.latest_t == 100.0
+        for seq, data in enumerate([light(0, 1e12, 2), light(0, 1e300, 3), probe(1e12, 4)], 5):
+            sock.sendto(data, ("127.0.0.1", udp))
+        sock.sendto(light(0, 140.0, 9), ("127.0.0.1", udp))      # real data goes on
+        server.drain_udp()
+    finally:
+        sock.close()
+    assert server.model.latest_t == 140.0
+    assert server.ingest.stats["time_ahead"] == 3
+    # a box's report as far ahead is refused the same way; one within the skew is taken
+    client = KeepAliveClient("127.0.0.1", port)
+    answer = await client.call("fcd.report", "box", [report(1, 1e12), report(1, 400.0)])
+    assert answer == {"accepted": 1, "duplicates": 0, "rejected": 1}
+    assert server.model.latest_t == 400.0 and server.stats["time_ahead"] == 1
+    await client.aclose()
+    await server.http.close()
+    server.udp_sock.close()
+
+
+def test_data_clock_refuses_only_beyond_the_skew():
+    clock = wire.DataClock(300.0)
+    assert clock.admit(1e12 - 1) is True          # the first time sets the clock (no reference yet)
+    clock = wire.DataClock(300.0)
+    assert clock.admit(50.0) and clock.admit(350.0) and not clock.admit(651.0) and clock.admit(10.0)
+    assert clock.newest == 350.0 and clock.refused == 1
+    import numpy as np
+    ts = np.array([100.0, 650.0, 651.0, 1e300])
+    assert clock.admit_mask(ts, np.ones(4, bool)).tolist() == [True, True, False, False]
+    assert clock.refused == 3
+    with pytest.raises(ValueError):
+        wire.DataClock(float("nan"))
