@@ -92,9 +92,14 @@ class KeepAliveClient:
             async with session.post(self.url, data=body) as resp:
                 if resp.content_length is not None and resp.content_length > self.max_body:
                     raise RpcError(f"response body of {resp.content_length} bytes refused")
-                data = await resp.content.read(self.max_body + 1)
-                if len(data) > self.max_body:
-                    raise RpcError("response body exceeds the limit")
+                # read(n) returns what has arrived (up to n): read on to the end or the limit
+                chunks, size = [], 0
+                while chunk := await resp.content.read(self.max_body + 1 - size):
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > self.max_body:
+                        raise RpcError("response body exceeds the limit")
+                data = b"".join(chunks)
                 if resp.status != 200:
                     raise RpcError(f"HTTP status {resp.status}")
                 return data

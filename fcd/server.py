@@ -65,6 +65,7 @@ class HttpLimits:
     """What one HTTP client may hold of the server (issue 11's probes are the tests)."""
 
     max_body: int = MAX_BODY          # the uplink never sends more (fcd.rpc cuts its batches to it)
+    max_calls: int = 1000             # calls in one system.multicall (the boxes send --rpc-batch, 500)
     max_concurrent: int = 4           # XML-RPC bodies read and dispatched at once
     max_connections: int = 256
     header_timeout: float = 10.0      # a new connection must have sent a whole request head by then
@@ -131,13 +132,48 @@ class HttpFront:
         await self.runner.cleanup()
 
 
+FAULT_TOO_LARGE = 7       # a multicall of too many calls, or a reply over the budget
+ECHO_CHARS = 64           # of a caller's method name repeated in a fault
+
+
+def _echo(text: Any, limit: int = ECHO_CHARS) -> str:
+    """A caller's text for a fault, cut: a fault never repeats what a stranger sent at length."""
+    text = repr(text)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
+class DtdRefused(ValueError):
+    """An XML-RPC body with a DTD or an entity declaration (XML-RPC has neither)."""
+
+
+def loads_without_dtd(body: bytes) -> tuple[tuple, str | None]:
+    """``xmlrpc.client.loads`` that refuses a document type or entity declaration as expat
+    meets it (whatever the body's encoding): entities are never expanded, so a small body cannot
+    become a large request or a large echoed fault."""
+    parser, unmarshaller = xmlrpc.client.getparser(use_builtin_types=True)
+    expat = parser._parser         # the stdlib ExpatParser's pyexpat parser
+
+    def refuse(*_):
+        raise DtdRefused("a DTD or entity declaration is refused (XML-RPC has none)")
+
+    expat.StartDoctypeDeclHandler = refuse
+    expat.EntityDeclHandler = refuse
+    parser.feed(body)
+    parser.close()
+    return unmarshaller.close(), unmarshaller.getmethodname()
+
+
 class _Dispatcher(SimpleXMLRPCDispatcher):
     """The stdlib dispatcher (``system.multicall``, ``system.listMethods``) with typed faults:
-    unknown methods and bad parameters are faults that say so, and a multicall may not nest."""
+    unknown methods and bad parameters are faults that say so, and a multicall may not nest.
 
-    def __init__(self, stats: collections.Counter) -> None:
+    A multicall holds at most ``max_calls`` calls, and its results at most ``reply_budget``
+    bytes of XML: a small request cannot make a large reply (both refusals are faults, counted)."""
+
+    def __init__(self, stats: collections.Counter, max_calls: int = 1000, reply_budget: int = MAX_BODY) -> None:
         super().__init__(allow_none=True, use_builtin_types=True)
         self.stats = stats
+        self.max_calls, self.reply_budget = max_calls, reply_budget
         self.register_introspection_functions()
         self.register_multicall_functions()
 
@@ -148,8 +184,29 @@ class _Dispatcher(SimpleXMLRPCDispatcher):
     def system_multicall(self, call_list):
         if not isinstance(call_list, list):
             raise xmlrpc.client.Fault(2, "system.multicall takes one array of calls")
+        if len(call_list) > self.max_calls:
+            self.stats["rpc_refused_calls"] += 1
+            raise xmlrpc.client.Fault(FAULT_TOO_LARGE, f"system.multicall of {len(call_list)} calls refused "
+                                                       f"(at most {self.max_calls})")
         self.stats["rpc_calls"] += len(call_list)
-        return super().system_multicall([self._entry(c) for c in call_list])
+        results, size = [], 0
+        for call in call_list:
+            entry = self._entry(call)
+            try:
+                result = [self._dispatch(entry["methodName"], entry["params"])]
+            except xmlrpc.client.Fault as fault:
+                result = {"faultCode": fault.faultCode, "faultString": fault.faultString}
+            except Exception as exc:
+                result = {"faultCode": 1, "faultString": f"{type(exc).__name__}: {_echo(str(exc), 200)}"}
+            # what this result adds to the reply, measured as it is built: the budget stops the
+            # building, not only the sending
+            size += len(xmlrpc.client.dumps((result,), allow_none=True))
+            if size > self.reply_budget:
+                self.stats["rpc_refused_reply"] += 1
+                raise xmlrpc.client.Fault(FAULT_TOO_LARGE, f"multicall reply over {self.reply_budget} bytes refused "
+                                                           f"(after {len(results)} of {len(call_list)} calls)")
+            results.append(result)
+        return results
 
     @staticmethod
     def _entry(call: Any) -> dict:
@@ -163,7 +220,7 @@ class _Dispatcher(SimpleXMLRPCDispatcher):
         if method in self._REFUSED:
             raise xmlrpc.client.Fault(*self._REFUSED[method])
         if not isinstance(method, str) or method not in self.funcs:
-            raise xmlrpc.client.Fault(1, f"unknown method {method!r}")
+            raise xmlrpc.client.Fault(1, f"unknown method {_echo(method)}")
         try:
             return self.funcs[method](*params)
         except TypeError as exc:
@@ -245,7 +302,7 @@ class FcdServer:
         self.overload_batch = 8192
         self.batch_now = self.inline_batch
         self._drops_seen = 0
-        self.dispatcher = _Dispatcher(self.stats)
+        self.dispatcher = _Dispatcher(self.stats, max_calls=self.limits.max_calls, reply_budget=self.limits.max_body)
         self.dispatcher.register_function(self.rpc_report, "fcd.report")
         self.dispatcher.register_function(self.rpc_box_stats, "fcd.box_stats")
         self.dispatcher.register_function(lambda: _xmlrpc_safe(self.status()), "fcd.status")
@@ -382,7 +439,7 @@ class FcdServer:
             except asyncio.TimeoutError:
                 return self._refuse(408, "http_body_timeouts", f"body not received within {limits.body_timeout} s")
             try:
-                params, method = xmlrpc.client.loads(body, use_builtin_types=True)
+                params, method = loads_without_dtd(body)
                 if method is None:
                     raise ValueError("not a method call")
                 result = self.dispatch(method, params)
@@ -390,11 +447,18 @@ class FcdServer:
                     # a box's reports are acknowledged once they are in the store, not merely queued
                     await self.front.flush()
                 out = xmlrpc.client.dumps((result,), methodresponse=True, allow_none=True)
+                if len(out) > limits.max_body:
+                    self.stats["rpc_refused_reply"] += 1
+                    raise xmlrpc.client.Fault(FAULT_TOO_LARGE, f"reply over {limits.max_body} bytes refused")
             except xmlrpc.client.Fault as fault:
                 out = xmlrpc.client.dumps(fault, methodresponse=True)
+            except DtdRefused as exc:
+                self.stats["rpc_refused_dtd"] += 1
+                out = xmlrpc.client.dumps(xmlrpc.client.Fault(4, str(exc)), methodresponse=True)
             except Exception as exc:  # malformed XML: stdlib raises several kinds
                 self.stats["rpc_malformed"] += 1
-                out = xmlrpc.client.dumps(xmlrpc.client.Fault(4, f"malformed request: {exc}"), methodresponse=True)
+                out = xmlrpc.client.dumps(xmlrpc.client.Fault(4, f"malformed request: {_echo(str(exc), 200)}"),
+                                          methodresponse=True)
         return web.Response(body=out.encode(), content_type="text/xml")
 
     def _refuse(self, status: int, counter: str, reason: str) -> web.Response:
@@ -652,6 +716,9 @@ def build_parser():
                    help="reports and predictions kept per road for fcd.history and /api/roads/<road>/history")
     p.add_argument("--max-body", type=positive_int, default=MAX_BODY,
                    help="largest XML-RPC request body (bytes; the boxes' uplink never sends more than the default)")
+    p.add_argument("--max-calls", type=positive_int, default=1000,
+                   help="calls in one system.multicall (at least the boxes' --rpc-batch); its reply, like "
+                        "every reply, is at most --max-body bytes")
     p.add_argument("--max-concurrent", type=positive_int, default=4, help="XML-RPC requests processed at once")
     p.add_argument("--max-connections", type=positive_int, default=256, help="HTTP connections at once")
     p.add_argument("--header-timeout", type=non_negative_float, default=10.0,
@@ -731,7 +798,7 @@ async def amain(args, ctx) -> int:
     if args.workers < 0:
         raise ConfigError("--workers takes a number >= 0")
     city = load_city(args.city)
-    limits = HttpLimits(max_body=args.max_body, max_concurrent=args.max_concurrent,
+    limits = HttpLimits(max_body=args.max_body, max_calls=args.max_calls, max_concurrent=args.max_concurrent,
                         max_connections=args.max_connections, header_timeout=args.header_timeout,
                         body_timeout=args.body_timeout, idle_timeout=args.idle_timeout)
     if args.max_skew <= 0:

@@ -86,3 +86,50 @@ def test_data_clock_refuses_only_beyond_the_skew():
     assert clock.refused == 3
     with pytest.raises(ValueError):
         wire.DataClock(float("nan"))
+
+
+# ---------------------------------------------------------------- 2, 3: amplification
+
+def multicall_body(calls: list[tuple[str, tuple]]) -> bytes:
+    return xmlrpc.client.dumps(([{"methodName": m, "params": list(p)} for m, p in calls],),
+                               "system.multicall", allow_none=True).encode()
+
+
+async def test_a_small_multicall_cannot_make_a_large_reply(small_city):
+    server, port = await start(small_city)
+    client = KeepAliveClient("127.0.0.1", port)
+    for road in range(small_city.n_roads):             # every road's history full
+        await client.call("fcd.report", "box", [report(road, 100.0 + k) for k in range(128)])
+    one = await post(port, xmlrpc.client.dumps((0, 128), "fcd.history").encode())
+    assert len(one) > 50_000                          # one road's history is a large answer
+    body = multicall_body([("fcd.history", (0, 128))] * 900)
+    answer = await post(port, body)
+    assert len(answer) < len(body) and b"faultCode" in answer and b"<int>7</int>" in answer
+    assert server.stats["rpc_refused_reply"] == 1
+    # more calls than a box ever sends in one multicall: refused before any runs
+    answer = await post(port, multicall_body([("system.listMethods", ())] * 1001))
+    assert b"1001 calls refused" in answer and server.stats["rpc_refused_calls"] == 1
+    # what a box sends is still served whole
+    results = await client.multicall([("fcd.report", ("box", [report(0, 230.0 + k)])) for k in range(500)])
+    assert all(r == {"accepted": 1, "duplicates": 0, "rejected": 0} for r in results)
+    await client.aclose()
+    await server.http.close()
+
+
+BILLION_LAUGHS = (b'<?xml version="1.0"?>\n<!DOCTYPE m [<!ENTITY a "' + b"A" * 1000 + b'">'
+                  b'<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>\n'
+                  b"<methodCall><methodName>&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;</methodName><params/></methodCall>")
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16"])
+async def test_entities_are_refused_and_unknown_names_are_not_echoed_at_length(small_city, encoding):
+    server, port = await start(small_city)
+    body = BILLION_LAUGHS if encoding == "utf-8" else BILLION_LAUGHS.decode().replace(
+        '<?xml version="1.0"?>', '<?xml version="1.0" encoding="utf-16"?>').encode("utf-16")
+    answer = await post(port, body)
+    assert b"DTD or entity declaration is refused" in answer and len(answer) < 1000
+    assert server.stats["rpc_refused_dtd"] == 1
+    name = "x" * 100_000
+    answer = await post(port, xmlrpc.client.dumps((), name).encode())
+    assert b"unknown method" in answer and len(answer) < 1000
+    await server.http.close()
