@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 import json
 import os
 import itertools
@@ -62,14 +63,41 @@ class TupleDecodeError(ValueError):
 
 # ---------------------------------------------------------------- matching
 
+MAX_LIMIT = 10_000          # tuples one rd_all/in_all returns at most
+MAX_SECONDS = 10 ** 9       # a lease or timeout longer than ~30 years is a mistake (or an attack)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_lease(lease: Any) -> None:
+    """A lease (of a tuple or a subscription): None, or finite seconds > 0.  A NaN lease would
+    enter the expiry heap and stop every expiry once it reached the top."""
+    if lease is not None and not (_is_number(lease) and 0 < lease <= MAX_SECONDS):
+        raise TupleSpaceError(f"a lease is None or seconds in (0, {MAX_SECONDS}], not {lease!r}")
+
+
+def check_timeout(timeout: Any) -> None:
+    """A blocking call's timeout: None (for ever), or finite seconds >= 0."""
+    if timeout is not None and not (_is_number(timeout) and 0 <= timeout <= MAX_SECONDS):
+        raise TupleSpaceError(f"a timeout is None or seconds in [0, {MAX_SECONDS}], not {timeout!r}")
+
+
+def check_limit(limit: Any) -> int:
+    """rd_all/in_all's limit: an integer 1..MAX_LIMIT (not a bool, not a float)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise TupleSpaceError(f"a limit is an integer in 1..{MAX_LIMIT}, not {limit!r}")
+    return limit
+
+
 def check_tuple(tup: tuple, lease: float | None) -> None:
     """What ``out`` accepts on either backend: a non-empty tuple of values and a positive lease."""
     if not isinstance(tup, tuple) or not tup:
         raise TupleSpaceError("a tuple is a non-empty tuple")
     if any(isinstance(f, type) or f is None for f in tup):
         raise TupleSpaceError("a tuple holds values, not wildcards")
-    if lease is not None and lease <= 0:
-        raise TupleSpaceError("a lease must be positive")
+    check_lease(lease)
 
 
 def check_template(template: tuple) -> None:
@@ -191,8 +219,9 @@ class Space:
             return None
         return self._collect(found, take)[0]
 
-    def read_all(self, template: tuple, take: bool, now: float, limit: int = 10_000) -> list[tuple]:
+    def read_all(self, template: tuple, take: bool, now: float, limit: int = MAX_LIMIT) -> list[tuple]:
         check_template(template)
+        check_limit(limit)
         return self._collect(self._find(template, now, limit), take)
 
     def _collect(self, idents: list[int], take: bool) -> list[tuple]:
@@ -208,6 +237,8 @@ class Space:
     def wait(self, waiter: int, template: tuple, take: bool, deadline: float | None) -> None:
         """Queue a blocked caller (after :meth:`read` found nothing)."""
         check_template(template)
+        if deadline is not None and not math.isfinite(deadline):
+            raise TupleSpaceError(f"a deadline must be finite, not {deadline!r}")
         if len(self.waiters) >= self.max_waiters:
             self.stats["refused_waiters"] += 1
             raise TupleSpaceError(f"too many blocked callers ({self.max_waiters})")
@@ -219,6 +250,7 @@ class Space:
 
     def subscribe(self, sub: int, template: tuple, lease: float | None, now: float) -> None:
         check_template(template)
+        check_lease(lease)
         if len(self.subscriptions) >= self.max_subscriptions:
             raise TupleSpaceError(f"too many subscriptions ({self.max_subscriptions})")
         expires = None if lease is None else now + lease
@@ -461,11 +493,10 @@ async def _execute(driver: SpaceDriver, op: str, kw: dict) -> Any:
         return driver.out(kw["tuple"], kw.get("lease"))
     if op in ("rd", "in"):
         timeout = kw.get("timeout")
-        if timeout is not None and timeout < 0:
-            raise TupleSpaceError("timeout must be >= 0")
+        check_timeout(timeout)
         return await driver.get(kw["template"], op == "in", timeout)
     if op in ("rd_all", "in_all"):
-        return driver.get_all(kw["template"], op == "in_all", int(kw.get("limit", 10_000)))
+        return driver.get_all(kw["template"], op == "in_all", check_limit(kw.get("limit", MAX_LIMIT)))
     raise TupleSpaceError(f"unknown operation {op!r}")
 
 
@@ -593,7 +624,7 @@ class TupleSpaceServer:
                 elif isinstance(result, list):
                     result = [list(t) for t in result]
             send({"id": rid, "ok": True, "result": result})
-        except (TupleSpaceError, KeyError, TypeError, ValueError) as exc:
+        except (TupleSpaceError, KeyError, TypeError, ValueError, OverflowError) as exc:
             self.stats["errors"] += 1
             send({"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
@@ -738,7 +769,14 @@ class _Connection(asyncio.Protocol):
 # ---------------------------------------------------------------- client
 
 class TupleSpaceClient(_Api):
+    """A client of :class:`TupleSpaceServer`.  A request not answered within ``answer_timeout``
+    seconds (beyond a blocking call's own timeout) fails with :class:`TupleSpaceError`
+    (counted in ``stats["unanswered"]``): a server that never answers cannot hang the caller."""
+
+    answer_timeout = 30.0
+
     def __init__(self) -> None:
+        self.stats = {"unanswered": 0}
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future] = {}
@@ -784,7 +822,10 @@ class TupleSpaceClient(_Api):
             for sub in self._subs.values():
                 sub._push(None)
 
-    async def _request(self, msg: dict) -> Any:
+    async def _request(self, msg: dict, wait: float | None = 0.0) -> Any:
+        """Send one request and await its answer: for at most ``wait`` seconds (a blocking call's
+        own timeout) plus ``answer_timeout``; ``wait=None``: a blocking call without a timeout,
+        awaited for as long as it takes."""
         if self.writer is None or self.writer.is_closing() or (self._task and self._task.done()):
             raise TupleSpaceConnectionError("not connected")
         rid = next(self._ids)
@@ -792,10 +833,23 @@ class TupleSpaceClient(_Api):
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         self.writer.write(encode_frame(msg))
-        return await fut
+        bound = None if wait is None else wait + self.answer_timeout
+        try:
+            return await within(fut, bound)
+        except asyncio.TimeoutError:
+            self.stats["unanswered"] += 1
+            raise TupleSpaceError(f"{msg.get('op')}: no answer from the tuplespace within {bound:g} s") from None
+        finally:
+            self._pending.pop(rid, None)
 
     async def _call(self, op: str, **kw) -> Any:
-        result = await self._request({"op": op, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}})
+        wait = 0.0
+        if op in ("rd", "in"):
+            timeout = kw.get("timeout")
+            check_timeout(timeout)          # here too: the bound below is computed from it
+            wait = timeout
+        result = await self._request({"op": op, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}},
+                                     wait)
         if op in ("rd", "in"):
             return tuple(result) if result is not None else None
         if op in ("rd_all", "in_all"):
