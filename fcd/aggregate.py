@@ -276,8 +276,9 @@ class RoadReport:
             raise ValueError("report must be a struct")
         def num(name, kind=(int, float)):
             value = data.get(name)
-            if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
-                raise ValueError(f"report field {name!r} missing or not a finite number")
+            if not _is_number_within(value, kind, MAX_COUNT if kind is int else MAX_REPORT_NUMBER):
+                raise ValueError(f"report field {name!r} missing or not a {'count' if kind is int else 'number'} "
+                                 f"within +-{MAX_COUNT if kind is int else MAX_REPORT_NUMBER:g}")
             return value
         road = num("road", int)
         if not 0 <= road < n_roads:
@@ -290,8 +291,9 @@ class RoadReport:
             raise ValueError("report field 'turns' must be a struct")
         parsed = {}
         for k, v in turns.items():
-            if not (k.isdigit() and 0 <= int(k) < n_roads) or isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"bad turn entry {k!r}: {v!r}")
+            if not (isinstance(k, str) and k.isascii() and k.isdigit() and len(k) <= 9 and int(k) < n_roads) \
+                    or not _is_number_within(v, int, MAX_COUNT) or v < 0:
+                raise ValueError(f"bad turn entry {str(k)[:20]!r}: {str(v)[:20]}")
             parsed[int(k)] = v
         report = cls(road=road, t=float(num("t")), green=data["green"], queue=num("queue", int),
                      cars=num("cars", int), density=float(num("density")), mean_speed=float(num("mean_speed")),
@@ -318,6 +320,16 @@ class RoadReport:
 
 
 MAX_PIECES = 64      # pieces a report carries at most (a light silent for an hour: older ones fold)
+MAX_COUNT = 1_000_000          # cars, queue, departures, turns, crossings of one road in one report
+MAX_REPORT_NUMBER = 2.0 ** 53  # any other number of a report (times, seconds, metres) in magnitude
+
+
+def _is_number_within(value: Any, kind, bound: float) -> bool:
+    """``value`` is of ``kind`` (never a bool), finite and within +-``bound``.  Compared before
+    ``math.isfinite``, which raises OverflowError (not ValueError) on an int of 400 digits."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        return False
+    return -bound <= value <= bound and (isinstance(value, int) or math.isfinite(value))
 
 
 def _parse_pieces(value: Any) -> list[tuple[float, float, float]]:
@@ -328,8 +340,7 @@ def _parse_pieces(value: Any) -> list[tuple[float, float, float]]:
     out = []
     for item in value:
         if (not isinstance(item, (list, tuple)) or len(item) != 3
-                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0
-                       for x in item)):
+                or any(not _is_number_within(x, (int, float), MAX_REPORT_NUMBER) or x < 0 for x in item)):
             raise ValueError(f"bad report piece {item!r}: [start, samples, distance], finite, non-negative")
         if out and item[0] <= out[-1][0]:
             raise ValueError("report pieces must have increasing starts")

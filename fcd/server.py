@@ -320,11 +320,11 @@ class FcdServer:
         if key in self.seen:
             self.stats["duplicate_reports"] += 1
             return False
+        self.model.observe(rep)       # first: a report it refuses is not taken as seen
         self.seen[key] = source
         if len(self.seen) > self.max_keys:
             self.seen.popitem(last=False)
             self.stats["dedup_evicted"] += 1
-        self.model.observe(rep)
         self.history.report(rep, source)
         self.stats[f"reports_{source}"] += 1
         return True
@@ -350,7 +350,15 @@ class FcdServer:
                 continue
             if self.front is not None:
                 valid.append(rep)
-            elif self.accept(rep, "box"):
+                continue
+            try:
+                taken = self.accept(rep, "box")
+            except (ValueError, ArithmeticError, IndexError) as exc:   # the model refused it: this one only
+                rejected += 1
+                self.stats["reports_rejected"] += 1
+                self.last_reject = f"report of road {rep.road} at {rep.t}: {exc}"
+                continue
+            if taken:
                 accepted += 1
             else:
                 duplicates += 1

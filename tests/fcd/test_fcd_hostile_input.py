@@ -133,3 +133,46 @@ async def test_entities_are_refused_and_unknown_names_are_not_echoed_at_length(s
     answer = await post(port, xmlrpc.client.dumps((), name).encode())
     assert b"unknown method" in answer and len(answer) < 1000
     await server.http.close()
+
+
+# ---------------------------------------------------------------- 5: out-of-range numbers
+
+def with_member(body: bytes, name: bytes, value: bytes) -> bytes:
+    """``body`` with the first struct member ``name``'s value replaced by raw XML ``value``
+    (xmlrpc.client cannot marshal an int of 400 digits: a hostile client writes it itself)."""
+    head, tail = body.split(b"<name>" + name + b"</name>\n", 1)
+    _, rest = tail.split(b"</value>", 1)
+    return head + b"<name>" + name + b"</name>\n<value>" + value + b"</value>" + rest
+
+
+@pytest.mark.parametrize("field,value", [(b"queue", b"<int>" + b"9" * 400 + b"</int>"),
+                                         (b"t", b"<int>" + b"9" * 400 + b"</int>"),
+                                         (b"density", b"<double>1e300</double>"),
+                                         (b"turns", b"<struct><member><name>1</name><value><int>" + b"9" * 30
+                                          + b"</int></value></member></struct>")])
+async def test_one_out_of_range_report_loses_only_itself(small_city, field, value):
+    server, port = await start(small_city)
+    body = xmlrpc.client.dumps(("box", [report(2, 50.0), report(3, 50.0), report(4, 50.0)]), "fcd.report").encode()
+    parts = body.split(b"<name>road</name>")
+    parts[2] = with_member(b"<name>road</name>" + parts[2], field, value)[len(b"<name>road</name>"):]
+    answer = await post(port, b"<name>road</name>".join(parts))
+    params, _ = xmlrpc.client.loads(answer)
+    assert params[0] == {"accepted": 2, "duplicates": 0, "rejected": 1}
+    assert server.stats["reports_box"] == 2
+    await server.http.close()
+
+
+async def test_a_report_the_model_refuses_is_not_remembered_as_seen(small_city, monkeypatch):
+    server, port = await start(small_city)
+    observe = server.model.observe
+
+    def refuse_once(rep):
+        monkeypatch.setattr(server.model, "observe", observe)
+        raise ValueError("refused")
+
+    monkeypatch.setattr(server.model, "observe", refuse_once)
+    client = KeepAliveClient("127.0.0.1", port)
+    assert await client.call("fcd.report", "box", [report(2, 50.0)]) == {"accepted": 0, "duplicates": 0, "rejected": 1}
+    assert await client.call("fcd.report", "box", [report(2, 50.0)]) == {"accepted": 1, "duplicates": 0, "rejected": 0}
+    await client.aclose()
+    await server.http.close()
