@@ -132,6 +132,8 @@ class HttpFront:
         await self.runner.cleanup()
 
 
+MAX_NAME = 64             # characters of a box name and of a box's stats key
+MAX_BOX_KEYS = 64         # stats keys kept per box
 FAULT_TOO_LARGE = 7       # a multicall of too many calls, or a reply over the budget
 ECHO_CHARS = 64           # of a caller's method name repeated in a fault
 
@@ -267,7 +269,8 @@ class RoadHistory:
 
 class FcdServer:
     def __init__(self, city: City, horizon: int = 5, max_keys: int = 500_000, max_cars: int = 100_000,
-                 limits: HttpLimits | None = None, history: int = 128, max_skew: float = DEFAULT_MAX_SKEW) -> None:
+                 limits: HttpLimits | None = None, history: int = 128, max_skew: float = DEFAULT_MAX_SKEW,
+                 max_boxes: int = 1024) -> None:
         self.city = city
         self.history = RoadHistory(city.n_roads, history)
         self.limits = limits or HttpLimits()
@@ -282,7 +285,10 @@ class FcdServer:
         self.seen: collections.OrderedDict[tuple[int, float], str] = collections.OrderedDict()
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []     # received (rows, lengths) chunks
         self.pending_count = 0
-        self.boxes: dict[str, dict[str, Any]] = {}
+        # per box name: its counters and the stats it sent (bounded: the least recently heard
+        # box is forgotten, counted as boxes_evicted)
+        self.boxes: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self.max_boxes = max_boxes
         self.connections: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.latest = None
         self.space = None
@@ -367,7 +373,7 @@ class FcdServer:
             accepted = self.front.reports(box, valid)
             # refused now at the front's queue bound, or earlier by the store at a backlog bound
             refused = len(valid) - accepted + self.front.refused_since(box)
-        entry = self.boxes.setdefault(box, {})
+        entry = self._box(box)
         entry["reports"] = entry.get("reports", 0) + accepted
         if refused:
             entry["refused"] = entry.get("refused", 0) + refused
@@ -387,13 +393,34 @@ class FcdServer:
         except KeyError as exc:
             raise xmlrpc.client.Fault(5, exc.args[0]) from None
 
+    def _box(self, box: str) -> dict[str, Any]:
+        """The entry of ``box`` (a new one may push the least recently heard out)."""
+        if len(box) > MAX_NAME:
+            self.stats["boxes_refused_name"] += 1
+            raise xmlrpc.client.Fault(2, f"box names are at most {MAX_NAME} characters")
+        entry = self.boxes.get(box)
+        if entry is None:
+            entry = self.boxes[box] = {}
+            if len(self.boxes) > self.max_boxes:
+                self.boxes.popitem(last=False)
+                self.stats["boxes_evicted"] += 1
+        else:
+            self.boxes.move_to_end(box)
+        return entry
+
     def rpc_box_stats(self, box: str, stats: dict) -> bool:
+        """A box's own counters, kept for ``/status``: at most MAX_BOX_KEYS keys of at most
+        MAX_NAME characters, finite numbers within +-2^53 (the rest refused, counted)."""
         if not isinstance(box, str) or not isinstance(stats, dict):
             raise xmlrpc.client.Fault(2, "fcd.box_stats(box: str, stats: struct)")
-        entry = self.boxes.setdefault(box, {})
+        entry = self._box(box)
         for k, v in stats.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                entry[str(k)] = v
+            k = str(k)
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not -2**53 <= v <= 2**53
+                    or v != v or len(k) > MAX_NAME or (k not in entry and len(entry) >= MAX_BOX_KEYS)):
+                self.stats["box_stats_refused"] += 1
+                continue
+            entry[k] = v
         return True
 
     def _receive_status(self) -> dict[str, Any]:
@@ -717,6 +744,8 @@ def build_parser():
     p.add_argument("--batch-interval", type=non_negative_float, default=0.1,
                    help="seconds between raw ingest batches when fewer than 4096 datagrams wait")
     p.add_argument("--max-cars", type=positive_int, default=100_000)
+    p.add_argument("--max-boxes", type=positive_int, default=1024,
+                   help="boxes whose counters /status keeps (the least recently heard is forgotten)")
     p.add_argument("--max-skew", type=non_negative_float, default=DEFAULT_MAX_SKEW,
                    help="seconds of data time a probe, light or report may be ahead of the newest accepted "
                         "(further ahead: refused, counted as time_ahead)")
@@ -812,7 +841,7 @@ async def amain(args, ctx) -> int:
     if args.max_skew <= 0:
         raise ConfigError("--max-skew takes a positive number of seconds")
     server = FcdServer(city, horizon=args.horizon, max_cars=args.max_cars, limits=limits, history=args.history,
-                       max_skew=args.max_skew)
+                       max_skew=args.max_skew, max_boxes=args.max_boxes)
     ts_server = None
     if args.serve_tuplespace:
         from fcd.tuplespace import TupleSpaceServer

@@ -5,7 +5,6 @@ box stats.  Real sockets on loopback (the server in this process, as test_fcd_rp
 import asyncio
 import json
 import socket
-import urllib.request
 import xmlrpc.client
 
 import pytest
@@ -174,5 +173,34 @@ async def test_a_report_the_model_refuses_is_not_remembered_as_seen(small_city, 
     client = KeepAliveClient("127.0.0.1", port)
     assert await client.call("fcd.report", "box", [report(2, 50.0)]) == {"accepted": 0, "duplicates": 0, "rejected": 1}
     assert await client.call("fcd.report", "box", [report(2, 50.0)]) == {"accepted": 1, "duplicates": 0, "rejected": 0}
+    await client.aclose()
+    await server.http.close()
+
+
+# ---------------------------------------------------------------- 6: box stats
+
+async def test_box_stats_are_bounded_and_status_stays_valid(small_city):
+    server, port = await start(small_city, max_boxes=8)
+    client = KeepAliveClient("127.0.0.1", port)
+    huge = b"<int>" + b"9" * 400 + b"</int>"
+    body = xmlrpc.client.dumps(("b0", {"huge": 1, "nan": 1.0, "ok": 7}), "fcd.box_stats").encode()
+    body = with_member(body, b"huge", huge).replace(b"<double>1.0</double>", b"<double>nan</double>")
+    params, _ = xmlrpc.client.loads(await post(port, body))
+    assert params == (True,) and server.boxes["b0"] == {"ok": 7}
+    await client.call("fcd.box_stats", "b0", {f"k{i}": i for i in range(200)})
+    assert len(server.boxes["b0"]) == 64
+    for i in range(1, 20):
+        await client.call("fcd.box_stats", f"b{i}", {"x": i})
+    assert len(server.boxes) == 8 and server.stats["boxes_evicted"] == 12
+    with pytest.raises(xmlrpc.client.Fault, match="at most 64"):
+        await client.call("fcd.box_stats", "n" * 65, {})
+    assert server.stats["box_stats_refused"] == 2 + 137 and server.stats["boxes_refused_name"] == 1
+    status = await client.call("fcd.status")        # every value marshals
+    assert status["boxes"]["b19"] == {"x": 19}
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = (await asyncio.wait_for(reader.read(), 60)).split(b"\r\n\r\n", 1)[1]
+    writer.close()
+    json.loads(answer, parse_constant=lambda c: pytest.fail(f"/status holds {c}"))
     await client.aclose()
     await server.http.close()
