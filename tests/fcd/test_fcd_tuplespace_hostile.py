@@ -91,3 +91,66 @@ async def test_the_client_does_not_wait_for_ever_on_a_silent_server():
     await client.close()
     server.close()
     await server.wait_closed()
+
+
+# ---------------------------------------------------------------- 7: memory and fairness
+
+@pytest.fixture
+async def served():
+    """A server with small bounds and two clients (two connections) over loopback."""
+    from fcd.tuplespace import Quotas
+    clock = FakeClock(1000.0)
+    space = Space(max_bytes=2_000_000, quotas=Quotas(waiters=2, subscriptions=2, unleased=3))
+    server = TupleSpaceServer(space, clock=clock)
+    host, port = await server.start("127.0.0.1", 0)
+    a, b = await TupleSpaceClient.connect(host, port), await TupleSpaceClient.connect(host, port)
+    yield server, space, a, b
+    await a.close()
+    await b.close()
+    await server.close()
+
+
+async def test_bytes_held_and_reply_size_are_bounded(served):
+    server, space, a, b = served
+    blob = b"x" * 300_000
+    for i in range(6):
+        await a.out(("blob", i, blob), lease=60.0)
+    with pytest.raises(TupleSpaceError, match="bytes"):
+        await a.out(("blob", 6, blob), lease=60.0)
+    assert space.stats["refused_bytes"] == 1 and space.bytes <= space.max_bytes
+    # one reply holds what one frame may: the rest stays for the next call
+    got = await b.rd_all(("blob", int, bytes))
+    assert 1 <= len(got) < 6 and space.stats["replies_cut"] == 1
+    taken = await b.in_all(("blob", int, bytes))
+    assert [t[1] for t in taken] == list(range(len(taken)))
+    assert space.bytes == sum(space.sizes.values())
+    assert await b.rdp(("blob", int, bytes)) is not None       # the connection survived the large replies
+
+
+async def test_one_connection_cannot_take_all_waiters_subscriptions_or_tuples(served):
+    server, space, a, b = served
+    blocked = [asyncio.ensure_future(a.in_(("job", int))) for _ in range(2)]
+    await server.driver.until(lambda: len(space.waiters) == 2)
+    with pytest.raises(TupleSpaceError, match="quota"):
+        await a.in_(("job", int))
+    other = asyncio.ensure_future(b.in_(("job", int)))          # another connection still may wait
+    await server.driver.until(lambda: len(space.waiters) == 3)
+    for i in range(3):
+        await b.out(("job", i), lease=5.0)
+    assert sorted([await f for f in blocked] + [await other]) == [("job", 0), ("job", 1), ("job", 2)]
+    assert not space.held                                          # every quota released on delivery
+    for _ in range(2):
+        await a.notify(("n", int))
+    with pytest.raises(TupleSpaceError, match="quota"):
+        await a.notify(("n", int))
+    await b.notify(("n", int))
+    for i in range(3):
+        await a.out(("u", i))
+    with pytest.raises(TupleSpaceError, match="quota"):
+        await a.out(("u", 3))
+    await a.out(("u", 3), lease=5.0)                               # leased tuples leave by themselves
+    await b.out(("u", 4))
+    assert await b.inp(("u", 0)) == ("u", 0)
+    await a.out(("u", 5))                                          # one taken: room again
+    assert space.stats["refused_quota_waiters"] == space.stats["refused_quota_subscriptions"] == 1
+    assert space.stats["refused_quota_unleased"] == 1
