@@ -73,16 +73,20 @@ async def test_a_spoofed_datagram_far_ahead_does_not_move_the_data_clock(small_c
     server.udp_sock.close()
 
 
-def test_data_clock_refuses_only_beyond_the_skew():
-    clock = wire.DataClock(300.0)
+def test_data_clock_refuses_only_beyond_the_skew_and_the_wall_clock():
+    wall = [0.0]
+    clock = wire.DataClock(300.0, max_rate=10.0, wall=lambda: wall[0])
     assert clock.admit(1e12 - 1) is True          # the first time sets the clock (no reference yet)
-    clock = wire.DataClock(300.0)
+    clock = wire.DataClock(300.0, max_rate=10.0, wall=lambda: wall[0])
     assert clock.admit(50.0) and clock.admit(350.0) and not clock.admit(651.0) and clock.admit(10.0)
     assert clock.newest == 350.0 and clock.refused == 1
     import numpy as np
     ts = np.array([100.0, 650.0, 651.0, 1e300])
     assert clock.admit_mask(ts, np.ones(4, bool)).tolist() == [True, True, False, False]
     assert clock.refused == 3
+    # after a quiet hour of wall time, real data an hour on is accepted (at most 10 data s per wall s)
+    wall[0] = 3600.0
+    assert clock.admit(350.0 + 3600.0) and not clock.admit(1e12)
     with pytest.raises(ValueError):
         wire.DataClock(float("nan"))
 
