@@ -208,3 +208,32 @@ async def test_box_stats_are_bounded_and_status_stays_valid(small_city):
     json.loads(answer, parse_constant=lambda c: pytest.fail(f"/status holds {c}"))
     await client.aclose()
     await server.http.close()
+
+
+# ---------------------------------------------------------------- fuzz: one report, one error
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+NUMBERS = st.one_of(st.integers(min_value=-10 ** 500, max_value=10 ** 500), st.floats(), st.booleans(),
+                    st.none(), st.text(max_size=5))
+FIELDS = ["road", "t", "green", "queue", "cars", "density", "mean_speed", "departures", "interval", "was_green",
+          "crossed", "crossing_time", "samples", "distance"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(base=st.fixed_dictionaries({}, optional={f: NUMBERS for f in FIELDS}),
+       turns=st.one_of(st.none(), st.dictionaries(st.text(max_size=12), NUMBERS, max_size=3)),
+       pieces=st.one_of(st.none(), st.lists(st.lists(NUMBERS, max_size=4), max_size=3)))
+def test_a_report_is_parsed_or_refused_with_a_value_error(base, turns, pieces):
+    data = {**report(1, 50.0), **base}
+    if turns is not None:
+        data["turns"] = turns
+    if pieces is not None:
+        data["pieces"] = pieces
+    try:
+        rep = RoadReport.from_xmlrpc(data, 16)
+    except ValueError:
+        return
+    for name in ("queue", "cars", "departures", "crossed"):
+        assert 0 <= getattr(rep, name) <= 10 ** 6
+    assert all(0 <= v <= 10 ** 6 for v in rep.turns.values())

@@ -154,3 +154,30 @@ async def test_one_connection_cannot_take_all_waiters_subscriptions_or_tuples(se
     await a.out(("u", 5))                                          # one taken: room again
     assert space.stats["refused_quota_waiters"] == space.stats["refused_quota_subscriptions"] == 1
     assert space.stats["refused_quota_unleased"] == 1
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+ANY_ARG = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2 ** 70, max_value=2 ** 70), st.floats(),
+                    st.text(max_size=3), st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=200, deadline=None)
+@given(op=st.sampled_from(["out", "rd", "in", "rd_all", "in_all"]), lease=ANY_ARG, timeout=ANY_ARG, limit=ANY_ARG)
+def test_any_argument_is_served_or_refused_with_a_tuplespace_error(op, lease, timeout, limit):
+    """What a request's fields may hold: the answer is a result or a TupleSpaceError, never a
+    crash (no answer), and nothing unbounded enters the space's deadlines."""
+    from fcd.tuplespace import _execute
+
+    async def run():
+        driver = SpaceDriver(clock=FakeClock(0.0))
+        kw = {"tuple": ("p", 1), "template": ("p", int), "lease": lease, "timeout": timeout, "limit": limit}
+        if op in ("rd", "in"):
+            driver.out(("p", 0), None)      # found at once: this test never waits on its fake clock
+        try:
+            await _execute(driver, op, kw)
+        except TupleSpaceError:
+            pass
+        assert all(math.isfinite(when) for when, *_ in driver.space._deadlines)
+
+    asyncio.run(run())
