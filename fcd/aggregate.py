@@ -276,8 +276,9 @@ class RoadReport:
             raise ValueError("report must be a struct")
         def num(name, kind=(int, float)):
             value = data.get(name)
-            if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
-                raise ValueError(f"report field {name!r} missing or not a finite number")
+            if not _is_number_within(value, kind, MAX_COUNT if kind is int else MAX_REPORT_NUMBER):
+                raise ValueError(f"report field {name!r} missing or not a {'count' if kind is int else 'number'} "
+                                 f"within +-{MAX_COUNT if kind is int else MAX_REPORT_NUMBER:g}")
             return value
         road = num("road", int)
         if not 0 <= road < n_roads:
@@ -290,8 +291,9 @@ class RoadReport:
             raise ValueError("report field 'turns' must be a struct")
         parsed = {}
         for k, v in turns.items():
-            if not (k.isdigit() and 0 <= int(k) < n_roads) or isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"bad turn entry {k!r}: {v!r}")
+            if not (isinstance(k, str) and k.isascii() and k.isdigit() and len(k) <= 9 and int(k) < n_roads) \
+                    or not _is_number_within(v, int, MAX_COUNT) or v < 0:
+                raise ValueError(f"bad turn entry {str(k)[:20]!r}: {str(v)[:20]}")
             parsed[int(k)] = v
         report = cls(road=road, t=float(num("t")), green=data["green"], queue=num("queue", int),
                      cars=num("cars", int), density=float(num("density")), mean_speed=float(num("mean_speed")),
@@ -318,6 +320,16 @@ class RoadReport:
 
 
 MAX_PIECES = 64      # pieces a report carries at most (a light silent for an hour: older ones fold)
+MAX_COUNT = 1_000_000          # cars, queue, departures, turns, crossings of one road in one report
+MAX_REPORT_NUMBER = 2.0 ** 53  # any other number of a report (times, seconds, metres) in magnitude
+
+
+def _is_number_within(value: Any, kind, bound: float) -> bool:
+    """``value`` is of ``kind`` (never a bool), finite and within +-``bound``.  Compared before
+    ``math.isfinite``, which raises OverflowError (not ValueError) on an int of 400 digits."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        return False
+    return -bound <= value <= bound and (isinstance(value, int) or math.isfinite(value))
 
 
 def _parse_pieces(value: Any) -> list[tuple[float, float, float]]:
@@ -328,8 +340,7 @@ def _parse_pieces(value: Any) -> list[tuple[float, float, float]]:
     out = []
     for item in value:
         if (not isinstance(item, (list, tuple)) or len(item) != 3
-                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0
-                       for x in item)):
+                or any(not _is_number_within(x, (int, float), MAX_REPORT_NUMBER) or x < 0 for x in item)):
             raise ValueError(f"bad report piece {item!r}: [start, samples, distance], finite, non-negative")
         if out and item[0] <= out[-1][0]:
             raise ValueError("report pieces must have increasing starts")
@@ -1082,14 +1093,18 @@ class Ingest:
     """
 
     def __init__(self, city: City, max_cars: int = 100_000, stale_after: float = 10.0,
-                 matcher: MapMatcher | None = None, one_pass: bool = True) -> None:
-        """``one_pass=False``: run by run (``Aggregator.feed_per_run``), the reference the
+                 matcher: MapMatcher | None = None, one_pass: bool = True, clock=None) -> None:
+        """``clock``: the :class:`fcd.wire.DataClock` shared with the caller (default: its own).
+        ``one_pass=False``: run by run (``Aggregator.feed_per_run``), the reference the
         benchmark compares with."""
-        from fcd.wire import SeqTracker
+        from fcd.wire import DataClock, SeqTracker
         self.aggregator = Aggregator(city, max_cars=max_cars, stale_after=stale_after, matcher=matcher)
         self._feed = self.aggregator.feed_with_lights if one_pass else self.aggregator.feed_per_run
         self.seq = SeqTracker()
-        self.stats = {"datagrams": 0, "probes": 0, "lights": 0, "malformed": 0}
+        # probes and lights more than max_skew seconds of data time past the newest accepted
+        # are refused (``time_ahead``): one spoofed datagram must not move the clock for ever
+        self.clock = DataClock() if clock is None else clock
+        self.stats = {"datagrams": 0, "probes": 0, "lights": 0, "malformed": 0, "time_ahead": 0}
         self.last_error = ""
 
     def ingest(self, datagrams: list[bytes]) -> list[RoadReport]:
@@ -1126,11 +1141,15 @@ class Ingest:
         per datagram; ``others``: (position, datagram) of the rest."""
         from fcd import wire
         self.stats["datagrams"] += len(is_probe)
+        clock = self.clock
         ok = wire.probe_valid_mask(probes)
         bad = len(probes) - int(ok.sum())
-        if bad:
+        self.stats["malformed"] += bad
+        refused_before = clock.refused
+        limit = clock.limit                 # the batch is checked against the clock before it
+        ok = clock.admit_mask(probes["t"], ok)
+        if bad or clock.refused != refused_before:
             probes = probes[ok]
-            self.stats["malformed"] += bad
         self.stats["probes"] += len(probes)
         lights: list[tuple[int, float, int]] = []
         at: list[int] = []
@@ -1140,15 +1159,24 @@ class Ingest:
             before = np.cumsum(valid)           # valid probes up to each datagram
             for i, data in others:
                 msg = self._other(data)
-                if msg is not None:
-                    lights.append((msg.light, msg.t, msg.green))
-                    at.append(int(before[i]))
+                if msg is None:
+                    continue
+                if msg.t > limit:
+                    clock.refused += 1
+                    continue
+                lights.append((msg.light, msg.t, msg.green))
+                at.append(int(before[i]))
+        self.stats["time_ahead"] += clock.refused - refused_before
         self.seq.add_batch(probes["generator"], probes["seq"])
         # in native byte order once: every later numpy step on the wire's big-endian fields would
         # convert them again
         native = np.empty(len(probes), dtype=NATIVE_PROBE_DTYPE)
         for name in NATIVE_PROBE_DTYPE.names:
             native[name] = probes[name]
+        if len(native):
+            clock.advance(native["t"].max())
+        for _, t, _ in lights:
+            clock.advance(t)
         return self._feed(native, at, lights)
 
     def _other(self, data: bytes):

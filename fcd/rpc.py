@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from cliruntime.supervisor import within
+from cliruntime.supervisor import Supervisor, within
 
 log = logging.getLogger("fcd.rpc")
 
@@ -53,6 +53,7 @@ class KeepAliveClient:
         self.url = f"http://{host}:{port}{path}"
         self._session: aiohttp.ClientSession | None = None
         self._closing: asyncio.Task | None = None
+        self._closer = Supervisor("fcd-rpc-client", logger=log)
         self.connections = 0
         self.requests = 0
 
@@ -74,8 +75,17 @@ class KeepAliveClient:
     def close(self) -> None:
         """Drop the connection (the next call opens a new one); :meth:`aclose` waits for it."""
         if self._session is not None and not self._session.closed:
-            self._closing = asyncio.ensure_future(self._session.close())
+            # supervised (a failure is logged and counted), and chained after the previous
+            # close: awaiting the last one (aclose) awaits them all
+            self._closing = self._closer.spawn(self._close_after(self._closing, self._session),
+                                               name="close-session", critical=False)
         self._session = None
+
+    @staticmethod
+    async def _close_after(previous: asyncio.Task | None, session: aiohttp.ClientSession) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
+        await session.close()
 
     async def aclose(self) -> None:
         self.close()
@@ -92,9 +102,14 @@ class KeepAliveClient:
             async with session.post(self.url, data=body) as resp:
                 if resp.content_length is not None and resp.content_length > self.max_body:
                     raise RpcError(f"response body of {resp.content_length} bytes refused")
-                data = await resp.content.read(self.max_body + 1)
-                if len(data) > self.max_body:
-                    raise RpcError("response body exceeds the limit")
+                # read(n) returns what has arrived (up to n): read on to the end or the limit
+                chunks, size = [], 0
+                while chunk := await resp.content.read(self.max_body + 1 - size):
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > self.max_body:
+                        raise RpcError("response body exceeds the limit")
+                data = b"".join(chunks)
                 if resp.status != 200:
                     raise RpcError(f"HTTP status {resp.status}")
                 return data

@@ -43,7 +43,7 @@ from fcd.city import City, CityError, load_city
 from fcd.model import Model
 from fcd.rpc import FAULT_BACKLOG, MAX_BODY
 from boxcore.udpbatch import BatchReceiver, kernel_drops
-from fcd.wire import LIGHT_SIZE, PROBE_SIZE
+from fcd.wire import DEFAULT_MAX_SKEW, LIGHT_SIZE, PROBE_SIZE, DataClock
 
 log = logging.getLogger("fcd.server")
 RAW_KEEP = max(PROBE_SIZE, LIGHT_SIZE)    # bytes kept of each raw datagram: the largest FCD message
@@ -65,6 +65,7 @@ class HttpLimits:
     """What one HTTP client may hold of the server (issue 11's probes are the tests)."""
 
     max_body: int = MAX_BODY          # the uplink never sends more (fcd.rpc cuts its batches to it)
+    max_calls: int = 1000             # calls in one system.multicall (the boxes send --rpc-batch, 500)
     max_concurrent: int = 4           # XML-RPC bodies read and dispatched at once
     max_connections: int = 256
     header_timeout: float = 10.0      # a new connection must have sent a whole request head by then
@@ -131,13 +132,50 @@ class HttpFront:
         await self.runner.cleanup()
 
 
+MAX_NAME = 64             # characters of a box name and of a box's stats key
+MAX_BOX_KEYS = 64         # stats keys kept per box
+FAULT_TOO_LARGE = 7       # a multicall of too many calls, or a reply over the budget
+ECHO_CHARS = 64           # of a caller's method name repeated in a fault
+
+
+def _echo(text: Any, limit: int = ECHO_CHARS) -> str:
+    """A caller's text for a fault, cut: a fault never repeats what a stranger sent at length."""
+    text = repr(text)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
+class DtdRefused(ValueError):
+    """An XML-RPC body with a DTD or an entity declaration (XML-RPC has neither)."""
+
+
+def loads_without_dtd(body: bytes) -> tuple[tuple, str | None]:
+    """``xmlrpc.client.loads`` that refuses a document type or entity declaration as expat
+    meets it (whatever the body's encoding): entities are never expanded, so a small body cannot
+    become a large request or a large echoed fault."""
+    parser, unmarshaller = xmlrpc.client.getparser(use_builtin_types=True)
+    expat = parser._parser         # the stdlib ExpatParser's pyexpat parser
+
+    def refuse(*_):
+        raise DtdRefused("a DTD or entity declaration is refused (XML-RPC has none)")
+
+    expat.StartDoctypeDeclHandler = refuse
+    expat.EntityDeclHandler = refuse
+    parser.feed(body)
+    parser.close()
+    return unmarshaller.close(), unmarshaller.getmethodname()
+
+
 class _Dispatcher(SimpleXMLRPCDispatcher):
     """The stdlib dispatcher (``system.multicall``, ``system.listMethods``) with typed faults:
-    unknown methods and bad parameters are faults that say so, and a multicall may not nest."""
+    unknown methods and bad parameters are faults that say so, and a multicall may not nest.
 
-    def __init__(self, stats: collections.Counter) -> None:
+    A multicall holds at most ``max_calls`` calls, and its results at most ``reply_budget``
+    bytes of XML: a small request cannot make a large reply (both refusals are faults, counted)."""
+
+    def __init__(self, stats: collections.Counter, max_calls: int = 1000, reply_budget: int = MAX_BODY) -> None:
         super().__init__(allow_none=True, use_builtin_types=True)
         self.stats = stats
+        self.max_calls, self.reply_budget = max_calls, reply_budget
         self.register_introspection_functions()
         self.register_multicall_functions()
 
@@ -148,8 +186,29 @@ class _Dispatcher(SimpleXMLRPCDispatcher):
     def system_multicall(self, call_list):
         if not isinstance(call_list, list):
             raise xmlrpc.client.Fault(2, "system.multicall takes one array of calls")
+        if len(call_list) > self.max_calls:
+            self.stats["rpc_refused_calls"] += 1
+            raise xmlrpc.client.Fault(FAULT_TOO_LARGE, f"system.multicall of {len(call_list)} calls refused "
+                                                       f"(at most {self.max_calls})")
         self.stats["rpc_calls"] += len(call_list)
-        return super().system_multicall([self._entry(c) for c in call_list])
+        results, size = [], 0
+        for call in call_list:
+            entry = self._entry(call)
+            try:
+                result = [self._dispatch(entry["methodName"], entry["params"])]
+            except xmlrpc.client.Fault as fault:
+                result = {"faultCode": fault.faultCode, "faultString": fault.faultString}
+            except Exception as exc:
+                result = {"faultCode": 1, "faultString": f"{type(exc).__name__}: {_echo(str(exc), 200)}"}
+            # what this result adds to the reply, measured as it is built: the budget stops the
+            # building, not only the sending
+            size += len(xmlrpc.client.dumps((result,), allow_none=True))
+            if size > self.reply_budget:
+                self.stats["rpc_refused_reply"] += 1
+                raise xmlrpc.client.Fault(FAULT_TOO_LARGE, f"multicall reply over {self.reply_budget} bytes refused "
+                                                           f"(after {len(results)} of {len(call_list)} calls)")
+            results.append(result)
+        return results
 
     @staticmethod
     def _entry(call: Any) -> dict:
@@ -163,7 +222,7 @@ class _Dispatcher(SimpleXMLRPCDispatcher):
         if method in self._REFUSED:
             raise xmlrpc.client.Fault(*self._REFUSED[method])
         if not isinstance(method, str) or method not in self.funcs:
-            raise xmlrpc.client.Fault(1, f"unknown method {method!r}")
+            raise xmlrpc.client.Fault(1, f"unknown method {_echo(method)}")
         try:
             return self.funcs[method](*params)
         except TypeError as exc:
@@ -210,20 +269,26 @@ class RoadHistory:
 
 class FcdServer:
     def __init__(self, city: City, horizon: int = 5, max_keys: int = 500_000, max_cars: int = 100_000,
-                 limits: HttpLimits | None = None, history: int = 128) -> None:
+                 limits: HttpLimits | None = None, history: int = 128, max_skew: float = DEFAULT_MAX_SKEW,
+                 max_boxes: int = 1024) -> None:
         self.city = city
         self.history = RoadHistory(city.n_roads, history)
         self.limits = limits or HttpLimits()
         self.rpc_slots = asyncio.Semaphore(self.limits.max_concurrent)
         self.http: HttpFront | None = None
         self.model = Model(city)
-        self.ingest = Ingest(city, max_cars=max_cars)
+        # one data clock for raw datagrams and box reports: what is too far ahead is refused
+        self.data_clock = DataClock(max_skew)
+        self.ingest = Ingest(city, max_cars=max_cars, clock=self.data_clock)
         self.horizon = horizon
         self.max_keys = max_keys
         self.seen: collections.OrderedDict[tuple[int, float], str] = collections.OrderedDict()
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []     # received (rows, lengths) chunks
         self.pending_count = 0
-        self.boxes: dict[str, dict[str, Any]] = {}
+        # per box name: its counters and the stats it sent (bounded: the least recently heard
+        # box is forgotten, counted as boxes_evicted)
+        self.boxes: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self.max_boxes = max_boxes
         self.connections: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.latest = None
         self.space = None
@@ -243,7 +308,7 @@ class FcdServer:
         self.overload_batch = 8192
         self.batch_now = self.inline_batch
         self._drops_seen = 0
-        self.dispatcher = _Dispatcher(self.stats)
+        self.dispatcher = _Dispatcher(self.stats, max_calls=self.limits.max_calls, reply_budget=self.limits.max_body)
         self.dispatcher.register_function(self.rpc_report, "fcd.report")
         self.dispatcher.register_function(self.rpc_box_stats, "fcd.box_stats")
         self.dispatcher.register_function(lambda: _xmlrpc_safe(self.status()), "fcd.status")
@@ -253,6 +318,7 @@ class FcdServer:
     def use_front(self, front) -> None:
         """Append what arrives to Redis streams (``front``) instead of aggregating here."""
         self.front = front
+        front.clock = self.data_clock
 
     # ------------------------------------------------------------ reports
     def accept(self, rep: RoadReport, source: str) -> bool:
@@ -260,11 +326,11 @@ class FcdServer:
         if key in self.seen:
             self.stats["duplicate_reports"] += 1
             return False
+        self.model.observe(rep)       # first: a report it refuses is not taken as seen
         self.seen[key] = source
         if len(self.seen) > self.max_keys:
             self.seen.popitem(last=False)
             self.stats["dedup_evicted"] += 1
-        self.model.observe(rep)
         self.history.report(rep, source)
         self.stats[f"reports_{source}"] += 1
         return True
@@ -283,9 +349,22 @@ class FcdServer:
                 self.stats["reports_rejected"] += 1
                 self.last_reject = str(exc)
                 continue
+            if not self.data_clock.admit(rep.t):
+                rejected += 1
+                self.stats["time_ahead"] += 1
+                self.last_reject = f"report time {rep.t} is over {self.data_clock.max_skew} s past the newest data"
+                continue
             if self.front is not None:
                 valid.append(rep)
-            elif self.accept(rep, "box"):
+                continue
+            try:
+                taken = self.accept(rep, "box")
+            except (ValueError, ArithmeticError, IndexError) as exc:   # the model refused it: this one only
+                rejected += 1
+                self.stats["reports_rejected"] += 1
+                self.last_reject = f"report of road {rep.road} at {rep.t}: {exc}"
+                continue
+            if taken:
                 accepted += 1
             else:
                 duplicates += 1
@@ -294,7 +373,7 @@ class FcdServer:
             accepted = self.front.reports(box, valid)
             # refused now at the front's queue bound, or earlier by the store at a backlog bound
             refused = len(valid) - accepted + self.front.refused_since(box)
-        entry = self.boxes.setdefault(box, {})
+        entry = self._box(box)
         entry["reports"] = entry.get("reports", 0) + accepted
         if refused:
             entry["refused"] = entry.get("refused", 0) + refused
@@ -314,13 +393,34 @@ class FcdServer:
         except KeyError as exc:
             raise xmlrpc.client.Fault(5, exc.args[0]) from None
 
+    def _box(self, box: str) -> dict[str, Any]:
+        """The entry of ``box`` (a new one may push the least recently heard out)."""
+        if len(box) > MAX_NAME:
+            self.stats["boxes_refused_name"] += 1
+            raise xmlrpc.client.Fault(2, f"box names are at most {MAX_NAME} characters")
+        entry = self.boxes.get(box)
+        if entry is None:
+            entry = self.boxes[box] = {}
+            if len(self.boxes) > self.max_boxes:
+                self.boxes.popitem(last=False)
+                self.stats["boxes_evicted"] += 1
+        else:
+            self.boxes.move_to_end(box)
+        return entry
+
     def rpc_box_stats(self, box: str, stats: dict) -> bool:
+        """A box's own counters, kept for ``/status``: at most MAX_BOX_KEYS keys of at most
+        MAX_NAME characters, finite numbers within +-2^53 (the rest refused, counted)."""
         if not isinstance(box, str) or not isinstance(stats, dict):
             raise xmlrpc.client.Fault(2, "fcd.box_stats(box: str, stats: struct)")
-        entry = self.boxes.setdefault(box, {})
+        entry = self._box(box)
         for k, v in stats.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                entry[str(k)] = v
+            k = str(k)
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not -2**53 <= v <= 2**53
+                    or v != v or len(k) > MAX_NAME or (k not in entry and len(entry) >= MAX_BOX_KEYS)):
+                self.stats["box_stats_refused"] += 1
+                continue
+            entry[k] = v
         return True
 
     def _receive_status(self) -> dict[str, Any]:
@@ -374,7 +474,7 @@ class FcdServer:
             except asyncio.TimeoutError:
                 return self._refuse(408, "http_body_timeouts", f"body not received within {limits.body_timeout} s")
             try:
-                params, method = xmlrpc.client.loads(body, use_builtin_types=True)
+                params, method = loads_without_dtd(body)
                 if method is None:
                     raise ValueError("not a method call")
                 result = self.dispatch(method, params)
@@ -382,11 +482,18 @@ class FcdServer:
                     # a box's reports are acknowledged once they are in the store, not merely queued
                     await self.front.flush()
                 out = xmlrpc.client.dumps((result,), methodresponse=True, allow_none=True)
+                if len(out) > limits.max_body:
+                    self.stats["rpc_refused_reply"] += 1
+                    raise xmlrpc.client.Fault(FAULT_TOO_LARGE, f"reply over {limits.max_body} bytes refused")
             except xmlrpc.client.Fault as fault:
                 out = xmlrpc.client.dumps(fault, methodresponse=True)
+            except DtdRefused as exc:
+                self.stats["rpc_refused_dtd"] += 1
+                out = xmlrpc.client.dumps(xmlrpc.client.Fault(4, str(exc)), methodresponse=True)
             except Exception as exc:  # malformed XML: stdlib raises several kinds
                 self.stats["rpc_malformed"] += 1
-                out = xmlrpc.client.dumps(xmlrpc.client.Fault(4, f"malformed request: {exc}"), methodresponse=True)
+                out = xmlrpc.client.dumps(xmlrpc.client.Fault(4, f"malformed request: {_echo(str(exc), 200)}"),
+                                          methodresponse=True)
         return web.Response(body=out.encode(), content_type="text/xml")
 
     def _refuse(self, status: int, counter: str, reason: str) -> web.Response:
@@ -637,10 +744,18 @@ def build_parser():
     p.add_argument("--batch-interval", type=non_negative_float, default=0.1,
                    help="seconds between raw ingest batches when fewer than 4096 datagrams wait")
     p.add_argument("--max-cars", type=positive_int, default=100_000)
+    p.add_argument("--max-boxes", type=positive_int, default=1024,
+                   help="boxes whose counters /status keeps (the least recently heard is forgotten)")
+    p.add_argument("--max-skew", type=non_negative_float, default=DEFAULT_MAX_SKEW,
+                   help="seconds of data time a probe, light or report may be ahead of the newest accepted "
+                        "(further ahead: refused, counted as time_ahead)")
     p.add_argument("--history", type=positive_int, default=128,
                    help="reports and predictions kept per road for fcd.history and /api/roads/<road>/history")
     p.add_argument("--max-body", type=positive_int, default=MAX_BODY,
                    help="largest XML-RPC request body (bytes; the boxes' uplink never sends more than the default)")
+    p.add_argument("--max-calls", type=positive_int, default=1000,
+                   help="calls in one system.multicall (at least the boxes' --rpc-batch); its reply, like "
+                        "every reply, is at most --max-body bytes")
     p.add_argument("--max-concurrent", type=positive_int, default=4, help="XML-RPC requests processed at once")
     p.add_argument("--max-connections", type=positive_int, default=256, help="HTTP connections at once")
     p.add_argument("--header-timeout", type=non_negative_float, default=10.0,
@@ -720,10 +835,13 @@ async def amain(args, ctx) -> int:
     if args.workers < 0:
         raise ConfigError("--workers takes a number >= 0")
     city = load_city(args.city)
-    limits = HttpLimits(max_body=args.max_body, max_concurrent=args.max_concurrent,
+    limits = HttpLimits(max_body=args.max_body, max_calls=args.max_calls, max_concurrent=args.max_concurrent,
                         max_connections=args.max_connections, header_timeout=args.header_timeout,
                         body_timeout=args.body_timeout, idle_timeout=args.idle_timeout)
-    server = FcdServer(city, horizon=args.horizon, max_cars=args.max_cars, limits=limits, history=args.history)
+    if args.max_skew <= 0:
+        raise ConfigError("--max-skew takes a positive number of seconds")
+    server = FcdServer(city, horizon=args.horizon, max_cars=args.max_cars, limits=limits, history=args.history,
+                       max_skew=args.max_skew, max_boxes=args.max_boxes)
     ts_server = None
     if args.serve_tuplespace:
         from fcd.tuplespace import TupleSpaceServer

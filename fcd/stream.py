@@ -360,8 +360,9 @@ class StreamFront:
         self.wakeup = asyncio.Event()
         self.flushing = asyncio.Lock()      # one flush at a time: two would interleave a partition's entries
         self.seq = wire.SeqTracker()
+        self.clock = wire.DataClock()       # fcd-server shares its own (FcdServer.use_front)
         self.stats = {"datagrams": 0, "probes": 0, "lights": 0, "malformed": 0, "queue_refused": 0,
-                      "appended_entries": 0, "refused_entries": 0, "append_errors": 0}
+                      "appended_entries": 0, "refused_entries": 0, "append_errors": 0, "time_ahead": 0}
         self.last_error = ""
         self.refused_by_box: dict[str, int] = {}    # reports refused by the store, not yet told
         self._append = redis.register_script(APPEND)
@@ -403,7 +404,11 @@ class StreamFront:
         valid = wire.probe_valid_mask(arr)
         bad = len(arr) - int(valid.sum())
         self.stats["malformed"] += bad
-        self.stats["probes"] += len(arr) - bad
+        clock = self.clock
+        refused_before, limit = clock.refused, clock.limit     # the batch against the clock before it
+        valid = clock.admit_mask(arr["t"], valid)
+        ahead = clock.refused - refused_before
+        self.stats["probes"] += len(arr) - bad - ahead
         part = self.part.of_probes(arr)
         good = arr[valid]
         self.seq.add_batch(good["generator"], good["seq"])
@@ -424,6 +429,9 @@ class StreamFront:
                     continue
                 if not isinstance(msg, wire.LightChange):
                     continue
+                if msg.t > limit:
+                    clock.refused += 1
+                    continue
                 self.seq.add(msg.generator, msg.seq)
                 if not 0 <= msg.light < len(self.part.light):
                     self.stats["malformed"] += 1
@@ -431,6 +439,10 @@ class StreamFront:
                     continue
                 self.stats["lights"] += 1
                 lights.append((int(self.part.light[msg.light]), int(before[i]), data))
+                clock.advance(msg.t)
+        if len(good):
+            clock.advance(good["t"].max())
+        self.stats["time_ahead"] += clock.refused - refused_before
         for p in range(self.partitions):
             sel = valid & (part == p)
             mine = [(k, d) for q, k, d in lights if q == p]

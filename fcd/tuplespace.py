@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 import json
 import os
 import itertools
@@ -62,14 +63,41 @@ class TupleDecodeError(ValueError):
 
 # ---------------------------------------------------------------- matching
 
+MAX_LIMIT = 10_000          # tuples one rd_all/in_all returns at most
+MAX_SECONDS = 10 ** 9       # a lease or timeout longer than ~30 years is a mistake (or an attack)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_lease(lease: Any) -> None:
+    """A lease (of a tuple or a subscription): None, or finite seconds > 0.  A NaN lease would
+    enter the expiry heap and stop every expiry once it reached the top."""
+    if lease is not None and not (_is_number(lease) and 0 < lease <= MAX_SECONDS):
+        raise TupleSpaceError(f"a lease is None or seconds in (0, {MAX_SECONDS}], not {lease!r}")
+
+
+def check_timeout(timeout: Any) -> None:
+    """A blocking call's timeout: None (for ever), or finite seconds >= 0."""
+    if timeout is not None and not (_is_number(timeout) and 0 <= timeout <= MAX_SECONDS):
+        raise TupleSpaceError(f"a timeout is None or seconds in [0, {MAX_SECONDS}], not {timeout!r}")
+
+
+def check_limit(limit: Any) -> int:
+    """rd_all/in_all's limit: an integer 1..MAX_LIMIT (not a bool, not a float)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise TupleSpaceError(f"a limit is an integer in 1..{MAX_LIMIT}, not {limit!r}")
+    return limit
+
+
 def check_tuple(tup: tuple, lease: float | None) -> None:
     """What ``out`` accepts on either backend: a non-empty tuple of values and a positive lease."""
     if not isinstance(tup, tuple) or not tup:
         raise TupleSpaceError("a tuple is a non-empty tuple")
     if any(isinstance(f, type) or f is None for f in tup):
         raise TupleSpaceError("a tuple holds values, not wildcards")
-    if lease is not None and lease <= 0:
-        raise TupleSpaceError("a lease must be positive")
+    check_lease(lease)
 
 
 def check_template(template: tuple) -> None:
@@ -123,21 +151,72 @@ class _Waiter:
     template: tuple
     take: bool
     deadline: float | None
+    owner: Any = None
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """What one owner (a connection of :class:`TupleSpaceServer`) may hold of a :class:`Space`,
+    so that no client can take what the others need: blocked calls, subscriptions, and tuples
+    written without a lease (leased ones leave by themselves)."""
+
+    waiters: int = 1_000
+    subscriptions: int = 100
+    unleased: int = 10_000
 
 
 class Space:
-    """The tuplespace state machine: bounded tuples, waiters and subscriptions."""
+    """The tuplespace state machine: bounded tuples (in number and in bytes, their msgpack
+    size), waiters and subscriptions, per-owner quotas, and replies of at most ``max_reply``
+    bytes of tuples (an ``rd_all``/``in_all`` returns fewer than its limit rather than more)."""
 
-    def __init__(self, max_tuples: int = 100_000, max_waiters: int = 10_000, max_subscriptions: int = 1_000) -> None:
+    def __init__(self, max_tuples: int = 100_000, max_waiters: int = 10_000, max_subscriptions: int = 1_000,
+                 max_bytes: int = 64 * MAX_FRAME, max_reply: int = MAX_FRAME - 4096,
+                 quotas: Quotas = Quotas()) -> None:
         self.max_tuples, self.max_waiters, self.max_subscriptions = max_tuples, max_waiters, max_subscriptions
+        self.max_bytes, self.max_reply, self.quotas = max_bytes, max_reply, quotas
         self.tuples: OrderedDict[int, tuple[tuple, float | None]] = OrderedDict()
+        self.sizes: dict[int, int] = {}           # each stored tuple's msgpack size
+        self.bytes = 0
+        self.unleased_owner: dict[int, Any] = {}  # an unleased tuple's writer (when it has one)
+        self.held: dict[tuple[str, Any], int] = {}   # (kind, owner) -> how many it holds
         self.waiters: OrderedDict[int, _Waiter] = OrderedDict()
         self.subscriptions: dict[int, tuple[tuple, float | None]] = {}
+        self.sub_owner: dict[int, Any] = {}
         self._ids = itertools.count(1)
         self._deadlines: list[tuple[float, int, str, int]] = []  # (when, seq, kind, id)
         self._seq = itertools.count()
         self.stats = {"out": 0, "taken": 0, "read": 0, "expired": 0, "timeouts": 0, "refused_full": 0,
-                      "refused_waiters": 0, "notified": 0}
+                      "refused_waiters": 0, "notified": 0, "refused_bytes": 0, "replies_cut": 0,
+                      "refused_quota_waiters": 0, "refused_quota_subscriptions": 0, "refused_quota_unleased": 0}
+
+    # ------------------------------------------------------------ per-owner quotas
+    def _hold(self, kind: str, owner: Any) -> None:
+        if owner is None:
+            return
+        key = (kind, owner)
+        held = self.held.get(key, 0)
+        limit = getattr(self.quotas, kind)
+        if held >= limit:
+            self.stats[f"refused_quota_{kind}"] += 1
+            raise TupleSpaceError(f"this connection holds {held} {kind} already (its quota)")
+        self.held[key] = held + 1
+
+    def _release(self, kind: str, owner: Any) -> None:
+        if owner is None:
+            return
+        key = (kind, owner)
+        held = self.held.get(key, 0) - 1
+        if held > 0:
+            self.held[key] = held
+        else:
+            self.held.pop(key, None)
+
+    def _forget(self, ident: int) -> None:
+        """A stored tuple is gone (taken or expired): its bytes and its owner's quota free."""
+        del self.tuples[ident]
+        self.bytes -= self.sizes.pop(ident, 0)
+        self._release("unleased", self.unleased_owner.pop(ident, None))
 
     def _arm(self, when: float | None, kind: str, ident: int) -> None:
         if when is not None:
@@ -146,8 +225,9 @@ class Space:
     def next_deadline(self) -> float | None:
         return self._deadlines[0][0] if self._deadlines else None
 
-    def out(self, tup: tuple, lease: float | None, now: float) -> tuple[int, list]:
+    def out(self, tup: tuple, lease: float | None, now: float, owner: Any = None) -> tuple[int, list]:
         check_tuple(tup, lease)
+        size = len(encode_tuple(tup))
         self.stats["out"] += 1
         events: list = []
         for sub, (template, _) in self.subscriptions.items():
@@ -158,27 +238,43 @@ class Space:
         for wid, waiter in list(self.waiters.items()):
             if matches(waiter.template, tup):
                 del self.waiters[wid]
+                self._release("waiters", waiter.owner)
                 events.append(Delivered(wid, tup))
                 if waiter.take:
                     self.stats["taken"] += 1
                     return ident, events
                 self.stats["read"] += 1
-        if len(self.tuples) >= self.max_tuples:
+        if len(self.tuples) >= self.max_tuples or self.bytes + size > self.max_bytes:
             self.tick(now)
         if len(self.tuples) >= self.max_tuples:
             self.stats["refused_full"] += 1
             raise TupleSpaceError(f"tuplespace full ({self.max_tuples} tuples)")
+        if self.bytes + size > self.max_bytes:
+            self.stats["refused_bytes"] += 1
+            raise TupleSpaceError(f"tuplespace full ({self.max_bytes} bytes of tuples)")
+        if lease is None:
+            self._hold("unleased", owner)
+            if owner is not None:
+                self.unleased_owner[ident] = owner
         expires = None if lease is None else now + lease
         self.tuples[ident] = (tup, expires)
+        self.sizes[ident] = size
+        self.bytes += size
         self._arm(expires, "tuple", ident)
         return ident, events
 
     def _find(self, template: tuple, now: float, limit: int) -> list[int]:
-        found = []
+        """The oldest matches: at most ``limit``, and at most ``max_reply`` bytes of them (at
+        least one)."""
+        found, size = [], 0
         for ident, (tup, expires) in self.tuples.items():
             if expires is not None and expires <= now:
                 continue
             if matches(template, tup):
+                size += self.sizes[ident]
+                if found and size > self.max_reply:
+                    self.stats["replies_cut"] += 1
+                    break
                 found.append(ident)
                 if len(found) >= limit:
                     break
@@ -191,8 +287,9 @@ class Space:
             return None
         return self._collect(found, take)[0]
 
-    def read_all(self, template: tuple, take: bool, now: float, limit: int = 10_000) -> list[tuple]:
+    def read_all(self, template: tuple, take: bool, now: float, limit: int = MAX_LIMIT) -> list[tuple]:
         check_template(template)
+        check_limit(limit)
         return self._collect(self._find(template, now, limit), take)
 
     def _collect(self, idents: list[int], take: bool) -> list[tuple]:
@@ -200,33 +297,43 @@ class Space:
         for ident in idents:
             tup = self.tuples[ident][0]
             if take:
-                del self.tuples[ident]
+                self._forget(ident)
             out.append(tup)
         self.stats["taken" if take else "read"] += len(out)
         return out
 
-    def wait(self, waiter: int, template: tuple, take: bool, deadline: float | None) -> None:
+    def wait(self, waiter: int, template: tuple, take: bool, deadline: float | None, owner: Any = None) -> None:
         """Queue a blocked caller (after :meth:`read` found nothing)."""
         check_template(template)
+        if deadline is not None and not math.isfinite(deadline):
+            raise TupleSpaceError(f"a deadline must be finite, not {deadline!r}")
         if len(self.waiters) >= self.max_waiters:
             self.stats["refused_waiters"] += 1
             raise TupleSpaceError(f"too many blocked callers ({self.max_waiters})")
-        self.waiters[waiter] = _Waiter(tuple(template), take, deadline)
+        self._hold("waiters", owner)
+        self.waiters[waiter] = _Waiter(tuple(template), take, deadline, owner)
         self._arm(deadline, "waiter", waiter)
 
     def cancel(self, waiter: int) -> None:
-        self.waiters.pop(waiter, None)
+        gone = self.waiters.pop(waiter, None)
+        if gone is not None:
+            self._release("waiters", gone.owner)
 
-    def subscribe(self, sub: int, template: tuple, lease: float | None, now: float) -> None:
+    def subscribe(self, sub: int, template: tuple, lease: float | None, now: float, owner: Any = None) -> None:
         check_template(template)
+        check_lease(lease)
         if len(self.subscriptions) >= self.max_subscriptions:
             raise TupleSpaceError(f"too many subscriptions ({self.max_subscriptions})")
+        self._hold("subscriptions", owner)
         expires = None if lease is None else now + lease
         self.subscriptions[sub] = (tuple(template), expires)
+        if owner is not None:
+            self.sub_owner[sub] = owner
         self._arm(expires, "sub", sub)
 
     def unsubscribe(self, sub: int) -> None:
-        self.subscriptions.pop(sub, None)
+        if self.subscriptions.pop(sub, None) is not None:
+            self._release("subscriptions", self.sub_owner.pop(sub, None))
 
     def tick(self, now: float) -> list:
         """Expire leases, time out waiters and subscriptions due by ``now``."""
@@ -236,18 +343,20 @@ class Space:
             if kind == "tuple":
                 entry = self.tuples.get(ident)
                 if entry is not None and entry[1] == when:
-                    del self.tuples[ident]
+                    self._forget(ident)
                     self.stats["expired"] += 1
             elif kind == "waiter":
                 waiter = self.waiters.get(ident)
                 if waiter is not None and waiter.deadline == when:
                     del self.waiters[ident]
+                    self._release("waiters", waiter.owner)
                     self.stats["timeouts"] += 1
                     events.append(TimedOut(ident))
             else:
                 entry = self.subscriptions.get(ident)
                 if entry is not None and entry[1] == when:
                     del self.subscriptions[ident]
+                    self._release("subscriptions", self.sub_owner.pop(ident, None))
                     events.append(SubscriptionExpired(ident))
         return events
 
@@ -331,12 +440,12 @@ class SpaceDriver:
         self._timer = None
         self._dispatch(self.space.tick(self.now()))
 
-    def out(self, tup: tuple, lease: float | None) -> int:
-        ident, events = self.space.out(tuple(tup), lease, self.now())
+    def out(self, tup: tuple, lease: float | None, owner: Any = None) -> int:
+        ident, events = self.space.out(tuple(tup), lease, self.now(), owner)
         self._dispatch(events)
         return ident
 
-    async def get(self, template: tuple, take: bool, timeout: float | None) -> tuple | None:
+    async def get(self, template: tuple, take: bool, timeout: float | None, owner: Any = None) -> tuple | None:
         template = tuple(template)
         found = self.space.read(template, take, self.now())
         if found is not None or timeout == 0:
@@ -346,7 +455,7 @@ class SpaceDriver:
         wid = next(self._ids)
         fut = self.loop.create_future()
         deadline = None if timeout is None else self.now() + timeout
-        self.space.wait(wid, template, take, deadline)
+        self.space.wait(wid, template, take, deadline, owner)
         self._futures[wid] = (fut, take)
         self._rearm()
         try:
@@ -362,9 +471,10 @@ class SpaceDriver:
         self._changed()
         return found
 
-    def subscribe(self, template: tuple, lease: float | None, callback: Callable[[tuple | None], None]) -> int:
+    def subscribe(self, template: tuple, lease: float | None, callback: Callable[[tuple | None], None],
+                  owner: Any = None) -> int:
         sub = next(self._ids)
-        self.space.subscribe(sub, tuple(template), lease, self.now())
+        self.space.subscribe(sub, tuple(template), lease, self.now(), owner)
         self._subs[sub] = callback
         self._rearm()
         return sub
@@ -456,16 +566,16 @@ class LocalTupleSpace(_Api):
         pass
 
 
-async def _execute(driver: SpaceDriver, op: str, kw: dict) -> Any:
+async def _execute(driver: SpaceDriver, op: str, kw: dict, owner: Any = None) -> Any:
+    """One operation; ``owner`` (a server's connection) is charged with what it holds."""
     if op == "out":
-        return driver.out(kw["tuple"], kw.get("lease"))
+        return driver.out(kw["tuple"], kw.get("lease"), owner)
     if op in ("rd", "in"):
         timeout = kw.get("timeout")
-        if timeout is not None and timeout < 0:
-            raise TupleSpaceError("timeout must be >= 0")
-        return await driver.get(kw["template"], op == "in", timeout)
+        check_timeout(timeout)
+        return await driver.get(kw["template"], op == "in", timeout, owner)
     if op in ("rd_all", "in_all"):
-        return driver.get_all(kw["template"], op == "in_all", int(kw.get("limit", 10_000)))
+        return driver.get_all(kw["template"], op == "in_all", check_limit(kw.get("limit", MAX_LIMIT)))
     raise TupleSpaceError(f"unknown operation {op!r}")
 
 
@@ -490,6 +600,11 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 def encode_frame(msg: dict) -> bytes:
     return framing.encode_frame(msg, default=_default)
+
+
+def encode_tuple(tup: tuple) -> bytes:
+    """A tuple as the wire carries it (what :class:`Space` counts as its size)."""
+    return msgpack.packb(list(tup), default=_default, use_bin_type=True)
 
 
 def _require_map(msg: Any) -> dict:
@@ -537,6 +652,7 @@ class TupleSpaceServer:
         self.server: asyncio.base_events.Server | None = None
         self.supervisor = Supervisor("fcd-tuplespace", logger=log)
         self.conns: set[_Connection] = set()
+        self.numbers = itertools.count(1)
         self.buffered = 0        # bytes of incomplete frames held over all connections
         self.stats = {"connections": 0, "requests": 0, "bad_frames": 0, "errors": 0,
                       "refused_connections": 0, "refused_buffer": 0, "frame_timeouts": 0, "idle_closed": 0,
@@ -572,7 +688,7 @@ class TupleSpaceServer:
                     send({"event": "notify" if tup is not None else "expired", "sub": sub_box["id"],
                           "tuple": list(tup) if tup is not None else None})
 
-                sub_box["id"] = self.driver.subscribe(template, msg.get("lease"), push)
+                sub_box["id"] = self.driver.subscribe(template, msg.get("lease"), push, owner=conn.number)
                 conn.subs.add(sub_box["id"])
                 result: Any = sub_box["id"]
             elif op == "unnotify":
@@ -587,13 +703,13 @@ class TupleSpaceServer:
                     kw["tuple"] = _as_tuple(msg["tuple"], "tuple")
                 if "template" in msg:
                     kw["template"] = _as_tuple(msg["template"], "template")
-                result = await _execute(self.driver, str(op), kw)
+                result = await _execute(self.driver, str(op), kw, owner=conn.number)
                 if isinstance(result, tuple):
                     result = list(result)
                 elif isinstance(result, list):
                     result = [list(t) for t in result]
             send({"id": rid, "ok": True, "result": result})
-        except (TupleSpaceError, KeyError, TypeError, ValueError) as exc:
+        except (TupleSpaceError, KeyError, TypeError, ValueError, OverflowError) as exc:
             self.stats["errors"] += 1
             send({"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
@@ -608,6 +724,7 @@ class _Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.frames = frame_decoder(server.max_frame)
+        self.number = next(server.numbers)     # this connection as an owner of the space's quotas
         self.counted = 0             # this connection's share of server.buffered
         self.inflight = 0
         self.subs: set[int] = set()
@@ -738,7 +855,14 @@ class _Connection(asyncio.Protocol):
 # ---------------------------------------------------------------- client
 
 class TupleSpaceClient(_Api):
+    """A client of :class:`TupleSpaceServer`.  A request not answered within ``answer_timeout``
+    seconds (beyond a blocking call's own timeout) fails with :class:`TupleSpaceError`
+    (counted in ``stats["unanswered"]``): a server that never answers cannot hang the caller."""
+
+    answer_timeout = 30.0
+
     def __init__(self) -> None:
+        self.stats = {"unanswered": 0}
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future] = {}
@@ -784,7 +908,10 @@ class TupleSpaceClient(_Api):
             for sub in self._subs.values():
                 sub._push(None)
 
-    async def _request(self, msg: dict) -> Any:
+    async def _request(self, msg: dict, wait: float | None = 0.0) -> Any:
+        """Send one request and await its answer: for at most ``wait`` seconds (a blocking call's
+        own timeout) plus ``answer_timeout``; ``wait=None``: a blocking call without a timeout,
+        awaited for as long as it takes."""
         if self.writer is None or self.writer.is_closing() or (self._task and self._task.done()):
             raise TupleSpaceConnectionError("not connected")
         rid = next(self._ids)
@@ -792,10 +919,23 @@ class TupleSpaceClient(_Api):
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         self.writer.write(encode_frame(msg))
-        return await fut
+        bound = None if wait is None else wait + self.answer_timeout
+        try:
+            return await within(fut, bound)
+        except asyncio.TimeoutError:
+            self.stats["unanswered"] += 1
+            raise TupleSpaceError(f"{msg.get('op')}: no answer from the tuplespace within {bound:g} s") from None
+        finally:
+            self._pending.pop(rid, None)
 
     async def _call(self, op: str, **kw) -> Any:
-        result = await self._request({"op": op, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}})
+        wait = 0.0
+        if op in ("rd", "in"):
+            timeout = kw.get("timeout")
+            check_timeout(timeout)          # here too: the bound below is computed from it
+            wait = timeout
+        result = await self._request({"op": op, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}},
+                                     wait)
         if op in ("rd", "in"):
             return tuple(result) if result is not None else None
         if op in ("rd_all", "in_all"):
@@ -842,6 +982,14 @@ def build_parser():
     p.add_argument("--listen", type=host_port, default=("127.0.0.1", 7400))
     p.add_argument("--max-tuples", type=positive_int, default=100_000)
     p.add_argument("--max-waiters", type=positive_int, default=10_000)
+    p.add_argument("--max-bytes", type=positive_int, default=64 * MAX_FRAME,
+                   help="bytes of tuples held (their msgpack size; beyond: out refused, counted)")
+    p.add_argument("--quota-waiters", type=positive_int, default=Quotas.waiters,
+                   help="blocked rd/in calls one connection may have at once")
+    p.add_argument("--quota-subscriptions", type=positive_int, default=Quotas.subscriptions,
+                   help="notify subscriptions one connection may hold")
+    p.add_argument("--quota-unleased", type=positive_int, default=Quotas.unleased,
+                   help="tuples without a lease one connection may have written and not yet seen taken")
     p.add_argument("--max-frame", type=positive_int, default=MAX_FRAME, help="largest request frame (bytes)")
     p.add_argument("--max-connections", type=positive_int, default=256)
     p.add_argument("--max-buffered", type=positive_int, default=16 * MAX_FRAME,
@@ -855,7 +1003,10 @@ def build_parser():
 
 
 async def amain(args, ctx) -> int:
-    server = TupleSpaceServer(Space(args.max_tuples, args.max_waiters), max_frame=args.max_frame,
+    quotas = Quotas(args.quota_waiters, args.quota_subscriptions, args.quota_unleased)
+    space = Space(args.max_tuples, args.max_waiters, max_bytes=args.max_bytes,
+                  max_reply=max(1, args.max_frame - 4096), quotas=quotas)
+    server = TupleSpaceServer(space, max_frame=args.max_frame,
                               max_connections=args.max_connections, max_buffered=args.max_buffered,
                               frame_timeout=args.frame_timeout, idle_timeout=args.idle_timeout)
     try:

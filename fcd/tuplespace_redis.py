@@ -35,8 +35,8 @@ from typing import Any
 import msgpack
 
 from cliruntime.supervisor import Supervisor
-from fcd.tuplespace import (Subscription, TupleSpaceConnectionError, TupleSpaceError, _Api, check_template,
-                            check_tuple, matches)
+from fcd.tuplespace import (MAX_LIMIT, Subscription, TupleSpaceConnectionError, TupleSpaceError, _Api,
+                            check_lease, check_limit, check_template, check_timeout, check_tuple, matches)
 
 log = logging.getLogger("fcd.tuplespace_redis")
 
@@ -378,14 +378,13 @@ class RedisTupleSpace(_Api):
             return await self._out(kw["tuple"], kw.get("lease"))
         if op in ("rd", "in"):
             timeout = kw.get("timeout")
-            if timeout is not None and timeout < 0:
-                raise TupleSpaceError("timeout must be >= 0")
+            check_timeout(timeout)
             return await self._get(tuple(kw["template"]), op == "in", timeout)
         if op == "rd_all":
-            return await self._read_all(tuple(kw["template"]), int(kw.get("limit", 10_000)))
+            return await self._read_all(tuple(kw["template"]), check_limit(kw.get("limit", MAX_LIMIT)))
         if op == "in_all":
             found = await self._run("get_all", self._pack_template(tuple(kw["template"])), 1,
-                                    int(kw.get("limit", 10_000)))
+                                    check_limit(kw.get("limit", MAX_LIMIT)))
             return [self._decode(data) for data in found]
         raise TupleSpaceError(f"unknown operation {op!r}")
 
@@ -507,6 +506,7 @@ class RedisTupleSpace(_Api):
     async def notify(self, template: tuple, lease: float | None = None, max_queue: int = 10_000) -> Subscription:
         template = tuple(template)
         check_template(template)
+        check_lease(lease)
         if self._pubsub is None:
             self._pubsub = self._pubsub_client.pubsub()
             await self._pubsub.subscribe(f"{self.prefix}:notify")

@@ -18,8 +18,9 @@ once with numpy (same fields, same rules) for the high-rate paths.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -153,6 +154,67 @@ def probes_from_trace(rows: np.ndarray, generator: int, first_seq: int) -> bytes
     for name in ("car", "t", "x", "y", "speed", "heading"):
         out[name] = rows[name]
     return out.tobytes()
+
+
+DEFAULT_MAX_SKEW = 300.0   # seconds of data time a message may be ahead of the newest accepted one
+DEFAULT_MAX_RATE = 100.0   # and, after a quiet time, this many data seconds more per wall second
+
+
+class DataClock:
+    """The newest data time accepted so far, and how far beyond it a message may be.
+
+    Data time is the senders' own clock (replays run it at any speed), so it is never compared
+    with the wall clock; but once data has arrived, one message far ahead of it (a spoofed probe
+    with ``t=1e12``) would move the model's clock where the real data never catches up.  A
+    message more than ``max_skew`` seconds past the newest accepted time, plus ``max_rate`` data
+    seconds per wall second since that time was accepted, is refused and counted
+    (``refused``): real data after a quiet hour gets in once the wall clock has moved on too
+    (at ``max_rate``; a spoofed 1e12 would need centuries).  The first accepted time sets it.
+    ``wall`` is the wall clock (monotonic seconds), injectable for tests.
+    """
+
+    def __init__(self, max_skew: float = DEFAULT_MAX_SKEW, max_rate: float = DEFAULT_MAX_RATE,
+                 wall: Callable[[], float] = time.monotonic) -> None:
+        for name, value in (("max_skew", max_skew), ("max_rate", max_rate)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, not {value!r}")
+        self.max_skew, self.max_rate, self.wall = max_skew, max_rate, wall
+        self.newest: float | None = None
+        self.newest_at = 0.0          # wall time when newest was accepted
+        self.refused = 0
+
+    @property
+    def limit(self) -> float:
+        """The latest data time accepted now."""
+        if self.newest is None:
+            return math.inf
+        return self.newest + self.max_skew + self.max_rate * max(0.0, self.wall() - self.newest_at)
+
+    def admit(self, t: float) -> bool:
+        """One message's time: True (and the clock advanced) or False (refused, counted)."""
+        if t > self.limit:
+            self.refused += 1
+            return False
+        self.advance(t)
+        return True
+
+    def admit_mask(self, ts: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        """``ok`` without the entries of ``ts`` beyond the limit (counted); the clock is not
+        advanced (:meth:`advance` once the batch's accepted times are known)."""
+        limit = self.limit
+        if limit == math.inf:
+            return ok
+        within = ts <= limit
+        if within.all():          # usual: one comparison and one reduction per batch
+            return ok
+        ahead = ok & ~within
+        self.refused += int(ahead.sum())
+        return ok & within
+
+    def advance(self, t: float) -> None:
+        if self.newest is None or t > self.newest:
+            self.newest = float(t)
+            self.newest_at = self.wall()
 
 
 class SeqTracker:

@@ -215,6 +215,6 @@ def test_ingest_of_datagrams_and_of_receive_rows_equals_run_by_run(traces, seed,
     assert got_bytes == expected and got_rows == expected
     for ingest in (by_bytes, by_rows):
         assert ingest.stats == {"datagrams": len(data), "probes": len(probes), "lights": len(changes),
-                                "malformed": garbage}
+                                "malformed": garbage, "time_ahead": 0}
         assert ingest.aggregator.stats == reference.stats
         assert ingest.seq.snapshot()["received"] == len(probes) + len(changes)

@@ -46,8 +46,9 @@ def _wait(what: str, check, timeout: float = 90.0):
 
 
 def _box_reports(n_roads: int, start: int, stop: int) -> list[dict]:
-    """Distinct reports, each road's times increasing, later than any time of the trace."""
-    return [RoadReport(road=k % n_roads, t=10_000.0 + k, green=True, queue=1, cars=2, density=1.0,
+    """Distinct reports, each road's times increasing, later than any time of the trace (240 s)
+    and within the server's data-clock skew of it (300 s: farther ahead is refused)."""
+    return [RoadReport(road=k % n_roads, t=241.0 + 0.1 * k, green=True, queue=1, cars=2, density=1.0,
                        mean_speed=5.0, departures=1, interval=1.0, was_green=False).to_xmlrpc()
             for k in range(start, stop)]
 
