@@ -8,26 +8,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from boxcore.framing import FramingError
-from boxcore.testing import FakeClock
-from fcd.tuplespace import (LocalTupleSpace, Space, SpaceDriver, TupleDecodeError, TupleSpaceClient,
-                            TupleSpaceError, TupleSpaceServer, encode_frame, frame_decoder, matches)
-
-
-@pytest.fixture(params=["local", "tcp"])
-async def ts(request):
-    clock = FakeClock(1000.0)
-    if request.param == "local":
-        space = LocalTupleSpace(driver=SpaceDriver(clock=clock))
-        space.clock = clock
-        yield space
-        return
-    server = TupleSpaceServer(clock=clock)
-    host, port = await server.start("127.0.0.1", 0)
-    client = await TupleSpaceClient.connect(host, port)
-    client.server, client.driver, client.clock = server, server.driver, clock
-    yield client
-    await client.close()
-    await server.close()
+from fcd.tuplespace import (Space, TupleDecodeError, TupleSpaceError, TupleSpaceServer, encode_frame, frame_decoder,
+                            matches)
 
 
 async def blocked(ts, n):

@@ -8,25 +8,7 @@ import math
 import pytest
 
 from boxcore.testing import FakeClock
-from fcd.tuplespace import (LocalTupleSpace, Space, SpaceDriver, TupleSpaceClient, TupleSpaceError,
-                            TupleSpaceServer)
-
-
-@pytest.fixture(params=["local", "tcp"])
-async def ts(request):
-    clock = FakeClock(1000.0)
-    if request.param == "local":
-        space = LocalTupleSpace(driver=SpaceDriver(clock=clock))
-        space.clock = clock
-        yield space
-        return
-    server = TupleSpaceServer(clock=clock)
-    host, port = await server.start("127.0.0.1", 0)
-    client = await TupleSpaceClient.connect(host, port)
-    client.server, client.driver, client.clock = server, server.driver, clock
-    yield client
-    await client.close()
-    await server.close()
+from fcd.tuplespace import Space, SpaceDriver, TupleSpaceClient, TupleSpaceError, TupleSpaceServer
 
 
 BAD_LEASES = [math.nan, math.inf, -1.0, 0, True, 1e300, "5"]
