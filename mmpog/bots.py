@@ -364,24 +364,26 @@ class Bot:
     rtt_trace: list = field(default_factory=list)       # with Params.rtt_trace: [start state, [[t, rtt], ...]]
 
     def __post_init__(self) -> None:
-        self._got_view: tuple[int, dict] | None = None
-        self._arrived_view: tuple[int, dict] | None = None
+        self._views: dict[str, tuple[int, dict]] = {}     # "got"/"arrived" -> (log.count, view)
+
+    def _view(self, which: str) -> dict[tuple[int, int], float]:
+        """The delivery log's ``which`` by (sender, n), rebuilt only when the log grew."""
+        log = self.deliveries
+        cached = self._views.get(which)
+        if cached is None or cached[0] != log.count:
+            cached = self._views[which] = (log.count, {_update_of(key): latency
+                                                       for key, latency in getattr(log, which).items()})
+        return cached[1]
 
     @property
     def got(self) -> dict[tuple[int, int], float]:
         """(sender, n) -> latency at the game (event handed out), s."""
-        log = self.deliveries
-        if self._got_view is None or self._got_view[0] != log.count:
-            self._got_view = (log.count, {_update_of(key): latency for key, latency in log.got.items()})
-        return self._got_view[1]
+        return self._view("got")
 
     @property
     def arrived(self) -> dict[tuple[int, int], float]:
         """(sender, n) -> latency at the bot's socket (kernel stamp), s."""
-        log = self.deliveries
-        if self._arrived_view is None or self._arrived_view[0] != log.count:
-            self._arrived_view = (log.count, {_update_of(key): latency for key, latency in log.arrived.items()})
-        return self._arrived_view[1]
+        return self._view("arrived")
 
     @property
     def duplicates(self) -> int:
