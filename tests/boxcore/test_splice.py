@@ -19,6 +19,17 @@ async def _pair():
     return (reader, writer), theirs
 
 
+@pytest.fixture
+async def ends():
+    """The client's and the server's side of a splice: ((reader, writer), peer socket) each,
+    all closed after the test."""
+    client, server = await _pair(), await _pair()
+    yield client, server
+    for (_, writer), peer in (client, server):
+        writer.close()
+        peer.close()
+
+
 async def _recv(sock: socket.socket, n: int) -> bytes:
     loop = asyncio.get_running_loop()
     got = b""
@@ -30,9 +41,8 @@ async def _recv(sock: socket.socket, n: int) -> bytes:
     return got
 
 
-async def test_bytes_both_ways_and_a_half_close_is_passed_on():
-    client, client_peer = await _pair()
-    server, server_peer = await _pair()
+async def test_bytes_both_ways_and_a_half_close_is_passed_on(ends):
+    (client, client_peer), (server, server_peer) = ends
     stats = collections.Counter()
     task = asyncio.create_task(splice(client, server, stats, idle=5, stall=5))
     loop = asyncio.get_running_loop()
@@ -45,14 +55,10 @@ async def test_bytes_both_ways_and_a_half_close_is_passed_on():
     server_peer.close()
     await asyncio.wait_for(task, 5)
     assert stats == {"tcp_bytes_up": 7, "tcp_bytes_down": 6}
-    for end in (client[1], server[1]):
-        end.close()
-    client_peer.close()
 
 
-async def test_a_connection_silent_both_ways_is_closed_after_idle_but_not_while_one_way_talks():
-    client, client_peer = await _pair()
-    server, server_peer = await _pair()
+async def test_a_connection_silent_both_ways_is_closed_after_idle_but_not_while_one_way_talks(ends):
+    (client, client_peer), (server, server_peer) = ends
     stats = collections.Counter()
     task = asyncio.create_task(splice(client, server, stats, idle=1.0, stall=5))
     loop = asyncio.get_running_loop()
@@ -63,15 +69,10 @@ async def test_a_connection_silent_both_ways_is_closed_after_idle_but_not_while_
     assert not task.done()                                   # the quiet way did not end it
     await asyncio.wait_for(task, 5)                          # then silence: closed
     assert stats["tcp_idle_closed"] == 1 and stats["tcp_bytes_down"] == 8
-    for s in (client_peer, server_peer):
-        s.close()
-    for end in (client[1], server[1]):
-        end.close()
 
 
-async def test_a_receiver_that_never_reads_ends_the_splice_after_stall():
-    client, client_peer = await _pair()
-    server, server_peer = await _pair()                       # server_peer never reads
+async def test_a_receiver_that_never_reads_ends_the_splice_after_stall(ends):
+    (client, client_peer), (server, server_peer) = ends       # server_peer never reads
     server_peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stats = collections.Counter()
     task = asyncio.create_task(splice(client, server, stats, idle=None, stall=0.3))
@@ -83,7 +84,3 @@ async def test_a_receiver_that_never_reads_ends_the_splice_after_stall():
             sent += 65536
     await asyncio.wait_for(task, 5)
     assert stats["tcp_stalled"] == 1 and 0 < stats["tcp_bytes_up"] <= sent + 65536
-    for s in (client_peer, server_peer):
-        s.close()
-    for end in (client[1], server[1]):
-        end.close()
